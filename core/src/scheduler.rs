@@ -1,0 +1,1320 @@
+//! The scheduler: the rules of the wire contract as a deterministic state machine.
+//!
+//! It owns every live request (queued, holding, pausing, paused), the GPUs' capacities, and the timers
+//! (request timeouts, lease expiries, pause deadlines, aging, minimum holds). Inputs arrive with `now`;
+//! every handler ends by running [`Scheduler::schedule`] and by queuing the records to persist.
+//!
+//! # Grant order and blocked heads
+//!
+//! The queue is ordered by effective priority (the priority, made more urgent by aging when it is on), then
+//! by arrival. A paused request keeps its arrival number, so it goes back ahead of later arrivals of its
+//! priority. One scheduling pass walks the queue in that order:
+//!
+//! - a request that fits a GPU now is granted, on the GPU where it fits best (least VRAM left over);
+//! - a request that does not fit pauses strictly less urgent, preemptible holders (least urgent first, the
+//!   most recently granted first among equals, only as many as it needs) on the GPU where that takes the
+//!   fewest, and reserves that GPU;
+//! - a request that can neither fit nor preempt reserves the GPU among its candidates with the most free
+//!   VRAM, so that it is the next to get it.
+//!
+//! A reserved GPU takes no grant for a request later in the order: a smaller request may pass a blocked
+//! head only on a GPU the head cannot use or has not reserved. That keeps big and urgent requests from
+//! starving behind a stream of small ones, and it keeps the pass short: it stops as soon as every GPU is
+//! reserved, so an input costs O(log n) in the number of queued requests.
+//!
+//! Aging orders the queue only; preemption compares the requests' own priorities.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::ops::Bound;
+
+use gpu_coordinator_wire::time::rfc3339;
+use gpu_coordinator_wire::{
+    AckAction, AckMsg, CancelMsg, Control, ControlAction, Encoding, Event, EventKind, GpuStatus,
+    HolderState, HolderStatus, Inbound, Outcome, PausedStatus, QueueEntry, Rejection, ReleaseMsg,
+    RenewMsg, Reply, RequestMsg, StatusDoc, VramSource,
+};
+
+use crate::types::*;
+
+/// Why a timer was set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum TimerKind {
+    /// A queued request's `timeout_ms` passes.
+    Timeout,
+    /// A queued request moves one level more urgent.
+    Aging,
+    /// A lease's TTL ends.
+    Expiry,
+    /// A pause ACK is due.
+    PauseDeadline,
+    /// A holder becomes preemptible (`preemption.min_hold_ms`).
+    MinHold,
+}
+
+struct Gpu {
+    spec: GpuSpec,
+    /// VRAM used outside the coordinator's leases (NVML).
+    external_mb: u64,
+    /// Arrival numbers of the requests holding this GPU (active or pausing).
+    holders: BTreeSet<u64>,
+    /// Sum of the holders' `held_mb`.
+    held_mb: u64,
+}
+
+impl Gpu {
+    fn free_mb(&self) -> u64 {
+        self.spec
+            .total_mb
+            .saturating_sub(self.external_mb)
+            .saturating_sub(self.held_mb)
+    }
+}
+
+struct Live {
+    rec: RequestRecord,
+    /// Effective priority in the queue (aging).
+    eff: u8,
+    /// The timers set for this request, to remove them exactly.
+    timers: Vec<(Millis, TimerKind)>,
+}
+
+/// The scheduling core. See the module docs for the rules.
+pub struct Scheduler {
+    config: SchedConfig,
+    gpus: Vec<Gpu>,
+    gpu_index: HashMap<String, usize>,
+    /// Live requests by arrival number.
+    live: HashMap<u64, Live>,
+    /// Live requests by id.
+    ids: HashMap<String, u64>,
+    /// Live requests by service.
+    services: HashMap<String, BTreeSet<u64>>,
+    /// Queued and paused requests in grant order: (effective priority, arrival).
+    queue: BTreeSet<(u8, u64)>,
+    timers: BTreeSet<(Millis, u64, TimerKind)>,
+    /// Recently ended requests, to answer a repeated id with the final state.
+    ended: HashMap<String, RequestRecord>,
+    ended_order: VecDeque<String>,
+    next_seq: u64,
+    last_fence: Fence,
+    fence_dirty: bool,
+    /// Request ids whose records changed during the current input.
+    dirty: Vec<String>,
+    dirty_set: HashSet<String>,
+    actions: VecDeque<Action>,
+    vram_source: VramSource,
+}
+
+impl Scheduler {
+    /// A scheduler for these GPUs (sorted by id), with nothing queued and fences starting at 1.
+    pub fn new(config: SchedConfig, gpus: Vec<GpuSpec>) -> Self {
+        let mut scheduler = Scheduler {
+            config,
+            gpus: Vec::new(),
+            gpu_index: HashMap::new(),
+            live: HashMap::new(),
+            ids: HashMap::new(),
+            services: HashMap::new(),
+            queue: BTreeSet::new(),
+            timers: BTreeSet::new(),
+            ended: HashMap::new(),
+            ended_order: VecDeque::new(),
+            next_seq: 1,
+            last_fence: Fence(0),
+            fence_dirty: false,
+            dirty: Vec::new(),
+            dirty_set: HashSet::new(),
+            actions: VecDeque::new(),
+            vram_source: VramSource::Config,
+        };
+        scheduler.set_gpus(gpus);
+        scheduler
+    }
+
+    fn set_gpus(&mut self, mut specs: Vec<GpuSpec>) {
+        specs.sort_by(|a, b| a.id.cmp(&b.id));
+        specs.dedup_by(|a, b| a.id == b.id);
+        self.gpu_index = specs
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (g.id.clone(), i))
+            .collect();
+        self.gpus = specs
+            .into_iter()
+            .map(|spec| Gpu {
+                spec,
+                external_mb: 0,
+                holders: BTreeSet::new(),
+                held_mb: 0,
+            })
+            .collect();
+    }
+
+    /// Says where the VRAM figures come from, for the status document.
+    pub fn set_vram_source(&mut self, source: VramSource) {
+        self.vram_source = source;
+    }
+
+    /// The GPUs managed, sorted by id.
+    pub fn gpus(&self) -> Vec<GpuSpec> {
+        self.gpus.iter().map(|g| g.spec.clone()).collect()
+    }
+
+    /// The highest fence issued so far.
+    pub fn last_fence(&self) -> Fence {
+        self.last_fence
+    }
+
+    /// The next action to carry out, if any. Drain it after every input.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When the scheduler next wants [`Scheduler::handle_timeout`] called.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        self.timers.first().map(|&(at, _, _)| at)
+    }
+
+    /// The number of live (not ended) requests.
+    pub fn live_count(&self) -> usize {
+        self.live.len()
+    }
+
+    /// The leases that should be in the lease store now (to write them back after it lost them).
+    pub fn leases(&self) -> Vec<Lease> {
+        self.gpus
+            .iter()
+            .flat_map(|g| g.holders.iter())
+            .filter_map(|seq| self.live.get(seq))
+            .filter_map(|l| self.lease_of(&l.rec))
+            .collect()
+    }
+
+    /// The record of a request the scheduler knows (live or recently ended).
+    pub fn record(&self, request_id: &str) -> Option<&RequestRecord> {
+        match self.ids.get(request_id) {
+            Some(seq) => self.live.get(seq).map(|l| &l.rec),
+            None => self.ended.get(request_id),
+        }
+    }
+
+    // ----- inputs -------------------------------------------------------------------------------------
+
+    /// Restores the state persisted before a restart and reconciles it with the lease store. Call once,
+    /// on a new scheduler, before any other input.
+    pub fn restore(&mut self, snapshot: Snapshot, now: Millis) {
+        self.last_fence = self
+            .last_fence
+            .max(snapshot.max_fence)
+            .max(snapshot.leases.iter().map(|l| l.fence).max().unwrap_or_default());
+        let mut leases: HashMap<String, Lease> = snapshot
+            .leases
+            .into_iter()
+            .map(|l| (l.request_id.clone(), l))
+            .collect();
+        let mut records = snapshot.requests;
+        records.sort_by_key(|r| r.seq);
+        for rec in records {
+            self.next_seq = self.next_seq.max(rec.seq + 1);
+            if let Some(fence) = rec.fence {
+                self.last_fence = self.last_fence.max(fence);
+            }
+            if rec.phase == Phase::Ended {
+                self.remember_ended(rec);
+                continue;
+            }
+            let holding = matches!(rec.phase, Phase::Active | Phase::Pausing);
+            let seq = rec.seq;
+            let id = rec.request_id.clone();
+            let lease = leases.remove(&id);
+            self.insert_live(rec);
+            if !holding {
+                if let Some(stale) = lease {
+                    self.actions.push_back(Action::Lease(LeaseOp::Release {
+                        request_id: stale.request_id,
+                        gpu: stale.gpu,
+                        fence: stale.fence,
+                    }));
+                }
+                continue;
+            }
+            let gpu_known = self
+                .live_rec(seq)
+                .gpu
+                .as_ref()
+                .is_some_and(|g| self.gpu_index.contains_key(g));
+            if !gpu_known {
+                self.revoke(seq, now, "its GPU is no longer managed by this coordinator", false);
+                continue;
+            }
+            match lease {
+                Some(l) if Some(l.fence) == self.live_rec(seq).fence => {
+                    // The lease store is the source of truth for the expiry.
+                    self.update(seq, now, |rec| rec.expires_at = Some(l.expires_at));
+                }
+                other => {
+                    if let Some(stale) = other {
+                        self.actions.push_back(Action::Lease(LeaseOp::Release {
+                            request_id: stale.request_id,
+                            gpu: stale.gpu,
+                            fence: stale.fence,
+                        }));
+                    }
+                    let expires_at = self.live_rec(seq).expires_at.unwrap_or(0);
+                    if expires_at > now {
+                        let lease = self
+                            .lease_of(self.live_rec(seq))
+                            .expect("a holding record has a GPU and a fence");
+                        self.actions
+                            .push_back(Action::Lease(LeaseOp::Restore(lease)));
+                    }
+                    // A lease that ran out while the coordinator was down expires in handle_timeout.
+                }
+            }
+        }
+        for (_, stale) in leases {
+            self.actions.push_back(Action::Lease(LeaseOp::Release {
+                request_id: stale.request_id,
+                gpu: stale.gpu,
+                fence: stale.fence,
+            }));
+        }
+        self.handle_timeout(now);
+    }
+
+    /// Handles one input at `now`.
+    pub fn handle_input(&mut self, input: Input, now: Millis) {
+        match input {
+            Input::Inbound {
+                service,
+                encoding,
+                input,
+            } => match input {
+                Inbound::Request(msg) => self.on_request(service, encoding, msg, now),
+                Inbound::Release(msg) => self.on_release(service, encoding, msg, now),
+                Inbound::Renew(msg) => self.on_renew(service, encoding, msg, now),
+                Inbound::Ack(msg) => self.on_ack(service, encoding, msg, now),
+                Inbound::Cancel(msg) => self.on_cancel(service, encoding, msg, now),
+            },
+            Input::Invalid(rejection) => self.on_invalid(rejection, now),
+            Input::ExternalVram { gpu, used_mb } => {
+                if let Some(&i) = self.gpu_index.get(&gpu) {
+                    self.gpus[i].external_mb = used_mb;
+                }
+            }
+            Input::LeaseRefused {
+                request_id,
+                fence,
+                why,
+            } => {
+                if let Some(&seq) = self.ids.get(&request_id) {
+                    let rec = self.live_rec(seq);
+                    if rec.fence == Some(fence) && matches!(rec.phase, Phase::Active | Phase::Pausing)
+                    {
+                        let reason = format!("the lease store refused the lease: {why}");
+                        self.revoke(seq, now, &reason, false);
+                    }
+                }
+            }
+        }
+        self.schedule(now);
+        self.flush();
+    }
+
+    /// Fires every timer due at `now` (timeouts, expiries, pause deadlines, aging), then schedules.
+    pub fn handle_timeout(&mut self, now: Millis) {
+        while let Some(&(at, seq, kind)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            if let Some(live) = self.live.get_mut(&seq) {
+                live.timers.retain(|&t| t != (at, kind));
+            } else {
+                continue;
+            }
+            let phase = self.live_rec(seq).phase;
+            match (kind, phase) {
+                (TimerKind::Timeout, Phase::Queued) => {
+                    let rec = self.live_rec(seq);
+                    let error = format!(
+                        "no GPU could be granted within timeout_ms ({} ms)",
+                        rec.timeout_at.saturating_sub(rec.requested_at)
+                    );
+                    self.end(seq, End::TimedOut, Some(error), now);
+                }
+                (TimerKind::Aging, Phase::Queued) => self.update(seq, now, |_| {}),
+                (TimerKind::Expiry, Phase::Active | Phase::Pausing) => {
+                    self.revoke(seq, now, "the lease expired: it was neither renewed nor released", true)
+                }
+                (TimerKind::PauseDeadline, Phase::Pausing) => {
+                    let reason = format!(
+                        "no pause ACK within the deadline ({} ms)",
+                        self.config.ack_deadline_ms
+                    );
+                    self.revoke(seq, now, &reason, false)
+                }
+                // A holder became preemptible: the pass below reconsiders it.
+                _ => {}
+            }
+        }
+        self.schedule(now);
+        self.flush();
+    }
+
+    // ----- input handlers -----------------------------------------------------------------------------
+
+    fn on_request(&mut self, service: String, encoding: Encoding, msg: RequestMsg, now: Millis) {
+        let request_id = msg.request_id.clone().unwrap_or_default();
+        if let Some(existing) = self.record(&request_id) {
+            if existing.service_id != service {
+                let error = format!(
+                    "request_id `{request_id}` is already used by service `{}`; choose another id",
+                    existing.service_id
+                );
+                return self.reject(&service, encoding, Some(&request_id), error, now);
+            }
+            let reply = self.current_reply(existing, now);
+            let existing_encoding = existing.encoding;
+            return self.reply(&service, existing_encoding, reply);
+        }
+        let candidates: Vec<&Gpu> = match &msg.gpu {
+            Some(pin) => self.gpu_index.get(pin).map(|&i| &self.gpus[i]).into_iter().collect(),
+            None => self.gpus.iter().collect(),
+        };
+        let known: Vec<&str> = self.gpus.iter().map(|g| g.spec.id.as_str()).collect();
+        let error = if candidates.is_empty() {
+            Some(match &msg.gpu {
+                Some(pin) => format!(
+                    "field `gpu`: no GPU `{pin}` is managed here; the GPUs are: {}",
+                    known.join(", ")
+                ),
+                None => "no GPU is managed by this coordinator".to_string(),
+            })
+        } else if let Some(vram) = msg.vram_mb {
+            let largest = candidates.iter().map(|g| g.spec.total_mb).max().unwrap_or(0);
+            (vram > largest).then(|| {
+                format!("field `vram_mb`: {vram} MB is more than any GPU it may use has ({largest} MB)")
+            })
+        } else {
+            None
+        };
+        let lease_ms = msg
+            .lease_ms
+            .unwrap_or(self.config.lease_default_ms)
+            .min(self.config.lease_max_ms)
+            .max(1);
+        let timeout_ms = msg.timeout_ms.unwrap_or(self.config.default_timeout_ms);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let rec = RequestRecord {
+            request_id: request_id.clone(),
+            service_id: service.clone(),
+            priority: msg.priority,
+            seq,
+            encoding,
+            vram_mb: msg.vram_mb,
+            gpu_pin: msg.gpu.clone(),
+            preemptible: msg.preemptible.unwrap_or(true),
+            lease_ms,
+            requested_at: now,
+            timeout_at: now.saturating_add(timeout_ms),
+            phase: Phase::Queued,
+            gpu: None,
+            held_mb: None,
+            fence: None,
+            granted_at: None,
+            expires_at: None,
+            pause_deadline: None,
+            paused_at: None,
+            waited_ms: None,
+            end: None,
+            ended_at: None,
+            detail: None,
+        };
+        self.event(&rec, EventKind::Requested, now, None);
+        if let Some(error) = error {
+            let mut rec = rec;
+            rec.phase = Phase::Ended;
+            rec.end = Some(End::Rejected);
+            rec.ended_at = Some(now);
+            rec.detail = Some(error.clone());
+            let mut reply = Reply::new(&request_id, Outcome::Rejected);
+            reply.error = Some(error.clone());
+            self.reply(&service, encoding, reply);
+            self.event(&rec, EventKind::Rejected, now, Some(error));
+            self.mark_dirty(&request_id);
+            self.remember_ended(rec);
+            return;
+        }
+        self.insert_live(rec);
+        self.mark_dirty(&request_id);
+        self.schedule(now);
+        if let Some(&seq) = self.ids.get(&request_id) {
+            if self.live_rec(seq).phase == Phase::Queued {
+                let detail = self.queued_detail(seq);
+                let rec = self.live_rec(seq).clone();
+                self.event(&rec, EventKind::Queued, now, Some(detail));
+            }
+        }
+    }
+
+    fn on_release(&mut self, service: String, encoding: Encoding, msg: ReleaseMsg, now: Millis) {
+        let Some(request_id) = msg.request_id else {
+            let all: Vec<u64> = self
+                .services
+                .get(&service)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default();
+            for seq in all {
+                self.release(seq, now, format!("service `{service}` released everything it held"));
+            }
+            return;
+        };
+        let Some(seq) = self.find_own(&service, encoding, &request_id, msg.fence, now) else {
+            return;
+        };
+        self.release(seq, now, "released by its service".to_string());
+    }
+
+    fn release(&mut self, seq: u64, now: Millis, detail: String) {
+        let rec = self.live_rec(seq);
+        let mut reply = Reply::new(&rec.request_id, Outcome::Released);
+        reply.gpu = rec.gpu.clone();
+        reply.fence = rec.fence.map(|f| f.0);
+        let (service, encoding) = (rec.service_id.clone(), rec.encoding);
+        self.reply(&service, encoding, reply);
+        self.end(seq, End::Released, Some(detail), now);
+    }
+
+    fn on_renew(&mut self, service: String, encoding: Encoding, msg: RenewMsg, now: Millis) {
+        let Some(seq) = self.find_own(&service, encoding, &msg.request_id, msg.fence, now) else {
+            return;
+        };
+        let rec = self.live_rec(seq);
+        if !matches!(rec.phase, Phase::Active | Phase::Pausing) {
+            let error = format!(
+                "request `{}` is {}, not holding a lease: only a held lease can be renewed",
+                msg.request_id,
+                rec.phase.as_str()
+            );
+            return self.reject(&service, encoding, Some(&msg.request_id), error, now);
+        }
+        let lease_ms = msg
+            .lease_ms
+            .unwrap_or(rec.lease_ms)
+            .min(self.config.lease_max_ms)
+            .max(1);
+        let expires_at = now.saturating_add(lease_ms);
+        self.update(seq, now, |rec| {
+            rec.expires_at = Some(expires_at);
+            rec.lease_ms = lease_ms;
+        });
+        let rec = self.live_rec(seq).clone();
+        let mut reply = Reply::new(&rec.request_id, Outcome::Renewed);
+        reply.gpu = rec.gpu.clone();
+        reply.fence = rec.fence.map(|f| f.0);
+        reply.lease_ms = Some(lease_ms);
+        reply.expires_at = Some(rfc3339(expires_at));
+        reply.vram_mb = rec.held_mb;
+        self.reply(&rec.service_id, rec.encoding, reply);
+        self.event(&rec, EventKind::Renewed, now, Some(format!("lease extended by {lease_ms} ms")));
+        self.actions.push_back(Action::Lease(LeaseOp::Renew {
+            request_id: rec.request_id.clone(),
+            gpu: rec.gpu.clone().expect("a holding record has a GPU"),
+            fence: rec.fence.expect("a holding record has a fence"),
+            expires_at,
+        }));
+    }
+
+    fn on_ack(&mut self, service: String, encoding: Encoding, msg: AckMsg, now: Millis) {
+        let Some(seq) = self.find_own(&service, encoding, &msg.request_id, msg.fence, now) else {
+            return;
+        };
+        let phase = self.live_rec(seq).phase;
+        match (msg.action, phase) {
+            (AckAction::Paused, Phase::Pausing) => self.paused(seq, now),
+            // A repeated ACK (a redelivery) changes nothing.
+            (AckAction::Paused, Phase::Paused) | (AckAction::Resumed, Phase::Active) => {}
+            (action, phase) => {
+                let error = format!(
+                    "request `{}` is {}: an ACK `{}` is not expected now",
+                    msg.request_id,
+                    phase.as_str(),
+                    match action {
+                        AckAction::Paused => "paused",
+                        AckAction::Resumed => "resumed",
+                    }
+                );
+                self.reject(&service, encoding, Some(&msg.request_id), error, now);
+            }
+        }
+    }
+
+    fn on_cancel(&mut self, service: String, encoding: Encoding, msg: CancelMsg, now: Millis) {
+        let Some(seq) = self.find_own(&service, encoding, &msg.request_id, None, now) else {
+            return;
+        };
+        let rec = self.live_rec(seq);
+        if matches!(rec.phase, Phase::Active | Phase::Pausing) {
+            let error = format!(
+                "request `{}` holds the GPU: cancel only withdraws queued or paused requests; release it instead",
+                msg.request_id
+            );
+            return self.reject(&service, encoding, Some(&msg.request_id), error, now);
+        }
+        let reply = Reply::new(&rec.request_id, Outcome::Cancelled);
+        let (service, encoding) = (rec.service_id.clone(), rec.encoding);
+        self.reply(&service, encoding, reply);
+        self.end(seq, End::Cancelled, Some("cancelled by its service".into()), now);
+    }
+
+    fn on_invalid(&mut self, rejection: Rejection, now: Millis) {
+        let service = rejection.service.unwrap_or_else(|| "unknown".to_string());
+        self.reject(
+            &service,
+            rejection.encoding,
+            rejection.request_id.as_deref(),
+            rejection.error,
+            now,
+        );
+    }
+
+    /// Finds a live request of `service` for an input about it, checking owner and fence; rejects and
+    /// returns `None` otherwise.
+    fn find_own(
+        &mut self,
+        service: &str,
+        encoding: Encoding,
+        request_id: &str,
+        fence: Option<u64>,
+        now: Millis,
+    ) -> Option<u64> {
+        let error = match self.ids.get(request_id) {
+            None => match self.ended.get(request_id) {
+                Some(rec) if rec.service_id == service => format!(
+                    "request `{request_id}` has already ended ({})",
+                    rec.end.map(End::as_str).unwrap_or("ended")
+                ),
+                _ => format!("unknown request_id `{request_id}` for service `{service}`"),
+            },
+            Some(&seq) => {
+                let rec = self.live_rec(seq);
+                if rec.service_id != service {
+                    format!("unknown request_id `{request_id}` for service `{service}`")
+                } else if fence.is_some_and(|f| Some(Fence(f)) != rec.fence) {
+                    format!(
+                        "stale fence {}: the current fence of request `{request_id}` is {}",
+                        fence.unwrap_or_default(),
+                        rec.fence.map(|f| f.0.to_string()).unwrap_or_else(|| "none".into())
+                    )
+                } else {
+                    return Some(seq);
+                }
+            }
+        };
+        self.reject(service, encoding, Some(request_id), error, now);
+        None
+    }
+
+    // ----- transitions --------------------------------------------------------------------------------
+
+    fn grant(&mut self, seq: u64, gpu: usize, now: Millis) {
+        let fence = self.issue_fence();
+        let gpu_id = self.gpus[gpu].spec.id.clone();
+        let whole = self.gpus[gpu]
+            .spec
+            .total_mb
+            .saturating_sub(self.gpus[gpu].external_mb);
+        let resumed = self.live_rec(seq).phase == Phase::Paused;
+        self.update(seq, now, |rec| {
+            rec.phase = Phase::Active;
+            rec.gpu = Some(gpu_id.clone());
+            rec.held_mb = Some(rec.vram_mb.unwrap_or(whole));
+            rec.fence = Some(fence);
+            rec.granted_at = Some(now);
+            rec.expires_at = Some(now.saturating_add(rec.lease_ms));
+            rec.paused_at = None;
+            if rec.waited_ms.is_none() {
+                rec.waited_ms = Some(now.saturating_sub(rec.requested_at));
+            }
+        });
+        let rec = self.live_rec(seq).clone();
+        let expires_at = rfc3339(rec.expires_at.unwrap_or(now));
+        self.actions.push_back(Action::Lease(LeaseOp::Acquire(
+            self.lease_of(&rec).expect("a granted record has a GPU and a fence"),
+        )));
+        if resumed {
+            self.control(
+                &rec,
+                ControlAction::Resume,
+                None,
+                "the GPU is free again: reload and go on".into(),
+                Some(expires_at),
+            );
+            self.event(&rec, EventKind::Resumed, now, None);
+        } else {
+            let mut reply = Reply::new(&rec.request_id, Outcome::Granted);
+            reply.gpu = rec.gpu.clone();
+            reply.fence = Some(fence.0);
+            reply.lease_ms = Some(rec.lease_ms);
+            reply.expires_at = Some(expires_at);
+            reply.vram_mb = rec.held_mb;
+            reply.waited_ms = rec.waited_ms;
+            self.reply(&rec.service_id, rec.encoding, reply);
+            let detail = format!("waited {} ms", rec.waited_ms.unwrap_or(0));
+            self.event(&rec, EventKind::Granted, now, Some(detail));
+        }
+    }
+
+    fn pause(&mut self, seq: u64, for_seq: u64, now: Millis) {
+        let deadline = now.saturating_add(self.config.ack_deadline_ms);
+        self.update(seq, now, |rec| {
+            rec.phase = Phase::Pausing;
+            rec.pause_deadline = Some(deadline);
+        });
+        let urgent = self.live_rec(for_seq);
+        let reason = format!(
+            "request `{}` of `{}` at priority {} needs the GPU",
+            urgent.request_id, urgent.service_id, urgent.priority
+        );
+        let rec = self.live_rec(seq).clone();
+        self.control(
+            &rec,
+            ControlAction::Pause,
+            Some(self.config.ack_deadline_ms),
+            reason.clone(),
+            None,
+        );
+        self.event(&rec, EventKind::Preempting, now, Some(reason));
+    }
+
+    fn paused(&mut self, seq: u64, now: Millis) {
+        let rec = self.live_rec(seq).clone();
+        self.actions.push_back(Action::Lease(LeaseOp::Release {
+            request_id: rec.request_id.clone(),
+            gpu: rec.gpu.clone().expect("a pausing record has a GPU"),
+            fence: rec.fence.expect("a pausing record has a fence"),
+        }));
+        self.update(seq, now, |rec| {
+            rec.phase = Phase::Paused;
+            rec.paused_at = Some(now);
+            rec.pause_deadline = None;
+            rec.expires_at = None;
+        });
+        let rec = self.live_rec(seq).clone();
+        self.event(&rec, EventKind::Paused, now, None);
+    }
+
+    /// Ends a holding request's lease by force: `revoke` (and `restart` after an expiry).
+    fn revoke(&mut self, seq: u64, now: Millis, reason: &str, expired: bool) {
+        let rec = self.live_rec(seq).clone();
+        if let (Some(gpu), Some(fence)) = (&rec.gpu, rec.fence) {
+            self.actions.push_back(Action::Lease(LeaseOp::Release {
+                request_id: rec.request_id.clone(),
+                gpu: gpu.clone(),
+                fence,
+            }));
+        }
+        if expired {
+            self.event(&rec, EventKind::Expired, now, Some(reason.to_string()));
+        }
+        self.control(&rec, ControlAction::Revoke, None, reason.to_string(), None);
+        if expired {
+            self.control(
+                &rec,
+                ControlAction::Restart,
+                None,
+                "the lease expired: restart the service".into(),
+                None,
+            );
+        }
+        self.end(seq, End::Revoked, Some(reason.to_string()), now);
+    }
+
+    /// Ends a live request: it leaves every index, its lease is released where it held one (except after
+    /// a revoke, which released it already), and it is remembered as ended.
+    fn end(&mut self, seq: u64, end: End, detail: Option<String>, now: Millis) {
+        let mut live = self.detach(seq);
+        let holding = matches!(live.rec.phase, Phase::Active | Phase::Pausing);
+        if holding && end != End::Revoked {
+            self.actions.push_back(Action::Lease(LeaseOp::Release {
+                request_id: live.rec.request_id.clone(),
+                gpu: live.rec.gpu.clone().expect("a holding record has a GPU"),
+                fence: live.rec.fence.expect("a holding record has a fence"),
+            }));
+        }
+        live.rec.phase = Phase::Ended;
+        live.rec.end = Some(end);
+        live.rec.ended_at = Some(now);
+        live.rec.detail = detail.clone();
+        live.rec.pause_deadline = None;
+        let kind = match end {
+            End::Released => EventKind::Released,
+            End::TimedOut => EventKind::TimedOut,
+            End::Cancelled => EventKind::Cancelled,
+            End::Revoked => EventKind::Revoked,
+            End::Rejected => EventKind::Rejected,
+        };
+        if end == End::TimedOut {
+            let mut reply = Reply::new(&live.rec.request_id, Outcome::TimedOut);
+            reply.waited_ms = Some(now.saturating_sub(live.rec.requested_at));
+            reply.error = detail.clone();
+            self.reply(&live.rec.service_id, live.rec.encoding, reply);
+        }
+        self.event(&live.rec, kind, now, detail);
+        self.mark_dirty(&live.rec.request_id);
+        self.ids.remove(&live.rec.request_id);
+        if let Some(set) = self.services.get_mut(&live.rec.service_id) {
+            set.remove(&seq);
+            if set.is_empty() {
+                self.services.remove(&live.rec.service_id);
+            }
+        }
+        self.remember_ended(live.rec);
+    }
+
+    // ----- the scheduling pass ------------------------------------------------------------------------
+
+    /// Grants, preempts and reserves in grant order, until every GPU is reserved or the queue is done.
+    fn schedule(&mut self, now: Millis) {
+        let mut open = vec![true; self.gpus.len()];
+        let mut n_open = open.len();
+        let mut cursor: Option<(u8, u64)> = None;
+        while n_open > 0 {
+            let lower = match cursor {
+                Some(c) => Bound::Excluded(c),
+                None => Bound::Unbounded,
+            };
+            let Some(&key) = self.queue.range((lower, Bound::Unbounded)).next() else {
+                break;
+            };
+            cursor = Some(key);
+            let seq = key.1;
+            let candidates = self.candidates(seq, &open);
+            if candidates.is_empty() {
+                continue;
+            }
+            if let Some(gpu) = self.best_fit(seq, &candidates) {
+                self.grant(seq, gpu, now);
+                continue;
+            }
+            let reserve = match self.plan_preemption(seq, &candidates, now) {
+                Some((gpu, victims)) => {
+                    for victim in victims {
+                        self.pause(victim, seq, now);
+                    }
+                    gpu
+                }
+                None => *candidates
+                    .iter()
+                    .max_by_key(|&&g| (self.gpus[g].free_mb(), std::cmp::Reverse(g)))
+                    .expect("candidates is not empty"),
+            };
+            open[reserve] = false;
+            n_open -= 1;
+        }
+    }
+
+    /// The open GPUs that a request may use and that are big enough for it.
+    fn candidates(&self, seq: u64, open: &[bool]) -> Vec<usize> {
+        let rec = self.live_rec(seq);
+        let pinned = rec.gpu_pin.as_ref().and_then(|p| self.gpu_index.get(p).copied());
+        if rec.gpu_pin.is_some() && pinned.is_none() {
+            return Vec::new();
+        }
+        (0..self.gpus.len())
+            .filter(|&g| open[g] && pinned.is_none_or(|p| p == g))
+            .filter(|&g| rec.vram_mb.is_none_or(|v| v <= self.gpus[g].spec.total_mb))
+            .collect()
+    }
+
+    /// Whether `rec` fits on `gpu` with `free_mb` free and `holders` holders left.
+    fn fits(rec: &RequestRecord, free_mb: u64, holders: usize) -> bool {
+        match rec.vram_mb {
+            Some(v) => v <= free_mb,
+            None => holders == 0,
+        }
+    }
+
+    fn best_fit(&self, seq: u64, candidates: &[usize]) -> Option<usize> {
+        let rec = self.live_rec(seq);
+        candidates
+            .iter()
+            .copied()
+            .filter(|&g| Self::fits(rec, self.gpus[g].free_mb(), self.gpus[g].holders.len()))
+            .min_by_key(|&g| {
+                let free = self.gpus[g].free_mb();
+                (free - rec.vram_mb.unwrap_or(free), g)
+            })
+    }
+
+    /// The GPU where the request fits with the fewest holders paused, and those holders (possibly none,
+    /// when pauses already under way will make room).
+    fn plan_preemption(&self, seq: u64, candidates: &[usize], now: Millis) -> Option<(usize, Vec<u64>)> {
+        let rec = self.live_rec(seq);
+        let mut best: Option<(usize, Vec<u64>, u64)> = None;
+        for &g in candidates {
+            let gpu = &self.gpus[g];
+            let mut free = gpu.free_mb();
+            let mut remaining = gpu.holders.len();
+            let mut eligible = Vec::new();
+            for &h in &gpu.holders {
+                let holder = self.live_rec(h);
+                if holder.phase == Phase::Pausing {
+                    free += holder.held_mb.unwrap_or(0);
+                    remaining -= 1;
+                } else if holder.priority > rec.priority
+                    && holder.preemptible
+                    && holder.granted_at.unwrap_or(0).saturating_add(self.config.min_hold_ms) <= now
+                {
+                    eligible.push(holder);
+                }
+            }
+            // Least urgent first; the most recently granted first among equals.
+            eligible.sort_by_key(|h| {
+                (
+                    std::cmp::Reverse(h.priority),
+                    std::cmp::Reverse(h.granted_at.unwrap_or(0)),
+                    std::cmp::Reverse(h.seq),
+                )
+            });
+            let mut victims = Vec::new();
+            let mut victim_mb = 0;
+            for holder in eligible {
+                if Self::fits(rec, free, remaining) {
+                    break;
+                }
+                let held = holder.held_mb.unwrap_or(0);
+                free += held;
+                victim_mb += held;
+                remaining -= 1;
+                victims.push(holder.seq);
+            }
+            if !Self::fits(rec, free, remaining) {
+                continue;
+            }
+            let better = match &best {
+                None => true,
+                Some((_, v, mb)) => (victims.len(), victim_mb) < (v.len(), *mb),
+            };
+            if better {
+                best = Some((g, victims, victim_mb));
+            }
+        }
+        best.map(|(g, victims, _)| (g, victims))
+    }
+
+    // ----- bookkeeping --------------------------------------------------------------------------------
+
+    fn live_rec(&self, seq: u64) -> &RequestRecord {
+        &self.live.get(&seq).expect("a live request by its arrival number").rec
+    }
+
+    fn issue_fence(&mut self) -> Fence {
+        self.last_fence = Fence(self.last_fence.0 + 1);
+        self.fence_dirty = true;
+        self.last_fence
+    }
+
+    fn insert_live(&mut self, rec: RequestRecord) {
+        let seq = rec.seq;
+        self.ids.insert(rec.request_id.clone(), seq);
+        self.services
+            .entry(rec.service_id.clone())
+            .or_default()
+            .insert(seq);
+        self.live.insert(
+            seq,
+            Live {
+                eff: rec.priority,
+                rec,
+                timers: Vec::new(),
+            },
+        );
+        self.attach(seq, None);
+    }
+
+    /// Removes a live request from the queue, the timers and its GPU, returning it (still in `ids`).
+    fn detach(&mut self, seq: u64) -> Live {
+        let live = self.live.remove(&seq).expect("a live request by its arrival number");
+        self.queue.remove(&(live.eff, seq));
+        for &(at, kind) in &live.timers {
+            self.timers.remove(&(at, seq, kind));
+        }
+        if let Some(g) = live.rec.gpu.as_ref().and_then(|g| self.gpu_index.get(g)) {
+            let gpu = &mut self.gpus[*g];
+            if gpu.holders.remove(&seq) {
+                gpu.held_mb -= live.rec.held_mb.unwrap_or(0);
+            }
+        }
+        live
+    }
+
+    /// Puts a request back into the indexes its phase calls for. With `now`, recomputes aging.
+    fn attach(&mut self, seq: u64, now: Option<Millis>) {
+        let mut live = self.live.remove(&seq).expect("a live request by its arrival number");
+        let rec = &live.rec;
+        let mut timers = Vec::new();
+        match rec.phase {
+            Phase::Queued => {
+                live.eff = rec.priority;
+                if self.config.aging_ms > 0 {
+                    let waited = now.unwrap_or(rec.requested_at).saturating_sub(rec.requested_at);
+                    let levels = (waited / self.config.aging_ms).min(u64::from(rec.priority));
+                    live.eff = rec.priority - levels as u8;
+                    if live.eff > 0 {
+                        timers.push((
+                            rec.requested_at + (levels + 1) * self.config.aging_ms,
+                            TimerKind::Aging,
+                        ));
+                    }
+                }
+                timers.push((rec.timeout_at, TimerKind::Timeout));
+                self.queue.insert((live.eff, seq));
+            }
+            Phase::Paused => {
+                live.eff = rec.priority;
+                self.queue.insert((live.eff, seq));
+            }
+            Phase::Active | Phase::Pausing => {
+                if let Some(at) = rec.expires_at {
+                    timers.push((at, TimerKind::Expiry));
+                }
+                if let Some(at) = rec.pause_deadline {
+                    timers.push((at, TimerKind::PauseDeadline));
+                }
+                if self.config.min_hold_ms > 0 && rec.phase == Phase::Active {
+                    let at = rec.granted_at.unwrap_or(0).saturating_add(self.config.min_hold_ms);
+                    if now.is_none_or(|n| at > n) {
+                        timers.push((at, TimerKind::MinHold));
+                    }
+                }
+                let g = rec.gpu.as_ref().and_then(|g| self.gpu_index.get(g)).copied();
+                if let Some(g) = g {
+                    let gpu = &mut self.gpus[g];
+                    if gpu.holders.insert(seq) {
+                        gpu.held_mb += rec.held_mb.unwrap_or(0);
+                    }
+                }
+            }
+            Phase::Ended => {}
+        }
+        for &(at, kind) in &timers {
+            self.timers.insert((at, seq, kind));
+        }
+        live.timers = timers;
+        self.live.insert(seq, live);
+    }
+
+    /// Changes a live request's record, keeping every index right, and marks it for persistence.
+    fn update(&mut self, seq: u64, now: Millis, change: impl FnOnce(&mut RequestRecord)) {
+        let mut live = self.detach(seq);
+        change(&mut live.rec);
+        let id = live.rec.request_id.clone();
+        self.live.insert(seq, live);
+        self.attach(seq, Some(now));
+        self.mark_dirty(&id);
+    }
+
+    fn remember_ended(&mut self, rec: RequestRecord) {
+        if self.config.retain_ended == 0 {
+            return;
+        }
+        let id = rec.request_id.clone();
+        if self.ended.insert(id.clone(), rec).is_none() {
+            self.ended_order.push_back(id);
+        }
+        while self.ended_order.len() > self.config.retain_ended {
+            if let Some(old) = self.ended_order.pop_front() {
+                self.ended.remove(&old);
+            }
+        }
+    }
+
+    fn mark_dirty(&mut self, request_id: &str) {
+        if self.dirty_set.insert(request_id.to_string()) {
+            self.dirty.push(request_id.to_string());
+        }
+    }
+
+    /// Queues the persistence of every record changed by the current input.
+    fn flush(&mut self) {
+        for id in std::mem::take(&mut self.dirty) {
+            if let Some(rec) = self.record(&id) {
+                let rec = rec.clone();
+                self.actions.push_back(Action::Persist(rec));
+            }
+        }
+        self.dirty_set.clear();
+        if self.fence_dirty {
+            self.fence_dirty = false;
+            self.actions.push_back(Action::PersistFence(self.last_fence));
+        }
+    }
+
+    fn lease_of(&self, rec: &RequestRecord) -> Option<Lease> {
+        let gpu = rec.gpu.clone()?;
+        let capacity_mb = self.gpu_index.get(&gpu).map(|&g| self.gpus[g].spec.total_mb)?;
+        Some(Lease {
+            request_id: rec.request_id.clone(),
+            service_id: rec.service_id.clone(),
+            gpu,
+            fence: rec.fence?,
+            vram_mb: rec.held_mb.unwrap_or(0),
+            capacity_mb,
+            expires_at: rec.expires_at?,
+        })
+    }
+
+    // ----- outputs ------------------------------------------------------------------------------------
+
+    fn reply(&mut self, service: &str, encoding: Encoding, reply: Reply) {
+        self.actions.push_back(Action::Reply {
+            service: service.to_string(),
+            encoding,
+            reply,
+        });
+    }
+
+    fn reject(
+        &mut self,
+        service: &str,
+        encoding: Encoding,
+        request_id: Option<&str>,
+        error: String,
+        now: Millis,
+    ) {
+        let mut reply = Reply::new(request_id.unwrap_or_default(), Outcome::Rejected);
+        reply.error = Some(error.clone());
+        self.reply(service, encoding, reply);
+        self.actions.push_back(Action::Event {
+            encoding,
+            event: Event {
+                at: rfc3339(now),
+                kind: EventKind::Rejected,
+                request_id: request_id.map(str::to_string),
+                service_id: service.to_string(),
+                priority: None,
+                gpu: None,
+                fence: None,
+                detail: Some(error),
+            },
+        });
+    }
+
+    fn control(
+        &mut self,
+        rec: &RequestRecord,
+        action: ControlAction,
+        deadline_ms: Option<u64>,
+        reason: String,
+        expires_at: Option<String>,
+    ) {
+        let resume = action == ControlAction::Resume;
+        self.actions.push_back(Action::Control {
+            service: rec.service_id.clone(),
+            encoding: rec.encoding,
+            control: Control {
+                action,
+                request_id: rec.request_id.clone(),
+                fence: rec.fence.map(|f| f.0).unwrap_or(0),
+                deadline_ms,
+                reason,
+                lease_ms: resume.then_some(rec.lease_ms),
+                expires_at,
+                gpu: if resume { rec.gpu.clone() } else { None },
+            },
+        });
+    }
+
+    fn event(&mut self, rec: &RequestRecord, kind: EventKind, now: Millis, detail: Option<String>) {
+        self.actions.push_back(Action::Event {
+            encoding: rec.encoding,
+            event: Event {
+                at: rfc3339(now),
+                kind,
+                request_id: Some(rec.request_id.clone()),
+                service_id: rec.service_id.clone(),
+                priority: Some(rec.priority),
+                gpu: rec.gpu.clone().or_else(|| rec.gpu_pin.clone()),
+                fence: rec.fence.map(|f| f.0),
+                detail,
+            },
+        });
+    }
+
+    /// The answer to a repeated request: its current state.
+    fn current_reply(&self, rec: &RequestRecord, now: Millis) -> Reply {
+        let outcome = match (rec.phase, rec.end) {
+            (Phase::Queued, _) => Outcome::Queued,
+            (Phase::Active | Phase::Pausing, _) => Outcome::Granted,
+            (Phase::Paused, _) => Outcome::Paused,
+            (Phase::Ended, Some(End::Released)) | (Phase::Ended, None) => Outcome::Released,
+            (Phase::Ended, Some(End::TimedOut)) => Outcome::TimedOut,
+            (Phase::Ended, Some(End::Cancelled)) => Outcome::Cancelled,
+            (Phase::Ended, Some(End::Revoked)) => Outcome::Revoked,
+            (Phase::Ended, Some(End::Rejected)) => Outcome::Rejected,
+        };
+        let mut reply = Reply::new(&rec.request_id, outcome);
+        reply.gpu = rec.gpu.clone();
+        reply.fence = rec.fence.map(|f| f.0);
+        if matches!(rec.phase, Phase::Active | Phase::Pausing) {
+            reply.lease_ms = Some(rec.lease_ms);
+            reply.expires_at = rec.expires_at.map(rfc3339);
+            reply.vram_mb = rec.held_mb;
+        }
+        reply.waited_ms = rec
+            .waited_ms
+            .or_else(|| (rec.phase == Phase::Queued).then(|| now.saturating_sub(rec.requested_at)));
+        if rec.end == Some(End::Rejected) {
+            reply.error = rec.detail.clone();
+        }
+        reply
+    }
+
+    fn queued_detail(&self, seq: u64) -> String {
+        let rec = self.live_rec(seq);
+        let pausing = self
+            .gpus
+            .iter()
+            .flat_map(|g| g.holders.iter())
+            .filter(|&&h| self.live_rec(h).phase == Phase::Pausing)
+            .count();
+        if pausing > 0 && rec.priority < 255 {
+            format!("waiting for {pausing} holder(s) to pause")
+        } else {
+            "waiting for VRAM to be released".to_string()
+        }
+    }
+
+    // ----- status -------------------------------------------------------------------------------------
+
+    /// The status document: each GPU with its VRAM and holders, the paused requests, and the queue in
+    /// grant order with positions and rough wait estimates.
+    pub fn status(&self, now: Millis) -> StatusDoc {
+        let holder = |seq: &u64| {
+            let rec = self.live_rec(*seq);
+            HolderStatus {
+                request_id: rec.request_id.clone(),
+                service_id: rec.service_id.clone(),
+                priority: rec.priority,
+                fence: rec.fence.map(|f| f.0).unwrap_or(0),
+                vram_mb: rec.held_mb.unwrap_or(0),
+                granted_at: rfc3339(rec.granted_at.unwrap_or(0)),
+                expires_at: rfc3339(rec.expires_at.unwrap_or(0)),
+                state: if rec.phase == Phase::Pausing {
+                    HolderState::Pausing
+                } else {
+                    HolderState::Active
+                },
+                preemptible: rec.preemptible,
+            }
+        };
+        let gpus = self
+            .gpus
+            .iter()
+            .map(|g| GpuStatus {
+                id: g.spec.id.clone(),
+                total_mb: g.spec.total_mb,
+                used_mb: (g.held_mb + g.external_mb).min(g.spec.total_mb),
+                free_mb: g.free_mb(),
+                external_mb: g.external_mb,
+                vram_source: self.vram_source,
+                holders: g.holders.iter().map(holder).collect(),
+            })
+            .collect();
+        // Rough wait: until the soonest lease on a usable GPU ends, plus the leases queued ahead.
+        let soonest_end = |rec: &RequestRecord| {
+            self.gpus
+                .iter()
+                .filter(|g| rec.gpu_pin.as_ref().is_none_or(|p| *p == g.spec.id))
+                .flat_map(|g| g.holders.iter())
+                .filter_map(|h| self.live_rec(*h).expires_at)
+                .min()
+                .map(|at| at.saturating_sub(now))
+                .unwrap_or(0)
+        };
+        let n_gpus = self.gpus.len().max(1) as u64;
+        let mut ahead_ms = 0u64;
+        let mut paused = Vec::new();
+        let mut queue = Vec::new();
+        for (i, &(_, seq)) in self.queue.iter().enumerate() {
+            let rec = self.live_rec(seq);
+            let is_paused = rec.phase == Phase::Paused;
+            if is_paused {
+                paused.push(PausedStatus {
+                    request_id: rec.request_id.clone(),
+                    service_id: rec.service_id.clone(),
+                    priority: rec.priority,
+                    gpu: rec.gpu.clone().unwrap_or_default(),
+                    vram_mb: rec.held_mb.unwrap_or(0),
+                    paused_at: rfc3339(rec.paused_at.unwrap_or(0)),
+                });
+            }
+            queue.push(QueueEntry {
+                position: i as u64 + 1,
+                request_id: rec.request_id.clone(),
+                service_id: rec.service_id.clone(),
+                priority: rec.priority,
+                vram_mb: rec.vram_mb,
+                gpu: rec.gpu_pin.clone(),
+                requested_at: rfc3339(rec.requested_at),
+                paused: is_paused,
+                timeout_at: (!is_paused).then(|| rfc3339(rec.timeout_at)),
+                estimated_wait_ms: Some(soonest_end(rec) + ahead_ms / n_gpus),
+            });
+            ahead_ms = ahead_ms.saturating_add(rec.lease_ms);
+        }
+        StatusDoc {
+            at: rfc3339(now),
+            vram_source: self.vram_source,
+            gpus,
+            paused,
+            queue,
+        }
+    }
+
+    /// Checks the invariants that must hold after every input; returns the first broken one.
+    /// For tests and debugging: O(n).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for g in &self.gpus {
+            let held: u64 = g
+                .holders
+                .iter()
+                .map(|h| self.live_rec(*h).held_mb.unwrap_or(0))
+                .sum();
+            if held != g.held_mb {
+                return Err(format!("GPU {} counts {} MB held, holders sum to {held}", g.spec.id, g.held_mb));
+            }
+            if held > g.spec.total_mb {
+                return Err(format!("GPU {} holds {held} MB over its {} MB", g.spec.id, g.spec.total_mb));
+            }
+        }
+        for (seq, live) in &self.live {
+            let queued = self.queue.contains(&(live.eff, *seq));
+            let holding = self.gpus.iter().any(|g| g.holders.contains(seq));
+            let (want_queued, want_holding) = match live.rec.phase {
+                Phase::Queued | Phase::Paused => (true, false),
+                Phase::Active | Phase::Pausing => (false, true),
+                Phase::Ended => return Err(format!("ended request {} is live", live.rec.request_id)),
+            };
+            if queued != want_queued || holding != want_holding {
+                return Err(format!(
+                    "request {} is {} but queued={queued} holding={holding}",
+                    live.rec.request_id,
+                    live.rec.phase.as_str()
+                ));
+            }
+            if let Some(f) = live.rec.fence {
+                if f > self.last_fence {
+                    return Err(format!("request {} has fence {} above the last issued", live.rec.request_id, f.0));
+                }
+            }
+        }
+        if self.queue.len() + self.gpus.iter().map(|g| g.holders.len()).sum::<usize>() != self.live.len() {
+            return Err("a live request is missing from the queue and the GPUs".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,234 @@
+//! The core's vocabulary: ids, configuration, inputs, actions and the records it persists.
+
+use gpu_coordinator_wire::{AckAction, Control, Encoding, Event, Inbound, Rejection, Reply};
+
+/// Milliseconds since the Unix epoch. The core never reads a clock: every input carries `now`.
+pub type Millis = u64;
+
+/// A fencing token. Strictly increasing over the deployment's whole life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Fence(pub u64);
+
+/// A GPU's capacity, from configuration or NVML.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuSpec {
+    pub id: String,
+    pub total_mb: u64,
+}
+
+/// The scheduling options (the `lease`, `preemption`, `request` and `queue` configuration keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedConfig {
+    /// `lease.default_ms`: lease length when a request names none.
+    pub lease_default_ms: u64,
+    /// `lease.max_ms`: the cap on any lease length.
+    pub lease_max_ms: u64,
+    /// `preemption.ack_deadline_ms`: how long a holder has to ACK a `pause`.
+    pub ack_deadline_ms: u64,
+    /// `preemption.min_hold_ms`: a holder is not paused before it held this long (0: off).
+    pub min_hold_ms: u64,
+    /// `request.default_timeout_ms`: longest wait for a grant when a request names none.
+    pub default_timeout_ms: u64,
+    /// `queue.aging_ms`: each full period waited counts one level more urgent in grant order (0: off).
+    pub aging_ms: u64,
+    /// How many ended requests are remembered to answer a repeated `request_id`.
+    pub retain_ended: usize,
+}
+
+impl Default for SchedConfig {
+    fn default() -> Self {
+        SchedConfig {
+            lease_default_ms: 30_000,
+            lease_max_ms: 3_600_000,
+            ack_deadline_ms: 10_000,
+            min_hold_ms: 0,
+            default_timeout_ms: 60_000,
+            aging_ms: 0,
+            retain_ended: 100_000,
+        }
+    }
+}
+
+/// What the driver feeds the core.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// A decoded, valid message from `<svc>`, in the encoding it came in.
+    Inbound { service: String, encoding: Encoding, input: Inbound },
+    /// A message that could not be accepted: it gets a `rejected` reply and event.
+    Invalid(Rejection),
+    /// VRAM used on a GPU by processes outside the coordinator's leases (NVML), in MB.
+    ExternalVram { gpu: String, used_mb: u64 },
+    /// The lease store refused a lease the core granted (another holder is in its place): the core
+    /// revokes it.
+    LeaseRefused { request_id: String, fence: Fence, why: String },
+}
+
+/// Where a request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Waiting in the queue for a first grant.
+    Queued,
+    /// Holding a lease and running.
+    Active,
+    /// Holding a lease, asked to pause, ACK not yet in.
+    Pausing,
+    /// Paused: no lease, back in the queue, waiting for `resume`.
+    Paused,
+    /// Ended; the outcome says how.
+    Ended,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Queued => "queued",
+            Phase::Active => "active",
+            Phase::Pausing => "pausing",
+            Phase::Paused => "paused",
+            Phase::Ended => "ended",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "queued" => Phase::Queued,
+            "active" => Phase::Active,
+            "pausing" => Phase::Pausing,
+            "paused" => Phase::Paused,
+            "ended" => Phase::Ended,
+            _ => return None,
+        })
+    }
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum End {
+    Released,
+    TimedOut,
+    Cancelled,
+    Revoked,
+    Rejected,
+}
+
+impl End {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Released => "released",
+            End::TimedOut => "timed_out",
+            End::Cancelled => "cancelled",
+            End::Revoked => "revoked",
+            End::Rejected => "rejected",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "released" => End::Released,
+            "timed_out" => End::TimedOut,
+            "cancelled" => End::Cancelled,
+            "revoked" => End::Revoked,
+            "rejected" => End::Rejected,
+            _ => return None,
+        })
+    }
+}
+
+/// Everything the core knows of one request: what is persisted (one row per request) and restored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestRecord {
+    pub request_id: String,
+    pub service_id: String,
+    pub priority: u8,
+    /// Arrival order, unique; grant order among equal priorities.
+    pub seq: u64,
+    pub encoding: Encoding,
+    /// `None`: the whole GPU.
+    pub vram_mb: Option<u64>,
+    /// A pinned GPU.
+    pub gpu_pin: Option<String>,
+    pub preemptible: bool,
+    /// The lease length granted on each grant or resume.
+    pub lease_ms: u64,
+    pub requested_at: Millis,
+    /// When a queued request times out (`requested_at + timeout_ms`).
+    pub timeout_at: Millis,
+    pub phase: Phase,
+    /// The GPU held (Active, Pausing) or last held (Paused, and Ended after a grant).
+    pub gpu: Option<String>,
+    /// VRAM counted against `gpu` while held.
+    pub held_mb: Option<u64>,
+    /// The current (or last) fence.
+    pub fence: Option<Fence>,
+    pub granted_at: Option<Millis>,
+    pub expires_at: Option<Millis>,
+    /// While Pausing: when the ACK is due.
+    pub pause_deadline: Option<Millis>,
+    /// While Paused: since when.
+    pub paused_at: Option<Millis>,
+    /// When first granted: how long it waited.
+    pub waited_ms: Option<u64>,
+    pub end: Option<End>,
+    pub ended_at: Option<Millis>,
+    /// Why it ended, for a person.
+    pub detail: Option<String>,
+}
+
+/// A lease as the lease store (Redis) holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub request_id: String,
+    pub service_id: String,
+    pub gpu: String,
+    pub fence: Fence,
+    pub vram_mb: u64,
+    /// The GPU's capacity, for the store's own capacity check.
+    pub capacity_mb: u64,
+    pub expires_at: Millis,
+}
+
+/// A change to the lease store. Each is conditional on the fence (compare-and-set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseOp {
+    /// Write a new lease (grant or resume), checking capacity and that the fence is new.
+    Acquire(Lease),
+    /// Extend a lease whose fence matches.
+    Renew { request_id: String, gpu: String, fence: Fence, expires_at: Millis },
+    /// Delete a lease whose fence matches (release, pause ACK, revoke, expiry).
+    Release { request_id: String, gpu: String, fence: Fence },
+    /// Write back a lease the store lost (it restarted empty, or the coordinator stopped between its
+    /// Postgres commit and the store): same checks as `Acquire`, but the fence may equal the stored one.
+    Restore(Lease),
+}
+
+/// What the core asks the driver to carry out, in this order of durability: persist, then the lease store,
+/// then publish.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Upsert this request's row.
+    Persist(RequestRecord),
+    /// Record the highest fence issued so far.
+    PersistFence(Fence),
+    /// Change the lease store.
+    Lease(LeaseOp),
+    /// Publish on `<prefix>.reply.<service>`.
+    Reply { service: String, encoding: Encoding, reply: Reply },
+    /// Publish on `<prefix>.control.<service>`.
+    Control { service: String, encoding: Encoding, control: Control },
+    /// Publish on `<prefix>.event.<kind>.<service>`.
+    Event { encoding: Encoding, event: Event },
+}
+
+/// What the driver hands the core at start: the durable state (Postgres) and the live leases (Redis).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Every request not ended, and recently ended ones (to answer repeated ids).
+    pub requests: Vec<RequestRecord>,
+    /// The highest fence ever issued (Postgres and the lease store, whichever is higher).
+    pub max_fence: Fence,
+    /// The leases the lease store holds now.
+    pub leases: Vec<Lease>,
+}
+
+/// An ACK's action, re-exported for the driver.
+pub type AckKind = AckAction;

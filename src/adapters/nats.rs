@@ -1,0 +1,241 @@
+//! NATS JetStream: the streams, the durable input consumer, and publishing with PubAcks.
+//!
+//! Owns the connection and the stream and consumer definitions. Decides nothing: decoding is the wire
+//! crate's, scheduling the core's.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+use futures::future::try_join_all;
+use gpu_coordinator_wire::codec::MSGPACK_CONTENT_TYPE;
+use gpu_coordinator_wire::{Encoding, Subjects};
+
+/// The durable pull consumer the coordinator reads its inputs with.
+pub const CONSUMER: &str = "coordinator";
+
+/// How long JetStream waits for an input's ACK before it redelivers it.
+const ACK_WAIT: Duration = Duration::from_secs(60);
+
+/// What can go wrong talking to NATS.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    /// The first connection could not be made.
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// A stream could not be created or updated.
+    #[error("cannot create or update stream {stream}: {source}")]
+    Stream {
+        stream: String,
+        #[source]
+        source: async_nats::jetstream::context::CreateStreamError,
+    },
+    /// The durable consumer could not be created or read.
+    #[error("cannot open consumer {CONSUMER} on stream {stream}: {detail}")]
+    Consumer { stream: String, detail: String },
+    /// A publish did not get its PubAck.
+    #[error("publish to {subject} was not stored: {detail}")]
+    Publish { subject: String, detail: String },
+    /// A core NATS operation failed.
+    #[error("NATS {what} failed: {detail}")]
+    Other { what: &'static str, detail: String },
+}
+
+/// One message to publish on a stored output subject.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub subject: String,
+    pub encoding: Encoding,
+    pub payload: Bytes,
+}
+
+/// The connection to NATS and JetStream.
+#[derive(Clone)]
+pub struct Bus {
+    client: Client,
+    js: jetstream::Context,
+    subjects: Subjects,
+}
+
+impl Bus {
+    /// Connects (the client reconnects by itself afterwards, logging each disconnect and reconnect).
+    pub async fn connect(url: &str, subjects: Subjects, name: &str) -> Result<Bus, NatsError> {
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("NATS disconnected; reconnecting with backoff")
+                    }
+                    async_nats::Event::Connected => tracing::info!("NATS connected"),
+                    other => tracing::warn!("NATS: {other}"),
+                }
+            })
+            .connect(url)
+            .await
+            .map_err(|source| NatsError::Connect {
+                url: url.to_string(),
+                source,
+            })?;
+        let js = jetstream::new(client.clone());
+        Ok(Bus {
+            client,
+            js,
+            subjects,
+        })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    /// Creates or updates `<PREFIX>_INPUT` and `<PREFIX>_OUTPUT` (limits retention, file storage).
+    pub async fn ensure_streams(&self, max_age: Duration) -> Result<(), NatsError> {
+        for (name, subjects) in [
+            (self.subjects.input_stream(), self.subjects.input_subjects()),
+            (self.subjects.output_stream(), self.subjects.output_subjects()),
+        ] {
+            let config = stream::Config {
+                name: name.clone(),
+                subjects,
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                max_age,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            };
+            self.js
+                .create_or_update_stream(config)
+                .await
+                .map_err(|source| NatsError::Stream {
+                    stream: name,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Opens the durable pull consumer on the input stream and starts its message stream.
+    pub async fn inputs(&self) -> Result<consumer::pull::Stream, NatsError> {
+        let stream_name = self.subjects.input_stream();
+        let fail = |detail: String| NatsError::Consumer {
+            stream: stream_name.clone(),
+            detail,
+        };
+        let stream = self
+            .js
+            .get_stream(&stream_name)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let consumer: consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                CONSUMER,
+                consumer::pull::Config {
+                    durable_name: Some(CONSUMER.to_string()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: ACK_WAIT,
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    max_ack_pending: 10_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        consumer
+            .stream()
+            .max_messages_per_batch(500)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| fail(e.to_string()))
+    }
+
+    /// Publishes every message and waits for all their PubAcks.
+    pub async fn publish_all(&self, outputs: Vec<Outbound>) -> Result<(), NatsError> {
+        let mut pending = Vec::with_capacity(outputs.len());
+        for out in outputs {
+            let subject = out.subject.clone();
+            let ack = match out.encoding.content_type() {
+                None => self.js.publish(out.subject, out.payload).await,
+                Some(ct) => {
+                    let mut headers = HeaderMap::new();
+                    headers.insert("Content-Type", ct);
+                    self.js
+                        .publish_with_headers(out.subject, headers, out.payload)
+                        .await
+                }
+            }
+            .map_err(|e| NatsError::Publish {
+                subject: subject.clone(),
+                detail: e.to_string(),
+            })?;
+            pending.push(async move {
+                ack.await.map_err(|e| NatsError::Publish {
+                    subject,
+                    detail: e.to_string(),
+                })
+            });
+        }
+        try_join_all(pending).await?;
+        Ok(())
+    }
+
+    /// Subscribes to `<prefix>.status` (request-reply, not stored).
+    pub async fn status_requests(&self) -> Result<async_nats::Subscriber, NatsError> {
+        self.client
+            .subscribe(self.subjects.status())
+            .await
+            .map_err(|e| NatsError::Other {
+                what: "subscribe to status",
+                detail: e.to_string(),
+            })
+    }
+
+    /// Answers a request-reply message, in MessagePack when the request asked for it.
+    pub async fn respond(
+        &self,
+        reply_to: async_nats::Subject,
+        encoding: Encoding,
+        payload: Vec<u8>,
+    ) -> Result<(), NatsError> {
+        let result = if encoding == Encoding::MsgPack {
+            let mut headers = HeaderMap::new();
+            headers.insert("Content-Type", MSGPACK_CONTENT_TYPE);
+            self.client
+                .publish_with_headers(reply_to, headers, payload.into())
+                .await
+        } else {
+            self.client.publish(reply_to, payload.into()).await
+        };
+        result.map_err(|e| NatsError::Other {
+            what: "respond",
+            detail: e.to_string(),
+        })
+    }
+
+    /// Sends everything buffered to the server.
+    pub async fn flush(&self) -> Result<(), NatsError> {
+        self.client.flush().await.map_err(|e| NatsError::Other {
+            what: "flush",
+            detail: e.to_string(),
+        })
+    }
+}
+
+/// The `Content-Type` header of a message, if any.
+pub fn content_type(headers: Option<&HeaderMap>) -> Option<&str> {
+    headers
+        .and_then(|h| h.get("Content-Type"))
+        .map(|v| v.as_str())
+}

@@ -1,0 +1,415 @@
+//! The driver: the one task that owns the scheduler. It turns JetStream inputs, timer wake-ups, status
+//! requests and commands into scheduler inputs, and carries out the scheduler's actions through the
+//! adapters, in the order that keeps every effect durable before it is acknowledged:
+//!
+//! 1. persist the changed requests and the highest fence in one Postgres transaction;
+//! 2. apply the lease changes to Redis (a refused lease goes back to the scheduler as an input);
+//! 3. publish replies, control orders and events, and wait for their PubAcks;
+//! 4. acknowledge the inputs (an invalid input is terminated, never redelivered).
+//!
+//! A server that goes away is waited for with backoff: the loop stops taking inputs until it is back.
+//! Nothing here decides who gets a GPU.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use async_nats::jetstream::AckKind;
+use backon::{ExponentialBuilder, Retryable};
+use futures::{FutureExt, StreamExt};
+use gpu_coordinator_core::{Action, Fence, GpuSpec, Input, LeaseOp, Millis, RequestRecord, Scheduler, Snapshot};
+use gpu_coordinator_wire::{codec, decode_input, Encoding, Subjects};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::adapters::nats::{content_type, Bus, Outbound};
+use crate::adapters::postgres::PgStore;
+use crate::adapters::redis::LeaseStore;
+use crate::config::Config;
+
+/// How many inputs one batch takes at most: they share one Postgres commit.
+const MAX_BATCH: usize = 256;
+
+/// How often the driver checks that Redis still has its data.
+const EPOCH_CHECK: Duration = Duration::from_secs(1);
+
+/// The GPU assumed when neither the configuration nor NVML names one.
+pub const DEFAULT_GPU_MB: u64 = 24_576;
+
+/// Milliseconds since the Unix epoch, the scheduler's `now`.
+pub fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What other tasks (HTTP handlers, operators) ask of the driver.
+pub enum Command {
+    /// The status document.
+    Status(oneshot::Sender<gpu_coordinator_wire::StatusDoc>),
+}
+
+/// A handle to send the driver commands.
+#[derive(Clone)]
+pub struct DriverHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl DriverHandle {
+    /// The status document, or `None` when the driver has stopped.
+    pub async fn status(&self) -> Option<gpu_coordinator_wire::StatusDoc> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Status(tx)).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+/// Runs the coordinator until `shutdown` is cancelled. `http` is the already-bound HTTP listener.
+pub async fn run(
+    config: Config,
+    http: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (driver, commands) = Driver::start(&config, shutdown.clone()).await?;
+    drop(http);
+    driver.run(commands).await
+}
+
+/// Retries `op` with exponential backoff (up to 5 s apart) until it succeeds or `shutdown` is
+/// cancelled, logging each failure with `what`.
+async fn with_retry<T, E, F, Fut>(what: &str, shutdown: &CancellationToken, op: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let attempt = op
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(50))
+                .with_max_delay(Duration::from_secs(5))
+                .with_jitter()
+                .without_max_times(),
+        )
+        .notify(|e, wait| tracing::warn!("{what}: {e}; retrying in {wait:?}"));
+    tokio::select! {
+        result = attempt => result.map_err(|e| anyhow::anyhow!("{what}: {e}")),
+        _ = shutdown.cancelled() => anyhow::bail!("{what}: stopped while waiting for the server"),
+    }
+}
+
+/// The GPUs to manage: the configured ones, else one default GPU (said clearly).
+pub fn inventory(config: &Config) -> Vec<GpuSpec> {
+    if !config.gpus.is_empty() {
+        return config
+            .gpus
+            .iter()
+            .map(|g| GpuSpec {
+                id: g.id.clone(),
+                total_mb: g.vram_mb,
+            })
+            .collect();
+    }
+    tracing::warn!(
+        "no [[gpus]] configured and no GPU found through NVML: managing one GPU `0` of {DEFAULT_GPU_MB} MB"
+    );
+    vec![GpuSpec {
+        id: "0".into(),
+        total_mb: DEFAULT_GPU_MB,
+    }]
+}
+
+/// Hides the password of a URL for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &userinfo[..colon], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// The driver's state: the scheduler and the adapters.
+pub struct Driver {
+    sched: Scheduler,
+    bus: Bus,
+    pg: PgStore,
+    leases: LeaseStore,
+    subjects: Subjects,
+    shutdown: CancellationToken,
+    handle: DriverHandle,
+}
+
+impl Driver {
+    /// Connects to every server (waiting for each with backoff), runs the migrations, makes the streams,
+    /// and restores the state persisted before a restart.
+    pub async fn start(
+        config: &Config,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<(Driver, mpsc::Receiver<Command>)> {
+        let subjects = Subjects::new(&config.nats.prefix)
+            .map_err(anyhow::Error::msg)
+            .context("nats.prefix")?;
+        let db_url = config.database.url.clone();
+        let pg = with_retry(&format!("Postgres at {}", redact(&db_url)), &shutdown, || {
+            PgStore::connect(&db_url)
+        })
+        .await?;
+        with_retry("Postgres migrations", &shutdown, || pg.migrate()).await?;
+        tracing::info!("Postgres connected at {}; migrations applied", redact(&db_url));
+        let redis_url = config.redis.url.clone();
+        let prefix = config.redis.key_prefix.clone();
+        let leases = with_retry(&format!("Redis at {}", redact(&redis_url)), &shutdown, || {
+            LeaseStore::connect(&redis_url, &prefix)
+        })
+        .await?;
+        tracing::info!("Redis connected at {} (keys under `{prefix}:`)", redact(&redis_url));
+        let nats_url = config.nats.url.clone();
+        let bus = with_retry(&format!("NATS at {nats_url}"), &shutdown, || {
+            Bus::connect(&nats_url, subjects.clone(), "gpu-coordinator")
+        })
+        .await?;
+        let max_age = Duration::from_millis(config.nats.max_age_ms);
+        with_retry("JetStream streams", &shutdown, || bus.ensure_streams(max_age)).await?;
+        tracing::info!(
+            "NATS connected at {nats_url}; streams {} and {} ready, subjects under `{}.`",
+            subjects.input_stream(),
+            subjects.output_stream(),
+            subjects.prefix()
+        );
+
+        let gpus = inventory(config);
+        for g in &gpus {
+            tracing::info!("managing GPU {} with {} MB", g.id, g.total_mb);
+        }
+        let mut sched = Scheduler::new(config.sched_config(), gpus);
+        let retain = config.queue.retain_ended;
+        let (requests, pg_fence) = with_retry("loading the queue from Postgres", &shutdown, || pg.load(retain)).await?;
+        let live_leases = with_retry("reading leases from Redis", &shutdown, || leases.leases()).await?;
+        let redis_fence = with_retry("reading the fence from Redis", &shutdown, || leases.max_fence()).await?;
+        with_retry("marking the Redis epoch", &shutdown, || leases.ensure_epoch()).await?;
+        let restored = requests.iter().filter(|r| r.phase != gpu_coordinator_core::Phase::Ended).count();
+        sched.restore(
+            Snapshot {
+                requests,
+                max_fence: pg_fence.max(redis_fence),
+                leases: live_leases,
+            },
+            now_ms(),
+        );
+        tracing::info!(
+            "restored {restored} live request(s); fences continue above {}",
+            sched.last_fence().0
+        );
+        let (tx, rx) = mpsc::channel(1024);
+        let mut driver = Driver {
+            sched,
+            bus,
+            pg,
+            leases,
+            subjects,
+            shutdown,
+            handle: DriverHandle { tx },
+        };
+        driver.carry_out().await?;
+        Ok((driver, rx))
+    }
+
+    /// A handle for commands (status) to this driver.
+    pub fn handle(&self) -> DriverHandle {
+        self.handle.clone()
+    }
+
+    /// The event loop, until shutdown.
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) -> anyhow::Result<()> {
+        let shutdown = self.shutdown.clone();
+        let mut inputs = with_retry("opening the input consumer", &shutdown, || self.bus.inputs()).await?;
+        let mut status = with_retry("subscribing to status", &shutdown, || self.bus.status_requests()).await?;
+        let mut epoch = tokio::time::interval(EPOCH_CHECK);
+        epoch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tracing::info!("coordinator ready");
+        loop {
+            let wake = self
+                .sched
+                .poll_timeout()
+                .map(|at| Duration::from_millis(at.saturating_sub(now_ms())))
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(wake) => {
+                    self.sched.handle_timeout(now_ms());
+                    self.carry_out().await?;
+                }
+                next = inputs.next() => match next {
+                    Some(Ok(first)) => {
+                        let mut batch = vec![first];
+                        while batch.len() < MAX_BATCH {
+                            match inputs.next().now_or_never() {
+                                Some(Some(Ok(m))) => batch.push(m),
+                                _ => break,
+                            }
+                        }
+                        self.handle_batch(batch).await?;
+                    }
+                    Some(Err(e)) => tracing::warn!("input consumer: {e}"),
+                    None => {
+                        tracing::warn!("input consumer ended; reopening");
+                        inputs = with_retry("reopening the input consumer", &shutdown, || self.bus.inputs()).await?;
+                    }
+                },
+                Some(msg) = status.next() => self.answer_status(msg).await,
+                Some(command) = commands.recv() => match command {
+                    Command::Status(reply) => {
+                        let _ = reply.send(self.sched.status(now_ms()));
+                    }
+                },
+                _ = epoch.tick() => self.check_redis_epoch().await,
+            }
+        }
+        tracing::info!("stopping: intake closed, flushing NATS");
+        if let Err(e) = self.bus.flush().await {
+            tracing::warn!("{e}");
+        }
+        self.pg.close().await;
+        Ok(())
+    }
+
+    /// Feeds a batch of inputs to the scheduler, makes their effects durable, then acknowledges them.
+    async fn handle_batch(&mut self, batch: Vec<async_nats::jetstream::Message>) -> anyhow::Result<()> {
+        let mut terminate = Vec::with_capacity(batch.len());
+        for msg in &batch {
+            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+            let ct = content_type(msg.headers.as_ref());
+            let input = match decode_input(&self.subjects, msg.subject.as_str(), ct, &msg.payload, seq) {
+                Ok(d) => Input::Inbound {
+                    service: d.service,
+                    encoding: d.encoding,
+                    input: d.input,
+                },
+                Err(rejection) => {
+                    tracing::warn!(subject = %msg.subject, "rejected input: {}", rejection.error);
+                    Input::Invalid(rejection)
+                }
+            };
+            terminate.push(matches!(input, Input::Invalid(_)));
+            self.sched.handle_input(input, now_ms());
+        }
+        self.carry_out().await?;
+        for (msg, term) in batch.iter().zip(terminate) {
+            let kind = if term { AckKind::Term } else { AckKind::Ack };
+            if let Err(e) = msg.ack_with(kind).await {
+                tracing::warn!("acknowledging an input failed (it will be redelivered and answered again): {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out every pending action: Postgres, then Redis, then NATS. Retries each server with
+    /// backoff; gives up only at shutdown (the inputs then stay unacknowledged and are redelivered).
+    async fn carry_out(&mut self) -> anyhow::Result<()> {
+        loop {
+            let mut records: Vec<RequestRecord> = Vec::new();
+            let mut index: HashMap<String, usize> = HashMap::new();
+            let mut fence: Option<Fence> = None;
+            let mut lease_ops = Vec::new();
+            let mut outputs = Vec::new();
+            while let Some(action) = self.sched.poll_action() {
+                match action {
+                    Action::Persist(rec) => match index.get(&rec.request_id) {
+                        Some(&i) => records[i] = rec,
+                        None => {
+                            index.insert(rec.request_id.clone(), records.len());
+                            records.push(rec);
+                        }
+                    },
+                    Action::PersistFence(f) => fence = Some(fence.map_or(f, |old: Fence| old.max(f))),
+                    Action::Lease(op) => lease_ops.push(op),
+                    Action::Reply { service, encoding, reply } => outputs.push(Outbound {
+                        subject: self.subjects.reply(&service),
+                        encoding,
+                        payload: codec::encode(encoding, &reply).into(),
+                    }),
+                    Action::Control { service, encoding, control } => {
+                        tracing::info!(
+                            service = %service, request_id = %control.request_id, fence = control.fence,
+                            "{:?}: {}", control.action, control.reason
+                        );
+                        outputs.push(Outbound {
+                            subject: self.subjects.control(&service),
+                            encoding,
+                            payload: codec::encode(encoding, &control).into(),
+                        })
+                    }
+                    Action::Event { encoding, event } => {
+                        tracing::debug!(kind = event.kind.as_str(), service = %event.service_id, request_id = ?event.request_id, "event");
+                        outputs.push(Outbound {
+                            subject: self.subjects.event(event.kind, &event.service_id),
+                            encoding,
+                            payload: codec::encode(encoding, &event).into(),
+                        })
+                    }
+                }
+            }
+            if records.is_empty() && fence.is_none() && lease_ops.is_empty() && outputs.is_empty() {
+                return Ok(());
+            }
+            if !records.is_empty() || fence.is_some() {
+                let pg = &self.pg;
+                with_retry("persisting to Postgres", &self.shutdown, || pg.apply(&records, fence)).await?;
+            }
+            for op in lease_ops {
+                let leases = &self.leases;
+                let outcome = with_retry("writing leases to Redis", &self.shutdown, || leases.apply(&op)).await?;
+                if let (Some(why), LeaseOp::Acquire(lease) | LeaseOp::Restore(lease)) = (outcome.refusal(), &op) {
+                    tracing::error!(request_id = %lease.request_id, "Redis refused a lease: {why}");
+                    self.sched.handle_input(
+                        Input::LeaseRefused {
+                            request_id: lease.request_id.clone(),
+                            fence: lease.fence,
+                            why,
+                        },
+                        now_ms(),
+                    );
+                }
+            }
+            if !outputs.is_empty() {
+                let bus = &self.bus;
+                with_retry("publishing to JetStream", &self.shutdown, || bus.publish_all(outputs.clone())).await?;
+            }
+        }
+    }
+
+    async fn answer_status(&mut self, msg: async_nats::Message) {
+        let Some(reply_to) = msg.reply.clone() else {
+            return;
+        };
+        let encoding = Encoding::from_content_type(content_type(msg.headers.as_ref()));
+        let doc = self.sched.status(now_ms());
+        if let Err(e) = self.bus.respond(reply_to, encoding, codec::encode(encoding, &doc)).await {
+            tracing::warn!("answering status: {e}");
+        }
+    }
+
+    /// When Redis lost its data (restart, flush), writes the live leases back so that no second holder
+    /// can appear.
+    async fn check_redis_epoch(&mut self) {
+        match self.leases.ensure_epoch().await {
+            Ok(false) => {}
+            Ok(true) => {
+                let live = self.sched.leases();
+                tracing::warn!("Redis lost its data; writing back {} live lease(s)", live.len());
+                if let Err(e) = self.leases.rewrite(&live).await {
+                    tracing::error!("writing leases back to Redis: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("checking Redis: {e}"),
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! # GPU Coordinator
+//!
+//! A preemptive priority semaphore for GPUs: services ask for a GPU with a priority over NATS JetStream (or
+//! HTTP); the coordinator grants leases held in Redis, keeps its queue durable in Postgres, pauses less
+//! urgent holders when an urgent request arrives, and records every change of state in a replayable stream.
+//!
+//! ## Code map
+//!
+//! - `core/` (crate `gpu-coordinator-core`): the scheduler, a deterministic state machine with no I/O, no
+//!   clock and no async. Inputs go in with `now`; actions come out; it says when it next wants waking.
+//! - `wire/` (crate `gpu-coordinator-wire`): the wire contract's messages, JSON/MessagePack, validation.
+//! - [`driver`]: the one event loop that owns the scheduler and carries out its actions.
+//! - [`adapters`]: thin translations to NATS JetStream, Redis (the lease store) and Postgres (the durable
+//!   queue). No scheduling decision lives there.
+//! - [`config`]: the typed configuration (figment). [`telemetry`]: logging.
+//! - `migrations/` (crate `migration`): the Postgres schema.
+//! - `client/` (crate `gpu-coordinator-client`): the library services use.
+//!
+//! ## Invariants
+//!
+//! - Only the driver task touches the scheduler; everything else sends it commands.
+//! - An input is acknowledged to JetStream only after its effects are committed to Postgres; the lease
+//!   store is written after Postgres, and messages are published after the lease store.
+//! - Fences strictly increase over the deployment's life: the highest issued is persisted with every batch
+//!   and restored above both Postgres's and Redis's record.
+
+pub mod adapters;
+pub mod config;
+pub mod driver;
+pub mod telemetry;

@@ -1,0 +1,431 @@
+//! What the integration tests share: unique names per test (subject prefix, Redis key prefix, database), a
+//! coordinator running in-process or as a real process, private nats-servers, and a probe that records
+//! every output message so that a test waits for the message it expects, with a deadline.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener as StdListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use async_nats::HeaderMap;
+use futures::StreamExt;
+use gpu_coordinator::config::{Config, GpuConfig};
+use gpu_coordinator_wire::{codec, Control, Encoding, Event, Reply, StatusDoc};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// The shared servers on loopback.
+pub const NATS_URL: &str = "nats://127.0.0.1:4222";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+pub const PG_SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+
+/// How long a test waits for a message it expects before it fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A name unique to this test run: lower-case letters, digits and `_`.
+pub fn unique(tag: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{tag}_{}_{n}_{nanos:x}", std::process::id())
+}
+
+/// A configuration of its own for one test: subject prefix, key prefix and database.
+pub fn test_config(tag: &str, gpus: &[(&str, u64)]) -> Config {
+    let name = unique(tag);
+    let mut config = Config::default();
+    config.nats.url = NATS_URL.to_string();
+    config.nats.prefix = format!("t{}", name.replace('_', "-"));
+    config.redis.url = REDIS_URL.to_string();
+    config.redis.key_prefix = format!("it:{name}");
+    config.database.url = format!("{PG_SERVER}/gpu_it_{name}");
+    config.http.listen = "127.0.0.1:0".to_string();
+    config.gpus = gpus
+        .iter()
+        .map(|(id, mb)| GpuConfig {
+            id: id.to_string(),
+            vram_mb: *mb,
+        })
+        .collect();
+    config
+}
+
+/// A coordinator running in this process.
+pub struct Coordinator {
+    pub config: Config,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Coordinator {
+    /// Starts it and waits until it answers `status`.
+    pub async fn start(config: Config) -> Coordinator {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind an HTTP port");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(gpu_coordinator::driver::run(
+            config.clone(),
+            listener,
+            shutdown.clone(),
+        ));
+        let coordinator = Coordinator {
+            config,
+            shutdown,
+            task,
+        };
+        wait_ready(&coordinator.config).await;
+        coordinator
+    }
+
+    /// Stops it gracefully and returns how it ended.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await.expect("the coordinator task panicked")
+    }
+}
+
+/// Waits until a coordinator with this configuration answers `<prefix>.status`.
+pub async fn wait_ready(config: &Config) -> StatusDoc {
+    let client = async_nats::connect(&config.nats.url)
+        .await
+        .expect("connect to NATS");
+    let subject = format!("{}.status", config.nats.prefix);
+    let start = Instant::now();
+    loop {
+        if let Ok(Ok(msg)) = tokio::time::timeout(
+            Duration::from_millis(500),
+            client.request(subject.clone(), "".into()),
+        )
+        .await
+        {
+            if let Ok(doc) = serde_json::from_slice::<StatusDoc>(&msg.payload) {
+                return doc;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the coordinator did not answer {subject} within 60 s"
+        );
+    }
+}
+
+/// A coordinator as a real process (`gpu-coordinator serve`), configured by environment variables, so
+/// that a test can kill it with SIGKILL.
+pub struct CoordinatorProcess {
+    child: Child,
+}
+
+impl CoordinatorProcess {
+    pub async fn start(config: &Config) -> CoordinatorProcess {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpu-coordinator"));
+        cmd.arg("serve")
+            .env("GPU_COORDINATOR_NATS__URL", &config.nats.url)
+            .env("GPU_COORDINATOR_NATS__PREFIX", &config.nats.prefix)
+            .env("GPU_COORDINATOR_REDIS__URL", &config.redis.url)
+            .env("GPU_COORDINATOR_REDIS__KEY_PREFIX", &config.redis.key_prefix)
+            .env("GPU_COORDINATOR_DATABASE__URL", &config.database.url)
+            .env("GPU_COORDINATOR_HTTP__LISTEN", "127.0.0.1:0")
+            .env(
+                "GPU_COORDINATOR_PREEMPTION__ACK_DEADLINE_MS",
+                config.preemption.ack_deadline_ms.to_string(),
+            )
+            .env(
+                "GPU_COORDINATOR_REQUEST__DEFAULT_TIMEOUT_MS",
+                config.request.default_timeout_ms.to_string(),
+            )
+            .env(
+                "GPU_COORDINATOR_LEASE__DEFAULT_MS",
+                config.lease.default_ms.to_string(),
+            )
+            .env(
+                "GPU_COORDINATOR_GPUS",
+                format!(
+                    "[{}]",
+                    config
+                        .gpus
+                        .iter()
+                        .map(|g| format!("{{id=\"{}\",vram_mb={}}}", g.id, g.vram_mb))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+            )
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let child = cmd.spawn().expect("start gpu-coordinator serve");
+        wait_ready(config).await;
+        CoordinatorProcess { child }
+    }
+
+    /// SIGKILL: no graceful anything.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A private nats-server with JetStream on a free port and a temporary store, removed on drop.
+pub struct NatsServer {
+    pub port: u16,
+    store: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        let store = std::env::temp_dir().join(unique("nats_store"));
+        std::fs::create_dir_all(&store).expect("create the store dir");
+        let mut server = NatsServer {
+            port: free_port(),
+            store,
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGKILL).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// (Re)starts the server on the same port and store, and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(&self.store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(20), "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+/// One output message the probe saw.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub subject: String,
+    pub encoding: Encoding,
+    pub json: Value,
+}
+
+impl Seen {
+    pub fn reply(&self) -> Reply {
+        serde_json::from_value(self.json.clone()).expect("a reply document")
+    }
+    pub fn control(&self) -> Control {
+        serde_json::from_value(self.json.clone()).expect("a control document")
+    }
+    pub fn event(&self) -> Event {
+        serde_json::from_value(self.json.clone()).expect("an event document")
+    }
+    pub fn str(&self, field: &str) -> Option<&str> {
+        self.json.get(field).and_then(Value::as_str)
+    }
+}
+
+/// A NATS client that publishes inputs as services would and records every output of a prefix.
+pub struct Probe {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub prefix: String,
+    rx: mpsc::UnboundedReceiver<Seen>,
+    pub seen: Vec<Seen>,
+}
+
+impl Probe {
+    /// Connects and subscribes to the replies, control orders and events of `prefix`.
+    pub async fn new(nats_url: &str, prefix: &str) -> Probe {
+        let client = async_nats::connect(nats_url).await.expect("connect to NATS");
+        let (tx, rx) = mpsc::unbounded_channel();
+        for kind in ["reply.*", "control.*", "event.*.*"] {
+            let mut sub = client
+                .subscribe(format!("{prefix}.{kind}"))
+                .await
+                .expect("subscribe");
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(msg) = sub.next().await {
+                    let ct = msg
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Content-Type"))
+                        .map(|v| v.as_str().to_string());
+                    let encoding = Encoding::from_content_type(ct.as_deref());
+                    let json: Value = codec::decode(encoding, &msg.payload)
+                        .unwrap_or_else(|e| panic!("undecodable output on {}: {e}", msg.subject));
+                    let _ = tx.send(Seen {
+                        subject: msg.subject.to_string(),
+                        encoding,
+                        json,
+                    });
+                }
+            });
+        }
+        client.flush().await.expect("flush the subscriptions");
+        let js = jetstream::new(client.clone());
+        Probe {
+            client,
+            js,
+            prefix: prefix.to_string(),
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Plain publish of raw bytes, as `nats pub` does (no headers).
+    pub async fn pub_raw(&self, kind: &str, svc: &str, payload: impl Into<bytes::Bytes>) {
+        self.client
+            .publish(format!("{}.{kind}.{svc}", self.prefix), payload.into())
+            .await
+            .expect("publish");
+        self.client.flush().await.expect("flush");
+    }
+
+    /// Plain publish of a JSON value.
+    pub async fn pub_json(&self, kind: &str, svc: &str, body: Value) {
+        self.pub_raw(kind, svc, serde_json::to_vec(&body).expect("json"))
+            .await;
+    }
+
+    /// JetStream publish with headers, waiting for the PubAck.
+    pub async fn js_pub(&self, kind: &str, svc: &str, headers: HeaderMap, payload: Vec<u8>) {
+        self.js
+            .publish_with_headers(format!("{}.{kind}.{svc}", self.prefix), headers, payload.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("PubAck");
+    }
+
+    /// JetStream publish in MessagePack (maps with field names) with the header.
+    pub async fn pub_msgpack(&self, kind: &str, svc: &str, body: &impl serde::Serialize) {
+        let mut headers = HeaderMap::new();
+        headers.insert("Content-Type", "application/msgpack");
+        self.js_pub(kind, svc, headers, codec::encode(Encoding::MsgPack, body))
+            .await;
+    }
+
+    /// Waits for the first message not yet consumed that matches, and consumes it. Fails after
+    /// [`DEADLINE`], listing what was seen.
+    pub async fn expect(&mut self, what: &str, pred: impl Fn(&Seen) -> bool) -> Seen {
+        if let Some(i) = self.seen.iter().position(&pred) {
+            return self.seen.remove(i);
+        }
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(seen)) => {
+                    if pred(&seen) {
+                        return seen;
+                    }
+                    self.seen.push(seen);
+                }
+                _ => panic!(
+                    "no {what} within {DEADLINE:?}; seen meanwhile: {:#?}",
+                    self.seen.iter().map(|s| (&s.subject, &s.json)).collect::<Vec<_>>()
+                ),
+            }
+        }
+    }
+
+    /// The reply with this request id and outcome.
+    pub async fn reply(&mut self, request_id: &str, outcome: &str) -> Reply {
+        let prefix = format!("{}.reply.", self.prefix);
+        self.expect(&format!("reply {outcome} for {request_id}"), |s| {
+            s.subject.starts_with(&prefix)
+                && s.str("request_id") == Some(request_id)
+                && s.str("outcome") == Some(outcome)
+        })
+        .await
+        .reply()
+    }
+
+    /// The control order with this request id and action.
+    pub async fn control(&mut self, request_id: &str, action: &str) -> Control {
+        let prefix = format!("{}.control.", self.prefix);
+        self.expect(&format!("control {action} for {request_id}"), |s| {
+            s.subject.starts_with(&prefix)
+                && s.str("request_id") == Some(request_id)
+                && s.str("action") == Some(action)
+        })
+        .await
+        .control()
+    }
+
+    /// The event of this kind for this request id (`None`: any request).
+    pub async fn event(&mut self, kind: &str, request_id: Option<&str>) -> Event {
+        let prefix = format!("{}.event.{kind}.", self.prefix);
+        self.expect(&format!("event {kind} for {request_id:?}"), |s| {
+            s.subject.starts_with(&prefix)
+                && request_id.is_none_or(|id| s.str("request_id") == Some(id))
+        })
+        .await
+        .event()
+    }
+
+    /// Whether a message matching `pred` has been received so far (without waiting).
+    pub fn drain_and_find(&mut self, pred: impl Fn(&Seen) -> bool) -> bool {
+        while let Ok(seen) = self.rx.try_recv() {
+            self.seen.push(seen);
+        }
+        self.seen.iter().any(pred)
+    }
+
+    /// The status document, over NATS request-reply.
+    pub async fn status(&self) -> StatusDoc {
+        let msg = self
+            .client
+            .request(format!("{}.status", self.prefix), "".into())
+            .await
+            .expect("status request");
+        serde_json::from_slice(&msg.payload).expect("a status document")
+    }
+}

@@ -1,0 +1,321 @@
+//! Every message of the wire contract (`shared/protocol.md`) as a serde type.
+//!
+//! Field names are the contract's. Unknown fields are ignored (serde's default); optional fields are
+//! `Option`s so that the coordinator applies its configured defaults. These types only carry data: the
+//! checks a person can act on live in [`crate::validate`].
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// `<prefix>.request.<svc>`: ask for a GPU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RequestMsg {
+    /// Idempotency key; defaults to `<svc>-<stream sequence>`. 1 to 128 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// If present, must equal the subject's `<svc>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_id: Option<String>,
+    /// 0 to 255, lower is more urgent: 0 critical (chat), 1 high, 2 background.
+    pub priority: u8,
+    /// Longest wait for a grant, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Lease length after a grant, in milliseconds; capped by `lease.max_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
+    /// VRAM the holder needs, in MB; absent means the whole GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vram_mb: Option<u64>,
+    /// The GPU id to use; absent means any GPU that fits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<String>,
+    /// `false`: never paused; only release or lease expiry ends the lease. Default `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preemptible: Option<bool>,
+}
+
+/// `<prefix>.release.<svc>`: end a lease, or a queued or paused request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ReleaseMsg {
+    /// Without it: everything the service holds, queued or paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// When present, must be the current lease's fence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<u64>,
+}
+
+/// `<prefix>.renew.<svc>`: extend a held lease from now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RenewMsg {
+    pub request_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<u64>,
+    /// New length from now; default: the lease's own length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
+}
+
+/// What a holder acknowledges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AckAction {
+    /// The holder stopped and freed its VRAM.
+    Paused,
+    /// The holder is running again.
+    Resumed,
+}
+
+/// `<prefix>.ack.<svc>`: answer a `pause` or a `resume`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AckMsg {
+    pub request_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<u64>,
+    pub action: AckAction,
+}
+
+/// `<prefix>.cancel.<svc>`: withdraw a queued or paused request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct CancelMsg {
+    pub request_id: String,
+}
+
+/// How a request, or an input about it, came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Granted,
+    TimedOut,
+    Cancelled,
+    Released,
+    Renewed,
+    Rejected,
+    /// Extension: the answer to a repeated request that is still waiting in the queue.
+    Queued,
+    /// Extension: the answer to a repeated request that is paused.
+    Paused,
+    /// Extension: the answer to a repeated request whose lease was revoked.
+    Revoked,
+}
+
+/// `<prefix>.reply.<svc>`: the answer to a request or to an input about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Reply {
+    pub request_id: String,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
+    /// RFC 3339 UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vram_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waited_ms: Option<u64>,
+    /// A sentence a person can act on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Reply {
+    /// A reply with only the request id and the outcome set.
+    pub fn new(request_id: impl Into<String>, outcome: Outcome) -> Self {
+        Reply {
+            request_id: request_id.into(),
+            outcome,
+            gpu: None,
+            fence: None,
+            lease_ms: None,
+            expires_at: None,
+            vram_mb: None,
+            waited_ms: None,
+            error: None,
+        }
+    }
+}
+
+/// An order to a holder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlAction {
+    Pause,
+    Resume,
+    Revoke,
+    Restart,
+}
+
+/// `<prefix>.control.<svc>`: orders to a holder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Control {
+    pub action: ControlAction,
+    pub request_id: String,
+    pub fence: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    pub reason: String,
+    /// Extension, on `resume`: the new lease's length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
+    /// Extension, on `resume`: the new lease's expiry (RFC 3339 UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// Extension, on `resume`: the GPU the request holds again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<String>,
+}
+
+/// The kinds of audit events, the `<kind>` token of `<prefix>.event.<kind>.<svc>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Requested,
+    Queued,
+    Granted,
+    Preempting,
+    Paused,
+    Resumed,
+    Released,
+    Renewed,
+    Expired,
+    Revoked,
+    TimedOut,
+    Cancelled,
+    Rejected,
+}
+
+impl EventKind {
+    /// The subject token, e.g. `timed_out`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Requested => "requested",
+            EventKind::Queued => "queued",
+            EventKind::Granted => "granted",
+            EventKind::Preempting => "preempting",
+            EventKind::Paused => "paused",
+            EventKind::Resumed => "resumed",
+            EventKind::Released => "released",
+            EventKind::Renewed => "renewed",
+            EventKind::Expired => "expired",
+            EventKind::Revoked => "revoked",
+            EventKind::TimedOut => "timed_out",
+            EventKind::Cancelled => "cancelled",
+            EventKind::Rejected => "rejected",
+        }
+    }
+}
+
+/// `<prefix>.event.<kind>.<svc>`: one change of state, for the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Event {
+    /// RFC 3339 UTC.
+    pub at: String,
+    pub kind: EventKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    pub service_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Where the VRAM figures of the status document come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VramSource {
+    Nvml,
+    Config,
+}
+
+/// A holder's phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HolderState {
+    Active,
+    Pausing,
+}
+
+/// One lease in the status document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct HolderStatus {
+    pub request_id: String,
+    pub service_id: String,
+    pub priority: u8,
+    pub fence: u64,
+    pub vram_mb: u64,
+    pub granted_at: String,
+    pub expires_at: String,
+    pub state: HolderState,
+    pub preemptible: bool,
+}
+
+/// One GPU in the status document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct GpuStatus {
+    pub id: String,
+    /// Capacity in MB.
+    pub total_mb: u64,
+    /// Held by leases plus used outside them.
+    pub used_mb: u64,
+    pub free_mb: u64,
+    /// Used by processes outside the coordinator's leases (NVML only).
+    pub external_mb: u64,
+    pub vram_source: VramSource,
+    pub holders: Vec<HolderStatus>,
+}
+
+/// A paused request in the status document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PausedStatus {
+    pub request_id: String,
+    pub service_id: String,
+    pub priority: u8,
+    pub gpu: String,
+    pub vram_mb: u64,
+    pub paused_at: String,
+}
+
+/// A queued (or paused, waiting to resume) request in the status document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct QueueEntry {
+    /// 1-based position in grant order.
+    pub position: u64,
+    pub request_id: String,
+    pub service_id: String,
+    pub priority: u8,
+    /// `None`: the whole GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vram_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<String>,
+    pub requested_at: String,
+    /// `true` for a paused request waiting to be resumed.
+    pub paused: bool,
+    /// RFC 3339 instant at which the request times out (absent for paused requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_at: Option<String>,
+    /// A rough estimate of the wait still ahead, in milliseconds, from the leases ahead of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_wait_ms: Option<u64>,
+}
+
+/// `<prefix>.status` and `GET /gpu/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct StatusDoc {
+    /// RFC 3339 instant of the snapshot.
+    pub at: String,
+    pub vram_source: VramSource,
+    pub gpus: Vec<GpuStatus>,
+    pub paused: Vec<PausedStatus>,
+    pub queue: Vec<QueueEntry>,
+}
