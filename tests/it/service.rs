@@ -105,3 +105,333 @@ async fn msgpack_requests_get_msgpack_replies() {
     assert_eq!(json_grant.encoding, Encoding::Json);
     coordinator.stop().await.expect("a clean stop");
 }
+
+/// A pause ACK that never comes: `revoke` after the deadline, and only then the grant.
+#[tokio::test]
+async fn missing_pause_ack_revokes_then_grants() {
+    let mut config = test_config("noack", &[("0", 16_000)]);
+    config.preemption.ack_deadline_ms = 300;
+    let coordinator = Coordinator::start(config.clone()).await;
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    probe
+        .pub_json("request", "asr", json!({"request_id": "a", "priority": 2}))
+        .await;
+    probe.reply("a", "granted").await;
+    probe
+        .pub_json("request", "chat", json!({"request_id": "c", "priority": 0}))
+        .await;
+    probe.control("a", "pause").await;
+    let revoke = probe.control("a", "revoke").await;
+    assert!(revoke.reason.contains("no pause ACK"), "{}", revoke.reason);
+    // The grant comes after the revoke event: the probe consumed everything up to the revoke first.
+    probe.event("revoked", Some("a")).await;
+    probe.reply("c", "granted").await;
+    // The revoked holder's late ACK is rejected: its lease is gone.
+    probe
+        .pub_json("ack", "asr", json!({"request_id": "a", "action": "paused"}))
+        .await;
+    let late = probe.reply("a", "rejected").await;
+    assert!(late.error.unwrap_or_default().contains("ended"));
+    coordinator.stop().await.expect("a clean stop");
+}
+
+/// A lease not renewed: `revoke` then `restart`; a renewed lease stays.
+#[tokio::test]
+async fn unrenewed_lease_is_revoked_renewed_lease_stays() {
+    let config = test_config("expiry", &[("0", 24_000)]);
+    let coordinator = Coordinator::start(config.clone()).await;
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    // `kept` is granted first, so without its renewal it would expire before `lapsed`.
+    probe
+        .pub_json("request", "kept", json!({"request_id": "k", "priority": 1, "vram_mb": 1000, "lease_ms": 600}))
+        .await;
+    let kept = probe.reply("k", "granted").await;
+    probe
+        .pub_json("request", "lapsed", json!({"request_id": "l", "priority": 1, "vram_mb": 1000, "lease_ms": 600}))
+        .await;
+    probe.reply("l", "granted").await;
+    probe
+        .pub_json("renew", "kept", json!({"request_id": "k", "fence": kept.fence, "lease_ms": 60000}))
+        .await;
+    let renewed = probe.reply("k", "renewed").await;
+    assert_eq!(renewed.lease_ms, Some(60_000));
+    probe.event("expired", Some("l")).await;
+    probe.control("l", "revoke").await;
+    probe.control("l", "restart").await;
+    let status = probe.status().await;
+    let holders: Vec<_> = status.gpus[0].holders.iter().map(|h| h.request_id.as_str()).collect();
+    assert_eq!(holders, ["k"], "the renewed lease stays, the lapsed one is gone");
+    assert!(!probe.drain_and_find(|s| s.str("request_id") == Some("k") && s.str("action") == Some("revoke")));
+    coordinator.stop().await.expect("a clean stop");
+}
+
+/// Timeouts, cancel, a repeated request id (with and without `Nats-Msg-Id`), a stale fence, an unknown
+/// request.
+#[tokio::test]
+async fn timeouts_cancel_duplicates_and_stale_inputs() {
+    let config = test_config("misc", &[("0", 10_000)]);
+    let coordinator = Coordinator::start(config.clone()).await;
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    probe
+        .pub_json("request", "hold", json!({"request_id": "h", "priority": 0, "preemptible": false}))
+        .await;
+    let held = probe.reply("h", "granted").await;
+
+    probe
+        .pub_json("request", "w", json!({"request_id": "t", "priority": 2, "timeout_ms": 200}))
+        .await;
+    let timed_out = probe.reply("t", "timed_out").await;
+    assert!(timed_out.error.unwrap_or_default().contains("timeout_ms"));
+    probe.event("timed_out", Some("t")).await;
+
+    probe
+        .pub_json("request", "w", json!({"request_id": "q", "priority": 2}))
+        .await;
+    probe.event("queued", Some("q")).await;
+    probe.pub_json("cancel", "w", json!({"request_id": "q"})).await;
+    probe.reply("q", "cancelled").await;
+    probe.event("cancelled", Some("q")).await;
+
+    // The same request id twice without Nats-Msg-Id: answered with the current state, queued once.
+    probe
+        .pub_json("request", "hold", json!({"request_id": "h", "priority": 0, "preemptible": false}))
+        .await;
+    let again = probe.reply("h", "granted").await;
+    assert_eq!(again.fence, held.fence, "a repeated request is not granted twice");
+    // Twice with the same Nats-Msg-Id: JetStream keeps one, so one `requested` event.
+    for _ in 0..2 {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", "dup-1");
+        probe
+            .js_pub("request", "w", headers, br#"{"request_id":"dup-1","priority":1}"#.to_vec())
+            .await;
+    }
+    probe.event("requested", Some("dup-1")).await;
+    let status = probe.status().await;
+    assert_eq!(status.queue.iter().filter(|e| e.request_id == "dup-1").count(), 1);
+    assert_eq!(status.gpus[0].holders.len(), 1);
+    assert!(!probe.drain_and_find(|s| s.subject.contains(".event.requested.")
+        && s.str("request_id") == Some("dup-1")));
+
+    probe
+        .pub_json("release", "hold", json!({"request_id": "h", "fence": held.fence.unwrap() + 1000}))
+        .await;
+    let stale = probe.reply("h", "rejected").await;
+    assert!(stale.error.unwrap_or_default().contains("stale fence"));
+    probe.event("rejected", Some("h")).await;
+    probe
+        .pub_json("renew", "hold", json!({"request_id": "nope"}))
+        .await;
+    let unknown = probe.reply("nope", "rejected").await;
+    assert!(unknown.error.unwrap_or_default().contains("unknown request_id"));
+    coordinator.stop().await.expect("a clean stop");
+}
+
+/// Every kind of malformed input gets its `rejected` reply and event with a readable error, is never
+/// redelivered, and the coordinator goes on serving.
+#[tokio::test]
+async fn malformed_inputs_are_rejected_once_and_serving_goes_on() {
+    let config = test_config("malformed", &[("0", 10_000)]);
+    let coordinator = Coordinator::start(config.clone()).await;
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    let cases: Vec<(&str, &str, Vec<u8>, &str)> = vec![
+        ("request", "svc", b"not json".to_vec(), ""),
+        ("request", "svc", br#"{"request_id":"r1","priority":"high"}"#.to_vec(), "priority"),
+        ("request", "svc", br#"{"request_id":"r2"}"#.to_vec(), "priority"),
+        ("request", "svc", br#"{"request_id":"r3","priority":300}"#.to_vec(), "priority"),
+        ("request", "svc", format!(r#"{{"request_id":"{}","priority":1}}"#, "x".repeat(200)).into_bytes(), "request_id"),
+        ("request", "svc", br#"{"request_id":"r5","priority":1,"service_id":"other"}"#.to_vec(), "service_id"),
+        ("request", "svc", vec![0xff, 0xfe, 0x00], ""),
+        ("ack", "svc", br#"{"request_id":"r6","action":"sleeping"}"#.to_vec(), "action"),
+        ("renew", "svc", br#"{}"#.to_vec(), "request_id"),
+    ];
+    for (kind, svc, payload, _) in &cases {
+        probe.pub_raw(kind, svc, payload.clone()).await;
+    }
+    // Truncated MessagePack with the header.
+    let mut headers = HeaderMap::new();
+    headers.insert("Content-Type", "application/msgpack");
+    let mut truncated = gpu_coordinator_wire::codec::encode(
+        Encoding::MsgPack,
+        &json!({"request_id": "r7", "priority": 1}),
+    );
+    truncated.truncate(truncated.len() / 2);
+    probe.js_pub("request", "svc", headers, truncated).await;
+    // A bad service id in the subject.
+    probe.pub_raw("request", "bad$svc", br#"{"priority":1}"#.to_vec()).await;
+
+    for (i, (_, _, _, field)) in cases.iter().enumerate() {
+        let reply = probe
+            .expect(&format!("rejection #{i}"), |s| {
+                s.subject.ends_with(".reply.svc") && s.str("outcome") == Some("rejected")
+            })
+            .await
+            .reply();
+        let error = reply.error.expect("a rejection says why");
+        assert!(!error.is_empty());
+        assert!(error.contains(field), "case {i}: `{error}` should name `{field}`");
+    }
+    let mp = probe
+        .expect("msgpack rejection", |s| s.str("outcome") == Some("rejected") && s.encoding == Encoding::MsgPack)
+        .await;
+    assert!(!mp.reply().error.unwrap_or_default().is_empty());
+    let unknown = probe.event("rejected", None).await;
+    assert!(unknown.detail.is_some());
+
+    // Still serving.
+    probe
+        .pub_json("request", "svc", json!({"request_id": "ok", "priority": 1}))
+        .await;
+    probe.reply("ok", "granted").await;
+    // Nothing waits for a redelivery: every input was acknowledged or terminated.
+    let stream = probe
+        .js
+        .get_stream(format!("{}_INPUT", config.nats.prefix.to_uppercase().replace('-', "_")))
+        .await
+        .expect("input stream");
+    let info = crate::support::eventually("all inputs acknowledged", || {
+        let stream = stream.clone();
+        async move {
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+                stream.get_consumer("coordinator").await.ok()?;
+            let info = consumer.info().await.ok()?.clone();
+            (info.num_ack_pending == 0 && info.num_pending == 0).then_some(info)
+        }
+    })
+    .await;
+    assert_eq!(info.num_redelivered, 0);
+    coordinator.stop().await.expect("a clean stop");
+}
+
+/// Two GPUs and VRAM sharing: holders share a GPU while their sum fits; a third waits.
+#[tokio::test]
+async fn vram_is_shared_and_spread_over_gpus() {
+    let config = test_config("share", &[("0", 24_000), ("1", 12_000)]);
+    let coordinator = Coordinator::start(config.clone()).await;
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    for (id, mb) in [("a", 10_000), ("b", 10_000), ("c", 10_000), ("d", 10_000)] {
+        probe
+            .pub_json("request", "svc", json!({"request_id": id, "priority": 1, "vram_mb": mb}))
+            .await;
+    }
+    // Best fit: a -> GPU 1 (12 GB, least left over), b and c share GPU 0, d waits.
+    assert_eq!(probe.reply("a", "granted").await.gpu.as_deref(), Some("1"));
+    assert_eq!(probe.reply("b", "granted").await.gpu.as_deref(), Some("0"));
+    assert_eq!(probe.reply("c", "granted").await.gpu.as_deref(), Some("0"));
+    probe.event("queued", Some("d")).await;
+    let status = probe.status().await;
+    assert_eq!(status.gpus[0].holders.len(), 2);
+    assert_eq!(status.gpus[0].used_mb, 20_000);
+    assert_eq!(status.gpus[1].holders.len(), 1);
+    assert_eq!(status.queue.len(), 1);
+    probe.pub_json("release", "svc", json!({"request_id": "b"})).await;
+    assert_eq!(probe.reply("d", "granted").await.gpu.as_deref(), Some("0"));
+    coordinator.stop().await.expect("a clean stop");
+}
+
+/// kill -9 with 1,000 requests queued and one holder paused, then start again: every request is still
+/// answered, in order; the paused holder is resumed; no fence is reused.
+#[tokio::test]
+async fn restart_after_kill_loses_nothing_and_reuses_no_fence() {
+    use crate::support::CoordinatorProcess;
+    const QUEUED: usize = 1_000;
+    let config = test_config("restart", &[("0", 24_000)]);
+    let process = CoordinatorProcess::start(&config).await;
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    probe
+        .pub_json("request", "bg", json!({"request_id": "bg", "priority": 2, "vram_mb": 20000}))
+        .await;
+    let bg = probe.reply("bg", "granted").await;
+    probe
+        .pub_json("request", "chat", json!({"request_id": "chat", "priority": 0, "vram_mb": 20000, "lease_ms": 600000}))
+        .await;
+    probe.control("bg", "pause").await;
+    probe
+        .pub_json("ack", "bg", json!({"request_id": "bg", "fence": bg.fence, "action": "paused"}))
+        .await;
+    let chat = probe.reply("chat", "granted").await;
+    let mut fences = vec![bg.fence.unwrap(), chat.fence.unwrap()];
+    for i in 0..QUEUED {
+        probe
+            .pub_json("request", "batch", json!({
+                "request_id": format!("q{i:04}"), "priority": 1, "vram_mb": 20000,
+                "timeout_ms": 600000, "lease_ms": 600000
+            }))
+            .await;
+    }
+    crate::support::eventually("all requests queued", || async {
+        let status = probe.status().await;
+        (status.queue.len() == QUEUED + 1 && status.paused.len() == 1).then_some(())
+    })
+    .await;
+    process.kill();
+
+    let process = CoordinatorProcess::start(&config).await;
+    let status = probe.status().await;
+    assert_eq!(status.queue.len(), QUEUED + 1, "the queue survived");
+    assert_eq!(status.gpus[0].holders[0].request_id, "chat");
+    assert_eq!(status.queue[0].request_id, "q0000", "priority 1 goes before the paused priority 2");
+    assert_eq!(status.queue[QUEUED].request_id, "bg");
+
+    probe
+        .pub_json("release", "chat", json!({"request_id": "chat", "fence": chat.fence}))
+        .await;
+    for i in 0..QUEUED {
+        let id = format!("q{i:04}");
+        let granted = probe.reply(&id, "granted").await;
+        fences.push(granted.fence.unwrap());
+        probe
+            .pub_json("release", "batch", json!({"request_id": id, "fence": granted.fence}))
+            .await;
+        probe.reply(&id, "released").await;
+    }
+    let resume = probe.control("bg", "resume").await;
+    fences.push(resume.fence);
+    assert!(fences.windows(2).all(|w| w[0] < w[1]), "fences strictly increase: {fences:?}");
+    drop(process);
+}
+
+/// Redis restarts empty while a lease is held: the lease is written back and no second holder appears.
+#[tokio::test]
+async fn redis_restart_writes_leases_back() {
+    use crate::support::{eventually, RedisServer};
+    let mut redis_server = RedisServer::start();
+    let mut config = test_config("redisflush", &[("0", 24_000)]);
+    config.redis.url = redis_server.url();
+    let coordinator = Coordinator::start(config.clone()).await;
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    probe
+        .pub_json("request", "a", json!({"request_id": "held", "priority": 1, "lease_ms": 60000}))
+        .await;
+    let held = probe.reply("held", "granted").await;
+    let key = format!("{}:lease:held", config.redis.key_prefix);
+    let client = redis::Client::open(redis_server.url()).unwrap();
+    let exists = |client: redis::Client, key: String| async move {
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        let n: i64 = redis::cmd("EXISTS").arg(&key).query_async(&mut conn).await.ok()?;
+        Some(n)
+    };
+    assert_eq!(exists(client.clone(), key.clone()).await, Some(1));
+
+    redis_server.restart();
+    eventually("the lease written back", || {
+        let (client, key) = (client.clone(), key.clone());
+        async move { (exists(client, key).await == Some(1)).then_some(()) }
+    })
+    .await;
+    // A second whole-GPU request must wait: no second holder.
+    probe
+        .pub_json("request", "b", json!({"request_id": "second", "priority": 1, "timeout_ms": 60000}))
+        .await;
+    probe.event("queued", Some("second")).await;
+    let status = probe.status().await;
+    assert_eq!(status.gpus[0].holders.len(), 1);
+    probe
+        .pub_json("renew", "a", json!({"request_id": "held", "fence": held.fence}))
+        .await;
+    probe.reply("held", "renewed").await;
+    probe.pub_json("release", "a", json!({"request_id": "held", "fence": held.fence})).await;
+    let second = probe.reply("second", "granted").await;
+    assert!(second.fence > held.fence);
+    coordinator.stop().await.expect("a clean stop");
+}
