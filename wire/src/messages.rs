@@ -10,25 +10,32 @@ use serde::{Deserialize, Serialize};
 /// `<prefix>.request.<svc>`: ask for a GPU.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct RequestMsg {
-    /// Idempotency key; defaults to `<svc>-<stream sequence>`. 1 to 128 characters.
+    /// Idempotency key; defaults to `<svc>-<stream sequence>`. 1 to 128 characters, no control
+    /// characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
     pub request_id: Option<String>,
     /// If present, must equal the subject's `<svc>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_-]{1,64}$"))]
     pub service_id: Option<String>,
     /// 0 to 255, lower is more urgent: 0 critical (chat), 1 high, 2 background.
+    #[schemars(range(max = 255))]
     pub priority: u8,
     /// Longest wait for a grant, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
-    /// Lease length after a grant, in milliseconds; capped by `lease.max_ms`.
+    /// Lease length after a grant, in milliseconds, > 0; capped by `lease.max_ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub lease_ms: Option<u64>,
-    /// VRAM the holder needs, in MB; absent means the whole GPU.
+    /// VRAM the holder needs, in MB, > 0; absent means the whole GPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub vram_mb: Option<u64>,
-    /// The GPU id to use; absent means any GPU that fits.
+    /// The GPU id to use (1 to 64 characters of `[A-Za-z0-9_:.-]`); absent means any GPU that fits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_:.-]{1,64}$"))]
     pub gpu: Option<String>,
     /// `false`: never paused; only release or lease expiry ends the lease. Default `true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -40,6 +47,7 @@ pub struct RequestMsg {
 pub struct ReleaseMsg {
     /// Without it: everything the service holds, queued or paused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
     pub request_id: Option<String>,
     /// When present, must be the current lease's fence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -49,11 +57,15 @@ pub struct ReleaseMsg {
 /// `<prefix>.renew.<svc>`: extend a held lease from now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct RenewMsg {
+    /// The request whose lease to extend.
+    #[schemars(length(min = 1, max = 128))]
     pub request_id: String,
+    /// When present, must be the current lease's fence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence: Option<u64>,
-    /// New length from now; default: the lease's own length.
+    /// New length from now, in milliseconds, > 0; default: the lease's own length.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub lease_ms: Option<u64>,
 }
 
@@ -70,7 +82,10 @@ pub enum AckAction {
 /// `<prefix>.ack.<svc>`: answer a `pause` or a `resume`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct AckMsg {
+    /// The request that was paused or resumed.
+    #[schemars(length(min = 1, max = 128))]
     pub request_id: String,
+    /// When present, must be the current lease's fence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence: Option<u64>,
     pub action: AckAction,
@@ -79,6 +94,8 @@ pub struct AckMsg {
 /// `<prefix>.cancel.<svc>`: withdraw a queued or paused request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct CancelMsg {
+    /// The queued or paused request to withdraw.
+    #[schemars(length(min = 1, max = 128))]
     pub request_id: String,
 }
 

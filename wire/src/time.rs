@@ -12,7 +12,8 @@ pub fn rfc3339(ms: u64) -> String {
     let format = ::time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
-    at.format(&format).unwrap_or_else(|_| at.format(&Rfc3339).unwrap_or_default())
+    at.format(&format)
+        .unwrap_or_else(|_| at.format(&Rfc3339).unwrap_or_default())
 }
 
 /// Parses an RFC 3339 instant back into milliseconds since the Unix epoch.
