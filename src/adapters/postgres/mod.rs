@@ -1,0 +1,516 @@
+//! The durable queue: every request's [`RequestRecord`] and the highest fence issued, in PostgreSQL.
+//!
+//! This module owns the translation between the core's records and the rows of `migrations/` (`requests`,
+//! one row per request, and `fence`, one row). It must not decide anything: what is written, and when,
+//! comes from the core's `Persist` and `PersistFence` actions through the driver, and what [`PgStore::load`]
+//! returns goes back to the core unchanged.
+//!
+//! - [`PgStore::apply`] writes a batch in one transaction, so the batch is durable entirely or not at all;
+//!   the driver acknowledges the batch's inputs to JetStream only after it returns `Ok`.
+//! - The stored fence only rises (`GREATEST`), whatever order batches arrive in.
+//! - [`PgStore::load`] reads from one snapshot (repeatable read), so the requests and the fence agree.
+//! - The core's `u64`s are stored as `bigint`: a value above `i64::MAX` is refused ([`PgError::OutOfRange`])
+//!   rather than wrapped, and a stored value the core cannot represent is reported ([`PgError::Corrupt`]).
+
+mod entities;
+
+pub use entities::{fence, request};
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use gpu_coordinator_core::{End, Fence, Phase, RequestRecord};
+use gpu_coordinator_wire::Encoding;
+use migration::{Migrator, MigratorTrait};
+use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::sqlx::{self, postgres::PgConnectOptions, Connection as _, Executor as _};
+use sea_orm::{
+    AccessMode, ConnectOptions, ConnectionTrait as _, Database, DatabaseConnection, DbBackend,
+    DbErr, EntityTrait as _, IntoActiveModel as _, IsolationLevel, Iterable as _, QueryFilter as _,
+    QueryOrder as _, QuerySelect as _, RuntimeErr, Statement, TransactionTrait as _,
+};
+
+/// How long opening a connection, or waiting for a free one in the pool, may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Rows per `INSERT`: 23 parameters each keeps a statement well under Postgres's 65535 bind parameters.
+const ROWS_PER_STATEMENT: usize = 1000;
+
+/// Non-ended rows. `'ended'` (`Phase::Ended.as_str()`) is written literally so that the planner matches the
+/// partial index `requests_open_seq`; a bind parameter would hide it from a generic plan.
+const OPEN: &str = "\"requests\".\"phase\" <> 'ended'";
+
+/// Ended rows, matching the partial index `requests_ended_recent`.
+const ENDED: &str = "\"requests\".\"phase\" = 'ended'";
+
+/// Raises the stored fence; never lowers it.
+const RAISE_FENCE: &str = "INSERT INTO fence (id, max_fence) VALUES (1, $1) \
+     ON CONFLICT (id) DO UPDATE SET max_fence = GREATEST(fence.max_fence, EXCLUDED.max_fence)";
+
+/// The highest fence recorded anywhere: the `fence` row, and, in case a batch's fence were ever missing,
+/// the requests' own fences (an index read on `requests_fence`).
+const MAX_FENCE: &str = "SELECT GREATEST(\
+     COALESCE((SELECT max_fence FROM fence WHERE id = 1), 0), \
+     COALESCE((SELECT max(fence) FROM requests), 0)) AS max_fence";
+
+/// Serialises concurrent `migrate` calls (several coordinators starting at once) on one database.
+const MIGRATION_LOCK_KEY: i64 = 0x6770_755f_636f_6f72; // "gpu_coor"
+
+/// What went wrong talking to PostgreSQL. Each message names the server (`user@host:port/database`, never
+/// the password) and the operation that failed; the cause is the error's `source`.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    /// The database URL does not parse.
+    #[error("invalid PostgreSQL URL {url}")]
+    InvalidUrl {
+        /// The URL, password removed.
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// No connection to the database could be opened.
+    #[error("cannot connect to PostgreSQL at {server}")]
+    Connect {
+        server: String,
+        #[source]
+        source: DbErr,
+    },
+    /// The database was missing and could not be created (through the `postgres` database).
+    #[error("database {database:?} is missing at {server} and could not be created")]
+    CreateDatabase {
+        server: String,
+        database: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Running the schema migrations failed.
+    #[error("migrating the schema of PostgreSQL at {server} failed")]
+    Migrate {
+        server: String,
+        #[source]
+        source: DbErr,
+    },
+    /// Writing a batch (records and fence) failed; nothing of the batch was committed.
+    #[error("writing {records} request record(s) to PostgreSQL at {server} failed")]
+    Write {
+        server: String,
+        records: usize,
+        #[source]
+        source: DbErr,
+    },
+    /// Reading the requests or the fence failed.
+    #[error("loading the requests from PostgreSQL at {server} failed")]
+    Read {
+        server: String,
+        #[source]
+        source: DbErr,
+    },
+    /// The server did not answer a ping.
+    #[error("PostgreSQL at {server} does not answer")]
+    Ping {
+        server: String,
+        #[source]
+        source: DbErr,
+    },
+    /// A value to write does not fit a `bigint`; nothing was written.
+    #[error("cannot write request {request_id:?} to PostgreSQL at {server}: {field} = {value} exceeds a bigint")]
+    OutOfRange {
+        server: String,
+        request_id: String,
+        field: &'static str,
+        value: u64,
+    },
+    /// A stored row does not translate back into a record (a negative number, an unknown phase).
+    #[error("request {request_id:?} stored in PostgreSQL at {server} is unreadable: {detail}")]
+    Corrupt {
+        server: String,
+        request_id: String,
+        detail: String,
+    },
+}
+
+/// The requests table and the fence row of one PostgreSQL database.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    db: DatabaseConnection,
+    /// `postgres://user@host:port/database`, for messages.
+    server: String,
+}
+
+impl PgStore {
+    /// Opens a pool on `url`. When the database does not exist, creates it through the `postgres` database
+    /// of the same server (if the role may), tolerating another process creating it at the same moment.
+    pub async fn connect(url: &str) -> Result<PgStore, PgError> {
+        let options: PgConnectOptions = url.parse().map_err(|source| PgError::InvalidUrl {
+            url: redact(url),
+            source,
+        })?;
+        let database = options
+            .get_database()
+            .unwrap_or_else(|| options.get_username())
+            .to_owned();
+        let server = format!(
+            "postgres://{}@{}:{}/{}",
+            options.get_username(),
+            options.get_host(),
+            options.get_port(),
+            database
+        );
+        let db = match open(url).await {
+            Ok(db) => db,
+            Err(e) if is_missing_database(&e) => {
+                create_database(&options, &database, &server).await?;
+                open(url).await.map_err(|source| PgError::Connect {
+                    server: server.clone(),
+                    source,
+                })?
+            }
+            Err(source) => return Err(PgError::Connect { server, source }),
+        };
+        Ok(PgStore { db, server })
+    }
+
+    /// Brings the schema up to date. Safe to run on every start and from several processes at once.
+    pub async fn migrate(&self) -> Result<(), PgError> {
+        let fail = |source| PgError::Migrate {
+            server: self.server.clone(),
+            source,
+        };
+        let txn = self.db.begin().await.map_err(fail)?;
+        txn.execute(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT pg_advisory_xact_lock($1)",
+            [MIGRATION_LOCK_KEY.into()],
+        ))
+        .await
+        .map_err(fail)?;
+        Migrator::up(&txn, None).await.map_err(fail)?;
+        txn.commit().await.map_err(fail)
+    }
+
+    /// Writes one batch in one transaction: upserts every record (when a `request_id` appears twice, the
+    /// later record wins) and raises the stored fence to `max_fence`.
+    pub async fn apply(
+        &self,
+        records: &[RequestRecord],
+        max_fence: Option<Fence>,
+    ) -> Result<(), PgError> {
+        if records.is_empty() && max_fence.is_none() {
+            return Ok(());
+        }
+        let rows = last_of_each(records)
+            .into_iter()
+            .map(|r| self.to_row(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let fence = max_fence
+            .map(|f| self.bigint("", "max_fence", f.0))
+            .transpose()?;
+
+        let fail = |source| PgError::Write {
+            server: self.server.clone(),
+            records: rows.len(),
+            source,
+        };
+        let upsert = OnConflict::column(request::Column::RequestId)
+            .update_columns(
+                request::Column::iter().filter(|c| !matches!(c, request::Column::RequestId)),
+            )
+            .to_owned();
+        let txn = self.db.begin().await.map_err(fail)?;
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            request::Entity::insert_many(chunk.iter().cloned().map(|row| row.into_active_model()))
+                .on_conflict(upsert.clone())
+                .exec_without_returning(&txn)
+                .await
+                .map_err(fail)?;
+        }
+        if let Some(fence) = fence {
+            txn.execute(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                RAISE_FENCE,
+                [fence.into()],
+            ))
+            .await
+            .map_err(fail)?;
+        }
+        txn.commit().await.map_err(fail)
+    }
+
+    /// Reads what the core needs at start, from one snapshot: every request not ended, in `seq` order, then
+    /// the `retain_ended` most recently ended ones (oldest first); and the highest fence ever recorded.
+    pub async fn load(&self, retain_ended: usize) -> Result<(Vec<RequestRecord>, Fence), PgError> {
+        let fail = |source| PgError::Read {
+            server: self.server.clone(),
+            source,
+        };
+        let txn = self
+            .db
+            .begin_with_config(
+                Some(IsolationLevel::RepeatableRead),
+                Some(AccessMode::ReadOnly),
+            )
+            .await
+            .map_err(fail)?;
+
+        let mut rows = request::Entity::find()
+            .filter(Expr::cust(OPEN))
+            .order_by_asc(request::Column::Seq)
+            .all(&txn)
+            .await
+            .map_err(fail)?;
+        if retain_ended > 0 {
+            let mut ended = request::Entity::find()
+                .filter(Expr::cust(ENDED))
+                .order_by_desc(request::Column::EndedAt)
+                .order_by_desc(request::Column::Seq)
+                .limit(u64::try_from(retain_ended).unwrap_or(u64::MAX))
+                .all(&txn)
+                .await
+                .map_err(fail)?;
+            ended.reverse();
+            rows.append(&mut ended);
+        }
+        let max_fence: i64 = txn
+            .query_one(Statement::from_string(DbBackend::Postgres, MAX_FENCE))
+            .await
+            .map_err(fail)?
+            .map(|row| row.try_get("", "max_fence"))
+            .transpose()
+            .map_err(fail)?
+            .unwrap_or(0);
+        txn.commit().await.map_err(fail)?;
+
+        let records = rows
+            .into_iter()
+            .map(|row| self.to_record(row))
+            .collect::<Result<Vec<_>, _>>()?;
+        let max_fence = u64::try_from(max_fence).map_err(|_| PgError::Corrupt {
+            server: self.server.clone(),
+            request_id: "(fence)".to_owned(),
+            detail: format!("the highest fence is negative ({max_fence})"),
+        })?;
+        Ok((records, Fence(max_fence)))
+    }
+
+    /// Checks that the server answers.
+    pub async fn ping(&self) -> Result<(), PgError> {
+        self.db.ping().await.map_err(|source| PgError::Ping {
+            server: self.server.clone(),
+            source,
+        })
+    }
+
+    /// Closes the pool, waiting for the connections in use to come back. Later calls fail.
+    pub async fn close(&self) {
+        // Closing a sqlx pool cannot fail; the `Result` is sea-orm's signature for every backend.
+        let _ = self.db.close_by_ref().await;
+    }
+
+    /// The pool, for what this module does not cover (health checks, tests).
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    fn bigint(&self, request_id: &str, field: &'static str, value: u64) -> Result<i64, PgError> {
+        i64::try_from(value).map_err(|_| PgError::OutOfRange {
+            server: self.server.clone(),
+            request_id: request_id.to_owned(),
+            field,
+            value,
+        })
+    }
+
+    fn to_row(&self, r: &RequestRecord) -> Result<request::Model, PgError> {
+        let id = r.request_id.as_str();
+        let opt = |field, value: Option<u64>| value.map(|v| self.bigint(id, field, v)).transpose();
+        Ok(request::Model {
+            request_id: r.request_id.clone(),
+            service_id: r.service_id.clone(),
+            priority: i16::from(r.priority),
+            seq: self.bigint(id, "seq", r.seq)?,
+            encoding: r.encoding.as_str().to_owned(),
+            vram_mb: opt("vram_mb", r.vram_mb)?,
+            gpu_pin: r.gpu_pin.clone(),
+            preemptible: r.preemptible,
+            lease_ms: self.bigint(id, "lease_ms", r.lease_ms)?,
+            requested_at: self.bigint(id, "requested_at", r.requested_at)?,
+            timeout_at: self.bigint(id, "timeout_at", r.timeout_at)?,
+            phase: r.phase.as_str().to_owned(),
+            gpu: r.gpu.clone(),
+            held_mb: opt("held_mb", r.held_mb)?,
+            fence: opt("fence", r.fence.map(|f| f.0))?,
+            granted_at: opt("granted_at", r.granted_at)?,
+            expires_at: opt("expires_at", r.expires_at)?,
+            pause_deadline: opt("pause_deadline", r.pause_deadline)?,
+            paused_at: opt("paused_at", r.paused_at)?,
+            waited_ms: opt("waited_ms", r.waited_ms)?,
+            outcome: r.end.map(|e| e.as_str().to_owned()),
+            ended_at: opt("ended_at", r.ended_at)?,
+            detail: r.detail.clone(),
+        })
+    }
+
+    fn to_record(&self, row: request::Model) -> Result<RequestRecord, PgError> {
+        let corrupt = |detail: String| PgError::Corrupt {
+            server: self.server.clone(),
+            request_id: row.request_id.clone(),
+            detail,
+        };
+        let num = |field: &str, value: i64| {
+            u64::try_from(value).map_err(|_| corrupt(format!("{field} is negative ({value})")))
+        };
+        let opt = |field: &str, value: Option<i64>| value.map(|v| num(field, v)).transpose();
+        let phase = Phase::from_name(&row.phase)
+            .ok_or_else(|| corrupt(format!("unknown phase {:?}", row.phase)))?;
+        let end = row
+            .outcome
+            .as_deref()
+            .map(|name| {
+                End::from_name(name).ok_or_else(|| corrupt(format!("unknown outcome {name:?}")))
+            })
+            .transpose()?;
+        let priority = u8::try_from(row.priority)
+            .map_err(|_| corrupt(format!("priority {} is outside 0-255", row.priority)))?;
+        Ok(RequestRecord {
+            service_id: row.service_id.clone(),
+            priority,
+            seq: num("seq", row.seq)?,
+            encoding: Encoding::from_name(&row.encoding),
+            vram_mb: opt("vram_mb", row.vram_mb)?,
+            gpu_pin: row.gpu_pin.clone(),
+            preemptible: row.preemptible,
+            lease_ms: num("lease_ms", row.lease_ms)?,
+            requested_at: num("requested_at", row.requested_at)?,
+            timeout_at: num("timeout_at", row.timeout_at)?,
+            phase,
+            gpu: row.gpu.clone(),
+            held_mb: opt("held_mb", row.held_mb)?,
+            fence: opt("fence", row.fence)?.map(Fence),
+            granted_at: opt("granted_at", row.granted_at)?,
+            expires_at: opt("expires_at", row.expires_at)?,
+            pause_deadline: opt("pause_deadline", row.pause_deadline)?,
+            paused_at: opt("paused_at", row.paused_at)?,
+            waited_ms: opt("waited_ms", row.waited_ms)?,
+            end,
+            ended_at: opt("ended_at", row.ended_at)?,
+            detail: row.detail.clone(),
+            request_id: row.request_id.clone(),
+        })
+    }
+}
+
+/// Opens the pool. Statement logging is off: the driver logs batches, and a line per statement would drown
+/// everything else.
+async fn open(url: &str) -> Result<DatabaseConnection, DbErr> {
+    let mut options = ConnectOptions::new(url);
+    options
+        .connect_timeout(CONNECT_TIMEOUT)
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .sqlx_logging(false);
+    Database::connect(options).await
+}
+
+/// `CREATE DATABASE` through the server's `postgres` database.
+async fn create_database(
+    options: &PgConnectOptions,
+    database: &str,
+    server: &str,
+) -> Result<(), PgError> {
+    let fail = |source| PgError::CreateDatabase {
+        server: server.to_owned(),
+        database: database.to_owned(),
+        source,
+    };
+    let admin =
+        sqlx::ConnectOptions::disable_statement_logging(options.clone().database("postgres"));
+    let mut conn = sqlx::PgConnection::connect_with(&admin)
+        .await
+        .map_err(fail)?;
+    let create = format!("CREATE DATABASE \"{}\"", database.replace('"', "\"\""));
+    let created = conn.execute(create.as_str()).await;
+    // The database exists either way; a failed close only leaks a connection the server will reap.
+    let _ = conn.close().await;
+    match created {
+        Ok(_) => {
+            tracing::info!(%server, "created the database");
+            Ok(())
+        }
+        Err(e) if is_concurrent_creation(&e) => Ok(()),
+        Err(e) => Err(fail(e)),
+    }
+}
+
+/// SQLSTATE 3D000 `invalid_catalog_name`: the database named in the URL does not exist.
+fn is_missing_database(e: &DbErr) -> bool {
+    matches!(
+        e,
+        DbErr::Conn(RuntimeErr::SqlxError(sqlx::Error::Database(d))) if d.code().as_deref() == Some("3D000")
+    )
+}
+
+/// Another process created the database first: 42P04 `duplicate_database`, or 23505 `unique_violation`
+/// when both creations raced past the existence check.
+fn is_concurrent_creation(e: &sqlx::Error) -> bool {
+    matches!(
+        e.as_database_error().and_then(|d| d.code()).as_deref(),
+        Some("42P04") | Some("23505")
+    )
+}
+
+/// The last record of each `request_id`, in the order of their last appearance: one statement cannot
+/// update the same row twice.
+fn last_of_each(records: &[RequestRecord]) -> Vec<&RequestRecord> {
+    let mut seen = HashSet::with_capacity(records.len());
+    let mut last: Vec<&RequestRecord> = records
+        .iter()
+        .rev()
+        .filter(|r| seen.insert(r.request_id.as_str()))
+        .collect();
+    last.reverse();
+    last
+}
+
+/// `url` without the password of its user info, for messages.
+fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let user = authority[..at].split(':').next().unwrap_or_default();
+            format!("{}{}{}", &url[..scheme_end], user, &rest[at..])
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_literal_phase_is_the_core_s() {
+        assert_eq!(
+            OPEN,
+            format!("\"requests\".\"phase\" <> '{}'", Phase::Ended.as_str())
+        );
+        assert_eq!(
+            ENDED,
+            format!("\"requests\".\"phase\" = '{}'", Phase::Ended.as_str())
+        );
+    }
+
+    #[test]
+    fn redact_drops_the_password_only() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db?x=1"),
+            "postgres://u@h:5432/db?x=1"
+        );
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
+        assert_eq!(redact("not a url"), "not a url");
+    }
+}

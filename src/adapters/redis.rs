@@ -1,0 +1,542 @@
+//! The lease store: Redis is the source of truth for who holds a GPU.
+//!
+//! This module owns the translation between the core's [`Lease`]s and [`LeaseOp`]s and Redis keys. Every
+//! write is a Lua script, so that the checks (capacity, fence, owner) and the write are one atomic step on
+//! the server: two coordinators, or a coordinator and its own stale retry, can never both hold a place
+//! that only fits one. It decides nothing: when a lease is written, extended or dropped comes from the
+//! core through the driver; a refusal goes back to the core (`Input::LeaseRefused`) as it is.
+//!
+//! ## Keys, under `<key_prefix>:`
+//!
+//! | key | type | TTL | holds |
+//! |---|---|---|---|
+//! | `lease:<request_id>` | hash | absolute (`PEXPIREAT expires_at`) | `request_id`, `service_id`, `gpu`, `fence`, `vram_mb`, `capacity_mb`, `expires_at` |
+//! | `gpu:<gpu>` | hash | none | `request_id -> vram_mb` of the leases on that GPU |
+//! | `gpus` | set | none | the GPU ids that have a `gpu:` hash, so that [`LeaseStore::leases`] needs no `SCAN` |
+//! | `fence` | string | none | the highest fence ever written; only raised |
+//! | `epoch` | string | none | set once ([`LeaseStore::ensure_epoch`]); missing later means Redis lost its data |
+//!
+//! A lease ends by itself when its key expires: Redis drops it at `expires_at`, whatever happens to the
+//! coordinator. A `gpu:` member whose lease key is gone (or now names another GPU) counts for nothing and
+//! is removed by the next script that looks at that GPU, so an expired lease frees its capacity at once.
+//!
+//! The scripts name keys they compute from the prefix, so the store needs a standalone Redis (or a
+//! cluster-free setup); fences and milliseconds are compared as Lua numbers, exact below 2^53.
+
+use std::sync::LazyLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use gpu_coordinator_core::{Fence, Lease, LeaseOp, Millis};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+
+/// How long one command may wait for its answer before the call fails (the manager reconnects behind it).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long opening a connection may take.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Writes a lease if it fits. `KEYS`: the lease, its GPU's hash, `fence`, `gpus`. `ARGV`: the lease key
+/// prefix, request id, service id, GPU, fence, VRAM, capacity, expiry, then `acquire` (the fence must be
+/// above the stored one) or `rewrite` (equal is accepted too). Answers `{"ok"}`, `{"held", fence}`,
+/// `{"stale", stored}` or `{"capacity", used_mb}`.
+static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local held = redis.call('HGET', KEYS[1], 'fence')
+if held then
+  if held == ARGV[5] then return {'ok'} end
+  return {'held', held}
+end
+local fence = tonumber(ARGV[5])
+local stored = tonumber(redis.call('GET', KEYS[3]) or '0')
+if fence < stored or (fence == stored and ARGV[9] ~= 'rewrite') then
+  return {'stale', tostring(redis.call('GET', KEYS[3]) or '0')}
+end
+local used = 0
+local members = redis.call('HGETALL', KEYS[2])
+for i = 1, #members, 2 do
+  if redis.call('HGET', ARGV[1] .. members[i], 'gpu') == ARGV[4] then
+    used = used + tonumber(members[i + 1])
+  else
+    redis.call('HDEL', KEYS[2], members[i])
+  end
+end
+if used + tonumber(ARGV[6]) > tonumber(ARGV[7]) then
+  return {'capacity', tostring(used)}
+end
+redis.call('HSET', KEYS[1], 'request_id', ARGV[2], 'service_id', ARGV[3], 'gpu', ARGV[4], 'fence', ARGV[5],
+  'vram_mb', ARGV[6], 'capacity_mb', ARGV[7], 'expires_at', ARGV[8])
+redis.call('PEXPIREAT', KEYS[1], ARGV[8])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[6])
+redis.call('SADD', KEYS[4], ARGV[4])
+if fence > stored then redis.call('SET', KEYS[3], ARGV[5]) end
+return {'ok'}
+"#,
+    )
+});
+
+/// Extends a lease whose fence matches. `KEYS`: the lease. `ARGV`: fence, new expiry. Answers 1 or 0.
+static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'expires_at', ARGV[2])
+redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+return 1
+"#,
+    )
+});
+
+/// Deletes a lease whose fence matches, and its place on its GPU. `KEYS`: the lease. `ARGV`: fence, the GPU
+/// key prefix, request id. Answers 1 or 0.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local lease = redis.call('HMGET', KEYS[1], 'fence', 'gpu')
+if lease[1] ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HDEL', ARGV[2] .. lease[2], ARGV[3])
+return 1
+"#,
+    )
+});
+
+/// Every live lease, read in one step. `KEYS`: `gpus`. `ARGV`: the GPU key prefix, the lease key prefix.
+/// Answers a list of `{request_id, service_id, gpu, fence, vram_mb, capacity_mb, expires_at}`.
+static LEASES: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local out = {}
+for _, gpu in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  for _, id in ipairs(redis.call('HKEYS', ARGV[1] .. gpu)) do
+    local l = redis.call('HMGET', ARGV[2] .. id, 'service_id', 'gpu', 'fence', 'vram_mb', 'capacity_mb',
+      'expires_at')
+    if l[2] == gpu then
+      table.insert(out, {id, l[1] or '', l[2], l[3] or '', l[4] or '', l[5] or '0', l[6] or ''})
+    end
+  end
+end
+return out
+"#,
+    )
+});
+
+/// What went wrong talking to Redis. Each message names the server (URL without password) and the
+/// operation; the cause is the error's `source`.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    /// The URL does not parse, or the first connection could not be opened.
+    #[error("cannot connect to Redis at {server}")]
+    Connect {
+        server: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    /// A command or script failed: connection lost, no answer within the response timeout, or an error
+    /// reply.
+    #[error("Redis at {server}: {op} failed")]
+    Command {
+        server: String,
+        op: &'static str,
+        #[source]
+        source: redis::RedisError,
+    },
+    /// The server answered something this store never writes (a key changed by hand, a foreign key under
+    /// the prefix).
+    #[error("Redis at {server}: {op} got an unexpected answer: {detail}")]
+    Unexpected {
+        server: String,
+        op: &'static str,
+        detail: String,
+    },
+}
+
+/// Why the store would not write a lease. Not an error: the core hears of it and revokes its grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// The live leases on the GPU and this one exceed the GPU's capacity.
+    Capacity {
+        gpu: String,
+        used_mb: u64,
+        vram_mb: u64,
+        capacity_mb: u64,
+    },
+    /// The fence is not above the highest one stored (for a rewrite: below it).
+    StaleFence { fence: Fence, stored: Fence },
+    /// A live lease for this request exists under another fence.
+    Held { request_id: String, fence: Fence },
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Capacity {
+                gpu,
+                used_mb,
+                vram_mb,
+                capacity_mb,
+            } => write!(
+                f,
+                "GPU {gpu} has {used_mb} MB of {capacity_mb} MB leased; {vram_mb} MB more do not fit"
+            ),
+            Refused::StaleFence { fence, stored } => write!(
+                f,
+                "fence {} is older than the highest fence in the lease store ({})",
+                fence.0, stored.0
+            ),
+            Refused::Held { request_id, fence } => write!(
+                f,
+                "request {request_id} already holds a lease under fence {}",
+                fence.0
+            ),
+        }
+    }
+}
+
+/// What [`LeaseStore::apply`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    /// Written, extended or deleted.
+    Done,
+    /// An acquire or restore that the store refused.
+    Refused(Refused),
+    /// A renew or release that found no lease under that fence (expired, released, or another fence).
+    NotHeld,
+}
+
+impl From<Result<(), Refused>> for LeaseOutcome {
+    fn from(written: Result<(), Refused>) -> Self {
+        match written {
+            Ok(()) => LeaseOutcome::Done,
+            Err(refused) => LeaseOutcome::Refused(refused),
+        }
+    }
+}
+
+impl LeaseOutcome {
+    /// Why the store refused a lease (`Acquire`, `Restore`), as a sentence; `None` for anything else.
+    pub fn refusal(&self) -> Option<String> {
+        match self {
+            LeaseOutcome::Refused(refused) => Some(refused.to_string()),
+            LeaseOutcome::Done | LeaseOutcome::NotHeld => None,
+        }
+    }
+}
+
+/// The leases of one deployment (one key prefix) in one Redis.
+#[derive(Clone)]
+pub struct LeaseStore {
+    conn: ConnectionManager,
+    prefix: String,
+    /// The URL without password, for messages.
+    server: String,
+}
+
+impl std::fmt::Debug for LeaseStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseStore")
+            .field("server", &self.server)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LeaseStore {
+    /// Connects to `url` (waiting for the first connection) and uses the keys under `<key_prefix>:`. The
+    /// connection manager reconnects by itself afterwards; each command waits at most a few seconds.
+    pub async fn connect(url: &str, key_prefix: &str) -> Result<LeaseStore, RedisError> {
+        let server = redact(url);
+        let fail = |source| RedisError::Connect {
+            server: server.clone(),
+            source,
+        };
+        let client = redis::Client::open(url).map_err(fail)?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_connection_timeout(Some(CONNECTION_TIMEOUT));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(fail)?;
+        Ok(LeaseStore {
+            conn,
+            prefix: key_prefix.to_owned(),
+            server,
+        })
+    }
+
+    /// Writes `lease` if the fence is newer than every fence stored, no live lease of the request exists
+    /// under another fence, and the GPU's live leases leave room for it; raises the stored fence. Writing
+    /// the same lease again (same request and fence) is accepted and changes nothing.
+    pub async fn acquire(&self, lease: &Lease) -> Result<Result<(), Refused>, RedisError> {
+        self.write(lease, "acquire").await
+    }
+
+    /// Extends the lease of `request_id` to `expires_at` if it is held under `fence`. `false`: no such
+    /// lease (expired, released, or another fence).
+    pub async fn renew(
+        &self,
+        request_id: &str,
+        fence: Fence,
+        expires_at: Millis,
+    ) -> Result<bool, RedisError> {
+        let done: i64 = RENEW
+            .key(self.key("lease:", request_id))
+            .arg(fence.0)
+            .arg(expires_at)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| self.command("renew", e))?;
+        Ok(done == 1)
+    }
+
+    /// Deletes the lease of `request_id` if it is held under `fence`, freeing its place on its GPU.
+    /// `false`: no such lease.
+    pub async fn release(&self, request_id: &str, fence: Fence) -> Result<bool, RedisError> {
+        let done: i64 = RELEASE
+            .key(self.key("lease:", request_id))
+            .arg(fence.0)
+            .arg(self.key("gpu:", ""))
+            .arg(request_id)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| self.command("release", e))?;
+        Ok(done == 1)
+    }
+
+    /// Carries out one of the core's lease operations.
+    pub async fn apply(&self, op: &LeaseOp) -> Result<LeaseOutcome, RedisError> {
+        let held = match op {
+            LeaseOp::Acquire(lease) => return Ok(self.acquire(lease).await?.into()),
+            LeaseOp::Restore(lease) => return Ok(self.write(lease, "rewrite").await?.into()),
+            LeaseOp::Renew {
+                request_id,
+                fence,
+                expires_at,
+                ..
+            } => self.renew(request_id, *fence, *expires_at).await?,
+            LeaseOp::Release {
+                request_id, fence, ..
+            } => self.release(request_id, *fence).await?,
+        };
+        Ok(if held {
+            LeaseOutcome::Done
+        } else {
+            LeaseOutcome::NotHeld
+        })
+    }
+
+    /// Every live lease, read atomically, in no particular order. `capacity_mb` is the capacity the lease
+    /// was written with.
+    pub async fn leases(&self) -> Result<Vec<Lease>, RedisError> {
+        let rows: Vec<Vec<String>> = LEASES
+            .key(self.key("gpus", ""))
+            .arg(self.key("gpu:", ""))
+            .arg(self.key("lease:", ""))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| self.command("reading the leases", e))?;
+        rows.into_iter().map(|row| self.to_lease(row)).collect()
+    }
+
+    /// The highest fence ever written (0 when none).
+    pub async fn max_fence(&self) -> Result<Fence, RedisError> {
+        let stored: Option<String> = redis::cmd("GET")
+            .arg(self.key("fence", ""))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| self.command("reading the fence", e))?;
+        match stored {
+            None => Ok(Fence(0)),
+            Some(text) => self.number("reading the fence", "fence", &text).map(Fence),
+        }
+    }
+
+    /// Sets the epoch marker if it is missing. `true`: it was missing, so the store is new, or Redis
+    /// restarted without its data or was flushed, and the leases it held are gone.
+    pub async fn ensure_epoch(&self) -> Result<bool, RedisError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or_default();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.key("epoch", ""))
+            .arg(now.to_string())
+            .arg("NX")
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| self.command("setting the epoch", e))?;
+        Ok(set.is_some())
+    }
+
+    /// Writes back leases after Redis lost them, with the checks of [`LeaseStore::acquire`] except that a
+    /// fence equal to the stored one is accepted: no second holder can appear, and a lease is not
+    /// resurrected over a newer grant. Leases are written in fence order; the answer is in `leases`' order.
+    pub async fn rewrite(&self, leases: &[Lease]) -> Result<Vec<Result<(), Refused>>, RedisError> {
+        let mut order: Vec<usize> = (0..leases.len()).collect();
+        order.sort_by_key(|&i| leases[i].fence);
+        let mut outcomes = vec![Ok(()); leases.len()];
+        for i in order {
+            outcomes[i] = self.write(&leases[i], "rewrite").await?;
+        }
+        Ok(outcomes)
+    }
+
+    /// Checks that the server answers.
+    pub async fn ping(&self) -> Result<(), RedisError> {
+        let _: String = redis::cmd("PING")
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| self.command("ping", e))?;
+        Ok(())
+    }
+
+    /// The key prefix, without the trailing `:`.
+    pub fn key_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    async fn write(
+        &self,
+        lease: &Lease,
+        mode: &'static str,
+    ) -> Result<Result<(), Refused>, RedisError> {
+        let op = if mode == "acquire" {
+            "acquiring a lease"
+        } else {
+            "rewriting a lease"
+        };
+        let answer: Vec<String> = ACQUIRE
+            .key(self.key("lease:", &lease.request_id))
+            .key(self.key("gpu:", &lease.gpu))
+            .key(self.key("fence", ""))
+            .key(self.key("gpus", ""))
+            .arg(self.key("lease:", ""))
+            .arg(&lease.request_id)
+            .arg(&lease.service_id)
+            .arg(&lease.gpu)
+            .arg(lease.fence.0)
+            .arg(lease.vram_mb)
+            .arg(lease.capacity_mb)
+            .arg(lease.expires_at)
+            .arg(mode)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| self.command(op, e))?;
+        let value = |field| {
+            answer
+                .get(1)
+                .map(|text| self.number(op, field, text))
+                .unwrap_or_else(|| Err(self.unexpected(op, format!("no {field} in {answer:?}"))))
+        };
+        Ok(match answer.first().map(String::as_str) {
+            Some("ok") => Ok(()),
+            Some("held") => Err(Refused::Held {
+                request_id: lease.request_id.clone(),
+                fence: Fence(value("fence")?),
+            }),
+            Some("stale") => Err(Refused::StaleFence {
+                fence: lease.fence,
+                stored: Fence(value("fence")?),
+            }),
+            Some("capacity") => Err(Refused::Capacity {
+                gpu: lease.gpu.clone(),
+                used_mb: value("used_mb")?,
+                vram_mb: lease.vram_mb,
+                capacity_mb: lease.capacity_mb,
+            }),
+            _ => return Err(self.unexpected(op, format!("{answer:?}"))),
+        })
+    }
+
+    fn to_lease(&self, row: Vec<String>) -> Result<Lease, RedisError> {
+        const OP: &str = "reading the leases";
+        let [request_id, service_id, gpu, fence, vram_mb, capacity_mb, expires_at]: [String; 7] =
+            row.try_into().map_err(|row: Vec<String>| {
+                self.unexpected(OP, format!("a lease of {} fields: {row:?}", row.len()))
+            })?;
+        Ok(Lease {
+            fence: Fence(self.number(OP, "fence", &fence)?),
+            vram_mb: self.number(OP, "vram_mb", &vram_mb)?,
+            capacity_mb: self.number(OP, "capacity_mb", &capacity_mb)?,
+            expires_at: self.number(OP, "expires_at", &expires_at)?,
+            request_id,
+            service_id,
+            gpu,
+        })
+    }
+
+    /// `<prefix>:<kind><name>`; `kind` carries its own `:` where the key has a name part.
+    fn key(&self, kind: &str, name: &str) -> String {
+        format!("{}:{kind}{name}", self.prefix)
+    }
+
+    fn number(&self, op: &'static str, field: &str, text: &str) -> Result<u64, RedisError> {
+        text.parse()
+            .map_err(|_| self.unexpected(op, format!("{field} is {text:?}, not a number")))
+    }
+
+    fn command(&self, op: &'static str, source: redis::RedisError) -> RedisError {
+        RedisError::Command {
+            server: self.server.clone(),
+            op,
+            source,
+        }
+    }
+
+    fn unexpected(&self, op: &'static str, detail: String) -> RedisError {
+        RedisError::Unexpected {
+            server: self.server.clone(),
+            op,
+            detail,
+        }
+    }
+}
+
+/// `url` without the password, for messages (`redis://:secret@host` becomes `redis://host`).
+fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or_default();
+            let host = &rest[at + 1..];
+            if user.is_empty() {
+                format!("{}{host}", &url[..scheme_end])
+            } else {
+                format!("{}{user}@{host}", &url[..scheme_end])
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_drops_the_password_only() {
+        assert_eq!(redact("redis://:secret@h:6379/0"), "redis://h:6379/0");
+        assert_eq!(redact("redis://u:secret@h:6379"), "redis://u@h:6379");
+        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+        assert_eq!(redact("unix:///tmp/r.sock"), "unix:///tmp/r.sock");
+    }
+
+    #[test]
+    fn refusals_read_as_sentences() {
+        let refused = Refused::Capacity {
+            gpu: "0".into(),
+            used_mb: 60,
+            vram_mb: 50,
+            capacity_mb: 100,
+        };
+        assert_eq!(
+            refused.to_string(),
+            "GPU 0 has 60 MB of 100 MB leased; 50 MB more do not fit"
+        );
+    }
+}

@@ -1,0 +1,330 @@
+//! `PgStore` against the PostgreSQL on loopback: each test makes its own database (`gpu_it_<random>`),
+//! created by `PgStore::connect` itself, and drops it at the end.
+
+use gpu_coordinator::adapters::postgres::{PgError, PgStore};
+use gpu_coordinator_core::{End, Fence, Phase, RequestRecord};
+use gpu_coordinator_wire::Encoding;
+use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
+
+/// The server, without a database. `GPU_IT_POSTGRES` overrides it.
+fn server() -> String {
+    std::env::var("GPU_IT_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// A database name no other test uses, and its URL.
+fn fresh_database() -> (String, String) {
+    let name = format!("gpu_it_{:016x}", rand::random::<u64>());
+    let url = format!("{}/{name}", server());
+    (name, url)
+}
+
+async fn drop_database(name: &str) {
+    let admin = Database::connect(format!("{}/postgres", server()))
+        .await
+        .expect("the test server is up");
+    admin
+        .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .await
+        .expect("dropping the test database");
+    let _ = admin.close().await;
+}
+
+/// A store on a fresh database, migrated.
+async fn fresh_store() -> (PgStore, String) {
+    let (name, url) = fresh_database();
+    let store = PgStore::connect(&url)
+        .await
+        .expect("connect creates the database");
+    store.migrate().await.expect("migrations run");
+    (store, name)
+}
+
+async fn finish(store: PgStore, name: &str) {
+    store.close().await;
+    drop_database(name).await;
+}
+
+const BASE: u64 = 1_764_000_000_000;
+
+/// A record in `phase` with every field the phase allows filled in, and varied per `seq`.
+fn record(id: &str, seq: u64, phase: Phase) -> RequestRecord {
+    let granted = !matches!(phase, Phase::Queued);
+    let ended = phase == Phase::Ended;
+    RequestRecord {
+        request_id: id.to_owned(),
+        service_id: format!("svc-{}", seq % 3),
+        priority: (seq % 3) as u8,
+        seq,
+        encoding: if seq % 2 == 0 {
+            Encoding::MsgPack
+        } else {
+            Encoding::Json
+        },
+        vram_mb: Some(1024 * seq),
+        gpu_pin: (seq % 2 == 0).then(|| "GPU-1".to_owned()),
+        preemptible: seq % 3 != 0,
+        lease_ms: 30_000 + seq,
+        requested_at: BASE + seq,
+        timeout_at: BASE + seq + 60_000,
+        phase,
+        gpu: granted.then(|| "GPU-1".to_owned()),
+        held_mb: granted.then_some(1024 * seq),
+        fence: granted.then_some(Fence(100 + seq)),
+        granted_at: granted.then_some(BASE + seq + 10),
+        expires_at: granted.then_some(BASE + seq + 30_010),
+        pause_deadline: (phase == Phase::Pausing).then_some(BASE + seq + 20),
+        paused_at: (phase == Phase::Paused).then_some(BASE + seq + 30),
+        waited_ms: granted.then_some(10),
+        end: ended.then_some(End::TimedOut),
+        ended_at: ended.then_some(BASE + seq + 40),
+        detail: ended.then(|| "waited 60 s for \"GPU-1\"; l'attente a expiré".to_owned()),
+    }
+}
+
+/// A record with every optional field empty.
+fn bare(id: &str, seq: u64) -> RequestRecord {
+    RequestRecord {
+        request_id: id.to_owned(),
+        service_id: "svc".to_owned(),
+        priority: 255,
+        seq,
+        encoding: Encoding::Json,
+        vram_mb: None,
+        gpu_pin: None,
+        preemptible: false,
+        lease_ms: 0,
+        requested_at: 0,
+        timeout_at: 0,
+        phase: Phase::Queued,
+        gpu: None,
+        held_mb: None,
+        fence: None,
+        granted_at: None,
+        expires_at: None,
+        pause_deadline: None,
+        paused_at: None,
+        waited_ms: None,
+        end: None,
+        ended_at: None,
+        detail: None,
+    }
+}
+
+fn ended_at(id: &str, seq: u64, at: u64) -> RequestRecord {
+    RequestRecord {
+        ended_at: Some(at),
+        end: Some(End::Released),
+        ..record(id, seq, Phase::Ended)
+    }
+}
+
+#[tokio::test]
+async fn pg_creates_its_database_and_migrates_idempotently() {
+    let (name, url) = fresh_database();
+    // Two processes starting at once: both create the database and migrate it.
+    let (a, b) = tokio::join!(PgStore::connect(&url), PgStore::connect(&url));
+    let (a, b) = (a.expect("first connect"), b.expect("concurrent connect"));
+    let (ma, mb) = tokio::join!(a.migrate(), b.migrate());
+    ma.expect("first migration");
+    mb.expect("concurrent migration");
+    a.migrate().await.expect("a second run is a no-op");
+    b.close().await;
+
+    // A database that exists is simply opened.
+    let again = PgStore::connect(&url).await.expect("reconnect");
+    again.migrate().await.expect("a third run is a no-op");
+    again.ping().await.expect("ping");
+    let applied = again
+        .connection()
+        .query_one(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT count(*) AS n FROM seaql_migrations",
+        ))
+        .await
+        .expect("read the migration table")
+        .expect("one row")
+        .try_get::<i64>("", "n")
+        .expect("a count");
+    assert_eq!(applied, 1);
+    let (records, fence) = again.load(10).await.expect("load an empty store");
+    assert!(records.is_empty());
+    assert_eq!(fence, Fence(0));
+    again.close().await;
+    finish(a, &name).await;
+}
+
+#[tokio::test]
+async fn pg_round_trips_every_phase_and_field() {
+    let (store, name) = fresh_store().await;
+    let records = vec![
+        record("queued", 1, Phase::Queued),
+        record("active", 2, Phase::Active),
+        record("pausing", 3, Phase::Pausing),
+        record("paused", 4, Phase::Paused),
+        bare("bare", 5),
+        record("ended", 6, Phase::Ended),
+    ];
+    store
+        .apply(&records, Some(Fence(106)))
+        .await
+        .expect("apply");
+    let (loaded, fence) = store.load(10).await.expect("load");
+    assert_eq!(
+        loaded, records,
+        "non-ended in seq order, then the ended one"
+    );
+    assert_eq!(fence, Fence(106));
+
+    // Every End survives too.
+    let ends = [
+        End::Released,
+        End::TimedOut,
+        End::Cancelled,
+        End::Revoked,
+        End::Rejected,
+    ];
+    let ended: Vec<_> = ends
+        .iter()
+        .enumerate()
+        .map(|(i, end)| RequestRecord {
+            end: Some(*end),
+            ..ended_at(&format!("end-{i}"), 10 + i as u64, BASE + 1_000 + i as u64)
+        })
+        .collect();
+    store.apply(&ended, None).await.expect("apply ended");
+    let (loaded, _) = store.load(10).await.expect("load");
+    assert_eq!(&loaded[5..], &[&records[5..], &ended[..]].concat()[..]);
+    finish(store, &name).await;
+}
+
+#[tokio::test]
+async fn pg_upsert_overwrites_and_the_last_duplicate_wins() {
+    let (store, name) = fresh_store().await;
+    let queued = record("r1", 1, Phase::Queued);
+    store
+        .apply(std::slice::from_ref(&queued), None)
+        .await
+        .expect("insert");
+
+    let active = record("r1", 1, Phase::Active);
+    store
+        .apply(std::slice::from_ref(&active), None)
+        .await
+        .expect("update");
+    assert_eq!(store.load(10).await.expect("load").0, vec![active.clone()]);
+
+    // The same request twice in one batch: one statement cannot touch a row twice, the later one wins.
+    let paused = record("r1", 1, Phase::Paused);
+    let other = record("r2", 2, Phase::Queued);
+    store
+        .apply(&[active.clone(), other.clone(), paused.clone()], None)
+        .await
+        .expect("batch with a duplicate");
+    assert_eq!(store.load(10).await.expect("load").0, vec![paused, other]);
+
+    // A batch larger than one statement's rows.
+    let many: Vec<_> = (10..2_510)
+        .map(|seq| record(&format!("bulk-{seq}"), seq, Phase::Queued))
+        .collect();
+    store.apply(&many, None).await.expect("a large batch");
+    assert_eq!(store.load(0).await.expect("load").0.len(), 2 + many.len());
+    finish(store, &name).await;
+}
+
+#[tokio::test]
+async fn pg_fence_only_rises() {
+    let (store, name) = fresh_store().await;
+    store.apply(&[], Some(Fence(10))).await.expect("fence 10");
+    assert_eq!(store.load(0).await.expect("load").1, Fence(10));
+    store.apply(&[], Some(Fence(5))).await.expect("fence 5");
+    assert_eq!(
+        store.load(0).await.expect("load").1,
+        Fence(10),
+        "never lowered"
+    );
+    store.apply(&[], None).await.expect("an empty batch");
+
+    // A request's own fence above the fence row counts too.
+    let active = RequestRecord {
+        fence: Some(Fence(20)),
+        ..record("r1", 1, Phase::Active)
+    };
+    store
+        .apply(&[active], Some(Fence(15)))
+        .await
+        .expect("apply");
+    assert_eq!(store.load(0).await.expect("load").1, Fence(20));
+    store.apply(&[], Some(Fence(30))).await.expect("fence 30");
+    assert_eq!(store.load(0).await.expect("load").1, Fence(30));
+    finish(store, &name).await;
+}
+
+#[tokio::test]
+async fn pg_load_returns_open_requests_in_seq_order_and_the_most_recent_ended() {
+    let (store, name) = fresh_store().await;
+    let open = [
+        record("c", 30, Phase::Paused),
+        record("a", 10, Phase::Queued),
+        record("d", 40, Phase::Active),
+        record("b", 20, Phase::Pausing),
+    ];
+    let ended = [
+        ended_at("e1", 1, BASE + 500),
+        ended_at("e2", 2, BASE + 100),
+        ended_at("e3", 3, BASE + 900),
+        ended_at("e4", 4, BASE + 300),
+        ended_at("e5", 5, BASE + 700),
+    ];
+    store.apply(&open, None).await.expect("apply open");
+    store.apply(&ended, None).await.expect("apply ended");
+
+    let ids = |records: Vec<RequestRecord>| {
+        records
+            .into_iter()
+            .map(|r| r.request_id)
+            .collect::<Vec<_>>()
+    };
+    let (loaded, _) = store.load(2).await.expect("load 2");
+    assert_eq!(ids(loaded), ["a", "b", "c", "d", "e5", "e3"]);
+    let (loaded, _) = store.load(0).await.expect("load 0");
+    assert_eq!(ids(loaded), ["a", "b", "c", "d"]);
+    let (loaded, _) = store.load(100).await.expect("load all");
+    assert_eq!(
+        ids(loaded),
+        ["a", "b", "c", "d", "e2", "e4", "e1", "e5", "e3"]
+    );
+
+    // A request that ends leaves the open set.
+    store
+        .apply(&[ended_at("a", 10, BASE + 1_000)], None)
+        .await
+        .expect("end a");
+    let (loaded, _) = store.load(1).await.expect("load 1");
+    assert_eq!(ids(loaded), ["b", "c", "d", "a"]);
+    finish(store, &name).await;
+}
+
+#[tokio::test]
+async fn pg_refuses_what_a_bigint_cannot_hold_and_writes_nothing() {
+    let (store, name) = fresh_store().await;
+    let fine = record("fine", 1, Phase::Queued);
+    let huge = RequestRecord {
+        timeout_at: u64::MAX,
+        ..record("huge", 2, Phase::Queued)
+    };
+    let err = store
+        .apply(&[fine, huge], Some(Fence(3)))
+        .await
+        .expect_err("u64::MAX does not fit");
+    assert!(
+        matches!(&err, PgError::OutOfRange { field: "timeout_at", request_id, .. } if request_id == "huge"),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains(&name) && message.contains("timeout_at"),
+        "{message}"
+    );
+    assert_eq!(store.load(10).await.expect("load"), (vec![], Fence(0)));
+    finish(store, &name).await;
+}

@@ -1,0 +1,369 @@
+//! `LeaseStore` against the Redis on loopback: each test uses its own key prefix (`it-<random>`) and
+//! deletes its keys at the end; nothing else on the shared server is touched.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use gpu_coordinator::adapters::redis::{LeaseOutcome, LeaseStore, Refused};
+use gpu_coordinator_core::{Fence, Lease, LeaseOp};
+use redis::AsyncCommands;
+
+/// `GPU_IT_REDIS` overrides it.
+fn url() -> String {
+    std::env::var("GPU_IT_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+async fn fresh_store() -> LeaseStore {
+    let prefix = format!("it-{:016x}", rand::random::<u64>());
+    LeaseStore::connect(&url(), &prefix)
+        .await
+        .expect("the test Redis is up")
+}
+
+async fn raw() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url())
+        .expect("a valid URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("the test Redis is up")
+}
+
+/// Deletes every key under the store's prefix (what a flush or an empty restart does to it).
+async fn delete_keys(store: &LeaseStore) {
+    let mut conn = raw().await;
+    let pattern = format!("{}:*", store.key_prefix());
+    let keys: Vec<String> = {
+        let mut iter = conn.scan_match::<_, String>(&pattern).await.expect("SCAN");
+        let mut keys = Vec::new();
+        while let Some(key) = futures::StreamExt::next(&mut iter).await {
+            keys.push(key.expect("a key"));
+        }
+        keys
+    };
+    if !keys.is_empty() {
+        let _: () = conn.del(keys).await.expect("DEL");
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_millis() as u64
+}
+
+fn lease(request_id: &str, gpu: &str, fence: u64, vram_mb: u64) -> Lease {
+    Lease {
+        request_id: request_id.to_owned(),
+        service_id: format!("svc-{request_id}"),
+        gpu: gpu.to_owned(),
+        fence: Fence(fence),
+        vram_mb,
+        capacity_mb: 100,
+        expires_at: now_ms() + 60_000,
+    }
+}
+
+async fn sorted_leases(store: &LeaseStore) -> Vec<Lease> {
+    let mut leases = store.leases().await.expect("leases");
+    leases.sort_by_key(|l| l.fence);
+    leases
+}
+
+#[tokio::test]
+async fn redis_acquires_within_capacity_and_refuses_beyond() {
+    let store = fresh_store().await;
+    store.ping().await.expect("ping");
+    let a = lease("a", "gpu0", 1, 40);
+    let b = lease("b", "gpu0", 2, 50);
+    assert_eq!(store.acquire(&a).await.expect("a"), Ok(()));
+    assert_eq!(store.acquire(&b).await.expect("b"), Ok(()));
+
+    let c = lease("c", "gpu0", 3, 20);
+    let refused = store
+        .acquire(&c)
+        .await
+        .expect("c")
+        .expect_err("over capacity");
+    assert_eq!(
+        refused,
+        Refused::Capacity {
+            gpu: "gpu0".into(),
+            used_mb: 90,
+            vram_mb: 20,
+            capacity_mb: 100
+        }
+    );
+    assert!(refused.to_string().contains("gpu0"), "{refused}");
+    // Another GPU has its own capacity, and a refusal does not consume the fence.
+    assert_eq!(
+        store.acquire(&lease("c", "gpu1", 3, 100)).await.expect("c"),
+        Ok(())
+    );
+    assert_eq!(store.max_fence().await.expect("fence"), Fence(3));
+    // Exactly full is allowed.
+    assert_eq!(
+        store.acquire(&lease("d", "gpu0", 4, 10)).await.expect("d"),
+        Ok(())
+    );
+
+    let leases = sorted_leases(&store).await;
+    assert_eq!(leases.len(), 4);
+    assert_eq!(leases[0], a);
+    assert_eq!(leases[1], b);
+    delete_keys(&store).await;
+}
+
+#[tokio::test]
+async fn redis_refuses_a_stale_fence_and_a_second_holder() {
+    let store = fresh_store().await;
+    assert_eq!(store.max_fence().await.expect("fence"), Fence(0));
+    let a = lease("a", "gpu0", 5, 10);
+    assert_eq!(store.acquire(&a).await.expect("a"), Ok(()));
+    assert_eq!(store.max_fence().await.expect("fence"), Fence(5));
+
+    for fence in [3, 5] {
+        let stale = lease("b", "gpu0", fence, 10);
+        assert_eq!(
+            store.acquire(&stale).await.expect("b"),
+            Err(Refused::StaleFence {
+                fence: Fence(fence),
+                stored: Fence(5)
+            })
+        );
+    }
+    // The same lease again (a retried write) is accepted and changes nothing.
+    assert_eq!(store.acquire(&a).await.expect("retry"), Ok(()));
+    // The same request under a newer fence while its lease lives: a second holder, refused.
+    let again = lease("a", "gpu1", 6, 10);
+    assert_eq!(
+        store.acquire(&again).await.expect("a again"),
+        Err(Refused::Held {
+            request_id: "a".into(),
+            fence: Fence(5)
+        })
+    );
+    assert_eq!(store.max_fence().await.expect("fence"), Fence(5));
+    assert_eq!(sorted_leases(&store).await, vec![a]);
+    delete_keys(&store).await;
+}
+
+#[tokio::test]
+async fn redis_renews_and_releases_only_under_the_right_fence() {
+    let store = fresh_store().await;
+    let a = lease("a", "gpu0", 1, 100);
+    assert_eq!(store.acquire(&a).await.expect("a"), Ok(()));
+
+    let later = now_ms() + 120_000;
+    assert!(!store.renew("a", Fence(2), later).await.expect("renew"));
+    assert!(!store.renew("nobody", Fence(1), later).await.expect("renew"));
+    assert!(store.renew("a", Fence(1), later).await.expect("renew"));
+    assert_eq!(store.leases().await.expect("leases")[0].expires_at, later);
+    let pttl: i64 = raw()
+        .await
+        .pttl(format!("{}:lease:a", store.key_prefix()))
+        .await
+        .expect("PTTL");
+    assert!(
+        pttl > 60_000 && pttl <= 120_000,
+        "the key's TTL follows: {pttl}"
+    );
+
+    assert!(!store.release("a", Fence(2)).await.expect("release"));
+    assert_eq!(store.leases().await.expect("leases").len(), 1);
+    assert!(store.release("a", Fence(1)).await.expect("release"));
+    assert!(!store.release("a", Fence(1)).await.expect("release twice"));
+    assert!(!store
+        .renew("a", Fence(1), later)
+        .await
+        .expect("renew released"));
+    assert!(store.leases().await.expect("leases").is_empty());
+    // The whole GPU is free again.
+    assert_eq!(
+        store.acquire(&lease("b", "gpu0", 2, 100)).await.expect("b"),
+        Ok(())
+    );
+
+    // The same through `apply`.
+    let c = lease("c", "gpu1", 3, 100);
+    assert_eq!(
+        store
+            .apply(&LeaseOp::Acquire(c.clone()))
+            .await
+            .expect("apply"),
+        LeaseOutcome::Done
+    );
+    let refused = store
+        .apply(&LeaseOp::Acquire(lease("d", "gpu1", 4, 1)))
+        .await
+        .expect("apply");
+    assert!(matches!(
+        refused,
+        LeaseOutcome::Refused(Refused::Capacity { .. })
+    ));
+    assert!(refused.refusal().is_some_and(|why| why.contains("gpu1")));
+    let renew = |fence| LeaseOp::Renew {
+        request_id: "c".into(),
+        gpu: "gpu1".into(),
+        fence: Fence(fence),
+        expires_at: later,
+    };
+    assert_eq!(
+        store.apply(&renew(9)).await.expect("apply"),
+        LeaseOutcome::NotHeld
+    );
+    assert_eq!(
+        store.apply(&renew(3)).await.expect("apply"),
+        LeaseOutcome::Done
+    );
+    let release = |fence| LeaseOp::Release {
+        request_id: "c".into(),
+        gpu: "gpu1".into(),
+        fence: Fence(fence),
+    };
+    assert_eq!(
+        store.apply(&release(9)).await.expect("apply"),
+        LeaseOutcome::NotHeld
+    );
+    assert_eq!(
+        store.apply(&release(3)).await.expect("apply"),
+        LeaseOutcome::Done
+    );
+    assert_eq!(
+        store.apply(&release(3)).await.expect("apply"),
+        LeaseOutcome::NotHeld
+    );
+    delete_keys(&store).await;
+}
+
+#[tokio::test]
+async fn redis_lease_past_its_expiry_disappears_and_frees_capacity() {
+    let store = fresh_store().await;
+    let short = Lease {
+        expires_at: now_ms() + 30,
+        ..lease("short", "gpu0", 1, 100)
+    };
+    assert_eq!(store.acquire(&short).await.expect("short"), Ok(()));
+
+    let key = format!("{}:lease:short", store.key_prefix());
+    let mut conn = raw().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let exists: bool = conn.exists(&key).await.expect("EXISTS");
+        if !exists {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the lease key outlived its PXAT");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(store.leases().await.expect("leases").is_empty());
+    assert!(!store
+        .renew("short", Fence(1), now_ms() + 60_000)
+        .await
+        .expect("renew"));
+    // Its capacity is free: a lease for the whole GPU fits.
+    assert_eq!(
+        store
+            .acquire(&lease("next", "gpu0", 2, 100))
+            .await
+            .expect("next"),
+        Ok(())
+    );
+    let members: Vec<String> = conn
+        .hkeys(format!("{}:gpu:gpu0", store.key_prefix()))
+        .await
+        .expect("HKEYS");
+    assert_eq!(members, ["next"], "the expired member was dropped");
+    delete_keys(&store).await;
+}
+
+#[tokio::test]
+async fn redis_epoch_tells_when_the_store_lost_its_data() {
+    let store = fresh_store().await;
+    assert!(
+        store.ensure_epoch().await.expect("epoch"),
+        "a new store has no epoch"
+    );
+    assert!(!store.ensure_epoch().await.expect("epoch"));
+    assert!(!store.ensure_epoch().await.expect("epoch"));
+    delete_keys(&store).await;
+    assert!(store.ensure_epoch().await.expect("epoch"), "flushed");
+    assert!(!store.ensure_epoch().await.expect("epoch"));
+    delete_keys(&store).await;
+}
+
+#[tokio::test]
+async fn redis_rewrite_restores_leases_without_a_second_holder() {
+    let store = fresh_store().await;
+    let a = lease("a", "gpu0", 1, 60);
+    let b = lease("b", "gpu1", 2, 100);
+    let c = lease("c", "gpu0", 3, 40);
+    for l in [&a, &b, &c] {
+        assert_eq!(store.acquire(l).await.expect("acquire"), Ok(()));
+    }
+    let before = sorted_leases(&store).await;
+    assert_eq!(before, vec![a.clone(), b.clone(), c.clone()]);
+
+    delete_keys(&store).await;
+    assert!(store.ensure_epoch().await.expect("epoch"));
+    assert!(store.leases().await.expect("leases").is_empty());
+    assert_eq!(store.max_fence().await.expect("fence"), Fence(0));
+
+    // Any order: the store writes them in fence order.
+    let outcomes = store
+        .rewrite(&[c.clone(), a.clone(), b.clone()])
+        .await
+        .expect("rewrite");
+    assert_eq!(outcomes, vec![Ok(()), Ok(()), Ok(())]);
+    assert_eq!(sorted_leases(&store).await, before);
+    assert_eq!(store.max_fence().await.expect("fence"), Fence(3));
+    // Rewriting again changes nothing.
+    assert_eq!(
+        store
+            .rewrite(std::slice::from_ref(&a))
+            .await
+            .expect("rewrite"),
+        vec![Ok(())]
+    );
+
+    // No second holder: a lease that does not fit, or that is older than the stored fence, stays out.
+    let intruder = lease("x", "gpu1", 3, 1);
+    let old = lease("y", "gpu2", 2, 1);
+    assert_eq!(
+        store.rewrite(&[intruder, old]).await.expect("rewrite"),
+        vec![
+            Err(Refused::Capacity {
+                gpu: "gpu1".into(),
+                used_mb: 100,
+                vram_mb: 1,
+                capacity_mb: 100
+            }),
+            Err(Refused::StaleFence {
+                fence: Fence(2),
+                stored: Fence(3)
+            }),
+        ]
+    );
+
+    // The lease under the stored fence itself can be written back (acquire would refuse it).
+    let _: () = raw()
+        .await
+        .del(format!("{}:lease:c", store.key_prefix()))
+        .await
+        .expect("DEL");
+    assert_eq!(
+        store.acquire(&c).await.expect("acquire"),
+        Err(Refused::StaleFence {
+            fence: Fence(3),
+            stored: Fence(3)
+        })
+    );
+    assert_eq!(
+        store
+            .apply(&LeaseOp::Restore(c.clone()))
+            .await
+            .expect("restore"),
+        LeaseOutcome::Done
+    );
+    assert_eq!(sorted_leases(&store).await, before);
+    delete_keys(&store).await;
+}
