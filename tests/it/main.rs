@@ -3,3 +3,5 @@
 
 mod service;
 mod support;
+mod store_pg;
+mod store_redis;
