@@ -27,7 +27,7 @@ use sea_orm::sqlx::{self, postgres::PgConnectOptions, Connection as _, Executor 
 use sea_orm::{
     AccessMode, ConnectOptions, ConnectionTrait as _, Database, DatabaseConnection, DbBackend,
     DbErr, EntityTrait as _, IntoActiveModel as _, IsolationLevel, Iterable as _, QueryFilter as _,
-    QueryOrder as _, QuerySelect as _, RuntimeErr, Statement, TransactionTrait as _,
+    QueryOrder as _, QuerySelect as _, QueryTrait as _, RuntimeErr, Statement, TransactionTrait as _,
 };
 
 /// How long opening a connection, or waiting for a free one in the pool, may take.
@@ -206,9 +206,10 @@ impl PgStore {
             .map(|f| self.bigint("", "max_fence", f.0))
             .transpose()?;
 
+        let n_rows = rows.len();
         let fail = |source| PgError::Write {
             server: self.server.clone(),
-            records: rows.len(),
+            records: n_rows,
             source,
         };
         let upsert = OnConflict::column(request::Column::RequestId)
@@ -216,6 +217,33 @@ impl PgStore {
                 request::Column::iter().filter(|c| !matches!(c, request::Column::RequestId)),
             )
             .to_owned();
+        if rows.len() <= ROWS_PER_STATEMENT {
+            // The common case, one statement: the upsert and the fence in one autocommit round trip
+            // (a data-modifying CTE is atomic), instead of BEGIN, INSERT, UPDATE, COMMIT.
+            let statement = if rows.is_empty() {
+                let fence = fence.expect("apply returned early when there is nothing to write");
+                Statement::from_sql_and_values(DbBackend::Postgres, RAISE_FENCE, [fence.into()])
+            } else {
+                let insert = request::Entity::insert_many(rows.into_iter().map(|row| row.into_active_model()))
+                    .on_conflict(upsert)
+                    .build(DbBackend::Postgres);
+                match fence {
+                    None => insert,
+                    Some(fence) => {
+                        let mut values = insert.values.map(|v| v.0).unwrap_or_default();
+                        values.push(fence.into());
+                        let raise = RAISE_FENCE.replace("$1", &format!("${}", values.len()));
+                        Statement::from_sql_and_values(
+                            DbBackend::Postgres,
+                            format!("WITH upsert AS ({}) {raise}", insert.sql),
+                            values,
+                        )
+                    }
+                }
+            };
+            self.db.execute(statement).await.map_err(fail)?;
+            return Ok(());
+        }
         let txn = self.db.begin().await.map_err(fail)?;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             request::Entity::insert_many(chunk.iter().cloned().map(|row| row.into_active_model()))
