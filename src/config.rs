@@ -1,0 +1,752 @@
+//! Configuration: one typed struct, from defaults, then a TOML file (`--config`), then environment
+//! variables `GPU_COORDINATOR_*` (nesting with `__`, e.g. `GPU_COORDINATOR_NATS__URL`). Passed explicitly,
+//! never global.
+//!
+//! [`Config::load`] merges the three layers and then validates the result, so that a mistake is reported
+//! at start, naming the key (and the file or variable it came from), rather than surfacing later as a
+//! confusing failure. This module reads no sockets and decides nothing about scheduling.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::{Figment, Source};
+use serde::{Deserialize, Serialize};
+
+/// The prefix of the environment variables that override the file, e.g. `GPU_COORDINATOR_NATS__URL`.
+pub const ENV_PREFIX: &str = "GPU_COORDINATOR_";
+
+/// The separator of nested keys in environment variables: `GPU_COORDINATOR_LEASE__DEFAULT_MS` is
+/// `lease.default_ms`. Two underscores, because key names themselves contain one.
+pub const ENV_SPLIT: &str = "__";
+
+/// The whole configuration. Every section's `Default` holds the documented defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub redis: RedisConfig,
+    pub database: DatabaseConfig,
+    pub lease: LeaseConfig,
+    pub preemption: PreemptionConfig,
+    pub request: RequestConfig,
+    pub queue: QueueConfig,
+    pub http: HttpConfig,
+    pub nvml: NvmlConfig,
+    /// The GPUs to manage. Empty: ask NVML; when it finds none, one GPU `0` of 24576 MB.
+    pub gpus: Vec<GpuConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// `nats.url`, default `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// `nats.prefix`, default `gpu`: the first token of every subject.
+    pub prefix: String,
+    /// `nats.max_age_ms`: how long the streams keep messages, default 7 days.
+    pub max_age_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis.url`, default `redis://127.0.0.1:6379`.
+    pub url: String,
+    /// `redis.key_prefix`, default `gpu`.
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `database.url`, default `postgres://postgres@127.0.0.1:5432/gpu_coordinator`.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseConfig {
+    /// `lease.default_ms`, default 30000.
+    pub default_ms: u64,
+    /// `lease.max_ms`, default 3600000 (one hour).
+    pub max_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreemptionConfig {
+    /// `preemption.ack_deadline_ms`, default 10000.
+    pub ack_deadline_ms: u64,
+    /// `preemption.min_hold_ms`, default 0 (off).
+    pub min_hold_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RequestConfig {
+    /// `request.default_timeout_ms`, default 60000.
+    pub default_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// `queue.aging_ms`, default 0 (off).
+    pub aging_ms: u64,
+    /// `queue.retain_ended`: ended requests remembered to answer a repeated id, default 100000.
+    pub retain_ended: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `http.listen`, default `127.0.0.1:8080`.
+    pub listen: String,
+    /// `[http.tokens]`: bearer token -> service id. Empty: no authentication.
+    pub tokens: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NvmlConfig {
+    /// `nvml.enabled`, default true: sample VRAM through NVML when a driver is there.
+    pub enabled: bool,
+    /// `nvml.sample_ms`, default 1000.
+    pub sample_ms: u64,
+    /// `nvml.settle_ms`: after a pause ACK, how long to wait for NVML to see the VRAM freed, default 2000.
+    pub settle_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuConfig {
+    /// The GPU id used on the wire (`gpu` fields), e.g. `0`.
+    pub id: String,
+    /// Capacity in MB.
+    pub vram_mb: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".to_owned(),
+            prefix: "gpu".to_owned(),
+            max_age_ms: 7 * 24 * 60 * 60 * 1000,
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            key_prefix: "gpu".to_owned(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: "postgres://postgres@127.0.0.1:5432/gpu_coordinator".to_owned(),
+        }
+    }
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            default_ms: 30_000,
+            max_ms: 3_600_000,
+        }
+    }
+}
+
+impl Default for PreemptionConfig {
+    fn default() -> Self {
+        PreemptionConfig {
+            ack_deadline_ms: 10_000,
+            min_hold_ms: 0,
+        }
+    }
+}
+
+impl Default for RequestConfig {
+    fn default() -> Self {
+        RequestConfig {
+            default_timeout_ms: 60_000,
+        }
+    }
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            aging_ms: 0,
+            retain_ended: 100_000,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:8080".to_owned(),
+            tokens: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for NvmlConfig {
+    fn default() -> Self {
+        NvmlConfig {
+            enabled: true,
+            sample_ms: 1000,
+            settle_ms: 2000,
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file named with `--config` does not exist or is not a regular file.
+    #[error("cannot read config file {}", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A layer could not be read or does not fit the struct: bad TOML, an unknown key, a wrong type. The
+    /// message names each key and the file or environment variable it came from.
+    #[error("{0}")]
+    Parse(String),
+    /// The values were read but break a rule (one message per broken rule, each naming its key).
+    #[error("invalid configuration: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+}
+
+impl Config {
+    /// Loads the configuration: the defaults, then the TOML file at `path` (which must exist when given),
+    /// then the `GPU_COORDINATOR_*` environment variables; then validates it.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, ENV_PREFIX)
+    }
+
+    /// [`Config::load`] with another environment prefix, so that tests need not touch the real one.
+    fn load_with_env(path: Option<&Path>, env_prefix: &str) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = path {
+            // `Toml::file` silently skips a missing file; a path given explicitly must be there.
+            match std::fs::metadata(path) {
+                Ok(meta) if meta.is_file() => {}
+                Ok(_) => {
+                    return Err(ConfigError::File {
+                        path: path.to_owned(),
+                        source: std::io::Error::other("not a regular file"),
+                    })
+                }
+                Err(source) => {
+                    return Err(ConfigError::File {
+                        path: path.to_owned(),
+                        source,
+                    })
+                }
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed(env_prefix).split(ENV_SPLIT));
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Parse(describe(e, env_prefix)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the rules that the types alone do not enforce.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut non_empty = |key: &str, value: &str| {
+            if value.trim().is_empty() {
+                problems.push(format!("{key} must not be empty"));
+            }
+        };
+        non_empty("nats.url", &self.nats.url);
+        non_empty("redis.url", &self.redis.url);
+        non_empty("redis.key_prefix", &self.redis.key_prefix);
+        non_empty("database.url", &self.database.url);
+
+        if let Err(why) = gpu_coordinator_wire::Subjects::new(&self.nats.prefix) {
+            problems.push(format!("nats.prefix {:?}: {why}", self.nats.prefix));
+        }
+        if self.nats.max_age_ms == 0 {
+            problems.push("nats.max_age_ms must be > 0".to_owned());
+        }
+        if self.lease.default_ms == 0 {
+            problems.push("lease.default_ms must be > 0".to_owned());
+        }
+        if self.lease.max_ms < self.lease.default_ms {
+            problems.push(format!(
+                "lease.max_ms ({}) must be >= lease.default_ms ({})",
+                self.lease.max_ms, self.lease.default_ms
+            ));
+        }
+        if self.preemption.ack_deadline_ms == 0 {
+            problems.push("preemption.ack_deadline_ms must be > 0".to_owned());
+        }
+        if self.request.default_timeout_ms == 0 {
+            problems.push("request.default_timeout_ms must be > 0".to_owned());
+        }
+        if self.http.listen.parse::<SocketAddr>().is_err() {
+            problems.push(format!(
+                "http.listen {:?} is not a socket address (expected e.g. \"127.0.0.1:8080\")",
+                self.http.listen
+            ));
+        }
+        for (token, service) in &self.http.tokens {
+            if token.is_empty() {
+                problems.push("http.tokens has an empty token".to_owned());
+            }
+            if !gpu_coordinator_wire::subjects::valid_service_id(service) {
+                problems.push(format!(
+                    "http.tokens: the service id {service:?} must be 1-64 characters of [A-Za-z0-9_-]"
+                ));
+            }
+        }
+        if self.nvml.enabled && self.nvml.sample_ms == 0 {
+            problems.push("nvml.sample_ms must be > 0 when nvml.enabled is true".to_owned());
+        }
+        let mut seen = HashSet::new();
+        for (i, gpu) in self.gpus.iter().enumerate() {
+            if gpu.id.trim().is_empty() {
+                problems.push(format!("gpus[{i}].id must not be empty"));
+            } else if !seen.insert(gpu.id.as_str()) {
+                problems.push(format!("gpus[{i}].id {:?} is used twice", gpu.id));
+            }
+            if gpu.vram_mb == 0 {
+                problems.push(format!("gpus[{i}].vram_mb must be > 0"));
+            }
+        }
+
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The scheduler's options, from the `lease`, `preemption`, `request` and `queue` keys.
+    pub fn sched_config(&self) -> gpu_coordinator_core::SchedConfig {
+        gpu_coordinator_core::SchedConfig {
+            lease_default_ms: self.lease.default_ms,
+            lease_max_ms: self.lease.max_ms,
+            ack_deadline_ms: self.preemption.ack_deadline_ms,
+            min_hold_ms: self.preemption.min_hold_ms,
+            default_timeout_ms: self.request.default_timeout_ms,
+            aging_ms: self.queue.aging_ms,
+            retain_ended: self.queue.retain_ended,
+        }
+    }
+}
+
+/// One line per figment error, naming the key as the user wrote it and where it came from (the file, or
+/// the environment variable).
+fn describe(error: figment::Error, env_prefix: &str) -> String {
+    use figment::error::Kind;
+
+    let mut lines = Vec::new();
+    for e in error {
+        let mut path = e.path.clone();
+        let what = match &e.kind {
+            Kind::UnknownField(_, expected) => {
+                let parent = display_key(&path[..path.len().saturating_sub(1)]);
+                let known = if parent.is_empty() {
+                    "known sections".to_owned()
+                } else {
+                    format!("known keys of `{parent}`")
+                };
+                format!("unknown key ({known}: {})", expected.join(", "))
+            }
+            Kind::MissingField(field) => {
+                if path.last().map(String::as_str) != Some(field.as_ref()) {
+                    path.push(field.to_string());
+                }
+                "missing key".to_owned()
+            }
+            kind => kind.to_string(),
+        };
+        let mut line = match e.metadata.as_ref().map(|md| (&md.source, md.name.as_ref())) {
+            Some((Some(Source::File(file)), _)) => format!("{}: ", file.display()),
+            Some((_, name)) if name.contains("environment") && !e.path.is_empty() => {
+                let var = e
+                    .path
+                    .iter()
+                    .map(|k| k.to_ascii_uppercase())
+                    .collect::<Vec<_>>()
+                    .join(ENV_SPLIT);
+                format!("environment variable {env_prefix}{var}: ")
+            }
+            Some((_, name)) => format!("{name}: "),
+            None => String::new(),
+        };
+        let key = display_key(&path);
+        if !key.is_empty() {
+            let _ = write!(line, "`{key}`: ");
+        }
+        line.push_str(what.trim_end());
+        lines.push(line);
+    }
+    lines.join("\n")
+}
+
+/// `gpus.0.vram_mb` as `gpus[0].vram_mb`, as the validation messages write it.
+fn display_key(path: &[String]) -> String {
+    let mut key = String::new();
+    for part in path {
+        if part.bytes().all(|b| b.is_ascii_digit()) && !key.is_empty() {
+            let _ = write!(key, "[{part}]");
+        } else {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(part);
+        }
+    }
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    /// Each test reads the environment under a prefix of its own, so tests run in parallel and the real
+    /// `GPU_COORDINATOR_*` variables of the machine running them do not leak in.
+    fn prefix(test: &str) -> String {
+        format!("GPU_COORDINATOR_TEST_{}_", test.to_ascii_uppercase())
+    }
+
+    fn toml_file(text: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::Builder::new()
+            .suffix(".toml")
+            .tempfile()
+            .expect("a temporary file can be created");
+        file.write_all(text.as_bytes())
+            .expect("a temporary file can be written");
+        file
+    }
+
+    fn load_str(text: &str, test: &str) -> Result<Config, ConfigError> {
+        let file = toml_file(text);
+        Config::load_with_env(Some(file.path()), &prefix(test))
+    }
+
+    fn invalid(text: &str, test: &str) -> String {
+        match load_str(text, test) {
+            Err(e @ ConfigError::Invalid(_)) => e.to_string(),
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+    }
+
+    fn parse_error(text: &str, test: &str) -> String {
+        match load_str(text, test) {
+            Err(e @ ConfigError::Parse(_)) => e.to_string(),
+            other => panic!("expected a parse error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_without_file_or_env() {
+        let config = Config::load_with_env(None, &prefix("defaults")).expect("defaults are valid");
+        assert_eq!(config, Config::default());
+        assert_eq!(config.nats.url, "nats://127.0.0.1:4222");
+        assert_eq!(config.nats.prefix, "gpu");
+        assert_eq!(config.nats.max_age_ms, 604_800_000);
+        assert_eq!(config.redis.url, "redis://127.0.0.1:6379");
+        assert_eq!(config.redis.key_prefix, "gpu");
+        assert_eq!(
+            config.database.url,
+            "postgres://postgres@127.0.0.1:5432/gpu_coordinator"
+        );
+        assert_eq!(config.http.listen, "127.0.0.1:8080");
+        assert!(config.http.tokens.is_empty());
+        assert!(config.nvml.enabled);
+        assert_eq!((config.nvml.sample_ms, config.nvml.settle_ms), (1000, 2000));
+        assert!(config.gpus.is_empty());
+    }
+
+    #[test]
+    fn sched_config_maps_the_keys() {
+        assert_eq!(
+            Config::default().sched_config(),
+            gpu_coordinator_core::SchedConfig::default()
+        );
+        let config = load_str(
+            "[lease]\ndefault_ms = 1\nmax_ms = 2\n[preemption]\nack_deadline_ms = 3\nmin_hold_ms = 4\n\
+             [request]\ndefault_timeout_ms = 5\n[queue]\naging_ms = 6\nretain_ended = 7\n",
+            "sched",
+        )
+        .expect("valid");
+        assert_eq!(
+            config.sched_config(),
+            gpu_coordinator_core::SchedConfig {
+                lease_default_ms: 1,
+                lease_max_ms: 2,
+                ack_deadline_ms: 3,
+                min_hold_ms: 4,
+                default_timeout_ms: 5,
+                aging_ms: 6,
+                retain_ended: 7,
+            }
+        );
+    }
+
+    #[test]
+    fn file_overrides_defaults() {
+        let config = load_str(
+            r#"
+            [nats]
+            url = "nats://nats:4222"
+            [lease]
+            default_ms = 5000
+            [http.tokens]
+            secret-1 = "chat"
+            [[gpus]]
+            id = "0"
+            vram_mb = 24576
+            [[gpus]]
+            id = "1"
+            vram_mb = 12288
+            "#,
+            "file",
+        )
+        .expect("valid");
+        assert_eq!(config.nats.url, "nats://nats:4222");
+        assert_eq!(
+            config.nats.prefix, "gpu",
+            "keys not in the file keep their default"
+        );
+        assert_eq!(config.lease.default_ms, 5000);
+        assert_eq!(config.lease.max_ms, 3_600_000);
+        assert_eq!(
+            config.http.tokens.get("secret-1").map(String::as_str),
+            Some("chat")
+        );
+        assert_eq!(
+            config.gpus,
+            vec![
+                GpuConfig {
+                    id: "0".into(),
+                    vram_mb: 24576
+                },
+                GpuConfig {
+                    id: "1".into(),
+                    vram_mb: 12288
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn env_overrides_file_with_nesting() {
+        let p = prefix("env");
+        std::env::set_var(format!("{p}NATS__URL"), "nats://elsewhere:4222");
+        std::env::set_var(format!("{p}LEASE__DEFAULT_MS"), "45000");
+        std::env::set_var(format!("{p}PREEMPTION__ACK_DEADLINE_MS"), "2500");
+        std::env::set_var(format!("{p}HTTP__LISTEN"), "0.0.0.0:9090");
+        let file = toml_file(
+            "[nats]\nurl = \"nats://file:4222\"\nprefix = \"edge\"\n[lease]\ndefault_ms = 1000\n",
+        );
+        let config = Config::load_with_env(Some(file.path()), &p).expect("valid");
+        assert_eq!(config.nats.url, "nats://elsewhere:4222");
+        assert_eq!(config.nats.prefix, "edge");
+        assert_eq!(config.lease.default_ms, 45_000);
+        assert_eq!(config.preemption.ack_deadline_ms, 2500);
+        assert_eq!(config.http.listen, "0.0.0.0:9090");
+    }
+
+    #[test]
+    fn env_unknown_key_names_the_variable() {
+        let p = prefix("envbad");
+        std::env::set_var(format!("{p}LEASE__DEFAULT"), "1");
+        let err = Config::load_with_env(None, &p).expect_err("unknown key");
+        let msg = err.to_string();
+        assert!(msg.contains("`lease.default`: unknown key"), "{msg}");
+        assert!(
+            msg.contains(&format!(
+                "environment variable {p}LEASE__DEFAULT: `lease.default`: unknown key"
+            )),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err =
+            Config::load_with_env(Some(Path::new("/nonexistent/gpu.toml")), &prefix("missing"))
+                .expect_err("missing file");
+        assert!(matches!(err, ConfigError::File { .. }));
+        assert!(err.to_string().contains("/nonexistent/gpu.toml"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_file() {
+        let file = toml_file("[lease]\ndefault_ms = 1000\nmax = 5\n");
+        let err =
+            Config::load_with_env(Some(file.path()), &prefix("unknown")).expect_err("unknown key");
+        let msg = err.to_string();
+        assert!(matches!(err, ConfigError::Parse(_)));
+        let file = file.path().display();
+        assert!(
+            msg.contains(&format!("{file}: `lease.max`: unknown key")),
+            "{msg}"
+        );
+        assert!(msg.contains("default_ms, max_ms"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_file() {
+        let file = toml_file("[lease]\ndefault_ms = \"soon\"\n");
+        let err =
+            Config::load_with_env(Some(file.path()), &prefix("wrongtype")).expect_err("wrong type");
+        let msg = err.to_string();
+        let file = file.path().display();
+        assert!(
+            msg.contains(&format!("{file}: `lease.default_ms`: invalid type")),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn bad_toml_names_the_file() {
+        let msg = parse_error("[lease\n", "badtoml");
+        assert!(msg.contains(".toml"), "{msg}");
+    }
+
+    #[test]
+    fn max_below_default_lease() {
+        let msg = invalid("[lease]\nmax_ms = 1000\n", "maxlease");
+        assert!(
+            msg.contains("lease.max_ms (1000) must be >= lease.default_ms (30000)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn zero_durations_are_rejected() {
+        let msg = invalid(
+            "[lease]\ndefault_ms = 0\n[preemption]\nack_deadline_ms = 0\n[request]\ndefault_timeout_ms = 0\n\
+             [nats]\nmax_age_ms = 0\n[nvml]\nsample_ms = 0\n",
+            "zeros",
+        );
+        for key in [
+            "lease.default_ms",
+            "preemption.ack_deadline_ms",
+            "request.default_timeout_ms",
+            "nats.max_age_ms",
+            "nvml.sample_ms",
+        ] {
+            assert!(msg.contains(&format!("{key} must be > 0")), "{key}: {msg}");
+        }
+    }
+
+    #[test]
+    fn duplicate_gpu_id() {
+        let msg = invalid(
+            "[[gpus]]\nid = \"0\"\nvram_mb = 1000\n[[gpus]]\nid = \"0\"\nvram_mb = 1000\n",
+            "dupgpu",
+        );
+        assert!(msg.contains("gpus[1].id \"0\" is used twice"), "{msg}");
+    }
+
+    #[test]
+    fn gpu_without_vram() {
+        let msg = invalid("[[gpus]]\nid = \"0\"\nvram_mb = 0\n", "gpuvram");
+        assert!(msg.contains("gpus[0].vram_mb must be > 0"), "{msg}");
+        let msg = invalid("[[gpus]]\nid = \"\"\nvram_mb = 10\n", "gpuid");
+        assert!(msg.contains("gpus[0].id must not be empty"), "{msg}");
+    }
+
+    #[test]
+    fn gpu_missing_field_names_it() {
+        let msg = parse_error("[[gpus]]\nid = \"0\"\n", "gpumissing");
+        assert!(msg.contains("`gpus[0].vram_mb`: missing key"), "{msg}");
+    }
+
+    #[test]
+    fn bad_nats_prefix() {
+        for bad in ["a b", "", "gpu.", "a..b", "gpu>", "gpu.*"] {
+            let msg = invalid(&format!("[nats]\nprefix = {bad:?}\n"), "prefix");
+            assert!(msg.contains(&format!("nats.prefix {bad:?}")), "{msg}");
+        }
+    }
+
+    #[test]
+    fn multi_token_prefix_is_valid() {
+        let config = load_str("[nats]\nprefix = \"site-a.gpu\"\n", "prefixok").expect("valid");
+        assert_eq!(config.nats.prefix, "site-a.gpu");
+    }
+
+    #[test]
+    fn bad_listen_address() {
+        let msg = invalid("[http]\nlisten = \"x\"\n", "listen");
+        assert!(
+            msg.contains("http.listen \"x\" is not a socket address"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn bad_token_service_id() {
+        let msg = invalid("[http.tokens]\nt1 = \"chat bot\"\n", "tokens");
+        assert!(msg.contains("http.tokens"), "{msg}");
+        assert!(msg.contains("\"chat bot\""), "{msg}");
+        let long = "a".repeat(65);
+        let msg = invalid(&format!("[http.tokens]\nt1 = {long:?}\n"), "tokens");
+        assert!(msg.contains("1-64 characters"), "{msg}");
+    }
+
+    #[test]
+    fn empty_urls_are_rejected() {
+        let msg = invalid(
+            "[nats]\nurl = \"\"\n[redis]\nurl = \"\"\n[database]\nurl = \" \"\n",
+            "urls",
+        );
+        for key in ["nats.url", "redis.url", "database.url"] {
+            assert!(msg.contains(&format!("{key} must not be empty")), "{msg}");
+        }
+    }
+
+    #[test]
+    fn example_file_equals_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+        let config =
+            Config::load_with_env(Some(&path), &prefix("example")).expect("the example loads");
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn example_file_gpus_parse_when_uncommented() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+        let text = std::fs::read_to_string(path).expect("the example is readable");
+        let uncommented: String = text
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest)
+                    if rest.starts_with("[[gpus]]")
+                        || rest.starts_with("id =")
+                        || rest.starts_with("vram_mb =") =>
+                {
+                    rest
+                }
+                _ => line,
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let config = load_str(&uncommented, "examplegpus").expect("the uncommented example loads");
+        assert_eq!(config.gpus.len(), 2);
+    }
+}
