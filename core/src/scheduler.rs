@@ -59,6 +59,10 @@ struct Gpu {
     holders: BTreeSet<u64>,
     /// Sum of the holders' `held_mb`.
     held_mb: u64,
+    /// The queued and paused requests that may use this GPU (pin, size), in grant order: the pass
+    /// looks only at requests some open GPU can take, so a GPU nobody in the queue can use does not
+    /// make it walk the whole queue.
+    queue: BTreeSet<(u8, u64)>,
 }
 
 impl Gpu {
@@ -146,6 +150,7 @@ impl Scheduler {
                 external_mb: 0,
                 holders: BTreeSet::new(),
                 held_mb: 0,
+                queue: BTreeSet::new(),
             })
             .collect();
     }
@@ -570,14 +575,13 @@ impl Scheduler {
     }
 
     fn on_invalid(&mut self, rejection: Rejection, now: Millis) {
-        let service = rejection.service.unwrap_or_else(|| "unknown".to_string());
-        self.reject(
-            &service,
-            rejection.encoding,
-            rejection.request_id.as_deref(),
-            rejection.error,
-            now,
-        );
+        let request_id = rejection.request_id.as_deref();
+        match &rejection.service {
+            Some(service) => self.reject(service, rejection.encoding, request_id, rejection.error, now),
+            // No valid service in the subject: nobody to reply to (a reply to `unknown` would reach
+            // a service of that name); the event alone records it.
+            None => self.rejected_event("unknown", rejection.encoding, request_id, rejection.error, now),
+        }
     }
 
     /// Finds a live request of `service` for an input about it, checking owner and fence; rejects and
@@ -786,7 +790,13 @@ impl Scheduler {
                 Some(c) => Bound::Excluded(c),
                 None => Bound::Unbounded,
             };
-            let Some(&key) = self.queue.range((lower, Bound::Unbounded)).next() else {
+            // The next request in grant order that an open GPU may take.
+            let next = (0..self.gpus.len())
+                .filter(|&g| open[g])
+                .filter_map(|g| self.gpus[g].queue.range((lower, Bound::Unbounded)).next())
+                .min()
+                .copied();
+            let Some(key) = next else {
                 break;
             };
             cursor = Some(key);
@@ -818,15 +828,15 @@ impl Scheduler {
 
     /// The open GPUs that a request may use and that are big enough for it.
     fn candidates(&self, seq: u64, open: &[bool]) -> Vec<usize> {
-        let rec = self.live_rec(seq);
-        let pinned = rec.gpu_pin.as_ref().and_then(|p| self.gpu_index.get(p).copied());
-        if rec.gpu_pin.is_some() && pinned.is_none() {
-            return Vec::new();
-        }
+        self.allowed(self.live_rec(seq)).filter(|&g| open[g]).collect()
+    }
+
+    /// The GPUs that a request may use (its pin) and that are big enough for it.
+    fn allowed<'a>(&'a self, rec: &'a RequestRecord) -> impl Iterator<Item = usize> + 'a {
+        let pinned = rec.gpu_pin.as_ref().map(|p| self.gpu_index.get(p).copied());
         (0..self.gpus.len())
-            .filter(|&g| open[g] && pinned.is_none_or(|p| p == g))
-            .filter(|&g| rec.vram_mb.is_none_or(|v| v <= self.gpus[g].spec.total_mb))
-            .collect()
+            .filter(move |&g| pinned.is_none_or(|p| p == Some(g)))
+            .filter(move |&g| rec.vram_mb.is_none_or(|v| v <= self.gpus[g].spec.total_mb))
     }
 
     /// Whether `rec` fits on `gpu` with `free_mb` free and `holders` holders left.
@@ -939,6 +949,9 @@ impl Scheduler {
     fn detach(&mut self, seq: u64) -> Live {
         let live = self.live.remove(&seq).expect("a live request by its arrival number");
         self.queue.remove(&(live.eff, seq));
+        for gpu in &mut self.gpus {
+            gpu.queue.remove(&(live.eff, seq));
+        }
         for &(at, kind) in &live.timers {
             self.timers.remove(&(at, seq, kind));
         }
@@ -959,9 +972,10 @@ impl Scheduler {
         match rec.phase {
             Phase::Queued => {
                 live.eff = rec.priority;
-                if self.config.aging_ms > 0 {
-                    let waited = now.unwrap_or(rec.requested_at).saturating_sub(rec.requested_at);
-                    let levels = (waited / self.config.aging_ms).min(u64::from(rec.priority));
+                let waited = now.unwrap_or(rec.requested_at).saturating_sub(rec.requested_at);
+                // Aging is off when aging_ms is 0.
+                if let Some(periods) = waited.checked_div(self.config.aging_ms) {
+                    let levels = periods.min(u64::from(rec.priority));
                     live.eff = rec.priority - levels as u8;
                     if live.eff > 0 {
                         timers.push((
@@ -1000,6 +1014,12 @@ impl Scheduler {
             }
             Phase::Ended => {}
         }
+        if matches!(rec.phase, Phase::Queued | Phase::Paused) {
+            let allowed: Vec<usize> = self.allowed(rec).collect();
+            for g in allowed {
+                self.gpus[g].queue.insert((live.eff, seq));
+            }
+        }
         for &(at, kind) in &timers {
             self.timers.insert((at, seq, kind));
         }
@@ -1019,6 +1039,7 @@ impl Scheduler {
 
     fn remember_ended(&mut self, rec: RequestRecord) {
         if self.config.retain_ended == 0 {
+            self.persist_forgotten(rec);
             return;
         }
         let id = rec.request_id.clone();
@@ -1027,8 +1048,18 @@ impl Scheduler {
         }
         while self.ended_order.len() > self.config.retain_ended {
             if let Some(old) = self.ended_order.pop_front() {
-                self.ended.remove(&old);
+                if let Some(rec) = self.ended.remove(&old) {
+                    self.persist_forgotten(rec);
+                }
             }
+        }
+    }
+
+    /// A record forgotten before the end of the input that changed it is persisted now: `flush` can no
+    /// longer find it, and its end must reach the store.
+    fn persist_forgotten(&mut self, rec: RequestRecord) {
+        if self.dirty_set.remove(&rec.request_id) {
+            self.actions.push_back(Action::Persist(rec));
         }
     }
 
@@ -1088,6 +1119,17 @@ impl Scheduler {
         let mut reply = Reply::new(request_id.unwrap_or_default(), Outcome::Rejected);
         reply.error = Some(error.clone());
         self.reply(service, encoding, reply);
+        self.rejected_event(service, encoding, request_id, error, now);
+    }
+
+    fn rejected_event(
+        &mut self,
+        service: &str,
+        encoding: Encoding,
+        request_id: Option<&str>,
+        error: String,
+        now: Millis,
+    ) {
         self.actions.push_back(Action::Event {
             encoding,
             event: Event {
@@ -1309,6 +1351,19 @@ impl Scheduler {
             if let Some(f) = live.rec.fence {
                 if f > self.last_fence {
                     return Err(format!("request {} has fence {} above the last issued", live.rec.request_id, f.0));
+                }
+            }
+        }
+        for g in &self.gpus {
+            if let Some(key) = g.queue.iter().find(|k| !self.queue.contains(k)) {
+                return Err(format!("GPU {} queues {key:?}, which is not in the queue", g.spec.id));
+            }
+        }
+        for &(eff, seq) in &self.queue {
+            let rec = self.live_rec(seq);
+            for g in self.allowed(rec) {
+                if !self.gpus[g].queue.contains(&(eff, seq)) {
+                    return Err(format!("{} may use GPU {} but is not in its queue", rec.request_id, self.gpus[g].spec.id));
                 }
             }
         }

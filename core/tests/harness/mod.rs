@@ -1,0 +1,1096 @@
+//! A simulated driver for the scheduling core, in the style of quinn-proto's `tests/util.rs`: a clock
+//! that only moves when the test says so, inputs built the way the wire layer builds them, the actions
+//! of each step collected in [`Acts`], and every invariant of the contract checked after every step.
+//!
+//! The harness also plays the driver's durable side: it keeps the last persisted record of every
+//! request, the highest persisted fence and a model of the lease store (compare-and-set on the fence),
+//! so that a test can restart the core from what it persisted ([`Sim::restart`]).
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use gpu_coordinator_core::{
+    Action, End, Fence, GpuSpec, Input, Lease, LeaseOp, Millis, Phase, RequestRecord, SchedConfig,
+    Scheduler, Snapshot,
+};
+use gpu_coordinator_wire::{
+    AckAction, AckMsg, CancelMsg, Control, ControlAction, Encoding, Event, EventKind, Inbound,
+    Outcome, Rejection, ReleaseMsg, RenewMsg, Reply, RequestMsg, StatusDoc,
+};
+
+/// The simulated clock starts here (2023-11-14T22:13:20Z): far from zero, so that a
+/// `saturating_sub` hiding a bug does not look like a right answer.
+pub const T0: Millis = 1_700_000_000_000;
+
+/// GPU specs from `(id, total_mb)` pairs.
+pub fn gpus(specs: &[(&str, u64)]) -> Vec<GpuSpec> {
+    specs
+        .iter()
+        .map(|&(id, total_mb)| GpuSpec {
+            id: id.to_string(),
+            total_mb,
+        })
+        .collect()
+}
+
+/// A request message under construction; the service and request ids are filled by [`Sim::request`]
+/// the way the wire layer fills them.
+#[derive(Debug, Clone)]
+pub struct Req(pub RequestMsg);
+
+/// A request `id` at `priority`, for the whole GPU, with every other field left to the defaults.
+pub fn req(id: &str, priority: u8) -> Req {
+    Req(RequestMsg {
+        request_id: Some(id.to_string()),
+        service_id: None,
+        priority,
+        timeout_ms: None,
+        lease_ms: None,
+        vram_mb: None,
+        gpu: None,
+        preemptible: None,
+    })
+}
+
+impl Req {
+    pub fn vram(mut self, mb: u64) -> Self {
+        self.0.vram_mb = Some(mb);
+        self
+    }
+    pub fn gpu(mut self, id: &str) -> Self {
+        self.0.gpu = Some(id.to_string());
+        self
+    }
+    pub fn preemptible(mut self, yes: bool) -> Self {
+        self.0.preemptible = Some(yes);
+        self
+    }
+    pub fn timeout(mut self, ms: u64) -> Self {
+        self.0.timeout_ms = Some(ms);
+        self
+    }
+    pub fn lease(mut self, ms: u64) -> Self {
+        self.0.lease_ms = Some(ms);
+        self
+    }
+}
+
+/// The actions of one step (or several), with finders by request id and kind.
+#[derive(Debug, Clone, Default)]
+pub struct Acts(pub Vec<Action>);
+
+impl Acts {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn extend(&mut self, other: Acts) {
+        self.0.extend(other.0);
+    }
+
+    /// Every reply, with the service it goes to.
+    pub fn replies(&self) -> Vec<(&str, &Reply)> {
+        self.0
+            .iter()
+            .filter_map(|a| match a {
+                Action::Reply { service, reply, .. } => Some((service.as_str(), reply)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The replies about `id`.
+    pub fn replies_for(&self, id: &str) -> Vec<&Reply> {
+        self.replies()
+            .into_iter()
+            .filter(|(_, r)| r.request_id == id)
+            .map(|(_, r)| r)
+            .collect()
+    }
+
+    /// The one reply about `id`.
+    #[track_caller]
+    pub fn reply(&self, id: &str) -> &Reply {
+        let replies = self.replies_for(id);
+        assert_eq!(
+            replies.len(),
+            1,
+            "want exactly one reply for {id}, got {replies:#?}\nall: {self:#?}"
+        );
+        replies[0]
+    }
+
+    #[track_caller]
+    pub fn no_reply(&self, id: &str) {
+        let replies = self.replies_for(id);
+        assert!(
+            replies.is_empty(),
+            "want no reply for {id}, got {replies:#?}"
+        );
+    }
+
+    /// Every control, with the service it goes to.
+    pub fn all_controls(&self) -> Vec<(&str, &Control)> {
+        self.0
+            .iter()
+            .filter_map(|a| match a {
+                Action::Control {
+                    service, control, ..
+                } => Some((service.as_str(), control)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The controls about `id`, in order.
+    pub fn controls(&self, id: &str) -> Vec<&Control> {
+        self.all_controls()
+            .into_iter()
+            .filter(|(_, c)| c.request_id == id)
+            .map(|(_, c)| c)
+            .collect()
+    }
+
+    /// The actions of the controls about `id`, in order.
+    pub fn control_actions(&self, id: &str) -> Vec<ControlAction> {
+        self.controls(id).iter().map(|c| c.action).collect()
+    }
+
+    /// The one control `action` about `id`.
+    #[track_caller]
+    pub fn control(&self, id: &str, action: ControlAction) -> &Control {
+        let found: Vec<&Control> = self
+            .controls(id)
+            .into_iter()
+            .filter(|c| c.action == action)
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "want exactly one {action:?} control for {id}\nall: {self:#?}"
+        );
+        found[0]
+    }
+
+    /// Every event, in order.
+    pub fn all_events(&self) -> Vec<&Event> {
+        self.0
+            .iter()
+            .filter_map(|a| match a {
+                Action::Event { event, .. } => Some(event),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The kinds of the events about `id`, in order.
+    pub fn events(&self, id: &str) -> Vec<EventKind> {
+        self.all_events()
+            .into_iter()
+            .filter(|e| e.request_id.as_deref() == Some(id))
+            .map(|e| e.kind)
+            .collect()
+    }
+
+    /// The one event `kind` about `id`.
+    #[track_caller]
+    pub fn event(&self, id: &str, kind: EventKind) -> &Event {
+        let found: Vec<&Event> = self
+            .all_events()
+            .into_iter()
+            .filter(|e| e.request_id.as_deref() == Some(id) && e.kind == kind)
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "want exactly one {kind:?} event for {id}\nall: {self:#?}"
+        );
+        found[0]
+    }
+
+    /// The request ids of the `granted` events, in order.
+    pub fn granted(&self) -> Vec<String> {
+        self.all_events()
+            .into_iter()
+            .filter(|e| e.kind == EventKind::Granted)
+            .filter_map(|e| e.request_id.clone())
+            .collect()
+    }
+
+    /// Every lease-store operation, in order.
+    pub fn lease_ops(&self) -> Vec<&LeaseOp> {
+        self.0
+            .iter()
+            .filter_map(|a| match a {
+                Action::Lease(op) => Some(op),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The lease-store operations about `id`, in order.
+    pub fn lease_ops_for(&self, id: &str) -> Vec<&LeaseOp> {
+        self.lease_ops()
+            .into_iter()
+            .filter(|op| lease_op_id(op) == id)
+            .collect()
+    }
+
+    /// The last record of `id` persisted in these actions.
+    pub fn persisted(&self, id: &str) -> Option<&RequestRecord> {
+        self.0.iter().rev().find_map(|a| match a {
+            Action::Persist(rec) if rec.request_id == id => Some(rec),
+            _ => None,
+        })
+    }
+
+    /// The fences persisted with `PersistFence`.
+    pub fn persisted_fences(&self) -> Vec<Fence> {
+        self.0
+            .iter()
+            .filter_map(|a| match a {
+                Action::PersistFence(f) => Some(*f),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+pub fn lease_op_id(op: &LeaseOp) -> &str {
+    match op {
+        LeaseOp::Acquire(l) | LeaseOp::Restore(l) => &l.request_id,
+        LeaseOp::Renew { request_id, .. } | LeaseOp::Release { request_id, .. } => request_id,
+    }
+}
+
+/// The terminal event kind of an end.
+pub fn end_kind(end: End) -> EventKind {
+    match end {
+        End::Released => EventKind::Released,
+        End::TimedOut => EventKind::TimedOut,
+        End::Cancelled => EventKind::Cancelled,
+        End::Revoked => EventKind::Revoked,
+        End::Rejected => EventKind::Rejected,
+    }
+}
+
+/// Whether an event ends its request. A `rejected` event ends a request only when it is the request's
+/// own (it then carries the request's priority); a rejected *input* about a live request does not.
+pub fn is_terminal(event: &Event) -> bool {
+    match event.kind {
+        EventKind::Released | EventKind::TimedOut | EventKind::Cancelled | EventKind::Revoked => {
+            true
+        }
+        EventKind::Rejected => event.priority.is_some(),
+        _ => false,
+    }
+}
+
+/// A simulated driver around one scheduler.
+pub struct Sim {
+    pub sched: Scheduler,
+    pub config: SchedConfig,
+    pub specs: Vec<GpuSpec>,
+    pub now: Millis,
+    /// Every action since the start, across restarts.
+    pub history: Acts,
+    /// Check the preemption-liveness property after every step (see [`Sim::check_liveness`]).
+    pub liveness: bool,
+    /// What the driver persisted: the last record of every request and the highest fence.
+    pub records: BTreeMap<String, RequestRecord>,
+    pub max_fence: Fence,
+    /// A model of the lease store.
+    pub store: BTreeMap<String, Lease>,
+    pub steps: usize,
+    /// The highest fence of a new lease (grant or resume) seen so far.
+    last_acquired: u64,
+    /// How many `requested` events each request id had.
+    requested: HashMap<String, u32>,
+    /// The terminal event of each ended request.
+    ended: HashMap<String, EventKind>,
+    /// Since when each queued request has been waiting on less urgent preemptible holders.
+    waiting_since: HashMap<String, Millis>,
+}
+
+impl Sim {
+    pub fn new(config: SchedConfig, specs: Vec<GpuSpec>) -> Sim {
+        let sched = Scheduler::new(config.clone(), specs.clone());
+        Sim {
+            sched,
+            config,
+            specs,
+            now: T0,
+            history: Acts::default(),
+            liveness: false,
+            records: BTreeMap::new(),
+            max_fence: Fence(0),
+            store: BTreeMap::new(),
+            steps: 0,
+            last_acquired: 0,
+            requested: HashMap::new(),
+            ended: HashMap::new(),
+            waiting_since: HashMap::new(),
+        }
+    }
+
+    /// A scheduler restored at `now` from `snapshot` (a coordinator starting on existing state). The
+    /// records of the snapshot are taken as already persisted; its leases as the lease store's content.
+    pub fn restored(
+        config: SchedConfig,
+        specs: Vec<GpuSpec>,
+        snapshot: Snapshot,
+        now: Millis,
+    ) -> (Sim, Acts) {
+        let mut sim = Sim::new(config, specs);
+        sim.now = now;
+        for rec in &snapshot.requests {
+            sim.records.insert(rec.request_id.clone(), rec.clone());
+            // A request in the snapshot was accepted before: it counts as requested once.
+            sim.requested.insert(rec.request_id.clone(), 1);
+            if let Some(end) = rec.end.filter(|_| rec.phase == Phase::Ended) {
+                sim.ended.insert(rec.request_id.clone(), end_kind(end));
+            }
+        }
+        sim.last_acquired = snapshot
+            .requests
+            .iter()
+            .filter_map(|r| r.fence)
+            .chain(snapshot.leases.iter().map(|l| l.fence))
+            .chain(std::iter::once(snapshot.max_fence))
+            .max()
+            .map(|f| f.0)
+            .unwrap_or(0);
+        // The driver reads the highest fence from Postgres and the lease store alike.
+        sim.max_fence = Fence(sim.last_acquired);
+        sim.store = snapshot
+            .leases
+            .iter()
+            .map(|l| (l.request_id.clone(), l.clone()))
+            .collect();
+        sim.sched.restore(snapshot, now);
+        let acts = sim.finish_step("restore");
+        (sim, acts)
+    }
+
+    /// What the driver would hand a new coordinator: the persisted records and fence, and the lease
+    /// store (or an empty one, when it lost its data too).
+    pub fn snapshot(&self, keep_store: bool) -> Snapshot {
+        Snapshot {
+            requests: self.records.values().cloned().collect(),
+            max_fence: self.max_fence,
+            leases: if keep_store {
+                self.store.values().cloned().collect()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Stops the coordinator and starts a new one `gap_ms` later from what was persisted.
+    pub fn restart(&mut self, gap_ms: u64, keep_store: bool) -> Acts {
+        let snapshot = self.snapshot(keep_store);
+        if !keep_store {
+            self.store.clear();
+        }
+        self.now += gap_ms;
+        self.sched = Scheduler::new(self.config.clone(), self.specs.clone());
+        self.waiting_since.clear();
+        self.sched.restore(snapshot, self.now);
+        self.finish_step("restart")
+    }
+
+    // ----- inputs -------------------------------------------------------------------------------------
+
+    pub fn input(&mut self, input: Input) -> Acts {
+        let what = format!("{input:?}");
+        self.sched.handle_input(input, self.now);
+        self.finish_step(&what)
+    }
+
+    pub fn inbound_enc(&mut self, service: &str, encoding: Encoding, input: Inbound) -> Acts {
+        self.input(Input::Inbound {
+            service: service.to_string(),
+            encoding,
+            input,
+        })
+    }
+
+    pub fn inbound(&mut self, service: &str, input: Inbound) -> Acts {
+        self.inbound_enc(service, Encoding::Json, input)
+    }
+
+    /// A request from `service`, with `service_id` filled as the wire layer does.
+    pub fn request(&mut self, service: &str, req: Req) -> Acts {
+        self.request_enc(service, Encoding::Json, req)
+    }
+
+    pub fn request_enc(&mut self, service: &str, encoding: Encoding, req: Req) -> Acts {
+        let mut msg = req.0;
+        msg.service_id = Some(service.to_string());
+        if msg.request_id.is_none() {
+            msg.request_id = Some(format!("{service}-{}", self.steps + 1));
+        }
+        self.inbound_enc(service, encoding, Inbound::Request(msg))
+    }
+
+    pub fn release(&mut self, service: &str, id: &str, fence: Option<u64>) -> Acts {
+        self.inbound(
+            service,
+            Inbound::Release(ReleaseMsg {
+                request_id: Some(id.to_string()),
+                fence,
+            }),
+        )
+    }
+
+    /// A release without `request_id`: everything the service holds.
+    pub fn release_all(&mut self, service: &str) -> Acts {
+        self.inbound(service, Inbound::Release(ReleaseMsg::default()))
+    }
+
+    pub fn renew(
+        &mut self,
+        service: &str,
+        id: &str,
+        fence: Option<u64>,
+        lease_ms: Option<u64>,
+    ) -> Acts {
+        self.inbound(
+            service,
+            Inbound::Renew(RenewMsg {
+                request_id: id.to_string(),
+                fence,
+                lease_ms,
+            }),
+        )
+    }
+
+    pub fn ack(&mut self, service: &str, id: &str, fence: Option<u64>, action: AckAction) -> Acts {
+        self.inbound(
+            service,
+            Inbound::Ack(AckMsg {
+                request_id: id.to_string(),
+                fence,
+                action,
+            }),
+        )
+    }
+
+    /// The holder's `paused` ACK with its current fence.
+    pub fn ack_paused(&mut self, service: &str, id: &str) -> Acts {
+        let fence = self.fence(id);
+        self.ack(service, id, Some(fence), AckAction::Paused)
+    }
+
+    pub fn cancel(&mut self, service: &str, id: &str) -> Acts {
+        self.inbound(
+            service,
+            Inbound::Cancel(CancelMsg {
+                request_id: id.to_string(),
+            }),
+        )
+    }
+
+    pub fn invalid(
+        &mut self,
+        service: Option<&str>,
+        request_id: Option<&str>,
+        error: &str,
+    ) -> Acts {
+        self.input(Input::Invalid(Rejection {
+            service: service.map(str::to_string),
+            encoding: Encoding::Json,
+            request_id: request_id.map(str::to_string),
+            error: error.to_string(),
+        }))
+    }
+
+    // ----- time ---------------------------------------------------------------------------------------
+
+    /// Moves the clock `ms` forward, firing every timer due on the way at its own instant.
+    pub fn advance(&mut self, ms: u64) -> Acts {
+        let to = self.now + ms;
+        self.advance_to(to)
+    }
+
+    /// Moves the clock to `to`, firing every timer due on the way at its own instant.
+    pub fn advance_to(&mut self, to: Millis) -> Acts {
+        let mut acts = Acts::default();
+        while let Some(at) = self.sched.poll_timeout() {
+            if at > to {
+                break;
+            }
+            acts.extend(self.fire_at(at.max(self.now)));
+        }
+        self.now = self.now.max(to);
+        acts
+    }
+
+    /// Moves the clock to the scheduler's next wake-up and calls `handle_timeout`; `None` when it
+    /// wants none.
+    pub fn step_to_next_timeout(&mut self) -> Option<Acts> {
+        let at = self.sched.poll_timeout()?;
+        Some(self.fire_at(at.max(self.now)))
+    }
+
+    fn fire_at(&mut self, at: Millis) -> Acts {
+        self.now = at;
+        self.sched.handle_timeout(at);
+        self.finish_step("timeout")
+    }
+
+    // ----- reading the state --------------------------------------------------------------------------
+
+    #[track_caller]
+    pub fn record(&self, id: &str) -> &RequestRecord {
+        self.sched
+            .record(id)
+            .unwrap_or_else(|| panic!("no record of {id}"))
+    }
+
+    #[track_caller]
+    pub fn phase(&self, id: &str) -> Phase {
+        self.record(id).phase
+    }
+
+    /// The current (or last) fence of `id`.
+    #[track_caller]
+    pub fn fence(&self, id: &str) -> u64 {
+        self.record(id)
+            .fence
+            .unwrap_or_else(|| panic!("{id} has no fence"))
+            .0
+    }
+
+    pub fn status(&self) -> StatusDoc {
+        self.sched.status(self.now)
+    }
+
+    /// The queue (queued and paused requests) in grant order.
+    pub fn queue(&self) -> Vec<String> {
+        self.status()
+            .queue
+            .into_iter()
+            .map(|q| q.request_id)
+            .collect()
+    }
+
+    /// The holders of `gpu`.
+    pub fn holders(&self, gpu: &str) -> Vec<String> {
+        self.status()
+            .gpus
+            .into_iter()
+            .find(|g| g.id == gpu)
+            .map(|g| g.holders.into_iter().map(|h| h.request_id).collect())
+            .unwrap_or_default()
+    }
+
+    /// The request ids that reached their end, with the kind of the terminal event.
+    pub fn ended(&self) -> &HashMap<String, EventKind> {
+        &self.ended
+    }
+
+    /// The request ids that were accepted (had a `requested` event).
+    pub fn requested(&self) -> impl Iterator<Item = &String> {
+        self.requested.keys()
+    }
+
+    /// Lets every timer run out (with no external VRAM left), then checks that every accepted request
+    /// reached exactly one end and nothing is left live.
+    pub fn finish(&mut self) {
+        let external: Vec<String> = self
+            .status()
+            .gpus
+            .iter()
+            .filter(|g| g.external_mb > 0)
+            .map(|g| g.id.clone())
+            .collect();
+        for gpu in external {
+            self.input(Input::ExternalVram { gpu, used_mb: 0 });
+        }
+        let mut rounds = 0;
+        while self.step_to_next_timeout().is_some() {
+            rounds += 1;
+            assert!(rounds < 100_000, "the scheduler keeps asking for timeouts");
+        }
+        assert_eq!(
+            self.sched.live_count(),
+            0,
+            "requests left live with no timer to end them: {:#?}",
+            self.status()
+        );
+        for id in self.requested.keys() {
+            assert!(
+                self.ended.contains_key(id),
+                "request {id} never reached an end"
+            );
+        }
+    }
+
+    // ----- checks -------------------------------------------------------------------------------------
+
+    /// Drains the actions of a step, updates the durable models and checks every invariant.
+    fn finish_step(&mut self, what: &str) -> Acts {
+        self.steps += 1;
+        let mut acts = Acts::default();
+        while let Some(action) = self.sched.poll_action() {
+            acts.0.push(action);
+        }
+        if let Err(e) = self.check_step(&acts) {
+            panic!(
+                "invariant broken at step {} (t = T0 + {} ms) after {what}:\n{e}\nactions: {acts:#?}\nstatus: {:#?}",
+                self.steps,
+                self.now - T0,
+                self.status()
+            );
+        }
+        self.history.extend(acts.clone());
+        acts
+    }
+
+    fn check_step(&mut self, acts: &Acts) -> Result<(), String> {
+        self.sched.check_invariants()?;
+        self.check_fences_and_leases(acts)?;
+        self.check_ends(acts)?;
+        self.check_outputs(acts)?;
+        let status = self.status();
+        self.check_capacity(&status, acts)?;
+        self.check_no_idle_gpu(&status)?;
+        if self.liveness {
+            self.check_liveness(&status)?;
+        }
+        Ok(())
+    }
+
+    /// Fences strictly increase over all grants and resumes (restarts included); every grant and resume
+    /// writes its lease; the lease store (modelled with compare-and-set on the fence) ends each step
+    /// holding exactly the scheduler's leases.
+    fn check_fences_and_leases(&mut self, acts: &Acts) -> Result<(), String> {
+        let mut acquired: HashMap<&str, u64> = HashMap::new();
+        for action in &acts.0 {
+            match action {
+                Action::Lease(LeaseOp::Acquire(lease)) => {
+                    if lease.fence.0 <= self.last_acquired {
+                        return Err(format!(
+                            "lease of {} acquired with fence {}, not above the last one {}",
+                            lease.request_id, lease.fence.0, self.last_acquired
+                        ));
+                    }
+                    self.last_acquired = lease.fence.0;
+                    acquired.insert(&lease.request_id, lease.fence.0);
+                    if let Some(old) = self.store.get(&lease.request_id) {
+                        return Err(format!(
+                            "{} acquires a lease while it holds one: {old:?}",
+                            lease.request_id
+                        ));
+                    }
+                    self.store_insert(lease)?;
+                }
+                Action::Lease(LeaseOp::Restore(lease)) => {
+                    if lease.fence.0 > self.sched.last_fence().0 {
+                        return Err(format!("restored lease {lease:?} is above the last fence"));
+                    }
+                    self.store.remove(&lease.request_id);
+                    self.store_insert(lease)?;
+                }
+                Action::Lease(LeaseOp::Renew {
+                    request_id,
+                    gpu,
+                    fence,
+                    expires_at,
+                }) => match self.store.get_mut(request_id) {
+                    Some(l) if l.fence == *fence && l.gpu == *gpu => l.expires_at = *expires_at,
+                    other => {
+                        return Err(format!(
+                            "renew of {request_id} (fence {}) but the store has {other:?}",
+                            fence.0
+                        ))
+                    }
+                },
+                // Compare-and-set: a release with another fence leaves the store as it is.
+                Action::Lease(LeaseOp::Release {
+                    request_id, fence, ..
+                }) if self
+                    .store
+                    .get(request_id)
+                    .is_some_and(|l| l.fence == *fence) =>
+                {
+                    self.store.remove(request_id);
+                }
+                Action::PersistFence(f) => {
+                    if *f < self.max_fence {
+                        return Err(format!(
+                            "persisted fence {} below the persisted {}",
+                            f.0, self.max_fence.0
+                        ));
+                    }
+                    self.max_fence = *f;
+                }
+                Action::Persist(rec) => {
+                    self.records.insert(rec.request_id.clone(), rec.clone());
+                }
+                _ => {}
+            }
+        }
+        if self.max_fence.0 < self.last_acquired {
+            return Err(format!(
+                "fence {} was issued but only {} persisted",
+                self.last_acquired, self.max_fence.0
+            ));
+        }
+        if self.sched.last_fence().0 < self.last_acquired {
+            return Err("the scheduler's last fence is below one it issued".into());
+        }
+        // Each new grant and resume carries the fence of a lease acquired in the same step.
+        for event in acts.all_events() {
+            if matches!(event.kind, EventKind::Granted | EventKind::Resumed) {
+                let id = event.request_id.as_deref().unwrap_or_default();
+                if event.fence.is_none() || acquired.get(id).copied() != event.fence {
+                    return Err(format!(
+                        "{:?} event of {id} with fence {:?} but no lease acquired with it",
+                        event.kind, event.fence
+                    ));
+                }
+            }
+        }
+        for (_, control) in acts.all_controls() {
+            if control.action == ControlAction::Resume
+                && acquired.get(control.request_id.as_str()) != Some(&control.fence)
+            {
+                return Err(format!(
+                    "resume of {} with fence {} but no lease acquired with it",
+                    control.request_id, control.fence
+                ));
+            }
+        }
+        for (_, reply) in acts.replies() {
+            if reply.outcome == Outcome::Granted {
+                let new = acquired.get(reply.request_id.as_str()).copied();
+                if new.is_some() && reply.fence != new {
+                    return Err(format!(
+                        "granted reply of {} with fence {:?}, acquired {new:?}",
+                        reply.request_id, reply.fence
+                    ));
+                }
+            }
+        }
+        let want: BTreeMap<String, Lease> = self
+            .sched
+            .leases()
+            .into_iter()
+            .map(|l| (l.request_id.clone(), l))
+            .collect();
+        if want != self.store {
+            return Err(format!(
+                "the lease store does not match the scheduler's leases:\nstore: {:#?}\nscheduler: {want:#?}",
+                self.store
+            ));
+        }
+        Ok(())
+    }
+
+    fn store_insert(&mut self, lease: &Lease) -> Result<(), String> {
+        let used: u64 = self
+            .store
+            .values()
+            .filter(|l| l.gpu == lease.gpu)
+            .map(|l| l.vram_mb)
+            .sum();
+        if used + lease.vram_mb > lease.capacity_mb {
+            return Err(format!(
+                "lease {lease:?} overbooks GPU {}: {used} MB already leased",
+                lease.gpu
+            ));
+        }
+        self.store.insert(lease.request_id.clone(), lease.clone());
+        Ok(())
+    }
+
+    /// Every accepted request has one `requested` event and reaches exactly one end; nothing happens to
+    /// a request after its end; a persisted end matches the terminal event.
+    fn check_ends(&mut self, acts: &Acts) -> Result<(), String> {
+        for event in acts.all_events() {
+            let Some(id) = event.request_id.as_deref() else {
+                continue;
+            };
+            if event.kind == EventKind::Requested {
+                let n = self.requested.entry(id.to_string()).or_default();
+                *n += 1;
+                if *n > 1 {
+                    // The id may come back only once its request ended and was forgotten (more than
+                    // `retain_ended` requests ended since).
+                    let accepted = self.requested.len() + self.ended.len();
+                    if !self.ended.contains_key(id) || accepted <= self.config.retain_ended {
+                        return Err(format!("request {id} was accepted twice"));
+                    }
+                    self.ended.remove(id);
+                }
+            }
+            if let Some(end) = self.ended.get(id) {
+                let after_end_ok = event.kind == EventKind::Rejected && event.priority.is_none();
+                if !after_end_ok {
+                    return Err(format!(
+                        "{:?} event for {id} after its end ({end:?})",
+                        event.kind
+                    ));
+                }
+            }
+            if is_terminal(event) {
+                if !self.requested.contains_key(id) {
+                    return Err(format!(
+                        "{id} ends ({:?}) but was never requested",
+                        event.kind
+                    ));
+                }
+                self.ended.insert(id.to_string(), event.kind);
+                match self.sched.record(id) {
+                    Some(rec) if rec.phase != Phase::Ended => {
+                        return Err(format!(
+                            "{id} has a {:?} event but is {:?}",
+                            event.kind, rec.phase
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for event in acts.all_events() {
+            if is_terminal(event) {
+                let id = event.request_id.as_deref().unwrap_or_default();
+                let persisted = acts.0.iter().any(|a| matches!(a, Action::Persist(rec) if rec.request_id == id && rec.phase == Phase::Ended));
+                if !persisted {
+                    return Err(format!(
+                        "{id} ended ({:?}) but its end was not persisted",
+                        event.kind
+                    ));
+                }
+            }
+        }
+        for action in &acts.0 {
+            if let Action::Persist(rec) = action {
+                if rec.phase == Phase::Ended {
+                    let want = rec.end.map(|e| e.as_str());
+                    let got = self.ended.get(&rec.request_id).map(|k| k.as_str());
+                    if got.is_none() || got != want {
+                        return Err(format!(
+                            "{} persisted as ended ({want:?}) with terminal event {got:?}",
+                            rec.request_id
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Controls and the request's own events go to its service, in its encoding; a `pause` gives the
+    /// configured deadline.
+    fn check_outputs(&self, acts: &Acts) -> Result<(), String> {
+        for action in &acts.0 {
+            let (service, encoding, id) = match action {
+                Action::Control {
+                    service,
+                    encoding,
+                    control,
+                } => {
+                    if control.action == ControlAction::Pause
+                        && control.deadline_ms != Some(self.config.ack_deadline_ms)
+                    {
+                        return Err(format!("pause with deadline {:?}", control.deadline_ms));
+                    }
+                    (service.as_str(), *encoding, control.request_id.as_str())
+                }
+                Action::Event { encoding, event } if event.priority.is_some() => (
+                    event.service_id.as_str(),
+                    *encoding,
+                    event.request_id.as_deref().unwrap_or_default(),
+                ),
+                _ => continue,
+            };
+            let Some(rec) = self.records.get(id) else {
+                return Err(format!("output about {id}, which was never persisted"));
+            };
+            if rec.service_id != service || rec.encoding != encoding {
+                return Err(format!(
+                    "output about {id} to {service} in {encoding:?}; the request is {}'s in {:?}",
+                    rec.service_id, rec.encoding
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Held VRAM never exceeds a GPU; a request is never both holding and queued, nor on two GPUs; a
+    /// GPU that got a lease this step fits it next to the external VRAM.
+    fn check_capacity(&self, status: &StatusDoc, acts: &Acts) -> Result<(), String> {
+        let mut seen = HashSet::new();
+        let granted_on: HashSet<String> = acts
+            .lease_ops()
+            .into_iter()
+            .filter_map(|op| match op {
+                LeaseOp::Acquire(l) => Some(l.gpu.clone()),
+                _ => None,
+            })
+            .collect();
+        for gpu in &status.gpus {
+            let held: u64 = gpu.holders.iter().map(|h| h.vram_mb).sum();
+            if held > gpu.total_mb {
+                return Err(format!(
+                    "GPU {} holds {held} MB of {} MB",
+                    gpu.id, gpu.total_mb
+                ));
+            }
+            if granted_on.contains(&gpu.id) && held + gpu.external_mb > gpu.total_mb {
+                return Err(format!(
+                    "GPU {} was granted with {held} MB held and {} MB external over {} MB",
+                    gpu.id, gpu.external_mb, gpu.total_mb
+                ));
+            }
+            for h in &gpu.holders {
+                if !seen.insert(h.request_id.clone()) {
+                    return Err(format!("{} holds two GPUs", h.request_id));
+                }
+                // Every timer due before now was fired: no lease outlives its expiry, no pause its
+                // deadline. (One due now, set by this very input, fires at the next timeout.)
+                let rec = self.record(&h.request_id);
+                if rec.expires_at.is_none_or(|at| at < self.now) {
+                    return Err(format!(
+                        "{} holds a lease past its expiry {:?}",
+                        h.request_id, rec.expires_at
+                    ));
+                }
+                if rec.phase == Phase::Pausing && rec.pause_deadline.is_none_or(|at| at < self.now)
+                {
+                    return Err(format!(
+                        "{} is pausing past its deadline {:?}",
+                        h.request_id, rec.pause_deadline
+                    ));
+                }
+            }
+        }
+        for q in &status.queue {
+            if seen.contains(&q.request_id) {
+                return Err(format!("{} is both holding and queued", q.request_id));
+            }
+            if !seen.insert(q.request_id.clone()) {
+                return Err(format!("{} is queued twice", q.request_id));
+            }
+        }
+        Ok(())
+    }
+
+    /// The GPUs a queued request may use at all (its pin, and big enough for its VRAM).
+    fn allowed(&self, rec: &RequestRecord, status: &StatusDoc) -> Vec<usize> {
+        (0..status.gpus.len())
+            .filter(|&g| rec.gpu_pin.as_ref().is_none_or(|p| *p == status.gpus[g].id))
+            .filter(|&g| rec.vram_mb.is_none_or(|v| v <= status.gpus[g].total_mb))
+            .collect()
+    }
+
+    /// A GPU with no holder is never left idle while a queued request fits it: the first request in
+    /// grant order that may use it (nothing before it can have reserved it) does not fit it.
+    fn check_no_idle_gpu(&self, status: &StatusDoc) -> Result<(), String> {
+        for (g, gpu) in status.gpus.iter().enumerate() {
+            if !gpu.holders.is_empty() {
+                continue;
+            }
+            let first = status.queue.iter().find_map(|q| {
+                let rec = self.sched.record(&q.request_id)?;
+                self.allowed(rec, status).contains(&g).then_some(rec)
+            });
+            if let Some(rec) = first {
+                let fits = rec.vram_mb.is_none_or(|v| v <= gpu.free_mb);
+                if fits {
+                    return Err(format!(
+                        "GPU {} is idle while {} fits it",
+                        gpu.id, rec.request_id
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A more urgent request never waits on less urgent preemptible holders longer than the ACK
+    /// deadline: whenever a queued request R that nothing ahead of it in grant order competes with
+    /// could fit on some GPU by pausing strictly less urgent, preemptible, active holders (old enough
+    /// for `min_hold_ms`), then within `ack_deadline_ms` it is granted or those holders are pausing or
+    /// gone. (Aging must be off: it orders the queue, and a request aged ahead of R may hold R back.)
+    fn check_liveness(&mut self, status: &StatusDoc) -> Result<(), String> {
+        let mut waiting = HashMap::new();
+        let records: Vec<&RequestRecord> = status
+            .queue
+            .iter()
+            .filter_map(|q| self.sched.record(&q.request_id))
+            .collect();
+        for (i, rec) in records.iter().enumerate() {
+            let by_preemption: Vec<usize> = self
+                .allowed(rec, status)
+                .into_iter()
+                .filter(|&g| self.fits_by_preemption(rec, &status.gpus[g]))
+                .collect();
+            if by_preemption.is_empty() {
+                continue;
+            }
+            let obstructed = records[..i].iter().any(|ahead| {
+                self.allowed(ahead, status)
+                    .iter()
+                    .any(|g| by_preemption.contains(g))
+            });
+            if obstructed {
+                continue;
+            }
+            let since = self
+                .waiting_since
+                .get(&rec.request_id)
+                .copied()
+                .unwrap_or(self.now);
+            if self.now - since > self.config.ack_deadline_ms {
+                return Err(format!(
+                    "{} (priority {}) has waited {} ms on less urgent preemptible holders (ACK deadline {} ms)",
+                    rec.request_id,
+                    rec.priority,
+                    self.now - since,
+                    self.config.ack_deadline_ms
+                ));
+            }
+            waiting.insert(rec.request_id.clone(), since);
+        }
+        self.waiting_since = waiting;
+        Ok(())
+    }
+
+    /// Whether `rec` fits `gpu` only by pausing active holders it may preempt.
+    fn fits_by_preemption(
+        &self,
+        rec: &RequestRecord,
+        gpu: &gpu_coordinator_wire::GpuStatus,
+    ) -> bool {
+        let mut free = gpu.free_mb;
+        let mut others = 0usize;
+        let mut victims_mb = 0;
+        let mut victims = 0usize;
+        for h in &gpu.holders {
+            let Some(holder) = self.sched.record(&h.request_id) else {
+                continue;
+            };
+            match holder.phase {
+                Phase::Pausing => free += h.vram_mb,
+                _ if holder.priority > rec.priority
+                    && holder.preemptible
+                    && holder.granted_at.unwrap_or(0) + self.config.min_hold_ms <= self.now =>
+                {
+                    victims += 1;
+                    victims_mb += h.vram_mb;
+                }
+                _ => others += 1,
+            }
+        }
+        let fits = |free: u64, holders: usize| match rec.vram_mb {
+            Some(v) => v <= free,
+            None => holders == 0,
+        };
+        victims > 0 && !fits(free, others + victims) && fits(free + victims_mb, others)
+    }
+}

@@ -1,0 +1,400 @@
+//! Property tests: random sequences of inputs over one to three GPUs (requests with random priority,
+//! VRAM, pin, preemptibility, timeouts and lease; releases, renewals, ACKs that come late or never,
+//! cancels, garbage ids and stale fences, external VRAM, refused leases, clock advances, timeouts and
+//! restarts), with every invariant of the harness checked after every step, the preemption-liveness
+//! property whenever aging is off, and at the end: every accepted request reached exactly one end.
+
+use gpu_coordinator_core::{Input, SchedConfig};
+use gpu_coordinator_wire::{AckAction, Encoding, HolderState};
+use proptest::collection::vec;
+use proptest::prelude::*;
+use proptest::sample::select;
+
+use crate::harness::{gpus, req, Sim};
+
+const SERVICES: usize = 3;
+const IDS: usize = 40;
+
+#[derive(Debug, Clone)]
+struct Setup {
+    totals: Vec<u64>,
+    ack_deadline_ms: u64,
+    min_hold_ms: u64,
+    aging_ms: u64,
+    retain_ended: usize,
+}
+
+/// Which fence an input about a request carries.
+#[derive(Debug, Clone, Copy)]
+enum Fz {
+    Absent,
+    Current,
+    Stale,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Request {
+        svc: usize,
+        id: usize,
+        priority: u8,
+        vram: Option<u64>,
+        /// An index of 3 or more names an unknown GPU.
+        gpu: Option<usize>,
+        preemptible: Option<bool>,
+        timeout: Option<u64>,
+        lease: Option<u64>,
+        msgpack: bool,
+    },
+    /// `svc: None`: sent by the request's owner. `id: None`: release everything of the service.
+    Release {
+        svc: Option<usize>,
+        id: Option<usize>,
+        fence: Fz,
+    },
+    Renew {
+        svc: Option<usize>,
+        id: usize,
+        fence: Fz,
+        lease: Option<u64>,
+    },
+    Ack {
+        svc: Option<usize>,
+        id: usize,
+        fence: Fz,
+        resumed: bool,
+    },
+    Cancel {
+        svc: Option<usize>,
+        id: usize,
+    },
+    /// The k-th pausing holder ACKs with its fence (the ACKs that do come).
+    AckPausing(usize),
+    /// The k-th queued or paused request is cancelled by its service.
+    CancelWaiting(usize),
+    /// The k-th holder releases with its fence.
+    ReleaseHolder(usize),
+    RenewHolder(usize),
+    /// The lease store refuses the k-th holder's lease.
+    Refuse(usize),
+    Invalid {
+        svc: Option<usize>,
+        id: Option<usize>,
+    },
+    External {
+        gpu: usize,
+        mb: u64,
+    },
+    Advance(u64),
+    NextTimeout,
+    Restart {
+        gap: u64,
+        keep_store: bool,
+    },
+}
+
+fn setup(aging: bool) -> impl Strategy<Value = Setup> {
+    (
+        vec(select(vec![100u64, 200, 400]), 1..=3),
+        select(vec![0u64, 300, 2_000]),
+        select(vec![0u64, 0, 200]),
+        select(if aging {
+            vec![0u64, 0, 300]
+        } else {
+            vec![0u64]
+        }),
+        select(vec![0usize, 3, 100_000, 100_000]),
+    )
+        .prop_map(
+            |(totals, ack_deadline_ms, min_hold_ms, aging_ms, retain_ended)| Setup {
+                totals,
+                ack_deadline_ms,
+                min_hold_ms,
+                aging_ms,
+                retain_ended,
+            },
+        )
+}
+
+fn owner() -> impl Strategy<Value = Option<usize>> {
+    prop_oneof![4 => Just(None), 1 => (0..SERVICES).prop_map(Some)]
+}
+
+fn fence() -> impl Strategy<Value = Fz> {
+    prop_oneof![2 => Just(Fz::Current), 2 => Just(Fz::Absent), 1 => Just(Fz::Stale)]
+}
+
+fn request() -> impl Strategy<Value = Op> {
+    (
+        // Mostly its own service's id; now and then another service's.
+        (0..IDS, prop::option::weighted(0.1, 0..SERVICES), 0u8..4),
+        prop_oneof![4 => Just(None), 10 => (30u64..=200).prop_map(Some), 1 => (200u64..=450).prop_map(Some)],
+        prop_oneof![6 => Just(None), 2 => (0usize..3).prop_map(Some), 1 => Just(Some(7))],
+        prop::option::of(any::<bool>()),
+        prop::option::of(0u64..8_000),
+        prop::option::of(1u64..10_000),
+        any::<bool>(),
+    )
+        .prop_map(
+            |((id, svc, priority), vram, gpu, preemptible, timeout, lease, msgpack)| Op::Request {
+                svc: svc.unwrap_or(id % SERVICES),
+                id,
+                priority,
+                vram,
+                gpu,
+                preemptible,
+                timeout,
+                lease,
+                msgpack,
+            },
+        )
+}
+
+fn op(restarts: bool) -> BoxedStrategy<Op> {
+    if restarts {
+        let restart = (0u64..3_000, any::<bool>())
+            .prop_map(|(gap, keep_store)| Op::Restart { gap, keep_store });
+        prop_oneof![30 => op(false), 1 => restart].boxed()
+    } else {
+        one_op().boxed()
+    }
+}
+
+fn one_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        14 => request(),
+        1 => (owner(), prop::option::weighted(0.9, 0..IDS), fence())
+            .prop_map(|(svc, id, fence)| Op::Release { svc, id, fence }),
+        1 => (owner(), 0..IDS, fence(), prop::option::of(1u64..3_000))
+            .prop_map(|(svc, id, fence, lease)| Op::Renew { svc, id, fence, lease }),
+        1 => (owner(), 0..IDS, fence(), any::<bool>())
+            .prop_map(|(svc, id, fence, resumed)| Op::Ack { svc, id, fence, resumed }),
+        1 => (owner(), 0..IDS).prop_map(|(svc, id)| Op::Cancel { svc, id }),
+        8 => any::<usize>().prop_map(Op::AckPausing),
+        3 => any::<usize>().prop_map(Op::ReleaseHolder),
+        1 => any::<usize>().prop_map(Op::CancelWaiting),
+        1 => any::<usize>().prop_map(Op::RenewHolder),
+        1 => any::<usize>().prop_map(Op::Refuse),
+        1 => (prop::option::of(0..SERVICES), prop::option::of(0..IDS + 4))
+            .prop_map(|(svc, id)| Op::Invalid { svc, id }),
+        1 => (0usize..3, prop_oneof![Just(0u64), 1u64..150]).prop_map(|(gpu, mb)| Op::External { gpu, mb }),
+        5 => prop_oneof![0u64..50, 0u64..800].prop_map(Op::Advance),
+        2 => Just(Op::NextTimeout),
+    ]
+}
+
+fn svc_name(i: usize) -> String {
+    format!("s{i}")
+}
+
+fn id_name(i: usize) -> String {
+    format!("r{i}")
+}
+
+/// The service an input about `id` comes from: the one given, or the request's owner.
+fn sender(s: &Sim, svc: Option<usize>, id: &str) -> String {
+    match svc {
+        Some(i) => svc_name(i),
+        None => s
+            .sched
+            .record(id)
+            .map(|r| r.service_id.clone())
+            .unwrap_or_else(|| svc_name(0)),
+    }
+}
+
+fn fence_of(s: &Sim, id: &str, fz: Fz) -> Option<u64> {
+    let current = s.sched.record(id).and_then(|r| r.fence).map(|f| f.0);
+    match fz {
+        Fz::Absent => None,
+        Fz::Current => current,
+        Fz::Stale => Some(current.map_or(1_000_000, |f| f.saturating_sub(1))),
+    }
+}
+
+/// The holders, in GPU order: (service, request id, pausing).
+fn holders(s: &Sim) -> Vec<(String, String, bool)> {
+    s.status()
+        .gpus
+        .into_iter()
+        .flat_map(|g| g.holders)
+        .map(|h| (h.service_id, h.request_id, h.state == HolderState::Pausing))
+        .collect()
+}
+
+fn apply(s: &mut Sim, op: Op) {
+    match op {
+        Op::Request {
+            svc,
+            id,
+            priority,
+            vram,
+            gpu,
+            preemptible,
+            timeout,
+            lease,
+            msgpack,
+        } => {
+            let mut r = req(&id_name(id), priority);
+            r.0.vram_mb = vram;
+            // Indices below 3 name one of the GPUs; above, an unknown one.
+            r.0.gpu = gpu.map(|g| {
+                if g < 3 {
+                    format!("g{}", g % s.specs.len())
+                } else {
+                    format!("g{g}")
+                }
+            });
+            r.0.preemptible = preemptible;
+            r.0.timeout_ms = timeout;
+            r.0.lease_ms = lease;
+            let encoding = if msgpack {
+                Encoding::MsgPack
+            } else {
+                Encoding::Json
+            };
+            s.request_enc(&svc_name(svc), encoding, r);
+        }
+        Op::Release { svc, id, fence } => match id {
+            None => {
+                s.release_all(&svc_name(svc.unwrap_or(0)));
+            }
+            Some(id) => {
+                let id = id_name(id);
+                let (from, fence) = (sender(s, svc, &id), fence_of(s, &id, fence));
+                s.release(&from, &id, fence);
+            }
+        },
+        Op::Renew {
+            svc,
+            id,
+            fence,
+            lease,
+        } => {
+            let id = id_name(id);
+            let (from, fence) = (sender(s, svc, &id), fence_of(s, &id, fence));
+            s.renew(&from, &id, fence, lease);
+        }
+        Op::Ack {
+            svc,
+            id,
+            fence,
+            resumed,
+        } => {
+            let id = id_name(id);
+            let (from, fence) = (sender(s, svc, &id), fence_of(s, &id, fence));
+            let action = if resumed {
+                AckAction::Resumed
+            } else {
+                AckAction::Paused
+            };
+            s.ack(&from, &id, fence, action);
+        }
+        Op::Cancel { svc, id } => {
+            let id = id_name(id);
+            let from = sender(s, svc, &id);
+            s.cancel(&from, &id);
+        }
+        Op::CancelWaiting(k) => {
+            let waiting = s.status().queue;
+            if !waiting.is_empty() {
+                let q = &waiting[k % waiting.len()];
+                s.cancel(&q.service_id, &q.request_id);
+            }
+        }
+        Op::AckPausing(k) => {
+            let pausing: Vec<_> = holders(s).into_iter().filter(|h| h.2).collect();
+            if !pausing.is_empty() {
+                let (svc, id, _) = &pausing[k % pausing.len()];
+                s.ack_paused(svc, id);
+            }
+        }
+        Op::ReleaseHolder(k) | Op::RenewHolder(k) | Op::Refuse(k) => {
+            let all = holders(s);
+            if all.is_empty() {
+                return;
+            }
+            let (svc, id, _) = &all[k % all.len()];
+            let fence = s.fence(id);
+            match op {
+                Op::ReleaseHolder(_) => s.release(svc, id, Some(fence)),
+                Op::RenewHolder(_) => s.renew(svc, id, Some(fence), None),
+                _ => s.input(Input::LeaseRefused {
+                    request_id: id.clone(),
+                    fence: gpu_coordinator_core::Fence(fence),
+                    why: "another holder is in its place".into(),
+                }),
+            };
+        }
+        Op::Invalid { svc, id } => {
+            let svc = svc.map(svc_name);
+            let id = id.map(id_name);
+            s.invalid(
+                svc.as_deref(),
+                id.as_deref(),
+                "field `priority`: expected an integer 0-255",
+            );
+        }
+        Op::External { gpu, mb } => {
+            // NVML never reports more than the GPU has.
+            let gpu = s.specs[gpu % s.specs.len()].clone();
+            s.input(Input::ExternalVram {
+                gpu: gpu.id,
+                used_mb: mb.min(gpu.total_mb),
+            });
+        }
+        Op::Advance(ms) => {
+            s.advance(ms);
+        }
+        Op::NextTimeout => {
+            s.step_to_next_timeout();
+        }
+        Op::Restart { gap, keep_store } => {
+            s.restart(gap, keep_store);
+        }
+    }
+}
+
+fn run(setup: Setup, ops: Vec<Op>) {
+    let config = SchedConfig {
+        lease_default_ms: 5_000,
+        lease_max_ms: 10_000,
+        ack_deadline_ms: setup.ack_deadline_ms,
+        min_hold_ms: setup.min_hold_ms,
+        default_timeout_ms: 5_000,
+        aging_ms: setup.aging_ms,
+        retain_ended: setup.retain_ended,
+    };
+    let names: Vec<String> = (0..setup.totals.len()).map(|i| format!("g{i}")).collect();
+    let specs: Vec<(&str, u64)> = names
+        .iter()
+        .map(String::as_str)
+        .zip(setup.totals.iter().copied())
+        .collect();
+    let mut s = Sim::new(config, gpus(&specs));
+    s.liveness = setup.aging_ms == 0;
+    for op in ops {
+        apply(&mut s, op);
+    }
+    s.finish();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 128,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// Random inputs with aging off: every invariant, and preemption liveness.
+    #[test]
+    fn random_inputs_keep_every_invariant(setup in setup(false), ops in vec(op(false), 1..60)) {
+        run(setup, ops);
+    }
+
+    /// Random inputs with aging and restarts (from what was persisted, with or without the lease store).
+    #[test]
+    fn random_inputs_with_restarts_and_aging(setup in setup(true), ops in vec(op(true), 1..60)) {
+        run(setup, ops);
+    }
+}

@@ -1,0 +1,1135 @@
+//! The rules of the wire contract (`shared/protocol.md`), one test per rule, driven through the
+//! simulated driver of [`harness`]: inputs in, expected actions out, every invariant checked after every
+//! step. The property tests live in [`props`], in this same crate to keep to one link step.
+
+mod harness;
+mod props;
+
+use gpu_coordinator_core::{End, Fence, Input, Lease, LeaseOp, Phase, SchedConfig, Snapshot};
+use gpu_coordinator_wire::time::rfc3339;
+use gpu_coordinator_wire::{AckAction, ControlAction, Encoding, EventKind, HolderState, Outcome};
+
+use harness::{gpus, req, Sim, T0};
+
+use ControlAction::{Pause, Restart, Resume, Revoke};
+use EventKind::{
+    Cancelled, Expired, Granted, Paused, Preempting, Queued, Released, Renewed, Requested, Resumed,
+    Revoked, TimedOut,
+};
+
+const ACK_MS: u64 = 5_000;
+
+fn config() -> SchedConfig {
+    SchedConfig {
+        ack_deadline_ms: ACK_MS,
+        ..SchedConfig::default()
+    }
+}
+
+/// A simulation with the default configuration (ACK deadline 5 s) and the liveness check on.
+fn sim(specs: &[(&str, u64)]) -> Sim {
+    sim_with(config(), specs)
+}
+
+fn sim_with(config: SchedConfig, specs: &[(&str, u64)]) -> Sim {
+    let liveness = config.aging_ms == 0;
+    let mut s = Sim::new(config, gpus(specs));
+    s.liveness = liveness;
+    s
+}
+
+// ----- granting ---------------------------------------------------------------------------------------
+
+#[test]
+fn grant_on_a_free_gpu() {
+    // (vram_mb, lease_ms) asked -> (vram_mb, lease_ms) granted
+    let cases = [
+        (Some(8_000), Some(20_000), 8_000, 20_000),
+        (None, None, 24_000, 30_000),
+        (Some(24_000), Some(10_000_000), 24_000, 3_600_000),
+    ];
+    for (vram, lease, want_vram, want_lease) in cases {
+        let mut s = sim(&[("g0", 24_000)]);
+        let mut r = req("c1", 0);
+        r.0.vram_mb = vram;
+        r.0.lease_ms = lease;
+        let a = s.request("chat", r);
+        let reply = a.reply("c1");
+        assert_eq!(reply.outcome, Outcome::Granted);
+        assert_eq!(reply.gpu.as_deref(), Some("g0"));
+        assert_eq!(reply.fence, Some(1));
+        assert_eq!(reply.lease_ms, Some(want_lease));
+        assert_eq!(reply.expires_at, Some(rfc3339(T0 + want_lease)));
+        assert_eq!(reply.vram_mb, Some(want_vram));
+        assert_eq!(reply.waited_ms, Some(0));
+        assert_eq!(reply.error, None);
+        assert_eq!(
+            a.lease_ops(),
+            vec![&LeaseOp::Acquire(Lease {
+                request_id: "c1".into(),
+                service_id: "chat".into(),
+                gpu: "g0".into(),
+                fence: Fence(1),
+                vram_mb: want_vram,
+                capacity_mb: 24_000,
+                expires_at: T0 + want_lease,
+            })]
+        );
+        assert_eq!(a.events("c1"), vec![Requested, Granted]);
+        let granted = a.event("c1", Granted);
+        assert_eq!(
+            (granted.gpu.as_deref(), granted.fence, granted.priority),
+            (Some("g0"), Some(1), Some(0))
+        );
+        assert_eq!(granted.service_id, "chat");
+        let rec = a.persisted("c1").expect("the grant is persisted");
+        assert_eq!(rec.phase, Phase::Active);
+        assert_eq!(rec.gpu.as_deref(), Some("g0"));
+        assert_eq!(rec.fence, Some(Fence(1)));
+        assert_eq!(rec.held_mb, Some(want_vram));
+        assert_eq!(rec.granted_at, Some(T0));
+        assert_eq!(rec.expires_at, Some(T0 + want_lease));
+        assert_eq!(a.persisted_fences(), vec![Fence(1)]);
+        assert!(a.all_controls().is_empty());
+    }
+}
+
+#[test]
+fn grant_order_is_priority_then_arrival() {
+    // arrivals (id, priority) behind a holder -> grant order
+    type Case<'a> = (&'a [(&'a str, u8)], &'a [&'a str]);
+    let cases: &[Case] = &[
+        (
+            &[("a", 2), ("b", 1), ("c", 1), ("d", 0)],
+            &["d", "b", "c", "a"],
+        ),
+        (&[("a", 1), ("b", 1), ("c", 1)], &["a", "b", "c"]),
+        (
+            &[("x", 3), ("y", 0), ("z", 3), ("w", 0)],
+            &["y", "w", "x", "z"],
+        ),
+        (&[("p", 255), ("q", 254)], &["q", "p"]),
+    ];
+    for &(arrivals, order) in cases {
+        let mut s = sim(&[("g0", 1_000)]);
+        s.request("hold", req("h", 0).preemptible(false));
+        for &(id, priority) in arrivals {
+            s.advance(10);
+            let a = s.request("q", req(id, priority));
+            assert_eq!(a.events(id), vec![Requested, Queued]);
+            assert!(a.all_controls().is_empty(), "nothing can be paused: {a:#?}");
+        }
+        assert_eq!(s.queue(), order);
+        let mut holder = ("hold", "h");
+        for &next in order {
+            let a = s.release(holder.0, holder.1, None);
+            assert_eq!(a.granted(), vec![next.to_string()]);
+            holder = ("q", next);
+        }
+    }
+}
+
+#[test]
+fn holders_share_a_gpu_while_their_vram_fits() {
+    let mut s = sim(&[("g0", 1_000)]);
+    assert_eq!(
+        s.request("s1", req("a", 1).vram(400)).reply("a").fence,
+        Some(1)
+    );
+    assert_eq!(
+        s.request("s2", req("b", 1).vram(400)).reply("b").fence,
+        Some(2)
+    );
+    let a = s.request("s3", req("c", 1).vram(400));
+    a.no_reply("c");
+    assert_eq!(a.events("c"), vec![Requested, Queued]);
+    let g0 = &s.status().gpus[0];
+    assert_eq!((g0.used_mb, g0.free_mb), (800, 200));
+    assert_eq!(s.holders("g0"), vec!["a", "b"]);
+
+    s.advance(250);
+    let a = s.release("s1", "a", Some(1));
+    assert_eq!(a.reply("a").outcome, Outcome::Released);
+    let reply = a.reply("c");
+    assert_eq!(
+        (reply.outcome, reply.fence, reply.waited_ms),
+        (Outcome::Granted, Some(3), Some(250))
+    );
+    assert_eq!(s.holders("g0"), vec!["b", "c"]);
+}
+
+#[test]
+fn best_fit_across_gpus() {
+    // requests in sequence on g0 (1000 MB) and g1 (500 MB): vram -> GPU (None: queued)
+    let cases: &[(Option<u64>, Option<&str>)] = &[
+        (Some(400), Some("g1")), // leaves 100 on g1, 600 on g0
+        (Some(600), Some("g0")), // does not fit g1 any more
+        (Some(100), Some("g1")), // leaves 0 on g1
+        (Some(400), Some("g0")), // fills g0
+        (Some(1), None),
+        (None, None),
+    ];
+    let mut s = sim(&[("g1", 500), ("g0", 1_000)]);
+    for (i, &(vram, want)) in cases.iter().enumerate() {
+        let id = format!("r{i}");
+        let mut r = req(&id, 1);
+        r.0.vram_mb = vram;
+        let a = s.request("svc", r);
+        match want {
+            Some(gpu) => assert_eq!(a.reply(&id).gpu.as_deref(), Some(gpu), "{id}"),
+            None => assert_eq!(a.events(&id), vec![Requested, Queued], "{id}"),
+        }
+    }
+    // A tie goes to the first GPU by id.
+    let mut s = sim(&[("g1", 500), ("g0", 500)]);
+    assert_eq!(
+        s.request("svc", req("t", 1).vram(200))
+            .reply("t")
+            .gpu
+            .as_deref(),
+        Some("g0")
+    );
+}
+
+#[test]
+fn a_pinned_request_uses_only_its_gpu() {
+    let mut s = sim(&[("g0", 1_000), ("g1", 500)]);
+    // g1 would fit better; the pin wins.
+    assert_eq!(
+        s.request("a", req("a", 1).vram(400).gpu("g0"))
+            .reply("a")
+            .gpu
+            .as_deref(),
+        Some("g0")
+    );
+    assert_eq!(
+        s.request("b", req("b", 1).vram(500).gpu("g1"))
+            .reply("b")
+            .gpu
+            .as_deref(),
+        Some("g1")
+    );
+    // g0 has 600 MB free, but c is pinned to the full g1.
+    let a = s.request("c", req("c", 1).vram(100).gpu("g1"));
+    assert_eq!(a.events("c"), vec![Requested, Queued]);
+    assert_eq!(a.event("c", Queued).gpu.as_deref(), Some("g1"));
+    let a = s.release("b", "b", None);
+    assert_eq!(a.reply("c").gpu.as_deref(), Some("g1"));
+}
+
+#[test]
+fn impossible_requests_are_rejected() {
+    // (request, words the error must contain)
+    let cases: Vec<(harness::Req, &[&str])> = vec![
+        (req("r", 1).gpu("g9"), &["`gpu`", "g9", "g0, g1"]),
+        (req("r", 1).vram(2_000), &["vram_mb", "2000", "1000"]),
+        (req("r", 1).vram(800).gpu("g1"), &["vram_mb", "800", "500"]),
+    ];
+    for (r, words) in cases {
+        let mut s = sim(&[("g0", 1_000), ("g1", 500)]);
+        let a = s.request("svc", r.clone());
+        let reply = a.reply("r");
+        assert_eq!(reply.outcome, Outcome::Rejected);
+        let error = reply.error.clone().expect("a rejection says why");
+        for word in words {
+            assert!(error.contains(word), "{error:?} lacks {word:?}");
+        }
+        assert_eq!(a.events("r"), vec![Requested, EventKind::Rejected]);
+        assert_eq!(
+            a.event("r", EventKind::Rejected).detail.as_ref(),
+            Some(&error)
+        );
+        assert!(a.lease_ops().is_empty());
+        let rec = a.persisted("r").expect("the end is persisted");
+        assert_eq!((rec.phase, rec.end), (Phase::Ended, Some(End::Rejected)));
+        assert!(s.queue().is_empty());
+        // Asked again: the same answer, not queued.
+        let a = s.request("svc", r);
+        assert_eq!(a.reply("r").outcome, Outcome::Rejected);
+        assert_eq!(a.reply("r").error.as_ref(), Some(&error));
+        assert!(a.events("r").is_empty());
+    }
+}
+
+#[test]
+fn a_whole_gpu_request_waits_for_an_empty_gpu() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("s1", req("a", 1).vram(100));
+    let a = s.request("s2", req("w", 1));
+    assert_eq!(a.events("w"), vec![Requested, Queued]);
+    // The blocked head keeps its GPU: a small later request does not pass it.
+    let a = s.request("s3", req("b", 2).vram(100));
+    assert_eq!(a.events("b"), vec![Requested, Queued]);
+    let a = s.release("s1", "a", None);
+    let reply = a.reply("w");
+    assert_eq!(
+        (reply.outcome, reply.vram_mb),
+        (Outcome::Granted, Some(1_000))
+    );
+    assert_eq!(s.queue(), vec!["b"]);
+}
+
+// ----- preemption -------------------------------------------------------------------------------------
+
+#[test]
+fn preemption_pauses_the_least_urgent_most_recent_holders_only_as_needed() {
+    // Holders on g0 (1000 MB), granted in this order: p1 (prio 1, 300), p3a (prio 3, 300),
+    // p3b (prio 3, 300); 100 MB free. (urgent vram, urgent priority) -> holders paused, in order.
+    let cases: &[(Option<u64>, u8, &[&str])] = &[
+        (Some(100), 0, &[]),
+        (Some(350), 0, &["p3b"]),
+        (Some(650), 0, &["p3b", "p3a"]),
+        (Some(1_000), 0, &["p3b", "p3a", "p1"]),
+        (None, 0, &["p3b", "p3a", "p1"]),
+        (Some(350), 2, &["p3b"]),
+        // Pausing both priority-3 holders would not make room: nobody is paused for nothing.
+        (Some(800), 2, &[]),
+    ];
+    for &(vram, priority, want) in cases {
+        let mut s = sim(&[("g0", 1_000)]);
+        for (id, p) in [("p1", 1), ("p3a", 3), ("p3b", 3)] {
+            s.request(id, req(id, p).vram(300));
+            s.advance(10);
+        }
+        let mut r = req("u", priority);
+        r.0.vram_mb = vram;
+        let a = s.request("urgent", r);
+        let paused: Vec<&str> = a
+            .all_controls()
+            .iter()
+            .map(|(service, c)| {
+                assert_eq!(c.action, Pause);
+                assert_eq!(*service, c.request_id);
+                assert_eq!(c.deadline_ms, Some(ACK_MS));
+                assert_eq!(c.fence, s.fence(&c.request_id));
+                assert!(c.reason.contains("`u`"), "{}", c.reason);
+                c.request_id.as_str()
+            })
+            .collect();
+        assert_eq!(paused, want, "vram {vram:?} priority {priority}");
+        for id in want {
+            assert_eq!(a.events(id), vec![Preempting]);
+            assert_eq!(s.phase(id), Phase::Pausing);
+        }
+        let fits_now = want.is_empty() && vram == Some(100);
+        if fits_now {
+            assert_eq!(a.reply("u").outcome, Outcome::Granted);
+        } else {
+            a.no_reply("u");
+            assert_eq!(a.events("u"), vec![Requested, Queued]);
+        }
+    }
+}
+
+#[test]
+fn equal_or_lower_priority_never_preempts() {
+    for (holder, asker) in [(1, 1), (1, 2), (0, 0), (0, 255)] {
+        let mut s = sim(&[("g0", 1_000)]);
+        s.request("h", req("h", holder));
+        let a = s.request("q", req("q", asker));
+        assert_eq!(a.events("q"), vec![Requested, Queued]);
+        assert!(a.all_controls().is_empty(), "holder {holder} asker {asker}");
+        assert_eq!(s.phase("h"), Phase::Active);
+    }
+}
+
+#[test]
+fn a_non_preemptible_holder_is_never_paused() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("n3", req("n3", 3).vram(500).preemptible(false));
+    s.request("p2", req("p2", 2).vram(500));
+    // The priority-2 holder is paused, although the priority-3 one is less urgent.
+    let a = s.request("u", req("u", 0).vram(500));
+    assert_eq!(a.control_actions("p2"), vec![Pause]);
+    assert!(a.controls("n3").is_empty());
+    // Nothing but n3's own release makes room for the whole GPU.
+    let a = s.request("w", req("w", 0));
+    assert!(a.all_controls().is_empty());
+    s.ack_paused("p2", "p2");
+    let a = s.advance(2 * ACK_MS);
+    assert!(a.controls("n3").is_empty());
+    assert_eq!(s.phase("n3"), Phase::Active);
+}
+
+#[test]
+fn a_pausing_holder_counts_until_its_ack() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("asr", req("asr", 2));
+    let a = s.request("chat", req("chat", 0).vram(600));
+    assert_eq!(a.control_actions("asr"), vec![Pause]);
+    let a = s.advance(ACK_MS - 1);
+    assert!(a.is_empty(), "no grant before the ACK: {a:#?}");
+    let g0 = &s.status().gpus[0];
+    assert_eq!((g0.free_mb, g0.holders[0].state), (0, HolderState::Pausing));
+    // A small request that would fit once asr pauses does not get its VRAM either.
+    let a = s.request("voice", req("voice", 1).vram(100));
+    assert_eq!(a.events("voice"), vec![Requested, Queued]);
+    // The pausing holder still holds a lease it may renew.
+    assert_eq!(
+        s.renew("asr", "asr", Some(1), None).reply("asr").outcome,
+        Outcome::Renewed
+    );
+}
+
+#[test]
+fn the_ack_pauses_the_holder_and_grants_the_urgent_request() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("asr", req("asr", 2));
+    s.request("chat", req("chat", 0));
+    s.advance(100);
+    let a = s.ack("asr", "asr", Some(1), AckAction::Paused);
+    assert_eq!(a.events("asr"), vec![Paused]);
+    a.no_reply("asr");
+    assert_eq!(
+        a.lease_ops(),
+        vec![
+            &LeaseOp::Release {
+                request_id: "asr".into(),
+                gpu: "g0".into(),
+                fence: Fence(1)
+            },
+            &LeaseOp::Acquire(Lease {
+                request_id: "chat".into(),
+                service_id: "chat".into(),
+                gpu: "g0".into(),
+                fence: Fence(2),
+                vram_mb: 1_000,
+                capacity_mb: 1_000,
+                expires_at: T0 + 100 + 30_000,
+            }),
+        ]
+    );
+    let reply = a.reply("chat");
+    assert_eq!(
+        (reply.outcome, reply.fence, reply.waited_ms),
+        (Outcome::Granted, Some(2), Some(100))
+    );
+    assert_eq!(s.phase("asr"), Phase::Paused);
+    let status = s.status();
+    assert_eq!(status.paused.len(), 1);
+    assert_eq!(status.paused[0].request_id, "asr");
+    assert!(status.queue[0].paused);
+    // A repeated ACK (a redelivery) changes nothing.
+    let a = s.ack("asr", "asr", Some(1), AckAction::Paused);
+    assert!(a.is_empty(), "{a:#?}");
+}
+
+#[test]
+fn the_urgent_release_resumes_the_paused_holder_with_a_new_fence_and_lease() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("asr", req("asr", 2).lease(20_000));
+    s.request("chat", req("chat", 0));
+    s.ack_paused("asr", "asr");
+    s.advance(1_000);
+    let a = s.release("chat", "chat", Some(2));
+    assert_eq!(a.reply("chat").outcome, Outcome::Released);
+    let resume = a.control("asr", Resume);
+    assert_eq!(resume.fence, 3);
+    assert_eq!(resume.lease_ms, Some(20_000));
+    assert_eq!(resume.expires_at, Some(rfc3339(T0 + 1_000 + 20_000)));
+    assert_eq!(resume.gpu.as_deref(), Some("g0"));
+    assert_eq!(a.events("asr"), vec![Resumed]);
+    a.no_reply("asr");
+    assert!(a.lease_ops_for("asr").iter().any(
+        |op| matches!(op, LeaseOp::Acquire(l) if l.fence == Fence(3) && l.expires_at == T0 + 21_000)
+    ));
+    assert_eq!(s.phase("asr"), Phase::Active);
+    // The service confirms; the old fence is stale now.
+    assert!(s.ack("asr", "asr", Some(3), AckAction::Resumed).is_empty());
+    let a = s.renew("asr", "asr", Some(1), None);
+    assert_eq!(a.reply("asr").outcome, Outcome::Rejected);
+}
+
+#[test]
+fn a_paused_request_goes_back_ahead_of_later_arrivals_of_its_priority() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("asr", req("asr1", 2));
+    s.request("chat", req("chat", 0));
+    s.ack_paused("asr", "asr1");
+    s.advance(10);
+    s.request("asr", req("asr2", 2));
+    s.request("voice", req("voice", 1));
+    assert_eq!(s.queue(), vec!["voice", "asr1", "asr2"]);
+    let a = s.release("chat", "chat", None);
+    assert_eq!(a.granted(), vec!["voice"]);
+    let a = s.release("voice", "voice", None);
+    assert_eq!(a.control_actions("asr1"), vec![Resume]);
+    assert!(a.events("asr2").is_empty());
+}
+
+#[test]
+fn no_ack_by_the_deadline_revokes_then_grants() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("asr", req("asr", 2));
+    s.request("chat", req("chat", 0));
+    let a = s.advance(ACK_MS);
+    assert_eq!(s.now, T0 + ACK_MS);
+    assert_eq!(a.control_actions("asr"), vec![Revoke]);
+    assert!(a.control("asr", Revoke).reason.contains("ACK"));
+    assert_eq!(a.events("asr"), vec![Revoked]);
+    assert_eq!(a.reply("chat").outcome, Outcome::Granted);
+    // The revoke (and its lease release) comes before the grant.
+    let pos = |pred: &dyn Fn(&gpu_coordinator_core::Action) -> bool| {
+        a.0.iter().position(pred).expect("present")
+    };
+    let revoke = pos(
+        &|x| matches!(x, gpu_coordinator_core::Action::Control { control, .. } if control.action == Revoke),
+    );
+    let release = pos(
+        &|x| matches!(x, gpu_coordinator_core::Action::Lease(LeaseOp::Release { request_id, .. }) if request_id == "asr"),
+    );
+    let grant = pos(&|x| matches!(x, gpu_coordinator_core::Action::Lease(LeaseOp::Acquire(_))));
+    assert!(revoke < grant && release < grant, "{a:#?}");
+    let rec = s.record("asr");
+    assert_eq!((rec.phase, rec.end), (Phase::Ended, Some(End::Revoked)));
+    // A late ACK is refused, readably.
+    let a = s.ack("asr", "asr", Some(1), AckAction::Paused);
+    let error = a.reply("asr").error.clone().expect("why");
+    assert!(
+        error.contains("already ended") && error.contains("revoked"),
+        "{error}"
+    );
+}
+
+#[test]
+fn an_expired_lease_is_revoked_then_restarted() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("asr", req("asr", 2).lease(10_000));
+    s.request("other", req("q", 2));
+    assert!(s.advance(9_999).is_empty());
+    let a = s.advance(1);
+    assert_eq!(a.control_actions("asr"), vec![Revoke, Restart]);
+    assert_eq!(a.events("asr"), vec![Expired, Revoked]);
+    assert!(a.control("asr", Revoke).reason.contains("expired"));
+    assert_eq!(
+        a.lease_ops_for("asr"),
+        vec![&LeaseOp::Release {
+            request_id: "asr".into(),
+            gpu: "g0".into(),
+            fence: Fence(1)
+        }]
+    );
+    assert_eq!(a.reply("q").outcome, Outcome::Granted);
+    assert_eq!(s.record("asr").end, Some(End::Revoked));
+}
+
+#[test]
+fn a_lease_expiring_while_pausing_is_revoked() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("asr", req("asr", 2).lease(3_000));
+    s.request("chat", req("chat", 0));
+    let a = s.advance(3_000);
+    assert_eq!(a.control_actions("asr"), vec![Revoke, Restart]);
+    assert_eq!(a.events("asr"), vec![Expired, Revoked]);
+    assert_eq!(a.reply("chat").outcome, Outcome::Granted);
+}
+
+#[test]
+fn a_renewal_extends_the_lease() {
+    let mut config = config();
+    config.lease_max_ms = 50_000;
+    let mut s = sim_with(config, &[("g0", 1_000)]);
+    s.request("asr", req("asr", 2).lease(10_000));
+    s.advance(6_000);
+    let a = s.renew("asr", "asr", Some(1), None);
+    let reply = a.reply("asr");
+    assert_eq!(reply.outcome, Outcome::Renewed);
+    assert_eq!((reply.fence, reply.lease_ms), (Some(1), Some(10_000)));
+    assert_eq!(reply.expires_at, Some(rfc3339(T0 + 16_000)));
+    assert_eq!(a.events("asr"), vec![Renewed]);
+    assert_eq!(
+        a.lease_ops(),
+        vec![&LeaseOp::Renew {
+            request_id: "asr".into(),
+            gpu: "g0".into(),
+            fence: Fence(1),
+            expires_at: T0 + 16_000
+        }]
+    );
+    // The old expiry passes quietly.
+    assert!(s.advance(4_000).is_empty());
+    assert_eq!(s.phase("asr"), Phase::Active);
+    // A longer renewal is capped by lease.max_ms.
+    let a = s.renew("asr", "asr", None, Some(1_000_000));
+    assert_eq!(a.reply("asr").lease_ms, Some(50_000));
+    assert_eq!(s.record("asr").expires_at, Some(T0 + 10_000 + 50_000));
+    assert!(s.advance(49_999).is_empty());
+    assert_eq!(s.advance(1).control_actions("asr"), vec![Revoke, Restart]);
+    // Only a held lease can be renewed.
+    s.request("q", req("q", 1));
+    s.request("w", req("w", 1));
+    let a = s.renew("w", "w", None, None);
+    assert_eq!(a.reply("w").outcome, Outcome::Rejected);
+    assert!(a
+        .reply("w")
+        .error
+        .as_ref()
+        .is_some_and(|e| e.contains("queued")));
+}
+
+#[test]
+fn a_request_times_out_waiting() {
+    for (timeout, want) in [(Some(2_000), 2_000), (None, 60_000)] {
+        let mut s = sim(&[("g0", 1_000)]);
+        s.request("h", req("h", 0).lease(3_600_000));
+        let mut r = req("q", 1);
+        r.0.timeout_ms = timeout;
+        s.request("q", r);
+        assert!(s.advance(want - 1).events("q").is_empty());
+        let a = s.advance(1);
+        let reply = a.reply("q");
+        assert_eq!(
+            (reply.outcome, reply.waited_ms),
+            (Outcome::TimedOut, Some(want))
+        );
+        assert!(reply
+            .error
+            .as_ref()
+            .is_some_and(|e| e.contains(&format!("{want} ms"))));
+        assert_eq!(a.events("q"), vec![TimedOut]);
+        assert_eq!(a.persisted("q").and_then(|r| r.end), Some(End::TimedOut));
+        assert!(s.queue().is_empty());
+    }
+}
+
+#[test]
+fn cancel_withdraws_queued_and_paused_requests_only() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("asr", req("asr", 2));
+    s.request("chat", req("chat", 0));
+    s.request("voice", req("voice", 1));
+    // A holder (even a pausing one) is released, not cancelled.
+    let a = s.cancel("asr", "asr");
+    let error = a.reply("asr").error.clone().expect("why");
+    assert!(error.contains("release"), "{error}");
+    assert_eq!(
+        a.event("asr", EventKind::Rejected).detail.as_ref(),
+        Some(&error)
+    );
+    assert_eq!(s.phase("asr"), Phase::Pausing);
+    s.ack_paused("asr", "asr");
+    let a = s.cancel("chat", "chat");
+    assert_eq!(a.reply("chat").outcome, Outcome::Rejected);
+    // Queued.
+    let a = s.cancel("voice", "voice");
+    assert_eq!(a.reply("voice").outcome, Outcome::Cancelled);
+    assert_eq!(a.events("voice"), vec![Cancelled]);
+    // Paused: its lease went with the ACK; nothing more to release.
+    let a = s.cancel("asr", "asr");
+    assert_eq!(a.reply("asr").outcome, Outcome::Cancelled);
+    assert_eq!(a.events("asr"), vec![Cancelled]);
+    assert!(a.lease_ops().is_empty());
+    assert!(s.queue().is_empty());
+    // Once more: it has ended.
+    let a = s.cancel("asr", "asr");
+    assert!(a
+        .reply("asr")
+        .error
+        .as_ref()
+        .is_some_and(|e| e.contains("already ended (cancelled)")));
+}
+
+#[test]
+fn a_repeated_request_id_is_answered_with_its_current_state() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("asr", req("asr", 2));
+    s.request("chat", req("chat", 0));
+    s.request("voice", req("voice", 1));
+    s.advance(700);
+    // (service, id, the state it is in) -> outcome of the repeat
+    let cases = [
+        ("chat", "chat", Outcome::Queued),
+        ("voice", "voice", Outcome::Queued),
+        ("asr", "asr", Outcome::Granted),
+    ];
+    for (service, id, outcome) in cases {
+        // Repeated in the other encoding: answered in the request's own.
+        let a = s.request_enc(service, Encoding::MsgPack, req(id, 9).vram(1));
+        assert_eq!(a.reply(id).outcome, outcome, "{id}");
+        assert!(a.events(id).is_empty());
+        assert!(a.0.iter().all(|x| !matches!(
+            x,
+            gpu_coordinator_core::Action::Reply {
+                encoding: Encoding::MsgPack,
+                ..
+            }
+        )));
+    }
+    let a = s.request("chat", req("chat", 0));
+    assert_eq!(a.reply("chat").waited_ms, Some(700));
+    let a = s.request("asr", req("asr", 2));
+    let reply = a.reply("asr");
+    assert_eq!(
+        (reply.fence, reply.gpu.as_deref(), reply.vram_mb),
+        (Some(1), Some("g0"), Some(1_000))
+    );
+    s.ack_paused("asr", "asr");
+    assert_eq!(
+        s.request("asr", req("asr", 2)).reply("asr").outcome,
+        Outcome::Paused
+    );
+    s.release("chat", "chat", None);
+    let a = s.request("chat", req("chat", 0));
+    assert_eq!(a.reply("chat").outcome, Outcome::Released);
+    assert!(a.events("chat").is_empty() && a.lease_ops().is_empty());
+    assert_eq!(s.queue(), vec!["asr"]);
+    // Another service cannot take the id.
+    let a = s.request("thief", req("voice", 0));
+    let reply = a.reply("voice");
+    assert_eq!(reply.outcome, Outcome::Rejected);
+    assert!(reply
+        .error
+        .as_ref()
+        .is_some_and(|e| e.contains("already used by service `voice`")));
+    assert_eq!(a.replies()[0].0, "thief");
+    assert_eq!(s.record("voice").service_id, "voice");
+    assert_eq!(s.phase("voice"), Phase::Active);
+}
+
+#[test]
+fn stale_fences_and_unknown_requests_are_rejected() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("asr", req("asr", 2));
+    s.request("other", req("other", 3));
+    let error_of = |a: &harness::Acts, id: &str| {
+        let reply = a.reply(id);
+        assert_eq!(reply.outcome, Outcome::Rejected);
+        let event = a.event(id, EventKind::Rejected);
+        assert_eq!(event.detail, reply.error);
+        reply.error.clone().expect("why")
+    };
+    let a = s.release("asr", "asr", Some(7));
+    assert!(error_of(&a, "asr").contains("stale fence 7: the current fence of request `asr` is 1"));
+    let a = s.renew("asr", "asr", Some(0), None);
+    assert!(error_of(&a, "asr").contains("stale fence 0"));
+    let a = s.ack("asr", "asr", Some(2), AckAction::Paused);
+    assert!(error_of(&a, "asr").contains("stale fence 2"));
+    let a = s.release("asr", "nope", None);
+    assert!(error_of(&a, "nope").contains("unknown request_id `nope` for service `asr`"));
+    // Another service's request is unknown to this one.
+    let a = s.release("asr", "other", None);
+    assert!(error_of(&a, "other").contains("unknown request_id `other` for service `asr`"));
+    // A queued request has no fence yet.
+    let a = s.release("other", "other", Some(1));
+    assert!(error_of(&a, "other").contains("is none"));
+    // An ACK nobody asked for.
+    let a = s.ack("asr", "asr", Some(1), AckAction::Paused);
+    assert!(error_of(&a, "asr").contains("not expected"));
+    assert_eq!(s.phase("asr"), Phase::Active);
+    assert_eq!(s.phase("other"), Phase::Queued);
+}
+
+#[test]
+fn a_release_without_request_id_releases_everything_of_the_service() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("s", req("h1", 1).vram(300));
+    s.request("s", req("p1", 3).vram(400));
+    s.request("t", req("u", 0).vram(700));
+    s.ack_paused("s", "p1");
+    assert_eq!(s.phase("u"), Phase::Active);
+    s.request("s", req("q1", 2).vram(500));
+    s.request("t", req("v", 2).vram(300));
+    assert_eq!(s.queue(), vec!["q1", "v", "p1"]);
+    let a = s.release_all("s");
+    for id in ["h1", "p1", "q1"] {
+        assert_eq!(a.reply(id).outcome, Outcome::Released, "{id}");
+        assert_eq!(a.events(id), vec![Released]);
+        assert_eq!(s.phase(id), Phase::Ended);
+    }
+    assert_eq!(a.lease_ops_for("h1").len(), 1);
+    assert!(a.lease_ops_for("p1").is_empty());
+    assert_eq!(a.granted(), vec!["v"]);
+    assert_eq!(s.phase("u"), Phase::Active);
+    // Nothing left: nothing to say.
+    assert!(s.release_all("s").is_empty());
+}
+
+#[test]
+fn invalid_input_is_rejected() {
+    let mut s = sim(&[("g0", 1_000)]);
+    let a = s.invalid(
+        Some("asr"),
+        Some("r1"),
+        "field `priority`: expected an integer 0-255, got \"high\"",
+    );
+    let replies = a.replies();
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].0, "asr");
+    assert_eq!(replies[0].1.outcome, Outcome::Rejected);
+    assert_eq!(replies[0].1.request_id, "r1");
+    assert!(replies[0]
+        .1
+        .error
+        .as_ref()
+        .is_some_and(|e| e.contains("priority")));
+    let event = a.event("r1", EventKind::Rejected);
+    assert_eq!(event.service_id, "asr");
+    assert!(event
+        .detail
+        .as_ref()
+        .is_some_and(|e| e.contains("priority")));
+    assert!(s.queue().is_empty() && s.sched.live_count() == 0);
+    // A subject without a valid service: an event, and no reply (there is nobody to send it to).
+    let a = s.invalid(None, None, "subject `gpu.request.` names no service");
+    assert!(a.replies().is_empty(), "{a:#?}");
+    let events = a.all_events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind, EventKind::Rejected);
+}
+
+#[test]
+fn every_end_is_persisted_even_when_not_retained() {
+    for retain_ended in [0, 1, 2] {
+        let config = SchedConfig {
+            retain_ended,
+            ..config()
+        };
+        let mut s = sim_with(config, &[("g0", 1_000)]);
+        s.request("s", req("a", 1).vram(100));
+        s.request("s", req("b", 1).vram(100));
+        s.request("s", req("c", 1).vram(100));
+        // Three ends in one input: each is persisted as ended.
+        let a = s.release_all("s");
+        for id in ["a", "b", "c"] {
+            let rec = a
+                .persisted(id)
+                .unwrap_or_else(|| panic!("{id}'s end is not persisted (retain {retain_ended})"));
+            assert_eq!((rec.phase, rec.end), (Phase::Ended, Some(End::Released)));
+        }
+        let a = s.request("s", req("r", 1).vram(5_000));
+        assert_eq!(a.persisted("r").map(|r| r.end), Some(Some(End::Rejected)));
+    }
+}
+
+#[test]
+fn external_vram_counts_against_a_gpu() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.input(Input::ExternalVram {
+        gpu: "g0".into(),
+        used_mb: 300,
+    });
+    let a = s.request("a", req("a", 1).vram(800));
+    assert_eq!(a.events("a"), vec![Requested, Queued]);
+    let a = s.input(Input::ExternalVram {
+        gpu: "g0".into(),
+        used_mb: 100,
+    });
+    assert_eq!(a.reply("a").vram_mb, Some(800));
+    s.release("a", "a", None);
+    // A whole-GPU grant holds what is left.
+    assert_eq!(s.request("w", req("w", 1)).reply("w").vram_mb, Some(900));
+}
+
+// ----- configuration ----------------------------------------------------------------------------------
+
+#[test]
+fn aging_lets_an_old_request_pass_a_newer_more_urgent_one() {
+    // (aging_ms, how long the priority-2 request waited, priority of the newcomer) -> grant order
+    let cases: &[(u64, u64, u8, &[&str])] = &[
+        (0, 1_500, 1, &["new", "old"]),
+        (1_000, 999, 1, &["new", "old"]),
+        (1_000, 1_500, 1, &["old", "new"]),
+        (1_000, 1_500, 0, &["new", "old"]),
+        (1_000, 2_000, 0, &["old", "new"]),
+        (1_000, 60_000, 0, &["old", "new"]),
+    ];
+    for &(aging_ms, waited, newcomer, order) in cases {
+        let config = SchedConfig {
+            aging_ms,
+            default_timeout_ms: 3_600_000,
+            ..config()
+        };
+        let mut s = sim_with(config, &[("g0", 1_000)]);
+        s.request("h", req("h", 0).preemptible(false).lease(3_600_000));
+        s.request("old", req("old", 2));
+        s.advance(waited);
+        s.request("new", req("new", newcomer));
+        assert_eq!(
+            s.queue(),
+            order,
+            "aging {aging_ms} waited {waited} newcomer {newcomer}"
+        );
+        let a = s.release("h", "h", None);
+        assert_eq!(a.granted(), vec![order[0].to_string()]);
+    }
+}
+
+#[test]
+fn min_hold_delays_a_preemption() {
+    for min_hold_ms in [0, 1_000] {
+        let config = SchedConfig {
+            min_hold_ms,
+            ..config()
+        };
+        let mut s = sim_with(config, &[("g0", 1_000)]);
+        s.request("asr", req("asr", 2));
+        s.advance(100);
+        let a = s.request("chat", req("chat", 0));
+        if min_hold_ms == 0 {
+            assert_eq!(a.control_actions("asr"), vec![Pause]);
+            continue;
+        }
+        assert!(a.all_controls().is_empty());
+        assert_eq!(s.sched.poll_timeout(), Some(T0 + min_hold_ms));
+        assert!(s.advance(min_hold_ms - 101).is_empty());
+        let a = s.advance(1);
+        assert_eq!(s.now, T0 + min_hold_ms);
+        assert_eq!(a.control_actions("asr"), vec![Pause]);
+    }
+}
+
+// ----- restore ----------------------------------------------------------------------------------------
+
+#[test]
+fn restore_seeds_fences_above_the_highest_issued() {
+    // (snapshot max_fence, a stale store lease's fence, an ended record's fence) -> next fence
+    let cases = [
+        (41, None, None, 42),
+        (41, Some(57), None, 58),
+        (41, Some(57), Some(60), 61),
+        (0, None, Some(5), 6),
+    ];
+    for (max_fence, lease_fence, record_fence, want) in cases {
+        let mut first = sim(&[("g0", 1_000)]);
+        first.request("old", req("old", 1));
+        first.release("old", "old", None);
+        let mut old = first.record("old").clone();
+        old.fence = record_fence.map(Fence);
+        let snapshot = Snapshot {
+            requests: vec![old],
+            max_fence: Fence(max_fence),
+            leases: lease_fence
+                .map(|f| Lease {
+                    request_id: "gone".into(),
+                    service_id: "x".into(),
+                    gpu: "g0".into(),
+                    fence: Fence(f),
+                    vram_mb: 10,
+                    capacity_mb: 1_000,
+                    expires_at: T0 + 10,
+                })
+                .into_iter()
+                .collect(),
+        };
+        let (mut s, a) = Sim::restored(config(), gpus(&[("g0", 1_000)]), snapshot, T0 + 5);
+        if lease_fence.is_some() {
+            assert_eq!(
+                a.lease_ops(),
+                vec![&LeaseOp::Release {
+                    request_id: "gone".into(),
+                    gpu: "g0".into(),
+                    fence: Fence(lease_fence.unwrap_or_default())
+                }]
+            );
+        }
+        assert_eq!(
+            s.request("new", req("new", 1)).reply("new").fence,
+            Some(want)
+        );
+        // The ended request is still known.
+        assert_eq!(
+            s.request("old", req("old", 1)).reply("old").outcome,
+            Outcome::Released
+        );
+    }
+}
+
+/// g0 (1000 MB): h holds 500 (non-preemptible); asr was paused for chat, which holds 500; q1
+/// (priority 1) and q2 (priority 2) wait.
+fn busy() -> Sim {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("h", req("h", 0).vram(500).preemptible(false));
+    s.request("asr", req("asr", 2).vram(500));
+    s.request("chat", req("chat", 1).vram(500));
+    s.ack_paused("asr", "asr");
+    s.request("q", req("q2", 2).vram(500));
+    s.request("q", req("q1", 1).vram(500));
+    assert_eq!(s.queue(), vec!["q1", "asr", "q2"]);
+    s
+}
+
+#[test]
+fn restore_keeps_queued_and_paused_requests_in_order() {
+    let mut s = busy();
+    let before = s.status();
+    let a = s.restart(1_000, true);
+    assert!(a.lease_ops().is_empty(), "the store has the leases: {a:#?}");
+    assert!(a.replies().is_empty() && a.all_controls().is_empty());
+    assert_eq!(s.queue(), vec!["q1", "asr", "q2"]);
+    assert_eq!(s.status().gpus[0].holders, before.gpus[0].holders);
+    assert_eq!(s.phase("asr"), Phase::Paused);
+    let a = s.release("chat", "chat", None);
+    assert_eq!(a.granted(), vec!["q1"]);
+    let a = s.release("q", "q1", None);
+    assert_eq!(a.control("asr", Resume).fence, 5);
+    s.finish();
+}
+
+#[test]
+fn restore_revokes_a_lost_lease_that_expired_and_writes_back_a_valid_one() {
+    let mut s = busy();
+    s.renew("chat", "chat", None, Some(10_000));
+    // The store lost everything; chat's lease ran out meanwhile, h's did not.
+    let a = s.restart(20_000, false);
+    assert_eq!(a.events("chat"), vec![Expired, Revoked]);
+    assert_eq!(a.control_actions("chat"), vec![Revoke, Restart]);
+    assert_eq!(s.record("chat").end, Some(End::Revoked));
+    assert!(
+        a.lease_ops_for("chat")
+            .iter()
+            .all(|op| !matches!(op, LeaseOp::Restore(_))),
+        "an expired lease is not written back: {a:#?}"
+    );
+    let restored: Vec<&LeaseOp> = a.lease_ops_for("h");
+    assert_eq!(
+        restored,
+        vec![&LeaseOp::Restore(Lease {
+            request_id: "h".into(),
+            service_id: "h".into(),
+            gpu: "g0".into(),
+            fence: Fence(1),
+            vram_mb: 500,
+            capacity_mb: 1_000,
+            expires_at: T0 + 30_000,
+        })]
+    );
+    assert!(a.controls("h").is_empty());
+    // chat's VRAM goes to the head of the queue.
+    assert_eq!(a.granted(), vec!["q1"]);
+    assert_eq!(a.reply("q1").fence, Some(4));
+    s.finish();
+}
+
+#[test]
+fn restore_releases_stale_store_leases_and_trusts_the_store_expiry() {
+    let s = busy();
+    let mut snapshot = s.snapshot(true);
+    // The coordinator stopped after persisting asr's pause, before deleting its lease; a lease of
+    // a request nobody knows; chat's lease was renewed in the store.
+    let asr = s.record("asr");
+    snapshot.leases.push(Lease {
+        request_id: "asr".into(),
+        service_id: "asr".into(),
+        gpu: "g0".into(),
+        fence: asr.fence.expect("asr was granted"),
+        vram_mb: 500,
+        capacity_mb: 1_000,
+        expires_at: T0 + 30_000,
+    });
+    snapshot.leases.push(Lease {
+        request_id: "ghost".into(),
+        service_id: "ghost".into(),
+        gpu: "g0".into(),
+        fence: Fence(2),
+        vram_mb: 1,
+        capacity_mb: 1_000,
+        expires_at: T0 + 30_000,
+    });
+    for l in &mut snapshot.leases {
+        if l.request_id == "chat" {
+            l.expires_at = T0 + 90_000;
+        }
+    }
+    let (mut r, a) = Sim::restored(config(), gpus(&[("g0", 1_000)]), snapshot, T0 + 100);
+    let mut ops = a.lease_ops();
+    ops.sort_by(|a, b| harness::lease_op_id(a).cmp(harness::lease_op_id(b)));
+    assert_eq!(
+        ops,
+        vec![
+            &LeaseOp::Release {
+                request_id: "asr".into(),
+                gpu: "g0".into(),
+                fence: Fence(2)
+            },
+            &LeaseOp::Release {
+                request_id: "ghost".into(),
+                gpu: "g0".into(),
+                fence: Fence(2)
+            },
+        ]
+    );
+    assert_eq!(r.record("chat").expires_at, Some(T0 + 90_000));
+    assert_eq!(r.phase("asr"), Phase::Paused);
+    r.finish();
+}
+
+#[test]
+fn a_refused_lease_is_revoked() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("a", req("a", 1));
+    s.request("b", req("b", 1));
+    // A refusal of an older fence is ignored.
+    let a = s.input(Input::LeaseRefused {
+        request_id: "a".into(),
+        fence: Fence(0),
+        why: "stale".into(),
+    });
+    assert!(a.is_empty());
+    let a = s.input(Input::LeaseRefused {
+        request_id: "a".into(),
+        fence: Fence(1),
+        why: "GPU g0 is held by x".into(),
+    });
+    assert_eq!(a.control_actions("a"), vec![Revoke]);
+    assert!(a
+        .control("a", Revoke)
+        .reason
+        .contains("GPU g0 is held by x"));
+    assert_eq!(a.events("a"), vec![Revoked]);
+    assert_eq!(a.reply("b").fence, Some(2));
+}
+
+// ----- the seed's sequence diagram --------------------------------------------------------------------
+
+#[test]
+fn chat_preempts_background_transcription() {
+    let mut s = sim(&[("gpu0", 24_000)]);
+    let mut fences = Vec::new();
+
+    // Background ASR holds the GPU.
+    let a = s.request("asr", req("asr-1", 2).vram(20_000));
+    fences.push(a.reply("asr-1").fence.expect("granted"));
+
+    // Chat at priority 0 asks: ASR is told to pause; chat waits.
+    s.advance(1_000);
+    let a = s.request("chat", req("chat-1", 0).vram(16_000));
+    let pause = a.control("asr-1", Pause);
+    assert_eq!((pause.fence, pause.deadline_ms), (fences[0], Some(ACK_MS)));
+    assert_eq!(a.events("asr-1"), vec![Preempting]);
+    assert_eq!(a.events("chat-1"), vec![Requested, Queued]);
+    a.no_reply("chat-1");
+
+    // No grant before the ACK.
+    let a = s.advance(2_000);
+    assert!(a.is_empty());
+
+    // ASR ACKs: paused; chat is granted.
+    let a = s.ack("asr", "asr-1", Some(fences[0]), AckAction::Paused);
+    assert_eq!(a.events("asr-1"), vec![Paused]);
+    let grant = a.reply("chat-1");
+    assert_eq!(
+        (grant.outcome, grant.gpu.as_deref(), grant.waited_ms),
+        (Outcome::Granted, Some("gpu0"), Some(2_000))
+    );
+    fences.push(grant.fence.expect("granted"));
+
+    // Chat releases: ASR resumes with a new fence.
+    s.advance(3_000);
+    let a = s.release("chat", "chat-1", grant.fence);
+    assert_eq!(a.reply("chat-1").outcome, Outcome::Released);
+    let resume = a.control("asr-1", Resume);
+    fences.push(resume.fence);
+    assert_eq!(a.events("asr-1"), vec![Resumed]);
+
+    assert!(fences.windows(2).all(|w| w[0] < w[1]), "{fences:?}");
+    assert_eq!(
+        s.history.events("asr-1"),
+        vec![Requested, Granted, Preempting, Paused, Resumed]
+    );
+    assert_eq!(
+        s.history.events("chat-1"),
+        vec![Requested, Queued, Granted, Released]
+    );
+    s.release("asr", "asr-1", None);
+    s.finish();
+}
