@@ -10,15 +10,19 @@
 //!   clock and no async. Inputs go in with `now`; actions come out; it says when it next wants waking.
 //! - `wire/` (crate `gpu-coordinator-wire`): the wire contract's messages, JSON/MessagePack, validation.
 //! - [`driver`]: the one event loop that owns the scheduler and carries out its actions.
-//! - [`adapters`]: thin translations to NATS JetStream, Redis (the lease store) and Postgres (the durable
-//!   queue). No scheduling decision lives there.
+//! - [`adapters`]: thin translations to NATS JetStream, Redis (the lease store), Postgres (the durable
+//!   queue), NVML (VRAM as the driver sees it) and HTTP (axum: the API, SSE control orders, health,
+//!   OpenAPI). No scheduling decision lives there.
+//! - [`metrics`]: Prometheus metrics, fed by the driver's actions and the status document.
 //! - [`config`]: the typed configuration (figment). [`telemetry`]: logging.
 //! - `migrations/` (crate `migration`): the Postgres schema.
 //! - `client/` (crate `gpu-coordinator-client`): the library services use.
 //!
 //! ## Invariants
 //!
-//! - Only the driver task touches the scheduler; everything else sends it commands.
+//! - Only the driver task touches the scheduler; everything else sends it commands. HTTP handlers publish
+//!   their inputs to the same JetStream input stream as NATS clients, so there is one order and one audit
+//!   trail.
 //! - An input is acknowledged to JetStream only after its effects are committed to Postgres; the lease
 //!   store is written after Postgres, and messages are published after the lease store.
 //! - Fences strictly increase over the deployment's life: the highest issued is persisted with every batch
@@ -27,4 +31,5 @@
 pub mod adapters;
 pub mod config;
 pub mod driver;
+pub mod metrics;
 pub mod telemetry;

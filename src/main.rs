@@ -3,11 +3,13 @@
 //! below this edge exits the process.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use gpu_coordinator::config::Config;
 use gpu_coordinator::telemetry::{self, LogFormat};
+use gpu_coordinator_wire::{HolderState, StatusDoc, VramSource};
 use tokio_util::sync::CancellationToken;
 
 /// A preemptive priority semaphore for sharing GPUs between AI services, over NATS JetStream.
@@ -30,7 +32,23 @@ enum Command {
     Serve,
     /// Create or update the Postgres schema, then exit.
     Migrate,
+    /// Show the GPUs (VRAM and its source), the holders and the queue of a running coordinator.
+    Status {
+        /// Print the status document as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Ask the HTTP API at this base URL (e.g. `http://127.0.0.1:8080`) instead of NATS
+        /// (`<nats.prefix>.status` at `nats.url`).
+        #[arg(long, value_name = "URL")]
+        http: Option<String>,
+        /// The bearer token for `--http` when `[http.tokens]` is configured.
+        #[arg(long, env = "GPU_COORDINATOR_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
 }
+
+/// How long `status` waits for an answer.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -40,6 +58,18 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => serve(config).await,
         Command::Migrate => migrate(config).await,
+        Command::Status { json, http, token } => {
+            let doc = match http {
+                Some(url) => status_over_http(&url, token.as_deref()).await?,
+                None => status_over_nats(&config).await?,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&doc).context("cannot write the status as JSON")?);
+            } else {
+                print!("{}", render_status(&doc));
+            }
+            Ok(())
+        }
     }
 }
 
@@ -79,6 +109,169 @@ async fn migrate(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn status_over_nats(config: &Config) -> anyhow::Result<StatusDoc> {
+    let url = &config.nats.url;
+    let client = async_nats::ConnectOptions::new()
+        .name("gpu-coordinator status")
+        .connection_timeout(STATUS_TIMEOUT)
+        .connect(url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {url} (nats.url)"))?;
+    let subject = format!("{}.status", config.nats.prefix);
+    let msg = tokio::time::timeout(STATUS_TIMEOUT, client.request(subject.clone(), "".into()))
+        .await
+        .with_context(|| format!("no answer on {subject} within {STATUS_TIMEOUT:?}"))?
+        .with_context(|| format!("no coordinator answers on {subject} (is it running, with this nats.prefix?)"))?;
+    serde_json::from_slice(&msg.payload).with_context(|| format!("the answer on {subject} is not a status document"))
+}
+
+async fn status_over_http(base: &str, token: Option<&str>) -> anyhow::Result<StatusDoc> {
+    let url = format!("{}/gpu/status", base.trim_end_matches('/'));
+    let client = reqwest::Client::builder()
+        .timeout(STATUS_TIMEOUT)
+        .build()
+        .context("cannot make an HTTP client")?;
+    let mut request = client.get(&url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.with_context(|| format!("cannot reach {url}"))?;
+    let status = response.status();
+    let body = response.bytes().await.with_context(|| format!("cannot read the answer of {url}"))?;
+    if !status.is_success() {
+        let error = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        anyhow::bail!("{url} answered {status}: {error}");
+    }
+    serde_json::from_slice(&body).with_context(|| format!("the answer of {url} is not a status document"))
+}
+
+/// The status document as tables: GPUs, holders, queue.
+fn render_status(doc: &StatusDoc) -> String {
+    let source = |s: VramSource| match s {
+        VramSource::Nvml => "nvml",
+        VramSource::Config => "config",
+    };
+    let mut out = format!(
+        "Status at {} (VRAM figures from {})\n\nGPUs\n",
+        doc.at,
+        match doc.vram_source {
+            VramSource::Nvml => "NVML",
+            VramSource::Config => "the configuration",
+        }
+    );
+    out.push_str(&table(
+        &["GPU", "TOTAL MB", "USED MB", "FREE MB", "EXTERNAL MB", "SOURCE", "HOLDERS"],
+        doc.gpus
+            .iter()
+            .map(|g| {
+                vec![
+                    g.id.clone(),
+                    g.total_mb.to_string(),
+                    g.used_mb.to_string(),
+                    g.free_mb.to_string(),
+                    g.external_mb.to_string(),
+                    source(g.vram_source).to_owned(),
+                    g.holders.len().to_string(),
+                ]
+            })
+            .collect(),
+    ));
+    out.push_str("\nHolders\n");
+    out.push_str(&table(
+        &["GPU", "REQUEST", "SERVICE", "PRIO", "VRAM MB", "FENCE", "STATE", "GRANTED", "EXPIRES"],
+        doc.gpus
+            .iter()
+            .flat_map(|g| g.holders.iter().map(move |h| (g, h)))
+            .map(|(g, h)| {
+                let state = match h.state {
+                    HolderState::Active => "active",
+                    HolderState::Pausing => "pausing",
+                };
+                let state = if h.preemptible { state.to_owned() } else { format!("{state}, not preemptible") };
+                vec![
+                    g.id.clone(),
+                    h.request_id.clone(),
+                    h.service_id.clone(),
+                    h.priority.to_string(),
+                    h.vram_mb.to_string(),
+                    h.fence.to_string(),
+                    state,
+                    h.granted_at.clone(),
+                    h.expires_at.clone(),
+                ]
+            })
+            .collect(),
+    ));
+    out.push_str("\nQueue (grant order)\n");
+    out.push_str(&table(
+        &["POS", "REQUEST", "SERVICE", "PRIO", "VRAM MB", "GPU", "STATE", "SINCE", "EST. WAIT"],
+        doc.queue
+            .iter()
+            .map(|q| {
+                let paused_on = doc
+                    .paused
+                    .iter()
+                    .find(|p| p.request_id == q.request_id)
+                    .map(|p| format!("paused (GPU {})", p.gpu));
+                vec![
+                    q.position.to_string(),
+                    q.request_id.clone(),
+                    q.service_id.clone(),
+                    q.priority.to_string(),
+                    q.vram_mb.map_or_else(|| "whole GPU".to_owned(), |mb| mb.to_string()),
+                    q.gpu.clone().unwrap_or_else(|| "any".to_owned()),
+                    match (q.paused, paused_on) {
+                        (true, Some(on)) => on,
+                        (true, None) => "paused".to_owned(),
+                        (false, _) => "queued".to_owned(),
+                    },
+                    q.requested_at.clone(),
+                    q.estimated_wait_ms.map_or_else(|| "-".to_owned(), human_ms),
+                ]
+            })
+            .collect(),
+    ));
+    out
+}
+
+/// Left-aligned columns two spaces apart; `(none)` for no rows.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    if rows.is_empty() {
+        return "  (none)\n".to_owned();
+    }
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .into_iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        format!("  {}\n", padded.join("  ").trim_end())
+    };
+    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        out.push_str(&line(row));
+    }
+    out
+}
+
+/// `850 ms`, `12.3 s`, `4 min 05 s`.
+fn human_ms(ms: u64) -> String {
+    match ms {
+        0..=999 => format!("{ms} ms"),
+        1_000..=59_999 => format!("{:.1} s", ms as f64 / 1000.0),
+        _ => format!("{} min {:02} s", ms / 60_000, (ms % 60_000) / 1000),
+    }
+}
+
 /// Cancels `token` on the first SIGINT (Ctrl-C) or SIGTERM, which starts a graceful stop.
 async fn cancel_on_signal(token: CancellationToken) {
     let ctrl_c = async {
@@ -106,4 +299,80 @@ async fn cancel_on_signal(token: CancellationToken) {
         _ = term => tracing::info!("SIGTERM received, stopping"),
     }
     token.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpu_coordinator_wire::{GpuStatus, HolderStatus, PausedStatus, QueueEntry};
+
+    #[test]
+    fn the_status_table_shows_gpus_holders_and_queue() {
+        let doc = StatusDoc {
+            at: "2026-11-26T14:00:00.000Z".into(),
+            vram_source: VramSource::Config,
+            gpus: vec![GpuStatus {
+                id: "0".into(),
+                total_mb: 24_576,
+                used_mb: 20_000,
+                free_mb: 4_576,
+                external_mb: 0,
+                vram_source: VramSource::Config,
+                holders: vec![HolderStatus {
+                    request_id: "chat-1".into(),
+                    service_id: "chat".into(),
+                    priority: 0,
+                    fence: 7,
+                    vram_mb: 20_000,
+                    granted_at: "2026-11-26T13:59:50.000Z".into(),
+                    expires_at: "2026-11-26T14:00:20.000Z".into(),
+                    state: HolderState::Active,
+                    preemptible: true,
+                }],
+            }],
+            paused: vec![PausedStatus {
+                request_id: "asr-1".into(),
+                service_id: "asr".into(),
+                priority: 2,
+                gpu: "0".into(),
+                vram_mb: 16_000,
+                paused_at: "2026-11-26T13:59:50.000Z".into(),
+            }],
+            queue: vec![
+                QueueEntry {
+                    position: 1,
+                    request_id: "tts-1".into(),
+                    service_id: "tts".into(),
+                    priority: 1,
+                    vram_mb: None,
+                    gpu: None,
+                    requested_at: "2026-11-26T13:59:55.000Z".into(),
+                    paused: false,
+                    timeout_at: None,
+                    estimated_wait_ms: Some(20_000),
+                },
+                QueueEntry {
+                    position: 2,
+                    request_id: "asr-1".into(),
+                    service_id: "asr".into(),
+                    priority: 2,
+                    vram_mb: Some(16_000),
+                    gpu: None,
+                    requested_at: "2026-11-26T13:59:00.000Z".into(),
+                    paused: true,
+                    timeout_at: None,
+                    estimated_wait_ms: Some(125_000),
+                },
+            ],
+        };
+        let text = render_status(&doc);
+        assert!(text.contains("VRAM figures from the configuration"), "{text}");
+        assert!(text.contains("  0    24576     20000    4576     0            config  1"), "{text}");
+        assert!(text.contains("chat-1   chat     0     20000    7      active"), "{text}");
+        assert!(text.contains("1    tts-1    tts      1     whole GPU  any  queued"), "{text}");
+        assert!(text.contains("paused (GPU 0)"), "{text}");
+        assert!(text.contains("20.0 s") && text.contains("2 min 05 s"), "{text}");
+        let empty = render_status(&StatusDoc { gpus: vec![], paused: vec![], queue: vec![], ..doc });
+        assert_eq!(empty.matches("(none)").count(), 3, "{empty}");
+    }
 }

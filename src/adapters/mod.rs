@@ -1,5 +1,7 @@
 //! Thin adapters: each translates between the driver and one server, and decides nothing.
 
+pub mod http;
 pub mod nats;
+pub mod nvml;
 pub mod postgres;
 pub mod redis;

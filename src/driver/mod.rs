@@ -1,6 +1,6 @@
 //! The driver: the one task that owns the scheduler. It turns JetStream inputs, timer wake-ups, status
-//! requests and commands into scheduler inputs, and carries out the scheduler's actions through the
-//! adapters, in the order that keeps every effect durable before it is acknowledged:
+//! requests, NVML samples and commands into scheduler inputs, and carries out the scheduler's actions
+//! through the adapters, in the order that keeps every effect durable before it is acknowledged:
 //!
 //! 1. persist the changed requests and the highest fence in one Postgres transaction;
 //! 2. apply the lease changes to Redis (a refused lease goes back to the scheduler as an input);
@@ -8,10 +8,13 @@
 //! 4. acknowledge the inputs (an invalid input is terminated, never redelivered).
 //!
 //! A server that goes away is waited for with backoff: the loop stops taking inputs until it is back.
+//! Every action also goes to the metrics recorder. [`run`] serves the HTTP API beside the loop; its
+//! handlers publish inputs to JetStream and ask this task for the status, never touching the scheduler.
 //! Nothing here decides who gets a GPU.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -19,20 +22,29 @@ use async_nats::jetstream::AckKind;
 use backon::{ExponentialBuilder, Retryable};
 use futures::{FutureExt, StreamExt};
 use gpu_coordinator_core::{Action, Fence, GpuSpec, Input, LeaseOp, Millis, RequestRecord, Scheduler, Snapshot};
-use gpu_coordinator_wire::{codec, decode_input, Encoding, Subjects};
+use gpu_coordinator_wire::{codec, decode_input, Encoding, Subjects, VramSource};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::adapters::http::{self, Backends, HttpState};
 use crate::adapters::nats::{content_type, Bus, Outbound};
+use crate::adapters::nvml::{self, DeviceSample, GpuProbe, NvmlProbe};
 use crate::adapters::postgres::PgStore;
 use crate::adapters::redis::LeaseStore;
 use crate::config::Config;
+use crate::metrics::{Metrics, Recorder};
 
 /// How many inputs one batch takes at most: they share one Postgres commit.
 const MAX_BATCH: usize = 256;
 
 /// How often the driver checks that Redis still has its data.
 const EPOCH_CHECK: Duration = Duration::from_secs(1);
+
+/// At shutdown, how long an operation in flight may take to finish before it is abandoned.
+const SETTLE_AT_STOP: Duration = Duration::from_secs(2);
+
+/// How long the HTTP server may take to finish the calls in flight after the driver stopped.
+const HTTP_DRAIN: Duration = Duration::from_secs(5);
 
 /// The GPU assumed when neither the configuration nor NVML names one.
 pub const DEFAULT_GPU_MB: u64 = 24_576;
@@ -66,15 +78,52 @@ impl DriverHandle {
     }
 }
 
+/// What [`run_with`] may be given beyond the configuration.
+#[derive(Clone, Default)]
+pub struct Extras {
+    /// The GPU probe to use instead of NVML (tests pass a fake device). `None`: NVML, when
+    /// `nvml.enabled` and a driver is there.
+    pub probe: Option<Arc<dyn GpuProbe>>,
+}
+
 /// Runs the coordinator until `shutdown` is cancelled. `http` is the already-bound HTTP listener.
 pub async fn run(
     config: Config,
     http: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (driver, commands) = Driver::start(&config, shutdown.clone()).await?;
-    drop(http);
-    driver.run(commands).await
+    run_with(config, http, shutdown, Extras::default()).await
+}
+
+/// [`run`] with [`Extras`]. The HTTP API answers from the start (`/healthz`; the rest says it is
+/// starting) and stops with the coordinator.
+pub async fn run_with(
+    config: Config,
+    http: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+    extras: Extras,
+) -> anyhow::Result<()> {
+    let subjects = Subjects::new(&config.nats.prefix)
+        .map_err(anyhow::Error::msg)
+        .context("nats.prefix")?;
+    let metrics = Metrics::new();
+    let http_stop = shutdown.child_token();
+    let state = HttpState::new(&config, subjects, metrics.clone(), http_stop.clone());
+    let server = tokio::spawn(http::serve(http, state.clone()));
+    let result = async {
+        let (driver, commands) = Driver::start_with(&config, shutdown.clone(), metrics, extras).await?;
+        state.set_backends(driver.backends());
+        driver.run(commands).await
+    }
+    .await;
+    http_stop.cancel();
+    match tokio::time::timeout(HTTP_DRAIN, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::error!("the HTTP server failed: {e}"),
+        Ok(Err(e)) => tracing::error!("the HTTP server task failed: {e}"),
+        Err(_) => tracing::warn!("HTTP calls still in flight after {HTTP_DRAIN:?}; dropping them"),
+    }
+    result
 }
 
 /// Retries `op` with exponential backoff (up to 5 s apart) until it succeeds or `shutdown` is
@@ -94,9 +143,17 @@ where
                 .without_max_times(),
         )
         .notify(|e, wait| tracing::warn!("{what}: {e}; retrying in {wait:?}"));
+    tokio::pin!(attempt);
     tokio::select! {
-        result = attempt => result.map_err(|e| anyhow::anyhow!("{what}: {e}")),
-        _ = shutdown.cancelled() => anyhow::bail!("{what}: stopped while waiting for the server"),
+        result = &mut attempt => result.map_err(|e| anyhow::anyhow!("{what}: {e}")),
+        _ = shutdown.cancelled() => {
+            // Work in flight settles (a publish waiting for its PubAck); a server that is away is not
+            // waited for.
+            match tokio::time::timeout(SETTLE_AT_STOP, &mut attempt).await {
+                Ok(result) => result.map_err(|e| anyhow::anyhow!("{what}: {e}")),
+                Err(_) => anyhow::bail!("{what}: stopped while waiting for the server"),
+            }
+        }
     }
 }
 
@@ -135,6 +192,13 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// What the driver keeps of NVML: which device each GPU is, and the last figure it fed the scheduler.
+struct NvmlFeed {
+    devices: BTreeMap<String, u32>,
+    samples: mpsc::Receiver<Vec<DeviceSample>>,
+    fed: HashMap<String, u64>,
+}
+
 /// The driver's state: the scheduler and the adapters.
 pub struct Driver {
     sched: Scheduler,
@@ -144,6 +208,54 @@ pub struct Driver {
     subjects: Subjects,
     shutdown: CancellationToken,
     handle: DriverHandle,
+    recorder: Recorder,
+    nvml: Option<NvmlFeed>,
+}
+
+/// Asks the probe (the given one, else NVML when enabled) for the devices, saying once in the log where
+/// the VRAM figures will come from.
+async fn probe_devices(
+    config: &Config,
+    probe: Option<Arc<dyn GpuProbe>>,
+) -> Option<(Arc<dyn GpuProbe>, Vec<DeviceSample>)> {
+    let probe: Arc<dyn GpuProbe> = match probe {
+        Some(p) => p,
+        None if !config.nvml.enabled => {
+            tracing::info!("nvml.enabled is false: VRAM figures come from the configuration");
+            return None;
+        }
+        None => match tokio::task::spawn_blocking(NvmlProbe::init).await {
+            Ok(Ok(p)) => Arc::new(p),
+            Ok(Err(e)) => {
+                tracing::warn!("{e}: running on the configured GPU capacities (vram_source \"config\")");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!("NVML start failed ({e}): running on the configured GPU capacities");
+                return None;
+            }
+        },
+    };
+    let query = probe.clone();
+    match tokio::task::spawn_blocking(move || query.devices()).await {
+        Ok(Ok(devices)) => {
+            for d in &devices {
+                tracing::info!(
+                    "NVML device {}: {} ({}), {} MB, {} MB used",
+                    d.index, d.name, d.uuid, d.total_mb, d.used_mb
+                );
+            }
+            Some((probe, devices))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!("{e}: running on the configured GPU capacities (vram_source \"config\")");
+            None
+        }
+        Err(e) => {
+            tracing::warn!("NVML query failed ({e}): running on the configured GPU capacities");
+            None
+        }
+    }
 }
 
 impl Driver {
@@ -152,6 +264,16 @@ impl Driver {
     pub async fn start(
         config: &Config,
         shutdown: CancellationToken,
+    ) -> anyhow::Result<(Driver, mpsc::Receiver<Command>)> {
+        Self::start_with(config, shutdown, Metrics::new(), Extras::default()).await
+    }
+
+    /// [`Driver::start`] recording into `metrics`, with [`Extras`].
+    pub async fn start_with(
+        config: &Config,
+        shutdown: CancellationToken,
+        metrics: Arc<Metrics>,
+        extras: Extras,
     ) -> anyhow::Result<(Driver, mpsc::Receiver<Command>)> {
         let subjects = Subjects::new(&config.nats.prefix)
             .map_err(anyhow::Error::msg)
@@ -184,11 +306,38 @@ impl Driver {
             subjects.prefix()
         );
 
-        let gpus = inventory(config);
+        let probed = probe_devices(config, extras.probe).await;
+        let found = nvml::inventory(&config.gpus, probed.as_ref().map(|(_, d)| d.as_slice()));
+        if probed.is_some() && !config.gpus.is_empty() && found.source == VramSource::Config {
+            tracing::warn!(
+                "NVML sees the GPUs but none of the configured [[gpus]] ids is an NVML index or UUID: VRAM \
+                 figures come from the configuration"
+            );
+        }
+        let gpus = if found.gpus.is_empty() {
+            inventory(config)
+        } else {
+            found.gpus.clone()
+        };
         for g in &gpus {
-            tracing::info!("managing GPU {} with {} MB", g.id, g.total_mb);
+            let source = if found.devices.contains_key(&g.id) { "NVML" } else { "configuration" };
+            tracing::info!("managing GPU {} with {} MB (VRAM from the {source})", g.id, g.total_mb);
         }
         let mut sched = Scheduler::new(config.sched_config(), gpus);
+        sched.set_vram_source(found.source);
+        let nvml = match probed {
+            Some((probe, _)) if !found.devices.is_empty() => {
+                let (tx, samples) = mpsc::channel(4);
+                let every = Duration::from_millis(config.nvml.sample_ms.max(1));
+                nvml::spawn_sampler(probe, every, tx, shutdown.clone());
+                Some(NvmlFeed {
+                    devices: found.devices,
+                    samples,
+                    fed: HashMap::new(),
+                })
+            }
+            _ => None,
+        };
         let retain = config.queue.retain_ended;
         let (requests, pg_fence) = with_retry("loading the queue from Postgres", &shutdown, || pg.load(retain)).await?;
         let live_leases = with_retry("reading leases from Redis", &shutdown, || leases.leases()).await?;
@@ -216,6 +365,8 @@ impl Driver {
             subjects,
             shutdown,
             handle: DriverHandle { tx },
+            recorder: Recorder::new(metrics),
+            nvml,
         };
         driver.carry_out().await?;
         Ok((driver, rx))
@@ -224,6 +375,16 @@ impl Driver {
     /// A handle for commands (status) to this driver.
     pub fn handle(&self) -> DriverHandle {
         self.handle.clone()
+    }
+
+    /// The servers and a handle, for the HTTP API.
+    pub fn backends(&self) -> Backends {
+        Backends {
+            bus: self.bus.clone(),
+            pg: self.pg.clone(),
+            leases: self.leases.clone(),
+            driver: self.handle(),
+        }
     }
 
     /// The event loop, until shutdown.
@@ -265,6 +426,7 @@ impl Driver {
                     }
                 },
                 Some(msg) = status.next() => self.answer_status(msg).await,
+                Some(samples) = next_sample(&mut self.nvml) => self.handle_samples(samples).await?,
                 Some(command) = commands.recv() => match command {
                     Command::Status(reply) => {
                         let _ = reply.send(self.sched.status(now_ms()));
@@ -321,6 +483,7 @@ impl Driver {
             let mut lease_ops = Vec::new();
             let mut outputs = Vec::new();
             while let Some(action) = self.sched.poll_action() {
+                self.recorder.observe(&action, now_ms());
                 match action {
                     Action::Persist(rec) => match index.get(&rec.request_id) {
                         Some(&i) => records[i] = rec,
@@ -360,30 +523,74 @@ impl Driver {
             if records.is_empty() && fence.is_none() && lease_ops.is_empty() && outputs.is_empty() {
                 return Ok(());
             }
-            if !records.is_empty() || fence.is_some() {
-                let pg = &self.pg;
-                with_retry("persisting to Postgres", &self.shutdown, || pg.apply(&records, fence)).await?;
-            }
-            for op in lease_ops {
-                let leases = &self.leases;
-                let outcome = with_retry("writing leases to Redis", &self.shutdown, || leases.apply(&op)).await?;
-                if let (Some(why), LeaseOp::Acquire(lease) | LeaseOp::Restore(lease)) = (outcome.refusal(), &op) {
-                    tracing::error!(request_id = %lease.request_id, "Redis refused a lease: {why}");
-                    self.sched.handle_input(
-                        Input::LeaseRefused {
-                            request_id: lease.request_id.clone(),
-                            fence: lease.fence,
-                            why,
-                        },
-                        now_ms(),
-                    );
+            // Postgres and Redis are written concurrently: both finish before anything is published or
+            // acknowledged, and a restart reconciles a crash between the two (a lease without its
+            // grant in Postgres is released; a grant without its lease is written back).
+            let pg = &self.pg;
+            let leases = &self.leases;
+            let shutdown = &self.shutdown;
+            let persist = async {
+                if !records.is_empty() || fence.is_some() {
+                    with_retry("persisting to Postgres", shutdown, || pg.apply(&records, fence)).await?;
                 }
+                anyhow::Ok(())
+            };
+            let lease = async {
+                let mut refused = Vec::new();
+                for op in &lease_ops {
+                    let outcome = with_retry("writing leases to Redis", shutdown, || leases.apply(op)).await?;
+                    if let (Some(why), LeaseOp::Acquire(lease) | LeaseOp::Restore(lease)) = (outcome.refusal(), op) {
+                        refused.push((lease.request_id.clone(), lease.fence, why));
+                    }
+                }
+                anyhow::Ok(refused)
+            };
+            let (persisted, refused) = tokio::join!(persist, lease);
+            persisted?;
+            for (request_id, fence, why) in refused? {
+                tracing::error!(%request_id, "Redis refused a lease: {why}");
+                self.sched.handle_input(Input::LeaseRefused { request_id, fence, why }, now_ms());
             }
             if !outputs.is_empty() {
                 let bus = &self.bus;
                 with_retry("publishing to JetStream", &self.shutdown, || bus.publish_all(outputs.clone())).await?;
             }
         }
+    }
+
+    /// Feeds the scheduler the VRAM used outside its leases on each sampled GPU (NVML's used memory minus
+    /// what the scheduler counts as held there), when it changed.
+    async fn handle_samples(&mut self, samples: Vec<DeviceSample>) -> anyhow::Result<()> {
+        let Some(feed) = self.nvml.as_mut() else {
+            return Ok(());
+        };
+        let now = now_ms();
+        let doc = self.sched.status(now);
+        let held = |gpu: &str| -> u64 {
+            doc.gpus
+                .iter()
+                .filter(|g| g.id == gpu)
+                .flat_map(|g| g.holders.iter())
+                .map(|h| h.vram_mb)
+                .sum()
+        };
+        let external = nvml::external_usage(&feed.devices, &samples, held);
+        self.recorder.metrics().set_processes(feed.devices.iter().filter_map(|(gpu, index)| {
+            samples.iter().find(|s| s.index == *index).map(|s| (gpu.as_str(), s))
+        }));
+        let mut changed = false;
+        for (gpu, used_mb) in external {
+            if feed.fed.get(&gpu) != Some(&used_mb) {
+                tracing::debug!(gpu = %gpu, used_mb, "VRAM used outside the leases");
+                feed.fed.insert(gpu.clone(), used_mb);
+                self.sched.handle_input(Input::ExternalVram { gpu, used_mb }, now);
+                changed = true;
+            }
+        }
+        if changed {
+            self.carry_out().await?;
+        }
+        Ok(())
     }
 
     async fn answer_status(&mut self, msg: async_nats::Message) {
@@ -411,5 +618,13 @@ impl Driver {
             }
             Err(e) => tracing::warn!("checking Redis: {e}"),
         }
+    }
+}
+
+/// The next NVML sample, or never when NVML is not in use.
+async fn next_sample(nvml: &mut Option<NvmlFeed>) -> Option<Vec<DeviceSample>> {
+    match nvml {
+        Some(feed) => feed.samples.recv().await,
+        None => std::future::pending().await,
     }
 }

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use std::net::TcpListener as StdListener;
+use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,6 +62,8 @@ pub fn test_config(tag: &str, gpus: &[(&str, u64)]) -> Config {
 /// A coordinator running in this process.
 pub struct Coordinator {
     pub config: Config,
+    /// Where its HTTP API listens.
+    pub http_addr: SocketAddr,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -69,22 +71,35 @@ pub struct Coordinator {
 impl Coordinator {
     /// Starts it and waits until it answers `status`.
     pub async fn start(config: Config) -> Coordinator {
+        Self::start_with(config, gpu_coordinator::driver::Extras::default()).await
+    }
+
+    /// [`Coordinator::start`] with extras (a fake GPU probe).
+    pub async fn start_with(config: Config, extras: gpu_coordinator::driver::Extras) -> Coordinator {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind an HTTP port");
+        let http_addr = listener.local_addr().expect("the HTTP listener's address");
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(gpu_coordinator::driver::run(
+        let task = tokio::spawn(gpu_coordinator::driver::run_with(
             config.clone(),
             listener,
             shutdown.clone(),
+            extras,
         ));
         let coordinator = Coordinator {
             config,
+            http_addr,
             shutdown,
             task,
         };
         wait_ready(&coordinator.config).await;
         coordinator
+    }
+
+    /// `http://127.0.0.1:<port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http_addr)
     }
 
     /// Stops it gracefully and returns how it ended.
@@ -450,12 +465,17 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Kills the server and starts it again, empty, on the same port.
-    pub fn restart(&mut self) {
+    /// Stops the server (SIGKILL).
+    pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Kills the server and starts it again, empty, on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])

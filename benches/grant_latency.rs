@@ -1,0 +1,166 @@
+//! Free-GPU grant latency through a real NATS client against a running coordinator.
+//!
+//! Drives CYCLES request -> grant -> release cycles (a plain publish, as `nats pub` does) and prints the
+//! latency from publishing the request to receiving the `granted` reply, p50/p99/max, beside two
+//! references measured in the same run: one raw NATS request-reply round trip, one plain publish into a
+//! JetStream stream delivered through a pull consumer (the path of every input), and one Postgres insert
+//! commit.
+//!
+//! Needs Postgres, Redis and NATS on loopback: `cargo bench --bench grant_latency`.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use gpu_coordinator::config::{Config, GpuConfig};
+use gpu_coordinator_wire::Reply;
+use sea_orm::{ConnectionTrait, Database, Statement};
+use tokio_util::sync::CancellationToken;
+
+const CYCLES: usize = 2_000;
+
+fn percentiles(name: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    let at = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+    println!(
+        "{name:<34} n={:<5} p50={:>8.3} ms  p99={:>8.3} ms  max={:>8.3} ms",
+        samples.len(),
+        at(0.50).as_secs_f64() * 1e3,
+        at(0.99).as_secs_f64() * 1e3,
+        samples[samples.len() - 1].as_secs_f64() * 1e3,
+    );
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let tag = format!("bench{}", std::process::id());
+    let mut config = Config::default();
+    config.nats.prefix = tag.clone();
+    config.redis.key_prefix = tag.clone();
+    config.database.url = format!("postgres://postgres@127.0.0.1:5432/gpu_{tag}");
+    config.gpus = vec![GpuConfig {
+        id: "0".into(),
+        vram_mb: 24_576,
+    }];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let shutdown = CancellationToken::new();
+    let coordinator = tokio::spawn(gpu_coordinator::driver::run(
+        config.clone(),
+        listener,
+        shutdown.clone(),
+    ));
+
+    let client = async_nats::connect(&config.nats.url).await?;
+    // Wait until the coordinator answers.
+    loop {
+        let asked = client.request(format!("{tag}.status"), "".into());
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), asked).await {
+            break;
+        }
+    }
+    let mut replies = client.subscribe(format!("{tag}.reply.bench")).await?;
+    client.flush().await?;
+
+    let mut grant = Vec::with_capacity(CYCLES);
+    let mut cycle = Vec::with_capacity(CYCLES);
+    for i in 0..CYCLES {
+        let id = format!("r{i}");
+        let body = format!(r#"{{"request_id":"{id}","priority":1}}"#);
+        let start = Instant::now();
+        client
+            .publish(format!("{tag}.request.bench"), body.into())
+            .await?;
+        loop {
+            let msg = replies.next().await.expect("replies");
+            let reply: Reply = serde_json::from_slice(&msg.payload)?;
+            if reply.request_id == id {
+                assert_eq!(reply.outcome, gpu_coordinator_wire::Outcome::Granted);
+                grant.push(start.elapsed());
+                let release = format!(r#"{{"request_id":"{id}","fence":{}}}"#, reply.fence.unwrap());
+                client
+                    .publish(format!("{tag}.release.bench"), release.into())
+                    .await?;
+                break;
+            }
+        }
+        loop {
+            let msg = replies.next().await.expect("replies");
+            let reply: Reply = serde_json::from_slice(&msg.payload)?;
+            if reply.request_id == id {
+                cycle.push(start.elapsed());
+                break;
+            }
+        }
+    }
+
+    // Reference 1: a raw NATS request-reply round trip on the same server.
+    let mut echo = client.subscribe(format!("{tag}.echo")).await?;
+    let responder = client.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = echo.next().await {
+            if let Some(reply) = msg.reply {
+                let _ = responder.publish(reply, msg.payload).await;
+            }
+        }
+    });
+    let mut raw = Vec::with_capacity(CYCLES);
+    for _ in 0..CYCLES {
+        let start = Instant::now();
+        client.request(format!("{tag}.echo"), "x".into()).await?;
+        raw.push(start.elapsed());
+    }
+
+    // Reference 2: a plain publish into a JetStream stream, delivered through a durable pull consumer
+    // (the path every input takes before the coordinator sees it).
+    let js = async_nats::jetstream::new(client.clone());
+    let ref_stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: format!("{}_REF", tag.to_uppercase()),
+            subjects: vec![format!("{tag}.ref")],
+            ..Default::default()
+        })
+        .await?;
+    let consumer: async_nats::jetstream::consumer::PullConsumer = ref_stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("ref".into()),
+            ..Default::default()
+        })
+        .await?;
+    let mut delivered = consumer.messages().await?;
+    let mut inbound = Vec::with_capacity(CYCLES);
+    for _ in 0..CYCLES {
+        let start = Instant::now();
+        client.publish(format!("{tag}.ref"), "x".into()).await?;
+        let msg = delivered.next().await.expect("delivery").map_err(|e| anyhow::anyhow!("{e}"))?;
+        inbound.push(start.elapsed());
+        msg.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    js.delete_stream(format!("{}_REF", tag.to_uppercase())).await?;
+
+    // Reference 3: one Postgres insert commit (autocommit) in the coordinator's database.
+    let db = Database::connect(&config.database.url).await?;
+    db.execute_unprepared("CREATE TABLE IF NOT EXISTS bench_commit (id bigserial primary key, v text)")
+        .await?;
+    let mut commit = Vec::with_capacity(CYCLES);
+    for i in 0..CYCLES {
+        let start = Instant::now();
+        db.execute(Statement::from_string(
+            db.get_database_backend(),
+            format!("INSERT INTO bench_commit (v) VALUES ('{i}')"),
+        ))
+        .await?;
+        commit.push(start.elapsed());
+    }
+    db.execute_unprepared("DROP TABLE bench_commit").await?;
+
+    println!("grant latency, {CYCLES} cycles on one GPU (figures from this run):");
+    percentiles("request -> granted reply", grant);
+    percentiles("request -> released reply (cycle)", cycle);
+    percentiles("raw NATS request-reply", raw);
+    percentiles("JetStream publish -> pull delivery", inbound);
+    percentiles("Postgres insert commit", commit);
+
+    shutdown.cancel();
+    coordinator.await??;
+    db.execute_unprepared("SELECT 1").await.ok();
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! `GET /gpu/control/{service_id}`: a service's control orders (`pause`, `resume`, `revoke`, `restart`) as
+//! Server-Sent Events, for services without a NATS client.
+//!
+//! The orders are read from the output stream with an ordered consumer filtered on
+//! `<prefix>.control.<svc>`. Each event's `id` is its stream sequence: a client that reconnects with
+//! `Last-Event-ID` gets the orders it missed meanwhile; a new one gets the orders from now on (the
+//! consumer exists before the response starts, so nothing sent after the answer is missed).
+
+use std::convert::Infallible;
+
+use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{stream, StreamExt};
+use gpu_coordinator_wire::{codec, valid_service_id, Control, Encoding};
+
+use super::{ApiError, ErrorBody, HttpState};
+use crate::adapters::nats::content_type;
+
+/// Streams the service's control orders: one event per order, named after its action, with the order
+/// (JSON) as data and the stream sequence as id.
+#[utoipa::path(
+    get,
+    path = "/gpu/control/{service_id}",
+    tag = "inputs",
+    params(
+        ("service_id" = String, Path, description = "The service whose orders to stream"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event (a stream sequence)"),
+    ),
+    responses(
+        (status = 200, description = "`text/event-stream`: events `pause`, `resume`, `revoke`, `restart`, each \
+            with a `control` document as data; answer a `pause` with POST /gpu/ack", content_type = "text/event-stream",
+            body = String),
+        (status = 400, description = "Not a valid service id", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The token belongs to another service", body = ErrorBody),
+        (status = 503, description = "NATS unavailable", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
+)]
+pub(super) async fn control(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    Path(service): Path<String>,
+) -> Result<Response, ApiError> {
+    if !valid_service_id(&service) {
+        return Err(ApiError::BadRequest(format!(
+            "the service id {service:?} in the path must be 1 to 64 characters of A-Z, a-z, 0-9, `_` and `-`"
+        )));
+    }
+    state.authorize(&headers, &service)?;
+    let js = &state.connected()?.js;
+    let last_seen = headers
+        .get("Last-Event-ID")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let deliver_policy = match last_seen {
+        Some(seq) => DeliverPolicy::ByStartSequence {
+            start_sequence: seq.saturating_add(1),
+        },
+        None => DeliverPolicy::New,
+    };
+    let subject = state.subjects().control(&service);
+    let unavailable = |what: &str, e: String| {
+        ApiError::Unavailable(format!(
+            "cannot read the control orders ({what} on {subject}): {e}"
+        ))
+    };
+    let output = js
+        .get_stream(state.subjects().output_stream())
+        .await
+        .map_err(|e| unavailable("the output stream", e.to_string()))?;
+    let consumer = output
+        .create_consumer(OrderedConfig {
+            filter_subject: subject.clone(),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable("a consumer", e.to_string()))?;
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|e| unavailable("the messages", e.to_string()))?;
+    tracing::debug!(%service, "HTTP: control stream opened");
+    let hello = Event::default().comment(format!("control orders of `{service}`"));
+    let orders = messages.filter_map(|item| async move {
+        let msg = match item {
+            Ok(msg) => msg,
+            Err(e) => {
+                tracing::warn!("HTTP control stream: {e}");
+                return None;
+            }
+        };
+        let encoding = Encoding::from_content_type(content_type(msg.headers.as_ref()));
+        let control: Control = match codec::decode(encoding, &msg.payload) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(subject = %msg.subject, "an undecodable control order: {e}");
+                return None;
+            }
+        };
+        let mut event = Event::default().event(action_name(&control));
+        if let Ok(info) = msg.info() {
+            event = event.id(info.stream_sequence.to_string());
+        }
+        match event.json_data(&control) {
+            Ok(event) => Some(event),
+            Err(e) => {
+                tracing::warn!("encoding a control order: {e}");
+                None
+            }
+        }
+    });
+    let events = stream::once(async { hello })
+        .chain(orders)
+        .map(Ok::<_, Infallible>)
+        .take_until(state.stop().clone().cancelled_owned());
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// `pause`, `resume`, `revoke` or `restart`, as the wire writes the action.
+fn action_name(control: &Control) -> String {
+    serde_json::to_value(control.action)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "control".into())
+}

@@ -1,0 +1,574 @@
+//! `POST /gpu/request`, `/gpu/release`, `/gpu/renew`, `/gpu/ack`, `/gpu/cancel`: the body is checked as a
+//! NATS input would be (the wire crate's validation), published to the input stream with a PubAck, and
+//! answered with the coordinator's reply.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use gpu_coordinator_wire::{
+    codec, decode_input, valid_service_id, Encoding, Inbound, InputKind, Outcome, Reply,
+};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::time::Instant;
+use utoipa::ToSchema;
+
+use super::openapi::{
+    AckSchema, CancelSchema, ReleaseSchema, RenewSchema, ReplySchema, RequestSchema,
+};
+use super::{ApiError, ErrorBody, HttpState};
+use crate::adapters::nats::content_type;
+
+/// How much longer than `timeout_ms` a request's long poll waits for the coordinator's `timed_out`.
+const REQUEST_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long a release, renew or cancel waits for its reply.
+const REPLY_WAIT: Duration = Duration::from_secs(30);
+
+/// The answer to an input that gets no reply unless it is rejected (an ACK, a release of everything).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Accepted {
+    /// The request the input is about, when it names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// What happens next.
+    pub detail: String,
+}
+
+/// A body checked like a NATS input, ready to publish.
+struct Prepared {
+    service: String,
+    kind: InputKind,
+    payload: Vec<u8>,
+    input: Inbound,
+}
+
+/// Reads the body, finds its service (`service_id`, else the token's), checks the caller may act for
+/// it, fills in a `request_id` for a request without one, and validates it as the coordinator will.
+fn prepare(
+    state: &HttpState,
+    headers: &HeaderMap,
+    body: &[u8],
+    kind: InputKind,
+) -> Result<Prepared, ApiError> {
+    let caller = state.caller(headers)?.map(str::to_owned);
+    let mut value = parse_body(body, kind)?;
+    let fields = value
+        .as_object_mut()
+        .expect("parse_body returns only JSON objects");
+    let service = match fields.get("service_id") {
+        Some(Value::String(s)) if valid_service_id(s) => s.clone(),
+        Some(Value::String(s)) => {
+            return Err(ApiError::BadRequest(format!(
+                "field `service_id` must be 1 to 64 characters of A-Z, a-z, 0-9, `_` and `-`, got {s:?}"
+            )))
+        }
+        None | Some(Value::Null) => caller.clone().ok_or_else(|| {
+            ApiError::BadRequest(
+                "field `service_id` is required: the id of the service this input is for (1 to 64 \
+                 characters of A-Z, a-z, 0-9, `_` and `-`)"
+                    .into(),
+            )
+        })?,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "field `service_id`: expected a string, got {}",
+                describe(other)
+            )))
+        }
+    };
+    state.authorize(headers, &service)?;
+    if kind == InputKind::Request && matches!(fields.get("request_id"), None | Some(Value::Null)) {
+        fields.insert("request_id".into(), Value::String(new_request_id(&service)));
+    }
+    let payload = serde_json::to_vec(&value).expect("a JSON value always serializes");
+    let subject = state.subjects().input(kind, &service);
+    match decode_input(state.subjects(), &subject, None, &payload, 0) {
+        Ok(decoded) => Ok(Prepared {
+            service,
+            kind,
+            payload,
+            input: decoded.input,
+        }),
+        Err(rejection) => Err(ApiError::BadRequest(rejection.error)),
+    }
+}
+
+fn parse_body(body: &[u8], kind: InputKind) -> Result<Value, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::BadRequest(format!(
+            "the body is empty: expected a JSON object with the fields of a `{}` input and `service_id`",
+            kind.as_str()
+        )));
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(value @ Value::Object(_)) => Ok(value),
+        Ok(other) => Err(ApiError::BadRequest(format!(
+            "the body must be a JSON object of field names to values, got {}",
+            describe(&other)
+        ))),
+        Err(e) => Err(ApiError::BadRequest(format!(
+            "the body is not valid JSON: {e}"
+        ))),
+    }
+}
+
+fn describe(value: &Value) -> String {
+    match value {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => format!("the string {s:?}"),
+        Value::Array(_) => "an array".into(),
+        Value::Object(_) => "an object".into(),
+    }
+}
+
+/// `<svc>-http-<random>`: the handler must know the id to find the reply.
+fn new_request_id(service: &str) -> String {
+    format!("{service}-http-{:016x}", rand::random::<u64>())
+}
+
+/// Publishes to the input stream and waits for the PubAck. `Nats-Msg-Id` is unique to this call: a
+/// retried publish is stored once, while the same `request_id` sent again is answered by the coordinator
+/// with its current state (as over NATS).
+async fn publish(
+    js: &jetstream::Context,
+    subject: String,
+    payload: Vec<u8>,
+) -> Result<(), ApiError> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("http-{:032x}", rand::random::<u128>()).as_str(),
+    );
+    let unavailable = |e: String| {
+        ApiError::Unavailable(format!(
+            "the input could not be stored in JetStream (subject {subject}): {e}"
+        ))
+    };
+    let ack = js
+        .publish_with_headers(subject.clone(), headers, payload.into())
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    ack.await.map_err(|e| unavailable(e.to_string()))?;
+    Ok(())
+}
+
+/// Subscribes to `<prefix>.reply.<svc>` (before publishing, so that no reply is missed).
+async fn subscribe_replies(
+    state: &HttpState,
+    service: &str,
+) -> Result<async_nats::Subscriber, ApiError> {
+    let client = state.connected()?.backends.bus.client();
+    client
+        .subscribe(state.subjects().reply(service))
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("cannot subscribe to the replies: {e}")))
+}
+
+/// Waits for the reply about `request_id` whose outcome `accept`s, until `deadline`.
+async fn wait_reply(
+    state: &HttpState,
+    replies: &mut async_nats::Subscriber,
+    request_id: &str,
+    deadline: Instant,
+    accept: impl Fn(Outcome) -> bool,
+) -> Result<Reply, ApiError> {
+    let waited = Instant::now();
+    loop {
+        tokio::select! {
+            msg = replies.next() => {
+                let Some(msg) = msg else {
+                    return Err(ApiError::Unavailable("the NATS subscription to the replies ended".into()));
+                };
+                let encoding = Encoding::from_content_type(content_type(msg.headers.as_ref()));
+                match codec::decode::<Reply>(encoding, &msg.payload) {
+                    Ok(reply) if reply.request_id == request_id && accept(reply.outcome) => return Ok(reply),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(subject = %msg.subject, "an undecodable reply: {e}"),
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(ApiError::GatewayTimeout(format!(
+                    "the coordinator did not answer about request `{request_id}` within {} ms; the input is \
+                     stored and will be handled when it can",
+                    waited.elapsed().as_millis()
+                )));
+            }
+            _ = state.stop().cancelled() => {
+                return Err(ApiError::Unavailable(format!(
+                    "the coordinator is stopping; the input about request `{request_id}` is stored and will be \
+                     handled after its restart: send it again with this request_id for the answer"
+                )));
+            }
+        }
+    }
+}
+
+/// Releases a request whose long poll was abandoned (the client went away, or no answer came in time):
+/// nobody would learn of its grant, so it must not hold a GPU until its lease expires. Not when the
+/// coordinator stops: the request stays queued, and the client asks again with its `request_id`.
+struct ReleaseOnDrop {
+    armed: Option<(jetstream::Context, String, Vec<u8>)>,
+}
+
+impl ReleaseOnDrop {
+    fn new(js: &jetstream::Context, state: &HttpState, service: &str, request_id: &str) -> Self {
+        let body = serde_json::json!({ "request_id": request_id });
+        ReleaseOnDrop {
+            armed: Some((
+                js.clone(),
+                state.subjects().release(service),
+                serde_json::to_vec(&body).expect("a JSON value always serializes"),
+            )),
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = None;
+    }
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        let Some((js, subject, payload)) = self.armed.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            tracing::info!(%subject, "HTTP: a long poll was abandoned; releasing its request");
+            if let Err(e) = publish(&js, subject, payload).await {
+                tracing::warn!("releasing an abandoned request: {e}");
+            }
+        });
+    }
+}
+
+/// Asks for a GPU and waits until the request is granted or ends waiting (at most `timeout_ms`).
+///
+/// When the client goes away before the answer, the request is released. When the coordinator stops
+/// meanwhile (503), the request stays queued: ask again with the same `request_id` for its answer.
+#[utoipa::path(
+    post,
+    path = "/gpu/request",
+    tag = "inputs",
+    request_body(content = RequestSchema, description = "The request fields of `<prefix>.request.<svc>` plus \
+        `service_id` (required, unless the bearer token names the service). Without `request_id`, one is made up \
+        and returned in the reply."),
+    responses(
+        (status = 200, description = "Granted", body = ReplySchema),
+        (status = 202, description = "A repeated `request_id` of a paused request: it waits for `resume` (see \
+            GET /gpu/control/{service_id})", body = ReplySchema),
+        (status = 400, description = "Invalid input, or rejected by the coordinator", body = ReplySchema),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The token belongs to another service", body = ErrorBody),
+        (status = 408, description = "Timed out waiting for a grant", body = ReplySchema),
+        (status = 409, description = "A repeated `request_id` of a request that already ended (released, \
+            cancelled, revoked)", body = ReplySchema),
+        (status = 503, description = "NATS unavailable, or the coordinator is starting or stopping", body = ErrorBody),
+        (status = 504, description = "The coordinator did not answer in time", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
+)]
+pub(super) async fn request(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let prepared = prepare(&state, &headers, &body, InputKind::Request)?;
+    let Inbound::Request(msg) = &prepared.input else {
+        unreachable!("a request subject decodes to a request")
+    };
+    let request_id = msg
+        .request_id
+        .clone()
+        .expect("a validated request always has a request_id");
+    let timeout = Duration::from_millis(msg.timeout_ms.unwrap_or(state.inner.default_timeout_ms));
+    let js = state.connected()?.js.clone();
+    let mut replies = subscribe_replies(&state, &prepared.service).await?;
+    let subject = state.subjects().input(prepared.kind, &prepared.service);
+    publish(&js, subject, prepared.payload).await?;
+    let mut guard = ReleaseOnDrop::new(&js, &state, &prepared.service, &request_id);
+    let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let deadline = Instant::now()
+        .checked_add(timeout.saturating_add(REQUEST_MARGIN))
+        .unwrap_or(far)
+        .min(far);
+    // A repeated id of a queued request is answered `queued` first: the grant or the timeout follows.
+    let reply = wait_reply(&state, &mut replies, &request_id, deadline, |o| {
+        o != Outcome::Queued
+    })
+    .await;
+    if reply.is_ok() || state.stop().is_cancelled() {
+        guard.disarm();
+    }
+    let reply = reply?;
+    let status = match reply.outcome {
+        Outcome::Granted => StatusCode::OK,
+        Outcome::TimedOut => StatusCode::REQUEST_TIMEOUT,
+        Outcome::Rejected => StatusCode::BAD_REQUEST,
+        Outcome::Paused | Outcome::Queued => StatusCode::ACCEPTED,
+        Outcome::Released | Outcome::Cancelled | Outcome::Revoked | Outcome::Renewed => {
+            StatusCode::CONFLICT
+        }
+    };
+    Ok((status, Json(reply)).into_response())
+}
+
+/// Publishes an input about `request_id` and answers with its reply: 200 on `expected`, 400 on `rejected`.
+async fn answered(
+    state: &HttpState,
+    prepared: Prepared,
+    request_id: &str,
+    expected: Outcome,
+) -> Result<Response, ApiError> {
+    let js = state.connected()?.js.clone();
+    let mut replies = subscribe_replies(state, &prepared.service).await?;
+    let subject = state.subjects().input(prepared.kind, &prepared.service);
+    publish(&js, subject, prepared.payload).await?;
+    let deadline = Instant::now() + REPLY_WAIT;
+    let reply = wait_reply(state, &mut replies, request_id, deadline, |o| {
+        o == expected || o == Outcome::Rejected
+    })
+    .await?;
+    let status = if reply.outcome == expected {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    Ok((status, Json(reply)).into_response())
+}
+
+/// Publishes an input that gets no reply unless rejected, and answers 202 once it is stored.
+async fn stored(
+    state: &HttpState,
+    prepared: Prepared,
+    request_id: Option<String>,
+    detail: String,
+) -> Result<Response, ApiError> {
+    let js = state.connected()?.js.clone();
+    let subject = state.subjects().input(prepared.kind, &prepared.service);
+    publish(&js, subject, prepared.payload).await?;
+    Ok((StatusCode::ACCEPTED, Json(Accepted { request_id, detail })).into_response())
+}
+
+/// Ends a lease, or a queued or paused request. Without `request_id`: everything the service holds.
+#[utoipa::path(
+    post,
+    path = "/gpu/release",
+    tag = "inputs",
+    request_body(content = ReleaseSchema, description = "The fields of `<prefix>.release.<svc>` plus `service_id`."),
+    responses(
+        (status = 200, description = "Released", body = ReplySchema),
+        (status = 202, description = "Without `request_id`: stored; each request released gets its reply on \
+            NATS", body = Accepted),
+        (status = 400, description = "Invalid input, or rejected (unknown request, stale fence)", body = ReplySchema),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The token belongs to another service", body = ErrorBody),
+        (status = 503, description = "NATS unavailable", body = ErrorBody),
+        (status = 504, description = "The coordinator did not answer in time", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
+)]
+pub(super) async fn release(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let prepared = prepare(&state, &headers, &body, InputKind::Release)?;
+    let Inbound::Release(msg) = &prepared.input else {
+        unreachable!("a release subject decodes to a release")
+    };
+    match msg.request_id.clone() {
+        Some(id) => answered(&state, prepared, &id, Outcome::Released).await,
+        None => {
+            let detail = format!(
+                "stored: everything service `{}` holds or waits for is released; each request gets its reply \
+                 on {}",
+                prepared.service,
+                state.subjects().reply(&prepared.service)
+            );
+            stored(&state, prepared, None, detail).await
+        }
+    }
+}
+
+/// Extends a held lease from now.
+#[utoipa::path(
+    post,
+    path = "/gpu/renew",
+    tag = "inputs",
+    request_body(content = RenewSchema, description = "The fields of `<prefix>.renew.<svc>` plus `service_id`."),
+    responses(
+        (status = 200, description = "Renewed", body = ReplySchema),
+        (status = 400, description = "Invalid input, or rejected (not holding, stale fence)", body = ReplySchema),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The token belongs to another service", body = ErrorBody),
+        (status = 503, description = "NATS unavailable", body = ErrorBody),
+        (status = 504, description = "The coordinator did not answer in time", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
+)]
+pub(super) async fn renew(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let prepared = prepare(&state, &headers, &body, InputKind::Renew)?;
+    let Inbound::Renew(msg) = &prepared.input else {
+        unreachable!("a renew subject decodes to a renew")
+    };
+    let id = msg.request_id.clone();
+    answered(&state, prepared, &id, Outcome::Renewed).await
+}
+
+/// Acknowledges a `pause` (the VRAM is freed) or a `resume`.
+#[utoipa::path(
+    post,
+    path = "/gpu/ack",
+    tag = "inputs",
+    request_body(content = AckSchema, description = "The fields of `<prefix>.ack.<svc>` plus `service_id`."),
+    responses(
+        (status = 202, description = "Stored; an ACK gets a reply only when it is rejected", body = Accepted),
+        (status = 400, description = "Invalid input", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The token belongs to another service", body = ErrorBody),
+        (status = 503, description = "NATS unavailable", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
+)]
+pub(super) async fn ack(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let prepared = prepare(&state, &headers, &body, InputKind::Ack)?;
+    let Inbound::Ack(msg) = &prepared.input else {
+        unreachable!("an ack subject decodes to an ack")
+    };
+    let id = msg.request_id.clone();
+    let detail = format!(
+        "stored; a rejection would come on {}",
+        state.subjects().reply(&prepared.service)
+    );
+    stored(&state, prepared, Some(id), detail).await
+}
+
+/// Withdraws a queued or paused request.
+#[utoipa::path(
+    post,
+    path = "/gpu/cancel",
+    tag = "inputs",
+    request_body(content = CancelSchema, description = "The fields of `<prefix>.cancel.<svc>` plus `service_id`."),
+    responses(
+        (status = 200, description = "Cancelled", body = ReplySchema),
+        (status = 400, description = "Invalid input, or rejected (holding: release it instead)", body = ReplySchema),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The token belongs to another service", body = ErrorBody),
+        (status = 503, description = "NATS unavailable", body = ErrorBody),
+        (status = 504, description = "The coordinator did not answer in time", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
+)]
+pub(super) async fn cancel(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let prepared = prepare(&state, &headers, &body, InputKind::Cancel)?;
+    let Inbound::Cancel(msg) = &prepared.input else {
+        unreachable!("a cancel subject decodes to a cancel")
+    };
+    let id = msg.request_id.clone();
+    answered(&state, prepared, &id, Outcome::Cancelled).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+    use gpu_coordinator_wire::Subjects;
+    use tokio_util::sync::CancellationToken;
+
+    fn state() -> HttpState {
+        HttpState::new(
+            &Config::default(),
+            Subjects::default(),
+            Metrics::new(),
+            CancellationToken::new(),
+        )
+    }
+
+    fn bad(body: &str, kind: InputKind) -> String {
+        match prepare(&state(), &HeaderMap::new(), body.as_bytes(), kind) {
+            Err(ApiError::BadRequest(e)) => e,
+            Err(other) => panic!("expected 400, got {other:?}"),
+            Ok(_) => panic!("expected 400 for {body}"),
+        }
+    }
+
+    #[test]
+    fn a_request_without_id_gets_one_and_keeps_its_fields() {
+        let p = prepare(
+            &state(),
+            &HeaderMap::new(),
+            br#"{"service_id":"chat","priority":0,"vram_mb":8000,"extra":1}"#,
+            InputKind::Request,
+        )
+        .expect("valid");
+        let Inbound::Request(msg) = p.input else {
+            panic!("a request")
+        };
+        let id = msg.request_id.expect("an id");
+        assert!(id.starts_with("chat-http-"), "{id}");
+        assert_eq!(msg.vram_mb, Some(8000));
+        let published: Value = serde_json::from_slice(&p.payload).expect("json");
+        assert_eq!(published["request_id"], id.as_str());
+        assert_eq!(p.service, "chat");
+    }
+
+    #[test]
+    fn bad_bodies_name_what_is_wrong() {
+        assert!(bad("", InputKind::Request).contains("the body is empty"));
+        assert!(bad("{\"priority\": 1", InputKind::Request).contains("not valid JSON"));
+        assert!(bad("[1]", InputKind::Request).contains("got an array"));
+        assert!(bad(r#"{"priority": 1}"#, InputKind::Request)
+            .contains("field `service_id` is required"));
+        assert!(
+            bad(r#"{"service_id": 7, "priority": 1}"#, InputKind::Request)
+                .contains("field `service_id`: expected a string, got 7")
+        );
+        assert!(bad(
+            r#"{"service_id": "a b", "priority": 1}"#,
+            InputKind::Request
+        )
+        .contains("field `service_id`"));
+        let e = bad(
+            r#"{"service_id": "chat", "priority": "high"}"#,
+            InputKind::Request,
+        );
+        assert!(e.contains("`priority`"), "{e}");
+        let e = bad(
+            r#"{"service_id": "chat", "priority": 300}"#,
+            InputKind::Request,
+        );
+        assert!(e.contains("`priority`"), "{e}");
+        let e = bad(r#"{"service_id": "chat"}"#, InputKind::Renew);
+        assert!(e.contains("`request_id`"), "{e}");
+        let e = bad(
+            r#"{"service_id": "chat", "request_id": "r", "action": "slept"}"#,
+            InputKind::Ack,
+        );
+        assert!(e.contains("`action`"), "{e}");
+    }
+}

@@ -1,0 +1,296 @@
+//! The HTTP API (axum), the same contract as NATS (`shared/protocol.md`, "HTTP") for services without a
+//! NATS client, and what operators look at.
+//!
+//! A handler never touches the scheduler: an input is checked with the wire crate's validation, then
+//! published to the same JetStream input stream as NATS inputs (so the audit trail and the order are
+//! one), and the handler waits for the coordinator's reply on `<prefix>.reply.<svc>`, subscribed before
+//! publishing. The status comes from the driver through a command ([`DriverHandle::status`]); control
+//! orders are read from the output stream. Routes:
+//!
+//! - `POST /gpu/request` (long poll), `/gpu/release`, `/gpu/renew`, `/gpu/ack`, `/gpu/cancel`
+//! - `GET /gpu/status`, `GET /gpu/control/{service_id}` (Server-Sent Events)
+//! - `GET /healthz`, `GET /readyz`, `GET /metrics`, `GET /openapi.json`
+//!
+//! With `[http.tokens]` configured, every `/gpu/` route wants `Authorization: Bearer <token>`, and a token
+//! acts only for its own service.
+
+mod control;
+mod error;
+mod inputs;
+mod openapi;
+mod ops;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use axum::http::{header, HeaderMap, Method, Uri};
+use axum::routing::{get, post};
+use axum::Router;
+use gpu_coordinator_wire::{StatusDoc, Subjects};
+use tokio_util::sync::CancellationToken;
+
+pub use error::{ApiError, ErrorBody};
+pub use openapi::openapi;
+
+use crate::adapters::nats::Bus;
+use crate::adapters::postgres::PgStore;
+use crate::adapters::redis::LeaseStore;
+use crate::config::Config;
+use crate::driver::DriverHandle;
+use crate::metrics::Metrics;
+
+/// How long a handler waits for the driver's status document.
+const STATUS_WAIT: Duration = Duration::from_secs(5);
+
+/// What the handlers need once the coordinator is connected: the servers and the driver.
+#[derive(Clone)]
+pub struct Backends {
+    pub bus: Bus,
+    pub pg: PgStore,
+    pub leases: LeaseStore,
+    pub driver: DriverHandle,
+}
+
+/// [`Backends`] plus the JetStream context made from the NATS connection.
+struct Connected {
+    backends: Backends,
+    js: jetstream::Context,
+}
+
+/// The state every handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct HttpState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    subjects: Subjects,
+    /// `(token, service id)`.
+    tokens: Vec<(String, String)>,
+    default_timeout_ms: u64,
+    metrics: Arc<Metrics>,
+    /// Cancelled when the coordinator stops: long polls and event streams end.
+    stop: CancellationToken,
+    /// Set once the coordinator has connected; until then the API answers 503 (except `/healthz`).
+    connected: OnceLock<Connected>,
+}
+
+impl HttpState {
+    pub fn new(
+        config: &Config,
+        subjects: Subjects,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+    ) -> HttpState {
+        let tokens: BTreeMap<_, _> = config.http.tokens.clone();
+        HttpState {
+            inner: Arc::new(Inner {
+                subjects,
+                tokens: tokens.into_iter().collect(),
+                default_timeout_ms: config.request.default_timeout_ms,
+                metrics,
+                stop,
+                connected: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Hands the handlers the servers and the driver, once they are there.
+    pub fn set_backends(&self, backends: Backends) {
+        let js = jetstream::new(backends.bus.client().clone());
+        let _ = self.inner.connected.set(Connected { backends, js });
+    }
+
+    fn connected(&self) -> Result<&Connected, ApiError> {
+        self.inner.connected.get().ok_or_else(|| {
+            ApiError::Unavailable(
+                "the coordinator is starting: it is still connecting to NATS, Redis and Postgres"
+                    .into(),
+            )
+        })
+    }
+
+    fn subjects(&self) -> &Subjects {
+        &self.inner.subjects
+    }
+
+    fn stop(&self) -> &CancellationToken {
+        &self.inner.stop
+    }
+
+    /// The service the caller's token acts for; `Ok(None)` when authentication is off.
+    fn caller(&self, headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+        if self.inner.tokens.is_empty() {
+            return Ok(None);
+        }
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
+            return Err(ApiError::Unauthorized(
+                "this coordinator wants a bearer token: send `Authorization: Bearer <token>`"
+                    .into(),
+            ));
+        };
+        let presented = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                let (scheme, token) = v.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            })
+            .ok_or_else(|| {
+                ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into())
+            })?;
+        // Every configured token is compared in full, so the time taken does not tell which was close.
+        let mut found = None;
+        for (token, service) in &self.inner.tokens {
+            if constant_time_eq(token.as_bytes(), presented.as_bytes()) {
+                found = Some(service.as_str());
+            }
+        }
+        found
+            .map(Some)
+            .ok_or_else(|| ApiError::Unauthorized("the bearer token is not valid".into()))
+    }
+
+    /// Checks that the caller may act for `service`: 401 without a valid token, 403 for another service.
+    fn authorize(&self, headers: &HeaderMap, service: &str) -> Result<(), ApiError> {
+        match self.caller(headers)? {
+            Some(own) if own != service => Err(ApiError::Forbidden(format!(
+                "the bearer token acts for service `{own}`, not for `{service}`"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The status document from the driver.
+    async fn status(&self) -> Result<StatusDoc, ApiError> {
+        let driver = &self.connected()?.backends.driver;
+        match tokio::time::timeout(STATUS_WAIT, driver.status()).await {
+            Ok(Some(doc)) => Ok(doc),
+            Ok(None) => Err(ApiError::Unavailable("the coordinator is stopping".into())),
+            Err(_) => Err(ApiError::GatewayTimeout(format!(
+                "the coordinator did not produce its status within {STATUS_WAIT:?} (it may be waiting \
+                 for Postgres or Redis; see /readyz)"
+            ))),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in a.iter().enumerate() {
+        diff |= usize::from(x ^ b.get(i).copied().unwrap_or(!x));
+    }
+    diff == 0
+}
+
+/// Every route.
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/gpu/request", post(inputs::request))
+        .route("/gpu/release", post(inputs::release))
+        .route("/gpu/renew", post(inputs::renew))
+        .route("/gpu/ack", post(inputs::ack))
+        .route("/gpu/cancel", post(inputs::cancel))
+        .route("/gpu/status", get(ops::status))
+        .route("/gpu/control/{service_id}", get(control::control))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi_json))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::NotFound(format!(
+        "no route {method} {}; see /openapi.json",
+        uri.path()
+    ))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!(
+        "{} does not take {method}; see /openapi.json",
+        uri.path()
+    ))
+}
+
+/// Serves the API on `listener` until `state`'s stop token is cancelled, then lets calls in flight end
+/// (long polls and event streams end at the stop).
+pub async fn serve(listener: tokio::net::TcpListener, state: HttpState) -> std::io::Result<()> {
+    let stop = state.stop().clone();
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(tokens: &[(&str, &str)]) -> HttpState {
+        let mut config = Config::default();
+        config.http.tokens = tokens
+            .iter()
+            .map(|(t, s)| (t.to_string(), s.to_string()))
+            .collect();
+        HttpState::new(
+            &config,
+            Subjects::default(),
+            Metrics::new(),
+            CancellationToken::new(),
+        )
+    }
+
+    fn bearer(token: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            format!("Bearer {token}").parse().expect("a header value"),
+        );
+        headers
+    }
+
+    #[test]
+    fn without_tokens_anyone_acts_for_any_service() {
+        let s = state(&[]);
+        assert!(s.authorize(&HeaderMap::new(), "chat").is_ok());
+        assert!(s.authorize(&bearer("whatever"), "chat").is_ok());
+    }
+
+    #[test]
+    fn a_token_acts_only_for_its_service() {
+        let s = state(&[("secret-chat", "chat"), ("secret-asr", "asr")]);
+        assert!(s.authorize(&bearer("secret-chat"), "chat").is_ok());
+        let forbidden = s.authorize(&bearer("secret-chat"), "asr").expect_err("403");
+        assert!(matches!(forbidden, ApiError::Forbidden(_)), "{forbidden}");
+        assert!(forbidden.to_string().contains("`chat`"));
+        for headers in [
+            HeaderMap::new(),
+            bearer("secret-cha"),
+            bearer("secret-chatx"),
+            bearer(""),
+        ] {
+            let e = s.authorize(&headers, "chat").expect_err("401");
+            assert!(matches!(e, ApiError::Unauthorized(_)), "{e}");
+        }
+        let mut basic = HeaderMap::new();
+        basic.insert(header::AUTHORIZATION, "Basic abc".parse().expect("header"));
+        assert!(matches!(
+            s.authorize(&basic, "chat"),
+            Err(ApiError::Unauthorized(_))
+        ));
+    }
+
+    #[test]
+    fn constant_time_eq_is_equality() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(!constant_time_eq(b"", b"a"));
+        assert!(constant_time_eq(b"", b""));
+    }
+}

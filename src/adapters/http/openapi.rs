@@ -1,0 +1,210 @@
+//! The OpenAPI document (`GET /openapi.json`), generated from the handlers' `#[utoipa::path]`s.
+//!
+//! The message schemas are the wire crate's (schemars), not copies: each is converted into an OpenAPI
+//! 3.1 schema (which is JSON Schema) with its definitions as components, so the HTTP documentation
+//! cannot drift from the contract.
+
+use std::borrow::Cow;
+
+use gpu_coordinator_wire::{AckMsg, CancelMsg, ReleaseMsg, RenewMsg, Reply, RequestMsg, StatusDoc};
+use schemars::gen::SchemaSettings;
+use schemars::JsonSchema;
+use utoipa::openapi::schema::{Object, Schema};
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::RefOr;
+use utoipa::{Modify, OpenApi};
+
+use super::error::ErrorBody;
+use super::inputs::Accepted;
+use super::ops::{Checks, Health};
+
+/// A wire type's schema, with its definitions as `(name, schema)` components.
+fn wire<T: JsonSchema>() -> (RefOr<Schema>, Vec<(String, RefOr<Schema>)>) {
+    let generator = SchemaSettings::draft07()
+        .with(|s| {
+            s.definitions_path = "#/components/schemas/".into();
+            s.meta_schema = None;
+        })
+        .into_generator();
+    let root = generator.into_root_schema_for::<T>();
+    let convert = |name: &str, schema: serde_json::Value| {
+        serde_json::from_value::<RefOr<Schema>>(schema).unwrap_or_else(|e| {
+            tracing::warn!("the JSON Schema of {name} does not convert to OpenAPI: {e}");
+            RefOr::T(Schema::Object(
+                Object::builder()
+                    .description(Some(format!("see the wire crate's JSON Schema of {name}")))
+                    .build(),
+            ))
+        })
+    };
+    let name = T::schema_name();
+    let main = convert(
+        &name,
+        serde_json::to_value(&root.schema).unwrap_or_default(),
+    );
+    let definitions = root
+        .definitions
+        .into_iter()
+        .map(|(name, schema)| {
+            let value = serde_json::to_value(&schema).unwrap_or_default();
+            let converted = convert(&name, value);
+            (name, converted)
+        })
+        .collect();
+    (main, definitions)
+}
+
+/// A stand-in that gives a wire type's schema to utoipa under the wire type's name.
+macro_rules! wire_schema {
+    ($marker:ident, $ty:ty) => {
+        pub(super) struct $marker;
+
+        impl utoipa::PartialSchema for $marker {
+            fn schema() -> RefOr<Schema> {
+                wire::<$ty>().0
+            }
+        }
+
+        impl utoipa::ToSchema for $marker {
+            fn name() -> Cow<'static, str> {
+                Cow::Owned(<$ty as JsonSchema>::schema_name())
+            }
+
+            fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+                schemas.extend(wire::<$ty>().1);
+            }
+        }
+    };
+}
+
+wire_schema!(RequestSchema, RequestMsg);
+wire_schema!(ReleaseSchema, ReleaseMsg);
+wire_schema!(RenewSchema, RenewMsg);
+wire_schema!(AckSchema, AckMsg);
+wire_schema!(CancelSchema, CancelMsg);
+wire_schema!(ReplySchema, Reply);
+wire_schema!(StatusSchema, StatusDoc);
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "GPU Coordinator",
+        description = "A preemptive priority semaphore for GPUs. The same contract as over NATS \
+            (`<prefix>.request.<svc>`, ...): every input goes into the same JetStream input stream, and the answers \
+            are the coordinator's replies. Inputs take the NATS fields plus `service_id`. With `[http.tokens]` \
+            configured, send `Authorization: Bearer <token>`; a token acts only for its own service.",
+    ),
+    paths(
+        super::inputs::request,
+        super::inputs::release,
+        super::inputs::renew,
+        super::inputs::ack,
+        super::inputs::cancel,
+        super::control::control,
+        super::ops::status,
+        super::ops::healthz,
+        super::ops::readyz,
+        super::ops::metrics,
+        super::ops::openapi_json,
+    ),
+    components(schemas(ErrorBody, Accepted, Health, Checks)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "inputs", description = "What services send (and the control orders they receive)"),
+        (name = "operators", description = "Status, health, metrics"),
+    ),
+)]
+struct ApiDoc;
+
+/// The OpenAPI document of the HTTP API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    doc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_wire_schema_converts() {
+        fn check<T: JsonSchema>() {
+            let (main, defs) = wire::<T>();
+            let text = serde_json::to_string(&main).expect("serializes");
+            assert!(
+                !text.contains("see the wire crate"),
+                "{} did not convert: {text}",
+                T::schema_name()
+            );
+            for (name, def) in defs {
+                let text = serde_json::to_string(&def).expect("serializes");
+                assert!(
+                    !text.contains("see the wire crate"),
+                    "{name} did not convert: {text}"
+                );
+            }
+        }
+        check::<RequestMsg>();
+        check::<ReleaseMsg>();
+        check::<RenewMsg>();
+        check::<AckMsg>();
+        check::<CancelMsg>();
+        check::<Reply>();
+        check::<StatusDoc>();
+    }
+
+    #[test]
+    fn the_document_has_every_route_and_resolves_its_references() {
+        let doc = serde_json::to_value(openapi()).expect("serializes");
+        let paths = doc["paths"].as_object().expect("paths");
+        for route in [
+            "/gpu/request",
+            "/gpu/release",
+            "/gpu/renew",
+            "/gpu/ack",
+            "/gpu/cancel",
+            "/gpu/status",
+            "/gpu/control/{service_id}",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/openapi.json",
+        ] {
+            assert!(
+                paths.contains_key(route),
+                "{route} missing: {:?}",
+                paths.keys()
+            );
+        }
+        let schemas = doc["components"]["schemas"]
+            .as_object()
+            .expect("components");
+        let text = doc.to_string();
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("#/components/schemas/") {
+            rest = &rest[i + "#/components/schemas/".len()..];
+            let name: String = rest.chars().take_while(|c| *c != '"').collect();
+            assert!(
+                schemas.contains_key(&name),
+                "unresolved reference {name}; have {:?}",
+                schemas.keys()
+            );
+        }
+        assert!(schemas.contains_key("RequestMsg") && schemas.contains_key("StatusDoc"));
+        let priority = &schemas["RequestMsg"]["properties"]["priority"];
+        assert_eq!(priority["maximum"], 255, "{priority}");
+    }
+}

@@ -1,0 +1,168 @@
+//! What operators look at: the status document, health and readiness, metrics, the OpenAPI document.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::openapi::StatusSchema;
+use super::{ApiError, ErrorBody, HttpState};
+
+/// How long `/readyz` waits for each server.
+const PING_WAIT: Duration = Duration::from_secs(2);
+
+/// The answer of `/healthz` and `/readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`, `ready`, or `not ready`.
+    pub status: String,
+    /// Per server (`nats`, `redis`, `postgres`): `ok` or what is wrong.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checks: Option<Checks>,
+    /// When not ready: which server is not reachable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Each server's state for `/readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Checks {
+    pub nats: String,
+    pub redis: String,
+    pub postgres: String,
+}
+
+/// Each GPU with its VRAM and holders, the paused requests, and the queue with positions and estimated
+/// waits.
+#[utoipa::path(
+    get,
+    path = "/gpu/status",
+    tag = "operators",
+    responses(
+        (status = 200, description = "The status document", body = StatusSchema),
+        (status = 401, description = "Tokens are configured and none valid was sent", body = ErrorBody),
+        (status = 503, description = "The coordinator is starting or stopping", body = ErrorBody),
+        (status = 504, description = "The driver did not answer in time", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
+)]
+pub(super) async fn status(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    // With tokens configured, any valid token may read the status.
+    state.caller(&headers)?;
+    Ok(Json(state.status().await?).into_response())
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operators", responses((status = 200, body = Health)))]
+pub(super) async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        checks: None,
+        error: None,
+    })
+}
+
+/// NATS, Redis and Postgres are reachable; 503 names the one that is not.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operators",
+    responses(
+        (status = 200, description = "Ready", body = Health),
+        (status = 503, description = "Not ready: `error` names the server", body = Health),
+    ),
+)]
+pub(super) async fn readyz(State(state): State<HttpState>) -> Response {
+    let connected = match state.connected() {
+        Ok(c) => c,
+        Err(e) => return not_ready(e.to_string(), None),
+    };
+    let b = &connected.backends;
+    let nats = async {
+        match b.bus.client().connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            other => Err(format!("not connected ({other})")),
+        }
+    };
+    let redis = async {
+        match tokio::time::timeout(PING_WAIT, b.leases.ping()).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer to PING within {PING_WAIT:?}")),
+        }
+    };
+    let postgres = async {
+        match tokio::time::timeout(PING_WAIT, b.pg.ping()).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {PING_WAIT:?}")),
+        }
+    };
+    let (nats, redis, postgres) = tokio::join!(nats, redis, postgres);
+    let failures: Vec<String> = [("NATS", &nats), ("Redis", &redis), ("Postgres", &postgres)]
+        .into_iter()
+        .filter_map(|(name, r)| {
+            r.as_ref()
+                .err()
+                .map(|e| format!("{name} is not reachable: {e}"))
+        })
+        .collect();
+    let show = |r: &Result<(), String>| r.as_ref().err().cloned().unwrap_or_else(|| "ok".into());
+    let checks = Checks {
+        nats: show(&nats),
+        redis: show(&redis),
+        postgres: show(&postgres),
+    };
+    if failures.is_empty() {
+        Json(Health {
+            status: "ready".into(),
+            checks: Some(checks),
+            error: None,
+        })
+        .into_response()
+    } else {
+        not_ready(failures.join("; "), Some(checks))
+    }
+}
+
+fn not_ready(error: String, checks: Option<Checks>) -> Response {
+    tracing::warn!("not ready: {error}");
+    let body = Health {
+        status: "not ready".into(),
+        checks,
+        error: Some(error),
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+}
+
+/// Prometheus metrics (OpenMetrics text): queue length per priority, holders, counters of grants,
+/// preemptions, revocations, timeouts and rejections, histograms of grant latency, queue wait and
+/// pause-ACK time, VRAM per GPU.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operators",
+    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String)),
+)]
+pub(super) async fn metrics(State(state): State<HttpState>) -> Response {
+    // Without the driver's status (starting, or busy) the counters are still worth serving.
+    let doc = state.status().await.ok();
+    let text = state.inner.metrics.render(doc.as_ref());
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operators",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API", content_type = "application/json", body = Object)),
+)]
+pub(super) async fn openapi_json() -> Response {
+    Json(super::openapi()).into_response()
+}

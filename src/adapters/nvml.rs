@@ -1,0 +1,451 @@
+//! VRAM as the NVIDIA driver sees it (NVML): the GPU inventory at start, and samples of the memory used
+//! per GPU (and per process) on a tick.
+//!
+//! The driver asks a [`GpuProbe`]; [`NvmlProbe`] is the real one, [`FakeProbe`] stands in for a device in
+//! tests. What the scheduler needs from a sample is the memory used *outside* the coordinator's leases,
+//! [`external_usage`]: NVML's figure minus what the scheduler counts as held. Deciding what to grant with
+//! it is the core's business, not this module's.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gpu_coordinator_core::GpuSpec;
+use gpu_coordinator_wire::VramSource;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::GpuConfig;
+
+const MB: u64 = 1024 * 1024;
+
+/// What can go wrong asking NVML.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    /// `nvml.enabled` is false.
+    #[error("NVML is disabled (nvml.enabled = false)")]
+    Disabled,
+    /// The NVML library could not be loaded or initialised (no NVIDIA driver on this machine).
+    #[error("NVML could not be initialised: {0}")]
+    Init(String),
+    /// A query of a device failed.
+    #[error("NVML query `{what}` failed on device {index}: {detail}")]
+    Query {
+        what: &'static str,
+        index: u32,
+        detail: String,
+    },
+}
+
+/// The memory a process uses on one GPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessUsage {
+    pub pid: u32,
+    pub used_mb: u64,
+}
+
+/// One device at one instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSample {
+    /// NVML's index, `0..count`.
+    pub index: u32,
+    /// `GPU-...`, stable across reboots.
+    pub uuid: String,
+    /// The product name, e.g. `NVIDIA H100 80GB HBM3`.
+    pub name: String,
+    pub total_mb: u64,
+    pub used_mb: u64,
+    /// The processes using memory on it (compute and graphics), where the driver reports it.
+    pub processes: Vec<ProcessUsage>,
+}
+
+/// A source of device samples. Calls block (NVML is a C library): run them off the async threads.
+pub trait GpuProbe: Send + Sync + 'static {
+    /// Every device, in index order.
+    fn devices(&self) -> Result<Vec<DeviceSample>, ProbeError>;
+}
+
+/// The real probe: the NVIDIA Management Library, loaded at run time.
+pub struct NvmlProbe {
+    nvml: nvml_wrapper::Nvml,
+}
+
+impl NvmlProbe {
+    /// Loads and initialises NVML; fails where there is no NVIDIA driver.
+    pub fn init() -> Result<NvmlProbe, ProbeError> {
+        nvml_wrapper::Nvml::init()
+            .map(|nvml| NvmlProbe { nvml })
+            .map_err(|e| ProbeError::Init(e.to_string()))
+    }
+}
+
+impl GpuProbe for NvmlProbe {
+    fn devices(&self) -> Result<Vec<DeviceSample>, ProbeError> {
+        use nvml_wrapper::enums::device::UsedGpuMemory;
+        let count = self.nvml.device_count().map_err(|e| ProbeError::Query {
+            what: "device_count",
+            index: 0,
+            detail: e.to_string(),
+        })?;
+        let mut out = Vec::with_capacity(count as usize);
+        for index in 0..count {
+            let fail = |what: &'static str| {
+                move |e: nvml_wrapper::error::NvmlError| ProbeError::Query {
+                    what,
+                    index,
+                    detail: e.to_string(),
+                }
+            };
+            let device = self
+                .nvml
+                .device_by_index(index)
+                .map_err(fail("device_by_index"))?;
+            let memory = device.memory_info().map_err(fail("memory_info"))?;
+            // Process lists are best effort: some drivers (and containers without the PID namespace)
+            // refuse them, and the memory figures are what admission needs.
+            let mut processes: BTreeMap<u32, u64> = BTreeMap::new();
+            for list in [
+                device.running_compute_processes(),
+                device.running_graphics_processes(),
+            ] {
+                for p in list.unwrap_or_default() {
+                    if let UsedGpuMemory::Used(bytes) = p.used_gpu_memory {
+                        *processes.entry(p.pid).or_default() += bytes / MB;
+                    }
+                }
+            }
+            out.push(DeviceSample {
+                index,
+                uuid: device.uuid().unwrap_or_default(),
+                name: device.name().unwrap_or_default(),
+                total_mb: memory.total / MB,
+                used_mb: memory.used / MB,
+                processes: processes
+                    .into_iter()
+                    .map(|(pid, used_mb)| ProcessUsage { pid, used_mb })
+                    .collect(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// A device for tests: returns whatever was last [`FakeProbe::set`].
+#[derive(Clone)]
+pub struct FakeProbe {
+    devices: Arc<Mutex<Result<Vec<DeviceSample>, ProbeError>>>,
+}
+
+impl FakeProbe {
+    /// A fake with these devices.
+    pub fn new(devices: Vec<DeviceSample>) -> FakeProbe {
+        FakeProbe {
+            devices: Arc::new(Mutex::new(Ok(devices))),
+        }
+    }
+
+    /// What the next samples return.
+    pub fn set(&self, devices: Result<Vec<DeviceSample>, ProbeError>) {
+        *self.devices.lock().unwrap_or_else(|p| p.into_inner()) = devices;
+    }
+
+    /// Changes the used memory of device `index` (and nothing else).
+    pub fn set_used(&self, index: u32, used_mb: u64) {
+        let mut guard = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        if let Ok(devices) = guard.as_mut() {
+            for d in devices.iter_mut().filter(|d| d.index == index) {
+                d.used_mb = used_mb;
+            }
+        }
+    }
+}
+
+impl GpuProbe for FakeProbe {
+    fn devices(&self) -> Result<Vec<DeviceSample>, ProbeError> {
+        self.devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The GPUs to manage and which NVML device each one is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inventory {
+    pub gpus: Vec<GpuSpec>,
+    /// `Nvml` when at least one managed GPU is an NVML device.
+    pub source: VramSource,
+    /// Managed GPU id -> NVML device index, for the GPUs NVML sees.
+    pub devices: BTreeMap<String, u32>,
+}
+
+/// Decides the inventory. With `[[gpus]]` configured, those GPUs and capacities are managed, and a GPU
+/// whose id is an NVML index (`"0"`) or UUID (`"GPU-..."`) is sampled through NVML. With none configured,
+/// every NVML device is managed as `"0"`, `"1"`, ... with its full memory. `probed` is `None` when NVML is
+/// not there; with neither, the result is empty (the caller picks its default).
+pub fn inventory(configured: &[GpuConfig], probed: Option<&[DeviceSample]>) -> Inventory {
+    let probed = probed.unwrap_or_default();
+    let (gpus, devices): (Vec<GpuSpec>, BTreeMap<String, u32>) = if configured.is_empty() {
+        (
+            probed
+                .iter()
+                .map(|d| GpuSpec {
+                    id: d.index.to_string(),
+                    total_mb: d.total_mb,
+                })
+                .collect(),
+            probed
+                .iter()
+                .map(|d| (d.index.to_string(), d.index))
+                .collect(),
+        )
+    } else {
+        let gpus = configured
+            .iter()
+            .map(|g| GpuSpec {
+                id: g.id.clone(),
+                total_mb: g.vram_mb,
+            })
+            .collect();
+        let devices = configured
+            .iter()
+            .filter_map(|g| {
+                probed
+                    .iter()
+                    .find(|d| d.index.to_string() == g.id || (!d.uuid.is_empty() && d.uuid == g.id))
+                    .map(|d| (g.id.clone(), d.index))
+            })
+            .collect();
+        (gpus, devices)
+    };
+    let source = if devices.is_empty() {
+        VramSource::Config
+    } else {
+        VramSource::Nvml
+    };
+    Inventory {
+        gpus,
+        source,
+        devices,
+    }
+}
+
+/// For each managed GPU that NVML sampled: the memory used outside the coordinator's leases, i.e. the
+/// used memory minus `held(gpu)` (what the scheduler counts as held there), never below zero.
+pub fn external_usage(
+    devices: &BTreeMap<String, u32>,
+    samples: &[DeviceSample],
+    held: impl Fn(&str) -> u64,
+) -> Vec<(String, u64)> {
+    devices
+        .iter()
+        .filter_map(|(gpu, index)| {
+            let sample = samples.iter().find(|s| s.index == *index)?;
+            Some((gpu.clone(), sample.used_mb.saturating_sub(held(gpu))))
+        })
+        .collect()
+}
+
+/// Samples `probe` every `every` on a blocking thread and hands each sample to `sink` (the driver), until
+/// `shutdown`. A failed sample is logged once per run of failures; the last good figures stay in force.
+pub fn spawn_sampler(
+    probe: Arc<dyn GpuProbe>,
+    every: Duration,
+    sink: mpsc::Sender<Vec<DeviceSample>>,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let probe = probe.clone();
+            match tokio::task::spawn_blocking(move || probe.devices()).await {
+                Ok(Ok(samples)) => {
+                    if failing {
+                        tracing::info!("NVML sampling works again");
+                        failing = false;
+                    }
+                    if sink.send(samples).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Err(e)) => {
+                    if !failing {
+                        tracing::warn!("sampling VRAM through NVML: {e}; keeping the last figures");
+                        failing = true;
+                    }
+                }
+                Err(e) => tracing::error!("the NVML sampling thread failed: {e}"),
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(index: u32, total_mb: u64, used_mb: u64) -> DeviceSample {
+        DeviceSample {
+            index,
+            uuid: format!("GPU-fake-{index}"),
+            name: "Fake GPU".into(),
+            total_mb,
+            used_mb,
+            processes: vec![ProcessUsage { pid: 42, used_mb }],
+        }
+    }
+
+    fn gpu(id: &str, vram_mb: u64) -> GpuConfig {
+        GpuConfig {
+            id: id.into(),
+            vram_mb,
+        }
+    }
+
+    #[test]
+    fn without_configured_gpus_nvml_devices_are_managed_by_index() {
+        let probe = FakeProbe::new(vec![device(0, 81_559, 500), device(1, 24_576, 0)]);
+        let samples = probe.devices().expect("the fake answers");
+        let inv = inventory(&[], Some(&samples));
+        assert_eq!(
+            inv.gpus,
+            vec![
+                GpuSpec {
+                    id: "0".into(),
+                    total_mb: 81_559
+                },
+                GpuSpec {
+                    id: "1".into(),
+                    total_mb: 24_576
+                },
+            ]
+        );
+        assert_eq!(inv.source, VramSource::Nvml);
+        assert_eq!(inv.devices.get("1"), Some(&1));
+    }
+
+    #[test]
+    fn configured_gpus_keep_their_capacity_and_match_by_index_or_uuid() {
+        let samples = vec![device(0, 81_559, 0), device(1, 81_559, 0)];
+        let inv = inventory(
+            &[
+                gpu("0", 40_000),
+                gpu("GPU-fake-1", 80_000),
+                gpu("other", 1_000),
+            ],
+            Some(&samples),
+        );
+        assert_eq!(inv.gpus.len(), 3);
+        assert_eq!(
+            inv.gpus[0].total_mb, 40_000,
+            "the configured capacity is kept"
+        );
+        assert_eq!(inv.source, VramSource::Nvml);
+        assert_eq!(
+            inv.devices.into_iter().collect::<Vec<_>>(),
+            vec![("0".to_string(), 0), ("GPU-fake-1".to_string(), 1)]
+        );
+    }
+
+    #[test]
+    fn without_nvml_the_configuration_rules() {
+        let inv = inventory(&[gpu("0", 24_576)], None);
+        assert_eq!(inv.source, VramSource::Config);
+        assert!(inv.devices.is_empty());
+        assert_eq!(
+            inv.gpus,
+            vec![GpuSpec {
+                id: "0".into(),
+                total_mb: 24_576
+            }]
+        );
+        let none = inventory(&[], None);
+        assert!(none.gpus.is_empty(), "the caller picks the default GPU");
+        assert_eq!(none.source, VramSource::Config);
+        // NVML there but no configured GPU is one of its devices: still the configuration.
+        let inv = inventory(&[gpu("a", 1_000)], Some(&[device(0, 2_000, 0)]));
+        assert_eq!(inv.source, VramSource::Config);
+    }
+
+    #[test]
+    fn external_usage_is_used_minus_held() {
+        let probe = FakeProbe::new(vec![device(0, 24_576, 10_000), device(1, 24_576, 3_000)]);
+        let inv = inventory(&[], Some(&probe.devices().expect("sample")));
+        let held = |gpu: &str| if gpu == "0" { 8_000 } else { 5_000 };
+        let external = external_usage(&inv.devices, &probe.devices().expect("sample"), held);
+        // GPU 1: a holder that has not loaded yet uses less than it holds: nothing outside.
+        assert_eq!(external, vec![("0".into(), 2_000), ("1".into(), 0)]);
+
+        probe.set_used(1, 9_000);
+        let external = external_usage(&inv.devices, &probe.devices().expect("sample"), held);
+        assert_eq!(external[1], ("1".into(), 4_000));
+    }
+
+    #[test]
+    fn a_device_missing_from_a_sample_is_skipped() {
+        let inv = inventory(&[], Some(&[device(0, 1_000, 0), device(1, 1_000, 0)]));
+        let external = external_usage(&inv.devices, &[device(1, 1_000, 700)], |_| 0);
+        assert_eq!(external, vec![("1".into(), 700)]);
+    }
+
+    #[test]
+    fn fake_probe_errors_pass_through() {
+        let probe = FakeProbe::new(vec![]);
+        probe.set(Err(ProbeError::Init("no driver".into())));
+        assert_eq!(probe.devices(), Err(ProbeError::Init("no driver".into())));
+    }
+
+    #[tokio::test]
+    async fn the_sampler_hands_samples_to_the_driver_until_shutdown() {
+        let probe = FakeProbe::new(vec![device(0, 1_000, 100)]);
+        let (tx, mut rx) = mpsc::channel(4);
+        let shutdown = CancellationToken::new();
+        let task = spawn_sampler(
+            Arc::new(probe.clone()),
+            Duration::from_millis(5),
+            tx,
+            shutdown.clone(),
+        );
+        let first = rx.recv().await.expect("a sample");
+        assert_eq!(first[0].used_mb, 100);
+        probe.set_used(0, 600);
+        let changed = loop {
+            let s = rx.recv().await.expect("a sample");
+            if s[0].used_mb == 600 {
+                break s;
+            }
+        };
+        assert_eq!(
+            changed[0].processes,
+            vec![ProcessUsage {
+                pid: 42,
+                used_mb: 100
+            }]
+        );
+        shutdown.cancel();
+        task.await.expect("the sampler stops cleanly");
+    }
+
+    /// Where a driver is installed this reads the real devices; elsewhere NVML refuses to start, which is
+    /// the path the coordinator takes on machines without a GPU.
+    #[test]
+    fn real_nvml_either_samples_or_says_why_not() {
+        match NvmlProbe::init() {
+            Ok(probe) => {
+                let devices = probe
+                    .devices()
+                    .expect("NVML initialised, so it can list devices");
+                for d in &devices {
+                    assert!(d.total_mb > 0 && d.used_mb <= d.total_mb, "{d:?}");
+                }
+            }
+            Err(e) => assert!(matches!(e, ProbeError::Init(_)), "{e}"),
+        }
+    }
+}

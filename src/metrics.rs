@@ -1,0 +1,635 @@
+//! Prometheus metrics (`GET /metrics`, OpenMetrics text).
+//!
+//! Two sources feed them, and nothing here decides anything:
+//!
+//! - the driver hands every action the scheduler emits to a [`Recorder`] (counters and histograms from
+//!   the events and replies, so the figures are the audit trail's);
+//! - the gauges (queue, holders, VRAM) are set from the status document when the metrics are read, so
+//!   they are never stale.
+//!
+//! The histograms of waits follow requests through their events (requested or paused, then granted,
+//! resumed or ended; preempting, then paused). A request that was already waiting when the coordinator
+//! started is counted from its next state change on, not before.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use gpu_coordinator_core::{Action, Millis};
+use gpu_coordinator_wire::time::parse_rfc3339;
+use gpu_coordinator_wire::{EventKind, HolderState, Outcome, StatusDoc, VramSource};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::adapters::nvml::DeviceSample;
+
+/// The `Content-Type` of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+const MB: i64 = 1024 * 1024;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PriorityLabel {
+    priority: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuLabel {
+    gpu: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HolderLabels {
+    gpu: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProcessLabels {
+    gpu: String,
+    pid: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Waits from milliseconds to about ten minutes, in seconds.
+fn wait_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.5, 14))
+}
+
+/// Every metric, registered once. Shared (`Arc`) between the driver and the HTTP server; each metric is
+/// atomic, so reading never waits for the driver.
+pub struct Metrics {
+    registry: Registry,
+    grants: Counter,
+    preemptions: Counter,
+    revocations: Counter,
+    timeouts: Counter,
+    rejections: Counter,
+    events: Family<KindLabel, Counter>,
+    grant_latency: Histogram,
+    queue_wait: HistogramFamily<OutcomeLabel>,
+    pause_ack: Histogram,
+    queue_length: Family<PriorityLabel, Gauge>,
+    paused: Family<PriorityLabel, Gauge>,
+    holders: Family<HolderLabels, Gauge>,
+    vram_total: Family<GpuLabel, Gauge>,
+    vram_used: Family<GpuLabel, Gauge>,
+    vram_free: Family<GpuLabel, Gauge>,
+    vram_external: Family<GpuLabel, Gauge>,
+    vram_from_nvml: Gauge,
+    process_vram: Family<ProcessLabels, Gauge>,
+    /// Refreshing the gauges and encoding them is one step, so two scrapes do not interleave.
+    render: Mutex<()>,
+}
+
+impl Metrics {
+    /// Every metric, under the prefix `gpu_coordinator_`.
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("gpu_coordinator");
+        let m = Metrics {
+            grants: Counter::default(),
+            preemptions: Counter::default(),
+            revocations: Counter::default(),
+            timeouts: Counter::default(),
+            rejections: Counter::default(),
+            events: Family::default(),
+            grant_latency: wait_histogram(),
+            queue_wait: Family::new_with_constructor(wait_histogram),
+            pause_ack: wait_histogram(),
+            queue_length: Family::default(),
+            paused: Family::default(),
+            holders: Family::default(),
+            vram_total: Family::default(),
+            vram_used: Family::default(),
+            vram_free: Family::default(),
+            vram_external: Family::default(),
+            vram_from_nvml: Gauge::default(),
+            process_vram: Family::default(),
+            render: Mutex::new(()),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "grants",
+            "Requests granted a GPU (first grants; resumes are not counted)",
+            m.grants.clone(),
+        );
+        registry.register(
+            "preemptions",
+            "Holders asked to pause for a more urgent request",
+            m.preemptions.clone(),
+        );
+        registry.register(
+            "revocations",
+            "Leases revoked (expired, or no pause ACK in time)",
+            m.revocations.clone(),
+        );
+        registry.register(
+            "timeouts",
+            "Requests that timed out waiting for a grant",
+            m.timeouts.clone(),
+        );
+        registry.register(
+            "rejections",
+            "Inputs rejected (invalid, unknown request, stale fence, ...)",
+            m.rejections.clone(),
+        );
+        registry.register(
+            "events",
+            "Audit events published, by kind",
+            m.events.clone(),
+        );
+        registry.register(
+            "grant_latency_seconds",
+            "From request to first grant (the waited_ms of granted replies)",
+            m.grant_latency.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time spent in the queue (queued, or paused waiting to resume), by how the wait ended",
+            m.queue_wait.clone(),
+        );
+        registry.register(
+            "pause_ack_seconds",
+            "From a pause order (preempting) to the holder's pause ACK (paused)",
+            m.pause_ack.clone(),
+        );
+        registry.register(
+            "queue_length",
+            "Requests waiting for a first grant, by priority",
+            m.queue_length.clone(),
+        );
+        registry.register(
+            "paused_requests",
+            "Paused requests waiting to resume, by priority",
+            m.paused.clone(),
+        );
+        registry.register(
+            "holders",
+            "Leases held, by GPU and state (active, pausing)",
+            m.holders.clone(),
+        );
+        registry.register(
+            "vram_total_bytes",
+            "GPU memory capacity",
+            m.vram_total.clone(),
+        );
+        registry.register(
+            "vram_used_bytes",
+            "GPU memory held by leases plus used outside them",
+            m.vram_used.clone(),
+        );
+        registry.register(
+            "vram_free_bytes",
+            "GPU memory free for new leases",
+            m.vram_free.clone(),
+        );
+        registry.register(
+            "vram_external_bytes",
+            "GPU memory used by processes outside the coordinator's leases (NVML)",
+            m.vram_external.clone(),
+        );
+        registry.register(
+            "vram_from_nvml",
+            "1 when the VRAM figures come from NVML, 0 when from the configuration",
+            m.vram_from_nvml.clone(),
+        );
+        registry.register(
+            "process_vram_bytes",
+            "GPU memory used per process, as NVML last reported it",
+            m.process_vram.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// Sets the gauges from a status document.
+    pub fn refresh(&self, doc: &StatusDoc) {
+        self.queue_length.clear();
+        self.paused.clear();
+        self.holders.clear();
+        for family in [
+            &self.vram_total,
+            &self.vram_used,
+            &self.vram_free,
+            &self.vram_external,
+        ] {
+            family.clear();
+        }
+        for entry in &doc.queue {
+            let family = if entry.paused {
+                &self.paused
+            } else {
+                &self.queue_length
+            };
+            family
+                .get_or_create(&PriorityLabel {
+                    priority: entry.priority.to_string(),
+                })
+                .inc();
+        }
+        for gpu in &doc.gpus {
+            let label = GpuLabel {
+                gpu: gpu.id.clone(),
+            };
+            for (family, mb) in [
+                (&self.vram_total, gpu.total_mb),
+                (&self.vram_used, gpu.used_mb),
+                (&self.vram_free, gpu.free_mb),
+                (&self.vram_external, gpu.external_mb),
+            ] {
+                family.get_or_create(&label).set(bytes(mb));
+            }
+            for state in ["active", "pausing"] {
+                self.holders
+                    .get_or_create(&HolderLabels {
+                        gpu: gpu.id.clone(),
+                        state: state.into(),
+                    })
+                    .set(0);
+            }
+            for h in &gpu.holders {
+                let state = match h.state {
+                    HolderState::Active => "active",
+                    HolderState::Pausing => "pausing",
+                };
+                self.holders
+                    .get_or_create(&HolderLabels {
+                        gpu: gpu.id.clone(),
+                        state: state.into(),
+                    })
+                    .inc();
+            }
+        }
+        self.vram_from_nvml
+            .set(i64::from(doc.vram_source == VramSource::Nvml));
+    }
+
+    /// Records the per-process memory of an NVML sample (`gpu id -> device` as the inventory maps them).
+    pub fn set_processes<'a>(
+        &self,
+        samples: impl IntoIterator<Item = (&'a str, &'a DeviceSample)>,
+    ) {
+        self.process_vram.clear();
+        for (gpu, sample) in samples {
+            for p in &sample.processes {
+                self.process_vram
+                    .get_or_create(&ProcessLabels {
+                        gpu: gpu.to_owned(),
+                        pid: p.pid.to_string(),
+                    })
+                    .set(bytes(p.used_mb));
+            }
+        }
+    }
+
+    /// The OpenMetrics text, with the gauges refreshed from `doc` when there is one.
+    pub fn render(&self, doc: Option<&StatusDoc>) -> String {
+        let _one_at_a_time = self.render.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(doc) = doc {
+            self.refresh(doc);
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("encoding metrics into a String cannot fail");
+        text
+    }
+}
+
+fn bytes(mb: u64) -> i64 {
+    i64::try_from(mb)
+        .unwrap_or(i64::MAX / MB)
+        .saturating_mul(MB)
+}
+
+fn seconds(ms: u64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+/// Turns the driver's actions into counters and histograms. Owned by the driver (one writer); keeps the
+/// instants at which live requests started waiting.
+pub struct Recorder {
+    metrics: Arc<Metrics>,
+    /// Request id -> when it entered the queue (requested, or paused).
+    waiting_since: HashMap<String, Millis>,
+    /// Request id -> when it was asked to pause.
+    pausing_since: HashMap<String, Millis>,
+    /// The last `granted` reply: its event follows it, and only a first grant has one (a repeated
+    /// request's answer does not count again).
+    granted_reply: Option<(String, u64)>,
+}
+
+impl Recorder {
+    pub fn new(metrics: Arc<Metrics>) -> Recorder {
+        Recorder {
+            metrics,
+            waiting_since: HashMap::new(),
+            pausing_since: HashMap::new(),
+            granted_reply: None,
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Records one action at `now` (events carry their own instant, which is used when readable).
+    pub fn observe(&mut self, action: &Action, now: Millis) {
+        match action {
+            Action::Reply { reply, .. } if reply.outcome == Outcome::Granted => {
+                self.granted_reply = reply
+                    .waited_ms
+                    .map(|waited| (reply.request_id.clone(), waited));
+            }
+            Action::Event { event, .. } => {
+                let m = &self.metrics;
+                m.events
+                    .get_or_create(&KindLabel {
+                        kind: event.kind.as_str().to_owned(),
+                    })
+                    .inc();
+                let at = parse_rfc3339(&event.at).unwrap_or(now);
+                let id = event.request_id.clone().unwrap_or_default();
+                match event.kind {
+                    EventKind::Requested => {
+                        self.waiting_since.insert(id, at);
+                    }
+                    EventKind::Granted => {
+                        m.grants.inc();
+                        if let Some((granted, waited)) = self.granted_reply.take() {
+                            if granted == id {
+                                m.grant_latency.observe(seconds(waited));
+                            }
+                        }
+                        self.waited(&id, at, "granted");
+                    }
+                    EventKind::Preempting => {
+                        m.preemptions.inc();
+                        self.pausing_since.insert(id, at);
+                    }
+                    EventKind::Paused => {
+                        if let Some(since) = self.pausing_since.remove(&id) {
+                            m.pause_ack.observe(seconds(at.saturating_sub(since)));
+                        }
+                        self.waiting_since.insert(id, at);
+                    }
+                    EventKind::Resumed => self.waited(&id, at, "resumed"),
+                    EventKind::TimedOut => {
+                        m.timeouts.inc();
+                        self.waited(&id, at, "timed_out");
+                    }
+                    EventKind::Cancelled => self.waited(&id, at, "cancelled"),
+                    EventKind::Released => {
+                        self.pausing_since.remove(&id);
+                        self.waited(&id, at, "released");
+                    }
+                    EventKind::Revoked => {
+                        m.revocations.inc();
+                        self.pausing_since.remove(&id);
+                        self.waiting_since.remove(&id);
+                    }
+                    EventKind::Rejected => {
+                        m.rejections.inc();
+                        // A rejected request never waited; a rejected input about a live one changes nothing.
+                        if let Some(since) = self.waiting_since.get(&id) {
+                            if *since == at {
+                                self.waiting_since.remove(&id);
+                            }
+                        }
+                    }
+                    EventKind::Queued | EventKind::Renewed | EventKind::Expired => {}
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn waited(&mut self, id: &str, at: Millis, outcome: &str) {
+        if let Some(since) = self.waiting_since.remove(id) {
+            self.metrics
+                .queue_wait
+                .get_or_create(&OutcomeLabel {
+                    outcome: outcome.to_owned(),
+                })
+                .observe(seconds(at.saturating_sub(since)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpu_coordinator_wire::time::rfc3339;
+    use gpu_coordinator_wire::{Encoding, Event, GpuStatus, HolderStatus, QueueEntry, Reply};
+
+    fn event(kind: EventKind, id: &str, at: Millis) -> Action {
+        Action::Event {
+            encoding: Encoding::Json,
+            event: Event {
+                at: rfc3339(at),
+                kind,
+                request_id: Some(id.into()),
+                service_id: "svc".into(),
+                priority: Some(1),
+                gpu: None,
+                fence: None,
+                detail: None,
+            },
+        }
+    }
+
+    fn granted(id: &str, waited: u64) -> Action {
+        let mut reply = Reply::new(id, Outcome::Granted);
+        reply.waited_ms = Some(waited);
+        Action::Reply {
+            service: "svc".into(),
+            encoding: Encoding::Json,
+            reply,
+        }
+    }
+
+    fn line<'a>(text: &'a str, start: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no line starting with {start} in\n{text}"))
+    }
+
+    #[test]
+    fn counters_and_waits_follow_the_events() {
+        let metrics = Metrics::new();
+        let mut rec = Recorder::new(metrics.clone());
+        let t = 1_800_000_000_000;
+        for action in [
+            event(EventKind::Requested, "bg", t),
+            granted("bg", 0),
+            event(EventKind::Granted, "bg", t),
+            event(EventKind::Requested, "chat", t + 100),
+            event(EventKind::Preempting, "bg", t + 100),
+            event(EventKind::Paused, "bg", t + 350),
+            granted("chat", 250),
+            event(EventKind::Granted, "chat", t + 350),
+            event(EventKind::Resumed, "bg", t + 1_350),
+            // A repeated request is answered `granted` again without an event: not a second grant.
+            granted("chat", 250),
+            event(EventKind::Rejected, "chat", t + 1_400),
+            event(EventKind::Requested, "late", t + 2_000),
+            event(EventKind::TimedOut, "late", t + 2_500),
+        ] {
+            rec.observe(&action, t);
+        }
+        let text = metrics.render(None);
+        assert_eq!(
+            line(&text, "gpu_coordinator_grants_total"),
+            "gpu_coordinator_grants_total 2"
+        );
+        assert_eq!(
+            line(&text, "gpu_coordinator_preemptions_total"),
+            "gpu_coordinator_preemptions_total 1"
+        );
+        assert_eq!(
+            line(&text, "gpu_coordinator_timeouts_total"),
+            "gpu_coordinator_timeouts_total 1"
+        );
+        assert_eq!(
+            line(&text, "gpu_coordinator_rejections_total"),
+            "gpu_coordinator_rejections_total 1"
+        );
+        assert_eq!(
+            line(&text, "gpu_coordinator_revocations_total"),
+            "gpu_coordinator_revocations_total 0"
+        );
+        assert_eq!(
+            line(&text, "gpu_coordinator_grant_latency_seconds_count"),
+            "gpu_coordinator_grant_latency_seconds_count 2"
+        );
+        assert_eq!(
+            line(&text, "gpu_coordinator_grant_latency_seconds_sum"),
+            "gpu_coordinator_grant_latency_seconds_sum 0.25"
+        );
+        assert_eq!(
+            line(&text, "gpu_coordinator_pause_ack_seconds_sum"),
+            "gpu_coordinator_pause_ack_seconds_sum 0.25"
+        );
+        assert_eq!(
+            line(
+                &text,
+                "gpu_coordinator_queue_wait_seconds_sum{outcome=\"resumed\"}"
+            ),
+            "gpu_coordinator_queue_wait_seconds_sum{outcome=\"resumed\"} 1.0"
+        );
+        assert_eq!(
+            line(
+                &text,
+                "gpu_coordinator_queue_wait_seconds_count{outcome=\"granted\"}"
+            ),
+            "gpu_coordinator_queue_wait_seconds_count{outcome=\"granted\"} 2"
+        );
+        assert_eq!(
+            line(
+                &text,
+                "gpu_coordinator_queue_wait_seconds_sum{outcome=\"timed_out\"}"
+            ),
+            "gpu_coordinator_queue_wait_seconds_sum{outcome=\"timed_out\"} 0.5"
+        );
+        assert_eq!(
+            line(&text, "gpu_coordinator_events_total{kind=\"granted\"}"),
+            "gpu_coordinator_events_total{kind=\"granted\"} 2"
+        );
+        assert!(
+            rec.waiting_since.is_empty() && rec.pausing_since.is_empty(),
+            "nothing leaks"
+        );
+    }
+
+    #[test]
+    fn gauges_come_from_the_status_document() {
+        let metrics = Metrics::new();
+        let holder = |id: &str, state| HolderStatus {
+            request_id: id.into(),
+            service_id: "s".into(),
+            priority: 2,
+            fence: 1,
+            vram_mb: 1_000,
+            granted_at: rfc3339(0),
+            expires_at: rfc3339(0),
+            state,
+            preemptible: true,
+        };
+        let queued = |id: &str, priority, paused| QueueEntry {
+            position: 1,
+            request_id: id.into(),
+            service_id: "s".into(),
+            priority,
+            vram_mb: None,
+            gpu: None,
+            requested_at: rfc3339(0),
+            paused,
+            timeout_at: None,
+            estimated_wait_ms: None,
+        };
+        let doc = StatusDoc {
+            at: rfc3339(0),
+            vram_source: VramSource::Nvml,
+            gpus: vec![GpuStatus {
+                id: "0".into(),
+                total_mb: 24_576,
+                used_mb: 3_000,
+                free_mb: 21_576,
+                external_mb: 1_000,
+                vram_source: VramSource::Nvml,
+                holders: vec![
+                    holder("a", HolderState::Active),
+                    holder("b", HolderState::Pausing),
+                ],
+            }],
+            paused: vec![],
+            queue: vec![
+                queued("q1", 0, false),
+                queued("q2", 0, false),
+                queued("p", 2, true),
+            ],
+        };
+        let text = metrics.render(Some(&doc));
+        assert!(
+            text.contains("gpu_coordinator_queue_length{priority=\"0\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gpu_coordinator_paused_requests{priority=\"2\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gpu_coordinator_holders{gpu=\"0\",state=\"pausing\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gpu_coordinator_vram_free_bytes{gpu=\"0\"} 22624075776"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gpu_coordinator_vram_external_bytes{gpu=\"0\"} 1048576000"),
+            "{text}"
+        );
+        assert!(text.contains("gpu_coordinator_vram_from_nvml 1"), "{text}");
+        // The next document replaces the gauges: an empty queue leaves no stale series.
+        let empty = StatusDoc {
+            queue: vec![],
+            ..doc
+        };
+        let text = metrics.render(Some(&empty));
+        assert!(!text.contains("gpu_coordinator_queue_length{"), "{text}");
+        assert!(text.trim_end().ends_with("# EOF"), "{text}");
+    }
+}
