@@ -348,6 +348,8 @@ impl Config {
             default_timeout_ms: self.request.default_timeout_ms,
             aging_ms: self.queue.aging_ms,
             retain_ended: self.queue.retain_ended,
+            // Set by the driver from `nvml.settle_ms` once it knows NVML is there.
+            settle_ms: 0,
         }
     }
 }
@@ -500,6 +502,7 @@ mod tests {
                 default_timeout_ms: 5,
                 aging_ms: 6,
                 retain_ended: 7,
+                settle_ms: 0,
             }
         );
     }

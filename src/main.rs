@@ -64,7 +64,11 @@ async fn main() -> anyhow::Result<()> {
                 None => status_over_nats(&config).await?,
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&doc).context("cannot write the status as JSON")?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&doc)
+                        .context("cannot write the status as JSON")?
+                );
             } else {
                 print!("{}", render_status(&doc));
             }
@@ -121,8 +125,11 @@ async fn status_over_nats(config: &Config) -> anyhow::Result<StatusDoc> {
     let msg = tokio::time::timeout(STATUS_TIMEOUT, client.request(subject.clone(), "".into()))
         .await
         .with_context(|| format!("no answer on {subject} within {STATUS_TIMEOUT:?}"))?
-        .with_context(|| format!("no coordinator answers on {subject} (is it running, with this nats.prefix?)"))?;
-    serde_json::from_slice(&msg.payload).with_context(|| format!("the answer on {subject} is not a status document"))
+        .with_context(|| {
+            format!("no coordinator answers on {subject} (is it running, with this nats.prefix?)")
+        })?;
+    serde_json::from_slice(&msg.payload)
+        .with_context(|| format!("the answer on {subject} is not a status document"))
 }
 
 async fn status_over_http(base: &str, token: Option<&str>) -> anyhow::Result<StatusDoc> {
@@ -135,9 +142,15 @@ async fn status_over_http(base: &str, token: Option<&str>) -> anyhow::Result<Sta
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
-    let response = request.send().await.with_context(|| format!("cannot reach {url}"))?;
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
     let status = response.status();
-    let body = response.bytes().await.with_context(|| format!("cannot read the answer of {url}"))?;
+    let body = response
+        .bytes()
+        .await
+        .with_context(|| format!("cannot read the answer of {url}"))?;
     if !status.is_success() {
         let error = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
@@ -145,7 +158,8 @@ async fn status_over_http(base: &str, token: Option<&str>) -> anyhow::Result<Sta
             .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
         anyhow::bail!("{url} answered {status}: {error}");
     }
-    serde_json::from_slice(&body).with_context(|| format!("the answer of {url} is not a status document"))
+    serde_json::from_slice(&body)
+        .with_context(|| format!("the answer of {url} is not a status document"))
 }
 
 /// The status document as tables: GPUs, holders, queue.
@@ -163,7 +177,15 @@ fn render_status(doc: &StatusDoc) -> String {
         }
     );
     out.push_str(&table(
-        &["GPU", "TOTAL MB", "USED MB", "FREE MB", "EXTERNAL MB", "SOURCE", "HOLDERS"],
+        &[
+            "GPU",
+            "TOTAL MB",
+            "USED MB",
+            "FREE MB",
+            "EXTERNAL MB",
+            "SOURCE",
+            "HOLDERS",
+        ],
         doc.gpus
             .iter()
             .map(|g| {
@@ -181,7 +203,9 @@ fn render_status(doc: &StatusDoc) -> String {
     ));
     out.push_str("\nHolders\n");
     out.push_str(&table(
-        &["GPU", "REQUEST", "SERVICE", "PRIO", "VRAM MB", "FENCE", "STATE", "GRANTED", "EXPIRES"],
+        &[
+            "GPU", "REQUEST", "SERVICE", "PRIO", "VRAM MB", "FENCE", "STATE", "GRANTED", "EXPIRES",
+        ],
         doc.gpus
             .iter()
             .flat_map(|g| g.holders.iter().map(move |h| (g, h)))
@@ -190,7 +214,11 @@ fn render_status(doc: &StatusDoc) -> String {
                     HolderState::Active => "active",
                     HolderState::Pausing => "pausing",
                 };
-                let state = if h.preemptible { state.to_owned() } else { format!("{state}, not preemptible") };
+                let state = if h.preemptible {
+                    state.to_owned()
+                } else {
+                    format!("{state}, not preemptible")
+                };
                 vec![
                     g.id.clone(),
                     h.request_id.clone(),
@@ -207,7 +235,17 @@ fn render_status(doc: &StatusDoc) -> String {
     ));
     out.push_str("\nQueue (grant order)\n");
     out.push_str(&table(
-        &["POS", "REQUEST", "SERVICE", "PRIO", "VRAM MB", "GPU", "STATE", "SINCE", "EST. WAIT"],
+        &[
+            "POS",
+            "REQUEST",
+            "SERVICE",
+            "PRIO",
+            "VRAM MB",
+            "GPU",
+            "STATE",
+            "SINCE",
+            "EST. WAIT",
+        ],
         doc.queue
             .iter()
             .map(|q| {
@@ -221,7 +259,8 @@ fn render_status(doc: &StatusDoc) -> String {
                     q.request_id.clone(),
                     q.service_id.clone(),
                     q.priority.to_string(),
-                    q.vram_mb.map_or_else(|| "whole GPU".to_owned(), |mb| mb.to_string()),
+                    q.vram_mb
+                        .map_or_else(|| "whole GPU".to_owned(), |mb| mb.to_string()),
                     q.gpu.clone().unwrap_or_else(|| "any".to_owned()),
                     match (q.paused, paused_on) {
                         (true, Some(on)) => on,
@@ -366,13 +405,33 @@ mod tests {
             ],
         };
         let text = render_status(&doc);
-        assert!(text.contains("VRAM figures from the configuration"), "{text}");
-        assert!(text.contains("  0    24576     20000    4576     0            config  1"), "{text}");
-        assert!(text.contains("chat-1   chat     0     20000    7      active"), "{text}");
-        assert!(text.contains("1    tts-1    tts      1     whole GPU  any  queued"), "{text}");
+        assert!(
+            text.contains("VRAM figures from the configuration"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  0    24576     20000    4576     0            config  1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("chat-1   chat     0     20000    7      active"),
+            "{text}"
+        );
+        assert!(
+            text.contains("1    tts-1    tts      1     whole GPU  any  queued"),
+            "{text}"
+        );
         assert!(text.contains("paused (GPU 0)"), "{text}");
-        assert!(text.contains("20.0 s") && text.contains("2 min 05 s"), "{text}");
-        let empty = render_status(&StatusDoc { gpus: vec![], paused: vec![], queue: vec![], ..doc });
+        assert!(
+            text.contains("20.0 s") && text.contains("2 min 05 s"),
+            "{text}"
+        );
+        let empty = render_status(&StatusDoc {
+            gpus: vec![],
+            paused: vec![],
+            queue: vec![],
+            ..doc
+        });
         assert_eq!(empty.matches("(none)").count(), 3, "{empty}");
     }
 }

@@ -22,7 +22,13 @@
 //! starving behind a stream of small ones, and it keeps the pass short: it stops as soon as every GPU is
 //! reserved, so an input costs O(log n) in the number of queued requests.
 //!
-//! Aging orders the queue only; preemption compares the requests' own priorities.
+//! With aging on, a waiting request counts one level more urgent per `queue.aging_ms` waited, in grant
+//! order and when it preempts (an aged background request may pause a background holder: that is what
+//! keeps it from starving); a holder is always preempted by its own priority. Without aging, equal
+//! priorities never preempt each other.
+//!
+//! With NVML (`settle_ms` > 0), a GPU where a holder just paused takes no grant until a VRAM sample shows
+//! the paused share freed, or until `settle_ms` passes: then the grant goes ahead, and its event says so.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
@@ -63,6 +69,20 @@ struct Gpu {
     /// looks only at requests some open GPU can take, so a GPU nobody in the queue can use does not
     /// make it walk the whole queue.
     queue: BTreeSet<(u8, u64)>,
+    /// After a pause ACK (NVML on): no grant here until a sample shows the VRAM freed, or until `until`.
+    settle: Option<Settle>,
+    /// Said on the next grant here: it was made without NVML seeing the paused holder's VRAM freed.
+    settle_warning: Option<String>,
+}
+
+/// A GPU waiting for NVML to see a paused holder's VRAM freed.
+struct Settle {
+    until: Millis,
+    /// The external usage NVML showed before the ACK: what it shows again once the memory is freed.
+    external_before_mb: u64,
+    /// The paused holder's share.
+    freed_mb: u64,
+    request_id: String,
 }
 
 impl Gpu {
@@ -151,6 +171,8 @@ impl Scheduler {
                 holders: BTreeSet::new(),
                 held_mb: 0,
                 queue: BTreeSet::new(),
+                settle: None,
+                settle_warning: None,
             })
             .collect();
     }
@@ -177,7 +199,22 @@ impl Scheduler {
 
     /// When the scheduler next wants [`Scheduler::handle_timeout`] called.
     pub fn poll_timeout(&self) -> Option<Millis> {
-        self.timers.first().map(|&(at, _, _)| at)
+        let settle = self
+            .gpus
+            .iter()
+            .filter_map(|g| g.settle.as_ref().map(|s| s.until))
+            .min();
+        match (self.timers.first().map(|&(at, _, _)| at), settle) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether a GPU waits for NVML to see a paused holder's VRAM freed (see `SchedConfig::settle_ms`).
+    pub fn settling(&self, gpu: &str) -> bool {
+        self.gpu_index
+            .get(gpu)
+            .is_some_and(|&g| self.gpus[g].settle.is_some())
     }
 
     /// The number of live (not ended) requests.
@@ -208,10 +245,14 @@ impl Scheduler {
     /// Restores the state persisted before a restart and reconciles it with the lease store. Call once,
     /// on a new scheduler, before any other input.
     pub fn restore(&mut self, snapshot: Snapshot, now: Millis) {
-        self.last_fence = self
-            .last_fence
-            .max(snapshot.max_fence)
-            .max(snapshot.leases.iter().map(|l| l.fence).max().unwrap_or_default());
+        self.last_fence = self.last_fence.max(snapshot.max_fence).max(
+            snapshot
+                .leases
+                .iter()
+                .map(|l| l.fence)
+                .max()
+                .unwrap_or_default(),
+        );
         let mut leases: HashMap<String, Lease> = snapshot
             .leases
             .into_iter()
@@ -249,7 +290,12 @@ impl Scheduler {
                 .as_ref()
                 .is_some_and(|g| self.gpu_index.contains_key(g));
             if !gpu_known {
-                self.revoke(seq, now, "its GPU is no longer managed by this coordinator", false);
+                self.revoke(
+                    seq,
+                    now,
+                    "its GPU is no longer managed by this coordinator",
+                    false,
+                );
                 continue;
             }
             match lease {
@@ -304,7 +350,17 @@ impl Scheduler {
             Input::Invalid(rejection) => self.on_invalid(rejection, now),
             Input::ExternalVram { gpu, used_mb } => {
                 if let Some(&i) = self.gpu_index.get(&gpu) {
-                    self.gpus[i].external_mb = used_mb;
+                    let gpu = &mut self.gpus[i];
+                    gpu.external_mb = used_mb;
+                    // Freed once the outside usage is back near its level before the ACK (at least
+                    // half of the paused share gone).
+                    if gpu
+                        .settle
+                        .as_ref()
+                        .is_some_and(|s| used_mb <= s.external_before_mb + s.freed_mb / 2)
+                    {
+                        gpu.settle = None;
+                    }
                 }
             }
             Input::LeaseRefused {
@@ -314,7 +370,8 @@ impl Scheduler {
             } => {
                 if let Some(&seq) = self.ids.get(&request_id) {
                     let rec = self.live_rec(seq);
-                    if rec.fence == Some(fence) && matches!(rec.phase, Phase::Active | Phase::Pausing)
+                    if rec.fence == Some(fence)
+                        && matches!(rec.phase, Phase::Active | Phase::Pausing)
                     {
                         let reason = format!("the lease store refused the lease: {why}");
                         self.revoke(seq, now, &reason, false);
@@ -328,6 +385,17 @@ impl Scheduler {
 
     /// Fires every timer due at `now` (timeouts, expiries, pause deadlines, aging), then schedules.
     pub fn handle_timeout(&mut self, now: Millis) {
+        for gpu in &mut self.gpus {
+            if gpu.settle.as_ref().is_some_and(|s| s.until <= now) {
+                let settle = gpu.settle.take().expect("checked above");
+                // Past the bound: count the paused holder's VRAM as freed, and say so on the grant.
+                gpu.external_mb = gpu.external_mb.min(settle.external_before_mb);
+                gpu.settle_warning = Some(format!(
+                    "NVML did not see the {} MB of paused `{}` freed within nvml.settle_ms ({} ms); granted anyway",
+                    settle.freed_mb, settle.request_id, self.config.settle_ms
+                ));
+            }
+        }
         while let Some(&(at, seq, kind)) = self.timers.first() {
             if at > now {
                 break;
@@ -349,9 +417,12 @@ impl Scheduler {
                     self.end(seq, End::TimedOut, Some(error), now);
                 }
                 (TimerKind::Aging, Phase::Queued) => self.update(seq, now, |_| {}),
-                (TimerKind::Expiry, Phase::Active | Phase::Pausing) => {
-                    self.revoke(seq, now, "the lease expired: it was neither renewed nor released", true)
-                }
+                (TimerKind::Expiry, Phase::Active | Phase::Pausing) => self.revoke(
+                    seq,
+                    now,
+                    "the lease expired: it was neither renewed nor released",
+                    true,
+                ),
                 (TimerKind::PauseDeadline, Phase::Pausing) => {
                     let reason = format!(
                         "no pause ACK within the deadline ({} ms)",
@@ -384,7 +455,12 @@ impl Scheduler {
             return self.reply(&service, existing_encoding, reply);
         }
         let candidates: Vec<&Gpu> = match &msg.gpu {
-            Some(pin) => self.gpu_index.get(pin).map(|&i| &self.gpus[i]).into_iter().collect(),
+            Some(pin) => self
+                .gpu_index
+                .get(pin)
+                .map(|&i| &self.gpus[i])
+                .into_iter()
+                .collect(),
             None => self.gpus.iter().collect(),
         };
         let known: Vec<&str> = self.gpus.iter().map(|g| g.spec.id.as_str()).collect();
@@ -397,9 +473,15 @@ impl Scheduler {
                 None => "no GPU is managed by this coordinator".to_string(),
             })
         } else if let Some(vram) = msg.vram_mb {
-            let largest = candidates.iter().map(|g| g.spec.total_mb).max().unwrap_or(0);
+            let largest = candidates
+                .iter()
+                .map(|g| g.spec.total_mb)
+                .max()
+                .unwrap_or(0);
             (vram > largest).then(|| {
-                format!("field `vram_mb`: {vram} MB is more than any GPU it may use has ({largest} MB)")
+                format!(
+                    "field `vram_mb`: {vram} MB is more than any GPU it may use has ({largest} MB)"
+                )
             })
         } else {
             None
@@ -472,7 +554,11 @@ impl Scheduler {
                 .map(|s| s.iter().copied().collect())
                 .unwrap_or_default();
             for seq in all {
-                self.release(seq, now, format!("service `{service}` released everything it held"));
+                self.release(
+                    seq,
+                    now,
+                    format!("service `{service}` released everything it held"),
+                );
             }
             return;
         };
@@ -523,7 +609,12 @@ impl Scheduler {
         reply.expires_at = Some(rfc3339(expires_at));
         reply.vram_mb = rec.held_mb;
         self.reply(&rec.service_id, rec.encoding, reply);
-        self.event(&rec, EventKind::Renewed, now, Some(format!("lease extended by {lease_ms} ms")));
+        self.event(
+            &rec,
+            EventKind::Renewed,
+            now,
+            Some(format!("lease extended by {lease_ms} ms")),
+        );
         self.actions.push_back(Action::Lease(LeaseOp::Renew {
             request_id: rec.request_id.clone(),
             gpu: rec.gpu.clone().expect("a holding record has a GPU"),
@@ -571,16 +662,33 @@ impl Scheduler {
         let reply = Reply::new(&rec.request_id, Outcome::Cancelled);
         let (service, encoding) = (rec.service_id.clone(), rec.encoding);
         self.reply(&service, encoding, reply);
-        self.end(seq, End::Cancelled, Some("cancelled by its service".into()), now);
+        self.end(
+            seq,
+            End::Cancelled,
+            Some("cancelled by its service".into()),
+            now,
+        );
     }
 
     fn on_invalid(&mut self, rejection: Rejection, now: Millis) {
         let request_id = rejection.request_id.as_deref();
         match &rejection.service {
-            Some(service) => self.reject(service, rejection.encoding, request_id, rejection.error, now),
+            Some(service) => self.reject(
+                service,
+                rejection.encoding,
+                request_id,
+                rejection.error,
+                now,
+            ),
             // No valid service in the subject: nobody to reply to (a reply to `unknown` would reach
             // a service of that name); the event alone records it.
-            None => self.rejected_event("unknown", rejection.encoding, request_id, rejection.error, now),
+            None => self.rejected_event(
+                "unknown",
+                rejection.encoding,
+                request_id,
+                rejection.error,
+                now,
+            ),
         }
     }
 
@@ -610,7 +718,9 @@ impl Scheduler {
                     format!(
                         "stale fence {}: the current fence of request `{request_id}` is {}",
                         fence.unwrap_or_default(),
-                        rec.fence.map(|f| f.0.to_string()).unwrap_or_else(|| "none".into())
+                        rec.fence
+                            .map(|f| f.0.to_string())
+                            .unwrap_or_else(|| "none".into())
                     )
                 } else {
                     return Some(seq);
@@ -646,7 +756,8 @@ impl Scheduler {
         let rec = self.live_rec(seq).clone();
         let expires_at = rfc3339(rec.expires_at.unwrap_or(now));
         self.actions.push_back(Action::Lease(LeaseOp::Acquire(
-            self.lease_of(&rec).expect("a granted record has a GPU and a fence"),
+            self.lease_of(&rec)
+                .expect("a granted record has a GPU and a fence"),
         )));
         if resumed {
             self.control(
@@ -656,7 +767,8 @@ impl Scheduler {
                 "the GPU is free again: reload and go on".into(),
                 Some(expires_at),
             );
-            self.event(&rec, EventKind::Resumed, now, None);
+            let warning = self.gpus[gpu].settle_warning.take();
+            self.event(&rec, EventKind::Resumed, now, warning);
         } else {
             let mut reply = Reply::new(&rec.request_id, Outcome::Granted);
             reply.gpu = rec.gpu.clone();
@@ -666,7 +778,10 @@ impl Scheduler {
             reply.vram_mb = rec.held_mb;
             reply.waited_ms = rec.waited_ms;
             self.reply(&rec.service_id, rec.encoding, reply);
-            let detail = format!("waited {} ms", rec.waited_ms.unwrap_or(0));
+            let mut detail = format!("waited {} ms", rec.waited_ms.unwrap_or(0));
+            if let Some(warning) = self.gpus[gpu].settle_warning.take() {
+                detail = format!("{detail}; {warning}");
+            }
             self.event(&rec, EventKind::Granted, now, Some(detail));
         }
     }
@@ -706,6 +821,22 @@ impl Scheduler {
             rec.pause_deadline = None;
             rec.expires_at = None;
         });
+        if self.config.settle_ms > 0 {
+            if let Some(&g) = rec.gpu.as_ref().and_then(|g| self.gpu_index.get(g)) {
+                let gpu = &mut self.gpus[g];
+                let (external_before_mb, freed_mb) = match &gpu.settle {
+                    // Another holder paused while the first is settling: wait for both shares.
+                    Some(s) => (s.external_before_mb, s.freed_mb + rec.held_mb.unwrap_or(0)),
+                    None => (gpu.external_mb, rec.held_mb.unwrap_or(0)),
+                };
+                gpu.settle = Some(Settle {
+                    until: now.saturating_add(self.config.settle_ms),
+                    external_before_mb,
+                    freed_mb,
+                    request_id: rec.request_id.clone(),
+                });
+            }
+        }
         let rec = self.live_rec(seq).clone();
         self.event(&rec, EventKind::Paused, now, None);
     }
@@ -782,8 +913,8 @@ impl Scheduler {
 
     /// Grants, preempts and reserves in grant order, until every GPU is reserved or the queue is done.
     fn schedule(&mut self, now: Millis) {
-        let mut open = vec![true; self.gpus.len()];
-        let mut n_open = open.len();
+        let mut open: Vec<bool> = self.gpus.iter().map(|g| g.settle.is_none()).collect();
+        let mut n_open = open.iter().filter(|&&o| o).count();
         let mut cursor: Option<(u8, u64)> = None;
         while n_open > 0 {
             let lower = match cursor {
@@ -828,7 +959,9 @@ impl Scheduler {
 
     /// The open GPUs that a request may use and that are big enough for it.
     fn candidates(&self, seq: u64, open: &[bool]) -> Vec<usize> {
-        self.allowed(self.live_rec(seq)).filter(|&g| open[g]).collect()
+        self.allowed(self.live_rec(seq))
+            .filter(|&g| open[g])
+            .collect()
     }
 
     /// The GPUs that a request may use (its pin) and that are big enough for it.
@@ -843,7 +976,8 @@ impl Scheduler {
     fn fits(rec: &RequestRecord, free_mb: u64, holders: usize) -> bool {
         match rec.vram_mb {
             Some(v) => v <= free_mb,
-            None => holders == 0,
+            // The whole GPU: no other holder, and something left beside outside usage.
+            None => holders == 0 && free_mb > 0,
         }
     }
 
@@ -861,8 +995,17 @@ impl Scheduler {
 
     /// The GPU where the request fits with the fewest holders paused, and those holders (possibly none,
     /// when pauses already under way will make room).
-    fn plan_preemption(&self, seq: u64, candidates: &[usize], now: Millis) -> Option<(usize, Vec<u64>)> {
-        let rec = self.live_rec(seq);
+    fn plan_preemption(
+        &self,
+        seq: u64,
+        candidates: &[usize],
+        now: Millis,
+    ) -> Option<(usize, Vec<u64>)> {
+        let live = self
+            .live
+            .get(&seq)
+            .expect("a live request by its arrival number");
+        let (rec, urgency) = (&live.rec, live.eff);
         let mut best: Option<(usize, Vec<u64>, u64)> = None;
         for &g in candidates {
             let gpu = &self.gpus[g];
@@ -874,9 +1017,13 @@ impl Scheduler {
                 if holder.phase == Phase::Pausing {
                     free += holder.held_mb.unwrap_or(0);
                     remaining -= 1;
-                } else if holder.priority > rec.priority
+                } else if holder.priority > urgency
                     && holder.preemptible
-                    && holder.granted_at.unwrap_or(0).saturating_add(self.config.min_hold_ms) <= now
+                    && holder
+                        .granted_at
+                        .unwrap_or(0)
+                        .saturating_add(self.config.min_hold_ms)
+                        <= now
                 {
                     eligible.push(holder);
                 }
@@ -918,7 +1065,11 @@ impl Scheduler {
     // ----- bookkeeping --------------------------------------------------------------------------------
 
     fn live_rec(&self, seq: u64) -> &RequestRecord {
-        &self.live.get(&seq).expect("a live request by its arrival number").rec
+        &self
+            .live
+            .get(&seq)
+            .expect("a live request by its arrival number")
+            .rec
     }
 
     fn issue_fence(&mut self) -> Fence {
@@ -947,7 +1098,10 @@ impl Scheduler {
 
     /// Removes a live request from the queue, the timers and its GPU, returning it (still in `ids`).
     fn detach(&mut self, seq: u64) -> Live {
-        let live = self.live.remove(&seq).expect("a live request by its arrival number");
+        let live = self
+            .live
+            .remove(&seq)
+            .expect("a live request by its arrival number");
         self.queue.remove(&(live.eff, seq));
         for gpu in &mut self.gpus {
             gpu.queue.remove(&(live.eff, seq));
@@ -966,13 +1120,18 @@ impl Scheduler {
 
     /// Puts a request back into the indexes its phase calls for. With `now`, recomputes aging.
     fn attach(&mut self, seq: u64, now: Option<Millis>) {
-        let mut live = self.live.remove(&seq).expect("a live request by its arrival number");
+        let mut live = self
+            .live
+            .remove(&seq)
+            .expect("a live request by its arrival number");
         let rec = &live.rec;
         let mut timers = Vec::new();
         match rec.phase {
             Phase::Queued => {
                 live.eff = rec.priority;
-                let waited = now.unwrap_or(rec.requested_at).saturating_sub(rec.requested_at);
+                let waited = now
+                    .unwrap_or(rec.requested_at)
+                    .saturating_sub(rec.requested_at);
                 // Aging is off when aging_ms is 0.
                 if let Some(periods) = waited.checked_div(self.config.aging_ms) {
                     let levels = periods.min(u64::from(rec.priority));
@@ -999,12 +1158,19 @@ impl Scheduler {
                     timers.push((at, TimerKind::PauseDeadline));
                 }
                 if self.config.min_hold_ms > 0 && rec.phase == Phase::Active {
-                    let at = rec.granted_at.unwrap_or(0).saturating_add(self.config.min_hold_ms);
+                    let at = rec
+                        .granted_at
+                        .unwrap_or(0)
+                        .saturating_add(self.config.min_hold_ms);
                     if now.is_none_or(|n| at > n) {
                         timers.push((at, TimerKind::MinHold));
                     }
                 }
-                let g = rec.gpu.as_ref().and_then(|g| self.gpu_index.get(g)).copied();
+                let g = rec
+                    .gpu
+                    .as_ref()
+                    .and_then(|g| self.gpu_index.get(g))
+                    .copied();
                 if let Some(g) = g {
                     let gpu = &mut self.gpus[g];
                     if gpu.holders.insert(seq) {
@@ -1080,13 +1246,17 @@ impl Scheduler {
         self.dirty_set.clear();
         if self.fence_dirty {
             self.fence_dirty = false;
-            self.actions.push_back(Action::PersistFence(self.last_fence));
+            self.actions
+                .push_back(Action::PersistFence(self.last_fence));
         }
     }
 
     fn lease_of(&self, rec: &RequestRecord) -> Option<Lease> {
         let gpu = rec.gpu.clone()?;
-        let capacity_mb = self.gpu_index.get(&gpu).map(|&g| self.gpus[g].spec.total_mb)?;
+        let capacity_mb = self
+            .gpu_index
+            .get(&gpu)
+            .map(|&g| self.gpus[g].spec.total_mb)?;
         Some(Lease {
             request_id: rec.request_id.clone(),
             service_id: rec.service_id.clone(),
@@ -1327,10 +1497,16 @@ impl Scheduler {
                 .map(|h| self.live_rec(*h).held_mb.unwrap_or(0))
                 .sum();
             if held != g.held_mb {
-                return Err(format!("GPU {} counts {} MB held, holders sum to {held}", g.spec.id, g.held_mb));
+                return Err(format!(
+                    "GPU {} counts {} MB held, holders sum to {held}",
+                    g.spec.id, g.held_mb
+                ));
             }
             if held > g.spec.total_mb {
-                return Err(format!("GPU {} holds {held} MB over its {} MB", g.spec.id, g.spec.total_mb));
+                return Err(format!(
+                    "GPU {} holds {held} MB over its {} MB",
+                    g.spec.id, g.spec.total_mb
+                ));
             }
         }
         for (seq, live) in &self.live {
@@ -1339,7 +1515,9 @@ impl Scheduler {
             let (want_queued, want_holding) = match live.rec.phase {
                 Phase::Queued | Phase::Paused => (true, false),
                 Phase::Active | Phase::Pausing => (false, true),
-                Phase::Ended => return Err(format!("ended request {} is live", live.rec.request_id)),
+                Phase::Ended => {
+                    return Err(format!("ended request {} is live", live.rec.request_id))
+                }
             };
             if queued != want_queued || holding != want_holding {
                 return Err(format!(
@@ -1350,24 +1528,35 @@ impl Scheduler {
             }
             if let Some(f) = live.rec.fence {
                 if f > self.last_fence {
-                    return Err(format!("request {} has fence {} above the last issued", live.rec.request_id, f.0));
+                    return Err(format!(
+                        "request {} has fence {} above the last issued",
+                        live.rec.request_id, f.0
+                    ));
                 }
             }
         }
         for g in &self.gpus {
             if let Some(key) = g.queue.iter().find(|k| !self.queue.contains(k)) {
-                return Err(format!("GPU {} queues {key:?}, which is not in the queue", g.spec.id));
+                return Err(format!(
+                    "GPU {} queues {key:?}, which is not in the queue",
+                    g.spec.id
+                ));
             }
         }
         for &(eff, seq) in &self.queue {
             let rec = self.live_rec(seq);
             for g in self.allowed(rec) {
                 if !self.gpus[g].queue.contains(&(eff, seq)) {
-                    return Err(format!("{} may use GPU {} but is not in its queue", rec.request_id, self.gpus[g].spec.id));
+                    return Err(format!(
+                        "{} may use GPU {} but is not in its queue",
+                        rec.request_id, self.gpus[g].spec.id
+                    ));
                 }
             }
         }
-        if self.queue.len() + self.gpus.iter().map(|g| g.holders.len()).sum::<usize>() != self.live.len() {
+        if self.queue.len() + self.gpus.iter().map(|g| g.holders.len()).sum::<usize>()
+            != self.live.len()
+        {
             return Err("a live request is missing from the queue and the GPUs".into());
         }
         Ok(())

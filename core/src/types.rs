@@ -33,6 +33,9 @@ pub struct SchedConfig {
     pub aging_ms: u64,
     /// How many ended requests are remembered to answer a repeated `request_id`.
     pub retain_ended: usize,
+    /// After a pause ACK, how long a GPU waits for an [`Input::ExternalVram`] sample showing the paused
+    /// holder's VRAM freed before it grants anyway, with a warning (0: off; on only with NVML).
+    pub settle_ms: u64,
 }
 
 impl Default for SchedConfig {
@@ -45,6 +48,7 @@ impl Default for SchedConfig {
             default_timeout_ms: 60_000,
             aging_ms: 0,
             retain_ended: 100_000,
+            settle_ms: 0,
         }
     }
 }
@@ -53,14 +57,22 @@ impl Default for SchedConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
     /// A decoded, valid message from `<svc>`, in the encoding it came in.
-    Inbound { service: String, encoding: Encoding, input: Inbound },
+    Inbound {
+        service: String,
+        encoding: Encoding,
+        input: Inbound,
+    },
     /// A message that could not be accepted: it gets a `rejected` reply and event.
     Invalid(Rejection),
     /// VRAM used on a GPU by processes outside the coordinator's leases (NVML), in MB.
     ExternalVram { gpu: String, used_mb: u64 },
     /// The lease store refused a lease the core granted (another holder is in its place): the core
     /// revokes it.
-    LeaseRefused { request_id: String, fence: Fence, why: String },
+    LeaseRefused {
+        request_id: String,
+        fence: Fence,
+        why: String,
+    },
 }
 
 /// Where a request stands.
@@ -193,9 +205,18 @@ pub enum LeaseOp {
     /// Write a new lease (grant or resume), checking capacity and that the fence is new.
     Acquire(Lease),
     /// Extend a lease whose fence matches.
-    Renew { request_id: String, gpu: String, fence: Fence, expires_at: Millis },
+    Renew {
+        request_id: String,
+        gpu: String,
+        fence: Fence,
+        expires_at: Millis,
+    },
     /// Delete a lease whose fence matches (release, pause ACK, revoke, expiry).
-    Release { request_id: String, gpu: String, fence: Fence },
+    Release {
+        request_id: String,
+        gpu: String,
+        fence: Fence,
+    },
     /// Write back a lease the store lost (it restarted empty, or the coordinator stopped between its
     /// Postgres commit and the store): same checks as `Acquire`, but the fence may equal the stored one.
     Restore(Lease),
@@ -212,9 +233,17 @@ pub enum Action {
     /// Change the lease store.
     Lease(LeaseOp),
     /// Publish on `<prefix>.reply.<service>`.
-    Reply { service: String, encoding: Encoding, reply: Reply },
+    Reply {
+        service: String,
+        encoding: Encoding,
+        reply: Reply,
+    },
     /// Publish on `<prefix>.control.<service>`.
-    Control { service: String, encoding: Encoding, control: Control },
+    Control {
+        service: String,
+        encoding: Encoding,
+        control: Control,
+    },
     /// Publish on `<prefix>.event.<kind>.<service>`.
     Event { encoding: Encoding, event: Event },
 }

@@ -1133,3 +1133,112 @@ fn chat_preempts_background_transcription() {
     s.release("asr", "asr-1", None);
     s.finish();
 }
+
+#[test]
+fn aged_request_preempts_at_its_effective_priority() {
+    // ASR1 (p2) holds; ASR2 (p2) waits long enough to count as p0; chat (p0) arrives later.
+    let config = SchedConfig {
+        aging_ms: 1_000,
+        default_timeout_ms: 3_600_000,
+        lease_default_ms: 3_600_000,
+        lease_max_ms: 3_600_000,
+        ..config()
+    };
+    let mut s = sim_with(config, &[("g0", 1_000)]);
+    s.request("asr", req("asr1", 2));
+    s.request("asr", req("asr2", 2));
+    let a = s.advance(2_000);
+    // Aged to priority 0, ASR2 pauses ASR1 (a holder is preempted by its own priority).
+    a.control("asr1", ControlAction::Pause);
+    let a = s.request("chat", req("chat", 0));
+    assert!(a.control_actions("asr1").is_empty());
+    let a = s.ack_paused("asr", "asr1");
+    assert_eq!(a.granted(), vec!["asr2".to_string()]);
+    // Chat, more urgent than ASR2's own priority, pauses it at once: it never waits for a lease.
+    a.control("asr2", ControlAction::Pause);
+    let a = s.ack_paused("asr", "asr2");
+    assert_eq!(a.granted(), vec!["chat".to_string()]);
+}
+
+#[test]
+fn whole_gpu_request_waits_while_outside_usage_fills_the_gpu() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.input(Input::ExternalVram {
+        gpu: "g0".into(),
+        used_mb: 1_000,
+    });
+    let a = s.request("svc", req("whole", 1));
+    a.no_reply("whole");
+    let a = s.input(Input::ExternalVram {
+        gpu: "g0".into(),
+        used_mb: 100,
+    });
+    assert_eq!(a.reply("whole").vram_mb, Some(900));
+}
+
+/// With NVML, a GPU where a holder paused waits for a sample showing its VRAM freed before granting.
+#[test]
+fn settle_waits_for_nvml_to_see_the_paused_vram_freed() {
+    let config = SchedConfig {
+        settle_ms: 2_000,
+        ..config()
+    };
+    let mut s = sim_with(config, &[("g0", 1_000)]);
+    s.input(Input::ExternalVram {
+        gpu: "g0".into(),
+        used_mb: 50,
+    });
+    s.request("asr", req("asr", 2).vram(800));
+    let a = s.request("chat", req("chat", 0).vram(800));
+    a.control("asr", ControlAction::Pause);
+    let a = s.ack_paused("asr", "asr");
+    a.no_reply("chat");
+    // A sample taken before the process freed its memory: NVML still sees the 800 MB, outside the leases.
+    let a = s.input(Input::ExternalVram {
+        gpu: "g0".into(),
+        used_mb: 850,
+    });
+    a.no_reply("chat");
+    // Freed: the grant goes ahead, without a warning.
+    let a = s.input(Input::ExternalVram {
+        gpu: "g0".into(),
+        used_mb: 50,
+    });
+    assert_eq!(
+        a.reply("chat").outcome,
+        gpu_coordinator_wire::Outcome::Granted
+    );
+    let detail = a
+        .event("chat", EventKind::Granted)
+        .detail
+        .clone()
+        .unwrap_or_default();
+    assert!(!detail.contains("granted anyway"), "{detail}");
+}
+
+#[test]
+fn settle_grants_with_a_warning_past_its_bound() {
+    let config = SchedConfig {
+        settle_ms: 2_000,
+        ..config()
+    };
+    let mut s = sim_with(config, &[("g0", 1_000)]);
+    s.request("asr", req("asr", 2).vram(800));
+    s.request("chat", req("chat", 0).vram(800));
+    s.ack_paused("asr", "asr");
+    let a = s.input(Input::ExternalVram {
+        gpu: "g0".into(),
+        used_mb: 800,
+    });
+    a.no_reply("chat");
+    let a = s.advance(1_999);
+    a.no_reply("chat");
+    let a = s.advance(1);
+    a.reply("chat");
+    let detail = a
+        .event("chat", EventKind::Granted)
+        .detail
+        .clone()
+        .unwrap_or_default();
+    assert!(detail.contains("granted anyway"), "{detail}");
+}

@@ -103,7 +103,10 @@ impl Bus {
     pub async fn ensure_streams(&self, max_age: Duration) -> Result<(), NatsError> {
         for (name, subjects) in [
             (self.subjects.input_stream(), self.subjects.input_subjects()),
-            (self.subjects.output_stream(), self.subjects.output_subjects()),
+            (
+                self.subjects.output_stream(),
+                self.subjects.output_subjects(),
+            ),
         ] {
             let config = stream::Config {
                 name: name.clone(),

@@ -21,7 +21,9 @@ use anyhow::Context as _;
 use async_nats::jetstream::AckKind;
 use backon::{ExponentialBuilder, Retryable};
 use futures::{FutureExt, StreamExt};
-use gpu_coordinator_core::{Action, Fence, GpuSpec, Input, LeaseOp, Millis, RequestRecord, Scheduler, Snapshot};
+use gpu_coordinator_core::{
+    Action, Fence, GpuSpec, Input, LeaseOp, Millis, RequestRecord, Scheduler, Snapshot,
+};
 use gpu_coordinator_wire::{codec, decode_input, Encoding, Subjects, VramSource};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -111,7 +113,8 @@ pub async fn run_with(
     let state = HttpState::new(&config, subjects, metrics.clone(), http_stop.clone());
     let server = tokio::spawn(http::serve(http, state.clone()));
     let result = async {
-        let (driver, commands) = Driver::start_with(&config, shutdown.clone(), metrics, extras).await?;
+        let (driver, commands) =
+            Driver::start_with(&config, shutdown.clone(), metrics, extras).await?;
         state.set_backends(driver.backends());
         driver.run(commands).await
     }
@@ -128,7 +131,11 @@ pub async fn run_with(
 
 /// Retries `op` with exponential backoff (up to 5 s apart) until it succeeds or `shutdown` is
 /// cancelled, logging each failure with `what`.
-async fn with_retry<T, E, F, Fut>(what: &str, shutdown: &CancellationToken, op: F) -> anyhow::Result<T>
+async fn with_retry<T, E, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    op: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
@@ -184,7 +191,12 @@ fn redact(url: &str) -> String {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
             match userinfo.find(':') {
-                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &userinfo[..colon], &url[at..]),
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
                 None => url.to_string(),
             }
         }
@@ -227,7 +239,9 @@ async fn probe_devices(
         None => match tokio::task::spawn_blocking(NvmlProbe::init).await {
             Ok(Ok(p)) => Arc::new(p),
             Ok(Err(e)) => {
-                tracing::warn!("{e}: running on the configured GPU capacities (vram_source \"config\")");
+                tracing::warn!(
+                    "{e}: running on the configured GPU capacities (vram_source \"config\")"
+                );
                 return None;
             }
             Err(e) => {
@@ -242,13 +256,19 @@ async fn probe_devices(
             for d in &devices {
                 tracing::info!(
                     "NVML device {}: {} ({}), {} MB, {} MB used",
-                    d.index, d.name, d.uuid, d.total_mb, d.used_mb
+                    d.index,
+                    d.name,
+                    d.uuid,
+                    d.total_mb,
+                    d.used_mb
                 );
             }
             Some((probe, devices))
         }
         Ok(Err(e)) => {
-            tracing::warn!("{e}: running on the configured GPU capacities (vram_source \"config\")");
+            tracing::warn!(
+                "{e}: running on the configured GPU capacities (vram_source \"config\")"
+            );
             None
         }
         Err(e) => {
@@ -279,26 +299,39 @@ impl Driver {
             .map_err(anyhow::Error::msg)
             .context("nats.prefix")?;
         let db_url = config.database.url.clone();
-        let pg = with_retry(&format!("Postgres at {}", redact(&db_url)), &shutdown, || {
-            PgStore::connect(&db_url)
-        })
+        let pg = with_retry(
+            &format!("Postgres at {}", redact(&db_url)),
+            &shutdown,
+            || PgStore::connect(&db_url),
+        )
         .await?;
         with_retry("Postgres migrations", &shutdown, || pg.migrate()).await?;
-        tracing::info!("Postgres connected at {}; migrations applied", redact(&db_url));
+        tracing::info!(
+            "Postgres connected at {}; migrations applied",
+            redact(&db_url)
+        );
         let redis_url = config.redis.url.clone();
         let prefix = config.redis.key_prefix.clone();
-        let leases = with_retry(&format!("Redis at {}", redact(&redis_url)), &shutdown, || {
-            LeaseStore::connect(&redis_url, &prefix)
-        })
+        let leases = with_retry(
+            &format!("Redis at {}", redact(&redis_url)),
+            &shutdown,
+            || LeaseStore::connect(&redis_url, &prefix),
+        )
         .await?;
-        tracing::info!("Redis connected at {} (keys under `{prefix}:`)", redact(&redis_url));
+        tracing::info!(
+            "Redis connected at {} (keys under `{prefix}:`)",
+            redact(&redis_url)
+        );
         let nats_url = config.nats.url.clone();
         let bus = with_retry(&format!("NATS at {nats_url}"), &shutdown, || {
             Bus::connect(&nats_url, subjects.clone(), "gpu-coordinator")
         })
         .await?;
         let max_age = Duration::from_millis(config.nats.max_age_ms);
-        with_retry("JetStream streams", &shutdown, || bus.ensure_streams(max_age)).await?;
+        with_retry("JetStream streams", &shutdown, || {
+            bus.ensure_streams(max_age)
+        })
+        .await?;
         tracing::info!(
             "NATS connected at {nats_url}; streams {} and {} ready, subjects under `{}.`",
             subjects.input_stream(),
@@ -320,10 +353,23 @@ impl Driver {
             found.gpus.clone()
         };
         for g in &gpus {
-            let source = if found.devices.contains_key(&g.id) { "NVML" } else { "configuration" };
-            tracing::info!("managing GPU {} with {} MB (VRAM from the {source})", g.id, g.total_mb);
+            let source = if found.devices.contains_key(&g.id) {
+                "NVML"
+            } else {
+                "configuration"
+            };
+            tracing::info!(
+                "managing GPU {} with {} MB (VRAM from the {source})",
+                g.id,
+                g.total_mb
+            );
         }
-        let mut sched = Scheduler::new(config.sched_config(), gpus);
+        let mut sched_config = config.sched_config();
+        if found.source == VramSource::Nvml {
+            // Only NVML can see a paused holder's VRAM really freed.
+            sched_config.settle_ms = config.nvml.settle_ms;
+        }
+        let mut sched = Scheduler::new(sched_config, gpus);
         sched.set_vram_source(found.source);
         let nvml = match probed {
             Some((probe, _)) if !found.devices.is_empty() => {
@@ -339,11 +385,24 @@ impl Driver {
             _ => None,
         };
         let retain = config.queue.retain_ended;
-        let (requests, pg_fence) = with_retry("loading the queue from Postgres", &shutdown, || pg.load(retain)).await?;
-        let live_leases = with_retry("reading leases from Redis", &shutdown, || leases.leases()).await?;
-        let redis_fence = with_retry("reading the fence from Redis", &shutdown, || leases.max_fence()).await?;
-        with_retry("marking the Redis epoch", &shutdown, || leases.ensure_epoch()).await?;
-        let restored = requests.iter().filter(|r| r.phase != gpu_coordinator_core::Phase::Ended).count();
+        let (requests, pg_fence) = with_retry("loading the queue from Postgres", &shutdown, || {
+            pg.load(retain)
+        })
+        .await?;
+        let live_leases =
+            with_retry("reading leases from Redis", &shutdown, || leases.leases()).await?;
+        let redis_fence = with_retry("reading the fence from Redis", &shutdown, || {
+            leases.max_fence()
+        })
+        .await?;
+        with_retry("marking the Redis epoch", &shutdown, || {
+            leases.ensure_epoch()
+        })
+        .await?;
+        let restored = requests
+            .iter()
+            .filter(|r| r.phase != gpu_coordinator_core::Phase::Ended)
+            .count();
         sched.restore(
             Snapshot {
                 requests,
@@ -390,8 +449,14 @@ impl Driver {
     /// The event loop, until shutdown.
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) -> anyhow::Result<()> {
         let shutdown = self.shutdown.clone();
-        let mut inputs = with_retry("opening the input consumer", &shutdown, || self.bus.inputs()).await?;
-        let mut status = with_retry("subscribing to status", &shutdown, || self.bus.status_requests()).await?;
+        let mut inputs = with_retry("opening the input consumer", &shutdown, || {
+            self.bus.inputs()
+        })
+        .await?;
+        let mut status = with_retry("subscribing to status", &shutdown, || {
+            self.bus.status_requests()
+        })
+        .await?;
         let mut epoch = tokio::time::interval(EPOCH_CHECK);
         epoch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!("coordinator ready");
@@ -444,12 +509,21 @@ impl Driver {
     }
 
     /// Feeds a batch of inputs to the scheduler, makes their effects durable, then acknowledges them.
-    async fn handle_batch(&mut self, batch: Vec<async_nats::jetstream::Message>) -> anyhow::Result<()> {
+    async fn handle_batch(
+        &mut self,
+        batch: Vec<async_nats::jetstream::Message>,
+    ) -> anyhow::Result<()> {
         let mut terminate = Vec::with_capacity(batch.len());
         for msg in &batch {
             let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
             let ct = content_type(msg.headers.as_ref());
-            let input = match decode_input(&self.subjects, msg.subject.as_str(), ct, &msg.payload, seq) {
+            let input = match decode_input(
+                &self.subjects,
+                msg.subject.as_str(),
+                ct,
+                &msg.payload,
+                seq,
+            ) {
                 Ok(d) => Input::Inbound {
                     service: d.service,
                     encoding: d.encoding,
@@ -492,14 +566,24 @@ impl Driver {
                             records.push(rec);
                         }
                     },
-                    Action::PersistFence(f) => fence = Some(fence.map_or(f, |old: Fence| old.max(f))),
+                    Action::PersistFence(f) => {
+                        fence = Some(fence.map_or(f, |old: Fence| old.max(f)))
+                    }
                     Action::Lease(op) => lease_ops.push(op),
-                    Action::Reply { service, encoding, reply } => outputs.push(Outbound {
+                    Action::Reply {
+                        service,
+                        encoding,
+                        reply,
+                    } => outputs.push(Outbound {
                         subject: self.subjects.reply(&service),
                         encoding,
                         payload: codec::encode(encoding, &reply).into(),
                     }),
-                    Action::Control { service, encoding, control } => {
+                    Action::Control {
+                        service,
+                        encoding,
+                        control,
+                    } => {
                         tracing::info!(
                             service = %service, request_id = %control.request_id, fence = control.fence,
                             "{:?}: {}", control.action, control.reason
@@ -531,15 +615,22 @@ impl Driver {
             let shutdown = &self.shutdown;
             let persist = async {
                 if !records.is_empty() || fence.is_some() {
-                    with_retry("persisting to Postgres", shutdown, || pg.apply(&records, fence)).await?;
+                    with_retry("persisting to Postgres", shutdown, || {
+                        pg.apply(&records, fence)
+                    })
+                    .await?;
                 }
                 anyhow::Ok(())
             };
             let lease = async {
                 let mut refused = Vec::new();
                 for op in &lease_ops {
-                    let outcome = with_retry("writing leases to Redis", shutdown, || leases.apply(op)).await?;
-                    if let (Some(why), LeaseOp::Acquire(lease) | LeaseOp::Restore(lease)) = (outcome.refusal(), op) {
+                    let outcome =
+                        with_retry("writing leases to Redis", shutdown, || leases.apply(op))
+                            .await?;
+                    if let (Some(why), LeaseOp::Acquire(lease) | LeaseOp::Restore(lease)) =
+                        (outcome.refusal(), op)
+                    {
                         refused.push((lease.request_id.clone(), lease.fence, why));
                     }
                 }
@@ -549,17 +640,28 @@ impl Driver {
             persisted?;
             for (request_id, fence, why) in refused? {
                 tracing::error!(%request_id, "Redis refused a lease: {why}");
-                self.sched.handle_input(Input::LeaseRefused { request_id, fence, why }, now_ms());
+                self.sched.handle_input(
+                    Input::LeaseRefused {
+                        request_id,
+                        fence,
+                        why,
+                    },
+                    now_ms(),
+                );
             }
             if !outputs.is_empty() {
                 let bus = &self.bus;
-                with_retry("publishing to JetStream", &self.shutdown, || bus.publish_all(outputs.clone())).await?;
+                with_retry("publishing to JetStream", &self.shutdown, || {
+                    bus.publish_all(outputs.clone())
+                })
+                .await?;
             }
         }
     }
 
     /// Feeds the scheduler the VRAM used outside its leases on each sampled GPU (NVML's used memory minus
-    /// what the scheduler counts as held there), when it changed.
+    /// what the scheduler counts as held there). Every sample is fed, changed or not: an unchanged figure
+    /// after a pause ACK is what tells the scheduler that the paused holder's VRAM was freed.
     async fn handle_samples(&mut self, samples: Vec<DeviceSample>) -> anyhow::Result<()> {
         let Some(feed) = self.nvml.as_mut() else {
             return Ok(());
@@ -575,22 +677,23 @@ impl Driver {
                 .sum()
         };
         let external = nvml::external_usage(&feed.devices, &samples, held);
-        self.recorder.metrics().set_processes(feed.devices.iter().filter_map(|(gpu, index)| {
-            samples.iter().find(|s| s.index == *index).map(|s| (gpu.as_str(), s))
-        }));
-        let mut changed = false;
+        self.recorder
+            .metrics()
+            .set_processes(feed.devices.iter().filter_map(|(gpu, index)| {
+                samples
+                    .iter()
+                    .find(|s| s.index == *index)
+                    .map(|s| (gpu.as_str(), s))
+            }));
         for (gpu, used_mb) in external {
             if feed.fed.get(&gpu) != Some(&used_mb) {
                 tracing::debug!(gpu = %gpu, used_mb, "VRAM used outside the leases");
                 feed.fed.insert(gpu.clone(), used_mb);
-                self.sched.handle_input(Input::ExternalVram { gpu, used_mb }, now);
-                changed = true;
             }
+            self.sched
+                .handle_input(Input::ExternalVram { gpu, used_mb }, now);
         }
-        if changed {
-            self.carry_out().await?;
-        }
-        Ok(())
+        self.carry_out().await
     }
 
     async fn answer_status(&mut self, msg: async_nats::Message) {
@@ -599,7 +702,11 @@ impl Driver {
         };
         let encoding = Encoding::from_content_type(content_type(msg.headers.as_ref()));
         let doc = self.sched.status(now_ms());
-        if let Err(e) = self.bus.respond(reply_to, encoding, codec::encode(encoding, &doc)).await {
+        if let Err(e) = self
+            .bus
+            .respond(reply_to, encoding, codec::encode(encoding, &doc))
+            .await
+        {
             tracing::warn!("answering status: {e}");
         }
     }
@@ -611,7 +718,10 @@ impl Driver {
             Ok(false) => {}
             Ok(true) => {
                 let live = self.sched.leases();
-                tracing::warn!("Redis lost its data; writing back {} live lease(s)", live.len());
+                tracing::warn!(
+                    "Redis lost its data; writing back {} live lease(s)",
+                    live.len()
+                );
                 if let Err(e) = self.leases.rewrite(&live).await {
                     tracing::error!("writing leases back to Redis: {e}");
                 }

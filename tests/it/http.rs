@@ -980,3 +980,61 @@ async fn an_abandoned_long_poll_releases_its_request() {
     assert!(probe.status().await.queue.is_empty());
     coordinator.stop().await.expect("a clean stop");
 }
+
+/// After a pause ACK, the GPU is given on only once NVML sees the paused holder's VRAM freed.
+#[tokio::test]
+async fn a_grant_after_a_pause_waits_for_nvml_to_see_the_vram_freed() {
+    let mut config = test_config("nvml_settle", &[]);
+    config.nvml.sample_ms = 20;
+    config.nvml.settle_ms = 60_000;
+    let probe = FakeProbe::new(vec![DeviceSample {
+        index: 0,
+        uuid: "GPU-fake-0".into(),
+        name: "Fake H100".into(),
+        total_mb: 80_000,
+        used_mb: 0,
+        processes: vec![],
+    }]);
+    let extras = Extras {
+        probe: Some(Arc::new(probe.clone())),
+    };
+    let coordinator = Coordinator::start_with(config.clone(), extras).await;
+    let mut nats = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    nats.pub_json(
+        "request",
+        "asr",
+        json!({"request_id": "asr", "priority": 2, "vram_mb": 60_000}),
+    )
+    .await;
+    let asr = nats.reply("asr", "granted").await;
+    probe.set_used(0, 60_000);
+    nats.pub_json(
+        "request",
+        "chat",
+        json!({"request_id": "chat", "priority": 0, "vram_mb": 60_000}),
+    )
+    .await;
+    nats.control("asr", "pause").await;
+    nats.pub_json(
+        "ack",
+        "asr",
+        json!({"request_id": "asr", "fence": asr.fence, "action": "paused"}),
+    )
+    .await;
+    nats.event("paused", Some("asr")).await;
+    // NVML still sees the 60 GB in use: samples keep coming, and the chat request keeps waiting.
+    eventually("samples seen after the ACK", || async {
+        let doc = nats.status().await;
+        (doc.gpus[0].external_mb == 60_000).then_some(())
+    })
+    .await;
+    let doc = nats.status().await;
+    assert!(doc.gpus[0].holders.is_empty());
+    assert_eq!(doc.queue[0].request_id, "chat");
+    // The worker frees its memory: the grant follows, without a warning.
+    probe.set_used(0, 0);
+    nats.reply("chat", "granted").await;
+    let granted = nats.event("granted", Some("chat")).await;
+    assert!(!granted.detail.unwrap_or_default().contains("anyway"));
+    coordinator.stop().await.expect("a clean stop");
+}

@@ -3,6 +3,6 @@
 
 mod http;
 mod service;
-mod support;
 mod store_pg;
 mod store_redis;
+mod support;

@@ -16,14 +16,22 @@ async fn chat_preempts_background_then_background_resumes() {
     let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
 
     probe
-        .pub_json("request", "asr", json!({"request_id": "asr-1", "priority": 2, "vram_mb": 20000}))
+        .pub_json(
+            "request",
+            "asr",
+            json!({"request_id": "asr-1", "priority": 2, "vram_mb": 20000}),
+        )
         .await;
     let asr = probe.reply("asr-1", "granted").await;
     assert_eq!(asr.gpu.as_deref(), Some("0"));
     let asr_fence = asr.fence.expect("a grant carries a fence");
 
     probe
-        .pub_json("request", "chat", json!({"request_id": "chat-1", "priority": 0, "vram_mb": 8000}))
+        .pub_json(
+            "request",
+            "chat",
+            json!({"request_id": "chat-1", "priority": 0, "vram_mb": 8000}),
+        )
         .await;
     let pause = probe.control("asr-1", "pause").await;
     assert_eq!(pause.fence, asr_fence);
@@ -37,11 +45,16 @@ async fn chat_preempts_background_then_background_resumes() {
     assert_eq!(holders[0].request_id, "asr-1");
     assert_eq!(holders[0].state, HolderState::Pausing);
     assert_eq!(status.queue[0].request_id, "chat-1");
-    assert!(!probe.drain_and_find(|s| s.str("request_id") == Some("chat-1")
-        && s.str("outcome") == Some("granted")));
+    assert!(!probe.drain_and_find(
+        |s| s.str("request_id") == Some("chat-1") && s.str("outcome") == Some("granted")
+    ));
 
     probe
-        .pub_json("ack", "asr", json!({"request_id": "asr-1", "fence": asr_fence, "action": "paused"}))
+        .pub_json(
+            "ack",
+            "asr",
+            json!({"request_id": "asr-1", "fence": asr_fence, "action": "paused"}),
+        )
         .await;
     probe.event("paused", Some("asr-1")).await;
     let chat = probe.reply("chat-1", "granted").await;
@@ -49,7 +62,11 @@ async fn chat_preempts_background_then_background_resumes() {
     assert!(chat_fence > asr_fence);
 
     probe
-        .pub_json("release", "chat", json!({"request_id": "chat-1", "fence": chat_fence}))
+        .pub_json(
+            "release",
+            "chat",
+            json!({"request_id": "chat-1", "fence": chat_fence}),
+        )
         .await;
     probe.reply("chat-1", "released").await;
     let resume = probe.control("asr-1", "resume").await;
@@ -58,12 +75,20 @@ async fn chat_preempts_background_then_background_resumes() {
 
     // The resumed holder renews and releases under its new fence; the old one is stale.
     probe
-        .pub_json("renew", "asr", json!({"request_id": "asr-1", "fence": asr_fence}))
+        .pub_json(
+            "renew",
+            "asr",
+            json!({"request_id": "asr-1", "fence": asr_fence}),
+        )
         .await;
     let stale = probe.reply("asr-1", "rejected").await;
     assert!(stale.error.unwrap_or_default().contains("stale fence"));
     probe
-        .pub_json("release", "asr", json!({"request_id": "asr-1", "fence": resume.fence}))
+        .pub_json(
+            "release",
+            "asr",
+            json!({"request_id": "asr-1", "fence": resume.fence}),
+        )
         .await;
     probe.reply("asr-1", "released").await;
     coordinator.stop().await.expect("a clean stop");
@@ -97,10 +122,17 @@ async fn msgpack_requests_get_msgpack_replies() {
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", "json-1");
     probe
-        .js_pub("request", "diar", headers, br#"{"request_id":"json-1","priority":1,"vram_mb":1000}"#.to_vec())
+        .js_pub(
+            "request",
+            "diar",
+            headers,
+            br#"{"request_id":"json-1","priority":1,"vram_mb":1000}"#.to_vec(),
+        )
         .await;
     let json_grant = probe
-        .expect("json grant", |s| s.str("request_id") == Some("json-1") && s.str("outcome") == Some("granted"))
+        .expect("json grant", |s| {
+            s.str("request_id") == Some("json-1") && s.str("outcome") == Some("granted")
+        })
         .await;
     assert_eq!(json_grant.encoding, Encoding::Json);
     coordinator.stop().await.expect("a clean stop");
@@ -143,15 +175,27 @@ async fn unrenewed_lease_is_revoked_renewed_lease_stays() {
     let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
     // `kept` is granted first, so without its renewal it would expire before `lapsed`.
     probe
-        .pub_json("request", "kept", json!({"request_id": "k", "priority": 1, "vram_mb": 1000, "lease_ms": 600}))
+        .pub_json(
+            "request",
+            "kept",
+            json!({"request_id": "k", "priority": 1, "vram_mb": 1000, "lease_ms": 600}),
+        )
         .await;
     let kept = probe.reply("k", "granted").await;
     probe
-        .pub_json("request", "lapsed", json!({"request_id": "l", "priority": 1, "vram_mb": 1000, "lease_ms": 600}))
+        .pub_json(
+            "request",
+            "lapsed",
+            json!({"request_id": "l", "priority": 1, "vram_mb": 1000, "lease_ms": 600}),
+        )
         .await;
     probe.reply("l", "granted").await;
     probe
-        .pub_json("renew", "kept", json!({"request_id": "k", "fence": kept.fence, "lease_ms": 60000}))
+        .pub_json(
+            "renew",
+            "kept",
+            json!({"request_id": "k", "fence": kept.fence, "lease_ms": 60000}),
+        )
         .await;
     let renewed = probe.reply("k", "renewed").await;
     assert_eq!(renewed.lease_ms, Some(60_000));
@@ -159,9 +203,18 @@ async fn unrenewed_lease_is_revoked_renewed_lease_stays() {
     probe.control("l", "revoke").await;
     probe.control("l", "restart").await;
     let status = probe.status().await;
-    let holders: Vec<_> = status.gpus[0].holders.iter().map(|h| h.request_id.as_str()).collect();
-    assert_eq!(holders, ["k"], "the renewed lease stays, the lapsed one is gone");
-    assert!(!probe.drain_and_find(|s| s.str("request_id") == Some("k") && s.str("action") == Some("revoke")));
+    let holders: Vec<_> = status.gpus[0]
+        .holders
+        .iter()
+        .map(|h| h.request_id.as_str())
+        .collect();
+    assert_eq!(
+        holders,
+        ["k"],
+        "the renewed lease stays, the lapsed one is gone"
+    );
+    assert!(!probe
+        .drain_and_find(|s| s.str("request_id") == Some("k") && s.str("action") == Some("revoke")));
     coordinator.stop().await.expect("a clean stop");
 }
 
@@ -173,12 +226,20 @@ async fn timeouts_cancel_duplicates_and_stale_inputs() {
     let coordinator = Coordinator::start(config.clone()).await;
     let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
     probe
-        .pub_json("request", "hold", json!({"request_id": "h", "priority": 0, "preemptible": false}))
+        .pub_json(
+            "request",
+            "hold",
+            json!({"request_id": "h", "priority": 0, "preemptible": false}),
+        )
         .await;
     let held = probe.reply("h", "granted").await;
 
     probe
-        .pub_json("request", "w", json!({"request_id": "t", "priority": 2, "timeout_ms": 200}))
+        .pub_json(
+            "request",
+            "w",
+            json!({"request_id": "t", "priority": 2, "timeout_ms": 200}),
+        )
         .await;
     let timed_out = probe.reply("t", "timed_out").await;
     assert!(timed_out.error.unwrap_or_default().contains("timeout_ms"));
@@ -188,33 +249,59 @@ async fn timeouts_cancel_duplicates_and_stale_inputs() {
         .pub_json("request", "w", json!({"request_id": "q", "priority": 2}))
         .await;
     probe.event("queued", Some("q")).await;
-    probe.pub_json("cancel", "w", json!({"request_id": "q"})).await;
+    probe
+        .pub_json("cancel", "w", json!({"request_id": "q"}))
+        .await;
     probe.reply("q", "cancelled").await;
     probe.event("cancelled", Some("q")).await;
 
     // The same request id twice without Nats-Msg-Id: answered with the current state, queued once.
     probe
-        .pub_json("request", "hold", json!({"request_id": "h", "priority": 0, "preemptible": false}))
+        .pub_json(
+            "request",
+            "hold",
+            json!({"request_id": "h", "priority": 0, "preemptible": false}),
+        )
         .await;
     let again = probe.reply("h", "granted").await;
-    assert_eq!(again.fence, held.fence, "a repeated request is not granted twice");
+    assert_eq!(
+        again.fence, held.fence,
+        "a repeated request is not granted twice"
+    );
     // Twice with the same Nats-Msg-Id: JetStream keeps one, so one `requested` event.
     for _ in 0..2 {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", "dup-1");
         probe
-            .js_pub("request", "w", headers, br#"{"request_id":"dup-1","priority":1}"#.to_vec())
+            .js_pub(
+                "request",
+                "w",
+                headers,
+                br#"{"request_id":"dup-1","priority":1}"#.to_vec(),
+            )
             .await;
     }
     probe.event("requested", Some("dup-1")).await;
     let status = probe.status().await;
-    assert_eq!(status.queue.iter().filter(|e| e.request_id == "dup-1").count(), 1);
+    assert_eq!(
+        status
+            .queue
+            .iter()
+            .filter(|e| e.request_id == "dup-1")
+            .count(),
+        1
+    );
     assert_eq!(status.gpus[0].holders.len(), 1);
-    assert!(!probe.drain_and_find(|s| s.subject.contains(".event.requested.")
-        && s.str("request_id") == Some("dup-1")));
+    assert!(!probe.drain_and_find(
+        |s| s.subject.contains(".event.requested.") && s.str("request_id") == Some("dup-1")
+    ));
 
     probe
-        .pub_json("release", "hold", json!({"request_id": "h", "fence": held.fence.unwrap() + 1000}))
+        .pub_json(
+            "release",
+            "hold",
+            json!({"request_id": "h", "fence": held.fence.unwrap() + 1000}),
+        )
         .await;
     let stale = probe.reply("h", "rejected").await;
     assert!(stale.error.unwrap_or_default().contains("stale fence"));
@@ -223,7 +310,10 @@ async fn timeouts_cancel_duplicates_and_stale_inputs() {
         .pub_json("renew", "hold", json!({"request_id": "nope"}))
         .await;
     let unknown = probe.reply("nope", "rejected").await;
-    assert!(unknown.error.unwrap_or_default().contains("unknown request_id"));
+    assert!(unknown
+        .error
+        .unwrap_or_default()
+        .contains("unknown request_id"));
     coordinator.stop().await.expect("a clean stop");
 }
 
@@ -236,13 +326,43 @@ async fn malformed_inputs_are_rejected_once_and_serving_goes_on() {
     let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
     let cases: Vec<(&str, &str, Vec<u8>, &str)> = vec![
         ("request", "svc", b"not json".to_vec(), ""),
-        ("request", "svc", br#"{"request_id":"r1","priority":"high"}"#.to_vec(), "priority"),
-        ("request", "svc", br#"{"request_id":"r2"}"#.to_vec(), "priority"),
-        ("request", "svc", br#"{"request_id":"r3","priority":300}"#.to_vec(), "priority"),
-        ("request", "svc", format!(r#"{{"request_id":"{}","priority":1}}"#, "x".repeat(200)).into_bytes(), "request_id"),
-        ("request", "svc", br#"{"request_id":"r5","priority":1,"service_id":"other"}"#.to_vec(), "service_id"),
+        (
+            "request",
+            "svc",
+            br#"{"request_id":"r1","priority":"high"}"#.to_vec(),
+            "priority",
+        ),
+        (
+            "request",
+            "svc",
+            br#"{"request_id":"r2"}"#.to_vec(),
+            "priority",
+        ),
+        (
+            "request",
+            "svc",
+            br#"{"request_id":"r3","priority":300}"#.to_vec(),
+            "priority",
+        ),
+        (
+            "request",
+            "svc",
+            format!(r#"{{"request_id":"{}","priority":1}}"#, "x".repeat(200)).into_bytes(),
+            "request_id",
+        ),
+        (
+            "request",
+            "svc",
+            br#"{"request_id":"r5","priority":1,"service_id":"other"}"#.to_vec(),
+            "service_id",
+        ),
         ("request", "svc", vec![0xff, 0xfe, 0x00], ""),
-        ("ack", "svc", br#"{"request_id":"r6","action":"sleeping"}"#.to_vec(), "action"),
+        (
+            "ack",
+            "svc",
+            br#"{"request_id":"r6","action":"sleeping"}"#.to_vec(),
+            "action",
+        ),
         ("renew", "svc", br#"{}"#.to_vec(), "request_id"),
     ];
     for (kind, svc, payload, _) in &cases {
@@ -258,7 +378,9 @@ async fn malformed_inputs_are_rejected_once_and_serving_goes_on() {
     truncated.truncate(truncated.len() / 2);
     probe.js_pub("request", "svc", headers, truncated).await;
     // A bad service id in the subject.
-    probe.pub_raw("request", "bad$svc", br#"{"priority":1}"#.to_vec()).await;
+    probe
+        .pub_raw("request", "bad$svc", br#"{"priority":1}"#.to_vec())
+        .await;
 
     for (i, (_, _, _, field)) in cases.iter().enumerate() {
         let reply = probe
@@ -269,10 +391,15 @@ async fn malformed_inputs_are_rejected_once_and_serving_goes_on() {
             .reply();
         let error = reply.error.expect("a rejection says why");
         assert!(!error.is_empty());
-        assert!(error.contains(field), "case {i}: `{error}` should name `{field}`");
+        assert!(
+            error.contains(field),
+            "case {i}: `{error}` should name `{field}`"
+        );
     }
     let mp = probe
-        .expect("msgpack rejection", |s| s.str("outcome") == Some("rejected") && s.encoding == Encoding::MsgPack)
+        .expect("msgpack rejection", |s| {
+            s.str("outcome") == Some("rejected") && s.encoding == Encoding::MsgPack
+        })
         .await;
     assert!(!mp.reply().error.unwrap_or_default().is_empty());
     let unknown = probe.event("rejected", None).await;
@@ -286,7 +413,10 @@ async fn malformed_inputs_are_rejected_once_and_serving_goes_on() {
     // Nothing waits for a redelivery: every input was acknowledged or terminated.
     let stream = probe
         .js
-        .get_stream(format!("{}_INPUT", config.nats.prefix.to_uppercase().replace('-', "_")))
+        .get_stream(format!(
+            "{}_INPUT",
+            config.nats.prefix.to_uppercase().replace('-', "_")
+        ))
         .await
         .expect("input stream");
     let info = crate::support::eventually("all inputs acknowledged", || {
@@ -311,7 +441,11 @@ async fn vram_is_shared_and_spread_over_gpus() {
     let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
     for (id, mb) in [("a", 10_000), ("b", 10_000), ("c", 10_000), ("d", 10_000)] {
         probe
-            .pub_json("request", "svc", json!({"request_id": id, "priority": 1, "vram_mb": mb}))
+            .pub_json(
+                "request",
+                "svc",
+                json!({"request_id": id, "priority": 1, "vram_mb": mb}),
+            )
             .await;
     }
     // Best fit: a -> GPU 1 (12 GB, least left over), b and c share GPU 0, d waits.
@@ -324,7 +458,9 @@ async fn vram_is_shared_and_spread_over_gpus() {
     assert_eq!(status.gpus[0].used_mb, 20_000);
     assert_eq!(status.gpus[1].holders.len(), 1);
     assert_eq!(status.queue.len(), 1);
-    probe.pub_json("release", "svc", json!({"request_id": "b"})).await;
+    probe
+        .pub_json("release", "svc", json!({"request_id": "b"}))
+        .await;
     assert_eq!(probe.reply("d", "granted").await.gpu.as_deref(), Some("0"));
     coordinator.stop().await.expect("a clean stop");
 }
@@ -339,24 +475,40 @@ async fn restart_after_kill_loses_nothing_and_reuses_no_fence() {
     let process = CoordinatorProcess::start(&config).await;
     let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
     probe
-        .pub_json("request", "bg", json!({"request_id": "bg", "priority": 2, "vram_mb": 20000}))
+        .pub_json(
+            "request",
+            "bg",
+            json!({"request_id": "bg", "priority": 2, "vram_mb": 20000}),
+        )
         .await;
     let bg = probe.reply("bg", "granted").await;
     probe
-        .pub_json("request", "chat", json!({"request_id": "chat", "priority": 0, "vram_mb": 20000, "lease_ms": 600000}))
+        .pub_json(
+            "request",
+            "chat",
+            json!({"request_id": "chat", "priority": 0, "vram_mb": 20000, "lease_ms": 600000}),
+        )
         .await;
     probe.control("bg", "pause").await;
     probe
-        .pub_json("ack", "bg", json!({"request_id": "bg", "fence": bg.fence, "action": "paused"}))
+        .pub_json(
+            "ack",
+            "bg",
+            json!({"request_id": "bg", "fence": bg.fence, "action": "paused"}),
+        )
         .await;
     let chat = probe.reply("chat", "granted").await;
     let mut fences = vec![bg.fence.unwrap(), chat.fence.unwrap()];
     for i in 0..QUEUED {
         probe
-            .pub_json("request", "batch", json!({
-                "request_id": format!("q{i:04}"), "priority": 1, "vram_mb": 20000,
-                "timeout_ms": 600000, "lease_ms": 600000
-            }))
+            .pub_json(
+                "request",
+                "batch",
+                json!({
+                    "request_id": format!("q{i:04}"), "priority": 1, "vram_mb": 20000,
+                    "timeout_ms": 600000, "lease_ms": 600000
+                }),
+            )
             .await;
     }
     crate::support::eventually("all requests queued", || async {
@@ -370,24 +522,38 @@ async fn restart_after_kill_loses_nothing_and_reuses_no_fence() {
     let status = probe.status().await;
     assert_eq!(status.queue.len(), QUEUED + 1, "the queue survived");
     assert_eq!(status.gpus[0].holders[0].request_id, "chat");
-    assert_eq!(status.queue[0].request_id, "q0000", "priority 1 goes before the paused priority 2");
+    assert_eq!(
+        status.queue[0].request_id, "q0000",
+        "priority 1 goes before the paused priority 2"
+    );
     assert_eq!(status.queue[QUEUED].request_id, "bg");
 
     probe
-        .pub_json("release", "chat", json!({"request_id": "chat", "fence": chat.fence}))
+        .pub_json(
+            "release",
+            "chat",
+            json!({"request_id": "chat", "fence": chat.fence}),
+        )
         .await;
     for i in 0..QUEUED {
         let id = format!("q{i:04}");
         let granted = probe.reply(&id, "granted").await;
         fences.push(granted.fence.unwrap());
         probe
-            .pub_json("release", "batch", json!({"request_id": id, "fence": granted.fence}))
+            .pub_json(
+                "release",
+                "batch",
+                json!({"request_id": id, "fence": granted.fence}),
+            )
             .await;
         probe.reply(&id, "released").await;
     }
     let resume = probe.control("bg", "resume").await;
     fences.push(resume.fence);
-    assert!(fences.windows(2).all(|w| w[0] < w[1]), "fences strictly increase: {fences:?}");
+    assert!(
+        fences.windows(2).all(|w| w[0] < w[1]),
+        "fences strictly increase: {fences:?}"
+    );
     drop(process);
 }
 
@@ -401,14 +567,22 @@ async fn redis_restart_writes_leases_back() {
     let coordinator = Coordinator::start(config.clone()).await;
     let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
     probe
-        .pub_json("request", "a", json!({"request_id": "held", "priority": 1, "lease_ms": 60000}))
+        .pub_json(
+            "request",
+            "a",
+            json!({"request_id": "held", "priority": 1, "lease_ms": 60000}),
+        )
         .await;
     let held = probe.reply("held", "granted").await;
     let key = format!("{}:lease:held", config.redis.key_prefix);
     let client = redis::Client::open(redis_server.url()).unwrap();
     let exists = |client: redis::Client, key: String| async move {
         let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-        let n: i64 = redis::cmd("EXISTS").arg(&key).query_async(&mut conn).await.ok()?;
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .ok()?;
         Some(n)
     };
     assert_eq!(exists(client.clone(), key.clone()).await, Some(1));
@@ -421,16 +595,30 @@ async fn redis_restart_writes_leases_back() {
     .await;
     // A second whole-GPU request must wait: no second holder.
     probe
-        .pub_json("request", "b", json!({"request_id": "second", "priority": 1, "timeout_ms": 60000}))
+        .pub_json(
+            "request",
+            "b",
+            json!({"request_id": "second", "priority": 1, "timeout_ms": 60000}),
+        )
         .await;
     probe.event("queued", Some("second")).await;
     let status = probe.status().await;
     assert_eq!(status.gpus[0].holders.len(), 1);
     probe
-        .pub_json("renew", "a", json!({"request_id": "held", "fence": held.fence}))
+        .pub_json(
+            "renew",
+            "a",
+            json!({"request_id": "held", "fence": held.fence}),
+        )
         .await;
     probe.reply("held", "renewed").await;
-    probe.pub_json("release", "a", json!({"request_id": "held", "fence": held.fence})).await;
+    probe
+        .pub_json(
+            "release",
+            "a",
+            json!({"request_id": "held", "fence": held.fence}),
+        )
+        .await;
     let second = probe.reply("second", "granted").await;
     assert!(second.fence > held.fence);
     coordinator.stop().await.expect("a clean stop");

@@ -992,7 +992,8 @@ impl Sim {
     /// grant order that may use it (nothing before it can have reserved it) does not fit it.
     fn check_no_idle_gpu(&self, status: &StatusDoc) -> Result<(), String> {
         for (g, gpu) in status.gpus.iter().enumerate() {
-            if !gpu.holders.is_empty() {
+            // A GPU waiting for NVML to see paused VRAM freed takes no grant, on purpose.
+            if !gpu.holders.is_empty() || self.sched.settling(&gpu.id) {
                 continue;
             }
             let first = status.queue.iter().find_map(|q| {
@@ -1000,7 +1001,10 @@ impl Sim {
                 self.allowed(rec, status).contains(&g).then_some(rec)
             });
             if let Some(rec) = first {
-                let fits = rec.vram_mb.is_none_or(|v| v <= gpu.free_mb);
+                let fits = match rec.vram_mb {
+                    Some(v) => v <= gpu.free_mb,
+                    None => gpu.free_mb > 0,
+                };
                 if fits {
                     return Err(format!(
                         "GPU {} is idle while {} fits it",

@@ -27,7 +27,8 @@ use sea_orm::sqlx::{self, postgres::PgConnectOptions, Connection as _, Executor 
 use sea_orm::{
     AccessMode, ConnectOptions, ConnectionTrait as _, Database, DatabaseConnection, DbBackend,
     DbErr, EntityTrait as _, IntoActiveModel as _, IsolationLevel, Iterable as _, QueryFilter as _,
-    QueryOrder as _, QuerySelect as _, QueryTrait as _, RuntimeErr, Statement, TransactionTrait as _,
+    QueryOrder as _, QuerySelect as _, QueryTrait as _, RuntimeErr, Statement,
+    TransactionTrait as _,
 };
 
 /// How long opening a connection, or waiting for a free one in the pool, may take.
@@ -224,9 +225,11 @@ impl PgStore {
                 let fence = fence.expect("apply returned early when there is nothing to write");
                 Statement::from_sql_and_values(DbBackend::Postgres, RAISE_FENCE, [fence.into()])
             } else {
-                let insert = request::Entity::insert_many(rows.into_iter().map(|row| row.into_active_model()))
-                    .on_conflict(upsert)
-                    .build(DbBackend::Postgres);
+                let insert = request::Entity::insert_many(
+                    rows.into_iter().map(|row| row.into_active_model()),
+                )
+                .on_conflict(upsert)
+                .build(DbBackend::Postgres);
                 match fence {
                     None => insert,
                     Some(fence) => {

@@ -75,7 +75,10 @@ impl Coordinator {
     }
 
     /// [`Coordinator::start`] with extras (a fake GPU probe).
-    pub async fn start_with(config: Config, extras: gpu_coordinator::driver::Extras) -> Coordinator {
+    pub async fn start_with(
+        config: Config,
+        extras: gpu_coordinator::driver::Extras,
+    ) -> Coordinator {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind an HTTP port");
@@ -147,7 +150,10 @@ impl CoordinatorProcess {
             .env("GPU_COORDINATOR_NATS__URL", &config.nats.url)
             .env("GPU_COORDINATOR_NATS__PREFIX", &config.nats.prefix)
             .env("GPU_COORDINATOR_REDIS__URL", &config.redis.url)
-            .env("GPU_COORDINATOR_REDIS__KEY_PREFIX", &config.redis.key_prefix)
+            .env(
+                "GPU_COORDINATOR_REDIS__KEY_PREFIX",
+                &config.redis.key_prefix,
+            )
             .env("GPU_COORDINATOR_DATABASE__URL", &config.database.url)
             .env("GPU_COORDINATOR_HTTP__LISTEN", "127.0.0.1:0")
             .env(
@@ -241,7 +247,14 @@ impl NatsServer {
     pub fn restart(&mut self) {
         self.stop();
         let child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
             .arg(&self.store)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -250,7 +263,10 @@ impl NatsServer {
         self.child = Some(child);
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(20), "nats-server did not start");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "nats-server did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -298,7 +314,9 @@ pub struct Probe {
 impl Probe {
     /// Connects and subscribes to the replies, control orders and events of `prefix`.
     pub async fn new(nats_url: &str, prefix: &str) -> Probe {
-        let client = async_nats::connect(nats_url).await.expect("connect to NATS");
+        let client = async_nats::connect(nats_url)
+            .await
+            .expect("connect to NATS");
         let (tx, rx) = mpsc::unbounded_channel();
         for kind in ["reply.*", "control.*", "event.*.*"] {
             let mut sub = client
@@ -353,7 +371,11 @@ impl Probe {
     /// JetStream publish with headers, waiting for the PubAck.
     pub async fn js_pub(&self, kind: &str, svc: &str, headers: HeaderMap, payload: Vec<u8>) {
         self.js
-            .publish_with_headers(format!("{}.{kind}.{svc}", self.prefix), headers, payload.into())
+            .publish_with_headers(
+                format!("{}.{kind}.{svc}", self.prefix),
+                headers,
+                payload.into(),
+            )
             .await
             .expect("publish")
             .await
@@ -385,7 +407,10 @@ impl Probe {
                 }
                 _ => panic!(
                     "no {what} within {DEADLINE:?}; seen meanwhile: {:#?}",
-                    self.seen.iter().map(|s| (&s.subject, &s.json)).collect::<Vec<_>>()
+                    self.seen
+                        .iter()
+                        .map(|s| (&s.subject, &s.json))
+                        .collect::<Vec<_>>()
                 ),
             }
         }
@@ -488,7 +513,10 @@ impl RedisServer {
         self.child = Some(child);
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(20), "redis-server did not start");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "redis-server did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -514,7 +542,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(start.elapsed() < DEADLINE, "{what} did not happen within {DEADLINE:?}");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{what} did not happen within {DEADLINE:?}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
