@@ -1,0 +1,66 @@
+//! The client library of the GPU Coordinator: how a service asks for a GPU, holds the lease, and
+//! follows the coordinator's pause, resume and revoke orders. It speaks the wire contract
+//! (`shared/protocol.md`) over NATS JetStream, through the types of [`gpu_coordinator_wire`].
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), gpu_coordinator_client::ClientError> {
+//! use gpu_coordinator_client::{Client, RequestOptions};
+//!
+//! let client = Client::connect("nats://127.0.0.1:4222", "gpu", "chat").await?;
+//! let lease = client.request(RequestOptions::new(0).vram_mb(8_000)).await?;
+//! // ... use GPU `lease.gpu()`; the lease renews itself meanwhile ...
+//! lease.release().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Preemptible services use a [`Worker`], whose `on_pause` and `on_resume` handlers run when the
+//! coordinator orders them; see its docs.
+//!
+//! # How answers come in
+//!
+//! Inputs (`request`, `renew`, `ack`, `release`) are JetStream publishes into `<PREFIX>_INPUT`,
+//! each with a `Nats-Msg-Id` that stays the same across its retries, so a retry after a lost PubAck
+//! is stored once.
+//!
+//! Answers are read from the stream `<PREFIX>_OUTPUT`, not from core subscriptions: two ephemeral
+//! pull consumers per client, filtered to this service's `reply` and `control` subjects, starting at
+//! the stream's next sequence when the client starts, and open before any request is sent. When
+//! NATS restarts or the connection drops, each consumer is made anew from the last sequence it
+//! handed on, so a grant or an order published meanwhile is still delivered, once. Messages are
+//! handed to the waiting request or lease by `request_id`. The module `router` has the details.
+//!
+//! # Code map
+//!
+//! - `client`: [`Client`]: connecting, publishing inputs with retries, [`Client::request`] (waits
+//!   for the grant), [`Client::status`].
+//! - `router`: the consumers on the output stream and the table of who waits for which request id.
+//! - `lease`: [`Lease`], the handle, and the task that keeps a lease alive; `lease::machine` is the
+//!   lease as a state machine without I/O (when to renew, what to acknowledge with which fence),
+//!   tested with plain unit tests.
+//! - `worker`: [`Worker`], requests whose leases run `on_pause` and `on_resume` handlers.
+//! - `options`: [`RequestOptions`], request ids and message ids.
+//! - `error`: [`ClientError`].
+//!
+//! # Invariants
+//!
+//! - No input about a request is published before the client reads the output stream from a point
+//!   before it: no answer can be missed.
+//! - Every `renew`, `ack` and `release` of a lease carries the lease's current fence, so the
+//!   coordinator rejects anything a lease sends after it lost the GPU.
+//! - A pause is acknowledged only after `on_pause` returned, and never for a lease that was revoked
+//!   or released meanwhile.
+
+mod client;
+mod error;
+mod lease;
+mod options;
+mod router;
+mod worker;
+
+pub use client::Client;
+pub use error::ClientError;
+pub use gpu_coordinator_wire::codec::Encoding;
+pub use lease::{Lease, LeaseEvent, LeaseEvents, LeasePhase};
+pub use options::{generate_request_id, RequestOptions};
+pub use worker::{PauseOrder, ResumeOrder, Worker};

@@ -1,0 +1,486 @@
+//! The readers of the coordinator's answers: JetStream consumers on the output stream, one for this
+//! service's replies and one for its orders, whose messages they hand to the request or lease they
+//! name.
+//!
+//! # Why JetStream consumers and not core subscriptions
+//!
+//! A core subscription to `<prefix>.reply.<svc>` only sees what is published while it is connected:
+//! a grant, a `pause` or a `revoke` published while NATS restarts, or while this client reconnects,
+//! would be lost, and with it the GPU (an unacknowledged pause ends in a revoke). The coordinator
+//! stores all of them in `<PREFIX>_OUTPUT`, so the client reads them from there:
+//!
+//! - Two ephemeral pull consumers, filtered to `<prefix>.reply.<svc>` and `<prefix>.control.<svc>`.
+//!   nats-server 2.9 allows one filter subject per consumer, and it must lie within one subject of
+//!   the stream, so a single `<prefix>.*.<svc>` is refused. Each consumer keeps the coordinator's
+//!   order of its subject; between the two the order may differ, which the lease allows for (an
+//!   order that overtakes its grant waits for it, a `renewed` for an older fence is ignored).
+//! - Each starts at the stream's next sequence when the client starts, and the client sends no
+//!   request before both exist: every answer to a request of this client is after their start.
+//! - Each remembers the stream sequence of the last message it handed on. Whenever its consumer
+//!   fails (missed heartbeats, consumer gone after a server restart, a gap in the consumer sequence,
+//!   which means a delivery was lost) and after every reconnect to NATS, it deletes the consumer and
+//!   creates a new one that starts right after that sequence. So nothing is lost and nothing is
+//!   handed on twice. This is what the library's ordered consumer does, except that it replays the
+//!   whole stream when it must recreate itself before its first message.
+//!
+//! The routers own no request state: they look the `request_id` up in [`Routes`], and drop what no
+//! one here waits for (another instance of the same service, or a request that has ended).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream::{self, consumer};
+use async_nats::HeaderMap;
+use futures::StreamExt;
+use gpu_coordinator_wire::codec::{self, Encoding};
+use gpu_coordinator_wire::{Control, Reply, Subjects};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::ClientError;
+
+/// How long the server keeps a consumer nobody pulls from (the client is gone).
+const INACTIVE_THRESHOLD: Duration = Duration::from_secs(60);
+/// The pull requests' expiry and idle heartbeat: two missed heartbeats and the consumer is recreated.
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
+const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+/// How often the connection state is looked at, to catch reconnects that no callback reports.
+const STATE_POLL: Duration = Duration::from_millis(250);
+/// Backoff between failed attempts to open the consumer.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A consumer that lasted this long resets the backoff.
+const STABLE: Duration = Duration::from_secs(10);
+
+/// A message from the coordinator about one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Incoming {
+    Reply(Reply),
+    Control(Control),
+}
+
+impl Incoming {
+    pub(crate) fn request_id(&self) -> &str {
+        match self {
+            Incoming::Reply(r) => &r.request_id,
+            Incoming::Control(c) => &c.request_id,
+        }
+    }
+}
+
+/// Who waits for which request id.
+#[derive(Default)]
+pub(crate) struct Routes {
+    map: Mutex<HashMap<String, mpsc::UnboundedSender<Incoming>>>,
+}
+
+impl Routes {
+    /// Starts routing the messages about `request_id` to the returned receiver, until the [`Route`]
+    /// is dropped.
+    pub(crate) fn register(self: &Arc<Self>, request_id: &str) -> Result<Route, ClientError> {
+        let mut map = self
+            .map
+            .lock()
+            .expect("the route table lock is never poisoned");
+        if map.contains_key(request_id) {
+            return Err(ClientError::DuplicateRequestId(request_id.to_owned()));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        map.insert(request_id.to_owned(), tx);
+        Ok(Route {
+            routes: Arc::clone(self),
+            request_id: request_id.to_owned(),
+            rx,
+        })
+    }
+
+    fn dispatch(&self, incoming: Incoming) {
+        let map = self
+            .map
+            .lock()
+            .expect("the route table lock is never poisoned");
+        match map.get(incoming.request_id()) {
+            Some(tx) => {
+                // A closed receiver means its owner is ending; the Route removes the entry.
+                let _ = tx.send(incoming);
+            }
+            None => tracing::trace!(
+                request_id = incoming.request_id(),
+                "no request of this client waits for this message"
+            ),
+        }
+    }
+}
+
+/// The messages about one request id, until dropped.
+pub(crate) struct Route {
+    routes: Arc<Routes>,
+    request_id: String,
+    rx: mpsc::UnboundedReceiver<Incoming>,
+}
+
+impl Route {
+    /// The next message about this request, in the order the coordinator stored them.
+    pub(crate) async fn recv(&mut self) -> Option<Incoming> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Route {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.routes.map.lock() {
+            map.remove(&self.request_id);
+        }
+    }
+}
+
+/// Whether the consumer is there to receive answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Readiness {
+    /// Not yet opened; the text says why, when an attempt failed.
+    Starting(Option<String>),
+    /// Opened at least once: from now on nothing stored for this service is missed, even while the
+    /// consumer is being recreated.
+    Ready,
+}
+
+/// Decodes a message of the output stream, or says why it cannot. `None`: a subject that is neither
+/// this service's reply nor its control subject.
+pub(crate) fn decode_incoming(
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+    reply_subject: &str,
+    control_subject: &str,
+) -> Option<Result<Incoming, String>> {
+    let content_type = headers
+        .and_then(|h| h.get("Content-Type"))
+        .map(|v| v.as_str());
+    let encoding = Encoding::from_content_type(content_type);
+    if subject == reply_subject {
+        Some(
+            codec::decode::<Reply>(encoding, payload)
+                .map(Incoming::Reply)
+                .map_err(|e| e.0),
+        )
+    } else if subject == control_subject {
+        Some(
+            codec::decode::<Control>(encoding, payload)
+                .map(Incoming::Control)
+                .map_err(|e| e.0),
+        )
+    } else {
+        None
+    }
+}
+
+/// Everything a router task needs.
+pub(crate) struct Router {
+    pub(crate) nats: async_nats::Client,
+    pub(crate) subjects: Subjects,
+    pub(crate) service_id: String,
+    /// The one subject this router reads: the service's reply or control subject.
+    pub(crate) filter: String,
+    pub(crate) routes: Arc<Routes>,
+    /// Bumped on every (re)connect, when this client made the connection; `None` otherwise, and then
+    /// the connection state is polled.
+    pub(crate) reconnects: Option<watch::Receiver<u64>>,
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl Router {
+    /// Starts the router task; the receiver says when it is ready.
+    pub(crate) fn spawn(self) -> watch::Receiver<Readiness> {
+        let (ready_tx, ready_rx) = watch::channel(Readiness::Starting(None));
+        tokio::spawn(self.run(ready_tx));
+        ready_rx
+    }
+
+    async fn run(self, ready: watch::Sender<Readiness>) {
+        let Router {
+            nats,
+            subjects,
+            service_id,
+            filter,
+            routes,
+            mut reconnects,
+            shutdown,
+        } = self;
+        let js = jetstream::new(nats.clone());
+        let stream_name = subjects.output_stream();
+        let reply_subject = subjects.reply(&service_id);
+        let control_subject = subjects.control(&service_id);
+        // The stream sequence to start the next consumer at: right after the last message handed on.
+        let mut next_seq: Option<u64> = None;
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            // A reconnect from here on means the new consumer may have missed a delivery.
+            if let Some(reconnects) = reconnects.as_mut() {
+                reconnects.borrow_and_update();
+            }
+            let opened = tokio::select! {
+                () = shutdown.cancelled() => return,
+                opened = open(&js, &stream_name, &filter, &mut next_seq) => opened,
+            };
+            let (consumer_name, mut messages) = match opened {
+                Ok(opened) => opened,
+                Err(error) => {
+                    tracing::warn!("cannot read the coordinator's answers: {error}; retrying");
+                    ready.send_if_modified(|r| match r {
+                        Readiness::Starting(e) => {
+                            *e = Some(error);
+                            true
+                        }
+                        Readiness::Ready => false,
+                    });
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            };
+            tracing::debug!(consumer = consumer_name, start = ?next_seq, "reading {filter}");
+            ready.send_if_modified(|r| {
+                let changed = *r != Readiness::Ready;
+                *r = Readiness::Ready;
+                changed
+            });
+            let opened_at = tokio::time::Instant::now();
+            let mut connected = nats.connection_state() == State::Connected;
+            let mut poll = tokio::time::interval(STATE_POLL);
+            let mut expected_consumer_seq = 1;
+            let why = loop {
+                let reconnected = async {
+                    match reconnects.as_mut() {
+                        Some(rx) => {
+                            if rx.changed().await.is_err() {
+                                std::future::pending::<()>().await;
+                            }
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                };
+                tokio::select! {
+                    () = shutdown.cancelled() => {
+                        delete_consumer(&js, &stream_name, consumer_name);
+                        return;
+                    }
+                    () = reconnected => break Reopen::Reconnected,
+                    _ = poll.tick() => {
+                        let now = nats.connection_state() == State::Connected;
+                        if now && !connected {
+                            break Reopen::Reconnected;
+                        }
+                        connected = now;
+                    }
+                    message = messages.next() => match message {
+                        Some(Ok(message)) => {
+                            let (stream_seq, consumer_seq) = match message.info() {
+                                Ok(info) => (info.stream_sequence, info.consumer_sequence),
+                                Err(e) => {
+                                    tracing::warn!("a message without JetStream metadata: {e}");
+                                    continue;
+                                }
+                            };
+                            if consumer_seq != expected_consumer_seq {
+                                break Reopen::Failed(format!(
+                                    "a delivery was lost (consumer sequence {consumer_seq}, expected \
+                                     {expected_consumer_seq})"
+                                ));
+                            }
+                            expected_consumer_seq += 1;
+                            next_seq = Some(stream_seq + 1);
+                            match decode_incoming(
+                                message.subject.as_str(),
+                                message.headers.as_ref(),
+                                &message.payload,
+                                &reply_subject,
+                                &control_subject,
+                            ) {
+                                Some(Ok(incoming)) => routes.dispatch(incoming),
+                                Some(Err(error)) => tracing::warn!(
+                                    subject = message.subject.as_str(),
+                                    "cannot read a message from the coordinator: {error}"
+                                ),
+                                None => {}
+                            }
+                        }
+                        Some(Err(e)) => break Reopen::Failed(e.to_string()),
+                        None => {
+                            break Reopen::Failed("the consumer's message stream ended".to_owned())
+                        }
+                    },
+                }
+            };
+            drop(messages);
+            delete_consumer(&js, &stream_name, consumer_name);
+            match why {
+                Reopen::Reconnected => {
+                    tracing::debug!("NATS reconnected: recreating the consumer on {filter}");
+                    backoff = BACKOFF_MIN;
+                }
+                Reopen::Failed(error) => {
+                    tracing::debug!("recreating the consumer on {filter}: {error}");
+                    // A consumer that failed soon after it was made backs off, so that a lasting
+                    // failure does not spin.
+                    if opened_at.elapsed() > STABLE {
+                        backoff = BACKOFF_MIN;
+                    }
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
+
+/// Why a consumer is replaced.
+enum Reopen {
+    /// The connection came back: a delivery may have been lost while it was down.
+    Reconnected,
+    /// The consumer failed.
+    Failed(String),
+}
+
+/// Creates the consumer at `next_seq` (or, the first time, at the stream's next sequence) and starts
+/// pulling from it.
+async fn open(
+    js: &jetstream::Context,
+    stream_name: &str,
+    filter: &str,
+    next_seq: &mut Option<u64>,
+) -> Result<(String, consumer::pull::Stream), String> {
+    let stream = js.get_stream(stream_name).await.map_err(|e| {
+        format!(
+            "the output stream `{stream_name}` is not available ({e}): is NATS up, and does the \
+             coordinator run with this prefix?"
+        )
+    })?;
+    let state = &stream.cached_info().state;
+    let start = match *next_seq {
+        None => state.last_sequence + 1,
+        Some(next) if next > state.last_sequence + 1 => {
+            // Sequences only go back when the stream was deleted and made anew: read it all again
+            // (only ids this client waits for are handed on).
+            tracing::warn!(
+                "the stream `{stream_name}` was reset (its last sequence is {}, this client had read \
+                 up to {}); reading it from its start",
+                state.last_sequence,
+                next - 1
+            );
+            state.first_sequence.max(1)
+        }
+        Some(next) => next,
+    };
+    *next_seq = Some(start);
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            ack_policy: consumer::AckPolicy::None,
+            filter_subject: filter.to_owned(),
+            inactive_threshold: INACTIVE_THRESHOLD,
+            memory_storage: true,
+            num_replicas: 1,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("cannot create a consumer on `{stream_name}`: {e}"))?;
+    let name = consumer.cached_info().name.clone();
+    let messages = consumer
+        .stream()
+        .expires(PULL_EXPIRES)
+        .heartbeat(PULL_HEARTBEAT)
+        .messages()
+        .await
+        .map_err(|e| format!("cannot pull from a consumer on `{stream_name}`: {e}"))?;
+    Ok((name, messages))
+}
+
+/// Deletes a consumer that is no longer read, in the background (it also goes by itself after
+/// [`INACTIVE_THRESHOLD`]).
+fn delete_consumer(js: &jetstream::Context, stream_name: &str, consumer_name: String) {
+    let js = js.clone();
+    let stream_name = stream_name.to_owned();
+    tokio::spawn(async move {
+        let _ = js
+            .delete_consumer_from_stream(&consumer_name, &stream_name)
+            .await;
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpu_coordinator_wire::{ControlAction, Outcome};
+
+    const REPLY: &str = "gpu.reply.chat";
+    const CONTROL: &str = "gpu.control.chat";
+
+    #[test]
+    fn decodes_replies_and_orders_in_either_encoding() {
+        let reply = Reply::new("chat-1", Outcome::Granted);
+        let json = codec::encode(Encoding::Json, &reply);
+        assert_eq!(
+            decode_incoming(REPLY, None, &json, REPLY, CONTROL),
+            Some(Ok(Incoming::Reply(reply.clone())))
+        );
+        let control = Control {
+            action: ControlAction::Pause,
+            request_id: "chat-1".into(),
+            fence: 7,
+            deadline_ms: Some(5_000),
+            reason: "a chat needs the GPU".into(),
+            lease_ms: None,
+            expires_at: None,
+            gpu: None,
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("Content-Type", codec::MSGPACK_CONTENT_TYPE);
+        let msgpack = codec::encode(Encoding::MsgPack, &control);
+        assert_eq!(
+            decode_incoming(CONTROL, Some(&headers), &msgpack, REPLY, CONTROL),
+            Some(Ok(Incoming::Control(control)))
+        );
+    }
+
+    #[test]
+    fn ignores_other_subjects_and_reports_bad_payloads() {
+        assert_eq!(
+            decode_incoming("gpu.event.granted.chat", None, b"{}", REPLY, CONTROL),
+            None
+        );
+        let bad = decode_incoming(REPLY, None, b"{\"request_id\":1}", REPLY, CONTROL);
+        assert!(matches!(bad, Some(Err(e)) if e.contains("request_id")));
+    }
+
+    #[test]
+    fn routes_by_request_id_until_the_route_is_dropped() {
+        let routes = Arc::new(Routes::default());
+        let mut route = routes.register("a").unwrap();
+        assert!(matches!(
+            routes.register("a"),
+            Err(ClientError::DuplicateRequestId(id)) if id == "a"
+        ));
+        routes.dispatch(Incoming::Reply(Reply::new("b", Outcome::Granted)));
+        routes.dispatch(Incoming::Reply(Reply::new("a", Outcome::Queued)));
+        assert_eq!(
+            route.rx.try_recv().unwrap(),
+            Incoming::Reply(Reply::new("a", Outcome::Queued))
+        );
+        assert!(route.rx.try_recv().is_err());
+        drop(route);
+        assert!(routes.register("a").is_ok());
+    }
+}
