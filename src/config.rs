@@ -258,7 +258,12 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(Env::prefixed(env_prefix).split(ENV_SPLIT));
+        // `GPU_COORDINATOR_TOKEN` is the `status --http` command's bearer token, not a configuration key.
+        figment = figment.merge(
+            Env::prefixed(env_prefix)
+                .ignore(&["TOKEN"])
+                .split(ENV_SPLIT),
+        );
         let config: Config = figment
             .extract()
             .map_err(|e| ConfigError::Parse(describe(e, env_prefix)))?;

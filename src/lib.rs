@@ -30,6 +30,7 @@
 
 pub mod adapters;
 pub mod config;
+pub mod demo;
 pub mod driver;
 pub mod metrics;
 pub mod telemetry;

@@ -32,6 +32,20 @@ enum Command {
     Serve,
     /// Create or update the Postgres schema, then exit.
     Migrate,
+    /// Play the story live: a coordinator of its own on the configured servers, a background ASR worker,
+    /// a chat service and a diarization job sharing one simulated 24 GB GPU, with a timeline and a summary.
+    /// Exits non-zero on a protocol error.
+    Demo {
+        /// Story time to play, in seconds.
+        #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+        duration: f64,
+        /// How many times faster than the clock the story runs.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Seed of the random chat arrivals.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
     /// Show the GPUs (VRAM and its source), the holders and the queue of a running coordinator.
     Status {
         /// Print the status document as JSON, for scripts.
@@ -53,11 +67,23 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
+    match cli.command {
+        // The demo's own output is its timeline: only warnings from the coordinator inside it.
+        Command::Demo { .. } => telemetry::init_with_default(
+            cli.log_format,
+            tracing_subscriber::filter::LevelFilter::WARN,
+        ),
+        _ => telemetry::init(cli.log_format),
+    }
     let config = load_config(&cli)?;
     match cli.command {
         Command::Serve => serve(config).await,
         Command::Migrate => migrate(config).await,
+        Command::Demo {
+            duration,
+            speed,
+            seed,
+        } => demo(config, duration, speed, seed).await,
         Command::Status { json, http, token } => {
             let doc = match http {
                 Some(url) => status_over_http(&url, token.as_deref()).await?,
@@ -101,6 +127,26 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .context("the coordinator stopped with an error")?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+async fn demo(config: Config, duration: f64, speed: f64, seed: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        duration.is_finite() && duration > 0.0,
+        "--duration must be a positive number of seconds"
+    );
+    anyhow::ensure!(
+        speed.is_finite() && speed > 0.0,
+        "--speed must be greater than 0"
+    );
+    let options = gpu_coordinator::demo::DemoOptions {
+        duration: Duration::from_secs_f64(duration),
+        speed,
+        seed,
+    };
+    let summary = gpu_coordinator::demo::run(config, options).await?;
+    println!("{summary}");
+    anyhow::ensure!(summary.ok(), "the demo saw a protocol error");
     Ok(())
 }
 

@@ -16,9 +16,15 @@ pub enum LogFormat {
 
 /// Installs the global subscriber. Call once, at start; a second call leaves the first subscriber in place.
 pub fn init(format: LogFormat) {
+    init_with_default(format, LevelFilter::INFO)
+}
+
+/// As [`init`], with another level when `RUST_LOG` is not set (the demo keeps its timeline readable with
+/// `warn`).
+pub fn init_with_default(format: LogFormat, default: LevelFilter) {
     // An unparsable `RUST_LOG` directive is skipped (and reported on stderr) rather than silencing logs.
     let filter = EnvFilter::builder()
-        .with_default_directive(LevelFilter::INFO.into())
+        .with_default_directive(default.into())
         .from_env_lossy();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

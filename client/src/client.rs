@@ -118,6 +118,8 @@ impl Client {
                         }
                         // Each failed reconnect attempt reports an I/O error: not worth a warning.
                         async_nats::Event::ClientError(e) => tracing::debug!("NATS: {e}"),
+                        // The connection closes when the last clone of the client is dropped.
+                        async_nats::Event::Closed => tracing::debug!("NATS: closed"),
                         other => tracing::warn!("NATS: {other}"),
                     }
                 }

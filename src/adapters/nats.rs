@@ -74,6 +74,7 @@ impl Bus {
                         tracing::warn!("NATS disconnected; reconnecting with backoff")
                     }
                     async_nats::Event::Connected => tracing::info!("NATS connected"),
+                    async_nats::Event::Closed => tracing::debug!("NATS connection closed"),
                     other => tracing::warn!("NATS: {other}"),
                 }
             })

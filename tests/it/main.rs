@@ -1,6 +1,8 @@
 //! The one integration-test crate: every area is a module, so the suite links once.
 //! Tests talk to the real Postgres, Redis and NATS on loopback (or private servers they start).
 
+mod client;
+mod demo;
 mod http;
 mod service;
 mod store_pg;

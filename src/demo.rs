@@ -1,0 +1,543 @@
+//! `gpu-coordinator demo`: the seed's story, live. A coordinator of its own (own subject prefix, key
+//! prefix and database on the configured servers) shares one simulated 24 GB GPU between three services
+//! built on the client library:
+//!
+//! - an ASR worker at priority 2 that transcribes 2-second chunks and, on `pause`, finishes its chunk and
+//!   offloads its model before it ACKs;
+//! - a chat service at priority 0 whose messages arrive at random;
+//! - a diarization job at priority 1.
+//!
+//! It prints a timeline from the audit events (who holds the GPU, pause, ACK, grant, resume, waits) and a
+//! summary. Story time runs `speed` times faster than the clock. A protocol error (a rejection, a revoke,
+//! a client error) makes it fail.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures::{FutureExt, StreamExt};
+use gpu_coordinator_client::{Client, RequestOptions, Worker};
+use gpu_coordinator_wire::{Event, EventKind};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, GpuConfig};
+
+/// The simulated GPU.
+const GPU_MB: u64 = 24_576;
+/// VRAM of each simulated service: ASR does not fit beside chat or diarization, so both preempt it;
+/// chat and diarization fit together.
+const ASR_MB: u64 = 14_000;
+const CHAT_MB: u64 = 12_000;
+const DIAR_MB: u64 = 11_000;
+
+/// What the demo is asked for (`--duration`, `--speed`, `--seed`).
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Story time to play.
+    pub duration: Duration,
+    /// How much faster than the clock the story runs.
+    pub speed: f64,
+    /// Seed of the random chat arrivals.
+    pub seed: u64,
+}
+
+/// What the story did, printed at the end.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    pub chat_messages: usize,
+    /// Real time from a chat request to its grant, sorted.
+    pub chat_time_to_gpu: Vec<Duration>,
+    pub chunks: u64,
+    pub diarization_jobs: u64,
+    pub preemptions: u64,
+    pub revocations: u64,
+    pub rejections: u64,
+    pub errors: Vec<String>,
+}
+
+impl Summary {
+    /// Whether the story ran without a protocol error.
+    pub fn ok(&self) -> bool {
+        self.revocations == 0 && self.rejections == 0 && self.errors.is_empty()
+    }
+
+    fn percentile(&self, p: f64) -> Option<Duration> {
+        let n = self.chat_time_to_gpu.len();
+        (n > 0).then(|| self.chat_time_to_gpu[((n as f64 * p) as usize).min(n - 1)])
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: Option<Duration>| {
+            d.map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+                .unwrap_or_else(|| "-".into())
+        };
+        writeln!(f, "summary")?;
+        writeln!(
+            f,
+            "  chat messages:        {} (time to GPU p50 {}, p99 {})",
+            self.chat_messages,
+            ms(self.percentile(0.5)),
+            ms(self.percentile(0.99))
+        )?;
+        writeln!(f, "  chunks transcribed:   {}", self.chunks)?;
+        writeln!(f, "  diarization jobs:     {}", self.diarization_jobs)?;
+        writeln!(f, "  preemptions:          {}", self.preemptions)?;
+        writeln!(f, "  revocations:          {}", self.revocations)?;
+        writeln!(f, "  rejections:           {}", self.rejections)?;
+        for error in &self.errors {
+            writeln!(f, "  error: {error}")?;
+        }
+        write!(
+            f,
+            "result: {}",
+            if self.ok() {
+                "ok, no protocol error"
+            } else {
+                "FAILED"
+            }
+        )
+    }
+}
+
+/// The clock of the story.
+#[derive(Clone)]
+struct Story {
+    start: Instant,
+    speed: f64,
+}
+
+impl Story {
+    /// Story seconds since the start.
+    fn now(&self) -> f64 {
+        self.start.elapsed().as_secs_f64() * self.speed
+    }
+
+    /// Sleeps for `secs` of story time.
+    async fn sleep(&self, secs: f64) {
+        tokio::time::sleep(Duration::from_secs_f64(secs / self.speed)).await;
+    }
+
+    /// Sleeps until story second `at`.
+    async fn sleep_until(&self, at: f64) {
+        let left = at - self.now();
+        if left > 0.0 {
+            self.sleep(left).await;
+        }
+    }
+
+    fn say(&self, who: &str, what: &str) {
+        println!("[{:>6.1}s] {who:<12} {what}", self.now());
+    }
+}
+
+/// Runs the demo against the servers of `config`, with a coordinator of its own, and cleans up after.
+pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<Summary> {
+    anyhow::ensure!(options.speed > 0.0, "--speed must be greater than 0");
+    let tag = format!("demo-{}", std::process::id());
+    let mut demo = config;
+    demo.nats.prefix = tag.clone();
+    demo.redis.key_prefix = tag.clone();
+    demo.database.url = with_database(&demo.database.url, &tag.replace('-', "_"))?;
+    demo.http.listen = "127.0.0.1:0".into();
+    demo.http.tokens.clear();
+    demo.nvml.enabled = false;
+    demo.gpus = vec![GpuConfig {
+        id: "0".into(),
+        vram_mb: GPU_MB,
+    }];
+
+    println!(
+        "GPU Coordinator demo: one {GPU_MB} MB GPU; ASR (priority 2, {ASR_MB} MB), \
+         diarization (priority 1, {DIAR_MB} MB), chat (priority 0, {CHAT_MB} MB)"
+    );
+    println!(
+        "story: {:.0} s at {}x speed ([time] is story time; waits are real milliseconds); NATS {}, \
+         subjects under `{tag}.`",
+        options.duration.as_secs_f64(),
+        options.speed,
+        demo.nats.url
+    );
+    let listener = tokio::net::TcpListener::bind(&demo.http.listen)
+        .await
+        .context("binding a local port for the demo's coordinator")?;
+    let shutdown = CancellationToken::new();
+    let coordinator = tokio::spawn(crate::driver::run(demo.clone(), listener, shutdown.clone()));
+
+    let result = play(&demo, &options).await;
+
+    shutdown.cancel();
+    let stopped = coordinator.await;
+    cleanup(&demo).await;
+    let summary = result?;
+    stopped
+        .context("the demo's coordinator panicked")?
+        .context("the demo's coordinator stopped with an error")?;
+    Ok(summary)
+}
+
+async fn play(demo: &Config, options: &DemoOptions) -> anyhow::Result<Summary> {
+    let prefix = demo.nats.prefix.clone();
+    let nats = async_nats::connect(&demo.nats.url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {}", demo.nats.url))?;
+    wait_ready(&nats, &prefix).await?;
+
+    let story = Story {
+        start: Instant::now(),
+        speed: options.speed,
+    };
+    let summary = Arc::new(Mutex::new(Summary::default()));
+    let timeline_done = CancellationToken::new();
+    let timeline = tokio::spawn(timeline(
+        nats.subscribe(format!("{prefix}.event.>")).await?,
+        story.clone(),
+        summary.clone(),
+        timeline_done.clone(),
+    ));
+    nats.flush().await?;
+
+    let stop = CancellationToken::new();
+    let connect = |svc: &'static str| {
+        let (url, prefix) = (demo.nats.url.clone(), prefix.clone());
+        async move {
+            Client::connect(&url, &prefix, svc)
+                .await
+                .with_context(|| format!("the {svc} service cannot connect"))
+        }
+    };
+    let chunks = Arc::new(AtomicU64::new(0));
+    let asr = tokio::spawn(asr_worker(
+        connect("asr").await?,
+        story.clone(),
+        stop.clone(),
+        chunks.clone(),
+    ));
+    let diar = tokio::spawn(diarization(
+        connect("diarization").await?,
+        story.clone(),
+        stop.clone(),
+    ));
+    let chat = tokio::spawn(chat(
+        connect("chat").await?,
+        story.clone(),
+        stop.clone(),
+        options.seed,
+    ));
+
+    story.sleep_until(options.duration.as_secs_f64()).await;
+    stop.cancel();
+    let mut errors = Vec::new();
+    let mut times = Vec::new();
+    let mut jobs = 0;
+    match asr.await? {
+        Ok(()) => {}
+        Err(e) => errors.push(format!("asr: {e:#}")),
+    }
+    match diar.await? {
+        Ok(n) => jobs = n,
+        Err(e) => errors.push(format!("diarization: {e:#}")),
+    }
+    match chat.await? {
+        Ok(t) => times = t,
+        Err(e) => errors.push(format!("chat: {e:#}")),
+    }
+    // Once the coordinator says it is idle, every event before that answer has reached this connection
+    // (one server, one connection, in order): the timeline prints what it has, then stops.
+    wait_idle(&nats, &prefix).await?;
+    timeline_done.cancel();
+    timeline.await?;
+
+    let mut summary = summary.lock().expect("the summary lock").clone();
+    summary.chat_messages = times.len();
+    times.sort();
+    summary.chat_time_to_gpu = times;
+    summary.chunks = chunks.load(Ordering::Relaxed);
+    summary.diarization_jobs = jobs;
+    summary.errors.extend(errors);
+    Ok(summary)
+}
+
+/// Prints every audit event as a line of the timeline, with who holds the GPU after it.
+async fn timeline(
+    mut events: async_nats::Subscriber,
+    story: Story,
+    summary: Arc<Mutex<Summary>>,
+    done: CancellationToken,
+) {
+    let mut holders = BTreeSet::new();
+    loop {
+        let next = tokio::select! {
+            biased;
+            next = events.next() => next,
+            // Done: what is already received is still printed.
+            _ = done.cancelled() => match events.next().now_or_never() {
+                Some(next) => next,
+                None => return,
+            },
+        };
+        let Some(msg) = next else {
+            return;
+        };
+        let Ok(event) = serde_json::from_slice::<Event>(&msg.payload) else {
+            continue;
+        };
+        let id = event.request_id.clone().unwrap_or_default();
+        {
+            let mut s = summary.lock().expect("the summary lock");
+            match event.kind {
+                EventKind::Preempting => s.preemptions += 1,
+                EventKind::Revoked => s.revocations += 1,
+                EventKind::Rejected => s.rejections += 1,
+                _ => {}
+            }
+        }
+        let what = match event.kind {
+            EventKind::Requested => format!(
+                "asks for the GPU (priority {})",
+                event.priority.unwrap_or(0)
+            ),
+            EventKind::Queued => format!("waits: {}", event.detail.clone().unwrap_or_default()),
+            EventKind::Granted => {
+                holders.insert(id.clone());
+                format!(
+                    "GRANTED, fence {} ({})",
+                    event.fence.unwrap_or(0),
+                    event.detail.clone().unwrap_or_default()
+                )
+            }
+            EventKind::Preempting => {
+                "PAUSE ordered: a more urgent request needs the GPU".to_string()
+            }
+            EventKind::Paused => {
+                holders.remove(&id);
+                "ACK paused: VRAM freed".to_string()
+            }
+            EventKind::Resumed => {
+                holders.insert(id.clone());
+                format!("RESUMED, new fence {}", event.fence.unwrap_or(0))
+            }
+            EventKind::Released => {
+                holders.remove(&id);
+                "released the GPU".to_string()
+            }
+            EventKind::Renewed => continue,
+            other => {
+                holders.remove(&id);
+                format!(
+                    "{}: {}",
+                    other.as_str().to_uppercase(),
+                    event.detail.clone().unwrap_or_default()
+                )
+            }
+        };
+        let held = if holders.is_empty() {
+            "free".to_string()
+        } else {
+            holders.iter().cloned().collect::<Vec<_>>().join(" + ")
+        };
+        story.say(&id, &format!("{what:<64} | GPU 0: {held}"));
+    }
+}
+
+/// The ASR worker: transcribes 2-second chunks while it holds the GPU; on `pause` it finishes its
+/// chunk, offloads, and ACKs (the client sends the ACK when `on_pause` returns).
+async fn asr_worker(
+    client: Client,
+    story: Story,
+    stop: CancellationToken,
+    chunks: Arc<AtomicU64>,
+) -> anyhow::Result<()> {
+    // Held while a chunk is being transcribed: a pause waits for the chunk to finish.
+    let busy = Arc::new(tokio::sync::Mutex::new(()));
+    let worker = Worker::new(&client)
+        .on_pause({
+            let (busy, story) = (busy.clone(), story.clone());
+            move |_order| {
+                let (busy, story) = (busy.clone(), story.clone());
+                async move {
+                    let _chunk = busy.lock().await;
+                    story.say("  asr", "finished its chunk; offloading the model");
+                    story.sleep(0.5).await;
+                }
+            }
+        })
+        .on_resume({
+            let story = story.clone();
+            move |_order| {
+                let story = story.clone();
+                async move {
+                    story.say("  asr", "reloading the model");
+                    story.sleep(0.5).await;
+                }
+            }
+        });
+    let lease = worker
+        .request(
+            RequestOptions::new(2)
+                .request_id("asr-1")
+                .vram_mb(ASR_MB)
+                .lease_ms(10_000)
+                .timeout_ms(60_000),
+        )
+        .await
+        .context("requesting the GPU")?;
+    while !stop.is_cancelled() {
+        // Also at the end: a pause under way completes, and the worker is resumed, before it stops.
+        tokio::time::timeout(Duration::from_secs(60), lease.active())
+            .await
+            .context("not resumed within 60 s")?
+            .context("waiting to run again")?;
+        let _chunk = busy.lock().await;
+        story.sleep(2.0).await;
+        chunks.fetch_add(1, Ordering::Relaxed);
+    }
+    lease.release().await.context("releasing")?;
+    Ok(())
+}
+
+/// The diarization job: a 3-second job at story seconds 8, 26, 44, ...
+async fn diarization(client: Client, story: Story, stop: CancellationToken) -> anyhow::Result<u64> {
+    let mut jobs = 0;
+    let mut at = 8.0;
+    loop {
+        tokio::select! {
+            _ = story.sleep_until(at) => {}
+            _ = stop.cancelled() => return Ok(jobs),
+        }
+        let lease = client
+            .request(
+                RequestOptions::new(1)
+                    .request_id(format!("diar-{}", jobs + 1))
+                    .vram_mb(DIAR_MB)
+                    .lease_ms(10_000)
+                    .timeout_ms(60_000)
+                    .preemptible(false),
+            )
+            .await
+            .context("requesting the GPU")?;
+        story.sleep(3.0).await;
+        lease.release().await.context("releasing")?;
+        jobs += 1;
+        at += 18.0;
+    }
+}
+
+/// The chat service: the first message at story second 4, then at random (about every 7 s); each
+/// message takes the GPU for 1.5 s. Returns the real time each waited for the GPU.
+async fn chat(
+    client: Client,
+    story: Story,
+    stop: CancellationToken,
+    seed: u64,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut waits = Vec::new();
+    let mut at = 4.0;
+    loop {
+        tokio::select! {
+            _ = story.sleep_until(at) => {}
+            _ = stop.cancelled() => return Ok(waits),
+        }
+        let asked = Instant::now();
+        let lease = client
+            .request(
+                RequestOptions::new(0)
+                    .request_id(format!("chat-{}", waits.len() + 1))
+                    .vram_mb(CHAT_MB)
+                    .lease_ms(10_000)
+                    .timeout_ms(30_000)
+                    .preemptible(false),
+            )
+            .await
+            .context("requesting the GPU")?;
+        waits.push(asked.elapsed());
+        story.say("  chat", "answering a message");
+        story.sleep(1.5).await;
+        lease.release().await.context("releasing")?;
+        // Exponential inter-arrival times, mean 7 s, at least 2 s.
+        let u: f64 = rng.random_range(0.0..1.0);
+        at = story.now() + (2.0 - 5.0 * (1.0 - u).ln()).min(20.0);
+    }
+}
+
+async fn wait_ready(nats: &async_nats::Client, prefix: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let asked = nats.request(format!("{prefix}.status"), "".into());
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), asked).await {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the demo's coordinator did not start within 60 s (are Postgres, Redis and NATS running?)"
+        );
+    }
+}
+
+/// Waits until the coordinator holds and queues nothing.
+async fn wait_idle(nats: &async_nats::Client, prefix: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let msg = nats.request(format!("{prefix}.status"), "".into()).await?;
+        let doc: gpu_coordinator_wire::StatusDoc = serde_json::from_slice(&msg.payload)?;
+        if doc.queue.is_empty() && doc.gpus.iter().all(|g| g.holders.is_empty()) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "requests still live at the end: {doc:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The configured database URL with another database name.
+fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
+    let (base, _) = url
+        .rsplit_once('/')
+        .filter(|(base, _)| base.contains("://"))
+        .with_context(|| format!("database.url {url} has no database name"))?;
+    let query = url
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
+    Ok(format!("{base}/{name}{query}"))
+}
+
+/// Removes what the demo made: its streams, its Redis keys, its database.
+async fn cleanup(demo: &Config) {
+    if let Ok(nats) = async_nats::connect(&demo.nats.url).await {
+        let js = async_nats::jetstream::new(nats);
+        if let Ok(subjects) = gpu_coordinator_wire::Subjects::new(&demo.nats.prefix) {
+            let _ = js.delete_stream(subjects.input_stream()).await;
+            let _ = js.delete_stream(subjects.output_stream()).await;
+        }
+    }
+    if let Ok(client) = redis::Client::open(demo.redis.url.as_str()) {
+        if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}:*", demo.redis.key_prefix))
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+            }
+        }
+    }
+    if let Some((server, name)) = demo.database.url.rsplit_once('/') {
+        let name = name.split('?').next().unwrap_or(name).to_string();
+        if let Ok(db) = sea_orm::Database::connect(format!("{server}/postgres")).await {
+            use sea_orm::ConnectionTrait as _;
+            let _ = db
+                .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .await;
+            let _ = db.close().await;
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! `gpu-coordinator demo`, run as a user runs it, against the servers on loopback.
+
+use std::process::Command;
+
+/// A number after `label` on a line of the summary.
+fn figure(out: &str, label: &str) -> u64 {
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no `{label}` line in:\n{out}"));
+    line[line.find(label).expect("found") + label.len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no figure on `{line}`"))
+}
+
+#[test]
+fn the_demo_plays_a_preemption_and_summarises_it() {
+    let output = Command::new(env!("CARGO_BIN_EXE_gpu-coordinator"))
+        .args(["demo", "--duration", "5", "--speed", "10"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run gpu-coordinator demo");
+    let out = String::from_utf8_lossy(&output.stdout);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the demo failed:\n{out}\n{err}");
+    // The timeline shows the story: chat asks, the ASR worker is paused, ACKs, chat gets the GPU.
+    let chat_asks = out.find("chat-1       asks for the GPU").expect(&out);
+    let pause = out.find("asr-1        PAUSE ordered").expect(&out);
+    let ack = out.find("asr-1        ACK paused").expect(&out);
+    let grant = out.find("chat-1       GRANTED").expect(&out);
+    assert!(chat_asks < pause && pause < ack && ack < grant, "{out}");
+    assert!(figure(&out, "preemptions:") >= 1, "{out}");
+    assert!(figure(&out, "chat messages:") >= 1, "{out}");
+    assert!(figure(&out, "chunks transcribed:") >= 1, "{out}");
+    assert_eq!(figure(&out, "revocations:"), 0, "{out}");
+    assert_eq!(figure(&out, "rejections:"), 0, "{out}");
+    assert!(out.contains("time to GPU p50"), "{out}");
+    assert!(out.contains("result: ok, no protocol error"), "{out}");
+}
