@@ -75,7 +75,10 @@ async fn main() -> anyhow::Result<()> {
             if reply.request_id == id {
                 assert_eq!(reply.outcome, gpu_coordinator_wire::Outcome::Granted);
                 grant.push(start.elapsed());
-                let release = format!(r#"{{"request_id":"{id}","fence":{}}}"#, reply.fence.unwrap());
+                let release = format!(
+                    r#"{{"request_id":"{id}","fence":{}}}"#,
+                    reply.fence.unwrap()
+                );
                 client
                     .publish(format!("{tag}.release.bench"), release.into())
                     .await?;
@@ -130,16 +133,23 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..CYCLES {
         let start = Instant::now();
         client.publish(format!("{tag}.ref"), "x".into()).await?;
-        let msg = delivered.next().await.expect("delivery").map_err(|e| anyhow::anyhow!("{e}"))?;
+        let msg = delivered
+            .next()
+            .await
+            .expect("delivery")
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         inbound.push(start.elapsed());
         msg.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    js.delete_stream(format!("{}_REF", tag.to_uppercase())).await?;
+    js.delete_stream(format!("{}_REF", tag.to_uppercase()))
+        .await?;
 
     // Reference 3: one Postgres insert commit (autocommit) in the coordinator's database.
     let db = Database::connect(&config.database.url).await?;
-    db.execute_unprepared("CREATE TABLE IF NOT EXISTS bench_commit (id bigserial primary key, v text)")
-        .await?;
+    db.execute_unprepared(
+        "CREATE TABLE IF NOT EXISTS bench_commit (id bigserial primary key, v text)",
+    )
+    .await?;
     let mut commit = Vec::with_capacity(CYCLES);
     for i in 0..CYCLES {
         let start = Instant::now();
