@@ -68,8 +68,8 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        // The demo's own output is its timeline: only warnings from the coordinator inside it.
-        Command::Demo { .. } => telemetry::init_with_default(
+        // The demo's output is its timeline, the status command's its table: only warnings beside them.
+        Command::Demo { .. } | Command::Status { .. } => telemetry::init_with_default(
             cli.log_format,
             tracing_subscriber::filter::LevelFilter::WARN,
         ),

@@ -23,9 +23,17 @@ pub fn init(format: LogFormat) {
 /// `warn`).
 pub fn init_with_default(format: LogFormat, default: LevelFilter) {
     // An unparsable `RUST_LOG` directive is skipped (and reported on stderr) rather than silencing logs.
-    let filter = EnvFilter::builder()
-        .with_default_directive(default.into())
-        .from_env_lossy();
+    // Without `RUST_LOG`, the libraries' own chatter (each NATS connect, Postgres notices such as
+    // "relation already exists, skipping") stays out: the coordinator says what it connected to itself.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(_) => EnvFilter::builder()
+            .with_default_directive(default.into())
+            .from_env_lossy(),
+        Err(_) => EnvFilter::builder()
+            .with_default_directive(default.into())
+            .parse_lossy("async_nats=warn,sqlx=warn,sea_orm_migration=warn")
+            .add_directive(default.into()),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
