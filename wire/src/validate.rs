@@ -148,6 +148,9 @@ fn check(
             }
             check_positive("lease_ms", msg.lease_ms, LEASE_HINT)?;
             check_positive("vram_mb", msg.vram_mb, VRAM_HINT)?;
+            check_at_most("lease_ms", msg.lease_ms, MAX_DURATION_MS, "a year")?;
+            check_at_most("timeout_ms", msg.timeout_ms, MAX_DURATION_MS, "a year")?;
+            check_at_most("vram_mb", msg.vram_mb, MAX_VRAM_MB, "a petabyte")?;
             if let Some(gpu) = &msg.gpu {
                 check_gpu(gpu)?;
             }
@@ -167,6 +170,7 @@ fn check(
             let msg: RenewMsg = codec::from_node(node).map_err(decode_err)?;
             check_request_id(&msg.request_id)?;
             check_positive("lease_ms", msg.lease_ms, RENEW_HINT)?;
+            check_at_most("lease_ms", msg.lease_ms, MAX_DURATION_MS, "a year")?;
             Ok(Inbound::Renew(msg))
         }
         InputKind::Ack => {
@@ -240,6 +244,20 @@ fn check_request_id(id: &str) -> Result<(), String> {
 const LEASE_HINT: &str = "milliseconds; leave it out for the configured lease length";
 const RENEW_HINT: &str = "milliseconds; leave it out to renew for the lease's own length";
 const VRAM_HINT: &str = "megabytes; leave it out to ask for the whole GPU";
+
+/// The longest duration an input may name, in milliseconds (365 days): far beyond any real wait or lease,
+/// and far from where instants overflow.
+pub const MAX_DURATION_MS: u64 = 365 * 24 * 3_600 * 1_000;
+
+/// The most VRAM a request may name, in MB (a petabyte).
+pub const MAX_VRAM_MB: u64 = 1 << 30;
+
+fn check_at_most(field: &str, value: Option<u64>, max: u64, what: &str) -> Result<(), String> {
+    match value {
+        Some(v) if v > max => Err(format!("field `{field}`: at most {max} ({what}), got {v}")),
+        _ => Ok(()),
+    }
+}
 
 fn check_positive(field: &str, value: Option<u64>, hint: &str) -> Result<(), String> {
     match value {

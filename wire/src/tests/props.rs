@@ -151,9 +151,9 @@ proptest! {
     fn valid_requests_are_accepted(
         request_id in prop::option::of("[A-Za-z0-9 ._:-]{1,128}"),
         priority in any::<u8>(),
-        timeout_ms in prop::option::of(any::<u64>()),
-        lease_ms in prop::option::of(1..=u64::MAX),
-        vram_mb in prop::option::of(1..=u64::MAX),
+        timeout_ms in prop::option::of(0..=crate::validate::MAX_DURATION_MS),
+        lease_ms in prop::option::of(1..=crate::validate::MAX_DURATION_MS),
+        vram_mb in prop::option::of(1..=crate::validate::MAX_VRAM_MB),
         gpu in prop::option::of("[A-Za-z0-9_:.-]{1,64}"),
         preemptible in prop::option::of(any::<bool>()),
         encoding in arb_encoding(),

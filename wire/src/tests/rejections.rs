@@ -485,3 +485,28 @@ fn decode_is_usable_on_its_own() {
     let err = decode::<StatusDoc>(Encoding::MsgPack, &[0x92, 0x01]).unwrap_err();
     assert_mentions(&err.0, &["truncated"]);
 }
+
+#[test]
+fn durations_and_vram_beyond_any_real_use_are_rejected() {
+    for (body, field) in [
+        (json!({"priority": 1, "timeout_ms": u64::MAX}), "timeout_ms"),
+        (
+            json!({"priority": 1, "timeout_ms": 9_223_372_036_854_775_808u64}),
+            "timeout_ms",
+        ),
+        (
+            json!({"priority": 1, "lease_ms": crate::validate::MAX_DURATION_MS + 1}),
+            "lease_ms",
+        ),
+        (json!({"priority": 1, "vram_mb": u64::MAX}), "vram_mb"),
+    ] {
+        let payload = serde_json::to_vec(&body).unwrap();
+        let r = decode_input(&subjects(), "gpu.request.chat-1", None, &payload, 1).unwrap_err();
+        assert_mentions(&r.error, &[field, "at most"]);
+    }
+    let renew = br#"{"request_id":"r1","lease_ms":18446744073709551615}"#;
+    let r = decode_input(&subjects(), "gpu.renew.chat-1", None, renew, 1).unwrap_err();
+    assert_mentions(&r.error, &["lease_ms", "at most"]);
+    let fine = br#"{"priority":1,"timeout_ms":31536000000,"vram_mb":1073741824}"#;
+    assert!(decode_input(&subjects(), "gpu.request.chat-1", None, fine, 1).is_ok());
+}

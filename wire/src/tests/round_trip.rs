@@ -27,7 +27,7 @@ fn full_request() -> RequestMsg {
         priority: 255,
         timeout_ms: Some(0),
         lease_ms: Some(30_000),
-        vram_mb: Some(u64::MAX),
+        vram_mb: Some(crate::validate::MAX_VRAM_MB),
         gpu: Some("GPU-0:1.a_b".into()),
         preemptible: Some(false),
     }
