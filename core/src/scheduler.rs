@@ -210,6 +210,11 @@ impl Scheduler {
         }
     }
 
+    /// VRAM held by leases on a GPU (active and pausing holders), in MB.
+    pub fn held_mb(&self, gpu: &str) -> u64 {
+        self.gpu_index.get(gpu).map_or(0, |&g| self.gpus[g].held_mb)
+    }
+
     /// Whether a GPU waits for NVML to see a paused holder's VRAM freed (see `SchedConfig::settle_ms`).
     pub fn settling(&self, gpu: &str) -> bool {
         self.gpu_index
@@ -245,6 +250,7 @@ impl Scheduler {
     /// Restores the state persisted before a restart and reconciles it with the lease store. Call once,
     /// on a new scheduler, before any other input.
     pub fn restore(&mut self, snapshot: Snapshot, now: Millis) {
+        self.next_seq = self.next_seq.max(snapshot.max_seq + 1);
         self.last_fence = self.last_fence.max(snapshot.max_fence).max(
             snapshot
                 .leases
@@ -260,6 +266,9 @@ impl Scheduler {
             .collect();
         let mut records = snapshot.requests;
         records.sort_by_key(|r| r.seq);
+        // Leases written back go after every stale lease is released: a stale one would otherwise
+        // count against a GPU's capacity and get a legitimate holder refused.
+        let mut write_back = Vec::new();
         for rec in records {
             self.next_seq = self.next_seq.max(rec.seq + 1);
             if let Some(fence) = rec.fence {
@@ -316,8 +325,7 @@ impl Scheduler {
                         let lease = self
                             .lease_of(self.live_rec(seq))
                             .expect("a holding record has a GPU and a fence");
-                        self.actions
-                            .push_back(Action::Lease(LeaseOp::Restore(lease)));
+                        write_back.push(Action::Lease(LeaseOp::Restore(lease)));
                     }
                     // A lease that ran out while the coordinator was down expires in handle_timeout.
                 }
@@ -330,11 +338,13 @@ impl Scheduler {
                 fence: stale.fence,
             }));
         }
+        self.actions.extend(write_back);
         self.handle_timeout(now);
     }
 
     /// Handles one input at `now`.
     pub fn handle_input(&mut self, input: Input, now: Millis) {
+        self.fire_due(now);
         match input {
             Input::Inbound {
                 service,
@@ -385,6 +395,14 @@ impl Scheduler {
 
     /// Fires every timer due at `now` (timeouts, expiries, pause deadlines, aging), then schedules.
     pub fn handle_timeout(&mut self, now: Millis) {
+        self.fire_due(now);
+        self.schedule(now);
+        self.flush();
+    }
+
+    /// Fires every timer due at `now`: an input that comes after a deadline is handled after it (a
+    /// renewal that comes after the lease's expiry finds it revoked).
+    fn fire_due(&mut self, now: Millis) {
         for gpu in &mut self.gpus {
             if gpu.settle.as_ref().is_some_and(|s| s.until <= now) {
                 let settle = gpu.settle.take().expect("checked above");
@@ -430,12 +448,10 @@ impl Scheduler {
                     );
                     self.revoke(seq, now, &reason, false)
                 }
-                // A holder became preemptible: the pass below reconsiders it.
+                // A holder became preemptible: the next pass reconsiders it.
                 _ => {}
             }
         }
-        self.schedule(now);
-        self.flush();
     }
 
     // ----- input handlers -----------------------------------------------------------------------------
@@ -505,7 +521,8 @@ impl Scheduler {
             preemptible: msg.preemptible.unwrap_or(true),
             lease_ms,
             requested_at: now,
-            timeout_at: now.saturating_add(timeout_ms),
+            // Kept within what Postgres's bigint holds, whatever the input said.
+            timeout_at: now.saturating_add(timeout_ms).min(i64::MAX as u64),
             phase: Phase::Queued,
             gpu: None,
             held_mb: None,
@@ -589,7 +606,7 @@ impl Scheduler {
                 msg.request_id,
                 rec.phase.as_str()
             );
-            return self.reject(&service, encoding, Some(&msg.request_id), error, now);
+            return self.reject(&service, rec.encoding, Some(&msg.request_id), error, now);
         }
         let lease_ms = msg
             .lease_ms
@@ -642,6 +659,7 @@ impl Scheduler {
                         AckAction::Resumed => "resumed",
                     }
                 );
+                let encoding = self.live_rec(seq).encoding;
                 self.reject(&service, encoding, Some(&msg.request_id), error, now);
             }
         }
@@ -657,7 +675,7 @@ impl Scheduler {
                 "request `{}` holds the GPU: cancel only withdraws queued or paused requests; release it instead",
                 msg.request_id
             );
-            return self.reject(&service, encoding, Some(&msg.request_id), error, now);
+            return self.reject(&service, rec.encoding, Some(&msg.request_id), error, now);
         }
         let reply = Reply::new(&rec.request_id, Outcome::Cancelled);
         let (service, encoding) = (rec.service_id.clone(), rec.encoding);
@@ -702,12 +720,17 @@ impl Scheduler {
         fence: Option<u64>,
         now: Millis,
     ) -> Option<u64> {
+        // About a request of this service: answered in the request's own encoding.
+        let mut encoding = encoding;
         let error = match self.ids.get(request_id) {
             None => match self.ended.get(request_id) {
-                Some(rec) if rec.service_id == service => format!(
-                    "request `{request_id}` has already ended ({})",
-                    rec.end.map(End::as_str).unwrap_or("ended")
-                ),
+                Some(rec) if rec.service_id == service => {
+                    encoding = rec.encoding;
+                    format!(
+                        "request `{request_id}` has already ended ({})",
+                        rec.end.map(End::as_str).unwrap_or("ended")
+                    )
+                }
                 _ => format!("unknown request_id `{request_id}` for service `{service}`"),
             },
             Some(&seq) => {
@@ -715,6 +738,7 @@ impl Scheduler {
                 if rec.service_id != service {
                     format!("unknown request_id `{request_id}` for service `{service}`")
                 } else if fence.is_some_and(|f| Some(Fence(f)) != rec.fence) {
+                    encoding = rec.encoding;
                     format!(
                         "stale fence {}: the current fence of request `{request_id}` is {}",
                         fence.unwrap_or_default(),
@@ -1037,20 +1061,31 @@ impl Scheduler {
                 )
             });
             let mut victims = Vec::new();
-            let mut victim_mb = 0;
             for holder in eligible {
                 if Self::fits(rec, free, remaining) {
                     break;
                 }
-                let held = holder.held_mb.unwrap_or(0);
-                free += held;
-                victim_mb += held;
+                free += holder.held_mb.unwrap_or(0);
                 remaining -= 1;
-                victims.push(holder.seq);
+                victims.push((holder.seq, holder.held_mb.unwrap_or(0)));
             }
             if !Self::fits(rec, free, remaining) {
                 continue;
             }
+            // Only as many as needed: a small, less urgent victim taken first may be unnecessary once
+            // a bigger one is in; spare the most urgent victims first.
+            let mut i = victims.len();
+            while i > 0 {
+                i -= 1;
+                let held = victims[i].1;
+                if Self::fits(rec, free - held, remaining + 1) {
+                    free -= held;
+                    remaining += 1;
+                    victims.remove(i);
+                }
+            }
+            let victim_mb: u64 = victims.iter().map(|v| v.1).sum();
+            let victims: Vec<u64> = victims.into_iter().map(|v| v.0).collect();
             let better = match &best {
                 None => true,
                 Some((_, v, mb)) => (victims.len(), victim_mb) < (v.len(), *mb),

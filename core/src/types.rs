@@ -257,6 +257,9 @@ pub struct Snapshot {
     pub max_fence: Fence,
     /// The leases the lease store holds now.
     pub leases: Vec<Lease>,
+    /// The highest arrival number ever given (ended requests that were not reloaded included), so that
+    /// arrival numbers are never reused.
+    pub max_seq: u64,
 }
 
 /// An ACK's action, re-exported for the driver.

@@ -896,6 +896,7 @@ fn restore_seeds_fences_above_the_highest_issued() {
         let mut old = first.record("old").clone();
         old.fence = record_fence.map(Fence);
         let snapshot = Snapshot {
+            max_seq: old.seq,
             requests: vec![old],
             max_fence: Fence(max_fence),
             leases: lease_fence
@@ -1241,4 +1242,46 @@ fn settle_grants_with_a_warning_past_its_bound() {
         .clone()
         .unwrap_or_default();
     assert!(detail.contains("granted anyway"), "{detail}");
+}
+
+#[test]
+fn preemption_spares_a_victim_that_is_not_needed() {
+    // V1 (priority 3, 100 MB) is the least urgent, so it is considered first; V2 (priority 2, 800 MB)
+    // alone makes room for the 800 MB request: V1 is spared.
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("v1", req("v1", 3).vram(100));
+    s.request("v2", req("v2", 2).vram(800));
+    let a = s.request("chat", req("chat", 0).vram(800));
+    assert_eq!(a.control_actions("v2"), vec![ControlAction::Pause]);
+    assert!(a.control_actions("v1").is_empty(), "v1 is not needed");
+}
+
+#[test]
+fn a_renewal_after_the_expiry_finds_the_lease_revoked() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("svc", req("r", 1).lease(1_000));
+    let fence = s.fence("r");
+    // No wake-up between: the renewal arrives 1 ms after the expiry.
+    s.now += 1_001;
+    let a = s.renew("svc", "r", Some(fence), None);
+    a.control("r", ControlAction::Revoke);
+    assert_eq!(
+        a.reply("r").outcome,
+        gpu_coordinator_wire::Outcome::Rejected
+    );
+}
+
+#[test]
+fn arrival_numbers_are_not_reused_after_a_restart_that_forgot_ended_requests() {
+    let config = SchedConfig {
+        retain_ended: 0,
+        ..config()
+    };
+    let mut s = sim_with(config, &[("g0", 1_000)]);
+    s.request("svc", req("a1", 1));
+    s.release("svc", "a1", None);
+    let first = s.persisted_seq("a1");
+    s.restart(10, true);
+    s.request("svc", req("a2", 1));
+    assert!(s.persisted_seq("a2") > first);
 }

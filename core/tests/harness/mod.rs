@@ -376,8 +376,24 @@ impl Sim {
     /// What the driver would hand a new coordinator: the persisted records and fence, and the lease
     /// store (or an empty one, when it lost its data too).
     pub fn snapshot(&self, keep_store: bool) -> Snapshot {
+        // As Postgres's `load`: the live requests and the `retain_ended` most recent ended ones, and the
+        // highest arrival number of all.
+        let mut ended: Vec<&RequestRecord> = self
+            .records
+            .values()
+            .filter(|r| r.phase == Phase::Ended)
+            .collect();
+        ended.sort_by_key(|r| (r.ended_at, r.seq));
+        let keep = ended.len().saturating_sub(self.config.retain_ended);
         Snapshot {
-            requests: self.records.values().cloned().collect(),
+            requests: self
+                .records
+                .values()
+                .filter(|r| r.phase != Phase::Ended)
+                .chain(ended.into_iter().skip(keep))
+                .cloned()
+                .collect(),
+            max_seq: self.records.values().map(|r| r.seq).max().unwrap_or(0),
             max_fence: self.max_fence,
             leases: if keep_store {
                 self.store.values().cloned().collect()
@@ -550,6 +566,14 @@ impl Sim {
     }
 
     #[track_caller]
+    /// The arrival number of a request as last persisted.
+    pub fn persisted_seq(&self, id: &str) -> u64 {
+        self.records
+            .get(id)
+            .unwrap_or_else(|| panic!("{id} was never persisted"))
+            .seq
+    }
+
     pub fn phase(&self, id: &str) -> Phase {
         self.record(id).phase
     }
