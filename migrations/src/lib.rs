@@ -1,13 +1,15 @@
 //! The Postgres schema of the GPU Coordinator, as `sea-orm-migration` migrations.
 //!
-//! The schema is small on purpose: one row per request (`requests`) and one row holding the highest fence
-//! ever issued (`fence`). The adapter `gpu_coordinator::adapters::postgres` reads and writes it; this crate
+//! The schema is small on purpose: one row per request (`requests`), one row holding the highest fence
+//! ever issued and the last input handled (`fence`), and the messages not yet stored by JetStream
+//! (`outbox`). The adapter `gpu_coordinator::adapters::postgres` reads and writes it; this crate
 //! only shapes it. A migration, once released, is never edited: a change is a new migration appended to
 //! [`Migrator::migrations`].
 
 pub use sea_orm_migration::prelude::*;
 
 mod m20261126_000001_requests_and_fence;
+mod m20261126_000002_outbox_and_input_seq;
 
 /// Every migration of the schema, oldest first.
 pub struct Migrator;
@@ -15,6 +17,9 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261126_000001_requests_and_fence::Migration)]
+        vec![
+            Box::new(m20261126_000001_requests_and_fence::Migration),
+            Box::new(m20261126_000002_outbox_and_input_seq::Migration),
+        ]
     }
 }

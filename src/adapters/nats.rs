@@ -52,6 +52,8 @@ pub struct Outbound {
     pub subject: String,
     pub encoding: Encoding,
     pub payload: Bytes,
+    /// `Nats-Msg-Id`: the same on every publish of this message, so JetStream stores it once.
+    pub msg_id: String,
 }
 
 /// The connection to NATS and JetStream.
@@ -129,8 +131,14 @@ impl Bus {
         Ok(())
     }
 
-    /// Opens the durable pull consumer on the input stream and starts its message stream.
-    pub async fn inputs(&self) -> Result<consumer::pull::Stream, NatsError> {
+    /// Opens the durable pull consumer on the input stream, delivering in stream order from the input
+    /// after `handled` (the last one whose effects are committed), and starts its message stream.
+    ///
+    /// The consumer is made anew each time: an input that was delivered but not acknowledged before a
+    /// crash would otherwise come back only after the ACK wait, behind newer ones. When Postgres knows of
+    /// no input (a new database) the old consumer's acknowledged floor is kept; with neither, every
+    /// input in the stream is read.
+    pub async fn inputs(&self, handled: u64) -> Result<consumer::pull::Stream, NatsError> {
         let stream_name = self.subjects.input_stream();
         let fail = |detail: String| NatsError::Consumer {
             stream: stream_name.clone(),
@@ -141,18 +149,34 @@ impl Bus {
             .get_stream(&stream_name)
             .await
             .map_err(|e| fail(e.to_string()))?;
+        let floor = match stream.consumer_info(CONSUMER).await {
+            Ok(info) => {
+                let floor = info.ack_floor.stream_sequence;
+                stream
+                    .delete_consumer(CONSUMER)
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                floor
+            }
+            Err(_) => 0,
+        };
+        let after = handled.max(floor);
+        let deliver_policy = if after == 0 {
+            consumer::DeliverPolicy::All
+        } else {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: after + 1,
+            }
+        };
         let consumer: consumer::PullConsumer = stream
-            .get_or_create_consumer(
-                CONSUMER,
-                consumer::pull::Config {
-                    durable_name: Some(CONSUMER.to_string()),
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait: ACK_WAIT,
-                    deliver_policy: consumer::DeliverPolicy::All,
-                    max_ack_pending: 10_000,
-                    ..Default::default()
-                },
-            )
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(CONSUMER.to_string()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                deliver_policy,
+                max_ack_pending: 10_000,
+                ..Default::default()
+            })
             .await
             .map_err(|e| fail(e.to_string()))?;
         consumer
@@ -170,20 +194,19 @@ impl Bus {
         let mut pending = Vec::with_capacity(outputs.len());
         for out in outputs {
             let subject = out.subject.clone();
-            let ack = match out.encoding.content_type() {
-                None => self.js.publish(out.subject, out.payload).await,
-                Some(ct) => {
-                    let mut headers = HeaderMap::new();
-                    headers.insert("Content-Type", ct);
-                    self.js
-                        .publish_with_headers(out.subject, headers, out.payload)
-                        .await
-                }
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", out.msg_id.as_str());
+            if let Some(ct) = out.encoding.content_type() {
+                headers.insert("Content-Type", ct);
             }
-            .map_err(|e| NatsError::Publish {
-                subject: subject.clone(),
-                detail: e.to_string(),
-            })?;
+            let ack = self
+                .js
+                .publish_with_headers(out.subject, headers, out.payload)
+                .await
+                .map_err(|e| NatsError::Publish {
+                    subject: subject.clone(),
+                    detail: e.to_string(),
+                })?;
             pending.push(async move {
                 ack.await.map_err(|e| NatsError::Publish {
                     subject,

@@ -31,8 +31,8 @@ use tokio_util::sync::CancellationToken;
 use crate::adapters::http::{self, Backends, HttpState};
 use crate::adapters::nats::{content_type, Bus, Outbound};
 use crate::adapters::nvml::{self, DeviceSample, GpuProbe, NvmlProbe};
-use crate::adapters::postgres::PgStore;
-use crate::adapters::redis::LeaseStore;
+use crate::adapters::postgres::{Batch, OutboxRow, PgStore};
+use crate::adapters::redis::{LeaseOutcome, LeaseStore};
 use crate::config::Config;
 use crate::metrics::{Metrics, Recorder};
 
@@ -139,7 +139,7 @@ async fn with_retry<T, E, F, Fut>(
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
-    E: std::fmt::Display,
+    E: std::error::Error,
 {
     let attempt = op
         .retry(
@@ -149,19 +149,34 @@ where
                 .with_jitter()
                 .without_max_times(),
         )
-        .notify(|e, wait| tracing::warn!("{what}: {e}; retrying in {wait:?}"));
+        .notify(|e, wait| tracing::warn!("{what}: {}; retrying in {wait:?}", causes(e)));
     tokio::pin!(attempt);
     tokio::select! {
-        result = &mut attempt => result.map_err(|e| anyhow::anyhow!("{what}: {e}")),
+        result = &mut attempt => result.map_err(|e| anyhow::anyhow!("{what}: {}", causes(&e))),
         _ = shutdown.cancelled() => {
             // Work in flight settles (a publish waiting for its PubAck); a server that is away is not
             // waited for.
             match tokio::time::timeout(SETTLE_AT_STOP, &mut attempt).await {
-                Ok(result) => result.map_err(|e| anyhow::anyhow!("{what}: {e}")),
+                Ok(result) => result.map_err(|e| anyhow::anyhow!("{what}: {}", causes(&e))),
                 Err(_) => anyhow::bail!("{what}: stopped while waiting for the server"),
             }
         }
     }
+}
+
+/// An error with its causes, `outer: inner: root`, so that a log line says what really failed.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// The GPUs to manage: the configured ones, else one default GPU (said clearly).
@@ -222,6 +237,17 @@ pub struct Driver {
     handle: DriverHandle,
     recorder: Recorder,
     nvml: Option<NvmlFeed>,
+    /// The stream sequence of the last input whose effects are committed: inputs at or below it were
+    /// handled before (a redelivery after a crash) and are only acknowledged.
+    input_seq: u64,
+    /// The last input of the batch being handled, committed with its effects.
+    pending_input_seq: Option<u64>,
+    /// The next outbox id.
+    outbox_next: u64,
+    /// Outbox rows up to this id are stored by JetStream; the next write deletes them.
+    published_upto: Option<u64>,
+    /// Makes this process's message ids unique: `<boot>-<outbox id>`.
+    boot: String,
 }
 
 /// Asks the probe (the given one, else NVML when enabled) for the devices, saying once in the log where
@@ -385,10 +411,23 @@ impl Driver {
             _ => None,
         };
         let retain = config.queue.retain_ended;
-        let (requests, pg_fence) = with_retry("loading the queue from Postgres", &shutdown, || {
-            pg.load(retain)
+        let loaded = with_retry("loading the queue from Postgres", &shutdown, || {
+            pg.load_state(retain)
         })
         .await?;
+        // Messages committed before a stop but perhaps not stored: published again, under their ids.
+        if !loaded.outbox.is_empty() {
+            let again: Vec<Outbound> = loaded.outbox.iter().map(outbound_of).collect();
+            tracing::info!(
+                "publishing {} message(s) left from before the restart",
+                again.len()
+            );
+            with_retry("publishing the outbox", &shutdown, || {
+                bus.publish_all(again.clone())
+            })
+            .await?;
+        }
+        let requests = loaded.records;
         let live_leases =
             with_retry("reading leases from Redis", &shutdown, || leases.leases()).await?;
         let redis_fence = with_retry("reading the fence from Redis", &shutdown, || {
@@ -406,8 +445,9 @@ impl Driver {
         sched.restore(
             Snapshot {
                 requests,
-                max_fence: pg_fence.max(redis_fence),
+                max_fence: loaded.max_fence.max(redis_fence),
                 leases: live_leases,
+                max_seq: loaded.max_seq,
             },
             now_ms(),
         );
@@ -426,6 +466,11 @@ impl Driver {
             handle: DriverHandle { tx },
             recorder: Recorder::new(metrics),
             nvml,
+            input_seq: loaded.input_seq,
+            pending_input_seq: None,
+            outbox_next: loaded.outbox.last().map_or(1, |row| row.id + 1),
+            published_upto: loaded.outbox.last().map(|row| row.id),
+            boot: format!("{:016x}", rand::random::<u64>()),
         };
         driver.carry_out().await?;
         Ok((driver, rx))
@@ -450,7 +495,7 @@ impl Driver {
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) -> anyhow::Result<()> {
         let shutdown = self.shutdown.clone();
         let mut inputs = with_retry("opening the input consumer", &shutdown, || {
-            self.bus.inputs()
+            self.bus.inputs(self.input_seq)
         })
         .await?;
         let mut status = with_retry("subscribing to status", &shutdown, || {
@@ -487,7 +532,7 @@ impl Driver {
                     Some(Err(e)) => tracing::warn!("input consumer: {e}"),
                     None => {
                         tracing::warn!("input consumer ended; reopening");
-                        inputs = with_retry("reopening the input consumer", &shutdown, || self.bus.inputs()).await?;
+                        inputs = with_retry("reopening the input consumer", &shutdown, || self.bus.inputs(self.input_seq)).await?;
                     }
                 },
                 Some(msg) = status.next() => self.answer_status(msg).await,
@@ -501,6 +546,16 @@ impl Driver {
             }
         }
         tracing::info!("stopping: intake closed, flushing NATS");
+        if self.published_upto.is_some() {
+            // What JetStream stored need not be published again at the next start.
+            let batch = Batch {
+                published_upto: self.published_upto.take(),
+                ..Batch::default()
+            };
+            if let Err(e) = self.pg.write(&batch).await {
+                tracing::warn!("clearing the outbox: {e:#}");
+            }
+        }
         if let Err(e) = self.bus.flush().await {
             tracing::warn!("{e}");
         }
@@ -516,6 +571,14 @@ impl Driver {
         let mut terminate = Vec::with_capacity(batch.len());
         for msg in &batch {
             let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+            if seq != 0 && seq <= self.input_seq {
+                // Handled before a crash, its effects and messages committed: acknowledge only.
+                terminate.push(false);
+                continue;
+            }
+            if seq != 0 {
+                self.pending_input_seq = Some(seq);
+            }
             let ct = content_type(msg.headers.as_ref());
             let input = match decode_input(
                 &self.subjects,
@@ -538,6 +601,11 @@ impl Driver {
             self.sched.handle_input(input, now_ms());
         }
         self.carry_out().await?;
+        if let Some(seq) = self.pending_input_seq.take() {
+            // Nothing to write (every input in the batch was handled before): record it anyway, so
+            // that the position survives.
+            self.write_position(seq).await?;
+        }
         for (msg, term) in batch.iter().zip(terminate) {
             let kind = if term { AckKind::Term } else { AckKind::Ack };
             if let Err(e) = msg.ack_with(kind).await {
@@ -574,11 +642,11 @@ impl Driver {
                         service,
                         encoding,
                         reply,
-                    } => outputs.push(Outbound {
-                        subject: self.subjects.reply(&service),
+                    } => outputs.push((
+                        self.subjects.reply(&service),
                         encoding,
-                        payload: codec::encode(encoding, &reply).into(),
-                    }),
+                        codec::encode(encoding, &reply),
+                    )),
                     Action::Control {
                         service,
                         encoding,
@@ -588,25 +656,46 @@ impl Driver {
                             service = %service, request_id = %control.request_id, fence = control.fence,
                             "{:?}: {}", control.action, control.reason
                         );
-                        outputs.push(Outbound {
-                            subject: self.subjects.control(&service),
+                        outputs.push((
+                            self.subjects.control(&service),
                             encoding,
-                            payload: codec::encode(encoding, &control).into(),
-                        })
+                            codec::encode(encoding, &control),
+                        ))
                     }
                     Action::Event { encoding, event } => {
                         tracing::debug!(kind = event.kind.as_str(), service = %event.service_id, request_id = ?event.request_id, "event");
-                        outputs.push(Outbound {
-                            subject: self.subjects.event(event.kind, &event.service_id),
+                        outputs.push((
+                            self.subjects.event(event.kind, &event.service_id),
                             encoding,
-                            payload: codec::encode(encoding, &event).into(),
-                        })
+                            codec::encode(encoding, &event),
+                        ))
                     }
                 }
             }
             if records.is_empty() && fence.is_none() && lease_ops.is_empty() && outputs.is_empty() {
                 return Ok(());
             }
+            let outbox: Vec<OutboxRow> = outputs
+                .into_iter()
+                .map(|(subject, encoding, payload)| {
+                    let id = self.outbox_next;
+                    self.outbox_next += 1;
+                    OutboxRow {
+                        id,
+                        msg_id: format!("{}-{id}", self.boot),
+                        subject,
+                        msgpack: encoding == Encoding::MsgPack,
+                        payload,
+                    }
+                })
+                .collect();
+            let batch = Batch {
+                records: &records,
+                max_fence: fence,
+                input_seq: self.pending_input_seq.take(),
+                outbox: &outbox,
+                published_upto: self.published_upto.take(),
+            };
             // Postgres and Redis are written concurrently: both finish before anything is published or
             // acknowledged, and a restart reconciles a crash between the two (a lease without its
             // grant in Postgres is released; a grant without its lease is written back).
@@ -614,14 +703,10 @@ impl Driver {
             let leases = &self.leases;
             let shutdown = &self.shutdown;
             let persist = async {
-                if !records.is_empty() || fence.is_some() {
-                    with_retry("persisting to Postgres", shutdown, || {
-                        pg.apply(&records, fence)
-                    })
-                    .await?;
-                }
+                with_retry("persisting to Postgres", shutdown, || pg.write(&batch)).await?;
                 anyhow::Ok(())
             };
+            let mut lost = Vec::new();
             let lease = async {
                 let mut refused = Vec::new();
                 for op in &lease_ops {
@@ -633,12 +718,43 @@ impl Driver {
                     {
                         refused.push((lease.request_id.clone(), lease.fence, why));
                     }
+                    if let (LeaseOutcome::NotHeld, LeaseOp::Renew { request_id, .. }) =
+                        (&outcome, op)
+                    {
+                        lost.push(request_id.clone());
+                    }
                 }
                 anyhow::Ok(refused)
             };
             let (persisted, refused) = tokio::join!(persist, lease);
             persisted?;
-            for (request_id, fence, why) in refused? {
+            if let Some(seq) = batch.input_seq {
+                self.input_seq = self.input_seq.max(seq);
+            }
+            let mut refused = refused?;
+            // A renewed lease Redis no longer had (it ended there early): written back, or revoked
+            // when the store refuses it.
+            for request_id in lost {
+                let Some(lease) = self
+                    .sched
+                    .leases()
+                    .into_iter()
+                    .find(|l| l.request_id == request_id)
+                else {
+                    continue;
+                };
+                tracing::warn!(%request_id, "Redis had lost a renewed lease; writing it back");
+                let leases = &self.leases;
+                let op = LeaseOp::Restore(lease.clone());
+                let outcome = with_retry("writing leases to Redis", &self.shutdown, || {
+                    leases.apply(&op)
+                })
+                .await?;
+                if let Some(why) = outcome.refusal() {
+                    refused.push((lease.request_id, lease.fence, why));
+                }
+            }
+            for (request_id, fence, why) in refused {
                 tracing::error!(%request_id, "Redis refused a lease: {why}");
                 self.sched.handle_input(
                     Input::LeaseRefused {
@@ -649,14 +765,32 @@ impl Driver {
                     now_ms(),
                 );
             }
-            if !outputs.is_empty() {
+            if let Some(last) = outbox.last().map(|row| row.id) {
+                let outputs: Vec<Outbound> = outbox.iter().map(outbound_of).collect();
                 let bus = &self.bus;
                 with_retry("publishing to JetStream", &self.shutdown, || {
                     bus.publish_all(outputs.clone())
                 })
                 .await?;
+                self.published_upto = Some(last);
             }
         }
+    }
+
+    /// Records the input position (and deletes published outbox rows) when a batch wrote nothing else.
+    async fn write_position(&mut self, seq: u64) -> anyhow::Result<()> {
+        let batch = Batch {
+            input_seq: Some(seq),
+            published_upto: self.published_upto.take(),
+            ..Batch::default()
+        };
+        let pg = &self.pg;
+        with_retry("persisting to Postgres", &self.shutdown, || {
+            pg.write(&batch)
+        })
+        .await?;
+        self.input_seq = self.input_seq.max(seq);
+        Ok(())
     }
 
     /// Feeds the scheduler the VRAM used outside its leases on each sampled GPU (NVML's used memory minus
@@ -667,15 +801,8 @@ impl Driver {
             return Ok(());
         };
         let now = now_ms();
-        let doc = self.sched.status(now);
-        let held = |gpu: &str| -> u64 {
-            doc.gpus
-                .iter()
-                .filter(|g| g.id == gpu)
-                .flat_map(|g| g.holders.iter())
-                .map(|h| h.vram_mb)
-                .sum()
-        };
+        let sched = &self.sched;
+        let held = |gpu: &str| -> u64 { sched.held_mb(gpu) };
         let external = nvml::external_usage(&feed.devices, &samples, held);
         self.recorder
             .metrics()
@@ -736,5 +863,19 @@ async fn next_sample(nvml: &mut Option<NvmlFeed>) -> Option<Vec<DeviceSample>> {
     match nvml {
         Some(feed) => feed.samples.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// The message an outbox row is published as.
+fn outbound_of(row: &OutboxRow) -> Outbound {
+    Outbound {
+        subject: row.subject.clone(),
+        encoding: if row.msgpack {
+            Encoding::MsgPack
+        } else {
+            Encoding::Json
+        },
+        payload: row.payload.clone().into(),
+        msg_id: row.msg_id.clone(),
     }
 }

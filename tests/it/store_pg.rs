@@ -145,7 +145,11 @@ async fn pg_creates_its_database_and_migrates_idempotently() {
         .expect("one row")
         .try_get::<i64>("", "n")
         .expect("a count");
-    assert_eq!(applied, 1);
+    assert_eq!(
+        applied,
+        <migration::Migrator as migration::MigratorTrait>::migrations().len() as i64,
+        "each migration applied once"
+    );
     let (records, fence) = again.load(10).await.expect("load an empty store");
     assert!(records.is_empty());
     assert_eq!(fence, Fence(0));
@@ -326,5 +330,80 @@ async fn pg_refuses_what_a_bigint_cannot_hold_and_writes_nothing() {
         "{message}"
     );
     assert_eq!(store.load(10).await.expect("load"), (vec![], Fence(0)));
+    finish(store, &name).await;
+}
+
+/// One batch writes records, fence, input position and outbox atomically; published rows go; the
+/// counters only rise; `load_state` reads it all back, with the highest arrival number even when the
+/// ended rows are not reloaded.
+#[tokio::test]
+async fn pg_batches_carry_the_outbox_and_the_input_position() {
+    use gpu_coordinator::adapters::postgres::{Batch, OutboxRow};
+    let (store, name) = fresh_store().await;
+    let row = |id: u64| OutboxRow {
+        id,
+        msg_id: format!("boot-{id}"),
+        subject: format!("gpu.reply.s{id}"),
+        msgpack: id % 2 == 0,
+        payload: vec![0, 1, 2, id as u8, 0xff],
+    };
+    let first = [record("a", 7, Phase::Active), bare("b", 9)];
+    let outbox = [row(1), row(2), row(3)];
+    store
+        .write(&Batch {
+            records: &first,
+            max_fence: Some(Fence(500)),
+            input_seq: Some(40),
+            outbox: &outbox,
+            published_upto: None,
+        })
+        .await
+        .expect("write a batch");
+    let state = store.load_state(0).await.expect("load");
+    assert_eq!(state.input_seq, 40);
+    assert_eq!(state.max_fence, Fence(500));
+    assert_eq!(state.max_seq, 9);
+    assert_eq!(state.outbox, outbox);
+
+    // Rows 1 and 2 were published; the position and the fence never go back.
+    let mut ended = bare("b", 9);
+    ended.phase = Phase::Ended;
+    ended.end = Some(End::Released);
+    ended.ended_at = Some(1);
+    store
+        .write(&Batch {
+            records: std::slice::from_ref(&ended),
+            max_fence: Some(Fence(3)),
+            input_seq: Some(12),
+            outbox: &[row(4)],
+            published_upto: Some(2),
+        })
+        .await
+        .expect("write a second batch");
+    let state = store.load_state(0).await.expect("load");
+    assert_eq!((state.input_seq, state.max_fence), (40, Fence(500)));
+    assert_eq!(
+        state.max_seq, 9,
+        "the ended row is not reloaded, its seq still counts"
+    );
+    assert_eq!(state.records.len(), 1);
+    assert_eq!(state.outbox, [row(3), row(4)]);
+
+    // A position alone; an empty batch writes nothing.
+    store
+        .write(&Batch {
+            input_seq: Some(41),
+            published_upto: Some(4),
+            ..Batch::default()
+        })
+        .await
+        .expect("write a position");
+    store
+        .write(&Batch::default())
+        .await
+        .expect("nothing to write");
+    let state = store.load_state(0).await.expect("load");
+    assert_eq!(state.input_seq, 41);
+    assert!(state.outbox.is_empty());
     finish(store, &name).await;
 }

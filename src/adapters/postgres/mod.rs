@@ -22,7 +22,7 @@ use std::time::Duration;
 use gpu_coordinator_core::{End, Fence, Phase, RequestRecord};
 use gpu_coordinator_wire::Encoding;
 use migration::{Migrator, MigratorTrait};
-use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::sea_query::{Alias, Expr, OnConflict, PostgresQueryBuilder, Query};
 use sea_orm::sqlx::{self, postgres::PgConnectOptions, Connection as _, Executor as _};
 use sea_orm::{
     AccessMode, ConnectOptions, ConnectionTrait as _, Database, DatabaseConnection, DbBackend,
@@ -44,15 +44,27 @@ const OPEN: &str = "\"requests\".\"phase\" <> 'ended'";
 /// Ended rows, matching the partial index `requests_ended_recent`.
 const ENDED: &str = "\"requests\".\"phase\" = 'ended'";
 
-/// Raises the stored fence; never lowers it.
-const RAISE_FENCE: &str = "INSERT INTO fence (id, max_fence) VALUES (1, $1) \
-     ON CONFLICT (id) DO UPDATE SET max_fence = GREATEST(fence.max_fence, EXCLUDED.max_fence)";
+/// Raises the stored fence and the last input handled; never lowers them.
+const RAISE_FENCE: &str = "INSERT INTO fence (id, max_fence, input_seq) VALUES (1, $1, $2) \
+     ON CONFLICT (id) DO UPDATE SET max_fence = GREATEST(fence.max_fence, EXCLUDED.max_fence), \
+     input_seq = GREATEST(fence.input_seq, EXCLUDED.input_seq)";
 
-/// The highest fence recorded anywhere: the `fence` row, and, in case a batch's fence were ever missing,
-/// the requests' own fences (an index read on `requests_fence`).
-const MAX_FENCE: &str = "SELECT GREATEST(\
-     COALESCE((SELECT max_fence FROM fence WHERE id = 1), 0), \
-     COALESCE((SELECT max(fence) FROM requests), 0)) AS max_fence";
+/// Deletes the outbox rows JetStream has stored.
+const DELETE_PUBLISHED: &str = "DELETE FROM outbox WHERE id <= $1";
+
+/// Outbox rows per `INSERT`: five parameters each.
+const OUTBOX_PER_STATEMENT: usize = 4000;
+
+/// The counters the driver starts from: the highest fence (the `fence` row, and the requests' own in
+/// case), the highest arrival number (an index read on the unique `seq`), the last input handled.
+const COUNTERS: &str = "SELECT \
+     GREATEST(COALESCE((SELECT max_fence FROM fence WHERE id = 1), 0), \
+              COALESCE((SELECT max(fence) FROM requests), 0)) AS max_fence, \
+     COALESCE((SELECT max(seq) FROM requests), 0) AS max_seq, \
+     COALESCE((SELECT input_seq FROM fence WHERE id = 1), 0) AS input_seq";
+
+/// The messages not yet stored by JetStream, in the order they were made.
+const OUTBOX: &str = "SELECT id, msg_id, subject, msgpack, payload FROM outbox ORDER BY id";
 
 /// Serialises concurrent `migrate` calls (several coordinators starting at once) on one database.
 const MIGRATION_LOCK_KEY: i64 = 0x6770_755f_636f_6f72; // "gpu_coor"
@@ -131,6 +143,103 @@ pub enum PgError {
 }
 
 /// The requests table and the fence row of one PostgreSQL database.
+/// One batch of durable effects for [`PgStore::write`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Batch<'a> {
+    /// Requests to upsert.
+    pub records: &'a [RequestRecord],
+    /// The highest fence issued (only raised).
+    pub max_fence: Option<Fence>,
+    /// The stream sequence of the last input handled (only raised).
+    pub input_seq: Option<u64>,
+    /// Messages to publish, kept until JetStream has stored them.
+    pub outbox: &'a [OutboxRow],
+    /// Outbox rows already stored by JetStream: ids up to this one are deleted.
+    pub published_upto: Option<u64>,
+}
+
+impl Batch<'_> {
+    fn is_empty(&self) -> bool {
+        self.records.is_empty()
+            && self.max_fence.is_none()
+            && self.input_seq.is_none()
+            && self.outbox.is_empty()
+            && self.published_upto.is_none()
+    }
+}
+
+/// A message waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// Order of the rows, increasing.
+    pub id: u64,
+    /// The `Nats-Msg-Id` it is published under, every time.
+    pub msg_id: String,
+    pub subject: String,
+    /// `Content-Type: application/msgpack`, else JSON.
+    pub msgpack: bool,
+    pub payload: Vec<u8>,
+}
+
+/// What [`PgStore::load_state`] reads at start.
+#[derive(Debug, Clone, Default)]
+pub struct Loaded {
+    pub records: Vec<RequestRecord>,
+    pub max_fence: Fence,
+    /// The highest arrival number ever persisted.
+    pub max_seq: u64,
+    /// The stream sequence of the last input whose effects are committed.
+    pub input_seq: u64,
+    /// Messages committed but perhaps not stored by JetStream, oldest first.
+    pub outbox: Vec<OutboxRow>,
+}
+
+/// Several statements as one: `WITH s0 AS (...), s1 AS (...) <last>`, their `$n` placeholders renumbered
+/// in order. The statements come from the query builder (or constants here), whose SQL text holds no `$`
+/// but in placeholders.
+fn one_statement(parts: Vec<Statement>) -> Statement {
+    let n = parts.len();
+    let mut ctes = Vec::new();
+    let mut values = Vec::new();
+    let mut last = String::new();
+    for (i, part) in parts.into_iter().enumerate() {
+        let text = renumber(&part.sql, values.len());
+        values.extend(part.values.map(|v| v.0).unwrap_or_default());
+        if i + 1 < n {
+            ctes.push(format!("s{i} AS ({text})"));
+        } else {
+            last = text;
+        }
+    }
+    let sql = if ctes.is_empty() {
+        last
+    } else {
+        format!("WITH {} {last}", ctes.join(", "))
+    };
+    Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
+}
+
+/// `$n` -> `$(n + offset)`.
+fn renumber(sql: &str, offset: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == '$' {
+            let mut digits = String::new();
+            while let Some(d) = chars.peek().copied().filter(char::is_ascii_digit) {
+                digits.push(d);
+                chars.next();
+            }
+            match digits.parse::<usize>() {
+                Ok(n) => out.push_str(&(n + offset).to_string()),
+                Err(_) => out.push_str(&digits),
+            }
+        }
+    }
+    out
+}
+
 #[derive(Debug, Clone)]
 pub struct PgStore {
     db: DatabaseConnection,
@@ -196,17 +305,32 @@ impl PgStore {
         records: &[RequestRecord],
         max_fence: Option<Fence>,
     ) -> Result<(), PgError> {
-        if records.is_empty() && max_fence.is_none() {
+        self.write(&Batch {
+            records,
+            max_fence,
+            ..Batch::default()
+        })
+        .await
+    }
+
+    /// Writes one batch atomically: the records (the later of two with one `request_id` wins), the
+    /// highest fence and the last input handled (both only raised), the new outbox rows, and the deletion
+    /// of the outbox rows already published. The common case is one statement, one round trip (data-
+    /// modifying CTEs are atomic); a batch too big for one statement is a transaction.
+    pub async fn write(&self, batch: &Batch<'_>) -> Result<(), PgError> {
+        if batch.is_empty() {
             return Ok(());
         }
-        let rows = last_of_each(records)
+        let rows = last_of_each(batch.records)
             .into_iter()
             .map(|r| self.to_row(r))
             .collect::<Result<Vec<_>, _>>()?;
-        let fence = max_fence
-            .map(|f| self.bigint("", "max_fence", f.0))
+        let fence = self.bigint("", "max_fence", batch.max_fence.map_or(0, |f| f.0))?;
+        let input_seq = self.bigint("", "input_seq", batch.input_seq.unwrap_or(0))?;
+        let published = batch
+            .published_upto
+            .map(|id| self.bigint("", "outbox id", id))
             .transpose()?;
-
         let n_rows = rows.len();
         let fail = |source| PgError::Write {
             server: self.server.clone(),
@@ -218,58 +342,87 @@ impl PgStore {
                 request::Column::iter().filter(|c| !matches!(c, request::Column::RequestId)),
             )
             .to_owned();
-        if rows.len() <= ROWS_PER_STATEMENT {
-            // The common case, one statement: the upsert and the fence in one autocommit round trip
-            // (a data-modifying CTE is atomic), instead of BEGIN, INSERT, UPDATE, COMMIT.
-            let statement = if rows.is_empty() {
-                let fence = fence.expect("apply returned early when there is nothing to write");
-                Statement::from_sql_and_values(DbBackend::Postgres, RAISE_FENCE, [fence.into()])
-            } else {
-                let insert = request::Entity::insert_many(
-                    rows.into_iter().map(|row| row.into_active_model()),
-                )
-                .on_conflict(upsert)
-                .build(DbBackend::Postgres);
-                match fence {
-                    None => insert,
-                    Some(fence) => {
-                        let mut values = insert.values.map(|v| v.0).unwrap_or_default();
-                        values.push(fence.into());
-                        let raise = RAISE_FENCE.replace("$1", &format!("${}", values.len()));
-                        Statement::from_sql_and_values(
-                            DbBackend::Postgres,
-                            format!("WITH upsert AS ({}) {raise}", insert.sql),
-                            values,
-                        )
-                    }
-                }
-            };
-            self.db.execute(statement).await.map_err(fail)?;
+        let insert_rows = |rows: &[request::Model]| {
+            request::Entity::insert_many(rows.iter().cloned().map(|row| row.into_active_model()))
+                .on_conflict(upsert.clone())
+                .build(DbBackend::Postgres)
+        };
+        let insert_outbox = |rows: &[OutboxRow]| -> Result<Statement, PgError> {
+            let mut insert = Query::insert();
+            insert.into_table(Alias::new("outbox")).columns([
+                Alias::new("id"),
+                Alias::new("msg_id"),
+                Alias::new("subject"),
+                Alias::new("msgpack"),
+                Alias::new("payload"),
+            ]);
+            for row in rows {
+                insert
+                    .values([
+                        self.bigint("", "outbox id", row.id)?.into(),
+                        row.msg_id.clone().into(),
+                        row.subject.clone().into(),
+                        row.msgpack.into(),
+                        row.payload.clone().into(),
+                    ])
+                    .expect("five columns, five values");
+            }
+            let (sql, values) = insert.build(PostgresQueryBuilder);
+            Ok(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                sql,
+                values,
+            ))
+        };
+        let delete_published = |upto: i64| {
+            Statement::from_sql_and_values(DbBackend::Postgres, DELETE_PUBLISHED, [upto.into()])
+        };
+        let raise = Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            RAISE_FENCE,
+            [fence.into(), input_seq.into()],
+        );
+
+        if rows.len() <= ROWS_PER_STATEMENT && batch.outbox.len() <= OUTBOX_PER_STATEMENT {
+            let mut parts = Vec::new();
+            if !rows.is_empty() {
+                parts.push(insert_rows(&rows));
+            }
+            if !batch.outbox.is_empty() {
+                parts.push(insert_outbox(batch.outbox)?);
+            }
+            if let Some(upto) = published {
+                parts.push(delete_published(upto));
+            }
+            parts.push(raise);
+            self.db.execute(one_statement(parts)).await.map_err(fail)?;
             return Ok(());
         }
         let txn = self.db.begin().await.map_err(fail)?;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            request::Entity::insert_many(chunk.iter().cloned().map(|row| row.into_active_model()))
-                .on_conflict(upsert.clone())
-                .exec_without_returning(&txn)
-                .await
-                .map_err(fail)?;
+            txn.execute(insert_rows(chunk)).await.map_err(fail)?;
         }
-        if let Some(fence) = fence {
-            txn.execute(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                RAISE_FENCE,
-                [fence.into()],
-            ))
-            .await
-            .map_err(fail)?;
+        for chunk in batch.outbox.chunks(OUTBOX_PER_STATEMENT) {
+            txn.execute(insert_outbox(chunk)?).await.map_err(fail)?;
         }
+        if let Some(upto) = published {
+            txn.execute(delete_published(upto)).await.map_err(fail)?;
+        }
+        txn.execute(raise).await.map_err(fail)?;
         txn.commit().await.map_err(fail)
     }
 
-    /// Reads what the core needs at start, from one snapshot: every request not ended, in `seq` order, then
-    /// the `retain_ended` most recently ended ones (oldest first); and the highest fence ever recorded.
+    /// Reads what the core needs at start (see [`PgStore::load_state`]): the records and the highest
+    /// fence.
     pub async fn load(&self, retain_ended: usize) -> Result<(Vec<RequestRecord>, Fence), PgError> {
+        let state = self.load_state(retain_ended).await?;
+        Ok((state.records, state.max_fence))
+    }
+
+    /// Reads what the driver needs at start, from one snapshot: every request not ended, in `seq` order,
+    /// then the `retain_ended` most recently ended ones (oldest first); the highest fence ever recorded;
+    /// the highest arrival number; the last input handled; and the outbox, in order.
+    pub async fn load_state(&self, retain_ended: usize) -> Result<Loaded, PgError> {
         let fail = |source| PgError::Read {
             server: self.server.clone(),
             source,
@@ -301,26 +454,59 @@ impl PgStore {
             ended.reverse();
             rows.append(&mut ended);
         }
-        let max_fence: i64 = txn
-            .query_one(Statement::from_string(DbBackend::Postgres, MAX_FENCE))
+        let counters = txn
+            .query_one(Statement::from_string(DbBackend::Postgres, COUNTERS))
+            .await
+            .map_err(fail)?;
+        let counter = |name: &str| -> Result<i64, PgError> {
+            counters
+                .as_ref()
+                .map(|row| row.try_get::<i64>("", name))
+                .transpose()
+                .map_err(fail)
+                .map(|v| v.unwrap_or(0))
+        };
+        let (max_fence, max_seq, input_seq) = (
+            counter("max_fence")?,
+            counter("max_seq")?,
+            counter("input_seq")?,
+        );
+        let outbox = txn
+            .query_all(Statement::from_string(DbBackend::Postgres, OUTBOX))
             .await
             .map_err(fail)?
-            .map(|row| row.try_get("", "max_fence"))
-            .transpose()
-            .map_err(fail)?
-            .unwrap_or(0);
+            .into_iter()
+            .map(|row| {
+                Ok(OutboxRow {
+                    id: u64::try_from(row.try_get::<i64>("", "id")?).unwrap_or(0),
+                    msg_id: row.try_get("", "msg_id")?,
+                    subject: row.try_get("", "subject")?,
+                    msgpack: row.try_get("", "msgpack")?,
+                    payload: row.try_get("", "payload")?,
+                })
+            })
+            .collect::<Result<Vec<_>, DbErr>>()
+            .map_err(fail)?;
         txn.commit().await.map_err(fail)?;
 
         let records = rows
             .into_iter()
             .map(|row| self.to_record(row))
             .collect::<Result<Vec<_>, _>>()?;
-        let max_fence = u64::try_from(max_fence).map_err(|_| PgError::Corrupt {
-            server: self.server.clone(),
-            request_id: "(fence)".to_owned(),
-            detail: format!("the highest fence is negative ({max_fence})"),
-        })?;
-        Ok((records, Fence(max_fence)))
+        let unsigned = |name: &str, value: i64| {
+            u64::try_from(value).map_err(|_| PgError::Corrupt {
+                server: self.server.clone(),
+                request_id: format!("({name})"),
+                detail: format!("{name} is negative ({value})"),
+            })
+        };
+        Ok(Loaded {
+            records,
+            max_fence: Fence(unsigned("max_fence", max_fence)?),
+            max_seq: unsigned("max_seq", max_seq)?,
+            input_seq: unsigned("input_seq", input_seq)?,
+            outbox,
+        })
     }
 
     /// Checks that the server answers.

@@ -549,3 +549,129 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// A private Postgres cluster (initdb) on a free port, in a temporary directory, stopped and removed on
+/// drop. Run as the `postgres` user when the tests run as root (initdb refuses root).
+pub struct PgServer {
+    pub port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+    as_root: bool,
+}
+
+impl PgServer {
+    pub fn start() -> PgServer {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("Postgres under /usr/lib/postgresql")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .find(|p| p.join("initdb").exists())
+            .expect("initdb under /usr/lib/postgresql/*/bin");
+        let as_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        let dir = std::env::temp_dir().join(unique("pg_cluster"));
+        std::fs::create_dir_all(&dir).expect("create the cluster dir");
+        let server = PgServer {
+            port: free_port(),
+            dir,
+            bin,
+            as_root,
+        };
+        if as_root {
+            server.run("chown", &["-R", "postgres:postgres"], true);
+        }
+        server.run(
+            "initdb",
+            &[
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "-D",
+            ],
+            true,
+        );
+        server.resume();
+        server
+    }
+
+    /// A Postgres tool (or `chown`), as the `postgres` user when running as root.
+    fn command(&self, tool: &str) -> Command {
+        let program = if tool == "chown" {
+            PathBuf::from("chown")
+        } else {
+            self.bin.join(tool)
+        };
+        if self.as_root && tool != "chown" {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        }
+    }
+
+    /// Runs a tool with the cluster directory as its last argument, failing the test if it fails.
+    fn run(&self, tool: &str, args: &[&str], dir_last: bool) {
+        let mut cmd = self.command(tool);
+        cmd.args(args);
+        if dir_last {
+            cmd.arg(&self.dir);
+        }
+        let out = cmd.output().unwrap_or_else(|e| panic!("run {tool}: {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A URL for a database on this server.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Stops the server at once (`-m immediate`, like a crash).
+    pub fn stop(&self) {
+        self.run("pg_ctl", &["-m", "immediate", "-w", "stop", "-D"], true);
+    }
+
+    /// Starts the server (again) and waits until it accepts connections.
+    pub fn resume(&self) {
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("server.log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-w",
+                "-o",
+                &options,
+                "-l",
+                &log.to_string_lossy(),
+                "start",
+                "-D",
+            ],
+            true,
+        );
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .args(["-m", "immediate", "-w", "stop", "-D"])
+            .arg(&self.dir)
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
