@@ -396,6 +396,11 @@ async fn asr_worker(
         story.sleep(2.0).await;
         chunks.fetch_add(1, Ordering::Relaxed);
     }
+    // A pause that came during the last chunk completes, and the worker is resumed, before it leaves.
+    tokio::time::timeout(Duration::from_secs(60), lease.active())
+        .await
+        .context("not resumed within 60 s")?
+        .context("waiting to run again")?;
     lease.release().await.context("releasing")?;
     Ok(())
 }
