@@ -23,8 +23,10 @@
 //! - Only the driver task touches the scheduler; everything else sends it commands. HTTP handlers publish
 //!   their inputs to the same JetStream input stream as NATS clients, so there is one order and one audit
 //!   trail.
-//! - An input is acknowledged to JetStream only after its effects are committed to Postgres; the lease
-//!   store is written after Postgres, and messages are published after the lease store.
+//! - An input is acknowledged to JetStream only after its effects, its position in the input stream and
+//!   the messages it causes (the outbox) are committed to Postgres in one statement, the lease store is
+//!   written, and the messages are stored by JetStream. A restart publishes the outbox again and reads
+//!   the inputs again from the one after the last handled: each is handled once, no message is lost.
 //! - Fences strictly increase over the deployment's life: the highest issued is persisted with every batch
 //!   and restored above both Postgres's and Redis's record.
 

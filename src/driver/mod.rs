@@ -2,10 +2,15 @@
 //! requests, NVML samples and commands into scheduler inputs, and carries out the scheduler's actions
 //! through the adapters, in the order that keeps every effect durable before it is acknowledged:
 //!
-//! 1. persist the changed requests and the highest fence in one Postgres transaction;
-//! 2. apply the lease changes to Redis (a refused lease goes back to the scheduler as an input);
-//! 3. publish replies, control orders and events, and wait for their PubAcks;
-//! 4. acknowledge the inputs (an invalid input is terminated, never redelivered).
+//! 1. persist the changed requests, the highest fence, the position of the last input and the messages
+//!    to publish (the outbox) in one Postgres statement, while the lease changes go to Redis (a refused
+//!    lease goes back to the scheduler as an input);
+//! 2. publish replies, control orders and events under their outbox ids, and wait for their PubAcks
+//!    (the next statement deletes those rows);
+//! 3. acknowledge the inputs (an invalid input is terminated, never redelivered).
+//!
+//! At start the outbox left by a crash is published again, and the input consumer is made anew from
+//! the input after the last one handled, so inputs are handled once and in order.
 //!
 //! A server that goes away is waited for with backoff: the loop stops taking inputs until it is back.
 //! Every action also goes to the metrics recorder. [`run`] serves the HTTP API beside the loop; its
