@@ -27,7 +27,7 @@ use async_nats::jetstream::AckKind;
 use backon::{ExponentialBuilder, Retryable};
 use futures::{FutureExt, StreamExt};
 use gpu_coordinator_core::{
-    Action, Fence, GpuSpec, Input, LeaseOp, Millis, RequestRecord, Scheduler, Snapshot,
+    Action, Fence, GpuSpec, Input, Lease, LeaseOp, Millis, RequestRecord, Scheduler, Snapshot,
 };
 use gpu_coordinator_wire::{codec, decode_input, Encoding, Subjects, VramSource};
 use tokio::sync::{mpsc, oneshot};
@@ -44,7 +44,7 @@ use crate::metrics::{Metrics, Recorder};
 /// How many inputs one batch takes at most: they share one Postgres commit.
 const MAX_BATCH: usize = 256;
 
-/// How often the driver checks that Redis still has its data.
+/// How often the driver checks that Redis holds exactly the scheduler's leases.
 const EPOCH_CHECK: Duration = Duration::from_secs(1);
 
 /// At shutdown, how long an operation in flight may take to finish before it is abandoned.
@@ -547,7 +547,7 @@ impl Driver {
                         let _ = reply.send(self.sched.status(now_ms()));
                     }
                 },
-                _ = epoch.tick() => self.check_redis_epoch().await,
+                _ = epoch.tick() => self.check_redis_epoch().await?,
             }
         }
         tracing::info!("stopping: intake closed, flushing NATS");
@@ -845,21 +845,77 @@ impl Driver {
 
     /// When Redis lost its data (restart, flush), writes the live leases back so that no second holder
     /// can appear.
-    async fn check_redis_epoch(&mut self) {
+    async fn check_redis_epoch(&mut self) -> anyhow::Result<()> {
         match self.leases.ensure_epoch().await {
             Ok(false) => {}
-            Ok(true) => {
-                let live = self.sched.leases();
-                tracing::warn!(
-                    "Redis lost its data; writing back {} live lease(s)",
-                    live.len()
-                );
-                if let Err(e) = self.leases.rewrite(&live).await {
-                    tracing::error!("writing leases back to Redis: {e}");
-                }
+            Ok(true) => tracing::warn!(
+                "Redis lost its data (restart or flush); writing the live leases back"
+            ),
+            Err(e) => {
+                tracing::warn!("checking Redis: {}", causes(&e));
+                return Ok(());
             }
-            Err(e) => tracing::warn!("checking Redis: {e}"),
         }
+        self.reconcile_leases().await
+    }
+
+    /// Makes Redis hold exactly the scheduler's leases: releases any other (a lease an old snapshot
+    /// brought back, say) and writes back any missing one (Redis restarted empty or from an old
+    /// snapshot); one the store refuses is revoked.
+    async fn reconcile_leases(&mut self) -> anyhow::Result<()> {
+        // What is due first: an expired lease ends in the scheduler as it ended in Redis.
+        self.sched.handle_timeout(now_ms());
+        self.carry_out().await?;
+        let stored = match self.leases.leases().await {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!("reading leases from Redis: {}", causes(&e));
+                return Ok(());
+            }
+        };
+        let wanted = self.sched.leases();
+        let now = now_ms();
+        let same = |a: &Lease, b: &Lease| a.request_id == b.request_id && a.fence == b.fence;
+        let stale: Vec<&Lease> = stored
+            .iter()
+            .filter(|l| !wanted.iter().any(|w| same(w, l)))
+            .collect();
+        let missing: Vec<&Lease> = wanted
+            .iter()
+            .filter(|w| w.expires_at > now && !stored.iter().any(|l| same(w, l)))
+            .collect();
+        if stale.is_empty() && missing.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            "Redis disagreed with the coordinator: releasing {} lease(s) it should not hold, writing back {} it lost",
+            stale.len(),
+            missing.len()
+        );
+        for lease in stale {
+            if let Err(e) = self.leases.release(&lease.request_id, lease.fence).await {
+                tracing::warn!("releasing a stale lease in Redis: {}", causes(&e));
+            }
+        }
+        for lease in missing {
+            match self.leases.apply(&LeaseOp::Restore(lease.clone())).await {
+                Ok(outcome) => {
+                    if let Some(why) = outcome.refusal() {
+                        tracing::error!(request_id = %lease.request_id, "Redis refused a lease: {why}");
+                        self.sched.handle_input(
+                            Input::LeaseRefused {
+                                request_id: lease.request_id.clone(),
+                                fence: lease.fence,
+                                why,
+                            },
+                            now,
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!("writing a lease back to Redis: {}", causes(&e)),
+            }
+        }
+        self.carry_out().await
     }
 }
 

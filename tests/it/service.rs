@@ -692,3 +692,79 @@ async fn postgres_outage_is_waited_for_and_loses_nothing() {
     coordinator.stop().await.expect("a clean stop");
     drop(pg);
 }
+
+/// Redis comes back with the wrong leases (an old snapshot, say) while its epoch mark survives: the
+/// coordinator releases the lease it should not hold and writes back the one it lost.
+#[tokio::test]
+async fn redis_is_reconciled_with_the_scheduler() {
+    use crate::support::eventually;
+    use gpu_coordinator::adapters::redis::LeaseStore;
+    use gpu_coordinator_core::{Fence, Lease};
+    let config = test_config("reconcile", &[("0", 24_000)]);
+    let coordinator = Coordinator::start(config.clone()).await;
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    let store = LeaseStore::connect(&config.redis.url, &config.redis.key_prefix)
+        .await
+        .expect("connect to Redis");
+    let held = |store: LeaseStore, id: &'static str| async move {
+        store
+            .leases()
+            .await
+            .ok()
+            .map(|l| l.iter().any(|l| l.request_id == id))
+    };
+
+    probe
+        .pub_json(
+            "request",
+            "a",
+            json!({"request_id": "a", "priority": 1, "lease_ms": 60000}),
+        )
+        .await;
+    let a = probe.reply("a", "granted").await;
+    probe
+        .pub_json("release", "a", json!({"request_id": "a"}))
+        .await;
+    probe.reply("a", "released").await;
+    // An old snapshot brings A's lease back.
+    let ghost = Lease {
+        request_id: "a".into(),
+        service_id: "a".into(),
+        gpu: "0".into(),
+        fence: Fence(a.fence.unwrap()),
+        vram_mb: 24_000,
+        capacity_mb: 24_000,
+        expires_at: gpu_coordinator::driver::now_ms() + 60_000,
+    };
+    let written = store
+        .rewrite(std::slice::from_ref(&ghost))
+        .await
+        .expect("rewrite");
+    assert!(written[0].is_ok(), "{written:?}");
+    eventually("the ghost lease released", || {
+        let store = store.clone();
+        async move { (held(store, "a").await == Some(false)).then_some(()) }
+    })
+    .await;
+
+    // B gets the whole GPU (Redis does not refuse it), then Redis loses B's lease: it is written back.
+    probe
+        .pub_json(
+            "request",
+            "b",
+            json!({"request_id": "b", "priority": 1, "lease_ms": 60000}),
+        )
+        .await;
+    let b = probe.reply("b", "granted").await;
+    assert!(store
+        .release("b", Fence(b.fence.unwrap()))
+        .await
+        .expect("release in Redis"));
+    eventually("the lost lease written back", || {
+        let store = store.clone();
+        async move { (held(store, "b").await == Some(true)).then_some(()) }
+    })
+    .await;
+    assert!(!probe.drain_and_find(|s| s.str("action") == Some("revoke")));
+    coordinator.stop().await.expect("a clean stop");
+}
