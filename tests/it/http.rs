@@ -978,6 +978,116 @@ async fn an_abandoned_long_poll_releases_its_request() {
     let released = probe.event("released", Some("gone")).await;
     assert_eq!(released.service_id, "asr");
     assert!(probe.status().await.queue.is_empty());
+
+    // Without a request_id the handler makes one up: the request is this call's all the same.
+    let waiting = tokio::spawn({
+        let url = coordinator.url("/gpu/request");
+        async move {
+            post(
+                &client(),
+                &url,
+                None,
+                json!({"service_id": "tts", "priority": 2}),
+            )
+            .await
+        }
+    });
+    let queued = format!("{}.event.queued.tts", config.nats.prefix);
+    let id = probe
+        .expect("event queued for tts", |s| s.subject == queued)
+        .await
+        .event()
+        .request_id
+        .expect("a request id");
+    assert!(id.starts_with("tts-http-"), "{id}");
+    waiting.abort();
+    let _ = waiting.await;
+    probe.event("released", Some(&id)).await;
+    assert!(probe.status().await.queue.is_empty());
+    coordinator.stop().await.expect("a clean stop");
+}
+
+/// A POST /gpu/request that repeats the `request_id` of a request a NATS service queued is answered with
+/// its state; neither the handler's own deadline nor the client going away releases it: it is the
+/// service's, and is granted to it later.
+#[tokio::test]
+async fn a_repeated_id_over_http_leaves_the_services_request_alone() {
+    let config = test_config("http_repeat", &[("0", 24_576)]);
+    let coordinator = Coordinator::start(config.clone()).await;
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    let c = client();
+    let (status, holder) = post(
+        &c,
+        &coordinator.url("/gpu/request"),
+        None,
+        json!({"service_id": "chat", "request_id": "holder", "priority": 0, "preemptible": false}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{holder}");
+    probe
+        .pub_json(
+            "request",
+            "asr",
+            json!({"request_id": "job-1", "priority": 2, "timeout_ms": 60_000}),
+        )
+        .await;
+    probe.event("queued", Some("job-1")).await;
+    let still_queued = |doc: &StatusDoc| doc.queue.iter().any(|q| q.request_id == "job-1");
+
+    // A short wait: answered `queued` at once, then nothing until the handler's deadline (504).
+    let (status, body) = post(
+        &c,
+        &coordinator.url("/gpu/request"),
+        None,
+        json!({"service_id": "asr", "request_id": "job-1", "priority": 2, "timeout_ms": 50}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    probe.reply("job-1", "queued").await;
+
+    // A client that goes away while it waits.
+    let waiting = tokio::spawn({
+        let url = coordinator.url("/gpu/request");
+        async move {
+            post(
+                &client(),
+                &url,
+                None,
+                json!({"service_id": "asr", "request_id": "job-1", "priority": 2}),
+            )
+            .await
+        }
+    });
+    probe.reply("job-1", "queued").await;
+    waiting.abort();
+    let _ = waiting.await;
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ended = |s: &crate::support::Seen| {
+        s.str("request_id") == Some("job-1")
+            && ["released", "cancelled", "timed_out"]
+                .iter()
+                .any(|end| s.str("outcome") == Some(end) || s.subject.contains(&format!(".{end}.")))
+    };
+    assert!(
+        !probe.drain_and_find(ended),
+        "the service's request ended: {:#?}",
+        probe.seen
+    );
+    let doc = probe.status().await;
+    assert!(still_queued(&doc), "{doc:?}");
+
+    // It is still the service's: granted to it once the GPU is free.
+    let (status, released) = post(
+        &c,
+        &coordinator.url("/gpu/release"),
+        None,
+        json!({"service_id": "chat", "request_id": "holder"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{released}");
+    let granted = probe.reply("job-1", "granted").await;
+    assert_eq!(granted.gpu.as_deref(), Some("0"));
     coordinator.stop().await.expect("a clean stop");
 }
 

@@ -12,11 +12,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
 use gpu_coordinator_wire::{
-    codec, decode_input, valid_service_id, Encoding, Inbound, InputKind, Outcome, Reply,
+    codec, decode_input, valid_service_id, Encoding, Event, EventKind, Inbound, InputKind, Outcome,
+    Reply,
 };
 use serde::Serialize;
 use serde_json::Value;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
 use super::openapi::{
@@ -47,6 +49,8 @@ struct Prepared {
     kind: InputKind,
     payload: Vec<u8>,
     input: Inbound,
+    /// A request whose `request_id` was made up here: nobody else can know it, so this call creates it.
+    generated_id: bool,
 }
 
 /// Reads the body, finds its service (`service_id`, else the token's), checks the caller may act for
@@ -84,7 +88,9 @@ fn prepare(
         }
     };
     state.authorize(headers, &service)?;
-    if kind == InputKind::Request && matches!(fields.get("request_id"), None | Some(Value::Null)) {
+    let generated_id =
+        kind == InputKind::Request && matches!(fields.get("request_id"), None | Some(Value::Null));
+    if generated_id {
         fields.insert("request_id".into(), Value::String(new_request_id(&service)));
     }
     let payload = serde_json::to_vec(&value).expect("a JSON value always serializes");
@@ -95,6 +101,7 @@ fn prepare(
             kind,
             payload,
             input: decoded.input,
+            generated_id,
         }),
         Err(rejection) => Err(ApiError::BadRequest(rejection.error)),
     }
@@ -212,33 +219,51 @@ async fn wait_reply(
     }
 }
 
-/// Releases a request whose long poll was abandoned (the client went away, or no answer came in time):
-/// nobody would learn of its grant, so it must not hold a GPU until its lease expires. Not when the
-/// coordinator stops: the request stays queued, and the client asks again with its `request_id`.
+/// Releases a request that this call created when its long poll is abandoned: the client went away (the
+/// handler's future is dropped), so nobody would learn of its grant, and it must not hold a GPU until its
+/// lease expires. Armed only once the request is known to be this call's ([`wait_request`]): a repeated
+/// `request_id` names a request that someone else (a NATS service, an earlier call) owns. It never fires
+/// when the handler itself ends, its own deadline included (the coordinator ends a request that waited
+/// `timeout_ms` with `timed_out`), nor when the coordinator stops: the request stays queued, and the client
+/// asks again with its `request_id`.
 struct ReleaseOnDrop {
-    armed: Option<(jetstream::Context, String, Vec<u8>)>,
+    release: Option<(jetstream::Context, String, Vec<u8>)>,
+    armed: bool,
+    stop: CancellationToken,
 }
 
 impl ReleaseOnDrop {
+    /// A guard that does nothing until [`ReleaseOnDrop::arm`].
     fn new(js: &jetstream::Context, state: &HttpState, service: &str, request_id: &str) -> Self {
         let body = serde_json::json!({ "request_id": request_id });
         ReleaseOnDrop {
-            armed: Some((
+            release: Some((
                 js.clone(),
                 state.subjects().release(service),
                 serde_json::to_vec(&body).expect("a JSON value always serializes"),
             )),
+            armed: false,
+            stop: state.stop().clone(),
         }
     }
 
+    fn arm(&mut self) {
+        self.armed = self.release.is_some();
+    }
+
+    /// For good: a disarmed guard cannot be armed again.
     fn disarm(&mut self) {
-        self.armed = None;
+        self.armed = false;
+        self.release = None;
     }
 }
 
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
-        let Some((js, subject, payload)) = self.armed.take() else {
+        if !self.armed || self.stop.is_cancelled() {
+            return;
+        }
+        let Some((js, subject, payload)) = self.release.take() else {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -253,10 +278,104 @@ impl Drop for ReleaseOnDrop {
     }
 }
 
+/// Subscribes to `<prefix>.event.requested.<svc>`, the sign that the coordinator created a request (a
+/// repeated `request_id` gets no such event, only a reply with its current state).
+async fn subscribe_requested(
+    state: &HttpState,
+    service: &str,
+) -> Result<async_nats::Subscriber, ApiError> {
+    let client = state.connected()?.backends.bus.client();
+    client
+        .subscribe(state.subjects().event(EventKind::Requested, service))
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("cannot subscribe to the events: {e}")))
+}
+
+/// Waits for the answer to a request (the first reply about it that is not `queued`), until `deadline`,
+/// and arms `guard` once the request is known to be this call's: its id was made up here (`requested` is
+/// `None`), or the `requested` event for it arrives (the coordinator created it after this call
+/// subscribed). A `queued` or `paused` reply is the answer to a repeated id: the request is, or may be,
+/// someone else's, so the guard is disarmed for good (when another input repeated the id of a request
+/// this call created, the coordinator's own `timed_out` still ends it).
+async fn wait_request(
+    state: &HttpState,
+    replies: &mut async_nats::Subscriber,
+    mut requested: Option<async_nats::Subscriber>,
+    request_id: &str,
+    deadline: Instant,
+    guard: &mut ReleaseOnDrop,
+) -> Result<Reply, ApiError> {
+    if requested.is_none() {
+        guard.arm();
+    }
+    let waited = Instant::now();
+    loop {
+        let event = async {
+            match requested.as_mut() {
+                Some(events) => events.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            msg = replies.next() => {
+                let Some(msg) = msg else {
+                    return Err(ApiError::Unavailable("the NATS subscription to the replies ended".into()));
+                };
+                let encoding = Encoding::from_content_type(content_type(msg.headers.as_ref()));
+                match codec::decode::<Reply>(encoding, &msg.payload) {
+                    Ok(reply) if reply.request_id == request_id => match reply.outcome {
+                        Outcome::Queued => {
+                            guard.disarm();
+                            requested = None;
+                        }
+                        Outcome::Paused => {
+                            guard.disarm();
+                            return Ok(reply);
+                        }
+                        _ => return Ok(reply),
+                    },
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(subject = %msg.subject, "an undecodable reply: {e}"),
+                }
+            }
+            msg = event => {
+                let Some(msg) = msg else {
+                    requested = None;
+                    continue;
+                };
+                let encoding = Encoding::from_content_type(content_type(msg.headers.as_ref()));
+                match codec::decode::<Event>(encoding, &msg.payload) {
+                    Ok(event) if event.request_id.as_deref() == Some(request_id) => {
+                        guard.arm();
+                        requested = None;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(subject = %msg.subject, "an undecodable event: {e}"),
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(ApiError::GatewayTimeout(format!(
+                    "the coordinator did not answer about request `{request_id}` within {} ms; the input is \
+                     stored and will be handled when it can",
+                    waited.elapsed().as_millis()
+                )));
+            }
+            _ = state.stop().cancelled() => {
+                return Err(ApiError::Unavailable(format!(
+                    "the coordinator is stopping; the input about request `{request_id}` is stored and will be \
+                     handled after its restart: send it again with this request_id for the answer"
+                )));
+            }
+        }
+    }
+}
+
 /// Asks for a GPU and waits until the request is granted or ends waiting (at most `timeout_ms`).
 ///
-/// When the client goes away before the answer, the request is released. When the coordinator stops
-/// meanwhile (503), the request stays queued: ask again with the same `request_id` for its answer.
+/// When the client goes away before the answer, the request is released if this call created it (a
+/// repeated `request_id` is answered with its state and left alone). When no answer comes in time (504)
+/// or the coordinator stops meanwhile (503), the request stays queued: ask again with the same
+/// `request_id` for its answer.
 #[utoipa::path(
     post,
     path = "/gpu/request",
@@ -295,6 +414,11 @@ pub(super) async fn request(
     let timeout = Duration::from_millis(msg.timeout_ms.unwrap_or(state.inner.default_timeout_ms));
     let js = state.connected()?.js.clone();
     let mut replies = subscribe_replies(&state, &prepared.service).await?;
+    let requested = if prepared.generated_id {
+        None
+    } else {
+        Some(subscribe_requested(&state, &prepared.service).await?)
+    };
     let subject = state.subjects().input(prepared.kind, &prepared.service);
     publish(&js, subject, prepared.payload).await?;
     let mut guard = ReleaseOnDrop::new(&js, &state, &prepared.service, &request_id);
@@ -304,13 +428,18 @@ pub(super) async fn request(
         .unwrap_or(far)
         .min(far);
     // A repeated id of a queued request is answered `queued` first: the grant or the timeout follows.
-    let reply = wait_reply(&state, &mut replies, &request_id, deadline, |o| {
-        o != Outcome::Queued
-    })
+    let reply = wait_request(
+        &state,
+        &mut replies,
+        requested,
+        &request_id,
+        deadline,
+        &mut guard,
+    )
     .await;
-    if reply.is_ok() || state.stop().is_cancelled() {
-        guard.disarm();
-    }
+    // The handler ends on its own (answered, its deadline passed, the coordinator stops): the guard is
+    // only for a client that goes away while it waits.
+    guard.disarm();
     let reply = reply?;
     let status = match reply.outcome {
         Outcome::Granted => StatusCode::OK,
@@ -535,6 +664,17 @@ mod tests {
         let published: Value = serde_json::from_slice(&p.payload).expect("json");
         assert_eq!(published["request_id"], id.as_str());
         assert_eq!(p.service, "chat");
+        assert!(p.generated_id);
+
+        // A given id may be a repeated one: this call does not know that it creates the request.
+        let p = prepare(
+            &state(),
+            &HeaderMap::new(),
+            br#"{"service_id":"chat","request_id":"job-1","priority":0}"#,
+            InputKind::Request,
+        )
+        .expect("valid");
+        assert!(!p.generated_id);
     }
 
     #[test]
