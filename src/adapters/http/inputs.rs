@@ -553,10 +553,7 @@ pub(super) async fn renew(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let prepared = prepare(&state, &headers, &body, InputKind::Renew)?;
-    let Inbound::Renew(msg) = &prepared.input else {
-        unreachable!("a renew subject decodes to a renew")
-    };
-    let id = msg.request_id.clone();
+    let id = request_id_of(&prepared);
     answered(&state, prepared, &id, Outcome::Renewed).await
 }
 
@@ -581,10 +578,7 @@ pub(super) async fn ack(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let prepared = prepare(&state, &headers, &body, InputKind::Ack)?;
-    let Inbound::Ack(msg) = &prepared.input else {
-        unreachable!("an ack subject decodes to an ack")
-    };
-    let id = msg.request_id.clone();
+    let id = request_id_of(&prepared);
     let detail = format!(
         "stored; a rejection would come on {}",
         state.subjects().reply(&prepared.service)
@@ -614,11 +608,17 @@ pub(super) async fn cancel(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let prepared = prepare(&state, &headers, &body, InputKind::Cancel)?;
-    let Inbound::Cancel(msg) = &prepared.input else {
-        unreachable!("a cancel subject decodes to a cancel")
-    };
-    let id = msg.request_id.clone();
+    let id = request_id_of(&prepared);
     answered(&state, prepared, &id, Outcome::Cancelled).await
+}
+
+/// The request id of an input that always carries one (renew, ack, cancel).
+fn request_id_of(prepared: &Prepared) -> String {
+    prepared
+        .input
+        .request_id()
+        .expect("renew, ack and cancel messages carry a request_id")
+        .to_string()
 }
 
 #[cfg(test)]
