@@ -62,22 +62,31 @@ pub struct Bus {
     client: Client,
     js: jetstream::Context,
     subjects: Subjects,
+    /// Counts the connections made: it changes on every reconnect.
+    connected: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Bus {
     /// Connects (the client reconnects by itself afterwards, logging each disconnect and reconnect).
     pub async fn connect(url: &str, subjects: Subjects, name: &str) -> Result<Bus, NatsError> {
+        let (connections, connected) = tokio::sync::watch::channel(0u64);
         let client = async_nats::ConnectOptions::new()
             .name(name)
             .connection_timeout(Duration::from_secs(5))
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!("NATS disconnected; reconnecting with backoff")
+            .event_callback(move |event| {
+                let connections = connections.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("NATS disconnected; reconnecting with backoff")
+                        }
+                        async_nats::Event::Connected => {
+                            tracing::info!("NATS connected");
+                            connections.send_modify(|n| *n += 1);
+                        }
+                        async_nats::Event::Closed => tracing::debug!("NATS connection closed"),
+                        other => tracing::warn!("NATS: {other}"),
                     }
-                    async_nats::Event::Connected => tracing::info!("NATS connected"),
-                    async_nats::Event::Closed => tracing::debug!("NATS connection closed"),
-                    other => tracing::warn!("NATS: {other}"),
                 }
             })
             .connect(url)
@@ -91,7 +100,16 @@ impl Bus {
             client,
             js,
             subjects,
+            connected,
         })
+    }
+
+    /// Changes on every reconnect: the input consumer is then reopened at once, rather than after its
+    /// missed heartbeats (while leases keep expiring on time).
+    pub fn reconnects(&self) -> tokio::sync::watch::Receiver<u64> {
+        let mut rx = self.connected.clone();
+        rx.mark_unchanged();
+        rx
     }
 
     pub fn client(&self) -> &Client {

@@ -507,6 +507,7 @@ impl Driver {
             self.bus.status_requests()
         })
         .await?;
+        let mut reconnects = self.bus.reconnects();
         let mut epoch = tokio::time::interval(EPOCH_CHECK);
         epoch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!("coordinator ready");
@@ -540,6 +541,10 @@ impl Driver {
                         inputs = with_retry("reopening the input consumer", &shutdown, || self.bus.inputs(self.input_seq)).await?;
                     }
                 },
+                Ok(()) = reconnects.changed() => {
+                    tracing::info!("NATS reconnected; reopening the input consumer");
+                    inputs = with_retry("reopening the input consumer", &shutdown, || self.bus.inputs(self.input_seq)).await?;
+                }
                 Some(msg) = status.next() => self.answer_status(msg).await,
                 Some(samples) = next_sample(&mut self.nvml) => self.handle_samples(samples).await?,
                 Some(command) = commands.recv() => match command {

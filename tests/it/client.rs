@@ -563,7 +563,7 @@ async fn lease_survives_a_nats_restart() {
     let coordinator = Coordinator::start(config.clone()).await;
     let holder = connect(&config, "holder").await;
     let lease = holder
-        .request(RequestOptions::new(1).vram_mb(8_000).lease_ms(1_000))
+        .request(RequestOptions::new(1).vram_mb(8_000).lease_ms(2_000))
         .await
         .expect("granted");
     let fence = lease.fence();
@@ -580,7 +580,7 @@ async fn lease_survives_a_nats_restart() {
     let mut events = lease.events();
     next_event(&mut events, "a renewal after the restart", |e| {
         matches!(e, LeaseEvent::Renewed { expires_at }
-            if *expires_at >= restarted_at + Duration::from_millis(1_000 - 1))
+            if *expires_at >= restarted_at + Duration::from_millis(2_000 - 1))
     })
     .await;
     // The readers follow the reconnect at once; waiting for missed pull heartbeats (10 s) instead
