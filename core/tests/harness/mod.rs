@@ -870,9 +870,10 @@ impl Sim {
                 self.ended.insert(id.to_string(), event.kind);
                 // With few ended requests remembered, the id may be requested anew in the same step
                 // (a deadline fires first, then the input): the record is then the new request's.
-                let reused = acts.all_events().iter().any(|e| {
-                    e.kind == EventKind::Requested && e.request_id.as_deref() == Some(id)
-                });
+                let reused = acts
+                    .all_events()
+                    .iter()
+                    .any(|e| e.kind == EventKind::Requested && e.request_id.as_deref() == Some(id));
                 match self.sched.record(id) {
                     Some(rec) if rec.phase != Phase::Ended && !reused => {
                         return Err(format!(
@@ -948,12 +949,14 @@ impl Sim {
             };
             // An id that ended and was requested anew in this step: the outputs about the old request
             // are checked against the new record; skip them.
-            let reused = acts.all_events().iter().any(|e| {
-                e.kind == EventKind::Requested && e.request_id.as_deref() == Some(id)
-            }) && acts
+            let reused = acts
                 .all_events()
                 .iter()
-                .any(|e| is_terminal(e) && e.request_id.as_deref() == Some(id));
+                .any(|e| e.kind == EventKind::Requested && e.request_id.as_deref() == Some(id))
+                && acts
+                    .all_events()
+                    .iter()
+                    .any(|e| is_terminal(e) && e.request_id.as_deref() == Some(id));
             if !reused && (rec.service_id != service || rec.encoding != encoding) {
                 return Err(format!(
                     "output about {id} to {service} in {encoding:?}; the request is {}'s in {:?}",
