@@ -309,8 +309,20 @@ impl Scheduler {
             }
             match lease {
                 Some(l) if Some(l.fence) == self.live_rec(seq).fence => {
-                    // The lease store is the source of truth for the expiry.
-                    self.update(seq, now, |rec| rec.expires_at = Some(l.expires_at));
+                    let persisted = self.live_rec(seq).expires_at.unwrap_or(0);
+                    if persisted > l.expires_at && persisted > now {
+                        // A renewal committed, and answered, but stopped before the store heard of
+                        // it: the store catches up.
+                        self.actions.push_back(Action::Lease(LeaseOp::Renew {
+                            request_id: l.request_id.clone(),
+                            gpu: l.gpu.clone(),
+                            fence: l.fence,
+                            expires_at: persisted,
+                        }));
+                    } else {
+                        // Otherwise the lease store is the source of truth for the expiry.
+                        self.update(seq, now, |rec| rec.expires_at = Some(l.expires_at));
+                    }
                 }
                 other => {
                     if let Some(stale) = other {
@@ -338,6 +350,11 @@ impl Scheduler {
                 fence: stale.fence,
             }));
         }
+        // In fence order: the store refuses a fence below the highest it has seen.
+        write_back.sort_by_key(|a| match a {
+            Action::Lease(LeaseOp::Restore(lease)) => lease.fence,
+            _ => Fence(0),
+        });
         self.actions.extend(write_back);
         self.handle_timeout(now);
     }

@@ -1285,3 +1285,32 @@ fn arrival_numbers_are_not_reused_after_a_restart_that_forgot_ended_requests() {
     s.request("svc", req("a2", 1));
     assert!(s.persisted_seq("a2") > first);
 }
+
+#[test]
+fn restore_catches_the_store_up_with_a_renewal_it_missed() {
+    // chat renewed to T0 + 90 s; the coordinator stopped after the commit, before the store heard it.
+    let s = busy();
+    let mut snapshot = s.snapshot(true);
+    for rec in &mut snapshot.requests {
+        if rec.request_id == "chat" {
+            rec.expires_at = Some(T0 + 90_000);
+        }
+    }
+    let chat_fence = s.record("chat").fence.expect("chat holds");
+    let stored_expiry = snapshot
+        .leases
+        .iter()
+        .find(|l| l.request_id == "chat")
+        .expect("the store holds chat")
+        .expires_at;
+    assert!(stored_expiry < T0 + 90_000);
+    let (mut r, a) = Sim::restored(config(), gpus(&[("g0", 1_000)]), snapshot, T0 + 100);
+    assert!(a.lease_ops().contains(&&LeaseOp::Renew {
+        request_id: "chat".into(),
+        gpu: "g0".into(),
+        fence: chat_fence,
+        expires_at: T0 + 90_000,
+    }));
+    assert_eq!(r.record("chat").expires_at, Some(T0 + 90_000));
+    r.finish();
+}

@@ -3,12 +3,15 @@
 //! Owns the connection and the stream and consumer definitions. Decides nothing: decoding is the wire
 //! crate's, scheduling the core's.
 
+use std::future::IntoFuture;
 use std::time::Duration;
 
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
-use futures::future::try_join_all;
+use futures::future::join_all;
 use gpu_coordinator_wire::codec::MSGPACK_CONTENT_TYPE;
 use gpu_coordinator_wire::{Encoding, Subjects};
 
@@ -44,6 +47,16 @@ pub enum NatsError {
     /// A core NATS operation failed.
     #[error("NATS {what} failed: {detail}")]
     Other { what: &'static str, detail: String },
+}
+
+/// A publish that failed part of the way.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct PublishFailure {
+    /// How many of the first messages are surely stored.
+    pub stored: usize,
+    #[source]
+    pub error: NatsError,
 }
 
 /// One message to publish on a stored output subject.
@@ -149,14 +162,52 @@ impl Bus {
         Ok(())
     }
 
+    /// Where reading the inputs must go on from, given `handled`, the last input whose effects are
+    /// committed (0: none known). When Postgres knows of none (a new database) the durable consumer's
+    /// acknowledged floor counts; when the stream was made anew and is shorter than `handled`, its inputs
+    /// are read from its first (the old position means nothing there). The driver persists a changed
+    /// position before it opens the consumer.
+    pub async fn input_position(&self, handled: u64) -> Result<u64, NatsError> {
+        let stream_name = self.subjects.input_stream();
+        let fail = |detail: String| NatsError::Consumer {
+            stream: stream_name.clone(),
+            detail,
+        };
+        let mut stream = self
+            .js
+            .get_stream(&stream_name)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let floor = match stream.consumer_info(CONSUMER).await {
+            Ok(info) => info.ack_floor.stream_sequence,
+            Err(e) if consumer_missing(&e.kind()) => 0,
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .state
+            .clone();
+        let after = handled.max(floor);
+        if after > state.last_sequence {
+            tracing::error!(
+                "stream {stream_name} ends at input {} but input {after} was handled: the stream was made \
+                 anew; reading its inputs from its first",
+                state.last_sequence
+            );
+            return Ok(state.first_sequence.saturating_sub(1));
+        }
+        Ok(after)
+    }
+
     /// Opens the durable pull consumer on the input stream, delivering in stream order from the input
-    /// after `handled` (the last one whose effects are committed), and starts its message stream.
+    /// after `after` (see [`Bus::input_position`]), and starts its message stream.
     ///
     /// The consumer is made anew each time: an input that was delivered but not acknowledged before a
-    /// crash would otherwise come back only after the ACK wait, behind newer ones. When Postgres knows of
-    /// no input (a new database) the old consumer's acknowledged floor is kept; with neither, every
-    /// input in the stream is read.
-    pub async fn inputs(&self, handled: u64) -> Result<consumer::pull::Stream, NatsError> {
+    /// crash would otherwise come back only after the ACK wait, behind newer ones. Drop the previous
+    /// message stream first, so that no pull of its can reach the new consumer.
+    pub async fn open_inputs(&self, after: u64) -> Result<consumer::pull::Stream, NatsError> {
         let stream_name = self.subjects.input_stream();
         let fail = |detail: String| NatsError::Consumer {
             stream: stream_name.clone(),
@@ -167,18 +218,16 @@ impl Bus {
             .get_stream(&stream_name)
             .await
             .map_err(|e| fail(e.to_string()))?;
-        let floor = match stream.consumer_info(CONSUMER).await {
-            Ok(info) => {
-                let floor = info.ack_floor.stream_sequence;
+        match stream.consumer_info(CONSUMER).await {
+            Ok(_) => {
                 stream
                     .delete_consumer(CONSUMER)
                     .await
                     .map_err(|e| fail(e.to_string()))?;
-                floor
             }
-            Err(_) => 0,
-        };
-        let after = handled.max(floor);
+            Err(e) if consumer_missing(&e.kind()) => {}
+            Err(e) => return Err(fail(e.to_string())),
+        }
         let deliver_policy = if after == 0 {
             consumer::DeliverPolicy::All
         } else {
@@ -207,11 +256,23 @@ impl Bus {
             .map_err(|e| fail(e.to_string()))
     }
 
-    /// Publishes every message and waits for all their PubAcks.
-    pub async fn publish_all(&self, outputs: Vec<Outbound>) -> Result<(), NatsError> {
+    /// Publishes the messages in order and waits for their PubAcks: all at once (`pipelined`), or each
+    /// after the previous one's PubAck (in order even when some are lost, as after a failure). On a
+    /// failure says how many of the first messages are surely stored, so that a retry goes on from there.
+    pub async fn publish_in_order(
+        &self,
+        outputs: &[Outbound],
+        pipelined: bool,
+    ) -> Result<(), PublishFailure> {
         let mut pending = Vec::with_capacity(outputs.len());
-        for out in outputs {
-            let subject = out.subject.clone();
+        for (i, out) in outputs.iter().enumerate() {
+            let failed = |e: String| PublishFailure {
+                stored: i,
+                error: NatsError::Publish {
+                    subject: out.subject.clone(),
+                    detail: e,
+                },
+            };
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", out.msg_id.as_str());
             if let Some(ct) = out.encoding.content_type() {
@@ -219,20 +280,26 @@ impl Bus {
             }
             let ack = self
                 .js
-                .publish_with_headers(out.subject, headers, out.payload)
+                .publish_with_headers(out.subject.clone(), headers, out.payload.clone())
                 .await
-                .map_err(|e| NatsError::Publish {
-                    subject: subject.clone(),
-                    detail: e.to_string(),
-                })?;
-            pending.push(async move {
-                ack.await.map_err(|e| NatsError::Publish {
-                    subject,
-                    detail: e.to_string(),
-                })
-            });
+                .map_err(|e| failed(e.to_string()))?;
+            if pipelined {
+                pending.push(ack.into_future());
+            } else {
+                ack.await.map_err(|e| failed(e.to_string()))?;
+            }
         }
-        try_join_all(pending).await?;
+        for (i, result) in join_all(pending).await.into_iter().enumerate() {
+            if let Err(e) = result {
+                return Err(PublishFailure {
+                    stored: i,
+                    error: NatsError::Publish {
+                        subject: outputs[i].subject.clone(),
+                        detail: e.to_string(),
+                    },
+                });
+            }
+        }
         Ok(())
     }
 
@@ -275,6 +342,16 @@ impl Bus {
             what: "flush",
             detail: e.to_string(),
         })
+    }
+}
+
+/// Whether a consumer-info error says the consumer does not exist (any other error is a real one: the
+/// consumer may exist, with a position that must not be lost).
+fn consumer_missing(kind: &ConsumerInfoErrorKind) -> bool {
+    match kind {
+        ConsumerInfoErrorKind::NotFound => true,
+        ConsumerInfoErrorKind::JetStream(e) => e.error_code() == ErrorCode::CONSUMER_NOT_FOUND,
+        _ => false,
     }
 }
 

@@ -427,10 +427,7 @@ impl Driver {
                 "publishing {} message(s) left from before the restart",
                 again.len()
             );
-            with_retry("publishing the outbox", &shutdown, || {
-                bus.publish_all(again.clone())
-            })
-            .await?;
+            publish(&bus, &again, &shutdown).await?;
         }
         let requests = loaded.records;
         let live_leases =
@@ -499,10 +496,8 @@ impl Driver {
     /// The event loop, until shutdown.
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) -> anyhow::Result<()> {
         let shutdown = self.shutdown.clone();
-        let mut inputs = with_retry("opening the input consumer", &shutdown, || {
-            self.bus.inputs(self.input_seq)
-        })
-        .await?;
+        let mut inputs = None;
+        self.reopen_inputs(&mut inputs).await?;
         let mut status = with_retry("subscribing to status", &shutdown, || {
             self.bus.status_requests()
         })
@@ -524,11 +519,11 @@ impl Driver {
                     self.sched.handle_timeout(now_ms());
                     self.carry_out().await?;
                 }
-                next = inputs.next() => match next {
+                next = next_input(&mut inputs) => match next {
                     Some(Ok(first)) => {
                         let mut batch = vec![first];
                         while batch.len() < MAX_BATCH {
-                            match inputs.next().now_or_never() {
+                            match inputs.as_mut().and_then(|s| s.next().now_or_never()) {
                                 Some(Some(Ok(m))) => batch.push(m),
                                 _ => break,
                             }
@@ -538,12 +533,12 @@ impl Driver {
                     Some(Err(e)) => tracing::warn!("input consumer: {e}"),
                     None => {
                         tracing::warn!("input consumer ended; reopening");
-                        inputs = with_retry("reopening the input consumer", &shutdown, || self.bus.inputs(self.input_seq)).await?;
+                        self.reopen_inputs(&mut inputs).await?;
                     }
                 },
                 Ok(()) = reconnects.changed() => {
                     tracing::info!("NATS reconnected; reopening the input consumer");
-                    inputs = with_retry("reopening the input consumer", &shutdown, || self.bus.inputs(self.input_seq)).await?;
+                    self.reopen_inputs(&mut inputs).await?;
                 }
                 Some(msg) = status.next() => self.answer_status(msg).await,
                 Some(samples) = next_sample(&mut self.nvml) => self.handle_samples(samples).await?,
@@ -573,20 +568,47 @@ impl Driver {
         Ok(())
     }
 
+    /// (Re)opens the input consumer after the last input handled. The old message stream is dropped
+    /// first, so that none of its pulls reaches the new consumer; a position that changed (a new
+    /// database beside an old consumer, or an input stream made anew) is persisted before reading.
+    async fn reopen_inputs(&mut self, inputs: &mut Option<InputStream>) -> anyhow::Result<()> {
+        *inputs = None;
+        let shutdown = self.shutdown.clone();
+        let bus = self.bus.clone();
+        let handled = self.input_seq;
+        let after = with_retry("finding where the inputs go on", &shutdown, || {
+            bus.input_position(handled)
+        })
+        .await?;
+        if after != handled {
+            self.input_seq = after;
+            self.write_position(after).await?;
+        }
+        *inputs = Some(
+            with_retry("opening the input consumer", &shutdown, || {
+                bus.open_inputs(after)
+            })
+            .await?,
+        );
+        Ok(())
+    }
+
     /// Feeds a batch of inputs to the scheduler, makes their effects durable, then acknowledges them.
     async fn handle_batch(
         &mut self,
         batch: Vec<async_nats::jetstream::Message>,
     ) -> anyhow::Result<()> {
         let mut terminate = Vec::with_capacity(batch.len());
+        let mut handled = self.input_seq;
         for msg in &batch {
             let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-            if seq != 0 && seq <= self.input_seq {
-                // Handled before a crash, its effects and messages committed: acknowledge only.
+            if seq != 0 && seq <= handled {
+                // Handled before (before a crash, or a redelivery in this very batch): acknowledge only.
                 terminate.push(false);
                 continue;
             }
             if seq != 0 {
+                handled = seq;
                 self.pending_input_seq = Some(seq);
             }
             let ct = content_type(msg.headers.as_ref());
@@ -777,11 +799,7 @@ impl Driver {
             }
             if let Some(last) = outbox.last().map(|row| row.id) {
                 let outputs: Vec<Outbound> = outbox.iter().map(outbound_of).collect();
-                let bus = &self.bus;
-                with_retry("publishing to JetStream", &self.shutdown, || {
-                    bus.publish_all(outputs.clone())
-                })
-                .await?;
+                publish(&self.bus, &outputs, &self.shutdown).await?;
                 self.published_upto = Some(last);
             }
         }
@@ -799,7 +817,7 @@ impl Driver {
             pg.write(&batch)
         })
         .await?;
-        self.input_seq = self.input_seq.max(seq);
+        self.input_seq = seq;
         Ok(())
     }
 
@@ -851,6 +869,16 @@ impl Driver {
     /// When Redis lost its data (restart, flush), writes the live leases back so that no second holder
     /// can appear.
     async fn check_redis_epoch(&mut self) -> anyhow::Result<()> {
+        if self.published_upto.is_some() {
+            // Rows stored by JetStream leave the outbox within a second, busy or idle, so a restart
+            // much later does not publish them again past JetStream's duplicate window.
+            let batch = Batch {
+                published_upto: self.published_upto.take(),
+                ..Batch::default()
+            };
+            let pg = &self.pg;
+            with_retry("clearing the outbox", &self.shutdown, || pg.write(&batch)).await?;
+        }
         match self.leases.ensure_epoch().await {
             Ok(false) => {}
             Ok(true) => tracing::warn!(
@@ -885,10 +913,12 @@ impl Driver {
             .iter()
             .filter(|l| !wanted.iter().any(|w| same(w, l)))
             .collect();
-        let missing: Vec<&Lease> = wanted
+        let mut missing: Vec<&Lease> = wanted
             .iter()
             .filter(|w| w.expires_at > now && !stored.iter().any(|l| same(w, l)))
             .collect();
+        // In fence order: the store refuses a fence below the highest it has seen.
+        missing.sort_by_key(|l| l.fence);
         if stale.is_empty() && missing.is_empty() {
             return Ok(());
         }
@@ -944,4 +974,41 @@ fn outbound_of(row: &OutboxRow) -> Outbound {
         payload: row.payload.clone().into(),
         msg_id: row.msg_id.clone(),
     }
+}
+
+/// The JetStream message stream of the input consumer.
+type InputStream = async_nats::jetstream::consumer::pull::Stream;
+
+/// The next input, or never while the consumer is being reopened.
+async fn next_input(
+    inputs: &mut Option<InputStream>,
+) -> Option<<InputStream as futures::Stream>::Item> {
+    match inputs {
+        Some(stream) => stream.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Publishes messages in order, retrying with backoff from the first one not surely stored: after a
+/// failure one at a time, so that order holds even across a reconnect (a `restart` never before its
+/// `revoke`), and under their ids, so that JetStream keeps one copy of any sent twice.
+async fn publish(
+    bus: &Bus,
+    outputs: &[Outbound],
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+    let done = AtomicUsize::new(0);
+    let retried = AtomicBool::new(false);
+    with_retry("publishing to JetStream", shutdown, || {
+        let from = done.load(Relaxed);
+        let pipelined = !retried.swap(true, Relaxed);
+        let (done, rest) = (&done, &outputs[from..]);
+        async move {
+            bus.publish_in_order(rest, pipelined)
+                .await
+                .inspect_err(|failure| done.store(from + failure.stored, Relaxed))
+        }
+    })
+    .await
 }

@@ -44,10 +44,12 @@ const OPEN: &str = "\"requests\".\"phase\" <> 'ended'";
 /// Ended rows, matching the partial index `requests_ended_recent`.
 const ENDED: &str = "\"requests\".\"phase\" = 'ended'";
 
-/// Raises the stored fence and the last input handled; never lowers them.
-const RAISE_FENCE: &str = "INSERT INTO fence (id, max_fence, input_seq) VALUES (1, $1, $2) \
+/// Raises the stored fence (never lowers it) and sets the last input handled when the batch has one
+/// (the driver handles inputs in stream order, so it only rises, but for an input stream made anew).
+const RAISE_FENCE: &str =
+    "INSERT INTO fence (id, max_fence, input_seq) VALUES (1, $1, COALESCE($2, 0)) \
      ON CONFLICT (id) DO UPDATE SET max_fence = GREATEST(fence.max_fence, EXCLUDED.max_fence), \
-     input_seq = GREATEST(fence.input_seq, EXCLUDED.input_seq)";
+     input_seq = COALESCE($2, fence.input_seq)";
 
 /// Deletes the outbox rows JetStream has stored.
 const DELETE_PUBLISHED: &str = "DELETE FROM outbox WHERE id <= $1";
@@ -150,7 +152,7 @@ pub struct Batch<'a> {
     pub records: &'a [RequestRecord],
     /// The highest fence issued (only raised).
     pub max_fence: Option<Fence>,
-    /// The stream sequence of the last input handled (only raised).
+    /// The stream sequence of the last input handled.
     pub input_seq: Option<u64>,
     /// Messages to publish, kept until JetStream has stored them.
     pub outbox: &'a [OutboxRow],
@@ -326,7 +328,10 @@ impl PgStore {
             .map(|r| self.to_row(r))
             .collect::<Result<Vec<_>, _>>()?;
         let fence = self.bigint("", "max_fence", batch.max_fence.map_or(0, |f| f.0))?;
-        let input_seq = self.bigint("", "input_seq", batch.input_seq.unwrap_or(0))?;
+        let input_seq = batch
+            .input_seq
+            .map(|seq| self.bigint("", "input_seq", seq))
+            .transpose()?;
         let published = batch
             .published_upto
             .map(|id| self.bigint("", "outbox id", id))
@@ -707,6 +712,37 @@ fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statements_are_joined_with_their_placeholders_renumbered() {
+        assert_eq!(
+            renumber("VALUES ($1, $2, $10) WHERE x = $11", 23),
+            "VALUES ($24, $25, $33) WHERE x = $34"
+        );
+        let part = |sql: &str, n: i64| {
+            Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                sql,
+                (0..n).map(sea_orm::Value::from),
+            )
+        };
+        let joined = one_statement(vec![
+            part("INSERT INTO a VALUES ($1, $2)", 2),
+            part("DELETE FROM b WHERE id <= $1", 1),
+            part(
+                "INSERT INTO c VALUES ($1, COALESCE($2, 0)) ON CONFLICT DO UPDATE SET y = $2",
+                2,
+            ),
+        ]);
+        assert_eq!(
+            joined.sql,
+            "WITH s0 AS (INSERT INTO a VALUES ($1, $2)), s1 AS (DELETE FROM b WHERE id <= $3) \
+             INSERT INTO c VALUES ($4, COALESCE($5, 0)) ON CONFLICT DO UPDATE SET y = $5"
+        );
+        assert_eq!(joined.values.map(|v| v.0.len()), Some(5));
+        let alone = one_statement(vec![part("SELECT $1", 1)]);
+        assert_eq!(alone.sql, "SELECT $1");
+    }
 
     #[test]
     fn the_literal_phase_is_the_core_s() {
