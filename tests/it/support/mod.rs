@@ -211,11 +211,51 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// A server process a test owns: started (again) on a known port, killed on drop.
+#[derive(Default)]
+struct Owned(Option<Child>);
+
+impl Owned {
+    /// SIGKILL, and wait for the process to go.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the running process, if any, starts `cmd`, and waits until `port` accepts connections.
+    fn respawn(&mut self, mut cmd: Command, port: u16) {
+        self.kill();
+        let what = format!("{:?}", cmd.get_program());
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {what}: {e}"));
+        self.0 = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{what} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A private nats-server with JetStream on a free port and a temporary store, removed on drop.
 pub struct NatsServer {
     pub port: u16,
     store: PathBuf,
-    child: Option<Child>,
+    process: Owned,
 }
 
 impl NatsServer {
@@ -225,7 +265,7 @@ impl NatsServer {
         let mut server = NatsServer {
             port: free_port(),
             store,
-            child: None,
+            process: Owned::default(),
         };
         server.restart();
         server
@@ -237,38 +277,22 @@ impl NatsServer {
 
     /// Stops the server (SIGKILL).
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
     /// (Re)starts the server on the same port and store, and waits until it accepts connections.
     pub fn restart(&mut self) {
-        self.stop();
-        let child = Command::new("nats-server")
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(&self.store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
-        self.child = Some(child);
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "nats-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut cmd = Command::new("nats-server");
+        cmd.args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-js",
+            "-sd",
+        ])
+        .arg(&self.store);
+        self.process.respawn(cmd, self.port);
     }
 }
 
@@ -473,14 +497,14 @@ impl Probe {
 /// A private redis-server on a free port, keeping nothing on disk, stopped on drop.
 pub struct RedisServer {
     pub port: u16,
-    child: Option<Child>,
+    process: Owned,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
         let mut server = RedisServer {
             port: free_port(),
-            child: None,
+            process: Owned::default(),
         };
         server.restart();
         server
@@ -492,42 +516,17 @@ impl RedisServer {
 
     /// Stops the server (SIGKILL).
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
     /// Kills the server and starts it again, empty, on the same port.
     pub fn restart(&mut self) {
-        self.stop();
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
-            .arg(std::env::temp_dir())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        self.child = Some(child);
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+            .arg(std::env::temp_dir());
+        self.process.respawn(cmd, self.port);
     }
 }
 
