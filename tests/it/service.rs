@@ -768,3 +768,50 @@ async fn redis_is_reconciled_with_the_scheduler() {
     assert!(!probe.drain_and_find(|s| s.str("action") == Some("revoke")));
     coordinator.stop().await.expect("a clean stop");
 }
+
+/// The input stream is deleted and made anew while the coordinator is down: its sequence starts again at
+/// 1, below the position Postgres holds, and the new inputs are still handled (not skipped as seen).
+#[tokio::test]
+async fn a_recreated_input_stream_is_read_from_its_start() {
+    let config = test_config("newstream", &[("0", 24_000)]);
+    let coordinator = Coordinator::start(config.clone()).await;
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    for id in ["a", "b", "c"] {
+        probe
+            .pub_json(
+                "request",
+                "s",
+                json!({"request_id": id, "priority": 1, "vram_mb": 1000}),
+            )
+            .await;
+        probe.reply(id, "granted").await;
+    }
+    coordinator.stop().await.expect("a clean stop");
+    let stream = format!(
+        "{}_INPUT",
+        config.nats.prefix.to_uppercase().replace('-', "_")
+    );
+    probe
+        .js
+        .delete_stream(&stream)
+        .await
+        .expect("delete the input stream");
+
+    let coordinator = Coordinator::start(config.clone()).await;
+    probe
+        .pub_json(
+            "request",
+            "s",
+            json!({"request_id": "d", "priority": 1, "vram_mb": 1000}),
+        )
+        .await;
+    let d = probe.reply("d", "granted").await;
+    assert_eq!(d.gpu.as_deref(), Some("0"));
+    let status = probe.status().await;
+    assert_eq!(
+        status.gpus[0].holders.len(),
+        4,
+        "the old holders stay, the new one is granted"
+    );
+    coordinator.stop().await.expect("a clean stop");
+}
