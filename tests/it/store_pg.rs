@@ -13,7 +13,7 @@ fn server() -> String {
 
 /// A database name no other test uses, and its URL.
 fn fresh_database() -> (String, String) {
-    let name = format!("gpu_it_{:016x}", rand::random::<u64>());
+    let name = format!("gpu_it_{}", crate::support::unique("pg"));
     let url = format!("{}/{name}", server());
     (name, url)
 }

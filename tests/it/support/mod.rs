@@ -41,6 +41,7 @@ pub fn unique(tag: &str) -> String {
 
 /// A configuration of its own for one test: subject prefix, key prefix and database.
 pub fn test_config(tag: &str, gpus: &[(&str, u64)]) -> Config {
+    SWEEP.call_once(sweep_previous_runs);
     let name = unique(tag);
     let mut config = Config::default();
     config.nats.url = NATS_URL.to_string();
@@ -57,6 +58,91 @@ pub fn test_config(tag: &str, gpus: &[(&str, u64)]) -> Config {
         })
         .collect();
     config
+}
+
+static SWEEP: std::sync::Once = std::sync::Once::new();
+
+/// Removes what earlier runs of this suite left on the shared servers (their test databases, streams
+/// and Redis keys, all named with another process id), so that they do not pile up run after run.
+/// Runs once per test process, on a thread of its own; a failure only leaves the garbage.
+fn sweep_previous_runs() {
+    let mine = format!("_{}_", std::process::id());
+    let thread = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async move {
+            use sea_orm::{ConnectionTrait, Database, Statement};
+            if let Ok(db) = Database::connect(format!("{PG_SERVER}/postgres")).await {
+                let rows = db
+                    .query_all(Statement::from_string(
+                        db.get_database_backend(),
+                        "SELECT datname FROM pg_database WHERE datname LIKE 'gpu\\_it\\_%'",
+                    ))
+                    .await
+                    .unwrap_or_default();
+                for row in rows {
+                    let Ok(name) = row.try_get::<String>("", "datname") else {
+                        continue;
+                    };
+                    if is_earlier_run(&name, &mine) {
+                        let _ = db
+                            .execute_unprepared(&format!(
+                                "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                            ))
+                            .await;
+                    }
+                }
+                let _ = db.close().await;
+            }
+            if let Ok(client) = async_nats::connect(NATS_URL).await {
+                let js = jetstream::new(client);
+                let mine_upper = mine.to_uppercase();
+                let names: Vec<String> = js
+                    .stream_names()
+                    .filter_map(|n| async { n.ok() })
+                    .collect()
+                    .await;
+                for name in names {
+                    // Test prefixes are `t<tag>-<pid>-...`: streams `T<TAG>_<PID>_..._INPUT` / `_OUTPUT`.
+                    let ours = name.starts_with('T')
+                        && (name.ends_with("_INPUT") || name.ends_with("_OUTPUT"));
+                    if ours && is_earlier_run(&name, &mine_upper) {
+                        let _ = js.delete_stream(&name).await;
+                    }
+                }
+            }
+            if let Ok(client) = redis::Client::open(REDIS_URL) {
+                if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+                    let keys: Vec<String> = redis::cmd("KEYS")
+                        .arg("it:*")
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap_or_default();
+                    let old: Vec<&String> =
+                        keys.iter().filter(|k| is_earlier_run(k, &mine)).collect();
+                    for chunk in old.chunks(500) {
+                        let _: Result<(), _> =
+                            redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+                    }
+                }
+            }
+        });
+    });
+    let _ = thread.join();
+}
+
+/// Whether a name was made by [`unique`] in another test process: it carries a process id and a counter
+/// (two all-digit `_` tokens), and not this process's id.
+fn is_earlier_run(name: &str, mine: &str) -> bool {
+    let numbers = name
+        .split(['_', ':'])
+        .filter(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_digit()))
+        .count();
+    numbers >= 2 && !name.contains(mine)
 }
 
 /// A coordinator running in this process.
