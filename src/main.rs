@@ -46,6 +46,13 @@ enum Command {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// Show what the coordinator sees on this machine, with no server needed: the GPUs it would manage
+    /// (from NVML, else the configuration), their VRAM and what processes use of it.
+    Gpus {
+        /// Print the status document and the processes as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the GPUs (VRAM and its source), the holders and the queue of a running coordinator.
     Status {
         /// Print the status document as JSON, for scripts.
@@ -69,10 +76,12 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         // The demo's output is its timeline, the status command's its table: only warnings beside them.
-        Command::Demo { .. } | Command::Status { .. } => telemetry::init_with_default(
-            cli.log_format,
-            tracing_subscriber::filter::LevelFilter::WARN,
-        ),
+        Command::Demo { .. } | Command::Status { .. } | Command::Gpus { .. } => {
+            telemetry::init_with_default(
+                cli.log_format,
+                tracing_subscriber::filter::LevelFilter::WARN,
+            )
+        }
         _ => telemetry::init(cli.log_format),
     }
     let config = load_config(&cli)?;
@@ -84,6 +93,36 @@ async fn main() -> anyhow::Result<()> {
             speed,
             seed,
         } => demo(config, duration, speed, seed).await,
+        Command::Gpus { json } => {
+            let (doc, samples) = gpu_coordinator::driver::local_status(&config);
+            if json {
+                let processes: Vec<serde_json::Value> = samples
+                    .iter()
+                    .flat_map(|d| {
+                        d.processes.iter().map(move |p| {
+                            serde_json::json!({"gpu_index": d.index, "gpu_name": d.name, "pid": p.pid, "used_mb": p.used_mb})
+                        })
+                    })
+                    .collect();
+                let out = serde_json::json!({"status": doc, "processes": processes});
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&out).context("cannot write the view as JSON")?
+                );
+            } else {
+                print!("{}", render_status(&doc));
+                for d in &samples {
+                    println!(
+                        "\nNVML device {} ({}, {}): {} MB total, {} MB used",
+                        d.index, d.name, d.uuid, d.total_mb, d.used_mb
+                    );
+                    for p in &d.processes {
+                        println!("  pid {:<8} {} MB", p.pid, p.used_mb);
+                    }
+                }
+            }
+            Ok(())
+        }
         Command::Status { json, http, token } => {
             let doc = match http {
                 Some(url) => status_over_http(&url, token.as_deref()).await?,

@@ -205,6 +205,35 @@ pub fn inventory(config: &Config) -> Vec<GpuSpec> {
     }]
 }
 
+/// What the coordinator would see at start on this machine, without any server: the GPUs it would
+/// manage (NVML's, else the configured ones, else the default) and the status document it would start
+/// from, with the VRAM that processes use outside any lease; and NVML's samples, when NVML is there.
+pub fn local_status(config: &Config) -> (gpu_coordinator_wire::StatusDoc, Vec<DeviceSample>) {
+    let samples = if config.nvml.enabled {
+        NvmlProbe::init()
+            .ok()
+            .and_then(|probe| probe.devices().ok())
+    } else {
+        None
+    };
+    let found = nvml::inventory(&config.gpus, samples.as_deref());
+    let gpus = if found.gpus.is_empty() {
+        inventory(config)
+    } else {
+        found.gpus.clone()
+    };
+    let mut sched = Scheduler::new(config.sched_config(), gpus);
+    sched.set_vram_source(found.source);
+    let now = now_ms();
+    if let Some(samples) = &samples {
+        // No lease is held yet: everything NVML sees in use is outside the coordinator.
+        for (gpu, used_mb) in nvml::external_usage(&found.devices, samples, |_| 0) {
+            sched.handle_input(Input::ExternalVram { gpu, used_mb }, now);
+        }
+    }
+    (sched.status(now), samples.unwrap_or_default())
+}
+
 /// Hides the password of a URL for logs.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

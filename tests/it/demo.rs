@@ -39,3 +39,30 @@ fn the_demo_plays_a_preemption_and_summarises_it() {
     assert!(out.contains("time to GPU p50"), "{out}");
     assert!(out.contains("result: ok, no protocol error"), "{out}");
 }
+
+/// `gpu-coordinator gpus` needs no server: here, without NVML, it shows the configured GPUs.
+#[test]
+fn the_gpus_command_shows_what_the_coordinator_would_manage() {
+    let output = Command::new(env!("CARGO_BIN_EXE_gpu-coordinator"))
+        .args(["gpus", "--json"])
+        .env(
+            "GPU_COORDINATOR_GPUS",
+            r#"[{id="a",vram_mb=1000},{id="b",vram_mb=2000}]"#,
+        )
+        .env("GPU_COORDINATOR_NVML__ENABLED", "false")
+        .output()
+        .expect("run gpu-coordinator gpus");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let view: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let gpus = view["status"]["gpus"].as_array().expect("gpus");
+    let ids: Vec<(&str, u64)> = gpus
+        .iter()
+        .map(|g| (g["id"].as_str().unwrap(), g["total_mb"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(ids, [("a", 1000), ("b", 2000)]);
+    assert_eq!(view["status"]["vram_source"], "config");
+}
