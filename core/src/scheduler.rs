@@ -285,11 +285,7 @@ impl Scheduler {
             self.insert_live(rec);
             if !holding {
                 if let Some(stale) = lease {
-                    self.actions.push_back(Action::Lease(LeaseOp::Release {
-                        request_id: stale.request_id,
-                        gpu: stale.gpu,
-                        fence: stale.fence,
-                    }));
+                    self.release_stale(stale);
                 }
                 continue;
             }
@@ -326,11 +322,7 @@ impl Scheduler {
                 }
                 other => {
                     if let Some(stale) = other {
-                        self.actions.push_back(Action::Lease(LeaseOp::Release {
-                            request_id: stale.request_id,
-                            gpu: stale.gpu,
-                            fence: stale.fence,
-                        }));
+                        self.release_stale(stale);
                     }
                     let expires_at = self.live_rec(seq).expires_at.unwrap_or(0);
                     if expires_at > now {
@@ -344,11 +336,7 @@ impl Scheduler {
             }
         }
         for (_, stale) in leases {
-            self.actions.push_back(Action::Lease(LeaseOp::Release {
-                request_id: stale.request_id,
-                gpu: stale.gpu,
-                fence: stale.fence,
-            }));
+            self.release_stale(stale);
         }
         // In fence order: the store refuses a fence below the highest it has seen.
         write_back.sort_by_key(|a| match a {
@@ -851,11 +839,7 @@ impl Scheduler {
 
     fn paused(&mut self, seq: u64, now: Millis) {
         let rec = self.live_rec(seq).clone();
-        self.actions.push_back(Action::Lease(LeaseOp::Release {
-            request_id: rec.request_id.clone(),
-            gpu: rec.gpu.clone().expect("a pausing record has a GPU"),
-            fence: rec.fence.expect("a pausing record has a fence"),
-        }));
+        self.release_held(&rec);
         self.update(seq, now, |rec| {
             rec.phase = Phase::Paused;
             rec.paused_at = Some(now);
@@ -914,11 +898,7 @@ impl Scheduler {
         let mut live = self.detach(seq);
         let holding = matches!(live.rec.phase, Phase::Active | Phase::Pausing);
         if holding && end != End::Revoked {
-            self.actions.push_back(Action::Lease(LeaseOp::Release {
-                request_id: live.rec.request_id.clone(),
-                gpu: live.rec.gpu.clone().expect("a holding record has a GPU"),
-                fence: live.rec.fence.expect("a holding record has a fence"),
-            }));
+            self.release_held(&live.rec);
         }
         live.rec.phase = Phase::Ended;
         live.rec.end = Some(end);
@@ -1301,6 +1281,24 @@ impl Scheduler {
             self.actions
                 .push_back(Action::PersistFence(self.last_fence));
         }
+    }
+
+    /// Releases a lease the store holds for no holder of the scheduler's.
+    fn release_stale(&mut self, stale: Lease) {
+        self.actions.push_back(Action::Lease(LeaseOp::Release {
+            request_id: stale.request_id,
+            gpu: stale.gpu,
+            fence: stale.fence,
+        }));
+    }
+
+    /// Releases the lease of a holding (active or pausing) request.
+    fn release_held(&mut self, rec: &RequestRecord) {
+        self.actions.push_back(Action::Lease(LeaseOp::Release {
+            request_id: rec.request_id.clone(),
+            gpu: rec.gpu.clone().expect("a holding record has a GPU"),
+            fence: rec.fence.expect("a holding record has a fence"),
+        }));
     }
 
     fn lease_of(&self, rec: &RequestRecord) -> Option<Lease> {

@@ -162,22 +162,30 @@ impl Bus {
         Ok(())
     }
 
+    /// The input stream, and how to word a failure about its consumer.
+    async fn input_stream(
+        &self,
+    ) -> Result<(stream::Stream, impl Fn(String) -> NatsError), NatsError> {
+        let name = self.subjects.input_stream();
+        let fail = move |detail: String| NatsError::Consumer {
+            stream: name.clone(),
+            detail,
+        };
+        let stream = self
+            .js
+            .get_stream(self.subjects.input_stream())
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        Ok((stream, fail))
+    }
+
     /// Where reading the inputs must go on from, given `handled`, the last input whose effects are
     /// committed (0: none known). When Postgres knows of none (a new database) the durable consumer's
     /// acknowledged floor counts; when the stream was made anew and is shorter than `handled`, its inputs
     /// are read from its first (the old position means nothing there). The driver persists a changed
     /// position before it opens the consumer.
     pub async fn input_position(&self, handled: u64) -> Result<u64, NatsError> {
-        let stream_name = self.subjects.input_stream();
-        let fail = |detail: String| NatsError::Consumer {
-            stream: stream_name.clone(),
-            detail,
-        };
-        let mut stream = self
-            .js
-            .get_stream(&stream_name)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        let (mut stream, fail) = self.input_stream().await?;
         let floor = match stream.consumer_info(CONSUMER).await {
             Ok(info) => info.ack_floor.stream_sequence,
             Err(e) if consumer_missing(&e.kind()) => 0,
@@ -192,8 +200,9 @@ impl Bus {
         let after = handled.max(floor);
         if after > state.last_sequence {
             tracing::error!(
-                "stream {stream_name} ends at input {} but input {after} was handled: the stream was made \
+                "stream {} ends at input {} but input {after} was handled: the stream was made \
                  anew; reading its inputs from its first",
+                self.subjects.input_stream(),
                 state.last_sequence
             );
             return Ok(state.first_sequence.saturating_sub(1));
@@ -208,16 +217,7 @@ impl Bus {
     /// crash would otherwise come back only after the ACK wait, behind newer ones. Drop the previous
     /// message stream first, so that no pull of its can reach the new consumer.
     pub async fn open_inputs(&self, after: u64) -> Result<consumer::pull::Stream, NatsError> {
-        let stream_name = self.subjects.input_stream();
-        let fail = |detail: String| NatsError::Consumer {
-            stream: stream_name.clone(),
-            detail,
-        };
-        let stream = self
-            .js
-            .get_stream(&stream_name)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        let (stream, fail) = self.input_stream().await?;
         match stream.consumer_info(CONSUMER).await {
             Ok(_) => {
                 stream

@@ -576,19 +576,18 @@ impl Driver {
                         let _ = reply.send(self.sched.status(now_ms()));
                     }
                 },
-                _ = epoch.tick() => self.check_redis_epoch().await?,
+                _ = epoch.tick() => {
+                    // Rows stored by JetStream leave the outbox within a second, busy or idle, so a
+                    // restart much later does not publish them again past the duplicate window.
+                    self.write_bookkeeping(None).await?;
+                    self.check_redis_epoch().await?;
+                }
             }
         }
         tracing::info!("stopping: intake closed, flushing NATS");
-        if self.published_upto.is_some() {
-            // What JetStream stored need not be published again at the next start.
-            let batch = Batch {
-                published_upto: self.published_upto.take(),
-                ..Batch::default()
-            };
-            if let Err(e) = self.pg.write(&batch).await {
-                tracing::warn!("clearing the outbox: {e:#}");
-            }
+        // What JetStream stored need not be published again at the next start.
+        if let Err(e) = self.write_bookkeeping(None).await {
+            tracing::warn!("{e:#}");
         }
         if let Err(e) = self.bus.flush().await {
             tracing::warn!("{e}");
@@ -611,7 +610,7 @@ impl Driver {
         .await?;
         if after != handled {
             self.input_seq = after;
-            self.write_position(after).await?;
+            self.write_bookkeeping(Some(after)).await?;
         }
         *inputs = Some(
             with_retry("opening the input consumer", &shutdown, || {
@@ -665,7 +664,7 @@ impl Driver {
         if let Some(seq) = self.pending_input_seq.take() {
             // Nothing to write (every input in the batch was handled before): record it anyway, so
             // that the position survives.
-            self.write_position(seq).await?;
+            self.write_bookkeeping(Some(seq)).await?;
         }
         for (msg, term) in batch.iter().zip(terminate) {
             let kind = if term { AckKind::Term } else { AckKind::Ack };
@@ -834,10 +833,11 @@ impl Driver {
         }
     }
 
-    /// Records the input position (and deletes published outbox rows) when a batch wrote nothing else.
-    async fn write_position(&mut self, seq: u64) -> anyhow::Result<()> {
+    /// Writes what no batch of effects carried: the input position, when given, and the deletion of
+    /// the outbox rows JetStream has stored. Nothing when there is neither.
+    async fn write_bookkeeping(&mut self, input_seq: Option<u64>) -> anyhow::Result<()> {
         let batch = Batch {
-            input_seq: Some(seq),
+            input_seq,
             published_upto: self.published_upto.take(),
             ..Batch::default()
         };
@@ -846,7 +846,9 @@ impl Driver {
             pg.write(&batch)
         })
         .await?;
-        self.input_seq = seq;
+        if let Some(seq) = input_seq {
+            self.input_seq = seq;
+        }
         Ok(())
     }
 
@@ -898,16 +900,6 @@ impl Driver {
     /// When Redis lost its data (restart, flush), writes the live leases back so that no second holder
     /// can appear.
     async fn check_redis_epoch(&mut self) -> anyhow::Result<()> {
-        if self.published_upto.is_some() {
-            // Rows stored by JetStream leave the outbox within a second, busy or idle, so a restart
-            // much later does not publish them again past JetStream's duplicate window.
-            let batch = Batch {
-                published_upto: self.published_upto.take(),
-                ..Batch::default()
-            };
-            let pg = &self.pg;
-            with_retry("clearing the outbox", &self.shutdown, || pg.write(&batch)).await?;
-        }
         match self.leases.ensure_epoch().await {
             Ok(false) => {}
             Ok(true) => tracing::warn!(
