@@ -229,12 +229,23 @@ async fn wait_reply(
 struct ReleaseOnDrop {
     release: Option<(jetstream::Context, String, Vec<u8>)>,
     armed: bool,
+    /// While undecided: the `requested` events of the service, whose one for this id says the request is
+    /// this call's. A client that goes away before it arrives leaves the wait for it to a task.
+    requested: Option<async_nats::Subscriber>,
+    request_id: String,
     stop: CancellationToken,
 }
 
 impl ReleaseOnDrop {
-    /// A guard that does nothing until [`ReleaseOnDrop::arm`].
-    fn new(js: &jetstream::Context, state: &HttpState, service: &str, request_id: &str) -> Self {
+    /// A guard armed at once for an id made up here (`requested` is `None`), else undecided until
+    /// [`ReleaseOnDrop::arm`] or [`ReleaseOnDrop::disarm`].
+    fn new(
+        js: &jetstream::Context,
+        state: &HttpState,
+        service: &str,
+        request_id: &str,
+        requested: Option<async_nats::Subscriber>,
+    ) -> Self {
         let body = serde_json::json!({ "request_id": request_id });
         ReleaseOnDrop {
             release: Some((
@@ -242,40 +253,81 @@ impl ReleaseOnDrop {
                 state.subjects().release(service),
                 serde_json::to_vec(&body).expect("a JSON value always serializes"),
             )),
-            armed: false,
+            armed: requested.is_none(),
+            requested,
+            request_id: request_id.to_string(),
             stop: state.stop().clone(),
         }
     }
 
     fn arm(&mut self) {
         self.armed = self.release.is_some();
+        self.requested = None;
     }
 
     /// For good: a disarmed guard cannot be armed again.
     fn disarm(&mut self) {
         self.armed = false;
         self.release = None;
+        self.requested = None;
     }
 }
 
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
-        if !self.armed || self.stop.is_cancelled() {
+        if self.stop.is_cancelled() {
             return;
         }
         let Some((js, subject, payload)) = self.release.take() else {
             return;
         };
+        let undecided = if self.armed {
+            None
+        } else {
+            match self.requested.take() {
+                Some(events) => Some(events),
+                None => return,
+            }
+        };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let request_id = std::mem::take(&mut self.request_id);
         runtime.spawn(async move {
+            if let Some(events) = undecided {
+                // The client left before this call learnt whether it created the request: the
+                // coordinator's `requested` event for the id, if it comes, says so.
+                if !created_here(events, &request_id).await {
+                    return;
+                }
+            }
             tracing::info!(%subject, "HTTP: a long poll was abandoned; releasing its request");
             if let Err(e) = publish(&js, subject, payload).await {
                 tracing::warn!("releasing an abandoned request: {e}");
             }
         });
     }
+}
+
+/// How long an abandoned call's request may take to show whether this call created it.
+const DECIDE_WAIT: Duration = Duration::from_secs(60);
+
+/// Whether the `requested` event for `request_id` comes (within [`DECIDE_WAIT`]).
+async fn created_here(mut events: async_nats::Subscriber, request_id: &str) -> bool {
+    let wait = async {
+        while let Some(msg) = events.next().await {
+            let encoding = Encoding::from_content_type(content_type(msg.headers.as_ref()));
+            if let Ok(event) = codec::decode::<Event>(encoding, &msg.payload) {
+                if event.request_id.as_deref() == Some(request_id) {
+                    return true;
+                }
+            }
+        }
+        false
+    };
+    tokio::time::timeout(DECIDE_WAIT, wait)
+        .await
+        .unwrap_or(false)
 }
 
 /// Subscribes to `<prefix>.event.requested.<svc>`, the sign that the coordinator created a request (a
@@ -292,26 +344,22 @@ async fn subscribe_requested(
 }
 
 /// Waits for the answer to a request (the first reply about it that is not `queued`), until `deadline`,
-/// and arms `guard` once the request is known to be this call's: its id was made up here (`requested` is
-/// `None`), or the `requested` event for it arrives (the coordinator created it after this call
-/// subscribed). A `queued` or `paused` reply is the answer to a repeated id: the request is, or may be,
+/// and arms `guard` once the request is known to be this call's: the `requested` event for it arrives on
+/// the guard's subscription (the coordinator created it after this call subscribed; an id made up here
+/// arms the guard from the start). A `queued` or `paused` reply is the answer to a repeated id: the request is, or may be,
 /// someone else's, so the guard is disarmed for good (when another input repeated the id of a request
 /// this call created, the coordinator's own `timed_out` still ends it).
 async fn wait_request(
     state: &HttpState,
     replies: &mut async_nats::Subscriber,
-    mut requested: Option<async_nats::Subscriber>,
     request_id: &str,
     deadline: Instant,
     guard: &mut ReleaseOnDrop,
 ) -> Result<Reply, ApiError> {
-    if requested.is_none() {
-        guard.arm();
-    }
     let waited = Instant::now();
     loop {
         let event = async {
-            match requested.as_mut() {
+            match guard.requested.as_mut() {
                 Some(events) => events.next().await,
                 None => std::future::pending().await,
             }
@@ -324,10 +372,7 @@ async fn wait_request(
                 let encoding = Encoding::from_content_type(content_type(msg.headers.as_ref()));
                 match codec::decode::<Reply>(encoding, &msg.payload) {
                     Ok(reply) if reply.request_id == request_id => match reply.outcome {
-                        Outcome::Queued => {
-                            guard.disarm();
-                            requested = None;
-                        }
+                        Outcome::Queued => guard.disarm(),
                         Outcome::Paused => {
                             guard.disarm();
                             return Ok(reply);
@@ -340,15 +385,12 @@ async fn wait_request(
             }
             msg = event => {
                 let Some(msg) = msg else {
-                    requested = None;
+                    guard.requested = None;
                     continue;
                 };
                 let encoding = Encoding::from_content_type(content_type(msg.headers.as_ref()));
                 match codec::decode::<Event>(encoding, &msg.payload) {
-                    Ok(event) if event.request_id.as_deref() == Some(request_id) => {
-                        guard.arm();
-                        requested = None;
-                    }
+                    Ok(event) if event.request_id.as_deref() == Some(request_id) => guard.arm(),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(subject = %msg.subject, "an undecodable event: {e}"),
                 }
@@ -421,22 +463,14 @@ pub(super) async fn request(
     };
     let subject = state.subjects().input(prepared.kind, &prepared.service);
     publish(&js, subject, prepared.payload).await?;
-    let mut guard = ReleaseOnDrop::new(&js, &state, &prepared.service, &request_id);
+    let mut guard = ReleaseOnDrop::new(&js, &state, &prepared.service, &request_id, requested);
     let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
     let deadline = Instant::now()
         .checked_add(timeout.saturating_add(REQUEST_MARGIN))
         .unwrap_or(far)
         .min(far);
     // A repeated id of a queued request is answered `queued` first: the grant or the timeout follows.
-    let reply = wait_request(
-        &state,
-        &mut replies,
-        requested,
-        &request_id,
-        deadline,
-        &mut guard,
-    )
-    .await;
+    let reply = wait_request(&state, &mut replies, &request_id, deadline, &mut guard).await;
     // The handler ends on its own (answered, its deadline passed, the coordinator stops): the guard is
     // only for a client that goes away while it waits.
     guard.disarm();
