@@ -43,7 +43,7 @@ async fn main() -> anyhow::Result<()> {
     }];
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let shutdown = CancellationToken::new();
-    let coordinator = tokio::spawn(gpu_coordinator::driver::run(
+    let coordinator = tokio::spawn(gpu_coordinator::app::run(
         config.clone(),
         listener,
         shutdown.clone(),

@@ -166,7 +166,7 @@ pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<Summary
         .await
         .context("binding a local port for the demo's coordinator")?;
     let shutdown = CancellationToken::new();
-    let coordinator = tokio::spawn(crate::driver::run(demo.clone(), listener, shutdown.clone()));
+    let coordinator = tokio::spawn(crate::app::run(demo.clone(), listener, shutdown.clone()));
 
     let result = play(&demo, &options).await;
 

@@ -31,8 +31,10 @@
 //!   and restored above both Postgres's and Redis's record.
 
 pub mod adapters;
+pub mod app;
 pub mod config;
 pub mod demo;
 pub mod driver;
 pub mod metrics;
+pub mod ports;
 pub mod telemetry;

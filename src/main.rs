@@ -94,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
             seed,
         } => demo(config, duration, speed, seed).await,
         Command::Gpus { json } => {
-            let (doc, samples) = gpu_coordinator::driver::local_status(&config);
+            let (doc, samples) = gpu_coordinator::app::gpus::local_status(&config);
             if json {
                 let processes: Vec<serde_json::Value> = samples
                     .iter()
@@ -162,7 +162,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    gpu_coordinator::driver::run(config, listener, shutdown)
+    gpu_coordinator::app::run(config, listener, shutdown)
         .await
         .context("the coordinator stopped with an error")?;
     tracing::info!("stopped");

@@ -51,3 +51,46 @@ pub fn init_with_default(format: LogFormat, default: LevelFilter) {
     // Only fails when a subscriber is already installed (tests, or a second call): keep that one.
     let _ = result;
 }
+
+/// `url` without the password of its user info, for logs and messages: `redis://:secret@host` becomes
+/// `redis://host`, `postgres://user:secret@host/db` becomes `postgres://user@host/db`. Anything that is
+/// not a URL with user info comes back as it is.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or_default();
+            let host = &rest[at + 1..];
+            if user.is_empty() {
+                format!("{}{host}", &url[..scheme_end])
+            } else {
+                format!("{}{user}@{host}", &url[..scheme_end])
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn redact_drops_the_password_only() {
+        assert_eq!(redact_url("redis://:secret@h:6379/0"), "redis://h:6379/0");
+        assert_eq!(redact_url("redis://u:secret@h:6379"), "redis://u@h:6379");
+        assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+        assert_eq!(redact_url("unix:///tmp/r.sock"), "unix:///tmp/r.sock");
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db?x=1"),
+            "postgres://u@h:5432/db?x=1"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("nats://svc:p%40ss@h:4222"), "nats://svc@h:4222");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+}

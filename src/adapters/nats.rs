@@ -10,10 +10,13 @@ use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::{Client, HeaderMap};
-use bytes::Bytes;
 use futures::future::join_all;
+use futures::StreamExt;
 use gpu_coordinator_wire::codec::MSGPACK_CONTENT_TYPE;
 use gpu_coordinator_wire::{Encoding, Subjects};
+
+use crate::ports::{self, Delivery, Inputs, PortError, Settle, StatusQueries, StatusQuery};
+pub use crate::ports::{Outbound, PublishFailure};
 
 /// The durable pull consumer the coordinator reads its inputs with.
 pub const CONSUMER: &str = "coordinator";
@@ -21,67 +24,69 @@ pub const CONSUMER: &str = "coordinator";
 /// How long JetStream waits for an input's ACK before it redelivers it.
 const ACK_WAIT: Duration = Duration::from_secs(60);
 
-/// What can go wrong talking to NATS.
+/// The cause of a NATS failure, whatever the library's error type was.
+type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What can go wrong talking to NATS. Each variant keeps the library's error as its `source`.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
     /// The first connection could not be made.
-    #[error("cannot connect to NATS at {url}: {source}")]
+    #[error("cannot connect to NATS at {url}")]
     Connect {
         url: String,
         #[source]
         source: async_nats::ConnectError,
     },
     /// A stream could not be created or updated.
-    #[error("cannot create or update stream {stream}: {source}")]
+    #[error("cannot create or update stream {stream}")]
     Stream {
         stream: String,
         #[source]
         source: async_nats::jetstream::context::CreateStreamError,
     },
     /// The durable consumer could not be created or read.
-    #[error("cannot open consumer {CONSUMER} on stream {stream}: {detail}")]
-    Consumer { stream: String, detail: String },
+    #[error("cannot open consumer {CONSUMER} on stream {stream}")]
+    Consumer {
+        stream: String,
+        #[source]
+        source: Cause,
+    },
     /// A publish did not get its PubAck.
-    #[error("publish to {subject} was not stored: {detail}")]
-    Publish { subject: String, detail: String },
+    #[error("publish to {subject} was not stored")]
+    Publish {
+        subject: String,
+        #[source]
+        source: Cause,
+    },
     /// A core NATS operation failed.
-    #[error("NATS {what} failed: {detail}")]
-    Other { what: &'static str, detail: String },
-}
-
-/// A publish that failed part of the way.
-#[derive(Debug, thiserror::Error)]
-#[error("{error}")]
-pub struct PublishFailure {
-    /// How many of the first messages are surely stored.
-    pub stored: usize,
-    #[source]
-    pub error: NatsError,
-}
-
-/// One message to publish on a stored output subject.
-#[derive(Debug, Clone)]
-pub struct Outbound {
-    pub subject: String,
-    pub encoding: Encoding,
-    pub payload: Bytes,
-    /// `Nats-Msg-Id`: the same on every publish of this message, so JetStream stores it once.
-    pub msg_id: String,
+    #[error("NATS {what} failed")]
+    Other {
+        what: &'static str,
+        #[source]
+        source: Cause,
+    },
 }
 
 /// The connection to NATS and JetStream.
 #[derive(Clone)]
-pub struct Bus {
+pub struct NatsBus {
     client: Client,
     js: jetstream::Context,
     subjects: Subjects,
     /// Counts the connections made: it changes on every reconnect.
     connected: tokio::sync::watch::Receiver<u64>,
+    /// How long the streams keep messages.
+    max_age: Duration,
 }
 
-impl Bus {
+impl NatsBus {
     /// Connects (the client reconnects by itself afterwards, logging each disconnect and reconnect).
-    pub async fn connect(url: &str, subjects: Subjects, name: &str) -> Result<Bus, NatsError> {
+    pub async fn connect(
+        url: &str,
+        subjects: Subjects,
+        name: &str,
+        max_age: Duration,
+    ) -> Result<NatsBus, NatsError> {
         let (connections, connected) = tokio::sync::watch::channel(0u64);
         let client = async_nats::ConnectOptions::new()
             .name(name)
@@ -109,11 +114,12 @@ impl Bus {
                 source,
             })?;
         let js = jetstream::new(client.clone());
-        Ok(Bus {
+        Ok(NatsBus {
             client,
             js,
             subjects,
             connected,
+            max_age,
         })
     }
 
@@ -134,7 +140,8 @@ impl Bus {
     }
 
     /// Creates or updates `<PREFIX>_INPUT` and `<PREFIX>_OUTPUT` (limits retention, file storage).
-    pub async fn ensure_streams(&self, max_age: Duration) -> Result<(), NatsError> {
+    pub async fn ensure_streams(&self) -> Result<(), NatsError> {
+        let max_age = self.max_age;
         for (name, subjects) in [
             (self.subjects.input_stream(), self.subjects.input_subjects()),
             (
@@ -165,17 +172,17 @@ impl Bus {
     /// The input stream, and how to word a failure about its consumer.
     async fn input_stream(
         &self,
-    ) -> Result<(stream::Stream, impl Fn(String) -> NatsError), NatsError> {
+    ) -> Result<(stream::Stream, impl Fn(Cause) -> NatsError), NatsError> {
         let name = self.subjects.input_stream();
-        let fail = move |detail: String| NatsError::Consumer {
+        let fail = move |source: Cause| NatsError::Consumer {
             stream: name.clone(),
-            detail,
+            source,
         };
         let stream = self
             .js
             .get_stream(self.subjects.input_stream())
             .await
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(e.into()))?;
         Ok((stream, fail))
     }
 
@@ -189,12 +196,12 @@ impl Bus {
         let floor = match stream.consumer_info(CONSUMER).await {
             Ok(info) => info.ack_floor.stream_sequence,
             Err(e) if consumer_missing(&e.kind()) => 0,
-            Err(e) => return Err(fail(e.to_string())),
+            Err(e) => return Err(fail(e.into())),
         };
         let state = stream
             .info()
             .await
-            .map_err(|e| fail(e.to_string()))?
+            .map_err(|e| fail(e.into()))?
             .state
             .clone();
         let after = handled.max(floor);
@@ -223,10 +230,10 @@ impl Bus {
                 stream
                     .delete_consumer(CONSUMER)
                     .await
-                    .map_err(|e| fail(e.to_string()))?;
+                    .map_err(|e| fail(e.into()))?;
             }
             Err(e) if consumer_missing(&e.kind()) => {}
-            Err(e) => return Err(fail(e.to_string())),
+            Err(e) => return Err(fail(e.into())),
         }
         let deliver_policy = if after == 0 {
             consumer::DeliverPolicy::All
@@ -245,7 +252,7 @@ impl Bus {
                 ..Default::default()
             })
             .await
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(e.into()))?;
         consumer
             .stream()
             .max_messages_per_batch(500)
@@ -253,7 +260,7 @@ impl Bus {
             .expires(Duration::from_secs(30))
             .messages()
             .await
-            .map_err(|e| fail(e.to_string()))
+            .map_err(|e| fail(e.into()))
     }
 
     /// Publishes the messages in order and waits for their PubAcks: all at once (`pipelined`), or each
@@ -266,12 +273,12 @@ impl Bus {
     ) -> Result<(), PublishFailure> {
         let mut pending = Vec::with_capacity(outputs.len());
         for (i, out) in outputs.iter().enumerate() {
-            let failed = |e: String| PublishFailure {
+            let failed = |source: Cause| PublishFailure {
                 stored: i,
-                error: NatsError::Publish {
+                error: PortError::new(NatsError::Publish {
                     subject: out.subject.clone(),
-                    detail: e,
-                },
+                    source,
+                }),
             };
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", out.msg_id.as_str());
@@ -282,21 +289,21 @@ impl Bus {
                 .js
                 .publish_with_headers(out.subject.clone(), headers, out.payload.clone())
                 .await
-                .map_err(|e| failed(e.to_string()))?;
+                .map_err(|e| failed(e.into()))?;
             if pipelined {
                 pending.push(ack.into_future());
             } else {
-                ack.await.map_err(|e| failed(e.to_string()))?;
+                ack.await.map_err(|e| failed(e.into()))?;
             }
         }
         for (i, result) in join_all(pending).await.into_iter().enumerate() {
             if let Err(e) = result {
                 return Err(PublishFailure {
                     stored: i,
-                    error: NatsError::Publish {
+                    error: PortError::new(NatsError::Publish {
                         subject: outputs[i].subject.clone(),
-                        detail: e.to_string(),
-                    },
+                        source: e.into(),
+                    }),
                 });
             }
         }
@@ -310,7 +317,7 @@ impl Bus {
             .await
             .map_err(|e| NatsError::Other {
                 what: "subscribe to status",
-                detail: e.to_string(),
+                source: e.into(),
             })
     }
 
@@ -332,7 +339,7 @@ impl Bus {
         };
         result.map_err(|e| NatsError::Other {
             what: "respond",
-            detail: e.to_string(),
+            source: e.into(),
         })
     }
 
@@ -340,7 +347,7 @@ impl Bus {
     pub async fn flush(&self) -> Result<(), NatsError> {
         self.client.flush().await.map_err(|e| NatsError::Other {
             what: "flush",
-            detail: e.to_string(),
+            source: e.into(),
         })
     }
 }
@@ -360,4 +367,86 @@ pub fn content_type(headers: Option<&HeaderMap>) -> Option<&str> {
     headers
         .and_then(|h| h.get("Content-Type"))
         .map(|v| v.as_str())
+}
+
+/// One input of the pull consumer as the driver sees it.
+fn delivery(msg: jetstream::Message) -> Delivery {
+    Delivery {
+        seq: msg.info().map(|i| i.stream_sequence).unwrap_or(0),
+        subject: msg.subject.to_string(),
+        content_type: content_type(msg.headers.as_ref()).map(str::to_owned),
+        payload: msg.payload.clone(),
+        ack: Box::new(move |terminate| -> Settle {
+            Box::pin(async move {
+                let kind = if terminate {
+                    jetstream::AckKind::Term
+                } else {
+                    jetstream::AckKind::Ack
+                };
+                msg.ack_with(kind).await.map_err(PortError::from)
+            })
+        }),
+    }
+}
+
+#[async_trait::async_trait]
+impl ports::Bus for NatsBus {
+    async fn ensure_streams(&self) -> Result<(), PortError> {
+        NatsBus::ensure_streams(self).await.map_err(PortError::new)
+    }
+
+    async fn input_position(&self, handled: u64) -> Result<u64, PortError> {
+        NatsBus::input_position(self, handled)
+            .await
+            .map_err(PortError::new)
+    }
+
+    async fn open_inputs(&self, after: u64) -> Result<Inputs, PortError> {
+        let messages = NatsBus::open_inputs(self, after)
+            .await
+            .map_err(PortError::new)?;
+        Ok(messages
+            .map(|next| next.map(delivery).map_err(PortError::new))
+            .boxed())
+    }
+
+    async fn publish_in_order(
+        &self,
+        outputs: &[Outbound],
+        pipelined: bool,
+    ) -> Result<(), PublishFailure> {
+        NatsBus::publish_in_order(self, outputs, pipelined).await
+    }
+
+    fn reconnects(&self) -> tokio::sync::watch::Receiver<u64> {
+        NatsBus::reconnects(self)
+    }
+
+    async fn status_queries(&self) -> Result<StatusQueries, PortError> {
+        let questions = self.status_requests().await.map_err(PortError::new)?;
+        let bus = self.clone();
+        Ok(questions
+            .filter_map(move |msg| {
+                let bus = bus.clone();
+                async move {
+                    let reply_to = msg.reply.clone()?;
+                    let encoding = Encoding::from_content_type(content_type(msg.headers.as_ref()));
+                    Some(StatusQuery {
+                        encoding,
+                        respond: Box::new(move |payload| -> Settle {
+                            Box::pin(async move {
+                                bus.respond(reply_to, encoding, payload)
+                                    .await
+                                    .map_err(PortError::new)
+                            })
+                        }),
+                    })
+                }
+            })
+            .boxed())
+    }
+
+    async fn flush(&self) -> Result<(), PortError> {
+        NatsBus::flush(self).await.map_err(PortError::new)
+    }
 }

@@ -247,14 +247,15 @@ pub fn external_usage(
 }
 
 /// Samples `probe` every `every` on a blocking thread and hands each sample to `sink` (the driver), until
-/// `shutdown`. A failed sample is logged once per run of failures; the last good figures stay in force.
-pub fn spawn_sampler(
+/// `shutdown` or until the driver is gone. A failed sample is logged once per run of failures; the last
+/// good figures stay in force. The caller spawns it (under its task tracker).
+pub async fn sample(
     probe: Arc<dyn GpuProbe>,
     every: Duration,
     sink: mpsc::Sender<Vec<DeviceSample>>,
     shutdown: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+) {
+    {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
@@ -283,7 +284,7 @@ pub fn spawn_sampler(
                 Err(e) => tracing::error!("the NVML sampling thread failed: {e}"),
             }
         }
-    })
+    }
 }
 
 #[cfg(test)]
@@ -406,12 +407,12 @@ mod tests {
         let probe = FakeProbe::new(vec![device(0, 1_000, 100)]);
         let (tx, mut rx) = mpsc::channel(4);
         let shutdown = CancellationToken::new();
-        let task = spawn_sampler(
+        let task = tokio::spawn(sample(
             Arc::new(probe.clone()),
             Duration::from_millis(5),
             tx,
             shutdown.clone(),
-        );
+        ));
         let first = rx.recv().await.expect("a sample");
         assert_eq!(first[0].used_mb, 100);
         probe.set_used(0, 600);

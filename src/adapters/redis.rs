@@ -28,6 +28,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gpu_coordinator_core::{Fence, Lease, LeaseOp, Millis};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+pub use crate::ports::{LeaseOutcome, Refused};
+use crate::ports::{Leases, PortError};
+use crate::telemetry::redact_url;
 use redis::Script;
 
 /// How long one command may wait for its answer before the call fails (the manager reconnects behind it).
@@ -152,79 +156,7 @@ pub enum RedisError {
     },
 }
 
-/// Why the store would not write a lease. Not an error: the core hears of it and revokes its grant.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refused {
-    /// The live leases on the GPU and this one exceed the GPU's capacity.
-    Capacity {
-        gpu: String,
-        used_mb: u64,
-        vram_mb: u64,
-        capacity_mb: u64,
-    },
-    /// The fence is not above the highest one stored (for a rewrite: below it).
-    StaleFence { fence: Fence, stored: Fence },
-    /// A live lease for this request exists under another fence.
-    Held { request_id: String, fence: Fence },
-}
-
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Refused::Capacity {
-                gpu,
-                used_mb,
-                vram_mb,
-                capacity_mb,
-            } => write!(
-                f,
-                "GPU {gpu} has {used_mb} MB of {capacity_mb} MB leased; {vram_mb} MB more do not fit"
-            ),
-            Refused::StaleFence { fence, stored } => write!(
-                f,
-                "fence {} is older than the highest fence in the lease store ({})",
-                fence.0, stored.0
-            ),
-            Refused::Held { request_id, fence } => write!(
-                f,
-                "request {request_id} already holds a lease under fence {}",
-                fence.0
-            ),
-        }
-    }
-}
-
-/// What [`LeaseStore::apply`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LeaseOutcome {
-    /// Written, extended or deleted.
-    Done,
-    /// An acquire or restore that the store refused.
-    Refused(Refused),
-    /// A renew or release that found no lease under that fence (expired, released, or another fence).
-    NotHeld,
-}
-
-impl From<Result<(), Refused>> for LeaseOutcome {
-    fn from(written: Result<(), Refused>) -> Self {
-        match written {
-            Ok(()) => LeaseOutcome::Done,
-            Err(refused) => LeaseOutcome::Refused(refused),
-        }
-    }
-}
-
-impl LeaseOutcome {
-    /// Why the store refused a lease (`Acquire`, `Restore`), as a sentence; `None` for anything else.
-    pub fn refusal(&self) -> Option<String> {
-        match self {
-            LeaseOutcome::Refused(refused) => Some(refused.to_string()),
-            LeaseOutcome::Done | LeaseOutcome::NotHeld => None,
-        }
-    }
-}
-
-/// The leases of one deployment (one key prefix) in one Redis.
+/// The leases of one deployment (one key prefix) in one Redis: the [`Leases`] port.
 #[derive(Clone)]
 pub struct LeaseStore {
     conn: ConnectionManager,
@@ -246,7 +178,7 @@ impl LeaseStore {
     /// Connects to `url` (waiting for the first connection) and uses the keys under `<key_prefix>:`. The
     /// connection manager reconnects by itself afterwards; each command waits at most a few seconds.
     pub async fn connect(url: &str, key_prefix: &str) -> Result<LeaseStore, RedisError> {
-        let server = redact(url);
+        let server = redact_url(url);
         let fail = |source| RedisError::Connect {
             server: server.clone(),
             source,
@@ -493,38 +425,32 @@ impl LeaseStore {
     }
 }
 
-/// `url` without the password, for messages (`redis://:secret@host` becomes `redis://host`).
-fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let user = rest[..at].split(':').next().unwrap_or_default();
-            let host = &rest[at + 1..];
-            if user.is_empty() {
-                format!("{}{host}", &url[..scheme_end])
-            } else {
-                format!("{}{user}@{host}", &url[..scheme_end])
-            }
-        }
-        None => url.to_owned(),
+#[async_trait::async_trait]
+impl Leases for LeaseStore {
+    async fn apply(&self, op: &LeaseOp) -> Result<LeaseOutcome, PortError> {
+        LeaseStore::apply(self, op).await.map_err(PortError::new)
+    }
+
+    async fn leases(&self) -> Result<Vec<Lease>, PortError> {
+        LeaseStore::leases(self).await.map_err(PortError::new)
+    }
+
+    async fn max_fence(&self) -> Result<Fence, PortError> {
+        LeaseStore::max_fence(self).await.map_err(PortError::new)
+    }
+
+    async fn ensure_epoch(&self) -> Result<bool, PortError> {
+        LeaseStore::ensure_epoch(self).await.map_err(PortError::new)
+    }
+
+    async fn ping(&self) -> Result<(), PortError> {
+        LeaseStore::ping(self).await.map_err(PortError::new)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redact_drops_the_password_only() {
-        assert_eq!(redact("redis://:secret@h:6379/0"), "redis://h:6379/0");
-        assert_eq!(redact("redis://u:secret@h:6379"), "redis://u@h:6379");
-        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
-        assert_eq!(redact("unix:///tmp/r.sock"), "unix:///tmp/r.sock");
-    }
 
     #[test]
     fn refusals_read_as_sentences() {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use gpu_coordinator::adapters::nvml::{DeviceSample, FakeProbe, ProcessUsage};
-use gpu_coordinator::driver::Extras;
+use gpu_coordinator::app::Extras;
 use gpu_coordinator_wire::{EventKind, StatusDoc, Subjects, VramSource};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 pub use error::{ApiError, ErrorBody};
 pub use openapi::openapi;
 
-use crate::adapters::nats::Bus;
+use crate::adapters::nats::NatsBus;
 use crate::adapters::postgres::PgStore;
 use crate::adapters::redis::LeaseStore;
 use crate::config::Config;
@@ -47,7 +47,7 @@ const STATUS_WAIT: Duration = Duration::from_secs(5);
 /// What the handlers need once the coordinator is connected: the servers and the driver.
 #[derive(Clone)]
 pub struct Backends {
-    pub bus: Bus,
+    pub bus: NatsBus,
     pub pg: PgStore,
     pub leases: LeaseStore,
     pub driver: DriverHandle,

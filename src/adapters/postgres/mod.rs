@@ -14,6 +14,7 @@
 
 mod entities;
 
+pub use crate::ports::{Batch, Loaded, OutboxRow};
 pub use entities::{fence, request};
 
 use std::collections::HashSet;
@@ -21,6 +22,9 @@ use std::time::Duration;
 
 use gpu_coordinator_core::{End, Fence, Phase, RequestRecord};
 use gpu_coordinator_wire::Encoding;
+
+use crate::ports::{Journal, PortError};
+use crate::telemetry::redact_url;
 use migration::{Migrator, MigratorTrait};
 use sea_orm::sea_query::{Alias, Expr, OnConflict, PostgresQueryBuilder, Query};
 use sea_orm::sqlx::{self, postgres::PgConnectOptions, Connection as _, Executor as _};
@@ -144,58 +148,6 @@ pub enum PgError {
     },
 }
 
-/// The requests table and the fence row of one PostgreSQL database.
-/// One batch of durable effects for [`PgStore::write`].
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Batch<'a> {
-    /// Requests to upsert.
-    pub records: &'a [RequestRecord],
-    /// The highest fence issued (only raised).
-    pub max_fence: Option<Fence>,
-    /// The stream sequence of the last input handled.
-    pub input_seq: Option<u64>,
-    /// Messages to publish, kept until JetStream has stored them.
-    pub outbox: &'a [OutboxRow],
-    /// Outbox rows already stored by JetStream: ids up to this one are deleted.
-    pub published_upto: Option<u64>,
-}
-
-impl Batch<'_> {
-    fn is_empty(&self) -> bool {
-        self.records.is_empty()
-            && self.max_fence.is_none()
-            && self.input_seq.is_none()
-            && self.outbox.is_empty()
-            && self.published_upto.is_none()
-    }
-}
-
-/// A message waiting in the outbox.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboxRow {
-    /// Order of the rows, increasing.
-    pub id: u64,
-    /// The `Nats-Msg-Id` it is published under, every time.
-    pub msg_id: String,
-    pub subject: String,
-    /// `Content-Type: application/msgpack`, else JSON.
-    pub msgpack: bool,
-    pub payload: Vec<u8>,
-}
-
-/// What [`PgStore::load_state`] reads at start.
-#[derive(Debug, Clone, Default)]
-pub struct Loaded {
-    pub records: Vec<RequestRecord>,
-    pub max_fence: Fence,
-    /// The highest arrival number ever persisted.
-    pub max_seq: u64,
-    /// The stream sequence of the last input whose effects are committed.
-    pub input_seq: u64,
-    /// Messages committed but perhaps not stored by JetStream, oldest first.
-    pub outbox: Vec<OutboxRow>,
-}
-
 /// Several statements as one: `WITH s0 AS (...), s1 AS (...) <last>`, their `$n` placeholders renumbered
 /// in order. The statements come from the query builder (or constants here), whose SQL text holds no `$`
 /// but in placeholders.
@@ -242,6 +194,7 @@ fn renumber(sql: &str, offset: usize) -> String {
     out
 }
 
+/// The requests table, the fence row and the outbox of one PostgreSQL database: the [`Journal`].
 #[derive(Debug, Clone)]
 pub struct PgStore {
     db: DatabaseConnection,
@@ -254,7 +207,7 @@ impl PgStore {
     /// of the same server (if the role may), tolerating another process creating it at the same moment.
     pub async fn connect(url: &str) -> Result<PgStore, PgError> {
         let options: PgConnectOptions = url.parse().map_err(|source| PgError::InvalidUrl {
-            url: redact(url),
+            url: redact_url(url),
             source,
         })?;
         let database = options
@@ -692,20 +645,26 @@ fn last_of_each(records: &[RequestRecord]) -> Vec<&RequestRecord> {
     last
 }
 
-/// `url` without the password of its user info, for messages.
-fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rfind('@') {
-        Some(at) => {
-            let user = authority[..at].split(':').next().unwrap_or_default();
-            format!("{}{}{}", &url[..scheme_end], user, &rest[at..])
-        }
-        None => url.to_owned(),
+#[async_trait::async_trait]
+impl Journal for PgStore {
+    async fn migrate(&self) -> Result<(), PortError> {
+        PgStore::migrate(self).await.map_err(PortError::new)
+    }
+
+    async fn load(&self, retain_ended: usize) -> Result<Loaded, PortError> {
+        self.load_state(retain_ended).await.map_err(PortError::new)
+    }
+
+    async fn write(&self, batch: &Batch<'_>) -> Result<(), PortError> {
+        PgStore::write(self, batch).await.map_err(PortError::new)
+    }
+
+    async fn ping(&self) -> Result<(), PortError> {
+        PgStore::ping(self).await.map_err(PortError::new)
+    }
+
+    async fn close(&self) {
+        PgStore::close(self).await
     }
 }
 
@@ -754,16 +713,5 @@ mod tests {
             ENDED,
             format!("\"requests\".\"phase\" = '{}'", Phase::Ended.as_str())
         );
-    }
-
-    #[test]
-    fn redact_drops_the_password_only() {
-        assert_eq!(
-            redact("postgres://u:secret@h:5432/db?x=1"),
-            "postgres://u@h:5432/db?x=1"
-        );
-        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
-        assert_eq!(redact("not a url"), "not a url");
     }
 }

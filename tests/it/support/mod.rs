@@ -157,20 +157,17 @@ pub struct Coordinator {
 impl Coordinator {
     /// Starts it and waits until it answers `status`.
     pub async fn start(config: Config) -> Coordinator {
-        Self::start_with(config, gpu_coordinator::driver::Extras::default()).await
+        Self::start_with(config, gpu_coordinator::app::Extras::default()).await
     }
 
     /// [`Coordinator::start`] with extras (a fake GPU probe).
-    pub async fn start_with(
-        config: Config,
-        extras: gpu_coordinator::driver::Extras,
-    ) -> Coordinator {
+    pub async fn start_with(config: Config, extras: gpu_coordinator::app::Extras) -> Coordinator {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind an HTTP port");
         let http_addr = listener.local_addr().expect("the HTTP listener's address");
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(gpu_coordinator::driver::run_with(
+        let task = tokio::spawn(gpu_coordinator::app::run_with(
             config.clone(),
             listener,
             shutdown.clone(),

@@ -1,0 +1,177 @@
+//! The GPUs to manage, decided once at start: NVML's devices (or the given probe's), else the configured
+//! `[[gpus]]`, else one default GPU; and the scheduler configured for them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gpu_coordinator_core::{GpuSpec, Input, Scheduler};
+use gpu_coordinator_wire::{StatusDoc, VramSource};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::adapters::nvml::{self, DeviceSample, GpuProbe, NvmlProbe};
+use crate::config::Config;
+use crate::driver::{now_ms, NvmlFeed};
+
+/// The GPU assumed when neither the configuration nor NVML names one.
+pub const DEFAULT_GPU_MB: u64 = 24_576;
+
+/// How many NVML samples may wait for the driver.
+const SAMPLES: usize = 4;
+
+/// The configured GPUs, else one default GPU (said clearly).
+pub fn inventory(config: &Config) -> Vec<GpuSpec> {
+    if !config.gpus.is_empty() {
+        return config
+            .gpus
+            .iter()
+            .map(|g| GpuSpec {
+                id: g.id.clone(),
+                total_mb: g.vram_mb,
+            })
+            .collect();
+    }
+    tracing::warn!(
+        "no [[gpus]] configured and no GPU found through NVML: managing one GPU `0` of {DEFAULT_GPU_MB} MB"
+    );
+    vec![GpuSpec {
+        id: "0".into(),
+        total_mb: DEFAULT_GPU_MB,
+    }]
+}
+
+/// What the coordinator would see at start on this machine, without any server: the GPUs it would
+/// manage (NVML's, else the configured ones, else the default) and the status document it would start
+/// from, with the VRAM that processes use outside any lease; and NVML's samples, when NVML is there.
+pub fn local_status(config: &Config) -> (StatusDoc, Vec<DeviceSample>) {
+    let samples = if config.nvml.enabled {
+        NvmlProbe::init()
+            .ok()
+            .and_then(|probe| probe.devices().ok())
+    } else {
+        None
+    };
+    let found = nvml::inventory(&config.gpus, samples.as_deref());
+    let gpus = if found.gpus.is_empty() {
+        inventory(config)
+    } else {
+        found.gpus.clone()
+    };
+    let mut sched = Scheduler::new(config.sched_config(), gpus);
+    sched.set_vram_source(found.source);
+    let now = now_ms();
+    if let Some(samples) = &samples {
+        // No lease is held yet: everything NVML sees in use is outside the coordinator.
+        for (gpu, used_mb) in nvml::external_usage(&found.devices, samples, |_| 0) {
+            sched.handle_input(Input::ExternalVram { gpu, used_mb }, now);
+        }
+    }
+    (sched.status(now), samples.unwrap_or_default())
+}
+
+/// The scheduler for the GPUs found, and NVML's feed when NVML samples them (the sampler then runs
+/// under `tracker` until `shutdown`).
+pub async fn scheduler(
+    config: &Config,
+    probe: Option<Arc<dyn GpuProbe>>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> (Scheduler, Option<NvmlFeed>) {
+    let probed = probe_devices(config, probe).await;
+    let found = nvml::inventory(&config.gpus, probed.as_ref().map(|(_, d)| d.as_slice()));
+    if probed.is_some() && !config.gpus.is_empty() && found.source == VramSource::Config {
+        tracing::warn!(
+            "NVML sees the GPUs but none of the configured [[gpus]] ids is an NVML index or UUID: VRAM \
+             figures come from the configuration"
+        );
+    }
+    let gpus = if found.gpus.is_empty() {
+        inventory(config)
+    } else {
+        found.gpus.clone()
+    };
+    for g in &gpus {
+        let source = if found.devices.contains_key(&g.id) {
+            "NVML"
+        } else {
+            "configuration"
+        };
+        tracing::info!(
+            "managing GPU {} with {} MB (VRAM from the {source})",
+            g.id,
+            g.total_mb
+        );
+    }
+    let mut sched_config = config.sched_config();
+    if found.source == VramSource::Nvml {
+        // Only NVML can see a paused holder's VRAM really freed.
+        sched_config.settle_ms = config.nvml.settle_ms;
+    }
+    let mut sched = Scheduler::new(sched_config, gpus);
+    sched.set_vram_source(found.source);
+    let feed = match probed {
+        Some((probe, _)) if !found.devices.is_empty() => {
+            let (tx, samples) = mpsc::channel(SAMPLES);
+            let every = Duration::from_millis(config.nvml.sample_ms.max(1));
+            tracker.spawn(nvml::sample(probe, every, tx, shutdown.clone()));
+            Some(NvmlFeed::new(found.devices, samples))
+        }
+        _ => None,
+    };
+    (sched, feed)
+}
+
+/// Asks the probe (the given one, else NVML when enabled) for the devices, saying once in the log where
+/// the VRAM figures will come from.
+async fn probe_devices(
+    config: &Config,
+    probe: Option<Arc<dyn GpuProbe>>,
+) -> Option<(Arc<dyn GpuProbe>, Vec<DeviceSample>)> {
+    let probe: Arc<dyn GpuProbe> = match probe {
+        Some(p) => p,
+        None if !config.nvml.enabled => {
+            tracing::info!("nvml.enabled is false: VRAM figures come from the configuration");
+            return None;
+        }
+        None => match tokio::task::spawn_blocking(NvmlProbe::init).await {
+            Ok(Ok(p)) => Arc::new(p),
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    "{e}: running on the configured GPU capacities (vram_source \"config\")"
+                );
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!("NVML start failed ({e}): running on the configured GPU capacities");
+                return None;
+            }
+        },
+    };
+    let query = probe.clone();
+    match tokio::task::spawn_blocking(move || query.devices()).await {
+        Ok(Ok(devices)) => {
+            for d in &devices {
+                tracing::info!(
+                    "NVML device {}: {} ({}), {} MB, {} MB used",
+                    d.index,
+                    d.name,
+                    d.uuid,
+                    d.total_mb,
+                    d.used_mb
+                );
+            }
+            Some((probe, devices))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(
+                "{e}: running on the configured GPU capacities (vram_source \"config\")"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!("NVML query failed ({e}): running on the configured GPU capacities");
+            None
+        }
+    }
+}

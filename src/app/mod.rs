@@ -1,0 +1,183 @@
+//! The composition root: the one place where the adapters are chosen, connected and handed to the
+//! driver as [`Ports`], and where the tasks beside it (the HTTP API, the NVML sampler) are spawned under
+//! one [`TaskTracker`] and stopped in order:
+//!
+//! 1. the HTTP API answers from the start (`/healthz`; the rest says the coordinator is starting);
+//! 2. every server is connected, waited for with backoff, and readied (migrations, streams), which is
+//!    also what keeps a coordinator warm before it leads;
+//! 3. the driver starts (leadership, then the state restored) and runs until `shutdown`;
+//! 4. the HTTP API stops taking calls and drains, the sampler ends, and [`run`] returns once every task
+//!    has.
+//!
+//! Choosing another adapter for a port (an embedded journal, another leadership) is a change here and
+//! nowhere else in the driver.
+
+pub mod gpus;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use gpu_coordinator_wire::Subjects;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::adapters::http::{self, Backends, HttpState};
+use crate::adapters::nats::NatsBus;
+use crate::adapters::nvml::GpuProbe;
+use crate::adapters::postgres::PgStore;
+use crate::adapters::redis::LeaseStore;
+use crate::config::Config;
+use crate::driver::retry::with_retry;
+use crate::driver::{Driver, Setup};
+use crate::metrics::{Metrics, Recorder};
+use crate::ports::{AlwaysLeader, Ports};
+use crate::telemetry::redact_url;
+
+/// How long the tasks beside the driver (HTTP calls in flight) may take to finish after it stopped.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// The name the coordinator's NATS connection gives the server.
+const CONNECTION_NAME: &str = "gpu-coordinator";
+
+/// What [`run_with`] may be given beyond the configuration.
+#[derive(Clone, Default)]
+pub struct Extras {
+    /// The GPU probe to use instead of NVML (tests pass a fake device). `None`: NVML, when
+    /// `nvml.enabled` and a driver is there.
+    pub probe: Option<Arc<dyn GpuProbe>>,
+}
+
+/// Runs the coordinator until `shutdown` is cancelled. `http` is the already-bound HTTP listener.
+pub async fn run(
+    config: Config,
+    http: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run_with(config, http, shutdown, Extras::default()).await
+}
+
+/// [`run`] with [`Extras`].
+pub async fn run_with(
+    config: Config,
+    http: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+    extras: Extras,
+) -> anyhow::Result<()> {
+    let subjects = Subjects::new(&config.nats.prefix)
+        .map_err(anyhow::Error::msg)
+        .context("nats.prefix")?;
+    let metrics = Metrics::new();
+    let tracker = TaskTracker::new();
+    let tasks_stop = shutdown.child_token();
+    let state = HttpState::new(
+        &config,
+        subjects.clone(),
+        metrics.clone(),
+        tasks_stop.clone(),
+    );
+    let server = tracker.spawn(http::serve(http, state.clone()));
+    let result = async {
+        let servers = Servers::connect(&config, &subjects, &shutdown).await?;
+        let (sched, nvml) = gpus::scheduler(&config, extras.probe, &tracker, &tasks_stop).await;
+        let setup = Setup {
+            sched,
+            subjects,
+            recorder: Recorder::new(metrics),
+            nvml,
+            retain_ended: config.queue.retain_ended,
+            shutdown: shutdown.clone(),
+        };
+        let (driver, commands) = Driver::start(setup, servers.ports()).await?;
+        state.set_backends(Backends {
+            bus: servers.bus.clone(),
+            pg: servers.pg.clone(),
+            leases: servers.leases.clone(),
+            driver: driver.handle(),
+        });
+        driver.run(commands).await
+    }
+    .await;
+    tasks_stop.cancel();
+    tracker.close();
+    if tokio::time::timeout(DRAIN, tracker.wait()).await.is_err() {
+        tracing::warn!("HTTP calls still in flight after {DRAIN:?}; dropping them");
+    }
+    if server.is_finished() {
+        match server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("the HTTP server failed: {e}"),
+            Err(e) => tracing::error!("the HTTP server task failed: {e}"),
+        }
+    }
+    result
+}
+
+/// The servers of a distributed deployment, connected and ready.
+struct Servers {
+    pg: PgStore,
+    leases: LeaseStore,
+    bus: NatsBus,
+}
+
+impl Servers {
+    /// Connects to Postgres, Redis and NATS, waiting for each with backoff, runs the migrations and
+    /// makes the streams.
+    async fn connect(
+        config: &Config,
+        subjects: &Subjects,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Servers> {
+        let db_url = config.database.url.clone();
+        let pg = with_retry(
+            &format!("Postgres at {}", redact_url(&db_url)),
+            shutdown,
+            || PgStore::connect(&db_url),
+        )
+        .await?;
+        with_retry("Postgres migrations", shutdown, || pg.migrate()).await?;
+        tracing::info!(
+            "Postgres connected at {}; migrations applied",
+            redact_url(&db_url)
+        );
+        let redis_url = config.redis.url.clone();
+        let prefix = config.redis.key_prefix.clone();
+        let leases = with_retry(
+            &format!("Redis at {}", redact_url(&redis_url)),
+            shutdown,
+            || LeaseStore::connect(&redis_url, &prefix),
+        )
+        .await?;
+        tracing::info!(
+            "Redis connected at {} (keys under `{prefix}:`)",
+            redact_url(&redis_url)
+        );
+        let nats_url = config.nats.url.clone();
+        let max_age = Duration::from_millis(config.nats.max_age_ms);
+        let bus = with_retry(
+            &format!("NATS at {}", redact_url(&nats_url)),
+            shutdown,
+            || NatsBus::connect(&nats_url, subjects.clone(), CONNECTION_NAME, max_age),
+        )
+        .await?;
+        with_retry("JetStream streams", shutdown, || bus.ensure_streams()).await?;
+        tracing::info!(
+            "NATS connected at {}; streams {} and {} ready, subjects under `{}.`",
+            redact_url(&nats_url),
+            subjects.input_stream(),
+            subjects.output_stream(),
+            subjects.prefix()
+        );
+        Ok(Servers { pg, leases, bus })
+    }
+
+    /// The ports of a distributed deployment: Postgres, Redis, NATS, one coordinator per prefix.
+    fn ports(&self) -> Ports {
+        Ports {
+            journal: Arc::new(self.pg.clone()),
+            leases: Arc::new(self.leases.clone()),
+            bus: Arc::new(self.bus.clone()),
+            leadership: Arc::new(AlwaysLeader),
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! Carrying out the scheduler's actions, in the order that makes each effect durable before it is seen:
+//! the journal batch and the lease store first (concurrently), then the messages, published in order
+//! under their outbox ids. The input position and the outbox are the journal's bookkeeping, kept here.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+
+use gpu_coordinator_core::{Action, Fence, Input, LeaseOp, RequestRecord};
+use gpu_coordinator_wire::{codec, Encoding, Subjects};
+use tokio_util::sync::CancellationToken;
+
+use super::retry::with_retry;
+use super::{now_ms, Driver};
+use crate::ports::{Batch, Bus, LeaseOutcome, Outbound, OutboxRow};
+
+/// Where the driver is in the input stream.
+#[derive(Debug, Default)]
+pub(super) struct InputPosition {
+    /// The stream sequence of the last input whose effects are committed: inputs at or below it were
+    /// handled before (a redelivery after a crash) and are only acknowledged.
+    pub handled: u64,
+    /// The last input of the batch being handled, committed with its effects.
+    pub pending: Option<u64>,
+}
+
+/// The outbox: messages committed with the batch that caused them, deleted once the bus stored them.
+#[derive(Debug)]
+pub(super) struct Outbox {
+    /// The next row id.
+    next: u64,
+    /// Rows up to this id are stored by the bus; the next write deletes them.
+    published_upto: Option<u64>,
+    /// Makes this process's message ids unique: `<boot>-<row id>`.
+    boot: String,
+}
+
+impl Outbox {
+    /// Goes on after the rows left from before a restart (`left`, oldest first), which are published
+    /// again at start.
+    pub fn after(left: &[OutboxRow]) -> Outbox {
+        Outbox {
+            next: left.last().map_or(1, |row| row.id + 1),
+            published_upto: left.last().map(|row| row.id),
+            boot: format!("{:016x}", rand::random::<u64>()),
+        }
+    }
+
+    /// The rows for these messages, numbered on from the last.
+    fn rows(&mut self, messages: Vec<(String, Encoding, Vec<u8>)>) -> Vec<OutboxRow> {
+        messages
+            .into_iter()
+            .map(|(subject, encoding, payload)| {
+                let id = self.next;
+                self.next += 1;
+                OutboxRow {
+                    id,
+                    msg_id: format!("{}-{id}", self.boot),
+                    subject,
+                    msgpack: encoding == Encoding::MsgPack,
+                    payload,
+                }
+            })
+            .collect()
+    }
+}
+
+/// What one round of the scheduler's actions amounts to.
+#[derive(Default)]
+struct Round {
+    records: Vec<RequestRecord>,
+    fence: Option<Fence>,
+    lease_ops: Vec<LeaseOp>,
+    messages: Vec<(String, Encoding, Vec<u8>)>,
+}
+
+impl Round {
+    fn is_empty(&self) -> bool {
+        self.records.is_empty()
+            && self.fence.is_none()
+            && self.lease_ops.is_empty()
+            && self.messages.is_empty()
+    }
+}
+
+/// The subject, encoding and bytes of an action that is a message; `None` for the others.
+fn render(subjects: &Subjects, action: &Action) -> Option<(String, Encoding, Vec<u8>)> {
+    match action {
+        Action::Reply {
+            service,
+            encoding,
+            reply,
+        } => Some((
+            subjects.reply(service),
+            *encoding,
+            codec::encode(*encoding, reply),
+        )),
+        Action::Control {
+            service,
+            encoding,
+            control,
+        } => {
+            tracing::info!(
+                service = %service, request_id = %control.request_id, fence = control.fence,
+                "{:?}: {}", control.action, control.reason
+            );
+            Some((
+                subjects.control(service),
+                *encoding,
+                codec::encode(*encoding, control),
+            ))
+        }
+        Action::Event { encoding, event } => {
+            tracing::debug!(kind = event.kind.as_str(), service = %event.service_id, request_id = ?event.request_id, "event");
+            Some((
+                subjects.event(event.kind, &event.service_id),
+                *encoding,
+                codec::encode(*encoding, event),
+            ))
+        }
+        Action::Persist(_) | Action::PersistFence(_) | Action::Lease(_) => None,
+    }
+}
+
+impl Driver {
+    /// Drains the scheduler's pending actions into one round, the later record of a request replacing
+    /// the earlier one.
+    fn drain_round(&mut self) -> Round {
+        let mut round = Round::default();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        while let Some(action) = self.sched.poll_action() {
+            self.recorder.observe(&action, now_ms());
+            if let Some(message) = render(&self.subjects, &action) {
+                round.messages.push(message);
+                continue;
+            }
+            match action {
+                Action::Persist(rec) => match index.get(&rec.request_id) {
+                    Some(&i) => round.records[i] = rec,
+                    None => {
+                        index.insert(rec.request_id.clone(), round.records.len());
+                        round.records.push(rec);
+                    }
+                },
+                Action::PersistFence(f) => {
+                    round.fence = Some(round.fence.map_or(f, |old: Fence| old.max(f)))
+                }
+                Action::Lease(op) => round.lease_ops.push(op),
+                Action::Reply { .. } | Action::Control { .. } | Action::Event { .. } => {}
+            }
+        }
+        round
+    }
+
+    /// Carries out every pending action: the journal and the lease store, then the bus. Retries each
+    /// server with backoff; gives up only at shutdown (the inputs then stay unacknowledged and come again).
+    pub(super) async fn carry_out(&mut self) -> anyhow::Result<()> {
+        loop {
+            let round = self.drain_round();
+            if round.is_empty() {
+                return Ok(());
+            }
+            let outbox = self.outbox.rows(round.messages);
+            let batch = Batch {
+                records: &round.records,
+                max_fence: round.fence,
+                input_seq: self.position.pending.take(),
+                outbox: &outbox,
+                published_upto: self.outbox.published_upto.take(),
+            };
+            // The journal and the lease store are written concurrently: both finish before anything is
+            // published or acknowledged, and a restart reconciles a crash between the two (a lease
+            // without its grant in the journal is released; a grant without its lease is written back).
+            let journal = &self.ports.journal;
+            let shutdown = &self.shutdown;
+            let persist = with_retry("writing the journal", shutdown, || journal.write(&batch));
+            let leases = self.apply_leases(&round.lease_ops);
+            let (persisted, refused) = tokio::join!(persist, leases);
+            persisted?;
+            if let Some(seq) = batch.input_seq {
+                self.position.handled = self.position.handled.max(seq);
+            }
+            let (mut refused, lost) = refused?;
+            // A renewed lease the store no longer had (it ended there early): written back, or revoked
+            // when the store refuses it.
+            for (request_id, fence) in lost {
+                if let Some(refusal) = self.restore_lost(&request_id, fence).await? {
+                    refused.push(refusal);
+                }
+            }
+            for (request_id, fence, why) in refused {
+                tracing::error!(%request_id, "the lease store refused a lease: {why}");
+                self.sched.handle_input(
+                    Input::LeaseRefused {
+                        request_id,
+                        fence,
+                        why,
+                    },
+                    now_ms(),
+                );
+            }
+            if let Some(last) = outbox.last().map(|row| row.id) {
+                let outputs: Vec<Outbound> = outbox.iter().map(OutboxRow::outbound).collect();
+                publish(self.ports.bus.as_ref(), &outputs, &self.shutdown).await?;
+                self.outbox.published_upto = Some(last);
+            }
+        }
+    }
+
+    /// Applies lease operations in order. Answers the leases the store refused (request, fence, why) and
+    /// the renewed ones it no longer held (request, fence).
+    #[allow(clippy::type_complexity)]
+    async fn apply_leases(
+        &self,
+        ops: &[LeaseOp],
+    ) -> anyhow::Result<(Vec<(String, Fence, String)>, Vec<(String, Fence)>)> {
+        let mut refused = Vec::new();
+        let mut lost = Vec::new();
+        let leases = &self.ports.leases;
+        for op in ops {
+            let outcome = with_retry("writing the lease store", &self.shutdown, || {
+                leases.apply(op)
+            })
+            .await?;
+            match (&outcome, op) {
+                (LeaseOutcome::Refused(why), LeaseOp::Acquire(lease) | LeaseOp::Restore(lease)) => {
+                    refused.push((lease.request_id.clone(), lease.fence, why.to_string()))
+                }
+                (
+                    LeaseOutcome::NotHeld,
+                    LeaseOp::Renew {
+                        request_id, fence, ..
+                    },
+                ) => lost.push((request_id.clone(), *fence)),
+                _ => {}
+            }
+        }
+        Ok((refused, lost))
+    }
+
+    /// Writes back a renewed lease the store had lost, if the scheduler still holds it under `fence`.
+    /// Answers the refusal when the store will not take it back.
+    async fn restore_lost(
+        &self,
+        request_id: &str,
+        fence: Fence,
+    ) -> anyhow::Result<Option<(String, Fence, String)>> {
+        let Some(lease) = self
+            .sched
+            .leases()
+            .into_iter()
+            .find(|l| l.request_id == request_id && l.fence == fence)
+        else {
+            return Ok(None);
+        };
+        tracing::warn!(%request_id, "the lease store had lost a renewed lease; writing it back");
+        let op = LeaseOp::Restore(lease.clone());
+        let leases = &self.ports.leases;
+        let outcome = with_retry("writing the lease store", &self.shutdown, || {
+            leases.apply(&op)
+        })
+        .await?;
+        Ok(outcome
+            .refusal()
+            .map(|why| (lease.request_id, lease.fence, why)))
+    }
+
+    /// Writes what no batch of effects carried: the input position, when given, and the deletion of
+    /// the outbox rows the bus has stored. Nothing when there is neither.
+    pub(super) async fn write_bookkeeping(&mut self, input_seq: Option<u64>) -> anyhow::Result<()> {
+        let batch = Batch {
+            input_seq,
+            published_upto: self.outbox.published_upto.take(),
+            ..Batch::default()
+        };
+        let journal = &self.ports.journal;
+        with_retry("writing the journal", &self.shutdown, || {
+            journal.write(&batch)
+        })
+        .await?;
+        if let Some(seq) = input_seq {
+            self.position.handled = seq;
+        }
+        Ok(())
+    }
+}
+
+/// Publishes messages in order, retrying with backoff from the first one not surely stored: after a
+/// failure one at a time, so that order holds even across a reconnect (a `restart` never before its
+/// `revoke`), and under their ids, so that the bus keeps one copy of any sent twice.
+pub(super) async fn publish(
+    bus: &dyn Bus,
+    outputs: &[Outbound],
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let done = AtomicUsize::new(0);
+    let retried = AtomicBool::new(false);
+    with_retry("publishing to the bus", shutdown, || {
+        let from = done.load(Relaxed);
+        let pipelined = !retried.swap(true, Relaxed);
+        let (done, rest) = (&done, &outputs[from..]);
+        async move {
+            bus.publish_in_order(rest, pipelined)
+                .await
+                .inspect_err(|failure| done.store(from + failure.stored, Relaxed))
+        }
+    })
+    .await
+}

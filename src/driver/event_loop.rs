@@ -1,0 +1,250 @@
+//! The event loop: one `select!` over shutdown, the scheduler's next deadline, the inputs, reconnects,
+//! status questions, NVML samples, commands and the once-a-second bookkeeping. Each branch turns what
+//! came into scheduler inputs and carries out the actions before the next one.
+
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use gpu_coordinator_core::Input;
+use gpu_coordinator_wire::{codec, decode_input};
+use tokio::sync::mpsc;
+
+use super::retry::with_retry;
+use super::{now_ms, Command, Driver, NvmlFeed};
+use crate::adapters::nvml::{self, DeviceSample};
+use crate::ports::{Delivery, Inputs, StatusQuery};
+
+/// How many inputs one batch takes at most: they share one journal write.
+const MAX_BATCH: usize = 256;
+
+/// How often outbox rows already stored leave the journal and the lease store is compared with the
+/// scheduler.
+const EVERY_SECOND: Duration = Duration::from_secs(1);
+
+/// How long the loop sleeps when the scheduler wants no wake-up.
+const IDLE: Duration = Duration::from_secs(3600);
+
+impl Driver {
+    /// The event loop, until shutdown or until leadership is lost.
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) -> anyhow::Result<()> {
+        let shutdown = self.shutdown.clone();
+        let bus = self.ports.bus.clone();
+        let leadership = self.ports.leadership.clone();
+        let lost = leadership.lost(self.term);
+        tokio::pin!(lost);
+        let mut inputs = None;
+        self.reopen_inputs(&mut inputs).await?;
+        let mut status =
+            with_retry("subscribing to status", &shutdown, || bus.status_queries()).await?;
+        let mut reconnects = bus.reconnects();
+        let mut every_second = tokio::time::interval(EVERY_SECOND);
+        every_second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tracing::info!("coordinator ready");
+        loop {
+            let wake = self
+                .sched
+                .poll_timeout()
+                .map(|at| Duration::from_millis(at.saturating_sub(now_ms())))
+                .unwrap_or(IDLE);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = &mut lost => {
+                    tracing::warn!("leadership of term {} lost: no longer acting", self.term.0);
+                    break;
+                }
+                _ = tokio::time::sleep(wake) => {
+                    self.sched.handle_timeout(now_ms());
+                    self.carry_out().await?;
+                }
+                next = next_input(&mut inputs) => match next {
+                    Some(Ok(first)) => {
+                        let mut batch = vec![first];
+                        while batch.len() < MAX_BATCH {
+                            match inputs.as_mut().and_then(|s| s.next().now_or_never()) {
+                                Some(Some(Ok(d))) => batch.push(d),
+                                _ => break,
+                            }
+                        }
+                        self.handle_batch(batch).await?;
+                    }
+                    Some(Err(e)) => tracing::warn!("input consumer: {e}"),
+                    None => {
+                        tracing::warn!("input consumer ended; reopening");
+                        self.reopen_inputs(&mut inputs).await?;
+                    }
+                },
+                Ok(()) = reconnects.changed() => {
+                    tracing::info!("the bus reconnected; reopening the input consumer");
+                    self.reopen_inputs(&mut inputs).await?;
+                }
+                Some(query) = status.next() => self.answer_status(query).await,
+                Some(samples) = next_sample(&mut self.nvml) => self.handle_samples(samples).await?,
+                Some(command) = commands.recv() => match command {
+                    Command::Status(reply) => {
+                        let _ = reply.send(self.sched.status(now_ms()));
+                    }
+                },
+                _ = every_second.tick() => {
+                    // Rows stored by the bus leave the outbox within a second, busy or idle, so a restart
+                    // much later does not publish them again past the duplicate window.
+                    self.write_bookkeeping(None).await?;
+                    self.check_lease_store().await?;
+                }
+            }
+        }
+        tracing::info!("stopping: intake closed, flushing the bus");
+        // What the bus stored need not be published again at the next start.
+        if let Err(e) = self.write_bookkeeping(None).await {
+            tracing::warn!("{e:#}");
+        }
+        if let Err(e) = bus.flush().await {
+            tracing::warn!("{e}");
+        }
+        self.ports.journal.close().await;
+        Ok(())
+    }
+
+    /// (Re)opens the inputs after the last input handled. The old stream is dropped first, so that none
+    /// of its pulls reaches the new one; a position that changed (a new journal beside an old consumer,
+    /// or an input stream made anew) is persisted before reading.
+    pub(super) async fn reopen_inputs(
+        &mut self,
+        inputs: &mut Option<Inputs>,
+    ) -> anyhow::Result<()> {
+        *inputs = None;
+        let shutdown = self.shutdown.clone();
+        let bus = self.ports.bus.clone();
+        let handled = self.position.handled;
+        let after = with_retry("finding where the inputs go on", &shutdown, || {
+            bus.input_position(handled)
+        })
+        .await?;
+        if after != handled {
+            self.write_bookkeeping(Some(after)).await?;
+        }
+        *inputs = Some(
+            with_retry("opening the input consumer", &shutdown, || {
+                bus.open_inputs(after)
+            })
+            .await?,
+        );
+        Ok(())
+    }
+
+    /// Feeds a batch of inputs to the scheduler, makes their effects durable and published, then
+    /// acknowledges them.
+    pub(super) async fn handle_batch(&mut self, batch: Vec<Delivery>) -> anyhow::Result<()> {
+        let mut settle = Vec::with_capacity(batch.len());
+        let mut handled = self.position.handled;
+        for delivery in batch {
+            let Delivery {
+                seq,
+                subject,
+                content_type,
+                payload,
+                ack,
+            } = delivery;
+            if seq != 0 && seq <= handled {
+                // Handled before (before a crash, or a redelivery in this very batch): acknowledge only.
+                settle.push((ack, false));
+                continue;
+            }
+            if seq != 0 {
+                handled = seq;
+                self.position.pending = Some(seq);
+            }
+            let input = match decode_input(
+                &self.subjects,
+                &subject,
+                content_type.as_deref(),
+                &payload,
+                seq,
+            ) {
+                Ok(d) => Input::Inbound {
+                    service: d.service,
+                    encoding: d.encoding,
+                    input: d.input,
+                },
+                Err(rejection) => {
+                    tracing::warn!(subject = %subject, "rejected input: {}", rejection.error);
+                    Input::Invalid(rejection)
+                }
+            };
+            settle.push((ack, matches!(input, Input::Invalid(_))));
+            self.sched.handle_input(input, now_ms());
+        }
+        self.carry_out().await?;
+        if let Some(seq) = self.position.pending.take() {
+            // Nothing to write (every input in the batch was handled before): record it anyway, so
+            // that the position survives.
+            self.write_bookkeeping(Some(seq)).await?;
+        }
+        for (ack, terminate) in settle {
+            if let Err(e) = ack(terminate).await {
+                tracing::warn!(
+                    "acknowledging an input failed (it will be redelivered and answered again): {e}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Feeds the scheduler the VRAM used outside its leases on each sampled GPU (NVML's used memory minus
+    /// what the scheduler counts as held there). Every sample is fed, changed or not: an unchanged figure
+    /// after a pause ACK is what tells the scheduler that the paused holder's VRAM was freed.
+    pub(super) async fn handle_samples(
+        &mut self,
+        samples: Vec<DeviceSample>,
+    ) -> anyhow::Result<()> {
+        let Some(feed) = self.nvml.as_mut() else {
+            return Ok(());
+        };
+        let now = now_ms();
+        let sched = &self.sched;
+        let held = |gpu: &str| -> u64 { sched.held_mb(gpu) };
+        let external = nvml::external_usage(&feed.devices, &samples, held);
+        self.recorder
+            .metrics()
+            .set_processes(feed.devices.iter().filter_map(|(gpu, index)| {
+                samples
+                    .iter()
+                    .find(|s| s.index == *index)
+                    .map(|s| (gpu.as_str(), s))
+            }));
+        for (gpu, used_mb) in external {
+            if feed.fed.get(&gpu) != Some(&used_mb) {
+                tracing::debug!(gpu = %gpu, used_mb, "VRAM used outside the leases");
+                feed.fed.insert(gpu.clone(), used_mb);
+            }
+            self.sched
+                .handle_input(Input::ExternalVram { gpu, used_mb }, now);
+        }
+        self.carry_out().await
+    }
+
+    /// Answers a status question with the status document, in the encoding it was asked in.
+    async fn answer_status(&mut self, query: StatusQuery) {
+        let doc = self.sched.status(now_ms());
+        let payload = codec::encode(query.encoding, &doc);
+        if let Err(e) = (query.respond)(payload).await {
+            tracing::warn!("answering status: {e}");
+        }
+    }
+}
+
+/// The next NVML sample, or never when NVML is not in use.
+async fn next_sample(nvml: &mut Option<NvmlFeed>) -> Option<Vec<DeviceSample>> {
+    match nvml {
+        Some(feed) => feed.samples.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next input, or never while the inputs are being reopened.
+async fn next_input(inputs: &mut Option<Inputs>) -> Option<<Inputs as futures::Stream>::Item> {
+    match inputs {
+        Some(stream) => stream.next().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,99 @@
+//! Starting the driver: wait for leadership, then restore what the journal and the lease store hold, and
+//! publish again what the outbox kept from before a crash.
+
+use gpu_coordinator_core::{Phase, Snapshot};
+use tokio::sync::mpsc;
+
+use super::effects::{publish, InputPosition, Outbox};
+use super::retry::with_retry;
+use super::{now_ms, Command, Driver, DriverHandle, Setup};
+use crate::ports::{Outbound, OutboxRow, Ports};
+
+/// How many commands (status questions) may wait for the driver.
+const COMMANDS: usize = 1024;
+
+impl Driver {
+    /// Waits until this process leads, then restores the state persisted before a restart: the requests,
+    /// fences and input position from the journal, the live leases from the lease store. The messages
+    /// the outbox kept are published again (under their ids: the bus stores each once). Every server is
+    /// waited for with backoff.
+    pub async fn start(
+        setup: Setup,
+        ports: Ports,
+    ) -> anyhow::Result<(Driver, mpsc::Receiver<Command>)> {
+        let Setup {
+            mut sched,
+            subjects,
+            recorder,
+            nvml,
+            retain_ended,
+            shutdown,
+        } = setup;
+        let leadership = ports.leadership.clone();
+        let term = with_retry("waiting for leadership", &shutdown, || leadership.acquire()).await?;
+        tracing::info!("leading in term {}", term.0);
+
+        let journal = ports.journal.clone();
+        let loaded = with_retry("loading the queue from the journal", &shutdown, || {
+            journal.load(retain_ended)
+        })
+        .await?;
+        // Messages committed before a stop but perhaps not stored: published again, under their ids.
+        if !loaded.outbox.is_empty() {
+            let again: Vec<Outbound> = loaded.outbox.iter().map(OutboxRow::outbound).collect();
+            tracing::info!(
+                "publishing {} message(s) left from before the restart",
+                again.len()
+            );
+            publish(ports.bus.as_ref(), &again, &shutdown).await?;
+        }
+        let leases = ports.leases.clone();
+        let live_leases =
+            with_retry("reading the lease store", &shutdown, || leases.leases()).await?;
+        let stored_fence = with_retry("reading the fence from the lease store", &shutdown, || {
+            leases.max_fence()
+        })
+        .await?;
+        with_retry("marking the lease store's epoch", &shutdown, || {
+            leases.ensure_epoch()
+        })
+        .await?;
+        let restored = loaded
+            .records
+            .iter()
+            .filter(|r| r.phase != Phase::Ended)
+            .count();
+        let outbox = Outbox::after(&loaded.outbox);
+        sched.restore(
+            Snapshot {
+                requests: loaded.records,
+                max_fence: loaded.max_fence.max(stored_fence),
+                leases: live_leases,
+                max_seq: loaded.max_seq,
+            },
+            now_ms(),
+        );
+        tracing::info!(
+            "restored {restored} live request(s); fences continue above {}",
+            sched.last_fence().0
+        );
+        let (tx, rx) = mpsc::channel(COMMANDS);
+        let mut driver = Driver {
+            sched,
+            ports,
+            term,
+            subjects,
+            shutdown,
+            handle: DriverHandle { tx },
+            recorder,
+            nvml,
+            position: InputPosition {
+                handled: loaded.input_seq,
+                pending: None,
+            },
+            outbox,
+        };
+        driver.carry_out().await?;
+        Ok((driver, rx))
+    }
+}

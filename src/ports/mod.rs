@@ -1,0 +1,367 @@
+//! The ports: what the driver needs from the outside world, as traits it owns. The driver holds each as
+//! an `Arc<dyn ...>` ([`Ports`]) and never names a server; which adapter fills which port is decided once,
+//! at start, in [`crate::app`].
+//!
+//! | port | what it is for | real adapter | in-memory adapter |
+//! |---|---|---|---|
+//! | [`Journal`] | the durable state: requests, the highest fence, the input position, the outbox | [`PgStore`](crate::adapters::postgres::PgStore) (Postgres, sea-orm) | [`MemJournal`](crate::adapters::memory::MemJournal) |
+//! | [`Leases`] | the lease store, source of truth for who holds a GPU | [`LeaseStore`](crate::adapters::redis::LeaseStore) (Redis, Lua scripts) | [`MemLeases`](crate::adapters::memory::MemLeases) |
+//! | [`Bus`] | the inputs in stream order, ordered publishing of outputs, status requests | [`NatsBus`](crate::adapters::nats::NatsBus) (NATS JetStream) | [`MemBus`](crate::adapters::memory::MemBus) |
+//! | [`Leadership`] | whether this process may act, and under which term | [`AlwaysLeader`] (one coordinator per prefix) | [`AlwaysLeader`] |
+//!
+//! # Adding an adapter
+//!
+//! Implement the port's trait in a module of `src/adapters/` (say `adapters/sqlite.rs` for a [`Journal`]):
+//! translate, decide nothing. Its errors are a `thiserror` enum of its own, turned into a [`PortError`]
+//! at the trait boundary, so that the driver's retry log shows every cause. Then pick it in
+//! [`crate::app`], the one place where adapters are chosen. The in-memory adapters in
+//! [`crate::adapters::memory`] are the smallest complete example of each contract, and the driver's own
+//! tests run on them: a new adapter should behave as they do (the doc of each method says what the driver
+//! relies on).
+//!
+//! The ports speak the core's types ([`RequestRecord`], [`Lease`], [`LeaseOp`], [`Fence`]) and already
+//! rendered messages ([`Outbound`]); nothing here decides who gets a GPU.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use gpu_coordinator_core::{Fence, Lease, LeaseOp, RequestRecord};
+use gpu_coordinator_wire::Encoding;
+use tokio::sync::watch;
+
+/// A failure of an adapter, whatever its kind: the adapter's own error, with its causes as `source`s.
+/// Every port method that talks to a server may fail this way; the driver retries with backoff.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct PortError(Box<dyn std::error::Error + Send + Sync + 'static>);
+
+impl PortError {
+    /// Wraps an adapter's error.
+    pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> PortError {
+        PortError(Box::new(error))
+    }
+
+    /// An error the library gave boxed.
+    pub fn boxed(error: Box<dyn std::error::Error + Send + Sync + 'static>) -> PortError {
+        PortError(error)
+    }
+
+    /// An error from a sentence (in-memory adapters, injected faults).
+    pub fn msg(text: impl Into<String>) -> PortError {
+        #[derive(Debug, thiserror::Error)]
+        #[error("{0}")]
+        struct Text(String);
+        PortError::new(Text(text.into()))
+    }
+}
+
+impl From<Box<dyn std::error::Error + Send + Sync + 'static>> for PortError {
+    fn from(error: Box<dyn std::error::Error + Send + Sync + 'static>) -> PortError {
+        PortError(error)
+    }
+}
+
+// ----- the journal ---------------------------------------------------------------------------------
+
+/// One batch of durable effects, written atomically by [`Journal::write`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Batch<'a> {
+    /// Requests to upsert.
+    pub records: &'a [RequestRecord],
+    /// The highest fence issued (only raised).
+    pub max_fence: Option<Fence>,
+    /// The stream sequence of the last input handled.
+    pub input_seq: Option<u64>,
+    /// Messages to publish, kept until the bus has stored them.
+    pub outbox: &'a [OutboxRow],
+    /// Outbox rows already stored by the bus: ids up to this one are deleted.
+    pub published_upto: Option<u64>,
+}
+
+impl Batch<'_> {
+    /// Whether writing it would change nothing.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+            && self.max_fence.is_none()
+            && self.input_seq.is_none()
+            && self.outbox.is_empty()
+            && self.published_upto.is_none()
+    }
+}
+
+/// A message waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// Order of the rows, increasing.
+    pub id: u64,
+    /// The `Nats-Msg-Id` it is published under, every time.
+    pub msg_id: String,
+    pub subject: String,
+    /// `Content-Type: application/msgpack`, else JSON.
+    pub msgpack: bool,
+    pub payload: Vec<u8>,
+}
+
+impl OutboxRow {
+    /// The message this row is published as.
+    pub fn outbound(&self) -> Outbound {
+        Outbound {
+            subject: self.subject.clone(),
+            encoding: if self.msgpack {
+                Encoding::MsgPack
+            } else {
+                Encoding::Json
+            },
+            payload: self.payload.clone().into(),
+            msg_id: self.msg_id.clone(),
+        }
+    }
+}
+
+/// What [`Journal::load`] reads at start.
+#[derive(Debug, Clone, Default)]
+pub struct Loaded {
+    pub records: Vec<RequestRecord>,
+    pub max_fence: Fence,
+    /// The highest arrival number ever persisted.
+    pub max_seq: u64,
+    /// The stream sequence of the last input whose effects are committed.
+    pub input_seq: u64,
+    /// Messages committed but perhaps not stored by the bus, oldest first.
+    pub outbox: Vec<OutboxRow>,
+}
+
+/// The durable state of one deployment.
+#[async_trait]
+pub trait Journal: Send + Sync + 'static {
+    /// Brings the schema up to date (idempotent).
+    async fn migrate(&self) -> Result<(), PortError>;
+    /// Every live request and the `retain_ended` most recently ended ones, the highest fence and arrival
+    /// number, the input position and the outbox.
+    async fn load(&self, retain_ended: usize) -> Result<Loaded, PortError>;
+    /// Writes the whole batch or nothing. Writing the same batch twice leaves the same state (the driver
+    /// retries a write whose answer was lost).
+    async fn write(&self, batch: &Batch<'_>) -> Result<(), PortError>;
+    /// Whether the store answers (readiness).
+    async fn ping(&self) -> Result<(), PortError>;
+    /// Closes the connections at shutdown.
+    async fn close(&self);
+}
+
+// ----- the lease store ------------------------------------------------------------------------------
+
+/// Why the store would not write a lease. Not an error: the core hears of it and revokes its grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// The live leases on the GPU and this one exceed the GPU's capacity.
+    Capacity {
+        gpu: String,
+        used_mb: u64,
+        vram_mb: u64,
+        capacity_mb: u64,
+    },
+    /// The fence is not above the highest one stored (for a rewrite: below it).
+    StaleFence { fence: Fence, stored: Fence },
+    /// A live lease for this request exists under another fence.
+    Held { request_id: String, fence: Fence },
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Capacity {
+                gpu,
+                used_mb,
+                vram_mb,
+                capacity_mb,
+            } => write!(
+                f,
+                "GPU {gpu} has {used_mb} MB of {capacity_mb} MB leased; {vram_mb} MB more do not fit"
+            ),
+            Refused::StaleFence { fence, stored } => write!(
+                f,
+                "fence {} is older than the highest fence in the lease store ({})",
+                fence.0, stored.0
+            ),
+            Refused::Held { request_id, fence } => write!(
+                f,
+                "request {request_id} already holds a lease under fence {}",
+                fence.0
+            ),
+        }
+    }
+}
+
+/// What [`Leases::apply`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    /// Written, extended or deleted.
+    Done,
+    /// An acquire or restore that the store refused.
+    Refused(Refused),
+    /// A renew or release that found no lease under that fence (expired, released, or another fence).
+    NotHeld,
+}
+
+impl From<Result<(), Refused>> for LeaseOutcome {
+    fn from(written: Result<(), Refused>) -> Self {
+        match written {
+            Ok(()) => LeaseOutcome::Done,
+            Err(refused) => LeaseOutcome::Refused(refused),
+        }
+    }
+}
+
+impl LeaseOutcome {
+    /// Why the store refused a lease (`Acquire`, `Restore`), as a sentence; `None` for anything else.
+    pub fn refusal(&self) -> Option<String> {
+        match self {
+            LeaseOutcome::Refused(refused) => Some(refused.to_string()),
+            LeaseOutcome::Done | LeaseOutcome::NotHeld => None,
+        }
+    }
+}
+
+/// The lease store: the source of truth for who holds a GPU. Every write is conditional (compare-and-set
+/// on the fence, a capacity check), so a lease it refuses is a second holder prevented.
+#[async_trait]
+pub trait Leases: Send + Sync + 'static {
+    /// Carries out one of the core's lease operations, with the checks [`LeaseOp`] documents. Leases
+    /// expire by themselves at `expires_at`.
+    async fn apply(&self, op: &LeaseOp) -> Result<LeaseOutcome, PortError>;
+    /// Every live lease, read atomically, in no particular order.
+    async fn leases(&self) -> Result<Vec<Lease>, PortError>;
+    /// The highest fence ever written (0 when none).
+    async fn max_fence(&self) -> Result<Fence, PortError>;
+    /// Marks the store's epoch if unmarked. `true`: it was unmarked, so the store is new or lost its data,
+    /// and the leases it held are gone.
+    async fn ensure_epoch(&self) -> Result<bool, PortError>;
+    /// Whether the store answers (readiness).
+    async fn ping(&self) -> Result<(), PortError>;
+}
+
+// ----- the bus --------------------------------------------------------------------------------------
+
+/// One message to publish on a stored output subject.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub subject: String,
+    pub encoding: Encoding,
+    pub payload: Bytes,
+    /// The same on every publish of this message, so the bus stores it once.
+    pub msg_id: String,
+}
+
+/// A publish that failed part of the way.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct PublishFailure {
+    /// How many of the first messages are surely stored.
+    pub stored: usize,
+    #[source]
+    pub error: PortError,
+}
+
+/// Settles one delivered input with the bus, once its effects are durable.
+pub type Settle = Pin<Box<dyn Future<Output = Result<(), PortError>> + Send>>;
+
+/// One input as the bus delivered it.
+pub struct Delivery {
+    /// Its position in the input stream (0: unknown, never skipped as handled).
+    pub seq: u64,
+    pub subject: String,
+    pub content_type: Option<String>,
+    pub payload: Bytes,
+    /// Acknowledges it (`false`), or ends its redelivery for good (`true`: it was invalid).
+    pub ack: Box<dyn FnOnce(bool) -> Settle + Send + Sync>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("seq", &self.seq)
+            .field("subject", &self.subject)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The inputs in stream order. It ends (or fails) when the bus lost the consumer; the driver reopens it.
+pub type Inputs = BoxStream<'static, Result<Delivery, PortError>>;
+
+/// A `<prefix>.status` question: answer it with the status document in `encoding`.
+pub struct StatusQuery {
+    pub encoding: Encoding,
+    pub respond: Box<dyn FnOnce(Vec<u8>) -> Settle + Send + Sync>,
+}
+
+/// The status questions, for as long as the bus is up.
+pub type StatusQueries = BoxStream<'static, StatusQuery>;
+
+/// The message bus: inputs in, outputs out, in order.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Creates or updates the input and output streams.
+    async fn ensure_streams(&self) -> Result<(), PortError>;
+    /// Where reading the inputs goes on from, given `handled`, the last input whose effects are committed
+    /// (0: none known). The driver persists a changed answer before it opens the inputs.
+    async fn input_position(&self, handled: u64) -> Result<u64, PortError>;
+    /// Delivers the inputs after `after`, in order. Opening again drops what the previous stream had
+    /// delivered and not settled; it comes again.
+    async fn open_inputs(&self, after: u64) -> Result<Inputs, PortError>;
+    /// Publishes the messages in order and waits until the bus stored them: all at once (`pipelined`) or
+    /// each after the previous one is stored. A message published again under its `msg_id` is stored once.
+    async fn publish_in_order(
+        &self,
+        outputs: &[Outbound],
+        pipelined: bool,
+    ) -> Result<(), PublishFailure>;
+    /// Changes on every reconnect: the driver then reopens the inputs at once.
+    fn reconnects(&self) -> watch::Receiver<u64>;
+    /// The status questions asked of this coordinator.
+    async fn status_queries(&self) -> Result<StatusQueries, PortError>;
+    /// Sends whatever is buffered, at shutdown.
+    async fn flush(&self) -> Result<(), PortError>;
+}
+
+// ----- leadership -----------------------------------------------------------------------------------
+
+/// A leadership term: strictly increases with each new leader of a prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Term(pub u64);
+
+/// Whether this process may act for its prefix. The driver waits for [`Leadership::acquire`] before it
+/// loads the state and stops acting when [`Leadership::lost`] resolves.
+#[async_trait]
+pub trait Leadership: Send + Sync + 'static {
+    /// Waits until this process leads; answers its term.
+    async fn acquire(&self) -> Result<Term, PortError>;
+    /// Resolves when this process may no longer act under `term`.
+    async fn lost(&self, term: Term);
+}
+
+/// The leadership of a deployment with one coordinator: always the leader, in term 1.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AlwaysLeader;
+
+#[async_trait]
+impl Leadership for AlwaysLeader {
+    async fn acquire(&self) -> Result<Term, PortError> {
+        Ok(Term(1))
+    }
+
+    async fn lost(&self, _term: Term) {
+        std::future::pending::<()>().await
+    }
+}
+
+/// The adapters the driver runs on, one per port.
+#[derive(Clone)]
+pub struct Ports {
+    pub journal: std::sync::Arc<dyn Journal>,
+    pub leases: std::sync::Arc<dyn Leases>,
+    pub bus: std::sync::Arc<dyn Bus>,
+    pub leadership: std::sync::Arc<dyn Leadership>,
+}
