@@ -1,6 +1,7 @@
 //! Thin adapters: each translates between the driver and one server, and decides nothing.
 
 pub mod http;
+pub mod memory;
 pub mod nats;
 pub mod nvml;
 pub mod postgres;

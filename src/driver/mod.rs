@@ -28,6 +28,8 @@ mod event_loop;
 mod reconcile;
 pub mod retry;
 mod start;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{SystemTime, UNIX_EPOCH};

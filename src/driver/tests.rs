@@ -1,0 +1,420 @@
+//! The driver on the in-memory ports: the order of its effects, recovery from a crash at each of them,
+//! and the reconciliation of the lease store, all without a server.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use gpu_coordinator_core::{Fence, GpuSpec, Lease, Phase, SchedConfig, Scheduler};
+use gpu_coordinator_wire::{Encoding, Subjects};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{now_ms, Command, Driver, Setup};
+use crate::adapters::memory::{Crash, Faults, MemBus, MemJournal, MemLeases, Step, Trace};
+use crate::metrics::{Metrics, Recorder};
+use crate::ports::{AlwaysLeader, Ports};
+
+const GPU_MB: u64 = 24_000;
+
+/// In-memory adapters sharing one trace and one set of faults: what a restarted process finds again.
+struct Rig {
+    trace: Trace,
+    faults: Faults,
+    journal: MemJournal,
+    leases: MemLeases,
+    bus: MemBus,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let trace = Trace::default();
+        let faults = Faults::default();
+        Rig {
+            journal: MemJournal::new(trace.clone(), faults.clone()),
+            leases: MemLeases::new(trace.clone(), faults.clone()),
+            bus: MemBus::new(trace.clone(), faults.clone()),
+            trace,
+            faults,
+        }
+    }
+
+    fn ports(&self) -> Ports {
+        Ports {
+            journal: std::sync::Arc::new(self.journal.clone()),
+            leases: std::sync::Arc::new(self.leases.clone()),
+            bus: std::sync::Arc::new(self.bus.clone()),
+            leadership: std::sync::Arc::new(AlwaysLeader),
+        }
+    }
+
+    /// A driver started over these adapters, as a process (re)starting would.
+    async fn driver(&self, shutdown: &CancellationToken) -> (Driver, mpsc::Receiver<Command>) {
+        let setup = Setup {
+            sched: Scheduler::new(
+                SchedConfig::default(),
+                vec![GpuSpec {
+                    id: "0".into(),
+                    total_mb: GPU_MB,
+                }],
+            ),
+            subjects: Subjects::new("gpu").expect("a valid prefix"),
+            recorder: Recorder::new(Metrics::new()),
+            nvml: None,
+            retain_ended: 1_000,
+            shutdown: shutdown.clone(),
+        };
+        Driver::start(setup, self.ports())
+            .await
+            .expect("starts on in-memory ports")
+    }
+
+    /// A driver running its loop in a task.
+    async fn spawn(&self, shutdown: &CancellationToken) -> tokio::task::JoinHandle<()> {
+        let (driver, commands) = self.driver(shutdown).await;
+        tokio::spawn(async move {
+            driver.run(commands).await.expect("the loop ends cleanly");
+        })
+    }
+
+    fn push(&self, kind: &str, svc: &str, body: Value) -> u64 {
+        self.bus
+            .push(&format!("gpu.{kind}.{svc}"), body.to_string().into_bytes())
+    }
+
+    /// The published messages as `(subject, request_id, what, fence)`, `what` being the reply's outcome,
+    /// the order's action or the event's kind.
+    fn messages(&self) -> Vec<(String, String, String, Option<u64>)> {
+        self.bus
+            .published()
+            .iter()
+            .map(|m| {
+                let v: Value = serde_json::from_slice(&m.payload).expect("JSON messages");
+                let what = ["outcome", "action", "kind"]
+                    .iter()
+                    .find_map(|f| v.get(*f).and_then(Value::as_str))
+                    .unwrap_or_default()
+                    .to_owned();
+                (
+                    m.subject.clone(),
+                    v["request_id"].as_str().unwrap_or_default().to_owned(),
+                    what,
+                    v["fence"].as_u64(),
+                )
+            })
+            .collect()
+    }
+
+    /// Each request's phase, end and fence, as the journal holds them.
+    fn outcome(&self) -> Vec<(String, Phase, Option<String>, Option<Fence>)> {
+        self.journal
+            .records()
+            .into_iter()
+            .map(|r| {
+                (
+                    r.request_id.to_string(),
+                    r.phase,
+                    r.end.map(|e| e.as_str().to_owned()),
+                    r.fence,
+                )
+            })
+            .collect()
+    }
+}
+
+/// Waits for `check` to hold, looking every millisecond, at most 10 s.
+async fn until(what: &str, check: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A preemption from start to end, plus an input that is not valid: a background holder is paused for an
+/// urgent request, ACKs, gets the GPU back when the urgent one releases, and releases.
+fn preemption_story(rig: &Rig) -> Vec<u64> {
+    vec![
+        rig.push(
+            "request",
+            "asr",
+            json!({"request_id": "asr-1", "priority": 2}),
+        ),
+        rig.push(
+            "request",
+            "chat",
+            json!({"request_id": "chat-1", "priority": 0}),
+        ),
+        rig.push(
+            "ack",
+            "asr",
+            json!({"request_id": "asr-1", "action": "paused"}),
+        ),
+        rig.push("renew", "chat", json!({"request_id": "nobody"})),
+        rig.push("release", "chat", json!({"request_id": "chat-1"})),
+        rig.push(
+            "ack",
+            "asr",
+            json!({"request_id": "asr-1", "action": "resumed"}),
+        ),
+        rig.push("release", "asr", json!({"request_id": "asr-1"})),
+    ]
+}
+
+#[tokio::test]
+async fn effects_are_durable_before_they_are_published_and_published_before_acknowledged() {
+    let rig = Rig::new();
+    let shutdown = CancellationToken::new();
+    let task = rig.spawn(&shutdown).await;
+    let inputs = preemption_story(&rig);
+    until("every input acknowledged", || {
+        inputs.iter().all(|&s| rig.bus.acked(s))
+    })
+    .await;
+    shutdown.cancel();
+    task.await.expect("the driver task ends");
+
+    let mut written: Vec<String> = Vec::new();
+    let mut published: Vec<String> = Vec::new();
+    let mut position = 0;
+    for step in rig.trace.steps() {
+        match step {
+            Step::Write {
+                input_seq, msg_ids, ..
+            } => {
+                written.extend(msg_ids);
+                position = position.max(input_seq.unwrap_or(0));
+            }
+            Step::Publish { msg_id, .. } => {
+                assert!(
+                    written.contains(&msg_id),
+                    "{msg_id} published before the journal held it"
+                );
+                published.push(msg_id);
+            }
+            Step::Ack { seq, terminate } => {
+                assert!(
+                    seq <= position,
+                    "input {seq} acknowledged before its position was written"
+                );
+                let unpublished: Vec<_> =
+                    written.iter().filter(|m| !published.contains(m)).collect();
+                assert!(
+                    unpublished.is_empty(),
+                    "input {seq} acknowledged before {unpublished:?} were published"
+                );
+                // Only the renew of an unknown request is valid JSON about nobody: rejected, not ended.
+                assert!(!terminate, "input {seq} was terminated");
+            }
+            Step::Lease { .. } => {}
+        }
+    }
+    let what: Vec<(String, String)> = rig
+        .messages()
+        .into_iter()
+        .filter(|(subject, ..)| !subject.starts_with("gpu.event."))
+        .map(|(subject, id, what, _)| (format!("{subject} {id}"), what))
+        .collect();
+    let expected = [
+        ("gpu.reply.asr asr-1", "granted"),
+        ("gpu.control.asr asr-1", "pause"),
+        ("gpu.reply.chat chat-1", "granted"),
+        ("gpu.reply.chat nobody", "rejected"),
+        ("gpu.reply.chat chat-1", "released"),
+        ("gpu.control.asr asr-1", "resume"),
+        ("gpu.reply.asr asr-1", "released"),
+    ];
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    assert_eq!(what, expected);
+    assert!(rig.leases.live().is_empty(), "every lease was released");
+}
+
+#[tokio::test]
+async fn a_crash_at_any_effect_recovers_to_the_same_state() {
+    // The story once without a crash: what it publishes and leaves in the journal.
+    let baseline = Rig::new();
+    let shutdown = CancellationToken::new();
+    let task = baseline.spawn(&shutdown).await;
+    let inputs = preemption_story(&baseline);
+    until("the baseline's inputs acknowledged", || {
+        inputs.iter().all(|&s| baseline.bus.acked(s))
+    })
+    .await;
+    shutdown.cancel();
+    task.await.expect("the driver task ends");
+    let effects = baseline.faults.effects();
+    let (messages, outcome) = (baseline.messages(), baseline.outcome());
+    assert!(effects > 20, "the story has {effects} effects");
+
+    for at in 0..effects {
+        for after in [false, true] {
+            let rig = Rig::new();
+            rig.faults.set(Some(Crash { at, after }));
+            let first = CancellationToken::new();
+            let task = rig.spawn(&first).await;
+            let inputs = preemption_story(&rig);
+            until("the crash", || {
+                rig.faults.crashed() || inputs.iter().all(|&s| rig.bus.acked(s))
+            })
+            .await;
+            // The process dies where it stalled; a new one starts over what it left.
+            task.abort();
+            let _ = task.await;
+            rig.faults.set(None);
+            let case = format!("crash at effect {at} (after: {after})");
+            let second = CancellationToken::new();
+            let task = rig.spawn(&second).await;
+            // An input acknowledged before the crash or not, its effects are what count: the last one
+            // journaled and every message out.
+            let last = inputs.last().copied().unwrap_or_default();
+            until(&format!("{case}: the story played to its end"), || {
+                rig.journal.input_seq() >= last && rig.messages().len() >= messages.len()
+            })
+            .await;
+            second.cancel();
+            task.await.expect("the driver task ends");
+            assert_eq!(rig.messages(), messages, "{case}: published messages");
+            assert_eq!(rig.outcome(), outcome, "{case}: the journal");
+            assert!(rig.leases.live().is_empty(), "{case}: a lease left");
+        }
+    }
+}
+
+/// A driver that handled `inputs` (bodies for `gpu.<kind>.<svc>`) by hand, without its loop.
+async fn handled(rig: &Rig, inputs: &[(&str, &str, Value)]) -> Driver {
+    let shutdown = CancellationToken::new();
+    let (mut driver, _commands) = rig.driver(&shutdown).await;
+    feed(rig, &mut driver, inputs).await;
+    driver
+}
+
+/// Hands `driver` these inputs as one batch, as its loop would.
+async fn feed(rig: &Rig, driver: &mut Driver, inputs: &[(&str, &str, Value)]) {
+    for (kind, svc, body) in inputs {
+        rig.push(kind, svc, body.clone());
+    }
+    let mut stream = crate::ports::Bus::open_inputs(&rig.bus, driver.position.handled)
+        .await
+        .expect("inputs open");
+    let mut batch = Vec::new();
+    for _ in inputs {
+        batch.push(stream.next().await.expect("an input").expect("a delivery"));
+    }
+    driver.handle_batch(batch).await.expect("handled");
+}
+
+fn asr_request() -> (&'static str, &'static str, Value) {
+    (
+        "request",
+        "asr",
+        json!({"request_id": "asr-1", "priority": 2, "vram_mb": 8000}),
+    )
+}
+
+#[tokio::test]
+async fn a_lease_store_that_lost_its_data_gets_the_live_leases_back() {
+    let rig = Rig::new();
+    let mut driver = handled(&rig, &[asr_request()]).await;
+    let held = rig.leases.live();
+    assert_eq!(held.len(), 1);
+    rig.leases.lose_everything();
+    driver.check_lease_store().await.expect("reconciled");
+    assert_eq!(rig.leases.live(), held, "the same lease, same fence");
+}
+
+#[tokio::test]
+async fn a_lease_the_coordinator_does_not_know_is_released() {
+    let rig = Rig::new();
+    let mut driver = handled(&rig, &[asr_request()]).await;
+    let held = rig.leases.live();
+    rig.leases.plant(Lease {
+        request_id: "ghost".into(),
+        service_id: "old".into(),
+        gpu: "0".into(),
+        fence: Fence(99),
+        vram_mb: 1000,
+        capacity_mb: GPU_MB,
+        expires_at: now_ms() + 60_000,
+    });
+    driver.check_lease_store().await.expect("reconciled");
+    assert_eq!(
+        rig.leases.live(),
+        held,
+        "only the coordinator's lease is left"
+    );
+}
+
+#[tokio::test]
+async fn a_renewed_lease_the_store_lost_is_written_back() {
+    let rig = Rig::new();
+    let mut driver = handled(&rig, &[asr_request()]).await;
+    let before = rig.leases.live();
+    rig.leases.lose_everything();
+    let renew = ("renew", "asr", json!({"request_id": "asr-1"}));
+    feed(&rig, &mut driver, &[renew]).await;
+    let after = rig.leases.live();
+    assert_eq!(after.len(), 1, "the lease is back");
+    assert_eq!(after[0].fence, before[0].fence);
+    assert!(after[0].expires_at >= before[0].expires_at);
+}
+
+#[tokio::test]
+async fn a_grant_the_store_refuses_is_revoked() {
+    let rig = Rig::new();
+    let mut driver = handled(&rig, &[]).await;
+    // Another holder the coordinator never granted fills the GPU under a higher fence.
+    rig.leases.plant(Lease {
+        request_id: "intruder".into(),
+        service_id: "other".into(),
+        gpu: "0".into(),
+        fence: Fence(50),
+        vram_mb: GPU_MB,
+        capacity_mb: GPU_MB,
+        expires_at: now_ms() + 60_000,
+    });
+    feed(&rig, &mut driver, &[asr_request()]).await;
+    let orders: Vec<String> = rig
+        .messages()
+        .into_iter()
+        .filter(|(subject, id, ..)| subject == "gpu.control.asr" && id == "asr-1")
+        .map(|(_, _, what, _)| what)
+        .collect();
+    assert_eq!(orders, vec!["revoke".to_owned()]);
+    let asr = rig
+        .outcome()
+        .into_iter()
+        .find(|(id, ..)| id == "asr-1")
+        .expect("the request is journaled");
+    assert_eq!(asr.1, Phase::Ended);
+    assert_eq!(asr.2.as_deref(), Some("revoked"));
+}
+
+#[tokio::test]
+async fn status_questions_are_answered_in_their_encoding() {
+    let rig = Rig::new();
+    let shutdown = CancellationToken::new();
+    let task = rig.spawn(&shutdown).await;
+    let granted = rig.push(
+        "request",
+        "asr",
+        json!({"request_id": "asr-1", "priority": 2}),
+    );
+    until("the request handled", || rig.bus.acked(granted)).await;
+    let mut answer = None;
+    for _ in 0..1000 {
+        answer = rig.bus.status(Encoding::MsgPack).await;
+        if answer.is_some() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let doc: gpu_coordinator_wire::StatusDoc =
+        rmp_serde::from_slice(&answer.expect("a status answer")).expect("MessagePack status");
+    let json = serde_json::to_value(&doc).expect("the document serializes");
+    assert_eq!(json["gpus"][0]["holders"][0]["request_id"], "asr-1");
+    shutdown.cancel();
+    task.await.expect("the driver task ends");
+}
