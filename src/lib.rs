@@ -9,10 +9,14 @@
 //! - `core/` (crate `gpu-coordinator-core`): the scheduler, a deterministic state machine with no I/O, no
 //!   clock and no async. Inputs go in with `now`; actions come out; it says when it next wants waking.
 //! - `wire/` (crate `gpu-coordinator-wire`): the wire contract's messages, JSON/MessagePack, validation.
-//! - [`driver`]: the one event loop that owns the scheduler and carries out its actions.
-//! - [`adapters`]: thin translations to NATS JetStream, Redis (the lease store), Postgres (the durable
-//!   queue), NVML (VRAM as the driver sees it) and HTTP (axum: the API, SSE control orders, health,
-//!   OpenAPI). No scheduling decision lives there.
+//! - [`app`]: the composition root. It chooses the adapters, connects them, spawns the HTTP API and the
+//!   NVML sampler under one task tracker, runs the driver and stops everything in order.
+//! - [`driver`]: the one event loop that owns the scheduler and carries out its actions through the
+//!   [`ports`].
+//! - [`ports`]: the traits the driver needs from the outside (journal, lease store, bus, leadership).
+//! - [`adapters`]: thin translations to NATS JetStream (the bus), Redis (the lease store), Postgres (the
+//!   journal), NVML (VRAM as the driver sees it) and HTTP (axum: the API, SSE control orders, health,
+//!   OpenAPI), and in-memory implementations of every port. No scheduling decision lives there.
 //! - [`metrics`]: Prometheus metrics, fed by the driver's actions and the status document.
 //! - [`config`]: the typed configuration (figment). [`telemetry`]: logging.
 //! - `migrations/` (crate `migration`): the Postgres schema.

@@ -1,0 +1,189 @@
+//! The lease store in memory, with the checks of the Redis scripts: a fence above every fence stored (equal
+//! for a rewrite), one lease per request, the GPU's capacity; leases expire at `expires_at`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use gpu_coordinator_core::{Fence, Lease, LeaseOp};
+
+use super::{lock, stall, Faults, Step, Trace, Verdict};
+use crate::driver::now_ms;
+use crate::ports::{LeaseOutcome, Leases, PortError, Refused};
+
+#[derive(Debug, Default)]
+struct LeaseState {
+    leases: HashMap<String, Lease>,
+    max_fence: Fence,
+    epoch: bool,
+}
+
+impl LeaseState {
+    /// Drops what expired by `now`, as Redis does with its key TTLs.
+    fn expire(&mut self, now: u64) {
+        self.leases.retain(|_, l| l.expires_at > now);
+    }
+
+    fn write(&mut self, lease: &Lease, rewrite: bool) -> Result<(), Refused> {
+        if let Some(held) = self.leases.get(&lease.request_id) {
+            if held.fence == lease.fence {
+                return Ok(());
+            }
+            return Err(Refused::Held {
+                request_id: lease.request_id.clone(),
+                fence: held.fence,
+            });
+        }
+        if lease.fence < self.max_fence || (lease.fence == self.max_fence && !rewrite) {
+            return Err(Refused::StaleFence {
+                fence: lease.fence,
+                stored: self.max_fence,
+            });
+        }
+        let used: u64 = self
+            .leases
+            .values()
+            .filter(|l| l.gpu == lease.gpu)
+            .map(|l| l.vram_mb)
+            .sum();
+        if used + lease.vram_mb > lease.capacity_mb {
+            return Err(Refused::Capacity {
+                gpu: lease.gpu.clone(),
+                used_mb: used,
+                vram_mb: lease.vram_mb,
+                capacity_mb: lease.capacity_mb,
+            });
+        }
+        self.leases.insert(lease.request_id.clone(), lease.clone());
+        self.max_fence = self.max_fence.max(lease.fence);
+        Ok(())
+    }
+
+    fn apply(&mut self, op: &LeaseOp) -> LeaseOutcome {
+        self.expire(now_ms());
+        let held = |state: &LeaseState, request_id: &str, fence: Fence| {
+            state
+                .leases
+                .get(request_id)
+                .is_some_and(|l| l.fence == fence)
+        };
+        match op {
+            LeaseOp::Acquire(lease) => self.write(lease, false).into(),
+            LeaseOp::Restore(lease) => self.write(lease, true).into(),
+            LeaseOp::Renew {
+                request_id,
+                fence,
+                expires_at,
+                ..
+            } => {
+                if !held(self, request_id, *fence) {
+                    return LeaseOutcome::NotHeld;
+                }
+                if let Some(lease) = self.leases.get_mut(request_id) {
+                    lease.expires_at = *expires_at;
+                }
+                LeaseOutcome::Done
+            }
+            LeaseOp::Release {
+                request_id, fence, ..
+            } => {
+                if !held(self, request_id, *fence) {
+                    return LeaseOutcome::NotHeld;
+                }
+                self.leases.remove(request_id);
+                LeaseOutcome::Done
+            }
+        }
+    }
+}
+
+/// The request an operation is about, and its name, for the trace.
+fn describe(op: &LeaseOp) -> (&'static str, String) {
+    match op {
+        LeaseOp::Acquire(l) => ("acquire", l.request_id.clone()),
+        LeaseOp::Restore(l) => ("restore", l.request_id.clone()),
+        LeaseOp::Renew { request_id, .. } => ("renew", request_id.clone()),
+        LeaseOp::Release { request_id, .. } => ("release", request_id.clone()),
+    }
+}
+
+/// A [`Leases`] store in memory with the Redis scripts' checks.
+#[derive(Debug, Clone, Default)]
+pub struct MemLeases {
+    state: Arc<Mutex<LeaseState>>,
+    trace: Trace,
+    faults: Faults,
+}
+
+impl MemLeases {
+    /// A store recording into `trace`, subject to `faults`.
+    pub fn new(trace: Trace, faults: Faults) -> MemLeases {
+        MemLeases {
+            state: Arc::default(),
+            trace,
+            faults,
+        }
+    }
+
+    /// The live leases, in fence order.
+    pub fn live(&self) -> Vec<Lease> {
+        let mut state = lock(&self.state);
+        state.expire(now_ms());
+        let mut leases: Vec<Lease> = state.leases.values().cloned().collect();
+        leases.sort_by_key(|l| l.fence);
+        leases
+    }
+
+    /// Loses every lease and the epoch mark, as a Redis restarted without its data would.
+    pub fn lose_everything(&self) {
+        let mut state = lock(&self.state);
+        state.leases.clear();
+        state.epoch = false;
+    }
+
+    /// Puts a lease in place behind the coordinator's back (an old snapshot brought it back).
+    pub fn plant(&self, lease: Lease) {
+        let mut state = lock(&self.state);
+        state.max_fence = state.max_fence.max(lease.fence);
+        state.leases.insert(lease.request_id.clone(), lease);
+    }
+}
+
+#[async_trait]
+impl Leases for MemLeases {
+    async fn apply(&self, op: &LeaseOp) -> Result<LeaseOutcome, PortError> {
+        let verdict = self.faults.next();
+        if let Verdict::StallBefore = verdict {
+            return stall().await;
+        }
+        let outcome = lock(&self.state).apply(op);
+        let (name, request_id) = describe(op);
+        self.trace.push(Step::Lease {
+            op: name,
+            request_id,
+        });
+        if let Verdict::StallAfter = verdict {
+            return stall().await;
+        }
+        Ok(outcome)
+    }
+
+    async fn leases(&self) -> Result<Vec<Lease>, PortError> {
+        Ok(self.live())
+    }
+
+    async fn max_fence(&self) -> Result<Fence, PortError> {
+        Ok(lock(&self.state).max_fence)
+    }
+
+    async fn ensure_epoch(&self) -> Result<bool, PortError> {
+        let mut state = lock(&self.state);
+        let missing = !state.epoch;
+        state.epoch = true;
+        Ok(missing)
+    }
+
+    async fn ping(&self) -> Result<(), PortError> {
+        Ok(())
+    }
+}
