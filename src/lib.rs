@@ -36,6 +36,7 @@
 
 pub mod adapters;
 pub mod app;
+pub mod audit;
 pub mod config;
 pub mod demo;
 pub mod driver;

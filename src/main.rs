@@ -53,6 +53,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Replay the output stream and check its history: never two holders beyond a GPU's capacity, a
+    /// whole-GPU holder alone, fences strictly rising, no grant while a holder is pausing, every request
+    /// ended at most once, every grant reply with its event. Prints a summary and exits 0, or prints the
+    /// first violation with the records that show it and exits 1.
+    Audit {
+        /// Start at this RFC 3339 instant, or this span back from now (`90s`, `15m`, `2h`, `7d`).
+        /// Default: the first message the stream keeps.
+        #[arg(long, value_name = "WHEN")]
+        since: Option<String>,
+    },
     /// Show the GPUs (VRAM and its source), the holders and the queue of a running coordinator.
     Status {
         /// Print the status document as JSON, for scripts.
@@ -68,6 +78,27 @@ enum Command {
     },
 }
 
+/// `audit`: exits 1 on a violation, after printing it.
+async fn audit(config: Config, since: Option<&str>) -> anyhow::Result<()> {
+    use gpu_coordinator::audit::{self, Since};
+    let since = match since {
+        Some(text) => {
+            Since::parse(text, gpu_coordinator::driver::now_ms()).map_err(anyhow::Error::msg)?
+        }
+        None => Since::Start,
+    };
+    match audit::run(&config, since).await? {
+        Ok(summary) => {
+            println!("{summary}");
+            Ok(())
+        }
+        Err(violation) => {
+            print!("{violation}");
+            std::process::exit(1);
+        }
+    }
+}
+
 /// How long `status` waits for an answer.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -76,18 +107,20 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         // The demo's output is its timeline, the status command's its table: only warnings beside them.
-        Command::Demo { .. } | Command::Status { .. } | Command::Gpus { .. } => {
-            telemetry::init_with_default(
-                cli.log_format,
-                tracing_subscriber::filter::LevelFilter::WARN,
-            )
-        }
+        Command::Demo { .. }
+        | Command::Status { .. }
+        | Command::Gpus { .. }
+        | Command::Audit { .. } => telemetry::init_with_default(
+            cli.log_format,
+            tracing_subscriber::filter::LevelFilter::WARN,
+        ),
         _ => telemetry::init(cli.log_format),
     }
     let config = load_config(&cli)?;
     match cli.command {
         Command::Serve => serve(config).await,
         Command::Migrate => migrate(config).await,
+        Command::Audit { since } => audit(config, since.as_deref()).await,
         Command::Demo {
             duration,
             speed,

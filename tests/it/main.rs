@@ -1,6 +1,7 @@
 //! The one integration-test crate: every area is a module, so the suite links once.
 //! Tests talk to the real Postgres, Redis and NATS on loopback (or private servers they start).
 
+mod audit;
 mod client;
 mod demo;
 mod http;

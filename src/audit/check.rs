@@ -1,0 +1,549 @@
+//! The rules a history must keep, checked one record at a time with no I/O: fed the output stream in
+//! order (and which requests asked for a whole GPU, from the input stream), [`Checker`] answers the first
+//! violation with the records that show it, or a summary.
+//!
+//! The rules:
+//! - per GPU, at every instant, the holders' VRAM fits its capacity and a whole-GPU holder is alone
+//!   (a holder asked to pause still holds until its `paused` or `revoked`);
+//! - fences strictly increase over every `granted` and `resumed`;
+//! - no grant or resume on a GPU while a holder there is pausing (neither ACKed nor revoked);
+//! - every request ends at most once (`released`, `timed_out`, `cancelled`, `revoked`, or `rejected`
+//!   after it was `requested`), and nothing happens to it after its end;
+//! - every `granted` reply has its `granted` event (same request, same fence), and every `granted` event
+//!   its reply.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fmt;
+
+use gpu_coordinator_wire::{Control, ControlAction, Event, EventKind, Outcome, Reply};
+
+/// How many records that touched a GPU or a request are kept to show with a violation.
+const CONTEXT: usize = 8;
+
+/// One message of the output stream, decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    Reply(Reply),
+    Control(Control),
+    Event(Event),
+}
+
+/// A record of the history: where it is in the stream, and what it says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// The output stream's sequence.
+    pub seq: u64,
+    pub subject: String,
+    pub output: Output,
+}
+
+impl fmt::Display for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let body = match &self.output {
+            Output::Reply(r) => serde_json::to_string(r),
+            Output::Control(c) => serde_json::to_string(c),
+            Output::Event(e) => serde_json::to_string(e),
+        }
+        .unwrap_or_default();
+        write!(f, "#{} {} {}", self.seq, self.subject, body)
+    }
+}
+
+/// A broken rule, with the records that show it (oldest first, the offending one last).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Violation {
+    pub rule: String,
+    pub records: Vec<Record>,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "VIOLATION: {}", self.rule)?;
+        for r in &self.records {
+            writeln!(f, "  {r}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a history held, when it kept every rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub records: u64,
+    pub requests: u64,
+    pub grants: u64,
+    pub resumes: u64,
+    pub preemptions: u64,
+    pub releases: u64,
+    pub timeouts: u64,
+    pub cancels: u64,
+    pub rejections: u64,
+    /// Revocations by cause: `expired`, `no pause ACK`, `refused by the lease store`, `other`.
+    pub revocations: BTreeMap<String, u64>,
+    /// Requests still live at the end of the history.
+    pub live: u64,
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "history: {} records", self.records)?;
+        writeln!(
+            f,
+            "requests: {} ({} still live at the end)",
+            self.requests, self.live
+        )?;
+        writeln!(
+            f,
+            "grants: {}, resumes: {}, preemptions: {}",
+            self.grants, self.resumes, self.preemptions
+        )?;
+        writeln!(
+            f,
+            "ends: {} released, {} timed out, {} cancelled, {} rejected, {} revoked",
+            self.releases,
+            self.timeouts,
+            self.cancels,
+            self.rejections,
+            self.revocations.values().sum::<u64>()
+        )?;
+        for (cause, n) in &self.revocations {
+            writeln!(f, "  revoked ({cause}): {n}")?;
+        }
+        write!(f, "every rule held")
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Holder {
+    fence: u64,
+    vram_mb: u64,
+    whole: bool,
+    pausing: bool,
+}
+
+/// Checks a history record by record.
+#[derive(Debug, Default)]
+pub struct Checker {
+    /// GPU id -> capacity in MB (a GPU not listed is checked for exclusivity only).
+    capacity: HashMap<String, u64>,
+    /// Requests that asked for a whole GPU.
+    whole: HashSet<String>,
+    holders: BTreeMap<String, BTreeMap<String, Holder>>,
+    /// The VRAM of each request's last grant (a resume holds as much again).
+    held_mb: HashMap<String, u64>,
+    last_fence: Option<(u64, Record)>,
+    /// Requests that were `requested`, and those that ended (with the record that ended them).
+    requested: HashSet<String>,
+    ended: HashMap<String, Record>,
+    /// Expired leases: their `revoked` that follows counts as an expiry.
+    expired: HashSet<String>,
+    /// `(request, fence)` of granted replies and events not yet matched by the other.
+    replies_alone: BTreeMap<(String, u64), Record>,
+    events_alone: BTreeMap<(String, u64), Record>,
+    granted_events: HashSet<(String, u64)>,
+    granted_replies: HashSet<(String, u64)>,
+    /// Recent records per GPU and per request, shown with a violation.
+    context: HashMap<String, VecDeque<Record>>,
+    summary: Summary,
+}
+
+impl Checker {
+    /// A checker for GPUs of these capacities, knowing which requests asked for a whole GPU.
+    pub fn new(capacity: HashMap<String, u64>, whole: HashSet<String>) -> Checker {
+        Checker {
+            capacity,
+            whole,
+            ..Checker::default()
+        }
+    }
+
+    /// Checks one more record.
+    pub fn feed(&mut self, record: Record) -> Result<(), Violation> {
+        self.summary.records += 1;
+        match &record.output {
+            Output::Reply(reply) => self.on_reply(reply.clone(), &record),
+            Output::Control(control) => {
+                if control.action == ControlAction::Resume {
+                    self.remember(&format!("req:{}", control.request_id), &record);
+                }
+                Ok(())
+            }
+            Output::Event(event) => self.on_event(event.clone(), &record),
+        }
+    }
+
+    /// The summary, once the whole history was fed, or the unmatched grant that breaks the last rule.
+    pub fn finish(mut self) -> Result<Summary, Violation> {
+        if let Some((_, record)) = self.replies_alone.into_iter().next() {
+            return Err(Violation {
+                rule: "a `granted` reply has no `granted` event".into(),
+                records: vec![record],
+            });
+        }
+        if let Some((_, record)) = self.events_alone.into_iter().next() {
+            return Err(Violation {
+                rule: "a `granted` event has no `granted` reply".into(),
+                records: vec![record],
+            });
+        }
+        self.summary.live = self
+            .requested
+            .iter()
+            .filter(|r| !self.ended.contains_key(*r))
+            .count() as u64;
+        Ok(self.summary)
+    }
+
+    fn remember(&mut self, key: &str, record: &Record) {
+        let recent = self.context.entry(key.to_owned()).or_default();
+        recent.push_back(record.clone());
+        if recent.len() > CONTEXT {
+            recent.pop_front();
+        }
+    }
+
+    fn violation(&self, rule: String, keys: &[String], record: &Record) -> Violation {
+        let mut records: Vec<Record> = keys
+            .iter()
+            .filter_map(|k| self.context.get(k))
+            .flatten()
+            .filter(|r| r.seq != record.seq)
+            .cloned()
+            .collect();
+        records.sort_by_key(|r| r.seq);
+        records.dedup_by_key(|r| r.seq);
+        records.push(record.clone());
+        Violation { rule, records }
+    }
+
+    fn on_reply(&mut self, reply: Reply, record: &Record) -> Result<(), Violation> {
+        if reply.outcome != Outcome::Granted {
+            return Ok(());
+        }
+        let Some(fence) = reply.fence else {
+            return Ok(());
+        };
+        if let Some(mb) = reply.vram_mb {
+            self.held_mb.insert(reply.request_id.clone(), mb);
+        }
+        let key = (reply.request_id.clone(), fence);
+        self.remember(&format!("req:{}", reply.request_id), record);
+        if self.granted_replies.insert(key.clone()) {
+            self.events_alone.remove(&key);
+            if !self.granted_events.contains(&key) {
+                self.replies_alone.insert(key, record.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn on_event(&mut self, event: Event, record: &Record) -> Result<(), Violation> {
+        let Some(id) = event.request_id.clone() else {
+            if event.kind == EventKind::Rejected {
+                self.summary.rejections += 1;
+            }
+            return Ok(());
+        };
+        let req_key = format!("req:{id}");
+        self.remember(&req_key, record);
+        if let Some(gpu) = &event.gpu {
+            self.remember(&format!("gpu:{gpu}"), record);
+        }
+        let ends = match event.kind {
+            EventKind::Released
+            | EventKind::TimedOut
+            | EventKind::Cancelled
+            | EventKind::Revoked => true,
+            // A rejected input about a live request carries no priority; a rejected request does.
+            EventKind::Rejected => event.priority.is_some(),
+            _ => false,
+        };
+        if let Some(end) = self.ended.get(&id) {
+            if ends || event.kind != EventKind::Rejected {
+                let rule = format!(
+                    "request `{id}` has a `{}` event after it ended (#{})",
+                    event.kind.as_str(),
+                    end.seq
+                );
+                return Err(self.violation(rule, &[req_key], record));
+            }
+        }
+        match event.kind {
+            EventKind::Requested => {
+                self.summary.requests += 1;
+                self.requested.insert(id.clone());
+            }
+            EventKind::Granted | EventKind::Resumed => self.on_grant(&event, id.clone(), record)?,
+            EventKind::Preempting => {
+                self.summary.preemptions += 1;
+                if let Some(h) = self.holder_mut(&event, &id) {
+                    h.pausing = true;
+                }
+            }
+            EventKind::Paused => self.drop_holder(&event, &id),
+            EventKind::Expired => {
+                self.expired.insert(id.clone());
+                self.drop_holder(&event, &id);
+            }
+            EventKind::Released => self.summary.releases += 1,
+            EventKind::TimedOut => self.summary.timeouts += 1,
+            EventKind::Cancelled => self.summary.cancels += 1,
+            EventKind::Rejected => self.summary.rejections += 1,
+            EventKind::Revoked => {
+                let detail = event.detail.as_deref().unwrap_or_default();
+                let cause = if self.expired.remove(&id) {
+                    "expired"
+                } else if detail.contains("ACK") {
+                    "no pause ACK"
+                } else if detail.contains("lease store") || detail.contains("Redis") {
+                    "refused by the lease store"
+                } else {
+                    "other"
+                };
+                *self.summary.revocations.entry(cause.into()).or_default() += 1;
+            }
+            EventKind::Queued | EventKind::Renewed => {}
+        }
+        if ends {
+            self.drop_holder(&event, &id);
+            self.ended.insert(id, record.clone());
+        }
+        Ok(())
+    }
+
+    fn holder_mut(&mut self, event: &Event, id: &str) -> Option<&mut Holder> {
+        let gpu = event.gpu.as_ref()?;
+        self.holders.get_mut(gpu)?.get_mut(id)
+    }
+
+    fn drop_holder(&mut self, event: &Event, id: &str) {
+        match &event.gpu {
+            Some(gpu) => {
+                if let Some(on) = self.holders.get_mut(gpu) {
+                    on.remove(id);
+                }
+            }
+            None => self.holders.values_mut().for_each(|on| {
+                on.remove(id);
+            }),
+        }
+    }
+
+    fn on_grant(&mut self, event: &Event, id: String, record: &Record) -> Result<(), Violation> {
+        let req_key = format!("req:{id}");
+        let (Some(gpu), Some(fence)) = (event.gpu.clone(), event.fence) else {
+            let rule = format!("`{}` of `{id}` names no GPU or fence", event.kind.as_str());
+            return Err(self.violation(rule, &[req_key], record));
+        };
+        let gpu_key = format!("gpu:{gpu}");
+        if let Some((last, at)) = &self.last_fence {
+            if fence <= *last {
+                let rule = format!(
+                    "fence {fence} of `{id}` does not rise above fence {last} (#{})",
+                    at.seq
+                );
+                let mut v = self.violation(rule, &[req_key], record);
+                v.records.insert(0, at.clone());
+                return Err(v);
+            }
+        }
+        self.last_fence = Some((fence, record.clone()));
+        if event.kind == EventKind::Granted {
+            self.summary.grants += 1;
+            let key = (id.clone(), fence);
+            self.granted_events.insert(key.clone());
+            if self.replies_alone.remove(&key).is_none() && !self.granted_replies.contains(&key) {
+                self.events_alone.insert(key, record.clone());
+            }
+        } else {
+            self.summary.resumes += 1;
+        }
+        let on = self.holders.entry(gpu.clone()).or_default();
+        if let Some((other, _)) = on.iter().find(|(_, h)| h.pausing) {
+            let rule = format!(
+                "`{id}` got GPU {gpu} while `{other}` was still pausing there (no ACK, no revoke)"
+            );
+            return Err(self.violation(rule, &[gpu_key, req_key], record));
+        }
+        let whole = self.whole.contains(&id);
+        let capacity = self.capacity.get(&gpu).copied();
+        let vram_mb = self
+            .held_mb
+            .get(&id)
+            .copied()
+            .or(if whole { capacity } else { None })
+            .unwrap_or(0);
+        on.insert(
+            id.clone(),
+            Holder {
+                fence,
+                vram_mb,
+                whole,
+                pausing: false,
+            },
+        );
+        let used: u64 = on.values().map(|h| h.vram_mb).sum();
+        let holders: Vec<String> = on
+            .iter()
+            .map(|(r, h)| format!("`{r}` (fence {}, {} MB)", h.fence, h.vram_mb))
+            .collect();
+        if on.len() > 1 && on.values().any(|h| h.whole) {
+            let rule = format!(
+                "GPU {gpu} has a whole-GPU holder beside others: {}",
+                holders.join(", ")
+            );
+            return Err(self.violation(rule, &[gpu_key, req_key], record));
+        }
+        if let Some(capacity) = capacity {
+            if used > capacity {
+                let rule = format!(
+                    "GPU {gpu} holds {used} MB of {capacity} MB: {}",
+                    holders.join(", ")
+                );
+                return Err(self.violation(rule, &[gpu_key, req_key], record));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: u64, kind: EventKind, id: &str, gpu: &str, fence: Option<u64>) -> Record {
+        Record {
+            seq,
+            subject: format!("gpu.event.{}.svc", kind.as_str()),
+            output: Output::Event(Event {
+                at: "2026-01-01T00:00:00Z".into(),
+                kind,
+                request_id: Some(id.into()),
+                service_id: "svc".into(),
+                priority: Some(1),
+                gpu: Some(gpu.into()),
+                fence,
+                detail: None,
+            }),
+        }
+    }
+
+    fn granted(seq: u64, id: &str, gpu: &str, fence: u64, vram_mb: u64) -> [Record; 2] {
+        let mut reply = Reply::new(id, Outcome::Granted);
+        reply.gpu = Some(gpu.into());
+        reply.fence = Some(fence);
+        reply.vram_mb = Some(vram_mb);
+        [
+            Record {
+                seq,
+                subject: "gpu.reply.svc".into(),
+                output: Output::Reply(reply),
+            },
+            event(seq + 1, EventKind::Granted, id, gpu, Some(fence)),
+        ]
+    }
+
+    fn run(whole: &[&str], records: Vec<Record>) -> Result<Summary, Violation> {
+        let mut checker = Checker::new(
+            HashMap::from([("0".to_owned(), 24_000)]),
+            whole.iter().map(|s| s.to_string()).collect(),
+        );
+        for r in records {
+            checker.feed(r)?;
+        }
+        checker.finish()
+    }
+
+    #[test]
+    fn a_preemption_keeps_every_rule() {
+        let mut h = vec![event(1, EventKind::Requested, "a", "0", None)];
+        h.extend(granted(2, "a", "0", 1, 20_000));
+        h.push(event(4, EventKind::Requested, "b", "0", None));
+        h.push(event(5, EventKind::Preempting, "a", "0", Some(1)));
+        h.push(event(6, EventKind::Paused, "a", "0", Some(1)));
+        h.extend(granted(7, "b", "0", 2, 20_000));
+        h.push(event(9, EventKind::Released, "b", "0", Some(2)));
+        h.push(event(10, EventKind::Resumed, "a", "0", Some(3)));
+        h.push(event(11, EventKind::Released, "a", "0", Some(3)));
+        let summary = run(&[], h).expect("a clean history");
+        assert_eq!(
+            (
+                summary.requests,
+                summary.grants,
+                summary.resumes,
+                summary.preemptions,
+                summary.releases,
+                summary.live
+            ),
+            (2, 2, 1, 1, 2, 0)
+        );
+    }
+
+    #[test]
+    fn two_holders_beyond_capacity_are_caught() {
+        let mut h = Vec::new();
+        h.extend(granted(1, "a", "0", 1, 20_000));
+        h.extend(granted(3, "b", "0", 2, 8_000));
+        let v = run(&[], h).expect_err("28,000 MB on a 24,000 MB GPU");
+        assert!(v.rule.contains("holds 28000 MB of 24000 MB"), "{}", v.rule);
+        assert_eq!(v.records.last().map(|r| r.seq), Some(4));
+    }
+
+    #[test]
+    fn a_whole_gpu_holder_must_be_alone() {
+        let mut h = Vec::new();
+        h.extend(granted(1, "a", "0", 1, 1_000));
+        h.extend(granted(3, "b", "0", 2, 1_000));
+        let v = run(&["a"], h).expect_err("b beside a whole-GPU holder");
+        assert!(v.rule.contains("whole-GPU holder"), "{}", v.rule);
+    }
+
+    #[test]
+    fn fences_must_rise() {
+        let mut h = Vec::new();
+        h.extend(granted(1, "a", "0", 5, 1_000));
+        h.push(event(3, EventKind::Released, "a", "0", Some(5)));
+        h.extend(granted(4, "b", "0", 5, 1_000));
+        let v = run(&[], h).expect_err("fence 5 twice");
+        assert!(v.rule.contains("does not rise"), "{}", v.rule);
+    }
+
+    #[test]
+    fn no_grant_while_a_holder_is_pausing() {
+        let mut h = Vec::new();
+        h.extend(granted(1, "a", "0", 1, 1_000));
+        h.push(event(3, EventKind::Preempting, "a", "0", Some(1)));
+        h.extend(granted(4, "b", "0", 2, 1_000));
+        let v = run(&[], h).expect_err("b granted before a's ACK");
+        assert!(v.rule.contains("still pausing"), "{}", v.rule);
+    }
+
+    #[test]
+    fn a_request_ends_once() {
+        let h = vec![
+            event(1, EventKind::Requested, "a", "0", None),
+            event(2, EventKind::TimedOut, "a", "0", None),
+            event(3, EventKind::Cancelled, "a", "0", None),
+        ];
+        let v = run(&[], h).expect_err("two ends");
+        assert!(v.rule.contains("after it ended"), "{}", v.rule);
+        assert_eq!(v.records.len(), 3, "the request's records are shown");
+    }
+
+    #[test]
+    fn a_granted_reply_needs_its_event() {
+        let [reply, _] = granted(1, "a", "0", 1, 1_000);
+        let v = run(&[], vec![reply]).expect_err("a reply alone");
+        assert!(v.rule.contains("no `granted` event"), "{}", v.rule);
+    }
+
+    #[test]
+    fn revocations_are_counted_by_cause() {
+        let mut h = Vec::new();
+        h.extend(granted(1, "a", "0", 1, 1_000));
+        h.push(event(3, EventKind::Expired, "a", "0", Some(1)));
+        h.push(event(4, EventKind::Revoked, "a", "0", Some(1)));
+        let summary = run(&[], h).expect("an expiry is no violation");
+        assert_eq!(summary.revocations.get("expired"), Some(&1));
+    }
+}
