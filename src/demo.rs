@@ -55,6 +55,8 @@ pub struct Summary {
     pub preemptions: u64,
     pub revocations: u64,
     pub rejections: u64,
+    /// What `audit` said of the story's history, once the coordinator stopped.
+    pub audit: Option<String>,
     pub errors: Vec<String>,
 }
 
@@ -89,6 +91,9 @@ impl std::fmt::Display for Summary {
         writeln!(f, "  preemptions:          {}", self.preemptions)?;
         writeln!(f, "  revocations:          {}", self.revocations)?;
         writeln!(f, "  rejections:           {}", self.rejections)?;
+        if let Some(audit) = &self.audit {
+            writeln!(f, "  audit:                {audit}")?;
+        }
         for error in &self.errors {
             writeln!(f, "  error: {error}")?;
         }
@@ -172,8 +177,17 @@ pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<Summary
 
     shutdown.cancel();
     let stopped = coordinator.await;
+    // The history is checked before it is removed: the story must keep every rule.
+    let audit = crate::audit::run(&demo, crate::audit::Since::Start).await;
     cleanup(&demo).await;
-    let summary = result?;
+    let mut summary = result?;
+    match audit {
+        Ok(Ok(checked)) => {
+            summary.audit = Some(format!("every rule held over {} records", checked.records))
+        }
+        Ok(Err(violation)) => summary.errors.push(format!("audit: {violation}")),
+        Err(e) => summary.errors.push(format!("audit: {e:#}")),
+    }
     stopped
         .context("the demo's coordinator panicked")?
         .context("the demo's coordinator stopped with an error")?;
