@@ -17,7 +17,8 @@
 //! - [`adapters`]: thin translations to NATS JetStream (the bus), Redis (the lease store), Postgres (the
 //!   journal), NVML (VRAM as the driver sees it) and HTTP (axum: the API, SSE control orders, health,
 //!   OpenAPI), and in-memory implementations of every port. No scheduling decision lives there.
-//! - [`metrics`]: Prometheus metrics, fed by the driver's actions and the status document.
+//! - [`render`]: the one step that turns the core's typed outputs into the contract's documents.
+//! - [`metrics`]: Prometheus metrics, fed by the core's typed events and the status document.
 //! - [`config`]: the typed configuration (figment). [`telemetry`]: logging.
 //! - `migrations/` (crate `migration`): the Postgres schema.
 //! - `client/` (crate `gpu-coordinator-client`): the library services use.
@@ -42,4 +43,5 @@ pub mod demo;
 pub mod driver;
 pub mod metrics;
 pub mod ports;
+pub mod render;
 pub mod telemetry;

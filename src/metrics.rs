@@ -3,7 +3,8 @@
 //! Two sources feed them, and nothing here decides anything:
 //!
 //! - the driver hands every action the scheduler emits to a [`Recorder`] (counters and histograms from
-//!   the events and replies, so the figures are the audit trail's);
+//!   the core's typed events, so the figures are the audit trail's: instants and waits are numbers,
+//!   never text read back);
 //! - the gauges (queue, holders, VRAM) are set from the status document when the metrics are read, so
 //!   they are never stale.
 //!
@@ -15,8 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use gpu_coordinator_core::{Action, Millis};
-use gpu_coordinator_wire::time::parse_rfc3339;
-use gpu_coordinator_wire::{EventKind, HolderState, Outcome, StatusDoc, VramSource};
+use gpu_coordinator_wire::{EventKind, HolderState, StatusDoc, VramSource};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -326,9 +326,6 @@ pub struct Recorder {
     waiting_since: HashMap<String, Millis>,
     /// Request id -> when it was asked to pause.
     pausing_since: HashMap<String, Millis>,
-    /// The last `granted` reply: its event follows it, and only a first grant has one (a repeated
-    /// request's answer does not count again).
-    granted_reply: Option<(String, u64)>,
 }
 
 impl Recorder {
@@ -337,7 +334,6 @@ impl Recorder {
             metrics,
             waiting_since: HashMap::new(),
             pausing_since: HashMap::new(),
-            granted_reply: None,
         }
     }
 
@@ -345,74 +341,66 @@ impl Recorder {
         &self.metrics
     }
 
-    /// Records one action at `now` (events carry their own instant, which is used when readable).
-    pub fn observe(&mut self, action: &Action, now: Millis) {
-        match action {
-            Action::Reply { reply, .. } if reply.outcome == Outcome::Granted => {
-                self.granted_reply = reply
-                    .waited_ms
-                    .map(|waited| (reply.request_id.clone(), waited));
+    /// Records one action. Only events count: each carries its instant, and a first grant its wait (a
+    /// repeated request's answer is a reply alone, and does not count again).
+    pub fn observe(&mut self, action: &Action) {
+        let Action::Event { event, .. } = action else {
+            return;
+        };
+        let m = &self.metrics;
+        m.events
+            .get_or_create(&KindLabel {
+                kind: event.kind.as_str().to_owned(),
+            })
+            .inc();
+        let at = event.at;
+        let id = event.request_id.clone().unwrap_or_default();
+        match event.kind {
+            EventKind::Requested => {
+                self.waiting_since.insert(id, at);
             }
-            Action::Event { event, .. } => {
-                let m = &self.metrics;
-                m.events
-                    .get_or_create(&KindLabel {
-                        kind: event.kind.as_str().to_owned(),
-                    })
-                    .inc();
-                let at = parse_rfc3339(&event.at).unwrap_or(now);
-                let id = event.request_id.clone().unwrap_or_default();
-                match event.kind {
-                    EventKind::Requested => {
-                        self.waiting_since.insert(id, at);
-                    }
-                    EventKind::Granted => {
-                        m.grants.inc();
-                        if let Some((granted, waited)) = self.granted_reply.take() {
-                            if granted == id {
-                                m.grant_latency.observe(seconds(waited));
-                            }
-                        }
-                        self.waited(&id, at, "granted");
-                    }
-                    EventKind::Preempting => {
-                        m.preemptions.inc();
-                        self.pausing_since.insert(id, at);
-                    }
-                    EventKind::Paused => {
-                        if let Some(since) = self.pausing_since.remove(&id) {
-                            m.pause_ack.observe(seconds(at.saturating_sub(since)));
-                        }
-                        self.waiting_since.insert(id, at);
-                    }
-                    EventKind::Resumed => self.waited(&id, at, "resumed"),
-                    EventKind::TimedOut => {
-                        m.timeouts.inc();
-                        self.waited(&id, at, "timed_out");
-                    }
-                    EventKind::Cancelled => self.waited(&id, at, "cancelled"),
-                    EventKind::Released => {
-                        self.pausing_since.remove(&id);
-                        self.waited(&id, at, "released");
-                    }
-                    EventKind::Revoked => {
-                        m.revocations.inc();
-                        self.pausing_since.remove(&id);
+            EventKind::Granted => {
+                m.grants.inc();
+                if let Some(waited) = event.waited_ms {
+                    m.grant_latency.observe(seconds(waited));
+                }
+                self.waited(&id, at, "granted");
+            }
+            EventKind::Preempting => {
+                m.preemptions.inc();
+                self.pausing_since.insert(id, at);
+            }
+            EventKind::Paused => {
+                if let Some(since) = self.pausing_since.remove(&id) {
+                    m.pause_ack.observe(seconds(at.saturating_sub(since)));
+                }
+                self.waiting_since.insert(id, at);
+            }
+            EventKind::Resumed => self.waited(&id, at, "resumed"),
+            EventKind::TimedOut => {
+                m.timeouts.inc();
+                self.waited(&id, at, "timed_out");
+            }
+            EventKind::Cancelled => self.waited(&id, at, "cancelled"),
+            EventKind::Released => {
+                self.pausing_since.remove(&id);
+                self.waited(&id, at, "released");
+            }
+            EventKind::Revoked => {
+                m.revocations.inc();
+                self.pausing_since.remove(&id);
+                self.waiting_since.remove(&id);
+            }
+            EventKind::Rejected => {
+                m.rejections.inc();
+                // A rejected request never waited; a rejected input about a live one changes nothing.
+                if let Some(since) = self.waiting_since.get(&id) {
+                    if *since == at {
                         self.waiting_since.remove(&id);
                     }
-                    EventKind::Rejected => {
-                        m.rejections.inc();
-                        // A rejected request never waited; a rejected input about a live one changes nothing.
-                        if let Some(since) = self.waiting_since.get(&id) {
-                            if *since == at {
-                                self.waiting_since.remove(&id);
-                            }
-                        }
-                    }
-                    EventKind::Queued | EventKind::Renewed | EventKind::Expired => {}
                 }
             }
-            _ => {}
+            EventKind::Queued | EventKind::Renewed | EventKind::Expired => {}
         }
     }
 
@@ -431,14 +419,15 @@ impl Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gpu_coordinator_core::{EventOut, ReplyOut};
     use gpu_coordinator_wire::time::rfc3339;
-    use gpu_coordinator_wire::{Encoding, Event, GpuStatus, HolderStatus, QueueEntry, Reply};
+    use gpu_coordinator_wire::{Encoding, GpuStatus, HolderStatus, Outcome, QueueEntry};
 
-    fn event(kind: EventKind, id: &str, at: Millis) -> Action {
+    fn event_waited(kind: EventKind, id: &str, at: Millis, waited_ms: Option<u64>) -> Action {
         Action::Event {
             encoding: Encoding::Json,
-            event: Event {
-                at: rfc3339(at),
+            event: EventOut {
+                at,
                 kind,
                 request_id: Some(id.into()),
                 service_id: "svc".into(),
@@ -446,12 +435,18 @@ mod tests {
                 gpu: None,
                 fence: None,
                 detail: None,
+                waited_ms,
             },
         }
     }
 
+    fn event(kind: EventKind, id: &str, at: Millis) -> Action {
+        event_waited(kind, id, at, None)
+    }
+
+    /// A `granted` reply: it counts for nothing, whether a first grant's or a repeated request's.
     fn granted(id: &str, waited: u64) -> Action {
-        let mut reply = Reply::new(id, Outcome::Granted);
+        let mut reply = ReplyOut::new(id, Outcome::Granted);
         reply.waited_ms = Some(waited);
         Action::Reply {
             service: "svc".into(),
@@ -474,12 +469,12 @@ mod tests {
         for action in [
             event(EventKind::Requested, "bg", t),
             granted("bg", 0),
-            event(EventKind::Granted, "bg", t),
+            event_waited(EventKind::Granted, "bg", t, Some(0)),
             event(EventKind::Requested, "chat", t + 100),
             event(EventKind::Preempting, "bg", t + 100),
             event(EventKind::Paused, "bg", t + 350),
             granted("chat", 250),
-            event(EventKind::Granted, "chat", t + 350),
+            event_waited(EventKind::Granted, "chat", t + 350, Some(250)),
             event(EventKind::Resumed, "bg", t + 1_350),
             // A repeated request is answered `granted` again without an event: not a second grant.
             granted("chat", 250),
@@ -487,7 +482,7 @@ mod tests {
             event(EventKind::Requested, "late", t + 2_000),
             event(EventKind::TimedOut, "late", t + 2_500),
         ] {
-            rec.observe(&action, t);
+            rec.observe(&action);
         }
         let text = metrics.render(None);
         assert_eq!(

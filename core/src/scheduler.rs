@@ -33,13 +33,12 @@
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
 
-use gpu_coordinator_wire::time::rfc3339;
 use gpu_coordinator_wire::{
-    AckAction, AckMsg, CancelMsg, Control, ControlAction, Encoding, Event, EventKind, GpuStatus,
-    HolderState, HolderStatus, Inbound, Outcome, PausedStatus, QueueEntry, Rejection, ReleaseMsg,
-    RenewMsg, Reply, RequestMsg, StatusDoc, VramSource,
+    AckAction, AckMsg, CancelMsg, ControlAction, Encoding, EventKind, HolderState, Inbound,
+    Outcome, Rejection, ReleaseMsg, RenewMsg, RequestMsg, VramSource,
 };
 
+use crate::outputs::*;
 use crate::types::*;
 
 /// Why a timer was set.
@@ -295,12 +294,7 @@ impl Scheduler {
                 .as_ref()
                 .is_some_and(|g| self.gpu_index.contains_key(g));
             if !gpu_known {
-                self.revoke(
-                    seq,
-                    now,
-                    "its GPU is no longer managed by this coordinator",
-                    false,
-                );
+                self.revoke(seq, now, Reason::GpuRemoved, false);
                 continue;
             }
             match lease {
@@ -363,19 +357,32 @@ impl Scheduler {
                 Inbound::Cancel(msg) => self.on_cancel(service, encoding, msg, now),
             },
             Input::Invalid(rejection) => self.on_invalid(rejection, now),
-            Input::ExternalVram { gpu, used_mb } => {
+            Input::GpuUsed { gpu, used_mb } => {
                 if let Some(&i) = self.gpu_index.get(&gpu) {
                     let gpu = &mut self.gpus[i];
-                    gpu.external_mb = used_mb;
+                    let external = used_mb.saturating_sub(gpu.held_mb);
+                    gpu.external_mb = external;
                     // Freed once the outside usage is back near its level before the ACK (at least
                     // half of the paused share gone).
                     if gpu
                         .settle
                         .as_ref()
-                        .is_some_and(|s| used_mb <= s.external_before_mb + s.freed_mb / 2)
+                        .is_some_and(|s| external <= s.external_before_mb + s.freed_mb / 2)
                     {
                         gpu.settle = None;
                     }
+                }
+            }
+            Input::LeaseStoreHolds { leases } => self.reconcile(leases, now),
+            Input::LeaseNotHeld { request_id, fence } => {
+                let held = self.ids.get(&request_id).map(|&seq| self.live_rec(seq));
+                if let Some(lease) = held
+                    .filter(|rec| rec.fence == Some(fence))
+                    .filter(|rec| rec.expires_at.is_some_and(|at| at > now))
+                    .and_then(|rec| self.lease_of(rec))
+                {
+                    self.actions
+                        .push_back(Action::Lease(LeaseOp::Restore(lease)));
                 }
             }
             Input::LeaseRefused {
@@ -388,14 +395,32 @@ impl Scheduler {
                     if rec.fence == Some(fence)
                         && matches!(rec.phase, Phase::Active | Phase::Pausing)
                     {
-                        let reason = format!("the lease store refused the lease: {why}");
-                        self.revoke(seq, now, &reason, false);
+                        self.revoke(seq, now, Reason::Refused { why }, false);
                     }
                 }
             }
         }
         self.schedule(now);
         self.flush();
+    }
+
+    /// Makes the lease store hold exactly this scheduler's leases (see [`Input::LeaseStoreHolds`]).
+    fn reconcile(&mut self, stored: Vec<Lease>, now: Millis) {
+        let wanted = self.leases();
+        let same = |a: &Lease, b: &Lease| a.request_id == b.request_id && a.fence == b.fence;
+        for stale in stored.iter().filter(|l| !wanted.iter().any(|w| same(w, l))) {
+            self.release_stale(stale.clone());
+        }
+        let mut missing: Vec<Lease> = wanted
+            .into_iter()
+            .filter(|w| w.expires_at > now && !stored.iter().any(|l| same(w, l)))
+            .collect();
+        missing.sort_by_key(|l| l.fence);
+        self.actions.extend(
+            missing
+                .into_iter()
+                .map(|lease| Action::Lease(LeaseOp::Restore(lease))),
+        );
     }
 
     /// Fires every timer due at `now` (timeouts, expiries, pause deadlines, aging), then schedules.
@@ -440,18 +465,14 @@ impl Scheduler {
                     self.end(seq, End::TimedOut, Some(error), now);
                 }
                 (TimerKind::Aging, Phase::Queued) => self.update(seq, now, |_| {}),
-                (TimerKind::Expiry, Phase::Active | Phase::Pausing) => self.revoke(
-                    seq,
-                    now,
-                    "the lease expired: it was neither renewed nor released",
-                    true,
-                ),
+                (TimerKind::Expiry, Phase::Active | Phase::Pausing) => {
+                    self.revoke(seq, now, Reason::Expired, true)
+                }
                 (TimerKind::PauseDeadline, Phase::Pausing) => {
-                    let reason = format!(
-                        "no pause ACK within the deadline ({} ms)",
-                        self.config.ack_deadline_ms
-                    );
-                    self.revoke(seq, now, &reason, false)
+                    let reason = Reason::NoPauseAck {
+                        deadline_ms: self.config.ack_deadline_ms,
+                    };
+                    self.revoke(seq, now, reason, false)
                 }
                 // A holder became preemptible: the next pass reconsiders it.
                 _ => {}
@@ -548,7 +569,7 @@ impl Scheduler {
             rec.end = Some(End::Rejected);
             rec.ended_at = Some(now);
             rec.detail = Some(error.clone());
-            let mut reply = Reply::new(&request_id, Outcome::Rejected);
+            let mut reply = ReplyOut::new(&request_id, Outcome::Rejected);
             reply.error = Some(error.clone());
             self.reply(&service, encoding, reply);
             self.event(&rec, EventKind::Rejected, now, Some(error));
@@ -592,7 +613,7 @@ impl Scheduler {
 
     fn release(&mut self, seq: u64, now: Millis, detail: String) {
         let rec = self.live_rec(seq);
-        let mut reply = Reply::new(&rec.request_id, Outcome::Released);
+        let mut reply = ReplyOut::new(&rec.request_id, Outcome::Released);
         reply.gpu = rec.gpu.clone();
         reply.fence = rec.fence.map(|f| f.0);
         let (service, encoding) = (rec.service_id.clone(), rec.encoding);
@@ -624,11 +645,11 @@ impl Scheduler {
             rec.lease_ms = lease_ms;
         });
         let rec = self.live_rec(seq).clone();
-        let mut reply = Reply::new(&rec.request_id, Outcome::Renewed);
+        let mut reply = ReplyOut::new(&rec.request_id, Outcome::Renewed);
         reply.gpu = rec.gpu.clone();
         reply.fence = rec.fence.map(|f| f.0);
         reply.lease_ms = Some(lease_ms);
-        reply.expires_at = Some(rfc3339(expires_at));
+        reply.expires_at = Some(expires_at);
         reply.vram_mb = rec.held_mb;
         self.reply(&rec.service_id, rec.encoding, reply);
         self.event(
@@ -682,7 +703,7 @@ impl Scheduler {
             );
             return self.reject(&service, rec.encoding, Some(&msg.request_id), error, now);
         }
-        let reply = Reply::new(&rec.request_id, Outcome::Cancelled);
+        let reply = ReplyOut::new(&rec.request_id, Outcome::Cancelled);
         let (service, encoding) = (rec.service_id.clone(), rec.encoding);
         self.reply(&service, encoding, reply);
         self.end(
@@ -783,7 +804,7 @@ impl Scheduler {
             }
         });
         let rec = self.live_rec(seq).clone();
-        let expires_at = rfc3339(rec.expires_at.unwrap_or(now));
+        let expires_at = rec.expires_at.unwrap_or(now);
         self.actions.push_back(Action::Lease(LeaseOp::Acquire(
             self.lease_of(&rec)
                 .expect("a granted record has a GPU and a fence"),
@@ -793,13 +814,13 @@ impl Scheduler {
                 &rec,
                 ControlAction::Resume,
                 None,
-                "the GPU is free again: reload and go on".into(),
+                Reason::Free,
                 Some(expires_at),
             );
             let warning = self.gpus[gpu].settle_warning.take();
             self.event(&rec, EventKind::Resumed, now, warning);
         } else {
-            let mut reply = Reply::new(&rec.request_id, Outcome::Granted);
+            let mut reply = ReplyOut::new(&rec.request_id, Outcome::Granted);
             reply.gpu = rec.gpu.clone();
             reply.fence = Some(fence.0);
             reply.lease_ms = Some(rec.lease_ms);
@@ -811,7 +832,7 @@ impl Scheduler {
             if let Some(warning) = self.gpus[gpu].settle_warning.take() {
                 detail = format!("{detail}; {warning}");
             }
-            self.event(&rec, EventKind::Granted, now, Some(detail));
+            self.push_event(&rec, EventKind::Granted, now, Some(detail), rec.waited_ms);
         }
     }
 
@@ -822,19 +843,21 @@ impl Scheduler {
             rec.pause_deadline = Some(deadline);
         });
         let urgent = self.live_rec(for_seq);
-        let reason = format!(
-            "request `{}` of `{}` at priority {} needs the GPU",
-            urgent.request_id, urgent.service_id, urgent.priority
-        );
+        let reason = Reason::Preempted {
+            request_id: urgent.request_id.clone(),
+            service_id: urgent.service_id.clone(),
+            priority: urgent.priority,
+        };
         let rec = self.live_rec(seq).clone();
+        let detail = reason.to_string();
         self.control(
             &rec,
             ControlAction::Pause,
             Some(self.config.ack_deadline_ms),
-            reason.clone(),
+            reason,
             None,
         );
-        self.event(&rec, EventKind::Preempting, now, Some(reason));
+        self.event(&rec, EventKind::Preempting, now, Some(detail));
     }
 
     fn paused(&mut self, seq: u64, now: Millis) {
@@ -867,7 +890,7 @@ impl Scheduler {
     }
 
     /// Ends a holding request's lease by force: `revoke` (and `restart` after an expiry).
-    fn revoke(&mut self, seq: u64, now: Millis, reason: &str, expired: bool) {
+    fn revoke(&mut self, seq: u64, now: Millis, reason: Reason, expired: bool) {
         let rec = self.live_rec(seq).clone();
         if let (Some(gpu), Some(fence)) = (&rec.gpu, rec.fence) {
             self.actions.push_back(Action::Lease(LeaseOp::Release {
@@ -876,20 +899,21 @@ impl Scheduler {
                 fence,
             }));
         }
+        let detail = reason.to_string();
         if expired {
-            self.event(&rec, EventKind::Expired, now, Some(reason.to_string()));
+            self.event(&rec, EventKind::Expired, now, Some(detail.clone()));
         }
-        self.control(&rec, ControlAction::Revoke, None, reason.to_string(), None);
+        self.control(&rec, ControlAction::Revoke, None, reason, None);
         if expired {
             self.control(
                 &rec,
                 ControlAction::Restart,
                 None,
-                "the lease expired: restart the service".into(),
+                Reason::RestartAfterExpiry,
                 None,
             );
         }
-        self.end(seq, End::Revoked, Some(reason.to_string()), now);
+        self.end(seq, End::Revoked, Some(detail), now);
     }
 
     /// Ends a live request: it leaves every index, its lease is released where it held one (except after
@@ -913,7 +937,7 @@ impl Scheduler {
             End::Rejected => EventKind::Rejected,
         };
         if end == End::TimedOut {
-            let mut reply = Reply::new(&live.rec.request_id, Outcome::TimedOut);
+            let mut reply = ReplyOut::new(&live.rec.request_id, Outcome::TimedOut);
             reply.waited_ms = Some(now.saturating_sub(live.rec.requested_at));
             reply.error = detail.clone();
             self.reply(&live.rec.service_id, live.rec.encoding, reply);
@@ -1320,7 +1344,7 @@ impl Scheduler {
 
     // ----- outputs ------------------------------------------------------------------------------------
 
-    fn reply(&mut self, service: &str, encoding: Encoding, reply: Reply) {
+    fn reply(&mut self, service: &str, encoding: Encoding, reply: ReplyOut) {
         self.actions.push_back(Action::Reply {
             service: service.to_string(),
             encoding,
@@ -1336,7 +1360,7 @@ impl Scheduler {
         error: String,
         now: Millis,
     ) {
-        let mut reply = Reply::new(request_id.unwrap_or_default(), Outcome::Rejected);
+        let mut reply = ReplyOut::new(request_id.unwrap_or_default(), Outcome::Rejected);
         reply.error = Some(error.clone());
         self.reply(service, encoding, reply);
         self.rejected_event(service, encoding, request_id, error, now);
@@ -1352,8 +1376,8 @@ impl Scheduler {
     ) {
         self.actions.push_back(Action::Event {
             encoding,
-            event: Event {
-                at: rfc3339(now),
+            event: EventOut {
+                at: now,
                 kind: EventKind::Rejected,
                 request_id: request_id.map(str::to_string),
                 service_id: service.to_string(),
@@ -1361,6 +1385,7 @@ impl Scheduler {
                 gpu: None,
                 fence: None,
                 detail: Some(error),
+                waited_ms: None,
             },
         });
     }
@@ -1370,14 +1395,14 @@ impl Scheduler {
         rec: &RequestRecord,
         action: ControlAction,
         deadline_ms: Option<u64>,
-        reason: String,
-        expires_at: Option<String>,
+        reason: Reason,
+        expires_at: Option<Millis>,
     ) {
         let resume = action == ControlAction::Resume;
         self.actions.push_back(Action::Control {
             service: rec.service_id.clone(),
             encoding: rec.encoding,
-            control: Control {
+            control: ControlOut {
                 action,
                 request_id: rec.request_id.clone(),
                 fence: rec.fence.map(|f| f.0).unwrap_or(0),
@@ -1391,10 +1416,21 @@ impl Scheduler {
     }
 
     fn event(&mut self, rec: &RequestRecord, kind: EventKind, now: Millis, detail: Option<String>) {
+        self.push_event(rec, kind, now, detail, None)
+    }
+
+    fn push_event(
+        &mut self,
+        rec: &RequestRecord,
+        kind: EventKind,
+        now: Millis,
+        detail: Option<String>,
+        waited_ms: Option<u64>,
+    ) {
         self.actions.push_back(Action::Event {
             encoding: rec.encoding,
-            event: Event {
-                at: rfc3339(now),
+            event: EventOut {
+                at: now,
                 kind,
                 request_id: Some(rec.request_id.clone()),
                 service_id: rec.service_id.clone(),
@@ -1402,12 +1438,13 @@ impl Scheduler {
                 gpu: rec.gpu.clone().or_else(|| rec.gpu_pin.clone()),
                 fence: rec.fence.map(|f| f.0),
                 detail,
+                waited_ms,
             },
         });
     }
 
     /// The answer to a repeated request: its current state.
-    fn current_reply(&self, rec: &RequestRecord, now: Millis) -> Reply {
+    fn current_reply(&self, rec: &RequestRecord, now: Millis) -> ReplyOut {
         let outcome = match (rec.phase, rec.end) {
             (Phase::Queued, _) => Outcome::Queued,
             (Phase::Active | Phase::Pausing, _) => Outcome::Granted,
@@ -1418,12 +1455,12 @@ impl Scheduler {
             (Phase::Ended, Some(End::Revoked)) => Outcome::Revoked,
             (Phase::Ended, Some(End::Rejected)) => Outcome::Rejected,
         };
-        let mut reply = Reply::new(&rec.request_id, outcome);
+        let mut reply = ReplyOut::new(&rec.request_id, outcome);
         reply.gpu = rec.gpu.clone();
         reply.fence = rec.fence.map(|f| f.0);
         if matches!(rec.phase, Phase::Active | Phase::Pausing) {
             reply.lease_ms = Some(rec.lease_ms);
-            reply.expires_at = rec.expires_at.map(rfc3339);
+            reply.expires_at = rec.expires_at;
             reply.vram_mb = rec.held_mb;
         }
         reply.waited_ms = rec
@@ -1452,19 +1489,19 @@ impl Scheduler {
 
     // ----- status -------------------------------------------------------------------------------------
 
-    /// The status document: each GPU with its VRAM and holders, the paused requests, and the queue in
+    /// What it holds now: each GPU with its VRAM and holders, the paused requests, and the queue in
     /// grant order with positions and rough wait estimates.
-    pub fn status(&self, now: Millis) -> StatusDoc {
+    pub fn status(&self, now: Millis) -> StatusView {
         let holder = |seq: &u64| {
             let rec = self.live_rec(*seq);
-            HolderStatus {
+            HolderView {
                 request_id: rec.request_id.clone(),
                 service_id: rec.service_id.clone(),
                 priority: rec.priority,
                 fence: rec.fence.map(|f| f.0).unwrap_or(0),
                 vram_mb: rec.held_mb.unwrap_or(0),
-                granted_at: rfc3339(rec.granted_at.unwrap_or(0)),
-                expires_at: rfc3339(rec.expires_at.unwrap_or(0)),
+                granted_at: rec.granted_at.unwrap_or(0),
+                expires_at: rec.expires_at.unwrap_or(0),
                 state: if rec.phase == Phase::Pausing {
                     HolderState::Pausing
                 } else {
@@ -1476,7 +1513,7 @@ impl Scheduler {
         let gpus = self
             .gpus
             .iter()
-            .map(|g| GpuStatus {
+            .map(|g| GpuView {
                 id: g.spec.id.clone(),
                 total_mb: g.spec.total_mb,
                 used_mb: (g.held_mb + g.external_mb).min(g.spec.total_mb),
@@ -1505,31 +1542,31 @@ impl Scheduler {
             let rec = self.live_rec(seq);
             let is_paused = rec.phase == Phase::Paused;
             if is_paused {
-                paused.push(PausedStatus {
+                paused.push(PausedView {
                     request_id: rec.request_id.clone(),
                     service_id: rec.service_id.clone(),
                     priority: rec.priority,
                     gpu: rec.gpu.clone().unwrap_or_default(),
                     vram_mb: rec.held_mb.unwrap_or(0),
-                    paused_at: rfc3339(rec.paused_at.unwrap_or(0)),
+                    paused_at: rec.paused_at.unwrap_or(0),
                 });
             }
-            queue.push(QueueEntry {
+            queue.push(QueueView {
                 position: i as u64 + 1,
                 request_id: rec.request_id.clone(),
                 service_id: rec.service_id.clone(),
                 priority: rec.priority,
                 vram_mb: rec.vram_mb,
                 gpu: rec.gpu_pin.clone(),
-                requested_at: rfc3339(rec.requested_at),
+                requested_at: rec.requested_at,
                 paused: is_paused,
-                timeout_at: (!is_paused).then(|| rfc3339(rec.timeout_at)),
+                timeout_at: (!is_paused).then_some(rec.timeout_at),
                 estimated_wait_ms: Some(soonest_end(rec) + ahead_ms / n_gpus),
             });
             ahead_ms = ahead_ms.saturating_add(rec.lease_ms);
         }
-        StatusDoc {
-            at: rfc3339(now),
+        StatusView {
+            at: now,
             vram_source: self.vram_source,
             gpus,
             paused,

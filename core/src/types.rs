@@ -1,6 +1,8 @@
 //! The core's vocabulary: ids, configuration, inputs, actions and the records it persists.
 
-use gpu_coordinator_wire::{AckAction, Control, Encoding, Event, Inbound, Rejection, Reply};
+use gpu_coordinator_wire::{AckAction, Encoding, Inbound, Rejection};
+
+use crate::outputs::{ControlOut, EventOut, ReplyOut};
 
 /// Milliseconds since the Unix epoch. The core never reads a clock: every input carries `now`.
 pub type Millis = u64;
@@ -64,8 +66,16 @@ pub enum Input {
     },
     /// A message that could not be accepted: it gets a `rejected` reply and event.
     Invalid(Rejection),
-    /// VRAM used on a GPU by processes outside the coordinator's leases (NVML), in MB.
-    ExternalVram { gpu: String, used_mb: u64 },
+    /// VRAM used on a GPU as NVML samples it, in MB, whoever uses it: the core works out the use
+    /// outside its leases (this figure minus what its leases hold there, never below zero).
+    GpuUsed { gpu: String, used_mb: u64 },
+    /// What the lease store holds now. The core answers with a `Release` for every stored lease it does
+    /// not hold under that fence, and a `Restore` for each of its unexpired leases the store lacks, in
+    /// fence order (the store refuses a fence below the highest it has seen). Nothing when they agree.
+    LeaseStoreHolds { leases: Vec<Lease> },
+    /// The lease store answered a `Renew` with "not held" (it lost the lease): the core writes the
+    /// lease back if it still holds it under `fence`, else does nothing.
+    LeaseNotHeld { request_id: String, fence: Fence },
     /// The lease store refused a lease the core granted (another holder is in its place): the core
     /// revokes it.
     LeaseRefused {
@@ -236,16 +246,16 @@ pub enum Action {
     Reply {
         service: String,
         encoding: Encoding,
-        reply: Reply,
+        reply: ReplyOut,
     },
     /// Publish on `<prefix>.control.<service>`.
     Control {
         service: String,
         encoding: Encoding,
-        control: Control,
+        control: ControlOut,
     },
     /// Publish on `<prefix>.event.<kind>.<service>`.
-    Event { encoding: Encoding, event: Event },
+    Event { encoding: Encoding, event: EventOut },
 }
 
 /// What the driver hands the core at start: the durable state (Postgres) and the live leases (Redis).

@@ -6,7 +6,6 @@ mod harness;
 mod props;
 
 use gpu_coordinator_core::{End, Fence, Input, Lease, LeaseOp, Phase, SchedConfig, Snapshot};
-use gpu_coordinator_wire::time::rfc3339;
 use gpu_coordinator_wire::{AckAction, ControlAction, Encoding, EventKind, HolderState, Outcome};
 
 use harness::{gpus, req, Sim, T0};
@@ -59,7 +58,7 @@ fn grant_on_a_free_gpu() {
         assert_eq!(reply.gpu.as_deref(), Some("g0"));
         assert_eq!(reply.fence, Some(1));
         assert_eq!(reply.lease_ms, Some(want_lease));
-        assert_eq!(reply.expires_at, Some(rfc3339(T0 + want_lease)));
+        assert_eq!(reply.expires_at, Some(T0 + want_lease));
         assert_eq!(reply.vram_mb, Some(want_vram));
         assert_eq!(reply.waited_ms, Some(0));
         assert_eq!(reply.error, None);
@@ -302,7 +301,7 @@ fn preemption_pauses_the_least_urgent_most_recent_holders_only_as_needed() {
                 assert_eq!(*service, c.request_id);
                 assert_eq!(c.deadline_ms, Some(ACK_MS));
                 assert_eq!(c.fence, s.fence(&c.request_id));
-                assert!(c.reason.contains("`u`"), "{}", c.reason);
+                assert!(c.reason.to_string().contains("`u`"), "{}", c.reason);
                 c.request_id.as_str()
             })
             .collect();
@@ -426,7 +425,7 @@ fn the_urgent_release_resumes_the_paused_holder_with_a_new_fence_and_lease() {
     let resume = a.control("asr", Resume);
     assert_eq!(resume.fence, 3);
     assert_eq!(resume.lease_ms, Some(20_000));
-    assert_eq!(resume.expires_at, Some(rfc3339(T0 + 1_000 + 20_000)));
+    assert_eq!(resume.expires_at, Some(T0 + 1_000 + 20_000));
     assert_eq!(resume.gpu.as_deref(), Some("g0"));
     assert_eq!(a.events("asr"), vec![Resumed]);
     a.no_reply("asr");
@@ -465,7 +464,7 @@ fn no_ack_by_the_deadline_revokes_then_grants() {
     let a = s.advance(ACK_MS);
     assert_eq!(s.now, T0 + ACK_MS);
     assert_eq!(a.control_actions("asr"), vec![Revoke]);
-    assert!(a.control("asr", Revoke).reason.contains("ACK"));
+    assert!(a.control("asr", Revoke).reason.to_string().contains("ACK"));
     assert_eq!(a.events("asr"), vec![Revoked]);
     assert_eq!(a.reply("chat").outcome, Outcome::Granted);
     // The revoke (and its lease release) comes before the grant.
@@ -500,7 +499,11 @@ fn an_expired_lease_is_revoked_then_restarted() {
     let a = s.advance(1);
     assert_eq!(a.control_actions("asr"), vec![Revoke, Restart]);
     assert_eq!(a.events("asr"), vec![Expired, Revoked]);
-    assert!(a.control("asr", Revoke).reason.contains("expired"));
+    assert!(a
+        .control("asr", Revoke)
+        .reason
+        .to_string()
+        .contains("expired"));
     assert_eq!(
         a.lease_ops_for("asr"),
         vec![&LeaseOp::Release {
@@ -535,7 +538,7 @@ fn a_renewal_extends_the_lease() {
     let reply = a.reply("asr");
     assert_eq!(reply.outcome, Outcome::Renewed);
     assert_eq!((reply.fence, reply.lease_ms), (Some(1), Some(10_000)));
-    assert_eq!(reply.expires_at, Some(rfc3339(T0 + 16_000)));
+    assert_eq!(reply.expires_at, Some(T0 + 16_000));
     assert_eq!(a.events("asr"), vec![Renewed]);
     assert_eq!(
         a.lease_ops(),
@@ -804,16 +807,10 @@ fn every_end_is_persisted_even_when_not_retained() {
 #[test]
 fn external_vram_counts_against_a_gpu() {
     let mut s = sim(&[("g0", 1_000)]);
-    s.input(Input::ExternalVram {
-        gpu: "g0".into(),
-        used_mb: 300,
-    });
+    s.outside("g0", 300);
     let a = s.request("a", req("a", 1).vram(800));
     assert_eq!(a.events("a"), vec![Requested, Queued]);
-    let a = s.input(Input::ExternalVram {
-        gpu: "g0".into(),
-        used_mb: 100,
-    });
+    let a = s.outside("g0", 100);
     assert_eq!(a.reply("a").vram_mb, Some(800));
     s.release("a", "a", None);
     // A whole-GPU grant holds what is left.
@@ -1075,6 +1072,7 @@ fn a_refused_lease_is_revoked() {
     assert!(a
         .control("a", Revoke)
         .reason
+        .to_string()
         .contains("GPU g0 is held by x"));
     assert_eq!(a.events("a"), vec![Revoked]);
     assert_eq!(a.reply("b").fence, Some(2));
@@ -1164,16 +1162,10 @@ fn aged_request_preempts_at_its_effective_priority() {
 #[test]
 fn whole_gpu_request_waits_while_outside_usage_fills_the_gpu() {
     let mut s = sim(&[("g0", 1_000)]);
-    s.input(Input::ExternalVram {
-        gpu: "g0".into(),
-        used_mb: 1_000,
-    });
+    s.outside("g0", 1_000);
     let a = s.request("svc", req("whole", 1));
     a.no_reply("whole");
-    let a = s.input(Input::ExternalVram {
-        gpu: "g0".into(),
-        used_mb: 100,
-    });
+    let a = s.outside("g0", 100);
     assert_eq!(a.reply("whole").vram_mb, Some(900));
 }
 
@@ -1185,26 +1177,17 @@ fn settle_waits_for_nvml_to_see_the_paused_vram_freed() {
         ..config()
     };
     let mut s = sim_with(config, &[("g0", 1_000)]);
-    s.input(Input::ExternalVram {
-        gpu: "g0".into(),
-        used_mb: 50,
-    });
+    s.outside("g0", 50);
     s.request("asr", req("asr", 2).vram(800));
     let a = s.request("chat", req("chat", 0).vram(800));
     a.control("asr", ControlAction::Pause);
     let a = s.ack_paused("asr", "asr");
     a.no_reply("chat");
     // A sample taken before the process freed its memory: NVML still sees the 800 MB, outside the leases.
-    let a = s.input(Input::ExternalVram {
-        gpu: "g0".into(),
-        used_mb: 850,
-    });
+    let a = s.outside("g0", 850);
     a.no_reply("chat");
     // Freed: the grant goes ahead, without a warning.
-    let a = s.input(Input::ExternalVram {
-        gpu: "g0".into(),
-        used_mb: 50,
-    });
+    let a = s.outside("g0", 50);
     assert_eq!(
         a.reply("chat").outcome,
         gpu_coordinator_wire::Outcome::Granted
@@ -1227,10 +1210,7 @@ fn settle_grants_with_a_warning_past_its_bound() {
     s.request("asr", req("asr", 2).vram(800));
     s.request("chat", req("chat", 0).vram(800));
     s.ack_paused("asr", "asr");
-    let a = s.input(Input::ExternalVram {
-        gpu: "g0".into(),
-        used_mb: 800,
-    });
+    let a = s.outside("g0", 800);
     a.no_reply("chat");
     let a = s.advance(1_999);
     a.no_reply("chat");
@@ -1313,4 +1293,145 @@ fn restore_catches_the_store_up_with_a_renewal_it_missed() {
     }));
     assert_eq!(r.record("chat").expires_at, Some(T0 + 90_000));
     r.finish();
+}
+
+// ----- decisions fed by the driver's observations -----------------------------------------------------
+
+#[test]
+fn outside_use_is_what_nvml_sees_minus_what_the_leases_hold() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("a", req("a", 1).vram(600));
+    // NVML sees 900 MB used: 600 are a's lease, 300 someone else's.
+    s.input(Input::GpuUsed {
+        gpu: "g0".into(),
+        used_mb: 900,
+    });
+    let g0 = &s.status().gpus[0];
+    assert_eq!((g0.external_mb, g0.free_mb), (300, 100));
+    assert_eq!(
+        s.request("b", req("b", 1).vram(200)).events("b"),
+        vec![Requested, Queued]
+    );
+    // Less in use than the leases hold (a has not loaded yet): nothing outside, never below zero.
+    let a = s.input(Input::GpuUsed {
+        gpu: "g0".into(),
+        used_mb: 100,
+    });
+    assert_eq!(s.status().gpus[0].external_mb, 0);
+    assert_eq!(a.granted(), vec!["b"]);
+    // A GPU the coordinator does not manage changes nothing.
+    assert!(s
+        .input(Input::GpuUsed {
+            gpu: "nope".into(),
+            used_mb: 1,
+        })
+        .is_empty());
+    s.finish();
+}
+
+fn lease(id: &str, gpu: &str, fence: u64, expires_at: u64) -> Lease {
+    Lease {
+        request_id: id.into(),
+        service_id: id.into(),
+        gpu: gpu.into(),
+        fence: Fence(fence),
+        vram_mb: 100,
+        capacity_mb: 1_000,
+        expires_at,
+    }
+}
+
+#[test]
+fn the_lease_store_is_made_to_hold_exactly_the_leases_held() {
+    let mut s = sim(&[("g0", 1_000), ("g1", 1_000)]);
+    s.request("a", req("a", 1).vram(100).gpu("g1"));
+    s.request("b", req("b", 1).vram(100).gpu("g0"));
+    let held = s.sched.leases();
+    // The store agrees: nothing to do.
+    let a = s.input(Input::LeaseStoreHolds {
+        leases: held.clone(),
+    });
+    assert!(a.lease_ops().is_empty(), "{:?}", a.lease_ops());
+    // The store lost everything and holds one lease nobody granted: released; ours back in fence order.
+    let a = s.input(Input::LeaseStoreHolds {
+        leases: vec![lease("ghost", "g0", 99, T0 + 30_000)],
+    });
+    let mut restored: Vec<&Lease> = held.iter().collect();
+    restored.sort_by_key(|l| l.fence);
+    let mut expected = vec![LeaseOp::Release {
+        request_id: "ghost".into(),
+        gpu: "g0".into(),
+        fence: Fence(99),
+    }];
+    expected.extend(restored.into_iter().map(|l| LeaseOp::Restore(l.clone())));
+    assert_eq!(
+        a.lease_ops().into_iter().cloned().collect::<Vec<_>>(),
+        expected
+    );
+    // A stored lease of ours under an older fence is stale, and ours is written back.
+    let a_lease = held.iter().find(|l| l.request_id == "a").expect("a holds");
+    let mut old = a_lease.clone();
+    old.fence = Fence(0);
+    let b_lease = held.iter().find(|l| l.request_id == "b").expect("b holds");
+    let a = s.input(Input::LeaseStoreHolds {
+        leases: vec![old, b_lease.clone()],
+    });
+    assert_eq!(
+        a.lease_ops().into_iter().cloned().collect::<Vec<_>>(),
+        vec![
+            LeaseOp::Release {
+                request_id: "a".into(),
+                gpu: "g1".into(),
+                fence: Fence(0),
+            },
+            LeaseOp::Restore(a_lease.clone()),
+        ]
+    );
+    s.finish();
+}
+
+#[test]
+fn an_expired_lease_is_not_written_back_but_revoked() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("a", req("a", 1).vram(100).lease(1_000));
+    s.now = T0 + 1_000;
+    let a = s.input(Input::LeaseStoreHolds { leases: vec![] });
+    assert!(
+        !a.lease_ops()
+            .iter()
+            .any(|op| matches!(op, LeaseOp::Restore(_))),
+        "{:?}",
+        a.lease_ops()
+    );
+    assert_eq!(a.control_actions("a"), vec![Revoke, Restart]);
+    s.finish();
+}
+
+#[test]
+fn a_renewed_lease_the_store_lost_is_written_back_only_while_held() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("a", req("a", 1).vram(100));
+    let fence = Fence(s.fence("a"));
+    let held = s.sched.leases();
+    let a = s.input(Input::LeaseNotHeld {
+        request_id: "a".into(),
+        fence,
+    });
+    assert_eq!(
+        a.lease_ops().into_iter().cloned().collect::<Vec<_>>(),
+        vec![LeaseOp::Restore(held[0].clone())]
+    );
+    // Another fence, or a lease that ended since: nothing.
+    let a = s.input(Input::LeaseNotHeld {
+        request_id: "a".into(),
+        fence: Fence(fence.0 + 1),
+    });
+    assert!(a.lease_ops().is_empty());
+    s.release("a", "a", None);
+    let a = s.input(Input::LeaseNotHeld {
+        request_id: "a".into(),
+        fence,
+    });
+    assert!(a.lease_ops().is_empty());
+    s.finish();
 }

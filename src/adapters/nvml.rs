@@ -2,9 +2,9 @@
 //! per GPU (and per process) on a tick.
 //!
 //! The driver asks a [`GpuProbe`]; [`NvmlProbe`] is the real one, [`FakeProbe`] stands in for a device in
-//! tests. What the scheduler needs from a sample is the memory used *outside* the coordinator's leases,
-//! [`external_usage`]: NVML's figure minus what the scheduler counts as held. Deciding what to grant with
-//! it is the core's business, not this module's.
+//! tests. A sample becomes the memory used per managed GPU ([`used_by_gpu`]); which part of it is
+//! outside the coordinator's leases, and what to grant with it, is the core's business, not this
+//! module's.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -230,18 +230,17 @@ pub fn inventory(configured: &[GpuConfig], probed: Option<&[DeviceSample]>) -> I
     }
 }
 
-/// For each managed GPU that NVML sampled: the memory used outside the coordinator's leases, i.e. the
-/// used memory minus `held(gpu)` (what the scheduler counts as held there), never below zero.
-pub fn external_usage(
+/// For each managed GPU that NVML sampled: the memory used on it, by anyone. What part of it is outside
+/// the coordinator's leases is the core's to work out (`Input::GpuUsed`).
+pub fn used_by_gpu(
     devices: &BTreeMap<String, u32>,
     samples: &[DeviceSample],
-    held: impl Fn(&str) -> u64,
 ) -> Vec<(String, u64)> {
     devices
         .iter()
         .filter_map(|(gpu, index)| {
             let sample = samples.iter().find(|s| s.index == *index)?;
-            Some((gpu.clone(), sample.used_mb.saturating_sub(held(gpu))))
+            Some((gpu.clone(), sample.used_mb))
         })
         .collect()
 }
@@ -375,24 +374,21 @@ mod tests {
     }
 
     #[test]
-    fn external_usage_is_used_minus_held() {
+    fn each_sampled_gpu_reports_what_nvml_sees_used() {
         let probe = FakeProbe::new(vec![device(0, 24_576, 10_000), device(1, 24_576, 3_000)]);
         let inv = inventory(&[], Some(&probe.devices().expect("sample")));
-        let held = |gpu: &str| if gpu == "0" { 8_000 } else { 5_000 };
-        let external = external_usage(&inv.devices, &probe.devices().expect("sample"), held);
-        // GPU 1: a holder that has not loaded yet uses less than it holds: nothing outside.
-        assert_eq!(external, vec![("0".into(), 2_000), ("1".into(), 0)]);
-
+        let used = used_by_gpu(&inv.devices, &probe.devices().expect("sample"));
+        assert_eq!(used, vec![("0".into(), 10_000), ("1".into(), 3_000)]);
         probe.set_used(1, 9_000);
-        let external = external_usage(&inv.devices, &probe.devices().expect("sample"), held);
-        assert_eq!(external[1], ("1".into(), 4_000));
+        let used = used_by_gpu(&inv.devices, &probe.devices().expect("sample"));
+        assert_eq!(used[1], ("1".into(), 9_000));
     }
 
     #[test]
     fn a_device_missing_from_a_sample_is_skipped() {
         let inv = inventory(&[], Some(&[device(0, 1_000, 0), device(1, 1_000, 0)]));
-        let external = external_usage(&inv.devices, &[device(1, 1_000, 700)], |_| 0);
-        assert_eq!(external, vec![("1".into(), 700)]);
+        let used = used_by_gpu(&inv.devices, &[device(1, 1_000, 700)]);
+        assert_eq!(used, vec![("1".into(), 700)]);
     }
 
     #[test]

@@ -63,11 +63,14 @@ pub fn local_status(config: &Config) -> (StatusDoc, Vec<DeviceSample>) {
     let now = now_ms();
     if let Some(samples) = &samples {
         // No lease is held yet: everything NVML sees in use is outside the coordinator.
-        for (gpu, used_mb) in nvml::external_usage(&found.devices, samples, |_| 0) {
-            sched.handle_input(Input::ExternalVram { gpu, used_mb }, now);
+        for (gpu, used_mb) in nvml::used_by_gpu(&found.devices, samples) {
+            sched.handle_input(Input::GpuUsed { gpu, used_mb }, now);
         }
     }
-    (sched.status(now), samples.unwrap_or_default())
+    (
+        crate::render::status(&sched.status(now)),
+        samples.unwrap_or_default(),
+    )
 }
 
 /// The scheduler for the GPUs found, and NVML's feed when NVML samples them (the sampler then runs

@@ -88,11 +88,12 @@ pub async fn run_with(
             retain_ended: config.queue.retain_ended,
             shutdown: shutdown.clone(),
         };
-        let (driver, commands) = Driver::start(setup, servers.ports()).await?;
+        let ports = servers.ports();
+        let (driver, commands) = Driver::start(setup, ports.clone()).await?;
         state.set_backends(Backends {
-            bus: servers.bus.clone(),
-            pg: servers.pg.clone(),
-            leases: servers.leases.clone(),
+            nats: servers.bus.client().clone(),
+            journal: ports.journal,
+            leases: ports.leases,
             driver: driver.handle(),
         });
         driver.run(commands).await

@@ -6,12 +6,13 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 
 use gpu_coordinator_core::{Action, Fence, Input, LeaseOp, RequestRecord};
-use gpu_coordinator_wire::{codec, Encoding, Subjects};
+use gpu_coordinator_wire::Encoding;
 use tokio_util::sync::CancellationToken;
 
 use super::retry::with_retry;
 use super::{now_ms, Driver};
 use crate::ports::{Batch, Bus, LeaseOutcome, Outbound, OutboxRow};
+use crate::render;
 
 /// Where the driver is in the input stream.
 #[derive(Debug, Default)]
@@ -82,45 +83,6 @@ impl Round {
     }
 }
 
-/// The subject, encoding and bytes of an action that is a message; `None` for the others.
-fn render(subjects: &Subjects, action: &Action) -> Option<(String, Encoding, Vec<u8>)> {
-    match action {
-        Action::Reply {
-            service,
-            encoding,
-            reply,
-        } => Some((
-            subjects.reply(service),
-            *encoding,
-            codec::encode(*encoding, reply),
-        )),
-        Action::Control {
-            service,
-            encoding,
-            control,
-        } => {
-            tracing::info!(
-                service = %service, request_id = %control.request_id, fence = control.fence,
-                "{:?}: {}", control.action, control.reason
-            );
-            Some((
-                subjects.control(service),
-                *encoding,
-                codec::encode(*encoding, control),
-            ))
-        }
-        Action::Event { encoding, event } => {
-            tracing::debug!(kind = event.kind.as_str(), service = %event.service_id, request_id = ?event.request_id, "event");
-            Some((
-                subjects.event(event.kind, &event.service_id),
-                *encoding,
-                codec::encode(*encoding, event),
-            ))
-        }
-        Action::Persist(_) | Action::PersistFence(_) | Action::Lease(_) => None,
-    }
-}
-
 impl Driver {
     /// Drains the scheduler's pending actions into one round, the later record of a request replacing
     /// the earlier one.
@@ -128,9 +90,9 @@ impl Driver {
         let mut round = Round::default();
         let mut index: HashMap<String, usize> = HashMap::new();
         while let Some(action) = self.sched.poll_action() {
-            self.recorder.observe(&action, now_ms());
-            if let Some(message) = render(&self.subjects, &action) {
-                round.messages.push(message);
+            self.recorder.observe(&action);
+            if let Some(m) = render::message(&self.subjects, &action) {
+                round.messages.push((m.subject, m.encoding, m.payload));
                 continue;
             }
             match action {
@@ -179,14 +141,8 @@ impl Driver {
             if let Some(seq) = batch.input_seq {
                 self.position.handled = self.position.handled.max(seq);
             }
-            let (mut refused, lost) = refused?;
-            // A renewed lease the store no longer had (it ended there early): written back, or revoked
-            // when the store refuses it.
-            for (request_id, fence) in lost {
-                if let Some(refusal) = self.restore_lost(&request_id, fence).await? {
-                    refused.push(refusal);
-                }
-            }
+            let (refused, lost) = refused?;
+            let now = now_ms();
             for (request_id, fence, why) in refused {
                 tracing::error!(%request_id, "the lease store refused a lease: {why}");
                 self.sched.handle_input(
@@ -195,8 +151,15 @@ impl Driver {
                         fence,
                         why,
                     },
-                    now_ms(),
+                    now,
                 );
+            }
+            // A renewed lease the store no longer had (it ended there early): the scheduler writes it
+            // back while it holds it, in the next round.
+            for (request_id, fence) in lost {
+                tracing::warn!(%request_id, "the lease store had lost a renewed lease");
+                self.sched
+                    .handle_input(Input::LeaseNotHeld { request_id, fence }, now);
             }
             if let Some(last) = outbox.last().map(|row| row.id) {
                 let outputs: Vec<Outbound> = outbox.iter().map(OutboxRow::outbound).collect();
@@ -235,33 +198,6 @@ impl Driver {
             }
         }
         Ok((refused, lost))
-    }
-
-    /// Writes back a renewed lease the store had lost, if the scheduler still holds it under `fence`.
-    /// Answers the refusal when the store will not take it back.
-    async fn restore_lost(
-        &self,
-        request_id: &str,
-        fence: Fence,
-    ) -> anyhow::Result<Option<(String, Fence, String)>> {
-        let Some(lease) = self
-            .sched
-            .leases()
-            .into_iter()
-            .find(|l| l.request_id == request_id && l.fence == fence)
-        else {
-            return Ok(None);
-        };
-        tracing::warn!(%request_id, "the lease store had lost a renewed lease; writing it back");
-        let op = LeaseOp::Restore(lease.clone());
-        let leases = &self.ports.leases;
-        let outcome = with_retry("writing the lease store", &self.shutdown, || {
-            leases.apply(&op)
-        })
-        .await?;
-        Ok(outcome
-            .refusal()
-            .map(|why| (lease.request_id, lease.fence, why)))
     }
 
     /// Writes what no batch of effects carried: the input position, when given, and the deletion of

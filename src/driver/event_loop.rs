@@ -13,6 +13,7 @@ use super::retry::with_retry;
 use super::{now_ms, Command, Driver, NvmlFeed};
 use crate::adapters::nvml::{self, DeviceSample};
 use crate::ports::{Delivery, Inputs, StatusQuery};
+use crate::render;
 
 /// How many inputs one batch takes at most: they share one journal write.
 const MAX_BATCH: usize = 256;
@@ -82,7 +83,7 @@ impl Driver {
                 Some(samples) = next_sample(&mut self.nvml) => self.handle_samples(samples).await?,
                 Some(command) = commands.recv() => match command {
                     Command::Status(reply) => {
-                        let _ = reply.send(self.sched.status(now_ms()));
+                        let _ = reply.send(render::status(&self.sched.status(now_ms())));
                     }
                 },
                 _ = every_second.tick() => {
@@ -190,9 +191,9 @@ impl Driver {
         Ok(())
     }
 
-    /// Feeds the scheduler the VRAM used outside its leases on each sampled GPU (NVML's used memory minus
-    /// what the scheduler counts as held there). Every sample is fed, changed or not: an unchanged figure
-    /// after a pause ACK is what tells the scheduler that the paused holder's VRAM was freed.
+    /// Feeds the scheduler NVML's figure of the VRAM used on each sampled GPU; the scheduler works out
+    /// what is used outside its leases. Every sample is fed, changed or not: an unchanged figure after a
+    /// pause ACK is what tells the scheduler that the paused holder's VRAM was freed.
     pub(super) async fn handle_samples(
         &mut self,
         samples: Vec<DeviceSample>,
@@ -201,9 +202,6 @@ impl Driver {
             return Ok(());
         };
         let now = now_ms();
-        let sched = &self.sched;
-        let held = |gpu: &str| -> u64 { sched.held_mb(gpu) };
-        let external = nvml::external_usage(&feed.devices, &samples, held);
         self.recorder
             .metrics()
             .set_processes(feed.devices.iter().filter_map(|(gpu, index)| {
@@ -212,20 +210,20 @@ impl Driver {
                     .find(|s| s.index == *index)
                     .map(|s| (gpu.as_str(), s))
             }));
-        for (gpu, used_mb) in external {
+        for (gpu, used_mb) in nvml::used_by_gpu(&feed.devices, &samples) {
             if feed.fed.get(&gpu) != Some(&used_mb) {
-                tracing::debug!(gpu = %gpu, used_mb, "VRAM used outside the leases");
+                tracing::debug!(gpu = %gpu, used_mb, "VRAM used on the GPU");
                 feed.fed.insert(gpu.clone(), used_mb);
             }
             self.sched
-                .handle_input(Input::ExternalVram { gpu, used_mb }, now);
+                .handle_input(Input::GpuUsed { gpu, used_mb }, now);
         }
         self.carry_out().await
     }
 
     /// Answers a status question with the status document, in the encoding it was asked in.
     async fn answer_status(&mut self, query: StatusQuery) {
-        let doc = self.sched.status(now_ms());
+        let doc = render::status(&self.sched.status(now_ms()));
         let payload = codec::encode(query.encoding, &doc);
         if let Err(e) = (query.respond)(payload).await {
             tracing::warn!("answering status: {e}");

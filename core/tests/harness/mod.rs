@@ -11,12 +11,12 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use gpu_coordinator_core::{
-    Action, End, Fence, GpuSpec, Input, Lease, LeaseOp, Millis, Phase, RequestRecord, SchedConfig,
-    Scheduler, Snapshot,
+    Action, ControlOut, End, EventOut, Fence, GpuSpec, GpuView, Input, Lease, LeaseOp, Millis,
+    Phase, ReplyOut, RequestRecord, SchedConfig, Scheduler, Snapshot, StatusView,
 };
 use gpu_coordinator_wire::{
-    AckAction, AckMsg, CancelMsg, Control, ControlAction, Encoding, Event, EventKind, Inbound,
-    Outcome, Rejection, ReleaseMsg, RenewMsg, Reply, RequestMsg, StatusDoc,
+    AckAction, AckMsg, CancelMsg, ControlAction, Encoding, EventKind, Inbound, Outcome, Rejection,
+    ReleaseMsg, RenewMsg, RequestMsg,
 };
 
 /// The simulated clock starts here (2023-11-14T22:13:20Z): far from zero, so that a
@@ -90,7 +90,7 @@ impl Acts {
     }
 
     /// Every reply, with the service it goes to.
-    pub fn replies(&self) -> Vec<(&str, &Reply)> {
+    pub fn replies(&self) -> Vec<(&str, &ReplyOut)> {
         self.0
             .iter()
             .filter_map(|a| match a {
@@ -101,7 +101,7 @@ impl Acts {
     }
 
     /// The replies about `id`.
-    pub fn replies_for(&self, id: &str) -> Vec<&Reply> {
+    pub fn replies_for(&self, id: &str) -> Vec<&ReplyOut> {
         self.replies()
             .into_iter()
             .filter(|(_, r)| r.request_id == id)
@@ -111,7 +111,7 @@ impl Acts {
 
     /// The one reply about `id`.
     #[track_caller]
-    pub fn reply(&self, id: &str) -> &Reply {
+    pub fn reply(&self, id: &str) -> &ReplyOut {
         let replies = self.replies_for(id);
         assert_eq!(
             replies.len(),
@@ -131,7 +131,7 @@ impl Acts {
     }
 
     /// Every control, with the service it goes to.
-    pub fn all_controls(&self) -> Vec<(&str, &Control)> {
+    pub fn all_controls(&self) -> Vec<(&str, &ControlOut)> {
         self.0
             .iter()
             .filter_map(|a| match a {
@@ -144,7 +144,7 @@ impl Acts {
     }
 
     /// The controls about `id`, in order.
-    pub fn controls(&self, id: &str) -> Vec<&Control> {
+    pub fn controls(&self, id: &str) -> Vec<&ControlOut> {
         self.all_controls()
             .into_iter()
             .filter(|(_, c)| c.request_id == id)
@@ -159,8 +159,8 @@ impl Acts {
 
     /// The one control `action` about `id`.
     #[track_caller]
-    pub fn control(&self, id: &str, action: ControlAction) -> &Control {
-        let found: Vec<&Control> = self
+    pub fn control(&self, id: &str, action: ControlAction) -> &ControlOut {
+        let found: Vec<&ControlOut> = self
             .controls(id)
             .into_iter()
             .filter(|c| c.action == action)
@@ -174,7 +174,7 @@ impl Acts {
     }
 
     /// Every event, in order.
-    pub fn all_events(&self) -> Vec<&Event> {
+    pub fn all_events(&self) -> Vec<&EventOut> {
         self.0
             .iter()
             .filter_map(|a| match a {
@@ -195,8 +195,8 @@ impl Acts {
 
     /// The one event `kind` about `id`.
     #[track_caller]
-    pub fn event(&self, id: &str, kind: EventKind) -> &Event {
-        let found: Vec<&Event> = self
+    pub fn event(&self, id: &str, kind: EventKind) -> &EventOut {
+        let found: Vec<&EventOut> = self
             .all_events()
             .into_iter()
             .filter(|e| e.request_id.as_deref() == Some(id) && e.kind == kind)
@@ -277,7 +277,7 @@ pub fn end_kind(end: End) -> EventKind {
 
 /// Whether an event ends its request. A `rejected` event ends a request only when it is the request's
 /// own (it then carries the request's priority); a rejected *input* about a live request does not.
-pub fn is_terminal(event: &Event) -> bool {
+pub fn is_terminal(event: &EventOut) -> bool {
     match event.kind {
         EventKind::Released | EventKind::TimedOut | EventKind::Cancelled | EventKind::Revoked => {
             true
@@ -587,7 +587,7 @@ impl Sim {
             .0
     }
 
-    pub fn status(&self) -> StatusDoc {
+    pub fn status(&self) -> StatusView {
         self.sched.status(self.now)
     }
 
@@ -622,6 +622,15 @@ impl Sim {
 
     /// Lets every timer run out (with no external VRAM left), then checks that every accepted request
     /// reached exactly one end and nothing is left live.
+    /// NVML's sample of a GPU showing `mb` used outside the leases: what the leases hold plus `mb`.
+    pub fn outside(&mut self, gpu: &str, mb: u64) -> Acts {
+        let used_mb = mb + self.sched.held_mb(gpu);
+        self.input(Input::GpuUsed {
+            gpu: gpu.into(),
+            used_mb,
+        })
+    }
+
     pub fn finish(&mut self) {
         let external: Vec<String> = self
             .status()
@@ -631,7 +640,7 @@ impl Sim {
             .map(|g| g.id.clone())
             .collect();
         for gpu in external {
-            self.input(Input::ExternalVram { gpu, used_mb: 0 });
+            self.outside(&gpu, 0);
         }
         let mut rounds = 0;
         while self.step_to_next_timeout().is_some() {
@@ -969,7 +978,7 @@ impl Sim {
 
     /// Held VRAM never exceeds a GPU; a request is never both holding and queued, nor on two GPUs; a
     /// GPU that got a lease this step fits it next to the external VRAM.
-    fn check_capacity(&self, status: &StatusDoc, acts: &Acts) -> Result<(), String> {
+    fn check_capacity(&self, status: &StatusView, acts: &Acts) -> Result<(), String> {
         let mut seen = HashSet::new();
         let granted_on: HashSet<String> = acts
             .lease_ops()
@@ -1027,7 +1036,7 @@ impl Sim {
     }
 
     /// The GPUs a queued request may use at all (its pin, and big enough for its VRAM).
-    fn allowed(&self, rec: &RequestRecord, status: &StatusDoc) -> Vec<usize> {
+    fn allowed(&self, rec: &RequestRecord, status: &StatusView) -> Vec<usize> {
         (0..status.gpus.len())
             .filter(|&g| rec.gpu_pin.as_ref().is_none_or(|p| *p == status.gpus[g].id))
             .filter(|&g| rec.vram_mb.is_none_or(|v| v <= status.gpus[g].total_mb))
@@ -1036,7 +1045,7 @@ impl Sim {
 
     /// A GPU with no holder is never left idle while a queued request fits it: the first request in
     /// grant order that may use it (nothing before it can have reserved it) does not fit it.
-    fn check_no_idle_gpu(&self, status: &StatusDoc) -> Result<(), String> {
+    fn check_no_idle_gpu(&self, status: &StatusView) -> Result<(), String> {
         for (g, gpu) in status.gpus.iter().enumerate() {
             // A GPU waiting for NVML to see paused VRAM freed takes no grant, on purpose.
             if !gpu.holders.is_empty() || self.sched.settling(&gpu.id) {
@@ -1067,7 +1076,7 @@ impl Sim {
     /// could fit on some GPU by pausing strictly less urgent, preemptible, active holders (old enough
     /// for `min_hold_ms`), then within `ack_deadline_ms` it is granted or those holders are pausing or
     /// gone. (Aging must be off: it orders the queue, and a request aged ahead of R may hold R back.)
-    fn check_liveness(&mut self, status: &StatusDoc) -> Result<(), String> {
+    fn check_liveness(&mut self, status: &StatusView) -> Result<(), String> {
         let mut waiting = HashMap::new();
         let records: Vec<&RequestRecord> = status
             .queue
@@ -1112,11 +1121,7 @@ impl Sim {
     }
 
     /// Whether `rec` fits `gpu` only by pausing active holders it may preempt.
-    fn fits_by_preemption(
-        &self,
-        rec: &RequestRecord,
-        gpu: &gpu_coordinator_wire::GpuStatus,
-    ) -> bool {
+    fn fits_by_preemption(&self, rec: &RequestRecord, gpu: &GpuView) -> bool {
         let mut free = gpu.free_mb;
         let mut others = 0usize;
         let mut victims_mb = 0;

@@ -338,9 +338,10 @@ fn apply(s: &mut Sim, op: Op) {
         Op::External { gpu, mb } => {
             // NVML never reports more than the GPU has.
             let gpu = s.specs[gpu % s.specs.len()].clone();
-            s.input(Input::ExternalVram {
+            let used_mb = (mb + s.sched.held_mb(&gpu.id)).min(gpu.total_mb);
+            s.input(Input::GpuUsed {
                 gpu: gpu.id,
-                used_mb: mb.min(gpu.total_mb),
+                used_mb,
             });
         }
         Op::Advance(ms) => {

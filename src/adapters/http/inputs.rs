@@ -15,14 +15,12 @@ use gpu_coordinator_wire::{
     codec, decode_input, valid_service_id, Encoding, Event, EventKind, Inbound, InputKind, Outcome,
     Reply,
 };
-use serde::Serialize;
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use utoipa::ToSchema;
 
-use super::openapi::{
-    AckSchema, CancelSchema, ReleaseSchema, RenewSchema, ReplySchema, RequestSchema,
+use super::schemas::{
+    Accepted, AckSchema, CancelSchema, ReleaseSchema, RenewSchema, ReplySchema, RequestSchema,
 };
 use super::{ApiError, ErrorBody, HttpState};
 use crate::adapters::nats::content_type;
@@ -32,16 +30,6 @@ const REQUEST_MARGIN: Duration = Duration::from_secs(5);
 
 /// How long a release, renew or cancel waits for its reply.
 const REPLY_WAIT: Duration = Duration::from_secs(30);
-
-/// The answer to an input that gets no reply unless it is rejected (an ACK, a release of everything).
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Accepted {
-    /// The request the input is about, when it names one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub request_id: Option<String>,
-    /// What happens next.
-    pub detail: String,
-}
 
 /// A body checked like a NATS input, ready to publish.
 struct Prepared {
@@ -173,7 +161,7 @@ async fn subscribe_replies(
     state: &HttpState,
     service: &str,
 ) -> Result<async_nats::Subscriber, ApiError> {
-    let client = state.connected()?.backends.bus.client();
+    let client = &state.connected()?.backends.nats;
     client
         .subscribe(state.subjects().reply(service))
         .await
@@ -336,7 +324,7 @@ async fn subscribe_requested(
     state: &HttpState,
     service: &str,
 ) -> Result<async_nats::Subscriber, ApiError> {
-    let client = state.connected()?.backends.bus.client();
+    let client = &state.connected()?.backends.nats;
     client
         .subscribe(state.subjects().event(EventKind::Requested, service))
         .await

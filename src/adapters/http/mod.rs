@@ -19,6 +19,7 @@ mod error;
 mod inputs;
 mod openapi;
 mod ops;
+mod schemas;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
@@ -34,22 +35,21 @@ use tokio_util::sync::CancellationToken;
 pub use error::{ApiError, ErrorBody};
 pub use openapi::openapi;
 
-use crate::adapters::nats::NatsBus;
-use crate::adapters::postgres::PgStore;
-use crate::adapters::redis::LeaseStore;
 use crate::config::Config;
 use crate::driver::DriverHandle;
 use crate::metrics::Metrics;
+use crate::ports::{Journal, Leases};
 
 /// How long a handler waits for the driver's status document.
 const STATUS_WAIT: Duration = Duration::from_secs(5);
 
-/// What the handlers need once the coordinator is connected: the servers and the driver.
+/// What the handlers need once the coordinator is connected: the NATS connection inputs are published
+/// on and answers read from, the ports readiness pings, and the driver.
 #[derive(Clone)]
 pub struct Backends {
-    pub bus: NatsBus,
-    pub pg: PgStore,
-    pub leases: LeaseStore,
+    pub nats: async_nats::Client,
+    pub journal: Arc<dyn Journal>,
+    pub leases: Arc<dyn Leases>,
     pub driver: DriverHandle,
 }
 
@@ -99,7 +99,7 @@ impl HttpState {
 
     /// Hands the handlers the servers and the driver, once they are there.
     pub fn set_backends(&self, backends: Backends) {
-        let js = jetstream::new(backends.bus.client().clone());
+        let js = jetstream::new(backends.nats.clone());
         let _ = self.inner.connected.set(Connected { backends, js });
     }
 
@@ -198,7 +198,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
-        .route("/openapi.json", get(ops::openapi_json))
+        .route("/openapi.json", get(openapi::openapi_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

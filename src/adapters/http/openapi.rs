@@ -4,86 +4,13 @@
 //! 3.1 schema (which is JSON Schema) with its definitions as components, so the HTTP documentation
 //! cannot drift from the contract.
 
-use std::borrow::Cow;
-
-use gpu_coordinator_wire::{AckMsg, CancelMsg, ReleaseMsg, RenewMsg, Reply, RequestMsg, StatusDoc};
-use schemars::gen::SchemaSettings;
-use schemars::JsonSchema;
-use utoipa::openapi::schema::{Object, Schema};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::openapi::RefOr;
 use utoipa::{Modify, OpenApi};
 
 use super::error::ErrorBody;
-use super::inputs::Accepted;
-use super::ops::{Checks, Health};
-
-/// A wire type's schema, with its definitions as `(name, schema)` components.
-fn wire<T: JsonSchema>() -> (RefOr<Schema>, Vec<(String, RefOr<Schema>)>) {
-    let generator = SchemaSettings::draft07()
-        .with(|s| {
-            s.definitions_path = "#/components/schemas/".into();
-            s.meta_schema = None;
-        })
-        .into_generator();
-    let root = generator.into_root_schema_for::<T>();
-    let convert = |name: &str, schema: serde_json::Value| {
-        serde_json::from_value::<RefOr<Schema>>(schema).unwrap_or_else(|e| {
-            tracing::warn!("the JSON Schema of {name} does not convert to OpenAPI: {e}");
-            RefOr::T(Schema::Object(
-                Object::builder()
-                    .description(Some(format!("see the wire crate's JSON Schema of {name}")))
-                    .build(),
-            ))
-        })
-    };
-    let name = T::schema_name();
-    let main = convert(
-        &name,
-        serde_json::to_value(&root.schema).unwrap_or_default(),
-    );
-    let definitions = root
-        .definitions
-        .into_iter()
-        .map(|(name, schema)| {
-            let value = serde_json::to_value(&schema).unwrap_or_default();
-            let converted = convert(&name, value);
-            (name, converted)
-        })
-        .collect();
-    (main, definitions)
-}
-
-/// A stand-in that gives a wire type's schema to utoipa under the wire type's name.
-macro_rules! wire_schema {
-    ($marker:ident, $ty:ty) => {
-        pub(super) struct $marker;
-
-        impl utoipa::PartialSchema for $marker {
-            fn schema() -> RefOr<Schema> {
-                wire::<$ty>().0
-            }
-        }
-
-        impl utoipa::ToSchema for $marker {
-            fn name() -> Cow<'static, str> {
-                Cow::Owned(<$ty as JsonSchema>::schema_name())
-            }
-
-            fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
-                schemas.extend(wire::<$ty>().1);
-            }
-        }
-    };
-}
-
-wire_schema!(RequestSchema, RequestMsg);
-wire_schema!(ReleaseSchema, ReleaseMsg);
-wire_schema!(RenewSchema, RenewMsg);
-wire_schema!(AckSchema, AckMsg);
-wire_schema!(CancelSchema, CancelMsg);
-wire_schema!(ReplySchema, Reply);
-wire_schema!(StatusSchema, StatusDoc);
+use super::schemas::{Accepted, Checks, Health};
 
 struct BearerAuth;
 
@@ -117,7 +44,7 @@ impl Modify for BearerAuth {
         super::ops::healthz,
         super::ops::readyz,
         super::ops::metrics,
-        super::ops::openapi_json,
+        openapi_json,
     ),
     components(schemas(ErrorBody, Accepted, Health, Checks)),
     modifiers(&BearerAuth),
@@ -128,6 +55,17 @@ impl Modify for BearerAuth {
 )]
 struct ApiDoc;
 
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operators",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API", content_type = "application/json", body = Object)),
+)]
+pub(super) async fn openapi_json() -> Response {
+    Json(openapi()).into_response()
+}
+
 /// The OpenAPI document of the HTTP API.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
@@ -137,7 +75,12 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 #[cfg(test)]
 mod tests {
+    use super::super::schemas::wire;
     use super::*;
+    use gpu_coordinator_wire::{
+        AckMsg, CancelMsg, ReleaseMsg, RenewMsg, Reply, RequestMsg, StatusDoc,
+    };
+    use schemars::JsonSchema;
 
     #[test]
     fn every_wire_schema_converts() {

@@ -1,4 +1,4 @@
-//! What operators look at: the status document, health and readiness, metrics, the OpenAPI document.
+//! What operators look at: the status document, health and readiness, metrics.
 
 use std::time::Duration;
 
@@ -6,35 +6,12 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Serialize;
-use utoipa::ToSchema;
 
-use super::openapi::StatusSchema;
+use super::schemas::{Checks, Health, StatusSchema};
 use super::{ApiError, ErrorBody, HttpState};
 
 /// How long `/readyz` waits for each server.
 const PING_WAIT: Duration = Duration::from_secs(2);
-
-/// The answer of `/healthz` and `/readyz`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Health {
-    /// `ok`, `ready`, or `not ready`.
-    pub status: String,
-    /// Per server (`nats`, `redis`, `postgres`): `ok` or what is wrong.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub checks: Option<Checks>,
-    /// When not ready: which server is not reachable.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-/// Each server's state for `/readyz`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Checks {
-    pub nats: String,
-    pub redis: String,
-    pub postgres: String,
-}
 
 /// Each GPU with its VRAM and holders, the paused requests, and the queue with positions and estimated
 /// waits.
@@ -86,7 +63,7 @@ pub(super) async fn readyz(State(state): State<HttpState>) -> Response {
     };
     let b = &connected.backends;
     let nats = async {
-        match b.bus.client().connection_state() {
+        match b.nats.connection_state() {
             async_nats::connection::State::Connected => Ok(()),
             other => Err(format!("not connected ({other})")),
         }
@@ -98,7 +75,7 @@ pub(super) async fn readyz(State(state): State<HttpState>) -> Response {
         }
     };
     let postgres = async {
-        match tokio::time::timeout(PING_WAIT, b.pg.ping()).await {
+        match tokio::time::timeout(PING_WAIT, b.journal.ping()).await {
             Ok(result) => result.map_err(|e| e.to_string()),
             Err(_) => Err(format!("no answer within {PING_WAIT:?}")),
         }
@@ -154,15 +131,4 @@ pub(super) async fn metrics(State(state): State<HttpState>) -> Response {
     let doc = state.status().await.ok();
     let text = state.inner.metrics.render(doc.as_ref());
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
-}
-
-/// This document.
-#[utoipa::path(
-    get,
-    path = "/openapi.json",
-    tag = "operators",
-    responses((status = 200, description = "The OpenAPI 3.1 document of this API", content_type = "application/json", body = Object)),
-)]
-pub(super) async fn openapi_json() -> Response {
-    Json(super::openapi()).into_response()
 }

@@ -1,0 +1,182 @@
+//! What the core tells the world, as typed domain values: ids, instants as [`Millis`], fences as
+//! numbers, outcomes, kinds and reasons as enums. Rendering them into subjects, JSON or MessagePack, with
+//! RFC 3339 instants, is the driver's business (`src/render.rs`), done once at the edge; metrics read
+//! these values, never rendered text.
+//!
+//! The field names follow the wire contract's documents, so that the render step is a plain mapping.
+
+use std::fmt;
+
+use gpu_coordinator_wire::{ControlAction, EventKind, HolderState, Outcome, VramSource};
+
+use crate::types::Millis;
+
+/// The answer to a request, for `<prefix>.reply.<svc>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyOut {
+    pub request_id: String,
+    pub outcome: Outcome,
+    pub gpu: Option<String>,
+    pub fence: Option<u64>,
+    pub lease_ms: Option<u64>,
+    pub expires_at: Option<Millis>,
+    pub vram_mb: Option<u64>,
+    pub waited_ms: Option<u64>,
+    /// Why it was rejected, for a person.
+    pub error: Option<String>,
+}
+
+impl ReplyOut {
+    /// A reply with only the request and the outcome.
+    pub fn new(request_id: &str, outcome: Outcome) -> ReplyOut {
+        ReplyOut {
+            request_id: request_id.to_owned(),
+            outcome,
+            gpu: None,
+            fence: None,
+            lease_ms: None,
+            expires_at: None,
+            vram_mb: None,
+            waited_ms: None,
+            error: None,
+        }
+    }
+}
+
+/// Why an order is given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// A more urgent request needs the GPU (`pause`).
+    Preempted {
+        request_id: String,
+        service_id: String,
+        priority: u8,
+    },
+    /// The GPU is free again (`resume`).
+    Free,
+    /// The lease ran out: neither renewed nor released (`revoke`).
+    Expired,
+    /// The holder did not ACK its pause in time (`revoke`).
+    NoPauseAck { deadline_ms: u64 },
+    /// The lease store refused the lease (`revoke`).
+    Refused { why: String },
+    /// The GPU it held is no longer managed (`revoke`, after a restart with another inventory).
+    GpuRemoved,
+    /// The watchdog asks for a restart after an expiry (`restart`).
+    RestartAfterExpiry,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::Preempted {
+                request_id,
+                service_id,
+                priority,
+            } => write!(
+                f,
+                "request `{request_id}` of `{service_id}` at priority {priority} needs the GPU"
+            ),
+            Reason::Free => f.write_str("the GPU is free again: reload and go on"),
+            Reason::Expired => {
+                f.write_str("the lease expired: it was neither renewed nor released")
+            }
+            Reason::NoPauseAck { deadline_ms } => {
+                write!(f, "no pause ACK within the deadline ({deadline_ms} ms)")
+            }
+            Reason::Refused { why } => write!(f, "the lease store refused the lease: {why}"),
+            Reason::GpuRemoved => f.write_str("its GPU is no longer managed by this coordinator"),
+            Reason::RestartAfterExpiry => f.write_str("the lease expired: restart the service"),
+        }
+    }
+}
+
+/// An order to a holder, for `<prefix>.control.<svc>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlOut {
+    pub action: ControlAction,
+    pub request_id: String,
+    pub fence: u64,
+    /// For `pause`: how long the holder has to ACK.
+    pub deadline_ms: Option<u64>,
+    pub reason: Reason,
+    /// For `resume`: the new lease.
+    pub lease_ms: Option<u64>,
+    pub expires_at: Option<Millis>,
+    pub gpu: Option<String>,
+}
+
+/// A change of state, for `<prefix>.event.<kind>.<svc>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventOut {
+    pub at: Millis,
+    pub kind: EventKind,
+    pub request_id: Option<String>,
+    pub service_id: String,
+    /// `None` on the rejection of an input that is not a request's own (it changes no request).
+    pub priority: Option<u8>,
+    pub gpu: Option<String>,
+    pub fence: Option<u64>,
+    pub detail: Option<String>,
+    /// On a first `granted`: how long the request waited (for metrics; the detail says it too).
+    pub waited_ms: Option<u64>,
+}
+
+/// What the core holds now: each GPU with its VRAM and holders, the paused requests, the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusView {
+    pub at: Millis,
+    pub vram_source: VramSource,
+    pub gpus: Vec<GpuView>,
+    pub paused: Vec<PausedView>,
+    pub queue: Vec<QueueView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuView {
+    pub id: String,
+    pub total_mb: u64,
+    pub used_mb: u64,
+    pub free_mb: u64,
+    /// Used outside the leases (NVML's used figure minus what the leases hold).
+    pub external_mb: u64,
+    pub vram_source: VramSource,
+    pub holders: Vec<HolderView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HolderView {
+    pub request_id: String,
+    pub service_id: String,
+    pub priority: u8,
+    pub fence: u64,
+    pub vram_mb: u64,
+    pub granted_at: Millis,
+    pub expires_at: Millis,
+    pub state: HolderState,
+    pub preemptible: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PausedView {
+    pub request_id: String,
+    pub service_id: String,
+    pub priority: u8,
+    pub gpu: String,
+    pub vram_mb: u64,
+    pub paused_at: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueView {
+    pub position: u64,
+    pub request_id: String,
+    pub service_id: String,
+    pub priority: u8,
+    pub vram_mb: Option<u64>,
+    pub gpu: Option<String>,
+    pub requested_at: Millis,
+    pub paused: bool,
+    pub timeout_at: Option<Millis>,
+    pub estimated_wait_ms: Option<u64>,
+}

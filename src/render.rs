@@ -1,0 +1,172 @@
+//! The one render step: the core's typed outputs become the wire contract's documents, on their subjects,
+//! in the encoding of the request they are about, with instants as RFC 3339 strings. Nothing else turns a
+//! core value into wire text, and this module decides nothing.
+
+use gpu_coordinator_core::{
+    Action, ControlOut, EventOut, GpuView, HolderView, PausedView, QueueView, ReplyOut, StatusView,
+};
+use gpu_coordinator_wire::time::rfc3339;
+use gpu_coordinator_wire::{
+    codec, Control, Encoding, Event, GpuStatus, HolderStatus, PausedStatus, QueueEntry, Reply,
+    StatusDoc, Subjects,
+};
+
+/// A message ready to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub subject: String,
+    pub encoding: Encoding,
+    pub payload: Vec<u8>,
+}
+
+/// The message an action is, on its subject and in its encoding; `None` for the actions that are not
+/// messages (persist, lease store). Control orders are logged at `info`, events at `debug`.
+pub fn message(subjects: &Subjects, action: &Action) -> Option<Rendered> {
+    let (subject, encoding, payload) = match action {
+        Action::Reply {
+            service,
+            encoding,
+            reply: out,
+        } => (
+            subjects.reply(service),
+            *encoding,
+            codec::encode(*encoding, &reply(out)),
+        ),
+        Action::Control {
+            service,
+            encoding,
+            control: out,
+        } => {
+            tracing::info!(
+                service = %service, request_id = %out.request_id, fence = out.fence,
+                "{:?}: {}", out.action, out.reason
+            );
+            (
+                subjects.control(service),
+                *encoding,
+                codec::encode(*encoding, &control(out)),
+            )
+        }
+        Action::Event {
+            encoding,
+            event: out,
+        } => {
+            tracing::debug!(kind = out.kind.as_str(), service = %out.service_id, request_id = ?out.request_id, "event");
+            (
+                subjects.event(out.kind, &out.service_id),
+                *encoding,
+                codec::encode(*encoding, &event(out)),
+            )
+        }
+        Action::Persist(_) | Action::PersistFence(_) | Action::Lease(_) => return None,
+    };
+    Some(Rendered {
+        subject,
+        encoding,
+        payload,
+    })
+}
+
+/// `<prefix>.reply.<svc>`.
+pub fn reply(out: &ReplyOut) -> Reply {
+    let mut reply = Reply::new(&out.request_id, out.outcome);
+    reply.gpu = out.gpu.clone();
+    reply.fence = out.fence;
+    reply.lease_ms = out.lease_ms;
+    reply.expires_at = out.expires_at.map(rfc3339);
+    reply.vram_mb = out.vram_mb;
+    reply.waited_ms = out.waited_ms;
+    reply.error = out.error.clone();
+    reply
+}
+
+/// `<prefix>.control.<svc>`.
+pub fn control(out: &ControlOut) -> Control {
+    Control {
+        action: out.action,
+        request_id: out.request_id.clone(),
+        fence: out.fence,
+        deadline_ms: out.deadline_ms,
+        reason: out.reason.to_string(),
+        lease_ms: out.lease_ms,
+        expires_at: out.expires_at.map(rfc3339),
+        gpu: out.gpu.clone(),
+    }
+}
+
+/// `<prefix>.event.<kind>.<svc>`.
+pub fn event(out: &EventOut) -> Event {
+    Event {
+        at: rfc3339(out.at),
+        kind: out.kind,
+        request_id: out.request_id.clone(),
+        service_id: out.service_id.clone(),
+        priority: out.priority,
+        gpu: out.gpu.clone(),
+        fence: out.fence,
+        detail: out.detail.clone(),
+    }
+}
+
+/// The status document of `<prefix>.status` and `GET /gpu/status`.
+pub fn status(view: &StatusView) -> StatusDoc {
+    StatusDoc {
+        at: rfc3339(view.at),
+        vram_source: view.vram_source,
+        gpus: view.gpus.iter().map(gpu).collect(),
+        paused: view.paused.iter().map(paused).collect(),
+        queue: view.queue.iter().map(queued).collect(),
+    }
+}
+
+fn gpu(g: &GpuView) -> GpuStatus {
+    GpuStatus {
+        id: g.id.clone(),
+        total_mb: g.total_mb,
+        used_mb: g.used_mb,
+        free_mb: g.free_mb,
+        external_mb: g.external_mb,
+        vram_source: g.vram_source,
+        holders: g.holders.iter().map(holder).collect(),
+    }
+}
+
+fn holder(h: &HolderView) -> HolderStatus {
+    HolderStatus {
+        request_id: h.request_id.clone(),
+        service_id: h.service_id.clone(),
+        priority: h.priority,
+        fence: h.fence,
+        vram_mb: h.vram_mb,
+        granted_at: rfc3339(h.granted_at),
+        expires_at: rfc3339(h.expires_at),
+        state: h.state,
+        preemptible: h.preemptible,
+    }
+}
+
+fn paused(p: &PausedView) -> PausedStatus {
+    PausedStatus {
+        request_id: p.request_id.clone(),
+        service_id: p.service_id.clone(),
+        priority: p.priority,
+        gpu: p.gpu.clone(),
+        vram_mb: p.vram_mb,
+        paused_at: rfc3339(p.paused_at),
+    }
+}
+
+fn queued(q: &QueueView) -> QueueEntry {
+    QueueEntry {
+        position: q.position,
+        request_id: q.request_id.clone(),
+        service_id: q.service_id.clone(),
+        priority: q.priority,
+        vram_mb: q.vram_mb,
+        gpu: q.gpu.clone(),
+        requested_at: rfc3339(q.requested_at),
+        paused: q.paused,
+        timeout_at: q.timeout_at.map(rfc3339),
+        estimated_wait_ms: q.estimated_wait_ms,
+    }
+}
