@@ -172,7 +172,6 @@ impl Client {
             Router {
                 nats: nats.clone(),
                 subjects: subjects.clone(),
-                service_id: service_id.to_owned(),
                 filter,
                 routes: Arc::clone(&routes),
                 reconnects: reconnects.clone(),
@@ -272,7 +271,7 @@ impl Client {
             0,
         )
         .map_err(|rejection| ClientError::InvalidRequest(rejection.error))?;
-        let mut route = self.inner.routes.register(&request_id)?;
+        let mut route = self.inner.routes.register(svc, &request_id)?;
         let started = Instant::now();
         let deadline = options
             .timeout_ms
@@ -338,6 +337,8 @@ impl Client {
                     early.push((control, now, wall));
                     continue;
                 }
+                // This client reads no events.
+                Incoming::Event(_) => continue,
             };
             let error = match reply.outcome {
                 Outcome::Granted => {
@@ -436,24 +437,7 @@ impl Client {
 
     /// Waits until the coordinator's answers can be read, or says why they cannot by `deadline`.
     async fn wait_ready(&self, deadline: Instant) -> Result<(), ClientError> {
-        for ready in &self.inner.ready {
-            let mut ready = ready.clone();
-            let waited = tokio::time::timeout_at(deadline.into(), async {
-                ready.wait_for(|r| *r == Readiness::Ready).await.is_ok()
-            })
-            .await;
-            match waited {
-                Ok(true) => {}
-                Ok(false) => return Err(ClientError::Closed),
-                Err(_) => {
-                    return Err(ClientError::Unavailable(match &*ready.borrow() {
-                        Readiness::Starting(Some(error)) => error.clone(),
-                        _ => "the consumers on the output stream are not open yet".to_owned(),
-                    }))
-                }
-            }
-        }
-        Ok(())
+        crate::router::wait_ready(&self.inner.ready, deadline.into()).await
     }
 
     /// Publishes an input into the input stream and waits for its PubAck, retrying with the same

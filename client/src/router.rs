@@ -23,8 +23,12 @@
 //!   handed on twice. This is what the library's ordered consumer does, except that it replays the
 //!   whole stream when it must recreate itself before its first message.
 //!
-//! The routers own no request state: they look the `request_id` up in [`Routes`], and drop what no
-//! one here waits for (another instance of the same service, or a request that has ended).
+//! The routers own no request state: they look the service and `request_id` up in [`Routes`], and drop
+//! what no one here waits for (another instance of the same service, or a request that has ended).
+//!
+//! The same readers serve the coordinator's HTTP API ([`AnswerReader`]): one consumer on all services'
+//! replies (`<prefix>.reply.*`) and one on their `requested` events, correlated the same way, so that
+//! a long poll, too, gets its grant across a NATS restart.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,7 +39,7 @@ use async_nats::jetstream::{self, consumer};
 use async_nats::HeaderMap;
 use futures::StreamExt;
 use gpu_coordinator_wire::codec::{self, Encoding};
-use gpu_coordinator_wire::{Control, Reply, Subjects};
+use gpu_coordinator_wire::{Control, Event, Reply, Subjects};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -54,84 +58,131 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A consumer that lasted this long resets the backoff.
 const STABLE: Duration = Duration::from_secs(10);
 
-/// A message from the coordinator about one request.
+/// A message from the coordinator about one request: its reply, an order, or an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Incoming {
+pub enum Incoming {
     Reply(Reply),
     Control(Control),
+    Event(Event),
 }
 
 impl Incoming {
-    pub(crate) fn request_id(&self) -> &str {
+    /// The request it is about (an event about no request names none: `""`).
+    pub fn request_id(&self) -> &str {
         match self {
             Incoming::Reply(r) => &r.request_id,
             Incoming::Control(c) => &c.request_id,
+            Incoming::Event(e) => e.request_id.as_deref().unwrap_or_default(),
         }
     }
 }
 
-/// Who waits for which request id.
+/// One waiter's channel, with the number that tells it from the others of the same request.
+type Waiter = (u64, mpsc::UnboundedSender<Incoming>);
+
+/// Who waits for which request of which service.
 #[derive(Default)]
 pub(crate) struct Routes {
-    map: Mutex<HashMap<String, mpsc::UnboundedSender<Incoming>>>,
+    map: Mutex<RouteTable>,
+}
+
+#[derive(Default)]
+struct RouteTable {
+    waiters: HashMap<(String, String), Vec<Waiter>>,
+    next: u64,
 }
 
 impl Routes {
-    /// Starts routing the messages about `request_id` to the returned receiver, until the [`Route`]
-    /// is dropped.
-    pub(crate) fn register(self: &Arc<Self>, request_id: &str) -> Result<Route, ClientError> {
-        let mut map = self
+    /// Starts routing the messages about `request_id` of `service` to the returned receiver, until
+    /// the [`Route`] is dropped. A client's requests are its own: a second one with the same id is
+    /// refused.
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        service: &str,
+        request_id: &str,
+    ) -> Result<Route, ClientError> {
+        self.add(service, request_id, true)
+    }
+
+    /// As [`Routes::register`], beside any other waiter for the same request (each gets every message).
+    pub(crate) fn listen(self: &Arc<Self>, service: &str, request_id: &str) -> Route {
+        self.add(service, request_id, false)
+            .expect("a shared route is never refused")
+    }
+
+    fn add(
+        self: &Arc<Self>,
+        service: &str,
+        request_id: &str,
+        exclusive: bool,
+    ) -> Result<Route, ClientError> {
+        let mut table = self
             .map
             .lock()
             .expect("the route table lock is never poisoned");
-        if map.contains_key(request_id) {
+        let key = (service.to_owned(), request_id.to_owned());
+        if exclusive && table.waiters.get(&key).is_some_and(|w| !w.is_empty()) {
             return Err(ClientError::DuplicateRequestId(request_id.to_owned()));
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        map.insert(request_id.to_owned(), tx);
+        table.next += 1;
+        let id = table.next;
+        table.waiters.entry(key.clone()).or_default().push((id, tx));
         Ok(Route {
             routes: Arc::clone(self),
-            request_id: request_id.to_owned(),
+            key,
+            id,
             rx,
         })
     }
 
-    fn dispatch(&self, incoming: Incoming) {
-        let map = self
+    fn dispatch(&self, service: &str, incoming: Incoming) {
+        let table = self
             .map
             .lock()
             .expect("the route table lock is never poisoned");
-        match map.get(incoming.request_id()) {
-            Some(tx) => {
-                // A closed receiver means its owner is ending; the Route removes the entry.
-                let _ = tx.send(incoming);
+        let key = (service.to_owned(), incoming.request_id().to_owned());
+        match table.waiters.get(&key) {
+            Some(waiters) => {
+                for (_, tx) in waiters {
+                    // A closed receiver means its owner is ending; the Route removes the entry.
+                    let _ = tx.send(incoming.clone());
+                }
             }
             None => tracing::trace!(
+                service,
                 request_id = incoming.request_id(),
-                "no request of this client waits for this message"
+                "nobody here waits for this message"
             ),
         }
     }
 }
 
-/// The messages about one request id, until dropped.
-pub(crate) struct Route {
+/// The messages about one request, until dropped.
+pub struct Route {
     routes: Arc<Routes>,
-    request_id: String,
+    key: (String, String),
+    id: u64,
     rx: mpsc::UnboundedReceiver<Incoming>,
 }
 
 impl Route {
-    /// The next message about this request, in the order the coordinator stored them.
-    pub(crate) async fn recv(&mut self) -> Option<Incoming> {
+    /// The next message about this request, in the order the coordinator stored them (per subject:
+    /// replies, orders and events come through separate consumers). `None` once the reader stopped.
+    pub async fn recv(&mut self) -> Option<Incoming> {
         self.rx.recv().await
     }
 }
 
 impl Drop for Route {
     fn drop(&mut self) {
-        if let Ok(mut map) = self.routes.map.lock() {
-            map.remove(&self.request_id);
+        if let Ok(mut table) = self.routes.map.lock() {
+            if let Some(waiters) = table.waiters.get_mut(&self.key) {
+                waiters.retain(|(id, _)| *id != self.id);
+                if waiters.is_empty() {
+                    table.waiters.remove(&self.key);
+                }
+            }
         }
     }
 }
@@ -146,42 +197,127 @@ pub(crate) enum Readiness {
     Ready,
 }
 
-/// Decodes a message of the output stream, or says why it cannot. `None`: a subject that is neither
-/// this service's reply nor its control subject.
+/// Decodes a message of the output stream into the service it is for and what it says, or says why
+/// it cannot. `None`: a subject that is not a reply, order or event of `prefix`.
 pub(crate) fn decode_incoming(
+    prefix: &str,
     subject: &str,
     headers: Option<&HeaderMap>,
     payload: &[u8],
-    reply_subject: &str,
-    control_subject: &str,
-) -> Option<Result<Incoming, String>> {
+) -> Option<(String, Result<Incoming, String>)> {
     let content_type = headers
         .and_then(|h| h.get("Content-Type"))
         .map(|v| v.as_str());
     let encoding = Encoding::from_content_type(content_type);
-    if subject == reply_subject {
-        Some(
-            codec::decode::<Reply>(encoding, payload)
-                .map(Incoming::Reply)
-                .map_err(|e| e.0),
-        )
-    } else if subject == control_subject {
-        Some(
-            codec::decode::<Control>(encoding, payload)
-                .map(Incoming::Control)
-                .map_err(|e| e.0),
-        )
-    } else {
-        None
+    let rest = subject.strip_prefix(prefix)?.strip_prefix('.')?;
+    let tokens: Vec<&str> = rest.split('.').collect();
+    let decoded = match tokens.as_slice() {
+        ["reply", svc] => (
+            *svc,
+            codec::decode::<Reply>(encoding, payload).map(Incoming::Reply),
+        ),
+        ["control", svc] => (
+            *svc,
+            codec::decode::<Control>(encoding, payload).map(Incoming::Control),
+        ),
+        ["event", _, svc] => (
+            *svc,
+            codec::decode::<Event>(encoding, payload).map(Incoming::Event),
+        ),
+        _ => return None,
+    };
+    Some((decoded.0.to_owned(), decoded.1.map_err(|e| e.0)))
+}
+
+/// The coordinator's answers to any number of services, read through JetStream consumers on the output
+/// stream (one per filter subject, as a [`crate::Client`] reads its own), handed to whoever waits for a
+/// service's request id. This is what the coordinator's HTTP API waits on.
+pub struct AnswerReader {
+    routes: Arc<Routes>,
+    ready: Vec<watch::Receiver<Readiness>>,
+    shutdown: CancellationToken,
+}
+
+impl AnswerReader {
+    /// Starts reading `filters` (subjects of the output stream, wildcards allowed, e.g.
+    /// `<prefix>.reply.*`) from the stream's next message on.
+    pub fn start(
+        nats: async_nats::Client,
+        subjects: &Subjects,
+        filters: &[String],
+    ) -> AnswerReader {
+        let routes = Arc::new(Routes::default());
+        let shutdown = CancellationToken::new();
+        let ready = filters
+            .iter()
+            .map(|filter| {
+                Router {
+                    nats: nats.clone(),
+                    subjects: subjects.clone(),
+                    filter: filter.clone(),
+                    routes: Arc::clone(&routes),
+                    reconnects: None,
+                    shutdown: shutdown.clone(),
+                }
+                .spawn()
+            })
+            .collect();
+        AnswerReader {
+            routes,
+            ready,
+            shutdown,
+        }
     }
+
+    /// Routes what comes about `request_id` of `service` to the returned [`Route`], until it is
+    /// dropped, beside any other waiter for it. Listen before publishing the input, and after
+    /// [`AnswerReader::ready`].
+    pub fn listen(&self, service: &str, request_id: &str) -> Route {
+        self.routes.listen(service, request_id)
+    }
+
+    /// Waits until every consumer is open (from then on nothing stored is missed), at most `wait`.
+    pub async fn ready(&self, wait: Duration) -> Result<(), ClientError> {
+        wait_ready(&self.ready, tokio::time::Instant::now() + wait).await
+    }
+}
+
+impl Drop for AnswerReader {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Waits until every reader is open, at most until `deadline`; says why not.
+pub(crate) async fn wait_ready(
+    ready: &[watch::Receiver<Readiness>],
+    deadline: tokio::time::Instant,
+) -> Result<(), ClientError> {
+    for ready in ready {
+        let mut ready = ready.clone();
+        let waited = tokio::time::timeout_at(deadline, async {
+            ready.wait_for(|r| *r == Readiness::Ready).await.is_ok()
+        })
+        .await;
+        match waited {
+            Ok(true) => {}
+            Ok(false) => return Err(ClientError::Closed),
+            Err(_) => {
+                return Err(ClientError::Unavailable(match &*ready.borrow() {
+                    Readiness::Starting(Some(error)) => error.clone(),
+                    _ => "the consumers on the output stream are not open yet".to_owned(),
+                }))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Everything a router task needs.
 pub(crate) struct Router {
     pub(crate) nats: async_nats::Client,
     pub(crate) subjects: Subjects,
-    pub(crate) service_id: String,
-    /// The one subject this router reads: the service's reply or control subject.
+    /// The one subject this router reads: a service's reply or control subject, or a wildcard.
     pub(crate) filter: String,
     pub(crate) routes: Arc<Routes>,
     /// Bumped on every (re)connect, when this client made the connection; `None` otherwise, and then
@@ -202,7 +338,6 @@ impl Router {
         let Router {
             nats,
             subjects,
-            service_id,
             filter,
             routes,
             mut reconnects,
@@ -210,8 +345,6 @@ impl Router {
         } = self;
         let js = jetstream::new(nats.clone());
         let stream_name = subjects.output_stream();
-        let reply_subject = subjects.reply(&service_id);
-        let control_subject = subjects.control(&service_id);
         // The stream sequence to start the next consumer at: right after the last message handed on.
         let mut next_seq: Option<u64> = None;
         let mut backoff = BACKOFF_MIN;
@@ -298,14 +431,13 @@ impl Router {
                             expected_consumer_seq += 1;
                             next_seq = Some(stream_seq + 1);
                             match decode_incoming(
+                                subjects.prefix(),
                                 message.subject.as_str(),
                                 message.headers.as_ref(),
                                 &message.payload,
-                                &reply_subject,
-                                &control_subject,
                             ) {
-                                Some(Ok(incoming)) => routes.dispatch(incoming),
-                                Some(Err(error)) => tracing::warn!(
+                                Some((service, Ok(incoming))) => routes.dispatch(&service, incoming),
+                                Some((_, Err(error))) => tracing::warn!(
                                     subject = message.subject.as_str(),
                                     "cannot read a message from the coordinator: {error}"
                                 ),
@@ -429,12 +561,12 @@ mod tests {
     const CONTROL: &str = "gpu.control.chat";
 
     #[test]
-    fn decodes_replies_and_orders_in_either_encoding() {
+    fn decodes_replies_orders_and_events_in_either_encoding_with_their_service() {
         let reply = Reply::new("chat-1", Outcome::Granted);
         let json = codec::encode(Encoding::Json, &reply);
         assert_eq!(
-            decode_incoming(REPLY, None, &json, REPLY, CONTROL),
-            Some(Ok(Incoming::Reply(reply.clone())))
+            decode_incoming("gpu", REPLY, None, &json),
+            Some(("chat".to_owned(), Ok(Incoming::Reply(reply.clone()))))
         );
         let control = Control {
             action: ControlAction::Pause,
@@ -450,37 +582,64 @@ mod tests {
         headers.insert("Content-Type", codec::MSGPACK_CONTENT_TYPE);
         let msgpack = codec::encode(Encoding::MsgPack, &control);
         assert_eq!(
-            decode_incoming(CONTROL, Some(&headers), &msgpack, REPLY, CONTROL),
-            Some(Ok(Incoming::Control(control)))
+            decode_incoming("gpu", CONTROL, Some(&headers), &msgpack),
+            Some(("chat".to_owned(), Ok(Incoming::Control(control))))
+        );
+        let event = Event {
+            at: "2026-11-28T18:00:00Z".into(),
+            kind: gpu_coordinator_wire::EventKind::Requested,
+            request_id: Some("asr-1".into()),
+            service_id: "asr".into(),
+            priority: Some(2),
+            gpu: None,
+            fence: None,
+            detail: None,
+        };
+        let json = codec::encode(Encoding::Json, &event);
+        assert_eq!(
+            decode_incoming("gpu", "gpu.event.requested.asr", None, &json),
+            Some(("asr".to_owned(), Ok(Incoming::Event(event))))
         );
     }
 
     #[test]
     fn ignores_other_subjects_and_reports_bad_payloads() {
         assert_eq!(
-            decode_incoming("gpu.event.granted.chat", None, b"{}", REPLY, CONTROL),
+            decode_incoming("gpu", "gpu.request.chat", None, b"{}"),
             None
         );
-        let bad = decode_incoming(REPLY, None, b"{\"request_id\":1}", REPLY, CONTROL);
-        assert!(matches!(bad, Some(Err(e)) if e.contains("request_id")));
+        assert_eq!(
+            decode_incoming("gpu", "other.reply.chat", None, b"{}"),
+            None
+        );
+        let bad = decode_incoming("gpu", REPLY, None, b"{\"request_id\":1}");
+        assert!(matches!(bad, Some((svc, Err(e))) if svc == "chat" && e.contains("request_id")));
     }
 
     #[test]
-    fn routes_by_request_id_until_the_route_is_dropped() {
+    fn routes_by_service_and_request_id_until_the_route_is_dropped() {
         let routes = Arc::new(Routes::default());
-        let mut route = routes.register("a").unwrap();
+        let mut route = routes.register("svc", "a").unwrap();
         assert!(matches!(
-            routes.register("a"),
+            routes.register("svc", "a"),
             Err(ClientError::DuplicateRequestId(id)) if id == "a"
         ));
-        routes.dispatch(Incoming::Reply(Reply::new("b", Outcome::Granted)));
-        routes.dispatch(Incoming::Reply(Reply::new("a", Outcome::Queued)));
+        routes.dispatch("svc", Incoming::Reply(Reply::new("b", Outcome::Granted)));
+        // The same id from another service is not this request's.
+        routes.dispatch("other", Incoming::Reply(Reply::new("a", Outcome::Rejected)));
+        routes.dispatch("svc", Incoming::Reply(Reply::new("a", Outcome::Queued)));
         assert_eq!(
             route.rx.try_recv().unwrap(),
             Incoming::Reply(Reply::new("a", Outcome::Queued))
         );
         assert!(route.rx.try_recv().is_err());
+        // A shared listener beside it gets the same messages.
+        let mut beside = routes.listen("svc", "a");
+        routes.dispatch("svc", Incoming::Reply(Reply::new("a", Outcome::Granted)));
+        assert!(route.rx.try_recv().is_ok());
+        assert!(beside.rx.try_recv().is_ok());
         drop(route);
-        assert!(routes.register("a").is_ok());
+        drop(beside);
+        assert!(routes.register("svc", "a").is_ok());
     }
 }

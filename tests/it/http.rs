@@ -1148,3 +1148,81 @@ async fn a_grant_after_a_pause_waits_for_nvml_to_see_the_vram_freed() {
     assert!(!granted.detail.unwrap_or_default().contains("anyway"));
     coordinator.stop().await.expect("a clean stop");
 }
+
+/// A long poll waits behind a holder while NATS restarts: the HTTP API reads the coordinator's answers
+/// from the output stream (the same reader as the client library), recreating its consumers after the
+/// restart, so the grant that follows still reaches the waiting call.
+#[tokio::test]
+async fn a_long_poll_gets_its_grant_across_a_nats_restart() {
+    let mut server = crate::support::NatsServer::start();
+    let mut config = test_config("http_natsrestart", &[("0", 24_000)]);
+    config.nats.url = server.url();
+    let coordinator = Coordinator::start(config.clone()).await;
+    let c = client();
+    let request = coordinator.url("/gpu/request");
+    let (status, held) = post(
+        &c,
+        &request,
+        None,
+        json!({"service_id": "bg", "request_id": "bg-1", "priority": 1, "vram_mb": 20000}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{held}");
+
+    let waiter = {
+        let (c, request) = (c.clone(), request.clone());
+        tokio::spawn(async move {
+            post(
+                &c,
+                &request,
+                None,
+                json!({"service_id": "chat", "request_id": "chat-1", "priority": 1,
+                    "vram_mb": 20000, "timeout_ms": 60000}),
+            )
+            .await
+        })
+    };
+    let status_url = coordinator.url("/gpu/status");
+    eventually("chat-1 queued behind bg-1", || async {
+        let (_, doc) = get(&c, &status_url, None).await;
+        let queued = doc["queue"].as_array()?;
+        queued
+            .iter()
+            .any(|q| q["request_id"] == "chat-1")
+            .then_some(())
+    })
+    .await;
+
+    let server = tokio::task::spawn_blocking(move || {
+        server.restart();
+        server
+    })
+    .await
+    .expect("the nats-server restart");
+    // The holder lets go once NATS is back (a release sent while it reconnects gets 503: sent again).
+    let release = coordinator.url("/gpu/release");
+    eventually("bg-1 released after the restart", || async {
+        let (status, answer) = post(
+            &c,
+            &release,
+            None,
+            json!({"service_id": "bg", "request_id": "bg-1", "fence": held["fence"]}),
+        )
+        .await;
+        // An earlier try may have been stored before its answer was lost: then it has ended already.
+        let ended = answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("already ended"));
+        (status == StatusCode::OK || ended).then_some(())
+    })
+    .await;
+    let (status, granted) = tokio::time::timeout(DEADLINE, waiter)
+        .await
+        .expect("the long poll answers")
+        .expect("the waiting call did not panic");
+    assert_eq!(status, StatusCode::OK, "{granted}");
+    assert_eq!(granted["outcome"], "granted");
+    assert!(granted["fence"].as_u64() > held["fence"].as_u64());
+    coordinator.stop().await.expect("stops cleanly");
+    drop(server);
+}

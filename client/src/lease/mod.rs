@@ -144,6 +144,7 @@ impl Lease {
             match message {
                 Incoming::Reply(reply) => machine.handle_reply(reply, now, wall),
                 Incoming::Control(control) => machine.handle_control(control, now, wall),
+                Incoming::Event(_) => {}
             }
         }
         let (state_tx, state_rx) = watch::channel(machine.snapshot().clone());
@@ -344,6 +345,7 @@ impl LeaseTask {
                     Some(Incoming::Control(control)) => {
                         self.machine.handle_control(control, Instant::now(), SystemTime::now());
                     }
+                    Some(Incoming::Event(_)) => {}
                     None => incoming_open = false,
                 },
                 Some(completed) = done_rx.recv() => {

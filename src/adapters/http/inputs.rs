@@ -10,10 +10,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::StreamExt;
+use gpu_coordinator_client::{Incoming, Route};
 use gpu_coordinator_wire::{
-    codec, decode_input, valid_service_id, Encoding, Event, EventKind, Inbound, InputKind, Outcome,
-    Reply,
+    decode_input, valid_service_id, EventKind, Inbound, InputKind, Outcome, Reply,
 };
 use serde_json::Value;
 use tokio::time::Instant;
@@ -23,7 +22,6 @@ use super::schemas::{
     Accepted, AckSchema, CancelSchema, ReleaseSchema, RenewSchema, ReplySchema, RequestSchema,
 };
 use super::{ApiError, ErrorBody, HttpState};
-use crate::adapters::nats::content_type;
 
 /// How much longer than `timeout_ms` a request's long poll waits for the coordinator's `timed_out`.
 const REQUEST_MARGIN: Duration = Duration::from_secs(5);
@@ -156,83 +154,120 @@ async fn publish(
     Ok(())
 }
 
-/// Subscribes to `<prefix>.reply.<svc>` (before publishing, so that no reply is missed).
-async fn subscribe_replies(
-    state: &HttpState,
-    service: &str,
-) -> Result<async_nats::Subscriber, ApiError> {
-    let client = &state.connected()?.backends.nats;
-    client
-        .subscribe(state.subjects().reply(service))
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("cannot subscribe to the replies: {e}")))
+/// How long a call waits for the reader of the coordinator's answers to be open.
+const READER_WAIT: Duration = Duration::from_secs(5);
+
+/// Starts routing what the coordinator says about `request_id` of `service` to the returned route (before
+/// publishing, so that nothing is missed). The answers are read from the output stream, so a NATS
+/// restart between the publish and the answer loses nothing.
+async fn listen(state: &HttpState, service: &str, request_id: &str) -> Result<Route, ApiError> {
+    let reader = &state.connected()?.answers;
+    reader.ready(READER_WAIT).await.map_err(|e| {
+        ApiError::Unavailable(format!("the coordinator's answers cannot be read: {e}"))
+    })?;
+    Ok(reader.listen(service, request_id))
 }
 
-/// Waits for the reply about `request_id` whose outcome `accept`s, until `deadline`.
+/// The error of a call whose answer did not come by its deadline.
+fn no_answer(request_id: &str, waited: Instant) -> ApiError {
+    ApiError::GatewayTimeout(format!(
+        "the coordinator did not answer about request `{request_id}` within {} ms; the input is \
+         stored and will be handled when it can",
+        waited.elapsed().as_millis()
+    ))
+}
+
+/// The error of a call cut short by the coordinator stopping.
+fn stopping(request_id: &str) -> ApiError {
+    ApiError::Unavailable(format!(
+        "the coordinator is stopping; the input about request `{request_id}` is stored and will be \
+         handled after its restart: send it again with this request_id for the answer"
+    ))
+}
+
+/// The next thing said about the route's request, until `deadline` or until the coordinator stops.
+async fn next_answer(
+    state: &HttpState,
+    route: &mut Route,
+    request_id: &str,
+    deadline: Instant,
+    waited: Instant,
+) -> Result<Incoming, ApiError> {
+    tokio::select! {
+        incoming = route.recv() => incoming.ok_or_else(|| {
+            ApiError::Unavailable("the reader of the coordinator's answers stopped".into())
+        }),
+        _ = tokio::time::sleep_until(deadline) => Err(no_answer(request_id, waited)),
+        _ = state.stop().cancelled() => Err(stopping(request_id)),
+    }
+}
+
+/// Waits for the reply about the route's request whose outcome `accept`s, until `deadline`.
 async fn wait_reply(
     state: &HttpState,
-    replies: &mut async_nats::Subscriber,
+    route: &mut Route,
     request_id: &str,
     deadline: Instant,
     accept: impl Fn(Outcome) -> bool,
 ) -> Result<Reply, ApiError> {
     let waited = Instant::now();
     loop {
-        tokio::select! {
-            msg = replies.next() => {
-                let Some(msg) = msg else {
-                    return Err(ApiError::Unavailable("the NATS subscription to the replies ended".into()));
-                };
-                let encoding = Encoding::from_content_type(content_type(msg.headers.as_ref()));
-                match codec::decode::<Reply>(encoding, &msg.payload) {
-                    Ok(reply) if reply.request_id == request_id && accept(reply.outcome) => return Ok(reply),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(subject = %msg.subject, "an undecodable reply: {e}"),
-                }
-            }
-            _ = tokio::time::sleep_until(deadline) => {
-                return Err(ApiError::GatewayTimeout(format!(
-                    "the coordinator did not answer about request `{request_id}` within {} ms; the input is \
-                     stored and will be handled when it can",
-                    waited.elapsed().as_millis()
-                )));
-            }
-            _ = state.stop().cancelled() => {
-                return Err(ApiError::Unavailable(format!(
-                    "the coordinator is stopping; the input about request `{request_id}` is stored and will be \
-                     handled after its restart: send it again with this request_id for the answer"
-                )));
+        if let Incoming::Reply(reply) =
+            next_answer(state, route, request_id, deadline, waited).await?
+        {
+            if accept(reply.outcome) {
+                return Ok(reply);
             }
         }
     }
 }
 
+/// What the coordinator's answers say of who created a request.
+enum Origin {
+    /// Its `requested` event: the coordinator created it for this call's input.
+    Created,
+    /// A `queued` or `paused` reply: the answer to a repeated id, the request is someone else's.
+    Repeated,
+    /// Neither yet.
+    Unknown,
+}
+
+fn origin(incoming: &Incoming) -> Origin {
+    match incoming {
+        Incoming::Event(e) if e.kind == EventKind::Requested => Origin::Created,
+        Incoming::Reply(r) if matches!(r.outcome, Outcome::Queued | Outcome::Paused) => {
+            Origin::Repeated
+        }
+        _ => Origin::Unknown,
+    }
+}
+
 /// Releases a request that this call created when its long poll is abandoned: the client went away (the
 /// handler's future is dropped), so nobody would learn of its grant, and it must not hold a GPU until its
-/// lease expires. Armed only once the request is known to be this call's ([`wait_request`]): a repeated
-/// `request_id` names a request that someone else (a NATS service, an earlier call) owns. It never fires
-/// when the handler itself ends, its own deadline included (the coordinator ends a request that waited
-/// `timeout_ms` with `timed_out`), nor when the coordinator stops: the request stays queued, and the client
-/// asks again with its `request_id`.
+/// lease expires. Armed once the coordinator says the request is this call's (its `requested` event, or
+/// from the start for an id made up here); a repeated `request_id` names a request that someone else (a
+/// NATS service, an earlier call) owns. It never fires when the handler itself ends, its own deadline
+/// included (the coordinator ends a request that waited `timeout_ms` with `timed_out`), nor when the
+/// coordinator stops: the request stays queued, and the client asks again with its `request_id`.
 struct ReleaseOnDrop {
     release: Option<(jetstream::Context, String, Vec<u8>)>,
     armed: bool,
-    /// While undecided: the `requested` events of the service, whose one for this id says the request is
-    /// this call's. A client that goes away before it arrives leaves the wait for it to a task.
-    requested: Option<async_nats::Subscriber>,
-    request_id: String,
+    /// The answers about the request; while undecided, a client that goes away leaves the wait for the
+    /// `requested` event to a task.
+    route: Option<Route>,
     stop: CancellationToken,
 }
 
 impl ReleaseOnDrop {
-    /// A guard armed at once for an id made up here (`requested` is `None`), else undecided until
-    /// [`ReleaseOnDrop::arm`] or [`ReleaseOnDrop::disarm`].
+    /// A guard armed at once for an id made up here (`generated`), else undecided until the answers on
+    /// `route` say.
     fn new(
         js: &jetstream::Context,
         state: &HttpState,
         service: &str,
         request_id: &str,
-        requested: Option<async_nats::Subscriber>,
+        route: Route,
+        generated: bool,
     ) -> Self {
         let body = serde_json::json!({ "request_id": request_id });
         ReleaseOnDrop {
@@ -241,23 +276,25 @@ impl ReleaseOnDrop {
                 state.subjects().release(service),
                 serde_json::to_vec(&body).expect("a JSON value always serializes"),
             )),
-            armed: requested.is_none(),
-            requested,
-            request_id: request_id.to_string(),
+            armed: generated,
+            route: Some(route),
             stop: state.stop().clone(),
         }
     }
 
-    fn arm(&mut self) {
-        self.armed = self.release.is_some();
-        self.requested = None;
+    /// Takes what the coordinator said into account.
+    fn learn(&mut self, incoming: &Incoming) {
+        match origin(incoming) {
+            Origin::Created => self.armed = self.release.is_some(),
+            // For good: a disarmed guard cannot be armed again.
+            Origin::Repeated => self.disarm(),
+            Origin::Unknown => {}
+        }
     }
 
-    /// For good: a disarmed guard cannot be armed again.
     fn disarm(&mut self) {
         self.armed = false;
         self.release = None;
-        self.requested = None;
     }
 }
 
@@ -269,23 +306,18 @@ impl Drop for ReleaseOnDrop {
         let Some((js, subject, payload)) = self.release.take() else {
             return;
         };
-        let undecided = if self.armed {
-            None
-        } else {
-            match self.requested.take() {
-                Some(events) => Some(events),
-                None => return,
-            }
-        };
+        let undecided = if self.armed { None } else { self.route.take() };
+        if !self.armed && undecided.is_none() {
+            return;
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let request_id = std::mem::take(&mut self.request_id);
         runtime.spawn(async move {
-            if let Some(events) = undecided {
+            if let Some(route) = undecided {
                 // The client left before this call learnt whether it created the request: the
-                // coordinator's `requested` event for the id, if it comes, says so.
-                if !created_here(events, &request_id).await {
+                // coordinator's answers about the id, if they come, say so.
+                if !created_here(route).await {
                     return;
                 }
             }
@@ -300,15 +332,14 @@ impl Drop for ReleaseOnDrop {
 /// How long an abandoned call's request may take to show whether this call created it.
 const DECIDE_WAIT: Duration = Duration::from_secs(60);
 
-/// Whether the `requested` event for `request_id` comes (within [`DECIDE_WAIT`]).
-async fn created_here(mut events: async_nats::Subscriber, request_id: &str) -> bool {
+/// Whether the answers say the request was created for this call (within [`DECIDE_WAIT`]).
+async fn created_here(mut route: Route) -> bool {
     let wait = async {
-        while let Some(msg) = events.next().await {
-            let encoding = Encoding::from_content_type(content_type(msg.headers.as_ref()));
-            if let Ok(event) = codec::decode::<Event>(encoding, &msg.payload) {
-                if event.request_id.as_deref() == Some(request_id) {
-                    return true;
-                }
+        while let Some(incoming) = route.recv().await {
+            match origin(&incoming) {
+                Origin::Created => return true,
+                Origin::Repeated => return false,
+                Origin::Unknown => {}
             }
         }
         false
@@ -318,83 +349,27 @@ async fn created_here(mut events: async_nats::Subscriber, request_id: &str) -> b
         .unwrap_or(false)
 }
 
-/// Subscribes to `<prefix>.event.requested.<svc>`, the sign that the coordinator created a request (a
-/// repeated `request_id` gets no such event, only a reply with its current state).
-async fn subscribe_requested(
-    state: &HttpState,
-    service: &str,
-) -> Result<async_nats::Subscriber, ApiError> {
-    let client = &state.connected()?.backends.nats;
-    client
-        .subscribe(state.subjects().event(EventKind::Requested, service))
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("cannot subscribe to the events: {e}")))
-}
-
 /// Waits for the answer to a request (the first reply about it that is not `queued`), until `deadline`,
-/// and arms `guard` once the request is known to be this call's: the `requested` event for it arrives on
-/// the guard's subscription (the coordinator created it after this call subscribed; an id made up here
-/// arms the guard from the start). A `queued` or `paused` reply is the answer to a repeated id: the request is, or may be,
-/// someone else's, so the guard is disarmed for good (when another input repeated the id of a request
-/// this call created, the coordinator's own `timed_out` still ends it).
+/// while `guard` learns from the answers whether the request is this call's. A `queued` or `paused`
+/// reply is the answer to a repeated id: the request is, or may be, someone else's (when another input
+/// repeated the id of a request this call created, the coordinator's own `timed_out` still ends it).
 async fn wait_request(
     state: &HttpState,
-    replies: &mut async_nats::Subscriber,
     request_id: &str,
     deadline: Instant,
     guard: &mut ReleaseOnDrop,
 ) -> Result<Reply, ApiError> {
     let waited = Instant::now();
     loop {
-        let event = async {
-            match guard.requested.as_mut() {
-                Some(events) => events.next().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            msg = replies.next() => {
-                let Some(msg) = msg else {
-                    return Err(ApiError::Unavailable("the NATS subscription to the replies ended".into()));
-                };
-                let encoding = Encoding::from_content_type(content_type(msg.headers.as_ref()));
-                match codec::decode::<Reply>(encoding, &msg.payload) {
-                    Ok(reply) if reply.request_id == request_id => match reply.outcome {
-                        Outcome::Queued => guard.disarm(),
-                        Outcome::Paused => {
-                            guard.disarm();
-                            return Ok(reply);
-                        }
-                        _ => return Ok(reply),
-                    },
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(subject = %msg.subject, "an undecodable reply: {e}"),
-                }
-            }
-            msg = event => {
-                let Some(msg) = msg else {
-                    guard.requested = None;
-                    continue;
-                };
-                let encoding = Encoding::from_content_type(content_type(msg.headers.as_ref()));
-                match codec::decode::<Event>(encoding, &msg.payload) {
-                    Ok(event) if event.request_id.as_deref() == Some(request_id) => guard.arm(),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(subject = %msg.subject, "an undecodable event: {e}"),
-                }
-            }
-            _ = tokio::time::sleep_until(deadline) => {
-                return Err(ApiError::GatewayTimeout(format!(
-                    "the coordinator did not answer about request `{request_id}` within {} ms; the input is \
-                     stored and will be handled when it can",
-                    waited.elapsed().as_millis()
-                )));
-            }
-            _ = state.stop().cancelled() => {
-                return Err(ApiError::Unavailable(format!(
-                    "the coordinator is stopping; the input about request `{request_id}` is stored and will be \
-                     handled after its restart: send it again with this request_id for the answer"
-                )));
+        let route = guard
+            .route
+            .as_mut()
+            .expect("the guard keeps its route while the call waits");
+        let incoming = next_answer(state, route, request_id, deadline, waited).await?;
+        guard.learn(&incoming);
+        if let Incoming::Reply(reply) = incoming {
+            if reply.outcome != Outcome::Queued {
+                return Ok(reply);
             }
         }
     }
@@ -443,22 +418,24 @@ pub(super) async fn request(
         .expect("a validated request always has a request_id");
     let timeout = Duration::from_millis(msg.timeout_ms.unwrap_or(state.inner.default_timeout_ms));
     let js = state.connected()?.js.clone();
-    let mut replies = subscribe_replies(&state, &prepared.service).await?;
-    let requested = if prepared.generated_id {
-        None
-    } else {
-        Some(subscribe_requested(&state, &prepared.service).await?)
-    };
+    let route = listen(&state, &prepared.service, &request_id).await?;
     let subject = state.subjects().input(prepared.kind, &prepared.service);
     publish(&js, subject, prepared.payload).await?;
-    let mut guard = ReleaseOnDrop::new(&js, &state, &prepared.service, &request_id, requested);
+    let mut guard = ReleaseOnDrop::new(
+        &js,
+        &state,
+        &prepared.service,
+        &request_id,
+        route,
+        prepared.generated_id,
+    );
     let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
     let deadline = Instant::now()
         .checked_add(timeout.saturating_add(REQUEST_MARGIN))
         .unwrap_or(far)
         .min(far);
     // A repeated id of a queued request is answered `queued` first: the grant or the timeout follows.
-    let reply = wait_request(&state, &mut replies, &request_id, deadline, &mut guard).await;
+    let reply = wait_request(&state, &request_id, deadline, &mut guard).await;
     // The handler ends on its own (answered, its deadline passed, the coordinator stops): the guard is
     // only for a client that goes away while it waits.
     guard.disarm();
@@ -483,11 +460,11 @@ async fn answered(
     expected: Outcome,
 ) -> Result<Response, ApiError> {
     let js = state.connected()?.js.clone();
-    let mut replies = subscribe_replies(state, &prepared.service).await?;
+    let mut route = listen(state, &prepared.service, request_id).await?;
     let subject = state.subjects().input(prepared.kind, &prepared.service);
     publish(&js, subject, prepared.payload).await?;
     let deadline = Instant::now() + REPLY_WAIT;
-    let reply = wait_reply(state, &mut replies, request_id, deadline, |o| {
+    let reply = wait_reply(state, &mut route, request_id, deadline, |o| {
         o == expected || o == Outcome::Rejected
     })
     .await?;

@@ -3,8 +3,10 @@
 //!
 //! A handler never touches the scheduler: an input is checked with the wire crate's validation, then
 //! published to the same JetStream input stream as NATS inputs (so the audit trail and the order are
-//! one), and the handler waits for the coordinator's reply on `<prefix>.reply.<svc>`, subscribed before
-//! publishing. The status comes from the driver through a command ([`DriverHandle::status`]); control
+//! one), and the handler waits for the coordinator's answer through the client library's
+//! [`AnswerReader`]: JetStream consumers on the output stream (every service's replies and `requested`
+//! events), listened to before publishing and recreated after a reconnect, so an answer published while
+//! NATS restarts still arrives. The status comes from the driver through a command ([`DriverHandle::status`]); control
 //! orders are read from the output stream. Routes:
 //!
 //! - `POST /gpu/request` (long poll), `/gpu/release`, `/gpu/renew`, `/gpu/ack`, `/gpu/cancel`
@@ -29,7 +31,8 @@ use async_nats::jetstream;
 use axum::http::{header, HeaderMap, Method, Uri};
 use axum::routing::{get, post};
 use axum::Router;
-use gpu_coordinator_wire::{StatusDoc, Subjects};
+use gpu_coordinator_client::AnswerReader;
+use gpu_coordinator_wire::{EventKind, StatusDoc, Subjects};
 use tokio_util::sync::CancellationToken;
 
 pub use error::{ApiError, ErrorBody};
@@ -53,10 +56,12 @@ pub struct Backends {
     pub driver: DriverHandle,
 }
 
-/// [`Backends`] plus the JetStream context made from the NATS connection.
+/// [`Backends`] plus the JetStream context made from the NATS connection, and the reader of the
+/// coordinator's answers (replies and `requested` events of every service, from the output stream).
 struct Connected {
     backends: Backends,
     js: jetstream::Context,
+    answers: AnswerReader,
 }
 
 /// The state every handler shares. Cheap to clone.
@@ -100,7 +105,17 @@ impl HttpState {
     /// Hands the handlers the servers and the driver, once they are there.
     pub fn set_backends(&self, backends: Backends) {
         let js = jetstream::new(backends.nats.clone());
-        let _ = self.inner.connected.set(Connected { backends, js });
+        let subjects = &self.inner.subjects;
+        let filters = [
+            subjects.reply("*"),
+            subjects.event(EventKind::Requested, "*"),
+        ];
+        let answers = AnswerReader::start(backends.nats.clone(), subjects, &filters);
+        let _ = self.inner.connected.set(Connected {
+            backends,
+            js,
+            answers,
+        });
     }
 
     fn connected(&self) -> Result<&Connected, ApiError> {
