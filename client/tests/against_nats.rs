@@ -5,8 +5,9 @@
 //! coordinator, which this crate cannot depend on. The same behaviours against the real coordinator
 //! are tested in the root crate's `tests/it/`.
 //!
-//! Each test starts its own nats-server (`$NATS_SERVER`, else `nats-server` on the `PATH`, else
-//! `/usr/sbin/nats-server`) on a free port with a temporary store, removed on drop.
+//! Each test starts its own nats-server (`gpu-coordinator-test-support`: `$NATS_SERVER`, else
+//! `nats-server` on the `PATH`, else `/usr/sbin/nats-server`) on a free port with a temporary store,
+//! removed on drop, and some put a [`Proxy`] in front of it to cut the client off.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
 use gpu_coordinator_client::{Client, ClientError, LeaseEvent, LeasePhase, RequestOptions, Worker};
+use gpu_coordinator_test_support::{NatsServer, Proxy};
 use gpu_coordinator_wire::{Control, ControlAction, Outcome, Reply, Subjects};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -25,173 +27,6 @@ use tokio::sync::mpsc;
 /// How long any one expected thing may take.
 const WAIT: Duration = Duration::from_secs(30);
 const SVC: &str = "svc";
-
-// ----- a private nats-server ---------------------------------------------------------------------
-
-struct NatsServer {
-    port: u16,
-    store: PathBuf,
-    child: Option<Child>,
-}
-
-impl NatsServer {
-    fn start() -> NatsServer {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let store = std::env::temp_dir().join(format!(
-            "gpu-client-test-{}-{}-{port}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let mut server = NatsServer {
-            port,
-            store,
-            child: None,
-        };
-        server.spawn();
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn spawn(&mut self) {
-        let binary = std::env::var("NATS_SERVER").unwrap_or_else(|_| {
-            let on_path = Command::new("nats-server")
-                .arg("--version")
-                .stdout(Stdio::null())
-                .status()
-                .is_ok();
-            if on_path {
-                "nats-server".to_owned()
-            } else {
-                "/usr/sbin/nats-server".to_owned()
-            }
-        });
-        let child = Command::new(&binary)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(&self.store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {binary} (set NATS_SERVER): {e}"));
-        self.child = Some(child);
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Stops the server gracefully (so that its store is complete) and waits for it to exit.
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + WAIT;
-            while child.try_wait().ok().flatten().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-
-    fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.store);
-    }
-}
-
-// ----- a proxy that can cut the client off ------------------------------------------------------------
-
-/// A TCP proxy in front of the server: [`Proxy::cut`] closes the client's connection and refuses new
-/// ones until [`Proxy::restore`], while the server (and the fake coordinator) stay up.
-struct Proxy {
-    port: u16,
-    blocked: Arc<AtomicBool>,
-    connections: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(upstream: u16) -> Proxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let blocked = Arc::new(AtomicBool::new(false));
-        let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let accept = tokio::spawn({
-            let (blocked, connections) = (blocked.clone(), connections.clone());
-            async move {
-                while let Ok((mut inbound, _)) = listener.accept().await {
-                    if blocked.load(Ordering::SeqCst) {
-                        continue; // dropped: the connection is refused
-                    }
-                    let Ok(mut outbound) =
-                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
-                    else {
-                        continue;
-                    };
-                    let copy = tokio::spawn(async move {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    });
-                    connections.lock().unwrap().push(copy);
-                }
-            }
-        });
-        Proxy {
-            port,
-            blocked,
-            connections,
-            accept,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn cut(&self) {
-        self.blocked.store(true, Ordering::SeqCst);
-        for connection in self.connections.lock().unwrap().drain(..) {
-            connection.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.blocked.store(false, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.cut();
-    }
-}
 
 // ----- the test as the coordinator -----------------------------------------------------------------
 
@@ -616,7 +451,7 @@ async fn a_grant_and_an_order_published_across_a_nats_restart_arrive() {
     // The server goes away with the client's consumer (kept in memory); the grant is published as
     // soon as it is back, likely before the client has reconnected.
     server = tokio::task::spawn_blocking(move || {
-        server.restart();
+        server.restart_gracefully();
         server
     })
     .await
@@ -632,7 +467,7 @@ async fn a_grant_and_an_order_published_across_a_nats_restart_arrive() {
 
     // Once more, with an order: the revoke published right after the restart reaches the lease.
     server = tokio::task::spawn_blocking(move || {
-        server.restart();
+        server.restart_gracefully();
         server
     })
     .await

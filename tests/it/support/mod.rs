@@ -1,13 +1,12 @@
 //! What the integration tests share: unique names per test (subject prefix, Redis key prefix, database), a
-//! coordinator running in-process or as a real process, private nats-servers, and a probe that records
-//! every output message so that a test waits for the message it expects, with a deadline.
+//! coordinator running in-process or as a real process, and a probe that records every output message so
+//! that a test waits for the message it expects, with a deadline. The private servers (nats-server,
+//! redis-server, Postgres, a proxy) come from the `gpu-coordinator-test-support` crate.
 
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::PathBuf;
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -19,6 +18,8 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use gpu_coordinator_test_support::{unique, NatsServer, PgServer, RedisServer};
+
 /// The shared servers on loopback.
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -26,18 +27,6 @@ pub const PG_SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 
 /// How long a test waits for a message it expects before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(20);
-
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A name unique to this test run: lower-case letters, digits and `_`.
-pub fn unique(tag: &str) -> String {
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("{tag}_{}_{n}_{nanos:x}", std::process::id())
-}
 
 /// A configuration of its own for one test: subject prefix, key prefix and database.
 pub fn test_config(tag: &str, gpus: &[(&str, u64)]) -> Config {
@@ -286,106 +275,6 @@ impl Drop for CoordinatorProcess {
     }
 }
 
-/// A free TCP port on loopback.
-pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// A server process a test owns: started (again) on a known port, killed on drop.
-#[derive(Default)]
-struct Owned(Option<Child>);
-
-impl Owned {
-    /// SIGKILL, and wait for the process to go.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Kills the running process, if any, starts `cmd`, and waits until `port` accepts connections.
-    fn respawn(&mut self, mut cmd: Command, port: u16) {
-        self.kill();
-        let what = format!("{:?}", cmd.get_program());
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {what}: {e}"));
-        self.0 = Some(child);
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "{what} did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Owned {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A private nats-server with JetStream on a free port and a temporary store, removed on drop.
-pub struct NatsServer {
-    pub port: u16,
-    store: PathBuf,
-    process: Owned,
-}
-
-impl NatsServer {
-    pub fn start() -> NatsServer {
-        let store = std::env::temp_dir().join(unique("nats_store"));
-        std::fs::create_dir_all(&store).expect("create the store dir");
-        let mut server = NatsServer {
-            port: free_port(),
-            store,
-            process: Owned::default(),
-        };
-        server.restart();
-        server
-    }
-
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Stops the server (SIGKILL).
-    pub fn stop(&mut self) {
-        self.process.kill();
-    }
-
-    /// (Re)starts the server on the same port and store, and waits until it accepts connections.
-    pub fn restart(&mut self) {
-        let mut cmd = Command::new("nats-server");
-        cmd.args([
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-js",
-            "-sd",
-        ])
-        .arg(&self.store);
-        self.process.respawn(cmd, self.port);
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.store);
-    }
-}
-
 /// One output message the probe saw.
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -577,42 +466,6 @@ impl Probe {
     }
 }
 
-/// A private redis-server on a free port, keeping nothing on disk, stopped on drop.
-pub struct RedisServer {
-    pub port: u16,
-    process: Owned,
-}
-
-impl RedisServer {
-    pub fn start() -> RedisServer {
-        let mut server = RedisServer {
-            port: free_port(),
-            process: Owned::default(),
-        };
-        server.restart();
-        server
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Stops the server (SIGKILL).
-    pub fn stop(&mut self) {
-        self.process.kill();
-    }
-
-    /// Kills the server and starts it again, empty, on the same port.
-    pub fn restart(&mut self) {
-        let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(std::env::temp_dir());
-        self.process.respawn(cmd, self.port);
-    }
-}
-
 /// Polls `check` until it returns `Some`, failing after [`DEADLINE`] with `what`.
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
@@ -629,131 +482,5 @@ where
             "{what} did not happen within {DEADLINE:?}"
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-/// A private Postgres cluster (initdb) on a free port, in a temporary directory, stopped and removed on
-/// drop. Run as the `postgres` user when the tests run as root (initdb refuses root).
-pub struct PgServer {
-    pub port: u16,
-    dir: PathBuf,
-    bin: PathBuf,
-    as_root: bool,
-}
-
-impl PgServer {
-    pub fn start() -> PgServer {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .expect("Postgres under /usr/lib/postgresql")
-            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-            .find(|p| p.join("initdb").exists())
-            .expect("initdb under /usr/lib/postgresql/*/bin");
-        let as_root = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-            .unwrap_or(false);
-        let dir = std::env::temp_dir().join(unique("pg_cluster"));
-        std::fs::create_dir_all(&dir).expect("create the cluster dir");
-        let server = PgServer {
-            port: free_port(),
-            dir,
-            bin,
-            as_root,
-        };
-        if as_root {
-            server.run("chown", &["-R", "postgres:postgres"], true);
-        }
-        server.run(
-            "initdb",
-            &[
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "--no-sync",
-                "-E",
-                "UTF8",
-                "-D",
-            ],
-            true,
-        );
-        server.resume();
-        server
-    }
-
-    /// A Postgres tool (or `chown`), as the `postgres` user when running as root.
-    fn command(&self, tool: &str) -> Command {
-        let program = if tool == "chown" {
-            PathBuf::from("chown")
-        } else {
-            self.bin.join(tool)
-        };
-        if self.as_root && tool != "chown" {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(program);
-            c
-        } else {
-            Command::new(program)
-        }
-    }
-
-    /// Runs a tool with the cluster directory as its last argument, failing the test if it fails.
-    fn run(&self, tool: &str, args: &[&str], dir_last: bool) {
-        let mut cmd = self.command(tool);
-        cmd.args(args);
-        if dir_last {
-            cmd.arg(&self.dir);
-        }
-        let out = cmd.output().unwrap_or_else(|e| panic!("run {tool}: {e}"));
-        assert!(
-            out.status.success(),
-            "{tool} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// A URL for a database on this server.
-    pub fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
-    }
-
-    /// Stops the server at once (`-m immediate`, like a crash).
-    pub fn stop(&self) {
-        self.run("pg_ctl", &["-m", "immediate", "-w", "stop", "-D"], true);
-    }
-
-    /// Starts the server (again) and waits until it accepts connections.
-    pub fn resume(&self) {
-        let options = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off",
-            self.port,
-            self.dir.display()
-        );
-        let log = self.dir.join("server.log");
-        self.run(
-            "pg_ctl",
-            &[
-                "-w",
-                "-o",
-                &options,
-                "-l",
-                &log.to_string_lossy(),
-                "start",
-                "-D",
-            ],
-            true,
-        );
-    }
-}
-
-impl Drop for PgServer {
-    fn drop(&mut self) {
-        let _ = self
-            .command("pg_ctl")
-            .args(["-m", "immediate", "-w", "stop", "-D"])
-            .arg(&self.dir)
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

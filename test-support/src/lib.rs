@@ -1,0 +1,457 @@
+//! Private servers for tests that must stop, restart or cut off a server, so that they never touch the
+//! shared ones: a nats-server with JetStream, a redis-server, a Postgres cluster made with `initdb`, and
+//! a TCP proxy that cuts a client off. Each runs on a free port of loopback with a temporary directory
+//! and is killed and removed on drop.
+//!
+//! Used by the root crate's integration tests (`tests/it`) and by the client crate's tests; it depends on
+//! neither, so that both can use it. Binaries are found as an operator would start them: `$NATS_SERVER`,
+//! else `nats-server` on the `PATH`, else `/usr/sbin/nats-server`; `redis-server` on the `PATH`; Postgres's
+//! tools under `/usr/lib/postgresql/*/bin`.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a server may take to accept connections after it was started.
+const START_WAIT: Duration = Duration::from_secs(20);
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A name unique to this process and call: `<tag>_<pid>_<n>_<nanos>` (lower-case letters, digits, `_`).
+/// The process id lets a later run tell what an earlier one left behind.
+pub fn unique(tag: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{tag}_{}_{n}_{nanos:x}", std::process::id())
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A server process a test owns: started (again) on a known port, killed on drop.
+#[derive(Default)]
+struct Owned(Option<Child>);
+
+impl Owned {
+    /// SIGKILL, and wait for the process to go.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM (the server finishes its writes), and wait for the process to go; SIGKILL after
+    /// [`START_WAIT`].
+    fn terminate(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + START_WAIT;
+            while child.try_wait().ok().flatten().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Kills the running process, if any, starts `cmd`, and waits until `port` accepts connections.
+    fn respawn(&mut self, mut cmd: Command, port: u16) {
+        self.kill();
+        let what = format!("{:?}", cmd.get_program());
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {what}: {e}"));
+        self.0 = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < START_WAIT, "{what} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The nats-server binary: `$NATS_SERVER`, else `nats-server` on the `PATH`, else `/usr/sbin/nats-server`.
+fn nats_server_binary() -> String {
+    std::env::var("NATS_SERVER").unwrap_or_else(|_| {
+        let on_path = Command::new("nats-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        if on_path {
+            "nats-server".to_owned()
+        } else {
+            "/usr/sbin/nats-server".to_owned()
+        }
+    })
+}
+
+/// A private nats-server with JetStream on a free port and a temporary store, removed on drop.
+pub struct NatsServer {
+    pub port: u16,
+    store: PathBuf,
+    process: Owned,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        let store = std::env::temp_dir().join(unique("nats_store"));
+        std::fs::create_dir_all(&store).expect("create the store dir");
+        let mut server = NatsServer {
+            port: free_port(),
+            store,
+            process: Owned::default(),
+        };
+        server.restart();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server at once (SIGKILL, like a crash).
+    pub fn stop(&mut self) {
+        self.process.kill();
+    }
+
+    /// Kills the server (if it runs) and starts it again on the same port and store; waits until it
+    /// accepts connections.
+    pub fn restart(&mut self) {
+        let mut cmd = Command::new(nats_server_binary());
+        cmd.args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-js",
+            "-sd",
+        ])
+        .arg(&self.store);
+        self.process.respawn(cmd, self.port);
+    }
+
+    /// Stops the server gracefully (SIGTERM: its store is complete), then starts it again.
+    pub fn restart_gracefully(&mut self) {
+        self.process.terminate();
+        self.restart();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+/// A private redis-server on a free port, keeping nothing on disk, stopped on drop.
+pub struct RedisServer {
+    pub port: u16,
+    process: Owned,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let mut server = RedisServer {
+            port: free_port(),
+            process: Owned::default(),
+        };
+        server.restart();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGKILL).
+    pub fn stop(&mut self) {
+        self.process.kill();
+    }
+
+    /// Kills the server and starts it again, empty, on the same port.
+    pub fn restart(&mut self) {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(std::env::temp_dir());
+        self.process.respawn(cmd, self.port);
+    }
+}
+
+/// A private Postgres cluster (initdb) on a free port, in a temporary directory, stopped and removed on
+/// drop. Run as the `postgres` user when the tests run as root (initdb refuses root).
+pub struct PgServer {
+    pub port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+    as_root: bool,
+}
+
+impl PgServer {
+    pub fn start() -> PgServer {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("Postgres under /usr/lib/postgresql")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .find(|p| p.join("initdb").exists())
+            .expect("initdb under /usr/lib/postgresql/*/bin");
+        let as_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        let dir = std::env::temp_dir().join(unique("pg_cluster"));
+        std::fs::create_dir_all(&dir).expect("create the cluster dir");
+        let server = PgServer {
+            port: free_port(),
+            dir,
+            bin,
+            as_root,
+        };
+        if as_root {
+            server.run("chown", &["-R", "postgres:postgres"], true);
+        }
+        server.run(
+            "initdb",
+            &[
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "-D",
+            ],
+            true,
+        );
+        server.resume();
+        server
+    }
+
+    /// A Postgres tool (or `chown`), as the `postgres` user when running as root.
+    fn command(&self, tool: &str) -> Command {
+        let program = if tool == "chown" {
+            PathBuf::from("chown")
+        } else {
+            self.bin.join(tool)
+        };
+        if self.as_root && tool != "chown" {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        }
+    }
+
+    /// Runs a tool with the cluster directory as its last argument, failing the test if it fails.
+    fn run(&self, tool: &str, args: &[&str], dir_last: bool) {
+        let mut cmd = self.command(tool);
+        cmd.args(args);
+        if dir_last {
+            cmd.arg(&self.dir);
+        }
+        let out = cmd.output().unwrap_or_else(|e| panic!("run {tool}: {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A URL for a database on this server.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Stops the server at once (`-m immediate`, like a crash).
+    pub fn stop(&self) {
+        self.run("pg_ctl", &["-m", "immediate", "-w", "stop", "-D"], true);
+    }
+
+    /// Starts the server (again) and waits until it accepts connections.
+    pub fn resume(&self) {
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("server.log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-w",
+                "-o",
+                &options,
+                "-l",
+                &log.to_string_lossy(),
+                "start",
+                "-D",
+            ],
+            true,
+        );
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .args(["-m", "immediate", "-w", "stop", "-D"])
+            .arg(&self.dir)
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP proxy in front of a server: [`Proxy::cut`] closes the client's connections and refuses new
+/// ones until [`Proxy::restore`], while the server stays up. Start it inside a tokio runtime.
+pub struct Proxy {
+    pub port: u16,
+    blocked: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// A proxy on a free port of loopback to `upstream` on loopback.
+    pub async fn start(upstream: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("the proxy's address").port();
+        let blocked = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let accept = tokio::spawn({
+            let (blocked, connections) = (blocked.clone(), connections.clone());
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if blocked.load(Ordering::SeqCst) {
+                        continue; // dropped: the connection is refused
+                    }
+                    let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        continue;
+                    };
+                    let copy = tokio::spawn(async move {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    });
+                    connections
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(copy);
+                }
+            }
+        });
+        Proxy {
+            port,
+            blocked,
+            connections,
+            accept,
+        }
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Cuts every connection through the proxy and refuses new ones.
+    pub fn cut(&self) {
+        self.blocked.store(true, Ordering::SeqCst);
+        for connection in self
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            connection.abort();
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.blocked.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_carry_the_process() {
+        let (a, b) = (unique("x"), unique("x"));
+        assert_ne!(a, b);
+        assert!(a.starts_with(&format!("x_{}_", std::process::id())), "{a}");
+    }
+
+    #[tokio::test]
+    async fn a_cut_proxy_refuses_and_a_restored_one_forwards() {
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = upstream.local_addr().expect("address").port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = upstream.accept().await {
+                tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = s.write_all(b"hi").await;
+                });
+            }
+        });
+        let proxy = Proxy::start(port).await;
+        let read = |p: u16| async move {
+            use tokio::io::AsyncReadExt;
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p))
+                .await
+                .expect("connect");
+            let mut buf = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+            buf
+        };
+        assert_eq!(read(proxy.port).await, b"hi");
+        proxy.cut();
+        assert!(
+            read(proxy.port).await.is_empty(),
+            "a cut proxy forwards nothing"
+        );
+        proxy.restore();
+        assert_eq!(read(proxy.port).await, b"hi");
+    }
+}
