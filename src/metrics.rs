@@ -354,7 +354,11 @@ impl Recorder {
             })
             .inc();
         let at = event.at;
-        let id = event.request_id.clone().unwrap_or_default();
+        let id = event
+            .request_id
+            .as_ref()
+            .map(|id| id.to_string())
+            .unwrap_or_default();
         match event.kind {
             EventKind::Requested => {
                 self.waiting_since.insert(id, at);

@@ -69,8 +69,8 @@ pub fn message(subjects: &Subjects, action: &Action) -> Option<Rendered> {
 
 /// `<prefix>.reply.<svc>`.
 pub fn reply(out: &ReplyOut) -> Reply {
-    let mut reply = Reply::new(&out.request_id, out.outcome);
-    reply.gpu = out.gpu.clone();
+    let mut reply = Reply::new(out.request_id.as_str(), out.outcome);
+    reply.gpu = text(&out.gpu);
     reply.fence = out.fence;
     reply.lease_ms = out.lease_ms;
     reply.expires_at = out.expires_at.map(rfc3339);
@@ -84,13 +84,13 @@ pub fn reply(out: &ReplyOut) -> Reply {
 pub fn control(out: &ControlOut) -> Control {
     Control {
         action: out.action,
-        request_id: out.request_id.clone(),
+        request_id: out.request_id.to_string(),
         fence: out.fence,
         deadline_ms: out.deadline_ms,
         reason: out.reason.to_string(),
         lease_ms: out.lease_ms,
         expires_at: out.expires_at.map(rfc3339),
-        gpu: out.gpu.clone(),
+        gpu: text(&out.gpu),
     }
 }
 
@@ -99,10 +99,10 @@ pub fn event(out: &EventOut) -> Event {
     Event {
         at: rfc3339(out.at),
         kind: out.kind,
-        request_id: out.request_id.clone(),
-        service_id: out.service_id.clone(),
+        request_id: text(&out.request_id),
+        service_id: out.service_id.to_string(),
         priority: out.priority,
-        gpu: out.gpu.clone(),
+        gpu: text(&out.gpu),
         fence: out.fence,
         detail: out.detail.clone(),
     }
@@ -121,7 +121,7 @@ pub fn status(view: &StatusView) -> StatusDoc {
 
 fn gpu(g: &GpuView) -> GpuStatus {
     GpuStatus {
-        id: g.id.clone(),
+        id: g.id.to_string(),
         total_mb: g.total_mb,
         used_mb: g.used_mb,
         free_mb: g.free_mb,
@@ -133,8 +133,8 @@ fn gpu(g: &GpuView) -> GpuStatus {
 
 fn holder(h: &HolderView) -> HolderStatus {
     HolderStatus {
-        request_id: h.request_id.clone(),
-        service_id: h.service_id.clone(),
+        request_id: h.request_id.to_string(),
+        service_id: h.service_id.to_string(),
         priority: h.priority,
         fence: h.fence,
         vram_mb: h.vram_mb,
@@ -147,10 +147,10 @@ fn holder(h: &HolderView) -> HolderStatus {
 
 fn paused(p: &PausedView) -> PausedStatus {
     PausedStatus {
-        request_id: p.request_id.clone(),
-        service_id: p.service_id.clone(),
+        request_id: p.request_id.to_string(),
+        service_id: p.service_id.to_string(),
         priority: p.priority,
-        gpu: p.gpu.clone(),
+        gpu: p.gpu.to_string(),
         vram_mb: p.vram_mb,
         paused_at: rfc3339(p.paused_at),
     }
@@ -159,14 +159,19 @@ fn paused(p: &PausedView) -> PausedStatus {
 fn queued(q: &QueueView) -> QueueEntry {
     QueueEntry {
         position: q.position,
-        request_id: q.request_id.clone(),
-        service_id: q.service_id.clone(),
+        request_id: q.request_id.to_string(),
+        service_id: q.service_id.to_string(),
         priority: q.priority,
         vram_mb: q.vram_mb,
-        gpu: q.gpu.clone(),
+        gpu: text(&q.gpu),
         requested_at: rfc3339(q.requested_at),
         paused: q.paused,
         timeout_at: q.timeout_at.map(rfc3339),
         estimated_wait_ms: q.estimated_wait_ms,
     }
+}
+
+/// An optional id as the text the contract carries.
+fn text(id: &Option<impl ToString>) -> Option<String> {
+    id.as_ref().map(ToString::to_string)
 }

@@ -92,7 +92,7 @@ fn run(shape: &Shape, n: usize) -> Figures {
         .gpus
         .iter()
         .map(|&(id, total_mb)| GpuSpec {
-            id: id.to_string(),
+            id: id.to_string().into(),
             total_mb,
         })
         .collect();
@@ -161,7 +161,7 @@ fn run(shape: &Shape, n: usize) -> Figures {
             .into_iter()
             .next()
             .expect("the head was granted");
-        holder = (head.service_id, head.request_id);
+        holder = (head.service_id.into_string(), head.request_id.into_string());
     }
     kinds.push(("release granting the head", start.elapsed() / M as u32));
     assert!(b.sched.last_fence().0 >= granted_before.0 + M as u64);

@@ -10,10 +10,12 @@
 //! sees used ([`Input::GpuUsed`]), what the lease store holds ([`Input::LeaseStoreHolds`],
 //! [`Input::LeaseNotHeld`], [`Input::LeaseRefused`]).
 
+pub mod ids;
 pub mod outputs;
 mod scheduler;
 pub mod types;
 
+pub use ids::{GpuId, RequestId, ServiceId};
 pub use outputs::*;
 pub use scheduler::Scheduler;
 pub use types::*;

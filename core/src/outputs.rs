@@ -9,14 +9,15 @@ use std::fmt;
 
 use gpu_coordinator_wire::{ControlAction, EventKind, HolderState, Outcome, VramSource};
 
+use crate::ids::{GpuId, RequestId, ServiceId};
 use crate::types::Millis;
 
 /// The answer to a request, for `<prefix>.reply.<svc>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplyOut {
-    pub request_id: String,
+    pub request_id: RequestId,
     pub outcome: Outcome,
-    pub gpu: Option<String>,
+    pub gpu: Option<GpuId>,
     pub fence: Option<u64>,
     pub lease_ms: Option<u64>,
     pub expires_at: Option<Millis>,
@@ -30,7 +31,7 @@ impl ReplyOut {
     /// A reply with only the request and the outcome.
     pub fn new(request_id: &str, outcome: Outcome) -> ReplyOut {
         ReplyOut {
-            request_id: request_id.to_owned(),
+            request_id: request_id.into(),
             outcome,
             gpu: None,
             fence: None,
@@ -48,8 +49,8 @@ impl ReplyOut {
 pub enum Reason {
     /// A more urgent request needs the GPU (`pause`).
     Preempted {
-        request_id: String,
-        service_id: String,
+        request_id: RequestId,
+        service_id: ServiceId,
         priority: u8,
     },
     /// The GPU is free again (`resume`).
@@ -95,7 +96,7 @@ impl fmt::Display for Reason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControlOut {
     pub action: ControlAction,
-    pub request_id: String,
+    pub request_id: RequestId,
     pub fence: u64,
     /// For `pause`: how long the holder has to ACK.
     pub deadline_ms: Option<u64>,
@@ -103,7 +104,7 @@ pub struct ControlOut {
     /// For `resume`: the new lease.
     pub lease_ms: Option<u64>,
     pub expires_at: Option<Millis>,
-    pub gpu: Option<String>,
+    pub gpu: Option<GpuId>,
 }
 
 /// A change of state, for `<prefix>.event.<kind>.<svc>`.
@@ -111,11 +112,11 @@ pub struct ControlOut {
 pub struct EventOut {
     pub at: Millis,
     pub kind: EventKind,
-    pub request_id: Option<String>,
-    pub service_id: String,
+    pub request_id: Option<RequestId>,
+    pub service_id: ServiceId,
     /// `None` on the rejection of an input that is not a request's own (it changes no request).
     pub priority: Option<u8>,
-    pub gpu: Option<String>,
+    pub gpu: Option<GpuId>,
     pub fence: Option<u64>,
     pub detail: Option<String>,
     /// On a first `granted`: how long the request waited (for metrics; the detail says it too).
@@ -134,7 +135,7 @@ pub struct StatusView {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuView {
-    pub id: String,
+    pub id: GpuId,
     pub total_mb: u64,
     pub used_mb: u64,
     pub free_mb: u64,
@@ -146,8 +147,8 @@ pub struct GpuView {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HolderView {
-    pub request_id: String,
-    pub service_id: String,
+    pub request_id: RequestId,
+    pub service_id: ServiceId,
     pub priority: u8,
     pub fence: u64,
     pub vram_mb: u64,
@@ -159,10 +160,10 @@ pub struct HolderView {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PausedView {
-    pub request_id: String,
-    pub service_id: String,
+    pub request_id: RequestId,
+    pub service_id: ServiceId,
     pub priority: u8,
-    pub gpu: String,
+    pub gpu: GpuId,
     pub vram_mb: u64,
     pub paused_at: Millis,
 }
@@ -170,11 +171,11 @@ pub struct PausedView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueView {
     pub position: u64,
-    pub request_id: String,
-    pub service_id: String,
+    pub request_id: RequestId,
+    pub service_id: ServiceId,
     pub priority: u8,
     pub vram_mb: Option<u64>,
-    pub gpu: Option<String>,
+    pub gpu: Option<GpuId>,
     pub requested_at: Millis,
     pub paused: bool,
     pub timeout_at: Option<Millis>,

@@ -38,6 +38,7 @@ use gpu_coordinator_wire::{
     Outcome, Rejection, ReleaseMsg, RenewMsg, RequestMsg, VramSource,
 };
 
+use crate::ids::*;
 use crate::outputs::*;
 use crate::types::*;
 
@@ -81,7 +82,7 @@ struct Settle {
     external_before_mb: u64,
     /// The paused holder's share.
     freed_mb: u64,
-    request_id: String,
+    request_id: RequestId,
 }
 
 impl Gpu {
@@ -105,25 +106,25 @@ struct Live {
 pub struct Scheduler {
     config: SchedConfig,
     gpus: Vec<Gpu>,
-    gpu_index: HashMap<String, usize>,
+    gpu_index: HashMap<GpuId, usize>,
     /// Live requests by arrival number.
     live: HashMap<u64, Live>,
     /// Live requests by id.
-    ids: HashMap<String, u64>,
+    ids: HashMap<RequestId, u64>,
     /// Live requests by service.
-    services: HashMap<String, BTreeSet<u64>>,
+    services: HashMap<ServiceId, BTreeSet<u64>>,
     /// Queued and paused requests in grant order: (effective priority, arrival).
     queue: BTreeSet<(u8, u64)>,
     timers: BTreeSet<(Millis, u64, TimerKind)>,
     /// Recently ended requests, to answer a repeated id with the final state.
-    ended: HashMap<String, RequestRecord>,
-    ended_order: VecDeque<String>,
+    ended: HashMap<RequestId, RequestRecord>,
+    ended_order: VecDeque<RequestId>,
     next_seq: u64,
     last_fence: Fence,
     fence_dirty: bool,
     /// Request ids whose records changed during the current input.
-    dirty: Vec<String>,
-    dirty_set: HashSet<String>,
+    dirty: Vec<RequestId>,
+    dirty_set: HashSet<RequestId>,
     actions: VecDeque<Action>,
     vram_source: VramSource,
 }
@@ -258,7 +259,7 @@ impl Scheduler {
                 .max()
                 .unwrap_or_default(),
         );
-        let mut leases: HashMap<String, Lease> = snapshot
+        let mut leases: HashMap<RequestId, Lease> = snapshot
             .leases
             .into_iter()
             .map(|l| (l.request_id.clone(), l))
@@ -499,7 +500,7 @@ impl Scheduler {
         let candidates: Vec<&Gpu> = match &msg.gpu {
             Some(pin) => self
                 .gpu_index
-                .get(pin)
+                .get(pin.as_str())
                 .map(|&i| &self.gpus[i])
                 .into_iter()
                 .collect(),
@@ -537,13 +538,13 @@ impl Scheduler {
         let seq = self.next_seq;
         self.next_seq += 1;
         let rec = RequestRecord {
-            request_id: request_id.clone(),
-            service_id: service.clone(),
+            request_id: request_id.clone().into(),
+            service_id: service.clone().into(),
             priority: msg.priority,
             seq,
             encoding,
             vram_mb: msg.vram_mb,
-            gpu_pin: msg.gpu.clone(),
+            gpu_pin: msg.gpu.clone().map(GpuId::from),
             preemptible: msg.preemptible.unwrap_or(true),
             lease_ms,
             requested_at: now,
@@ -580,7 +581,7 @@ impl Scheduler {
         self.insert_live(rec);
         self.mark_dirty(&request_id);
         self.schedule(now);
-        if let Some(&seq) = self.ids.get(&request_id) {
+        if let Some(&seq) = self.ids.get(request_id.as_str()) {
             if self.live_rec(seq).phase == Phase::Queued {
                 let detail = self.queued_detail(seq);
                 let rec = self.live_rec(seq).clone();
@@ -593,7 +594,7 @@ impl Scheduler {
         let Some(request_id) = msg.request_id else {
             let all: Vec<u64> = self
                 .services
-                .get(&service)
+                .get(service.as_str())
                 .map(|s| s.iter().copied().collect())
                 .unwrap_or_default();
             for seq in all {
@@ -1286,8 +1287,8 @@ impl Scheduler {
     }
 
     fn mark_dirty(&mut self, request_id: &str) {
-        if self.dirty_set.insert(request_id.to_string()) {
-            self.dirty.push(request_id.to_string());
+        if self.dirty_set.insert(request_id.into()) {
+            self.dirty.push(request_id.into());
         }
     }
 
@@ -1346,7 +1347,7 @@ impl Scheduler {
 
     fn reply(&mut self, service: &str, encoding: Encoding, reply: ReplyOut) {
         self.actions.push_back(Action::Reply {
-            service: service.to_string(),
+            service: service.into(),
             encoding,
             reply,
         });
@@ -1379,8 +1380,8 @@ impl Scheduler {
             event: EventOut {
                 at: now,
                 kind: EventKind::Rejected,
-                request_id: request_id.map(str::to_string),
-                service_id: service.to_string(),
+                request_id: request_id.map(RequestId::from),
+                service_id: service.into(),
                 priority: None,
                 gpu: None,
                 fence: None,

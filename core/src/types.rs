@@ -2,6 +2,7 @@
 
 use gpu_coordinator_wire::{AckAction, Encoding, Inbound, Rejection};
 
+use crate::ids::{GpuId, RequestId, ServiceId};
 use crate::outputs::{ControlOut, EventOut, ReplyOut};
 
 /// Milliseconds since the Unix epoch. The core never reads a clock: every input carries `now`.
@@ -14,7 +15,7 @@ pub struct Fence(pub u64);
 /// A GPU's capacity, from configuration or NVML.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuSpec {
-    pub id: String,
+    pub id: GpuId,
     pub total_mb: u64,
 }
 
@@ -68,18 +69,18 @@ pub enum Input {
     Invalid(Rejection),
     /// VRAM used on a GPU as NVML samples it, in MB, whoever uses it: the core works out the use
     /// outside its leases (this figure minus what its leases hold there, never below zero).
-    GpuUsed { gpu: String, used_mb: u64 },
+    GpuUsed { gpu: GpuId, used_mb: u64 },
     /// What the lease store holds now. The core answers with a `Release` for every stored lease it does
     /// not hold under that fence, and a `Restore` for each of its unexpired leases the store lacks, in
     /// fence order (the store refuses a fence below the highest it has seen). Nothing when they agree.
     LeaseStoreHolds { leases: Vec<Lease> },
     /// The lease store answered a `Renew` with "not held" (it lost the lease): the core writes the
     /// lease back if it still holds it under `fence`, else does nothing.
-    LeaseNotHeld { request_id: String, fence: Fence },
+    LeaseNotHeld { request_id: RequestId, fence: Fence },
     /// The lease store refused a lease the core granted (another holder is in its place): the core
     /// revokes it.
     LeaseRefused {
-        request_id: String,
+        request_id: RequestId,
         fence: Fence,
         why: String,
     },
@@ -159,8 +160,8 @@ impl End {
 /// Everything the core knows of one request: what is persisted (one row per request) and restored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestRecord {
-    pub request_id: String,
-    pub service_id: String,
+    pub request_id: RequestId,
+    pub service_id: ServiceId,
     pub priority: u8,
     /// Arrival order, unique; grant order among equal priorities.
     pub seq: u64,
@@ -168,7 +169,7 @@ pub struct RequestRecord {
     /// `None`: the whole GPU.
     pub vram_mb: Option<u64>,
     /// A pinned GPU.
-    pub gpu_pin: Option<String>,
+    pub gpu_pin: Option<GpuId>,
     pub preemptible: bool,
     /// The lease length granted on each grant or resume.
     pub lease_ms: u64,
@@ -177,7 +178,7 @@ pub struct RequestRecord {
     pub timeout_at: Millis,
     pub phase: Phase,
     /// The GPU held (Active, Pausing) or last held (Paused, and Ended after a grant).
-    pub gpu: Option<String>,
+    pub gpu: Option<GpuId>,
     /// VRAM counted against `gpu` while held.
     pub held_mb: Option<u64>,
     /// The current (or last) fence.
@@ -199,9 +200,9 @@ pub struct RequestRecord {
 /// A lease as the lease store (Redis) holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
-    pub request_id: String,
-    pub service_id: String,
-    pub gpu: String,
+    pub request_id: RequestId,
+    pub service_id: ServiceId,
+    pub gpu: GpuId,
     pub fence: Fence,
     pub vram_mb: u64,
     /// The GPU's capacity, for the store's own capacity check.
@@ -216,15 +217,15 @@ pub enum LeaseOp {
     Acquire(Lease),
     /// Extend a lease whose fence matches.
     Renew {
-        request_id: String,
-        gpu: String,
+        request_id: RequestId,
+        gpu: GpuId,
         fence: Fence,
         expires_at: Millis,
     },
     /// Delete a lease whose fence matches (release, pause ACK, revoke, expiry).
     Release {
-        request_id: String,
-        gpu: String,
+        request_id: RequestId,
+        gpu: GpuId,
         fence: Fence,
     },
     /// Write back a lease the store lost (it restarted empty, or the coordinator stopped between its
@@ -244,13 +245,13 @@ pub enum Action {
     Lease(LeaseOp),
     /// Publish on `<prefix>.reply.<service>`.
     Reply {
-        service: String,
+        service: ServiceId,
         encoding: Encoding,
         reply: ReplyOut,
     },
     /// Publish on `<prefix>.control.<service>`.
     Control {
-        service: String,
+        service: ServiceId,
         encoding: Encoding,
         control: ControlOut,
     },

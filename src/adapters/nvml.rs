@@ -190,7 +190,7 @@ pub fn inventory(configured: &[GpuConfig], probed: Option<&[DeviceSample]>) -> I
             probed
                 .iter()
                 .map(|d| GpuSpec {
-                    id: d.index.to_string(),
+                    id: d.index.to_string().into(),
                     total_mb: d.total_mb,
                 })
                 .collect(),
@@ -203,7 +203,7 @@ pub fn inventory(configured: &[GpuConfig], probed: Option<&[DeviceSample]>) -> I
         let gpus = configured
             .iter()
             .map(|g| GpuSpec {
-                id: g.id.clone(),
+                id: g.id.clone().into(),
                 total_mb: g.vram_mb,
             })
             .collect();

@@ -344,9 +344,9 @@ impl LeaseStore {
             .key(self.key("fence", ""))
             .key(self.key("gpus", ""))
             .arg(self.key("lease:", ""))
-            .arg(&lease.request_id)
-            .arg(&lease.service_id)
-            .arg(&lease.gpu)
+            .arg(lease.request_id.as_str())
+            .arg(lease.service_id.as_str())
+            .arg(lease.gpu.as_str())
             .arg(lease.fence.0)
             .arg(lease.vram_mb)
             .arg(lease.capacity_mb)
@@ -392,9 +392,9 @@ impl LeaseStore {
             vram_mb: self.number(OP, "vram_mb", &vram_mb)?,
             capacity_mb: self.number(OP, "capacity_mb", &capacity_mb)?,
             expires_at: self.number(OP, "expires_at", &expires_at)?,
-            request_id,
-            service_id,
-            gpu,
+            request_id: request_id.into(),
+            service_id: service_id.into(),
+            gpu: gpu.into(),
         })
     }
 

@@ -27,7 +27,7 @@ pub fn inventory(config: &Config) -> Vec<GpuSpec> {
             .gpus
             .iter()
             .map(|g| GpuSpec {
-                id: g.id.clone(),
+                id: g.id.clone().into(),
                 total_mb: g.vram_mb,
             })
             .collect();
@@ -64,7 +64,13 @@ pub fn local_status(config: &Config) -> (StatusDoc, Vec<DeviceSample>) {
     if let Some(samples) = &samples {
         // No lease is held yet: everything NVML sees in use is outside the coordinator.
         for (gpu, used_mb) in nvml::used_by_gpu(&found.devices, samples) {
-            sched.handle_input(Input::GpuUsed { gpu, used_mb }, now);
+            sched.handle_input(
+                Input::GpuUsed {
+                    gpu: gpu.into(),
+                    used_mb,
+                },
+                now,
+            );
         }
     }
     (
@@ -95,7 +101,7 @@ pub async fn scheduler(
         found.gpus.clone()
     };
     for g in &gpus {
-        let source = if found.devices.contains_key(&g.id) {
+        let source = if found.devices.contains_key(g.id.as_str()) {
             "NVML"
         } else {
             "configuration"

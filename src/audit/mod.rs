@@ -66,7 +66,7 @@ impl Since {
 fn capacities(config: &Config) -> HashMap<String, u64> {
     crate::app::gpus::inventory(config)
         .into_iter()
-        .map(|g| (g.id, g.total_mb))
+        .map(|g| (g.id.into_string(), g.total_mb))
         .collect()
 }
 

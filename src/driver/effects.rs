@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 
-use gpu_coordinator_core::{Action, Fence, Input, LeaseOp, RequestRecord};
+use gpu_coordinator_core::{Action, Fence, Input, LeaseOp, RequestId, RequestRecord};
 use gpu_coordinator_wire::Encoding;
 use tokio_util::sync::CancellationToken;
 
@@ -88,7 +88,7 @@ impl Driver {
     /// the earlier one.
     fn drain_round(&mut self) -> Round {
         let mut round = Round::default();
-        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut index: HashMap<RequestId, usize> = HashMap::new();
         while let Some(action) = self.sched.poll_action() {
             self.recorder.observe(&action);
             if let Some(m) = render::message(&self.subjects, &action) {
@@ -175,7 +175,7 @@ impl Driver {
     async fn apply_leases(
         &self,
         ops: &[LeaseOp],
-    ) -> anyhow::Result<(Vec<(String, Fence, String)>, Vec<(String, Fence)>)> {
+    ) -> anyhow::Result<(Vec<(RequestId, Fence, String)>, Vec<(RequestId, Fence)>)> {
         let mut refused = Vec::new();
         let mut lost = Vec::new();
         let leases = &self.ports.leases;

@@ -215,8 +215,13 @@ impl Driver {
                 tracing::debug!(gpu = %gpu, used_mb, "VRAM used on the GPU");
                 feed.fed.insert(gpu.clone(), used_mb);
             }
-            self.sched
-                .handle_input(Input::GpuUsed { gpu, used_mb }, now);
+            self.sched.handle_input(
+                Input::GpuUsed {
+                    gpu: gpu.into(),
+                    used_mb,
+                },
+                now,
+            );
         }
         self.carry_out().await
     }

@@ -28,7 +28,7 @@ use std::pin::Pin;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use gpu_coordinator_core::{Fence, Lease, LeaseOp, RequestRecord};
+use gpu_coordinator_core::{Fence, GpuId, Lease, LeaseOp, RequestId, RequestRecord};
 use gpu_coordinator_wire::Encoding;
 use tokio::sync::watch;
 
@@ -158,7 +158,7 @@ pub trait Journal: Send + Sync + 'static {
 pub enum Refused {
     /// The live leases on the GPU and this one exceed the GPU's capacity.
     Capacity {
-        gpu: String,
+        gpu: GpuId,
         used_mb: u64,
         vram_mb: u64,
         capacity_mb: u64,
@@ -166,7 +166,7 @@ pub enum Refused {
     /// The fence is not above the highest one stored (for a rewrite: below it).
     StaleFence { fence: Fence, stored: Fence },
     /// A live lease for this request exists under another fence.
-    Held { request_id: String, fence: Fence },
+    Held { request_id: RequestId, fence: Fence },
 }
 
 impl std::fmt::Display for Refused {

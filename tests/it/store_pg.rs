@@ -51,8 +51,8 @@ fn record(id: &str, seq: u64, phase: Phase) -> RequestRecord {
     let granted = !matches!(phase, Phase::Queued);
     let ended = phase == Phase::Ended;
     RequestRecord {
-        request_id: id.to_owned(),
-        service_id: format!("svc-{}", seq % 3),
+        request_id: id.into(),
+        service_id: format!("svc-{}", seq % 3).into(),
         priority: (seq % 3) as u8,
         seq,
         encoding: if seq % 2 == 0 {
@@ -61,13 +61,13 @@ fn record(id: &str, seq: u64, phase: Phase) -> RequestRecord {
             Encoding::Json
         },
         vram_mb: Some(1024 * seq),
-        gpu_pin: (seq % 2 == 0).then(|| "GPU-1".to_owned()),
+        gpu_pin: (seq % 2 == 0).then(|| "GPU-1".into()),
         preemptible: seq % 3 != 0,
         lease_ms: 30_000 + seq,
         requested_at: BASE + seq,
         timeout_at: BASE + seq + 60_000,
         phase,
-        gpu: granted.then(|| "GPU-1".to_owned()),
+        gpu: granted.then(|| "GPU-1".into()),
         held_mb: granted.then_some(1024 * seq),
         fence: granted.then_some(Fence(100 + seq)),
         granted_at: granted.then_some(BASE + seq + 10),
@@ -84,8 +84,8 @@ fn record(id: &str, seq: u64, phase: Phase) -> RequestRecord {
 /// A record with every optional field empty.
 fn bare(id: &str, seq: u64) -> RequestRecord {
     RequestRecord {
-        request_id: id.to_owned(),
-        service_id: "svc".to_owned(),
+        request_id: id.into(),
+        service_id: "svc".into(),
         priority: 255,
         seq,
         encoding: Encoding::Json,

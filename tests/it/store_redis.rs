@@ -53,9 +53,9 @@ fn now_ms() -> u64 {
 
 fn lease(request_id: &str, gpu: &str, fence: u64, vram_mb: u64) -> Lease {
     Lease {
-        request_id: request_id.to_owned(),
-        service_id: format!("svc-{request_id}"),
-        gpu: gpu.to_owned(),
+        request_id: request_id.into(),
+        service_id: format!("svc-{request_id}").into(),
+        gpu: gpu.into(),
         fence: Fence(fence),
         vram_mb,
         capacity_mb: 100,

@@ -11,8 +11,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use gpu_coordinator_core::{
-    Action, ControlOut, End, EventOut, Fence, GpuSpec, GpuView, Input, Lease, LeaseOp, Millis,
-    Phase, ReplyOut, RequestRecord, SchedConfig, Scheduler, Snapshot, StatusView,
+    Action, ControlOut, End, EventOut, Fence, GpuId, GpuSpec, GpuView, Input, Lease, LeaseOp,
+    Millis, Phase, ReplyOut, RequestId, RequestRecord, SchedConfig, Scheduler, Snapshot,
+    StatusView,
 };
 use gpu_coordinator_wire::{
     AckAction, AckMsg, CancelMsg, ControlAction, Encoding, EventKind, Inbound, Outcome, Rejection,
@@ -28,7 +29,7 @@ pub fn gpus(specs: &[(&str, u64)]) -> Vec<GpuSpec> {
     specs
         .iter()
         .map(|&(id, total_mb)| GpuSpec {
-            id: id.to_string(),
+            id: (*id).into(),
             total_mb,
         })
         .collect()
@@ -214,7 +215,7 @@ impl Acts {
         self.all_events()
             .into_iter()
             .filter(|e| e.kind == EventKind::Granted)
-            .filter_map(|e| e.request_id.clone())
+            .filter_map(|e| e.request_id.as_ref().map(|id| id.to_string()))
             .collect()
     }
 
@@ -298,19 +299,19 @@ pub struct Sim {
     /// Check the preemption-liveness property after every step (see [`Sim::check_liveness`]).
     pub liveness: bool,
     /// What the driver persisted: the last record of every request and the highest fence.
-    pub records: BTreeMap<String, RequestRecord>,
+    pub records: BTreeMap<RequestId, RequestRecord>,
     pub max_fence: Fence,
     /// A model of the lease store.
-    pub store: BTreeMap<String, Lease>,
+    pub store: BTreeMap<RequestId, Lease>,
     pub steps: usize,
     /// The highest fence of a new lease (grant or resume) seen so far.
     last_acquired: u64,
     /// How many `requested` events each request id had.
-    requested: HashMap<String, u32>,
+    requested: HashMap<RequestId, u32>,
     /// The terminal event of each ended request.
-    ended: HashMap<String, EventKind>,
+    ended: HashMap<RequestId, EventKind>,
     /// Since when each queued request has been waiting on less urgent preemptible holders.
-    waiting_since: HashMap<String, Millis>,
+    waiting_since: HashMap<RequestId, Millis>,
 }
 
 impl Sim {
@@ -596,7 +597,7 @@ impl Sim {
         self.status()
             .queue
             .into_iter()
-            .map(|q| q.request_id)
+            .map(|q| q.request_id.into_string())
             .collect()
     }
 
@@ -606,17 +607,22 @@ impl Sim {
             .gpus
             .into_iter()
             .find(|g| g.id == gpu)
-            .map(|g| g.holders.into_iter().map(|h| h.request_id).collect())
+            .map(|g| {
+                g.holders
+                    .into_iter()
+                    .map(|h| h.request_id.into_string())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     /// The request ids that reached their end, with the kind of the terminal event.
-    pub fn ended(&self) -> &HashMap<String, EventKind> {
+    pub fn ended(&self) -> &HashMap<RequestId, EventKind> {
         &self.ended
     }
 
     /// The request ids that were accepted (had a `requested` event).
-    pub fn requested(&self) -> impl Iterator<Item = &String> {
+    pub fn requested(&self) -> impl Iterator<Item = &RequestId> {
         self.requested.keys()
     }
 
@@ -632,7 +638,7 @@ impl Sim {
     }
 
     pub fn finish(&mut self) {
-        let external: Vec<String> = self
+        let external: Vec<GpuId> = self
             .status()
             .gpus
             .iter()
@@ -808,7 +814,7 @@ impl Sim {
                 }
             }
         }
-        let want: BTreeMap<String, Lease> = self
+        let want: BTreeMap<RequestId, Lease> = self
             .sched
             .leases()
             .into_iter()
@@ -848,7 +854,7 @@ impl Sim {
                 continue;
             };
             if event.kind == EventKind::Requested {
-                let n = self.requested.entry(id.to_string()).or_default();
+                let n = self.requested.entry(id.into()).or_default();
                 *n += 1;
                 if *n > 1 {
                     // The id may come back only once its request ended and was forgotten (more than
@@ -876,7 +882,7 @@ impl Sim {
                         event.kind
                     ));
                 }
-                self.ended.insert(id.to_string(), event.kind);
+                self.ended.insert(id.into(), event.kind);
                 // With few ended requests remembered, the id may be requested anew in the same step
                 // (a deadline fires first, then the input): the record is then the new request's.
                 let reused = acts
@@ -980,7 +986,7 @@ impl Sim {
     /// GPU that got a lease this step fits it next to the external VRAM.
     fn check_capacity(&self, status: &StatusView, acts: &Acts) -> Result<(), String> {
         let mut seen = HashSet::new();
-        let granted_on: HashSet<String> = acts
+        let granted_on: HashSet<GpuId> = acts
             .lease_ops()
             .into_iter()
             .filter_map(|op| match op {

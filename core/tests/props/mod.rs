@@ -198,7 +198,7 @@ fn sender(s: &Sim, svc: Option<usize>, id: &str) -> String {
         None => s
             .sched
             .record(id)
-            .map(|r| r.service_id.clone())
+            .map(|r| r.service_id.to_string())
             .unwrap_or_else(|| svc_name(0)),
     }
 }
@@ -218,7 +218,13 @@ fn holders(s: &Sim) -> Vec<(String, String, bool)> {
         .gpus
         .into_iter()
         .flat_map(|g| g.holders)
-        .map(|h| (h.service_id, h.request_id, h.state == HolderState::Pausing))
+        .map(|h| {
+            (
+                h.service_id.into_string(),
+                h.request_id.into_string(),
+                h.state == HolderState::Pausing,
+            )
+        })
         .collect()
 }
 
@@ -320,7 +326,7 @@ fn apply(s: &mut Sim, op: Op) {
                 Op::ReleaseHolder(_) => s.release(svc, id, Some(fence)),
                 Op::RenewHolder(_) => s.renew(svc, id, Some(fence), None),
                 _ => s.input(Input::LeaseRefused {
-                    request_id: id.clone(),
+                    request_id: id.clone().into(),
                     fence: gpu_coordinator_core::Fence(fence),
                     why: "another holder is in its place".into(),
                 }),

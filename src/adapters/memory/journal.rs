@@ -4,14 +4,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use gpu_coordinator_core::{Fence, Phase, RequestRecord};
+use gpu_coordinator_core::{Fence, Phase, RequestId, RequestRecord};
 
 use super::{lock, stall, Faults, Step, Trace, Verdict};
 use crate::ports::{Batch, Journal, Loaded, OutboxRow, PortError};
 
 #[derive(Debug, Default)]
 struct JournalState {
-    records: HashMap<String, RequestRecord>,
+    records: HashMap<RequestId, RequestRecord>,
     max_fence: Fence,
     input_seq: u64,
     outbox: BTreeMap<u64, OutboxRow>,
@@ -72,7 +72,11 @@ impl MemJournal {
         self.trace.push(Step::Write {
             input_seq: batch.input_seq,
             msg_ids: batch.outbox.iter().map(|r| r.msg_id.clone()).collect(),
-            records: batch.records.iter().map(|r| r.request_id.clone()).collect(),
+            records: batch
+                .records
+                .iter()
+                .map(|r| r.request_id.to_string())
+                .collect(),
         });
     }
 }

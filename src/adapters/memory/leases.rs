@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use gpu_coordinator_core::{Fence, Lease, LeaseOp};
+use gpu_coordinator_core::{Fence, Lease, LeaseOp, RequestId};
 
 use super::{lock, stall, Faults, Step, Trace, Verdict};
 use crate::driver::now_ms;
@@ -13,7 +13,7 @@ use crate::ports::{LeaseOutcome, Leases, PortError, Refused};
 
 #[derive(Debug, Default)]
 struct LeaseState {
-    leases: HashMap<String, Lease>,
+    leases: HashMap<RequestId, Lease>,
     max_fence: Fence,
     epoch: bool,
 }
@@ -100,10 +100,10 @@ impl LeaseState {
 /// The request an operation is about, and its name, for the trace.
 fn describe(op: &LeaseOp) -> (&'static str, String) {
     match op {
-        LeaseOp::Acquire(l) => ("acquire", l.request_id.clone()),
-        LeaseOp::Restore(l) => ("restore", l.request_id.clone()),
-        LeaseOp::Renew { request_id, .. } => ("renew", request_id.clone()),
-        LeaseOp::Release { request_id, .. } => ("release", request_id.clone()),
+        LeaseOp::Acquire(l) => ("acquire", l.request_id.to_string()),
+        LeaseOp::Restore(l) => ("restore", l.request_id.to_string()),
+        LeaseOp::Renew { request_id, .. } => ("renew", request_id.to_string()),
+        LeaseOp::Release { request_id, .. } => ("release", request_id.to_string()),
     }
 }
 

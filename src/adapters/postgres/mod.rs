@@ -499,19 +499,19 @@ impl PgStore {
         let id = r.request_id.as_str();
         let opt = |field, value: Option<u64>| value.map(|v| self.bigint(id, field, v)).transpose();
         Ok(request::Model {
-            request_id: r.request_id.clone(),
-            service_id: r.service_id.clone(),
+            request_id: r.request_id.to_string(),
+            service_id: r.service_id.to_string(),
             priority: i16::from(r.priority),
             seq: self.bigint(id, "seq", r.seq)?,
             encoding: r.encoding.as_str().to_owned(),
             vram_mb: opt("vram_mb", r.vram_mb)?,
-            gpu_pin: r.gpu_pin.clone(),
+            gpu_pin: r.gpu_pin.as_ref().map(|g| g.to_string()),
             preemptible: r.preemptible,
             lease_ms: self.bigint(id, "lease_ms", r.lease_ms)?,
             requested_at: self.bigint(id, "requested_at", r.requested_at)?,
             timeout_at: self.bigint(id, "timeout_at", r.timeout_at)?,
             phase: r.phase.as_str().to_owned(),
-            gpu: r.gpu.clone(),
+            gpu: r.gpu.as_ref().map(|g| g.to_string()),
             held_mb: opt("held_mb", r.held_mb)?,
             fence: opt("fence", r.fence.map(|f| f.0))?,
             granted_at: opt("granted_at", r.granted_at)?,
@@ -547,18 +547,18 @@ impl PgStore {
         let priority = u8::try_from(row.priority)
             .map_err(|_| corrupt(format!("priority {} is outside 0-255", row.priority)))?;
         Ok(RequestRecord {
-            service_id: row.service_id.clone(),
+            service_id: row.service_id.clone().into(),
             priority,
             seq: num("seq", row.seq)?,
             encoding: Encoding::from_name(&row.encoding),
             vram_mb: opt("vram_mb", row.vram_mb)?,
-            gpu_pin: row.gpu_pin.clone(),
+            gpu_pin: row.gpu_pin.clone().map(Into::into),
             preemptible: row.preemptible,
             lease_ms: num("lease_ms", row.lease_ms)?,
             requested_at: num("requested_at", row.requested_at)?,
             timeout_at: num("timeout_at", row.timeout_at)?,
             phase,
-            gpu: row.gpu.clone(),
+            gpu: row.gpu.clone().map(Into::into),
             held_mb: opt("held_mb", row.held_mb)?,
             fence: opt("fence", row.fence)?.map(Fence),
             granted_at: opt("granted_at", row.granted_at)?,
@@ -569,7 +569,7 @@ impl PgStore {
             end,
             ended_at: opt("ended_at", row.ended_at)?,
             detail: row.detail.clone(),
-            request_id: row.request_id.clone(),
+            request_id: row.request_id.clone().into(),
         })
     }
 }
