@@ -9,10 +9,7 @@
 //! `nats-server` on the `PATH`, else `/usr/sbin/nats-server`) on a free port with a temporary store,
 //! removed on drop, and some put a [`Proxy`] in front of it to cut the client off.
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -250,7 +250,7 @@ impl Scheduler {
     /// Restores the state persisted before a restart and reconciles it with the lease store. Call once,
     /// on a new scheduler, before any other input.
     pub fn restore(&mut self, snapshot: Snapshot, now: Millis) {
-        self.next_seq = self.next_seq.max(snapshot.max_seq + 1);
+        self.next_seq = self.next_seq.max(snapshot.max_arrival + 1);
         self.last_fence = self.last_fence.max(snapshot.max_fence).max(
             snapshot
                 .leases
@@ -265,12 +265,12 @@ impl Scheduler {
             .map(|l| (l.request_id.clone(), l))
             .collect();
         let mut records = snapshot.requests;
-        records.sort_by_key(|r| r.seq);
+        records.sort_by_key(|r| r.arrival);
         // Leases written back go after every stale lease is released: a stale one would otherwise
         // count against a GPU's capacity and get a legitimate holder refused.
         let mut write_back = Vec::new();
         for rec in records {
-            self.next_seq = self.next_seq.max(rec.seq + 1);
+            self.next_seq = self.next_seq.max(rec.arrival + 1);
             if let Some(fence) = rec.fence {
                 self.last_fence = self.last_fence.max(fence);
             }
@@ -279,7 +279,7 @@ impl Scheduler {
                 continue;
             }
             let holding = matches!(rec.phase, Phase::Active | Phase::Pausing);
-            let seq = rec.seq;
+            let seq = rec.arrival;
             let id = rec.request_id.clone();
             let lease = leases.remove(&id);
             self.insert_live(rec);
@@ -541,7 +541,7 @@ impl Scheduler {
             request_id: request_id.clone().into(),
             service_id: service.clone().into(),
             priority: msg.priority,
-            seq,
+            arrival: seq,
             encoding,
             vram_mb: msg.vram_mb,
             gpu_pin: msg.gpu.clone().map(GpuId::from),
@@ -1079,7 +1079,7 @@ impl Scheduler {
                 (
                     std::cmp::Reverse(h.priority),
                     std::cmp::Reverse(h.granted_at.unwrap_or(0)),
-                    std::cmp::Reverse(h.seq),
+                    std::cmp::Reverse(h.arrival),
                 )
             });
             let mut victims = Vec::new();
@@ -1089,7 +1089,7 @@ impl Scheduler {
                 }
                 free += holder.held_mb.unwrap_or(0);
                 remaining -= 1;
-                victims.push((holder.seq, holder.held_mb.unwrap_or(0)));
+                victims.push((holder.arrival, holder.held_mb.unwrap_or(0)));
             }
             if !Self::fits(rec, free, remaining) {
                 continue;
@@ -1136,7 +1136,7 @@ impl Scheduler {
     }
 
     fn insert_live(&mut self, rec: RequestRecord) {
-        let seq = rec.seq;
+        let seq = rec.arrival;
         self.ids.insert(rec.request_id.clone(), seq);
         self.services
             .entry(rec.service_id.clone())

@@ -163,8 +163,9 @@ pub struct RequestRecord {
     pub request_id: RequestId,
     pub service_id: ServiceId,
     pub priority: u8,
-    /// Arrival order, unique; grant order among equal priorities.
-    pub seq: u64,
+    /// Arrival number: unique, never reused; grant order among equal priorities. (Not an input's
+    /// position in the input stream, which the driver calls the stream sequence.)
+    pub arrival: u64,
     pub encoding: Encoding,
     /// `None`: the whole GPU.
     pub vram_mb: Option<u64>,
@@ -270,7 +271,7 @@ pub struct Snapshot {
     pub leases: Vec<Lease>,
     /// The highest arrival number ever given (ended requests that were not reloaded included), so that
     /// arrival numbers are never reused.
-    pub max_seq: u64,
+    pub max_arrival: u64,
 }
 
 /// An ACK's action, re-exported for the driver.

@@ -893,7 +893,7 @@ fn restore_seeds_fences_above_the_highest_issued() {
         let mut old = first.record("old").clone();
         old.fence = record_fence.map(Fence);
         let snapshot = Snapshot {
-            max_seq: old.seq,
+            max_arrival: old.arrival,
             requests: vec![old],
             max_fence: Fence(max_fence),
             leases: lease_fence
@@ -1260,10 +1260,10 @@ fn arrival_numbers_are_not_reused_after_a_restart_that_forgot_ended_requests() {
     let mut s = sim_with(config, &[("g0", 1_000)]);
     s.request("svc", req("a1", 1));
     s.release("svc", "a1", None);
-    let first = s.persisted_seq("a1");
+    let first = s.persisted_arrival("a1");
     s.restart(10, true);
     s.request("svc", req("a2", 1));
-    assert!(s.persisted_seq("a2") > first);
+    assert!(s.persisted_arrival("a2") > first);
 }
 
 #[test]

@@ -69,7 +69,7 @@ impl Driver {
                 requests: loaded.records,
                 max_fence: loaded.max_fence.max(stored_fence),
                 leases: live_leases,
-                max_seq: loaded.max_seq,
+                max_arrival: loaded.max_arrival,
             },
             now_ms(),
         );

@@ -127,7 +127,7 @@ pub struct Loaded {
     pub records: Vec<RequestRecord>,
     pub max_fence: Fence,
     /// The highest arrival number ever persisted.
-    pub max_seq: u64,
+    pub max_arrival: u64,
     /// The stream sequence of the last input whose effects are committed.
     pub input_seq: u64,
     /// Messages committed but perhaps not stored by the bus, oldest first.

@@ -54,7 +54,7 @@ fn record(id: &str, seq: u64, phase: Phase) -> RequestRecord {
         request_id: id.into(),
         service_id: format!("svc-{}", seq % 3).into(),
         priority: (seq % 3) as u8,
-        seq,
+        arrival: seq,
         encoding: if seq % 2 == 0 {
             Encoding::MsgPack
         } else {
@@ -87,7 +87,7 @@ fn bare(id: &str, seq: u64) -> RequestRecord {
         request_id: id.into(),
         service_id: "svc".into(),
         priority: 255,
-        seq,
+        arrival: seq,
         encoding: Encoding::Json,
         vram_mb: None,
         gpu_pin: None,
@@ -362,7 +362,7 @@ async fn pg_batches_carry_the_outbox_and_the_input_position() {
     let state = store.load_state(0).await.expect("load");
     assert_eq!(state.input_seq, 40);
     assert_eq!(state.max_fence, Fence(500));
-    assert_eq!(state.max_seq, 9);
+    assert_eq!(state.max_arrival, 9);
     assert_eq!(state.outbox, outbox);
 
     // Rows 1 and 2 were published.
@@ -385,7 +385,7 @@ async fn pg_batches_carry_the_outbox_and_the_input_position() {
     // lower only for an input stream made anew).
     assert_eq!((state.input_seq, state.max_fence), (12, Fence(500)));
     assert_eq!(
-        state.max_seq, 9,
+        state.max_arrival, 9,
         "the ended row is not reloaded, its seq still counts"
     );
     assert_eq!(state.records.len(), 1);

@@ -384,7 +384,7 @@ impl Sim {
             .values()
             .filter(|r| r.phase == Phase::Ended)
             .collect();
-        ended.sort_by_key(|r| (r.ended_at, r.seq));
+        ended.sort_by_key(|r| (r.ended_at, r.arrival));
         let keep = ended.len().saturating_sub(self.config.retain_ended);
         Snapshot {
             requests: self
@@ -394,7 +394,7 @@ impl Sim {
                 .chain(ended.into_iter().skip(keep))
                 .cloned()
                 .collect(),
-            max_seq: self.records.values().map(|r| r.seq).max().unwrap_or(0),
+            max_arrival: self.records.values().map(|r| r.arrival).max().unwrap_or(0),
             max_fence: self.max_fence,
             leases: if keep_store {
                 self.store.values().cloned().collect()
@@ -568,11 +568,11 @@ impl Sim {
 
     #[track_caller]
     /// The arrival number of a request as last persisted.
-    pub fn persisted_seq(&self, id: &str) -> u64 {
+    pub fn persisted_arrival(&self, id: &str) -> u64 {
         self.records
             .get(id)
             .unwrap_or_else(|| panic!("{id} was never persisted"))
-            .seq
+            .arrival
     }
 
     pub fn phase(&self, id: &str) -> Phase {

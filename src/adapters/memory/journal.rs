@@ -38,7 +38,7 @@ impl MemJournal {
     /// Every request record held, in arrival order.
     pub fn records(&self) -> Vec<RequestRecord> {
         let mut records: Vec<_> = lock(&self.state).records.values().cloned().collect();
-        records.sort_by_key(|r| r.seq);
+        records.sort_by_key(|r| r.arrival);
         records
     }
 
@@ -95,20 +95,20 @@ impl Journal for MemJournal {
             .filter(|r| r.phase != Phase::Ended)
             .cloned()
             .collect();
-        live.sort_by_key(|r| r.seq);
+        live.sort_by_key(|r| r.arrival);
         let mut ended: Vec<RequestRecord> = state
             .records
             .values()
             .filter(|r| r.phase == Phase::Ended)
             .cloned()
             .collect();
-        ended.sort_by_key(|r| (r.ended_at, r.seq));
+        ended.sort_by_key(|r| (r.ended_at, r.arrival));
         let keep = ended.len().saturating_sub(retain_ended);
         live.extend(ended.into_iter().skip(keep));
         let record_fence = state.records.values().filter_map(|r| r.fence).max();
         Ok(Loaded {
             max_fence: state.max_fence.max(record_fence.unwrap_or_default()),
-            max_seq: state.records.values().map(|r| r.seq).max().unwrap_or(0),
+            max_arrival: state.records.values().map(|r| r.arrival).max().unwrap_or(0),
             input_seq: state.input_seq,
             outbox: state.outbox.values().cloned().collect(),
             records: live,

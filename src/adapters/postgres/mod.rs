@@ -66,7 +66,7 @@ const OUTBOX_PER_STATEMENT: usize = 4000;
 const COUNTERS: &str = "SELECT \
      GREATEST(COALESCE((SELECT max_fence FROM fence WHERE id = 1), 0), \
               COALESCE((SELECT max(fence) FROM requests), 0)) AS max_fence, \
-     COALESCE((SELECT max(seq) FROM requests), 0) AS max_seq, \
+     COALESCE((SELECT max(seq) FROM requests), 0) AS max_arrival, \
      COALESCE((SELECT input_seq FROM fence WHERE id = 1), 0) AS input_seq";
 
 /// The messages not yet stored by JetStream, in the order they were made.
@@ -424,9 +424,9 @@ impl PgStore {
                 .map_err(fail)
                 .map(|v| v.unwrap_or(0))
         };
-        let (max_fence, max_seq, input_seq) = (
+        let (max_fence, max_arrival, input_seq) = (
             counter("max_fence")?,
-            counter("max_seq")?,
+            counter("max_arrival")?,
             counter("input_seq")?,
         );
         let outbox = txn
@@ -461,7 +461,7 @@ impl PgStore {
         Ok(Loaded {
             records,
             max_fence: Fence(unsigned("max_fence", max_fence)?),
-            max_seq: unsigned("max_seq", max_seq)?,
+            max_arrival: unsigned("max_arrival", max_arrival)?,
             input_seq: unsigned("input_seq", input_seq)?,
             outbox,
         })
@@ -502,7 +502,7 @@ impl PgStore {
             request_id: r.request_id.to_string(),
             service_id: r.service_id.to_string(),
             priority: i16::from(r.priority),
-            seq: self.bigint(id, "seq", r.seq)?,
+            seq: self.bigint(id, "seq", r.arrival)?,
             encoding: r.encoding.as_str().to_owned(),
             vram_mb: opt("vram_mb", r.vram_mb)?,
             gpu_pin: r.gpu_pin.as_ref().map(|g| g.to_string()),
@@ -549,7 +549,7 @@ impl PgStore {
         Ok(RequestRecord {
             service_id: row.service_id.clone().into(),
             priority,
-            seq: num("seq", row.seq)?,
+            arrival: num("seq", row.seq)?,
             encoding: Encoding::from_name(&row.encoding),
             vram_mb: opt("vram_mb", row.vram_mb)?,
             gpu_pin: row.gpu_pin.clone().map(Into::into),
