@@ -38,6 +38,7 @@
 pub mod adapters;
 pub mod app;
 pub mod audit;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod driver;

@@ -83,7 +83,7 @@ async fn audit(config: Config, since: Option<&str>) -> anyhow::Result<()> {
     use gpu_coordinator::audit::{self, Since};
     let since = match since {
         Some(text) => {
-            Since::parse(text, gpu_coordinator::driver::now_ms()).map_err(anyhow::Error::msg)?
+            Since::parse(text, gpu_coordinator::clock::now_ms()).map_err(anyhow::Error::msg)?
         }
         None => Since::Start,
     };

@@ -11,8 +11,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::adapters::nvml::{self, DeviceSample, GpuProbe, NvmlProbe};
+use crate::clock::now_ms;
 use crate::config::Config;
-use crate::driver::{now_ms, NvmlFeed};
+use crate::driver::NvmlFeed;
 
 /// The GPU assumed when neither the configuration nor NVML names one.
 pub const DEFAULT_GPU_MB: u64 = 24_576;

@@ -32,26 +32,18 @@ mod start;
 mod tests;
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use gpu_coordinator_core::{Millis, Scheduler};
+use gpu_coordinator_core::Scheduler;
 use gpu_coordinator_wire::{StatusDoc, Subjects};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::adapters::nvml::DeviceSample;
+pub use crate::clock::now_ms;
 use crate::metrics::Recorder;
 use crate::ports::{Ports, Term};
 
 use effects::{InputPosition, Outbox};
-
-/// Milliseconds since the Unix epoch, the scheduler's `now`.
-pub fn now_ms() -> Millis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// What other tasks (HTTP handlers, operators) ask of the driver.
 pub enum Command {

@@ -734,7 +734,7 @@ async fn redis_is_reconciled_with_the_scheduler() {
         fence: Fence(a.fence.unwrap()),
         vram_mb: 24_000,
         capacity_mb: 24_000,
-        expires_at: gpu_coordinator::driver::now_ms() + 60_000,
+        expires_at: gpu_coordinator::clock::now_ms() + 60_000,
     };
     let written = store
         .rewrite(std::slice::from_ref(&ghost))

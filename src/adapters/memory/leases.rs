@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use gpu_coordinator_core::{Fence, Lease, LeaseOp, RequestId};
 
 use super::{lock, stall, Faults, Step, Trace, Verdict};
-use crate::driver::now_ms;
+use crate::clock::now_ms;
 use crate::ports::{LeaseOutcome, Leases, PortError, Refused};
 
 #[derive(Debug, Default)]
