@@ -2,7 +2,7 @@
 //!
 //! The schema is small on purpose: one row per request (`requests`), one row holding the highest fence
 //! ever issued and the last input handled (`fence`), and the messages not yet stored by JetStream
-//! (`outbox`). The adapter `gpu_coordinator::adapters::postgres` reads and writes it; this crate
+//! (`outbox`), and the lease of the one active coordinator (`leader`). The adapter `gpu_coordinator::adapters::postgres` reads and writes it; this crate
 //! only shapes it. A migration, once released, is never edited: a change is a new migration appended to
 //! [`Migrator::migrations`].
 
@@ -10,6 +10,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261126_000001_requests_and_fence;
 mod m20261126_000002_outbox_and_input_seq;
+mod m20261128_000003_leader;
 
 /// Every migration of the schema, oldest first.
 pub struct Migrator;
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261126_000001_requests_and_fence::Migration),
             Box::new(m20261126_000002_outbox_and_input_seq::Migration),
+            Box::new(m20261128_000003_leader::Migration),
         ]
     }
 }

@@ -128,20 +128,21 @@ impl Driver {
                 input_seq: self.position.pending.take(),
                 outbox: &outbox,
                 published_upto: self.outbox.published_upto.take(),
+                term: Some(self.term),
             };
-            // The journal and the lease store are written concurrently: both finish before anything is
-            // published or acknowledged, and a restart reconciles a crash between the two (a lease
-            // without its grant in the journal is released; a grant without its lease is written back).
+            // The journal first: it is fenced by the leadership term, so a deposed coordinator's batch
+            // is refused before it can touch the lease store. Both finish before anything is published
+            // or acknowledged, and a restart reconciles a crash between the two (a lease without its
+            // grant in the journal is released; a grant without its lease is written back).
             let journal = &self.ports.journal;
-            let shutdown = &self.shutdown;
-            let persist = with_retry("writing the journal", shutdown, || journal.write(&batch));
-            let leases = self.apply_leases(&round.lease_ops);
-            let (persisted, refused) = tokio::join!(persist, leases);
-            persisted?;
+            with_retry("writing the journal", &self.shutdown, || {
+                journal.write(&batch)
+            })
+            .await?;
             if let Some(seq) = batch.input_seq {
                 self.position.handled = self.position.handled.max(seq);
             }
-            let (refused, lost) = refused?;
+            let (refused, lost) = self.apply_leases(&round.lease_ops).await?;
             let now = now_ms();
             for (request_id, fence, why) in refused {
                 tracing::error!(%request_id, "the lease store refused a lease: {why}");
@@ -206,6 +207,7 @@ impl Driver {
         let batch = Batch {
             input_seq,
             published_upto: self.outbox.published_upto.take(),
+            term: Some(self.term),
             ..Batch::default()
         };
         let journal = &self.ports.journal;

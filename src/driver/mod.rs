@@ -4,9 +4,9 @@
 //! before it is acknowledged:
 //!
 //! 1. write the changed requests, the highest fence, the position of the last input and the messages to
-//!    publish (the outbox) to the [`Journal`](crate::ports::Journal) as one batch, while the lease changes
-//!    go to the [`Leases`](crate::ports::Leases) store (a refused lease goes back to the scheduler as an
-//!    input);
+//!    publish (the outbox) to the [`Journal`](crate::ports::Journal) as one batch, fenced by the
+//!    leadership term; then the lease changes go to the [`Leases`](crate::ports::Leases) store (a
+//!    refused lease goes back to the scheduler as an input);
 //! 2. publish replies, control orders and events under their outbox ids, and wait until the bus stored
 //!    them (the next batch deletes those rows);
 //! 3. acknowledge the inputs (an invalid input is terminated, never redelivered).
@@ -15,7 +15,8 @@
 //! after the last handled, so inputs are handled once and in order.
 //!
 //! A server that goes away is waited for with backoff ([`retry`]): the loop stops taking inputs until it
-//! is back. Every action also goes to the metrics recorder. Nothing here decides who gets a GPU, and
+//! is back. A write refused because a newer term leads is not retried: the driver stops with that
+//! error, having published nothing of the refused batch. Every action also goes to the metrics recorder. Nothing here decides who gets a GPU, and
 //! nothing here names a server: the adapters are chosen by [`crate::app`].
 //!
 //! - [`start`](Driver::start): leadership, then the state restored from the journal and the lease store.

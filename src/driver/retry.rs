@@ -8,11 +8,14 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use tokio_util::sync::CancellationToken;
 
+use crate::ports::deposed_in;
+
 /// At shutdown, how long an operation in flight may take to finish before it is abandoned.
 const SETTLE_AT_STOP: Duration = Duration::from_secs(2);
 
 /// Retries `op` with exponential backoff (up to 5 s apart) until it succeeds or `shutdown` is
-/// cancelled, logging each failure with `what`.
+/// cancelled, logging each failure with `what`. A write refused for a newer leadership term
+/// ([`Deposed`]) is not retried: the error carries the refusal, for [`is_deposed`].
 pub async fn with_retry<T, E, F, Fut>(
     what: &str,
     shutdown: &CancellationToken,
@@ -21,7 +24,7 @@ pub async fn with_retry<T, E, F, Fut>(
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
-    E: std::error::Error,
+    E: std::error::Error + 'static,
 {
     let attempt = op
         .retry(
@@ -31,19 +34,29 @@ where
                 .with_jitter()
                 .without_max_times(),
         )
+        .when(|e| deposed_in(e).is_none())
         .notify(|e, wait| tracing::warn!("{what}: {}; retrying in {wait:?}", causes(e)));
+    let failed = |e: E| match deposed_in(&e) {
+        Some(deposed) => anyhow::Error::new(deposed.clone()).context(what.to_owned()),
+        None => anyhow::anyhow!("{what}: {}", causes(&e)),
+    };
     tokio::pin!(attempt);
     tokio::select! {
-        result = &mut attempt => result.map_err(|e| anyhow::anyhow!("{what}: {}", causes(&e))),
+        result = &mut attempt => result.map_err(failed),
         _ = shutdown.cancelled() => {
             // Work in flight settles (a publish waiting for its PubAck); a server that is away is not
             // waited for.
             match tokio::time::timeout(SETTLE_AT_STOP, &mut attempt).await {
-                Ok(result) => result.map_err(|e| anyhow::anyhow!("{what}: {}", causes(&e))),
+                Ok(result) => result.map_err(failed),
                 Err(_) => anyhow::bail!("{what}: stopped while waiting for the server"),
             }
         }
     }
+}
+
+/// Whether an error of the driver is a write refused for a newer leadership term.
+pub fn is_deposed(error: &anyhow::Error) -> bool {
+    error.chain().any(|e| deposed_in(e).is_some())
 }
 
 /// An error with its causes, `outer: inner: root`, so that a log line says what really failed.
@@ -96,6 +109,25 @@ mod tests {
         .await
         .expect("answers on the third call");
         assert_eq!(answer, 3);
+    }
+
+    #[tokio::test]
+    async fn a_deposed_writer_is_not_retried() {
+        let shutdown = CancellationToken::new();
+        let mut calls = 0;
+        let result: anyhow::Result<()> = with_retry("writing", &shutdown, || {
+            calls += 1;
+            async {
+                Err(crate::ports::PortError::new(crate::ports::Deposed {
+                    term: 1,
+                    detail: "term 2 leads".into(),
+                }))
+            }
+        })
+        .await;
+        let error = result.expect_err("refused");
+        assert!(is_deposed(&error), "{error:#}");
+        assert_eq!(calls, 1);
     }
 
     #[tokio::test]

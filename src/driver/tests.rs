@@ -418,3 +418,48 @@ async fn status_questions_are_answered_in_their_encoding() {
     shutdown.cancel();
     task.await.expect("the driver task ends");
 }
+
+#[tokio::test]
+async fn a_deposed_driver_stops_and_publishes_nothing_more() {
+    let rig = Rig::new();
+    let shutdown = CancellationToken::new();
+    let (driver, commands) = rig.driver(&shutdown).await;
+    assert_eq!(driver.term(), crate::ports::Term(1));
+    let task = tokio::spawn(driver.run(commands));
+    let first = rig.push(
+        "request",
+        "asr",
+        json!({"request_id": "asr-1", "priority": 2}),
+    );
+    until("the first request handled", || rig.bus.acked(first)).await;
+    let published = rig.bus.published().len();
+    // Another coordinator takes over in term 2: this one's next write is refused.
+    rig.journal.lead(crate::ports::Term(2));
+    let second = rig.push(
+        "request",
+        "chat",
+        json!({"request_id": "chat-1", "priority": 0}),
+    );
+    let stopped = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the driver stops by itself")
+        .expect("the driver task does not panic");
+    let error = stopped.expect_err("it stops because it was deposed");
+    assert!(super::retry::is_deposed(&error), "{error:#}");
+    assert_eq!(
+        rig.bus.published().len(),
+        published,
+        "nothing published after"
+    );
+    assert!(
+        !rig.bus.acked(second),
+        "the input is left for the new leader"
+    );
+    assert!(
+        rig.journal
+            .records()
+            .iter()
+            .all(|r| r.request_id != "chat-1"),
+        "nothing of it written"
+    );
+}

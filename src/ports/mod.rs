@@ -58,6 +58,42 @@ impl PortError {
     }
 }
 
+impl PortError {
+    /// Whether the write was refused because a newer leadership term exists: retrying cannot help, the
+    /// writer must stop acting.
+    pub fn is_deposed(&self) -> bool {
+        deposed_in(self).is_some()
+    }
+}
+
+/// A write refused because another coordinator leads under a newer term. Not retried: the writer stops
+/// acting and goes back to standby.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("deposed: the write of term {term} was refused ({detail})")]
+pub struct Deposed {
+    pub term: u64,
+    pub detail: String,
+}
+
+/// The [`Deposed`] refusal in an error's chain of causes, if any.
+pub fn deposed_in<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a Deposed> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(deposed) = e.downcast_ref::<Deposed>() {
+            return Some(deposed);
+        }
+        // A port error is transparent: its own source is its inner error's source, so the inner error
+        // itself is looked at here.
+        if let Some(inner) = e.downcast_ref::<PortError>() {
+            if let Some(deposed) = inner.0.downcast_ref::<Deposed>() {
+                return Some(deposed);
+            }
+        }
+        current = e.source();
+    }
+    None
+}
+
 impl From<Box<dyn std::error::Error + Send + Sync + 'static>> for PortError {
     fn from(error: Box<dyn std::error::Error + Send + Sync + 'static>) -> PortError {
         PortError(error)
@@ -79,6 +115,9 @@ pub struct Batch<'a> {
     pub outbox: &'a [OutboxRow],
     /// Outbox rows already stored by the bus: ids up to this one are deleted.
     pub published_upto: Option<u64>,
+    /// The writer's leadership term: the journal refuses the batch ([`Deposed`]) when the leader's term
+    /// is another. `None`: unfenced (tools and tests that write directly).
+    pub term: Option<Term>,
 }
 
 impl Batch<'_> {
@@ -332,14 +371,23 @@ pub trait Bus: Send + Sync + 'static {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Term(pub u64);
 
-/// Whether this process may act for its prefix. The driver waits for [`Leadership::acquire`] before it
-/// loads the state and stops acting when [`Leadership::lost`] resolves.
+/// Whether this process may act for its prefix. The composition root waits for
+/// [`Leadership::acquire`] before it starts a driver, the driver stops acting when
+/// [`Leadership::lost`] resolves, and a graceful stop hands the leadership on at once with
+/// [`Leadership::release`].
 #[async_trait]
 pub trait Leadership: Send + Sync + 'static {
     /// Waits until this process leads; answers its term.
     async fn acquire(&self) -> Result<Term, PortError>;
-    /// Resolves when this process may no longer act under `term`.
+    /// Resolves when this process may no longer act under `term`: before its leadership can have
+    /// expired from any other coordinator's point of view.
     async fn lost(&self, term: Term);
+    /// Gives the leadership of `term` up (a graceful stop), so that a standby takes over at once.
+    async fn release(&self, _term: Term) {}
+    /// Who leads now, as far as this process knows: `(term, holder)`.
+    async fn leader(&self) -> Option<(Term, String)> {
+        None
+    }
 }
 
 /// The leadership of a deployment with one coordinator: always the leader, in term 1.

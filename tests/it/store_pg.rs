@@ -356,6 +356,7 @@ async fn pg_batches_carry_the_outbox_and_the_input_position() {
             input_seq: Some(40),
             outbox: &outbox,
             published_upto: None,
+            term: None,
         })
         .await
         .expect("write a batch");
@@ -377,6 +378,7 @@ async fn pg_batches_carry_the_outbox_and_the_input_position() {
             input_seq: Some(12),
             outbox: &[row(4)],
             published_upto: Some(2),
+            term: None,
         })
         .await
         .expect("write a second batch");
@@ -407,5 +409,58 @@ async fn pg_batches_carry_the_outbox_and_the_input_position() {
     let state = store.load_state(0).await.expect("load");
     assert_eq!(state.input_seq, 41);
     assert!(state.outbox.is_empty());
+    finish(store, &name).await;
+}
+
+/// A batch carries its writer's leadership term: under another term than the leader row's it is
+/// refused whole, with a refusal the driver does not retry; under the leader's own term it is written.
+#[tokio::test]
+async fn pg_batches_of_a_deposed_term_change_nothing() {
+    use gpu_coordinator::adapters::postgres::{Batch, PgError};
+    use gpu_coordinator::ports::{Journal, Term};
+    use sea_orm::ConnectionTrait;
+    let (store, name) = fresh_store().await;
+    store
+        .connection()
+        .execute_unprepared(
+            "INSERT INTO leader (id, term, holder, expires_at) VALUES (1, 2, 'other', now())",
+        )
+        .await
+        .expect("a leader row of term 2");
+    let records = [record("a", 1, Phase::Active)];
+    let stale = Batch {
+        records: &records,
+        max_fence: Some(Fence(9)),
+        input_seq: Some(5),
+        term: Some(Term(1)),
+        ..Batch::default()
+    };
+    let refused = store
+        .write(&stale)
+        .await
+        .expect_err("term 1 is not the leader's");
+    assert!(
+        matches!(&refused, PgError::StaleTerm { term: 1, detail, .. } if detail.contains("term 2")),
+        "{refused:?}"
+    );
+    let through_the_port = Journal::write(&store, &stale)
+        .await
+        .expect_err("refused through the port too");
+    assert!(through_the_port.is_deposed(), "{through_the_port}");
+    let state = store.load_state(10).await.expect("load");
+    assert!(
+        state.records.is_empty() && state.input_seq == 0,
+        "nothing written"
+    );
+
+    store
+        .write(&Batch {
+            term: Some(Term(2)),
+            ..stale
+        })
+        .await
+        .expect("the leader's term writes");
+    let state = store.load_state(10).await.expect("load");
+    assert_eq!((state.records.len(), state.input_seq), (1, 5));
     finish(store, &name).await;
 }

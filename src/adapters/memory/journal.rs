@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use gpu_coordinator_core::{Fence, Phase, RequestId, RequestRecord};
 
 use super::{lock, stall, Faults, Step, Trace, Verdict};
-use crate::ports::{Batch, Journal, Loaded, OutboxRow, PortError};
+use crate::ports::{Batch, Deposed, Journal, Loaded, OutboxRow, PortError, Term};
 
 #[derive(Debug, Default)]
 struct JournalState {
@@ -15,6 +15,8 @@ struct JournalState {
     max_fence: Fence,
     input_seq: u64,
     outbox: BTreeMap<u64, OutboxRow>,
+    /// The leader's term, as the leader row holds it; `None`: no leader row (every write goes).
+    leader: Option<Term>,
 }
 
 /// A [`Journal`] in memory: what a restarted process finds is what the last write left.
@@ -40,6 +42,11 @@ impl MemJournal {
         let mut records: Vec<_> = lock(&self.state).records.values().cloned().collect();
         records.sort_by_key(|r| r.arrival);
         records
+    }
+
+    /// Another coordinator takes the leadership in `term`: a batch of any other term is refused.
+    pub fn lead(&self, term: Term) {
+        lock(&self.state).leader = Some(term);
     }
 
     /// The input position stored.
@@ -118,6 +125,15 @@ impl Journal for MemJournal {
     async fn write(&self, batch: &Batch<'_>) -> Result<(), PortError> {
         if batch.is_empty() {
             return Ok(());
+        }
+        let leader = lock(&self.state).leader;
+        if let (Some(mine), Some(leader)) = (batch.term, leader) {
+            if mine != leader {
+                return Err(PortError::new(Deposed {
+                    term: mine.0,
+                    detail: format!("the leader is in term {}", leader.0),
+                }));
+            }
         }
         match self.faults.next() {
             Verdict::Go => {}

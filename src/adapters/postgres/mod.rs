@@ -23,7 +23,7 @@ use std::time::Duration;
 use gpu_coordinator_core::{End, Fence, Phase, RequestRecord};
 use gpu_coordinator_wire::Encoding;
 
-use crate::ports::{Journal, PortError};
+use crate::ports::{Deposed, Journal, PortError};
 use crate::telemetry::redact_url;
 use migration::{Migrator, MigratorTrait};
 use sea_orm::sea_query::{Alias, Expr, OnConflict, PostgresQueryBuilder, Query};
@@ -54,6 +54,14 @@ const RAISE_FENCE: &str =
     "INSERT INTO fence (id, max_fence, input_seq) VALUES (1, $1, COALESCE($2, 0)) \
      ON CONFLICT (id) DO UPDATE SET max_fence = GREATEST(fence.max_fence, EXCLUDED.max_fence), \
      input_seq = COALESCE($2, fence.input_seq)";
+
+/// Fences a batch by the writer's term: locks the `leader` row and raises SQLSTATE `GC001` when its term
+/// is another (see the migration that made `gpu_coordinator_check_term`).
+const CHECK_TERM: &str =
+    "UPDATE leader SET term = term WHERE id = 1 AND gpu_coordinator_check_term(term, $1) RETURNING term";
+
+/// The SQLSTATE `gpu_coordinator_check_term` raises.
+const STALE_TERM: &str = "GC001";
 
 /// Deletes the outbox rows JetStream has stored.
 const DELETE_PUBLISHED: &str = "DELETE FROM outbox WHERE id <= $1";
@@ -116,6 +124,14 @@ pub enum PgError {
         records: usize,
         #[source]
         source: DbErr,
+    },
+    /// The batch was written under a leadership term that is no longer the leader's: nothing of it was
+    /// committed, and the writer must stop acting.
+    #[error("PostgreSQL at {server} refused a write of term {term}: {detail}")]
+    StaleTerm {
+        server: String,
+        term: u64,
+        detail: String,
     },
     /// Reading the requests or the fence failed.
     #[error("loading the requests from PostgreSQL at {server} failed")]
@@ -290,11 +306,23 @@ impl PgStore {
             .map(|id| self.bigint("", "outbox id", id))
             .transpose()?;
         let n_rows = rows.len();
-        let fail = |source| PgError::Write {
-            server: self.server.clone(),
-            records: n_rows,
-            source,
+        let term = batch.term.map(|t| t.0);
+        let fail = |source: DbErr| match (term, stale_term(&source)) {
+            (Some(term), Some(detail)) => PgError::StaleTerm {
+                server: self.server.clone(),
+                term,
+                detail,
+            },
+            _ => PgError::Write {
+                server: self.server.clone(),
+                records: n_rows,
+                source,
+            },
         };
+        let check_term = term
+            .map(|t| self.bigint("", "term", t))
+            .transpose()?
+            .map(|t| Statement::from_sql_and_values(DbBackend::Postgres, CHECK_TERM, [t.into()]));
         let upsert = OnConflict::column(request::Column::RequestId)
             .update_columns(
                 request::Column::iter().filter(|c| !matches!(c, request::Column::RequestId)),
@@ -342,7 +370,8 @@ impl PgStore {
         );
 
         if rows.len() <= ROWS_PER_STATEMENT && batch.outbox.len() <= OUTBOX_PER_STATEMENT {
-            let mut parts = Vec::new();
+            // The term is checked first: its error aborts the whole statement.
+            let mut parts: Vec<Statement> = check_term.into_iter().collect();
             if !rows.is_empty() {
                 parts.push(insert_rows(&rows));
             }
@@ -357,6 +386,9 @@ impl PgStore {
             return Ok(());
         }
         let txn = self.db.begin().await.map_err(fail)?;
+        if let Some(check) = check_term {
+            txn.execute(check).await.map_err(fail)?;
+        }
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             txn.execute(insert_rows(chunk)).await.map_err(fail)?;
         }
@@ -645,6 +677,16 @@ fn last_of_each(records: &[RequestRecord]) -> Vec<&RequestRecord> {
     last
 }
 
+/// The refusal's message when `error` is the stale-term error of `gpu_coordinator_check_term`.
+fn stale_term(error: &DbErr) -> Option<String> {
+    let (DbErr::Exec(RuntimeErr::SqlxError(sqlx::Error::Database(db)))
+    | DbErr::Query(RuntimeErr::SqlxError(sqlx::Error::Database(db)))) = error
+    else {
+        return None;
+    };
+    (db.code().as_deref() == Some(STALE_TERM)).then(|| db.message().to_owned())
+}
+
 #[async_trait::async_trait]
 impl Journal for PgStore {
     async fn migrate(&self) -> Result<(), PortError> {
@@ -656,7 +698,10 @@ impl Journal for PgStore {
     }
 
     async fn write(&self, batch: &Batch<'_>) -> Result<(), PortError> {
-        PgStore::write(self, batch).await.map_err(PortError::new)
+        PgStore::write(self, batch).await.map_err(|e| match e {
+            PgError::StaleTerm { term, detail, .. } => PortError::new(Deposed { term, detail }),
+            other => PortError::new(other),
+        })
     }
 
     async fn ping(&self) -> Result<(), PortError> {
