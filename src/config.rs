@@ -35,6 +35,7 @@ pub struct Config {
     pub queue: QueueConfig,
     pub http: HttpConfig,
     pub nvml: NvmlConfig,
+    pub leader: LeaderConfig,
     /// The GPUs to manage. Empty: ask NVML; when it finds none, one GPU `0` of 24576 MB.
     pub gpus: Vec<GpuConfig>,
 }
@@ -107,6 +108,25 @@ pub struct HttpConfig {
     pub listen: String,
     /// `[http.tokens]`: bearer token -> service id. Empty: no authentication.
     pub tokens: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaderConfig {
+    /// `leader.ttl_ms`, default 1000: how long the leader's lease in Postgres lasts after each renewal
+    /// (it renews every third of it). A standby takes over at most this long after the leader died.
+    pub ttl_ms: u64,
+    /// `leader.poll_ms`, default 100: how often a standby tries to take an expired lease.
+    pub poll_ms: u64,
+}
+
+impl Default for LeaderConfig {
+    fn default() -> Self {
+        LeaderConfig {
+            ttl_ms: 1000,
+            poll_ms: 100,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -320,6 +340,15 @@ impl Config {
                     "http.tokens: the service id {service:?} must be 1-64 characters of [A-Za-z0-9_-]"
                 ));
             }
+        }
+        if self.leader.ttl_ms < 100 {
+            problems.push(format!(
+                "leader.ttl_ms ({}) must be >= 100: the leader renews every third of it",
+                self.leader.ttl_ms
+            ));
+        }
+        if self.leader.poll_ms == 0 {
+            problems.push("leader.poll_ms must be > 0".to_owned());
         }
         if self.nvml.enabled && self.nvml.sample_ms == 0 {
             problems.push("nvml.sample_ms must be > 0 when nvml.enabled is true".to_owned());

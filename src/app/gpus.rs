@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpu_coordinator_core::{GpuSpec, Input, Scheduler};
+use gpu_coordinator_core::{GpuSpec, Input, SchedConfig, Scheduler};
 use gpu_coordinator_wire::{StatusDoc, VramSource};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -80,14 +80,32 @@ pub fn local_status(config: &Config) -> (StatusDoc, Vec<DeviceSample>) {
     )
 }
 
-/// The scheduler for the GPUs found, and NVML's feed when NVML samples them (the sampler then runs
-/// under `tracker` until `shutdown`).
-pub async fn scheduler(
+/// The GPUs this coordinator manages, found once at start, and NVML's feed when NVML samples them.
+pub struct Gpus {
+    specs: Vec<GpuSpec>,
+    source: VramSource,
+    sched_config: SchedConfig,
+    /// Shared by the drivers of successive terms.
+    pub feed: Option<NvmlFeed>,
+}
+
+impl Gpus {
+    /// A new scheduler for these GPUs, for a driver to restore its state into.
+    pub fn scheduler(&self) -> Scheduler {
+        let mut sched = Scheduler::new(self.sched_config.clone(), self.specs.clone());
+        sched.set_vram_source(self.source);
+        sched
+    }
+}
+
+/// Finds the GPUs (NVML's, else the configured ones, else the default) and starts NVML's sampler under
+/// `tracker` until `shutdown` when NVML samples them.
+pub async fn probe(
     config: &Config,
     probe: Option<Arc<dyn GpuProbe>>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
-) -> (Scheduler, Option<NvmlFeed>) {
+) -> Gpus {
     let probed = probe_devices(config, probe).await;
     let found = nvml::inventory(&config.gpus, probed.as_ref().map(|(_, d)| d.as_slice()));
     if probed.is_some() && !config.gpus.is_empty() && found.source == VramSource::Config {
@@ -96,12 +114,12 @@ pub async fn scheduler(
              figures come from the configuration"
         );
     }
-    let gpus = if found.gpus.is_empty() {
+    let specs = if found.gpus.is_empty() {
         inventory(config)
     } else {
         found.gpus.clone()
     };
-    for g in &gpus {
+    for g in &specs {
         let source = if found.devices.contains_key(g.id.as_str()) {
             "NVML"
         } else {
@@ -118,8 +136,6 @@ pub async fn scheduler(
         // Only NVML can see a paused holder's VRAM really freed.
         sched_config.settle_ms = config.nvml.settle_ms;
     }
-    let mut sched = Scheduler::new(sched_config, gpus);
-    sched.set_vram_source(found.source);
     let feed = match probed {
         Some((probe, _)) if !found.devices.is_empty() => {
             let (tx, samples) = mpsc::channel(SAMPLES);
@@ -129,7 +145,12 @@ pub async fn scheduler(
         }
         _ => None,
     };
-    (sched, feed)
+    Gpus {
+        specs,
+        source: found.source,
+        sched_config,
+        feed,
+    }
 }
 
 /// Asks the probe (the given one, else NVML when enabled) for the devices, saying once in the log where

@@ -5,7 +5,9 @@
 //! 1. the HTTP API answers from the start (`/healthz`; the rest says the coordinator is starting);
 //! 2. every server is connected, waited for with backoff, and readied (migrations, streams), which is
 //!    also what keeps a coordinator warm before it leads;
-//! 3. the driver starts (leadership, then the state restored) and runs until `shutdown`;
+//! 3. it stands by until it leads (Postgres's `leader` row, [`PgLeadership`]); then a driver starts
+//!    for the term (the state restored) and runs until `shutdown`, or until the term is lost, when it
+//!    stands by again;
 //! 4. the HTTP API stops taking calls and drains, the sampler ends, and [`run`] returns once every task
 //!    has.
 //!
@@ -25,13 +27,13 @@ use tokio_util::task::TaskTracker;
 use crate::adapters::http::{self, Backends, HttpState};
 use crate::adapters::nats::NatsBus;
 use crate::adapters::nvml::GpuProbe;
-use crate::adapters::postgres::PgStore;
+use crate::adapters::postgres::{PgLeadership, PgStore};
 use crate::adapters::redis::LeaseStore;
 use crate::config::Config;
-use crate::driver::retry::with_retry;
-use crate::driver::{Driver, Setup};
+use crate::driver::retry::{is_deposed, with_retry};
+use crate::driver::{Driver, DriverHandle, Setup};
 use crate::metrics::{Metrics, Recorder};
-use crate::ports::{AlwaysLeader, Ports};
+use crate::ports::{Leadership, Ports};
 use crate::telemetry::redact_url;
 
 /// How long the tasks beside the driver (HTTP calls in flight) may take to finish after it stopped.
@@ -79,24 +81,28 @@ pub async fn run_with(
     let server = tracker.spawn(http::serve(http, state.clone()));
     let result = async {
         let servers = Servers::connect(&config, &subjects, &shutdown).await?;
-        let (sched, nvml) = gpus::scheduler(&config, extras.probe, &tracker, &tasks_stop).await;
-        let setup = Setup {
-            sched,
-            subjects,
-            recorder: Recorder::new(metrics),
-            nvml,
-            retain_ended: config.queue.retain_ended,
-            shutdown: shutdown.clone(),
-        };
-        let ports = servers.ports();
-        let (driver, commands) = Driver::start(setup, ports.clone()).await?;
+        let gpus = gpus::probe(&config, extras.probe, &tracker, &tasks_stop).await;
+        let leadership = Arc::new(PgLeadership::new(
+            servers.pg.connection().clone(),
+            Duration::from_millis(config.leader.ttl_ms),
+            Duration::from_millis(config.leader.poll_ms),
+        ));
+        tracing::info!(
+            "this coordinator is `{}`; standing by until it leads",
+            leadership.holder()
+        );
+        let ports = servers.ports(leadership);
+        let handle = DriverHandle::default();
         state.set_backends(Backends {
             nats: servers.bus.client().clone(),
-            journal: ports.journal,
-            leases: ports.leases,
-            driver: driver.handle(),
+            journal: ports.journal.clone(),
+            leases: ports.leases.clone(),
+            driver: handle.clone(),
         });
-        driver.run(commands).await
+        lead(
+            &config, &subjects, &gpus, &ports, &handle, &metrics, &shutdown,
+        )
+        .await
     }
     .await;
     tasks_stop.cancel();
@@ -112,6 +118,54 @@ pub async fn run_with(
         }
     }
     result
+}
+
+/// Leads whenever it can, until `shutdown`: waits for the leadership, runs a driver for the term, and
+/// stands by again when the term is lost (the driver stopped acting, or its writes were refused). A
+/// graceful stop hands the leadership on.
+async fn lead(
+    config: &Config,
+    subjects: &Subjects,
+    gpus: &gpus::Gpus,
+    ports: &Ports,
+    handle: &DriverHandle,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let leadership = ports.leadership.clone();
+    loop {
+        let term = tokio::select! {
+            term = with_retry("waiting for the leadership", shutdown, || leadership.acquire()) => term?,
+            () = shutdown.cancelled() => return Ok(()),
+        };
+        tracing::info!("leading in term {}", term.0);
+        let setup = Setup {
+            sched: gpus.scheduler(),
+            subjects: subjects.clone(),
+            recorder: Recorder::new(metrics.clone()),
+            nvml: gpus.feed.clone(),
+            retain_ended: config.queue.retain_ended,
+            shutdown: shutdown.clone(),
+        };
+        let ran = match Driver::start(setup, ports.clone(), term).await {
+            Ok((driver, commands)) => {
+                handle.attach(&driver);
+                let ran = driver.run(commands).await;
+                handle.detach();
+                ran
+            }
+            Err(e) => Err(e),
+        };
+        leadership.release(term).await;
+        match ran {
+            Ok(()) if shutdown.is_cancelled() => return Ok(()),
+            Ok(()) => tracing::warn!("term {} ended; standing by", term.0),
+            Err(e) if is_deposed(&e) => {
+                tracing::warn!("another coordinator leads: {e:#}; standing by")
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// The servers of a distributed deployment, connected and ready.
@@ -172,13 +226,13 @@ impl Servers {
         Ok(Servers { pg, leases, bus })
     }
 
-    /// The ports of a distributed deployment: Postgres, Redis, NATS, one coordinator per prefix.
-    fn ports(&self) -> Ports {
+    /// The ports of a distributed deployment: Postgres, Redis, NATS, and `leadership`.
+    fn ports(&self, leadership: Arc<dyn Leadership>) -> Ports {
         Ports {
             journal: Arc::new(self.pg.clone()),
             leases: Arc::new(self.leases.clone()),
             bus: Arc::new(self.bus.clone()),
-            leadership: Arc::new(AlwaysLeader),
+            leadership,
         }
     }
 }

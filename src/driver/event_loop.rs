@@ -239,7 +239,7 @@ impl Driver {
 /// The next NVML sample, or never when NVML is not in use.
 async fn next_sample(nvml: &mut Option<NvmlFeed>) -> Option<Vec<DeviceSample>> {
     match nvml {
-        Some(feed) => feed.samples.recv().await,
+        Some(feed) => feed.samples.lock().await.recv().await,
         None => std::future::pending().await,
     }
 }

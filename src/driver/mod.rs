@@ -33,6 +33,7 @@ mod start;
 mod tests;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
 
 use gpu_coordinator_core::Scheduler;
 use gpu_coordinator_wire::{StatusDoc, Subjects};
@@ -52,26 +53,48 @@ pub enum Command {
     Status(oneshot::Sender<StatusDoc>),
 }
 
-/// A handle to send the driver commands.
-#[derive(Clone)]
+/// A handle to send commands to the driver of this process, whichever term it runs: between terms (a
+/// standby, or one starting or stopping) there is none, and the handle says so at once.
+#[derive(Clone, Default)]
 pub struct DriverHandle {
-    tx: mpsc::Sender<Command>,
+    tx: Arc<RwLock<Option<mpsc::Sender<Command>>>>,
 }
 
 impl DriverHandle {
-    /// The status document, or `None` when the driver has stopped.
+    /// The status document, or `None` when no driver of this process runs (standby, stopping).
     pub async fn status(&self) -> Option<StatusDoc> {
+        let sender = self.tx.read().ok()?.clone()?;
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Command::Status(tx)).await.ok()?;
+        sender.send(Command::Status(tx)).await.ok()?;
         rx.await.ok()
+    }
+
+    /// Whether a driver of this process runs now.
+    pub fn leading(&self) -> bool {
+        self.tx.read().map(|tx| tx.is_some()).unwrap_or(false)
+    }
+
+    /// Commands go to `driver` from now on.
+    pub fn attach(&self, driver: &Driver) {
+        if let Ok(mut tx) = self.tx.write() {
+            *tx = Some(driver.commands.clone());
+        }
+    }
+
+    /// No driver runs any more.
+    pub fn detach(&self) {
+        if let Ok(mut tx) = self.tx.write() {
+            *tx = None;
+        }
     }
 }
 
-/// What the driver keeps of NVML: which device each GPU is, the samples as they come, and the last
-/// figure it fed the scheduler (to log changes only).
+/// What the driver keeps of NVML: which device each GPU is, the samples as they come (shared by the
+/// drivers of successive terms), and the last figure it fed the scheduler (to log changes only).
+#[derive(Clone)]
 pub struct NvmlFeed {
     devices: BTreeMap<String, u32>,
-    samples: mpsc::Receiver<Vec<DeviceSample>>,
+    samples: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<DeviceSample>>>>,
     fed: HashMap<String, u64>,
 }
 
@@ -83,7 +106,7 @@ impl NvmlFeed {
     ) -> NvmlFeed {
         NvmlFeed {
             devices,
-            samples,
+            samples: Arc::new(tokio::sync::Mutex::new(samples)),
             fed: HashMap::new(),
         }
     }
@@ -111,7 +134,8 @@ pub struct Driver {
     term: Term,
     subjects: Subjects,
     shutdown: CancellationToken,
-    handle: DriverHandle,
+    /// Where commands to this driver are sent.
+    commands: mpsc::Sender<Command>,
     recorder: Recorder,
     nvml: Option<NvmlFeed>,
     position: InputPosition,
@@ -119,11 +143,6 @@ pub struct Driver {
 }
 
 impl Driver {
-    /// A handle for commands (status) to this driver.
-    pub fn handle(&self) -> DriverHandle {
-        self.handle.clone()
-    }
-
     /// The leadership term it acts under.
     pub fn term(&self) -> Term {
         self.term

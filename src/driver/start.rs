@@ -6,20 +6,21 @@ use tokio::sync::mpsc;
 
 use super::effects::{publish, InputPosition, Outbox};
 use super::retry::with_retry;
-use super::{now_ms, Command, Driver, DriverHandle, Setup};
-use crate::ports::{Outbound, OutboxRow, Ports};
+use super::{now_ms, Command, Driver, Setup};
+use crate::ports::{Outbound, OutboxRow, Ports, Term};
 
 /// How many commands (status questions) may wait for the driver.
 const COMMANDS: usize = 1024;
 
 impl Driver {
-    /// Waits until this process leads, then restores the state persisted before a restart: the requests,
+    /// Restores, for leadership `term` (which the caller holds), the state persisted before: the requests,
     /// fences and input position from the journal, the live leases from the lease store. The messages
     /// the outbox kept are published again (under their ids: the bus stores each once). Every server is
     /// waited for with backoff.
     pub async fn start(
         setup: Setup,
         ports: Ports,
+        term: Term,
     ) -> anyhow::Result<(Driver, mpsc::Receiver<Command>)> {
         let Setup {
             mut sched,
@@ -29,10 +30,6 @@ impl Driver {
             retain_ended,
             shutdown,
         } = setup;
-        let leadership = ports.leadership.clone();
-        let term = with_retry("waiting for leadership", &shutdown, || leadership.acquire()).await?;
-        tracing::info!("leading in term {}", term.0);
-
         let journal = ports.journal.clone();
         let loaded = with_retry("loading the queue from the journal", &shutdown, || {
             journal.load(retain_ended)
@@ -84,7 +81,7 @@ impl Driver {
             term,
             subjects,
             shutdown,
-            handle: DriverHandle { tx },
+            commands: tx,
             recorder,
             nvml,
             position: InputPosition {

@@ -64,7 +64,7 @@ impl Rig {
             retain_ended: 1_000,
             shutdown: shutdown.clone(),
         };
-        Driver::start(setup, self.ports())
+        Driver::start(setup, self.ports(), crate::ports::Term(1))
             .await
             .expect("starts on in-memory ports")
     }

@@ -4,6 +4,7 @@
 mod audit;
 mod client;
 mod demo;
+mod ha;
 mod http;
 mod service;
 mod store_pg;

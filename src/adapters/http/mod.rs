@@ -183,7 +183,11 @@ impl HttpState {
         let driver = &self.connected()?.backends.driver;
         match tokio::time::timeout(STATUS_WAIT, driver.status()).await {
             Ok(Some(doc)) => Ok(doc),
-            Ok(None) => Err(ApiError::Unavailable("the coordinator is stopping".into())),
+            Ok(None) => Err(ApiError::Unavailable(
+                "this coordinator is not leading (a standby, or starting or stopping): ask the leader, \
+                 or again in a moment"
+                    .into(),
+            )),
             Err(_) => Err(ApiError::GatewayTimeout(format!(
                 "the coordinator did not produce its status within {STATUS_WAIT:?} (it may be waiting \
                  for Postgres or Redis; see /readyz)"

@@ -13,9 +13,11 @@
 //!   rather than wrapped, and a stored value the core cannot represent is reported ([`PgError::Corrupt`]).
 
 mod entities;
+mod leader;
 
 pub use crate::ports::{Batch, Loaded, OutboxRow};
 pub use entities::{fence, request};
+pub use leader::PgLeadership;
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -1,0 +1,228 @@
+//! The [`Leadership`] of a deployment in its Postgres database: one row (`leader`) is the lease of the one
+//! coordinator that acts. Postgres is the choice because the journal lives there: the journal's batch is
+//! fenced by the same row in the same statement, so leadership and writes cannot disagree.
+//!
+//! - **Taking it**: a coordinator takes the row when it is free or expired by the server's clock, raising
+//!   `term`. A standby tries every `leader.poll_ms`.
+//! - **Keeping it**: the leader extends `expires_at` to `now() + ttl` every third of the TTL.
+//! - **The trust window**: the leader stops acting at the instant of the last successful renewal's
+//!   *start*, on its own monotonic clock, plus 80% of the TTL. The row expires for the others a full
+//!   TTL after the renewal *reached* Postgres, later still; so a stalled, partitioned or paused leader
+//!   has stopped before anybody can take over, and the new leader needs no extra wait. A leader whose
+//!   renewals fail (Postgres away) stops acting when its window ends.
+//! - **Handing it on**: a graceful stop expires the row at once, so a standby takes over within its poll.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sea_orm::{ConnectionTrait as _, DatabaseConnection, DbBackend, Statement};
+use tokio::sync::{watch, Mutex};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::ports::{Leadership, PortError, Term};
+
+/// Takes the row when it is free or expired; answers the new term.
+const TAKE: &str = "INSERT INTO leader (id, term, holder, expires_at) \
+     VALUES (1, 1, $1, clock_timestamp() + make_interval(secs => $2)) \
+     ON CONFLICT (id) DO UPDATE SET term = leader.term + 1, holder = EXCLUDED.holder, \
+     expires_at = EXCLUDED.expires_at \
+     WHERE leader.expires_at <= clock_timestamp() \
+     RETURNING term";
+
+/// Extends the lease of `term` if this process still holds it.
+const RENEW: &str = "UPDATE leader SET expires_at = clock_timestamp() + make_interval(secs => $3) \
+     WHERE id = 1 AND term = $1 AND holder = $2 RETURNING term";
+
+/// Expires the lease of `term` at once (a graceful stop).
+const RELEASE: &str =
+    "UPDATE leader SET expires_at = clock_timestamp() WHERE id = 1 AND term = $1 AND holder = $2";
+
+/// Who leads, if the lease is live.
+const CURRENT: &str =
+    "SELECT term, holder FROM leader WHERE id = 1 AND expires_at > clock_timestamp()";
+
+/// The share of the TTL the leader trusts itself for, from the start of its last renewal.
+const TRUST: f64 = 0.8;
+
+/// The term this process leads in, and until when it may act.
+struct Lead {
+    term: Term,
+    until: watch::Receiver<Instant>,
+    stop: CancellationToken,
+}
+
+/// Leadership through the `leader` row of the journal's database.
+pub struct PgLeadership {
+    db: DatabaseConnection,
+    /// This process, as the row names it: `<host>-<pid>-<random>`.
+    holder: String,
+    ttl: Duration,
+    poll: Duration,
+    lead: Mutex<Option<Lead>>,
+}
+
+impl PgLeadership {
+    pub fn new(db: DatabaseConnection, ttl: Duration, poll: Duration) -> PgLeadership {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "host".into());
+        PgLeadership {
+            db,
+            holder: format!(
+                "{host}-{}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            ),
+            ttl,
+            poll,
+            lead: Mutex::new(None),
+        }
+    }
+
+    /// This process's name in the `leader` row.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    fn window(&self) -> Duration {
+        self.ttl.mul_f64(TRUST)
+    }
+
+    async fn take(&self) -> Result<Option<Term>, PortError> {
+        let row = self
+            .db
+            .query_one(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                TAKE,
+                [self.holder.clone().into(), self.ttl.as_secs_f64().into()],
+            ))
+            .await
+            .map_err(PortError::new)?;
+        row.map(|row| row.try_get::<i64>("", "term"))
+            .transpose()
+            .map(|term| term.map(|t| Term(t as u64)))
+            .map_err(PortError::new)
+    }
+}
+
+/// Renews `term` every third of the TTL until stopped or lost, moving `until` on after each success.
+async fn renew(
+    db: DatabaseConnection,
+    holder: String,
+    term: Term,
+    ttl: Duration,
+    window: Duration,
+    until: watch::Sender<Instant>,
+    stop: CancellationToken,
+) {
+    let every = ttl / 3;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let started = Instant::now();
+        let renewed = db
+            .query_one(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                RENEW,
+                [
+                    (term.0 as i64).into(),
+                    holder.clone().into(),
+                    ttl.as_secs_f64().into(),
+                ],
+            ))
+            .await;
+        match renewed {
+            Ok(Some(_)) => {
+                let _ = until.send(started + window);
+            }
+            Ok(None) => {
+                tracing::warn!("leadership of term {} was taken over", term.0);
+                let _ = until.send(Instant::now());
+                return;
+            }
+            Err(e) => tracing::warn!("renewing the leadership of term {}: {e}", term.0),
+        }
+        if *until.borrow() <= Instant::now() {
+            return;
+        }
+    }
+}
+
+#[async_trait]
+impl Leadership for PgLeadership {
+    async fn acquire(&self) -> Result<Term, PortError> {
+        loop {
+            let started = Instant::now();
+            if let Some(term) = self.take().await? {
+                let (tx, until) = watch::channel(started + self.window());
+                let stop = CancellationToken::new();
+                tokio::spawn(renew(
+                    self.db.clone(),
+                    self.holder.clone(),
+                    term,
+                    self.ttl,
+                    self.window(),
+                    tx,
+                    stop.clone(),
+                ));
+                *self.lead.lock().await = Some(Lead { term, until, stop });
+                return Ok(term);
+            }
+            tokio::time::sleep(self.poll).await;
+        }
+    }
+
+    async fn lost(&self, term: Term) {
+        let until = match self.lead.lock().await.as_ref() {
+            Some(lead) if lead.term == term => lead.until.clone(),
+            _ => return,
+        };
+        let mut until = until;
+        loop {
+            let deadline = *until.borrow_and_update();
+            if deadline <= Instant::now() {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {}
+                changed = until.changed() => if changed.is_err() {
+                    // The renewer stopped: the window last set is final.
+                    let last = *until.borrow();
+                    tokio::time::sleep_until(last).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn release(&self, term: Term) {
+        if let Some(lead) = self.lead.lock().await.take() {
+            lead.stop.cancel();
+        }
+        let released = self
+            .db
+            .execute(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                RELEASE,
+                [(term.0 as i64).into(), self.holder.clone().into()],
+            ))
+            .await;
+        if let Err(e) = released {
+            tracing::warn!("handing the leadership of term {} on: {e}", term.0);
+        }
+    }
+
+    async fn leader(&self) -> Option<(Term, String)> {
+        let row = self
+            .db
+            .query_one(Statement::from_string(DbBackend::Postgres, CURRENT))
+            .await
+            .ok()??;
+        let term: i64 = row.try_get("", "term").ok()?;
+        let holder: String = row.try_get("", "holder").ok()?;
+        Some((Term(term as u64), holder))
+    }
+}
