@@ -237,6 +237,12 @@ pub(super) async fn publish(
         let pipelined = !retried.swap(true, Relaxed);
         let (done, rest) = (&done, &outputs[from..]);
         async move {
+            if !pipelined {
+                // A retry: the output stream may be what was lost; it is made anew if so.
+                if let Err(e) = bus.ensure_streams().await {
+                    tracing::debug!("making the streams before a retry: {e}");
+                }
+            }
             bus.publish_in_order(rest, pipelined)
                 .await
                 .inspect_err(|failure| done.store(from + failure.stored, Relaxed))

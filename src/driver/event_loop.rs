@@ -117,6 +117,8 @@ impl Driver {
         let shutdown = self.shutdown.clone();
         let bus = self.ports.bus.clone();
         let handled = self.position.handled;
+        // A stream lost at run time (deleted, or a server that came back without it) is made anew.
+        with_retry("making the streams", &shutdown, || bus.ensure_streams()).await?;
         let after = with_retry("finding where the inputs go on", &shutdown, || {
             bus.input_position(handled)
         })

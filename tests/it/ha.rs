@@ -119,3 +119,41 @@ async fn a_killed_leader_is_replaced_within_its_lease() {
     assert_eq!(status_code(&standby).await, StatusCode::OK);
     standby.stop().await.expect("stops cleanly");
 }
+
+/// JetStream loses both streams while the coordinator runs: it makes them anew and goes on.
+#[tokio::test]
+async fn streams_lost_at_run_time_are_made_anew() {
+    let config = test_config("ha_streams", &[("0", 24_000)]);
+    let coordinator = Coordinator::start(config.clone()).await;
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    probe
+        .pub_json(
+            "request",
+            "a",
+            json!({"request_id": "a-1", "priority": 1, "vram_mb": 1000}),
+        )
+        .await;
+    probe.reply("a-1", "granted").await;
+    let subjects = gpu_coordinator_wire::Subjects::new(&config.nats.prefix).expect("prefix");
+    for stream in [subjects.input_stream(), subjects.output_stream()] {
+        probe
+            .js
+            .delete_stream(&stream)
+            .await
+            .expect("delete the stream");
+    }
+    // Inputs published before the input stream is back are stored nowhere: sent again until the
+    // coordinator answers.
+    let subject = format!("{}.request.b", config.nats.prefix);
+    let body = json!({"request_id": "b-1", "priority": 1, "vram_mb": 1000}).to_string();
+    eventually("a request answered after the streams were lost", || {
+        let (js, subject, body) = (probe.js.clone(), subject.clone(), body.clone());
+        async move {
+            js.publish(subject, body.into()).await.ok()?.await.ok()?;
+            Some(())
+        }
+    })
+    .await;
+    probe.reply("b-1", "granted").await;
+    coordinator.stop().await.expect("stops cleanly");
+}

@@ -291,7 +291,7 @@ impl PgStore {
     /// of the outbox rows already published. The common case is one statement, one round trip (data-
     /// modifying CTEs are atomic); a batch too big for one statement is a transaction.
     pub async fn write(&self, batch: &Batch<'_>) -> Result<(), PgError> {
-        if batch.is_empty() {
+        if batch.is_empty() && batch.term.is_none() {
             return Ok(());
         }
         let rows = last_of_each(batch.records)
@@ -325,6 +325,13 @@ impl PgStore {
             .map(|t| self.bigint("", "term", t))
             .transpose()?
             .map(|t| Statement::from_sql_and_values(DbBackend::Postgres, CHECK_TERM, [t.into()]));
+        if batch.is_empty() {
+            // Nothing to write but the term to check: the lease changes that follow are this term's.
+            if let Some(check) = check_term {
+                self.db.execute(check).await.map_err(fail)?;
+            }
+            return Ok(());
+        }
         let upsert = OnConflict::column(request::Column::RequestId)
             .update_columns(
                 request::Column::iter().filter(|c| !matches!(c, request::Column::RequestId)),
