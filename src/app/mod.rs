@@ -99,10 +99,13 @@ pub async fn run_with(
             leases: ports.leases.clone(),
             driver: handle.clone(),
         });
-        lead(
+        let led = lead(
             &config, &subjects, &gpus, &ports, &handle, &metrics, &shutdown,
         )
-        .await
+        .await;
+        // Closed once, at the end: the drivers of successive terms share the connections.
+        ports.journal.close().await;
+        led
     }
     .await;
     tasks_stop.cancel();

@@ -69,7 +69,12 @@ impl Driver {
                         }
                         self.handle_batch(batch).await?;
                     }
-                    Some(Err(e)) => tracing::warn!("input consumer: {e}"),
+                    Some(Err(e)) => {
+                        // A consumer that failed (its stream or itself deleted, heartbeats missed)
+                        // is made anew after the last input handled.
+                        tracing::warn!("input consumer: {e}; reopening");
+                        self.reopen_inputs(&mut inputs).await?;
+                    }
                     None => {
                         tracing::warn!("input consumer ended; reopening");
                         self.reopen_inputs(&mut inputs).await?;
@@ -102,7 +107,6 @@ impl Driver {
         if let Err(e) = bus.flush().await {
             tracing::warn!("{e}");
         }
-        self.ports.journal.close().await;
         Ok(())
     }
 

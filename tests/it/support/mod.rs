@@ -261,6 +261,11 @@ impl CoordinatorProcess {
         CoordinatorProcess { child }
     }
 
+    /// The process id, to send it signals (SIGSTOP, SIGCONT).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no graceful anything.
     pub fn kill(mut self) {
         let _ = self.child.kill();
