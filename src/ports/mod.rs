@@ -7,7 +7,7 @@
 //! | [`Journal`] | the durable state: requests, the highest fence, the input position, the outbox | [`PgStore`](crate::adapters::postgres::PgStore) (Postgres, sea-orm) | [`MemJournal`](crate::adapters::memory::MemJournal) |
 //! | [`Leases`] | the lease store, source of truth for who holds a GPU | [`LeaseStore`](crate::adapters::redis::LeaseStore) (Redis, Lua scripts) | [`MemLeases`](crate::adapters::memory::MemLeases) |
 //! | [`Bus`] | the inputs in stream order, ordered publishing of outputs, status requests | [`NatsBus`](crate::adapters::nats::NatsBus) (NATS JetStream) | [`MemBus`](crate::adapters::memory::MemBus) |
-//! | [`Leadership`] | whether this process may act, and under which term | [`AlwaysLeader`] (one coordinator per prefix) | [`AlwaysLeader`] |
+//! | [`Leadership`] | whether this process may act, and under which term | [`PgLeadership`](crate::adapters::postgres::PgLeadership) (a lease row in Postgres) | [`AlwaysLeader`] |
 //!
 //! # Adding an adapter
 //!
