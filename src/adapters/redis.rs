@@ -23,14 +23,15 @@
 //! The scripts name keys they compute from the prefix, so the store needs a standalone Redis (or a
 //! cluster-free setup); fences and milliseconds are compared as Lua numbers, exact below 2^53.
 
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gpu_coordinator_core::{Fence, Lease, LeaseOp, Millis};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use crate::ports::{Deposed, Leases, PortError, Term};
 pub use crate::ports::{LeaseOutcome, Refused};
-use crate::ports::{Leases, PortError};
 use crate::telemetry::redact_url;
 use redis::Script;
 
@@ -47,6 +48,9 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+local mine = tonumber(ARGV[10])
+local leader = tonumber(redis.call('GET', KEYS[5]) or '0')
+if mine > 0 and mine < leader then return {'deposed', tostring(leader)} end
 local held = redis.call('HGET', KEYS[1], 'fence')
 if held then
   if held == ARGV[5] then return {'ok'} end
@@ -84,6 +88,9 @@ return {'ok'}
 static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+local mine = tonumber(ARGV[3])
+local leader = tonumber(redis.call('GET', KEYS[2]) or '0')
+if mine > 0 and mine < leader then return -1 end
 if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'expires_at', ARGV[2])
 redis.call('PEXPIREAT', KEYS[1], ARGV[2])
@@ -97,11 +104,30 @@ return 1
 static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+local mine = tonumber(ARGV[4])
+local leader = tonumber(redis.call('GET', KEYS[2]) or '0')
+if mine > 0 and mine < leader then return -1 end
 local lease = redis.call('HMGET', KEYS[1], 'fence', 'gpu')
 if lease[1] ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('HDEL', ARGV[2] .. lease[2], ARGV[3])
 return 1
+"#,
+    )
+});
+
+/// Raises the stored leadership term to `ARGV[1]` unless a newer one is stored. `KEYS`: `term`. Answers
+/// the term stored after.
+static CLAIM_TERM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local mine = tonumber(ARGV[1])
+local leader = tonumber(redis.call('GET', KEYS[1]) or '0')
+if mine > leader then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return mine
+end
+return leader
 "#,
     )
 });
@@ -146,6 +172,13 @@ pub enum RedisError {
         #[source]
         source: redis::RedisError,
     },
+    /// A write of a term that is no longer the leader's: nothing was written.
+    #[error("Redis at {server} refused a write: {deposed}")]
+    Deposed {
+        server: String,
+        #[source]
+        deposed: Deposed,
+    },
     /// The server answered something this store never writes (a key changed by hand, a foreign key under
     /// the prefix).
     #[error("Redis at {server}: {op} got an unexpected answer: {detail}")]
@@ -163,6 +196,9 @@ pub struct LeaseStore {
     prefix: String,
     /// The URL without password, for messages.
     server: String,
+    /// The leadership term this store writes under (0: unfenced, for tools and tests); every write is
+    /// refused once a newer term was claimed.
+    term: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for LeaseStore {
@@ -194,6 +230,7 @@ impl LeaseStore {
             conn,
             prefix: key_prefix.to_owned(),
             server,
+            term: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -214,11 +251,16 @@ impl LeaseStore {
     ) -> Result<bool, RedisError> {
         let done: i64 = RENEW
             .key(self.key("lease:", request_id))
+            .key(self.key("term", ""))
             .arg(fence.0)
             .arg(expires_at)
+            .arg(self.term.load(Ordering::SeqCst))
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|e| self.command("renew", e))?;
+        if done < 0 {
+            return Err(self.deposed(0));
+        }
         Ok(done == 1)
     }
 
@@ -227,12 +269,17 @@ impl LeaseStore {
     pub async fn release(&self, request_id: &str, fence: Fence) -> Result<bool, RedisError> {
         let done: i64 = RELEASE
             .key(self.key("lease:", request_id))
+            .key(self.key("term", ""))
             .arg(fence.0)
             .arg(self.key("gpu:", ""))
             .arg(request_id)
+            .arg(self.term.load(Ordering::SeqCst))
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|e| self.command("release", e))?;
+        if done < 0 {
+            return Err(self.deposed(0));
+        }
         Ok(done == 1)
     }
 
@@ -343,6 +390,7 @@ impl LeaseStore {
             .key(self.key("gpu:", &lease.gpu))
             .key(self.key("fence", ""))
             .key(self.key("gpus", ""))
+            .key(self.key("term", ""))
             .arg(self.key("lease:", ""))
             .arg(lease.request_id.as_str())
             .arg(lease.service_id.as_str())
@@ -352,6 +400,7 @@ impl LeaseStore {
             .arg(lease.capacity_mb)
             .arg(lease.expires_at)
             .arg(mode)
+            .arg(self.term.load(Ordering::SeqCst))
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|e| self.command(op, e))?;
@@ -363,6 +412,7 @@ impl LeaseStore {
         };
         Ok(match answer.first().map(String::as_str) {
             Some("ok") => Ok(()),
+            Some("deposed") => return Err(self.deposed(value("term")?)),
             Some("held") => Err(Refused::Held {
                 request_id: lease.request_id.clone(),
                 fence: Fence(value("fence")?),
@@ -416,6 +466,38 @@ impl LeaseStore {
         }
     }
 
+    fn deposed(&self, leader: u64) -> RedisError {
+        let term = self.term.load(Ordering::SeqCst);
+        RedisError::Deposed {
+            server: self.server.clone(),
+            deposed: Deposed {
+                term,
+                detail: if leader > 0 {
+                    format!("the lease store is in term {leader}")
+                } else {
+                    "a newer term was claimed in the lease store".to_owned()
+                },
+            },
+        }
+    }
+
+    /// Writes under leadership `term` from now on, raising the store's term to it: every write of an
+    /// older term is refused from then on. Refused ([`RedisError::Deposed`]) when a newer term was
+    /// claimed already.
+    pub async fn claim_term(&self, term: u64) -> Result<(), RedisError> {
+        self.term.store(term, Ordering::SeqCst);
+        let stored: u64 = CLAIM_TERM
+            .key(self.key("term", ""))
+            .arg(term)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| self.command("claiming the term", e))?;
+        if stored > term {
+            return Err(self.deposed(stored));
+        }
+        Ok(())
+    }
+
     fn unexpected(&self, op: &'static str, detail: String) -> RedisError {
         RedisError::Unexpected {
             server: self.server.clone(),
@@ -445,6 +527,12 @@ impl Leases for LeaseStore {
 
     async fn ping(&self) -> Result<(), PortError> {
         LeaseStore::ping(self).await.map_err(PortError::new)
+    }
+
+    async fn claim_term(&self, term: Term) -> Result<(), PortError> {
+        LeaseStore::claim_term(self, term.0)
+            .await
+            .map_err(PortError::new)
     }
 }
 

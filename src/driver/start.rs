@@ -45,6 +45,11 @@ impl Driver {
             publish(ports.bus.as_ref(), &again, &shutdown).await?;
         }
         let leases = ports.leases.clone();
+        // From now on the lease store refuses the writes of any older term.
+        with_retry("claiming the term in the lease store", &shutdown, || {
+            leases.claim_term(term)
+        })
+        .await?;
         let live_leases =
             with_retry("reading the lease store", &shutdown, || leases.leases()).await?;
         let stored_fence = with_retry("reading the fence from the lease store", &shutdown, || {

@@ -280,6 +280,11 @@ pub trait Leases: Send + Sync + 'static {
     async fn ensure_epoch(&self) -> Result<bool, PortError>;
     /// Whether the store answers (readiness).
     async fn ping(&self) -> Result<(), PortError>;
+    /// Writes under leadership `term` from now on, and refuses every write of an older term from then on
+    /// ([`Deposed`]); refused itself when a newer term was claimed.
+    async fn claim_term(&self, _term: Term) -> Result<(), PortError> {
+        Ok(())
+    }
 }
 
 // ----- the bus --------------------------------------------------------------------------------------

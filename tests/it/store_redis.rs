@@ -367,3 +367,45 @@ async fn redis_rewrite_restores_leases_without_a_second_holder() {
     assert_eq!(sorted_leases(&store).await, before);
     delete_keys(&store).await;
 }
+
+/// Once a newer leadership term is claimed in the store, every write of the older term is refused, and
+/// nothing of it is written; the newer term writes on.
+#[tokio::test]
+async fn redis_refuses_the_writes_of_a_deposed_term() {
+    use gpu_coordinator::adapters::redis::RedisError;
+    let old = fresh_store().await;
+    let new = LeaseStore::connect(&url(), old.key_prefix())
+        .await
+        .expect("a second connection to the same keys");
+    old.claim_term(1).await.expect("term 1 claimed");
+    assert_eq!(
+        old.acquire(&lease("a", "g0", 1, 10)).await.expect("up"),
+        Ok(())
+    );
+    new.claim_term(2).await.expect("term 2 claimed");
+    let deposed = |r: Result<_, RedisError>| matches!(r, Err(RedisError::Deposed { .. }));
+    assert!(deposed(
+        old.acquire(&lease("b", "g0", 2, 10)).await.map(|_| ())
+    ));
+    assert!(deposed(
+        old.renew("a", Fence(1), now_ms() + 1_000).await.map(|_| ())
+    ));
+    assert!(deposed(old.release("a", Fence(1)).await.map(|_| ())));
+    assert!(deposed(old.claim_term(1).await));
+    let left: Vec<(String, Fence)> = sorted_leases(&new)
+        .await
+        .into_iter()
+        .map(|l| (l.request_id.to_string(), l.fence))
+        .collect();
+    assert_eq!(
+        left,
+        vec![("a".to_owned(), Fence(1))],
+        "the old term wrote nothing"
+    );
+    assert!(new.release("a", Fence(1)).await.expect("up"));
+    assert_eq!(
+        new.acquire(&lease("c", "g0", 3, 10)).await.expect("up"),
+        Ok(())
+    );
+    delete_keys(&new).await;
+}

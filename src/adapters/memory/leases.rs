@@ -9,13 +9,15 @@ use gpu_coordinator_core::{Fence, Lease, LeaseOp, RequestId};
 
 use super::{lock, stall, Faults, Step, Trace, Verdict};
 use crate::clock::now_ms;
-use crate::ports::{LeaseOutcome, Leases, PortError, Refused};
+use crate::ports::{Deposed, LeaseOutcome, Leases, PortError, Refused, Term};
 
 #[derive(Debug, Default)]
 struct LeaseState {
     leases: HashMap<RequestId, Lease>,
     max_fence: Fence,
     epoch: bool,
+    /// The newest leadership term claimed.
+    term: u64,
 }
 
 impl LeaseState {
@@ -111,6 +113,8 @@ fn describe(op: &LeaseOp) -> (&'static str, String) {
 #[derive(Debug, Clone, Default)]
 pub struct MemLeases {
     state: Arc<Mutex<LeaseState>>,
+    /// The term this handle writes under (0: unfenced).
+    term: Arc<std::sync::atomic::AtomicU64>,
     trace: Trace,
     faults: Faults,
 }
@@ -120,6 +124,7 @@ impl MemLeases {
     pub fn new(trace: Trace, faults: Faults) -> MemLeases {
         MemLeases {
             state: Arc::default(),
+            term: Arc::default(),
             trace,
             faults,
         }
@@ -152,6 +157,14 @@ impl MemLeases {
 #[async_trait]
 impl Leases for MemLeases {
     async fn apply(&self, op: &LeaseOp) -> Result<LeaseOutcome, PortError> {
+        let mine = self.term.load(std::sync::atomic::Ordering::SeqCst);
+        let leader = lock(&self.state).term;
+        if mine > 0 && mine < leader {
+            return Err(PortError::new(Deposed {
+                term: mine,
+                detail: format!("the lease store is in term {leader}"),
+            }));
+        }
         let verdict = self.faults.next();
         if let Verdict::StallBefore = verdict {
             return stall().await;
@@ -184,6 +197,19 @@ impl Leases for MemLeases {
     }
 
     async fn ping(&self) -> Result<(), PortError> {
+        Ok(())
+    }
+
+    async fn claim_term(&self, term: Term) -> Result<(), PortError> {
+        self.term.store(term.0, std::sync::atomic::Ordering::SeqCst);
+        let mut state = lock(&self.state);
+        if state.term > term.0 {
+            return Err(PortError::new(Deposed {
+                term: term.0,
+                detail: format!("the lease store is in term {}", state.term),
+            }));
+        }
+        state.term = term.0;
         Ok(())
     }
 }
