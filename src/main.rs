@@ -287,13 +287,25 @@ fn render_status(doc: &StatusDoc) -> String {
         VramSource::Config => "config",
     };
     let mut out = format!(
-        "Status at {} (VRAM figures from {})\n\nGPUs\n",
+        "Status at {} (VRAM figures from {})\n",
         doc.at,
         match doc.vram_source {
             VramSource::Nvml => "NVML",
             VramSource::Config => "the configuration",
         }
     );
+    if let Some(leader) = &doc.leader {
+        let standbys = if leader.standbys.is_empty() {
+            "none".to_owned()
+        } else {
+            leader.standbys.join(", ")
+        };
+        out.push_str(&format!(
+            "Leader {} (term {}); standbys: {standbys}\n",
+            leader.holder, leader.term
+        ));
+    }
+    out.push_str("\nGPUs\n");
     out.push_str(&table(
         &[
             "GPU",
@@ -466,6 +478,7 @@ mod tests {
     #[test]
     fn the_status_table_shows_gpus_holders_and_queue() {
         let doc = StatusDoc {
+            leader: None,
             at: "2026-11-26T14:00:00.000Z".into(),
             vram_source: VramSource::Config,
             gpus: vec![GpuStatus {
@@ -545,6 +558,7 @@ mod tests {
             "{text}"
         );
         let empty = render_status(&StatusDoc {
+            leader: None,
             gpus: vec![],
             paused: vec![],
             queue: vec![],

@@ -579,6 +579,7 @@ mod tests {
             estimated_wait_ms: None,
         };
         let doc = StatusDoc {
+            leader: None,
             at: rfc3339(0),
             vram_source: VramSource::Nvml,
             gpus: vec![GpuStatus {
@@ -624,6 +625,7 @@ mod tests {
         assert!(text.contains("gpu_coordinator_vram_from_nvml 1"), "{text}");
         // The next document replaces the gauges: an empty queue leaves no stale series.
         let empty = StatusDoc {
+            leader: None,
             queue: vec![],
             ..doc
         };

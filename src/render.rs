@@ -116,6 +116,7 @@ pub fn status(view: &StatusView) -> StatusDoc {
         gpus: view.gpus.iter().map(gpu).collect(),
         paused: view.paused.iter().map(paused).collect(),
         queue: view.queue.iter().map(queued).collect(),
+        leader: None,
     }
 }
 

@@ -3,6 +3,8 @@
 //!
 //! - `leader`: one row. A coordinator takes it when it is free or expired, raising `term`; the leader
 //!   extends `expires_at` while it acts. Terms only rise.
+//! - `coordinators`: every coordinator of the deployment, leader or standby, with when it was last seen,
+//!   so that `status` can name the standbys.
 //! - `gpu_coordinator_check_term(stored, mine)`: true when they are equal, else raises SQLSTATE `GC001`
 //!   ("stale term"). The journal's batch statement calls it on the `leader` row, so that a batch written
 //!   under a term that is no longer the leader's changes nothing and says why; the row lock it takes
@@ -21,6 +23,11 @@ CREATE TABLE IF NOT EXISTS leader (
     expires_at  timestamptz NOT NULL
 );
 
+CREATE TABLE IF NOT EXISTS coordinators (
+    holder      text        PRIMARY KEY,
+    seen_at     timestamptz NOT NULL
+);
+
 CREATE OR REPLACE FUNCTION gpu_coordinator_check_term(stored bigint, mine bigint) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -34,6 +41,7 @@ $$;
 
 const DOWN: &str = r#"
 DROP FUNCTION IF EXISTS gpu_coordinator_check_term(bigint, bigint);
+DROP TABLE IF EXISTS coordinators;
 DROP TABLE IF EXISTS leader;
 "#;
 

@@ -97,6 +97,7 @@ pub async fn run_with(
             nats: servers.bus.client().clone(),
             journal: ports.journal.clone(),
             leases: ports.leases.clone(),
+            leadership: ports.leadership.clone(),
             driver: handle.clone(),
         });
         let led = lead(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use gpu_coordinator_core::Input;
-use gpu_coordinator_wire::{codec, decode_input};
+use gpu_coordinator_wire::{codec, decode_input, LeaderStatus, StatusDoc};
 use tokio::sync::mpsc;
 
 use super::retry::with_retry;
@@ -88,7 +88,7 @@ impl Driver {
                 Some(samples) = next_sample(&mut self.nvml) => self.handle_samples(samples).await?,
                 Some(command) = commands.recv() => match command {
                     Command::Status(reply) => {
-                        let _ = reply.send(render::status(&self.sched.status(now_ms())));
+                        let _ = reply.send(self.status_doc());
                     }
                 },
                 _ = every_second.tick() => {
@@ -232,9 +232,20 @@ impl Driver {
         self.carry_out().await
     }
 
+    /// The status document, with who leads and the standbys it knows of.
+    fn status_doc(&self) -> StatusDoc {
+        let mut doc = render::status(&self.sched.status(now_ms()));
+        doc.leader = self.ports.leadership.roster().map(|roster| LeaderStatus {
+            holder: roster.holder,
+            term: roster.term.0,
+            standbys: roster.standbys,
+        });
+        doc
+    }
+
     /// Answers a status question with the status document, in the encoding it was asked in.
     async fn answer_status(&mut self, query: StatusQuery) {
-        let doc = render::status(&self.sched.status(now_ms()));
+        let doc = self.status_doc();
         let payload = codec::encode(query.encoding, &doc);
         if let Err(e) = (query.respond)(payload).await {
             tracing::warn!("answering status: {e}");

@@ -393,6 +393,19 @@ pub trait Leadership: Send + Sync + 'static {
     async fn leader(&self) -> Option<(Term, String)> {
         None
     }
+    /// While this process leads: its name, its term and the standbys seen lately (kept up to date by the
+    /// renewals, so it costs nothing to read).
+    fn roster(&self) -> Option<Roster> {
+        None
+    }
+}
+
+/// The coordinators of a deployment as the leader sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Roster {
+    pub holder: String,
+    pub term: Term,
+    pub standbys: Vec<String>,
 }
 
 /// The leadership of a deployment with one coordinator: always the leader, in term 1.

@@ -37,8 +37,22 @@ async fn a_second_coordinator_stands_by_and_takes_over_with_the_state() {
         StatusCode::OK,
         "the first still leads"
     );
-
     let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    // The status names the leader, its term, and (once seen) the standby; the standby's 503 names the
+    // leader.
+    let leader = eventually("the leader sees its standby", || async {
+        let leader = probe.status().await.leader?;
+        (leader.standbys.len() == 1).then_some(leader)
+    })
+    .await;
+    assert_eq!(leader.term, 1);
+    let body = reqwest::get(&url)
+        .await
+        .expect("the standby answers")
+        .text()
+        .await
+        .unwrap_or_default();
+    assert!(body.contains(&leader.holder), "{body}");
     probe
         .pub_json(
             "request",
@@ -57,6 +71,12 @@ async fn a_second_coordinator_stands_by_and_takes_over_with_the_state() {
     .await;
     let status = probe.status().await;
     assert_eq!(status.gpus[0].holders[0].request_id, "asr-1");
+    let now = status.leader.expect("the new leader says who it is");
+    assert_eq!(
+        (now.term, now.holder.as_str()),
+        (2, leader.standbys[0].as_str()),
+        "the standby leads in the next term"
+    );
     probe
         .pub_json(
             "request",

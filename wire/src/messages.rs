@@ -335,4 +335,18 @@ pub struct StatusDoc {
     pub gpus: Vec<GpuStatus>,
     pub paused: Vec<PausedStatus>,
     pub queue: Vec<QueueEntry>,
+    /// The coordinator that answers (the leader), its term, and the standbys it knows of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<LeaderStatus>,
+}
+
+/// Who leads the deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct LeaderStatus {
+    /// The leader's name: `<host>-<pid>-<random>`.
+    pub holder: String,
+    /// Its leadership term: strictly increases with each new leader.
+    pub term: u64,
+    /// The other coordinators seen lately, standing by.
+    pub standbys: Vec<String>,
 }

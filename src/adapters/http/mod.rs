@@ -41,7 +41,7 @@ pub use openapi::openapi;
 use crate::config::Config;
 use crate::driver::DriverHandle;
 use crate::metrics::Metrics;
-use crate::ports::{Journal, Leases};
+use crate::ports::{Journal, Leadership, Leases};
 
 /// How long a handler waits for the driver's status document.
 const STATUS_WAIT: Duration = Duration::from_secs(5);
@@ -53,6 +53,8 @@ pub struct Backends {
     pub nats: async_nats::Client,
     pub journal: Arc<dyn Journal>,
     pub leases: Arc<dyn Leases>,
+    /// Who leads, for a standby to say so.
+    pub leadership: Arc<dyn Leadership>,
     pub driver: DriverHandle,
 }
 
@@ -180,14 +182,19 @@ impl HttpState {
 
     /// The status document from the driver.
     async fn status(&self) -> Result<StatusDoc, ApiError> {
-        let driver = &self.connected()?.backends.driver;
-        match tokio::time::timeout(STATUS_WAIT, driver.status()).await {
+        let backends = &self.connected()?.backends;
+        match tokio::time::timeout(STATUS_WAIT, backends.driver.status()).await {
             Ok(Some(doc)) => Ok(doc),
-            Ok(None) => Err(ApiError::Unavailable(
-                "this coordinator is not leading (a standby, or starting or stopping): ask the leader, \
-                 or again in a moment"
-                    .into(),
-            )),
+            Ok(None) => {
+                let leader = match backends.leadership.leader().await {
+                    Some((term, holder)) => format!("the leader is `{holder}` (term {})", term.0),
+                    None => "no coordinator leads right now".to_owned(),
+                };
+                Err(ApiError::Unavailable(format!(
+                    "this coordinator is not leading (a standby, or starting or stopping); {leader}: \
+                     ask it, or again in a moment"
+                )))
+            }
             Err(_) => Err(ApiError::GatewayTimeout(format!(
                 "the coordinator did not produce its status within {STATUS_WAIT:?} (it may be waiting \
                  for Postgres or Redis; see /readyz)"

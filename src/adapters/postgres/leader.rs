@@ -20,7 +20,9 @@ use tokio::sync::{watch, Mutex};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::ports::{Leadership, PortError, Term};
+use std::sync::Arc;
+
+use crate::ports::{Leadership, PortError, Roster, Term};
 
 /// Takes the row when it is free or expired; answers the new term.
 const TAKE: &str = "INSERT INTO leader (id, term, holder, expires_at) \
@@ -42,6 +44,14 @@ const RELEASE: &str =
 const CURRENT: &str =
     "SELECT term, holder FROM leader WHERE id = 1 AND expires_at > clock_timestamp()";
 
+/// Says this coordinator is there (leader or standby).
+const SEEN: &str = "INSERT INTO coordinators (holder, seen_at) VALUES ($1, clock_timestamp()) \
+     ON CONFLICT (holder) DO UPDATE SET seen_at = EXCLUDED.seen_at";
+
+/// The other coordinators seen within the last `$2` seconds.
+const STANDBYS: &str = "SELECT holder FROM coordinators \
+     WHERE holder <> $1 AND seen_at > clock_timestamp() - make_interval(secs => $2) ORDER BY holder";
+
 /// The share of the TTL the leader trusts itself for, from the start of its last renewal.
 const TRUST: f64 = 0.8;
 
@@ -60,6 +70,8 @@ pub struct PgLeadership {
     ttl: Duration,
     poll: Duration,
     lead: Mutex<Option<Lead>>,
+    /// While leading: who the leader is and which standbys it saw lately.
+    roster: Arc<std::sync::RwLock<Option<Roster>>>,
 }
 
 impl PgLeadership {
@@ -77,6 +89,7 @@ impl PgLeadership {
             ttl,
             poll,
             lead: Mutex::new(None),
+            roster: Arc::default(),
         }
     }
 
@@ -87,6 +100,18 @@ impl PgLeadership {
 
     fn window(&self) -> Duration {
         self.ttl.mul_f64(TRUST)
+    }
+
+    /// Says this coordinator is there.
+    async fn seen(db: &DatabaseConnection, holder: &str) -> Result<(), PortError> {
+        db.execute(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            SEEN,
+            [holder.to_owned().into()],
+        ))
+        .await
+        .map(|_| ())
+        .map_err(PortError::new)
     }
 
     async fn take(&self) -> Result<Option<Term>, PortError> {
@@ -106,7 +131,24 @@ impl PgLeadership {
     }
 }
 
-/// Renews `term` every third of the TTL until stopped or lost, moving `until` on after each success.
+/// The standbys seen within three TTLs.
+async fn standbys(db: &DatabaseConnection, holder: &str, ttl: Duration) -> Vec<String> {
+    let rows = db
+        .query_all(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            STANDBYS,
+            [holder.to_owned().into(), (ttl * 3).as_secs_f64().into()],
+        ))
+        .await
+        .unwrap_or_default();
+    rows.iter()
+        .filter_map(|row| row.try_get::<String>("", "holder").ok())
+        .collect()
+}
+
+/// Renews `term` every third of the TTL until stopped or lost, moving `until` on after each success,
+/// and keeps the roster up to date.
+#[allow(clippy::too_many_arguments)]
 async fn renew(
     db: DatabaseConnection,
     holder: String,
@@ -115,6 +157,7 @@ async fn renew(
     window: Duration,
     until: watch::Sender<Instant>,
     stop: CancellationToken,
+    roster: Arc<std::sync::RwLock<Option<Roster>>>,
 ) {
     let every = ttl / 3;
     loop {
@@ -137,6 +180,15 @@ async fn renew(
         match renewed {
             Ok(Some(_)) => {
                 let _ = until.send(started + window);
+                let _ = PgLeadership::seen(&db, &holder).await;
+                let standbys = standbys(&db, &holder, ttl).await;
+                if let Ok(mut roster) = roster.write() {
+                    *roster = Some(Roster {
+                        holder: holder.clone(),
+                        term,
+                        standbys,
+                    });
+                }
             }
             Ok(None) => {
                 tracing::warn!("leadership of term {} was taken over", term.0);
@@ -154,9 +206,22 @@ async fn renew(
 #[async_trait]
 impl Leadership for PgLeadership {
     async fn acquire(&self) -> Result<Term, PortError> {
+        let mut last_seen: Option<Instant> = None;
         loop {
+            if last_seen.is_none_or(|at| at.elapsed() >= self.ttl / 3) {
+                PgLeadership::seen(&self.db, &self.holder).await?;
+                last_seen = Some(Instant::now());
+            }
             let started = Instant::now();
             if let Some(term) = self.take().await? {
+                let standbys = standbys(&self.db, &self.holder, self.ttl).await;
+                if let Ok(mut roster) = self.roster.write() {
+                    *roster = Some(Roster {
+                        holder: self.holder.clone(),
+                        term,
+                        standbys,
+                    });
+                }
                 let (tx, until) = watch::channel(started + self.window());
                 let stop = CancellationToken::new();
                 tokio::spawn(renew(
@@ -167,6 +232,7 @@ impl Leadership for PgLeadership {
                     self.window(),
                     tx,
                     stop.clone(),
+                    self.roster.clone(),
                 ));
                 *self.lead.lock().await = Some(Lead { term, until, stop });
                 return Ok(term);
@@ -202,6 +268,9 @@ impl Leadership for PgLeadership {
         if let Some(lead) = self.lead.lock().await.take() {
             lead.stop.cancel();
         }
+        if let Ok(mut roster) = self.roster.write() {
+            *roster = None;
+        }
         let released = self
             .db
             .execute(Statement::from_sql_and_values(
@@ -213,6 +282,10 @@ impl Leadership for PgLeadership {
         if let Err(e) = released {
             tracing::warn!("handing the leadership of term {} on: {e}", term.0);
         }
+    }
+
+    fn roster(&self) -> Option<Roster> {
+        self.roster.read().ok()?.clone()
     }
 
     async fn leader(&self) -> Option<(Term, String)> {

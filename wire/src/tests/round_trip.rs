@@ -170,6 +170,11 @@ fn outputs_round_trip() {
 
 fn status_doc() -> StatusDoc {
     StatusDoc {
+        leader: Some(crate::LeaderStatus {
+            holder: "box-1-0a0b0c0d".into(),
+            term: 3,
+            standbys: vec!["box-2-01020304".into()],
+        }),
         at: "2026-11-26T14:39:09.123Z".into(),
         vram_source: VramSource::Nvml,
         gpus: vec![GpuStatus {
@@ -245,6 +250,7 @@ fn status_doc() -> StatusDoc {
 fn status_round_trips() {
     round_trip(status_doc());
     round_trip(StatusDoc {
+        leader: None,
         at: "2026-11-26T14:39:09.123Z".into(),
         vram_source: VramSource::Config,
         gpus: vec![],
