@@ -143,13 +143,23 @@ async fn lead(
             () = shutdown.cancelled() => return Ok(()),
         };
         tracing::info!("leading in term {}", term.0);
+        // The driver acts until shutdown or until the term is lost: then even a wait for a server
+        // (Postgres away) ends, within the trust window.
+        let acting = shutdown.child_token();
+        let watch_term = tokio::spawn({
+            let (leadership, acting) = (leadership.clone(), acting.clone());
+            async move {
+                leadership.lost(term).await;
+                acting.cancel();
+            }
+        });
         let setup = Setup {
             sched: gpus.scheduler(),
             subjects: subjects.clone(),
             recorder: Recorder::new(metrics.clone()),
             nvml: gpus.feed.clone(),
             retain_ended: config.queue.retain_ended,
-            shutdown: shutdown.clone(),
+            shutdown: acting.clone(),
         };
         let ran = match Driver::start(setup, ports.clone(), term).await {
             Ok((driver, commands)) => {
@@ -160,14 +170,25 @@ async fn lead(
             }
             Err(e) => Err(e),
         };
+        watch_term.abort();
         leadership.release(term).await;
         match ran {
             Ok(()) if shutdown.is_cancelled() => return Ok(()),
+            Err(e) if shutdown.is_cancelled() => return Err(e),
             Ok(()) => tracing::warn!("term {} ended; standing by", term.0),
             Err(e) if is_deposed(&e) => {
                 tracing::warn!("another coordinator leads: {e:#}; standing by")
             }
+            Err(e) if acting.is_cancelled() => {
+                tracing::warn!("term {} lost while waiting: {e:#}; standing by", term.0)
+            }
             Err(e) => return Err(e),
+        }
+        // A coordinator that just gave up (cut off from a server, say) leaves the others a lease
+        // length to take over before it tries again.
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(config.leader.ttl_ms)) => {}
+            () = shutdown.cancelled() => return Ok(()),
         }
     }
 }

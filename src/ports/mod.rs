@@ -364,6 +364,7 @@ pub trait Bus: Send + Sync + 'static {
     ) -> Result<(), PublishFailure>;
     /// Changes on every reconnect: the driver then reopens the inputs at once.
     fn reconnects(&self) -> watch::Receiver<u64>;
+
     /// The status questions asked of this coordinator.
     async fn status_queries(&self) -> Result<StatusQueries, PortError>;
     /// Sends whatever is buffered, at shutdown.

@@ -235,3 +235,53 @@ async fn a_paused_leader_wakes_up_deposed() {
         panic!("{violation}");
     }
 }
+
+/// The leader loses Postgres: its lease cannot be renewed, so it stops acting within its trust window;
+/// when Postgres is back it leads again, in a new term, with the state it had.
+#[tokio::test]
+async fn a_leader_cut_off_from_postgres_stops_acting_and_comes_back() {
+    let pg = crate::support::PgServer::start();
+    let mut config = test_config("ha_pgcut", &[("0", 24_000)]);
+    config.database.url = pg.url("gpu_ha_pgcut");
+    let coordinator = Coordinator::start(config.clone()).await;
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    probe
+        .pub_json(
+            "request",
+            "a",
+            json!({"request_id": "a-1", "priority": 1, "vram_mb": 1000, "lease_ms": 600000}),
+        )
+        .await;
+    let a = probe.reply("a-1", "granted").await;
+
+    pg.stop();
+    eventually("the leader stops acting", || async {
+        (status_code(&coordinator).await == StatusCode::SERVICE_UNAVAILABLE).then_some(())
+    })
+    .await;
+    pg.resume();
+    let url = coordinator.url("/gpu/status");
+    let leader = eventually("it leads again", || async {
+        let doc: gpu_coordinator_wire::StatusDoc =
+            reqwest::get(&url).await.ok()?.json().await.ok()?;
+        let leader = doc.leader?;
+        (leader.term >= 2).then_some(leader)
+    })
+    .await;
+    assert!(leader.term >= 2);
+    let status = probe.status().await;
+    assert_eq!(
+        status.gpus[0].holders[0].request_id, "a-1",
+        "the holder kept"
+    );
+    probe
+        .pub_json(
+            "request",
+            "b",
+            json!({"request_id": "b-1", "priority": 1, "vram_mb": 1000}),
+        )
+        .await;
+    let b = probe.reply("b-1", "granted").await;
+    assert!(b.fence > a.fence);
+    coordinator.stop().await.expect("stops cleanly");
+}
