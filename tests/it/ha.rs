@@ -285,3 +285,49 @@ async fn a_leader_cut_off_from_postgres_stops_acting_and_comes_back() {
     assert!(b.fence > a.fence);
     coordinator.stop().await.expect("stops cleanly");
 }
+
+/// Three coordinators of one prefix: exactly one leads, the other two stand by, and requests flow.
+#[tokio::test]
+async fn of_three_coordinators_exactly_one_leads() {
+    let config = test_config("ha_three", &[("0", 24_000)]);
+    let coordinators = [
+        Coordinator::start(config.clone()).await,
+        Coordinator::start(config.clone()).await,
+        Coordinator::start(config.clone()).await,
+    ];
+    let leading = eventually("one leads and two stand by", || async {
+        let mut codes = Vec::new();
+        for c in &coordinators {
+            codes.push(status_code(c).await);
+        }
+        let leading = codes.iter().filter(|c| **c == StatusCode::OK).count();
+        let standing_by = codes
+            .iter()
+            .filter(|c| **c == StatusCode::SERVICE_UNAVAILABLE)
+            .count();
+        (leading == 1 && standing_by == 2).then_some(leading)
+    })
+    .await;
+    assert_eq!(leading, 1);
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    for (i, svc) in ["a", "b", "c"].iter().enumerate() {
+        probe
+            .pub_json(
+                "request",
+                svc,
+                json!({"request_id": format!("{svc}-1"), "priority": 1, "vram_mb": 1000 + i}),
+            )
+            .await;
+        probe.reply(&format!("{svc}-1"), "granted").await;
+    }
+    let status = probe.status().await;
+    assert_eq!(status.gpus[0].holders.len(), 3);
+    eventually("the leader names both standbys", || async {
+        let leader = probe.status().await.leader?;
+        (leader.standbys.len() == 2).then_some(())
+    })
+    .await;
+    for c in coordinators {
+        c.stop().await.expect("stops cleanly");
+    }
+}
