@@ -422,6 +422,10 @@ impl ports::Bus for NatsBus {
         NatsBus::reconnects(self)
     }
 
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     async fn status_queries(&self) -> Result<StatusQueries, PortError> {
         let questions = self.status_requests().await.map_err(PortError::new)?;
         let bus = self.clone();

@@ -33,11 +33,14 @@ use crate::config::Config;
 use crate::driver::retry::{is_deposed, with_retry};
 use crate::driver::{Driver, DriverHandle, Setup};
 use crate::metrics::{Metrics, Recorder};
-use crate::ports::{Leadership, Ports};
+use crate::ports::{Bus, Leadership, Ports};
 use crate::telemetry::redact_url;
 
 /// How long the tasks beside the driver (HTTP calls in flight) may take to finish after it stopped.
 const DRAIN: Duration = Duration::from_secs(5);
+
+/// How often the leader looks at its NATS connection.
+const CONNECTION_CHECK: Duration = Duration::from_millis(100);
 
 /// The name the coordinator's NATS connection gives the server.
 const CONNECTION_NAME: &str = "gpu-coordinator";
@@ -147,9 +150,22 @@ async fn lead(
         // (Postgres away) ends, within the trust window.
         let acting = shutdown.child_token();
         let watch_term = tokio::spawn({
-            let (leadership, acting) = (leadership.clone(), acting.clone());
+            let (leadership, acting, bus) = (leadership.clone(), acting.clone(), ports.bus.clone());
+            let grace = Duration::from_millis(config.leader.ttl_ms).mul_f64(0.8);
             async move {
-                leadership.lost(term).await;
+                tokio::select! {
+                    () = leadership.lost(term) => {}
+                    () = cut_off(bus.as_ref(), grace) => {
+                        tracing::warn!(
+                            "cut off from NATS for {grace:?}: giving the leadership of term {} up, so \
+                             that a coordinator that reaches it takes over",
+                            term.0
+                        );
+                        // At once: whatever the driver still waits for, its writes are this term's
+                        // and refused once another leads.
+                        leadership.release(term).await;
+                    }
+                }
                 acting.cancel();
             }
         });
@@ -189,6 +205,24 @@ async fn lead(
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(config.leader.ttl_ms)) => {}
             () = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
+/// Resolves once the bus has been disconnected for `grace` in a row.
+async fn cut_off(bus: &dyn Bus, grace: Duration) {
+    let mut every = tokio::time::interval(CONNECTION_CHECK);
+    let mut away_since: Option<tokio::time::Instant> = None;
+    loop {
+        every.tick().await;
+        if bus.connected() {
+            away_since = None;
+        } else if away_since
+            .get_or_insert_with(tokio::time::Instant::now)
+            .elapsed()
+            >= grace
+        {
+            return;
         }
     }
 }

@@ -22,6 +22,9 @@ const MAX_BATCH: usize = 256;
 /// scheduler.
 const EVERY_SECOND: Duration = Duration::from_secs(1);
 
+/// How long a stopping driver waits for the bus to take what it buffered.
+const FLUSH_WAIT: Duration = Duration::from_secs(2);
+
 /// How long the loop sleeps when the scheduler wants no wake-up.
 const IDLE: Duration = Duration::from_secs(3600);
 
@@ -104,8 +107,13 @@ impl Driver {
         if let Err(e) = self.write_bookkeeping(None).await {
             tracing::warn!("{e:#}");
         }
-        if let Err(e) = bus.flush().await {
-            tracing::warn!("{e}");
+        // A bus that is away is not waited for.
+        match tokio::time::timeout(FLUSH_WAIT, bus.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("{e}"),
+            Err(_) => {
+                tracing::warn!("the bus did not take the last messages within {FLUSH_WAIT:?}")
+            }
         }
         Ok(())
     }

@@ -364,6 +364,11 @@ pub trait Bus: Send + Sync + 'static {
     ) -> Result<(), PublishFailure>;
     /// Changes on every reconnect: the driver then reopens the inputs at once.
     fn reconnects(&self) -> watch::Receiver<u64>;
+    /// Whether the bus is connected now: a leader cut off from it longer than its trust window gives
+    /// the leadership up, so that a coordinator that can reach the bus takes over.
+    fn connected(&self) -> bool {
+        true
+    }
 
     /// The status questions asked of this coordinator.
     async fn status_queries(&self) -> Result<StatusQueries, PortError>;

@@ -331,3 +331,51 @@ async fn of_three_coordinators_exactly_one_leads() {
         c.stop().await.expect("stops cleanly");
     }
 }
+
+/// The leader is cut off from NATS (a proxy in front of it cuts its connection): it gives the
+/// leadership up within its trust window, and the coordinator that reaches NATS leads.
+#[tokio::test]
+async fn a_leader_cut_off_from_nats_gives_way() {
+    let config = test_config("ha_natscut", &[("0", 24_000)]);
+    let port = config
+        .nats
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("the NATS URL has a port");
+    let proxy = gpu_coordinator_test_support::Proxy::start(port).await;
+    let mut through_proxy = config.clone();
+    through_proxy.nats.url = proxy.url();
+    let first = Coordinator::start(through_proxy).await;
+    let leader_of = |coordinator: &Coordinator| {
+        let url = coordinator.url("/gpu/status");
+        async move {
+            let doc: gpu_coordinator_wire::StatusDoc =
+                reqwest::get(url).await.ok()?.json().await.ok()?;
+            doc.leader
+        }
+    };
+    let before = eventually("the first leads", || leader_of(&first)).await;
+    let second = Coordinator::start(config.clone()).await;
+
+    proxy.cut();
+    let after = eventually("the second leads", || async {
+        let leader = leader_of(&second).await?;
+        (leader.term > before.term).then_some(leader)
+    })
+    .await;
+    assert_ne!(after.holder, before.holder, "the other coordinator leads");
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    probe
+        .pub_json(
+            "request",
+            "a",
+            json!({"request_id": "a-1", "priority": 1, "vram_mb": 1000}),
+        )
+        .await;
+    probe.reply("a-1", "granted").await;
+    proxy.restore();
+    first.stop().await.expect("stops cleanly");
+    second.stop().await.expect("stops cleanly");
+}
