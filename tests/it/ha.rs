@@ -379,3 +379,52 @@ async fn a_leader_cut_off_from_nats_gives_way() {
     first.stop().await.expect("stops cleanly");
     second.stop().await.expect("stops cleanly");
 }
+
+/// JetStream loses the output stream and the coordinator's input consumer while it runs: it makes
+/// both anew and goes on, instead of retrying forever against what is missing.
+#[tokio::test]
+async fn a_stream_and_a_consumer_lost_at_run_time_are_made_anew() {
+    let config = test_config("ha_streams", &[("0", 24_000)]);
+    let coordinator = Coordinator::start(config.clone()).await;
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    probe
+        .pub_json(
+            "request",
+            "a",
+            json!({"request_id": "a-1", "priority": 1, "vram_mb": 1000}),
+        )
+        .await;
+    probe.reply("a-1", "granted").await;
+    let subjects = gpu_coordinator_wire::Subjects::new(&config.nats.prefix).expect("prefix");
+    probe
+        .js
+        .delete_stream(subjects.output_stream())
+        .await
+        .expect("delete the output stream");
+    probe
+        .js
+        .delete_consumer_from_stream(
+            gpu_coordinator::adapters::nats::CONSUMER,
+            subjects.input_stream(),
+        )
+        .await
+        .expect("delete the input consumer");
+    probe
+        .pub_json(
+            "request",
+            "b",
+            json!({"request_id": "b-1", "priority": 1, "vram_mb": 1000}),
+        )
+        .await;
+    probe.reply("b-1", "granted").await;
+    let output = probe
+        .js
+        .get_stream(subjects.output_stream())
+        .await
+        .expect("the output stream is there again");
+    assert!(
+        output.cached_info().state.messages > 0,
+        "and keeps the new messages"
+    );
+    coordinator.stop().await.expect("stops cleanly");
+}
