@@ -102,20 +102,24 @@ impl Driver {
                 }
             }
         }
+        self.stop().await;
+        Ok(())
+    }
+
+    /// Leaves the journal and the bus in order: what the bus stored need not be published again at the
+    /// next start, and a bus that is away is not waited for.
+    async fn stop(&mut self) {
         tracing::info!("stopping: intake closed, flushing the bus");
-        // What the bus stored need not be published again at the next start.
         if let Err(e) = self.write_bookkeeping(None).await {
             tracing::warn!("{e:#}");
         }
-        // A bus that is away is not waited for.
-        match tokio::time::timeout(FLUSH_WAIT, bus.flush()).await {
+        match tokio::time::timeout(FLUSH_WAIT, self.ports.bus.flush()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!("{e}"),
             Err(_) => {
                 tracing::warn!("the bus did not take the last messages within {FLUSH_WAIT:?}")
             }
         }
-        Ok(())
     }
 
     /// (Re)opens the inputs after the last input handled. The old stream is dropped first, so that none

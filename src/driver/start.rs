@@ -44,22 +44,7 @@ impl Driver {
             );
             publish(ports.bus.as_ref(), &again, &shutdown).await?;
         }
-        let leases = ports.leases.clone();
-        // From now on the lease store refuses the writes of any older term.
-        with_retry("claiming the term in the lease store", &shutdown, || {
-            leases.claim_term(term)
-        })
-        .await?;
-        let live_leases =
-            with_retry("reading the lease store", &shutdown, || leases.leases()).await?;
-        let stored_fence = with_retry("reading the fence from the lease store", &shutdown, || {
-            leases.max_fence()
-        })
-        .await?;
-        with_retry("marking the lease store's epoch", &shutdown, || {
-            leases.ensure_epoch()
-        })
-        .await?;
+        let (live_leases, stored_fence) = read_lease_store(&ports, term, &shutdown).await?;
         let restored = loaded
             .records
             .iter()
@@ -98,4 +83,31 @@ impl Driver {
         driver.carry_out().await?;
         Ok((driver, rx))
     }
+}
+
+/// Claims `term` in the lease store (from then on it refuses the writes of any older term), then reads
+/// its live leases and highest fence, and marks its epoch.
+async fn read_lease_store(
+    ports: &Ports,
+    term: Term,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<(
+    Vec<gpu_coordinator_core::Lease>,
+    gpu_coordinator_core::Fence,
+)> {
+    let leases = ports.leases.clone();
+    with_retry("claiming the term in the lease store", shutdown, || {
+        leases.claim_term(term)
+    })
+    .await?;
+    let live = with_retry("reading the lease store", shutdown, || leases.leases()).await?;
+    let fence = with_retry("reading the fence from the lease store", shutdown, || {
+        leases.max_fence()
+    })
+    .await?;
+    with_retry("marking the lease store's epoch", shutdown, || {
+        leases.ensure_epoch()
+    })
+    .await?;
+    Ok((live, fence))
 }
