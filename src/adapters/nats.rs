@@ -311,14 +311,22 @@ impl NatsBus {
     }
 
     /// Subscribes to `<prefix>.status` (request-reply, not stored).
+    /// The subscription is known to the server when this returns (flushed), so a status request sent
+    /// afterwards finds a responder.
     pub async fn status_requests(&self) -> Result<async_nats::Subscriber, NatsError> {
-        self.client
+        let subscriber = self
+            .client
             .subscribe(self.subjects.status())
             .await
             .map_err(|e| NatsError::Other {
                 what: "subscribe to status",
                 source: e.into(),
-            })
+            })?;
+        self.client.flush().await.map_err(|e| NatsError::Other {
+            what: "flush the status subscription",
+            source: e.into(),
+        })?;
+        Ok(subscriber)
     }
 
     /// Answers a request-reply message, in MessagePack when the request asked for it.

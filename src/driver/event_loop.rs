@@ -38,8 +38,14 @@ impl Driver {
         tokio::pin!(lost);
         let mut inputs = None;
         self.reopen_inputs(&mut inputs).await?;
-        let mut status =
-            with_retry("subscribing to status", &shutdown, || bus.status_queries()).await?;
+        let subscribed = self
+            .status
+            .take()
+            .and_then(|status| status.into_inner().ok());
+        let mut status = match subscribed {
+            Some(status) => status,
+            None => with_retry("subscribing to status", &shutdown, || bus.status_queries()).await?,
+        };
         let mut reconnects = bus.reconnects();
         let mut every_second = tokio::time::interval(EVERY_SECOND);
         every_second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

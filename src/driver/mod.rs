@@ -140,6 +140,10 @@ pub struct Driver {
     nvml: Option<NvmlFeed>,
     position: InputPosition,
     outbox: Outbox,
+    /// Status questions, subscribed before the driver is handed out, so that a leader reported by
+    /// the HTTP status also answers over NATS.
+    /// (In a mutex only so that the driver is `Sync`; never contended.)
+    status: Option<std::sync::Mutex<crate::ports::StatusQueries>>,
 }
 
 impl Driver {

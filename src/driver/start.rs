@@ -64,6 +64,9 @@ impl Driver {
             "restored {restored} live request(s); fences continue above {}",
             sched.last_fence().0
         );
+        let bus = ports.bus.clone();
+        let status =
+            with_retry("subscribing to status", &shutdown, || bus.status_queries()).await?;
         let (tx, rx) = mpsc::channel(COMMANDS);
         let mut driver = Driver {
             sched,
@@ -79,6 +82,7 @@ impl Driver {
                 pending: None,
             },
             outbox,
+            status: Some(std::sync::Mutex::new(status)),
         };
         driver.carry_out().await?;
         Ok((driver, rx))
