@@ -43,6 +43,7 @@ pub mod config;
 pub mod demo;
 pub mod driver;
 pub mod metrics;
+pub mod nats_auth;
 pub mod ports;
 pub mod render;
 pub mod telemetry;

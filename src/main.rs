@@ -64,6 +64,20 @@ enum Command {
         since: Option<String>,
     },
     /// Show the GPUs (VRAM and its source), the holders and the queue of a running coordinator.
+    /// Write a nats-server configuration with per-service permissions (`DIR/nats-server.conf`) and
+    /// the users' random passwords (`DIR/users.json`): one user per service, `coordinator` and a
+    /// read-only `auditor`. A service may publish only its own inputs and read only its own answers.
+    NatsAuth {
+        /// The services, comma-separated (e.g. `chat,asr,diar`).
+        #[arg(long, value_delimiter = ',', required = true)]
+        services: Vec<String>,
+        /// Where to write the two files.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The subject prefix the permissions cover (default: the configuration's `nats.prefix`).
+        #[arg(long)]
+        prefix: Option<String>,
+    },
     Status {
         /// Print the status document as JSON, for scripts.
         #[arg(long)]
@@ -121,6 +135,23 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve => serve(config).await,
         Command::Migrate => migrate(config).await,
         Command::Audit { since } => audit(config, since.as_deref()).await,
+        Command::NatsAuth {
+            services,
+            out,
+            prefix,
+        } => {
+            let prefix = prefix.unwrap_or(config.nats.prefix);
+            let generated = gpu_coordinator::nats_auth::generate(&prefix, &services)?;
+            gpu_coordinator::nats_auth::write(&out, &generated)?;
+            println!(
+                "wrote {0}/nats-server.conf and {0}/users.json ({1} users, subjects under `{prefix}.`)\n\
+                 start NATS with: nats-server -c {0}/nats-server.conf\n\
+                 connect each service as nats://<user>:<password>@<host>:4222 (see users.json)",
+                out.display(),
+                generated.users.len()
+            );
+            Ok(())
+        }
         Command::Demo {
             duration,
             speed,
@@ -191,7 +222,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let local = listener
         .local_addr()
         .context("cannot read the HTTP listener's address")?;
-    tracing::info!(http = %local, nats = %config.nats.url, prefix = %config.nats.prefix, "starting");
+    tracing::info!(http = %local, nats = %telemetry::redact_url(&config.nats.url), prefix = %config.nats.prefix, "starting");
 
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -233,12 +264,18 @@ async fn migrate(config: Config) -> anyhow::Result<()> {
 
 async fn status_over_nats(config: &Config) -> anyhow::Result<StatusDoc> {
     let url = &config.nats.url;
-    let client = async_nats::ConnectOptions::new()
+    let client = gpu_coordinator::adapters::nats::options(&config.nats)
+        .await?
         .name("gpu-coordinator status")
         .connection_timeout(STATUS_TIMEOUT)
         .connect(url)
         .await
-        .with_context(|| format!("cannot connect to NATS at {url} (nats.url)"))?;
+        .with_context(|| {
+            format!(
+                "cannot connect to NATS at {} (nats.url)",
+                gpu_coordinator::telemetry::redact_url(url)
+            )
+        })?;
     let subject = format!("{}.status", config.nats.prefix);
     let msg = tokio::time::timeout(STATUS_TIMEOUT, client.request(subject.clone(), "".into()))
         .await

@@ -102,7 +102,9 @@ impl Client {
         let subjects = checked(prefix, service_id)?;
         let (reconnects_tx, reconnects_rx) = watch::channel(0u64);
         let reconnects_tx = Arc::new(reconnects_tx);
-        let nats = async_nats::ConnectOptions::new()
+        let options =
+            crate::connect::connect_options(nats_url).map_err(ClientError::InvalidConfig)?;
+        let nats = options
             .name(format!("gpu-coordinator-client {service_id}"))
             .connection_timeout(Duration::from_secs(5))
             .event_callback(move |event| {
@@ -127,7 +129,7 @@ impl Client {
             .connect(nats_url)
             .await
             .map_err(|source| ClientError::Connect {
-                url: nats_url.to_owned(),
+                url: crate::connect::redact(nats_url),
                 source,
             })?;
         Ok(Client::start(

@@ -52,6 +52,7 @@
 //!   or released meanwhile.
 
 mod client;
+mod connect;
 mod error;
 mod lease;
 mod options;
@@ -59,6 +60,7 @@ mod router;
 mod worker;
 
 pub use client::Client;
+pub use connect::{connect_options, inbox_prefix, redact, NatsAuth};
 pub use error::ClientError;
 pub use gpu_coordinator_wire::codec::Encoding;
 pub use lease::{Lease, LeaseEvent, LeaseEvents, LeasePhase};

@@ -515,8 +515,19 @@ async fn open(
         Some(next) => next,
     };
     *next_seq = Some(start);
+    // A name of the client's own making, random and never listed to services: with per-service
+    // permissions a service may pull from any consumer it can name, so the name is what keeps another
+    // service from reading this one's orders. A name also makes the library create it on the
+    // subject that carries its filter, which is what those permissions allow.
+    let name = js
+        .client()
+        .new_inbox()
+        .rsplit('.')
+        .next()
+        .map(str::to_owned);
     let consumer = stream
         .create_consumer(consumer::pull::Config {
+            name,
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: start,
             },

@@ -76,19 +76,61 @@ pub struct NatsBus {
     /// Counts the connections made: it changes on every reconnect.
     connected: tokio::sync::watch::Receiver<u64>,
     /// How long the streams keep messages.
+    limits: StreamLimits,
+}
+
+/// The bounds of both streams (from `[nats]`).
+#[derive(Debug, Clone, Copy)]
+struct StreamLimits {
     max_age: Duration,
+    max_bytes: i64,
+    max_messages: i64,
+    max_message_size: i32,
+}
+
+impl From<&crate::config::NatsConfig> for StreamLimits {
+    fn from(config: &crate::config::NatsConfig) -> Self {
+        StreamLimits {
+            max_age: Duration::from_millis(config.max_age_ms),
+            max_bytes: config.max_bytes,
+            max_messages: config.max_msgs,
+            max_message_size: config.max_msg_size,
+        }
+    }
+}
+
+/// Connection options for `config`: the credentials in its URL (or its creds file), and the inbox
+/// prefix of that user (see `gpu_coordinator_client::NatsAuth`).
+pub async fn options(
+    config: &crate::config::NatsConfig,
+) -> Result<async_nats::ConnectOptions, NatsError> {
+    let mut options =
+        gpu_coordinator_client::connect_options(&config.url).map_err(|e| NatsError::Other {
+            what: "read nats.url",
+            source: e.into(),
+        })?;
+    if let Some(path) = &config.creds_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| NatsError::Other {
+                what: "read nats.creds_file",
+                source: e.into(),
+            })?;
+    }
+    Ok(options)
 }
 
 impl NatsBus {
     /// Connects (the client reconnects by itself afterwards, logging each disconnect and reconnect).
     pub async fn connect(
-        url: &str,
+        config: &crate::config::NatsConfig,
         subjects: Subjects,
         name: &str,
-        max_age: Duration,
     ) -> Result<NatsBus, NatsError> {
         let (connections, connected) = tokio::sync::watch::channel(0u64);
-        let client = async_nats::ConnectOptions::new()
+        let client = options(config)
+            .await?
             .name(name)
             .connection_timeout(Duration::from_secs(5))
             .event_callback(move |event| {
@@ -107,10 +149,10 @@ impl NatsBus {
                     }
                 }
             })
-            .connect(url)
+            .connect(&config.url)
             .await
             .map_err(|source| NatsError::Connect {
-                url: url.to_string(),
+                url: crate::telemetry::redact_url(&config.url),
                 source,
             })?;
         let js = jetstream::new(client.clone());
@@ -119,7 +161,7 @@ impl NatsBus {
             js,
             subjects,
             connected,
-            max_age,
+            limits: StreamLimits::from(config),
         })
     }
 
@@ -141,12 +183,20 @@ impl NatsBus {
 
     /// Creates or updates `<PREFIX>_INPUT` and `<PREFIX>_OUTPUT` (limits retention, file storage).
     pub async fn ensure_streams(&self) -> Result<(), NatsError> {
-        let max_age = self.max_age;
-        for (name, subjects) in [
-            (self.subjects.input_stream(), self.subjects.input_subjects()),
+        let limits = self.limits;
+        for (name, subjects, discard) in [
+            (
+                self.subjects.input_stream(),
+                self.subjects.input_subjects(),
+                // Full: a new input is refused at publish (its publisher gets the error), and none
+                // that was accepted is dropped before it is handled.
+                stream::DiscardPolicy::New,
+            ),
             (
                 self.subjects.output_stream(),
                 self.subjects.output_subjects(),
+                // Full: the oldest history goes; the coordinator's publishes never block on it.
+                stream::DiscardPolicy::Old,
             ),
         ] {
             let config = stream::Config {
@@ -154,7 +204,11 @@ impl NatsBus {
                 subjects,
                 retention: stream::RetentionPolicy::Limits,
                 storage: stream::StorageType::File,
-                max_age,
+                max_age: limits.max_age,
+                max_bytes: limits.max_bytes,
+                max_messages: limits.max_messages,
+                max_message_size: limits.max_message_size,
+                discard,
                 duplicate_window: Duration::from_secs(120),
                 ..Default::default()
             };

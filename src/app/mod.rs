@@ -267,11 +267,10 @@ impl Servers {
             redact_url(&redis_url)
         );
         let nats_url = config.nats.url.clone();
-        let max_age = Duration::from_millis(config.nats.max_age_ms);
         let bus = with_retry(
             &format!("NATS at {}", redact_url(&nats_url)),
             shutdown,
-            || NatsBus::connect(&nats_url, subjects.clone(), CONNECTION_NAME, max_age),
+            || NatsBus::connect(&config.nats, subjects.clone(), CONNECTION_NAME),
         )
         .await?;
         with_retry("JetStream streams", shutdown, || bus.ensure_streams()).await?;

@@ -76,7 +76,10 @@ pub async fn run(config: &Config, since: Since) -> anyhow::Result<Result<Summary
     let subjects = Subjects::new(&config.nats.prefix)
         .map_err(anyhow::Error::msg)
         .context("nats.prefix")?;
-    let client = async_nats::connect(&config.nats.url)
+    let client = crate::adapters::nats::options(&config.nats)
+        .await?
+        .name("gpu-coordinator audit")
+        .connect(&config.nats.url)
         .await
         .with_context(|| {
             format!(

@@ -114,16 +114,25 @@ fn nats_server_binary() -> String {
 pub struct NatsServer {
     pub port: u16,
     store: PathBuf,
+    /// A configuration file (`-c`), e.g. one with authorization.
+    conf: Option<PathBuf>,
     process: Owned,
 }
 
 impl NatsServer {
     pub fn start() -> NatsServer {
+        Self::start_with_conf(None)
+    }
+
+    /// A private server that also reads the configuration file `conf` (the command line's port,
+    /// address and store win over it).
+    pub fn start_with_conf(conf: Option<PathBuf>) -> NatsServer {
         let store = std::env::temp_dir().join(unique("nats_store"));
         std::fs::create_dir_all(&store).expect("create the store dir");
         let mut server = NatsServer {
             port: free_port(),
             store,
+            conf,
             process: Owned::default(),
         };
         server.restart();
@@ -143,6 +152,9 @@ impl NatsServer {
     /// accepts connections.
     pub fn restart(&mut self) {
         let mut cmd = Command::new(nats_server_binary());
+        if let Some(conf) = &self.conf {
+            cmd.arg("-c").arg(conf);
+        }
         cmd.args([
             "-a",
             "127.0.0.1",

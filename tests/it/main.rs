@@ -6,6 +6,7 @@ mod client;
 mod demo;
 mod ha;
 mod http;
+mod security;
 mod service;
 mod store_pg;
 mod store_redis;

@@ -186,7 +186,9 @@ impl Coordinator {
 
 /// Waits until a coordinator with this configuration answers `<prefix>.status`.
 pub async fn wait_ready(config: &Config) -> StatusDoc {
-    let client = async_nats::connect(&config.nats.url)
+    let client = gpu_coordinator_client::connect_options(&config.nats.url)
+        .expect("a NATS URL")
+        .connect(&config.nats.url)
         .await
         .expect("connect to NATS");
     let subject = format!("{}.status", config.nats.prefix);
@@ -315,7 +317,9 @@ pub struct Probe {
 impl Probe {
     /// Connects and subscribes to the replies, control orders and events of `prefix`.
     pub async fn new(nats_url: &str, prefix: &str) -> Probe {
-        let client = async_nats::connect(nats_url)
+        let client = gpu_coordinator_client::connect_options(nats_url)
+            .expect("a NATS URL")
+            .connect(nats_url)
             .await
             .expect("connect to NATS");
         let (tx, rx) = mpsc::unbounded_channel();

@@ -1,0 +1,123 @@
+//! Connection options from a NATS URL: the credentials it carries, and an inbox prefix of the user's
+//! own.
+//!
+//! `async-nats` ignores a user and password written in the URL (`nats://chat:secret@host:4222`), which
+//! every other NATS client and the `nats` CLI accept; this reads them and sets them on the options.
+//! A URL with a user only (`nats://TOKEN@host`) is a token.
+//!
+//! With a user, the inbox prefix is `_INBOX_<user>`: a server with per-user permissions (what
+//! `gpu-coordinator nats-auth` writes) lets each user subscribe to its own inboxes only, so nobody
+//! reads the answers meant for another (JetStream API answers, pulled messages, request-reply).
+
+use async_nats::{ConnectOptions, ServerAddr};
+use percent_encoding::percent_decode_str;
+
+/// Who a NATS URL connects as.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatsAuth {
+    /// The user, or the token when there is no password.
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+impl NatsAuth {
+    /// The credentials of a URL, or of the first of a comma-separated list that has some.
+    pub fn from_url(url: &str) -> Result<NatsAuth, String> {
+        for one in url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            let addr: ServerAddr = one
+                .parse()
+                .map_err(|e| format!("`{}` is not a NATS URL: {e}", redact(one)))?;
+            if let Some(user) = addr.username() {
+                let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
+                return Ok(NatsAuth {
+                    user: Some(decode(user)),
+                    password: addr.password().map(decode),
+                });
+            }
+        }
+        Ok(NatsAuth::default())
+    }
+
+    /// The inbox prefix a connection as this user uses.
+    pub fn inbox_prefix(&self) -> String {
+        match (&self.user, &self.password) {
+            (Some(user), Some(_)) => inbox_prefix(user),
+            _ => "_INBOX".to_owned(),
+        }
+    }
+
+    /// `options` with these credentials and the inbox prefix that goes with them.
+    pub fn apply(&self, options: ConnectOptions) -> ConnectOptions {
+        match (&self.user, &self.password) {
+            (Some(user), Some(password)) => options
+                .user_and_password(user.clone(), password.clone())
+                .custom_inbox_prefix(inbox_prefix(user)),
+            (Some(token), None) => options.token(token.clone()),
+            _ => options,
+        }
+    }
+}
+
+/// The inbox prefix of `user`'s connections (`_INBOX_<user>`).
+pub fn inbox_prefix(user: &str) -> String {
+    format!("_INBOX_{user}")
+}
+
+/// Connection options for `url`: its credentials and inbox prefix (see the module docs).
+pub fn connect_options(url: &str) -> Result<ConnectOptions, String> {
+    Ok(NatsAuth::from_url(url)?.apply(ConnectOptions::new()))
+}
+
+/// `url` with any password replaced by `***`, for messages and logs.
+pub fn redact(url: &str) -> String {
+    url.split(',')
+        .map(|one| match (one.find("://"), one.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                let creds = &one[scheme + 3..at];
+                match creds.split_once(':') {
+                    Some((user, _)) => format!("{}{user}:***{}", &one[..scheme + 3], &one[at..]),
+                    None => format!("{}***{}", &one[..scheme + 3], &one[at..]),
+                }
+            }
+            _ => one.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_user_and_password_from_the_url() {
+        let auth = NatsAuth::from_url("nats://chat:s%40cret@127.0.0.1:4222").unwrap();
+        assert_eq!(auth.user.as_deref(), Some("chat"));
+        assert_eq!(auth.password.as_deref(), Some("s@cret"));
+        assert_eq!(auth.inbox_prefix(), "_INBOX_chat");
+    }
+
+    #[test]
+    fn a_url_without_credentials_has_none() {
+        let auth = NatsAuth::from_url("nats://127.0.0.1:4222").unwrap();
+        assert_eq!(auth, NatsAuth::default());
+        assert_eq!(auth.inbox_prefix(), "_INBOX");
+    }
+
+    #[test]
+    fn a_user_alone_is_a_token() {
+        let auth = NatsAuth::from_url("nats://t0ken@127.0.0.1:4222").unwrap();
+        assert_eq!(auth.user.as_deref(), Some("t0ken"));
+        assert_eq!(auth.password, None);
+        assert_eq!(auth.inbox_prefix(), "_INBOX");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("nats://chat:secret@h:4222,nats://t@h2"),
+            "nats://chat:***@h:4222,nats://***@h2"
+        );
+        assert_eq!(redact("nats://h:4222"), "nats://h:4222");
+    }
+}

@@ -1,0 +1,269 @@
+//! `gpu-coordinator nats-auth`: a nats-server configuration with one user per service, one for the
+//! coordinator and one read-only auditor, and the file of their passwords.
+//!
+//! What each user may do (`<p>` the subject prefix, `<P>` the stream base, e.g. `gpu` and `GPU`):
+//!
+//! - a **service** `<svc>` publishes only its own inputs (`<p>.request|release|renew|ack|cancel.<svc>`)
+//!   and `<p>.status`; it reads its own replies and control orders, through core subscriptions to
+//!   `<p>.reply.<svc>` and `<p>.control.<svc>` or through consumers on `<P>_OUTPUT` that it may only
+//!   create filtered to those two subjects; it receives answers on its own inboxes (`_INBOX_<svc>.>`)
+//!   only. It can publish no reply, control order or event, and cannot read another service's.
+//! - the **coordinator** may do everything (it creates the streams and publishes every output).
+//! - the **auditor** reads `<P>_OUTPUT` and `<P>_INPUT` through consumers (the audit needs the requests
+//!   to know which asked for a whole GPU), and publishes nothing else.
+//!
+//! Pulling from a consumer (`$JS.API.CONSUMER.MSG.NEXT.<P>_OUTPUT.<name>`) cannot be limited to one's
+//! own consumers by subject, so the client names its consumers at random and the services may not list
+//! the consumers of the stream: a consumer's name is known to its maker only.
+//!
+//! Passwords are random; the configuration holds only their bcrypt hashes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context as _;
+use gpu_coordinator_wire::Subjects;
+use rand::distr::{Alphanumeric, SampleString};
+use serde::{Deserialize, Serialize};
+
+/// The user the coordinator connects as.
+pub const COORDINATOR: &str = "coordinator";
+/// The read-only user of `gpu-coordinator audit`.
+pub const AUDITOR: &str = "auditor";
+/// bcrypt's cost for the stored hashes (what `nats server passwd` uses).
+const BCRYPT_COST: u32 = 11;
+const PASSWORD_LEN: usize = 32;
+
+/// One user's credentials, as written to `users.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl Credentials {
+    /// `nats://user:password@<host_port>`.
+    pub fn url(&self, host_port: &str) -> String {
+        format!("nats://{}:{}@{host_port}", self.user, self.password)
+    }
+}
+
+/// What `nats-auth` writes.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    /// `nats-server.conf`.
+    pub conf: String,
+    /// `users.json`: user name -> credentials.
+    pub users: BTreeMap<String, Credentials>,
+}
+
+/// The permissions of one user: subjects it may publish to and subscribe to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permissions {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}
+
+/// What the service `svc` may do.
+pub fn service_permissions(subjects: &Subjects, svc: &str) -> Permissions {
+    let output = subjects.output_stream();
+    let own_reads = [subjects.reply(svc), subjects.control(svc)];
+    let mut publish = vec![
+        subjects.request(svc),
+        subjects.release(svc),
+        subjects.renew(svc),
+        subjects.ack(svc),
+        subjects.cancel(svc),
+        subjects.status(),
+        "$JS.API.INFO".to_owned(),
+        format!("$JS.API.STREAM.INFO.{output}"),
+        format!("$JS.API.STREAM.INFO.{}", subjects.input_stream()),
+    ];
+    // A consumer may be created only on the subject that names its filter: its own two subjects.
+    publish.extend(
+        own_reads
+            .iter()
+            .map(|filter| format!("$JS.API.CONSUMER.CREATE.{output}.*.{filter}")),
+    );
+    publish.extend(read_consumers(&output));
+    let mut subscribe = own_reads.to_vec();
+    subscribe.push(format!("{}.>", gpu_coordinator_client::inbox_prefix(svc)));
+    Permissions { publish, subscribe }
+}
+
+/// What the auditor may do: read the two streams through consumers (the inputs tell which requests
+/// asked for a whole GPU), and publish nothing.
+pub fn auditor_permissions(subjects: &Subjects) -> Permissions {
+    let mut publish = vec!["$JS.API.INFO".to_owned()];
+    for stream in [subjects.output_stream(), subjects.input_stream()] {
+        publish.push(format!("$JS.API.STREAM.INFO.{stream}"));
+        publish.push(format!("$JS.API.CONSUMER.CREATE.{stream}"));
+        publish.push(format!("$JS.API.CONSUMER.CREATE.{stream}.>"));
+        publish.extend(read_consumers(&stream));
+    }
+    Permissions {
+        publish,
+        subscribe: vec![format!(
+            "{}.>",
+            gpu_coordinator_client::inbox_prefix(AUDITOR)
+        )],
+    }
+}
+
+/// Pulling from, looking at and deleting a consumer of `stream` by its name.
+fn read_consumers(stream: &str) -> [String; 3] {
+    [
+        format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.*"),
+        format!("$JS.API.CONSUMER.INFO.{stream}.*"),
+        format!("$JS.API.CONSUMER.DELETE.{stream}.*"),
+    ]
+}
+
+/// The configuration and passwords for `services` under `prefix`.
+pub fn generate(prefix: &str, services: &[String]) -> anyhow::Result<Generated> {
+    let subjects = Subjects::new(prefix).map_err(anyhow::Error::msg)?;
+    if services.is_empty() {
+        anyhow::bail!("name at least one service (--services chat,asr)");
+    }
+    let mut users = BTreeMap::new();
+    let mut blocks = Vec::new();
+    let mut add = |name: &str, permissions: Option<Permissions>| -> anyhow::Result<()> {
+        let password = Alphanumeric.sample_string(&mut rand::rng(), PASSWORD_LEN);
+        let hash = bcrypt::hash(&password, BCRYPT_COST).context("cannot hash a password")?;
+        blocks.push(user_block(name, &hash, permissions.as_ref()));
+        let credentials = Credentials {
+            user: name.to_owned(),
+            password,
+        };
+        if users.insert(name.to_owned(), credentials).is_some() {
+            anyhow::bail!("the user `{name}` is named twice");
+        }
+        Ok(())
+    };
+    add(COORDINATOR, None)?;
+    add(AUDITOR, Some(auditor_permissions(&subjects)))?;
+    for svc in services {
+        if !gpu_coordinator_wire::valid_service_id(svc) {
+            anyhow::bail!(
+                "`{svc}` is not a service id: expected 1 to 64 characters of A-Z, a-z, 0-9, `_` and `-`"
+            );
+        }
+        if svc == COORDINATOR || svc == AUDITOR {
+            anyhow::bail!("`{svc}` is the name of a user of its own: name the service otherwise");
+        }
+        add(svc, Some(service_permissions(&subjects, svc)))?;
+    }
+    let conf = format!(
+        "# Written by `gpu-coordinator nats-auth` for the subject prefix `{prefix}`.\n\
+         # Passwords are in users.json, next to this file; here are only their bcrypt hashes.\n\
+         # Add `-sd DIR` (or a `jetstream {{ store_dir: ... }}` block) to choose where streams are kept.\n\
+         jetstream: enabled\n\n\
+         authorization {{\n  users = [\n{}  ]\n}}\n",
+        blocks.concat()
+    );
+    Ok(Generated { conf, users })
+}
+
+fn user_block(name: &str, hash: &str, permissions: Option<&Permissions>) -> String {
+    let list = |subjects: &[String]| {
+        subjects
+            .iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let permissions = match permissions {
+        // The coordinator: everything.
+        None => "permissions: { publish: \">\", subscribe: \">\" }".to_owned(),
+        Some(p) => format!(
+            "permissions: {{\n      publish: {{ allow: [{}] }}\n      subscribe: {{ allow: [{}] }}\n    }}",
+            list(&p.publish),
+            list(&p.subscribe)
+        ),
+    };
+    // Quoted: in a nats-server configuration an unquoted `$` starts a variable.
+    format!(
+        "    {{\n      user: \"{name}\"\n      password: \"{hash}\"\n      {permissions}\n    }}\n"
+    )
+}
+
+/// Writes `nats-server.conf` and `users.json` into `dir` (made if missing); `users.json` is readable by
+/// its owner only.
+pub fn write(dir: &Path, generated: &Generated) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot make {}", dir.display()))?;
+    let conf = dir.join("nats-server.conf");
+    std::fs::write(&conf, &generated.conf)
+        .with_context(|| format!("cannot write {}", conf.display()))?;
+    let users = dir.join("users.json");
+    let json = serde_json::to_string_pretty(&generated.users)?;
+    write_private(&users, json.as_bytes())
+        .with_context(|| format!("cannot write {}", users.display()))?;
+    Ok(())
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_publishes_only_its_own_inputs_and_reads_only_its_own_answers() {
+        let subjects = Subjects::new("gpu").unwrap();
+        let p = service_permissions(&subjects, "chat");
+        for own in ["gpu.request.chat", "gpu.ack.chat", "gpu.status"] {
+            assert!(p.publish.iter().any(|s| s == own), "{own}");
+        }
+        assert!(!p
+            .publish
+            .iter()
+            .any(|s| s.contains("reply") && !s.contains("CONSUMER")));
+        assert!(!p
+            .publish
+            .iter()
+            .any(|s| s.starts_with("gpu.") && s.contains('*')));
+        assert!(!p.publish.iter().any(|s| s.contains("CONSUMER.LIST")));
+        assert_eq!(
+            p.subscribe,
+            ["gpu.reply.chat", "gpu.control.chat", "_INBOX_chat.>"]
+        );
+    }
+
+    #[test]
+    fn passwords_are_stored_as_hashes_only() {
+        let generated = generate("gpu", &["chat".to_owned()]).unwrap();
+        assert_eq!(
+            generated.users.keys().collect::<Vec<_>>(),
+            ["auditor", "chat", "coordinator"]
+        );
+        for credentials in generated.users.values() {
+            assert!(!generated.conf.contains(&credentials.password));
+            assert_eq!(credentials.password.len(), PASSWORD_LEN);
+        }
+        assert_eq!(generated.conf.matches("password: \"$2").count(), 3);
+    }
+
+    #[test]
+    fn bad_service_names_are_refused() {
+        assert!(generate("gpu", &["a.b".to_owned()]).is_err());
+        assert!(generate("gpu", &["auditor".to_owned()]).is_err());
+        assert!(generate("gpu", &[]).is_err());
+        assert!(generate("gpu", &["x".to_owned(), "x".to_owned()]).is_err());
+    }
+}

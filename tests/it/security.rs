@@ -1,0 +1,298 @@
+//! Per-service permissions on NATS, on a private nats-server started with the configuration that
+//! `gpu-coordinator nats-auth` writes: a service cannot act for another, forge an output, or read
+//! another's orders; the auditor reads the history and publishes nothing.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use gpu_coordinator::nats_auth::{self, Credentials};
+use gpu_coordinator_client::{Client, RequestOptions};
+use gpu_coordinator_wire::Subjects;
+
+use crate::support::{eventually, test_config, Coordinator, NatsServer};
+
+/// A private NATS with the permissions of `services`, and everyone's credentials.
+struct Secured {
+    server: NatsServer,
+    users: BTreeMap<String, Credentials>,
+    _dir: TempDir,
+}
+
+impl Secured {
+    fn start(prefix: &str, services: &[&str]) -> Secured {
+        let dir = TempDir::new("nats_auth");
+        let services: Vec<String> = services.iter().map(|s| s.to_string()).collect();
+        let generated = nats_auth::generate(prefix, &services).expect("a configuration");
+        nats_auth::write(&dir.0, &generated).expect("the files are written");
+        // What a user reads back is what was written.
+        let users: BTreeMap<String, Credentials> =
+            serde_json::from_slice(&std::fs::read(dir.0.join("users.json")).expect("users.json"))
+                .expect("users.json parses");
+        let server = NatsServer::start_with_conf(Some(dir.0.join("nats-server.conf")));
+        Secured {
+            server,
+            users,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, user: &str) -> String {
+        self.users[user].url(&format!("127.0.0.1:{}", self.server.port))
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(gpu_coordinator_test_support::unique(tag));
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A raw connection as one user that records the permission violations the server reports.
+struct Intruder {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    violations: Arc<Mutex<Vec<String>>>,
+}
+
+impl Intruder {
+    async fn connect(url: &str) -> Intruder {
+        let violations = Arc::new(Mutex::new(Vec::new()));
+        let seen = violations.clone();
+        let client = gpu_coordinator_client::connect_options(url)
+            .expect("a NATS URL")
+            .event_callback(move |event| {
+                let seen = seen.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = event {
+                        seen.lock().unwrap().push(e.to_string());
+                    }
+                }
+            })
+            .connect(url)
+            .await
+            .expect("the user connects");
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(Duration::from_secs(1));
+        Intruder {
+            client,
+            js,
+            violations,
+        }
+    }
+
+    /// Waits until the server reported a violation naming `subject`.
+    async fn refused(&self, what: &str, subject: &str) {
+        let quoted = format!("\"{subject}\"");
+        eventually(&format!("{what} on {subject} is refused"), || async {
+            self.violations
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|v| v.contains("Permissions Violation") && v.contains(&quoted))
+                .then_some(())
+        })
+        .await;
+    }
+
+    async fn publish_refused(&self, subject: String) {
+        self.client
+            .publish(
+                subject.clone(),
+                r#"{"request_id":"b-1","action":"paused"}"#.into(),
+            )
+            .await
+            .expect("the publish leaves the client");
+        self.client.flush().await.expect("flush");
+        self.refused("a publish", &subject).await;
+    }
+}
+
+#[tokio::test]
+async fn a_service_cannot_act_for_another_forge_outputs_or_read_its_orders() {
+    let mut config = test_config("sec_perm", &[("0", 24_000)]);
+    let prefix = config.nats.prefix.clone();
+    let subjects = Subjects::new(&prefix).unwrap();
+    let nats = Secured::start(&prefix, &["a", "b"]);
+    config.nats.url = nats.url("coordinator");
+    let coordinator = Coordinator::start(config.clone()).await;
+
+    // B holds part of the GPU, at background priority.
+    let b = Client::connect(&nats.url("b"), &prefix, "b")
+        .await
+        .expect("b connects with its credentials");
+    let lease = b
+        .request(
+            RequestOptions::new(2)
+                .request_id("b-1")
+                .vram_mb(10_000)
+                .lease_ms(600_000),
+        )
+        .await
+        .expect("b is granted through its own consumers");
+    let fence = lease.fence();
+
+    let a = Intruder::connect(&nats.url("a")).await;
+    // A acts for B: release, renew, ACK, cancel, a request in B's name.
+    for subject in [
+        subjects.release("b"),
+        subjects.renew("b"),
+        subjects.ack("b"),
+        subjects.cancel("b"),
+        subjects.request("b"),
+    ] {
+        a.publish_refused(subject).await;
+    }
+    // A forges outputs: a reply, a control order, an event.
+    for subject in [
+        subjects.reply("b"),
+        subjects.control("b"),
+        subjects.event(gpu_coordinator_wire::EventKind::Granted, "a"),
+        subjects.reply("a"),
+    ] {
+        a.publish_refused(subject).await;
+    }
+    // A reads B's orders: a core subscription, or a consumer filtered to them (named or not).
+    let _sub = a
+        .client
+        .subscribe(subjects.control("b"))
+        .await
+        .expect("the subscription leaves the client");
+    a.client.flush().await.expect("flush");
+    a.refused("a subscription", &subjects.control("b")).await;
+    let output =
+        a.js.get_stream(subjects.output_stream())
+            .await
+            .expect("a may look at the output stream");
+    for (name, filter) in [
+        (Some("peek".to_owned()), subjects.control("b")),
+        (None, subjects.control("b")),
+        (Some("peek2".to_owned()), format!("{prefix}.>")),
+    ] {
+        let made = output
+            .create_consumer(consumer::pull::Config {
+                name,
+                filter_subject: filter.clone(),
+                ..Default::default()
+            })
+            .await;
+        assert!(made.is_err(), "a consumer on {filter} was made for a");
+    }
+    // Nor can A list the consumers, to pull from B's by its name.
+    let mut names = output.consumer_names();
+    use futures::StreamExt as _;
+    assert!(
+        matches!(names.next().await, None | Some(Err(_))),
+        "a could list the consumers of the output stream"
+    );
+
+    // Every attempt left B's lease as it was.
+    let status = b.status().await.expect("b may ask for the status");
+    let holders = &status.gpus[0].holders;
+    assert_eq!(holders.len(), 1);
+    assert_eq!(
+        (holders[0].request_id.as_str(), holders[0].fence),
+        ("b-1", fence)
+    );
+    let input = b
+        .nats()
+        .request(
+            format!("$JS.API.STREAM.INFO.{}", subjects.input_stream()),
+            "".into(),
+        )
+        .await
+        .expect("b may look at the input stream");
+    let info: serde_json::Value = serde_json::from_slice(&input.payload).unwrap();
+    assert_eq!(
+        info["state"]["messages"], 1,
+        "only b's request was stored: {info}"
+    );
+
+    // A's own flow works: it preempts B, and B gets its pause through its own consumer.
+    let a_client = Client::connect(&nats.url("a"), &prefix, "a")
+        .await
+        .expect("a connects");
+    let urgent = tokio::spawn(async move {
+        a_client
+            .request(RequestOptions::new(0).request_id("a-1").vram_mb(20_000))
+            .await
+    });
+    let mut events = lease.events();
+    loop {
+        let event = tokio::time::timeout(crate::support::DEADLINE, events.recv())
+            .await
+            .expect("b hears from the coordinator in time")
+            .expect("b's lease goes on");
+        if let gpu_coordinator_client::LeaseEvent::Pausing { fence: paused, .. } = event {
+            assert_eq!(paused, fence);
+            break;
+        }
+    }
+    drop(events);
+    drop(lease);
+    drop(urgent);
+    drop(b);
+    coordinator.stop().await.expect("stops cleanly");
+}
+
+#[tokio::test]
+async fn the_auditor_reads_the_history_and_publishes_nothing() {
+    let mut config = test_config("sec_audit", &[("0", 24_000)]);
+    let prefix = config.nats.prefix.clone();
+    let subjects = Subjects::new(&prefix).unwrap();
+    let nats = Secured::start(&prefix, &["a"]);
+    config.nats.url = nats.url("coordinator");
+    let coordinator = Coordinator::start(config.clone()).await;
+    let a = Client::connect(&nats.url("a"), &prefix, "a")
+        .await
+        .expect("a connects");
+    let lease = a
+        .request(RequestOptions::new(1).request_id("a-1").vram_mb(1_000))
+        .await
+        .expect("granted");
+    lease.release().await.expect("released");
+
+    let mut auditor_config = config.clone();
+    auditor_config.nats.url = nats.url("auditor");
+    let summary =
+        gpu_coordinator::audit::run(&auditor_config, gpu_coordinator::audit::Since::Start)
+            .await
+            .expect("the auditor reads the output stream")
+            .expect("the history holds every rule");
+    assert_eq!(summary.grants, 1, "{summary}");
+
+    let auditor = Intruder::connect(&nats.url("auditor")).await;
+    for subject in [
+        subjects.request("a"),
+        subjects.reply("a"),
+        subjects.event(gpu_coordinator_wire::EventKind::Granted, "a"),
+        subjects.status(),
+    ] {
+        auditor.publish_refused(subject).await;
+    }
+    coordinator.stop().await.expect("stops cleanly");
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_a_clear_error() {
+    let nats = Secured::start("gpu", &["a"]);
+    let url = nats.url("a").replace(&nats.users["a"].password, "wrong");
+    let error = Client::connect(&url, "gpu", "a")
+        .await
+        .err()
+        .expect("refused");
+    let text = error.to_string();
+    assert!(text.contains("authorization"), "{text}");
+    assert!(!text.contains("wrong"), "the password is shown: {text}");
+}
