@@ -64,8 +64,9 @@ enum Command {
         since: Option<String>,
     },
     /// Show the GPUs (VRAM and its source), the holders and the queue of a running coordinator.
-    /// Write a nats-server configuration with per-service permissions (`DIR/nats-server.conf`) and
-    /// the users' random passwords (`DIR/users.json`): one user per service, `coordinator` and a
+    /// Write a nats-server configuration with per-service permissions (`DIR/nats-server.conf`), the
+    /// users' random passwords and URLs and the services' HTTP tokens (`DIR/users.json`), and the
+    /// coordinator's environment (`DIR/coordinator.env`): one user per service, `coordinator` and a
     /// read-only `auditor`. A service may publish only its own inputs and read only its own answers.
     NatsAuth {
         /// The services, comma-separated (e.g. `chat,asr,diar`).
@@ -77,6 +78,9 @@ enum Command {
         /// The subject prefix the permissions cover (default: the configuration's `nats.prefix`).
         #[arg(long)]
         prefix: Option<String>,
+        /// The NATS host and port written into each user's URL in `users.json`.
+        #[arg(long, default_value = "127.0.0.1:4222")]
+        host: String,
     },
     Status {
         /// Print the status document as JSON, for scripts.
@@ -139,14 +143,17 @@ async fn main() -> anyhow::Result<()> {
             services,
             out,
             prefix,
+            host,
         } => {
             let prefix = prefix.unwrap_or(config.nats.prefix);
-            let generated = gpu_coordinator::nats_auth::generate(&prefix, &services)?;
+            let generated = gpu_coordinator::nats_auth::generate(&prefix, &services, &host)?;
             gpu_coordinator::nats_auth::write(&out, &generated)?;
             println!(
-                "wrote {0}/nats-server.conf and {0}/users.json ({1} users, subjects under `{prefix}.`)\n\
+                "wrote {0}/nats-server.conf, {0}/users.json and {0}/coordinator.env ({1} users, \
+                 subjects under `{prefix}.`)\n\
                  start NATS with: nats-server -c {0}/nats-server.conf\n\
-                 connect each service as nats://<user>:<password>@<host>:4222 (see users.json)",
+                 each user's URL (and each service's HTTP token) is in users.json; the coordinator's \
+                 settings are in coordinator.env (`set -a; . {0}/coordinator.env`)",
                 out.display(),
                 generated.users.len()
             );

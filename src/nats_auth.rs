@@ -39,11 +39,16 @@ const PASSWORD_LEN: usize = 32;
 pub struct Credentials {
     pub user: String,
     pub password: String,
+    /// `nats://user:password@<host>`, for the host given to `nats-auth --host`.
+    pub url: String,
+    /// A service's bearer token for the HTTP API (what `[http.tokens]` maps to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_token: Option<String>,
 }
 
 impl Credentials {
     /// `nats://user:password@<host_port>`.
-    pub fn url(&self, host_port: &str) -> String {
+    pub fn url_at(&self, host_port: &str) -> String {
         format!("nats://{}:{}@{host_port}", self.user, self.password)
     }
 }
@@ -55,6 +60,23 @@ pub struct Generated {
     pub conf: String,
     /// `users.json`: user name -> credentials.
     pub users: BTreeMap<String, Credentials>,
+}
+
+impl Generated {
+    /// `coordinator.env`: the coordinator's NATS URL and the services' HTTP tokens as the environment
+    /// variables `serve` reads (a file to source with `set -a`).
+    pub fn coordinator_env(&self) -> String {
+        let tokens: Vec<String> = self
+            .users
+            .values()
+            .filter_map(|c| Some(format!("{}=\"{}\"", c.http_token.as_ref()?, c.user)))
+            .collect();
+        format!(
+            "GPU_COORDINATOR_NATS__URL='{}'\nGPU_COORDINATOR_HTTP__TOKENS='{{{}}}'\n",
+            self.users[COORDINATOR].url,
+            tokens.join(", ")
+        )
+    }
 }
 
 /// The permissions of one user: subjects it may publish to and subscribe to.
@@ -120,7 +142,7 @@ fn read_consumers(stream: &str) -> [String; 3] {
 }
 
 /// The configuration and passwords for `services` under `prefix`.
-pub fn generate(prefix: &str, services: &[String]) -> anyhow::Result<Generated> {
+pub fn generate(prefix: &str, services: &[String], host: &str) -> anyhow::Result<Generated> {
     let subjects = Subjects::new(prefix).map_err(anyhow::Error::msg)?;
     if services.is_empty() {
         anyhow::bail!("name at least one service (--services chat,asr)");
@@ -130,10 +152,14 @@ pub fn generate(prefix: &str, services: &[String]) -> anyhow::Result<Generated> 
     let mut add = |name: &str, permissions: Option<Permissions>| -> anyhow::Result<()> {
         let password = Alphanumeric.sample_string(&mut rand::rng(), PASSWORD_LEN);
         let hash = bcrypt::hash(&password, BCRYPT_COST).context("cannot hash a password")?;
+        let is_service = name != COORDINATOR && name != AUDITOR;
         blocks.push(user_block(name, &hash, permissions.as_ref()));
         let credentials = Credentials {
             user: name.to_owned(),
+            url: format!("nats://{name}:{password}@{host}"),
             password,
+            http_token: is_service
+                .then(|| Alphanumeric.sample_string(&mut rand::rng(), PASSWORD_LEN)),
         };
         if users.insert(name.to_owned(), credentials).is_some() {
             anyhow::bail!("the user `{name}` is named twice");
@@ -187,8 +213,8 @@ fn user_block(name: &str, hash: &str, permissions: Option<&Permissions>) -> Stri
     )
 }
 
-/// Writes `nats-server.conf` and `users.json` into `dir` (made if missing); `users.json` is readable by
-/// its owner only.
+/// Writes `nats-server.conf`, `users.json` and `coordinator.env` into `dir` (made if missing); the
+/// last two are readable by their owner only.
 pub fn write(dir: &Path, generated: &Generated) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot make {}", dir.display()))?;
     let conf = dir.join("nats-server.conf");
@@ -198,6 +224,9 @@ pub fn write(dir: &Path, generated: &Generated) -> anyhow::Result<()> {
     let json = serde_json::to_string_pretty(&generated.users)?;
     write_private(&users, json.as_bytes())
         .with_context(|| format!("cannot write {}", users.display()))?;
+    let env = dir.join("coordinator.env");
+    write_private(&env, generated.coordinator_env().as_bytes())
+        .with_context(|| format!("cannot write {}", env.display()))?;
     Ok(())
 }
 
@@ -247,7 +276,7 @@ mod tests {
 
     #[test]
     fn passwords_are_stored_as_hashes_only() {
-        let generated = generate("gpu", &["chat".to_owned()]).unwrap();
+        let generated = generate("gpu", &["chat".to_owned()], "nats:4222").unwrap();
         assert_eq!(
             generated.users.keys().collect::<Vec<_>>(),
             ["auditor", "chat", "coordinator"]
@@ -257,13 +286,23 @@ mod tests {
             assert_eq!(credentials.password.len(), PASSWORD_LEN);
         }
         assert_eq!(generated.conf.matches("password: \"$2").count(), 3);
+        let chat = &generated.users["chat"];
+        assert_eq!(chat.url, format!("nats://chat:{}@nats:4222", chat.password));
+        let token = chat
+            .http_token
+            .as_ref()
+            .expect("a service has an HTTP token");
+        let env = generated.coordinator_env();
+        assert!(env.contains(&format!("{{{token}=\"chat\"}}")), "{env}");
+        assert!(env.contains(&generated.users["coordinator"].url), "{env}");
+        assert!(generated.users["auditor"].http_token.is_none());
     }
 
     #[test]
     fn bad_service_names_are_refused() {
-        assert!(generate("gpu", &["a.b".to_owned()]).is_err());
-        assert!(generate("gpu", &["auditor".to_owned()]).is_err());
-        assert!(generate("gpu", &[]).is_err());
-        assert!(generate("gpu", &["x".to_owned(), "x".to_owned()]).is_err());
+        assert!(generate("gpu", &["a.b".to_owned()], "nats:4222").is_err());
+        assert!(generate("gpu", &["auditor".to_owned()], "nats:4222").is_err());
+        assert!(generate("gpu", &[], "nats:4222").is_err());
+        assert!(generate("gpu", &["x".to_owned(), "x".to_owned()], "nats:4222").is_err());
     }
 }

@@ -25,7 +25,8 @@ impl Secured {
     fn start(prefix: &str, services: &[&str]) -> Secured {
         let dir = TempDir::new("nats_auth");
         let services: Vec<String> = services.iter().map(|s| s.to_string()).collect();
-        let generated = nats_auth::generate(prefix, &services).expect("a configuration");
+        let generated =
+            nats_auth::generate(prefix, &services, "127.0.0.1:4222").expect("a configuration");
         nats_auth::write(&dir.0, &generated).expect("the files are written");
         // What a user reads back is what was written.
         let users: BTreeMap<String, Credentials> =
@@ -40,7 +41,7 @@ impl Secured {
     }
 
     fn url(&self, user: &str) -> String {
-        self.users[user].url(&format!("127.0.0.1:{}", self.server.port))
+        self.users[user].url_at(&format!("127.0.0.1:{}", self.server.port))
     }
 }
 
