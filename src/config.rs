@@ -109,6 +109,12 @@ pub struct QueueConfig {
     pub aging_ms: u64,
     /// `queue.retain_ended`: ended requests remembered to answer a repeated id, default 100000.
     pub retain_ended: usize,
+    /// `queue.max_per_service`: live requests one service may have at once, default 10000; one more
+    /// is rejected with an error that says so.
+    pub max_per_service: usize,
+    /// `queue.status_limit`: queue entries a status document lists unless asked for another page,
+    /// default 100 (at most 1000); the document also gives the total and counts per priority and GPU.
+    pub status_limit: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,6 +227,8 @@ impl Default for QueueConfig {
         QueueConfig {
             aging_ms: 0,
             retain_ended: 100_000,
+            max_per_service: 10_000,
+            status_limit: 100,
         }
     }
 }
@@ -345,6 +353,12 @@ impl Config {
         if self.preemption.ack_deadline_ms == 0 {
             problems.push("preemption.ack_deadline_ms must be > 0".to_owned());
         }
+        if self.queue.status_limit > 1_000 {
+            problems.push("queue.status_limit must be at most 1000".to_owned());
+        }
+        if self.queue.max_per_service == 0 {
+            problems.push("queue.max_per_service must be > 0".to_owned());
+        }
         if self.request.default_timeout_ms == 0 {
             problems.push("request.default_timeout_ms must be > 0".to_owned());
         }
@@ -405,6 +419,7 @@ impl Config {
             default_timeout_ms: self.request.default_timeout_ms,
             aging_ms: self.queue.aging_ms,
             retain_ended: self.queue.retain_ended,
+            max_per_service: self.queue.max_per_service,
             // Set by the driver from `nvml.settle_ms` once it knows NVML is there.
             settle_ms: 0,
         }
@@ -545,7 +560,7 @@ mod tests {
         );
         let config = load_str(
             "[lease]\ndefault_ms = 1\nmax_ms = 2\n[preemption]\nack_deadline_ms = 3\nmin_hold_ms = 4\n\
-             [request]\ndefault_timeout_ms = 5\n[queue]\naging_ms = 6\nretain_ended = 7\n",
+             [request]\ndefault_timeout_ms = 5\n[queue]\naging_ms = 6\nretain_ended = 7\nmax_per_service = 8\n",
             "sched",
         )
         .expect("valid");
@@ -560,6 +575,7 @@ mod tests {
                 aging_ms: 6,
                 retain_ended: 7,
                 settle_ms: 0,
+                max_per_service: 8,
             }
         );
     }

@@ -447,6 +447,28 @@ fn render_status(doc: &StatusDoc) -> String {
             })
             .collect(),
     ));
+    let listed = doc.queue.len() as u64;
+    if doc.queue_total > listed {
+        out.push_str(&format!(
+            "  ({listed} of {} listed, from position {}; by priority: {})\n",
+            doc.queue_total,
+            doc.queue_offset + 1,
+            doc.queue_counts
+                .iter()
+                .map(|c| format!(
+                    "{} -> {} queued, {} paused{}",
+                    c.priority,
+                    c.queued,
+                    c.paused,
+                    c.gpu
+                        .as_ref()
+                        .map(|g| format!(" (GPU {g})"))
+                        .unwrap_or_default()
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
     out
 }
 
@@ -523,6 +545,9 @@ mod tests {
     fn the_status_table_shows_gpus_holders_and_queue() {
         let doc = StatusDoc {
             leader: None,
+            queue_total: 2,
+            queue_offset: 0,
+            queue_counts: vec![],
             at: "2026-11-26T14:00:00.000Z".into(),
             vram_source: VramSource::Config,
             gpus: vec![GpuStatus {
@@ -609,5 +634,47 @@ mod tests {
             ..doc
         });
         assert_eq!(empty.matches("(none)").count(), 3, "{empty}");
+        // A long queue says how much of it is listed.
+        let long = render_status(&StatusDoc {
+            queue_total: 100_000,
+            queue_counts: vec![gpu_coordinator_wire::QueueCount {
+                priority: 1,
+                gpu: None,
+                queued: 100_000,
+                paused: 0,
+            }],
+            ..empty_doc_with_one_entry()
+        });
+        assert!(
+            long.contains(
+                "(1 of 100000 listed, from position 1; by priority: 1 -> 100000 queued, 0 paused)"
+            ),
+            "{long}"
+        );
+    }
+
+    fn empty_doc_with_one_entry() -> StatusDoc {
+        StatusDoc {
+            leader: None,
+            at: "2026-11-26T14:00:00.000Z".into(),
+            vram_source: VramSource::Config,
+            gpus: vec![],
+            paused: vec![],
+            queue: vec![QueueEntry {
+                position: 1,
+                request_id: "q-1".into(),
+                service_id: "q".into(),
+                priority: 1,
+                vram_mb: None,
+                gpu: None,
+                requested_at: "2026-11-26T13:59:55.000Z".into(),
+                paused: false,
+                timeout_at: None,
+                estimated_wait_ms: None,
+            }],
+            queue_total: 1,
+            queue_offset: 0,
+            queue_counts: vec![],
+        }
     }
 }

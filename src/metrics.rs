@@ -228,17 +228,19 @@ impl Metrics {
         ] {
             family.clear();
         }
-        for entry in &doc.queue {
-            let family = if entry.paused {
-                &self.paused
-            } else {
-                &self.queue_length
+        // From the counts of the whole queue: the document lists only a page of it.
+        for count in &doc.queue_counts {
+            let label = PriorityLabel {
+                priority: count.priority.to_string(),
             };
-            family
-                .get_or_create(&PriorityLabel {
-                    priority: entry.priority.to_string(),
-                })
-                .inc();
+            for (family, n) in [
+                (&self.queue_length, count.queued),
+                (&self.paused, count.paused),
+            ] {
+                if n > 0 {
+                    family.get_or_create(&label).inc_by(n as i64);
+                }
+            }
         }
         for gpu in &doc.gpus {
             let label = GpuLabel {
@@ -425,7 +427,7 @@ mod tests {
     use super::*;
     use gpu_coordinator_core::{EventOut, ReplyOut};
     use gpu_coordinator_wire::time::rfc3339;
-    use gpu_coordinator_wire::{Encoding, GpuStatus, HolderStatus, Outcome, QueueEntry};
+    use gpu_coordinator_wire::{Encoding, GpuStatus, HolderStatus, Outcome, QueueCount};
 
     fn event_waited(kind: EventKind, id: &str, at: Millis, waited_ms: Option<u64>) -> Action {
         Action::Event {
@@ -566,17 +568,11 @@ mod tests {
             state,
             preemptible: true,
         };
-        let queued = |id: &str, priority, paused| QueueEntry {
-            position: 1,
-            request_id: id.into(),
-            service_id: "s".into(),
+        let count = |priority, gpu: Option<&str>, queued, paused| QueueCount {
             priority,
-            vram_mb: None,
-            gpu: None,
-            requested_at: rfc3339(0),
+            gpu: gpu.map(str::to_owned),
+            queued,
             paused,
-            timeout_at: None,
-            estimated_wait_ms: None,
         };
         let doc = StatusDoc {
             leader: None,
@@ -595,10 +591,14 @@ mod tests {
                 ],
             }],
             paused: vec![],
-            queue: vec![
-                queued("q1", 0, false),
-                queued("q2", 0, false),
-                queued("p", 2, true),
+            // A page of the queue is not what is counted: the counts of the whole queue are.
+            queue: vec![],
+            queue_total: 3,
+            queue_offset: 0,
+            queue_counts: vec![
+                count(0, None, 1, 0),
+                count(0, Some("0"), 1, 0),
+                count(2, Some("0"), 0, 1),
             ],
         };
         let text = metrics.render(Some(&doc));
@@ -626,7 +626,8 @@ mod tests {
         // The next document replaces the gauges: an empty queue leaves no stale series.
         let empty = StatusDoc {
             leader: None,
-            queue: vec![],
+            queue_total: 0,
+            queue_counts: vec![],
             ..doc
         };
         let text = metrics.render(Some(&empty));

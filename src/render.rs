@@ -7,8 +7,8 @@ use gpu_coordinator_core::{
 };
 use gpu_coordinator_wire::time::rfc3339;
 use gpu_coordinator_wire::{
-    codec, Control, Encoding, Event, GpuStatus, HolderStatus, PausedStatus, QueueEntry, Reply,
-    StatusDoc, Subjects,
+    codec, Control, Encoding, Event, GpuStatus, HolderStatus, PausedStatus, QueueCount, QueueEntry,
+    Reply, StatusDoc, Subjects,
 };
 
 /// A message ready to publish.
@@ -116,6 +116,18 @@ pub fn status(view: &StatusView) -> StatusDoc {
         gpus: view.gpus.iter().map(gpu).collect(),
         paused: view.paused.iter().map(paused).collect(),
         queue: view.queue.iter().map(queued).collect(),
+        queue_total: view.queue_total,
+        queue_offset: view.queue_offset,
+        queue_counts: view
+            .queue_counts
+            .iter()
+            .map(|c| QueueCount {
+                priority: c.priority,
+                gpu: c.gpu.as_ref().map(|g| g.to_string()),
+                queued: c.queued,
+                paused: c.paused,
+            })
+            .collect(),
         leader: None,
     }
 }

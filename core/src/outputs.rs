@@ -130,7 +130,38 @@ pub struct StatusView {
     pub vram_source: VramSource,
     pub gpus: Vec<GpuView>,
     pub paused: Vec<PausedView>,
+    /// One page of the queue in grant order (see [`QueuePage`]).
     pub queue: Vec<QueueView>,
+    /// How many requests the whole queue holds (queued and paused).
+    pub queue_total: u64,
+    /// How many entries come before the page.
+    pub queue_offset: u64,
+    /// The whole queue counted by priority and GPU (the pinned GPU of a queued request, `None`: any;
+    /// the GPU of a paused one), in that order.
+    pub queue_counts: Vec<QueueCountView>,
+}
+
+/// Which part of the queue a status view lists: `limit` entries after the first `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuePage {
+    pub offset: u64,
+    pub limit: u64,
+}
+
+impl QueuePage {
+    /// The whole queue.
+    pub const ALL: QueuePage = QueuePage {
+        offset: 0,
+        limit: u64::MAX,
+    };
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueCountView {
+    pub priority: u8,
+    pub gpu: Option<GpuId>,
+    pub queued: u64,
+    pub paused: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

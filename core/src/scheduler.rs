@@ -30,7 +30,7 @@
 //! With NVML (`settle_ms` > 0), a GPU where a holder just paused takes no grant until a VRAM sample shows
 //! the paused share freed, or until `settle_ms` passes: then the grant goes ahead, and its event says so.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
 
 use gpu_coordinator_wire::{
@@ -515,6 +515,17 @@ impl Scheduler {
                 ),
                 None => "no GPU is managed by this coordinator".to_string(),
             })
+        } else if let Some(live) = self
+            .services
+            .get(service.as_str())
+            .map(BTreeSet::len)
+            .filter(|&n| n >= self.config.max_per_service)
+        {
+            Some(format!(
+                "service `{service}` already has {live} live requests, the most that \
+                 `queue.max_per_service` allows ({}): release or cancel some first",
+                self.config.max_per_service
+            ))
         } else if let Some(vram) = msg.vram_mb {
             let largest = candidates
                 .iter()
@@ -1493,6 +1504,12 @@ impl Scheduler {
     /// What it holds now: each GPU with its VRAM and holders, the paused requests, and the queue in
     /// grant order with positions and rough wait estimates.
     pub fn status(&self, now: Millis) -> StatusView {
+        self.status_page(now, QueuePage::ALL)
+    }
+
+    /// The status with one page of the queue, its total and its counts by priority and GPU: the
+    /// document stays small however long the queue is. O(queue) in time, O(page) in size.
+    pub fn status_page(&self, now: Millis, page: QueuePage) -> StatusView {
         let holder = |seq: &u64| {
             let rec = self.live_rec(*seq);
             HolderView {
@@ -1539,10 +1556,20 @@ impl Scheduler {
         let mut ahead_ms = 0u64;
         let mut paused = Vec::new();
         let mut queue = Vec::new();
+        let mut counts: BTreeMap<(u8, Option<GpuId>), (u64, u64)> = BTreeMap::new();
+        let page_end = page.offset.saturating_add(page.limit);
         for (i, &(_, seq)) in self.queue.iter().enumerate() {
+            let i = i as u64;
             let rec = self.live_rec(seq);
             let is_paused = rec.phase == Phase::Paused;
+            let gpu = if is_paused {
+                rec.gpu.clone()
+            } else {
+                rec.gpu_pin.clone()
+            };
+            let count = counts.entry((rec.priority, gpu)).or_default();
             if is_paused {
+                count.1 += 1;
                 paused.push(PausedView {
                     request_id: rec.request_id.clone(),
                     service_id: rec.service_id.clone(),
@@ -1551,19 +1578,23 @@ impl Scheduler {
                     vram_mb: rec.held_mb.unwrap_or(0),
                     paused_at: rec.paused_at.unwrap_or(0),
                 });
+            } else {
+                count.0 += 1;
             }
-            queue.push(QueueView {
-                position: i as u64 + 1,
-                request_id: rec.request_id.clone(),
-                service_id: rec.service_id.clone(),
-                priority: rec.priority,
-                vram_mb: rec.vram_mb,
-                gpu: rec.gpu_pin.clone(),
-                requested_at: rec.requested_at,
-                paused: is_paused,
-                timeout_at: (!is_paused).then_some(rec.timeout_at),
-                estimated_wait_ms: Some(soonest_end(rec) + ahead_ms / n_gpus),
-            });
+            if (page.offset..page_end).contains(&i) {
+                queue.push(QueueView {
+                    position: i + 1,
+                    request_id: rec.request_id.clone(),
+                    service_id: rec.service_id.clone(),
+                    priority: rec.priority,
+                    vram_mb: rec.vram_mb,
+                    gpu: rec.gpu_pin.clone(),
+                    requested_at: rec.requested_at,
+                    paused: is_paused,
+                    timeout_at: (!is_paused).then_some(rec.timeout_at),
+                    estimated_wait_ms: Some(soonest_end(rec) + ahead_ms / n_gpus),
+                });
+            }
             ahead_ms = ahead_ms.saturating_add(rec.lease_ms);
         }
         StatusView {
@@ -1572,6 +1603,17 @@ impl Scheduler {
             gpus,
             paused,
             queue,
+            queue_total: self.queue.len() as u64,
+            queue_offset: page.offset,
+            queue_counts: counts
+                .into_iter()
+                .map(|((priority, gpu), (queued, paused))| QueueCountView {
+                    priority,
+                    gpu,
+                    queued,
+                    paused,
+                })
+                .collect(),
         }
     }
 

@@ -39,6 +39,9 @@ pub struct SchedConfig {
     /// After a pause ACK, how long a GPU waits for an [`Input::ExternalVram`] sample showing the paused
     /// holder's VRAM freed before it grants anyway, with a warning (0: off; on only with NVML).
     pub settle_ms: u64,
+    /// `queue.max_per_service`: the most live (queued, paused or holding) requests one service may
+    /// have; one more is rejected with an error that names the limit.
+    pub max_per_service: usize,
 }
 
 impl Default for SchedConfig {
@@ -52,6 +55,7 @@ impl Default for SchedConfig {
             aging_ms: 0,
             retain_ended: 100_000,
             settle_ms: 0,
+            max_per_service: 10_000,
         }
     }
 }

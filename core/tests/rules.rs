@@ -251,6 +251,84 @@ fn impossible_requests_are_rejected() {
 }
 
 #[test]
+fn a_service_may_have_only_so_many_live_requests() {
+    let mut s = sim_with(
+        SchedConfig {
+            max_per_service: 2,
+            ..config()
+        },
+        &[("g0", 1_000)],
+    );
+    s.request("asr", req("a1", 1).vram(1_000));
+    s.request("asr", req("a2", 1).vram(1_000));
+    let a = s.request("asr", req("a3", 1).vram(1_000));
+    let reply = a.reply("a3");
+    assert_eq!(reply.outcome, Outcome::Rejected);
+    let error = reply.error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("queue.max_per_service") && error.contains('2'),
+        "{error}"
+    );
+    // Other services are not limited by asr's count.
+    let a = s.request("chat", req("c1", 1).vram(1_000));
+    a.no_reply("c1");
+    // One ends: asr may ask again.
+    s.cancel("asr", "a2");
+    let a = s.request("asr", req("a4", 1).vram(1_000));
+    a.no_reply("a4");
+}
+
+#[test]
+fn the_status_lists_a_page_of_the_queue_with_its_total_and_counts() {
+    let mut s = sim(&[("g0", 1_000), ("g1", 1_000)]);
+    s.request("hold", req("h0", 0).vram(1_000).gpu("g0"));
+    s.request("hold", req("h1", 0).vram(1_000).gpu("g1"));
+    for i in 0..30 {
+        let r = req(&format!("q{i}"), (i % 3) as u8).vram(500);
+        let r = if i < 10 { r.gpu("g1") } else { r };
+        s.request("wait", r);
+    }
+    let full = s.status();
+    assert_eq!((full.queue.len(), full.queue_total), (30, 30));
+    let page = s.sched.status_page(
+        s.now,
+        gpu_coordinator_core::QueuePage {
+            offset: 5,
+            limit: 10,
+        },
+    );
+    assert_eq!(page.queue_total, 30);
+    assert_eq!(page.queue_offset, 5);
+    assert_eq!(page.queue, full.queue[5..15].to_vec());
+    let counted: Vec<(u8, Option<&str>, u64)> = page
+        .queue_counts
+        .iter()
+        .map(|c| (c.priority, c.gpu.as_deref(), c.queued))
+        .collect();
+    // 10 pinned to g1 (i < 10) and 20 for any GPU, over priorities i % 3.
+    assert_eq!(
+        counted,
+        vec![
+            (0, None, 6),
+            (0, Some("g1"), 4),
+            (1, None, 7),
+            (1, Some("g1"), 3),
+            (2, None, 7),
+            (2, Some("g1"), 3),
+        ]
+    );
+    let empty = s.sched.status_page(
+        s.now,
+        gpu_coordinator_core::QueuePage {
+            offset: 0,
+            limit: 0,
+        },
+    );
+    assert!(empty.queue.is_empty());
+    assert_eq!(empty.queue_counts, page.queue_counts);
+}
+
+#[test]
 fn a_whole_gpu_request_waits_for_an_empty_gpu() {
     let mut s = sim(&[("g0", 1_000)]);
     s.request("s1", req("a", 1).vram(100));

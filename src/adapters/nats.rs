@@ -497,8 +497,16 @@ impl ports::Bus for NatsBus {
                 async move {
                     let reply_to = msg.reply.clone()?;
                     let encoding = Encoding::from_content_type(content_type(msg.headers.as_ref()));
+                    // An empty or unreadable body asks for the default page.
+                    let page = if msg.payload.is_empty() {
+                        Default::default()
+                    } else {
+                        gpu_coordinator_wire::codec::decode(encoding, &msg.payload)
+                            .unwrap_or_default()
+                    };
                     Some(StatusQuery {
                         encoding,
+                        page,
                         respond: Box::new(move |payload| -> Settle {
                             Box::pin(async move {
                                 bus.respond(reply_to, encoding, payload)

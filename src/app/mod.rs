@@ -175,6 +175,7 @@ async fn lead(
             recorder: Recorder::new(metrics.clone()),
             nvml: gpus.feed.clone(),
             retain_ended: config.queue.retain_ended,
+            status_limit: config.queue.status_limit,
             shutdown: acting.clone(),
         };
         let ran = match Driver::start(setup, ports.clone(), term).await {

@@ -6,7 +6,12 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use gpu_coordinator_core::Input;
-use gpu_coordinator_wire::{codec, decode_input, LeaderStatus, StatusDoc};
+use gpu_coordinator_core::QueuePage;
+use gpu_coordinator_wire::{codec, decode_input, LeaderStatus, StatusDoc, StatusPage};
+
+/// The most queue entries one status document lists, whatever the question asks: 1,000 entries
+/// keep it far below NATS's 1 MB payload limit.
+pub const MAX_STATUS_LIMIT: u64 = 1_000;
 use tokio::sync::mpsc;
 
 use super::retry::with_retry;
@@ -96,8 +101,8 @@ impl Driver {
                 Some(query) = status.next() => self.answer_status(query).await,
                 Some(samples) = next_sample(&mut self.nvml) => self.handle_samples(samples).await?,
                 Some(command) = commands.recv() => match command {
-                    Command::Status(reply) => {
-                        let _ = reply.send(self.status_doc());
+                    Command::Status(page, reply) => {
+                        let _ = reply.send(self.status_doc(page));
                     }
                 },
                 _ = every_second.tick() => {
@@ -251,8 +256,15 @@ impl Driver {
     }
 
     /// The status document, with who leads and the standbys it knows of.
-    fn status_doc(&self) -> StatusDoc {
-        let mut doc = render::status(&self.sched.status(now_ms()));
+    fn status_doc(&self, page: StatusPage) -> StatusDoc {
+        let page = QueuePage {
+            offset: page.offset.unwrap_or(0),
+            limit: page
+                .limit
+                .unwrap_or(self.status_limit)
+                .min(MAX_STATUS_LIMIT),
+        };
+        let mut doc = render::status(&self.sched.status_page(now_ms(), page));
         doc.leader = self.ports.leadership.roster().map(|roster| LeaderStatus {
             holder: roster.holder,
             term: roster.term.0,
@@ -263,7 +275,7 @@ impl Driver {
 
     /// Answers a status question with the status document, in the encoding it was asked in.
     async fn answer_status(&mut self, query: StatusQuery) {
-        let doc = self.status_doc();
+        let doc = self.status_doc(query.page);
         let payload = codec::encode(query.encoding, &doc);
         if let Err(e) = (query.respond)(payload).await {
             tracing::warn!("answering status: {e}");

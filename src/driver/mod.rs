@@ -36,7 +36,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use gpu_coordinator_core::Scheduler;
-use gpu_coordinator_wire::{StatusDoc, Subjects};
+use gpu_coordinator_wire::{StatusDoc, StatusPage, Subjects};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -49,8 +49,8 @@ use effects::{InputPosition, Outbox};
 
 /// What other tasks (HTTP handlers, operators) ask of the driver.
 pub enum Command {
-    /// The status document.
-    Status(oneshot::Sender<StatusDoc>),
+    /// The status document, with this page of the queue.
+    Status(StatusPage, oneshot::Sender<StatusDoc>),
 }
 
 /// A handle to send commands to the driver of this process, whichever term it runs: between terms (a
@@ -62,10 +62,10 @@ pub struct DriverHandle {
 
 impl DriverHandle {
     /// The status document, or `None` when no driver of this process runs (standby, stopping).
-    pub async fn status(&self) -> Option<StatusDoc> {
+    pub async fn status(&self, page: StatusPage) -> Option<StatusDoc> {
         let sender = self.tx.read().ok()?.clone()?;
         let (tx, rx) = oneshot::channel();
-        sender.send(Command::Status(tx)).await.ok()?;
+        sender.send(Command::Status(page, tx)).await.ok()?;
         rx.await.ok()
     }
 
@@ -123,6 +123,8 @@ pub struct Setup {
     pub nvml: Option<NvmlFeed>,
     /// How many ended requests to load, to answer repeated ids.
     pub retain_ended: usize,
+    /// `queue.status_limit`: queue entries a status document lists when the question names none.
+    pub status_limit: u64,
     pub shutdown: CancellationToken,
 }
 
@@ -140,6 +142,7 @@ pub struct Driver {
     nvml: Option<NvmlFeed>,
     position: InputPosition,
     outbox: Outbox,
+    status_limit: u64,
     /// Status questions, subscribed before the driver is handed out, so that a leader reported by
     /// the HTTP status also answers over NATS.
     /// (In a mutex only so that the driver is `Sync`; never contended.)

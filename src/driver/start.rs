@@ -28,6 +28,7 @@ impl Driver {
             recorder,
             nvml,
             retain_ended,
+            status_limit,
             shutdown,
         } = setup;
         let journal = ports.journal.clone();
@@ -82,6 +83,7 @@ impl Driver {
                 pending: None,
             },
             outbox,
+            status_limit,
             status: Some(std::sync::Mutex::new(status)),
         };
         driver.carry_out().await?;

@@ -62,6 +62,7 @@ impl Rig {
             recorder: Recorder::new(Metrics::new()),
             nvml: None,
             retain_ended: 1_000,
+            status_limit: 100,
             shutdown: shutdown.clone(),
         };
         Driver::start(setup, self.ports(), crate::ports::Term(1))

@@ -338,6 +338,8 @@ pub type Inputs = BoxStream<'static, Result<Delivery, PortError>>;
 /// A `<prefix>.status` question: answer it with the status document in `encoding`.
 pub struct StatusQuery {
     pub encoding: Encoding,
+    /// The page of the queue asked for (the question's body; empty: the default page).
+    pub page: gpu_coordinator_wire::StatusPage,
     pub respond: Box<dyn FnOnce(Vec<u8>) -> Settle + Send + Sync>,
 }
 

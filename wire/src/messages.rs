@@ -334,10 +334,42 @@ pub struct StatusDoc {
     pub vram_source: VramSource,
     pub gpus: Vec<GpuStatus>,
     pub paused: Vec<PausedStatus>,
+    /// The queue in grant order: the first `queue.status_limit` entries (100 by default), or the page
+    /// asked for (`?offset=&limit=` over HTTP, `{"offset":..,"limit":..}` over NATS).
     pub queue: Vec<QueueEntry>,
+    /// How many requests the whole queue holds (queued and paused); more than `queue` lists when the
+    /// queue is longer than the page.
+    #[serde(default)]
+    pub queue_total: u64,
+    /// How many entries of the queue come before `queue`'s first.
+    #[serde(default)]
+    pub queue_offset: u64,
+    /// The whole queue counted by priority and GPU.
+    #[serde(default)]
+    pub queue_counts: Vec<QueueCount>,
     /// The coordinator that answers (the leader), its term, and the standbys it knows of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<LeaderStatus>,
+}
+
+/// How many requests of one priority wait for one GPU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct QueueCount {
+    pub priority: u8,
+    /// The GPU a queued request is pinned to, or a paused one's GPU; absent: any GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<String>,
+    pub queued: u64,
+    pub paused: u64,
+}
+
+/// What part of the queue a status question asks for (the body of `<prefix>.status`, optional; `GET /gpu/status?offset=&limit=`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct StatusPage {
+    #[serde(default)]
+    pub offset: Option<u64>,
+    #[serde(default)]
+    pub limit: Option<u64>,
 }
 
 /// Who leads the deployment.

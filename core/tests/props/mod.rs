@@ -373,6 +373,7 @@ fn run(setup: Setup, ops: Vec<Op>) {
         retain_ended: setup.retain_ended,
         // The settle wait closes a GPU on purpose; it has table tests of its own.
         settle_ms: 0,
+        max_per_service: usize::MAX,
     };
     let names: Vec<String> = (0..setup.totals.len()).map(|i| format!("g{i}")).collect();
     let specs: Vec<(&str, u64)> = names

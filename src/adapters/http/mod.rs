@@ -181,9 +181,9 @@ impl HttpState {
     }
 
     /// The status document from the driver.
-    async fn status(&self) -> Result<StatusDoc, ApiError> {
+    async fn status(&self, page: gpu_coordinator_wire::StatusPage) -> Result<StatusDoc, ApiError> {
         let backends = &self.connected()?.backends;
-        match tokio::time::timeout(STATUS_WAIT, backends.driver.status()).await {
+        match tokio::time::timeout(STATUS_WAIT, backends.driver.status(page)).await {
             Ok(Some(doc)) => Ok(doc),
             Ok(None) => {
                 let leader = match backends.leadership.leader().await {

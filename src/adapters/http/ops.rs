@@ -2,10 +2,12 @@
 
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use gpu_coordinator_wire::StatusPage;
 
 use super::schemas::{Checks, Health, StatusSchema};
 use super::{ApiError, ErrorBody, HttpState};
@@ -19,8 +21,13 @@ const PING_WAIT: Duration = Duration::from_secs(2);
     get,
     path = "/gpu/status",
     tag = "operators",
+    params(
+        ("offset" = Option<u64>, Query, description = "Queue entries to skip (default 0)"),
+        ("limit" = Option<u64>, Query, description = "Queue entries to list (default `queue.status_limit`, at most 1000)"),
+    ),
     responses(
         (status = 200, description = "The status document", body = StatusSchema),
+        (status = 400, description = "`offset` or `limit` is not a whole number", body = ErrorBody),
         (status = 401, description = "Tokens are configured and none valid was sent", body = ErrorBody),
         (status = 503, description = "The coordinator is starting or stopping", body = ErrorBody),
         (status = 504, description = "The driver did not answer in time", body = ErrorBody),
@@ -30,10 +37,16 @@ const PING_WAIT: Duration = Duration::from_secs(2);
 pub(super) async fn status(
     State(state): State<HttpState>,
     headers: HeaderMap,
+    page: Result<Query<StatusPage>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     // With tokens configured, any valid token may read the status.
     state.caller(&headers)?;
-    Ok(Json(state.status().await?).into_response())
+    let Query(page) = page.map_err(|e| {
+        ApiError::BadRequest(format!(
+            "the query string is not valid ({e}): expected `offset` and `limit`, whole numbers"
+        ))
+    })?;
+    Ok(Json(state.status(page).await?).into_response())
 }
 
 /// The process is up.
@@ -128,7 +141,14 @@ fn not_ready(error: String, checks: Option<Checks>) -> Response {
 )]
 pub(super) async fn metrics(State(state): State<HttpState>) -> Response {
     // Without the driver's status (starting, or busy) the counters are still worth serving.
-    let doc = state.status().await.ok();
+    // The counts of the whole queue, without its entries: as cheap at 100,000 queued as at none.
+    let doc = state
+        .status(StatusPage {
+            offset: None,
+            limit: Some(0),
+        })
+        .await
+        .ok();
     let text = state.inner.metrics.render(doc.as_ref());
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }

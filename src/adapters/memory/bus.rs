@@ -96,7 +96,14 @@ impl MemBus {
                 Ok(())
             })
         });
-        asker.send(StatusQuery { encoding, respond }).await.ok()?;
+        asker
+            .send(StatusQuery {
+                encoding,
+                page: Default::default(),
+                respond,
+            })
+            .await
+            .ok()?;
         rx.await.ok()
     }
 

@@ -170,6 +170,22 @@ fn outputs_round_trip() {
 
 fn status_doc() -> StatusDoc {
     StatusDoc {
+        queue_total: 250,
+        queue_offset: 100,
+        queue_counts: vec![
+            crate::QueueCount {
+                priority: 1,
+                gpu: None,
+                queued: 200,
+                paused: 0,
+            },
+            crate::QueueCount {
+                priority: 2,
+                gpu: Some("gpu0".into()),
+                queued: 49,
+                paused: 1,
+            },
+        ],
         leader: Some(crate::LeaderStatus {
             holder: "box-1-0a0b0c0d".into(),
             term: 3,
@@ -256,6 +272,9 @@ fn status_round_trips() {
         gpus: vec![],
         paused: vec![],
         queue: vec![],
+        queue_total: 0,
+        queue_offset: 0,
+        queue_counts: vec![],
     });
 }
 
