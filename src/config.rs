@@ -124,6 +124,15 @@ pub struct HttpConfig {
     pub listen: String,
     /// `[http.tokens]`: bearer token -> service id. Empty: no authentication.
     pub tokens: std::collections::BTreeMap<String, String>,
+    /// `http.max_wait_ms`: the longest a `POST /gpu/request` long poll waits, default 300000 (5 min);
+    /// a request still queued then is answered 202 `queued` and stays queued (ask again by its id).
+    pub max_wait_ms: u64,
+    /// `http.max_streams_per_service`: open control streams (SSE) per service, default 16.
+    pub max_streams_per_service: usize,
+    /// `http.max_streams`: open control streams in all, default 1024.
+    pub max_streams: usize,
+    /// `http.max_body_bytes`: the largest request body, default 65536.
+    pub max_body_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -238,6 +247,10 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: "127.0.0.1:8080".to_owned(),
             tokens: BTreeMap::new(),
+            max_wait_ms: 300_000,
+            max_streams_per_service: 16,
+            max_streams: 1024,
+            max_body_bytes: 65_536,
         }
     }
 }
@@ -352,6 +365,16 @@ impl Config {
         }
         if self.preemption.ack_deadline_ms == 0 {
             problems.push("preemption.ack_deadline_ms must be > 0".to_owned());
+        }
+        if self.http.max_wait_ms == 0 {
+            problems.push("http.max_wait_ms must be > 0".to_owned());
+        }
+        if self.http.max_streams_per_service == 0 || self.http.max_streams == 0 {
+            problems
+                .push("http.max_streams and http.max_streams_per_service must be > 0".to_owned());
+        }
+        if self.http.max_body_bytes < 1024 {
+            problems.push("http.max_body_bytes must be at least 1024".to_owned());
         }
         if self.queue.status_limit > 1_000 {
             problems.push("queue.status_limit must be at most 1000".to_owned());

@@ -1226,3 +1226,124 @@ async fn a_long_poll_gets_its_grant_across_a_nats_restart() {
     coordinator.stop().await.expect("stops cleanly");
     drop(server);
 }
+
+/// Every HTTP resource is bounded: a long poll's wait, the open control streams per service and in
+/// all, the body size; the metrics want a token when tokens are set; the status lists a page of the
+/// queue with its total.
+#[tokio::test]
+async fn http_resources_are_bounded() {
+    let mut config = test_config("http_bounds", &[("0", 1_000)]);
+    config.http.max_wait_ms = 300;
+    config.http.max_streams_per_service = 1;
+    config.http.max_streams = 2;
+    config.http.max_body_bytes = 4_096;
+    config.http.tokens = [("tok-a", "a"), ("tok-b", "b"), ("tok-c", "c")]
+        .into_iter()
+        .map(|(t, s)| (t.to_string(), s.to_string()))
+        .collect();
+    let coordinator = Coordinator::start(config.clone()).await;
+    let c = client();
+    let request = coordinator.url("/gpu/request");
+
+    // The GPU is held; a request that may wait a minute is answered 202 at the cap, and stays queued.
+    let (status, held) = post(
+        &c,
+        &request,
+        Some("tok-a"),
+        json!({"request_id": "a-1", "priority": 1, "lease_ms": 600_000}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{held}");
+    let (status, waiting) = post(
+        &c,
+        &request,
+        Some("tok-b"),
+        json!({"request_id": "b-1", "priority": 1, "timeout_ms": 60_000}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{waiting}");
+    assert_eq!(waiting["request_id"], "b-1");
+    assert!(
+        waiting["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("http.max_wait_ms")),
+        "{waiting}"
+    );
+    let (_, doc) = get(&c, &coordinator.url("/gpu/status?limit=0"), Some("tok-b")).await;
+    assert_eq!(doc["queue_total"], 1, "b-1 stays queued: {doc}");
+    assert_eq!(doc["queue"], json!([]), "{doc}");
+    assert_eq!(doc["queue_counts"][0]["queued"], 1, "{doc}");
+    let (status, bad) = get(&c, &coordinator.url("/gpu/status?limit=x"), Some("tok-b")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+
+    // One control stream per service, two in all.
+    let open = |token: &'static str, svc: &'static str| {
+        let c = c.clone();
+        let url = coordinator.url(&format!("/gpu/control/{svc}"));
+        async move {
+            c.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("answered")
+        }
+    };
+    let first = open("tok-a", "a").await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let again = open("tok-a", "a").await;
+    assert_eq!(again.status(), StatusCode::TOO_MANY_REQUESTS);
+    let again: Value = again.json().await.expect("json");
+    assert!(
+        error_of(&again).contains("max_streams_per_service"),
+        "{again}"
+    );
+    let second = open("tok-b", "b").await;
+    assert_eq!(second.status(), StatusCode::OK);
+    let third = open("tok-c", "c").await;
+    assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+    // A stream that is closed frees its place.
+    drop(first);
+    eventually("a closed stream is no longer counted", || async {
+        let res = open("tok-c", "c").await;
+        (res.status() == StatusCode::OK).then_some(())
+    })
+    .await;
+    drop(second);
+
+    // A body over the limit is refused, and nothing of it is published.
+    let big = format!(
+        r#"{{"request_id":"a-2","priority":1,"pad":"{}"}}"#,
+        "x".repeat(8_000)
+    );
+    let res = c
+        .post(&request)
+        .bearer_auth("tok-a")
+        .header("Content-Type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    // The metrics want a token too.
+    let res = c
+        .get(coordinator.url("/metrics"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let res = c
+        .get(coordinator.url("/metrics"))
+        .bearer_auth("tok-a")
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(res.status(), StatusCode::OK);
+    let text = res.text().await.expect("text");
+    assert_eq!(
+        metric(&text, "gpu_coordinator_queue_length{priority=\"1\"}"),
+        1.0,
+        "{text}"
+    );
+    coordinator.stop().await.expect("a clean stop");
+}

@@ -6,7 +6,9 @@
 //! `Last-Event-ID` gets the orders it missed meanwhile; a new one gets the orders from now on (the
 //! consumer exists before the response starts, so nothing sent after the answer is missed).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
 use axum::extract::{Path, State};
@@ -36,6 +38,8 @@ use crate::adapters::nats::content_type;
         (status = 400, description = "Not a valid service id", body = ErrorBody),
         (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The token belongs to another service", body = ErrorBody),
+        (status = 429, description = "Too many control streams open, for this service or in all \
+            (`http.max_streams_per_service`, `http.max_streams`)", body = ErrorBody),
         (status = 503, description = "NATS unavailable", body = ErrorBody),
     ),
     security((), ("bearer" = [])),
@@ -51,6 +55,8 @@ pub(super) async fn control(
         )));
     }
     state.authorize(&headers, &service)?;
+    // Held by the stream: the count goes down when the client goes away or the coordinator stops.
+    let slot = state.inner.streams.open(&service)?;
     let js = &state.connected()?.js;
     let last_seen = headers
         .get("Last-Event-ID")
@@ -116,7 +122,10 @@ pub(super) async fn control(
     });
     let events = stream::once(async { hello })
         .chain(orders)
-        .map(Ok::<_, Infallible>)
+        .map(move |event| {
+            let _held = &slot;
+            Ok::<_, Infallible>(event)
+        })
         .take_until(state.stop().clone().cancelled_owned());
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::default())
@@ -129,4 +138,88 @@ fn action_name(control: &Control) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_else(|| "control".into())
+}
+
+/// Open control streams per service and in all, with their limits.
+pub(super) struct StreamCount {
+    per_service: usize,
+    total: usize,
+    open: Mutex<HashMap<String, usize>>,
+}
+
+/// One open stream, counted until dropped.
+pub(super) struct StreamSlot {
+    count: Arc<StreamCount>,
+    service: String,
+}
+
+impl StreamCount {
+    pub(super) fn new(per_service: usize, total: usize) -> StreamCount {
+        StreamCount {
+            per_service,
+            total,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts one more stream for `service`, or says which limit is reached.
+    pub(super) fn open(self: &Arc<Self>, service: &str) -> Result<StreamSlot, ApiError> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let all: usize = open.values().sum();
+        let mine = open.get(service).copied().unwrap_or(0);
+        if mine >= self.per_service {
+            return Err(ApiError::TooMany(format!(
+                "service `{service}` already has {mine} control streams open, the most that \
+                 http.max_streams_per_service allows: close one first"
+            )));
+        }
+        if all >= self.total {
+            return Err(ApiError::TooMany(format!(
+                "{all} control streams are open, the most that http.max_streams allows: try again later"
+            )));
+        }
+        *open.entry(service.to_owned()).or_default() += 1;
+        Ok(StreamSlot {
+            count: Arc::clone(self),
+            service: service.to_owned(),
+        })
+    }
+
+    #[cfg(test)]
+    fn open_now(&self, service: &str) -> usize {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.get(service).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.count.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.service) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.service);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod stream_count_tests {
+    use super::*;
+
+    #[test]
+    fn streams_are_counted_per_service_and_in_all_until_dropped() {
+        let count = Arc::new(StreamCount::new(2, 3));
+        let a1 = count.open("a").expect("first of a");
+        let _a2 = count.open("a").expect("second of a");
+        let e = count.open("a").err().expect("a third of a is refused");
+        assert!(e.to_string().contains("max_streams_per_service"), "{e}");
+        let _b1 = count.open("b").expect("first of b");
+        let e = count.open("c").err().expect("a fourth in all is refused");
+        assert!(e.to_string().contains("http.max_streams "), "{e}");
+        drop(a1);
+        assert_eq!(count.open_now("a"), 1);
+        let _c1 = count.open("c").expect("room again");
+    }
 }

@@ -38,6 +38,9 @@ pub enum ApiError {
     /// The coordinator did not answer in time (504).
     #[error("{0}")]
     GatewayTimeout(String),
+    /// A limit on open streams is reached (429).
+    #[error("{0}")]
+    TooMany(String),
 }
 
 impl ApiError {
@@ -50,6 +53,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }

@@ -391,7 +391,9 @@ async fn wait_request(
     responses(
         (status = 200, description = "Granted", body = ReplySchema),
         (status = 202, description = "A repeated `request_id` of a paused request: it waits for `resume` (see \
-            GET /gpu/control/{service_id})", body = ReplySchema),
+            GET /gpu/control/{service_id}); or still queued after `http.max_wait_ms` (then the body is \
+            `{request_id, detail}`): ask again with the `request_id`", body = ReplySchema),
+        (status = 413, description = "The body is larger than `http.max_body_bytes`", body = String),
         (status = 400, description = "Invalid input, or rejected by the coordinator", body = ReplySchema),
         (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The token belongs to another service", body = ErrorBody),
@@ -429,17 +431,30 @@ pub(super) async fn request(
         route,
         prepared.generated_id,
     );
-    let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
-    let deadline = Instant::now()
-        .checked_add(timeout.saturating_add(REQUEST_MARGIN))
-        .unwrap_or(far)
-        .min(far);
+    // The wait is capped (`http.max_wait_ms`): past the cap the request stays queued and the call
+    // says so, rather than holding a connection for as long as `timeout_ms` says.
+    let wanted = timeout.saturating_add(REQUEST_MARGIN);
+    let capped = wanted > state.inner.max_wait;
+    let deadline = Instant::now() + wanted.min(state.inner.max_wait);
     // A repeated id of a queued request is answered `queued` first: the grant or the timeout follows.
     let reply = wait_request(&state, &request_id, deadline, &mut guard).await;
     // The handler ends on its own (answered, its deadline passed, the coordinator stops): the guard is
     // only for a client that goes away while it waits.
     guard.disarm();
-    let reply = reply?;
+    let reply = match reply {
+        Err(ApiError::GatewayTimeout(_)) if capped => {
+            let still = Accepted {
+                request_id: Some(request_id.clone()),
+                detail: format!(
+                    "still queued after {} ms, the longest a call waits (http.max_wait_ms): the \
+                     request stays queued; POST it again with this request_id to wait on",
+                    state.inner.max_wait.as_millis()
+                ),
+            };
+            return Ok((StatusCode::ACCEPTED, Json(still)).into_response());
+        }
+        other => other?,
+    };
     let status = match reply.outcome {
         Outcome::Granted => StatusCode::OK,
         Outcome::TimedOut => StatusCode::REQUEST_TIMEOUT,

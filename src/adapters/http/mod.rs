@@ -77,6 +77,11 @@ struct Inner {
     /// `(token, service id)`.
     tokens: Vec<(String, String)>,
     default_timeout_ms: u64,
+    /// `http.max_wait_ms`.
+    max_wait: Duration,
+    max_body_bytes: usize,
+    /// Open control streams, counted against `http.max_streams_per_service` and `http.max_streams`.
+    streams: Arc<control::StreamCount>,
     metrics: Arc<Metrics>,
     /// Cancelled when the coordinator stops: long polls and event streams end.
     stop: CancellationToken,
@@ -97,6 +102,12 @@ impl HttpState {
                 subjects,
                 tokens: tokens.into_iter().collect(),
                 default_timeout_ms: config.request.default_timeout_ms,
+                max_wait: Duration::from_millis(config.http.max_wait_ms),
+                max_body_bytes: config.http.max_body_bytes,
+                streams: Arc::new(control::StreamCount::new(
+                    config.http.max_streams_per_service,
+                    config.http.max_streams,
+                )),
                 metrics,
                 stop,
                 connected: OnceLock::new(),
@@ -213,6 +224,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Every route.
 pub fn router(state: HttpState) -> Router {
+    let max_body = state.inner.max_body_bytes;
     Router::new()
         .route("/gpu/request", post(inputs::request))
         .route("/gpu/release", post(inputs::release))
@@ -227,6 +239,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/openapi.json", get(openapi::openapi_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(state)
 }
 

@@ -137,9 +137,18 @@ fn not_ready(error: String, checks: Option<Checks>) -> Response {
     get,
     path = "/metrics",
     tag = "operators",
-    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String)),
+    responses(
+        (status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String),
+        (status = 401, description = "Tokens are configured and none valid was sent", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
 )]
-pub(super) async fn metrics(State(state): State<HttpState>) -> Response {
+pub(super) async fn metrics(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    // With tokens configured, any valid token may read the metrics.
+    state.caller(&headers)?;
     // Without the driver's status (starting, or busy) the counters are still worth serving.
     // The counts of the whole queue, without its entries: as cheap at 100,000 queued as at none.
     let doc = state
@@ -150,5 +159,5 @@ pub(super) async fn metrics(State(state): State<HttpState>) -> Response {
         .await
         .ok();
     let text = state.inner.metrics.render(doc.as_ref());
-    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
