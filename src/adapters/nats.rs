@@ -240,6 +240,46 @@ impl NatsBus {
         Ok((stream, fail))
     }
 
+    /// Removes the inputs up to `handled` when the input stream is 80% full (messages or bytes), so that
+    /// a full stream means a backlog the coordinator has not handled, not a long history. Returns how
+    /// many were removed.
+    pub async fn trim_inputs(&self, handled: u64) -> Result<u64, NatsError> {
+        let (mut stream, fail) = self.input_stream().await?;
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| fail(e.into()))?
+            .state
+            .clone();
+        let nearly_full = |used: u64, max: i64| {
+            max > 0 && used.saturating_mul(10) >= (max as u64).saturating_mul(8)
+        };
+        let full = nearly_full(state.messages, self.limits.max_messages)
+            || nearly_full(state.bytes, self.limits.max_bytes);
+        // A `handled` beyond the stream's end belongs to an earlier stream of the same name.
+        if !full || handled < state.first_sequence || handled > state.last_sequence {
+            return Ok(0);
+        }
+        let purged = stream
+            .purge()
+            .sequence(handled + 1)
+            .await
+            .map_err(|e| fail(e.into()))?
+            .purged;
+        tracing::info!(
+            "the input stream was {}% full: removed {purged} handled input(s), up to #{handled}",
+            (state.messages * 100)
+                .checked_div(self.limits.max_messages.max(1) as u64)
+                .unwrap_or(0)
+                .max(
+                    (state.bytes * 100)
+                        .checked_div(self.limits.max_bytes.max(1) as u64)
+                        .unwrap_or(0)
+                )
+        );
+        Ok(purged)
+    }
+
     /// Where reading the inputs must go on from, given `handled`, the last input whose effects are
     /// committed (0: none known). When Postgres knows of none (a new database) the durable consumer's
     /// acknowledged floor counts; when the stream was made anew and is shorter than `handled`, its inputs
@@ -459,6 +499,12 @@ impl ports::Bus for NatsBus {
 
     async fn input_position(&self, handled: u64) -> Result<u64, PortError> {
         NatsBus::input_position(self, handled)
+            .await
+            .map_err(PortError::new)
+    }
+
+    async fn trim_inputs(&self, handled: u64) -> Result<u64, PortError> {
+        NatsBus::trim_inputs(self, handled)
             .await
             .map_err(PortError::new)
     }

@@ -12,6 +12,9 @@ use gpu_coordinator_wire::{codec, decode_input, LeaderStatus, StatusDoc, StatusP
 /// The most queue entries one status document lists, whatever the question asks: 1,000 entries
 /// keep it far below NATS's 1 MB payload limit.
 pub const MAX_STATUS_LIMIT: u64 = 1_000;
+
+/// How often (in seconds) the input stream is looked at, to make room when it is nearly full.
+const TRIM_EVERY_TICKS: u64 = 5;
 use tokio::sync::mpsc;
 
 use super::retry::with_retry;
@@ -53,6 +56,7 @@ impl Driver {
         };
         let mut reconnects = bus.reconnects();
         let mut every_second = tokio::time::interval(EVERY_SECOND);
+        let mut ticks = 0u64;
         every_second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!("coordinator ready");
         loop {
@@ -110,11 +114,25 @@ impl Driver {
                     // much later does not publish them again past the duplicate window.
                     self.write_bookkeeping(None).await?;
                     self.check_lease_store().await?;
+                    ticks += 1;
+                    if ticks % TRIM_EVERY_TICKS == 0 {
+                        self.trim_inputs().await;
+                    }
                 }
             }
         }
         self.stop().await;
         Ok(())
+    }
+
+    /// Makes room in a nearly full input stream (see [`crate::ports::Bus::trim_inputs`]); a failure only
+    /// waits for the next try.
+    async fn trim_inputs(&self) {
+        match self.ports.bus.trim_inputs(self.position.handled).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!("{n} handled input(s) removed from the input stream"),
+            Err(e) => tracing::warn!("making room in the input stream: {e}"),
+        }
     }
 
     /// Leaves the journal and the bus in order: what the bus stored need not be published again at the

@@ -354,6 +354,12 @@ pub trait Bus: Send + Sync + 'static {
     /// Where reading the inputs goes on from, given `handled`, the last input whose effects are committed
     /// (0: none known). The driver persists a changed answer before it opens the inputs.
     async fn input_position(&self, handled: u64) -> Result<u64, PortError>;
+    /// Makes room in a nearly full input stream by removing the inputs up to `handled` (their effects
+    /// are committed, so no restart needs them); returns how many went. A bus without limits keeps all.
+    async fn trim_inputs(&self, handled: u64) -> Result<u64, PortError> {
+        let _ = handled;
+        Ok(0)
+    }
     /// Delivers the inputs after `after`, in order. Opening again drops what the previous stream had
     /// delivered and not settled; it comes again.
     async fn open_inputs(&self, after: u64) -> Result<Inputs, PortError>;

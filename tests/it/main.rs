@@ -2,6 +2,7 @@
 //! Tests talk to the real Postgres, Redis and NATS on loopback (or private servers they start).
 
 mod audit;
+mod bounds;
 mod client;
 mod demo;
 mod ha;

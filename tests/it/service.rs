@@ -518,16 +518,22 @@ async fn restart_after_kill_loses_nothing_and_reuses_no_fence() {
     let process = CoordinatorProcess::start(&config).await;
     let status = crate::support::eventually("every request queued after the restart", || async {
         let status = probe.status().await;
-        (status.queue.len() == QUEUED + 1).then_some(status)
+        (status.queue_total == QUEUED as u64 + 1).then_some(status)
     })
     .await;
+    assert_eq!(status.queue.len(), 100, "a page of the queue is listed");
     assert_eq!(status.paused.len(), 1, "the paused holder survived");
     assert_eq!(status.gpus[0].holders[0].request_id, "chat");
     assert_eq!(
         status.queue[0].request_id, "q0000",
         "priority 1 goes before the paused priority 2"
     );
-    assert_eq!(status.queue[QUEUED].request_id, "bg");
+    let last = probe.status_page(Some(QUEUED as u64), Some(10)).await;
+    assert_eq!(
+        (last.queue.len(), last.queue[0].position),
+        (1, QUEUED as u64 + 1)
+    );
+    assert_eq!(last.queue[0].request_id, "bg");
 
     probe
         .pub_json(

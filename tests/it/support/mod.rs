@@ -466,9 +466,19 @@ impl Probe {
 
     /// The status document, over NATS request-reply.
     pub async fn status(&self) -> StatusDoc {
+        self.status_page(None, None).await
+    }
+
+    /// The status document with this page of the queue.
+    pub async fn status_page(&self, offset: Option<u64>, limit: Option<u64>) -> StatusDoc {
+        let body = if offset.is_none() && limit.is_none() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(&serde_json::json!({"offset": offset, "limit": limit})).unwrap()
+        };
         let msg = self
             .client
-            .request(format!("{}.status", self.prefix), "".into())
+            .request(format!("{}.status", self.prefix), body.into())
             .await
             .expect("status request");
         serde_json::from_slice(&msg.payload).expect("a status document")
