@@ -49,8 +49,10 @@ pub struct NatsConfig {
     pub prefix: String,
     /// `nats.max_age_ms`: how long the streams keep messages, default 7 days.
     pub max_age_ms: u64,
-    /// `nats.max_bytes`: the most bytes each stream keeps, default 1 GiB. A full input stream refuses
-    /// new inputs at publish (the publisher gets the error); a full output stream drops its oldest.
+    /// `nats.max_bytes`: the most bytes each stream keeps, default -1: no limit of its own, the
+    /// server's store bounds it (JetStream reserves a stream's `max_bytes` in its store up front, so a
+    /// limit here is storage set aside). A full input stream refuses new inputs at publish (the
+    /// publisher gets the error); a full output stream drops its oldest.
     pub max_bytes: i64,
     /// `nats.max_msgs`: the most messages each stream keeps, default 10,000,000 (same policy).
     pub max_msgs: i64,
@@ -180,7 +182,7 @@ impl Default for NatsConfig {
             url: "nats://127.0.0.1:4222".to_owned(),
             prefix: "gpu".to_owned(),
             max_age_ms: 7 * 24 * 60 * 60 * 1000,
-            max_bytes: 1 << 30,
+            max_bytes: -1,
             max_msgs: 10_000_000,
             max_msg_size: 65_536,
             creds_file: None,
@@ -345,8 +347,10 @@ impl Config {
         if self.nats.max_age_ms == 0 {
             problems.push("nats.max_age_ms must be > 0".to_owned());
         }
-        if self.nats.max_bytes < 1 << 20 {
-            problems.push("nats.max_bytes must be at least 1048576 (1 MiB)".to_owned());
+        if self.nats.max_bytes != -1 && self.nats.max_bytes < 1 << 20 {
+            problems.push(
+                "nats.max_bytes must be -1 (no limit) or at least 1048576 (1 MiB)".to_owned(),
+            );
         }
         if self.nats.max_msgs < 1000 {
             problems.push("nats.max_msgs must be at least 1000".to_owned());

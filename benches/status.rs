@@ -1,0 +1,159 @@
+//! The status document with a long queue: how long `<prefix>.status` (NATS), `GET /gpu/status` and
+//! `GET /metrics` take, and how large the document is, with QUEUED requests waiting.
+//!
+//! Starts a coordinator of its own on the shared servers, holds its one GPU, queues QUEUED requests
+//! from 20 services (a plain JetStream publish each), waits until all are queued, then asks ROUNDS
+//! times each way and prints p50/p99/max. Removes its streams and database at the end.
+//!
+//! Needs Postgres, Redis and NATS on loopback: `cargo bench --bench status` (`-- 20000` for another
+//! queue length).
+
+use std::time::{Duration, Instant};
+
+use gpu_coordinator::config::{Config, GpuConfig};
+use gpu_coordinator_wire::{StatusDoc, Subjects};
+use tokio_util::sync::CancellationToken;
+
+const ROUNDS: usize = 200;
+const SERVICES: usize = 20;
+
+fn percentiles(name: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    let at = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+    println!(
+        "{name:<32} n={:<4} p50={:>8.3} ms  p99={:>8.3} ms  max={:>8.3} ms",
+        samples.len(),
+        at(0.50).as_secs_f64() * 1e3,
+        at(0.99).as_secs_f64() * 1e3,
+        samples[samples.len() - 1].as_secs_f64() * 1e3,
+    );
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let queued: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(100_000);
+    let tag = format!("benchstatus{}", std::process::id());
+    let mut config = Config::default();
+    config.nats.prefix = tag.clone();
+    config.redis.key_prefix = tag.clone();
+    config.database.url = format!("postgres://postgres@127.0.0.1:5432/gpu_{tag}");
+    config.queue.max_per_service = queued;
+    config.gpus = vec![GpuConfig {
+        id: "0".into(),
+        vram_mb: 24_576,
+    }];
+    let subjects = Subjects::new(&tag).map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let http = format!("http://{}", listener.local_addr()?);
+    let shutdown = CancellationToken::new();
+    let coordinator = tokio::spawn(gpu_coordinator::app::run(
+        config.clone(),
+        listener,
+        shutdown.clone(),
+    ));
+    let client = async_nats::connect(&config.nats.url).await?;
+    let status = |body: &'static str| {
+        let client = client.clone();
+        let subject = subjects.status();
+        async move {
+            let msg = client.request(subject, body.into()).await?;
+            anyhow::Ok(serde_json::from_slice::<StatusDoc>(&msg.payload)?)
+        }
+    };
+    while tokio::time::timeout(Duration::from_millis(500), status(""))
+        .await
+        .map_or(true, |r| r.is_err())
+    {}
+
+    // The GPU is held, so that everything after it queues.
+    let js = async_nats::jetstream::new(client.clone());
+    js.publish(
+        subjects.request("holder"),
+        r#"{"request_id":"holder","priority":0,"lease_ms":3600000}"#.into(),
+    )
+    .await?
+    .await?;
+    let fill = Instant::now();
+    let mut acks = Vec::with_capacity(1_000);
+    for i in 0..queued {
+        let body = format!(
+            r#"{{"request_id":"q{i}","priority":{},"timeout_ms":3600000}}"#,
+            1 + i % 3
+        );
+        acks.push(
+            js.publish(
+                subjects.request(&format!("svc{}", i % SERVICES)),
+                body.into(),
+            )
+            .await?,
+        );
+        if acks.len() == 1_000 {
+            for ack in acks.drain(..) {
+                ack.await?;
+            }
+        }
+    }
+    for ack in acks.drain(..) {
+        ack.await?;
+    }
+    let published = fill.elapsed();
+    loop {
+        let doc = status("").await?;
+        if doc.queue_total as usize >= queued {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!(
+        "{queued} requests queued: published in {:.1} s, all handled after {:.1} s",
+        published.as_secs_f64(),
+        fill.elapsed().as_secs_f64()
+    );
+
+    let http_client = reqwest::Client::new();
+    let mut over_nats = Vec::with_capacity(ROUNDS);
+    let mut over_http = Vec::with_capacity(ROUNDS);
+    let mut metrics = Vec::with_capacity(ROUNDS);
+    let mut size = 0;
+    for _ in 0..ROUNDS {
+        let start = Instant::now();
+        let msg = client.request(subjects.status(), "".into()).await?;
+        over_nats.push(start.elapsed());
+        size = msg.payload.len();
+        let start = Instant::now();
+        let body = http_client
+            .get(format!("{http}/gpu/status"))
+            .send()
+            .await?
+            .bytes()
+            .await?;
+        over_http.push(start.elapsed());
+        anyhow::ensure!(!body.is_empty());
+        let start = Instant::now();
+        http_client
+            .get(format!("{http}/metrics"))
+            .send()
+            .await?
+            .bytes()
+            .await?;
+        metrics.push(start.elapsed());
+    }
+    println!("status with {queued} queued (document {size} bytes, figures from this run):");
+    percentiles("<prefix>.status over NATS", over_nats);
+    percentiles("GET /gpu/status", over_http);
+    percentiles("GET /metrics", metrics);
+
+    shutdown.cancel();
+    coordinator.await??;
+    let _ = js.delete_stream(subjects.input_stream()).await;
+    let _ = js.delete_stream(subjects.output_stream()).await;
+    let admin = sea_orm::Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
+    use sea_orm::ConnectionTrait as _;
+    let _ = admin
+        .execute_unprepared(&format!("DROP DATABASE IF EXISTS gpu_{tag} WITH (FORCE)"))
+        .await;
+    Ok(())
+}
