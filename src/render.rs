@@ -2,6 +2,7 @@
 //! in the encoding of the request they are about, with instants as RFC 3339 strings. Nothing else turns a
 //! core value into wire text, and this module decides nothing.
 
+use gpu_coordinator_core::{unscope_text, unscoped};
 use gpu_coordinator_core::{
     Action, ControlOut, EventOut, GpuView, HolderView, PausedView, QueueView, ReplyOut, StatusView,
 };
@@ -69,14 +70,14 @@ pub fn message(subjects: &Subjects, action: &Action) -> Option<Rendered> {
 
 /// `<prefix>.reply.<svc>`.
 pub fn reply(out: &ReplyOut) -> Reply {
-    let mut reply = Reply::new(out.request_id.as_str(), out.outcome);
+    let mut reply = Reply::new(unscoped(&out.request_id), out.outcome);
     reply.gpu = text(&out.gpu);
     reply.fence = out.fence;
     reply.lease_ms = out.lease_ms;
     reply.expires_at = out.expires_at.map(rfc3339);
     reply.vram_mb = out.vram_mb;
     reply.waited_ms = out.waited_ms;
-    reply.error = out.error.clone();
+    reply.error = out.error.as_deref().map(|e| unscope_text(e).into_owned());
     reply
 }
 
@@ -84,10 +85,10 @@ pub fn reply(out: &ReplyOut) -> Reply {
 pub fn control(out: &ControlOut) -> Control {
     Control {
         action: out.action,
-        request_id: out.request_id.to_string(),
+        request_id: unscoped(&out.request_id).to_owned(),
         fence: out.fence,
         deadline_ms: out.deadline_ms,
-        reason: out.reason.to_string(),
+        reason: unscope_text(&out.reason.to_string()).into_owned(),
         lease_ms: out.lease_ms,
         expires_at: out.expires_at.map(rfc3339),
         gpu: text(&out.gpu),
@@ -99,12 +100,12 @@ pub fn event(out: &EventOut) -> Event {
     Event {
         at: rfc3339(out.at),
         kind: out.kind,
-        request_id: text(&out.request_id),
+        request_id: out.request_id.as_deref().map(|id| unscoped(id).to_owned()),
         service_id: out.service_id.to_string(),
         priority: out.priority,
         gpu: text(&out.gpu),
         fence: out.fence,
-        detail: out.detail.clone(),
+        detail: out.detail.as_deref().map(|d| unscope_text(d).into_owned()),
     }
 }
 
@@ -146,7 +147,7 @@ fn gpu(g: &GpuView) -> GpuStatus {
 
 fn holder(h: &HolderView) -> HolderStatus {
     HolderStatus {
-        request_id: h.request_id.to_string(),
+        request_id: unscoped(&h.request_id).to_owned(),
         service_id: h.service_id.to_string(),
         priority: h.priority,
         fence: h.fence,
@@ -160,7 +161,7 @@ fn holder(h: &HolderView) -> HolderStatus {
 
 fn paused(p: &PausedView) -> PausedStatus {
     PausedStatus {
-        request_id: p.request_id.to_string(),
+        request_id: unscoped(&p.request_id).to_owned(),
         service_id: p.service_id.to_string(),
         priority: p.priority,
         gpu: p.gpu.to_string(),
@@ -172,7 +173,7 @@ fn paused(p: &PausedView) -> PausedStatus {
 fn queued(q: &QueueView) -> QueueEntry {
     QueueEntry {
         position: q.position,
-        request_id: q.request_id.to_string(),
+        request_id: unscoped(&q.request_id).to_owned(),
         service_id: q.service_id.to_string(),
         priority: q.priority,
         vram_mb: q.vram_mb,

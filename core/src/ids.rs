@@ -147,3 +147,61 @@ mod tests {
         assert!(id.starts_with("chat"));
     }
 }
+
+/// Request ids are scoped to their service: two services may use the same `request_id`, and neither can
+/// claim the other's. Inside the coordinator (the scheduler, the journal, the lease store) a request is
+/// known as `<svc>` + [`SCOPE`] + `<request_id>`; the driver scopes every id that comes in and the
+/// rendering takes the scope off every id and sentence that goes out. Ids on the wire cannot hold
+/// control characters, so the scoped form is never ambiguous.
+pub const SCOPE: char = '\u{1f}';
+
+/// `request_id` of `service`, as the coordinator knows it inside.
+pub fn scoped(service: &str, request_id: &str) -> String {
+    format!("{service}{SCOPE}{request_id}")
+}
+
+/// The id as the service wrote it (a scoped id without its scope; any other unchanged).
+pub fn unscoped(id: &str) -> &str {
+    id.split_once(SCOPE).map_or(id, |(_, id)| id)
+}
+
+/// `text` with the scope taken off every scoped id in it (for sentences that name requests).
+pub fn unscope_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains(SCOPE) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    for (i, part) in text.split(SCOPE).enumerate() {
+        if i == 0 {
+            out.push_str(part);
+            continue;
+        }
+        // The service id just before the scope mark goes with it.
+        let keep = out
+            .trim_end_matches(|c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            .len();
+        out.truncate(keep);
+        out.push_str(part);
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod scope_tests {
+    use super::*;
+
+    #[test]
+    fn scoped_ids_come_back_as_written() {
+        let id = scoped("chat", "job:1-a");
+        assert_ne!(id, scoped("asr", "job:1-a"));
+        assert_eq!(unscoped(&id), "job:1-a");
+        assert_eq!(unscoped("plain"), "plain");
+        let sentence = format!(
+            "request `{}` is paused for `{}`",
+            scoped("asr", "a-1"),
+            scoped("chat-x", "c:1")
+        );
+        assert_eq!(unscope_text(&sentence), "request `a-1` is paused for `c:1`");
+        assert_eq!(unscope_text("no ids here"), "no ids here");
+    }
+}

@@ -15,7 +15,7 @@ pub mod outputs;
 mod scheduler;
 pub mod types;
 
-pub use ids::{GpuId, RequestId, ServiceId};
+pub use ids::{scoped, unscope_text, unscoped, GpuId, RequestId, ServiceId, SCOPE};
 pub use outputs::*;
 pub use scheduler::Scheduler;
 pub use types::*;

@@ -11,6 +11,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261126_000001_requests_and_fence;
 mod m20261126_000002_outbox_and_input_seq;
 mod m20261128_000003_leader;
+mod m20261128_000004_scoped_request_ids;
 
 /// Every migration of the schema, oldest first.
 pub struct Migrator;
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000001_requests_and_fence::Migration),
             Box::new(m20261126_000002_outbox_and_input_seq::Migration),
             Box::new(m20261128_000003_leader::Migration),
+            Box::new(m20261128_000004_scoped_request_ids::Migration),
         ]
     }
 }

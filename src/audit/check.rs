@@ -37,12 +37,41 @@ pub struct Record {
     pub output: Output,
 }
 
+impl Output {
+    /// The output with its request id scoped to `service` (see [`gpu_coordinator_core::SCOPE`]): the
+    /// checker tells the requests of two services apart by it, as the coordinator does.
+    pub fn scoped(mut self, service: &str) -> Output {
+        let scope = |id: &mut String| *id = gpu_coordinator_core::scoped(service, id);
+        match &mut self {
+            Output::Reply(r) => scope(&mut r.request_id),
+            Output::Control(c) => scope(&mut c.request_id),
+            Output::Event(e) => {
+                if let Some(id) = &mut e.request_id {
+                    scope(id)
+                }
+            }
+        }
+        self
+    }
+}
+
 impl fmt::Display for Record {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Shown as it was published.
+        let unscope = |id: &str| gpu_coordinator_core::unscoped(id).to_owned();
         let body = match &self.output {
-            Output::Reply(r) => serde_json::to_string(r),
-            Output::Control(c) => serde_json::to_string(c),
-            Output::Event(e) => serde_json::to_string(e),
+            Output::Reply(r) => serde_json::to_string(&Reply {
+                request_id: unscope(&r.request_id),
+                ..r.clone()
+            }),
+            Output::Control(c) => serde_json::to_string(&Control {
+                request_id: unscope(&c.request_id),
+                ..c.clone()
+            }),
+            Output::Event(e) => serde_json::to_string(&Event {
+                request_id: e.request_id.as_deref().map(unscope),
+                ..e.clone()
+            }),
         }
         .unwrap_or_default();
         write!(f, "#{} {} {}", self.seq, self.subject, body)

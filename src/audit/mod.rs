@@ -119,7 +119,7 @@ async fn whole_gpu_requests(
             if let Inbound::Request(request) = decoded.input {
                 if request.vram_mb.is_none() {
                     if let Some(id) = request.request_id {
-                        whole.insert(id);
+                        whole.insert(gpu_coordinator_core::scoped(&decoded.service, &id));
                     }
                 }
             }
@@ -144,8 +144,10 @@ fn decode_output(subjects: &Subjects, msg: &async_nats::Message) -> Option<Outpu
     } else {
         return None;
     };
+    // The service is the subject's last token (`reply.<svc>`, `control.<svc>`, `event.<kind>.<svc>`).
+    let service = subject.rsplit('.').next().unwrap_or_default();
     match decoded {
-        Ok(output) => Some(output),
+        Ok(output) => Some(output.scoped(service)),
         Err(e) => {
             tracing::warn!("{subject}: not a message of the contract ({e}); skipped");
             None

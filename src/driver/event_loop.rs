@@ -7,14 +7,7 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use gpu_coordinator_core::Input;
 use gpu_coordinator_core::QueuePage;
-use gpu_coordinator_wire::{codec, decode_input, LeaderStatus, StatusDoc, StatusPage};
-
-/// The most queue entries one status document lists, whatever the question asks: 1,000 entries
-/// keep it far below NATS's 1 MB payload limit.
-pub const MAX_STATUS_LIMIT: u64 = 1_000;
-
-/// How often (in seconds) the input stream is looked at, to make room when it is nearly full.
-const TRIM_EVERY_TICKS: u64 = 5;
+use gpu_coordinator_wire::{codec, decode_input, Inbound, LeaderStatus, StatusDoc, StatusPage};
 use tokio::sync::mpsc;
 
 use super::retry::with_retry;
@@ -22,6 +15,13 @@ use super::{now_ms, Command, Driver, NvmlFeed};
 use crate::adapters::nvml::{self, DeviceSample};
 use crate::ports::{Delivery, Inputs, StatusQuery};
 use crate::render;
+
+/// The most queue entries one status document lists, whatever the question asks: 1,000 entries
+/// keep it far below NATS's 1 MB payload limit.
+pub const MAX_STATUS_LIMIT: u64 = 1_000;
+
+/// How often (in seconds) the input stream is looked at, to make room when it is nearly full.
+const TRIM_EVERY_TICKS: u64 = 5;
 
 /// How many inputs one batch takes at most: they share one journal write.
 const MAX_BATCH: usize = 256;
@@ -210,12 +210,15 @@ impl Driver {
                 seq,
             ) {
                 Ok(d) => Input::Inbound {
+                    input: scope(&d.service, d.input),
                     service: d.service,
                     encoding: d.encoding,
-                    input: d.input,
                 },
-                Err(rejection) => {
+                Err(mut rejection) => {
                     tracing::warn!(subject = %subject, "rejected input: {}", rejection.error);
+                    if let (Some(service), Some(id)) = (&rejection.service, &rejection.request_id) {
+                        rejection.request_id = Some(gpu_coordinator_core::scoped(service, id));
+                    }
                     Input::Invalid(rejection)
                 }
             };
@@ -297,6 +300,33 @@ impl Driver {
         let payload = codec::encode(query.encoding, &doc);
         if let Err(e) = (query.respond)(payload).await {
             tracing::warn!("answering status: {e}");
+        }
+    }
+}
+
+/// `input` with its request id scoped to `service` (see [`gpu_coordinator_core::SCOPE`]).
+fn scope(service: &str, input: Inbound) -> Inbound {
+    use gpu_coordinator_core::scoped;
+    match input {
+        Inbound::Request(mut m) => {
+            m.request_id = m.request_id.map(|id| scoped(service, &id));
+            Inbound::Request(m)
+        }
+        Inbound::Release(mut m) => {
+            m.request_id = m.request_id.map(|id| scoped(service, &id));
+            Inbound::Release(m)
+        }
+        Inbound::Renew(mut m) => {
+            m.request_id = scoped(service, &m.request_id);
+            Inbound::Renew(m)
+        }
+        Inbound::Ack(mut m) => {
+            m.request_id = scoped(service, &m.request_id);
+            Inbound::Ack(m)
+        }
+        Inbound::Cancel(mut m) => {
+            m.request_id = scoped(service, &m.request_id);
+            Inbound::Cancel(m)
         }
     }
 }

@@ -297,3 +297,60 @@ async fn a_wrong_password_is_a_clear_error() {
     assert!(text.contains("authorization"), "{text}");
     assert!(!text.contains("wrong"), "the password is shown: {text}");
 }
+
+/// A request id belongs to its service: A using `b-1` first neither takes B's `b-1` nor blocks it,
+/// and A ending its own `b-1` leaves B's alone.
+#[tokio::test]
+async fn request_ids_are_scoped_to_their_service() {
+    use serde_json::json;
+    let config = test_config("sec_ids", &[("0", 24_000)]);
+    let coordinator = Coordinator::start(config.clone()).await;
+    let mut probe = crate::support::Probe::new(&config.nats.url, &config.nats.prefix).await;
+    probe
+        .pub_json(
+            "request",
+            "a",
+            json!({"request_id": "b-1", "priority": 1, "vram_mb": 1_000, "lease_ms": 600_000}),
+        )
+        .await;
+    let a = probe.reply("b-1", "granted").await;
+    probe
+        .pub_json(
+            "request",
+            "b",
+            json!({"request_id": "b-1", "priority": 1, "vram_mb": 1_000, "lease_ms": 600_000}),
+        )
+        .await;
+    let prefix = format!("{}.reply.b", config.nats.prefix);
+    let b = probe
+        .expect("b's own grant of b-1", |s| {
+            s.subject == prefix && s.str("outcome") == Some("granted")
+        })
+        .await
+        .reply();
+    assert_eq!(b.request_id, "b-1");
+    assert_ne!(a.fence, b.fence, "two leases, two fences");
+    probe
+        .pub_json(
+            "release",
+            "a",
+            json!({"request_id": "b-1", "fence": a.fence}),
+        )
+        .await;
+    probe.reply("b-1", "released").await;
+    let status = probe.status().await;
+    let holders: Vec<(&str, &str)> = status.gpus[0]
+        .holders
+        .iter()
+        .map(|h| (h.service_id.as_str(), h.request_id.as_str()))
+        .collect();
+    assert_eq!(holders, [("b", "b-1")], "b still holds its own b-1");
+    let verdict = gpu_coordinator::audit::run(&config, gpu_coordinator::audit::Since::Start)
+        .await
+        .expect("the history can be read");
+    assert!(
+        verdict.is_ok(),
+        "the audit tells the two apart: {verdict:?}"
+    );
+    coordinator.stop().await.expect("stops cleanly");
+}
