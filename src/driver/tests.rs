@@ -107,13 +107,14 @@ impl Rig {
     }
 
     /// Each request's phase, end and fence, as the journal holds them.
+    /// The journal's records, by the ids their services used (the journal keeps them scoped).
     fn outcome(&self) -> Vec<(String, Phase, Option<String>, Option<Fence>)> {
         self.journal
             .records()
             .into_iter()
             .map(|r| {
                 (
-                    r.request_id.to_string(),
+                    gpu_coordinator_core::unscoped(&r.request_id).to_owned(),
                     r.phase,
                     r.end.map(|e| e.as_str().to_owned()),
                     r.fence,
