@@ -46,14 +46,7 @@ impl Driver {
         tokio::pin!(lost);
         let mut inputs = None;
         self.reopen_inputs(&mut inputs).await?;
-        let subscribed = self
-            .status
-            .take()
-            .and_then(|status| status.into_inner().ok());
-        let mut status = match subscribed {
-            Some(status) => status,
-            None => with_retry("subscribing to status", &shutdown, || bus.status_queries()).await?,
-        };
+        let mut status = self.status_questions().await?;
         let mut reconnects = bus.reconnects();
         let mut every_second = tokio::time::interval(EVERY_SECOND);
         let mut ticks = 0u64;
@@ -110,18 +103,42 @@ impl Driver {
                     }
                 },
                 _ = every_second.tick() => {
-                    // Rows stored by the bus leave the outbox within a second, busy or idle, so a restart
-                    // much later does not publish them again past the duplicate window.
-                    self.write_bookkeeping(None).await?;
-                    self.check_lease_store().await?;
                     ticks += 1;
-                    if ticks % TRIM_EVERY_TICKS == 0 {
-                        self.trim_inputs().await;
-                    }
+                    self.every_second(ticks).await?;
                 }
             }
         }
         self.stop().await;
+        Ok(())
+    }
+
+    /// The status questions: those subscribed at the start, or a new subscription.
+    async fn status_questions(&mut self) -> anyhow::Result<crate::ports::StatusQueries> {
+        let subscribed = self
+            .status
+            .take()
+            .and_then(|status| status.into_inner().ok());
+        match subscribed {
+            Some(status) => Ok(status),
+            None => {
+                let bus = self.ports.bus.clone();
+                with_retry("subscribing to status", &self.shutdown, || {
+                    bus.status_queries()
+                })
+                .await
+            }
+        }
+    }
+
+    /// What is done every second, busy or idle (`tick` counts the seconds).
+    async fn every_second(&mut self, tick: u64) -> anyhow::Result<()> {
+        // Rows stored by the bus leave the outbox within a second, so a restart much later does not
+        // publish them again past the duplicate window.
+        self.write_bookkeeping(None).await?;
+        self.check_lease_store().await?;
+        if tick % TRIM_EVERY_TICKS == 0 {
+            self.trim_inputs().await;
+        }
         Ok(())
     }
 
