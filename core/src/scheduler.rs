@@ -1556,16 +1556,16 @@ impl Scheduler {
         let mut ahead_ms = 0u64;
         let mut paused = Vec::new();
         let mut queue = Vec::new();
-        let mut counts: BTreeMap<(u8, Option<GpuId>), (u64, u64)> = BTreeMap::new();
+        let mut counts: BTreeMap<(u8, Option<&GpuId>), (u64, u64)> = BTreeMap::new();
         let page_end = page.offset.saturating_add(page.limit);
         for (i, &(_, seq)) in self.queue.iter().enumerate() {
             let i = i as u64;
             let rec = self.live_rec(seq);
             let is_paused = rec.phase == Phase::Paused;
             let gpu = if is_paused {
-                rec.gpu.clone()
+                rec.gpu.as_ref()
             } else {
-                rec.gpu_pin.clone()
+                rec.gpu_pin.as_ref()
             };
             let count = counts.entry((rec.priority, gpu)).or_default();
             if is_paused {
@@ -1609,7 +1609,7 @@ impl Scheduler {
                 .into_iter()
                 .map(|((priority, gpu), (queued, paused))| QueueCountView {
                     priority,
-                    gpu,
+                    gpu: gpu.cloned(),
                     queued,
                     paused,
                 })
