@@ -289,10 +289,9 @@ async fn the_auditor_reads_the_history_and_publishes_nothing() {
 async fn a_wrong_password_is_a_clear_error() {
     let nats = Secured::start("gpu", &["a"]);
     let url = nats.url("a").replace(&nats.users["a"].password, "wrong");
-    let error = Client::connect(&url, "gpu", "a")
-        .await
-        .err()
-        .expect("refused");
+    let Err(error) = Client::connect(&url, "gpu", "a").await else {
+        panic!("a wrong password is refused");
+    };
     let text = error.to_string();
     assert!(text.contains("authorization"), "{text}");
     assert!(!text.contains("wrong"), "the password is shown: {text}");

@@ -581,7 +581,12 @@ async fn redis_restart_writes_leases_back() {
         )
         .await;
     let held = probe.reply("held", "granted").await;
-    let key = format!("{}:lease:held", config.redis.key_prefix);
+    // The lease store keeps the request by its scoped id (service and id).
+    let key = format!(
+        "{}:lease:{}",
+        config.redis.key_prefix,
+        gpu_coordinator_core::scoped("a", "held")
+    );
     let client = redis::Client::open(redis_server.url()).unwrap();
     let exists = |client: redis::Client, key: String| async move {
         let mut conn = client.get_multiplexed_async_connection().await.ok()?;
@@ -713,11 +718,10 @@ async fn redis_is_reconciled_with_the_scheduler() {
         .await
         .expect("connect to Redis");
     let held = |store: LeaseStore, id: &'static str| async move {
-        store
-            .leases()
-            .await
-            .ok()
-            .map(|l| l.iter().any(|l| l.request_id == id))
+        store.leases().await.ok().map(|l| {
+            l.iter()
+                .any(|l| l.request_id == gpu_coordinator_core::scoped(id, id))
+        })
     };
 
     probe
@@ -734,7 +738,7 @@ async fn redis_is_reconciled_with_the_scheduler() {
     probe.reply("a", "released").await;
     // An old snapshot brings A's lease back.
     let ghost = Lease {
-        request_id: "a".into(),
+        request_id: gpu_coordinator_core::scoped("a", "a").into(),
         service_id: "a".into(),
         gpu: "0".into(),
         fence: Fence(a.fence.unwrap()),
@@ -763,7 +767,10 @@ async fn redis_is_reconciled_with_the_scheduler() {
         .await;
     let b = probe.reply("b", "granted").await;
     assert!(store
-        .release("b", Fence(b.fence.unwrap()))
+        .release(
+            &gpu_coordinator_core::scoped("b", "b"),
+            Fence(b.fence.unwrap())
+        )
         .await
         .expect("release in Redis"));
     eventually("the lost lease written back", || {
