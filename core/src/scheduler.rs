@@ -466,7 +466,14 @@ impl Scheduler {
                     self.end(seq, End::TimedOut, Some(error), now);
                 }
                 (TimerKind::Aging, Phase::Queued) => self.update(seq, now, |_| {}),
-                (TimerKind::Expiry, Phase::Active | Phase::Pausing) => {
+                (TimerKind::Expiry, Phase::Active) => self.revoke(seq, now, Reason::Expired, true),
+                // A pausing lease lasts until its pause deadline (see `pause`): that timer decides.
+                (TimerKind::Expiry, Phase::Pausing)
+                    if self
+                        .live_rec(seq)
+                        .pause_deadline
+                        .is_none_or(|deadline| deadline > now) =>
+                {
                     self.revoke(seq, now, Reason::Expired, true)
                 }
                 (TimerKind::PauseDeadline, Phase::Pausing) => {
@@ -850,10 +857,29 @@ impl Scheduler {
 
     fn pause(&mut self, seq: u64, for_seq: u64, now: Millis) {
         let deadline = now.saturating_add(self.config.ack_deadline_ms);
+        // A holder told to pause stops renewing: its lease lasts at least until the pause deadline,
+        // so that it ends by its ACK (or by the deadline's revoke), never by an expiry meanwhile.
+        let extended = self
+            .live_rec(seq)
+            .expires_at
+            .filter(|&at| at < deadline)
+            .map(|_| deadline);
         self.update(seq, now, |rec| {
             rec.phase = Phase::Pausing;
             rec.pause_deadline = Some(deadline);
+            if let Some(at) = extended {
+                rec.expires_at = Some(at);
+            }
         });
+        if let Some(expires_at) = extended {
+            let rec = self.live_rec(seq);
+            self.actions.push_back(Action::Lease(LeaseOp::Renew {
+                request_id: rec.request_id.clone(),
+                gpu: rec.gpu.clone().expect("a holding record has a GPU"),
+                fence: rec.fence.expect("a holding record has a fence"),
+                expires_at,
+            }));
+        }
         let urgent = self.live_rec(for_seq);
         let reason = Reason::Preempted {
             request_id: urgent.request_id.clone(),

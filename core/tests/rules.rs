@@ -595,13 +595,37 @@ fn an_expired_lease_is_revoked_then_restarted() {
 }
 
 #[test]
-fn a_lease_expiring_while_pausing_is_revoked() {
+fn a_pausing_holder_keeps_its_lease_until_the_pause_deadline() {
+    // The lease (3 s) would run out before the ACK deadline (5 s): a holder told to pause stops
+    // renewing, so the pause extends its lease to the deadline, in the lease store too.
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("asr", req("asr", 2).lease(3_000));
+    let a = s.request("chat", req("chat", 0));
+    assert_eq!(a.control_actions("asr"), vec![Pause]);
+    assert_eq!(
+        a.lease_ops_for("asr"),
+        vec![&LeaseOp::Renew {
+            request_id: "asr".into(),
+            gpu: "g0".into(),
+            fence: Fence(1),
+            expires_at: T0 + ACK_MS,
+        }]
+    );
+    let a = s.advance(3_000);
+    assert!(a.control_actions("asr").is_empty(), "not revoked at 3 s");
+    // The ACK at 4 s pauses it, as it would have within a longer lease.
+    s.advance(1_000);
+    let a = s.ack_paused("asr", "asr");
+    assert_eq!(a.events("asr"), vec![Paused]);
+    assert_eq!(a.reply("chat").outcome, Outcome::Granted);
+
+    // Without an ACK the deadline revokes it, for the missing ACK and not as an expiry.
     let mut s = sim(&[("g0", 1_000)]);
     s.request("asr", req("asr", 2).lease(3_000));
     s.request("chat", req("chat", 0));
-    let a = s.advance(3_000);
-    assert_eq!(a.control_actions("asr"), vec![Revoke, Restart]);
-    assert_eq!(a.events("asr"), vec![Expired, Revoked]);
+    let a = s.advance(ACK_MS);
+    assert_eq!(a.control_actions("asr"), vec![Revoke]);
+    assert_eq!(a.events("asr"), vec![Revoked]);
     assert_eq!(a.reply("chat").outcome, Outcome::Granted);
 }
 
