@@ -63,6 +63,8 @@ pub enum Reason {
     Refused { why: String },
     /// The GPU it held is no longer managed (`revoke`, after a restart with another inventory).
     GpuRemoved,
+    /// A paused request can no longer be placed on any GPU (after a restart with another inventory).
+    Unplaceable { why: String },
     /// The watchdog asks for a restart after an expiry (`restart`).
     RestartAfterExpiry,
 }
@@ -87,6 +89,7 @@ impl fmt::Display for Reason {
             }
             Reason::Refused { why } => write!(f, "the lease store refused the lease: {why}"),
             Reason::GpuRemoved => f.write_str("its GPU is no longer managed by this coordinator"),
+            Reason::Unplaceable { why } => write!(f, "it can no longer be resumed: {why}"),
             Reason::RestartAfterExpiry => f.write_str("the lease expired: restart the service"),
         }
     }

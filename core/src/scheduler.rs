@@ -287,6 +287,7 @@ impl Scheduler {
                 if let Some(stale) = lease {
                     self.release_stale(stale);
                 }
+                self.end_if_unplaceable(seq, now);
                 continue;
             }
             let gpu_known = self
@@ -952,6 +953,34 @@ impl Scheduler {
             );
         }
         self.end(seq, End::Revoked, Some(detail), now);
+    }
+
+    /// Ends a restored queued or paused request that no GPU managed now can take (its pinned GPU was
+    /// removed from the inventory, or every GPU left is smaller than it needs): it would wait forever.
+    fn end_if_unplaceable(&mut self, seq: u64, now: Millis) {
+        let rec = self.live_rec(seq);
+        if self.allowed(rec).next().is_some() {
+            return;
+        }
+        let why = match (&rec.gpu_pin, rec.vram_mb) {
+            (Some(pin), _) if !self.gpu_index.contains_key(pin) => {
+                format!("the GPU `{pin}` it is pinned to is no longer managed by this coordinator")
+            }
+            (_, Some(mb)) => format!("it needs {mb} MB, more than any GPU it may use has now"),
+            _ => "no GPU it may use is managed by this coordinator now".to_owned(),
+        };
+        let rec = rec.clone();
+        if rec.phase == Phase::Paused {
+            let reason = Reason::Unplaceable { why };
+            let detail = reason.to_string();
+            self.control(&rec, ControlAction::Revoke, None, reason, None);
+            self.end(seq, End::Revoked, Some(detail), now);
+        } else {
+            let mut reply = ReplyOut::new(&rec.request_id, Outcome::Rejected);
+            reply.error = Some(why.clone());
+            self.reply(&rec.service_id, rec.encoding, reply);
+            self.end(seq, End::Rejected, Some(why), now);
+        }
     }
 
     /// Ends a live request: it leaves every index, its lease is released where it held one (except after

@@ -1154,6 +1154,46 @@ fn restore_releases_stale_store_leases_and_trusts_the_store_expiry() {
 }
 
 #[test]
+fn requests_no_gpu_left_can_take_end_at_restore() {
+    // g1 (2,000 MB) is gone after the restart: a request pinned to it, and a paused one that needs
+    // more than g0 has, would wait forever.
+    let mut s = sim(&[("g0", 1_000), ("g1", 2_000)]);
+    s.request("big", req("big", 2).vram(1_500));
+    s.request("hold", req("hold", 0).vram(2_000).gpu("g1"));
+    s.ack_paused("big", "big");
+    s.request("pin", req("pin", 1).vram(500).gpu("g1"));
+    assert_eq!(s.phase("big"), Phase::Paused);
+    assert_eq!(s.phase("pin"), Phase::Queued);
+    let snapshot = s.snapshot(true);
+    let (mut r, a) = Sim::restored(config(), gpus(&[("g0", 1_000)]), snapshot, s.now + 10);
+    let pin = a.reply("pin");
+    assert_eq!(pin.outcome, Outcome::Rejected);
+    assert!(
+        pin.error.as_deref().unwrap_or_default().contains("`g1`"),
+        "{pin:?}"
+    );
+    assert_eq!(r.record("pin").end, Some(End::Rejected));
+    assert_eq!(a.control_actions("big"), vec![Revoke]);
+    assert!(
+        a.control("big", Revoke)
+            .reason
+            .to_string()
+            .contains("1500 MB"),
+        "{:?}",
+        a.control("big", Revoke).reason
+    );
+    assert_eq!(r.record("big").end, Some(End::Revoked));
+    // (hold, on the removed GPU, is revoked as before.)
+    assert_eq!(a.control_actions("hold"), vec![Revoke]);
+    assert!(
+        r.queue().is_empty(),
+        "nothing waits forever: {:?}",
+        r.queue()
+    );
+    r.finish();
+}
+
+#[test]
 fn a_refused_lease_is_revoked() {
     let mut s = sim(&[("g0", 1_000)]);
     s.request("a", req("a", 1));
