@@ -693,8 +693,11 @@ impl Scheduler {
         let phase = self.live_rec(seq).phase;
         match (msg.action, phase) {
             (AckAction::Paused, Phase::Pausing) => self.paused(seq, now),
-            // A repeated ACK (a redelivery) changes nothing.
-            (AckAction::Paused, Phase::Paused) | (AckAction::Resumed, Phase::Active) => {}
+            // A repeated ACK (a redelivery) changes nothing; nor does the ACK of a resume that a new
+            // pause followed before the holder answered it (the pause waits for its own ACK).
+            (AckAction::Paused, Phase::Paused)
+            | (AckAction::Resumed, Phase::Active)
+            | (AckAction::Resumed, Phase::Pausing) => {}
             (action, phase) => {
                 let error = format!(
                     "request `{}` is {}: an ACK `{}` is not expected now",

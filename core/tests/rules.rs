@@ -1194,6 +1194,27 @@ fn requests_no_gpu_left_can_take_end_at_restore() {
 }
 
 #[test]
+fn the_ack_of_a_resume_that_a_pause_followed_is_accepted() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("asr", req("asr", 2));
+    s.request("chat", req("chat", 0));
+    s.ack_paused("asr", "asr");
+    let a = s.release("chat", "chat", None);
+    let fence = a.control("asr", Resume).fence;
+    // Another urgent request before asr answered the resume: asr is asked to pause again.
+    let a = s.request("voice", req("voice", 1));
+    assert_eq!(a.control_actions("asr"), vec![Pause]);
+    // Its ACK of the resume comes now: not an error, and the pause still waits for its own ACK.
+    let a = s.ack("asr", "asr", Some(fence), AckAction::Resumed);
+    a.no_reply("asr");
+    assert_eq!(s.phase("asr"), Phase::Pausing);
+    let a = s.ack("asr", "asr", Some(fence), AckAction::Paused);
+    assert_eq!(a.events("asr"), vec![Paused]);
+    assert_eq!(a.reply("voice").outcome, Outcome::Granted);
+    s.finish();
+}
+
+#[test]
 fn a_refused_lease_is_revoked() {
     let mut s = sim(&[("g0", 1_000)]);
     s.request("a", req("a", 1));
