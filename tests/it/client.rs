@@ -639,3 +639,44 @@ async fn lease_survives_a_nats_restart() {
     coordinator.stop().await.expect("a clean stop");
     drop(server);
 }
+
+/// A client cut off from NATS gives its lease up on its own, and tells the code holding it, before
+/// the coordinator revokes the lease and grants the GPU to someone else.
+#[tokio::test]
+async fn a_client_cut_off_gives_its_lease_up_before_the_gpu_is_granted_on() {
+    let config = test_config("client_cutoff", &[("0", 24_000)]);
+    let coordinator = Coordinator::start(config.clone()).await;
+    let proxy = gpu_coordinator_test_support::Proxy::start(4222).await;
+    let cut_off = Client::connect(&proxy.url(), &config.nats.prefix, "a")
+        .await
+        .expect("connect through the proxy");
+    let lease = cut_off
+        .request(RequestOptions::new(1).lease_ms(5_000))
+        .await
+        .expect("granted");
+    let other = connect(&config, "b").await;
+    proxy.cut();
+    let lost = tokio::spawn({
+        let revoked = lease.revoked();
+        async move {
+            revoked.await;
+            Instant::now()
+        }
+    });
+    let granted = other
+        .request(RequestOptions::new(1).timeout_ms(30_000))
+        .await
+        .expect("b is granted once a's lease expired at the coordinator");
+    let granted_at = Instant::now();
+    let lost_at = tokio::time::timeout(DEADLINE, lost)
+        .await
+        .expect("a gave its lease up")
+        .expect("the task ran");
+    assert!(
+        lost_at < granted_at,
+        "a still believed it held the GPU when b was granted it"
+    );
+    assert!(lease.is_revoked());
+    drop(granted);
+    coordinator.stop().await.expect("stops cleanly");
+}

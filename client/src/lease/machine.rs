@@ -23,6 +23,10 @@ pub(crate) const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) const ACK_RETRY: Duration = Duration::from_secs(30);
 /// The shortest renewal interval, whatever the lease length.
 const MIN_RENEW_INTERVAL: Duration = Duration::from_millis(50);
+/// How long before the coordinator could revoke a lease that the client gives it up on its own, when
+/// no renewal is confirmed: a tenth of the lease, at most this much (renewals go at a third and a
+/// half of the lease, well before).
+const MAX_LOCAL_MARGIN: Duration = Duration::from_secs(2);
 
 /// An input to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +116,12 @@ pub(crate) struct Machine {
     has_pause_handler: bool,
     has_resume_handler: bool,
     next_renew: Option<Instant>,
+    /// When the client gives the lease up on its own, unless a renewal is confirmed before: a margin
+    /// before the earliest instant the coordinator could revoke it (a client cut off from NATS
+    /// must stop before the GPU is granted on).
+    lost_at: Option<Instant>,
+    /// When the renew in flight was sent: the coordinator's new expiry is at least that plus the lease.
+    renew_sent: Option<Instant>,
     /// A renew was sent and its `renewed` (or `rejected`) has not come yet.
     renew_in_flight: bool,
     /// `release()` was called; when to give up waiting for `released`.
@@ -138,6 +148,7 @@ impl Machine {
         machine.has_pause_handler = has_pause_handler;
         machine.has_resume_handler = has_resume_handler;
         machine.next_renew = Some(now + machine.renew_after(wall));
+        machine.lost_at = Some(machine.lost_after(now, wall));
         machine
     }
 
@@ -176,6 +187,8 @@ impl Machine {
             has_pause_handler: false,
             has_resume_handler: false,
             next_renew: None,
+            lost_at: None,
+            renew_sent: None,
             renew_in_flight: false,
             release_deadline: None,
             release_started: None,
@@ -201,10 +214,30 @@ impl Machine {
 
     /// When [`Machine::handle_timeout`] wants to be called next.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        match (self.next_renew, self.release_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        // Giving up locally matters only while the lease runs: not while pausing, paused or releasing.
+        let lost_at = self.lost_at.filter(|_| self.holds() && !self.releasing());
+        [self.next_renew, self.release_deadline, lost_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// When to give the lease up locally, for the expiry in the snapshot (see [`Machine::lost_at`]):
+    /// the earlier of the coordinator's expiry read on this clock and, for a renewal, its sending
+    /// plus the lease (the coordinator handles it after it was sent), less the margin.
+    fn lost_after(&self, now: Instant, wall: SystemTime) -> Instant {
+        let remaining = self
+            .snapshot
+            .expires_at
+            .duration_since(wall)
+            .unwrap_or_default();
+        let lease = Duration::from_millis(self.snapshot.lease_ms);
+        let mut at = now + remaining;
+        if let Some(sent) = self.renew_sent {
+            at = at.min(sent + lease);
         }
+        let margin = (lease / 10).min(MAX_LOCAL_MARGIN);
+        at.checked_sub(margin).map_or(now, |at| at.max(now))
     }
 
     /// A third of the lease: two renewals can fail before the lease runs out.
@@ -278,7 +311,9 @@ impl Machine {
                     expiry(reply.expires_at.as_deref(), self.snapshot.lease_ms, wall);
                 if self.holds() && !self.releasing() {
                     self.next_renew = Some(now + self.renew_after(wall));
+                    self.lost_at = Some(self.lost_after(now, wall));
                 }
+                self.renew_sent = None;
                 self.event(LeaseEvent::Renewed {
                     expires_at: self.snapshot.expires_at,
                 });
@@ -412,6 +447,8 @@ impl Machine {
                 self.snapshot.expires_at =
                     expiry(control.expires_at.as_deref(), self.snapshot.lease_ms, wall);
                 self.renew_in_flight = false;
+                self.renew_sent = None;
+                self.lost_at = Some(self.lost_after(now, wall));
                 // The lease runs from the resume on, while `on_resume` reloads: renew it meanwhile,
                 // so that a reload longer than the lease does not lose it.
                 self.next_renew = Some(now + self.renew_after(wall));
@@ -559,6 +596,26 @@ impl Machine {
 
     /// The instant [`Machine::poll_timeout`] named (or later) has come.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        if self.lost_at.is_some_and(|at| at <= now) {
+            self.lost_at = None;
+            if self.holds() && !self.releasing() {
+                // No renewal was confirmed in time (cut off from NATS, or the coordinator away): stop
+                // before the coordinator could grant the GPU on, and free it there when heard.
+                self.publish(
+                    Input::Release(ReleaseMsg {
+                        request_id: Some(self.request_id.clone()),
+                        fence: Some(self.snapshot.fence),
+                    }),
+                    RELEASE_TIMEOUT,
+                );
+                self.revoke(
+                    "the lease ran out here: no renewal was confirmed before its expiry (is the \
+                     coordinator reachable?)"
+                        .to_owned(),
+                );
+                return;
+            }
+        }
         if let Some(deadline) = self.release_deadline.filter(|d| *d <= now) {
             let waited =
                 deadline.saturating_duration_since(self.release_started.unwrap_or(deadline));
@@ -574,6 +631,9 @@ impl Machine {
                 return;
             }
             self.renew_in_flight = true;
+            if self.renew_sent.is_none() {
+                self.renew_sent = Some(now);
+            }
             let lease = Duration::from_millis(self.snapshot.lease_ms);
             self.publish(
                 Input::Renew(RenewMsg {
@@ -607,6 +667,7 @@ impl Machine {
     fn end(&mut self, phase: LeasePhase) {
         self.snapshot.phase = phase;
         self.next_renew = None;
+        self.lost_at = None;
         self.renew_in_flight = false;
         self.queued.clear();
     }
@@ -685,6 +746,66 @@ mod tests {
             t0,
             SystemTime::now(),
         )
+    }
+
+    #[test]
+    fn a_lease_without_a_confirmed_renewal_is_given_up_before_the_coordinator_could() {
+        let t0 = Instant::now();
+        let mut m = worker(7, 3_000, t0);
+        // A tenth of the lease before the coordinator's expiry.
+        let lost = t0 + Duration::from_millis(2_700);
+        // Renewals go out and nothing answers (the client is cut off).
+        let mut renewals = 0;
+        while let Some(at) = m.poll_timeout().filter(|at| *at < lost) {
+            m.handle_timeout(at);
+            let sent = published(&drain(&mut m));
+            assert!(
+                sent.iter().all(|i| matches!(i, Input::Renew(_))),
+                "{sent:?}"
+            );
+            renewals += sent.len();
+        }
+        assert!(renewals >= 2, "renewals were tried first");
+        assert_eq!(m.poll_timeout(), Some(lost));
+        m.handle_timeout(lost);
+        let actions = drain(&mut m);
+        assert_eq!(
+            published(&actions),
+            vec![Input::Release(ReleaseMsg {
+                request_id: Some(ID.into()),
+                fence: Some(7),
+            })],
+            "the GPU is freed at the coordinator as soon as it is reachable"
+        );
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Event(LeaseEvent::Revoked { .. }))),
+            "the code holding the lease is told: {actions:?}"
+        );
+        assert_eq!(m.snapshot().phase, LeasePhase::Revoked);
+    }
+
+    #[test]
+    fn a_confirmed_renewal_moves_the_local_expiry() {
+        let t0 = Instant::now();
+        let mut m = worker(7, 3_000, t0);
+        let t1 = t0 + Duration::from_secs(1);
+        m.handle_timeout(t1);
+        drain(&mut m);
+        let t2 = t1 + Duration::from_millis(10);
+        let wall = SystemTime::now();
+        let mut renewed = reply(Outcome::Renewed);
+        renewed.fence = Some(7);
+        renewed.lease_ms = Some(3_000);
+        let at = wall.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64 + 3_000;
+        renewed.expires_at = Some(gpu_coordinator_wire::time::rfc3339(at));
+        m.handle_reply(renewed, t2, wall);
+        drain(&mut m);
+        // The coordinator handled the renewal after it was sent: its expiry is at least the sending
+        // plus the lease; the local one is a tenth of the lease before that.
+        assert_eq!(m.lost_at, Some(t1 + Duration::from_millis(2_700)));
+        assert_eq!(m.snapshot().phase, LeasePhase::Active);
     }
 
     #[test]
