@@ -1087,13 +1087,25 @@ impl Scheduler {
             .filter(move |&g| rec.vram_mb.is_none_or(|v| v <= self.gpus[g].spec.total_mb))
     }
 
-    /// Whether `rec` fits on `gpu` with `free_mb` free and `holders` holders left.
-    fn fits(rec: &RequestRecord, free_mb: u64, holders: usize) -> bool {
+    /// Whether `rec` fits on a GPU with `free_mb` free and `holders` holders left, `whole` of which
+    /// hold the whole GPU.
+    fn fits(rec: &RequestRecord, free_mb: u64, holders: usize, whole: usize) -> bool {
         match rec.vram_mb {
-            Some(v) => v <= free_mb,
+            // Beside a whole-GPU holder nothing fits, however much VRAM NVML shows free (what the
+            // holder uses can change after its grant, and outside usage can go).
+            Some(v) => whole == 0 && v <= free_mb,
             // The whole GPU: no other holder, and something left beside outside usage.
             None => holders == 0 && free_mb > 0,
         }
+    }
+
+    /// How many holders of GPU `g` hold it whole (at most one).
+    fn whole_holders(&self, g: usize) -> usize {
+        self.gpus[g]
+            .holders
+            .iter()
+            .filter(|&&h| self.live_rec(h).vram_mb.is_none())
+            .count()
     }
 
     fn best_fit(&self, seq: u64, candidates: &[usize]) -> Option<usize> {
@@ -1101,7 +1113,10 @@ impl Scheduler {
         candidates
             .iter()
             .copied()
-            .filter(|&g| Self::fits(rec, self.gpus[g].free_mb(), self.gpus[g].holders.len()))
+            .filter(|&g| {
+                let gpu = &self.gpus[g];
+                Self::fits(rec, gpu.free_mb(), gpu.holders.len(), self.whole_holders(g))
+            })
             .min_by_key(|&g| {
                 let free = self.gpus[g].free_mb();
                 (free - rec.vram_mb.unwrap_or(free), g)
@@ -1126,12 +1141,14 @@ impl Scheduler {
             let gpu = &self.gpus[g];
             let mut free = gpu.free_mb();
             let mut remaining = gpu.holders.len();
+            let mut whole = self.whole_holders(g);
             let mut eligible = Vec::new();
             for &h in &gpu.holders {
                 let holder = self.live_rec(h);
                 if holder.phase == Phase::Pausing {
                     free += holder.held_mb.unwrap_or(0);
                     remaining -= 1;
+                    whole -= usize::from(holder.vram_mb.is_none());
                 } else if holder.priority > urgency
                     && holder.preemptible
                     && holder
@@ -1153,14 +1170,16 @@ impl Scheduler {
             });
             let mut victims = Vec::new();
             for holder in eligible {
-                if Self::fits(rec, free, remaining) {
+                if Self::fits(rec, free, remaining, whole) {
                     break;
                 }
                 free += holder.held_mb.unwrap_or(0);
                 remaining -= 1;
-                victims.push((holder.arrival, holder.held_mb.unwrap_or(0)));
+                let is_whole = holder.vram_mb.is_none();
+                whole -= usize::from(is_whole);
+                victims.push((holder.arrival, holder.held_mb.unwrap_or(0), is_whole));
             }
-            if !Self::fits(rec, free, remaining) {
+            if !Self::fits(rec, free, remaining, whole) {
                 continue;
             }
             // Only as many as needed: a small, less urgent victim taken first may be unnecessary once
@@ -1168,10 +1187,12 @@ impl Scheduler {
             let mut i = victims.len();
             while i > 0 {
                 i -= 1;
-                let held = victims[i].1;
-                if Self::fits(rec, free - held, remaining + 1) {
+                let (_, held, is_whole) = victims[i];
+                let whole_if_spared = whole + usize::from(is_whole);
+                if Self::fits(rec, free - held, remaining + 1, whole_if_spared) {
                     free -= held;
                     remaining += 1;
+                    whole = whole_if_spared;
                     victims.remove(i);
                 }
             }
@@ -1406,7 +1427,13 @@ impl Scheduler {
             service_id: rec.service_id.clone(),
             gpu,
             fence: rec.fence?,
-            vram_mb: rec.held_mb.unwrap_or(0),
+            // A whole-GPU lease claims the whole capacity in the lease store, so that the store too
+            // refuses anyone beside it.
+            vram_mb: if rec.vram_mb.is_none() {
+                capacity_mb
+            } else {
+                rec.held_mb.unwrap_or(0)
+            },
             capacity_mb,
             expires_at: rec.expires_at?,
         })

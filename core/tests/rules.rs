@@ -1492,6 +1492,32 @@ fn outside_use_is_what_nvml_sees_minus_what_the_leases_hold() {
     s.finish();
 }
 
+#[test]
+fn a_whole_gpu_holder_stays_alone_when_outside_use_goes() {
+    let mut s = sim(&[("g0", 1_000)]);
+    // 300 MB used outside when the whole GPU is granted: the lease holds the other 700.
+    s.outside("g0", 300);
+    let a = s.request("w", req("w", 1));
+    assert_eq!(a.granted(), vec!["w"]);
+    match a.lease_ops_for("w").as_slice() {
+        [LeaseOp::Acquire(l)] => assert_eq!(
+            (l.vram_mb, l.capacity_mb),
+            (1_000, 1_000),
+            "the lease store sees the whole capacity taken"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // The outside process exits: NVML shows VRAM free, but nothing goes beside the whole-GPU holder.
+    s.outside("g0", 0);
+    let a = s.request("b", req("b", 1).vram(200));
+    assert!(a.granted().is_empty(), "{a:#?}");
+    assert_eq!(a.events("b"), vec![Requested, Queued]);
+    // Its release lets b in.
+    let a = s.release("w", "w", None);
+    assert_eq!(a.granted(), vec!["b"]);
+    s.finish();
+}
+
 fn lease(id: &str, gpu: &str, fence: u64, expires_at: u64) -> Lease {
     Lease {
         request_id: id.into(),
