@@ -43,7 +43,9 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Writes a lease if it fits. `KEYS`: the lease, its GPU's hash, `fence`, `gpus`. `ARGV`: the lease key
 /// prefix, request id, service id, GPU, fence, VRAM, capacity, expiry, then `acquire` (the fence must be
-/// above the stored one) or `rewrite` (equal is accepted too). Answers `{"ok"}`, `{"held", fence}`,
+/// above the stored one) or `rewrite` (any fence: a lease the store lost is written back under its own
+/// fence even when newer ones were issued since; the term, the `held` and the capacity checks keep out
+/// an old leader and a second holder). Answers `{"ok"}`, `{"held", fence}`,
 /// `{"stale", stored}` or `{"capacity", used_mb}`.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -58,7 +60,7 @@ if held then
 end
 local fence = tonumber(ARGV[5])
 local stored = tonumber(redis.call('GET', KEYS[3]) or '0')
-if fence < stored or (fence == stored and ARGV[9] ~= 'rewrite') then
+if ARGV[9] ~= 'rewrite' and fence <= stored then
   return {'stale', tostring(redis.call('GET', KEYS[3]) or '0')}
 end
 local used = 0
@@ -348,9 +350,10 @@ impl LeaseStore {
         Ok(set.is_some())
     }
 
-    /// Writes back leases after Redis lost them, with the checks of [`LeaseStore::acquire`] except that a
-    /// fence equal to the stored one is accepted: no second holder can appear, and a lease is not
-    /// resurrected over a newer grant. Leases are written in fence order; the answer is in `leases`' order.
+    /// Writes back leases after Redis lost them, with the checks of [`LeaseStore::acquire`] except the
+    /// fence's: a lease is written back under its own fence even when newer fences were issued since
+    /// (Redis lost that one lease, not the others). No second holder can appear: a live lease of the
+    /// request under another fence, or a GPU without room, refuses it, and an older term is deposed. Leases are written in fence order; the answer is in `leases`' order.
     pub async fn rewrite(&self, leases: &[Lease]) -> Result<Vec<Result<(), Refused>>, RedisError> {
         let mut order: Vec<usize> = (0..leases.len()).collect();
         order.sort_by_key(|&i| leases[i].fence);

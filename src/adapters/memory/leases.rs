@@ -1,6 +1,5 @@
-//! The lease store in memory, with the checks of the Redis scripts: a fence above every fence stored (equal
-//! for a rewrite), one lease per request, the GPU's capacity; leases expire at `expires_at`.
-
+//! The lease store in memory, with the checks of the Redis scripts: a fence above every fence stored
+//! (any fence for a rewrite), one lease per request, the GPU's capacity; leases expire at `expires_at`.
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -36,7 +35,8 @@ impl LeaseState {
                 fence: held.fence,
             });
         }
-        if lease.fence < self.max_fence || (lease.fence == self.max_fence && !rewrite) {
+        // A rewrite writes a lost lease back under its own fence, as the Redis script does.
+        if !rewrite && lease.fence <= self.max_fence {
             return Err(Refused::StaleFence {
                 fence: lease.fence,
                 stored: self.max_fence,
