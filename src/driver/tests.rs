@@ -364,6 +364,38 @@ async fn a_renewed_lease_the_store_lost_is_written_back() {
 }
 
 #[tokio::test]
+async fn a_lost_lease_is_written_back_though_newer_fences_exist() {
+    let rig = Rig::new();
+    let chat = (
+        "request",
+        "chat",
+        json!({"request_id": "chat-1", "priority": 1, "vram_mb": 4000}),
+    );
+    let mut driver = handled(&rig, &[asr_request(), chat]).await;
+    let before = rig.leases.live();
+    assert_eq!(before.len(), 2);
+    // The store loses asr's lease (fence 1) alone; chat's (fence 2) stays.
+    let asr_key = gpu_coordinator_core::scoped("asr", "asr-1");
+    rig.leases.lose(&asr_key);
+    let renew = ("renew", "asr", json!({"request_id": "asr-1"}));
+    feed(&rig, &mut driver, &[renew]).await;
+    let after = rig.leases.live();
+    assert!(
+        after
+            .iter()
+            .any(|l| l.request_id.as_str() == asr_key && l.fence == Fence(1)),
+        "asr's lease is back under its fence: {after:?}"
+    );
+    let orders: Vec<String> = rig
+        .messages()
+        .into_iter()
+        .filter(|(subject, ..)| subject == "gpu.control.asr")
+        .map(|(_, _, what, _)| what)
+        .collect();
+    assert!(orders.is_empty(), "asr is not revoked: {orders:?}");
+}
+
+#[tokio::test]
 async fn a_grant_the_store_refuses_is_revoked() {
     let rig = Rig::new();
     let mut driver = handled(&rig, &[]).await;

@@ -1,5 +1,6 @@
 //! The lease store in memory, with the checks of the Redis scripts: a fence above every fence stored
 //! (any fence for a rewrite), one lease per request, the GPU's capacity; leases expire at `expires_at`.
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -144,6 +145,11 @@ impl MemLeases {
         let mut state = lock(&self.state);
         state.leases.clear();
         state.epoch = false;
+    }
+
+    /// Loses the lease of one request (evicted, say), keeping the others and the highest fence.
+    pub fn lose(&self, request_id: &str) {
+        lock(&self.state).leases.remove(request_id);
     }
 
     /// Puts a lease in place behind the coordinator's back (an old snapshot brought it back).
