@@ -473,8 +473,12 @@ pub fn content_type(headers: Option<&HeaderMap>) -> Option<&str> {
 
 /// One input of the pull consumer as the driver sees it.
 fn delivery(msg: jetstream::Message) -> Delivery {
+    let info = msg.info().ok();
     Delivery {
-        seq: msg.info().map(|i| i.stream_sequence).unwrap_or(0),
+        seq: info.as_ref().map(|i| i.stream_sequence).unwrap_or(0),
+        stored_at: info
+            .as_ref()
+            .and_then(|i| u64::try_from(i.published.unix_timestamp_nanos() / 1_000_000).ok()),
         subject: msg.subject.to_string(),
         content_type: content_type(msg.headers.as_ref()).map(str::to_owned),
         payload: msg.payload.clone(),

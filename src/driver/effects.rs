@@ -10,7 +10,7 @@ use gpu_coordinator_wire::Encoding;
 use tokio_util::sync::CancellationToken;
 
 use super::retry::with_retry;
-use super::{now_ms, Driver};
+use super::Driver;
 use crate::ports::{Batch, Bus, LeaseOutcome, Outbound, OutboxRow};
 use crate::render;
 
@@ -143,7 +143,8 @@ impl Driver {
                 self.position.handled = self.position.handled.max(seq);
             }
             let (refused, lost) = self.apply_leases(&round.lease_ops).await?;
-            let now = now_ms();
+            // What the store said belongs to the round's time, however long the store took.
+            let now = self.time_floor;
             for (request_id, fence, why) in refused {
                 tracing::error!(%request_id, "the lease store refused a lease: {why}");
                 self.sched.handle_input(

@@ -65,10 +65,9 @@ impl Driver {
                     tracing::warn!("leadership of term {} lost: no longer acting", self.term.0);
                     break;
                 }
-                _ = tokio::time::sleep(wake) => {
-                    self.sched.handle_timeout(now_ms());
-                    self.carry_out().await?;
-                }
+                // Inputs before timers: after a stall (a server away, the process stopped) the inputs
+                // stored meanwhile are handled at the time they were stored, before the timers that
+                // fell due since, so a renewal stored in time still counts.
                 next = next_input(&mut inputs) => match next {
                     Some(Ok(first)) => {
                         let mut batch = vec![first];
@@ -91,6 +90,11 @@ impl Driver {
                         self.reopen_inputs(&mut inputs).await?;
                     }
                 },
+                _ = tokio::time::sleep(wake) => {
+                    let now = self.core_time(now_ms());
+                    self.sched.handle_timeout(now);
+                    self.carry_out().await?;
+                }
                 Ok(()) = reconnects.changed() => {
                     tracing::info!("the bus reconnected; reopening the input consumer");
                     self.reopen_inputs(&mut inputs).await?;
@@ -110,6 +114,16 @@ impl Driver {
         }
         self.stop().await;
         Ok(())
+    }
+
+    /// The time to hand the core for something that happened `at`: never before the last time it was
+    /// handed, so that its clock never goes back.
+    pub(super) fn core_time(
+        &mut self,
+        at: gpu_coordinator_core::Millis,
+    ) -> gpu_coordinator_core::Millis {
+        self.time_floor = self.time_floor.max(at);
+        self.time_floor
     }
 
     /// The status questions: those subscribed at the start, or a new subscription.
@@ -205,6 +219,7 @@ impl Driver {
         for delivery in batch {
             let Delivery {
                 seq,
+                stored_at,
                 subject,
                 content_type,
                 payload,
@@ -240,7 +255,10 @@ impl Driver {
                 }
             };
             settle.push((ack, matches!(input, Input::Invalid(_))));
-            self.sched.handle_input(input, now_ms());
+            // At the time it was stored (never before the core's last time, never after now).
+            let now = now_ms();
+            let at = self.core_time(stored_at.map_or(now, |stored| stored.min(now)));
+            self.sched.handle_input(input, at);
         }
         self.carry_out().await?;
         if let Some(seq) = self.position.pending.take() {
@@ -265,10 +283,13 @@ impl Driver {
         &mut self,
         samples: Vec<DeviceSample>,
     ) -> anyhow::Result<()> {
+        if self.nvml.is_none() {
+            return Ok(());
+        }
+        let now = self.core_time(now_ms());
         let Some(feed) = self.nvml.as_mut() else {
             return Ok(());
         };
-        let now = now_ms();
         self.recorder
             .metrics()
             .set_processes(feed.devices.iter().filter_map(|(gpu, index)| {

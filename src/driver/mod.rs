@@ -143,6 +143,8 @@ pub struct Driver {
     position: InputPosition,
     outbox: Outbox,
     status_limit: u64,
+    /// The last time handed to the core (its clock never goes back).
+    time_floor: gpu_coordinator_core::Millis,
     /// Status questions, subscribed before the driver is handed out, so that a leader reported by
     /// the HTTP status also answers over NATS.
     /// (In a mutex only so that the driver is `Sync`; never contended.)

@@ -30,8 +30,9 @@ impl Driver {
                 return Ok(());
             }
         };
+        let now = self.core_time(now_ms());
         self.sched
-            .handle_input(Input::LeaseStoreHolds { leases }, now_ms());
+            .handle_input(Input::LeaseStoreHolds { leases }, now);
         self.carry_out().await
     }
 }

@@ -84,6 +84,7 @@ impl Driver {
             },
             outbox,
             status_limit,
+            time_floor: now_ms(),
             status: Some(std::sync::Mutex::new(status)),
         };
         driver.carry_out().await?;

@@ -28,7 +28,7 @@ use std::pin::Pin;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use gpu_coordinator_core::{Fence, GpuId, Lease, LeaseOp, RequestId, RequestRecord};
+use gpu_coordinator_core::{Fence, GpuId, Lease, LeaseOp, Millis, RequestId, RequestRecord};
 use gpu_coordinator_wire::Encoding;
 use tokio::sync::watch;
 
@@ -316,6 +316,10 @@ pub type Settle = Pin<Box<dyn Future<Output = Result<(), PortError>> + Send>>;
 pub struct Delivery {
     /// Its position in the input stream (0: unknown, never skipped as handled).
     pub seq: u64,
+    /// When the bus stored it (milliseconds since the Unix epoch), if it says: the driver handles an
+    /// input at that time, so that one stored in time (a renewal) counts in time, however late the
+    /// coordinator gets to it.
+    pub stored_at: Option<Millis>,
     pub subject: String,
     pub content_type: Option<String>,
     pub payload: Bytes,

@@ -828,3 +828,47 @@ async fn a_recreated_input_stream_is_read_from_its_start() {
     );
     coordinator.stop().await.expect("a clean stop");
 }
+
+/// Redis is away longer than a lease while the holder keeps renewing: its renewals were stored on time,
+/// so they count at the time they were stored, and the lease is not revoked when Redis is back.
+#[tokio::test]
+async fn renewals_stored_during_a_stall_keep_the_lease() {
+    use crate::support::RedisServer;
+    let mut redis_server = RedisServer::start();
+    let mut config = test_config("stall", &[("0", 24_000)]);
+    config.redis.url = redis_server.url();
+    let coordinator = Coordinator::start(config.clone()).await;
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    probe
+        .pub_json(
+            "request",
+            "a",
+            json!({"request_id": "a-1", "priority": 1, "lease_ms": 3000}),
+        )
+        .await;
+    let granted = probe.reply("a-1", "granted").await;
+    let renew = json!({"request_id": "a-1", "fence": granted.fence});
+
+    // Redis goes away; the holder renews every second, for twice the lease.
+    redis_server.stop();
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    for _ in 0..6 {
+        every.tick().await;
+        probe.pub_json("renew", "a", renew.clone()).await;
+    }
+    redis_server.restart();
+    every.tick().await;
+    probe.pub_json("renew", "a", renew.clone()).await;
+    // Every renewal is answered, the last one included, and none of them finds the lease revoked.
+    for _ in 0..7 {
+        probe.reply("a-1", "renewed").await;
+    }
+    assert!(
+        !probe.drain_and_find(|s| s.str("action") == Some("revoke")),
+        "the lease was revoked though every renewal was stored in time"
+    );
+    let status = probe.status().await;
+    assert_eq!(status.gpus[0].holders[0].request_id, "a-1");
+    assert_eq!(status.gpus[0].holders[0].fence, granted.fence.unwrap());
+    coordinator.stop().await.expect("a clean stop");
+}

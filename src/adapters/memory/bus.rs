@@ -122,6 +122,7 @@ impl MemBus {
         let bus = self.clone();
         Some(Some(Delivery {
             seq,
+            stored_at: None,
             subject: stored.subject,
             content_type: stored.content_type,
             payload: stored.payload,
