@@ -63,7 +63,6 @@ enum Command {
         #[arg(long, value_name = "WHEN")]
         since: Option<String>,
     },
-    /// Show the GPUs (VRAM and its source), the holders and the queue of a running coordinator.
     /// Write a nats-server configuration with per-service permissions (`DIR/nats-server.conf`), the
     /// users' random passwords and URLs and the services' HTTP tokens (`DIR/users.json`), and the
     /// coordinator's environment (`DIR/coordinator.env`): one user per service, `coordinator` and a
@@ -72,7 +71,7 @@ enum Command {
         /// The services, comma-separated (e.g. `chat,asr,diar`).
         #[arg(long, value_delimiter = ',', required = true)]
         services: Vec<String>,
-        /// Where to write the two files.
+        /// Where to write the three files.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// The subject prefix the permissions cover (default: the configuration's `nats.prefix`).
@@ -82,6 +81,7 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:4222")]
         host: String,
     },
+    /// Show the GPUs (VRAM and its source), the holders and the queue of a running coordinator.
     Status {
         /// Print the status document as JSON, for scripts.
         #[arg(long)]
@@ -229,7 +229,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let local = listener
         .local_addr()
         .context("cannot read the HTTP listener's address")?;
-    tracing::info!(http = %local, nats = %telemetry::redact_url(&config.nats.url), prefix = %config.nats.prefix, "starting");
+    tracing::info!(http = %local, nats = %gpu_coordinator_client::redact(&config.nats.url), prefix = %config.nats.prefix, "starting");
 
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -280,7 +280,7 @@ async fn status_over_nats(config: &Config) -> anyhow::Result<StatusDoc> {
         .with_context(|| {
             format!(
                 "cannot connect to NATS at {} (nats.url)",
-                gpu_coordinator::telemetry::redact_url(url)
+                gpu_coordinator_client::redact(url)
             )
         })?;
     let subject = format!("{}.status", config.nats.prefix);

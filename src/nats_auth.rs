@@ -154,13 +154,14 @@ pub fn generate(prefix: &str, services: &[String], host: &str) -> anyhow::Result
         let hash = bcrypt::hash(&password, BCRYPT_COST).context("cannot hash a password")?;
         let is_service = name != COORDINATOR && name != AUDITOR;
         blocks.push(user_block(name, &hash, permissions.as_ref()));
-        let credentials = Credentials {
+        let mut credentials = Credentials {
             user: name.to_owned(),
-            url: format!("nats://{name}:{password}@{host}"),
+            url: String::new(),
             password,
             http_token: is_service
                 .then(|| Alphanumeric.sample_string(&mut rand::rng(), PASSWORD_LEN)),
         };
+        credentials.url = credentials.url_at(host);
         if users.insert(name.to_owned(), credentials).is_some() {
             anyhow::bail!("the user `{name}` is named twice");
         }

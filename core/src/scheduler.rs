@@ -678,11 +678,17 @@ impl Scheduler {
             now,
             Some(format!("lease extended by {lease_ms} ms")),
         );
+        self.renew_in_store(seq);
+    }
+
+    /// Extends the lease of holder `seq` in the lease store to its record's expiry.
+    fn renew_in_store(&mut self, seq: u64) {
+        let rec = self.live_rec(seq);
         self.actions.push_back(Action::Lease(LeaseOp::Renew {
             request_id: rec.request_id.clone(),
             gpu: rec.gpu.clone().expect("a holding record has a GPU"),
             fence: rec.fence.expect("a holding record has a fence"),
-            expires_at,
+            expires_at: rec.expires_at.expect("a holding record has an expiry"),
         }));
     }
 
@@ -875,14 +881,8 @@ impl Scheduler {
                 rec.expires_at = Some(at);
             }
         });
-        if let Some(expires_at) = extended {
-            let rec = self.live_rec(seq);
-            self.actions.push_back(Action::Lease(LeaseOp::Renew {
-                request_id: rec.request_id.clone(),
-                gpu: rec.gpu.clone().expect("a holding record has a GPU"),
-                fence: rec.fence.expect("a holding record has a fence"),
-                expires_at,
-            }));
+        if extended.is_some() {
+            self.renew_in_store(seq);
         }
         let urgent = self.live_rec(for_seq);
         let reason = Reason::Preempted {

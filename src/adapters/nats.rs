@@ -152,7 +152,7 @@ impl NatsBus {
             .connect(&config.url)
             .await
             .map_err(|source| NatsError::Connect {
-                url: crate::telemetry::redact_url(&config.url),
+                url: gpu_coordinator_client::redact(&config.url),
                 source,
             })?;
         let js = jetstream::new(client.clone());
@@ -251,13 +251,15 @@ impl NatsBus {
             .map_err(|e| fail(e.into()))?
             .state
             .clone();
-        let nearly_full = |used: u64, max: i64| {
-            max > 0 && used.saturating_mul(10) >= (max as u64).saturating_mul(8)
+        // How full the stream is, in percent of its tighter limit (a limit of -1 is none).
+        let percent = |used: u64, max: i64| match u64::try_from(max) {
+            Ok(max) if max > 0 => used.saturating_mul(100) / max,
+            _ => 0,
         };
-        let full = nearly_full(state.messages, self.limits.max_messages)
-            || nearly_full(state.bytes, self.limits.max_bytes);
+        let full = percent(state.messages, self.limits.max_messages)
+            .max(percent(state.bytes, self.limits.max_bytes));
         // A `handled` beyond the stream's end belongs to an earlier stream of the same name.
-        if !full || handled < state.first_sequence || handled > state.last_sequence {
+        if full < 80 || handled < state.first_sequence || handled > state.last_sequence {
             return Ok(0);
         }
         let purged = stream
@@ -267,15 +269,7 @@ impl NatsBus {
             .map_err(|e| fail(e.into()))?
             .purged;
         tracing::info!(
-            "the input stream was {}% full: removed {purged} handled input(s), up to #{handled}",
-            (state.messages * 100)
-                .checked_div(self.limits.max_messages.max(1) as u64)
-                .unwrap_or(0)
-                .max(
-                    (state.bytes * 100)
-                        .checked_div(self.limits.max_bytes.max(1) as u64)
-                        .unwrap_or(0)
-                )
+            "the input stream was {full}% full: removed {purged} handled input(s), up to #{handled}"
         );
         Ok(purged)
     }
@@ -405,6 +399,7 @@ impl NatsBus {
     }
 
     /// Subscribes to `<prefix>.status` (request-reply, not stored).
+    ///
     /// The subscription is known to the server when this returns (flushed), so a status request sent
     /// afterwards finds a responder.
     pub async fn status_requests(&self) -> Result<async_nats::Subscriber, NatsError> {

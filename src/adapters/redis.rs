@@ -353,7 +353,8 @@ impl LeaseStore {
     /// Writes back leases after Redis lost them, with the checks of [`LeaseStore::acquire`] except the
     /// fence's: a lease is written back under its own fence even when newer fences were issued since
     /// (Redis lost that one lease, not the others). No second holder can appear: a live lease of the
-    /// request under another fence, or a GPU without room, refuses it, and an older term is deposed. Leases are written in fence order; the answer is in `leases`' order.
+    /// request under another fence, or a GPU without room, refuses it, and an older term is deposed.
+    /// Leases are written in fence order; the answer is in `leases`' order.
     pub async fn rewrite(&self, leases: &[Lease]) -> Result<Vec<Result<(), Refused>>, RedisError> {
         let mut order: Vec<usize> = (0..leases.len()).collect();
         order.sort_by_key(|&i| leases[i].fence);

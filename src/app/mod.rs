@@ -267,17 +267,15 @@ impl Servers {
             "Redis connected at {} (keys under `{prefix}:`)",
             redact_url(&redis_url)
         );
-        let nats_url = config.nats.url.clone();
-        let bus = with_retry(
-            &format!("NATS at {}", redact_url(&nats_url)),
-            shutdown,
-            || NatsBus::connect(&config.nats, subjects.clone(), CONNECTION_NAME),
-        )
+        // A NATS URL may carry a token as its user: its own redaction hides that too.
+        let nats_url = gpu_coordinator_client::redact(&config.nats.url);
+        let bus = with_retry(&format!("NATS at {nats_url}"), shutdown, || {
+            NatsBus::connect(&config.nats, subjects.clone(), CONNECTION_NAME)
+        })
         .await?;
         with_retry("JetStream streams", shutdown, || bus.ensure_streams()).await?;
         tracing::info!(
-            "NATS connected at {}; streams {} and {} ready, subjects under `{}.`",
-            redact_url(&nats_url),
+            "NATS connected at {nats_url}; streams {} and {} ready, subjects under `{}.`",
             subjects.input_stream(),
             subjects.output_stream(),
             subjects.prefix()

@@ -84,7 +84,7 @@ pub async fn run(config: &Config, since: Since) -> anyhow::Result<Result<Summary
         .with_context(|| {
             format!(
                 "cannot connect to NATS at {}",
-                crate::telemetry::redact_url(&config.nats.url)
+                gpu_coordinator_client::redact(&config.nats.url)
             )
         })?;
     let js = jetstream::new(client);

@@ -283,9 +283,7 @@ impl Driver {
         &mut self,
         samples: Vec<DeviceSample>,
     ) -> anyhow::Result<()> {
-        if self.nvml.is_none() {
-            return Ok(());
-        }
+        // Samples come only from an NVML feed.
         let now = self.core_time(now_ms());
         let Some(feed) = self.nvml.as_mut() else {
             return Ok(());
@@ -343,30 +341,18 @@ impl Driver {
 }
 
 /// `input` with its request id scoped to `service` (see [`gpu_coordinator_core::SCOPE`]).
-fn scope(service: &str, input: Inbound) -> Inbound {
-    use gpu_coordinator_core::scoped;
-    match input {
-        Inbound::Request(mut m) => {
-            m.request_id = m.request_id.map(|id| scoped(service, &id));
-            Inbound::Request(m)
-        }
-        Inbound::Release(mut m) => {
-            m.request_id = m.request_id.map(|id| scoped(service, &id));
-            Inbound::Release(m)
-        }
-        Inbound::Renew(mut m) => {
-            m.request_id = scoped(service, &m.request_id);
-            Inbound::Renew(m)
-        }
-        Inbound::Ack(mut m) => {
-            m.request_id = scoped(service, &m.request_id);
-            Inbound::Ack(m)
-        }
-        Inbound::Cancel(mut m) => {
-            m.request_id = scoped(service, &m.request_id);
-            Inbound::Cancel(m)
-        }
+fn scope(service: &str, mut input: Inbound) -> Inbound {
+    let id = match &mut input {
+        Inbound::Request(m) => m.request_id.as_mut(),
+        Inbound::Release(m) => m.request_id.as_mut(),
+        Inbound::Renew(m) => Some(&mut m.request_id),
+        Inbound::Ack(m) => Some(&mut m.request_id),
+        Inbound::Cancel(m) => Some(&mut m.request_id),
+    };
+    if let Some(id) = id {
+        *id = gpu_coordinator_core::scoped(service, id);
     }
+    input
 }
 
 /// The next NVML sample, or never when NVML is not in use.

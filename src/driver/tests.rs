@@ -106,8 +106,8 @@ impl Rig {
             .collect()
     }
 
-    /// Each request's phase, end and fence, as the journal holds them.
-    /// The journal's records, by the ids their services used (the journal keeps them scoped).
+    /// Each request's phase, end and fence, as the journal holds them, by the ids their services used
+    /// (the journal keeps them scoped).
     fn outcome(&self) -> Vec<(String, Phase, Option<String>, Option<Fence>)> {
         self.journal
             .records()
