@@ -127,6 +127,12 @@ pub struct Scheduler {
     dirty_set: HashSet<RequestId>,
     actions: VecDeque<Action>,
     vram_source: VramSource,
+    /// The latest time handed in: a time before it is taken as it, so that the core's clock never
+    /// goes back.
+    clock: Millis,
+    /// Requests that arrived in the current batch, to say `queued` for those the batch's scheduling
+    /// left waiting.
+    arrived: Vec<u64>,
 }
 
 impl Scheduler {
@@ -150,6 +156,8 @@ impl Scheduler {
             dirty_set: HashSet::new(),
             actions: VecDeque::new(),
             vram_source: VramSource::Config,
+            clock: 0,
+            arrived: Vec::new(),
         };
         scheduler.set_gpus(gpus);
         scheduler
@@ -249,6 +257,11 @@ impl Scheduler {
 
     /// Restores the state persisted before a restart and reconciles it with the lease store. Call once,
     /// on a new scheduler, before any other input.
+    ///
+    /// No timer fires here, and the core's clock stays where it was: the inputs stored while no
+    /// coordinator acted (renewals, ACKs) are handled next, each at the time it was stored, and only
+    /// then the timers that fell due since (the next [`Scheduler::handle_timeout`]). A lease renewed in
+    /// time during the gap is kept.
     pub fn restore(&mut self, snapshot: Snapshot, now: Millis) {
         self.next_seq = self.next_seq.max(snapshot.max_arrival + 1);
         self.last_fence = self.last_fence.max(snapshot.max_fence).max(
@@ -340,12 +353,57 @@ impl Scheduler {
             _ => Fence(0),
         });
         self.actions.extend(write_back);
-        self.handle_timeout(now);
+        self.schedule(now);
+        self.flush();
     }
 
-    /// Handles one input at `now`.
+    /// Handles one input at `now` (see [`Scheduler::handle_inputs`]).
     pub fn handle_input(&mut self, input: Input, now: Millis) {
-        self.fire_due(now);
+        self.handle_inputs([(input, now)]);
+    }
+
+    /// Handles a batch of inputs, each at the time it was stored (a time before the latest one handed
+    /// in counts as that one), firing the timers due before each; then schedules once, after all of
+    /// them. A release and a more urgent request in one batch hand the GPU to the urgent one, rather
+    /// than resuming a paused holder only to pause it again in the same instant.
+    pub fn handle_inputs(&mut self, batch: impl IntoIterator<Item = (Input, Millis)>) {
+        let mut last = None;
+        for (input, stored_at) in batch {
+            let now = self.advance(stored_at);
+            self.fire_due(now);
+            self.apply(input, stored_at, now);
+            last = Some(now);
+        }
+        if let Some(now) = last {
+            self.schedule(now);
+            self.say_queued(now);
+            self.flush();
+        }
+    }
+
+    /// The core's time for something that happened `at`: never before the latest time handed in.
+    fn advance(&mut self, at: Millis) -> Millis {
+        self.clock = self.clock.max(at);
+        self.clock
+    }
+
+    /// `queued` for the requests of the batch that its scheduling left waiting.
+    fn say_queued(&mut self, now: Millis) {
+        for seq in std::mem::take(&mut self.arrived) {
+            if self
+                .live
+                .get(&seq)
+                .is_some_and(|l| l.rec.phase == Phase::Queued)
+            {
+                let detail = self.queued_detail(seq);
+                let rec = self.live_rec(seq).clone();
+                self.event(&rec, EventKind::Queued, now, Some(detail));
+            }
+        }
+    }
+
+    /// One input, stored at `stored_at`, handled at `now`; the scheduling is left to the caller.
+    fn apply(&mut self, input: Input, stored_at: Millis, now: Millis) {
         match input {
             Input::Inbound {
                 service,
@@ -355,7 +413,7 @@ impl Scheduler {
                 Inbound::Request(msg) => self.on_request(service, encoding, msg, now),
                 Inbound::Release(msg) => self.on_release(service, encoding, msg, now),
                 Inbound::Renew(msg) => self.on_renew(service, encoding, msg, now),
-                Inbound::Ack(msg) => self.on_ack(service, encoding, msg, now),
+                Inbound::Ack(msg) => self.on_ack(service, encoding, msg, stored_at, now),
                 Inbound::Cancel(msg) => self.on_cancel(service, encoding, msg, now),
             },
             Input::Invalid(rejection) => self.on_invalid(rejection, now),
@@ -402,8 +460,6 @@ impl Scheduler {
                 }
             }
         }
-        self.schedule(now);
-        self.flush();
     }
 
     /// Makes the lease store hold exactly this scheduler's leases (see [`Input::LeaseStoreHolds`]).
@@ -427,6 +483,7 @@ impl Scheduler {
 
     /// Fires every timer due at `now` (timeouts, expiries, pause deadlines, aging), then schedules.
     pub fn handle_timeout(&mut self, now: Millis) {
+        let now = self.advance(now);
         self.fire_due(now);
         self.schedule(now);
         self.flush();
@@ -468,20 +525,33 @@ impl Scheduler {
                 }
                 (TimerKind::Aging, Phase::Queued) => self.update(seq, now, |_| {}),
                 (TimerKind::Expiry, Phase::Active) => self.revoke(seq, now, Reason::Expired, true),
-                // A pausing lease lasts until its pause deadline (see `pause`): that timer decides.
-                (TimerKind::Expiry, Phase::Pausing)
-                    if self
+                // A pausing lease lasts at least until its pause deadline (see `pause`). Past the
+                // deadline without an ACK it is revoked when it runs out, not before: a holder that
+                // never heard the pause (cut off from NATS) knows only its lease, and uses the GPU
+                // until then.
+                (TimerKind::Expiry, Phase::Pausing) => {
+                    let missed = self
                         .live_rec(seq)
                         .pause_deadline
-                        .is_none_or(|deadline| deadline > now) =>
-                {
-                    self.revoke(seq, now, Reason::Expired, true)
+                        .is_some_and(|deadline| deadline <= now);
+                    if missed {
+                        let reason = Reason::NoPauseAck {
+                            deadline_ms: self.config.ack_deadline_ms,
+                        };
+                        self.revoke(seq, now, reason, false)
+                    } else {
+                        self.revoke(seq, now, Reason::Expired, true)
+                    }
                 }
                 (TimerKind::PauseDeadline, Phase::Pausing) => {
-                    let reason = Reason::NoPauseAck {
-                        deadline_ms: self.config.ack_deadline_ms,
-                    };
-                    self.revoke(seq, now, reason, false)
+                    let runs_until = self.live_rec(seq).expires_at;
+                    if runs_until.is_none_or(|at| at <= now) {
+                        let reason = Reason::NoPauseAck {
+                            deadline_ms: self.config.ack_deadline_ms,
+                        };
+                        self.revoke(seq, now, reason, false)
+                    }
+                    // Otherwise the expiry revokes it; renewals are refused from now on.
                 }
                 // A holder became preemptible: the next pass reconsiders it.
                 _ => {}
@@ -599,14 +669,8 @@ impl Scheduler {
         }
         self.insert_live(rec);
         self.mark_dirty(&request_id);
-        self.schedule(now);
-        if let Some(&seq) = self.ids.get(request_id.as_str()) {
-            if self.live_rec(seq).phase == Phase::Queued {
-                let detail = self.queued_detail(seq);
-                let rec = self.live_rec(seq).clone();
-                self.event(&rec, EventKind::Queued, now, Some(detail));
-            }
-        }
+        // Granted, or said `queued`, once the whole batch is handled.
+        self.arrived.push(seq);
     }
 
     fn on_release(&mut self, service: String, encoding: Encoding, msg: ReleaseMsg, now: Millis) {
@@ -646,6 +710,14 @@ impl Scheduler {
             return;
         };
         let rec = self.live_rec(seq);
+        if rec.phase == Phase::Pausing && rec.pause_deadline.is_some_and(|d| d <= now) {
+            let error = format!(
+                "request `{}` was asked to pause and did not ACK within the deadline ({} ms): its \
+                 lease is not renewed, and is revoked when it runs out",
+                msg.request_id, self.config.ack_deadline_ms
+            );
+            return self.reject(&service, rec.encoding, Some(&msg.request_id), error, now);
+        }
         if !matches!(rec.phase, Phase::Active | Phase::Pausing) {
             let error = format!(
                 "request `{}` is {}, not holding a lease: only a held lease can be renewed",
@@ -692,11 +764,37 @@ impl Scheduler {
         }));
     }
 
-    fn on_ack(&mut self, service: String, encoding: Encoding, msg: AckMsg, now: Millis) {
+    fn on_ack(
+        &mut self,
+        service: String,
+        encoding: Encoding,
+        msg: AckMsg,
+        stored_at: Millis,
+        now: Millis,
+    ) {
         let Some(seq) = self.find_own(&service, encoding, &msg.request_id, msg.fence, now) else {
             return;
         };
-        let phase = self.live_rec(seq).phase;
+        let rec = self.live_rec(seq);
+        let phase = rec.phase;
+        // An ACK without a fence answers the pause ordered before it was stored: one stored earlier is a
+        // late copy of an ACK to an earlier pause (the holder has not answered this one yet).
+        let ordered_at = rec
+            .pause_deadline
+            .map(|deadline| deadline.saturating_sub(self.config.ack_deadline_ms));
+        if msg.fence.is_none()
+            && msg.action == AckAction::Paused
+            && phase == Phase::Pausing
+            && ordered_at.is_some_and(|ordered| stored_at < ordered)
+        {
+            let error = format!(
+                "an ACK `paused` without a fence, stored before the pause of request `{}` was ordered: \
+                 a late copy of an earlier ACK, ignored (send the fence to be matched exactly)",
+                msg.request_id
+            );
+            let encoding = rec.encoding;
+            return self.reject(&service, encoding, Some(&msg.request_id), error, now);
+        }
         match (msg.action, phase) {
             (AckAction::Paused, Phase::Pausing) => self.paused(seq, now),
             // A repeated ACK (a redelivery) changes nothing; nor does the ACK of a resume that a new

@@ -6,7 +6,10 @@ mod harness;
 mod props;
 
 use gpu_coordinator_core::{End, Fence, Input, Lease, LeaseOp, Phase, SchedConfig, Snapshot};
-use gpu_coordinator_wire::{AckAction, ControlAction, Encoding, EventKind, HolderState, Outcome};
+use gpu_coordinator_wire::{
+    AckAction, AckMsg, ControlAction, Encoding, EventKind, HolderState, Inbound, Outcome,
+    ReleaseMsg, RenewMsg,
+};
 
 use harness::{gpus, req, Sim, T0};
 
@@ -518,6 +521,97 @@ fn the_urgent_release_resumes_the_paused_holder_with_a_new_fence_and_lease() {
 }
 
 #[test]
+fn a_renewal_stored_while_no_coordinator_acted_keeps_the_lease_after_a_restart() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("asr", req("asr", 2).lease(2_000));
+    s.advance(1_500);
+    // The coordinator dies; the holder renews in time, twice (stored at T0 + 1.5 s and T0 + 3 s); a
+    // new one starts at T0 + 4.5 s, past the expiry the old one knew, and finds the renewals waiting
+    // in the input stream.
+    let renew = || {
+        let msg = RenewMsg {
+            request_id: "asr".into(),
+            fence: Some(1),
+            lease_ms: None,
+        };
+        Sim::from("asr", Inbound::Renew(msg))
+    };
+    let waiting = vec![(renew(), s.now), (renew(), s.now + 1_500)];
+    let a = s.restart_with_inputs(3_000, waiting);
+    let outcomes: Vec<Outcome> = a.replies_for("asr").iter().map(|r| r.outcome).collect();
+    assert_eq!(outcomes, vec![Outcome::Renewed, Outcome::Renewed]);
+    assert!(!a.events("asr").contains(&Revoked), "{:?}", a.events("asr"));
+    assert_eq!(s.phase("asr"), Phase::Active);
+}
+
+#[test]
+fn a_late_copy_of_an_ack_without_a_fence_does_not_answer_a_newer_pause() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("asr", req("asr", 2).lease(20_000));
+    s.request("chat", req("chat", 0));
+    s.advance(100);
+    let first_ack_at = s.now;
+    s.ack("asr", "asr", None, AckAction::Paused);
+    s.advance(1_000);
+    s.release("chat", "chat", Some(2));
+    assert_eq!(s.phase("asr"), Phase::Active);
+    s.advance(1_000);
+    s.request("voice", req("voice", 0));
+    assert_eq!(s.phase("asr"), Phase::Pausing);
+    // A copy of the first ACK, stored before this pause was ordered (a retry, a duplicate), comes now:
+    // the holder has not answered this pause, and still runs.
+    let ack = |fence| {
+        Inbound::Ack(AckMsg {
+            request_id: "asr".into(),
+            fence,
+            action: AckAction::Paused,
+        })
+    };
+    let a = s.batch(vec![(Sim::from("asr", ack(None)), first_ack_at)]);
+    let rejected = a.reply("asr");
+    assert_eq!(rejected.outcome, Outcome::Rejected);
+    assert!(
+        rejected
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("late copy"),
+        "{rejected:?}"
+    );
+    assert_eq!(s.phase("asr"), Phase::Pausing);
+    assert!(a.granted().is_empty(), "nothing is granted on a late ACK");
+    // Its own ACK, stored after the order, pauses it.
+    let now = s.now;
+    let a = s.batch(vec![(Sim::from("asr", ack(None)), now)]);
+    assert_eq!(s.phase("asr"), Phase::Paused);
+    assert_eq!(a.granted(), vec!["voice".to_string()]);
+}
+
+#[test]
+fn a_release_and_an_urgent_request_in_one_batch_do_not_resume_a_holder_to_pause_it() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("asr", req("asr", 2).lease(20_000));
+    s.request("chat", req("chat", 0));
+    s.ack_paused("asr", "asr");
+    s.advance(1_000);
+    let now = s.now;
+    let release = Inbound::Release(ReleaseMsg {
+        request_id: Some("chat".into()),
+        fence: Some(2),
+    });
+    let mut voice = req("voice", 0).0;
+    voice.service_id = Some("voice".into());
+    let a = s.batch(vec![
+        (Sim::from("chat", release), now),
+        (Sim::from("voice", Inbound::Request(voice)), now),
+    ]);
+    assert_eq!(a.granted(), vec!["voice".to_string()]);
+    assert!(a.controls("asr").is_empty(), "no resume, no pause: {a:?}");
+    assert!(a.events("asr").is_empty(), "{:?}", a.events("asr"));
+    assert_eq!(s.phase("asr"), Phase::Paused);
+}
+
+#[test]
 fn a_paused_request_goes_back_ahead_of_later_arrivals_of_its_priority() {
     let mut s = sim(&[("g0", 1_000)]);
     s.request("asr", req("asr1", 2));
@@ -535,12 +629,29 @@ fn a_paused_request_goes_back_ahead_of_later_arrivals_of_its_priority() {
 }
 
 #[test]
-fn no_ack_by_the_deadline_revokes_then_grants() {
+fn no_ack_by_the_deadline_revokes_when_the_lease_runs_out_then_grants() {
     let mut s = sim(&[("g0", 1_000)]);
     s.request("asr", req("asr", 2));
     s.request("chat", req("chat", 0));
+    let expiry = s.record("asr").expires_at.expect("a lease");
+    assert!(expiry > T0 + ACK_MS, "the lease outlasts the deadline");
+    // Past the deadline the holder may not have heard the pause (cut off from NATS): it uses the GPU
+    // until its lease runs out, as far as it knows. The lease is no longer renewed.
     let a = s.advance(ACK_MS);
-    assert_eq!(s.now, T0 + ACK_MS);
+    assert!(a.control_actions("asr").is_empty(), "{a:?}");
+    assert!(a.granted().is_empty());
+    let a = s.renew("asr", "asr", Some(1), None);
+    let refused = a.reply("asr");
+    assert_eq!(refused.outcome, Outcome::Rejected);
+    assert!(
+        refused
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("did not ACK"),
+        "{refused:?}"
+    );
+    let a = s.advance_to(expiry);
     assert_eq!(a.control_actions("asr"), vec![Revoke]);
     assert!(a.control("asr", Revoke).reason.to_string().contains("ACK"));
     assert_eq!(a.events("asr"), vec![Revoked]);

@@ -496,6 +496,15 @@ impl ports::Bus for NatsBus {
         NatsBus::ensure_streams(self).await.map_err(PortError::new)
     }
 
+    async fn input_end(&self) -> Result<u64, PortError> {
+        let (mut stream, fail) = self.input_stream().await.map_err(PortError::new)?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| PortError::new(fail(e.into())))?;
+        Ok(info.state.last_sequence)
+    }
+
     async fn input_position(&self, handled: u64) -> Result<u64, PortError> {
         NatsBus::input_position(self, handled)
             .await

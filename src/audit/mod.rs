@@ -88,8 +88,8 @@ pub async fn run(config: &Config, since: Since) -> anyhow::Result<Result<Summary
             )
         })?;
     let js = jetstream::new(client);
-    let whole = whole_gpu_requests(&js, &subjects).await?;
-    let mut checker = Checker::new(capacities(config), whole);
+    let (whole, stored) = stored_requests(&js, &subjects).await?;
+    let mut checker = Checker::new(capacities(config), whole).with_stored(stored);
     let mut verdict = Ok(());
     read_stream(&js, &subjects.output_stream(), since, |seq, msg| {
         if verdict.is_err() {
@@ -107,26 +107,29 @@ pub async fn run(config: &Config, since: Since) -> anyhow::Result<Result<Summary
     Ok(verdict.and_then(|()| checker.finish()))
 }
 
-/// The ids of the requests in the input stream that named no `vram_mb` (a whole GPU).
-async fn whole_gpu_requests(
+/// The ids of the requests in the input stream that named no `vram_mb` (a whole GPU), and of all the
+/// valid requests there.
+async fn stored_requests(
     js: &jetstream::Context,
     subjects: &Subjects,
-) -> anyhow::Result<HashSet<String>> {
-    let mut whole = HashSet::new();
+) -> anyhow::Result<(HashSet<String>, HashSet<String>)> {
+    let (mut whole, mut stored) = (HashSet::new(), HashSet::new());
     read_stream(js, &subjects.input_stream(), Since::Start, |seq, msg| {
         let ct = content_type(msg.headers.as_ref());
         if let Ok(decoded) = decode_input(subjects, msg.subject.as_str(), ct, &msg.payload, seq) {
             if let Inbound::Request(request) = decoded.input {
-                if request.vram_mb.is_none() {
-                    if let Some(id) = request.request_id {
-                        whole.insert(gpu_coordinator_core::scoped(&decoded.service, &id));
+                if let Some(id) = request.request_id {
+                    let id = gpu_coordinator_core::scoped(&decoded.service, &id);
+                    if request.vram_mb.is_none() {
+                        whole.insert(id.clone());
                     }
+                    stored.insert(id);
                 }
             }
         }
     })
     .await?;
-    Ok(whole)
+    Ok((whole, stored))
 }
 
 /// An output message decoded, or `None` for one that is not the coordinator's (the audit reports what

@@ -33,6 +33,9 @@ const EVERY_SECOND: Duration = Duration::from_secs(1);
 /// How long a stopping driver waits for the bus to take what it buffered.
 const FLUSH_WAIT: Duration = Duration::from_secs(2);
 
+/// How long timers wait at most for the inputs stored before they fell due.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(2);
+
 /// How long the loop sleeps when the scheduler wants no wake-up.
 const IDLE: Duration = Duration::from_secs(3600);
 
@@ -53,11 +56,14 @@ impl Driver {
         every_second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!("coordinator ready");
         loop {
-            let wake = self
-                .sched
-                .poll_timeout()
-                .map(|at| Duration::from_millis(at.saturating_sub(now_ms())))
-                .unwrap_or(IDLE);
+            let wake = match self.catching_up_left() {
+                Some(left) => left,
+                None => self
+                    .sched
+                    .poll_timeout()
+                    .map(|at| Duration::from_millis(at.saturating_sub(now_ms())))
+                    .unwrap_or(IDLE),
+            };
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -91,9 +97,11 @@ impl Driver {
                     }
                 },
                 _ = tokio::time::sleep(wake) => {
-                    let now = self.core_time(now_ms());
-                    self.sched.handle_timeout(now);
-                    self.carry_out().await?;
+                    if self.inputs_caught_up().await {
+                        let now = self.core_time(now_ms());
+                        self.sched.handle_timeout(now);
+                        self.carry_out().await?;
+                    }
                 }
                 Ok(()) = reconnects.changed() => {
                     tracing::info!("the bus reconnected; reopening the input consumer");
@@ -114,6 +122,38 @@ impl Driver {
         }
         self.stop().await;
         Ok(())
+    }
+
+    /// Whether the inputs stored until now are handled, so that what is due now may fire: a renewal
+    /// or an ACK stored in time (during a stall of this process, a server away, a takeover) counts
+    /// before the expiry or the deadline it beat. When some are not, the timers wait for them, at most
+    /// [`CATCH_UP_LIMIT`] (a consumer that does not deliver them does not stop the timers). A bus that
+    /// cannot tell does not hold them.
+    pub(super) async fn inputs_caught_up(&mut self) -> bool {
+        if self.catching_up.take().is_some() {
+            // Caught up, or past the limit (see `catching_up_left`).
+            return true;
+        }
+        match self.ports.bus.input_end().await {
+            Ok(end) if end > self.position.handled => {
+                tracing::debug!(
+                    "timers wait for the inputs up to #{end} (#{} handled)",
+                    self.position.handled
+                );
+                self.catching_up = Some((end, std::time::Instant::now()));
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// While timers wait for inputs: how much longer they may wait. `None` once the inputs are handled.
+    fn catching_up_left(&mut self) -> Option<Duration> {
+        let (end, since) = self.catching_up?;
+        if self.position.handled >= end {
+            return Some(Duration::ZERO);
+        }
+        Some(CATCH_UP_LIMIT.saturating_sub(since.elapsed()))
     }
 
     /// The time to hand the core for something that happened `at`: never before the last time it was
@@ -149,7 +189,10 @@ impl Driver {
         // Rows stored by the bus leave the outbox within a second, so a restart much later does not
         // publish them again past the duplicate window.
         self.write_bookkeeping(None).await?;
-        self.check_lease_store().await?;
+        // Reconciling hands the core the time now: after the inputs stored until now.
+        if self.catching_up.is_none() && self.inputs_caught_up().await {
+            self.check_lease_store().await?;
+        }
         if tick % TRIM_EVERY_TICKS == 0 {
             self.trim_inputs().await;
         }
@@ -215,6 +258,7 @@ impl Driver {
     /// acknowledges them.
     pub(super) async fn handle_batch(&mut self, batch: Vec<Delivery>) -> anyhow::Result<()> {
         let mut settle = Vec::with_capacity(batch.len());
+        let mut inputs = Vec::with_capacity(batch.len());
         let mut handled = self.position.handled;
         for delivery in batch {
             let Delivery {
@@ -255,11 +299,15 @@ impl Driver {
                 }
             };
             settle.push((ack, matches!(input, Input::Invalid(_))));
-            // At the time it was stored (never before the core's last time, never after now).
+            // At the time it was stored (never after now; the core takes a time before its latest
+            // as that one, and matches an ACK without a fence by the time it was stored).
             let now = now_ms();
-            let at = self.core_time(stored_at.map_or(now, |stored| stored.min(now)));
-            self.sched.handle_input(input, at);
+            let at = stored_at.map_or(now, |stored| stored.min(now));
+            self.core_time(at);
+            inputs.push((input, at));
         }
+        // One scheduling pass for the whole batch.
+        self.sched.handle_inputs(inputs);
         self.carry_out().await?;
         if let Some(seq) = self.position.pending.take() {
             // Nothing to write (every input in the batch was handled before): record it anyway, so
@@ -283,6 +331,11 @@ impl Driver {
         &mut self,
         samples: Vec<DeviceSample>,
     ) -> anyhow::Result<()> {
+        // A sample hands the core the time now: after the inputs stored until now (the next sample
+        // comes soon).
+        if self.catching_up.is_some() || !self.inputs_caught_up().await {
+            return Ok(());
+        }
         // Samples come only from an NVML feed.
         let now = self.core_time(now_ms());
         let Some(feed) = self.nvml.as_mut() else {

@@ -145,6 +145,8 @@ pub struct Driver {
     status_limit: u64,
     /// The last time handed to the core (its clock never goes back).
     time_floor: gpu_coordinator_core::Millis,
+    /// Timers wait for the inputs stored before they fell due: the last of them, and since when.
+    catching_up: Option<(u64, std::time::Instant)>,
     /// Status questions, subscribed before the driver is handed out, so that a leader reported by
     /// the HTTP status also answers over NATS.
     /// (In a mutex only so that the driver is `Sync`; never contended.)

@@ -85,6 +85,7 @@ impl Driver {
             outbox,
             status_limit,
             time_floor: now_ms(),
+            catching_up: None,
             status: Some(std::sync::Mutex::new(status)),
         };
         driver.carry_out().await?;

@@ -358,6 +358,11 @@ pub trait Bus: Send + Sync + 'static {
     /// Where reading the inputs goes on from, given `handled`, the last input whose effects are committed
     /// (0: none known). The driver persists a changed answer before it opens the inputs.
     async fn input_position(&self, handled: u64) -> Result<u64, PortError>;
+    /// The sequence of the last input stored (0: none, or a bus that cannot tell). Timers wait until
+    /// the inputs stored before they fell due are handled.
+    async fn input_end(&self) -> Result<u64, PortError> {
+        Ok(0)
+    }
     /// Makes room in a nearly full input stream by removing the inputs up to `handled` (their effects
     /// are committed, so no restart needs them); returns how many went. A bus without limits keeps all.
     async fn trim_inputs(&self, handled: u64) -> Result<u64, PortError> {

@@ -355,12 +355,13 @@ async fn worker_pauses_for_chat_and_resumes_after_it() {
     coordinator.stop().await.expect("a clean stop");
 }
 
-/// A pause handler that outlasts the ACK deadline: the coordinator revokes the lease, which
-/// `revoked()` reports, and gives the GPU on.
+/// A pause handler that outlasts the ACK deadline: the coordinator revokes the lease when it runs out
+/// (the pausing lease is not renewed), which `revoked()` reports, and gives the GPU on.
 #[tokio::test]
 async fn pause_handler_past_the_deadline_is_revoked() {
     let mut config = test_config("cl_slowpause", &[("0", 24_000)]);
     config.preemption.ack_deadline_ms = 300;
+    config.lease.default_ms = 1_000;
     let coordinator = Coordinator::start(config.clone()).await;
     let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
     let asr = connect(&config, "asr").await;

@@ -138,11 +138,13 @@ async fn msgpack_requests_get_msgpack_replies() {
     coordinator.stop().await.expect("a clean stop");
 }
 
-/// A pause ACK that never comes: `revoke` after the deadline, and only then the grant.
+/// A pause ACK that never comes: `revoke` once the deadline passed and the lease ran out (a holder that
+/// never heard the pause uses the GPU until then), and only then the grant.
 #[tokio::test]
 async fn missing_pause_ack_revokes_then_grants() {
     let mut config = test_config("noack", &[("0", 16_000)]);
     config.preemption.ack_deadline_ms = 300;
+    config.lease.default_ms = 1_000;
     let coordinator = Coordinator::start(config.clone()).await;
     let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
     probe

@@ -70,6 +70,10 @@ pub(crate) struct Snapshot {
     pub lease_ms: u64,
     pub expires_at: SystemTime,
     pub phase: LeasePhase,
+    /// When the client gives the lease up on its own, unless a renewal is confirmed before: a margin
+    /// before the earliest instant the coordinator could revoke it (a client cut off from NATS
+    /// must stop before the GPU is granted on).
+    pub lost_at: Option<Instant>,
 }
 
 /// A lease as granted (or resumed, for a reused request id found paused).
@@ -116,10 +120,6 @@ pub(crate) struct Machine {
     has_pause_handler: bool,
     has_resume_handler: bool,
     next_renew: Option<Instant>,
-    /// When the client gives the lease up on its own, unless a renewal is confirmed before: a margin
-    /// before the earliest instant the coordinator could revoke it (a client cut off from NATS
-    /// must stop before the GPU is granted on).
-    lost_at: Option<Instant>,
     /// When the renew in flight was sent: the coordinator's new expiry is at least that plus the lease.
     renew_sent: Option<Instant>,
     /// A renew was sent and its `renewed` (or `rejected`) has not come yet.
@@ -148,7 +148,7 @@ impl Machine {
         machine.has_pause_handler = has_pause_handler;
         machine.has_resume_handler = has_resume_handler;
         machine.next_renew = Some(now + machine.renew_after(wall));
-        machine.lost_at = Some(machine.lost_after(now, wall));
+        machine.snapshot.lost_at = Some(machine.lost_after(now, wall));
         machine
     }
 
@@ -183,11 +183,11 @@ impl Machine {
                 lease_ms: grant.lease_ms,
                 expires_at,
                 phase,
+                lost_at: None,
             },
             has_pause_handler: false,
             has_resume_handler: false,
             next_renew: None,
-            lost_at: None,
             renew_sent: None,
             renew_in_flight: false,
             release_deadline: None,
@@ -215,14 +215,17 @@ impl Machine {
     /// When [`Machine::handle_timeout`] wants to be called next.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         // Giving up locally matters only while the lease runs: not while pausing, paused or releasing.
-        let lost_at = self.lost_at.filter(|_| self.holds() && !self.releasing());
+        let lost_at = self
+            .snapshot
+            .lost_at
+            .filter(|_| self.holds() && !self.releasing());
         [self.next_renew, self.release_deadline, lost_at]
             .into_iter()
             .flatten()
             .min()
     }
 
-    /// When to give the lease up locally, for the expiry in the snapshot (see [`Machine::lost_at`]):
+    /// When to give the lease up locally, for the expiry in the snapshot (see [`Snapshot::lost_at`]):
     /// the earlier of the coordinator's expiry read on this clock and, for a renewal, its sending
     /// plus the lease (the coordinator handles it after it was sent), less the margin.
     fn lost_after(&self, now: Instant, wall: SystemTime) -> Instant {
@@ -311,7 +314,7 @@ impl Machine {
                     expiry(reply.expires_at.as_deref(), self.snapshot.lease_ms, wall);
                 if self.holds() && !self.releasing() {
                     self.next_renew = Some(now + self.renew_after(wall));
-                    self.lost_at = Some(self.lost_after(now, wall));
+                    self.snapshot.lost_at = Some(self.lost_after(now, wall));
                 }
                 self.renew_sent = None;
                 self.event(LeaseEvent::Renewed {
@@ -448,7 +451,7 @@ impl Machine {
                     expiry(control.expires_at.as_deref(), self.snapshot.lease_ms, wall);
                 self.renew_in_flight = false;
                 self.renew_sent = None;
-                self.lost_at = Some(self.lost_after(now, wall));
+                self.snapshot.lost_at = Some(self.lost_after(now, wall));
                 // The lease runs from the resume on, while `on_resume` reloads: renew it meanwhile,
                 // so that a reload longer than the lease does not lose it.
                 self.next_renew = Some(now + self.renew_after(wall));
@@ -596,8 +599,8 @@ impl Machine {
 
     /// The instant [`Machine::poll_timeout`] named (or later) has come.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
-        if self.lost_at.is_some_and(|at| at <= now) {
-            self.lost_at = None;
+        if self.snapshot.lost_at.is_some_and(|at| at <= now) {
+            self.snapshot.lost_at = None;
             if self.holds() && !self.releasing() {
                 // No renewal was confirmed in time (cut off from NATS, or the coordinator away): stop
                 // before the coordinator could grant the GPU on, and free it there when heard.
@@ -667,7 +670,7 @@ impl Machine {
     fn end(&mut self, phase: LeasePhase) {
         self.snapshot.phase = phase;
         self.next_renew = None;
-        self.lost_at = None;
+        self.snapshot.lost_at = None;
         self.renew_in_flight = false;
         self.queued.clear();
     }
@@ -804,7 +807,7 @@ mod tests {
         drain(&mut m);
         // The coordinator handled the renewal after it was sent: its expiry is at least the sending
         // plus the lease; the local one is a tenth of the lease before that.
-        assert_eq!(m.lost_at, Some(t1 + Duration::from_millis(2_700)));
+        assert_eq!(m.snapshot.lost_at, Some(t1 + Duration::from_millis(2_700)));
         assert_eq!(m.snapshot().phase, LeasePhase::Active);
     }
 

@@ -211,6 +211,18 @@ impl Lease {
         self.state.borrow().phase
     }
 
+    /// Whether the GPU may be used now, by this process's clock: the lease is active and its local
+    /// expiry (a margin before the coordinator could revoke it) has not come. Check it before each
+    /// unit of work, and keep units shorter than that margin (a tenth of the lease, at most 2 s).
+    ///
+    /// It reads the clock itself: after a stall of this process (SIGSTOP, a swap storm, a debugger)
+    /// it is false at once, before the lease's own task has run and noticed; it turns true again
+    /// only when a renewal is confirmed.
+    pub fn usable(&self) -> bool {
+        let state = self.state.borrow();
+        state.phase == LeasePhase::Active && state.lost_at.is_some_and(|at| Instant::now() < at)
+    }
+
     /// Whether the coordinator revoked the lease.
     pub fn is_revoked(&self) -> bool {
         self.phase() == LeasePhase::Revoked

@@ -370,6 +370,8 @@ impl Sim {
             .map(|l| (l.request_id.clone(), l.clone()))
             .collect();
         sim.sched.restore(snapshot, now);
+        // No input waits (the driver handles those stored meanwhile first): the timers due fire.
+        sim.sched.handle_timeout(now);
         let acts = sim.finish_step("restore");
         (sim, acts)
     }
@@ -404,6 +406,20 @@ impl Sim {
         }
     }
 
+    /// Stops the coordinator and starts a new one `gap_ms` later from what was persisted, which first
+    /// handles `waiting` (inputs stored during the gap, each with the time it was stored), then fires
+    /// the timers due.
+    pub fn restart_with_inputs(&mut self, gap_ms: u64, waiting: Vec<(Input, Millis)>) -> Acts {
+        let snapshot = self.snapshot(true);
+        self.now += gap_ms;
+        self.sched = Scheduler::new(self.config.clone(), self.specs.clone());
+        self.waiting_since.clear();
+        self.sched.restore(snapshot, self.now);
+        self.sched.handle_inputs(waiting);
+        self.sched.handle_timeout(self.now);
+        self.finish_step("restart with inputs")
+    }
+
     /// Stops the coordinator and starts a new one `gap_ms` later from what was persisted.
     pub fn restart(&mut self, gap_ms: u64, keep_store: bool) -> Acts {
         let snapshot = self.snapshot(keep_store);
@@ -414,6 +430,7 @@ impl Sim {
         self.sched = Scheduler::new(self.config.clone(), self.specs.clone());
         self.waiting_since.clear();
         self.sched.restore(snapshot, self.now);
+        self.sched.handle_timeout(self.now);
         self.finish_step("restart")
     }
 
@@ -423,6 +440,22 @@ impl Sim {
         let what = format!("{input:?}");
         self.sched.handle_input(input, self.now);
         self.finish_step(&what)
+    }
+
+    /// Inputs handled as one batch at the current time, each stored at its own time (at most now).
+    pub fn batch(&mut self, inputs: Vec<(Input, Millis)>) -> Acts {
+        let what = format!("batch {inputs:?}");
+        self.sched.handle_inputs(inputs);
+        self.finish_step(&what)
+    }
+
+    /// An input from `service`, for [`Sim::batch`].
+    pub fn from(service: &str, input: Inbound) -> Input {
+        Input::Inbound {
+            service: service.to_string(),
+            encoding: Encoding::Json,
+            input,
+        }
     }
 
     pub fn inbound_enc(&mut self, service: &str, encoding: Encoding, input: Inbound) -> Acts {
@@ -1021,12 +1054,9 @@ impl Sim {
                         h.request_id, rec.expires_at
                     ));
                 }
-                if rec.phase == Phase::Pausing && rec.pause_deadline.is_none_or(|at| at < self.now)
-                {
-                    return Err(format!(
-                        "{} is pausing past its deadline {:?}",
-                        h.request_id, rec.pause_deadline
-                    ));
+                // Pausing past the deadline is allowed while the lease runs (the expiry revokes it).
+                if rec.phase == Phase::Pausing && rec.pause_deadline.is_none() {
+                    return Err(format!("{} is pausing without a deadline", h.request_id));
                 }
             }
         }
@@ -1078,7 +1108,7 @@ impl Sim {
     }
 
     /// A more urgent request never waits on less urgent preemptible holders longer than the ACK
-    /// deadline: whenever a queued request R that nothing ahead of it in grant order competes with
+    /// deadline (or, for a holder that missed it, than its lease): whenever a queued request R that nothing ahead of it in grant order competes with
     /// could fit on some GPU by pausing strictly less urgent, preemptible, active holders (old enough
     /// for `min_hold_ms`), then within `ack_deadline_ms` it is granted or those holders are pausing or
     /// gone. (Aging must be off: it orders the queue, and a request aged ahead of R may hold R back.)
@@ -1090,10 +1120,13 @@ impl Sim {
             .filter_map(|q| self.sched.record(&q.request_id))
             .collect();
         for (i, rec) in records.iter().enumerate() {
+            // A holder that did not ACK by its deadline is revoked when its lease runs out: a GPU
+            // with one is waited on for that lease, not for the deadline.
             let by_preemption: Vec<usize> = self
                 .allowed(rec, status)
                 .into_iter()
                 .filter(|&g| self.fits_by_preemption(rec, &status.gpus[g]))
+                .filter(|&g| !self.missed_a_deadline(&status.gpus[g]))
                 .collect();
             if by_preemption.is_empty() {
                 continue;
@@ -1127,6 +1160,15 @@ impl Sim {
     }
 
     /// Whether `rec` fits `gpu` only by pausing active holders it may preempt.
+    /// Whether a holder on `gpu` is pausing past its ACK deadline.
+    fn missed_a_deadline(&self, gpu: &GpuView) -> bool {
+        gpu.holders.iter().any(|h| {
+            self.sched.record(&h.request_id).is_some_and(|r| {
+                r.phase == Phase::Pausing && r.pause_deadline.is_some_and(|d| d <= self.now)
+            })
+        })
+    }
+
     fn fits_by_preemption(&self, rec: &RequestRecord, gpu: &GpuView) -> bool {
         let mut free = gpu.free_mb;
         let mut others = 0usize;

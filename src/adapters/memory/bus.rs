@@ -150,6 +150,10 @@ impl Bus for MemBus {
         Ok(())
     }
 
+    async fn input_end(&self) -> Result<u64, PortError> {
+        Ok(lock(&self.state).inputs.len() as u64)
+    }
+
     /// As JetStream's consumer: past what the journal handled and past the acknowledged floor (every
     /// input up to it acknowledged), from the start when the stream is shorter than the position.
     async fn input_position(&self, handled: u64) -> Result<u64, PortError> {

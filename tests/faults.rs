@@ -1,0 +1,894 @@
+//! The fault harness: randomized rounds against private servers (nats-server, redis-server, a Postgres
+//! made with `initdb`), one to three coordinator processes, and client services driven by the client
+//! crate, each recording the instants in which it used a GPU. Faults, chosen at random: `kill -9` of a
+//! coordinator, restarts of NATS, Redis and Postgres, SIGSTOP of a coordinator past a lease, a holder
+//! stalled past its lease, a client cut off from NATS, duplicated and reordered inputs (some stripped
+//! of their fence), malformed inputs.
+//!
+//! After each round, once every service stopped and the coordinator is idle:
+//! - the audit checker (`gpu-coordinator audit`) passes over the whole history;
+//! - the services' own units of work never overlap beyond a GPU's capacity (a whole-GPU unit alone):
+//!   the real mutual exclusion, as the services lived it;
+//! - every request stored in the input stream (acknowledged to its service) has reached an end.
+//!
+//! `cargo test --test faults` runs a short harness (CI). By hand, longer:
+//! `cargo test --release --test faults -- --rounds 50 --secs 20 [--seed S]`. Each round prints its
+//! seed; `--rounds 1 --seed S` plays the same faults again.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gpu_coordinator::audit::{self, Since};
+use gpu_coordinator::config::{Config, GpuConfig};
+use gpu_coordinator_client::{Client, ClientError, Lease, LeasePhase, RequestOptions, Worker};
+use gpu_coordinator_test_support::{unique, NatsServer, PgServer, Proxy, RedisServer};
+use gpu_coordinator_wire::StatusDoc;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const GPUS: [(&str, u64); 2] = [("0", 24_000), ("1", 16_000)];
+const SERVICES: [&str; 6] = ["chat", "voice", "asr", "diar", "embed", "tts"];
+const LEASE_MS: u64 = 1_500;
+const ACK_DEADLINE_MS: u64 = 700;
+const TIMEOUT_MS: u64 = 4_000;
+/// One unit of work on the GPU: far below the client's local margin (a tenth of the lease).
+const UNIT: Duration = Duration::from_millis(10);
+/// How long a round may take to settle once its faults stopped.
+const SETTLE: Duration = Duration::from_secs(90);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    KillCoordinator,
+    RestartNats,
+    RestartRedis,
+    RestartPostgres,
+    StallCoordinator,
+    StallHolder,
+    CutClient,
+}
+
+const FAULTS: [Fault; 7] = [
+    Fault::KillCoordinator,
+    Fault::RestartNats,
+    Fault::RestartRedis,
+    Fault::RestartPostgres,
+    Fault::StallCoordinator,
+    Fault::StallHolder,
+    Fault::CutClient,
+];
+
+struct Args {
+    rounds: u64,
+    secs: u64,
+    seed: u64,
+}
+
+impl Args {
+    /// `--rounds N`, `--secs S`, `--seed X`; anything else (a test filter, libtest flags) is ignored.
+    fn parse() -> Args {
+        let mut args = Args {
+            rounds: 2,
+            secs: 8,
+            seed: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(1),
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(arg) = it.next() {
+            let target = match arg.as_str() {
+                "--rounds" => &mut args.rounds,
+                "--secs" => &mut args.secs,
+                "--seed" => &mut args.seed,
+                _ => continue,
+            };
+            *target = it
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{arg} needs a number"));
+        }
+        args
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let totals = runtime.block_on(run(&args));
+    println!("{totals}");
+}
+
+async fn run(args: &Args) -> Totals {
+    let mut servers = Servers {
+        nats: NatsServer::start(),
+        redis: RedisServer::start(),
+        pg: PgServer::start(),
+    };
+    let mut totals = Totals::default();
+    for round in 0..args.rounds {
+        let seed = args.seed.wrapping_add(round);
+        println!("round {round}: seed {seed}");
+        match play(&mut servers, seed, Duration::from_secs(args.secs)).await {
+            Ok(stats) => {
+                println!("round {round}: {stats}");
+                totals.add(stats);
+            }
+            Err(failure) => {
+                eprintln!(
+                    "round {round} (seed {seed}) FAILED: {failure}\nreplay it: cargo test --test \
+                     faults -- --rounds 1 --seed {seed}"
+                );
+                std::process::exit(1);
+            }
+        }
+    }
+    totals
+}
+
+struct Servers {
+    nats: NatsServer,
+    redis: RedisServer,
+    pg: PgServer,
+}
+
+/// What one round did.
+#[derive(Debug, Default)]
+struct RoundStats {
+    coordinators: usize,
+    faults: BTreeMap<String, u64>,
+    requests: u64,
+    grants: u64,
+    preemptions: u64,
+    revocations: u64,
+    units: usize,
+    outcomes: BTreeMap<String, u64>,
+}
+
+impl std::fmt::Display for RoundStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} coordinator(s); faults {:?}; {} requests, {} grants, {} preemptions, {} revocations, \
+             {} units of work; client outcomes {:?}; 0 violations, 0 lost requests",
+            self.coordinators,
+            self.faults,
+            self.requests,
+            self.grants,
+            self.preemptions,
+            self.revocations,
+            self.units,
+            self.outcomes
+        )
+    }
+}
+
+#[derive(Debug, Default)]
+struct Totals {
+    rounds: u64,
+    faults: BTreeMap<String, u64>,
+    requests: u64,
+    grants: u64,
+    preemptions: u64,
+    revocations: u64,
+    units: usize,
+}
+
+impl Totals {
+    fn add(&mut self, stats: RoundStats) {
+        self.rounds += 1;
+        for (fault, n) in stats.faults {
+            *self.faults.entry(fault).or_default() += n;
+        }
+        self.requests += stats.requests;
+        self.grants += stats.grants;
+        self.preemptions += stats.preemptions;
+        self.revocations += stats.revocations;
+        self.units += stats.units;
+    }
+}
+
+impl std::fmt::Display for Totals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "fault harness: {} rounds passed", self.rounds)?;
+        writeln!(f, "faults injected: {:?}", self.faults)?;
+        writeln!(
+            f,
+            "requests: {}, grants: {}, preemptions: {}, revocations: {}, units of work checked: {}",
+            self.requests, self.grants, self.preemptions, self.revocations, self.units
+        )?;
+        write!(f, "violations: 0, lost requests: 0")
+    }
+}
+
+// ----- one round ---------------------------------------------------------------------------------
+
+async fn play(servers: &mut Servers, seed: u64, length: Duration) -> Result<RoundStats, String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let name = unique("faults");
+    let config = round_config(servers, &name);
+    let dir = std::env::temp_dir().join(&name);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let config_file = write_config(&config, &dir)?;
+    let mut stats = RoundStats {
+        coordinators: rng.random_range(1..=3),
+        ..RoundStats::default()
+    };
+    let mut coordinators: Vec<Coordinator> = (0..stats.coordinators)
+        .map(|i| Coordinator::start(&config_file, dir.join(format!("coordinator-{i}.log"))))
+        .collect();
+    let nats = async_nats::connect(&config.nats.url)
+        .await
+        .map_err(|e| format!("connect to NATS: {e}"))?;
+    wait_status(&nats, &config.nats.prefix, Duration::from_secs(60), |_| {
+        true
+    })
+    .await
+    .ok_or("no coordinator answered status within 60 s")?;
+
+    // The services, each behind a proxy of its own (to cut it off), on a thread of its own (to stall it).
+    let mut services = Vec::new();
+    for (i, svc) in SERVICES.iter().enumerate() {
+        let proxy = Proxy::start(servers.nats.port).await;
+        let shared = Arc::new(Shared::default());
+        let spec = ServiceSpec {
+            name: svc.to_string(),
+            url: proxy.url(),
+            prefix: config.nats.prefix.clone(),
+            // Half of the services follow pause orders; the others are revoked at the deadline.
+            handles_pause: i % 2 == 0,
+            seed: rng.random(),
+        };
+        let thread = {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a service runtime")
+                    .block_on(service(spec, shared))
+            })
+        };
+        services.push((proxy, shared, thread));
+    }
+    let chaos = Chaos::start(&config, &mut rng).await;
+
+    // The faults, one after another, until the round's time is up.
+    let started = Instant::now();
+    let mut timeline = Vec::new();
+    while started.elapsed() < length {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..1_200))).await;
+        let fault = FAULTS[rng.random_range(0..FAULTS.len())];
+        *stats.faults.entry(format!("{fault:?}")).or_default() += 1;
+        let at = time::OffsetDateTime::now_utc();
+        let what = inject(fault, &mut rng, servers, &mut coordinators, &services).await;
+        timeline.push(format!("{at} {fault:?} {what}"));
+    }
+    let timeline = format!("faults:\n  {}", timeline.join("\n  "));
+
+    // Heal, stop the services, wait for the coordinator to be idle.
+    chaos.stop();
+    for (proxy, shared, _) in &services {
+        proxy.restore();
+        shared.stop.store(true, Ordering::SeqCst);
+    }
+    let mut units = Vec::new();
+    for (proxy, shared, thread) in services {
+        let joined = tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .map_err(|e| format!("joining a service: {e}"))?;
+        joined.map_err(|_| "a service thread panicked".to_string())?;
+        units.extend(shared.units.lock().expect("units").drain(..));
+        for (outcome, n) in shared.outcomes.lock().expect("outcomes").iter() {
+            *stats.outcomes.entry(outcome.clone()).or_default() += n;
+        }
+        drop(proxy);
+    }
+    let idle = wait_status(&nats, &config.nats.prefix, SETTLE, |doc| {
+        doc.queue_total == 0
+            && doc.paused.is_empty()
+            && doc.gpus.iter().all(|g| g.holders.is_empty())
+    })
+    .await;
+    if idle.is_none() {
+        return Err(format!(
+            "the coordinator was not idle {SETTLE:?} after the services stopped (logs in {})\n{timeline}",
+            dir.display()
+        ));
+    }
+
+    // The checks.
+    let summary = match audit::run(&config, Since::Start).await {
+        Ok(Ok(summary)) => summary,
+        Ok(Err(violation)) => return Err(format!("audit: {violation}\n{timeline}")),
+        Err(e) => return Err(format!("audit could not run: {e:#}")),
+    };
+    if summary.live > 0 || summary.unheard > 0 {
+        return Err(format!(
+            "requests without an end: {} still live, {} stored but never answered\n{summary}\n{timeline}",
+            summary.live, summary.unheard
+        ));
+    }
+    if let Err((e, ids)) = check_units(&units) {
+        let history = history_of(&config, &ids).await;
+        return Err(format!("{e}\n{timeline}\n{history}"));
+    }
+    stats.requests = summary.requests;
+    stats.grants = summary.grants + summary.resumes;
+    stats.preemptions = summary.preemptions;
+    stats.revocations = summary.revocations.values().sum();
+    stats.units = units.len();
+    drop(coordinators);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(stats)
+}
+
+fn round_config(servers: &Servers, name: &str) -> Config {
+    let mut config = Config::default();
+    config.nats.url = servers.nats.url();
+    config.nats.prefix = format!("f{}", name.replace('_', "-"));
+    config.redis.url = servers.redis.url();
+    config.redis.key_prefix = name.to_string();
+    config.database.url = servers.pg.url(name);
+    config.lease.default_ms = LEASE_MS;
+    config.preemption.ack_deadline_ms = ACK_DEADLINE_MS;
+    config.request.default_timeout_ms = TIMEOUT_MS;
+    config.http.listen = "127.0.0.1:0".into();
+    config.gpus = GPUS
+        .iter()
+        .map(|(id, mb)| GpuConfig {
+            id: id.to_string(),
+            vram_mb: *mb,
+        })
+        .collect();
+    config
+}
+
+/// The configuration as the TOML file `serve --config` reads.
+fn write_config(config: &Config, dir: &std::path::Path) -> Result<PathBuf, String> {
+    let mut text = format!(
+        "[nats]\nurl = \"{}\"\nprefix = \"{}\"\n\n[redis]\nurl = \"{}\"\nkey_prefix = \"{}\"\n\n\
+         [database]\nurl = \"{}\"\n\n[lease]\ndefault_ms = {}\n\n[preemption]\nack_deadline_ms = {}\n\n\
+         [request]\ndefault_timeout_ms = {}\n\n[http]\nlisten = \"127.0.0.1:0\"\n",
+        config.nats.url,
+        config.nats.prefix,
+        config.redis.url,
+        config.redis.key_prefix,
+        config.database.url,
+        config.lease.default_ms,
+        config.preemption.ack_deadline_ms,
+        config.request.default_timeout_ms
+    );
+    for gpu in &config.gpus {
+        text.push_str(&format!(
+            "\n[[gpus]]\nid = \"{}\"\nvram_mb = {}\n",
+            gpu.id, gpu.vram_mb
+        ));
+    }
+    let path = dir.join("coordinator.toml");
+    std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path)
+}
+
+/// The status document once `ready` holds for it, asking whichever coordinator leads.
+async fn wait_status(
+    nats: &async_nats::Client,
+    prefix: &str,
+    within: Duration,
+    ready: impl Fn(&StatusDoc) -> bool,
+) -> Option<StatusDoc> {
+    let until = Instant::now() + within;
+    while Instant::now() < until {
+        let asked = tokio::time::timeout(
+            Duration::from_millis(500),
+            nats.request(format!("{prefix}.status"), "".into()),
+        )
+        .await;
+        if let Ok(Ok(msg)) = asked {
+            if let Ok(doc) = serde_json::from_slice::<StatusDoc>(&msg.payload) {
+                if ready(&doc) {
+                    return Some(doc);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+async fn inject(
+    fault: Fault,
+    rng: &mut StdRng,
+    servers: &mut Servers,
+    coordinators: &mut [Coordinator],
+    services: &[(Proxy, Arc<Shared>, std::thread::JoinHandle<()>)],
+) -> String {
+    let pause =
+        |lo: u64, hi: u64, rng: &mut StdRng| Duration::from_millis(rng.random_range(lo..hi));
+    match fault {
+        Fault::KillCoordinator => {
+            let i = rng.random_range(0..coordinators.len());
+            coordinators[i].kill();
+            let down = pause(0, 1_000, rng);
+            tokio::time::sleep(down).await;
+            coordinators[i].restart();
+            format!("coordinator {i}, down {down:?}")
+        }
+        Fault::RestartNats => {
+            tokio::task::block_in_place(|| servers.nats.restart());
+            String::new()
+        }
+        Fault::RestartRedis => {
+            tokio::task::block_in_place(|| servers.redis.restart());
+            String::new()
+        }
+        Fault::RestartPostgres => {
+            tokio::task::block_in_place(|| servers.pg.stop());
+            let down = pause(0, 1_500, rng);
+            tokio::time::sleep(down).await;
+            tokio::task::block_in_place(|| servers.pg.resume());
+            format!("down {down:?}")
+        }
+        Fault::StallCoordinator => {
+            let i = rng.random_range(0..coordinators.len());
+            coordinators[i].signal("-STOP");
+            tokio::time::sleep(Duration::from_millis(LEASE_MS * 2)).await;
+            coordinators[i].signal("-CONT");
+            format!("coordinator {i}")
+        }
+        Fault::StallHolder => {
+            let i = rng.random_range(0..services.len());
+            *services[i].1.stall.lock().expect("stall") = Some(Duration::from_millis(LEASE_MS * 2));
+            SERVICES[i].to_string()
+        }
+        Fault::CutClient => {
+            let i = rng.random_range(0..services.len());
+            services[i].0.cut();
+            let cut = pause(300, 3_000, rng);
+            tokio::time::sleep(cut).await;
+            services[i].0.restore();
+            format!("{} for {cut:?}", SERVICES[i])
+        }
+    }
+}
+
+/// A coordinator process (`serve --config`), its stderr kept in a log file.
+struct Coordinator {
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Coordinator {
+    fn start(config: &std::path::Path, log: PathBuf) -> Coordinator {
+        let mut coordinator = Coordinator {
+            config: config.to_path_buf(),
+            log,
+            child: None,
+        };
+        coordinator.restart();
+        coordinator
+    }
+
+    fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("a coordinator log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_gpu-coordinator"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start gpu-coordinator serve");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .arg(signal)
+                .arg(child.id().to_string())
+                .status();
+        }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+        self.kill();
+    }
+}
+
+// ----- the services ------------------------------------------------------------------------------
+
+struct ServiceSpec {
+    name: String,
+    url: String,
+    prefix: String,
+    handles_pause: bool,
+    seed: u64,
+}
+
+/// What a service shares with the harness.
+#[derive(Default)]
+struct Shared {
+    stop: AtomicBool,
+    /// A stall to play at the next unit of work: the whole service (its runtime) stops, as if
+    /// SIGSTOPped.
+    stall: Mutex<Option<Duration>>,
+    units: Mutex<Vec<Unit>>,
+    outcomes: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Shared {
+    fn count(&self, outcome: &str) {
+        *self
+            .outcomes
+            .lock()
+            .expect("outcomes")
+            .entry(outcome.to_string())
+            .or_default() += 1;
+    }
+}
+
+/// One unit of work a service did on a GPU, believing it held it.
+#[derive(Debug, Clone)]
+struct Unit {
+    service: String,
+    request_id: String,
+    fence: u64,
+    gpu: String,
+    vram_mb: u64,
+    whole: bool,
+    start: Instant,
+    end: Instant,
+}
+
+async fn service(spec: ServiceSpec, shared: Arc<Shared>) {
+    let mut rng = StdRng::seed_from_u64(spec.seed);
+    let client = loop {
+        match Client::connect(&spec.url, &spec.prefix, &spec.name).await {
+            Ok(client) => break client,
+            Err(_) if !shared.stop.load(Ordering::SeqCst) => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(_) => return,
+        }
+    };
+    // The GPU, as the service uses it: a unit of work holds it; `on_pause` waits for the unit.
+    let gpu = Arc::new(tokio::sync::Mutex::new(()));
+    let mut worker = Worker::new(&client);
+    if spec.handles_pause {
+        let held = gpu.clone();
+        worker = worker
+            .on_pause(move |_| {
+                let held = held.clone();
+                async move {
+                    let _unit_done = held.lock().await;
+                }
+            })
+            .on_resume(|_| async {});
+    }
+    let mut n = 0u64;
+    while !shared.stop.load(Ordering::SeqCst) {
+        n += 1;
+        let priority = rng.random_range(0..=2u8);
+        let whole = rng.random_bool(0.1);
+        let mut options = RequestOptions::new(priority)
+            .request_id(format!("{}-r{n}", spec.name))
+            .lease_ms(LEASE_MS)
+            .timeout_ms(TIMEOUT_MS)
+            .preemptible(priority > 0);
+        if !whole {
+            options = options.vram_mb(rng.random_range(2..=14u64) * 1_000);
+        }
+        let hold = Duration::from_millis(rng.random_range(50..400));
+        match worker.request(options).await {
+            Ok(lease) => {
+                shared.count("granted");
+                work(&spec.name, &lease, whole, hold, &gpu, &shared).await;
+                if lease.is_revoked() {
+                    shared.count("revoked or lost");
+                } else {
+                    match tokio::time::timeout(Duration::from_secs(10), lease.release()).await {
+                        Ok(Ok(())) => shared.count("released"),
+                        Ok(Err(ClientError::Revoked)) => shared.count("revoked or lost"),
+                        _ => shared.count("release unconfirmed"),
+                    }
+                }
+            }
+            Err(ClientError::TimedOut) => shared.count("timed out"),
+            Err(ClientError::Rejected(_)) => shared.count("rejected"),
+            Err(_) => {
+                shared.count("client error");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Works on the lease for `hold`, a unit at a time, each after checking that the lease is usable.
+async fn work(
+    service: &str,
+    lease: &Lease,
+    whole: bool,
+    hold: Duration,
+    gpu: &tokio::sync::Mutex<()>,
+    shared: &Shared,
+) {
+    let started = Instant::now();
+    while started.elapsed() < hold {
+        let stall = shared.stall.lock().expect("stall").take();
+        if let Some(stall) = stall {
+            // The whole service stops (its runtime's only thread sleeps), as under SIGSTOP.
+            std::thread::sleep(stall);
+        }
+        let unit = gpu.lock().await;
+        if lease.usable() {
+            let start = Instant::now();
+            shared.units.lock().expect("units").push(Unit {
+                service: service.to_string(),
+                request_id: lease.request_id().to_string(),
+                fence: lease.fence(),
+                gpu: lease.gpu(),
+                vram_mb: lease.vram_mb().unwrap_or(0),
+                whole,
+                start,
+                end: start + UNIT,
+            });
+            tokio::time::sleep(UNIT).await;
+            drop(unit);
+            continue;
+        }
+        drop(unit);
+        match lease.phase() {
+            LeasePhase::Revoked | LeasePhase::Released => return,
+            // Active but not usable: the local expiry came; the lease task gives it up.
+            LeasePhase::Active => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), lease.revoked()).await;
+                return;
+            }
+            LeasePhase::Pausing | LeasePhase::Paused | LeasePhase::Resuming => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+        }
+    }
+}
+
+/// Whether the services' units of work ever overlapped beyond a GPU's capacity, or beside a whole-GPU
+/// unit.
+fn check_units(units: &[Unit]) -> Result<(), (String, Vec<String>)> {
+    for (gpu, capacity) in GPUS {
+        let mut edges: Vec<(Instant, bool, &Unit)> = units
+            .iter()
+            .filter(|u| u.gpu == gpu)
+            .flat_map(|u| [(u.start, true, u), (u.end, false, u)])
+            .collect();
+        // Ends before starts at the same instant: back-to-back units do not overlap.
+        edges.sort_by_key(|(at, starts, _)| (*at, *starts));
+        let mut open: Vec<&Unit> = Vec::new();
+        for (_, starts, unit) in edges {
+            if !starts {
+                if let Some(i) = open.iter().position(|u| std::ptr::eq(*u, unit)) {
+                    open.swap_remove(i);
+                }
+                continue;
+            }
+            open.push(unit);
+            // A whole-GPU lease holds whichever GPU it is on (a resume may move it).
+            let used: u64 = open
+                .iter()
+                .map(|u| if u.whole { capacity } else { u.vram_mb })
+                .sum();
+            let whole = open.iter().any(|u| u.whole);
+            if used > capacity || (whole && open.len() > 1) {
+                let first = open.iter().map(|u| u.start).min().unwrap_or(unit.start);
+                let who: Vec<String> = open
+                    .iter()
+                    .map(|u| {
+                        format!(
+                            "{} ({}, fence {}, {} MB{}, a unit from +{:?})",
+                            u.request_id,
+                            u.service,
+                            u.fence,
+                            u.vram_mb,
+                            if u.whole { ", whole GPU" } else { "" },
+                            u.start - first
+                        )
+                    })
+                    .collect();
+                return Err((
+                    format!(
+                        "services used GPU {gpu} ({capacity} MB) at once (at {}): {}",
+                        wall(unit.start),
+                        who.join(", ")
+                    ),
+                    open.iter().map(|u| u.request_id.clone()).collect(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An instant of this process as the wall clock read it.
+fn wall(at: Instant) -> time::OffsetDateTime {
+    let now = Instant::now();
+    let wall = time::OffsetDateTime::now_utc();
+    if at <= now {
+        wall - (now - at)
+    } else {
+        wall + (at - now)
+    }
+}
+
+/// The messages of both streams that name one of `ids`, in stream order, to show with a failure.
+async fn history_of(config: &Config, ids: &[String]) -> String {
+    use async_nats::jetstream::consumer::pull::OrderedConfig;
+    use futures::StreamExt;
+    let Ok(client) = async_nats::connect(&config.nats.url).await else {
+        return "(history unavailable: NATS)".into();
+    };
+    let js = async_nats::jetstream::new(client);
+    let subjects = gpu_coordinator_wire::Subjects::new(&config.nats.prefix).expect("a prefix");
+    let mut lines = Vec::new();
+    for stream in [subjects.input_stream(), subjects.output_stream()] {
+        let Ok(mut handle) = js.get_stream(&stream).await else {
+            continue;
+        };
+        let last = handle
+            .info()
+            .await
+            .map(|i| i.state.last_sequence)
+            .unwrap_or(0);
+        let Ok(consumer) = handle.create_consumer(OrderedConfig::default()).await else {
+            continue;
+        };
+        let Ok(mut messages) = consumer.messages().await else {
+            continue;
+        };
+        while let Ok(Some(Ok(msg))) =
+            tokio::time::timeout(Duration::from_secs(2), messages.next()).await
+        {
+            let info = msg.info().ok().map(|i| (i.stream_sequence, i.published));
+            let text = String::from_utf8_lossy(&msg.payload).to_string();
+            if ids.iter().any(|id| text.contains(&format!("\"{id}\""))) {
+                let (seq, at) = info.unwrap_or((0, time::OffsetDateTime::UNIX_EPOCH));
+                lines.push(format!("  {stream} #{seq} {at} {} {text}", msg.subject));
+            }
+            if info.is_some_and(|(seq, _)| seq >= last) {
+                break;
+            }
+        }
+    }
+    format!("history of {}:\n{}", ids.join(", "), lines.join("\n"))
+}
+
+// ----- duplicated, reordered and malformed inputs ------------------------------------------------
+
+/// Publishes copies of real inputs late (some acknowledgements stripped of their fence), and
+/// malformed inputs, for as long as it runs.
+struct Chaos {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Chaos {
+    async fn start(config: &Config, rng: &mut StdRng) -> Chaos {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        let client = async_nats::connect(&config.nats.url)
+            .await
+            .expect("connect the chaos publisher");
+        let prefix = config.nats.prefix.clone();
+        if rng.random_bool(0.6) {
+            tasks.push(tokio::spawn(duplicate(
+                client.clone(),
+                prefix.clone(),
+                rng.random(),
+                stop.clone(),
+            )));
+        }
+        if rng.random_bool(0.6) {
+            tasks.push(tokio::spawn(malformed(
+                client,
+                prefix,
+                rng.random(),
+                stop.clone(),
+            )));
+        }
+        Chaos { stop, tasks }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}
+
+async fn duplicate(client: async_nats::Client, prefix: String, seed: u64, stop: Arc<AtomicBool>) {
+    use futures::StreamExt;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let js = async_nats::jetstream::new(client.clone());
+    let Ok(mut inputs) = client.subscribe(format!("{prefix}.*.*")).await else {
+        return;
+    };
+    while let Some(msg) = inputs.next().await {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let kind = msg.subject.split('.').rev().nth(1).unwrap_or_default();
+        if !["request", "release", "renew", "ack"].contains(&kind) || !rng.random_bool(0.2) {
+            continue;
+        }
+        let mut payload = msg.payload.clone();
+        let mut delay = Duration::from_millis(rng.random_range(0..800));
+        if kind == "ack" && rng.random_bool(0.5) {
+            // A copy without its fence, right behind the original (a retry of a fence-less client):
+            // matched to the pause ordered before it was stored. (A late one could not be told from
+            // the answer to a newer pause: that is what the fence is for.)
+            if let Ok(mut body) = serde_json::from_slice::<serde_json::Value>(&payload) {
+                if let Some(map) = body.as_object_mut() {
+                    map.remove("fence");
+                }
+                payload = serde_json::to_vec(&body).unwrap_or_default().into();
+                delay = Duration::ZERO;
+            }
+        }
+        let (js, subject) = (js.clone(), msg.subject.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = js.publish(subject, payload).await;
+        });
+    }
+}
+
+async fn malformed(client: async_nats::Client, prefix: String, seed: u64, stop: Arc<AtomicBool>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let js = async_nats::jetstream::new(client);
+    // Each invalid for every kind of input, or naming a request no service made: none may change
+    // what the services hold (a valid `release` without a request id would release a service's
+    // every lease, as its restart asks: not a malformed input).
+    let bodies: [&[u8]; 7] = [
+        b"{",
+        b"\x81\xa1a\xc1",
+        br#"{"request_id":5}"#,
+        br#"{"request_id":"chaos-1","fence":"one"}"#,
+        br#"{"request_id":"chaos-2","priority":999}"#,
+        br#"{"request_id":"chaos-3","action":"dance"}"#,
+        br#"{"request_id":"chaos-4","priority":0,"vram_mb":999999999}"#,
+    ];
+    while !stop.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(20..200))).await;
+        let kind = ["request", "release", "renew", "ack", "cancel"][rng.random_range(0..5)];
+        let svc = SERVICES[rng.random_range(0..SERVICES.len())];
+        let body = bodies[rng.random_range(0..bodies.len())];
+        let _ = js
+            .publish(format!("{prefix}.{kind}.{svc}"), body.to_vec().into())
+            .await;
+    }
+}
