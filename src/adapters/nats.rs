@@ -42,7 +42,7 @@ pub enum NatsError {
     Stream {
         stream: String,
         #[source]
-        source: async_nats::jetstream::context::CreateStreamError,
+        source: Cause,
     },
     /// The durable consumer could not be created or read.
     #[error("cannot open consumer {CONSUMER} on stream {stream}")]
@@ -181,45 +181,182 @@ impl NatsBus {
         &self.subjects
     }
 
-    /// Creates or updates `<PREFIX>_INPUT` and `<PREFIX>_OUTPUT` (limits retention, file storage).
-    pub async fn ensure_streams(&self) -> Result<(), NatsError> {
-        let limits = self.limits;
-        for (name, subjects, discard) in [
-            (
-                self.subjects.input_stream(),
-                self.subjects.input_subjects(),
-                // Full: a new input is refused at publish (its publisher gets the error), and none
-                // that was accepted is dropped before it is handled.
-                stream::DiscardPolicy::New,
-            ),
-            (
-                self.subjects.output_stream(),
-                self.subjects.output_subjects(),
-                // Full: the oldest history goes; the coordinator's publishes never block on it.
-                stream::DiscardPolicy::Old,
-            ),
-        ] {
-            let config = stream::Config {
-                name: name.clone(),
-                subjects,
-                retention: stream::RetentionPolicy::Limits,
-                storage: stream::StorageType::File,
-                max_age: limits.max_age,
-                max_bytes: limits.max_bytes,
-                max_messages: limits.max_messages,
-                max_message_size: limits.max_message_size,
-                discard,
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            };
-            self.js
-                .create_or_update_stream(config)
-                .await
-                .map_err(|source| NatsError::Stream {
-                    stream: name,
-                    source,
-                })?;
+    /// Creates or updates `<PREFIX>_OUTPUT` and `<PREFIX>_INPUT` (limits retention, file storage).
+    ///
+    /// A missing input stream is made only when `inputs_after` is given (the last input the journal
+    /// handled), and then numbers its inputs after it: a default request id `<svc>-<stream sequence>`
+    /// never names an older request, and the journal's position stays meaningful. Without it (at start,
+    /// before the journal is read) a missing input stream is left for the driver to make.
+    pub async fn ensure_streams(&self, inputs_after: Option<u64>) -> Result<(), NatsError> {
+        let output = self.stream_config(
+            self.subjects.output_stream(),
+            self.subjects.output_subjects(),
+            // Full: the oldest history goes; the coordinator's publishes never block on it.
+            stream::DiscardPolicy::Old,
+        );
+        self.create_or_update(output).await?;
+        let input = self.stream_config(
+            self.subjects.input_stream(),
+            self.subjects.input_subjects(),
+            // Full: a new input is refused at publish (its publisher gets the error), and none that
+            // was accepted is dropped before it is handled.
+            stream::DiscardPolicy::New,
+        );
+        let exists = match self.js.get_stream(&input.name).await {
+            Ok(_) => true,
+            Err(e) => match e.kind() {
+                jetstream::context::GetStreamErrorKind::JetStream(e)
+                    if e.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    false
+                }
+                _ => {
+                    return Err(NatsError::Stream {
+                        stream: input.name.clone(),
+                        source: e.into(),
+                    })
+                }
+            },
+        };
+        match (exists, inputs_after) {
+            (true, _) | (false, Some(0)) => self.create_or_update(input).await,
+            (false, Some(after)) => self.create_numbered(input, after).await,
+            (false, None) => Ok(()),
         }
+    }
+
+    fn stream_config(
+        &self,
+        name: String,
+        subjects: Vec<String>,
+        discard: stream::DiscardPolicy,
+    ) -> stream::Config {
+        let limits = self.limits;
+        stream::Config {
+            name,
+            subjects,
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: limits.max_age,
+            max_bytes: limits.max_bytes,
+            max_messages: limits.max_messages,
+            max_message_size: limits.max_message_size,
+            discard,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        }
+    }
+
+    async fn create_or_update(&self, config: stream::Config) -> Result<(), NatsError> {
+        let name = config.name.clone();
+        self.js
+            .create_or_update_stream(config)
+            .await
+            .map(|_| ())
+            .map_err(|source| NatsError::Stream {
+                stream: name,
+                source: source.into(),
+            })
+    }
+
+    /// Which of `msg_ids` the output stream holds among its last messages. They are the last messages a
+    /// coordinator published (the outbox keeps a message only until the bus stored it, and a restart
+    /// publishes what it kept before anything new), so if stored they are at the stream's end: the
+    /// last `msg_ids.len()` messages, and a margin for a deposed leader's last publishes.
+    pub async fn already_stored(
+        &self,
+        msg_ids: &[String],
+    ) -> Result<std::collections::HashSet<String>, NatsError> {
+        const MARGIN: u64 = 256;
+        let mut found = std::collections::HashSet::new();
+        let name = self.subjects.output_stream();
+        let fail = |source: Cause| NatsError::Consumer {
+            stream: name.clone(),
+            source,
+        };
+        let mut stream = self
+            .js
+            .get_stream(&name)
+            .await
+            .map_err(|e| fail(e.into()))?;
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| fail(e.into()))?
+            .state
+            .clone();
+        if msg_ids.is_empty() || state.messages == 0 {
+            return Ok(found);
+        }
+        let from = state
+            .last_sequence
+            .saturating_sub(msg_ids.len() as u64 + MARGIN)
+            .max(state.first_sequence)
+            .max(1);
+        let reader = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| fail(e.into()))?;
+        let mut messages = reader.messages().await.map_err(|e| fail(e.into()))?;
+        let wanted: std::collections::HashSet<&str> = msg_ids.iter().map(String::as_str).collect();
+        // Nothing within a few seconds (the last message removed meanwhile): what was read is the answer.
+        while let Ok(Some(next)) =
+            tokio::time::timeout(Duration::from_secs(5), messages.next()).await
+        {
+            let msg = next.map_err(|e| fail(e.into()))?;
+            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(u64::MAX);
+            let id = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Msg-Id"))
+                .map(|v| v.as_str());
+            if let Some(id) = id.filter(|id| wanted.contains(id)) {
+                found.insert(id.to_owned());
+            }
+            if seq >= state.last_sequence {
+                break;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Makes the input stream anew with its first input numbered `after + 1`: created on a subject
+    /// nobody publishes to, emptied up to that sequence (which moves an empty stream's numbering), then
+    /// given its subjects. Until then publishers find no stream and retry.
+    async fn create_numbered(&self, config: stream::Config, after: u64) -> Result<(), NatsError> {
+        let name = config.name.clone();
+        let fail = |source: Cause| NatsError::Stream {
+            stream: name.clone(),
+            source,
+        };
+        let aside = stream::Config {
+            subjects: vec![format!("{}._numbering", self.subjects.prefix())],
+            ..config.clone()
+        };
+        let created = self
+            .js
+            .create_stream(aside)
+            .await
+            .map_err(|e| fail(e.into()))?;
+        created
+            .purge()
+            .sequence(after + 1)
+            .await
+            .map_err(|e| fail(e.into()))?;
+        self.js
+            .update_stream(config)
+            .await
+            .map_err(|e| fail(e.into()))?;
+        tracing::warn!(
+            "stream {name} was missing: made anew, numbering its inputs from #{} (after the last \
+             input handled)",
+            after + 1
+        );
         Ok(())
     }
 
@@ -492,8 +629,19 @@ fn delivery(msg: jetstream::Message) -> Delivery {
 
 #[async_trait::async_trait]
 impl ports::Bus for NatsBus {
-    async fn ensure_streams(&self) -> Result<(), PortError> {
-        NatsBus::ensure_streams(self).await.map_err(PortError::new)
+    async fn ensure_streams(&self, inputs_after: Option<u64>) -> Result<(), PortError> {
+        NatsBus::ensure_streams(self, inputs_after)
+            .await
+            .map_err(PortError::new)
+    }
+
+    async fn already_stored(
+        &self,
+        msg_ids: &[String],
+    ) -> Result<std::collections::HashSet<String>, PortError> {
+        NatsBus::already_stored(self, msg_ids)
+            .await
+            .map_err(PortError::new)
     }
 
     async fn input_end(&self) -> Result<u64, PortError> {

@@ -273,7 +273,8 @@ impl Servers {
             NatsBus::connect(&config.nats, subjects.clone(), CONNECTION_NAME)
         })
         .await?;
-        with_retry("JetStream streams", shutdown, || bus.ensure_streams()).await?;
+        // The input stream, if missing, is made by the driver, which knows where its numbering goes on.
+        with_retry("JetStream streams", shutdown, || bus.ensure_streams(None)).await?;
         tracing::info!(
             "NATS connected at {nats_url}; streams {} and {} ready, subjects under `{}.`",
             subjects.input_stream(),

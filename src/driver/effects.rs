@@ -240,7 +240,7 @@ pub(super) async fn publish(
         async move {
             if !pipelined {
                 // A retry: the output stream may be what was lost; it is made anew if so.
-                if let Err(e) = bus.ensure_streams().await {
+                if let Err(e) = bus.ensure_streams(None).await {
                     tracing::debug!("making the streams before a retry: {e}");
                 }
             }

@@ -83,7 +83,9 @@ impl Driver {
                                 _ => break,
                             }
                         }
-                        self.handle_batch(batch).await?;
+                        if self.handle_batch(batch).await? == Batch::Gap {
+                            self.reopen_inputs(&mut inputs).await?;
+                        }
                     }
                     Some(Err(e)) => {
                         // A consumer that failed (its stream or itself deleted, heartbeats missed)
@@ -148,7 +150,7 @@ impl Driver {
     }
 
     /// While timers wait for inputs: how much longer they may wait. `None` once the inputs are handled.
-    fn catching_up_left(&mut self) -> Option<Duration> {
+    pub(super) fn catching_up_left(&mut self) -> Option<Duration> {
         let (end, since) = self.catching_up?;
         if self.position.handled >= end {
             return Some(Duration::ZERO);
@@ -237,7 +239,10 @@ impl Driver {
         let bus = self.ports.bus.clone();
         let handled = self.position.handled;
         // A stream lost at run time (deleted, or a server that came back without it) is made anew.
-        with_retry("making the streams", &shutdown, || bus.ensure_streams()).await?;
+        with_retry("making the streams", &shutdown, || {
+            bus.ensure_streams(Some(handled))
+        })
+        .await?;
         let after = with_retry("finding where the inputs go on", &shutdown, || {
             bus.input_position(handled)
         })
@@ -256,11 +261,37 @@ impl Driver {
 
     /// Feeds a batch of inputs to the scheduler, makes their effects durable and published, then
     /// acknowledges them.
-    pub(super) async fn handle_batch(&mut self, batch: Vec<Delivery>) -> anyhow::Result<()> {
+    ///
+    /// Inputs come in stream order, so one at or below the last handled is a redelivery. An input
+    /// after a gap (its predecessor never came) ends the batch before it, once: the caller reads the
+    /// inputs again from the last handled, and what the stream still holds of the gap comes in order
+    /// (an input handled out of order would make its predecessor look handled). A gap found again at
+    /// the same place is inputs the stream no longer holds (removed by `nats.max_age`, or purged):
+    /// said loudly, and gone on from.
+    pub(super) async fn handle_batch(&mut self, batch: Vec<Delivery>) -> anyhow::Result<Batch> {
         let mut settle = Vec::with_capacity(batch.len());
         let mut inputs = Vec::with_capacity(batch.len());
         let mut handled = self.position.handled;
+        let mut outcome = Batch::Handled;
         for delivery in batch {
+            if delivery.seq > handled + 1 && handled > 0 {
+                if self.gap_checked != Some(handled) {
+                    tracing::warn!(
+                        "input #{} came after #{handled}: reading the inputs again from #{}",
+                        delivery.seq,
+                        handled + 1
+                    );
+                    self.gap_checked = Some(handled);
+                    outcome = Batch::Gap;
+                    break;
+                }
+                tracing::error!(
+                    "inputs #{}..#{} are no longer in the input stream and were never handled \
+                     (removed by nats.max_age, or purged): their senders got no answer",
+                    handled + 1,
+                    delivery.seq - 1
+                );
+            }
             let Delivery {
                 seq,
                 stored_at,
@@ -321,7 +352,7 @@ impl Driver {
                 );
             }
         }
-        Ok(())
+        Ok(outcome)
     }
 
     /// Feeds the scheduler NVML's figure of the VRAM used on each sampled GPU; the scheduler works out
@@ -391,6 +422,15 @@ impl Driver {
             tracing::warn!("answering status: {e}");
         }
     }
+}
+
+/// How a batch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Batch {
+    /// Every input handled (or acknowledged as handled before).
+    Handled,
+    /// Cut short before an input that came after a gap: read the inputs again from the last handled.
+    Gap,
 }
 
 /// `input` with its request id scoped to `service` (see [`gpu_coordinator_core::SCOPE`]).

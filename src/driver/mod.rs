@@ -147,6 +147,8 @@ pub struct Driver {
     time_floor: gpu_coordinator_core::Millis,
     /// Timers wait for the inputs stored before they fell due: the last of them, and since when.
     catching_up: Option<(u64, std::time::Instant)>,
+    /// The last handled input after which a gap was already read again (see `handle_batch`).
+    gap_checked: Option<u64>,
     /// Status questions, subscribed before the driver is handed out, so that a leader reported by
     /// the HTTP status also answers over NATS.
     /// (In a mutex only so that the driver is `Sync`; never contended.)

@@ -36,11 +36,33 @@ impl Driver {
             journal.load(retain_ended)
         })
         .await?;
+        // A missing input stream is made now, numbered after the last input handled, before anyone is
+        // told that this coordinator answers.
+        let bus = ports.bus.clone();
+        let handled = loaded.input_seq;
+        with_retry("making the streams", &shutdown, || {
+            bus.ensure_streams(Some(handled))
+        })
+        .await?;
         // Messages committed before a stop but perhaps not stored: published again, under their ids.
         if !loaded.outbox.is_empty() {
-            let again: Vec<Outbound> = loaded.outbox.iter().map(OutboxRow::outbound).collect();
+            let ids: Vec<String> = loaded.outbox.iter().map(|r| r.msg_id.clone()).collect();
+            // Those the bus already holds are not published again: past its duplicate window it
+            // would store them twice.
+            let stored = with_retry("reading the end of the output stream", &shutdown, || {
+                bus.already_stored(&ids)
+            })
+            .await?;
+            let again: Vec<Outbound> = loaded
+                .outbox
+                .iter()
+                .filter(|row| !stored.contains(&row.msg_id))
+                .map(OutboxRow::outbound)
+                .collect();
             tracing::info!(
-                "publishing {} message(s) left from before the restart",
+                "{} message(s) left from before the restart: {} already stored, {} published again",
+                ids.len(),
+                stored.len(),
                 again.len()
             );
             publish(ports.bus.as_ref(), &again, &shutdown).await?;
@@ -86,6 +108,7 @@ impl Driver {
             status_limit,
             time_floor: now_ms(),
             catching_up: None,
+            gap_checked: None,
             status: Some(std::sync::Mutex::new(status)),
         };
         driver.carry_out().await?;

@@ -22,6 +22,7 @@
 //! The ports speak the core's types ([`RequestRecord`], [`Lease`], [`LeaseOp`], [`Fence`]) and already
 //! rendered messages ([`Outbound`]); nothing here decides who gets a GPU.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -353,11 +354,19 @@ pub type StatusQueries = BoxStream<'static, StatusQuery>;
 /// The message bus: inputs in, outputs out, in order.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
-    /// Creates or updates the input and output streams.
-    async fn ensure_streams(&self) -> Result<(), PortError>;
+    /// Creates or updates the output stream, and the input stream. A missing input stream is made
+    /// only when `inputs_after` (the last input the journal handled) is given, and numbers its inputs
+    /// after it, so that a default request id never names an older request.
+    async fn ensure_streams(&self, inputs_after: Option<u64>) -> Result<(), PortError>;
     /// Where reading the inputs goes on from, given `handled`, the last input whose effects are committed
     /// (0: none known). The driver persists a changed answer before it opens the inputs.
     async fn input_position(&self, handled: u64) -> Result<u64, PortError>;
+    /// Which of `msg_ids` (the ids of the last messages published, in order) the output stream already
+    /// holds: those need not be published again after a restart, however long after (a bus's duplicate
+    /// detection forgets ids after a while). A bus that detects duplicates forever answers none.
+    async fn already_stored(&self, _msg_ids: &[String]) -> Result<HashSet<String>, PortError> {
+        Ok(HashSet::new())
+    }
     /// The sequence of the last input stored (0: none, or a bus that cannot tell). Timers wait until
     /// the inputs stored before they fell due are handled.
     async fn input_end(&self) -> Result<u64, PortError> {

@@ -5,7 +5,7 @@ use async_nats::HeaderMap;
 use gpu_coordinator_wire::{Encoding, HolderState, RequestMsg};
 use serde_json::json;
 
-use crate::support::{test_config, Coordinator, Probe};
+use crate::support::{eventually, test_config, Coordinator, Probe};
 
 /// The seed's sequence: a background holder; chat at priority 0 asks; `pause` to the holder; no grant
 /// before its ACK; ACK; grant to chat; release; `resume` to the holder; fences increasing throughout.
@@ -784,14 +784,20 @@ async fn redis_is_reconciled_with_the_scheduler() {
     coordinator.stop().await.expect("a clean stop");
 }
 
-/// The input stream is deleted and made anew while the coordinator is down: its sequence starts again at
-/// 1, below the position Postgres holds, and the new inputs are still handled (not skipped as seen).
+/// The input stream is deleted while the coordinator is down: the coordinator makes it anew numbered
+/// after the last input it handled, so the new inputs are handled (not skipped as seen) and a default
+/// request id (`<svc>-<stream sequence>`) never names an older request.
 #[tokio::test]
-async fn a_recreated_input_stream_is_read_from_its_start() {
+async fn a_recreated_input_stream_goes_on_numbering_after_the_last_input_handled() {
     let config = test_config("newstream", &[("0", 24_000)]);
     let coordinator = Coordinator::start(config.clone()).await;
     let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
-    for id in ["a", "b", "c"] {
+    // A request without an id: `s-1`, the first input.
+    probe
+        .pub_json("request", "s", json!({"priority": 1, "vram_mb": 1000}))
+        .await;
+    let first = probe.reply("s-1", "granted").await;
+    for id in ["a", "b"] {
         probe
             .pub_json(
                 "request",
@@ -813,15 +819,23 @@ async fn a_recreated_input_stream_is_read_from_its_start() {
         .expect("delete the input stream");
 
     let coordinator = Coordinator::start(config.clone()).await;
+    let info = probe
+        .js
+        .get_stream(&stream)
+        .await
+        .expect("the coordinator made the input stream anew")
+        .info()
+        .await
+        .expect("its state")
+        .state
+        .clone();
+    assert_eq!(info.first_sequence, 4, "numbered after input #3: {info:?}");
+    // Another request without an id: input #4, so `s-4`, a new request (not `s-1` again).
     probe
-        .pub_json(
-            "request",
-            "s",
-            json!({"request_id": "d", "priority": 1, "vram_mb": 1000}),
-        )
+        .pub_json("request", "s", json!({"priority": 1, "vram_mb": 1000}))
         .await;
-    let d = probe.reply("d", "granted").await;
-    assert_eq!(d.gpu.as_deref(), Some("0"));
+    let fourth = probe.reply("s-4", "granted").await;
+    assert!(fourth.fence > first.fence, "a new grant: {fourth:?}");
     let status = probe.status().await;
     assert_eq!(
         status.gpus[0].holders.len(),
@@ -872,5 +886,163 @@ async fn renewals_stored_during_a_stall_keep_the_lease() {
     let status = probe.status().await;
     assert_eq!(status.gpus[0].holders[0].request_id, "a-1");
     assert_eq!(status.gpus[0].holders[0].fence, granted.fence.unwrap());
+    coordinator.stop().await.expect("a clean stop");
+}
+
+/// The coordinator process is stopped (SIGSTOP) for twice a lease while the holder keeps renewing:
+/// when it goes on, the renewals stored meanwhile are handled before the expiry that fell due, so the
+/// lease is not revoked.
+#[tokio::test]
+async fn renewals_stored_while_the_coordinator_was_stopped_keep_the_lease() {
+    use crate::support::CoordinatorProcess;
+    let mut config = test_config("sigstop", &[("0", 24_000)]);
+    config.lease.default_ms = 1_000;
+    let process = CoordinatorProcess::start(&config).await;
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    probe
+        .pub_json("request", "a", json!({"request_id": "a-1", "priority": 1}))
+        .await;
+    let granted = probe.reply("a-1", "granted").await;
+    let renew = json!({"request_id": "a-1", "fence": granted.fence});
+    let signal = |signal: &str| {
+        let status = std::process::Command::new("kill")
+            .arg(signal)
+            .arg(process.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal}");
+    };
+    // The holder renews every 300 ms throughout.
+    let renewer = tokio::spawn({
+        let (js, subject) = (probe.js.clone(), format!("{}.renew.a", config.nats.prefix));
+        async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_millis(300));
+            loop {
+                every.tick().await;
+                let _ = js.publish(subject.clone(), renew.to_string().into()).await;
+            }
+        }
+    });
+    signal("-STOP");
+    // Stopped for twice the lease: seven renewal periods.
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(300));
+    for _ in 0..8 {
+        every.tick().await;
+    }
+    signal("-CONT");
+    // The renewals stored meanwhile, and those after, are all answered `renewed`.
+    for _ in 0..12 {
+        probe.reply("a-1", "renewed").await;
+    }
+    assert!(
+        !probe.drain_and_find(|s| s.str("action") == Some("revoke")),
+        "the lease was revoked though every renewal was stored in time"
+    );
+    let status = probe.status().await;
+    assert_eq!(status.gpus[0].holders[0].request_id, "a-1");
+    renewer.abort();
+    process.kill();
+}
+
+/// A message the outbox kept from before a stop, which the output stream already holds, is not
+/// published again at the next start, even after the stream's duplicate window forgot its id.
+#[tokio::test]
+async fn messages_left_in_the_outbox_are_not_published_twice_past_the_duplicate_window() {
+    use futures::StreamExt;
+    use sea_orm::{ConnectionTrait, Database, Statement};
+
+    let config = test_config("outbox_late", &[("0", 24_000)]);
+    let coordinator = Coordinator::start(config.clone()).await;
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    probe
+        .pub_json(
+            "request",
+            "s",
+            json!({"request_id": "a", "priority": 1, "vram_mb": 1000}),
+        )
+        .await;
+    probe.event("granted", Some("a")).await;
+    coordinator.stop().await.expect("a clean stop");
+
+    // The stop left the outbox empty; put back the last message published, as a crash between its
+    // PubAck and the outbox's cleanup leaves it.
+    let subjects = gpu_coordinator_wire::Subjects::new(&config.nats.prefix).expect("prefix");
+    let mut output = probe
+        .js
+        .get_stream(subjects.output_stream())
+        .await
+        .expect("the output stream");
+    let last_seq = output.info().await.expect("its state").state.last_sequence;
+    let last = output
+        .get_raw_message(last_seq)
+        .await
+        .expect("the last message");
+    let msg_id = last
+        .headers
+        .get("Nats-Msg-Id")
+        .expect("published with an id")
+        .to_string();
+    let db = Database::connect(&config.database.url)
+        .await
+        .expect("the journal");
+    db.execute(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        "INSERT INTO outbox (id, msg_id, subject, msgpack, payload) VALUES (1, $1, $2, false, $3)",
+        [
+            msg_id.clone().into(),
+            last.subject.to_string().into(),
+            last.payload.to_vec().into(),
+        ],
+    ))
+    .await
+    .expect("plant the outbox row");
+
+    // The stream's duplicate window passes: JetStream forgets the ids it saw.
+    let mut stream_config = output.info().await.expect("its config").config.clone();
+    stream_config.duplicate_window = std::time::Duration::from_millis(100);
+    probe
+        .js
+        .update_stream(stream_config)
+        .await
+        .expect("a short duplicate window");
+    let forgotten = format!("{}.event.released.zz", config.nats.prefix);
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "window-probe");
+    let publish = || {
+        let (js, subject, headers) = (probe.js.clone(), forgotten.clone(), headers.clone());
+        async move {
+            js.publish_with_headers(subject, headers, "{}".into())
+                .await
+                .expect("publish")
+                .await
+                .expect("stored")
+        }
+    };
+    publish().await;
+    eventually("JetStream forgets the ids past its window", || async {
+        (!publish().await.duplicate).then_some(())
+    })
+    .await;
+
+    let coordinator = Coordinator::start(config.clone()).await;
+    let reader = output
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .expect("a reader");
+    let end = output.info().await.expect("its state").state.last_sequence;
+    let mut messages = reader.messages().await.expect("messages");
+    let mut copies = 0;
+    while let Some(Ok(msg)) = messages.next().await {
+        let same = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .is_some_and(|id| id.as_str() == msg_id);
+        copies += usize::from(same);
+        if msg.info().map(|i| i.stream_sequence).unwrap_or(0) >= end {
+            break;
+        }
+    }
+    assert_eq!(copies, 1, "message {msg_id} is in the output stream once");
     coordinator.stop().await.expect("a clean stop");
 }

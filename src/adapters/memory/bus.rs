@@ -146,7 +146,7 @@ impl MemBus {
 
 #[async_trait]
 impl Bus for MemBus {
-    async fn ensure_streams(&self) -> Result<(), PortError> {
+    async fn ensure_streams(&self, _inputs_after: Option<u64>) -> Result<(), PortError> {
         Ok(())
     }
 
