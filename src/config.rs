@@ -22,6 +22,9 @@ pub const ENV_PREFIX: &str = "GPU_COORDINATOR_";
 /// `lease.default_ms`. Two underscores, because key names themselves contain one.
 pub const ENV_SPLIT: &str = "__";
 
+/// The `[http.tokens]` value of an operator's token.
+pub const OPERATOR: &str = "*";
+
 /// The whole configuration. Every section's `Default` holds the documented defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -124,7 +127,9 @@ pub struct QueueConfig {
 pub struct HttpConfig {
     /// `http.listen`, default `127.0.0.1:8080`.
     pub listen: String,
-    /// `[http.tokens]`: bearer token -> service id. Empty: no authentication.
+    /// `[http.tokens]`: bearer token -> service id, or `"*"` for an operator, who may read everything
+    /// (status, events, metrics, any service's control stream) but acts for no service. Empty: no
+    /// authentication.
     pub tokens: std::collections::BTreeMap<String, String>,
     /// `http.max_wait_ms`: the longest a `POST /gpu/request` long poll waits, default 300000 (5 min);
     /// a request still queued then is answered 202 `queued` and stays queued (ask again by its id).
@@ -399,9 +404,10 @@ impl Config {
             if token.is_empty() {
                 problems.push("http.tokens has an empty token".to_owned());
             }
-            if !gpu_coordinator_wire::subjects::valid_service_id(service) {
+            if service != OPERATOR && !gpu_coordinator_wire::subjects::valid_service_id(service) {
                 problems.push(format!(
-                    "http.tokens: the service id {service:?} must be 1-64 characters of [A-Za-z0-9_-]"
+                    "http.tokens: the service id {service:?} must be 1-64 characters of [A-Za-z0-9_-], \
+                     or \"*\" for an operator (reads everything, acts for no service)"
                 ));
             }
         }

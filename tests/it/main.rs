@@ -12,3 +12,4 @@ mod service;
 mod store_pg;
 mod store_redis;
 mod support;
+mod ui;

@@ -54,7 +54,7 @@ pub(super) async fn control(
             "the service id {service:?} in the path must be 1 to 64 characters of A-Z, a-z, 0-9, `_` and `-`"
         )));
     }
-    state.authorize(&headers, &service)?;
+    state.authorize_read(&headers, &service)?;
     // Held by the stream: the count goes down when the client goes away or the coordinator stops.
     let slot = state.inner.streams.open(&service)?;
     let js = &state.connected()?.js;

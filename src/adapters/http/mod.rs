@@ -18,10 +18,12 @@
 
 mod control;
 mod error;
+mod events;
 mod inputs;
 mod openapi;
 mod ops;
 mod schemas;
+mod ui;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
@@ -184,10 +186,23 @@ impl HttpState {
     /// Checks that the caller may act for `service`: 401 without a valid token, 403 for another service.
     fn authorize(&self, headers: &HeaderMap, service: &str) -> Result<(), ApiError> {
         match self.caller(headers)? {
+            Some(crate::config::OPERATOR) => Err(ApiError::Forbidden(
+                "an operator token reads everything but acts for no service: use the service's own \
+                 token"
+                    .into(),
+            )),
             Some(own) if own != service => Err(ApiError::Forbidden(format!(
                 "the bearer token acts for service `{own}`, not for `{service}`"
             ))),
             _ => Ok(()),
+        }
+    }
+
+    /// Checks that the caller may read what concerns `service`: its own token, or an operator's.
+    fn authorize_read(&self, headers: &HeaderMap, service: &str) -> Result<(), ApiError> {
+        match self.caller(headers)? {
+            Some(crate::config::OPERATOR) => Ok(()),
+            _ => self.authorize(headers, service),
         }
     }
 
@@ -233,6 +248,11 @@ pub fn router(state: HttpState) -> Router {
         .route("/gpu/cancel", post(inputs::cancel))
         .route("/gpu/status", get(ops::status))
         .route("/gpu/control/{service_id}", get(control::control))
+        .route("/gpu/events", get(events::events))
+        .route("/", get(ui::index))
+        .route("/ui", get(ui::index))
+        .route("/ui/app.js", get(ui::app))
+        .route("/ui/style.css", get(ui::style))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

@@ -40,6 +40,7 @@ impl Modify for BearerAuth {
         super::inputs::ack,
         super::inputs::cancel,
         super::control::control,
+        super::events::events,
         super::ops::status,
         super::ops::healthz,
         super::ops::readyz,

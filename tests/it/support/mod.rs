@@ -151,7 +151,16 @@ impl Coordinator {
 
     /// [`Coordinator::start`] with extras (a fake GPU probe).
     pub async fn start_with(config: Config, extras: gpu_coordinator::app::Extras) -> Coordinator {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        Self::start_at(config, extras, 0).await
+    }
+
+    /// [`Coordinator::start_with`], its HTTP API on `port` of loopback (0: any free port).
+    pub async fn start_at(
+        config: Config,
+        extras: gpu_coordinator::app::Extras,
+        port: u16,
+    ) -> Coordinator {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("bind an HTTP port");
         let http_addr = listener.local_addr().expect("the HTTP listener's address");
