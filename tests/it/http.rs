@@ -1347,3 +1347,165 @@ async fn http_resources_are_bounded() {
     );
     coordinator.stop().await.expect("a clean stop");
 }
+
+/// Reads SSE events (`id`, `event`, `data`) from a streaming response until `stop` says so.
+async fn sse_until(
+    response: reqwest::Response,
+    stop: impl Fn(&str, &Value) -> bool,
+) -> Vec<(u64, String, Value)> {
+    let mut body = response.bytes_stream();
+    let (mut buffer, mut seen) = (String::new(), Vec::new());
+    let (mut id, mut event, mut data) = (None, String::new(), String::new());
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .expect("the events came in time")
+            .expect("the stream goes on")
+            .expect("a chunk");
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find('\n') {
+            let line = buffer[..end].trim_end_matches('\r').to_owned();
+            buffer.drain(..=end);
+            if line.is_empty() {
+                if let (Some(n), false) = (id.take(), data.is_empty()) {
+                    let doc: Value = serde_json::from_str(&data).expect("an event document");
+                    let done = stop(&event, &doc);
+                    seen.push((n, std::mem::take(&mut event), doc));
+                    if done {
+                        return seen;
+                    }
+                }
+                data.clear();
+            } else if let Some(v) = line.strip_prefix("id:") {
+                id = v.trim().parse().ok();
+            } else if let Some(v) = line.strip_prefix("event:") {
+                event = v.trim().to_owned();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push_str(v.trim_start());
+            }
+        }
+    }
+}
+
+/// `GET /gpu/events` gives the history since `?since=` and then the live events; a client that comes
+/// back with `Last-Event-ID` gets exactly the events after the last it saw, none lost or doubled.
+#[tokio::test]
+async fn the_event_stream_resumes_after_the_last_event_seen() {
+    let config = test_config("http_events", &[("0", 24_000)]);
+    let coordinator = Coordinator::start(config.clone()).await;
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    probe
+        .pub_json(
+            "request",
+            "asr",
+            json!({"request_id": "a-1", "priority": 2, "vram_mb": 8000}),
+        )
+        .await;
+    probe.reply("a-1", "granted").await;
+    let c = client();
+    let first = c
+        .get(coordinator.url("/gpu/events?since=5m"))
+        .send()
+        .await
+        .expect("the event stream");
+    assert_eq!(first.status(), StatusCode::OK);
+    let seen = sse_until(first, |kind, doc| {
+        kind == "granted" && doc["request_id"] == "a-1"
+    })
+    .await;
+    let kinds: Vec<&str> = seen.iter().map(|(_, k, _)| k.as_str()).collect();
+    assert_eq!(kinds, ["requested", "granted"], "the history since then");
+    let last = seen.last().expect("events").0;
+
+    // Cut off; meanwhile a-1 is released and b-1 granted.
+    probe
+        .pub_json("release", "asr", json!({"request_id": "a-1"}))
+        .await;
+    probe
+        .pub_json(
+            "request",
+            "chat",
+            json!({"request_id": "b-1", "priority": 0, "vram_mb": 8000}),
+        )
+        .await;
+    probe.reply("b-1", "granted").await;
+    let again = c
+        .get(coordinator.url("/gpu/events?since=5m"))
+        .header("Last-Event-ID", last.to_string())
+        .send()
+        .await
+        .expect("the event stream again");
+    let rest = sse_until(again, |kind, doc| {
+        kind == "granted" && doc["request_id"] == "b-1"
+    })
+    .await;
+    let kinds: Vec<(&str, &str)> = rest
+        .iter()
+        .map(|(_, k, d)| (k.as_str(), d["request_id"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("released", "a-1"),
+            ("requested", "b-1"),
+            ("granted", "b-1")
+        ],
+        "exactly the events after the last one seen"
+    );
+    assert!(rest.iter().all(|(id, ..)| *id > last));
+    let (status, body) = get(&c, &coordinator.url("/gpu/events?since=yesterday"), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("since"),
+        "{body}"
+    );
+    coordinator.stop().await.expect("a clean stop");
+}
+
+/// An operator's token (`"*"` in `[http.tokens]`) reads the status, the events and any service's control
+/// stream, and acts for no service; without a token nothing is read.
+#[tokio::test]
+async fn an_operator_token_reads_everything_and_acts_for_no_service() {
+    let mut config = test_config("http_operator", &[("0", 24_000)]);
+    config.http.tokens.insert("op-token".into(), "*".into());
+    config.http.tokens.insert("asr-token".into(), "asr".into());
+    let coordinator = Coordinator::start(config.clone()).await;
+    let c = client();
+    for path in ["/gpu/status", "/gpu/events", "/gpu/control/asr"] {
+        let answer = c
+            .get(coordinator.url(path))
+            .bearer_auth("op-token")
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status(), StatusCode::OK, "{path}");
+        let anonymous = c
+            .get(coordinator.url(path))
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED, "{path}");
+    }
+    let (status, body) = post(
+        &c,
+        &coordinator.url("/gpu/request"),
+        Some("op-token"),
+        json!({"service_id": "asr", "request_id": "x", "priority": 1}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("operator"),
+        "{body}"
+    );
+    // The page itself needs no token: it asks for one.
+    let page = c.get(coordinator.url("/")).send().await.expect("the page");
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(page
+        .text()
+        .await
+        .unwrap_or_default()
+        .contains("<title>GPU Coordinator"));
+    coordinator.stop().await.expect("a clean stop");
+}
