@@ -258,10 +258,10 @@ impl Scheduler {
     /// Restores the state persisted before a restart and reconciles it with the lease store. Call once,
     /// on a new scheduler, before any other input.
     ///
-    /// No timer fires here, and the core's clock stays where it was: the inputs stored while no
-    /// coordinator acted (renewals, ACKs) are handled next, each at the time it was stored, and only
-    /// then the timers that fell due since (the next [`Scheduler::handle_timeout`]). A lease renewed in
-    /// time during the gap is kept.
+    /// No timer fires here, nothing is scheduled, and the core's clock stays where it was: the inputs
+    /// stored while no coordinator acted (renewals, ACKs) are handled next, each at the time it was
+    /// stored, and only then the timers that fell due since (the next [`Scheduler::handle_timeout`],
+    /// which also schedules). A lease renewed in time during the gap is kept.
     pub fn restore(&mut self, snapshot: Snapshot, now: Millis) {
         self.next_seq = self.next_seq.max(snapshot.max_arrival + 1);
         self.last_fence = self.last_fence.max(snapshot.max_fence).max(
@@ -353,7 +353,8 @@ impl Scheduler {
             _ => Fence(0),
         });
         self.actions.extend(write_back);
-        self.schedule(now);
+        // Nothing is scheduled yet either: a holder whose lease ran out meanwhile is still counted
+        // until the timers fire, and must not be paused (its lease extended) before.
         self.flush();
     }
 
@@ -1234,16 +1235,20 @@ impl Scheduler {
             .get(&seq)
             .expect("a live request by its arrival number");
         let (rec, urgency) = (&live.rec, live.eff);
-        let mut best: Option<(usize, Vec<u64>, u64)> = None;
+        let mut best: Option<(usize, Vec<u64>, u64, bool)> = None;
         for &g in candidates {
             let gpu = &self.gpus[g];
             let mut free = gpu.free_mb();
             let mut remaining = gpu.holders.len();
             let mut whole = self.whole_holders(g);
             let mut eligible = Vec::new();
+            // A holder pausing past its ACK deadline frees its VRAM only when its lease runs out: a plan
+            // that waits for one comes after any that does not.
+            let mut stuck = false;
             for &h in &gpu.holders {
                 let holder = self.live_rec(h);
                 if holder.phase == Phase::Pausing {
+                    stuck |= holder.pause_deadline.is_some_and(|d| d <= now);
                     free += holder.held_mb.unwrap_or(0);
                     remaining -= 1;
                     whole -= usize::from(holder.vram_mb.is_none());
@@ -1298,13 +1303,15 @@ impl Scheduler {
             let victims: Vec<u64> = victims.into_iter().map(|v| v.0).collect();
             let better = match &best {
                 None => true,
-                Some((_, v, mb)) => (victims.len(), victim_mb) < (v.len(), *mb),
+                Some((_, v, mb, was_stuck)) => {
+                    (stuck, victims.len(), victim_mb) < (*was_stuck, v.len(), *mb)
+                }
             };
             if better {
-                best = Some((g, victims, victim_mb));
+                best = Some((g, victims, victim_mb, stuck));
             }
         }
-        best.map(|(g, victims, _)| (g, victims))
+        best.map(|(g, victims, _, _)| (g, victims))
     }
 
     // ----- bookkeeping --------------------------------------------------------------------------------

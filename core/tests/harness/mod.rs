@@ -1139,6 +1139,20 @@ impl Sim {
             if obstructed {
                 continue;
             }
+            // A pause in flight (its deadline not passed) is progress: the wait is counted from when
+            // none is, so that a victim that misses its deadline is followed by another pause within
+            // the deadline.
+            let in_flight = self.allowed(rec, status).into_iter().any(|g| {
+                status.gpus[g].holders.iter().any(|h| {
+                    self.sched.record(&h.request_id).is_some_and(|r| {
+                        r.phase == Phase::Pausing && r.pause_deadline.is_some_and(|d| d > self.now)
+                    })
+                })
+            });
+            if in_flight {
+                waiting.insert(rec.request_id.clone(), self.now);
+                continue;
+            }
             let since = self
                 .waiting_since
                 .get(&rec.request_id)
@@ -1159,7 +1173,6 @@ impl Sim {
         Ok(())
     }
 
-    /// Whether `rec` fits `gpu` only by pausing active holders it may preempt.
     /// Whether a holder on `gpu` is pausing past its ACK deadline.
     fn missed_a_deadline(&self, gpu: &GpuView) -> bool {
         gpu.holders.iter().any(|h| {
@@ -1169,6 +1182,7 @@ impl Sim {
         })
     }
 
+    /// Whether `rec` fits `gpu` only by pausing active holders it may preempt.
     fn fits_by_preemption(&self, rec: &RequestRecord, gpu: &GpuView) -> bool {
         let mut free = gpu.free_mb;
         let mut others = 0usize;
