@@ -1,0 +1,274 @@
+//! Handoff latency: a holder releases, the next in line is granted. The coordinator beside the locks a
+//! user would otherwise use, all measured in the same run on the same machine:
+//!
+//! - the coordinator: the time from publishing `release` (a plain NATS publish) to receiving the waiting
+//!   request's `granted` reply, with `[queued]` more requests waiting behind it (default 0);
+//! - `pg_advisory_lock`: the time from `pg_advisory_unlock` on one connection to `pg_advisory_lock`
+//!   returning on the other, which was blocked in it;
+//! - Redis `SET NX PX`, the waiter polling every 1 ms and every 10 ms: from the holder's `DEL` to the
+//!   waiter's successful `SET`;
+//! - `flock(2)` on a file: from the holder's unlock to the blocked waiter's return.
+//!
+//! Needs Postgres, Redis and NATS on loopback: `cargo bench --bench handoff [-- queued]`.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use gpu_coordinator::config::{Config, GpuConfig};
+use gpu_coordinator_wire::{Outcome, Reply};
+use sea_orm::{ConnectionTrait, Database, Statement};
+use tokio_util::sync::CancellationToken;
+
+const CYCLES: usize = 500;
+
+fn percentiles(name: &str, mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    let at = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+    println!(
+        "{name:<44} n={:<5} p50={:>8.3} ms  p99={:>8.3} ms",
+        samples.len(),
+        at(0.50).as_secs_f64() * 1e3,
+        at(0.99).as_secs_f64() * 1e3,
+    );
+    at(0.50)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let queued: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(0);
+    let coordinator = coordinator_handoff(queued).await?;
+    let advisory = advisory_lock_handoff().await?;
+    let redis_1 = redis_poll_handoff(Duration::from_millis(1)).await?;
+    let redis_10 = redis_poll_handoff(Duration::from_millis(10)).await?;
+    let flock = flock_handoff()?;
+    println!("\nhandoff p50, this run:");
+    let c = percentiles(
+        &format!("coordinator ({queued} more queued)"),
+        coordinator,
+    );
+    let a = percentiles("pg_advisory_lock", advisory);
+    percentiles("Redis SET NX, polled every 1 ms", redis_1);
+    percentiles("Redis SET NX, polled every 10 ms", redis_10);
+    percentiles("flock", flock);
+    println!(
+        "coordinator / pg_advisory_lock: {:.2}",
+        c.as_secs_f64() / a.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Two requests of the whole GPU take turns: the holder releases, the waiter is granted; `queued`
+/// requests of a third service wait behind them all along.
+async fn coordinator_handoff(queued: usize) -> anyhow::Result<Vec<Duration>> {
+    let tag = format!("hand{}", std::process::id());
+    let mut config = Config::default();
+    config.nats.prefix = tag.clone();
+    config.redis.key_prefix = tag.clone();
+    config.database.url = format!("postgres://postgres@127.0.0.1:5432/gpu_{tag}");
+    config.queue.max_per_service = queued.max(1);
+    config.gpus = vec![GpuConfig {
+        id: "0".into(),
+        vram_mb: 24_576,
+    }];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(gpu_coordinator::app::run(
+        config.clone(),
+        listener,
+        shutdown.clone(),
+    ));
+    let client = async_nats::connect(&config.nats.url).await?;
+    loop {
+        let asked = client.request(format!("{tag}.status"), "".into());
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), asked).await {
+            break;
+        }
+    }
+    let mut replies = client.subscribe(format!("{tag}.reply.*")).await?;
+    let mut queued_events = client.subscribe(format!("{tag}.event.queued.*")).await?;
+    client.flush().await?;
+    let js = async_nats::jetstream::new(client.clone());
+    // The ones that wait all along: least urgent, never granted during the run.
+    for i in 0..queued {
+        let body = format!(r#"{{"request_id":"q{i}","priority":9,"timeout_ms":3600000}}"#);
+        js.publish(format!("{tag}.request.queue"), body.into())
+            .await?
+            .await?;
+    }
+    // a-0 holds; each cycle: the other asks (queued), the holder releases, the other is granted.
+    client
+        .publish(
+            format!("{tag}.request.a"),
+            r#"{"request_id":"a-0","priority":1}"#.into(),
+        )
+        .await?;
+    let mut holder = granted(&mut replies, "a-0").await;
+    let mut holder_svc = "a";
+    let mut samples = Vec::with_capacity(CYCLES);
+    for i in 1..=CYCLES {
+        let svc = if holder_svc == "a" { "b" } else { "a" };
+        let id = format!("{svc}-{i}");
+        client
+            .publish(
+                format!("{tag}.request.{svc}"),
+                format!(r#"{{"request_id":"{id}","priority":1}}"#).into(),
+            )
+            .await?;
+        // Queued behind the holder before the release is sent.
+        loop {
+            let msg = queued_events.next().await.expect("events");
+            let event: serde_json::Value = serde_json::from_slice(&msg.payload)?;
+            if event["request_id"] == id.as_str() {
+                break;
+            }
+        }
+        let start = Instant::now();
+        client
+            .publish(
+                format!("{tag}.release.{holder_svc}"),
+                format!(
+                    r#"{{"request_id":"{}","fence":{}}}"#,
+                    holder.request_id,
+                    holder.fence.unwrap_or(0)
+                )
+                .into(),
+            )
+            .await?;
+        holder = granted(&mut replies, &id).await;
+        samples.push(start.elapsed());
+        holder_svc = svc;
+    }
+    shutdown.cancel();
+    let _ = task.await;
+    Ok(samples)
+}
+
+/// The next `granted` reply to `id`.
+async fn granted(replies: &mut async_nats::Subscriber, id: &str) -> Reply {
+    loop {
+        let msg = replies.next().await.expect("replies");
+        let reply: Reply = serde_json::from_slice(&msg.payload).expect("a reply");
+        if reply.request_id == id && reply.outcome == Outcome::Granted {
+            return reply;
+        }
+    }
+}
+
+async fn advisory_lock_handoff() -> anyhow::Result<Vec<Duration>> {
+    let url = "postgres://postgres@127.0.0.1:5432/postgres";
+    let (first, second) = (Database::connect(url).await?, Database::connect(url).await?);
+    let lock = |on: &sea_orm::DatabaseConnection, sql: &'static str| {
+        let on = on.clone();
+        async move {
+            on.execute(Statement::from_string(on.get_database_backend(), sql))
+                .await
+                .map(|_| ())
+        }
+    };
+    lock(&first, "SELECT pg_advisory_lock(424242)").await?;
+    let (mut holder, mut waiter) = (first, second);
+    let mut samples = Vec::with_capacity(CYCLES);
+    for _ in 0..CYCLES {
+        let blocked = tokio::spawn({
+            let waiter = waiter.clone();
+            async move {
+                lock(&waiter, "SELECT pg_advisory_lock(424242)").await?;
+                Ok::<_, sea_orm::DbErr>(Instant::now())
+            }
+        });
+        // Let the waiter block in the server.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let start = Instant::now();
+        lock(&holder, "SELECT pg_advisory_unlock(424242)").await?;
+        let acquired = blocked.await??;
+        samples.push(acquired.saturating_duration_since(start));
+        std::mem::swap(&mut holder, &mut waiter);
+    }
+    lock(&holder, "SELECT pg_advisory_unlock(424242)").await?;
+    Ok(samples)
+}
+
+async fn redis_poll_handoff(every: Duration) -> anyhow::Result<Vec<Duration>> {
+    let client = redis::Client::open("redis://127.0.0.1:6379")?;
+    let mut holder = client.get_multiplexed_async_connection().await?;
+    let waiter = client.get_multiplexed_async_connection().await?;
+    let key = format!("handoff-bench-{}", std::process::id());
+    let mut samples = Vec::with_capacity(CYCLES / 5);
+    for _ in 0..CYCLES / 5 {
+        let taken: bool = redis::cmd("SET")
+            .arg(&key)
+            .arg("holder")
+            .arg("NX")
+            .arg("PX")
+            .arg(30_000)
+            .query_async::<Option<String>>(&mut holder)
+            .await?
+            .is_some();
+        assert!(taken, "the lock is free between cycles");
+        let polling = tokio::spawn({
+            let (mut waiter, key) = (waiter.clone(), key.clone());
+            async move {
+                loop {
+                    let got: Option<String> = redis::cmd("SET")
+                        .arg(&key)
+                        .arg("waiter")
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(30_000)
+                        .query_async(&mut waiter)
+                        .await?;
+                    if got.is_some() {
+                        return Ok::<_, redis::RedisError>(Instant::now());
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        let start = Instant::now();
+        let _: () = redis::cmd("DEL").arg(&key).query_async(&mut holder).await?;
+        let acquired = polling.await??;
+        samples.push(acquired.saturating_duration_since(start));
+        let _: () = redis::cmd("DEL").arg(&key).query_async(&mut holder).await?;
+    }
+    Ok(samples)
+}
+
+// `File::lock` is newer than the crate's declared minimum Rust; benches run on the toolchain at hand.
+#[allow(clippy::incompatible_msrv)]
+fn flock_handoff() -> anyhow::Result<Vec<Duration>> {
+    let path = std::env::temp_dir().join(format!("handoff-bench-{}.lock", std::process::id()));
+    let open = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+    };
+    let (holder, waiter) = (open()?, open()?);
+    let mut samples = Vec::with_capacity(CYCLES);
+    let (mut holder, mut waiter) = (holder, waiter);
+    holder.lock()?;
+    for _ in 0..CYCLES {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let blocked = std::thread::spawn(move || {
+            waiter.lock().expect("flock");
+            let _ = tx.send(Instant::now());
+            waiter
+        });
+        std::thread::sleep(Duration::from_millis(2));
+        let start = Instant::now();
+        holder.unlock()?;
+        let acquired = rx.recv()?;
+        samples.push(acquired.saturating_duration_since(start));
+        let got = blocked.join().expect("the waiter thread");
+        waiter = holder;
+        holder = got;
+    }
+    holder.unlock()?;
+    let _ = std::fs::remove_file(&path);
+    Ok(samples)
+}
