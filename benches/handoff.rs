@@ -45,10 +45,7 @@ async fn main() -> anyhow::Result<()> {
     let redis_10 = redis_poll_handoff(Duration::from_millis(10)).await?;
     let flock = flock_handoff()?;
     println!("\nhandoff p50, this run:");
-    let c = percentiles(
-        &format!("coordinator ({queued} more queued)"),
-        coordinator,
-    );
+    let c = percentiles(&format!("coordinator ({queued} more queued)"), coordinator);
     let a = percentiles("pg_advisory_lock", advisory);
     percentiles("Redis SET NX, polled every 1 ms", redis_1);
     percentiles("Redis SET NX, polled every 10 ms", redis_10);
@@ -158,8 +155,14 @@ async fn granted(replies: &mut async_nats::Subscriber, id: &str) -> Reply {
 }
 
 async fn advisory_lock_handoff() -> anyhow::Result<Vec<Duration>> {
-    let url = "postgres://postgres@127.0.0.1:5432/postgres";
-    let (first, second) = (Database::connect(url).await?, Database::connect(url).await?);
+    // One connection each: an advisory lock belongs to the session that took it.
+    let connect = || {
+        let mut options =
+            sea_orm::ConnectOptions::new("postgres://postgres@127.0.0.1:5432/postgres");
+        options.max_connections(1).min_connections(1);
+        Database::connect(options)
+    };
+    let (first, second) = (connect().await?, connect().await?);
     let lock = |on: &sea_orm::DatabaseConnection, sql: &'static str| {
         let on = on.clone();
         async move {

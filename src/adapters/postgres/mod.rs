@@ -20,6 +20,7 @@ pub use entities::{fence, request};
 pub use leader::PgLeadership;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use gpu_coordinator_core::{End, Fence, Phase, RequestRecord};
@@ -66,7 +67,9 @@ const CHECK_TERM: &str =
 const STALE_TERM: &str = "GC001";
 
 /// Deletes the outbox rows JetStream has stored.
-const DELETE_PUBLISHED: &str = "DELETE FROM outbox WHERE id <= $1";
+/// From the last id deleted on: the rows below it are gone, and a range from the table's start would walk
+/// the index entries of every dead row not yet vacuumed (a cost that grows with the traffic).
+const DELETE_PUBLISHED: &str = "DELETE FROM outbox WHERE id > $1 AND id <= $2";
 
 /// Outbox rows per `INSERT`: five parameters each.
 const OUTBOX_PER_STATEMENT: usize = 4000;
@@ -218,6 +221,8 @@ pub struct PgStore {
     db: DatabaseConnection,
     /// `postgres://user@host:port/database`, for messages.
     server: String,
+    /// The outbox rows up to this id are deleted (0 at start: from the first).
+    deleted_upto: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl PgStore {
@@ -250,7 +255,11 @@ impl PgStore {
             }
             Err(source) => return Err(PgError::Connect { server, source }),
         };
-        Ok(PgStore { db, server })
+        Ok(PgStore {
+            db,
+            server,
+            deleted_upto: Arc::default(),
+        })
     }
 
     /// Brings the schema up to date. Safe to run on every start and from several processes at once.
@@ -369,8 +378,19 @@ impl PgStore {
                 values,
             ))
         };
+        let deleted_upto = self.deleted_upto.load(std::sync::atomic::Ordering::Relaxed);
         let delete_published = |upto: i64| {
-            Statement::from_sql_and_values(DbBackend::Postgres, DELETE_PUBLISHED, [upto.into()])
+            Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                DELETE_PUBLISHED,
+                [deleted_upto.min(upto).into(), upto.into()],
+            )
+        };
+        let deleted = |upto: Option<i64>| {
+            if let Some(upto) = upto {
+                self.deleted_upto
+                    .fetch_max(upto, std::sync::atomic::Ordering::Relaxed);
+            }
         };
         let raise = Statement::from_sql_and_values(
             DbBackend::Postgres,
@@ -392,6 +412,7 @@ impl PgStore {
             }
             parts.push(raise);
             self.db.execute(one_statement(parts)).await.map_err(fail)?;
+            deleted(published);
             return Ok(());
         }
         let txn = self.db.begin().await.map_err(fail)?;
@@ -408,7 +429,9 @@ impl PgStore {
             txn.execute(delete_published(upto)).await.map_err(fail)?;
         }
         txn.execute(raise).await.map_err(fail)?;
-        txn.commit().await.map_err(fail)
+        txn.commit().await.map_err(fail)?;
+        deleted(published);
+        Ok(())
     }
 
     /// Reads what the core needs at start (see [`PgStore::load_state`]): the records and the highest
