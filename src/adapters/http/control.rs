@@ -7,19 +7,16 @@
 //! consumer exists before the response starts, so nothing sent after the answer is missed).
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
-use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
-use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
-use futures::{stream, StreamExt};
-use gpu_coordinator_wire::{codec, valid_service_id, Control, Encoding};
+use axum::response::Response;
+use gpu_coordinator_wire::{valid_service_id, Control};
 
+use super::sse::{after, last_event_id, output_events};
 use super::{ApiError, ErrorBody, HttpState};
-use crate::adapters::nats::content_type;
 
 /// Streams the service's control orders: one event per order, named after its action, with the order
 /// (JSON) as data and the stream sequence as id.
@@ -57,79 +54,18 @@ pub(super) async fn control(
     state.authorize_read(&headers, &service)?;
     // Held by the stream: the count goes down when the client goes away or the coordinator stops.
     let slot = state.inner.streams.open(&service)?;
-    let js = &state.connected()?.js;
-    let last_seen = headers
-        .get("Last-Event-ID")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    let deliver_policy = match last_seen {
-        Some(seq) => DeliverPolicy::ByStartSequence {
-            start_sequence: seq.saturating_add(1),
-        },
-        None => DeliverPolicy::New,
-    };
     let subject = state.subjects().control(&service);
-    let unavailable = |what: &str, e: String| {
-        ApiError::Unavailable(format!(
-            "cannot read the control orders ({what} on {subject}): {e}"
-        ))
-    };
-    let output = js
-        .get_stream(state.subjects().output_stream())
-        .await
-        .map_err(|e| unavailable("the output stream", e.to_string()))?;
-    let consumer = output
-        .create_consumer(OrderedConfig {
-            filter_subject: subject.clone(),
-            deliver_policy,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| unavailable("a consumer", e.to_string()))?;
-    let messages = consumer
-        .messages()
-        .await
-        .map_err(|e| unavailable("the messages", e.to_string()))?;
     tracing::debug!(%service, "HTTP: control stream opened");
-    let hello = Event::default().comment(format!("control orders of `{service}`"));
-    let orders = messages.filter_map(|item| async move {
-        let msg = match item {
-            Ok(msg) => msg,
-            Err(e) => {
-                tracing::warn!("HTTP control stream: {e}");
-                return None;
-            }
-        };
-        let encoding = Encoding::from_content_type(content_type(msg.headers.as_ref()));
-        let control: Control = match codec::decode(encoding, &msg.payload) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(subject = %msg.subject, "an undecodable control order: {e}");
-                return None;
-            }
-        };
-        let mut event = Event::default().event(action_name(&control));
-        if let Ok(info) = msg.info() {
-            event = event.id(info.stream_sequence.to_string());
-        }
-        match event.json_data(&control) {
-            Ok(event) => Some(event),
-            Err(e) => {
-                tracing::warn!("encoding a control order: {e}");
-                None
-            }
-        }
-    });
-    let events = stream::once(async { hello })
-        .chain(orders)
-        .map(move |event| {
-            let _held = &slot;
-            Ok::<_, Infallible>(event)
-        })
-        .take_until(state.stop().clone().cancelled_owned());
-    Ok(Sse::new(events)
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    output_events(
+        &state,
+        subject,
+        last_event_id(&headers).map_or(DeliverPolicy::New, after),
+        "the control orders",
+        format!("control orders of `{service}`"),
+        slot,
+        action_name,
+    )
+    .await
 }
 
 /// `pause`, `resume`, `revoke` or `restart`, as the wire writes the action.

@@ -6,18 +6,14 @@
 //! the last it saw. Without it, `?since=` (a span back from now such as `5m`, or an RFC 3339 instant)
 //! starts with the history kept since then; with neither, the events from now on.
 
-use std::convert::Infallible;
-
-use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
-use futures::{stream, StreamExt};
-use gpu_coordinator_wire::{codec, Encoding, Event};
+use axum::response::Response;
+use gpu_coordinator_wire::Event;
 
+use super::sse::{after, last_event_id, output_events};
 use super::{ApiError, ErrorBody, HttpState};
-use crate::adapters::nats::content_type;
 use crate::audit::Since;
 
 /// Where the event streams are counted, beside the services' control streams.
@@ -56,14 +52,8 @@ pub(super) async fn events(
     Query(query): Query<EventsQuery>,
 ) -> Result<Response, ApiError> {
     state.caller(&headers)?;
-    let last_seen = headers
-        .get("Last-Event-ID")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    let deliver_policy = match (last_seen, query.since.as_deref()) {
-        (Some(seq), _) => DeliverPolicy::ByStartSequence {
-            start_sequence: seq.saturating_add(1),
-        },
+    let deliver_policy = match (last_event_id(&headers), query.since.as_deref()) {
+        (Some(seq), _) => after(seq),
         (None, Some(since)) => match Since::parse(since, crate::clock::now_ms())
             .map_err(|e| ApiError::BadRequest(e.replace("--since", "since")))?
         {
@@ -78,52 +68,15 @@ pub(super) async fn events(
         (None, None) => DeliverPolicy::New,
     };
     let slot = state.inner.streams.open(EVENT_STREAMS)?;
-    let js = &state.connected()?.js;
     let subject = format!("{}.event.>", state.subjects().prefix());
-    let unavailable = |what: &str, e: String| {
-        ApiError::Unavailable(format!("cannot read the events ({what}): {e}"))
-    };
-    let output = js
-        .get_stream(state.subjects().output_stream())
-        .await
-        .map_err(|e| unavailable("the output stream", e.to_string()))?;
-    let consumer = output
-        .create_consumer(OrderedConfig {
-            filter_subject: subject,
-            deliver_policy,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| unavailable("a consumer", e.to_string()))?;
-    let messages = consumer
-        .messages()
-        .await
-        .map_err(|e| unavailable("the messages", e.to_string()))?;
-    let hello = SseEvent::default().comment("events");
-    let events = messages.filter_map(|item| async move {
-        let msg = match item {
-            Ok(msg) => msg,
-            Err(e) => {
-                tracing::warn!("HTTP event stream: {e}");
-                return None;
-            }
-        };
-        let encoding = Encoding::from_content_type(content_type(msg.headers.as_ref()));
-        let event: Event = codec::decode(encoding, &msg.payload).ok()?;
-        let mut sse = SseEvent::default().event(event.kind.as_str());
-        if let Ok(info) = msg.info() {
-            sse = sse.id(info.stream_sequence.to_string());
-        }
-        sse.json_data(&event).ok()
-    });
-    let events = stream::once(async { hello })
-        .chain(events)
-        .map(move |event| {
-            let _held = &slot;
-            Ok::<_, Infallible>(event)
-        })
-        .take_until(state.stop().clone().cancelled_owned());
-    Ok(Sse::new(events)
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    output_events(
+        &state,
+        subject,
+        deliver_policy,
+        "the events",
+        "events".into(),
+        slot,
+        |event: &Event| event.kind.as_str().to_owned(),
+    )
+    .await
 }

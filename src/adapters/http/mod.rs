@@ -23,6 +23,7 @@ mod inputs;
 mod openapi;
 mod ops;
 mod schemas;
+mod sse;
 mod ui;
 
 use std::collections::BTreeMap;
