@@ -22,7 +22,6 @@ from typing import Any, Callable, Coroutine, Dict, Optional, Type, TypeVar
 
 from . import _client
 from ._client import PauseOrder, ResumeOrder
-from .errors import LeaseLost
 
 T = TypeVar("T")
 
@@ -84,14 +83,14 @@ class Lease:
 
 
 class _LeaseContext:
-    def __init__(self, client: "Client", kwargs: Dict[str, Any]) -> None:
-        self._client = client
-        self._kwargs = kwargs
-        self._lease: Optional[_client.Lease] = None
+    """The async lease context (`gpu_coordinator.Client.lease`), entered and left on the client's loop."""
+
+    def __init__(self, inner: _client._LeaseContext, loop: _Loop) -> None:
+        self._inner = inner
+        self._loop = loop
 
     def __enter__(self) -> Lease:
-        self._lease = self._client._loop.run(self._client._inner.acquire(**self._kwargs))
-        return Lease(self._lease, self._client._loop)
+        return Lease(self._loop.run(self._inner.__aenter__()), self._loop)
 
     def __exit__(
         self,
@@ -99,19 +98,7 @@ class _LeaseContext:
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None:
-        lease = self._lease
-        if lease is None:
-            return
-
-        async def end() -> None:
-            try:
-                await lease.release()
-            finally:
-                await lease._stop()
-
-        self._client._loop.run(end())
-        if exc_type is None and lease.lost.is_set():
-            raise LeaseLost(lease.lost_reason or "the lease was lost")
+        self._loop.run(self._inner.__aexit__(exc_type, exc, tb))
 
 
 def _in_thread(handler: Optional[Callable[[T], None]]) -> Optional[Callable[[T], Coroutine[Any, Any, None]]]:
@@ -134,19 +121,18 @@ class Client:
 
     @staticmethod
     def connect(url: str, service: str, prefix: str = "gpu") -> "Client":
-        loop = _Loop()
-        try:
-            inner = loop.run(_client.Client.connect(url, service, prefix))
-        except BaseException:
-            loop.stop()
-            raise
-        return Client(inner, loop)
+        return Client._started(lambda: _client.Client.connect(url, service, prefix))
 
     @staticmethod
     def connect_http(url: str, service: str, token: Optional[str] = None) -> "Client":
+        return Client._started(lambda: _client.Client.connect_http(url, service, token))
+
+    @staticmethod
+    def _started(connect: Callable[[], Coroutine[Any, Any, _client.Client]]) -> "Client":
+        """A client connected by `connect` on a loop of its own (stopped again if that fails)."""
         loop = _Loop()
         try:
-            inner = loop.run(_client.Client.connect_http(url, service, token))
+            inner = loop.run(connect())
         except BaseException:
             loop.stop()
             raise
@@ -164,20 +150,18 @@ class Client:
         on_pause: Optional[Callable[[PauseOrder], None]] = None,
         on_resume: Optional[Callable[[ResumeOrder], None]] = None,
     ) -> _LeaseContext:
-        return _LeaseContext(
-            self,
-            dict(
-                priority=priority,
-                vram_mb=vram_mb,
-                timeout_ms=timeout_ms,
-                lease_ms=lease_ms,
-                preemptible=preemptible,
-                gpu=gpu,
-                request_id=request_id,
-                on_pause=_in_thread(on_pause),
-                on_resume=_in_thread(on_resume),
-            ),
+        inner = self._inner.lease(
+            priority,
+            vram_mb=vram_mb,
+            timeout_ms=timeout_ms,
+            lease_ms=lease_ms,
+            preemptible=preemptible,
+            gpu=gpu,
+            request_id=request_id,
+            on_pause=_in_thread(on_pause),
+            on_resume=_in_thread(on_resume),
         )
+        return _LeaseContext(inner, self._loop)
 
     def status(self) -> Dict[str, Any]:
         return self._loop.run(self._inner.status())
