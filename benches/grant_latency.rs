@@ -8,13 +8,14 @@
 //!
 //! Needs Postgres, Redis and NATS on loopback: `cargo bench --bench grant_latency`.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use gpu_coordinator::config::{Config, GpuConfig};
+use gpu_coordinator::config::Config;
 use gpu_coordinator_wire::Reply;
 use sea_orm::{ConnectionTrait, Database, Statement};
-use tokio_util::sync::CancellationToken;
 
 const CYCLES: usize = 2_000;
 
@@ -33,30 +34,8 @@ fn percentiles(name: &str, mut samples: Vec<Duration>) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let tag = format!("bench{}", std::process::id());
-    let mut config = Config::default();
-    config.nats.prefix = tag.clone();
-    config.redis.key_prefix = tag.clone();
-    config.database.url = format!("postgres://postgres@127.0.0.1:5432/gpu_{tag}");
-    config.gpus = vec![GpuConfig {
-        id: "0".into(),
-        vram_mb: 24_576,
-    }];
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let shutdown = CancellationToken::new();
-    let coordinator = tokio::spawn(gpu_coordinator::app::run(
-        config.clone(),
-        listener,
-        shutdown.clone(),
-    ));
-
-    let client = async_nats::connect(&config.nats.url).await?;
-    // Wait until the coordinator answers.
-    loop {
-        let asked = client.request(format!("{tag}.status"), "".into());
-        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), asked).await {
-            break;
-        }
-    }
+    let bench = common::Bench::start(&tag, Config::default().queue.max_per_service).await?;
+    let (config, client) = (bench.config.clone(), bench.client.clone());
     let mut replies = client.subscribe(format!("{tag}.reply.bench")).await?;
     client.flush().await?;
 
@@ -169,8 +148,7 @@ async fn main() -> anyhow::Result<()> {
     percentiles("JetStream publish -> pull delivery", inbound);
     percentiles("Postgres insert commit", commit);
 
-    shutdown.cancel();
-    coordinator.await??;
+    bench.stop().await?;
     db.execute_unprepared("SELECT 1").await.ok();
     Ok(())
 }

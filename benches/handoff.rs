@@ -11,13 +11,13 @@
 //!
 //! Needs Postgres, Redis and NATS on loopback: `cargo bench --bench handoff [-- queued]`.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use gpu_coordinator::config::{Config, GpuConfig};
 use gpu_coordinator_wire::{Outcome, Reply};
 use sea_orm::{ConnectionTrait, Database, Statement};
-use tokio_util::sync::CancellationToken;
 
 const CYCLES: usize = 500;
 
@@ -61,29 +61,8 @@ async fn main() -> anyhow::Result<()> {
 /// requests of a third service wait behind them all along.
 async fn coordinator_handoff(queued: usize) -> anyhow::Result<Vec<Duration>> {
     let tag = format!("hand{}", std::process::id());
-    let mut config = Config::default();
-    config.nats.prefix = tag.clone();
-    config.redis.key_prefix = tag.clone();
-    config.database.url = format!("postgres://postgres@127.0.0.1:5432/gpu_{tag}");
-    config.queue.max_per_service = queued.max(1);
-    config.gpus = vec![GpuConfig {
-        id: "0".into(),
-        vram_mb: 24_576,
-    }];
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(gpu_coordinator::app::run(
-        config.clone(),
-        listener,
-        shutdown.clone(),
-    ));
-    let client = async_nats::connect(&config.nats.url).await?;
-    loop {
-        let asked = client.request(format!("{tag}.status"), "".into());
-        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), asked).await {
-            break;
-        }
-    }
+    let bench = common::Bench::start(&tag, queued.max(1)).await?;
+    let client = bench.client.clone();
     let mut replies = client.subscribe(format!("{tag}.reply.*")).await?;
     let mut queued_events = client.subscribe(format!("{tag}.event.queued.*")).await?;
     client.flush().await?;
@@ -138,8 +117,7 @@ async fn coordinator_handoff(queued: usize) -> anyhow::Result<Vec<Duration>> {
         samples.push(start.elapsed());
         holder_svc = svc;
     }
-    shutdown.cancel();
-    let _ = task.await;
+    let _ = bench.stop().await;
     Ok(samples)
 }
 

@@ -8,11 +8,11 @@
 //! Needs Postgres, Redis and NATS on loopback: `cargo bench --bench status` (`-- 20000` for another
 //! queue length).
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use gpu_coordinator::config::{Config, GpuConfig};
 use gpu_coordinator_wire::{StatusDoc, Subjects};
-use tokio_util::sync::CancellationToken;
 
 const ROUNDS: usize = 200;
 const SERVICES: usize = 20;
@@ -36,25 +36,9 @@ async fn main() -> anyhow::Result<()> {
         .find_map(|a| a.parse().ok())
         .unwrap_or(100_000);
     let tag = format!("benchstatus{}", std::process::id());
-    let mut config = Config::default();
-    config.nats.prefix = tag.clone();
-    config.redis.key_prefix = tag.clone();
-    config.database.url = format!("postgres://postgres@127.0.0.1:5432/gpu_{tag}");
-    config.queue.max_per_service = queued;
-    config.gpus = vec![GpuConfig {
-        id: "0".into(),
-        vram_mb: 24_576,
-    }];
+    let bench = common::Bench::start(&tag, queued).await?;
+    let (http, client) = (bench.http.clone(), bench.client.clone());
     let subjects = Subjects::new(&tag).map_err(anyhow::Error::msg)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let http = format!("http://{}", listener.local_addr()?);
-    let shutdown = CancellationToken::new();
-    let coordinator = tokio::spawn(gpu_coordinator::app::run(
-        config.clone(),
-        listener,
-        shutdown.clone(),
-    ));
-    let client = async_nats::connect(&config.nats.url).await?;
     let status = |body: &'static str| {
         let client = client.clone();
         let subject = subjects.status();
@@ -63,10 +47,6 @@ async fn main() -> anyhow::Result<()> {
             anyhow::Ok(serde_json::from_slice::<StatusDoc>(&msg.payload)?)
         }
     };
-    while tokio::time::timeout(Duration::from_millis(500), status(""))
-        .await
-        .map_or(true, |r| r.is_err())
-    {}
 
     // The GPU is held, so that everything after it queues.
     let js = async_nats::jetstream::new(client.clone());
@@ -160,8 +140,7 @@ async fn main() -> anyhow::Result<()> {
     percentiles("GET /gpu/status", over_http);
     percentiles("GET /metrics", metrics);
 
-    shutdown.cancel();
-    coordinator.await??;
+    bench.stop().await?;
     let _ = js.delete_stream(subjects.input_stream()).await;
     let _ = js.delete_stream(subjects.output_stream()).await;
     let admin = sea_orm::Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
