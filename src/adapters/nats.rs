@@ -269,22 +269,8 @@ impl NatsBus {
     ) -> Result<std::collections::HashSet<String>, NatsError> {
         const MARGIN: u64 = 256;
         let mut found = std::collections::HashSet::new();
-        let name = self.subjects.output_stream();
-        let fail = |source: Cause| NatsError::Consumer {
-            stream: name.clone(),
-            source,
-        };
-        let mut stream = self
-            .js
-            .get_stream(&name)
-            .await
-            .map_err(|e| fail(e.into()))?;
-        let state = stream
-            .info()
-            .await
-            .map_err(|e| fail(e.into()))?
-            .state
-            .clone();
+        let (mut stream, fail) = self.stream_named(self.subjects.output_stream()).await?;
+        let state = Self::state_of(&mut stream, &fail).await?;
         if msg_ids.is_empty() || state.messages == 0 {
             return Ok(found);
         }
@@ -364,17 +350,34 @@ impl NatsBus {
     async fn input_stream(
         &self,
     ) -> Result<(stream::Stream, impl Fn(Cause) -> NatsError), NatsError> {
-        let name = self.subjects.input_stream();
+        self.stream_named(self.subjects.input_stream()).await
+    }
+
+    /// One of the coordinator's streams, and how to word a failure about reading it.
+    async fn stream_named(
+        &self,
+        name: String,
+    ) -> Result<(stream::Stream, impl Fn(Cause) -> NatsError), NatsError> {
+        let stream = self.js.get_stream(&name).await;
         let fail = move |source: Cause| NatsError::Consumer {
             stream: name.clone(),
             source,
         };
-        let stream = self
-            .js
-            .get_stream(self.subjects.input_stream())
-            .await
-            .map_err(|e| fail(e.into()))?;
+        let stream = stream.map_err(|e| fail(e.into()))?;
         Ok((stream, fail))
+    }
+
+    /// A stream's state now.
+    async fn state_of(
+        stream: &mut stream::Stream,
+        fail: &impl Fn(Cause) -> NatsError,
+    ) -> Result<stream::State, NatsError> {
+        Ok(stream
+            .info()
+            .await
+            .map_err(|e| fail(e.into()))?
+            .state
+            .clone())
     }
 
     /// Removes the inputs up to `handled` when the input stream is 80% full (messages or bytes), so that
@@ -382,12 +385,7 @@ impl NatsBus {
     /// many were removed.
     pub async fn trim_inputs(&self, handled: u64) -> Result<u64, NatsError> {
         let (mut stream, fail) = self.input_stream().await?;
-        let state = stream
-            .info()
-            .await
-            .map_err(|e| fail(e.into()))?
-            .state
-            .clone();
+        let state = Self::state_of(&mut stream, &fail).await?;
         // How full the stream is, in percent of its tighter limit (a limit of -1 is none).
         let percent = |used: u64, max: i64| match u64::try_from(max) {
             Ok(max) if max > 0 => used.saturating_mul(100) / max,
@@ -423,12 +421,7 @@ impl NatsBus {
             Err(e) if consumer_missing(&e.kind()) => 0,
             Err(e) => return Err(fail(e.into())),
         };
-        let state = stream
-            .info()
-            .await
-            .map_err(|e| fail(e.into()))?
-            .state
-            .clone();
+        let state = Self::state_of(&mut stream, &fail).await?;
         let after = handled.max(floor);
         if after > state.last_sequence {
             tracing::error!(
@@ -646,11 +639,10 @@ impl ports::Bus for NatsBus {
 
     async fn input_end(&self) -> Result<u64, PortError> {
         let (mut stream, fail) = self.input_stream().await.map_err(PortError::new)?;
-        let info = stream
-            .info()
+        let state = Self::state_of(&mut stream, &fail)
             .await
-            .map_err(|e| PortError::new(fail(e.into())))?;
-        Ok(info.state.last_sequence)
+            .map_err(PortError::new)?;
+        Ok(state.last_sequence)
     }
 
     async fn input_position(&self, handled: u64) -> Result<u64, PortError> {
