@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::StreamExt;
 use gpu_coordinator::config::Config;
@@ -18,18 +18,6 @@ use gpu_coordinator_wire::Reply;
 use sea_orm::{ConnectionTrait, Database, Statement};
 
 const CYCLES: usize = 2_000;
-
-fn percentiles(name: &str, mut samples: Vec<Duration>) {
-    samples.sort();
-    let at = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
-    println!(
-        "{name:<34} n={:<5} p50={:>8.3} ms  p99={:>8.3} ms  max={:>8.3} ms",
-        samples.len(),
-        at(0.50).as_secs_f64() * 1e3,
-        at(0.99).as_secs_f64() * 1e3,
-        samples[samples.len() - 1].as_secs_f64() * 1e3,
-    );
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -142,11 +130,11 @@ async fn main() -> anyhow::Result<()> {
     db.execute_unprepared("DROP TABLE bench_commit").await?;
 
     println!("grant latency, {CYCLES} cycles on one GPU (figures from this run):");
-    percentiles("request -> granted reply", grant);
-    percentiles("request -> released reply (cycle)", cycle);
-    percentiles("raw NATS request-reply", raw);
-    percentiles("JetStream publish -> pull delivery", inbound);
-    percentiles("Postgres insert commit", commit);
+    common::percentiles("request -> granted reply", grant);
+    common::percentiles("request -> released reply (cycle)", cycle);
+    common::percentiles("raw NATS request-reply", raw);
+    common::percentiles("JetStream publish -> pull delivery", inbound);
+    common::percentiles("Postgres insert commit", commit);
 
     bench.stop().await?;
     db.execute_unprepared("SELECT 1").await.ok();

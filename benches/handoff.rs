@@ -21,18 +21,6 @@ use sea_orm::{ConnectionTrait, Database, Statement};
 
 const CYCLES: usize = 500;
 
-fn percentiles(name: &str, mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    let at = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
-    println!(
-        "{name:<44} n={:<5} p50={:>8.3} ms  p99={:>8.3} ms",
-        samples.len(),
-        at(0.50).as_secs_f64() * 1e3,
-        at(0.99).as_secs_f64() * 1e3,
-    );
-    at(0.50)
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let queued: usize = std::env::args()
@@ -45,11 +33,11 @@ async fn main() -> anyhow::Result<()> {
     let redis_10 = redis_poll_handoff(Duration::from_millis(10)).await?;
     let flock = flock_handoff()?;
     println!("\nhandoff p50, this run:");
-    let c = percentiles(&format!("coordinator ({queued} more queued)"), coordinator);
-    let a = percentiles("pg_advisory_lock", advisory);
-    percentiles("Redis SET NX, polled every 1 ms", redis_1);
-    percentiles("Redis SET NX, polled every 10 ms", redis_10);
-    percentiles("flock", flock);
+    let c = common::percentiles(&format!("coordinator ({queued} more queued)"), coordinator);
+    let a = common::percentiles("pg_advisory_lock", advisory);
+    common::percentiles("Redis SET NX, polled every 1 ms", redis_1);
+    common::percentiles("Redis SET NX, polled every 10 ms", redis_10);
+    common::percentiles("flock", flock);
     println!(
         "coordinator / pg_advisory_lock: {:.2}",
         c.as_secs_f64() / a.as_secs_f64()

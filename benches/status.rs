@@ -17,18 +17,6 @@ use gpu_coordinator_wire::{StatusDoc, Subjects};
 const ROUNDS: usize = 200;
 const SERVICES: usize = 20;
 
-fn percentiles(name: &str, mut samples: Vec<Duration>) {
-    samples.sort();
-    let at = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
-    println!(
-        "{name:<32} n={:<4} p50={:>8.3} ms  p99={:>8.3} ms  max={:>8.3} ms",
-        samples.len(),
-        at(0.50).as_secs_f64() * 1e3,
-        at(0.99).as_secs_f64() * 1e3,
-        samples[samples.len() - 1].as_secs_f64() * 1e3,
-    );
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let queued: usize = std::env::args()
@@ -136,9 +124,9 @@ async fn main() -> anyhow::Result<()> {
         metrics.push(start.elapsed());
     }
     println!("status with {queued} queued (document {size} bytes, figures from this run):");
-    percentiles("<prefix>.status over NATS", over_nats);
-    percentiles("GET /gpu/status", over_http);
-    percentiles("GET /metrics", metrics);
+    common::percentiles("<prefix>.status over NATS", over_nats);
+    common::percentiles("GET /gpu/status", over_http);
+    common::percentiles("GET /metrics", metrics);
 
     bench.stop().await?;
     let _ = js.delete_stream(subjects.input_stream()).await;

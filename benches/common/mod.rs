@@ -67,3 +67,17 @@ pub async fn wait_status(client: &async_nats::Client, prefix: &str) {
         }
     }
 }
+
+/// Prints `samples`' count, p50, p99 and max in milliseconds after `name`, and answers the p50.
+pub fn percentiles(name: &str, mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    let at = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+    println!(
+        "{name:<44} n={:<5} p50={:>8.3} ms  p99={:>8.3} ms  max={:>8.3} ms",
+        samples.len(),
+        at(0.50).as_secs_f64() * 1e3,
+        at(0.99).as_secs_f64() * 1e3,
+        samples[samples.len() - 1].as_secs_f64() * 1e3,
+    );
+    at(0.50)
+}
