@@ -889,61 +889,6 @@ async fn renewals_stored_during_a_stall_keep_the_lease() {
     coordinator.stop().await.expect("a clean stop");
 }
 
-/// The coordinator process is stopped (SIGSTOP) for twice a lease while the holder keeps renewing:
-/// when it goes on, the renewals stored meanwhile are handled before the expiry that fell due, so the
-/// lease is not revoked.
-#[tokio::test]
-async fn renewals_stored_while_the_coordinator_was_stopped_keep_the_lease() {
-    use crate::support::CoordinatorProcess;
-    let mut config = test_config("sigstop", &[("0", 24_000)]);
-    config.lease.default_ms = 1_000;
-    let process = CoordinatorProcess::start(&config).await;
-    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
-    probe
-        .pub_json("request", "a", json!({"request_id": "a-1", "priority": 1}))
-        .await;
-    let granted = probe.reply("a-1", "granted").await;
-    let renew = json!({"request_id": "a-1", "fence": granted.fence});
-    let signal = |signal: &str| {
-        let status = std::process::Command::new("kill")
-            .arg(signal)
-            .arg(process.pid().to_string())
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill {signal}");
-    };
-    // The holder renews every 300 ms throughout.
-    let renewer = tokio::spawn({
-        let (js, subject) = (probe.js.clone(), format!("{}.renew.a", config.nats.prefix));
-        async move {
-            let mut every = tokio::time::interval(std::time::Duration::from_millis(300));
-            loop {
-                every.tick().await;
-                let _ = js.publish(subject.clone(), renew.to_string().into()).await;
-            }
-        }
-    });
-    signal("-STOP");
-    // Stopped for twice the lease: seven renewal periods.
-    let mut every = tokio::time::interval(std::time::Duration::from_millis(300));
-    for _ in 0..8 {
-        every.tick().await;
-    }
-    signal("-CONT");
-    // The renewals stored meanwhile, and those after, are all answered `renewed`.
-    for _ in 0..12 {
-        probe.reply("a-1", "renewed").await;
-    }
-    assert!(
-        !probe.drain_and_find(|s| s.str("action") == Some("revoke")),
-        "the lease was revoked though every renewal was stored in time"
-    );
-    let status = probe.status().await;
-    assert_eq!(status.gpus[0].holders[0].request_id, "a-1");
-    renewer.abort();
-    process.kill();
-}
-
 /// A message the outbox kept from before a stop, which the output stream already holds, is not
 /// published again at the next start, even after the stream's duplicate window forgot its id.
 #[tokio::test]
