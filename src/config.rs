@@ -39,6 +39,8 @@ pub struct Config {
     pub http: HttpConfig,
     pub nvml: NvmlConfig,
     pub leader: LeaderConfig,
+    pub backends: BackendsConfig,
+    pub embedded: EmbeddedConfig,
     /// The GPUs to manage. Empty: ask NVML; when it finds none, one GPU `0` of 24576 MB.
     pub gpus: Vec<GpuConfig>,
 }
@@ -158,6 +160,100 @@ impl Default for LeaderConfig {
             ttl_ms: 1000,
             poll_ms: 100,
         }
+    }
+}
+
+/// `[backends]`: which adapter fills each port, chosen independently (`serve --embedded` sets all
+/// three to the embedded ones). The defaults are the distributed mode's servers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendsConfig {
+    /// `backends.journal`: `postgres` (default, `database.url`) or `sqlite` (in `embedded.data_dir`).
+    pub journal: JournalBackend,
+    /// `backends.leases`: `redis` (default, `redis.url`) or `memory` (held in the process, the journal
+    /// being the source of truth: a restart writes the live leases back).
+    pub leases: LeasesBackend,
+    /// `backends.bus`: `nats` (default, `nats.url`) or `embedded` (two tables of the SQLite database
+    /// in `embedded.data_dir`; services use the HTTP API).
+    pub bus: BusBackend,
+}
+
+impl Default for BackendsConfig {
+    fn default() -> Self {
+        BackendsConfig {
+            journal: JournalBackend::Postgres,
+            leases: LeasesBackend::Redis,
+            bus: BusBackend::Nats,
+        }
+    }
+}
+
+impl BackendsConfig {
+    /// Every backend embedded: one process, no server.
+    pub fn embedded() -> BackendsConfig {
+        BackendsConfig {
+            journal: JournalBackend::Sqlite,
+            leases: LeasesBackend::Memory,
+            bus: BusBackend::Embedded,
+        }
+    }
+
+    /// Whether anything lives in the data directory.
+    pub fn uses_data_dir(&self) -> bool {
+        self.journal == JournalBackend::Sqlite || self.bus == BusBackend::Embedded
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JournalBackend {
+    Postgres,
+    Sqlite,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeasesBackend {
+    Redis,
+    Memory,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusBackend {
+    Nats,
+    Embedded,
+}
+
+/// `[embedded]`: where the embedded backends keep their data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedConfig {
+    /// `embedded.data_dir`: the directory of the SQLite database and its lock. Empty (default): the
+    /// user's data directory, `$XDG_DATA_HOME/gpu-coordinator` (`~/.local/share/gpu-coordinator`).
+    pub data_dir: String,
+    /// `embedded.keep_ms`: how long the embedded bus keeps events and handled inputs, default 7 days.
+    pub keep_ms: u64,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        EmbeddedConfig {
+            data_dir: String::new(),
+            keep_ms: 7 * 24 * 60 * 60 * 1000,
+        }
+    }
+}
+
+impl EmbeddedConfig {
+    /// The data directory: `data_dir`, else the user's data directory.
+    pub fn dir(&self) -> PathBuf {
+        if !self.data_dir.is_empty() {
+            return PathBuf::from(&self.data_dir);
+        }
+        dirs::data_dir()
+            .unwrap_or_else(|| PathBuf::from("."))
+            .join("gpu-coordinator")
     }
 }
 

@@ -29,13 +29,27 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the coordinator until SIGINT or SIGTERM.
-    Serve,
-    /// Create or update the Postgres schema, then exit.
+    Serve {
+        /// Run with no server: the journal in SQLite, the leases in this process, the bus embedded
+        /// (services use the HTTP API). The same as `[backends]` journal = "sqlite", leases = "memory",
+        /// bus = "embedded".
+        #[arg(long)]
+        embedded: bool,
+        /// Where the embedded backends keep their data (`embedded.data_dir`; default: the user's data
+        /// directory, printed at start).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Create or update the schema (Postgres, or SQLite with `backends.journal = "sqlite"`), then exit.
     Migrate,
-    /// Play the story live: a coordinator of its own on the configured servers, a background ASR worker,
-    /// a chat service and a diarization job sharing one simulated 24 GB GPU, with a timeline and a summary.
-    /// Exits non-zero on a protocol error.
+    /// Play the story live: a coordinator of its own (embedded, no server needed), a background ASR
+    /// worker, a chat service and a diarization job sharing one simulated 24 GB GPU over the HTTP API,
+    /// with a timeline and a summary. Exits non-zero on a protocol error.
     Demo {
+        /// Run the demo's coordinator on the configured NATS, Redis and Postgres instead (also the
+        /// default when `--config` is given).
+        #[arg(long)]
+        distributed: bool,
         /// Story time to play, in seconds.
         #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
         duration: f64,
@@ -136,7 +150,16 @@ async fn main() -> anyhow::Result<()> {
     }
     let config = load_config(&cli)?;
     match cli.command {
-        Command::Serve => serve(config).await,
+        Command::Serve { embedded, data_dir } => {
+            let mut config = config;
+            if embedded {
+                config.backends = gpu_coordinator::config::BackendsConfig::embedded();
+            }
+            if let Some(dir) = data_dir {
+                config.embedded.data_dir = dir.display().to_string();
+            }
+            serve(config).await
+        }
         Command::Migrate => migrate(config).await,
         Command::Audit { since } => audit(config, since.as_deref()).await,
         Command::NatsAuth {
@@ -160,10 +183,17 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo {
+            distributed,
             duration,
             speed,
             seed,
-        } => demo(config, duration, speed, seed).await,
+        } => {
+            let mut config = config;
+            if !distributed && cli.config.is_none() {
+                config.backends = gpu_coordinator::config::BackendsConfig::embedded();
+            }
+            demo(config, duration, speed, seed).await
+        }
         Command::Gpus { json } => {
             let (doc, samples) = gpu_coordinator::app::gpus::local_status(&config);
             if json {
@@ -197,6 +227,11 @@ async fn main() -> anyhow::Result<()> {
         Command::Status { json, http, token } => {
             let doc = match http {
                 Some(url) => status_over_http(&url, token.as_deref()).await?,
+                // With no NATS, the coordinator answers over HTTP only.
+                None if config.backends.bus == gpu_coordinator::config::BusBackend::Embedded => {
+                    status_over_http(&format!("http://{}", config.http.listen), token.as_deref())
+                        .await?
+                }
                 None => status_over_nats(&config).await?,
             };
             if json {
@@ -229,7 +264,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let local = listener
         .local_addr()
         .context("cannot read the HTTP listener's address")?;
-    tracing::info!(http = %local, nats = %gpu_coordinator_client::redact(&config.nats.url), prefix = %config.nats.prefix, "starting");
+    tracing::info!(http = %local, prefix = %config.nats.prefix, "starting");
+    if config.backends.uses_data_dir() {
+        tracing::info!(
+            "data directory: {} (embedded.data_dir)",
+            config.embedded.dir().display()
+        );
+    }
 
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -261,6 +302,17 @@ async fn demo(config: Config, duration: f64, speed: f64, seed: u64) -> anyhow::R
 }
 
 async fn migrate(config: Config) -> anyhow::Result<()> {
+    if config.backends.journal == gpu_coordinator::config::JournalBackend::Sqlite {
+        let dir = config.embedded.dir();
+        gpu_coordinator::adapters::sqlite::SqliteStore::open(&dir)
+            .await
+            .with_context(|| format!("cannot migrate the embedded store in {}", dir.display()))?;
+        tracing::info!(
+            "migrations applied to the SQLite database in {}",
+            dir.display()
+        );
+        return Ok(());
+    }
     let store = gpu_coordinator::adapters::postgres::PgStore::connect(&config.database.url)
         .await
         .context("cannot connect to Postgres (database.url)")?;

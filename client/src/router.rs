@@ -208,7 +208,21 @@ pub(crate) fn decode_incoming(
     let content_type = headers
         .and_then(|h| h.get("Content-Type"))
         .map(|v| v.as_str());
-    let encoding = Encoding::from_content_type(content_type);
+    decode_encoded(
+        prefix,
+        subject,
+        Encoding::from_content_type(content_type),
+        payload,
+    )
+}
+
+/// [`decode_incoming`] with the encoding already known.
+fn decode_encoded(
+    prefix: &str,
+    subject: &str,
+    encoding: Encoding,
+    payload: &[u8],
+) -> Option<(String, Result<Incoming, String>)> {
     let rest = subject.strip_prefix(prefix)?.strip_prefix('.')?;
     let tokens: Vec<&str> = rest.split('.').collect();
     let decoded = match tokens.as_slice() {
@@ -269,6 +283,22 @@ impl AnswerReader {
         }
     }
 
+    /// A reader fed by hand rather than by consumers: the coordinator's embedded mode hands every
+    /// output message to the returned [`AnswerFeed`]. Ready at once.
+    pub fn fed(subjects: &Subjects) -> (AnswerReader, AnswerFeed) {
+        let routes = Arc::new(Routes::default());
+        let feed = AnswerFeed {
+            routes: Arc::clone(&routes),
+            prefix: subjects.prefix().to_owned(),
+        };
+        let reader = AnswerReader {
+            routes,
+            ready: Vec::new(),
+            shutdown: CancellationToken::new(),
+        };
+        (reader, feed)
+    }
+
     /// Routes what comes about `request_id` of `service` to the returned [`Route`], until it is
     /// dropped, beside any other waiter for it. Listen before publishing the input, and after
     /// [`AnswerReader::ready`].
@@ -279,6 +309,25 @@ impl AnswerReader {
     /// Waits until every consumer is open (from then on nothing stored is missed), at most `wait`.
     pub async fn ready(&self, wait: Duration) -> Result<(), ClientError> {
         wait_ready(&self.ready, tokio::time::Instant::now() + wait).await
+    }
+}
+
+/// What feeds an [`AnswerReader::fed`] reader: every output message, in stream order.
+#[derive(Clone)]
+pub struct AnswerFeed {
+    routes: Arc<Routes>,
+    prefix: String,
+}
+
+impl AnswerFeed {
+    /// Routes one output message to whoever waits for its request (a subject that is not a reply,
+    /// order or event is ignored).
+    pub fn feed(&self, subject: &str, encoding: Encoding, payload: &[u8]) {
+        match decode_encoded(&self.prefix, subject, encoding, payload) {
+            Some((service, Ok(incoming))) => self.routes.dispatch(&service, incoming),
+            Some((_, Err(e))) => tracing::warn!(subject, "an undecodable answer: {e}"),
+            None => {}
+        }
     }
 }
 

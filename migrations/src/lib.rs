@@ -1,9 +1,12 @@
-//! The Postgres schema of the GPU Coordinator, as `sea-orm-migration` migrations.
+//! The schema of the GPU Coordinator, as `sea-orm-migration` migrations that run on Postgres (the
+//! distributed mode) and on SQLite (the embedded mode); where the two dialects differ, a migration
+//! holds the SQL of each.
 //!
 //! The schema is small on purpose: one row per request (`requests`), one row holding the highest fence
 //! ever issued and the last input handled (`fence`), and the messages not yet stored by JetStream
 //! (`outbox`), and the lease of the one active coordinator (`leader`). The adapter `gpu_coordinator::adapters::postgres` reads and writes it; this crate
-//! only shapes it. A migration, once released, is never edited: a change is a new migration appended to
+//! only shapes it. The SQL of a released migration is never edited (the SQLite branches were added beside
+//! the Postgres SQL, unchanged, when the embedded mode came): a change is a new migration appended to
 //! [`Migrator::migrations`].
 
 pub use sea_orm_migration::prelude::*;
@@ -12,6 +15,7 @@ mod m20261126_000001_requests_and_fence;
 mod m20261126_000002_outbox_and_input_seq;
 mod m20261128_000003_leader;
 mod m20261128_000004_scoped_request_ids;
+mod m20261129_000005_embedded_bus;
 
 /// Every migration of the schema, oldest first.
 pub struct Migrator;
@@ -24,6 +28,19 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000002_outbox_and_input_seq::Migration),
             Box::new(m20261128_000003_leader::Migration),
             Box::new(m20261128_000004_scoped_request_ids::Migration),
+            Box::new(m20261129_000005_embedded_bus::Migration),
         ]
     }
+}
+
+/// Runs `sql` (any number of statements; none when empty).
+pub(crate) async fn run(manager: &SchemaManager<'_>, sql: &str) -> Result<(), DbErr> {
+    if sql.trim().is_empty() {
+        return Ok(());
+    }
+    manager
+        .get_connection()
+        .execute_unprepared(sql)
+        .await
+        .map(|_| ())
 }

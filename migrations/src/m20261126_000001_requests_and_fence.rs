@@ -13,6 +13,14 @@
 //! - `requests_fence` makes `max(fence)` an index read, a cross-check of the `fence` row at start.
 
 use sea_orm_migration::prelude::*;
+use sea_orm_migration::sea_orm::DbBackend;
+
+use crate::run;
+
+// SQLite takes the same SQL: its types name affinities, and it has partial indexes and `ON CONFLICT`.
+const SQLITE_UP: &str = UP;
+
+const SQLITE_DOWN: &str = DOWN;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -70,18 +78,18 @@ DROP TABLE IF EXISTS requests;
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared(UP)
-            .await
-            .map(|_| ())
+        let sql = match manager.get_database_backend() {
+            DbBackend::Sqlite => SQLITE_UP,
+            _ => UP,
+        };
+        run(manager, sql).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared(DOWN)
-            .await
-            .map(|_| ())
+        let sql = match manager.get_database_backend() {
+            DbBackend::Sqlite => SQLITE_DOWN,
+            _ => DOWN,
+        };
+        run(manager, sql).await
     }
 }

@@ -9,6 +9,26 @@
 //!   loses no message, and JetStream drops a copy it already has.
 
 use sea_orm_migration::prelude::*;
+use sea_orm_migration::sea_orm::DbBackend;
+
+use crate::run;
+
+// SQLite has no `ADD COLUMN IF NOT EXISTS` (the migration runs once anyway) and calls `bytea` `blob`.
+const SQLITE_UP: &str = r#"
+ALTER TABLE fence ADD COLUMN input_seq bigint NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS outbox (
+    id       bigint  PRIMARY KEY,
+    msg_id   text    NOT NULL,
+    subject  text    NOT NULL,
+    msgpack  boolean NOT NULL,
+    payload  blob    NOT NULL
+);
+"#;
+
+const SQLITE_DOWN: &str = r#"
+DROP TABLE IF EXISTS outbox;
+ALTER TABLE fence DROP COLUMN input_seq;
+"#;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -32,18 +52,18 @@ ALTER TABLE fence DROP COLUMN IF EXISTS input_seq;
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared(UP)
-            .await
-            .map(|_| ())
+        let sql = match manager.get_database_backend() {
+            DbBackend::Sqlite => SQLITE_UP,
+            _ => UP,
+        };
+        run(manager, sql).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared(DOWN)
-            .await
-            .map(|_| ())
+        let sql = match manager.get_database_backend() {
+            DbBackend::Sqlite => SQLITE_DOWN,
+            _ => DOWN,
+        };
+        run(manager, sql).await
     }
 }

@@ -11,6 +11,15 @@
 //!   also orders it against a takeover.
 
 use sea_orm_migration::prelude::*;
+use sea_orm_migration::sea_orm::DbBackend;
+
+use crate::run;
+
+// SQLite: nothing. An embedded coordinator leads by holding the lock on its data directory, and no
+// other process writes its database.
+const SQLITE_UP: &str = "";
+
+const SQLITE_DOWN: &str = "";
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -48,18 +57,18 @@ DROP TABLE IF EXISTS leader;
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared(UP)
-            .await
-            .map(|_| ())
+        let sql = match manager.get_database_backend() {
+            DbBackend::Sqlite => SQLITE_UP,
+            _ => UP,
+        };
+        run(manager, sql).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared(DOWN)
-            .await
-            .map(|_| ())
+        let sql = match manager.get_database_backend() {
+            DbBackend::Sqlite => SQLITE_DOWN,
+            _ => DOWN,
+        };
+        run(manager, sql).await
     }
 }

@@ -3,6 +3,22 @@
 //! are given their scope here, so that their services find them by the ids they used.
 
 use sea_orm_migration::prelude::*;
+use sea_orm_migration::sea_orm::DbBackend;
+
+use crate::run;
+
+// SQLite spells `chr` and `strpos` as `char` and `instr`.
+const SQLITE_UP: &str = r#"
+UPDATE requests
+   SET request_id = service_id || char(31) || request_id
+ WHERE instr(request_id, char(31)) = 0;
+"#;
+
+const SQLITE_DOWN: &str = r#"
+UPDATE requests
+   SET request_id = substr(request_id, instr(request_id, char(31)) + 1)
+ WHERE instr(request_id, char(31)) > 0;
+"#;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -22,18 +38,18 @@ UPDATE requests
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared(UP)
-            .await
-            .map(|_| ())
+        let sql = match manager.get_database_backend() {
+            DbBackend::Sqlite => SQLITE_UP,
+            _ => UP,
+        };
+        run(manager, sql).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared(DOWN)
-            .await
-            .map(|_| ())
+        let sql = match manager.get_database_backend() {
+            DbBackend::Sqlite => SQLITE_DOWN,
+            _ => DOWN,
+        };
+        run(manager, sql).await
     }
 }

@@ -3,6 +3,8 @@
 pub mod http;
 pub mod memory;
 pub mod nats;
+pub mod nats_gateway;
 pub mod nvml;
 pub mod postgres;
 pub mod redis;
+pub mod sqlite;

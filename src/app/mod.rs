@@ -3,9 +3,12 @@
 //! one [`TaskTracker`] and stopped in order:
 //!
 //! 1. the HTTP API answers from the start (`/healthz`; the rest says the coordinator is starting);
-//! 2. every server is connected, waited for with backoff, and readied (migrations, streams), which is
-//!    also what keeps a coordinator warm before it leads;
-//! 3. it stands by until it leads (Postgres's `leader` row, [`PgLeadership`]); then a driver starts
+//! 2. the backends `[backends]` names are opened (one line in the log says which): each server is
+//!    connected, waited for with backoff, and readied (migrations, streams), which is also what keeps a
+//!    coordinator warm before it leads; the embedded ones live in the data directory, which this
+//!    process locks first;
+//! 3. it stands by until it leads (Postgres's `leader` row, [`PgLeadership`], or the data directory's
+//!    lock, [`DirLock`]); then a driver starts
 //!    for the term (the state restored) and runs until `shutdown`, or until the term is lost, when it
 //!    stands by again;
 //! 4. the HTTP API stops taking calls and drains, the sampler ends, and [`run`] returns once every task
@@ -24,16 +27,19 @@ use gpu_coordinator_wire::Subjects;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::adapters::http::{self, Backends, HttpState};
+use crate::adapters::http::{self, Backends, HttpState, Labels};
+use crate::adapters::memory::{Faults, MemLeases, Trace};
 use crate::adapters::nats::NatsBus;
+use crate::adapters::nats_gateway::NatsGateway;
 use crate::adapters::nvml::GpuProbe;
 use crate::adapters::postgres::{PgLeadership, PgStore};
 use crate::adapters::redis::LeaseStore;
-use crate::config::Config;
+use crate::adapters::sqlite::{DirLock, SqliteBus, SqliteStore};
+use crate::config::{BusBackend, Config, JournalBackend, LeasesBackend};
 use crate::driver::retry::{is_deposed, with_retry};
 use crate::driver::{Driver, DriverHandle, Setup};
 use crate::metrics::{Metrics, Recorder};
-use crate::ports::{Bus, Leadership, Ports};
+use crate::ports::{Bus, Gateway, Journal, Leadership, Leases, Ports};
 use crate::telemetry::redact_url;
 
 /// How long the tasks beside the driver (HTTP calls in flight) may take to finish after it stopped.
@@ -83,25 +89,21 @@ pub async fn run_with(
     );
     let server = tracker.spawn(http::serve(http, state.clone()));
     let result = async {
-        let servers = Servers::connect(&config, &subjects, &shutdown).await?;
+        let chosen = Chosen::connect(&config, &subjects, &shutdown).await?;
         let gpus = gpus::probe(&config, extras.probe, &tracker, &tasks_stop).await;
-        let leadership = Arc::new(PgLeadership::new(
-            servers.pg.connection().clone(),
-            Duration::from_millis(config.leader.ttl_ms),
-            Duration::from_millis(config.leader.poll_ms),
-        ));
         tracing::info!(
             "this coordinator is `{}`; standing by until it leads",
-            leadership.holder()
+            chosen.holder
         );
-        let ports = servers.ports(leadership);
+        let ports = chosen.ports.clone();
         let handle = DriverHandle::default();
         state.set_backends(Backends {
-            nats: servers.bus.client().clone(),
+            gateway: chosen.gateway.clone(),
             journal: ports.journal.clone(),
             leases: ports.leases.clone(),
             leadership: ports.leadership.clone(),
             driver: handle.clone(),
+            labels: chosen.labels,
         });
         let led = lead(
             &config, &subjects, &gpus, &ports, &handle, &metrics, &shutdown,
@@ -228,69 +230,162 @@ async fn cut_off(bus: &dyn Bus, grace: Duration) {
     }
 }
 
-/// The servers of a distributed deployment, connected and ready.
-struct Servers {
-    pg: PgStore,
-    leases: LeaseStore,
-    bus: NatsBus,
+/// The adapters chosen by `[backends]`, connected and ready: the ports, the gateway of the HTTP API,
+/// and what each is called.
+struct Chosen {
+    ports: Ports,
+    gateway: Arc<dyn Gateway>,
+    labels: Labels,
+    /// This coordinator's name as its leadership knows it.
+    holder: String,
 }
 
-impl Servers {
-    /// Connects to Postgres, Redis and NATS, waiting for each with backoff, runs the migrations and
-    /// makes the streams.
+impl Chosen {
+    /// Opens what `[backends]` names: the SQLite database when the journal or the bus is embedded (once
+    /// this process holds the data directory's lock), Postgres, Redis and NATS otherwise, each server
+    /// waited for with backoff; runs the migrations and makes the streams. Says in one line what runs
+    /// on what.
     async fn connect(
         config: &Config,
         subjects: &Subjects,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<Servers> {
-        let db_url = config.database.url.clone();
-        let pg = with_retry(
-            &format!("Postgres at {}", redact_url(&db_url)),
-            shutdown,
-            || PgStore::connect(&db_url),
-        )
-        .await?;
-        with_retry("Postgres migrations", shutdown, || pg.migrate()).await?;
-        tracing::info!(
-            "Postgres connected at {}; migrations applied",
-            redact_url(&db_url)
-        );
-        let redis_url = config.redis.url.clone();
-        let prefix = config.redis.key_prefix.clone();
-        let leases = with_retry(
-            &format!("Redis at {}", redact_url(&redis_url)),
-            shutdown,
-            || LeaseStore::connect(&redis_url, &prefix),
-        )
-        .await?;
-        tracing::info!(
-            "Redis connected at {} (keys under `{prefix}:`)",
-            redact_url(&redis_url)
-        );
-        // A NATS URL may carry a token as its user: its own redaction hides that too.
-        let nats_url = gpu_coordinator_client::redact(&config.nats.url);
-        let bus = with_retry(&format!("NATS at {nats_url}"), shutdown, || {
-            NatsBus::connect(&config.nats, subjects.clone(), CONNECTION_NAME)
+    ) -> anyhow::Result<Chosen> {
+        let chosen = &config.backends;
+        let mut lines = Vec::new();
+        // The embedded store, when anything lives in the data directory: opened by the process that
+        // holds the directory's lock, so that two never migrate or write it at once.
+        let mut dir_lock = None;
+        let sqlite = if chosen.uses_data_dir() {
+            let dir = config.embedded.dir();
+            let lock = Arc::new(DirLock::new(&dir));
+            std::fs::create_dir_all(&dir).with_context(|| {
+                format!(
+                    "cannot create the data directory {} (embedded.data_dir)",
+                    dir.display()
+                )
+            })?;
+            tokio::select! {
+                taken = lock.acquire() => { taken.context("locking the data directory")?; }
+                () = shutdown.cancelled() => anyhow::bail!("stopped while waiting for the data directory's lock"),
+            }
+            let store = SqliteStore::open(&dir)
+                .await
+                .with_context(|| format!("cannot open the embedded store in {}", dir.display()))?;
+            dir_lock = Some(lock);
+            Some(store)
+        } else {
+            None
+        };
+        let (journal, leadership, holder): (Arc<dyn Journal>, Arc<dyn Leadership>, String) =
+            match chosen.journal {
+                JournalBackend::Postgres => {
+                    let db_url = config.database.url.clone();
+                    let pg = with_retry(
+                        &format!("Postgres at {}", redact_url(&db_url)),
+                        shutdown,
+                        || PgStore::connect(&db_url),
+                    )
+                    .await?;
+                    with_retry("Postgres migrations", shutdown, || pg.migrate()).await?;
+                    lines.push(format!("journal: Postgres at {}", redact_url(&db_url)));
+                    let leadership = PgLeadership::new(
+                        pg.connection().clone(),
+                        Duration::from_millis(config.leader.ttl_ms),
+                        Duration::from_millis(config.leader.poll_ms),
+                    );
+                    let holder = leadership.holder().to_owned();
+                    (Arc::new(pg), Arc::new(leadership), holder)
+                }
+                JournalBackend::Sqlite => {
+                    let store = sqlite.clone().expect("opened above for a SQLite journal");
+                    lines.push(format!("journal: SQLite {}", store.file().display()));
+                    let lock = dir_lock.clone().expect("taken above for a SQLite journal");
+                    let holder = lock
+                        .leader()
+                        .await
+                        .map(|(_, holder)| holder)
+                        .unwrap_or_default();
+                    (Arc::new(store), lock, holder)
+                }
+            };
+        let leases: Arc<dyn Leases> = match chosen.leases {
+            LeasesBackend::Redis => {
+                let redis_url = config.redis.url.clone();
+                let prefix = config.redis.key_prefix.clone();
+                let leases = with_retry(
+                    &format!("Redis at {}", redact_url(&redis_url)),
+                    shutdown,
+                    || LeaseStore::connect(&redis_url, &prefix),
+                )
+                .await?;
+                lines.push(format!(
+                    "leases: Redis at {} (keys under `{prefix}:`)",
+                    redact_url(&redis_url)
+                ));
+                Arc::new(leases)
+            }
+            LeasesBackend::Memory => {
+                lines.push("leases: in this process (the journal is the source of truth)".into());
+                Arc::new(MemLeases::new(Trace::off(), Faults::default()))
+            }
+        };
+        let (bus, gateway): (Arc<dyn Bus>, Arc<dyn Gateway>) = match chosen.bus {
+            BusBackend::Nats => {
+                // A NATS URL may carry a token as its user: its own redaction hides that too.
+                let nats_url = gpu_coordinator_client::redact(&config.nats.url);
+                let bus = with_retry(&format!("NATS at {nats_url}"), shutdown, || {
+                    NatsBus::connect(&config.nats, subjects.clone(), CONNECTION_NAME)
+                })
+                .await?;
+                // The input stream, if missing, is made by the driver, which knows where its
+                // numbering goes on.
+                with_retry("JetStream streams", shutdown, || bus.ensure_streams(None)).await?;
+                lines.push(format!(
+                    "bus: NATS at {nats_url} (streams {} and {}, subjects under `{}.`)",
+                    subjects.input_stream(),
+                    subjects.output_stream(),
+                    subjects.prefix()
+                ));
+                let gateway = NatsGateway::new(bus.client().clone(), subjects);
+                (Arc::new(bus), Arc::new(gateway))
+            }
+            BusBackend::Embedded => {
+                let store = sqlite.as_ref().expect("opened above for the embedded bus");
+                let bus = SqliteBus::open(store, subjects, config.embedded.keep_ms)
+                    .await
+                    .context("cannot open the embedded bus")?;
+                lines.push(format!(
+                    "bus: embedded in {} (inputs over HTTP only)",
+                    store.file().display()
+                ));
+                (Arc::new(bus.clone()), Arc::new(bus))
+            }
+        };
+        tracing::info!("backends: {}", lines.join("; "));
+        let labels = Labels {
+            bus: match chosen.bus {
+                BusBackend::Nats => "NATS",
+                BusBackend::Embedded => "the embedded bus",
+            },
+            leases: match chosen.leases {
+                LeasesBackend::Redis => "Redis",
+                LeasesBackend::Memory => "the in-process lease store",
+            },
+            journal: match chosen.journal {
+                JournalBackend::Postgres => "Postgres",
+                JournalBackend::Sqlite => "SQLite",
+            },
+        };
+        Ok(Chosen {
+            ports: Ports {
+                journal,
+                leases,
+                bus,
+                leadership,
+            },
+            gateway,
+            labels,
+            holder,
         })
-        .await?;
-        // The input stream, if missing, is made by the driver, which knows where its numbering goes on.
-        with_retry("JetStream streams", shutdown, || bus.ensure_streams(None)).await?;
-        tracing::info!(
-            "NATS connected at {nats_url}; streams {} and {} ready, subjects under `{}.`",
-            subjects.input_stream(),
-            subjects.output_stream(),
-            subjects.prefix()
-        );
-        Ok(Servers { pg, leases, bus })
-    }
-
-    /// The ports of a distributed deployment: Postgres, Redis, NATS, and `leadership`.
-    fn ports(&self, leadership: Arc<dyn Leadership>) -> Ports {
-        Ports {
-            journal: Arc::new(self.pg.clone()),
-            leases: Arc::new(self.leases.clone()),
-            bus: Arc::new(self.bus.clone()),
-            leadership,
-        }
     }
 }

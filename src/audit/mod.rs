@@ -3,25 +3,24 @@
 //! alone, fences strictly rising, no grant while a holder is pausing, every request ended at most once,
 //! every `granted` reply with its event. Which requests asked for a whole GPU comes from the input stream.
 //!
-//! It reads the streams through ordered consumers up to their last message at the start of the audit, so
-//! it can run beside a live coordinator; it never writes.
+//! It reads the streams (JetStream's, or the embedded bus's tables) through the
+//! [`Gateway`](crate::ports::Gateway) up to their last message at the start of the audit, so it can run
+//! beside a live coordinator; it never writes.
 
 pub mod check;
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::sync::Arc;
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
-use gpu_coordinator_wire::{codec, decode_input, Encoding, Inbound, Subjects};
+use gpu_coordinator_wire::{codec, decode_input, Inbound, Subjects};
 
-use crate::adapters::nats::content_type;
-use crate::config::Config;
+use crate::adapters::nats_gateway::NatsGateway;
+use crate::adapters::sqlite::{SqliteBus, SqliteStore};
+use crate::config::{BusBackend, Config};
+use crate::ports::{Gateway, ReadFrom, Stored, Which};
 use check::{Checker, Output, Record, Summary, Violation};
-
-/// How long the audit waits for the next message of a stream before it calls the stream read.
-const IDLE: Duration = Duration::from_secs(5);
 
 /// Where the replay starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -71,52 +70,89 @@ fn capacities(config: &Config) -> HashMap<String, u64> {
 }
 
 /// Replays the deployment's history and checks it: `Ok(Ok(summary))` when every rule held,
-/// `Ok(Err(violation))` at the first one broken, `Err` when the history cannot be read.
+/// `Ok(Err(violation))` at the first one broken, `Err` when the history cannot be read. The history is
+/// read from the bus `[backends]` names: JetStream's streams, or the embedded bus's tables.
 pub async fn run(config: &Config, since: Since) -> anyhow::Result<Result<Summary, Violation>> {
     let subjects = Subjects::new(&config.nats.prefix)
         .map_err(anyhow::Error::msg)
         .context("nats.prefix")?;
-    let client = crate::adapters::nats::options(&config.nats)
-        .await?
-        .name("gpu-coordinator audit")
-        .connect(&config.nats.url)
+    let gateway: Arc<dyn Gateway> = match config.backends.bus {
+        BusBackend::Nats => {
+            let client = crate::adapters::nats::options(&config.nats)
+                .await?
+                .name("gpu-coordinator audit")
+                .connect(&config.nats.url)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot connect to NATS at {}",
+                        gpu_coordinator_client::redact(&config.nats.url)
+                    )
+                })?;
+            Arc::new(NatsGateway::reader(client, &subjects))
+        }
+        BusBackend::Embedded => {
+            let dir = config.embedded.dir();
+            let store = SqliteStore::open(&dir)
+                .await
+                .with_context(|| format!("cannot open the embedded store in {}", dir.display()))?;
+            Arc::new(SqliteBus::open(&store, &subjects, config.embedded.keep_ms).await?)
+        }
+    };
+    check_history(gateway.as_ref(), &subjects, capacities(config), since).await
+}
+
+/// Checks the history `gateway` keeps from `since` (see [`run`]).
+pub async fn check_history(
+    gateway: &dyn Gateway,
+    subjects: &Subjects,
+    capacities: HashMap<String, u64>,
+    since: Since,
+) -> anyhow::Result<Result<Summary, Violation>> {
+    let (whole, stored) = stored_requests(gateway, subjects).await?;
+    let mut checker = Checker::new(capacities, whole).with_stored(stored);
+    let from = match since {
+        Since::Start => ReadFrom::Start,
+        Since::At(ms) => ReadFrom::Since(ms),
+    };
+    let mut outputs = gateway
+        .history(Which::Outputs, &format!("{}.>", subjects.prefix()), from)
         .await
-        .with_context(|| {
-            format!(
-                "cannot connect to NATS at {}",
-                gpu_coordinator_client::redact(&config.nats.url)
-            )
-        })?;
-    let js = jetstream::new(client);
-    let (whole, stored) = stored_requests(&js, &subjects).await?;
-    let mut checker = Checker::new(capacities(config), whole).with_stored(stored);
-    let mut verdict = Ok(());
-    read_stream(&js, &subjects.output_stream(), since, |seq, msg| {
-        if verdict.is_err() {
-            return;
-        }
-        if let Some(output) = decode_output(&subjects, &msg) {
-            verdict = checker.feed(Record {
-                seq,
-                subject: msg.subject.to_string(),
+        .context("cannot read the output stream")?;
+    while let Some(msg) = outputs.next().await {
+        let msg = msg.context("reading the output stream")?;
+        if let Some(output) = decode_output(subjects, &msg) {
+            if let Err(violation) = checker.feed(Record {
+                seq: msg.seq,
+                subject: msg.subject.clone(),
                 output,
-            });
+            }) {
+                return Ok(Err(violation));
+            }
         }
-    })
-    .await?;
-    Ok(verdict.and_then(|()| checker.finish()))
+    }
+    Ok(checker.finish())
 }
 
 /// The ids of the requests in the input stream that named no `vram_mb` (a whole GPU), and of all the
 /// valid requests there.
 async fn stored_requests(
-    js: &jetstream::Context,
+    gateway: &dyn Gateway,
     subjects: &Subjects,
 ) -> anyhow::Result<(HashSet<String>, HashSet<String>)> {
     let (mut whole, mut stored) = (HashSet::new(), HashSet::new());
-    read_stream(js, &subjects.input_stream(), Since::Start, |seq, msg| {
-        let ct = content_type(msg.headers.as_ref());
-        if let Ok(decoded) = decode_input(subjects, msg.subject.as_str(), ct, &msg.payload, seq) {
+    let mut inputs = gateway
+        .history(
+            Which::Inputs,
+            &format!("{}.>", subjects.prefix()),
+            ReadFrom::Start,
+        )
+        .await
+        .context("cannot read the input stream")?;
+    while let Some(msg) = inputs.next().await {
+        let msg = msg.context("reading the input stream")?;
+        let ct = msg.content_type.as_deref();
+        if let Ok(decoded) = decode_input(subjects, &msg.subject, ct, &msg.payload, msg.seq) {
             if let Inbound::Request(request) = decoded.input {
                 if let Some(id) = request.request_id {
                     let id = gpu_coordinator_core::scoped(&decoded.service, &id);
@@ -127,15 +163,14 @@ async fn stored_requests(
                 }
             }
         }
-    })
-    .await?;
+    }
     Ok((whole, stored))
 }
 
 /// An output message decoded, or `None` for one that is not the coordinator's (the audit reports what
 /// it cannot read as a warning, and goes on).
-fn decode_output(subjects: &Subjects, msg: &async_nats::Message) -> Option<Output> {
-    let encoding = Encoding::from_content_type(content_type(msg.headers.as_ref()));
+fn decode_output(subjects: &Subjects, msg: &Stored) -> Option<Output> {
+    let encoding = msg.encoding();
     let subject = msg.subject.as_str();
     let rest = subject.strip_prefix(subjects.prefix())?.strip_prefix('.')?;
     let decoded = if rest.starts_with("reply.") {
@@ -154,60 +189,6 @@ fn decode_output(subjects: &Subjects, msg: &async_nats::Message) -> Option<Outpu
         Err(e) => {
             tracing::warn!("{subject}: not a message of the contract ({e}); skipped");
             None
-        }
-    }
-}
-
-/// Hands every message of `stream` from `since` up to its last message at the start, in order, to
-/// `each` with its stream sequence.
-async fn read_stream(
-    js: &jetstream::Context,
-    stream: &str,
-    since: Since,
-    mut each: impl FnMut(u64, async_nats::Message),
-) -> anyhow::Result<()> {
-    let mut handle = js
-        .get_stream(stream)
-        .await
-        .with_context(|| format!("cannot read stream {stream}"))?;
-    let state = handle
-        .info()
-        .await
-        .with_context(|| format!("cannot read stream {stream}"))?
-        .state
-        .clone();
-    if state.messages == 0 {
-        return Ok(());
-    }
-    let deliver_policy = match since {
-        Since::Start => consumer::DeliverPolicy::All,
-        Since::At(ms) => consumer::DeliverPolicy::ByStartTime {
-            start_time: time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-                .context("--since is out of range")?,
-        },
-    };
-    let ordered = handle
-        .create_consumer(consumer::pull::OrderedConfig {
-            deliver_policy,
-            ..Default::default()
-        })
-        .await
-        .with_context(|| format!("cannot open a reader on stream {stream}"))?;
-    let mut messages = ordered
-        .messages()
-        .await
-        .with_context(|| format!("cannot read stream {stream}"))?;
-    loop {
-        let next = match tokio::time::timeout(IDLE, messages.next()).await {
-            Ok(Some(next)) => next.with_context(|| format!("reading stream {stream}"))?,
-            // Nothing more within the wait (a start time past the last message, say): done.
-            Ok(None) | Err(_) => return Ok(()),
-        };
-        let seq = next.info().map(|i| i.stream_sequence).unwrap_or(0);
-        let (msg, _acker) = next.split();
-        each(seq, msg);
-        if seq >= state.last_sequence {
-            return Ok(());
         }
     }
 }

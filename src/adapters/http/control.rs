@@ -9,14 +9,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use async_nats::jetstream::consumer::DeliverPolicy;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use gpu_coordinator_wire::{valid_service_id, Control};
 
-use super::sse::{after, last_event_id, output_events};
+use super::sse::{last_event_id, output_events};
 use super::{ApiError, ErrorBody, HttpState};
+use crate::ports::ReadFrom;
 
 /// Streams the service's control orders: one event per order, named after its action, with the order
 /// (JSON) as data and the stream sequence as id.
@@ -37,7 +37,7 @@ use super::{ApiError, ErrorBody, HttpState};
         (status = 403, description = "The token belongs to another service", body = ErrorBody),
         (status = 429, description = "Too many control streams open, for this service or in all \
             (`http.max_streams_per_service`, `http.max_streams`)", body = ErrorBody),
-        (status = 503, description = "NATS unavailable", body = ErrorBody),
+        (status = 503, description = "The bus (NATS) unavailable", body = ErrorBody),
     ),
     security((), ("bearer" = [])),
 )]
@@ -59,7 +59,7 @@ pub(super) async fn control(
     output_events(
         &state,
         subject,
-        last_event_id(&headers).map_or(DeliverPolicy::New, after),
+        last_event_id(&headers).map_or(ReadFrom::New, ReadFrom::After),
         "the control orders",
         format!("control orders of `{service}`"),
         slot,

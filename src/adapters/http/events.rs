@@ -1,20 +1,24 @@
 //! `GET /gpu/events`: every change of state, as Server-Sent Events, for the web page and for operators.
 //!
-//! The events are read from the output stream with an ordered consumer filtered on `<prefix>.event.>`.
+//! The events are read from the output stream (JetStream, or the embedded bus) filtered on
+//! `<prefix>.event.>`.
 //! Each SSE event is named after the event's kind, carries the event document (JSON) as data and its
 //! stream sequence as id: a client that reconnects with `Last-Event-ID` gets exactly the events after
 //! the last it saw. Without it, `?since=` (a span back from now such as `5m`, or an RFC 3339 instant)
-//! starts with the history kept since then; with neither, the events from now on.
+//! starts with the history kept since then; with neither, the events from now on. `?format=jsonl`
+//! answers the history up to now as JSON lines instead, and ends.
 
-use async_nats::jetstream::consumer::DeliverPolicy;
+use axum::body::Body;
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use gpu_coordinator_wire::Event;
 
-use super::sse::{after, last_event_id, output_events};
+use super::sse::{decode, last_event_id, output_events};
 use super::{ApiError, ErrorBody, HttpState};
 use crate::audit::Since;
+use crate::ports::{ReadFrom, Which};
 
 /// Where the event streams are counted, beside the services' control streams.
 const EVENT_STREAMS: &str = "(events)";
@@ -24,6 +28,10 @@ pub(super) struct EventsQuery {
     /// Start with the events since then: a span back from now (`90s`, `5m`, `2h`) or an RFC 3339
     /// instant. Ignored when `Last-Event-ID` is sent.
     since: Option<String>,
+    /// `sse` (the default): the events from the start chosen on, as they happen. `jsonl`: the events
+    /// kept from the start chosen up to now, one JSON document per line, then the response ends (for
+    /// scripts: `curl -s 'localhost:8080/gpu/events?since=1h&format=jsonl' | jq`).
+    format: Option<String>,
 }
 
 /// Streams the events: one SSE event per event of the output stream.
@@ -37,12 +45,12 @@ pub(super) struct EventsQuery {
     ),
     responses(
         (status = 200, description = "`text/event-stream`: one event per change of state, named after its \
-            kind, with the event document as data and its stream sequence as id", content_type = "text/event-stream",
+            kind, with the event document as data and its stream sequence as id; with `format=jsonl`,             `application/x-ndjson`: the events kept up to now, one per line", content_type = "text/event-stream",
             body = String),
-        (status = 400, description = "`since` is not a span or an instant", body = ErrorBody),
+        (status = 400, description = "`since` is not a span or an instant, or `format` is unknown", body = ErrorBody),
         (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 429, description = "Too many event streams open (`http.max_streams_per_service`)", body = ErrorBody),
-        (status = 503, description = "NATS unavailable", body = ErrorBody),
+        (status = 503, description = "The bus (NATS) unavailable", body = ErrorBody),
     ),
     security((), ("bearer" = [])),
 )]
@@ -52,31 +60,64 @@ pub(super) async fn events(
     Query(query): Query<EventsQuery>,
 ) -> Result<Response, ApiError> {
     state.caller(&headers)?;
-    let deliver_policy = match (last_event_id(&headers), query.since.as_deref()) {
-        (Some(seq), _) => after(seq),
+    let from = match (last_event_id(&headers), query.since.as_deref()) {
+        (Some(seq), _) => ReadFrom::After(seq),
         (None, Some(since)) => match Since::parse(since, crate::clock::now_ms())
             .map_err(|e| ApiError::BadRequest(e.replace("--since", "since")))?
         {
-            Since::Start => DeliverPolicy::All,
-            Since::At(ms) => DeliverPolicy::ByStartTime {
-                start_time: time::OffsetDateTime::from_unix_timestamp_nanos(
-                    i128::from(ms) * 1_000_000,
-                )
-                .map_err(|e| ApiError::BadRequest(format!("since: {e}")))?,
-            },
+            Since::Start => ReadFrom::Start,
+            Since::At(ms) => ReadFrom::Since(ms),
         },
-        (None, None) => DeliverPolicy::New,
+        (None, None) => ReadFrom::New,
     };
-    let slot = state.inner.streams.open(EVENT_STREAMS)?;
     let subject = format!("{}.event.>", state.subjects().prefix());
+    match query.format.as_deref() {
+        None | Some("sse") => {}
+        Some("jsonl") => return json_lines(&state, &subject, from).await,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "format must be `sse` or `jsonl`, got {other:?}"
+            )))
+        }
+    }
+    let slot = state.inner.streams.open(EVENT_STREAMS)?;
     output_events(
         &state,
         subject,
-        deliver_policy,
+        from,
         "the events",
         "events".into(),
         slot,
         |event: &Event| event.kind.as_str().to_owned(),
     )
     .await
+}
+
+/// The events kept from `from` up to now, one JSON document per line (`application/x-ndjson`).
+async fn json_lines(
+    state: &HttpState,
+    subject: &str,
+    from: ReadFrom,
+) -> Result<Response, ApiError> {
+    let gateway = &state.connected()?.backends.gateway;
+    let history = gateway
+        .history(Which::Outputs, subject, from)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("cannot read the events: {e}")))?;
+    let lines = history.filter_map(|item| async move {
+        match item {
+            Ok(msg) => {
+                let event: Event = decode(&msg)?;
+                let mut line = serde_json::to_vec(&event).ok()?;
+                line.push(b'\n');
+                Some(Ok::<_, std::io::Error>(line))
+            }
+            Err(e) => Some(Err(std::io::Error::other(e.to_string()))),
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response())
 }

@@ -1,10 +1,9 @@
 //! `POST /gpu/request`, `/gpu/release`, `/gpu/renew`, `/gpu/ack`, `/gpu/cancel`: the body is checked as a
-//! NATS input would be (the wire crate's validation), published to the input stream with a PubAck, and
-//! answered with the coordinator's reply.
+//! NATS input would be (the wire crate's validation), stored in the input stream (a PubAck on NATS, a
+//! commit in the embedded mode), and answered with the coordinator's reply.
 
 use std::time::Duration;
 
-use async_nats::jetstream;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -15,6 +14,7 @@ use gpu_coordinator_wire::{
     decode_input, valid_service_id, EventKind, Inbound, InputKind, Outcome, Reply,
 };
 use serde_json::Value;
+use std::sync::Arc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +22,7 @@ use super::schemas::{
     Accepted, AckSchema, CancelSchema, ReleaseSchema, RenewSchema, ReplySchema, RequestSchema,
 };
 use super::{ApiError, ErrorBody, HttpState};
+use crate::ports::Gateway;
 
 /// How much longer than `timeout_ms` a request's long poll waits for the coordinator's `timed_out`.
 const REQUEST_MARGIN: Duration = Duration::from_secs(5);
@@ -128,30 +129,17 @@ fn new_request_id(service: &str) -> String {
     format!("{service}-http-{:016x}", rand::random::<u64>())
 }
 
-/// Publishes to the input stream and waits for the PubAck. `Nats-Msg-Id` is unique to this call: a
-/// retried publish is stored once, while the same `request_id` sent again is answered by the coordinator
-/// with its current state (as over NATS).
+/// Stores the input in the input stream, and returns once it is durable. The same `request_id` sent
+/// again is answered by the coordinator with its current state (as over NATS).
 async fn publish(
-    js: &jetstream::Context,
+    gateway: &Arc<dyn Gateway>,
     subject: String,
     payload: Vec<u8>,
 ) -> Result<(), ApiError> {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(
-        "Nats-Msg-Id",
-        format!("http-{:032x}", rand::random::<u128>()).as_str(),
-    );
-    let unavailable = |e: String| {
-        ApiError::Unavailable(format!(
-            "the input could not be stored in JetStream (subject {subject}): {e}"
-        ))
-    };
-    let ack = js
-        .publish_with_headers(subject.clone(), headers, payload.into())
+    gateway
+        .submit(&subject, payload)
         .await
-        .map_err(|e| unavailable(e.to_string()))?;
-    ack.await.map_err(|e| unavailable(e.to_string()))?;
-    Ok(())
+        .map_err(|e| ApiError::Unavailable(format!("{e}")))
 }
 
 /// How long a call waits for the reader of the coordinator's answers to be open.
@@ -161,7 +149,7 @@ const READER_WAIT: Duration = Duration::from_secs(5);
 /// publishing, so that nothing is missed). The answers are read from the output stream, so a NATS
 /// restart between the publish and the answer loses nothing.
 async fn listen(state: &HttpState, service: &str, request_id: &str) -> Result<Route, ApiError> {
-    let reader = &state.connected()?.answers;
+    let reader = state.connected()?.backends.gateway.answers();
     reader.ready(READER_WAIT).await.map_err(|e| {
         ApiError::Unavailable(format!("the coordinator's answers cannot be read: {e}"))
     })?;
@@ -250,7 +238,7 @@ fn origin(incoming: &Incoming) -> Origin {
 /// included (the coordinator ends a request that waited `timeout_ms` with `timed_out`), nor when the
 /// coordinator stops: the request stays queued, and the client asks again with its `request_id`.
 struct ReleaseOnDrop {
-    release: Option<(jetstream::Context, String, Vec<u8>)>,
+    release: Option<(Arc<dyn Gateway>, String, Vec<u8>)>,
     armed: bool,
     /// The answers about the request; while undecided, a client that goes away leaves the wait for the
     /// `requested` event to a task.
@@ -262,7 +250,7 @@ impl ReleaseOnDrop {
     /// A guard armed at once for an id made up here (`generated`), else undecided until the answers on
     /// `route` say.
     fn new(
-        js: &jetstream::Context,
+        js: &Arc<dyn Gateway>,
         state: &HttpState,
         service: &str,
         request_id: &str,
@@ -419,7 +407,7 @@ pub(super) async fn request(
         .clone()
         .expect("a validated request always has a request_id");
     let timeout = Duration::from_millis(msg.timeout_ms.unwrap_or(state.inner.default_timeout_ms));
-    let js = state.connected()?.js.clone();
+    let js = state.connected()?.backends.gateway.clone();
     let route = listen(&state, &prepared.service, &request_id).await?;
     let subject = state.subjects().input(prepared.kind, &prepared.service);
     publish(&js, subject, prepared.payload).await?;
@@ -474,7 +462,7 @@ async fn answered(
     request_id: &str,
     expected: Outcome,
 ) -> Result<Response, ApiError> {
-    let js = state.connected()?.js.clone();
+    let js = state.connected()?.backends.gateway.clone();
     let mut route = listen(state, &prepared.service, request_id).await?;
     let subject = state.subjects().input(prepared.kind, &prepared.service);
     publish(&js, subject, prepared.payload).await?;
@@ -498,7 +486,7 @@ async fn stored(
     request_id: Option<String>,
     detail: String,
 ) -> Result<Response, ApiError> {
-    let js = state.connected()?.js.clone();
+    let js = state.connected()?.backends.gateway.clone();
     let subject = state.subjects().input(prepared.kind, &prepared.service);
     publish(&js, subject, prepared.payload).await?;
     Ok((StatusCode::ACCEPTED, Json(Accepted { request_id, detail })).into_response())

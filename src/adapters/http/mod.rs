@@ -2,12 +2,13 @@
 //! NATS client, and what operators look at.
 //!
 //! A handler never touches the scheduler: an input is checked with the wire crate's validation, then
-//! published to the same JetStream input stream as NATS inputs (so the audit trail and the order are
-//! one), and the handler waits for the coordinator's answer through the client library's
-//! [`AnswerReader`]: JetStream consumers on the output stream (every service's replies and `requested`
-//! events), listened to before publishing and recreated after a reconnect, so an answer published while
-//! NATS restarts still arrives. The status comes from the driver through a command ([`DriverHandle::status`]); control
-//! orders are read from the output stream. Routes:
+//! submitted to the bus through the [`Gateway`] port, into the same input stream as NATS inputs (so the
+//! audit trail and the order are one), and the handler waits for the coordinator's answer through the
+//! gateway's answer reader, listened to before submitting. On NATS that is JetStream consumers on the
+//! output stream, recreated after a reconnect, so an answer published while NATS restarts still
+//! arrives; in the embedded mode it is the SQLite bus's own. The status comes from the driver through a
+//! command ([`DriverHandle::status`]); control orders and events are read from the output stream.
+//! Routes:
 //!
 //! - `POST /gpu/request` (long poll), `/gpu/release`, `/gpu/renew`, `/gpu/ack`, `/gpu/cancel`
 //! - `GET /gpu/status`, `GET /gpu/control/{service_id}` (Server-Sent Events)
@@ -30,12 +31,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use async_nats::jetstream;
 use axum::http::{header, HeaderMap, Method, Uri};
 use axum::routing::{get, post};
 use axum::Router;
-use gpu_coordinator_client::AnswerReader;
-use gpu_coordinator_wire::{EventKind, StatusDoc, Subjects};
+use gpu_coordinator_wire::{StatusDoc, Subjects};
 use tokio_util::sync::CancellationToken;
 
 pub use error::{ApiError, ErrorBody};
@@ -44,29 +43,36 @@ pub use openapi::openapi;
 use crate::config::Config;
 use crate::driver::DriverHandle;
 use crate::metrics::Metrics;
-use crate::ports::{Journal, Leadership, Leases};
+use crate::ports::{Gateway, Journal, Leadership, Leases};
 
 /// How long a handler waits for the driver's status document.
 const STATUS_WAIT: Duration = Duration::from_secs(5);
 
-/// What the handlers need once the coordinator is connected: the NATS connection inputs are published
-/// on and answers read from, the ports readiness pings, and the driver.
+/// What the handlers need once the coordinator is connected: the bus inputs are submitted to and
+/// answers read from (NATS, or the embedded bus), the ports readiness pings, and the driver.
 #[derive(Clone)]
 pub struct Backends {
-    pub nats: async_nats::Client,
+    pub gateway: Arc<dyn Gateway>,
     pub journal: Arc<dyn Journal>,
     pub leases: Arc<dyn Leases>,
     /// Who leads, for a standby to say so.
     pub leadership: Arc<dyn Leadership>,
     pub driver: DriverHandle,
+    /// What each backend is, for messages.
+    pub labels: Labels,
 }
 
-/// [`Backends`] plus the JetStream context made from the NATS connection, and the reader of the
-/// coordinator's answers (replies and `requested` events of every service, from the output stream).
+/// The names of the backends in use (`NATS`, `Redis`, `Postgres`; `SQLite`, ...), for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Labels {
+    pub bus: &'static str,
+    pub leases: &'static str,
+    pub journal: &'static str,
+}
+
+/// [`Backends`], once set.
 struct Connected {
     backends: Backends,
-    js: jetstream::Context,
-    answers: AnswerReader,
 }
 
 /// The state every handler shares. Cheap to clone.
@@ -120,24 +126,13 @@ impl HttpState {
 
     /// Hands the handlers the servers and the driver, once they are there.
     pub fn set_backends(&self, backends: Backends) {
-        let js = jetstream::new(backends.nats.clone());
-        let subjects = &self.inner.subjects;
-        let filters = [
-            subjects.reply("*"),
-            subjects.event(EventKind::Requested, "*"),
-        ];
-        let answers = AnswerReader::start(backends.nats.clone(), subjects, &filters);
-        let _ = self.inner.connected.set(Connected {
-            backends,
-            js,
-            answers,
-        });
+        let _ = self.inner.connected.set(Connected { backends });
     }
 
     fn connected(&self) -> Result<&Connected, ApiError> {
         self.inner.connected.get().ok_or_else(|| {
             ApiError::Unavailable(
-                "the coordinator is starting: it is still connecting to NATS, Redis and Postgres"
+                "the coordinator is starting: it is still connecting to its stores and its bus"
                     .into(),
             )
         })

@@ -59,7 +59,8 @@ pub(super) async fn healthz() -> Json<Health> {
     })
 }
 
-/// NATS, Redis and Postgres are reachable; 503 names the one that is not.
+/// The bus, the lease store and the journal are reachable (NATS, Redis and Postgres, or the embedded
+/// ones); 503 names the one that is not.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -76,10 +77,9 @@ pub(super) async fn readyz(State(state): State<HttpState>) -> Response {
     };
     let b = &connected.backends;
     let nats = async {
-        match b.nats.connection_state() {
-            async_nats::connection::State::Connected => Ok(()),
-            other => Err(format!("not connected ({other})")),
-        }
+        b.gateway
+            .health()
+            .map_err(|e| format!("not connected ({e})"))
     };
     let redis = async {
         match tokio::time::timeout(PING_WAIT, b.leases.ping()).await {
@@ -94,14 +94,21 @@ pub(super) async fn readyz(State(state): State<HttpState>) -> Response {
         }
     };
     let (nats, redis, postgres) = tokio::join!(nats, redis, postgres);
-    let failures: Vec<String> = [("NATS", &nats), ("Redis", &redis), ("Postgres", &postgres)]
-        .into_iter()
-        .filter_map(|(name, r)| {
-            r.as_ref()
-                .err()
-                .map(|e| format!("{name} is not reachable: {e}"))
-        })
-        .collect();
+    // The fields keep the servers' names; in the embedded mode they are the embedded bus, the
+    // in-process leases and SQLite, as `labels` says.
+    let labels = &b.labels;
+    let failures: Vec<String> = [
+        (labels.bus, &nats),
+        (labels.leases, &redis),
+        (labels.journal, &postgres),
+    ]
+    .into_iter()
+    .filter_map(|(name, r)| {
+        r.as_ref()
+            .err()
+            .map(|e| format!("{name} is not reachable: {e}"))
+    })
+    .collect();
     let show = |r: &Result<(), String>| r.as_ref().err().cloned().unwrap_or_else(|| "ok".into());
     let checks = Checks {
         nats: show(&nats),

@@ -1,21 +1,21 @@
 //! What `GET /gpu/control/{service_id}` and `GET /gpu/events` share: Server-Sent Events read from the
-//! output stream with an ordered consumer, each message decoded, named, and given its stream sequence as
-//! id, so that a client that comes back with `Last-Event-ID` gets exactly what it missed.
+//! output stream through the [`Gateway`](crate::ports::Gateway), each message decoded, named, and given
+//! its stream sequence as id, so that a client that comes back with `Last-Event-ID` gets exactly what
+//! it missed.
 
 use std::convert::Infallible;
 
-use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{stream, StreamExt};
-use gpu_coordinator_wire::{codec, Encoding};
+use gpu_coordinator_wire::codec;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::control::StreamSlot;
 use super::{ApiError, HttpState};
-use crate::adapters::nats::content_type;
+use crate::ports::{ReadFrom, Stored};
 
 /// The stream sequence a reconnecting client sends in `Last-Event-ID`.
 pub(super) fn last_event_id(headers: &HeaderMap) -> Option<u64> {
@@ -25,21 +25,25 @@ pub(super) fn last_event_id(headers: &HeaderMap) -> Option<u64> {
         .and_then(|v| v.trim().parse::<u64>().ok())
 }
 
-/// Where a stream starts for a client that saw up to stream sequence `seq`: right after it.
-pub(super) fn after(seq: u64) -> DeliverPolicy {
-    DeliverPolicy::ByStartSequence {
-        start_sequence: seq.saturating_add(1),
+/// One stored output decoded as `T`; `None` (with a warning) for one that is not.
+pub(super) fn decode<T: DeserializeOwned>(msg: &Stored) -> Option<T> {
+    match codec::decode(msg.encoding(), &msg.payload) {
+        Ok(doc) => Some(doc),
+        Err(e) => {
+            tracing::warn!(subject = %msg.subject, "an undecodable message: {e}");
+            None
+        }
     }
 }
 
-/// An SSE response of the output stream's messages on `subject` from `deliver_policy`, each decoded as
-/// `T` and named by `name`, opened by the comment `hello`. The consumer exists before the response
-/// starts, so nothing published after the answer is missed; the response holds `slot` while it lasts and
-/// ends when the coordinator stops. `reading` says what is read, for the 503 when NATS fails.
+/// An SSE response of the output stream's messages on `subject` from `from`, each decoded as `T` and
+/// named by `name`, opened by the comment `hello`. The reader exists before the response starts, so
+/// nothing stored after the answer is missed; the response holds `slot` while it lasts and ends when
+/// the coordinator stops. `reading` says what is read, for the 503 when the bus fails.
 pub(super) async fn output_events<T>(
     state: &HttpState,
     subject: String,
-    deliver_policy: DeliverPolicy,
+    from: ReadFrom,
     reading: &str,
     hello: String,
     slot: StreamSlot,
@@ -48,26 +52,11 @@ pub(super) async fn output_events<T>(
 where
     T: DeserializeOwned + Serialize + Send + 'static,
 {
-    let js = &state.connected()?.js;
-    let unavailable = |what: &str, e: String| {
-        ApiError::Unavailable(format!("cannot read {reading} ({what} on {subject}): {e}"))
-    };
-    let output = js
-        .get_stream(state.subjects().output_stream())
+    let gateway = &state.connected()?.backends.gateway;
+    let messages = gateway
+        .follow(&subject, from)
         .await
-        .map_err(|e| unavailable("the output stream", e.to_string()))?;
-    let consumer = output
-        .create_consumer(OrderedConfig {
-            filter_subject: subject.clone(),
-            deliver_policy,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| unavailable("a consumer", e.to_string()))?;
-    let messages = consumer
-        .messages()
-        .await
-        .map_err(|e| unavailable("the messages", e.to_string()))?;
+        .map_err(|e| ApiError::Unavailable(format!("cannot read {reading} (on {subject}): {e}")))?;
     let hello = Event::default().comment(hello);
     let events = messages.filter_map(move |item| async move {
         let msg = match item {
@@ -77,18 +66,8 @@ where
                 return None;
             }
         };
-        let encoding = Encoding::from_content_type(content_type(msg.headers.as_ref()));
-        let doc: T = match codec::decode(encoding, &msg.payload) {
-            Ok(doc) => doc,
-            Err(e) => {
-                tracing::warn!(subject = %msg.subject, "an undecodable message: {e}");
-                return None;
-            }
-        };
-        let mut event = Event::default().event(name(&doc));
-        if let Ok(info) = msg.info() {
-            event = event.id(info.stream_sequence.to_string());
-        }
+        let doc: T = decode(&msg)?;
+        let event = Event::default().event(name(&doc)).id(msg.seq.to_string());
         match event.json_data(&doc) {
             Ok(event) => Some(event),
             Err(e) => {

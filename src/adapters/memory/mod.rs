@@ -47,18 +47,32 @@ pub enum Step {
     Ack { seq: u64, terminate: bool },
 }
 
-/// The effects seen by the adapters that share it, in order.
-#[derive(Debug, Clone, Default)]
-pub struct Trace(Arc<Mutex<Vec<Step>>>);
+/// The effects seen by the adapters that share it, in order. [`Trace::off`] records nothing (an
+/// adapter in service, such as the embedded mode's leases, would otherwise grow it forever).
+#[derive(Debug, Clone)]
+pub struct Trace(Option<Arc<Mutex<Vec<Step>>>>);
+
+impl Default for Trace {
+    fn default() -> Trace {
+        Trace(Some(Arc::default()))
+    }
+}
 
 impl Trace {
+    /// A trace that records nothing.
+    pub fn off() -> Trace {
+        Trace(None)
+    }
+
     pub(crate) fn push(&self, step: Step) {
-        lock(&self.0).push(step);
+        if let Some(steps) = &self.0 {
+            lock(steps).push(step);
+        }
     }
 
     /// Everything recorded so far.
     pub fn steps(&self) -> Vec<Step> {
-        lock(&self.0).clone()
+        self.0.as_ref().map(|s| lock(s).clone()).unwrap_or_default()
     }
 }
 

@@ -1,5 +1,6 @@
 //! sea-orm entities for the two tables of `migrations/`: rows as the database holds them (`i64`, text),
-//! not as the core sees them. The conversions live in the parent module.
+//! not as the core sees them, and the conversions between rows and the core's records, shared by the
+//! Postgres and the SQLite journal.
 
 /// `requests`: one row per request, every field of [`RequestRecord`](gpu_coordinator_core::RequestRecord).
 pub mod request {
@@ -60,4 +61,109 @@ pub mod fence {
     pub enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
+}
+
+use gpu_coordinator_core::{End, Fence, Phase, RequestRecord};
+use gpu_coordinator_wire::Encoding;
+
+/// A record that does not translate to a row, or a row that does not translate back. The store that
+/// meets it names its server around it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowError {
+    /// A value to write does not fit a `bigint`.
+    OutOfRange {
+        request_id: String,
+        field: &'static str,
+        value: u64,
+    },
+    /// A stored row the core cannot represent (a negative number, an unknown phase).
+    Corrupt { request_id: String, detail: String },
+}
+
+/// `value` as a `bigint`, refused above `i64::MAX` rather than wrapped.
+pub fn bigint(request_id: &str, field: &'static str, value: u64) -> Result<i64, RowError> {
+    i64::try_from(value).map_err(|_| RowError::OutOfRange {
+        request_id: request_id.to_owned(),
+        field,
+        value,
+    })
+}
+
+/// The row of a record.
+pub fn to_row(r: &RequestRecord) -> Result<request::Model, RowError> {
+    let id = r.request_id.as_str();
+    let opt = |field, value: Option<u64>| value.map(|v| bigint(id, field, v)).transpose();
+    Ok(request::Model {
+        request_id: r.request_id.to_string(),
+        service_id: r.service_id.to_string(),
+        priority: i16::from(r.priority),
+        seq: bigint(id, "seq", r.arrival)?,
+        encoding: r.encoding.as_str().to_owned(),
+        vram_mb: opt("vram_mb", r.vram_mb)?,
+        gpu_pin: r.gpu_pin.as_ref().map(|g| g.to_string()),
+        preemptible: r.preemptible,
+        lease_ms: bigint(id, "lease_ms", r.lease_ms)?,
+        requested_at: bigint(id, "requested_at", r.requested_at)?,
+        timeout_at: bigint(id, "timeout_at", r.timeout_at)?,
+        phase: r.phase.as_str().to_owned(),
+        gpu: r.gpu.as_ref().map(|g| g.to_string()),
+        held_mb: opt("held_mb", r.held_mb)?,
+        fence: opt("fence", r.fence.map(|f| f.0))?,
+        granted_at: opt("granted_at", r.granted_at)?,
+        expires_at: opt("expires_at", r.expires_at)?,
+        pause_deadline: opt("pause_deadline", r.pause_deadline)?,
+        paused_at: opt("paused_at", r.paused_at)?,
+        waited_ms: opt("waited_ms", r.waited_ms)?,
+        outcome: r.end.map(|e| e.as_str().to_owned()),
+        ended_at: opt("ended_at", r.ended_at)?,
+        detail: r.detail.clone(),
+    })
+}
+
+/// The record of a row.
+pub fn to_record(row: request::Model) -> Result<RequestRecord, RowError> {
+    let corrupt = |detail: String| RowError::Corrupt {
+        request_id: row.request_id.clone(),
+        detail,
+    };
+    let num = |field: &str, value: i64| {
+        u64::try_from(value).map_err(|_| corrupt(format!("{field} is negative ({value})")))
+    };
+    let opt = |field: &str, value: Option<i64>| value.map(|v| num(field, v)).transpose();
+    let phase = Phase::from_name(&row.phase)
+        .ok_or_else(|| corrupt(format!("unknown phase {:?}", row.phase)))?;
+    let end = row
+        .outcome
+        .as_deref()
+        .map(|name| {
+            End::from_name(name).ok_or_else(|| corrupt(format!("unknown outcome {name:?}")))
+        })
+        .transpose()?;
+    let priority = u8::try_from(row.priority)
+        .map_err(|_| corrupt(format!("priority {} is outside 0-255", row.priority)))?;
+    Ok(RequestRecord {
+        service_id: row.service_id.clone().into(),
+        priority,
+        arrival: num("seq", row.seq)?,
+        encoding: Encoding::from_name(&row.encoding),
+        vram_mb: opt("vram_mb", row.vram_mb)?,
+        gpu_pin: row.gpu_pin.clone().map(Into::into),
+        preemptible: row.preemptible,
+        lease_ms: num("lease_ms", row.lease_ms)?,
+        requested_at: num("requested_at", row.requested_at)?,
+        timeout_at: num("timeout_at", row.timeout_at)?,
+        phase,
+        gpu: row.gpu.clone().map(Into::into),
+        held_mb: opt("held_mb", row.held_mb)?,
+        fence: opt("fence", row.fence)?.map(Fence),
+        granted_at: opt("granted_at", row.granted_at)?,
+        expires_at: opt("expires_at", row.expires_at)?,
+        pause_deadline: opt("pause_deadline", row.pause_deadline)?,
+        paused_at: opt("paused_at", row.paused_at)?,
+        waited_ms: opt("waited_ms", row.waited_ms)?,
+        end,
+        ended_at: opt("ended_at", row.ended_at)?,
+        detail: row.detail.clone(),
+        request_id: row.request_id.clone().into(),
+    })
 }

@@ -12,19 +12,18 @@
 //! - The core's `u64`s are stored as `bigint`: a value above `i64::MAX` is refused ([`PgError::OutOfRange`])
 //!   rather than wrapped, and a stored value the core cannot represent is reported ([`PgError::Corrupt`]).
 
-mod entities;
+pub(crate) mod entities;
 mod leader;
 
 pub use crate::ports::{Batch, Loaded, OutboxRow};
-pub use entities::{fence, request};
+pub use entities::{fence, request, RowError};
 pub use leader::PgLeadership;
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpu_coordinator_core::{End, Fence, Phase, RequestRecord};
-use gpu_coordinator_wire::Encoding;
+use gpu_coordinator_core::{Fence, RequestRecord};
 
 use crate::ports::{Deposed, Journal, PortError};
 use crate::telemetry::redact_url;
@@ -551,90 +550,35 @@ impl PgStore {
     }
 
     fn bigint(&self, request_id: &str, field: &'static str, value: u64) -> Result<i64, PgError> {
-        i64::try_from(value).map_err(|_| PgError::OutOfRange {
-            server: self.server.clone(),
-            request_id: request_id.to_owned(),
-            field,
-            value,
-        })
+        entities::bigint(request_id, field, value).map_err(|e| self.row_error(e))
     }
 
     fn to_row(&self, r: &RequestRecord) -> Result<request::Model, PgError> {
-        let id = r.request_id.as_str();
-        let opt = |field, value: Option<u64>| value.map(|v| self.bigint(id, field, v)).transpose();
-        Ok(request::Model {
-            request_id: r.request_id.to_string(),
-            service_id: r.service_id.to_string(),
-            priority: i16::from(r.priority),
-            seq: self.bigint(id, "seq", r.arrival)?,
-            encoding: r.encoding.as_str().to_owned(),
-            vram_mb: opt("vram_mb", r.vram_mb)?,
-            gpu_pin: r.gpu_pin.as_ref().map(|g| g.to_string()),
-            preemptible: r.preemptible,
-            lease_ms: self.bigint(id, "lease_ms", r.lease_ms)?,
-            requested_at: self.bigint(id, "requested_at", r.requested_at)?,
-            timeout_at: self.bigint(id, "timeout_at", r.timeout_at)?,
-            phase: r.phase.as_str().to_owned(),
-            gpu: r.gpu.as_ref().map(|g| g.to_string()),
-            held_mb: opt("held_mb", r.held_mb)?,
-            fence: opt("fence", r.fence.map(|f| f.0))?,
-            granted_at: opt("granted_at", r.granted_at)?,
-            expires_at: opt("expires_at", r.expires_at)?,
-            pause_deadline: opt("pause_deadline", r.pause_deadline)?,
-            paused_at: opt("paused_at", r.paused_at)?,
-            waited_ms: opt("waited_ms", r.waited_ms)?,
-            outcome: r.end.map(|e| e.as_str().to_owned()),
-            ended_at: opt("ended_at", r.ended_at)?,
-            detail: r.detail.clone(),
-        })
+        entities::to_row(r).map_err(|e| self.row_error(e))
     }
 
     fn to_record(&self, row: request::Model) -> Result<RequestRecord, PgError> {
-        let corrupt = |detail: String| PgError::Corrupt {
-            server: self.server.clone(),
-            request_id: row.request_id.clone(),
-            detail,
-        };
-        let num = |field: &str, value: i64| {
-            u64::try_from(value).map_err(|_| corrupt(format!("{field} is negative ({value})")))
-        };
-        let opt = |field: &str, value: Option<i64>| value.map(|v| num(field, v)).transpose();
-        let phase = Phase::from_name(&row.phase)
-            .ok_or_else(|| corrupt(format!("unknown phase {:?}", row.phase)))?;
-        let end = row
-            .outcome
-            .as_deref()
-            .map(|name| {
-                End::from_name(name).ok_or_else(|| corrupt(format!("unknown outcome {name:?}")))
-            })
-            .transpose()?;
-        let priority = u8::try_from(row.priority)
-            .map_err(|_| corrupt(format!("priority {} is outside 0-255", row.priority)))?;
-        Ok(RequestRecord {
-            service_id: row.service_id.clone().into(),
-            priority,
-            arrival: num("seq", row.seq)?,
-            encoding: Encoding::from_name(&row.encoding),
-            vram_mb: opt("vram_mb", row.vram_mb)?,
-            gpu_pin: row.gpu_pin.clone().map(Into::into),
-            preemptible: row.preemptible,
-            lease_ms: num("lease_ms", row.lease_ms)?,
-            requested_at: num("requested_at", row.requested_at)?,
-            timeout_at: num("timeout_at", row.timeout_at)?,
-            phase,
-            gpu: row.gpu.clone().map(Into::into),
-            held_mb: opt("held_mb", row.held_mb)?,
-            fence: opt("fence", row.fence)?.map(Fence),
-            granted_at: opt("granted_at", row.granted_at)?,
-            expires_at: opt("expires_at", row.expires_at)?,
-            pause_deadline: opt("pause_deadline", row.pause_deadline)?,
-            paused_at: opt("paused_at", row.paused_at)?,
-            waited_ms: opt("waited_ms", row.waited_ms)?,
-            end,
-            ended_at: opt("ended_at", row.ended_at)?,
-            detail: row.detail.clone(),
-            request_id: row.request_id.clone().into(),
-        })
+        entities::to_record(row).map_err(|e| self.row_error(e))
+    }
+
+    fn row_error(&self, e: RowError) -> PgError {
+        match e {
+            RowError::OutOfRange {
+                request_id,
+                field,
+                value,
+            } => PgError::OutOfRange {
+                server: self.server.clone(),
+                request_id,
+                field,
+                value,
+            },
+            RowError::Corrupt { request_id, detail } => PgError::Corrupt {
+                server: self.server.clone(),
+                request_id,
+                detail,
+            },
+        }
     }
 }
 
@@ -698,7 +642,7 @@ fn is_concurrent_creation(e: &sqlx::Error) -> bool {
 
 /// The last record of each `request_id`, in the order of their last appearance: one statement cannot
 /// update the same row twice.
-fn last_of_each(records: &[RequestRecord]) -> Vec<&RequestRecord> {
+pub(crate) fn last_of_each(records: &[RequestRecord]) -> Vec<&RequestRecord> {
     let mut seen = HashSet::with_capacity(records.len());
     let mut last: Vec<&RequestRecord> = records
         .iter()
@@ -748,6 +692,7 @@ impl Journal for PgStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gpu_coordinator_core::Phase;
 
     #[test]
     fn statements_are_joined_with_their_placeholders_renumbered() {

@@ -1,6 +1,7 @@
-//! `gpu-coordinator demo`: the seed's story, live. A coordinator of its own (own subject prefix, key
-//! prefix and database on the configured servers) shares one simulated 24 GB GPU between three services
-//! built on the client library:
+//! `gpu-coordinator demo`: the seed's story, live. A coordinator of its own shares one simulated 24 GB
+//! GPU between three services that use its HTTP API. The coordinator is embedded (a data directory of
+//! its own, no server) unless the configuration says otherwise (`demo --distributed`: its own subject
+//! prefix, key prefix and database on the configured servers). The services:
 //!
 //! - an ASR worker at priority 2 that transcribes 2-second chunks and, on `pause`, finishes its chunk and
 //!   offloads its model before it ACKs;
@@ -17,13 +18,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use futures::{FutureExt, StreamExt};
-use gpu_coordinator_client::{Client, RequestOptions, Worker};
-use gpu_coordinator_wire::{Event, EventKind};
+use gpu_coordinator_wire::{Control, Event, EventKind};
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde_json::json;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, GpuConfig};
+use crate::config::{BusBackend, Config, GpuConfig};
+use api::{Api, SseEvent};
+
+mod api;
 
 /// The simulated GPU.
 const GPU_MB: u64 = 24_576;
@@ -145,9 +149,13 @@ pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<Summary
     anyhow::ensure!(options.speed > 0.0, "--speed must be greater than 0");
     let tag = format!("demo-{}", std::process::id());
     let mut demo = config;
+    let embedded = demo.backends.bus == BusBackend::Embedded;
     demo.nats.prefix = tag.clone();
     demo.redis.key_prefix = tag.clone();
     demo.database.url = with_database(&demo.database.url, &tag.replace('-', "_"))?;
+    // The embedded backends live in a directory of the demo's own, removed at the end.
+    let data_dir = std::env::temp_dir().join(format!("gpu-coordinator-{tag}"));
+    demo.embedded.data_dir = data_dir.display().to_string();
     demo.http.listen = "127.0.0.1:0".into();
     demo.http.tokens.clear();
     demo.nvml.enabled = false;
@@ -160,26 +168,44 @@ pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<Summary
         "GPU Coordinator demo: one {GPU_MB} MB GPU; ASR (priority 2, {ASR_MB} MB), \
          diarization (priority 1, {DIAR_MB} MB), chat (priority 0, {CHAT_MB} MB)"
     );
-    println!(
-        "story: {:.0} s at {}x speed ([time] is story time; waits are real milliseconds); NATS {}, \
-         subjects under `{tag}.`",
-        options.duration.as_secs_f64(),
-        options.speed,
-        demo.nats.url
-    );
     let listener = tokio::net::TcpListener::bind(&demo.http.listen)
         .await
         .context("binding a local port for the demo's coordinator")?;
+    let base = format!(
+        "http://{}",
+        listener.local_addr().context("the demo's HTTP address")?
+    );
+    let mode = if embedded {
+        format!(
+            "embedded, no server needed (data in {})",
+            data_dir.display()
+        )
+    } else {
+        format!(
+            "distributed (NATS {}, Redis, Postgres; subjects under `{tag}.`)",
+            gpu_coordinator_client::redact(&demo.nats.url)
+        )
+    };
+    println!(
+        "story: {:.0} s at {}x speed ([time] is story time; waits are real milliseconds); coordinator \
+         {mode}; the services use its HTTP API at {base}",
+        options.duration.as_secs_f64(),
+        options.speed,
+    );
     let shutdown = CancellationToken::new();
     let coordinator = tokio::spawn(crate::app::run(demo.clone(), listener, shutdown.clone()));
 
-    let result = play(&demo, &options).await;
+    let result = play(&Api::new(base), &options).await;
 
     shutdown.cancel();
     let stopped = coordinator.await;
     // The history is checked before it is removed: the story must keep every rule.
     let audit = crate::audit::run(&demo, crate::audit::Since::Start).await;
-    cleanup(&demo).await;
+    if embedded {
+        let _ = std::fs::remove_dir_all(&data_dir);
+    } else {
+        cleanup(&demo).await;
+    }
     let mut summary = result?;
     match audit {
         Ok(Ok(checked)) => {
@@ -194,54 +220,36 @@ pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<Summary
     Ok(summary)
 }
 
-async fn play(demo: &Config, options: &DemoOptions) -> anyhow::Result<Summary> {
-    let prefix = demo.nats.prefix.clone();
-    let nats = async_nats::connect(&demo.nats.url)
-        .await
-        .with_context(|| format!("cannot connect to NATS at {}", demo.nats.url))?;
-    wait_ready(&nats, &prefix).await?;
+async fn play(api: &Api, options: &DemoOptions) -> anyhow::Result<Summary> {
+    wait_ready(api).await?;
 
     let story = Story {
         start: Instant::now(),
         speed: options.speed,
     };
     let summary = Arc::new(Mutex::new(Summary::default()));
+    // Open before any service asks: the timeline sees every event.
+    let events = api.events("/gpu/events").await?;
+    let printed = Arc::new(AtomicU64::new(0));
     let timeline_done = CancellationToken::new();
     let timeline = tokio::spawn(timeline(
-        nats.subscribe(format!("{prefix}.event.>")).await?,
+        events,
         story.clone(),
         summary.clone(),
+        printed.clone(),
         timeline_done.clone(),
     ));
-    nats.flush().await?;
 
     let stop = CancellationToken::new();
-    let connect = |svc: &'static str| {
-        let (url, prefix) = (demo.nats.url.clone(), prefix.clone());
-        async move {
-            Client::connect(&url, &prefix, svc)
-                .await
-                .with_context(|| format!("the {svc} service cannot connect"))
-        }
-    };
     let chunks = Arc::new(AtomicU64::new(0));
     let asr = tokio::spawn(asr_worker(
-        connect("asr").await?,
+        api.clone(),
         story.clone(),
         stop.clone(),
         chunks.clone(),
     ));
-    let diar = tokio::spawn(diarization(
-        connect("diarization").await?,
-        story.clone(),
-        stop.clone(),
-    ));
-    let chat = tokio::spawn(chat(
-        connect("chat").await?,
-        story.clone(),
-        stop.clone(),
-        options.seed,
-    ));
+    let diar = tokio::spawn(diarization(api.clone(), story.clone(), stop.clone()));
+    let chat = tokio::spawn(chat(api.clone(), story.clone(), stop.clone(), options.seed));
 
     story.sleep_until(options.duration.as_secs_f64()).await;
     stop.cancel();
@@ -260,9 +268,13 @@ async fn play(demo: &Config, options: &DemoOptions) -> anyhow::Result<Summary> {
         Ok(t) => times = t,
         Err(e) => errors.push(format!("chat: {e:#}")),
     }
-    // Once the coordinator says it is idle, every event before that answer has reached this connection
-    // (one server, one connection, in order): the timeline prints what it has, then stops.
-    wait_idle(&nats, &prefix).await?;
+    // Once the coordinator is idle, the timeline prints every event it keeps, then stops.
+    wait_idle(api).await?;
+    let kept = api.events_kept().await? as u64;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while printed.load(Ordering::SeqCst) < kept && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     timeline_done.cancel();
     timeline.await?;
 
@@ -276,30 +288,29 @@ async fn play(demo: &Config, options: &DemoOptions) -> anyhow::Result<Summary> {
     Ok(summary)
 }
 
-/// Prints every audit event as a line of the timeline, with who holds the GPU after it.
+/// Prints every audit event as a line of the timeline, with who holds the GPU after it; counts them
+/// in `printed`.
 async fn timeline(
-    mut events: async_nats::Subscriber,
+    mut events: mpsc::UnboundedReceiver<SseEvent>,
     story: Story,
     summary: Arc<Mutex<Summary>>,
+    printed: Arc<AtomicU64>,
     done: CancellationToken,
 ) {
     let mut holders = BTreeSet::new();
     loop {
         let next = tokio::select! {
             biased;
-            next = events.next() => next,
-            // Done: what is already received is still printed.
-            _ = done.cancelled() => match events.next().now_or_never() {
-                Some(next) => next,
-                None => return,
-            },
+            next = events.recv() => next,
+            _ = done.cancelled() => return,
         };
-        let Some(msg) = next else {
+        let Some((_, data)) = next else {
             return;
         };
-        let Ok(event) = serde_json::from_slice::<Event>(&msg.payload) else {
+        let Ok(event) = serde_json::from_str::<Event>(&data) else {
             continue;
         };
+        printed.fetch_add(1, Ordering::SeqCst);
         let id = event.request_id.clone().unwrap_or_default();
         {
             let mut s = summary.lock().expect("the summary lock");
@@ -358,69 +369,130 @@ async fn timeline(
     }
 }
 
-/// The ASR worker: transcribes 2-second chunks while it holds the GPU; on `pause` it finishes its
-/// chunk, offloads, and ACKs (the client sends the ACK when `on_pause` returns).
+/// Asks for the GPU and waits for the grant (the long poll of `POST /gpu/request`): the fence.
+async fn acquire(api: &Api, body: serde_json::Value) -> anyhow::Result<u64> {
+    let (status, reply) = api.call("/gpu/request", body).await?;
+    anyhow::ensure!(
+        status == 200 && reply["outcome"] == "granted",
+        "not granted: HTTP {status}, {reply}"
+    );
+    reply["fence"]
+        .as_u64()
+        .with_context(|| format!("a grant without a fence: {reply}"))
+}
+
+/// Releases `request_id` of `service` under `fence`.
+async fn release(api: &Api, service: &str, request_id: &str, fence: u64) -> anyhow::Result<()> {
+    let body = json!({"service_id": service, "request_id": request_id, "fence": fence});
+    let (status, reply) = api.call("/gpu/release", body).await?;
+    anyhow::ensure!(status == 200, "release refused: HTTP {status}, {reply}");
+    Ok(())
+}
+
+/// The ASR worker: transcribes 2-second chunks while it holds the GPU and renews its lease; on
+/// `pause` it finishes its chunk, offloads, and ACKs; on `resume` it reloads and goes on.
 async fn asr_worker(
-    client: Client,
+    api: Api,
     story: Story,
     stop: CancellationToken,
     chunks: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
-    // Held while a chunk is being transcribed: a pause waits for the chunk to finish.
-    let busy = Arc::new(tokio::sync::Mutex::new(()));
-    let worker = Worker::new(&client)
-        .on_pause({
-            let (busy, story) = (busy.clone(), story.clone());
-            move |_order| {
-                let (busy, story) = (busy.clone(), story.clone());
-                async move {
-                    let _chunk = busy.lock().await;
-                    story.say("  asr", "finished its chunk; offloading the model");
-                    story.sleep(0.5).await;
+    const ID: &str = "asr-1";
+    const LEASE_MS: u64 = 10_000;
+    // Open before asking: no order is missed.
+    let mut orders = api.events("/gpu/control/asr").await?;
+    let fence = acquire(
+        &api,
+        json!({"service_id": "asr", "request_id": ID, "priority": 2, "vram_mb": ASR_MB,
+               "lease_ms": LEASE_MS, "timeout_ms": 60_000}),
+    )
+    .await
+    .context("requesting the GPU")?;
+    let fence = Arc::new(AtomicU64::new(fence));
+    let active = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let renewing = CancellationToken::new();
+    let renewer = tokio::spawn({
+        let (api, fence, active, renewing) =
+            (api.clone(), fence.clone(), active.clone(), renewing.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(LEASE_MS / 3)) => {}
+                    _ = renewing.cancelled() => return,
+                }
+                if active.load(Ordering::SeqCst) {
+                    let body = json!({"service_id": "asr", "request_id": ID,
+                                      "fence": fence.load(Ordering::SeqCst)});
+                    if let Err(e) = api.call("/gpu/renew", body).await {
+                        tracing::warn!("asr: renewing: {e:#}");
+                    }
                 }
             }
-        })
-        .on_resume({
-            let story = story.clone();
-            move |_order| {
-                let story = story.clone();
-                async move {
-                    story.say("  asr", "reloading the model");
-                    story.sleep(0.5).await;
+        }
+    });
+    let result = async {
+        loop {
+            if active.load(Ordering::SeqCst) {
+                if stop.is_cancelled() {
+                    return anyhow::Ok(());
                 }
+                story.sleep(2.0).await;
+                chunks.fetch_add(1, Ordering::Relaxed);
+                // Orders that came during the chunk: a pause waits for the chunk to finish.
+                while let Ok(order) = orders.try_recv() {
+                    obey(&api, &story, order, &fence, &active).await?;
+                }
+            } else {
+                // Paused (also at the end: the worker is resumed before it leaves).
+                let order = tokio::time::timeout(Duration::from_secs(60), orders.recv())
+                    .await
+                    .context("not resumed within 60 s")?
+                    .context("the control stream ended")?;
+                obey(&api, &story, order, &fence, &active).await?;
             }
-        });
-    let lease = worker
-        .request(
-            RequestOptions::new(2)
-                .request_id("asr-1")
-                .vram_mb(ASR_MB)
-                .lease_ms(10_000)
-                .timeout_ms(60_000),
-        )
-        .await
-        .context("requesting the GPU")?;
-    while !stop.is_cancelled() {
-        // Also at the end: a pause under way completes, and the worker is resumed, before it stops.
-        tokio::time::timeout(Duration::from_secs(60), lease.active())
-            .await
-            .context("not resumed within 60 s")?
-            .context("waiting to run again")?;
-        let _chunk = busy.lock().await;
-        story.sleep(2.0).await;
-        chunks.fetch_add(1, Ordering::Relaxed);
+        }
     }
-    // A pause that came during the last chunk completes, and the worker is resumed, before it leaves.
-    tokio::time::timeout(Duration::from_secs(60), lease.active())
+    .await;
+    renewing.cancel();
+    let _ = renewer.await;
+    result?;
+    release(&api, "asr", ID, fence.load(Ordering::SeqCst))
         .await
-        .context("not resumed within 60 s")?
-        .context("waiting to run again")?;
-    lease.release().await.context("releasing")?;
+        .context("releasing")
+}
+
+/// Carries out one control order of the ASR worker.
+async fn obey(
+    api: &Api,
+    story: &Story,
+    (action, data): SseEvent,
+    fence: &AtomicU64,
+    active: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<()> {
+    let order: Control = serde_json::from_str(&data).context("a control order")?;
+    match action.as_str() {
+        "pause" => {
+            story.say("  asr", "finished its chunk; offloading the model");
+            story.sleep(0.5).await;
+            active.store(false, Ordering::SeqCst);
+            let body = json!({"service_id": "asr", "request_id": order.request_id,
+                              "fence": order.fence, "action": "paused"});
+            let (status, reply) = api.call("/gpu/ack", body).await?;
+            anyhow::ensure!(status < 300, "ACK refused: HTTP {status}, {reply}");
+        }
+        "resume" => {
+            story.say("  asr", "reloading the model");
+            story.sleep(0.5).await;
+            fence.store(order.fence, Ordering::SeqCst);
+            active.store(true, Ordering::SeqCst);
+        }
+        other => anyhow::bail!("the coordinator sent `{other}`: {}", order.reason),
+    }
     Ok(())
 }
 
 /// The diarization job: a 3-second job at story seconds 8, 26, 44, ...
-async fn diarization(client: Client, story: Story, stop: CancellationToken) -> anyhow::Result<u64> {
+async fn diarization(api: Api, story: Story, stop: CancellationToken) -> anyhow::Result<u64> {
     let mut jobs = 0;
     let mut at = 8.0;
     loop {
@@ -428,19 +500,19 @@ async fn diarization(client: Client, story: Story, stop: CancellationToken) -> a
             _ = story.sleep_until(at) => {}
             _ = stop.cancelled() => return Ok(jobs),
         }
-        let lease = client
-            .request(
-                RequestOptions::new(1)
-                    .request_id(format!("diar-{}", jobs + 1))
-                    .vram_mb(DIAR_MB)
-                    .lease_ms(10_000)
-                    .timeout_ms(60_000)
-                    .preemptible(false),
-            )
-            .await
-            .context("requesting the GPU")?;
+        let id = format!("diar-{}", jobs + 1);
+        let fence = acquire(
+            &api,
+            json!({"service_id": "diarization", "request_id": id, "priority": 1,
+                   "vram_mb": DIAR_MB, "lease_ms": 10_000, "timeout_ms": 60_000,
+                   "preemptible": false}),
+        )
+        .await
+        .context("requesting the GPU")?;
         story.sleep(3.0).await;
-        lease.release().await.context("releasing")?;
+        release(&api, "diarization", &id, fence)
+            .await
+            .context("releasing")?;
         jobs += 1;
         at += 18.0;
     }
@@ -449,7 +521,7 @@ async fn diarization(client: Client, story: Story, stop: CancellationToken) -> a
 /// The chat service: the first message at story second 4, then at random (about every 7 s); each
 /// message takes the GPU for 1.5 s. Returns the real time each waited for the GPU.
 async fn chat(
-    client: Client,
+    api: Api,
     story: Story,
     stop: CancellationToken,
     seed: u64,
@@ -463,54 +535,55 @@ async fn chat(
             _ = stop.cancelled() => return Ok(waits),
         }
         let asked = Instant::now();
-        let lease = client
-            .request(
-                RequestOptions::new(0)
-                    .request_id(format!("chat-{}", waits.len() + 1))
-                    .vram_mb(CHAT_MB)
-                    .lease_ms(10_000)
-                    .timeout_ms(30_000)
-                    .preemptible(false),
-            )
-            .await
-            .context("requesting the GPU")?;
+        let id = format!("chat-{}", waits.len() + 1);
+        let fence = acquire(
+            &api,
+            json!({"service_id": "chat", "request_id": id, "priority": 0,
+                   "vram_mb": CHAT_MB, "lease_ms": 10_000, "timeout_ms": 30_000,
+                   "preemptible": false}),
+        )
+        .await
+        .context("requesting the GPU")?;
         waits.push(asked.elapsed());
         story.say("  chat", "answering a message");
         story.sleep(1.5).await;
-        lease.release().await.context("releasing")?;
+        release(&api, "chat", &id, fence)
+            .await
+            .context("releasing")?;
         // Exponential inter-arrival times, mean 7 s, at least 2 s.
         let u: f64 = rng.random_range(0.0..1.0);
         at = story.now() + (2.0 - 5.0 * (1.0 - u).ln()).min(20.0);
     }
 }
 
-async fn wait_ready(nats: &async_nats::Client, prefix: &str) -> anyhow::Result<()> {
+async fn wait_ready(api: &Api) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let asked = nats.request(format!("{prefix}.status"), "".into());
-        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), asked).await {
+        if let Ok(Some(_)) = api.status().await {
             return Ok(());
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the demo's coordinator did not start within 60 s (are Postgres, Redis and NATS running?)"
+            "the demo's coordinator did not start within 60 s (with --distributed: are Postgres, \
+             Redis and NATS running?)"
         );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// Waits until the coordinator holds and queues nothing.
-async fn wait_idle(nats: &async_nats::Client, prefix: &str) -> anyhow::Result<()> {
+async fn wait_idle(api: &Api) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let msg = nats.request(format!("{prefix}.status"), "".into()).await?;
-        let doc: gpu_coordinator_wire::StatusDoc = serde_json::from_slice(&msg.payload)?;
-        if doc.queue.is_empty() && doc.gpus.iter().all(|g| g.holders.is_empty()) {
-            return Ok(());
+        if let Some(doc) = api.status().await? {
+            if doc.queue.is_empty() && doc.gpus.iter().all(|g| g.holders.is_empty()) {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "requests still live at the end: {doc:?}"
+            );
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "requests still live at the end: {doc:?}"
-        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -1,0 +1,213 @@
+//! The [`Gateway`] over NATS JetStream: an input is published to the input stream and its PubAck
+//! awaited; the outputs are read from the output stream with ordered consumers; the answers the HTTP
+//! calls wait on come through the client library's [`AnswerReader`].
+
+use async_nats::jetstream::{self, consumer};
+use async_trait::async_trait;
+use futures::StreamExt;
+use gpu_coordinator_client::AnswerReader;
+use gpu_coordinator_wire::{EventKind, Subjects};
+
+use super::nats::content_type;
+use crate::ports::{Gateway, PortError, ReadFrom, Stored, StoredStream, Which};
+
+/// The gateway of a coordinator on NATS.
+pub struct NatsGateway {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    subjects: Subjects,
+    answers: AnswerReader,
+}
+
+impl NatsGateway {
+    /// A gateway on `client`, reading the replies and `requested` events of every service.
+    pub fn new(client: async_nats::Client, subjects: &Subjects) -> NatsGateway {
+        let filters = [
+            subjects.reply("*"),
+            subjects.event(EventKind::Requested, "*"),
+        ];
+        NatsGateway {
+            answers: AnswerReader::start(client.clone(), subjects, &filters),
+            js: jetstream::new(client.clone()),
+            client,
+            subjects: subjects.clone(),
+        }
+    }
+
+    /// A gateway that only reads the streams (`audit`): it starts no reader of answers.
+    pub fn reader(client: async_nats::Client, subjects: &Subjects) -> NatsGateway {
+        NatsGateway {
+            answers: AnswerReader::fed(subjects).0,
+            js: jetstream::new(client.clone()),
+            client,
+            subjects: subjects.clone(),
+        }
+    }
+
+    fn stream(&self, which: Which) -> String {
+        match which {
+            Which::Inputs => self.subjects.input_stream(),
+            Which::Outputs => self.subjects.output_stream(),
+        }
+    }
+
+    async fn consumer(
+        &self,
+        which: Which,
+        filter: &str,
+        from: ReadFrom,
+    ) -> Result<consumer::Consumer<consumer::pull::OrderedConfig>, PortError> {
+        let name = self.stream(which);
+        let fail = |what: &str, e: String| {
+            PortError::msg(format!(
+                "cannot read stream {name} ({what} on {filter}): {e}"
+            ))
+        };
+        let deliver_policy = match from {
+            ReadFrom::Start => consumer::DeliverPolicy::All,
+            ReadFrom::New => consumer::DeliverPolicy::New,
+            ReadFrom::After(seq) => consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: seq.saturating_add(1),
+            },
+            ReadFrom::Since(ms) => consumer::DeliverPolicy::ByStartTime {
+                start_time: time::OffsetDateTime::from_unix_timestamp_nanos(
+                    i128::from(ms) * 1_000_000,
+                )
+                .map_err(|e| fail("the start time", e.to_string()))?,
+            },
+        };
+        let stream = self
+            .js
+            .get_stream(&name)
+            .await
+            .map_err(|e| fail("the stream", e.to_string()))?;
+        stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: filter.to_owned(),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| fail("a consumer", e.to_string()))
+    }
+}
+
+/// A JetStream message as stored.
+fn stored(msg: &jetstream::Message) -> Stored {
+    let info = msg.info().ok();
+    Stored {
+        seq: info.as_ref().map_or(0, |i| i.stream_sequence),
+        subject: msg.subject.to_string(),
+        content_type: content_type(msg.headers.as_ref()).map(str::to_owned),
+        payload: msg.payload.clone(),
+        stored_at: info
+            .as_ref()
+            .and_then(|i| u64::try_from(i.published.unix_timestamp_nanos() / 1_000_000).ok()),
+    }
+}
+
+#[async_trait]
+impl Gateway for NatsGateway {
+    /// `Nats-Msg-Id` is unique to this call: a retried publish is stored once, while the same
+    /// `request_id` sent again is answered by the coordinator with its current state.
+    async fn submit(&self, subject: &str, payload: Vec<u8>) -> Result<(), PortError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("http-{:032x}", rand::random::<u128>()).as_str(),
+        );
+        let fail = |e: String| {
+            PortError::msg(format!(
+                "the input could not be stored in JetStream (subject {subject}): {e}"
+            ))
+        };
+        let ack = self
+            .js
+            .publish_with_headers(subject.to_owned(), headers, payload.into())
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        ack.await.map_err(|e| fail(e.to_string()))?;
+        Ok(())
+    }
+
+    async fn follow(&self, filter: &str, from: ReadFrom) -> Result<StoredStream, PortError> {
+        let messages = self
+            .consumer(Which::Outputs, filter, from)
+            .await?
+            .messages()
+            .await
+            .map_err(|e| PortError::msg(format!("cannot read the output stream: {e}")))?;
+        Ok(messages
+            .map(|item| {
+                item.map(|msg| stored(&msg))
+                    .map_err(|e| PortError::msg(format!("reading the output stream: {e}")))
+            })
+            .boxed())
+    }
+
+    async fn history(
+        &self,
+        which: Which,
+        filter: &str,
+        from: ReadFrom,
+    ) -> Result<StoredStream, PortError> {
+        let name = self.stream(which);
+        let last = self
+            .js
+            .get_stream(&name)
+            .await
+            .map_err(|e| PortError::msg(format!("cannot read stream {name}: {e}")))?
+            .info()
+            .await
+            .map_err(|e| PortError::msg(format!("cannot read stream {name}: {e}")))?
+            .state
+            .last_sequence;
+        let mut consumer = self.consumer(which, filter, from).await?;
+        let pending = consumer
+            .info()
+            .await
+            .map_err(|e| PortError::msg(format!("cannot read a consumer: {e}")))?
+            .num_pending;
+        if pending == 0 {
+            return Ok(futures::stream::empty().boxed());
+        }
+        let messages = consumer.messages().await.map_err(|e| {
+            PortError::msg(format!("cannot read stream {}: {e}", self.stream(which)))
+        })?;
+        // Up to the last message stored when the call began (each message also says how many of the
+        // filter's follow it).
+        let messages = messages.scan(false, move |done, item| {
+            if *done {
+                return std::future::ready(None);
+            }
+            let item = item
+                .map_err(|e| PortError::msg(format!("reading a stream: {e}")))
+                .map(|msg| {
+                    *done = msg
+                        .info()
+                        .map_or(true, |i| i.pending == 0 || i.stream_sequence >= last);
+                    stored(&msg)
+                });
+            if item.is_err() {
+                *done = true;
+            }
+            std::future::ready(Some(item))
+        });
+        Ok(messages.boxed())
+    }
+
+    fn answers(&self) -> &AnswerReader {
+        &self.answers
+    }
+
+    fn describe(&self) -> String {
+        "NATS".to_owned()
+    }
+
+    fn health(&self) -> Result<(), String> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! The leadership of an embedded coordinator: an exclusive lock (`flock`) on `<data dir>/lock`. The
+//! process that holds it leads; a second coordinator started on the same directory stands by until the
+//! first exits (the kernel drops the lock of a process that dies, `kill -9` included), so two never
+//! write one database.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::clock::now_ms;
+use crate::ports::{Leadership, PortError, Term};
+
+/// The lock file in the data directory.
+pub const LOCK_FILE: &str = "lock";
+
+/// How often a standby tries the lock again.
+const POLL: Duration = Duration::from_millis(200);
+
+/// The lock on a data directory, as a [`Leadership`].
+#[derive(Debug)]
+pub struct DirLock {
+    path: PathBuf,
+    holder: String,
+    /// The open, locked file while this process leads, with its term.
+    held: Mutex<Option<(File, Term)>>,
+}
+
+impl DirLock {
+    /// The lock of data directory `dir` (taken by [`Leadership::acquire`]).
+    pub fn new(dir: &Path) -> DirLock {
+        DirLock {
+            path: dir.join(LOCK_FILE),
+            holder: format!(
+                "{}:{}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
+                std::process::id()
+            ),
+            held: Mutex::new(None),
+        }
+    }
+
+    fn try_take(&self) -> Result<Option<Term>, PortError> {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .read(true)
+            .open(&self.path)
+            .map_err(|e| PortError::msg(format!("cannot open {}: {e}", self.path.display())))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Ok(None),
+            Err(TryLockError::Error(e)) => {
+                return Err(PortError::msg(format!(
+                    "cannot lock {}: {e}",
+                    self.path.display()
+                )))
+            }
+        }
+        // Terms rise with the clock: a restarted coordinator leads under a newer term.
+        let term = Term(now_ms());
+        // For a person who wonders who holds it; the lock itself is what counts.
+        let _ = file.set_len(0);
+        let _ = writeln!(file, "{} term {}", self.holder, term.0);
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = Some((file, term));
+        Ok(Some(term))
+    }
+}
+
+#[async_trait]
+impl Leadership for DirLock {
+    /// Waits for the lock; answers at once when this process holds it already (the composition root
+    /// takes it before it opens the database).
+    async fn acquire(&self) -> Result<Term, PortError> {
+        if let Some((_, term)) = self.held.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return Ok(*term);
+        }
+        let mut said = false;
+        loop {
+            if let Some(term) = self.try_take()? {
+                return Ok(term);
+            }
+            if !said {
+                tracing::warn!(
+                    "another coordinator holds {}: standing by until it stops",
+                    self.path.display()
+                );
+                said = true;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn lost(&self, _term: Term) {
+        // A lock is held until this process lets it go or dies.
+        std::future::pending::<()>().await
+    }
+
+    async fn release(&self, term: Term) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.as_ref().is_some_and(|(_, t)| *t == term) {
+            // Closing the file drops the lock.
+            *held = None;
+        }
+    }
+
+    async fn leader(&self) -> Option<(Term, String)> {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.as_ref().map(|(_, term)| (*term, self.holder.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_holder_per_directory_until_it_lets_go() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let first = DirLock::new(dir.path());
+        let second = DirLock::new(dir.path());
+        let term = first.acquire().await.expect("the first takes the lock");
+        assert_eq!(
+            second.try_take().expect("no error"),
+            None,
+            "held by the first"
+        );
+        first.release(term).await;
+        let later = second.try_take().expect("no error").expect("free again");
+        assert!(later >= term);
+    }
+}

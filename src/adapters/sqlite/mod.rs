@@ -1,0 +1,372 @@
+//! The embedded mode's durable store: one SQLite database (`coordinator.db` in the data directory),
+//! through sea-orm, with the same schema and migrations as Postgres (`migrations/`).
+//!
+//! - [`SqliteStore`] is the [`Journal`]: the requests, the highest fence, the input position and the
+//!   outbox, each batch in one transaction.
+//! - [`SqliteBus`] is the [`Bus`](crate::ports::Bus) of a coordinator with no NATS: its input and
+//!   output streams are two tables of the same database, and [`SqliteBus`] is also what the HTTP API
+//!   submits inputs to and reads the outputs from ([`crate::ports::Gateway`]).
+//! - [`DirLock`] is the [`Leadership`](crate::ports::Leadership): the coordinator that holds the lock
+//!   on the data directory leads; a second one on the same directory stands by.
+//!
+//! The database runs in WAL mode with `synchronous = FULL`: a transaction is on disk when its commit
+//! returns, so an input the API acknowledged, or a grant the coordinator answered, survives a `kill -9`
+//! and a power cut alike.
+
+mod bus;
+mod lock;
+
+pub use bus::SqliteBus;
+pub use lock::DirLock;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gpu_coordinator_core::{Fence, RequestRecord};
+use migration::{Migrator, MigratorTrait};
+use sea_orm::sea_query::{Alias, Expr, OnConflict, Query, SqliteQueryBuilder};
+use sea_orm::sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
+use sea_orm::{
+    ConnectionTrait as _, DatabaseConnection, DbBackend, DbErr, EntityTrait as _,
+    IntoActiveModel as _, Iterable as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
+    QueryTrait as _, SqlxSqliteConnector, Statement, TransactionTrait as _,
+};
+
+use super::postgres::entities::{self, request, RowError};
+use super::postgres::last_of_each;
+use crate::ports::{Batch, Journal, Loaded, OutboxRow, PortError};
+
+/// The database file in the data directory.
+pub const DB_FILE: &str = "coordinator.db";
+
+/// How long a statement waits for another connection's write to finish.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections in the pool: one writer at a time in SQLite, readers beside it (WAL).
+const POOL: u32 = 4;
+
+/// Rows per `INSERT`: 23 parameters each, well under SQLite's 32766 bind parameters.
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// Outbox rows per `INSERT`: five parameters each.
+const OUTBOX_PER_STATEMENT: usize = 2000;
+
+/// Raises the stored fence (never lowers it) and sets the last input handled when the batch has one.
+const RAISE_FENCE: &str =
+    "INSERT INTO fence (id, max_fence, input_seq) VALUES (1, ?1, COALESCE(?2, 0)) \
+     ON CONFLICT (id) DO UPDATE SET max_fence = max(fence.max_fence, excluded.max_fence), \
+     input_seq = COALESCE(?2, fence.input_seq)";
+
+/// The counters the driver starts from (as the Postgres journal's).
+const COUNTERS: &str = "SELECT \
+     max(COALESCE((SELECT max_fence FROM fence WHERE id = 1), 0), \
+         COALESCE((SELECT max(fence) FROM requests), 0)) AS max_fence, \
+     COALESCE((SELECT max(seq) FROM requests), 0) AS max_arrival, \
+     COALESCE((SELECT input_seq FROM fence WHERE id = 1), 0) AS input_seq";
+
+const OUTBOX: &str = "SELECT id, msg_id, subject, msgpack, payload FROM outbox ORDER BY id";
+
+/// What went wrong with the SQLite database. Each message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum SqliteError {
+    #[error("cannot create the data directory {dir}")]
+    CreateDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the SQLite database {file}")]
+    Open {
+        file: PathBuf,
+        #[source]
+        source: sea_orm::sqlx::Error,
+    },
+    #[error("migrating the schema of the SQLite database {file} failed")]
+    Migrate {
+        file: PathBuf,
+        #[source]
+        source: DbErr,
+    },
+    #[error("writing {records} request record(s) to the SQLite database {file} failed")]
+    Write {
+        file: PathBuf,
+        records: usize,
+        #[source]
+        source: DbErr,
+    },
+    #[error("reading the SQLite database {file} failed")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: DbErr,
+    },
+    #[error("the SQLite database {file}: {row:?}")]
+    Row { file: PathBuf, row: RowError },
+}
+
+/// Opens (creating it if need be) the database of data directory `dir`.
+pub async fn open(dir: &Path) -> Result<(DatabaseConnection, PathBuf), SqliteError> {
+    std::fs::create_dir_all(dir).map_err(|source| SqliteError::CreateDir {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    let file = dir.join(DB_FILE);
+    let options = SqliteConnectOptions::new()
+        .filename(&file)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(BUSY_TIMEOUT)
+        .foreign_keys(true);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(POOL)
+        .connect_with(options)
+        .await
+        .map_err(|source| SqliteError::Open {
+            file: file.clone(),
+            source,
+        })?;
+    Ok((SqlxSqliteConnector::from_sqlx_sqlite_pool(pool), file))
+}
+
+/// The journal in SQLite.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    db: DatabaseConnection,
+    file: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens the database of data directory `dir` and brings its schema up to date.
+    pub async fn open(dir: &Path) -> Result<SqliteStore, SqliteError> {
+        let (db, file) = open(dir).await?;
+        let store = SqliteStore { db, file };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The database file.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// The pool, shared with the embedded bus.
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Brings the schema up to date (the migrations of Postgres, in their SQLite dialect).
+    pub async fn migrate(&self) -> Result<(), SqliteError> {
+        Migrator::up(&self.db, None)
+            .await
+            .map_err(|source| SqliteError::Migrate {
+                file: self.file.clone(),
+                source,
+            })
+    }
+
+    fn row_error(&self, row: RowError) -> SqliteError {
+        SqliteError::Row {
+            file: self.file.clone(),
+            row,
+        }
+    }
+
+    /// Writes one batch in one transaction. The batch's term is not checked: the lock on the data
+    /// directory ([`DirLock`]) lets one coordinator at a time open it.
+    pub async fn write(&self, batch: &Batch<'_>) -> Result<(), SqliteError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let rows = last_of_each(batch.records)
+            .into_iter()
+            .map(entities::to_row)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.row_error(e))?;
+        let big = |field, value| entities::bigint("", field, value).map_err(|e| self.row_error(e));
+        let fence = big("max_fence", batch.max_fence.map_or(0, |f: Fence| f.0))?;
+        let input_seq = batch
+            .input_seq
+            .map(|seq| big("input_seq", seq))
+            .transpose()?;
+        let published = batch
+            .published_upto
+            .map(|id| big("outbox id", id))
+            .transpose()?;
+        let fail = |source| SqliteError::Write {
+            file: self.file.clone(),
+            records: rows.len(),
+            source,
+        };
+        let upsert = OnConflict::column(request::Column::RequestId)
+            .update_columns(
+                request::Column::iter().filter(|c| !matches!(c, request::Column::RequestId)),
+            )
+            .to_owned();
+        let txn = self.db.begin().await.map_err(fail)?;
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let insert =
+                request::Entity::insert_many(chunk.iter().cloned().map(|r| r.into_active_model()))
+                    .on_conflict(upsert.clone())
+                    .build(DbBackend::Sqlite);
+            txn.execute(insert).await.map_err(fail)?;
+        }
+        for chunk in batch.outbox.chunks(OUTBOX_PER_STATEMENT) {
+            let mut insert = Query::insert();
+            insert.into_table(Alias::new("outbox")).columns([
+                Alias::new("id"),
+                Alias::new("msg_id"),
+                Alias::new("subject"),
+                Alias::new("msgpack"),
+                Alias::new("payload"),
+            ]);
+            for row in chunk {
+                insert
+                    .values([
+                        big("outbox id", row.id)?.into(),
+                        row.msg_id.clone().into(),
+                        row.subject.clone().into(),
+                        row.msgpack.into(),
+                        row.payload.clone().into(),
+                    ])
+                    .expect("five columns, five values");
+            }
+            let (sql, values) = insert.build(SqliteQueryBuilder);
+            txn.execute(Statement::from_sql_and_values(
+                DbBackend::Sqlite,
+                sql,
+                values,
+            ))
+            .await
+            .map_err(fail)?;
+        }
+        if let Some(upto) = published {
+            txn.execute(Statement::from_sql_and_values(
+                DbBackend::Sqlite,
+                "DELETE FROM outbox WHERE id <= ?1",
+                [upto.into()],
+            ))
+            .await
+            .map_err(fail)?;
+        }
+        txn.execute(Statement::from_sql_and_values(
+            DbBackend::Sqlite,
+            RAISE_FENCE,
+            [fence.into(), input_seq.into()],
+        ))
+        .await
+        .map_err(fail)?;
+        txn.commit().await.map_err(fail)
+    }
+
+    /// Reads what the driver needs at start, in one transaction (as [`super::postgres::PgStore::load_state`]).
+    pub async fn load_state(&self, retain_ended: usize) -> Result<Loaded, SqliteError> {
+        let fail = |source| SqliteError::Read {
+            file: self.file.clone(),
+            source,
+        };
+        let txn = self.db.begin().await.map_err(fail)?;
+        let mut rows = request::Entity::find()
+            .filter(Expr::cust("\"requests\".\"phase\" <> 'ended'"))
+            .order_by_asc(request::Column::Seq)
+            .all(&txn)
+            .await
+            .map_err(fail)?;
+        if retain_ended > 0 {
+            let mut ended = request::Entity::find()
+                .filter(Expr::cust("\"requests\".\"phase\" = 'ended'"))
+                .order_by_desc(request::Column::EndedAt)
+                .order_by_desc(request::Column::Seq)
+                .limit(u64::try_from(retain_ended).unwrap_or(u64::MAX))
+                .all(&txn)
+                .await
+                .map_err(fail)?;
+            ended.reverse();
+            rows.append(&mut ended);
+        }
+        let counters = txn
+            .query_one(Statement::from_string(DbBackend::Sqlite, COUNTERS))
+            .await
+            .map_err(fail)?;
+        let counter = |name: &str| -> Result<u64, SqliteError> {
+            let value = counters
+                .as_ref()
+                .map(|row| row.try_get::<i64>("", name))
+                .transpose()
+                .map_err(fail)?
+                .unwrap_or(0);
+            u64::try_from(value).map_err(|_| {
+                self.row_error(RowError::Corrupt {
+                    request_id: format!("({name})"),
+                    detail: format!("{name} is negative ({value})"),
+                })
+            })
+        };
+        let (max_fence, max_arrival, input_seq) = (
+            counter("max_fence")?,
+            counter("max_arrival")?,
+            counter("input_seq")?,
+        );
+        let outbox = txn
+            .query_all(Statement::from_string(DbBackend::Sqlite, OUTBOX))
+            .await
+            .map_err(fail)?
+            .into_iter()
+            .map(|row| {
+                Ok(OutboxRow {
+                    id: u64::try_from(row.try_get::<i64>("", "id")?).unwrap_or(0),
+                    msg_id: row.try_get("", "msg_id")?,
+                    subject: row.try_get("", "subject")?,
+                    msgpack: row.try_get("", "msgpack")?,
+                    payload: row.try_get("", "payload")?,
+                })
+            })
+            .collect::<Result<Vec<_>, DbErr>>()
+            .map_err(fail)?;
+        txn.commit().await.map_err(fail)?;
+        let records = rows
+            .into_iter()
+            .map(entities::to_record)
+            .collect::<Result<Vec<RequestRecord>, _>>()
+            .map_err(|e| self.row_error(e))?;
+        Ok(Loaded {
+            records,
+            max_fence: Fence(max_fence),
+            max_arrival,
+            input_seq,
+            outbox,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Journal for SqliteStore {
+    async fn migrate(&self) -> Result<(), PortError> {
+        SqliteStore::migrate(self).await.map_err(PortError::new)
+    }
+
+    async fn load(&self, retain_ended: usize) -> Result<Loaded, PortError> {
+        self.load_state(retain_ended).await.map_err(PortError::new)
+    }
+
+    async fn write(&self, batch: &Batch<'_>) -> Result<(), PortError> {
+        SqliteStore::write(self, batch)
+            .await
+            .map_err(PortError::new)
+    }
+
+    async fn ping(&self) -> Result<(), PortError> {
+        self.db.ping().await.map_err(|source| {
+            PortError::new(SqliteError::Read {
+                file: self.file.clone(),
+                source,
+            })
+        })
+    }
+
+    async fn close(&self) {
+        let _ = self.db.close_by_ref().await;
+    }
+}
