@@ -176,22 +176,23 @@ impl Gateway for NatsGateway {
         })?;
         // Up to the last message stored when the call began (each message also says how many of the
         // filter's follow it).
-        let messages = messages.scan(false, move |done, item| {
-            if *done {
-                return std::future::ready(None);
-            }
+        let messages = futures::stream::unfold(Some(messages), move |messages| async move {
+            // `None` once the last message is out: the stream ends without waiting for another.
+            let mut messages = messages?;
+            let item = messages.next().await?;
             let item = item
                 .map_err(|e| PortError::msg(format!("reading a stream: {e}")))
                 .map(|msg| {
-                    *done = msg
+                    let last_one = msg
                         .info()
                         .map_or(true, |i| i.pending == 0 || i.stream_sequence >= last);
-                    stored(&msg)
+                    (stored(&msg), last_one)
                 });
-            if item.is_err() {
-                *done = true;
+            match item {
+                Ok((stored, false)) => Some((Ok(stored), Some(messages))),
+                Ok((stored, true)) => Some((Ok(stored), None)),
+                Err(e) => Some((Err(e), None)),
             }
-            std::future::ready(Some(item))
         });
         Ok(messages.boxed())
     }

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::support::{eventually, test_config, Coordinator, Probe, RedisServer, DEADLINE};
 
-fn client() -> Client {
+pub(crate) fn client() -> Client {
     Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
@@ -22,7 +22,7 @@ fn client() -> Client {
 }
 
 /// POSTs a JSON body (or raw text), with an optional bearer token; returns the status and the JSON answer.
-async fn post(
+pub(crate) async fn post(
     c: &Client,
     url: &str,
     token: Option<&str>,
@@ -42,7 +42,7 @@ async fn post(
     (status, json)
 }
 
-async fn get(c: &Client, url: &str, token: Option<&str>) -> (StatusCode, Value) {
+pub(crate) async fn get(c: &Client, url: &str, token: Option<&str>) -> (StatusCode, Value) {
     let mut req = c.get(url);
     if let Some(token) = token {
         req = req.bearer_auth(token);
@@ -53,7 +53,7 @@ async fn get(c: &Client, url: &str, token: Option<&str>) -> (StatusCode, Value) 
     (status, json)
 }
 
-struct Body(Vec<u8>);
+pub(crate) struct Body(Vec<u8>);
 
 impl From<Value> for Body {
     fn from(v: Value) -> Body {
@@ -67,7 +67,7 @@ impl From<&str> for Body {
     }
 }
 
-fn error_of(body: &Value) -> &str {
+pub(crate) fn error_of(body: &Value) -> &str {
     body["error"]
         .as_str()
         .unwrap_or_else(|| panic!("no `error` in {body}"))
@@ -75,20 +75,20 @@ fn error_of(body: &Value) -> &str {
 
 /// One Server-Sent Event.
 #[derive(Debug, Default)]
-struct Sse {
-    event: String,
-    id: String,
-    data: String,
+pub(crate) struct Sse {
+    pub(crate) event: String,
+    pub(crate) id: String,
+    pub(crate) data: String,
 }
 
 /// Reads Server-Sent Events from a streaming response.
-struct SseReader {
+pub(crate) struct SseReader {
     stream: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
     buffer: String,
 }
 
 impl SseReader {
-    fn new(res: reqwest::Response) -> SseReader {
+    pub(crate) fn new(res: reqwest::Response) -> SseReader {
         SseReader {
             stream: res.bytes_stream().boxed(),
             buffer: String::new(),
@@ -96,7 +96,7 @@ impl SseReader {
     }
 
     /// The next event that has a name (comments and keep-alives are skipped), within [`DEADLINE`].
-    async fn next(&mut self) -> Sse {
+    pub(crate) async fn next(&mut self) -> Sse {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
             while let Some(end) = self.buffer.find("\n\n") {

@@ -7,6 +7,7 @@ mod client;
 mod demo;
 mod ha;
 mod http;
+mod modes;
 mod security;
 mod service;
 mod store_pg;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 use futures::StreamExt;
-use gpu_coordinator::config::{Config, GpuConfig};
+use gpu_coordinator::config::{BackendsConfig, BusBackend, Config, GpuConfig};
 use gpu_coordinator_wire::{codec, Control, Encoding, Event, Reply, StatusDoc};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -177,7 +177,11 @@ impl Coordinator {
             shutdown,
             task,
         };
-        wait_ready(&coordinator.config).await;
+        if coordinator.config.backends.bus == BusBackend::Embedded {
+            wait_ready_http(&coordinator.url("")).await;
+        } else {
+            wait_ready(&coordinator.config).await;
+        }
         coordinator
     }
 
@@ -190,6 +194,38 @@ impl Coordinator {
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.task.await.expect("the coordinator task panicked")
+    }
+}
+
+/// A configuration of its own for one test of the embedded mode: no server, a data directory of its
+/// own (under the system's temporary directory).
+pub fn embedded_config(tag: &str, gpus: &[(&str, u64)]) -> Config {
+    let mut config = test_config(tag, gpus);
+    config.backends = BackendsConfig::embedded();
+    config.embedded.data_dir = std::env::temp_dir()
+        .join(format!("gpu-it-{}", unique(tag)))
+        .display()
+        .to_string();
+    config
+}
+
+/// Waits until the HTTP API at `base` answers `GET /gpu/status`.
+pub async fn wait_ready_http(base: &str) -> StatusDoc {
+    let client = reqwest::Client::new();
+    let start = Instant::now();
+    loop {
+        if let Ok(res) = client.get(format!("{base}/gpu/status")).send().await {
+            if res.status().is_success() {
+                if let Ok(doc) = res.json::<StatusDoc>().await {
+                    return doc;
+                }
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the coordinator at {base} did not answer GET /gpu/status within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -238,7 +274,35 @@ impl CoordinatorProcess {
                 &config.redis.key_prefix,
             )
             .env("GPU_COORDINATOR_DATABASE__URL", &config.database.url)
-            .env("GPU_COORDINATOR_HTTP__LISTEN", "127.0.0.1:0")
+            .env("GPU_COORDINATOR_HTTP__LISTEN", &config.http.listen)
+            .env(
+                "GPU_COORDINATOR_BACKENDS__JOURNAL",
+                serde_json::to_value(config.backends.journal)
+                    .expect("a backend name")
+                    .as_str()
+                    .expect("a string")
+                    .to_owned(),
+            )
+            .env(
+                "GPU_COORDINATOR_BACKENDS__LEASES",
+                serde_json::to_value(config.backends.leases)
+                    .expect("a backend name")
+                    .as_str()
+                    .expect("a string")
+                    .to_owned(),
+            )
+            .env(
+                "GPU_COORDINATOR_BACKENDS__BUS",
+                serde_json::to_value(config.backends.bus)
+                    .expect("a backend name")
+                    .as_str()
+                    .expect("a string")
+                    .to_owned(),
+            )
+            .env(
+                "GPU_COORDINATOR_EMBEDDED__DATA_DIR",
+                &config.embedded.data_dir,
+            )
             .env(
                 "GPU_COORDINATOR_PREEMPTION__ACK_DEADLINE_MS",
                 config.preemption.ack_deadline_ms.to_string(),
@@ -268,7 +332,11 @@ impl CoordinatorProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         let child = cmd.spawn().expect("start gpu-coordinator serve");
-        wait_ready(config).await;
+        if config.backends.bus == BusBackend::Embedded {
+            wait_ready_http(&format!("http://{}", config.http.listen)).await;
+        } else {
+            wait_ready(config).await;
+        }
         CoordinatorProcess { child }
     }
 
