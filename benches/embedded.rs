@@ -20,9 +20,11 @@ fn rss_mb(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
         })
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
@@ -34,7 +36,9 @@ async fn main() -> anyhow::Result<()> {
         .find_map(|a| a.parse().ok())
         .unwrap_or(2_000);
     let dir = std::env::temp_dir().join(format!("gpu-bench-embedded-{}", std::process::id()));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let base = format!("http://127.0.0.1:{port}");
     let mut child = Command::new(env!("CARGO_BIN_EXE_gpu-coordinator"))
         .args(["serve", "--embedded", "--data-dir"])
@@ -55,8 +59,15 @@ async fn main() -> anyhow::Result<()> {
         anyhow::ensure!(started.elapsed() < Duration::from_secs(60), "no status");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    println!("machine: {} cores; data directory {}", std::thread::available_parallelism()?, dir.display());
-    println!("first status {:.0} ms after the start", started.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "machine: {} cores; data directory {}",
+        std::thread::available_parallelism()?,
+        dir.display()
+    );
+    println!(
+        "first status {:.0} ms after the start",
+        started.elapsed().as_secs_f64() * 1e3
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = rss_mb(child.id());
 
@@ -75,8 +86,10 @@ async fn main() -> anyhow::Result<()> {
         anyhow::ensure!(granted["outcome"] == "granted", "{granted}");
         let released: Value = http
             .post(format!("{base}/gpu/release"))
-            .json(&json!({"service_id": "bench", "request_id": format!("r{i}"),
-                          "fence": granted["fence"]}))
+            .json(
+                &json!({"service_id": "bench", "request_id": format!("r{i}"),
+                          "fence": granted["fence"]}),
+            )
             .send()
             .await?
             .json()
@@ -97,11 +110,13 @@ async fn main() -> anyhow::Result<()> {
         .synchronous(SqliteSynchronous::Full)
         .connect()
         .await?;
-    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, v BLOB)").await?;
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, v BLOB)")
+        .await?;
     let mut commits = Vec::with_capacity(cycles);
     for _ in 0..cycles {
         let start = Instant::now();
-        conn.execute("INSERT INTO t (v) VALUES (x'00112233')").await?;
+        conn.execute("INSERT INTO t (v) VALUES (x'00112233')")
+            .await?;
         commits.push(start.elapsed());
     }
     conn.close().await?;

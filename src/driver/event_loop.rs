@@ -195,7 +195,7 @@ impl Driver {
         if self.catching_up.is_none() && self.inputs_caught_up().await {
             self.check_lease_store().await?;
         }
-        if tick % TRIM_EVERY_TICKS == 0 {
+        if tick.is_multiple_of(TRIM_EVERY_TICKS) {
             self.trim_inputs().await;
         }
         Ok(())

@@ -55,14 +55,14 @@ fn record(id: &str, seq: u64, phase: Phase) -> RequestRecord {
         service_id: format!("svc-{}", seq % 3).into(),
         priority: (seq % 3) as u8,
         arrival: seq,
-        encoding: if seq % 2 == 0 {
+        encoding: if seq.is_multiple_of(2) {
             Encoding::MsgPack
         } else {
             Encoding::Json
         },
         vram_mb: Some(1024 * seq),
-        gpu_pin: (seq % 2 == 0).then(|| "GPU-1".into()),
-        preemptible: seq % 3 != 0,
+        gpu_pin: seq.is_multiple_of(2).then(|| "GPU-1".into()),
+        preemptible: !seq.is_multiple_of(3),
         lease_ms: 30_000 + seq,
         requested_at: BASE + seq,
         timeout_at: BASE + seq + 60_000,
@@ -344,7 +344,7 @@ async fn pg_batches_carry_the_outbox_and_the_input_position() {
         id,
         msg_id: format!("boot-{id}"),
         subject: format!("gpu.reply.s{id}"),
-        msgpack: id % 2 == 0,
+        msgpack: id.is_multiple_of(2),
         payload: vec![0, 1, 2, id as u8, 0xff],
     };
     let first = [record("a", 7, Phase::Active), bare("b", 9)];

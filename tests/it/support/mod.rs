@@ -197,6 +197,14 @@ impl Coordinator {
     }
 }
 
+/// A backend's name as the configuration writes it (`sqlite`, `memory`, ...).
+fn backend_name(backend: impl serde::Serialize) -> String {
+    serde_json::to_value(backend)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .expect("a backend is named by a string")
+}
+
 /// A configuration of its own for one test of the embedded mode: no server, a data directory of its
 /// own (under the system's temporary directory).
 pub fn embedded_config(tag: &str, gpus: &[(&str, u64)]) -> Config {
@@ -277,27 +285,15 @@ impl CoordinatorProcess {
             .env("GPU_COORDINATOR_HTTP__LISTEN", &config.http.listen)
             .env(
                 "GPU_COORDINATOR_BACKENDS__JOURNAL",
-                serde_json::to_value(config.backends.journal)
-                    .expect("a backend name")
-                    .as_str()
-                    .expect("a string")
-                    .to_owned(),
+                backend_name(config.backends.journal),
             )
             .env(
                 "GPU_COORDINATOR_BACKENDS__LEASES",
-                serde_json::to_value(config.backends.leases)
-                    .expect("a backend name")
-                    .as_str()
-                    .expect("a string")
-                    .to_owned(),
+                backend_name(config.backends.leases),
             )
             .env(
                 "GPU_COORDINATOR_BACKENDS__BUS",
-                serde_json::to_value(config.backends.bus)
-                    .expect("a backend name")
-                    .as_str()
-                    .expect("a string")
-                    .to_owned(),
+                backend_name(config.backends.bus),
             )
             .env(
                 "GPU_COORDINATOR_EMBEDDED__DATA_DIR",
