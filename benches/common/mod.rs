@@ -23,15 +23,26 @@ impl Bench {
     /// Starts a coordinator under the subject prefix, key prefix and database `tag` (with room for
     /// `max_per_service` requests per service), and waits until it answers `status`.
     pub async fn start(tag: &str, max_per_service: usize) -> anyhow::Result<Bench> {
+        Self::start_gpus(tag, max_per_service, 1).await
+    }
+
+    /// [`Bench::start`] with `gpus` GPUs of 24 GB (`0`, `1`, ...).
+    pub async fn start_gpus(
+        tag: &str,
+        max_per_service: usize,
+        gpus: usize,
+    ) -> anyhow::Result<Bench> {
         let mut config = Config::default();
         config.nats.prefix = tag.to_owned();
         config.redis.key_prefix = tag.to_owned();
         config.database.url = format!("postgres://postgres@127.0.0.1:5432/gpu_{tag}");
         config.queue.max_per_service = max_per_service;
-        config.gpus = vec![GpuConfig {
-            id: "0".into(),
-            vram_mb: 24_576,
-        }];
+        config.gpus = (0..gpus)
+            .map(|i| GpuConfig {
+                id: i.to_string(),
+                vram_mb: 24_576,
+            })
+            .collect();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let http = format!("http://{}", listener.local_addr()?);
         let shutdown = CancellationToken::new();

@@ -12,5 +12,6 @@ mod security;
 mod service;
 mod store_pg;
 mod store_redis;
+mod store_sqlite;
 mod support;
 mod ui;

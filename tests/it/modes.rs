@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use gpu_coordinator::audit::{self, Since};
+use gpu_coordinator::config::{BusBackend, LeasesBackend};
 use gpu_coordinator_wire::StatusDoc;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -237,6 +238,30 @@ async fn http_flows_embedded() {
         .expect("every rule held");
     assert!(checked.records > 10, "{checked}");
     coordinator.stop().await.expect("a clean stop");
+    let _ = std::fs::remove_dir_all(&config.embedded.data_dir);
+}
+
+/// Backends mixed: the journal in SQLite, the leases in Redis, the bus on NATS (a box that already runs
+/// NATS). The same flows, and the history on NATS keeps every rule.
+#[tokio::test]
+async fn http_flows_with_sqlite_beside_nats_and_redis() {
+    let mut config = embedded_config("modes_mix", &[("0", 24_576)]);
+    config.backends.leases = LeasesBackend::Redis;
+    config.backends.bus = BusBackend::Nats;
+    let coordinator = Coordinator::start(config.clone()).await;
+    acceptance(&coordinator).await;
+    let checked = audit::run(&config, Since::Start)
+        .await
+        .expect("the history is readable")
+        .expect("every rule held");
+    assert!(checked.records > 10, "{checked}");
+    coordinator.stop().await.expect("a clean stop");
+    assert!(
+        std::path::Path::new(&config.embedded.data_dir)
+            .join("coordinator.db")
+            .exists(),
+        "the journal is the SQLite file"
+    );
     let _ = std::fs::remove_dir_all(&config.embedded.data_dir);
 }
 

@@ -44,10 +44,10 @@ async fn finish(store: PgStore, name: &str) {
     drop_database(name).await;
 }
 
-const BASE: u64 = 1_764_000_000_000;
+pub(crate) const BASE: u64 = 1_764_000_000_000;
 
 /// A record in `phase` with every field the phase allows filled in, and varied per `seq`.
-fn record(id: &str, seq: u64, phase: Phase) -> RequestRecord {
+pub(crate) fn record(id: &str, seq: u64, phase: Phase) -> RequestRecord {
     let granted = !matches!(phase, Phase::Queued);
     let ended = phase == Phase::Ended;
     RequestRecord {
@@ -82,7 +82,7 @@ fn record(id: &str, seq: u64, phase: Phase) -> RequestRecord {
 }
 
 /// A record with every optional field empty.
-fn bare(id: &str, seq: u64) -> RequestRecord {
+pub(crate) fn bare(id: &str, seq: u64) -> RequestRecord {
     RequestRecord {
         request_id: id.into(),
         service_id: "svc".into(),
@@ -110,7 +110,7 @@ fn bare(id: &str, seq: u64) -> RequestRecord {
     }
 }
 
-fn ended_at(id: &str, seq: u64, at: u64) -> RequestRecord {
+pub(crate) fn ended_at(id: &str, seq: u64, at: u64) -> RequestRecord {
     RequestRecord {
         ended_at: Some(at),
         end: Some(End::Released),

@@ -1,0 +1,99 @@
+//! Throughput: 64 services on 4 GPUs, each looping request -> grant -> release through the client
+//! library (whole-GPU requests, so four hold at a time), for SECONDS; printed in cycles per second
+//! beside the same loop on `pg_advisory_lock` (64 sessions, one lock per GPU) in the same run.
+//!
+//! Needs Postgres, Redis and NATS on loopback: `cargo bench --bench throughput [-- SECONDS]`.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gpu_coordinator_client::{Client, RequestOptions};
+use sea_orm::{ConnectionTrait, Database, Statement};
+
+const SERVICES: usize = 64;
+const GPUS: usize = 4;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let seconds: u64 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(10);
+    let run = Duration::from_secs(seconds);
+    let tag = format!("bencht{}", std::process::id());
+    let bench = common::Bench::start_gpus(&tag, 10_000, GPUS).await?;
+    let mut clients = Vec::new();
+    for s in 0..SERVICES {
+        clients.push(Client::connect(&bench.config.nats.url, &tag, &format!("svc{s}")).await?);
+    }
+    let cycles = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|client| {
+            let cycles = cycles.clone();
+            tokio::spawn(async move {
+                while start.elapsed() < run {
+                    let lease = client
+                        .request(RequestOptions::new(1).lease_ms(30_000).timeout_ms(120_000))
+                        .await?;
+                    lease.release().await?;
+                    cycles.fetch_add(1, Ordering::Relaxed);
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    let coordinator = cycles.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    bench.stop().await?;
+
+    let advisory = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for s in 0..SERVICES {
+        let mut options =
+            sea_orm::ConnectOptions::new("postgres://postgres@127.0.0.1:5432/postgres");
+        options.max_connections(1).min_connections(1);
+        let db = Database::connect(options).await?;
+        let advisory = advisory.clone();
+        let key = 0x7468_0000_i64 + (s % GPUS) as i64;
+        tasks.push(tokio::spawn(async move {
+            let sql = |f: &str| {
+                Statement::from_sql_and_values(
+                    db.get_database_backend(),
+                    format!("SELECT {f}($1)"),
+                    [key.into()],
+                )
+            };
+            while start.elapsed() < run {
+                db.execute(sql("pg_advisory_lock")).await?;
+                db.execute(sql("pg_advisory_unlock")).await?;
+                advisory.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let reference = advisory.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    println!(
+        "{SERVICES} services, {GPUS} GPUs, {seconds} s each, {} cores:\n  coordinator        {coordinator:>9.0} cycles/s\n  pg_advisory_lock   {reference:>9.0} cycles/s (ratio {:.2})",
+        std::thread::available_parallelism()?,
+        coordinator / reference
+    );
+    if let Ok(db) = Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await {
+        let _ = db
+            .execute_unprepared(&format!(
+                "DROP DATABASE IF EXISTS \"gpu_{tag}\" WITH (FORCE)"
+            ))
+            .await;
+    }
+    Ok(())
+}

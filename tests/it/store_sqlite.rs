@@ -1,0 +1,138 @@
+//! The embedded mode's journal (`SqliteStore`) keeps the contract of the Postgres one: every field and
+//! phase round-trips, the later of two records wins, the fence only rises, the load order is the same,
+//! and a batch carries the outbox and the input position. The migrations run on a fresh directory and
+//! again on an existing one.
+
+use gpu_coordinator::adapters::sqlite::SqliteStore;
+use gpu_coordinator::ports::{Batch, Journal, OutboxRow};
+use gpu_coordinator_core::{End, Fence, Phase, RequestRecord};
+
+use crate::store_pg::{bare, ended_at, record, BASE};
+
+async fn write(store: &SqliteStore, records: &[RequestRecord], max_fence: Option<Fence>) {
+    Journal::write(
+        store,
+        &Batch {
+            records,
+            max_fence,
+            ..Batch::default()
+        },
+    )
+    .await
+    .expect("a batch written");
+}
+
+fn ids(records: &[RequestRecord]) -> Vec<&str> {
+    records.iter().map(|r| r.request_id.as_str()).collect()
+}
+
+#[tokio::test]
+async fn sqlite_keeps_the_journal_contract() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = SqliteStore::open(dir.path()).await.expect("a fresh store");
+
+    // Every phase and field, and a bare record.
+    let records = vec![
+        record("queued", 1, Phase::Queued),
+        record("active", 2, Phase::Active),
+        record("pausing", 3, Phase::Pausing),
+        record("paused", 4, Phase::Paused),
+        bare("bare", 5),
+        record("ended", 6, Phase::Ended),
+    ];
+    write(&store, &records, Some(Fence(106))).await;
+    let loaded = store.load(10).await.expect("load");
+    assert_eq!(loaded.records, records);
+    assert_eq!(loaded.max_fence, Fence(106));
+
+    // The later of two records of one request wins; the fence only rises; a request's own fence counts.
+    let paused = record("queued", 1, Phase::Paused);
+    write(
+        &store,
+        &[record("queued", 1, Phase::Active), paused.clone()],
+        Some(Fence(5)),
+    )
+    .await;
+    let loaded = store.load(10).await.expect("load");
+    assert_eq!(loaded.records[0], paused);
+    assert_eq!(loaded.max_fence, Fence(106), "never lowered");
+    let high = RequestRecord {
+        fence: Some(Fence(200)),
+        ..record("active", 2, Phase::Active)
+    };
+    write(&store, &[high], None).await;
+    assert_eq!(store.load(0).await.expect("load").max_fence, Fence(200));
+
+    // Open requests in arrival order, then the most recently ended, oldest first.
+    let ended = [
+        ended_at("e1", 11, BASE + 500),
+        ended_at("e2", 12, BASE + 100),
+        ended_at("e3", 13, BASE + 900),
+    ];
+    write(&store, &ended, None).await;
+    let loaded = store.load(2).await.expect("load");
+    assert_eq!(
+        ids(&loaded.records),
+        ["queued", "active", "pausing", "paused", "bare", "e1", "e3"]
+    );
+
+    // A batch larger than one statement.
+    let many: Vec<_> = (100..1_300)
+        .map(|seq| record(&format!("bulk-{seq}"), seq, Phase::Queued))
+        .collect();
+    write(&store, &many, None).await;
+    assert_eq!(
+        store.load(0).await.expect("load").records.len(),
+        5 + many.len()
+    );
+
+    // The outbox and the input position, in the same batches.
+    let row = |id: u64| OutboxRow {
+        id,
+        msg_id: format!("m-{id}"),
+        subject: format!("gpu.reply.s{id}"),
+        msgpack: id.is_multiple_of(2),
+        payload: vec![0, 1, id as u8, 0xff],
+    };
+    let outbox = [row(1), row(2), row(3)];
+    Journal::write(
+        &store,
+        &Batch {
+            input_seq: Some(40),
+            outbox: &outbox,
+            ..Batch::default()
+        },
+    )
+    .await
+    .expect("write");
+    let mut gone = bare("bare", 5);
+    gone.phase = Phase::Ended;
+    gone.end = Some(End::Released);
+    gone.ended_at = Some(1);
+    Journal::write(
+        &store,
+        &Batch {
+            records: std::slice::from_ref(&gone),
+            input_seq: Some(41),
+            outbox: &[row(4)],
+            published_upto: Some(2),
+            ..Batch::default()
+        },
+    )
+    .await
+    .expect("write");
+    let loaded = store.load(0).await.expect("load");
+    assert_eq!(loaded.input_seq, 41);
+    assert_eq!(loaded.outbox, [row(3), row(4)]);
+    assert_eq!(loaded.max_arrival, 1_299);
+    assert!(!ids(&loaded.records).contains(&"bare"));
+
+    // Opened again (the migrations run again on an up-to-date schema): the same state.
+    Journal::close(&store).await;
+    let again = SqliteStore::open(dir.path()).await.expect("opened again");
+    let reloaded = again.load(0).await.expect("load");
+    assert_eq!(
+        (reloaded.records, reloaded.input_seq, reloaded.outbox),
+        (loaded.records, loaded.input_seq, loaded.outbox)
+    );
+}
