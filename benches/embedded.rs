@@ -15,20 +15,6 @@ use sea_orm::sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynch
 use sea_orm::sqlx::{ConnectOptions as _, Connection as _, Executor as _};
 use serde_json::{json, Value};
 
-/// The resident set of process `pid`, in MB.
-fn rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|kb| kb.parse::<f64>().ok())
-            })
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cycles: usize = std::env::args()
@@ -69,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64() * 1e3
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle = rss_mb(child.id());
+    let idle = common::rss_mb(child.id());
 
     let mut grants = Vec::with_capacity(cycles);
     let mut whole = Vec::with_capacity(cycles);
@@ -97,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
         anyhow::ensure!(released["outcome"] == "released", "{released}");
         whole.push(start.elapsed());
     }
-    let after = rss_mb(child.id());
+    let after = common::rss_mb(child.id());
     common::percentiles("embedded: HTTP request -> granted", grants);
     common::percentiles("embedded: request -> granted -> released", whole);
 

@@ -45,40 +45,7 @@ async fn main() -> anyhow::Result<()> {
     .await?
     .await?;
     let fill = Instant::now();
-    // In windows of 1,000 awaited PubAcks; an input whose PubAck does not come is published again
-    // under the same message id (stored once).
-    let publish = |i: usize| {
-        let js = js.clone();
-        let subject = subjects.request(&format!("svc{}", i % SERVICES));
-        async move {
-            let body = format!(
-                r#"{{"request_id":"q{i}","priority":{},"timeout_ms":3600000}}"#,
-                1 + i % 3
-            );
-            let publish = async_nats::jetstream::message::PublishMessage::build()
-                .payload(body.into())
-                .message_id(format!("q{i}"));
-            js.send_publish(subject, publish).await
-        }
-    };
-    for window in (0..queued).collect::<Vec<_>>().chunks(1_000) {
-        let mut acks = Vec::with_capacity(window.len());
-        for &i in window {
-            acks.push((i, publish(i).await?));
-        }
-        for (i, ack) in acks {
-            let mut tries = 0;
-            let mut result = ack.await.map(|_| ()).map_err(anyhow::Error::from);
-            while result.is_err() && tries < 10 {
-                tries += 1;
-                result = match publish(i).await {
-                    Ok(ack) => ack.await.map(|_| ()).map_err(anyhow::Error::from),
-                    Err(e) => Err(e.into()),
-                };
-            }
-            result.map_err(|e| anyhow::anyhow!("publishing q{i}: {e}"))?;
-        }
-    }
+    common::fill_queue(&js, &subjects, queued, SERVICES).await?;
     let published = fill.elapsed();
     loop {
         // While the coordinator works through the inputs a status question may wait its turn.

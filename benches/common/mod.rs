@@ -92,3 +92,61 @@ pub fn percentiles(name: &str, mut samples: Vec<Duration>) -> Duration {
     );
     at(0.50)
 }
+
+/// Publishes `queued` requests (`q0`, `q1`, ...; priorities 1 to 3, services `svc0`..) into the input
+/// stream, in windows of 1,000 awaited PubAcks; an input whose PubAck does not come is published again
+/// under the same message id (stored once).
+pub async fn fill_queue(
+    js: &async_nats::jetstream::Context,
+    subjects: &gpu_coordinator_wire::Subjects,
+    queued: usize,
+    services: usize,
+) -> anyhow::Result<()> {
+    let publish = |i: usize| {
+        let js = js.clone();
+        let subject = subjects.request(&format!("svc{}", i % services));
+        async move {
+            let body = format!(
+                r#"{{"request_id":"q{i}","priority":{},"timeout_ms":3600000}}"#,
+                1 + i % 3
+            );
+            let publish = async_nats::jetstream::message::PublishMessage::build()
+                .payload(body.into())
+                .message_id(format!("q{i}"));
+            js.send_publish(subject, publish).await
+        }
+    };
+    for window in (0..queued).collect::<Vec<_>>().chunks(1_000) {
+        let mut acks = Vec::with_capacity(window.len());
+        for &i in window {
+            acks.push((i, publish(i).await?));
+        }
+        for (i, ack) in acks {
+            let mut tries = 0;
+            let mut result = ack.await.map(|_| ()).map_err(anyhow::Error::from);
+            while result.is_err() && tries < 10 {
+                tries += 1;
+                result = match publish(i).await {
+                    Ok(ack) => ack.await.map(|_| ()).map_err(anyhow::Error::from),
+                    Err(e) => Err(e.into()),
+                };
+            }
+            result.map_err(|e| anyhow::anyhow!("publishing q{i}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The resident set of process `pid`, in MB (NaN where `/proc` does not say).
+pub fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}

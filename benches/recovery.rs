@@ -1,0 +1,125 @@
+//! Recovery and memory with a long queue: `gpu-coordinator serve` as its own process (release build)
+//! on the machine's Postgres, Redis and NATS. A holder takes the GPU, QUEUED requests queue behind it;
+//! then the process is killed with SIGKILL and started again, the holder's release is published at
+//! once, and the time from the kill to the first queued request's grant is printed, with the
+//! process's resident memory idle and with the queue.
+//!
+//! Needs Postgres, Redis and NATS on loopback: `cargo bench --bench recovery [-- QUEUED]`.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use gpu_coordinator_wire::{Outcome, Reply, StatusDoc, Subjects};
+
+const SERVICES: usize = 20;
+
+fn serve(tag: &str, queued: usize) -> anyhow::Result<Child> {
+    Ok(Command::new(env!("CARGO_BIN_EXE_gpu-coordinator"))
+        .arg("serve")
+        .env("GPU_COORDINATOR_NATS__PREFIX", tag)
+        .env("GPU_COORDINATOR_REDIS__KEY_PREFIX", tag)
+        .env(
+            "GPU_COORDINATOR_DATABASE__URL",
+            format!("postgres://postgres@127.0.0.1:5432/gpu_{tag}"),
+        )
+        .env("GPU_COORDINATOR_HTTP__LISTEN", "127.0.0.1:0")
+        .env("GPU_COORDINATOR_NVML__ENABLED", "false")
+        .env("GPU_COORDINATOR_QUEUE__MAX_PER_SERVICE", queued.to_string())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()?)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let queued: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(100_000);
+    let tag = format!("benchrec{}", std::process::id());
+    let subjects = Subjects::new(&tag).map_err(anyhow::Error::msg)?;
+    let client = async_nats::connect("nats://127.0.0.1:4222").await?;
+    let mut child = serve(&tag, queued)?;
+    common::wait_status(&client, &tag).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = common::rss_mb(child.id());
+
+    let mut holder_replies = client.subscribe(subjects.reply("holder")).await?;
+    let mut bulk_replies = client.subscribe(subjects.reply("svc0")).await?;
+    client.flush().await?;
+    let js = async_nats::jetstream::new(client.clone());
+    js.publish(
+        subjects.request("holder"),
+        r#"{"request_id":"holder","priority":0,"lease_ms":3600000}"#.into(),
+    )
+    .await?
+    .await?;
+    let fence = loop {
+        let msg = holder_replies.next().await.expect("replies");
+        let reply: Reply = serde_json::from_slice(&msg.payload)?;
+        if reply.outcome == Outcome::Granted {
+            break reply.fence.expect("a fence");
+        }
+    };
+    let fill = Instant::now();
+    common::fill_queue(&js, &subjects, queued, SERVICES).await?;
+    loop {
+        let asked = client.request(subjects.status(), "".into());
+        if let Ok(Ok(msg)) = tokio::time::timeout(Duration::from_secs(2), asked).await {
+            if serde_json::from_slice::<StatusDoc>(&msg.payload)?.queue_total as usize >= queued {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "{queued} requests queued behind a holder, all handled {:.1} s after the first was published",
+        fill.elapsed().as_secs_f64()
+    );
+    let full = common::rss_mb(child.id());
+
+    let _ = child.kill();
+    let _ = child.wait();
+    let killed = Instant::now();
+    let mut child = serve(&tag, queued)?;
+    js.publish(
+        subjects.release("holder"),
+        format!(r#"{{"request_id":"holder","fence":{fence}}}"#).into(),
+    )
+    .await?
+    .await?;
+    // The head of the queue: the first request of priority 1, `q0` of `svc0`.
+    let first = loop {
+        let msg = bulk_replies.next().await.expect("replies");
+        let reply: Reply = serde_json::from_slice(&msg.payload)?;
+        if reply.outcome == Outcome::Granted {
+            break killed.elapsed();
+        }
+    };
+    let after = common::rss_mb(child.id());
+    println!(
+        "kill -9 with {queued} queued -> first grant after the restart: {:.0} ms",
+        first.as_secs_f64() * 1e3
+    );
+    println!(
+        "RSS of `serve`: {idle:.1} MB idle, {full:.1} MB with {queued} queued, {after:.1} MB after the restart"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let js_cleanup = async_nats::jetstream::new(client);
+    let _ = js_cleanup.delete_stream(subjects.input_stream()).await;
+    let _ = js_cleanup.delete_stream(subjects.output_stream()).await;
+    if let Ok(db) = sea_orm::Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await
+    {
+        use sea_orm::ConnectionTrait as _;
+        let _ = db
+            .execute_unprepared(&format!(
+                "DROP DATABASE IF EXISTS \"gpu_{tag}\" WITH (FORCE)"
+            ))
+            .await;
+    }
+    Ok(())
+}
