@@ -201,10 +201,6 @@ impl Gateway for NatsGateway {
         &self.answers
     }
 
-    fn describe(&self) -> String {
-        "NATS".to_owned()
-    }
-
     fn health(&self) -> Result<(), String> {
         match self.client.connection_state() {
             async_nats::connection::State::Connected => Ok(()),

@@ -472,8 +472,6 @@ pub trait Gateway: Send + Sync + 'static {
     ) -> Result<StoredStream, PortError>;
     /// The reader of the coordinator's replies and `requested` events, that HTTP calls wait on.
     fn answers(&self) -> &gpu_coordinator_client::AnswerReader;
-    /// What the bus is, for messages (`NATS at ...`, `the embedded bus in ...`).
-    fn describe(&self) -> String;
     /// Whether the bus can be used now (readiness): why not, if not.
     fn health(&self) -> Result<(), String>;
 }

@@ -595,10 +595,6 @@ impl Gateway for SqliteBus {
         &self.inner.answers
     }
 
-    fn describe(&self) -> String {
-        format!("the embedded bus in {}", self.inner.file.display())
-    }
-
     fn health(&self) -> Result<(), String> {
         Ok(())
     }
