@@ -65,6 +65,115 @@ pub mod fence {
 
 use gpu_coordinator_core::{End, Fence, Phase, RequestRecord};
 use gpu_coordinator_wire::Encoding;
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ConnectionTrait, DbErr, EntityTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
+    Statement,
+};
+
+use crate::ports::{Loaded, OutboxRow};
+
+/// Non-ended rows. `'ended'` (`Phase::Ended.as_str()`) is written literally so that the planner matches the
+/// partial index `requests_open_seq`; a bind parameter would hide it from a generic plan.
+pub(crate) const OPEN: &str = "\"requests\".\"phase\" <> 'ended'";
+
+/// Ended rows, matching the partial index `requests_ended_recent`.
+pub(crate) const ENDED: &str = "\"requests\".\"phase\" = 'ended'";
+
+/// The messages not yet stored by the bus, in the order they were made.
+const OUTBOX: &str = "SELECT id, msg_id, subject, msgpack, payload FROM outbox ORDER BY id";
+
+/// What a journal holds, as its database stores it.
+pub(crate) struct StoredJournal {
+    rows: Vec<request::Model>,
+    max_fence: i64,
+    max_arrival: i64,
+    input_seq: i64,
+    outbox: Vec<OutboxRow>,
+}
+
+/// Reads, on `conn` (a transaction, so that the parts agree), every request not ended in `seq` order,
+/// then the `retain_ended` most recently ended ones (oldest first); the counters `max_fence`,
+/// `max_arrival` and `input_seq` that the `counters` query of the store's dialect selects; and the
+/// outbox, in order.
+pub(crate) async fn read_journal(
+    conn: &impl ConnectionTrait,
+    counters: &str,
+    retain_ended: usize,
+) -> Result<StoredJournal, DbErr> {
+    let backend = conn.get_database_backend();
+    let mut rows = request::Entity::find()
+        .filter(Expr::cust(OPEN))
+        .order_by_asc(request::Column::Seq)
+        .all(conn)
+        .await?;
+    if retain_ended > 0 {
+        let mut ended = request::Entity::find()
+            .filter(Expr::cust(ENDED))
+            .order_by_desc(request::Column::EndedAt)
+            .order_by_desc(request::Column::Seq)
+            .limit(u64::try_from(retain_ended).unwrap_or(u64::MAX))
+            .all(conn)
+            .await?;
+        ended.reverse();
+        rows.append(&mut ended);
+    }
+    let counters = conn
+        .query_one(Statement::from_string(backend, counters))
+        .await?;
+    let counter = |name: &str| -> Result<i64, DbErr> {
+        counters
+            .as_ref()
+            .map(|row| row.try_get::<i64>("", name))
+            .transpose()
+            .map(|v| v.unwrap_or(0))
+    };
+    let outbox = conn
+        .query_all(Statement::from_string(backend, OUTBOX))
+        .await?
+        .into_iter()
+        .map(|row| {
+            Ok(OutboxRow {
+                id: u64::try_from(row.try_get::<i64>("", "id")?).unwrap_or(0),
+                msg_id: row.try_get("", "msg_id")?,
+                subject: row.try_get("", "subject")?,
+                msgpack: row.try_get("", "msgpack")?,
+                payload: row.try_get("", "payload")?,
+            })
+        })
+        .collect::<Result<Vec<_>, DbErr>>()?;
+    Ok(StoredJournal {
+        rows,
+        max_fence: counter("max_fence")?,
+        max_arrival: counter("max_arrival")?,
+        input_seq: counter("input_seq")?,
+        outbox,
+    })
+}
+
+impl StoredJournal {
+    /// What the driver starts from: the records as the core sees them, and the counters, which are
+    /// never negative.
+    pub(crate) fn into_loaded(self) -> Result<Loaded, RowError> {
+        let unsigned = |name: &str, value: i64| {
+            u64::try_from(value).map_err(|_| RowError::Corrupt {
+                request_id: format!("({name})"),
+                detail: format!("{name} is negative ({value})"),
+            })
+        };
+        Ok(Loaded {
+            records: self
+                .rows
+                .into_iter()
+                .map(to_record)
+                .collect::<Result<Vec<_>, _>>()?,
+            max_fence: Fence(unsigned("max_fence", self.max_fence)?),
+            max_arrival: unsigned("max_arrival", self.max_arrival)?,
+            input_seq: unsigned("input_seq", self.input_seq)?,
+            outbox: self.outbox,
+        })
+    }
+}
 
 /// A record that does not translate to a row, or a row that does not translate back. The store that
 /// meets it names its server around it.

@@ -28,13 +28,12 @@ use gpu_coordinator_core::{Fence, RequestRecord};
 use crate::ports::{Deposed, Journal, PortError};
 use crate::telemetry::redact_url;
 use migration::{Migrator, MigratorTrait};
-use sea_orm::sea_query::{Alias, Expr, OnConflict, PostgresQueryBuilder, Query};
+use sea_orm::sea_query::{Alias, OnConflict, PostgresQueryBuilder, Query};
 use sea_orm::sqlx::{self, postgres::PgConnectOptions, Connection as _, Executor as _};
 use sea_orm::{
     AccessMode, ConnectOptions, ConnectionTrait as _, Database, DatabaseConnection, DbBackend,
-    DbErr, EntityTrait as _, IntoActiveModel as _, IsolationLevel, Iterable as _, QueryFilter as _,
-    QueryOrder as _, QuerySelect as _, QueryTrait as _, RuntimeErr, Statement,
-    TransactionTrait as _,
+    DbErr, EntityTrait as _, IntoActiveModel as _, IsolationLevel, Iterable as _, QueryTrait as _,
+    RuntimeErr, Statement, TransactionTrait as _,
 };
 
 /// How long opening a connection, or waiting for a free one in the pool, may take.
@@ -42,13 +41,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Rows per `INSERT`: 23 parameters each keeps a statement well under Postgres's 65535 bind parameters.
 const ROWS_PER_STATEMENT: usize = 1000;
-
-/// Non-ended rows. `'ended'` (`Phase::Ended.as_str()`) is written literally so that the planner matches the
-/// partial index `requests_open_seq`; a bind parameter would hide it from a generic plan.
-const OPEN: &str = "\"requests\".\"phase\" <> 'ended'";
-
-/// Ended rows, matching the partial index `requests_ended_recent`.
-const ENDED: &str = "\"requests\".\"phase\" = 'ended'";
 
 /// Raises the stored fence (never lowers it) and sets the last input handled when the batch has one
 /// (the driver handles inputs in stream order, so it only rises, but for an input stream made anew).
@@ -80,9 +72,6 @@ const COUNTERS: &str = "SELECT \
               COALESCE((SELECT max(fence) FROM requests), 0)) AS max_fence, \
      COALESCE((SELECT max(seq) FROM requests), 0) AS max_arrival, \
      COALESCE((SELECT input_seq FROM fence WHERE id = 1), 0) AS input_seq";
-
-/// The messages not yet stored by JetStream, in the order they were made.
-const OUTBOX: &str = "SELECT id, msg_id, subject, msgpack, payload FROM outbox ORDER BY id";
 
 /// Serialises concurrent `migrate` calls (several coordinators starting at once) on one database.
 const MIGRATION_LOCK_KEY: i64 = 0x6770_755f_636f_6f72; // "gpu_coor"
@@ -457,77 +446,11 @@ impl PgStore {
             .await
             .map_err(fail)?;
 
-        let mut rows = request::Entity::find()
-            .filter(Expr::cust(OPEN))
-            .order_by_asc(request::Column::Seq)
-            .all(&txn)
+        let stored = entities::read_journal(&txn, COUNTERS, retain_ended)
             .await
-            .map_err(fail)?;
-        if retain_ended > 0 {
-            let mut ended = request::Entity::find()
-                .filter(Expr::cust(ENDED))
-                .order_by_desc(request::Column::EndedAt)
-                .order_by_desc(request::Column::Seq)
-                .limit(u64::try_from(retain_ended).unwrap_or(u64::MAX))
-                .all(&txn)
-                .await
-                .map_err(fail)?;
-            ended.reverse();
-            rows.append(&mut ended);
-        }
-        let counters = txn
-            .query_one(Statement::from_string(DbBackend::Postgres, COUNTERS))
-            .await
-            .map_err(fail)?;
-        let counter = |name: &str| -> Result<i64, PgError> {
-            counters
-                .as_ref()
-                .map(|row| row.try_get::<i64>("", name))
-                .transpose()
-                .map_err(fail)
-                .map(|v| v.unwrap_or(0))
-        };
-        let (max_fence, max_arrival, input_seq) = (
-            counter("max_fence")?,
-            counter("max_arrival")?,
-            counter("input_seq")?,
-        );
-        let outbox = txn
-            .query_all(Statement::from_string(DbBackend::Postgres, OUTBOX))
-            .await
-            .map_err(fail)?
-            .into_iter()
-            .map(|row| {
-                Ok(OutboxRow {
-                    id: u64::try_from(row.try_get::<i64>("", "id")?).unwrap_or(0),
-                    msg_id: row.try_get("", "msg_id")?,
-                    subject: row.try_get("", "subject")?,
-                    msgpack: row.try_get("", "msgpack")?,
-                    payload: row.try_get("", "payload")?,
-                })
-            })
-            .collect::<Result<Vec<_>, DbErr>>()
             .map_err(fail)?;
         txn.commit().await.map_err(fail)?;
-
-        let records = rows
-            .into_iter()
-            .map(|row| self.to_record(row))
-            .collect::<Result<Vec<_>, _>>()?;
-        let unsigned = |name: &str, value: i64| {
-            u64::try_from(value).map_err(|_| PgError::Corrupt {
-                server: self.server.clone(),
-                request_id: format!("({name})"),
-                detail: format!("{name} is negative ({value})"),
-            })
-        };
-        Ok(Loaded {
-            records,
-            max_fence: Fence(unsigned("max_fence", max_fence)?),
-            max_arrival: unsigned("max_arrival", max_arrival)?,
-            input_seq: unsigned("input_seq", input_seq)?,
-            outbox,
-        })
+        stored.into_loaded().map_err(|e| self.row_error(e))
     }
 
     /// Checks that the server answers.
@@ -555,10 +478,6 @@ impl PgStore {
 
     fn to_row(&self, r: &RequestRecord) -> Result<request::Model, PgError> {
         entities::to_row(r).map_err(|e| self.row_error(e))
-    }
-
-    fn to_record(&self, row: request::Model) -> Result<RequestRecord, PgError> {
-        entities::to_record(row).map_err(|e| self.row_error(e))
     }
 
     fn row_error(&self, e: RowError) -> PgError {
@@ -728,11 +647,11 @@ mod tests {
     #[test]
     fn the_literal_phase_is_the_core_s() {
         assert_eq!(
-            OPEN,
+            entities::OPEN,
             format!("\"requests\".\"phase\" <> '{}'", Phase::Ended.as_str())
         );
         assert_eq!(
-            ENDED,
+            entities::ENDED,
             format!("\"requests\".\"phase\" = '{}'", Phase::Ended.as_str())
         );
     }

@@ -22,21 +22,21 @@ pub use lock::DirLock;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gpu_coordinator_core::{Fence, RequestRecord};
+use gpu_coordinator_core::Fence;
 use migration::{Migrator, MigratorTrait};
-use sea_orm::sea_query::{Alias, Expr, OnConflict, Query, SqliteQueryBuilder};
+use sea_orm::sea_query::{Alias, OnConflict, Query, SqliteQueryBuilder};
 use sea_orm::sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
 use sea_orm::{
     ConnectionTrait as _, DatabaseConnection, DbBackend, DbErr, EntityTrait as _,
-    IntoActiveModel as _, Iterable as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
-    QueryTrait as _, SqlxSqliteConnector, Statement, TransactionTrait as _,
+    IntoActiveModel as _, Iterable as _, QueryTrait as _, SqlxSqliteConnector, Statement,
+    TransactionTrait as _,
 };
 
 use super::postgres::entities::{self, request, RowError};
 use super::postgres::last_of_each;
-use crate::ports::{Batch, Journal, Loaded, OutboxRow, PortError};
+use crate::ports::{Batch, Journal, Loaded, PortError};
 
 /// The database file in the data directory.
 pub const DB_FILE: &str = "coordinator.db";
@@ -65,8 +65,6 @@ const COUNTERS: &str = "SELECT \
          COALESCE((SELECT max(fence) FROM requests), 0)) AS max_fence, \
      COALESCE((SELECT max(seq) FROM requests), 0) AS max_arrival, \
      COALESCE((SELECT input_seq FROM fence WHERE id = 1), 0) AS input_seq";
-
-const OUTBOX: &str = "SELECT id, msg_id, subject, msgpack, payload FROM outbox ORDER BY id";
 
 /// What went wrong with the SQLite database. Each message names the file.
 #[derive(Debug, thiserror::Error)]
@@ -268,76 +266,11 @@ impl SqliteStore {
             source,
         };
         let txn = self.db.begin().await.map_err(fail)?;
-        let mut rows = request::Entity::find()
-            .filter(Expr::cust("\"requests\".\"phase\" <> 'ended'"))
-            .order_by_asc(request::Column::Seq)
-            .all(&txn)
+        let stored = entities::read_journal(&txn, COUNTERS, retain_ended)
             .await
-            .map_err(fail)?;
-        if retain_ended > 0 {
-            let mut ended = request::Entity::find()
-                .filter(Expr::cust("\"requests\".\"phase\" = 'ended'"))
-                .order_by_desc(request::Column::EndedAt)
-                .order_by_desc(request::Column::Seq)
-                .limit(u64::try_from(retain_ended).unwrap_or(u64::MAX))
-                .all(&txn)
-                .await
-                .map_err(fail)?;
-            ended.reverse();
-            rows.append(&mut ended);
-        }
-        let counters = txn
-            .query_one(Statement::from_string(DbBackend::Sqlite, COUNTERS))
-            .await
-            .map_err(fail)?;
-        let counter = |name: &str| -> Result<u64, SqliteError> {
-            let value = counters
-                .as_ref()
-                .map(|row| row.try_get::<i64>("", name))
-                .transpose()
-                .map_err(fail)?
-                .unwrap_or(0);
-            u64::try_from(value).map_err(|_| {
-                self.row_error(RowError::Corrupt {
-                    request_id: format!("({name})"),
-                    detail: format!("{name} is negative ({value})"),
-                })
-            })
-        };
-        let (max_fence, max_arrival, input_seq) = (
-            counter("max_fence")?,
-            counter("max_arrival")?,
-            counter("input_seq")?,
-        );
-        let outbox = txn
-            .query_all(Statement::from_string(DbBackend::Sqlite, OUTBOX))
-            .await
-            .map_err(fail)?
-            .into_iter()
-            .map(|row| {
-                Ok(OutboxRow {
-                    id: u64::try_from(row.try_get::<i64>("", "id")?).unwrap_or(0),
-                    msg_id: row.try_get("", "msg_id")?,
-                    subject: row.try_get("", "subject")?,
-                    msgpack: row.try_get("", "msgpack")?,
-                    payload: row.try_get("", "payload")?,
-                })
-            })
-            .collect::<Result<Vec<_>, DbErr>>()
             .map_err(fail)?;
         txn.commit().await.map_err(fail)?;
-        let records = rows
-            .into_iter()
-            .map(entities::to_record)
-            .collect::<Result<Vec<RequestRecord>, _>>()
-            .map_err(|e| self.row_error(e))?;
-        Ok(Loaded {
-            records,
-            max_fence: Fence(max_fence),
-            max_arrival,
-            input_seq,
-            outbox,
-        })
+        stored.into_loaded().map_err(|e| self.row_error(e))
     }
 }
 
