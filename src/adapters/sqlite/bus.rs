@@ -379,19 +379,24 @@ impl Bus for SqliteBus {
 
     async fn already_stored(&self, msg_ids: &[String]) -> Result<HashSet<String>, PortError> {
         let mut found = HashSet::new();
-        for id in msg_ids {
-            let row = self
+        // One query per few hundred ids, well under SQLite's bind parameters.
+        for chunk in msg_ids.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let rows = self
                 .inner
                 .db
-                .query_one(Statement::from_sql_and_values(
+                .query_all(Statement::from_sql_and_values(
                     DbBackend::Sqlite,
-                    "SELECT 1 AS one FROM bus_outputs WHERE msg_id = ?1",
-                    [id.clone().into()],
+                    format!("SELECT msg_id FROM bus_outputs WHERE msg_id IN ({marks})"),
+                    chunk.iter().map(|id| id.clone().into()),
                 ))
                 .await
                 .map_err(|e| self.port_error(e))?;
-            if row.is_some() {
-                found.insert(id.clone());
+            for row in rows {
+                found.insert(
+                    row.try_get::<String>("", "msg_id")
+                        .map_err(|e| self.port_error(e))?,
+                );
             }
         }
         Ok(found)
@@ -597,5 +602,48 @@ impl Gateway for SqliteBus {
 
     fn health(&self) -> Result<(), String> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpu_coordinator_wire::Encoding;
+
+    fn out(msg_id: &str) -> Outbound {
+        Outbound {
+            subject: "gpu.reply.chat".into(),
+            encoding: Encoding::Json,
+            payload: Bytes::from_static(b"{}"),
+            msg_id: msg_id.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn outputs_are_stored_once_per_msg_id_and_known_after() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = SqliteStore::open(dir.path()).await.expect("a store");
+        let subjects = Subjects::new("gpu").expect("a prefix");
+        let bus = SqliteBus::open(&store, &subjects, 60_000)
+            .await
+            .expect("a bus");
+        bus.publish_in_order(&[out("a"), out("b")], true)
+            .await
+            .expect("stored");
+        bus.publish_in_order(&[out("a")], true)
+            .await
+            .expect("stored again");
+        let ids: Vec<String> = ["a", "b", "c"].map(String::from).into();
+        assert_eq!(
+            bus.already_stored(&ids).await.expect("read"),
+            HashSet::from(["a".to_owned(), "b".to_owned()])
+        );
+        let kept: Vec<_> = bus
+            .history(Which::Outputs, "gpu.>", ReadFrom::Start)
+            .await
+            .expect("read")
+            .collect()
+            .await;
+        assert_eq!(kept.len(), 2, "a published twice is stored once");
     }
 }
