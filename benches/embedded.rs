@@ -17,10 +17,7 @@ use serde_json::{json, Value};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cycles: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(2_000);
+    let cycles: usize = common::number_arg(2_000);
     let dir = std::env::temp_dir().join(format!("gpu-bench-embedded-{}", std::process::id()));
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?

@@ -23,10 +23,7 @@ const CYCLES: usize = 500;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let queued: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(0);
+    let queued: usize = common::number_arg(0);
     let coordinator = coordinator_handoff(queued).await?;
     let advisory = advisory_lock_handoff().await?;
     let redis_1 = redis_poll_handoff(Duration::from_millis(1)).await?;

@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -17,28 +17,15 @@ use gpu_coordinator_wire::{Outcome, Reply, StatusDoc, Subjects};
 const SERVICES: usize = 20;
 
 fn serve(tag: &str, queued: usize) -> anyhow::Result<Child> {
-    Ok(Command::new(env!("CARGO_BIN_EXE_gpu-coordinator"))
-        .arg("serve")
-        .env("GPU_COORDINATOR_NATS__PREFIX", tag)
-        .env("GPU_COORDINATOR_REDIS__KEY_PREFIX", tag)
-        .env(
-            "GPU_COORDINATOR_DATABASE__URL",
-            format!("postgres://postgres@127.0.0.1:5432/gpu_{tag}"),
-        )
-        .env("GPU_COORDINATOR_HTTP__LISTEN", "127.0.0.1:0")
-        .env("GPU_COORDINATOR_NVML__ENABLED", "false")
+    Ok(common::serve_command(tag)
         .env("GPU_COORDINATOR_QUEUE__MAX_PER_SERVICE", queued.to_string())
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
         .spawn()?)
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let queued: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(100_000);
+    let queued: usize = common::number_arg(100_000);
     let tag = format!("benchrec{}", std::process::id());
     let subjects = Subjects::new(&tag).map_err(anyhow::Error::msg)?;
     let client = async_nats::connect("nats://127.0.0.1:4222").await?;

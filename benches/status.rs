@@ -19,10 +19,7 @@ const SERVICES: usize = 20;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let queued: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(100_000);
+    let queued: usize = common::number_arg(100_000);
     let tag = format!("benchstatus{}", std::process::id());
     let bench = common::Bench::start(&tag, queued).await?;
     let (http, client) = (bench.http.clone(), bench.client.clone());

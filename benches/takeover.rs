@@ -4,7 +4,9 @@
 //!
 //! Needs Postgres, Redis and NATS on loopback: `cargo bench --bench takeover`.
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -35,19 +37,8 @@ impl Drop for Serving {
 
 /// A coordinator process of the bench's prefix.
 fn serve(tag: &str) -> Serving {
-    let child = Command::new(env!("CARGO_BIN_EXE_gpu-coordinator"))
-        .arg("serve")
-        .env("GPU_COORDINATOR_NATS__PREFIX", tag)
-        .env("GPU_COORDINATOR_REDIS__KEY_PREFIX", tag)
-        .env(
-            "GPU_COORDINATOR_DATABASE__URL",
-            format!("postgres://postgres@127.0.0.1:5432/gpu_{tag}"),
-        )
-        .env("GPU_COORDINATOR_HTTP__LISTEN", "127.0.0.1:0")
-        .env("GPU_COORDINATOR_NVML__ENABLED", "false")
+    let child = common::serve_command(tag)
         .env("RUST_LOG", "error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start gpu-coordinator serve");

@@ -18,10 +18,7 @@ const GPUS: usize = 4;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let seconds: u64 = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(10);
+    let seconds: u64 = common::number_arg(10);
     let run = Duration::from_secs(seconds);
     let tag = format!("bencht{}", std::process::id());
     let bench = common::Bench::start_gpus(&tag, 10_000, GPUS).await?;

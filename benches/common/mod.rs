@@ -150,3 +150,31 @@ pub fn rss_mb(pid: u32) -> f64 {
         })
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
+
+/// The first number on the bench's command line (`cargo bench --bench NAME -- N`), else `default`.
+pub fn number_arg<T: std::str::FromStr>(default: T) -> T {
+    std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `gpu-coordinator serve` on the machine's servers under the bench's `tag` (subject prefix, key
+/// prefix, database `gpu_<tag>`), HTTP on a free port, without NVML, its output discarded; the caller
+/// adds what else it needs and spawns it.
+pub fn serve_command(tag: &str) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_gpu-coordinator"));
+    command
+        .arg("serve")
+        .env("GPU_COORDINATOR_NATS__PREFIX", tag)
+        .env("GPU_COORDINATOR_REDIS__KEY_PREFIX", tag)
+        .env(
+            "GPU_COORDINATOR_DATABASE__URL",
+            format!("postgres://postgres@127.0.0.1:5432/gpu_{tag}"),
+        )
+        .env("GPU_COORDINATOR_HTTP__LISTEN", "127.0.0.1:0")
+        .env("GPU_COORDINATOR_NVML__ENABLED", "false")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    command
+}

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt as _};
 use gpu_coordinator_client::{AnswerFeed, AnswerReader};
 use gpu_coordinator_wire::codec::MSGPACK_CONTENT_TYPE;
 use gpu_coordinator_wire::{EventKind, Subjects};
@@ -182,8 +182,6 @@ impl SqliteBus {
             .boxed())
     }
 }
-
-use futures::TryStreamExt as _;
 
 /// Hands every reply and `requested` event to the answers reader.
 async fn feed_answers(mut outputs: StoredStream, feed: AnswerFeed) {
