@@ -65,10 +65,10 @@ pub mod fence {
 
 use gpu_coordinator_core::{End, Fence, Phase, RequestRecord};
 use gpu_coordinator_wire::Encoding;
-use sea_orm::sea_query::Expr;
+use sea_orm::sea_query::{Alias, Expr, OnConflict, Query};
 use sea_orm::{
-    ConnectionTrait, DbErr, EntityTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
-    Statement,
+    ConnectionTrait, DbBackend, DbErr, EntityTrait as _, IntoActiveModel as _, Iterable as _,
+    QueryFilter as _, QueryOrder as _, QuerySelect as _, QueryTrait as _, Statement,
 };
 
 use crate::ports::{Loaded, OutboxRow};
@@ -82,6 +82,43 @@ pub(crate) const ENDED: &str = "\"requests\".\"phase\" = 'ended'";
 
 /// The messages not yet stored by the bus, in the order they were made.
 const OUTBOX: &str = "SELECT id, msg_id, subject, msgpack, payload FROM outbox ORDER BY id";
+
+/// One statement that writes `rows` (each a new request, or a newer state of one) in `backend`'s
+/// dialect.
+pub(crate) fn upsert_requests(rows: &[request::Model], backend: DbBackend) -> Statement {
+    let upsert = OnConflict::column(request::Column::RequestId)
+        .update_columns(
+            request::Column::iter().filter(|c| !matches!(c, request::Column::RequestId)),
+        )
+        .to_owned();
+    request::Entity::insert_many(rows.iter().cloned().map(|row| row.into_active_model()))
+        .on_conflict(upsert)
+        .build(backend)
+}
+
+/// One statement that adds `rows` to the outbox, in `backend`'s dialect.
+pub(crate) fn insert_outbox(rows: &[OutboxRow], backend: DbBackend) -> Result<Statement, RowError> {
+    let mut insert = Query::insert();
+    insert.into_table(Alias::new("outbox")).columns([
+        Alias::new("id"),
+        Alias::new("msg_id"),
+        Alias::new("subject"),
+        Alias::new("msgpack"),
+        Alias::new("payload"),
+    ]);
+    for row in rows {
+        insert
+            .values([
+                bigint("", "outbox id", row.id)?.into(),
+                row.msg_id.clone().into(),
+                row.subject.clone().into(),
+                row.msgpack.into(),
+                row.payload.clone().into(),
+            ])
+            .expect("five columns, five values");
+    }
+    Ok(backend.build(&insert))
+}
 
 /// What a journal holds, as its database stores it.
 pub(crate) struct StoredJournal {

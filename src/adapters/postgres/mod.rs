@@ -28,12 +28,10 @@ use gpu_coordinator_core::{Fence, RequestRecord};
 use crate::ports::{Deposed, Journal, PortError};
 use crate::telemetry::redact_url;
 use migration::{Migrator, MigratorTrait};
-use sea_orm::sea_query::{Alias, OnConflict, PostgresQueryBuilder, Query};
 use sea_orm::sqlx::{self, postgres::PgConnectOptions, Connection as _, Executor as _};
 use sea_orm::{
     AccessMode, ConnectOptions, ConnectionTrait as _, Database, DatabaseConnection, DbBackend,
-    DbErr, EntityTrait as _, IntoActiveModel as _, IsolationLevel, Iterable as _, QueryTrait as _,
-    RuntimeErr, Statement, TransactionTrait as _,
+    DbErr, IsolationLevel, RuntimeErr, Statement, TransactionTrait as _,
 };
 
 /// How long opening a connection, or waiting for a free one in the pool, may take.
@@ -329,42 +327,10 @@ impl PgStore {
             }
             return Ok(());
         }
-        let upsert = OnConflict::column(request::Column::RequestId)
-            .update_columns(
-                request::Column::iter().filter(|c| !matches!(c, request::Column::RequestId)),
-            )
-            .to_owned();
-        let insert_rows = |rows: &[request::Model]| {
-            request::Entity::insert_many(rows.iter().cloned().map(|row| row.into_active_model()))
-                .on_conflict(upsert.clone())
-                .build(DbBackend::Postgres)
-        };
-        let insert_outbox = |rows: &[OutboxRow]| -> Result<Statement, PgError> {
-            let mut insert = Query::insert();
-            insert.into_table(Alias::new("outbox")).columns([
-                Alias::new("id"),
-                Alias::new("msg_id"),
-                Alias::new("subject"),
-                Alias::new("msgpack"),
-                Alias::new("payload"),
-            ]);
-            for row in rows {
-                insert
-                    .values([
-                        self.bigint("", "outbox id", row.id)?.into(),
-                        row.msg_id.clone().into(),
-                        row.subject.clone().into(),
-                        row.msgpack.into(),
-                        row.payload.clone().into(),
-                    ])
-                    .expect("five columns, five values");
-            }
-            let (sql, values) = insert.build(PostgresQueryBuilder);
-            Ok(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                sql,
-                values,
-            ))
+        let insert_rows =
+            |rows: &[request::Model]| entities::upsert_requests(rows, DbBackend::Postgres);
+        let insert_outbox = |rows: &[OutboxRow]| {
+            entities::insert_outbox(rows, DbBackend::Postgres).map_err(|e| self.row_error(e))
         };
         let deleted_upto = self.deleted_upto.load(std::sync::atomic::Ordering::Relaxed);
         let delete_published = |upto: i64| {

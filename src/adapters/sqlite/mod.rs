@@ -24,17 +24,15 @@ use std::time::Duration;
 
 use gpu_coordinator_core::Fence;
 use migration::{Migrator, MigratorTrait};
-use sea_orm::sea_query::{Alias, OnConflict, Query, SqliteQueryBuilder};
 use sea_orm::sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
 use sea_orm::{
-    ConnectionTrait as _, DatabaseConnection, DbBackend, DbErr, EntityTrait as _,
-    IntoActiveModel as _, Iterable as _, QueryTrait as _, SqlxSqliteConnector, Statement,
+    ConnectionTrait as _, DatabaseConnection, DbBackend, DbErr, SqlxSqliteConnector, Statement,
     TransactionTrait as _,
 };
 
-use super::postgres::entities::{self, request, RowError};
+use super::postgres::entities::{self, RowError};
 use super::postgres::last_of_each;
 use crate::ports::{Batch, Journal, Loaded, PortError};
 
@@ -198,47 +196,16 @@ impl SqliteStore {
             records: rows.len(),
             source,
         };
-        let upsert = OnConflict::column(request::Column::RequestId)
-            .update_columns(
-                request::Column::iter().filter(|c| !matches!(c, request::Column::RequestId)),
-            )
-            .to_owned();
         let txn = self.db.begin().await.map_err(fail)?;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let insert =
-                request::Entity::insert_many(chunk.iter().cloned().map(|r| r.into_active_model()))
-                    .on_conflict(upsert.clone())
-                    .build(DbBackend::Sqlite);
-            txn.execute(insert).await.map_err(fail)?;
+            txn.execute(entities::upsert_requests(chunk, DbBackend::Sqlite))
+                .await
+                .map_err(fail)?;
         }
         for chunk in batch.outbox.chunks(OUTBOX_PER_STATEMENT) {
-            let mut insert = Query::insert();
-            insert.into_table(Alias::new("outbox")).columns([
-                Alias::new("id"),
-                Alias::new("msg_id"),
-                Alias::new("subject"),
-                Alias::new("msgpack"),
-                Alias::new("payload"),
-            ]);
-            for row in chunk {
-                insert
-                    .values([
-                        big("outbox id", row.id)?.into(),
-                        row.msg_id.clone().into(),
-                        row.subject.clone().into(),
-                        row.msgpack.into(),
-                        row.payload.clone().into(),
-                    ])
-                    .expect("five columns, five values");
-            }
-            let (sql, values) = insert.build(SqliteQueryBuilder);
-            txn.execute(Statement::from_sql_and_values(
-                DbBackend::Sqlite,
-                sql,
-                values,
-            ))
-            .await
-            .map_err(fail)?;
+            let insert =
+                entities::insert_outbox(chunk, DbBackend::Sqlite).map_err(|e| self.row_error(e))?;
+            txn.execute(insert).await.map_err(fail)?;
         }
         if let Some(upto) = published {
             txn.execute(Statement::from_sql_and_values(
