@@ -240,7 +240,7 @@ impl LeaseStore {
     /// under another fence, and the GPU's live leases leave room for it; raises the stored fence. Writing
     /// the same lease again (same request and fence) is accepted and changes nothing.
     pub async fn acquire(&self, lease: &Lease) -> Result<Result<(), Refused>, RedisError> {
-        self.write(lease, "acquire").await
+        self.write(LeaseOp::Acquire(lease.clone())).await
     }
 
     /// Extends the lease of `request_id` to `expires_at` if it is held under `fence`. `false`: no such
@@ -251,60 +251,155 @@ impl LeaseStore {
         fence: Fence,
         expires_at: Millis,
     ) -> Result<bool, RedisError> {
-        let done: i64 = RENEW
-            .key(self.key("lease:", request_id))
-            .key(self.key("term", ""))
-            .arg(fence.0)
-            .arg(expires_at)
-            .arg(self.term.load(Ordering::SeqCst))
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|e| self.command("renew", e))?;
-        if done < 0 {
-            return Err(self.deposed(0));
-        }
-        Ok(done == 1)
+        let op = LeaseOp::Renew {
+            request_id: request_id.into(),
+            gpu: Default::default(),
+            fence,
+            expires_at,
+        };
+        Ok(self.apply(&op).await? == LeaseOutcome::Done)
     }
 
     /// Deletes the lease of `request_id` if it is held under `fence`, freeing its place on its GPU.
     /// `false`: no such lease.
     pub async fn release(&self, request_id: &str, fence: Fence) -> Result<bool, RedisError> {
-        let done: i64 = RELEASE
-            .key(self.key("lease:", request_id))
-            .key(self.key("term", ""))
-            .arg(fence.0)
-            .arg(self.key("gpu:", ""))
-            .arg(request_id)
-            .arg(self.term.load(Ordering::SeqCst))
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|e| self.command("release", e))?;
-        if done < 0 {
-            return Err(self.deposed(0));
-        }
-        Ok(done == 1)
+        let op = LeaseOp::Release {
+            request_id: request_id.into(),
+            gpu: Default::default(),
+            fence,
+        };
+        Ok(self.apply(&op).await? == LeaseOutcome::Done)
     }
 
     /// Carries out one of the core's lease operations.
     pub async fn apply(&self, op: &LeaseOp) -> Result<LeaseOutcome, RedisError> {
-        let held = match op {
-            LeaseOp::Acquire(lease) => return Ok(self.acquire(lease).await?.into()),
-            LeaseOp::Restore(lease) => return Ok(self.write(lease, "rewrite").await?.into()),
+        let answer: redis::Value = self
+            .invocation(op)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| self.command(op_name(op), e))?;
+        self.outcome(op, answer)
+    }
+
+    /// Carries out `ops` in order, sent together in one pipeline (one round trip): the outcomes in the
+    /// same order. Scripts the server does not know (it restarted, or was flushed) are loaded, and the
+    /// operations carried out again one by one: each may be repeated (see
+    /// [`Leases::apply_all`](crate::ports::Leases::apply_all)).
+    pub async fn apply_all(&self, ops: &[LeaseOp]) -> Result<Vec<LeaseOutcome>, RedisError> {
+        if ops.len() <= 1 {
+            let mut outcomes = Vec::with_capacity(1);
+            for op in ops {
+                outcomes.push(self.apply(op).await?);
+            }
+            return Ok(outcomes);
+        }
+        let invocations: Vec<_> = ops.iter().map(|op| self.invocation(op)).collect();
+        let mut pipe = redis::pipe();
+        for invocation in &invocations {
+            pipe.invoke_script(invocation);
+        }
+        let answers: Vec<redis::Value> = match pipe.query_async(&mut self.conn.clone()).await {
+            Ok(answers) => answers,
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                let mut outcomes = Vec::with_capacity(ops.len());
+                for op in ops {
+                    outcomes.push(self.apply(op).await?);
+                }
+                return Ok(outcomes);
+            }
+            Err(e) => return Err(self.command("applying lease changes", e)),
+        };
+        if answers.len() != ops.len() {
+            return Err(self.unexpected(
+                "applying lease changes",
+                format!("{} answers to {} operations", answers.len(), ops.len()),
+            ));
+        }
+        ops.iter()
+            .zip(answers)
+            .map(|(op, answer)| self.outcome(op, answer))
+            .collect()
+    }
+
+    /// The script call that carries out `op`.
+    fn invocation(&self, op: &LeaseOp) -> redis::ScriptInvocation<'static> {
+        let term = self.term.load(Ordering::SeqCst);
+        match op {
+            LeaseOp::Acquire(lease) | LeaseOp::Restore(lease) => {
+                let mode = if matches!(op, LeaseOp::Acquire(_)) {
+                    "acquire"
+                } else {
+                    "rewrite"
+                };
+                let mut call = ACQUIRE.prepare_invoke();
+                call.key(self.key("lease:", &lease.request_id))
+                    .key(self.key("gpu:", &lease.gpu))
+                    .key(self.key("fence", ""))
+                    .key(self.key("gpus", ""))
+                    .key(self.key("term", ""))
+                    .arg(self.key("lease:", ""))
+                    .arg(lease.request_id.as_str())
+                    .arg(lease.service_id.as_str())
+                    .arg(lease.gpu.as_str())
+                    .arg(lease.fence.0)
+                    .arg(lease.vram_mb)
+                    .arg(lease.capacity_mb)
+                    .arg(lease.expires_at)
+                    .arg(mode)
+                    .arg(term);
+                call
+            }
             LeaseOp::Renew {
                 request_id,
                 fence,
                 expires_at,
                 ..
-            } => self.renew(request_id, *fence, *expires_at).await?,
+            } => {
+                let mut call = RENEW.prepare_invoke();
+                call.key(self.key("lease:", request_id))
+                    .key(self.key("term", ""))
+                    .arg(fence.0)
+                    .arg(*expires_at)
+                    .arg(term);
+                call
+            }
             LeaseOp::Release {
                 request_id, fence, ..
-            } => self.release(request_id, *fence).await?,
-        };
-        Ok(if held {
-            LeaseOutcome::Done
-        } else {
-            LeaseOutcome::NotHeld
-        })
+            } => {
+                let mut call = RELEASE.prepare_invoke();
+                call.key(self.key("lease:", request_id))
+                    .key(self.key("term", ""))
+                    .arg(fence.0)
+                    .arg(self.key("gpu:", ""))
+                    .arg(request_id.as_str())
+                    .arg(term);
+                call
+            }
+        }
+    }
+
+    /// What the script's `answer` to `op` means.
+    fn outcome(&self, op: &LeaseOp, answer: redis::Value) -> Result<LeaseOutcome, RedisError> {
+        let name = op_name(op);
+        match op {
+            LeaseOp::Acquire(lease) | LeaseOp::Restore(lease) => {
+                let answer: Vec<String> = redis::from_redis_value(answer)
+                    .map_err(|e| self.unexpected(name, e.to_string()))?;
+                Ok(self.written(lease, name, answer)?.into())
+            }
+            LeaseOp::Renew { .. } | LeaseOp::Release { .. } => {
+                let done: i64 = redis::from_redis_value(answer)
+                    .map_err(|e| self.unexpected(name, e.to_string()))?;
+                if done < 0 {
+                    return Err(self.deposed(0));
+                }
+                Ok(if done == 1 {
+                    LeaseOutcome::Done
+                } else {
+                    LeaseOutcome::NotHeld
+                })
+            }
+        }
     }
 
     /// Every live lease, read atomically, in no particular order. `capacity_mb` is the capacity the lease
@@ -360,7 +455,7 @@ impl LeaseStore {
         order.sort_by_key(|&i| leases[i].fence);
         let mut outcomes = vec![Ok(()); leases.len()];
         for i in order {
-            outcomes[i] = self.write(&leases[i], "rewrite").await?;
+            outcomes[i] = self.write(LeaseOp::Restore(leases[i].clone())).await?;
         }
         Ok(outcomes)
     }
@@ -379,35 +474,21 @@ impl LeaseStore {
         &self.prefix
     }
 
-    async fn write(
+    /// Writes a lease (`Acquire` or `Restore`): whether the store refused it.
+    async fn write(&self, op: LeaseOp) -> Result<Result<(), Refused>, RedisError> {
+        Ok(match self.apply(&op).await? {
+            LeaseOutcome::Refused(refused) => Err(refused),
+            LeaseOutcome::Done | LeaseOutcome::NotHeld => Ok(()),
+        })
+    }
+
+    /// What the lease script answered to writing `lease`.
+    fn written(
         &self,
         lease: &Lease,
-        mode: &'static str,
+        op: &'static str,
+        answer: Vec<String>,
     ) -> Result<Result<(), Refused>, RedisError> {
-        let op = if mode == "acquire" {
-            "acquiring a lease"
-        } else {
-            "rewriting a lease"
-        };
-        let answer: Vec<String> = ACQUIRE
-            .key(self.key("lease:", &lease.request_id))
-            .key(self.key("gpu:", &lease.gpu))
-            .key(self.key("fence", ""))
-            .key(self.key("gpus", ""))
-            .key(self.key("term", ""))
-            .arg(self.key("lease:", ""))
-            .arg(lease.request_id.as_str())
-            .arg(lease.service_id.as_str())
-            .arg(lease.gpu.as_str())
-            .arg(lease.fence.0)
-            .arg(lease.vram_mb)
-            .arg(lease.capacity_mb)
-            .arg(lease.expires_at)
-            .arg(mode)
-            .arg(self.term.load(Ordering::SeqCst))
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|e| self.command(op, e))?;
         let value = |field| {
             answer
                 .get(1)
@@ -511,10 +592,26 @@ impl LeaseStore {
     }
 }
 
+/// What an operation is called in errors.
+fn op_name(op: &LeaseOp) -> &'static str {
+    match op {
+        LeaseOp::Acquire(_) => "acquiring a lease",
+        LeaseOp::Restore(_) => "rewriting a lease",
+        LeaseOp::Renew { .. } => "renew",
+        LeaseOp::Release { .. } => "release",
+    }
+}
+
 #[async_trait::async_trait]
 impl Leases for LeaseStore {
     async fn apply(&self, op: &LeaseOp) -> Result<LeaseOutcome, PortError> {
         LeaseStore::apply(self, op).await.map_err(PortError::new)
+    }
+
+    async fn apply_all(&self, ops: &[LeaseOp]) -> Result<Vec<LeaseOutcome>, PortError> {
+        LeaseStore::apply_all(self, ops)
+            .await
+            .map_err(PortError::new)
     }
 
     async fn leases(&self) -> Result<Vec<Lease>, PortError> {

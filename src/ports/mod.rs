@@ -278,6 +278,17 @@ pub trait Leases: Send + Sync + 'static {
     /// Carries out one of the core's lease operations, with the checks [`LeaseOp`] documents. Leases
     /// expire by themselves at `expires_at`.
     async fn apply(&self, op: &LeaseOp) -> Result<LeaseOutcome, PortError>;
+    /// Carries out `ops` in order, as [`Leases::apply`] one after the other would; the outcomes in the
+    /// same order. A store may send them together (one round trip). Every operation may be carried out
+    /// again after an error: writing the same lease again changes nothing, and a release or renewal
+    /// carried out twice only answers [`LeaseOutcome::NotHeld`] or `Done` the second time.
+    async fn apply_all(&self, ops: &[LeaseOp]) -> Result<Vec<LeaseOutcome>, PortError> {
+        let mut outcomes = Vec::with_capacity(ops.len());
+        for op in ops {
+            outcomes.push(self.apply(op).await?);
+        }
+        Ok(outcomes)
+    }
     /// Every live lease, read atomically, in no particular order.
     async fn leases(&self) -> Result<Vec<Lease>, PortError>;
     /// The highest fence ever written (0 when none).

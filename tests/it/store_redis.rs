@@ -421,3 +421,77 @@ async fn redis_refuses_the_writes_of_a_deposed_term() {
     );
     delete_keys(&new).await;
 }
+
+/// Lease changes sent together in one pipeline are carried out in order, each answered as alone: a
+/// release frees room that an acquire after it in the same batch takes, a renewal of a lease released
+/// before it finds none, and a second holder is refused. A server that forgot the scripts (a restart,
+/// `SCRIPT FLUSH`) gets them again and the same answers.
+#[tokio::test]
+async fn redis_applies_a_batch_in_order_in_one_pipeline() {
+    let store = fresh_store().await;
+    let a = lease("a", "gpu0", 1, 100);
+    assert_eq!(store.acquire(&a).await.expect("a"), Ok(()));
+    let b = lease("b", "gpu0", 2, 100);
+    let c = lease("c", "gpu0", 3, 100);
+    let release = |l: &Lease| LeaseOp::Release {
+        request_id: l.request_id.clone(),
+        gpu: l.gpu.clone(),
+        fence: l.fence,
+    };
+    let renew = |l: &Lease| LeaseOp::Renew {
+        request_id: l.request_id.clone(),
+        gpu: l.gpu.clone(),
+        fence: l.fence,
+        expires_at: now_ms() + 120_000,
+    };
+    let batch = [
+        // Full: refused before a's release, taken after it.
+        LeaseOp::Acquire(b.clone()),
+        release(&a),
+        LeaseOp::Acquire(b.clone()),
+        renew(&a),
+        renew(&b),
+        LeaseOp::Acquire(c.clone()),
+    ];
+    let outcomes = store.apply_all(&batch).await.expect("the batch");
+    assert_eq!(outcomes.len(), batch.len());
+    assert!(
+        matches!(outcomes[0], LeaseOutcome::Refused(Refused::Capacity { .. })),
+        "{:?}",
+        outcomes[0]
+    );
+    assert_eq!(
+        outcomes[1..5],
+        [
+            LeaseOutcome::Done,
+            LeaseOutcome::Done,
+            LeaseOutcome::NotHeld,
+            LeaseOutcome::Done
+        ]
+    );
+    assert!(
+        matches!(outcomes[5], LeaseOutcome::Refused(Refused::Capacity { .. })),
+        "{:?}",
+        outcomes[5]
+    );
+    let leases = sorted_leases(&store).await;
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].request_id, b.request_id);
+    assert!(leases[0].expires_at > b.expires_at, "renewed in the batch");
+
+    // The server forgets every script: the batch is carried out all the same, in order.
+    let mut conn = raw().await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .expect("SCRIPT FLUSH");
+    let again = store
+        .apply_all(&[release(&b), LeaseOp::Acquire(c.clone())])
+        .await
+        .expect("the batch after the flush");
+    assert_eq!(again, [LeaseOutcome::Done, LeaseOutcome::Done]);
+    let leases = sorted_leases(&store).await;
+    assert_eq!(leases, [c]);
+    delete_keys(&store).await;
+}
