@@ -1,6 +1,6 @@
 //! Carrying out the scheduler's actions, in the order that makes each effect durable before it is seen:
-//! the journal batch and the lease store first (concurrently), then the messages, published in order
-//! under their outbox ids. The input position and the outbox are the journal's bookkeeping, kept here.
+//! the journal batch and the lease store first (concurrently), then the messages, handed to the
+//! publishing stage, which publishes them in order under their outbox ids. The input position and the outbox are the journal's bookkeeping, kept here.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
@@ -29,8 +29,8 @@ pub(super) struct InputPosition {
 pub(super) struct Outbox {
     /// The next row id.
     next: u64,
-    /// Rows up to this id are stored by the bus; the next write deletes them.
-    published_upto: Option<u64>,
+    /// Rows up to this id are deleted (or their deletion is in the batch being written).
+    deleted_upto: u64,
     /// Makes this process's message ids unique: `<boot>-<row id>`.
     boot: String,
 }
@@ -41,9 +41,17 @@ impl Outbox {
     pub fn after(left: &[OutboxRow]) -> Outbox {
         Outbox {
             next: left.last().map_or(1, |row| row.id + 1),
-            published_upto: left.last().map(|row| row.id),
+            deleted_upto: 0,
             boot: format!("{:016x}", rand::random::<u64>()),
         }
+    }
+
+    /// What the next write deletes, given that the bus stored the rows up to `stored`: up to there, or
+    /// nothing when those are deleted already.
+    pub fn to_delete(&mut self, stored: Option<u64>) -> Option<u64> {
+        let stored = stored.filter(|&upto| upto > self.deleted_upto)?;
+        self.deleted_upto = stored;
+        Some(stored)
     }
 
     /// The rows for these messages, numbered on from the last.
@@ -127,22 +135,25 @@ impl Driver {
                 max_fence: round.fence,
                 input_seq: self.position.pending.take(),
                 outbox: &outbox,
-                published_upto: self.outbox.published_upto.take(),
+                published_upto: self.outbox.to_delete(self.publisher.stored_upto()),
                 term: Some(self.term),
             };
-            // The journal first: it is fenced by the leadership term, so a deposed coordinator's batch
-            // is refused before it can touch the lease store. Both finish before anything is published
-            // or acknowledged, and a restart reconciles a crash between the two (a lease without its
-            // grant in the journal is released; a grant without its lease is written back).
+            // The journal and the lease store together: both are fenced by the leadership term (a
+            // deposed coordinator's writes are refused by each), and both finish before anything is
+            // published or acknowledged. A restart reconciles a crash between the two: a lease without
+            // its grant in the journal is released; a grant without its lease is written back.
             let journal = &self.ports.journal;
-            with_retry("writing the journal", &self.shutdown, || {
-                journal.write(&batch)
-            })
-            .await?;
+            let (written, leased) = tokio::join!(
+                with_retry("writing the journal", &self.shutdown, || {
+                    journal.write(&batch)
+                }),
+                self.apply_leases(&round.lease_ops)
+            );
+            written?;
+            let (refused, lost) = leased?;
             if let Some(seq) = batch.input_seq {
                 self.position.handled = self.position.handled.max(seq);
             }
-            let (refused, lost) = self.apply_leases(&round.lease_ops).await?;
             // What the store said belongs to the round's time, however long the store took.
             let now = self.time_floor;
             for (request_id, fence, why) in refused {
@@ -163,15 +174,15 @@ impl Driver {
                 self.sched
                     .handle_input(Input::LeaseNotHeld { request_id, fence }, now);
             }
+            // Committed: the publishing stage takes the messages, while this loop goes on.
             if let Some(last) = outbox.last().map(|row| row.id) {
                 let outputs: Vec<Outbound> = outbox.iter().map(OutboxRow::outbound).collect();
-                publish(self.ports.bus.as_ref(), &outputs, &self.shutdown).await?;
-                self.outbox.published_upto = Some(last);
+                self.publisher.publish(outputs, last).await?;
             }
         }
     }
 
-    /// Applies lease operations in order. Answers the leases the store refused (request, fence, why) and
+    /// Applies lease operations in order, together. Answers the leases the store refused (request, fence, why) and
     /// the renewed ones it no longer held (request, fence).
     #[allow(clippy::type_complexity)]
     async fn apply_leases(
@@ -180,13 +191,16 @@ impl Driver {
     ) -> anyhow::Result<(Vec<(RequestId, Fence, String)>, Vec<(RequestId, Fence)>)> {
         let mut refused = Vec::new();
         let mut lost = Vec::new();
+        if ops.is_empty() {
+            return Ok((refused, lost));
+        }
         let leases = &self.ports.leases;
-        for op in ops {
-            let outcome = with_retry("writing the lease store", &self.shutdown, || {
-                leases.apply(op)
-            })
-            .await?;
-            match (&outcome, op) {
+        let outcomes = with_retry("writing the lease store", &self.shutdown, || {
+            leases.apply_all(ops)
+        })
+        .await?;
+        for (outcome, op) in outcomes.iter().zip(ops) {
+            match (outcome, op) {
                 (LeaseOutcome::Refused(why), LeaseOp::Acquire(lease) | LeaseOp::Restore(lease)) => {
                     refused.push((lease.request_id.clone(), lease.fence, why.to_string()))
                 }
@@ -207,7 +221,7 @@ impl Driver {
     pub(super) async fn write_bookkeeping(&mut self, input_seq: Option<u64>) -> anyhow::Result<()> {
         let batch = Batch {
             input_seq,
-            published_upto: self.outbox.published_upto.take(),
+            published_upto: self.outbox.to_delete(self.publisher.stored_upto()),
             term: Some(self.term),
             ..Batch::default()
         };

@@ -215,6 +215,7 @@ impl Driver {
     /// next start, and a bus that is away is not waited for.
     async fn stop(&mut self) {
         tracing::info!("stopping: intake closed, flushing the bus");
+        self.publisher.finish(FLUSH_WAIT).await;
         if let Err(e) = self.write_bookkeeping(None).await {
             tracing::warn!("{e:#}");
         }
@@ -345,13 +346,8 @@ impl Driver {
             // that the position survives.
             self.write_bookkeeping(Some(seq)).await?;
         }
-        for (ack, terminate) in settle {
-            if let Err(e) = ack(terminate).await {
-                tracing::warn!(
-                    "acknowledging an input failed (it will be redelivered and answered again): {e}"
-                );
-            }
-        }
+        // Acknowledged once the messages they caused are stored.
+        self.publisher.acknowledge(settle).await?;
         Ok(outcome)
     }
 

@@ -4,12 +4,15 @@
 //! before it is acknowledged:
 //!
 //! 1. write the changed requests, the highest fence, the position of the last input and the messages to
-//!    publish (the outbox) to the [`Journal`](crate::ports::Journal) as one batch, fenced by the
-//!    leadership term; then the lease changes go to the [`Leases`](crate::ports::Leases) store (a
-//!    refused lease goes back to the scheduler as an input);
+//!    publish (the outbox) to the [`Journal`](crate::ports::Journal) as one batch, and at the same time
+//!    the lease changes to the [`Leases`](crate::ports::Leases) store, sent together; both are fenced
+//!    by the leadership term (a refused lease goes back to the scheduler as an input);
 //! 2. publish replies, control orders and events under their outbox ids, and wait until the bus stored
-//!    them (the next batch deletes those rows);
+//!    them (a later batch deletes those rows);
 //! 3. acknowledge the inputs (an invalid input is terminated, never redelivered).
+//!
+//! Steps 2 and 3 run in a publishing stage of their own (`publisher`), in order: the loop goes on to
+//! the next batch while the bus stores the last one's messages.
 //!
 //! At start the outbox left by a crash is published again, and the inputs are read again from the one
 //! after the last handled, so inputs are handled once and in order.
@@ -26,6 +29,7 @@
 
 mod effects;
 mod event_loop;
+mod publisher;
 mod reconcile;
 pub mod retry;
 mod start;
@@ -142,6 +146,8 @@ pub struct Driver {
     nvml: Option<NvmlFeed>,
     position: InputPosition,
     outbox: Outbox,
+    /// The publishing stage: messages of committed batches, then their inputs' acknowledgements.
+    publisher: publisher::Publisher,
     status_limit: u64,
     /// The last time handed to the core (its clock never goes back).
     time_floor: gpu_coordinator_core::Millis,

@@ -5,6 +5,7 @@ use gpu_coordinator_core::{Phase, Snapshot};
 use tokio::sync::mpsc;
 
 use super::effects::{publish, InputPosition, Outbox};
+use super::publisher::Publisher;
 use super::retry::with_retry;
 use super::{now_ms, Command, Driver, Setup};
 use crate::ports::{Outbound, OutboxRow, Ports, Term};
@@ -74,6 +75,11 @@ impl Driver {
             .filter(|r| r.phase != Phase::Ended)
             .count();
         let outbox = Outbox::after(&loaded.outbox);
+        let publisher = Publisher::start(
+            ports.bus.clone(),
+            loaded.outbox.last().map(|row| row.id),
+            shutdown.clone(),
+        );
         sched.restore(
             Snapshot {
                 requests: loaded.records,
@@ -105,6 +111,7 @@ impl Driver {
                 pending: None,
             },
             outbox,
+            publisher,
             status_limit,
             time_floor: now_ms(),
             catching_up: None,

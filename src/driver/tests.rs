@@ -319,6 +319,7 @@ async fn feed(rig: &Rig, driver: &mut Driver, inputs: &[(&str, &str, Value)]) {
         batch.push(stream.next().await.expect("an input").expect("a delivery"));
     }
     driver.handle_batch(batch).await.expect("handled");
+    driver.publisher.done().await;
 }
 
 /// Requests `r1`, `r2`, `r3` of `s`, pushed (inputs 1 to 3) and delivered, in that order.
@@ -373,6 +374,7 @@ async fn an_input_after_a_gap_is_read_again_in_order_not_skipped_past() {
     let outcome = driver.handle_batch(again).await.expect("handled");
     assert_eq!(outcome, Batch::Handled);
     assert_eq!(driver.position.handled, 3);
+    driver.publisher.done().await;
     let granted: Vec<String> = rig
         .messages()
         .into_iter()
