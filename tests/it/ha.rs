@@ -103,9 +103,12 @@ async fn a_second_coordinator_stands_by_and_takes_over_with_the_state() {
     }
 }
 
+/// A leader killed on the same host is replaced at once: its process is gone (the kernel dropped its
+/// presence lock), so the standby does not wait for its lease (30 s here) to expire.
 #[tokio::test]
-async fn a_killed_leader_is_replaced_within_its_lease() {
-    let config = test_config("ha_kill", &[("0", 24_000)]);
+async fn a_killed_leader_is_replaced_at_once_by_a_standby_of_its_host() {
+    let mut config = test_config("ha_kill", &[("0", 24_000)]);
+    config.leader.ttl_ms = 30_000;
     let leader = CoordinatorProcess::start(&config).await;
     let standby = Coordinator::start(config.clone()).await;
     let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
@@ -117,6 +120,10 @@ async fn a_killed_leader_is_replaced_within_its_lease() {
         )
         .await;
     let first = probe.reply("a-1", "granted").await;
+    let db = sea_orm::Database::connect(&config.database.url)
+        .await
+        .expect("the journal's database");
+    let lease_end = leader_lease_end(&db).await;
 
     leader.kill();
     let killed = Instant::now();
@@ -128,16 +135,47 @@ async fn a_killed_leader_is_replaced_within_its_lease() {
         )
         .await;
     let second = probe.reply("b-1", "granted").await;
-    let takeover = killed.elapsed();
-    println!("first grant {takeover:?} after kill -9 of the leader");
-    assert!(second.fence > first.fence);
-    // The lease lasts leader.ttl_ms (1 s): the standby cannot have taken over much sooner.
-    assert!(
-        takeover >= Duration::from_millis(200),
-        "taken over {takeover:?} after the kill: before the lease could expire?"
+    println!(
+        "first grant {:?} after kill -9 of the leader",
+        killed.elapsed()
     );
+    assert!(second.fence > first.fence);
     assert_eq!(status_code(&standby).await, StatusCode::OK);
+    // Granted while the dead leader's lease still ran, by Postgres's clock.
+    let row = sea_orm::ConnectionTrait::query_one(
+        &db,
+        sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT extract(epoch FROM clock_timestamp())::float8 < $1 AS before, term \
+             FROM leader WHERE id = 1",
+            [lease_end.into()],
+        ),
+    )
+    .await
+    .expect("the leader row")
+    .expect("a leader");
+    assert!(
+        row.try_get::<bool>("", "before").expect("a boolean"),
+        "taken over before the dead leader's lease ended"
+    );
+    assert_eq!(row.try_get::<i64>("", "term").expect("the term"), 2);
     standby.stop().await.expect("stops cleanly");
+}
+
+/// When the lease of the leader in the `leader` row ends, by Postgres's clock (seconds since the epoch).
+async fn leader_lease_end(db: &sea_orm::DatabaseConnection) -> f64 {
+    sea_orm::ConnectionTrait::query_one(
+        db,
+        sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT extract(epoch FROM expires_at)::float8 AS expires_at FROM leader WHERE id = 1",
+        ),
+    )
+    .await
+    .expect("the leader row")
+    .expect("a leader")
+    .try_get("", "expires_at")
+    .expect("a timestamp")
 }
 
 fn signal(pid: u32, signal: &str) {
@@ -167,12 +205,20 @@ async fn a_paused_leader_wakes_up_deposed() {
 
     signal(leader.pid(), "-STOP");
     let stopped = Instant::now();
-    // The standby leads once the lease expires, with a-1 still holding.
+    // The standby leads once the lease expires, with a-1 still holding: a stopped process still
+    // holds its presence lock, so it is not taken for gone.
     eventually("the standby leads", || async {
         (status_code(&standby).await == StatusCode::OK).then_some(())
     })
     .await;
-    println!("the standby leads {:?} after SIGSTOP", stopped.elapsed());
+    let takeover = stopped.elapsed();
+    println!("the standby leads {takeover:?} after SIGSTOP");
+    // The lease lasts leader.ttl_ms (1 s) from the last renewal (every third of it): the standby
+    // cannot have taken over much sooner.
+    assert!(
+        takeover >= Duration::from_millis(200),
+        "taken over {takeover:?} after the stop: before the lease could expire?"
+    );
     probe
         .pub_json(
             "request",

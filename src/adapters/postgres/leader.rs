@@ -11,6 +11,12 @@
 //!   has stopped before anybody can take over, and the new leader needs no extra wait. A leader whose
 //!   renewals fail (Postgres away) stops acting when its window ends.
 //! - **Handing it on**: a graceful stop expires the row at once, so a standby takes over within its poll.
+//! - **A holder known to be gone**: each coordinator holds an exclusive `flock` on a file named after
+//!   it in the host's temporary directory (`gpu-coordinator-leaders/`) for as long as its process lives.
+//!   A coordinator on the same host that finds the leader's file unlocked knows that process is gone
+//!   (killed, crashed: the kernel dropped its lock) and takes the row at once, without waiting for it
+//!   to expire. A stopped (`SIGSTOP`) or stalled process still holds its lock; a leader on another
+//!   host (or whose file is out of sight) is waited for as before.
 
 use std::time::Duration;
 
@@ -31,6 +37,11 @@ const TAKE: &str = "INSERT INTO leader (id, term, holder, expires_at) \
      expires_at = EXCLUDED.expires_at \
      WHERE leader.expires_at <= clock_timestamp() \
      RETURNING term";
+
+/// Takes the row from the holder `$3`, known to be gone, whatever its expiry; answers the new term.
+const TAKE_FROM: &str = "UPDATE leader SET term = term + 1, holder = $1, \
+     expires_at = clock_timestamp() + make_interval(secs => $2) \
+     WHERE id = 1 AND holder = $3 RETURNING term";
 
 /// Extends the lease of `term` if this process still holds it.
 const RENEW: &str = "UPDATE leader SET expires_at = clock_timestamp() + make_interval(secs => $3) \
@@ -72,6 +83,8 @@ pub struct PgLeadership {
     lead: Mutex<Option<Lead>>,
     /// While leading: who the leader is and which standbys it saw lately.
     roster: Arc<std::sync::RwLock<Option<Roster>>>,
+    /// Tells the coordinators on this host that this process lives (none when the file cannot be made).
+    _presence: Option<Presence>,
 }
 
 impl PgLeadership {
@@ -79,17 +92,24 @@ impl PgLeadership {
         let host = std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_owned())
             .unwrap_or_else(|_| "host".into());
+        let holder = format!(
+            "{host}-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let presence = Presence::hold(&holder)
+            .inspect_err(|e| {
+                tracing::debug!("no presence file (a restart waits for the lease to expire): {e}")
+            })
+            .ok();
         PgLeadership {
             db,
-            holder: format!(
-                "{host}-{}-{:08x}",
-                std::process::id(),
-                rand::random::<u32>()
-            ),
+            holder,
             ttl,
             poll,
             lead: Mutex::new(None),
             roster: Arc::default(),
+            _presence: presence,
         }
     }
 
@@ -124,10 +144,113 @@ impl PgLeadership {
             ))
             .await
             .map_err(PortError::new)?;
+        let mut taken = row
+            .map(|row| row.try_get::<i64>("", "term"))
+            .transpose()
+            .map(|term| term.map(|t| Term(t as u64)))
+            .map_err(PortError::new)?;
+        if taken.is_none() {
+            // Held: by a process of this host that is gone?
+            if let Some((_, holder)) = self.leader().await {
+                if holder != self.holder && Presence::gone(&holder) {
+                    taken = self.take_from(&holder).await?;
+                    if let Some(term) = taken {
+                        tracing::warn!(
+                            "the leader `{holder}` is gone (its process on this host ended): \
+                             taking over at once in term {}",
+                            term.0
+                        );
+                        Presence::remove(&holder);
+                    }
+                }
+            }
+        }
+        Ok(taken)
+    }
+
+    /// Takes the row from `holder`, whatever its expiry.
+    async fn take_from(&self, holder: &str) -> Result<Option<Term>, PortError> {
+        let row = self
+            .db
+            .query_one(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                TAKE_FROM,
+                [
+                    self.holder.clone().into(),
+                    self.ttl.as_secs_f64().into(),
+                    holder.to_owned().into(),
+                ],
+            ))
+            .await
+            .map_err(PortError::new)?;
         row.map(|row| row.try_get::<i64>("", "term"))
             .transpose()
             .map(|term| term.map(|t| Term(t as u64)))
             .map_err(PortError::new)
+    }
+}
+
+/// An exclusive `flock` on `<tmp>/gpu-coordinator-leaders/<holder>`, held while the process lives: the
+/// kernel drops it when the process ends, however it ends.
+struct Presence {
+    _file: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+impl Presence {
+    fn dir() -> std::path::PathBuf {
+        std::env::temp_dir().join("gpu-coordinator-leaders")
+    }
+
+    /// The file of `holder` (its name kept to letters, digits, `-`, `_` and `.`).
+    fn path(holder: &str) -> std::path::PathBuf {
+        let name: String = holder
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        Presence::dir().join(name)
+    }
+
+    /// Makes and locks the file of `holder`.
+    fn hold(holder: &str) -> std::io::Result<Presence> {
+        std::fs::create_dir_all(Presence::dir())?;
+        let path = Presence::path(holder);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        file.try_lock().map_err(std::io::Error::other)?;
+        Ok(Presence { _file: file, path })
+    }
+
+    /// Whether `holder` is known to be gone: its file is here and nobody holds its lock. Unknown (a
+    /// holder of another host, a file out of sight, an error) is not gone.
+    fn gone(holder: &str) -> bool {
+        let Ok(file) = std::fs::OpenOptions::new()
+            .write(true)
+            .open(Presence::path(holder))
+        else {
+            return false;
+        };
+        file.try_lock().is_ok()
+    }
+
+    /// Deletes the file of a holder that is gone.
+    fn remove(holder: &str) {
+        let _ = std::fs::remove_file(Presence::path(holder));
+    }
+}
+
+impl Drop for Presence {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -297,5 +420,41 @@ impl Leadership for PgLeadership {
         let term: i64 = row.try_get("", "term").ok()?;
         let holder: String = row.try_get("", "holder").ok()?;
         Some((Term(term as u64), holder))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Presence;
+
+    fn unique_holder() -> String {
+        format!("host-{}-{:08x}", std::process::id(), rand::random::<u32>())
+    }
+
+    #[test]
+    fn a_live_holder_is_not_gone_nor_an_unknown_one() {
+        let holder = unique_holder();
+        assert!(!Presence::gone(&holder), "never seen: unknown, not gone");
+        let presence = Presence::hold(&holder).expect("the presence file");
+        assert!(!Presence::gone(&holder), "held by a live holder");
+        drop(presence);
+        assert!(
+            !Presence::gone(&holder),
+            "a graceful end takes the file away"
+        );
+    }
+
+    #[test]
+    fn a_lock_dropped_with_its_file_left_reads_as_gone() {
+        // What a killed process leaves: its file, with nobody holding the lock.
+        let holder = unique_holder();
+        std::fs::create_dir_all(Presence::dir()).expect("the directory");
+        let file = std::fs::File::create(Presence::path(&holder)).expect("the file");
+        file.try_lock().expect("locked");
+        assert!(!Presence::gone(&holder), "locked: alive");
+        drop(file);
+        assert!(Presence::gone(&holder));
+        Presence::remove(&holder);
+        assert!(!Presence::gone(&holder), "no file: unknown");
     }
 }

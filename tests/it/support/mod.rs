@@ -312,6 +312,10 @@ impl CoordinatorProcess {
                 config.lease.default_ms.to_string(),
             )
             .env(
+                "GPU_COORDINATOR_LEADER__TTL_MS",
+                config.leader.ttl_ms.to_string(),
+            )
+            .env(
                 "GPU_COORDINATOR_GPUS",
                 format!(
                     "[{}]",
