@@ -50,6 +50,8 @@ pub struct SqliteBus {
 struct Inner {
     db: DatabaseConnection,
     file: PathBuf,
+    /// The turn to write, shared with the journal ([`SqliteStore::writes`]).
+    writes: Arc<tokio::sync::Mutex<()>>,
     /// How long handled inputs and outputs are kept (`embedded.keep_ms`).
     keep_ms: u64,
     /// The last input stored: wakes the driver's input stream.
@@ -91,6 +93,7 @@ impl SqliteBus {
             inner: Arc::new(Inner {
                 db,
                 file,
+                writes: store.writes(),
                 keep_ms,
                 input_end: watch::channel(last_input).0,
                 outputs: broadcast::channel(BROADCAST).0,
@@ -347,6 +350,7 @@ impl Bus for SqliteBus {
             return Ok(());
         }
         let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let _turn = self.inner.writes.lock().await;
         let txn = db.begin().await.map_err(|e| self.port_error(e))?;
         for sql in [
             "INSERT INTO sqlite_sequence (name, seq) SELECT 'bus_inputs', ?1 \
@@ -409,6 +413,7 @@ impl Bus for SqliteBus {
         let before = i64::try_from(now_ms().saturating_sub(self.inner.keep_ms)).unwrap_or(0);
         let handled = i64::try_from(handled).unwrap_or(i64::MAX);
         let mut removed = 0;
+        let _turn = self.inner.writes.lock().await;
         for (sql, values) in [
             (
                 "DELETE FROM bus_inputs WHERE seq <= ?1 AND stored_at < ?2",
@@ -481,6 +486,7 @@ impl Bus for SqliteBus {
             error: self.port_error(e),
         };
         let at = i64::try_from(now_ms()).unwrap_or(i64::MAX);
+        let _turn = self.inner.writes.lock().await;
         let txn = self.inner.db.begin().await.map_err(fail)?;
         let mut inserted = Vec::new();
         for out in outputs {
@@ -549,6 +555,7 @@ impl SqliteBus {
 impl Gateway for SqliteBus {
     async fn submit(&self, subject: &str, payload: Vec<u8>) -> Result<(), PortError> {
         let at = i64::try_from(now_ms()).unwrap_or(i64::MAX);
+        let turn = self.inner.writes.lock().await;
         let row = self
             .inner
             .db
@@ -566,6 +573,7 @@ impl Gateway for SqliteBus {
                     source,
                 })
             })?;
+        drop(turn);
         if let Some(seq) = row
             .and_then(|r| r.try_get::<i64>("", "seq").ok())
             .and_then(|s| u64::try_from(s).ok())

@@ -20,6 +20,7 @@ pub use bus::SqliteBus;
 pub use lock::DirLock;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use gpu_coordinator_core::Fence;
@@ -132,13 +133,21 @@ pub async fn open(dir: &Path) -> Result<(DatabaseConnection, PathBuf), SqliteErr
 pub struct SqliteStore {
     db: DatabaseConnection,
     file: PathBuf,
+    /// Taken by every write of this process (the journal's and the embedded bus's): SQLite lets one
+    /// writer in at a time, and one that finds the database locked sleeps in steps of milliseconds;
+    /// waiting here instead takes the turn as soon as it is free.
+    writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SqliteStore {
     /// Opens the database of data directory `dir` and brings its schema up to date.
     pub async fn open(dir: &Path) -> Result<SqliteStore, SqliteError> {
         let (db, file) = open(dir).await?;
-        let store = SqliteStore { db, file };
+        let store = SqliteStore {
+            db,
+            file,
+            writes: Arc::default(),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -151,6 +160,11 @@ impl SqliteStore {
     /// The pool, shared with the embedded bus.
     pub fn connection(&self) -> &DatabaseConnection {
         &self.db
+    }
+
+    /// The turn to write, shared with the embedded bus.
+    pub fn writes(&self) -> Arc<tokio::sync::Mutex<()>> {
+        self.writes.clone()
     }
 
     /// Brings the schema up to date (the migrations of Postgres, in their SQLite dialect).
@@ -196,6 +210,7 @@ impl SqliteStore {
             records: rows.len(),
             source,
         };
+        let _turn = self.writes.lock().await;
         let txn = self.db.begin().await.map_err(fail)?;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             txn.execute(entities::upsert_requests(chunk, DbBackend::Sqlite))
