@@ -3,8 +3,9 @@
 //! Drives CYCLES request -> grant -> release cycles (a plain publish, as `nats pub` does) and prints the
 //! latency from publishing the request to receiving the `granted` reply, p50/p99/max, beside two
 //! references measured in the same run: one raw NATS request-reply round trip, one plain publish into a
-//! JetStream stream delivered through a pull consumer (the path of every input), and one Postgres insert
-//! commit.
+//! JetStream stream delivered through a pull consumer (the path of every input), one Postgres insert
+//! commit and one Redis SET; and the floor they add up to (two JetStream deliveries, a round trip, a
+//! commit, a Redis write), with the grant's ratio to it.
 //!
 //! Needs Postgres, Redis and NATS on loopback: `cargo bench --bench grant_latency`.
 
@@ -128,6 +129,30 @@ async fn main() -> anyhow::Result<()> {
         commit.push(start.elapsed());
     }
     db.execute_unprepared("DROP TABLE bench_commit").await?;
+    // Reference 4: one Redis SET on the coordinator's Redis.
+    let redis = redis::Client::open(config.redis.url.as_str())?;
+    let mut conn = redis.get_multiplexed_async_connection().await?;
+    let key = format!("{tag}:bench-set");
+    let mut set = Vec::with_capacity(CYCLES);
+    for i in 0..CYCLES {
+        let start = Instant::now();
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(i)
+            .query_async(&mut conn)
+            .await?;
+        set.push(start.elapsed());
+    }
+    let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
+    // The floor of a grant, as the sum of its servers' p50s: the request's publish and the reply's,
+    // each stored and delivered (2x JetStream), a NATS round trip, a Postgres commit, a Redis write.
+    let p50 = |samples: &[std::time::Duration]| {
+        let mut sorted = samples.to_vec();
+        sorted.sort();
+        sorted[sorted.len() / 2].as_secs_f64() * 1e3
+    };
+    let floor = 2.0 * p50(&inbound) + p50(&raw) + p50(&commit) + p50(&set);
+    let granted = p50(&grant);
 
     println!("grant latency, {CYCLES} cycles on one GPU (figures from this run):");
     common::percentiles("request -> granted reply", grant);
@@ -135,6 +160,12 @@ async fn main() -> anyhow::Result<()> {
     common::percentiles("raw NATS request-reply", raw);
     common::percentiles("JetStream publish -> pull delivery", inbound);
     common::percentiles("Postgres insert commit", commit);
+    common::percentiles("Redis SET", set);
+    println!(
+        "floor (2x JetStream + NATS request-reply + Postgres commit + Redis SET, p50s): {floor:.3} ms; \
+         grant p50 / floor: {:.2}",
+        granted / floor
+    );
 
     bench.stop().await?;
     db.execute_unprepared("SELECT 1").await.ok();

@@ -5,7 +5,8 @@
 //!   library's `Worker`) each transcribe CHUNK-long chunks while they hold the GPU; on `pause` a worker
 //!   finishes its chunk and ACKs. A chat service (priority 0) asks for the GPU at random instants,
 //!   holds it CHAT_HOLD, and releases. Printed: chat time-to-GPU (request to `granted`), and the
-//!   preemption overhead: from the moment the paused worker sends its ACK to the chat's grant.
+//!   preemption overhead: from the moment the paused worker sends its ACK to the chat's grant, beside
+//!   the same chat request's grant on a free GPU (the path an ACK and a grant both take).
 //! - **A FIFO lock** (`pg_advisory_lock`, whose waiters are served in arrival order): the same K
 //!   workers take the lock for one chunk at a time; chat waits in line behind them.
 //!
@@ -68,6 +69,10 @@ async fn main() -> anyhow::Result<()> {
         overheads.append(&mut overhead);
     }
     common::percentiles("preemption overhead: ACK sent -> chat granted", overheads);
+    // The reference: the same chat request through the same client library on a free GPU (no
+    // worker holds it), from its request to its grant.
+    let (free, _) = coordinator_under_load(0).await?;
+    common::percentiles("reference: the chat's grant on a free GPU", free);
     if let Some(file) = csv {
         std::fs::write(&file, rows.join("\n") + "\n")?;
         println!("wrote {file}");
