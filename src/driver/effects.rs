@@ -48,7 +48,7 @@ impl Outbox {
 
     /// What the next write deletes, given that the bus stored the rows up to `stored`: up to there, or
     /// nothing when those are deleted already.
-    pub fn to_delete(&mut self, stored: Option<u64>) -> Option<u64> {
+    pub fn deletion(&mut self, stored: Option<u64>) -> Option<u64> {
         let stored = stored.filter(|&upto| upto > self.deleted_upto)?;
         self.deleted_upto = stored;
         Some(stored)
@@ -135,7 +135,7 @@ impl Driver {
                 max_fence: round.fence,
                 input_seq: self.position.pending.take(),
                 outbox: &outbox,
-                published_upto: self.outbox.to_delete(self.publisher.stored_upto()),
+                published_upto: self.outbox.deletion(self.publisher.stored_upto()),
                 term: Some(self.term),
             };
             // The journal and the lease store together: both are fenced by the leadership term (a
@@ -221,7 +221,7 @@ impl Driver {
     pub(super) async fn write_bookkeeping(&mut self, input_seq: Option<u64>) -> anyhow::Result<()> {
         let batch = Batch {
             input_seq,
-            published_upto: self.outbox.to_delete(self.publisher.stored_upto()),
+            published_upto: self.outbox.deletion(self.publisher.stored_upto()),
             term: Some(self.term),
             ..Batch::default()
         };
