@@ -600,3 +600,46 @@ async fn a_deposed_driver_stops_and_publishes_nothing_more() {
         "nothing of it written"
     );
 }
+
+/// The publishing stage: while the bus has not stored a batch's messages, the loop commits the next
+/// batch; no input is acknowledged before the messages it caused are stored, and the messages go out
+/// in the order of the batches.
+#[tokio::test]
+async fn the_next_batch_commits_while_the_bus_stores_the_last_ones_messages() {
+    let rig = Rig::new();
+    let shutdown = CancellationToken::new();
+    let task = rig.spawn(&shutdown).await;
+    rig.bus.hold_publishing(true);
+    let journaled = |id: &str| rig.outcome().iter().any(|(r, ..)| r == id);
+    let first = rig.push(
+        "request",
+        "asr",
+        json!({"request_id": "asr-1", "priority": 2, "vram_mb": 8000}),
+    );
+    until("the first batch committed", || journaled("asr-1")).await;
+    let second = rig.push(
+        "request",
+        "tts",
+        json!({"request_id": "tts-1", "priority": 2, "vram_mb": 8000}),
+    );
+    until("the next batch committed meanwhile", || journaled("tts-1")).await;
+    assert!(rig.bus.published().is_empty(), "nothing stored yet");
+    assert!(
+        !rig.bus.acked(first) && !rig.bus.acked(second),
+        "no input acknowledged before its messages are stored"
+    );
+    rig.bus.hold_publishing(false);
+    until("both inputs acknowledged", || {
+        rig.bus.acked(first) && rig.bus.acked(second)
+    })
+    .await;
+    let granted: Vec<String> = rig
+        .messages()
+        .into_iter()
+        .filter(|(subject, _, what, _)| subject.starts_with("gpu.reply.") && what == "granted")
+        .map(|(_, id, ..)| id)
+        .collect();
+    assert_eq!(granted, ["asr-1", "tts-1"], "in the order of the batches");
+    shutdown.cancel();
+    task.await.expect("the driver task ends");
+}

@@ -46,6 +46,8 @@ pub struct MemBus {
     status: Arc<Mutex<Option<mpsc::Sender<StatusQuery>>>>,
     trace: Trace,
     faults: Faults,
+    /// While `true`, publishing waits (a bus slow to store).
+    held: Arc<watch::Sender<bool>>,
 }
 
 impl MemBus {
@@ -58,7 +60,13 @@ impl MemBus {
             status: Arc::default(),
             trace,
             faults,
+            held: Arc::new(watch::channel(false).0),
         }
+    }
+
+    /// Holds every publish until called again with `false`: a bus that is slow to store.
+    pub fn hold_publishing(&self, held: bool) {
+        self.held.send_replace(held);
     }
 
     /// Appends an input (JSON) to the stream; answers its sequence.
@@ -196,6 +204,8 @@ impl Bus for MemBus {
         outputs: &[Outbound],
         _pipelined: bool,
     ) -> Result<(), PublishFailure> {
+        // Never closed: the sender lives in `self`.
+        let _ = self.held.subscribe().wait_for(|held| !held).await;
         for out in outputs {
             let verdict = self.faults.next();
             if let Verdict::StallBefore = verdict {
