@@ -63,6 +63,18 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
+    // The same, through the client library (a Rust service's path: the request published into
+    // JetStream with its PubAck awaited, the reply read through a pull consumer), back to back.
+    let library = gpu_coordinator_client::Client::connect(&config.nats.url, &tag, "lib").await?;
+    let mut through_library = Vec::with_capacity(CYCLES / 4);
+    for _ in 0..CYCLES / 4 {
+        let start = Instant::now();
+        let lease = library
+            .request(gpu_coordinator_client::RequestOptions::new(1))
+            .await?;
+        through_library.push(start.elapsed());
+        lease.release().await?;
+    }
     // Reference 1: a raw NATS request-reply round trip on the same server.
     let mut echo = client.subscribe(format!("{tag}.echo")).await?;
     let responder = client.clone();
@@ -157,6 +169,7 @@ async fn main() -> anyhow::Result<()> {
     println!("grant latency, {CYCLES} cycles on one GPU (figures from this run):");
     common::percentiles("request -> granted reply", grant);
     common::percentiles("request -> released reply (cycle)", cycle);
+    common::percentiles("the same through the client library", through_library);
     common::percentiles("raw NATS request-reply", raw);
     common::percentiles("JetStream publish -> pull delivery", inbound);
     common::percentiles("Postgres insert commit", commit);
