@@ -1,6 +1,7 @@
 //! Carrying out the scheduler's actions, in the order that makes each effect durable before it is seen:
 //! the journal batch and the lease store first (concurrently), then the messages, handed to the
-//! publishing stage, which publishes them in order under their outbox ids. The input position and the outbox are the journal's bookkeeping, kept here.
+//! publishing stage, which publishes them in order under their outbox ids. The input position and the
+//! outbox are the journal's bookkeeping, kept here.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
@@ -182,8 +183,8 @@ impl Driver {
         }
     }
 
-    /// Applies lease operations in order, together. Answers the leases the store refused (request, fence, why) and
-    /// the renewed ones it no longer held (request, fence).
+    /// Applies lease operations in order, sent together. Answers the leases the store refused (request,
+    /// fence, why) and the renewed ones it no longer held (request, fence).
     #[allow(clippy::type_complexity)]
     async fn apply_leases(
         &self,
