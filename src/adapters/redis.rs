@@ -47,9 +47,7 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 /// fence even when newer ones were issued since; the term, the `held` and the capacity checks keep out
 /// an old leader and a second holder). Answers `{"ok"}`, `{"held", fence}`,
 /// `{"stale", stored}` or `{"capacity", used_mb}`.
-static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const ACQUIRE: &str = r#"
 local mine = tonumber(ARGV[10])
 local leader = tonumber(redis.call('GET', KEYS[5]) or '0')
 if mine > 0 and mine < leader then return {'deposed', tostring(leader)} end
@@ -82,14 +80,10 @@ redis.call('HSET', KEYS[2], ARGV[2], ARGV[6])
 redis.call('SADD', KEYS[4], ARGV[4])
 if fence > stored then redis.call('SET', KEYS[3], ARGV[5]) end
 return {'ok'}
-"#,
-    )
-});
+"#;
 
 /// Extends a lease whose fence matches. `KEYS`: the lease. `ARGV`: fence, new expiry. Answers 1 or 0.
-static RENEW: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const RENEW: &str = r#"
 local mine = tonumber(ARGV[3])
 local leader = tonumber(redis.call('GET', KEYS[2]) or '0')
 if mine > 0 and mine < leader then return -1 end
@@ -97,15 +91,11 @@ if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'expires_at', ARGV[2])
 redis.call('PEXPIREAT', KEYS[1], ARGV[2])
 return 1
-"#,
-    )
-});
+"#;
 
 /// Deletes a lease whose fence matches, and its place on its GPU. `KEYS`: the lease. `ARGV`: fence, the GPU
 /// key prefix, request id. Answers 1 or 0.
-static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const RELEASE: &str = r#"
 local mine = tonumber(ARGV[4])
 local leader = tonumber(redis.call('GET', KEYS[2]) or '0')
 if mine > 0 and mine < leader then return -1 end
@@ -114,9 +104,7 @@ if lease[1] ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('HDEL', ARGV[2] .. lease[2], ARGV[3])
 return 1
-"#,
-    )
-});
+"#;
 
 /// Raises the stored leadership term to `ARGV[1]` unless a newer one is stored. `KEYS`: `term`. Answers
 /// the term stored after.
@@ -274,41 +262,26 @@ impl LeaseStore {
     /// Carries out one of the core's lease operations.
     pub async fn apply(&self, op: &LeaseOp) -> Result<LeaseOutcome, RedisError> {
         let answer: redis::Value = self
-            .invocation(op)
-            .invoke_async(&mut self.conn.clone())
+            .script_call(op)
+            .query_async(&mut self.conn.clone())
             .await
             .map_err(|e| self.command(op_name(op), e))?;
         self.outcome(op, answer)
     }
 
     /// Carries out `ops` in order, sent together in one pipeline (one round trip): the outcomes in the
-    /// same order. Scripts the server does not know (it restarted, or was flushed) are loaded, and the
-    /// operations carried out again one by one: each may be repeated (see
-    /// [`Leases::apply_all`](crate::ports::Leases::apply_all)).
+    /// same order. Each goes as `EVAL` with its script's text, which Redis compiles once and keeps:
+    /// with `EVALSHA`, a server that forgot a script (a restart, `SCRIPT FLUSH`) would fail that one
+    /// operation alone and run those after it, out of order.
     pub async fn apply_all(&self, ops: &[LeaseOp]) -> Result<Vec<LeaseOutcome>, RedisError> {
-        if ops.len() <= 1 {
-            let mut outcomes = Vec::with_capacity(1);
-            for op in ops {
-                outcomes.push(self.apply(op).await?);
-            }
-            return Ok(outcomes);
-        }
-        let invocations: Vec<_> = ops.iter().map(|op| self.invocation(op)).collect();
         let mut pipe = redis::pipe();
-        for invocation in &invocations {
-            pipe.invoke_script(invocation);
+        for op in ops {
+            pipe.add_command(self.script_call(op));
         }
-        let answers: Vec<redis::Value> = match pipe.query_async(&mut self.conn.clone()).await {
-            Ok(answers) => answers,
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                let mut outcomes = Vec::with_capacity(ops.len());
-                for op in ops {
-                    outcomes.push(self.apply(op).await?);
-                }
-                return Ok(outcomes);
-            }
-            Err(e) => return Err(self.command("applying lease changes", e)),
-        };
+        let answers: Vec<redis::Value> = pipe
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| self.command("applying lease changes", e))?;
         if answers.len() != ops.len() {
             return Err(self.unexpected(
                 "applying lease changes",
@@ -321,9 +294,10 @@ impl LeaseStore {
             .collect()
     }
 
-    /// The script call that carries out `op`.
-    fn invocation(&self, op: &LeaseOp) -> redis::ScriptInvocation<'static> {
+    /// The script call (`EVAL`) that carries out `op`.
+    fn script_call(&self, op: &LeaseOp) -> redis::Cmd {
         let term = self.term.load(Ordering::SeqCst);
+        let mut call = redis::cmd("EVAL");
         match op {
             LeaseOp::Acquire(lease) | LeaseOp::Restore(lease) => {
                 let mode = if matches!(op, LeaseOp::Acquire(_)) {
@@ -331,12 +305,13 @@ impl LeaseStore {
                 } else {
                     "rewrite"
                 };
-                let mut call = ACQUIRE.prepare_invoke();
-                call.key(self.key("lease:", &lease.request_id))
-                    .key(self.key("gpu:", &lease.gpu))
-                    .key(self.key("fence", ""))
-                    .key(self.key("gpus", ""))
-                    .key(self.key("term", ""))
+                call.arg(ACQUIRE)
+                    .arg(5)
+                    .arg(self.key("lease:", &lease.request_id))
+                    .arg(self.key("gpu:", &lease.gpu))
+                    .arg(self.key("fence", ""))
+                    .arg(self.key("gpus", ""))
+                    .arg(self.key("term", ""))
                     .arg(self.key("lease:", ""))
                     .arg(lease.request_id.as_str())
                     .arg(lease.service_id.as_str())
@@ -347,7 +322,6 @@ impl LeaseStore {
                     .arg(lease.expires_at)
                     .arg(mode)
                     .arg(term);
-                call
             }
             LeaseOp::Renew {
                 request_id,
@@ -355,27 +329,28 @@ impl LeaseStore {
                 expires_at,
                 ..
             } => {
-                let mut call = RENEW.prepare_invoke();
-                call.key(self.key("lease:", request_id))
-                    .key(self.key("term", ""))
+                call.arg(RENEW)
+                    .arg(2)
+                    .arg(self.key("lease:", request_id))
+                    .arg(self.key("term", ""))
                     .arg(fence.0)
                     .arg(*expires_at)
                     .arg(term);
-                call
             }
             LeaseOp::Release {
                 request_id, fence, ..
             } => {
-                let mut call = RELEASE.prepare_invoke();
-                call.key(self.key("lease:", request_id))
-                    .key(self.key("term", ""))
+                call.arg(RELEASE)
+                    .arg(2)
+                    .arg(self.key("lease:", request_id))
+                    .arg(self.key("term", ""))
                     .arg(fence.0)
                     .arg(self.key("gpu:", ""))
                     .arg(request_id.as_str())
                     .arg(term);
-                call
             }
         }
+        call
     }
 
     /// What the script's `answer` to `op` means.

@@ -425,7 +425,7 @@ async fn redis_refuses_the_writes_of_a_deposed_term() {
 /// Lease changes sent together in one pipeline are carried out in order, each answered as alone: a
 /// release frees room that an acquire after it in the same batch takes, a renewal of a lease released
 /// before it finds none, and a second holder is refused. A server that forgot the scripts (a restart,
-/// `SCRIPT FLUSH`) gets them again and the same answers.
+/// `SCRIPT FLUSH`) runs the batch in the same order.
 #[tokio::test]
 async fn redis_applies_a_batch_in_order_in_one_pipeline() {
     let store = fresh_store().await;
@@ -479,19 +479,32 @@ async fn redis_applies_a_batch_in_order_in_one_pipeline() {
     assert_eq!(leases[0].request_id, b.request_id);
     assert!(leases[0].expires_at > b.expires_at, "renewed in the batch");
 
-    // The server forgets every script: the batch is carried out all the same, in order.
+    // The server forgets its scripts, then learns one again (a lease written alone): a batch whose
+    // first operation needs a forgotten script still runs in order. Had the release failed alone, the
+    // acquire after it would find the GPU full and the one after that would raise the fence past it.
     let mut conn = raw().await;
     let _: () = redis::cmd("SCRIPT")
         .arg("FLUSH")
         .query_async(&mut conn)
         .await
         .expect("SCRIPT FLUSH");
+    let other = lease("other", "gpu1", 4, 10);
+    assert_eq!(store.acquire(&other).await.expect("other"), Ok(()));
+    let c = lease("c", "gpu0", 5, 100);
+    let d = lease("d", "gpu1", 6, 10);
     let again = store
-        .apply_all(&[release(&b), LeaseOp::Acquire(c.clone())])
+        .apply_all(&[
+            release(&b),
+            LeaseOp::Acquire(c.clone()),
+            LeaseOp::Acquire(d.clone()),
+        ])
         .await
         .expect("the batch after the flush");
-    assert_eq!(again, [LeaseOutcome::Done, LeaseOutcome::Done]);
+    assert_eq!(
+        again,
+        [LeaseOutcome::Done, LeaseOutcome::Done, LeaseOutcome::Done]
+    );
     let leases = sorted_leases(&store).await;
-    assert_eq!(leases, [c]);
+    assert_eq!(leases, [other, c, d]);
     delete_keys(&store).await;
 }
