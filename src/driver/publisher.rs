@@ -16,14 +16,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::effects::publish;
-use crate::ports::{Bus, Outbound, Settle};
+use crate::ports::{Ack, Bus, Outbound};
 
 /// How many committed batches may wait for the bus before the driver waits with them: a bus that is
 /// away stops the intake soon.
 const QUEUE: usize = 16;
 
 /// One input's acknowledgement: `true` ends its redelivery for good (it was invalid).
-pub(super) type Acknowledgement = (Box<dyn FnOnce(bool) -> Settle + Send + Sync>, bool);
+pub(super) type Acknowledgement = (Ack, bool);
 
 enum Work {
     /// Messages under their outbox ids; `last` is the highest id among them.

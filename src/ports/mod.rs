@@ -330,6 +330,9 @@ pub struct PublishFailure {
 /// Settles one delivered input with the bus, once its effects are durable.
 pub type Settle = Pin<Box<dyn Future<Output = Result<(), PortError>> + Send>>;
 
+/// Settles one delivered input: acknowledges it (`false`), or ends its redelivery (`true`).
+pub type Ack = Box<dyn FnOnce(bool) -> Settle + Send + Sync>;
+
 /// One input as the bus delivered it.
 pub struct Delivery {
     /// Its position in the input stream (0: unknown, never skipped as handled).
@@ -342,7 +345,7 @@ pub struct Delivery {
     pub content_type: Option<String>,
     pub payload: Bytes,
     /// Acknowledges it (`false`), or ends its redelivery for good (`true`: it was invalid).
-    pub ack: Box<dyn FnOnce(bool) -> Settle + Send + Sync>,
+    pub ack: Ack,
 }
 
 impl std::fmt::Debug for Delivery {
