@@ -14,6 +14,7 @@ const state = {
   maxId: -1,           // the highest event id (stream sequence) applied
   statusPending: false,
   statusAgain: false,
+  streaming: false,    // the event stream is open
   frames: [],          // event -> paint delays, in ms (window.gpuPageStats)
 };
 window.gpuPageStats = { eventToPaintMs: state.frames, events: 0 };
@@ -68,6 +69,8 @@ async function refreshStatus() {
     if (r.status === 401 || r.status === 403) { needToken(used); return; }
     if (!r.ok) { setConnection("lost", "the coordinator answers " + r.status); return; }
     renderStatus(await r.json());
+    // A status answered again after a 503 (a change of leader) while the events kept coming.
+    if (state.streaming) setConnection("live", "live");
   } catch (e) {
     setConnection("lost", "the coordinator is out of reach; retrying");
   } finally {
@@ -192,11 +195,13 @@ async function connectEvents() {
       }
       if (!r.ok || !r.body) throw new Error("HTTP " + r.status);
       setConnection("live", "live");
+      state.streaming = true;
       refreshStatus();
       await readStream(r.body.getReader());
     } catch (e) {
       // fall through: reconnect
     }
+    state.streaming = false;
     setConnection("lost", "reconnecting…");
     await new Promise((res) => setTimeout(res, 1000));
   }
