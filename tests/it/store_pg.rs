@@ -464,3 +464,69 @@ async fn pg_batches_of_a_deposed_term_change_nothing() {
     assert_eq!((state.records.len(), state.input_seq), (1, 5));
     finish(store, &name).await;
 }
+
+/// A batch is one statement whatever its size (one array per column): 3,000 records, beyond what
+/// Postgres's 65,535 bind parameters would allow as rows of values, and 5,000 outbox rows round-trip; a
+/// batch whose last record breaks a constraint leaves nothing of itself, records, outbox or position.
+#[tokio::test]
+async fn pg_a_batch_of_any_size_is_written_whole_or_not_at_all() {
+    use gpu_coordinator::adapters::postgres::{Batch, OutboxRow};
+    let (store, name) = fresh_store().await;
+    let row = |id: u64| OutboxRow {
+        id,
+        msg_id: format!("m-{id}"),
+        subject: format!("gpu.reply.s{}", id % 7),
+        msgpack: id.is_multiple_of(3),
+        payload: id.to_be_bytes().to_vec(),
+    };
+    let phases = [Phase::Queued, Phase::Active, Phase::Pausing, Phase::Ended];
+    let records: Vec<RequestRecord> = (1..=3_000u64)
+        .map(|seq| record(&format!("r{seq}"), seq, phases[seq as usize % phases.len()]))
+        .collect();
+    let outbox: Vec<OutboxRow> = (1..=5_000).map(row).collect();
+    store
+        .write(&Batch {
+            records: &records,
+            max_fence: Some(Fence(70_000)),
+            input_seq: Some(3_000),
+            outbox: &outbox,
+            ..Batch::default()
+        })
+        .await
+        .expect("a big batch");
+    let state = store.load_state(3_000).await.expect("load");
+    let mut loaded = state.records.clone();
+    loaded.sort_by_key(|r| r.arrival);
+    assert_eq!(loaded, records);
+    assert_eq!(state.outbox, outbox);
+    assert_eq!((state.input_seq, state.max_fence), (3_000, Fence(70_000)));
+
+    // The last record takes an arrival number another request holds (`seq` is unique).
+    let mut broken: Vec<RequestRecord> = (3_001..=5_000u64)
+        .map(|seq| bare(&format!("r{seq}"), seq))
+        .collect();
+    broken.push(bare("thief", 17));
+    let err = store
+        .write(&Batch {
+            records: &broken,
+            max_fence: Some(Fence(90_000)),
+            input_seq: Some(5_000),
+            outbox: &[row(5_001)],
+            published_upto: Some(2_500),
+            term: None,
+        })
+        .await
+        .expect_err("a duplicate arrival number");
+    assert!(
+        matches!(err, PgError::Write { records: 2_001, .. }),
+        "{err:?}"
+    );
+    let after = store.load_state(3_000).await.expect("load");
+    assert_eq!(after.records.len(), 3_000, "no record of the failed batch");
+    assert_eq!(
+        after.outbox, outbox,
+        "neither its outbox row nor its deletion"
+    );
+    assert_eq!((after.input_seq, after.max_fence), (3_000, Fence(70_000)));
+    finish(store, &name).await;
+}

@@ -5,7 +5,7 @@
 //! comes from the core's `Persist` and `PersistFence` actions through the driver, and what [`PgStore::load`]
 //! returns goes back to the core unchanged.
 //!
-//! - [`PgStore::apply`] writes a batch in one transaction, so the batch is durable entirely or not at all;
+//! - [`PgStore::apply`] writes a batch as one statement (one transaction), so the batch is durable entirely or not at all;
 //!   the driver acknowledges the batch's inputs to JetStream only after it returns `Ok`.
 //! - The stored fence only rises (`GREATEST`), whatever order batches arrive in.
 //! - [`PgStore::load`] reads from one snapshot (repeatable read), so the requests and the fence agree.
@@ -20,7 +20,7 @@ pub use entities::{fence, request, RowError};
 pub use leader::PgLeadership;
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use gpu_coordinator_core::{Fence, RequestRecord};
@@ -37,9 +37,6 @@ use sea_orm::{
 /// How long opening a connection, or waiting for a free one in the pool, may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Rows per `INSERT`: 23 parameters each keeps a statement well under Postgres's 65535 bind parameters.
-const ROWS_PER_STATEMENT: usize = 1000;
-
 /// Raises the stored fence (never lowers it) and sets the last input handled when the batch has one
 /// (the driver handles inputs in stream order, so it only rises, but for an input stream made anew).
 const RAISE_FENCE: &str =
@@ -54,14 +51,6 @@ const CHECK_TERM: &str =
 
 /// The SQLSTATE `gpu_coordinator_check_term` raises.
 const STALE_TERM: &str = "GC001";
-
-/// Deletes the outbox rows JetStream has stored.
-/// From the last id deleted on: the rows below it are gone, and a range from the table's start would walk
-/// the index entries of every dead row not yet vacuumed (a cost that grows with the traffic).
-const DELETE_PUBLISHED: &str = "DELETE FROM outbox WHERE id > $1 AND id <= $2";
-
-/// Outbox rows per `INSERT`: five parameters each.
-const OUTBOX_PER_STATEMENT: usize = 4000;
 
 /// The counters the driver starts from: the highest fence (the `fence` row, and the requests' own in
 /// case), the highest arrival number (an index read on the unique `seq`), the last input handled.
@@ -155,51 +144,174 @@ pub enum PgError {
     },
 }
 
-/// Several statements as one: `WITH s0 AS (...), s1 AS (...) <last>`, their `$n` placeholders renumbered
-/// in order. The statements come from the query builder (or constants here), whose SQL text holds no `$`
-/// but in placeholders.
-fn one_statement(parts: Vec<Statement>) -> Statement {
-    let n = parts.len();
-    let mut ctes = Vec::new();
-    let mut values = Vec::new();
-    let mut last = String::new();
-    for (i, part) in parts.into_iter().enumerate() {
-        let text = renumber(&part.sql, values.len());
-        values.extend(part.values.map(|v| v.0).unwrap_or_default());
-        if i + 1 < n {
-            ctes.push(format!("s{i} AS ({text})"));
-        } else {
-            last = text;
-        }
-    }
-    let sql = if ctes.is_empty() {
-        last
-    } else {
-        format!("WITH {} {last}", ctes.join(", "))
+/// The columns of `requests`, in the order of [`RequestColumns`], with each one's type for `unnest`.
+const REQUEST_COLUMNS: [(&str, &str); 23] = [
+    ("request_id", "text"),
+    ("service_id", "text"),
+    ("priority", "smallint"),
+    ("seq", "bigint"),
+    ("encoding", "text"),
+    ("vram_mb", "bigint"),
+    ("gpu_pin", "text"),
+    ("preemptible", "boolean"),
+    ("lease_ms", "bigint"),
+    ("requested_at", "bigint"),
+    ("timeout_at", "bigint"),
+    ("phase", "text"),
+    ("gpu", "text"),
+    ("held_mb", "bigint"),
+    ("fence", "bigint"),
+    ("granted_at", "bigint"),
+    ("expires_at", "bigint"),
+    ("pause_deadline", "bigint"),
+    ("paused_at", "bigint"),
+    ("waited_ms", "bigint"),
+    ("outcome", "text"),
+    ("ended_at", "bigint"),
+    ("detail", "text"),
+];
+
+/// The batch statement under a term ([`CHECK_TERM`] as its first part); its parameters are the term, then
+/// those of [`WRITE_BATCH`].
+static WRITE_BATCH_FENCED: LazyLock<String> = LazyLock::new(|| write_batch(true));
+
+/// The batch statement, unfenced. Its parameters: one array per column of `requests` (see
+/// [`RequestColumns`]); the outbox's five columns as arrays; the outbox ids to delete (from, up to; both
+/// null for none); the fence to raise to; the last input handled (null: unchanged).
+static WRITE_BATCH: LazyLock<String> = LazyLock::new(|| write_batch(false));
+
+/// The text of [`WRITE_BATCH`] or [`WRITE_BATCH_FENCED`]: data-modifying CTEs, which commit or fail
+/// together.
+fn write_batch(fenced: bool) -> String {
+    let mut next = 0;
+    let mut param = || {
+        next += 1;
+        format!("${next}")
     };
-    Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
+    let mut parts = Vec::new();
+    if fenced {
+        parts.push(format!("t AS ({})", CHECK_TERM.replace("$1", &param())));
+    }
+    let names = REQUEST_COLUMNS.map(|(name, _)| name);
+    let arrays = REQUEST_COLUMNS.map(|(_, ty)| format!("{}::{ty}[]", param()));
+    let updates = names[1..].iter().map(|c| format!("{c} = EXCLUDED.{c}"));
+    parts.push(format!(
+        "r AS (INSERT INTO requests ({}) SELECT * FROM unnest({}) \
+         ON CONFLICT (request_id) DO UPDATE SET {})",
+        names.join(", "),
+        arrays.join(", "),
+        updates.collect::<Vec<_>>().join(", ")
+    ));
+    let outbox =
+        ["bigint", "text", "text", "boolean", "bytea"].map(|ty| format!("{}::{ty}[]", param()));
+    parts.push(format!(
+        "o AS (INSERT INTO outbox (id, msg_id, subject, msgpack, payload) SELECT * FROM unnest({}))",
+        outbox.join(", ")
+    ));
+    // The outbox rows JetStream has stored, from the last id deleted on: the rows below it are gone, and
+    // a range from the table's start would walk the index entries of every dead row not yet vacuumed (a
+    // cost that grows with the traffic).
+    let (from, upto) = (param(), param());
+    parts.push(format!(
+        "d AS (DELETE FROM outbox WHERE id > {from}::bigint AND id <= {upto}::bigint)"
+    ));
+    let (fence, input_seq) = (param(), param());
+    let raise = RAISE_FENCE
+        .replace("$1", &format!("{fence}::bigint"))
+        .replace("$2", &format!("{input_seq}::bigint"));
+    format!("WITH {} {raise}", parts.join(", "))
 }
 
-/// `$n` -> `$(n + offset)`.
-fn renumber(sql: &str, offset: usize) -> String {
-    let mut out = String::with_capacity(sql.len() + 8);
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        out.push(c);
-        if c == '$' {
-            let mut digits = String::new();
-            while let Some(d) = chars.peek().copied().filter(char::is_ascii_digit) {
-                digits.push(d);
-                chars.next();
-            }
-            match digits.parse::<usize>() {
-                Ok(n) => out.push_str(&(n + offset).to_string()),
-                Err(_) => out.push_str(&digits),
-            }
-        }
-    }
-    out
+/// Request rows as one vector per column, in the order of [`REQUEST_COLUMNS`].
+#[derive(Default)]
+struct RequestColumns {
+    request_id: Vec<String>,
+    service_id: Vec<String>,
+    priority: Vec<i16>,
+    seq: Vec<i64>,
+    encoding: Vec<String>,
+    vram_mb: Vec<Option<i64>>,
+    gpu_pin: Vec<Option<String>>,
+    preemptible: Vec<bool>,
+    lease_ms: Vec<i64>,
+    requested_at: Vec<i64>,
+    timeout_at: Vec<i64>,
+    phase: Vec<String>,
+    gpu: Vec<Option<String>>,
+    held_mb: Vec<Option<i64>>,
+    fence: Vec<Option<i64>>,
+    granted_at: Vec<Option<i64>>,
+    expires_at: Vec<Option<i64>>,
+    pause_deadline: Vec<Option<i64>>,
+    paused_at: Vec<Option<i64>>,
+    waited_ms: Vec<Option<i64>>,
+    outcome: Vec<Option<String>>,
+    ended_at: Vec<Option<i64>>,
+    detail: Vec<Option<String>>,
 }
+
+impl RequestColumns {
+    fn of(rows: Vec<request::Model>) -> RequestColumns {
+        let mut c = RequestColumns::default();
+        for r in rows {
+            c.request_id.push(r.request_id);
+            c.service_id.push(r.service_id);
+            c.priority.push(r.priority);
+            c.seq.push(r.seq);
+            c.encoding.push(r.encoding);
+            c.vram_mb.push(r.vram_mb);
+            c.gpu_pin.push(r.gpu_pin);
+            c.preemptible.push(r.preemptible);
+            c.lease_ms.push(r.lease_ms);
+            c.requested_at.push(r.requested_at);
+            c.timeout_at.push(r.timeout_at);
+            c.phase.push(r.phase);
+            c.gpu.push(r.gpu);
+            c.held_mb.push(r.held_mb);
+            c.fence.push(r.fence);
+            c.granted_at.push(r.granted_at);
+            c.expires_at.push(r.expires_at);
+            c.pause_deadline.push(r.pause_deadline);
+            c.paused_at.push(r.paused_at);
+            c.waited_ms.push(r.waited_ms);
+            c.outcome.push(r.outcome);
+            c.ended_at.push(r.ended_at);
+            c.detail.push(r.detail);
+        }
+        c
+    }
+
+    /// `query` with the columns bound, in order.
+    fn bind(self, query: PgQuery<'_>) -> PgQuery<'_> {
+        query
+            .bind(self.request_id)
+            .bind(self.service_id)
+            .bind(self.priority)
+            .bind(self.seq)
+            .bind(self.encoding)
+            .bind(self.vram_mb)
+            .bind(self.gpu_pin)
+            .bind(self.preemptible)
+            .bind(self.lease_ms)
+            .bind(self.requested_at)
+            .bind(self.timeout_at)
+            .bind(self.phase)
+            .bind(self.gpu)
+            .bind(self.held_mb)
+            .bind(self.fence)
+            .bind(self.granted_at)
+            .bind(self.expires_at)
+            .bind(self.pause_deadline)
+            .bind(self.paused_at)
+            .bind(self.waited_ms)
+            .bind(self.outcome)
+            .bind(self.ended_at)
+            .bind(self.detail)
+    }
+}
+
+/// A statement with its arguments, on Postgres.
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
 /// The requests table, the fence row and the outbox of one PostgreSQL database: the [`Journal`].
 #[derive(Debug, Clone)]
@@ -281,10 +393,11 @@ impl PgStore {
         .await
     }
 
-    /// Writes one batch atomically: the records (the later of two with one `request_id` wins), the
-    /// highest fence and the last input handled (both only raised), the new outbox rows, and the deletion
-    /// of the outbox rows already published. The common case is one statement, one round trip (data-
-    /// modifying CTEs are atomic); a batch too big for one statement is a transaction.
+    /// Writes one batch atomically, as one statement ([`WRITE_BATCH`], or [`WRITE_BATCH_FENCED`] under a
+    /// term): the records (the later of two with one `request_id` wins), the highest fence and the last
+    /// input handled (both only raised), the new outbox rows, and the deletion of the outbox rows already
+    /// published. The rows travel as one array per column, so the statement's text is the same whatever
+    /// the batch's size: each connection prepares it once, and no batch is too big for one statement.
     pub async fn write(&self, batch: &Batch<'_>) -> Result<(), PgError> {
         if batch.is_empty() && batch.term.is_none() {
             return Ok(());
@@ -302,89 +415,83 @@ impl PgStore {
             .published_upto
             .map(|id| self.bigint("", "outbox id", id))
             .transpose()?;
+        let term = batch
+            .term
+            .map(|t| self.bigint("", "term", t.0))
+            .transpose()?;
+        let outbox_ids = batch
+            .outbox
+            .iter()
+            .map(|row| self.bigint("", "outbox id", row.id))
+            .collect::<Result<Vec<_>, _>>()?;
         let n_rows = rows.len();
-        let term = batch.term.map(|t| t.0);
-        let fail = |source: DbErr| match (term, stale_term(&source)) {
-            (Some(term), Some(detail)) => PgError::StaleTerm {
-                server: self.server.clone(),
-                term,
-                detail,
-            },
-            _ => PgError::Write {
-                server: self.server.clone(),
-                records: n_rows,
-                source,
-            },
+        let fail = |source: sqlx::Error| {
+            let source = DbErr::Exec(RuntimeErr::SqlxError(source));
+            match (batch.term, stale_term(&source)) {
+                (Some(term), Some(detail)) => PgError::StaleTerm {
+                    server: self.server.clone(),
+                    term: term.0,
+                    detail,
+                },
+                _ => PgError::Write {
+                    server: self.server.clone(),
+                    records: n_rows,
+                    source,
+                },
+            }
         };
-        let check_term = term
-            .map(|t| self.bigint("", "term", t))
-            .transpose()?
-            .map(|t| Statement::from_sql_and_values(DbBackend::Postgres, CHECK_TERM, [t.into()]));
+        let pool = self.db.get_postgres_connection_pool();
         if batch.is_empty() {
             // Nothing to write but the term to check: the lease changes that follow are this term's.
-            if let Some(check) = check_term {
-                self.db.execute(check).await.map_err(fail)?;
-            }
+            sqlx::query(CHECK_TERM)
+                .bind(term)
+                .execute(pool)
+                .await
+                .map_err(fail)?;
             return Ok(());
         }
-        let insert_rows =
-            |rows: &[request::Model]| entities::upsert_requests(rows, DbBackend::Postgres);
-        let insert_outbox = |rows: &[OutboxRow]| {
-            entities::insert_outbox(rows, DbBackend::Postgres).map_err(|e| self.row_error(e))
-        };
         let deleted_upto = self.deleted_upto.load(std::sync::atomic::Ordering::Relaxed);
-        let delete_published = |upto: i64| {
-            Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                DELETE_PUBLISHED,
-                [deleted_upto.min(upto).into(), upto.into()],
+        let columns = RequestColumns::of(rows);
+        let query = match term {
+            Some(term) => sqlx::query(WRITE_BATCH_FENCED.as_str()).bind(term),
+            None => sqlx::query(WRITE_BATCH.as_str()),
+        };
+        columns
+            .bind(query)
+            .bind(outbox_ids)
+            .bind(
+                batch
+                    .outbox
+                    .iter()
+                    .map(|r| r.msg_id.as_str())
+                    .collect::<Vec<_>>(),
             )
-        };
-        let deleted = |upto: Option<i64>| {
-            if let Some(upto) = upto {
-                self.deleted_upto
-                    .fetch_max(upto, std::sync::atomic::Ordering::Relaxed);
-            }
-        };
-        let raise = Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            RAISE_FENCE,
-            [fence.into(), input_seq.into()],
-        );
-
-        if rows.len() <= ROWS_PER_STATEMENT && batch.outbox.len() <= OUTBOX_PER_STATEMENT {
-            // The term is checked first: its error aborts the whole statement.
-            let mut parts: Vec<Statement> = check_term.into_iter().collect();
-            if !rows.is_empty() {
-                parts.push(insert_rows(&rows));
-            }
-            if !batch.outbox.is_empty() {
-                parts.push(insert_outbox(batch.outbox)?);
-            }
-            if let Some(upto) = published {
-                parts.push(delete_published(upto));
-            }
-            parts.push(raise);
-            self.db.execute(one_statement(parts)).await.map_err(fail)?;
-            deleted(published);
-            return Ok(());
-        }
-        let txn = self.db.begin().await.map_err(fail)?;
-        if let Some(check) = check_term {
-            txn.execute(check).await.map_err(fail)?;
-        }
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            txn.execute(insert_rows(chunk)).await.map_err(fail)?;
-        }
-        for chunk in batch.outbox.chunks(OUTBOX_PER_STATEMENT) {
-            txn.execute(insert_outbox(chunk)?).await.map_err(fail)?;
-        }
+            .bind(
+                batch
+                    .outbox
+                    .iter()
+                    .map(|r| r.subject.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(batch.outbox.iter().map(|r| r.msgpack).collect::<Vec<_>>())
+            .bind(
+                batch
+                    .outbox
+                    .iter()
+                    .map(|r| r.payload.as_slice())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(published.map(|upto| deleted_upto.min(upto)))
+            .bind(published)
+            .bind(fence)
+            .bind(input_seq)
+            .execute(pool)
+            .await
+            .map_err(fail)?;
         if let Some(upto) = published {
-            txn.execute(delete_published(upto)).await.map_err(fail)?;
+            self.deleted_upto
+                .fetch_max(upto, std::sync::atomic::Ordering::Relaxed);
         }
-        txn.execute(raise).await.map_err(fail)?;
-        txn.commit().await.map_err(fail)?;
-        deleted(published);
         Ok(())
     }
 
@@ -578,37 +685,6 @@ impl Journal for PgStore {
 mod tests {
     use super::*;
     use gpu_coordinator_core::Phase;
-
-    #[test]
-    fn statements_are_joined_with_their_placeholders_renumbered() {
-        assert_eq!(
-            renumber("VALUES ($1, $2, $10) WHERE x = $11", 23),
-            "VALUES ($24, $25, $33) WHERE x = $34"
-        );
-        let part = |sql: &str, n: i64| {
-            Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                sql,
-                (0..n).map(sea_orm::Value::from),
-            )
-        };
-        let joined = one_statement(vec![
-            part("INSERT INTO a VALUES ($1, $2)", 2),
-            part("DELETE FROM b WHERE id <= $1", 1),
-            part(
-                "INSERT INTO c VALUES ($1, COALESCE($2, 0)) ON CONFLICT DO UPDATE SET y = $2",
-                2,
-            ),
-        ]);
-        assert_eq!(
-            joined.sql,
-            "WITH s0 AS (INSERT INTO a VALUES ($1, $2)), s1 AS (DELETE FROM b WHERE id <= $3) \
-             INSERT INTO c VALUES ($4, COALESCE($5, 0)) ON CONFLICT DO UPDATE SET y = $5"
-        );
-        assert_eq!(joined.values.map(|v| v.0.len()), Some(5));
-        let alone = one_statement(vec![part("SELECT $1", 1)]);
-        assert_eq!(alone.sql, "SELECT $1");
-    }
 
     #[test]
     fn the_literal_phase_is_the_core_s() {
