@@ -115,6 +115,12 @@ pub struct Scheduler {
     services: HashMap<ServiceId, BTreeSet<u64>>,
     /// Queued and paused requests in grant order: (effective priority, arrival).
     queue: BTreeSet<(u8, u64)>,
+    /// The paused requests of `queue`, by the same keys.
+    paused: BTreeSet<(u8, u64)>,
+    /// How many requests `queue` holds by (priority, GPU): (queued, paused). The GPU is a queued
+    /// request's pin, a paused one's GPU. Kept as the queue changes, so that the status needs no walk
+    /// of the whole queue.
+    queue_counts: BTreeMap<(u8, Option<GpuId>), (u64, u64)>,
     timers: BTreeSet<(Millis, u64, TimerKind)>,
     /// Recently ended requests, to answer a repeated id with the final state.
     ended: HashMap<RequestId, RequestRecord>,
@@ -146,6 +152,8 @@ impl Scheduler {
             ids: HashMap::new(),
             services: HashMap::new(),
             queue: BTreeSet::new(),
+            paused: BTreeSet::new(),
+            queue_counts: BTreeMap::new(),
             timers: BTreeSet::new(),
             ended: HashMap::new(),
             ended_order: VecDeque::new(),
@@ -1354,7 +1362,9 @@ impl Scheduler {
             .live
             .remove(&seq)
             .expect("a live request by its arrival number");
-        self.queue.remove(&(live.eff, seq));
+        if self.queue.remove(&(live.eff, seq)) {
+            self.count_queued(&live.rec, live.eff, seq, false);
+        }
         for gpu in &mut self.gpus {
             gpu.queue.remove(&(live.eff, seq));
         }
@@ -1396,11 +1406,15 @@ impl Scheduler {
                     }
                 }
                 timers.push((rec.timeout_at, TimerKind::Timeout));
-                self.queue.insert((live.eff, seq));
+                if self.queue.insert((live.eff, seq)) {
+                    self.count_queued(rec, live.eff, seq, true);
+                }
             }
             Phase::Paused => {
                 live.eff = rec.priority;
-                self.queue.insert((live.eff, seq));
+                if self.queue.insert((live.eff, seq)) {
+                    self.count_queued(rec, live.eff, seq, true);
+                }
             }
             Phase::Active | Phase::Pausing => {
                 if let Some(at) = rec.expires_at {
@@ -1443,6 +1457,35 @@ impl Scheduler {
         }
         live.timers = timers;
         self.live.insert(seq, live);
+    }
+
+    /// Counts a request that enters (`add`) or leaves the queue under `(eff, seq)` in `paused` and
+    /// `queue_counts`.
+    fn count_queued(&mut self, rec: &RequestRecord, eff: u8, seq: u64, add: bool) {
+        let is_paused = rec.phase == Phase::Paused;
+        let gpu = if is_paused { &rec.gpu } else { &rec.gpu_pin };
+        let key = (rec.priority, gpu.clone());
+        let count = self.queue_counts.entry(key.clone()).or_default();
+        let n = if is_paused {
+            &mut count.1
+        } else {
+            &mut count.0
+        };
+        if add {
+            *n += 1;
+        } else {
+            *n -= 1;
+        }
+        if *count == (0, 0) {
+            self.queue_counts.remove(&key);
+        }
+        if is_paused {
+            if add {
+                self.paused.insert((eff, seq));
+            } else {
+                self.paused.remove(&(eff, seq));
+            }
+        }
     }
 
     /// Changes a live request's record, keeping every index right, and marks it for persistence.
@@ -1698,7 +1741,8 @@ impl Scheduler {
     }
 
     /// The status with one page of the queue, its total and its counts by priority and GPU: the
-    /// document stays small however long the queue is. O(queue) in time, O(page) in size.
+    /// document stays small however long the queue is. O(page's end + paused) in time (the counts are
+    /// kept as the queue changes), O(page) in size.
     pub fn status_page(&self, now: Millis, page: QueuePage) -> StatusView {
         let holder = |seq: &u64| {
             let rec = self.live_rec(*seq);
@@ -1743,35 +1787,18 @@ impl Scheduler {
                 .unwrap_or(0)
         };
         let n_gpus = self.gpus.len().max(1) as u64;
-        let mut ahead_ms = 0u64;
-        let mut paused = Vec::new();
-        let mut queue = Vec::new();
-        let mut counts: BTreeMap<(u8, Option<&GpuId>), (u64, u64)> = BTreeMap::new();
         let page_end = page.offset.saturating_add(page.limit);
+        let mut ahead_ms = 0u64;
+        let mut queue = Vec::new();
+        // The entries up to the page's end only: those before it for the wait ahead.
         for (i, &(_, seq)) in self.queue.iter().enumerate() {
             let i = i as u64;
-            let rec = self.live_rec(seq);
-            let is_paused = rec.phase == Phase::Paused;
-            let gpu = if is_paused {
-                rec.gpu.as_ref()
-            } else {
-                rec.gpu_pin.as_ref()
-            };
-            let count = counts.entry((rec.priority, gpu)).or_default();
-            if is_paused {
-                count.1 += 1;
-                paused.push(PausedView {
-                    request_id: rec.request_id.clone(),
-                    service_id: rec.service_id.clone(),
-                    priority: rec.priority,
-                    gpu: rec.gpu.clone().unwrap_or_default(),
-                    vram_mb: rec.held_mb.unwrap_or(0),
-                    paused_at: rec.paused_at.unwrap_or(0),
-                });
-            } else {
-                count.0 += 1;
+            if i >= page_end {
+                break;
             }
-            if (page.offset..page_end).contains(&i) {
+            let rec = self.live_rec(seq);
+            if i >= page.offset {
+                let is_paused = rec.phase == Phase::Paused;
                 queue.push(QueueView {
                     position: i + 1,
                     request_id: rec.request_id.clone(),
@@ -1787,6 +1814,21 @@ impl Scheduler {
             }
             ahead_ms = ahead_ms.saturating_add(rec.lease_ms);
         }
+        let paused = self
+            .paused
+            .iter()
+            .map(|&(_, seq)| {
+                let rec = self.live_rec(seq);
+                PausedView {
+                    request_id: rec.request_id.clone(),
+                    service_id: rec.service_id.clone(),
+                    priority: rec.priority,
+                    gpu: rec.gpu.clone().unwrap_or_default(),
+                    vram_mb: rec.held_mb.unwrap_or(0),
+                    paused_at: rec.paused_at.unwrap_or(0),
+                }
+            })
+            .collect();
         StatusView {
             at: now,
             vram_source: self.vram_source,
@@ -1795,11 +1837,12 @@ impl Scheduler {
             queue,
             queue_total: self.queue.len() as u64,
             queue_offset: page.offset,
-            queue_counts: counts
-                .into_iter()
-                .map(|((priority, gpu), (queued, paused))| QueueCountView {
-                    priority,
-                    gpu: gpu.cloned(),
+            queue_counts: self
+                .queue_counts
+                .iter()
+                .map(|((priority, gpu), &(queued, paused))| QueueCountView {
+                    priority: *priority,
+                    gpu: gpu.clone(),
                     queued,
                     paused,
                 })
@@ -1873,6 +1916,26 @@ impl Scheduler {
                     ));
                 }
             }
+        }
+        let mut counts: BTreeMap<(u8, Option<GpuId>), (u64, u64)> = BTreeMap::new();
+        let mut paused = BTreeSet::new();
+        for &(eff, seq) in &self.queue {
+            let rec = self.live_rec(seq);
+            if rec.phase == Phase::Paused {
+                paused.insert((eff, seq));
+                counts.entry((rec.priority, rec.gpu.clone())).or_default().1 += 1;
+            } else {
+                counts
+                    .entry((rec.priority, rec.gpu_pin.clone()))
+                    .or_default()
+                    .0 += 1;
+            }
+        }
+        if counts != self.queue_counts || paused != self.paused {
+            return Err(format!(
+                "the queue counts {:?} and paused {:?}, kept, are not the queue's {counts:?} and {paused:?}",
+                self.queue_counts, self.paused
+            ));
         }
         if self.queue.len() + self.gpus.iter().map(|g| g.holders.len()).sum::<usize>()
             != self.live.len()
