@@ -1,7 +1,8 @@
 //! How an input's cost grows with the queue: `cargo bench -p gpu-coordinator-core --bench scale`.
 //!
 //! Queues n requests behind a holder, then times single inputs: a new request at the tail, a cancel
-//! in the middle, a release that grants the head, a timeout firing. The module docs promise O(log n)
+//! in the middle, a release that grants the head, a timeout firing; and a restart's restore of the
+//! queue's records into a new scheduler. The module docs promise O(log n)
 //! per input; the figures for 1,000 and 100,000 queued requests, and their ratio, show it.
 //!
 //! Two shapes: one GPU; and two GPUs where every queued request is too big for the smaller one, which
@@ -10,7 +11,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use gpu_coordinator_core::{GpuSpec, Input, Millis, SchedConfig, Scheduler};
+use gpu_coordinator_core::{GpuSpec, Input, Millis, SchedConfig, Scheduler, Snapshot};
 use gpu_coordinator_wire::{CancelMsg, Encoding, Inbound, ReleaseMsg, RequestMsg};
 
 /// Inputs timed of each kind.
@@ -75,29 +76,34 @@ struct Shape {
     queued_mb: u64,
 }
 
-/// Time per input of each kind, and the setup.
+/// Time per input of each kind, the setup, and a restart's restore of the same queue.
 struct Figures {
     setup: Duration,
+    restore: Duration,
     kinds: Vec<(&'static str, Duration)>,
 }
 
 fn run(shape: &Shape, n: usize) -> Figures {
-    let config = SchedConfig {
+    let config = || SchedConfig {
         lease_max_ms: 3_600_000,
         default_timeout_ms: NEVER_MS,
         retain_ended: 10_000,
+        // One service queues them all.
+        max_per_service: usize::MAX,
         ..SchedConfig::default()
     };
-    let gpus = shape
-        .gpus
-        .iter()
-        .map(|&(id, total_mb)| GpuSpec {
-            id: id.to_string().into(),
-            total_mb,
-        })
-        .collect();
+    let gpus = || -> Vec<GpuSpec> {
+        shape
+            .gpus
+            .iter()
+            .map(|&(id, total_mb)| GpuSpec {
+                id: id.to_string().into(),
+                total_mb,
+            })
+            .collect()
+    };
     let mut b = Bench {
-        sched: Scheduler::new(config, gpus),
+        sched: Scheduler::new(config(), gpus()),
         now: T0,
         actions: 0,
     };
@@ -115,6 +121,25 @@ fn run(shape: &Shape, n: usize) -> Figures {
     }
     let setup = start.elapsed();
     assert_eq!(b.sched.live_count(), n + M + 1);
+
+    // What a restart does with the same queue: the records as the journal returns them, restored.
+    let ids = std::iter::once("h0".to_string())
+        .chain((0..n).map(|i| format!("q{i}")))
+        .chain((0..M).map(|j| format!("t{j}")));
+    let snapshot = Snapshot {
+        requests: ids
+            .map(|id| b.sched.record(&id).expect("a live request").clone())
+            .collect(),
+        max_fence: b.sched.last_fence(),
+        leases: b.sched.leases(),
+        max_arrival: (n + M + 1) as u64,
+    };
+    let mut restarted = Scheduler::new(config(), gpus());
+    let start = Instant::now();
+    restarted.restore(snapshot, b.now);
+    let restore = start.elapsed();
+    assert_eq!(restarted.live_count(), n + M + 1);
+    drop(restarted);
     let mut kinds = Vec::new();
 
     // A new request at the tail.
@@ -166,7 +191,11 @@ fn run(shape: &Shape, n: usize) -> Figures {
     kinds.push(("release granting the head", start.elapsed() / M as u32));
     assert!(b.sched.last_fence().0 >= granted_before.0 + M as u64);
     black_box(b.actions);
-    Figures { setup, kinds }
+    Figures {
+        setup,
+        restore,
+        kinds,
+    }
 }
 
 fn us(d: Duration) -> f64 {
@@ -234,6 +263,16 @@ fn main() {
         print!("{:<28}", "setup total (ms)");
         for (_, f) in &figures {
             print!("{:>14.1}", f.setup.as_secs_f64() * 1e3);
+        }
+        println!();
+        print!("{:<28}", "restore per request");
+        for (n, f) in &figures {
+            print!("{:>14.2}", us(f.restore) / (*n + M + 1) as f64);
+        }
+        println!();
+        print!("{:<28}", "restore total (ms)");
+        for (_, f) in &figures {
+            print!("{:>14.1}", f.restore.as_secs_f64() * 1e3);
         }
         println!();
     }
