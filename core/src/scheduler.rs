@@ -287,6 +287,11 @@ impl Scheduler {
             .collect();
         let mut records = snapshot.requests;
         records.sort_by_key(|r| r.arrival);
+        // Room for them all at once: growing the tables step by step copies every request again at
+        // each step (most of a long queue's restore).
+        let open = records.iter().filter(|r| r.phase != Phase::Ended).count();
+        self.live.reserve(open);
+        self.ids.reserve(open);
         // Leases written back go after every stale lease is released: a stale one would otherwise
         // count against a GPU's capacity and get a legitimate holder refused.
         let mut write_back = Vec::new();
@@ -301,8 +306,11 @@ impl Scheduler {
             }
             let holding = matches!(rec.phase, Phase::Active | Phase::Pausing);
             let seq = rec.arrival;
-            let id = rec.request_id.clone();
-            let lease = leases.remove(&id);
+            let lease = if leases.is_empty() {
+                None
+            } else {
+                leases.remove(&rec.request_id)
+            };
             self.insert_live(rec);
             if !holding {
                 if let Some(stale) = lease {
@@ -1341,19 +1349,21 @@ impl Scheduler {
     fn insert_live(&mut self, rec: RequestRecord) {
         let seq = rec.arrival;
         self.ids.insert(rec.request_id.clone(), seq);
-        self.services
-            .entry(rec.service_id.clone())
-            .or_default()
-            .insert(seq);
-        self.live.insert(
-            seq,
-            Live {
-                eff: rec.priority,
-                rec,
-                timers: Vec::new(),
-            },
-        );
-        self.attach(seq, None);
+        match self.services.get_mut(&rec.service_id) {
+            Some(seqs) => {
+                seqs.insert(seq);
+            }
+            None => {
+                self.services
+                    .insert(rec.service_id.clone(), BTreeSet::from([seq]));
+            }
+        }
+        let live = Live {
+            eff: rec.priority,
+            rec,
+            timers: Vec::new(),
+        };
+        self.attach_live(seq, live, None);
     }
 
     /// Removes a live request from the queue, the timers and its GPU, returning it (still in `ids`).
@@ -1380,12 +1390,9 @@ impl Scheduler {
         live
     }
 
-    /// Puts a request back into the indexes its phase calls for. With `now`, recomputes aging.
-    fn attach(&mut self, seq: u64, now: Option<Millis>) {
-        let mut live = self
-            .live
-            .remove(&seq)
-            .expect("a live request by its arrival number");
+    /// Puts a request that [`Scheduler::detach`] took out (or a new one) into `live` and the indexes
+    /// its phase calls for. With `now`, recomputes aging.
+    fn attach_live(&mut self, seq: u64, mut live: Live, now: Option<Millis>) {
         let rec = &live.rec;
         let mut timers = Vec::new();
         match rec.phase {
@@ -1493,8 +1500,7 @@ impl Scheduler {
         let mut live = self.detach(seq);
         change(&mut live.rec);
         let id = live.rec.request_id.clone();
-        self.live.insert(seq, live);
-        self.attach(seq, Some(now));
+        self.attach_live(seq, live, Some(now));
         self.mark_dirty(&id);
     }
 
