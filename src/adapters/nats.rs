@@ -463,7 +463,9 @@ impl NatsBus {
         let consumer: consumer::PullConsumer = stream
             .create_consumer(consumer::pull::Config {
                 durable_name: Some(CONSUMER.to_string()),
-                ack_policy: consumer::AckPolicy::Explicit,
+                // One acknowledgement stands for every input before it: the driver handles and
+                // acknowledges them in order, and a batch costs the server one acknowledgement.
+                ack_policy: consumer::AckPolicy::All,
                 ack_wait: ACK_WAIT,
                 deliver_policy,
                 max_ack_pending: 10_000,
@@ -676,6 +678,10 @@ impl ports::Bus for NatsBus {
 
     fn reconnects(&self) -> tokio::sync::watch::Receiver<u64> {
         NatsBus::reconnects(self)
+    }
+
+    fn acks_cover_earlier(&self) -> bool {
+        true
     }
 
     fn connected(&self) -> bool {

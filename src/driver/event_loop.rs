@@ -346,7 +346,14 @@ impl Driver {
             // that the position survives.
             self.write_bookkeeping(Some(seq)).await?;
         }
-        // Acknowledged once the messages they caused are stored.
+        // Acknowledged once the messages they caused are stored; by the last alone where that covers
+        // the inputs before it (a rejected input needs no acknowledgement of its own: it is handled).
+        if self.ports.bus.acks_cover_earlier() {
+            settle = settle
+                .pop()
+                .map(|(ack, _)| vec![(ack, false)])
+                .unwrap_or_default();
+        }
         self.publisher.acknowledge(settle).await?;
         Ok(outcome)
     }

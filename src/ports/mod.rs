@@ -410,6 +410,11 @@ pub trait Bus: Send + Sync + 'static {
     ) -> Result<(), PublishFailure>;
     /// Changes on every reconnect: the driver then reopens the inputs at once.
     fn reconnects(&self) -> watch::Receiver<u64>;
+    /// Whether acknowledging an input also acknowledges every input delivered before it (JetStream's
+    /// `AckPolicy::All`): the driver then acknowledges a batch by its last input alone.
+    fn acks_cover_earlier(&self) -> bool {
+        false
+    }
     /// Whether the bus is connected now: a leader cut off from it longer than its trust window gives
     /// the leadership up, so that a coordinator that can reach the bus takes over.
     fn connected(&self) -> bool {
