@@ -530,3 +530,34 @@ async fn pg_a_batch_of_any_size_is_written_whole_or_not_at_all() {
     assert_eq!((after.input_seq, after.max_fence), (3_000, Fence(70_000)));
     finish(store, &name).await;
 }
+
+/// A stored row the core cannot represent (an unknown phase, a negative number) is reported by
+/// request and server when the journal is loaded, rather than read as something else.
+#[tokio::test]
+async fn pg_load_reports_a_row_it_cannot_read() {
+    let (store, name) = fresh_store().await;
+    store
+        .apply(&[record("odd", 1, Phase::Active)], None)
+        .await
+        .expect("write");
+    for (corruption, detail) in [
+        ("phase = 'melted'", "unknown phase \"melted\""),
+        (
+            "phase = 'queued', lease_ms = -5",
+            "lease_ms is negative (-5)",
+        ),
+    ] {
+        store
+            .connection()
+            .execute_unprepared(&format!("UPDATE requests SET {corruption}"))
+            .await
+            .expect("corrupt the row");
+        let err = store.load_state(10).await.expect_err("an unreadable row");
+        assert!(
+            matches!(&err, PgError::Corrupt { request_id, detail: d, .. } if request_id == "odd" && d == detail),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(&name), "{err}");
+    }
+    finish(store, &name).await;
+}

@@ -122,11 +122,11 @@ pub(crate) fn insert_outbox(rows: &[OutboxRow], backend: DbBackend) -> Result<St
 
 /// What a journal holds, as its database stores it.
 pub(crate) struct StoredJournal {
-    rows: Vec<request::Model>,
-    max_fence: i64,
-    max_arrival: i64,
-    input_seq: i64,
-    outbox: Vec<OutboxRow>,
+    pub(crate) rows: Vec<request::Model>,
+    pub(crate) max_fence: i64,
+    pub(crate) max_arrival: i64,
+    pub(crate) input_seq: i64,
+    pub(crate) outbox: Vec<OutboxRow>,
 }
 
 /// Reads, on `conn` (a transaction, so that the parts agree), every request not ended in `seq` order,
@@ -287,29 +287,44 @@ pub fn to_record(row: request::Model) -> Result<RequestRecord, RowError> {
         .transpose()?;
     let priority = u8::try_from(row.priority)
         .map_err(|_| corrupt(format!("priority {} is outside 0-255", row.priority)))?;
+    let arrival = num("seq", row.seq)?;
+    let vram_mb = opt("vram_mb", row.vram_mb)?;
+    let lease_ms = num("lease_ms", row.lease_ms)?;
+    let requested_at = num("requested_at", row.requested_at)?;
+    let timeout_at = num("timeout_at", row.timeout_at)?;
+    let held_mb = opt("held_mb", row.held_mb)?;
+    let fence = opt("fence", row.fence)?.map(Fence);
+    let granted_at = opt("granted_at", row.granted_at)?;
+    let expires_at = opt("expires_at", row.expires_at)?;
+    let pause_deadline = opt("pause_deadline", row.pause_deadline)?;
+    let paused_at = opt("paused_at", row.paused_at)?;
+    let waited_ms = opt("waited_ms", row.waited_ms)?;
+    let ended_at = opt("ended_at", row.ended_at)?;
+    let encoding = Encoding::from_name(&row.encoding);
+    // Every check is done: the text fields move into the record.
     Ok(RequestRecord {
-        service_id: row.service_id.clone().into(),
+        service_id: row.service_id.into(),
         priority,
-        arrival: num("seq", row.seq)?,
-        encoding: Encoding::from_name(&row.encoding),
-        vram_mb: opt("vram_mb", row.vram_mb)?,
-        gpu_pin: row.gpu_pin.clone().map(Into::into),
+        arrival,
+        encoding,
+        vram_mb,
+        gpu_pin: row.gpu_pin.map(Into::into),
         preemptible: row.preemptible,
-        lease_ms: num("lease_ms", row.lease_ms)?,
-        requested_at: num("requested_at", row.requested_at)?,
-        timeout_at: num("timeout_at", row.timeout_at)?,
+        lease_ms,
+        requested_at,
+        timeout_at,
         phase,
-        gpu: row.gpu.clone().map(Into::into),
-        held_mb: opt("held_mb", row.held_mb)?,
-        fence: opt("fence", row.fence)?.map(Fence),
-        granted_at: opt("granted_at", row.granted_at)?,
-        expires_at: opt("expires_at", row.expires_at)?,
-        pause_deadline: opt("pause_deadline", row.pause_deadline)?,
-        paused_at: opt("paused_at", row.paused_at)?,
-        waited_ms: opt("waited_ms", row.waited_ms)?,
+        gpu: row.gpu.map(Into::into),
+        held_mb,
+        fence,
+        granted_at,
+        expires_at,
+        pause_deadline,
+        paused_at,
+        waited_ms,
         end,
-        ended_at: opt("ended_at", row.ended_at)?,
-        detail: row.detail.clone(),
-        request_id: row.request_id.clone().into(),
+        ended_at,
+        detail: row.detail,
+        request_id: row.request_id.into(),
     })
 }

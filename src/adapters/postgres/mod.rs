@@ -27,11 +27,12 @@ use gpu_coordinator_core::{Fence, RequestRecord};
 
 use crate::ports::{Deposed, Journal, PortError};
 use crate::telemetry::redact_url;
+use futures::TryStreamExt as _;
 use migration::{Migrator, MigratorTrait};
-use sea_orm::sqlx::{self, postgres::PgConnectOptions, Connection as _, Executor as _};
+use sea_orm::sqlx::{self, postgres::PgConnectOptions, Connection as _, Executor as _, Row as _};
 use sea_orm::{
-    AccessMode, ConnectOptions, ConnectionTrait as _, Database, DatabaseConnection, DbBackend,
-    DbErr, IsolationLevel, RuntimeErr, Statement, TransactionTrait as _,
+    ConnectOptions, ConnectionTrait as _, Database, DatabaseConnection, DbBackend, DbErr,
+    RuntimeErr, Statement, TransactionTrait as _,
 };
 
 /// How long opening a connection, or waiting for a free one in the pool, may take.
@@ -220,6 +221,58 @@ fn write_batch(fenced: bool) -> String {
         .replace("$1", &format!("{fence}::bigint"))
         .replace("$2", &format!("{input_seq}::bigint"));
     format!("WITH {} {raise}", parts.join(", "))
+}
+
+/// Every request not ended, in arrival order: the columns of [`REQUEST_COLUMNS`], in order, for
+/// [`request_row`]. `'ended'` is literal, to match the partial index `requests_open_seq`.
+static SELECT_OPEN: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM requests WHERE {} ORDER BY seq",
+        REQUEST_COLUMNS.map(|(name, _)| name).join(", "),
+        entities::OPEN
+    )
+});
+
+/// The `$1` most recently ended requests, the most recent first (one backward scan of
+/// `requests_ended_recent`).
+static SELECT_ENDED: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM requests WHERE {} ORDER BY ended_at DESC, seq DESC LIMIT $1",
+        REQUEST_COLUMNS.map(|(name, _)| name).join(", "),
+        entities::ENDED
+    )
+});
+
+/// The outbox, in order.
+const SELECT_OUTBOX: &str = "SELECT id, msg_id, subject, msgpack, payload FROM outbox ORDER BY id";
+
+/// A row of [`SELECT_OPEN`] or [`SELECT_ENDED`], its columns read by position.
+fn request_row(row: &sqlx::postgres::PgRow) -> Result<request::Model, sqlx::Error> {
+    Ok(request::Model {
+        request_id: row.try_get(0)?,
+        service_id: row.try_get(1)?,
+        priority: row.try_get(2)?,
+        seq: row.try_get(3)?,
+        encoding: row.try_get(4)?,
+        vram_mb: row.try_get(5)?,
+        gpu_pin: row.try_get(6)?,
+        preemptible: row.try_get(7)?,
+        lease_ms: row.try_get(8)?,
+        requested_at: row.try_get(9)?,
+        timeout_at: row.try_get(10)?,
+        phase: row.try_get(11)?,
+        gpu: row.try_get(12)?,
+        held_mb: row.try_get(13)?,
+        fence: row.try_get(14)?,
+        granted_at: row.try_get(15)?,
+        expires_at: row.try_get(16)?,
+        pause_deadline: row.try_get(17)?,
+        paused_at: row.try_get(18)?,
+        waited_ms: row.try_get(19)?,
+        outcome: row.try_get(20)?,
+        ended_at: row.try_get(21)?,
+        detail: row.try_get(22)?,
+    })
 }
 
 /// Request rows as one vector per column, in the order of [`REQUEST_COLUMNS`].
@@ -506,24 +559,77 @@ impl PgStore {
     /// then the `retain_ended` most recently ended ones (oldest first); the highest fence ever recorded;
     /// the highest arrival number; the last input handled; and the outbox, in order.
     pub async fn load_state(&self, retain_ended: usize) -> Result<Loaded, PgError> {
-        let fail = |source| PgError::Read {
+        let fail = |source: sqlx::Error| PgError::Read {
             server: self.server.clone(),
-            source,
+            source: DbErr::Query(RuntimeErr::SqlxError(source)),
         };
-        let txn = self
+        let mut txn = self
             .db
-            .begin_with_config(
-                Some(IsolationLevel::RepeatableRead),
-                Some(AccessMode::ReadOnly),
-            )
+            .get_postgres_connection_pool()
+            .begin()
             .await
             .map_err(fail)?;
-
-        let stored = entities::read_journal(&txn, COUNTERS, retain_ended)
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *txn)
             .await
+            .map_err(fail)?;
+        // Rows are decoded as they arrive, while the server sends the next ones.
+        let mut rows = Vec::new();
+        let mut open = sqlx::query(&SELECT_OPEN).fetch(&mut *txn);
+        while let Some(row) = open.try_next().await.map_err(fail)? {
+            rows.push(request_row(&row).map_err(fail)?);
+        }
+        drop(open);
+        if retain_ended > 0 {
+            let limit = i64::try_from(retain_ended).unwrap_or(i64::MAX);
+            let mut ended = sqlx::query(&SELECT_ENDED)
+                .bind(limit)
+                .fetch_all(&mut *txn)
+                .await
+                .map_err(fail)?
+                .iter()
+                .map(request_row)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(fail)?;
+            ended.reverse();
+            rows.append(&mut ended);
+        }
+        let counters = sqlx::query(COUNTERS)
+            .fetch_one(&mut *txn)
+            .await
+            .map_err(fail)?;
+        let counter = |name: &str| counters.try_get::<i64, _>(name).map_err(fail);
+        let (max_fence, max_arrival, input_seq) = (
+            counter("max_fence")?,
+            counter("max_arrival")?,
+            counter("input_seq")?,
+        );
+        let outbox = sqlx::query(SELECT_OUTBOX)
+            .fetch_all(&mut *txn)
+            .await
+            .map_err(fail)?
+            .iter()
+            .map(|row| {
+                Ok(OutboxRow {
+                    id: u64::try_from(row.try_get::<i64, _>(0)?).unwrap_or(0),
+                    msg_id: row.try_get(1)?,
+                    subject: row.try_get(2)?,
+                    msgpack: row.try_get(3)?,
+                    payload: row.try_get(4)?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
             .map_err(fail)?;
         txn.commit().await.map_err(fail)?;
-        stored.into_loaded().map_err(|e| self.row_error(e))
+        entities::StoredJournal {
+            rows,
+            max_fence,
+            max_arrival,
+            input_seq,
+            outbox,
+        }
+        .into_loaded()
+        .map_err(|e| self.row_error(e))
     }
 
     /// Checks that the server answers.
