@@ -19,7 +19,10 @@ const SERVICES: usize = 20;
 fn serve(tag: &str, queued: usize) -> anyhow::Result<Child> {
     Ok(common::serve_command(tag)
         .env("GPU_COORDINATOR_QUEUE__MAX_PER_SERVICE", queued.to_string())
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("GPU_BENCH_SERVE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .spawn()?)
 }
 

@@ -33,10 +33,17 @@ impl Driver {
             shutdown,
         } = setup;
         let journal = ports.journal.clone();
+        let began = std::time::Instant::now();
         let loaded = with_retry("loading the queue from the journal", &shutdown, || {
             journal.load(retain_ended)
         })
         .await?;
+        tracing::info!(
+            "loaded {} request(s) and {} outbox message(s) from the journal in {} ms",
+            loaded.records.len(),
+            loaded.outbox.len(),
+            began.elapsed().as_millis()
+        );
         // A missing input stream is made now, numbered after the last input handled, before anyone is
         // told that this coordinator answers.
         let bus = ports.bus.clone();
@@ -69,6 +76,7 @@ impl Driver {
             publish(ports.bus.as_ref(), &again, &shutdown).await?;
         }
         let (live_leases, stored_fence) = read_lease_store(&ports, term, &shutdown).await?;
+        let restoring = std::time::Instant::now();
         let restored = loaded
             .records
             .iter()
@@ -90,7 +98,8 @@ impl Driver {
             now_ms(),
         );
         tracing::info!(
-            "restored {restored} live request(s); fences continue above {}",
+            "restored {restored} live request(s) in {} ms; fences continue above {}",
+            restoring.elapsed().as_millis(),
             sched.last_fence().0
         );
         let bus = ports.bus.clone();
