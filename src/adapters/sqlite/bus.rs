@@ -15,6 +15,7 @@ use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -29,6 +30,7 @@ use sea_orm::{
 use tokio::sync::{broadcast, watch};
 
 use super::{SqliteError, SqliteStore};
+use crate::adapters::memory::lock;
 use crate::clock::now_ms;
 use crate::ports::{
     subject_matches, Bus, Delivery, Gateway, Inputs, Outbound, PortError, PublishFailure, ReadFrom,
@@ -62,6 +64,9 @@ struct Inner {
     generation: AtomicU64,
     reconnects: watch::Sender<u64>,
     answers: AnswerReader,
+    /// Since the inputs' last read that failed, across reopenings of the inputs (the driver reopens
+    /// them on each error): how long to wait before the next error is answered.
+    inputs_failing: std::sync::Mutex<Option<backon::ExponentialBackoff>>,
 }
 
 fn table(which: Which) -> &'static str {
@@ -100,6 +105,7 @@ impl SqliteBus {
                 generation: AtomicU64::new(0),
                 reconnects: watch::channel(0).0,
                 answers,
+                inputs_failing: std::sync::Mutex::default(),
             }),
         };
         let answers = bus
@@ -143,6 +149,7 @@ impl SqliteBus {
             rx,
             buffer: VecDeque::new(),
             from_table: true,
+            failing: None,
         };
         Ok(futures::stream::unfold(state, |mut state| async move {
             state.next().await.map(|item| (item, state))
@@ -205,6 +212,28 @@ struct Follow {
     rx: broadcast::Receiver<Stored>,
     buffer: VecDeque<Stored>,
     from_table: bool,
+    /// Since the last read that failed: how long to wait before the next error is answered.
+    failing: Option<backon::ExponentialBackoff>,
+}
+
+/// The waits between a reader's failed reads: a reader that answered each error at once would be
+/// asked again at once, and spin on a database that keeps failing.
+fn read_backoff() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder as _;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// The next wait of `failing` (started on a first failure).
+fn next_wait(failing: &mut Option<backon::ExponentialBackoff>) -> Duration {
+    failing
+        .get_or_insert_with(read_backoff)
+        .next()
+        .unwrap_or(Duration::from_secs(5))
 }
 
 impl Follow {
@@ -222,10 +251,17 @@ impl Follow {
             }
             if self.from_table {
                 match read_rows(&self.db, Which::Outputs, self.cursor, PAGE).await {
-                    Ok(rows) if rows.is_empty() => self.from_table = false,
-                    Ok(rows) => self.buffer.extend(rows),
+                    Ok(rows) if rows.is_empty() => {
+                        self.failing = None;
+                        self.from_table = false;
+                    }
+                    Ok(rows) => {
+                        self.failing = None;
+                        self.buffer.extend(rows);
+                    }
                     Err(e) => {
-                        // Read again at the next call.
+                        // Read again at the next call, after a wait.
+                        tokio::time::sleep(next_wait(&mut self.failing)).await;
                         return Some(Err(PortError::msg(format!(
                             "reading the embedded bus's outputs: {e}"
                         ))));
@@ -461,12 +497,19 @@ impl Bus for SqliteBus {
                     end.borrow_and_update();
                     match read_rows(&bus.inner.db, Which::Inputs, cursor, PAGE).await {
                         Ok(rows) if rows.is_empty() => {
+                            *lock(&bus.inner.inputs_failing) = None;
                             if end.changed().await.is_err() {
                                 return None;
                             }
                         }
-                        Ok(rows) => buffer.extend(rows),
+                        Ok(rows) => {
+                            *lock(&bus.inner.inputs_failing) = None;
+                            buffer.extend(rows);
+                        }
                         Err(e) => {
+                            // The driver reopens the inputs on an error, and reads again.
+                            let wait = next_wait(&mut lock(&bus.inner.inputs_failing));
+                            tokio::time::sleep(wait).await;
                             return Some((Err(bus.port_error(e)), (cursor, buffer, end)));
                         }
                     }
@@ -623,6 +666,52 @@ mod tests {
             payload: Bytes::from_static(b"{}"),
             msg_id: msg_id.into(),
         }
+    }
+
+    /// A reader whose reads fail (its table gone) waits before it answers each error, longer each
+    /// time, rather than being asked again at once in a spin; once the table is back it goes on.
+    #[tokio::test]
+    async fn a_failing_reader_waits_between_errors_and_goes_on_after() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = SqliteStore::open(dir.path()).await.expect("a store");
+        let subjects = Subjects::new("gpu").expect("a prefix");
+        let bus = SqliteBus::open(&store, &subjects, 60_000)
+            .await
+            .expect("a bus");
+        bus.publish_in_order(&[out("a")], true)
+            .await
+            .expect("stored");
+        let mut reader = bus
+            .follow_outputs(vec!["gpu.>".into()], ReadFrom::Start)
+            .await
+            .expect("a reader");
+        let rename = |from: &str, to: &str| format!("ALTER TABLE {from} RENAME TO {to}");
+        store
+            .connection()
+            .execute_unprepared(&rename("bus_outputs", "bus_outputs_away"))
+            .await
+            .expect("the table taken away");
+        for least in [Duration::from_millis(50), Duration::from_millis(100)] {
+            let began = std::time::Instant::now();
+            let next = reader.next().await.expect("the reader goes on");
+            assert!(next.is_err(), "the table is away: {next:?}");
+            assert!(
+                began.elapsed() >= least,
+                "an error answered after {:?}, before the backoff's {least:?}",
+                began.elapsed()
+            );
+        }
+        store
+            .connection()
+            .execute_unprepared(&rename("bus_outputs_away", "bus_outputs"))
+            .await
+            .expect("the table back");
+        let stored = reader
+            .next()
+            .await
+            .expect("the reader goes on")
+            .expect("read again");
+        assert_eq!((stored.seq, stored.subject.as_str()), (1, "gpu.reply.chat"));
     }
 
     #[tokio::test]
