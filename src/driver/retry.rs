@@ -13,6 +13,16 @@ use crate::ports::deposed_in;
 /// At shutdown, how long an operation in flight may take to finish before it is abandoned.
 const SETTLE_AT_STOP: Duration = Duration::from_secs(2);
 
+/// The waits between tries of a server that failed: from 50 ms, doubling with jitter, up to 5 s
+/// apart, without end.
+pub fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+}
+
 /// Retries `op` with exponential backoff (up to 5 s apart) until it succeeds or `shutdown` is
 /// cancelled, logging each failure with `what`. A write refused for a newer leadership term
 /// ([`Deposed`]) is not retried: the error carries the refusal, for [`is_deposed`].
@@ -27,13 +37,7 @@ where
     E: std::error::Error + 'static,
 {
     let attempt = op
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(50))
-                .with_max_delay(Duration::from_secs(5))
-                .with_jitter()
-                .without_max_times(),
-        )
+        .retry(backoff())
         .when(|e| deposed_in(e).is_none())
         .notify(|e, wait| tracing::warn!("{what}: {}; retrying in {wait:?}", causes(e)));
     let failed = |e: E| match deposed_in(&e) {

@@ -32,6 +32,7 @@ use tokio::sync::{broadcast, watch};
 use super::{SqliteError, SqliteStore};
 use crate::adapters::memory::lock;
 use crate::clock::now_ms;
+use crate::driver::retry::backoff;
 use crate::ports::{
     subject_matches, Bus, Delivery, Gateway, Inputs, Outbound, PortError, PublishFailure, ReadFrom,
     Settle, StatusQueries, Stored, StoredStream, Which,
@@ -216,22 +217,13 @@ struct Follow {
     failing: Option<backon::ExponentialBackoff>,
 }
 
-/// The waits between a reader's failed reads: a reader that answered each error at once would be
-/// asked again at once, and spin on a database that keeps failing.
-fn read_backoff() -> backon::ExponentialBackoff {
-    use backon::BackoffBuilder as _;
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build()
-}
-
-/// The next wait of `failing` (started on a first failure).
+/// The next wait of `failing` (started on a first failure), as [`backoff`] spaces a server's retries:
+/// a reader that answered each error at once would be asked again at once, and spin on a database
+/// that keeps failing.
 fn next_wait(failing: &mut Option<backon::ExponentialBackoff>) -> Duration {
+    use backon::BackoffBuilder as _;
     failing
-        .get_or_insert_with(read_backoff)
+        .get_or_insert_with(|| backoff().build())
         .next()
         .unwrap_or(Duration::from_secs(5))
 }
@@ -668,16 +660,22 @@ mod tests {
         }
     }
 
-    /// A reader whose reads fail (its table gone) waits before it answers each error, longer each
-    /// time, rather than being asked again at once in a spin; once the table is back it goes on.
-    #[tokio::test]
-    async fn a_failing_reader_waits_between_errors_and_goes_on_after() {
+    /// A store and its bus in a new temporary directory (removed when the first is dropped).
+    async fn open_bus() -> (tempfile::TempDir, SqliteStore, SqliteBus) {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let store = SqliteStore::open(dir.path()).await.expect("a store");
         let subjects = Subjects::new("gpu").expect("a prefix");
         let bus = SqliteBus::open(&store, &subjects, 60_000)
             .await
             .expect("a bus");
+        (dir, store, bus)
+    }
+
+    /// A reader whose reads fail (its table gone) waits before it answers each error, longer each
+    /// time, rather than being asked again at once in a spin; once the table is back it goes on.
+    #[tokio::test]
+    async fn a_failing_reader_waits_between_errors_and_goes_on_after() {
+        let (_dir, store, bus) = open_bus().await;
         bus.publish_in_order(&[out("a")], true)
             .await
             .expect("stored");
@@ -716,12 +714,7 @@ mod tests {
 
     #[tokio::test]
     async fn outputs_are_stored_once_per_msg_id_and_known_after() {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let store = SqliteStore::open(dir.path()).await.expect("a store");
-        let subjects = Subjects::new("gpu").expect("a prefix");
-        let bus = SqliteBus::open(&store, &subjects, 60_000)
-            .await
-            .expect("a bus");
+        let (_dir, _store, bus) = open_bus().await;
         bus.publish_in_order(&[out("a"), out("b")], true)
             .await
             .expect("stored");
