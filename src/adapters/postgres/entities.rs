@@ -81,7 +81,8 @@ pub(crate) const OPEN: &str = "\"requests\".\"phase\" <> 'ended'";
 pub(crate) const ENDED: &str = "\"requests\".\"phase\" = 'ended'";
 
 /// The messages not yet stored by the bus, in the order they were made.
-const OUTBOX: &str = "SELECT id, msg_id, subject, msgpack, payload FROM outbox ORDER BY id";
+pub(crate) const OUTBOX: &str =
+    "SELECT id, msg_id, subject, msgpack, payload FROM outbox ORDER BY id";
 
 /// One statement that writes `rows` (each a new request, or a newer state of one) in `backend`'s
 /// dialect.

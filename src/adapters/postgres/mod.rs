@@ -172,6 +172,11 @@ const REQUEST_COLUMNS: [(&str, &str); 23] = [
     ("detail", "text"),
 ];
 
+/// `request_id, service_id, ...`: the columns of [`REQUEST_COLUMNS`], in order.
+fn column_names() -> String {
+    REQUEST_COLUMNS.map(|(name, _)| name).join(", ")
+}
+
 /// The batch statement under a term ([`CHECK_TERM`] as its first part); its parameters are the term, then
 /// those of [`WRITE_BATCH`].
 static WRITE_BATCH_FENCED: LazyLock<String> = LazyLock::new(|| write_batch(true));
@@ -193,13 +198,14 @@ fn write_batch(fenced: bool) -> String {
     if fenced {
         parts.push(format!("t AS ({})", CHECK_TERM.replace("$1", &param())));
     }
-    let names = REQUEST_COLUMNS.map(|(name, _)| name);
     let arrays = REQUEST_COLUMNS.map(|(_, ty)| format!("{}::{ty}[]", param()));
-    let updates = names[1..].iter().map(|c| format!("{c} = EXCLUDED.{c}"));
+    let updates = REQUEST_COLUMNS[1..]
+        .iter()
+        .map(|(c, _)| format!("{c} = EXCLUDED.{c}"));
     parts.push(format!(
         "r AS (INSERT INTO requests ({}) SELECT * FROM unnest({}) \
          ON CONFLICT (request_id) DO UPDATE SET {})",
-        names.join(", "),
+        column_names(),
         arrays.join(", "),
         updates.collect::<Vec<_>>().join(", ")
     ));
@@ -228,7 +234,7 @@ fn write_batch(fenced: bool) -> String {
 static SELECT_OPEN: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT {} FROM requests WHERE {} ORDER BY seq",
-        REQUEST_COLUMNS.map(|(name, _)| name).join(", "),
+        column_names(),
         entities::OPEN
     )
 });
@@ -238,13 +244,10 @@ static SELECT_OPEN: LazyLock<String> = LazyLock::new(|| {
 static SELECT_ENDED: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT {} FROM requests WHERE {} ORDER BY ended_at DESC, seq DESC LIMIT $1",
-        REQUEST_COLUMNS.map(|(name, _)| name).join(", "),
+        column_names(),
         entities::ENDED
     )
 });
-
-/// The outbox, in order.
-const SELECT_OUTBOX: &str = "SELECT id, msg_id, subject, msgpack, payload FROM outbox ORDER BY id";
 
 /// A row of [`SELECT_OPEN`] or [`SELECT_ENDED`], its columns read by position.
 fn request_row(row: &sqlx::postgres::PgRow) -> Result<request::Model, sqlx::Error> {
@@ -604,7 +607,7 @@ impl PgStore {
             counter("max_arrival")?,
             counter("input_seq")?,
         );
-        let outbox = sqlx::query(SELECT_OUTBOX)
+        let outbox = sqlx::query(entities::OUTBOX)
             .fetch_all(&mut *txn)
             .await
             .map_err(fail)?
