@@ -1469,22 +1469,29 @@ impl Scheduler {
     /// Counts a request that enters (`add`) or leaves the queue under `(eff, seq)` in `paused` and
     /// `queue_counts`.
     fn count_queued(&mut self, rec: &RequestRecord, eff: u8, seq: u64, add: bool) {
+        use std::collections::btree_map::Entry;
         let is_paused = rec.phase == Phase::Paused;
         let gpu = if is_paused { &rec.gpu } else { &rec.gpu_pin };
-        let key = (rec.priority, gpu.clone());
-        let count = self.queue_counts.entry(key.clone()).or_default();
-        let n = if is_paused {
-            &mut count.1
-        } else {
-            &mut count.0
+        let step = |count: &mut (u64, u64)| {
+            let n = if is_paused {
+                &mut count.1
+            } else {
+                &mut count.0
+            };
+            if add {
+                *n += 1;
+            } else {
+                *n -= 1;
+            }
         };
-        if add {
-            *n += 1;
-        } else {
-            *n -= 1;
-        }
-        if *count == (0, 0) {
-            self.queue_counts.remove(&key);
+        match self.queue_counts.entry((rec.priority, gpu.clone())) {
+            Entry::Occupied(mut entry) => {
+                step(entry.get_mut());
+                if *entry.get() == (0, 0) {
+                    entry.remove();
+                }
+            }
+            Entry::Vacant(entry) => step(entry.insert((0, 0))),
         }
         if is_paused {
             if add {
