@@ -202,6 +202,20 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
+/// One line of the table: `label`, then `value` of `part` of each size's figures, with `decimals`.
+fn print_row(
+    label: &str,
+    figures: &[(usize, Figures)],
+    part: impl Fn(&Figures) -> Duration,
+    (value, decimals): (impl Fn(usize, Duration) -> f64, usize),
+) {
+    print!("{label:<28}");
+    for (n, f) in figures {
+        print!("{:>14.decimals$}", value(*n, part(f)));
+    }
+    println!();
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a name filter may follow.
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
@@ -255,25 +269,11 @@ fn main() {
             }
             println!();
         }
-        print!("{:<28}", "setup per request");
-        for (n, f) in &figures {
-            print!("{:>14.2}", us(f.setup) / (*n + M + 1) as f64);
-        }
-        println!();
-        print!("{:<28}", "setup total (ms)");
-        for (_, f) in &figures {
-            print!("{:>14.1}", f.setup.as_secs_f64() * 1e3);
-        }
-        println!();
-        print!("{:<28}", "restore per request");
-        for (n, f) in &figures {
-            print!("{:>14.2}", us(f.restore) / (*n + M + 1) as f64);
-        }
-        println!();
-        print!("{:<28}", "restore total (ms)");
-        for (_, f) in &figures {
-            print!("{:>14.1}", f.restore.as_secs_f64() * 1e3);
-        }
-        println!();
+        let per_request = (|n: usize, d: Duration| us(d) / (n + M + 1) as f64, 2);
+        let total_ms = (|_: usize, d: Duration| d.as_secs_f64() * 1e3, 1);
+        print_row("setup per request", &figures, |f| f.setup, per_request);
+        print_row("setup total (ms)", &figures, |f| f.setup, total_ms);
+        print_row("restore per request", &figures, |f| f.restore, per_request);
+        print_row("restore total (ms)", &figures, |f| f.restore, total_ms);
     }
 }

@@ -44,6 +44,17 @@ async fn finish(store: PgStore, name: &str) {
     drop_database(name).await;
 }
 
+/// An outbox row, varied by `id`.
+fn outbox_row(id: u64) -> gpu_coordinator::adapters::postgres::OutboxRow {
+    gpu_coordinator::adapters::postgres::OutboxRow {
+        id,
+        msg_id: format!("m-{id}"),
+        subject: format!("gpu.reply.s{}", id % 7),
+        msgpack: id.is_multiple_of(2),
+        payload: id.to_be_bytes().to_vec(),
+    }
+}
+
 pub(crate) const BASE: u64 = 1_764_000_000_000;
 
 /// A record in `phase` with every field the phase allows filled in, and varied per `seq`.
@@ -338,17 +349,10 @@ async fn pg_refuses_what_a_bigint_cannot_hold_and_writes_nothing() {
 /// ended rows are not reloaded.
 #[tokio::test]
 async fn pg_batches_carry_the_outbox_and_the_input_position() {
-    use gpu_coordinator::adapters::postgres::{Batch, OutboxRow};
+    use gpu_coordinator::adapters::postgres::Batch;
     let (store, name) = fresh_store().await;
-    let row = |id: u64| OutboxRow {
-        id,
-        msg_id: format!("boot-{id}"),
-        subject: format!("gpu.reply.s{id}"),
-        msgpack: id.is_multiple_of(2),
-        payload: vec![0, 1, 2, id as u8, 0xff],
-    };
     let first = [record("a", 7, Phase::Active), bare("b", 9)];
-    let outbox = [row(1), row(2), row(3)];
+    let outbox = [outbox_row(1), outbox_row(2), outbox_row(3)];
     store
         .write(&Batch {
             records: &first,
@@ -376,7 +380,7 @@ async fn pg_batches_carry_the_outbox_and_the_input_position() {
             records: std::slice::from_ref(&ended),
             max_fence: Some(Fence(3)),
             input_seq: Some(12),
-            outbox: &[row(4)],
+            outbox: &[outbox_row(4)],
             published_upto: Some(2),
             term: None,
         })
@@ -391,7 +395,7 @@ async fn pg_batches_carry_the_outbox_and_the_input_position() {
         "the ended row is not reloaded, its seq still counts"
     );
     assert_eq!(state.records.len(), 1);
-    assert_eq!(state.outbox, [row(3), row(4)]);
+    assert_eq!(state.outbox, [outbox_row(3), outbox_row(4)]);
 
     // A position alone; an empty batch writes nothing.
     store
@@ -470,20 +474,13 @@ async fn pg_batches_of_a_deposed_term_change_nothing() {
 /// batch whose last record breaks a constraint leaves nothing of itself, records, outbox or position.
 #[tokio::test]
 async fn pg_a_batch_of_any_size_is_written_whole_or_not_at_all() {
-    use gpu_coordinator::adapters::postgres::{Batch, OutboxRow};
+    use gpu_coordinator::adapters::postgres::Batch;
     let (store, name) = fresh_store().await;
-    let row = |id: u64| OutboxRow {
-        id,
-        msg_id: format!("m-{id}"),
-        subject: format!("gpu.reply.s{}", id % 7),
-        msgpack: id.is_multiple_of(3),
-        payload: id.to_be_bytes().to_vec(),
-    };
     let phases = [Phase::Queued, Phase::Active, Phase::Pausing, Phase::Ended];
     let records: Vec<RequestRecord> = (1..=3_000u64)
         .map(|seq| record(&format!("r{seq}"), seq, phases[seq as usize % phases.len()]))
         .collect();
-    let outbox: Vec<OutboxRow> = (1..=5_000).map(row).collect();
+    let outbox: Vec<_> = (1..=5_000).map(outbox_row).collect();
     store
         .write(&Batch {
             records: &records,
@@ -511,7 +508,7 @@ async fn pg_a_batch_of_any_size_is_written_whole_or_not_at_all() {
             records: &broken,
             max_fence: Some(Fence(90_000)),
             input_seq: Some(5_000),
-            outbox: &[row(5_001)],
+            outbox: &[outbox_row(5_001)],
             published_upto: Some(2_500),
             term: None,
         })
