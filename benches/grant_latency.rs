@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use gpu_coordinator::config::Config;
@@ -23,58 +23,15 @@ const CYCLES: usize = 2_000;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let tag = format!("bench{}", std::process::id());
-    let bench = common::Bench::start(&tag, Config::default().queue.max_per_service).await?;
-    let (config, client) = (bench.config.clone(), bench.client.clone());
-    let mut replies = client.subscribe(format!("{tag}.reply.bench")).await?;
-    client.flush().await?;
-
-    let mut grant = Vec::with_capacity(CYCLES);
-    let mut cycle = Vec::with_capacity(CYCLES);
-    for i in 0..CYCLES {
-        let id = format!("r{i}");
-        let body = format!(r#"{{"request_id":"{id}","priority":1}}"#);
-        let start = Instant::now();
-        client
-            .publish(format!("{tag}.request.bench"), body.into())
-            .await?;
-        loop {
-            let msg = replies.next().await.expect("replies");
-            let reply: Reply = serde_json::from_slice(&msg.payload)?;
-            if reply.request_id == id {
-                assert_eq!(reply.outcome, gpu_coordinator_wire::Outcome::Granted);
-                grant.push(start.elapsed());
-                let release = format!(
-                    r#"{{"request_id":"{id}","fence":{}}}"#,
-                    reply.fence.unwrap()
-                );
-                client
-                    .publish(format!("{tag}.release.bench"), release.into())
-                    .await?;
-                break;
-            }
-        }
-        loop {
-            let msg = replies.next().await.expect("replies");
-            let reply: Reply = serde_json::from_slice(&msg.payload)?;
-            if reply.request_id == id {
-                cycle.push(start.elapsed());
-                break;
-            }
-        }
-    }
-
-    // The same, through the client library (a Rust service's path: the request published into
-    // JetStream with its PubAck awaited, the reply read through a pull consumer), back to back.
-    let library = gpu_coordinator_client::Client::connect(&config.nats.url, &tag, "lib").await?;
-    let mut through_library = Vec::with_capacity(CYCLES / 4);
-    for _ in 0..CYCLES / 4 {
-        let start = Instant::now();
-        let lease = library
-            .request(gpu_coordinator_client::RequestOptions::new(1))
-            .await?;
-        through_library.push(start.elapsed());
-        lease.release().await?;
-    }
+    let (commit_grant, commit_cycle, commit_library) = coordinator(&tag, false).await?;
+    let (behind_grant, behind_cycle, behind_library) =
+        coordinator(&format!("{tag}b"), true).await?;
+    let config = {
+        let mut config = Config::default();
+        config.database.url = format!("postgres://postgres@127.0.0.1:5432/gpu_{tag}");
+        config
+    };
+    let client = async_nats::connect(&config.nats.url).await?;
     // Reference 1: a raw NATS request-reply round trip on the same server.
     let mut echo = client.subscribe(format!("{tag}.echo")).await?;
     let responder = client.clone();
@@ -156,14 +113,41 @@ async fn main() -> anyhow::Result<()> {
         set.push(start.elapsed());
     }
     let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
+    // Reference 5: a JetStream publish with its PubAck awaited (what the write-behind journal waits
+    // for instead of the commit).
+    let ack_stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: format!("{}_ACK", tag.to_uppercase()),
+            subjects: vec![format!("{tag}.ack")],
+            ..Default::default()
+        })
+        .await?;
+    let mut stored = Vec::with_capacity(CYCLES);
+    for _ in 0..CYCLES {
+        let start = Instant::now();
+        js.publish(format!("{tag}.ack"), "x".repeat(300).into())
+            .await?
+            .await?;
+        stored.push(start.elapsed());
+    }
+    drop(ack_stream);
+    js.delete_stream(format!("{}_ACK", tag.to_uppercase()))
+        .await?;
     println!("grant latency, {CYCLES} cycles on one GPU (figures from this run):");
-    let granted = common::percentiles("request -> granted reply", grant);
-    common::percentiles("request -> released reply (cycle)", cycle);
-    common::percentiles("the same through the client library", through_library);
+    println!("- the journal committed to Postgres (default):");
+    let granted = common::percentiles("request -> granted reply", commit_grant);
+    common::percentiles("request -> released reply (cycle)", commit_cycle);
+    common::percentiles("the same through the client library", commit_library);
+    println!("- Postgres written behind the journal stream (database.write_behind):");
+    let behind = common::percentiles("request -> granted reply", behind_grant);
+    common::percentiles("request -> released reply (cycle)", behind_cycle);
+    common::percentiles("the same through the client library", behind_library);
+    println!("- references:");
     let raw = common::percentiles("raw NATS request-reply", raw);
     let inbound = common::percentiles("JetStream publish -> pull delivery", inbound);
     let commit = common::percentiles("Postgres insert commit", commit);
     let set = common::percentiles("Redis SET", set);
+    let stored = common::percentiles("JetStream publish, PubAck awaited", stored);
     // The floor of a grant, as the sum of its servers' p50s: the request's publish and the reply's,
     // each stored and delivered (2x JetStream), a NATS round trip, a Postgres commit, a Redis write.
     let floor = inbound * 2 + raw + commit + set;
@@ -173,8 +157,80 @@ async fn main() -> anyhow::Result<()> {
         floor.as_secs_f64() * 1e3,
         granted.as_secs_f64() / floor.as_secs_f64()
     );
-
-    bench.stop().await?;
-    db.execute_unprepared("SELECT 1").await.ok();
+    let floor_behind = inbound * 2 + raw + stored + set;
+    println!(
+        "floor written behind (the same, a PubAck in place of the commit): {:.3} ms; \
+         grant p50 / floor: {:.2}",
+        floor_behind.as_secs_f64() * 1e3,
+        behind.as_secs_f64() / floor_behind.as_secs_f64()
+    );
     Ok(())
+}
+
+/// The grant, cycle and client-library latencies of a coordinator under `tag`, its journal as
+/// `write_behind` says.
+async fn coordinator(
+    tag: &str,
+    write_behind: bool,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Vec<Duration>)> {
+    let bench = common::Bench::start_with(
+        tag,
+        Config::default().queue.max_per_service,
+        1,
+        write_behind,
+    )
+    .await?;
+    let (config, client) = (bench.config.clone(), bench.client.clone());
+    let mut replies = client.subscribe(format!("{tag}.reply.bench")).await?;
+    client.flush().await?;
+
+    let mut grant = Vec::with_capacity(CYCLES);
+    let mut cycle = Vec::with_capacity(CYCLES);
+    for i in 0..CYCLES {
+        let id = format!("r{i}");
+        let body = format!(r#"{{"request_id":"{id}","priority":1}}"#);
+        let start = Instant::now();
+        client
+            .publish(format!("{tag}.request.bench"), body.into())
+            .await?;
+        loop {
+            let msg = replies.next().await.expect("replies");
+            let reply: Reply = serde_json::from_slice(&msg.payload)?;
+            if reply.request_id == id {
+                assert_eq!(reply.outcome, gpu_coordinator_wire::Outcome::Granted);
+                grant.push(start.elapsed());
+                let release = format!(
+                    r#"{{"request_id":"{id}","fence":{}}}"#,
+                    reply.fence.unwrap()
+                );
+                client
+                    .publish(format!("{tag}.release.bench"), release.into())
+                    .await?;
+                break;
+            }
+        }
+        loop {
+            let msg = replies.next().await.expect("replies");
+            let reply: Reply = serde_json::from_slice(&msg.payload)?;
+            if reply.request_id == id {
+                cycle.push(start.elapsed());
+                break;
+            }
+        }
+    }
+
+    // The same, through the client library (a Rust service's path: the request published into
+    // JetStream with its PubAck awaited, the reply read through a pull consumer), back to back.
+    let library = gpu_coordinator_client::Client::connect(&config.nats.url, tag, "lib").await?;
+    let mut through_library = Vec::with_capacity(CYCLES / 4);
+    for _ in 0..CYCLES / 4 {
+        let start = Instant::now();
+        let lease = library
+            .request(gpu_coordinator_client::RequestOptions::new(1))
+            .await?;
+        through_library.push(start.elapsed());
+        lease.release().await?;
+    }
+    bench.stop().await?;
+    Ok((grant, cycle, through_library))
 }

@@ -24,29 +24,35 @@ const CYCLES: usize = 500;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let queued: usize = common::number_arg(0);
-    let coordinator = coordinator_handoff(queued).await?;
+    let coordinator = coordinator_handoff(queued, false).await?;
+    let behind = coordinator_handoff(queued, true).await?;
     let advisory = advisory_lock_handoff().await?;
     let redis_1 = redis_poll_handoff(Duration::from_millis(1)).await?;
     let redis_10 = redis_poll_handoff(Duration::from_millis(10)).await?;
     let flock = flock_handoff()?;
     println!("\nhandoff p50, this run:");
     let c = common::percentiles(&format!("coordinator ({queued} more queued)"), coordinator);
+    let b = common::percentiles(
+        &format!("coordinator, Postgres written behind ({queued} more queued)"),
+        behind,
+    );
     let a = common::percentiles("pg_advisory_lock", advisory);
     common::percentiles("Redis SET NX, polled every 1 ms", redis_1);
     common::percentiles("Redis SET NX, polled every 10 ms", redis_10);
     common::percentiles("flock", flock);
     println!(
-        "coordinator / pg_advisory_lock: {:.2}",
-        c.as_secs_f64() / a.as_secs_f64()
+        "coordinator / pg_advisory_lock: {:.2}; written behind / pg_advisory_lock: {:.2}",
+        c.as_secs_f64() / a.as_secs_f64(),
+        b.as_secs_f64() / a.as_secs_f64()
     );
     Ok(())
 }
 
 /// Two requests of the whole GPU take turns: the holder releases, the waiter is granted; `queued`
-/// requests of a third service wait behind them all along.
-async fn coordinator_handoff(queued: usize) -> anyhow::Result<Vec<Duration>> {
-    let tag = format!("hand{}", std::process::id());
-    let bench = common::Bench::start(&tag, queued.max(1)).await?;
+/// requests of a third service wait behind them all along. The journal as `write_behind` says.
+async fn coordinator_handoff(queued: usize, write_behind: bool) -> anyhow::Result<Vec<Duration>> {
+    let tag = format!("hand{}{}", std::process::id(), u8::from(write_behind));
+    let bench = common::Bench::start_with(&tag, queued.max(1), 1, write_behind).await?;
     let client = bench.client.clone();
     let mut replies = client.subscribe(format!("{tag}.reply.*")).await?;
     let mut queued_events = client.subscribe(format!("{tag}.event.queued.*")).await?;

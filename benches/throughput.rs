@@ -20,35 +20,10 @@ const GPUS: usize = 4;
 async fn main() -> anyhow::Result<()> {
     let seconds: u64 = common::number_arg(10);
     let run = Duration::from_secs(seconds);
-    let tag = format!("bencht{}", std::process::id());
-    let bench = common::Bench::start_gpus(&tag, 10_000, GPUS).await?;
-    let mut clients = Vec::new();
-    for s in 0..SERVICES {
-        clients.push(Client::connect(&bench.config.nats.url, &tag, &format!("svc{s}")).await?);
+    let mut coordinator = Vec::new();
+    for write_behind in [false, true] {
+        coordinator.push((write_behind, coordinator_cycles(run, write_behind).await?));
     }
-    let cycles = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let tasks: Vec<_> = clients
-        .into_iter()
-        .map(|client| {
-            let cycles = cycles.clone();
-            tokio::spawn(async move {
-                while start.elapsed() < run {
-                    let lease = client
-                        .request(RequestOptions::new(1).lease_ms(30_000).timeout_ms(120_000))
-                        .await?;
-                    lease.release().await?;
-                    cycles.fetch_add(1, Ordering::Relaxed);
-                }
-                anyhow::Ok(())
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await??;
-    }
-    let coordinator = cycles.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
-    bench.stop().await?;
 
     let advisory = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -81,10 +56,51 @@ async fn main() -> anyhow::Result<()> {
     }
     let reference = advisory.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
     println!(
-        "{SERVICES} services, {GPUS} GPUs, {seconds} s each, {} cores:\n  coordinator        {coordinator:>9.0} cycles/s\n  pg_advisory_lock   {reference:>9.0} cycles/s (ratio {:.2})",
-        std::thread::available_parallelism()?,
-        coordinator / reference
+        "{SERVICES} services, {GPUS} GPUs, {seconds} s each, {} cores:",
+        std::thread::available_parallelism()?
     );
+    for (write_behind, cycles) in coordinator {
+        println!(
+            "  coordinator, {:<24} {cycles:>9.0} cycles/s (ratio to pg_advisory_lock {:.2})",
+            common::journal_mode(write_behind),
+            cycles / reference
+        );
+    }
+    println!("  pg_advisory_lock {:>33.0} cycles/s", reference);
+    Ok(())
+}
+
+/// The coordinator's cycles per second over `run`, its journal as `write_behind` says.
+async fn coordinator_cycles(run: Duration, write_behind: bool) -> anyhow::Result<f64> {
+    let tag = format!("bencht{}{}", std::process::id(), u8::from(write_behind));
+    let bench = common::Bench::start_with(&tag, 10_000, GPUS, write_behind).await?;
+    let mut clients = Vec::new();
+    for s in 0..SERVICES {
+        clients.push(Client::connect(&bench.config.nats.url, &tag, &format!("svc{s}")).await?);
+    }
+    let cycles = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|client| {
+            let cycles = cycles.clone();
+            tokio::spawn(async move {
+                while start.elapsed() < run {
+                    let lease = client
+                        .request(RequestOptions::new(1).lease_ms(30_000).timeout_ms(120_000))
+                        .await?;
+                    lease.release().await?;
+                    cycles.fetch_add(1, Ordering::Relaxed);
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    let coordinator = cycles.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    bench.stop().await?;
     if let Ok(db) = Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await {
         let _ = db
             .execute_unprepared(&format!(
@@ -92,5 +108,5 @@ async fn main() -> anyhow::Result<()> {
             ))
             .await;
     }
-    Ok(())
+    Ok(coordinator)
 }

@@ -82,6 +82,12 @@ pub struct RedisConfig {
 pub struct DatabaseConfig {
     /// `database.url`, default `postgres://postgres@127.0.0.1:5432/gpu_coordinator`.
     pub url: String,
+    /// `database.write_behind`, default false: a batch of effects is durable once JetStream stored it
+    /// (stream `<P>_JOURNAL`), and Postgres is written behind, off the grant path. Faster where a
+    /// Postgres commit is slow (it waits for the disk); a power loss of the NATS host can lose what
+    /// nats-server had not yet synced to disk. Needs `backends.journal = "postgres"` and
+    /// `backends.bus = "nats"`.
+    pub write_behind: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -304,6 +310,7 @@ impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
             url: "postgres://postgres@127.0.0.1:5432/gpu_coordinator".to_owned(),
+            write_behind: false,
         }
     }
 }
@@ -512,6 +519,16 @@ impl Config {
                 "leader.ttl_ms ({}) must be >= 100: the leader renews every third of it",
                 self.leader.ttl_ms
             ));
+        }
+        if self.database.write_behind
+            && (self.backends.journal != JournalBackend::Postgres
+                || self.backends.bus != BusBackend::Nats)
+        {
+            problems.push(
+                "database.write_behind needs backends.journal = \"postgres\" and backends.bus = \"nats\" \
+                 (the batches wait in a JetStream stream until Postgres has them)"
+                    .to_owned(),
+            );
         }
         if self.leader.poll_ms == 0 {
             problems.push("leader.poll_ms must be > 0".to_owned());

@@ -143,6 +143,7 @@ struct Servers {
 #[derive(Debug, Default)]
 struct RoundStats {
     coordinators: usize,
+    write_behind: bool,
     faults: BTreeMap<String, u64>,
     requests: u64,
     grants: u64,
@@ -156,9 +157,14 @@ impl std::fmt::Display for RoundStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} coordinator(s); faults {:?}; {} requests, {} grants, {} preemptions, {} revocations, \
+            "{} coordinator(s){}; faults {:?}; {} requests, {} grants, {} preemptions, {} revocations, \
              {} units of work; client outcomes {:?}; 0 violations, 0 lost requests",
             self.coordinators,
+            if self.write_behind {
+                ", Postgres written behind"
+            } else {
+                ""
+            },
             self.faults,
             self.requests,
             self.grants,
@@ -213,12 +219,15 @@ impl std::fmt::Display for Totals {
 async fn play(servers: &mut Servers, seed: u64, length: Duration) -> Result<RoundStats, String> {
     let mut rng = StdRng::seed_from_u64(seed);
     let name = unique("faults");
-    let config = round_config(servers, &name);
+    let mut config = round_config(servers, &name);
+    // Every other round writes Postgres behind the JetStream journal stream.
+    config.database.write_behind = seed % 2 == 1;
     let dir = std::env::temp_dir().join(&name);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let config_file = write_config(&config, &dir)?;
     let mut stats = RoundStats {
         coordinators: rng.random_range(1..=3),
+        write_behind: config.database.write_behind,
         ..RoundStats::default()
     };
     let mut coordinators: Vec<Coordinator> = (0..stats.coordinators)
@@ -355,13 +364,14 @@ fn round_config(servers: &Servers, name: &str) -> Config {
 fn write_config(config: &Config, dir: &std::path::Path) -> Result<PathBuf, String> {
     let mut text = format!(
         "[nats]\nurl = \"{}\"\nprefix = \"{}\"\n\n[redis]\nurl = \"{}\"\nkey_prefix = \"{}\"\n\n\
-         [database]\nurl = \"{}\"\n\n[lease]\ndefault_ms = {}\n\n[preemption]\nack_deadline_ms = {}\n\n\
+         [database]\nurl = \"{}\"\nwrite_behind = {}\n\n[lease]\ndefault_ms = {}\n\n[preemption]\nack_deadline_ms = {}\n\n\
          [request]\ndefault_timeout_ms = {}\n\n[http]\nlisten = \"127.0.0.1:0\"\n",
         config.nats.url,
         config.nats.prefix,
         config.redis.url,
         config.redis.key_prefix,
         config.database.url,
+        config.database.write_behind,
         config.lease.default_ms,
         config.preemption.ack_deadline_ms,
         config.request.default_timeout_ms

@@ -26,13 +26,25 @@ impl Bench {
         Self::start_gpus(tag, max_per_service, 1).await
     }
 
-    /// [`Bench::start`] with `gpus` GPUs of 24 GB (`0`, `1`, ...).
+    /// [`Bench::start`] with `gpus` GPUs of 24 GB (`0`, `1`, ...), Postgres written behind the
+    /// journal stream when `GPU_BENCH_WRITE_BEHIND=1`.
     pub async fn start_gpus(
         tag: &str,
         max_per_service: usize,
         gpus: usize,
     ) -> anyhow::Result<Bench> {
+        Self::start_with(tag, max_per_service, gpus, write_behind_env()).await
+    }
+
+    /// [`Bench::start_gpus`], `database.write_behind` as given.
+    pub async fn start_with(
+        tag: &str,
+        max_per_service: usize,
+        gpus: usize,
+        write_behind: bool,
+    ) -> anyhow::Result<Bench> {
         let mut config = Config::default();
+        config.database.write_behind = write_behind;
         config.nats.prefix = tag.to_owned();
         config.redis.key_prefix = tag.to_owned();
         config.database.url = format!("postgres://postgres@127.0.0.1:5432/gpu_{tag}");
@@ -151,6 +163,21 @@ pub fn rss_mb(pid: u32) -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// Whether `GPU_BENCH_WRITE_BEHIND=1` asks for the coordinators that a bench runs once to write
+/// Postgres behind the journal stream (`database.write_behind`).
+pub fn write_behind_env() -> bool {
+    std::env::var("GPU_BENCH_WRITE_BEHIND").is_ok_and(|v| v == "1")
+}
+
+/// How a coordinator writes its journal, for the benches' lines.
+pub fn journal_mode(write_behind: bool) -> &'static str {
+    if write_behind {
+        "Postgres written behind"
+    } else {
+        "Postgres commit"
+    }
+}
+
 /// The first number on the bench's command line (`cargo bench --bench NAME -- N`), else `default`.
 pub fn number_arg<T: std::str::FromStr>(default: T) -> T {
     std::env::args()
@@ -174,6 +201,10 @@ pub fn serve_command(tag: &str) -> std::process::Command {
         )
         .env("GPU_COORDINATOR_HTTP__LISTEN", "127.0.0.1:0")
         .env("GPU_COORDINATOR_NVML__ENABLED", "false")
+        .env(
+            "GPU_COORDINATOR_DATABASE__WRITE_BEHIND",
+            write_behind_env().to_string(),
+        )
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());
     command

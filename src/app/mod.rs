@@ -32,7 +32,7 @@ use crate::adapters::memory::{Faults, MemLeases, Trace};
 use crate::adapters::nats::NatsBus;
 use crate::adapters::nats_gateway::NatsGateway;
 use crate::adapters::nvml::GpuProbe;
-use crate::adapters::postgres::{PgLeadership, PgStore};
+use crate::adapters::postgres::{PgLeadership, PgStore, WriteBehind};
 use crate::adapters::redis::LeaseStore;
 use crate::adapters::sqlite::{DirLock, SqliteBus, SqliteStore};
 use crate::config::{BusBackend, Config, JournalBackend, LeasesBackend};
@@ -276,7 +276,8 @@ impl Chosen {
         } else {
             None
         };
-        let (journal, leadership, holder): (Arc<dyn Journal>, Arc<dyn Leadership>, String) =
+        let mut behind = None;
+        let (mut journal, leadership, holder): (Arc<dyn Journal>, Arc<dyn Leadership>, String) =
             match chosen.journal {
                 JournalBackend::Postgres => {
                     let db_url = config.database.url.clone();
@@ -294,6 +295,9 @@ impl Chosen {
                         Duration::from_millis(config.leader.poll_ms),
                     );
                     let holder = leadership.holder().to_owned();
+                    if config.database.write_behind {
+                        behind = Some(pg.clone());
+                    }
                     (Arc::new(pg), Arc::new(leadership), holder)
                 }
                 JournalBackend::Sqlite => {
@@ -346,6 +350,24 @@ impl Chosen {
                     subjects.output_stream(),
                     subjects.prefix()
                 ));
+                if let Some(pg) = behind.take() {
+                    let client = bus.client().clone();
+                    let stream = subjects.journal_stream();
+                    journal = Arc::new(
+                        with_retry("the journal stream", shutdown, || {
+                            WriteBehind::new(
+                                pg.clone(),
+                                client.clone(),
+                                stream.clone(),
+                                subjects.journal(),
+                            )
+                        })
+                        .await?,
+                    );
+                    lines.push(format!(
+                        "Postgres written behind the JetStream stream {stream} (database.write_behind)"
+                    ));
+                }
                 let gateway = NatsGateway::new(bus.client().clone(), subjects);
                 (Arc::new(bus), Arc::new(gateway))
             }

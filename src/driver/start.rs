@@ -34,6 +34,10 @@ impl Driver {
         } = setup;
         let journal = ports.journal.clone();
         let began = std::time::Instant::now();
+        with_retry("taking over the journal", &shutdown, || {
+            journal.take_over(term)
+        })
+        .await?;
         let loaded = with_retry("loading the queue from the journal", &shutdown, || {
             journal.load(retain_ended)
         })

@@ -139,7 +139,7 @@ impl Batch<'_> {
 }
 
 /// A message waiting in the outbox.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OutboxRow {
     /// Order of the rows, increasing.
     pub id: u64,
@@ -188,6 +188,13 @@ pub trait Journal: Send + Sync + 'static {
     /// Every live request and the `retain_ended` most recently ended ones, the highest fence and arrival
     /// number, the input position and the outbox.
     async fn load(&self, retain_ended: usize) -> Result<Loaded, PortError>;
+    /// Called once leadership `term` is won, before [`Journal::load`]: a journal that writes behind
+    /// brings its store up to date here, and fences off the writes of any earlier leader. Nothing to do
+    /// for the others.
+    async fn take_over(&self, term: Term) -> Result<(), PortError> {
+        let _ = term;
+        Ok(())
+    }
     /// Writes the whole batch or nothing. Writing the same batch twice leaves the same state (the driver
     /// retries a write whose answer was lost).
     async fn write(&self, batch: &Batch<'_>) -> Result<(), PortError>;

@@ -558,3 +558,216 @@ async fn pg_load_reports_a_row_it_cannot_read() {
     }
     finish(store, &name).await;
 }
+
+// ----- the write-behind journal -------------------------------------------------------------------
+
+/// A journal stream of its own on the NATS on loopback: its name, its subject and a client.
+async fn journal_stream() -> (String, String, async_nats::Client) {
+    let tag = crate::support::unique("wb");
+    let client = async_nats::connect("nats://127.0.0.1:4222")
+        .await
+        .expect("the NATS on loopback");
+    (
+        format!("IT_{}_JOURNAL", tag.to_uppercase().replace('-', "_")),
+        format!("it-{tag}.journal"),
+        client,
+    )
+}
+
+async fn drop_stream(client: &async_nats::Client, stream: &str) {
+    async_nats::jetstream::new(client.clone())
+        .delete_stream(stream)
+        .await
+        .expect("deleting the journal stream");
+}
+
+/// Write-behind: a batch is acknowledged once the journal stream stored it. A coordinator that dies
+/// before Postgres has its batches loses none of them: the next leader writes them to Postgres before
+/// it loads, and from then on the dead one's writes are refused (deposed), while the new one's reach
+/// Postgres behind it.
+#[tokio::test]
+async fn pg_behind_batches_stored_before_a_crash_reach_postgres_at_the_takeover() {
+    use gpu_coordinator::adapters::postgres::{Batch, WriteBehind};
+    use gpu_coordinator::ports::{deposed_in, Journal, Term};
+    let (store, name) = fresh_store().await;
+    let (stream, subject, client) = journal_stream().await;
+    // The first leader dies before it writes Postgres: it has no writer task.
+    let first = WriteBehind::without_writer(
+        store.clone(),
+        client.clone(),
+        stream.clone(),
+        subject.clone(),
+    )
+    .await
+    .expect("the journal stream");
+    first.take_over(Term(1)).await.expect("takes over");
+    let queued = [record("a", 7, Phase::Queued), bare("b", 9)];
+    first
+        .write(&Batch {
+            records: &queued,
+            max_fence: Some(Fence(30)),
+            input_seq: Some(5),
+            outbox: &[outbox_row(1), outbox_row(2)],
+            published_upto: None,
+            term: Some(Term(1)),
+        })
+        .await
+        .expect("stored in the journal stream");
+    let granted = [record("a", 7, Phase::Active)];
+    first
+        .write(&Batch {
+            records: &granted,
+            max_fence: Some(Fence(31)),
+            input_seq: Some(6),
+            outbox: &[outbox_row(3)],
+            published_upto: Some(2),
+            term: Some(Term(1)),
+        })
+        .await
+        .expect("stored in the journal stream");
+    let before = store.load_state(10).await.expect("load");
+    assert!(
+        before.records.is_empty() && before.input_seq == 0,
+        "Postgres is written behind, not before the acknowledgement"
+    );
+
+    let second = WriteBehind::new(
+        store.clone(),
+        client.clone(),
+        stream.clone(),
+        subject.clone(),
+    )
+    .await
+    .expect("the journal stream");
+    second.take_over(Term(2)).await.expect("takes over");
+    let loaded = second.load(10).await.expect("load");
+    assert_eq!(
+        loaded.records,
+        [record("a", 7, Phase::Active), bare("b", 9)]
+    );
+    assert_eq!(loaded.input_seq, 6);
+    assert!(loaded.max_fence >= Fence(31), "{:?}", loaded.max_fence);
+    assert_eq!(
+        loaded.outbox,
+        [outbox_row(3)],
+        "rows 1 and 2 were published"
+    );
+
+    let refused = first
+        .write(&Batch {
+            input_seq: Some(7),
+            term: Some(Term(1)),
+            ..Batch::default()
+        })
+        .await
+        .expect_err("the first leader is deposed");
+    assert!(deposed_in(&refused).is_some(), "{refused}");
+
+    let ended = ended_at("b", 9, BASE + 50);
+    second
+        .write(&Batch {
+            records: std::slice::from_ref(&ended),
+            input_seq: Some(8),
+            term: Some(Term(2)),
+            ..Batch::default()
+        })
+        .await
+        .expect("the leader writes");
+    second.caught_up().await;
+    let after = store.load_state(10).await.expect("load");
+    assert_eq!(after.input_seq, 8);
+    assert_eq!(after.records, [record("a", 7, Phase::Active), ended]);
+    second.close().await;
+    drop_stream(&client, &stream).await;
+    drop_database(&name).await;
+}
+
+/// A batch too big for one NATS message goes in parts, read back whole; a batch whose last part never
+/// came (its writer died in between, so it was never acknowledged) is skipped.
+#[tokio::test]
+async fn pg_behind_a_batch_bigger_than_a_message_goes_in_parts_and_a_torn_one_is_skipped() {
+    use gpu_coordinator::adapters::postgres::{Batch, Rows, WriteBehind};
+    use gpu_coordinator::ports::{Journal, Term};
+    let (store, name) = fresh_store().await;
+    let (stream, subject, client) = journal_stream().await;
+    let first = WriteBehind::without_writer(
+        store.clone(),
+        client.clone(),
+        stream.clone(),
+        subject.clone(),
+    )
+    .await
+    .expect("the journal stream");
+    first.take_over(Term(1)).await.expect("takes over");
+    let records: Vec<RequestRecord> = (1..=8_000)
+        .map(|i| record(&format!("r{i}"), i, Phase::Queued))
+        .collect();
+    first
+        .write(&Batch {
+            records: &records,
+            input_seq: Some(1),
+            term: Some(Term(1)),
+            ..Batch::default()
+        })
+        .await
+        .expect("stored in parts");
+    let info = async_nats::jetstream::new(client.clone())
+        .get_stream(&stream)
+        .await
+        .expect("the stream")
+        .info()
+        .await
+        .expect("its state")
+        .state
+        .clone();
+    assert!(
+        info.messages > 2,
+        "a marker and the batch in {} parts",
+        info.messages - 1
+    );
+    // The first part of a batch whose writer died before the next.
+    #[derive(serde::Serialize)]
+    struct Part {
+        batch: String,
+        last: bool,
+        rows: Rows,
+    }
+    let torn = store
+        .rows(&Batch {
+            records: &[bare("torn", 9_000)],
+            input_seq: Some(2),
+            ..Batch::default()
+        })
+        .expect("rows");
+    let part = Part {
+        batch: "dead-1".into(),
+        last: false,
+        rows: torn,
+    };
+    async_nats::jetstream::new(client.clone())
+        .publish(
+            subject.clone(),
+            rmp_serde::to_vec_named(&part).unwrap().into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+
+    let second = WriteBehind::new(
+        store.clone(),
+        client.clone(),
+        stream.clone(),
+        subject.clone(),
+    )
+    .await
+    .expect("the journal stream");
+    second.take_over(Term(2)).await.expect("takes over");
+    let loaded = second.load(0).await.expect("load");
+    assert_eq!(loaded.records.len(), 8_000);
+    assert_eq!(loaded.records, records);
+    assert_eq!(loaded.input_seq, 1, "the torn batch is not applied");
+    second.close().await;
+    drop_stream(&client, &stream).await;
+    drop_database(&name).await;
+}

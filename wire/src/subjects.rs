@@ -169,6 +169,17 @@ impl Subjects {
         format!("{}_OUTPUT", self.stream_base())
     }
 
+    /// The journal stream of the write-behind mode, e.g. `GPU_JOURNAL`: the coordinator's own, not part
+    /// of the wire contract.
+    pub fn journal_stream(&self) -> String {
+        format!("{}_JOURNAL", self.stream_base())
+    }
+
+    /// `<prefix>.journal`: the subject of [`Subjects::journal_stream`].
+    pub fn journal(&self) -> String {
+        format!("{}.journal", self.prefix)
+    }
+
     /// The prefix upper-cased with `-` and `.` turned into `_`: stream names may not hold `.`.
     fn stream_base(&self) -> String {
         self.prefix

@@ -6,7 +6,9 @@
 pub mod request {
     use sea_orm::entity::prelude::*;
 
-    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[derive(
+        Clone, Debug, PartialEq, Eq, DeriveEntityModel, serde::Serialize, serde::Deserialize,
+    )]
     #[sea_orm(table_name = "requests")]
     pub struct Model {
         #[sea_orm(primary_key, auto_increment = false)]

@@ -12,10 +12,12 @@
 //! - The core's `u64`s are stored as `bigint`: a value above `i64::MAX` is refused ([`PgError::OutOfRange`])
 //!   rather than wrapped, and a stored value the core cannot represent is reported ([`PgError::Corrupt`]).
 
+mod behind;
 pub(crate) mod entities;
 mod leader;
 
 pub use crate::ports::{Batch, Loaded, OutboxRow};
+pub use behind::{BehindError, WriteBehind};
 pub use entities::{fence, request, RowError};
 pub use leader::PgLeadership;
 
@@ -212,7 +214,8 @@ fn write_batch(fenced: bool) -> String {
     let outbox =
         ["bigint", "text", "text", "boolean", "bytea"].map(|ty| format!("{}::{ty}[]", param()));
     parts.push(format!(
-        "o AS (INSERT INTO outbox (id, msg_id, subject, msgpack, payload) SELECT * FROM unnest({}))",
+        "o AS (INSERT INTO outbox (id, msg_id, subject, msgpack, payload) SELECT * FROM unnest({}) \
+         ON CONFLICT (id) DO NOTHING)",
         outbox.join(", ")
     ));
     // The outbox rows JetStream has stored, from the last id deleted on: the rows below it are gone, and
@@ -307,7 +310,7 @@ struct RequestColumns {
 }
 
 impl RequestColumns {
-    fn of(rows: Vec<request::Model>) -> RequestColumns {
+    fn of(rows: impl IntoIterator<Item = request::Model>) -> RequestColumns {
         let mut c = RequestColumns::default();
         for r in rows {
             c.request_id.push(r.request_id);
@@ -368,6 +371,65 @@ impl RequestColumns {
 
 /// A statement with its arguments, on Postgres.
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// A batch as the rows [`PgStore::write_rows`] writes: what [`PgStore::rows`] makes of a [`Batch`], and
+/// what the write-behind journal keeps in JetStream until Postgres has it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Rows {
+    /// One row per request, the later of two with one `request_id` winning.
+    pub requests: Vec<request::Model>,
+    /// The fence to raise the stored one to (0: none).
+    pub max_fence: i64,
+    /// The last input handled, if the batch moves it.
+    pub input_seq: Option<i64>,
+    /// Messages to keep until the bus stored them.
+    pub outbox: Vec<OutboxRow>,
+    /// Outbox rows up to this id are deleted.
+    pub published_upto: Option<i64>,
+    /// The writer's term (`None`: unfenced).
+    pub term: Option<i64>,
+}
+
+impl Rows {
+    /// Whether writing it would change nothing (but check the term).
+    pub fn is_empty(&self) -> bool {
+        self.requests.is_empty()
+            && self.max_fence == 0
+            && self.input_seq.is_none()
+            && self.outbox.is_empty()
+            && self.published_upto.is_none()
+    }
+
+    /// `later` written after `self`, as one batch: what writing both in order leaves. A request's later
+    /// row wins, the fence and the deletions take the highest, the input position the later's, and the
+    /// outbox rows that the later deletion covers are not written at all.
+    pub fn then(&mut self, later: Rows) {
+        let mut at: std::collections::HashMap<String, usize> = self
+            .requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.request_id.clone(), i))
+            .collect();
+        for row in later.requests {
+            match at.get(&row.request_id) {
+                Some(&i) => self.requests[i] = row,
+                None => {
+                    at.insert(row.request_id.clone(), self.requests.len());
+                    self.requests.push(row);
+                }
+            }
+        }
+        self.max_fence = self.max_fence.max(later.max_fence);
+        self.input_seq = later.input_seq.or(self.input_seq);
+        self.outbox.extend(later.outbox);
+        self.published_upto = self.published_upto.max(later.published_upto);
+        if let Some(upto) = self.published_upto {
+            self.outbox
+                .retain(|row| i64::try_from(row.id).map_or(true, |id| id > upto));
+        }
+        self.term = later.term.or(self.term);
+    }
+}
 
 /// The requests table, the fence row and the outbox of one PostgreSQL database: the [`Journal`].
 #[derive(Debug, Clone)]
@@ -449,44 +511,59 @@ impl PgStore {
         .await
     }
 
-    /// Writes one batch atomically, as one statement ([`WRITE_BATCH`], or [`WRITE_BATCH_FENCED`] under a
-    /// term): the records (the later of two with one `request_id` wins), the highest fence and the last
-    /// input handled (both only raised), the new outbox rows, and the deletion of the outbox rows already
-    /// published. The rows travel as one array per column, so the statement's text is the same whatever
-    /// the batch's size: each connection prepares it once, and no batch is too big for one statement.
+    /// Writes one batch atomically (see [`PgStore::write_rows`]).
     pub async fn write(&self, batch: &Batch<'_>) -> Result<(), PgError> {
         if batch.is_empty() && batch.term.is_none() {
             return Ok(());
         }
-        let rows = last_of_each(batch.records)
-            .into_iter()
-            .map(|r| self.to_row(r))
-            .collect::<Result<Vec<_>, _>>()?;
-        let fence = self.bigint("", "max_fence", batch.max_fence.map_or(0, |f| f.0))?;
-        let input_seq = batch
-            .input_seq
-            .map(|seq| self.bigint("", "input_seq", seq))
-            .transpose()?;
-        let published = batch
-            .published_upto
-            .map(|id| self.bigint("", "outbox id", id))
-            .transpose()?;
-        let term = batch
-            .term
-            .map(|t| self.bigint("", "term", t.0))
-            .transpose()?;
-        let outbox_ids = batch
+        let rows = self.rows(batch)?;
+        self.write_rows(&rows).await
+    }
+
+    /// The batch as the rows it writes: each request's last record, the numbers as `bigint`s (a value
+    /// that does not fit is refused here, before anything is written).
+    pub fn rows(&self, batch: &Batch<'_>) -> Result<Rows, PgError> {
+        Ok(Rows {
+            requests: last_of_each(batch.records)
+                .into_iter()
+                .map(|r| self.to_row(r))
+                .collect::<Result<Vec<_>, _>>()?,
+            max_fence: self.bigint("", "max_fence", batch.max_fence.map_or(0, |f| f.0))?,
+            input_seq: batch
+                .input_seq
+                .map(|seq| self.bigint("", "input_seq", seq))
+                .transpose()?,
+            outbox: batch.outbox.to_vec(),
+            published_upto: batch
+                .published_upto
+                .map(|id| self.bigint("", "outbox id", id))
+                .transpose()?,
+            term: batch
+                .term
+                .map(|t| self.bigint("", "term", t.0))
+                .transpose()?,
+        })
+    }
+
+    /// Writes rows atomically, as one statement ([`WRITE_BATCH`], or [`WRITE_BATCH_FENCED`] under a
+    /// term): the requests (one row each), the highest fence and the last input handled (both only
+    /// raised), the new outbox rows (one already there is kept), and the deletion of the outbox rows
+    /// already published. The rows travel as one array per column, so the statement's text is the same
+    /// whatever the batch's size: each connection prepares it once, and no batch is too big for one
+    /// statement.
+    pub async fn write_rows(&self, rows: &Rows) -> Result<(), PgError> {
+        let outbox_ids = rows
             .outbox
             .iter()
             .map(|row| self.bigint("", "outbox id", row.id))
             .collect::<Result<Vec<_>, _>>()?;
-        let n_rows = rows.len();
+        let n_rows = rows.requests.len();
         let fail = |source: sqlx::Error| {
             let source = DbErr::Exec(RuntimeErr::SqlxError(source));
-            match (batch.term, stale_term(&source)) {
+            match (rows.term, stale_term(&source)) {
                 (Some(term), Some(detail)) => PgError::StaleTerm {
                     server: self.server.clone(),
-                    term: term.0,
+                    term: term as u64,
                     detail,
                 },
                 _ => PgError::Write {
@@ -497,54 +574,49 @@ impl PgStore {
             }
         };
         let pool = self.db.get_postgres_connection_pool();
-        if batch.is_empty() {
+        if rows.is_empty() {
             // Nothing to write but the term to check: the lease changes that follow are this term's.
-            sqlx::query(CHECK_TERM)
-                .bind(term)
-                .execute(pool)
-                .await
-                .map_err(fail)?;
+            if rows.term.is_some() {
+                sqlx::query(CHECK_TERM)
+                    .bind(rows.term)
+                    .execute(pool)
+                    .await
+                    .map_err(fail)?;
+            }
             return Ok(());
         }
         let deleted_upto = self.deleted_upto.load(std::sync::atomic::Ordering::Relaxed);
-        let columns = RequestColumns::of(rows);
-        let query = match term {
+        let columns = RequestColumns::of(rows.requests.iter().cloned());
+        let query = match rows.term {
             Some(term) => sqlx::query(WRITE_BATCH_FENCED.as_str()).bind(term),
             None => sqlx::query(WRITE_BATCH.as_str()),
         };
+        let outbox = &rows.outbox;
         columns
             .bind(query)
             .bind(outbox_ids)
+            .bind(outbox.iter().map(|r| r.msg_id.as_str()).collect::<Vec<_>>())
             .bind(
-                batch
-                    .outbox
-                    .iter()
-                    .map(|r| r.msg_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                batch
-                    .outbox
+                outbox
                     .iter()
                     .map(|r| r.subject.as_str())
                     .collect::<Vec<_>>(),
             )
-            .bind(batch.outbox.iter().map(|r| r.msgpack).collect::<Vec<_>>())
+            .bind(outbox.iter().map(|r| r.msgpack).collect::<Vec<_>>())
             .bind(
-                batch
-                    .outbox
+                outbox
                     .iter()
                     .map(|r| r.payload.as_slice())
                     .collect::<Vec<_>>(),
             )
-            .bind(published.map(|upto| deleted_upto.min(upto)))
-            .bind(published)
-            .bind(fence)
-            .bind(input_seq)
+            .bind(rows.published_upto.map(|upto| deleted_upto.min(upto)))
+            .bind(rows.published_upto)
+            .bind(rows.max_fence)
+            .bind(rows.input_seq)
             .execute(pool)
             .await
             .map_err(fail)?;
-        if let Some(upto) = published {
+        if let Some(upto) = rows.published_upto {
             self.deleted_upto
                 .fetch_max(upto, std::sync::atomic::Ordering::Relaxed);
         }

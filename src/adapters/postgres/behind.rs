@@ -1,0 +1,549 @@
+//! The write-behind journal (`database.write_behind = true`): a batch is durable once JetStream has
+//! stored it in the journal stream (`<P>_JOURNAL`, subject `<p>.journal`), and Postgres is written
+//! behind it, off the grant path.
+//!
+//! - [`Journal::write`] publishes the batch's rows ([`Rows`]) and returns on the PubAck; a task of this
+//!   process then writes them to Postgres, several batches as one statement when it is behind, and
+//!   purges the stream up to what Postgres holds.
+//! - [`Journal::take_over`] (a new leader, before it loads) writes what the stream holds to Postgres,
+//!   then appends a marker with `Nats-Expected-Last-Sequence`; every write goes on from the sequence
+//!   before it in the same way. A deposed leader's next write expects a sequence the marker took: the
+//!   stream refuses it, and the driver hears [`Deposed`]. What a deposed leader wrote before the marker
+//!   is read by the new one before it acts.
+//! - A batch too big for one message goes as several, the last one marked; a group whose last message
+//!   never came (a crash in between) was never acknowledged, and is skipped when read back.
+//! - Writing the stream's content to Postgres in order, from its first message, is what writing the
+//!   batches did, whatever Postgres already had: each request's row is set whole, the fence and the
+//!   deletions only rise, and the input position is the last batch's.
+//!
+//! Durability is JetStream's: what nats-server acknowledged survives the crash of any process; a power
+//! loss of its host can lose what it had not yet synced to disk (its `sync_interval`), as it can lose
+//! the inputs themselves. Postgres alone keeps a commit through a power loss: the default.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
+use backon::BackoffBuilder as _;
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use super::{PgError, PgStore, Rows};
+use crate::ports::{Batch, Deposed, Journal, Loaded, PortError, Term};
+
+/// How often the stream is purged of what Postgres holds, at most.
+const PURGE_EVERY: Duration = Duration::from_secs(1);
+
+/// Room left in a message for its headers and framing, below the server's `max_payload`.
+const HEADROOM: usize = 4096;
+
+/// One message of the journal stream, as read: a batch's rows, or a part of them.
+#[derive(Debug, Deserialize)]
+struct Entry {
+    /// The batch it belongs to (`<boot>-<number>`): the parts of one batch are consecutive.
+    batch: String,
+    /// The batch's last part: a batch is complete with it.
+    last: bool,
+    rows: Rows,
+}
+
+/// An [`Entry`] as written, its rows borrowed.
+#[derive(Serialize)]
+struct EntryRef<'a> {
+    batch: &'a str,
+    last: bool,
+    rows: &'a Rows,
+}
+
+impl EntryRef<'_> {
+    fn encode(&self) -> Result<Vec<u8>, PortError> {
+        rmp_serde::to_vec_named(self).map_err(PortError::new)
+    }
+}
+
+/// What went wrong in the journal stream.
+#[derive(Debug, thiserror::Error)]
+pub enum BehindError {
+    #[error("cannot create or read the journal stream {stream}")]
+    Stream {
+        stream: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the journal stream {stream} did not store a batch")]
+    Publish {
+        stream: String,
+        #[source]
+        source: async_nats::jetstream::context::PublishError,
+    },
+    #[error("a journal entry of {bytes} bytes does not fit in a NATS message ({limit} bytes)")]
+    TooBig { bytes: usize, limit: usize },
+    #[error("journal entry #{seq} of {stream} is unreadable: {detail}")]
+    Corrupt {
+        stream: String,
+        seq: u64,
+        detail: String,
+    },
+}
+
+/// Where the writes stand.
+struct Head {
+    /// The stream's last sequence as this journal left it: the next write expects it.
+    last_seq: u64,
+    /// The number of the next batch.
+    next: u64,
+    /// This journal's term, from [`Journal::take_over`].
+    term: Option<Term>,
+}
+
+/// The journal: JetStream first, Postgres behind.
+pub struct WriteBehind {
+    pg: PgStore,
+    js: jetstream::Context,
+    stream: String,
+    subject: String,
+    /// Makes this process's batch ids unique.
+    boot: String,
+    /// The largest message the server takes.
+    max_payload: usize,
+    head: tokio::sync::Mutex<Head>,
+    /// Stored batches to the writer task: their last stream sequence and rows.
+    behind: Mutex<Option<mpsc::UnboundedSender<(u64, Rows)>>>,
+    /// The last stream sequence Postgres holds.
+    applied: watch::Receiver<u64>,
+    /// Set by the writer task when Postgres refused a write for a newer term.
+    deposed: Arc<Mutex<Option<Deposed>>>,
+    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl WriteBehind {
+    /// The journal on `pg` and the stream `stream` (subject `subject`) of `js`'s server, made if
+    /// missing. Starts the task that writes Postgres.
+    pub async fn new(
+        pg: PgStore,
+        client: async_nats::Client,
+        stream: String,
+        subject: String,
+    ) -> Result<WriteBehind, BehindError> {
+        WriteBehind::open(pg, client, stream, subject, true).await
+    }
+
+    /// The same, without its writer task: what a process that dies before it writes Postgres leaves.
+    /// For tests.
+    #[doc(hidden)]
+    pub async fn without_writer(
+        pg: PgStore,
+        client: async_nats::Client,
+        stream: String,
+        subject: String,
+    ) -> Result<WriteBehind, BehindError> {
+        WriteBehind::open(pg, client, stream, subject, false).await
+    }
+
+    async fn open(
+        pg: PgStore,
+        client: async_nats::Client,
+        stream: String,
+        subject: String,
+        writing: bool,
+    ) -> Result<WriteBehind, BehindError> {
+        let max_payload = client.server_info().max_payload;
+        let js = jetstream::new(client);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (applied_tx, applied) = watch::channel(0);
+        let deposed = Arc::new(Mutex::new(None));
+        let journal = WriteBehind {
+            pg,
+            js,
+            stream,
+            subject,
+            boot: format!("{:016x}", rand::random::<u64>()),
+            max_payload,
+            head: tokio::sync::Mutex::new(Head {
+                last_seq: 0,
+                next: 1,
+                term: None,
+            }),
+            behind: Mutex::new(Some(tx)),
+            applied,
+            deposed: deposed.clone(),
+            writer: Mutex::new(None),
+        };
+        let stream = journal.ensure_stream().await?;
+        if writing {
+            let task = Writer {
+                pg: journal.pg.clone(),
+                stream,
+                applied: applied_tx,
+                deposed,
+            };
+            *journal.writer.lock().expect("not poisoned") = Some(tokio::spawn(task.run(rx)));
+        }
+        Ok(journal)
+    }
+
+    /// The last stream sequence Postgres holds.
+    pub fn applied(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// Waits until Postgres holds every batch written so far.
+    pub async fn caught_up(&self) {
+        let written = self.head.lock().await.last_seq;
+        let mut applied = self.applied.clone();
+        let _ = applied.wait_for(|&seq| seq >= written).await;
+    }
+
+    /// Makes the stream if it is missing: file storage, nothing removed but by the writer's purges,
+    /// and a full stream refuses a new batch rather than dropping an old one.
+    async fn ensure_stream(&self) -> Result<stream::Stream, BehindError> {
+        let config = stream::Config {
+            name: self.stream.clone(),
+            subjects: vec![self.subject.clone()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            discard: stream::DiscardPolicy::New,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        };
+        self.js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| self.stream_error(e))
+    }
+
+    fn stream_error(&self, e: impl std::error::Error + Send + Sync + 'static) -> BehindError {
+        BehindError::Stream {
+            stream: self.stream.clone(),
+            source: Box::new(e),
+        }
+    }
+
+    /// Appends one batch's rows, in as many messages as they need, each expecting the sequence before
+    /// it. Answers the last sequence.
+    async fn append(&self, head: &mut Head, rows: &Rows) -> Result<u64, PortError> {
+        let batch = format!("{}-{}", self.boot, head.next);
+        let whole = EntryRef {
+            batch: &batch,
+            last: true,
+            rows,
+        }
+        .encode()?;
+        let payloads = if whole.len() <= self.max_payload.saturating_sub(HEADROOM) {
+            vec![whole]
+        } else {
+            let parts = self.parts(rows.clone())?;
+            let count = parts.len();
+            parts
+                .iter()
+                .enumerate()
+                .map(|(i, rows)| {
+                    EntryRef {
+                        batch: &batch,
+                        last: i + 1 == count,
+                        rows,
+                    }
+                    .encode()
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        for (i, payload) in payloads.into_iter().enumerate() {
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(payload.into())
+                .message_id(format!("{batch}-{i}"))
+                .expected_last_sequence(head.last_seq);
+            let stored = self
+                .js
+                .send_publish(self.subject.clone(), publish)
+                .await
+                .map_err(|e| self.publish_error(head, e))?
+                .await
+                .map_err(|e| self.publish_error(head, e))?;
+            head.last_seq = stored.sequence;
+        }
+        head.next += 1;
+        Ok(head.last_seq)
+    }
+
+    /// A refused publish: [`Deposed`] when another writer appended since (a newer leader's marker).
+    fn publish_error(
+        &self,
+        head: &Head,
+        e: async_nats::jetstream::context::PublishError,
+    ) -> PortError {
+        if e.kind() == PublishErrorKind::WrongLastSequence {
+            return PortError::new(Deposed {
+                term: head.term.map_or(0, |t| t.0),
+                detail: format!(
+                    "the journal stream {} was written by another coordinator after #{}",
+                    self.stream, head.last_seq
+                ),
+            });
+        }
+        PortError::new(BehindError::Publish {
+            stream: self.stream.clone(),
+            source: e,
+        })
+    }
+
+    /// `rows` cut into parts that each fit in a message (one part, nearly always).
+    fn parts(&self, rows: Rows) -> Result<Vec<Rows>, PortError> {
+        let limit = self.max_payload.saturating_sub(HEADROOM);
+        let size = rmp_serde::to_vec_named(&rows)
+            .map_err(PortError::new)?
+            .len();
+        if size <= limit {
+            return Ok(vec![rows]);
+        }
+        let (n, m) = (rows.requests.len(), rows.outbox.len());
+        if n + m <= 1 {
+            return Err(PortError::new(BehindError::TooBig { bytes: size, limit }));
+        }
+        // The first half of the rows, then the rest with the batch's own numbers.
+        let mut second = rows;
+        let first = Rows {
+            requests: second.requests.drain(..n / 2).collect(),
+            outbox: second.outbox.drain(..m / 2).collect(),
+            term: second.term,
+            ..Rows::default()
+        };
+        let mut parts = self.parts(first)?;
+        parts.extend(self.parts(second)?);
+        Ok(parts)
+    }
+
+    /// Every complete batch the stream holds, merged in order, and the stream's last sequence.
+    async fn read_all(&self) -> Result<(Rows, u64), PortError> {
+        let mut stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| PortError::new(self.stream_error(e)))?;
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| PortError::new(self.stream_error(e)))?
+            .state
+            .clone();
+        let mut all = Rows::default();
+        if state.messages == 0 {
+            return Ok((all, state.last_sequence));
+        }
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| PortError::new(self.stream_error(e)))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| PortError::new(self.stream_error(e)))?;
+        // The parts of a batch whose last part has not come yet.
+        let mut open: Option<(String, Rows)> = None;
+        let mut seq = 0;
+        while seq < state.last_sequence {
+            let message = messages
+                .next()
+                .await
+                .ok_or_else(|| PortError::new(self.corrupt(seq + 1, "the stream ended early")))?
+                .map_err(|e| PortError::new(self.stream_error(e)))?;
+            seq = message
+                .info()
+                .map_err(|e| PortError::new(self.corrupt(seq + 1, &e.to_string())))?
+                .stream_sequence;
+            let entry: Entry = rmp_serde::from_slice(&message.payload)
+                .map_err(|e| PortError::new(self.corrupt(seq, &e.to_string())))?;
+            let mut rows = match open.take() {
+                Some((batch, mut rows)) if batch == entry.batch => {
+                    rows.then(entry.rows);
+                    rows
+                }
+                Some((batch, _)) => {
+                    tracing::warn!("journal batch {batch} never completed (a crash while it was written): skipped");
+                    entry.rows
+                }
+                None => entry.rows,
+            };
+            if entry.last {
+                all.then(std::mem::take(&mut rows));
+            } else {
+                open = Some((entry.batch, rows));
+            }
+        }
+        if let Some((batch, _)) = open {
+            tracing::warn!(
+                "journal batch {batch} never completed (a crash while it was written): skipped"
+            );
+        }
+        Ok((all, state.last_sequence))
+    }
+
+    fn corrupt(&self, seq: u64, detail: &str) -> BehindError {
+        BehindError::Corrupt {
+            stream: self.stream.clone(),
+            seq,
+            detail: detail.to_owned(),
+        }
+    }
+
+    /// The writer task's refusal, if it was for `term`.
+    fn deposed(&self, term: Option<Term>) -> Option<Deposed> {
+        let deposed = self.deposed.lock().expect("not poisoned");
+        deposed
+            .as_ref()
+            .filter(|d| Some(d.term) == term.map(|t| t.0))
+            .cloned()
+    }
+}
+
+/// The task that writes Postgres behind the stream.
+struct Writer {
+    pg: PgStore,
+    stream: stream::Stream,
+    applied: watch::Sender<u64>,
+    deposed: Arc<Mutex<Option<Deposed>>>,
+}
+
+impl Writer {
+    /// Writes the batches in order, those waiting together, each until Postgres takes it (with
+    /// backoff), until the journal closes. A batch refused for its term is dropped, and so are the
+    /// later ones of that term: its driver hears that it was deposed, and a later term's batches (the
+    /// same process leading again) are written.
+    async fn run(self, mut batches: mpsc::UnboundedReceiver<(u64, Rows)>) {
+        let mut purged_at = Instant::now();
+        let mut purged = 0;
+        let mut deposed_term: Option<i64> = None;
+        while let Some((mut seq, mut rows)) = batches.recv().await {
+            while let Ok((later, more)) = batches.try_recv() {
+                rows.then(more);
+                seq = later;
+            }
+            if rows.term.is_some() && rows.term <= deposed_term {
+                continue;
+            }
+            let mut delays = crate::driver::retry::backoff().build();
+            loop {
+                match self.pg.write_rows(&rows).await {
+                    Ok(()) => break,
+                    Err(PgError::StaleTerm { term, detail, .. }) => {
+                        tracing::warn!("writing the journal behind: deposed ({detail})");
+                        deposed_term = rows.term;
+                        *self.deposed.lock().expect("not poisoned") =
+                            Some(Deposed { term, detail });
+                        break;
+                    }
+                    Err(e) => {
+                        let wait = delays.next().unwrap_or(Duration::from_secs(5));
+                        tracing::warn!("writing the journal behind: {e}; again in {wait:?}");
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+            if rows.term.is_some() && rows.term <= deposed_term {
+                continue;
+            }
+            self.applied.send_replace(seq);
+            if seq > purged && purged_at.elapsed() >= PURGE_EVERY {
+                // What Postgres holds leaves the stream (sequences below `seq + 1`).
+                match self.stream.purge().sequence(seq + 1).await {
+                    Ok(_) => purged = seq,
+                    Err(e) => tracing::debug!("purging the journal stream: {e}"),
+                }
+                purged_at = Instant::now();
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Journal for WriteBehind {
+    async fn migrate(&self) -> Result<(), PortError> {
+        self.pg.migrate().await.map_err(PortError::new)?;
+        self.ensure_stream().await.map_err(PortError::new)?;
+        Ok(())
+    }
+
+    async fn take_over(&self, term: Term) -> Result<(), PortError> {
+        let mut head = self.head.lock().await;
+        head.term = Some(term);
+        self.ensure_stream().await.map_err(PortError::new)?;
+        loop {
+            let (mut rows, last) = self.read_all().await?;
+            rows.term = Some(i64::try_from(term.0).map_err(PortError::new)?);
+            self.pg.write_rows(&rows).await.map_err(|e| match e {
+                PgError::StaleTerm { term, detail, .. } => PortError::new(Deposed { term, detail }),
+                other => PortError::new(other),
+            })?;
+            // The marker: from here on, a write of an earlier leader is refused.
+            head.last_seq = last;
+            let marker = Rows {
+                term: rows.term,
+                ..Rows::default()
+            };
+            match self.append(&mut head, &marker).await {
+                Ok(_) => break,
+                Err(e) if crate::ports::deposed_in(&e).is_some() => {
+                    tracing::info!(
+                        "the journal stream was written during the takeover: reading it again"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(behind) = self.behind.lock().expect("not poisoned").as_ref() {
+            // Postgres holds everything up to the marker.
+            let _ = behind.send((head.last_seq, Rows::default()));
+        }
+        Ok(())
+    }
+
+    async fn load(&self, retain_ended: usize) -> Result<Loaded, PortError> {
+        self.pg
+            .load_state(retain_ended)
+            .await
+            .map_err(PortError::new)
+    }
+
+    async fn write(&self, batch: &Batch<'_>) -> Result<(), PortError> {
+        if let Some(deposed) = self.deposed(batch.term) {
+            return Err(PortError::new(deposed));
+        }
+        if batch.is_empty() {
+            // Nothing to store; a deposed writer hears it from the stream at its next batch, and
+            // from the lease store, which is fenced by the term too.
+            return Ok(());
+        }
+        let rows = self.pg.rows(batch).map_err(PortError::new)?;
+        let mut head = self.head.lock().await;
+        let seq = self.append(&mut head, &rows).await?;
+        if let Some(behind) = self.behind.lock().expect("not poisoned").as_ref() {
+            let _ = behind.send((seq, rows));
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), PortError> {
+        self.pg.ping().await.map_err(PortError::new)
+    }
+
+    /// Lets the writer task write what it has (as long as Postgres answers), then closes Postgres.
+    async fn close(&self) {
+        self.behind.lock().expect("not poisoned").take();
+        let writer = self.writer.lock().expect("not poisoned").take();
+        if let Some(writer) = writer {
+            if tokio::time::timeout(Duration::from_secs(5), writer)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "Postgres did not take the last journal batches within 5 s: they stay in the \
+                     journal stream, written at the next start"
+                );
+            }
+        }
+        self.pg.close().await
+    }
+}
