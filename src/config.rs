@@ -85,8 +85,8 @@ pub struct DatabaseConfig {
     /// `database.write_behind`, default false: a batch of effects is durable once JetStream stored it
     /// (stream `<P>_JOURNAL`), and Postgres is written behind, off the grant path. Faster where a
     /// Postgres commit is slow (it waits for the disk); a power loss of the NATS host can lose what
-    /// nats-server had not yet synced to disk. Needs `backends.journal = "postgres"` and
-    /// `backends.bus = "nats"`.
+    /// nats-server had not yet synced to disk, grants included. Needs `backends.journal = "postgres"`
+    /// and `backends.bus = "nats"`.
     pub write_behind: bool,
 }
 
@@ -846,6 +846,18 @@ mod tests {
     fn bad_toml_names_the_file() {
         let msg = parse_error("[lease\n", "badtoml");
         assert!(msg.contains(".toml"), "{msg}");
+    }
+
+    #[test]
+    fn write_behind_needs_postgres_and_nats() {
+        let msg = invalid(
+            "[database]\nwrite_behind = true\n\n[backends]\nbus = \"embedded\"\n",
+            "writebehind",
+        );
+        assert!(
+            msg.contains("database.write_behind needs backends.journal = \"postgres\""),
+            "{msg}"
+        );
     }
 
     #[test]

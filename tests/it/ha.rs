@@ -190,7 +190,19 @@ fn signal(pid: u32, signal: &str) {
 /// leader wakes it is deposed, writes nothing and publishes no grant, and the history keeps every rule.
 #[tokio::test]
 async fn a_paused_leader_wakes_up_deposed() {
-    let config = test_config("ha_stop", &[("0", 24_000)]);
+    paused_leader_wakes_up_deposed(false).await
+}
+
+/// The same with Postgres written behind the journal stream: the new leader's marker in the stream
+/// refuses the old one's next batch.
+#[tokio::test]
+async fn a_paused_leader_wakes_up_deposed_with_postgres_written_behind() {
+    paused_leader_wakes_up_deposed(true).await
+}
+
+async fn paused_leader_wakes_up_deposed(write_behind: bool) {
+    let mut config = test_config("ha_stop", &[("0", 24_000)]);
+    config.database.write_behind = write_behind;
     let leader = CoordinatorProcess::start(&config).await;
     let standby = Coordinator::start(config.clone()).await;
     let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;

@@ -472,9 +472,21 @@ async fn vram_is_shared_and_spread_over_gpus() {
 /// reused.
 #[tokio::test]
 async fn restart_after_kill_loses_nothing_and_reuses_no_fence() {
+    restart_after_kill(false).await
+}
+
+/// The same with Postgres written behind the journal stream: what the killed coordinator acknowledged
+/// but had not yet written to Postgres is written at the restart, before anything is served.
+#[tokio::test]
+async fn restart_after_kill_loses_nothing_with_postgres_written_behind() {
+    restart_after_kill(true).await
+}
+
+async fn restart_after_kill(write_behind: bool) {
     use crate::support::CoordinatorProcess;
     const QUEUED: usize = 1_000;
-    let config = test_config("restart", &[("0", 24_000)]);
+    let mut config = test_config("restart", &[("0", 24_000)]);
+    config.database.write_behind = write_behind;
     let process = CoordinatorProcess::start(&config).await;
     let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
     probe

@@ -21,7 +21,7 @@
 //! the inputs themselves. Postgres alone keeps a commit through a power loss: the default.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
 use backon::BackoffBuilder as _;
@@ -32,8 +32,12 @@ use tokio::sync::{mpsc, watch};
 use super::{PgError, PgStore, Rows};
 use crate::ports::{Batch, Deposed, Journal, Loaded, PortError, Term};
 
-/// How often the stream is purged of what Postgres holds, at most.
-const PURGE_EVERY: Duration = Duration::from_secs(1);
+/// How often the stream is purged of what Postgres holds.
+const PURGE_EVERY: Duration = Duration::from_millis(100);
+
+/// How long reading the stream back waits for the next message before it looks whether the rest was
+/// purged.
+const READ_WAIT: Duration = Duration::from_secs(1);
 
 /// Room left in a message for its headers and framing, below the server's `max_payload`.
 const HEADROOM: usize = 4096;
@@ -345,11 +349,24 @@ impl WriteBehind {
         let mut open: Option<(String, Rows)> = None;
         let mut seq = 0;
         while seq < state.last_sequence {
-            let message = messages
-                .next()
-                .await
-                .ok_or_else(|| PortError::new(self.corrupt(seq + 1, "the stream ended early")))?
-                .map_err(|e| PortError::new(self.stream_error(e)))?;
+            let message = match tokio::time::timeout(READ_WAIT, messages.next()).await {
+                Ok(next) => next
+                    .ok_or_else(|| PortError::new(self.corrupt(seq + 1, "the stream ended early")))?
+                    .map_err(|e| PortError::new(self.stream_error(e)))?,
+                Err(_) => {
+                    // Purged meanwhile (by an earlier leader's writer, once Postgres had it)?
+                    let first = stream
+                        .info()
+                        .await
+                        .map_err(|e| PortError::new(self.stream_error(e)))?
+                        .state
+                        .first_sequence;
+                    if first > state.last_sequence {
+                        break;
+                    }
+                    continue;
+                }
+            };
             seq = message
                 .info()
                 .map_err(|e| PortError::new(self.corrupt(seq + 1, &e.to_string())))?
@@ -413,10 +430,28 @@ impl Writer {
     /// later ones of that term: its driver hears that it was deposed, and a later term's batches (the
     /// same process leading again) are written.
     async fn run(self, mut batches: mpsc::UnboundedReceiver<(u64, Rows)>) {
-        let mut purged_at = Instant::now();
-        let mut purged = 0;
+        let mut purged_at = tokio::time::Instant::now();
+        let (mut applied, mut purged) = (0, 0);
         let mut deposed_term: Option<i64> = None;
-        while let Some((mut seq, mut rows)) = batches.recv().await {
+        loop {
+            // What Postgres holds leaves the stream at most PURGE_EVERY later, busy or idle, so that a
+            // takeover has little to read back.
+            let next = if applied > purged {
+                tokio::time::timeout_at(purged_at + PURGE_EVERY, batches.recv())
+                    .await
+                    .ok()
+            } else {
+                Some(batches.recv().await)
+            };
+            let Some(next) = next else {
+                purged = self.purge(applied, purged).await;
+                purged_at = tokio::time::Instant::now();
+                continue;
+            };
+            let Some((mut seq, mut rows)) = next else {
+                self.purge(applied, purged).await;
+                return;
+            };
             while let Ok((later, more)) = batches.try_recv() {
                 rows.then(more);
                 seq = later;
@@ -445,14 +480,26 @@ impl Writer {
             if rows.term.is_some() && rows.term <= deposed_term {
                 continue;
             }
+            applied = seq;
             self.applied.send_replace(seq);
-            if seq > purged && purged_at.elapsed() >= PURGE_EVERY {
-                // What Postgres holds leaves the stream (sequences below `seq + 1`).
-                match self.stream.purge().sequence(seq + 1).await {
-                    Ok(_) => purged = seq,
-                    Err(e) => tracing::debug!("purging the journal stream: {e}"),
-                }
-                purged_at = Instant::now();
+            if purged_at.elapsed() >= PURGE_EVERY {
+                purged = self.purge(applied, purged).await;
+                purged_at = tokio::time::Instant::now();
+            }
+        }
+    }
+
+    /// Purges the stream of the sequences up to `applied` (Postgres holds them); answers how far it
+    /// is purged now.
+    async fn purge(&self, applied: u64, purged: u64) -> u64 {
+        if applied <= purged {
+            return purged;
+        }
+        match self.stream.purge().sequence(applied + 1).await {
+            Ok(_) => applied,
+            Err(e) => {
+                tracing::debug!("purging the journal stream: {e}");
+                purged
             }
         }
     }

@@ -282,6 +282,10 @@ impl CoordinatorProcess {
                 &config.redis.key_prefix,
             )
             .env("GPU_COORDINATOR_DATABASE__URL", &config.database.url)
+            .env(
+                "GPU_COORDINATOR_DATABASE__WRITE_BEHIND",
+                config.database.write_behind.to_string(),
+            )
             .env("GPU_COORDINATOR_HTTP__LISTEN", &config.http.listen)
             .env(
                 "GPU_COORDINATOR_BACKENDS__JOURNAL",
