@@ -442,7 +442,18 @@ async fn a_leader_cut_off_from_nats_gives_way() {
 /// both anew and goes on, instead of retrying forever against what is missing.
 #[tokio::test]
 async fn a_stream_and_a_consumer_lost_at_run_time_are_made_anew() {
-    let config = test_config("ha_streams", &[("0", 24_000)]);
+    streams_lost_at_run_time(false).await
+}
+
+/// The same with Postgres written behind, its journal stream deleted too: made anew, and written on.
+#[tokio::test]
+async fn a_journal_stream_lost_at_run_time_is_made_anew() {
+    streams_lost_at_run_time(true).await
+}
+
+async fn streams_lost_at_run_time(write_behind: bool) {
+    let mut config = test_config("ha_streams", &[("0", 24_000)]);
+    config.database.write_behind = write_behind;
     let coordinator = Coordinator::start(config.clone()).await;
     let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
     probe
@@ -467,6 +478,13 @@ async fn a_stream_and_a_consumer_lost_at_run_time_are_made_anew() {
         )
         .await
         .expect("delete the input consumer");
+    if write_behind {
+        probe
+            .js
+            .delete_stream(subjects.journal_stream())
+            .await
+            .expect("delete the journal stream");
+    }
     probe
         .pub_json(
             "request",
@@ -484,5 +502,26 @@ async fn a_stream_and_a_consumer_lost_at_run_time_are_made_anew() {
         output.cached_info().state.messages > 0,
         "and keeps the new messages"
     );
+    if write_behind {
+        probe
+            .js
+            .get_stream(subjects.journal_stream())
+            .await
+            .expect("the journal stream is there again");
+    }
     coordinator.stop().await.expect("stops cleanly");
+    if write_behind {
+        // What was granted reached Postgres.
+        let store = gpu_coordinator::adapters::postgres::PgStore::connect(&config.database.url)
+            .await
+            .expect("the journal's database");
+        let loaded = store.load_state(10).await.expect("load");
+        let ids: Vec<&str> = loaded
+            .records
+            .iter()
+            .map(|r| r.request_id.as_str())
+            .collect();
+        assert!(ids.iter().any(|id| id.ends_with("b-1")), "{ids:?}");
+        store.close().await;
+    }
 }

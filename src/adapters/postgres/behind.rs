@@ -257,14 +257,29 @@ impl WriteBehind {
                 .payload(payload.into())
                 .message_id(format!("{batch}-{i}"))
                 .expected_last_sequence(head.last_seq);
-            let stored = self
-                .js
-                .send_publish(self.subject.clone(), publish)
-                .await
-                .map_err(|e| self.publish_error(head, e))?
-                .await
-                .map_err(|e| self.publish_error(head, e))?;
-            head.last_seq = stored.sequence;
+            let stored = match self.js.send_publish(self.subject.clone(), publish).await {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match stored {
+                Ok(stored) => head.last_seq = stored.sequence,
+                Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                    // Deleted, or a server that came back without it: made anew, numbered from its
+                    // start, for the driver's next try. What it held and Postgres did not is in the
+                    // writer task's hands.
+                    if let Ok(mut stream) = self.ensure_stream().await {
+                        if let Ok(info) = stream.info().await {
+                            tracing::warn!(
+                                "the journal stream {} was lost and is made anew",
+                                self.stream
+                            );
+                            head.last_seq = info.state.last_sequence;
+                        }
+                    }
+                    return Err(self.publish_error(head, e));
+                }
+                Err(e) => return Err(self.publish_error(head, e)),
+            }
         }
         head.next += 1;
         Ok(head.last_seq)
