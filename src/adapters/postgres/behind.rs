@@ -187,11 +187,6 @@ impl WriteBehind {
         Ok(journal)
     }
 
-    /// The last stream sequence Postgres holds.
-    pub fn applied(&self) -> u64 {
-        *self.applied.borrow()
-    }
-
     /// Waits until Postgres holds every batch written so far.
     pub async fn caught_up(&self) {
         let written = self.head.lock().await.last_seq;

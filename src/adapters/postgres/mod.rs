@@ -867,6 +867,72 @@ mod tests {
     use super::*;
     use gpu_coordinator_core::Phase;
 
+    /// A request row of `id` in `phase` (the fields left out are null).
+    fn row(id: &str, phase: &str) -> request::Model {
+        serde_json::from_value(serde_json::json!({
+            "request_id": id, "service_id": "s", "priority": 1, "seq": 1, "encoding": "json",
+            "preemptible": true, "lease_ms": 1, "requested_at": 1, "timeout_at": 2, "phase": phase,
+        }))
+        .expect("a row")
+    }
+
+    fn outbox(id: u64) -> OutboxRow {
+        OutboxRow {
+            id,
+            msg_id: format!("m{id}"),
+            subject: "gpu.reply.s".into(),
+            msgpack: false,
+            payload: vec![],
+        }
+    }
+
+    /// Two batches merged are what writing them in order leaves.
+    #[test]
+    fn rows_merged_are_the_later_batch_written_over_the_earlier() {
+        let mut merged = Rows {
+            requests: vec![row("a", "queued"), row("b", "queued")],
+            max_fence: 7,
+            input_seq: Some(10),
+            outbox: vec![outbox(1), outbox(2), outbox(3)],
+            published_upto: None,
+            term: Some(1),
+        };
+        merged.then(Rows {
+            requests: vec![row("c", "queued"), row("a", "active")],
+            max_fence: 5,
+            input_seq: None,
+            outbox: vec![outbox(4)],
+            published_upto: Some(2),
+            term: Some(1),
+        });
+        assert_eq!(
+            merged.requests,
+            [row("a", "active"), row("b", "queued"), row("c", "queued")],
+            "a request's later row wins, in its first place"
+        );
+        assert_eq!(merged.max_fence, 7, "the fence only rises");
+        assert_eq!(
+            merged.input_seq,
+            Some(10),
+            "a batch without a position keeps it"
+        );
+        assert_eq!(
+            merged.outbox,
+            [outbox(3), outbox(4)],
+            "rows the later deletion covers are not written"
+        );
+        merged.then(Rows {
+            input_seq: Some(12),
+            published_upto: Some(1),
+            ..Rows::default()
+        });
+        assert_eq!(
+            (merged.input_seq, merged.published_upto),
+            (Some(12), Some(2)),
+            "the position is the later's, the deletion the highest"
+        );
+    }
+
     #[test]
     fn the_literal_phase_is_the_core_s() {
         assert_eq!(
