@@ -148,6 +148,8 @@ pub struct OutboxRow {
     pub subject: String,
     /// `Content-Type: application/msgpack`, else JSON.
     pub msgpack: bool,
+    /// Serialized as bytes (MessagePack's `bin`), not as a sequence of numbers.
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
 
