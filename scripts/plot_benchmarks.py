@@ -57,7 +57,8 @@ def read(name):
 rows = read("handoff.csv")
 plot("Handoff latency (release -> next grant), p50", "requests queued", "ms",
      [int(r["queued"]) for r in rows],
-     [("coordinator", [float(r["coordinator_p50_ms"]) for r in rows]),
+     [("coordinator, Postgres commit", [float(r["coordinator_p50_ms"]) for r in rows]),
+      ("coordinator, Postgres written behind", [float(r["behind_p50_ms"]) for r in rows]),
       ("pg_advisory_lock", [float(r["advisory_p50_ms"]) for r in rows])],
      "handoff.svg")
 rows = read("chat.csv")
