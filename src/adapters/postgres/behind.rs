@@ -35,6 +35,10 @@ use crate::ports::{Batch, Deposed, Journal, Loaded, PortError, Term};
 /// How often the stream is purged of what Postgres holds.
 const PURGE_EVERY: Duration = Duration::from_millis(100);
 
+/// How many stored batches may wait for Postgres before a write waits for them: memory stays bounded
+/// while Postgres is slow or away.
+const WAITING: usize = 1024;
+
 /// How long reading the stream back waits for the next message before it looks whether the rest was
 /// purged.
 const READ_WAIT: Duration = Duration::from_secs(1);
@@ -112,8 +116,9 @@ pub struct WriteBehind {
     /// The largest message the server takes.
     max_payload: usize,
     head: tokio::sync::Mutex<Head>,
-    /// Stored batches to the writer task: their last stream sequence and rows.
-    behind: Mutex<Option<mpsc::UnboundedSender<(u64, Rows)>>>,
+    /// Stored batches to the writer task: their last stream sequence and rows. Bounded: a write waits
+    /// while [`WAITING`] batches wait for Postgres.
+    behind: Mutex<Option<mpsc::Sender<(u64, Rows)>>>,
     /// The last stream sequence Postgres holds.
     applied: watch::Receiver<u64>,
     /// Set by the writer task when Postgres refused a write for a newer term.
@@ -154,7 +159,7 @@ impl WriteBehind {
     ) -> Result<WriteBehind, BehindError> {
         let max_payload = client.server_info().max_payload;
         let js = jetstream::new(client);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(WAITING);
         let (applied_tx, applied) = watch::channel(0);
         let deposed = Arc::new(Mutex::new(None));
         let journal = WriteBehind {
@@ -416,6 +421,15 @@ impl WriteBehind {
         }
     }
 
+    /// Hands a stored batch to the writer task, waiting while it has [`WAITING`] already (none
+    /// without a writer task).
+    async fn behind(&self, batch: (u64, Rows)) {
+        let behind = self.behind.lock().expect("not poisoned").clone();
+        if let Some(behind) = behind {
+            let _ = behind.send(batch).await;
+        }
+    }
+
     /// The writer task's refusal, if it was for `term`.
     fn deposed(&self, term: Option<Term>) -> Option<Deposed> {
         let deposed = self.deposed.lock().expect("not poisoned");
@@ -439,7 +453,7 @@ impl Writer {
     /// backoff), until the journal closes. A batch refused for its term is dropped, and so are the
     /// later ones of that term: its driver hears that it was deposed, and a later term's batches (the
     /// same process leading again) are written.
-    async fn run(self, mut batches: mpsc::UnboundedReceiver<(u64, Rows)>) {
+    async fn run(self, mut batches: mpsc::Receiver<(u64, Rows)>) {
         let mut purged_at = tokio::time::Instant::now();
         let (mut applied, mut purged) = (0, 0);
         let mut deposed_term: Option<i64> = None;
@@ -550,10 +564,8 @@ impl Journal for WriteBehind {
                 Err(e) => return Err(e),
             }
         }
-        if let Some(behind) = self.behind.lock().expect("not poisoned").as_ref() {
-            // Postgres holds everything up to the marker.
-            let _ = behind.send((head.last_seq, Rows::default()));
-        }
+        // Postgres holds everything up to the marker.
+        self.behind((head.last_seq, Rows::default())).await;
         Ok(())
     }
 
@@ -576,9 +588,7 @@ impl Journal for WriteBehind {
         let rows = self.pg.rows(batch).map_err(PortError::new)?;
         let mut head = self.head.lock().await;
         let seq = self.append(&mut head, &rows).await?;
-        if let Some(behind) = self.behind.lock().expect("not poisoned").as_ref() {
-            let _ = behind.send((seq, rows));
-        }
+        self.behind((seq, rows)).await;
         Ok(())
     }
 
