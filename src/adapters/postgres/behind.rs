@@ -394,7 +394,7 @@ impl WriteBehind {
                     rows
                 }
                 Some((batch, _)) => {
-                    tracing::warn!("journal batch {batch} never completed (a crash while it was written): skipped");
+                    skipped(&batch);
                     entry.rows
                 }
                 None => entry.rows,
@@ -406,9 +406,7 @@ impl WriteBehind {
             }
         }
         if let Some((batch, _)) = open {
-            tracing::warn!(
-                "journal batch {batch} never completed (a crash while it was written): skipped"
-            );
+            skipped(&batch);
         }
         Ok((all, state.last_sequence))
     }
@@ -438,6 +436,11 @@ impl WriteBehind {
             .filter(|d| Some(d.term) == term.map(|t| t.0))
             .cloned()
     }
+}
+
+/// Says that a batch whose last part never came is not written.
+fn skipped(batch: &str) {
+    tracing::warn!("journal batch {batch} never completed (a crash while it was written): skipped");
 }
 
 /// The task that writes Postgres behind the stream.
@@ -484,15 +487,15 @@ impl Writer {
                 continue;
             }
             let mut delays = crate::driver::retry::backoff().build();
-            loop {
+            let written = loop {
                 match self.pg.write_rows(&rows).await {
-                    Ok(()) => break,
+                    Ok(()) => break true,
                     Err(PgError::StaleTerm { term, detail, .. }) => {
                         tracing::warn!("writing the journal behind: deposed ({detail})");
                         deposed_term = rows.term;
                         *self.deposed.lock().expect("not poisoned") =
                             Some(Deposed { term, detail });
-                        break;
+                        break false;
                     }
                     Err(e) => {
                         let wait = delays.next().unwrap_or(Duration::from_secs(5));
@@ -500,8 +503,8 @@ impl Writer {
                         tokio::time::sleep(wait).await;
                     }
                 }
-            }
-            if rows.term.is_some() && rows.term <= deposed_term {
+            };
+            if !written {
                 continue;
             }
             applied = seq;
@@ -544,10 +547,10 @@ impl Journal for WriteBehind {
         loop {
             let (mut rows, last) = self.read_all().await?;
             rows.term = Some(i64::try_from(term.0).map_err(PortError::new)?);
-            self.pg.write_rows(&rows).await.map_err(|e| match e {
-                PgError::StaleTerm { term, detail, .. } => PortError::new(Deposed { term, detail }),
-                other => PortError::new(other),
-            })?;
+            self.pg
+                .write_rows(&rows)
+                .await
+                .map_err(super::write_error)?;
             // The marker: from here on, a write of an earlier leader is refused.
             head.last_seq = last;
             let marker = Rows {

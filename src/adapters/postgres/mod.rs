@@ -283,20 +283,20 @@ fn request_row(row: &sqlx::postgres::PgRow) -> Result<request::Model, sqlx::Erro
 
 /// Request rows as one vector per column, in the order of [`REQUEST_COLUMNS`].
 #[derive(Default)]
-struct RequestColumns {
-    request_id: Vec<String>,
-    service_id: Vec<String>,
+struct RequestColumns<'a> {
+    request_id: Vec<&'a str>,
+    service_id: Vec<&'a str>,
     priority: Vec<i16>,
     seq: Vec<i64>,
-    encoding: Vec<String>,
+    encoding: Vec<&'a str>,
     vram_mb: Vec<Option<i64>>,
-    gpu_pin: Vec<Option<String>>,
+    gpu_pin: Vec<Option<&'a str>>,
     preemptible: Vec<bool>,
     lease_ms: Vec<i64>,
     requested_at: Vec<i64>,
     timeout_at: Vec<i64>,
-    phase: Vec<String>,
-    gpu: Vec<Option<String>>,
+    phase: Vec<&'a str>,
+    gpu: Vec<Option<&'a str>>,
     held_mb: Vec<Option<i64>>,
     fence: Vec<Option<i64>>,
     granted_at: Vec<Option<i64>>,
@@ -304,28 +304,29 @@ struct RequestColumns {
     pause_deadline: Vec<Option<i64>>,
     paused_at: Vec<Option<i64>>,
     waited_ms: Vec<Option<i64>>,
-    outcome: Vec<Option<String>>,
+    outcome: Vec<Option<&'a str>>,
     ended_at: Vec<Option<i64>>,
-    detail: Vec<Option<String>>,
+    detail: Vec<Option<&'a str>>,
 }
 
-impl RequestColumns {
-    fn of(rows: impl IntoIterator<Item = request::Model>) -> RequestColumns {
+impl<'a> RequestColumns<'a> {
+    /// The columns of `rows`, borrowing their text.
+    fn of(rows: &'a [request::Model]) -> RequestColumns<'a> {
         let mut c = RequestColumns::default();
         for r in rows {
-            c.request_id.push(r.request_id);
-            c.service_id.push(r.service_id);
+            c.request_id.push(&r.request_id);
+            c.service_id.push(&r.service_id);
             c.priority.push(r.priority);
             c.seq.push(r.seq);
-            c.encoding.push(r.encoding);
+            c.encoding.push(&r.encoding);
             c.vram_mb.push(r.vram_mb);
-            c.gpu_pin.push(r.gpu_pin);
+            c.gpu_pin.push(r.gpu_pin.as_deref());
             c.preemptible.push(r.preemptible);
             c.lease_ms.push(r.lease_ms);
             c.requested_at.push(r.requested_at);
             c.timeout_at.push(r.timeout_at);
-            c.phase.push(r.phase);
-            c.gpu.push(r.gpu);
+            c.phase.push(&r.phase);
+            c.gpu.push(r.gpu.as_deref());
             c.held_mb.push(r.held_mb);
             c.fence.push(r.fence);
             c.granted_at.push(r.granted_at);
@@ -333,15 +334,15 @@ impl RequestColumns {
             c.pause_deadline.push(r.pause_deadline);
             c.paused_at.push(r.paused_at);
             c.waited_ms.push(r.waited_ms);
-            c.outcome.push(r.outcome);
+            c.outcome.push(r.outcome.as_deref());
             c.ended_at.push(r.ended_at);
-            c.detail.push(r.detail);
+            c.detail.push(r.detail.as_deref());
         }
         c
     }
 
     /// `query` with the columns bound, in order.
-    fn bind(self, query: PgQuery<'_>) -> PgQuery<'_> {
+    fn bind(self, query: PgQuery<'a>) -> PgQuery<'a> {
         query
             .bind(self.request_id)
             .bind(self.service_id)
@@ -511,18 +512,26 @@ impl PgStore {
         .await
     }
 
-    /// Writes one batch atomically (see [`PgStore::write_rows`]).
+    /// Writes one batch atomically (see [`PgStore::write_rows`]), its outbox rows bound where they are.
     pub async fn write(&self, batch: &Batch<'_>) -> Result<(), PgError> {
         if batch.is_empty() && batch.term.is_none() {
             return Ok(());
         }
-        let rows = self.rows(batch)?;
-        self.write_rows(&rows).await
+        let rows = self.numbered(batch)?;
+        self.execute(&rows, batch.outbox).await
     }
 
     /// The batch as the rows it writes: each request's last record, the numbers as `bigint`s (a value
-    /// that does not fit is refused here, before anything is written).
+    /// that does not fit is refused here, before anything is written), the outbox rows copied.
     pub fn rows(&self, batch: &Batch<'_>) -> Result<Rows, PgError> {
+        Ok(Rows {
+            outbox: batch.outbox.to_vec(),
+            ..self.numbered(batch)?
+        })
+    }
+
+    /// [`PgStore::rows`] without the outbox rows.
+    fn numbered(&self, batch: &Batch<'_>) -> Result<Rows, PgError> {
         Ok(Rows {
             requests: last_of_each(batch.records)
                 .into_iter()
@@ -533,7 +542,7 @@ impl PgStore {
                 .input_seq
                 .map(|seq| self.bigint("", "input_seq", seq))
                 .transpose()?,
-            outbox: batch.outbox.to_vec(),
+            outbox: Vec::new(),
             published_upto: batch
                 .published_upto
                 .map(|id| self.bigint("", "outbox id", id))
@@ -552,8 +561,12 @@ impl PgStore {
     /// whatever the batch's size: each connection prepares it once, and no batch is too big for one
     /// statement.
     pub async fn write_rows(&self, rows: &Rows) -> Result<(), PgError> {
-        let outbox_ids = rows
-            .outbox
+        self.execute(rows, &rows.outbox).await
+    }
+
+    /// [`PgStore::write_rows`] with `outbox` as the outbox rows (those of `rows` are not looked at).
+    async fn execute(&self, rows: &Rows, outbox: &[OutboxRow]) -> Result<(), PgError> {
+        let outbox_ids = outbox
             .iter()
             .map(|row| self.bigint("", "outbox id", row.id))
             .collect::<Result<Vec<_>, _>>()?;
@@ -574,7 +587,7 @@ impl PgStore {
             }
         };
         let pool = self.db.get_postgres_connection_pool();
-        if rows.is_empty() {
+        if rows.is_empty() && outbox.is_empty() {
             // Nothing to write but the term to check: the lease changes that follow are this term's.
             if rows.term.is_some() {
                 sqlx::query(CHECK_TERM)
@@ -586,12 +599,11 @@ impl PgStore {
             return Ok(());
         }
         let deleted_upto = self.deleted_upto.load(std::sync::atomic::Ordering::Relaxed);
-        let columns = RequestColumns::of(rows.requests.iter().cloned());
+        let columns = RequestColumns::of(&rows.requests);
         let query = match rows.term {
             Some(term) => sqlx::query(WRITE_BATCH_FENCED.as_str()).bind(term),
             None => sqlx::query(WRITE_BATCH.as_str()),
         };
-        let outbox = &rows.outbox;
         columns
             .bind(query)
             .bind(outbox_ids)
@@ -826,6 +838,15 @@ pub(crate) fn last_of_each(records: &[RequestRecord]) -> Vec<&RequestRecord> {
     last
 }
 
+/// A failed write as the port says it: a refusal for a stale term is [`Deposed`], which the driver does
+/// not retry.
+fn write_error(e: PgError) -> PortError {
+    match e {
+        PgError::StaleTerm { term, detail, .. } => PortError::new(Deposed { term, detail }),
+        other => PortError::new(other),
+    }
+}
+
 /// The refusal's message when `error` is the stale-term error of `gpu_coordinator_check_term`.
 fn stale_term(error: &DbErr) -> Option<String> {
     let (DbErr::Exec(RuntimeErr::SqlxError(sqlx::Error::Database(db)))
@@ -847,10 +868,7 @@ impl Journal for PgStore {
     }
 
     async fn write(&self, batch: &Batch<'_>) -> Result<(), PortError> {
-        PgStore::write(self, batch).await.map_err(|e| match e {
-            PgError::StaleTerm { term, detail, .. } => PortError::new(Deposed { term, detail }),
-            other => PortError::new(other),
-        })
+        PgStore::write(self, batch).await.map_err(write_error)
     }
 
     async fn ping(&self) -> Result<(), PortError> {
