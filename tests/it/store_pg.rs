@@ -561,24 +561,52 @@ async fn pg_load_reports_a_row_it_cannot_read() {
 
 // ----- the write-behind journal -------------------------------------------------------------------
 
-/// A journal stream of its own on the NATS on loopback: its name, its subject and a client.
-async fn journal_stream() -> (String, String, async_nats::Client) {
-    let tag = crate::support::unique("wb");
-    let client = async_nats::connect("nats://127.0.0.1:4222")
-        .await
-        .expect("the NATS on loopback");
-    (
-        format!("IT_{}_JOURNAL", tag.to_uppercase().replace('-', "_")),
-        format!("it-{tag}.journal"),
-        client,
-    )
+/// A journal stream of its own on the NATS on loopback.
+struct JournalStream {
+    name: String,
+    subject: String,
+    js: async_nats::jetstream::Context,
+    client: async_nats::Client,
 }
 
-async fn drop_stream(client: &async_nats::Client, stream: &str) {
-    async_nats::jetstream::new(client.clone())
-        .delete_stream(stream)
-        .await
-        .expect("deleting the journal stream");
+impl JournalStream {
+    async fn new() -> JournalStream {
+        let tag = crate::support::unique("wb");
+        let client = async_nats::connect("nats://127.0.0.1:4222")
+            .await
+            .expect("the NATS on loopback");
+        JournalStream {
+            name: format!("IT_{}_JOURNAL", tag.to_uppercase().replace('-', "_")),
+            subject: format!("it-{tag}.journal"),
+            js: async_nats::jetstream::new(client.clone()),
+            client,
+        }
+    }
+
+    /// A write-behind journal on `store` and this stream: with its writer task when `writing`, else
+    /// what a coordinator that dies before it writes Postgres leaves.
+    async fn journal(
+        &self,
+        store: &PgStore,
+        writing: bool,
+    ) -> gpu_coordinator::adapters::postgres::WriteBehind {
+        use gpu_coordinator::adapters::postgres::WriteBehind;
+        let (store, client) = (store.clone(), self.client.clone());
+        let (name, subject) = (self.name.clone(), self.subject.clone());
+        if writing {
+            WriteBehind::new(store, client, name, subject).await
+        } else {
+            WriteBehind::without_writer(store, client, name, subject).await
+        }
+        .expect("the journal stream")
+    }
+
+    async fn delete(self) {
+        self.js
+            .delete_stream(&self.name)
+            .await
+            .expect("deleting the journal stream");
+    }
 }
 
 /// Write-behind: a batch is acknowledged once the journal stream stored it. A coordinator that dies
@@ -587,19 +615,12 @@ async fn drop_stream(client: &async_nats::Client, stream: &str) {
 /// Postgres behind it.
 #[tokio::test]
 async fn pg_behind_batches_stored_before_a_crash_reach_postgres_at_the_takeover() {
-    use gpu_coordinator::adapters::postgres::{Batch, WriteBehind};
+    use gpu_coordinator::adapters::postgres::Batch;
     use gpu_coordinator::ports::{deposed_in, Journal, Term};
     let (store, name) = fresh_store().await;
-    let (stream, subject, client) = journal_stream().await;
+    let stream = JournalStream::new().await;
     // The first leader dies before it writes Postgres: it has no writer task.
-    let first = WriteBehind::without_writer(
-        store.clone(),
-        client.clone(),
-        stream.clone(),
-        subject.clone(),
-    )
-    .await
-    .expect("the journal stream");
+    let first = stream.journal(&store, false).await;
     first.take_over(Term(1)).await.expect("takes over");
     let queued = [record("a", 7, Phase::Queued), bare("b", 9)];
     first
@@ -631,14 +652,7 @@ async fn pg_behind_batches_stored_before_a_crash_reach_postgres_at_the_takeover(
         "Postgres is written behind, not before the acknowledgement"
     );
 
-    let second = WriteBehind::new(
-        store.clone(),
-        client.clone(),
-        stream.clone(),
-        subject.clone(),
-    )
-    .await
-    .expect("the journal stream");
+    let second = stream.journal(&store, true).await;
     second.take_over(Term(2)).await.expect("takes over");
     let loaded = second.load(10).await.expect("load");
     assert_eq!(
@@ -678,7 +692,7 @@ async fn pg_behind_batches_stored_before_a_crash_reach_postgres_at_the_takeover(
     assert_eq!(after.input_seq, 8);
     assert_eq!(after.records, [record("a", 7, Phase::Active), ended]);
     second.close().await;
-    drop_stream(&client, &stream).await;
+    stream.delete().await;
     drop_database(&name).await;
 }
 
@@ -686,18 +700,11 @@ async fn pg_behind_batches_stored_before_a_crash_reach_postgres_at_the_takeover(
 /// came (its writer died in between, so it was never acknowledged) is skipped.
 #[tokio::test]
 async fn pg_behind_a_batch_bigger_than_a_message_goes_in_parts_and_a_torn_one_is_skipped() {
-    use gpu_coordinator::adapters::postgres::{Batch, Rows, WriteBehind};
+    use gpu_coordinator::adapters::postgres::{Batch, Rows};
     use gpu_coordinator::ports::{Journal, Term};
     let (store, name) = fresh_store().await;
-    let (stream, subject, client) = journal_stream().await;
-    let first = WriteBehind::without_writer(
-        store.clone(),
-        client.clone(),
-        stream.clone(),
-        subject.clone(),
-    )
-    .await
-    .expect("the journal stream");
+    let stream = JournalStream::new().await;
+    let first = stream.journal(&store, false).await;
     first.take_over(Term(1)).await.expect("takes over");
     let records: Vec<RequestRecord> = (1..=8_000)
         .map(|i| record(&format!("r{i}"), i, Phase::Queued))
@@ -711,8 +718,9 @@ async fn pg_behind_a_batch_bigger_than_a_message_goes_in_parts_and_a_torn_one_is
         })
         .await
         .expect("stored in parts");
-    let info = async_nats::jetstream::new(client.clone())
-        .get_stream(&stream)
+    let info = stream
+        .js
+        .get_stream(&stream.name)
         .await
         .expect("the stream")
         .info()
@@ -744,9 +752,10 @@ async fn pg_behind_a_batch_bigger_than_a_message_goes_in_parts_and_a_torn_one_is
         last: false,
         rows: torn,
     };
-    async_nats::jetstream::new(client.clone())
+    stream
+        .js
         .publish(
-            subject.clone(),
+            stream.subject.clone(),
             rmp_serde::to_vec_named(&part).unwrap().into(),
         )
         .await
@@ -754,20 +763,13 @@ async fn pg_behind_a_batch_bigger_than_a_message_goes_in_parts_and_a_torn_one_is
         .await
         .expect("stored");
 
-    let second = WriteBehind::new(
-        store.clone(),
-        client.clone(),
-        stream.clone(),
-        subject.clone(),
-    )
-    .await
-    .expect("the journal stream");
+    let second = stream.journal(&store, true).await;
     second.take_over(Term(2)).await.expect("takes over");
     let loaded = second.load(0).await.expect("load");
     assert_eq!(loaded.records.len(), 8_000);
     assert_eq!(loaded.records, records);
     assert_eq!(loaded.input_seq, 1, "the torn batch is not applied");
     second.close().await;
-    drop_stream(&client, &stream).await;
+    stream.delete().await;
     drop_database(&name).await;
 }
