@@ -3,8 +3,8 @@
 //! behind it, off the grant path.
 //!
 //! - [`Journal::write`] publishes the batch's rows ([`Rows`]) and returns on the PubAck; a task of this
-//!   process then writes them to Postgres, several batches as one statement when it is behind, and
-//!   purges the stream up to what Postgres holds.
+//!   process then writes them to Postgres, what came within [`LINGER`] as one statement, and purges the
+//!   stream up to what Postgres holds.
 //! - [`Journal::take_over`] (a new leader, before it loads) writes what the stream holds to Postgres,
 //!   then appends a marker with `Nats-Expected-Last-Sequence`; every write goes on from the sequence
 //!   before it in the same way. A deposed leader's next write expects a sequence the marker took: the
@@ -29,11 +29,16 @@ use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use super::{PgError, PgStore, Rows};
+use super::{Merged, PgError, PgStore, Rows};
 use crate::ports::{Batch, Deposed, Journal, Loaded, PortError, Term};
 
 /// How often the stream is purged of what Postgres holds.
 const PURGE_EVERY: Duration = Duration::from_millis(100);
+
+/// How long the writer gathers batches before it writes them to Postgres as one statement: on a busy
+/// coordinator a few dozen statements a second, however many batches, instead of one per batch
+/// competing with the grant path for the CPU and for Postgres. Postgres is this much further behind.
+const LINGER: Duration = Duration::from_millis(20);
 
 /// How many stored batches may wait for Postgres before a write waits for them: memory stays bounded
 /// while Postgres is slow or away.
@@ -345,9 +350,9 @@ impl WriteBehind {
             .map_err(|e| PortError::new(self.stream_error(e)))?
             .state
             .clone();
-        let mut all = Rows::default();
+        let mut all = Merged::default();
         if state.messages == 0 {
-            return Ok((all, state.last_sequence));
+            return Ok((Rows::default(), state.last_sequence));
         }
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
@@ -400,7 +405,7 @@ impl WriteBehind {
                 None => entry.rows,
             };
             if entry.last {
-                all.then(std::mem::take(&mut rows));
+                all.push(std::mem::take(&mut rows));
             } else {
                 open = Some((entry.batch, rows));
             }
@@ -408,7 +413,7 @@ impl WriteBehind {
         if let Some((batch, _)) = open {
             skipped(&batch);
         }
-        Ok((all, state.last_sequence))
+        Ok((all.into_rows(), state.last_sequence))
     }
 
     fn corrupt(&self, seq: u64, detail: &str) -> BehindError {
@@ -475,14 +480,29 @@ impl Writer {
                 purged_at = tokio::time::Instant::now();
                 continue;
             };
-            let Some((mut seq, mut rows)) = next else {
+            let Some((mut seq, first)) = next else {
                 self.purge(applied, purged).await;
                 return;
             };
-            while let Ok((later, more)) = batches.try_recv() {
-                rows.then(more);
-                seq = later;
+            // What comes within LINGER goes in the same statement.
+            let mut rows = Merged::new(first);
+            let (mut merged, mut closed) = (1, false);
+            let until = tokio::time::Instant::now() + LINGER;
+            while merged < WAITING {
+                match tokio::time::timeout_at(until, batches.recv()).await {
+                    Ok(Some((later, more))) => {
+                        rows.push(more);
+                        seq = later;
+                        merged += 1;
+                    }
+                    Ok(None) => {
+                        closed = true;
+                        break;
+                    }
+                    Err(_) => break,
+                }
             }
+            let rows = rows.into_rows();
             if rows.term.is_some() && rows.term <= deposed_term {
                 continue;
             }
@@ -504,12 +524,15 @@ impl Writer {
                     }
                 }
             };
-            if !written {
-                continue;
+            if written {
+                applied = seq;
+                self.applied.send_replace(seq);
             }
-            applied = seq;
-            self.applied.send_replace(seq);
-            if purged_at.elapsed() >= PURGE_EVERY {
+            if closed {
+                self.purge(applied, purged).await;
+                return;
+            }
+            if written && purged_at.elapsed() >= PURGE_EVERY {
                 purged = self.purge(applied, purged).await;
                 purged_at = tokio::time::Instant::now();
             }

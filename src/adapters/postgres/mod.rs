@@ -401,34 +401,64 @@ impl Rows {
             && self.published_upto.is_none()
     }
 
-    /// `later` written after `self`, as one batch: what writing both in order leaves. A request's later
-    /// row wins, the fence and the deletions take the highest, the input position the later's, and the
-    /// outbox rows that the later deletion covers are not written at all.
+    /// `later` written after `self`, as one batch: what writing both in order leaves (see [`Merged`]).
     pub fn then(&mut self, later: Rows) {
-        let mut at: std::collections::HashMap<String, usize> = self
+        let mut merged = Merged::new(std::mem::take(self));
+        merged.push(later);
+        *self = merged.into_rows();
+    }
+}
+
+/// Batches merged as they come, in the order they were written: what writing them one after the other
+/// leaves, as one batch. A request's later row wins, the fence and the deletions take the highest, the
+/// input position the later's, and the outbox rows that a later deletion covers are not written at all.
+/// Each batch costs its own rows, however many came before it.
+#[derive(Debug, Default)]
+pub struct Merged {
+    rows: Rows,
+    /// Where each request's row is in `rows.requests`.
+    at: std::collections::HashMap<String, usize>,
+}
+
+impl Merged {
+    /// Starts with the first batch.
+    pub fn new(first: Rows) -> Merged {
+        let at = first
             .requests
             .iter()
             .enumerate()
             .map(|(i, r)| (r.request_id.clone(), i))
             .collect();
+        Merged { rows: first, at }
+    }
+
+    /// Adds the batch written next.
+    pub fn push(&mut self, later: Rows) {
+        let rows = &mut self.rows;
         for row in later.requests {
-            match at.get(&row.request_id) {
-                Some(&i) => self.requests[i] = row,
+            match self.at.get(&row.request_id) {
+                Some(&i) => rows.requests[i] = row,
                 None => {
-                    at.insert(row.request_id.clone(), self.requests.len());
-                    self.requests.push(row);
+                    self.at.insert(row.request_id.clone(), rows.requests.len());
+                    rows.requests.push(row);
                 }
             }
         }
-        self.max_fence = self.max_fence.max(later.max_fence);
-        self.input_seq = later.input_seq.or(self.input_seq);
-        self.outbox.extend(later.outbox);
-        self.published_upto = self.published_upto.max(later.published_upto);
-        if let Some(upto) = self.published_upto {
-            self.outbox
+        rows.max_fence = rows.max_fence.max(later.max_fence);
+        rows.input_seq = later.input_seq.or(rows.input_seq);
+        rows.outbox.extend(later.outbox);
+        rows.published_upto = rows.published_upto.max(later.published_upto);
+        rows.term = later.term.or(rows.term);
+    }
+
+    /// The batches as one.
+    pub fn into_rows(self) -> Rows {
+        let mut rows = self.rows;
+        if let Some(upto) = rows.published_upto {
+            rows.outbox
                 .retain(|row| i64::try_from(row.id).map_or(true, |id| id > upto));
         }
-        self.term = later.term.or(self.term);
+        rows
     }
 }
 
@@ -949,6 +979,41 @@ mod tests {
             (Some(12), Some(2)),
             "the position is the later's, the deletion the highest"
         );
+    }
+
+    /// Many batches merged as they come are the same as merged two at a time, a deletion in the
+    /// middle covering outbox rows of the batches before it and not those after.
+    #[test]
+    fn batches_merged_as_they_come_are_the_pairwise_merge() {
+        let batch = |i: u64| Rows {
+            requests: vec![
+                row(
+                    &format!("r{}", i % 7),
+                    if i.is_multiple_of(2) {
+                        "queued"
+                    } else {
+                        "active"
+                    },
+                ),
+                row(&format!("n{i}"), "queued"),
+            ],
+            max_fence: i64::try_from(i % 5).unwrap(),
+            input_seq: (!i.is_multiple_of(3)).then(|| i64::try_from(i).unwrap()),
+            outbox: vec![outbox(2 * i + 1), outbox(2 * i + 2)],
+            published_upto: (i == 20).then_some(30),
+            term: Some(1),
+        };
+        let mut merged = Merged::new(batch(0));
+        let mut pairwise = batch(0);
+        for i in 1..40 {
+            merged.push(batch(i));
+            pairwise.then(batch(i));
+        }
+        let merged = merged.into_rows();
+        assert_eq!(merged, pairwise);
+        assert_eq!(merged.requests.len(), 7 + 40, "one row per request");
+        assert_eq!(merged.outbox.first().map(|r| r.id), Some(31));
+        assert_eq!(merged.input_seq, Some(38));
     }
 
     #[test]
