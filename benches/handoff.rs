@@ -75,6 +75,7 @@ async fn coordinator_handoff(queued: usize, write_behind: bool) -> anyhow::Resul
     let mut holder = granted(&mut replies, "a-0").await;
     let mut holder_svc = "a";
     let mut samples = Vec::with_capacity(CYCLES);
+    let stages = common::batch_stages(&bench.http).await?;
     for i in 1..=CYCLES {
         let svc = if holder_svc == "a" { "b" } else { "a" };
         let id = format!("{svc}-{i}");
@@ -108,6 +109,14 @@ async fn coordinator_handoff(queued: usize, write_behind: bool) -> anyhow::Resul
         samples.push(start.elapsed());
         holder_svc = svc;
     }
+    common::print_stage_means(
+        &format!(
+            "where the time went ({})",
+            common::journal_mode(write_behind)
+        ),
+        &stages,
+        &common::batch_stages(&bench.http).await?,
+    );
     let _ = bench.stop().await;
     Ok(samples)
 }

@@ -53,6 +53,39 @@ struct HolderLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabel {
+    stage: &'static str,
+}
+
+/// A step of a batch of inputs on its way to the answers, timed in
+/// `gpu_coordinator_batch_stage_seconds{stage}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The journal write of a batch of effects (a Postgres commit, or a PubAck of the journal stream).
+    Journal,
+    /// The lease store's write of the same batch (Redis), alongside the journal.
+    Leases,
+    /// Both, as the batch waits for them: from the round's effects ready to both written.
+    Durable,
+    /// The messages of a batch, from handed to the publishing stage to stored by the bus.
+    Publish,
+    /// A batch of inputs in the loop: from its first input taken to its messages handed over.
+    Batch,
+}
+
+impl Stage {
+    fn label(self) -> &'static str {
+        match self {
+            Stage::Journal => "journal",
+            Stage::Leases => "leases",
+            Stage::Durable => "durable",
+            Stage::Publish => "publish",
+            Stage::Batch => "batch",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProcessLabels {
     gpu: String,
     pid: String,
@@ -70,6 +103,11 @@ fn wait_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.5, 14))
 }
 
+/// Steps of the grant path, from 50 µs to about 1.6 s, in seconds.
+fn stage_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
 /// Every metric, registered once. Shared (`Arc`) between the driver and the HTTP server; each metric is
 /// atomic, so reading never waits for the driver.
 pub struct Metrics {
@@ -83,6 +121,7 @@ pub struct Metrics {
     grant_latency: Histogram,
     queue_wait: HistogramFamily<OutcomeLabel>,
     pause_ack: Histogram,
+    batch_stage: HistogramFamily<StageLabel>,
     queue_length: Family<PriorityLabel, Gauge>,
     paused: Family<PriorityLabel, Gauge>,
     holders: Family<HolderLabels, Gauge>,
@@ -110,6 +149,7 @@ impl Metrics {
             grant_latency: wait_histogram(),
             queue_wait: Family::new_with_constructor(wait_histogram),
             pause_ack: wait_histogram(),
+            batch_stage: Family::new_with_constructor(stage_histogram),
             queue_length: Family::default(),
             paused: Family::default(),
             holders: Family::default(),
@@ -168,6 +208,13 @@ impl Metrics {
             m.pause_ack.clone(),
         );
         registry.register(
+            "batch_stage_seconds",
+            "Where a batch of inputs spends its time on the way to its answers, by stage: journal, \
+             leases (alongside the journal), durable (both), publish (the messages stored by the bus), \
+             batch (first input taken to messages handed over)",
+            m.batch_stage.clone(),
+        );
+        registry.register(
             "queue_length",
             "Requests waiting for a first grant, by priority",
             m.queue_length.clone(),
@@ -213,6 +260,15 @@ impl Metrics {
             m.process_vram.clone(),
         );
         Arc::new(Metrics { registry, ..m })
+    }
+
+    /// Records how long a stage of a batch took.
+    pub fn observe_stage(&self, stage: Stage, took: std::time::Duration) {
+        self.batch_stage
+            .get_or_create(&StageLabel {
+                stage: stage.label(),
+            })
+            .observe(took.as_secs_f64());
     }
 
     /// Sets the gauges from a status document.

@@ -209,3 +209,52 @@ pub fn serve_command(tag: &str) -> std::process::Command {
         .stdout(std::process::Stdio::null());
     command
 }
+
+/// The coordinator's `gpu_coordinator_batch_stage_seconds` as read from `/metrics` at `http`: each
+/// stage's total seconds and count.
+pub async fn batch_stages(
+    http: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, (f64, u64)>> {
+    let text = reqwest::get(format!("{http}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let mut stages = std::collections::BTreeMap::<String, (f64, u64)>::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("gpu_coordinator_batch_stage_seconds_") else {
+            continue;
+        };
+        let (Some((what, rest)), Some(value)) =
+            (rest.split_once("{stage=\""), line.split(' ').nth(1))
+        else {
+            continue;
+        };
+        let Some((stage, _)) = rest.split_once('"') else {
+            continue;
+        };
+        let entry = stages.entry(stage.to_owned()).or_default();
+        match what {
+            "sum" => entry.0 = value.parse()?,
+            "count" => entry.1 = value.parse()?,
+            _ => {}
+        }
+    }
+    Ok(stages)
+}
+
+/// Prints each stage's mean between two readings of [`batch_stages`], in milliseconds.
+pub fn print_stage_means(
+    name: &str,
+    before: &std::collections::BTreeMap<String, (f64, u64)>,
+    after: &std::collections::BTreeMap<String, (f64, u64)>,
+) {
+    let means: Vec<String> = after
+        .iter()
+        .filter_map(|(stage, (sum, count))| {
+            let (sum0, count0) = before.get(stage).copied().unwrap_or_default();
+            let n = count.checked_sub(count0).filter(|&n| n > 0)?;
+            Some(format!("{stage} {:.3}", (sum - sum0) / n as f64 * 1e3))
+        })
+        .collect();
+    println!("{name}, mean ms per batch: {}", means.join(", "));
+}

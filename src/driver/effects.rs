@@ -4,7 +4,9 @@
 //! outbox are the journal's bookkeeping, kept here.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::time::Instant;
 
 use gpu_coordinator_core::{Action, Fence, Input, LeaseOp, RequestId, RequestRecord};
 use gpu_coordinator_wire::Encoding;
@@ -12,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::retry::with_retry;
 use super::Driver;
+use crate::metrics::{Metrics, Stage};
 use crate::ports::{Batch, Bus, LeaseOutcome, Outbound, OutboxRow};
 use crate::render;
 
@@ -144,12 +147,17 @@ impl Driver {
             // published or acknowledged. A restart reconciles a crash between the two: a lease without
             // its grant in the journal is released; a grant without its lease is written back.
             let journal = &self.ports.journal;
+            let metrics = self.recorder.metrics();
+            let durable = Instant::now();
             let (written, leased) = tokio::join!(
-                with_retry("writing the journal", &self.shutdown, || {
-                    journal.write(&batch)
-                }),
+                timed(metrics, Stage::Journal, || with_retry(
+                    "writing the journal",
+                    &self.shutdown,
+                    || journal.write(&batch)
+                )),
                 self.apply_leases(&round.lease_ops)
             );
+            metrics.observe_stage(Stage::Durable, durable.elapsed());
             written?;
             let (refused, lost) = leased?;
             if let Some(seq) = batch.input_seq {
@@ -196,8 +204,10 @@ impl Driver {
             return Ok((refused, lost));
         }
         let leases = &self.ports.leases;
-        let outcomes = with_retry("writing the lease store", &self.shutdown, || {
-            leases.apply_all(ops)
+        let outcomes = timed(self.recorder.metrics(), Stage::Leases, || {
+            with_retry("writing the lease store", &self.shutdown, || {
+                leases.apply_all(ops)
+            })
         })
         .await?;
         for (outcome, op) in outcomes.iter().zip(ops) {
@@ -236,6 +246,18 @@ impl Driver {
         }
         Ok(())
     }
+}
+
+/// `work`, its time recorded as `stage`.
+async fn timed<T, F: Future<Output = T>>(
+    metrics: &Metrics,
+    stage: Stage,
+    work: impl FnOnce() -> F,
+) -> T {
+    let start = Instant::now();
+    let done = work().await;
+    metrics.observe_stage(stage, start.elapsed());
+    done
 }
 
 /// Publishes messages in order, retrying with backoff from the first one not surely stored: after a

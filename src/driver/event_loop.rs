@@ -270,6 +270,7 @@ impl Driver {
     /// the same place is inputs the stream no longer holds (removed by `nats.max_age`, or purged):
     /// said loudly, and gone on from.
     pub(super) async fn handle_batch(&mut self, batch: Vec<Delivery>) -> anyhow::Result<Batch> {
+        let taken = std::time::Instant::now();
         let mut settle = Vec::with_capacity(batch.len());
         let mut inputs = Vec::with_capacity(batch.len());
         let mut handled = self.position.handled;
@@ -341,6 +342,9 @@ impl Driver {
         // One scheduling pass for the whole batch.
         self.sched.handle_inputs(inputs);
         self.carry_out().await?;
+        self.recorder
+            .metrics()
+            .observe_stage(crate::metrics::Stage::Batch, taken.elapsed());
         if let Some(seq) = self.position.pending.take() {
             // Nothing to write (every input in the batch was handled before): record it anyway, so
             // that the position survives.

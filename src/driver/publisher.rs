@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::effects::publish;
+use crate::metrics::{Metrics, Stage};
 use crate::ports::{Ack, Bus, Outbound};
 
 /// How many committed batches may wait for the bus before the driver waits with them: a bus that is
@@ -26,8 +27,13 @@ const QUEUE: usize = 16;
 pub(super) type Acknowledgement = (Ack, bool);
 
 enum Work {
-    /// Messages under their outbox ids; `last` is the highest id among them.
-    Publish { outputs: Vec<Outbound>, last: u64 },
+    /// Messages under their outbox ids; `last` is the highest id among them; `handed`: when the
+    /// driver handed them over.
+    Publish {
+        outputs: Vec<Outbound>,
+        last: u64,
+        handed: std::time::Instant,
+    },
     /// Inputs whose effects are committed and, once what came before is stored, published.
     Acknowledge(Vec<Acknowledgement>),
     /// Answered once everything handed over before is done.
@@ -45,8 +51,10 @@ pub(super) struct Publisher {
 
 impl Publisher {
     /// Starts the task; `stored_upto`: the outbox rows already stored (those published again at start).
+    /// Each batch's publish is timed in `metrics`.
     pub fn start(
         bus: Arc<dyn Bus>,
+        metrics: Arc<Metrics>,
         stored_upto: Option<u64>,
         shutdown: CancellationToken,
     ) -> Publisher {
@@ -57,8 +65,13 @@ impl Publisher {
             async move {
                 while let Some(work) = rx.recv().await {
                     match work {
-                        Work::Publish { outputs, last } => {
+                        Work::Publish {
+                            outputs,
+                            last,
+                            handed,
+                        } => {
                             publish(bus.as_ref(), &outputs, &shutdown).await?;
+                            metrics.observe_stage(Stage::Publish, handed.elapsed());
                             stored.fetch_max(last, Ordering::SeqCst);
                         }
                         Work::Acknowledge(acks) => {
@@ -97,7 +110,12 @@ impl Publisher {
 
     /// Hands over the messages of a committed batch (outbox ids up to `last`).
     pub async fn publish(&mut self, outputs: Vec<Outbound>, last: u64) -> anyhow::Result<()> {
-        self.send(Work::Publish { outputs, last }).await
+        self.send(Work::Publish {
+            outputs,
+            last,
+            handed: std::time::Instant::now(),
+        })
+        .await
     }
 
     /// Hands over inputs to acknowledge once what was handed over before is stored.

@@ -89,6 +89,7 @@ impl Driver {
         let outbox = Outbox::after(&loaded.outbox);
         let publisher = Publisher::start(
             ports.bus.clone(),
+            recorder.metrics().clone(),
             loaded.outbox.last().map(|row| row.id),
             shutdown.clone(),
         );

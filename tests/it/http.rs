@@ -793,6 +793,42 @@ async fn metrics_after_a_preemption() {
         assert_eq!(metric(&text, series), value, "{series}");
     }
     assert!(metric(&text, "gpu_coordinator_pause_ack_seconds_sum") > 0.0);
+    // Where the batches spent their time: every round writes the journal and waits for it (and for
+    // the lease store when it changes a lease, as the grants did); the batches of inputs are timed
+    // whole; each stage took some time.
+    let stage = |text: &str, what: &str, stage: &str| {
+        metric(
+            text,
+            &format!("gpu_coordinator_batch_stage_seconds_{what}{{stage=\"{stage}\"}}"),
+        )
+    };
+    let journal = stage(&text, "count", "journal");
+    assert!(journal >= 1.0, "journal writes timed: {journal}");
+    assert_eq!(
+        stage(&text, "count", "durable"),
+        journal,
+        "each round waits once"
+    );
+    let leases = stage(&text, "count", "leases");
+    assert!(
+        (1.0..=journal).contains(&leases),
+        "lease writes timed only in the rounds that change a lease: {leases} of {journal}"
+    );
+    assert!(stage(&text, "count", "batch") >= 1.0);
+    for name in ["journal", "leases", "durable", "batch"] {
+        assert!(stage(&text, "sum", name) > 0.0, "{name} took no time");
+    }
+    // A batch's publish is timed once the bus stored its messages, after the answers were seen.
+    eventually("the publishes timed", || {
+        let (c, url) = (client(), coordinator.url("/metrics"));
+        async move {
+            let text = c.get(url).send().await.ok()?.text().await.ok()?;
+            (text.contains("gpu_coordinator_batch_stage_seconds_count{stage=\"publish\"}")
+                && stage(&text, "sum", "publish") > 0.0)
+                .then_some(())
+        }
+    })
+    .await;
     coordinator.stop().await.expect("a clean stop");
 }
 
