@@ -148,16 +148,16 @@ impl Driver {
             // its grant in the journal is released; a grant without its lease is written back.
             let journal = &self.ports.journal;
             let metrics = self.recorder.metrics();
-            let durable = Instant::now();
-            let (written, leased) = tokio::join!(
-                timed(metrics, Stage::Journal, || with_retry(
-                    "writing the journal",
-                    &self.shutdown,
-                    || journal.write(&batch)
-                )),
-                self.apply_leases(&round.lease_ops)
-            );
-            metrics.observe_stage(Stage::Durable, durable.elapsed());
+            let written = with_retry("writing the journal", &self.shutdown, || {
+                journal.write(&batch)
+            });
+            let (written, leased) = timed(metrics, Stage::Durable, async {
+                tokio::join!(
+                    timed(metrics, Stage::Journal, written),
+                    self.apply_leases(&round.lease_ops)
+                )
+            })
+            .await;
             written?;
             let (refused, lost) = leased?;
             if let Some(seq) = batch.input_seq {
@@ -204,12 +204,10 @@ impl Driver {
             return Ok((refused, lost));
         }
         let leases = &self.ports.leases;
-        let outcomes = timed(self.recorder.metrics(), Stage::Leases, || {
-            with_retry("writing the lease store", &self.shutdown, || {
-                leases.apply_all(ops)
-            })
-        })
-        .await?;
+        let written = with_retry("writing the lease store", &self.shutdown, || {
+            leases.apply_all(ops)
+        });
+        let outcomes = timed(self.recorder.metrics(), Stage::Leases, written).await?;
         for (outcome, op) in outcomes.iter().zip(ops) {
             match (outcome, op) {
                 (LeaseOutcome::Refused(why), LeaseOp::Acquire(lease) | LeaseOp::Restore(lease)) => {
@@ -248,14 +246,10 @@ impl Driver {
     }
 }
 
-/// `work`, its time recorded as `stage`.
-async fn timed<T, F: Future<Output = T>>(
-    metrics: &Metrics,
-    stage: Stage,
-    work: impl FnOnce() -> F,
-) -> T {
+/// `work`, its time recorded as `stage` (from its first poll: a future does nothing before).
+async fn timed<T>(metrics: &Metrics, stage: Stage, work: impl Future<Output = T>) -> T {
     let start = Instant::now();
-    let done = work().await;
+    let done = work.await;
     metrics.observe_stage(stage, start.elapsed());
     done
 }

@@ -350,7 +350,6 @@ impl WriteBehind {
             .map_err(|e| PortError::new(self.stream_error(e)))?
             .state
             .clone();
-        let mut all = Merged::default();
         if state.messages == 0 {
             return Ok((Rows::default(), state.last_sequence));
         }
@@ -365,6 +364,7 @@ impl WriteBehind {
             .messages()
             .await
             .map_err(|e| PortError::new(self.stream_error(e)))?;
+        let mut all = Merged::default();
         // The parts of a batch whose last part has not come yet.
         let mut open: Option<(String, Rows)> = None;
         let mut seq = 0;
@@ -393,7 +393,7 @@ impl WriteBehind {
                 .stream_sequence;
             let entry: Entry = rmp_serde::from_slice(&message.payload)
                 .map_err(|e| PortError::new(self.corrupt(seq, &e.to_string())))?;
-            let mut rows = match open.take() {
+            let rows = match open.take() {
                 Some((batch, mut rows)) if batch == entry.batch => {
                     rows.then(entry.rows);
                     rows
@@ -405,7 +405,7 @@ impl WriteBehind {
                 None => entry.rows,
             };
             if entry.last {
-                all.push(std::mem::take(&mut rows));
+                all.push(rows);
             } else {
                 open = Some((entry.batch, rows));
             }
