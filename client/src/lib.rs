@@ -65,5 +65,5 @@ pub use error::ClientError;
 pub use gpu_coordinator_wire::codec::Encoding;
 pub use lease::{Lease, LeaseEvent, LeaseEvents, LeasePhase};
 pub use options::{generate_request_id, RequestOptions};
-pub use router::{AnswerFeed, AnswerReader, Incoming, Route};
+pub use router::{AnswerFeed, AnswerReader, Incoming, Route, ANSWERS_IDLE};
 pub use worker::{PauseOrder, ResumeOrder, Worker};

@@ -28,7 +28,8 @@
 //!
 //! The same readers serve the coordinator's HTTP API ([`AnswerReader`]): one consumer on all services'
 //! replies (`<prefix>.reply.*`) and one on their `requested` events, correlated the same way, so that
-//! a long poll, too, gets its grant across a NATS restart.
+//! a long poll, too, gets its grant across a NATS restart. Those two are open only while HTTP calls
+//! come (see [`ANSWERS_IDLE`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -134,6 +135,15 @@ impl Routes {
             id,
             rx,
         })
+    }
+
+    /// Whether nobody waits for anything.
+    fn is_empty(&self) -> bool {
+        self.map
+            .lock()
+            .expect("the route table lock is never poisoned")
+            .waiters
+            .is_empty()
     }
 
     fn dispatch(&self, service: &str, incoming: Incoming) {
@@ -243,18 +253,104 @@ fn decode_encoded(
     Some((decoded.0.to_owned(), decoded.1.map_err(|e| e.0)))
 }
 
+/// How long an [`AnswerReader`] keeps its consumers after the last [`AnswerReader::listen`] once
+/// nobody waits any more. A coordinator that no HTTP call waits on reads none of its answers back: on
+/// a busy bus those are three more deliveries per request (the `requested` event, the grant, the
+/// release), which cost the server and the coordinator as much as a share of the requests.
+pub const ANSWERS_IDLE: Duration = Duration::from_secs(30);
+
 /// The coordinator's answers to any number of services, read through JetStream consumers on the output
 /// stream (one per filter subject, as a [`crate::Client`] reads its own), handed to whoever waits for a
 /// service's request id. This is what the coordinator's HTTP API waits on.
+///
+/// The consumers are opened by the first [`AnswerReader::listen`] and closed again when no route has
+/// been held for [`ANSWERS_IDLE`]: whoever listens before publishing an input and waits for
+/// [`AnswerReader::ready`] misses nothing, whether they were open or not.
 pub struct AnswerReader {
     routes: Arc<Routes>,
-    ready: Vec<watch::Receiver<Readiness>>,
+    /// `None` for a reader fed by hand.
+    consumers: Option<Arc<Consumers>>,
     shutdown: CancellationToken,
 }
 
+/// What opens the consumers of an [`AnswerReader`], and whether they are open.
+struct Consumers {
+    nats: async_nats::Client,
+    subjects: Subjects,
+    filters: Vec<String>,
+    idle: Duration,
+    open: Mutex<Option<Open>>,
+}
+
+/// Consumers being read.
+struct Open {
+    ready: Vec<watch::Receiver<Readiness>>,
+    stop: CancellationToken,
+    /// The last [`AnswerReader::listen`] (or the opening).
+    used: tokio::time::Instant,
+}
+
+impl Consumers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Open>> {
+        self.open
+            .lock()
+            .expect("the answer reader's lock is never poisoned")
+    }
+
+    /// The open consumers, opened now when they are not, marked as used.
+    fn open<'a>(
+        &self,
+        open: &'a mut Option<Open>,
+        routes: &Arc<Routes>,
+        shutdown: &CancellationToken,
+    ) -> &'a mut Open {
+        let open = open.get_or_insert_with(|| {
+            let stop = shutdown.child_token();
+            let ready = self
+                .filters
+                .iter()
+                .map(|filter| {
+                    Router {
+                        nats: self.nats.clone(),
+                        subjects: self.subjects.clone(),
+                        filter: filter.clone(),
+                        routes: Arc::clone(routes),
+                        reconnects: None,
+                        shutdown: stop.clone(),
+                    }
+                    .spawn()
+                })
+                .collect();
+            tracing::debug!(filters = ?self.filters, "opening the consumers of answers");
+            Open {
+                ready,
+                stop,
+                used: tokio::time::Instant::now(),
+            }
+        });
+        open.used = tokio::time::Instant::now();
+        open
+    }
+
+    /// Closes the consumers if nobody waits and none was asked for within the idle time before `now`.
+    fn close_idle(&self, routes: &Routes, now: tokio::time::Instant) -> bool {
+        let mut open = self.lock();
+        let idle = open
+            .as_ref()
+            .is_some_and(|o| now >= o.used + self.idle && routes.is_empty());
+        if idle {
+            if let Some(o) = open.take() {
+                tracing::debug!(filters = ?self.filters, "closing the idle consumers of answers");
+                o.stop.cancel();
+            }
+        }
+        idle
+    }
+}
+
 impl AnswerReader {
-    /// Starts reading `filters` (subjects of the output stream, wildcards allowed, e.g.
-    /// `<prefix>.reply.*`) from the stream's next message on.
+    /// A reader of `filters` (subjects of the output stream, wildcards allowed, e.g.
+    /// `<prefix>.reply.*`), each read from the stream's next message on whenever the reader opens.
     pub fn start(
         nats: async_nats::Client,
         subjects: &Subjects,
@@ -262,23 +358,33 @@ impl AnswerReader {
     ) -> AnswerReader {
         let routes = Arc::new(Routes::default());
         let shutdown = CancellationToken::new();
-        let ready = filters
-            .iter()
-            .map(|filter| {
-                Router {
-                    nats: nats.clone(),
-                    subjects: subjects.clone(),
-                    filter: filter.clone(),
-                    routes: Arc::clone(&routes),
-                    reconnects: None,
-                    shutdown: shutdown.clone(),
+        let consumers = Arc::new(Consumers {
+            nats,
+            subjects: subjects.clone(),
+            filters: filters.to_vec(),
+            idle: ANSWERS_IDLE,
+            open: Mutex::new(None),
+        });
+        tokio::spawn({
+            let (consumers, routes, shutdown) = (
+                Arc::clone(&consumers),
+                Arc::clone(&routes),
+                shutdown.clone(),
+            );
+            async move {
+                let mut tick = tokio::time::interval(consumers.idle / 4);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        now = tick.tick() => { consumers.close_idle(&routes, now); }
+                    }
                 }
-                .spawn()
-            })
-            .collect();
+            }
+        });
         AnswerReader {
             routes,
-            ready,
+            consumers: Some(consumers),
             shutdown,
         }
     }
@@ -293,22 +399,56 @@ impl AnswerReader {
         };
         let reader = AnswerReader {
             routes,
-            ready: Vec::new(),
+            consumers: None,
             shutdown: CancellationToken::new(),
         };
         (reader, feed)
     }
 
     /// Routes what comes about `request_id` of `service` to the returned [`Route`], until it is
-    /// dropped, beside any other waiter for it. Listen before publishing the input, and after
-    /// [`AnswerReader::ready`].
+    /// dropped, beside any other waiter for it; opens the consumers if they are closed. Listen
+    /// before publishing the input, then wait for [`AnswerReader::ready`].
     pub fn listen(&self, service: &str, request_id: &str) -> Route {
-        self.routes.listen(service, request_id)
+        match &self.consumers {
+            // Under the lock, so that the consumers cannot close between the route and its use.
+            Some(consumers) => {
+                let mut open = consumers.lock();
+                consumers.open(&mut open, &self.routes, &self.shutdown);
+                self.routes.listen(service, request_id)
+            }
+            None => self.routes.listen(service, request_id),
+        }
     }
 
-    /// Waits until every consumer is open (from then on nothing stored is missed), at most `wait`.
+    /// Waits until every consumer is open (from then on nothing stored is missed), at most `wait`;
+    /// opens them if they are closed.
     pub async fn ready(&self, wait: Duration) -> Result<(), ClientError> {
-        wait_ready(&self.ready, tokio::time::Instant::now() + wait).await
+        let ready = match &self.consumers {
+            Some(consumers) => {
+                let mut open = consumers.lock();
+                consumers
+                    .open(&mut open, &self.routes, &self.shutdown)
+                    .ready
+                    .clone()
+            }
+            None => Vec::new(),
+        };
+        wait_ready(&ready, tokio::time::Instant::now() + wait).await
+    }
+
+    /// Whether the consumers are open (a reader fed by hand has none).
+    pub fn is_reading(&self) -> bool {
+        self.consumers
+            .as_ref()
+            .is_some_and(|consumers| consumers.lock().is_some())
+    }
+
+    /// Closes the consumers now if nobody waits and nothing listened within [`ANSWERS_IDLE`] before
+    /// `now`, as the reader does by itself every quarter of that; says whether it closed them.
+    pub fn close_idle(&self, now: tokio::time::Instant) -> bool {
+        self.consumers
+            .as_ref()
+            .is_some_and(|consumers| consumers.close_idle(&self.routes, now))
     }
 }
 

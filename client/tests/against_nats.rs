@@ -513,3 +513,81 @@ async fn a_grant_and_an_order_published_while_the_client_is_cut_off_arrive() {
     proxy.restore();
     within("the revoke after the reconnect", lease.revoked()).await;
 }
+
+/// The consumers on the output stream of the fake coordinator.
+async fn output_consumers(fake: &Fake) -> usize {
+    let mut stream = fake
+        .js
+        .get_stream(fake.subjects.output_stream())
+        .await
+        .expect("the output stream");
+    stream
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .consumer_count
+}
+
+#[tokio::test]
+async fn the_reader_of_answers_reads_only_while_someone_waits() {
+    use gpu_coordinator_client::{AnswerReader, Incoming, ANSWERS_IDLE};
+    let server = NatsServer::start();
+    let fake = Fake::start(&server.url(), "gpu").await;
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let reader = AnswerReader::start(nats, &fake.subjects, &[fake.subjects.reply("*")]);
+    // Nobody has waited yet: nothing is read.
+    assert!(!reader.is_reading());
+    assert_eq!(output_consumers(&fake).await, 0);
+
+    let mut route = reader.listen(SVC, "a");
+    within("the reader open", reader.ready(WAIT)).await.unwrap();
+    assert!(reader.is_reading());
+    assert_eq!(output_consumers(&fake).await, 1);
+    fake.grant("a", 1, 1_000).await;
+    let Some(Incoming::Reply(reply)) = within("the grant", route.recv()).await else {
+        panic!("the grant is routed");
+    };
+    assert_eq!(
+        (reply.request_id.as_str(), reply.outcome),
+        ("a", Outcome::Granted)
+    );
+
+    // Kept while a route is held, however long ago it was made, and for the idle time after.
+    let later = tokio::time::Instant::now() + ANSWERS_IDLE * 100;
+    assert!(!reader.close_idle(later));
+    drop(route);
+    assert!(!reader.close_idle(tokio::time::Instant::now()));
+    assert!(reader.is_reading());
+    assert!(reader.close_idle(later));
+    assert!(!reader.is_reading());
+    within("the consumer deleted", async {
+        while output_consumers(&fake).await > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // Listening opens it again, from the stream's next message: what was stored while it was
+    // closed is not handed on (nobody waited for it), what comes after is.
+    fake.grant("b", 2, 1_000).await;
+    let mut route = reader.listen(SVC, "b");
+    within("the reader open again", reader.ready(WAIT))
+        .await
+        .unwrap();
+    fake.reply(Reply::new("b", Outcome::Released)).await;
+    let Some(Incoming::Reply(reply)) = within("the release", route.recv()).await else {
+        panic!("the release is routed");
+    };
+    assert_eq!(
+        (reply.request_id.as_str(), reply.outcome),
+        ("b", Outcome::Released)
+    );
+    drop(reader);
+    within("the consumer deleted with the reader", async {
+        while output_consumers(&fake).await > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}

@@ -20,7 +20,8 @@ pub struct NatsGateway {
 }
 
 impl NatsGateway {
-    /// A gateway on `client`, reading the replies and `requested` events of every service.
+    /// A gateway on `client`, reading the replies and `requested` events of every service while HTTP
+    /// calls wait for them.
     pub fn new(client: async_nats::Client, subjects: &Subjects) -> NatsGateway {
         let filters = [
             subjects.reply("*"),

@@ -150,10 +150,12 @@ const READER_WAIT: Duration = Duration::from_secs(5);
 /// restart between the publish and the answer loses nothing.
 async fn listen(state: &HttpState, service: &str, request_id: &str) -> Result<Route, ApiError> {
     let reader = state.connected()?.backends.gateway.answers();
+    // Listening first opens the reader if it is closed (nobody waited for a while).
+    let route = reader.listen(service, request_id);
     reader.ready(READER_WAIT).await.map_err(|e| {
         ApiError::Unavailable(format!("the coordinator's answers cannot be read: {e}"))
     })?;
-    Ok(reader.listen(service, request_id))
+    Ok(route)
 }
 
 /// The error of a call whose answer did not come by its deadline.
