@@ -469,6 +469,82 @@ async fn pg_batches_of_a_deposed_term_change_nothing() {
     finish(store, &name).await;
 }
 
+/// The coordinators long unseen are forgotten: their rows, and the presence file of one that is gone
+/// (killed: its file left, its lock dropped); a live one keeps its file, and a recent row stays.
+#[tokio::test]
+async fn pg_coordinators_long_unseen_are_forgotten_with_the_files_of_the_gone() {
+    use gpu_coordinator::adapters::postgres::{forget_unseen, presence_file, PgLeadership};
+    use std::time::Duration;
+    let (store, name) = fresh_store().await;
+    let db = store.connection().clone();
+    let unique = crate::support::unique("forget");
+    // A standby killed long ago: its row, and its file without a lock.
+    let gone = format!("{unique}-gone");
+    let file = presence_file(&gone);
+    std::fs::create_dir_all(file.parent().expect("a directory")).expect("the directory");
+    std::fs::File::create(&file).expect("the file of a killed process");
+    // A standby alive (it holds its file locked), but unseen as long: a stall, Postgres away.
+    let live = PgLeadership::new(
+        db.clone(),
+        Duration::from_secs(1),
+        Duration::from_millis(100),
+    );
+    let live_file = presence_file(live.holder());
+    assert!(live_file.exists(), "a live coordinator holds its file");
+    for holder in [gone.as_str(), live.holder()] {
+        db.execute(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "INSERT INTO coordinators (holder, seen_at) VALUES ($1, now() - interval '1 hour')",
+            [holder.into()],
+        ))
+        .await
+        .expect("a row unseen for an hour");
+    }
+    let recent = format!("{unique}-recent");
+    let me = format!("{unique}-me");
+    for holder in [recent.as_str(), me.as_str()] {
+        db.execute(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "INSERT INTO coordinators (holder, seen_at) VALUES ($1, now() - interval '10 seconds')",
+            [holder.into()],
+        ))
+        .await
+        .expect("a row seen lately");
+    }
+
+    let mut forgotten = forget_unseen(&db, &me, Duration::from_secs(60))
+        .await
+        .expect("forgetting");
+    forgotten.sort();
+    let mut expected = vec![gone.clone(), live.holder().to_owned()];
+    expected.sort();
+    assert_eq!(forgotten, expected);
+    assert!(!file.exists(), "the file of the gone one is removed");
+    assert!(live_file.exists(), "the live one keeps its file");
+    let left: Vec<String> = db
+        .query_all(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT holder FROM coordinators ORDER BY holder",
+        ))
+        .await
+        .expect("the rows")
+        .iter()
+        .map(|row| row.try_get::<String>("", "holder").expect("a holder"))
+        .collect();
+    let mut kept = vec![me.clone(), recent.clone()];
+    kept.sort();
+    assert_eq!(left, kept, "the recent rows and the caller's own stay");
+    // The caller's own row is never forgotten, however long unseen.
+    let forgotten = forget_unseen(&db, &me, Duration::ZERO)
+        .await
+        .expect("forgetting");
+    assert_eq!(forgotten, [recent]);
+    drop(live);
+    assert!(!live_file.exists(), "a graceful end takes its file away");
+    drop(db);
+    finish(store, &name).await;
+}
+
 /// A batch is one statement whatever its size (one array per column): 3,000 records, beyond what
 /// Postgres's 65,535 bind parameters would allow as rows of values, and 5,000 outbox rows round-trip; a
 /// batch whose last record breaks a constraint leaves nothing of itself, records, outbox or position.

@@ -17,6 +17,10 @@
 //!   (killed, crashed: the kernel dropped its lock) and takes the row at once, without waiting for it
 //!   to expire. A stopped (`SIGSTOP`) or stalled process still holds its lock; a leader on another
 //!   host (or whose file is out of sight) is waited for as before.
+//! - **Forgetting**: the leader deletes the `coordinators` rows not seen for [`FORGET_AFTER_TTLS`]
+//!   TTLs, once per that many TTLs, and the files that the gone ones among them left on its host (a
+//!   standby killed by a signal cannot remove its own). A live coordinator whose row went comes back
+//!   at its next sighting, and keeps its file, which it locks.
 
 use std::time::Duration;
 
@@ -62,6 +66,13 @@ const SEEN: &str = "INSERT INTO coordinators (holder, seen_at) VALUES ($1, clock
 /// The other coordinators seen within the last `$2` seconds.
 const STANDBYS: &str = "SELECT holder FROM coordinators \
      WHERE holder <> $1 AND seen_at > clock_timestamp() - make_interval(secs => $2) ORDER BY holder";
+
+/// Forgets the coordinators not seen for `$2` seconds, but `$1`; answers their holders.
+const FORGET: &str = "DELETE FROM coordinators \
+     WHERE holder <> $1 AND seen_at < clock_timestamp() - make_interval(secs => $2) RETURNING holder";
+
+/// After how many TTLs unseen a coordinator is forgotten, and how often the leader looks.
+pub const FORGET_AFTER_TTLS: u32 = 60;
 
 /// The share of the TTL the leader trusts itself for, from the start of its last renewal.
 const TRUST: f64 = 0.8;
@@ -254,6 +265,41 @@ impl Drop for Presence {
     }
 }
 
+/// Deletes the rows of the coordinators (but `holder`) not seen for `after`, and the presence files
+/// that the gone ones among them left on this host; answers the holders whose rows went.
+pub async fn forget_unseen(
+    db: &DatabaseConnection,
+    holder: &str,
+    after: Duration,
+) -> Result<Vec<String>, PortError> {
+    let rows = db
+        .query_all(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            FORGET,
+            [holder.to_owned().into(), after.as_secs_f64().into()],
+        ))
+        .await
+        .map_err(PortError::new)?;
+    let forgotten: Vec<String> = rows
+        .iter()
+        .filter_map(|row| row.try_get::<String>("", "holder").ok())
+        .collect();
+    for holder in &forgotten {
+        if Presence::gone(holder) {
+            Presence::remove(holder);
+        }
+    }
+    if !forgotten.is_empty() {
+        tracing::debug!(?forgotten, "forgot the coordinators not seen for {after:?}");
+    }
+    Ok(forgotten)
+}
+
+/// The file that tells the coordinators of this host that `holder` lives, while it is locked.
+pub fn presence_file(holder: &str) -> std::path::PathBuf {
+    Presence::path(holder)
+}
+
 /// The standbys seen within three TTLs.
 async fn standbys(db: &DatabaseConnection, holder: &str, ttl: Duration) -> Vec<String> {
     let rows = db
@@ -283,6 +329,8 @@ async fn renew(
     roster: Arc<std::sync::RwLock<Option<Roster>>>,
 ) {
     let every = ttl / 3;
+    let forget_after = ttl * FORGET_AFTER_TTLS;
+    let mut forgot = Instant::now();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -304,6 +352,12 @@ async fn renew(
             Ok(Some(_)) => {
                 let _ = until.send(started + window);
                 let _ = PgLeadership::seen(&db, &holder).await;
+                if forgot.elapsed() >= forget_after {
+                    forgot = Instant::now();
+                    if let Err(e) = forget_unseen(&db, &holder, forget_after).await {
+                        tracing::debug!("forgetting the coordinators long unseen: {e}");
+                    }
+                }
                 let standbys = standbys(&db, &holder, ttl).await;
                 if let Ok(mut roster) = roster.write() {
                     *roster = Some(Roster {

@@ -19,7 +19,7 @@ mod leader;
 pub use crate::ports::{Batch, Loaded, OutboxRow};
 pub use behind::{BehindError, WriteBehind};
 pub use entities::{fence, request, RowError};
-pub use leader::PgLeadership;
+pub use leader::{forget_unseen, presence_file, PgLeadership, FORGET_AFTER_TTLS};
 
 use std::collections::HashSet;
 use std::sync::{Arc, LazyLock};
