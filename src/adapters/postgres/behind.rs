@@ -101,11 +101,17 @@ pub enum BehindError {
 }
 
 /// Where the writes stand.
+/// A batch as the stream stored it, for the writer task: the sequence and the `Nats-Msg-Id` of its
+/// last message, and its rows.
+type Stored = (u64, String, Rows);
+
 struct Head {
     /// The stream's last sequence as this journal left it: the next write expects it.
     last_seq: u64,
     /// The number of the next batch.
     next: u64,
+    /// The `Nats-Msg-Id` of the message at `last_seq` that this journal appended (none yet).
+    last_id: String,
     /// This journal's term, from [`Journal::take_over`].
     term: Option<Term>,
 }
@@ -123,7 +129,7 @@ pub struct WriteBehind {
     head: tokio::sync::Mutex<Head>,
     /// Stored batches to the writer task: their last stream sequence and rows. Bounded: a write waits
     /// while [`WAITING`] batches wait for Postgres.
-    behind: Mutex<Option<mpsc::Sender<(u64, Rows)>>>,
+    behind: Mutex<Option<mpsc::Sender<Stored>>>,
     /// The last stream sequence Postgres holds.
     applied: watch::Receiver<u64>,
     /// Set by the writer task when Postgres refused a write for a newer term.
@@ -178,6 +184,7 @@ impl WriteBehind {
                 last_seq: 0,
                 next: 1,
                 term: None,
+                last_id: String::new(),
             }),
             behind: Mutex::new(Some(tx)),
             applied,
@@ -267,7 +274,10 @@ impl WriteBehind {
                 Err(e) => Err(e),
             };
             match stored {
-                Ok(stored) => head.last_seq = stored.sequence,
+                Ok(stored) => {
+                    head.last_seq = stored.sequence;
+                    head.last_id = format!("{batch}-{i}");
+                }
                 Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
                     // Deleted, or a server that came back without it: made anew, numbered from its
                     // start, for the driver's next try. What it held and Postgres did not is in the
@@ -279,6 +289,7 @@ impl WriteBehind {
                                 self.stream
                             );
                             head.last_seq = info.state.last_sequence;
+                            head.last_id.clear();
                         }
                     }
                     return Err(self.publish_error(head, e));
@@ -426,7 +437,7 @@ impl WriteBehind {
 
     /// Hands a stored batch to the writer task, waiting while it has [`WAITING`] already (none
     /// without a writer task).
-    async fn behind(&self, batch: (u64, Rows)) {
+    async fn behind(&self, batch: Stored) {
         let behind = self.behind.lock().expect("not poisoned").clone();
         if let Some(behind) = behind {
             let _ = behind.send(batch).await;
@@ -461,9 +472,11 @@ impl Writer {
     /// backoff), until the journal closes. A batch refused for its term is dropped, and so are the
     /// later ones of that term: its driver hears that it was deposed, and a later term's batches (the
     /// same process leading again) are written.
-    async fn run(self, mut batches: mpsc::Receiver<(u64, Rows)>) {
+    async fn run(self, mut batches: mpsc::Receiver<Stored>) {
         let mut purged_at = tokio::time::Instant::now();
         let (mut applied, mut purged) = (0, 0);
+        // The `Nats-Msg-Id` of the message at `applied`.
+        let mut applied_id = String::new();
         let mut deposed_term: Option<i64> = None;
         loop {
             // What Postgres holds leaves the stream at most PURGE_EVERY later, busy or idle, so that a
@@ -476,12 +489,12 @@ impl Writer {
                 Some(batches.recv().await)
             };
             let Some(next) = next else {
-                purged = self.purge(applied, purged).await;
+                purged = self.purge(applied, &applied_id, purged).await;
                 purged_at = tokio::time::Instant::now();
                 continue;
             };
-            let Some((mut seq, first)) = next else {
-                self.purge(applied, purged).await;
+            let Some((mut seq, mut id, first)) = next else {
+                self.purge(applied, &applied_id, purged).await;
                 return;
             };
             // What comes within LINGER goes in the same statement.
@@ -490,9 +503,9 @@ impl Writer {
             let until = tokio::time::Instant::now() + LINGER;
             while merged < WAITING {
                 match tokio::time::timeout_at(until, batches.recv()).await {
-                    Ok(Some((later, more))) => {
+                    Ok(Some((later, later_id, more))) => {
                         rows.push(more);
-                        seq = later;
+                        (seq, id) = (later, later_id);
                         merged += 1;
                     }
                     Ok(None) => {
@@ -525,25 +538,49 @@ impl Writer {
                 }
             };
             if written {
-                applied = seq;
+                (applied, applied_id) = (seq, id);
                 self.applied.send_replace(seq);
             }
             if closed {
-                self.purge(applied, purged).await;
+                self.purge(applied, &applied_id, purged).await;
                 return;
             }
             if written && purged_at.elapsed() >= PURGE_EVERY {
-                purged = self.purge(applied, purged).await;
+                purged = self.purge(applied, &applied_id, purged).await;
                 purged_at = tokio::time::Instant::now();
             }
         }
     }
 
-    /// Purges the stream of the sequences up to `applied` (Postgres holds them); answers how far it
-    /// is purged now.
-    async fn purge(&self, applied: u64, purged: u64) -> u64 {
+    /// Purges the stream of the sequences up to `applied` (Postgres holds them), if the message
+    /// there is still `applied_id`; answers how far it is purged now.
+    ///
+    /// A stream lost at run time is made anew, numbered from its start again: its sequences up to
+    /// `applied` are other batches, not yet in Postgres, or not there at all. A purge up to a
+    /// sequence beyond its end would move its numbering on (so that the next append, expecting the
+    /// end the journal knows, would be refused as if another coordinator had written), and one
+    /// within it would remove batches Postgres does not hold. So the message at `applied` must be
+    /// the one written, else nothing is purged, and that batch counts as done with.
+    async fn purge(&self, applied: u64, applied_id: &str, purged: u64) -> u64 {
         if applied <= purged {
             return purged;
+        }
+        let there = match self.stream.get_raw_message(applied).await {
+            Ok(message) => message
+                .headers
+                .get("Nats-Msg-Id")
+                .is_some_and(|id| id.as_str() == applied_id),
+            Err(e) => {
+                tracing::debug!("reading the journal stream at {applied} before purging: {e}");
+                false
+            }
+        };
+        if !there {
+            tracing::info!(
+                "the journal stream no longer holds batch {applied_id} at {applied} (made anew \
+                 since?): not purged"
+            );
+            return applied;
         }
         match self.stream.purge().sequence(applied + 1).await {
             Ok(_) => applied,
@@ -591,7 +628,8 @@ impl Journal for WriteBehind {
             }
         }
         // Postgres holds everything up to the marker.
-        self.behind((head.last_seq, Rows::default())).await;
+        self.behind((head.last_seq, head.last_id.clone(), Rows::default()))
+            .await;
         Ok(())
     }
 
@@ -614,7 +652,8 @@ impl Journal for WriteBehind {
         let rows = self.pg.rows(batch).map_err(PortError::new)?;
         let mut head = self.head.lock().await;
         let seq = self.append(&mut head, &rows).await?;
-        self.behind((seq, rows)).await;
+        let id = head.last_id.clone();
+        self.behind((seq, id, rows)).await;
         Ok(())
     }
 
