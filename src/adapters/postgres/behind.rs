@@ -265,9 +265,10 @@ impl WriteBehind {
                 .collect::<Result<Vec<_>, _>>()?
         };
         for (i, payload) in payloads.into_iter().enumerate() {
+            let id = format!("{batch}-{i}");
             let publish = jetstream::message::PublishMessage::build()
                 .payload(payload.into())
-                .message_id(format!("{batch}-{i}"))
+                .message_id(id.clone())
                 .expected_last_sequence(head.last_seq);
             let stored = match self.js.send_publish(self.subject.clone(), publish).await {
                 Ok(ack) => ack.await,
@@ -276,7 +277,7 @@ impl WriteBehind {
             match stored {
                 Ok(stored) => {
                     head.last_seq = stored.sequence;
-                    head.last_id = format!("{batch}-{i}");
+                    head.last_id = id;
                 }
                 Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
                     // Deleted, or a server that came back without it: made anew, numbered from its

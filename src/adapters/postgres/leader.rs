@@ -280,10 +280,7 @@ pub async fn forget_unseen(
         ))
         .await
         .map_err(PortError::new)?;
-    let forgotten: Vec<String> = rows
-        .iter()
-        .filter_map(|row| row.try_get::<String>("", "holder").ok())
-        .collect();
+    let forgotten = holders(&rows);
     for holder in &forgotten {
         if Presence::gone(holder) {
             Presence::remove(holder);
@@ -310,6 +307,11 @@ async fn standbys(db: &DatabaseConnection, holder: &str, ttl: Duration) -> Vec<S
         ))
         .await
         .unwrap_or_default();
+    holders(&rows)
+}
+
+/// The `holder` column of `rows`.
+fn holders(rows: &[sea_orm::QueryResult]) -> Vec<String> {
     rows.iter()
         .filter_map(|row| row.try_get::<String>("", "holder").ok())
         .collect()
