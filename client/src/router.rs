@@ -278,6 +278,9 @@ struct Consumers {
     nats: async_nats::Client,
     subjects: Subjects,
     filters: Vec<String>,
+    routes: Arc<Routes>,
+    /// The reader's: cancelled when it is dropped.
+    shutdown: CancellationToken,
     idle: Duration,
     open: Mutex<Option<Open>>,
 }
@@ -297,15 +300,12 @@ impl Consumers {
             .expect("the answer reader's lock is never poisoned")
     }
 
-    /// The open consumers, opened now when they are not, marked as used.
-    fn open<'a>(
-        &self,
-        open: &'a mut Option<Open>,
-        routes: &Arc<Routes>,
-        shutdown: &CancellationToken,
-    ) -> &'a mut Open {
+    /// Runs `f` on the open consumers, under the lock (so that they cannot close meanwhile), opening
+    /// them first when they are not, and marks them used.
+    fn with_open<R>(&self, f: impl FnOnce(&Open) -> R) -> R {
+        let mut open = self.lock();
         let open = open.get_or_insert_with(|| {
-            let stop = shutdown.child_token();
+            let stop = self.shutdown.child_token();
             let ready = self
                 .filters
                 .iter()
@@ -314,7 +314,7 @@ impl Consumers {
                         nats: self.nats.clone(),
                         subjects: self.subjects.clone(),
                         filter: filter.clone(),
-                        routes: Arc::clone(routes),
+                        routes: Arc::clone(&self.routes),
                         reconnects: None,
                         shutdown: stop.clone(),
                     }
@@ -329,15 +329,15 @@ impl Consumers {
             }
         });
         open.used = tokio::time::Instant::now();
-        open
+        f(open)
     }
 
     /// Closes the consumers if nobody waits and none was asked for within the idle time before `now`.
-    fn close_idle(&self, routes: &Routes, now: tokio::time::Instant) -> bool {
+    fn close_idle(&self, now: tokio::time::Instant) -> bool {
         let mut open = self.lock();
         let idle = open
             .as_ref()
-            .is_some_and(|o| now >= o.used + self.idle && routes.is_empty());
+            .is_some_and(|o| now >= o.used + self.idle && self.routes.is_empty());
         if idle {
             if let Some(o) = open.take() {
                 tracing::debug!(filters = ?self.filters, "closing the idle consumers of answers");
@@ -362,22 +362,20 @@ impl AnswerReader {
             nats,
             subjects: subjects.clone(),
             filters: filters.to_vec(),
+            routes: Arc::clone(&routes),
+            shutdown: shutdown.clone(),
             idle: ANSWERS_IDLE,
             open: Mutex::new(None),
         });
         tokio::spawn({
-            let (consumers, routes, shutdown) = (
-                Arc::clone(&consumers),
-                Arc::clone(&routes),
-                shutdown.clone(),
-            );
+            let consumers = Arc::clone(&consumers);
             async move {
                 let mut tick = tokio::time::interval(consumers.idle / 4);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        now = tick.tick() => { consumers.close_idle(&routes, now); }
+                        () = consumers.shutdown.cancelled() => return,
+                        now = tick.tick() => { consumers.close_idle(now); }
                     }
                 }
             }
@@ -409,14 +407,11 @@ impl AnswerReader {
     /// dropped, beside any other waiter for it; opens the consumers if they are closed. Listen
     /// before publishing the input, then wait for [`AnswerReader::ready`].
     pub fn listen(&self, service: &str, request_id: &str) -> Route {
+        let listen = || self.routes.listen(service, request_id);
         match &self.consumers {
             // Under the lock, so that the consumers cannot close between the route and its use.
-            Some(consumers) => {
-                let mut open = consumers.lock();
-                consumers.open(&mut open, &self.routes, &self.shutdown);
-                self.routes.listen(service, request_id)
-            }
-            None => self.routes.listen(service, request_id),
+            Some(consumers) => consumers.with_open(|_| listen()),
+            None => listen(),
         }
     }
 
@@ -424,13 +419,7 @@ impl AnswerReader {
     /// opens them if they are closed.
     pub async fn ready(&self, wait: Duration) -> Result<(), ClientError> {
         let ready = match &self.consumers {
-            Some(consumers) => {
-                let mut open = consumers.lock();
-                consumers
-                    .open(&mut open, &self.routes, &self.shutdown)
-                    .ready
-                    .clone()
-            }
+            Some(consumers) => consumers.with_open(|open| open.ready.clone()),
             None => Vec::new(),
         };
         wait_ready(&ready, tokio::time::Instant::now() + wait).await
@@ -448,7 +437,7 @@ impl AnswerReader {
     pub fn close_idle(&self, now: tokio::time::Instant) -> bool {
         self.consumers
             .as_ref()
-            .is_some_and(|consumers| consumers.close_idle(&self.routes, now))
+            .is_some_and(|consumers| consumers.close_idle(now))
     }
 }
 
