@@ -491,25 +491,23 @@ async fn pg_coordinators_long_unseen_are_forgotten_with_the_files_of_the_gone() 
     );
     let live_file = presence_file(live.holder());
     assert!(live_file.exists(), "a live coordinator holds its file");
-    for holder in [gone.as_str(), live.holder()] {
-        db.execute(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "INSERT INTO coordinators (holder, seen_at) VALUES ($1, now() - interval '1 hour')",
-            [holder.into()],
-        ))
-        .await
-        .expect("a row unseen for an hour");
-    }
     let recent = format!("{unique}-recent");
     let me = format!("{unique}-me");
-    for holder in [recent.as_str(), me.as_str()] {
+    // Two rows unseen for an hour, two seen lately.
+    for (holder, seen_ago_secs) in [
+        (gone.as_str(), 3_600.0),
+        (live.holder(), 3_600.0),
+        (recent.as_str(), 10.0),
+        (me.as_str(), 10.0),
+    ] {
         db.execute(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "INSERT INTO coordinators (holder, seen_at) VALUES ($1, now() - interval '10 seconds')",
-            [holder.into()],
+            "INSERT INTO coordinators (holder, seen_at) \
+             VALUES ($1, now() - make_interval(secs => $2))",
+            [holder.into(), seen_ago_secs.into()],
         ))
         .await
-        .expect("a row seen lately");
+        .expect("a coordinators row");
     }
 
     let mut forgotten = forget_unseen(&db, &me, Duration::from_secs(60))
