@@ -51,6 +51,7 @@
 //! - A pause is acknowledged only after `on_pause` returned, and never for a lease that was revoked
 //!   or released meanwhile.
 
+mod answers;
 mod client;
 mod connect;
 mod error;
@@ -59,11 +60,12 @@ mod options;
 mod router;
 mod worker;
 
+pub use answers::{AnswerFeed, AnswerReader, ANSWERS_IDLE};
 pub use client::Client;
 pub use connect::{connect_options, inbox_prefix, redact, NatsAuth};
 pub use error::ClientError;
 pub use gpu_coordinator_wire::codec::Encoding;
 pub use lease::{Lease, LeaseEvent, LeaseEvents, LeasePhase};
 pub use options::{generate_request_id, RequestOptions};
-pub use router::{AnswerFeed, AnswerReader, Incoming, Route, ANSWERS_IDLE};
+pub use router::{Incoming, Route};
 pub use worker::{PauseOrder, ResumeOrder, Worker};
