@@ -266,6 +266,41 @@ async fn grant_renew_release() {
 }
 
 #[tokio::test]
+async fn a_release_that_crossed_a_resume_ends_the_resumed_lease() {
+    let server = NatsServer::start();
+    let mut fake = Fake::start(&server.url(), "gpu").await;
+    let client = Client::connect(&server.url(), "gpu", SVC).await.unwrap();
+    let request = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .request(RequestOptions::new(2).lease_ms(60_000))
+                .await
+        }
+    });
+    let request_id = fake.next("request").await.request_id();
+    fake.grant(&request_id, 5, 60_000).await;
+    let lease = within("the grant", request).await.unwrap().unwrap();
+
+    // The coordinator resumed the request under fence 8 (after a pause this lease has not heard of
+    // yet) when the release under 5 came: it rejects that one, naming the current fence.
+    let release = tokio::spawn(lease.release());
+    assert_eq!(fake.next("release").await.body["fence"], 5);
+    let mut stale = Reply::new(&request_id, Outcome::Rejected);
+    stale.error = Some(format!(
+        "stale fence 5: the current fence of request `{request_id}` is 8"
+    ));
+    stale.fence = Some(8);
+    fake.reply(stale).await;
+    let again = fake.next("release").await;
+    assert_eq!(again.body["request_id"], request_id.as_str());
+    assert_eq!(again.body["fence"], 8);
+    assert!(!release.is_finished());
+    fake.reply(Reply::new(&request_id, Outcome::Released)).await;
+    within("the release", release).await.unwrap().unwrap();
+}
+
+#[tokio::test]
 async fn rejections_and_timeouts_are_errors() {
     let server = NatsServer::start();
     let mut fake = Fake::start(&server.url(), "gpu").await;

@@ -892,6 +892,9 @@ impl Scheduler {
     ) -> Option<u64> {
         // About a request of this service: answered in the request's own encoding.
         let mut encoding = encoding;
+        // A stale fence's rejection names the current one: a holder whose release crossed a resume
+        // can release again under it.
+        let mut current = None;
         let error = match self.ids.get(request_id) {
             None => match self.ended.get(request_id) {
                 Some(rec) if rec.service_id == service => {
@@ -909,6 +912,7 @@ impl Scheduler {
                     format!("unknown request_id `{request_id}` for service `{service}`")
                 } else if fence.is_some_and(|f| Some(Fence(f)) != rec.fence) {
                     encoding = rec.encoding;
+                    current = rec.fence;
                     format!(
                         "stale fence {}: the current fence of request `{request_id}` is {}",
                         fence.unwrap_or_default(),
@@ -921,7 +925,9 @@ impl Scheduler {
                 }
             }
         };
-        self.reject(service, encoding, Some(request_id), error, now);
+        let mut reply = ReplyOut::new(request_id, Outcome::Rejected);
+        reply.fence = current.map(|f| f.0);
+        self.reject_with(service, encoding, reply, error, now);
         None
     }
 
@@ -1618,10 +1624,23 @@ impl Scheduler {
         error: String,
         now: Millis,
     ) {
-        let mut reply = ReplyOut::new(request_id.unwrap_or_default(), Outcome::Rejected);
+        let reply = ReplyOut::new(request_id.unwrap_or_default(), Outcome::Rejected);
+        self.reject_with(service, encoding, reply, error, now);
+    }
+
+    /// [`Scheduler::reject`] with the `rejected` reply given (its `error` set here).
+    fn reject_with(
+        &mut self,
+        service: &str,
+        encoding: Encoding,
+        mut reply: ReplyOut,
+        error: String,
+        now: Millis,
+    ) {
+        let request_id = (!reply.request_id.is_empty()).then(|| reply.request_id.clone());
         reply.error = Some(error.clone());
         self.reply(service, encoding, reply);
-        self.rejected_event(service, encoding, request_id, error, now);
+        self.rejected_event(service, encoding, request_id.as_deref(), error, now);
     }
 
     fn rejected_event(

@@ -916,18 +916,23 @@ fn stale_fences_and_unknown_requests_are_rejected() {
     };
     let a = s.release("asr", "asr", Some(7));
     assert!(error_of(&a, "asr").contains("stale fence 7: the current fence of request `asr` is 1"));
+    // The rejection names the current fence, for a holder whose release crossed a resume.
+    assert_eq!(a.reply("asr").fence, Some(1));
+    assert_eq!(s.phase("asr"), Phase::Active);
     let a = s.renew("asr", "asr", Some(0), None);
     assert!(error_of(&a, "asr").contains("stale fence 0"));
     let a = s.ack("asr", "asr", Some(2), AckAction::Paused);
     assert!(error_of(&a, "asr").contains("stale fence 2"));
     let a = s.release("asr", "nope", None);
     assert!(error_of(&a, "nope").contains("unknown request_id `nope` for service `asr`"));
+    assert_eq!(a.reply("nope").fence, None);
     // Another service's request is unknown to this one.
     let a = s.release("asr", "other", None);
     assert!(error_of(&a, "other").contains("unknown request_id `other` for service `asr`"));
     // A queued request has no fence yet.
     let a = s.release("other", "other", Some(1));
     assert!(error_of(&a, "other").contains("is none"));
+    assert_eq!(a.reply("other").fence, None);
     // An ACK nobody asked for.
     let a = s.ack("asr", "asr", Some(1), AckAction::Paused);
     assert!(error_of(&a, "asr").contains("not expected"));

@@ -330,6 +330,25 @@ impl Machine {
                 }
             }
             Outcome::Rejected => {
+                // A stale fence's rejection names the current fence. While releasing, a newer one
+                // means that the coordinator resumed the request before it took the release (the two
+                // crossed): release again under it. The current one means that the rejection is of an
+                // input sent under an older fence, and a release under this one is on its way.
+                if let (true, Some(current)) = (self.releasing(), reply.fence) {
+                    if current > self.snapshot.fence {
+                        tracing::debug!(
+                            request_id = self.request_id,
+                            "the release crossed a resume to fence {current}: releasing again"
+                        );
+                        self.snapshot.fence = current;
+                        self.renew_in_flight = false;
+                        self.send_release();
+                        return;
+                    }
+                    if current == self.snapshot.fence {
+                        return;
+                    }
+                }
                 let error = reply
                     .error
                     .unwrap_or_else(|| "the coordinator rejected an input".to_owned());
@@ -1104,6 +1123,37 @@ mod tests {
             [Action::ReleaseDone(Ok(()))]
         ));
         assert!(m.is_done());
+    }
+
+    #[test]
+    fn a_release_that_crossed_a_resume_is_sent_again_under_the_new_fence() {
+        let t0 = Instant::now();
+        let mut m = worker(7, 30_000, t0);
+        m.handle_release(t0);
+        drain(&mut m);
+        // The coordinator resumed the request under fence 9 before it took the release under 7.
+        let mut stale = reply(Outcome::Rejected);
+        stale.error = Some("stale fence 7: the current fence of request `r` is 9".into());
+        stale.fence = Some(9);
+        m.handle_reply(stale.clone(), t0, SystemTime::now());
+        assert!(!m.is_done());
+        assert_eq!(
+            published(&drain(&mut m)),
+            vec![Input::Release(ReleaseMsg {
+                request_id: Some(ID.into()),
+                fence: Some(9)
+            })]
+        );
+        // The resume itself, read after, and a second rejection of an input under 7 change nothing.
+        m.handle_control(resume(9, 30_000), t0, SystemTime::now());
+        m.handle_reply(stale, t0, SystemTime::now());
+        assert!(drain(&mut m).is_empty());
+        assert!(!m.is_done());
+        m.handle_reply(reply(Outcome::Released), t0, SystemTime::now());
+        assert!(matches!(
+            drain(&mut m).as_slice(),
+            [Action::ReleaseDone(Ok(()))]
+        ));
     }
 
     #[test]

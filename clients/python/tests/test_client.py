@@ -97,6 +97,58 @@ async def test_pause_ack_resume(coordinator_factory: Any) -> None:
         await worker.close()
 
 
+async def test_a_release_that_crossed_a_resume_ends_the_resumed_lease(coordinator_factory: Any) -> None:
+    import nats
+
+    coordinator: Coordinator = await coordinator_factory()
+    url, prefix = coordinator.nats_url, coordinator.prefix
+    worker = await Client.connect(url, service="asr", prefix=prefix)
+    chat = await Client.connect(url, service="chat", prefix=prefix)
+    nc = await nats.connect(url)
+    rejections = await nc.subscribe(f"{prefix}.event.rejected.asr")
+    pausing, go = asyncio.Event(), asyncio.Event()
+
+    async def on_pause(order: PauseOrder) -> None:
+        # Holds the lease's reader here, so that it hears of the resume only after its release.
+        pausing.set()
+        await go.wait()
+
+    try:
+        lease = await worker.acquire(priority=2, vram_mb=20000, on_pause=on_pause)
+        first = lease.fence
+        urgent = asyncio.ensure_future(chat.acquire(priority=0, vram_mb=20000))
+        await asyncio.wait_for(pausing.wait(), 20)
+        # The worker's ACK, sent beside its reader; the chat holds the GPU, then leaves it, and the
+        # coordinator resumes the worker under a new fence.
+        ack = {"request_id": lease.request_id, "fence": first, "action": "paused"}
+        await nc.jetstream().publish(f"{prefix}.ack.asr", json.dumps(ack).encode())
+        granted = await asyncio.wait_for(urgent, 20)
+        await granted.release()
+        await granted._stop()
+
+        async def resumed() -> bool:
+            doc = await coordinator.status()
+            holders = [h for g in doc["gpus"] for h in g["holders"]]  # type: ignore[union-attr]
+            return [(h["request_id"], h["fence"] > first) for h in holders] == [(lease.request_id, True)]
+
+        await until("the worker resumed at the coordinator", resumed)
+        # The worker releases under the fence it knows: stale there.
+        release = asyncio.ensure_future(lease.release())
+        rejected = json.loads((await rejections.next_msg(timeout=20)).data)
+        assert "stale fence" in rejected["detail"], rejected
+        go.set()
+        await asyncio.wait_for(release, 20)
+        assert lease.phase == "released"
+        assert lease.fence > first, "released under the fence the rejection named"
+        assert coordinator.holders(await coordinator.status()) == []
+        await lease._stop()
+    finally:
+        go.set()
+        await nc.close()
+        await chat.close()
+        await worker.close()
+
+
 async def test_a_request_that_cannot_be_granted_in_time_times_out(coordinator_factory: Any) -> None:
     coordinator: Coordinator = await coordinator_factory()
     url, prefix = coordinator.nats_url, coordinator.prefix

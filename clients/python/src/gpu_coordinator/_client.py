@@ -94,6 +94,7 @@ class Lease:
         self._lost_at = self._deadline_from(reply.get("expires_at"), sent=None)
         self._renewed = asyncio.Event()
         self._released = asyncio.Event()
+        self._releasing = False
         self._tasks: List["asyncio.Task[None]"] = []
         for answer in early:
             self._queue.put_nowait(answer)
@@ -143,12 +144,22 @@ class Lease:
         while True:
             kind, doc = await self._queue.get()
             if kind == "reply":
-                self._on_reply(doc)
+                await self._on_reply(doc)
             else:
                 await self._on_control(doc)
 
-    def _on_reply(self, doc: Doc) -> None:
+    async def _on_reply(self, doc: Doc) -> None:
         outcome = doc.get("outcome")
+        current = doc.get("fence")
+        if outcome == "rejected" and self._releasing and isinstance(current, int):
+            # A stale fence's rejection names the current fence. A newer one: the coordinator resumed
+            # the request before it took the release (the two crossed), so release again under it.
+            # This one: the rejection is of an input sent under an older fence.
+            if current > self.fence:
+                self.fence = current
+                await self._publish("release", {"request_id": self.request_id, "fence": self.fence})
+            if current >= self.fence:
+                return
         if outcome == "renewed" and doc.get("fence") in (None, self.fence):
             at = self._deadline_from(doc.get("expires_at"), self._renew_sent)
             self._lost_at = max(self._lost_at, at)
@@ -168,6 +179,8 @@ class Lease:
         action = doc.get("action")
         fence = int(doc.get("fence", 0))
         reason = str(doc.get("reason", ""))
+        if action in ("pause", "resume") and self._releasing:
+            return
         if action == "revoke":
             if fence >= self.fence:
                 self._lose(reason or "revoked")
@@ -242,6 +255,7 @@ class Lease:
         """Ends the lease and waits for the coordinator's `released` (at most 10 s)."""
         if self.lost.is_set() or self.phase == "released":
             return
+        self._releasing = True
         await self._publish("release", {"request_id": self.request_id, "fence": self.fence})
         try:
             await asyncio.wait_for(self._released.wait(), RELEASE_WAIT)
