@@ -26,11 +26,7 @@ async fn main() -> anyhow::Result<()> {
     let (commit_grant, commit_cycle, commit_library) = coordinator(&tag, false).await?;
     let (behind_grant, behind_cycle, behind_library) =
         coordinator(&format!("{tag}b"), true).await?;
-    let config = {
-        let mut config = Config::default();
-        config.database.url = format!("postgres://postgres@127.0.0.1:5432/gpu_{tag}");
-        config
-    };
+    let config = Config::default();
     let client = async_nats::connect(&config.nats.url).await?;
     // Reference 1: a raw NATS request-reply round trip on the same server.
     let mut echo = client.subscribe(format!("{tag}.echo")).await?;
@@ -81,23 +77,26 @@ async fn main() -> anyhow::Result<()> {
     js.delete_stream(format!("{}_REF", tag.to_uppercase()))
         .await?;
 
-    // Reference 3: one Postgres insert commit (autocommit) in the coordinator's database.
-    let db = Database::connect(&config.database.url).await?;
-    db.execute_unprepared(
-        "CREATE TABLE IF NOT EXISTS bench_commit (id bigserial primary key, v text)",
-    )
+    // Reference 3: one Postgres insert commit (autocommit) on the coordinators' Postgres (their
+    // databases are gone with them; a commit costs the same in any database of the cluster).
+    let db = Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
+    let table = format!("bench_commit_{tag}");
+    db.execute_unprepared(&format!(
+        "CREATE TABLE IF NOT EXISTS {table} (id bigserial primary key, v text)"
+    ))
     .await?;
     let mut commit = Vec::with_capacity(CYCLES);
     for i in 0..CYCLES {
         let start = Instant::now();
         db.execute(Statement::from_string(
             db.get_database_backend(),
-            format!("INSERT INTO bench_commit (v) VALUES ('{i}')"),
+            format!("INSERT INTO {table} (v) VALUES ('{i}')"),
         ))
         .await?;
         commit.push(start.elapsed());
     }
-    db.execute_unprepared("DROP TABLE bench_commit").await?;
+    db.execute_unprepared(&format!("DROP TABLE {table}"))
+        .await?;
     // Reference 4: one Redis SET on the coordinator's Redis.
     let redis = redis::Client::open(config.redis.url.as_str())?;
     let mut conn = redis.get_multiplexed_async_connection().await?;

@@ -2,13 +2,14 @@
 //! on the machine's Postgres, Redis and NATS. A holder takes the GPU, QUEUED requests queue behind it;
 //! then the process is killed with SIGKILL and started again, the holder's release is published at
 //! once, and the time from the kill to the first queued request's grant is printed, with the
-//! process's resident memory idle and with the queue.
+//! process's resident memory idle and with the queue. Beside the ingest, the bus's own ceiling: the
+//! messages each queued request stored (its input, its `requested` and `queued` events, the
+//! journal's share written behind) against the messages per second NATS alone stores and delivers.
 //!
 //! Needs Postgres, Redis and NATS on loopback: `cargo bench --bench recovery [-- QUEUED]`.
 
 mod common;
 
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -16,14 +17,16 @@ use gpu_coordinator_wire::{Outcome, Reply, StatusDoc, Subjects};
 
 const SERVICES: usize = 20;
 
-fn serve(tag: &str, queued: usize) -> anyhow::Result<Child> {
-    Ok(common::serve_command(tag)
-        .env("GPU_COORDINATOR_QUEUE__MAX_PER_SERVICE", queued.to_string())
-        .env(
-            "RUST_LOG",
-            std::env::var("GPU_BENCH_SERVE_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .spawn()?)
+fn serve(tag: &str, queued: usize) -> anyhow::Result<common::Serving> {
+    Ok(common::Serving(
+        common::serve_command(tag)
+            .env("GPU_COORDINATOR_QUEUE__MAX_PER_SERVICE", queued.to_string())
+            .env(
+                "RUST_LOG",
+                std::env::var("GPU_BENCH_SERVE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .spawn()?,
+    ))
 }
 
 #[tokio::main]
@@ -54,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
             break reply.fence.expect("a fence");
         }
     };
+    let stored = common::stored_messages(&client, &tag).await?;
     let fill = Instant::now();
     common::fill_queue(&js, &subjects, queued, SERVICES).await?;
     loop {
@@ -63,16 +67,25 @@ async fn main() -> anyhow::Result<()> {
                 break;
             }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let ingest = fill.elapsed().as_secs_f64();
     println!(
-        "{queued} requests queued behind a holder, all handled {:.1} s after the first was published",
-        fill.elapsed().as_secs_f64()
+        "{queued} requests queued behind a holder, all handled {ingest:.2} s after the first was \
+         published: {:.0} requests/s (status asked every 50 ms)",
+        queued as f64 / ingest
     );
     let full = common::rss_mb(child.id());
+    let per_request =
+        (common::stored_messages(&client, &tag).await? - stored) as f64 / queued as f64;
+    let ceiling = common::bus_ceiling(&client, &format!("{tag}c"), queued).await?;
+    println!(
+        "{per_request:.2} messages stored a queued request; the bus alone stores and delivers \
+         {ceiling:.0} messages/s, so it allows {:.0} requests/s",
+        ceiling / per_request
+    );
 
-    let _ = child.kill();
-    let _ = child.wait();
+    child.kill();
     let killed = Instant::now();
     let mut child = serve(&tag, queued)?;
     js.publish(
@@ -97,19 +110,7 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "RSS of `serve`: {idle:.1} MB idle, {full:.1} MB with {queued} queued, {after:.1} MB after the restart"
     );
-    let _ = child.kill();
-    let _ = child.wait();
-    let js_cleanup = async_nats::jetstream::new(client);
-    let _ = js_cleanup.delete_stream(subjects.input_stream()).await;
-    let _ = js_cleanup.delete_stream(subjects.output_stream()).await;
-    if let Ok(db) = sea_orm::Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await
-    {
-        use sea_orm::ConnectionTrait as _;
-        let _ = db
-            .execute_unprepared(&format!(
-                "DROP DATABASE IF EXISTS \"gpu_{tag}\" WITH (FORCE)"
-            ))
-            .await;
-    }
+    child.kill();
+    common::forget(&client, &tag).await;
     Ok(())
 }

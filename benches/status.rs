@@ -93,12 +93,5 @@ async fn main() -> anyhow::Result<()> {
     common::percentiles("GET /metrics", metrics);
 
     bench.stop().await?;
-    let _ = js.delete_stream(subjects.input_stream()).await;
-    let _ = js.delete_stream(subjects.output_stream()).await;
-    let admin = sea_orm::Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
-    use sea_orm::ConnectionTrait as _;
-    let _ = admin
-        .execute_unprepared(&format!("DROP DATABASE IF EXISTS gpu_{tag} WITH (FORCE)"))
-        .await;
     Ok(())
 }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -14,35 +14,14 @@ use gpu_coordinator_wire::{Reply, StatusDoc};
 
 const ROUNDS: usize = 10;
 
-/// A coordinator process, killed and waited for on drop.
-struct Serving(Child);
-
-impl Serving {
-    /// SIGKILL, and wait for the process to go.
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-
-    fn id(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// A coordinator process of the bench's prefix.
-fn serve(tag: &str) -> Serving {
+fn serve(tag: &str) -> common::Serving {
     let child = common::serve_command(tag)
         .env("RUST_LOG", "error")
         .stderr(Stdio::null())
         .spawn()
         .expect("start gpu-coordinator serve");
-    Serving(child)
+    common::Serving(child)
 }
 
 #[tokio::main]

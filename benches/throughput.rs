@@ -1,6 +1,9 @@
 //! Throughput: 64 services on 4 GPUs, each looping request -> grant -> release through the client
 //! library (whole-GPU requests, so four hold at a time), for SECONDS; printed in cycles per second
-//! beside the same loop on `pg_advisory_lock` (64 sessions, one lock per GPU) in the same run.
+//! beside the same loop on `pg_advisory_lock` (64 sessions, one lock per GPU) in the same run, and
+//! beside the bus's own ceiling: the messages a cycle stores (its request, release, replies and
+//! events, and the journal's share written behind) against the messages per second that NATS alone
+//! stores and delivers on this machine.
 //!
 //! Needs Postgres, Redis and NATS on loopback: `cargo bench --bench throughput [-- SECONDS]`.
 
@@ -55,23 +58,30 @@ async fn main() -> anyhow::Result<()> {
         t.await??;
     }
     let reference = advisory.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    let bus = async_nats::connect("nats://127.0.0.1:4222").await?;
+    let ceiling =
+        common::bus_ceiling(&bus, &format!("bencht{}c", std::process::id()), 100_000).await?;
     println!(
         "{SERVICES} services, {GPUS} GPUs, {seconds} s each, {} cores:",
         std::thread::available_parallelism()?
     );
-    for (write_behind, cycles) in coordinator {
+    for (write_behind, (cycles, messages)) in coordinator {
         println!(
-            "  coordinator, {:<24} {cycles:>9.0} cycles/s (ratio to pg_advisory_lock {:.2})",
+            "  coordinator, {:<24} {cycles:>9.0} cycles/s (ratio to pg_advisory_lock {:.2}); \
+             {messages:.1} messages stored a cycle, so the bus alone allows {:.0} cycles/s",
             common::journal_mode(write_behind),
-            cycles / reference
+            cycles / reference,
+            ceiling / messages
         );
     }
     println!("  pg_advisory_lock {:>33.0} cycles/s", reference);
+    println!("  the bus alone {ceiling:>36.0} messages/s stored and delivered");
     Ok(())
 }
 
-/// The coordinator's cycles per second over `run`, its journal as `write_behind` says.
-async fn coordinator_cycles(run: Duration, write_behind: bool) -> anyhow::Result<f64> {
+/// The coordinator's cycles per second over `run`, its journal as `write_behind` says, and the
+/// messages it stored a cycle.
+async fn coordinator_cycles(run: Duration, write_behind: bool) -> anyhow::Result<(f64, f64)> {
     let tag = format!("bencht{}{}", std::process::id(), u8::from(write_behind));
     let bench = common::Bench::start_with(&tag, 10_000, GPUS, write_behind).await?;
     let mut clients = Vec::new();
@@ -79,6 +89,7 @@ async fn coordinator_cycles(run: Duration, write_behind: bool) -> anyhow::Result
         clients.push(Client::connect(&bench.config.nats.url, &tag, &format!("svc{s}")).await?);
     }
     let cycles = Arc::new(AtomicU64::new(0));
+    let stored = common::stored_messages(&bench.client, &tag).await?;
     let start = Instant::now();
     let tasks: Vec<_> = clients
         .into_iter()
@@ -99,14 +110,9 @@ async fn coordinator_cycles(run: Duration, write_behind: bool) -> anyhow::Result
     for t in tasks {
         t.await??;
     }
-    let coordinator = cycles.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    let done = cycles.load(Ordering::Relaxed);
+    let coordinator = done as f64 / start.elapsed().as_secs_f64();
+    let stored = common::stored_messages(&bench.client, &tag).await? - stored;
     bench.stop().await?;
-    if let Ok(db) = Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await {
-        let _ = db
-            .execute_unprepared(&format!(
-                "DROP DATABASE IF EXISTS \"gpu_{tag}\" WITH (FORCE)"
-            ))
-            .await;
-    }
-    Ok(coordinator)
+    Ok((coordinator, stored as f64 / done.max(1) as f64))
 }

@@ -74,10 +74,37 @@ impl Bench {
         })
     }
 
-    /// Stops the coordinator and answers how it ended.
+    /// Stops the coordinator, [`forget`]s what it left and answers how it ended.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
-        self.task.await?
+        let ended = self.task.await?;
+        forget(&self.client, &self.config.nats.prefix).await;
+        ended
+    }
+}
+
+/// Deletes what a stopped coordinator under the bench's `tag` left, where it exists: its input, output
+/// and journal streams and its database `gpu_<tag>`.
+pub async fn forget(client: &async_nats::Client, tag: &str) {
+    use sea_orm::ConnectionTrait as _;
+    if let Ok(subjects) = gpu_coordinator_wire::Subjects::new(tag) {
+        let js = async_nats::jetstream::new(client.clone());
+        for name in [
+            subjects.input_stream(),
+            subjects.output_stream(),
+            subjects.journal_stream(),
+        ] {
+            let _ = js.delete_stream(&name).await;
+        }
+    }
+    if let Ok(db) = sea_orm::Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await
+    {
+        let _ = db
+            .execute_unprepared(&format!(
+                "DROP DATABASE IF EXISTS \"gpu_{tag}\" WITH (FORCE)"
+            ))
+            .await;
+        let _ = db.close().await;
     }
 }
 
@@ -106,29 +133,42 @@ pub fn percentiles(name: &str, mut samples: Vec<Duration>) -> Duration {
 }
 
 /// Publishes `queued` requests (`q0`, `q1`, ...; priorities 1 to 3, services `svc0`..) into the input
-/// stream, in windows of 1,000 awaited PubAcks; an input whose PubAck does not come is published again
-/// under the same message id (stored once).
+/// stream, as [`publish_all`] does.
 pub async fn fill_queue(
     js: &async_nats::jetstream::Context,
     subjects: &gpu_coordinator_wire::Subjects,
     queued: usize,
     services: usize,
 ) -> anyhow::Result<()> {
-    let publish = |i: usize| {
-        let js = js.clone();
-        let subject = subjects.request(&format!("svc{}", i % services));
-        async move {
-            let body = format!(
+    publish_all(js, queued, |i| {
+        (
+            subjects.request(&format!("svc{}", i % services)),
+            format!(
                 r#"{{"request_id":"q{i}","priority":{},"timeout_ms":3600000}}"#,
                 1 + i % 3
-            );
-            let publish = async_nats::jetstream::message::PublishMessage::build()
-                .payload(body.into())
-                .message_id(format!("q{i}"));
-            js.send_publish(subject, publish).await
-        }
+            ),
+            format!("q{i}"),
+        )
+    })
+    .await
+}
+
+/// Publishes `count` messages, `message(i)` answering the subject, body and message id of the i-th, in
+/// windows of 1,000 awaited PubAcks; a message whose PubAck does not come is published again under
+/// the same message id (stored once).
+pub async fn publish_all(
+    js: &async_nats::jetstream::Context,
+    count: usize,
+    message: impl Fn(usize) -> (String, String, String),
+) -> anyhow::Result<()> {
+    let publish = |i: usize| {
+        let (subject, body, id) = message(i);
+        let publish = async_nats::jetstream::message::PublishMessage::build()
+            .payload(body.into())
+            .message_id(id);
+        js.send_publish(subject, publish)
     };
-    for window in (0..queued).collect::<Vec<_>>().chunks(1_000) {
+    for window in (0..count).collect::<Vec<_>>().chunks(1_000) {
         let mut acks = Vec::with_capacity(window.len());
         for &i in window {
             acks.push((i, publish(i).await?));
@@ -143,10 +183,96 @@ pub async fn fill_queue(
                     Err(e) => Err(e.into()),
                 };
             }
-            result.map_err(|e| anyhow::anyhow!("publishing q{i}: {e}"))?;
+            result.map_err(|e| anyhow::anyhow!("publishing message {i}: {e}"))?;
         }
     }
     Ok(())
+}
+
+/// The bus's own ceiling on this machine: `count` messages of about a request's size published into a
+/// stream of their own (file storage, as the coordinator's) as [`publish_all`] does, while a pull
+/// consumer reads them; answers the messages stored and delivered per second. Every input and output
+/// of the coordinator takes this path at least once, so a figure that needs M messages can go no
+/// faster than this divided by M.
+pub async fn bus_ceiling(
+    client: &async_nats::Client,
+    tag: &str,
+    count: usize,
+) -> anyhow::Result<f64> {
+    use async_nats::jetstream::{consumer, stream};
+    let js = async_nats::jetstream::new(client.clone());
+    let name = format!("{}_CEILING", tag.to_uppercase());
+    let subject = format!("{tag}.ceiling");
+    let stream = js
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            ..Default::default()
+        })
+        .await?;
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            ack_policy: consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let start = std::time::Instant::now();
+    let reader = tokio::spawn(async move {
+        let mut read = 0;
+        while read < count {
+            next_message(&mut messages).await?;
+            read += 1;
+        }
+        anyhow::Ok(())
+    });
+    publish_all(&js, count, |i| {
+        (
+            subject.clone(),
+            format!(r#"{{"request_id":"c{i}","priority":1,"timeout_ms":3600000}}"#),
+            format!("c{i}"),
+        )
+    })
+    .await?;
+    reader.await??;
+    let rate = count as f64 / start.elapsed().as_secs_f64();
+    js.delete_stream(&name).await?;
+    Ok(rate)
+}
+
+/// The next message of a pull consumer's stream; a missed idle heartbeat (the server slow to send one
+/// while the machine is loaded) is only a warning there, and the stream goes on.
+pub async fn next_message(
+    messages: &mut async_nats::jetstream::consumer::pull::Stream,
+) -> anyhow::Result<async_nats::jetstream::Message> {
+    use async_nats::jetstream::consumer::pull::MessagesErrorKind;
+    use futures::StreamExt;
+    loop {
+        match messages.next().await {
+            Some(Ok(message)) => return Ok(message),
+            Some(Err(e)) if e.kind() == MessagesErrorKind::MissingHeartbeat => continue,
+            Some(Err(e)) => return Err(e.into()),
+            None => anyhow::bail!("the consumer ended"),
+        }
+    }
+}
+
+/// The messages the coordinator under `tag` has stored so far: its input, output and journal
+/// streams' last sequence numbers added up (a purge of the journal keeps its numbering).
+pub async fn stored_messages(client: &async_nats::Client, tag: &str) -> anyhow::Result<u64> {
+    let subjects = gpu_coordinator_wire::Subjects::new(tag).map_err(anyhow::Error::msg)?;
+    let js = async_nats::jetstream::new(client.clone());
+    let mut total = 0;
+    for name in [
+        subjects.input_stream(),
+        subjects.output_stream(),
+        subjects.journal_stream(),
+    ] {
+        if let Ok(mut stream) = js.get_stream(&name).await {
+            total += stream.info().await?.state.last_sequence;
+        }
+    }
+    Ok(total)
 }
 
 /// The resident set of process `pid`, in MB (NaN where `/proc` does not say).
@@ -184,6 +310,27 @@ pub fn number_arg<T: std::str::FromStr>(default: T) -> T {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(default)
+}
+
+/// A coordinator process, killed and waited for on drop (a bench that fails leaves none running).
+pub struct Serving(pub std::process::Child);
+
+impl Serving {
+    /// SIGKILL, and wait for the process to go.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 /// `gpu-coordinator serve` on the machine's servers under the bench's `tag` (subject prefix, key
