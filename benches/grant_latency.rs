@@ -27,56 +27,11 @@ async fn main() -> anyhow::Result<()> {
     let (behind_grant, behind_cycle, behind_library) =
         coordinator(&format!("{tag}b"), true).await?;
     let config = Config::default();
-    let client = async_nats::connect(&config.nats.url).await?;
     // Reference 1: a raw NATS request-reply round trip on the same server.
-    let mut echo = client.subscribe(format!("{tag}.echo")).await?;
-    let responder = client.clone();
-    tokio::spawn(async move {
-        while let Some(msg) = echo.next().await {
-            if let Some(reply) = msg.reply {
-                let _ = responder.publish(reply, msg.payload).await;
-            }
-        }
-    });
-    let mut raw = Vec::with_capacity(CYCLES);
-    for _ in 0..CYCLES {
-        let start = Instant::now();
-        client.request(format!("{tag}.echo"), "x".into()).await?;
-        raw.push(start.elapsed());
-    }
-
-    // Reference 2: a plain publish into a JetStream stream, delivered through a durable pull consumer
-    // (the path every input takes before the coordinator sees it).
-    let js = async_nats::jetstream::new(client.clone());
-    let ref_stream = js
-        .create_stream(async_nats::jetstream::stream::Config {
-            name: format!("{}_REF", tag.to_uppercase()),
-            subjects: vec![format!("{tag}.ref")],
-            ..Default::default()
-        })
-        .await?;
-    let consumer: async_nats::jetstream::consumer::PullConsumer = ref_stream
-        .create_consumer(async_nats::jetstream::consumer::pull::Config {
-            durable_name: Some("ref".into()),
-            ..Default::default()
-        })
-        .await?;
-    let mut delivered = consumer.messages().await?;
-    let mut inbound = Vec::with_capacity(CYCLES);
-    for _ in 0..CYCLES {
-        let start = Instant::now();
-        client.publish(format!("{tag}.ref"), "x".into()).await?;
-        let msg = delivered
-            .next()
-            .await
-            .expect("delivery")
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        inbound.push(start.elapsed());
-        msg.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
-    js.delete_stream(format!("{}_REF", tag.to_uppercase()))
-        .await?;
-
+    let raw = common::round_trips(&tag, CYCLES).await?;
+    // Reference 2: a plain publish into a JetStream stream, delivered through a pull consumer (the
+    // path every input takes before the coordinator sees it).
+    let inbound = common::deliveries(&tag, CYCLES, || Duration::ZERO).await?;
     // Reference 3: one Postgres insert commit (autocommit) on the coordinators' Postgres (their
     // databases are gone with them; a commit costs the same in any database of the cluster).
     let db = Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
@@ -114,24 +69,7 @@ async fn main() -> anyhow::Result<()> {
     let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
     // Reference 5: a JetStream publish with its PubAck awaited (what the write-behind journal waits
     // for instead of the commit).
-    let ack_stream = js
-        .create_stream(async_nats::jetstream::stream::Config {
-            name: format!("{}_ACK", tag.to_uppercase()),
-            subjects: vec![format!("{tag}.ack")],
-            ..Default::default()
-        })
-        .await?;
-    let mut stored = Vec::with_capacity(CYCLES);
-    for _ in 0..CYCLES {
-        let start = Instant::now();
-        js.publish(format!("{tag}.ack"), "x".repeat(300).into())
-            .await?
-            .await?;
-        stored.push(start.elapsed());
-    }
-    drop(ack_stream);
-    js.delete_stream(format!("{}_ACK", tag.to_uppercase()))
-        .await?;
+    let stored = common::pubacks(&tag, CYCLES).await?;
     println!("grant latency, {CYCLES} cycles on one GPU (figures from this run):");
     println!("- the journal committed to Postgres (default):");
     let granted = common::percentiles("request -> granted reply", commit_grant);

@@ -7,7 +7,10 @@
 //!   returning on the other, which was blocked in it;
 //! - Redis `SET NX PX`, the waiter polling every 1 ms and every 10 ms: from the holder's `DEL` to the
 //!   waiter's successful `SET`;
-//! - `flock(2)` on a file: from the holder's unlock to the blocked waiter's return.
+//! - `flock(2)` on a file: from the holder's unlock to the blocked waiter's return;
+//! - the floor of the coordinator's handoff written behind, from its servers measured in the same run:
+//!   a JetStream delivery (the release in), a PubAck (the journal), half a NATS round trip (the grant
+//!   out to the waiter's subscription).
 //!
 //! Needs Postgres, Redis and NATS on loopback: `cargo bench --bench handoff [-- queued]`.
 
@@ -30,6 +33,10 @@ async fn main() -> anyhow::Result<()> {
     let redis_1 = redis_poll_handoff(Duration::from_millis(1)).await?;
     let redis_10 = redis_poll_handoff(Duration::from_millis(10)).await?;
     let flock = flock_handoff()?;
+    let tag = format!("hand{}f", std::process::id());
+    let inbound = common::deliveries(&tag, CYCLES, || Duration::ZERO).await?;
+    let pubacks = common::pubacks(&tag, CYCLES).await?;
+    let round_trips = common::round_trips(&tag, CYCLES).await?;
     println!("\nhandoff p50, this run:");
     let c = common::percentiles(&format!("coordinator ({queued} more queued)"), coordinator);
     let b = common::percentiles(
@@ -44,6 +51,19 @@ async fn main() -> anyhow::Result<()> {
         "coordinator / pg_advisory_lock: {:.2}; written behind / pg_advisory_lock: {:.2}",
         c.as_secs_f64() / a.as_secs_f64(),
         b.as_secs_f64() / a.as_secs_f64()
+    );
+    // The floor of a handoff written behind, as the sum of its servers' p50s: the release stored and
+    // delivered to the coordinator, the journal's PubAck, the grant carried one way to the waiter.
+    let inbound = common::percentiles("reference: JetStream publish -> pull delivery", inbound);
+    let puback = common::percentiles("reference: JetStream publish, PubAck awaited", pubacks);
+    let round_trip = common::percentiles("reference: NATS request-reply", round_trips);
+    let floor = inbound + puback + round_trip / 2;
+    println!(
+        "floor written behind (a JetStream delivery + a PubAck + half a NATS round trip): {:.3} ms; \
+         written behind / floor: {:.2}; floor / pg_advisory_lock: {:.2}",
+        floor.as_secs_f64() * 1e3,
+        b.as_secs_f64() / floor.as_secs_f64(),
+        floor.as_secs_f64() / a.as_secs_f64()
     );
     Ok(())
 }

@@ -75,7 +75,16 @@ async fn main() -> anyhow::Result<()> {
     common::percentiles("reference: the chat's grant on a free GPU", free);
     let delivery = common::percentiles(
         "reference: a JetStream publish -> its delivery, after the same pauses",
-        idle_deliveries().await?,
+        {
+            // After pauses like the chat's between its requests (the path of the paused worker's
+            // ACK into the coordinator, and of the grant out to the chat).
+            let mut rng = StdRng::seed_from_u64(7);
+            let tag = format!("benchp{}d", std::process::id());
+            common::deliveries(&tag, CHAT_SAMPLES, || {
+                Duration::from_millis(rng.random_range(60..160))
+            })
+            .await?
+        },
     );
     println!(
         "  the overhead carries two such deliveries (the ACK in, the grant out) and a durable write \
@@ -156,43 +165,6 @@ async fn coordinator_under_load(k: usize) -> anyhow::Result<(Vec<Duration>, Vec<
     }
     bench.stop().await?;
     Ok((waits, overheads))
-}
-
-/// A message published into a stream of its own and delivered through a pull consumer (the path of
-/// the paused worker's ACK into the coordinator, and of the grant out to the chat), after pauses like
-/// the chat's between its requests: from the publish to the delivery.
-async fn idle_deliveries() -> anyhow::Result<Vec<Duration>> {
-    use async_nats::jetstream::{consumer, stream};
-    let tag = format!("benchp{}d", std::process::id());
-    let client = async_nats::connect("nats://127.0.0.1:4222").await?;
-    let js = async_nats::jetstream::new(client);
-    let name = tag.to_uppercase();
-    let stream = js
-        .create_stream(stream::Config {
-            name: name.clone(),
-            subjects: vec![tag.clone()],
-            ..Default::default()
-        })
-        .await?;
-    let consumer = stream
-        .create_consumer(consumer::pull::Config {
-            ack_policy: consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = consumer.messages().await?;
-    let mut rng = StdRng::seed_from_u64(7);
-    let mut samples = Vec::with_capacity(CHAT_SAMPLES);
-    for _ in 0..CHAT_SAMPLES {
-        tokio::time::sleep(Duration::from_millis(rng.random_range(60..160))).await;
-        let start = Instant::now();
-        let _stored = js.publish(tag.clone(), "x".into()).await?;
-        common::next_message(&mut messages).await?;
-        samples.push(start.elapsed());
-    }
-    drop(messages);
-    js.delete_stream(&name).await?;
-    Ok(samples)
 }
 
 /// Chat's waits behind `k` workers that take `pg_advisory_lock` one chunk at a time.

@@ -240,6 +240,98 @@ pub async fn bus_ceiling(
     Ok(rate)
 }
 
+/// `samples` NATS request-reply round trips through an echo responder on the machine's server.
+pub async fn round_trips(tag: &str, samples: usize) -> anyhow::Result<Vec<std::time::Duration>> {
+    use futures::StreamExt;
+    let client = async_nats::connect("nats://127.0.0.1:4222").await?;
+    let subject = format!("{tag}.echo");
+    let mut echo = client.subscribe(subject.clone()).await?;
+    let responder = client.clone();
+    let echoing = tokio::spawn(async move {
+        while let Some(msg) = echo.next().await {
+            if let Some(reply) = msg.reply {
+                let _ = responder.publish(reply, msg.payload).await;
+            }
+        }
+    });
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let start = std::time::Instant::now();
+        client.request(subject.clone(), "x".into()).await?;
+        times.push(start.elapsed());
+    }
+    echoing.abort();
+    Ok(times)
+}
+
+/// `samples` plain publishes into a stream of their own, each timed until a pull consumer delivers it
+/// (the path of every input into the coordinator, and of every answer out to the client library),
+/// after `pause()` each.
+pub async fn deliveries(
+    tag: &str,
+    samples: usize,
+    mut pause: impl FnMut() -> std::time::Duration,
+) -> anyhow::Result<Vec<std::time::Duration>> {
+    use async_nats::jetstream::{consumer, stream};
+    let client = async_nats::connect("nats://127.0.0.1:4222").await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let name = format!("{}_DELIVERY", tag.to_uppercase());
+    let subject = format!("{tag}.delivery");
+    let stream = js
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            ..Default::default()
+        })
+        .await?;
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            ack_policy: consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let wait = pause();
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let start = std::time::Instant::now();
+        client.publish(subject.clone(), "x".into()).await?;
+        next_message(&mut messages).await?;
+        times.push(start.elapsed());
+    }
+    drop(messages);
+    js.delete_stream(&name).await?;
+    Ok(times)
+}
+
+/// `samples` publishes of a journal-sized message (300 bytes) into a stream of their own, each timed
+/// until its PubAck: what the write-behind journal waits for in place of a Postgres commit.
+pub async fn pubacks(tag: &str, samples: usize) -> anyhow::Result<Vec<std::time::Duration>> {
+    let client = async_nats::connect("nats://127.0.0.1:4222").await?;
+    let js = async_nats::jetstream::new(client);
+    let name = format!("{}_PUBACK", tag.to_uppercase());
+    let subject = format!("{tag}.puback");
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: name.clone(),
+        subjects: vec![subject.clone()],
+        ..Default::default()
+    })
+    .await?;
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let start = std::time::Instant::now();
+        js.publish(subject.clone(), "x".repeat(300).into())
+            .await?
+            .await?;
+        times.push(start.elapsed());
+    }
+    js.delete_stream(&name).await?;
+    Ok(times)
+}
+
 /// The next message of a pull consumer's stream; a missed idle heartbeat (the server slow to send one
 /// while the machine is loaded) is only a warning there, and the stream goes on.
 pub async fn next_message(
