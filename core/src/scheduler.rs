@@ -925,9 +925,7 @@ impl Scheduler {
                 }
             }
         };
-        let mut reply = ReplyOut::new(request_id, Outcome::Rejected);
-        reply.fence = current.map(|f| f.0);
-        self.reject_with(service, encoding, reply, error, now);
+        self.reject_with_fence(service, encoding, Some(request_id), current, error, now);
         None
     }
 
@@ -1624,23 +1622,24 @@ impl Scheduler {
         error: String,
         now: Millis,
     ) {
-        let reply = ReplyOut::new(request_id.unwrap_or_default(), Outcome::Rejected);
-        self.reject_with(service, encoding, reply, error, now);
+        self.reject_with_fence(service, encoding, request_id, None, error, now);
     }
 
-    /// [`Scheduler::reject`] with the `rejected` reply given (its `error` set here).
-    fn reject_with(
+    /// [`Scheduler::reject`], the reply naming `fence` (the current one, for a stale fence).
+    fn reject_with_fence(
         &mut self,
         service: &str,
         encoding: Encoding,
-        mut reply: ReplyOut,
+        request_id: Option<&str>,
+        fence: Option<Fence>,
         error: String,
         now: Millis,
     ) {
-        let request_id = (!reply.request_id.is_empty()).then(|| reply.request_id.clone());
+        let mut reply = ReplyOut::new(request_id.unwrap_or_default(), Outcome::Rejected);
+        reply.fence = fence.map(|f| f.0);
         reply.error = Some(error.clone());
         self.reply(service, encoding, reply);
-        self.rejected_event(service, encoding, request_id.as_deref(), error, now);
+        self.rejected_event(service, encoding, request_id, error, now);
     }
 
     fn rejected_event(
