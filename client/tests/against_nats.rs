@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
-use gpu_coordinator_client::{Client, ClientError, LeaseEvent, LeasePhase, RequestOptions, Worker};
+use gpu_coordinator_client::{
+    Client, ClientError, Lease, LeaseEvent, LeasePhase, RequestOptions, Worker,
+};
 use gpu_coordinator_test_support::{NatsServer, Proxy};
 use gpu_coordinator_wire::{Control, ControlAction, Outcome, Reply, Subjects};
 use serde_json::Value;
@@ -207,6 +209,16 @@ async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> 
         .unwrap_or_else(|_| panic!("{what} did not happen in time"))
 }
 
+/// `client.request(options)` in a task of its own, so that the test can answer as the coordinator
+/// while it waits.
+fn ask(
+    client: &Client,
+    options: RequestOptions,
+) -> tokio::task::JoinHandle<Result<Lease, ClientError>> {
+    let client = client.clone();
+    tokio::spawn(async move { client.request(options).await })
+}
+
 // ----- the tests -----------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -215,14 +227,7 @@ async fn grant_renew_release() {
     let mut fake = Fake::start(&server.url(), "gpu").await;
     let client = Client::connect(&server.url(), "gpu", SVC).await.unwrap();
 
-    let request = tokio::spawn({
-        let client = client.clone();
-        async move {
-            client
-                .request(RequestOptions::new(0).vram_mb(1_000).lease_ms(300))
-                .await
-        }
-    });
+    let request = ask(&client, RequestOptions::new(0).vram_mb(1_000).lease_ms(300));
     let seen = fake.next("request").await;
     let request_id = seen.request_id();
     assert_eq!(seen.body["priority"], 0);
@@ -270,14 +275,7 @@ async fn a_release_that_crossed_a_resume_ends_the_resumed_lease() {
     let server = NatsServer::start();
     let mut fake = Fake::start(&server.url(), "gpu").await;
     let client = Client::connect(&server.url(), "gpu", SVC).await.unwrap();
-    let request = tokio::spawn({
-        let client = client.clone();
-        async move {
-            client
-                .request(RequestOptions::new(2).lease_ms(60_000))
-                .await
-        }
-    });
+    let request = ask(&client, RequestOptions::new(2).lease_ms(60_000));
     let request_id = fake.next("request").await.request_id();
     fake.grant(&request_id, 5, 60_000).await;
     let lease = within("the grant", request).await.unwrap().unwrap();
@@ -306,10 +304,7 @@ async fn rejections_and_timeouts_are_errors() {
     let mut fake = Fake::start(&server.url(), "gpu").await;
     let client = Client::connect(&server.url(), "gpu", SVC).await.unwrap();
 
-    let request = tokio::spawn({
-        let client = client.clone();
-        async move { client.request(RequestOptions::new(0).gpu("gpu9")).await }
-    });
+    let request = ask(&client, RequestOptions::new(0).gpu("gpu9"));
     let seen = fake.next("request").await;
     let mut rejected = Reply::new(seen.request_id(), Outcome::Rejected);
     rejected.error = Some("field `gpu`: no GPU `gpu9` is managed here".into());
@@ -320,10 +315,7 @@ async fn rejections_and_timeouts_are_errors() {
         "{error}"
     );
 
-    let request = tokio::spawn({
-        let client = client.clone();
-        async move { client.request(RequestOptions::new(2).timeout_ms(100)).await }
-    });
+    let request = ask(&client, RequestOptions::new(2).timeout_ms(100));
     let seen = fake.next("request").await;
     fake.reply(Reply::new(seen.request_id(), Outcome::TimedOut))
         .await;
@@ -348,10 +340,7 @@ async fn dropping_a_request_or_a_lease_releases_it() {
     let client = Client::connect(&server.url(), "gpu", SVC).await.unwrap();
 
     // A request nobody waits for any more is withdrawn, whatever state it is in.
-    let abandoned = tokio::spawn({
-        let client = client.clone();
-        async move { client.request(RequestOptions::new(2)).await }
-    });
+    let abandoned = ask(&client, RequestOptions::new(2));
     let seen = fake.next("request").await;
     abandoned.abort();
     let release = fake.next("release").await;
@@ -359,14 +348,7 @@ async fn dropping_a_request_or_a_lease_releases_it() {
     assert_eq!(release.body.get("fence"), None);
 
     // A dropped lease releases itself with its fence.
-    let request = tokio::spawn({
-        let client = client.clone();
-        async move {
-            client
-                .request(RequestOptions::new(0).lease_ms(60_000))
-                .await
-        }
-    });
+    let request = ask(&client, RequestOptions::new(0).lease_ms(60_000));
     let seen = fake.next("request").await;
     fake.grant(&seen.request_id(), 11, 60_000).await;
     let lease = within("the grant", request).await.unwrap().unwrap();
@@ -473,10 +455,7 @@ async fn a_grant_and_an_order_published_across_a_nats_restart_arrive() {
     let mut fake = Fake::start(&server.url(), "gpu").await;
     let client = Client::connect(&server.url(), "gpu", SVC).await.unwrap();
 
-    let request = tokio::spawn({
-        let client = client.clone();
-        async move { client.request(RequestOptions::new(1).lease_ms(600)).await }
-    });
+    let request = ask(&client, RequestOptions::new(1).lease_ms(600));
     let seen = fake.next("request").await;
     let request_id = seen.request_id();
 
@@ -522,10 +501,7 @@ async fn a_grant_and_an_order_published_while_the_client_is_cut_off_arrive() {
         }
     };
 
-    let request = tokio::spawn({
-        let client = client.clone();
-        async move { client.request(RequestOptions::new(1).lease_ms(600)).await }
-    });
+    let request = ask(&client, RequestOptions::new(1).lease_ms(600));
     let seen = fake.next("request").await;
     let request_id = seen.request_id();
 
