@@ -189,6 +189,57 @@ pub async fn publish_all(
     Ok(())
 }
 
+/// A stream of a reference measurement's own (file storage, as the coordinator's): `<TAG>_<WHAT>` on
+/// subject `<tag>.<what>`.
+pub struct Scratch {
+    js: async_nats::jetstream::Context,
+    stream: async_nats::jetstream::stream::Stream,
+    pub subject: String,
+}
+
+impl Scratch {
+    pub async fn create(
+        js: &async_nats::jetstream::Context,
+        tag: &str,
+        what: &str,
+    ) -> anyhow::Result<Scratch> {
+        let subject = format!("{tag}.{what}");
+        let stream = js
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: format!("{}_{}", tag.to_uppercase(), what.to_uppercase()),
+                subjects: vec![subject.clone()],
+                ..Default::default()
+            })
+            .await?;
+        Ok(Scratch {
+            js: js.clone(),
+            stream,
+            subject,
+        })
+    }
+
+    /// Its messages, through a pull consumer that acknowledges none (as the client library reads
+    /// its answers).
+    pub async fn read(&self) -> anyhow::Result<async_nats::jetstream::consumer::pull::Stream> {
+        use async_nats::jetstream::consumer;
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::Config {
+                ack_policy: consumer::AckPolicy::None,
+                ..Default::default()
+            })
+            .await?;
+        Ok(consumer.messages().await?)
+    }
+
+    pub async fn delete(self) -> anyhow::Result<()> {
+        self.js
+            .delete_stream(&self.stream.cached_info().config.name)
+            .await?;
+        Ok(())
+    }
+}
+
 /// The bus's own ceiling on this machine: `count` messages of about a request's size published into a
 /// stream of their own (file storage, as the coordinator's) as [`publish_all`] does, while a pull
 /// consumer reads them; answers the messages stored and delivered per second. Every input and output
@@ -199,36 +250,19 @@ pub async fn bus_ceiling(
     tag: &str,
     count: usize,
 ) -> anyhow::Result<f64> {
-    use async_nats::jetstream::{consumer, stream};
     let js = async_nats::jetstream::new(client.clone());
-    let name = format!("{}_CEILING", tag.to_uppercase());
-    let subject = format!("{tag}.ceiling");
-    let stream = js
-        .create_stream(stream::Config {
-            name: name.clone(),
-            subjects: vec![subject.clone()],
-            ..Default::default()
-        })
-        .await?;
-    let consumer = stream
-        .create_consumer(consumer::pull::Config {
-            ack_policy: consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = consumer.messages().await?;
+    let scratch = Scratch::create(&js, tag, "ceiling").await?;
+    let mut messages = scratch.read().await?;
     let start = std::time::Instant::now();
     let reader = tokio::spawn(async move {
-        let mut read = 0;
-        while read < count {
+        for _ in 0..count {
             next_message(&mut messages).await?;
-            read += 1;
         }
         anyhow::Ok(())
     });
     publish_all(&js, count, |i| {
         (
-            subject.clone(),
+            scratch.subject.clone(),
             format!(r#"{{"request_id":"c{i}","priority":1,"timeout_ms":3600000}}"#),
             format!("c{i}"),
         )
@@ -236,7 +270,7 @@ pub async fn bus_ceiling(
     .await?;
     reader.await??;
     let rate = count as f64 / start.elapsed().as_secs_f64();
-    js.delete_stream(&name).await?;
+    scratch.delete().await?;
     Ok(rate)
 }
 
@@ -272,25 +306,10 @@ pub async fn deliveries(
     samples: usize,
     mut pause: impl FnMut() -> std::time::Duration,
 ) -> anyhow::Result<Vec<std::time::Duration>> {
-    use async_nats::jetstream::{consumer, stream};
     let client = async_nats::connect("nats://127.0.0.1:4222").await?;
     let js = async_nats::jetstream::new(client.clone());
-    let name = format!("{}_DELIVERY", tag.to_uppercase());
-    let subject = format!("{tag}.delivery");
-    let stream = js
-        .create_stream(stream::Config {
-            name: name.clone(),
-            subjects: vec![subject.clone()],
-            ..Default::default()
-        })
-        .await?;
-    let consumer = stream
-        .create_consumer(consumer::pull::Config {
-            ack_policy: consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = consumer.messages().await?;
+    let scratch = Scratch::create(&js, tag, "delivery").await?;
+    let mut messages = scratch.read().await?;
     let mut times = Vec::with_capacity(samples);
     for _ in 0..samples {
         let wait = pause();
@@ -298,12 +317,12 @@ pub async fn deliveries(
             tokio::time::sleep(wait).await;
         }
         let start = std::time::Instant::now();
-        client.publish(subject.clone(), "x".into()).await?;
+        client.publish(scratch.subject.clone(), "x".into()).await?;
         next_message(&mut messages).await?;
         times.push(start.elapsed());
     }
     drop(messages);
-    js.delete_stream(&name).await?;
+    scratch.delete().await?;
     Ok(times)
 }
 
@@ -312,23 +331,16 @@ pub async fn deliveries(
 pub async fn pubacks(tag: &str, samples: usize) -> anyhow::Result<Vec<std::time::Duration>> {
     let client = async_nats::connect("nats://127.0.0.1:4222").await?;
     let js = async_nats::jetstream::new(client);
-    let name = format!("{}_PUBACK", tag.to_uppercase());
-    let subject = format!("{tag}.puback");
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: name.clone(),
-        subjects: vec![subject.clone()],
-        ..Default::default()
-    })
-    .await?;
+    let scratch = Scratch::create(&js, tag, "puback").await?;
     let mut times = Vec::with_capacity(samples);
     for _ in 0..samples {
         let start = std::time::Instant::now();
-        js.publish(subject.clone(), "x".repeat(300).into())
+        js.publish(scratch.subject.clone(), "x".repeat(300).into())
             .await?
             .await?;
         times.push(start.elapsed());
     }
-    js.delete_stream(&name).await?;
+    scratch.delete().await?;
     Ok(times)
 }
 
