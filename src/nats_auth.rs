@@ -3,18 +3,24 @@
 //!
 //! What each user may do (`<p>` the subject prefix, `<P>` the stream base, e.g. `gpu` and `GPU`):
 //!
-//! - a **service** `<svc>` publishes only its own inputs (`<p>.request|release|renew|ack|cancel.<svc>`)
-//!   and `<p>.status`; it reads its own replies and control orders, through core subscriptions to
-//!   `<p>.reply.<svc>` and `<p>.control.<svc>` or through consumers on `<P>_OUTPUT` that it may only
-//!   create filtered to those two subjects; it receives answers on its own inboxes (`_INBOX_<svc>.>`)
-//!   only. It can publish no reply, control order or event, and cannot read another service's.
-//! - the **coordinator** may do everything (it creates the streams and publishes every output).
-//! - the **auditor** reads `<P>_OUTPUT` and `<P>_INPUT` through consumers (the audit needs the requests
-//!   to know which asked for a whole GPU), and publishes nothing else.
+//! - a **service** `<svc>` publishes only its own inputs (`<p>.request|release|renew|ack|cancel.<svc>`),
+//!   `<p>.status` and `<p>.reader.<svc>`; it reads its own replies and control orders, through core
+//!   subscriptions to `<p>.reply.<svc>` and `<p>.control.<svc>` or through pull consumers on
+//!   `<P>_OUTPUT` that the coordinator makes for it on `<p>.reader.<svc>`, filtered to those two
+//!   subjects; it receives answers on its own inboxes (`_INBOX_<svc>.>`) only. It can publish no reply,
+//!   control order or event, make no consumer, and cannot read another service's subjects.
+//! - the **coordinator** publishes under the prefix, calls JetStream and answers on the users' inboxes;
+//!   it reads only the status and reader questions and its own inboxes.
+//! - the **auditor** reads `<P>_OUTPUT` and `<P>_INPUT` message by message (`STREAM.MSG.GET`; the
+//!   audit needs the requests to know which asked for a whole GPU), and can make, pull from or delete
+//!   no consumer.
 //!
+//! Nobody but the coordinator makes a consumer: a consumer's configuration (its deliver subject) is in
+//! the body of the API call, which permissions cannot check, and nats-server pushes a push consumer's
+//! messages onto its deliver subject with the server's own rights, onto an input or reply subject too.
 //! Pulling from a consumer (`$JS.API.CONSUMER.MSG.NEXT.<P>_OUTPUT.<name>`) cannot be limited to one's
-//! own consumers by subject, so the client names its consumers at random and the services may not list
-//! the consumers of the stream: a consumer's name is known to its maker only.
+//! own consumers by subject, so consumers are named at random and the services may not list the
+//! consumers of the stream: a consumer's name is known to its asker only.
 //!
 //! Passwords are random; the configuration holds only their bcrypt hashes.
 
@@ -97,31 +103,28 @@ pub fn service_permissions(subjects: &Subjects, svc: &str) -> Permissions {
         subjects.ack(svc),
         subjects.cancel(svc),
         subjects.status(),
+        // Its readers are made by the coordinator: a consumer the service made itself could carry a
+        // deliver subject, which no permission can check (see `adapters::nats_readers`).
+        subjects.reader(svc),
         "$JS.API.INFO".to_owned(),
         format!("$JS.API.STREAM.INFO.{output}"),
         format!("$JS.API.STREAM.INFO.{}", subjects.input_stream()),
     ];
-    // A consumer may be created only on the subject that names its filter: its own two subjects.
-    publish.extend(
-        own_reads
-            .iter()
-            .map(|filter| format!("$JS.API.CONSUMER.CREATE.{output}.*.{filter}")),
-    );
     publish.extend(read_consumers(&output));
     let mut subscribe = own_reads.to_vec();
     subscribe.push(format!("{}.>", gpu_coordinator_client::inbox_prefix(svc)));
     Permissions { publish, subscribe }
 }
 
-/// What the auditor may do: read the two streams through consumers (the inputs tell which requests
-/// asked for a whole GPU), and publish nothing.
+/// What the auditor may do: read the two streams message by message (the inputs tell which requests
+/// asked for a whole GPU), and nothing else. No consumer at all: a consumer of its own could push the
+/// history onto any subject (its deliver subject), and pulling from the coordinator's input consumer
+/// would take inputs from it.
 pub fn auditor_permissions(subjects: &Subjects) -> Permissions {
     let mut publish = vec!["$JS.API.INFO".to_owned()];
     for stream in [subjects.output_stream(), subjects.input_stream()] {
         publish.push(format!("$JS.API.STREAM.INFO.{stream}"));
-        publish.push(format!("$JS.API.CONSUMER.CREATE.{stream}"));
-        publish.push(format!("$JS.API.CONSUMER.CREATE.{stream}.>"));
-        publish.extend(read_consumers(&stream));
+        publish.push(format!("$JS.API.STREAM.MSG.GET.{stream}"));
     }
     Permissions {
         publish,
@@ -132,7 +135,37 @@ pub fn auditor_permissions(subjects: &Subjects) -> Permissions {
     }
 }
 
-/// Pulling from, looking at and deleting a consumer of `stream` by its name.
+/// What the coordinator may do: publish under the prefix (its outputs, and the inputs the HTTP API
+/// stores for its callers), call JetStream, and answer on the users' inboxes; read the status and
+/// reader questions and its own inboxes. Nothing else: a reply subject a service chose can name no
+/// other subject the coordinator could write to.
+pub fn coordinator_permissions(subjects: &Subjects, users: &[String]) -> Permissions {
+    let mut publish = vec![
+        format!("{}.>", subjects.prefix()),
+        "$JS.API.>".to_owned(),
+        "$JS.ACK.>".to_owned(),
+        "_INBOX.>".to_owned(),
+    ];
+    publish.extend(
+        users
+            .iter()
+            .map(|user| format!("{}.>", gpu_coordinator_client::inbox_prefix(user))),
+    );
+    Permissions {
+        publish,
+        // `_INBOX.>` too: tools that connect as the coordinator without its inbox prefix (the `nats`
+        // CLI) get their answers there.
+        subscribe: vec![
+            subjects.status(),
+            subjects.reader("*"),
+            format!("{}.>", gpu_coordinator_client::inbox_prefix(COORDINATOR)),
+            "_INBOX.>".to_owned(),
+        ],
+    }
+}
+
+/// Pulling from and looking at a consumer of `stream` by its name, and deleting it (the client
+/// deletes a reader it replaces; names are random and never listed).
 fn read_consumers(stream: &str) -> [String; 3] {
     [
         format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.*"),
@@ -149,11 +182,11 @@ pub fn generate(prefix: &str, services: &[String], host: &str) -> anyhow::Result
     }
     let mut users = BTreeMap::new();
     let mut blocks = Vec::new();
-    let mut add = |name: &str, permissions: Option<Permissions>| -> anyhow::Result<()> {
+    let mut add = |name: &str, permissions: Permissions| -> anyhow::Result<()> {
         let password = Alphanumeric.sample_string(&mut rand::rng(), PASSWORD_LEN);
         let hash = bcrypt::hash(&password, BCRYPT_COST).context("cannot hash a password")?;
         let is_service = name != COORDINATOR && name != AUDITOR;
-        blocks.push(user_block(name, &hash, permissions.as_ref()));
+        blocks.push(user_block(name, &hash, &permissions));
         let mut credentials = Credentials {
             user: name.to_owned(),
             url: String::new(),
@@ -167,8 +200,10 @@ pub fn generate(prefix: &str, services: &[String], host: &str) -> anyhow::Result
         }
         Ok(())
     };
-    add(COORDINATOR, None)?;
-    add(AUDITOR, Some(auditor_permissions(&subjects)))?;
+    let mut all_users = vec![COORDINATOR.to_owned(), AUDITOR.to_owned()];
+    all_users.extend(services.iter().cloned());
+    add(COORDINATOR, coordinator_permissions(&subjects, &all_users))?;
+    add(AUDITOR, auditor_permissions(&subjects))?;
     for svc in services {
         if !gpu_coordinator_wire::valid_service_id(svc) {
             anyhow::bail!(
@@ -178,7 +213,7 @@ pub fn generate(prefix: &str, services: &[String], host: &str) -> anyhow::Result
         if svc == COORDINATOR || svc == AUDITOR {
             anyhow::bail!("`{svc}` is the name of a user of its own: name the service otherwise");
         }
-        add(svc, Some(service_permissions(&subjects, svc)))?;
+        add(svc, service_permissions(&subjects, svc))?;
     }
     let conf = format!(
         "# Written by `gpu-coordinator nats-auth` for the subject prefix `{prefix}`.\n\
@@ -191,7 +226,7 @@ pub fn generate(prefix: &str, services: &[String], host: &str) -> anyhow::Result
     Ok(Generated { conf, users })
 }
 
-fn user_block(name: &str, hash: &str, permissions: Option<&Permissions>) -> String {
+fn user_block(name: &str, hash: &str, p: &Permissions) -> String {
     let list = |subjects: &[String]| {
         subjects
             .iter()
@@ -199,15 +234,11 @@ fn user_block(name: &str, hash: &str, permissions: Option<&Permissions>) -> Stri
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let permissions = match permissions {
-        // The coordinator: everything.
-        None => "permissions: { publish: \">\", subscribe: \">\" }".to_owned(),
-        Some(p) => format!(
-            "permissions: {{\n      publish: {{ allow: [{}] }}\n      subscribe: {{ allow: [{}] }}\n    }}",
-            list(&p.publish),
-            list(&p.subscribe)
-        ),
-    };
+    let permissions = format!(
+        "permissions: {{\n      publish: {{ allow: [{}] }}\n      subscribe: {{ allow: [{}] }}\n    }}",
+        list(&p.publish),
+        list(&p.subscribe)
+    );
     // Quoted: in a nats-server configuration an unquoted `$` starts a variable.
     format!(
         "    {{\n      user: \"{name}\"\n      password: \"{hash}\"\n      {permissions}\n    }}\n"
@@ -257,13 +288,22 @@ mod tests {
     fn a_service_publishes_only_its_own_inputs_and_reads_only_its_own_answers() {
         let subjects = Subjects::new("gpu").unwrap();
         let p = service_permissions(&subjects, "chat");
-        for own in ["gpu.request.chat", "gpu.ack.chat", "gpu.status"] {
+        for own in [
+            "gpu.request.chat",
+            "gpu.ack.chat",
+            "gpu.status",
+            "gpu.reader.chat",
+        ] {
             assert!(p.publish.iter().any(|s| s == own), "{own}");
         }
-        assert!(!p
-            .publish
-            .iter()
-            .any(|s| s.contains("reply") && !s.contains("CONSUMER")));
+        assert!(!p.publish.iter().any(|s| s.contains("reply")));
+        assert!(
+            !p.publish
+                .iter()
+                .any(|s| s.contains("CONSUMER.CREATE") || s.contains("CONSUMER.DURABLE")),
+            "a service makes no consumer: {:?}",
+            p.publish
+        );
         assert!(!p
             .publish
             .iter()
@@ -272,6 +312,45 @@ mod tests {
         assert_eq!(
             p.subscribe,
             ["gpu.reply.chat", "gpu.control.chat", "_INBOX_chat.>"]
+        );
+    }
+
+    #[test]
+    fn the_auditor_reads_messages_and_touches_no_consumer() {
+        let subjects = Subjects::new("gpu").unwrap();
+        let p = auditor_permissions(&subjects);
+        assert!(
+            !p.publish.iter().any(|s| s.contains("CONSUMER")),
+            "{:?}",
+            p.publish
+        );
+        assert!(p
+            .publish
+            .contains(&"$JS.API.STREAM.MSG.GET.GPU_INPUT".to_owned()));
+    }
+
+    #[test]
+    fn the_coordinator_publishes_under_the_prefix_jetstream_and_inboxes_only() {
+        let subjects = Subjects::new("gpu").unwrap();
+        let p = coordinator_permissions(&subjects, &["chat".to_owned()]);
+        assert_eq!(
+            p.publish,
+            [
+                "gpu.>",
+                "$JS.API.>",
+                "$JS.ACK.>",
+                "_INBOX.>",
+                "_INBOX_chat.>"
+            ]
+        );
+        assert_eq!(
+            p.subscribe,
+            [
+                "gpu.status",
+                "gpu.reader.*",
+                "_INBOX_coordinator.>",
+                "_INBOX.>"
+            ]
         );
     }
 

@@ -9,7 +9,10 @@
 //! would be lost, and with it the GPU (an unacknowledged pause ends in a revoke). The coordinator
 //! stores all of them in `<PREFIX>_OUTPUT`, so the client reads them from there:
 //!
-//! - Two ephemeral pull consumers, filtered to `<prefix>.reply.<svc>` and `<prefix>.control.<svc>`.
+//! - Two ephemeral pull consumers, filtered to `<prefix>.reply.<svc>` and `<prefix>.control.<svc>`,
+//!   made by a coordinator on `<prefix>.reader.<svc>` (with per-service NATS permissions a service may
+//!   make no consumer: its deliver subject could push the stream anywhere), or by the client itself
+//!   when no coordinator answers that subject.
 //!   nats-server 2.9 allows one filter subject per consumer, and it must lie within one subject of
 //!   the stream, so a single `<prefix>.*.<svc>` is refused. Each consumer keeps the coordinator's
 //!   order of its subject; between the two the order may differ, which the lease allows for (an
@@ -40,7 +43,7 @@ use async_nats::jetstream::{self, consumer};
 use async_nats::HeaderMap;
 use futures::StreamExt;
 use gpu_coordinator_wire::codec::{self, Encoding};
-use gpu_coordinator_wire::{Control, Event, Reply, Subjects};
+use gpu_coordinator_wire::{Control, Event, ReaderAnswer, ReaderAsk, ReaderTopic, Reply, Subjects};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -323,7 +326,7 @@ impl Router {
             }
             let opened = tokio::select! {
                 () = shutdown.cancelled() => return,
-                opened = open(&js, &stream_name, &filter, &mut next_seq) => opened,
+                opened = open(&js, &subjects, &stream_name, &filter, &mut next_seq) => opened,
             };
             let (consumer_name, mut messages) = match opened {
                 Ok(opened) => opened,
@@ -453,6 +456,7 @@ enum Reopen {
 /// pulling from it.
 async fn open(
     js: &jetstream::Context,
+    subjects: &Subjects,
     stream_name: &str,
     filter: &str,
     next_seq: &mut Option<u64>,
@@ -480,10 +484,87 @@ async fn open(
         Some(next) => next,
     };
     *next_seq = Some(start);
-    // A name of the client's own making, random and never listed to services: with per-service
-    // permissions a service may pull from any consumer it can name, so the name is what keeps another
-    // service from reading this one's orders. A name also makes the library create it on the
-    // subject that carries its filter, which is what those permissions allow.
+    let name = match own_topic(subjects, filter) {
+        Some((topic, svc)) => match ask_coordinator(js, subjects, topic, svc, start).await? {
+            Some(name) => name,
+            None => make_consumer(js, &stream, stream_name, filter, start).await?,
+        },
+        None => make_consumer(js, &stream, stream_name, filter, start).await?,
+    };
+    let consumer: consumer::PullConsumer = stream
+        .get_consumer(&name)
+        .await
+        .map_err(|e| format!("cannot find the consumer made on `{stream_name}`: {e}"))?;
+    let messages = consumer
+        .stream()
+        .expires(PULL_EXPIRES)
+        .heartbeat(PULL_HEARTBEAT)
+        .messages()
+        .await
+        .map_err(|e| format!("cannot pull from a consumer on `{stream_name}`: {e}"))?;
+    Ok((name, messages))
+}
+
+/// The topic and service of `filter` when it is one service's replies or control orders.
+fn own_topic<'a>(subjects: &Subjects, filter: &'a str) -> Option<(ReaderTopic, &'a str)> {
+    let rest = filter.strip_prefix(subjects.prefix())?.strip_prefix('.')?;
+    let (topic, svc) = rest.split_once('.')?;
+    let topic = match topic {
+        "reply" => ReaderTopic::Reply,
+        "control" => ReaderTopic::Control,
+        _ => return None,
+    };
+    gpu_coordinator_wire::valid_service_id(svc).then_some((topic, svc))
+}
+
+/// Asks a coordinator to make the consumer (`<prefix>.reader.<svc>`): with per-service permissions a
+/// service may not make consumers itself (a consumer's deliver subject cannot be checked by NATS
+/// permissions, see the coordinator's `nats_readers`). `None` when no coordinator answers the subject
+/// (none runs, or an older one): the client then makes the consumer itself.
+async fn ask_coordinator(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    topic: ReaderTopic,
+    svc: &str,
+    start: u64,
+) -> Result<Option<String>, String> {
+    let ask = ReaderAsk {
+        topic,
+        start_seq: start,
+    };
+    let body = serde_json::to_vec(&ask).expect("a reader question always serializes");
+    let subject = subjects.reader(svc);
+    match js.client().request(subject.clone(), body.into()).await {
+        Ok(message) => {
+            let answer: ReaderAnswer = serde_json::from_slice(&message.payload)
+                .map_err(|e| format!("the coordinator's answer on {subject} is not one: {e}"))?;
+            match (answer.consumer, answer.error) {
+                (Some(name), _) => Ok(Some(name)),
+                (None, error) => Err(format!(
+                    "the coordinator made no reader on {subject}: {}",
+                    error.unwrap_or_default()
+                )),
+            }
+        }
+        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(None),
+        Err(e) => Err(format!(
+            "asking a coordinator for a reader on {subject}: {e}"
+        )),
+    }
+}
+
+/// Makes the consumer with this client's own rights (NATS without per-service permissions, or the
+/// coordinator's own readers).
+async fn make_consumer(
+    js: &jetstream::Context,
+    stream: &jetstream::stream::Stream,
+    stream_name: &str,
+    filter: &str,
+    start: u64,
+) -> Result<String, String> {
+    // Random and never listed to services: with per-service permissions a service may pull from any
+    // consumer it can name, so the name is what keeps another service from reading this one's
+    // orders. A name also makes the library create it on the subject that carries its filter.
     let name = js
         .client()
         .new_inbox()
@@ -504,16 +585,13 @@ async fn open(
             ..Default::default()
         })
         .await
-        .map_err(|e| format!("cannot create a consumer on `{stream_name}`: {e}"))?;
-    let name = consumer.cached_info().name.clone();
-    let messages = consumer
-        .stream()
-        .expires(PULL_EXPIRES)
-        .heartbeat(PULL_HEARTBEAT)
-        .messages()
-        .await
-        .map_err(|e| format!("cannot pull from a consumer on `{stream_name}`: {e}"))?;
-    Ok((name, messages))
+        .map_err(|e| {
+            format!(
+                "cannot create a consumer on `{stream_name}` ({e}); with per-service NATS \
+                 permissions a coordinator must be running to make it"
+            )
+        })?;
+    Ok(consumer.cached_info().name.clone())
 }
 
 /// Deletes a consumer that is no longer read, in the background (it also goes by itself after

@@ -696,6 +696,16 @@ impl ports::Bus for NatsBus {
                 let bus = bus.clone();
                 async move {
                     let reply_to = msg.reply.clone()?;
+                    // Answered on an inbox only: published with this coordinator's rights on
+                    // `<p>.release.<svc>` it would be stored as that service's release, on a
+                    // `$JS.API` subject it would be an API call.
+                    if !bus.subjects.is_inbox(&reply_to) {
+                        tracing::warn!(
+                            "a status question asks for its answer on {reply_to:?}, which is not an \
+                             inbox (_INBOX.… or _INBOX_<user>.…): not answered"
+                        );
+                        return None;
+                    }
                     let encoding = Encoding::from_content_type(content_type(msg.headers.as_ref()));
                     // An empty or unreadable body asks for the default page.
                     let page = if msg.payload.is_empty() {

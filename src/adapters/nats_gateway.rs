@@ -2,6 +2,7 @@
 //! awaited; the outputs are read from the output stream with ordered consumers; the answers the HTTP
 //! calls wait on come through the client library's [`AnswerReader`].
 
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, consumer};
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -17,6 +18,9 @@ pub struct NatsGateway {
     js: jetstream::Context,
     subjects: Subjects,
     answers: AnswerReader,
+    /// Reads the history message by message (`STREAM.MSG.GET`) rather than through a consumer: what the
+    /// auditor does, which may make no consumer (see `nats_auth`).
+    by_message: bool,
 }
 
 impl NatsGateway {
@@ -32,17 +36,97 @@ impl NatsGateway {
             js: jetstream::new(client.clone()),
             client,
             subjects: subjects.clone(),
+            by_message: false,
         }
     }
 
-    /// A gateway that only reads the streams (`audit`): it starts no reader of answers.
+    /// A gateway that only reads the streams' history (`audit`): it starts no reader of answers and
+    /// makes no consumer, so the auditor's user needs no right to make, pull from or delete one.
     pub fn reader(client: async_nats::Client, subjects: &Subjects) -> NatsGateway {
         NatsGateway {
             answers: AnswerReader::fed(subjects).0,
             js: jetstream::new(client.clone()),
             client,
             subjects: subjects.clone(),
+            by_message: true,
         }
+    }
+
+    /// The history of `which` matching `filter` from `from`, up to the last message stored when the
+    /// call began, read by sequence with many gets in flight (a consumer would be one round trip for
+    /// many messages, but the auditor may make none).
+    async fn history_by_message(
+        &self,
+        which: Which,
+        filter: &str,
+        from: ReadFrom,
+    ) -> Result<StoredStream, PortError> {
+        /// Gets in flight at once.
+        const IN_FLIGHT: usize = 64;
+        let name = self.stream(which);
+        let fail = |e: String| PortError::msg(format!("cannot read stream {name}: {e}"));
+        let mut stream = self
+            .js
+            .get_stream(&name)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .state
+            .clone();
+        let (first, last) = (state.first_sequence.max(1), state.last_sequence);
+        if state.messages == 0 {
+            return Ok(futures::stream::empty().boxed());
+        }
+        let start = match from {
+            ReadFrom::Start => first,
+            ReadFrom::New => return Ok(futures::stream::empty().boxed()),
+            ReadFrom::After(seq) => seq.saturating_add(1).max(first),
+            ReadFrom::Since(ms) => {
+                // The first message stored at or after `ms`: stored times rise with the sequence.
+                let (mut lo, mut hi) = (first, last + 1);
+                while lo < hi {
+                    let mid = lo + (hi - lo) / 2;
+                    match stream.get_first_raw_message_by_subject(filter, mid).await {
+                        Ok(msg) if stored_ms(&msg.time) < ms => lo = msg.sequence + 1,
+                        Ok(_) => hi = mid,
+                        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => hi = mid,
+                        Err(e) => return Err(fail(e.to_string())),
+                    }
+                }
+                lo
+            }
+        };
+        let filter = filter.to_owned();
+        let messages = futures::stream::iter(start..=last)
+            .map(move |seq| {
+                let stream = stream.clone();
+                async move { (seq, stream.get_raw_message(seq).await) }
+            })
+            .buffered(IN_FLIGHT)
+            .filter_map(move |(seq, got)| {
+                let item = match got {
+                    Ok(msg) if crate::ports::subject_matches(&filter, &msg.subject) => {
+                        Some(Ok(Stored {
+                            seq: msg.sequence,
+                            subject: msg.subject.to_string(),
+                            content_type: content_type(Some(&msg.headers)).map(str::to_owned),
+                            stored_at: Some(stored_ms(&msg.time)),
+                            payload: msg.payload,
+                        }))
+                    }
+                    Ok(_) => None,
+                    // Removed (handled inputs are purged, old outputs dropped): nothing to read.
+                    Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => None,
+                    Err(e) => Some(Err(PortError::msg(format!(
+                        "reading message {seq} of a stream: {e}"
+                    )))),
+                };
+                futures::future::ready(item)
+            });
+        Ok(messages.boxed())
     }
 
     fn stream(&self, which: Which) -> String {
@@ -91,6 +175,11 @@ impl NatsGateway {
             .await
             .map_err(|e| fail("a consumer", e.to_string()))
     }
+}
+
+/// A stored time in milliseconds since the Unix epoch (0 before it).
+fn stored_ms(time: &time::OffsetDateTime) -> u64 {
+    u64::try_from(time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
 }
 
 /// A JetStream message as stored.
@@ -152,6 +241,9 @@ impl Gateway for NatsGateway {
         filter: &str,
         from: ReadFrom,
     ) -> Result<StoredStream, PortError> {
+        if self.by_message {
+            return self.history_by_message(which, filter, from).await;
+        }
         let name = self.stream(which);
         let last = self
             .js

@@ -31,6 +31,7 @@ use crate::adapters::http::{self, Backends, HttpState, Labels};
 use crate::adapters::memory::{Faults, MemLeases, Trace};
 use crate::adapters::nats::NatsBus;
 use crate::adapters::nats_gateway::NatsGateway;
+use crate::adapters::nats_readers;
 use crate::adapters::nvml::GpuProbe;
 use crate::adapters::postgres::{PgLeadership, PgStore, WriteBehind};
 use crate::adapters::redis::LeaseStore;
@@ -91,6 +92,13 @@ pub async fn run_with(
     let result = async {
         let chosen = Chosen::connect(&config, &subjects, &shutdown).await?;
         let gpus = gpus::probe(&config, extras.probe, &tracker, &tasks_stop).await;
+        if let Some(client) = chosen.nats.clone() {
+            tracker.spawn(nats_readers::serve(
+                client,
+                subjects.clone(),
+                tasks_stop.clone(),
+            ));
+        }
         tracing::info!(
             "this coordinator is `{}`; standing by until it leads",
             chosen.holder
@@ -238,6 +246,8 @@ struct Chosen {
     labels: Labels,
     /// This coordinator's name as its leadership knows it.
     holder: String,
+    /// The NATS connection, when the bus is NATS: it also makes the services' readers.
+    nats: Option<async_nats::Client>,
 }
 
 impl Chosen {
@@ -333,6 +343,7 @@ impl Chosen {
                 Arc::new(MemLeases::new(Trace::off(), Faults::default()))
             }
         };
+        let mut nats = None;
         let (bus, gateway): (Arc<dyn Bus>, Arc<dyn Gateway>) = match chosen.bus {
             BusBackend::Nats => {
                 // A NATS URL may carry a token as its user: its own redaction hides that too.
@@ -369,6 +380,7 @@ impl Chosen {
                     ));
                 }
                 let gateway = NatsGateway::new(bus.client().clone(), subjects);
+                nats = Some(bus.client().clone());
                 (Arc::new(bus), Arc::new(gateway))
             }
             BusBackend::Embedded => {
@@ -408,6 +420,7 @@ impl Chosen {
             gateway,
             labels,
             holder,
+            nats,
         })
     }
 }

@@ -176,6 +176,26 @@ async fn a_service_cannot_act_for_another_forge_outputs_or_read_its_orders() {
         a.js.get_stream(subjects.output_stream())
             .await
             .expect("a may look at the output stream");
+    // Nor a push consumer on its own replies whose deliver subject is B's release: nats-server would
+    // publish A's replies there with its own rights, and they would be stored as B's releases.
+    for (name, filter) in [
+        (Some("push".to_owned()), subjects.reply("a")),
+        (None, subjects.reply("a")),
+    ] {
+        let made = output
+            .create_consumer(consumer::push::Config {
+                name,
+                deliver_subject: subjects.release("b"),
+                filter_subject: filter.clone(),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await;
+        assert!(
+            made.is_err(),
+            "a pushing {filter} onto b's release was made"
+        );
+    }
     for (name, filter) in [
         (Some("peek".to_owned()), subjects.control("b")),
         (None, subjects.control("b")),
@@ -351,5 +371,152 @@ async fn request_ids_are_scoped_to_their_service() {
         verdict.is_ok(),
         "the audit tells the two apart: {verdict:?}"
     );
+    coordinator.stop().await.expect("stops cleanly");
+}
+
+/// A status question whose reply subject is not an inbox gets no answer: answered with the
+/// coordinator's rights on `<p>.release.b` it would be stored as B's release (the status document
+/// decodes as a release of everything B holds), on `$JS.API.STREAM.PURGE.<P>_INPUT` it would purge the
+/// coordinator's own input stream.
+#[tokio::test]
+async fn status_is_answered_on_inboxes_only() {
+    let mut config = test_config("sec_status", &[("0", 24_000)]);
+    let prefix = config.nats.prefix.clone();
+    let subjects = Subjects::new(&prefix).unwrap();
+    let nats = Secured::start(&prefix, &["a", "b"]);
+    config.nats.url = nats.url("coordinator");
+    let coordinator = Coordinator::start(config.clone()).await;
+    let b = Client::connect(&nats.url("b"), &prefix, "b")
+        .await
+        .expect("b connects");
+    let lease = b
+        .request(
+            RequestOptions::new(2)
+                .request_id("b-1")
+                .vram_mb(10_000)
+                .lease_ms(600_000),
+        )
+        .await
+        .expect("b is granted");
+    let a = Intruder::connect(&nats.url("a")).await;
+    for reply in [
+        subjects.release("b"),
+        format!("$JS.API.STREAM.PURGE.{}", subjects.input_stream()),
+    ] {
+        a.client
+            .publish_with_reply(subjects.status(), reply, r#"{"limit":0}"#.into())
+            .await
+            .expect("a may ask for the status");
+    }
+    // The coordinator reads status questions in order: once a's own question is answered, the two
+    // above were handled, and anything the coordinator published for them was stored before it.
+    let answer = a
+        .client
+        .request(subjects.status(), "".into())
+        .await
+        .expect("a's own status question, on its inbox, is answered");
+    let _: gpu_coordinator_wire::StatusDoc =
+        serde_json::from_slice(&answer.payload).expect("a status document");
+    // An input of a's stored after them is handled after anything they caused.
+    let a_client = Client::connect(&nats.url("a"), &prefix, "a")
+        .await
+        .expect("a connects");
+    a_client
+        .request(RequestOptions::new(1).request_id("a-1").vram_mb(1_000))
+        .await
+        .expect("a is granted beside b")
+        .release()
+        .await
+        .expect("a releases");
+    let status = b.status().await.expect("b may ask for the status");
+    let holders: Vec<(&str, u64)> = status.gpus[0]
+        .holders
+        .iter()
+        .map(|h| (h.request_id.as_str(), h.fence))
+        .collect();
+    assert_eq!(holders, [("b-1", lease.fence())], "b's lease is untouched");
+    let input = b
+        .nats()
+        .request(
+            format!("$JS.API.STREAM.INFO.{}", subjects.input_stream()),
+            "".into(),
+        )
+        .await
+        .expect("b may look at the input stream");
+    let info: serde_json::Value = serde_json::from_slice(&input.payload).unwrap();
+    assert_eq!(
+        info["state"]["messages"], 3,
+        "b's request, a's request and release, and nothing else, are stored: {info}"
+    );
+    drop(lease);
+    coordinator.stop().await.expect("stops cleanly");
+}
+
+/// The auditor can make no consumer (one with a deliver subject would push the history anywhere), and
+/// cannot pull from, change or delete the coordinator's input consumer (pulling an input takes it from
+/// the coordinator, which then never answers it); the coordinator goes on handling inputs.
+#[tokio::test]
+async fn the_auditor_cannot_take_or_stall_the_inputs() {
+    let mut config = test_config("sec_auditor", &[("0", 24_000)]);
+    let prefix = config.nats.prefix.clone();
+    let subjects = Subjects::new(&prefix).unwrap();
+    let nats = Secured::start(&prefix, &["a"]);
+    config.nats.url = nats.url("coordinator");
+    let coordinator = Coordinator::start(config.clone()).await;
+    let a = Client::connect(&nats.url("a"), &prefix, "a")
+        .await
+        .expect("a connects");
+    a.request(RequestOptions::new(1).request_id("a-1").vram_mb(1_000))
+        .await
+        .expect("granted")
+        .release()
+        .await
+        .expect("released");
+
+    let auditor = Intruder::connect(&nats.url("auditor")).await;
+    let input = subjects.input_stream();
+    let consumer = gpu_coordinator::adapters::nats::CONSUMER;
+    for subject in [
+        format!("$JS.API.CONSUMER.MSG.NEXT.{input}.{consumer}"),
+        format!("$JS.API.CONSUMER.DELETE.{input}.{consumer}"),
+        format!("$JS.API.CONSUMER.DURABLE.CREATE.{input}.{consumer}"),
+        format!("$JS.API.CONSUMER.CREATE.{input}.{consumer}"),
+        format!("$JS.API.CONSUMER.CREATE.{input}"),
+        format!("$JS.API.CONSUMER.CREATE.{}.x", subjects.output_stream()),
+    ] {
+        auditor.publish_refused(subject).await;
+    }
+    let stream = auditor
+        .js
+        .get_stream(subjects.output_stream())
+        .await
+        .expect("the auditor may look at the output stream");
+    let pushed = stream
+        .create_consumer(consumer::push::Config {
+            deliver_subject: subjects.reply("a"),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        pushed.is_err(),
+        "the auditor pushed the history onto a's replies"
+    );
+
+    // The coordinator still answers every input, and the auditor still reads the whole history.
+    a.request(RequestOptions::new(1).request_id("a-2").vram_mb(1_000))
+        .await
+        .expect("granted after the auditor's attempts")
+        .release()
+        .await
+        .expect("released");
+    let mut auditor_config = config.clone();
+    auditor_config.nats.url = nats.url("auditor");
+    let summary =
+        gpu_coordinator::audit::run(&auditor_config, gpu_coordinator::audit::Since::Start)
+            .await
+            .expect("the auditor reads both streams")
+            .expect("the history holds every rule");
+    assert_eq!(summary.grants, 2, "{summary}");
     coordinator.stop().await.expect("stops cleanly");
 }

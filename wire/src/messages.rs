@@ -382,3 +382,35 @@ pub struct LeaderStatus {
     /// The other coordinators seen lately, standing by.
     pub standbys: Vec<String>,
 }
+
+/// What a reader made by the coordinator reads: a service's replies or its control orders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReaderTopic {
+    /// `<prefix>.reply.<svc>`
+    Reply,
+    /// `<prefix>.control.<svc>`
+    Control,
+}
+
+/// The body of `<prefix>.reader.<svc>` (request-reply): make this service a pull consumer on the
+/// output stream, filtered to one of its two subjects, starting at `start_seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ReaderAsk {
+    pub topic: ReaderTopic,
+    /// The first stream sequence to deliver (at least 1).
+    pub start_seq: u64,
+}
+
+/// The answer to a [`ReaderAsk`]: the consumer's name (random, known to the asker only), or why none
+/// was made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ReaderAnswer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<String>,
+    /// The output stream the consumer reads.
+    #[serde(default)]
+    pub stream: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}

@@ -5,7 +5,8 @@ use schemars::schema::RootSchema;
 use schemars::schema_for;
 
 use crate::messages::{
-    AckMsg, CancelMsg, Control, Event, ReleaseMsg, RenewMsg, Reply, RequestMsg, StatusDoc,
+    AckMsg, CancelMsg, Control, Event, ReaderAnswer, ReaderAsk, ReleaseMsg, RenewMsg, Reply,
+    RequestMsg, StatusDoc,
 };
 
 /// Every message's JSON Schema as `(name, pretty-printed JSON with a trailing newline)`; the file of
@@ -21,6 +22,8 @@ pub fn schemas() -> Vec<(&'static str, String)> {
         ("control", render(schema_for!(Control))),
         ("event", render(schema_for!(Event))),
         ("status", render(schema_for!(StatusDoc))),
+        ("reader", render(schema_for!(ReaderAsk))),
+        ("reader-answer", render(schema_for!(ReaderAnswer))),
     ]
 }
 

@@ -159,6 +159,35 @@ impl Subjects {
         format!("{}.status", self.prefix)
     }
 
+    /// `<prefix>.reader.<svc>` (request-reply, not stored): a service asks the coordinator to make it a
+    /// pull consumer of its own replies or control orders ([`ReaderAsk`](crate::ReaderAsk)). Only the
+    /// coordinator makes consumers when each service has its own NATS user: a consumer made by a
+    /// service could carry a deliver subject, and nats-server would push the stream's messages there,
+    /// onto another service's input or reply subject.
+    pub fn reader(&self, svc: &str) -> String {
+        format!("{}.reader.{svc}", self.prefix)
+    }
+
+    /// Whether `subject` is an inbox that a request-reply may be answered on: a first token `_INBOX`
+    /// or `_INBOX_<user>`, at least one more token, no wildcard, and nothing under this prefix. A
+    /// coordinator answers only there: an answer published on a subject a stream keeps (an input, a
+    /// reply, a JetStream API call) would be taken for what that subject carries.
+    pub fn is_inbox(&self, subject: &str) -> bool {
+        let Some((first, rest)) = subject.split_once('.') else {
+            return false;
+        };
+        let inbox = first == "_INBOX"
+            || first
+                .strip_prefix("_INBOX_")
+                .is_some_and(|user| !user.is_empty());
+        inbox
+            && !rest.is_empty()
+            && subject
+                .split('.')
+                .all(|t| !t.is_empty() && t != "*" && t != ">")
+            && !subject.starts_with(&format!("{}.", self.prefix))
+    }
+
     /// The input stream, e.g. `GPU_INPUT`.
     pub fn input_stream(&self) -> String {
         format!("{}_INPUT", self.stream_base())

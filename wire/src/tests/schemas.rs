@@ -53,7 +53,19 @@ fn every_message_has_a_schema() {
     let names: Vec<&str> = crate::schemas().iter().map(|(n, _)| *n).collect();
     assert_eq!(
         names,
-        ["request", "release", "renew", "ack", "cancel", "reply", "control", "event", "status"]
+        [
+            "request",
+            "release",
+            "renew",
+            "ack",
+            "cancel",
+            "reply",
+            "control",
+            "event",
+            "status",
+            "reader",
+            "reader-answer"
+        ]
     );
     for (name, text) in crate::schemas() {
         assert!(

@@ -105,3 +105,29 @@ fn service_ids() {
     let error = subjects().parse_input("gpu.request.bad!").unwrap_err();
     assert_mentions(&error, &["service id \"bad!\"", "1 to 64 characters"]);
 }
+
+#[test]
+fn answers_go_to_inboxes_only() {
+    let s = Subjects::new("gpu").unwrap();
+    for inbox in ["_INBOX.abc", "_INBOX_chat.abc.def", "_INBOX_a.1"] {
+        assert!(s.is_inbox(inbox), "{inbox}");
+    }
+    for not in [
+        "gpu.release.chat",
+        "$JS.API.STREAM.PURGE.GPU_INPUT",
+        "_INBOX",
+        "_INBOX.",
+        "_INBOX_.x",
+        "_INBOXchat.x",
+        "_INBOX.*",
+        "_INBOX.>",
+        "_INBOX..x",
+        "x._INBOX.y",
+    ] {
+        assert!(!s.is_inbox(not), "{not}");
+    }
+    // A prefix that looks like an inbox keeps its own subjects out.
+    let odd = Subjects::new("_INBOX.gpu").unwrap();
+    assert!(!odd.is_inbox("_INBOX.gpu.release.chat"));
+    assert!(odd.is_inbox("_INBOX.other"));
+}

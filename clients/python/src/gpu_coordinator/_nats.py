@@ -7,6 +7,11 @@ takes one filter per consumer), each starting at the output stream's next messag
 starts. Each remembers the stream sequence of the last message it handed on, and after every reconnect,
 failure or gap in its consumer sequence it makes a new consumer that starts right after it: nothing is
 lost, nothing handed on twice.
+
+The consumers are made by the coordinator, asked on `<prefix>.reader.<svc>`: with per-service NATS
+permissions a service may not make consumers (a consumer's deliver subject could push the stream onto
+another service's subjects, and permissions cannot check it). When no coordinator answers that subject
+the client makes the consumer itself, which works where NATS has no per-service permissions.
 """
 
 from __future__ import annotations
@@ -53,8 +58,11 @@ class _Reader:
         routes: Routes,
         start: int,
         service: str,
+        nc: NatsClient,
+        reader_subject: str,
     ) -> None:
         self.js, self.stream, self.subject, self.kind = js, stream, subject, kind
+        self.nc, self.reader_subject = nc, reader_subject
         self.routes = routes
         self.next = start
         self.service = service
@@ -68,6 +76,25 @@ class _Reader:
         self.task = asyncio.ensure_future(self._run())
 
     async def _open(self) -> Any:
+        self.name = await self._ask_coordinator()
+        if self.name is None:
+            await self._make()
+        return await self.js.pull_subscribe_bind(consumer=self.name, stream=self.stream)
+
+    async def _ask_coordinator(self) -> Optional[str]:
+        """The name of the consumer a coordinator made, or None when none answers."""
+        ask = json.dumps({"topic": self.kind, "start_seq": self.next}).encode()
+        try:
+            msg = await self.nc.request(self.reader_subject, ask, timeout=READY_WAIT / 3)
+        except nats.errors.NoRespondersError:
+            return None
+        answer = json.loads(msg.data)
+        if not isinstance(answer, dict) or not answer.get("consumer"):
+            error = answer.get("error") if isinstance(answer, dict) else answer
+            raise Unavailable(f"the coordinator made no reader on {self.reader_subject}: {error}")
+        return str(answer["consumer"])
+
+    async def _make(self) -> None:
         self.name = f"{self.service}-{self.kind}-{secrets.token_hex(6)}"
         config = ConsumerConfig(
             name=self.name,
@@ -78,7 +105,6 @@ class _Reader:
             inactive_threshold=INACTIVE_THRESHOLD,
         )
         await self.js.add_consumer(self.stream, config)
-        return await self.js.pull_subscribe_bind(consumer=self.name, stream=self.stream)
 
     async def _close(self, sub: Any) -> None:
         try:
@@ -200,6 +226,8 @@ class NatsTransport(Transport):
                 self.routes,
                 start,
                 self.service,
+                self.nc,
+                f"{self.prefix}.reader.{self.service}",
             )
             reader.start()
             self.readers.append(reader)
