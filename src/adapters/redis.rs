@@ -10,14 +10,16 @@
 //!
 //! | key | type | TTL | holds |
 //! |---|---|---|---|
-//! | `lease:<request_id>` | hash | absolute (`PEXPIREAT expires_at`) | `request_id`, `service_id`, `gpu`, `fence`, `vram_mb`, `capacity_mb`, `expires_at` |
+//! | `lease:<request_id>` | hash | relative (`PEXPIRE`, `expires_at` less this coordinator's now) | `request_id`, `service_id`, `gpu`, `fence`, `vram_mb`, `capacity_mb`, `expires_at` |
 //! | `gpu:<gpu>` | hash | none | `request_id -> vram_mb` of the leases on that GPU |
 //! | `gpus` | set | none | the GPU ids that have a `gpu:` hash, so that [`LeaseStore::leases`] needs no `SCAN` |
 //! | `fence` | string | none | the highest fence ever written; only raised |
 //! | `epoch` | string | none | set once ([`LeaseStore::ensure_epoch`]); missing later means Redis lost its data |
 //!
 //! A lease ends by itself when its key expires: Redis drops it at `expires_at`, whatever happens to the
-//! coordinator. A `gpu:` member whose lease key is gone (or now names another GPU) counts for nothing and
+//! coordinator. The TTL is written relative (`PEXPIRE`) from the coordinator's clock, which is the one
+//! `expires_at` was counted on: an absolute `PEXPIREAT` would be read on Redis's clock, and a Redis
+//! whose clock is behind would keep a lease past its end (ahead: drop it early). A `gpu:` member whose lease key is gone (or now names another GPU) counts for nothing and
 //! is removed by the next script that looks at that GPU, so an expired lease frees its capacity at once.
 //!
 //! The scripts name keys they compute from the prefix, so the store needs a standalone Redis (or a
@@ -35,6 +37,12 @@ pub use crate::ports::{LeaseOutcome, Refused};
 use crate::telemetry::redact_url;
 use redis::Script;
 
+/// The milliseconds from now (this coordinator's clock) to `expires_at`, at least 1: a lease already
+/// past its end is dropped at once.
+fn ttl_ms(expires_at: Millis) -> u64 {
+    expires_at.saturating_sub(crate::clock::now_ms()).max(1)
+}
+
 /// How long one command may wait for its answer before the call fails (the manager reconnects behind it).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -45,7 +53,7 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 /// prefix, request id, service id, GPU, fence, VRAM, capacity, expiry, then `acquire` (the fence must be
 /// above the stored one) or `rewrite` (any fence: a lease the store lost is written back under its own
 /// fence even when newer ones were issued since; the term, the `held` and the capacity checks keep out
-/// an old leader and a second holder). Answers `{"ok"}`, `{"held", fence}`,
+/// an old leader and a second holder), the term, and the milliseconds left until the expiry. Answers `{"ok"}`, `{"held", fence}`,
 /// `{"stale", stored}` or `{"capacity", used_mb}`.
 const ACQUIRE: &str = r#"
 local mine = tonumber(ARGV[10])
@@ -75,21 +83,22 @@ if used + tonumber(ARGV[6]) > tonumber(ARGV[7]) then
 end
 redis.call('HSET', KEYS[1], 'request_id', ARGV[2], 'service_id', ARGV[3], 'gpu', ARGV[4], 'fence', ARGV[5],
   'vram_mb', ARGV[6], 'capacity_mb', ARGV[7], 'expires_at', ARGV[8])
-redis.call('PEXPIREAT', KEYS[1], ARGV[8])
+redis.call('PEXPIRE', KEYS[1], ARGV[11])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[6])
 redis.call('SADD', KEYS[4], ARGV[4])
 if fence > stored then redis.call('SET', KEYS[3], ARGV[5]) end
 return {'ok'}
 "#;
 
-/// Extends a lease whose fence matches. `KEYS`: the lease. `ARGV`: fence, new expiry. Answers 1 or 0.
+/// Extends a lease whose fence matches. `KEYS`: the lease. `ARGV`: fence, new expiry, term, the
+/// milliseconds left until that expiry. Answers 1 or 0.
 const RENEW: &str = r#"
 local mine = tonumber(ARGV[3])
 local leader = tonumber(redis.call('GET', KEYS[2]) or '0')
 if mine > 0 and mine < leader then return -1 end
 if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'expires_at', ARGV[2])
-redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 "#;
 
@@ -321,7 +330,8 @@ impl LeaseStore {
                     .arg(lease.capacity_mb)
                     .arg(lease.expires_at)
                     .arg(mode)
-                    .arg(term);
+                    .arg(term)
+                    .arg(ttl_ms(lease.expires_at));
             }
             LeaseOp::Renew {
                 request_id,
@@ -335,7 +345,8 @@ impl LeaseStore {
                     .arg(self.key("term", ""))
                     .arg(fence.0)
                     .arg(*expires_at)
-                    .arg(term);
+                    .arg(term)
+                    .arg(ttl_ms(*expires_at));
             }
             LeaseOp::Release {
                 request_id, fence, ..
