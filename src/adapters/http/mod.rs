@@ -24,6 +24,7 @@ mod inputs;
 mod openapi;
 mod ops;
 mod schemas;
+mod server;
 mod sse;
 mod ui;
 
@@ -89,6 +90,8 @@ struct Inner {
     /// `http.max_wait_ms`.
     max_wait: Duration,
     max_body_bytes: usize,
+    /// `http.header_read_timeout_ms` and `http.max_connections`.
+    limits: server::Limits,
     /// Open control streams, counted against `http.max_streams_per_service` and `http.max_streams`.
     streams: Arc<control::StreamCount>,
     metrics: Arc<Metrics>,
@@ -113,6 +116,10 @@ impl HttpState {
                 default_timeout_ms: config.request.default_timeout_ms,
                 max_wait: Duration::from_millis(config.http.max_wait_ms),
                 max_body_bytes: config.http.max_body_bytes,
+                limits: server::Limits {
+                    header_read_timeout: Duration::from_millis(config.http.header_read_timeout_ms),
+                    max_connections: config.http.max_connections,
+                },
                 streams: Arc::new(control::StreamCount::new(
                     config.http.max_streams_per_service,
                     config.http.max_streams,
@@ -274,12 +281,13 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 }
 
 /// Serves the API on `listener` until `state`'s stop token is cancelled, then lets calls in flight end
-/// (long polls and event streams end at the stop).
+/// (long polls and event streams end at the stop). A request's headers must come within
+/// `http.header_read_timeout_ms`, and at most `http.max_connections` connections are served at once.
 pub async fn serve(listener: tokio::net::TcpListener, state: HttpState) -> std::io::Result<()> {
     let stop = state.stop().clone();
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
+    let limits = state.inner.limits;
+    server::serve(listener, router(state), limits, stop).await;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,89 @@
+//! The HTTP API under a hostile client: one that trickles its headers, one that holds streams open, a
+//! service token that looks at other services, a page framed or fed a script by another site.
+
+use reqwest::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::http::{client, get};
+use crate::support::{test_config, Coordinator, DEADLINE};
+
+/// Whether the server has closed `conn`: it reads an end of file (or a reset) without waiting.
+fn closed_by_server(conn: &TcpStream) -> bool {
+    let mut buf = [0u8; 64];
+    match conn.try_read(&mut buf) {
+        Ok(0) => true,
+        // Whatever was answered before the end (nothing here) is not a close yet.
+        Ok(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(_) => true,
+    }
+}
+
+/// Waits until the server closes `conn`, failing after [`DEADLINE`]; returns what it sent first.
+async fn until_closed(mut conn: TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(DEADLINE, conn.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return got,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!(
+                "the server kept a connection with half a header open for {DEADLINE:?} (sent {:?})",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+}
+
+/// A connection that sends half a request's headers and then nothing: the server closes it after
+/// `http.header_read_timeout_ms`. With `http.max_connections` such connections open, a well-behaved
+/// client is not refused: it is served, once the server has dropped a slow one to make room.
+#[tokio::test]
+async fn slow_headers_are_cut_off_and_connections_are_bounded() {
+    let mut config = test_config("http_slow", &[("0", 24_000)]);
+    config.http.header_read_timeout_ms = 500;
+    config.http.max_connections = 3;
+    let coordinator = Coordinator::start(config.clone()).await;
+    let addr = coordinator.http_addr;
+
+    let mut slow = Vec::new();
+    for _ in 0..config.http.max_connections {
+        let mut conn = TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: coordinator\r\nX-Slow: ")
+            .await
+            .expect("half a header");
+        slow.push(conn);
+    }
+
+    // A well-behaved client, on its own connection beyond the limit.
+    let mut polite = TcpStream::connect(addr).await.expect("connect");
+    polite
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: coordinator\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("a whole request");
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, polite.read_to_end(&mut answer))
+        .await
+        .expect("the well-behaved client is served in time")
+        .expect("read the answer");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // It was served only after the server had closed a slow connection to make room: the close was
+    // sent before the answer, so it is already there to read.
+    assert!(
+        slow.iter().any(closed_by_server),
+        "the server answered a fourth connection while three were open, beyond http.max_connections"
+    );
+
+    // Every slow connection is closed, and none was answered as if its request were whole.
+    for conn in slow {
+        let sent = until_closed(conn).await;
+        let sent = String::from_utf8_lossy(&sent);
+        assert!(!sent.contains("200 OK"), "{sent}");
+    }
+    // Room again: an ordinary client is served at once.
+    let (status, _) = get(&client(), &coordinator.url("/healthz"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    coordinator.stop().await.expect("a clean stop");
+}
