@@ -142,9 +142,12 @@ pub struct HttpConfig {
     /// `http.max_wait_ms`: the longest a `POST /gpu/request` long poll waits, default 300000 (5 min);
     /// a request still queued then is answered 202 `queued` and stays queued (ask again by its id).
     pub max_wait_ms: u64,
-    /// `http.max_streams_per_service`: open control streams (SSE) per service, default 16.
+    /// `http.max_streams_per_service`: long-lived streams (control streams, event streams, SSE or JSON
+    /// lines) each service's token may hold open, default 16; the operator (an operator token, or
+    /// anyone when no tokens are configured) has as many of its own for its streams.
     pub max_streams_per_service: usize,
-    /// `http.max_streams`: open control streams in all, default 1024.
+    /// `http.max_streams`: the services' long-lived streams in all, default 1024 (the operator's are
+    /// apart, so that services that fill theirs cannot lock its page out).
     pub max_streams: usize,
     /// `http.max_body_bytes`: the largest request body, default 65536.
     pub max_body_bytes: usize,

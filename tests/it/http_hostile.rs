@@ -2,11 +2,12 @@
 //! service token that looks at other services, a page framed or fed a script by another site.
 
 use reqwest::StatusCode;
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::http::{client, get};
-use crate::support::{test_config, Coordinator, DEADLINE};
+use crate::http::{client, error_of, get, SseReader};
+use crate::support::{eventually, test_config, Coordinator, Probe, DEADLINE};
 
 /// Whether the server has closed `conn`: it reads an end of file (or a reset) without waiting.
 fn closed_by_server(conn: &TcpStream) -> bool {
@@ -85,5 +86,91 @@ async fn slow_headers_are_cut_off_and_connections_are_bounded() {
     // Room again: an ordinary client is served at once.
     let (status, _) = get(&client(), &coordinator.url("/healthz"), None).await;
     assert_eq!(status, StatusCode::OK);
+    coordinator.stop().await.expect("a clean stop");
+}
+
+/// A GET that holds its answer's stream open: its status, and the response to keep (dropping it closes
+/// the stream and frees its slot).
+async fn open(c: &reqwest::Client, url: &str, token: &str) -> reqwest::Response {
+    c.get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("an answer")
+}
+
+/// Every long-lived stream takes a slot, the JSON-lines history as well as the SSE streams; a service's
+/// token fills only its own slots, so the operator's event streams still open when it has taken every
+/// slot it may (and when the services' streams in all are at `http.max_streams`).
+#[tokio::test]
+async fn every_stream_takes_a_slot_and_the_operator_keeps_its_own() {
+    let mut config = test_config("http_slots", &[("0", 24_000)]);
+    config.http.max_streams_per_service = 1;
+    config.http.max_streams = 1;
+    for (token, service) in [("op", "*"), ("tok-a", "a"), ("tok-b", "b")] {
+        config.http.tokens.insert(token.into(), service.into());
+    }
+    let coordinator = Coordinator::start(config.clone()).await;
+    let c = client();
+    let events = coordinator.url("/gpu/events");
+    let jsonl = coordinator.url("/gpu/events?since=5m&format=jsonl");
+
+    // Service a takes its one slot with an event stream.
+    let a_events = open(&c, &events, "tok-a").await;
+    assert_eq!(a_events.status(), StatusCode::OK);
+    // The JSON-lines history is a stream too: a has no slot left for it.
+    let refused = open(&c, &jsonl, "tok-a").await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = refused.json().await.expect("json");
+    assert!(
+        error_of(&body).contains("max_streams_per_service"),
+        "{body}"
+    );
+    // Nor for a control stream of its own.
+    let refused = open(&c, &coordinator.url("/gpu/control/a"), "tok-a").await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    // The services' streams in all are at http.max_streams: b is refused too.
+    let refused = open(&c, &coordinator.url("/gpu/control/b"), "tok-b").await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = refused.json().await.expect("json");
+    assert!(error_of(&body).contains("http.max_streams"), "{body}");
+
+    // The operator's page still opens its event stream: its slots are its own.
+    let op_events = open(&c, &events, "op").await;
+    assert_eq!(op_events.status(), StatusCode::OK);
+    let mut reader = SseReader::new(op_events);
+    // ...and its one slot is then taken, by the JSON lines as by the SSE.
+    let refused = open(&c, &jsonl, "op").await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+
+    // Closing a's stream gives its slot back; the JSON lines then answer, and end.
+    drop(a_events);
+    let history = eventually("a's closed stream frees its slot", || async {
+        let res = open(&c, &jsonl, "tok-a").await;
+        (res.status() == StatusCode::OK).then_some(res)
+    })
+    .await;
+    let text = tokio::time::timeout(DEADLINE, history.text())
+        .await
+        .expect("the history ends")
+        .expect("the history");
+    assert!(
+        text.lines()
+            .all(|l| serde_json::from_str::<Value>(l).is_ok()),
+        "{text}"
+    );
+    // The operator's stream is live all along.
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    probe
+        .pub_json(
+            "request",
+            "a",
+            json!({"request_id": "a-1", "priority": 1, "vram_mb": 1_000}),
+        )
+        .await;
+    probe.reply("a-1", "granted").await;
+    let first = reader.next().await;
+    assert_eq!(first.event, "requested", "{first:?}");
+    drop(reader);
     coordinator.stop().await.expect("a clean stop");
 }

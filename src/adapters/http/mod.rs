@@ -209,6 +209,15 @@ impl HttpState {
         }
     }
 
+    /// What the caller may read: everything (an operator's token, or anyone when no tokens are
+    /// configured), or only what concerns its own service (a service's token).
+    fn viewer(&self, headers: &HeaderMap) -> Result<Viewer<'_>, ApiError> {
+        Ok(match self.caller(headers)? {
+            None | Some(crate::config::OPERATOR) => Viewer::Everything,
+            Some(own) => Viewer::Service(own),
+        })
+    }
+
     /// The status document from the driver.
     async fn status(&self, page: gpu_coordinator_wire::StatusPage) -> Result<StatusDoc, ApiError> {
         let backends = &self.connected()?.backends;
@@ -228,6 +237,25 @@ impl HttpState {
                 "the coordinator did not produce its status within {STATUS_WAIT:?} (it may be waiting \
                  for Postgres or Redis; see /readyz)"
             ))),
+        }
+    }
+}
+
+/// What a caller may read, from its token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Viewer<'a> {
+    /// Every service's status, events and metrics.
+    Everything,
+    /// Its own service's entries only: another's request ids and fences are not its business.
+    Service(&'a str),
+}
+
+impl<'a> Viewer<'a> {
+    /// Whose stream slots the caller's event streams take: a service's own, or the operator's.
+    fn holder(self) -> control::Holder<'a> {
+        match self {
+            Viewer::Everything => control::Holder::Operator,
+            Viewer::Service(own) => control::Holder::Service(own),
         }
     }
 }
