@@ -136,8 +136,9 @@ pub struct HttpConfig {
     /// `http.listen`, default `127.0.0.1:8080`.
     pub listen: String,
     /// `[http.tokens]`: bearer token -> service id, or `"*"` for an operator, who may read everything
-    /// (status, events, metrics, any service's control stream) but acts for no service. Empty: no
-    /// authentication.
+    /// (status, events, metrics, any service's control stream) but acts for no service. A service's
+    /// token reads only its own service's entries of the status and the events, and not the metrics.
+    /// Empty: no authentication.
     pub tokens: std::collections::BTreeMap<String, String>,
     /// `http.max_wait_ms`: the longest a `POST /gpu/request` long poll waits, default 300000 (5 min);
     /// a request still queued then is answered 202 `queued` and stays queued (ask again by its id).

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::http::{client, error_of, get, SseReader};
+use crate::http::{client, error_of, get, post, SseReader};
 use crate::support::{eventually, test_config, Coordinator, Probe, DEADLINE};
 
 /// Whether the server has closed `conn`: it reads an end of file (or a reset) without waiting.
@@ -172,5 +172,111 @@ async fn every_stream_takes_a_slot_and_the_operator_keeps_its_own() {
     let first = reader.next().await;
     assert_eq!(first.event, "requested", "{first:?}");
     drop(reader);
+    coordinator.stop().await.expect("a clean stop");
+}
+
+/// With tokens configured, a service's token sees only its own service's entries of the status and the
+/// events, never another's request ids or fences, and not the metrics; the operator's token sees all.
+#[tokio::test]
+async fn a_service_token_sees_only_its_own_service() {
+    let mut config = test_config("http_scoped", &[("0", 24_000)]);
+    for (token, service) in [("op", "*"), ("tok-chat", "chat"), ("tok-asr", "asr")] {
+        config.http.tokens.insert(token.into(), service.into());
+    }
+    let coordinator = Coordinator::start(config.clone()).await;
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    // chat holds the whole GPU; asr waits behind it.
+    probe
+        .pub_json(
+            "request",
+            "chat",
+            json!({"request_id": "c-1", "priority": 1, "vram_mb": 24_000, "lease_ms": 600_000}),
+        )
+        .await;
+    let granted = probe.reply("c-1", "granted").await;
+    let fence = granted.fence.expect("a fence");
+    probe
+        .pub_json(
+            "request",
+            "asr",
+            json!({"request_id": "a-1", "priority": 1, "vram_mb": 8_000}),
+        )
+        .await;
+    probe.event("queued", Some("a-1")).await;
+    let c = client();
+
+    // The status: asr sees its queued request and the GPU's figures, nothing of chat's lease.
+    let (status, doc) = get(&c, &coordinator.url("/gpu/status"), Some("tok-asr")).await;
+    assert_eq!(status, StatusCode::OK, "{doc}");
+    assert_eq!(doc["queue"][0]["request_id"], "a-1", "{doc}");
+    assert_eq!(doc["gpus"][0]["holders"], json!([]), "{doc}");
+    assert_eq!(
+        doc["gpus"][0]["used_mb"], 24_000,
+        "the GPU's figures stay: {doc}"
+    );
+    let text = doc.to_string();
+    assert!(!text.contains("chat") && !text.contains("c-1"), "{doc}");
+    // chat sees its lease, and not asr's request.
+    let (_, doc) = get(&c, &coordinator.url("/gpu/status"), Some("tok-chat")).await;
+    assert_eq!(doc["gpus"][0]["holders"][0]["request_id"], "c-1", "{doc}");
+    assert_eq!(doc["gpus"][0]["holders"][0]["fence"], fence, "{doc}");
+    assert_eq!(doc["queue"], json!([]), "{doc}");
+    assert!(!doc.to_string().contains("asr"), "{doc}");
+    // The operator sees both.
+    let (_, doc) = get(&c, &coordinator.url("/gpu/status"), Some("op")).await;
+    assert_eq!(doc["gpus"][0]["holders"][0]["request_id"], "c-1", "{doc}");
+    assert_eq!(doc["queue"][0]["request_id"], "a-1", "{doc}");
+
+    // The events, as JSON lines: asr's only.
+    let history = |token: &'static str| {
+        let (c, url) = (
+            c.clone(),
+            coordinator.url("/gpu/events?since=5m&format=jsonl"),
+        );
+        async move {
+            let text = open(&c, &url, token)
+                .await
+                .text()
+                .await
+                .expect("the history");
+            text.lines()
+                .map(|l| serde_json::from_str::<Value>(l).expect("an event document"))
+                .collect::<Vec<_>>()
+        }
+    };
+    let asr_events = history("tok-asr").await;
+    let services: Vec<&str> = asr_events
+        .iter()
+        .map(|e| e["service_id"].as_str().unwrap_or(""))
+        .collect();
+    assert!(!services.is_empty(), "asr's own events are there");
+    assert!(services.iter().all(|s| *s == "asr"), "{asr_events:?}");
+    let all = history("op").await;
+    assert!(all.iter().any(|e| e["service_id"] == "chat"), "{all:?}");
+    // ...and as Server-Sent Events: the first asr reads is its own request, not chat's before it.
+    let res = open(&c, &coordinator.url("/gpu/events?since=5m"), "tok-asr").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let first = SseReader::new(res).next().await;
+    let first: Value = serde_json::from_str(&first.data).expect("an event document");
+    assert_eq!(
+        (first["service_id"].as_str(), first["request_id"].as_str()),
+        (Some("asr"), Some("a-1")),
+        "{first}"
+    );
+
+    // The metrics are every service's: the operator's only.
+    let res = open(&c, &coordinator.url("/metrics"), "tok-asr").await;
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let res = open(&c, &coordinator.url("/metrics"), "op").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    // A service still acts for itself.
+    let (status, body) = post(
+        &c,
+        &coordinator.url("/gpu/cancel"),
+        Some("tok-asr"),
+        json!({"request_id": "a-1"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     coordinator.stop().await.expect("a clean stop");
 }

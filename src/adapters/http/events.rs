@@ -8,9 +8,10 @@
 //! starts with the history kept since then; with neither, the events from now on. `?format=jsonl`
 //! answers the history up to now as JSON lines instead, and ends.
 //!
-//! Either format holds a stream slot while it is sent (a JSON-lines history read slowly lasts as long
-//! as an SSE stream): a service's token takes its own service's slots, the operator (an operator's
-//! token, or anyone without tokens) its own.
+//! A service's token reads its own service's events only (the subject filter names the service), an
+//! operator's token (or anyone, without tokens) every service's. Either format holds a stream slot
+//! while it is sent (a JSON-lines history read slowly lasts as long as an SSE stream): a service's
+//! token takes its own service's slots, the operator its own.
 
 use axum::body::Body;
 use axum::extract::{Query, State};
@@ -21,7 +22,7 @@ use gpu_coordinator_wire::Event;
 
 use super::control::StreamSlot;
 use super::sse::{decode, last_event_id, output_events};
-use super::{ApiError, ErrorBody, HttpState};
+use super::{ApiError, ErrorBody, HttpState, Viewer};
 use crate::audit::Since;
 use crate::ports::{ReadFrom, Which};
 
@@ -73,7 +74,12 @@ pub(super) async fn events(
         },
         (None, None) => ReadFrom::New,
     };
-    let subject = format!("{}.event.>", state.subjects().prefix());
+    // `<prefix>.event.<kind>.<svc>`: a service's own are those whose last token is its id.
+    let prefix = state.subjects().prefix();
+    let subject = match viewer {
+        Viewer::Everything => format!("{prefix}.event.>"),
+        Viewer::Service(own) => format!("{prefix}.event.*.{own}"),
+    };
     let jsonl = match query.format.as_deref() {
         None | Some("sse") => false,
         Some("jsonl") => true,

@@ -14,8 +14,9 @@
 //! - `GET /gpu/status`, `GET /gpu/control/{service_id}` (Server-Sent Events)
 //! - `GET /healthz`, `GET /readyz`, `GET /metrics`, `GET /openapi.json`
 //!
-//! With `[http.tokens]` configured, every `/gpu/` route wants `Authorization: Bearer <token>`, and a token
-//! acts only for its own service.
+//! With `[http.tokens]` configured, every `/gpu/` route and `/metrics` want `Authorization: Bearer
+//! <token>`; a service's token acts only for its own service and reads only its own service's entries
+//! of the status and the events, an operator's (`"*"`) reads everything and acts for none.
 
 mod control;
 mod error;
