@@ -280,3 +280,68 @@ async fn a_service_token_sees_only_its_own_service() {
     assert_eq!(status, StatusCode::OK, "{body}");
     coordinator.stop().await.expect("a clean stop");
 }
+
+/// The page and every answer of the API carry a Content-Security-Policy that lets the page load only
+/// its own script, style and calls, and headers that keep other sites from framing it or the browser
+/// from guessing types.
+#[tokio::test]
+async fn answers_carry_security_headers() {
+    let config = test_config("http_headers", &[("0", 24_000)]);
+    let coordinator = Coordinator::start(config).await;
+    let c = client();
+    for path in [
+        "/",
+        "/ui",
+        "/ui/app.js",
+        "/ui/style.css",
+        "/gpu/status",
+        "/healthz",
+        "/openapi.json",
+        "/no-such-route",
+    ] {
+        let res = c
+            .get(coordinator.url(path))
+            .send()
+            .await
+            .expect("an answer");
+        let h = res.headers();
+        let csp = h
+            .get("content-security-policy")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("{path}: no Content-Security-Policy"));
+        for directive in [
+            "default-src 'none'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "connect-src 'self'",
+            "frame-ancestors 'none'",
+        ] {
+            assert!(csp.contains(directive), "{path}: {csp}");
+        }
+        assert!(!csp.contains("unsafe"), "{path}: {csp}");
+        assert_eq!(
+            h.get("x-frame-options").map(|v| v.as_bytes()),
+            Some(&b"DENY"[..]),
+            "{path}"
+        );
+        assert_eq!(
+            h.get("x-content-type-options").map(|v| v.as_bytes()),
+            Some(&b"nosniff"[..]),
+            "{path}"
+        );
+    }
+    // The page loads no inline script or style, which the policy would block.
+    let page = c
+        .get(coordinator.url("/"))
+        .send()
+        .await
+        .expect("the page")
+        .text()
+        .await
+        .expect("its text");
+    assert!(
+        !page.contains("<script>") && !page.contains("style="),
+        "{page}"
+    );
+    coordinator.stop().await.expect("a clean stop");
+}
