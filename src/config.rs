@@ -136,18 +136,31 @@ pub struct HttpConfig {
     /// `http.listen`, default `127.0.0.1:8080`.
     pub listen: String,
     /// `[http.tokens]`: bearer token -> service id, or `"*"` for an operator, who may read everything
-    /// (status, events, metrics, any service's control stream) but acts for no service. Empty: no
-    /// authentication.
+    /// (status, events, metrics, any service's control stream) but acts for no service. A service's
+    /// token reads only its own service's entries of the status and the events, and not the metrics.
+    /// Empty: no authentication.
     pub tokens: std::collections::BTreeMap<String, String>,
     /// `http.max_wait_ms`: the longest a `POST /gpu/request` long poll waits, default 300000 (5 min);
     /// a request still queued then is answered 202 `queued` and stays queued (ask again by its id).
     pub max_wait_ms: u64,
-    /// `http.max_streams_per_service`: open control streams (SSE) per service, default 16.
+    /// `http.max_streams_per_service`: long-lived streams (control streams, event streams, SSE or JSON
+    /// lines) each service's token may hold open, default 16; the operator (an operator token, or
+    /// anyone when no tokens are configured) has as many of its own for its streams.
     pub max_streams_per_service: usize,
-    /// `http.max_streams`: open control streams in all, default 1024.
+    /// `http.max_streams`: the services' long-lived streams in all, default 1024 (the operator's are
+    /// apart, so that services that fill theirs cannot lock its page out).
     pub max_streams: usize,
     /// `http.max_body_bytes`: the largest request body, default 65536.
     pub max_body_bytes: usize,
+    /// `http.header_read_timeout_ms`: how long a connection may take to send a request's headers, and
+    /// how long a kept-alive connection may stay idle between requests, default 10000; then it is
+    /// closed. A client that trickles its headers would otherwise hold its connection for ever.
+    pub header_read_timeout_ms: u64,
+    /// `http.max_connections`: the most connections served at once, default 1024. Beyond it the
+    /// coordinator stops accepting (new ones wait in the kernel's backlog) until one closes, so that
+    /// clients cannot take every file descriptor and starve its own connections to NATS, Redis and
+    /// Postgres. Each open stream and long poll holds one.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -361,6 +374,8 @@ impl Default for HttpConfig {
             max_streams_per_service: 16,
             max_streams: 1024,
             max_body_bytes: 65_536,
+            header_read_timeout_ms: 10_000,
+            max_connections: 1024,
         }
     }
 }
@@ -487,6 +502,12 @@ impl Config {
         }
         if self.http.max_body_bytes < 1024 {
             problems.push("http.max_body_bytes must be at least 1024".to_owned());
+        }
+        if self.http.header_read_timeout_ms == 0 {
+            problems.push("http.header_read_timeout_ms must be > 0".to_owned());
+        }
+        if self.http.max_connections == 0 {
+            problems.push("http.max_connections must be > 0".to_owned());
         }
         if self.queue.status_limit > 1_000 {
             problems.push("queue.status_limit must be at most 1000".to_owned());
@@ -693,6 +714,8 @@ mod tests {
         );
         assert_eq!(config.http.listen, "127.0.0.1:8080");
         assert!(config.http.tokens.is_empty());
+        assert_eq!(config.http.header_read_timeout_ms, 10_000);
+        assert_eq!(config.http.max_connections, 1024);
         assert!(config.nvml.enabled);
         assert_eq!((config.nvml.sample_ms, config.nvml.settle_ms), (1000, 2000));
         assert!(config.gpus.is_empty());
@@ -931,6 +954,16 @@ mod tests {
             msg.contains("http.listen \"x\" is not a socket address"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn zero_connection_limits_are_refused() {
+        let msg = invalid(
+            "[http]\nheader_read_timeout_ms = 0\nmax_connections = 0\n",
+            "connlimits",
+        );
+        assert!(msg.contains("http.header_read_timeout_ms"), "{msg}");
+        assert!(msg.contains("http.max_connections"), "{msg}");
     }
 
     #[test]

@@ -521,6 +521,12 @@ async fn tokens_act_only_for_their_service() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, doc) = get(&c, &coordinator.url("/gpu/status"), Some("tok-asr")).await;
     assert_eq!(status, StatusCode::OK, "any valid token reads the status");
+    assert_eq!(
+        doc["gpus"][0]["holders"],
+        json!([]),
+        "not chat's lease: {doc}"
+    );
+    let (_, doc) = get(&c, &coordinator.url("/gpu/status"), Some("tok-chat")).await;
     assert_eq!(doc["gpus"][0]["holders"][0]["service_id"], "chat");
     let (status, _) = get(&c, &coordinator.url("/healthz"), None).await;
     assert_eq!(status, StatusCode::OK, "health needs no token");
@@ -1264,8 +1270,8 @@ async fn a_long_poll_gets_its_grant_across_a_nats_restart() {
 }
 
 /// Every HTTP resource is bounded: a long poll's wait, the open control streams per service and in
-/// all, the body size; the metrics want a token when tokens are set; the status lists a page of the
-/// queue with its total.
+/// all, the body size; the metrics want the operator's token when tokens are set; the status lists a
+/// page of the queue with its total.
 #[tokio::test]
 async fn http_resources_are_bounded() {
     let mut config = test_config("http_bounds", &[("0", 1_000)]);
@@ -1273,7 +1279,7 @@ async fn http_resources_are_bounded() {
     config.http.max_streams_per_service = 1;
     config.http.max_streams = 2;
     config.http.max_body_bytes = 4_096;
-    config.http.tokens = [("tok-a", "a"), ("tok-b", "b"), ("tok-c", "c")]
+    config.http.tokens = [("tok-a", "a"), ("tok-b", "b"), ("tok-c", "c"), ("op", "*")]
         .into_iter()
         .map(|(t, s)| (t.to_string(), s.to_string()))
         .collect();
@@ -1361,7 +1367,7 @@ async fn http_resources_are_bounded() {
         .expect("answered");
     assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
 
-    // The metrics want a token too.
+    // The metrics want a token too, the operator's.
     let res = c
         .get(coordinator.url("/metrics"))
         .send()
@@ -1371,6 +1377,13 @@ async fn http_resources_are_bounded() {
     let res = c
         .get(coordinator.url("/metrics"))
         .bearer_auth("tok-a")
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let res = c
+        .get(coordinator.url("/metrics"))
+        .bearer_auth("op")
         .send()
         .await
         .expect("answered");

@@ -7,6 +7,7 @@ mod client;
 mod demo;
 mod ha;
 mod http;
+mod http_hostile;
 mod modes;
 mod security;
 mod service;

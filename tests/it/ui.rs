@@ -195,6 +195,19 @@ async fn the_page_shows_grants_preemptions_revokes_and_survives_a_restart() {
             .any(|t| t.contains("asr") && t.contains("19.5 GB") && t.contains("p2"))
     })
     .await;
+    // Under the Content-Security-Policy the page's own style sheet applies, and the VRAM bar's width,
+    // set through the CSSOM (which the policy allows, unlike a style attribute), holds.
+    let styled = b
+        .client
+        .execute(
+            "const seg = document.querySelector(\"[data-gpu='0'] .bar span\"); \
+             return [getComputedStyle(document.body).marginTop, \
+                     !!seg && seg.style.width.endsWith('%') && seg.getBoundingClientRect().width > 0];",
+            vec![],
+        )
+        .await
+        .expect("run a script");
+    assert_eq!(styled, json!(["0px", true]), "{styled}");
     b.until("asr-1's bar on the timeline", || async {
         !b.attrs(
             "#timeline rect.bar[data-request='asr-1'][data-open='true']",

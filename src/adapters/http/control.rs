@@ -35,8 +35,8 @@ use crate::ports::ReadFrom;
         (status = 400, description = "Not a valid service id", body = ErrorBody),
         (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The token belongs to another service", body = ErrorBody),
-        (status = 429, description = "Too many control streams open, for this service or in all \
-            (`http.max_streams_per_service`, `http.max_streams`)", body = ErrorBody),
+        (status = 429, description = "Too many streams open, for this service (or the operator) or for \
+            all services (`http.max_streams_per_service`, `http.max_streams`)", body = ErrorBody),
         (status = 503, description = "The bus (NATS) unavailable", body = ErrorBody),
     ),
     security((), ("bearer" = [])),
@@ -52,8 +52,14 @@ pub(super) async fn control(
         )));
     }
     state.authorize_read(&headers, &service)?;
+    // The operator's streams take its own slots; without tokens anyone is the service it names.
+    let holder = match state.caller(&headers)? {
+        Some(crate::config::OPERATOR) => Holder::Operator,
+        Some(own) => Holder::Service(own),
+        None => Holder::Service(&service),
+    };
     // Held by the stream: the count goes down when the client goes away or the coordinator stops.
-    let slot = state.inner.streams.open(&service)?;
+    let slot = state.inner.streams.open(holder)?;
     let subject = state.subjects().control(&service);
     tracing::debug!(%service, "HTTP: control stream opened");
     output_events(
@@ -76,17 +82,37 @@ fn action_name(control: &Control) -> String {
         .unwrap_or_else(|| "control".into())
 }
 
-/// Open control streams per service and in all, with their limits.
+/// Whose slots a long-lived stream takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Holder<'a> {
+    /// A service's: counted against `http.max_streams_per_service` for it and `http.max_streams` for
+    /// all services.
+    Service(&'a str),
+    /// The operator's (an operator token, or anyone when no tokens are configured): slots of its own,
+    /// as many as a service has, outside `http.max_streams`, so that services that take all theirs do
+    /// not lock the operator's page out.
+    Operator,
+}
+
+/// Open long-lived streams (control streams, event streams) per service, in all, and the operator's,
+/// with their limits.
 pub(super) struct StreamCount {
     per_service: usize,
     total: usize,
-    open: Mutex<HashMap<String, usize>>,
+    open: Mutex<Open>,
+}
+
+#[derive(Default)]
+struct Open {
+    services: HashMap<String, usize>,
+    operator: usize,
 }
 
 /// One open stream, counted until dropped.
 pub(super) struct StreamSlot {
     count: Arc<StreamCount>,
-    service: String,
+    /// `None`: the operator's.
+    service: Option<String>,
 }
 
 impl StreamCount {
@@ -94,47 +120,72 @@ impl StreamCount {
         StreamCount {
             per_service,
             total,
-            open: Mutex::new(HashMap::new()),
+            open: Mutex::new(Open::default()),
         }
     }
 
-    /// Counts one more stream for `service`, or says which limit is reached.
-    pub(super) fn open(self: &Arc<Self>, service: &str) -> Result<StreamSlot, ApiError> {
+    /// Counts one more stream for `holder`, or says which limit is reached.
+    pub(super) fn open(self: &Arc<Self>, holder: Holder<'_>) -> Result<StreamSlot, ApiError> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let all: usize = open.values().sum();
-        let mine = open.get(service).copied().unwrap_or(0);
-        if mine >= self.per_service {
-            return Err(ApiError::TooMany(format!(
-                "service `{service}` already has {mine} control streams open, the most that \
-                 http.max_streams_per_service allows: close one first"
-            )));
-        }
-        if all >= self.total {
-            return Err(ApiError::TooMany(format!(
-                "{all} control streams are open, the most that http.max_streams allows: try again later"
-            )));
-        }
-        *open.entry(service.to_owned()).or_default() += 1;
+        let service = match holder {
+            Holder::Operator => {
+                if open.operator >= self.per_service {
+                    return Err(ApiError::TooMany(format!(
+                        "the operator already has {} streams open, the most that \
+                         http.max_streams_per_service allows: close one first",
+                        open.operator
+                    )));
+                }
+                open.operator += 1;
+                None
+            }
+            Holder::Service(service) => {
+                let all: usize = open.services.values().sum();
+                let mine = open.services.get(service).copied().unwrap_or(0);
+                if mine >= self.per_service {
+                    return Err(ApiError::TooMany(format!(
+                        "service `{service}` already has {mine} streams open (control and event \
+                         streams), the most that http.max_streams_per_service allows: close one first"
+                    )));
+                }
+                if all >= self.total {
+                    return Err(ApiError::TooMany(format!(
+                        "the services have {all} streams open, the most that http.max_streams \
+                         allows: try again later"
+                    )));
+                }
+                *open.services.entry(service.to_owned()).or_default() += 1;
+                Some(service.to_owned())
+            }
+        };
         Ok(StreamSlot {
             count: Arc::clone(self),
-            service: service.to_owned(),
+            service,
         })
     }
 
     #[cfg(test)]
-    fn open_now(&self, service: &str) -> usize {
+    fn open_now(&self, holder: Holder<'_>) -> usize {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.get(service).copied().unwrap_or(0)
+        match holder {
+            Holder::Operator => open.operator,
+            Holder::Service(service) => open.services.get(service).copied().unwrap_or(0),
+        }
     }
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         let mut open = self.count.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = open.get_mut(&self.service) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.service);
+        match &self.service {
+            None => open.operator = open.operator.saturating_sub(1),
+            Some(service) => {
+                if let Some(n) = open.services.get_mut(service) {
+                    *n -= 1;
+                    if *n == 0 {
+                        open.services.remove(service);
+                    }
+                }
             }
         }
     }
@@ -147,15 +198,39 @@ mod stream_count_tests {
     #[test]
     fn streams_are_counted_per_service_and_in_all_until_dropped() {
         let count = Arc::new(StreamCount::new(2, 3));
-        let a1 = count.open("a").expect("first of a");
-        let _a2 = count.open("a").expect("second of a");
-        let e = count.open("a").err().expect("a third of a is refused");
+        let a1 = count.open(Holder::Service("a")).expect("first of a");
+        let _a2 = count.open(Holder::Service("a")).expect("second of a");
+        let e = count
+            .open(Holder::Service("a"))
+            .err()
+            .expect("a third of a is refused");
         assert!(e.to_string().contains("max_streams_per_service"), "{e}");
-        let _b1 = count.open("b").expect("first of b");
-        let e = count.open("c").err().expect("a fourth in all is refused");
+        let _b1 = count.open(Holder::Service("b")).expect("first of b");
+        let e = count
+            .open(Holder::Service("c"))
+            .err()
+            .expect("a fourth in all is refused");
         assert!(e.to_string().contains("http.max_streams "), "{e}");
         drop(a1);
-        assert_eq!(count.open_now("a"), 1);
-        let _c1 = count.open("c").expect("room again");
+        assert_eq!(count.open_now(Holder::Service("a")), 1);
+        let _c1 = count.open(Holder::Service("c")).expect("room again");
+    }
+
+    #[test]
+    fn the_operator_has_slots_of_its_own() {
+        let count = Arc::new(StreamCount::new(2, 1));
+        let _a = count.open(Holder::Service("a")).expect("the services' one");
+        let op1 = count
+            .open(Holder::Operator)
+            .expect("not counted in the services' total");
+        let _op2 = count.open(Holder::Operator).expect("a second");
+        let e = count
+            .open(Holder::Operator)
+            .err()
+            .expect("a third is refused");
+        assert!(e.to_string().contains("operator"), "{e}");
+        drop(op1);
+        assert_eq!(count.open_now(Holder::Operator), 1);
+        assert_eq!(count.open_now(Holder::Service("a")), 1);
     }
 }

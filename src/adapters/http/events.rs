@@ -7,6 +7,11 @@
 //! the last it saw. Without it, `?since=` (a span back from now such as `5m`, or an RFC 3339 instant)
 //! starts with the history kept since then; with neither, the events from now on. `?format=jsonl`
 //! answers the history up to now as JSON lines instead, and ends.
+//!
+//! A service's token reads its own service's events only (the subject filter names the service), an
+//! operator's token (or anyone, without tokens) every service's. Either format holds a stream slot
+//! while it is sent (a JSON-lines history read slowly lasts as long as an SSE stream): a service's
+//! token takes its own service's slots, the operator its own.
 
 use axum::body::Body;
 use axum::extract::{Query, State};
@@ -15,13 +20,11 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use gpu_coordinator_wire::Event;
 
+use super::control::StreamSlot;
 use super::sse::{decode, last_event_id, output_events};
-use super::{ApiError, ErrorBody, HttpState};
+use super::{ApiError, ErrorBody, HttpState, Viewer};
 use crate::audit::Since;
 use crate::ports::{ReadFrom, Which};
-
-/// Where the event streams are counted, beside the services' control streams.
-const EVENT_STREAMS: &str = "(events)";
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 pub(super) struct EventsQuery {
@@ -49,7 +52,8 @@ pub(super) struct EventsQuery {
             body = String),
         (status = 400, description = "`since` is not a span or an instant, or `format` is unknown", body = ErrorBody),
         (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 429, description = "Too many event streams open (`http.max_streams_per_service`)", body = ErrorBody),
+        (status = 429, description = "Too many streams open, for the token's service or for the operator \
+            (`http.max_streams_per_service`), or for all services (`http.max_streams`)", body = ErrorBody),
         (status = 503, description = "The bus (NATS) unavailable", body = ErrorBody),
     ),
     security((), ("bearer" = [])),
@@ -59,7 +63,7 @@ pub(super) async fn events(
     headers: HeaderMap,
     Query(query): Query<EventsQuery>,
 ) -> Result<Response, ApiError> {
-    state.caller(&headers)?;
+    let viewer = state.viewer(&headers)?;
     let from = match (last_event_id(&headers), query.since.as_deref()) {
         (Some(seq), _) => ReadFrom::After(seq),
         (None, Some(since)) => match Since::parse(since, crate::clock::now_ms())
@@ -70,17 +74,25 @@ pub(super) async fn events(
         },
         (None, None) => ReadFrom::New,
     };
-    let subject = format!("{}.event.>", state.subjects().prefix());
-    match query.format.as_deref() {
-        None | Some("sse") => {}
-        Some("jsonl") => return json_lines(&state, &subject, from).await,
+    // `<prefix>.event.<kind>.<svc>`: a service's own are those whose last token is its id.
+    let prefix = state.subjects().prefix();
+    let subject = match viewer {
+        Viewer::Everything => format!("{prefix}.event.>"),
+        Viewer::Service(own) => format!("{prefix}.event.*.{own}"),
+    };
+    let jsonl = match query.format.as_deref() {
+        None | Some("sse") => false,
+        Some("jsonl") => true,
         Some(other) => {
             return Err(ApiError::BadRequest(format!(
                 "format must be `sse` or `jsonl`, got {other:?}"
             )))
         }
+    };
+    let slot = state.inner.streams.open(viewer.holder())?;
+    if jsonl {
+        return json_lines(&state, &subject, from, slot).await;
     }
-    let slot = state.inner.streams.open(EVENT_STREAMS)?;
     output_events(
         &state,
         subject,
@@ -93,11 +105,13 @@ pub(super) async fn events(
     .await
 }
 
-/// The events kept from `from` up to now, one JSON document per line (`application/x-ndjson`).
+/// The events kept from `from` up to now, one JSON document per line (`application/x-ndjson`); the
+/// body holds `slot` until it is sent or the client goes away.
 async fn json_lines(
     state: &HttpState,
     subject: &str,
     from: ReadFrom,
+    slot: StreamSlot,
 ) -> Result<Response, ApiError> {
     let gateway = &state.connected()?.backends.gateway;
     let history = gateway
@@ -114,6 +128,10 @@ async fn json_lines(
             }
             Err(e) => Some(Err(std::io::Error::other(e.to_string()))),
         }
+    });
+    let lines = lines.map(move |line| {
+        let _held = &slot;
+        line
     });
     Ok((
         [(header::CONTENT_TYPE, "application/x-ndjson")],

@@ -14,8 +14,9 @@
 //! - `GET /gpu/status`, `GET /gpu/control/{service_id}` (Server-Sent Events)
 //! - `GET /healthz`, `GET /readyz`, `GET /metrics`, `GET /openapi.json`
 //!
-//! With `[http.tokens]` configured, every `/gpu/` route wants `Authorization: Bearer <token>`, and a token
-//! acts only for its own service.
+//! With `[http.tokens]` configured, every `/gpu/` route and `/metrics` want `Authorization: Bearer
+//! <token>`; a service's token acts only for its own service and reads only its own service's entries
+//! of the status and the events, an operator's (`"*"`) reads everything and acts for none.
 
 mod control;
 mod error;
@@ -24,6 +25,7 @@ mod inputs;
 mod openapi;
 mod ops;
 mod schemas;
+mod server;
 mod sse;
 mod ui;
 
@@ -89,6 +91,8 @@ struct Inner {
     /// `http.max_wait_ms`.
     max_wait: Duration,
     max_body_bytes: usize,
+    /// `http.header_read_timeout_ms` and `http.max_connections`.
+    limits: server::Limits,
     /// Open control streams, counted against `http.max_streams_per_service` and `http.max_streams`.
     streams: Arc<control::StreamCount>,
     metrics: Arc<Metrics>,
@@ -113,6 +117,10 @@ impl HttpState {
                 default_timeout_ms: config.request.default_timeout_ms,
                 max_wait: Duration::from_millis(config.http.max_wait_ms),
                 max_body_bytes: config.http.max_body_bytes,
+                limits: server::Limits {
+                    header_read_timeout: Duration::from_millis(config.http.header_read_timeout_ms),
+                    max_connections: config.http.max_connections,
+                },
                 streams: Arc::new(control::StreamCount::new(
                     config.http.max_streams_per_service,
                     config.http.max_streams,
@@ -202,6 +210,15 @@ impl HttpState {
         }
     }
 
+    /// What the caller may read: everything (an operator's token, or anyone when no tokens are
+    /// configured), or only what concerns its own service (a service's token).
+    fn viewer(&self, headers: &HeaderMap) -> Result<Viewer<'_>, ApiError> {
+        Ok(match self.caller(headers)? {
+            None | Some(crate::config::OPERATOR) => Viewer::Everything,
+            Some(own) => Viewer::Service(own),
+        })
+    }
+
     /// The status document from the driver.
     async fn status(&self, page: gpu_coordinator_wire::StatusPage) -> Result<StatusDoc, ApiError> {
         let backends = &self.connected()?.backends;
@@ -221,6 +238,25 @@ impl HttpState {
                 "the coordinator did not produce its status within {STATUS_WAIT:?} (it may be waiting \
                  for Postgres or Redis; see /readyz)"
             ))),
+        }
+    }
+}
+
+/// What a caller may read, from its token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Viewer<'a> {
+    /// Every service's status, events and metrics.
+    Everything,
+    /// Its own service's entries only: another's request ids and fences are not its business.
+    Service(&'a str),
+}
+
+impl<'a> Viewer<'a> {
+    /// Whose stream slots the caller's event streams take: a service's own, or the operator's.
+    fn holder(self) -> control::Holder<'a> {
+        match self {
+            Viewer::Everything => control::Holder::Operator,
+            Viewer::Service(own) => control::Holder::Service(own),
         }
     }
 }
@@ -256,7 +292,36 @@ pub fn router(state: HttpState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
+}
+
+/// What the page may load and who may frame it: its own script, style and calls (`/ui/app.js`,
+/// `/ui/style.css`, `/gpu/...`), nothing inline, nothing from elsewhere, in no other site's frame. The
+/// page has no inline script or style attribute (it sets sizes through the CSSOM, which the policy does
+/// not cover), so it needs no `unsafe-inline` nor hash. On the API's answers it costs nothing and stops
+/// a JSON answer opened in a tab from running anything.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+/// Adds the security headers to every answer, the page's and the API's alike: the policy above,
+/// `X-Frame-Options: DENY` for browsers that predate `frame-ancestors`, and `nosniff` so that a browser
+/// never runs an answer as a script or page of another type than the one it is served as.
+async fn security_headers(mut response: axum::response::Response) -> axum::response::Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+    );
+    headers.insert(
+        header::X_FRAME_OPTIONS,
+        header::HeaderValue::from_static("DENY"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    response
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
@@ -274,12 +339,13 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 }
 
 /// Serves the API on `listener` until `state`'s stop token is cancelled, then lets calls in flight end
-/// (long polls and event streams end at the stop).
+/// (long polls and event streams end at the stop). A request's headers must come within
+/// `http.header_read_timeout_ms`, and at most `http.max_connections` connections are served at once.
 pub async fn serve(listener: tokio::net::TcpListener, state: HttpState) -> std::io::Result<()> {
     let stop = state.stop().clone();
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
+    let limits = state.inner.limits;
+    server::serve(listener, router(state), limits, stop).await;
+    Ok(())
 }
 
 #[cfg(test)]

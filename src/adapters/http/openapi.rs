@@ -31,7 +31,9 @@ impl Modify for BearerAuth {
         description = "A preemptive priority semaphore for GPUs. The same contract as over NATS \
             (`<prefix>.request.<svc>`, ...): every input goes into the same JetStream input stream, and the answers \
             are the coordinator's replies. Inputs take the NATS fields plus `service_id`. With `[http.tokens]` \
-            configured, send `Authorization: Bearer <token>`; a token acts only for its own service.",
+            configured, send `Authorization: Bearer <token>`; a service's token acts only for its own service \
+            and reads only its own service's entries of the status and the events; an operator's token (`\"*\"`) \
+            reads everything, the metrics included, and acts for no service.",
     ),
     paths(
         super::inputs::request,

@@ -7,16 +7,17 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use gpu_coordinator_wire::StatusPage;
+use gpu_coordinator_wire::{StatusDoc, StatusPage};
 
 use super::schemas::{Checks, Health, StatusSchema};
-use super::{ApiError, ErrorBody, HttpState};
+use super::{ApiError, ErrorBody, HttpState, Viewer};
 
 /// How long `/readyz` waits for each server.
 const PING_WAIT: Duration = Duration::from_secs(2);
 
 /// Each GPU with its VRAM and holders, the paused requests, and the queue with positions and estimated
-/// waits.
+/// waits. A service's token gets its own service's holders, paused and queued requests only (of the
+/// page of the queue asked for); the GPUs' figures and the queue's counts stay, as they name nobody.
 #[utoipa::path(
     get,
     path = "/gpu/status",
@@ -26,7 +27,8 @@ const PING_WAIT: Duration = Duration::from_secs(2);
         ("limit" = Option<u64>, Query, description = "Queue entries to list (default `queue.status_limit`, at most 1000)"),
     ),
     responses(
-        (status = 200, description = "The status document", body = StatusSchema),
+        (status = 200, description = "The status document; for a service's token, only that service's \
+            holders, paused and queued requests", body = StatusSchema),
         (status = 400, description = "`offset` or `limit` is not a whole number", body = ErrorBody),
         (status = 401, description = "Tokens are configured and none valid was sent", body = ErrorBody),
         (status = 503, description = "The coordinator is starting or stopping", body = ErrorBody),
@@ -39,14 +41,27 @@ pub(super) async fn status(
     headers: HeaderMap,
     page: Result<Query<StatusPage>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    // With tokens configured, any valid token may read the status.
-    state.caller(&headers)?;
+    let viewer = state.viewer(&headers)?;
     let Query(page) = page.map_err(|e| {
         ApiError::BadRequest(format!(
             "the query string is not valid ({e}): expected `offset` and `limit`, whole numbers"
         ))
     })?;
-    Ok(Json(state.status(page).await?).into_response())
+    let mut doc = state.status(page).await?;
+    if let Viewer::Service(own) = viewer {
+        only_own(&mut doc, own);
+    }
+    Ok(Json(doc).into_response())
+}
+
+/// Keeps `own`'s entries of the document: another service's request ids and fences are not a
+/// service's business (the lease's fence is what a holder proves itself with).
+fn only_own(doc: &mut StatusDoc, own: &str) {
+    for gpu in &mut doc.gpus {
+        gpu.holders.retain(|h| h.service_id == own);
+    }
+    doc.paused.retain(|p| p.service_id == own);
+    doc.queue.retain(|q| q.service_id == own);
 }
 
 /// The process is up.
@@ -147,6 +162,8 @@ fn not_ready(error: String, checks: Option<Checks>) -> Response {
     responses(
         (status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String),
         (status = 401, description = "Tokens are configured and none valid was sent", body = ErrorBody),
+        (status = 403, description = "A service's token: the metrics are every service's, for an \
+            operator's token", body = ErrorBody),
     ),
     security((), ("bearer" = [])),
 )]
@@ -154,8 +171,13 @@ pub(super) async fn metrics(
     State(state): State<HttpState>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    // With tokens configured, any valid token may read the metrics.
-    state.caller(&headers)?;
+    // They count every service's requests: with tokens configured, an operator's token only.
+    if let Viewer::Service(own) = state.viewer(&headers)? {
+        return Err(ApiError::Forbidden(format!(
+            "the metrics count every service's requests: they are for an operator's token (`\"*\"` \
+             in [http.tokens]), not service `{own}`'s"
+        )));
+    }
     // Without the driver's status (starting, or busy) the counters are still worth serving.
     // The counts of the whole queue, without its entries: as cheap at 100,000 queued as at none.
     let doc = state
@@ -167,4 +189,81 @@ pub(super) async fn metrics(
         .ok();
     let text = state.inner.metrics.render(doc.as_ref());
     Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use gpu_coordinator_wire::{
+        GpuStatus, HolderState, HolderStatus, PausedStatus, QueueEntry, VramSource,
+    };
+
+    use super::*;
+
+    fn holder(service: &str, fence: u64) -> HolderStatus {
+        HolderStatus {
+            request_id: format!("{service}-{fence}"),
+            service_id: service.into(),
+            priority: 1,
+            fence,
+            vram_mb: 1,
+            granted_at: String::new(),
+            expires_at: String::new(),
+            state: HolderState::Active,
+            preemptible: true,
+        }
+    }
+
+    fn queued(service: &str, position: u64) -> QueueEntry {
+        QueueEntry {
+            position,
+            request_id: format!("{service}-q{position}"),
+            service_id: service.into(),
+            priority: 1,
+            vram_mb: None,
+            gpu: None,
+            requested_at: String::new(),
+            paused: false,
+            timeout_at: None,
+            estimated_wait_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_service_keeps_only_its_own_entries() {
+        let mut doc = StatusDoc {
+            at: String::new(),
+            vram_source: VramSource::Config,
+            gpus: vec![GpuStatus {
+                id: "0".into(),
+                total_mb: 10,
+                used_mb: 2,
+                free_mb: 8,
+                external_mb: 0,
+                vram_source: VramSource::Config,
+                holders: vec![holder("chat", 1), holder("asr", 2)],
+            }],
+            paused: vec![PausedStatus {
+                request_id: "p".into(),
+                service_id: "chat".into(),
+                priority: 2,
+                gpu: "0".into(),
+                vram_mb: 1,
+                paused_at: String::new(),
+            }],
+            queue: vec![queued("chat", 1), queued("asr", 2), queued("chat", 3)],
+            queue_total: 3,
+            queue_offset: 0,
+            queue_counts: Vec::new(),
+            leader: None,
+        };
+        only_own(&mut doc, "asr");
+        assert_eq!(doc.gpus[0].holders, vec![holder("asr", 2)]);
+        assert!(doc.paused.is_empty());
+        assert_eq!(doc.queue, vec![queued("asr", 2)]);
+        assert_eq!(
+            (doc.gpus[0].used_mb, doc.queue_total),
+            (2, 3),
+            "the figures name nobody"
+        );
+    }
 }
