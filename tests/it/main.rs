@@ -8,6 +8,7 @@ mod demo;
 mod ha;
 mod http;
 mod modes;
+mod secrets;
 mod security;
 mod service;
 mod store_pg;
