@@ -183,6 +183,11 @@ pub struct BackendsConfig {
     /// `backends.bus`: `nats` (default, `nats.url`) or `embedded` (two tables of the SQLite database
     /// in `embedded.data_dir`; services use the HTTP API).
     pub bus: BusBackend,
+    /// `backends.one_box`, default false: confirms that one box runs this deployment, which the SQLite
+    /// journal beside a server (`bus = "nats"` or `leases = "redis"`) needs. The SQLite journal's
+    /// leadership is the lock on a local data directory: a coordinator on a second box, with a data
+    /// directory of its own, would lead too, on the same subjects and keys.
+    pub one_box: bool,
 }
 
 impl Default for BackendsConfig {
@@ -191,6 +196,7 @@ impl Default for BackendsConfig {
             journal: JournalBackend::Postgres,
             leases: LeasesBackend::Redis,
             bus: BusBackend::Nats,
+            one_box: false,
         }
     }
 }
@@ -202,7 +208,25 @@ impl BackendsConfig {
             journal: JournalBackend::Sqlite,
             leases: LeasesBackend::Memory,
             bus: BusBackend::Embedded,
+            one_box: false,
         }
+    }
+
+    /// The servers that a SQLite journal shares with whatever else uses them (`bus = "nats"`,
+    /// `leases = "redis"`): a mix for one box only. Empty when the journal is Postgres, or nothing is
+    /// shared.
+    pub fn one_box_only(&self) -> Vec<&'static str> {
+        if self.journal != JournalBackend::Sqlite {
+            return Vec::new();
+        }
+        let mut shared = Vec::new();
+        if self.bus == BusBackend::Nats {
+            shared.push("backends.bus = \"nats\" (the same nats.prefix)");
+        }
+        if self.leases == LeasesBackend::Redis {
+            shared.push("backends.leases = \"redis\" (the same redis.key_prefix)");
+        }
+        shared
     }
 
     /// Whether anything lives in the data directory.
@@ -589,6 +613,16 @@ impl Config {
                     .to_owned(),
             );
         }
+        let shared = self.backends.one_box_only();
+        if !shared.is_empty() && !self.backends.one_box {
+            problems.push(format!(
+                "backends.journal = \"sqlite\" with {} is for one box only: the SQLite journal's \
+                 leadership is the lock on a local data directory, so a coordinator on a second box \
+                 would lead as well and grant the same GPUs twice. Set backends.one_box = true if one \
+                 box runs this deployment, or use backends.journal = \"postgres\" for several",
+                shared.join(" and ")
+            ));
+        }
         if self.leader.poll_ms == 0 {
             problems.push("leader.poll_ms must be > 0".to_owned());
         }
@@ -917,6 +951,37 @@ mod tests {
             msg.contains("database.write_behind needs backends.journal = \"postgres\""),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn sqlite_beside_a_server_needs_one_box() {
+        let msg = invalid(
+            "[backends]\njournal = \"sqlite\"\nleases = \"memory\"\nbus = \"nats\"\n",
+            "onebox",
+        );
+        assert!(
+            msg.contains("backends.journal = \"sqlite\" with backends.bus = \"nats\" (the same nats.prefix) is for one box only"),
+            "{msg}"
+        );
+        assert!(msg.contains("grant the same GPUs twice"), "{msg}");
+        assert!(msg.contains("backends.one_box = true"), "{msg}");
+        let msg = invalid("[backends]\njournal = \"sqlite\"\n", "oneboxredis");
+        assert!(
+            msg.contains(
+                "backends.bus = \"nats\" (the same nats.prefix) and backends.leases = \"redis\""
+            ),
+            "{msg}"
+        );
+        load_str(
+            "[backends]\njournal = \"sqlite\"\nbus = \"nats\"\none_box = true\n",
+            "oneboxset",
+        )
+        .expect("confirmed as one box");
+        load_str(
+            "[backends]\njournal = \"sqlite\"\nleases = \"memory\"\nbus = \"embedded\"\n",
+            "oneboxembedded",
+        )
+        .expect("nothing shared");
     }
 
     #[test]
