@@ -25,7 +25,8 @@ pub const ENV_SPLIT: &str = "__";
 /// The `[http.tokens]` value of an operator's token.
 pub const OPERATOR: &str = "*";
 
-/// The whole configuration. Every section's `Default` holds the documented defaults.
+/// The whole configuration. Every section's `Default` holds the documented defaults. Its `Debug` hides
+/// the secrets (URL passwords, `[http.tokens]`), so that it can be logged.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -45,7 +46,7 @@ pub struct Config {
     pub gpus: Vec<GpuConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
     /// `nats.url`, default `nats://127.0.0.1:4222`.
@@ -68,7 +69,7 @@ pub struct NatsConfig {
     pub creds_file: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// `redis.url`, default `redis://127.0.0.1:6379`.
@@ -77,7 +78,7 @@ pub struct RedisConfig {
     pub key_prefix: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     /// `database.url`, default `postgres://postgres@127.0.0.1:5432/gpu_coordinator`.
@@ -130,7 +131,7 @@ pub struct QueueConfig {
     pub status_limit: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// `http.listen`, default `127.0.0.1:8080`.
@@ -195,6 +196,11 @@ pub struct BackendsConfig {
     /// `backends.bus`: `nats` (default, `nats.url`) or `embedded` (two tables of the SQLite database
     /// in `embedded.data_dir`; services use the HTTP API).
     pub bus: BusBackend,
+    /// `backends.one_box`, default false: confirms that one box runs this deployment, which the SQLite
+    /// journal beside a server (`bus = "nats"` or `leases = "redis"`) needs. The SQLite journal's
+    /// leadership is the lock on a local data directory: a coordinator on a second box, with a data
+    /// directory of its own, would lead too, on the same subjects and keys.
+    pub one_box: bool,
 }
 
 impl Default for BackendsConfig {
@@ -203,6 +209,7 @@ impl Default for BackendsConfig {
             journal: JournalBackend::Postgres,
             leases: LeasesBackend::Redis,
             bus: BusBackend::Nats,
+            one_box: false,
         }
     }
 }
@@ -214,7 +221,25 @@ impl BackendsConfig {
             journal: JournalBackend::Sqlite,
             leases: LeasesBackend::Memory,
             bus: BusBackend::Embedded,
+            one_box: false,
         }
+    }
+
+    /// The servers that a SQLite journal shares with whatever else uses them (`bus = "nats"`,
+    /// `leases = "redis"`): a mix for one box only. Empty when the journal is Postgres, or nothing is
+    /// shared.
+    pub fn one_box_only(&self) -> Vec<&'static str> {
+        if self.journal != JournalBackend::Sqlite {
+            return Vec::new();
+        }
+        let mut shared = Vec::new();
+        if self.bus == BusBackend::Nats {
+            shared.push("backends.bus = \"nats\" (the same nats.prefix)");
+        }
+        if self.leases == LeasesBackend::Redis {
+            shared.push("backends.leases = \"redis\" (the same redis.key_prefix)");
+        }
+        shared
     }
 
     /// Whether anything lives in the data directory.
@@ -390,6 +415,64 @@ impl Default for NvmlConfig {
     }
 }
 
+/// The sections that hold secrets show them as `***` when printed with `Debug` (the configuration is
+/// logged at `debug`): the passwords (and tokens) of the URLs, and the `[http.tokens]` tokens.
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConfig")
+            // A URL with a user alone carries a token: the client's redaction hides that too.
+            .field("url", &gpu_coordinator_client::redact(&self.url))
+            .field("prefix", &self.prefix)
+            .field("max_age_ms", &self.max_age_ms)
+            .field("max_bytes", &self.max_bytes)
+            .field("max_msgs", &self.max_msgs)
+            .field("max_msg_size", &self.max_msg_size)
+            // A path: its contents are read by the NATS library, never kept here.
+            .field("creds_file", &self.creds_file)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &crate::telemetry::redact_url(&self.url))
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &crate::telemetry::redact_url(&self.url))
+            .field("write_behind", &self.write_behind)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        /// The services the tokens act for, each token written `***`.
+        struct Tokens<'a>(&'a BTreeMap<String, String>);
+        impl std::fmt::Debug for Tokens<'_> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_map()
+                    .entries(self.0.values().map(|service| ("***", service)))
+                    .finish()
+            }
+        }
+        f.debug_struct("HttpConfig")
+            .field("listen", &self.listen)
+            .field("tokens", &Tokens(&self.tokens))
+            .field("max_wait_ms", &self.max_wait_ms)
+            .field("max_streams_per_service", &self.max_streams_per_service)
+            .field("max_streams", &self.max_streams)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish()
+    }
+}
+
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -550,6 +633,16 @@ impl Config {
                  (the batches wait in a JetStream stream until Postgres has them)"
                     .to_owned(),
             );
+        }
+        let shared = self.backends.one_box_only();
+        if !shared.is_empty() && !self.backends.one_box {
+            problems.push(format!(
+                "backends.journal = \"sqlite\" with {} is for one box only: the SQLite journal's \
+                 leadership is the lock on a local data directory, so a coordinator on a second box \
+                 would lead as well and grant the same GPUs twice. Set backends.one_box = true if one \
+                 box runs this deployment, or use backends.journal = \"postgres\" for several",
+                shared.join(" and ")
+            ));
         }
         if self.leader.poll_ms == 0 {
             problems.push("leader.poll_ms must be > 0".to_owned());
@@ -884,6 +977,37 @@ mod tests {
     }
 
     #[test]
+    fn sqlite_beside_a_server_needs_one_box() {
+        let msg = invalid(
+            "[backends]\njournal = \"sqlite\"\nleases = \"memory\"\nbus = \"nats\"\n",
+            "onebox",
+        );
+        assert!(
+            msg.contains("backends.journal = \"sqlite\" with backends.bus = \"nats\" (the same nats.prefix) is for one box only"),
+            "{msg}"
+        );
+        assert!(msg.contains("grant the same GPUs twice"), "{msg}");
+        assert!(msg.contains("backends.one_box = true"), "{msg}");
+        let msg = invalid("[backends]\njournal = \"sqlite\"\n", "oneboxredis");
+        assert!(
+            msg.contains(
+                "backends.bus = \"nats\" (the same nats.prefix) and backends.leases = \"redis\""
+            ),
+            "{msg}"
+        );
+        load_str(
+            "[backends]\njournal = \"sqlite\"\nbus = \"nats\"\none_box = true\n",
+            "oneboxset",
+        )
+        .expect("confirmed as one box");
+        load_str(
+            "[backends]\njournal = \"sqlite\"\nleases = \"memory\"\nbus = \"embedded\"\n",
+            "oneboxembedded",
+        )
+        .expect("nothing shared");
+    }
+
+    #[test]
     fn max_below_default_lease() {
         let msg = invalid("[lease]\nmax_ms = 1000\n", "maxlease");
         assert!(
@@ -984,6 +1108,30 @@ mod tests {
         );
         for key in ["nats.url", "redis.url", "database.url"] {
             assert!(msg.contains(&format!("{key} must not be empty")), "{msg}");
+        }
+    }
+
+    #[test]
+    fn debug_hides_the_secrets() {
+        let config = load_str(
+            "[nats]\nurl = \"nats://svc:natspw@h:4222,nats://tok3n@h2:4222\"\n\
+             [redis]\nurl = \"redis://:redispw@h:6379/0\"\n\
+             [database]\nurl = \"postgres://u:pgpw@h/db?password=querypw\"\n\
+             [http.tokens]\nhttptok = \"chat\"\n",
+            "debugsecrets",
+        )
+        .expect("valid");
+        let text = format!("{config:?} {config:#?}");
+        for secret in ["natspw", "tok3n", "redispw", "pgpw", "querypw", "httptok"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        for shown in [
+            "svc:***@h:4222",
+            "redis://h:6379/0",
+            "postgres://u@h/db",
+            "\"chat\"",
+        ] {
+            assert!(text.contains(shown), "{shown} not in {text}");
         }
     }
 

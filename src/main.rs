@@ -327,7 +327,7 @@ async fn status_over_nats(config: &Config) -> anyhow::Result<StatusDoc> {
         .await?
         .name("gpu-coordinator status")
         .connection_timeout(STATUS_TIMEOUT)
-        .connect(url)
+        .connect(gpu_coordinator_client::without_credentials(url))
         .await
         .with_context(|| {
             format!(

@@ -53,15 +53,16 @@ pub fn init_with_default(format: LogFormat, default: LevelFilter) {
 }
 
 /// `url` without the password of its user info, for logs and messages: `redis://:secret@host` becomes
-/// `redis://host`, `postgres://user:secret@host/db` becomes `postgres://user@host/db`. Anything that is
-/// not a URL with user info comes back as it is.
+/// `redis://host`, `postgres://user:secret@host/db` becomes `postgres://user@host/db`; a query parameter
+/// that carries a secret (`?password=...`, `sslpassword`, `token`, `secret`) reads `***`. Anything that
+/// is not a URL comes back as it is.
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
         return url.to_owned();
     };
     let rest = &url[scheme_end..];
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    let mut out = match rest[..authority_end].rfind('@') {
         Some(at) => {
             let user = rest[..at].split(':').next().unwrap_or_default();
             let host = &rest[at + 1..];
@@ -72,7 +73,29 @@ pub fn redact_url(url: &str) -> String {
             }
         }
         None => url.to_owned(),
+    };
+    if let Some(query_start) = out.find('?') {
+        let (head, tail) = out.split_at(query_start + 1);
+        let (query, fragment) = tail.split_at(tail.find('#').unwrap_or(tail.len()));
+        let query = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if secret_key(key) => format!("{key}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("&");
+        out = format!("{head}{query}{fragment}");
     }
+    out
+}
+
+/// Whether a URL's query parameter holds a secret.
+fn secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "passwd", "secret", "token"]
+        .iter()
+        .any(|word| key.contains(word))
 }
 
 #[cfg(test)]
@@ -92,5 +115,10 @@ mod tests {
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("nats://svc:p%40ss@h:4222"), "nats://svc@h:4222");
         assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db?sslmode=require&password=p2&sslpassword=p3#f"),
+            "postgres://u@h/db?sslmode=require&password=***&sslpassword=***#f"
+        );
+        assert_eq!(redact_url("redis://h/0?token=t"), "redis://h/0?token=***");
     }
 }

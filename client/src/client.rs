@@ -126,7 +126,7 @@ impl Client {
                     }
                 }
             })
-            .connect(nats_url)
+            .connect(crate::connect::without_credentials(nats_url))
             .await
             .map_err(|source| ClientError::Connect {
                 url: crate::connect::redact(nats_url),

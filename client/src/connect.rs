@@ -68,6 +68,24 @@ pub fn connect_options(url: &str) -> Result<ConnectOptions, String> {
     Ok(NatsAuth::from_url(url)?.apply(ConnectOptions::new()))
 }
 
+/// `url` (each of a comma-separated list) without its user info, for `async-nats`: the credentials
+/// go in the options ([`connect_options`]), and the library logs the addresses it connects to at
+/// `debug`, user info and all.
+pub fn without_credentials(url: &str) -> String {
+    url.split(',')
+        .map(|one| {
+            let start = one.find("://").map_or(0, |i| i + 3);
+            let rest = &one[start..];
+            let authority = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..authority].rfind('@') {
+                Some(at) => format!("{}{}", &one[..start], &rest[at + 1..]),
+                None => one.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// `url` with any password replaced by `***`, for messages and logs.
 pub fn redact(url: &str) -> String {
     url.split(',')
@@ -119,5 +137,14 @@ mod tests {
             "nats://chat:***@h:4222,nats://***@h2"
         );
         assert_eq!(redact("nats://h:4222"), "nats://h:4222");
+    }
+
+    #[test]
+    fn the_address_handed_to_the_library_has_no_credentials() {
+        assert_eq!(
+            without_credentials("nats://chat:s%40cret@h:4222, nats://t0ken@h2/x@y,h3:4222"),
+            "nats://h:4222, nats://h2/x@y,h3:4222"
+        );
+        assert_eq!(without_credentials("u:p@h:4222"), "h:4222");
     }
 }

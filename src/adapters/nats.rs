@@ -149,7 +149,7 @@ impl NatsBus {
                     }
                 }
             })
-            .connect(&config.url)
+            .connect(gpu_coordinator_client::without_credentials(&config.url))
             .await
             .map_err(|source| NatsError::Connect {
                 url: gpu_coordinator_client::redact(&config.url),

@@ -274,6 +274,8 @@ impl Chosen {
                     dir.display()
                 )
             })?;
+            // Before the lock: on a network filesystem the lock itself is what cannot be trusted.
+            crate::adapters::sqlite::check_local(&dir)?;
             tokio::select! {
                 taken = lock.acquire() => { taken.context("locking the data directory")?; }
                 () = shutdown.cancelled() => anyhow::bail!("stopped while waiting for the data directory's lock"),

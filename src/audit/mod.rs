@@ -81,7 +81,9 @@ pub async fn run(config: &Config, since: Since) -> anyhow::Result<Result<Summary
             let client = crate::adapters::nats::options(&config.nats)
                 .await?
                 .name("gpu-coordinator audit")
-                .connect(&config.nats.url)
+                .connect(gpu_coordinator_client::without_credentials(
+                    &config.nats.url,
+                ))
                 .await
                 .with_context(|| {
                     format!(

@@ -593,7 +593,12 @@ fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
     let (base, _) = url
         .rsplit_once('/')
         .filter(|(base, _)| base.contains("://"))
-        .with_context(|| format!("database.url {url} has no database name"))?;
+        .with_context(|| {
+            format!(
+                "database.url {} has no database name",
+                crate::telemetry::redact_url(url)
+            )
+        })?;
     let query = url
         .split_once('?')
         .map(|(_, q)| format!("?{q}"))
@@ -603,7 +608,14 @@ fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
 
 /// Removes what the demo made: its streams, its Redis keys, its database.
 async fn cleanup(demo: &Config) {
-    if let Ok(nats) = async_nats::connect(&demo.nats.url).await {
+    let nats = match crate::adapters::nats::options(&demo.nats).await {
+        Ok(options) => options
+            .connect(gpu_coordinator_client::without_credentials(&demo.nats.url))
+            .await
+            .ok(),
+        Err(_) => None,
+    };
+    if let Some(nats) = nats {
         let js = async_nats::jetstream::new(nats);
         if let Ok(subjects) = gpu_coordinator_wire::Subjects::new(&demo.nats.prefix) {
             let _ = js.delete_stream(subjects.input_stream()).await;

@@ -9,6 +9,7 @@ mod ha;
 mod http;
 mod http_hostile;
 mod modes;
+mod secrets;
 mod security;
 mod service;
 mod store_pg;

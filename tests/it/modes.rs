@@ -248,6 +248,8 @@ async fn http_flows_with_sqlite_beside_nats_and_redis() {
     let mut config = embedded_config("modes_mix", &[("0", 24_576)]);
     config.backends.leases = LeasesBackend::Redis;
     config.backends.bus = BusBackend::Nats;
+    config.backends.one_box = true;
+    config.validate().expect("a mix for one box, confirmed");
     let coordinator = Coordinator::start(config.clone()).await;
     acceptance(&coordinator).await;
     let checked = audit::run(&config, Since::Start)

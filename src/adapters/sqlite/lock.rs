@@ -4,7 +4,7 @@
 //! write one database.
 
 use std::fs::{File, OpenOptions, TryLockError};
-use std::io::Write as _;
+use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -61,14 +61,24 @@ impl DirLock {
                 )))
             }
         }
-        // Terms rise with the clock: a restarted coordinator leads under a newer term.
-        let term = Term(now_ms());
-        // For a person who wonders who holds it; the lock itself is what counts.
+        // Terms rise with the clock, and past the last one written here whatever the clock says: after
+        // a step back, a term below the last one would be refused by the lease store (which keeps the
+        // highest term it saw) until the clock caught up again.
+        let mut last = String::new();
+        let _ = file.read_to_string(&mut last);
+        let term = Term(now_ms().max(last_term(&last).map_or(0, |t| t.saturating_add(1))));
+        // For a person who wonders who holds it, and for the next term; the lock itself is what counts.
         let _ = file.set_len(0);
+        let _ = file.seek(SeekFrom::Start(0));
         let _ = writeln!(file, "{} term {}", self.holder, term.0);
         *self.held.lock().unwrap_or_else(|e| e.into_inner()) = Some((file, term));
         Ok(Some(term))
     }
+}
+
+/// The term in a lock file's `<holder> term <n>` line.
+fn last_term(text: &str) -> Option<u64> {
+    text.trim_end().rsplit_once(" term ")?.1.parse().ok()
 }
 
 #[async_trait]
@@ -131,6 +141,32 @@ mod tests {
         );
         first.release(term).await;
         let later = second.try_take().expect("no error").expect("free again");
-        assert!(later >= term);
+        assert!(later > term, "{later:?} after {term:?}");
+    }
+
+    /// The clock stepped back an hour since the last leader wrote its term: the next term is still
+    /// above it, so the lease store, which refuses any term below the highest it saw, takes it.
+    #[tokio::test]
+    async fn a_term_rises_past_the_last_one_when_the_clock_stepped_back() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let ahead = now_ms() + 3_600_000;
+        std::fs::write(dir.path().join(LOCK_FILE), format!("box:42 term {ahead}\n"))
+            .expect("the lock file is written");
+        let lock = DirLock::new(dir.path());
+        let term = lock.acquire().await.expect("the lock is free");
+        assert_eq!(term, Term(ahead + 1));
+        let text = std::fs::read_to_string(dir.path().join(LOCK_FILE)).expect("readable");
+        assert!(
+            text.ends_with(&format!(" term {}\n", ahead + 1)),
+            "{text:?}"
+        );
+        lock.release(term).await;
+        // A lock file that says nothing readable: the clock alone.
+        std::fs::write(dir.path().join(LOCK_FILE), "garbage").expect("written");
+        let term = DirLock::new(dir.path()).acquire().await.expect("free");
+        assert!(
+            term.0 >= now_ms() - 60_000 && term.0 <= now_ms(),
+            "{term:?}"
+        );
     }
 }

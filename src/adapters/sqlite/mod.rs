@@ -14,9 +14,11 @@
 //! and a power cut alike.
 
 mod bus;
+mod local;
 mod lock;
 
 pub use bus::SqliteBus;
+pub use local::{check_local, network_filesystem};
 pub use lock::DirLock;
 
 use std::path::{Path, PathBuf};
@@ -101,6 +103,16 @@ pub enum SqliteError {
     },
     #[error("the SQLite database {file}: {row:?}")]
     Row { file: PathBuf, row: RowError },
+    #[error(
+        "the data directory {dir} (embedded.data_dir) is on {filesystem}, a network filesystem: the \
+         lock that lets one coordinator at a time lead (flock) and SQLite's write-ahead log are not \
+         reliable there, so two coordinators could write one database; put it on a local disk",
+        dir = dir.display()
+    )]
+    NetworkFilesystem {
+        dir: PathBuf,
+        filesystem: &'static str,
+    },
 }
 
 /// Opens (creating it if need be) the database of data directory `dir`.
@@ -109,6 +121,7 @@ pub async fn open(dir: &Path) -> Result<(DatabaseConnection, PathBuf), SqliteErr
         dir: dir.to_owned(),
         source,
     })?;
+    check_local(dir)?;
     let file = dir.join(DB_FILE);
     let options = SqliteConnectOptions::new()
         .filename(&file)

@@ -300,6 +300,10 @@ impl CoordinatorProcess {
                 backend_name(config.backends.bus),
             )
             .env(
+                "GPU_COORDINATOR_BACKENDS__ONE_BOX",
+                config.backends.one_box.to_string(),
+            )
+            .env(
                 "GPU_COORDINATOR_EMBEDDED__DATA_DIR",
                 &config.embedded.data_dir,
             )

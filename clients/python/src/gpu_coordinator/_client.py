@@ -90,6 +90,8 @@ class Lease:
         self._on_pause = on_pause
         self._on_resume = on_resume
         self._loop = asyncio.get_running_loop()
+        # When the oldest renewal not yet confirmed was sent: a `renewed` names no renewal, and the one
+        # it answers was sent no earlier than this (as in the Rust client).
         self._renew_sent: Optional[float] = None
         self._lost_at = self._deadline_from(reply.get("expires_at"), sent=None)
         self._renewed = asyncio.Event()
@@ -163,6 +165,7 @@ class Lease:
         if outcome == "renewed" and doc.get("fence") in (None, self.fence):
             at = self._deadline_from(doc.get("expires_at"), self._renew_sent)
             self._lost_at = max(self._lost_at, at)
+            self._renew_sent = None
             self._renewed.set()
         elif outcome == "released":
             self.phase = "released"
@@ -208,6 +211,7 @@ class Lease:
             self.gpu = str(doc.get("gpu") or self.gpu)
             self.lease_ms = int(doc.get("lease_ms") or self.lease_ms)
             self._lost_at = self._deadline_from(doc.get("expires_at"), sent=None)
+            self._renew_sent = None  # a renewal of the lease before the pause dates nothing now
             self.phase = "resuming"
             self._renewed.set()  # renew on the new lease's schedule
             if self._on_resume is not None:
@@ -237,7 +241,8 @@ class Lease:
                 return
             if self.phase not in ("active", "resuming"):
                 continue
-            self._renew_sent = self._loop.time()
+            if self._renew_sent is None:
+                self._renew_sent = self._loop.time()
             await self._publish("renew", {"request_id": self.request_id, "fence": self.fence})
 
     async def _watch(self) -> None:

@@ -1,0 +1,114 @@
+"""The local expiry of a lease against a fake coordinator whose answers the test hands over when it
+chooses: a `renewed` that comes late, after the next renewal went out, is dated from the renewal it
+answers, not from the latest one sent."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+from typing import List, Optional, Tuple
+
+from gpu_coordinator import Client
+from gpu_coordinator._transport import Doc, Routes, Transport
+
+LEASE_MS = 1500
+
+
+class FakeTransport(Transport):
+    """Stores every input with the loop time it was published at; answers only what the test routes."""
+
+    def __init__(self) -> None:
+        self.service = "chat"
+        self.routes = Routes()
+        self.sent: List[Tuple[str, Doc, float]] = []
+        self._published: "asyncio.Queue[Tuple[str, Doc, float]]" = asyncio.Queue()
+
+    async def start(self) -> None:
+        pass
+
+    async def publish(self, kind: str, body: Doc, msg_id: str, deadline: float) -> Optional[Doc]:
+        entry = (kind, body, asyncio.get_running_loop().time())
+        self.sent.append(entry)
+        self._published.put_nowait(entry)
+        return None
+
+    async def next(self, kind: str) -> Tuple[Doc, float]:
+        """The next input of `kind` published, with its loop time."""
+        while True:
+            sent_kind, body, at = await asyncio.wait_for(self._published.get(), 10)
+            if sent_kind == kind:
+                return body, at
+
+    async def status(self) -> Doc:
+        return {}
+
+    async def close(self) -> None:
+        pass
+
+
+def rfc3339(seconds_from_now: float) -> str:
+    at = datetime.now(timezone.utc) + timedelta(seconds=seconds_from_now)
+    return at.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+async def test_a_late_renewed_is_dated_from_the_renewal_it_answers() -> None:
+    transport = FakeTransport()
+    client = Client(transport)
+    acquiring = asyncio.ensure_future(client.acquire(priority=0, vram_mb=1000, lease_ms=LEASE_MS))
+    request, _ = await transport.next("request")
+    request_id = request["request_id"]
+    transport.routes.route(
+        "reply",
+        {
+            "request_id": request_id,
+            "outcome": "granted",
+            "gpu": "0",
+            "fence": 1,
+            "lease_ms": LEASE_MS,
+            "expires_at": rfc3339(LEASE_MS / 1000),
+        },
+    )
+    lease = await acquiring
+    try:
+        # The first renewal goes unanswered until the second is out.
+        _, first_at = await transport.next("renew")
+        _, second_at = await transport.next("renew")
+        assert second_at > first_at
+        # Now the answer to the first: the coordinator's clock runs a minute ahead, so its expiry
+        # bounds nothing and the sending of the renewal is what dates the lease here.
+        transport.routes.route(
+            "reply",
+            {
+                "request_id": request_id,
+                "outcome": "renewed",
+                "fence": 1,
+                "lease_ms": LEASE_MS,
+                "expires_at": rfc3339(60 + LEASE_MS / 1000),
+            },
+        )
+        await asyncio.wait_for(lease._renewed.wait(), 10)
+        # The coordinator may have handled the first renewal as soon as it was sent: its lease may end
+        # a lease length after that, and the local bound must come a margin before.
+        bound = first_at + LEASE_MS / 1000 - lease._margin()
+        assert lease._lost_at <= bound + 1e-6, (
+            f"the local expiry is {lease._lost_at - bound:.3f} s past the lease of the renewal "
+            "that was answered"
+        )
+        # A timely answer to the next renewal moves the bound on, from that renewal.
+        lease._renewed.clear()
+        _, third_at = await transport.next("renew")
+        transport.routes.route(
+            "reply",
+            {
+                "request_id": request_id,
+                "outcome": "renewed",
+                "fence": 1,
+                "lease_ms": LEASE_MS,
+                "expires_at": rfc3339(60 + LEASE_MS / 1000),
+            },
+        )
+        await asyncio.wait_for(lease._renewed.wait(), 10)
+        assert lease._lost_at <= third_at + LEASE_MS / 1000 - lease._margin() + 1e-6
+        assert lease._lost_at > bound
+    finally:
+        await lease._stop()
