@@ -172,6 +172,11 @@ pub struct LeaderConfig {
     pub ttl_ms: u64,
     /// `leader.poll_ms`, default 100: how often a standby tries to take an expired lease.
     pub poll_ms: u64,
+    /// `leader.max_clock_skew_ms`, default 500: a coordinator whose clock is further than this from
+    /// Postgres's (the clock the leader row is kept on) does not lead. Leases, pause deadlines and
+    /// revokes are counted on the leader's clock: one ahead would revoke leases early while their
+    /// holders still work, one behind would hand a GPU on late. 0 turns the check off.
+    pub max_clock_skew_ms: u64,
 }
 
 impl Default for LeaderConfig {
@@ -179,6 +184,7 @@ impl Default for LeaderConfig {
         LeaderConfig {
             ttl_ms: 1000,
             poll_ms: 100,
+            max_clock_skew_ms: 500,
         }
     }
 }

@@ -305,7 +305,8 @@ impl Chosen {
                         pg.connection().clone(),
                         Duration::from_millis(config.leader.ttl_ms),
                         Duration::from_millis(config.leader.poll_ms),
-                    );
+                    )
+                    .with_max_clock_skew(Duration::from_millis(config.leader.max_clock_skew_ms));
                     let holder = leadership.holder().to_owned();
                     if config.database.write_behind {
                         behind = Some(pg.clone());

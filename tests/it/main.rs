@@ -4,6 +4,7 @@
 mod audit;
 mod bounds;
 mod client;
+mod clocks;
 mod demo;
 mod ha;
 mod http;

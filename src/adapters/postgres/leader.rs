@@ -91,6 +91,8 @@ pub struct PgLeadership {
     holder: String,
     ttl: Duration,
     poll: Duration,
+    /// The furthest this process's clock may be from Postgres's for it to lead (zero: no check).
+    max_skew: Duration,
     lead: Mutex<Option<Lead>>,
     /// While leading: who the leader is and which standbys it saw lately.
     roster: Arc<std::sync::RwLock<Option<Roster>>>,
@@ -118,10 +120,60 @@ impl PgLeadership {
             holder,
             ttl,
             poll,
+            max_skew: Duration::ZERO,
             lead: Mutex::new(None),
             roster: Arc::default(),
             _presence: presence,
         }
+    }
+
+    /// Refuses to lead while this process's clock is further than `max_skew` from Postgres's (zero:
+    /// no check).
+    pub fn with_max_clock_skew(mut self, max_skew: Duration) -> PgLeadership {
+        self.max_skew = max_skew;
+        self
+    }
+
+    /// How far this process's clock is ahead of Postgres's (negative: behind), in milliseconds, and the
+    /// uncertainty of that figure (half the round trip).
+    pub async fn clock_skew(&self) -> Result<(i64, u64), PortError> {
+        let before = crate::clock::now_ms();
+        let row = self
+            .db
+            .query_one(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT (extract(epoch from clock_timestamp()) * 1000)::bigint AS ms",
+            ))
+            .await
+            .map_err(PortError::new)?
+            .ok_or_else(|| PortError::msg("reading Postgres's clock: no row"))?;
+        let after = crate::clock::now_ms();
+        let theirs: i64 = row.try_get("", "ms").map_err(PortError::new)?;
+        let mid = before + (after - before) / 2;
+        Ok((mid as i64 - theirs, (after - before).div_ceil(2)))
+    }
+
+    /// Whether this process's clock is close enough to Postgres's to lead; says why not in the log at
+    /// most once a minute.
+    async fn clock_fits(&self, warned: &mut Option<Instant>) -> Result<bool, PortError> {
+        if self.max_skew.is_zero() {
+            return Ok(true);
+        }
+        let (skew, uncertainty) = self.clock_skew().await?;
+        let bound = self.max_skew.as_millis() as u64;
+        if skew.unsigned_abs().saturating_sub(uncertainty) <= bound {
+            return Ok(true);
+        }
+        if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+            tracing::error!(
+                "this coordinator's clock is {} ms {} Postgres's (more than leader.max_clock_skew_ms = \
+                 {bound}): it does not lead until the clocks agree (check NTP on this host)",
+                skew.unsigned_abs(),
+                if skew > 0 { "ahead of" } else { "behind" },
+            );
+            *warned = Some(Instant::now());
+        }
+        Ok(false)
     }
 
     /// This process's name in the `leader` row.
@@ -386,12 +438,17 @@ async fn renew(
 impl Leadership for PgLeadership {
     async fn acquire(&self) -> Result<Term, PortError> {
         let mut last_seen: Option<Instant> = None;
+        let mut warned: Option<Instant> = None;
         loop {
             if last_seen.is_none_or(|at| at.elapsed() >= self.ttl / 3) {
                 PgLeadership::seen(&self.db, &self.holder).await?;
                 last_seen = Some(Instant::now());
             }
             let started = Instant::now();
+            if !self.clock_fits(&mut warned).await? {
+                tokio::time::sleep(self.poll.max(Duration::from_secs(1))).await;
+                continue;
+            }
             if let Some(term) = self.take().await? {
                 let standbys = standbys(&self.db, &self.holder, self.ttl).await;
                 if let Ok(mut roster) = self.roster.write() {

@@ -272,7 +272,36 @@ pub struct CoordinatorProcess {
 
 impl CoordinatorProcess {
     pub async fn start(config: &Config) -> CoordinatorProcess {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpu-coordinator"));
+        let mut cmd = Self::command(config, Command::new(env!("CARGO_BIN_EXE_gpu-coordinator")));
+        cmd.stderr(Stdio::inherit());
+        let child = cmd.spawn().expect("start gpu-coordinator serve");
+        if config.backends.bus == BusBackend::Embedded {
+            wait_ready_http(&format!("http://{}", config.http.listen)).await;
+        } else {
+            wait_ready(config).await;
+        }
+        CoordinatorProcess { child }
+    }
+
+    /// A coordinator whose wall clock is shifted by `offset` (`faketime -f <offset>`, e.g. `+10m`),
+    /// its log written to `log`; not waited for (it may never lead).
+    pub fn start_shifted(
+        config: &Config,
+        offset: &str,
+        log: &std::path::Path,
+    ) -> CoordinatorProcess {
+        let mut wrapper = Command::new("faketime");
+        wrapper
+            .args(["-f", offset])
+            .arg(env!("CARGO_BIN_EXE_gpu-coordinator"));
+        let mut cmd = Self::command(config, wrapper);
+        cmd.stderr(std::fs::File::create(log).expect("the log file can be made"));
+        let child = cmd.spawn().expect("start faketime gpu-coordinator serve");
+        CoordinatorProcess { child }
+    }
+
+    /// `serve` with `config` in the environment, run by `cmd` (the binary, or a wrapper of it).
+    fn command(config: &Config, mut cmd: Command) -> Command {
         cmd.arg("serve")
             .env("GPU_COORDINATOR_NATS__URL", &config.nats.url)
             .env("GPU_COORDINATOR_NATS__PREFIX", &config.nats.prefix)
@@ -337,15 +366,8 @@ impl CoordinatorProcess {
             )
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        let child = cmd.spawn().expect("start gpu-coordinator serve");
-        if config.backends.bus == BusBackend::Embedded {
-            wait_ready_http(&format!("http://{}", config.http.listen)).await;
-        } else {
-            wait_ready(config).await;
-        }
-        CoordinatorProcess { child }
+            .stdout(Stdio::null());
+        cmd
     }
 
     /// The process id, to send it signals (SIGSTOP, SIGCONT).
