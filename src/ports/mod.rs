@@ -197,6 +197,14 @@ pub trait Journal: Send + Sync + 'static {
         let _ = term;
         Ok(())
     }
+    /// Called when a term ends (its driver stopped), before the leadership is released or handed on:
+    /// a journal that writes behind stops its writer here, so that nothing of the ended term touches
+    /// the store or the stream while the next leader reads them. `finish`: a graceful stop, which
+    /// lets the writer first write what it holds (for a while); else it stops at once, and the next
+    /// leader writes that. Nothing to do for the others.
+    async fn stand_down(&self, finish: bool) {
+        let _ = finish;
+    }
     /// Writes the whole batch or nothing. Writing the same batch twice leaves the same state (the driver
     /// retries a write whose answer was lost).
     async fn write(&self, batch: &Batch<'_>) -> Result<(), PortError>;
