@@ -116,8 +116,12 @@ pub struct Batch<'a> {
     pub records: &'a [RequestRecord],
     /// The highest fence issued (only raised).
     pub max_fence: Option<Fence>,
-    /// The stream sequence of the last input handled.
+    /// The stream sequence of the last input handled. The stored position only rises, but for
+    /// `input_reset`.
     pub input_seq: Option<u64>,
+    /// `input_seq` sets the position even lower than the stored one: the input stream was made anew
+    /// (by someone else) and is numbered from its start again.
+    pub input_reset: bool,
     /// Messages to publish, kept until the bus has stored them.
     pub outbox: &'a [OutboxRow],
     /// Outbox rows already stored by the bus: ids up to this one are deleted.
