@@ -16,6 +16,7 @@ mod m20261126_000002_outbox_and_input_seq;
 mod m20261128_000003_leader;
 mod m20261128_000004_scoped_request_ids;
 mod m20261129_000005_embedded_bus;
+mod m20261206_000006_row_versions;
 
 /// Every migration of the schema, oldest first.
 pub struct Migrator;
@@ -29,6 +30,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000003_leader::Migration),
             Box::new(m20261128_000004_scoped_request_ids::Migration),
             Box::new(m20261129_000005_embedded_bus::Migration),
+            Box::new(m20261206_000006_row_versions::Migration),
         ]
     }
 }

@@ -161,18 +161,24 @@ async fn lead(
         let acting = shutdown.child_token();
         let watch_term = tokio::spawn({
             let (leadership, acting, bus) = (leadership.clone(), acting.clone(), ports.bus.clone());
+            let journal = ports.journal.clone();
             let grace = Duration::from_millis(config.leader.ttl_ms).mul_f64(0.8);
             async move {
                 tokio::select! {
-                    () = leadership.lost(term) => {}
+                    () = leadership.lost(term) => {
+                        // Another may lead soon: nothing of this term writes the journal any more.
+                        journal.stand_down(false).await;
+                    }
                     () = cut_off(bus.as_ref(), grace) => {
                         tracing::warn!(
                             "cut off from NATS for {grace:?}: giving the leadership of term {} up, so \
                              that a coordinator that reaches it takes over",
                             term.0
                         );
-                        // At once: whatever the driver still waits for, its writes are this term's
-                        // and refused once another leads.
+                        // At once, whatever the driver still waits for (its writes are this term's
+                        // and refused once another leads), but after the journal's writer stopped:
+                        // it would purge the stream while the next leader reads it.
+                        journal.stand_down(false).await;
                         leadership.release(term).await;
                     }
                 }
@@ -197,6 +203,11 @@ async fn lead(
             }
             Err(e) => Err(e),
         };
+        // The journal's writer stops before the leadership is handed on: still writing, it could
+        // purge the stream while the next leader reads it back. A graceful stop lets it write what it
+        // holds first.
+        let finish = shutdown.is_cancelled() && !matches!(&ran, Err(e) if is_deposed(e));
+        ports.journal.stand_down(finish).await;
         watch_term.abort();
         leadership.release(term).await;
         match ran {

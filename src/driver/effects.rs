@@ -138,6 +138,7 @@ impl Driver {
                 records: &round.records,
                 max_fence: round.fence,
                 input_seq: self.position.pending.take(),
+                input_reset: false,
                 outbox: &outbox,
                 published_upto: self.outbox.deletion(self.publisher.stored_upto()),
                 term: Some(self.term),
@@ -225,11 +226,17 @@ impl Driver {
         Ok((refused, lost))
     }
 
-    /// Writes what no batch of effects carried: the input position, when given, and the deletion of
-    /// the outbox rows the bus has stored. Nothing when there is neither.
-    pub(super) async fn write_bookkeeping(&mut self, input_seq: Option<u64>) -> anyhow::Result<()> {
+    /// Writes what no batch of effects carried: the input position, when given (`reset`: even below
+    /// the stored one, for an input stream made anew), and the deletion of the outbox rows the bus has
+    /// stored. Nothing when there is neither.
+    pub(super) async fn write_bookkeeping(
+        &mut self,
+        input_seq: Option<u64>,
+        reset: bool,
+    ) -> anyhow::Result<()> {
         let batch = Batch {
             input_seq,
+            input_reset: reset,
             published_upto: self.outbox.deletion(self.publisher.stored_upto()),
             term: Some(self.term),
             ..Batch::default()

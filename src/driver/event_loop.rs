@@ -190,7 +190,7 @@ impl Driver {
     async fn every_second(&mut self, tick: u64) -> anyhow::Result<()> {
         // Rows stored by the bus leave the outbox within a second, so a restart much later does not
         // publish them again past the duplicate window.
-        self.write_bookkeeping(None).await?;
+        self.write_bookkeeping(None, false).await?;
         // Reconciling hands the core the time now: after the inputs stored until now.
         if self.catching_up.is_none() && self.inputs_caught_up().await {
             self.check_lease_store().await?;
@@ -216,7 +216,7 @@ impl Driver {
     async fn stop(&mut self) {
         tracing::info!("stopping: intake closed, flushing the bus");
         self.publisher.finish(FLUSH_WAIT).await;
-        if let Err(e) = self.write_bookkeeping(None).await {
+        if let Err(e) = self.write_bookkeeping(None, false).await {
             tracing::warn!("{e:#}");
         }
         match tokio::time::timeout(FLUSH_WAIT, self.ports.bus.flush()).await {
@@ -249,7 +249,8 @@ impl Driver {
         })
         .await?;
         if after != handled {
-            self.write_bookkeeping(Some(after)).await?;
+            // Lower only for an input stream made anew, numbered from its start again.
+            self.write_bookkeeping(Some(after), after < handled).await?;
         }
         *inputs = Some(
             with_retry("opening the input consumer", &shutdown, || {
@@ -348,7 +349,7 @@ impl Driver {
         if let Some(seq) = self.position.pending.take() {
             // Nothing to write (every input in the batch was handled before): record it anyway, so
             // that the position survives.
-            self.write_bookkeeping(Some(seq)).await?;
+            self.write_bookkeeping(Some(seq), false).await?;
         }
         // Acknowledged once the messages they caused are stored; by the last alone where that covers
         // the inputs before it (a rejected input needs no acknowledgement of its own: it is handled).

@@ -116,8 +116,12 @@ pub struct Batch<'a> {
     pub records: &'a [RequestRecord],
     /// The highest fence issued (only raised).
     pub max_fence: Option<Fence>,
-    /// The stream sequence of the last input handled.
+    /// The stream sequence of the last input handled. The stored position only rises, but for
+    /// `input_reset`.
     pub input_seq: Option<u64>,
+    /// `input_seq` sets the position even lower than the stored one: the input stream was made anew
+    /// (by someone else) and is numbered from its start again.
+    pub input_reset: bool,
     /// Messages to publish, kept until the bus has stored them.
     pub outbox: &'a [OutboxRow],
     /// Outbox rows already stored by the bus: ids up to this one are deleted.
@@ -196,6 +200,14 @@ pub trait Journal: Send + Sync + 'static {
     async fn take_over(&self, term: Term) -> Result<(), PortError> {
         let _ = term;
         Ok(())
+    }
+    /// Called when a term ends (its driver stopped), before the leadership is released or handed on:
+    /// a journal that writes behind stops its writer here, so that nothing of the ended term touches
+    /// the store or the stream while the next leader reads them. `finish`: a graceful stop, which
+    /// lets the writer first write what it holds (for a while); else it stops at once, and the next
+    /// leader writes that. Nothing to do for the others.
+    async fn stand_down(&self, finish: bool) {
+        let _ = finish;
     }
     /// Writes the whole batch or nothing. Writing the same batch twice leaves the same state (the driver
     /// retries a write whose answer was lost).

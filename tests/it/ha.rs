@@ -525,3 +525,190 @@ async fn streams_lost_at_run_time(write_behind: bool) {
         store.close().await;
     }
 }
+
+/// Postgres slowed for the journal's writes: each statement that raises the `fence` row waits
+/// `ms` (a row of `slowness`, changed at will), so that with Postgres written behind the journal
+/// stream holds batches Postgres does not yet. And each change of leadership term is logged with
+/// the input position Postgres held at that instant (`takeovers`).
+async fn slow_postgres_and_log_takeovers(db: &sea_orm::DatabaseConnection, ms: u64) {
+    sea_orm::ConnectionTrait::execute_unprepared(
+        db,
+        &format!(
+            "CREATE TABLE slowness (ms bigint NOT NULL); INSERT INTO slowness VALUES ({ms}); \
+             CREATE FUNCTION slow_journal() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                 PERFORM pg_sleep((SELECT ms FROM slowness) / 1000.0); RETURN NULL; END $$; \
+             CREATE TRIGGER slow_journal BEFORE INSERT ON fence \
+                 FOR EACH STATEMENT EXECUTE FUNCTION slow_journal(); \
+             CREATE TABLE takeovers (term bigint NOT NULL, input_seq bigint NOT NULL); \
+             CREATE FUNCTION log_takeover() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                 INSERT INTO takeovers SELECT NEW.term, input_seq FROM fence WHERE id = 1; \
+                 RETURN NULL; END $$; \
+             CREATE TRIGGER log_takeover AFTER UPDATE ON leader FOR EACH ROW \
+                 WHEN (OLD.term IS DISTINCT FROM NEW.term) EXECUTE FUNCTION log_takeover();"
+        ),
+    )
+    .await
+    .expect("slow the journal's writes");
+}
+
+/// One `bigint` that `sql` selects.
+async fn select_i64(db: &sea_orm::DatabaseConnection, sql: &str) -> Option<i64> {
+    sea_orm::ConnectionTrait::query_one(
+        db,
+        sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, sql),
+    )
+    .await
+    .ok()
+    .flatten()
+    .and_then(|row| row.try_get_by_index::<i64>(0).ok())
+}
+
+/// Write-behind, Postgres slowed so that the journal stream holds what Postgres does not yet, and
+/// the leader stopped gracefully twice, each time with a standby taking over at once. The old
+/// leader's writer is done before the leadership is handed on: at each change of term Postgres
+/// holds every input the old leader handled, so the new leader reads back a stream nobody purges
+/// under it. Nothing goes back: the input position in Postgres only rises, no request is granted
+/// twice (under two fences), and `audit` finds the history sound.
+#[tokio::test]
+async fn a_graceful_takeover_behind_a_slow_postgres_takes_nothing_back() {
+    let mut config = test_config("ha_behind", &[("0", 24_000)]);
+    config.database.write_behind = true;
+    let mut leader = Coordinator::start(config.clone()).await;
+    let db = sea_orm::Database::connect(&config.database.url)
+        .await
+        .expect("the journal's database");
+    slow_postgres_and_log_takeovers(&db, 400).await;
+    let subjects = gpu_coordinator_wire::Subjects::new(&config.nats.prefix).expect("prefix");
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+
+    // The input position as Postgres holds it, watched until the end: it never goes back.
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = tokio::spawn({
+        let (url, watching) = (config.database.url.clone(), watching.clone());
+        async move {
+            let db = sea_orm::Database::connect(&url)
+                .await
+                .expect("the database");
+            let mut seen = Vec::new();
+            while watching.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Some(seq) = select_i64(&db, "SELECT input_seq FROM fence WHERE id = 1").await
+                {
+                    if seen.last() != Some(&seq) {
+                        seen.push(seq);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            seen
+        }
+    });
+
+    let mut held = Vec::new();
+    let mut grants: std::collections::BTreeMap<String, std::collections::BTreeSet<u64>> =
+        Default::default();
+    for round in 0..2 {
+        let standby = Coordinator::start(config.clone()).await;
+        let url = standby.url("/gpu/status");
+        eventually("the new coordinator stands by", || async {
+            let answer = reqwest::get(&url).await.ok()?;
+            (answer.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(())
+        })
+        .await;
+        // Requests granted and released, a few held across the takeover.
+        for i in 0..40 {
+            let id = format!("r{round}-{i}");
+            probe
+                .pub_json(
+                    "request",
+                    "svc",
+                    json!({"request_id": id, "priority": 1, "vram_mb": 1000, "lease_ms": 600000}),
+                )
+                .await;
+            let grant = probe.reply(&id, "granted").await;
+            grants
+                .entry(id.clone())
+                .or_default()
+                .insert(grant.fence.unwrap_or(0));
+            if i % 10 == 0 {
+                held.push((id, grant.fence));
+            } else {
+                probe
+                    .pub_json(
+                        "release",
+                        "svc",
+                        json!({"request_id": id, "fence": grant.fence}),
+                    )
+                    .await;
+                probe.reply(&id, "released").await;
+            }
+        }
+        // Every input stored so far is handled (each answered); Postgres lags behind.
+        let handled = probe
+            .js
+            .get_stream(subjects.input_stream())
+            .await
+            .expect("the input stream")
+            .info()
+            .await
+            .expect("its state")
+            .state
+            .last_sequence;
+        let stored = select_i64(&db, "SELECT input_seq FROM fence WHERE id = 1")
+            .await
+            .unwrap_or(0);
+        println!("round {round}: {handled} input(s) handled, Postgres holds {stored}");
+
+        leader.stop().await.expect("the leader stops cleanly");
+        let url = standby.url("/gpu/status");
+        eventually("the standby leads", || async {
+            (reqwest::get(&url).await.ok()?.status() == StatusCode::OK).then_some(())
+        })
+        .await;
+        let term = i64::from(round) + 2;
+        let at_takeover = select_i64(
+            &db,
+            &format!("SELECT input_seq FROM takeovers WHERE term = {term}"),
+        )
+        .await
+        .expect("the takeover is logged");
+        assert_eq!(
+            u64::try_from(at_takeover).expect("a position"),
+            handled,
+            "when term {term} took over, Postgres held every input the old leader handled"
+        );
+        leader = standby;
+    }
+
+    // The holders kept across both takeovers release; each was granted once.
+    for (id, fence) in &held {
+        probe
+            .pub_json("release", "svc", json!({"request_id": id, "fence": fence}))
+            .await;
+        probe.reply(id, "released").await;
+    }
+    leader.stop().await.expect("stops cleanly");
+    watching.store(false, std::sync::atomic::Ordering::SeqCst);
+    let positions = watcher.await.expect("the watcher");
+    assert!(
+        positions.windows(2).all(|w| w[0] <= w[1]),
+        "the input position in Postgres went back: {positions:?}"
+    );
+    // Every grant seen, also those published again (the same message) or made again (another fence).
+    probe.drain_and_find(|_| false);
+    for seen in &probe.seen {
+        if seen.str("outcome") == Some("granted") {
+            grants
+                .entry(seen.str("request_id").unwrap_or_default().to_owned())
+                .or_default()
+                .insert(seen.json["fence"].as_u64().unwrap_or(0));
+        }
+    }
+    let twice: Vec<_> = grants.iter().filter(|(_, f)| f.len() > 1).collect();
+    assert!(twice.is_empty(), "granted twice: {twice:?}");
+    let verdict = audit::run(&config, Since::Start)
+        .await
+        .expect("the history can be read");
+    if let Err(violation) = verdict {
+        panic!("{violation}");
+    }
+}

@@ -358,6 +358,7 @@ async fn pg_batches_carry_the_outbox_and_the_input_position() {
             records: &first,
             max_fence: Some(Fence(500)),
             input_seq: Some(40),
+            input_reset: false,
             outbox: &outbox,
             published_upto: None,
             term: None,
@@ -380,6 +381,7 @@ async fn pg_batches_carry_the_outbox_and_the_input_position() {
             records: std::slice::from_ref(&ended),
             max_fence: Some(Fence(3)),
             input_seq: Some(12),
+            input_reset: false,
             outbox: &[outbox_row(4)],
             published_upto: Some(2),
             term: None,
@@ -387,9 +389,8 @@ async fn pg_batches_carry_the_outbox_and_the_input_position() {
         .await
         .expect("write a second batch");
     let state = store.load_state(0).await.expect("load");
-    // The fence only rises; the position is what the batch says (the driver sends it in stream order,
-    // lower only for an input stream made anew).
-    assert_eq!((state.input_seq, state.max_fence), (12, Fence(500)));
+    // The fence and the position only rise.
+    assert_eq!((state.input_seq, state.max_fence), (40, Fence(500)));
     assert_eq!(
         state.max_arrival, 9,
         "the ended row is not reloaded, its seq still counts"
@@ -413,6 +414,80 @@ async fn pg_batches_carry_the_outbox_and_the_input_position() {
     let state = store.load_state(0).await.expect("load");
     assert_eq!(state.input_seq, 41);
     assert!(state.outbox.is_empty());
+
+    // A reset lowers it: the input stream was made anew, numbered from its start again.
+    store
+        .write(&Batch {
+            input_seq: Some(3),
+            input_reset: true,
+            ..Batch::default()
+        })
+        .await
+        .expect("write a reset position");
+    assert_eq!(store.load_state(0).await.expect("load").input_seq, 3);
+    finish(store, &name).await;
+}
+
+/// An older batch written again after a newer one (a takeover reading back a write-behind journal
+/// stream while the earlier leader's writer, still running, wrote Postgres and purged it) takes
+/// nothing back: no request row, no fence, no input position.
+#[tokio::test]
+async fn pg_an_older_batch_written_after_a_newer_one_takes_nothing_back() {
+    use gpu_coordinator::adapters::postgres::Batch;
+    let (store, name) = fresh_store().await;
+    let queued = [record("a", 7, Phase::Queued), bare("b", 9)];
+    let older = store
+        .rows(&Batch {
+            records: &queued,
+            max_fence: Some(Fence(30)),
+            input_seq: Some(5),
+            ..Batch::default()
+        })
+        .expect("rows");
+    store.write_rows(&older).await.expect("the older batch");
+    let granted = record("a", 7, Phase::Active);
+    let ended = ended_at("b", 9, BASE + 50);
+    let newer = store
+        .rows(&Batch {
+            records: &[granted.clone(), ended.clone()],
+            max_fence: Some(Fence(31)),
+            input_seq: Some(6),
+            ..Batch::default()
+        })
+        .expect("rows");
+    store.write_rows(&newer).await.expect("the newer batch");
+    let before = store.load_state(10).await.expect("load");
+
+    // The older batch again, late.
+    store.write_rows(&older).await.expect("written late");
+    let after = store.load_state(10).await.expect("load");
+    assert_eq!(
+        after.records,
+        [granted.clone(), ended.clone()],
+        "the newer rows are kept"
+    );
+    assert_eq!(after.input_seq, 6, "the input position does not go back");
+    assert_eq!(
+        after.max_fence, before.max_fence,
+        "the fence does not go back"
+    );
+
+    // A newer batch still writes.
+    let later = store
+        .rows(&Batch {
+            records: &[bare("c", 11)],
+            input_seq: Some(7),
+            ..Batch::default()
+        })
+        .expect("rows");
+    store.write_rows(&later).await.expect("a newer batch");
+    let last = store.load_state(10).await.expect("load");
+    assert_eq!(last.input_seq, 7);
+    assert_eq!(
+        last.records,
+        [granted, bare("c", 11), ended],
+        "open ones first"
+    );
     finish(store, &name).await;
 }
 
@@ -582,6 +657,7 @@ async fn pg_a_batch_of_any_size_is_written_whole_or_not_at_all() {
             records: &broken,
             max_fence: Some(Fence(90_000)),
             input_seq: Some(5_000),
+            input_reset: false,
             outbox: &[outbox_row(5_001)],
             published_upto: Some(2_500),
             term: None,
@@ -702,6 +778,7 @@ async fn pg_behind_batches_stored_before_a_crash_reach_postgres_at_the_takeover(
             records: &queued,
             max_fence: Some(Fence(30)),
             input_seq: Some(5),
+            input_reset: false,
             outbox: &[outbox_row(1), outbox_row(2)],
             published_upto: None,
             term: Some(Term(1)),
@@ -714,6 +791,7 @@ async fn pg_behind_batches_stored_before_a_crash_reach_postgres_at_the_takeover(
             records: &granted,
             max_fence: Some(Fence(31)),
             input_seq: Some(6),
+            input_reset: false,
             outbox: &[outbox_row(3)],
             published_upto: Some(2),
             term: Some(Term(1)),

@@ -123,6 +123,20 @@ async fn sqlite_keeps_the_journal_contract() {
     .expect("write");
     let loaded = store.load(0).await.expect("load");
     assert_eq!(loaded.input_seq, 41);
+    // The position only rises, but for a reset (an input stream made anew).
+    for (seq, reset, stored) in [(12, false, 41), (12, true, 12), (41, false, 41)] {
+        Journal::write(
+            &store,
+            &Batch {
+                input_seq: Some(seq),
+                input_reset: reset,
+                ..Batch::default()
+            },
+        )
+        .await
+        .expect("write");
+        assert_eq!(store.load(0).await.expect("load").input_seq, stored);
+    }
     assert_eq!(loaded.outbox, [row(3), row(4)]);
     assert_eq!(loaded.max_arrival, 1_299);
     assert!(!ids(&loaded.records).contains(&"bare"));

@@ -68,7 +68,12 @@ impl MemJournal {
             state.max_fence = state.max_fence.max(fence);
         }
         if let Some(seq) = batch.input_seq {
-            state.input_seq = seq;
+            // Only raised, but for an input stream made anew.
+            state.input_seq = if batch.input_reset {
+                seq
+            } else {
+                state.input_seq.max(seq)
+            };
         }
         for row in batch.outbox {
             state.outbox.insert(row.id, row.clone());

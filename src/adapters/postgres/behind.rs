@@ -12,9 +12,15 @@
 //!   is read by the new one before it acts.
 //! - A batch too big for one message goes as several, the last one marked; a group whose last message
 //!   never came (a crash in between) was never acknowledged, and is skipped when read back.
+//! - The writer task is the term's: [`Journal::take_over`] starts it, and [`Journal::stand_down`]
+//!   stops it (and waits for it) before the leadership is released or handed on, so that it never
+//!   purges the stream while the next leader reads it back. A graceful stop lets it write what it
+//!   holds first; a term lost or given up stops it at once, and the next leader writes the rest.
 //! - Writing the stream's content to Postgres in order, from its first message, is what writing the
-//!   batches did, whatever Postgres already had: each request's row is set whole, the fence and the
-//!   deletions only rise, and the input position is the last batch's.
+//!   batches did, whatever Postgres already had: each request's row is set whole, unless Postgres
+//!   holds a newer version of it (each row carries the number of the batch that made it), and the
+//!   fence, the input position and the deletions only rise. A batch read back late (a cut-off
+//!   leader's writer that purged the stream under the reader) takes nothing back.
 //!
 //! Durability is JetStream's: what nats-server acknowledged survives the crash of any process; a power
 //! loss of its host can lose what it had not yet synced to disk (its `sync_interval`), as it can lose
@@ -127,19 +133,29 @@ pub struct WriteBehind {
     /// The largest message the server takes.
     max_payload: usize,
     head: tokio::sync::Mutex<Head>,
-    /// Stored batches to the writer task: their last stream sequence and rows. Bounded: a write waits
-    /// while [`WAITING`] batches wait for Postgres.
-    behind: Mutex<Option<mpsc::Sender<Stored>>>,
-    /// The last stream sequence Postgres holds.
-    applied: watch::Receiver<u64>,
+    /// Whether a term starts a writer task (not in the tests that play a crash before it writes).
+    writing: bool,
+    /// The writer task of the term led now, if any, and its stored batches: their last stream
+    /// sequence and rows. Bounded: a write waits while [`WAITING`] batches wait for Postgres.
+    writer: tokio::sync::Mutex<Option<WriterTask>>,
+    /// The last stream sequence Postgres holds, as the writer task says.
+    applied: Arc<watch::Sender<u64>>,
     /// Set by the writer task when Postgres refused a write for a newer term.
     deposed: Arc<Mutex<Option<Deposed>>>,
-    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
+
+/// A running writer task and the way to it.
+struct WriterTask {
+    batches: mpsc::Sender<Stored>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How long a graceful stop lets the writer task write what it holds.
+const FINISH_WAIT: Duration = Duration::from_secs(5);
 
 impl WriteBehind {
     /// The journal on `pg` and the stream `stream` (subject `subject`) of `js`'s server, made if
-    /// missing. Starts the task that writes Postgres.
+    /// missing. Each term it leads runs a task that writes Postgres.
     pub async fn new(
         pg: PgStore,
         client: async_nats::Client,
@@ -170,9 +186,6 @@ impl WriteBehind {
     ) -> Result<WriteBehind, BehindError> {
         let max_payload = client.server_info().max_payload;
         let js = jetstream::new(client);
-        let (tx, rx) = mpsc::channel(WAITING);
-        let (applied_tx, applied) = watch::channel(0);
-        let deposed = Arc::new(Mutex::new(None));
         let journal = WriteBehind {
             pg,
             js,
@@ -186,29 +199,63 @@ impl WriteBehind {
                 term: None,
                 last_id: String::new(),
             }),
-            behind: Mutex::new(Some(tx)),
-            applied,
-            deposed: deposed.clone(),
-            writer: Mutex::new(None),
+            writing,
+            writer: tokio::sync::Mutex::new(None),
+            applied: Arc::new(watch::channel(0).0),
+            deposed: Arc::default(),
         };
-        let stream = journal.ensure_stream().await?;
-        if writing {
-            let task = Writer {
-                pg: journal.pg.clone(),
-                stream,
-                applied: applied_tx,
-                deposed,
-            };
-            *journal.writer.lock().expect("not poisoned") = Some(tokio::spawn(task.run(rx)));
-        }
+        journal.ensure_stream().await?;
         Ok(journal)
     }
 
     /// Waits until Postgres holds every batch written so far.
     pub async fn caught_up(&self) {
         let written = self.head.lock().await.last_seq;
-        let mut applied = self.applied.clone();
+        let mut applied = self.applied.subscribe();
         let _ = applied.wait_for(|&seq| seq >= written).await;
+    }
+
+    /// Starts a writer task for the term being taken over, unless one runs (or none is wanted).
+    async fn start_writer(&self, stream: stream::Stream) {
+        let mut writer = self.writer.lock().await;
+        if !self.writing || writer.is_some() {
+            return;
+        }
+        let (batches, rx) = mpsc::channel(WAITING);
+        self.applied.send_replace(0);
+        let task = Writer {
+            pg: self.pg.clone(),
+            stream,
+            applied: self.applied.clone(),
+            deposed: self.deposed.clone(),
+        };
+        *writer = Some(WriterTask {
+            batches,
+            task: tokio::spawn(task.run(rx)),
+        });
+    }
+
+    /// Stops the writer task, if one runs, and waits until it has: with `finish`, once it wrote
+    /// what it holds (and purged the stream of it), for at most `FINISH_WAIT`; else at once. A
+    /// task stopped before it wrote leaves those batches in the stream, for the next leader. A
+    /// second call meanwhile waits for the first.
+    async fn stop_writer(&self, finish: bool) {
+        let mut writer = self.writer.lock().await;
+        let Some(WriterTask { batches, mut task }) = writer.take() else {
+            return;
+        };
+        drop(batches);
+        if finish {
+            if tokio::time::timeout(FINISH_WAIT, &mut task).await.is_ok() {
+                return;
+            }
+            tracing::warn!(
+                "Postgres did not take the last journal batches within {FINISH_WAIT:?}: they stay \
+                 in the journal stream, for the next leader"
+            );
+        }
+        task.abort();
+        let _ = task.await;
     }
 
     /// Makes the stream if it is missing: file storage, nothing removed but by the writer's purges,
@@ -439,7 +486,12 @@ impl WriteBehind {
     /// Hands a stored batch to the writer task, waiting while it has [`WAITING`] already (none
     /// without a writer task).
     async fn behind(&self, batch: Stored) {
-        let behind = self.behind.lock().expect("not poisoned").clone();
+        let behind = self
+            .writer
+            .lock()
+            .await
+            .as_ref()
+            .map(|writer| writer.batches.clone());
         if let Some(behind) = behind {
             let _ = behind.send(batch).await;
         }
@@ -464,7 +516,7 @@ fn skipped(batch: &str) {
 struct Writer {
     pg: PgStore,
     stream: stream::Stream,
-    applied: watch::Sender<u64>,
+    applied: Arc<watch::Sender<u64>>,
     deposed: Arc<Mutex<Option<Deposed>>>,
 }
 
@@ -604,7 +656,7 @@ impl Journal for WriteBehind {
     async fn take_over(&self, term: Term) -> Result<(), PortError> {
         let mut head = self.head.lock().await;
         head.term = Some(term);
-        self.ensure_stream().await.map_err(PortError::new)?;
+        let stream = self.ensure_stream().await.map_err(PortError::new)?;
         loop {
             let (mut rows, last) = self.read_all().await?;
             rows.term = Some(i64::try_from(term.0).map_err(PortError::new)?);
@@ -628,10 +680,15 @@ impl Journal for WriteBehind {
                 Err(e) => return Err(e),
             }
         }
-        // Postgres holds everything up to the marker.
+        // Postgres holds everything up to the marker: the term's writer goes on from there.
+        self.start_writer(stream).await;
         self.behind((head.last_seq, head.last_id.clone(), Rows::default()))
             .await;
         Ok(())
+    }
+
+    async fn stand_down(&self, finish: bool) {
+        self.stop_writer(finish).await;
     }
 
     async fn load(&self, retain_ended: usize) -> Result<Loaded, PortError> {
@@ -664,19 +721,7 @@ impl Journal for WriteBehind {
 
     /// Lets the writer task write what it has (as long as Postgres answers), then closes Postgres.
     async fn close(&self) {
-        self.behind.lock().expect("not poisoned").take();
-        let writer = self.writer.lock().expect("not poisoned").take();
-        if let Some(writer) = writer {
-            if tokio::time::timeout(Duration::from_secs(5), writer)
-                .await
-                .is_err()
-            {
-                tracing::warn!(
-                    "Postgres did not take the last journal batches within 5 s: they stay in the \
-                     journal stream, written at the next start"
-                );
-            }
-        }
+        self.stop_writer(true).await;
         self.pg.close().await
     }
 }

@@ -39,6 +39,10 @@ pub mod request {
         pub outcome: Option<String>,
         pub ended_at: Option<i64>,
         pub detail: Option<String>,
+        /// The number of the batch that wrote the row (rising across terms): a row is overwritten
+        /// only by one of at least its version. `None`: written unnumbered.
+        #[serde(default)]
+        pub version: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -266,6 +270,7 @@ pub fn to_row(r: &RequestRecord) -> Result<request::Model, RowError> {
         outcome: r.end.map(|e| e.as_str().to_owned()),
         ended_at: opt("ended_at", r.ended_at)?,
         detail: r.detail.clone(),
+        version: None,
     })
 }
 

@@ -7,7 +7,11 @@
 //!
 //! - [`PgStore::apply`] writes a batch as one statement (one transaction), so the batch is durable entirely or not at all;
 //!   the driver acknowledges the batch's inputs to JetStream only after it returns `Ok`.
-//! - The stored fence only rises (`GREATEST`), whatever order batches arrive in.
+//! - Nothing goes back, whatever order batches arrive in: the stored fence and the input position only
+//!   rise (`GREATEST`; the position is lowered only by a reset, for an input stream made anew), and a
+//!   request's row is overwritten only by a row of at least its version (the number of the batch
+//!   that made it, which rises across terms: each store numbers its batches from above the highest
+//!   it read at [`PgStore::migrate`] and [`PgStore::load_state`]).
 //! - [`PgStore::load`] reads from one snapshot (repeatable read), so the requests and the fence agree.
 //! - The core's `u64`s are stored as `bigint`: a value above `i64::MAX` is refused ([`PgError::OutOfRange`])
 //!   rather than wrapped, and a stored value the core cannot represent is reported ([`PgError::Corrupt`]).
@@ -40,12 +44,22 @@ use sea_orm::{
 /// How long opening a connection, or waiting for a free one in the pool, may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Raises the stored fence (never lowers it) and sets the last input handled when the batch has one
-/// (the driver handles inputs in stream order, so it only rises, but for an input stream made anew).
-const RAISE_FENCE: &str =
-    "INSERT INTO fence (id, max_fence, input_seq) VALUES (1, $1, COALESCE($2, 0)) \
+/// Raises the stored fence, the input position (but for a reset: an input stream made anew) and the
+/// highest row version written; never lowers them, whatever order batches arrive in. `{fence}`,
+/// `{input_seq}` (null: unchanged), `{reset}` and `{version}` (null: none) stand for the batch's
+/// values.
+const RAISE_FENCE: &str = "INSERT INTO fence (id, max_fence, input_seq, version) \
+     VALUES (1, {fence}, COALESCE({input_seq}, 0), COALESCE({version}, 0)) \
      ON CONFLICT (id) DO UPDATE SET max_fence = GREATEST(fence.max_fence, EXCLUDED.max_fence), \
-     input_seq = COALESCE($2, fence.input_seq)";
+     input_seq = CASE WHEN {reset} THEN COALESCE({input_seq}, fence.input_seq) \
+                 ELSE GREATEST(fence.input_seq, {input_seq}) END, \
+     version = GREATEST(fence.version, {version})";
+
+/// Overwrites a request's row only with one of at least its version: an older batch written late
+/// leaves a newer row as it is. A row without a version (written unnumbered) is overwritten, and
+/// overwrites.
+const NEWER_ROW: &str = "requests.version IS NULL OR EXCLUDED.version IS NULL \
+     OR requests.version <= EXCLUDED.version";
 
 /// Fences a batch by the writer's term: locks the `leader` row and raises SQLSTATE `GC001` when its term
 /// is another (see the migration that made `gpu_coordinator_check_term`).
@@ -61,7 +75,14 @@ const COUNTERS: &str = "SELECT \
      GREATEST(COALESCE((SELECT max_fence FROM fence WHERE id = 1), 0), \
               COALESCE((SELECT max(fence) FROM requests), 0)) AS max_fence, \
      COALESCE((SELECT max(seq) FROM requests), 0) AS max_arrival, \
-     COALESCE((SELECT input_seq FROM fence WHERE id = 1), 0) AS input_seq";
+     COALESCE((SELECT input_seq FROM fence WHERE id = 1), 0) AS input_seq, \
+     COALESCE((SELECT version FROM fence WHERE id = 1), 0) AS version";
+
+/// The highest row version written.
+const VERSION: &str = "SELECT COALESCE((SELECT version FROM fence WHERE id = 1), 0) AS version";
+
+/// A [`PgStore`] that does not know the highest version written yet: it writes its rows unnumbered.
+const UNSEEDED: i64 = i64::MIN;
 
 /// Serialises concurrent `migrate` calls (several coordinators starting at once) on one database.
 const MIGRATION_LOCK_KEY: i64 = 0x6770_755f_636f_6f72; // "gpu_coor"
@@ -184,8 +205,9 @@ fn column_names() -> String {
 static WRITE_BATCH_FENCED: LazyLock<String> = LazyLock::new(|| write_batch(true));
 
 /// The batch statement, unfenced. Its parameters: one array per column of `requests` (see
-/// [`RequestColumns`]); the outbox's five columns as arrays; the outbox ids to delete (from, up to; both
-/// null for none); the fence to raise to; the last input handled (null: unchanged).
+/// [`RequestColumns`]), then the rows' versions; the outbox's five columns as arrays; the outbox ids to delete (from, up to; both
+/// null for none); the fence to raise to; the last input handled (null: unchanged); whether that
+/// position is a reset (an input stream made anew), which may lower it.
 static WRITE_BATCH: LazyLock<String> = LazyLock::new(|| write_batch(false));
 
 /// The text of [`WRITE_BATCH`] or [`WRITE_BATCH_FENCED`]: data-modifying CTEs, which commit or fail
@@ -201,12 +223,13 @@ fn write_batch(fenced: bool) -> String {
         parts.push(format!("t AS ({})", CHECK_TERM.replace("$1", &param())));
     }
     let arrays = REQUEST_COLUMNS.map(|(_, ty)| format!("{}::{ty}[]", param()));
+    let versions = format!("{}::bigint[]", param());
     let updates = REQUEST_COLUMNS[1..]
         .iter()
         .map(|(c, _)| format!("{c} = EXCLUDED.{c}"));
     parts.push(format!(
-        "r AS (INSERT INTO requests ({}) SELECT * FROM unnest({}) \
-         ON CONFLICT (request_id) DO UPDATE SET {})",
+        "r AS (INSERT INTO requests ({}, version) SELECT * FROM unnest({}, {versions}) \
+         ON CONFLICT (request_id) DO UPDATE SET {}, version = EXCLUDED.version WHERE {NEWER_ROW})",
         column_names(),
         arrays.join(", "),
         updates.collect::<Vec<_>>().join(", ")
@@ -225,10 +248,15 @@ fn write_batch(fenced: bool) -> String {
     parts.push(format!(
         "d AS (DELETE FROM outbox WHERE id > {from}::bigint AND id <= {upto}::bigint)"
     ));
-    let (fence, input_seq) = (param(), param());
+    let (fence, input_seq, reset) = (param(), param(), param());
     let raise = RAISE_FENCE
-        .replace("$1", &format!("{fence}::bigint"))
-        .replace("$2", &format!("{input_seq}::bigint"));
+        .replace("{fence}", &format!("{fence}::bigint"))
+        .replace("{input_seq}", &format!("{input_seq}::bigint"))
+        .replace("{reset}", &format!("{reset}::boolean"))
+        .replace(
+            "{version}",
+            &format!("(SELECT max(v) FROM unnest({versions}) AS v)"),
+        );
     format!("WITH {} {raise}", parts.join(", "))
 }
 
@@ -278,10 +306,11 @@ fn request_row(row: &sqlx::postgres::PgRow) -> Result<request::Model, sqlx::Erro
         outcome: row.try_get(20)?,
         ended_at: row.try_get(21)?,
         detail: row.try_get(22)?,
+        version: None,
     })
 }
 
-/// Request rows as one vector per column, in the order of [`REQUEST_COLUMNS`].
+/// Request rows as one vector per column, in the order of [`REQUEST_COLUMNS`], then their versions.
 #[derive(Default)]
 struct RequestColumns<'a> {
     request_id: Vec<&'a str>,
@@ -307,6 +336,7 @@ struct RequestColumns<'a> {
     outcome: Vec<Option<&'a str>>,
     ended_at: Vec<Option<i64>>,
     detail: Vec<Option<&'a str>>,
+    version: Vec<Option<i64>>,
 }
 
 impl<'a> RequestColumns<'a> {
@@ -337,6 +367,7 @@ impl<'a> RequestColumns<'a> {
             c.outcome.push(r.outcome.as_deref());
             c.ended_at.push(r.ended_at);
             c.detail.push(r.detail.as_deref());
+            c.version.push(r.version);
         }
         c
     }
@@ -367,6 +398,7 @@ impl<'a> RequestColumns<'a> {
             .bind(self.outcome)
             .bind(self.ended_at)
             .bind(self.detail)
+            .bind(self.version)
     }
 }
 
@@ -381,8 +413,12 @@ pub struct Rows {
     pub requests: Vec<request::Model>,
     /// The fence to raise the stored one to (0: none).
     pub max_fence: i64,
-    /// The last input handled, if the batch moves it.
+    /// The last input handled, if the batch moves it: only raised, but for `input_reset`.
     pub input_seq: Option<i64>,
+    /// `input_seq` may lower the stored position: the input stream was made anew. (Absent from the
+    /// journal stream's older entries.)
+    #[serde(default)]
+    pub input_reset: bool,
     /// Messages to keep until the bus stored them.
     pub outbox: Vec<OutboxRow>,
     /// Outbox rows up to this id are deleted.
@@ -446,6 +482,8 @@ impl Merged {
         }
         rows.max_fence = rows.max_fence.max(later.max_fence);
         rows.input_seq = later.input_seq.or(rows.input_seq);
+        // A reset among them: the last position is numbered in the stream made anew.
+        rows.input_reset |= later.input_reset;
         rows.outbox.extend(later.outbox);
         rows.published_upto = rows.published_upto.max(later.published_upto);
         rows.term = later.term.or(rows.term);
@@ -470,6 +508,10 @@ pub struct PgStore {
     server: String,
     /// The outbox rows up to this id are deleted (0 at start: from the first).
     deleted_upto: Arc<std::sync::atomic::AtomicI64>,
+    /// The version of the last batch numbered: the highest written when read at [`PgStore::migrate`]
+    /// and [`PgStore::load_state`] (a new leader loads after the last leader's writes), then one more
+    /// per batch. [`UNSEEDED`] before either: rows go unnumbered.
+    version: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl PgStore {
@@ -506,6 +548,7 @@ impl PgStore {
             db,
             server,
             deleted_upto: Arc::default(),
+            version: Arc::new(std::sync::atomic::AtomicI64::new(UNSEEDED)),
         })
     }
 
@@ -524,7 +567,32 @@ impl PgStore {
         .await
         .map_err(fail)?;
         Migrator::up(&txn, None).await.map_err(fail)?;
-        txn.commit().await.map_err(fail)
+        txn.commit().await.map_err(fail)?;
+        let version = sqlx::query(VERSION)
+            .fetch_one(self.db.get_postgres_connection_pool())
+            .await
+            .and_then(|row| row.try_get::<i64, _>(0))
+            .map_err(|e| fail(DbErr::Query(RuntimeErr::SqlxError(e))))?;
+        self.seed_version(version);
+        Ok(())
+    }
+
+    /// Numbers the batches from above `stored`, the highest version written, unless they already are.
+    fn seed_version(&self, stored: i64) {
+        self.version
+            .fetch_max(stored, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The next batch's version (`None` while unseeded).
+    fn next_version(&self) -> Option<i64> {
+        self.version
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |v| (v != UNSEEDED).then(|| v.saturating_add(1)),
+            )
+            .ok()
+            .map(|v| v.saturating_add(1))
     }
 
     /// Writes one batch in one transaction: upserts every record (when a `request_id` appears twice, the
@@ -560,18 +628,20 @@ impl PgStore {
         })
     }
 
-    /// [`PgStore::rows`] without the outbox rows.
+    /// [`PgStore::rows`] without the outbox rows; its request rows carry the batch's version.
     fn numbered(&self, batch: &Batch<'_>) -> Result<Rows, PgError> {
+        let version = self.next_version();
         Ok(Rows {
             requests: last_of_each(batch.records)
                 .into_iter()
-                .map(|r| self.to_row(r))
+                .map(|r| self.to_row(r).map(|row| request::Model { version, ..row }))
                 .collect::<Result<Vec<_>, _>>()?,
             max_fence: self.bigint("", "max_fence", batch.max_fence.map_or(0, |f| f.0))?,
             input_seq: batch
                 .input_seq
                 .map(|seq| self.bigint("", "input_seq", seq))
                 .transpose()?,
+            input_reset: batch.input_reset && batch.input_seq.is_some(),
             outbox: Vec::new(),
             published_upto: batch
                 .published_upto
@@ -655,6 +725,7 @@ impl PgStore {
             .bind(rows.published_upto)
             .bind(rows.max_fence)
             .bind(rows.input_seq)
+            .bind(rows.input_reset)
             .execute(pool)
             .await
             .map_err(fail)?;
@@ -721,6 +792,7 @@ impl PgStore {
             counter("max_arrival")?,
             counter("input_seq")?,
         );
+        let version = counter("version")?;
         let outbox = sqlx::query(entities::OUTBOX)
             .fetch_all(&mut *txn)
             .await
@@ -738,6 +810,7 @@ impl PgStore {
             .collect::<Result<Vec<_>, sqlx::Error>>()
             .map_err(fail)?;
         txn.commit().await.map_err(fail)?;
+        self.seed_version(version);
         entities::StoredJournal {
             rows,
             max_fence,
@@ -941,6 +1014,7 @@ mod tests {
             requests: vec![row("a", "queued"), row("b", "queued")],
             max_fence: 7,
             input_seq: Some(10),
+            input_reset: false,
             outbox: vec![outbox(1), outbox(2), outbox(3)],
             published_upto: None,
             term: Some(1),
@@ -949,6 +1023,7 @@ mod tests {
             requests: vec![row("c", "queued"), row("a", "active")],
             max_fence: 5,
             input_seq: None,
+            input_reset: false,
             outbox: vec![outbox(4)],
             published_upto: Some(2),
             term: Some(1),
@@ -999,6 +1074,7 @@ mod tests {
             ],
             max_fence: i64::try_from(i % 5).unwrap(),
             input_seq: (!i.is_multiple_of(3)).then(|| i64::try_from(i).unwrap()),
+            input_reset: false,
             outbox: vec![outbox(2 * i + 1), outbox(2 * i + 2)],
             published_upto: (i == 20).then_some(30),
             term: Some(1),

@@ -54,11 +54,13 @@ const ROWS_PER_STATEMENT: usize = 500;
 /// Outbox rows per `INSERT`: five parameters each.
 const OUTBOX_PER_STATEMENT: usize = 2000;
 
-/// Raises the stored fence (never lowers it) and sets the last input handled when the batch has one.
+/// Raises the stored fence and the last input handled when the batch has one, never lowering either
+/// (but the position for a reset, `?3`: an input stream made anew).
 const RAISE_FENCE: &str =
     "INSERT INTO fence (id, max_fence, input_seq) VALUES (1, ?1, COALESCE(?2, 0)) \
      ON CONFLICT (id) DO UPDATE SET max_fence = max(fence.max_fence, excluded.max_fence), \
-     input_seq = COALESCE(?2, fence.input_seq)";
+     input_seq = CASE WHEN ?3 THEN COALESCE(?2, fence.input_seq) \
+                 ELSE max(fence.input_seq, COALESCE(?2, fence.input_seq)) END";
 
 /// The counters the driver starts from (as the Postgres journal's).
 const COUNTERS: &str = "SELECT \
@@ -247,7 +249,7 @@ impl SqliteStore {
         txn.execute(Statement::from_sql_and_values(
             DbBackend::Sqlite,
             RAISE_FENCE,
-            [fence.into(), input_seq.into()],
+            [fence.into(), input_seq.into(), batch.input_reset.into()],
         ))
         .await
         .map_err(fail)?;
