@@ -2,8 +2,10 @@
 //! made with `initdb`), one to three coordinator processes, and client services driven by the client
 //! crate, each recording the instants in which it used a GPU. Faults, chosen at random: `kill -9` of a
 //! coordinator, restarts of NATS, Redis and Postgres, SIGSTOP of a coordinator past a lease, a holder
-//! stalled past its lease, a client cut off from NATS, duplicated and reordered inputs (some stripped
-//! of their fence), malformed inputs.
+//! stalled past its lease, a client cut off from NATS, the leader stopped gracefully (SIGTERM) while
+//! Postgres is slowed, so that a standby (or its restart) takes over a journal stream that Postgres
+//! lags behind (with Postgres written behind), duplicated and reordered inputs (some stripped of their
+//! fence), malformed inputs.
 //!
 //! After each round, once every service stopped and the coordinator is idle:
 //! - the audit checker (`gpu-coordinator audit`) passes over the whole history;
@@ -49,9 +51,10 @@ enum Fault {
     StallCoordinator,
     StallHolder,
     CutClient,
+    SlowPostgresStopLeader,
 }
 
-const FAULTS: [Fault; 7] = [
+const FAULTS: [Fault; 8] = [
     Fault::KillCoordinator,
     Fault::RestartNats,
     Fault::RestartRedis,
@@ -59,6 +62,7 @@ const FAULTS: [Fault; 7] = [
     Fault::StallCoordinator,
     Fault::StallHolder,
     Fault::CutClient,
+    Fault::SlowPostgresStopLeader,
 ];
 
 struct Args {
@@ -277,7 +281,15 @@ async fn play(servers: &mut Servers, seed: u64, length: Duration) -> Result<Roun
         let fault = FAULTS[rng.random_range(0..FAULTS.len())];
         *stats.faults.entry(format!("{fault:?}")).or_default() += 1;
         let at = time::OffsetDateTime::now_utc();
-        let what = inject(fault, &mut rng, servers, &mut coordinators, &services).await;
+        let what = inject(
+            fault,
+            &mut rng,
+            servers,
+            &config,
+            &mut coordinators,
+            &services,
+        )
+        .await;
         timeline.push(format!("{at} {fault:?} {what}"));
     }
     let timeline = format!("faults:\n  {}", timeline.join("\n  "));
@@ -417,6 +429,7 @@ async fn inject(
     fault: Fault,
     rng: &mut StdRng,
     servers: &mut Servers,
+    config: &Config,
     coordinators: &mut [Coordinator],
     services: &[(Proxy, Arc<Shared>, std::thread::JoinHandle<()>)],
 ) -> String {
@@ -466,6 +479,77 @@ async fn inject(
             services[i].0.restore();
             format!("{} for {cut:?}", SERVICES[i])
         }
+        Fault::SlowPostgresStopLeader => {
+            let slow = pause(100, 600, rng);
+            let filling = pause(200, 1_500, rng);
+            match slow_postgres_stop_leader(config, coordinators, slow, filling).await {
+                Ok(what) => format!("each journal write {slow:?} slower for {filling:?}, {what}"),
+                Err(e) => format!("not played: {e}"),
+            }
+        }
+    }
+}
+
+/// Slows the journal's writes to Postgres by `slow` each (a trigger on the `fence` row that every
+/// batch raises), lets the journal stream fill for `filling` (with Postgres written behind, it holds
+/// what Postgres does not yet), then stops the leader gracefully (SIGTERM), waits for its process to
+/// end, and starts it again; Postgres is fast again once a coordinator leads.
+async fn slow_postgres_stop_leader(
+    config: &Config,
+    coordinators: &mut [Coordinator],
+    slow: Duration,
+    filling: Duration,
+) -> Result<String, String> {
+    use sea_orm::ConnectionTrait as _;
+    let db = sea_orm::Database::connect(&config.database.url)
+        .await
+        .map_err(|e| format!("connect to Postgres: {e}"))?;
+    let slowness = |ms: u128| {
+        format!(
+            "CREATE TABLE IF NOT EXISTS harness_slowness (ms bigint NOT NULL); \
+             DELETE FROM harness_slowness; INSERT INTO harness_slowness VALUES ({ms}); \
+             CREATE OR REPLACE FUNCTION harness_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                 PERFORM pg_sleep(COALESCE((SELECT max(ms) FROM harness_slowness), 0) / 1000.0); \
+                 RETURN NULL; END $$; \
+             CREATE OR REPLACE TRIGGER harness_slow BEFORE INSERT ON fence \
+                 FOR EACH STATEMENT EXECUTE FUNCTION harness_slow();"
+        )
+    };
+    db.execute_unprepared(&slowness(slow.as_millis()))
+        .await
+        .map_err(|e| format!("slow Postgres: {e}"))?;
+    tokio::time::sleep(filling).await;
+    let nats = async_nats::connect(&config.nats.url)
+        .await
+        .map_err(|e| format!("connect to NATS: {e}"))?;
+    let leading = |doc: &StatusDoc| doc.leader.is_some();
+    let stopped = match wait_status(&nats, &config.nats.prefix, SETTLE, leading).await {
+        Some(doc) => {
+            let holder = doc.leader.map(|l| l.holder).unwrap_or_default();
+            match coordinators.iter().position(|c| {
+                c.pid()
+                    .is_some_and(|pid| holder.contains(&format!("-{pid}-")))
+            }) {
+                Some(i) => {
+                    let took = tokio::task::block_in_place(|| coordinators[i].stop_gracefully());
+                    coordinators[i].restart();
+                    format!("leader {i} stopped in {took:?}")
+                }
+                None => format!("the leader {holder} is none of this round's"),
+            }
+        }
+        None => "no leader to stop".to_string(),
+    };
+    let led = wait_status(&nats, &config.nats.prefix, SETTLE, leading).await;
+    db.execute_unprepared(&slowness(0))
+        .await
+        .map_err(|e| format!("heal Postgres: {e}"))?;
+    let _ = db.close().await;
+    match led {
+        Some(_) => Ok(stopped),
+        None => Err(format!(
+            "{stopped}; no coordinator led again within {SETTLE:?}"
+        )),
     }
 }
 
@@ -504,6 +588,29 @@ impl Coordinator {
             .spawn()
             .expect("start gpu-coordinator serve");
         self.child = Some(child);
+    }
+
+    /// The process id, while it runs.
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM, and waits for the process to end (a minute at most, then SIGKILL); answers how long
+    /// it took.
+    fn stop_gracefully(&mut self) -> Duration {
+        let started = Instant::now();
+        self.signal("-TERM");
+        if let Some(mut child) = self.child.take() {
+            while started.elapsed() < Duration::from_secs(60) {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    return started.elapsed();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        started.elapsed()
     }
 
     /// SIGKILL.

@@ -1054,6 +1054,20 @@ mod tests {
             (Some(12), Some(2)),
             "the position is the later's, the deletion the highest"
         );
+        merged.then(Rows {
+            input_seq: Some(3),
+            input_reset: true,
+            ..Rows::default()
+        });
+        merged.then(Rows {
+            input_seq: Some(4),
+            ..Rows::default()
+        });
+        assert_eq!(
+            (merged.input_seq, merged.input_reset),
+            (Some(4), true),
+            "a reset among them sets the later position as it is"
+        );
     }
 
     /// Many batches merged as they come are the same as merged two at a time, a deletion in the
