@@ -560,6 +560,11 @@ pub trait Leadership: Send + Sync + 'static {
     fn roster(&self) -> Option<Roster> {
         None
     }
+    /// Why this process does not take the leadership even when it is free (its clock is too far from
+    /// the leadership's), if it does not.
+    fn refusal(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The coordinators of a deployment as the leader sees them.

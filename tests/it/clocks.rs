@@ -8,8 +8,11 @@ use crate::support::{eventually, test_config, CoordinatorProcess, Probe};
 async fn a_coordinator_whose_clock_is_off_does_not_lead() {
     let config = test_config("clock_skew", &[("0", 24_000)]);
     let log = std::env::temp_dir().join(gpu_coordinator_test_support::unique("skewed.log"));
+    let mut skewed_config = config.clone();
+    let http = format!("127.0.0.1:{}", gpu_coordinator_test_support::free_port());
+    skewed_config.http.listen = http.clone();
     // Alone, it would lead at once; it says instead why it does not.
-    let skewed = CoordinatorProcess::start_shifted(&config, "+10m", &log);
+    let skewed = CoordinatorProcess::start_shifted(&skewed_config, "+10m", &log);
     eventually(
         "the skewed coordinator says why it does not lead",
         || async {
@@ -21,6 +24,16 @@ async fn a_coordinator_whose_clock_is_off_does_not_lead() {
     .await;
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(text.contains("ahead of Postgres's"), "{text}");
+    // Its status says why too.
+    let answer = eventually("the skewed coordinator's HTTP API answers", || async {
+        let answer = reqwest::get(format!("http://{http}/gpu/status"))
+            .await
+            .ok()?;
+        Some((answer.status(), answer.text().await.ok()?))
+    })
+    .await;
+    assert_eq!(answer.0, reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(answer.1.contains("ahead of Postgres's"), "{}", answer.1);
 
     // A coordinator on the right clock leads beside it, and grants.
     let sound = CoordinatorProcess::start(&config).await;

@@ -225,10 +225,13 @@ impl HttpState {
         match tokio::time::timeout(STATUS_WAIT, backends.driver.status(page)).await {
             Ok(Some(doc)) => Ok(doc),
             Ok(None) => {
-                let leader = match backends.leadership.leader().await {
+                let mut leader = match backends.leadership.leader().await {
                     Some((term, holder)) => format!("the leader is `{holder}` (term {})", term.0),
                     None => "no coordinator leads right now".to_owned(),
                 };
+                if let Some(refusal) = backends.leadership.refusal() {
+                    leader = format!("{refusal}; {leader}");
+                }
                 Err(ApiError::Unavailable(format!(
                     "this coordinator is not leading (a standby, or starting or stopping); {leader}: \
                      ask it, or again in a moment"

@@ -93,6 +93,8 @@ pub struct PgLeadership {
     poll: Duration,
     /// The furthest this process's clock may be from Postgres's for it to lead (zero: no check).
     max_skew: Duration,
+    /// Why it last refused to lead (its clock), until its clock fits again.
+    refusal: std::sync::RwLock<Option<String>>,
     lead: Mutex<Option<Lead>>,
     /// While leading: who the leader is and which standbys it saw lately.
     roster: Arc<std::sync::RwLock<Option<Roster>>>,
@@ -121,6 +123,7 @@ impl PgLeadership {
             ttl,
             poll,
             max_skew: Duration::ZERO,
+            refusal: std::sync::RwLock::default(),
             lead: Mutex::new(None),
             roster: Arc::default(),
             _presence: presence,
@@ -161,19 +164,25 @@ impl PgLeadership {
         }
         let (skew, uncertainty) = self.clock_skew().await?;
         let bound = self.max_skew.as_millis() as u64;
-        if skew.unsigned_abs().saturating_sub(uncertainty) <= bound {
-            return Ok(true);
-        }
-        if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
-            tracing::error!(
+        let fits = skew.unsigned_abs().saturating_sub(uncertainty) <= bound;
+        let why = (!fits).then(|| {
+            format!(
                 "this coordinator's clock is {} ms {} Postgres's (more than leader.max_clock_skew_ms = \
                  {bound}): it does not lead until the clocks agree (check NTP on this host)",
                 skew.unsigned_abs(),
                 if skew > 0 { "ahead of" } else { "behind" },
-            );
-            *warned = Some(Instant::now());
+            )
+        });
+        if let Some(why) = &why {
+            if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                tracing::error!("{why}");
+                *warned = Some(Instant::now());
+            }
         }
-        Ok(false)
+        if let Ok(mut refusal) = self.refusal.write() {
+            *refusal = why;
+        }
+        Ok(fits)
     }
 
     /// This process's name in the `leader` row.
@@ -518,6 +527,10 @@ impl Leadership for PgLeadership {
         if let Err(e) = released {
             tracing::warn!("handing the leadership of term {} on: {e}", term.0);
         }
+    }
+
+    fn refusal(&self) -> Option<String> {
+        self.refusal.read().ok().and_then(|r| r.clone())
     }
 
     fn roster(&self) -> Option<Roster> {
