@@ -353,6 +353,10 @@ impl CoordinatorProcess {
                 config.leader.ttl_ms.to_string(),
             )
             .env(
+                "GPU_COORDINATOR_LEADER__MAX_CLOCK_SKEW_MS",
+                config.leader.max_clock_skew_ms.to_string(),
+            )
+            .env(
                 "GPU_COORDINATOR_GPUS",
                 format!(
                     "[{}]",
