@@ -46,6 +46,9 @@ pub struct Config {
     pub gpus: Vec<GpuConfig>,
 }
 
+/// The default of `nats.max_bytes` (per stream) and `embedded.max_bytes`: 1 GiB.
+pub const DEFAULT_STREAM_BYTES: i64 = 1 << 30;
+
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
@@ -55,10 +58,13 @@ pub struct NatsConfig {
     pub prefix: String,
     /// `nats.max_age_ms`: how long the streams keep messages, default 7 days.
     pub max_age_ms: u64,
-    /// `nats.max_bytes`: the most bytes each stream keeps, default -1: no limit of its own, the
-    /// server's store bounds it (JetStream reserves a stream's `max_bytes` in its store up front, so a
-    /// limit here is storage set aside). A full input stream refuses new inputs at publish (the
-    /// publisher gets the error); a full output stream drops its oldest.
+    /// `nats.max_bytes`: the most bytes each stream keeps, default 1 GiB (`DEFAULT_STREAM_BYTES`).
+    /// JetStream sets a stream's `max_bytes` aside in its store up front and refuses a stream that does
+    /// not fit ("insufficient storage resources"): the two streams need a JetStream store
+    /// (`max_file_store`, by default 75% of the disk free when nats-server starts) of 2 GiB. -1: no
+    /// limit of its own, only the server's store bounds it. A full input stream refuses new inputs at
+    /// publish (the publisher gets the error), and the coordinator removes the inputs it handled once
+    /// it is 80% full; a full output stream drops its oldest.
     pub max_bytes: i64,
     /// `nats.max_msgs`: the most messages each stream keeps, default 10,000,000 (same policy).
     pub max_msgs: i64,
@@ -284,6 +290,11 @@ pub struct EmbeddedConfig {
     pub data_dir: String,
     /// `embedded.keep_ms`: how long the embedded bus keeps events and handled inputs, default 7 days.
     pub keep_ms: u64,
+    /// `embedded.max_bytes`: the most bytes the embedded bus's two tables keep (payloads and subjects,
+    /// and a row's overhead), default 1 GiB. Beyond it the oldest outputs and handled inputs are
+    /// removed first; when only inputs the coordinator has not handled are left, a new input is
+    /// refused (HTTP 507) until it handled some.
+    pub max_bytes: u64,
 }
 
 impl Default for EmbeddedConfig {
@@ -291,6 +302,7 @@ impl Default for EmbeddedConfig {
         EmbeddedConfig {
             data_dir: String::new(),
             keep_ms: 7 * 24 * 60 * 60 * 1000,
+            max_bytes: DEFAULT_STREAM_BYTES as u64,
         }
     }
 }
@@ -333,7 +345,7 @@ impl Default for NatsConfig {
             url: "nats://127.0.0.1:4222".to_owned(),
             prefix: "gpu".to_owned(),
             max_age_ms: 7 * 24 * 60 * 60 * 1000,
-            max_bytes: -1,
+            max_bytes: DEFAULT_STREAM_BYTES,
             max_msgs: 10_000_000,
             max_msg_size: 65_536,
             creds_file: None,
@@ -563,6 +575,9 @@ impl Config {
             problems.push(
                 "nats.max_bytes must be -1 (no limit) or at least 1048576 (1 MiB)".to_owned(),
             );
+        }
+        if self.embedded.max_bytes < 1 << 20 {
+            problems.push("embedded.max_bytes must be at least 1048576 (1 MiB)".to_owned());
         }
         if self.nats.max_msgs < 1000 {
             problems.push("nats.max_msgs must be at least 1000".to_owned());

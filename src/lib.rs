@@ -46,4 +46,5 @@ pub mod metrics;
 pub mod nats_auth;
 pub mod ports;
 pub mod render;
+pub mod storage;
 pub mod telemetry;

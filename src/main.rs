@@ -597,6 +597,7 @@ mod tests {
     fn the_status_table_shows_gpus_holders_and_queue() {
         let doc = StatusDoc {
             leader: None,
+            storage_full: None,
             queue_total: 2,
             queue_offset: 0,
             queue_counts: vec![],
@@ -680,6 +681,7 @@ mod tests {
         );
         let empty = render_status(&StatusDoc {
             leader: None,
+            storage_full: None,
             gpus: vec![],
             paused: vec![],
             queue: vec![],
@@ -708,6 +710,7 @@ mod tests {
     fn empty_doc_with_one_entry() -> StatusDoc {
         StatusDoc {
             leader: None,
+            storage_full: None,
             at: "2026-11-26T14:00:00.000Z".into(),
             vram_source: VramSource::Config,
             gpus: vec![],

@@ -632,6 +632,7 @@ mod tests {
         };
         let doc = StatusDoc {
             leader: None,
+            storage_full: None,
             at: rfc3339(0),
             vram_source: VramSource::Nvml,
             gpus: vec![GpuStatus {
@@ -682,6 +683,7 @@ mod tests {
         // The next document replaces the gauges: an empty queue leaves no stale series.
         let empty = StatusDoc {
             leader: None,
+            storage_full: None,
             queue_total: 0,
             queue_counts: vec![],
             ..doc

@@ -130,6 +130,7 @@ pub fn status(view: &StatusView) -> StatusDoc {
             })
             .collect(),
         leader: None,
+        storage_full: None,
     }
 }
 

@@ -399,9 +399,14 @@ impl Chosen {
             }
             BusBackend::Embedded => {
                 let store = sqlite.as_ref().expect("opened above for the embedded bus");
-                let bus = SqliteBus::open(store, subjects, config.embedded.keep_ms)
-                    .await
-                    .context("cannot open the embedded bus")?;
+                let bus = SqliteBus::open(
+                    store,
+                    subjects,
+                    config.embedded.keep_ms,
+                    config.embedded.max_bytes,
+                )
+                .await
+                .context("cannot open the embedded bus")?;
                 lines.push(format!(
                     "bus: embedded in {} (inputs over HTTP only)",
                     store.file().display()
@@ -410,6 +415,27 @@ impl Chosen {
             }
         };
         tracing::info!("backends: {}", lines.join("; "));
+        // Writes refused for lack of space are noted in one place: `/readyz` and the status document
+        // say which store is full until it takes writes again.
+        let storage = crate::storage::Storage::default();
+        let journal = crate::storage::watch_journal(
+            journal,
+            match chosen.journal {
+                JournalBackend::Postgres => "Postgres",
+                JournalBackend::Sqlite => "SQLite (the journal)",
+            },
+            storage.clone(),
+        );
+        let bus_name = match chosen.bus {
+            BusBackend::Nats => "NATS JetStream (the output stream)",
+            BusBackend::Embedded => "the embedded bus (its outputs)",
+        };
+        let bus = crate::storage::watch_bus(bus, bus_name, storage.clone());
+        let gateway_name = match chosen.bus {
+            BusBackend::Nats => "NATS JetStream (the input stream)",
+            BusBackend::Embedded => "the embedded bus (its inputs)",
+        };
+        let gateway = crate::storage::watch_gateway(gateway, gateway_name, storage);
         let labels = Labels {
             bus: match chosen.bus {
                 BusBackend::Nats => "NATS",

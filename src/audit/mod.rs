@@ -98,7 +98,15 @@ pub async fn run(config: &Config, since: Since) -> anyhow::Result<Result<Summary
             let store = SqliteStore::open(&dir)
                 .await
                 .with_context(|| format!("cannot open the embedded store in {}", dir.display()))?;
-            Arc::new(SqliteBus::open(&store, &subjects, config.embedded.keep_ms).await?)
+            Arc::new(
+                SqliteBus::open(
+                    &store,
+                    &subjects,
+                    config.embedded.keep_ms,
+                    config.embedded.max_bytes,
+                )
+                .await?,
+            )
         }
     };
     check_history(gateway.as_ref(), &subjects, capacities(config), since).await

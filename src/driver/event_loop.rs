@@ -23,6 +23,9 @@ pub const MAX_STATUS_LIMIT: u64 = 1_000;
 /// How often (in seconds) the input stream is looked at, to make room when it is nearly full.
 const TRIM_EVERY_TICKS: u64 = 5;
 
+/// The most ended requests one call of `Journal::trim_ended` deletes (its batch).
+const TRIM_ENDED_BATCH: u64 = 1000;
+
 /// How many inputs one batch takes at most: they share one journal write.
 const MAX_BATCH: usize = 256;
 
@@ -197,8 +200,50 @@ impl Driver {
         }
         if tick.is_multiple_of(TRIM_EVERY_TICKS) {
             self.trim_inputs().await;
+            self.trim_ended();
         }
         Ok(())
+    }
+
+    /// Deletes the ended requests beyond `queue.retain_ended` from the journal, in a task of its own
+    /// and a batch at a time (see [`crate::ports::Journal::trim_ended`]), so that the journal does not
+    /// grow with every request ever made and the grant path's writes are not held up; one such task at
+    /// a time. A failure only waits for the next try.
+    fn trim_ended(&self) {
+        use std::sync::atomic::Ordering;
+        if self.trimming.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (journal, retain, trimming) = (
+            self.ports.journal.clone(),
+            self.retain_ended,
+            self.trimming.clone(),
+        );
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut deleted = 0;
+            while !shutdown.is_cancelled() {
+                match journal.trim_ended(retain).await {
+                    Ok(n) => {
+                        deleted += n;
+                        if n < TRIM_ENDED_BATCH {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("deleting ended requests beyond queue.retain_ended: {e}");
+                        break;
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+            if deleted > 0 {
+                tracing::debug!(
+                    "{deleted} ended request(s) beyond queue.retain_ended ({retain}) deleted"
+                );
+            }
+            trimming.store(false, Ordering::SeqCst);
+        });
     }
 
     /// Makes room in a nearly full input stream (see [`crate::ports::Bus::trim_inputs`]); a failure only
@@ -419,6 +464,7 @@ impl Driver {
             term: roster.term.0,
             standbys: roster.standbys,
         });
+        doc.storage_full = self.ports.journal.full();
         doc
     }
 

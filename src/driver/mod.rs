@@ -149,6 +149,10 @@ pub struct Driver {
     /// The publishing stage: messages of committed batches, then their inputs' acknowledgements.
     publisher: publisher::Publisher,
     status_limit: u64,
+    /// `queue.retain_ended`: ended requests kept in the journal beyond it are deleted in the background.
+    retain_ended: usize,
+    /// Whether a background deletion of ended requests is running (one at a time).
+    trimming: Arc<std::sync::atomic::AtomicBool>,
     /// The last time handed to the core (its clock never goes back).
     time_floor: gpu_coordinator_core::Millis,
     /// Timers wait for the inputs stored before they fell due: the last of them, and since when.

@@ -127,6 +127,8 @@ impl Driver {
             outbox,
             publisher,
             status_limit,
+            retain_ended,
+            trimming: Default::default(),
             time_floor: now_ms(),
             catching_up: None,
             gap_checked: None,

@@ -212,8 +212,22 @@ pub trait Journal: Send + Sync + 'static {
     /// Writes the whole batch or nothing. Writing the same batch twice leaves the same state (the driver
     /// retries a write whose answer was lost).
     async fn write(&self, batch: &Batch<'_>) -> Result<(), PortError>;
+    /// Deletes some of the ended requests beyond the `retain_ended` most recently ended ones (those
+    /// [`Journal::load`] reads), at most a batch per call so that the writes of the grant path are not
+    /// held up; returns how many went (fewer than a batch: none is left to delete). The request that
+    /// arrived last is kept, whatever its phase: the arrival numbers go on from it. A journal that keeps
+    /// nothing on disk deletes nothing.
+    async fn trim_ended(&self, retain_ended: usize) -> Result<u64, PortError> {
+        let _ = retain_ended;
+        Ok(0)
+    }
     /// Whether the store answers (readiness).
     async fn ping(&self) -> Result<(), PortError>;
+    /// Why a store is full (a write refused for lack of space), if one is: for `/readyz` and the
+    /// status document (see [`crate::storage`]).
+    fn full(&self) -> Option<String> {
+        None
+    }
     /// Closes the connections at shutdown.
     async fn close(&self);
 }

@@ -6,6 +6,7 @@ mod bounds;
 mod client;
 mod clocks;
 mod demo;
+mod disks;
 mod ha;
 mod http;
 mod http_hostile;

@@ -350,6 +350,11 @@ pub struct StatusDoc {
     /// The coordinator that answers (the leader), its term, and the standbys it knows of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<LeaderStatus>,
+    /// Present while a store of the coordinator is full (a disk, JetStream's store, a stream's or the
+    /// embedded bus's byte limit): which, and what it said. Inputs are then refused at submission and
+    /// the coordinator's own writes wait; it goes on by itself once space is freed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_full: Option<String>,
 }
 
 /// How many requests of one priority wait for one GPU.

@@ -41,6 +41,10 @@ pub enum ApiError {
     /// A limit on open streams is reached (429).
     #[error("{0}")]
     TooMany(String),
+    /// The input could not be stored: the store is full (a disk, JetStream's store, the input
+    /// stream's or the embedded bus's byte limit) (507). Nothing was stored; send it again later.
+    #[error("{0}")]
+    InsufficientStorage(String),
 }
 
 impl ApiError {
@@ -54,6 +58,7 @@ impl ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
         }
     }
 }

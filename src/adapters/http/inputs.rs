@@ -86,12 +86,26 @@ fn prepare(
         Ok(decoded) => Ok(Prepared {
             service,
             kind,
-            payload,
+            // What is stored is the typed message encoded again: fields the coordinator does not know
+            // are dropped here, so that a caller cannot store arbitrary bytes in the input stream.
+            payload: reencode(&decoded.input),
             input: decoded.input,
             generated_id,
         }),
         Err(rejection) => Err(ApiError::BadRequest(rejection.error)),
     }
+}
+
+/// The input as the coordinator reads it, in JSON: only its known fields.
+fn reencode(input: &Inbound) -> Vec<u8> {
+    let encoded = match input {
+        Inbound::Request(m) => serde_json::to_vec(m),
+        Inbound::Release(m) => serde_json::to_vec(m),
+        Inbound::Renew(m) => serde_json::to_vec(m),
+        Inbound::Ack(m) => serde_json::to_vec(m),
+        Inbound::Cancel(m) => serde_json::to_vec(m),
+    };
+    encoded.expect("a typed message always serializes")
 }
 
 fn parse_body(body: &[u8], kind: InputKind) -> Result<Value, ApiError> {
@@ -136,10 +150,17 @@ async fn publish(
     subject: String,
     payload: Vec<u8>,
 ) -> Result<(), ApiError> {
-    gateway
-        .submit(&subject, payload)
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("{e}")))
+    gateway.submit(&subject, payload).await.map_err(|e| {
+        let why = crate::driver::retry::causes(&e);
+        if crate::storage::is_full(&e) {
+            ApiError::InsufficientStorage(format!(
+                "the input was not stored, the store is full (out of space): {why}; nothing of it \
+                 was kept, send it again once space is freed"
+            ))
+        } else {
+            ApiError::Unavailable(why)
+        }
+    })
 }
 
 /// How long a call waits for the reader of the coordinator's answers to be open.
@@ -667,6 +688,11 @@ mod tests {
         assert_eq!(msg.vram_mb, Some(8000));
         let published: Value = serde_json::from_slice(&p.payload).expect("json");
         assert_eq!(published["request_id"], id.as_str());
+        assert_eq!(
+            published.get("extra"),
+            None,
+            "an unknown field is not stored"
+        );
         assert_eq!(p.service, "chat");
         assert!(p.generated_id);
 

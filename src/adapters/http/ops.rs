@@ -82,7 +82,8 @@ pub(super) async fn healthz() -> Json<Health> {
     tag = "operators",
     responses(
         (status = 200, description = "Ready", body = Health),
-        (status = 503, description = "Not ready: `error` names the server", body = Health),
+        (status = 503, description = "Not ready: `error` names the server, or the store that is \
+            full (out of disk space)", body = Health),
     ),
 )]
 pub(super) async fn readyz(State(state): State<HttpState>) -> Response {
@@ -124,6 +125,12 @@ pub(super) async fn readyz(State(state): State<HttpState>) -> Response {
             .map(|e| format!("{name} is not reachable: {e}"))
     })
     .collect();
+    let mut failures = failures;
+    // A store that refuses writes for lack of space: reachable, yet not ready to take inputs.
+    let full = b.journal.full();
+    if let Some(full) = &full {
+        failures.push(full.clone());
+    }
     let show = |r: &Result<(), String>| r.as_ref().err().cloned().unwrap_or_else(|| "ok".into());
     let checks = Checks {
         nats: show(&nats),
@@ -255,6 +262,7 @@ mod tests {
             queue_offset: 0,
             queue_counts: Vec::new(),
             leader: None,
+            storage_full: None,
         };
         only_own(&mut doc, "asr");
         assert_eq!(doc.gpus[0].holders, vec![holder("asr", 2)]);

@@ -715,6 +715,15 @@ impl Journal for WriteBehind {
         Ok(())
     }
 
+    /// Straight on Postgres: deleting ended rows changes nothing the stream's batches bring back (a
+    /// batch written behind that ends a request again writes its row again, itself ended).
+    async fn trim_ended(&self, retain_ended: usize) -> Result<u64, PortError> {
+        self.pg
+            .trim_ended(retain_ended)
+            .await
+            .map_err(PortError::new)
+    }
+
     async fn ping(&self) -> Result<(), PortError> {
         self.pg.ping().await.map_err(PortError::new)
     }

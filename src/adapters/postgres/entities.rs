@@ -127,6 +127,49 @@ pub(crate) fn insert_outbox(rows: &[OutboxRow], backend: DbBackend) -> Result<St
     Ok(backend.build(&insert))
 }
 
+/// Ended requests deleted per statement of [`trim_ended`]: a short write beside the grant path's.
+pub(crate) const TRIM_BATCH: i64 = 1000;
+
+/// Deletes, on `conn` (a transaction), up to [`TRIM_BATCH`] ended requests beyond the `retain_ended`
+/// most recently ended ones (those [`read_journal`] reads), keeping the request that arrived last (the
+/// arrival numbers go on from it). The stored highest fence is raised first to every fence the rows
+/// hold, so that no fence is forgotten with its row. Returns how many went.
+pub(crate) async fn trim_ended(
+    conn: &impl ConnectionTrait,
+    retain_ended: usize,
+) -> Result<u64, DbErr> {
+    let backend = conn.get_database_backend();
+    let (raise, delete) = match backend {
+        DbBackend::Postgres => (
+            "UPDATE fence SET max_fence = GREATEST(max_fence, \
+             COALESCE((SELECT max(fence) FROM requests), 0)) WHERE id = 1",
+            "DELETE FROM requests WHERE seq IN (SELECT seq FROM requests \
+             WHERE phase = 'ended' ORDER BY ended_at DESC, seq DESC LIMIT $1 OFFSET $2) \
+             AND seq < (SELECT max(seq) FROM requests)",
+        ),
+        _ => (
+            "UPDATE fence SET max_fence = max(max_fence, \
+             COALESCE((SELECT max(fence) FROM requests), 0)) WHERE id = 1",
+            "DELETE FROM requests WHERE seq IN (SELECT seq FROM requests \
+             WHERE phase = 'ended' ORDER BY ended_at DESC, seq DESC LIMIT ?1 OFFSET ?2) \
+             AND seq < (SELECT max(seq) FROM requests)",
+        ),
+    };
+    conn.execute(Statement::from_string(backend, raise)).await?;
+    let deleted = conn
+        .execute(Statement::from_sql_and_values(
+            backend,
+            delete,
+            [
+                TRIM_BATCH.into(),
+                i64::try_from(retain_ended).unwrap_or(i64::MAX).into(),
+            ],
+        ))
+        .await?
+        .rows_affected();
+    Ok(deleted)
+}
+
 /// What a journal holds, as its database stores it.
 pub(crate) struct StoredJournal {
     pub(crate) rows: Vec<request::Model>,

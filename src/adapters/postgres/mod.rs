@@ -823,6 +823,22 @@ impl PgStore {
     }
 
     /// Checks that the server answers.
+    /// Deletes a batch of the ended requests beyond the `retain_ended` most recent (see
+    /// [`Journal::trim_ended`]), in one short transaction.
+    pub async fn trim_ended(&self, retain_ended: usize) -> Result<u64, PgError> {
+        let fail = |source| PgError::Write {
+            server: self.server.clone(),
+            records: 0,
+            source,
+        };
+        let txn = self.db.begin().await.map_err(fail)?;
+        let deleted = entities::trim_ended(&txn, retain_ended)
+            .await
+            .map_err(fail)?;
+        txn.commit().await.map_err(fail)?;
+        Ok(deleted)
+    }
+
     pub async fn ping(&self) -> Result<(), PgError> {
         self.db.ping().await.map_err(|source| PgError::Ping {
             server: self.server.clone(),
@@ -972,6 +988,12 @@ impl Journal for PgStore {
 
     async fn write(&self, batch: &Batch<'_>) -> Result<(), PortError> {
         PgStore::write(self, batch).await.map_err(write_error)
+    }
+
+    async fn trim_ended(&self, retain_ended: usize) -> Result<u64, PortError> {
+        PgStore::trim_ended(self, retain_ended)
+            .await
+            .map_err(PortError::new)
     }
 
     async fn ping(&self) -> Result<(), PortError> {

@@ -44,6 +44,20 @@ const PAGE: i64 = 512;
 /// New outputs kept for readers that are behind; one further behind reads the table.
 const BROADCAST: usize = 4096;
 
+/// What a row costs beside its payload and subject, as `embedded.max_bytes` counts it.
+const ROW_BYTES: u64 = 64;
+
+/// Rows deleted per statement when making room.
+const ROOM_PAGE: i64 = 256;
+
+/// The size of every row, as `embedded.max_bytes` counts it (the SQL of [`row_bytes`]).
+const ROW_SIZE_SQL: &str = "length(payload) + length(subject) + 64";
+
+/// A row's size as `embedded.max_bytes` counts it.
+fn row_bytes(subject: &str, payload: usize) -> u64 {
+    payload as u64 + subject.len() as u64 + ROW_BYTES
+}
+
 /// The streams of the embedded bus, in the SQLite database of the journal.
 #[derive(Clone)]
 pub struct SqliteBus {
@@ -57,6 +71,12 @@ struct Inner {
     writes: Arc<tokio::sync::Mutex<()>>,
     /// How long handled inputs and outputs are kept (`embedded.keep_ms`).
     keep_ms: u64,
+    /// The most bytes both tables keep (`embedded.max_bytes`).
+    max_bytes: u64,
+    /// The bytes both tables keep now, as [`row_bytes`] counts them (changed under the write turn).
+    used: AtomicU64,
+    /// The last input the coordinator handled, as it last said (`trim_inputs`): those up to it may go.
+    handled: AtomicU64,
     /// The last input stored: wakes the driver's input stream.
     input_end: watch::Sender<u64>,
     /// Outputs as they are committed.
@@ -84,9 +104,16 @@ impl SqliteBus {
         store: &SqliteStore,
         subjects: &Subjects,
         keep_ms: u64,
+        max_bytes: u64,
     ) -> Result<SqliteBus, SqliteError> {
         let db = store.connection().clone();
         let file = store.file().to_owned();
+        let used = stored_bytes(&db)
+            .await
+            .map_err(|source| SqliteError::Read {
+                file: file.clone(),
+                source,
+            })?;
         let last_input =
             last_seq(&db, Which::Inputs)
                 .await
@@ -101,6 +128,9 @@ impl SqliteBus {
                 file,
                 writes: store.writes(),
                 keep_ms,
+                max_bytes,
+                used: AtomicU64::new(used),
+                handled: AtomicU64::new(0),
                 input_end: watch::channel(last_input).0,
                 outputs: broadcast::channel(BROADCAST).0,
                 generation: AtomicU64::new(0),
@@ -191,6 +221,64 @@ impl SqliteBus {
             .try_flatten()
             .try_filter(move |m| std::future::ready(subject_matches(&filter, &m.subject)))
             .boxed())
+    }
+}
+
+/// The bytes both tables keep, as [`row_bytes`] counts them.
+async fn stored_bytes(db: &DatabaseConnection) -> Result<u64, DbErr> {
+    let sql = format!(
+        "SELECT COALESCE((SELECT sum({ROW_SIZE_SQL}) FROM bus_inputs), 0) \
+         + COALESCE((SELECT sum({ROW_SIZE_SQL}) FROM bus_outputs), 0) AS used"
+    );
+    let row = db
+        .query_one(Statement::from_string(DbBackend::Sqlite, sql))
+        .await?;
+    Ok(row
+        .and_then(|r| r.try_get::<i64>("", "used").ok())
+        .and_then(|n| u64::try_from(n).ok())
+        .unwrap_or(0))
+}
+
+impl SqliteBus {
+    /// Deletes rows until the tables keep at most `target` bytes: the handled inputs first, oldest
+    /// first, then the oldest outputs (history). Inputs not yet handled are never deleted. Returns how
+    /// many rows went. Called with the write turn held.
+    async fn make_room(&self, target: u64) -> Result<u64, DbErr> {
+        let inner = &self.inner;
+        let handled = i64::try_from(inner.handled.load(Ordering::SeqCst)).unwrap_or(i64::MAX);
+        let mut removed = 0;
+        for (table, bound) in [("bus_inputs", Some(handled)), ("bus_outputs", None)] {
+            while inner.used.load(Ordering::SeqCst) > target {
+                let sql = format!(
+                    "DELETE FROM {table} WHERE seq IN (SELECT seq FROM {table} \
+                     WHERE seq <= ?1 ORDER BY seq LIMIT ?2) RETURNING {ROW_SIZE_SQL} AS size"
+                );
+                let rows = inner
+                    .db
+                    .query_all(Statement::from_sql_and_values(
+                        DbBackend::Sqlite,
+                        sql,
+                        [bound.unwrap_or(i64::MAX).into(), ROOM_PAGE.into()],
+                    ))
+                    .await?;
+                if rows.is_empty() {
+                    break;
+                }
+                removed += rows.len() as u64;
+                let freed: u64 = rows
+                    .iter()
+                    .filter_map(|r| r.try_get::<i64>("", "size").ok())
+                    .map(|n| u64::try_from(n).unwrap_or(0))
+                    .sum();
+                inner
+                    .used
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                        Some(u.saturating_sub(freed))
+                    })
+                    .ok();
+            }
+        }
+        Ok(removed)
     }
 }
 
@@ -436,12 +524,21 @@ impl Bus for SqliteBus {
         Ok(*self.inner.input_end.borrow())
     }
 
-    /// Removes the handled inputs and the outputs older than `embedded.keep_ms`.
+    /// Removes the handled inputs and the outputs older than `embedded.keep_ms`, and, past 80% of
+    /// `embedded.max_bytes`, the oldest handled inputs and outputs down to 70%.
     async fn trim_inputs(&self, handled: u64) -> Result<u64, PortError> {
+        self.inner.handled.fetch_max(handled, Ordering::SeqCst);
         let before = i64::try_from(now_ms().saturating_sub(self.inner.keep_ms)).unwrap_or(0);
         let handled = i64::try_from(handled).unwrap_or(i64::MAX);
         let mut removed = 0;
         let _turn = self.inner.writes.lock().await;
+        let max = self.inner.max_bytes;
+        if self.inner.used.load(Ordering::SeqCst) > max / 10 * 8 {
+            removed += self
+                .make_room(max / 10 * 7)
+                .await
+                .map_err(|e| self.port_error(e))?;
+        }
         for (sql, values) in [
             (
                 "DELETE FROM bus_inputs WHERE seq <= ?1 AND stored_at < ?2",
@@ -463,6 +560,12 @@ impl Bus for SqliteBus {
                 .await
                 .map_err(|e| self.port_error(e))?
                 .rows_affected();
+        }
+        if removed > 0 {
+            let used = stored_bytes(&self.inner.db)
+                .await
+                .map_err(|e| self.port_error(e))?;
+            self.inner.used.store(used, Ordering::SeqCst);
         }
         Ok(removed)
     }
@@ -522,35 +625,55 @@ impl Bus for SqliteBus {
         };
         let at = i64::try_from(now_ms()).unwrap_or(i64::MAX);
         let _turn = self.inner.writes.lock().await;
-        let txn = self.inner.db.begin().await.map_err(fail)?;
-        let mut inserted = Vec::new();
-        for out in outputs {
-            let row = txn
-                .query_one(Statement::from_sql_and_values(
-                    DbBackend::Sqlite,
-                    "INSERT INTO bus_outputs (msg_id, subject, msgpack, payload, stored_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (msg_id) DO NOTHING RETURNING seq",
-                    [
-                        out.msg_id.clone().into(),
-                        out.subject.clone().into(),
-                        (out.encoding.content_type().is_some()).into(),
-                        out.payload.to_vec().into(),
-                        at.into(),
-                    ],
-                ))
+        // Past `embedded.max_bytes` the oldest history goes (as a full output stream drops its
+        // oldest); the coordinator's own outputs are never refused for it.
+        let size: u64 = outputs
+            .iter()
+            .map(|o| row_bytes(&o.subject, o.payload.len()))
+            .sum();
+        let max = self.inner.max_bytes;
+        if self.inner.used.load(Ordering::SeqCst) + size > max {
+            self.make_room(max.saturating_sub(size))
                 .await
                 .map_err(fail)?;
-            if let Some(seq) = row.and_then(|r| r.try_get::<i64>("", "seq").ok()) {
-                inserted.push(Stored {
-                    seq: u64::try_from(seq).unwrap_or(0),
-                    subject: out.subject.clone(),
-                    content_type: out.encoding.content_type().map(str::to_owned),
-                    payload: out.payload.clone(),
-                    stored_at: u64::try_from(at).ok(),
-                });
-            }
         }
-        txn.commit().await.map_err(fail)?;
+        let txn = self.inner.db.begin().await.map_err(fail)?;
+        let mut inserted = Vec::new();
+        let body = async {
+            for out in outputs {
+                let row = txn
+                    .query_one(Statement::from_sql_and_values(
+                        DbBackend::Sqlite,
+                        "INSERT INTO bus_outputs (msg_id, subject, msgpack, payload, stored_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (msg_id) DO NOTHING RETURNING seq",
+                        [
+                            out.msg_id.clone().into(),
+                            out.subject.clone().into(),
+                            (out.encoding.content_type().is_some()).into(),
+                            out.payload.to_vec().into(),
+                            at.into(),
+                        ],
+                    ))
+                    .await?;
+                if let Some(seq) = row.and_then(|r| r.try_get::<i64>("", "seq").ok()) {
+                    inserted.push(Stored {
+                        seq: u64::try_from(seq).unwrap_or(0),
+                        subject: out.subject.clone(),
+                        content_type: out.encoding.content_type().map(str::to_owned),
+                        payload: out.payload.clone(),
+                        stored_at: u64::try_from(at).ok(),
+                    });
+                }
+            }
+            Ok(())
+        }
+        .await;
+        super::settle(txn, body).await.map_err(fail)?;
+        let added: u64 = inserted
+            .iter()
+            .map(|m| row_bytes(&m.subject, m.payload.len()))
+            .sum();
+        self.inner.used.fetch_add(added, Ordering::SeqCst);
         for m in inserted {
             // Nobody listening is fine: readers catch up from the table.
             let _ = self.inner.outputs.send(m);
@@ -586,11 +709,40 @@ impl SqliteBus {
     }
 }
 
+/// An input refused because the embedded bus keeps `embedded.max_bytes` of inputs not yet handled.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the embedded bus is full: {used} of its {max} bytes (embedded.max_bytes) hold inputs the \
+     coordinator has not handled yet; the input was not stored"
+)]
+struct BusFull {
+    used: u64,
+    max: u64,
+}
+
 #[async_trait]
 impl Gateway for SqliteBus {
     async fn submit(&self, subject: &str, payload: Vec<u8>) -> Result<(), PortError> {
         let at = i64::try_from(now_ms()).unwrap_or(i64::MAX);
+        let size = row_bytes(subject, payload.len());
+        let write_error = |source| {
+            PortError::new(SqliteError::Write {
+                file: self.inner.file.clone(),
+                records: 0,
+                source,
+            })
+        };
         let turn = self.inner.writes.lock().await;
+        let max = self.inner.max_bytes;
+        if self.inner.used.load(Ordering::SeqCst) + size > max {
+            self.make_room(max.saturating_sub(size))
+                .await
+                .map_err(write_error)?;
+            let used = self.inner.used.load(Ordering::SeqCst);
+            if used + size > max {
+                return Err(PortError::new(BusFull { used, max }));
+            }
+        }
         let row = self
             .inner
             .db
@@ -601,13 +753,8 @@ impl Gateway for SqliteBus {
                 [subject.into(), payload.into(), at.into()],
             ))
             .await
-            .map_err(|source| {
-                PortError::new(SqliteError::Write {
-                    file: self.inner.file.clone(),
-                    records: 0,
-                    source,
-                })
-            })?;
+            .map_err(write_error)?;
+        self.inner.used.fetch_add(size, Ordering::SeqCst);
         drop(turn);
         if let Some(seq) = row
             .and_then(|r| r.try_get::<i64>("", "seq").ok())
@@ -665,7 +812,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let store = SqliteStore::open(dir.path()).await.expect("a store");
         let subjects = Subjects::new("gpu").expect("a prefix");
-        let bus = SqliteBus::open(&store, &subjects, 60_000)
+        let bus = SqliteBus::open(&store, &subjects, 60_000, 1 << 30)
             .await
             .expect("a bus");
         (dir, store, bus)

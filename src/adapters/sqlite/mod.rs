@@ -117,6 +117,25 @@ pub enum SqliteError {
     },
 }
 
+/// Commits `txn` when its `body` succeeded, else rolls it back at once: a transaction left to roll back
+/// when its connection is next used would keep SQLite's write lock (after a full disk, say) and every
+/// other writer would wait for it in vain. A commit that fails is rolled back too.
+pub(crate) async fn settle<T>(
+    txn: sea_orm::DatabaseTransaction,
+    body: Result<T, DbErr>,
+) -> Result<T, DbErr> {
+    match body {
+        Ok(value) => match txn.commit().await {
+            Ok(()) => Ok(value),
+            Err(e) => Err(e),
+        },
+        Err(e) => {
+            let _ = txn.rollback().await;
+            Err(e)
+        }
+    }
+}
+
 /// Opens (creating it if need be) the database of data directory `dir`.
 pub async fn open(dir: &Path) -> Result<(DatabaseConnection, PathBuf), SqliteError> {
     std::fs::create_dir_all(dir).map_err(|source| SqliteError::CreateDir {
@@ -225,35 +244,53 @@ impl SqliteStore {
             records: rows.len(),
             source,
         };
+        let inserts = batch
+            .outbox
+            .chunks(OUTBOX_PER_STATEMENT)
+            .map(|chunk| entities::insert_outbox(chunk, DbBackend::Sqlite))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.row_error(e))?;
         let _turn = self.writes.lock().await;
         let txn = self.db.begin().await.map_err(fail)?;
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            txn.execute(entities::upsert_requests(chunk, DbBackend::Sqlite))
-                .await
-                .map_err(fail)?;
-        }
-        for chunk in batch.outbox.chunks(OUTBOX_PER_STATEMENT) {
-            let insert =
-                entities::insert_outbox(chunk, DbBackend::Sqlite).map_err(|e| self.row_error(e))?;
-            txn.execute(insert).await.map_err(fail)?;
-        }
-        if let Some(upto) = published {
+        let body = async {
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                txn.execute(entities::upsert_requests(chunk, DbBackend::Sqlite))
+                    .await?;
+            }
+            for insert in inserts {
+                txn.execute(insert).await?;
+            }
+            if let Some(upto) = published {
+                txn.execute(Statement::from_sql_and_values(
+                    DbBackend::Sqlite,
+                    "DELETE FROM outbox WHERE id <= ?1",
+                    [upto.into()],
+                ))
+                .await?;
+            }
             txn.execute(Statement::from_sql_and_values(
                 DbBackend::Sqlite,
-                "DELETE FROM outbox WHERE id <= ?1",
-                [upto.into()],
+                RAISE_FENCE,
+                [fence.into(), input_seq.into(), batch.input_reset.into()],
             ))
             .await
-            .map_err(fail)?;
         }
-        txn.execute(Statement::from_sql_and_values(
-            DbBackend::Sqlite,
-            RAISE_FENCE,
-            [fence.into(), input_seq.into(), batch.input_reset.into()],
-        ))
-        .await
-        .map_err(fail)?;
-        txn.commit().await.map_err(fail)
+        .await;
+        settle(txn, body).await.map(|_| ()).map_err(fail)
+    }
+
+    /// Deletes a batch of the ended requests beyond the `retain_ended` most recent (see
+    /// [`Journal::trim_ended`]), in one short transaction.
+    pub async fn trim_ended(&self, retain_ended: usize) -> Result<u64, SqliteError> {
+        let fail = |source| SqliteError::Write {
+            file: self.file.clone(),
+            records: 0,
+            source,
+        };
+        let _turn = self.writes.lock().await;
+        let txn = self.db.begin().await.map_err(fail)?;
+        let deleted = entities::trim_ended(&txn, retain_ended).await;
+        settle(txn, deleted).await.map_err(fail)
     }
 
     /// Reads what the driver needs at start, in one transaction (as [`super::postgres::PgStore::load_state`]).
@@ -283,6 +320,12 @@ impl Journal for SqliteStore {
 
     async fn write(&self, batch: &Batch<'_>) -> Result<(), PortError> {
         SqliteStore::write(self, batch)
+            .await
+            .map_err(PortError::new)
+    }
+
+    async fn trim_ended(&self, retain_ended: usize) -> Result<u64, PortError> {
+        SqliteStore::trim_ended(self, retain_ended)
             .await
             .map_err(PortError::new)
     }

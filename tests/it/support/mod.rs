@@ -35,6 +35,9 @@ pub fn test_config(tag: &str, gpus: &[(&str, u64)]) -> Config {
     let mut config = Config::default();
     config.nats.url = NATS_URL.to_string();
     config.nats.prefix = format!("t{}", name.replace('_', "-"));
+    // JetStream sets each stream's max_bytes aside in its store: the default (1 GiB) for every test's
+    // streams would not fit the shared server's store.
+    config.nats.max_bytes = 16 << 20;
     config.redis.url = REDIS_URL.to_string();
     config.redis.key_prefix = format!("it:{name}");
     config.database.url = format!("{PG_SERVER}/gpu_it_{name}");

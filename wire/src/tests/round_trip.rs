@@ -191,6 +191,7 @@ fn status_doc() -> StatusDoc {
             term: 3,
             standbys: vec!["box-2-01020304".into()],
         }),
+        storage_full: Some("SQLite is full (out of disk space): database or disk is full".into()),
         at: "2026-11-26T14:39:09.123Z".into(),
         vram_source: VramSource::Nvml,
         gpus: vec![GpuStatus {
@@ -267,6 +268,7 @@ fn status_round_trips() {
     round_trip(status_doc());
     round_trip(StatusDoc {
         leader: None,
+        storage_full: None,
         at: "2026-11-26T14:39:09.123Z".into(),
         vram_source: VramSource::Config,
         gpus: vec![],

@@ -1,0 +1,302 @@
+//! A full store, as the coordinator sees it: a write refused for lack of space (a disk full under
+//! SQLite or Postgres, JetStream's store or a stream's `max_bytes` exhausted, the embedded bus at
+//! `embedded.max_bytes`).
+//!
+//! The journal, the bus and the gateway are wrapped ([`watch_journal`], [`watch_bus`],
+//! [`watch_gateway`]) so that every write they refuse for lack of space is logged once as an error and
+//! noted in a [`Storage`]; `/readyz` and the status document say so (`storage_full`) until a write of
+//! that store succeeds again, or no write failed for [`STALE`]. Nothing refused is acknowledged: the
+//! driver retries its writes with backoff and goes on by itself once space comes back; an input refused
+//! at its submission gets the error (HTTP 507).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::ports::{
+    Batch, Bus, Gateway, Inputs, Journal, Loaded, Outbound, PortError, PublishFailure, ReadFrom,
+    StatusQueries, StoredStream, Term, Which,
+};
+
+/// How long a refusal is reported after the last one, when no write of that store was tried since.
+pub const STALE: Duration = Duration::from_secs(60);
+
+/// What the stores and servers say when they are out of space (compared in lower case, anywhere in
+/// an error's chain of causes).
+const FULL_MARKERS: &[&str] = &[
+    // Linux, the embedded store's own files.
+    "no space left on device",
+    // SQLite: SQLITE_FULL.
+    "database or disk is full",
+    // Postgres: disk_full, a table or WAL file that cannot grow.
+    "could not extend file",
+    "could not write to file",
+    "disk full",
+    // JetStream: the server's store, or a stream's bytes.
+    "insufficient storage",
+    "insufficient resources",
+    "maximum bytes exceeded",
+    "storage resources exceeded",
+    // The embedded bus at `embedded.max_bytes`.
+    "embedded bus is full",
+];
+
+/// Whether `error` (or one of its causes) says a store is out of space.
+pub fn is_full(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let text = e.to_string().to_lowercase();
+        if FULL_MARKERS.iter().any(|m| text.contains(m)) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// `error` and its causes, `outer: inner: root`.
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    crate::driver::retry::causes(error)
+}
+
+/// The stores found full, shared by the wrappers of one coordinator and read by `/readyz` and the
+/// status document.
+#[derive(Clone, Default)]
+pub struct Storage {
+    full: Arc<Mutex<BTreeMap<&'static str, (String, Instant)>>>,
+}
+
+impl Storage {
+    /// Notes the outcome of a write to `store`: a refusal for lack of space is noted (and logged once
+    /// until it clears); a success clears it.
+    pub fn noted<T>(&self, store: &'static str, result: &Result<T, PortError>) {
+        match result {
+            Ok(_) => self.clear(store),
+            Err(e) if is_full(e) => self.refused(store, &describe(e)),
+            Err(_) => {}
+        }
+    }
+
+    fn refused(&self, store: &'static str, why: &str) {
+        let mut full = crate::adapters::memory::lock(&self.full);
+        let first = !full.contains_key(store);
+        full.insert(store, (why.to_owned(), Instant::now()));
+        if first {
+            tracing::error!(
+                "{store} is full: a write was refused for lack of space ({why}); nothing refused is \
+                 acknowledged, and the coordinator goes on by itself once space is freed"
+            );
+        }
+    }
+
+    fn clear(&self, store: &'static str) {
+        if crate::adapters::memory::lock(&self.full)
+            .remove(store)
+            .is_some()
+        {
+            tracing::info!("{store} takes writes again: space was freed");
+        }
+    }
+
+    /// Why a store is full, if one is: `None` when every store took its last write.
+    pub fn problem(&self) -> Option<String> {
+        let full = crate::adapters::memory::lock(&self.full);
+        let reasons: Vec<String> = full
+            .iter()
+            .filter(|(_, (_, at))| at.elapsed() < STALE)
+            .map(|(store, (why, _))| format!("{store} is full (out of disk space): {why}"))
+            .collect();
+        (!reasons.is_empty()).then(|| reasons.join("; "))
+    }
+}
+
+/// The journal, its writes watched for lack of space under the name `store`.
+pub fn watch_journal(
+    journal: Arc<dyn Journal>,
+    store: &'static str,
+    storage: Storage,
+) -> Arc<dyn Journal> {
+    Arc::new(Watched {
+        inner: journal,
+        store,
+        storage,
+    })
+}
+
+/// The bus (the driver's side), its publishes watched for lack of space under the name `store`.
+pub fn watch_bus(bus: Arc<dyn Bus>, store: &'static str, storage: Storage) -> Arc<dyn Bus> {
+    Arc::new(Watched {
+        inner: bus,
+        store,
+        storage,
+    })
+}
+
+/// The gateway (the HTTP API's side), its submissions watched for lack of space under `store`.
+pub fn watch_gateway(
+    gateway: Arc<dyn Gateway>,
+    store: &'static str,
+    storage: Storage,
+) -> Arc<dyn Gateway> {
+    Arc::new(Watched {
+        inner: gateway,
+        store,
+        storage,
+    })
+}
+
+struct Watched<T: ?Sized> {
+    inner: Arc<T>,
+    store: &'static str,
+    storage: Storage,
+}
+
+#[async_trait]
+impl Journal for Watched<dyn Journal> {
+    async fn migrate(&self) -> Result<(), PortError> {
+        self.inner.migrate().await
+    }
+    async fn load(&self, retain_ended: usize) -> Result<Loaded, PortError> {
+        self.inner.load(retain_ended).await
+    }
+    async fn take_over(&self, term: Term) -> Result<(), PortError> {
+        self.inner.take_over(term).await
+    }
+    async fn stand_down(&self, finish: bool) {
+        self.inner.stand_down(finish).await
+    }
+    async fn write(&self, batch: &Batch<'_>) -> Result<(), PortError> {
+        let result = self.inner.write(batch).await;
+        self.storage.noted(self.store, &result);
+        result
+    }
+    async fn trim_ended(&self, retain_ended: usize) -> Result<u64, PortError> {
+        let result = self.inner.trim_ended(retain_ended).await;
+        self.storage.noted(self.store, &result);
+        result
+    }
+    async fn ping(&self) -> Result<(), PortError> {
+        self.inner.ping().await
+    }
+    fn full(&self) -> Option<String> {
+        self.storage.problem()
+    }
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
+
+#[async_trait]
+impl Bus for Watched<dyn Bus> {
+    async fn ensure_streams(&self, inputs_after: Option<u64>) -> Result<(), PortError> {
+        self.inner.ensure_streams(inputs_after).await
+    }
+    async fn input_position(&self, handled: u64) -> Result<u64, PortError> {
+        self.inner.input_position(handled).await
+    }
+    async fn already_stored(&self, msg_ids: &[String]) -> Result<HashSet<String>, PortError> {
+        self.inner.already_stored(msg_ids).await
+    }
+    async fn input_end(&self) -> Result<u64, PortError> {
+        self.inner.input_end().await
+    }
+    async fn trim_inputs(&self, handled: u64) -> Result<u64, PortError> {
+        self.inner.trim_inputs(handled).await
+    }
+    async fn open_inputs(&self, after: u64) -> Result<Inputs, PortError> {
+        self.inner.open_inputs(after).await
+    }
+    async fn publish_in_order(
+        &self,
+        outputs: &[Outbound],
+        pipelined: bool,
+    ) -> Result<(), PublishFailure> {
+        let result = self.inner.publish_in_order(outputs, pipelined).await;
+        match &result {
+            Ok(()) => self.storage.clear(self.store),
+            Err(failure) if is_full(&failure.error) => {
+                self.storage.refused(self.store, &describe(&failure.error))
+            }
+            Err(_) => {}
+        }
+        result
+    }
+    fn reconnects(&self) -> watch::Receiver<u64> {
+        self.inner.reconnects()
+    }
+    fn acks_cover_earlier(&self) -> bool {
+        self.inner.acks_cover_earlier()
+    }
+    fn connected(&self) -> bool {
+        self.inner.connected()
+    }
+    async fn status_queries(&self) -> Result<StatusQueries, PortError> {
+        self.inner.status_queries().await
+    }
+    async fn flush(&self) -> Result<(), PortError> {
+        self.inner.flush().await
+    }
+}
+
+#[async_trait]
+impl Gateway for Watched<dyn Gateway> {
+    async fn submit(&self, subject: &str, payload: Vec<u8>) -> Result<(), PortError> {
+        let result = self.inner.submit(subject, payload).await;
+        self.storage.noted(self.store, &result);
+        result
+    }
+    async fn follow(&self, filter: &str, from: ReadFrom) -> Result<StoredStream, PortError> {
+        self.inner.follow(filter, from).await
+    }
+    async fn history(
+        &self,
+        which: Which,
+        filter: &str,
+        from: ReadFrom,
+    ) -> Result<StoredStream, PortError> {
+        self.inner.history(which, filter, from).await
+    }
+    fn answers(&self) -> &gpu_coordinator_client::AnswerReader {
+        self.inner.answers()
+    }
+    fn health(&self) -> Result<(), String> {
+        self.inner.health()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_stores_are_recognised_by_what_they_say() {
+        for text in [
+            "error returned from database: database or disk is full",
+            "could not extend file \"base/16384/2619\": No space left on device",
+            "insufficient storage resources available",
+            "maximum bytes exceeded",
+            "the embedded bus is full: 1073741824 bytes of inputs not yet handled",
+        ] {
+            assert!(is_full(&PortError::msg(text)), "{text}");
+        }
+        assert!(!is_full(&PortError::msg("connection refused")));
+    }
+
+    #[test]
+    fn a_refusal_is_reported_until_a_write_succeeds() {
+        let storage = Storage::default();
+        assert_eq!(storage.problem(), None);
+        storage.noted::<()>("SQLite", &Err(PortError::msg("database or disk is full")));
+        storage.noted::<()>("NATS", &Err(PortError::msg("connection refused")));
+        let why = storage.problem().expect("reported");
+        assert!(
+            why.contains("SQLite is full") && !why.contains("NATS"),
+            "{why}"
+        );
+        storage.noted("SQLite", &Ok(()));
+        assert_eq!(storage.problem(), None);
+    }
+}
