@@ -246,7 +246,15 @@ impl Gateway for Watched<dyn Gateway> {
     async fn submit(&self, subject: &str, payload: Vec<u8>) -> Result<(), PortError> {
         let result = self.inner.submit(subject, payload).await;
         self.storage.noted(self.store, &result);
-        result
+        // While a store is full its other writers fail too, not always with its words (SQLite answers
+        // "database is locked" to the writers behind a commit refused for space): the sender is told
+        // the cause.
+        result.map_err(|e| match self.storage.problem() {
+            Some(problem) if !is_full(&e) => {
+                PortError::msg(format!("{problem}; this input: {}", describe(&e)))
+            }
+            _ => e,
+        })
     }
     async fn follow(&self, filter: &str, from: ReadFrom) -> Result<StoredStream, PortError> {
         self.inner.follow(filter, from).await
