@@ -383,13 +383,29 @@ impl Scheduler {
     /// in counts as that one), firing the timers due before each; then schedules once, after all of
     /// them. A release and a more urgent request in one batch hand the GPU to the urgent one, rather
     /// than resuming a paused holder only to pause it again in the same instant.
+    ///
+    /// An answer of the lease store ([`Input::LeaseNotHeld`], [`Input::LeaseRefused`]) belongs to the
+    /// round whose writes it answers, whenever the store gave it: it is handled at the core's time
+    /// (the time given only before any other input, just after a restore), fires no timer and moves
+    /// no time. Only inputs and timers move time: a store that answers a renewal handled late (after
+    /// a stall, a takeover, a restart) must not expire a lease whose later renewals are still to be
+    /// handled.
     pub fn handle_inputs(&mut self, batch: impl IntoIterator<Item = (Input, Millis)>) {
         let mut last = None;
         for (input, stored_at) in batch {
-            let now = self.advance(stored_at);
-            self.fire_due(now);
+            let now = if input.answers_the_lease_store() {
+                if self.clock == 0 {
+                    stored_at
+                } else {
+                    self.clock
+                }
+            } else {
+                let now = self.advance(stored_at);
+                self.fire_due(now);
+                now
+            };
             self.apply(input, stored_at, now);
-            last = Some(now);
+            last = Some(last.map_or(now, |l: Millis| l.max(now)));
         }
         if let Some(now) = last {
             self.schedule(now);

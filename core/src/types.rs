@@ -90,6 +90,17 @@ pub enum Input {
     },
 }
 
+impl Input {
+    /// Whether it is the lease store's answer to writes the core decided before (see
+    /// [`crate::Scheduler::handle_inputs`]).
+    pub fn answers_the_lease_store(&self) -> bool {
+        matches!(
+            self,
+            Input::LeaseNotHeld { .. } | Input::LeaseRefused { .. }
+        )
+    }
+}
+
 /// Where a request stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Phase {

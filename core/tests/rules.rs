@@ -544,6 +544,63 @@ fn a_renewal_stored_while_no_coordinator_acted_keeps_the_lease_after_a_restart()
     assert_eq!(s.phase("asr"), Phase::Active);
 }
 
+/// After a restart the lease store no longer holds a lease that ran out there while no coordinator
+/// acted. The first renewal stored meanwhile is handled, and the store answers its write "not held";
+/// the driver hands that answer in at the time now: it fires no timer, so the later renewals, stored
+/// in time but not yet read, still keep the lease. (Driven without the harness's store model, which
+/// holds every lease the core holds.)
+#[test]
+fn a_lease_store_answer_fires_no_timer_before_the_renewals_stored_in_time() {
+    use gpu_coordinator_core::{Action, Scheduler};
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("asr", req("asr", 2).lease(1_000));
+    let fence = Fence(s.fence("asr"));
+    let renew = || {
+        let msg = RenewMsg {
+            request_id: "asr".into(),
+            fence: Some(fence.0),
+            lease_ms: None,
+        };
+        Sim::from("asr", Inbound::Renew(msg))
+    };
+    let stopped_at = s.now;
+    // Stopped for 2.5 s while the holder renewed every 300 ms; the store lost the lease meanwhile.
+    let snapshot = s.snapshot(false);
+    let now = stopped_at + 2_500;
+    let mut sched = Scheduler::new(s.config.clone(), s.specs.clone());
+    sched.restore(snapshot, now);
+    // The outcomes of the replies, and whether a revoke was ordered.
+    let drain = |sched: &mut Scheduler| {
+        let (mut outcomes, mut revoked) = (Vec::new(), false);
+        while let Some(action) = sched.poll_action() {
+            match action {
+                Action::Reply { reply, .. } => outcomes.push(reply.outcome),
+                Action::Control { control, .. } => revoked |= control.action == Revoke,
+                _ => {}
+            }
+        }
+        (outcomes, revoked)
+    };
+    sched.handle_inputs(vec![(renew(), stopped_at + 300)]);
+    // The store's answer to that renewal's write, handed in at the time now.
+    sched.handle_input(
+        Input::LeaseNotHeld {
+            request_id: "asr".into(),
+            fence,
+        },
+        now,
+    );
+    let (mut outcomes, revoked) = drain(&mut sched);
+    assert!(!revoked, "revoked by the store's answer");
+    sched.handle_inputs((2..=8).map(|i| (renew(), stopped_at + 300 * i)));
+    sched.handle_timeout(now);
+    let (later, revoked) = drain(&mut sched);
+    assert!(!revoked, "revoked though every renewal was stored in time");
+    outcomes.extend(later);
+    assert_eq!(outcomes, vec![Outcome::Renewed; 8]);
+    assert_eq!(sched.record("asr").map(|r| r.phase), Some(Phase::Active));
+}
+
 #[test]
 fn a_late_copy_of_an_ack_without_a_fence_does_not_answer_a_newer_pause() {
     let mut s = sim(&[("g0", 1_000)]);

@@ -164,7 +164,8 @@ impl Driver {
             if let Some(seq) = batch.input_seq {
                 self.position.handled = self.position.handled.max(seq);
             }
-            // What the store said belongs to the round's time, however long the store took.
+            // What the store said belongs to the round's time, however long the store took: the core
+            // takes it at its own time, firing no timer (see `Scheduler::handle_inputs`).
             let now = self.time_floor;
             for (request_id, fence, why) in refused {
                 tracing::error!(%request_id, "the lease store refused a lease: {why}");

@@ -102,8 +102,8 @@ impl Driver {
                     }
                 },
                 _ = tokio::time::sleep(wake) => {
-                    if self.inputs_caught_up().await {
-                        let now = self.core_time(now_ms());
+                    if let Some(at) = self.inputs_caught_up().await {
+                        let now = self.core_time(at);
                         self.sched.handle_timeout(now);
                         self.carry_out().await?;
                     }
@@ -131,28 +131,42 @@ impl Driver {
 
     /// Whether the inputs stored until now are handled, so that what is due now may fire: a renewal
     /// or an ACK stored in time (during a stall of this process, a server away, a takeover) counts
-    /// before the expiry or the deadline it beat. When some are not, the timers wait for them, at most
-    /// [`CATCH_UP_LIMIT`] (a consumer that does not deliver them does not stop the timers). A bus that
-    /// cannot tell does not hold them.
-    pub(super) async fn inputs_caught_up(&mut self) -> bool {
-        if self.catching_up.take().is_some() {
-            // Caught up, or past the limit (see `catching_up_left`).
-            return true;
-        }
+    /// before the expiry or the deadline it beat. Answers the time up to which that holds (when the
+    /// bus was asked), the time at which timers may fire; `None` while inputs stored before it are
+    /// still to be handled. Once those are, the bus is asked again (more may have been stored
+    /// meanwhile, before timers that fell due meanwhile), until it has nothing more; the timers wait
+    /// at most [`CATCH_UP_LIMIT`] in all (a consumer that does not deliver does not stop them). A bus
+    /// that cannot tell does not hold them.
+    pub(super) async fn inputs_caught_up(&mut self) -> Option<gpu_coordinator_core::Millis> {
+        let since = match self.catching_up {
+            Some((_, since)) if since.elapsed() >= CATCH_UP_LIMIT => {
+                self.catching_up = None;
+                return Some(now_ms());
+            }
+            Some((end, _)) if self.position.handled < end => return None,
+            Some((_, since)) => Some(since),
+            None => None,
+        };
+        // Whatever the bus says it holds was stored before this instant.
+        let asked_at = now_ms();
         match self.ports.bus.input_end().await {
             Ok(end) if end > self.position.handled => {
                 tracing::debug!(
                     "timers wait for the inputs up to #{end} (#{} handled)",
                     self.position.handled
                 );
-                self.catching_up = Some((end, std::time::Instant::now()));
-                false
+                self.catching_up = Some((end, since.unwrap_or_else(std::time::Instant::now)));
+                None
             }
-            _ => true,
+            _ => {
+                self.catching_up = None;
+                Some(asked_at)
+            }
         }
     }
 
-    /// While timers wait for inputs: how much longer they may wait. `None` once the inputs are handled.
+    /// While timers wait for inputs: how much longer they may wait (nothing once the inputs they
+    /// wait for are handled: the bus is asked again). `None` when they do not wait.
     pub(super) fn catching_up_left(&mut self) -> Option<Duration> {
         let (end, since) = self.catching_up?;
         if self.position.handled >= end {
@@ -195,8 +209,10 @@ impl Driver {
         // publish them again past the duplicate window.
         self.write_bookkeeping(None, false).await?;
         // Reconciling hands the core the time now: after the inputs stored until now.
-        if self.catching_up.is_none() && self.inputs_caught_up().await {
-            self.check_lease_store().await?;
+        if self.catching_up.is_none() {
+            if let Some(at) = self.inputs_caught_up().await {
+                self.check_lease_store(at).await?;
+            }
         }
         if tick.is_multiple_of(TRIM_EVERY_TICKS) {
             self.trim_inputs().await;
@@ -417,11 +433,14 @@ impl Driver {
     ) -> anyhow::Result<()> {
         // A sample hands the core the time now: after the inputs stored until now (the next sample
         // comes soon).
-        if self.catching_up.is_some() || !self.inputs_caught_up().await {
+        if self.catching_up.is_some() {
             return Ok(());
         }
+        let Some(at) = self.inputs_caught_up().await else {
+            return Ok(());
+        };
         // Samples come only from an NVML feed.
-        let now = self.core_time(now_ms());
+        let now = self.core_time(at);
         let Some(feed) = self.nvml.as_mut() else {
             return Ok(());
         };

@@ -7,12 +7,16 @@
 use gpu_coordinator_core::Input;
 
 use super::retry::causes;
-use super::{now_ms, Driver};
+use super::Driver;
 
 impl Driver {
-    /// Once a second: says when the store lost its data, and reconciles it with the scheduler. A store
-    /// that does not answer is left for the next check.
-    pub(super) async fn check_lease_store(&mut self) -> anyhow::Result<()> {
+    /// Once a second: says when the store lost its data, and reconciles it with the scheduler, at
+    /// `at` (a time the inputs stored before are handled). A store that does not answer is left for
+    /// the next check.
+    pub(super) async fn check_lease_store(
+        &mut self,
+        at: gpu_coordinator_core::Millis,
+    ) -> anyhow::Result<()> {
         match self.ports.leases.ensure_epoch().await {
             Ok(false) => {}
             Ok(true) => tracing::warn!(
@@ -30,7 +34,7 @@ impl Driver {
                 return Ok(());
             }
         };
-        let now = self.core_time(now_ms());
+        let now = self.core_time(at);
         self.sched
             .handle_input(Input::LeaseStoreHolds { leases }, now);
         self.carry_out().await

@@ -921,6 +921,133 @@ async fn renewals_stored_during_a_stall_keep_the_lease() {
     coordinator.stop().await.expect("a clean stop");
 }
 
+/// The coordinator process is stopped (SIGSTOP) for more than a lease, five times, while the holder
+/// goes on renewing every 300 ms: each time it goes on, the renewals stored meanwhile count at the
+/// time they were stored, before the expiries that fell due while it was stopped, so every renewal is
+/// answered `renewed` and the lease is never revoked. Each stop also outlasts the leader's lease: the
+/// one coordinator wakes deposed and leads again, in a new term, from the journal.
+#[tokio::test]
+async fn renewals_stored_while_the_coordinator_was_stopped_keep_the_lease() {
+    renewals_stored_while_the_leader_was_stopped(false).await
+}
+
+/// The same with a standby: the leader is stopped five times (whichever coordinator leads); the
+/// standby takes over while it is stopped, and handles the renewals stored since, each at the time it
+/// was stored; the stopped one wakes deposed and stands by.
+#[tokio::test]
+async fn renewals_stored_while_the_leader_was_stopped_keep_the_lease_with_a_standby() {
+    renewals_stored_while_the_leader_was_stopped(true).await
+}
+
+async fn renewals_stored_while_the_leader_was_stopped(standby: bool) {
+    use crate::support::CoordinatorProcess;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    const LEASE_MS: u64 = 1_000;
+    const STOPS: usize = 5;
+    let mut config = test_config("sigstop", &[("0", 24_000)]);
+    config.lease.default_ms = LEASE_MS;
+    let mut processes = vec![CoordinatorProcess::start(&config).await];
+    if standby {
+        processes.push(CoordinatorProcess::start(&config).await);
+    }
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    probe
+        .pub_json("request", "a", json!({"request_id": "a-1", "priority": 1}))
+        .await;
+    let granted = probe.reply("a-1", "granted").await;
+    let renew = json!({"request_id": "a-1", "fence": granted.fence});
+    // The holder renews every 300 ms throughout; `stored` counts the renewals JetStream stored.
+    let stored = Arc::new(AtomicUsize::new(0));
+    let renewer = tokio::spawn({
+        let (js, subject) = (probe.js.clone(), format!("{}.renew.a", config.nats.prefix));
+        let stored = stored.clone();
+        async move {
+            let mut every = tokio::time::interval(Duration::from_millis(300));
+            loop {
+                every.tick().await;
+                let acked = match js.publish(subject.clone(), renew.to_string().into()).await {
+                    Ok(ack) => ack.await.is_ok(),
+                    Err(_) => false,
+                };
+                if acked {
+                    stored.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+    });
+    let signal = |pid: u32, signal: &str| {
+        let status = std::process::Command::new("kill")
+            .arg(signal)
+            .arg(pid.to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    };
+    let reply = format!("{}.reply.", config.nats.prefix);
+    let control = format!("{}.control.", config.nats.prefix);
+    let mut answered = 0;
+    for stop in 1..=STOPS {
+        // The leader: its holder name carries its process id (`<host>-<pid>-<random>`).
+        let holder = probe.status().await.leader.expect("a leader").holder;
+        let pid: u32 = holder
+            .rsplit('-')
+            .nth(1)
+            .and_then(|pid| pid.parse().ok())
+            .expect("a process id in the holder's name");
+        assert!(
+            processes.iter().any(|p| p.pid() == pid),
+            "{holder} is none of ours"
+        );
+        signal(pid, "-STOP");
+        // The fault: stopped for two and a half leases (and leader leases).
+        tokio::time::sleep(Duration::from_millis(LEASE_MS * 5 / 2)).await;
+        signal(pid, "-CONT");
+        // Every renewal stored until now is answered `renewed`, in order; nothing else is said to
+        // the holder (no revoke, no refusal).
+        let due = stored.load(Ordering::SeqCst);
+        while answered < due {
+            let seen = probe
+                .expect(
+                    &format!("renewal {} answered after stop {stop}", answered + 1),
+                    |s| {
+                        s.str("request_id") == Some("a-1")
+                            && [reply.as_str(), control.as_str()]
+                                .iter()
+                                .any(|p| s.subject.starts_with(p))
+                    },
+                )
+                .await;
+            assert_eq!(
+                seen.str("outcome"),
+                Some("renewed"),
+                "after stop {stop}, {answered} renewal(s) answered, then: {:?} on {}",
+                seen.json,
+                seen.subject
+            );
+            answered += 1;
+        }
+    }
+    renewer.abort();
+    assert!(
+        !probe.drain_and_find(|s| s.str("request_id") == Some("a-1")
+            && s.str("outcome").is_some_and(|o| o != "renewed")),
+        "a renewal was refused though every one was stored in time"
+    );
+    assert!(
+        !probe.drain_and_find(|s| s.str("action") == Some("revoke")),
+        "the lease was revoked though every renewal was stored in time"
+    );
+    let status = probe.status().await;
+    assert_eq!(status.gpus[0].holders[0].request_id, "a-1");
+    assert_eq!(status.gpus[0].holders[0].fence, granted.fence.unwrap());
+    for process in processes {
+        process.kill();
+    }
+}
+
 /// A message the outbox kept from before a stop, which the output stream already holds, is not
 /// published again at the next start, even after the stream's duplicate window forgot its id.
 #[tokio::test]
