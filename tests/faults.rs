@@ -4,8 +4,14 @@
 //! coordinator, restarts of NATS, Redis and Postgres, SIGSTOP of a coordinator past a lease, a holder
 //! stalled past its lease, a client cut off from NATS, the leader stopped gracefully (SIGTERM) while
 //! Postgres is slowed, so that a standby (or its restart) takes over a journal stream that Postgres
-//! lags behind (with Postgres written behind), duplicated and reordered inputs (some stripped of their
-//! fence), malformed inputs.
+//! lags behind (with Postgres written behind), a standby started under `faketime` with its clock
+//! minutes off (it must never lead; the leader is then killed, and a sound coordinator takes over, or
+//! is started again where the skewed one is left alone), hostile clients (in the half of the rounds
+//! whose NATS runs with the permissions of `nats-auth`, everyone with its own credentials: a service
+//! that asks for status answers onto another's inputs or the purge of the input stream, makes push
+//! consumers onto another's release, publishes on another's subjects; the auditor pulls from, deletes
+//! and makes the coordinator's input consumer), duplicated and reordered inputs (some stripped of
+//! their fence), malformed inputs.
 //!
 //! After each round, once every service stopped and the coordinator is idle:
 //! - the audit checker (`gpu-coordinator audit`) passes over the whole history;
@@ -26,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use gpu_coordinator::audit::{self, Since};
 use gpu_coordinator::config::{Config, GpuConfig};
+use gpu_coordinator::nats_auth::{self, Credentials};
 use gpu_coordinator_client::{Client, ClientError, Lease, LeasePhase, RequestOptions, Worker};
 use gpu_coordinator_test_support::{unique, NatsServer, PgServer, Proxy, RedisServer};
 use gpu_coordinator_wire::StatusDoc;
@@ -52,9 +59,11 @@ enum Fault {
     StallHolder,
     CutClient,
     SlowPostgresStopLeader,
+    ClockOffsetStandby,
+    HostileClients,
 }
 
-const FAULTS: [Fault; 8] = [
+const FAULTS: [Fault; 10] = [
     Fault::KillCoordinator,
     Fault::RestartNats,
     Fault::RestartRedis,
@@ -63,6 +72,8 @@ const FAULTS: [Fault; 8] = [
     Fault::StallHolder,
     Fault::CutClient,
     Fault::SlowPostgresStopLeader,
+    Fault::ClockOffsetStandby,
+    Fault::HostileClients,
 ];
 
 struct Args {
@@ -148,6 +159,8 @@ struct Servers {
 struct RoundStats {
     coordinators: usize,
     write_behind: bool,
+    /// NATS checked everyone's permissions (hostile clients may be drawn).
+    secured: bool,
     faults: BTreeMap<String, u64>,
     requests: u64,
     grants: u64,
@@ -161,11 +174,16 @@ impl std::fmt::Display for RoundStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} coordinator(s){}; faults {:?}; {} requests, {} grants, {} preemptions, {} revocations, \
+            "{} coordinator(s){}{}; faults {:?}; {} requests, {} grants, {} preemptions, {} revocations, \
              {} units of work; client outcomes {:?}; 0 violations, 0 lost requests",
             self.coordinators,
             if self.write_behind {
                 ", Postgres written behind"
+            } else {
+                ""
+            },
+            if self.secured {
+                ", NATS with per-service permissions"
             } else {
                 ""
             },
@@ -228,23 +246,71 @@ async fn play(servers: &mut Servers, seed: u64, length: Duration) -> Result<Roun
     config.database.write_behind = seed % 2 == 1;
     let dir = std::env::temp_dir().join(&name);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // Half of the rounds draw hostile clients among their faults: their NATS runs with the
+    // permissions of `nats-auth`, on a server of their own, and everyone uses its own credentials.
+    let users = if rng.random_bool(0.5) {
+        let (server, users) = secured_nats(&config.nats.prefix, &dir)?;
+        Some((std::mem::replace(&mut servers.nats, server), users))
+    } else {
+        None
+    };
+    let (plain, users) = match users {
+        Some((plain, users)) => (Some(plain), Some(users)),
+        None => (None, None),
+    };
+    let played = play_round(servers, &mut rng, config, dir, users, length).await;
+    if let Some(plain) = plain {
+        drop(std::mem::replace(&mut servers.nats, plain));
+    }
+    played
+}
+
+async fn play_round(
+    servers: &mut Servers,
+    rng: &mut StdRng,
+    mut config: Config,
+    dir: PathBuf,
+    users: Option<BTreeMap<String, Credentials>>,
+    length: Duration,
+) -> Result<RoundStats, String> {
+    let port = servers.nats.port;
+    let url = |user: &str| match &users {
+        Some(users) => users[user].url_at(&format!("127.0.0.1:{port}")),
+        None => format!("nats://127.0.0.1:{port}"),
+    };
+    config.nats.url = url(nats_auth::COORDINATOR);
     let config_file = write_config(&config, &dir)?;
     let mut stats = RoundStats {
         coordinators: rng.random_range(1..=3),
         write_behind: config.database.write_behind,
+        secured: users.is_some(),
         ..RoundStats::default()
     };
     let mut coordinators: Vec<Coordinator> = (0..stats.coordinators)
-        .map(|i| Coordinator::start(&config_file, dir.join(format!("coordinator-{i}.log"))))
+        .map(|i| Coordinator::start(&config_file, dir.join(format!("coordinator-{i}.log")), None))
         .collect();
-    let nats = async_nats::connect(&config.nats.url)
-        .await
-        .map_err(|e| format!("connect to NATS: {e}"))?;
+    let nats = connect(&url(HARNESS)).await?;
     wait_status(&nats, &config.nats.prefix, Duration::from_secs(60), |_| {
         true
     })
     .await
     .ok_or("no coordinator answered status within 60 s")?;
+    let mut round = Round {
+        auditor: {
+            let mut auditor = config.clone();
+            auditor.nats.url = url(nats_auth::AUDITOR);
+            auditor
+        },
+        harness_url: url(HARNESS),
+        config,
+        config_file,
+        dir,
+        nats,
+        users,
+        port,
+        skewed: Vec::new(),
+    };
+    let config = round.config.clone();
 
     // The services, each behind a proxy of its own (to cut it off), on a thread of its own (to stall it).
     let mut services = Vec::new();
@@ -253,7 +319,7 @@ async fn play(servers: &mut Servers, seed: u64, length: Duration) -> Result<Roun
         let shared = Arc::new(Shared::default());
         let spec = ServiceSpec {
             name: svc.to_string(),
-            url: proxy.url(),
+            url: round.url(svc, proxy.port),
             prefix: config.nats.prefix.clone(),
             // Half of the services follow pause orders; the others are revoked at the deadline.
             handles_pause: i % 2 == 0,
@@ -271,26 +337,41 @@ async fn play(servers: &mut Servers, seed: u64, length: Duration) -> Result<Roun
         };
         services.push((proxy, shared, thread));
     }
-    let chaos = Chaos::start(&config, &mut rng).await;
+    let chaos = Chaos::start(&round.harness_url, &config.nats.prefix, rng).await;
 
     // The faults, one after another, until the round's time is up.
     let started = Instant::now();
     let mut timeline = Vec::new();
     while started.elapsed() < length {
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..1_200))).await;
-        let fault = FAULTS[rng.random_range(0..FAULTS.len())];
+        let fault = loop {
+            let fault = FAULTS[rng.random_range(0..FAULTS.len())];
+            // Hostile clients are drawn where NATS checks permissions.
+            if fault != Fault::HostileClients || round.users.is_some() {
+                break fault;
+            }
+        };
         *stats.faults.entry(format!("{fault:?}")).or_default() += 1;
         let at = time::OffsetDateTime::now_utc();
         let what = inject(
             fault,
-            &mut rng,
+            rng,
             servers,
-            &config,
+            &mut round,
             &mut coordinators,
             &services,
         )
         .await;
+        let failed = what.is_err();
+        let what = what.unwrap_or_else(|e| format!("FAILED: {e}"));
         timeline.push(format!("{at} {fault:?} {what}"));
+        if failed {
+            return Err(format!(
+                "{fault:?}: {what} (logs in {})\nfaults:\n  {}",
+                round.dir.display(),
+                timeline.join("\n  ")
+            ));
+        }
     }
     let timeline = format!("faults:\n  {}", timeline.join("\n  "));
 
@@ -312,7 +393,7 @@ async fn play(servers: &mut Servers, seed: u64, length: Duration) -> Result<Roun
         }
         drop(proxy);
     }
-    let idle = wait_status(&nats, &config.nats.prefix, SETTLE, |doc| {
+    let idle = wait_status(&round.nats, &config.nats.prefix, SETTLE, |doc| {
         doc.queue_total == 0
             && doc.paused.is_empty()
             && doc.gpus.iter().all(|g| g.holders.is_empty())
@@ -321,12 +402,12 @@ async fn play(servers: &mut Servers, seed: u64, length: Duration) -> Result<Roun
     if idle.is_none() {
         return Err(format!(
             "the coordinator was not idle {SETTLE:?} after the services stopped (logs in {})\n{timeline}",
-            dir.display()
+            round.dir.display()
         ));
     }
 
     // The checks.
-    let summary = match audit::run(&config, Since::Start).await {
+    let summary = match audit::run(&round.auditor, Since::Start).await {
         Ok(Ok(summary)) => summary,
         Ok(Err(violation)) => return Err(format!("audit: {violation}\n{timeline}")),
         Err(e) => return Err(format!("audit could not run: {e:#}")),
@@ -338,8 +419,18 @@ async fn play(servers: &mut Servers, seed: u64, length: Duration) -> Result<Roun
         ));
     }
     if let Err((e, ids)) = check_units(&units) {
-        let history = history_of(&config, &ids).await;
+        let history = history_of(&round.harness_url, &config.nats.prefix, &ids).await;
         return Err(format!("{e}\n{timeline}\n{history}"));
+    }
+    // A coordinator whose clock is off never led, in the whole round.
+    for skewed in &round.skewed {
+        let log = std::fs::read_to_string(&skewed.log).unwrap_or_default();
+        if log.contains(LEADING) {
+            return Err(format!(
+                "the coordinator whose clock is off led ({}):\n{log}\n{timeline}",
+                skewed.log.display()
+            ));
+        }
     }
     stats.requests = summary.requests;
     stats.grants = summary.grants + summary.resumes;
@@ -347,8 +438,94 @@ async fn play(servers: &mut Servers, seed: u64, length: Duration) -> Result<Roun
     stats.revocations = summary.revocations.values().sum();
     stats.units = units.len();
     drop(coordinators);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(round.skewed);
+    let _ = std::fs::remove_dir_all(&round.dir);
     Ok(stats)
+}
+
+/// The user with every right that the harness itself connects as on a secured NATS (to ask for the
+/// status, to duplicate inputs, to read the history, to watch the hostile clients' victims).
+const HARNESS: &str = "harness";
+
+/// What the log of a coordinator says when it starts to lead (at `info`).
+const LEADING: &str = "leading in term";
+
+/// What a fault may need of its round.
+struct Round {
+    /// The coordinators' configuration (its NATS URL with the coordinator's credentials).
+    config: Config,
+    config_file: PathBuf,
+    /// The configuration of the auditor (its own credentials).
+    auditor: Config,
+    harness_url: String,
+    dir: PathBuf,
+    /// The harness's own connection.
+    nats: async_nats::Client,
+    /// Everyone's credentials where NATS checks permissions.
+    users: Option<BTreeMap<String, Credentials>>,
+    port: u16,
+    /// The coordinators started with their clock off (the last one may run).
+    skewed: Vec<Coordinator>,
+}
+
+impl Round {
+    /// The URL `user` connects with to NATS at `port` (the server's or a proxy's).
+    fn url(&self, user: &str, port: u16) -> String {
+        match &self.users {
+            Some(users) => users[user].url_at(&format!("127.0.0.1:{port}")),
+            None => format!("nats://127.0.0.1:{port}"),
+        }
+    }
+}
+
+/// A private nats-server with the configuration `nats-auth` writes for the six services (in `dir`),
+/// plus the harness's own user, and everyone's credentials.
+fn secured_nats(
+    prefix: &str,
+    dir: &std::path::Path,
+) -> Result<(NatsServer, BTreeMap<String, Credentials>), String> {
+    use rand::distr::{Alphanumeric, SampleString};
+    let services: Vec<String> = SERVICES.iter().map(ToString::to_string).collect();
+    let mut generated = nats_auth::generate(prefix, &services, "127.0.0.1:4222")
+        .map_err(|e| format!("nats-auth: {e:#}"))?;
+    let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
+    let users = "  users = [\n";
+    if !generated.conf.contains(users) {
+        return Err(format!(
+            "no users in the generated configuration:\n{}",
+            generated.conf
+        ));
+    }
+    generated.conf = generated.conf.replacen(
+        users,
+        &format!("{users}    {{ user: \"{HARNESS}\", password: \"{password}\" }}\n"),
+        1,
+    );
+    generated.users.insert(
+        HARNESS.to_owned(),
+        Credentials {
+            user: HARNESS.to_owned(),
+            url: String::new(),
+            password,
+            http_token: None,
+        },
+    );
+    let auth = dir.join("nats-auth");
+    nats_auth::write(&auth, &generated).map_err(|e| format!("nats-auth: {e:#}"))?;
+    let server = tokio::task::block_in_place(|| {
+        NatsServer::start_with_conf(Some(auth.join("nats-server.conf")))
+    });
+    Ok((server, generated.users))
+}
+
+/// A connection to NATS at `url` (its credentials as the client crate reads them), with the plain
+/// inbox prefix: the coordinator answers on the inboxes of the users it knows, and on `_INBOX`.
+async fn connect(url: &str) -> Result<async_nats::Client, String> {
+    gpu_coordinator_client::connect_options(url)?
+        .custom_inbox_prefix("_INBOX")
+        .connect(url)
+        .await
+        .map_err(|e| format!("connect to NATS: {e}"))
 }
 
 fn round_config(servers: &Servers, name: &str) -> Config {
@@ -429,13 +606,13 @@ async fn inject(
     fault: Fault,
     rng: &mut StdRng,
     servers: &mut Servers,
-    config: &Config,
+    round: &mut Round,
     coordinators: &mut [Coordinator],
     services: &[(Proxy, Arc<Shared>, std::thread::JoinHandle<()>)],
-) -> String {
+) -> Result<String, String> {
     let pause =
         |lo: u64, hi: u64, rng: &mut StdRng| Duration::from_millis(rng.random_range(lo..hi));
-    match fault {
+    Ok(match fault {
         Fault::KillCoordinator => {
             let i = rng.random_range(0..coordinators.len());
             coordinators[i].kill();
@@ -482,12 +659,14 @@ async fn inject(
         Fault::SlowPostgresStopLeader => {
             let slow = pause(100, 600, rng);
             let filling = pause(200, 1_500, rng);
-            match slow_postgres_stop_leader(config, coordinators, slow, filling).await {
+            match slow_postgres_stop_leader(round, coordinators, slow, filling).await {
                 Ok(what) => format!("each journal write {slow:?} slower for {filling:?}, {what}"),
                 Err(e) => format!("not played: {e}"),
             }
         }
-    }
+        Fault::ClockOffsetStandby => clock_offset_standby(rng, round, coordinators).await?,
+        Fault::HostileClients => hostile_clients(rng, round).await?,
+    })
 }
 
 /// Slows the journal's writes to Postgres by `slow` each (a trigger on the `fence` row that every
@@ -495,12 +674,13 @@ async fn inject(
 /// what Postgres does not yet), then stops the leader gracefully (SIGTERM), waits for its process to
 /// end, and starts it again; Postgres is fast again once a coordinator leads.
 async fn slow_postgres_stop_leader(
-    config: &Config,
+    round: &Round,
     coordinators: &mut [Coordinator],
     slow: Duration,
     filling: Duration,
 ) -> Result<String, String> {
     use sea_orm::ConnectionTrait as _;
+    let (config, nats) = (&round.config, &round.nats);
     let db = sea_orm::Database::connect(&config.database.url)
         .await
         .map_err(|e| format!("connect to Postgres: {e}"))?;
@@ -519,11 +699,8 @@ async fn slow_postgres_stop_leader(
         .await
         .map_err(|e| format!("slow Postgres: {e}"))?;
     tokio::time::sleep(filling).await;
-    let nats = async_nats::connect(&config.nats.url)
-        .await
-        .map_err(|e| format!("connect to NATS: {e}"))?;
     let leading = |doc: &StatusDoc| doc.leader.is_some();
-    let stopped = match wait_status(&nats, &config.nats.prefix, SETTLE, leading).await {
+    let stopped = match wait_status(nats, &config.nats.prefix, SETTLE, leading).await {
         Some(doc) => {
             let holder = doc.leader.map(|l| l.holder).unwrap_or_default();
             match coordinators.iter().position(|c| {
@@ -540,7 +717,7 @@ async fn slow_postgres_stop_leader(
         }
         None => "no leader to stop".to_string(),
     };
-    let led = wait_status(&nats, &config.nats.prefix, SETTLE, leading).await;
+    let led = wait_status(nats, &config.nats.prefix, SETTLE, leading).await;
     db.execute_unprepared(&slowness(0))
         .await
         .map_err(|e| format!("heal Postgres: {e}"))?;
@@ -553,19 +730,390 @@ async fn slow_postgres_stop_leader(
     }
 }
 
-/// A coordinator process (`serve --config`), its stderr kept in a log file.
+/// Starts a standby whose clock is `faketime -f ±N m` off (in place of the one an earlier draw
+/// started), waits until it says that it does not lead, then kills the leader: a sound standby takes
+/// over or, where the skewed one is the only one left, nobody leads until the killed one is back. The
+/// skewed one runs on as a standby until the round ends; its log must never say that it led.
+async fn clock_offset_standby(
+    rng: &mut StdRng,
+    round: &mut Round,
+    coordinators: &mut [Coordinator],
+) -> Result<String, String> {
+    let minutes = rng.random_range(2..=30u32);
+    let shift = format!("{}{minutes}m", if rng.random_bool(0.5) { "+" } else { "-" });
+    if let Some(last) = round.skewed.last_mut() {
+        last.kill();
+    }
+    let log = round.dir.join(format!("skewed-{}.log", round.skewed.len()));
+    let skewed = tokio::task::block_in_place(|| {
+        Coordinator::start(&round.config_file, log.clone(), Some(shift.clone()))
+    });
+    let skewed_pid = skewed.pid().unwrap_or_default();
+    round.skewed.push(skewed);
+    // It says so once it compared its clock with Postgres's.
+    let until = Instant::now() + SETTLE;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(LEADING) {
+            return Err(format!("the coordinator {shift} off led:\n{text}"));
+        }
+        if text.contains("does not lead until the clocks agree") {
+            break;
+        }
+        if Instant::now() >= until {
+            return Err(format!(
+                "the coordinator {shift} off did not say within {SETTLE:?} that it does not lead:\n{text}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let prefix = &round.config.nats.prefix;
+    let is = |holder: &str, pid: u32| holder.contains(&format!("-{pid}-"));
+    let leader = |doc: StatusDoc| doc.leader.map(|l| l.holder);
+    let Some(holder) = wait_status(&round.nats, prefix, SETTLE, |d| d.leader.is_some())
+        .await
+        .and_then(leader)
+    else {
+        return Err(format!("nobody led within {SETTLE:?}"));
+    };
+    if is(&holder, skewed_pid) {
+        return Err(format!("the coordinator {shift} off leads: {holder}"));
+    }
+    let Some(i) = coordinators
+        .iter()
+        .position(|c| c.pid().is_some_and(|pid| is(&holder, pid)))
+    else {
+        return Ok(format!(
+            "{shift} off; the leader {holder} is none of this round's"
+        ));
+    };
+    coordinators[i].kill();
+    let what = if coordinators.len() > 1 {
+        // A sound standby takes over.
+        let next = wait_status(&round.nats, prefix, SETTLE, |d| {
+            d.leader.as_ref().is_some_and(|l| l.holder != holder)
+        })
+        .await
+        .and_then(leader);
+        coordinators[i].restart();
+        match next {
+            Some(next) if is(&next, skewed_pid) => {
+                return Err(format!("the coordinator {shift} off took over: {next}"))
+            }
+            Some(next) => format!("{shift} off; leader {i} killed, {next} took over"),
+            None => return Err(format!("nobody took over from {holder} within {SETTLE:?}")),
+        }
+    } else {
+        // Left alone, the skewed one does not lead: nobody answers until a sound one is back.
+        let down = Duration::from_millis(rng.random_range(500..2_500));
+        if let Some(doc) = wait_status(&round.nats, prefix, down, |d| d.leader.is_some()).await {
+            return Err(format!(
+                "with only the coordinator {shift} off left, {} led",
+                leader(doc).unwrap_or_default()
+            ));
+        }
+        coordinators[i].restart();
+        format!("{shift} off; the only sound coordinator killed, nobody led for {down:?}")
+    };
+    // The round goes on through a sound coordinator.
+    match wait_status(&round.nats, prefix, SETTLE, |d| d.leader.is_some())
+        .await
+        .and_then(leader)
+    {
+        Some(next) if is(&next, skewed_pid) => {
+            Err(format!("{what}; the coordinator {shift} off leads: {next}"))
+        }
+        Some(_) => Ok(what),
+        None => Err(format!("{what}; nobody led again within {SETTLE:?}")),
+    }
+}
+
+/// A service turned hostile (one of the six, with its own credentials) and the auditor, for a while,
+/// over and over: status questions whose reply subject is another service's input or the purge of the
+/// input stream, a push consumer delivering onto another service's release, publishes on another
+/// service's inputs, replies, orders and events; the auditor pulls from, deletes and makes the
+/// coordinator's input consumer, and makes push consumers. Every publish must be refused by the
+/// server, every consumer left unmade, no status answer stored as an input, the input stream never
+/// purged; the round's checks then say that nothing else was lost or broken.
+async fn hostile_clients(rng: &mut StdRng, round: &Round) -> Result<String, String> {
+    use async_nats::jetstream::consumer;
+    use futures::{FutureExt as _, StreamExt as _};
+    let h = rng.random_range(0..SERVICES.len());
+    let v = (h + rng.random_range(1..SERVICES.len())) % SERVICES.len();
+    let (hostile, victim) = (SERVICES[h], SERVICES[v]);
+    let lasting = Duration::from_millis(rng.random_range(500..2_000));
+    let prefix = &round.config.nats.prefix;
+    let subjects = gpu_coordinator_wire::Subjects::new(prefix).map_err(|e| e.to_string())?;
+    let (input, output) = (subjects.input_stream(), subjects.output_stream());
+    let service = Intruder::connect(&round.url(hostile, round.port)).await?;
+    let auditor = Intruder::connect(&round.url(nats_auth::AUDITOR, round.port)).await?;
+    let harness = async_nats::jetstream::new(round.nats.clone());
+    let first_input = |js: async_nats::jetstream::Context, input: String| async move {
+        let mut stream = js.get_stream(&input).await.map_err(|e| e.to_string())?;
+        let info = stream.info().await.map_err(|e| e.to_string())?;
+        Ok::<u64, String>(info.state.first_sequence)
+    };
+    let first = first_input(harness.clone(), input.clone()).await?;
+    let mut watched = round
+        .nats
+        .subscribe(format!("{prefix}.*.{victim}"))
+        .await
+        .map_err(|e| format!("watch {victim}'s inputs: {e}"))?;
+    round.nats.flush().await.map_err(|e| e.to_string())?;
+
+    let victims_inputs = [
+        subjects.request(victim),
+        subjects.release(victim),
+        subjects.renew(victim),
+        subjects.ack(victim),
+        subjects.cancel(victim),
+    ];
+    let mut refused_publishes = victims_inputs.to_vec();
+    refused_publishes.extend([
+        subjects.reply(victim),
+        subjects.control(victim),
+        subjects.event(gpu_coordinator_wire::EventKind::Granted, victim),
+    ]);
+    let consumer = gpu_coordinator::adapters::nats::CONSUMER;
+    let auditor_refused = [
+        format!("$JS.API.CONSUMER.MSG.NEXT.{input}.{consumer}"),
+        format!("$JS.API.CONSUMER.DELETE.{input}.{consumer}"),
+        format!("$JS.API.CONSUMER.DURABLE.CREATE.{input}.{consumer}"),
+        format!("$JS.API.CONSUMER.CREATE.{input}.{consumer}"),
+        format!("$JS.API.CONSUMER.CREATE.{input}"),
+        format!("$JS.API.CONSUMER.CREATE.{output}.x"),
+    ];
+    let push = |deliver_subject: String, filter_subject: String| consumer::push::Config {
+        deliver_subject,
+        filter_subject,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let mut tries = 0usize;
+    while tries == 0 || started.elapsed() < lasting {
+        tries += 1;
+        for reply in victims_inputs
+            .iter()
+            .cloned()
+            .chain([format!("$JS.API.STREAM.PURGE.{input}")])
+        {
+            service
+                .client
+                .publish_with_reply(subjects.status(), reply, r#"{"limit":0}"#.into())
+                .await
+                .map_err(|e| format!("{hostile} asks for the status: {e}"))?;
+        }
+        for subject in &refused_publishes {
+            // A release without a request id would release every lease of the victim.
+            service.publish(subject, "{}").await?;
+        }
+        for subject in &auditor_refused {
+            auditor.publish(subject, r#"{"batch":1}"#).await?;
+        }
+        let pushed_by_service = async {
+            let stream = service
+                .js
+                .get_stream(&output)
+                .await
+                .map_err(|e| e.to_string())?;
+            // A refused call is never answered.
+            let made =
+                stream.create_consumer(push(subjects.release(victim), subjects.reply(hostile)));
+            Ok::<bool, String>(matches!(
+                tokio::time::timeout(REFUSED, made).await,
+                Ok(Ok(_))
+            ))
+        };
+        let pushed_by_auditor = async {
+            let stream = auditor
+                .js
+                .get_stream(&output)
+                .await
+                .map_err(|e| e.to_string())?;
+            let made = stream.create_consumer(push(subjects.reply(victim), String::new()));
+            Ok::<bool, String>(matches!(
+                tokio::time::timeout(REFUSED, made).await,
+                Ok(Ok(_))
+            ))
+        };
+        let (by_service, by_auditor) = tokio::join!(pushed_by_service, pushed_by_auditor);
+        if by_service? {
+            return Err(format!(
+                "{hostile} made a push consumer onto {victim}'s release"
+            ));
+        }
+        if by_auditor? {
+            return Err(format!(
+                "the auditor made a push consumer onto {victim}'s replies"
+            ));
+        }
+    }
+
+    // Every publish refused, once per try; every consumer creation too.
+    let until = Instant::now() + SETTLE;
+    let unrefused = || {
+        let mut missing: Vec<String> = refused_publishes
+            .iter()
+            .filter(|s| service.refusals(&format!("\"{s}\"")) < tries)
+            .map(|s| format!("{hostile} on {s}"))
+            .collect();
+        missing.extend(
+            auditor_refused
+                .iter()
+                .filter(|s| auditor.refusals(&format!("\"{s}\"")) < tries)
+                .map(|s| format!("the auditor on {s}")),
+        );
+        if service.refusals("\"$JS.API.CONSUMER.") < tries {
+            missing.push(format!("{hostile}'s push consumers"));
+        }
+        // Its own six, and the push consumers.
+        if auditor.refusals("\"$JS.API.CONSUMER.") < tries * (auditor_refused.len() + 1) {
+            missing.push("the auditor's push consumers".into());
+        }
+        missing
+    };
+    loop {
+        let missing = unrefused();
+        if missing.is_empty() {
+            break;
+        }
+        if Instant::now() >= until {
+            return Err(format!(
+                "not refused within {SETTLE:?}: {}",
+                missing.join(", ")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The coordinator handles status questions in order: once the hostile service's own question is
+    // answered, anything published for the ones before it was sent, and reaches the harness before the
+    // answer to its flush.
+    let until = Instant::now() + SETTLE;
+    loop {
+        let asked = tokio::time::timeout(
+            Duration::from_secs(2),
+            service.client.request(subjects.status(), "".into()),
+        )
+        .await;
+        if matches!(asked, Ok(Ok(_))) {
+            break;
+        }
+        if Instant::now() >= until {
+            return Err(format!(
+                "{hostile}'s own status question got no answer within {SETTLE:?}"
+            ));
+        }
+    }
+    round.nats.flush().await.map_err(|e| e.to_string())?;
+    while let Some(Some(msg)) = watched.next().now_or_never() {
+        let body: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
+        if body.get("gpus").is_some() {
+            return Err(format!("a status answer was stored as {}", msg.subject));
+        }
+    }
+    let now_first = first_input(harness.clone(), input.clone()).await?;
+    if now_first != first {
+        return Err(format!(
+            "the input stream was purged: it began at #{first}, now at #{now_first}"
+        ));
+    }
+    for stream in [&input, &output] {
+        let stream = harness
+            .get_stream(stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut consumers = stream.consumers();
+        while let Some(info) = consumers.next().await {
+            let info = info.map_err(|e| format!("list the consumers: {e}"))?;
+            if let Some(deliver) = &info.config.deliver_subject {
+                return Err(format!(
+                    "a push consumer {} delivers onto {deliver}",
+                    info.name
+                ));
+            }
+        }
+    }
+    Ok(format!(
+        "{hostile} and the auditor against {victim}: {tries} tries over {:?}, all refused",
+        started.elapsed()
+    ))
+}
+
+/// How long a hostile client waits for the answer to a JetStream call that the server refuses (and so
+/// never answers); one made all the same is found among the streams' consumers.
+const REFUSED: Duration = Duration::from_millis(500);
+
+/// A raw connection as one user, recording the permission violations the server reports to it.
+struct Intruder {
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
+    violations: Arc<Mutex<Vec<String>>>,
+}
+
+impl Intruder {
+    async fn connect(url: &str) -> Result<Intruder, String> {
+        let violations = Arc::new(Mutex::new(Vec::new()));
+        let seen = violations.clone();
+        let client = gpu_coordinator_client::connect_options(url)?
+            .event_callback(move |event| {
+                let seen = seen.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = event {
+                        seen.lock().expect("violations").push(e.to_string());
+                    }
+                }
+            })
+            .connect(url)
+            .await
+            .map_err(|e| format!("an intruder connects: {e}"))?;
+        let mut js = async_nats::jetstream::new(client.clone());
+        js.set_timeout(Duration::from_secs(5));
+        Ok(Intruder {
+            client,
+            js,
+            violations,
+        })
+    }
+
+    async fn publish(&self, subject: &str, body: &'static str) -> Result<(), String> {
+        self.client
+            .publish(subject.to_owned(), body.into())
+            .await
+            .map_err(|e| format!("publish on {subject}: {e}"))
+    }
+
+    /// How many permission violations the server reported naming `quoted` (a subject in quotes, or
+    /// the start of one).
+    fn refusals(&self, quoted: &str) -> usize {
+        self.violations
+            .lock()
+            .expect("violations")
+            .iter()
+            .filter(|v| v.contains("Permissions Violation") && v.contains(quoted))
+            .count()
+    }
+}
+
+/// A coordinator process (`serve --config`), its stderr kept in a log file; under `faketime -f <shift>`
+/// when its clock is to be off.
 struct Coordinator {
     config: PathBuf,
     log: PathBuf,
+    shift: Option<String>,
     child: Option<Child>,
+    /// Under `faketime`, which forks: the coordinator's own process.
+    inner: Option<u32>,
 }
 
 impl Coordinator {
-    fn start(config: &std::path::Path, log: PathBuf) -> Coordinator {
+    fn start(config: &std::path::Path, log: PathBuf, shift: Option<String>) -> Coordinator {
         let mut coordinator = Coordinator {
             config: config.to_path_buf(),
             log,
+            shift,
             child: None,
+            inner: None,
         };
         coordinator.restart();
         coordinator
@@ -577,22 +1125,39 @@ impl Coordinator {
             .append(true)
             .open(&self.log)
             .expect("a coordinator log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_gpu-coordinator"))
+        let binary = env!("CARGO_BIN_EXE_gpu-coordinator");
+        let mut command = match &self.shift {
+            Some(shift) => {
+                let mut command = Command::new("faketime");
+                command.args(["-f", shift]).arg(binary);
+                // Says when it starts to lead: it must not.
+                command.env("RUST_LOG", "warn,gpu_coordinator::app=info");
+                command
+            }
+            None => {
+                let mut command = Command::new(binary);
+                command.env("RUST_LOG", "warn");
+                command
+            }
+        };
+        let child = command
             .arg("serve")
             .arg("--config")
             .arg(&self.config)
-            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start gpu-coordinator serve");
+        self.inner = self.shift.as_ref().map(|_| forked_child(child.id()));
         self.child = Some(child);
     }
 
-    /// The process id, while it runs.
+    /// The coordinator's process id, while it runs.
     fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.child
+            .as_ref()
+            .map(|child| self.inner.unwrap_or(child.id()))
     }
 
     /// SIGTERM, and waits for the process to end (a minute at most, then SIGKILL); answers how long
@@ -615,6 +1180,8 @@ impl Coordinator {
 
     /// SIGKILL.
     fn kill(&mut self) {
+        // The coordinator under `faketime` first: `faketime` then ends, and would not pass it on.
+        self.signal("-KILL");
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -622,12 +1189,49 @@ impl Coordinator {
     }
 
     fn signal(&self, signal: &str) {
-        if let Some(child) = &self.child {
-            let _ = Command::new("kill")
-                .arg(signal)
-                .arg(child.id().to_string())
-                .status();
+        let Some(child) = &self.child else {
+            return;
+        };
+        let pid = match self.inner {
+            // Only while `faketime` has not reaped it: the id is still the coordinator's.
+            Some(inner) => {
+                let parent = child.id();
+                let children =
+                    std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+                        .unwrap_or_default();
+                if !children.split_whitespace().any(|p| p == inner.to_string()) {
+                    return;
+                }
+                inner
+            }
+            None => child.id(),
+        };
+        let _ = Command::new("kill")
+            .arg(signal)
+            .arg(pid.to_string())
+            .status();
+    }
+}
+
+/// The process that `parent` (`faketime`) forked to run the coordinator, once it did (`faketime`
+/// forks at once, then waits for it).
+fn forked_child(parent: u32) -> u32 {
+    let children = format!("/proc/{parent}/task/{parent}/children");
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed = std::fs::read_to_string(&children).unwrap_or_default();
+        if let Some(pid) = listed
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+        {
+            return pid;
         }
+        assert!(
+            Instant::now() < until,
+            "faketime ({parent}) started no coordinator within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -862,14 +1466,14 @@ fn wall(at: Instant) -> time::OffsetDateTime {
 }
 
 /// The messages of both streams that name one of `ids`, in stream order, to show with a failure.
-async fn history_of(config: &Config, ids: &[String]) -> String {
+async fn history_of(url: &str, prefix: &str, ids: &[String]) -> String {
     use async_nats::jetstream::consumer::pull::OrderedConfig;
     use futures::StreamExt;
-    let Ok(client) = async_nats::connect(&config.nats.url).await else {
+    let Ok(client) = connect(url).await else {
         return "(history unavailable: NATS)".into();
     };
     let js = async_nats::jetstream::new(client);
-    let subjects = gpu_coordinator_wire::Subjects::new(&config.nats.prefix).expect("a prefix");
+    let subjects = gpu_coordinator_wire::Subjects::new(prefix).expect("a prefix");
     let mut lines = Vec::new();
     for stream in [subjects.input_stream(), subjects.output_stream()] {
         let Ok(mut handle) = js.get_stream(&stream).await else {
@@ -913,13 +1517,11 @@ struct Chaos {
 }
 
 impl Chaos {
-    async fn start(config: &Config, rng: &mut StdRng) -> Chaos {
+    async fn start(url: &str, prefix: &str, rng: &mut StdRng) -> Chaos {
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
-        let client = async_nats::connect(&config.nats.url)
-            .await
-            .expect("connect the chaos publisher");
-        let prefix = config.nats.prefix.clone();
+        let client = connect(url).await.expect("connect the chaos publisher");
+        let prefix = prefix.to_owned();
         if rng.random_bool(0.6) {
             tasks.push(tokio::spawn(duplicate(
                 client.clone(),
