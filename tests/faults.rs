@@ -4,7 +4,7 @@
 //! coordinator, restarts of NATS, Redis and Postgres, SIGSTOP of a coordinator past a lease, a holder
 //! stalled past its lease, a client cut off from NATS, the leader stopped gracefully (SIGTERM) while
 //! Postgres is slowed, so that a standby (or its restart) takes over a journal stream that Postgres
-//! lags behind (with Postgres written behind), a standby started under `faketime` with its clock
+//! lags behind (with Postgres written behind), a standby started with libfaketime preloaded, its clock
 //! minutes off (it must never lead; the leader is then killed, and a sound coordinator takes over, or
 //! is started again where the skewed one is left alone), hostile clients (in the half of the rounds
 //! whose NATS runs with the permissions of `nats-auth`, everyone with its own credentials: a service
@@ -730,7 +730,7 @@ async fn slow_postgres_stop_leader(
     }
 }
 
-/// Starts a standby whose clock is `faketime -f ±N m` off (in place of the one an earlier draw
+/// Starts a standby whose clock is `FAKETIME=±N m` off (libfaketime) (in place of the one an earlier draw
 /// started), waits until it says that it does not lead, then kills the leader: a sound standby takes
 /// over or, where the skewed one is the only one left, nobody leads until the killed one is back. The
 /// skewed one runs on as a standby until the round ends; its log must never say that it led.
@@ -1095,15 +1095,13 @@ impl Intruder {
     }
 }
 
-/// A coordinator process (`serve --config`), its stderr kept in a log file; under `faketime -f <shift>`
-/// when its clock is to be off.
+/// A coordinator process (`serve --config`), its stderr kept in a log file; with libfaketime preloaded
+/// (`FAKETIME=<shift>`) when its clock is to be off.
 struct Coordinator {
     config: PathBuf,
     log: PathBuf,
     shift: Option<String>,
     child: Option<Child>,
-    /// Under `faketime`, which forks: the coordinator's own process.
-    inner: Option<u32>,
 }
 
 impl Coordinator {
@@ -1113,7 +1111,6 @@ impl Coordinator {
             log,
             shift,
             child: None,
-            inner: None,
         };
         coordinator.restart();
         coordinator
@@ -1128,8 +1125,10 @@ impl Coordinator {
         let binary = env!("CARGO_BIN_EXE_gpu-coordinator");
         let mut command = match &self.shift {
             Some(shift) => {
-                let mut command = Command::new("faketime");
-                command.args(["-f", shift]).arg(binary);
+                let mut command = Command::new(binary);
+                command
+                    .env("LD_PRELOAD", gpu_coordinator_test_support::libfaketime())
+                    .env("FAKETIME", shift);
                 // Says when it starts to lead: it must not.
                 command.env("RUST_LOG", "warn,gpu_coordinator::app=info");
                 command
@@ -1149,15 +1148,12 @@ impl Coordinator {
             .stderr(log)
             .spawn()
             .expect("start gpu-coordinator serve");
-        self.inner = self.shift.as_ref().map(|_| forked_child(child.id()));
         self.child = Some(child);
     }
 
     /// The coordinator's process id, while it runs.
     fn pid(&self) -> Option<u32> {
-        self.child
-            .as_ref()
-            .map(|child| self.inner.unwrap_or(child.id()))
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGTERM, and waits for the process to end (a minute at most, then SIGKILL); answers how long
@@ -1180,8 +1176,6 @@ impl Coordinator {
 
     /// SIGKILL.
     fn kill(&mut self) {
-        // The coordinator under `faketime` first: `faketime` then ends, and would not pass it on.
-        self.signal("-KILL");
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -1192,46 +1186,11 @@ impl Coordinator {
         let Some(child) = &self.child else {
             return;
         };
-        let pid = match self.inner {
-            // Only while `faketime` has not reaped it: the id is still the coordinator's.
-            Some(inner) => {
-                let parent = child.id();
-                let children =
-                    std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
-                        .unwrap_or_default();
-                if !children.split_whitespace().any(|p| p == inner.to_string()) {
-                    return;
-                }
-                inner
-            }
-            None => child.id(),
-        };
+        let pid = child.id();
         let _ = Command::new("kill")
             .arg(signal)
             .arg(pid.to_string())
             .status();
-    }
-}
-
-/// The process that `parent` (`faketime`) forked to run the coordinator, once it did (`faketime`
-/// forks at once, then waits for it).
-fn forked_child(parent: u32) -> u32 {
-    let children = format!("/proc/{parent}/task/{parent}/children");
-    let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        let listed = std::fs::read_to_string(&children).unwrap_or_default();
-        if let Some(pid) = listed
-            .split_whitespace()
-            .next()
-            .and_then(|p| p.parse().ok())
-        {
-            return pid;
-        }
-        assert!(
-            Instant::now() < until,
-            "faketime ({parent}) started no coordinator within 20 s"
-        );
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

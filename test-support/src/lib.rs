@@ -422,6 +422,23 @@ impl Drop for Proxy {
     }
 }
 
+/// libfaketime, to preload into a process whose clock is to be shifted (`FAKETIME=+10m`). Preloaded
+/// directly rather than through the `faketime` wrapper: the wrapper names a semaphore after its own
+/// process id and leaves it behind when it is killed, and a later wrapper given the same id then
+/// refuses to start.
+pub fn libfaketime() -> PathBuf {
+    let found = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|arch| arch.path().join("faketime/libfaketime.so.1"))
+        .chain(std::iter::once(PathBuf::from(
+            "/usr/lib/faketime/libfaketime.so.1",
+        )))
+        .find(|path| path.exists());
+    found.expect("libfaketime is installed (Debian: apt-get install faketime)")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

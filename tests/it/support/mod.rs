@@ -286,20 +286,20 @@ impl CoordinatorProcess {
         CoordinatorProcess { child }
     }
 
-    /// A coordinator whose wall clock is shifted by `offset` (`faketime -f <offset>`, e.g. `+10m`),
+    /// A coordinator whose wall clock is shifted by `offset` (libfaketime's `FAKETIME`, e.g. `+10m`),
     /// its log written to `log`; not waited for (it may never lead).
     pub fn start_shifted(
         config: &Config,
         offset: &str,
         log: &std::path::Path,
     ) -> CoordinatorProcess {
-        let mut wrapper = Command::new("faketime");
-        wrapper
-            .args(["-f", offset])
-            .arg(env!("CARGO_BIN_EXE_gpu-coordinator"));
-        let mut cmd = Self::command(config, wrapper);
-        cmd.stderr(std::fs::File::create(log).expect("the log file can be made"));
-        let child = cmd.spawn().expect("start faketime gpu-coordinator serve");
+        let mut cmd = Self::command(config, Command::new(env!("CARGO_BIN_EXE_gpu-coordinator")));
+        cmd.env("LD_PRELOAD", gpu_coordinator_test_support::libfaketime())
+            .env("FAKETIME", offset)
+            .stderr(std::fs::File::create(log).expect("the log file can be made"));
+        let child = cmd
+            .spawn()
+            .expect("start gpu-coordinator serve under libfaketime");
         CoordinatorProcess { child }
     }
 
