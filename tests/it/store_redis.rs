@@ -1,7 +1,7 @@
 //! `LeaseStore` against the Redis on loopback: each test uses its own key prefix (`it-<random>`) and
 //! deletes its keys at the end; nothing else on the shared server is touched.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use gpu_coordinator::adapters::redis::{LeaseOutcome, LeaseStore, Refused};
 use gpu_coordinator_core::{Fence, Lease, LeaseOp};
@@ -44,11 +44,9 @@ async fn delete_keys(store: &LeaseStore) {
     }
 }
 
+/// The coordinator's clock, the one the store counts a lease's time left on.
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("the clock is after 1970")
-        .as_millis() as u64
+    gpu_coordinator::clock::now_ms()
 }
 
 fn lease(request_id: &str, gpu: &str, fence: u64, vram_mb: u64) -> Lease {
