@@ -67,5 +67,5 @@ pub use error::ClientError;
 pub use gpu_coordinator_wire::codec::Encoding;
 pub use lease::{Lease, LeaseEvent, LeaseEvents, LeasePhase};
 pub use options::{generate_request_id, RequestOptions};
-pub use router::{Incoming, Route};
+pub use router::{reader_config, Incoming, Route};
 pub use worker::{PauseOrder, ResumeOrder, Worker};

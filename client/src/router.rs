@@ -572,18 +572,7 @@ async fn make_consumer(
         .next()
         .map(str::to_owned);
     let consumer = stream
-        .create_consumer(consumer::pull::Config {
-            name,
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: start,
-            },
-            ack_policy: consumer::AckPolicy::None,
-            filter_subject: filter.to_owned(),
-            inactive_threshold: INACTIVE_THRESHOLD,
-            memory_storage: true,
-            num_replicas: 1,
-            ..Default::default()
-        })
+        .create_consumer(reader_config(name, filter, start))
         .await
         .map_err(|e| {
             format!(
@@ -592,6 +581,25 @@ async fn make_consumer(
             )
         })?;
     Ok(consumer.cached_info().name.clone())
+}
+
+/// The configuration of a reader of the coordinator's answers: a pull consumer (never a push one)
+/// filtered to `filter`, delivering from stream sequence `start`, without acknowledgements, gone by
+/// itself when nobody pulls from it. What the client makes itself and what a coordinator makes for it
+/// on `<prefix>.reader.<svc>`.
+pub fn reader_config(name: Option<String>, filter: &str, start: u64) -> consumer::pull::Config {
+    consumer::pull::Config {
+        name,
+        deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: start,
+        },
+        ack_policy: consumer::AckPolicy::None,
+        filter_subject: filter.to_owned(),
+        inactive_threshold: INACTIVE_THRESHOLD,
+        memory_storage: true,
+        num_replicas: 1,
+        ..Default::default()
+    }
 }
 
 /// Deletes a consumer that is no longer read, in the background (it also goes by itself after

@@ -15,15 +15,13 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use futures::StreamExt as _;
 use gpu_coordinator_wire::{ReaderAnswer, ReaderAsk, ReaderTopic, Subjects};
 use tokio_util::sync::CancellationToken;
 
 /// The queue group every coordinator answers in: one answer a question.
 const QUEUE: &str = "gpu-coordinator-readers";
-/// A reader nobody pulls from for this long is removed by nats-server (the client's own value).
-const INACTIVE_THRESHOLD: Duration = Duration::from_secs(60);
 /// How long to wait before subscribing again after a failure.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -110,18 +108,7 @@ async fn make(
     // Random and never listed to services: a service may pull from any consumer it can name.
     let name = format!("r{:032x}", rand::random::<u128>());
     js.create_consumer_on_stream(
-        consumer::pull::Config {
-            name: Some(name.clone()),
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: ask.start_seq.max(1),
-            },
-            ack_policy: consumer::AckPolicy::None,
-            filter_subject: filter,
-            inactive_threshold: INACTIVE_THRESHOLD,
-            memory_storage: true,
-            num_replicas: 1,
-            ..Default::default()
-        },
+        gpu_coordinator_client::reader_config(Some(name.clone()), &filter, ask.start_seq.max(1)),
         subjects.output_stream(),
     )
     .await
