@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
+use gpu_coordinator::config::Config;
 use gpu_coordinator::nats_auth::{self, Credentials};
 use gpu_coordinator_client::{Client, RequestOptions};
 use gpu_coordinator_wire::Subjects;
@@ -42,6 +43,17 @@ impl Secured {
 
     fn url(&self, user: &str) -> String {
         self.users[user].url_at(&format!("127.0.0.1:{}", self.server.port))
+    }
+
+    /// A private NATS with the permissions of `services`, and a coordinator on it as its own user:
+    /// the secured NATS, the coordinator's configuration and subjects, and the coordinator.
+    async fn serving(tag: &str, services: &[&str]) -> (Secured, Config, Subjects, Coordinator) {
+        let mut config = test_config(tag, &[("0", 24_000)]);
+        let subjects = Subjects::new(&config.nats.prefix).unwrap();
+        let nats = Secured::start(&config.nats.prefix, services);
+        config.nats.url = nats.url("coordinator");
+        let coordinator = Coordinator::start(config.clone()).await;
+        (nats, config, subjects, coordinator)
     }
 }
 
@@ -122,12 +134,8 @@ impl Intruder {
 
 #[tokio::test]
 async fn a_service_cannot_act_for_another_forge_outputs_or_read_its_orders() {
-    let mut config = test_config("sec_perm", &[("0", 24_000)]);
+    let (nats, config, subjects, coordinator) = Secured::serving("sec_perm", &["a", "b"]).await;
     let prefix = config.nats.prefix.clone();
-    let subjects = Subjects::new(&prefix).unwrap();
-    let nats = Secured::start(&prefix, &["a", "b"]);
-    config.nats.url = nats.url("coordinator");
-    let coordinator = Coordinator::start(config.clone()).await;
 
     // B holds part of the GPU, at background priority.
     let b = Client::connect(&nats.url("b"), &prefix, "b")
@@ -269,12 +277,8 @@ async fn a_service_cannot_act_for_another_forge_outputs_or_read_its_orders() {
 
 #[tokio::test]
 async fn the_auditor_reads_the_history_and_publishes_nothing() {
-    let mut config = test_config("sec_audit", &[("0", 24_000)]);
+    let (nats, config, subjects, coordinator) = Secured::serving("sec_audit", &["a"]).await;
     let prefix = config.nats.prefix.clone();
-    let subjects = Subjects::new(&prefix).unwrap();
-    let nats = Secured::start(&prefix, &["a"]);
-    config.nats.url = nats.url("coordinator");
-    let coordinator = Coordinator::start(config.clone()).await;
     let a = Client::connect(&nats.url("a"), &prefix, "a")
         .await
         .expect("a connects");
@@ -380,12 +384,8 @@ async fn request_ids_are_scoped_to_their_service() {
 /// coordinator's own input stream.
 #[tokio::test]
 async fn status_is_answered_on_inboxes_only() {
-    let mut config = test_config("sec_status", &[("0", 24_000)]);
+    let (nats, config, subjects, coordinator) = Secured::serving("sec_status", &["a", "b"]).await;
     let prefix = config.nats.prefix.clone();
-    let subjects = Subjects::new(&prefix).unwrap();
-    let nats = Secured::start(&prefix, &["a", "b"]);
-    config.nats.url = nats.url("coordinator");
-    let coordinator = Coordinator::start(config.clone()).await;
     let b = Client::connect(&nats.url("b"), &prefix, "b")
         .await
         .expect("b connects");
@@ -457,12 +457,8 @@ async fn status_is_answered_on_inboxes_only() {
 /// the coordinator, which then never answers it); the coordinator goes on handling inputs.
 #[tokio::test]
 async fn the_auditor_cannot_take_or_stall_the_inputs() {
-    let mut config = test_config("sec_auditor", &[("0", 24_000)]);
+    let (nats, config, subjects, coordinator) = Secured::serving("sec_auditor", &["a"]).await;
     let prefix = config.nats.prefix.clone();
-    let subjects = Subjects::new(&prefix).unwrap();
-    let nats = Secured::start(&prefix, &["a"]);
-    config.nats.url = nats.url("coordinator");
-    let coordinator = Coordinator::start(config.clone()).await;
     let a = Client::connect(&nats.url("a"), &prefix, "a")
         .await
         .expect("a connects");
