@@ -23,9 +23,6 @@ pub const MAX_STATUS_LIMIT: u64 = 1_000;
 /// How often (in seconds) the input stream is looked at, to make room when it is nearly full.
 const TRIM_EVERY_TICKS: u64 = 5;
 
-/// The most ended requests one call of `Journal::trim_ended` deletes (its batch).
-const TRIM_ENDED_BATCH: u64 = 1000;
-
 /// How many inputs one batch takes at most: they share one journal write.
 const MAX_BATCH: usize = 256;
 
@@ -242,7 +239,7 @@ impl Driver {
                 match journal.trim_ended(retain).await {
                     Ok(n) => {
                         deleted += n;
-                        if n < TRIM_ENDED_BATCH {
+                        if n < crate::ports::TRIM_ENDED_BATCH {
                             break;
                         }
                     }

@@ -186,6 +186,10 @@ pub struct Loaded {
     pub outbox: Vec<OutboxRow>,
 }
 
+/// The most ended requests one call of [`Journal::trim_ended`] deletes: a short write beside the
+/// grant path's.
+pub const TRIM_ENDED_BATCH: u64 = 1000;
+
 /// The durable state of one deployment.
 #[async_trait]
 pub trait Journal: Send + Sync + 'static {
@@ -213,7 +217,7 @@ pub trait Journal: Send + Sync + 'static {
     /// retries a write whose answer was lost).
     async fn write(&self, batch: &Batch<'_>) -> Result<(), PortError>;
     /// Deletes some of the ended requests beyond the `retain_ended` most recently ended ones (those
-    /// [`Journal::load`] reads), at most a batch per call so that the writes of the grant path are not
+    /// [`Journal::load`] reads), at most [`TRIM_ENDED_BATCH`] per call so that the writes of the grant path are not
     /// held up; returns how many went (fewer than a batch: none is left to delete). The request that
     /// arrived last is kept, whatever its phase: the arrival numbers go on from it. A journal that keeps
     /// nothing on disk deletes nothing.

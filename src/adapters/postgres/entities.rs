@@ -77,7 +77,7 @@ use sea_orm::{
     QueryFilter as _, QueryOrder as _, QuerySelect as _, QueryTrait as _, Statement,
 };
 
-use crate::ports::{Loaded, OutboxRow};
+use crate::ports::{Loaded, OutboxRow, TRIM_ENDED_BATCH};
 
 /// Non-ended rows. `'ended'` (`Phase::Ended.as_str()`) is written literally so that the planner matches the
 /// partial index `requests_open_seq`; a bind parameter would hide it from a generic plan.
@@ -127,10 +127,7 @@ pub(crate) fn insert_outbox(rows: &[OutboxRow], backend: DbBackend) -> Result<St
     Ok(backend.build(&insert))
 }
 
-/// Ended requests deleted per statement of [`trim_ended`]: a short write beside the grant path's.
-pub(crate) const TRIM_BATCH: i64 = 1000;
-
-/// Deletes, on `conn` (a transaction), up to [`TRIM_BATCH`] ended requests beyond the `retain_ended`
+/// Deletes, on `conn` (a transaction), up to [`TRIM_ENDED_BATCH`] ended requests beyond the `retain_ended`
 /// most recently ended ones (those [`read_journal`] reads), keeping the request that arrived last (the
 /// arrival numbers go on from it). The stored highest fence is raised first to every fence the rows
 /// hold, so that no fence is forgotten with its row. Returns how many went.
@@ -161,7 +158,7 @@ pub(crate) async fn trim_ended(
             backend,
             delete,
             [
-                TRIM_BATCH.into(),
+                (TRIM_ENDED_BATCH as i64).into(),
                 i64::try_from(retain_ended).unwrap_or(i64::MAX).into(),
             ],
         ))
