@@ -8,11 +8,13 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use gpu_coordinator_wire::codec::{self, Encoding};
 use gpu_coordinator_wire::{
-    decode_input, valid_service_id, ControlAction, Outcome, ReleaseMsg, StatusDoc, Subjects,
+    decode_input, valid_service_id, ControlAction, InputKind, Outcome, ReleaseMsg, StatusDoc,
+    Subjects,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::http::Http;
 use crate::lease::machine::{Grant, Input, Machine};
 use crate::options::{generate_request_id, msg_id, nonce};
 use crate::router::{Incoming, Readiness, Router, Routes};
@@ -25,14 +27,15 @@ const REPLY_GRACE: Duration = Duration::from_secs(5);
 /// How long a request without `timeout_ms` waits for the output stream to be readable.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an input is retried when nothing else bounds it.
-const PUBLISH_RETRY: Duration = Duration::from_secs(30);
+pub(crate) const PUBLISH_RETRY: Duration = Duration::from_secs(30);
 /// The contract's default lease length, for a grant that names none.
 const DEFAULT_LEASE_MS: u64 = 30_000;
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
-/// A service's connection to the GPU Coordinator. Cheap to clone; all clones share one NATS
-/// connection and one reader of the coordinator's answers.
+/// A service's connection to the GPU Coordinator, over NATS JetStream ([`Client::connect`]) or over
+/// its HTTP API ([`Client::connect_http`]); everything else works the same over either. Cheap to
+/// clone; all clones share one connection and one reader of the coordinator's answers.
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), gpu_coordinator_client::ClientError> {
@@ -52,15 +55,28 @@ pub struct Client {
 }
 
 struct Inner {
-    nats: async_nats::Client,
-    js: jetstream::Context,
+    transport: Transport,
+    /// The names under the prefix; over HTTP those of the default prefix, which only the checks of
+    /// a request before it is sent use.
     subjects: Subjects,
     service_id: String,
     routes: Arc<Routes>,
-    /// One per router: replies, orders.
-    ready: [watch::Receiver<Readiness>; 2],
+    /// One per reader: over NATS the replies' and the orders' consumers, over HTTP the control
+    /// stream.
+    ready: Vec<watch::Receiver<Readiness>>,
     /// Stops the router when the last clone of the client (and the last lease) is gone.
     shutdown: CancellationToken,
+}
+
+/// How the client reaches the coordinator.
+enum Transport {
+    /// Inputs are JetStream publishes, answers come from consumers on the output stream.
+    Nats {
+        nats: async_nats::Client,
+        js: jetstream::Context,
+    },
+    /// Inputs are POSTs answered with their replies, orders come from the control stream (SSE).
+    Http(Http),
 }
 
 impl Drop for Inner {
@@ -71,9 +87,12 @@ impl Drop for Inner {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("prefix", &self.inner.subjects.prefix())
-            .field("service_id", &self.inner.service_id)
+        let mut f = f.debug_struct("Client");
+        match &self.inner.transport {
+            Transport::Nats { .. } => f.field("prefix", &self.inner.subjects.prefix()),
+            Transport::Http(http) => f.field("http", &http.base()),
+        };
+        f.field("service_id", &self.inner.service_id)
             .field("encoding", &self.encoding)
             .finish()
     }
@@ -99,11 +118,33 @@ impl Client {
         prefix: &str,
         service_id: &str,
     ) -> Result<Client, ClientError> {
+        Client::connect_nats(nats_url, prefix, service_id, None).await
+    }
+
+    /// [`Client::connect`], with a NATS token when `token` is given (a URL with credentials takes
+    /// none).
+    async fn connect_nats(
+        nats_url: &str,
+        prefix: &str,
+        service_id: &str,
+        token: Option<&str>,
+    ) -> Result<Client, ClientError> {
         let subjects = checked(prefix, service_id)?;
         let (reconnects_tx, reconnects_rx) = watch::channel(0u64);
         let reconnects_tx = Arc::new(reconnects_tx);
-        let options =
+        let mut options =
             crate::connect::connect_options(nats_url).map_err(ClientError::InvalidConfig)?;
+        if let Some(token) = token {
+            let auth =
+                crate::connect::NatsAuth::from_url(nats_url).map_err(ClientError::InvalidConfig)?;
+            if auth.user.is_some() {
+                return Err(ClientError::InvalidConfig(format!(
+                    "`{}` carries credentials of its own: give either those or a token",
+                    crate::connect::redact(nats_url)
+                )));
+            }
+            options = options.token(token.to_owned());
+        }
         let nats = options
             .name(format!("gpu-coordinator-client {service_id}"))
             .connection_timeout(Duration::from_secs(5))
@@ -162,6 +203,83 @@ impl Client {
         Ok(Client::start(nats, subjects, service_id, None))
     }
 
+    /// Connects to the coordinator's HTTP API at `base_url` (`http://host:8080`, the address of its
+    /// `http.listen`) as the service `service_id`, with the bearer `token` when the coordinator has
+    /// `[http.tokens]`.
+    ///
+    /// Inputs are POSTs to `/gpu/request`, `/gpu/renew`, ... (a request is a long poll answered with
+    /// the grant), always JSON whatever [`Client::with_encoding`] says; control orders come from the
+    /// Server-Sent Events stream `GET /gpu/control/<service_id>`, which reconnects by itself and
+    /// resumes after the last order seen. Returns once that stream is open; fails if the service id
+    /// or the URL is not valid, if the coordinator refuses the stream (a bad token: the error has its
+    /// sentence), or if it does not answer within 10 s (the error names the URL).
+    ///
+    /// ```no_run
+    /// # async fn example() -> Result<(), gpu_coordinator_client::ClientError> {
+    /// let client = gpu_coordinator_client::Client::connect_http(
+    ///     "http://127.0.0.1:8080",
+    ///     "chat",
+    ///     Some("chat-token"),
+    /// )
+    /// .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect_http(
+        base_url: &str,
+        service_id: &str,
+        token: Option<&str>,
+    ) -> Result<Client, ClientError> {
+        let subjects = checked(gpu_coordinator_wire::subjects::DEFAULT_PREFIX, service_id)?;
+        let http = Http::new(base_url, service_id, token)?;
+        let first = http.open_first().await?;
+        let routes = Arc::new(Routes::default());
+        let shutdown = CancellationToken::new();
+        let ready = http.spawn_control(first, Arc::clone(&routes), shutdown.clone());
+        Ok(Client {
+            inner: Arc::new(Inner {
+                transport: Transport::Http(http),
+                subjects,
+                service_id: service_id.to_owned(),
+                routes,
+                ready: vec![ready],
+                shutdown,
+            }),
+            encoding: Encoding::Json,
+        })
+    }
+
+    /// Connects over whichever transport `url` names: the HTTP API for `http://` and `https://`
+    /// ([`Client::connect_http`], `prefix` unused), NATS for `nats://`, `tls://`, `ws://` or a bare
+    /// `host:port` ([`Client::connect`], `token` as the NATS token). For a service configured with
+    /// one URL.
+    ///
+    /// ```no_run
+    /// # async fn example(url: &str) -> Result<(), gpu_coordinator_client::ClientError> {
+    /// // `nats://127.0.0.1:4222` or `http://127.0.0.1:8080`, from the service's configuration.
+    /// let client = gpu_coordinator_client::Client::connect_url(url, "gpu", "chat", None).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect_url(
+        url: &str,
+        prefix: &str,
+        service_id: &str,
+        token: Option<&str>,
+    ) -> Result<Client, ClientError> {
+        match url_scheme(url).as_deref() {
+            Some("http" | "https") => Client::connect_http(url, service_id, token).await,
+            None | Some("nats" | "tls" | "ws" | "wss") => {
+                Client::connect_nats(url, prefix, service_id, token).await
+            }
+            Some(other) => Err(ClientError::InvalidConfig(format!(
+                "`{}`: unknown scheme `{other}://`; expected http:// or https:// (the HTTP API) or \
+                 nats://, tls://, ws:// (NATS)",
+                crate::connect::redact(url)
+            ))),
+        }
+    }
+
     fn start(
         nats: async_nats::Client,
         subjects: Subjects,
@@ -170,21 +288,25 @@ impl Client {
     ) -> Client {
         let routes = Arc::new(Routes::default());
         let shutdown = CancellationToken::new();
-        let ready = [subjects.reply(service_id), subjects.control(service_id)].map(|filter| {
-            Router {
-                nats: nats.clone(),
-                subjects: subjects.clone(),
-                filter,
-                routes: Arc::clone(&routes),
-                reconnects: reconnects.clone(),
-                shutdown: shutdown.clone(),
-            }
-            .spawn()
-        });
+        let ready = [subjects.reply(service_id), subjects.control(service_id)]
+            .map(|filter| {
+                Router {
+                    nats: nats.clone(),
+                    subjects: subjects.clone(),
+                    filter,
+                    routes: Arc::clone(&routes),
+                    reconnects: reconnects.clone(),
+                    shutdown: shutdown.clone(),
+                }
+                .spawn()
+            })
+            .into();
         Client {
             inner: Arc::new(Inner {
-                js: jetstream::new(nats.clone()),
-                nats,
+                transport: Transport::Nats {
+                    js: jetstream::new(nats.clone()),
+                    nats,
+                },
                 subjects,
                 service_id: service_id.to_owned(),
                 routes,
@@ -207,14 +329,26 @@ impl Client {
         &self.inner.service_id
     }
 
-    /// The subject and stream names under the client's prefix.
+    /// The subject and stream names under the client's prefix (over HTTP, which has no prefix,
+    /// those of the default one, `gpu`).
     pub fn subjects(&self) -> &Subjects {
         &self.inner.subjects
     }
 
-    /// The NATS connection.
-    pub fn nats(&self) -> &async_nats::Client {
-        &self.inner.nats
+    /// The NATS connection; `None` over HTTP.
+    pub fn nats(&self) -> Option<&async_nats::Client> {
+        match &self.inner.transport {
+            Transport::Nats { nats, .. } => Some(nats),
+            Transport::Http(_) => None,
+        }
+    }
+
+    /// The encoding inputs are sent in: the client's over NATS, always JSON over HTTP.
+    fn input_encoding(&self) -> Encoding {
+        match self.inner.transport {
+            Transport::Nats { .. } => self.encoding,
+            Transport::Http(_) => Encoding::Json,
+        }
     }
 
     /// Asks for a GPU and waits for the grant.
@@ -263,12 +397,13 @@ impl Client {
             .clone()
             .unwrap_or_else(|| generate_request_id(svc));
         let subject = self.inner.subjects.request(svc);
-        let payload = codec::encode(self.encoding, &options.to_message(svc, &request_id));
+        let encoding = self.input_encoding();
+        let payload = codec::encode(encoding, &options.to_message(svc, &request_id));
         // The coordinator's own rules, so that a mistake is an error here rather than a rejection.
         decode_input(
             &self.inner.subjects,
             &subject,
-            self.encoding.content_type(),
+            encoding.content_type(),
             &payload,
             0,
         )
@@ -286,9 +421,10 @@ impl Client {
             armed: true,
         };
         // Replies are read while the PubAck is awaited: a PubAck lost in a reconnect costs a
-        // timeout and a (deduplicated) retry, and the grant may well be there before that.
-        let publish = self.publish_input(
-            subject,
+        // timeout and a (deduplicated) retry, and the grant may well be there before that. Over
+        // HTTP this is the long poll, whose answer comes through the route too.
+        let publish = self.send_input(
+            InputKind::Request,
             msg_id(&request_id, "request", None, &nonce()),
             payload.into(),
             deadline.unwrap_or_else(|| Instant::now() + PUBLISH_RETRY),
@@ -308,7 +444,17 @@ impl Client {
             };
             let message = tokio::select! {
                 stored = &mut publish, if !published => {
-                    stored?;
+                    if let Err(error) = stored {
+                        // Refused by the HTTP API (a bad field, a bad token): nothing was stored,
+                        // there is nothing to withdraw.
+                        if matches!(
+                            error,
+                            ClientError::InvalidRequest(_) | ClientError::Rejected(_)
+                        ) {
+                            abandon.armed = false;
+                        }
+                        return Err(error);
+                    }
                     published = true;
                     continue;
                 }
@@ -392,9 +538,9 @@ impl Client {
     /// ```
     pub async fn release_all(&self) -> Result<(), ClientError> {
         let svc = self.inner.service_id.as_str();
-        let payload = codec::encode(self.encoding, &ReleaseMsg::default());
-        self.publish_input(
-            self.inner.subjects.release(svc),
+        let payload = codec::encode(self.input_encoding(), &ReleaseMsg::default());
+        self.send_input(
+            InputKind::Release,
             msg_id(svc, "release-all", None, &nonce()),
             payload.into(),
             Instant::now() + PUBLISH_RETRY,
@@ -415,17 +561,19 @@ impl Client {
     /// # }
     /// ```
     pub async fn status(&self) -> Result<StatusDoc, ClientError> {
+        let nats = match &self.inner.transport {
+            Transport::Nats { nats, .. } => nats,
+            Transport::Http(http) => return http.status().await,
+        };
         let subject = self.inner.subjects.status();
         let answer = match self.encoding.content_type() {
             Some(content_type) => {
                 let mut headers = HeaderMap::new();
                 headers.insert("Content-Type", content_type);
-                self.inner
-                    .nats
-                    .request_with_headers(subject, headers, Bytes::new())
+                nats.request_with_headers(subject, headers, Bytes::new())
                     .await
             }
-            None => self.inner.nats.request(subject, Bytes::new()).await,
+            None => nats.request(subject, Bytes::new()).await,
         }
         .map_err(|e| ClientError::Status(e.to_string()))?;
         let content_type = answer
@@ -442,10 +590,34 @@ impl Client {
         crate::router::wait_ready(&self.inner.ready, deadline.into()).await
     }
 
+    /// Sends an input of `kind` (`payload`, encoded in [`Client::input_encoding`]) until it is
+    /// stored or `deadline` passes: a publish into the input stream over NATS, a POST over HTTP
+    /// (whose reply is handed to the routes).
+    pub(crate) async fn send_input(
+        &self,
+        kind: InputKind,
+        msg_id: String,
+        payload: Bytes,
+        deadline: Instant,
+    ) -> Result<(), ClientError> {
+        match &self.inner.transport {
+            Transport::Nats { js, .. } => {
+                let subject = self.inner.subjects.input(kind, &self.inner.service_id);
+                self.publish_input(js, subject, msg_id, payload, deadline)
+                    .await
+            }
+            Transport::Http(http) => {
+                http.post(kind, &payload, deadline, &self.inner.routes)
+                    .await
+            }
+        }
+    }
+
     /// Publishes an input into the input stream and waits for its PubAck, retrying with the same
     /// `Nats-Msg-Id` (so that the stream keeps one copy) until `deadline`.
-    pub(crate) async fn publish_input(
+    async fn publish_input(
         &self,
+        js: &jetstream::Context,
         subject: String,
         msg_id: String,
         payload: Bytes,
@@ -459,9 +631,7 @@ impl Client {
         let mut delay = RETRY_MIN;
         loop {
             let attempt = async {
-                let ack = self
-                    .inner
-                    .js
+                let ack = js
                     .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
                     .await
                     .map_err(|e| e.to_string())?;
@@ -492,35 +662,32 @@ impl Client {
     /// Publishes an input of a lease in the background, retrying for `retry_for`.
     pub(crate) fn spawn_publish_input(&self, input: Input, retry_for: Duration) {
         let svc = self.inner.service_id.as_str();
-        let subjects = &self.inner.subjects;
-        let (subject, request_id, fence, payload) = match &input {
+        let encoding = self.input_encoding();
+        let (kind, request_id, fence, payload) = match &input {
             Input::Renew(m) => (
-                subjects.renew(svc),
+                InputKind::Renew,
                 m.request_id.clone(),
                 m.fence,
-                codec::encode(self.encoding, m),
+                codec::encode(encoding, m),
             ),
             Input::Ack(m) => (
-                subjects.ack(svc),
+                InputKind::Ack,
                 m.request_id.clone(),
                 m.fence,
-                codec::encode(self.encoding, m),
+                codec::encode(encoding, m),
             ),
             Input::Release(m) => (
-                subjects.release(svc),
+                InputKind::Release,
                 m.request_id.clone().unwrap_or_else(|| svc.to_owned()),
                 m.fence,
-                codec::encode(self.encoding, m),
+                codec::encode(encoding, m),
             ),
         };
         let id = msg_id(&request_id, input.kind(), fence, &nonce());
         let client = self.clone();
         let deadline = Instant::now() + retry_for;
         tokio::spawn(async move {
-            if let Err(error) = client
-                .publish_input(subject, id, payload.into(), deadline)
-                .await
-            {
+            if let Err(error) = client.send_input(kind, id, payload.into(), deadline).await {
                 tracing::warn!(request_id, "{error}");
             }
         });
@@ -554,6 +721,12 @@ impl Drop for Abandon {
     }
 }
 
+/// The scheme of `url` in lower case (`http`, `nats`, ...); `None` for a bare `host:port`.
+fn url_scheme(url: &str) -> Option<String> {
+    let (scheme, _) = url.trim().split_once("://")?;
+    Some(scheme.to_ascii_lowercase())
+}
+
 /// The names under `prefix`, after checking the prefix and the service id.
 fn checked(prefix: &str, service_id: &str) -> Result<Subjects, ClientError> {
     let subjects = Subjects::new(prefix).map_err(ClientError::InvalidConfig)?;
@@ -569,6 +742,39 @@ fn checked(prefix: &str, service_id: &str) -> Result<Subjects, ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_schemes_pick_the_transport() {
+        assert_eq!(url_scheme("http://127.0.0.1:8080").as_deref(), Some("http"));
+        assert_eq!(url_scheme("HTTPS://host").as_deref(), Some("https"));
+        assert_eq!(url_scheme("nats://a:b@host:4222").as_deref(), Some("nats"));
+        assert_eq!(url_scheme("tls://host:4222").as_deref(), Some("tls"));
+        assert_eq!(url_scheme("127.0.0.1:4222"), None);
+    }
+
+    #[tokio::test]
+    async fn connect_url_refuses_unknown_schemes_and_bad_ids_before_connecting() {
+        let error = Client::connect_url("ftp://host", "gpu", "chat", None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ClientError::InvalidConfig(e) if e.contains("ftp://")),
+            "{error}"
+        );
+        for url in ["http://127.0.0.1:1", "nats://127.0.0.1:1"] {
+            let error = Client::connect_url(url, "gpu", "a.b", None)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&error, ClientError::InvalidConfig(e) if e.contains("service id")),
+                "{url}: {error}"
+            );
+        }
+        let error = Client::connect_url("nats://u:p@127.0.0.1:1", "gpu", "chat", Some("t"))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ClientError::InvalidConfig(_)), "{error}");
+    }
 
     #[test]
     fn checks_prefix_and_service_id() {

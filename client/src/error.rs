@@ -20,8 +20,12 @@ pub enum ClientError {
         #[source]
         source: async_nats::ConnectError,
     },
+    /// The coordinator's HTTP API did not open the control stream when the client connected
+    /// ([`crate::Client::connect_http`]): it does not answer at `url`, or it refused (a bad token).
+    #[error("cannot connect to the coordinator's HTTP API at {url}: {detail}")]
+    HttpConnect { url: String, detail: String },
     /// The request breaks a rule of the wire contract, so the coordinator would reject it; it was not
-    /// sent. The text names the field.
+    /// sent. The text names the field. Over HTTP also a `400` of the API, with its sentence.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     /// This client is already waiting for, or holding, a request with this id.
@@ -34,7 +38,8 @@ pub enum ClientError {
     /// No GPU was granted within `timeout_ms`.
     #[error("the request timed out before a GPU was granted")]
     TimedOut,
-    /// The coordinator refused the input; the text is its sentence saying what to fix.
+    /// The coordinator refused the input; the text is its sentence saying what to fix (over HTTP
+    /// also a 401 or 403 for the bearer token, with the status code).
     #[error("the coordinator rejected the input: {0}")]
     Rejected(String),
     /// The request was withdrawn before it was granted.
@@ -53,7 +58,8 @@ pub enum ClientError {
         expected: &'static str,
         waited: Duration,
     },
-    /// An input could not be stored in the input stream, even after retries.
+    /// An input could not be stored in the input stream, even after retries (over HTTP, `subject`
+    /// is the `POST` and its URL).
     #[error("publishing to {subject} failed: {detail}")]
     Publish { subject: String, detail: String },
     /// The status request failed or its answer could not be read.

@@ -55,9 +55,11 @@ mod answers;
 mod client;
 mod connect;
 mod error;
+mod http;
 mod lease;
 mod options;
 mod router;
+mod sse;
 mod worker;
 
 pub use answers::{AnswerFeed, AnswerReader, ANSWERS_IDLE};

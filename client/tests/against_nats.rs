@@ -496,7 +496,8 @@ async fn a_grant_and_an_order_published_while_the_client_is_cut_off_arrive() {
     let proxy = Proxy::start(server.port).await;
     let client = Client::connect(&proxy.url(), "gpu", SVC).await.unwrap();
     let disconnected = || async {
-        while client.nats().connection_state() == async_nats::connection::State::Connected {
+        let nats = client.nats().expect("a NATS client");
+        while nats.connection_state() == async_nats::connection::State::Connected {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };

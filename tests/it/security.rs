@@ -236,6 +236,7 @@ async fn a_service_cannot_act_for_another_forge_outputs_or_read_its_orders() {
     );
     let input = b
         .nats()
+        .expect("a NATS client")
         .request(
             format!("$JS.API.STREAM.INFO.{}", subjects.input_stream()),
             "".into(),
@@ -437,6 +438,7 @@ async fn status_is_answered_on_inboxes_only() {
     assert_eq!(holders, [("b-1", lease.fence())], "b's lease is untouched");
     let input = b
         .nats()
+        .expect("a NATS client")
         .request(
             format!("$JS.API.STREAM.INFO.{}", subjects.input_stream()),
             "".into(),
