@@ -44,6 +44,10 @@ pub struct Config {
     pub embedded: EmbeddedConfig,
     /// The GPUs to manage. Empty: ask NVML; when it finds none, one GPU `0` of 24576 MB.
     pub gpus: Vec<GpuConfig>,
+    /// The inference engines whose sidecars run in this process (`serve`, `engines`).
+    pub engines: Vec<crate::engines::EngineConfig>,
+    /// How `gpu-coordinator engines` reaches the coordinator.
+    pub sidecar: crate::engines::SidecarConfig,
 }
 
 /// The default of `nats.max_bytes` (per stream) and `embedded.max_bytes`: 1 GiB.
@@ -680,6 +684,17 @@ impl Config {
             }
             if gpu.vram_mb == 0 {
                 problems.push(format!("gpus[{i}].vram_mb must be > 0"));
+            }
+        }
+        problems.extend(crate::engines::config::check(
+            &self.engines,
+            self.preemption.ack_deadline_ms,
+        ));
+        if let Some(listen) = &self.sidecar.listen {
+            if listen.parse::<SocketAddr>().is_err() {
+                problems.push(format!(
+                    "sidecar.listen {listen:?} must be an address and port, like \"127.0.0.1:9090\""
+                ));
             }
         }
 

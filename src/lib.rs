@@ -42,6 +42,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod driver;
+pub mod engines;
 pub mod metrics;
 pub mod nats_auth;
 pub mod ports;

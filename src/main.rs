@@ -40,6 +40,10 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
     },
+    /// Run the engine sidecars of `[[engines]]` alone, on a GPU host: each stands in front of its
+    /// inference server and asks the coordinator (`[sidecar] coordinator`: its HTTP API, or NATS) for
+    /// the GPU as any service does. `[sidecar] listen` serves `/gpu/engines` and `/metrics`.
+    Engines,
     /// Create or update the schema (Postgres, or SQLite with `backends.journal = "sqlite"`), then exit.
     Migrate,
     /// Play the story live: a coordinator of its own (embedded, no server needed), a background ASR
@@ -161,6 +165,16 @@ async fn main() -> anyhow::Result<()> {
             serve(config).await
         }
         Command::Migrate => migrate(config).await,
+        Command::Engines => {
+            anyhow::ensure!(
+                !config.engines.is_empty(),
+                "no [[engines]] in the configuration: nothing to run (see the README's section on \
+                 inference engines)"
+            );
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            gpu_coordinator::engines::run_alone(config, shutdown).await
+        }
         Command::Audit { since } => audit(config, since.as_deref()).await,
         Command::NatsAuth {
             services,

@@ -88,7 +88,27 @@ pub async fn run_with(
         metrics.clone(),
         tasks_stop.clone(),
     );
+    // The sidecars' addresses are taken before anything starts: one in use stops the start.
+    let sidecars = crate::engines::Bound::bind(&config.engines).await?;
+    let own_api = own_http_url(&http)?;
     let server = tracker.spawn(http::serve(http, state.clone()));
+    if !sidecars.is_empty() {
+        // The sidecars are clients of this coordinator's own HTTP API, in either mode: the same
+        // code as `gpu-coordinator engines` on another host.
+        let coordinator = crate::engines::Coordinator {
+            url: own_api,
+            prefix: config.nats.prefix.clone(),
+            tokens: config.http.tokens.clone(),
+        };
+        crate::engines::spawn(
+            sidecars,
+            coordinator,
+            http::server::Limits::from_config(&config.http),
+            &state.engines(),
+            &tracker,
+            &tasks_stop,
+        );
+    }
     let result = async {
         let chosen = Chosen::connect(&config, &subjects, &shutdown).await?;
         let gpus = gpus::probe(&config, extras.probe, &tracker, &tasks_stop).await;
@@ -135,6 +155,18 @@ pub async fn run_with(
         }
     }
     result
+}
+
+/// The base URL of the HTTP API on `listener`, as a client on this machine calls it.
+fn own_http_url(listener: &tokio::net::TcpListener) -> anyhow::Result<String> {
+    let mut addr = listener.local_addr().context("http.listen")?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Ok(format!("http://{addr}"))
 }
 
 /// Leads whenever it can, until `shutdown`: waits for the leadership, runs a driver for the term, and

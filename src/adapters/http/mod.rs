@@ -25,7 +25,7 @@ mod inputs;
 mod openapi;
 mod ops;
 mod schemas;
-mod server;
+pub(crate) mod server;
 mod sse;
 mod ui;
 
@@ -100,9 +100,16 @@ struct Inner {
     stop: CancellationToken,
     /// Set once the coordinator has connected; until then the API answers 503 (except `/healthz`).
     connected: OnceLock<Connected>,
+    /// The engine sidecars of this process.
+    engines: crate::engines::Board,
 }
 
 impl HttpState {
+    /// The engine sidecars this process runs, shown by `/gpu/engines`, `/metrics` and the page.
+    pub fn engines(&self) -> crate::engines::Board {
+        self.inner.engines.clone()
+    }
+
     pub fn new(
         config: &Config,
         subjects: Subjects,
@@ -112,15 +119,13 @@ impl HttpState {
         let tokens: BTreeMap<_, _> = config.http.tokens.clone();
         HttpState {
             inner: Arc::new(Inner {
+                engines: crate::engines::Board::default(),
                 subjects,
                 tokens: tokens.into_iter().collect(),
                 default_timeout_ms: config.request.default_timeout_ms,
                 max_wait: Duration::from_millis(config.http.max_wait_ms),
                 max_body_bytes: config.http.max_body_bytes,
-                limits: server::Limits {
-                    header_read_timeout: Duration::from_millis(config.http.header_read_timeout_ms),
-                    max_connections: config.http.max_connections,
-                },
+                limits: server::Limits::from_config(&config.http),
                 streams: Arc::new(control::StreamCount::new(
                     config.http.max_streams_per_service,
                     config.http.max_streams,
@@ -284,6 +289,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/gpu/status", get(ops::status))
         .route("/gpu/control/{service_id}", get(control::control))
         .route("/gpu/events", get(events::events))
+        .route("/gpu/engines", get(ops::engines))
         .route("/", get(ui::index))
         .route("/ui", get(ui::index))
         .route("/ui/app.js", get(ui::app))

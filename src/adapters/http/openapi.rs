@@ -47,6 +47,7 @@ impl Modify for BearerAuth {
         super::ops::healthz,
         super::ops::readyz,
         super::ops::metrics,
+        super::ops::engines,
         openapi_json,
     ),
     components(schemas(ErrorBody, Accepted, Health, Checks)),

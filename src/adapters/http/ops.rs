@@ -194,8 +194,40 @@ pub(super) async fn metrics(
         })
         .await
         .ok();
-    let text = state.inner.metrics.render(doc.as_ref());
+    let mut text = state.inner.metrics.render(doc.as_ref());
+    let engines = state.inner.engines.render_metrics();
+    if !engines.is_empty() {
+        // Before the coordinator's `# EOF`, which ends the exposition.
+        let end = text.rfind("# EOF").unwrap_or(text.len());
+        text.insert_str(end, &engines);
+    }
     Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
+}
+
+/// The engine sidecars this process runs: each engine's state, the requests waiting in its sidecar
+/// and in flight, and its last sleep and wake times.
+#[utoipa::path(
+    get,
+    path = "/gpu/engines",
+    tag = "operators",
+    responses(
+        (status = 200, description = "One entry per `[[engines]]` sidecar of this process (empty \
+            without any)", body = Vec<crate::engines::EngineView>),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
+)]
+pub(super) async fn engines(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let views = state.inner.engines.views();
+    // A service's token sees its own engine only, as it sees its own requests in the status.
+    let views: Vec<_> = match state.viewer(&headers)? {
+        Viewer::Service(own) => views.into_iter().filter(|v| v.service == own).collect(),
+        _ => views,
+    };
+    Ok(axum::Json(views).into_response())
 }
 
 #[cfg(test)]

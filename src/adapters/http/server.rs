@@ -24,17 +24,27 @@ use tokio_util::task::TaskTracker;
 
 /// What bounds the connections.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Limits {
+pub(crate) struct Limits {
     /// `http.header_read_timeout_ms`.
-    pub(super) header_read_timeout: Duration,
+    pub(crate) header_read_timeout: Duration,
     /// `http.max_connections`.
-    pub(super) max_connections: usize,
+    pub(crate) max_connections: usize,
+}
+
+impl Limits {
+    /// `http.header_read_timeout_ms` and `http.max_connections`.
+    pub(crate) fn from_config(http: &crate::config::HttpConfig) -> Limits {
+        Limits {
+            header_read_timeout: Duration::from_millis(http.header_read_timeout_ms),
+            max_connections: http.max_connections,
+        }
+    }
 }
 
 /// Serves `app` on `listener` until `stop` is cancelled; then accepts no more, asks every connection
 /// to close once its response is written (long polls and event streams end at the stop themselves),
 /// and returns when all have closed.
-pub(super) async fn serve(
+pub(crate) async fn serve(
     mut listener: TcpListener,
     app: Router,
     limits: Limits,
