@@ -67,7 +67,7 @@ pub use client::Client;
 pub use connect::{connect_options, inbox_prefix, redact, without_credentials, NatsAuth};
 pub use error::ClientError;
 pub use gpu_coordinator_wire::codec::Encoding;
-pub use lease::{Lease, LeaseEvent, LeaseEvents, LeasePhase};
+pub use lease::{Lease, LeaseEvent, LeaseEvents, LeasePhase, LeaseWatch};
 pub use options::{generate_request_id, RequestOptions};
 pub use router::{reader_config, Incoming, Route};
 pub use worker::{PauseOrder, ResumeOrder, Worker};

@@ -5,14 +5,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gpu_coordinator_client::Lease;
+use gpu_coordinator_client::LeaseWatch;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-/// How often a waiting request looks again at a lease that is open but not usable (its local expiry
-/// passed: a renewal is late), since the lease says nothing when it turns usable again.
-const USABLE_POLL: Duration = Duration::from_millis(20);
 
 pub struct Gate {
     state: Mutex<State>,
@@ -26,7 +22,7 @@ pub struct Gate {
 
 struct State {
     open: bool,
-    lease: Option<Arc<Lease>>,
+    lease: Option<LeaseWatch>,
     in_flight: usize,
     waiting: usize,
     last_activity: Instant,
@@ -86,9 +82,11 @@ impl Gate {
         let mut opened = self.opened.subscribe();
         let mut waiting = None;
         loop {
-            let open_unusable = {
+            // Open under a lease that is not usable now (resuming, or a renewal late): its next
+            // change is worth a look.
+            let mut unusable = {
                 let mut state = self.state.lock().expect("gate lock");
-                if state.open && state.lease.as_ref().is_some_and(|l| l.usable()) {
+                if state.open && state.lease.as_ref().is_some_and(LeaseWatch::usable) {
                     state.in_flight += 1;
                     state.last_activity = Instant::now();
                     return Some(Pass {
@@ -100,14 +98,16 @@ impl Gate {
                     state.waiting += 1;
                     waiting = Some(Waiting(self));
                 }
-                state.open
+                state.lease.clone().filter(|_| state.open)
             };
             self.demand.notify_one();
-            let poll = async {
-                if open_unusable {
-                    tokio::time::sleep(USABLE_POLL).await
-                } else {
-                    std::future::pending().await
+            let lease_changed = async {
+                let gone = match unusable.as_mut() {
+                    Some(lease) => !lease.changed().await,
+                    None => true,
+                };
+                if gone {
+                    std::future::pending::<()>().await;
                 }
             };
             tokio::select! {
@@ -116,14 +116,14 @@ impl Gate {
                         return None;
                     }
                 }
-                () = poll => {}
+                () = lease_changed => {}
                 () = tokio::time::sleep_until(deadline) => return None,
             }
         }
     }
 
     /// Opens the gate under `lease`: the engine is awake and serves.
-    pub fn open(&self, lease: Arc<Lease>) {
+    pub fn open(&self, lease: LeaseWatch) {
         let mut state = self.state.lock().expect("gate lock");
         state.open = true;
         state.lease = Some(lease);
@@ -144,12 +144,12 @@ impl Gate {
     }
 
     /// Sets the lease the gate checks (or none); the gate stays as it is.
-    pub fn set_lease(&self, lease: Option<Arc<Lease>>) {
+    pub fn set_lease(&self, lease: Option<LeaseWatch>) {
         self.state.lock().expect("gate lock").lease = lease;
     }
 
     /// The lease, if any.
-    pub fn lease(&self) -> Option<Arc<Lease>> {
+    pub fn lease(&self) -> Option<LeaseWatch> {
         self.state.lock().expect("gate lock").lease.clone()
     }
 

@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gpu_coordinator_client::{
-    Client, ClientError, LeaseEvent, LeasePhase, PauseOrder, RequestOptions, ResumeOrder, Worker,
+    Client, ClientError, LeaseEvent, LeasePhase, LeaseWatch, PauseOrder, RequestOptions,
+    ResumeOrder, Worker,
 };
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -89,7 +90,7 @@ impl Sidecar {
                 () = stop.cancelled() => return,
             };
             let lease = match lease {
-                Ok(lease) => Arc::new(lease),
+                Ok(lease) => lease,
                 Err(ClientError::TimedOut) => continue,
                 Err(e) => {
                     let delay = next_wait(&mut waits);
@@ -105,21 +106,21 @@ impl Sidecar {
                 }
             };
             waits = backoff();
-            self.gate.set_lease(Some(Arc::clone(&lease)));
+            self.gate.set_lease(Some(lease.watch()));
             tracing::info!(service, gpu = lease.gpu(), fence = lease.fence(), "granted");
             let woke = {
                 let _switching = self.switching.lock().await;
-                self.wake_up(&lease).await
+                self.wake_up(&lease.watch()).await
             };
             if woke {
-                self.gate.open(Arc::clone(&lease));
+                self.gate.open(lease.watch());
             }
             self.hold(&lease, &stop).await;
             self.gate.close();
             self.gate.set_lease(None);
-            let released = match Arc::try_unwrap(lease) {
-                Ok(lease) if !lease.is_revoked() => lease.release().await,
-                _ => Ok(()),
+            let released = match lease.is_revoked() {
+                false => lease.release().await,
+                true => Ok(()),
             };
             if let Err(e) = released {
                 tracing::debug!(service, "releasing: {e}");
@@ -387,7 +388,7 @@ impl Sidecar {
     }
 
     /// Wakes the engine under `lease` and waits until it serves; false if the lease was lost first.
-    async fn wake_up(&self, lease: &gpu_coordinator_client::Lease) -> bool {
+    async fn wake_up(&self, lease: &LeaseWatch) -> bool {
         let service = self.service();
         self.stats.set(EngineState::Waking);
         let started = Instant::now();

@@ -87,6 +87,38 @@ impl LeaseEvents {
     }
 }
 
+/// A view of a [`Lease`] that does not own it, from [`Lease::watch`].
+#[derive(Debug, Clone)]
+pub struct LeaseWatch {
+    state: watch::Receiver<Snapshot>,
+}
+
+impl LeaseWatch {
+    /// [`Lease::usable`]: active, and before its local expiry by this process's clock.
+    pub fn usable(&self) -> bool {
+        let state = self.state.borrow();
+        state.phase == LeasePhase::Active && state.lost_at.is_some_and(|at| Instant::now() < at)
+    }
+
+    /// [`Lease::phase`].
+    pub fn phase(&self) -> LeasePhase {
+        self.state.borrow().phase
+    }
+
+    /// When the lease stops being usable unless a renewal is confirmed first (`None`: not active).
+    pub fn usable_until(&self) -> Option<Instant> {
+        let state = self.state.borrow();
+        (state.phase == LeasePhase::Active)
+            .then_some(state.lost_at)
+            .flatten()
+    }
+
+    /// Waits until the lease changes (a phase, a renewal); `false` once the lease is gone.
+    pub async fn changed(&mut self) -> bool {
+        self.state.changed().await.is_ok()
+    }
+}
+
 enum Command {
     Release(oneshot::Sender<Result<(), ClientError>>),
 }
@@ -221,6 +253,14 @@ impl Lease {
     pub fn usable(&self) -> bool {
         let state = self.state.borrow();
         state.phase == LeasePhase::Active && state.lost_at.is_some_and(|at| Instant::now() < at)
+    }
+
+    /// A view of this lease that does not own it (cheap to clone, and it does not keep the lease
+    /// alive): for code beside the holder that must check [`Lease::usable`] or wait for a change.
+    pub fn watch(&self) -> LeaseWatch {
+        LeaseWatch {
+            state: self.state.clone(),
+        }
     }
 
     /// Whether the coordinator revoked the lease.
