@@ -69,6 +69,8 @@ struct Inner {
 }
 
 /// How the client reaches the coordinator.
+// One per client, inside its `Arc`: the size of the NATS variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Transport {
     /// Inputs are JetStream publishes, answers come from consumers on the output stream.
     Nats {
@@ -528,7 +530,10 @@ impl Client {
 
     /// Releases everything this service holds, queued or paused (`release` without a request id):
     /// for a service that restarts and wants no lease of its previous life. Returns once the input
-    /// is stored; the `released` replies are not awaited.
+    /// is stored; the `released` replies are not awaited. Over HTTP they do not come back at all
+    /// (the API answers `202` once the input is stored): a lease of this client that it released
+    /// finds out at its next renewal, which is rejected, and gives itself up when its renewals stay
+    /// unconfirmed.
     ///
     /// ```no_run
     /// # async fn example(client: gpu_coordinator_client::Client) -> Result<(), gpu_coordinator_client::ClientError> {

@@ -1,12 +1,26 @@
 //! The client library of the GPU Coordinator: how a service asks for a GPU, holds the lease, and
 //! follows the coordinator's pause, resume and revoke orders. It speaks the wire contract
-//! (`shared/protocol.md`) over NATS JetStream, through the types of [`gpu_coordinator_wire`].
+//! (`shared/protocol.md`), through the types of [`gpu_coordinator_wire`], over either of two
+//! transports:
+//!
+//! - **NATS JetStream** ([`Client::connect`]): for a coordinator in the distributed mode, or any
+//!   coordinator whose bus is NATS.
+//! - **The HTTP API** ([`Client::connect_http`]): for a service without NATS, and for a coordinator
+//!   in the embedded mode. Inputs are POSTs (a request is a long poll), orders come from the
+//!   Server-Sent Events stream `GET /gpu/control/<service_id>`; a bearer token when the coordinator
+//!   has `[http.tokens]`.
+//!
+//! [`Client::connect_url`] picks one from the URL. Everything after connecting (requests, leases
+//! that renew themselves, workers, `release_all`, `status`) is the same over both.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), gpu_coordinator_client::ClientError> {
 //! use gpu_coordinator_client::{Client, RequestOptions};
 //!
 //! let client = Client::connect("nats://127.0.0.1:4222", "gpu", "chat").await?;
+//! // or, over the HTTP API:
+//! let client = Client::connect_http("http://127.0.0.1:8080", "chat", None).await?;
+//!
 //! let lease = client.request(RequestOptions::new(0).vram_mb(8_000)).await?;
 //! // ... use GPU `lease.gpu()`; the lease renews itself meanwhile ...
 //! lease.release().await?;
@@ -17,7 +31,7 @@
 //! Preemptible services use a [`Worker`], whose `on_pause` and `on_resume` handlers run when the
 //! coordinator orders them; see its docs.
 //!
-//! # How answers come in
+//! # How answers come in over NATS
 //!
 //! Inputs (`request`, `renew`, `ack`, `release`) are JetStream publishes into `<PREFIX>_INPUT`,
 //! each with a `Nats-Msg-Id` that stays the same across its retries, so a retry after a lost PubAck
@@ -30,11 +44,22 @@
 //! handed on, so a grant or an order published meanwhile is still delivered, once. Messages are
 //! handed to the waiting request or lease by `request_id`. The module `router` has the details.
 //!
+//! # How answers come in over HTTP
+//!
+//! Each POST answers with the coordinator's reply, which is handed to the waiting request or lease
+//! exactly as a reply read from the output stream would be. A POST that cannot connect or gets a
+//! 5xx is sent again with backoff until its deadline; a 4xx is an error with the server's sentence.
+//! The control stream reconnects by itself with `Last-Event-ID`, so an order stored while it was cut
+//! is delivered after the reconnect; while it is down the client is not ready and a new request
+//! waits. Inputs are JSON whatever [`Client::with_encoding`] says. The module `http` has the
+//! details, `sse` the parser of the stream.
+//!
 //! # Code map
 //!
-//! - `client`: [`Client`]: connecting, publishing inputs with retries, [`Client::request`] (waits
-//!   for the grant), [`Client::status`].
+//! - `client`: [`Client`]: connecting, sending inputs with retries over either transport,
+//!   [`Client::request`] (waits for the grant), [`Client::status`].
 //! - `router`: the consumers on the output stream and the table of who waits for which request id.
+//! - `http`: the HTTP transport: POSTs of inputs, the reader of the control stream; `sse` parses it.
 //! - `lease`: [`Lease`], the handle, and the task that keeps a lease alive; `lease::machine` is the
 //!   lease as a state machine without I/O (when to renew, what to acknowledge with which fence),
 //!   tested with plain unit tests.
@@ -45,7 +70,7 @@
 //! # Invariants
 //!
 //! - No input about a request is published before the client reads the output stream from a point
-//!   before it: no answer can be missed.
+//!   before it (over HTTP: before the control stream is open): no answer can be missed.
 //! - Every `renew`, `ack` and `release` of a lease carries the lease's current fence, so the
 //!   coordinator rejects anything a lease sends after it lost the GPU.
 //! - A pause is acknowledged only after `on_pause` returned, and never for a lease that was revoked

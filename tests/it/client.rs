@@ -25,13 +25,13 @@ async fn connect(config: &Config, svc: &str) -> Client {
 }
 
 /// A request id unique to this run.
-fn request_id(tag: &str) -> String {
+pub(crate) fn request_id(tag: &str) -> String {
     unique(tag).replace('_', "-")
 }
 
 /// The next lease event that matches `pred`, within [`DEADLINE`]. A `Revoked` event that does not
 /// match fails the test at once: no test here expects a lease to be lost silently.
-async fn next_event(
+pub(crate) async fn next_event(
     events: &mut LeaseEvents,
     what: &str,
     pred: impl Fn(&LeaseEvent) -> bool,
@@ -51,12 +51,12 @@ async fn next_event(
     }
 }
 
-fn is_renewed(event: &LeaseEvent) -> bool {
+pub(crate) fn is_renewed(event: &LeaseEvent) -> bool {
     matches!(event, LeaseEvent::Renewed { .. })
 }
 
 /// Awaits a spawned request, within [`DEADLINE`].
-async fn joined<T>(what: &str, task: tokio::task::JoinHandle<T>) -> T {
+pub(crate) async fn joined<T>(what: &str, task: tokio::task::JoinHandle<T>) -> T {
     tokio::time::timeout(DEADLINE, task)
         .await
         .unwrap_or_else(|_| panic!("{what} did not finish within {DEADLINE:?}"))
@@ -211,16 +211,16 @@ async fn dropping_a_lease_frees_the_gpu() {
 
 /// What a worker's handlers saw.
 #[derive(Default)]
-struct HandlerLog {
-    pauses: Vec<PauseOrder>,
+pub(crate) struct HandlerLog {
+    pub(crate) pauses: Vec<PauseOrder>,
     /// When `on_pause` returned.
-    pause_returned: Option<Instant>,
-    resumes: Vec<ResumeOrder>,
-    resume_returned: Option<Instant>,
+    pub(crate) pause_returned: Option<Instant>,
+    pub(crate) resumes: Vec<ResumeOrder>,
+    pub(crate) resume_returned: Option<Instant>,
 }
 
 /// A worker whose handlers take `pause_work` to pause and record what they saw.
-fn recording_worker(
+pub(crate) fn recording_worker(
     client: &Client,
     pause_work: Duration,
     seen: &Arc<Mutex<HandlerLog>>,

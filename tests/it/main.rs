@@ -4,6 +4,7 @@
 mod audit;
 mod bounds;
 mod client;
+mod client_http;
 mod clocks;
 mod demo;
 mod disks;
