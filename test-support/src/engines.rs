@@ -27,6 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -55,6 +56,17 @@ pub async fn poll_until(timeout: Duration, what: &str, mut cond: impl FnMut() ->
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// The path of `fake_process_engine.py`: an engine started and stopped as a whole process (python3,
+/// standard library only). Arguments: `--port P --gpu URL --name N --vram-mb M [--startup-ms S]
+/// [--chunks C] [--chunk-ms D]`. It allocates `M` MB from the [`FakeGpu`] at `URL` under its own pid
+/// (exit 1 if refused), serves `GET /health` and `POST /v1/completions` (and `/v1/chat/completions`,
+/// streamed with `"stream": true`) on `127.0.0.1:P` after `S` ms, and on SIGTERM (or SIGINT) frees its
+/// memory and exits 0. Killed, its memory counts as freed once the process is gone (a zombie counts as
+/// gone: it has exited).
+pub fn fake_process_engine_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fake_process_engine.py")
 }
 
 /// An HTTP server on a free port of loopback; shut down when stopped or dropped.
