@@ -7,6 +7,11 @@
 //! neither, so that both can use it. Binaries are found as an operator would start them: `$NATS_SERVER`,
 //! else `nats-server` on the `PATH`, else `/usr/sbin/nats-server`; `redis-server` on the `PATH`; Postgres's
 //! tools under `/usr/lib/postgresql/*/bin`.
+//!
+//! [`engines`] holds fake inference engines (vLLM, SGLang, Ollama, llama.cpp, Triton, a whole process)
+//! that allocate from a fake GPU, for the engine sidecars' tests.
+
+pub mod engines;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
