@@ -101,6 +101,7 @@ impl RequestOptions {
             vram_mb: self.vram_mb,
             gpu: self.gpu.clone(),
             preemptible: self.preemptible,
+            pause_ms: None,
         }
     }
 }

@@ -51,6 +51,7 @@ pub fn req(id: &str, priority: u8) -> Req {
         vram_mb: None,
         gpu: None,
         preemptible: None,
+        pause_ms: None,
     })
 }
 

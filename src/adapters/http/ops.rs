@@ -217,6 +217,7 @@ mod tests {
             expires_at: String::new(),
             state: HolderState::Active,
             preemptible: true,
+            pause_ms: None,
         }
     }
 
