@@ -14,6 +14,10 @@
 //! - a request that does not fit pauses strictly less urgent, preemptible holders (least urgent first, the
 //!   most recently granted first among equals, only as many as it needs) on the GPU where that takes the
 //!   fewest, and reserves that GPU;
+//! - among holders (and among GPUs' plans) those rules treat alike, the one that frees its VRAM soonest
+//!   is paused: the smaller `pause_ms` hint, a request without one after any with one. The hint
+//!   changes no choice those rules already make; before it, such ties went to the latest arrival (and
+//!   to the first GPU by id), which still decide when the hints are equal too;
 //! - a request that can neither fit nor preempt reserves the GPU among its candidates with the most free
 //!   VRAM, so that it is the next to get it.
 //!
@@ -668,6 +672,7 @@ impl Scheduler {
             vram_mb: msg.vram_mb,
             gpu_pin: msg.gpu.clone().map(GpuId::from),
             preemptible: msg.preemptible.unwrap_or(true),
+            pause_ms: msg.pause_ms,
             lease_ms,
             requested_at: now,
             // Kept within what Postgres's bigint holds, whatever the input said.
@@ -1271,7 +1276,7 @@ impl Scheduler {
             .get(&seq)
             .expect("a live request by its arrival number");
         let (rec, urgency) = (&live.rec, live.eff);
-        let mut best: Option<(usize, Vec<u64>, u64, bool)> = None;
+        let mut best: Option<(usize, Vec<u64>, (bool, usize, u64, u64))> = None;
         for &g in candidates {
             let gpu = &self.gpus[g];
             let mut free = gpu.free_mb();
@@ -1299,11 +1304,14 @@ impl Scheduler {
                     eligible.push(holder);
                 }
             }
-            // Least urgent first; the most recently granted first among equals.
+            // Least urgent first; the most recently granted first among equals; among holders equal
+            // on both, the one that says it pauses soonest (`pause_ms`, unknown last); the latest
+            // arrival last of all, which only makes the order total.
             eligible.sort_by_key(|h| {
                 (
                     std::cmp::Reverse(h.priority),
                     std::cmp::Reverse(h.granted_at.unwrap_or(0)),
+                    pause_key(h),
                     std::cmp::Reverse(h.arrival),
                 )
             });
@@ -1316,7 +1324,12 @@ impl Scheduler {
                 remaining -= 1;
                 let is_whole = holder.vram_mb.is_none();
                 whole -= usize::from(is_whole);
-                victims.push((holder.arrival, holder.held_mb.unwrap_or(0), is_whole));
+                victims.push((
+                    holder.arrival,
+                    holder.held_mb.unwrap_or(0),
+                    is_whole,
+                    pause_key(holder),
+                ));
             }
             if !Self::fits(rec, free, remaining, whole) {
                 continue;
@@ -1326,7 +1339,7 @@ impl Scheduler {
             let mut i = victims.len();
             while i > 0 {
                 i -= 1;
-                let (_, held, is_whole) = victims[i];
+                let (_, held, is_whole, _) = victims[i];
                 let whole_if_spared = whole + usize::from(is_whole);
                 if Self::fits(rec, free - held, remaining + 1, whole_if_spared) {
                     free -= held;
@@ -1336,18 +1349,17 @@ impl Scheduler {
                 }
             }
             let victim_mb: u64 = victims.iter().map(|v| v.1).sum();
+            // The room is made when the slowest victim has paused.
+            let slowest = victims.iter().map(|v| v.3).max().unwrap_or(0);
             let victims: Vec<u64> = victims.into_iter().map(|v| v.0).collect();
-            let better = match &best {
-                None => true,
-                Some((_, v, mb, was_stuck)) => {
-                    (stuck, victims.len(), victim_mb) < (*was_stuck, v.len(), *mb)
-                }
-            };
-            if better {
-                best = Some((g, victims, victim_mb, stuck));
+            // Between plans equal on what they wait for, how many they pause and how much VRAM, the
+            // one whose victims pause soonest; then the first GPU by id.
+            let rank = (stuck, victims.len(), victim_mb, slowest);
+            if best.as_ref().is_none_or(|(_, _, was)| rank < *was) {
+                best = Some((g, victims, rank));
             }
         }
-        best.map(|(g, victims, _, _)| (g, victims))
+        best.map(|(g, victims, _)| (g, victims))
     }
 
     // ----- bookkeeping --------------------------------------------------------------------------------
@@ -1807,6 +1819,7 @@ impl Scheduler {
                     HolderState::Active
                 },
                 preemptible: rec.preemptible,
+                pause_ms: rec.pause_ms,
             }
         };
         let gpus = self
@@ -1991,4 +2004,10 @@ impl Scheduler {
         }
         Ok(())
     }
+}
+
+/// How soon a holder says it frees its VRAM once asked to pause, for ordering victims (smaller is
+/// sooner): its `pause_ms` hint, an unknown one after every known one.
+fn pause_key(rec: &RequestRecord) -> u64 {
+    rec.pause_ms.unwrap_or(u64::MAX)
 }

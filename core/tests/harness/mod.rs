@@ -76,6 +76,10 @@ impl Req {
         self.0.lease_ms = Some(ms);
         self
     }
+    pub fn pause_ms(mut self, ms: u64) -> Self {
+        self.0.pause_ms = Some(ms);
+        self
+    }
 }
 
 /// The actions of one step (or several), with finders by request id and kind.

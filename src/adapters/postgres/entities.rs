@@ -358,6 +358,8 @@ pub fn to_record(row: request::Model) -> Result<RequestRecord, RowError> {
         vram_mb,
         gpu_pin: row.gpu_pin.map(Into::into),
         preemptible: row.preemptible,
+        // Not stored yet: the next commit adds its column.
+        pause_ms: None,
         lease_ms,
         requested_at,
         timeout_at,
