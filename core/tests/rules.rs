@@ -1666,6 +1666,17 @@ fn the_pause_hint_changes_no_choice_the_rules_already_make() {
         ["slow"]
     );
 
+    // Nor does it make a plan pause more: two fast holders would make room, but one slow one
+    // alone does (the rules take the latest arrival first among equals).
+    let mut s = sim(&[("g0", 1_200)]);
+    s.request("f1", req("f1", 2).vram(300).pause_ms(0));
+    s.request("f2", req("f2", 2).vram(300).pause_ms(0));
+    s.request("slow", req("slow", 2).vram(600).pause_ms(SLOW));
+    assert_eq!(
+        paused_by(&s.request("chat", req("chat", 0).vram(600))),
+        ["slow"]
+    );
+
     // Then the GPU where the least VRAM is paused, though its holder is slow.
     let mut s = sim(&[("g0", 1_000), ("g1", 1_000)]);
     s.request("fast", req("fast", 2).vram(1_000).gpu("g0").pause_ms(0));
