@@ -634,6 +634,7 @@ mod tests {
                     expires_at: "2026-11-26T14:00:20.000Z".into(),
                     state: HolderState::Active,
                     preemptible: true,
+                    pause_ms: None,
                 }],
             }],
             paused: vec![PausedStatus {

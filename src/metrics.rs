@@ -623,6 +623,7 @@ mod tests {
             expires_at: rfc3339(0),
             state,
             preemptible: true,
+            pause_ms: None,
         };
         let count = |priority, gpu: Option<&str>, queued, paused| QueueCount {
             priority,

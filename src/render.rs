@@ -157,6 +157,7 @@ fn holder(h: &HolderView) -> HolderStatus {
         expires_at: rfc3339(h.expires_at),
         state: h.state,
         preemptible: h.preemptible,
+        pause_ms: h.pause_ms,
     }
 }
 

@@ -63,6 +63,7 @@ impl Bench {
             vram_mb,
             gpu: None,
             preemptible: Some(false),
+            pause_ms: None,
         };
         self.input(service, Inbound::Request(msg));
     }

@@ -190,6 +190,8 @@ pub struct HolderView {
     pub expires_at: Millis,
     pub state: HolderState,
     pub preemptible: bool,
+    /// The request's `pause_ms` hint, when it gave one.
+    pub pause_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

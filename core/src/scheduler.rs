@@ -14,6 +14,12 @@
 //! - a request that does not fit pauses strictly less urgent, preemptible holders (least urgent first, the
 //!   most recently granted first among equals, only as many as it needs) on the GPU where that takes the
 //!   fewest, and reserves that GPU;
+//! - among holders (and among GPUs' plans) those rules treat alike, the one that frees its VRAM soonest
+//!   is paused: the smaller `pause_ms` hint, a request without one after any with one. The hint
+//!   changes no choice those rules already make, nor how many holders or how much VRAM a plan pauses
+//!   (a plan made with the hints replaces the one made without only when the two pause holders of
+//!   the same priorities and grant instants, as many and as much VRAM); before it, such ties went to
+//!   the latest arrival (and to the first GPU by id), which still decide when the hints are equal too;
 //! - a request that can neither fit nor preempt reserves the GPU among its candidates with the most free
 //!   VRAM, so that it is the next to get it.
 //!
@@ -668,6 +674,7 @@ impl Scheduler {
             vram_mb: msg.vram_mb,
             gpu_pin: msg.gpu.clone().map(GpuId::from),
             preemptible: msg.preemptible.unwrap_or(true),
+            pause_ms: msg.pause_ms,
             lease_ms,
             requested_at: now,
             // Kept within what Postgres's bigint holds, whatever the input said.
@@ -1260,6 +1267,11 @@ impl Scheduler {
 
     /// The GPU where the request fits with the fewest holders paused, and those holders (possibly none,
     /// when pauses already under way will make room).
+    ///
+    /// Each GPU's plan is made in the rules' order, without the `pause_ms` hints, then again with
+    /// them, and the second is taken only when it pauses holders of the same priorities and grant
+    /// instants, as many and as much VRAM, and its slowest victim pauses no later: the hints choose
+    /// among holders the rules treat alike, and change nothing the rules compare.
     fn plan_preemption(
         &self,
         seq: u64,
@@ -1271,83 +1283,113 @@ impl Scheduler {
             .get(&seq)
             .expect("a live request by its arrival number");
         let (rec, urgency) = (&live.rec, live.eff);
-        let mut best: Option<(usize, Vec<u64>, u64, bool)> = None;
+        let mut best: Option<(usize, Plan)> = None;
         for &g in candidates {
-            let gpu = &self.gpus[g];
-            let mut free = gpu.free_mb();
-            let mut remaining = gpu.holders.len();
-            let mut whole = self.whole_holders(g);
-            let mut eligible = Vec::new();
-            // A holder pausing past its ACK deadline frees its VRAM only when its lease runs out: a plan
-            // that waits for one comes after any that does not.
-            let mut stuck = false;
-            for &h in &gpu.holders {
-                let holder = self.live_rec(h);
-                if holder.phase == Phase::Pausing {
-                    stuck |= holder.pause_deadline.is_some_and(|d| d <= now);
-                    free += holder.held_mb.unwrap_or(0);
-                    remaining -= 1;
-                    whole -= usize::from(holder.vram_mb.is_none());
-                } else if holder.priority > urgency
-                    && holder.preemptible
-                    && holder
-                        .granted_at
-                        .unwrap_or(0)
-                        .saturating_add(self.config.min_hold_ms)
-                        <= now
-                {
-                    eligible.push(holder);
-                }
-            }
-            // Least urgent first; the most recently granted first among equals.
-            eligible.sort_by_key(|h| {
-                (
-                    std::cmp::Reverse(h.priority),
-                    std::cmp::Reverse(h.granted_at.unwrap_or(0)),
-                    std::cmp::Reverse(h.arrival),
-                )
-            });
-            let mut victims = Vec::new();
-            for holder in eligible {
-                if Self::fits(rec, free, remaining, whole) {
-                    break;
-                }
-                free += holder.held_mb.unwrap_or(0);
-                remaining -= 1;
-                let is_whole = holder.vram_mb.is_none();
-                whole -= usize::from(is_whole);
-                victims.push((holder.arrival, holder.held_mb.unwrap_or(0), is_whole));
-            }
-            if !Self::fits(rec, free, remaining, whole) {
+            let Some(plain) = self.plan_on(g, rec, urgency, now, false) else {
                 continue;
-            }
-            // Only as many as needed: a small, less urgent victim taken first may be unnecessary once
-            // a bigger one is in; spare the most urgent victims first.
-            let mut i = victims.len();
-            while i > 0 {
-                i -= 1;
-                let (_, held, is_whole) = victims[i];
-                let whole_if_spared = whole + usize::from(is_whole);
-                if Self::fits(rec, free - held, remaining + 1, whole_if_spared) {
-                    free -= held;
-                    remaining += 1;
-                    whole = whole_if_spared;
-                    victims.remove(i);
-                }
-            }
-            let victim_mb: u64 = victims.iter().map(|v| v.1).sum();
-            let victims: Vec<u64> = victims.into_iter().map(|v| v.0).collect();
-            let better = match &best {
-                None => true,
-                Some((_, v, mb, was_stuck)) => {
-                    (stuck, victims.len(), victim_mb) < (*was_stuck, v.len(), *mb)
-                }
             };
-            if better {
-                best = Some((g, victims, victim_mb, stuck));
+            let hinted = self.gpus[g]
+                .holders
+                .iter()
+                .any(|&h| self.live_rec(h).pause_ms.is_some())
+                .then(|| self.plan_on(g, rec, urgency, now, true))
+                .flatten();
+            let plan = match hinted {
+                Some(hinted) if hinted.alike(&plain) && hinted.slowest() <= plain.slowest() => {
+                    hinted
+                }
+                _ => plain,
+            };
+            // The first GPU by id among plans that rank alike.
+            if best
+                .as_ref()
+                .is_none_or(|(_, was)| plan.rank() < was.rank())
+            {
+                best = Some((g, plan));
             }
         }
-        best.map(|(g, victims, _, _)| (g, victims))
+        best.map(|(g, plan)| (g, plan.victims.iter().map(|v| v.arrival).collect()))
+    }
+
+    /// The holders of GPU `g` to pause so that `rec` (at `urgency`) fits there, or `None` when pausing
+    /// every holder it may pause would not make room. Least urgent first; the most recently granted
+    /// first among equals; with `by_hint`, among holders equal on both, the one that says it pauses
+    /// soonest (`pause_ms`, unknown last); the latest arrival last of all, which makes the order total.
+    fn plan_on(
+        &self,
+        g: usize,
+        rec: &RequestRecord,
+        urgency: u8,
+        now: Millis,
+        by_hint: bool,
+    ) -> Option<Plan> {
+        let gpu = &self.gpus[g];
+        let mut free = gpu.free_mb();
+        let mut remaining = gpu.holders.len();
+        let mut whole = self.whole_holders(g);
+        let mut eligible = Vec::new();
+        // A holder pausing past its ACK deadline frees its VRAM only when its lease runs out: a plan
+        // that waits for one comes after any that does not.
+        let mut stuck = false;
+        for &h in &gpu.holders {
+            let holder = self.live_rec(h);
+            if holder.phase == Phase::Pausing {
+                stuck |= holder.pause_deadline.is_some_and(|d| d <= now);
+                free += holder.held_mb.unwrap_or(0);
+                remaining -= 1;
+                whole -= usize::from(holder.vram_mb.is_none());
+            } else if holder.priority > urgency
+                && holder.preemptible
+                && holder
+                    .granted_at
+                    .unwrap_or(0)
+                    .saturating_add(self.config.min_hold_ms)
+                    <= now
+            {
+                eligible.push(holder);
+            }
+        }
+        eligible.sort_by_key(|h| {
+            (
+                std::cmp::Reverse(h.priority),
+                std::cmp::Reverse(h.granted_at.unwrap_or(0)),
+                if by_hint { pause_key(h) } else { 0 },
+                std::cmp::Reverse(h.arrival),
+            )
+        });
+        let mut victims = Vec::new();
+        for holder in eligible {
+            if Self::fits(rec, free, remaining, whole) {
+                break;
+            }
+            let victim = Victim::of(holder);
+            free += victim.held_mb;
+            remaining -= 1;
+            whole -= usize::from(victim.whole);
+            victims.push(victim);
+        }
+        if !Self::fits(rec, free, remaining, whole) {
+            return None;
+        }
+        // Only as many as needed: a small, less urgent victim taken first may be unnecessary once
+        // a bigger one is in; spare the most urgent victims first.
+        let mut i = victims.len();
+        while i > 0 {
+            i -= 1;
+            let Victim {
+                held_mb,
+                whole: is_whole,
+                ..
+            } = victims[i];
+            let whole_if_spared = whole + usize::from(is_whole);
+            if Self::fits(rec, free - held_mb, remaining + 1, whole_if_spared) {
+                free -= held_mb;
+                remaining += 1;
+                whole = whole_if_spared;
+                victims.remove(i);
+            }
+        }
+        Some(Plan { victims, stuck })
     }
 
     // ----- bookkeeping --------------------------------------------------------------------------------
@@ -1807,6 +1849,7 @@ impl Scheduler {
                     HolderState::Active
                 },
                 preemptible: rec.preemptible,
+                pause_ms: rec.pause_ms,
             }
         };
         let gpus = self
@@ -1990,5 +2033,85 @@ impl Scheduler {
             return Err("a live request is missing from the queue and the GPUs".into());
         }
         Ok(())
+    }
+}
+
+/// How soon a holder says it frees its VRAM once asked to pause, for ordering victims (smaller is
+/// sooner): its `pause_ms` hint, an unknown one after every known one.
+fn pause_key(rec: &RequestRecord) -> u64 {
+    rec.pause_ms.unwrap_or(u64::MAX)
+}
+
+/// A holder a preemption plan pauses, with what the rules and the hint compare of it.
+#[derive(Debug, Clone, Copy)]
+struct Victim {
+    arrival: u64,
+    held_mb: u64,
+    /// It holds the whole GPU.
+    whole: bool,
+    priority: u8,
+    granted_at: Millis,
+    /// [`pause_key`].
+    pause: u64,
+}
+
+impl Victim {
+    fn of(rec: &RequestRecord) -> Victim {
+        Victim {
+            arrival: rec.arrival,
+            held_mb: rec.held_mb.unwrap_or(0),
+            whole: rec.vram_mb.is_none(),
+            priority: rec.priority,
+            granted_at: rec.granted_at.unwrap_or(0),
+            pause: pause_key(rec),
+        }
+    }
+}
+
+/// The holders to pause on one GPU for one request.
+#[derive(Debug)]
+struct Plan {
+    victims: Vec<Victim>,
+    /// It waits for a holder that missed its ACK deadline.
+    stuck: bool,
+}
+
+impl Plan {
+    fn victim_mb(&self) -> u64 {
+        self.victims.iter().map(|v| v.held_mb).sum()
+    }
+
+    /// How plans on different GPUs compare, the smallest first: one that waits for an overdue ACK
+    /// last; then the fewest holders paused; then the least VRAM; then, between plans equal on
+    /// those, the one whose victims pause soonest.
+    fn rank(&self) -> (bool, usize, u64, u64) {
+        (
+            self.stuck,
+            self.victims.len(),
+            self.victim_mb(),
+            self.slowest(),
+        )
+    }
+
+    /// When the room is made: when the slowest victim has paused (0: no victim).
+    fn slowest(&self) -> u64 {
+        self.victims.iter().map(|v| v.pause).max().unwrap_or(0)
+    }
+
+    /// Whether the rules see the two plans as one: as many holders and as much VRAM paused, of the
+    /// same priorities and grant instants.
+    fn alike(&self, other: &Plan) -> bool {
+        let kinds = |plan: &Plan| {
+            let mut kinds: Vec<(u8, Millis)> = plan
+                .victims
+                .iter()
+                .map(|v| (v.priority, v.granted_at))
+                .collect();
+            kinds.sort_unstable();
+            kinds
+        };
+        self.stuck == other.stuck
+            && self.victim_mb() == other.victim_mb()
+            && kinds(self) == kinds(other)
     }
 }

@@ -187,6 +187,10 @@ pub struct RequestRecord {
     /// A pinned GPU.
     pub gpu_pin: Option<GpuId>,
     pub preemptible: bool,
+    /// The request's `pause_ms` hint: how long the holder says it takes to pause. It only breaks ties
+    /// between holders the rules would pause alike (see [`crate::Scheduler`]); `None`: unknown, taken
+    /// as slower than any known value.
+    pub pause_ms: Option<u64>,
     /// The lease length granted on each grant or resume.
     pub lease_ms: u64,
     pub requested_at: Millis,

@@ -1572,6 +1572,172 @@ fn preemption_spares_a_victim_that_is_not_needed() {
     assert!(a.control_actions("v1").is_empty(), "v1 is not needed");
 }
 
+// ----- the pause_ms hint ----------------------------------------------------------------------------
+
+/// The requests told to pause by `a`, in order.
+fn paused_by(a: &harness::Acts) -> Vec<String> {
+    a.all_controls()
+        .iter()
+        .filter(|(_, c)| c.action == Pause)
+        .map(|(_, c)| c.request_id.to_string())
+        .collect()
+}
+
+#[test]
+fn among_holders_the_rules_treat_alike_the_one_that_pauses_soonest_is_paused() {
+    // Three priority-2 holders of 300 MB on g0 (1000 MB), granted at the same instant, in this
+    // order: `fast` (500 ms), `slow` (2000 ms), `unknown` (no hint); 100 MB free. Before the hint the
+    // latest arrival went first. (urgent vram) -> holders paused, in order.
+    let cases: &[(u64, &[&str])] = &[
+        (350, &["fast"]),
+        (650, &["fast", "slow"]),
+        (1_000, &["fast", "slow", "unknown"]),
+    ];
+    for &(vram, want) in cases {
+        let mut s = sim(&[("g0", 1_000)]);
+        s.request("fast", req("fast", 2).vram(300).pause_ms(500));
+        s.request("slow", req("slow", 2).vram(300).pause_ms(2_000));
+        s.request("unknown", req("unknown", 2).vram(300));
+        let a = s.request("chat", req("chat", 0).vram(vram));
+        assert_eq!(paused_by(&a), want, "urgent {vram} MB");
+    }
+    // Without hints, or with equal ones, the latest arrival goes first, as before.
+    for hint in [None, Some(0), Some(700)] {
+        let mut s = sim(&[("g0", 1_000)]);
+        for id in ["a", "b", "c"] {
+            let mut r = req(id, 2).vram(300);
+            r.0.pause_ms = hint;
+            s.request(id, r);
+        }
+        let a = s.request("chat", req("chat", 0).vram(350));
+        assert_eq!(paused_by(&a), ["c"], "hint {hint:?}");
+    }
+}
+
+#[test]
+fn an_unknown_pause_time_counts_as_slower_than_any_known_one() {
+    let max = gpu_coordinator_wire::validate::MAX_PAUSE_MS;
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("known", req("known", 2).vram(500).pause_ms(max));
+    s.request("unknown", req("unknown", 2).vram(500));
+    let a = s.request("chat", req("chat", 0).vram(500));
+    assert_eq!(paused_by(&a), ["known"]);
+}
+
+#[test]
+fn the_pause_hint_changes_no_choice_the_rules_already_make() {
+    const SLOW: u64 = 3_600_000;
+    // A less urgent holder goes first, however slow it says it is.
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("p3", req("p3", 3).vram(500).pause_ms(SLOW));
+    s.request("p2", req("p2", 2).vram(500).pause_ms(0));
+    assert_eq!(
+        paused_by(&s.request("chat", req("chat", 0).vram(500))),
+        ["p3"]
+    );
+
+    // Among equal priorities the most recently granted goes first, however slow.
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("old", req("old", 2).vram(500).pause_ms(0));
+    s.advance(10);
+    s.request("new", req("new", 2).vram(500).pause_ms(SLOW));
+    assert_eq!(
+        paused_by(&s.request("chat", req("chat", 0).vram(500))),
+        ["new"]
+    );
+
+    // Only as many as needed: the slow big holder alone makes room, the fast small one is spared.
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("small", req("small", 2).vram(200).pause_ms(0));
+    s.request("big", req("big", 2).vram(800).pause_ms(SLOW));
+    assert_eq!(
+        paused_by(&s.request("chat", req("chat", 0).vram(800))),
+        ["big"]
+    );
+
+    // The GPU where the fewest are paused, though its one holder is slow and the other GPU's two
+    // are fast.
+    let mut s = sim(&[("g0", 1_000), ("g1", 1_000)]);
+    s.request("slow", req("slow", 2).vram(800).gpu("g0").pause_ms(SLOW));
+    s.request("f1", req("f1", 2).vram(400).gpu("g1").pause_ms(0));
+    s.request("f2", req("f2", 2).vram(400).gpu("g1").pause_ms(0));
+    assert_eq!(
+        paused_by(&s.request("chat", req("chat", 0).vram(800))),
+        ["slow"]
+    );
+
+    // Nor does it make a plan pause more: two fast holders would make room, but one slow one
+    // alone does (the rules take the latest arrival first among equals).
+    let mut s = sim(&[("g0", 1_200)]);
+    s.request("f1", req("f1", 2).vram(300).pause_ms(0));
+    s.request("f2", req("f2", 2).vram(300).pause_ms(0));
+    s.request("slow", req("slow", 2).vram(600).pause_ms(SLOW));
+    assert_eq!(
+        paused_by(&s.request("chat", req("chat", 0).vram(600))),
+        ["slow"]
+    );
+
+    // Then the GPU where the least VRAM is paused, though its holder is slow.
+    let mut s = sim(&[("g0", 1_000), ("g1", 1_000)]);
+    s.request("fast", req("fast", 2).vram(1_000).gpu("g0").pause_ms(0));
+    s.request("slow", req("slow", 2).vram(900).gpu("g1").pause_ms(SLOW));
+    assert_eq!(
+        paused_by(&s.request("chat", req("chat", 0).vram(900))),
+        ["slow"]
+    );
+}
+
+#[test]
+fn between_gpus_equal_for_the_rules_the_one_whose_holder_pauses_soonest_is_chosen() {
+    // One priority-2 holder of 800 MB on each GPU, granted at the same instant. (g0's hint, g1's
+    // hint) -> the holder paused. Without a difference, the first GPU by id, as before.
+    let cases = [
+        (Some(5_000), Some(200), "on1"),
+        (None, Some(200), "on1"),
+        (Some(200), Some(5_000), "on0"),
+        (Some(200), None, "on0"),
+        (None, None, "on0"),
+        (Some(300), Some(300), "on0"),
+    ];
+    for (h0, h1, want) in cases {
+        let mut s = sim(&[("g0", 1_000), ("g1", 1_000)]);
+        for (id, gpu, hint) in [("on0", "g0", h0), ("on1", "g1", h1)] {
+            let mut r = req(id, 2).vram(800).gpu(gpu);
+            r.0.pause_ms = hint;
+            s.request(id, r);
+        }
+        let a = s.request("chat", req("chat", 0).vram(800));
+        assert_eq!(paused_by(&a), [want], "hints {h0:?} {h1:?}");
+        a.no_reply("chat");
+    }
+}
+
+#[test]
+fn the_pause_hint_is_in_the_status_and_survives_a_restart() {
+    let mut s = sim(&[("g0", 1_000)]);
+    s.request("fast", req("fast", 2).vram(500).pause_ms(300));
+    s.request("slow", req("slow", 2).vram(500).pause_ms(2_000));
+    let hints = |s: &Sim| -> Vec<(String, Option<u64>)> {
+        s.status().gpus[0]
+            .holders
+            .iter()
+            .map(|h| (h.request_id.to_string(), h.pause_ms))
+            .collect()
+    };
+    let want = vec![
+        ("fast".to_string(), Some(300)),
+        ("slow".to_string(), Some(2_000)),
+    ];
+    assert_eq!(hints(&s), want);
+    assert_eq!(s.records["fast"].pause_ms, Some(300));
+    // A new coordinator starts from what was persisted: the hint still decides the tie (without it,
+    // the latest arrival, `slow`, would be paused).
+    s.restart(100, true);
+    assert_eq!(hints(&s), want);
+    let a = s.request("chat", req("chat", 0).vram(500));
+    assert_eq!(paused_by(&a), ["fast"]);
+}
+
 #[test]
 fn a_renewal_after_the_expiry_finds_the_lease_revoked() {
     let mut s = sim(&[("g0", 1_000)]);

@@ -109,6 +109,7 @@ async fn msgpack_requests_get_msgpack_replies() {
         vram_mb: Some(1_000),
         gpu: None,
         preemptible: None,
+        pause_ms: None,
     };
     probe.pub_msgpack("request", "diar", &request).await;
     let granted = probe

@@ -74,6 +74,7 @@ pub(crate) fn record(id: &str, seq: u64, phase: Phase) -> RequestRecord {
         vram_mb: Some(1024 * seq),
         gpu_pin: seq.is_multiple_of(2).then(|| "GPU-1".into()),
         preemptible: !seq.is_multiple_of(3),
+        pause_ms: (!seq.is_multiple_of(4)).then_some(250 * seq),
         lease_ms: 30_000 + seq,
         requested_at: BASE + seq,
         timeout_at: BASE + seq + 60_000,
@@ -103,6 +104,7 @@ pub(crate) fn bare(id: &str, seq: u64) -> RequestRecord {
         vram_mb: None,
         gpu_pin: None,
         preemptible: false,
+        pause_ms: None,
         lease_ms: 0,
         requested_at: 0,
         timeout_at: 0,
@@ -707,6 +709,121 @@ async fn pg_load_reports_a_row_it_cannot_read() {
         assert!(err.to_string().contains(&name), "{err}");
     }
     finish(store, &name).await;
+}
+
+/// A priority-2 holder of 300 MB on `g0`, granted at `BASE`, with this `pause_ms` hint.
+pub(crate) fn holder(id: &str, seq: u64, pause_ms: Option<u64>) -> RequestRecord {
+    RequestRecord {
+        priority: 2,
+        vram_mb: Some(300),
+        gpu_pin: None,
+        preemptible: true,
+        pause_ms,
+        gpu: Some("g0".into()),
+        held_mb: Some(300),
+        granted_at: Some(BASE),
+        expires_at: Some(BASE + 3_600_000),
+        ..record(id, seq, Phase::Active)
+    }
+}
+
+/// Which holder a coordinator restored from `loaded` (holders from [`holder`] on `g0`, 1000 MB)
+/// pauses for an urgent request of 350 MB: one of them, the one the tie-break picks.
+pub(crate) fn paused_after_restore(loaded: Vec<RequestRecord>) -> Vec<String> {
+    use gpu_coordinator_core::{Action, GpuSpec, Input, SchedConfig, Scheduler, Snapshot};
+    use gpu_coordinator_wire::{ControlAction, Inbound, RequestMsg};
+    let now = BASE + 1_000;
+    let mut sched = Scheduler::new(
+        SchedConfig::default(),
+        vec![GpuSpec {
+            id: "g0".into(),
+            total_mb: 1_000,
+        }],
+    );
+    let max_arrival = loaded.iter().map(|r| r.arrival).max().unwrap_or(0);
+    sched.restore(
+        Snapshot {
+            requests: loaded,
+            max_fence: Fence(1_000),
+            leases: Vec::new(),
+            max_arrival,
+        },
+        now,
+    );
+    let urgent = RequestMsg {
+        request_id: Some("urgent".into()),
+        service_id: Some("chat".into()),
+        priority: 0,
+        timeout_ms: None,
+        lease_ms: None,
+        vram_mb: Some(350),
+        gpu: None,
+        preemptible: None,
+        pause_ms: None,
+    };
+    sched.handle_input(
+        Input::Inbound {
+            service: "chat".into(),
+            encoding: Encoding::Json,
+            input: Inbound::Request(urgent),
+        },
+        now,
+    );
+    std::iter::from_fn(|| sched.poll_action())
+        .filter_map(|action| match action {
+            Action::Control { control, .. } if control.action == ControlAction::Pause => {
+                Some(control.request_id.to_string())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// A request's `pause_ms` hint is kept with its row: a coordinator that takes over from what
+/// Postgres holds breaks ties between victims as the one before it did. A row written before the
+/// column existed (by a coordinator of the version before) reads back without a hint.
+#[tokio::test]
+async fn pg_a_takeover_keeps_each_requests_pause_hint() {
+    let (name, url) = fresh_database();
+    let first = PgStore::connect(&url)
+        .await
+        .expect("connect creates the database");
+    <migration::Migrator as migration::MigratorTrait>::up(first.connection(), Some(6))
+        .await
+        .expect("the migrations before the hint's column");
+    first
+        .connection()
+        .execute_unprepared(&format!(
+            "INSERT INTO requests (request_id, service_id, priority, seq, encoding, vram_mb, \
+             preemptible, lease_ms, requested_at, timeout_at, phase, gpu, held_mb, fence, \
+             granted_at, expires_at) VALUES ('legacy', 'svc-legacy', 2, 1, 'json', 300, true, \
+             30000, {BASE}, {}, 'active', 'g0', 300, 101, {BASE}, {})",
+            BASE + 60_000,
+            BASE + 3_600_000
+        ))
+        .await
+        .expect("a row of the schema before");
+    first.migrate().await.expect("the rest of the migrations");
+    // Granted at the same instant as `legacy`, and after it: without the hint, the latest arrival
+    // (`slow`) would be paused.
+    let hinted = [holder("fast", 2, Some(200)), holder("slow", 3, Some(5_000))];
+    first.apply(&hinted, Some(Fence(103))).await.expect("write");
+    first.close().await;
+
+    let second = PgStore::connect(&url).await.expect("the next leader");
+    second.migrate().await.expect("nothing left to migrate");
+    let (loaded, _) = second.load(10).await.expect("load");
+    let hints: Vec<(&str, Option<u64>)> = loaded
+        .iter()
+        .map(|r| (r.request_id.as_str(), r.pause_ms))
+        .collect();
+    assert_eq!(
+        hints,
+        [("legacy", None), ("fast", Some(200)), ("slow", Some(5_000))]
+    );
+    assert_eq!(&loaded[1..], &hinted);
+    assert_eq!(paused_after_restore(loaded), ["fast"]);
+    finish(second, &name).await;
 }
 
 // ----- the write-behind journal -------------------------------------------------------------------

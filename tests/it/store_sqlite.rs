@@ -7,7 +7,7 @@ use gpu_coordinator::adapters::sqlite::SqliteStore;
 use gpu_coordinator::ports::{Batch, Journal, OutboxRow};
 use gpu_coordinator_core::{End, Fence, Phase, RequestRecord};
 
-use crate::store_pg::{bare, ended_at, record, BASE};
+use crate::store_pg::{bare, ended_at, holder, paused_after_restore, record, BASE};
 
 async fn write(store: &SqliteStore, records: &[RequestRecord], max_fence: Option<Fence>) {
     Journal::write(
@@ -149,4 +149,24 @@ async fn sqlite_keeps_the_journal_contract() {
         (reloaded.records, reloaded.input_seq, reloaded.outbox),
         (loaded.records, loaded.input_seq, loaded.outbox)
     );
+}
+
+/// The embedded journal keeps each request's `pause_ms` hint: a coordinator that opens the data
+/// directory after another breaks ties between victims as that one did.
+#[tokio::test]
+async fn sqlite_a_restart_keeps_each_requests_pause_hint() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = SqliteStore::open(dir.path()).await.expect("a fresh store");
+    let hinted = [
+        holder("unknown", 1, None),
+        holder("fast", 2, Some(200)),
+        holder("slow", 3, Some(5_000)),
+    ];
+    write(&store, &hinted, Some(Fence(103))).await;
+    Journal::close(&store).await;
+
+    let again = SqliteStore::open(dir.path()).await.expect("opened again");
+    let loaded = again.load(10).await.expect("load").records;
+    assert_eq!(loaded, hinted);
+    assert_eq!(paused_after_restore(loaded), ["fast"]);
 }

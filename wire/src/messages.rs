@@ -40,6 +40,13 @@ pub struct RequestMsg {
     /// `false`: never paused; only release or lease expiry ends the lease. Default `true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preemptible: Option<bool>,
+    /// Extension, a hint: how long the holder takes to pause (finish its unit of work and free its
+    /// VRAM), in milliseconds, as the service measured it; at most 3,600,000 (an hour). It changes
+    /// only which holder is paused among holders the scheduling rules treat alike (the one that
+    /// frees its VRAM soonest); absent counts as slower than any value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 3_600_000))]
+    pub pause_ms: Option<u64>,
 }
 
 /// `<prefix>.release.<svc>`: end a lease, or a queued or paused request.
@@ -274,6 +281,9 @@ pub struct HolderStatus {
     pub expires_at: String,
     pub state: HolderState,
     pub preemptible: bool,
+    /// Extension: the request's `pause_ms` hint, when it gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<u64>,
 }
 
 /// One GPU in the status document.

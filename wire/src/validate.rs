@@ -151,6 +151,7 @@ fn check(
             check_at_most("lease_ms", msg.lease_ms, MAX_DURATION_MS, "a year")?;
             check_at_most("timeout_ms", msg.timeout_ms, MAX_DURATION_MS, "a year")?;
             check_at_most("vram_mb", msg.vram_mb, MAX_VRAM_MB, "a petabyte")?;
+            check_at_most("pause_ms", msg.pause_ms, MAX_PAUSE_MS, "an hour")?;
             if let Some(gpu) = &msg.gpu {
                 check_gpu(gpu)?;
             }
@@ -248,6 +249,10 @@ const VRAM_HINT: &str = "megabytes; leave it out to ask for the whole GPU";
 /// The longest duration an input may name, in milliseconds (365 days): far beyond any real wait or lease,
 /// and far from where instants overflow.
 pub const MAX_DURATION_MS: u64 = 365 * 24 * 3_600 * 1_000;
+
+/// The longest `pause_ms` a request may name, in milliseconds (an hour): a hint of how long a holder
+/// takes to pause, which no engine that frees its VRAM within a pause deadline comes near.
+pub const MAX_PAUSE_MS: u64 = 3_600_000;
 
 /// The most VRAM a request may name, in MB (a petabyte).
 pub const MAX_VRAM_MB: u64 = 1 << 30;

@@ -228,6 +228,63 @@ async def _queued(coordinator: Coordinator) -> bool:
     return bool(doc.get("queue_total"))
 
 
+async def test_pause_ms_picks_the_holder_that_frees_its_vram_soonest(coordinator_factory: Any) -> None:
+    coordinator: Coordinator = await coordinator_factory()
+    url, prefix = coordinator.nats_url, coordinator.prefix
+    diar = await Client.connect(url, service="diar", prefix=prefix)
+    fast = await Client.connect(url, service="tts", prefix=prefix)
+    slow = await Client.connect(url, service="asr", prefix=prefix)
+    chat = await Client.connect(url, service="chat", prefix=prefix)
+    paused: List[str] = []
+
+    def pauses(service: str) -> Any:
+        async def on_pause(order: PauseOrder) -> None:
+            paused.append(service)
+
+        return on_pause
+
+    async def queued(n: int) -> bool:
+        return (await coordinator.status()).get("queue_total") == n
+
+    try:
+        whole = await diar.acquire(priority=0)
+        # Both wait behind a whole-GPU holder, the fast one first, and are granted together in one
+        # pass: neither is more recently granted, and without the hint the later arrival (the slow
+        # one) would be the one paused.
+        first = asyncio.ensure_future(
+            fast.acquire(priority=2, vram_mb=10000, pause_ms=300, on_pause=pauses("tts"))
+        )
+        await until("the fast one queued", lambda: queued(1))
+        second = asyncio.ensure_future(
+            slow.acquire(priority=2, vram_mb=10000, pause_ms=5000, on_pause=pauses("asr"))
+        )
+        await until("both queued", lambda: queued(2))
+        await whole.release()
+        await whole._stop()
+        fast_lease = await asyncio.wait_for(first, 20)
+        slow_lease = await asyncio.wait_for(second, 20)
+        doc = await coordinator.status()
+        gpus = doc["gpus"]
+        assert isinstance(gpus, list)
+        hints = {h["service_id"]: h.get("pause_ms") for g in gpus for h in g["holders"]}
+        assert hints == {"tts": 300, "asr": 5000}, "the status shows each holder's hint"
+
+        urgent = await asyncio.wait_for(chat.acquire(priority=0, vram_mb=14000), 20)
+        assert paused == ["tts"], "the holder that frees its VRAM soonest"
+        assert slow_lease.usable()
+        await urgent.release()
+        await urgent._stop()
+        await until("the fast one resumed", fast_lease.usable)
+        for lease in (fast_lease, slow_lease):
+            await lease.release()
+            await lease._stop()
+    finally:
+        await chat.close()
+        await slow.close()
+        await fast.close()
+        await diar.close()
+
+
 async def test_the_http_transport_grants_pauses_and_resumes(coordinator_factory: Any) -> None:
     coordinator: Coordinator = await coordinator_factory()
     worker = await Client.connect_http(coordinator.http_url, service="asr")

@@ -51,6 +51,7 @@ pub fn req(id: &str, priority: u8) -> Req {
         vram_mb: None,
         gpu: None,
         preemptible: None,
+        pause_ms: None,
     })
 }
 
@@ -73,6 +74,10 @@ impl Req {
     }
     pub fn lease(mut self, ms: u64) -> Self {
         self.0.lease_ms = Some(ms);
+        self
+    }
+    pub fn pause_ms(mut self, ms: u64) -> Self {
+        self.0.pause_ms = Some(ms);
         self
     }
 }

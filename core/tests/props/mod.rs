@@ -4,7 +4,7 @@
 //! restarts), with every invariant of the harness checked after every step, the preemption-liveness
 //! property whenever aging is off, and at the end: every accepted request reached exactly one end.
 
-use gpu_coordinator_core::{Input, SchedConfig};
+use gpu_coordinator_core::{Action, Input, RequestRecord, SchedConfig};
 use gpu_coordinator_wire::{AckAction, Encoding, HolderState};
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -45,6 +45,8 @@ enum Op {
         timeout: Option<u64>,
         lease: Option<u64>,
         msgpack: bool,
+        /// A few values, so that holders tie on it as often as not.
+        pause_ms: Option<u64>,
     },
     /// `svc: None`: sent by the request's owner. `id: None`: release everything of the service.
     Release {
@@ -134,9 +136,10 @@ fn request() -> impl Strategy<Value = Op> {
         prop::option::of(0u64..8_000),
         prop::option::of(1u64..10_000),
         any::<bool>(),
+        prop_oneof![2 => Just(None), 1 => select(vec![0u64, 500, 2_000]).prop_map(Some)],
     )
         .prop_map(
-            |((id, svc, priority), vram, gpu, preemptible, timeout, lease, msgpack)| Op::Request {
+            |((id, svc, priority), vram, gpu, preemptible, timeout, lease, msgpack, pause_ms)| Op::Request {
                 svc: svc.unwrap_or(id % SERVICES),
                 id,
                 priority,
@@ -146,6 +149,7 @@ fn request() -> impl Strategy<Value = Op> {
                 timeout,
                 lease,
                 msgpack,
+                pause_ms,
             },
         )
 }
@@ -240,6 +244,7 @@ fn apply(s: &mut Sim, op: Op) {
             timeout,
             lease,
             msgpack,
+            pause_ms,
         } => {
             let mut r = req(&id_name(id), priority);
             r.0.vram_mb = vram;
@@ -254,6 +259,7 @@ fn apply(s: &mut Sim, op: Op) {
             r.0.preemptible = preemptible;
             r.0.timeout_ms = timeout;
             r.0.lease_ms = lease;
+            r.0.pause_ms = pause_ms;
             let encoding = if msgpack {
                 Encoding::MsgPack
             } else {
@@ -363,6 +369,11 @@ fn apply(s: &mut Sim, op: Op) {
 }
 
 fn run(setup: Setup, ops: Vec<Op>) {
+    run_with(setup, ops, |hint| hint);
+}
+
+/// [`run`] with every request's `pause_ms` replaced by `hint` of it; returns the simulation.
+fn run_with(setup: Setup, ops: Vec<Op>, hint: impl Fn(Option<u64>) -> Option<u64>) -> Sim {
     let config = SchedConfig {
         lease_default_ms: 5_000,
         lease_max_ms: 10_000,
@@ -383,10 +394,30 @@ fn run(setup: Setup, ops: Vec<Op>) {
         .collect();
     let mut s = Sim::new(config, gpus(&specs));
     s.liveness = setup.aging_ms == 0;
-    for op in ops {
+    for mut op in ops {
+        if let Op::Request { pause_ms, .. } = &mut op {
+            *pause_ms = hint(*pause_ms);
+        }
         apply(&mut s, op);
     }
     s.finish();
+    s
+}
+
+/// Everything the core asked for, the records persisted without their `pause_ms`.
+fn without_hints(s: &Sim) -> Vec<Action> {
+    s.history
+        .0
+        .iter()
+        .cloned()
+        .map(|action| match action {
+            Action::Persist(rec) => Action::Persist(RequestRecord {
+                pause_ms: None,
+                ..rec
+            }),
+            other => other,
+        })
+        .collect()
 }
 
 proptest! {
@@ -406,5 +437,18 @@ proptest! {
     #[test]
     fn random_inputs_with_restarts_and_aging(setup in setup(true), ops in vec(op(true), 1..60)) {
         run(setup, ops);
+    }
+
+    /// The `pause_ms` hint only breaks ties: when every request gives the same one, every decision
+    /// is the one made without hints (the same orders, replies, events and lease writes).
+    #[test]
+    fn equal_pause_hints_decide_nothing(
+        setup in setup(true),
+        ops in vec(op(true), 1..60),
+        hint in 0u64..=3_600_000,
+    ) {
+        let none = without_hints(&run_with(setup.clone(), ops.clone(), |_| None));
+        let equal = without_hints(&run_with(setup, ops, |_| Some(hint)));
+        prop_assert_eq!(none, equal);
     }
 }

@@ -153,5 +153,9 @@ mod tests {
         assert!(schemas.contains_key("RequestMsg") && schemas.contains_key("StatusDoc"));
         let priority = &schemas["RequestMsg"]["properties"]["priority"];
         assert_eq!(priority["maximum"], 255, "{priority}");
+        let pause_ms = &schemas["RequestMsg"]["properties"]["pause_ms"];
+        assert_eq!(pause_ms["maximum"], 3_600_000, "{pause_ms}");
+        let required = schemas["RequestMsg"]["required"].to_string();
+        assert!(!required.contains("pause_ms"), "optional: {required}");
     }
 }

@@ -249,6 +249,7 @@ mod tests {
             expires_at: String::new(),
             state: HolderState::Active,
             preemptible: true,
+            pause_ms: None,
         }
     }
 

@@ -43,6 +43,9 @@ pub mod request {
         /// only by one of at least its version. `None`: written unnumbered.
         #[serde(default)]
         pub version: Option<i64>,
+        /// The request's `pause_ms` hint. (Absent from the write-behind journal's older entries.)
+        #[serde(default)]
+        pub pause_ms: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -311,6 +314,7 @@ pub fn to_row(r: &RequestRecord) -> Result<request::Model, RowError> {
         ended_at: opt("ended_at", r.ended_at)?,
         detail: r.detail.clone(),
         version: None,
+        pause_ms: opt("pause_ms", r.pause_ms)?,
     })
 }
 
@@ -348,6 +352,7 @@ pub fn to_record(row: request::Model) -> Result<RequestRecord, RowError> {
     let paused_at = opt("paused_at", row.paused_at)?;
     let waited_ms = opt("waited_ms", row.waited_ms)?;
     let ended_at = opt("ended_at", row.ended_at)?;
+    let pause_ms = opt("pause_ms", row.pause_ms)?;
     let encoding = Encoding::from_name(&row.encoding);
     // Every check is done: the text fields move into the record.
     Ok(RequestRecord {
@@ -358,6 +363,7 @@ pub fn to_record(row: request::Model) -> Result<RequestRecord, RowError> {
         vram_mb,
         gpu_pin: row.gpu_pin.map(Into::into),
         preemptible: row.preemptible,
+        pause_ms,
         lease_ms,
         requested_at,
         timeout_at,

@@ -169,7 +169,7 @@ pub enum PgError {
 }
 
 /// The columns of `requests`, in the order of [`RequestColumns`], with each one's type for `unnest`.
-const REQUEST_COLUMNS: [(&str, &str); 23] = [
+const REQUEST_COLUMNS: [(&str, &str); 24] = [
     ("request_id", "text"),
     ("service_id", "text"),
     ("priority", "smallint"),
@@ -193,6 +193,7 @@ const REQUEST_COLUMNS: [(&str, &str); 23] = [
     ("outcome", "text"),
     ("ended_at", "bigint"),
     ("detail", "text"),
+    ("pause_ms", "bigint"),
 ];
 
 /// `request_id, service_id, ...`: the columns of [`REQUEST_COLUMNS`], in order.
@@ -306,6 +307,7 @@ fn request_row(row: &sqlx::postgres::PgRow) -> Result<request::Model, sqlx::Erro
         outcome: row.try_get(20)?,
         ended_at: row.try_get(21)?,
         detail: row.try_get(22)?,
+        pause_ms: row.try_get(23)?,
         version: None,
     })
 }
@@ -336,6 +338,7 @@ struct RequestColumns<'a> {
     outcome: Vec<Option<&'a str>>,
     ended_at: Vec<Option<i64>>,
     detail: Vec<Option<&'a str>>,
+    pause_ms: Vec<Option<i64>>,
     version: Vec<Option<i64>>,
 }
 
@@ -367,6 +370,7 @@ impl<'a> RequestColumns<'a> {
             c.outcome.push(r.outcome.as_deref());
             c.ended_at.push(r.ended_at);
             c.detail.push(r.detail.as_deref());
+            c.pause_ms.push(r.pause_ms);
             c.version.push(r.version);
         }
         c
@@ -398,6 +402,7 @@ impl<'a> RequestColumns<'a> {
             .bind(self.outcome)
             .bind(self.ended_at)
             .bind(self.detail)
+            .bind(self.pause_ms)
             .bind(self.version)
     }
 }
@@ -1126,6 +1131,42 @@ mod tests {
         assert_eq!(merged.requests.len(), 7 + 40, "one row per request");
         assert_eq!(merged.outbox.first().map(|r| r.id), Some(31));
         assert_eq!(merged.input_seq, Some(38));
+    }
+
+    /// The write-behind journal keeps rows in MessagePack: a row's `pause_ms` goes through it, and
+    /// an entry written before the column existed reads back without one.
+    #[test]
+    fn a_rows_pause_hint_goes_through_the_journal_stream_and_older_entries_have_none() {
+        let hinted = request::Model {
+            pause_ms: Some(1_500),
+            ..row("a", "active")
+        };
+        let rows = Rows {
+            requests: vec![hinted, row("b", "queued")],
+            ..Rows::default()
+        };
+        let bytes = rmp_serde::to_vec_named(&rows).expect("encodes");
+        assert_eq!(
+            rmp_serde::from_slice::<Rows>(&bytes).expect("decodes"),
+            rows
+        );
+
+        let mut older = serde_json::to_value(Rows {
+            requests: vec![row("c", "queued")],
+            ..Rows::default()
+        })
+        .expect("rows as a map");
+        for request in older["requests"].as_array_mut().expect("a list") {
+            request
+                .as_object_mut()
+                .expect("a map")
+                .remove("pause_ms")
+                .expect("the field is there to remove");
+        }
+        let bytes = rmp_serde::to_vec_named(&older).expect("encodes");
+        let read: Rows = rmp_serde::from_slice(&bytes).expect("an older entry decodes");
+        assert_eq!(read.requests, [row("c", "queued")]);
+        assert_eq!(read.requests[0].pause_ms, None);
     }
 
     #[test]

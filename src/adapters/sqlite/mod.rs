@@ -48,7 +48,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections in the pool: one writer at a time in SQLite, readers beside it (WAL).
 const POOL: u32 = 4;
 
-/// Rows per `INSERT`: 23 parameters each, well under SQLite's 32766 bind parameters.
+/// Rows per `INSERT`: 25 parameters each, well under SQLite's 32766 bind parameters.
 const ROWS_PER_STATEMENT: usize = 500;
 
 /// Outbox rows per `INSERT`: five parameters each.

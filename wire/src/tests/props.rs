@@ -156,10 +156,12 @@ proptest! {
         vram_mb in prop::option::of(1..=crate::validate::MAX_VRAM_MB),
         gpu in prop::option::of("[A-Za-z0-9_:.-]{1,64}"),
         preemptible in prop::option::of(any::<bool>()),
+        pause_ms in prop::option::of(0..=crate::validate::MAX_PAUSE_MS),
         encoding in arb_encoding(),
     ) {
         let msg = RequestMsg {
             request_id, service_id: None, priority, timeout_ms, lease_ms, vram_mb, gpu, preemptible,
+            pause_ms,
         };
         let decoded = input(InputKind::Request, encoding, &encode(encoding, &msg));
         let Ok(Decoded { input: Inbound::Request(got), .. }) = decoded else {

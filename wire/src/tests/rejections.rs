@@ -3,6 +3,7 @@ use serde_json::json;
 use super::*;
 use crate::codec::{decode, encode, DecodeError};
 use crate::messages::{RequestMsg, StatusDoc};
+use crate::validate::Inbound;
 
 // --- the subject ---
 
@@ -509,4 +510,47 @@ fn durations_and_vram_beyond_any_real_use_are_rejected() {
     assert_mentions(&r.error, &["lease_ms", "at most"]);
     let fine = br#"{"priority":1,"timeout_ms":31536000000,"vram_mb":1073741824}"#;
     assert!(decode_input(&subjects(), "gpu.request.chat-1", None, fine, 1).is_ok());
+}
+
+#[test]
+fn pause_ms_is_an_optional_hint_of_at_most_an_hour() {
+    let max = crate::validate::MAX_PAUSE_MS;
+    let r = rejected(
+        InputKind::Request,
+        json!({"request_id": "r1", "priority": 2, "pause_ms": max + 1}),
+    );
+    assert_eq!(r.request_id.as_deref(), Some("r1"));
+    assert_eq!(
+        r.error,
+        format!("field `pause_ms`: at most {max} (an hour), got {}", max + 1)
+    );
+    let r = rejected(
+        InputKind::Request,
+        json!({"priority": 2, "pause_ms": "fast"}),
+    );
+    assert_eq!(
+        r.error,
+        "field `pause_ms`: expected a whole number >= 0, got the string \"fast\""
+    );
+    let r = rejected(InputKind::Request, json!({"priority": 2, "pause_ms": -1}));
+    assert_mentions(
+        &r.error,
+        &["field `pause_ms`", "expected a whole number >= 0"],
+    );
+    // 0 (pauses at once) and the bound are fine, in both encodings; absent stays absent.
+    for (pause_ms, want) in [
+        (json!(0), Some(0)),
+        (json!(max), Some(max)),
+        (json!(null), None),
+    ] {
+        for encoding in [Encoding::Json, Encoding::MsgPack] {
+            let body = json!({"priority": 2, "pause_ms": pause_ms});
+            let decoded = input(InputKind::Request, encoding, &payload(encoding, &body))
+                .expect("a valid request");
+            let Inbound::Request(msg) = decoded.input else {
+                panic!("a request: {decoded:?}");
+            };
+            assert_eq!(msg.pause_ms, want, "{body} in {}", encoding.as_str());
+        }
+    }
 }

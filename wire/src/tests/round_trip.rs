@@ -30,6 +30,7 @@ fn full_request() -> RequestMsg {
         vram_mb: Some(crate::validate::MAX_VRAM_MB),
         gpu: Some("GPU-0:1.a_b".into()),
         preemptible: Some(false),
+        pause_ms: Some(crate::validate::MAX_PAUSE_MS),
     }
 }
 
@@ -43,6 +44,7 @@ fn minimal_request() -> RequestMsg {
         vram_mb: None,
         gpu: None,
         preemptible: None,
+        pause_ms: None,
     }
 }
 
@@ -212,6 +214,7 @@ fn status_doc() -> StatusDoc {
                     expires_at: "2026-11-26T14:39:30.000Z".into(),
                     state: HolderState::Active,
                     preemptible: true,
+                    pause_ms: Some(1_500),
                 },
                 HolderStatus {
                     request_id: "r2".into(),
@@ -223,6 +226,7 @@ fn status_doc() -> StatusDoc {
                     expires_at: "2026-11-26T14:39:30.000Z".into(),
                     state: HolderState::Pausing,
                     preemptible: false,
+                    pause_ms: None,
                 },
             ],
         }],

@@ -349,10 +349,13 @@ class Client:
         request_id: Optional[str] = None,
         on_pause: Optional[PauseHandler] = None,
         on_resume: Optional[ResumeHandler] = None,
+        pause_ms: Optional[int] = None,
     ) -> _LeaseContext:
         """A lease as an async context manager: granted on entry, released on exit. Without `vram_mb`
         the whole GPU. Preemptible by default only with an `on_pause` handler (which must free the
-        VRAM before it returns; the client then ACKs)."""
+        VRAM before it returns; the client then ACKs). `pause_ms`: how long pausing takes (the
+        handler's time to free the VRAM), a hint the coordinator uses to choose among holders it
+        would pause alike."""
         return _LeaseContext(
             self,
             dict(
@@ -365,6 +368,7 @@ class Client:
                 request_id=request_id,
                 on_pause=on_pause,
                 on_resume=on_resume,
+                pause_ms=pause_ms,
             ),
         )
 
@@ -379,6 +383,7 @@ class Client:
         request_id: Optional[str] = None,
         on_pause: Optional[PauseHandler] = None,
         on_resume: Optional[ResumeHandler] = None,
+        pause_ms: Optional[int] = None,
     ) -> Lease:
         """Requests a GPU and waits for the grant; `release()` the lease when done. Raises
         `GrantTimeout`, `Rejected` or `Unavailable`."""
@@ -391,6 +396,8 @@ class Client:
         body["preemptible"] = preemptible if preemptible is not None else on_pause is not None
         if gpu is not None:
             body["gpu"] = gpu
+        if pause_ms is not None:
+            body["pause_ms"] = pause_ms
         routes = self._transport.routes
         queue = routes.register(request_id)
         loop = asyncio.get_running_loop()

@@ -149,6 +149,7 @@ class Client:
         request_id: Optional[str] = None,
         on_pause: Optional[Callable[[PauseOrder], None]] = None,
         on_resume: Optional[Callable[[ResumeOrder], None]] = None,
+        pause_ms: Optional[int] = None,
     ) -> _LeaseContext:
         inner = self._inner.lease(
             priority,
@@ -160,6 +161,7 @@ class Client:
             request_id=request_id,
             on_pause=_in_thread(on_pause),
             on_resume=_in_thread(on_resume),
+            pause_ms=pause_ms,
         )
         return _LeaseContext(inner, self._loop)
 
