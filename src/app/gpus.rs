@@ -87,6 +87,8 @@ pub struct Gpus {
     sched_config: SchedConfig,
     /// Shared by the drivers of successive terms.
     pub feed: Option<NvmlFeed>,
+    /// The probe that samples them (NVML, or a test's), for the engine sidecars' freed-VRAM check.
+    pub probe: Option<Arc<dyn GpuProbe>>,
 }
 
 impl Gpus {
@@ -136,20 +138,21 @@ pub async fn probe(
         // Only NVML can see a paused holder's VRAM really freed.
         sched_config.settle_ms = config.nvml.settle_ms;
     }
-    let feed = match probed {
+    let (feed, probe) = match probed {
         Some((probe, _)) if !found.devices.is_empty() => {
             let (tx, samples) = mpsc::channel(SAMPLES);
             let every = Duration::from_millis(config.nvml.sample_ms.max(1));
-            tracker.spawn(nvml::sample(probe, every, tx, shutdown.clone()));
-            Some(NvmlFeed::new(found.devices, samples))
+            tracker.spawn(nvml::sample(probe.clone(), every, tx, shutdown.clone()));
+            (Some(NvmlFeed::new(found.devices, samples)), Some(probe))
         }
-        _ => None,
+        _ => (None, None),
     };
     Gpus {
         specs,
         source: found.source,
         sched_config,
         feed,
+        probe,
     }
 }
 

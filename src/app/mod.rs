@@ -89,29 +89,30 @@ pub async fn run_with(
         tasks_stop.clone(),
     );
     // The sidecars' addresses are taken before anything starts: one in use stops the start.
-    let sidecars = crate::engines::Bound::bind(&config.engines).await?;
+    let mut sidecars = crate::engines::Bound::bind(&config.engines).await?;
     let own_api = own_http_url(&http)?;
     let server = tracker.spawn(http::serve(http, state.clone()));
-    if !sidecars.is_empty() {
-        // The sidecars are clients of this coordinator's own HTTP API, in either mode: the same
-        // code as `gpu-coordinator engines` on another host.
-        let coordinator = crate::engines::Coordinator {
-            url: own_api,
-            prefix: config.nats.prefix.clone(),
-            tokens: config.http.tokens.clone(),
-        };
-        crate::engines::spawn(
-            sidecars,
-            coordinator,
-            http::server::Limits::from_config(&config.http),
-            &state.engines(),
-            &tracker,
-            &tasks_stop,
-        );
-    }
     let result = async {
         let chosen = Chosen::connect(&config, &subjects, &shutdown).await?;
         let gpus = gpus::probe(&config, extras.probe, &tracker, &tasks_stop).await;
+        if !sidecars.is_empty() {
+            // The sidecars are clients of this coordinator's own HTTP API, in either mode: the same
+            // code as `gpu-coordinator engines` on another host.
+            let coordinator = crate::engines::Coordinator {
+                url: own_api.clone(),
+                prefix: config.nats.prefix.clone(),
+                tokens: config.http.tokens.clone(),
+            };
+            crate::engines::spawn(
+                std::mem::take(&mut sidecars),
+                coordinator,
+                gpus.probe.clone(),
+                http::server::Limits::from_config(&config.http),
+                &state.engines(),
+                &tracker,
+                &tasks_stop,
+            );
+        }
         if let Some(client) = chosen.nats.clone() {
             tracker.spawn(nats_readers::serve(
                 client,

@@ -32,6 +32,7 @@ pub use board::{Board, EngineState, EngineView};
 pub use config::{EngineConfig, EngineKind, SidecarConfig, Want};
 
 use crate::adapters::http::server::Limits;
+use crate::adapters::nvml::{GpuProbe, NvmlProbe};
 use crate::config::Config;
 
 /// How a sidecar reaches the coordinator.
@@ -71,6 +72,7 @@ impl Coordinator {
 
 /// The listeners of the sidecars, bound before anything else starts, so that an address in use
 /// stops the start with the key that names it.
+#[derive(Default)]
 pub struct Bound {
     engines: Vec<(EngineConfig, TcpListener)>,
 }
@@ -104,6 +106,7 @@ impl Bound {
 pub(crate) fn spawn(
     bound: Bound,
     coordinator: Coordinator,
+    probe: Option<Arc<dyn GpuProbe>>,
     limits: Limits,
     board: &Board,
     tracker: &TaskTracker,
@@ -137,7 +140,7 @@ pub(crate) fn spawn(
             stop.clone(),
         ));
         let token = coordinator.token_of(&engine);
-        let sidecar = sidecar::Sidecar::new(engine, gate, stats);
+        let sidecar = sidecar::Sidecar::new(engine, gate, stats, probe.clone());
         let coordinator = coordinator.clone();
         let stop = stop.clone();
         tracker.spawn(async move {
@@ -216,9 +219,22 @@ pub async fn run_alone(config: Config, stop: CancellationToken) -> anyhow::Resul
     let board = Board::default();
     let tracker = TaskTracker::new();
     let limits = Limits::from_config(&config.http);
+    // NVML, where there is a driver, for the freed-VRAM check after each sleep.
+    let probe: Option<Arc<dyn GpuProbe>> = if config.nvml.enabled {
+        match tokio::task::spawn_blocking(NvmlProbe::init).await {
+            Ok(Ok(probe)) => Some(Arc::new(probe)),
+            _ => {
+                tracing::info!("no NVML here: sleeps are confirmed by the engines' own APIs only");
+                None
+            }
+        }
+    } else {
+        None
+    };
     spawn(
         bound,
         Coordinator::from_config(&config),
+        probe,
         limits,
         &board,
         &tracker,

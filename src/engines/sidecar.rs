@@ -27,9 +27,16 @@ use super::config::{EngineConfig, Want};
 use super::gate::Gate;
 use super::switch::Switch;
 use super::{backoff, next_wait};
+use crate::adapters::nvml::GpuProbe;
 
 /// How often the sidecar asks the engine whether a sleep or a wake finished.
 const CONFIRM_POLL: Duration = Duration::from_millis(25);
+/// How often the GPU's memory is sampled while a sleep frees it (NVML's process queries cost a few
+/// ms each and, polled too often, stall the GPU's other users).
+const MEMORY_POLL: Duration = Duration::from_millis(100);
+/// How long a sleep outside a pause (idle, revoke, stop) waits for the memory to show freed before
+/// the sidecar goes on regardless, with a warning.
+const MEMORY_LIMIT: Duration = Duration::from_secs(60);
 /// The longest a wake may take before it is given up and tried again (a cold load of a big model).
 const WAKE_LIMIT: Duration = Duration::from_secs(600);
 
@@ -39,18 +46,27 @@ pub struct Sidecar {
     pub gate: Arc<Gate>,
     pub switch: Switch,
     pub stats: Arc<Stats>,
+    /// NVML (or a test's probe), when there is one: a sleep is confirmed only once the GPU's used
+    /// memory shows the engine's share freed, whatever the engine's API says.
+    probe: Option<Arc<dyn GpuProbe>>,
     /// Held around each sleep and wake, so that a pause, a resume and the idle timer never switch
     /// the engine at once.
     switching: Mutex<()>,
 }
 
 impl Sidecar {
-    pub fn new(engine: EngineConfig, gate: Arc<Gate>, stats: Arc<Stats>) -> Arc<Sidecar> {
+    pub fn new(
+        engine: EngineConfig,
+        gate: Arc<Gate>,
+        stats: Arc<Stats>,
+        probe: Option<Arc<dyn GpuProbe>>,
+    ) -> Arc<Sidecar> {
         Arc::new(Sidecar {
             switch: Switch::new(&engine),
             engine,
             gate,
             stats,
+            probe,
             switching: Mutex::new(()),
         })
     }
@@ -135,6 +151,10 @@ impl Sidecar {
         options.vram_mb = self.engine.vram_mb;
         options.gpu = self.engine.gpu.clone();
         options.lease_ms = self.engine.lease_ms;
+        options.pause_ms = self
+            .stats
+            .last_sleep()
+            .map(|took| u64::try_from(took.as_millis()).unwrap_or(u64::MAX).max(1));
         if self.engine.want == Want::OnRequest {
             // Nobody waits longer than this; a request still waiting then asks again.
             options.timeout_ms = Some(self.engine.max_wait_ms);
@@ -312,6 +332,12 @@ impl Sidecar {
         let service = self.service();
         self.stats.set(EngineState::GoingToSleep);
         let started = Instant::now();
+        // Under a lease, the GPU's memory before the sleep, to see the engine's share freed.
+        let gpu = self.gate.lease().map(|l| l.gpu());
+        let before = match &gpu {
+            Some(gpu) => self.used_mb(gpu).await,
+            None => None,
+        };
         let mut waits = backoff();
         loop {
             match self.switch.sleep().await {
@@ -354,11 +380,60 @@ impl Sidecar {
             }
             tokio::time::sleep(CONFIRM_POLL).await;
         }
+        if let (Some(gpu), Some(before)) = (&gpu, before) {
+            // The engines' APIs say "asleep" before the memory is back (vLLM's `/is_sleeping` from
+            // the moment the sleep starts): at least half the engine's share must show freed.
+            let share = self.engine.vram_mb.unwrap_or(before);
+            let target = before.saturating_sub(share / 2);
+            loop {
+                match self.used_mb(gpu).await {
+                    Some(used) if used > target => {}
+                    _ => break,
+                }
+                if self.lease_gone(order) {
+                    tracing::warn!(
+                        service,
+                        "the GPU's memory has not shown the engine's {share} MB freed after {} ms, \
+                         and the lease is gone",
+                        started.elapsed().as_millis()
+                    );
+                    return false;
+                }
+                if order.is_none() && started.elapsed() > MEMORY_LIMIT {
+                    tracing::warn!(
+                        service,
+                        "the GPU's memory has not shown the engine's {share} MB freed after {} ms; \
+                         going on",
+                        started.elapsed().as_millis()
+                    );
+                    break;
+                }
+                tokio::time::sleep(MEMORY_POLL).await;
+            }
+        }
         let took = started.elapsed();
         self.stats.slept(took);
         self.stats.set(EngineState::Asleep);
         tracing::info!(service, ms = took.as_millis() as u64, "the engine sleeps");
         true
+    }
+
+    /// The used memory of the device `gpu` names (its NVML index or UUID), by the probe; `None`
+    /// without a probe or such a device.
+    async fn used_mb(&self, gpu: &str) -> Option<u64> {
+        let probe = self.probe.clone()?;
+        let gpu = gpu.to_owned();
+        tokio::task::spawn_blocking(move || {
+            probe
+                .devices()
+                .ok()?
+                .into_iter()
+                .find(|d| d.index.to_string() == gpu || d.uuid == gpu)
+                .map(|d| d.used_mb)
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// Whether the lease a pause is for was revoked or released (no lease: a sleep outside a

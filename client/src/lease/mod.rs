@@ -105,6 +105,11 @@ impl LeaseWatch {
         self.state.borrow().phase
     }
 
+    /// [`Lease::gpu`].
+    pub fn gpu(&self) -> String {
+        self.state.borrow().gpu.clone()
+    }
+
     /// When the lease stops being usable unless a renewal is confirmed first (`None`: not active).
     pub fn usable_until(&self) -> Option<Instant> {
         let state = self.state.borrow();
