@@ -7,6 +7,7 @@ mod client;
 mod clocks;
 mod demo;
 mod disks;
+mod engine_board;
 mod ha;
 mod http;
 mod http_hostile;
