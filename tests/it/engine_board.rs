@@ -191,12 +191,36 @@ pub(crate) async fn complete(listen: &str) -> Value {
     body
 }
 
+/// `gpu-coordinator <args>` with `env` added (and no token from this process's environment); its
+/// standard output, once it succeeded.
+async fn run_status(args: Vec<String>, env: Vec<(&'static str, String)>) -> String {
+    tokio::task::spawn_blocking(move || {
+        let output = Command::new(env!("CARGO_BIN_EXE_gpu-coordinator"))
+            .args(&args)
+            .envs(env)
+            .env("RUST_LOG", "warn")
+            .env_remove("GPU_COORDINATOR_TOKEN")
+            .output()
+            .expect("run gpu-coordinator status");
+        let out = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{args:?} failed:\n{out}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        out
+    })
+    .await
+    .expect("the status command ran")
+}
+
 const OPERATOR: &str = "op-token";
 const CHAT: &str = "chat-token";
 const ASR: &str = "asr-token";
 
 /// The sidecar puts the awake engine to sleep at start; a request through it wakes the engine under a
-/// lease; the list and the metrics say so; another service's token sees no engine, its own sees it.
+/// lease; the list and the metrics say so; another service's token sees no engine (nor does the status
+/// command with it), its own sees it; the status command over NATS shows no engines.
 #[tokio::test]
 async fn the_engines_list_and_metrics_follow_a_sleep_and_a_wake() {
     let vllm = FakeVllm::start().await;
@@ -296,6 +320,47 @@ async fn the_engines_list_and_metrics_follow_a_sleep_and_a_wake() {
     let (status, body) = get_json(&client(), &coordinator.url("/gpu/engines"), None).await;
     assert_eq!(status, 401, "{body}");
 
+    // The status command over HTTP with that token: an empty list, so no table, yet the key in JSON.
+    let http = |json: bool| {
+        let mut args = vec![
+            "status".to_owned(),
+            "--http".to_owned(),
+            coordinator.url(""),
+        ];
+        args.extend(["--token".to_owned(), ASR.to_owned()]);
+        if json {
+            args.push("--json".to_owned());
+        }
+        run_status(args, vec![])
+    };
+    let text = http(false).await;
+    assert!(
+        text.contains("\nGPUs\n") && !text.contains("Engines"),
+        "{text}"
+    );
+    let json: Value = serde_json::from_str(&http(true).await).expect("JSON");
+    assert_eq!(json["engines"], json!([]), "{json}");
+    // Over NATS nothing changes: the sidecars' figures are served over HTTP only.
+    let nats = run_status(
+        vec!["status".to_owned(), "--json".to_owned()],
+        vec![
+            (
+                "GPU_COORDINATOR_NATS__URL",
+                coordinator.config.nats.url.clone(),
+            ),
+            (
+                "GPU_COORDINATOR_NATS__PREFIX",
+                coordinator.config.nats.prefix.clone(),
+            ),
+        ],
+    )
+    .await;
+    let json: Value = serde_json::from_str(&nats).expect("JSON");
+    assert!(
+        json["gpus"].is_array() && json.get("engines").is_none(),
+        "{json}"
+    );
+
     coordinator.stop().await.expect("a clean stop");
 }
 
@@ -315,29 +380,14 @@ async fn the_status_command_over_http_shows_the_engines() {
 
     let base = coordinator.url("");
     let status = |json: bool| {
-        let base = base.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut command = Command::new(env!("CARGO_BIN_EXE_gpu-coordinator"));
-            command.args(["status", "--http", &base]);
-            if json {
-                command.arg("--json");
-            }
-            let output = command
-                .env("RUST_LOG", "warn")
-                .env_remove("GPU_COORDINATOR_TOKEN")
-                .output()
-                .expect("run gpu-coordinator status");
-            let out = String::from_utf8_lossy(&output.stdout).into_owned();
-            assert!(
-                output.status.success(),
-                "status failed:\n{out}\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            out
-        })
+        let mut args = vec!["status".to_owned(), "--http".to_owned(), base.clone()];
+        if json {
+            args.push("--json".to_owned());
+        }
+        run_status(args, vec![])
     };
 
-    let text = status(false).await.expect("the status command ran");
+    let text = status(false).await;
     let gpus = text.find("\nGPUs\n").expect(&text);
     let table = text.find("\nEngines\n").expect(&text);
     let holders = text.find("\nHolders\n").expect(&text);
@@ -359,8 +409,7 @@ async fn the_status_command_over_http_shows_the_engines() {
         "the last sleep and wake in ms: {text}"
     );
 
-    let json: Value = serde_json::from_str(&status(true).await.expect("the status command ran"))
-        .expect("the status as JSON");
+    let json: Value = serde_json::from_str(&status(true).await).expect("the status as JSON");
     assert_eq!(json["gpus"][0]["id"], "0", "{json}");
     let listed = json["engines"].as_array().expect("an engines key");
     assert_eq!(listed.len(), 1, "{json}");
