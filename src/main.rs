@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use gpu_coordinator::config::Config;
+use gpu_coordinator::engines::EngineView;
 use gpu_coordinator::telemetry::{self, LogFormat};
 use gpu_coordinator_wire::{HolderState, StatusDoc, VramSource};
 use tokio_util::sync::CancellationToken;
@@ -99,9 +100,11 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:4222")]
         host: String,
     },
-    /// Show the GPUs (VRAM and its source), the holders and the queue of a running coordinator.
+    /// Show the GPUs (VRAM and its source), the holders and the queue of a running coordinator; over
+    /// HTTP, also its engine sidecars (`GET /gpu/engines`), when it runs any.
     Status {
-        /// Print the status document as JSON, for scripts.
+        /// Print the status document as JSON, for scripts; over HTTP, with an `engines` key when
+        /// `GET /gpu/engines` answered.
         #[arg(long)]
         json: bool,
         /// Ask the HTTP API at this base URL (e.g. `http://127.0.0.1:8080`) instead of NATS
@@ -225,7 +228,7 @@ async fn main() -> anyhow::Result<()> {
                     serde_json::to_string_pretty(&out).context("cannot write the view as JSON")?
                 );
             } else {
-                print!("{}", render_status(&doc));
+                print!("{}", render_status(&doc, &[]));
                 for d in &samples {
                     println!(
                         "\nNVML device {} ({}, {}): {} MB total, {} MB used",
@@ -239,23 +242,42 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { json, http, token } => {
-            let doc = match http {
-                Some(url) => status_over_http(&url, token.as_deref()).await?,
+            let base = match http {
+                Some(url) => Some(url),
                 // With no NATS, the coordinator answers over HTTP only.
                 None if config.backends.bus == gpu_coordinator::config::BusBackend::Embedded => {
-                    status_over_http(&format!("http://{}", config.http.listen), token.as_deref())
-                        .await?
+                    Some(format!("http://{}", config.http.listen))
                 }
-                None => status_over_nats(&config).await?,
+                None => None,
+            };
+            let (doc, engines) = match &base {
+                Some(base) => {
+                    let doc = status_over_http(base, token.as_deref()).await?;
+                    (doc, engines_over_http(base, token.as_deref()).await)
+                }
+                // The sidecars' figures are served over HTTP only.
+                None => (status_over_nats(&config).await?, None),
             };
             if json {
+                let mut out =
+                    serde_json::to_value(&doc).context("cannot write the status as JSON")?;
+                if let (Some(engines), Some(fields)) = (&engines, out.as_object_mut()) {
+                    fields.insert(
+                        "engines".to_owned(),
+                        serde_json::to_value(engines)
+                            .context("cannot write the engines as JSON")?,
+                    );
+                }
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&doc)
+                    serde_json::to_string_pretty(&out)
                         .context("cannot write the status as JSON")?
                 );
             } else {
-                print!("{}", render_status(&doc));
+                print!(
+                    "{}",
+                    render_status(&doc, engines.as_deref().unwrap_or_default())
+                );
             }
             Ok(())
         }
@@ -361,7 +383,30 @@ async fn status_over_nats(config: &Config) -> anyhow::Result<StatusDoc> {
 }
 
 async fn status_over_http(base: &str, token: Option<&str>) -> anyhow::Result<StatusDoc> {
-    let url = format!("{}/gpu/status", base.trim_end_matches('/'));
+    get_over_http(base, "/gpu/status", token, "a status document").await
+}
+
+/// The engine sidecars of the coordinator at `base` (`GET /gpu/engines`); `None` when the call fails
+/// (a coordinator from before the sidecars answers 404): the status is worth showing without them.
+async fn engines_over_http(base: &str, token: Option<&str>) -> Option<Vec<EngineView>> {
+    match get_over_http(base, "/gpu/engines", token, "a list of engines").await {
+        Ok(engines) => Some(engines),
+        Err(e) => {
+            tracing::debug!("no engines shown: {e:#}");
+            None
+        }
+    }
+}
+
+/// `GET base + path` with the bearer token, its JSON answer read as `what`; an error answer's
+/// `error` field in the message.
+async fn get_over_http<T: serde::de::DeserializeOwned>(
+    base: &str,
+    path: &str,
+    token: Option<&str>,
+    what: &str,
+) -> anyhow::Result<T> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
     let client = reqwest::Client::builder()
         .timeout(STATUS_TIMEOUT)
         .build()
@@ -386,12 +431,11 @@ async fn status_over_http(base: &str, token: Option<&str>) -> anyhow::Result<Sta
             .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
         anyhow::bail!("{url} answered {status}: {error}");
     }
-    serde_json::from_slice(&body)
-        .with_context(|| format!("the answer of {url} is not a status document"))
+    serde_json::from_slice(&body).with_context(|| format!("the answer of {url} is not {what}"))
 }
 
-/// The status document as tables: GPUs, holders, queue.
-fn render_status(doc: &StatusDoc) -> String {
+/// The status document as tables: GPUs, the engine sidecars (when there are any), holders, queue.
+fn render_status(doc: &StatusDoc, engines: &[EngineView]) -> String {
     let source = |s: VramSource| match s {
         VramSource::Nvml => "nvml",
         VramSource::Config => "config",
@@ -441,6 +485,10 @@ fn render_status(doc: &StatusDoc) -> String {
             })
             .collect(),
     ));
+    if !engines.is_empty() {
+        out.push_str("\nEngines\n");
+        out.push_str(&render_engines(engines));
+    }
     out.push_str("\nHolders\n");
     out.push_str(&table(
         &[
@@ -538,6 +586,37 @@ fn render_status(doc: &StatusDoc) -> String {
     out
 }
 
+/// The engine sidecars as a table: what each engine is doing, the requests waiting for the GPU in
+/// its sidecar and in flight, and its last sleep and wake times.
+fn render_engines(engines: &[EngineView]) -> String {
+    let ms = |d: Option<u64>| d.map_or_else(|| "-".to_owned(), |ms| ms.to_string());
+    table(
+        &[
+            "SERVICE",
+            "KIND",
+            "STATE",
+            "WAITING",
+            "IN FLIGHT",
+            "LAST SLEEP MS",
+            "LAST WAKE MS",
+        ],
+        engines
+            .iter()
+            .map(|e| {
+                vec![
+                    e.service.clone(),
+                    e.kind.clone(),
+                    e.state.as_str().to_owned(),
+                    e.waiting.to_string(),
+                    e.in_flight.to_string(),
+                    ms(e.last_sleep_ms),
+                    ms(e.last_wake_ms),
+                ]
+            })
+            .collect(),
+    )
+}
+
 /// Left-aligned columns two spaces apart; `(none)` for no rows.
 fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     if rows.is_empty() {
@@ -605,6 +684,7 @@ async fn cancel_on_signal(token: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gpu_coordinator::engines::EngineState;
     use gpu_coordinator_wire::{GpuStatus, HolderStatus, PausedStatus, QueueEntry};
 
     #[test]
@@ -672,7 +752,7 @@ mod tests {
                 },
             ],
         };
-        let text = render_status(&doc);
+        let text = render_status(&doc, &[]);
         assert!(
             text.contains("VRAM figures from the configuration"),
             "{text}"
@@ -694,32 +774,75 @@ mod tests {
             text.contains("20.0 s") && text.contains("2 min 05 s"),
             "{text}"
         );
-        let empty = render_status(&StatusDoc {
-            leader: None,
-            storage_full: None,
-            gpus: vec![],
-            paused: vec![],
-            queue: vec![],
-            ..doc
-        });
+        let empty = render_status(
+            &StatusDoc {
+                leader: None,
+                storage_full: None,
+                gpus: vec![],
+                paused: vec![],
+                queue: vec![],
+                ..doc
+            },
+            &[],
+        );
         assert_eq!(empty.matches("(none)").count(), 3, "{empty}");
         // A long queue says how much of it is listed.
-        let long = render_status(&StatusDoc {
-            queue_total: 100_000,
-            queue_counts: vec![gpu_coordinator_wire::QueueCount {
-                priority: 1,
-                gpu: None,
-                queued: 100_000,
-                paused: 0,
-            }],
-            ..empty_doc_with_one_entry()
-        });
+        let long = render_status(
+            &StatusDoc {
+                queue_total: 100_000,
+                queue_counts: vec![gpu_coordinator_wire::QueueCount {
+                    priority: 1,
+                    gpu: None,
+                    queued: 100_000,
+                    paused: 0,
+                }],
+                ..empty_doc_with_one_entry()
+            },
+            &[],
+        );
         assert!(
             long.contains(
                 "(1 of 100000 listed, from position 1; by priority: 1 -> 100000 queued, 0 paused)"
             ),
             "{long}"
         );
+    }
+
+    #[test]
+    fn the_engines_table_follows_the_gpus_and_only_when_there_are_engines() {
+        let engine = |service: &str, state, wake: Option<u64>| EngineView {
+            service: service.into(),
+            kind: "vllm".into(),
+            listen: "127.0.0.1:8000".into(),
+            state,
+            in_flight: 2,
+            waiting: 3,
+            sleeps: 1,
+            wakes: u64::from(wake.is_some()),
+            last_sleep_ms: Some(850),
+            last_wake_ms: wake,
+        };
+        let engines = [
+            engine("chat", EngineState::Awake, Some(1_234)),
+            engine("asr", EngineState::GoingToSleep, None),
+        ];
+        let text = render_status(&empty_doc_with_one_entry(), &engines);
+        let (gpus, engines_at, holders) = (
+            text.find("\nGPUs\n").expect(&text),
+            text.find("\nEngines\n").expect(&text),
+            text.find("\nHolders\n").expect(&text),
+        );
+        assert!(gpus < engines_at && engines_at < holders, "{text}");
+        assert!(
+            text.contains(
+                "  SERVICE  KIND  STATE           WAITING  IN FLIGHT  LAST SLEEP MS  LAST WAKE MS\n\
+                 \x20 chat     vllm  awake           3        2          850            1234\n\
+                 \x20 asr      vllm  going_to_sleep  3        2          850            -\n"
+            ),
+            "{text}"
+        );
+        let without = render_status(&empty_doc_with_one_entry(), &[]);
+        assert!(!without.contains("Engines"), "{without}");
     }
 
     fn empty_doc_with_one_entry() -> StatusDoc {

@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::gate::Gate;
 
 /// Where an engine stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EngineState {
     /// Connecting, or making sure the engine sleeps before anything passes.
@@ -107,7 +107,7 @@ impl Stats {
 }
 
 /// One engine, as `GET /gpu/engines` lists it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema, serde::Deserialize)]
 pub struct EngineView {
     pub service: String,
     pub kind: String,

@@ -2,7 +2,8 @@
 //! and `chromium-driver`, which `.ci/run` installs). With HTTP tokens on, the page asks for a token; the
 //! operator's is typed in. Then a grant, a preemption (pause, ACK, grant), a revoke, and a restart of
 //! the coordinator: after each, what the page shows is checked (holders, VRAM, the queue, the
-//! timeline's bars and markers). The final state's screenshot is kept in `target/ui-test/`.
+//! timeline's bars and markers). The final state's screenshot is kept in `target/ui-test/`. An engine
+//! sidecar's state is shown in the Engines panel.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,7 +12,8 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use gpu_coordinator_test_support::free_port;
 use serde_json::json;
 
-use crate::support::{test_config, Coordinator, Probe, DEADLINE};
+use crate::engine_board::{complete, vllm_engine, FakeVllm};
+use crate::support::{embedded_config, test_config, Coordinator, Probe, DEADLINE};
 
 const OPERATOR_TOKEN: &str = "operator-secret";
 
@@ -313,6 +315,74 @@ async fn the_page_shows_grants_preemptions_revokes_and_survives_a_restart() {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-test");
     std::fs::create_dir_all(&dir).expect("the artifact directory");
     std::fs::write(dir.join("final.png"), screenshot).expect("keep the screenshot");
+    browser.close().await;
+    coordinator.stop().await.expect("a clean stop");
+}
+
+/// The Engines panel: a sidecar's engine shown asleep after the start (the sidecar put it to sleep),
+/// then awake, with its wake time, once a request through the sidecar woke it; its badge in the
+/// style sheet's colour of that state. Its screenshot is kept in `target/tmp/ui-test/engines.png`.
+#[tokio::test]
+async fn the_engines_panel_shows_each_engines_state() {
+    let vllm = FakeVllm::start().await;
+    let mut config = embedded_config("ui_engines", &[("0", 24_000)]);
+    let engine = vllm_engine("chat", &vllm.url);
+    let listen = engine.listen.clone();
+    config.engines = vec![engine];
+    let port = free_port();
+    let coordinator = Coordinator::start_at(config, Default::default(), port).await;
+    let browser = Browser::start().await;
+    let b = &browser;
+    b.client
+        .goto(&format!("http://127.0.0.1:{port}/"))
+        .await
+        .expect("load the page");
+    let badge = "#engines-panel:not([hidden]) #engines tr[data-service='chat'] .badge";
+    b.until("the chat engine asleep", || async {
+        b.attrs(badge, "data-state").await == ["asleep"]
+    })
+    .await;
+    let cells = b.texts("#engines tr[data-service='chat'] td").await;
+    assert_eq!(
+        cells[..5],
+        ["chat", "vllm", "asleep", "0", "0"],
+        "{cells:?}"
+    );
+    assert!(
+        cells[5].ends_with(" ms") || cells[5].ends_with(" s"),
+        "{cells:?}"
+    );
+    assert_eq!(cells[6], "—", "never woken yet: {cells:?}");
+
+    complete(&listen).await;
+    b.until(
+        "the chat engine awake, with its wake time, its request answered",
+        || async {
+            let cells = b.texts("#engines tr[data-service='chat'] td").await;
+            b.attrs(badge, "data-state").await == ["awake"]
+                && cells.get(4).is_some_and(|t| t == "0")
+                && cells.get(6).is_some_and(|t| t != "—")
+        },
+    )
+    .await;
+    assert_eq!(b.texts(badge).await, ["awake"]);
+    let colour = b
+        .client
+        .execute(
+            "return getComputedStyle(document.querySelector('#engines .badge')).backgroundColor;",
+            vec![],
+        )
+        .await
+        .expect("run a script");
+    assert_eq!(
+        colour,
+        json!("rgb(21, 128, 61)"),
+        "the awake badge is green"
+    );
+    let screenshot = b.client.screenshot().await.expect("a screenshot");
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-test");
+    std::fs::create_dir_all(&dir).expect("the artifact directory");
+    std::fs::write(dir.join("engines.png"), screenshot).expect("keep the screenshot");
     browser.close().await;
     coordinator.stop().await.expect("a clean stop");
 }

@@ -1,7 +1,7 @@
-//! The web page (`GET /`, `/ui`): who holds each GPU, the VRAM, the queue and a live timeline. Its three
-//! files are part of the binary (no build step, no CDN): the page reads `/gpu/status` and
-//! `/gpu/events` like any client, with the token the operator types in (kept in the tab's session
-//! storage, never in the URL).
+//! The web page (`GET /`, `/ui`): who holds each GPU, the VRAM, the engine sidecars, the queue and a
+//! live timeline. Its three files are part of the binary (no build step, no CDN): the page reads
+//! `/gpu/status`, `/gpu/engines` and `/gpu/events` like any client, with the token the operator types
+//! in (kept in the tab's session storage, never in the URL).
 
 use axum::http::header;
 use axum::response::{IntoResponse, Response};

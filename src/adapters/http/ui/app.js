@@ -1,6 +1,7 @@
-// The live page: the status document (GPUs, holders, queue) and a timeline built from the event stream
-// (`GET /gpu/events`, Server-Sent Events read with fetch so that a bearer token can be sent; resumed with
-// Last-Event-ID after a cut, so nothing is lost or doubled). No framework, no build step.
+// The live page: the status document (GPUs, holders, queue), the engine sidecars (`GET /gpu/engines`,
+// polled every second and after events) and a timeline built from the event stream (`GET /gpu/events`,
+// Server-Sent Events read with fetch so that a bearer token can be sent; resumed with Last-Event-ID after
+// a cut, so nothing is lost or doubled). No framework, no build step.
 "use strict";
 
 // The timeline's window: `?minutes=N` in the page's URL, 5 by default.
@@ -14,6 +15,8 @@ const state = {
   maxId: -1,           // the highest event id (stream sequence) applied
   statusPending: false,
   statusAgain: false,
+  enginesPending: false,
+  enginesAgain: false,
   streaming: false,    // the event stream is open
   frames: [],          // event -> paint delays, in ms (window.gpuPageStats)
 };
@@ -55,6 +58,7 @@ $("login").addEventListener("submit", (e) => {
   $("login").hidden = true;
   $("login-error").textContent = "";
   refreshStatus();
+  refreshEngines();
   if (tokenEntered) tokenEntered();
 });
 
@@ -153,6 +157,62 @@ function renderStatus(doc) {
   drawTimeline();
 }
 
+// ----- engines --------------------------------------------------------------------------------------
+
+// The sidecars change state between the coordinator's events too (waking, going to sleep): polled.
+async function refreshEngines() {
+  if (state.enginesPending) { state.enginesAgain = true; return; }
+  state.enginesPending = true;
+  try {
+    const r = await fetch("/gpu/engines", { headers: headers() });
+    // A refused token is the status call's to ask about; a coordinator without sidecars' figures (404)
+    // shows no panel.
+    if (r.ok) renderEngines(await r.json());
+    else renderEngines([]);
+  } catch (e) {
+    // Out of reach: the connection line says so; the last figures stay.
+  } finally {
+    state.enginesPending = false;
+    if (state.enginesAgain) { state.enginesAgain = false; setTimeout(refreshEngines, 100); }
+  }
+}
+
+function renderEngines(engines) {
+  $("engines-panel").hidden = engines.length === 0;
+  const time = (ms, count, what) => {
+    const td = document.createElement("td");
+    td.textContent = ms == null ? "—" : ago(ms);
+    td.title = count + " " + what + (count === 1 ? "" : "s");
+    return td;
+  };
+  const rows = engines.map((e) => {
+    const tr = document.createElement("tr");
+    tr.dataset.service = e.service;
+    tr.dataset.state = e.state;
+    const service = document.createElement("td");
+    service.textContent = e.service;
+    service.title = "the sidecar listens on " + e.listen;
+    const kind = document.createElement("td");
+    kind.textContent = e.kind;
+    const badge = document.createElement("span");
+    badge.className = "badge";
+    badge.dataset.state = e.state;
+    badge.textContent = e.state.replace(/_/g, " ");
+    const stateCell = document.createElement("td");
+    stateCell.appendChild(badge);
+    const waiting = document.createElement("td");
+    waiting.className = "waiting";
+    waiting.textContent = String(e.waiting);
+    const inFlight = document.createElement("td");
+    inFlight.className = "in-flight";
+    inFlight.textContent = String(e.in_flight);
+    tr.append(service, kind, stateCell, waiting, inFlight,
+      time(e.last_sleep_ms, e.sleeps, "sleep"), time(e.last_wake_ms, e.wakes, "wake"));
+    return tr;
+  });
+  $("engines").tBodies[0].replaceChildren(...rows);
+}
+
 // ----- events ---------------------------------------------------------------------------------------
 
 const ENDS = new Set(["released", "revoked", "expired", "paused", "timed_out", "cancelled"]);
@@ -246,6 +306,7 @@ async function readStream(reader) {
         if (state.frames.length > 1000) state.frames.shift();
       });
       refreshStatus();
+      refreshEngines();
     }
   }
 }
@@ -315,8 +376,10 @@ setInterval(() => {
   drawTimeline();
 }, 1000);
 setInterval(refreshStatus, 2000);
+setInterval(refreshEngines, 1000);
 window.addEventListener("resize", drawTimeline);
 
 $("window-minutes").textContent = String(WINDOW_MS / 60000);
 refreshStatus();
+refreshEngines();
 connectEvents();
