@@ -20,7 +20,8 @@ use crate::adapters::nats_gateway::NatsGateway;
 use crate::adapters::sqlite::{SqliteBus, SqliteStore};
 use crate::config::{BusBackend, Config};
 use crate::ports::{Gateway, ReadFrom, Stored, Which};
-use check::{Checker, Output, Record, Summary, Violation};
+use check::{Checker, Output, Record};
+pub use check::{Summary, Violation};
 
 /// Where the replay starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

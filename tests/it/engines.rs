@@ -256,11 +256,23 @@ async fn the_box_story(mut config: Config) {
     );
 
     coordinator.stop().await.expect("a clean stop");
-    let summary = audit::run(&config, Since::Start)
+    let summary = audited(&config).await;
+    assert!(summary.preemptions >= 1, "{summary}");
+}
+
+/// Stops the coordinator and checks its history with `audit`.
+async fn stop_audited(coordinator: Coordinator) -> audit::Summary {
+    let config = coordinator.config.clone();
+    coordinator.stop().await.expect("a clean stop");
+    audited(&config).await
+}
+
+/// `audit` over the whole history: every rule kept.
+async fn audited(config: &Config) -> audit::Summary {
+    audit::run(config, Since::Start)
         .await
         .expect("the history can be read")
-        .unwrap_or_else(|v| panic!("the history breaks a rule:\n{v}"));
-    assert!(summary.preemptions >= 1, "{summary}");
+        .unwrap_or_else(|v| panic!("the history breaks a rule:\n{v}"))
 }
 
 #[tokio::test]
@@ -327,7 +339,7 @@ async fn a_request_held_past_max_wait_gets_503_with_retry_after() {
     assert_eq!(answer.status(), StatusCode::OK);
     assert_eq!(asr_engine.served(), 1);
     assert_within_capacity(&gpu);
-    coordinator.stop().await.expect("a clean stop");
+    stop_audited(coordinator).await;
 }
 
 /// An engine that never confirms its sleep is never acknowledged: its lease is revoked at the ACK
@@ -390,7 +402,7 @@ async fn an_engine_that_never_confirms_its_sleep_is_revoked_and_gets_nothing_mor
         served,
         "nothing reached the engine without a lease"
     );
-    coordinator.stop().await.expect("a clean stop");
+    stop_audited(coordinator).await;
 }
 
 /// Each kind's switch, the whole cycle: asleep at the start, woken by a request once granted,
@@ -469,7 +481,7 @@ async fn every_kind_sleeps_and_wakes_through_its_own_api() {
         .await;
     }
     assert_within_capacity(&gpu);
-    coordinator.stop().await.expect("a clean stop");
+    stop_audited(coordinator).await;
 }
 
 /// The `process` kind: the engine is a process the sidecar starts once granted and stops when idle.
@@ -516,7 +528,7 @@ async fn a_process_engine_is_started_on_a_grant_and_stopped_when_idle() {
     })
     .await;
     assert_within_capacity(&gpu);
-    coordinator.stop().await.expect("a clean stop");
+    stop_audited(coordinator).await;
 }
 
 /// A sidecar killed with -9: its lease runs out, and the next request through a new sidecar (which
@@ -615,7 +627,7 @@ idle_ms = 60000
     let _ = second.kill();
     let _ = second.wait();
     assert_within_capacity(&gpu);
-    coordinator.stop().await.expect("a clean stop");
+    stop_audited(coordinator).await;
 }
 
 /// The README's `examples/box.toml` is a configuration the coordinator takes.
@@ -659,4 +671,72 @@ drain_ms = 20000
     ] {
         assert!(error.contains(key), "{key} is not named in: {error}");
     }
+}
+
+/// What the README promises: `serve --embedded --config examples/box.toml` preempts the background
+/// engine for the chat. The example file itself, run by the binary, with its engines' addresses
+/// pointed at fake engines (whose memory is freed as their sleep call returns, since there is no
+/// NVML here to see it freed later).
+#[tokio::test]
+async fn the_example_box_preempts_the_background_engine_for_the_chat() {
+    let gpu = FakeGpu::start(24_576).await;
+    let fake = |name: &str, mb: u64| {
+        let mut options = FakeEngineOptions::new(name, Kind::Vllm, mb);
+        options.awake_at_start = false;
+        options.sleep_time = Duration::ZERO;
+        options
+    };
+    let chat_engine = FakeEngine::start(&gpu, fake("chat", 18_000)).await;
+    let asr_engine = FakeEngine::start(&gpu, fake("asr", 8_000)).await;
+    let (chat_listen, asr_listen) = (free_port(), free_port());
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/box.toml"),
+    )
+    .expect("examples/box.toml");
+    let text = text
+        .replace("http://127.0.0.1:8001", &chat_engine.url())
+        .replace("http://127.0.0.1:8011", &asr_engine.url())
+        .replace("127.0.0.1:8000", &format!("127.0.0.1:{chat_listen}"))
+        .replace("127.0.0.1:8010", &format!("127.0.0.1:{asr_listen}"))
+        .replace("127.0.0.1:8020", &format!("127.0.0.1:{}", free_port()))
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{}", free_port()))
+        .replace("idle_ms = 600000", "idle_ms = 300");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let file = dir.path().join("box.toml");
+    std::fs::write(&file, text).expect("write the configuration");
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_gpu-coordinator"))
+        .args(["serve", "--embedded", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start `serve`");
+    eventually(
+        "the background worker holds the GPU and its engine is awake",
+        || async { asr_engine.awake().then_some(()) },
+    )
+    .await;
+    let (status, _, text) = eventually("the chat answers through its sidecar", || async {
+        let (status, arrivals, text) = stream_completion(&format!("127.0.0.1:{chat_listen}")).await;
+        (status == StatusCode::OK).then_some((status, arrivals, text))
+    })
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(text.contains("[DONE]"), "{text}");
+    assert!(
+        asr_engine.sleeps() >= 1,
+        "the background engine was put to sleep for the chat"
+    );
+    eventually(
+        "the background engine is woken once the chat is idle",
+        || async { (asr_engine.awake() && !chat_engine.awake()).then_some(()) },
+    )
+    .await;
+    let answer = completion(&format!("127.0.0.1:{asr_listen}")).await;
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_within_capacity(&gpu);
+    let _ = serve.kill();
+    let _ = serve.wait();
 }
