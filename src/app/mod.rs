@@ -81,6 +81,39 @@ pub async fn run_with(
         .context("nats.prefix")?;
     let metrics = Metrics::new();
     let tracker = TaskTracker::new();
+    // The sidecars' addresses are taken before anything starts: one in use stops the start.
+    let mut sidecars = crate::engines::Bound::bind(&config.engines).await?;
+    let sidecar_tasks = TaskTracker::new();
+    let sidecars_stop = CancellationToken::new();
+    let (shutdown, finished) = if sidecars.is_empty() {
+        (shutdown, None)
+    } else {
+        // At a stop the sidecars go first, while the coordinator still answers them: their engines
+        // are put to sleep and their leases released, within the time a pause would have.
+        let coordinator_stop = CancellationToken::new();
+        let finished = CancellationToken::new();
+        let bound = Duration::from_millis(config.preemption.ack_deadline_ms);
+        tokio::spawn({
+            let (sidecars_stop, sidecar_tasks) = (sidecars_stop.clone(), sidecar_tasks.clone());
+            let (coordinator_stop, finished) = (coordinator_stop.clone(), finished.clone());
+            async move {
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = finished.cancelled() => {}
+                }
+                sidecars_stop.cancel();
+                sidecar_tasks.close();
+                if tokio::time::timeout(bound, sidecar_tasks.wait())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("engine sidecars still stopping after {bound:?}; going on");
+                }
+                coordinator_stop.cancel();
+            }
+        });
+        (coordinator_stop, Some(finished.drop_guard()))
+    };
     let tasks_stop = shutdown.child_token();
     let state = HttpState::new(
         &config,
@@ -88,8 +121,6 @@ pub async fn run_with(
         metrics.clone(),
         tasks_stop.clone(),
     );
-    // The sidecars' addresses are taken before anything starts: one in use stops the start.
-    let mut sidecars = crate::engines::Bound::bind(&config.engines).await?;
     let own_api = own_http_url(&http)?;
     let server = tracker.spawn(http::serve(http, state.clone()));
     let result = async {
@@ -109,8 +140,8 @@ pub async fn run_with(
                 gpus.probe.clone(),
                 http::server::Limits::from_config(&config.http),
                 &state.engines(),
-                &tracker,
-                &tasks_stop,
+                &sidecar_tasks,
+                &sidecars_stop,
             );
         }
         if let Some(client) = chosen.nats.clone() {
@@ -155,6 +186,7 @@ pub async fn run_with(
             Err(e) => tracing::error!("the HTTP server task failed: {e}"),
         }
     }
+    drop(finished);
     result
 }
 

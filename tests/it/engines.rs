@@ -255,9 +255,18 @@ async fn the_box_story(mut config: Config) {
         "{states:?}"
     );
 
+    // A stop puts the engines to sleep and gives their leases back before the coordinator goes.
     coordinator.stop().await.expect("a clean stop");
+    assert!(
+        !asr_engine.awake() && !chat_engine.awake(),
+        "the engines sleep after the stop"
+    );
     let summary = audited(&config).await;
     assert!(summary.preemptions >= 1, "{summary}");
+    assert_eq!(
+        summary.live, 0,
+        "every lease was released at the stop: {summary}"
+    );
 }
 
 /// Stops the coordinator and checks its history with `audit`.
