@@ -259,6 +259,9 @@ impl Gateway for Watched<dyn Gateway> {
     async fn follow(&self, filter: &str, from: ReadFrom) -> Result<StoredStream, PortError> {
         self.inner.follow(filter, from).await
     }
+    async fn last_seq(&self, which: Which) -> Result<u64, PortError> {
+        self.inner.last_seq(which).await
+    }
     async fn history(
         &self,
         which: Which,

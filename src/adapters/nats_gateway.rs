@@ -220,6 +220,21 @@ impl Gateway for NatsGateway {
         Ok(())
     }
 
+    async fn last_seq(&self, which: Which) -> Result<u64, PortError> {
+        let name = self.stream(which);
+        let fail = |e: String| PortError::msg(format!("cannot read stream {name}: {e}"));
+        Ok(self
+            .js
+            .get_stream(&name)
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .info()
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .state
+            .last_sequence)
+    }
+
     async fn follow(&self, filter: &str, from: ReadFrom) -> Result<StoredStream, PortError> {
         let messages = self
             .consumer(Which::Outputs, filter, from)

@@ -528,6 +528,9 @@ pub trait Gateway: Send + Sync + 'static {
         filter: &str,
         from: ReadFrom,
     ) -> Result<StoredStream, PortError>;
+    /// The position of the last message of `which` stream now (0: none yet): where a reader that
+    /// starts from [`ReadFrom::After`] it misses nothing stored later, and can say where it began.
+    async fn last_seq(&self, which: Which) -> Result<u64, PortError>;
     /// The reader of the coordinator's replies and `requested` events, that HTTP calls wait on.
     fn answers(&self) -> &gpu_coordinator_client::AnswerReader;
     /// Whether the bus can be used now (readiness): why not, if not.

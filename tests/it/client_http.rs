@@ -254,6 +254,53 @@ async fn a_control_order_stored_while_the_stream_was_cut_comes_after_the_reconne
     coordinator.stop().await.expect("a clean stop");
 }
 
+/// The stream is cut before any order came: the first event's id (the position the stream
+/// started after) is what the reconnect resumes from, so a pause stored meanwhile still comes.
+#[tokio::test]
+async fn a_first_order_stored_while_the_stream_was_cut_comes_after_the_reconnect() {
+    let config = test_config("clh_cut_first", &[("0", 24_000)]);
+    let coordinator = Coordinator::start(config.clone()).await;
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    let proxy = Proxy::start(coordinator.http_addr.port()).await;
+    let asr = Client::connect_http(&format!("http://127.0.0.1:{}", proxy.port), "asr", None)
+        .await
+        .expect("connect through the proxy");
+    let seen = Arc::new(Mutex::new(HandlerLog::default()));
+    let worker = recording_worker(&asr, Duration::from_millis(50), &seen);
+    let lease = worker
+        .request(RequestOptions::new(2).timeout_ms(10_000))
+        .await
+        .expect("the worker is granted");
+    let worker_id = lease.request_id().to_owned();
+
+    proxy.cut();
+    let chat_client = connect(&coordinator, "chat").await;
+    let chat = tokio::spawn(async move {
+        chat_client
+            .request(RequestOptions::new(0).timeout_ms(15_000))
+            .await
+    });
+    probe.control(&worker_id, "pause").await;
+    assert_eq!(
+        lease.phase(),
+        LeasePhase::Active,
+        "the pause cannot have come through the cut"
+    );
+
+    proxy.restore();
+    let chat = chat
+        .await
+        .expect("the chat task")
+        .expect("the chat is granted once the worker paused after the reconnect");
+    assert_eq!(
+        seen.lock().unwrap().pauses.len(),
+        1,
+        "the pause was delivered, once"
+    );
+    chat.release().await.expect("the chat releases");
+    coordinator.stop().await.expect("a clean stop");
+}
+
 /// A request over HTTP whose future is dropped while it waits is withdrawn: it leaves the queue,
 /// and the GPU is not granted to it when it frees up.
 #[tokio::test]

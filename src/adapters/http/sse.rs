@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::control::StreamSlot;
 use super::{ApiError, HttpState};
-use crate::ports::{ReadFrom, Stored};
+use crate::ports::{PortError, ReadFrom, Stored, Which};
 
 /// The stream sequence a reconnecting client sends in `Last-Event-ID`.
 pub(super) fn last_event_id(headers: &HeaderMap) -> Option<u64> {
@@ -37,7 +37,8 @@ pub(super) fn decode<T: DeserializeOwned>(msg: &Stored) -> Option<T> {
 }
 
 /// An SSE response of the output stream's messages on `subject` from `from`, each decoded as `T` and
-/// named by `name`, opened by the comment `hello`. The reader exists before the response starts, so
+/// named by `name`, opened by the comment `hello` (with, for a new reader, the position it starts
+/// after as its id). The reader exists before the response starts, so
 /// nothing stored after the answer is missed; the response holds `slot` while it lasts and ends when
 /// the coordinator stops. `reading` says what is read, for the 503 when the bus fails.
 pub(super) async fn output_events<T>(
@@ -53,11 +54,26 @@ where
     T: DeserializeOwned + Serialize + Send + 'static,
 {
     let gateway = &state.connected()?.backends.gateway;
-    let messages = gateway
-        .follow(&subject, from)
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("cannot read {reading} (on {subject}): {e}")))?;
-    let hello = Event::default().comment(hello);
+    let unavailable =
+        |e: PortError| ApiError::Unavailable(format!("cannot read {reading} (on {subject}): {e}"));
+    // A new reader starts after the last message stored now, and its first event carries that
+    // position as its id: a client cut off before any message came resumes from there with
+    // `Last-Event-ID`, and misses nothing stored meanwhile.
+    let (from, start) = match from {
+        ReadFrom::New => {
+            let last = gateway
+                .last_seq(Which::Outputs)
+                .await
+                .map_err(unavailable)?;
+            (ReadFrom::After(last), Some(last))
+        }
+        other => (other, None),
+    };
+    let messages = gateway.follow(&subject, from).await.map_err(unavailable)?;
+    let hello = match start {
+        Some(last) => Event::default().comment(hello).id(last.to_string()),
+        None => Event::default().comment(hello),
+    };
     let events = messages.filter_map(move |item| async move {
         let msg = match item {
             Ok(msg) => msg,

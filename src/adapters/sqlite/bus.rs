@@ -784,6 +784,12 @@ impl Gateway for SqliteBus {
             .map_err(|e| self.port_error(e))
     }
 
+    async fn last_seq(&self, which: Which) -> Result<u64, PortError> {
+        last_seq(&self.inner.db, which)
+            .await
+            .map_err(|e| self.port_error(e))
+    }
+
     fn answers(&self) -> &AnswerReader {
         &self.inner.answers
     }
