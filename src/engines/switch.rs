@@ -12,8 +12,10 @@
 //! | command | the `sleep` argv exits 0 | its exit | the `wake` argv exits 0 | `ready_path` answers 200 (if set) |
 //! | process | SIGTERM, SIGKILL after a grace | the process is gone | the `argv` is started | `ready_path` answers 200 |
 //!
-//! A sleep call that answers before the memory is really free (vLLM, SGLang) is why the sidecar
-//! acknowledges a pause only once the confirmation holds, not when the call returns.
+//! Every one of these answers before the memory is really free (vLLM's `/is_sleeping` is `true` from
+//! the moment the sleep starts; SGLang's release, Ollama's unload and Triton's unload answer first):
+//! the sidecar also waits, where it has NVML, for the GPU's used memory to show the engine's share
+//! freed before it acknowledges a pause (`sidecar`).
 
 use std::process::Stdio;
 use std::time::Duration;
