@@ -104,9 +104,13 @@ impl Client {
     /// Connects to NATS at `nats_url` as the service `service_id` of the coordinator that runs under
     /// the subject prefix `prefix` (`gpu` by default there).
     ///
+    /// `nats_url` may list several servers of a NATS cluster, separated by commas
+    /// (`nats://n1:4222,nats://n2:4222`, as the `nats` CLI's `--server`): the client connects to one
+    /// of them and, when it goes away, to another.
+    ///
     /// The connection reconnects by itself, for as long as the client lives; the reader of the
     /// coordinator's answers follows it (see the crate docs). Fails if the prefix or the service id is
-    /// not valid, or if NATS does not answer the first time.
+    /// not valid, if an entry of the URL is not a NATS URL, or if no server answers the first time.
     ///
     /// ```no_run
     /// # async fn example() -> Result<(), gpu_coordinator_client::ClientError> {
@@ -132,6 +136,7 @@ impl Client {
         token: Option<&str>,
     ) -> Result<Client, ClientError> {
         let subjects = checked(prefix, service_id)?;
+        let servers = crate::connect::server_addrs(nats_url).map_err(ClientError::InvalidConfig)?;
         let (reconnects_tx, reconnects_rx) = watch::channel(0u64);
         let reconnects_tx = Arc::new(reconnects_tx);
         let mut options =
@@ -169,7 +174,7 @@ impl Client {
                     }
                 }
             })
-            .connect(crate::connect::without_credentials(nats_url))
+            .connect(servers)
             .await
             .map_err(|source| ClientError::Connect {
                 url: crate::connect::redact(nats_url),

@@ -68,6 +68,33 @@ pub fn connect_options(url: &str) -> Result<ConnectOptions, String> {
     Ok(NatsAuth::from_url(url)?.apply(ConnectOptions::new()))
 }
 
+/// The servers of `url`, a comma-separated list as the `nats` CLI's `--server` takes
+/// (`nats://n1:4222,nats://n2:4222`; spaces around each are ignored), each without its user info, for
+/// `async-nats`: it connects to one of them and, when that one goes, reconnects to another (and to
+/// the servers the cluster announces). An entry that is not a NATS URL is an error naming it: handed
+/// to the library as one string, a list would be one address with an "invalid port number", and a
+/// connection that can never be made is retried for ever.
+pub fn server_addrs(url: &str) -> Result<Vec<ServerAddr>, String> {
+    let mut addrs = Vec::new();
+    for one in url.split(',').map(str::trim) {
+        if one.is_empty() {
+            return Err(format!(
+                "`{}` has an empty entry: separate the servers with single commas",
+                redact(url)
+            ));
+        }
+        let plain = without_credentials(one);
+        let addr: ServerAddr = plain
+            .parse()
+            .map_err(|e| format!("`{}` is not a NATS URL: {e}", redact(one)))?;
+        if addr.host().is_empty() {
+            return Err(format!("`{}` is not a NATS URL: no host", redact(one)));
+        }
+        addrs.push(addr);
+    }
+    Ok(addrs)
+}
+
 /// `url` (each of a comma-separated list) without its user info, for `async-nats`: the credentials
 /// go in the options ([`connect_options`]), and the library logs the addresses it connects to at
 /// `debug`, user info and all.
@@ -146,5 +173,37 @@ mod tests {
             "nats://h:4222, nats://h2/x@y,h3:4222"
         );
         assert_eq!(without_credentials("u:p@h:4222"), "h:4222");
+    }
+
+    #[test]
+    fn a_comma_separated_list_is_several_servers_without_their_credentials() {
+        let addrs = server_addrs("nats://chat:s%40cret@n1:4001, nats://n2:4002,n3").unwrap();
+        let shown: Vec<String> = addrs
+            .iter()
+            .map(|a| a.clone().into_inner().to_string())
+            .collect();
+        assert_eq!(
+            shown,
+            ["nats://n1:4001", "nats://n2:4002", "nats://n3"],
+            "the credentials go in the options, not in the addresses"
+        );
+        assert_eq!(addrs[2].port(), 4222, "the default port");
+        assert_eq!(server_addrs("nats://127.0.0.1:4222").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_list_with_a_bad_entry_is_an_error_naming_it() {
+        let err = server_addrs("nats://n1:4222,nats://u:pw@n2:42x2").unwrap_err();
+        assert!(
+            err.contains("`nats://u:***@n2:42x2` is not a NATS URL"),
+            "{err}"
+        );
+        assert!(!err.contains("pw"), "{err}");
+        let err = server_addrs("nats://n1:4222,,nats://n2:4222").unwrap_err();
+        assert!(err.contains("empty entry"), "{err}");
+        let err = server_addrs("http://n1:4222").unwrap_err();
+        assert!(err.contains("is not a NATS URL"), "{err}");
+        let err = server_addrs("nats://n1:4222 nats://n2:4222").unwrap_err();
+        assert!(err.contains("is not a NATS URL"), "{err}");
     }
 }

@@ -89,7 +89,9 @@ mod worker;
 
 pub use answers::{AnswerFeed, AnswerReader, ANSWERS_IDLE};
 pub use client::Client;
-pub use connect::{connect_options, inbox_prefix, redact, without_credentials, NatsAuth};
+pub use connect::{
+    connect_options, inbox_prefix, redact, server_addrs, without_credentials, NatsAuth,
+};
 pub use error::ClientError;
 pub use gpu_coordinator_wire::codec::Encoding;
 pub use lease::{Lease, LeaseEvent, LeaseEvents, LeasePhase, LeaseWatch};
