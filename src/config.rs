@@ -50,14 +50,26 @@ pub struct Config {
     pub sidecar: crate::engines::SidecarConfig,
 }
 
+/// The most replicas a JetStream stream may have (`nats.replicas`).
+pub const MAX_REPLICAS: usize = 5;
+
 /// The default of `nats.max_bytes` (per stream) and `embedded.max_bytes`: 1 GiB.
 pub const DEFAULT_STREAM_BYTES: i64 = 1 << 30;
 
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
-    /// `nats.url`, default `nats://127.0.0.1:4222`.
+    /// `nats.url`, default `nats://127.0.0.1:4222`. Several servers of a NATS cluster are separated by
+    /// commas (`nats://n1:4222,nats://n2:4222,nats://n3:4222`, as the `nats` CLI's `--server`): the
+    /// coordinator connects to one of them and, when it goes away, to another. An entry that is not
+    /// a NATS URL stops the start.
     pub url: String,
+    /// `nats.replicas`, default 1: the replicas of every stream the coordinator makes (input,
+    /// output, and the journal stream of `database.write_behind`), 1 to 5. With 3 on a cluster of 3
+    /// or more servers, an input acknowledged to its publisher is on a majority of them, and survives
+    /// the loss of any one. The start refuses more replicas than the cluster has servers; a stream
+    /// that exists with other replicas is updated to these.
+    pub replicas: usize,
     /// `nats.prefix`, default `gpu`: the first token of every subject.
     pub prefix: String,
     /// `nats.max_age_ms`: how long the streams keep messages, default 7 days.
@@ -347,6 +359,7 @@ impl Default for NatsConfig {
     fn default() -> Self {
         NatsConfig {
             url: "nats://127.0.0.1:4222".to_owned(),
+            replicas: 1,
             prefix: "gpu".to_owned(),
             max_age_ms: 7 * 24 * 60 * 60 * 1000,
             max_bytes: DEFAULT_STREAM_BYTES,
@@ -444,6 +457,7 @@ impl std::fmt::Debug for NatsConfig {
         f.debug_struct("NatsConfig")
             // A URL with a user alone carries a token: the client's redaction hides that too.
             .field("url", &gpu_coordinator_client::redact(&self.url))
+            .field("replicas", &self.replicas)
             .field("prefix", &self.prefix)
             .field("max_age_ms", &self.max_age_ms)
             .field("max_bytes", &self.max_bytes)
@@ -569,6 +583,23 @@ impl Config {
         non_empty("redis.key_prefix", &self.redis.key_prefix);
         non_empty("database.url", &self.database.url);
 
+        if !self.nats.url.trim().is_empty() {
+            // Parsed here, once: a URL that cannot be parsed would otherwise be retried for ever as
+            // a server that does not answer.
+            if let Err(why) = gpu_coordinator_client::server_addrs(&self.nats.url) {
+                problems.push(format!(
+                    "nats.url: {why} (expected e.g. \"nats://127.0.0.1:4222\", or several servers \
+                     separated by commas: \"nats://n1:4222,nats://n2:4222\")"
+                ));
+            }
+        }
+        if !(1..=MAX_REPLICAS).contains(&self.nats.replicas) {
+            problems.push(format!(
+                "nats.replicas ({}) must be 1 to {MAX_REPLICAS} (JetStream keeps at most \
+                 {MAX_REPLICAS} copies of a stream)",
+                self.nats.replicas
+            ));
+        }
         if let Err(why) = gpu_coordinator_wire::Subjects::new(&self.nats.prefix) {
             problems.push(format!("nats.prefix {:?}: {why}", self.nats.prefix));
         }
@@ -1145,6 +1176,45 @@ mod tests {
         for key in ["nats.url", "redis.url", "database.url"] {
             assert!(msg.contains(&format!("{key} must not be empty")), "{msg}");
         }
+    }
+
+    #[test]
+    fn a_nats_url_may_list_several_servers() {
+        let config = load_str(
+            "[nats]\nurl = \"nats://n1:4222, nats://u:pw@n2:4223,n3\"\nreplicas = 3\n",
+            "natslist",
+        )
+        .expect("valid");
+        assert_eq!(config.nats.replicas, 3);
+        assert_eq!(Config::default().nats.replicas, 1);
+    }
+
+    #[test]
+    fn a_nats_url_that_cannot_be_parsed_is_refused_naming_the_key() {
+        for bad in [
+            "nats://n1:4222,nats://n2:42x2",
+            "nats://n1:4222 nats://n2:4222",
+            "nats://n1:4222,,nats://n2:4222",
+            "http://n1:4222",
+        ] {
+            let msg = invalid(&format!("[nats]\nurl = {bad:?}\n"), "natsbad");
+            assert!(msg.contains("nats.url: `"), "{bad}: {msg}");
+            assert!(msg.contains("separated by commas"), "{bad}: {msg}");
+        }
+        let msg = invalid("[nats]\nurl = \"nats://u:secretpw@n1:42x2\"\n", "natsbadpw");
+        assert!(!msg.contains("secretpw"), "{msg}");
+    }
+
+    #[test]
+    fn nats_replicas_are_one_to_five() {
+        for bad in [0, 6] {
+            let msg = invalid(&format!("[nats]\nreplicas = {bad}\n"), "replicas");
+            assert!(
+                msg.contains(&format!("nats.replicas ({bad}) must be 1 to 5")),
+                "{msg}"
+            );
+        }
+        load_str("[nats]\nreplicas = 5\n", "replicas5").expect("valid");
     }
 
     #[test]

@@ -363,7 +363,7 @@ async fn status_over_nats(config: &Config) -> anyhow::Result<StatusDoc> {
         .await?
         .name("gpu-coordinator status")
         .connection_timeout(STATUS_TIMEOUT)
-        .connect(gpu_coordinator_client::without_credentials(url))
+        .connect(gpu_coordinator::adapters::nats::servers(&config.nats)?)
         .await
         .with_context(|| {
             format!(

@@ -24,6 +24,20 @@ pub const CONSUMER: &str = "coordinator";
 /// How long JetStream waits for an input's ACK before it redelivers it.
 const ACK_WAIT: Duration = Duration::from_secs(60);
 
+/// The idle heartbeat of the pulls on the input consumer: two missed and the consumer is opened
+/// anew. On a cluster, the consumer's leader may go with its server while this connection stays up;
+/// the pulls it held are then answered by nobody, and only the missing heartbeats tell.
+const INPUT_HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// How long a call that looks a stream or a consumer up, or makes a consumer, waits for its answer.
+/// JetStream does not answer calls about a stream while the stream elects a leader (after the server
+/// that led it went away, a few seconds): such a call waits for its whole timeout, and the
+/// connection's (10 s) would hold the inputs back that much longer than the election.
+const API_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long a start waits for a stream whose replicas changed to have them placed and current.
+const PLACEMENT_WAIT: Duration = Duration::from_secs(30);
+
 /// The cause of a NATS failure, whatever the library's error type was.
 type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -58,6 +72,12 @@ pub enum NatsError {
         #[source]
         source: Cause,
     },
+    /// `nats.url` lists something that is not a NATS URL.
+    #[error("nats.url: {0}")]
+    Url(String),
+    /// `nats.replicas` asks for more replicas than the NATS servers can keep: not retried.
+    #[error("{0}")]
+    Replicas(String),
     /// A core NATS operation failed.
     #[error("NATS {what} failed")]
     Other {
@@ -72,6 +92,9 @@ pub enum NatsError {
 pub struct NatsBus {
     client: Client,
     js: jetstream::Context,
+    /// The same, for the calls that look streams and consumers up or make consumers: bounded by
+    /// [`API_TIMEOUT`], so that a call made while a stream elects its leader is tried again soon.
+    api: jetstream::Context,
     subjects: Subjects,
     /// Counts the connections made: it changes on every reconnect.
     connected: tokio::sync::watch::Receiver<u64>,
@@ -79,13 +102,14 @@ pub struct NatsBus {
     limits: StreamLimits,
 }
 
-/// The bounds of both streams (from `[nats]`).
+/// The bounds and the replicas of both streams (from `[nats]`).
 #[derive(Debug, Clone, Copy)]
 struct StreamLimits {
     max_age: Duration,
     max_bytes: i64,
     max_messages: i64,
     max_message_size: i32,
+    replicas: usize,
 }
 
 impl From<&crate::config::NatsConfig> for StreamLimits {
@@ -95,8 +119,17 @@ impl From<&crate::config::NatsConfig> for StreamLimits {
             max_bytes: config.max_bytes,
             max_messages: config.max_msgs,
             max_message_size: config.max_msg_size,
+            replicas: config.replicas,
         }
     }
+}
+
+/// The servers `nats.url` lists (one, or several separated by commas), without their credentials
+/// (those are in [`options`]).
+pub fn servers(
+    config: &crate::config::NatsConfig,
+) -> Result<Vec<async_nats::ServerAddr>, NatsError> {
+    gpu_coordinator_client::server_addrs(&config.url).map_err(NatsError::Url)
 }
 
 /// Connection options for `config`: the credentials in its URL (or its creds file), and the inbox
@@ -121,13 +154,23 @@ pub async fn options(
     Ok(options)
 }
 
+/// A JetStream context for the calls that look streams and consumers up or make consumers, bounded by
+/// [`API_TIMEOUT`].
+pub fn api_context(client: &Client) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .timeout(API_TIMEOUT)
+        .build(client.clone())
+}
+
 impl NatsBus {
-    /// Connects (the client reconnects by itself afterwards, logging each disconnect and reconnect).
+    /// Connects to one of the servers `nats.url` lists (the client reconnects by itself afterwards,
+    /// to any server of the cluster, logging each disconnect and reconnect).
     pub async fn connect(
         config: &crate::config::NatsConfig,
         subjects: Subjects,
         name: &str,
     ) -> Result<NatsBus, NatsError> {
+        let servers = servers(config)?;
         let (connections, connected) = tokio::sync::watch::channel(0u64);
         let client = options(config)
             .await?
@@ -149,16 +192,18 @@ impl NatsBus {
                     }
                 }
             })
-            .connect(gpu_coordinator_client::without_credentials(&config.url))
+            .connect(servers)
             .await
             .map_err(|source| NatsError::Connect {
                 url: gpu_coordinator_client::redact(&config.url),
                 source,
             })?;
         let js = jetstream::new(client.clone());
+        let api = api_context(&client);
         Ok(NatsBus {
             client,
             js,
+            api,
             subjects,
             connected,
             limits: StreamLimits::from(config),
@@ -202,21 +247,10 @@ impl NatsBus {
             // was accepted is dropped before it is handled.
             stream::DiscardPolicy::New,
         );
-        let exists = match self.js.get_stream(&input.name).await {
+        let exists = match self.api.get_stream(&input.name).await {
             Ok(_) => true,
-            Err(e) => match e.kind() {
-                jetstream::context::GetStreamErrorKind::JetStream(e)
-                    if e.error_code() == ErrorCode::STREAM_NOT_FOUND =>
-                {
-                    false
-                }
-                _ => {
-                    return Err(NatsError::Stream {
-                        stream: input.name.clone(),
-                        source: e.into(),
-                    })
-                }
-            },
+            Err(e) if stream_missing(&e.kind()) => false,
+            Err(e) => return Err(self.stream_error(&input.name, e.into())),
         };
         match (exists, inputs_after) {
             (true, _) | (false, Some(0)) => self.create_or_update(input).await,
@@ -243,20 +277,123 @@ impl NatsBus {
             max_message_size: limits.max_message_size,
             discard,
             duplicate_window: Duration::from_secs(120),
+            num_replicas: limits.replicas,
             ..Default::default()
         }
     }
 
+    /// Makes the stream, or updates it to `config` unless it has those settings already: its replicas
+    /// too, which JetStream changes in place (a stream going from 1 to 3 replicas is copied to two
+    /// more servers). An update that changes nothing is not sent: while a stream's replicas catch up
+    /// after such a change, JetStream leaves another update unanswered.
     async fn create_or_update(&self, config: stream::Config) -> Result<(), NatsError> {
         let name = config.name.clone();
+        let had = match self.api.get_stream(&name).await {
+            Ok(stream) => Some(stream.cached_info().config.clone()),
+            Err(e) if stream_missing(&e.kind()) => None,
+            // Not answered (the stream elects a leader), say: tried again, rather than sent an
+            // update that waits as long.
+            Err(e) => return Err(self.stream_error(&name, e.into())),
+        };
+        if had.as_ref().is_some_and(|had| same_settings(had, &config)) {
+            return Ok(());
+        }
+        let replicas = config.num_replicas;
         self.js
             .create_or_update_stream(config)
             .await
-            .map(|_| ())
-            .map_err(|source| NatsError::Stream {
-                stream: name,
-                source: source.into(),
-            })
+            .map_err(|source| self.stream_error(&name, source.into()))?;
+        if let Some(had) = had.map(|had| had.num_replicas.max(1)) {
+            if had != replicas.max(1) {
+                tracing::warn!(
+                    "stream {name} had {had} replica(s): updated to {replicas} (nats.replicas); \
+                     waiting until they are placed"
+                );
+                await_placed(&self.js, &name, replicas.max(1)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// A stream that could not be made or updated; when JetStream could not place its replicas, the
+    /// error says that `nats.replicas` asks for them.
+    fn stream_error(&self, stream: &str, source: Cause) -> NatsError {
+        let text = source.to_string();
+        let placement = [
+            "peers",
+            "insufficient resources",
+            "non-clustered",
+            "replicas",
+        ]
+        .iter()
+        .any(|what| text.contains(what));
+        if placement && self.limits.replicas > 1 {
+            return NatsError::Stream {
+                stream: stream.to_owned(),
+                source: format!(
+                    "JetStream cannot place its {} replicas (nats.replicas): {text}",
+                    self.limits.replicas
+                )
+                .into(),
+            };
+        }
+        NatsError::Stream {
+            stream: stream.to_owned(),
+            source,
+        }
+    }
+
+    /// Refuses `nats.replicas` above the number of servers the NATS cluster has, by the server's own
+    /// word: a server that is not clustered keeps one copy of a stream; a clustered one announces its
+    /// cluster's servers to clients (`connect_urls` of its INFO). A cluster whose servers are not
+    /// announced (`no_advertise`) is left to JetStream, which refuses a stream it cannot place.
+    ///
+    /// A server of the cluster that is down is not announced: when the streams exist with these
+    /// replicas already, that is a server away (the streams go on with a majority of theirs), not a
+    /// mistake, and the start goes on with a warning.
+    pub async fn check_replicas(&self) -> Result<(), NatsError> {
+        let wanted = self.limits.replicas;
+        if wanted <= 1 {
+            return Ok(());
+        }
+        let info = self.client.server_info();
+        let servers: std::collections::BTreeSet<&str> =
+            info.connect_urls.iter().map(String::as_str).collect();
+        let (cluster, count) = match &info.cluster {
+            None => {
+                return Err(NatsError::Replicas(format!(
+                    "nats.replicas = {wanted}, but the NATS server {} ({}:{}) is not part of a \
+                     cluster: it keeps one copy of a stream. Set nats.replicas = 1, or run \
+                     nats-server clustered (--cluster, --routes) and list its servers in nats.url",
+                    info.server_name, info.host, info.port
+                )))
+            }
+            Some(_) if servers.is_empty() => return Ok(()),
+            Some(cluster) => (cluster, servers.len()),
+        };
+        if wanted <= count {
+            return Ok(());
+        }
+        let mut have = Vec::new();
+        for name in [self.subjects.input_stream(), self.subjects.output_stream()] {
+            if let Ok(stream) = self.api.get_stream(&name).await {
+                have.push(stream.cached_info().config.num_replicas);
+            }
+        }
+        let listed = servers.into_iter().collect::<Vec<_>>().join(", ");
+        if have.len() == 2 && have.iter().all(|&n| n == wanted) {
+            tracing::warn!(
+                "the NATS cluster {cluster} announces {count} server(s) now ({listed}), fewer than \
+                 the {wanted} replicas of the streams (nats.replicas): a server is away; the \
+                 streams go on while a majority of their replicas is up"
+            );
+            return Ok(());
+        }
+        Err(NatsError::Replicas(format!(
+            "nats.replicas = {wanted}, but the NATS cluster {cluster} has {count} server(s) \
+             ({listed}): a stream cannot have more replicas than the cluster has servers. Set \
+             nats.replicas to {count} or less, or start the servers that are missing"
+        )))
     }
 
     /// Which of `msg_ids` the output stream holds among its last messages. They are the last messages a
@@ -316,10 +453,7 @@ impl NatsBus {
     /// given its subjects. Until then publishers find no stream and retry.
     async fn create_numbered(&self, config: stream::Config, after: u64) -> Result<(), NatsError> {
         let name = config.name.clone();
-        let fail = |source: Cause| NatsError::Stream {
-            stream: name.clone(),
-            source,
-        };
+        let fail = |source: Cause| self.stream_error(&name, source);
         let aside = stream::Config {
             subjects: vec![format!("{}._numbering", self.subjects.prefix())],
             ..config.clone()
@@ -358,7 +492,7 @@ impl NatsBus {
         &self,
         name: String,
     ) -> Result<(stream::Stream, impl Fn(Cause) -> NatsError), NatsError> {
-        let stream = self.js.get_stream(&name).await;
+        let stream = self.api.get_stream(&name).await;
         let fail = move |source: Cause| NatsError::Consumer {
             stream: name.clone(),
             source,
@@ -397,6 +531,12 @@ impl NatsBus {
         if full < 80 || handled < state.first_sequence || handled > state.last_sequence {
             return Ok(0);
         }
+        // A purge may take a while on a long stream: the connection's timeout, not the lookups'.
+        let stream = self
+            .js
+            .get_stream(self.subjects.input_stream())
+            .await
+            .map_err(|e| fail(e.into()))?;
         let purged = stream
             .purge()
             .sequence(handled + 1)
@@ -476,7 +616,7 @@ impl NatsBus {
         consumer
             .stream()
             .max_messages_per_batch(500)
-            .heartbeat(Duration::from_secs(5))
+            .heartbeat(INPUT_HEARTBEAT)
             .expires(Duration::from_secs(30))
             .messages()
             .await
@@ -579,6 +719,58 @@ impl NatsBus {
             source: e.into(),
         })
     }
+}
+
+/// Waits, for at most [`PLACEMENT_WAIT`], until the stream `name` has a leader and `replicas - 1`
+/// other replicas that are current. Right after its replicas changed, JetStream elects the stream's
+/// leader anew, and a consumer made or removed meanwhile is not answered (the call waits for its
+/// whole timeout).
+pub async fn await_placed(js: &jetstream::Context, name: &str, replicas: usize) {
+    let deadline = tokio::time::Instant::now() + PLACEMENT_WAIT;
+    loop {
+        let placed = match js.get_stream(name).await {
+            Ok(mut stream) => match stream.info().await {
+                Ok(info) => info.cluster.as_ref().map_or(replicas == 1, |cluster| {
+                    cluster.leader.is_some()
+                        && cluster.replicas.len() + 1 == replicas
+                        && cluster.replicas.iter().all(|peer| peer.current)
+                }),
+                Err(_) => false,
+            },
+            Err(_) => false,
+        };
+        if placed {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                "stream {name}: its {replicas} replica(s) are not all placed and current after \
+                 {PLACEMENT_WAIT:?}; going on"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether a stream configured as `had` has every setting the coordinator gives it in `wanted`.
+fn same_settings(had: &stream::Config, wanted: &stream::Config) -> bool {
+    had.subjects == wanted.subjects
+        && had.retention == wanted.retention
+        && had.storage == wanted.storage
+        && had.max_age == wanted.max_age
+        && had.max_bytes == wanted.max_bytes
+        && had.max_messages == wanted.max_messages
+        && had.max_message_size == wanted.max_message_size
+        && had.discard == wanted.discard
+        && had.duplicate_window == wanted.duplicate_window
+        && had.num_replicas.max(1) == wanted.num_replicas.max(1)
+}
+
+/// Whether a stream lookup's error says the stream does not exist.
+fn stream_missing(kind: &jetstream::context::GetStreamErrorKind) -> bool {
+    matches!(kind, jetstream::context::GetStreamErrorKind::JetStream(e)
+        if e.error_code() == ErrorCode::STREAM_NOT_FOUND)
 }
 
 /// Whether a consumer-info error says the consumer does not exist (any other error is a real one: the

@@ -27,7 +27,9 @@ const RETRY: Duration = Duration::from_secs(1);
 
 /// Answers reader questions until `stop`.
 pub async fn serve(client: async_nats::Client, subjects: Subjects, stop: CancellationToken) {
-    let js = jetstream::new(client.clone());
+    // Bounded: a consumer that nats-server does not answer for (its stream electing a leader, or,
+    // with nats-server 2.9, placed on a server that is down) must not hold up the questions behind it.
+    let js = crate::adapters::nats::api_context(&client);
     loop {
         let subscribed = client
             .queue_subscribe(subjects.reader("*"), QUEUE.to_owned())

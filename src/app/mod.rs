@@ -427,17 +427,24 @@ impl Chosen {
             BusBackend::Nats => {
                 // A NATS URL may carry a token as its user: its own redaction hides that too.
                 let nats_url = gpu_coordinator_client::redact(&config.nats.url);
+                // A URL that cannot be parsed stops the start; a server that does not answer is
+                // waited for.
+                crate::adapters::nats::servers(&config.nats)?;
                 let bus = with_retry(&format!("NATS at {nats_url}"), shutdown, || {
                     NatsBus::connect(&config.nats, subjects.clone(), CONNECTION_NAME)
                 })
                 .await?;
+                // More replicas than the cluster has servers would never be placed: not retried.
+                bus.check_replicas().await?;
                 // The input stream, if missing, is made by the driver, which knows where its
                 // numbering goes on.
                 with_retry("JetStream streams", shutdown, || bus.ensure_streams(None)).await?;
                 lines.push(format!(
-                    "bus: NATS at {nats_url} (streams {} and {}, subjects under `{}.`)",
+                    "bus: NATS at {nats_url} (streams {} and {} of {} replica(s), subjects under \
+                     `{}.`)",
                     subjects.input_stream(),
                     subjects.output_stream(),
+                    config.nats.replicas,
                     subjects.prefix()
                 ));
                 if let Some(pg) = behind.take() {
@@ -445,11 +452,12 @@ impl Chosen {
                     let stream = subjects.journal_stream();
                     journal = Arc::new(
                         with_retry("the journal stream", shutdown, || {
-                            WriteBehind::new(
+                            WriteBehind::replicated(
                                 pg.clone(),
                                 client.clone(),
                                 stream.clone(),
                                 subjects.journal(),
+                                config.nats.replicas,
                             )
                         })
                         .await?,

@@ -82,9 +82,7 @@ pub async fn run(config: &Config, since: Since) -> anyhow::Result<Result<Summary
             let client = crate::adapters::nats::options(&config.nats)
                 .await?
                 .name("gpu-coordinator audit")
-                .connect(gpu_coordinator_client::without_credentials(
-                    &config.nats.url,
-                ))
+                .connect(crate::adapters::nats::servers(&config.nats)?)
                 .await
                 .with_context(|| {
                     format!(

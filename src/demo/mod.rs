@@ -608,12 +608,10 @@ fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
 
 /// Removes what the demo made: its streams, its Redis keys, its database.
 async fn cleanup(demo: &Config) {
-    let nats = match crate::adapters::nats::options(&demo.nats).await {
-        Ok(options) => options
-            .connect(gpu_coordinator_client::without_credentials(&demo.nats.url))
-            .await
-            .ok(),
-        Err(_) => None,
+    let options = crate::adapters::nats::options(&demo.nats).await;
+    let nats = match (options, crate::adapters::nats::servers(&demo.nats)) {
+        (Ok(options), Ok(servers)) => options.connect(servers).await.ok(),
+        _ => None,
     };
     if let Some(nats) = nats {
         let js = async_nats::jetstream::new(nats);

@@ -128,6 +128,8 @@ pub struct WriteBehind {
     js: jetstream::Context,
     stream: String,
     subject: String,
+    /// The stream's replicas (`nats.replicas`).
+    replicas: usize,
     /// Makes this process's batch ids unique.
     boot: String,
     /// The largest message the server takes.
@@ -162,7 +164,20 @@ impl WriteBehind {
         stream: String,
         subject: String,
     ) -> Result<WriteBehind, BehindError> {
-        WriteBehind::open(pg, client, stream, subject, true).await
+        WriteBehind::open(pg, client, stream, subject, true, 1).await
+    }
+
+    /// [`WriteBehind::new`] with a stream of `replicas` replicas (`nats.replicas`): a batch is
+    /// acknowledged once a majority of them stored it. A stream that exists with other replicas is
+    /// updated to these.
+    pub async fn replicated(
+        pg: PgStore,
+        client: async_nats::Client,
+        stream: String,
+        subject: String,
+        replicas: usize,
+    ) -> Result<WriteBehind, BehindError> {
+        WriteBehind::open(pg, client, stream, subject, true, replicas).await
     }
 
     /// The same, without its writer task: what a process that dies before it writes Postgres leaves.
@@ -174,7 +189,7 @@ impl WriteBehind {
         stream: String,
         subject: String,
     ) -> Result<WriteBehind, BehindError> {
-        WriteBehind::open(pg, client, stream, subject, false).await
+        WriteBehind::open(pg, client, stream, subject, false, 1).await
     }
 
     async fn open(
@@ -183,6 +198,7 @@ impl WriteBehind {
         stream: String,
         subject: String,
         writing: bool,
+        replicas: usize,
     ) -> Result<WriteBehind, BehindError> {
         let max_payload = client.server_info().max_payload;
         let js = jetstream::new(client);
@@ -191,6 +207,7 @@ impl WriteBehind {
             js,
             stream,
             subject,
+            replicas,
             boot: format!("{:016x}", rand::random::<u64>()),
             max_payload,
             head: tokio::sync::Mutex::new(Head {
@@ -259,7 +276,8 @@ impl WriteBehind {
     }
 
     /// Makes the stream if it is missing: file storage, nothing removed but by the writer's purges,
-    /// and a full stream refuses a new batch rather than dropping an old one.
+    /// and a full stream refuses a new batch rather than dropping an old one; with `nats.replicas`
+    /// replicas, to which a stream that has others is updated (the rest of its settings kept).
     async fn ensure_stream(&self) -> Result<stream::Stream, BehindError> {
         let config = stream::Config {
             name: self.stream.clone(),
@@ -268,10 +286,35 @@ impl WriteBehind {
             storage: stream::StorageType::File,
             discard: stream::DiscardPolicy::New,
             duplicate_window: Duration::from_secs(120),
+            num_replicas: self.replicas,
             ..Default::default()
         };
-        self.js
+        let stream = self
+            .js
             .get_or_create_stream(config)
+            .await
+            .map_err(|e| self.stream_error(e))?;
+        let had = stream.cached_info().config.num_replicas.max(1);
+        if had == self.replicas {
+            return Ok(stream);
+        }
+        let config = stream::Config {
+            num_replicas: self.replicas,
+            ..stream.cached_info().config.clone()
+        };
+        self.js
+            .update_stream(config)
+            .await
+            .map_err(|e| self.stream_error(e))?;
+        tracing::warn!(
+            "the journal stream {} had {had} replica(s): updated to {} (nats.replicas); waiting \
+             until they are placed",
+            self.stream,
+            self.replicas
+        );
+        crate::adapters::nats::await_placed(&self.js, &self.stream, self.replicas).await;
+        self.js
+            .get_stream(&self.stream)
             .await
             .map_err(|e| self.stream_error(e))
     }
