@@ -52,8 +52,19 @@ use crate::ClientError;
 /// How long the server keeps a consumer nobody pulls from (the client is gone).
 const INACTIVE_THRESHOLD: Duration = Duration::from_secs(60);
 /// The pull requests' expiry and idle heartbeat: two missed heartbeats and the consumer is recreated.
+/// On a NATS cluster the consumer goes with the server that holds it while this connection stays
+/// up: only the missing heartbeats tell, within two of them.
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
-const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+/// How long a call that looks the output stream up or makes a consumer waits for its answer. On a
+/// NATS cluster, JetStream does not answer such calls while the stream elects a new leader (after its
+/// server went away, a few seconds), nor, with nats-server 2.9, when it placed the new consumer on a
+/// server that is down: the call is then made again after this, rather than after the connection's
+/// request timeout (10 s).
+const API_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a coordinator may take to answer a question for a reader (it makes the consumer, within
+/// its own bound of 3 s).
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the connection state is looked at, to catch reconnects that no callback reports.
 const STATE_POLL: Duration = Duration::from_millis(250);
 /// Backoff between failed attempts to open the consumer.
@@ -311,7 +322,9 @@ impl Router {
             mut reconnects,
             shutdown,
         } = self;
-        let js = jetstream::new(nats.clone());
+        let js = jetstream::ContextBuilder::new()
+            .timeout(API_TIMEOUT)
+            .build(nats.clone());
         let stream_name = subjects.output_stream();
         // The stream sequence to start the next consumer at: right after the last message handed on.
         let mut next_seq: Option<u64> = None;
@@ -534,7 +547,10 @@ async fn ask_coordinator(
     };
     let body = serde_json::to_vec(&ask).expect("a reader question always serializes");
     let subject = subjects.reader(svc);
-    match js.client().request(subject.clone(), body.into()).await {
+    let request = async_nats::Request::new()
+        .payload(body.into())
+        .timeout(Some(ASK_TIMEOUT));
+    match js.client().send_request(subject.clone(), request).await {
         Ok(message) => {
             let answer: ReaderAnswer = serde_json::from_slice(&message.payload)
                 .map_err(|e| format!("the coordinator's answer on {subject} is not one: {e}"))?;

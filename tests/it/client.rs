@@ -584,7 +584,7 @@ async fn lease_survives_a_nats_restart() {
             if *expires_at >= restarted_at + Duration::from_millis(2_000 - 1))
     })
     .await;
-    // The readers follow the reconnect at once; waiting for missed pull heartbeats (10 s) instead
+    // The readers follow the reconnect at once; waiting for missed pull heartbeats (4 s) instead
     // would leave orders undelivered for that long.
     assert!(
         restarted.elapsed() < Duration::from_secs(8),
