@@ -14,6 +14,7 @@ mod ha;
 mod http;
 mod http_hostile;
 mod modes;
+mod nats_cluster;
 mod secrets;
 mod security;
 mod service;

@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use gpu_coordinator_test_support::{unique, NatsServer, PgServer, RedisServer};
+pub use gpu_coordinator_test_support::{unique, NatsCluster, NatsServer, PgServer, RedisServer};
 
 /// The shared servers on loopback.
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -240,13 +240,18 @@ pub async fn wait_ready_http(base: &str) -> StatusDoc {
     }
 }
 
+/// A NATS connection to `url` (one server, or several separated by commas), with its credentials.
+pub async fn nats_connect(url: &str) -> async_nats::Client {
+    gpu_coordinator_client::connect_options(url)
+        .expect("a NATS URL")
+        .connect(gpu_coordinator_client::server_addrs(url).expect("NATS URLs"))
+        .await
+        .expect("connect to NATS")
+}
+
 /// Waits until a coordinator with this configuration answers `<prefix>.status`.
 pub async fn wait_ready(config: &Config) -> StatusDoc {
-    let client = gpu_coordinator_client::connect_options(&config.nats.url)
-        .expect("a NATS URL")
-        .connect(&config.nats.url)
-        .await
-        .expect("connect to NATS");
+    let client = nats_connect(&config.nats.url).await;
     let subject = format!("{}.status", config.nats.prefix);
     let start = Instant::now();
     loop {
@@ -308,6 +313,10 @@ impl CoordinatorProcess {
         cmd.arg("serve")
             .env("GPU_COORDINATOR_NATS__URL", &config.nats.url)
             .env("GPU_COORDINATOR_NATS__PREFIX", &config.nats.prefix)
+            .env(
+                "GPU_COORDINATOR_NATS__REPLICAS",
+                config.nats.replicas.to_string(),
+            )
             .env("GPU_COORDINATOR_REDIS__URL", &config.redis.url)
             .env(
                 "GPU_COORDINATOR_REDIS__KEY_PREFIX",
@@ -431,11 +440,7 @@ pub struct Probe {
 impl Probe {
     /// Connects and subscribes to the replies, control orders and events of `prefix`.
     pub async fn new(nats_url: &str, prefix: &str) -> Probe {
-        let client = gpu_coordinator_client::connect_options(nats_url)
-            .expect("a NATS URL")
-            .connect(nats_url)
-            .await
-            .expect("connect to NATS");
+        let client = nats_connect(nats_url).await;
         let (tx, rx) = mpsc::unbounded_channel();
         for kind in ["reply.*", "control.*", "event.*.*"] {
             let mut sub = client
