@@ -251,6 +251,7 @@ pub fn used_by_gpu(
 pub async fn sample(
     probe: Arc<dyn GpuProbe>,
     every: Duration,
+    now: Arc<tokio::sync::Notify>,
     sink: mpsc::Sender<Vec<DeviceSample>>,
     shutdown: CancellationToken,
 ) {
@@ -262,6 +263,7 @@ pub async fn sample(
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
+                () = now.notified() => tick.reset(),
             }
             let probe = probe.clone();
             match tokio::task::spawn_blocking(move || probe.devices()).await {
@@ -399,6 +401,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_sampler_samples_at_once_when_asked() {
+        let probe = FakeProbe::new(vec![device(0, 1_000, 100)]);
+        let (tx, mut rx) = mpsc::channel(4);
+        let shutdown = CancellationToken::new();
+        let now = Arc::new(tokio::sync::Notify::new());
+        // A tick an hour apart: only the ask can bring a second sample.
+        let task = tokio::spawn(sample(
+            Arc::new(probe.clone()),
+            Duration::from_secs(3_600),
+            Arc::clone(&now),
+            tx,
+            shutdown.clone(),
+        ));
+        assert_eq!(rx.recv().await.expect("the first sample")[0].used_mb, 100);
+        probe.set_used(0, 600);
+        now.notify_one();
+        assert_eq!(
+            rx.recv().await.expect("a sample when asked")[0].used_mb,
+            600
+        );
+        shutdown.cancel();
+        task.await.expect("the sampler ends");
+    }
+
+    #[tokio::test]
     async fn the_sampler_hands_samples_to_the_driver_until_shutdown() {
         let probe = FakeProbe::new(vec![device(0, 1_000, 100)]);
         let (tx, mut rx) = mpsc::channel(4);
@@ -406,6 +433,7 @@ mod tests {
         let task = tokio::spawn(sample(
             Arc::new(probe.clone()),
             Duration::from_millis(5),
+            Arc::default(),
             tx,
             shutdown.clone(),
         ));

@@ -142,8 +142,18 @@ pub async fn probe(
         Some((probe, _)) if !found.devices.is_empty() => {
             let (tx, samples) = mpsc::channel(SAMPLES);
             let every = Duration::from_millis(config.nvml.sample_ms.max(1));
-            tracker.spawn(nvml::sample(probe.clone(), every, tx, shutdown.clone()));
-            (Some(NvmlFeed::new(found.devices, samples)), Some(probe))
+            let now = Arc::new(tokio::sync::Notify::new());
+            tracker.spawn(nvml::sample(
+                probe.clone(),
+                every,
+                Arc::clone(&now),
+                tx,
+                shutdown.clone(),
+            ));
+            (
+                Some(NvmlFeed::new(found.devices, samples, now)),
+                Some(probe),
+            )
         }
         _ => (None, None),
     };

@@ -401,6 +401,13 @@ impl Driver {
         // One scheduling pass for the whole batch.
         self.sched.handle_inputs(inputs);
         self.carry_out().await?;
+        // A GPU now waits for NVML to see a paused holder's VRAM freed: sample it now, not at the
+        // next tick (`nvml.sample_ms`, a second by default).
+        if let Some(feed) = &self.nvml {
+            if feed.devices.keys().any(|gpu| self.sched.settling(gpu)) {
+                feed.sample_now.notify_one();
+            }
+        }
         self.recorder
             .metrics()
             .observe_stage(crate::metrics::Stage::Batch, taken.elapsed());

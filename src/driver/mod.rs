@@ -100,18 +100,23 @@ pub struct NvmlFeed {
     devices: BTreeMap<String, u32>,
     samples: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<DeviceSample>>>>,
     fed: HashMap<String, u64>,
+    /// Asks the sampler for a sample now (a GPU waits to see a paused holder's VRAM freed).
+    sample_now: Arc<tokio::sync::Notify>,
 }
 
 impl NvmlFeed {
     /// `devices`: managed GPU id -> NVML device index; `samples`: the sampler's output.
+    /// `sample_now` is the sampler's (see [`crate::adapters::nvml::sample`]).
     pub fn new(
         devices: BTreeMap<String, u32>,
         samples: mpsc::Receiver<Vec<DeviceSample>>,
+        sample_now: Arc<tokio::sync::Notify>,
     ) -> NvmlFeed {
         NvmlFeed {
             devices,
             samples: Arc::new(tokio::sync::Mutex::new(samples)),
             fed: HashMap::new(),
+            sample_now,
         }
     }
 }

@@ -31,8 +31,10 @@ use crate::adapters::nvml::GpuProbe;
 
 /// How often the sidecar asks the engine whether a sleep or a wake finished.
 const CONFIRM_POLL: Duration = Duration::from_millis(25);
-/// How often the GPU's memory is sampled while a sleep frees it (NVML's process queries cost a few
-/// ms each and, polled too often, stall the GPU's other users).
+/// How often the GPU's memory is sampled while a sleep frees it: from every 10 ms, half as often
+/// again after each look, up to every 100 ms (NVML's process queries cost a few ms each and, polled
+/// often for long, stall the GPU's other users; a pause is short and waited for).
+const MEMORY_POLL_FIRST: Duration = Duration::from_millis(10);
 const MEMORY_POLL: Duration = Duration::from_millis(100);
 /// How long a sleep outside a pause (idle, revoke, stop) waits for the memory to show freed before
 /// the sidecar goes on regardless, with a warning.
@@ -91,8 +93,13 @@ impl Sidecar {
         while !stop.is_cancelled() {
             if self.engine.want == Want::OnRequest {
                 self.stats.set(EngineState::Asleep);
-                let demand = self.gate.demand.notified();
-                if self.gate.counts().1 == 0 {
+                // A request waits: a wake-up alone is no proof (a waiting request signals each time
+                // it looks, and a signal nobody took yet is kept), so the count decides.
+                loop {
+                    let demand = self.gate.demand.notified();
+                    if self.gate.counts().1 > 0 {
+                        break;
+                    }
                     tokio::select! {
                         () = demand => {}
                         () = stop.cancelled() => return,
@@ -385,6 +392,7 @@ impl Sidecar {
             // the moment the sleep starts): at least half the engine's share must show freed.
             let share = self.engine.vram_mb.unwrap_or(before);
             let target = before.saturating_sub(share / 2);
+            let mut poll = MEMORY_POLL_FIRST;
             loop {
                 match self.used_mb(gpu).await {
                     Some(used) if used > target => {}
@@ -408,7 +416,8 @@ impl Sidecar {
                     );
                     break;
                 }
-                tokio::time::sleep(MEMORY_POLL).await;
+                tokio::time::sleep(poll).await;
+                poll = (poll * 3 / 2).min(MEMORY_POLL);
             }
         }
         let took = started.elapsed();

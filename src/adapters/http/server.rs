@@ -72,6 +72,11 @@ pub(crate) async fn serve(
             () = stop.cancelled() => break,
             accepted = axum::serve::Listener::accept(&mut listener) => accepted,
         };
+        // Each write goes out at once: a streamed answer's first chunk must not wait behind the
+        // headers for the client's ACK (Nagle's algorithm, up to 40 ms with a delayed ACK).
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%remote, "TCP_NODELAY: {e}");
+        }
         let service = TowerToHyperService::new(app.clone());
         let builder = builder.clone();
         let stop = stop.clone();
