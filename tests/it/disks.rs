@@ -1,16 +1,23 @@
 //! Disks do not fill: every store is bounded in bytes by default, the journal forgets ended requests
-//! beyond `queue.retain_ended`, and an HTTP body's unknown fields are not stored.
+//! beyond `queue.retain_ended`, and an HTTP body's unknown fields are not stored. And when a disk fills
+//! anyway (a tmpfs of a few MiB, mounted by the test: it needs root), the embedded store refuses
+//! inputs, acknowledges none it did not keep, and goes on by itself once space is freed.
 
-use std::path::Path;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use async_nats::jetstream;
+use gpu_coordinator::adapters::sqlite::{SqliteBus, SqliteStore};
 use gpu_coordinator::config::{Config, DEFAULT_STREAM_BYTES};
+use gpu_coordinator::ports::{Gateway, Journal};
+use gpu_coordinator::storage::is_full;
 use reqwest::StatusCode;
-use sea_orm::{ConnectionTrait as _, Database, DatabaseConnection, Statement};
+use sea_orm::{ConnectionTrait as _, Database, DatabaseConnection, DbBackend, Statement};
 use serde_json::{json, Value};
 
-use crate::http::{client, post};
-use crate::support::{embedded_config, eventually, test_config, Coordinator, NATS_URL};
+use crate::http::{client, get, post};
+use crate::support::{embedded_config, eventually, test_config, unique, Coordinator, NATS_URL};
 
 /// The SQLite database of an embedded coordinator, read beside it.
 async fn database(config: &Config) -> DatabaseConnection {
@@ -162,4 +169,279 @@ async fn unknown_http_fields_are_not_stored() {
     db.close().await.ok();
     coordinator.stop().await.expect("stops cleanly");
     let _ = std::fs::remove_dir_all(&config.embedded.data_dir);
+}
+
+/// A small disk of its own: a tmpfs of `size` mounted on a fresh directory, unmounted when dropped
+/// (lazily, so that a test that failed with the coordinator's files still open leaves no mount
+/// behind), then the directory removed.
+struct SmallDisk {
+    dir: PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(tag: &str, size: &str) -> SmallDisk {
+        let dir = std::env::temp_dir().join(format!("gpu-it-{}", unique(tag)));
+        std::fs::create_dir_all(&dir).expect("the mount point can be made");
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .expect("mount runs");
+        if !mounted.success() {
+            let _ = std::fs::remove_dir(&dir);
+            panic!(
+                "cannot mount a {size} tmpfs on {}: this test fills a disk of its own and needs \
+                 the right to mount one (root, or CAP_SYS_ADMIN)",
+                dir.display()
+            );
+        }
+        SmallDisk { dir }
+    }
+
+    /// Writes zeros into `filler` until the disk refuses more, then gives `margin` bytes back, so that
+    /// the store runs out of space while it works (in the bus, the journal or the outputs, wherever
+    /// the last page goes); returns the filler's path.
+    fn fill(&self, margin: u64) -> PathBuf {
+        let path = self.dir.join("filler");
+        let mut file = std::fs::File::create(&path).expect("the filler can be made");
+        // Large blocks first, then smaller ones into what is left, down to single bytes.
+        for block in [1 << 20, 64 << 10, 4 << 10, 512, 1] {
+            let zeros = vec![0u8; block];
+            while file.write_all(&zeros).is_ok() {}
+        }
+        let len = file.metadata().expect("the filler's size").len();
+        file.set_len(len.saturating_sub(margin))
+            .expect("the filler gives the margin back");
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("--lazy").arg(&self.dir).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An input that the full disk refused is never acknowledged: each `submit` that returned Ok is in
+/// the database, as another reader sees it once space is back, and each one refused says the store
+/// is full. (The INSERT commits when its statement ends; read only to its first row, a commit refused
+/// for space was not reported.)
+#[tokio::test]
+async fn an_input_a_full_disk_refused_is_never_acknowledged() {
+    let disk = SmallDisk::mount("disk_ack", "6m");
+    let data = disk.dir.join("data");
+    let store = SqliteStore::open(&data).await.expect("a store");
+    let subjects = gpu_coordinator_wire::Subjects::new("tack").expect("a prefix");
+    let bus = SqliteBus::open(&store, &subjects, 60_000, 1 << 30)
+        .await
+        .expect("the embedded bus");
+    let filler = disk.fill(0);
+    let mut acknowledged = Vec::new();
+    let mut refused = 0;
+    for i in 0..50 {
+        let payload = json!({"service_id": "a", "request_id": format!("a-{i}"), "priority": 1});
+        match Gateway::submit(&bus, "tack.request.a", payload.to_string().into_bytes()).await {
+            Ok(()) => acknowledged.push(format!("a-{i}")),
+            Err(e) => {
+                assert!(is_full(&e), "refused for lack of space: {e}");
+                refused += 1;
+            }
+        }
+    }
+    std::fs::remove_file(&filler).expect("the filler goes");
+
+    let other = SqliteStore::open(&data).await.expect("opened beside it");
+    let stored: Vec<String> = other
+        .connection()
+        .query_all(Statement::from_string(
+            DbBackend::Sqlite,
+            "SELECT payload FROM bus_inputs ORDER BY seq",
+        ))
+        .await
+        .expect("read")
+        .iter()
+        .map(|r| {
+            let payload: Value =
+                serde_json::from_slice(&r.try_get_by_index::<Vec<u8>>(0).expect("a payload"))
+                    .expect("JSON");
+            payload["request_id"].as_str().expect("an id").to_owned()
+        })
+        .collect();
+    assert_eq!(stored, acknowledged, "stored exactly what was acknowledged");
+    assert!(refused > 0, "the full disk refused inputs");
+    Journal::close(&other).await;
+    Journal::close(&store).await;
+    drop(disk);
+}
+
+/// The holders of `service` in a status document: request id and fence.
+fn holders_of(doc: &Value, service: &str) -> Vec<(String, u64)> {
+    let mut holders: Vec<(String, u64)> = doc["gpus"][0]["holders"]
+        .as_array()
+        .expect("holders")
+        .iter()
+        .filter(|h| h["service_id"] == service)
+        .map(|h| {
+            (
+                h["request_id"].as_str().expect("an id").to_owned(),
+                h["fence"].as_u64().expect("a fence"),
+            )
+        })
+        .collect();
+    holders.sort();
+    holders
+}
+
+/// The embedded store on a disk that fills: inputs are refused with 507 and `/readyz` says which
+/// store is full; once space is freed the coordinator goes on by itself, with no restart, and every
+/// request acknowledged before, or while the disk filled, is still there.
+#[tokio::test]
+async fn a_full_disk_refuses_inputs_and_recovers_by_itself_once_space_is_freed() {
+    let disk = SmallDisk::mount("disk_full", "6m");
+    let mut config = embedded_config("disk_full", &[("0", 100_000)]);
+    config.embedded.data_dir = disk.dir.join("data").display().to_string();
+    config.lease.default_ms = 600_000;
+    // A request stored while the journal cannot write is answered 202 soon, not after 5 minutes.
+    config.http.max_wait_ms = 1_000;
+    let coordinator = Coordinator::start(config.clone()).await;
+    let c = client();
+    let request = |service: &str, id: &str| json!({"service_id": service, "request_id": id, "priority": 1, "vram_mb": 10});
+
+    // Held before the disk fills: acknowledged, so they must outlive it.
+    let mut kept = Vec::new();
+    for i in 0..3 {
+        let id = format!("kept-{i}");
+        let (status, body) = post(
+            &c,
+            &coordinator.url("/gpu/request"),
+            None,
+            request("kept", &id),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        kept.push((id, body["fence"].as_u64().expect("a fence")));
+    }
+
+    // Requests go on until the store refuses one. Each one acknowledged meanwhile must outlive the
+    // full disk: granted (200, under its fence), or stored and not yet granted (202: the journal
+    // could not write the grant).
+    let filler = disk.fill(256 << 10);
+    let mut granted = Vec::new();
+    let mut stored = Vec::new();
+    let mut refusal = None;
+    for i in 0..10_000 {
+        let id = format!("fill-{i}");
+        let (status, body) = post(
+            &c,
+            &coordinator.url("/gpu/request"),
+            None,
+            request("fill", &id),
+        )
+        .await;
+        match status {
+            StatusCode::OK => granted.push((id, body["fence"].as_u64().expect("a fence"))),
+            StatusCode::ACCEPTED => stored.push(id),
+            StatusCode::INSUFFICIENT_STORAGE => {
+                refusal = Some(body);
+                break;
+            }
+            other => panic!("{id}: {other} {body}"),
+        }
+    }
+    let refusal = refusal.expect("the full disk refuses an input with 507");
+    eprintln!(
+        "the disk filled after {} granted and {} stored, not granted: {refusal}",
+        granted.len(),
+        stored.len()
+    );
+    assert!(
+        refusal["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("full")),
+        "the refusal says the store is full: {refusal}"
+    );
+    let (status, body) = get(&c, &coordinator.url("/readyz"), None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("is full")),
+        "/readyz names the full store: {body}"
+    );
+    // The status says so too, when the driver can answer it: while it retries a journal write that
+    // the disk refused, it answers nothing (503, "did not produce its status").
+    let (status, doc) = get(&c, &coordinator.url("/gpu/status"), None).await;
+    if status == StatusCode::OK {
+        assert!(
+            doc["storage_full"]
+                .as_str()
+                .is_some_and(|e| e.contains("is full")),
+            "the status says so: {doc}"
+        );
+    }
+
+    // Space is freed; no restart. A new request is granted and the store is ready again.
+    std::fs::remove_file(&filler).expect("the filler goes");
+    let after = eventually("a new request is granted once space is freed", || async {
+        let (status, body) = post(
+            &c,
+            &coordinator.url("/gpu/request"),
+            None,
+            request("after", "after-1"),
+        )
+        .await;
+        (status == StatusCode::OK).then_some(body)
+    })
+    .await;
+    assert!(after["fence"].as_u64().is_some(), "{after}");
+    eventually("/readyz answers 200 once space is freed", || async {
+        let (status, _) = get(&c, &coordinator.url("/readyz"), None).await;
+        (status == StatusCode::OK).then_some(())
+    })
+    .await;
+
+    // Nothing acknowledged was lost. The requests held before still hold, under their fences; those
+    // granted while the disk filled too; and those stored but not granted then are granted now,
+    // from the store, without being sent again.
+    eventually("every acknowledged request holds", || async {
+        let (status, doc) = get(&c, &coordinator.url("/gpu/status"), None).await;
+        let fill = holders_of(&doc, "fill");
+        let ids: Vec<&str> = fill.iter().map(|(id, _)| id.as_str()).collect();
+        let mut expected: Vec<&str> = granted
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .chain(stored.iter().map(String::as_str))
+            .collect();
+        expected.sort();
+        (status == StatusCode::OK
+            && holders_of(&doc, "kept") == kept
+            && ids == expected
+            && granted.iter().all(|g| fill.contains(g))
+            && doc["storage_full"].is_null())
+        .then_some(())
+    })
+    .await;
+    // And the journal has them all.
+    let db = database(&config).await;
+    let journal: Vec<String> = db
+        .query_all(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT request_id FROM requests",
+        ))
+        .await
+        .expect("read")
+        .iter()
+        .map(|r| r.try_get_by_index::<String>(0).expect("an id"))
+        .collect();
+    let acknowledged = kept.iter().chain(&granted).map(|(id, _)| id).chain(&stored);
+    for id in acknowledged {
+        assert!(
+            journal.iter().any(|j| j.ends_with(id.as_str())),
+            "the acknowledged request {id} is in the journal"
+        );
+    }
+    db.close().await.ok();
+    coordinator.stop().await.expect("stops cleanly");
+    drop(disk);
 }

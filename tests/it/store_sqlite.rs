@@ -6,6 +6,7 @@
 use gpu_coordinator::adapters::sqlite::SqliteStore;
 use gpu_coordinator::ports::{Batch, Journal, OutboxRow};
 use gpu_coordinator_core::{End, Fence, Phase, RequestRecord};
+use sea_orm::{ConnectionTrait as _, DbBackend, Statement, TransactionTrait as _};
 
 use crate::store_pg::{bare, ended_at, holder, paused_after_restore, record, BASE};
 
@@ -169,4 +170,76 @@ async fn sqlite_a_restart_keeps_each_requests_pause_hint() {
     let loaded = again.load(10).await.expect("load").records;
     assert_eq!(loaded, hinted);
     assert_eq!(paused_after_restore(loaded), ["fast"]);
+}
+
+/// A transaction that SQLite ends by itself, as it does on a full disk (SQLITE_FULL rolls the whole
+/// transaction back; the COMMIT, and sqlx's ROLLBACK after it, then fail), leaves no connection of
+/// the pool inside a transaction. Before, each such connection went back to the pool counted one
+/// transaction deep by sqlx: its next transaction was a SAVEPOINT, whose rollback left SQLite's
+/// write lock held, so that every other writer got "database is locked" for good and this
+/// connection's own writes never reached the disk.
+#[tokio::test]
+async fn sqlite_a_transaction_that_sqlite_ended_itself_leaves_no_connection_inside_one() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = SqliteStore::open(dir.path()).await.expect("a fresh store");
+    let db = store.connection();
+    db.execute_unprepared("CREATE TABLE probe (id INTEGER PRIMARY KEY)")
+        .await
+        .expect("a table of the test's own");
+
+    // On every connection of the pool at once (four), a transaction that SQLite ends behind sqlx's
+    // back, then a COMMIT that fails for it.
+    let ended = futures::future::join_all((0..4).map(|_| async {
+        let txn = db.begin().await.expect("a transaction");
+        txn.execute_unprepared("INSERT INTO probe DEFAULT VALUES")
+            .await
+            .expect("a write");
+        txn.execute_unprepared("ROLLBACK")
+            .await
+            .expect("SQLite ends the transaction");
+        txn
+    }))
+    .await;
+    for txn in ended {
+        assert!(txn.commit().await.is_err(), "no transaction left to commit");
+    }
+
+    // A transaction that fails and is rolled back, then the journal's own write: neither is kept
+    // from the disk, and no writer waits on a lock left behind.
+    let txn = db.begin().await.expect("a transaction");
+    txn.execute_unprepared("INSERT INTO probe (id) VALUES (7)")
+        .await
+        .expect("a write");
+    assert!(
+        txn.execute_unprepared("INSERT INTO probe (id) VALUES (7)")
+            .await
+            .is_err(),
+        "the same key twice"
+    );
+    txn.rollback().await.expect("rolled back");
+    let after = [record("after", 1, Phase::Queued)];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        write(&store, &after, Some(Fence(1))),
+    )
+    .await
+    .expect("the write is not kept waiting by a lock left behind");
+
+    // What another process reading the directory sees: the journal's write, and no probe row.
+    let other = SqliteStore::open(dir.path())
+        .await
+        .expect("opened beside it");
+    assert_eq!(other.load(10).await.expect("load").records, after);
+    let probes = other
+        .connection()
+        .query_one(Statement::from_string(
+            DbBackend::Sqlite,
+            "SELECT count(*) AS n FROM probe",
+        ))
+        .await
+        .expect("read")
+        .expect("a row")
+        .try_get::<i64>("", "n")
+        .expect("a count");
+    assert_eq!(probes, 0, "nothing rolled back was kept");
 }

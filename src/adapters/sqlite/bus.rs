@@ -641,8 +641,10 @@ impl Bus for SqliteBus {
         let mut inserted = Vec::new();
         let body = async {
             for out in outputs {
+                // `query_all`, not `query_one`: see `submit` (here inside the transaction, whose
+                // COMMIT reports a failure anyway, but a write is read to its end everywhere).
                 let row = txn
-                    .query_one(Statement::from_sql_and_values(
+                    .query_all(Statement::from_sql_and_values(
                         DbBackend::Sqlite,
                         "INSERT INTO bus_outputs (msg_id, subject, msgpack, payload, stored_at) \
                      VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (msg_id) DO NOTHING RETURNING seq",
@@ -654,7 +656,9 @@ impl Bus for SqliteBus {
                             at.into(),
                         ],
                     ))
-                    .await?;
+                    .await?
+                    .into_iter()
+                    .next();
                 if let Some(seq) = row.and_then(|r| r.try_get::<i64>("", "seq").ok()) {
                     inserted.push(Stored {
                         seq: u64::try_from(seq).unwrap_or(0),
@@ -743,17 +747,25 @@ impl Gateway for SqliteBus {
                 return Err(PortError::new(BusFull { used, max }));
             }
         }
+        // `query_all`, not `query_one`, which would acknowledge an input that is not stored: outside
+        // a transaction the INSERT commits when the statement ends, and `query_one` (sqlx's
+        // `fetch_optional`) stops at the first row and resets the statement, ignoring what the reset
+        // says (sqlx-sqlite 0.8.6, `ExecuteIter`'s `Drop`: `self.statement.reset().ok()`). On a full
+        // disk that commit fails and the row is gone, yet the row RETURNING gave was already read.
+        // Read to its end, the statement's last step carries the commit's error.
         let row = self
             .inner
             .db
-            .query_one(Statement::from_sql_and_values(
+            .query_all(Statement::from_sql_and_values(
                 DbBackend::Sqlite,
                 "INSERT INTO bus_inputs (subject, content_type, payload, stored_at) \
                  VALUES (?1, NULL, ?2, ?3) RETURNING seq",
                 [subject.into(), payload.into(), at.into()],
             ))
             .await
-            .map_err(write_error)?;
+            .map_err(write_error)?
+            .into_iter()
+            .next();
         self.inner.used.fetch_add(size, Ordering::SeqCst);
         drop(turn);
         if let Some(seq) = row

@@ -30,6 +30,7 @@ use migration::{Migrator, MigratorTrait};
 use sea_orm::sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
+use sea_orm::sqlx::{Database as SqlxDatabase, Sqlite, SqliteConnection, TransactionManager as _};
 use sea_orm::{
     ConnectionTrait as _, DatabaseConnection, DbBackend, DbErr, SqlxSqliteConnector, Statement,
     TransactionTrait as _,
@@ -119,7 +120,9 @@ pub enum SqliteError {
 
 /// Commits `txn` when its `body` succeeded, else rolls it back at once: a transaction left to roll back
 /// when its connection is next used would keep SQLite's write lock (after a full disk, say) and every
-/// other writer would wait for it in vain. A commit that fails is rolled back too.
+/// other writer would wait for it in vain. A commit that fails cannot be rolled back here (sea-orm's
+/// `commit` takes the transaction): dropping it queues sqlx's ROLLBACK, and the pool's check
+/// ([`outside_transaction`]) closes the connection if that leaves it inside a transaction.
 pub(crate) async fn settle<T>(
     txn: sea_orm::DatabaseTransaction,
     body: Result<T, DbErr>,
@@ -153,6 +156,7 @@ pub async fn open(dir: &Path) -> Result<(DatabaseConnection, PathBuf), SqliteErr
         .foreign_keys(true);
     let pool = SqlitePoolOptions::new()
         .max_connections(POOL)
+        .after_release(|conn, _| Box::pin(outside_transaction(conn)))
         .connect_with(options)
         .await
         .map_err(|source| SqliteError::Open {
@@ -160,6 +164,46 @@ pub async fn open(dir: &Path) -> Result<(DatabaseConnection, PathBuf), SqliteErr
             source,
         })?;
     Ok((SqlxSqliteConnector::from_sqlx_sqlite_pool(pool), file))
+}
+
+/// Whether a connection given back to the pool is outside any transaction, by sqlx's count and by
+/// SQLite's own: the pool keeps it only then, and closes it otherwise (closing rolls back whatever
+/// SQLite still has open, and the pool opens a fresh connection when one is needed).
+///
+/// Why (sqlx 0.8.6, `sqlx-sqlite/src/connection/worker.rs`): sqlx counts a connection's transactions
+/// itself (`transaction_depth`) and lowers the count only when its COMMIT or ROLLBACK succeeds. On a
+/// full disk SQLite ends the transaction by itself (SQLITE_FULL rolls back the whole transaction, on a
+/// statement or on COMMIT); the COMMIT fails, and so does the ROLLBACK that follows it (sea-orm's
+/// `rollback`, or the one its `Drop` queues with `start_rollback`: "no transaction is active"), so the
+/// connection goes back to the pool counted one deep while SQLite is in autocommit. Its next `begin`
+/// is then `SAVEPOINT _sqlx_savepoint_1` (`begin_ansi_transaction_sql(1)` in
+/// `sqlx-core/src/transaction.rs`), which starts a real transaction; its commit is `RELEASE
+/// SAVEPOINT` and its rollback `ROLLBACK TO SAVEPOINT`, which undoes the writes but leaves the
+/// transaction open with SQLite's write lock: every other connection then gets "database is locked"
+/// for good, even once space is back, and this one's later "commits" only release savepoints inside
+/// that transaction, never reaching the disk. With this check such a connection is closed when it is
+/// given back, and the next transaction gets a fresh one.
+///
+/// This only reads state; it runs no ROLLBACK of its own, so it cannot race the one sqlx queued:
+/// `lock_handle` is a command to the connection's worker, which runs commands in order, so by the time
+/// the handle is ours the queued ROLLBACK has run and the count is final.
+async fn outside_transaction(conn: &mut SqliteConnection) -> Result<bool, sea_orm::sqlx::Error> {
+    let mut handle = conn.lock_handle().await?;
+    // SAFETY: the handle is an open connection, locked for this task; sqlite3_get_autocommit only
+    // reads a flag of it.
+    let autocommit =
+        unsafe { libsqlite3_sys::sqlite3_get_autocommit(handle.as_raw_handle().as_ptr()) } != 0;
+    drop(handle);
+    let depth = <Sqlite as SqlxDatabase>::TransactionManager::get_transaction_depth(conn);
+    let clean = autocommit && depth == 0;
+    if !clean {
+        tracing::warn!(
+            "a SQLite connection came back inside a transaction (sqlx counts {depth} open, SQLite \
+             says {}): closed rather than reused, so that it keeps no lock",
+            if autocommit { "none" } else { "one" }
+        );
+    }
+    Ok(clean)
 }
 
 /// The journal in SQLite.
