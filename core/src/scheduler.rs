@@ -35,6 +35,18 @@
 //!
 //! With NVML (`settle_ms` > 0), a GPU where a holder just paused takes no grant until a VRAM sample shows
 //! the paused share freed, or until `settle_ms` passes: then the grant goes ahead, and its event says so.
+//!
+//! # What a service may ask for
+//!
+//! [`SchedConfig::services`] holds each service's policy (`[services.<id>]`). A request more urgent than
+//! its service's `max_priority` is rejected naming the limit (or taken at it, with `clamp_priority`);
+//! its defaults fill the VRAM and lease a request leaves out; `preemptible = false` makes its holders
+//! never paused; its `min_hold_ms` replaces the global one for its holders; and, with
+//! `allow_unknown` off, a service without a section is refused. A service's cap (`max_vram_mb`) bounds
+//! what its holders hold together (a whole-GPU holder counts its GPU's capacity): in the pass, a
+//! request that would take its service beyond it is skipped, reserving nothing, and while its
+//! service's first waiting request does not fit under the cap, the service's later ones are skipped
+//! too (`Scheduler::under_cap`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
@@ -106,6 +118,52 @@ struct Live {
     eff: u8,
     /// The timers set for this request, to remove them exactly.
     timers: Vec<(Millis, TimerKind)>,
+    /// How long it holds before it may be paused: its service's `min_hold_ms`, else
+    /// `preemption.min_hold_ms`.
+    min_hold_ms: u64,
+}
+
+/// One service: its live requests, what its holders count against its limits, and the limits.
+struct Svc {
+    /// Its live requests, by arrival number.
+    live: BTreeSet<u64>,
+    /// What its holders (active and pausing) hold, as its cap counts it: each holder's
+    /// `vram_mb`, or its GPU's capacity for a whole-GPU holder ([`charge`]).
+    used_mb: u64,
+    /// `max_vram_mb`.
+    cap: Option<u64>,
+    /// Its waiting (queued and paused) requests in grant order, kept only when it has a cap
+    /// (`limits`): its first one holds its cap (see [`Scheduler::under_cap`]).
+    waiting: BTreeSet<(u8, u64)>,
+    limits: bool,
+}
+
+impl Svc {
+    fn new(policy: &ServicePolicy) -> Svc {
+        Svc {
+            live: BTreeSet::new(),
+            used_mb: 0,
+            cap: policy.max_vram_mb,
+            waiting: BTreeSet::new(),
+            limits: policy.limits_vram(),
+        }
+    }
+}
+
+/// The configuration key `name` of `service`'s policy, as an operator writes it: in its own section
+/// (`named`), or in `[services.default]`.
+fn policy_key(named: bool, service: &str, name: &str) -> String {
+    if named {
+        format!("services.{service}.{name}")
+    } else {
+        format!("services.default.{name}")
+    }
+}
+
+/// What a request counts against its service's cap on a GPU of `total_mb`: its VRAM,
+/// or for the whole GPU, the GPU's capacity (its lease claims that much in the lease store too).
+fn charge(rec: &RequestRecord, total_mb: u64) -> u64 {
+    rec.vram_mb.unwrap_or(total_mb)
 }
 
 /// The scheduling core. See the module docs for the rules.
@@ -117,8 +175,10 @@ pub struct Scheduler {
     live: HashMap<u64, Live>,
     /// Live requests by id.
     ids: HashMap<RequestId, u64>,
-    /// Live requests by service.
-    services: HashMap<ServiceId, BTreeSet<u64>>,
+    /// Live requests by service, with what each holds and may hold.
+    services: HashMap<ServiceId, Svc>,
+    /// Whether some service has a cap (else the pass checks none).
+    limits_on: bool,
     /// Queued and paused requests in grant order: (effective priority, arrival).
     queue: BTreeSet<(u8, u64)>,
     /// The paused requests of `queue`, by the same keys.
@@ -157,6 +217,7 @@ impl Scheduler {
             live: HashMap::new(),
             ids: HashMap::new(),
             services: HashMap::new(),
+            limits_on: false,
             queue: BTreeSet::new(),
             paused: BTreeSet::new(),
             queue_counts: BTreeMap::new(),
@@ -173,6 +234,7 @@ impl Scheduler {
             clock: 0,
             arrived: Vec::new(),
         };
+        scheduler.limits_on = scheduler.config.services.limit_vram();
         scheduler.set_gpus(gpus);
         scheduler
     }
@@ -614,6 +676,38 @@ impl Scheduler {
             let existing_encoding = existing.encoding;
             return self.reply(&service, existing_encoding, reply);
         }
+        // What the service may ask for, and what it gets when it leaves something out.
+        let Some(policy) = self.config.services.get(&service).cloned() else {
+            let error = format!(
+                "service `{service}` is not configured: it has no [services.{service}] section, and \
+                 `services.allow_unknown` is false"
+            );
+            return self.reject(&service, encoding, Some(&request_id), error, now);
+        };
+        let named = self.config.services.named.contains_key(service.as_str());
+        let key = |name: &str| policy_key(named, &service, name);
+        let mut priority = msg.priority;
+        let mut requested_detail = None;
+        let mut priority_error = None;
+        if let Some(max) = policy.max_priority.filter(|&max| msg.priority < max) {
+            if policy.clamp_priority {
+                priority = max;
+                requested_detail = Some(format!(
+                    "priority {} taken as {max}, the most urgent that `{}` allows (`{}` is true)",
+                    msg.priority,
+                    key("max_priority"),
+                    key("clamp_priority")
+                ));
+            } else {
+                priority_error = Some(format!(
+                    "field `priority`: {} is more urgent than service `{service}` may ask for: \
+                     `{}` is {max} (0 is the most urgent; give {max} or a greater number)",
+                    msg.priority,
+                    key("max_priority")
+                ));
+            }
+        }
+        let vram_mb = msg.vram_mb.or(policy.default_vram_mb);
         let candidates: Vec<&Gpu> = match &msg.gpu {
             Some(pin) => self
                 .gpu_index
@@ -624,7 +718,9 @@ impl Scheduler {
             None => self.gpus.iter().collect(),
         };
         let known: Vec<&str> = self.gpus.iter().map(|g| g.spec.id.as_str()).collect();
-        let error = if candidates.is_empty() {
+        let error = if priority_error.is_some() {
+            priority_error
+        } else if candidates.is_empty() {
             Some(match &msg.gpu {
                 Some(pin) => format!(
                     "field `gpu`: no GPU `{pin}` is managed here; the GPUs are: {}",
@@ -635,7 +731,7 @@ impl Scheduler {
         } else if let Some(live) = self
             .services
             .get(service.as_str())
-            .map(BTreeSet::len)
+            .map(|svc| svc.live.len())
             .filter(|&n| n >= self.config.max_per_service)
         {
             Some(format!(
@@ -643,22 +739,48 @@ impl Scheduler {
                  `queue.max_per_service` allows ({}): release or cancel some first",
                 self.config.max_per_service
             ))
-        } else if let Some(vram) = msg.vram_mb {
-            let largest = candidates
-                .iter()
-                .map(|g| g.spec.total_mb)
-                .max()
-                .unwrap_or(0);
-            (vram > largest).then(|| {
-                format!(
-                    "field `vram_mb`: {vram} MB is more than any GPU it may use has ({largest} MB)"
-                )
+        } else if let Some((vram, largest)) = vram_mb
+            .map(|vram| {
+                let largest = candidates.iter().map(|g| g.spec.total_mb).max();
+                (vram, largest.unwrap_or(0))
             })
+            .filter(|&(vram, largest)| vram > largest)
+        {
+            let given = if msg.vram_mb.is_some() {
+                "field `vram_mb`".to_owned()
+            } else {
+                format!("`{}`", key("default_vram_mb"))
+            };
+            Some(format!(
+                "{given}: {vram} MB is more than any GPU it may use has ({largest} MB)"
+            ))
+        } else if let Some(cap) = policy.max_vram_mb.filter(|&cap| {
+            candidates
+                .iter()
+                .all(|g| vram_mb.unwrap_or(g.spec.total_mb) > cap)
+        }) {
+            let asked = match vram_mb {
+                Some(vram) => format!("{vram} MB"),
+                None => format!(
+                    "a whole GPU (the smallest it may use has {} MB)",
+                    candidates
+                        .iter()
+                        .map(|g| g.spec.total_mb)
+                        .min()
+                        .unwrap_or(0)
+                ),
+            };
+            Some(format!(
+                "{asked} is more than service `{service}` may hold at once: `{}` is {cap} MB, so \
+                 the request could never be granted",
+                key("max_vram_mb")
+            ))
         } else {
             None
         };
         let lease_ms = msg
             .lease_ms
+            .or(policy.default_lease_ms)
             .unwrap_or(self.config.lease_default_ms)
             .min(self.config.lease_max_ms)
             .max(1);
@@ -668,12 +790,13 @@ impl Scheduler {
         let rec = RequestRecord {
             request_id: request_id.clone().into(),
             service_id: service.clone().into(),
-            priority: msg.priority,
+            priority,
             arrival: seq,
             encoding,
-            vram_mb: msg.vram_mb,
+            vram_mb,
             gpu_pin: msg.gpu.clone().map(GpuId::from),
-            preemptible: msg.preemptible.unwrap_or(true),
+            // A service that is not preemptible is not, whatever its requests say.
+            preemptible: msg.preemptible.unwrap_or(true) && policy.preemptible,
             pause_ms: msg.pause_ms,
             lease_ms,
             requested_at: now,
@@ -692,7 +815,7 @@ impl Scheduler {
             ended_at: None,
             detail: None,
         };
-        self.event(&rec, EventKind::Requested, now, None);
+        self.event(&rec, EventKind::Requested, now, requested_detail);
         if let Some(error) = error {
             let mut rec = rec;
             rec.phase = Phase::Ended;
@@ -718,7 +841,7 @@ impl Scheduler {
             let all: Vec<u64> = self
                 .services
                 .get(service.as_str())
-                .map(|s| s.iter().copied().collect())
+                .map(|svc| svc.live.iter().copied().collect())
                 .unwrap_or_default();
             for seq in all {
                 self.release(
@@ -1104,10 +1227,25 @@ impl Scheduler {
     /// removed from the inventory, or every GPU left is smaller than it needs): it would wait forever.
     fn end_if_unplaceable(&mut self, seq: u64, now: Millis) {
         let rec = self.live_rec(seq);
-        if self.allowed(rec).next().is_some() {
+        let cap = self.services.get(&rec.service_id).and_then(|svc| svc.cap);
+        let any_gpu = self.allowed(rec).next().is_some();
+        if self
+            .allowed(rec)
+            .any(|g| cap.is_none_or(|cap| charge(rec, self.gpus[g].spec.total_mb) <= cap))
+        {
             return;
         }
+        let named = self
+            .config
+            .services
+            .named
+            .contains_key(rec.service_id.as_str());
         let why = match (&rec.gpu_pin, rec.vram_mb) {
+            _ if any_gpu => format!(
+                "it needs more than its service may hold at once (`{}` is {} MB)",
+                policy_key(named, &rec.service_id, "max_vram_mb"),
+                cap.unwrap_or(0)
+            ),
             (Some(pin), _) if !self.gpu_index.contains_key(pin) => {
                 format!("the GPU `{pin}` it is pinned to is no longer managed by this coordinator")
             }
@@ -1157,9 +1295,9 @@ impl Scheduler {
         self.event(&live.rec, kind, now, detail);
         self.mark_dirty(&live.rec.request_id);
         self.ids.remove(&live.rec.request_id);
-        if let Some(set) = self.services.get_mut(&live.rec.service_id) {
-            set.remove(&seq);
-            if set.is_empty() {
+        if let Some(svc) = self.services.get_mut(&live.rec.service_id) {
+            svc.live.remove(&seq);
+            if svc.live.is_empty() {
                 self.services.remove(&live.rec.service_id);
             }
         }
@@ -1173,6 +1311,8 @@ impl Scheduler {
         let mut open: Vec<bool> = self.gpus.iter().map(|g| g.settle.is_none()).collect();
         let mut n_open = open.iter().filter(|&&o| o).count();
         let mut cursor: Option<(u8, u64)> = None;
+        // The services whose waiting requests wait for their own leases to end (their cap), this pass.
+        let mut capped: Vec<ServiceId> = Vec::new();
         while n_open > 0 {
             let lower = match cursor {
                 Some(c) => Bound::Excluded(c),
@@ -1189,7 +1329,10 @@ impl Scheduler {
             };
             cursor = Some(key);
             let seq = key.1;
-            let candidates = self.candidates(seq, &open);
+            let mut candidates = self.candidates(seq, &open);
+            if self.limits_on && !candidates.is_empty() {
+                candidates = self.under_cap(seq, candidates, &mut capped);
+            }
             if candidates.is_empty() {
                 continue;
             }
@@ -1212,6 +1355,53 @@ impl Scheduler {
             open[reserve] = false;
             n_open -= 1;
         }
+    }
+
+    /// Those of `candidates` where the request fits under its service's cap with what the service holds
+    /// now (none: it waits, reserving nothing, for its service's own leases to end). The service's
+    /// first waiting request in grant order keeps the cap for itself: while it does not fit under it,
+    /// the service's later requests wait too, and the service is added to `capped` for the rest of
+    /// the pass (what a service holds only grows during a pass).
+    fn under_cap(
+        &self,
+        seq: u64,
+        candidates: Vec<usize>,
+        capped: &mut Vec<ServiceId>,
+    ) -> Vec<usize> {
+        let rec = self.live_rec(seq);
+        let Some(svc) = self.services.get(&rec.service_id) else {
+            return candidates;
+        };
+        let Some(cap) = svc.cap else {
+            return candidates;
+        };
+        if capped.contains(&rec.service_id) {
+            return Vec::new();
+        }
+        let head = svc.waiting.first().map(|&(_, head)| head);
+        if let Some(head) = head.filter(|&head| head != seq) {
+            let first = self.live_rec(head);
+            let fits = self
+                .allowed(first)
+                .any(|g| svc.used_mb + charge(first, self.gpus[g].spec.total_mb) <= cap);
+            if !fits {
+                capped.push(rec.service_id.clone());
+                return Vec::new();
+            }
+        }
+        let under: Vec<usize> = candidates
+            .into_iter()
+            .filter(|&g| svc.used_mb + charge(rec, self.gpus[g].spec.total_mb) <= cap)
+            .collect();
+        if under.is_empty() && head == Some(seq) {
+            let fits = self
+                .allowed(rec)
+                .any(|g| svc.used_mb + charge(rec, self.gpus[g].spec.total_mb) <= cap);
+            if !fits {
+                capped.push(rec.service_id.clone());
+            }
+        }
+        under
     }
 
     /// The open GPUs that a request may use and that are big enough for it.
@@ -1332,7 +1522,11 @@ impl Scheduler {
         // that waits for one comes after any that does not.
         let mut stuck = false;
         for &h in &gpu.holders {
-            let holder = self.live_rec(h);
+            let live = self
+                .live
+                .get(&h)
+                .expect("a live request by its arrival number");
+            let holder = &live.rec;
             if holder.phase == Phase::Pausing {
                 stuck |= holder.pause_deadline.is_some_and(|d| d <= now);
                 free += holder.held_mb.unwrap_or(0);
@@ -1343,7 +1537,7 @@ impl Scheduler {
                 && holder
                     .granted_at
                     .unwrap_or(0)
-                    .saturating_add(self.config.min_hold_ms)
+                    .saturating_add(live.min_hold_ms)
                     <= now
             {
                 eligible.push(holder);
@@ -1411,19 +1605,29 @@ impl Scheduler {
     fn insert_live(&mut self, rec: RequestRecord) {
         let seq = rec.arrival;
         self.ids.insert(rec.request_id.clone(), seq);
+        // A service refused now (a restart with `services.allow_unknown` off) keeps what it had.
+        let default = ServicePolicy::default();
+        let policy = self
+            .config
+            .services
+            .get(&rec.service_id)
+            .unwrap_or(&default);
+        let min_hold_ms = policy.min_hold_ms.unwrap_or(self.config.min_hold_ms);
         match self.services.get_mut(&rec.service_id) {
-            Some(seqs) => {
-                seqs.insert(seq);
+            Some(svc) => {
+                svc.live.insert(seq);
             }
             None => {
-                self.services
-                    .insert(rec.service_id.clone(), BTreeSet::from([seq]));
+                let mut svc = Svc::new(policy);
+                svc.live.insert(seq);
+                self.services.insert(rec.service_id.clone(), svc);
             }
         }
         let live = Live {
             eff: rec.priority,
             rec,
             timers: Vec::new(),
+            min_hold_ms,
         };
         self.attach_live(seq, live, None);
     }
@@ -1436,6 +1640,11 @@ impl Scheduler {
             .expect("a live request by its arrival number");
         if self.queue.remove(&(live.eff, seq)) {
             self.count_queued(&live.rec, live.eff, seq, false);
+            if self.limits_on {
+                if let Some(svc) = self.services.get_mut(&live.rec.service_id) {
+                    svc.waiting.remove(&(live.eff, seq));
+                }
+            }
         }
         for gpu in &mut self.gpus {
             gpu.queue.remove(&(live.eff, seq));
@@ -1447,6 +1656,10 @@ impl Scheduler {
             let gpu = &mut self.gpus[*g];
             if gpu.holders.remove(&seq) {
                 gpu.held_mb -= live.rec.held_mb.unwrap_or(0);
+                let charged = charge(&live.rec, gpu.spec.total_mb);
+                if let Some(svc) = self.services.get_mut(&live.rec.service_id) {
+                    svc.used_mb -= charged;
+                }
             }
         }
         live
@@ -1477,12 +1690,14 @@ impl Scheduler {
                 timers.push((rec.timeout_at, TimerKind::Timeout));
                 if self.queue.insert((live.eff, seq)) {
                     self.count_queued(rec, live.eff, seq, true);
+                    self.wait_in_service(rec, live.eff, seq);
                 }
             }
             Phase::Paused => {
                 live.eff = rec.priority;
                 if self.queue.insert((live.eff, seq)) {
                     self.count_queued(rec, live.eff, seq, true);
+                    self.wait_in_service(rec, live.eff, seq);
                 }
             }
             Phase::Active | Phase::Pausing => {
@@ -1492,11 +1707,8 @@ impl Scheduler {
                 if let Some(at) = rec.pause_deadline {
                     timers.push((at, TimerKind::PauseDeadline));
                 }
-                if self.config.min_hold_ms > 0 && rec.phase == Phase::Active {
-                    let at = rec
-                        .granted_at
-                        .unwrap_or(0)
-                        .saturating_add(self.config.min_hold_ms);
+                if live.min_hold_ms > 0 && rec.phase == Phase::Active {
+                    let at = rec.granted_at.unwrap_or(0).saturating_add(live.min_hold_ms);
                     if now.is_none_or(|n| at > n) {
                         timers.push((at, TimerKind::MinHold));
                     }
@@ -1510,6 +1722,10 @@ impl Scheduler {
                     let gpu = &mut self.gpus[g];
                     if gpu.holders.insert(seq) {
                         gpu.held_mb += rec.held_mb.unwrap_or(0);
+                        let charged = charge(rec, gpu.spec.total_mb);
+                        if let Some(svc) = self.services.get_mut(&rec.service_id) {
+                            svc.used_mb += charged;
+                        }
                     }
                 }
             }
@@ -1526,6 +1742,21 @@ impl Scheduler {
         }
         live.timers = timers;
         self.live.insert(seq, live);
+    }
+
+    /// Puts a request that enters the queue under `(eff, seq)` in its service's own order, when the
+    /// service has a cap.
+    fn wait_in_service(&mut self, rec: &RequestRecord, eff: u8, seq: u64) {
+        if !self.limits_on {
+            return;
+        }
+        if let Some(svc) = self
+            .services
+            .get_mut(&rec.service_id)
+            .filter(|svc| svc.limits)
+        {
+            svc.waiting.insert((eff, seq));
+        }
     }
 
     /// Counts a request that enters (`add`) or leaves the queue under `(eff, seq)` in `paused` and
@@ -2031,6 +2262,56 @@ impl Scheduler {
             != self.live.len()
         {
             return Err("a live request is missing from the queue and the GPUs".into());
+        }
+        self.check_services()
+    }
+
+    /// What each service holds, its live requests and its waiting order, as kept, are what the GPUs
+    /// and the queue hold.
+    fn check_services(&self) -> Result<(), String> {
+        let mut used: HashMap<&str, u64> = HashMap::new();
+        for g in &self.gpus {
+            for &h in &g.holders {
+                let rec = self.live_rec(h);
+                *used.entry(&rec.service_id).or_default() += charge(rec, g.spec.total_mb);
+            }
+        }
+        let mut live: HashMap<&str, BTreeSet<u64>> = HashMap::new();
+        let mut waiting: HashMap<&str, BTreeSet<(u8, u64)>> = HashMap::new();
+        for (&seq, l) in &self.live {
+            live.entry(&l.rec.service_id).or_default().insert(seq);
+            if self.queue.contains(&(l.eff, seq)) {
+                waiting
+                    .entry(&l.rec.service_id)
+                    .or_default()
+                    .insert((l.eff, seq));
+            }
+        }
+        if live.len() != self.services.len() {
+            return Err(format!(
+                "{} services have live requests, {} are kept",
+                live.len(),
+                self.services.len()
+            ));
+        }
+        for (id, svc) in &self.services {
+            let want_used = used.get(id.as_str()).copied().unwrap_or(0);
+            if svc.used_mb != want_used {
+                return Err(format!(
+                    "service {id} counts {} MB held, its holders {want_used} MB",
+                    svc.used_mb
+                ));
+            }
+            if live.get(id.as_str()) != Some(&svc.live) {
+                return Err(format!("service {id}'s live requests are not those kept"));
+            }
+            let want_waiting = waiting.remove(id.as_str()).unwrap_or_default();
+            if svc.limits && self.limits_on && svc.waiting != want_waiting {
+                return Err(format!(
+                    "service {id} keeps {:?} waiting, the queue holds {want_waiting:?}",
+                    svc.waiting
+                ));
+            }
         }
         Ok(())
     }

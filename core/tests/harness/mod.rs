@@ -1065,6 +1065,24 @@ impl Sim {
                 }
             }
         }
+        // A grant or a resume never takes a service beyond its cap (a restart with a lower cap may
+        // find one beyond it: it is then given nothing more).
+        for op in acts.lease_ops() {
+            if let LeaseOp::Acquire(lease) = op {
+                let cap = self
+                    .config
+                    .services
+                    .get(&lease.service_id)
+                    .and_then(|p| p.max_vram_mb);
+                let used = self.used_by(&lease.service_id, status);
+                if let Some(cap) = cap.filter(|&cap| used > cap) {
+                    return Err(format!(
+                        "{} was granted and service {} holds {used} MB, beyond its cap of {cap} MB",
+                        lease.request_id, lease.service_id
+                    ));
+                }
+            }
+        }
         for q in &status.queue {
             if seen.contains(&q.request_id) {
                 return Err(format!("{} is both holding and queued", q.request_id));
@@ -1074,6 +1092,65 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// The effective `min_hold_ms` of a service's holders.
+    pub fn min_hold(&self, service: &str) -> u64 {
+        self.config
+            .services
+            .get(service)
+            .and_then(|p| p.min_hold_ms)
+            .unwrap_or(self.config.min_hold_ms)
+    }
+
+    /// What a service's holders count against its cap: each one's `vram_mb`, a whole-GPU holder its
+    /// GPU's capacity.
+    pub fn used_by(&self, service: &str, status: &StatusView) -> u64 {
+        status
+            .gpus
+            .iter()
+            .flat_map(|g| g.holders.iter().map(move |h| (g, h)))
+            .filter(|(_, h)| h.service_id == service)
+            .map(|(g, h)| {
+                self.sched
+                    .record(&h.request_id)
+                    .and_then(|r| r.vram_mb)
+                    .unwrap_or(g.total_mb)
+            })
+            .sum()
+    }
+
+    /// Whether the queued `rec` waits on GPU `g` for its service's cap (the rule written in the
+    /// README): it does not fit under the cap there with what its service holds, or its service's
+    /// first waiting request in grant order does not fit under it on any GPU it may use.
+    pub fn held_back_by_cap(&self, rec: &RequestRecord, g: usize, status: &StatusView) -> bool {
+        let Some(cap) = self
+            .config
+            .services
+            .get(&rec.service_id)
+            .and_then(|p| p.max_vram_mb)
+        else {
+            return false;
+        };
+        let used = self.used_by(&rec.service_id, status);
+        let fits_on = |r: &RequestRecord, g: usize| {
+            used + r.vram_mb.unwrap_or(status.gpus[g].total_mb) <= cap
+        };
+        let head = status
+            .queue
+            .iter()
+            .find(|q| q.service_id == rec.service_id)
+            .and_then(|q| self.sched.record(&q.request_id));
+        if let Some(head) = head.filter(|h| h.request_id != rec.request_id) {
+            if !self
+                .allowed(head, status)
+                .into_iter()
+                .any(|h| fits_on(head, h))
+            {
+                return true;
+            }
+        }
+        !fits_on(rec, g)
     }
 
     /// The GPUs a queued request may use at all (its pin, and big enough for its VRAM).
@@ -1092,9 +1169,11 @@ impl Sim {
             if !gpu.holders.is_empty() || self.sched.settling(&gpu.id) {
                 continue;
             }
+            // A request that waits for its own service's leases to end (its cap) reserves nothing.
             let first = status.queue.iter().find_map(|q| {
                 let rec = self.sched.record(&q.request_id)?;
-                self.allowed(rec, status).contains(&g).then_some(rec)
+                (self.allowed(rec, status).contains(&g) && !self.held_back_by_cap(rec, g, status))
+                    .then_some(rec)
             });
             if let Some(rec) = first {
                 let fits = match rec.vram_mb {
@@ -1130,6 +1209,7 @@ impl Sim {
             let by_preemption: Vec<usize> = self
                 .allowed(rec, status)
                 .into_iter()
+                .filter(|&g| !self.held_back_by_cap(rec, g, status))
                 .filter(|&g| self.fits_by_preemption(rec, &status.gpus[g]))
                 .filter(|&g| !self.missed_a_deadline(&status.gpus[g]))
                 .collect();
@@ -1201,7 +1281,8 @@ impl Sim {
                 Phase::Pausing => free += h.vram_mb,
                 _ if holder.priority > rec.priority
                     && holder.preemptible
-                    && holder.granted_at.unwrap_or(0) + self.config.min_hold_ms <= self.now =>
+                    && holder.granted_at.unwrap_or(0) + self.min_hold(&holder.service_id)
+                        <= self.now =>
                 {
                     victims += 1;
                     victims_mb += h.vram_mb;

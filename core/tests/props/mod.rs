@@ -4,7 +4,9 @@
 //! restarts), with every invariant of the harness checked after every step, the preemption-liveness
 //! property whenever aging is off, and at the end: every accepted request reached exactly one end.
 
-use gpu_coordinator_core::{Action, Input, RequestRecord, SchedConfig};
+use gpu_coordinator_core::{
+    Action, Input, RequestRecord, SchedConfig, ServicePolicies, ServicePolicy,
+};
 use gpu_coordinator_wire::{AckAction, Encoding, HolderState};
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -22,6 +24,8 @@ struct Setup {
     min_hold_ms: u64,
     aging_ms: u64,
     retain_ended: usize,
+    /// `[services]`: today's behaviour unless a test draws policies.
+    services: ServicePolicies,
 }
 
 /// Which fence an input about a request carries.
@@ -114,8 +118,62 @@ fn setup(aging: bool) -> impl Strategy<Value = Setup> {
                 min_hold_ms,
                 aging_ms,
                 retain_ended,
+                services: ServicePolicies::default(),
             },
         )
+}
+
+/// One service's `[services.<id>]`, drawn among values that bite on GPUs of 100-400 MB.
+fn policy() -> impl Strategy<Value = ServicePolicy> {
+    (
+        (
+            prop::option::of(0u8..4),
+            any::<bool>(),
+            prop::option::of(select(vec![50u64, 150])),
+            prop::option::of(select(vec![500u64, 3_000])),
+        ),
+        (
+            prop::option::weighted(0.7, select(vec![100u64, 250, 500])),
+            prop::option::of(select(vec![0u64, 300])),
+            prop::bool::weighted(0.85),
+        ),
+    )
+        .prop_map(
+            |(
+                (max_priority, clamp_priority, default_vram_mb, default_lease_ms),
+                (max_vram_mb, min_hold_ms, preemptible),
+            )| ServicePolicy {
+                max_priority,
+                clamp_priority,
+                default_priority: None,
+                default_vram_mb,
+                default_lease_ms,
+                max_vram_mb,
+                min_hold_ms,
+                preemptible,
+            },
+        )
+}
+
+/// Sections for some of the services, and for the others `[services.default]` or a refusal.
+fn policies() -> impl Strategy<Value = ServicePolicies> {
+    (
+        vec(prop::option::weighted(0.8, policy()), SERVICES),
+        prop::option::weighted(0.8, policy()),
+    )
+        .prop_map(|(sections, others)| ServicePolicies {
+            named: sections
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, p)| p.map(|p| (svc_name(i), p)))
+                .collect(),
+            others,
+        })
+}
+
+/// [`setup`] with service policies drawn.
+fn setup_with_services(aging: bool) -> impl Strategy<Value = Setup> {
+    (setup(aging), policies()).prop_map(|(setup, services)| Setup { services, ..setup })
 }
 
 fn owner() -> impl Strategy<Value = Option<usize>> {
@@ -385,6 +443,7 @@ fn run_with(setup: Setup, ops: Vec<Op>, hint: impl Fn(Option<u64>) -> Option<u64
         // The settle wait closes a GPU on purpose; it has table tests of its own.
         settle_ms: 0,
         max_per_service: usize::MAX,
+        services: setup.services,
     };
     let names: Vec<String> = (0..setup.totals.len()).map(|i| format!("g{i}")).collect();
     let specs: Vec<(&str, u64)> = names
@@ -436,6 +495,26 @@ proptest! {
     /// Random inputs with aging and restarts (from what was persisted, with or without the lease store).
     #[test]
     fn random_inputs_with_restarts_and_aging(setup in setup(true), ops in vec(op(true), 1..60)) {
+        run(setup, ops);
+    }
+
+    /// Random inputs under random `[services.<id>]` policies (caps, priority limits, defaults, graces,
+    /// services that are not preemptible, unknown services refused): every invariant, preemption
+    /// liveness as the rules allow it, and no grant ever takes a service beyond its cap.
+    #[test]
+    fn random_inputs_under_service_policies(
+        setup in setup_with_services(false),
+        ops in vec(op(false), 1..60),
+    ) {
+        run(setup, ops);
+    }
+
+    /// The same with aging and restarts.
+    #[test]
+    fn random_inputs_under_service_policies_with_restarts(
+        setup in setup_with_services(true),
+        ops in vec(op(true), 1..60),
+    ) {
         run(setup, ops);
     }
 
