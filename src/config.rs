@@ -131,6 +131,9 @@ pub struct ServiceConfig {
     /// The most VRAM the service's live leases may hold together, over every GPU, in MB (a whole-GPU
     /// lease counts its GPU's capacity). A request beyond it waits; one beyond it alone is rejected.
     pub max_vram_mb: Option<u64>,
+    /// VRAM, in MB, that the service can always take back from services over their own guarantee,
+    /// whatever their priority. Per named service only.
+    pub guaranteed_vram_mb: Option<u64>,
     /// Its holders are not paused before they held this long (instead of `preemption.min_hold_ms`).
     pub min_hold_ms: Option<u64>,
     /// Default true. `false`: its holders are never paused, whatever its requests say (pinned
@@ -148,6 +151,7 @@ impl ServiceConfig {
             default_vram_mb: self.default_vram_mb.or(default.default_vram_mb),
             default_lease_ms: self.default_lease_ms.or(default.default_lease_ms),
             max_vram_mb: self.max_vram_mb.or(default.max_vram_mb),
+            guaranteed_vram_mb: self.guaranteed_vram_mb.or(default.guaranteed_vram_mb),
             min_hold_ms: self.min_hold_ms.or(default.min_hold_ms),
             preemptible: self.preemptible.or(default.preemptible),
         }
@@ -162,6 +166,7 @@ impl ServiceConfig {
             default_vram_mb: self.default_vram_mb,
             default_lease_ms: self.default_lease_ms,
             max_vram_mb: self.max_vram_mb,
+            guaranteed_vram_mb: self.guaranteed_vram_mb.unwrap_or(0),
             min_hold_ms: self.min_hold_ms,
             preemptible: self.preemptible.unwrap_or(true),
         }
@@ -183,12 +188,19 @@ impl ServicesConfig {
     }
 
     /// The problems of `[services]`, each naming its key.
-    fn check(&self, lease_max_ms: u64) -> Vec<String> {
+    fn check(&self, lease_max_ms: u64, gpus: &[GpuConfig]) -> Vec<String> {
         let mut problems = Vec::new();
         if !self.allow_unknown && self.named.is_empty() {
             problems.push(
                 "services.allow_unknown is false but no [services.<id>] section names a service: \
                  every request would be rejected"
+                    .to_owned(),
+            );
+        }
+        if self.default.guaranteed_vram_mb.is_some() {
+            problems.push(
+                "services.default.guaranteed_vram_mb: a guarantee is given per named service \
+                 ([services.<id>]), so that the guarantees can be checked against the GPUs"
                     .to_owned(),
             );
         }
@@ -236,7 +248,10 @@ impl ServicesConfig {
                 ));
             }
             if let Some(max) = s.max_vram_mb {
-                for (name, value) in [("default_vram_mb", s.default_vram_mb)] {
+                for (name, value) in [
+                    ("default_vram_mb", s.default_vram_mb),
+                    ("guaranteed_vram_mb", s.guaranteed_vram_mb),
+                ] {
                     if let Some(v) = value.filter(|&v| v > max) {
                         problems.push(format!(
                             "{} ({v}) is above {} ({max})",
@@ -246,6 +261,18 @@ impl ServicesConfig {
                     }
                 }
             }
+        }
+        let guaranteed: u64 = self
+            .named
+            .values()
+            .filter_map(|s| s.guaranteed_vram_mb)
+            .sum();
+        let total: u64 = gpus.iter().map(|g| g.vram_mb).sum();
+        if !gpus.is_empty() && guaranteed > total {
+            problems.push(format!(
+                "services.*.guaranteed_vram_mb: the guarantees add up to {guaranteed} MB, more than \
+                 the [[gpus]] have ({total} MB): they could not all be given back"
+            ));
         }
         problems
     }
@@ -891,7 +918,7 @@ impl Config {
             &self.engines,
             self.preemption.ack_deadline_ms,
         ));
-        problems.extend(self.services.check(self.lease.max_ms));
+        problems.extend(self.services.check(self.lease.max_ms, &self.gpus));
         // An engine's requests must pass its service's limits, or its sidecar could never serve.
         let policies = self.services.policies();
         for (i, engine) in self.engines.iter().enumerate() {
@@ -1413,6 +1440,7 @@ mod tests {
             max_priority = 0
             default_priority = 0
             max_vram_mb = 20000
+            guaranteed_vram_mb = 16000
             [services.batch]
             clamp_priority = true
             default_vram_mb = 4000
@@ -1428,7 +1456,10 @@ mod tests {
             (chat.max_priority, chat.default_priority, chat.max_vram_mb),
             (Some(0), Some(0), Some(20_000))
         );
-        assert_eq!(chat.min_hold_ms, Some(500));
+        assert_eq!(
+            (chat.guaranteed_vram_mb, chat.min_hold_ms),
+            (16_000, Some(500))
+        );
         assert!(chat.preemptible && !chat.clamp_priority);
         let batch = policies.get("batch").expect("a section");
         assert_eq!(batch.max_priority, Some(2), "from [services.default]");
@@ -1476,14 +1507,16 @@ mod tests {
             [[gpus]]
             id = "0"
             vram_mb = 24000
+            [services.default]
+            guaranteed_vram_mb = 1000
             [services.chat]
             max_priority = 1
             default_priority = 0
             max_vram_mb = 8000
+            guaranteed_vram_mb = 9000
             default_vram_mb = 0
             [services.asr]
-            default_vram_mb = 9000
-            max_vram_mb = 8000
+            guaranteed_vram_mb = 20000
             default_lease_ms = 90000
             clamp_priority = true
             [services."a b"]
@@ -1491,11 +1524,13 @@ mod tests {
             "servicesbad",
         );
         for want in [
+            "services.default.guaranteed_vram_mb: a guarantee is given per named service",
             "services.chat.default_priority (0) is more urgent than services.chat.max_priority (1)",
-            "services.asr.default_vram_mb (9000) is above services.asr.max_vram_mb (8000)",
+            "services.chat.guaranteed_vram_mb (9000) is above services.chat.max_vram_mb (8000)",
             "services.chat.default_vram_mb must be > 0",
             "services.asr.default_lease_ms (90000) is above lease.max_ms (60000)",
             "services.asr.clamp_priority is set but services.asr.max_priority is not",
+            "the guarantees add up to 29000 MB, more than the [[gpus]] have (24000 MB)",
             "[services.a b]: \"a b\" is not a service id",
         ] {
             assert!(msg.contains(want), "{want}: {msg}");

@@ -498,6 +498,7 @@ mod tests {
                 fence: None,
                 detail: None,
                 waited_ms,
+                reclaim_for: None,
             },
         }
     }

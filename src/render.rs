@@ -106,6 +106,7 @@ pub fn event(out: &EventOut) -> Event {
         gpu: text(&out.gpu),
         fence: out.fence,
         detail: out.detail.as_deref().map(|d| unscope_text(d).into_owned()),
+        reclaim_for: out.reclaim_for.as_ref().map(|s| s.to_string()),
     }
 }
 

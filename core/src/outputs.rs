@@ -47,11 +47,13 @@ impl ReplyOut {
 /// Why an order is given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reason {
-    /// A more urgent request needs the GPU (`pause`).
+    /// A more urgent request needs the GPU (`pause`); or, with `reclaim`, a request within its
+    /// service's guarantee (of that many MB) takes back VRAM that the holder's service borrowed.
     Preempted {
         request_id: RequestId,
         service_id: ServiceId,
         priority: u8,
+        reclaim: Option<u64>,
     },
     /// The GPU is free again (`resume`).
     Free,
@@ -76,9 +78,21 @@ impl fmt::Display for Reason {
                 request_id,
                 service_id,
                 priority,
+                reclaim: None,
             } => write!(
                 f,
                 "request `{request_id}` of `{service_id}` at priority {priority} needs the GPU"
+            ),
+            Reason::Preempted {
+                request_id,
+                service_id,
+                priority,
+                reclaim: Some(guaranteed_mb),
+            } => write!(
+                f,
+                "request `{request_id}` of `{service_id}` at priority {priority} takes back VRAM \
+                 within its guarantee of {guaranteed_mb} MB, which this holder's service borrowed \
+                 beyond its own"
             ),
             Reason::Free => f.write_str("the GPU is free again: reload and go on"),
             Reason::Expired => {
@@ -124,6 +138,9 @@ pub struct EventOut {
     pub detail: Option<String>,
     /// On a first `granted`: how long the request waited (for metrics; the detail says it too).
     pub waited_ms: Option<u64>,
+    /// On `preempting`: the pause is a reclaim, for this service's guarantee (priority alone would
+    /// not have paused the holder).
+    pub reclaim_for: Option<ServiceId>,
 }
 
 /// What the core holds now: each GPU with its VRAM and holders, the paused requests, the queue.

@@ -47,6 +47,18 @@
 //! request that would take its service beyond it is skipped, reserving nothing, and while its
 //! service's first waiting request does not fit under the cap, the service's later ones are skipped
 //! too (`Scheduler::under_cap`).
+//!
+//! # Guarantees, borrowing and reclaim
+//!
+//! What a service's active holders hold beyond its `guaranteed_vram_mb` is borrowed (without
+//! guarantees, all a service holds is: the rules above are then unchanged). A scheduling pass first
+//! takes the services under their guarantee with requests waiting (`Scheduler::schedule_guarantees`):
+//! each of their requests that stays within the guarantee is granted where it fits within it, or
+//! pauses holders and reserves that GPU; besides less urgent holders it may pause, whatever their
+//! priority, holders of other services that borrow, only while they still borrow (a reclaim, said on
+//! the `preempting` event). A request that borrows pauses by priority only holders of services that
+//! borrow too (`Scheduler::may_pause`). Once a request that reclaimed from a service is granted, that
+//! service may not reclaim from its service for its `min_hold_ms` (`reclaim_guards`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
@@ -121,19 +133,28 @@ struct Live {
     /// How long it holds before it may be paused: its service's `min_hold_ms`, else
     /// `preemption.min_hold_ms`.
     min_hold_ms: u64,
+    /// The services whose holders were paused by a reclaim for it: at its grant, they may not reclaim
+    /// from its service for its `min_hold_ms` (see `Scheduler::reclaim_guards`).
+    reclaimed_from: Vec<ServiceId>,
 }
 
 /// One service: its live requests, what its holders count against its limits, and the limits.
 struct Svc {
     /// Its live requests, by arrival number.
     live: BTreeSet<u64>,
-    /// What its holders (active and pausing) hold, as its cap counts it: each holder's
+    /// What its holders (active and pausing) hold, as its cap and guarantee count it: each holder's
     /// `vram_mb`, or its GPU's capacity for a whole-GPU holder ([`charge`]).
     used_mb: u64,
+    /// The part of `used_mb` held by pausing holders: it leaves at their ACK, so it is not borrowed
+    /// any more.
+    pausing_mb: u64,
     /// `max_vram_mb`.
     cap: Option<u64>,
-    /// Its waiting (queued and paused) requests in grant order, kept only when it has a cap
-    /// (`limits`): its first one holds its cap (see [`Scheduler::under_cap`]).
+    /// `guaranteed_vram_mb` (0: none).
+    guarantee: u64,
+    /// Its waiting (queued and paused) requests in grant order, kept only when it has a cap or a
+    /// guarantee (`limits`): its first one holds its cap (see [`Scheduler::under_cap`]), and its
+    /// requests reclaim in this order (see [`Scheduler::schedule_guarantees`]).
     waiting: BTreeSet<(u8, u64)>,
     limits: bool,
 }
@@ -143,7 +164,9 @@ impl Svc {
         Svc {
             live: BTreeSet::new(),
             used_mb: 0,
+            pausing_mb: 0,
             cap: policy.max_vram_mb,
+            guarantee: policy.guaranteed_vram_mb,
             waiting: BTreeSet::new(),
             limits: policy.limits_vram(),
         }
@@ -160,7 +183,7 @@ fn policy_key(named: bool, service: &str, name: &str) -> String {
     }
 }
 
-/// What a request counts against its service's cap on a GPU of `total_mb`: its VRAM,
+/// What a request counts against its service's cap and guarantee on a GPU of `total_mb`: its VRAM,
 /// or for the whole GPU, the GPU's capacity (its lease claims that much in the lease store too).
 fn charge(rec: &RequestRecord, total_mb: u64) -> u64 {
     rec.vram_mb.unwrap_or(total_mb)
@@ -177,8 +200,17 @@ pub struct Scheduler {
     ids: HashMap<RequestId, u64>,
     /// Live requests by service, with what each holds and may hold.
     services: HashMap<ServiceId, Svc>,
-    /// Whether some service has a cap (else the pass checks none).
+    /// Whether some service has a cap or a guarantee (else the pass checks none).
     limits_on: bool,
+    /// Whether some service has a guarantee (else nothing is borrowed, and nothing reclaimed).
+    guarantees_on: bool,
+    /// The services under their guarantee with requests waiting: the first pass of
+    /// [`Scheduler::schedule`] is theirs.
+    hungry: BTreeSet<ServiceId>,
+    /// `(S, T)` -> until: service `S` reclaimed VRAM from `T`, and `T` may not reclaim from `S` before
+    /// then (`S`'s `min_hold_ms` after the grant the reclaim was for), so that a reclaim is not undone
+    /// by the same pair sooner.
+    reclaim_guards: BTreeMap<(ServiceId, ServiceId), Millis>,
     /// Queued and paused requests in grant order: (effective priority, arrival).
     queue: BTreeSet<(u8, u64)>,
     /// The paused requests of `queue`, by the same keys.
@@ -218,6 +250,9 @@ impl Scheduler {
             ids: HashMap::new(),
             services: HashMap::new(),
             limits_on: false,
+            guarantees_on: false,
+            hungry: BTreeSet::new(),
+            reclaim_guards: BTreeMap::new(),
             queue: BTreeSet::new(),
             paused: BTreeSet::new(),
             queue_counts: BTreeMap::new(),
@@ -235,6 +270,7 @@ impl Scheduler {
             arrived: Vec::new(),
         };
         scheduler.limits_on = scheduler.config.services.limit_vram();
+        scheduler.guarantees_on = scheduler.config.services.guarantee_vram();
         scheduler.set_gpus(gpus);
         scheduler
     }
@@ -283,10 +319,12 @@ impl Scheduler {
 
     /// When the scheduler next wants [`Scheduler::handle_timeout`] called.
     pub fn poll_timeout(&self) -> Option<Millis> {
+        // A guard's end lets a reclaim it held back go ahead.
         let settle = self
             .gpus
             .iter()
             .filter_map(|g| g.settle.as_ref().map(|s| s.until))
+            .chain(self.reclaim_guards.values().copied())
             .min();
         match (self.timers.first().map(|&(at, _, _)| at), settle) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -593,6 +631,7 @@ impl Scheduler {
     /// Fires every timer due at `now`: an input that comes after a deadline is handled after it (a
     /// renewal that comes after the lease's expiry finds it revoked).
     fn fire_due(&mut self, now: Millis) {
+        self.reclaim_guards.retain(|_, until| *until > now);
         for gpu in &mut self.gpus {
             if gpu.settle.as_ref().is_some_and(|s| s.until <= now) {
                 let settle = gpu.settle.take().expect("checked above");
@@ -1097,6 +1136,18 @@ impl Scheduler {
                 rec.waited_ms = Some(now.saturating_sub(rec.requested_at));
             }
         });
+        // Granted after reclaiming: the services it reclaimed from may not reclaim from its service
+        // for its grace.
+        if let Some(live) = self.live.get_mut(&seq) {
+            let from = std::mem::take(&mut live.reclaimed_from);
+            let until = now.saturating_add(live.min_hold_ms);
+            if live.min_hold_ms > 0 {
+                for victim in from {
+                    let key = (live.rec.service_id.clone(), victim);
+                    self.reclaim_guards.insert(key, until);
+                }
+            }
+        }
         let rec = self.live_rec(seq).clone();
         let expires_at = rec.expires_at.unwrap_or(now);
         self.actions.push_back(Action::Lease(LeaseOp::Acquire(
@@ -1130,7 +1181,8 @@ impl Scheduler {
         }
     }
 
-    fn pause(&mut self, seq: u64, for_seq: u64, now: Millis) {
+    /// Asks holder `seq` to pause for request `for_seq`; `reclaim`: for `for_seq`'s guarantee.
+    fn pause(&mut self, seq: u64, for_seq: u64, now: Millis, reclaim: bool) {
         let deadline = now.saturating_add(self.config.ack_deadline_ms);
         // A holder told to pause stops renewing: its lease lasts at least until the pause deadline,
         // so that it ends by its ACK (or by the deadline's revoke), never by an expiry meanwhile.
@@ -1150,12 +1202,24 @@ impl Scheduler {
             self.renew_in_store(seq);
         }
         let urgent = self.live_rec(for_seq);
+        let reclaim_for = reclaim.then(|| urgent.service_id.clone());
         let reason = Reason::Preempted {
             request_id: urgent.request_id.clone(),
             service_id: urgent.service_id.clone(),
             priority: urgent.priority,
+            reclaim: reclaim_for
+                .as_ref()
+                .map(|svc| self.services.get(svc).map_or(0, |svc| svc.guarantee)),
         };
         let rec = self.live_rec(seq).clone();
+        if reclaim {
+            // Remembered for the guard at the urgent request's grant.
+            if let Some(live) = self.live.get_mut(&for_seq) {
+                if !live.reclaimed_from.contains(&rec.service_id) {
+                    live.reclaimed_from.push(rec.service_id.clone());
+                }
+            }
+        }
         let detail = reason.to_string();
         self.control(
             &rec,
@@ -1164,7 +1228,14 @@ impl Scheduler {
             reason,
             None,
         );
-        self.event(&rec, EventKind::Preempting, now, Some(detail));
+        self.push_event_with(
+            &rec,
+            EventKind::Preempting,
+            now,
+            Some(detail),
+            None,
+            reclaim_for,
+        );
     }
 
     fn paused(&mut self, seq: u64, now: Millis) {
@@ -1299,6 +1370,7 @@ impl Scheduler {
             svc.live.remove(&seq);
             if svc.live.is_empty() {
                 self.services.remove(&live.rec.service_id);
+                self.hungry.remove(&live.rec.service_id);
             }
         }
         self.remember_ended(live.rec);
@@ -1313,6 +1385,11 @@ impl Scheduler {
         let mut cursor: Option<(u8, u64)> = None;
         // The services whose waiting requests wait for their own leases to end (their cap), this pass.
         let mut capped: Vec<ServiceId> = Vec::new();
+        // First the requests within their service's guarantee, which may reclaim.
+        let mut handled: Vec<u64> = Vec::new();
+        if self.guarantees_on && !self.hungry.is_empty() {
+            self.schedule_guarantees(now, &mut open, &mut n_open, &mut handled);
+        }
         while n_open > 0 {
             let lower = match cursor {
                 Some(c) => Bound::Excluded(c),
@@ -1329,6 +1406,9 @@ impl Scheduler {
             };
             cursor = Some(key);
             let seq = key.1;
+            if !handled.is_empty() && handled.contains(&seq) {
+                continue;
+            }
             let mut candidates = self.candidates(seq, &open);
             if self.limits_on && !candidates.is_empty() {
                 candidates = self.under_cap(seq, candidates, &mut capped);
@@ -1340,10 +1420,10 @@ impl Scheduler {
                 self.grant(seq, gpu, now);
                 continue;
             }
-            let reserve = match self.plan_preemption(seq, &candidates, now) {
+            let reserve = match self.plan_preemption(seq, &candidates, now, false) {
                 Some((gpu, victims)) => {
-                    for victim in victims {
-                        self.pause(victim, seq, now);
+                    for (victim, reclaim) in victims {
+                        self.pause(victim, seq, now, reclaim);
                     }
                     gpu
                 }
@@ -1354,6 +1434,100 @@ impl Scheduler {
             };
             open[reserve] = false;
             n_open -= 1;
+        }
+    }
+
+    /// The first pass: for each service under its guarantee with requests waiting (in the grant order
+    /// of their first waiting request), its waiting requests in its own grant order, as long as each
+    /// fits within the guarantee with what the service holds and the requests before it in this pass:
+    /// each is granted where it fits within it, or pauses holders as the rules allow a request within
+    /// its guarantee (reclaim: holders of services beyond their own guarantee, whatever their
+    /// priority; and by priority, any less urgent holder) and reserves that GPU. The service's first
+    /// request beyond its guarantee, or that can neither, ends its turn: the rest wait for the
+    /// ordinary pass, as any request. The requests it took are added to `handled`, for the ordinary
+    /// pass to skip.
+    fn schedule_guarantees(
+        &mut self,
+        now: Millis,
+        open: &mut [bool],
+        n_open: &mut usize,
+        handled: &mut Vec<u64>,
+    ) {
+        let mut order: Vec<((u8, u64), ServiceId)> = self
+            .hungry
+            .iter()
+            .filter_map(|id| {
+                let first = *self.services.get(id)?.waiting.first()?;
+                Some((first, id.clone()))
+            })
+            .collect();
+        order.sort_unstable();
+        for (_, service) in order {
+            // What the requests taken before in this pass will hold once their pauses are ACKed.
+            let mut pending = 0u64;
+            let mut cursor: Option<(u8, u64)> = None;
+            while *n_open > 0 {
+                let Some(svc) = self.services.get(&service) else {
+                    break;
+                };
+                let lower = match cursor {
+                    Some(c) => Bound::Excluded(c),
+                    None => Bound::Unbounded,
+                };
+                let Some(&key) = svc.waiting.range((lower, Bound::Unbounded)).next() else {
+                    break;
+                };
+                cursor = Some(key);
+                let seq = key.1;
+                let (held, guarantee, cap) = (svc.used_mb + pending, svc.guarantee, svc.cap);
+                let rec = self.live_rec(seq);
+                let within = |g: &Gpu| {
+                    let after = held + charge(rec, g.spec.total_mb);
+                    after <= guarantee && cap.is_none_or(|cap| after <= cap)
+                };
+                if !self.allowed(rec).any(|g| within(&self.gpus[g])) {
+                    break;
+                }
+                let candidates: Vec<usize> = self
+                    .candidates(seq, open)
+                    .into_iter()
+                    .filter(|&g| within(&self.gpus[g]))
+                    .collect();
+                if candidates.is_empty() {
+                    continue;
+                }
+                if let Some(gpu) = self.best_fit(seq, &candidates) {
+                    handled.push(seq);
+                    self.grant(seq, gpu, now);
+                    continue;
+                }
+                // Free VRAM beyond its guarantee (under its cap) is taken in the ordinary pass
+                // rather than anyone paused for it.
+                let anywhere: Vec<usize> = self
+                    .candidates(seq, open)
+                    .into_iter()
+                    .filter(|&g| {
+                        let after = held + charge(self.live_rec(seq), self.gpus[g].spec.total_mb);
+                        cap.is_none_or(|cap| after <= cap)
+                    })
+                    .collect();
+                if self.best_fit(seq, &anywhere).is_some() {
+                    break;
+                }
+                let Some((gpu, victims)) = self.plan_preemption(seq, &candidates, now, true) else {
+                    // Nothing to take back now (holders within their grace, not preemptible, or
+                    // within their own guarantees): it waits in the ordinary pass, where it may
+                    // still fit elsewhere as a borrower, or reserve a GPU in grant order.
+                    break;
+                };
+                handled.push(seq);
+                for (victim, reclaim) in victims {
+                    self.pause(victim, seq, now, reclaim);
+                }
+                open[gpu] = false;
+                *n_open -= 1;
+                pending += charge(self.live_rec(seq), self.gpus[gpu].spec.total_mb);
+            }
         }
     }
 
@@ -1467,7 +1641,8 @@ impl Scheduler {
         seq: u64,
         candidates: &[usize],
         now: Millis,
-    ) -> Option<(usize, Vec<u64>)> {
+        within: bool,
+    ) -> Option<(usize, Vec<(u64, bool)>)> {
         let live = self
             .live
             .get(&seq)
@@ -1475,14 +1650,14 @@ impl Scheduler {
         let (rec, urgency) = (&live.rec, live.eff);
         let mut best: Option<(usize, Plan)> = None;
         for &g in candidates {
-            let Some(plain) = self.plan_on(g, rec, urgency, now, false) else {
+            let Some(plain) = self.plan_on(g, rec, urgency, now, within, false) else {
                 continue;
             };
             let hinted = self.gpus[g]
                 .holders
                 .iter()
                 .any(|&h| self.live_rec(h).pause_ms.is_some())
-                .then(|| self.plan_on(g, rec, urgency, now, true))
+                .then(|| self.plan_on(g, rec, urgency, now, within, true))
                 .flatten();
             let plan = match hinted {
                 Some(hinted) if hinted.alike(&plain) && hinted.slowest() <= plain.slowest() => {
@@ -1498,19 +1673,65 @@ impl Scheduler {
                 best = Some((g, plan));
             }
         }
-        best.map(|(g, plan)| (g, plan.victims.iter().map(|v| v.arrival).collect()))
+        best.map(|(g, plan)| {
+            let victims = plan
+                .victims
+                .iter()
+                .map(|v| (v.arrival, v.reclaim))
+                .collect();
+            (g, victims)
+        })
+    }
+
+    /// Whether the active holder `live` may be paused for `rec` (at `urgency`; `within` its service's
+    /// guarantee), and whether that pause is a reclaim (`Some(true)`: priority alone would not allow
+    /// it). Never a holder that is not preemptible or is within its grace (`min_hold_ms`). By
+    /// priority, a less urgent holder; but a request that borrows (not within its guarantee) only one
+    /// of a service that borrows too: VRAM within a guarantee is not taken by priority, or it would be
+    /// reclaimed at once, back and forth. By reclaim, a request within its guarantee takes a holder of
+    /// another service that borrows, whatever its priority, unless that service reclaimed from its
+    /// own less than its grace ago. Without guarantees, every holder's service borrows: today's rule.
+    fn may_pause(
+        &self,
+        live: &Live,
+        rec: &RequestRecord,
+        urgency: u8,
+        within: bool,
+        now: Millis,
+    ) -> Option<bool> {
+        let holder = &live.rec;
+        let grace_over = holder
+            .granted_at
+            .unwrap_or(0)
+            .saturating_add(live.min_hold_ms)
+            <= now;
+        if !holder.preemptible || !grace_over {
+            return None;
+        }
+        let borrows = !self.guarantees_on || self.borrows(&holder.service_id, 0);
+        if holder.priority > urgency && (within || borrows) {
+            return Some(false);
+        }
+        let reclaim = within
+            && borrows
+            && holder.service_id != rec.service_id
+            && !self.guarded(&holder.service_id, &rec.service_id, now);
+        reclaim.then_some(true)
     }
 
     /// The holders of GPU `g` to pause so that `rec` (at `urgency`) fits there, or `None` when pausing
     /// every holder it may pause would not make room. Least urgent first; the most recently granted
     /// first among equals; with `by_hint`, among holders equal on both, the one that says it pauses
     /// soonest (`pause_ms`, unknown last); the latest arrival last of all, which makes the order total.
+    /// `within`: `rec` is within its service's guarantee; then holders of services that borrow come
+    /// before all others (see [`Scheduler::may_pause`] for who may be paused at all).
     fn plan_on(
         &self,
         g: usize,
         rec: &RequestRecord,
         urgency: u8,
         now: Millis,
+        within: bool,
         by_hint: bool,
     ) -> Option<Plan> {
         let gpu = &self.gpus[g];
@@ -1532,31 +1753,39 @@ impl Scheduler {
                 free += holder.held_mb.unwrap_or(0);
                 remaining -= 1;
                 whole -= usize::from(holder.vram_mb.is_none());
-            } else if holder.priority > urgency
-                && holder.preemptible
-                && holder
-                    .granted_at
-                    .unwrap_or(0)
-                    .saturating_add(live.min_hold_ms)
-                    <= now
-            {
-                eligible.push(holder);
+            } else if let Some(reclaim) = self.may_pause(live, rec, urgency, within, now) {
+                // Reclaiming, the holders of services that borrow go first.
+                let lender = within && !self.borrows(&holder.service_id, 0);
+                eligible.push((holder, reclaim, lender));
             }
         }
-        eligible.sort_by_key(|h| {
+        eligible.sort_by_key(|&(h, _, lender)| {
             (
+                lender,
                 std::cmp::Reverse(h.priority),
                 std::cmp::Reverse(h.granted_at.unwrap_or(0)),
                 if by_hint { pause_key(h) } else { 0 },
                 std::cmp::Reverse(h.arrival),
             )
         });
-        let mut victims = Vec::new();
-        for holder in eligible {
+        let mut victims: Vec<Victim> = Vec::new();
+        for (holder, reclaim, _) in eligible {
             if Self::fits(rec, free, remaining, whole) {
                 break;
             }
-            let victim = Victim::of(holder);
+            let victim = Victim::of(holder, reclaim, gpu.spec.total_mb);
+            // Paused for borrowing (a reclaim, or a borrower's priority), a holder is taken only while
+            // its service still borrows with the victims taken before it.
+            if self.guarantees_on && (reclaim || !within) {
+                let taken: u64 = victims
+                    .iter()
+                    .filter(|v| v.service == holder.service_id)
+                    .map(|v| v.charged)
+                    .sum();
+                if !self.borrows(&holder.service_id, taken) {
+                    continue;
+                }
+            }
             free += victim.held_mb;
             remaining -= 1;
             whole -= usize::from(victim.whole);
@@ -1628,6 +1857,7 @@ impl Scheduler {
             rec,
             timers: Vec::new(),
             min_hold_ms,
+            reclaimed_from: Vec::new(),
         };
         self.attach_live(seq, live, None);
     }
@@ -1644,6 +1874,7 @@ impl Scheduler {
                 if let Some(svc) = self.services.get_mut(&live.rec.service_id) {
                     svc.waiting.remove(&(live.eff, seq));
                 }
+                self.refresh_hungry(&live.rec.service_id);
             }
         }
         for gpu in &mut self.gpus {
@@ -1659,7 +1890,11 @@ impl Scheduler {
                 let charged = charge(&live.rec, gpu.spec.total_mb);
                 if let Some(svc) = self.services.get_mut(&live.rec.service_id) {
                     svc.used_mb -= charged;
+                    if live.rec.phase == Phase::Pausing {
+                        svc.pausing_mb -= charged;
+                    }
                 }
+                self.refresh_hungry(&live.rec.service_id);
             }
         }
         live
@@ -1725,7 +1960,11 @@ impl Scheduler {
                         let charged = charge(rec, gpu.spec.total_mb);
                         if let Some(svc) = self.services.get_mut(&rec.service_id) {
                             svc.used_mb += charged;
+                            if rec.phase == Phase::Pausing {
+                                svc.pausing_mb += charged;
+                            }
                         }
+                        self.refresh_hungry(&rec.service_id);
                     }
                 }
             }
@@ -1757,6 +1996,47 @@ impl Scheduler {
         {
             svc.waiting.insert((eff, seq));
         }
+        self.refresh_hungry(&rec.service_id);
+    }
+
+    /// Keeps `hungry` right for `service` after what it holds or its waiting requests changed.
+    fn refresh_hungry(&mut self, service: &ServiceId) {
+        if !self.guarantees_on {
+            return;
+        }
+        let hungry = self
+            .services
+            .get(service)
+            .is_some_and(|svc| svc.guarantee > svc.used_mb && !svc.waiting.is_empty());
+        if hungry {
+            if !self.hungry.contains(service) {
+                self.hungry.insert(service.clone());
+            }
+        } else {
+            self.hungry.remove(service);
+        }
+    }
+
+    /// Whether service `service` borrows: what its active holders hold, less `taken` (holders a
+    /// plan is about to pause), is beyond its guarantee. Without guarantees configured, every service
+    /// that holds anything borrows (and so the rules are today's).
+    fn borrows(&self, service: &str, taken: u64) -> bool {
+        self.services.get(service).is_some_and(|svc| {
+            svc.used_mb
+                .saturating_sub(svc.pausing_mb)
+                .saturating_sub(taken)
+                > svc.guarantee
+        })
+    }
+
+    /// Whether `victim`'s service may not reclaim from `reclaimer`'s yet: `reclaimer` reclaimed from
+    /// it less than its grace ago.
+    fn guarded(&self, victim: &ServiceId, reclaimer: &ServiceId, now: Millis) -> bool {
+        !self.reclaim_guards.is_empty()
+            && self
+                .reclaim_guards
+                .get(&(victim.clone(), reclaimer.clone()))
+                .is_some_and(|&until| until > now)
     }
 
     /// Counts a request that enters (`add`) or leaves the queue under `(eff, seq)` in `paused` and
@@ -1951,6 +2231,7 @@ impl Scheduler {
                 fence: None,
                 detail: Some(error),
                 waited_ms: None,
+                reclaim_for: None,
             },
         });
     }
@@ -1992,6 +2273,18 @@ impl Scheduler {
         detail: Option<String>,
         waited_ms: Option<u64>,
     ) {
+        self.push_event_with(rec, kind, now, detail, waited_ms, None)
+    }
+
+    fn push_event_with(
+        &mut self,
+        rec: &RequestRecord,
+        kind: EventKind,
+        now: Millis,
+        detail: Option<String>,
+        waited_ms: Option<u64>,
+        reclaim_for: Option<ServiceId>,
+    ) {
         self.actions.push_back(Action::Event {
             encoding: rec.encoding,
             event: EventOut {
@@ -2004,6 +2297,7 @@ impl Scheduler {
                 fence: rec.fence.map(|f| f.0),
                 detail,
                 waited_ms,
+                reclaim_for,
             },
         });
     }
@@ -2270,10 +2564,15 @@ impl Scheduler {
     /// and the queue hold.
     fn check_services(&self) -> Result<(), String> {
         let mut used: HashMap<&str, u64> = HashMap::new();
+        let mut pausing: HashMap<&str, u64> = HashMap::new();
         for g in &self.gpus {
             for &h in &g.holders {
                 let rec = self.live_rec(h);
-                *used.entry(&rec.service_id).or_default() += charge(rec, g.spec.total_mb);
+                let charged = charge(rec, g.spec.total_mb);
+                *used.entry(&rec.service_id).or_default() += charged;
+                if rec.phase == Phase::Pausing {
+                    *pausing.entry(&rec.service_id).or_default() += charged;
+                }
             }
         }
         let mut live: HashMap<&str, BTreeSet<u64>> = HashMap::new();
@@ -2302,6 +2601,20 @@ impl Scheduler {
                     svc.used_mb
                 ));
             }
+            let want_pausing = pausing.get(id.as_str()).copied().unwrap_or(0);
+            if svc.pausing_mb != want_pausing {
+                return Err(format!(
+                    "service {id} counts {} MB pausing, its pausing holders {want_pausing} MB",
+                    svc.pausing_mb
+                ));
+            }
+            let hungry = svc.guarantee > svc.used_mb && !svc.waiting.is_empty();
+            if self.guarantees_on && hungry != self.hungry.contains(id) {
+                return Err(format!(
+                    "service {id} is {}kept as under its guarantee with requests waiting",
+                    if hungry { "not " } else { "" }
+                ));
+            }
             if live.get(id.as_str()) != Some(&svc.live) {
                 return Err(format!("service {id}'s live requests are not those kept"));
             }
@@ -2312,6 +2625,15 @@ impl Scheduler {
                     svc.waiting
                 ));
             }
+        }
+        if let Some(gone) = self
+            .hungry
+            .iter()
+            .find(|id| !self.services.contains_key(*id))
+        {
+            return Err(format!(
+                "service {gone} is kept as hungry but has no live request"
+            ));
         }
         Ok(())
     }
@@ -2324,7 +2646,7 @@ fn pause_key(rec: &RequestRecord) -> u64 {
 }
 
 /// A holder a preemption plan pauses, with what the rules and the hint compare of it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Victim {
     arrival: u64,
     held_mb: u64,
@@ -2334,10 +2656,15 @@ struct Victim {
     granted_at: Millis,
     /// [`pause_key`].
     pause: u64,
+    /// Paused by a reclaim: priority alone would not pause it.
+    reclaim: bool,
+    service: ServiceId,
+    /// What it counts against its service's guarantee ([`charge`]).
+    charged: u64,
 }
 
 impl Victim {
-    fn of(rec: &RequestRecord) -> Victim {
+    fn of(rec: &RequestRecord, reclaim: bool, gpu_total_mb: u64) -> Victim {
         Victim {
             arrival: rec.arrival,
             held_mb: rec.held_mb.unwrap_or(0),
@@ -2345,6 +2672,9 @@ impl Victim {
             priority: rec.priority,
             granted_at: rec.granted_at.unwrap_or(0),
             pause: pause_key(rec),
+            reclaim,
+            service: rec.service_id.clone(),
+            charged: charge(rec, gpu_total_mb),
         }
     }
 }

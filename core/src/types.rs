@@ -49,7 +49,7 @@ pub struct SchedConfig {
 }
 
 /// What one service may ask for: its `[services.<id>]` section, its unset keys taken from
-/// `[services.default]`. The default is today's behaviour: no limit, no default.
+/// `[services.default]`. The default is today's behaviour: no limit, no default, no guarantee.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePolicy {
     /// `max_priority`: the most urgent priority (the lowest number) its requests may give; `None`:
@@ -71,6 +71,9 @@ pub struct ServicePolicy {
     /// lease counts the GPU's capacity). A request beyond it waits; one that alone is beyond it is
     /// rejected.
     pub max_vram_mb: Option<u64>,
+    /// `guaranteed_vram_mb`: VRAM it may always take back from services over their own guarantee,
+    /// whatever their priority (0: none).
+    pub guaranteed_vram_mb: u64,
     /// `min_hold_ms`: its holders are not paused before they held this long; `None`:
     /// `preemption.min_hold_ms`.
     pub min_hold_ms: Option<u64>,
@@ -88,6 +91,7 @@ impl Default for ServicePolicy {
             default_vram_mb: None,
             default_lease_ms: None,
             max_vram_mb: None,
+            guaranteed_vram_mb: 0,
             min_hold_ms: None,
             preemptible: true,
         }
@@ -95,10 +99,10 @@ impl Default for ServicePolicy {
 }
 
 impl ServicePolicy {
-    /// Whether it limits VRAM (so that the scheduler keeps its waiting requests in an order of
-    /// their own).
+    /// Whether it limits or guarantees VRAM (so that the scheduler keeps its waiting requests in an
+    /// order of their own).
     pub fn limits_vram(&self) -> bool {
-        self.max_vram_mb.is_some()
+        self.max_vram_mb.is_some() || self.guaranteed_vram_mb > 0
     }
 }
 
@@ -128,12 +132,20 @@ impl ServicePolicies {
         self.named.get(service).or(self.others.as_ref())
     }
 
-    /// Whether any service has a cap.
+    /// Whether any service has a cap or a guarantee.
     pub fn limit_vram(&self) -> bool {
         self.named
             .values()
             .chain(self.others.iter())
             .any(ServicePolicy::limits_vram)
+    }
+
+    /// Whether any service has a guarantee.
+    pub fn guarantee_vram(&self) -> bool {
+        self.named
+            .values()
+            .chain(self.others.iter())
+            .any(|p| p.guaranteed_vram_mb > 0)
     }
 }
 

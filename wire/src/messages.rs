@@ -251,6 +251,11 @@ pub struct Event {
     pub fence: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Extension, on `preempting`: the pause is a reclaim, for the guarantee of this service
+    /// (`services.<id>.guaranteed_vram_mb`): the holder's service borrowed VRAM beyond its own
+    /// guarantee, and priority alone would not have paused it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reclaim_for: Option<String>,
 }
 
 /// Where the VRAM figures of the status document come from.

@@ -7,6 +7,8 @@ use gpu_coordinator_wire::{ControlAction, EventKind, Outcome};
 
 use crate::harness::{gpus, req, Sim, T0};
 
+mod guarantees;
+
 use ControlAction::Pause;
 use EventKind::{Queued, Requested};
 

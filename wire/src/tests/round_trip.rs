@@ -156,8 +156,21 @@ fn outputs_round_trip() {
             gpu: Some("gpu0".into()),
             fence: Some(1),
             detail: Some("why".into()),
+            reclaim_for: None,
         });
     }
+    // A reclaim says for whose guarantee.
+    round_trip(Event {
+        at: "2026-11-26T14:39:09.123Z".into(),
+        kind: EventKind::Preempting,
+        request_id: Some("r".into()),
+        service_id: SVC.into(),
+        priority: Some(0),
+        gpu: Some("gpu0".into()),
+        fence: Some(3),
+        detail: Some("request `c` of `chat` ... takes back VRAM".into()),
+        reclaim_for: Some("chat".into()),
+    });
     round_trip(Event {
         at: "2026-11-26T14:39:09.123Z".into(),
         kind: EventKind::Rejected,
@@ -167,6 +180,7 @@ fn outputs_round_trip() {
         gpu: None,
         fence: None,
         detail: None,
+        reclaim_for: None,
     });
 }
 
