@@ -233,3 +233,99 @@ async fn a_capped_service_waits_for_its_own_leases_and_others_pass_it() {
     assert_eq!(summary.grants, 4, "{summary}");
     coordinator.stop().await.expect("stops cleanly");
 }
+
+#[tokio::test]
+async fn a_service_under_its_guarantee_takes_vram_back_from_a_more_urgent_borrower() {
+    let chat = ServiceConfig {
+        guaranteed_vram_mb: Some(16_000),
+        ..Default::default()
+    };
+    let asr = ServiceConfig {
+        guaranteed_vram_mb: Some(8_000),
+        ..Default::default()
+    };
+    let config = with_services(
+        test_config("limits_reclaim", &[("0", 24_000)]),
+        &[("chat", chat), ("asr", asr)],
+    );
+    let coordinator = Coordinator::start(config.clone()).await;
+    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+
+    // asr is idle: chat borrows its guarantee (4000 beyond chat's own 16000).
+    probe
+        .pub_json(
+            "request",
+            "chat",
+            json!({"request_id": "chat-1", "priority": 0, "vram_mb": 20000}),
+        )
+        .await;
+    let chat = probe.reply("chat-1", "granted").await;
+    // asr asks within its guarantee, less urgent than chat: a reclaim pauses chat.
+    probe
+        .pub_json(
+            "request",
+            "asr",
+            json!({"request_id": "asr-1", "priority": 2, "vram_mb": 8000}),
+        )
+        .await;
+    let pause = probe.control("chat-1", "pause").await;
+    assert!(
+        pause
+            .reason
+            .contains("takes back VRAM within its guarantee of 8000 MB"),
+        "{}",
+        pause.reason
+    );
+    let preempting = probe.event("preempting", Some("chat-1")).await;
+    assert_eq!(preempting.reclaim_for.as_deref(), Some("asr"));
+    probe
+        .pub_json(
+            "ack",
+            "chat",
+            json!({"request_id": "chat-1", "fence": chat.fence, "action": "paused"}),
+        )
+        .await;
+    let asr = probe.reply("asr-1", "granted").await;
+    assert_eq!(asr.vram_mb, Some(8_000));
+    // chat, paused for 20000, borrows: it does not take asr's guaranteed VRAM back by priority.
+    let status = probe.status().await;
+    assert_eq!(status.paused.len(), 1, "{status:?}");
+    assert_eq!(status.gpus[0].holders.len(), 1, "{status:?}");
+
+    // The story, as the event stream tells it.
+    let c = client();
+    let events = c
+        .get(coordinator.url("/gpu/events?since=1h&format=jsonl"))
+        .send()
+        .await
+        .expect("the events are answered")
+        .text()
+        .await
+        .expect("JSON lines");
+    for line in events.lines() {
+        let e: serde_json::Value = serde_json::from_str(line).expect("an event");
+        println!(
+            "{:<11} {:<7} {:<5} priority {}{}{}",
+            e["kind"].as_str().unwrap_or_default(),
+            e["request_id"].as_str().unwrap_or_default(),
+            e["service_id"].as_str().unwrap_or_default(),
+            e["priority"],
+            e["reclaim_for"]
+                .as_str()
+                .map(|s| format!("  reclaim_for {s}"))
+                .unwrap_or_default(),
+            e["detail"]
+                .as_str()
+                .map(|d| format!("  {d:?}"))
+                .unwrap_or_default(),
+        );
+    }
+    assert!(events.contains("\"reclaim_for\":\"asr\""), "{events}");
+
+    let summary = audit::run(&config, Since::Start)
+        .await
+        .expect("the history can be read")
+        .unwrap_or_else(|v| panic!("the history was judged broken:\n{v}"));
+    assert_eq!((summary.grants, summary.preemptions), (2, 1), "{summary}");
+    coordinator.stop().await.expect("stops cleanly");
+}
