@@ -159,6 +159,24 @@ pub struct StatusView {
     /// The whole queue counted by priority and GPU (the pinned GPU of a queued request, `None`: any;
     /// the GPU of a paused one), in that order.
     pub queue_counts: Vec<QueueCountView>,
+    /// Each service with a `[services.<id>]` section, and each other service that holds VRAM, by id:
+    /// what it holds against its guarantee and cap.
+    pub services: Vec<ServiceView>,
+}
+
+/// A service's VRAM against its limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceView {
+    pub service_id: ServiceId,
+    /// What its holders (active and pausing) hold, as its cap and guarantee count it (a whole-GPU
+    /// holder counts its GPU's capacity).
+    pub used_mb: u64,
+    /// What its active holders hold beyond its guarantee (all they hold, without one).
+    pub borrowed_mb: u64,
+    /// `guaranteed_vram_mb`, when it has one.
+    pub guaranteed_mb: Option<u64>,
+    /// `max_vram_mb`, when it has one.
+    pub max_vram_mb: Option<u64>,
 }
 
 /// Which part of the queue a status view lists: `limit` entries after the first `offset`.

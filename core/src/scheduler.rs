@@ -2449,6 +2449,7 @@ impl Scheduler {
             vram_source: self.vram_source,
             gpus,
             paused,
+            services: self.service_views(),
             queue,
             queue_total: self.queue.len() as u64,
             queue_offset: page.offset,
@@ -2463,6 +2464,34 @@ impl Scheduler {
                 })
                 .collect(),
         }
+    }
+
+    /// Each service with a section, and each other service holding VRAM, with what it holds against
+    /// its limits, by id. O(services with live requests + sections).
+    fn service_views(&self) -> Vec<ServiceView> {
+        let mut views: BTreeMap<&str, ServiceView> = BTreeMap::new();
+        let policies = &self.config.services;
+        let view = |id: &str, svc: Option<&Svc>| {
+            let policy = policies.get(id);
+            let guarantee = policy.map_or(0, |p| p.guaranteed_vram_mb);
+            let (used, pausing) = svc.map_or((0, 0), |s| (s.used_mb, s.pausing_mb));
+            ServiceView {
+                service_id: id.into(),
+                used_mb: used,
+                borrowed_mb: used.saturating_sub(pausing).saturating_sub(guarantee),
+                guaranteed_mb: (guarantee > 0).then_some(guarantee),
+                max_vram_mb: policy.and_then(|p| p.max_vram_mb),
+            }
+        };
+        for id in policies.named.keys() {
+            views.insert(id, view(id, self.services.get(id.as_str())));
+        }
+        for (id, svc) in self.services.iter().filter(|(_, svc)| svc.used_mb > 0) {
+            views
+                .entry(id.as_str())
+                .or_insert_with(|| view(id, Some(svc)));
+        }
+        views.into_values().collect()
     }
 
     /// Checks the invariants that must hold after every input; returns the first broken one.

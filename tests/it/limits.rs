@@ -260,6 +260,17 @@ async fn a_service_under_its_guarantee_takes_vram_back_from_a_more_urgent_borrow
         )
         .await;
     let chat = probe.reply("chat-1", "granted").await;
+    // The status says what each service holds against its guarantee.
+    let status = probe.status().await;
+    let row = |status: &gpu_coordinator_wire::StatusDoc, id: &str| {
+        status
+            .services
+            .iter()
+            .find(|s| s.service_id == id)
+            .map(|s| (s.used_mb, s.borrowed_mb, s.guaranteed_vram_mb))
+    };
+    assert_eq!(row(&status, "chat"), Some((20_000, 4_000, Some(16_000))));
+    assert_eq!(row(&status, "asr"), Some((0, 0, Some(8_000))));
     // asr asks within its guarantee, less urgent than chat: a reclaim pauses chat.
     probe
         .pub_json(
@@ -291,9 +302,28 @@ async fn a_service_under_its_guarantee_takes_vram_back_from_a_more_urgent_borrow
     let status = probe.status().await;
     assert_eq!(status.paused.len(), 1, "{status:?}");
     assert_eq!(status.gpus[0].holders.len(), 1, "{status:?}");
+    assert_eq!(row(&status, "asr"), Some((8_000, 0, Some(8_000))));
+    assert_eq!(row(&status, "chat"), Some((0, 0, Some(16_000))));
+    // So do the metrics, with the reclaim counted for asr.
+    let c = client();
+    let metrics = c
+        .get(coordinator.url("/metrics"))
+        .send()
+        .await
+        .expect("the metrics are answered")
+        .text()
+        .await
+        .expect("text");
+    for line in [
+        "gpu_coordinator_reclaims_total{service=\"asr\"} 1",
+        "gpu_coordinator_service_vram_used_bytes{service=\"asr\"} 8388608000",
+        "gpu_coordinator_service_vram_guaranteed_bytes{service=\"chat\"} 16777216000",
+        "gpu_coordinator_service_vram_borrowed_bytes{service=\"chat\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
 
     // The story, as the event stream tells it.
-    let c = client();
     let events = c
         .get(coordinator.url("/gpu/events?since=1h&format=jsonl"))
         .send()

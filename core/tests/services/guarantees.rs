@@ -67,6 +67,42 @@ fn a_service_under_its_guarantee_takes_back_vram_from_a_borrower_of_more_urgent_
 }
 
 #[test]
+fn the_status_shows_each_services_use_guarantee_cap_and_borrowed() {
+    let chat = ServicePolicy {
+        guaranteed_vram_mb: 16_000,
+        max_vram_mb: Some(20_000),
+        ..policy()
+    };
+    let mut s = sim_of(
+        &[("chat", chat), ("asr", guaranteed(8_000))],
+        &[("g0", 24_000)],
+    );
+    s.request("chat", req("c1", 0).vram(20_000));
+    s.request("batch", req("b1", 3).vram(4_000));
+    let services = s.status().services;
+    let row = |id: &str| {
+        services
+            .iter()
+            .find(|v| v.service_id == id)
+            .map(|v| (v.used_mb, v.borrowed_mb, v.guaranteed_mb, v.max_vram_mb))
+    };
+    // Each configured service, idle ones too, and each other service holding VRAM, by id.
+    let ids: Vec<&str> = services.iter().map(|v| v.service_id.as_str()).collect();
+    assert_eq!(ids, vec!["asr", "batch", "chat"]);
+    assert_eq!(
+        row("chat"),
+        Some((20_000, 4_000, Some(16_000), Some(20_000)))
+    );
+    assert_eq!(row("asr"), Some((0, 0, Some(8_000), None)));
+    assert_eq!(row("batch"), Some((4_000, 4_000, None, None)));
+    // A pausing holder still holds, but borrows no more.
+    s.request("asr", req("a1", 2).vram(8_000));
+    let services = s.status().services;
+    let chat = services.iter().find(|v| v.service_id == "chat").cloned();
+    assert_eq!(chat.map(|v| (v.used_mb, v.borrowed_mb)), Some((20_000, 0)));
+}
+
+#[test]
 fn idle_guaranteed_vram_is_lent_to_anyone_even_the_whole_gpu() {
     let mut s = sim_of(&[("asr", guaranteed(8_000))], &[("g0", 24_000)]);
     // A service with no section has no guarantee: all it holds is borrowed.

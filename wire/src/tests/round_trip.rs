@@ -202,6 +202,22 @@ fn status_doc() -> StatusDoc {
                 paused: 1,
             },
         ],
+        services: vec![
+            crate::ServiceStatus {
+                service_id: "voice".into(),
+                used_mb: 8_000,
+                borrowed_mb: 2_000,
+                guaranteed_vram_mb: Some(6_000),
+                max_vram_mb: Some(12_000),
+            },
+            crate::ServiceStatus {
+                service_id: "batch".into(),
+                used_mb: 1_000,
+                borrowed_mb: 0,
+                guaranteed_vram_mb: None,
+                max_vram_mb: None,
+            },
+        ],
         leader: Some(crate::LeaderStatus {
             holder: "box-1-0a0b0c0d".into(),
             term: 3,
@@ -295,6 +311,7 @@ fn status_round_trips() {
         queue_total: 0,
         queue_offset: 0,
         queue_counts: vec![],
+        services: vec![],
     });
 }
 
