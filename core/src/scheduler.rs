@@ -156,6 +156,11 @@ struct Svc {
     /// guarantee (`limits`): its first one holds its cap (see [`Scheduler::under_cap`]), and its
     /// requests reclaim in this order (see [`Scheduler::schedule_guarantees`]).
     waiting: BTreeSet<(u8, u64)>,
+    /// Those of `waiting` taken out of the GPUs' queues while the service waits for its cap (its
+    /// first waiting request does not fit under it), so that the pass does not walk them again: put
+    /// back as soon as that may have changed (a holder of the service ended or paused, or its first
+    /// waiting request changed). See [`Scheduler::park`].
+    parked: BTreeSet<(u8, u64)>,
     limits: bool,
 }
 
@@ -168,6 +173,7 @@ impl Svc {
             cap: policy.max_vram_mb,
             guarantee: policy.guaranteed_vram_mb,
             waiting: BTreeSet::new(),
+            parked: BTreeSet::new(),
             limits: policy.limits_vram(),
         }
     }
@@ -1342,6 +1348,10 @@ impl Scheduler {
     fn end(&mut self, seq: u64, end: End, detail: Option<String>, now: Millis) {
         let mut live = self.detach(seq);
         let holding = matches!(live.rec.phase, Phase::Active | Phase::Pausing);
+        // It held VRAM: its service's first waiting request may fit under its cap now.
+        if holding && self.limits_on {
+            self.unpark(&live.rec.service_id);
+        }
         if holding && end != End::Revoked {
             self.release_held(&live.rec);
         }
@@ -1411,7 +1421,11 @@ impl Scheduler {
             }
             let mut candidates = self.candidates(seq, &open);
             if self.limits_on && !candidates.is_empty() {
-                candidates = self.under_cap(seq, candidates, &mut capped);
+                let (under, blocked) = self.under_cap(seq, candidates, &mut capped);
+                if blocked {
+                    self.park(seq);
+                }
+                candidates = under;
             }
             if candidates.is_empty() {
                 continue;
@@ -1421,7 +1435,7 @@ impl Scheduler {
                 continue;
             }
             let reserve = match self.plan_preemption(seq, &candidates, now, false) {
-                Some((gpu, victims)) => {
+                Some((gpu, victims, _)) => {
                     for (victim, reclaim) in victims {
                         self.pause(victim, seq, now, reclaim);
                     }
@@ -1440,12 +1454,13 @@ impl Scheduler {
     /// The first pass: for each service under its guarantee with requests waiting (in the grant order
     /// of their first waiting request), its waiting requests in its own grant order, as long as each
     /// fits within the guarantee with what the service holds and the requests before it in this pass:
-    /// each is granted where it fits within it, or pauses holders as the rules allow a request within
-    /// its guarantee (reclaim: holders of services beyond their own guarantee, whatever their
-    /// priority; and by priority, any less urgent holder) and reserves that GPU. The service's first
-    /// request beyond its guarantee, or that can neither, ends its turn: the rest wait for the
-    /// ordinary pass, as any request. The requests it took are added to `handled`, for the ordinary
-    /// pass to skip.
+    /// each is granted where it fits within it, else where it fits at all (under its cap), or pauses
+    /// holders as the rules allow a request within its guarantee (reclaim: holders of services
+    /// beyond their own guarantee, whatever their priority; and by priority, any less urgent holder)
+    /// and reserves that GPU. The service's first request beyond its guarantee, or that can do none
+    /// of these (or only by waiting for a holder past its ACK deadline), ends its turn: the rest
+    /// wait for the ordinary pass, as any request. The requests it took are added to `handled`, for
+    /// the ordinary pass to skip.
     fn schedule_guarantees(
         &mut self,
         now: Millis,
@@ -1501,8 +1516,9 @@ impl Scheduler {
                     self.grant(seq, gpu, now);
                     continue;
                 }
-                // Free VRAM beyond its guarantee (under its cap) is taken in the ordinary pass
-                // rather than anyone paused for it.
+                // Where it does not fit within its guarantee, free VRAM beyond it (under its cap) is
+                // taken rather than anyone paused for it (a whole-GPU request counts the GPU's
+                // capacity, so the guarantee may be kept on one GPU and not on a bigger one).
                 let anywhere: Vec<usize> = self
                     .candidates(seq, open)
                     .into_iter()
@@ -1511,13 +1527,17 @@ impl Scheduler {
                         cap.is_none_or(|cap| after <= cap)
                     })
                     .collect();
-                if self.best_fit(seq, &anywhere).is_some() {
-                    break;
+                if let Some(gpu) = self.best_fit(seq, &anywhere) {
+                    handled.push(seq);
+                    self.grant(seq, gpu, now);
+                    continue;
                 }
-                let Some((gpu, victims)) = self.plan_preemption(seq, &candidates, now, true) else {
-                    // Nothing to take back now (holders within their grace, not preemptible, or
-                    // within their own guarantees): it waits in the ordinary pass, where it may
-                    // still fit elsewhere as a borrower, or reserve a GPU in grant order.
+                // Nothing to take back now (holders within their grace, not preemptible, or within
+                // their own guarantees), or only by waiting out the lease of a holder that missed
+                // its ACK deadline: it waits in the ordinary pass, where it may still fit or preempt
+                // elsewhere as any request, or reserve a GPU in grant order.
+                let Some((gpu, victims, false)) = self.plan_preemption(seq, &candidates, now, true)
+                else {
                     break;
                 };
                 handled.push(seq);
@@ -1535,37 +1555,44 @@ impl Scheduler {
     /// now (none: it waits, reserving nothing, for its service's own leases to end). The service's
     /// first waiting request in grant order keeps the cap for itself: while it does not fit under it,
     /// the service's later requests wait too, and the service is added to `capped` for the rest of
-    /// the pass (what a service holds only grows during a pass).
+    /// the pass (what a service holds only grows during a pass); while it does, a later request fits
+    /// only with the room the first one needs left under the cap. The flag says the service is so held
+    /// back: its request may be parked.
     fn under_cap(
         &self,
         seq: u64,
         candidates: Vec<usize>,
         capped: &mut Vec<ServiceId>,
-    ) -> Vec<usize> {
+    ) -> (Vec<usize>, bool) {
         let rec = self.live_rec(seq);
         let Some(svc) = self.services.get(&rec.service_id) else {
-            return candidates;
+            return (candidates, false);
         };
         let Some(cap) = svc.cap else {
-            return candidates;
+            return (candidates, false);
         };
         if capped.contains(&rec.service_id) {
-            return Vec::new();
+            return (Vec::new(), true);
         }
         let head = svc.waiting.first().map(|&(_, head)| head);
+        // The room under the cap that the first waiting request keeps for itself.
+        let mut kept = 0;
         if let Some(head) = head.filter(|&head| head != seq) {
             let first = self.live_rec(head);
-            let fits = self
+            let least = self
                 .allowed(first)
-                .any(|g| svc.used_mb + charge(first, self.gpus[g].spec.total_mb) <= cap);
-            if !fits {
+                .map(|g| charge(first, self.gpus[g].spec.total_mb))
+                .min()
+                .unwrap_or(u64::MAX);
+            if svc.used_mb.saturating_add(least) > cap {
                 capped.push(rec.service_id.clone());
-                return Vec::new();
+                return (Vec::new(), true);
             }
+            kept = least;
         }
         let under: Vec<usize> = candidates
             .into_iter()
-            .filter(|&g| svc.used_mb + charge(rec, self.gpus[g].spec.total_mb) <= cap)
+            .filter(|&g| svc.used_mb + kept + charge(rec, self.gpus[g].spec.total_mb) <= cap)
             .collect();
         if under.is_empty() && head == Some(seq) {
             let fits = self
@@ -1573,9 +1600,50 @@ impl Scheduler {
                 .any(|g| svc.used_mb + charge(rec, self.gpus[g].spec.total_mb) <= cap);
             if !fits {
                 capped.push(rec.service_id.clone());
+                return (under, true);
             }
         }
-        under
+        (under, false)
+    }
+
+    /// Takes waiting request `seq`, whose service waits for its cap, out of the GPUs' queues: the pass
+    /// would pass over it until its service's first waiting request fits under the cap, which only a
+    /// holder of the service ending or pausing, or a change of that first request, can bring about;
+    /// then [`Scheduler::unpark`] puts it back. So a long queue of a service at its cap costs one visit
+    /// per request, not one per pass.
+    fn park(&mut self, seq: u64) {
+        let live = self
+            .live
+            .get(&seq)
+            .expect("a live request by its arrival number");
+        let key = (live.eff, seq);
+        let allowed: Vec<usize> = self.allowed(&live.rec).collect();
+        for g in allowed {
+            self.gpus[g].queue.remove(&key);
+        }
+        let service = live.rec.service_id.clone();
+        if let Some(svc) = self.services.get_mut(&service) {
+            svc.parked.insert(key);
+        }
+    }
+
+    /// Puts a service's parked requests back in the GPUs' queues (see [`Scheduler::park`]).
+    fn unpark(&mut self, service: &str) {
+        let Some(svc) = self.services.get_mut(service) else {
+            return;
+        };
+        if svc.parked.is_empty() {
+            return;
+        }
+        for key in std::mem::take(&mut svc.parked) {
+            let Some(live) = self.live.get(&key.1) else {
+                continue;
+            };
+            let allowed: Vec<usize> = self.allowed(&live.rec).collect();
+            for g in allowed {
+                self.gpus[g].queue.insert(key);
+            }
+        }
     }
 
     /// The open GPUs that a request may use and that are big enough for it.
@@ -1642,7 +1710,7 @@ impl Scheduler {
         candidates: &[usize],
         now: Millis,
         within: bool,
-    ) -> Option<(usize, Vec<(u64, bool)>)> {
+    ) -> Option<Chosen> {
         let live = self
             .live
             .get(&seq)
@@ -1679,7 +1747,7 @@ impl Scheduler {
                 .iter()
                 .map(|v| (v.arrival, v.reclaim))
                 .collect();
-            (g, victims)
+            (g, victims, plan.stuck)
         })
     }
 
@@ -1871,8 +1939,16 @@ impl Scheduler {
         if self.queue.remove(&(live.eff, seq)) {
             self.count_queued(&live.rec, live.eff, seq, false);
             if self.limits_on {
+                let key = (live.eff, seq);
+                let mut head_left = false;
                 if let Some(svc) = self.services.get_mut(&live.rec.service_id) {
-                    svc.waiting.remove(&(live.eff, seq));
+                    head_left = svc.waiting.first() == Some(&key);
+                    svc.waiting.remove(&key);
+                    svc.parked.remove(&key);
+                }
+                // Another request is first now: it may fit under the cap.
+                if head_left {
+                    self.unpark(&live.rec.service_id);
                 }
                 self.refresh_hungry(&live.rec.service_id);
             }
@@ -1964,7 +2040,6 @@ impl Scheduler {
                                 svc.pausing_mb += charged;
                             }
                         }
-                        self.refresh_hungry(&rec.service_id);
                     }
                 }
             }
@@ -1980,7 +2055,11 @@ impl Scheduler {
             self.timers.insert((at, seq, kind));
         }
         live.timers = timers;
+        let service = self.guarantees_on.then(|| live.rec.service_id.clone());
         self.live.insert(seq, live);
+        if let Some(service) = service {
+            self.refresh_hungry(&service);
+        }
     }
 
     /// Puts a request that enters the queue under `(eff, seq)` in its service's own order, when the
@@ -1989,14 +2068,19 @@ impl Scheduler {
         if !self.limits_on {
             return;
         }
+        let mut new_head = false;
         if let Some(svc) = self
             .services
             .get_mut(&rec.service_id)
             .filter(|svc| svc.limits)
         {
+            new_head = svc.waiting.first().is_some_and(|&head| (eff, seq) < head);
             svc.waiting.insert((eff, seq));
         }
-        self.refresh_hungry(&rec.service_id);
+        // A request ahead of the first: it may fit under the cap.
+        if new_head {
+            self.unpark(&rec.service_id);
+        }
     }
 
     /// Keeps `hungry` right for `service` after what it holds or its waiting requests changed.
@@ -2007,7 +2091,7 @@ impl Scheduler {
         let hungry = self
             .services
             .get(service)
-            .is_some_and(|svc| svc.guarantee > svc.used_mb && !svc.waiting.is_empty());
+            .is_some_and(|svc| self.is_hungry(svc));
         if hungry {
             if !self.hungry.contains(service) {
                 self.hungry.insert(service.clone());
@@ -2015,6 +2099,22 @@ impl Scheduler {
         } else {
             self.hungry.remove(service);
         }
+    }
+
+    /// Whether a service is under its guarantee with its first waiting request within it on some GPU it
+    /// may use (and under its cap): the guarantees' pass has something to do for it. (Its requests
+    /// are taken in its grant order, up to the first that is not within: nothing to do when that is
+    /// the first.)
+    fn is_hungry(&self, svc: &Svc) -> bool {
+        svc.guarantee > svc.used_mb
+            && svc.waiting.first().is_some_and(|&(_, head)| {
+                self.live.get(&head).is_some_and(|first| {
+                    self.allowed(&first.rec).any(|g| {
+                        let after = svc.used_mb + charge(&first.rec, self.gpus[g].spec.total_mb);
+                        after <= svc.guarantee && svc.cap.is_none_or(|cap| after <= cap)
+                    })
+                })
+            })
     }
 
     /// Whether service `service` borrows: what its active holders hold, less `taken` (holders a
@@ -2077,11 +2177,24 @@ impl Scheduler {
 
     /// Changes a live request's record, keeping every index right, and marks it for persistence.
     fn update(&mut self, seq: u64, now: Millis, change: impl FnOnce(&mut RequestRecord)) {
+        let used_before = self
+            .limits_on
+            .then(|| self.used_by(&self.live_rec(seq).service_id));
         let mut live = self.detach(seq);
         change(&mut live.rec);
         let id = live.rec.request_id.clone();
+        let service = live.rec.service_id.clone();
         self.attach_live(seq, live, Some(now));
+        // It holds less (a holder paused): its first waiting request may fit under its cap now.
+        if used_before.is_some_and(|before| self.used_by(&service) < before) {
+            self.unpark(&service);
+        }
         self.mark_dirty(&id);
+    }
+
+    /// What a service's holders hold now (see `Svc::used_mb`).
+    fn used_by(&self, service: &str) -> u64 {
+        self.services.get(service).map_or(0, |svc| svc.used_mb)
     }
 
     fn remember_ended(&mut self, rec: RequestRecord) {
@@ -2552,11 +2665,17 @@ impl Scheduler {
         }
         for &(eff, seq) in &self.queue {
             let rec = self.live_rec(seq);
+            let parked = self
+                .services
+                .get(&rec.service_id)
+                .is_some_and(|svc| svc.parked.contains(&(eff, seq)));
             for g in self.allowed(rec) {
-                if !self.gpus[g].queue.contains(&(eff, seq)) {
+                if parked == self.gpus[g].queue.contains(&(eff, seq)) {
                     return Err(format!(
-                        "{} may use GPU {} but is not in its queue",
-                        rec.request_id, self.gpus[g].spec.id
+                        "{} may use GPU {} but is {} its queue (parked: {parked})",
+                        rec.request_id,
+                        self.gpus[g].spec.id,
+                        if parked { "in" } else { "not in" }
                     ));
                 }
             }
@@ -2637,7 +2756,7 @@ impl Scheduler {
                     svc.pausing_mb
                 ));
             }
-            let hungry = svc.guarantee > svc.used_mb && !svc.waiting.is_empty();
+            let hungry = self.is_hungry(svc);
             if self.guarantees_on && hungry != self.hungry.contains(id) {
                 return Err(format!(
                     "service {id} is {}kept as under its guarantee with requests waiting",
@@ -2653,6 +2772,23 @@ impl Scheduler {
                     "service {id} keeps {:?} waiting, the queue holds {want_waiting:?}",
                     svc.waiting
                 ));
+            }
+            // Parked only while its first waiting request does not fit under its cap.
+            if !svc.parked.is_empty() {
+                let blocked = svc.cap.is_some_and(|cap| {
+                    svc.waiting.first().is_some_and(|&(_, head)| {
+                        let first = self.live_rec(head);
+                        self.allowed(first)
+                            .all(|g| svc.used_mb + charge(first, self.gpus[g].spec.total_mb) > cap)
+                    })
+                });
+                if !blocked || !svc.parked.is_subset(&svc.waiting) {
+                    return Err(format!(
+                        "service {id} has {:?} parked but its first waiting request fits under \
+                         its cap, or they are not waiting",
+                        svc.parked
+                    ));
+                }
             }
         }
         if let Some(gone) = self
@@ -2707,6 +2843,10 @@ impl Victim {
         }
     }
 }
+
+/// A preemption plan chosen: the GPU, the holders to pause (arrival number, and whether the pause is
+/// a reclaim), and whether it waits for a holder past its ACK deadline.
+type Chosen = (usize, Vec<(u64, bool)>, bool);
 
 /// The holders to pause on one GPU for one request.
 #[derive(Debug)]

@@ -1157,8 +1157,9 @@ impl Sim {
     }
 
     /// Whether the queued `rec` waits on GPU `g` for its service's cap (the rule written in the
-    /// README): it does not fit under the cap there with what its service holds, or its service's
-    /// first waiting request in grant order does not fit under it on any GPU it may use.
+    /// README): its service's first waiting request in grant order does not fit under it on any GPU
+    /// it may use, or `rec` does not fit under it there with what its service holds and the room that
+    /// first request keeps.
     pub fn held_back_by_cap(&self, rec: &RequestRecord, g: usize, status: &StatusView) -> bool {
         let Some(cap) = self
             .config
@@ -1169,24 +1170,26 @@ impl Sim {
             return false;
         };
         let used = self.used_by(&rec.service_id, status);
-        let fits_on = |r: &RequestRecord, g: usize| {
-            used + r.vram_mb.unwrap_or(status.gpus[g].total_mb) <= cap
-        };
         let head = status
             .queue
             .iter()
             .find(|q| q.service_id == rec.service_id)
             .and_then(|q| self.sched.record(&q.request_id));
+        let mut kept = 0;
         if let Some(head) = head.filter(|h| h.request_id != rec.request_id) {
-            if !self
+            // The first waiting request keeps its room under the cap.
+            let least = self
                 .allowed(head, status)
                 .into_iter()
-                .any(|h| fits_on(head, h))
-            {
+                .map(|h| head.vram_mb.unwrap_or(status.gpus[h].total_mb))
+                .min()
+                .unwrap_or(u64::MAX);
+            if used.saturating_add(least) > cap {
                 return true;
             }
+            kept = least;
         }
-        !fits_on(rec, g)
+        used + kept + rec.vram_mb.unwrap_or(status.gpus[g].total_mb) > cap
     }
 
     /// Follows the reclaims of a step: a reclaim is a `pause` whose reason says so, and its event

@@ -5,7 +5,7 @@
 //! property whenever aging is off, and at the end: every accepted request reached exactly one end.
 
 use gpu_coordinator_core::{
-    Action, Input, RequestRecord, SchedConfig, ServicePolicies, ServicePolicy,
+    Action, Input, Phase, RequestRecord, SchedConfig, ServicePolicies, ServicePolicy,
 };
 use gpu_coordinator_wire::{AckAction, Encoding, HolderState};
 use proptest::collection::vec;
@@ -485,12 +485,16 @@ fn settle(s: &mut Sim, rounds: usize, round_ms: u64) -> Vec<usize> {
                 .filter(|(_, c)| c.action == gpu_coordinator_wire::ControlAction::Pause)
                 .count()
         };
-        for (svc, id, pausing) in holders(s) {
-            let acts = if pausing {
-                s.ack_paused(&svc, &id)
-            } else {
-                let fence = s.fence(&id);
-                s.renew(&svc, &id, Some(fence), None)
+        for (svc, id, _) in holders(s) {
+            // An ACK or a renewal before it may have ended it, or paused it.
+            let Some(rec) = s.sched.record(&id) else {
+                continue;
+            };
+            let (phase, fence) = (rec.phase, rec.fence.map(|f| f.0));
+            let acts = match phase {
+                Phase::Pausing => s.ack_paused(&svc, &id),
+                Phase::Active => s.renew(&svc, &id, fence, None),
+                _ => continue,
             };
             n += count(&acts);
         }

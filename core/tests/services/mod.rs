@@ -294,6 +294,25 @@ fn the_first_waiting_request_of_a_capped_service_holds_the_cap() {
 }
 
 #[test]
+fn a_later_request_leaves_under_the_cap_the_room_the_first_one_needs() {
+    let mut s = sim_of(&[("batch", capped(100))], &[("g0", 100), ("g1", 100)]);
+    s.request("other", req("x1", 0).vram(10).gpu("g1"));
+    // batch's first request waits for room on g1 (pinned); it fits under the cap.
+    let a = s.request("batch", req("first", 2).vram(95).gpu("g1"));
+    assert_eq!(a.events("first"), vec![Requested, Queued]);
+    // A later one would fit g0, but would leave no room under the cap for the first: it waits.
+    let a = s.request("batch", req("later", 2).vram(60));
+    assert_eq!(a.events("later"), vec![Requested, Queued]);
+    // Another service takes g0 meanwhile.
+    let a = s.request("other", req("x2", 3).vram(50));
+    assert_eq!(a.reply("x2").outcome, Outcome::Granted);
+    assert_eq!(a.reply("x2").gpu.as_deref(), Some("g0"));
+    let a = s.release("other", "x1", None);
+    assert_eq!(a.granted(), vec!["first"]);
+    assert_eq!(s.phase("later"), Phase::Queued);
+}
+
+#[test]
 fn a_more_urgent_request_of_a_service_at_its_cap_waits_for_the_services_own_leases() {
     let mut s = sim_of(&[("batch", capped(500))], &[("g0", 1_000)]);
     s.request("batch", req("low", 3).vram(500));
