@@ -489,6 +489,31 @@ fn render_status(doc: &StatusDoc, engines: &[EngineView]) -> String {
         out.push_str("\nEngines\n");
         out.push_str(&render_engines(engines));
     }
+    if !doc.services.is_empty() {
+        let mb = |mb: Option<u64>| mb.map_or_else(|| "-".to_owned(), |mb| mb.to_string());
+        out.push_str("\nServices (VRAM)\n");
+        out.push_str(&table(
+            &[
+                "SERVICE",
+                "USED MB",
+                "GUARANTEED MB",
+                "BORROWED MB",
+                "MAX MB",
+            ],
+            doc.services
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.service_id.clone(),
+                        s.used_mb.to_string(),
+                        mb(s.guaranteed_vram_mb),
+                        s.borrowed_mb.to_string(),
+                        mb(s.max_vram_mb),
+                    ]
+                })
+                .collect(),
+        ));
+    }
     out.push_str("\nHolders\n");
     out.push_str(&table(
         &[
@@ -695,6 +720,13 @@ mod tests {
             queue_total: 2,
             queue_offset: 0,
             queue_counts: vec![],
+            services: vec![gpu_coordinator_wire::ServiceStatus {
+                service_id: "chat".into(),
+                used_mb: 20_000,
+                borrowed_mb: 4_000,
+                guaranteed_vram_mb: Some(16_000),
+                max_vram_mb: None,
+            }],
             at: "2026-11-26T14:00:00.000Z".into(),
             vram_source: VramSource::Config,
             gpus: vec![GpuStatus {
@@ -771,6 +803,11 @@ mod tests {
         );
         assert!(text.contains("paused (GPU 0)"), "{text}");
         assert!(
+            text.contains("Services (VRAM)")
+                && text.contains("chat     20000    16000          4000         -"),
+            "{text}"
+        );
+        assert!(
             text.contains("20.0 s") && text.contains("2 min 05 s"),
             "{text}"
         );
@@ -781,11 +818,13 @@ mod tests {
                 gpus: vec![],
                 paused: vec![],
                 queue: vec![],
+                services: vec![],
                 ..doc
             },
             &[],
         );
         assert_eq!(empty.matches("(none)").count(), 3, "{empty}");
+        assert!(!empty.contains("Services"), "{empty}");
         // A long queue says how much of it is listed.
         let long = render_status(
             &StatusDoc {
@@ -868,6 +907,7 @@ mod tests {
             queue_total: 1,
             queue_offset: 0,
             queue_counts: vec![],
+            services: vec![],
         }
     }
 }

@@ -53,6 +53,11 @@ struct HolderLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StageLabel {
     stage: &'static str,
 }
@@ -114,6 +119,7 @@ pub struct Metrics {
     registry: Registry,
     grants: Counter,
     preemptions: Counter,
+    reclaims: Family<ServiceLabel, Counter>,
     revocations: Counter,
     timeouts: Counter,
     rejections: Counter,
@@ -131,6 +137,10 @@ pub struct Metrics {
     vram_external: Family<GpuLabel, Gauge>,
     vram_from_nvml: Gauge,
     process_vram: Family<ProcessLabels, Gauge>,
+    service_used: Family<ServiceLabel, Gauge>,
+    service_borrowed: Family<ServiceLabel, Gauge>,
+    service_guaranteed: Family<ServiceLabel, Gauge>,
+    service_max: Family<ServiceLabel, Gauge>,
     /// Refreshing the gauges and encoding them is one step, so two scrapes do not interleave.
     render: Mutex<()>,
 }
@@ -142,6 +152,7 @@ impl Metrics {
         let m = Metrics {
             grants: Counter::default(),
             preemptions: Counter::default(),
+            reclaims: Family::default(),
             revocations: Counter::default(),
             timeouts: Counter::default(),
             rejections: Counter::default(),
@@ -159,6 +170,10 @@ impl Metrics {
             vram_external: Family::default(),
             vram_from_nvml: Gauge::default(),
             process_vram: Family::default(),
+            service_used: Family::default(),
+            service_borrowed: Family::default(),
+            service_guaranteed: Family::default(),
+            service_max: Family::default(),
             render: Mutex::new(()),
             registry: Registry::default(),
         };
@@ -171,6 +186,12 @@ impl Metrics {
             "preemptions",
             "Holders asked to pause for a more urgent request",
             m.preemptions.clone(),
+        );
+        registry.register(
+            "reclaims",
+            "Holders asked to pause to give VRAM back to a service within its guarantee \
+             (services.<id>.guaranteed_vram_mb), by that service; also counted in preemptions",
+            m.reclaims.clone(),
         );
         registry.register(
             "revocations",
@@ -259,6 +280,27 @@ impl Metrics {
             "GPU memory used per process, as NVML last reported it",
             m.process_vram.clone(),
         );
+        registry.register(
+            "service_vram_used_bytes",
+            "GPU memory a service's leases hold (active and pausing; a whole-GPU lease counts its \
+             GPU), for the services with a [services.<id>] section and those holding any",
+            m.service_used.clone(),
+        );
+        registry.register(
+            "service_vram_borrowed_bytes",
+            "GPU memory a service's active leases hold beyond its guarantee",
+            m.service_borrowed.clone(),
+        );
+        registry.register(
+            "service_vram_guaranteed_bytes",
+            "A service's guaranteed GPU memory (services.<id>.guaranteed_vram_mb)",
+            m.service_guaranteed.clone(),
+        );
+        registry.register(
+            "service_vram_max_bytes",
+            "The most GPU memory a service's leases may hold (services.<id>.max_vram_mb)",
+            m.service_max.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -283,6 +325,30 @@ impl Metrics {
             &self.vram_external,
         ] {
             family.clear();
+        }
+        for family in [
+            &self.service_used,
+            &self.service_borrowed,
+            &self.service_guaranteed,
+            &self.service_max,
+        ] {
+            family.clear();
+        }
+        for service in &doc.services {
+            let label = ServiceLabel {
+                service: service.service_id.clone(),
+            };
+            let figures = [
+                (&self.service_used, Some(service.used_mb)),
+                (&self.service_borrowed, Some(service.borrowed_mb)),
+                (&self.service_guaranteed, service.guaranteed_vram_mb),
+                (&self.service_max, service.max_vram_mb),
+            ];
+            for (family, mb) in figures {
+                if let Some(mb) = mb {
+                    family.get_or_create(&label).set(bytes(mb));
+                }
+            }
         }
         // From the counts of the whole queue: the document lists only a page of it.
         for count in &doc.queue_counts {
@@ -430,6 +496,13 @@ impl Recorder {
             }
             EventKind::Preempting => {
                 m.preemptions.inc();
+                if let Some(service) = &event.reclaim_for {
+                    m.reclaims
+                        .get_or_create(&ServiceLabel {
+                            service: service.to_string(),
+                        })
+                        .inc();
+                }
                 self.pausing_since.insert(id, at);
             }
             EventKind::Paused => {
@@ -498,6 +571,7 @@ mod tests {
                 fence: None,
                 detail: None,
                 waited_ms,
+                reclaim_for: None,
             },
         }
     }
@@ -611,6 +685,27 @@ mod tests {
     }
 
     #[test]
+    fn reclaims_are_counted_by_the_service_they_are_for() {
+        let metrics = Metrics::new();
+        let mut rec = Recorder::new(metrics.clone());
+        let mut reclaim = event(EventKind::Preempting, "chat-1", 1_000);
+        if let Action::Event { event, .. } = &mut reclaim {
+            event.reclaim_for = Some("asr".into());
+        }
+        rec.observe(&reclaim);
+        rec.observe(&event(EventKind::Preempting, "bg-1", 1_000));
+        let text = metrics.render(None);
+        assert_eq!(
+            line(&text, "gpu_coordinator_reclaims_total{"),
+            "gpu_coordinator_reclaims_total{service=\"asr\"} 1"
+        );
+        assert_eq!(
+            line(&text, "gpu_coordinator_preemptions_total"),
+            "gpu_coordinator_preemptions_total 2"
+        );
+    }
+
+    #[test]
     fn gauges_come_from_the_status_document() {
         let metrics = Metrics::new();
         let holder = |id: &str, state| HolderStatus {
@@ -658,8 +753,38 @@ mod tests {
                 count(0, Some("0"), 1, 0),
                 count(2, Some("0"), 0, 1),
             ],
+            services: vec![
+                gpu_coordinator_wire::ServiceStatus {
+                    service_id: "chat".into(),
+                    used_mb: 2_000,
+                    borrowed_mb: 1_000,
+                    guaranteed_vram_mb: Some(1_000),
+                    max_vram_mb: Some(4_000),
+                },
+                gpu_coordinator_wire::ServiceStatus {
+                    service_id: "asr".into(),
+                    used_mb: 1_000,
+                    borrowed_mb: 1_000,
+                    guaranteed_vram_mb: None,
+                    max_vram_mb: None,
+                },
+            ],
         };
         let text = metrics.render(Some(&doc));
+        for (series, mb) in [
+            ("service_vram_used_bytes{service=\"chat\"}", 2_000),
+            ("service_vram_borrowed_bytes{service=\"chat\"}", 1_000),
+            ("service_vram_guaranteed_bytes{service=\"chat\"}", 1_000),
+            ("service_vram_max_bytes{service=\"chat\"}", 4_000),
+            ("service_vram_used_bytes{service=\"asr\"}", 1_000),
+        ] {
+            let line = format!("gpu_coordinator_{series} {}", mb * MB);
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        assert!(
+            !text.contains("service_vram_max_bytes{service=\"asr\"}"),
+            "no cap, no series: {text}"
+        );
         assert!(
             text.contains("gpu_coordinator_queue_length{priority=\"0\"} 2"),
             "{text}"
@@ -687,10 +812,15 @@ mod tests {
             storage_full: None,
             queue_total: 0,
             queue_counts: vec![],
+            services: vec![],
             ..doc
         };
         let text = metrics.render(Some(&empty));
         assert!(!text.contains("gpu_coordinator_queue_length{"), "{text}");
+        assert!(
+            !text.contains("gpu_coordinator_service_vram_used_bytes{"),
+            "{text}"
+        );
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
     }
 }

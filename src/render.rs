@@ -9,7 +9,7 @@ use gpu_coordinator_core::{
 use gpu_coordinator_wire::time::rfc3339;
 use gpu_coordinator_wire::{
     codec, Control, Encoding, Event, GpuStatus, HolderStatus, PausedStatus, QueueCount, QueueEntry,
-    Reply, StatusDoc, Subjects,
+    Reply, ServiceStatus, StatusDoc, Subjects,
 };
 
 /// A message ready to publish.
@@ -106,6 +106,7 @@ pub fn event(out: &EventOut) -> Event {
         gpu: text(&out.gpu),
         fence: out.fence,
         detail: out.detail.as_deref().map(|d| unscope_text(d).into_owned()),
+        reclaim_for: out.reclaim_for.as_ref().map(|s| s.to_string()),
     }
 }
 
@@ -127,6 +128,17 @@ pub fn status(view: &StatusView) -> StatusDoc {
                 gpu: c.gpu.as_ref().map(|g| g.to_string()),
                 queued: c.queued,
                 paused: c.paused,
+            })
+            .collect(),
+        services: view
+            .services
+            .iter()
+            .map(|s| ServiceStatus {
+                service_id: s.service_id.to_string(),
+                used_mb: s.used_mb,
+                borrowed_mb: s.borrowed_mb,
+                guaranteed_vram_mb: s.guaranteed_mb,
+                max_vram_mb: s.max_vram_mb,
             })
             .collect(),
         leader: None,

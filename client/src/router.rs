@@ -672,6 +672,7 @@ mod tests {
             gpu: None,
             fence: None,
             detail: None,
+            reclaim_for: None,
         };
         let json = codec::encode(Encoding::Json, &event);
         assert_eq!(

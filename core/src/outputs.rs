@@ -47,11 +47,13 @@ impl ReplyOut {
 /// Why an order is given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reason {
-    /// A more urgent request needs the GPU (`pause`).
+    /// A more urgent request needs the GPU (`pause`); or, with `reclaim`, a request within its
+    /// service's guarantee (of that many MB) takes back VRAM that the holder's service borrowed.
     Preempted {
         request_id: RequestId,
         service_id: ServiceId,
         priority: u8,
+        reclaim: Option<u64>,
     },
     /// The GPU is free again (`resume`).
     Free,
@@ -76,9 +78,21 @@ impl fmt::Display for Reason {
                 request_id,
                 service_id,
                 priority,
+                reclaim: None,
             } => write!(
                 f,
                 "request `{request_id}` of `{service_id}` at priority {priority} needs the GPU"
+            ),
+            Reason::Preempted {
+                request_id,
+                service_id,
+                priority,
+                reclaim: Some(guaranteed_mb),
+            } => write!(
+                f,
+                "request `{request_id}` of `{service_id}` at priority {priority} takes back VRAM \
+                 within its guarantee of {guaranteed_mb} MB, which this holder's service borrowed \
+                 beyond its own"
             ),
             Reason::Free => f.write_str("the GPU is free again: reload and go on"),
             Reason::Expired => {
@@ -124,6 +138,9 @@ pub struct EventOut {
     pub detail: Option<String>,
     /// On a first `granted`: how long the request waited (for metrics; the detail says it too).
     pub waited_ms: Option<u64>,
+    /// On `preempting`: the pause is a reclaim, for this service's guarantee (priority alone would
+    /// not have paused the holder).
+    pub reclaim_for: Option<ServiceId>,
 }
 
 /// What the core holds now: each GPU with its VRAM and holders, the paused requests, the queue.
@@ -142,6 +159,24 @@ pub struct StatusView {
     /// The whole queue counted by priority and GPU (the pinned GPU of a queued request, `None`: any;
     /// the GPU of a paused one), in that order.
     pub queue_counts: Vec<QueueCountView>,
+    /// Each service with a `[services.<id>]` section, and each other service that holds VRAM, by id:
+    /// what it holds against its guarantee and cap.
+    pub services: Vec<ServiceView>,
+}
+
+/// A service's VRAM against its limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceView {
+    pub service_id: ServiceId,
+    /// What its holders (active and pausing) hold, as its cap and guarantee count it (a whole-GPU
+    /// holder counts its GPU's capacity).
+    pub used_mb: u64,
+    /// What its active holders hold beyond its guarantee (all they hold, without one).
+    pub borrowed_mb: u64,
+    /// `guaranteed_vram_mb`, when it has one.
+    pub guaranteed_mb: Option<u64>,
+    /// `max_vram_mb`, when it has one.
+    pub max_vram_mb: Option<u64>,
 }
 
 /// Which part of the queue a status view lists: `limit` entries after the first `offset`.

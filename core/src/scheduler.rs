@@ -35,6 +35,30 @@
 //!
 //! With NVML (`settle_ms` > 0), a GPU where a holder just paused takes no grant until a VRAM sample shows
 //! the paused share freed, or until `settle_ms` passes: then the grant goes ahead, and its event says so.
+//!
+//! # What a service may ask for
+//!
+//! [`SchedConfig::services`] holds each service's policy (`[services.<id>]`). A request more urgent than
+//! its service's `max_priority` is rejected naming the limit (or taken at it, with `clamp_priority`);
+//! its defaults fill the VRAM and lease a request leaves out; `preemptible = false` makes its holders
+//! never paused; its `min_hold_ms` replaces the global one for its holders; and, with
+//! `allow_unknown` off, a service without a section is refused. A service's cap (`max_vram_mb`) bounds
+//! what its holders hold together (a whole-GPU holder counts its GPU's capacity): in the pass, a
+//! request that would take its service beyond it is skipped, reserving nothing, and while its
+//! service's first waiting request does not fit under the cap, the service's later ones are skipped
+//! too (`Scheduler::under_cap`).
+//!
+//! # Guarantees, borrowing and reclaim
+//!
+//! What a service's active holders hold beyond its `guaranteed_vram_mb` is borrowed (without
+//! guarantees, all a service holds is: the rules above are then unchanged). A scheduling pass first
+//! takes the services under their guarantee with requests waiting (`Scheduler::schedule_guarantees`):
+//! each of their requests that stays within the guarantee is granted where it fits within it, or
+//! pauses holders and reserves that GPU; besides less urgent holders it may pause, whatever their
+//! priority, holders of other services that borrow, only while they still borrow (a reclaim, said on
+//! the `preempting` event). A request that borrows pauses by priority only holders of services that
+//! borrow too (`Scheduler::may_pause`). Once a request that reclaimed from a service is granted, that
+//! service may not reclaim from its service for its `min_hold_ms` (`reclaim_guards`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
@@ -106,6 +130,69 @@ struct Live {
     eff: u8,
     /// The timers set for this request, to remove them exactly.
     timers: Vec<(Millis, TimerKind)>,
+    /// How long it holds before it may be paused: its service's `min_hold_ms`, else
+    /// `preemption.min_hold_ms`.
+    min_hold_ms: u64,
+    /// The services whose holders were paused by a reclaim for it: at its grant, they may not reclaim
+    /// from its service for its `min_hold_ms` (see `Scheduler::reclaim_guards`).
+    reclaimed_from: Vec<ServiceId>,
+}
+
+/// One service: its live requests, what its holders count against its limits, and the limits.
+struct Svc {
+    /// Its live requests, by arrival number.
+    live: BTreeSet<u64>,
+    /// What its holders (active and pausing) hold, as its cap and guarantee count it: each holder's
+    /// `vram_mb`, or its GPU's capacity for a whole-GPU holder ([`charge`]).
+    used_mb: u64,
+    /// The part of `used_mb` held by pausing holders: it leaves at their ACK, so it is not borrowed
+    /// any more.
+    pausing_mb: u64,
+    /// `max_vram_mb`.
+    cap: Option<u64>,
+    /// `guaranteed_vram_mb` (0: none).
+    guarantee: u64,
+    /// Its waiting (queued and paused) requests in grant order, kept only when it has a cap or a
+    /// guarantee (`limits`): its first one holds its cap (see [`Scheduler::under_cap`]), and its
+    /// requests reclaim in this order (see [`Scheduler::schedule_guarantees`]).
+    waiting: BTreeSet<(u8, u64)>,
+    /// Those of `waiting` taken out of the GPUs' queues while the service waits for its cap (its
+    /// first waiting request does not fit under it), so that the pass does not walk them again: put
+    /// back as soon as that may have changed (a holder of the service ended or paused, or its first
+    /// waiting request changed). See [`Scheduler::park`].
+    parked: BTreeSet<(u8, u64)>,
+    limits: bool,
+}
+
+impl Svc {
+    fn new(policy: &ServicePolicy) -> Svc {
+        Svc {
+            live: BTreeSet::new(),
+            used_mb: 0,
+            pausing_mb: 0,
+            cap: policy.max_vram_mb,
+            guarantee: policy.guaranteed_vram_mb,
+            waiting: BTreeSet::new(),
+            parked: BTreeSet::new(),
+            limits: policy.limits_vram(),
+        }
+    }
+}
+
+/// The configuration key `name` of `service`'s policy, as an operator writes it: in its own section
+/// (`named`), or in `[services.default]`.
+fn policy_key(named: bool, service: &str, name: &str) -> String {
+    if named {
+        format!("services.{service}.{name}")
+    } else {
+        format!("services.default.{name}")
+    }
+}
+
+/// What a request counts against its service's cap and guarantee on a GPU of `total_mb`: its VRAM,
+/// or for the whole GPU, the GPU's capacity (its lease claims that much in the lease store too).
+fn charge(rec: &RequestRecord, total_mb: u64) -> u64 {
+    rec.vram_mb.unwrap_or(total_mb)
 }
 
 /// The scheduling core. See the module docs for the rules.
@@ -117,8 +204,19 @@ pub struct Scheduler {
     live: HashMap<u64, Live>,
     /// Live requests by id.
     ids: HashMap<RequestId, u64>,
-    /// Live requests by service.
-    services: HashMap<ServiceId, BTreeSet<u64>>,
+    /// Live requests by service, with what each holds and may hold.
+    services: HashMap<ServiceId, Svc>,
+    /// Whether some service has a cap or a guarantee (else the pass checks none).
+    limits_on: bool,
+    /// Whether some service has a guarantee (else nothing is borrowed, and nothing reclaimed).
+    guarantees_on: bool,
+    /// The services under their guarantee with requests waiting: the first pass of
+    /// [`Scheduler::schedule`] is theirs.
+    hungry: BTreeSet<ServiceId>,
+    /// `(S, T)` -> until: service `S` reclaimed VRAM from `T`, and `T` may not reclaim from `S` before
+    /// then (`S`'s `min_hold_ms` after the grant the reclaim was for), so that a reclaim is not undone
+    /// by the same pair sooner.
+    reclaim_guards: BTreeMap<(ServiceId, ServiceId), Millis>,
     /// Queued and paused requests in grant order: (effective priority, arrival).
     queue: BTreeSet<(u8, u64)>,
     /// The paused requests of `queue`, by the same keys.
@@ -157,6 +255,10 @@ impl Scheduler {
             live: HashMap::new(),
             ids: HashMap::new(),
             services: HashMap::new(),
+            limits_on: false,
+            guarantees_on: false,
+            hungry: BTreeSet::new(),
+            reclaim_guards: BTreeMap::new(),
             queue: BTreeSet::new(),
             paused: BTreeSet::new(),
             queue_counts: BTreeMap::new(),
@@ -173,6 +275,8 @@ impl Scheduler {
             clock: 0,
             arrived: Vec::new(),
         };
+        scheduler.limits_on = scheduler.config.services.limit_vram();
+        scheduler.guarantees_on = scheduler.config.services.guarantee_vram();
         scheduler.set_gpus(gpus);
         scheduler
     }
@@ -221,10 +325,12 @@ impl Scheduler {
 
     /// When the scheduler next wants [`Scheduler::handle_timeout`] called.
     pub fn poll_timeout(&self) -> Option<Millis> {
+        // A guard's end lets a reclaim it held back go ahead.
         let settle = self
             .gpus
             .iter()
             .filter_map(|g| g.settle.as_ref().map(|s| s.until))
+            .chain(self.reclaim_guards.values().copied())
             .min();
         match (self.timers.first().map(|&(at, _, _)| at), settle) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -531,6 +637,7 @@ impl Scheduler {
     /// Fires every timer due at `now`: an input that comes after a deadline is handled after it (a
     /// renewal that comes after the lease's expiry finds it revoked).
     fn fire_due(&mut self, now: Millis) {
+        self.reclaim_guards.retain(|_, until| *until > now);
         for gpu in &mut self.gpus {
             if gpu.settle.as_ref().is_some_and(|s| s.until <= now) {
                 let settle = gpu.settle.take().expect("checked above");
@@ -614,6 +721,38 @@ impl Scheduler {
             let existing_encoding = existing.encoding;
             return self.reply(&service, existing_encoding, reply);
         }
+        // What the service may ask for, and what it gets when it leaves something out.
+        let Some(policy) = self.config.services.get(&service).cloned() else {
+            let error = format!(
+                "service `{service}` is not configured: it has no [services.{service}] section, and \
+                 `services.allow_unknown` is false"
+            );
+            return self.reject(&service, encoding, Some(&request_id), error, now);
+        };
+        let named = self.config.services.named.contains_key(service.as_str());
+        let key = |name: &str| policy_key(named, &service, name);
+        let mut priority = msg.priority;
+        let mut requested_detail = None;
+        let mut priority_error = None;
+        if let Some(max) = policy.max_priority.filter(|&max| msg.priority < max) {
+            if policy.clamp_priority {
+                priority = max;
+                requested_detail = Some(format!(
+                    "priority {} taken as {max}, the most urgent that `{}` allows (`{}` is true)",
+                    msg.priority,
+                    key("max_priority"),
+                    key("clamp_priority")
+                ));
+            } else {
+                priority_error = Some(format!(
+                    "field `priority`: {} is more urgent than service `{service}` may ask for: \
+                     `{}` is {max} (0 is the most urgent; give {max} or a greater number)",
+                    msg.priority,
+                    key("max_priority")
+                ));
+            }
+        }
+        let vram_mb = msg.vram_mb.or(policy.default_vram_mb);
         let candidates: Vec<&Gpu> = match &msg.gpu {
             Some(pin) => self
                 .gpu_index
@@ -624,7 +763,9 @@ impl Scheduler {
             None => self.gpus.iter().collect(),
         };
         let known: Vec<&str> = self.gpus.iter().map(|g| g.spec.id.as_str()).collect();
-        let error = if candidates.is_empty() {
+        let error = if priority_error.is_some() {
+            priority_error
+        } else if candidates.is_empty() {
             Some(match &msg.gpu {
                 Some(pin) => format!(
                     "field `gpu`: no GPU `{pin}` is managed here; the GPUs are: {}",
@@ -635,7 +776,7 @@ impl Scheduler {
         } else if let Some(live) = self
             .services
             .get(service.as_str())
-            .map(BTreeSet::len)
+            .map(|svc| svc.live.len())
             .filter(|&n| n >= self.config.max_per_service)
         {
             Some(format!(
@@ -643,22 +784,48 @@ impl Scheduler {
                  `queue.max_per_service` allows ({}): release or cancel some first",
                 self.config.max_per_service
             ))
-        } else if let Some(vram) = msg.vram_mb {
-            let largest = candidates
-                .iter()
-                .map(|g| g.spec.total_mb)
-                .max()
-                .unwrap_or(0);
-            (vram > largest).then(|| {
-                format!(
-                    "field `vram_mb`: {vram} MB is more than any GPU it may use has ({largest} MB)"
-                )
+        } else if let Some((vram, largest)) = vram_mb
+            .map(|vram| {
+                let largest = candidates.iter().map(|g| g.spec.total_mb).max();
+                (vram, largest.unwrap_or(0))
             })
+            .filter(|&(vram, largest)| vram > largest)
+        {
+            let given = if msg.vram_mb.is_some() {
+                "field `vram_mb`".to_owned()
+            } else {
+                format!("`{}`", key("default_vram_mb"))
+            };
+            Some(format!(
+                "{given}: {vram} MB is more than any GPU it may use has ({largest} MB)"
+            ))
+        } else if let Some(cap) = policy.max_vram_mb.filter(|&cap| {
+            candidates
+                .iter()
+                .all(|g| vram_mb.unwrap_or(g.spec.total_mb) > cap)
+        }) {
+            let asked = match vram_mb {
+                Some(vram) => format!("{vram} MB"),
+                None => format!(
+                    "a whole GPU (the smallest it may use has {} MB)",
+                    candidates
+                        .iter()
+                        .map(|g| g.spec.total_mb)
+                        .min()
+                        .unwrap_or(0)
+                ),
+            };
+            Some(format!(
+                "{asked} is more than service `{service}` may hold at once: `{}` is {cap} MB, so \
+                 the request could never be granted",
+                key("max_vram_mb")
+            ))
         } else {
             None
         };
         let lease_ms = msg
             .lease_ms
+            .or(policy.default_lease_ms)
             .unwrap_or(self.config.lease_default_ms)
             .min(self.config.lease_max_ms)
             .max(1);
@@ -668,12 +835,13 @@ impl Scheduler {
         let rec = RequestRecord {
             request_id: request_id.clone().into(),
             service_id: service.clone().into(),
-            priority: msg.priority,
+            priority,
             arrival: seq,
             encoding,
-            vram_mb: msg.vram_mb,
+            vram_mb,
             gpu_pin: msg.gpu.clone().map(GpuId::from),
-            preemptible: msg.preemptible.unwrap_or(true),
+            // A service that is not preemptible is not, whatever its requests say.
+            preemptible: msg.preemptible.unwrap_or(true) && policy.preemptible,
             pause_ms: msg.pause_ms,
             lease_ms,
             requested_at: now,
@@ -692,7 +860,7 @@ impl Scheduler {
             ended_at: None,
             detail: None,
         };
-        self.event(&rec, EventKind::Requested, now, None);
+        self.event(&rec, EventKind::Requested, now, requested_detail);
         if let Some(error) = error {
             let mut rec = rec;
             rec.phase = Phase::Ended;
@@ -718,7 +886,7 @@ impl Scheduler {
             let all: Vec<u64> = self
                 .services
                 .get(service.as_str())
-                .map(|s| s.iter().copied().collect())
+                .map(|svc| svc.live.iter().copied().collect())
                 .unwrap_or_default();
             for seq in all {
                 self.release(
@@ -974,6 +1142,18 @@ impl Scheduler {
                 rec.waited_ms = Some(now.saturating_sub(rec.requested_at));
             }
         });
+        // Granted after reclaiming: the services it reclaimed from may not reclaim from its service
+        // for its grace.
+        if let Some(live) = self.live.get_mut(&seq) {
+            let from = std::mem::take(&mut live.reclaimed_from);
+            let until = now.saturating_add(live.min_hold_ms);
+            if live.min_hold_ms > 0 {
+                for victim in from {
+                    let key = (live.rec.service_id.clone(), victim);
+                    self.reclaim_guards.insert(key, until);
+                }
+            }
+        }
         let rec = self.live_rec(seq).clone();
         let expires_at = rec.expires_at.unwrap_or(now);
         self.actions.push_back(Action::Lease(LeaseOp::Acquire(
@@ -1007,7 +1187,8 @@ impl Scheduler {
         }
     }
 
-    fn pause(&mut self, seq: u64, for_seq: u64, now: Millis) {
+    /// Asks holder `seq` to pause for request `for_seq`; `reclaim`: for `for_seq`'s guarantee.
+    fn pause(&mut self, seq: u64, for_seq: u64, now: Millis, reclaim: bool) {
         let deadline = now.saturating_add(self.config.ack_deadline_ms);
         // A holder told to pause stops renewing: its lease lasts at least until the pause deadline,
         // so that it ends by its ACK (or by the deadline's revoke), never by an expiry meanwhile.
@@ -1027,12 +1208,24 @@ impl Scheduler {
             self.renew_in_store(seq);
         }
         let urgent = self.live_rec(for_seq);
+        let reclaim_for = reclaim.then(|| urgent.service_id.clone());
         let reason = Reason::Preempted {
             request_id: urgent.request_id.clone(),
             service_id: urgent.service_id.clone(),
             priority: urgent.priority,
+            reclaim: reclaim_for
+                .as_ref()
+                .map(|svc| self.services.get(svc).map_or(0, |svc| svc.guarantee)),
         };
         let rec = self.live_rec(seq).clone();
+        if reclaim {
+            // Remembered for the guard at the urgent request's grant.
+            if let Some(live) = self.live.get_mut(&for_seq) {
+                if !live.reclaimed_from.contains(&rec.service_id) {
+                    live.reclaimed_from.push(rec.service_id.clone());
+                }
+            }
+        }
         let detail = reason.to_string();
         self.control(
             &rec,
@@ -1041,7 +1234,14 @@ impl Scheduler {
             reason,
             None,
         );
-        self.event(&rec, EventKind::Preempting, now, Some(detail));
+        self.push_event_with(
+            &rec,
+            EventKind::Preempting,
+            now,
+            Some(detail),
+            None,
+            reclaim_for,
+        );
     }
 
     fn paused(&mut self, seq: u64, now: Millis) {
@@ -1104,10 +1304,25 @@ impl Scheduler {
     /// removed from the inventory, or every GPU left is smaller than it needs): it would wait forever.
     fn end_if_unplaceable(&mut self, seq: u64, now: Millis) {
         let rec = self.live_rec(seq);
-        if self.allowed(rec).next().is_some() {
+        let cap = self.services.get(&rec.service_id).and_then(|svc| svc.cap);
+        let any_gpu = self.allowed(rec).next().is_some();
+        if self
+            .allowed(rec)
+            .any(|g| cap.is_none_or(|cap| charge(rec, self.gpus[g].spec.total_mb) <= cap))
+        {
             return;
         }
+        let named = self
+            .config
+            .services
+            .named
+            .contains_key(rec.service_id.as_str());
         let why = match (&rec.gpu_pin, rec.vram_mb) {
+            _ if any_gpu => format!(
+                "it needs more than its service may hold at once (`{}` is {} MB)",
+                policy_key(named, &rec.service_id, "max_vram_mb"),
+                cap.unwrap_or(0)
+            ),
             (Some(pin), _) if !self.gpu_index.contains_key(pin) => {
                 format!("the GPU `{pin}` it is pinned to is no longer managed by this coordinator")
             }
@@ -1133,6 +1348,10 @@ impl Scheduler {
     fn end(&mut self, seq: u64, end: End, detail: Option<String>, now: Millis) {
         let mut live = self.detach(seq);
         let holding = matches!(live.rec.phase, Phase::Active | Phase::Pausing);
+        // It held VRAM: its service's first waiting request may fit under its cap now.
+        if holding && self.limits_on {
+            self.unpark(&live.rec.service_id);
+        }
         if holding && end != End::Revoked {
             self.release_held(&live.rec);
         }
@@ -1157,10 +1376,11 @@ impl Scheduler {
         self.event(&live.rec, kind, now, detail);
         self.mark_dirty(&live.rec.request_id);
         self.ids.remove(&live.rec.request_id);
-        if let Some(set) = self.services.get_mut(&live.rec.service_id) {
-            set.remove(&seq);
-            if set.is_empty() {
+        if let Some(svc) = self.services.get_mut(&live.rec.service_id) {
+            svc.live.remove(&seq);
+            if svc.live.is_empty() {
                 self.services.remove(&live.rec.service_id);
+                self.hungry.remove(&live.rec.service_id);
             }
         }
         self.remember_ended(live.rec);
@@ -1173,6 +1393,13 @@ impl Scheduler {
         let mut open: Vec<bool> = self.gpus.iter().map(|g| g.settle.is_none()).collect();
         let mut n_open = open.iter().filter(|&&o| o).count();
         let mut cursor: Option<(u8, u64)> = None;
+        // The services whose waiting requests wait for their own leases to end (their cap), this pass.
+        let mut capped: Vec<ServiceId> = Vec::new();
+        // First the requests within their service's guarantee, which may reclaim.
+        let mut handled: Vec<u64> = Vec::new();
+        if self.guarantees_on && !self.hungry.is_empty() {
+            self.schedule_guarantees(now, &mut open, &mut n_open, &mut handled);
+        }
         while n_open > 0 {
             let lower = match cursor {
                 Some(c) => Bound::Excluded(c),
@@ -1189,7 +1416,17 @@ impl Scheduler {
             };
             cursor = Some(key);
             let seq = key.1;
-            let candidates = self.candidates(seq, &open);
+            if !handled.is_empty() && handled.contains(&seq) {
+                continue;
+            }
+            let mut candidates = self.candidates(seq, &open);
+            if self.limits_on && !candidates.is_empty() {
+                let (under, blocked) = self.under_cap(seq, candidates, &mut capped);
+                if blocked {
+                    self.park(seq);
+                }
+                candidates = under;
+            }
             if candidates.is_empty() {
                 continue;
             }
@@ -1197,10 +1434,10 @@ impl Scheduler {
                 self.grant(seq, gpu, now);
                 continue;
             }
-            let reserve = match self.plan_preemption(seq, &candidates, now) {
-                Some((gpu, victims)) => {
-                    for victim in victims {
-                        self.pause(victim, seq, now);
+            let reserve = match self.plan_preemption(seq, &candidates, now, false) {
+                Some((gpu, victims, _)) => {
+                    for (victim, reclaim) in victims {
+                        self.pause(victim, seq, now, reclaim);
                     }
                     gpu
                 }
@@ -1211,6 +1448,201 @@ impl Scheduler {
             };
             open[reserve] = false;
             n_open -= 1;
+        }
+    }
+
+    /// The first pass: for each service under its guarantee with requests waiting (in the grant order
+    /// of their first waiting request), its waiting requests in its own grant order, as long as each
+    /// fits within the guarantee with what the service holds and the requests before it in this pass:
+    /// each is granted where it fits within it, else where it fits at all (under its cap), or pauses
+    /// holders as the rules allow a request within its guarantee (reclaim: holders of services
+    /// beyond their own guarantee, whatever their priority; and by priority, any less urgent holder)
+    /// and reserves that GPU. The service's first request beyond its guarantee, or that can do none
+    /// of these (or only by waiting for a holder past its ACK deadline), ends its turn: the rest
+    /// wait for the ordinary pass, as any request. The requests it took are added to `handled`, for
+    /// the ordinary pass to skip.
+    fn schedule_guarantees(
+        &mut self,
+        now: Millis,
+        open: &mut [bool],
+        n_open: &mut usize,
+        handled: &mut Vec<u64>,
+    ) {
+        let mut order: Vec<((u8, u64), ServiceId)> = self
+            .hungry
+            .iter()
+            .filter_map(|id| {
+                let first = *self.services.get(id)?.waiting.first()?;
+                Some((first, id.clone()))
+            })
+            .collect();
+        order.sort_unstable();
+        for (_, service) in order {
+            // What the requests taken before in this pass will hold once their pauses are ACKed.
+            let mut pending = 0u64;
+            let mut cursor: Option<(u8, u64)> = None;
+            while *n_open > 0 {
+                let Some(svc) = self.services.get(&service) else {
+                    break;
+                };
+                let lower = match cursor {
+                    Some(c) => Bound::Excluded(c),
+                    None => Bound::Unbounded,
+                };
+                let Some(&key) = svc.waiting.range((lower, Bound::Unbounded)).next() else {
+                    break;
+                };
+                cursor = Some(key);
+                let seq = key.1;
+                let (held, guarantee, cap) = (svc.used_mb + pending, svc.guarantee, svc.cap);
+                let rec = self.live_rec(seq);
+                let within = |g: &Gpu| {
+                    let after = held + charge(rec, g.spec.total_mb);
+                    after <= guarantee && cap.is_none_or(|cap| after <= cap)
+                };
+                if !self.allowed(rec).any(|g| within(&self.gpus[g])) {
+                    break;
+                }
+                let candidates: Vec<usize> = self
+                    .candidates(seq, open)
+                    .into_iter()
+                    .filter(|&g| within(&self.gpus[g]))
+                    .collect();
+                if candidates.is_empty() {
+                    continue;
+                }
+                if let Some(gpu) = self.best_fit(seq, &candidates) {
+                    handled.push(seq);
+                    self.grant(seq, gpu, now);
+                    continue;
+                }
+                // Where it does not fit within its guarantee, free VRAM beyond it (under its cap) is
+                // taken rather than anyone paused for it (a whole-GPU request counts the GPU's
+                // capacity, so the guarantee may be kept on one GPU and not on a bigger one).
+                let anywhere: Vec<usize> = self
+                    .candidates(seq, open)
+                    .into_iter()
+                    .filter(|&g| {
+                        let after = held + charge(self.live_rec(seq), self.gpus[g].spec.total_mb);
+                        cap.is_none_or(|cap| after <= cap)
+                    })
+                    .collect();
+                if let Some(gpu) = self.best_fit(seq, &anywhere) {
+                    handled.push(seq);
+                    self.grant(seq, gpu, now);
+                    continue;
+                }
+                // Nothing to take back now (holders within their grace, not preemptible, or within
+                // their own guarantees), or only by waiting out the lease of a holder that missed
+                // its ACK deadline: it waits in the ordinary pass, where it may still fit or preempt
+                // elsewhere as any request, or reserve a GPU in grant order.
+                let Some((gpu, victims, false)) = self.plan_preemption(seq, &candidates, now, true)
+                else {
+                    break;
+                };
+                handled.push(seq);
+                for (victim, reclaim) in victims {
+                    self.pause(victim, seq, now, reclaim);
+                }
+                open[gpu] = false;
+                *n_open -= 1;
+                pending += charge(self.live_rec(seq), self.gpus[gpu].spec.total_mb);
+            }
+        }
+    }
+
+    /// Those of `candidates` where the request fits under its service's cap with what the service holds
+    /// now (none: it waits, reserving nothing, for its service's own leases to end). The service's
+    /// first waiting request in grant order keeps the cap for itself: while it does not fit under it,
+    /// the service's later requests wait too, and the service is added to `capped` for the rest of
+    /// the pass (what a service holds only grows during a pass); while it does, a later request fits
+    /// only with the room the first one needs left under the cap. The flag says the service is so held
+    /// back: its request may be parked.
+    fn under_cap(
+        &self,
+        seq: u64,
+        candidates: Vec<usize>,
+        capped: &mut Vec<ServiceId>,
+    ) -> (Vec<usize>, bool) {
+        let rec = self.live_rec(seq);
+        let Some(svc) = self.services.get(&rec.service_id) else {
+            return (candidates, false);
+        };
+        let Some(cap) = svc.cap else {
+            return (candidates, false);
+        };
+        if capped.contains(&rec.service_id) {
+            return (Vec::new(), true);
+        }
+        let head = svc.waiting.first().map(|&(_, head)| head);
+        // The room under the cap that the first waiting request keeps for itself.
+        let mut kept = 0;
+        if let Some(head) = head.filter(|&head| head != seq) {
+            let first = self.live_rec(head);
+            let least = self
+                .allowed(first)
+                .map(|g| charge(first, self.gpus[g].spec.total_mb))
+                .min()
+                .unwrap_or(u64::MAX);
+            if svc.used_mb.saturating_add(least) > cap {
+                capped.push(rec.service_id.clone());
+                return (Vec::new(), true);
+            }
+            kept = least;
+        }
+        let under: Vec<usize> = candidates
+            .into_iter()
+            .filter(|&g| svc.used_mb + kept + charge(rec, self.gpus[g].spec.total_mb) <= cap)
+            .collect();
+        if under.is_empty() && head == Some(seq) {
+            let fits = self
+                .allowed(rec)
+                .any(|g| svc.used_mb + charge(rec, self.gpus[g].spec.total_mb) <= cap);
+            if !fits {
+                capped.push(rec.service_id.clone());
+                return (under, true);
+            }
+        }
+        (under, false)
+    }
+
+    /// Takes waiting request `seq`, whose service waits for its cap, out of the GPUs' queues: the pass
+    /// would pass over it until its service's first waiting request fits under the cap, which only a
+    /// holder of the service ending or pausing, or a change of that first request, can bring about;
+    /// then [`Scheduler::unpark`] puts it back. So a long queue of a service at its cap costs one visit
+    /// per request, not one per pass.
+    fn park(&mut self, seq: u64) {
+        let live = self
+            .live
+            .get(&seq)
+            .expect("a live request by its arrival number");
+        let key = (live.eff, seq);
+        let allowed: Vec<usize> = self.allowed(&live.rec).collect();
+        for g in allowed {
+            self.gpus[g].queue.remove(&key);
+        }
+        let service = live.rec.service_id.clone();
+        if let Some(svc) = self.services.get_mut(&service) {
+            svc.parked.insert(key);
+        }
+    }
+
+    /// Puts a service's parked requests back in the GPUs' queues (see [`Scheduler::park`]).
+    fn unpark(&mut self, service: &str) {
+        let Some(svc) = self.services.get_mut(service) else {
+            return;
+        };
+        if svc.parked.is_empty() {
+            return;
+        }
+        for key in std::mem::take(&mut svc.parked) {
+            let Some(live) = self.live.get(&key.1) else {
+                continue;
+            };
+            let allowed: Vec<usize> = self.allowed(&live.rec).collect();
+            for g in allowed {
+                self.gpus[g].queue.insert(key);
+            }
         }
     }
 
@@ -1277,7 +1709,8 @@ impl Scheduler {
         seq: u64,
         candidates: &[usize],
         now: Millis,
-    ) -> Option<(usize, Vec<u64>)> {
+        within: bool,
+    ) -> Option<Chosen> {
         let live = self
             .live
             .get(&seq)
@@ -1285,14 +1718,14 @@ impl Scheduler {
         let (rec, urgency) = (&live.rec, live.eff);
         let mut best: Option<(usize, Plan)> = None;
         for &g in candidates {
-            let Some(plain) = self.plan_on(g, rec, urgency, now, false) else {
+            let Some(plain) = self.plan_on(g, rec, urgency, now, within, false) else {
                 continue;
             };
             let hinted = self.gpus[g]
                 .holders
                 .iter()
                 .any(|&h| self.live_rec(h).pause_ms.is_some())
-                .then(|| self.plan_on(g, rec, urgency, now, true))
+                .then(|| self.plan_on(g, rec, urgency, now, within, true))
                 .flatten();
             let plan = match hinted {
                 Some(hinted) if hinted.alike(&plain) && hinted.slowest() <= plain.slowest() => {
@@ -1308,19 +1741,65 @@ impl Scheduler {
                 best = Some((g, plan));
             }
         }
-        best.map(|(g, plan)| (g, plan.victims.iter().map(|v| v.arrival).collect()))
+        best.map(|(g, plan)| {
+            let victims = plan
+                .victims
+                .iter()
+                .map(|v| (v.arrival, v.reclaim))
+                .collect();
+            (g, victims, plan.stuck)
+        })
+    }
+
+    /// Whether the active holder `live` may be paused for `rec` (at `urgency`; `within` its service's
+    /// guarantee), and whether that pause is a reclaim (`Some(true)`: priority alone would not allow
+    /// it). Never a holder that is not preemptible or is within its grace (`min_hold_ms`). By
+    /// priority, a less urgent holder; but a request that borrows (not within its guarantee) only one
+    /// of a service that borrows too: VRAM within a guarantee is not taken by priority, or it would be
+    /// reclaimed at once, back and forth. By reclaim, a request within its guarantee takes a holder of
+    /// another service that borrows, whatever its priority, unless that service reclaimed from its
+    /// own less than its grace ago. Without guarantees, every holder's service borrows: today's rule.
+    fn may_pause(
+        &self,
+        live: &Live,
+        rec: &RequestRecord,
+        urgency: u8,
+        within: bool,
+        now: Millis,
+    ) -> Option<bool> {
+        let holder = &live.rec;
+        let grace_over = holder
+            .granted_at
+            .unwrap_or(0)
+            .saturating_add(live.min_hold_ms)
+            <= now;
+        if !holder.preemptible || !grace_over {
+            return None;
+        }
+        let borrows = !self.guarantees_on || self.borrows(&holder.service_id, 0);
+        if holder.priority > urgency && (within || borrows) {
+            return Some(false);
+        }
+        let reclaim = within
+            && borrows
+            && holder.service_id != rec.service_id
+            && !self.guarded(&holder.service_id, &rec.service_id, now);
+        reclaim.then_some(true)
     }
 
     /// The holders of GPU `g` to pause so that `rec` (at `urgency`) fits there, or `None` when pausing
     /// every holder it may pause would not make room. Least urgent first; the most recently granted
     /// first among equals; with `by_hint`, among holders equal on both, the one that says it pauses
     /// soonest (`pause_ms`, unknown last); the latest arrival last of all, which makes the order total.
+    /// `within`: `rec` is within its service's guarantee; then holders of services that borrow come
+    /// before all others (see [`Scheduler::may_pause`] for who may be paused at all).
     fn plan_on(
         &self,
         g: usize,
         rec: &RequestRecord,
         urgency: u8,
         now: Millis,
+        within: bool,
         by_hint: bool,
     ) -> Option<Plan> {
         let gpu = &self.gpus[g];
@@ -1332,37 +1811,49 @@ impl Scheduler {
         // that waits for one comes after any that does not.
         let mut stuck = false;
         for &h in &gpu.holders {
-            let holder = self.live_rec(h);
+            let live = self
+                .live
+                .get(&h)
+                .expect("a live request by its arrival number");
+            let holder = &live.rec;
             if holder.phase == Phase::Pausing {
                 stuck |= holder.pause_deadline.is_some_and(|d| d <= now);
                 free += holder.held_mb.unwrap_or(0);
                 remaining -= 1;
                 whole -= usize::from(holder.vram_mb.is_none());
-            } else if holder.priority > urgency
-                && holder.preemptible
-                && holder
-                    .granted_at
-                    .unwrap_or(0)
-                    .saturating_add(self.config.min_hold_ms)
-                    <= now
-            {
-                eligible.push(holder);
+            } else if let Some(reclaim) = self.may_pause(live, rec, urgency, within, now) {
+                // Reclaiming, the holders of services that borrow go first.
+                let lender = within && !self.borrows(&holder.service_id, 0);
+                eligible.push((holder, reclaim, lender));
             }
         }
-        eligible.sort_by_key(|h| {
+        eligible.sort_by_key(|&(h, _, lender)| {
             (
+                lender,
                 std::cmp::Reverse(h.priority),
                 std::cmp::Reverse(h.granted_at.unwrap_or(0)),
                 if by_hint { pause_key(h) } else { 0 },
                 std::cmp::Reverse(h.arrival),
             )
         });
-        let mut victims = Vec::new();
-        for holder in eligible {
+        let mut victims: Vec<Victim> = Vec::new();
+        for (holder, reclaim, _) in eligible {
             if Self::fits(rec, free, remaining, whole) {
                 break;
             }
-            let victim = Victim::of(holder);
+            let victim = Victim::of(holder, reclaim, gpu.spec.total_mb);
+            // Paused for borrowing (a reclaim, or a borrower's priority), a holder is taken only while
+            // its service still borrows with the victims taken before it.
+            if self.guarantees_on && (reclaim || !within) {
+                let taken: u64 = victims
+                    .iter()
+                    .filter(|v| v.service == holder.service_id)
+                    .map(|v| v.charged)
+                    .sum();
+                if !self.borrows(&holder.service_id, taken) {
+                    continue;
+                }
+            }
             free += victim.held_mb;
             remaining -= 1;
             whole -= usize::from(victim.whole);
@@ -1411,19 +1902,30 @@ impl Scheduler {
     fn insert_live(&mut self, rec: RequestRecord) {
         let seq = rec.arrival;
         self.ids.insert(rec.request_id.clone(), seq);
+        // A service refused now (a restart with `services.allow_unknown` off) keeps what it had.
+        let default = ServicePolicy::default();
+        let policy = self
+            .config
+            .services
+            .get(&rec.service_id)
+            .unwrap_or(&default);
+        let min_hold_ms = policy.min_hold_ms.unwrap_or(self.config.min_hold_ms);
         match self.services.get_mut(&rec.service_id) {
-            Some(seqs) => {
-                seqs.insert(seq);
+            Some(svc) => {
+                svc.live.insert(seq);
             }
             None => {
-                self.services
-                    .insert(rec.service_id.clone(), BTreeSet::from([seq]));
+                let mut svc = Svc::new(policy);
+                svc.live.insert(seq);
+                self.services.insert(rec.service_id.clone(), svc);
             }
         }
         let live = Live {
             eff: rec.priority,
             rec,
             timers: Vec::new(),
+            min_hold_ms,
+            reclaimed_from: Vec::new(),
         };
         self.attach_live(seq, live, None);
     }
@@ -1436,6 +1938,20 @@ impl Scheduler {
             .expect("a live request by its arrival number");
         if self.queue.remove(&(live.eff, seq)) {
             self.count_queued(&live.rec, live.eff, seq, false);
+            if self.limits_on {
+                let key = (live.eff, seq);
+                let mut head_left = false;
+                if let Some(svc) = self.services.get_mut(&live.rec.service_id) {
+                    head_left = svc.waiting.first() == Some(&key);
+                    svc.waiting.remove(&key);
+                    svc.parked.remove(&key);
+                }
+                // Another request is first now: it may fit under the cap.
+                if head_left {
+                    self.unpark(&live.rec.service_id);
+                }
+                self.refresh_hungry(&live.rec.service_id);
+            }
         }
         for gpu in &mut self.gpus {
             gpu.queue.remove(&(live.eff, seq));
@@ -1447,6 +1963,14 @@ impl Scheduler {
             let gpu = &mut self.gpus[*g];
             if gpu.holders.remove(&seq) {
                 gpu.held_mb -= live.rec.held_mb.unwrap_or(0);
+                let charged = charge(&live.rec, gpu.spec.total_mb);
+                if let Some(svc) = self.services.get_mut(&live.rec.service_id) {
+                    svc.used_mb -= charged;
+                    if live.rec.phase == Phase::Pausing {
+                        svc.pausing_mb -= charged;
+                    }
+                }
+                self.refresh_hungry(&live.rec.service_id);
             }
         }
         live
@@ -1477,12 +2001,14 @@ impl Scheduler {
                 timers.push((rec.timeout_at, TimerKind::Timeout));
                 if self.queue.insert((live.eff, seq)) {
                     self.count_queued(rec, live.eff, seq, true);
+                    self.wait_in_service(rec, live.eff, seq);
                 }
             }
             Phase::Paused => {
                 live.eff = rec.priority;
                 if self.queue.insert((live.eff, seq)) {
                     self.count_queued(rec, live.eff, seq, true);
+                    self.wait_in_service(rec, live.eff, seq);
                 }
             }
             Phase::Active | Phase::Pausing => {
@@ -1492,11 +2018,8 @@ impl Scheduler {
                 if let Some(at) = rec.pause_deadline {
                     timers.push((at, TimerKind::PauseDeadline));
                 }
-                if self.config.min_hold_ms > 0 && rec.phase == Phase::Active {
-                    let at = rec
-                        .granted_at
-                        .unwrap_or(0)
-                        .saturating_add(self.config.min_hold_ms);
+                if live.min_hold_ms > 0 && rec.phase == Phase::Active {
+                    let at = rec.granted_at.unwrap_or(0).saturating_add(live.min_hold_ms);
                     if now.is_none_or(|n| at > n) {
                         timers.push((at, TimerKind::MinHold));
                     }
@@ -1510,6 +2033,13 @@ impl Scheduler {
                     let gpu = &mut self.gpus[g];
                     if gpu.holders.insert(seq) {
                         gpu.held_mb += rec.held_mb.unwrap_or(0);
+                        let charged = charge(rec, gpu.spec.total_mb);
+                        if let Some(svc) = self.services.get_mut(&rec.service_id) {
+                            svc.used_mb += charged;
+                            if rec.phase == Phase::Pausing {
+                                svc.pausing_mb += charged;
+                            }
+                        }
                     }
                 }
             }
@@ -1525,7 +2055,88 @@ impl Scheduler {
             self.timers.insert((at, seq, kind));
         }
         live.timers = timers;
+        let service = self.guarantees_on.then(|| live.rec.service_id.clone());
         self.live.insert(seq, live);
+        if let Some(service) = service {
+            self.refresh_hungry(&service);
+        }
+    }
+
+    /// Puts a request that enters the queue under `(eff, seq)` in its service's own order, when the
+    /// service has a cap.
+    fn wait_in_service(&mut self, rec: &RequestRecord, eff: u8, seq: u64) {
+        if !self.limits_on {
+            return;
+        }
+        let mut new_head = false;
+        if let Some(svc) = self
+            .services
+            .get_mut(&rec.service_id)
+            .filter(|svc| svc.limits)
+        {
+            new_head = svc.waiting.first().is_some_and(|&head| (eff, seq) < head);
+            svc.waiting.insert((eff, seq));
+        }
+        // A request ahead of the first: it may fit under the cap.
+        if new_head {
+            self.unpark(&rec.service_id);
+        }
+    }
+
+    /// Keeps `hungry` right for `service` after what it holds or its waiting requests changed.
+    fn refresh_hungry(&mut self, service: &ServiceId) {
+        if !self.guarantees_on {
+            return;
+        }
+        let hungry = self
+            .services
+            .get(service)
+            .is_some_and(|svc| self.is_hungry(svc));
+        if hungry {
+            if !self.hungry.contains(service) {
+                self.hungry.insert(service.clone());
+            }
+        } else {
+            self.hungry.remove(service);
+        }
+    }
+
+    /// Whether a service is under its guarantee with its first waiting request within it on some GPU it
+    /// may use (and under its cap): the guarantees' pass has something to do for it. (Its requests
+    /// are taken in its grant order, up to the first that is not within: nothing to do when that is
+    /// the first.)
+    fn is_hungry(&self, svc: &Svc) -> bool {
+        svc.guarantee > svc.used_mb
+            && svc.waiting.first().is_some_and(|&(_, head)| {
+                self.live.get(&head).is_some_and(|first| {
+                    self.allowed(&first.rec).any(|g| {
+                        let after = svc.used_mb + charge(&first.rec, self.gpus[g].spec.total_mb);
+                        after <= svc.guarantee && svc.cap.is_none_or(|cap| after <= cap)
+                    })
+                })
+            })
+    }
+
+    /// Whether service `service` borrows: what its active holders hold, less `taken` (holders a
+    /// plan is about to pause), is beyond its guarantee. Without guarantees configured, every service
+    /// that holds anything borrows (and so the rules are today's).
+    fn borrows(&self, service: &str, taken: u64) -> bool {
+        self.services.get(service).is_some_and(|svc| {
+            svc.used_mb
+                .saturating_sub(svc.pausing_mb)
+                .saturating_sub(taken)
+                > svc.guarantee
+        })
+    }
+
+    /// Whether `victim`'s service may not reclaim from `reclaimer`'s yet: `reclaimer` reclaimed from
+    /// it less than its grace ago.
+    fn guarded(&self, victim: &ServiceId, reclaimer: &ServiceId, now: Millis) -> bool {
+        !self.reclaim_guards.is_empty()
+            && self
+                .reclaim_guards
+                .get(&(victim.clone(), reclaimer.clone()))
+                .is_some_and(|&until| until > now)
     }
 
     /// Counts a request that enters (`add`) or leaves the queue under `(eff, seq)` in `paused` and
@@ -1566,11 +2177,24 @@ impl Scheduler {
 
     /// Changes a live request's record, keeping every index right, and marks it for persistence.
     fn update(&mut self, seq: u64, now: Millis, change: impl FnOnce(&mut RequestRecord)) {
+        let used_before = self
+            .limits_on
+            .then(|| self.used_by(&self.live_rec(seq).service_id));
         let mut live = self.detach(seq);
         change(&mut live.rec);
         let id = live.rec.request_id.clone();
+        let service = live.rec.service_id.clone();
         self.attach_live(seq, live, Some(now));
+        // It holds less (a holder paused): its first waiting request may fit under its cap now.
+        if used_before.is_some_and(|before| self.used_by(&service) < before) {
+            self.unpark(&service);
+        }
         self.mark_dirty(&id);
+    }
+
+    /// What a service's holders hold now (see `Svc::used_mb`).
+    fn used_by(&self, service: &str) -> u64 {
+        self.services.get(service).map_or(0, |svc| svc.used_mb)
     }
 
     fn remember_ended(&mut self, rec: RequestRecord) {
@@ -1720,6 +2344,7 @@ impl Scheduler {
                 fence: None,
                 detail: Some(error),
                 waited_ms: None,
+                reclaim_for: None,
             },
         });
     }
@@ -1761,6 +2386,18 @@ impl Scheduler {
         detail: Option<String>,
         waited_ms: Option<u64>,
     ) {
+        self.push_event_with(rec, kind, now, detail, waited_ms, None)
+    }
+
+    fn push_event_with(
+        &mut self,
+        rec: &RequestRecord,
+        kind: EventKind,
+        now: Millis,
+        detail: Option<String>,
+        waited_ms: Option<u64>,
+        reclaim_for: Option<ServiceId>,
+    ) {
         self.actions.push_back(Action::Event {
             encoding: rec.encoding,
             event: EventOut {
@@ -1773,6 +2410,7 @@ impl Scheduler {
                 fence: rec.fence.map(|f| f.0),
                 detail,
                 waited_ms,
+                reclaim_for,
             },
         });
     }
@@ -1924,6 +2562,7 @@ impl Scheduler {
             vram_source: self.vram_source,
             gpus,
             paused,
+            services: self.service_views(),
             queue,
             queue_total: self.queue.len() as u64,
             queue_offset: page.offset,
@@ -1938,6 +2577,34 @@ impl Scheduler {
                 })
                 .collect(),
         }
+    }
+
+    /// Each service with a section, and each other service holding VRAM, with what it holds against
+    /// its limits, by id. O(services with live requests + sections).
+    fn service_views(&self) -> Vec<ServiceView> {
+        let mut views: BTreeMap<&str, ServiceView> = BTreeMap::new();
+        let policies = &self.config.services;
+        let view = |id: &str, svc: Option<&Svc>| {
+            let policy = policies.get(id);
+            let guarantee = policy.map_or(0, |p| p.guaranteed_vram_mb);
+            let (used, pausing) = svc.map_or((0, 0), |s| (s.used_mb, s.pausing_mb));
+            ServiceView {
+                service_id: id.into(),
+                used_mb: used,
+                borrowed_mb: used.saturating_sub(pausing).saturating_sub(guarantee),
+                guaranteed_mb: (guarantee > 0).then_some(guarantee),
+                max_vram_mb: policy.and_then(|p| p.max_vram_mb),
+            }
+        };
+        for id in policies.named.keys() {
+            views.insert(id, view(id, self.services.get(id.as_str())));
+        }
+        for (id, svc) in self.services.iter().filter(|(_, svc)| svc.used_mb > 0) {
+            views
+                .entry(id.as_str())
+                .or_insert_with(|| view(id, Some(svc)));
+        }
+        views.into_values().collect()
     }
 
     /// Checks the invariants that must hold after every input; returns the first broken one.
@@ -1998,11 +2665,17 @@ impl Scheduler {
         }
         for &(eff, seq) in &self.queue {
             let rec = self.live_rec(seq);
+            let parked = self
+                .services
+                .get(&rec.service_id)
+                .is_some_and(|svc| svc.parked.contains(&(eff, seq)));
             for g in self.allowed(rec) {
-                if !self.gpus[g].queue.contains(&(eff, seq)) {
+                if parked == self.gpus[g].queue.contains(&(eff, seq)) {
                     return Err(format!(
-                        "{} may use GPU {} but is not in its queue",
-                        rec.request_id, self.gpus[g].spec.id
+                        "{} may use GPU {} but is {} its queue (parked: {parked})",
+                        rec.request_id,
+                        self.gpus[g].spec.id,
+                        if parked { "in" } else { "not in" }
                     ));
                 }
             }
@@ -2032,6 +2705,101 @@ impl Scheduler {
         {
             return Err("a live request is missing from the queue and the GPUs".into());
         }
+        self.check_services()
+    }
+
+    /// What each service holds, its live requests and its waiting order, as kept, are what the GPUs
+    /// and the queue hold.
+    fn check_services(&self) -> Result<(), String> {
+        let mut used: HashMap<&str, u64> = HashMap::new();
+        let mut pausing: HashMap<&str, u64> = HashMap::new();
+        for g in &self.gpus {
+            for &h in &g.holders {
+                let rec = self.live_rec(h);
+                let charged = charge(rec, g.spec.total_mb);
+                *used.entry(&rec.service_id).or_default() += charged;
+                if rec.phase == Phase::Pausing {
+                    *pausing.entry(&rec.service_id).or_default() += charged;
+                }
+            }
+        }
+        let mut live: HashMap<&str, BTreeSet<u64>> = HashMap::new();
+        let mut waiting: HashMap<&str, BTreeSet<(u8, u64)>> = HashMap::new();
+        for (&seq, l) in &self.live {
+            live.entry(&l.rec.service_id).or_default().insert(seq);
+            if self.queue.contains(&(l.eff, seq)) {
+                waiting
+                    .entry(&l.rec.service_id)
+                    .or_default()
+                    .insert((l.eff, seq));
+            }
+        }
+        if live.len() != self.services.len() {
+            return Err(format!(
+                "{} services have live requests, {} are kept",
+                live.len(),
+                self.services.len()
+            ));
+        }
+        for (id, svc) in &self.services {
+            let want_used = used.get(id.as_str()).copied().unwrap_or(0);
+            if svc.used_mb != want_used {
+                return Err(format!(
+                    "service {id} counts {} MB held, its holders {want_used} MB",
+                    svc.used_mb
+                ));
+            }
+            let want_pausing = pausing.get(id.as_str()).copied().unwrap_or(0);
+            if svc.pausing_mb != want_pausing {
+                return Err(format!(
+                    "service {id} counts {} MB pausing, its pausing holders {want_pausing} MB",
+                    svc.pausing_mb
+                ));
+            }
+            let hungry = self.is_hungry(svc);
+            if self.guarantees_on && hungry != self.hungry.contains(id) {
+                return Err(format!(
+                    "service {id} is {}kept as under its guarantee with requests waiting",
+                    if hungry { "not " } else { "" }
+                ));
+            }
+            if live.get(id.as_str()) != Some(&svc.live) {
+                return Err(format!("service {id}'s live requests are not those kept"));
+            }
+            let want_waiting = waiting.remove(id.as_str()).unwrap_or_default();
+            if svc.limits && self.limits_on && svc.waiting != want_waiting {
+                return Err(format!(
+                    "service {id} keeps {:?} waiting, the queue holds {want_waiting:?}",
+                    svc.waiting
+                ));
+            }
+            // Parked only while its first waiting request does not fit under its cap.
+            if !svc.parked.is_empty() {
+                let blocked = svc.cap.is_some_and(|cap| {
+                    svc.waiting.first().is_some_and(|&(_, head)| {
+                        let first = self.live_rec(head);
+                        self.allowed(first)
+                            .all(|g| svc.used_mb + charge(first, self.gpus[g].spec.total_mb) > cap)
+                    })
+                });
+                if !blocked || !svc.parked.is_subset(&svc.waiting) {
+                    return Err(format!(
+                        "service {id} has {:?} parked but its first waiting request fits under \
+                         its cap, or they are not waiting",
+                        svc.parked
+                    ));
+                }
+            }
+        }
+        if let Some(gone) = self
+            .hungry
+            .iter()
+            .find(|id| !self.services.contains_key(*id))
+        {
+            return Err(format!(
+                "service {gone} is kept as hungry but has no live request"
+            ));
+        }
         Ok(())
     }
 }
@@ -2043,7 +2811,7 @@ fn pause_key(rec: &RequestRecord) -> u64 {
 }
 
 /// A holder a preemption plan pauses, with what the rules and the hint compare of it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Victim {
     arrival: u64,
     held_mb: u64,
@@ -2053,10 +2821,15 @@ struct Victim {
     granted_at: Millis,
     /// [`pause_key`].
     pause: u64,
+    /// Paused by a reclaim: priority alone would not pause it.
+    reclaim: bool,
+    service: ServiceId,
+    /// What it counts against its service's guarantee ([`charge`]).
+    charged: u64,
 }
 
 impl Victim {
-    fn of(rec: &RequestRecord) -> Victim {
+    fn of(rec: &RequestRecord, reclaim: bool, gpu_total_mb: u64) -> Victim {
         Victim {
             arrival: rec.arrival,
             held_mb: rec.held_mb.unwrap_or(0),
@@ -2064,9 +2837,16 @@ impl Victim {
             priority: rec.priority,
             granted_at: rec.granted_at.unwrap_or(0),
             pause: pause_key(rec),
+            reclaim,
+            service: rec.service_id.clone(),
+            charged: charge(rec, gpu_total_mb),
         }
     }
 }
+
+/// A preemption plan chosen: the GPU, the holders to pause (arrival number, and whether the pause is
+/// a reclaim), and whether it waits for a holder past its ACK deadline.
+type Chosen = (usize, Vec<(u64, bool)>, bool);
 
 /// The holders to pause on one GPU for one request.
 #[derive(Debug)]

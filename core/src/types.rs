@@ -1,5 +1,7 @@
 //! The core's vocabulary: ids, configuration, inputs, actions and the records it persists.
 
+use std::collections::BTreeMap;
+
 use gpu_coordinator_wire::{AckAction, Encoding, Inbound, Rejection};
 
 use crate::ids::{GpuId, RequestId, ServiceId};
@@ -42,6 +44,109 @@ pub struct SchedConfig {
     /// `queue.max_per_service`: the most live (queued, paused or holding) requests one service may
     /// have; one more is rejected with an error that names the limit.
     pub max_per_service: usize,
+    /// `[services]`: what each service may ask for.
+    pub services: ServicePolicies,
+}
+
+/// What one service may ask for: its `[services.<id>]` section, its unset keys taken from
+/// `[services.default]`. The default is today's behaviour: no limit, no default, no guarantee.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePolicy {
+    /// `max_priority`: the most urgent priority (the lowest number) its requests may give; `None`:
+    /// any.
+    pub max_priority: Option<u8>,
+    /// `clamp_priority`: a request more urgent than `max_priority` is taken at `max_priority`
+    /// rather than rejected.
+    pub clamp_priority: bool,
+    /// `default_priority`: the priority of a request that gives none. The wire contract requires
+    /// `priority`, so only the HTTP API, where a body may leave it out, applies it (it fills it in
+    /// before the input is stored); the core checks what it then gets like any other priority.
+    pub default_priority: Option<u8>,
+    /// `default_vram_mb`: the VRAM of a request that gives none (instead of the whole GPU).
+    pub default_vram_mb: Option<u64>,
+    /// `default_lease_ms`: the lease of a request that gives none (instead of `lease.default_ms`;
+    /// capped by `lease.max_ms` all the same).
+    pub default_lease_ms: Option<u64>,
+    /// `max_vram_mb`: the most VRAM its live leases may hold together, over every GPU (a whole-GPU
+    /// lease counts the GPU's capacity). A request beyond it waits; one that alone is beyond it is
+    /// rejected.
+    pub max_vram_mb: Option<u64>,
+    /// `guaranteed_vram_mb`: VRAM it may always take back from services over their own guarantee,
+    /// whatever their priority (0: none).
+    pub guaranteed_vram_mb: u64,
+    /// `min_hold_ms`: its holders are not paused before they held this long; `None`:
+    /// `preemption.min_hold_ms`.
+    pub min_hold_ms: Option<u64>,
+    /// `preemptible`: `false`, its holders are never paused (a lease ends by release, revoke or
+    /// expiry only), whatever its requests say.
+    pub preemptible: bool,
+}
+
+impl Default for ServicePolicy {
+    fn default() -> Self {
+        ServicePolicy {
+            max_priority: None,
+            clamp_priority: false,
+            default_priority: None,
+            default_vram_mb: None,
+            default_lease_ms: None,
+            max_vram_mb: None,
+            guaranteed_vram_mb: 0,
+            min_hold_ms: None,
+            preemptible: true,
+        }
+    }
+}
+
+impl ServicePolicy {
+    /// Whether it limits or guarantees VRAM (so that the scheduler keeps its waiting requests in an
+    /// order of their own).
+    pub fn limits_vram(&self) -> bool {
+        self.max_vram_mb.is_some() || self.guaranteed_vram_mb > 0
+    }
+}
+
+/// `[services]`: the policy of each named service, and of every other service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePolicies {
+    /// `[services.<id>]`, resolved over `[services.default]`.
+    pub named: BTreeMap<String, ServicePolicy>,
+    /// A service without a section: `[services.default]`, or `None` when `services.allow_unknown` is
+    /// false (its requests are rejected).
+    pub others: Option<ServicePolicy>,
+}
+
+impl Default for ServicePolicies {
+    fn default() -> Self {
+        ServicePolicies {
+            named: BTreeMap::new(),
+            others: Some(ServicePolicy::default()),
+        }
+    }
+}
+
+impl ServicePolicies {
+    /// The policy of `service`; `None`: it is refused (no section, and unknown services are not
+    /// allowed).
+    pub fn get(&self, service: &str) -> Option<&ServicePolicy> {
+        self.named.get(service).or(self.others.as_ref())
+    }
+
+    /// Whether any service has a cap or a guarantee.
+    pub fn limit_vram(&self) -> bool {
+        self.named
+            .values()
+            .chain(self.others.iter())
+            .any(ServicePolicy::limits_vram)
+    }
+
+    /// Whether any service has a guarantee.
+    pub fn guarantee_vram(&self) -> bool {
+        self.named
+            .values()
+            .chain(self.others.iter())
+            .any(|p| p.guaranteed_vram_mb > 0)
+    }
 }
 
 impl Default for SchedConfig {
@@ -56,6 +161,7 @@ impl Default for SchedConfig {
             retain_ended: 100_000,
             settle_ms: 0,
             max_per_service: 10_000,
+            services: ServicePolicies::default(),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 mod harness;
 mod props;
+mod services;
 
 use gpu_coordinator_core::{End, Fence, Input, Lease, LeaseOp, Phase, SchedConfig, Snapshot};
 use gpu_coordinator_wire::{

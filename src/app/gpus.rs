@@ -133,6 +133,20 @@ pub async fn probe(
             g.total_mb
         );
     }
+    // The configuration checks the guarantees against [[gpus]]; NVML's inventory is known only now.
+    let guaranteed: u64 = config
+        .services
+        .named
+        .values()
+        .filter_map(|s| s.guaranteed_vram_mb)
+        .sum();
+    let total: u64 = specs.iter().map(|g| g.total_mb).sum();
+    if guaranteed > total {
+        tracing::warn!(
+            "services.*.guaranteed_vram_mb add up to {guaranteed} MB, more than the {total} MB of the \
+             GPUs managed: not every guarantee can be given back at once"
+        );
+    }
     let mut sched_config = config.sched_config();
     if found.source == VramSource::Nvml {
         // Only NVML can see a paused holder's VRAM really freed.

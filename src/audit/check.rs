@@ -490,6 +490,7 @@ mod tests {
                 gpu: Some(gpu.into()),
                 fence,
                 detail: None,
+                reclaim_for: None,
             }),
         }
     }

@@ -108,17 +108,28 @@ pub async fn run(config: &Config, since: Since) -> anyhow::Result<Result<Summary
             )
         }
     };
-    check_history(gateway.as_ref(), &subjects, capacities(config), since).await
+    let policies = config.services.policies();
+    check_history(
+        gateway.as_ref(),
+        &subjects,
+        capacities(config),
+        &policies,
+        since,
+    )
+    .await
 }
 
-/// Checks the history `gateway` keeps from `since` (see [`run`]).
+/// Checks the history `gateway` keeps from `since` (see [`run`]). `policies` are the `[services]`
+/// the coordinator ran with: a request that named no `vram_mb` got its service's `default_vram_mb`,
+/// not the whole GPU.
 pub async fn check_history(
     gateway: &dyn Gateway,
     subjects: &Subjects,
     capacities: HashMap<String, u64>,
+    policies: &gpu_coordinator_core::ServicePolicies,
     since: Since,
 ) -> anyhow::Result<Result<Summary, Violation>> {
-    let (whole, stored) = stored_requests(gateway, subjects).await?;
+    let (whole, stored) = stored_requests(gateway, subjects, policies).await?;
     let mut checker = Checker::new(capacities, whole).with_stored(stored);
     let from = match since {
         Since::Start => ReadFrom::Start,
@@ -143,11 +154,12 @@ pub async fn check_history(
     Ok(checker.finish())
 }
 
-/// The ids of the requests in the input stream that named no `vram_mb` (a whole GPU), and of all the
-/// valid requests there.
+/// The ids of the requests in the input stream that named no `vram_mb` and whose service has no
+/// `default_vram_mb` (a whole GPU), and of all the valid requests there.
 async fn stored_requests(
     gateway: &dyn Gateway,
     subjects: &Subjects,
+    policies: &gpu_coordinator_core::ServicePolicies,
 ) -> anyhow::Result<(HashSet<String>, HashSet<String>)> {
     let (mut whole, mut stored) = (HashSet::new(), HashSet::new());
     let mut inputs = gateway
@@ -165,7 +177,10 @@ async fn stored_requests(
             if let Inbound::Request(request) = decoded.input {
                 if let Some(id) = request.request_id {
                     let id = gpu_coordinator_core::scoped(&decoded.service, &id);
-                    if request.vram_mb.is_none() {
+                    let default_vram = policies
+                        .get(&decoded.service)
+                        .and_then(|p| p.default_vram_mb);
+                    if request.vram_mb.or(default_vram).is_none() {
                         whole.insert(id.clone());
                     }
                     stored.insert(id);

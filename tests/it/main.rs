@@ -13,6 +13,7 @@ mod engines;
 mod ha;
 mod http;
 mod http_hostile;
+mod limits;
 mod modes;
 mod nats_cluster;
 mod secrets;

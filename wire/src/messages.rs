@@ -251,6 +251,11 @@ pub struct Event {
     pub fence: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Extension, on `preempting`: the pause is a reclaim, for the guarantee of this service
+    /// (`services.<id>.guaranteed_vram_mb`): the holder's service borrowed VRAM beyond its own
+    /// guarantee, and priority alone would not have paused it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reclaim_for: Option<String>,
 }
 
 /// Where the VRAM figures of the status document come from.
@@ -357,6 +362,10 @@ pub struct StatusDoc {
     /// The whole queue counted by priority and GPU.
     #[serde(default)]
     pub queue_counts: Vec<QueueCount>,
+    /// Extension: each service with a `[services.<id>]` section, and each other service holding
+    /// VRAM, with what it holds against its guarantee and cap (absent when there is none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceStatus>,
     /// The coordinator that answers (the leader), its term, and the standbys it knows of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<LeaderStatus>,
@@ -365,6 +374,24 @@ pub struct StatusDoc {
     /// the coordinator's own writes wait; it goes on by itself once space is freed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_full: Option<String>,
+}
+
+/// A service's VRAM against its limits (`[services.<id>]`), in MB.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ServiceStatus {
+    pub service_id: String,
+    /// What its holders hold (active and pausing), as its cap and guarantee count it: a whole-GPU
+    /// holder counts its GPU's capacity.
+    pub used_mb: u64,
+    /// What its active holders hold beyond its guarantee (all they hold, without one): what a
+    /// service under its guarantee may take back.
+    pub borrowed_mb: u64,
+    /// `guaranteed_vram_mb`, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guaranteed_vram_mb: Option<u64>,
+    /// `max_vram_mb`, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vram_mb: Option<u64>,
 }
 
 /// How many requests of one priority wait for one GPU.

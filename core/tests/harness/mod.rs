@@ -12,12 +12,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use gpu_coordinator_core::{
     Action, ControlOut, End, EventOut, Fence, GpuId, GpuSpec, GpuView, Input, Lease, LeaseOp,
-    Millis, Phase, ReplyOut, RequestId, RequestRecord, SchedConfig, Scheduler, Snapshot,
-    StatusView,
+    Millis, Phase, Reason, ReplyOut, RequestId, RequestRecord, SchedConfig, Scheduler, ServiceId,
+    Snapshot, StatusView,
 };
 use gpu_coordinator_wire::{
-    AckAction, AckMsg, CancelMsg, ControlAction, Encoding, EventKind, Inbound, Outcome, Rejection,
-    ReleaseMsg, RenewMsg, RequestMsg,
+    AckAction, AckMsg, CancelMsg, ControlAction, Encoding, EventKind, HolderState, Inbound,
+    Outcome, Rejection, ReleaseMsg, RenewMsg, RequestMsg,
 };
 
 /// The simulated clock starts here (2023-11-14T22:13:20Z): far from zero, so that a
@@ -293,6 +293,11 @@ pub fn is_terminal(event: &EventOut) -> bool {
     }
 }
 
+/// What a holder counts against its service's cap and guarantee on a GPU of `total_mb`.
+fn rec_charge(rec: &RequestRecord, total_mb: u64) -> u64 {
+    rec.vram_mb.unwrap_or(total_mb)
+}
+
 /// A simulated driver around one scheduler.
 pub struct Sim {
     pub sched: Scheduler,
@@ -317,6 +322,17 @@ pub struct Sim {
     ended: HashMap<RequestId, EventKind>,
     /// Since when each queued request has been waiting on less urgent preemptible holders.
     waiting_since: HashMap<RequestId, Millis>,
+    /// The harness's own account of reclaims: the services each waiting request reclaimed from (by
+    /// the `pause` orders), and `(S, T)` -> until: `S` reclaimed from `T` for a request granted at
+    /// `until - S's min_hold_ms`, so `T` may not reclaim from `S` before `until`.
+    pub reclaiming: HashMap<RequestId, Vec<ServiceId>>,
+    pub guards: HashMap<(ServiceId, ServiceId), Millis>,
+    /// Every reclaim seen: (instant, the service reclaiming, the service reclaimed from).
+    pub reclaims: Vec<(Millis, ServiceId, ServiceId)>,
+    /// The current step is the lease store's answer, handled at the core's own clock (it moves no
+    /// time and fires no timer), which may be behind `now` when the harness moved its clock without
+    /// a timer due.
+    answer_step: bool,
 }
 
 impl Sim {
@@ -337,6 +353,10 @@ impl Sim {
             requested: HashMap::new(),
             ended: HashMap::new(),
             waiting_since: HashMap::new(),
+            reclaiming: HashMap::new(),
+            guards: HashMap::new(),
+            reclaims: Vec::new(),
+            answer_step: false,
         }
     }
 
@@ -418,7 +438,7 @@ impl Sim {
         let snapshot = self.snapshot(true);
         self.now += gap_ms;
         self.sched = Scheduler::new(self.config.clone(), self.specs.clone());
-        self.waiting_since.clear();
+        self.forget_reclaims();
         self.sched.restore(snapshot, self.now);
         self.sched.handle_inputs(waiting);
         self.sched.handle_timeout(self.now);
@@ -433,18 +453,29 @@ impl Sim {
         }
         self.now += gap_ms;
         self.sched = Scheduler::new(self.config.clone(), self.specs.clone());
-        self.waiting_since.clear();
+        self.forget_reclaims();
         self.sched.restore(snapshot, self.now);
         self.sched.handle_timeout(self.now);
         self.finish_step("restart")
+    }
+
+    /// A new coordinator starts with no liveness clock and no reclaim guard (the scheduler keeps
+    /// its guards in memory only).
+    fn forget_reclaims(&mut self) {
+        self.waiting_since.clear();
+        self.reclaiming.clear();
+        self.guards.clear();
     }
 
     // ----- inputs -------------------------------------------------------------------------------------
 
     pub fn input(&mut self, input: Input) -> Acts {
         let what = format!("{input:?}");
+        self.answer_step = input.answers_the_lease_store();
         self.sched.handle_input(input, self.now);
-        self.finish_step(&what)
+        let acts = self.finish_step(&what);
+        self.answer_step = false;
+        acts
     }
 
     /// Inputs handled as one batch at the current time, each stored at its own time (at most now).
@@ -728,6 +759,7 @@ impl Sim {
 
     fn check_step(&mut self, acts: &Acts) -> Result<(), String> {
         self.sched.check_invariants()?;
+        self.check_reclaims(acts)?;
         self.check_fences_and_leases(acts)?;
         self.check_ends(acts)?;
         self.check_outputs(acts)?;
@@ -1051,9 +1083,13 @@ impl Sim {
                     return Err(format!("{} holds two GPUs", h.request_id));
                 }
                 // Every timer due before now was fired: no lease outlives its expiry, no pause its
-                // deadline. (One due now, set by this very input, fires at the next timeout.)
+                // deadline. (One due now, set by this very input, fires at the next timeout; and a
+                // lease store's answer is handled at the core's clock, which may be behind.)
                 let rec = self.record(&h.request_id);
-                if rec.expires_at.is_none_or(|at| at < self.now) {
+                if rec
+                    .expires_at
+                    .is_none_or(|at| at < self.now && !self.answer_step)
+                {
                     return Err(format!(
                         "{} holds a lease past its expiry {:?}",
                         h.request_id, rec.expires_at
@@ -1062,6 +1098,24 @@ impl Sim {
                 // Pausing past the deadline is allowed while the lease runs (the expiry revokes it).
                 if rec.phase == Phase::Pausing && rec.pause_deadline.is_none() {
                     return Err(format!("{} is pausing without a deadline", h.request_id));
+                }
+            }
+        }
+        // A grant or a resume never takes a service beyond its cap (a restart with a lower cap may
+        // find one beyond it: it is then given nothing more).
+        for op in acts.lease_ops() {
+            if let LeaseOp::Acquire(lease) = op {
+                let cap = self
+                    .config
+                    .services
+                    .get(&lease.service_id)
+                    .and_then(|p| p.max_vram_mb);
+                let used = self.used_by(&lease.service_id, status);
+                if let Some(cap) = cap.filter(|&cap| used > cap) {
+                    return Err(format!(
+                        "{} was granted and service {} holds {used} MB, beyond its cap of {cap} MB",
+                        lease.request_id, lease.service_id
+                    ));
                 }
             }
         }
@@ -1076,6 +1130,212 @@ impl Sim {
         Ok(())
     }
 
+    /// The effective `min_hold_ms` of a service's holders.
+    pub fn min_hold(&self, service: &str) -> u64 {
+        self.config
+            .services
+            .get(service)
+            .and_then(|p| p.min_hold_ms)
+            .unwrap_or(self.config.min_hold_ms)
+    }
+
+    /// What a service's holders count against its cap: each one's `vram_mb`, a whole-GPU holder its
+    /// GPU's capacity.
+    pub fn used_by(&self, service: &str, status: &StatusView) -> u64 {
+        status
+            .gpus
+            .iter()
+            .flat_map(|g| g.holders.iter().map(move |h| (g, h)))
+            .filter(|(_, h)| h.service_id == service)
+            .map(|(g, h)| {
+                self.sched
+                    .record(&h.request_id)
+                    .and_then(|r| r.vram_mb)
+                    .unwrap_or(g.total_mb)
+            })
+            .sum()
+    }
+
+    /// Whether the queued `rec` waits on GPU `g` for its service's cap (the rule written in the
+    /// README): its service's first waiting request in grant order does not fit under it on any GPU
+    /// it may use, or `rec` does not fit under it there with what its service holds and the room that
+    /// first request keeps.
+    pub fn held_back_by_cap(&self, rec: &RequestRecord, g: usize, status: &StatusView) -> bool {
+        let Some(cap) = self
+            .config
+            .services
+            .get(&rec.service_id)
+            .and_then(|p| p.max_vram_mb)
+        else {
+            return false;
+        };
+        let used = self.used_by(&rec.service_id, status);
+        let head = status
+            .queue
+            .iter()
+            .find(|q| q.service_id == rec.service_id)
+            .and_then(|q| self.sched.record(&q.request_id));
+        let mut kept = 0;
+        if let Some(head) = head.filter(|h| h.request_id != rec.request_id) {
+            // The first waiting request keeps its room under the cap.
+            let least = self
+                .allowed(head, status)
+                .into_iter()
+                .map(|h| head.vram_mb.unwrap_or(status.gpus[h].total_mb))
+                .min()
+                .unwrap_or(u64::MAX);
+            if used.saturating_add(least) > cap {
+                return true;
+            }
+            kept = least;
+        }
+        used + kept + rec.vram_mb.unwrap_or(status.gpus[g].total_mb) > cap
+    }
+
+    /// Follows the reclaims of a step: a reclaim is a `pause` whose reason says so, and its event
+    /// names the service it is for; once the reclaiming request is granted (or resumed), the services
+    /// it reclaimed from may not reclaim from its service for its grace. Checks that no reclaim undoes
+    /// one of the same pair sooner, and that a reclaim is only for a request within its service's
+    /// guarantee, from a service that borrows.
+    fn check_reclaims(&mut self, acts: &Acts) -> Result<(), String> {
+        for action in &acts.0 {
+            match action {
+                Action::Control {
+                    service: victim,
+                    control,
+                    ..
+                } => {
+                    let Reason::Preempted {
+                        request_id,
+                        service_id: reclaimer,
+                        reclaim: Some(guaranteed),
+                        ..
+                    } = &control.reason
+                    else {
+                        continue;
+                    };
+                    let want = self.guarantee(reclaimer);
+                    if *guaranteed != want || want == 0 {
+                        return Err(format!(
+                            "a reclaim for {reclaimer}'s guarantee of {guaranteed} MB, configured {want}"
+                        ));
+                    }
+                    if victim == reclaimer {
+                        return Err(format!("{reclaimer} reclaims from itself"));
+                    }
+                    if let Some(&until) = self
+                        .guards
+                        .get(&(victim.clone(), reclaimer.clone()))
+                        .filter(|&&until| until > self.now)
+                    {
+                        return Err(format!(
+                            "{reclaimer} reclaims from {victim} at T0 + {} ms, though {victim} \
+                             reclaimed from it until T0 + {} ms (its grace)",
+                            self.now - T0,
+                            until - T0
+                        ));
+                    }
+                    let event = acts.all_events().into_iter().find(|e| {
+                        e.kind == EventKind::Preempting
+                            && e.request_id.as_deref() == Some(control.request_id.as_str())
+                    });
+                    if event.and_then(|e| e.reclaim_for.as_ref()) != Some(reclaimer) {
+                        return Err(format!(
+                            "the preempting event of {} does not say it is a reclaim for {reclaimer}",
+                            control.request_id
+                        ));
+                    }
+                    self.reclaims
+                        .push((self.now, reclaimer.clone(), victim.clone()));
+                    let from = self.reclaiming.entry(request_id.clone()).or_default();
+                    if !from.contains(victim) {
+                        from.push(victim.clone());
+                    }
+                }
+                Action::Event { event, .. }
+                    if matches!(event.kind, EventKind::Granted | EventKind::Resumed) =>
+                {
+                    let id = event.request_id.clone().unwrap_or_default();
+                    if let Some(from) = self.reclaiming.remove(&id) {
+                        let hold = self.min_hold(&event.service_id);
+                        if hold > 0 {
+                            for victim in from {
+                                self.guards
+                                    .insert((event.service_id.clone(), victim), self.now + hold);
+                            }
+                        }
+                    }
+                }
+                Action::Event { event, .. } if is_terminal(event) => {
+                    if let Some(id) = &event.request_id {
+                        self.reclaiming.remove(id);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// A service's `guaranteed_vram_mb`.
+    pub fn guarantee(&self, service: &str) -> u64 {
+        self.config
+            .services
+            .get(service)
+            .map_or(0, |p| p.guaranteed_vram_mb)
+    }
+
+    /// What a service's pausing holders count against its guarantee.
+    fn pausing_by(&self, service: &str, status: &StatusView) -> u64 {
+        status
+            .gpus
+            .iter()
+            .flat_map(|g| g.holders.iter().map(move |h| (g, h)))
+            .filter(|(_, h)| h.service_id == service && h.state == HolderState::Pausing)
+            .map(|(g, h)| {
+                self.sched
+                    .record(&h.request_id)
+                    .and_then(|r| r.vram_mb)
+                    .unwrap_or(g.total_mb)
+            })
+            .sum()
+    }
+
+    /// What a service borrows: what its active holders hold beyond its guarantee (without
+    /// guarantees configured, all it holds: the rules are then today's).
+    fn borrowed(&self, service: &str, status: &StatusView) -> u64 {
+        let active = self.used_by(service, status) - self.pausing_by(service, status);
+        active.saturating_sub(self.guarantee(service))
+    }
+
+    /// Whether `rec`, waiting, is its service's first waiting request and fits within its
+    /// service's guarantee on GPU `g` (it then reclaims).
+    fn first_within_guarantee(&self, rec: &RequestRecord, g: usize, status: &StatusView) -> bool {
+        let guarantee = self.guarantee(&rec.service_id);
+        let first = status
+            .queue
+            .iter()
+            .find(|q| q.service_id == rec.service_id)
+            .is_some_and(|q| q.request_id == rec.request_id);
+        let cap = self
+            .config
+            .services
+            .get(&rec.service_id)
+            .and_then(|p| p.max_vram_mb);
+        let after =
+            self.used_by(&rec.service_id, status) + rec.vram_mb.unwrap_or(status.gpus[g].total_mb);
+        first && after <= guarantee && cap.is_none_or(|cap| after <= cap)
+    }
+
+    /// Whether a waiting `rec` may be within its service's guarantee on GPU `g` and so be taken in
+    /// the guarantees' pass, which may reserve `g` ahead of the grant order: its service is under its
+    /// guarantee, and `rec` alone fits within it there.
+    fn maybe_within_guarantee(&self, rec: &RequestRecord, g: usize, status: &StatusView) -> bool {
+        let guarantee = self.guarantee(&rec.service_id);
+        self.used_by(&rec.service_id, status) + rec.vram_mb.unwrap_or(status.gpus[g].total_mb)
+            <= guarantee
+    }
+
     /// The GPUs a queued request may use at all (its pin, and big enough for its VRAM).
     fn allowed(&self, rec: &RequestRecord, status: &StatusView) -> Vec<usize> {
         (0..status.gpus.len())
@@ -1087,21 +1347,23 @@ impl Sim {
     /// A GPU with no holder is never left idle while a queued request fits it: the first request in
     /// grant order that may use it (nothing before it can have reserved it) does not fit it.
     fn check_no_idle_gpu(&self, status: &StatusView) -> Result<(), String> {
+        let fits_on = |rec: &RequestRecord, gpu: &GpuView| match rec.vram_mb {
+            Some(v) => v <= gpu.free_mb,
+            None => gpu.free_mb > 0,
+        };
         for (g, gpu) in status.gpus.iter().enumerate() {
             // A GPU waiting for NVML to see paused VRAM freed takes no grant, on purpose.
             if !gpu.holders.is_empty() || self.sched.settling(&gpu.id) {
                 continue;
             }
+            // A request that waits for its own service's leases to end (its cap) reserves nothing.
             let first = status.queue.iter().find_map(|q| {
                 let rec = self.sched.record(&q.request_id)?;
-                self.allowed(rec, status).contains(&g).then_some(rec)
+                (self.allowed(rec, status).contains(&g) && !self.held_back_by_cap(rec, g, status))
+                    .then_some(rec)
             });
             if let Some(rec) = first {
-                let fits = match rec.vram_mb {
-                    Some(v) => v <= gpu.free_mb,
-                    None => gpu.free_mb > 0,
-                };
-                if fits {
+                if fits_on(rec, gpu) {
                     return Err(format!(
                         "GPU {} is idle while {} fits it",
                         gpu.id, rec.request_id
@@ -1130,16 +1392,25 @@ impl Sim {
             let by_preemption: Vec<usize> = self
                 .allowed(rec, status)
                 .into_iter()
-                .filter(|&g| self.fits_by_preemption(rec, &status.gpus[g]))
+                .filter(|&g| !self.held_back_by_cap(rec, g, status))
+                .filter(|&g| self.fits_by_preemption(rec, g, status))
                 .filter(|&g| !self.missed_a_deadline(&status.gpus[g]))
                 .collect();
             if by_preemption.is_empty() {
                 continue;
             }
-            let obstructed = records[..i].iter().any(|ahead| {
-                self.allowed(ahead, status)
-                    .iter()
-                    .any(|g| by_preemption.contains(g))
+            // Ahead of it: the requests before it in grant order, unless it is taken in the
+            // guarantees' pass; and any request that may be taken in that pass.
+            let reclaiming = by_preemption
+                .iter()
+                .any(|&g| self.first_within_guarantee(rec, g, status));
+            let obstructed = records.iter().enumerate().any(|(j, other)| {
+                j != i
+                    && self.allowed(other, status).iter().any(|&g| {
+                        by_preemption.contains(&g)
+                            && ((j < i && !reclaiming)
+                                || self.maybe_within_guarantee(other, g, status))
+                    })
             });
             if obstructed {
                 continue;
@@ -1188,25 +1459,62 @@ impl Sim {
     }
 
     /// Whether `rec` fits `gpu` only by pausing active holders it may preempt.
-    fn fits_by_preemption(&self, rec: &RequestRecord, gpu: &GpuView) -> bool {
+    /// The rules of who may be paused, written again from the README: by priority, a less urgent
+    /// holder, but a request that borrows only one of a service that borrows too; by reclaim, for the
+    /// first waiting request of a service within its guarantee, a holder of another service that
+    /// borrows (and has not been reclaimed from by it within its grace); never one that is not
+    /// preemptible or within its grace. A holder paused because its service borrows is counted only
+    /// when all such holders of its service can be paused while it still borrows, whatever the
+    /// order (else the scheduler's order decides, which this check does not follow).
+    fn fits_by_preemption(&self, rec: &RequestRecord, g: usize, status: &StatusView) -> bool {
+        let gpu = &status.gpus[g];
+        let guarantees = self.config.services.guarantee_vram();
+        let within = guarantees && self.first_within_guarantee(rec, g, status);
         let mut free = gpu.free_mb;
         let mut others = 0usize;
         let mut victims_mb = 0;
         let mut victims = 0usize;
+        // Per service: the holders that may be paused only while it borrows, and their VRAM.
+        let mut by_borrowing: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
         for h in &gpu.holders {
             let Some(holder) = self.sched.record(&h.request_id) else {
                 continue;
             };
-            match holder.phase {
-                Phase::Pausing => free += h.vram_mb,
-                _ if holder.priority > rec.priority
-                    && holder.preemptible
-                    && holder.granted_at.unwrap_or(0) + self.config.min_hold_ms <= self.now =>
-                {
-                    victims += 1;
-                    victims_mb += h.vram_mb;
-                }
-                _ => others += 1,
+            if holder.phase == Phase::Pausing {
+                free += h.vram_mb;
+                continue;
+            }
+            let graceful = holder.preemptible
+                && holder.granted_at.unwrap_or(0) + self.min_hold(&holder.service_id) <= self.now;
+            let borrows = !guarantees || self.borrowed(&holder.service_id, status) > 0;
+            let by_priority = holder.priority > rec.priority && (within || borrows);
+            let by_reclaim = within
+                && borrows
+                && holder.service_id != rec.service_id
+                && self
+                    .guards
+                    .get(&(holder.service_id.clone(), rec.service_id.clone()))
+                    .is_none_or(|&until| until <= self.now);
+            if !graceful || !(by_priority || by_reclaim) {
+                others += 1;
+            } else if guarantees && (!by_priority || !within) {
+                by_borrowing
+                    .entry(&holder.service_id)
+                    .or_default()
+                    .push((h.vram_mb, rec_charge(holder, gpu.total_mb)));
+            } else {
+                victims += 1;
+                victims_mb += h.vram_mb;
+            }
+        }
+        for (service, holders) in by_borrowing {
+            let charged: u64 = holders.iter().map(|&(_, c)| c).sum();
+            let smallest = holders.iter().map(|&(_, c)| c).min().unwrap_or(0);
+            if self.borrowed(service, status) > charged - smallest {
+                victims += holders.len();
+                victims_mb += holders.iter().map(|&(mb, _)| mb).sum::<u64>();
+            } else {
+                others += holders.len();
             }
         }
         let fits = |free: u64, holders: usize| match rec.vram_mb {

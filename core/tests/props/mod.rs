@@ -4,7 +4,9 @@
 //! restarts), with every invariant of the harness checked after every step, the preemption-liveness
 //! property whenever aging is off, and at the end: every accepted request reached exactly one end.
 
-use gpu_coordinator_core::{Action, Input, RequestRecord, SchedConfig};
+use gpu_coordinator_core::{
+    Action, Input, Phase, RequestRecord, SchedConfig, ServicePolicies, ServicePolicy,
+};
 use gpu_coordinator_wire::{AckAction, Encoding, HolderState};
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -22,6 +24,8 @@ struct Setup {
     min_hold_ms: u64,
     aging_ms: u64,
     retain_ended: usize,
+    /// `[services]`: today's behaviour unless a test draws policies.
+    services: ServicePolicies,
 }
 
 /// Which fence an input about a request carries.
@@ -114,8 +118,66 @@ fn setup(aging: bool) -> impl Strategy<Value = Setup> {
                 min_hold_ms,
                 aging_ms,
                 retain_ended,
+                services: ServicePolicies::default(),
             },
         )
+}
+
+/// One service's `[services.<id>]`, drawn among values that bite on GPUs of 100-400 MB.
+fn policy() -> impl Strategy<Value = ServicePolicy> {
+    (
+        (
+            prop::option::of(0u8..4),
+            any::<bool>(),
+            prop::option::of(select(vec![50u64, 150])),
+            prop::option::of(select(vec![500u64, 3_000])),
+        ),
+        (
+            prop::option::weighted(0.7, select(vec![100u64, 250, 500])),
+            prop::option::of(select(vec![0u64, 300])),
+            prop::bool::weighted(0.85),
+            select(vec![0u64, 0, 100, 150, 300]),
+        ),
+    )
+        .prop_map(
+            |(
+                (max_priority, clamp_priority, default_vram_mb, default_lease_ms),
+                (max_vram_mb, min_hold_ms, preemptible, guaranteed_vram_mb),
+            )| ServicePolicy {
+                max_priority,
+                clamp_priority,
+                default_priority: None,
+                default_vram_mb,
+                default_lease_ms,
+                max_vram_mb,
+                // Within the cap, as the configuration check wants it.
+                guaranteed_vram_mb: max_vram_mb
+                    .map_or(guaranteed_vram_mb, |cap| guaranteed_vram_mb.min(cap)),
+                min_hold_ms,
+                preemptible,
+            },
+        )
+}
+
+/// Sections for some of the services, and for the others `[services.default]` or a refusal.
+fn policies() -> impl Strategy<Value = ServicePolicies> {
+    (
+        vec(prop::option::weighted(0.8, policy()), SERVICES),
+        prop::option::weighted(0.8, policy()),
+    )
+        .prop_map(|(sections, others)| ServicePolicies {
+            named: sections
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, p)| p.map(|p| (svc_name(i), p)))
+                .collect(),
+            others,
+        })
+}
+
+/// [`setup`] with service policies drawn.
+fn setup_with_services(aging: bool) -> impl Strategy<Value = Setup> {
+    (setup(aging), policies()).prop_map(|(setup, services)| Setup { services, ..setup })
 }
 
 fn owner() -> impl Strategy<Value = Option<usize>> {
@@ -374,6 +436,13 @@ fn run(setup: Setup, ops: Vec<Op>) {
 
 /// [`run`] with every request's `pause_ms` replaced by `hint` of it; returns the simulation.
 fn run_with(setup: Setup, ops: Vec<Op>, hint: impl Fn(Option<u64>) -> Option<u64>) -> Sim {
+    let mut s = play(setup, ops, hint);
+    s.finish();
+    s
+}
+
+/// The inputs played, every invariant checked after each, the simulation left as they leave it.
+fn play(setup: Setup, ops: Vec<Op>, hint: impl Fn(Option<u64>) -> Option<u64>) -> Sim {
     let config = SchedConfig {
         lease_default_ms: 5_000,
         lease_max_ms: 10_000,
@@ -385,6 +454,7 @@ fn run_with(setup: Setup, ops: Vec<Op>, hint: impl Fn(Option<u64>) -> Option<u64
         // The settle wait closes a GPU on purpose; it has table tests of its own.
         settle_ms: 0,
         max_per_service: usize::MAX,
+        services: setup.services,
     };
     let names: Vec<String> = (0..setup.totals.len()).map(|i| format!("g{i}")).collect();
     let specs: Vec<(&str, u64)> = names
@@ -400,8 +470,38 @@ fn run_with(setup: Setup, ops: Vec<Op>, hint: impl Fn(Option<u64>) -> Option<u64
         }
         apply(&mut s, op);
     }
-    s.finish();
     s
+}
+
+/// After `ops`, nothing new comes: every pause is ACKed at once and every lease renewed, round
+/// after round, `round_ms` apart. Returns the pauses ordered in each round.
+fn settle(s: &mut Sim, rounds: usize, round_ms: u64) -> Vec<usize> {
+    let mut pauses = Vec::new();
+    for _ in 0..rounds {
+        let mut n = 0;
+        let count = |acts: &crate::harness::Acts| {
+            acts.all_controls()
+                .iter()
+                .filter(|(_, c)| c.action == gpu_coordinator_wire::ControlAction::Pause)
+                .count()
+        };
+        for (svc, id, _) in holders(s) {
+            // An ACK or a renewal before it may have ended it, or paused it.
+            let Some(rec) = s.sched.record(&id) else {
+                continue;
+            };
+            let (phase, fence) = (rec.phase, rec.fence.map(|f| f.0));
+            let acts = match phase {
+                Phase::Pausing => s.ack_paused(&svc, &id),
+                Phase::Active => s.renew(&svc, &id, fence, None),
+                _ => continue,
+            };
+            n += count(&acts);
+        }
+        n += count(&s.advance(round_ms));
+        pauses.push(n);
+    }
+    pauses
 }
 
 /// Everything the core asked for, the records persisted without their `pause_ms`.
@@ -436,6 +536,54 @@ proptest! {
     /// Random inputs with aging and restarts (from what was persisted, with or without the lease store).
     #[test]
     fn random_inputs_with_restarts_and_aging(setup in setup(true), ops in vec(op(true), 1..60)) {
+        run(setup, ops);
+    }
+
+    /// Random inputs under random `[services.<id>]` policies (caps, priority limits, defaults, graces,
+    /// services that are not preemptible, unknown services refused): every invariant, preemption
+    /// liveness as the rules allow it, and no grant ever takes a service beyond its cap.
+    #[test]
+    fn random_inputs_under_service_policies(
+        setup in setup_with_services(false),
+        ops in vec(op(false), 1..60),
+    ) {
+        run(setup, ops);
+    }
+
+    /// Reclaims do not go back and forth: after random inputs under random policies with guarantees,
+    /// when nothing new comes, every pause is ACKed at once and every lease renewed, the pauses
+    /// stop (none in the last half of 40 rounds of 250 ms, once every queued request has timed out or
+    /// been granted: only paused requests and holders are left); and at every step the harness
+    /// checks that no reclaim undoes one of the same pair within the reclaiming service's grace.
+    #[test]
+    fn reclaims_do_not_go_back_and_forth(
+        setup in setup_with_services(false),
+        ops in vec(op(false), 1..60),
+    ) {
+        let mut s = play(setup, ops, |hint| hint);
+        // Requests time out within 8 s of their arrival.
+        let mut rounds = 0;
+        while s.status().queue.iter().any(|q| !q.paused) {
+            settle(&mut s, 1, 250);
+            rounds += 1;
+            prop_assert!(rounds < 100, "a queued request never timed out");
+        }
+        let pauses = settle(&mut s, 40, 250);
+        prop_assert!(
+            pauses[20..].iter().all(|&n| n == 0),
+            "pauses per round, nothing new coming: {:?}\nreclaims: {:?}",
+            pauses,
+            s.reclaims
+        );
+        s.finish();
+    }
+
+    /// The same with aging and restarts.
+    #[test]
+    fn random_inputs_under_service_policies_with_restarts(
+        setup in setup_with_services(true),
+        ops in vec(op(true), 1..60),
+    ) {
         run(setup, ops);
     }
 

@@ -75,6 +75,19 @@ fn prepare(
         }
     };
     state.authorize(headers, &service)?;
+    // The wire contract requires `priority`; an HTTP body may leave it out for its service's
+    // `default_priority`, filled in here so that the stored input carries the priority it is
+    // scheduled at (the core checks it against the service's `max_priority` like any other).
+    if kind == InputKind::Request && matches!(fields.get("priority"), None | Some(Value::Null)) {
+        if let Some(priority) = state
+            .inner
+            .services
+            .get(&service)
+            .and_then(|policy| policy.default_priority)
+        {
+            fields.insert("priority".into(), Value::from(priority));
+        }
+    }
     let generated_id =
         kind == InputKind::Request && matches!(fields.get("request_id"), None | Some(Value::Null));
     if generated_id {
@@ -705,6 +718,49 @@ mod tests {
         )
         .expect("valid");
         assert!(!p.generated_id);
+    }
+
+    #[test]
+    fn a_body_without_priority_gets_its_services_default_priority() {
+        let mut config = Config::default();
+        config.services.named.insert(
+            "asr".into(),
+            crate::config::ServiceConfig {
+                default_priority: Some(2),
+                ..Default::default()
+            },
+        );
+        let state = HttpState::new(
+            &config,
+            Subjects::default(),
+            Metrics::new(),
+            CancellationToken::new(),
+        );
+        let priority = |body: &str| {
+            let p = prepare(
+                &state,
+                &HeaderMap::new(),
+                body.as_bytes(),
+                InputKind::Request,
+            )
+            .map_err(|e| format!("{e:?}"))?;
+            let stored: Value = serde_json::from_slice(&p.payload).expect("json");
+            Ok::<_, String>(stored["priority"].clone())
+        };
+        // Left out (or null): the default, stored with the input.
+        assert_eq!(priority(r#"{"service_id":"asr"}"#), Ok(Value::from(2)));
+        assert_eq!(
+            priority(r#"{"service_id":"asr","priority":null}"#),
+            Ok(Value::from(2))
+        );
+        // Given: what was given (the core checks it against max_priority).
+        assert_eq!(
+            priority(r#"{"service_id":"asr","priority":0}"#),
+            Ok(Value::from(0))
+        );
+        // A service without a default must give one, as over NATS.
+        let e = priority(r#"{"service_id":"chat"}"#).expect_err("no default");
+        assert!(e.contains("`priority`"), "{e}");
     }
 
     #[test]

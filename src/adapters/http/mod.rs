@@ -88,6 +88,8 @@ struct Inner {
     /// `(token, service id)`.
     tokens: Vec<(String, String)>,
     default_timeout_ms: u64,
+    /// `[services]`: the `default_priority` of a request body that gives none.
+    services: gpu_coordinator_core::ServicePolicies,
     /// `http.max_wait_ms`.
     max_wait: Duration,
     max_body_bytes: usize,
@@ -123,6 +125,7 @@ impl HttpState {
                 subjects,
                 tokens: tokens.into_iter().collect(),
                 default_timeout_ms: config.request.default_timeout_ms,
+                services: config.services.policies(),
                 max_wait: Duration::from_millis(config.http.max_wait_ms),
                 max_body_bytes: config.http.max_body_bytes,
                 limits: server::Limits::from_config(&config.http),

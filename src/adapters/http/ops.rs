@@ -62,6 +62,7 @@ fn only_own(doc: &mut StatusDoc, own: &str) {
     }
     doc.paused.retain(|p| p.service_id == own);
     doc.queue.retain(|q| q.service_id == own);
+    doc.services.retain(|s| s.service_id == own);
 }
 
 /// The process is up.
@@ -294,10 +295,22 @@ mod tests {
             queue_total: 3,
             queue_offset: 0,
             queue_counts: Vec::new(),
+            services: ["chat", "asr"]
+                .into_iter()
+                .map(|id| gpu_coordinator_wire::ServiceStatus {
+                    service_id: id.into(),
+                    used_mb: 1,
+                    borrowed_mb: 1,
+                    guaranteed_vram_mb: None,
+                    max_vram_mb: None,
+                })
+                .collect(),
             leader: None,
             storage_full: None,
         };
         only_own(&mut doc, "asr");
+        assert_eq!(doc.services.len(), 1);
+        assert_eq!(doc.services[0].service_id, "asr");
         assert_eq!(doc.gpus[0].holders, vec![holder("asr", 2)]);
         assert!(doc.paused.is_empty());
         assert_eq!(doc.queue, vec![queued("asr", 2)]);

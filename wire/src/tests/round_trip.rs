@@ -156,8 +156,21 @@ fn outputs_round_trip() {
             gpu: Some("gpu0".into()),
             fence: Some(1),
             detail: Some("why".into()),
+            reclaim_for: None,
         });
     }
+    // A reclaim says for whose guarantee.
+    round_trip(Event {
+        at: "2026-11-26T14:39:09.123Z".into(),
+        kind: EventKind::Preempting,
+        request_id: Some("r".into()),
+        service_id: SVC.into(),
+        priority: Some(0),
+        gpu: Some("gpu0".into()),
+        fence: Some(3),
+        detail: Some("request `c` of `chat` ... takes back VRAM".into()),
+        reclaim_for: Some("chat".into()),
+    });
     round_trip(Event {
         at: "2026-11-26T14:39:09.123Z".into(),
         kind: EventKind::Rejected,
@@ -167,6 +180,7 @@ fn outputs_round_trip() {
         gpu: None,
         fence: None,
         detail: None,
+        reclaim_for: None,
     });
 }
 
@@ -186,6 +200,22 @@ fn status_doc() -> StatusDoc {
                 gpu: Some("gpu0".into()),
                 queued: 49,
                 paused: 1,
+            },
+        ],
+        services: vec![
+            crate::ServiceStatus {
+                service_id: "voice".into(),
+                used_mb: 8_000,
+                borrowed_mb: 2_000,
+                guaranteed_vram_mb: Some(6_000),
+                max_vram_mb: Some(12_000),
+            },
+            crate::ServiceStatus {
+                service_id: "batch".into(),
+                used_mb: 1_000,
+                borrowed_mb: 0,
+                guaranteed_vram_mb: None,
+                max_vram_mb: None,
             },
         ],
         leader: Some(crate::LeaderStatus {
@@ -281,6 +311,7 @@ fn status_round_trips() {
         queue_total: 0,
         queue_offset: 0,
         queue_counts: vec![],
+        services: vec![],
     });
 }
 
