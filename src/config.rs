@@ -791,11 +791,27 @@ impl Config {
                 .ignore(&["TOKEN"])
                 .split(ENV_SPLIT),
         );
-        let config: Config = figment
+        let mut config: Config = figment
             .extract()
             .map_err(|e| ConfigError::Parse(describe(e, env_prefix)))?;
+        config.engines_take_service_defaults();
         config.validate()?;
         Ok(config)
+    }
+
+    /// What an `[[engines]]` entry leaves out (`priority`, `vram_mb`, `lease_ms`), its service's
+    /// section gives (`default_priority`, `default_vram_mb`, `default_lease_ms`, or
+    /// `[services.default]`'s).
+    pub fn engines_take_service_defaults(&mut self) {
+        let policies = self.services.policies();
+        for engine in &mut self.engines {
+            let Some(policy) = policies.get(&engine.service) else {
+                continue;
+            };
+            engine.priority = engine.priority.or(policy.default_priority);
+            engine.vram_mb = engine.vram_mb.or(policy.default_vram_mb);
+            engine.lease_ms = engine.lease_ms.or(policy.default_lease_ms);
+        }
     }
 
     /// Checks the rules that the types alone do not enforce.

@@ -150,7 +150,10 @@ impl EngineConfig {
             )),
         }
         if self.priority.is_none() {
-            problems.push(format!("{at}.priority is required: 0 (most urgent) to 255"));
+            problems.push(format!(
+                "{at}.priority is required (or the service's default_priority in [services]): 0 (most \
+                 urgent) to 255"
+            ));
         }
         if self.vram_mb == Some(0) {
             problems.push(format!("{at}.vram_mb must be > 0 (absent: the whole GPU)"));

@@ -31,10 +31,12 @@ use crate::adapters::nvml::GpuProbe;
 
 /// How often the sidecar asks the engine whether a sleep or a wake finished.
 const CONFIRM_POLL: Duration = Duration::from_millis(25);
-/// How often the GPU's memory is sampled while a sleep frees it: from every 10 ms, half as often
-/// again after each look, up to every 100 ms (NVML's process queries cost a few ms each and, polled
-/// often for long, stall the GPU's other users; a pause is short and waited for).
+/// How often the GPU's memory is sampled while a sleep frees it: every 10 ms for the first
+/// [`MEMORY_POLL_FAST_FOR`] (a pause is short, and the next holder waits for it), then half as often
+/// again after each look, up to every 100 ms (NVML's queries cost a few ms each and, polled often
+/// for long, stall the GPU's other users).
 const MEMORY_POLL_FIRST: Duration = Duration::from_millis(10);
+const MEMORY_POLL_FAST_FOR: Duration = Duration::from_millis(500);
 const MEMORY_POLL: Duration = Duration::from_millis(100);
 /// How long a sleep outside a pause (idle, revoke, stop) waits for the memory to show freed before
 /// the sidecar goes on regardless, with a warning.
@@ -417,7 +419,9 @@ impl Sidecar {
                     break;
                 }
                 tokio::time::sleep(poll).await;
-                poll = (poll * 3 / 2).min(MEMORY_POLL);
+                if started.elapsed() > MEMORY_POLL_FAST_FOR {
+                    poll = (poll * 3 / 2).min(MEMORY_POLL);
+                }
             }
         }
         let took = started.elapsed();

@@ -749,3 +749,29 @@ async fn the_example_box_preempts_the_background_engine_for_the_chat() {
     let _ = serve.kill();
     let _ = serve.wait();
 }
+
+/// An engine takes what its entry leaves out from its service's section in `[services]`.
+#[test]
+fn an_engine_takes_its_services_defaults() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let file = dir.path().join("services.toml");
+    std::fs::write(
+        &file,
+        r#"
+[services.asr]
+default_priority = 2
+default_vram_mb = 8000
+max_priority = 1
+
+[[engines]]
+service = "asr"
+kind = "vllm"
+listen = "127.0.0.1:8010"
+upstream = "http://127.0.0.1:8011"
+"#,
+    )
+    .expect("write");
+    let config = Config::load(Some(&file)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.engines[0].priority, Some(2));
+    assert_eq!(config.engines[0].vram_mb, Some(8_000));
+}
