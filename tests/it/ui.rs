@@ -488,3 +488,39 @@ async fn the_page_keeps_up_with_a_thousand_queued_and_a_busy_stream() {
     browser.close().await;
     coordinator.stop().await.expect("a clean stop");
 }
+
+/// The Services panel shows each service's VRAM against its guarantee and its cap.
+#[tokio::test]
+async fn the_services_panel_shows_use_against_the_limits() {
+    let mut config = embedded_config("ui_services", &[("0", 24_000)]);
+    config.services.named.insert(
+        "chat".into(),
+        gpu_coordinator::config::ServiceConfig {
+            guaranteed_vram_mb: Some(8_000),
+            max_vram_mb: Some(16_000),
+            ..Default::default()
+        },
+    );
+    let port = free_port();
+    let coordinator = Coordinator::start_at(config, Default::default(), port).await;
+    let granted = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/gpu/request"))
+        .json(&json!({"service_id": "chat", "priority": 0, "vram_mb": 4000}))
+        .send()
+        .await
+        .expect("POST /gpu/request");
+    assert!(granted.status().is_success(), "{:?}", granted.text().await);
+    let browser = Browser::start().await;
+    let b = &browser;
+    b.client
+        .goto(&format!("http://127.0.0.1:{port}/"))
+        .await
+        .expect("load the page");
+    let row = "#services-panel:not([hidden]) #services tr[data-service='chat'] td";
+    b.until("the chat's row", || async {
+        b.texts(row).await == ["chat", "3.9 GB", "0 MB", "7.8 GB", "15.6 GB"]
+    })
+    .await;
+    browser.close().await;
+    coordinator.stop().await.expect("a clean stop");
+}

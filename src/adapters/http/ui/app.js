@@ -154,7 +154,29 @@ function renderStatus(doc) {
     return tr;
   });
   $("queue").tBodies[0].replaceChildren(...rows);
+  renderServices(doc.services || []);
   drawTimeline();
+}
+
+// Each service's VRAM against its limits (the status document's `services`, from `[services]`).
+function renderServices(services) {
+  $("services-panel").hidden = services.length === 0;
+  const rows = services.map((s) => {
+    const tr = document.createElement("tr");
+    tr.dataset.service = s.service_id;
+    const cells = [
+      s.service_id, mb(s.used_mb), mb(s.borrowed_mb),
+      s.guaranteed_vram_mb == null ? "—" : mb(s.guaranteed_vram_mb),
+      s.max_vram_mb == null ? "—" : mb(s.max_vram_mb),
+    ];
+    for (const c of cells) {
+      const td = document.createElement("td");
+      td.textContent = String(c);
+      tr.appendChild(td);
+    }
+    return tr;
+  });
+  $("services").tBodies[0].replaceChildren(...rows);
 }
 
 // ----- engines --------------------------------------------------------------------------------------
