@@ -1,6 +1,6 @@
 //! The client library of the GPU Coordinator: how a service asks for a GPU, holds the lease, and
 //! follows the coordinator's pause, resume and revoke orders. It speaks the wire contract
-//! (`shared/protocol.md`), through the types of [`gpu_coordinator_wire`], over either of two
+//! (`docs/protocol.md`), through the types of [`gpu_coordinator_wire`], over either of two
 //! transports:
 //!
 //! - **NATS JetStream** ([`Client::connect`]): for a coordinator in the distributed mode, or any

@@ -1,4 +1,4 @@
-//! The rules of the wire contract (`shared/protocol.md`), one test per rule, driven through the
+//! The rules of the wire contract (`docs/protocol.md`), one test per rule, driven through the
 //! simulated driver of [`harness`]: inputs in, expected actions out, every invariant checked after every
 //! step. The property tests live in [`props`], in this same crate to keep to one link step.
 

@@ -1,4 +1,4 @@
-//! The wire contract of the GPU Coordinator (`shared/protocol.md`): every message as a type, the two
+//! The wire contract of the GPU Coordinator (`docs/protocol.md`): every message as a type, the two
 //! encodings, the subjects, and the validation that turns bad input into an error a person can act on.
 //!
 //! This crate is pure: no I/O, no clock. Both the coordinator and the client library speak through it.

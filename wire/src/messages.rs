@@ -1,4 +1,4 @@
-//! Every message of the wire contract (`shared/protocol.md`) as a serde type.
+//! Every message of the wire contract (`docs/protocol.md`) as a serde type.
 //!
 //! Field names are the contract's. Unknown fields are ignored (serde's default); optional fields are
 //! `Option`s so that the coordinator applies its configured defaults. These types only carry data: the

@@ -1,4 +1,4 @@
-//! The HTTP API (axum), the same contract as NATS (`shared/protocol.md`, "HTTP") for services without a
+//! The HTTP API (axum), the same contract as NATS (`docs/protocol.md`, "HTTP") for services without a
 //! NATS client, and what operators look at.
 //!
 //! A handler never touches the scheduler: an input is checked with the wire crate's validation, then
