@@ -775,3 +775,82 @@ upstream = "http://127.0.0.1:8011"
     assert_eq!(config.engines[0].priority, Some(2));
     assert_eq!(config.engines[0].vram_mb, Some(8_000));
 }
+
+/// A sidecar on its own (`gpu-coordinator engines`, over HTTP) outlives a restart of the embedded
+/// coordinator: it waits for it with backoff, and its engine serves again under a lease afterwards.
+#[tokio::test]
+async fn a_sidecar_waits_out_a_restart_of_the_coordinator() {
+    let gpu = FakeGpu::start(GPU_MB).await;
+    let mut options = FakeEngineOptions::new("chat", Kind::Vllm, 16_000);
+    options.awake_at_start = false;
+    let fake = FakeEngine::start(&gpu, options).await;
+    let config = embedded_config("engines_restart", &[("0", GPU_MB)]);
+    let port = free_port();
+    let coordinator = Coordinator::start_at(config.clone(), Extras::default(), port).await;
+
+    let listen = format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let file = dir.path().join("engines.toml");
+    let toml = format!(
+        r#"
+[sidecar]
+coordinator = "http://127.0.0.1:{port}"
+
+[[engines]]
+service = "chat"
+kind = "vllm"
+listen = "{listen}"
+upstream = "{upstream}"
+priority = 0
+vram_mb = 16000
+lease_ms = 3000
+idle_ms = 60000
+"#,
+        upstream = fake.url(),
+    );
+    std::fs::write(&file, toml).expect("write the sidecar's configuration");
+    let mut sidecar = std::process::Command::new(env!("CARGO_BIN_EXE_gpu-coordinator"))
+        .args(["engines", "--config"])
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start `gpu-coordinator engines`");
+    let serves = || async {
+        let answer = http()
+            .post(format!("http://{listen}/v1/completions"))
+            .json(&json!({"model": "m", "prompt": "hi"}))
+            .send()
+            .await
+            .ok()?;
+        (answer.status() == StatusCode::OK).then_some(())
+    };
+    eventually("the sidecar serves", serves).await;
+    let served = fake.served();
+
+    coordinator.stop().await.expect("a clean stop");
+    let coordinator = Coordinator::start_at(config.clone(), Extras::default(), port).await;
+    // The lease lives on in the restarted coordinator, renewed by the sidecar (not served on the
+    // strength of a lease the sidecar only remembers).
+    let expiry = |status: gpu_coordinator_wire::StatusDoc| {
+        status
+            .gpus
+            .iter()
+            .flat_map(|g| g.holders.iter())
+            .find(|h| h.service_id == "chat")
+            .map(|h| h.expires_at.clone())
+    };
+    let first = expiry(crate::support::wait_ready_http(&coordinator.url("")).await)
+        .expect("the chat's lease is held after the restart");
+    eventually("a renewal reaches the restarted coordinator", || async {
+        let now = expiry(crate::support::wait_ready_http(&coordinator.url("")).await)?;
+        (now != first).then_some(())
+    })
+    .await;
+    eventually("the sidecar serves after the restart", serves).await;
+    assert!(fake.served() > served);
+    assert_within_capacity(&gpu);
+    let _ = sidecar.kill();
+    let _ = sidecar.wait();
+    stop_audited(coordinator).await;
+}
