@@ -118,27 +118,19 @@ impl GpuProbe for LedgerProbe {
 /// A sidecar in front of `upstream`, on a free port of loopback.
 fn engine(service: &str, upstream: &str, priority: u8, vram_mb: u64) -> EngineConfig {
     EngineConfig {
-        service: service.into(),
-        kind: EngineKind::Vllm,
-        listen: format!("127.0.0.1:{}", free_port()),
-        upstream: upstream.into(),
         priority: Some(priority),
         vram_mb: Some(vram_mb),
-        gpu: None,
         // Long enough that a loaded machine's late renewal does not end a lease mid-measurement.
         lease_ms: Some(30_000),
-        want: Want::OnRequest,
         idle_ms: 3_600_000,
         max_wait_ms: 20_000,
         drain_ms: 500,
-        sleep_level: None,
-        model: None,
-        sleep: None,
-        wake: None,
-        argv: None,
-        env: None,
-        ready_path: None,
-        token: None,
+        ..EngineConfig::new(
+            service,
+            EngineKind::Vllm,
+            &format!("127.0.0.1:{}", free_port()),
+            upstream,
+        )
     }
 }
 

@@ -126,6 +126,33 @@ mod defaults {
 }
 
 impl EngineConfig {
+    /// An entry with every optional key left out and the defaults a TOML entry gets (`want =
+    /// "on_request"`, `idle_ms`, `max_wait_ms`, `drain_ms`); `priority` still to be set.
+    pub fn new(service: &str, kind: EngineKind, listen: &str, upstream: &str) -> EngineConfig {
+        EngineConfig {
+            service: service.to_owned(),
+            kind,
+            listen: listen.to_owned(),
+            upstream: upstream.to_owned(),
+            priority: None,
+            vram_mb: None,
+            gpu: None,
+            lease_ms: None,
+            want: Want::OnRequest,
+            idle_ms: defaults::idle_ms(),
+            max_wait_ms: defaults::max_wait_ms(),
+            drain_ms: defaults::drain_ms(),
+            sleep_level: None,
+            model: None,
+            sleep: None,
+            wake: None,
+            argv: None,
+            env: None,
+            ready_path: None,
+            token: None,
+        }
+    }
+
     /// The argv lists and model a kind needs, the keys it does not take, and the bounds of the rest.
     /// `ack_deadline_ms` is the coordinator's (`preemption.ack_deadline_ms`).
     pub fn problems(&self, at: &str, ack_deadline_ms: u64) -> Vec<String> {
@@ -254,26 +281,9 @@ mod tests {
 
     fn engine(kind: EngineKind) -> EngineConfig {
         EngineConfig {
-            service: "chat".into(),
-            kind,
-            listen: "127.0.0.1:8000".into(),
-            upstream: "http://127.0.0.1:8001".into(),
             priority: Some(0),
             vram_mb: Some(16_000),
-            gpu: None,
-            lease_ms: None,
-            want: Want::OnRequest,
-            idle_ms: defaults::idle_ms(),
-            max_wait_ms: defaults::max_wait_ms(),
-            drain_ms: defaults::drain_ms(),
-            sleep_level: None,
-            model: None,
-            sleep: None,
-            wake: None,
-            argv: None,
-            env: None,
-            ready_path: None,
-            token: None,
+            ..EngineConfig::new("chat", kind, "127.0.0.1:8000", "http://127.0.0.1:8001")
         }
     }
 

@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use gpu_coordinator::engines::{EngineConfig, EngineKind, Want};
+use gpu_coordinator::engines::{EngineConfig, EngineKind};
 use gpu_coordinator_test_support::free_port;
 use serde_json::{json, Value};
 
@@ -129,26 +129,18 @@ impl Drop for FakeVllm {
 /// never idle long enough to sleep during a test.
 pub(crate) fn vllm_engine(service: &str, upstream: &str) -> EngineConfig {
     EngineConfig {
-        service: service.into(),
-        kind: EngineKind::Vllm,
-        listen: format!("127.0.0.1:{}", free_port()),
-        upstream: upstream.into(),
         priority: Some(1),
         vram_mb: Some(8_000),
-        gpu: None,
-        lease_ms: None,
-        want: Want::OnRequest,
         idle_ms: 600_000,
         max_wait_ms: 20_000,
         drain_ms: 1_000,
         sleep_level: Some(1),
-        model: None,
-        sleep: None,
-        wake: None,
-        argv: None,
-        env: None,
-        ready_path: None,
-        token: None,
+        ..EngineConfig::new(
+            service,
+            EngineKind::Vllm,
+            &format!("127.0.0.1:{}", free_port()),
+            upstream,
+        )
     }
 }
 

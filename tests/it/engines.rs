@@ -71,26 +71,18 @@ fn engine(
     vram_mb: u64,
 ) -> EngineConfig {
     EngineConfig {
-        service: service.into(),
-        kind,
-        listen: format!("127.0.0.1:{}", free_port()),
-        upstream: upstream.into(),
         priority: Some(priority),
         vram_mb: Some(vram_mb),
-        gpu: None,
         lease_ms: Some(3_000),
-        want: Want::OnRequest,
         idle_ms: 300,
         max_wait_ms: 20_000,
         drain_ms: 500,
-        sleep_level: None,
-        model: None,
-        sleep: None,
-        wake: None,
-        argv: None,
-        env: None,
-        ready_path: None,
-        token: None,
+        ..EngineConfig::new(
+            service,
+            kind,
+            &format!("127.0.0.1:{}", free_port()),
+            upstream,
+        )
     }
 }
 
