@@ -14,8 +14,8 @@ pub struct Gate {
     state: Mutex<State>,
     /// Bumped on every open and close, for the requests waiting.
     opened: watch::Sender<u64>,
-    /// A request waits: the controller may want the GPU.
-    pub demand: Notify,
+    /// A request waits: the controller may want the GPU (see [`Gate::demanded`]).
+    demand: Notify,
     /// In flight went down, or a request came or went: for drains and the idle timer.
     pub activity: Notify,
 }
@@ -119,6 +119,18 @@ impl Gate {
                 () = lease_changed => {}
                 () = tokio::time::sleep_until(deadline) => return None,
             }
+        }
+    }
+
+    /// Returns once a request waits. A wake-up alone is no proof (a waiting request signals each
+    /// time it looks, and a signal nobody took yet is kept), so the count decides.
+    pub async fn demanded(&self) {
+        loop {
+            let demand = self.demand.notified();
+            if self.counts().1 > 0 {
+                return;
+            }
+            demand.await;
         }
     }
 

@@ -153,15 +153,12 @@ pub(crate) fn spawn(
     }
 }
 
-/// The waits between tries of an engine or a coordinator that failed: from 100 ms, doubling with
-/// jitter, up to 5 s apart, without end.
+/// The waits between tries of an engine or a coordinator that failed: the driver's (doubling with
+/// jitter, up to 5 s apart, without end), from 100 ms.
 pub(crate) fn backoff() -> backon::ExponentialBackoff {
     use backon::BackoffBuilder as _;
-    backon::ExponentialBuilder::default()
+    crate::driver::retry::backoff()
         .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
         .build()
 }
 

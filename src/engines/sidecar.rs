@@ -95,17 +95,9 @@ impl Sidecar {
         while !stop.is_cancelled() {
             if self.engine.want == Want::OnRequest {
                 self.stats.set(EngineState::Asleep);
-                // A request waits: a wake-up alone is no proof (a waiting request signals each time
-                // it looks, and a signal nobody took yet is kept), so the count decides.
-                loop {
-                    let demand = self.gate.demand.notified();
-                    if self.gate.counts().1 > 0 {
-                        break;
-                    }
-                    tokio::select! {
-                        () = demand => {}
-                        () = stop.cancelled() => return,
-                    }
+                tokio::select! {
+                    () = self.gate.demanded() => {}
+                    () = stop.cancelled() => return,
                 }
             }
             self.stats.set(EngineState::Asking);
