@@ -122,6 +122,28 @@ async fn completion(listen: &str) -> reqwest::Response {
         .expect("the sidecar answers")
 }
 
+/// `Some` once a completion through `listen` is answered 200 (`None` while the sidecar is not up).
+async fn served_ok(listen: &str) -> Option<()> {
+    let answer = http()
+        .post(format!("http://{listen}/v1/completions"))
+        .json(&json!({"model": "m", "prompt": "hi"}))
+        .send()
+        .await
+        .ok()?;
+    (answer.status() == StatusCode::OK).then_some(())
+}
+
+/// `gpu-coordinator engines --config file`, as a sidecar on its own host runs.
+fn spawn_sidecars(file: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_gpu-coordinator"))
+        .args(["engines", "--config"])
+        .arg(file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start `gpu-coordinator engines`")
+}
+
 /// The fake GPU never held more than it has, and never refused an allocation.
 fn assert_within_capacity(gpu: &FakeGpu) {
     assert!(
@@ -573,27 +595,8 @@ idle_ms = 60000
     );
     std::fs::write(&file, toml).expect("write the sidecar's configuration");
 
-    let start = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_gpu-coordinator"))
-            .args(["engines", "--config"])
-            .arg(&file)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start `gpu-coordinator engines`")
-    };
-    let mut first = start();
-    let answer = eventually("the first sidecar serves", || async {
-        let answer = http()
-            .post(format!("http://{listen}/v1/completions"))
-            .json(&json!({"model": "m", "prompt": "hi"}))
-            .send()
-            .await
-            .ok()?;
-        (answer.status() == StatusCode::OK).then_some(answer)
-    })
-    .await;
-    drop(answer);
+    let mut first = spawn_sidecars(&file);
+    eventually("the first sidecar serves", || served_ok(&listen)).await;
     assert!(fake.awake());
     first.kill().expect("kill -9");
     first.wait().expect("reaped");
@@ -609,18 +612,8 @@ idle_ms = 60000
     })
     .await;
 
-    let mut second = start();
-    let answer = eventually("the new sidecar serves", || async {
-        let answer = http()
-            .post(format!("http://{listen}/v1/completions"))
-            .json(&json!({"model": "m", "prompt": "hi"}))
-            .send()
-            .await
-            .ok()?;
-        (answer.status() == StatusCode::OK).then_some(answer)
-    })
-    .await;
-    drop(answer);
+    let mut second = spawn_sidecars(&file);
+    eventually("the new sidecar serves", || served_ok(&listen)).await;
     assert!(
         fake.sleeps() >= 1,
         "the new sidecar put the engine found awake to sleep first"
@@ -801,23 +794,8 @@ idle_ms = 60000
         upstream = fake.url(),
     );
     std::fs::write(&file, toml).expect("write the sidecar's configuration");
-    let mut sidecar = std::process::Command::new(env!("CARGO_BIN_EXE_gpu-coordinator"))
-        .args(["engines", "--config"])
-        .arg(&file)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start `gpu-coordinator engines`");
-    let serves = || async {
-        let answer = http()
-            .post(format!("http://{listen}/v1/completions"))
-            .json(&json!({"model": "m", "prompt": "hi"}))
-            .send()
-            .await
-            .ok()?;
-        (answer.status() == StatusCode::OK).then_some(())
-    };
-    eventually("the sidecar serves", serves).await;
+    let mut sidecar = spawn_sidecars(&file);
+    eventually("the sidecar serves", || served_ok(&listen)).await;
     let served = fake.served();
 
     coordinator.stop().await.expect("a clean stop");
@@ -839,7 +817,10 @@ idle_ms = 60000
         (now != first).then_some(())
     })
     .await;
-    eventually("the sidecar serves after the restart", serves).await;
+    eventually("the sidecar serves after the restart", || {
+        served_ok(&listen)
+    })
+    .await;
     assert!(fake.served() > served);
     assert_within_capacity(&gpu);
     let _ = sidecar.kill();
