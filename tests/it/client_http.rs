@@ -193,24 +193,53 @@ async fn http_worker_is_paused_for_an_urgent_request_and_resumed_after_it() {
     coordinator.stop().await.expect("a clean stop");
 }
 
+/// A coordinator, and a worker of `asr` holding its GPU whose HTTP connections go through a proxy
+/// the test can cut, with what its handlers saw.
+struct Behind {
+    coordinator: Coordinator,
+    probe: Probe,
+    proxy: Proxy,
+    seen: Arc<Mutex<HandlerLog>>,
+    lease: gpu_coordinator_client::Lease,
+}
+
+impl Behind {
+    async fn start(tag: &str) -> Behind {
+        let config = test_config(tag, &[("0", 24_000)]);
+        let coordinator = Coordinator::start(config.clone()).await;
+        let probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+        let proxy = Proxy::start(coordinator.http_addr.port()).await;
+        let asr = Client::connect_http(&format!("http://127.0.0.1:{}", proxy.port), "asr", None)
+            .await
+            .expect("connect through the proxy");
+        let seen = Arc::new(Mutex::new(HandlerLog::default()));
+        let worker = recording_worker(&asr, Duration::from_millis(50), &seen);
+        let lease = worker
+            .request(RequestOptions::new(2).timeout_ms(10_000))
+            .await
+            .expect("the worker is granted");
+        Behind {
+            coordinator,
+            probe,
+            proxy,
+            seen,
+            lease,
+        }
+    }
+}
+
 /// The control stream of a worker is cut (a proxy between it and the coordinator) while it is
 /// paused; the resume is stored meanwhile. Once the proxy lets it through again, the stream
 /// reconnects with `Last-Event-ID` and the resume is delivered: `on_resume` runs.
 #[tokio::test]
 async fn a_control_order_stored_while_the_stream_was_cut_comes_after_the_reconnect() {
-    let config = test_config("clh_cut", &[("0", 24_000)]);
-    let coordinator = Coordinator::start(config.clone()).await;
-    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
-    let proxy = Proxy::start(coordinator.http_addr.port()).await;
-    let asr = Client::connect_http(&format!("http://127.0.0.1:{}", proxy.port), "asr", None)
-        .await
-        .expect("connect through the proxy");
-    let seen = Arc::new(Mutex::new(HandlerLog::default()));
-    let worker = recording_worker(&asr, Duration::from_millis(50), &seen);
-    let lease = worker
-        .request(RequestOptions::new(2).timeout_ms(10_000))
-        .await
-        .expect("the worker is granted");
+    let Behind {
+        coordinator,
+        mut probe,
+        proxy,
+        seen,
+        lease,
+    } = Behind::start("clh_cut").await;
     let worker_id = lease.request_id().to_owned();
     let mut events = lease.events();
 
@@ -258,19 +287,13 @@ async fn a_control_order_stored_while_the_stream_was_cut_comes_after_the_reconne
 /// started after) is what the reconnect resumes from, so a pause stored meanwhile still comes.
 #[tokio::test]
 async fn a_first_order_stored_while_the_stream_was_cut_comes_after_the_reconnect() {
-    let config = test_config("clh_cut_first", &[("0", 24_000)]);
-    let coordinator = Coordinator::start(config.clone()).await;
-    let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
-    let proxy = Proxy::start(coordinator.http_addr.port()).await;
-    let asr = Client::connect_http(&format!("http://127.0.0.1:{}", proxy.port), "asr", None)
-        .await
-        .expect("connect through the proxy");
-    let seen = Arc::new(Mutex::new(HandlerLog::default()));
-    let worker = recording_worker(&asr, Duration::from_millis(50), &seen);
-    let lease = worker
-        .request(RequestOptions::new(2).timeout_ms(10_000))
-        .await
-        .expect("the worker is granted");
+    let Behind {
+        coordinator,
+        mut probe,
+        proxy,
+        seen,
+        lease,
+    } = Behind::start("clh_cut_first").await;
     let worker_id = lease.request_id().to_owned();
 
     proxy.cut();
