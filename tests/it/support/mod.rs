@@ -58,7 +58,6 @@ static SWEEP: std::sync::Once = std::sync::Once::new();
 /// and Redis keys, all named with another process id), so that they do not pile up run after run.
 /// Runs once per test process, on a thread of its own; a failure only leaves the garbage.
 fn sweep_previous_runs() {
-    let mine = format!("_{}_", std::process::id());
     let thread = std::thread::spawn(move || {
         let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -80,7 +79,7 @@ fn sweep_previous_runs() {
                     let Ok(name) = row.try_get::<String>("", "datname") else {
                         continue;
                     };
-                    if is_earlier_run(&name, &mine) {
+                    if is_earlier_run(&name) {
                         let _ = db
                             .execute_unprepared(&format!(
                                 "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
@@ -92,7 +91,6 @@ fn sweep_previous_runs() {
             }
             if let Ok(client) = async_nats::connect(NATS_URL).await {
                 let js = jetstream::new(client);
-                let mine_upper = mine.to_uppercase();
                 let names: Vec<String> = js
                     .stream_names()
                     .filter_map(|n| async { n.ok() })
@@ -102,7 +100,7 @@ fn sweep_previous_runs() {
                     // Test prefixes are `t<tag>-<pid>-...`: streams `T<TAG>_<PID>_..._INPUT` / `_OUTPUT`.
                     let ours = name.starts_with('T')
                         && (name.ends_with("_INPUT") || name.ends_with("_OUTPUT"));
-                    if ours && is_earlier_run(&name, &mine_upper) {
+                    if ours && is_earlier_run(&name) {
                         let _ = js.delete_stream(&name).await;
                     }
                 }
@@ -115,7 +113,7 @@ fn sweep_previous_runs() {
                         .await
                         .unwrap_or_default();
                     let old: Vec<&String> =
-                        keys.iter().filter(|k| is_earlier_run(k, &mine)).collect();
+                        keys.iter().filter(|k| is_earlier_run(k)).collect();
                     for chunk in old.chunks(500) {
                         let _: Result<(), _> =
                             redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
@@ -127,14 +125,18 @@ fn sweep_previous_runs() {
     let _ = thread.join();
 }
 
-/// Whether a name was made by [`unique`] in another test process: it carries a process id and a counter
-/// (two all-digit `_` tokens), and not this process's id.
-fn is_earlier_run(name: &str, mine: &str) -> bool {
-    let numbers = name
+/// Whether a name was made by [`unique`] in a test process that has ended: it carries a process id
+/// and a counter (two all-digit `_` tokens, the id first), and no process of that id runs. A suite
+/// running beside this one (another checkout's) keeps what it made.
+fn is_earlier_run(name: &str) -> bool {
+    let mut numbers = name
         .split(['_', ':'])
-        .filter(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_digit()))
-        .count();
-    numbers >= 2 && !name.contains(mine)
+        .filter(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_digit()));
+    let (Some(pid), Some(_)) = (numbers.next(), numbers.next()) else {
+        return false;
+    };
+    pid != std::process::id().to_string()
+        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// A coordinator running in this process.
