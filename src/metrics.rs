@@ -141,6 +141,7 @@ pub struct Metrics {
     service_borrowed: Family<ServiceLabel, Gauge>,
     service_guaranteed: Family<ServiceLabel, Gauge>,
     service_max: Family<ServiceLabel, Gauge>,
+    storage_full: Gauge,
     /// Refreshing the gauges and encoding them is one step, so two scrapes do not interleave.
     render: Mutex<()>,
 }
@@ -174,6 +175,7 @@ impl Metrics {
             service_borrowed: Family::default(),
             service_guaranteed: Family::default(),
             service_max: Family::default(),
+            storage_full: Gauge::default(),
             render: Mutex::new(()),
             registry: Registry::default(),
         };
@@ -301,7 +303,19 @@ impl Metrics {
             "The most GPU memory a service's leases may hold (services.<id>.max_vram_mb)",
             m.service_max.clone(),
         );
+        registry.register(
+            "storage_full",
+            "1 while a store refuses writes for lack of space (its name and reason are in /readyz), \
+             else 0",
+            m.storage_full.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
+    }
+
+    /// Notes whether a store is full, for `storage_full`: read by the HTTP server from the stores
+    /// themselves, so that it is right while the driver, retrying a refused write, answers nothing.
+    pub fn set_storage_full(&self, full: bool) {
+        self.storage_full.set(i64::from(full));
     }
 
     /// Records how long a stage of a batch took.

@@ -7,6 +7,7 @@ mod client;
 mod client_http;
 mod clocks;
 mod demo;
+mod disk_full_status;
 mod disks;
 mod engine_board;
 mod engines;

@@ -50,6 +50,10 @@ use crate::ports::{Gateway, Journal, Leadership, Leases};
 /// How long a handler waits for the driver's status document.
 const STATUS_WAIT: Duration = Duration::from_secs(5);
 
+/// How long `GET /gpu/status` waits for the driver while a store is full: it answers at once when it
+/// can, and it cannot while it retries a write the store refused.
+const STATUS_WAIT_FULL: Duration = Duration::from_millis(500);
+
 /// What the handlers need once the coordinator is connected: the bus inputs are submitted to and
 /// answers read from (NATS, or the embedded bus), the ports readiness pings, and the driver.
 #[derive(Clone)]
@@ -230,7 +234,11 @@ impl HttpState {
     /// The status document from the driver.
     async fn status(&self, page: gpu_coordinator_wire::StatusPage) -> Result<StatusDoc, ApiError> {
         let backends = &self.connected()?.backends;
-        match tokio::time::timeout(STATUS_WAIT, backends.driver.status(page)).await {
+        let wait = match backends.journal.full() {
+            Some(_) => STATUS_WAIT_FULL,
+            None => STATUS_WAIT,
+        };
+        match tokio::time::timeout(wait, backends.driver.status(page)).await {
             Ok(Some(doc)) => Ok(doc),
             Ok(None) => {
                 let mut leader = match backends.leadership.leader().await {
@@ -245,10 +253,19 @@ impl HttpState {
                      ask it, or again in a moment"
                 )))
             }
-            Err(_) => Err(ApiError::GatewayTimeout(format!(
-                "the coordinator did not produce its status within {STATUS_WAIT:?} (it may be waiting \
-                 for Postgres or Redis; see /readyz)"
-            ))),
+            // The driver is retrying a write that a full store refused: say which, rather than
+            // only that it did not answer.
+            Err(_) => Err(match backends.journal.full() {
+                Some(full) => ApiError::InsufficientStorage(format!(
+                    "the coordinator's writes wait for space, so it cannot produce its status: \
+                     {full}; nothing it acknowledged is lost, and it goes on by itself once space \
+                     is freed"
+                )),
+                None => ApiError::GatewayTimeout(format!(
+                    "the coordinator did not produce its status within {wait:?} (it may be \
+                     waiting for Postgres or Redis; see /readyz)"
+                )),
+            }),
         }
     }
 }

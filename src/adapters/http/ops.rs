@@ -33,6 +33,8 @@ const PING_WAIT: Duration = Duration::from_secs(2);
         (status = 401, description = "Tokens are configured and none valid was sent", body = ErrorBody),
         (status = 503, description = "The coordinator is starting or stopping", body = ErrorBody),
         (status = 504, description = "The driver did not answer in time", body = ErrorBody),
+        (status = 507, description = "A store is full (out of disk space) and the driver is retrying \
+            a write it refused; `error` names the store", body = ErrorBody),
     ),
     security((), ("bearer" = [])),
 )]
@@ -185,6 +187,10 @@ pub(super) async fn metrics(
             "the metrics count every service's requests: they are for an operator's token (`\"*\"` \
              in [http.tokens]), not service `{own}`'s"
         )));
+    }
+    if let Ok(connected) = state.connected() {
+        let full = connected.backends.journal.full().is_some();
+        state.inner.metrics.set_storage_full(full);
     }
     // Without the driver's status (starting, or busy) the counters are still worth serving.
     // The counts of the whole queue, without its entries: as cheap at 100,000 queued as at none.
