@@ -586,6 +586,7 @@ mod tests {
                 detail: None,
                 waited_ms,
                 reclaim_for: None,
+                code: None,
             },
         }
     }

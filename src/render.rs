@@ -78,6 +78,7 @@ pub fn reply(out: &ReplyOut) -> Reply {
     reply.vram_mb = out.vram_mb;
     reply.waited_ms = out.waited_ms;
     reply.error = out.error.as_deref().map(|e| unscope_text(e).into_owned());
+    reply.code = out.code;
     reply
 }
 
@@ -107,6 +108,7 @@ pub fn event(out: &EventOut) -> Event {
         fence: out.fence,
         detail: out.detail.as_deref().map(|d| unscope_text(d).into_owned()),
         reclaim_for: out.reclaim_for.as_ref().map(|s| s.to_string()),
+        code: out.code,
     }
 }
 

@@ -673,6 +673,7 @@ mod tests {
             fence: None,
             detail: None,
             reclaim_for: None,
+            code: None,
         };
         let json = codec::encode(Encoding::Json, &event);
         assert_eq!(

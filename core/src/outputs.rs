@@ -7,7 +7,9 @@
 
 use std::fmt;
 
-use gpu_coordinator_wire::{ControlAction, EventKind, HolderState, Outcome, VramSource};
+use gpu_coordinator_wire::{
+    ControlAction, EventKind, HolderState, Outcome, RejectCode, VramSource,
+};
 
 use crate::ids::{GpuId, RequestId, ServiceId};
 use crate::types::Millis;
@@ -25,6 +27,8 @@ pub struct ReplyOut {
     pub waited_ms: Option<u64>,
     /// Why it was rejected, for a person.
     pub error: Option<String>,
+    /// Why it was rejected, for a program.
+    pub code: Option<RejectCode>,
 }
 
 impl ReplyOut {
@@ -40,6 +44,7 @@ impl ReplyOut {
             vram_mb: None,
             waited_ms: None,
             error: None,
+            code: None,
         }
     }
 }
@@ -141,6 +146,8 @@ pub struct EventOut {
     /// On `preempting`: the pause is a reclaim, for this service's guarantee (priority alone would
     /// not have paused the holder).
     pub reclaim_for: Option<ServiceId>,
+    /// On `rejected`: why, for a program.
+    pub code: Option<RejectCode>,
 }
 
 /// What the core holds now: each GPU with its VRAM and holders, the paused requests, the queue.

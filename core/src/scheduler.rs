@@ -65,7 +65,7 @@ use std::ops::Bound;
 
 use gpu_coordinator_wire::{
     AckAction, AckMsg, CancelMsg, ControlAction, Encoding, EventKind, HolderState, Inbound,
-    Outcome, Rejection, ReleaseMsg, RenewMsg, RequestMsg, VramSource,
+    Outcome, RejectCode, Rejection, ReleaseMsg, RenewMsg, RequestMsg, VramSource,
 };
 
 use crate::ids::*;
@@ -715,7 +715,8 @@ impl Scheduler {
                     "request_id `{request_id}` is already used by service `{}`; choose another id",
                     existing.service_id
                 );
-                return self.reject(&service, encoding, Some(&request_id), error, now);
+                let rejection = (RejectCode::RequestIdTaken, error);
+                return self.reject(&service, encoding, Some(&request_id), rejection, now);
             }
             let reply = self.current_reply(existing, now);
             let existing_encoding = existing.encoding;
@@ -727,7 +728,8 @@ impl Scheduler {
                 "service `{service}` is not configured: it has no [services.{service}] section, and \
                  `services.allow_unknown` is false"
             );
-            return self.reject(&service, encoding, Some(&request_id), error, now);
+            let rejection = (RejectCode::UnknownService, error);
+            return self.reject(&service, encoding, Some(&request_id), rejection, now);
         };
         let named = self.config.services.named.contains_key(service.as_str());
         let key = |name: &str| policy_key(named, &service, name);
@@ -744,11 +746,14 @@ impl Scheduler {
                     key("clamp_priority")
                 ));
             } else {
-                priority_error = Some(format!(
+                priority_error = Some((
+                    RejectCode::PriorityNotAllowed,
+                    format!(
                     "field `priority`: {} is more urgent than service `{service}` may ask for: \
                      `{}` is {max} (0 is the most urgent; give {max} or a greater number)",
-                    msg.priority,
-                    key("max_priority")
+                        msg.priority,
+                        key("max_priority")
+                    ),
                 ));
             }
         }
@@ -766,23 +771,29 @@ impl Scheduler {
         let error = if priority_error.is_some() {
             priority_error
         } else if candidates.is_empty() {
-            Some(match &msg.gpu {
-                Some(pin) => format!(
-                    "field `gpu`: no GPU `{pin}` is managed here; the GPUs are: {}",
-                    known.join(", ")
-                ),
-                None => "no GPU is managed by this coordinator".to_string(),
-            })
+            Some((
+                RejectCode::UnknownGpu,
+                match &msg.gpu {
+                    Some(pin) => format!(
+                        "field `gpu`: no GPU `{pin}` is managed here; the GPUs are: {}",
+                        known.join(", ")
+                    ),
+                    None => "no GPU is managed by this coordinator".to_string(),
+                },
+            ))
         } else if let Some(live) = self
             .services
             .get(service.as_str())
             .map(|svc| svc.live.len())
             .filter(|&n| n >= self.config.max_per_service)
         {
-            Some(format!(
-                "service `{service}` already has {live} live requests, the most that \
-                 `queue.max_per_service` allows ({}): release or cancel some first",
-                self.config.max_per_service
+            Some((
+                RejectCode::TooManyRequests,
+                format!(
+                    "service `{service}` already has {live} live requests, the most that \
+                     `queue.max_per_service` allows ({}): release or cancel some first",
+                    self.config.max_per_service
+                ),
             ))
         } else if let Some((vram, largest)) = vram_mb
             .map(|vram| {
@@ -796,8 +807,9 @@ impl Scheduler {
             } else {
                 format!("`{}`", key("default_vram_mb"))
             };
-            Some(format!(
-                "{given}: {vram} MB is more than any GPU it may use has ({largest} MB)"
+            Some((
+                RejectCode::TooLarge,
+                format!("{given}: {vram} MB is more than any GPU it may use has ({largest} MB)"),
             ))
         } else if let Some(cap) = policy.max_vram_mb.filter(|&cap| {
             candidates
@@ -815,10 +827,13 @@ impl Scheduler {
                         .unwrap_or(0)
                 ),
             };
-            Some(format!(
-                "{asked} is more than service `{service}` may hold at once: `{}` is {cap} MB, so \
-                 the request could never be granted",
-                key("max_vram_mb")
+            Some((
+                RejectCode::OverServiceLimit,
+                format!(
+                    "{asked} is more than service `{service}` may hold at once: `{}` is {cap} MB, \
+                     so the request could never be granted",
+                    key("max_vram_mb")
+                ),
             ))
         } else {
             None
@@ -859,16 +874,19 @@ impl Scheduler {
             end: None,
             ended_at: None,
             detail: None,
+            code: None,
         };
         self.event(&rec, EventKind::Requested, now, requested_detail);
-        if let Some(error) = error {
+        if let Some((code, error)) = error {
             let mut rec = rec;
             rec.phase = Phase::Ended;
             rec.end = Some(End::Rejected);
             rec.ended_at = Some(now);
             rec.detail = Some(error.clone());
+            rec.code = Some(code);
             let mut reply = ReplyOut::new(&request_id, Outcome::Rejected);
             reply.error = Some(error.clone());
+            reply.code = Some(code);
             self.reply(&service, encoding, reply);
             self.event(&rec, EventKind::Rejected, now, Some(error));
             self.mark_dirty(&request_id);
@@ -924,7 +942,14 @@ impl Scheduler {
                  lease is not renewed, and is revoked when it runs out",
                 msg.request_id, self.config.ack_deadline_ms
             );
-            return self.reject(&service, rec.encoding, Some(&msg.request_id), error, now);
+            let rejection = (RejectCode::PauseDeadlinePassed, error);
+            return self.reject(
+                &service,
+                rec.encoding,
+                Some(&msg.request_id),
+                rejection,
+                now,
+            );
         }
         if !matches!(rec.phase, Phase::Active | Phase::Pausing) {
             let error = format!(
@@ -932,7 +957,14 @@ impl Scheduler {
                 msg.request_id,
                 rec.phase.as_str()
             );
-            return self.reject(&service, rec.encoding, Some(&msg.request_id), error, now);
+            let rejection = (RejectCode::NotHolding, error);
+            return self.reject(
+                &service,
+                rec.encoding,
+                Some(&msg.request_id),
+                rejection,
+                now,
+            );
         }
         let lease_ms = msg
             .lease_ms
@@ -1001,7 +1033,8 @@ impl Scheduler {
                 msg.request_id
             );
             let encoding = rec.encoding;
-            return self.reject(&service, encoding, Some(&msg.request_id), error, now);
+            let rejection = (RejectCode::UnexpectedAck, error);
+            return self.reject(&service, encoding, Some(&msg.request_id), rejection, now);
         }
         match (msg.action, phase) {
             (AckAction::Paused, Phase::Pausing) => self.paused(seq, now),
@@ -1021,7 +1054,8 @@ impl Scheduler {
                     }
                 );
                 let encoding = self.live_rec(seq).encoding;
-                self.reject(&service, encoding, Some(&msg.request_id), error, now);
+                let rejection = (RejectCode::UnexpectedAck, error);
+                self.reject(&service, encoding, Some(&msg.request_id), rejection, now);
             }
         }
     }
@@ -1036,7 +1070,14 @@ impl Scheduler {
                 "request `{}` holds the GPU: cancel only withdraws queued or paused requests; release it instead",
                 msg.request_id
             );
-            return self.reject(&service, rec.encoding, Some(&msg.request_id), error, now);
+            let rejection = (RejectCode::HoldsGpu, error);
+            return self.reject(
+                &service,
+                rec.encoding,
+                Some(&msg.request_id),
+                rejection,
+                now,
+            );
         }
         let reply = ReplyOut::new(&rec.request_id, Outcome::Cancelled);
         let (service, encoding) = (rec.service_id.clone(), rec.encoding);
@@ -1056,7 +1097,7 @@ impl Scheduler {
                 service,
                 rejection.encoding,
                 request_id,
-                rejection.error,
+                (RejectCode::InvalidInput, rejection.error),
                 now,
             ),
             // No valid service in the subject: nobody to reply to (a reply to `unknown` would reach
@@ -1065,7 +1106,7 @@ impl Scheduler {
                 "unknown",
                 rejection.encoding,
                 request_id,
-                rejection.error,
+                (RejectCode::InvalidInput, rejection.error),
                 now,
             ),
         }
@@ -1090,27 +1131,35 @@ impl Scheduler {
             None => match self.ended.get(request_id) {
                 Some(rec) if rec.service_id == service => {
                     encoding = rec.encoding;
-                    format!(
+                    let error = format!(
                         "request `{request_id}` has already ended ({})",
                         rec.end.map(End::as_str).unwrap_or("ended")
-                    )
+                    );
+                    (RejectCode::AlreadyEnded, error)
                 }
-                _ => format!("unknown request_id `{request_id}` for service `{service}`"),
+                _ => (
+                    RejectCode::UnknownRequest,
+                    format!("unknown request_id `{request_id}` for service `{service}`"),
+                ),
             },
             Some(&seq) => {
                 let rec = self.live_rec(seq);
                 if rec.service_id != service {
-                    format!("unknown request_id `{request_id}` for service `{service}`")
+                    (
+                        RejectCode::UnknownRequest,
+                        format!("unknown request_id `{request_id}` for service `{service}`"),
+                    )
                 } else if fence.is_some_and(|f| Some(Fence(f)) != rec.fence) {
                     encoding = rec.encoding;
                     current = rec.fence;
-                    format!(
+                    let error = format!(
                         "stale fence {}: the current fence of request `{request_id}` is {}",
                         fence.unwrap_or_default(),
                         rec.fence
                             .map(|f| f.0.to_string())
                             .unwrap_or_else(|| "none".into())
-                    )
+                    );
+                    (RejectCode::StaleFence, error)
                 } else {
                     return Some(seq);
                 }
@@ -1336,9 +1385,19 @@ impl Scheduler {
             self.control(&rec, ControlAction::Revoke, None, reason, None);
             self.end(seq, End::Revoked, Some(detail), now);
         } else {
+            let code = if any_gpu {
+                RejectCode::OverServiceLimit
+            } else {
+                RejectCode::Unplaceable
+            };
             let mut reply = ReplyOut::new(&rec.request_id, Outcome::Rejected);
             reply.error = Some(why.clone());
+            reply.code = Some(code);
             self.reply(&rec.service_id, rec.encoding, reply);
+            // Kept with the record, for its `rejected` event and a repeated request's answer.
+            if let Some(live) = self.live.get_mut(&seq) {
+                live.rec.code = Some(code);
+            }
             self.end(seq, End::Rejected, Some(why), now);
         }
     }
@@ -2301,10 +2360,10 @@ impl Scheduler {
         service: &str,
         encoding: Encoding,
         request_id: Option<&str>,
-        error: String,
+        (code, error): (RejectCode, String),
         now: Millis,
     ) {
-        self.reject_with_fence(service, encoding, request_id, None, error, now);
+        self.reject_with_fence(service, encoding, request_id, None, (code, error), now);
     }
 
     /// [`Scheduler::reject`], the reply naming `fence` (the current one, for a stale fence).
@@ -2314,14 +2373,15 @@ impl Scheduler {
         encoding: Encoding,
         request_id: Option<&str>,
         fence: Option<Fence>,
-        error: String,
+        (code, error): (RejectCode, String),
         now: Millis,
     ) {
         let mut reply = ReplyOut::new(request_id.unwrap_or_default(), Outcome::Rejected);
         reply.fence = fence.map(|f| f.0);
         reply.error = Some(error.clone());
+        reply.code = Some(code);
         self.reply(service, encoding, reply);
-        self.rejected_event(service, encoding, request_id, error, now);
+        self.rejected_event(service, encoding, request_id, (code, error), now);
     }
 
     fn rejected_event(
@@ -2329,7 +2389,7 @@ impl Scheduler {
         service: &str,
         encoding: Encoding,
         request_id: Option<&str>,
-        error: String,
+        (code, error): (RejectCode, String),
         now: Millis,
     ) {
         self.actions.push_back(Action::Event {
@@ -2345,6 +2405,7 @@ impl Scheduler {
                 detail: Some(error),
                 waited_ms: None,
                 reclaim_for: None,
+                code: Some(code),
             },
         });
     }
@@ -2411,6 +2472,7 @@ impl Scheduler {
                 detail,
                 waited_ms,
                 reclaim_for,
+                code: (kind == EventKind::Rejected).then_some(rec.code).flatten(),
             },
         });
     }
@@ -2440,6 +2502,7 @@ impl Scheduler {
             .or_else(|| (rec.phase == Phase::Queued).then(|| now.saturating_sub(rec.requested_at)));
         if rec.end == Some(End::Rejected) {
             reply.error = rec.detail.clone();
+            reply.code = rec.code;
         }
         reply
     }

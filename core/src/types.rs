@@ -321,6 +321,8 @@ pub struct RequestRecord {
     pub ended_at: Option<Millis>,
     /// Why it ended, for a person.
     pub detail: Option<String>,
+    /// When it ended rejected: why, for a program.
+    pub code: Option<gpu_coordinator_wire::RejectCode>,
 }
 
 /// A lease as the lease store (Redis) holds it.

@@ -254,6 +254,133 @@ fn impossible_requests_are_rejected() {
     }
 }
 
+/// Every rejection carries a stable code beside its sentence, in the reply and in the `rejected`
+/// event alike; a repeated request is answered with the code it was first rejected with.
+#[test]
+fn every_rejection_says_why_with_a_code() {
+    use gpu_coordinator_wire::RejectCode as Code;
+    let mut s = sim_with(
+        SchedConfig {
+            max_per_service: 2,
+            ..config()
+        },
+        &[("g0", 1_000)],
+    );
+    let mut seen = Vec::new();
+    let mut check = |a: harness::Acts, id: &str, code: Code| {
+        let reply = a.reply(id);
+        assert_eq!(
+            (reply.outcome, reply.code),
+            (Outcome::Rejected, Some(code)),
+            "{id}: {reply:?}"
+        );
+        assert!(reply.error.is_some(), "{id}: a sentence too");
+        assert_eq!(a.event(id, EventKind::Rejected).code, Some(code), "{id}");
+        seen.push(code);
+    };
+    check(
+        s.request("a", req("pin", 1).gpu("g9")),
+        "pin",
+        Code::UnknownGpu,
+    );
+    check(
+        s.request("a", req("big", 1).vram(2_000)),
+        "big",
+        Code::TooLarge,
+    );
+    // Asked again, and after a restart: the first answer, code included.
+    let again = s.request("a", req("big", 1).vram(2_000));
+    assert_eq!(again.reply("big").code, Some(Code::TooLarge));
+    s.restart(10, true);
+    let again = s.request("a", req("big", 1).vram(2_000));
+    assert_eq!(again.reply("big").code, Some(Code::TooLarge));
+    s.request("a", req("hold", 1).vram(600));
+    s.request("a", req("wait", 1).vram(600));
+    check(s.request("b", req("hold", 1)), "hold", Code::RequestIdTaken);
+    check(
+        s.request("a", req("more", 1).vram(10)),
+        "more",
+        Code::TooManyRequests,
+    );
+    let fence = s.fence("hold");
+    check(
+        s.renew("a", "hold", Some(fence + 7), None),
+        "hold",
+        Code::StaleFence,
+    );
+    check(s.renew("a", "wait", None, None), "wait", Code::NotHolding);
+    check(
+        s.renew("a", "nobody", None, None),
+        "nobody",
+        Code::UnknownRequest,
+    );
+    check(s.cancel("a", "hold"), "hold", Code::HoldsGpu);
+    check(
+        s.ack("a", "hold", Some(fence), AckAction::Paused),
+        "hold",
+        Code::UnexpectedAck,
+    );
+    check(
+        s.invalid(Some("a"), Some("bad"), "field `priority` is required"),
+        "bad",
+        Code::InvalidInput,
+    );
+    // A pause not acknowledged in time: its renewal is refused.
+    s.request("c", req("urgent", 0).vram(1_000));
+    s.advance(ACK_MS + 1);
+    check(
+        s.renew("a", "hold", Some(fence), None),
+        "hold",
+        Code::PauseDeadlinePassed,
+    );
+    s.release("a", "wait", None);
+    check(s.renew("a", "wait", None, None), "wait", Code::AlreadyEnded);
+    for code in [
+        Code::UnknownGpu,
+        Code::TooLarge,
+        Code::RequestIdTaken,
+        Code::TooManyRequests,
+        Code::StaleFence,
+        Code::NotHolding,
+        Code::UnknownRequest,
+        Code::HoldsGpu,
+        Code::UnexpectedAck,
+        Code::InvalidInput,
+        Code::PauseDeadlinePassed,
+        Code::AlreadyEnded,
+    ] {
+        assert!(seen.contains(&code), "{code:?} was tried");
+    }
+}
+
+/// A queued request whose pinned GPU is gone after a restart can never be granted: it is rejected as
+/// `unplaceable`, and its record keeps the code.
+#[test]
+fn a_request_pinned_to_a_gpu_that_left_is_rejected_as_unplaceable() {
+    let mut s = sim(&[("g0", 1_000), ("g1", 1_000)]);
+    s.request("a", req("hold", 1).vram(1_000).gpu("g1"));
+    s.request("a", req("wait", 1).vram(500).gpu("g1"));
+    let snapshot = s.snapshot(true);
+    let (r, a) = Sim::restored(config(), gpus(&[("g0", 1_000)]), snapshot, s.now + 10);
+    let reply = a.reply("wait");
+    assert_eq!(
+        (reply.outcome, reply.code),
+        (
+            Outcome::Rejected,
+            Some(gpu_coordinator_wire::RejectCode::Unplaceable)
+        ),
+        "{reply:?}"
+    );
+    assert_eq!(
+        a.event("wait", EventKind::Rejected).code,
+        Some(gpu_coordinator_wire::RejectCode::Unplaceable)
+    );
+    assert_eq!(
+        r.record("wait").code,
+        Some(gpu_coordinator_wire::RejectCode::Unplaceable)
+    );
+}
+
 #[test]
 fn a_service_may_have_only_so_many_live_requests() {
     let mut s = sim_with(

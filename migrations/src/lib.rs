@@ -18,6 +18,7 @@ mod m20261128_000004_scoped_request_ids;
 mod m20261129_000005_embedded_bus;
 mod m20261206_000006_row_versions;
 mod m20261206_000007_pause_ms;
+mod m20261206_000008_reject_code;
 
 /// Every migration of the schema, oldest first.
 pub struct Migrator;
@@ -33,6 +34,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261129_000005_embedded_bus::Migration),
             Box::new(m20261206_000006_row_versions::Migration),
             Box::new(m20261206_000007_pause_ms::Migration),
+            Box::new(m20261206_000008_reject_code::Migration),
         ]
     }
 }

@@ -491,6 +491,7 @@ mod tests {
                 fence,
                 detail: None,
                 reclaim_for: None,
+                code: None,
             }),
         }
     }

@@ -3,7 +3,7 @@
 
 use gpu_coordinator::adapters::postgres::{PgError, PgStore};
 use gpu_coordinator_core::{End, Fence, Phase, RequestRecord};
-use gpu_coordinator_wire::Encoding;
+use gpu_coordinator_wire::{Encoding, RejectCode};
 use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
 
 /// The server, without a database. `GPU_IT_POSTGRES` overrides it.
@@ -87,9 +87,15 @@ pub(crate) fn record(id: &str, seq: u64, phase: Phase) -> RequestRecord {
         pause_deadline: (phase == Phase::Pausing).then_some(BASE + seq + 20),
         paused_at: (phase == Phase::Paused).then_some(BASE + seq + 30),
         waited_ms: granted.then_some(10),
-        end: ended.then_some(End::TimedOut),
+        // Every other ended record was rejected, with its code.
+        end: ended.then_some(if seq.is_multiple_of(2) {
+            End::Rejected
+        } else {
+            End::TimedOut
+        }),
         ended_at: ended.then_some(BASE + seq + 40),
         detail: ended.then(|| "waited 60 s for \"GPU-1\"; l'attente a expiré".to_owned()),
+        code: (ended && seq.is_multiple_of(2)).then_some(RejectCode::Unplaceable),
     }
 }
 
@@ -120,6 +126,7 @@ pub(crate) fn bare(id: &str, seq: u64) -> RequestRecord {
         end: None,
         ended_at: None,
         detail: None,
+        code: None,
     }
 }
 

@@ -124,6 +124,111 @@ pub enum Outcome {
     Revoked,
 }
 
+/// Extension: why an input was rejected, as a stable code beside the sentence (`error`). Clients decide
+/// on the code; the sentence is for a person and may change. A code this version does not know reads
+/// as `other` (a newer coordinator may add codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectCode {
+    /// The input is not valid (a field missing or of the wrong type, JSON that does not parse).
+    InvalidInput,
+    /// The service has no `[services.<id>]` section and unknown services are refused.
+    UnknownService,
+    /// The request id is another service's.
+    RequestIdTaken,
+    /// The priority is more urgent than the service's `max_priority`.
+    PriorityNotAllowed,
+    /// The GPU named in `gpu` is not managed here (or no GPU is).
+    UnknownGpu,
+    /// The service has `queue.max_per_service` live requests already.
+    TooManyRequests,
+    /// More VRAM than any GPU the request may use has.
+    TooLarge,
+    /// More VRAM than the service may hold at once (`max_vram_mb`): it could never be granted.
+    OverServiceLimit,
+    /// A queued or paused request that can no longer be placed (its GPU left, or shrank).
+    Unplaceable,
+    /// No live request of this service has that id.
+    UnknownRequest,
+    /// The request has already ended (the reply's `error` says how).
+    AlreadyEnded,
+    /// The fence is not the request's current one (the reply's `fence` names the current one).
+    StaleFence,
+    /// A renewal of a request that holds no lease (queued or paused).
+    NotHolding,
+    /// A renewal after the pause's ACK deadline passed: the lease runs out and is revoked.
+    PauseDeadlinePassed,
+    /// An ACK that does not match the request's phase, or a late copy of an earlier one.
+    UnexpectedAck,
+    /// A cancel of a request that holds the GPU (release it instead).
+    HoldsGpu,
+    /// A code this version does not know.
+    #[serde(other)]
+    Other,
+}
+
+impl RejectCode {
+    /// The code as it is written on the wire, e.g. `stale_fence`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectCode::InvalidInput => "invalid_input",
+            RejectCode::UnknownService => "unknown_service",
+            RejectCode::RequestIdTaken => "request_id_taken",
+            RejectCode::PriorityNotAllowed => "priority_not_allowed",
+            RejectCode::UnknownGpu => "unknown_gpu",
+            RejectCode::TooManyRequests => "too_many_requests",
+            RejectCode::TooLarge => "too_large",
+            RejectCode::OverServiceLimit => "over_service_limit",
+            RejectCode::Unplaceable => "unplaceable",
+            RejectCode::UnknownRequest => "unknown_request",
+            RejectCode::AlreadyEnded => "already_ended",
+            RejectCode::StaleFence => "stale_fence",
+            RejectCode::NotHolding => "not_holding",
+            RejectCode::PauseDeadlinePassed => "pause_deadline_passed",
+            RejectCode::UnexpectedAck => "unexpected_ack",
+            RejectCode::HoldsGpu => "holds_gpu",
+            RejectCode::Other => "other",
+        }
+    }
+
+    /// Every code but `other`, for the contract's list and the schemas.
+    pub const ALL: [RejectCode; 16] = [
+        RejectCode::InvalidInput,
+        RejectCode::UnknownService,
+        RejectCode::RequestIdTaken,
+        RejectCode::PriorityNotAllowed,
+        RejectCode::UnknownGpu,
+        RejectCode::TooManyRequests,
+        RejectCode::TooLarge,
+        RejectCode::OverServiceLimit,
+        RejectCode::Unplaceable,
+        RejectCode::UnknownRequest,
+        RejectCode::AlreadyEnded,
+        RejectCode::StaleFence,
+        RejectCode::NotHolding,
+        RejectCode::PauseDeadlinePassed,
+        RejectCode::UnexpectedAck,
+        RejectCode::HoldsGpu,
+    ];
+
+    /// The code written as `as_str`, if it is one.
+    pub fn parse(text: &str) -> Option<RejectCode> {
+        RejectCode::ALL.into_iter().find(|c| c.as_str() == text)
+    }
+
+    /// Whether a rejection with this code means the lease it was about is gone: the request ended,
+    /// holds nothing, or missed its pause deadline.
+    pub fn lease_gone(self) -> bool {
+        matches!(
+            self,
+            RejectCode::AlreadyEnded
+                | RejectCode::NotHolding
+                | RejectCode::PauseDeadlinePassed
+                | RejectCode::UnknownRequest
+        )
+    }
+}
+
 /// `<prefix>.reply.<svc>`: the answer to a request or to an input about it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Reply {
@@ -145,6 +250,9 @@ pub struct Reply {
     /// A sentence a person can act on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Extension, on `rejected`: why, as a stable code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<RejectCode>,
 }
 
 impl Reply {
@@ -160,6 +268,7 @@ impl Reply {
             vram_mb: None,
             waited_ms: None,
             error: None,
+            code: None,
         }
     }
 }
@@ -256,6 +365,9 @@ pub struct Event {
     /// guarantee, and priority alone would not have paused it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reclaim_for: Option<String>,
+    /// Extension, on `rejected`: why, as a stable code (see [`RejectCode`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<RejectCode>,
 }
 
 /// Where the VRAM figures of the status document come from.

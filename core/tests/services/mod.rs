@@ -3,7 +3,7 @@
 //! services that are not preemptible, a per-service grace, and unknown services.
 
 use gpu_coordinator_core::{Phase, SchedConfig, ServicePolicies, ServicePolicy, Snapshot};
-use gpu_coordinator_wire::{ControlAction, EventKind, Outcome};
+use gpu_coordinator_wire::{ControlAction, EventKind, Outcome, RejectCode};
 
 use crate::harness::{gpus, req, Sim, T0};
 
@@ -57,6 +57,7 @@ fn a_priority_more_urgent_than_max_priority_is_rejected_naming_the_limit() {
         let a = s.request("batch", req(id, priority).vram(100));
         let reply = a.reply(id);
         assert_eq!(reply.outcome, Outcome::Rejected);
+        assert_eq!(reply.code, Some(RejectCode::PriorityNotAllowed));
         let error = reply.error.as_deref().unwrap_or_default();
         assert!(
             error.contains("`services.batch.max_priority` is 2"),
@@ -147,6 +148,7 @@ fn unknown_services_are_refused_when_not_allowed() {
     let a = s.request("intruder", req("i0", 0).vram(100));
     let reply = a.reply("i0");
     assert_eq!(reply.outcome, Outcome::Rejected);
+    assert_eq!(reply.code, Some(RejectCode::UnknownService));
     let error = reply.error.as_deref().unwrap_or_default();
     assert!(
         error.contains("no [services.intruder] section")
@@ -240,6 +242,7 @@ fn max_vram_mb_caps_what_a_services_live_leases_hold() {
 fn a_request_that_could_never_fit_under_the_cap_is_rejected() {
     let mut s = sim_of(&[("batch", capped(500))], &[("g0", 1_000), ("g1", 800)]);
     let a = s.request("batch", req("big", 2).vram(600));
+    assert_eq!(a.reply("big").code, Some(RejectCode::OverServiceLimit));
     let error = a.reply("big").error.clone().unwrap_or_default();
     assert!(
         error.contains("600 MB is more than service `batch` may hold at once")
@@ -340,6 +343,7 @@ fn restore_ends_a_request_that_a_lower_cap_can_never_take() {
     // could never be granted under the new cap, and ends now.
     assert_eq!(s.phase("hold"), Phase::Active);
     assert_eq!(s.phase("wait"), Phase::Ended);
+    assert_eq!(a.reply("wait").code, Some(RejectCode::OverServiceLimit));
     let error = a.reply("wait").error.clone().unwrap_or_default();
     assert!(
         error.contains("`services.batch.max_vram_mb` is 500 MB"),

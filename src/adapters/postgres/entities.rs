@@ -46,6 +46,9 @@ pub mod request {
         /// The request's `pause_ms` hint. (Absent from the write-behind journal's older entries.)
         #[serde(default)]
         pub pause_ms: Option<i64>,
+        /// A rejected request's `RejectCode`, by `as_str`. (Absent from older journal entries.)
+        #[serde(default)]
+        pub reject_code: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -73,7 +76,7 @@ pub mod fence {
 }
 
 use gpu_coordinator_core::{End, Fence, Phase, RequestRecord};
-use gpu_coordinator_wire::Encoding;
+use gpu_coordinator_wire::{Encoding, RejectCode};
 use sea_orm::sea_query::{Alias, Expr, OnConflict, Query};
 use sea_orm::{
     ConnectionTrait, DbBackend, DbErr, EntityTrait as _, IntoActiveModel as _, Iterable as _,
@@ -315,6 +318,7 @@ pub fn to_row(r: &RequestRecord) -> Result<request::Model, RowError> {
         detail: r.detail.clone(),
         version: None,
         pause_ms: opt("pause_ms", r.pause_ms)?,
+        reject_code: r.code.map(|c| c.as_str().to_owned()),
     })
 }
 
@@ -379,6 +383,11 @@ pub fn to_record(row: request::Model) -> Result<RequestRecord, RowError> {
         end,
         ended_at,
         detail: row.detail,
+        // A code this version does not know (written by a newer one) reads as `other`.
+        code: row
+            .reject_code
+            .as_deref()
+            .map(|c| RejectCode::parse(c).unwrap_or(RejectCode::Other)),
         request_id: row.request_id.into(),
     })
 }

@@ -169,7 +169,7 @@ pub enum PgError {
 }
 
 /// The columns of `requests`, in the order of [`RequestColumns`], with each one's type for `unnest`.
-const REQUEST_COLUMNS: [(&str, &str); 24] = [
+const REQUEST_COLUMNS: [(&str, &str); 25] = [
     ("request_id", "text"),
     ("service_id", "text"),
     ("priority", "smallint"),
@@ -194,6 +194,7 @@ const REQUEST_COLUMNS: [(&str, &str); 24] = [
     ("ended_at", "bigint"),
     ("detail", "text"),
     ("pause_ms", "bigint"),
+    ("reject_code", "text"),
 ];
 
 /// `request_id, service_id, ...`: the columns of [`REQUEST_COLUMNS`], in order.
@@ -308,6 +309,7 @@ fn request_row(row: &sqlx::postgres::PgRow) -> Result<request::Model, sqlx::Erro
         ended_at: row.try_get(21)?,
         detail: row.try_get(22)?,
         pause_ms: row.try_get(23)?,
+        reject_code: row.try_get(24)?,
         version: None,
     })
 }
@@ -339,6 +341,7 @@ struct RequestColumns<'a> {
     ended_at: Vec<Option<i64>>,
     detail: Vec<Option<&'a str>>,
     pause_ms: Vec<Option<i64>>,
+    reject_code: Vec<Option<&'a str>>,
     version: Vec<Option<i64>>,
 }
 
@@ -371,6 +374,7 @@ impl<'a> RequestColumns<'a> {
             c.ended_at.push(r.ended_at);
             c.detail.push(r.detail.as_deref());
             c.pause_ms.push(r.pause_ms);
+            c.reject_code.push(r.reject_code.as_deref());
             c.version.push(r.version);
         }
         c
@@ -403,6 +407,7 @@ impl<'a> RequestColumns<'a> {
             .bind(self.ended_at)
             .bind(self.detail)
             .bind(self.pause_ms)
+            .bind(self.reject_code)
             .bind(self.version)
     }
 }

@@ -104,7 +104,23 @@ fn outputs_round_trip() {
         vram_mb: Some(8_000),
         waited_ms: Some(5),
         error: Some("field `priority` is missing".into()),
+        code: None,
     });
+    // Every rejection code, and one from a newer coordinator, read as `other`.
+    for code in RejectCode::ALL {
+        let mut reply = Reply::new("r", Outcome::Rejected);
+        reply.error = Some("why".into());
+        reply.code = Some(code);
+        round_trip(reply);
+        assert_eq!(RejectCode::parse(code.as_str()), Some(code));
+        let written = serde_json::to_string(&code).expect("encodes");
+        assert_eq!(written, format!("\"{}\"", code.as_str()));
+    }
+    let newer: Reply = serde_json::from_str(
+        r#"{"request_id":"r","outcome":"rejected","error":"why","code":"a_later_code"}"#,
+    )
+    .expect("an unknown code decodes");
+    assert_eq!(newer.code, Some(RejectCode::Other));
     for action in [
         ControlAction::Pause,
         ControlAction::Resume,
@@ -157,6 +173,7 @@ fn outputs_round_trip() {
             fence: Some(1),
             detail: Some("why".into()),
             reclaim_for: None,
+            code: (kind == EventKind::Rejected).then_some(RejectCode::StaleFence),
         });
     }
     // A reclaim says for whose guarantee.
@@ -170,6 +187,7 @@ fn outputs_round_trip() {
         fence: Some(3),
         detail: Some("request `c` of `chat` ... takes back VRAM".into()),
         reclaim_for: Some("chat".into()),
+        code: None,
     });
     round_trip(Event {
         at: "2026-11-26T14:39:09.123Z".into(),
@@ -181,6 +199,7 @@ fn outputs_round_trip() {
         fence: None,
         detail: None,
         reclaim_for: None,
+        code: None,
     });
 }
 
