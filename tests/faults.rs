@@ -1300,7 +1300,7 @@ async fn service(spec: ServiceSpec, shared: Arc<Shared>) {
                 }
             }
             Err(ClientError::TimedOut) => shared.count("timed out"),
-            Err(ClientError::Rejected(_)) => shared.count("rejected"),
+            Err(ClientError::Rejected { .. }) => shared.count("rejected"),
             Err(_) => {
                 shared.count("client error");
                 tokio::time::sleep(Duration::from_millis(100)).await;

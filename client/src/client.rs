@@ -384,7 +384,7 @@ impl Client {
     ///         let _ = lease.release().await;
     ///     }
     ///     Err(ClientError::TimedOut) => eprintln!("no GPU within 5 s"),
-    ///     Err(ClientError::Rejected(why)) => eprintln!("refused: {why}"),
+    ///     Err(ClientError::Rejected { error, .. }) => eprintln!("refused: {error}"),
     ///     Err(e) => eprintln!("{e}"),
     /// }
     /// # }
@@ -456,7 +456,7 @@ impl Client {
                         // there is nothing to withdraw.
                         if matches!(
                             error,
-                            ClientError::InvalidRequest(_) | ClientError::Rejected(_)
+                            ClientError::InvalidRequest(_) | ClientError::Rejected { .. }
                         ) {
                             abandon.armed = false;
                         }
@@ -519,11 +519,12 @@ impl Client {
                     ));
                 }
                 Outcome::TimedOut => ClientError::TimedOut,
-                Outcome::Rejected => ClientError::Rejected(
-                    reply
+                Outcome::Rejected => ClientError::Rejected {
+                    code: reply.code,
+                    error: reply
                         .error
                         .unwrap_or_else(|| "the coordinator gave no reason".to_owned()),
-                ),
+                },
                 Outcome::Cancelled => ClientError::Cancelled,
                 Outcome::Released | Outcome::Revoked => ClientError::Ended(reply.outcome),
                 Outcome::Queued | Outcome::Paused | Outcome::Renewed => continue,

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use gpu_coordinator_wire::Outcome;
+use gpu_coordinator_wire::{Outcome, RejectCode};
 
 /// What can go wrong when talking to the coordinator.
 #[derive(Debug, thiserror::Error)]
@@ -38,10 +38,14 @@ pub enum ClientError {
     /// No GPU was granted within `timeout_ms`.
     #[error("the request timed out before a GPU was granted")]
     TimedOut,
-    /// The coordinator refused the input; the text is its sentence saying what to fix (over HTTP
-    /// also a 401 or 403 for the bearer token, with the status code).
-    #[error("the coordinator rejected the input: {0}")]
-    Rejected(String),
+    /// The coordinator refused the input: `error` is its sentence saying what to fix, `code` the
+    /// reason to decide on (see [`RejectCode`]; `None` for a refusal of the HTTP API itself, a 401
+    /// or 403 for the bearer token, whose status code `error` gives).
+    #[error("the coordinator rejected the input: {error}")]
+    Rejected {
+        code: Option<RejectCode>,
+        error: String,
+    },
     /// The request was withdrawn before it was granted.
     #[error("the request was cancelled")]
     Cancelled,

@@ -333,10 +333,13 @@ fn classify(kind: InputKind, status: StatusCode, body: &[u8]) -> Result<Answered
     if let Some(doc) = doc.as_ref().filter(|d| d.get("outcome").is_some()) {
         return match serde_json::from_value::<Reply>(doc.clone()) {
             Ok(reply) => Ok(Answered::Reply(reply)),
-            Err(e) => Err(Failure::Fatal(ClientError::Rejected(format!(
-                "the coordinator's answer (HTTP {}) is not a reply: {e}",
-                status.as_u16()
-            )))),
+            Err(e) => Err(Failure::Fatal(ClientError::Rejected {
+                code: None,
+                error: format!(
+                    "the coordinator's answer (HTTP {}) is not a reply: {e}",
+                    status.as_u16()
+                ),
+            })),
         };
     }
     if status == StatusCode::ACCEPTED && kind == InputKind::Request {
@@ -349,7 +352,7 @@ fn classify(kind: InputKind, status: StatusCode, body: &[u8]) -> Result<Answered
     Err(Failure::Fatal(if status == StatusCode::BAD_REQUEST {
         ClientError::InvalidRequest(error)
     } else {
-        ClientError::Rejected(error)
+        ClientError::Rejected { code: None, error }
     }))
 }
 
@@ -417,7 +420,7 @@ async fn open_control(
     if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
         Err(Failure::Retry(error))
     } else {
-        Err(Failure::Fatal(ClientError::Rejected(error)))
+        Err(Failure::Fatal(ClientError::Rejected { code: None, error }))
     }
 }
 
@@ -576,7 +579,7 @@ mod tests {
             401,
             r#"{"error":"the bearer token is not valid"}"#,
         ) {
-            Err(Failure::Fatal(ClientError::Rejected(e))) => {
+            Err(Failure::Fatal(ClientError::Rejected { error: e, .. })) => {
                 assert!(e.contains("the bearer token is not valid"), "{e}")
             }
             _ => panic!("401 is a rejection"),

@@ -311,7 +311,7 @@ async fn rejections_and_timeouts_are_errors() {
     fake.reply(rejected).await;
     let error = within("the rejection", request).await.unwrap().unwrap_err();
     assert!(
-        matches!(&error, ClientError::Rejected(e) if e.contains("gpu9")),
+        matches!(&error, ClientError::Rejected { error, .. } if error.contains("gpu9")),
         "{error}"
     );
 

@@ -447,7 +447,8 @@ async fn timeouts_and_rejections_are_errors() {
 
     let rejected = client.request(RequestOptions::new(2).gpu("nope")).await;
     match rejected {
-        Err(ClientError::Rejected(error)) => {
+        Err(ClientError::Rejected { code, error }) => {
+            assert_eq!(code, Some(gpu_coordinator_wire::RejectCode::UnknownGpu));
             assert!(error.contains("`nope`"), "{error}");
             assert!(error.contains("gpu"), "{error}");
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use gpu_coordinator_client::{Client, ClientError, LeaseEvent, LeasePhase, RequestOptions};
 use gpu_coordinator_test_support::{free_port, Proxy};
-use gpu_coordinator_wire::HolderState;
+use gpu_coordinator_wire::{HolderState, RejectCode};
 
 use crate::client::{is_renewed, joined, next_event, recording_worker, request_id, HandlerLog};
 use crate::support::{embedded_config, eventually, test_config, Coordinator, Probe};
@@ -415,7 +415,8 @@ async fn bad_requests_and_bad_tokens_over_http_are_clear_errors() {
         .request(RequestOptions::new(1).gpu("nope").timeout_ms(10_000))
         .await;
     assert!(
-        matches!(&nope, Err(ClientError::Rejected(e)) if e.contains("`nope`")),
+        matches!(&nope, Err(ClientError::Rejected { code: Some(RejectCode::UnknownGpu), error })
+            if error.contains("`nope`")),
         "{nope:?}"
     );
 

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gpu_coordinator_wire::{
-    AckAction, AckMsg, Control, ControlAction, Outcome, ReleaseMsg, RenewMsg, Reply,
+    AckAction, AckMsg, Control, ControlAction, Outcome, RejectCode, ReleaseMsg, RenewMsg, Reply,
 };
 
 use crate::lease::{LeaseEvent, LeasePhase};
@@ -356,12 +356,24 @@ impl Machine {
                 // the release's while one is pending, else an ACK's.
                 if self.renew_in_flight {
                     self.renew_in_flight = false;
+                    // The coordinator says the lease is gone (the request ended, holds nothing, or
+                    // missed its pause deadline): stop now rather than at the local expiry.
+                    if reply.code.is_some_and(RejectCode::lease_gone) {
+                        self.event(LeaseEvent::Rejected {
+                            error: error.clone(),
+                        });
+                        self.revoke(format!("renewing the lease was rejected: {error}"));
+                        return;
+                    }
                     tracing::warn!(
                         request_id = self.request_id,
                         "renewing the lease was rejected: {error}"
                     );
                 } else if self.releasing() {
-                    self.finish_release(Err(ClientError::Rejected(error.clone())));
+                    self.finish_release(Err(ClientError::Rejected {
+                        code: reply.code,
+                        error: error.clone(),
+                    }));
                 } else {
                     tracing::warn!(
                         request_id = self.request_id,
@@ -1157,6 +1169,42 @@ mod tests {
     }
 
     #[test]
+    fn a_renewal_rejected_for_a_lease_that_is_gone_ends_the_lease_now() {
+        let t0 = Instant::now();
+        for (code, gone) in [
+            (Some(RejectCode::AlreadyEnded), true),
+            (Some(RejectCode::NotHolding), true),
+            (Some(RejectCode::PauseDeadlinePassed), true),
+            (Some(RejectCode::UnknownRequest), true),
+            // Any other reason, or none (an older coordinator): the lease runs to its local
+            // expiry, as before.
+            (Some(RejectCode::InvalidInput), false),
+            (Some(RejectCode::Other), false),
+            (None, false),
+        ] {
+            let mut m = worker(7, 30_000, t0);
+            m.handle_timeout(t0 + Duration::from_secs(10));
+            drain(&mut m);
+            let mut rejected = reply(Outcome::Rejected);
+            rejected.error = Some("request `r` has already ended (released)".into());
+            rejected.code = code;
+            m.handle_reply(rejected, t0, SystemTime::now());
+            let phase = m.snapshot().phase;
+            if gone {
+                assert_eq!(phase, LeasePhase::Revoked, "{code:?}");
+                assert!(
+                    drain(&mut m)
+                        .iter()
+                        .any(|a| matches!(a, Action::Event(LeaseEvent::Revoked { .. }))),
+                    "{code:?}: the lease says it is lost"
+                );
+            } else {
+                assert_eq!(phase, LeasePhase::Active, "{code:?}");
+            }
+        }
+    }
+
+    #[test]
     fn a_rejection_during_release_belongs_to_an_unanswered_renew_first() {
         let t0 = Instant::now();
         let mut m = worker(7, 30_000, t0);
@@ -1171,11 +1219,13 @@ mod tests {
         ));
         let mut rejected = reply(Outcome::Rejected);
         rejected.error = Some("stale fence".into());
+        rejected.code = Some(RejectCode::StaleFence);
         m.handle_reply(rejected, t0, SystemTime::now());
         let actions = drain(&mut m);
         assert!(matches!(
             actions.first(),
-            Some(Action::ReleaseDone(Err(ClientError::Rejected(e)))) if e == "stale fence"
+            Some(Action::ReleaseDone(Err(ClientError::Rejected { code: Some(RejectCode::StaleFence), error })))
+                if error == "stale fence"
         ));
     }
 
