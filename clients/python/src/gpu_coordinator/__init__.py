@@ -11,15 +11,25 @@ await client.close()
 """
 
 from ._client import Client, Lease, PauseOrder, ResumeOrder
-from .errors import CoordinatorError, GrantTimeout, LeaseLost, Rejected, Unavailable
+from .errors import (
+    LEASE_GONE,
+    CoordinatorError,
+    GrantTimeout,
+    LeaseLost,
+    Rejected,
+    RejectCode,
+    Unavailable,
+)
 
 __all__ = [
     "Client",
     "CoordinatorError",
     "GrantTimeout",
+    "LEASE_GONE",
     "Lease",
     "LeaseLost",
     "PauseOrder",
+    "RejectCode",
     "Rejected",
     "ResumeOrder",
     "Unavailable",

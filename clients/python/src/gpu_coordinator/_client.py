@@ -11,7 +11,15 @@ from types import TracebackType
 from typing import Any, Awaitable, Callable, List, Optional, Type
 
 from ._transport import Answer, Doc, Transport
-from .errors import CoordinatorError, GrantTimeout, LeaseLost, Rejected, Unavailable
+from .errors import (
+    LEASE_GONE,
+    CoordinatorError,
+    GrantTimeout,
+    LeaseLost,
+    Rejected,
+    Unavailable,
+    reject_code,
+)
 
 log = logging.getLogger("gpu_coordinator")
 
@@ -174,7 +182,7 @@ class Lease:
             self._lose(str(doc.get("error") or "revoked"))
         elif outcome == "rejected":
             error = str(doc.get("error", ""))
-            if "already ended" in error or "not holding" in error:
+            if reject_code(doc.get("code")) in LEASE_GONE:
                 self._lose(error)
             self._renewed.set()
 
@@ -426,7 +434,9 @@ class Client:
                 if outcome == "timed_out":
                     error = GrantTimeout(str(doc.get("error") or f"no GPU within {timeout_ms} ms"))
                 elif outcome == "rejected":
-                    error = Rejected(str(doc.get("error") or "rejected"))
+                    error = Rejected(
+                        str(doc.get("error") or "rejected"), reject_code(doc.get("code"))
+                    )
                 elif outcome in ("released", "cancelled", "revoked"):
                     error = CoordinatorError(f"request {request_id} has already ended ({outcome})")
                 if error is not None:

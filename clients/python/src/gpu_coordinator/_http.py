@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 import httpx
 
 from ._transport import Doc, Routes, Transport
-from .errors import Rejected, Unavailable
+from .errors import Rejected, Unavailable, reject_code
 
 log = logging.getLogger("gpu_coordinator")
 
@@ -110,7 +110,10 @@ class HttpTransport(Transport):
             if kind == "request" and response.status_code == 202:
                 continue  # past the longest a call waits: POST it again to wait on
             if response.status_code >= 400:
-                raise Rejected(str(doc.get("error", f"HTTP {response.status_code}")))
+                raise Rejected(
+                    str(doc.get("error", f"HTTP {response.status_code}")),
+                    reject_code(doc.get("code")),
+                )
             return None
 
     async def status(self) -> Doc:
