@@ -94,6 +94,7 @@ pub use connect::{
 };
 pub use error::ClientError;
 pub use gpu_coordinator_wire::codec::Encoding;
+pub use gpu_coordinator_wire::RejectCode;
 pub use lease::{Lease, LeaseEvent, LeaseEvents, LeasePhase, LeaseWatch};
 pub use options::{generate_request_id, RequestOptions};
 pub use router::{reader_config, Incoming, Route};
