@@ -25,7 +25,7 @@ pinned host memory, drops the rest as vLLM drops its KV cache, and empties PyTor
 /wake_up allocates again (500 if CUDA runs out of memory); POST /v1/completions runs a 512x512 fp16
 matmul per token, OpenAI-style, and with "stream": true answers SSE `data: {...}` then `data: [DONE]`.
 With --model (and vLLM installed) the story runs `VLLM_SERVER_DEV_MODE=1 vllm serve MODEL --host
-127.0.0.1 --port P --enable-sleep-mode --gpu-memory-utilization F` instead, as the README says.
+127.0.0.1 --port P --enable-sleep-mode --gpu-memory-utilization F` instead, as docs/engines.md says.
 
 Needs one NVIDIA GPU, Python 3.9+, PyTorch with CUDA, `pip install nvidia-ml-py`, and the binary:
     cargo build --release && python3 scripts/gpu_engines.py [--binary target/release/gpu-coordinator]

@@ -171,8 +171,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Engines => {
             anyhow::ensure!(
                 !config.engines.is_empty(),
-                "no [[engines]] in the configuration: nothing to run (see the README's section on \
-                 inference engines)"
+                "no [[engines]] in the configuration: nothing to run (see docs/engines.md, and \
+                 examples/box.toml)"
             );
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));

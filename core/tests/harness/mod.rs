@@ -1156,8 +1156,8 @@ impl Sim {
             .sum()
     }
 
-    /// Whether the queued `rec` waits on GPU `g` for its service's cap (the rule written in the
-    /// README): its service's first waiting request in grant order does not fit under it on any GPU
+    /// Whether the queued `rec` waits on GPU `g` for its service's cap (the rule written in
+    /// docs/scheduling.md, "A service's cap"): its service's first waiting request in grant order does not fit under it on any GPU
     /// it may use, or `rec` does not fit under it there with what its service holds and the room that
     /// first request keeps.
     pub fn held_back_by_cap(&self, rec: &RequestRecord, g: usize, status: &StatusView) -> bool {
@@ -1459,7 +1459,7 @@ impl Sim {
     }
 
     /// Whether `rec` fits `gpu` only by pausing active holders it may preempt.
-    /// The rules of who may be paused, written again from the README: by priority, a less urgent
+    /// The rules of who may be paused, written again from docs/scheduling.md: by priority, a less urgent
     /// holder, but a request that borrows only one of a service that borrows too; by reclaim, for the
     /// first waiting request of a service within its guarantee, a holder of another service that
     /// borrows (and has not been reclaimed from by it within its grace); never one that is not

@@ -1,4 +1,4 @@
-//! The rules of `[services.<id>]` (README, "Scheduling rules"), one test per rule, through the
+//! The rules of `[services.<id>]` (docs/scheduling.md, "Per-service limits"), one test per rule, through the
 //! simulated driver: priority caps and clamping, defaults, the VRAM cap over a service's live leases,
 //! services that are not preemptible, a per-service grace, and unknown services.
 
