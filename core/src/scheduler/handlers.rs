@@ -36,30 +36,57 @@ impl Scheduler {
         };
         let named = self.config.services.named.contains_key(service.as_str());
         let key = |name: &str| policy_key(named, &service, name);
-        let mut priority = msg.priority;
-        let mut requested_detail = None;
-        let mut priority_error = None;
-        if let Some(max) = policy.max_priority.filter(|&max| msg.priority < max) {
-            if policy.clamp_priority {
-                priority = max;
-                requested_detail = Some(format!(
+        let (priority, requested_detail, priority_refusal) = match policy.max_priority {
+            Some(max) if msg.priority < max && policy.clamp_priority => {
+                let detail = format!(
                     "priority {} taken as {max}, the most urgent that `{}` allows (`{}` is true)",
                     msg.priority,
                     key("max_priority"),
                     key("clamp_priority")
-                ));
-            } else {
-                priority_error = Some((
-                    RejectCode::PriorityNotAllowed,
-                    format!(
+                );
+                (max, Some(detail), None)
+            }
+            Some(max) if msg.priority < max => {
+                let error = format!(
                     "field `priority`: {} is more urgent than service `{service}` may ask for: \
                      `{}` is {max} (0 is the most urgent; give {max} or a greater number)",
-                        msg.priority,
-                        key("max_priority")
-                    ),
-                ));
+                    msg.priority,
+                    key("max_priority")
+                );
+                (
+                    msg.priority,
+                    None,
+                    Some((RejectCode::PriorityNotAllowed, error)),
+                )
+            }
+            _ => (msg.priority, None, None),
+        };
+        let refusal = priority_refusal.or_else(|| self.refusal(&service, &policy, named, &msg));
+        let rec = self.new_record(&service, encoding, &policy, priority, msg, now);
+        let seq = rec.arrival;
+        self.event(&rec, EventKind::Requested, now, requested_detail);
+        match refusal {
+            Some(rejection) => self.reject_new(rec, rejection, now),
+            None => {
+                self.insert_live(rec);
+                self.mark_dirty(&request_id);
+                // Granted, or said `queued`, once the whole batch is handled.
+                self.arrived.push(seq);
             }
         }
+    }
+
+    /// Why a new request of `service` can never be granted, if it cannot: it names no GPU managed
+    /// here, its service has too many live requests, or it needs more than any GPU it may use has or
+    /// than its service may hold at once.
+    fn refusal(
+        &self,
+        service: &str,
+        policy: &ServicePolicy,
+        named: bool,
+        msg: &RequestMsg,
+    ) -> Option<(RejectCode, String)> {
+        let key = |name: &str| policy_key(named, service, name);
         let vram_mb = msg.vram_mb.or(policy.default_vram_mb);
         let candidates: Vec<&Gpu> = match &msg.gpu {
             Some(pin) => self
@@ -70,77 +97,74 @@ impl Scheduler {
                 .collect(),
             None => self.gpus.iter().collect(),
         };
-        let known: Vec<&str> = self.gpus.iter().map(|g| g.spec.id.as_str()).collect();
-        let error = if priority_error.is_some() {
-            priority_error
-        } else if candidates.is_empty() {
-            Some((
-                RejectCode::UnknownGpu,
-                match &msg.gpu {
-                    Some(pin) => format!(
-                        "field `gpu`: no GPU `{pin}` is managed here; the GPUs are: {}",
-                        known.join(", ")
-                    ),
-                    None => "no GPU is managed by this coordinator".to_string(),
-                },
-            ))
-        } else if let Some(live) = self
-            .services
-            .get(service.as_str())
-            .map(|svc| svc.live.len())
-            .filter(|&n| n >= self.config.max_per_service)
-        {
-            Some((
-                RejectCode::TooManyRequests,
-                format!(
-                    "service `{service}` already has {live} live requests, the most that \
-                     `queue.max_per_service` allows ({}): release or cancel some first",
-                    self.config.max_per_service
+        if candidates.is_empty() {
+            let known: Vec<&str> = self.gpus.iter().map(|g| g.spec.id.as_str()).collect();
+            let error = match &msg.gpu {
+                Some(pin) => format!(
+                    "field `gpu`: no GPU `{pin}` is managed here; the GPUs are: {}",
+                    known.join(", ")
                 ),
-            ))
-        } else if let Some((vram, largest)) = vram_mb
-            .map(|vram| {
-                let largest = candidates.iter().map(|g| g.spec.total_mb).max();
-                (vram, largest.unwrap_or(0))
-            })
-            .filter(|&(vram, largest)| vram > largest)
-        {
+                None => "no GPU is managed by this coordinator".to_string(),
+            };
+            return Some((RejectCode::UnknownGpu, error));
+        }
+        let live = self.services.get(service).map(|svc| svc.live.len());
+        if let Some(live) = live.filter(|&n| n >= self.config.max_per_service) {
+            let error = format!(
+                "service `{service}` already has {live} live requests, the most that \
+                 `queue.max_per_service` allows ({}): release or cancel some first",
+                self.config.max_per_service
+            );
+            return Some((RejectCode::TooManyRequests, error));
+        }
+        let largest = candidates
+            .iter()
+            .map(|g| g.spec.total_mb)
+            .max()
+            .unwrap_or(0);
+        if let Some(vram) = vram_mb.filter(|&vram| vram > largest) {
             let given = if msg.vram_mb.is_some() {
                 "field `vram_mb`".to_owned()
             } else {
                 format!("`{}`", key("default_vram_mb"))
             };
-            Some((
-                RejectCode::TooLarge,
-                format!("{given}: {vram} MB is more than any GPU it may use has ({largest} MB)"),
-            ))
-        } else if let Some(cap) = policy.max_vram_mb.filter(|&cap| {
+            let error =
+                format!("{given}: {vram} MB is more than any GPU it may use has ({largest} MB)");
+            return Some((RejectCode::TooLarge, error));
+        }
+        let smallest = candidates
+            .iter()
+            .map(|g| g.spec.total_mb)
+            .min()
+            .unwrap_or(0);
+        let cap = policy.max_vram_mb.filter(|&cap| {
             candidates
                 .iter()
                 .all(|g| vram_mb.unwrap_or(g.spec.total_mb) > cap)
-        }) {
-            let asked = match vram_mb {
-                Some(vram) => format!("{vram} MB"),
-                None => format!(
-                    "a whole GPU (the smallest it may use has {} MB)",
-                    candidates
-                        .iter()
-                        .map(|g| g.spec.total_mb)
-                        .min()
-                        .unwrap_or(0)
-                ),
-            };
-            Some((
-                RejectCode::OverServiceLimit,
-                format!(
-                    "{asked} is more than service `{service}` may hold at once: `{}` is {cap} MB, \
-                     so the request could never be granted",
-                    key("max_vram_mb")
-                ),
-            ))
-        } else {
-            None
+        })?;
+        let asked = match vram_mb {
+            Some(vram) => format!("{vram} MB"),
+            None => format!("a whole GPU (the smallest it may use has {smallest} MB)"),
         };
+        let error = format!(
+            "{asked} is more than service `{service}` may hold at once: `{}` is {cap} MB, so the \
+             request could never be granted",
+            key("max_vram_mb")
+        );
+        Some((RejectCode::OverServiceLimit, error))
+    }
+
+    /// The record of a new request, queued, with its service's defaults filled in and the next
+    /// arrival number.
+    fn new_record(
+        &mut self,
+        service: &str,
+        encoding: Encoding,
+        policy: &ServicePolicy,
+        priority: u8,
+        msg: RequestMsg,
+        now: Millis,
+    ) -> RequestRecord {
         let lease_ms = msg
             .lease_ms
             .or(policy.default_lease_ms)
@@ -150,14 +174,14 @@ impl Scheduler {
         let timeout_ms = msg.timeout_ms.unwrap_or(self.config.default_timeout_ms);
         let seq = self.next_seq;
         self.next_seq += 1;
-        let rec = RequestRecord {
-            request_id: request_id.clone().into(),
-            service_id: service.clone().into(),
+        RequestRecord {
+            request_id: msg.request_id.unwrap_or_default().into(),
+            service_id: service.into(),
             priority,
             arrival: seq,
             encoding,
-            vram_mb,
-            gpu_pin: msg.gpu.clone().map(GpuId::from),
+            vram_mb: msg.vram_mb.or(policy.default_vram_mb),
+            gpu_pin: msg.gpu.map(GpuId::from),
             // A service that is not preemptible is not, whatever its requests say.
             preemptible: msg.preemptible.unwrap_or(true) && policy.preemptible,
             pause_ms: msg.pause_ms,
@@ -178,28 +202,30 @@ impl Scheduler {
             ended_at: None,
             detail: None,
             code: None,
-        };
-        self.event(&rec, EventKind::Requested, now, requested_detail);
-        if let Some((code, error)) = error {
-            let mut rec = rec;
-            rec.phase = Phase::Ended;
-            rec.end = Some(End::Rejected);
-            rec.ended_at = Some(now);
-            rec.detail = Some(error.clone());
-            rec.code = Some(code);
-            let mut reply = ReplyOut::new(&request_id, Outcome::Rejected);
-            reply.error = Some(error.clone());
-            reply.code = Some(code);
-            self.reply(&service, encoding, reply);
-            self.event(&rec, EventKind::Rejected, now, Some(error));
-            self.mark_dirty(&request_id);
-            self.remember_ended(rec);
-            return;
         }
-        self.insert_live(rec);
-        self.mark_dirty(&request_id);
-        // Granted, or said `queued`, once the whole batch is handled.
-        self.arrived.push(seq);
+    }
+
+    /// Ends a new request at once, rejected: answered, its `rejected` event, and remembered (a
+    /// repeated id gets the same answer).
+    fn reject_new(
+        &mut self,
+        mut rec: RequestRecord,
+        (code, error): (RejectCode, String),
+        now: Millis,
+    ) {
+        rec.phase = Phase::Ended;
+        rec.end = Some(End::Rejected);
+        rec.ended_at = Some(now);
+        rec.detail = Some(error.clone());
+        rec.code = Some(code);
+        let mut reply = ReplyOut::new(&rec.request_id, Outcome::Rejected);
+        reply.error = Some(error.clone());
+        reply.code = Some(code);
+        let service = rec.service_id.clone();
+        self.reply(&service, rec.encoding, reply);
+        self.event(&rec, EventKind::Rejected, now, Some(error));
+        self.mark_dirty(&rec.request_id.clone());
+        self.remember_ended(rec);
     }
 
     pub(super) fn on_release(
