@@ -59,46 +59,7 @@ impl Scheduler {
                 self.end_if_unplaceable(seq, now);
                 continue;
             }
-            let gpu_known = self
-                .live_rec(seq)
-                .gpu
-                .as_ref()
-                .is_some_and(|g| self.gpu_index.contains_key(g));
-            if !gpu_known {
-                self.revoke(seq, now, Reason::GpuRemoved, false);
-                continue;
-            }
-            match lease {
-                Some(l) if Some(l.fence) == self.live_rec(seq).fence => {
-                    let persisted = self.live_rec(seq).expires_at.unwrap_or(0);
-                    if persisted > l.expires_at && persisted > now {
-                        // A renewal committed, and answered, but stopped before the store heard of
-                        // it: the store catches up.
-                        self.actions.push_back(Action::Lease(LeaseOp::Renew {
-                            request_id: l.request_id.clone(),
-                            gpu: l.gpu.clone(),
-                            fence: l.fence,
-                            expires_at: persisted,
-                        }));
-                    } else {
-                        // Otherwise the lease store is the source of truth for the expiry.
-                        self.update(seq, now, |rec| rec.expires_at = Some(l.expires_at));
-                    }
-                }
-                other => {
-                    if let Some(stale) = other {
-                        self.release_stale(stale);
-                    }
-                    let expires_at = self.live_rec(seq).expires_at.unwrap_or(0);
-                    if expires_at > now {
-                        let lease = self
-                            .lease_of(self.live_rec(seq))
-                            .expect("a holding record has a GPU and a fence");
-                        write_back.push(Action::Lease(LeaseOp::Restore(lease)));
-                    }
-                    // A lease that ran out while the coordinator was down expires in handle_timeout.
-                }
-            }
+            self.restore_holder(seq, lease, now, &mut write_back);
         }
         for (_, stale) in leases {
             self.release_stale(stale);
@@ -112,5 +73,57 @@ impl Scheduler {
         // Nothing is scheduled yet either: a holder whose lease ran out meanwhile is still counted
         // until the timers fire, and must not be paused (its lease extended) before.
         self.flush();
+    }
+
+    /// A restored holder against the lease store's `lease` of it: its GPU gone (revoked), the store
+    /// behind a renewal that was committed (caught up) or the source of the expiry, or its lease lost
+    /// or stale (written back, in `write_back`, unless it ran out meanwhile).
+    fn restore_holder(
+        &mut self,
+        seq: u64,
+        lease: Option<Lease>,
+        now: Millis,
+        write_back: &mut Vec<Action>,
+    ) {
+        let gpu_known = self
+            .live_rec(seq)
+            .gpu
+            .as_ref()
+            .is_some_and(|g| self.gpu_index.contains_key(g));
+        if !gpu_known {
+            self.revoke(seq, now, Reason::GpuRemoved, false);
+            return;
+        }
+        match lease {
+            Some(l) if Some(l.fence) == self.live_rec(seq).fence => {
+                let persisted = self.live_rec(seq).expires_at.unwrap_or(0);
+                if persisted > l.expires_at && persisted > now {
+                    // A renewal committed, and answered, but stopped before the store heard of
+                    // it: the store catches up.
+                    self.actions.push_back(Action::Lease(LeaseOp::Renew {
+                        request_id: l.request_id.clone(),
+                        gpu: l.gpu.clone(),
+                        fence: l.fence,
+                        expires_at: persisted,
+                    }));
+                } else {
+                    // Otherwise the lease store is the source of truth for the expiry.
+                    self.update(seq, now, |rec| rec.expires_at = Some(l.expires_at));
+                }
+            }
+            other => {
+                if let Some(stale) = other {
+                    self.release_stale(stale);
+                }
+                let expires_at = self.live_rec(seq).expires_at.unwrap_or(0);
+                if expires_at > now {
+                    let lease = self
+                        .lease_of(self.live_rec(seq))
+                        .expect("a holding record has a GPU and a fence");
+                    write_back.push(Action::Lease(LeaseOp::Restore(lease)));
+                }
+                // A lease that ran out while the coordinator was down expires in handle_timeout.
+            }
+        }
     }
 }

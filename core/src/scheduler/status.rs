@@ -14,25 +14,6 @@ impl Scheduler {
     /// document stays small however long the queue is. O(page's end + paused) in time (the counts are
     /// kept as the queue changes), O(page) in size.
     pub fn status_page(&self, now: Millis, page: QueuePage) -> StatusView {
-        let holder = |seq: &u64| {
-            let rec = self.live_rec(*seq);
-            HolderView {
-                request_id: rec.request_id.clone(),
-                service_id: rec.service_id.clone(),
-                priority: rec.priority,
-                fence: rec.fence.map(|f| f.0).unwrap_or(0),
-                vram_mb: rec.held_mb.unwrap_or(0),
-                granted_at: rec.granted_at.unwrap_or(0),
-                expires_at: rec.expires_at.unwrap_or(0),
-                state: if rec.phase == Phase::Pausing {
-                    HolderState::Pausing
-                } else {
-                    HolderState::Active
-                },
-                preemptible: rec.preemptible,
-                pause_ms: rec.pause_ms,
-            }
-        };
         let gpus = self
             .gpus
             .iter()
@@ -43,10 +24,71 @@ impl Scheduler {
                 free_mb: g.free_mb(),
                 external_mb: g.external_mb,
                 vram_source: self.vram_source,
-                holders: g.holders.iter().map(holder).collect(),
+                holders: g.holders.iter().map(|&seq| self.holder_view(seq)).collect(),
             })
             .collect();
-        // Rough wait: until the soonest lease on a usable GPU ends, plus the leases queued ahead.
+        let paused = self
+            .paused
+            .iter()
+            .map(|&(_, seq)| {
+                let rec = self.live_rec(seq);
+                PausedView {
+                    request_id: rec.request_id.clone(),
+                    service_id: rec.service_id.clone(),
+                    priority: rec.priority,
+                    gpu: rec.gpu.clone().unwrap_or_default(),
+                    vram_mb: rec.held_mb.unwrap_or(0),
+                    paused_at: rec.paused_at.unwrap_or(0),
+                }
+            })
+            .collect();
+        StatusView {
+            at: now,
+            vram_source: self.vram_source,
+            gpus,
+            paused,
+            services: self.service_views(),
+            queue: self.queue_page(now, page),
+            queue_total: self.queue.len() as u64,
+            queue_offset: page.offset,
+            queue_counts: self
+                .queue_counts
+                .iter()
+                .map(|((priority, gpu), &(queued, paused))| QueueCountView {
+                    priority: *priority,
+                    gpu: gpu.clone(),
+                    queued,
+                    paused,
+                })
+                .collect(),
+        }
+    }
+
+    /// A holder as the status shows it.
+    fn holder_view(&self, seq: u64) -> HolderView {
+        let rec = self.live_rec(seq);
+        HolderView {
+            request_id: rec.request_id.clone(),
+            service_id: rec.service_id.clone(),
+            priority: rec.priority,
+            fence: rec.fence.map(|f| f.0).unwrap_or(0),
+            vram_mb: rec.held_mb.unwrap_or(0),
+            granted_at: rec.granted_at.unwrap_or(0),
+            expires_at: rec.expires_at.unwrap_or(0),
+            state: if rec.phase == Phase::Pausing {
+                HolderState::Pausing
+            } else {
+                HolderState::Active
+            },
+            preemptible: rec.preemptible,
+            pause_ms: rec.pause_ms,
+        }
+    }
+
+    /// One page of the queue in grant order, each entry with its position and a rough wait: until
+    /// the soonest lease on a GPU it may use ends, plus the leases queued ahead of it. Walks the
+    /// entries up to the page's end only (those before it for the wait ahead).
+    fn queue_page(&self, now: Millis, page: QueuePage) -> Vec<QueueView> {
         let soonest_end = |rec: &RequestRecord| {
             self.gpus
                 .iter()
@@ -61,7 +103,6 @@ impl Scheduler {
         let page_end = page.offset.saturating_add(page.limit);
         let mut ahead_ms = 0u64;
         let mut queue = Vec::new();
-        // The entries up to the page's end only: those before it for the wait ahead.
         for (i, &(_, seq)) in self.queue.iter().enumerate() {
             let i = i as u64;
             if i >= page_end {
@@ -85,41 +126,7 @@ impl Scheduler {
             }
             ahead_ms = ahead_ms.saturating_add(rec.lease_ms);
         }
-        let paused = self
-            .paused
-            .iter()
-            .map(|&(_, seq)| {
-                let rec = self.live_rec(seq);
-                PausedView {
-                    request_id: rec.request_id.clone(),
-                    service_id: rec.service_id.clone(),
-                    priority: rec.priority,
-                    gpu: rec.gpu.clone().unwrap_or_default(),
-                    vram_mb: rec.held_mb.unwrap_or(0),
-                    paused_at: rec.paused_at.unwrap_or(0),
-                }
-            })
-            .collect();
-        StatusView {
-            at: now,
-            vram_source: self.vram_source,
-            gpus,
-            paused,
-            services: self.service_views(),
-            queue,
-            queue_total: self.queue.len() as u64,
-            queue_offset: page.offset,
-            queue_counts: self
-                .queue_counts
-                .iter()
-                .map(|((priority, gpu), &(queued, paused))| QueueCountView {
-                    priority: *priority,
-                    gpu: gpu.clone(),
-                    queued,
-                    paused,
-                })
-                .collect(),
-        }
+        queue
     }
 
     /// Each service with a section, and each other service holding VRAM, with what it holds against
