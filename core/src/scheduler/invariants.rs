@@ -6,6 +6,15 @@ impl Scheduler {
     /// Checks the invariants that must hold after every input; returns the first broken one.
     /// For tests and debugging: O(n).
     pub fn check_invariants(&self) -> Result<(), String> {
+        self.check_capacities()?;
+        self.check_live()?;
+        self.check_gpu_queues()?;
+        self.check_counts()?;
+        self.check_services()
+    }
+
+    /// Each GPU's count of VRAM held is its holders' sum, and within its capacity.
+    fn check_capacities(&self) -> Result<(), String> {
         for g in &self.gpus {
             let held: u64 = g
                 .holders
@@ -25,6 +34,11 @@ impl Scheduler {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Each live request is where its phase says (queued, or holding), under a fence already issued.
+    fn check_live(&self) -> Result<(), String> {
         for (seq, live) in &self.live {
             let queued = self.queue.contains(&(live.eff, *seq));
             let holding = self.gpus.iter().any(|g| g.holders.contains(seq));
@@ -51,6 +65,11 @@ impl Scheduler {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Each GPU's queue holds queue entries only, and each queued request is in the queue of every GPU it may use unless its service parks it.
+    fn check_gpu_queues(&self) -> Result<(), String> {
         for g in &self.gpus {
             if let Some(key) = g.queue.iter().find(|k| !self.queue.contains(k)) {
                 return Err(format!(
@@ -76,6 +95,11 @@ impl Scheduler {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The queue counts and the paused set, kept as the queue changes, are the queue's; every live request is queued or held.
+    fn check_counts(&self) -> Result<(), String> {
         let mut counts: BTreeMap<(u8, Option<GpuId>), (u64, u64)> = BTreeMap::new();
         let mut paused = BTreeSet::new();
         for &(eff, seq) in &self.queue {
@@ -101,7 +125,7 @@ impl Scheduler {
         {
             return Err("a live request is missing from the queue and the GPUs".into());
         }
-        self.check_services()
+        Ok(())
     }
 
     /// What each service holds, its live requests and its waiting order, as kept, are what the GPUs
