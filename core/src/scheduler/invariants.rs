@@ -193,23 +193,7 @@ impl Scheduler {
                     svc.waiting
                 ));
             }
-            // Parked only while its first waiting request does not fit under its cap.
-            if !svc.parked.is_empty() {
-                let blocked = svc.cap.is_some_and(|cap| {
-                    svc.waiting.first().is_some_and(|&(_, head)| {
-                        let first = self.live_rec(head);
-                        self.allowed(first)
-                            .all(|g| svc.used_mb + charge(first, self.gpus[g].spec.total_mb) > cap)
-                    })
-                });
-                if !blocked || !svc.parked.is_subset(&svc.waiting) {
-                    return Err(format!(
-                        "service {id} has {:?} parked but its first waiting request fits under \
-                         its cap, or they are not waiting",
-                        svc.parked
-                    ));
-                }
-            }
+            self.check_parked(id, svc)?;
         }
         if let Some(gone) = self
             .hungry
@@ -219,6 +203,28 @@ impl Scheduler {
             return Err(format!(
                 "service {gone} is kept as hungry but has no live request"
             ));
+        }
+        Ok(())
+    }
+
+    /// A service's requests are parked only while its first waiting request does not fit under its
+    /// cap, and only waiting ones.
+    fn check_parked(&self, id: &str, svc: &Svc) -> Result<(), String> {
+        if !svc.parked.is_empty() {
+            let blocked = svc.cap.is_some_and(|cap| {
+                svc.waiting.first().is_some_and(|&(_, head)| {
+                    let first = self.live_rec(head);
+                    self.allowed(first)
+                        .all(|g| svc.used_mb + charge(first, self.gpus[g].spec.total_mb) > cap)
+                })
+            });
+            if !blocked || !svc.parked.is_subset(&svc.waiting) {
+                return Err(format!(
+                    "service {id} has {:?} parked but its first waiting request fits under \
+                     its cap, or they are not waiting",
+                    svc.parked
+                ));
+            }
         }
         Ok(())
     }

@@ -94,76 +94,90 @@ impl Scheduler {
             .collect();
         order.sort_unstable();
         for (_, service) in order {
-            // What the requests taken before in this pass will hold once their pauses are ACKed.
-            let mut pending = 0u64;
-            let mut cursor: Option<(u8, u64)> = None;
-            while *n_open > 0 {
-                let Some(svc) = self.services.get(&service) else {
-                    break;
-                };
-                let lower = match cursor {
-                    Some(c) => Bound::Excluded(c),
-                    None => Bound::Unbounded,
-                };
-                let Some(&key) = svc.waiting.range((lower, Bound::Unbounded)).next() else {
-                    break;
-                };
-                cursor = Some(key);
-                let seq = key.1;
-                let (held, guarantee, cap) = (svc.used_mb + pending, svc.guarantee, svc.cap);
-                let rec = self.live_rec(seq);
-                let within = |g: &Gpu| {
-                    let after = held + charge(rec, g.spec.total_mb);
-                    after <= guarantee && cap.is_none_or(|cap| after <= cap)
-                };
-                if !self.allowed(rec).any(|g| within(&self.gpus[g])) {
-                    break;
-                }
-                let candidates: Vec<usize> = self
-                    .candidates(seq, open)
-                    .into_iter()
-                    .filter(|&g| within(&self.gpus[g]))
-                    .collect();
-                if candidates.is_empty() {
-                    continue;
-                }
-                if let Some(gpu) = self.best_fit(seq, &candidates) {
-                    handled.push(seq);
-                    self.grant(seq, gpu, now);
-                    continue;
-                }
-                // Where it does not fit within its guarantee, free VRAM beyond it (under its cap) is
-                // taken rather than anyone paused for it (a whole-GPU request counts the GPU's
-                // capacity, so the guarantee may be kept on one GPU and not on a bigger one).
-                let anywhere: Vec<usize> = self
-                    .candidates(seq, open)
-                    .into_iter()
-                    .filter(|&g| {
-                        let after = held + charge(self.live_rec(seq), self.gpus[g].spec.total_mb);
-                        cap.is_none_or(|cap| after <= cap)
-                    })
-                    .collect();
-                if let Some(gpu) = self.best_fit(seq, &anywhere) {
-                    handled.push(seq);
-                    self.grant(seq, gpu, now);
-                    continue;
-                }
-                // Nothing to take back now (holders within their grace, not preemptible, or within
-                // their own guarantees), or only by waiting out the lease of a holder that missed
-                // its ACK deadline: it waits in the ordinary pass, where it may still fit or preempt
-                // elsewhere as any request, or reserve a GPU in grant order.
-                let Some((gpu, victims, false)) = self.plan_preemption(seq, &candidates, now, true)
-                else {
-                    break;
-                };
-                handled.push(seq);
-                for (victim, reclaim) in victims {
-                    self.pause(victim, seq, now, reclaim);
-                }
-                open[gpu] = false;
-                *n_open -= 1;
-                pending += charge(self.live_rec(seq), self.gpus[gpu].spec.total_mb);
+            self.take_within_guarantee(&service, now, open, n_open, handled);
+        }
+    }
+
+    /// Takes the waiting requests of `service` (under its guarantee, with requests waiting) in
+    /// order, as long as each fits within its guarantee: granted where it fits, else on free VRAM
+    /// beyond the guarantee under its cap, else by pausing borrowers (the GPU reserved for it).
+    fn take_within_guarantee(
+        &mut self,
+        service: &ServiceId,
+        now: Millis,
+        open: &mut [bool],
+        n_open: &mut usize,
+        handled: &mut Vec<u64>,
+    ) {
+        // What the requests taken before in this pass will hold once their pauses are ACKed.
+        let mut pending = 0u64;
+        let mut cursor: Option<(u8, u64)> = None;
+        while *n_open > 0 {
+            let Some(svc) = self.services.get(service) else {
+                break;
+            };
+            let lower = match cursor {
+                Some(c) => Bound::Excluded(c),
+                None => Bound::Unbounded,
+            };
+            let Some(&key) = svc.waiting.range((lower, Bound::Unbounded)).next() else {
+                break;
+            };
+            cursor = Some(key);
+            let seq = key.1;
+            let (held, guarantee, cap) = (svc.used_mb + pending, svc.guarantee, svc.cap);
+            let rec = self.live_rec(seq);
+            let within = |g: &Gpu| {
+                let after = held + charge(rec, g.spec.total_mb);
+                after <= guarantee && cap.is_none_or(|cap| after <= cap)
+            };
+            if !self.allowed(rec).any(|g| within(&self.gpus[g])) {
+                break;
             }
+            let candidates: Vec<usize> = self
+                .candidates(seq, open)
+                .into_iter()
+                .filter(|&g| within(&self.gpus[g]))
+                .collect();
+            if candidates.is_empty() {
+                continue;
+            }
+            if let Some(gpu) = self.best_fit(seq, &candidates) {
+                handled.push(seq);
+                self.grant(seq, gpu, now);
+                continue;
+            }
+            // Where it does not fit within its guarantee, free VRAM beyond it (under its cap) is
+            // taken rather than anyone paused for it (a whole-GPU request counts the GPU's
+            // capacity, so the guarantee may be kept on one GPU and not on a bigger one).
+            let anywhere: Vec<usize> = self
+                .candidates(seq, open)
+                .into_iter()
+                .filter(|&g| {
+                    let after = held + charge(self.live_rec(seq), self.gpus[g].spec.total_mb);
+                    cap.is_none_or(|cap| after <= cap)
+                })
+                .collect();
+            if let Some(gpu) = self.best_fit(seq, &anywhere) {
+                handled.push(seq);
+                self.grant(seq, gpu, now);
+                continue;
+            }
+            // Nothing to take back now (holders within their grace, not preemptible, or within
+            // their own guarantees), or only by waiting out the lease of a holder that missed
+            // its ACK deadline: it waits in the ordinary pass, where it may still fit or preempt
+            // elsewhere as any request, or reserve a GPU in grant order.
+            let Some((gpu, victims, false)) = self.plan_preemption(seq, &candidates, now, true)
+            else {
+                break;
+            };
+            handled.push(seq);
+            for (victim, reclaim) in victims {
+                self.pause(victim, seq, now, reclaim);
+            }
+            open[gpu] = false;
+            *n_open -= 1;
+            pending += charge(self.live_rec(seq), self.gpus[gpu].spec.total_mb);
         }
     }
 
