@@ -495,8 +495,20 @@ impl Scheduler {
         if !Self::fits(rec, free, remaining, whole) {
             return None;
         }
-        // Only as many as needed: a small, less urgent victim taken first may be unnecessary once
-        // a bigger one is in; spare the most urgent victims first.
+        Self::spare_unneeded(rec, &mut victims, free, remaining, whole);
+        Some(Plan { victims, stuck })
+    }
+
+    /// Only as many victims as needed: a small, less urgent victim taken first may be unnecessary
+    /// once a bigger one is in; the most urgent victims are spared first. `free`, `remaining` and
+    /// `whole` are the GPU's room with every victim paused.
+    fn spare_unneeded(
+        rec: &RequestRecord,
+        victims: &mut Vec<Victim>,
+        mut free: u64,
+        mut remaining: usize,
+        mut whole: usize,
+    ) {
         let mut i = victims.len();
         while i > 0 {
             i -= 1;
@@ -513,7 +525,6 @@ impl Scheduler {
                 victims.remove(i);
             }
         }
-        Some(Plan { victims, stuck })
     }
 }
 
