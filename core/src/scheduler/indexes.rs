@@ -143,24 +143,7 @@ impl Scheduler {
                         timers.push((at, TimerKind::MinHold));
                     }
                 }
-                let g = rec
-                    .gpu
-                    .as_ref()
-                    .and_then(|g| self.gpu_index.get(g))
-                    .copied();
-                if let Some(g) = g {
-                    let gpu = &mut self.gpus[g];
-                    if gpu.holders.insert(seq) {
-                        gpu.held_mb += rec.held_mb.unwrap_or(0);
-                        let charged = charge(rec, gpu.spec.total_mb);
-                        if let Some(svc) = self.services.get_mut(&rec.service_id) {
-                            svc.used_mb += charged;
-                            if rec.phase == Phase::Pausing {
-                                svc.pausing_mb += charged;
-                            }
-                        }
-                    }
-                }
+                self.count_held(seq, rec);
             }
             Phase::Ended => {}
         }
@@ -178,6 +161,24 @@ impl Scheduler {
         self.live.insert(seq, live);
         if let Some(service) = service {
             self.refresh_hungry(&service);
+        }
+    }
+
+    /// Counts a holder on its GPU and against its service (pausing too, while it pauses).
+    fn count_held(&mut self, seq: u64, rec: &RequestRecord) {
+        let Some(&g) = rec.gpu.as_ref().and_then(|g| self.gpu_index.get(g)) else {
+            return;
+        };
+        let gpu = &mut self.gpus[g];
+        if gpu.holders.insert(seq) {
+            gpu.held_mb += rec.held_mb.unwrap_or(0);
+            let charged = charge(rec, gpu.spec.total_mb);
+            if let Some(svc) = self.services.get_mut(&rec.service_id) {
+                svc.used_mb += charged;
+                if rec.phase == Phase::Pausing {
+                    svc.pausing_mb += charged;
+                }
+            }
         }
     }
 
