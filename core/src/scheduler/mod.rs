@@ -78,6 +78,7 @@ mod indexes;
 mod inputs;
 mod invariants;
 mod pass;
+mod plan;
 mod restore;
 mod status;
 mod transitions;

@@ -1,6 +1,7 @@
 //! The scheduling pass: guarantees first, then the queue in order, each request granted where it
 //! fits best or, if it is urgent enough, by pausing the fewest and least urgent holders.
 
+use super::plan::{pause_key, Chosen, Plan, Victim};
 use super::*;
 
 impl Scheduler {
@@ -525,97 +526,5 @@ impl Scheduler {
                 victims.remove(i);
             }
         }
-    }
-}
-
-/// How soon a holder says it frees its VRAM once asked to pause, for ordering victims (smaller is
-/// sooner): its `pause_ms` hint, an unknown one after every known one.
-fn pause_key(rec: &RequestRecord) -> u64 {
-    rec.pause_ms.unwrap_or(u64::MAX)
-}
-
-/// A holder a preemption plan pauses, with what the rules and the hint compare of it.
-#[derive(Debug, Clone)]
-struct Victim {
-    arrival: u64,
-    held_mb: u64,
-    /// It holds the whole GPU.
-    whole: bool,
-    priority: u8,
-    granted_at: Millis,
-    /// [`pause_key`].
-    pause: u64,
-    /// Paused by a reclaim: priority alone would not pause it.
-    reclaim: bool,
-    service: ServiceId,
-    /// What it counts against its service's guarantee ([`charge`]).
-    charged: u64,
-}
-
-impl Victim {
-    fn of(rec: &RequestRecord, reclaim: bool, gpu_total_mb: u64) -> Victim {
-        Victim {
-            arrival: rec.arrival,
-            held_mb: rec.held_mb.unwrap_or(0),
-            whole: rec.vram_mb.is_none(),
-            priority: rec.priority,
-            granted_at: rec.granted_at.unwrap_or(0),
-            pause: pause_key(rec),
-            reclaim,
-            service: rec.service_id.clone(),
-            charged: charge(rec, gpu_total_mb),
-        }
-    }
-}
-
-/// A preemption plan chosen: the GPU, the holders to pause (arrival number, and whether the pause is
-/// a reclaim), and whether it waits for a holder past its ACK deadline.
-type Chosen = (usize, Vec<(u64, bool)>, bool);
-
-/// The holders to pause on one GPU for one request.
-#[derive(Debug)]
-struct Plan {
-    victims: Vec<Victim>,
-    /// It waits for a holder that missed its ACK deadline.
-    stuck: bool,
-}
-
-impl Plan {
-    fn victim_mb(&self) -> u64 {
-        self.victims.iter().map(|v| v.held_mb).sum()
-    }
-
-    /// How plans on different GPUs compare, the smallest first: one that waits for an overdue ACK
-    /// last; then the fewest holders paused; then the least VRAM; then, between plans equal on
-    /// those, the one whose victims pause soonest.
-    fn rank(&self) -> (bool, usize, u64, u64) {
-        (
-            self.stuck,
-            self.victims.len(),
-            self.victim_mb(),
-            self.slowest(),
-        )
-    }
-
-    /// When the room is made: when the slowest victim has paused (0: no victim).
-    fn slowest(&self) -> u64 {
-        self.victims.iter().map(|v| v.pause).max().unwrap_or(0)
-    }
-
-    /// Whether the rules see the two plans as one: as many holders and as much VRAM paused, of the
-    /// same priorities and grant instants.
-    fn alike(&self, other: &Plan) -> bool {
-        let kinds = |plan: &Plan| {
-            let mut kinds: Vec<(u8, Millis)> = plan
-                .victims
-                .iter()
-                .map(|v| (v.priority, v.granted_at))
-                .collect();
-            kinds.sort_unstable();
-            kinds
-        };
-        self.stuck == other.stuck
-            && self.victim_mb() == other.victim_mb()
-            && kinds(self) == kinds(other)
     }
 }
