@@ -96,7 +96,8 @@ enum Command {
         /// The subject prefix the permissions cover (default: the configuration's `nats.prefix`).
         #[arg(long)]
         prefix: Option<String>,
-        /// The NATS host and port written into each user's URL in `users.json`.
+        /// The NATS host and port written into each user's URL in `users.json` (a cluster's servers
+        /// separated by commas: each gets the credentials).
         #[arg(long, default_value = "127.0.0.1:4222")]
         host: String,
     },

@@ -45,7 +45,8 @@ const PASSWORD_LEN: usize = 32;
 pub struct Credentials {
     pub user: String,
     pub password: String,
-    /// `nats://user:password@<host>`, for the host given to `nats-auth --host`.
+    /// `nats://user:password@<host>`, for the host given to `nats-auth --host` (one such URL per
+    /// server, separated by commas, for a cluster's list).
     pub url: String,
     /// A service's bearer token for the HTTP API (what `[http.tokens]` maps to it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -53,9 +54,17 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    /// `nats://user:password@<host_port>`.
+    /// `nats://user:password@<host_port>`; for `h1:4222,h2:4222` (a cluster's servers), one such URL
+    /// per server, separated by commas, each with the credentials (a server given without them
+    /// would be tried without, and refuse).
     pub fn url_at(&self, host_port: &str) -> String {
-        format!("nats://{}:{}@{host_port}", self.user, self.password)
+        host_port
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("nats://{}:{}@{h}", self.user, self.password))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -282,6 +291,21 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_cluster_list_gets_the_credentials_on_every_server() {
+        let c = Credentials {
+            user: "chat".into(),
+            password: "pw".into(),
+            url: String::new(),
+            http_token: None,
+        };
+        assert_eq!(c.url_at("127.0.0.1:4222"), "nats://chat:pw@127.0.0.1:4222");
+        assert_eq!(
+            c.url_at("n1:4222, n2:4222,n3:4222"),
+            "nats://chat:pw@n1:4222,nats://chat:pw@n2:4222,nats://chat:pw@n3:4222"
+        );
+    }
+
     use super::*;
 
     #[test]
