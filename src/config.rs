@@ -841,8 +841,12 @@ impl Config {
         let mut config: Config = figment
             .extract()
             .map_err(|e| ConfigError::Parse(describe(e, env_prefix)))?;
-        // `redis.url` has a default, so only the layers tell whether it was set.
-        if figment.contains("redis.url") && !config.redis.sentinels.is_empty() {
+        // `redis.url` has a default, so only the layers tell whether it was set: the defaults' layer
+        // has its source in the code.
+        let url_given = figment
+            .find_metadata("redis.url")
+            .is_some_and(|layer| !matches!(layer.source, Some(figment::Source::Code(_))));
+        if url_given && !config.redis.sentinels.is_empty() {
             return Err(ConfigError::Invalid(vec![
                 "redis.url and redis.sentinels are both set: give redis.url for one Redis, or \
                  redis.sentinels with redis.master for a master that Sentinel fails over, not both"

@@ -11,7 +11,7 @@
 //! then raises its term and fence to its own ([`crate::ports::Leases::recover`]: no fence is issued
 //! twice, a deposed leader stays refused) and writes the leases back before anything new.
 
-use gpu_coordinator_core::{Input, LeaseOp};
+use gpu_coordinator_core::{Input, Lease, LeaseOp};
 
 use super::retry::{causes, with_retry};
 use super::Driver;
@@ -59,8 +59,9 @@ impl Driver {
 impl Driver {
     /// After a write answered [`crate::ports::LeaseOutcome::Behind`]: raises the store's term and fence to this
     /// coordinator's (the highest fence it ever issued), then answers the writes that make it hold the
-    /// scheduler's leases again (stale ones released, lost ones written back), followed by `then`, the
-    /// writes it refused. Waits for the store like every write.
+    /// scheduler's leases again (stale ones released, lost ones written back, in fence order), followed
+    /// by `then`, the writes it refused, less the acquires of leases written back already. Waits for
+    /// the store like every write.
     pub(super) async fn repair_lease_store(
         &mut self,
         then: &[LeaseOp],
@@ -84,7 +85,15 @@ impl Driver {
             stored.len(),
             ops.len()
         );
-        ops.extend_from_slice(then);
+        // A lease the round acquires is among those written back (the scheduler holds it, and its
+        // fence is counted in the raised one): its acquire would only find it held.
+        let restored = |lease: &Lease| ops.contains(&LeaseOp::Restore(lease.clone()));
+        let rest: Vec<LeaseOp> = then
+            .iter()
+            .filter(|op| !matches!(op, LeaseOp::Acquire(lease) if restored(lease)))
+            .cloned()
+            .collect();
+        ops.extend(rest);
         Ok(ops)
     }
 }

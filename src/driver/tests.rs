@@ -500,9 +500,9 @@ async fn a_store_that_lost_its_newest_writes_is_repaired_before_anything_new() {
         [
             ("recover", String::new()),
             ("restore", chat.clone()),
-            ("acquire", diar.clone())
+            ("restore", diar.clone())
         ],
-        "the store is repaired, then diar's lease written"
+        "the store is repaired (chat's lease written back), then diar's lease written"
     );
 }
 
