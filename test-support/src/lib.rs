@@ -402,17 +402,18 @@ impl RedisServer {
 
 /// A Redis master, one replica and three Sentinels (`redis-server --sentinel`, quorum 2) on free ports
 /// of loopback, with short timeouts (the master is down after 1 s without an answer, a failover may
-/// take 3 s), so that a failover takes a few seconds. The replica replicates through a [`Proxy`]:
-/// [`RedisSentinels::cut_replication`] makes it miss every write the master takes from then on, as
-/// a replica behind its master does. Start it inside a tokio runtime; [`RedisSentinels::start`]
-/// returns once every Sentinel knows the replica and the two other Sentinels (they can fail over).
+/// take 3 s), so that a failover takes a few seconds. The replica logs in to its master as a user of
+/// its own: [`RedisSentinels::cut_replication`] disables that user and drops its connection, so that
+/// the replica misses every write the master takes from then on, as a replica behind its master
+/// does, while the Sentinels still see both and may promote it. (A proxy between the two would not
+/// do: a Sentinel turns a replica that replicates from another address than the master's back to
+/// the master's.) [`RedisSentinels::start`] returns once every Sentinel knows the replica, in sync,
+/// and the two other Sentinels (they can fail over).
 pub struct RedisSentinels {
     /// The name the Sentinels monitor the master under.
     pub name: String,
     pub master: RedisServer,
     pub replica: RedisServer,
-    /// Between the replica and the master.
-    link: Proxy,
     sentinels: Vec<(u16, Owned)>,
     dir: PathBuf,
 }
@@ -421,14 +422,30 @@ impl RedisSentinels {
     /// How long the Sentinels wait for the master before they call it down, in ms.
     pub const DOWN_AFTER_MS: u64 = 1000;
 
-    pub async fn start() -> RedisSentinels {
+    /// The user the replica logs in to its master as.
+    const REPLICATION_USER: &str = "replication";
+
+    pub fn start() -> RedisSentinels {
         let name = "leases".to_owned();
         let master = RedisServer::start();
-        let link = Proxy::start(master.port).await;
+        let password = unique("pw");
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(Self::REPLICATION_USER)
+            .arg("on")
+            .arg(format!(">{password}"))
+            .arg("+@all")
+            .arg("~*")
+            .query::<()>(&mut master.connect())
+            .expect("make the replication user");
         let replica = RedisServer::start_with(vec![
             "--replicaof".into(),
             "127.0.0.1".into(),
-            link.port.to_string(),
+            master.port.to_string(),
+            "--masteruser".into(),
+            Self::REPLICATION_USER.into(),
+            "--masterauth".into(),
+            password,
         ]);
         let dir = std::env::temp_dir().join(unique("sentinels"));
         std::fs::create_dir_all(&dir).expect("create the Sentinels' dir");
@@ -458,18 +475,16 @@ impl RedisSentinels {
             name,
             master,
             replica,
-            link,
             sentinels,
             dir,
         };
-        // Polled without blocking the runtime: the replica replicates through the proxy's task.
         let start = Instant::now();
         while !cluster.ready() {
             assert!(
                 start.elapsed() < START_WAIT,
                 "the Sentinels did not all see the replica in sync and the two other Sentinels"
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            std::thread::sleep(Duration::from_millis(100));
         }
         cluster
     }
@@ -497,9 +512,22 @@ impl RedisSentinels {
         })
     }
 
-    /// Cuts the replica off its master: it misses every write made on the master from now on.
+    /// Cuts the replica off its master: it misses every write made on the master from now on (its
+    /// user on the master is disabled, and its connection dropped).
     pub fn cut_replication(&self) {
-        self.link.cut();
+        let mut conn = self.master.connect();
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(Self::REPLICATION_USER)
+            .arg("off")
+            .query::<()>(&mut conn)
+            .expect("disable the replication user");
+        redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("USER")
+            .arg(Self::REPLICATION_USER)
+            .query::<()>(&mut conn)
+            .expect("drop the replica's connection");
     }
 
     /// Kills the master (SIGKILL): after [`RedisSentinels::DOWN_AFTER_MS`] the Sentinels agree it is

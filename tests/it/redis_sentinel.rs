@@ -1,5 +1,5 @@
 //! Redis behind Sentinel (`redis.sentinels`, `redis.master`): a failover to a replica that missed the
-//! last lease writes. The replica is cut off its master (a proxy between them), leases are granted and
+//! last lease writes. The replica is cut off its master (its user there disabled), leases are granted and
 //! released on the master alone, the master is killed (SIGKILL) and the Sentinels promote the replica.
 //! The coordinator follows the Sentinels to the new master, finds it behind, raises its fence to the
 //! highest fence ever issued and writes the lost lease back; a new grant gets a higher fence, and the
@@ -50,7 +50,7 @@ async fn grant(probe: &mut Probe, svc: &str, request_id: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failover_to_a_replica_that_missed_lease_writes_gets_them_back_before_new_grants() {
-    let mut cluster = RedisSentinels::start().await;
+    let mut cluster = RedisSentinels::start();
     let mut config = test_config("sentinel", &[("0", GPU_MB)]);
     config.redis.sentinels = cluster.addrs();
     config.redis.master = cluster.name.clone();

@@ -305,6 +305,9 @@ async fn redis_rewrite_restores_leases_without_a_second_holder() {
     assert!(store.ensure_epoch().await.expect("epoch"));
     assert!(store.leases().await.expect("leases").is_empty());
     assert_eq!(store.max_fence().await.expect("fence"), Fence(0));
+    // A store that lost writes takes writes again once recovered (the driver raises the fence to the
+    // highest it issued; none here).
+    store.recover(Fence(0)).await.expect("recovered");
 
     // Any order: the store writes them in fence order.
     let outcomes = store
