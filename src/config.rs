@@ -1561,7 +1561,10 @@ mod tests {
         assert!(!format!("{config:?}").contains(":pw@"), "{config:?}");
         // From the environment too, as a list.
         let p = prefix("sentinelsenv");
-        std::env::set_var(format!("{p}REDIS__SENTINELS"), "[\"s1:26379\",\"s2:26379\"]");
+        std::env::set_var(
+            format!("{p}REDIS__SENTINELS"),
+            "[\"s1:26379\",\"s2:26379\"]",
+        );
         std::env::set_var(format!("{p}REDIS__MASTER"), "m");
         let config = Config::load_with_env(None, &p).expect("valid");
         assert_eq!(config.redis.sentinels, ["s1:26379", "s2:26379"]);
@@ -1570,16 +1573,25 @@ mod tests {
             "[redis]\nurl = \"redis://r:6379\"\nsentinels = [\"s1:26379\"]\nmaster = \"m\"\n",
             "sentinelsboth",
         );
-        assert!(msg.contains("redis.url and redis.sentinels are both set"), "{msg}");
+        assert!(
+            msg.contains("redis.url and redis.sentinels are both set"),
+            "{msg}"
+        );
         let msg = invalid("[redis]\nsentinels = [\"s1:26379\"]\n", "sentinelsnomaster");
         assert!(msg.contains("redis.master must name the master"), "{msg}");
         let msg = invalid("[redis]\nmaster = \"m\"\n", "masteralone");
-        assert!(msg.contains("redis.master (\"m\") is set without redis.sentinels"), "{msg}");
+        assert!(
+            msg.contains("redis.master (\"m\") is set without redis.sentinels"),
+            "{msg}"
+        );
         let msg = invalid(
             "[redis]\nsentinels = [\"s1:26379\", \"s2\", \"s3:2x\"]\nmaster = \"m\"\n",
             "sentinelsbad",
         );
-        assert!(msg.contains("redis.sentinels[1]: \"s2\" names no port"), "{msg}");
+        assert!(
+            msg.contains("redis.sentinels[1]: \"s2\" names no port"),
+            "{msg}"
+        );
         assert!(msg.contains("redis.sentinels[2]: \"s3:2x\""), "{msg}");
         assert!(!msg.contains("redis.sentinels[0]"), "{msg}");
     }

@@ -2256,7 +2256,8 @@ impl Scheduler {
 
     /// Releases a lease the store holds for no holder of the scheduler's.
     fn release_stale(&mut self, stale: Lease) {
-        self.actions.push_back(Action::Lease(Self::stale_release(stale)));
+        self.actions
+            .push_back(Action::Lease(Self::stale_release(stale)));
     }
 
     /// The release of a stored lease this scheduler does not hold.

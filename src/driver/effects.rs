@@ -207,7 +207,11 @@ impl Driver {
     async fn apply_leases(
         &self,
         ops: &[LeaseOp],
-    ) -> anyhow::Result<(Vec<(RequestId, Fence, String)>, Vec<(RequestId, Fence)>, bool)> {
+    ) -> anyhow::Result<(
+        Vec<(RequestId, Fence, String)>,
+        Vec<(RequestId, Fence)>,
+        bool,
+    )> {
         let mut refused = Vec::new();
         let mut lost = Vec::new();
         if ops.is_empty() {

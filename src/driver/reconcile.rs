@@ -78,7 +78,10 @@ impl Driver {
             leases.recover(fence)
         })
         .await?;
-        let stored = with_retry("reading the lease store", &self.shutdown, || leases.leases()).await?;
+        let stored = with_retry("reading the lease store", &self.shutdown, || {
+            leases.leases()
+        })
+        .await?;
         let mut ops = self.sched.lease_store_fixes(&stored, self.time_floor);
         tracing::warn!(
             "the lease store held {} lease(s): {} write(s) to bring it back",

@@ -71,7 +71,11 @@ async fn a_failover_to_a_replica_that_missed_lease_writes_gets_them_back_before_
     let chat = grant(&mut probe, "chat", "chat-1").await;
     let tts = grant(&mut probe, "tts", "tts-1").await;
     probe
-        .pub_json("release", "tts", json!({"request_id": "tts-1", "fence": tts}))
+        .pub_json(
+            "release",
+            "tts",
+            json!({"request_id": "tts-1", "fence": tts}),
+        )
         .await;
     probe.event("released", Some("tts-1")).await;
     assert!(asr < chat && chat < tts, "{asr} {chat} {tts}");
@@ -113,7 +117,10 @@ async fn a_failover_to_a_replica_that_missed_lease_writes_gets_them_back_before_
     );
 
     let diar = grant(&mut probe, "diar", "diar-1").await;
-    assert!(diar > tts, "a new grant's fence {diar} is above every fence before ({tts})");
+    assert!(
+        diar > tts,
+        "a new grant's fence {diar} is above every fence before ({tts})"
+    );
     let store = LeaseStore::connect(&cluster.replica.url(), &prefix)
         .await
         .expect("connect to the new master");

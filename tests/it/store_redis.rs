@@ -522,14 +522,25 @@ async fn redis_behind_the_writes_it_acknowledged_writes_nothing_until_recovered(
         .expect("the private Redis is up");
     store.claim_term(1).await.expect("term 1");
     assert!(store.ensure_epoch().await.expect("epoch"), "a new store");
-    store.acquire(&lease("a", "0", 1, 10)).await.expect("up").expect("written");
+    store
+        .acquire(&lease("a", "0", 1, 10))
+        .await
+        .expect("up")
+        .expect("written");
     let mut conn = server.connect();
     let writes_before: u64 = redis::cmd("GET")
         .arg("behind:writes")
         .query(&mut conn)
         .expect("GET");
-    store.acquire(&lease("b", "0", 2, 10)).await.expect("up").expect("written");
-    assert!(!store.ensure_epoch().await.expect("epoch"), "nothing lost yet");
+    store
+        .acquire(&lease("b", "0", 2, 10))
+        .await
+        .expect("up")
+        .expect("written");
+    assert!(
+        !store.ensure_epoch().await.expect("epoch"),
+        "nothing lost yet"
+    );
     // b's write is lost.
     redis::pipe()
         .cmd("DEL")
@@ -546,7 +557,10 @@ async fn redis_behind_the_writes_it_acknowledged_writes_nothing_until_recovered(
         .query::<()>(&mut conn)
         .expect("lose b's write");
 
-    assert!(store.ensure_epoch().await.expect("epoch"), "the store is behind");
+    assert!(
+        store.ensure_epoch().await.expect("epoch"),
+        "the store is behind"
+    );
     let ops = [
         LeaseOp::Acquire(lease("c", "0", 3, 10)),
         LeaseOp::Release {
@@ -557,7 +571,10 @@ async fn redis_behind_the_writes_it_acknowledged_writes_nothing_until_recovered(
     ];
     let outcomes = store.apply_all(&ops).await.expect("up");
     assert_eq!(outcomes, [LeaseOutcome::Behind, LeaseOutcome::Behind]);
-    let err = store.acquire(&lease("c", "0", 3, 10)).await.expect_err("behind");
+    let err = store
+        .acquire(&lease("c", "0", 3, 10))
+        .await
+        .expect_err("behind");
     assert!(err.to_string().contains("lacks lease writes"), "{err}");
     let ids: Vec<String> = sorted_leases(&store)
         .await
@@ -575,11 +592,17 @@ async fn redis_behind_the_writes_it_acknowledged_writes_nothing_until_recovered(
         .expect("up")
         .into_iter()
         .for_each(|written| written.expect("b written back"));
-    store.acquire(&lease("c", "0", 3, 10)).await.expect("up").expect("written");
+    store
+        .acquire(&lease("c", "0", 3, 10))
+        .await
+        .expect("up")
+        .expect("written");
     assert_eq!(sorted_leases(&store).await.len(), 3);
 
     // A store that claimed a newer term refuses the recovery of an older one.
-    let newer = LeaseStore::connect(&server.url(), "behind").await.expect("up");
+    let newer = LeaseStore::connect(&server.url(), "behind")
+        .await
+        .expect("up");
     newer.claim_term(2).await.expect("term 2");
     let err = store.recover(Fence(3)).await.expect_err("deposed");
     assert!(err.to_string().contains("refused a write"), "{err}");
