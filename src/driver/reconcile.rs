@@ -7,9 +7,13 @@
 //! A store that lost only its newest writes (Sentinel promoted a replica that had not received them,
 //! or Redis restarted from an older snapshot) keeps its epoch but may lack the newest leases, hold
 //! leases released since, and store a fence and a term below those already used. The store says so
-//! (a write answers [`crate::ports::LeaseOutcome::Behind`], or [`crate::ports::Leases::ensure_epoch`]); the driver
-//! then raises its term and fence to its own ([`crate::ports::Leases::recover`]: no fence is issued
-//! twice, a deposed leader stays refused) and writes the leases back before anything new.
+//! (a write answers [`LeaseOutcome::Behind`], or [`Leases::ensure_epoch`]); the driver then raises
+//! its term and fence to its own ([`Leases::recover`]: no fence is issued twice, a deposed leader
+//! stays refused) and writes the leases back before anything new.
+//!
+//! [`LeaseOutcome::Behind`]: crate::ports::LeaseOutcome::Behind
+//! [`Leases::ensure_epoch`]: crate::ports::Leases::ensure_epoch
+//! [`Leases::recover`]: crate::ports::Leases::recover
 
 use gpu_coordinator_core::{Input, Lease, LeaseOp};
 
@@ -54,9 +58,7 @@ impl Driver {
             .handle_input(Input::LeaseStoreHolds { leases }, now);
         self.carry_out().await
     }
-}
 
-impl Driver {
     /// After a write answered [`crate::ports::LeaseOutcome::Behind`]: raises the store's term and fence to this
     /// coordinator's (the highest fence it ever issued), then answers the writes that make it hold the
     /// scheduler's leases again (stale ones released, lost ones written back, in fence order), followed

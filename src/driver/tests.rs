@@ -465,7 +465,12 @@ async fn a_store_that_lost_its_newest_writes_is_repaired_before_anything_new() {
     feed(&rig, &mut driver, &[release]).await;
     let before = rig.leases.live();
     assert_eq!(before.len(), 2, "asr and chat hold: {before:?}");
-    let issued = Fence(3);
+    let issued = rig
+        .outcome()
+        .into_iter()
+        .find(|(id, ..)| id == "tts-1")
+        .and_then(|(.., fence)| fence)
+        .expect("tts had a fence");
     rig.leases.fail_over_to(replica);
     assert_eq!(rig.leases.live().len(), 1, "the replica lacks chat's lease");
     let steps_before = rig.trace.steps().len();
