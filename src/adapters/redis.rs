@@ -269,7 +269,7 @@ pub enum RedisError {
 pub struct LeaseStore {
     conn: Link,
     prefix: String,
-    /// The URL without password, for messages.
+    /// The URL without password, or the master's name and its Sentinels, for messages.
     server: String,
     /// The leadership term this store writes under (0: unfenced, for tools and tests); every write is
     /// refused once a newer term was claimed.
