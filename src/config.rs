@@ -326,6 +326,11 @@ pub struct RedisConfig {
     pub url: String,
     /// `redis.key_prefix`, default `gpu`.
     pub key_prefix: String,
+    /// `redis.sentinels`, default none: the Sentinels (`host:port` or `redis://` URLs) to ask for the
+    /// master named `redis.master`, in place of `redis.url`.
+    pub sentinels: Vec<String>,
+    /// `redis.master`: the name the Sentinels monitor the master under (`sentinel monitor <name> ...`).
+    pub master: String,
 }
 
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -603,7 +608,42 @@ impl Default for RedisConfig {
         RedisConfig {
             url: "redis://127.0.0.1:6379".to_owned(),
             key_prefix: "gpu".to_owned(),
+            sentinels: Vec::new(),
+            master: String::new(),
         }
+    }
+}
+
+impl RedisConfig {
+    /// What is wrong with `redis.sentinels` and `redis.master`, each naming its key.
+    fn sentinel_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let master = self.master.trim();
+        if self.sentinels.is_empty() {
+            if !master.is_empty() {
+                problems.push(format!(
+                    "redis.master ({master:?}) is set without redis.sentinels: list the Sentinels \
+                     that monitor it (e.g. [\"s1:26379\", \"s2:26379\", \"s3:26379\"])"
+                ));
+            }
+            return problems;
+        }
+        if master.is_empty() {
+            problems.push(
+                "redis.master must name the master the Sentinels monitor (the name in their \
+                 `sentinel monitor <name> ...` line) when redis.sentinels is set"
+                    .to_owned(),
+            );
+        }
+        for (i, entry) in self.sentinels.iter().enumerate() {
+            if let Err(why) = crate::adapters::redis::sentinel_url(entry) {
+                problems.push(format!(
+                    "redis.sentinels[{i}]: {why} (expected e.g. \"10.0.0.1:26379\" or \
+                     \"redis://10.0.0.1:26379\")"
+                ));
+            }
+        }
+        problems
     }
 }
 
@@ -699,9 +739,16 @@ impl std::fmt::Debug for NatsConfig {
 
 impl std::fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sentinels: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| crate::telemetry::redact_url(s))
+            .collect();
         f.debug_struct("RedisConfig")
             .field("url", &crate::telemetry::redact_url(&self.url))
             .field("key_prefix", &self.key_prefix)
+            .field("sentinels", &sentinels)
+            .field("master", &self.master)
             .finish()
     }
 }
@@ -794,6 +841,18 @@ impl Config {
         let mut config: Config = figment
             .extract()
             .map_err(|e| ConfigError::Parse(describe(e, env_prefix)))?;
+        // `redis.url` has a default, so only the layers tell whether it was set: the defaults' layer
+        // has its source in the code.
+        let url_given = figment
+            .find_metadata("redis.url")
+            .is_some_and(|layer| !matches!(layer.source, Some(figment::Source::Code(_))));
+        if url_given && !config.redis.sentinels.is_empty() {
+            return Err(ConfigError::Invalid(vec![
+                "redis.url and redis.sentinels are both set: give redis.url for one Redis, or \
+                 redis.sentinels with redis.master for a master that Sentinel fails over, not both"
+                    .to_owned(),
+            ]));
+        }
         config.engines_take_service_defaults();
         config.validate()?;
         Ok(config)
@@ -826,6 +885,7 @@ impl Config {
         non_empty("redis.url", &self.redis.url);
         non_empty("redis.key_prefix", &self.redis.key_prefix);
         non_empty("database.url", &self.database.url);
+        problems.extend(self.redis.sentinel_problems());
 
         if !self.nats.url.trim().is_empty() {
             // Parsed here, once: a URL that cannot be parsed would otherwise be retried for ever as
@@ -1487,6 +1547,53 @@ mod tests {
             );
         }
         load_str("[nats]\nreplicas = 5\n", "replicas5").expect("valid");
+    }
+
+    #[test]
+    fn redis_sentinels_name_a_master_in_place_of_redis_url() {
+        let config = load_str(
+            "[redis]\nsentinels = [\"s1:26379\", \"redis://:pw@s2:26380\"]\nmaster = \"leases\"\n",
+            "sentinels",
+        )
+        .expect("valid");
+        assert_eq!(config.redis.sentinels.len(), 2);
+        assert_eq!(config.redis.master, "leases");
+        assert!(!format!("{config:?}").contains(":pw@"), "{config:?}");
+        // From the environment too, as a list.
+        let p = prefix("sentinelsenv");
+        std::env::set_var(
+            format!("{p}REDIS__SENTINELS"),
+            "[\"s1:26379\",\"s2:26379\"]",
+        );
+        std::env::set_var(format!("{p}REDIS__MASTER"), "m");
+        let config = Config::load_with_env(None, &p).expect("valid");
+        assert_eq!(config.redis.sentinels, ["s1:26379", "s2:26379"]);
+
+        let msg = invalid(
+            "[redis]\nurl = \"redis://r:6379\"\nsentinels = [\"s1:26379\"]\nmaster = \"m\"\n",
+            "sentinelsboth",
+        );
+        assert!(
+            msg.contains("redis.url and redis.sentinels are both set"),
+            "{msg}"
+        );
+        let msg = invalid("[redis]\nsentinels = [\"s1:26379\"]\n", "sentinelsnomaster");
+        assert!(msg.contains("redis.master must name the master"), "{msg}");
+        let msg = invalid("[redis]\nmaster = \"m\"\n", "masteralone");
+        assert!(
+            msg.contains("redis.master (\"m\") is set without redis.sentinels"),
+            "{msg}"
+        );
+        let msg = invalid(
+            "[redis]\nsentinels = [\"s1:26379\", \"s2\", \"s3:2x\"]\nmaster = \"m\"\n",
+            "sentinelsbad",
+        );
+        assert!(
+            msg.contains("redis.sentinels[1]: \"s2\" names no port"),
+            "{msg}"
+        );
+        assert!(msg.contains("redis.sentinels[2]: \"s3:2x\""), "{msg}");
+        assert!(!msg.contains("redis.sentinels[0]"), "{msg}");
     }
 
     #[test]

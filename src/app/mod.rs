@@ -405,15 +405,23 @@ impl Chosen {
             LeasesBackend::Redis => {
                 let redis_url = config.redis.url.clone();
                 let prefix = config.redis.key_prefix.clone();
-                let leases = with_retry(
-                    &format!("Redis at {}", redact_url(&redis_url)),
-                    shutdown,
-                    || LeaseStore::connect(&redis_url, &prefix),
-                )
-                .await?;
+                let (sentinels, master) = (&config.redis.sentinels, &config.redis.master);
+                let leases = if sentinels.is_empty() {
+                    let server = format!("Redis at {}", redact_url(&redis_url));
+                    with_retry(&server, shutdown, || {
+                        LeaseStore::connect(&redis_url, &prefix)
+                    })
+                    .await?
+                } else {
+                    let server = format!("Redis master `{master}` through Sentinel");
+                    with_retry(&server, shutdown, || {
+                        LeaseStore::connect_sentinel(sentinels, master, &prefix)
+                    })
+                    .await?
+                };
                 lines.push(format!(
                     "leases: Redis at {} (keys under `{prefix}:`)",
-                    redact_url(&redis_url)
+                    leases.server()
                 ));
                 Arc::new(leases)
             }

@@ -160,7 +160,14 @@ impl Driver {
             })
             .await;
             written?;
-            let (refused, lost) = leased?;
+            let (mut refused, mut lost, mut behind) = leased?;
+            // The store lost writes it had acknowledged (a failover to a replica that was behind): it
+            // wrote none of the round's. It is repaired first (its term and fence raised, the leases
+            // written back), then the round's writes go again, all before anything is published.
+            while behind {
+                let ops = self.repair_lease_store(&round.lease_ops).await?;
+                (refused, lost, behind) = self.apply_leases(&ops).await?;
+            }
             if let Some(seq) = batch.input_seq {
                 self.position.handled = self.position.handled.max(seq);
             }
@@ -194,22 +201,30 @@ impl Driver {
     }
 
     /// Applies lease operations in order, sent together. Answers the leases the store refused (request,
-    /// fence, why) and the renewed ones it no longer held (request, fence).
+    /// fence, why), the renewed ones it no longer held (request, fence), and whether it was behind
+    /// (it lost writes it had acknowledged, and wrote none of these).
     #[allow(clippy::type_complexity)]
     async fn apply_leases(
         &self,
         ops: &[LeaseOp],
-    ) -> anyhow::Result<(Vec<(RequestId, Fence, String)>, Vec<(RequestId, Fence)>)> {
+    ) -> anyhow::Result<(
+        Vec<(RequestId, Fence, String)>,
+        Vec<(RequestId, Fence)>,
+        bool,
+    )> {
         let mut refused = Vec::new();
         let mut lost = Vec::new();
         if ops.is_empty() {
-            return Ok((refused, lost));
+            return Ok((refused, lost, false));
         }
         let leases = &self.ports.leases;
         let written = with_retry("writing the lease store", &self.shutdown, || {
             leases.apply_all(ops)
         });
         let outcomes = timed(self.recorder.metrics(), Stage::Leases, written).await?;
+        if outcomes.contains(&LeaseOutcome::Behind) {
+            return Ok((refused, lost, true));
+        }
         for (outcome, op) in outcomes.iter().zip(ops) {
             match (outcome, op) {
                 (LeaseOutcome::Refused(why), LeaseOp::Acquire(lease) | LeaseOp::Restore(lease)) => {
@@ -224,7 +239,7 @@ impl Driver {
                 _ => {}
             }
         }
-        Ok((refused, lost))
+        Ok((refused, lost, false))
     }
 
     /// Writes what no batch of effects carried: the input position, when given (`reset`: even below

@@ -446,6 +446,71 @@ async fn a_lease_store_that_lost_its_data_gets_the_live_leases_back() {
     assert_eq!(rig.leases.live(), held, "the same lease, same fence");
 }
 
+/// A failover to a replica that stopped receiving writes after asr's grant: it lacks chat's lease,
+/// and its fence is below tts's (granted and released since). The next grant finds the store behind:
+/// the store's fence is raised to tts's and chat's lease written back before diar's is written, and
+/// diar's fence is above every fence before.
+#[tokio::test]
+async fn a_store_that_lost_its_newest_writes_is_repaired_before_anything_new() {
+    let rig = Rig::new();
+    let mut driver = handled(&rig, &[asr_request()]).await;
+    let replica = rig.leases.replica();
+    let request = |svc: &'static str, id: &str| {
+        let body = json!({"request_id": id, "priority": 1, "vram_mb": 4000});
+        ("request", svc, body)
+    };
+    feed(&rig, &mut driver, &[request("chat", "chat-1")]).await;
+    feed(&rig, &mut driver, &[request("tts", "tts-1")]).await;
+    let release = ("release", "tts", json!({"request_id": "tts-1"}));
+    feed(&rig, &mut driver, &[release]).await;
+    let before = rig.leases.live();
+    assert_eq!(before.len(), 2, "asr and chat hold: {before:?}");
+    let issued = rig
+        .outcome()
+        .into_iter()
+        .find(|(id, ..)| id == "tts-1")
+        .and_then(|(.., fence)| fence)
+        .expect("tts had a fence");
+    rig.leases.fail_over_to(replica);
+    assert_eq!(rig.leases.live().len(), 1, "the replica lacks chat's lease");
+    let steps_before = rig.trace.steps().len();
+
+    feed(&rig, &mut driver, &[request("diar", "diar-1")]).await;
+    let after = rig.leases.live();
+    let chat = gpu_coordinator_core::scoped("chat", "chat-1");
+    let diar = gpu_coordinator_core::scoped("diar", "diar-1");
+    assert!(
+        after
+            .iter()
+            .any(|l| l.request_id.as_str() == chat && l.fence == Fence(2)),
+        "chat's lease is back under its fence: {after:?}"
+    );
+    let diar_fence = after
+        .iter()
+        .find(|l| l.request_id.as_str() == diar)
+        .map(|l| l.fence)
+        .expect("diar holds");
+    assert!(diar_fence > issued, "a fence above every fence issued");
+    let fence = crate::ports::Leases::max_fence(&rig.leases).await;
+    assert!(fence.expect("read") >= diar_fence);
+    let lease_steps: Vec<(&str, String)> = rig.trace.steps()[steps_before..]
+        .iter()
+        .filter_map(|step| match step {
+            Step::Lease { op, request_id } => Some((*op, request_id.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        lease_steps,
+        [
+            ("recover", String::new()),
+            ("restore", chat.clone()),
+            ("restore", diar.clone())
+        ],
+        "the store is repaired (chat's lease written back), then diar's lease written"
+    );
+}
+
 #[tokio::test]
 async fn a_lease_the_coordinator_does_not_know_is_released() {
     let rig = Rig::new();

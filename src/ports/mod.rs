@@ -289,6 +289,10 @@ pub enum LeaseOutcome {
     Refused(Refused),
     /// A renew or release that found no lease under that fence (expired, released, or another fence).
     NotHeld,
+    /// The store lacks writes it acknowledged before (a failover to a replica that was behind its
+    /// master, a restart from an old snapshot): it wrote nothing, and writes nothing until
+    /// [`Leases::recover`]; the leases are to be written back before anything new.
+    Behind,
 }
 
 impl From<Result<(), Refused>> for LeaseOutcome {
@@ -305,7 +309,7 @@ impl LeaseOutcome {
     pub fn refusal(&self) -> Option<String> {
         match self {
             LeaseOutcome::Refused(refused) => Some(refused.to_string()),
-            LeaseOutcome::Done | LeaseOutcome::NotHeld => None,
+            LeaseOutcome::Done | LeaseOutcome::NotHeld | LeaseOutcome::Behind => None,
         }
     }
 }
@@ -333,8 +337,16 @@ pub trait Leases: Send + Sync + 'static {
     /// The highest fence ever written (0 when none).
     async fn max_fence(&self) -> Result<Fence, PortError>;
     /// Marks the store's epoch if unmarked. `true`: it was unmarked, so the store is new or lost its data,
-    /// and the leases it held are gone.
+    /// and the leases it held are gone; or it lacks writes it acknowledged before (see
+    /// [`LeaseOutcome::Behind`]). Either way [`Leases::recover`], then the leases written back.
     async fn ensure_epoch(&self) -> Result<bool, PortError>;
+    /// Makes a store that lost writes accept writes again: raises its leadership term to this writer's
+    /// (refused, [`Deposed`], when a newer one is stored) and its highest fence to `fence` (the
+    /// highest ever issued, so that no fence is issued twice). Writing the lost leases back is the
+    /// caller's, before anything new.
+    async fn recover(&self, _fence: Fence) -> Result<(), PortError> {
+        Ok(())
+    }
     /// Whether the store answers (readiness).
     async fn ping(&self) -> Result<(), PortError>;
     /// Writes under leadership `term` from now on, and refuses every write of an older term from then on

@@ -17,6 +17,7 @@ mod http_hostile;
 mod limits;
 mod modes;
 mod nats_cluster;
+mod redis_sentinel;
 mod secrets;
 mod security;
 mod service;

@@ -305,6 +305,9 @@ async fn redis_rewrite_restores_leases_without_a_second_holder() {
     assert!(store.ensure_epoch().await.expect("epoch"));
     assert!(store.leases().await.expect("leases").is_empty());
     assert_eq!(store.max_fence().await.expect("fence"), Fence(0));
+    // A store that lost writes takes writes again once recovered (the driver raises the fence to the
+    // highest it issued; none here).
+    store.recover(Fence(0)).await.expect("recovered");
 
     // Any order: the store writes them in fence order.
     let outcomes = store
@@ -505,4 +508,102 @@ async fn redis_applies_a_batch_in_order_in_one_pipeline() {
     let leases = sorted_leases(&store).await;
     assert_eq!(leases, [other, c, d]);
     delete_keys(&store).await;
+}
+
+/// A store that lost its newest writes (the keys as a replica that missed them holds them: the last
+/// lease gone, the fence and the write count as before it) refuses every write, writing nothing, and
+/// says so at the epoch check, until `recover` raises the fence to the highest fence issued. A
+/// private Redis.
+#[tokio::test]
+async fn redis_behind_the_writes_it_acknowledged_writes_nothing_until_recovered() {
+    let server = gpu_coordinator_test_support::RedisServer::start();
+    let store = LeaseStore::connect(&server.url(), "behind")
+        .await
+        .expect("the private Redis is up");
+    store.claim_term(1).await.expect("term 1");
+    assert!(store.ensure_epoch().await.expect("epoch"), "a new store");
+    store
+        .acquire(&lease("a", "0", 1, 10))
+        .await
+        .expect("up")
+        .expect("written");
+    let mut conn = server.connect();
+    let writes_before: u64 = redis::cmd("GET")
+        .arg("behind:writes")
+        .query(&mut conn)
+        .expect("GET");
+    store
+        .acquire(&lease("b", "0", 2, 10))
+        .await
+        .expect("up")
+        .expect("written");
+    assert!(
+        !store.ensure_epoch().await.expect("epoch"),
+        "nothing lost yet"
+    );
+    // b's write is lost.
+    redis::pipe()
+        .cmd("DEL")
+        .arg("behind:lease:b")
+        .cmd("HDEL")
+        .arg("behind:gpu:0")
+        .arg("b")
+        .cmd("SET")
+        .arg("behind:fence")
+        .arg(1)
+        .cmd("SET")
+        .arg("behind:writes")
+        .arg(writes_before)
+        .query::<()>(&mut conn)
+        .expect("lose b's write");
+
+    assert!(
+        store.ensure_epoch().await.expect("epoch"),
+        "the store is behind"
+    );
+    let ops = [
+        LeaseOp::Acquire(lease("c", "0", 3, 10)),
+        LeaseOp::Release {
+            request_id: "a".into(),
+            gpu: "0".into(),
+            fence: Fence(1),
+        },
+    ];
+    let outcomes = store.apply_all(&ops).await.expect("up");
+    assert_eq!(outcomes, [LeaseOutcome::Behind, LeaseOutcome::Behind]);
+    let err = store
+        .acquire(&lease("c", "0", 3, 10))
+        .await
+        .expect_err("behind");
+    assert!(err.to_string().contains("lacks lease writes"), "{err}");
+    let ids: Vec<String> = sorted_leases(&store)
+        .await
+        .into_iter()
+        .map(|l| l.request_id.to_string())
+        .collect();
+    assert_eq!(ids, ["a"], "nothing was written");
+
+    store.recover(Fence(2)).await.expect("recovered");
+    assert_eq!(store.max_fence().await.expect("fence"), Fence(2));
+    assert!(!store.ensure_epoch().await.expect("epoch"), "caught up");
+    store
+        .rewrite(&[lease("b", "0", 2, 10)])
+        .await
+        .expect("up")
+        .into_iter()
+        .for_each(|written| written.expect("b written back"));
+    store
+        .acquire(&lease("c", "0", 3, 10))
+        .await
+        .expect("up")
+        .expect("written");
+    assert_eq!(sorted_leases(&store).await.len(), 3);
+
+    // A store that claimed a newer term refuses the recovery of an older one.
+    let newer = LeaseStore::connect(&server.url(), "behind")
+        .await
+        .expect("up");
+    newer.claim_term(2).await.expect("term 2");
+    let err = store.recover(Fence(3)).await.expect_err("deposed");
+    assert!(err.to_string().contains("refused a write"), "{err}");
 }

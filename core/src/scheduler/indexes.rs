@@ -372,11 +372,17 @@ impl Scheduler {
 
     /// Releases a lease the store holds for no holder of the scheduler's.
     pub(super) fn release_stale(&mut self, stale: Lease) {
-        self.actions.push_back(Action::Lease(LeaseOp::Release {
+        self.actions
+            .push_back(Action::Lease(Self::stale_release(stale)));
+    }
+
+    /// The release of a stored lease this scheduler does not hold.
+    pub(super) fn stale_release(stale: Lease) -> LeaseOp {
+        LeaseOp::Release {
             request_id: stale.request_id,
             gpu: stale.gpu,
             fence: stale.fence,
-        }));
+        }
     }
 
     /// Releases the lease of a holding (active or pausing) request.

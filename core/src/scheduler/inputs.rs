@@ -127,21 +127,30 @@ impl Scheduler {
 
     /// Makes the lease store hold exactly this scheduler's leases (see [`Input::LeaseStoreHolds`]).
     fn reconcile(&mut self, stored: Vec<Lease>, now: Millis) {
+        let fixes = self.lease_store_fixes(&stored, now);
+        self.actions.extend(fixes.into_iter().map(Action::Lease));
+    }
+
+    /// The writes that make a lease store holding `stored` hold exactly this scheduler's leases: a
+    /// `Release` for every stored lease it does not hold under that fence, then a `Restore` for each of
+    /// its leases unexpired at `now` that the store lacks, in fence order. What
+    /// [`Input::LeaseStoreHolds`] answers, for a driver that must write them before anything else
+    /// (a store that lost writes is repaired before it takes new ones).
+    pub fn lease_store_fixes(&self, stored: &[Lease], now: Millis) -> Vec<LeaseOp> {
         let wanted = self.leases();
         let same = |a: &Lease, b: &Lease| a.request_id == b.request_id && a.fence == b.fence;
-        for stale in stored.iter().filter(|l| !wanted.iter().any(|w| same(w, l))) {
-            self.release_stale(stale.clone());
-        }
+        let mut fixes: Vec<LeaseOp> = stored
+            .iter()
+            .filter(|l| !wanted.iter().any(|w| same(w, l)))
+            .map(|stale| Self::stale_release(stale.clone()))
+            .collect();
         let mut missing: Vec<Lease> = wanted
             .into_iter()
             .filter(|w| w.expires_at > now && !stored.iter().any(|l| same(w, l)))
             .collect();
         missing.sort_by_key(|l| l.fence);
-        self.actions.extend(
-            missing
-                .into_iter()
-                .map(|lease| Action::Lease(LeaseOp::Restore(lease))),
-        );
+        fixes.extend(missing.into_iter().map(LeaseOp::Restore));
+        fixes
     }
 
     /// Fires every timer due at `now` (timeouts, expiries, pause deadlines, aging), then schedules.

@@ -1,5 +1,6 @@
 //! The lease store in memory, with the checks of the Redis scripts: a fence above every fence stored
-//! (any fence for a rewrite), one lease per request, the GPU's capacity; leases expire at `expires_at`.
+//! (any fence for a rewrite), one lease per request, the GPU's capacity, the count of writes (a store
+//! that lost writes it acknowledged answers [`LeaseOutcome::Behind`]); leases expire at `expires_at`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,13 +12,16 @@ use super::{lock, stall, Faults, Step, Trace, Verdict};
 use crate::clock::now_ms;
 use crate::ports::{Deposed, LeaseOutcome, Leases, PortError, Refused, Term};
 
-#[derive(Debug, Default)]
-struct LeaseState {
+/// What the store holds (see [`MemLeases::replica`]).
+#[derive(Debug, Default, Clone)]
+pub struct LeaseState {
     leases: HashMap<RequestId, Lease>,
     max_fence: Fence,
     epoch: bool,
     /// The newest leadership term claimed.
     term: u64,
+    /// How many writes the store carried out, as the Redis `writes` key counts them.
+    writes: u64,
 }
 
 impl LeaseState {
@@ -64,6 +68,14 @@ impl LeaseState {
 
     fn apply(&mut self, op: &LeaseOp) -> LeaseOutcome {
         self.expire(now_ms());
+        let outcome = self.carry_out(op);
+        if outcome == LeaseOutcome::Done {
+            self.writes += 1;
+        }
+        outcome
+    }
+
+    fn carry_out(&mut self, op: &LeaseOp) -> LeaseOutcome {
         let held = |state: &LeaseState, request_id: &str, fence: Fence| {
             state
                 .leases
@@ -116,6 +128,8 @@ pub struct MemLeases {
     state: Arc<Mutex<LeaseState>>,
     /// The term this handle writes under (0: unfenced).
     term: Arc<std::sync::atomic::AtomicU64>,
+    /// The highest write count this handle saw.
+    seen: Arc<std::sync::atomic::AtomicU64>,
     trace: Trace,
     faults: Faults,
 }
@@ -126,6 +140,7 @@ impl MemLeases {
         MemLeases {
             state: Arc::default(),
             term: Arc::default(),
+            seen: Arc::default(),
             trace,
             faults,
         }
@@ -152,6 +167,17 @@ impl MemLeases {
         lock(&self.state).leases.remove(request_id);
     }
 
+    /// A copy of the store as it is now, as a replica that stops receiving its master's writes holds it.
+    pub fn replica(&self) -> LeaseState {
+        lock(&self.state).clone()
+    }
+
+    /// Becomes `replica` (a failover to a replica that missed the writes made since it was taken): the
+    /// leases, fence, term and write count the replica held.
+    pub fn fail_over_to(&self, replica: LeaseState) {
+        *lock(&self.state) = replica;
+    }
+
     /// Puts a lease in place behind the coordinator's back (an old snapshot brought it back).
     pub fn plant(&self, lease: Lease) {
         let mut state = lock(&self.state);
@@ -175,12 +201,25 @@ impl Leases for MemLeases {
         if let Verdict::StallBefore = verdict {
             return stall().await;
         }
-        let outcome = lock(&self.state).apply(op);
-        let (name, request_id) = describe(op);
-        self.trace.push(Step::Lease {
-            op: name,
-            request_id,
-        });
+        let outcome = {
+            let mut state = lock(&self.state);
+            let seen = self.seen.load(std::sync::atomic::Ordering::SeqCst);
+            if state.writes < seen {
+                LeaseOutcome::Behind
+            } else {
+                let outcome = state.apply(op);
+                self.seen
+                    .fetch_max(state.writes, std::sync::atomic::Ordering::SeqCst);
+                outcome
+            }
+        };
+        if outcome != LeaseOutcome::Behind {
+            let (name, request_id) = describe(op);
+            self.trace.push(Step::Lease {
+                op: name,
+                request_id,
+            });
+        }
         if let Verdict::StallAfter = verdict {
             return stall().await;
         }
@@ -199,7 +238,29 @@ impl Leases for MemLeases {
         let mut state = lock(&self.state);
         let missing = !state.epoch;
         state.epoch = true;
-        Ok(missing)
+        Ok(missing || state.writes < self.seen.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    async fn recover(&self, fence: Fence) -> Result<(), PortError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mine = self.term.load(SeqCst);
+        let mut state = lock(&self.state);
+        if mine > 0 && mine < state.term {
+            return Err(PortError::new(Deposed {
+                term: mine,
+                detail: format!("the lease store is in term {}", state.term),
+            }));
+        }
+        state.term = state.term.max(mine);
+        state.max_fence = state.max_fence.max(fence);
+        state.writes = state.writes.max(self.seen.load(SeqCst)) + 1;
+        state.epoch = true;
+        self.seen.fetch_max(state.writes, SeqCst);
+        self.trace.push(Step::Lease {
+            op: "recover",
+            request_id: String::new(),
+        });
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), PortError> {
@@ -216,6 +277,9 @@ impl Leases for MemLeases {
             }));
         }
         state.term = term.0;
+        state.writes += 1;
+        self.seen
+            .fetch_max(state.writes, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 }

@@ -17,7 +17,7 @@ mod leases;
 
 pub use bus::MemBus;
 pub use journal::MemJournal;
-pub use leases::MemLeases;
+pub use leases::{LeaseState, MemLeases};
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
