@@ -3,9 +3,7 @@
 //! anyway (a tmpfs of a few MiB, mounted by the test: it needs root), the embedded store refuses
 //! inputs, acknowledges none it did not keep, and goes on by itself once space is freed.
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use async_nats::jetstream;
 use gpu_coordinator::adapters::sqlite::{SqliteBus, SqliteStore};
@@ -17,7 +15,9 @@ use sea_orm::{ConnectionTrait as _, Database, DatabaseConnection, DbBackend, Sta
 use serde_json::{json, Value};
 
 use crate::http::{client, get, post};
-use crate::support::{embedded_config, eventually, test_config, unique, Coordinator, NATS_URL};
+use crate::support::{
+    embedded_config, eventually, test_config, Coordinator, SmallDisk, NATS_URL,
+};
 
 /// The SQLite database of an embedded coordinator, read beside it.
 async fn database(config: &Config) -> DatabaseConnection {
@@ -171,58 +171,6 @@ async fn unknown_http_fields_are_not_stored() {
     let _ = std::fs::remove_dir_all(&config.embedded.data_dir);
 }
 
-/// A small disk of its own: a tmpfs of `size` mounted on a fresh directory, unmounted when dropped
-/// (lazily, so that a test that failed with the coordinator's files still open leaves no mount
-/// behind), then the directory removed.
-struct SmallDisk {
-    dir: PathBuf,
-}
-
-impl SmallDisk {
-    fn mount(tag: &str, size: &str) -> SmallDisk {
-        let dir = std::env::temp_dir().join(format!("gpu-it-{}", unique(tag)));
-        std::fs::create_dir_all(&dir).expect("the mount point can be made");
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&dir)
-            .status()
-            .expect("mount runs");
-        if !mounted.success() {
-            let _ = std::fs::remove_dir(&dir);
-            panic!(
-                "cannot mount a {size} tmpfs on {}: this test fills a disk of its own and needs \
-                 the right to mount one (root, or CAP_SYS_ADMIN)",
-                dir.display()
-            );
-        }
-        SmallDisk { dir }
-    }
-
-    /// Writes zeros into `filler` until the disk refuses more, then gives `margin` bytes back, so that
-    /// the store runs out of space while it works (in the bus, the journal or the outputs, wherever
-    /// the last page goes); returns the filler's path.
-    fn fill(&self, margin: u64) -> PathBuf {
-        let path = self.dir.join("filler");
-        let mut file = std::fs::File::create(&path).expect("the filler can be made");
-        // Large blocks first, then smaller ones into what is left, down to single bytes.
-        for block in [1 << 20, 64 << 10, 4 << 10, 512, 1] {
-            let zeros = vec![0u8; block];
-            while file.write_all(&zeros).is_ok() {}
-        }
-        let len = file.metadata().expect("the filler's size").len();
-        file.set_len(len.saturating_sub(margin))
-            .expect("the filler gives the margin back");
-        path
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("--lazy").arg(&self.dir).status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// An input that the full disk refused is never acknowledged: each `submit` that returned Ok is in
 /// the database, as another reader sees it once space is back, and each one refused says the store
 /// is full. (The INSERT commits when its statement ends; read only to its first row, a commit refused
@@ -276,7 +224,7 @@ async fn an_input_a_full_disk_refused_is_never_acknowledged() {
 }
 
 /// The holders of `service` in a status document: request id and fence.
-fn holders_of(doc: &Value, service: &str) -> Vec<(String, u64)> {
+pub(crate) fn holders_of(doc: &Value, service: &str) -> Vec<(String, u64)> {
     let mut holders: Vec<(String, u64)> = doc["gpus"][0]["holders"]
         .as_array()
         .expect("holders")

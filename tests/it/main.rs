@@ -8,6 +8,7 @@ mod client_http;
 mod clocks;
 mod demo;
 mod disks;
+mod disks_servers;
 mod engine_board;
 mod engines;
 mod ha;

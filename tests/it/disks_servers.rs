@@ -1,0 +1,284 @@
+//! A full disk under the servers of the distributed mode, each a private one on a small tmpfs of the
+//! test's own (mounted by the test: it needs root): Postgres, whose journal writes are refused
+//! (`disk_full`, SQLSTATE 53100) and retried until space comes back, and JetStream, whose store refuses
+//! inputs ("insufficient resources", 10023). In both, nothing acknowledged is lost, and the
+//! coordinator goes on by itself once space is freed.
+
+use std::path::PathBuf;
+
+use gpu_coordinator::config::Config;
+use gpu_coordinator::storage::{is_full, PG_DISK_FULL};
+use reqwest::StatusCode;
+use sea_orm::{ConnectionTrait as _, Database, DbErr, RuntimeErr, Statement};
+use serde_json::{json, Value};
+
+use crate::disks::holders_of;
+use crate::http::{client, get, post};
+use crate::support::{
+    eventually, test_config, unique, CoordinatorProcess, PgServer, SmallDisk,
+};
+
+/// A request of `service`, granted at once on an idle GPU while the journal writes.
+fn request(service: &str, id: &str) -> Value {
+    json!({"service_id": service, "request_id": id, "priority": 1, "vram_mb": 10})
+}
+
+/// A coordinator as a process, its HTTP API on a port of its own and its log in a file.
+struct Logged {
+    _process: CoordinatorProcess,
+    base: String,
+    log: PathBuf,
+}
+
+impl Logged {
+    async fn start(config: &mut Config, tag: &str) -> Logged {
+        config.http.listen = format!("127.0.0.1:{}", gpu_coordinator_test_support::free_port());
+        // Long leases: every holder must still hold at the end. A request stored while the journal
+        // cannot write is answered 202 soon.
+        config.lease.default_ms = 600_000;
+        config.http.max_wait_ms = 1_000;
+        let log = std::env::temp_dir().join(format!("{}.log", unique(tag)));
+        let process = CoordinatorProcess::start_logged(config, &log).await;
+        Logged {
+            _process: process,
+            base: format!("http://{}", config.http.listen),
+            log,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// What became of the requests sent while a disk filled.
+#[derive(Default)]
+struct Sent {
+    /// Answered 200: granted, under this fence.
+    granted: Vec<(String, u64)>,
+    /// Answered 202: stored, not yet granted.
+    stored: Vec<String>,
+    /// Answered 507: refused, not stored.
+    refused: Vec<(String, Value)>,
+}
+
+impl Sent {
+    /// Sends `fill-<i>` requests of service `fill` until `done` holds for what `/readyz` answers after
+    /// a request that was not granted at once; fails after `most` such requests.
+    async fn until(coordinator: &Logged, most: usize, done: impl Fn(&Value) -> bool) -> Sent {
+        let c = client();
+        let mut sent = Sent::default();
+        for i in 0..10_000 {
+            let id = format!("fill-{i}");
+            let (status, body) = post(
+                &c,
+                &coordinator.url("/gpu/request"),
+                None,
+                request("fill", &id),
+            )
+            .await;
+            match status {
+                StatusCode::OK => {
+                    sent.granted
+                        .push((id, body["fence"].as_u64().expect("a fence")));
+                    continue;
+                }
+                StatusCode::ACCEPTED => sent.stored.push(id),
+                StatusCode::INSUFFICIENT_STORAGE => sent.refused.push((id, body)),
+                other => panic!("{id}: {other} {body}"),
+            }
+            let (_, ready) = get(&c, &coordinator.url("/readyz"), None).await;
+            if done(&ready) {
+                return sent;
+            }
+            assert!(
+                sent.stored.len() + sent.refused.len() < most,
+                "{most} requests not granted, and /readyz still says {ready}"
+            );
+        }
+        panic!("the disk never filled");
+    }
+}
+
+/// Whether `/readyz` answered that `store` is full.
+fn says_full(ready: &Value, store: &str) -> bool {
+    ready["status"] == "not ready"
+        && ready["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&format!("{store} is full")))
+}
+
+/// Waits until every request acknowledged holds under the fence it was granted (those stored but not
+/// granted then are granted now, from the store), and no store is reported full.
+async fn every_acknowledged_request_holds(
+    coordinator: &Logged,
+    kept: &[(String, u64)],
+    sent: &Sent,
+) {
+    let c = client();
+    eventually("every acknowledged request holds", || async {
+        let (status, doc) = get(&c, &coordinator.url("/gpu/status"), None).await;
+        if status != StatusCode::OK {
+            return None;
+        }
+        let fill = holders_of(&doc, "fill");
+        let ids: Vec<&str> = fill.iter().map(|(id, _)| id.as_str()).collect();
+        let mut expected: Vec<&str> = sent
+            .granted
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .chain(sent.stored.iter().map(String::as_str))
+            .collect();
+        expected.sort();
+        (holders_of(&doc, "kept") == kept
+            && ids == expected
+            && sent.granted.iter().all(|g| fill.contains(g))
+            && doc["storage_full"].is_null())
+        .then_some(())
+    })
+    .await;
+}
+
+/// Three requests granted before the disk fills, to outlive it.
+async fn kept_requests(coordinator: &Logged) -> Vec<(String, u64)> {
+    let c = client();
+    let mut kept = Vec::new();
+    for i in 0..3 {
+        let id = format!("kept-{i}");
+        let (status, body) = post(
+            &c,
+            &coordinator.url("/gpu/request"),
+            None,
+            request("kept", &id),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        kept.push((id, body["fence"].as_u64().expect("a fence")));
+    }
+    kept
+}
+
+/// Once space is back: a new request is granted and `/readyz` answers 200, with no restart.
+async fn goes_on_by_itself(coordinator: &Logged) {
+    let c = client();
+    let after = eventually("a new request is granted once space is freed", || async {
+        let (status, body) = post(
+            &c,
+            &coordinator.url("/gpu/request"),
+            None,
+            request("after", "after-1"),
+        )
+        .await;
+        (status == StatusCode::OK).then_some(body)
+    })
+    .await;
+    assert!(after["fence"].as_u64().is_some(), "{after}");
+    eventually("/readyz answers 200 once space is freed", || async {
+        let (status, _) = get(&c, &coordinator.url("/readyz"), None).await;
+        (status == StatusCode::OK).then_some(())
+    })
+    .await;
+}
+
+/// A private Postgres whose whole data directory (WAL included) is on a 64 MiB tmpfs fills while a
+/// coordinator leads on it. What a real full Postgres does: the statements that must grow a file are
+/// refused with `disk_full` (SQLSTATE 53100, "could not extend file ...: No space left on device"),
+/// as errors of their own; the server neither stops nor crashes (its WAL segments are set aside ahead
+/// of need). The coordinator takes the refusal for a full disk (`/readyz` 503 naming Postgres, an
+/// error in the log), stores inputs in JetStream meanwhile (202), retries the journal with backoff,
+/// and once the filler is deleted goes on by itself: every request acknowledged before or meanwhile
+/// holds, under the fence it was given, and is in the journal.
+#[tokio::test]
+async fn a_full_postgres_holds_the_journal_back_and_recovers_by_itself() {
+    let disk = SmallDisk::mount("disk_pg", "64m");
+    let dir = disk.dir.clone();
+    let pg = tokio::task::spawn_blocking(move || PgServer::start_in(&dir))
+        .await
+        .expect("a private Postgres");
+    let mut config = test_config("disk_pg", &[("0", 100_000)]);
+    config.database.url = pg.url("gpu_disk_pg");
+    let coordinator = Logged::start(&mut config, "disk_pg").await;
+    let kept = kept_requests(&coordinator).await;
+
+    let filler = disk.fill(0);
+    let sent = Sent::until(&coordinator, 30, |ready| says_full(ready, "Postgres")).await;
+    eprintln!(
+        "Postgres filled after {} granted; {} stored meanwhile",
+        sent.granted.len(),
+        sent.stored.len()
+    );
+    assert!(
+        sent.refused.is_empty(),
+        "JetStream has room: no input is refused ({:?})",
+        sent.refused
+    );
+    eventually("the log says Postgres is full", || async {
+        let log = coordinator.log();
+        (log.contains("Postgres is full") && log.contains("could not extend file")).then_some(())
+    })
+    .await;
+    // What the server says, to another client: the SQLSTATE the coordinator knows it by.
+    let db = Database::connect(pg.url("gpu_disk_pg"))
+        .await
+        .expect("Postgres takes connections while its disk is full");
+    let refused = db
+        .execute_unprepared(
+            "CREATE TABLE disk_probe AS SELECT g, repeat('x', 1000) AS x \
+             FROM generate_series(1, 10000) g",
+        )
+        .await
+        .expect_err("a table that must grow is refused");
+    let code = match &refused {
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .map(|c| c.into_owned()),
+        _ => None,
+    };
+    assert_eq!(code.as_deref(), Some(PG_DISK_FULL), "{refused}");
+    assert!(is_full(&refused), "{refused}");
+    assert!(
+        !pg.log().contains("PANIC"),
+        "Postgres did not crash:\n{}",
+        pg.log()
+    );
+
+    std::fs::remove_file(&filler).expect("the filler goes");
+    goes_on_by_itself(&coordinator).await;
+    every_acknowledged_request_holds(&coordinator, &kept, &sent).await;
+    let journal: Vec<String> = db
+        .query_all(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT request_id FROM requests",
+        ))
+        .await
+        .expect("read")
+        .iter()
+        .map(|r| r.try_get_by_index::<String>(0).expect("an id"))
+        .collect();
+    let acknowledged = kept
+        .iter()
+        .chain(&sent.granted)
+        .map(|(id, _)| id)
+        .chain(&sent.stored);
+    for id in acknowledged {
+        assert!(
+            journal.iter().any(|j| j.ends_with(id.as_str())),
+            "the acknowledged request {id} is in the journal"
+        );
+    }
+    db.close().await.ok();
+    drop(coordinator);
+    drop(pg);
+    drop(disk);
+}
