@@ -282,3 +282,81 @@ async fn a_full_postgres_holds_the_journal_back_and_recovers_by_itself() {
     drop(pg);
     drop(disk);
 }
+
+/// A private nats-server whose JetStream store is on a 32 MiB tmpfs (JetStream takes 75% of the disk
+/// free at its start as its store's limit) fills: another stream on the server takes what is left. What
+/// JetStream does: it refuses every publish to a file stream with "insufficient resources" (10023),
+/// the coordinator's streams included, though their `max_bytes` was set aside. The coordinator refuses
+/// inputs with 507 and says JetStream is full (`/readyz`, the log); nothing it acknowledged is lost,
+/// none it refused is stored; once the other stream is deleted it goes on by itself.
+///
+/// (A disk filled by something else than JetStream, below the limit JetStream took, is another
+/// matter: nats-server 2.9 stops answering its JetStream API on the first write refused by the disk,
+/// until it is restarted. Hence `max_file_store`, in the README.)
+#[tokio::test]
+async fn a_full_jetstream_store_refuses_inputs_and_recovers_by_itself() {
+    use async_nats::jetstream;
+    let disk = SmallDisk::mount("disk_nats", "32m");
+    let dir = disk.dir.clone();
+    let nats = tokio::task::spawn_blocking(move || {
+        gpu_coordinator_test_support::NatsServer::start_in(&dir, None)
+    })
+    .await
+    .expect("a private nats-server");
+    let mut config = test_config("disk_nats", &[("0", 100_000)]);
+    config.nats.url = nats.url();
+    config.nats.max_bytes = 1 << 20;
+    let coordinator = Logged::start(&mut config, "disk_nats").await;
+    let kept = kept_requests(&coordinator).await;
+
+    // Another tenant's stream takes what is left of the store.
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("NATS"));
+    js.create_stream(jetstream::stream::Config {
+        name: "FILLER".into(),
+        subjects: vec!["filler.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("the filler stream");
+    let block = bytes::Bytes::from(vec![0u8; 256 << 10]);
+    let mut filled = 0u64;
+    let refusal = loop {
+        let ack = js
+            .publish("filler.x", block.clone())
+            .await
+            .expect("the publish is sent");
+        match ack.await {
+            Ok(_) => filled += block.len() as u64,
+            Err(e) => break e,
+        }
+        assert!(filled < 64 << 20, "the store never filled");
+    };
+    assert!(is_full(&refusal), "{refusal}");
+    eprintln!("the filler took {filled} bytes; then: {refusal}");
+
+    let sent = Sent::until(&coordinator, 5, |ready| says_full(ready, "NATS JetStream (the input stream)")).await;
+    let (id, body) = sent.refused.first().expect("an input is refused with 507");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("full") && e.contains("insufficient resources")),
+        "the refusal of {id} says JetStream is full: {body}"
+    );
+    eventually("the log says JetStream is full", || async {
+        let log = coordinator.log();
+        (log.contains("NATS JetStream (the input stream) is full")
+            && log.contains("insufficient resources"))
+        .then_some(())
+    })
+    .await;
+
+    js.delete_stream("FILLER")
+        .await
+        .expect("the filler stream goes");
+    goes_on_by_itself(&coordinator).await;
+    // The refused were not stored: only the acknowledged hold.
+    every_acknowledged_request_holds(&coordinator, &kept, &sent).await;
+    drop(coordinator);
+    drop(nats);
+    drop(disk);
+}
