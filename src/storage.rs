@@ -232,7 +232,12 @@ impl Journal for Watched<dyn Journal> {
         self.inner.ping().await
     }
     fn full(&self) -> Option<String> {
-        self.storage.problem()
+        // And what the journal knows of its own (a store it writes behind).
+        let reasons: Vec<String> = [self.storage.problem(), self.inner.full()]
+            .into_iter()
+            .flatten()
+            .collect();
+        (!reasons.is_empty()).then(|| reasons.join("; "))
     }
     async fn close(&self) {
         self.inner.close().await
