@@ -15,9 +15,7 @@ use sea_orm::{ConnectionTrait as _, Database, DatabaseConnection, DbBackend, Sta
 use serde_json::{json, Value};
 
 use crate::http::{client, get, post};
-use crate::support::{
-    embedded_config, eventually, test_config, Coordinator, SmallDisk, NATS_URL,
-};
+use crate::support::{embedded_config, eventually, test_config, Coordinator, SmallDisk, NATS_URL};
 
 /// The SQLite database of an embedded coordinator, read beside it.
 async fn database(config: &Config) -> DatabaseConnection {

@@ -14,9 +14,7 @@ use serde_json::{json, Value};
 
 use crate::disks::holders_of;
 use crate::http::{client, get, post};
-use crate::support::{
-    eventually, test_config, unique, CoordinatorProcess, PgServer, SmallDisk,
-};
+use crate::support::{eventually, test_config, unique, CoordinatorProcess, PgServer, SmallDisk};
 
 /// A request of `service`, granted at once on an idle GPU while the journal writes.
 fn request(service: &str, id: &str) -> Value {
@@ -354,7 +352,10 @@ async fn a_full_jetstream_store_refuses_inputs_and_recovers_by_itself() {
     assert!(is_full(&refusal), "{refusal}");
     eprintln!("the filler took {filled} bytes; then: {refusal}");
 
-    let sent = Sent::until(&coordinator, 5, |ready| says_full(ready, "NATS JetStream (the input stream)")).await;
+    let sent = Sent::until(&coordinator, 5, |ready| {
+        says_full(ready, "NATS JetStream (the input stream)")
+    })
+    .await;
     let (id, body) = sent.refused.first().expect("an input is refused with 507");
     assert!(
         body["error"]
