@@ -8,18 +8,12 @@ use std::path::PathBuf;
 
 use gpu_coordinator::config::Config;
 use gpu_coordinator::storage::{is_full, PG_DISK_FULL};
-use reqwest::StatusCode;
 use sea_orm::{ConnectionTrait as _, Database, DbErr, RuntimeErr, Statement};
-use serde_json::{json, Value};
 
-use crate::disks::holders_of;
-use crate::http::{client, get, post};
+use crate::disks::{
+    every_acknowledged_request_holds, goes_on_by_itself, kept_requests, says_full, Sent,
+};
 use crate::support::{eventually, test_config, unique, CoordinatorProcess, PgServer, SmallDisk};
-
-/// A request of `service`, granted at once on an idle GPU while the journal writes.
-fn request(service: &str, id: &str) -> Value {
-    json!({"service_id": service, "request_id": id, "priority": 1, "vram_mb": 10})
-}
 
 /// A coordinator as a process, its HTTP API on a port of its own and its log in a file.
 struct Logged {
@@ -44,10 +38,6 @@ impl Logged {
         }
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -57,139 +47,6 @@ impl Drop for Logged {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.log);
     }
-}
-
-/// What became of the requests sent while a disk filled.
-#[derive(Default)]
-struct Sent {
-    /// Answered 200: granted, under this fence.
-    granted: Vec<(String, u64)>,
-    /// Answered 202: stored, not yet granted.
-    stored: Vec<String>,
-    /// Answered 507: refused, not stored.
-    refused: Vec<(String, Value)>,
-}
-
-impl Sent {
-    /// Sends `fill-<i>` requests of service `fill` until `done` holds for what `/readyz` answers after
-    /// a request that was not granted at once (or after every tenth); fails after `most` requests not
-    /// granted at once.
-    async fn until(coordinator: &Logged, most: usize, done: impl Fn(&Value) -> bool) -> Sent {
-        let c = client();
-        let mut sent = Sent::default();
-        for i in 0..10_000 {
-            let id = format!("fill-{i}");
-            let (status, body) = post(
-                &c,
-                &coordinator.url("/gpu/request"),
-                None,
-                request("fill", &id),
-            )
-            .await;
-            match status {
-                StatusCode::OK => {
-                    sent.granted
-                        .push((id, body["fence"].as_u64().expect("a fence")));
-                    // A store written behind fills while requests are still granted.
-                    if i % 10 != 9 {
-                        continue;
-                    }
-                }
-                StatusCode::ACCEPTED => sent.stored.push(id),
-                StatusCode::INSUFFICIENT_STORAGE => sent.refused.push((id, body)),
-                other => panic!("{id}: {other} {body}"),
-            }
-            let (_, ready) = get(&c, &coordinator.url("/readyz"), None).await;
-            if done(&ready) {
-                return sent;
-            }
-            assert!(
-                sent.stored.len() + sent.refused.len() < most,
-                "{most} requests not granted, and /readyz still says {ready}"
-            );
-        }
-        panic!("the disk never filled");
-    }
-}
-
-/// Whether `/readyz` answered that `store` is full.
-fn says_full(ready: &Value, store: &str) -> bool {
-    ready["status"] == "not ready"
-        && ready["error"]
-            .as_str()
-            .is_some_and(|e| e.contains(&format!("{store} is full")))
-}
-
-/// Waits until every request acknowledged holds under the fence it was granted (those stored but not
-/// granted then are granted now, from the store), and no store is reported full.
-async fn every_acknowledged_request_holds(
-    coordinator: &Logged,
-    kept: &[(String, u64)],
-    sent: &Sent,
-) {
-    let c = client();
-    eventually("every acknowledged request holds", || async {
-        let (status, doc) = get(&c, &coordinator.url("/gpu/status"), None).await;
-        if status != StatusCode::OK {
-            return None;
-        }
-        let fill = holders_of(&doc, "fill");
-        let ids: Vec<&str> = fill.iter().map(|(id, _)| id.as_str()).collect();
-        let mut expected: Vec<&str> = sent
-            .granted
-            .iter()
-            .map(|(id, _)| id.as_str())
-            .chain(sent.stored.iter().map(String::as_str))
-            .collect();
-        expected.sort();
-        (holders_of(&doc, "kept") == kept
-            && ids == expected
-            && sent.granted.iter().all(|g| fill.contains(g))
-            && doc["storage_full"].is_null())
-        .then_some(())
-    })
-    .await;
-}
-
-/// Three requests granted before the disk fills, to outlive it.
-async fn kept_requests(coordinator: &Logged) -> Vec<(String, u64)> {
-    let c = client();
-    let mut kept = Vec::new();
-    for i in 0..3 {
-        let id = format!("kept-{i}");
-        let (status, body) = post(
-            &c,
-            &coordinator.url("/gpu/request"),
-            None,
-            request("kept", &id),
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        kept.push((id, body["fence"].as_u64().expect("a fence")));
-    }
-    kept
-}
-
-/// Once space is back: a new request is granted and `/readyz` answers 200, with no restart.
-async fn goes_on_by_itself(coordinator: &Logged) {
-    let c = client();
-    let after = eventually("a new request is granted once space is freed", || async {
-        let (status, body) = post(
-            &c,
-            &coordinator.url("/gpu/request"),
-            None,
-            request("after", "after-1"),
-        )
-        .await;
-        (status == StatusCode::OK).then_some(body)
-    })
-    .await;
-    assert!(after["fence"].as_u64().is_some(), "{after}");
-    eventually("/readyz answers 200 once space is freed", || async {
-        let (status, _) = get(&c, &coordinator.url("/readyz"), None).await;
-        (status == StatusCode::OK).then_some(())
-    })
-    .await;
 }
 
 /// A private Postgres whose whole data directory (WAL included) is on a 64 MiB tmpfs fills while a
@@ -224,10 +81,13 @@ async fn full_postgres(tag: &str, write_behind: bool) {
     config.database.url = pg.url(&database);
     config.database.write_behind = write_behind;
     let coordinator = Logged::start(&mut config, tag).await;
-    let kept = kept_requests(&coordinator).await;
+    let kept = kept_requests(&coordinator.base).await;
 
     let filler = disk.fill(0);
-    let sent = Sent::until(&coordinator, 30, |ready| says_full(ready, "Postgres")).await;
+    let sent = Sent::until(&coordinator.base, 30, |_, ready| {
+        says_full(ready, "Postgres")
+    })
+    .await;
     eprintln!(
         "Postgres (written behind: {write_behind}) filled after {} granted; {} stored meanwhile",
         sent.granted.len(),
@@ -270,8 +130,8 @@ async fn full_postgres(tag: &str, write_behind: bool) {
     );
 
     std::fs::remove_file(&filler).expect("the filler goes");
-    goes_on_by_itself(&coordinator).await;
-    every_acknowledged_request_holds(&coordinator, &kept, &sent).await;
+    goes_on_by_itself(&coordinator.base).await;
+    every_acknowledged_request_holds(&coordinator.base, &kept, &sent).await;
     let acknowledged: Vec<&String> = kept
         .iter()
         .chain(&sent.granted)
@@ -325,7 +185,7 @@ async fn a_full_jetstream_store_refuses_inputs_and_recovers_by_itself() {
     config.nats.url = nats.url();
     config.nats.max_bytes = 1 << 20;
     let coordinator = Logged::start(&mut config, "disk_nats").await;
-    let kept = kept_requests(&coordinator).await;
+    let kept = kept_requests(&coordinator.base).await;
 
     // Another tenant's stream takes what is left of the store.
     let js = jetstream::new(async_nats::connect(nats.url()).await.expect("NATS"));
@@ -352,7 +212,7 @@ async fn a_full_jetstream_store_refuses_inputs_and_recovers_by_itself() {
     assert!(is_full(&refusal), "{refusal}");
     eprintln!("the filler took {filled} bytes; then: {refusal}");
 
-    let sent = Sent::until(&coordinator, 5, |ready| {
+    let sent = Sent::until(&coordinator.base, 5, |_, ready| {
         says_full(ready, "NATS JetStream (the input stream)")
     })
     .await;
@@ -374,9 +234,9 @@ async fn a_full_jetstream_store_refuses_inputs_and_recovers_by_itself() {
     js.delete_stream("FILLER")
         .await
         .expect("the filler stream goes");
-    goes_on_by_itself(&coordinator).await;
+    goes_on_by_itself(&coordinator.base).await;
     // The refused were not stored: only the acknowledged hold.
-    every_acknowledged_request_holds(&coordinator, &kept, &sent).await;
+    every_acknowledged_request_holds(&coordinator.base, &kept, &sent).await;
     drop(coordinator);
     drop(nats);
     drop(disk);

@@ -282,21 +282,19 @@ pub struct CoordinatorProcess {
 
 impl CoordinatorProcess {
     pub async fn start(config: &Config) -> CoordinatorProcess {
-        let mut cmd = Self::command(config, Command::new(env!("CARGO_BIN_EXE_gpu-coordinator")));
-        cmd.stderr(Stdio::inherit());
-        let child = cmd.spawn().expect("start gpu-coordinator serve");
-        if config.backends.bus == BusBackend::Embedded {
-            wait_ready_http(&format!("http://{}", config.http.listen)).await;
-        } else {
-            wait_ready(config).await;
-        }
-        CoordinatorProcess { child }
+        Self::start_with_stderr(config, Stdio::inherit()).await
     }
 
     /// [`CoordinatorProcess::start`], its log (at `warn`) written to `log`.
     pub async fn start_logged(config: &Config, log: &std::path::Path) -> CoordinatorProcess {
+        let file = std::fs::File::create(log).expect("the log file can be made");
+        Self::start_with_stderr(config, file.into()).await
+    }
+
+    /// Starts it, its stderr to `stderr`, and waits until it answers.
+    async fn start_with_stderr(config: &Config, stderr: Stdio) -> CoordinatorProcess {
         let mut cmd = Self::command(config, Command::new(env!("CARGO_BIN_EXE_gpu-coordinator")));
-        cmd.stderr(std::fs::File::create(log).expect("the log file can be made"));
+        cmd.stderr(stderr);
         let child = cmd.spawn().expect("start gpu-coordinator serve");
         if config.backends.bus == BusBackend::Embedded {
             wait_ready_http(&format!("http://{}", config.http.listen)).await;
