@@ -241,3 +241,77 @@ async fn a_full_jetstream_store_refuses_inputs_and_recovers_by_itself() {
     drop(nats);
     drop(disk);
 }
+
+/// A disk filled under JetStream by something else, below the limit JetStream took: what nats-server
+/// 2.9 does is stop answering its JetStream API at the first write the disk refuses (and on after the
+/// space is freed), until it is restarted. The coordinator acknowledges no input it could not store
+/// (the HTTP caller gets an error, not 200 or 202); once nats-server is restarted with space back, it
+/// goes on by itself, and every request acknowledged before holds.
+#[tokio::test]
+async fn a_jetstream_whose_disk_fills_under_it_acknowledges_nothing_it_did_not_store() {
+    let disk = SmallDisk::mount("disk_nats_enospc", "32m");
+    let dir = disk.dir.clone();
+    let nats = tokio::task::spawn_blocking(move || {
+        gpu_coordinator_test_support::NatsServer::start_in(&dir, None)
+    })
+    .await
+    .expect("a private nats-server");
+    let mut config = test_config("disk_nats_enospc", &[("0", 100_000)]);
+    config.nats.url = nats.url();
+    config.nats.max_bytes = 1 << 20;
+    let coordinator = Logged::start(&mut config, "disk_nats_enospc").await;
+    let kept = kept_requests(&coordinator.base).await;
+
+    let filler = disk.fill(0);
+    let c = crate::http::client();
+    let mut sent = Sent::default();
+    let mut unacknowledged = None;
+    for i in 0..100 {
+        let id = format!("fill-{i}");
+        let (status, body) = crate::http::post(
+            &c,
+            &format!("{}/gpu/request", coordinator.base),
+            None,
+            crate::disks::request("fill", &id),
+        )
+        .await;
+        match status {
+            reqwest::StatusCode::OK => sent
+                .granted
+                .push((id, body["fence"].as_u64().expect("a fence"))),
+            reqwest::StatusCode::ACCEPTED => sent.stored.push(id),
+            other => {
+                unacknowledged = Some((id, other, body));
+                break;
+            }
+        }
+    }
+    let (id, status, body) = unacknowledged.expect("an input is not acknowledged");
+    eprintln!(
+        "after {} granted and {} stored, {id} was answered {status}: {body}",
+        sent.granted.len(),
+        sent.stored.len()
+    );
+    assert!(status.is_server_error(), "{id}: {status} {body}");
+
+    std::fs::remove_file(&filler).expect("the filler goes");
+    // Space is back, yet JetStream still does not answer: it needs a restart.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("NATS"));
+    let info = tokio::time::timeout(std::time::Duration::from_secs(5), js.query_account()).await;
+    assert!(
+        !matches!(info, Ok(Ok(_))),
+        "JetStream answers again without a restart: README's Disks lines need an update"
+    );
+    let nats = tokio::task::spawn_blocking(move || {
+        let mut nats = nats;
+        nats.restart();
+        nats
+    })
+    .await
+    .expect("nats-server restarts");
+    goes_on_by_itself(&coordinator.base).await;
+    every_acknowledged_request_holds(&coordinator.base, &kept, &sent).await;
+    drop(coordinator);
+    drop(nats);
+    drop(disk);
+}
