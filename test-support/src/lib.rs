@@ -398,6 +398,8 @@ impl RedisServer {
 pub struct PgServer {
     pub port: u16,
     dir: PathBuf,
+    /// Its WAL, where it is not under `dir`.
+    wal: Option<PathBuf>,
     /// The server's log, outside its data directory (which may be on a disk that fills).
     log: PathBuf,
     bin: PathBuf,
@@ -413,6 +415,15 @@ impl PgServer {
     /// small disk of the test's own, say). Its WAL segments are of 1 MiB, so that a cluster fits in
     /// some 30 MiB.
     pub fn start_in(parent: &Path) -> PgServer {
+        Self::start_at(parent, None)
+    }
+
+    /// [`PgServer::start_in`], its WAL (`pg_wal`) in a new directory under `wal_parent` instead.
+    pub fn start_with_wal_in(parent: &Path, wal_parent: &Path) -> PgServer {
+        Self::start_at(parent, Some(wal_parent))
+    }
+
+    fn start_at(parent: &Path, wal_parent: Option<&Path>) -> PgServer {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .expect("Postgres under /usr/lib/postgresql")
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
@@ -425,9 +436,11 @@ impl PgServer {
             .unwrap_or(false);
         let dir = parent.join(unique("pg_cluster"));
         std::fs::create_dir_all(&dir).expect("create the cluster dir");
+        let wal = wal_parent.map(|p| p.join(unique("pg_wal")));
         let server = PgServer {
             port: free_port(),
             dir,
+            wal,
             log: std::env::temp_dir().join(format!("{}.log", unique("pg_log"))),
             bin,
             as_root,
@@ -440,21 +453,25 @@ impl PgServer {
                 .arg(&server.log)
                 .status();
         }
-        server.run(
-            "initdb",
-            &[
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "--no-sync",
-                "--wal-segsize=1",
-                "-E",
-                "UTF8",
-                "-D",
-            ],
-            true,
-        );
+        let mut initdb = vec![
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+            "--wal-segsize=1",
+            "-E",
+            "UTF8",
+        ];
+        let waldir = server
+            .wal
+            .as_ref()
+            .map(|w| w.to_string_lossy().into_owned());
+        if let Some(waldir) = &waldir {
+            initdb.extend(["-X", waldir.as_str()]);
+        }
+        initdb.push("-D");
+        server.run("initdb", &initdb, true);
         server.resume();
         server
     }
@@ -537,6 +554,9 @@ impl Drop for PgServer {
             .arg(&self.dir)
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(wal) = &self.wal {
+            let _ = std::fs::remove_dir_all(wal);
+        }
         let _ = std::fs::remove_file(&self.log);
     }
 }

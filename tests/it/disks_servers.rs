@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use gpu_coordinator::config::Config;
 use gpu_coordinator::storage::{is_full, PG_DISK_FULL};
-use sea_orm::{ConnectionTrait as _, Database, DbErr, RuntimeErr, Statement};
+use sea_orm::{ConnectionTrait as _, Database, DatabaseConnection, DbErr, RuntimeErr, Statement};
 
 use crate::disks::{
     every_acknowledged_request_holds, goes_on_by_itself, kept_requests, says_full, Sent,
@@ -132,6 +132,19 @@ async fn full_postgres(tag: &str, write_behind: bool) {
     std::fs::remove_file(&filler).expect("the filler goes");
     goes_on_by_itself(&coordinator.base).await;
     every_acknowledged_request_holds(&coordinator.base, &kept, &sent).await;
+    every_acknowledged_request_is_in(&db, &kept, &sent).await;
+    db.close().await.ok();
+    drop(coordinator);
+    drop(pg);
+    drop(disk);
+}
+
+/// Waits until the journal in `db` has every request acknowledged.
+async fn every_acknowledged_request_is_in(
+    db: &DatabaseConnection,
+    kept: &[(String, u64)],
+    sent: &Sent,
+) {
     let acknowledged: Vec<&String> = kept
         .iter()
         .chain(&sent.granted)
@@ -155,10 +168,73 @@ async fn full_postgres(tag: &str, write_behind: bool) {
             .then_some(())
     })
     .await;
+}
+
+/// Postgres's WAL (`pg_wal`) on a 16 MiB tmpfs of its own that fills. What Postgres 15 does: it
+/// PANICs at the first WAL segment it cannot make ("could not write to file "pg_wal/xlogtemp...": No
+/// space left on device"), its crash recovery fails the same way, and the server shuts down; it
+/// stays down until it is started again. The coordinator waits for it with backoff (`/readyz` 503
+/// naming Postgres; inputs still stored in JetStream, 202), and once space is freed and Postgres is
+/// started again it goes on by itself: every acknowledged request holds and is in the journal.
+#[tokio::test]
+async fn a_postgres_whose_wal_fills_stops_and_the_coordinator_waits_for_it() {
+    let wal_disk = SmallDisk::mount("disk_pgwal", "16m");
+    let wal = wal_disk.dir.clone();
+    let pg = tokio::task::spawn_blocking(move || {
+        PgServer::start_with_wal_in(&std::env::temp_dir(), &wal)
+    })
+    .await
+    .expect("a private Postgres");
+    let mut config = test_config("disk_pgwal", &[("0", 100_000)]);
+    config.database.url = pg.url("gpu_disk_pgwal");
+    let coordinator = Logged::start(&mut config, "disk_pgwal").await;
+    let kept = kept_requests(&coordinator.base).await;
+
+    // The WAL's disk fills; something writes more WAL than its segments set aside hold.
+    let filler = wal_disk.fill(0);
+    let db = Database::connect(pg.url("gpu_disk_pgwal"))
+        .await
+        .expect("Postgres takes connections");
+    let crashed = db
+        .execute_unprepared(
+            "CREATE TABLE scratch AS SELECT g, repeat('x', 1000) AS x \
+             FROM generate_series(1, 20000) g",
+        )
+        .await;
+    assert!(crashed.is_err(), "the WAL cannot grow");
+    eventually("Postgres shuts down", || async {
+        pg.log()
+            .contains("database system is shut down")
+            .then_some(())
+    })
+    .await;
+    let log = pg.log();
+    assert!(
+        log.contains("PANIC") && log.contains("could not write to file"),
+        "{log}"
+    );
+    let sent = Sent::until(&coordinator.base, 30, |_, ready| {
+        ready["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Postgres is not reachable"))
+    })
+    .await;
+    assert!(sent.refused.is_empty(), "{:?}", sent.refused);
+    db.close().await.ok();
+
+    // The operator frees space and starts Postgres again.
+    std::fs::remove_file(&filler).expect("the filler goes");
+    pg.resume();
+    goes_on_by_itself(&coordinator.base).await;
+    every_acknowledged_request_holds(&coordinator.base, &kept, &sent).await;
+    let db = Database::connect(pg.url("gpu_disk_pgwal"))
+        .await
+        .expect("Postgres is back");
+    every_acknowledged_request_is_in(&db, &kept, &sent).await;
     db.close().await.ok();
     drop(coordinator);
     drop(pg);
-    drop(disk);
+    drop(wal_disk);
 }
 
 /// A private nats-server whose JetStream store is on a 32 MiB tmpfs (JetStream takes 75% of the disk
