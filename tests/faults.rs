@@ -712,9 +712,30 @@ async fn inject(
             let full = pause(500, 3_000, rng);
             tokio::time::sleep(full).await;
             std::fs::remove_file(&filler).map_err(|e| format!("removing the filler: {e}"))?;
+            // A WAL segment it could not make crashes Postgres, and its recovery then too: it shuts
+            // down, and the operator starts it again.
+            let restarted = tokio::task::block_in_place(|| {
+                let until = Instant::now() + Duration::from_secs(20);
+                while Instant::now() < until {
+                    if !servers.pg.running() {
+                        servers.pg.resume();
+                        return Ok(true);
+                    }
+                    if servers.pg.accepting() {
+                        return Ok(false);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err("Postgres neither accepts connections nor stopped within 20 s".to_string())
+            })?;
             format!(
-                "full for {full:?}, {} refusal(s) noted in the coordinators' logs",
-                noted() - before
+                "full for {full:?}, {} refusal(s) noted in the coordinators' logs{}",
+                noted() - before,
+                if restarted {
+                    "; Postgres crashed (its WAL could not grow) and was started again"
+                } else {
+                    ""
+                }
             )
         }
         Fault::ClockOffsetStandby => clock_offset_standby(rng, round, coordinators).await?,

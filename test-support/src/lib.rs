@@ -517,6 +517,25 @@ impl PgServer {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Whether the server runs and accepts connections (`pg_isready`).
+    pub fn accepting(&self) -> bool {
+        self.command("pg_isready")
+            .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Whether the server's process runs (`pg_ctl status`): not once it shut down by itself (after a
+    /// crash it could not recover from).
+    pub fn running(&self) -> bool {
+        self.command("pg_ctl")
+            .args(["status", "-D"])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     /// Stops the server at once (`-m immediate`, like a crash).
     pub fn stop(&self) {
         self.run("pg_ctl", &["-m", "immediate", "-w", "stop", "-D"], true);
