@@ -271,7 +271,7 @@ impl Sent {
             let id = format!("fill-{i}");
             let (status, body) = post(
                 &c,
-                &&format!("{base}/gpu/request"),
+                &format!("{base}/gpu/request"),
                 None,
                 request("fill", &id),
             )
@@ -289,7 +289,7 @@ impl Sent {
                 StatusCode::INSUFFICIENT_STORAGE => sent.refused.push((id, body)),
                 other => panic!("{id}: {other} {body}"),
             }
-            let (_, ready) = get(&c, &&format!("{base}/readyz"), None).await;
+            let (_, ready) = get(&c, &format!("{base}/readyz"), None).await;
             if done(&sent, &ready) {
                 return sent;
             }
@@ -319,7 +319,7 @@ pub(crate) async fn every_acknowledged_request_holds(
 ) {
     let c = client();
     eventually("every acknowledged request holds", || async {
-        let (status, doc) = get(&c, &&format!("{base}/gpu/status"), None).await;
+        let (status, doc) = get(&c, &format!("{base}/gpu/status"), None).await;
         if status != StatusCode::OK {
             return None;
         }
@@ -349,7 +349,7 @@ pub(crate) async fn kept_requests(base: &str) -> Vec<(String, u64)> {
         let id = format!("kept-{i}");
         let (status, body) = post(
             &c,
-            &&format!("{base}/gpu/request"),
+            &format!("{base}/gpu/request"),
             None,
             request("kept", &id),
         )
@@ -366,7 +366,7 @@ pub(crate) async fn goes_on_by_itself(base: &str) {
     let after = eventually("a new request is granted once space is freed", || async {
         let (status, body) = post(
             &c,
-            &&format!("{base}/gpu/request"),
+            &format!("{base}/gpu/request"),
             None,
             request("after", "after-1"),
         )
@@ -376,7 +376,7 @@ pub(crate) async fn goes_on_by_itself(base: &str) {
     .await;
     assert!(after["fence"].as_u64().is_some(), "{after}");
     eventually("/readyz answers 200 once space is freed", || async {
-        let (status, _) = get(&c, &&format!("{base}/readyz"), None).await;
+        let (status, _) = get(&c, &format!("{base}/readyz"), None).await;
         (status == StatusCode::OK).then_some(())
     })
     .await;

@@ -13,7 +13,9 @@ use sea_orm::{ConnectionTrait as _, Database, DatabaseConnection, DbErr, Runtime
 use crate::disks::{
     every_acknowledged_request_holds, goes_on_by_itself, kept_requests, says_full, Sent,
 };
-use crate::support::{eventually, test_config, unique, CoordinatorProcess, PgServer, SmallDisk};
+use crate::support::{
+    eventually, test_config, unique, CoordinatorProcess, NatsServer, PgServer, SmallDisk,
+};
 
 /// A coordinator as a process, its HTTP API on a port of its own and its log in a file.
 struct Logged {
@@ -237,6 +239,22 @@ async fn a_postgres_whose_wal_fills_stops_and_the_coordinator_waits_for_it() {
     drop(wal_disk);
 }
 
+/// A private nats-server whose store is on a 32 MiB tmpfs, a coordinator on it (its streams of 1 MiB
+/// each), and three requests granted before the disk fills.
+async fn on_a_small_nats(tag: &str) -> (SmallDisk, NatsServer, Logged, Vec<(String, u64)>) {
+    let disk = SmallDisk::mount(tag, "32m");
+    let dir = disk.dir.clone();
+    let nats = tokio::task::spawn_blocking(move || NatsServer::start_in(&dir, None))
+        .await
+        .expect("a private nats-server");
+    let mut config = test_config(tag, &[("0", 100_000)]);
+    config.nats.url = nats.url();
+    config.nats.max_bytes = 1 << 20;
+    let coordinator = Logged::start(&mut config, tag).await;
+    let kept = kept_requests(&coordinator.base).await;
+    (disk, nats, coordinator, kept)
+}
+
 /// A private nats-server whose JetStream store is on a 32 MiB tmpfs (JetStream takes 75% of the disk
 /// free at its start as its store's limit) fills: another stream on the server takes what is left. What
 /// JetStream does: it refuses every publish to a file stream with "insufficient resources" (10023),
@@ -245,23 +263,11 @@ async fn a_postgres_whose_wal_fills_stops_and_the_coordinator_waits_for_it() {
 /// none it refused is stored; once the other stream is deleted it goes on by itself.
 ///
 /// (A disk filled by something else than JetStream, below the limit JetStream took, is another
-/// matter: nats-server 2.9 stops answering its JetStream API on the first write refused by the disk,
-/// until it is restarted. Hence `max_file_store`, in the README.)
+/// matter: see the next test.)
 #[tokio::test]
 async fn a_full_jetstream_store_refuses_inputs_and_recovers_by_itself() {
     use async_nats::jetstream;
-    let disk = SmallDisk::mount("disk_nats", "32m");
-    let dir = disk.dir.clone();
-    let nats = tokio::task::spawn_blocking(move || {
-        gpu_coordinator_test_support::NatsServer::start_in(&dir, None)
-    })
-    .await
-    .expect("a private nats-server");
-    let mut config = test_config("disk_nats", &[("0", 100_000)]);
-    config.nats.url = nats.url();
-    config.nats.max_bytes = 1 << 20;
-    let coordinator = Logged::start(&mut config, "disk_nats").await;
-    let kept = kept_requests(&coordinator.base).await;
+    let (disk, nats, coordinator, kept) = on_a_small_nats("disk_nats").await;
 
     // Another tenant's stream takes what is left of the store.
     let js = jetstream::new(async_nats::connect(nats.url()).await.expect("NATS"));
@@ -325,18 +331,7 @@ async fn a_full_jetstream_store_refuses_inputs_and_recovers_by_itself() {
 /// goes on by itself, and every request acknowledged before holds.
 #[tokio::test]
 async fn a_jetstream_whose_disk_fills_under_it_acknowledges_nothing_it_did_not_store() {
-    let disk = SmallDisk::mount("disk_nats_enospc", "32m");
-    let dir = disk.dir.clone();
-    let nats = tokio::task::spawn_blocking(move || {
-        gpu_coordinator_test_support::NatsServer::start_in(&dir, None)
-    })
-    .await
-    .expect("a private nats-server");
-    let mut config = test_config("disk_nats_enospc", &[("0", 100_000)]);
-    config.nats.url = nats.url();
-    config.nats.max_bytes = 1 << 20;
-    let coordinator = Logged::start(&mut config, "disk_nats_enospc").await;
-    let kept = kept_requests(&coordinator.base).await;
+    let (disk, nats, coordinator, kept) = on_a_small_nats("disk_nats_enospc").await;
 
     let filler = disk.fill(0);
     let c = crate::http::client();
