@@ -24,8 +24,26 @@ use crate::ports::{
 /// How long a refusal is reported after the last one, when no write of that store was tried since.
 pub const STALE: Duration = Duration::from_secs(60);
 
+/// Postgres's SQLSTATE `disk_full` (class 53, insufficient resources): a table, index or temporary
+/// file that cannot grow ("could not extend file ...: No space left on device"), in any language
+/// the server speaks.
+pub const PG_DISK_FULL: &str = "53100";
+
+/// SQLite's primary result code `SQLITE_FULL`.
+const SQLITE_FULL: &str = "13";
+
+/// The JetStream error codes of a store out of space: the server's or account's store
+/// (`insufficient resources`, 10023; `insufficient storage resources available`, 10047; the account's
+/// limit, 10002).
+const JETSTREAM_FULL: &[async_nats::jetstream::ErrorCode] = &[
+    async_nats::jetstream::ErrorCode::INSUFFICIENT_RESOURCES,
+    async_nats::jetstream::ErrorCode::STORAGE_RESOURCES_EXCEEDED,
+    async_nats::jetstream::ErrorCode::ACCOUNT_RESOURCES_EXCEEDED,
+];
+
 /// What the stores and servers say when they are out of space (compared in lower case, anywhere in
-/// an error's chain of causes).
+/// an error's chain of causes), where no code says it: the servers' English, and errors that went
+/// through a sentence.
 const FULL_MARKERS: &[&str] = &[
     // Linux, the embedded store's own files.
     "no space left on device",
@@ -44,15 +62,47 @@ const FULL_MARKERS: &[&str] = &[
     "embedded bus is full",
 ];
 
-/// Whether `error` (or one of its causes) says a store is out of space.
+/// Whether `error` (or one of its causes) says a store is out of space: by its code where the
+/// store gives one (Postgres's SQLSTATE, SQLite's result code, JetStream's error code), else by its
+/// words.
 pub fn is_full(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(error);
     while let Some(e) = next {
+        if coded_full(e) {
+            return true;
+        }
         let text = e.to_string().to_lowercase();
         if FULL_MARKERS.iter().any(|m| text.contains(m)) {
             return true;
         }
         next = e.source();
+    }
+    false
+}
+
+/// Whether `error` itself is a store's coded "out of space".
+fn coded_full(error: &(dyn std::error::Error + 'static)) -> bool {
+    use sea_orm::sqlx;
+    if let Some(db) = error
+        .downcast_ref::<sqlx::Error>()
+        .and_then(sqlx::Error::as_database_error)
+    {
+        if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+            return pg.code() == PG_DISK_FULL;
+        }
+        if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+            // The extended code's low byte is the primary one.
+            return db
+                .code()
+                .and_then(|c| c.parse::<i64>().ok())
+                .is_some_and(|c| (c & 0xff).to_string() == SQLITE_FULL);
+        }
+    }
+    if let Some(pg) = error.downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        return pg.code() == PG_DISK_FULL;
+    }
+    if let Some(js) = error.downcast_ref::<async_nats::jetstream::Error>() {
+        return JETSTREAM_FULL.contains(&js.error_code());
     }
     false
 }
@@ -182,7 +232,12 @@ impl Journal for Watched<dyn Journal> {
         self.inner.ping().await
     }
     fn full(&self) -> Option<String> {
-        self.storage.problem()
+        // And what the journal knows of its own (a store it writes behind).
+        let reasons: Vec<String> = [self.storage.problem(), self.inner.full()]
+            .into_iter()
+            .flatten()
+            .collect();
+        (!reasons.is_empty()).then(|| reasons.join("; "))
     }
     async fn close(&self) {
         self.inner.close().await
@@ -294,6 +349,24 @@ mod tests {
             assert!(is_full(&PortError::msg(text)), "{text}");
         }
         assert!(!is_full(&PortError::msg("connection refused")));
+    }
+
+    /// JetStream's refusals are known by their code, whatever their words.
+    #[test]
+    fn full_jetstream_stores_are_recognised_by_their_code() {
+        let refusal = |err_code: u64| {
+            let error: async_nats::jetstream::Error = serde_json::from_value(serde_json::json!({
+                "code": 503, "err_code": err_code, "description": "keine Ressourcen"
+            }))
+            .expect("an API error");
+            async_nats::jetstream::context::PublishError::with_source(
+                async_nats::jetstream::context::PublishErrorKind::Other,
+                error,
+            )
+        };
+        assert!(is_full(&PortError::new(refusal(10023))));
+        assert!(is_full(&PortError::new(refusal(10047))));
+        assert!(!is_full(&PortError::new(refusal(10058))));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The fault harness: randomized rounds against private servers (nats-server, redis-server, a Postgres
 //! made with `initdb`), one to three coordinator processes, and client services driven by the client
 //! crate, each recording the instants in which it used a GPU. Faults, chosen at random: `kill -9` of a
-//! coordinator, restarts of NATS, Redis and Postgres, SIGSTOP of a coordinator past a lease, a holder
+//! coordinator, restarts of NATS, Redis and Postgres, Postgres's disk full for a few seconds (its data
+//! directory is on a small tmpfs that the harness mounts: it needs root), SIGSTOP of a coordinator
+//! past a lease, a holder
 //! stalled past its lease, a client cut off from NATS, the leader stopped gracefully (SIGTERM) while
 //! Postgres is slowed, so that a standby (or its restart) takes over a journal stream that Postgres
 //! lags behind (with Postgres written behind), a standby started with libfaketime preloaded, its clock
@@ -34,7 +36,7 @@ use gpu_coordinator::audit::{self, Since};
 use gpu_coordinator::config::{Config, GpuConfig};
 use gpu_coordinator::nats_auth::{self, Credentials};
 use gpu_coordinator_client::{Client, ClientError, Lease, LeasePhase, RequestOptions, Worker};
-use gpu_coordinator_test_support::{unique, NatsServer, PgServer, Proxy, RedisServer};
+use gpu_coordinator_test_support::{unique, NatsServer, PgServer, Proxy, RedisServer, SmallDisk};
 use gpu_coordinator_wire::StatusDoc;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -61,9 +63,10 @@ enum Fault {
     SlowPostgresStopLeader,
     ClockOffsetStandby,
     HostileClients,
+    FillPostgresDisk,
 }
 
-const FAULTS: [Fault; 10] = [
+const FAULTS: [Fault; 11] = [
     Fault::KillCoordinator,
     Fault::RestartNats,
     Fault::RestartRedis,
@@ -74,6 +77,7 @@ const FAULTS: [Fault; 10] = [
     Fault::SlowPostgresStopLeader,
     Fault::ClockOffsetStandby,
     Fault::HostileClients,
+    Fault::FillPostgresDisk,
 ];
 
 struct Args {
@@ -122,10 +126,12 @@ fn main() {
 }
 
 async fn run(args: &Args) -> Totals {
+    let pg_disk = SmallDisk::mount("faults_pg", PG_DISK);
     let mut servers = Servers {
         nats: NatsServer::start(),
         redis: RedisServer::start(),
-        pg: PgServer::start(),
+        pg: PgServer::start_in(&pg_disk.dir),
+        pg_disk,
     };
     let mut totals = Totals::default();
     for round in 0..args.rounds {
@@ -141,6 +147,8 @@ async fn run(args: &Args) -> Totals {
                     "round {round} (seed {seed}) FAILED: {failure}\nreplay it: cargo test --test \
                      faults -- --rounds 1 --seed {seed}"
                 );
+                // The servers stop and Postgres's disk is unmounted before the process ends.
+                drop(servers);
                 std::process::exit(1);
             }
         }
@@ -152,7 +160,13 @@ struct Servers {
     nats: NatsServer,
     redis: RedisServer,
     pg: PgServer,
+    /// The disk of Postgres's data directory, WAL included, filled by [`Fault::FillPostgresDisk`]
+    /// (dropped after the server).
+    pg_disk: SmallDisk,
 }
+
+/// The size of Postgres's disk: its cluster (some 30 MiB) and a round's database, with room to spare.
+const PG_DISK: &str = "160m";
 
 /// What one round did.
 #[derive(Debug, Default)]
@@ -261,6 +275,10 @@ async fn play(servers: &mut Servers, seed: u64, length: Duration) -> Result<Roun
     let played = play_round(servers, &mut rng, config, dir, users, length).await;
     if let Some(plain) = plain {
         drop(std::mem::replace(&mut servers.nats, plain));
+    }
+    if played.is_ok() {
+        // Postgres's disk holds a round's database, not every round's.
+        drop_database(&servers.pg, &name).await?;
     }
     played
 }
@@ -441,6 +459,19 @@ async fn play_round(
     drop(round.skewed);
     let _ = std::fs::remove_dir_all(&round.dir);
     Ok(stats)
+}
+
+/// Drops the database of a round that passed (its coordinators are gone).
+async fn drop_database(pg: &PgServer, name: &str) -> Result<(), String> {
+    use sea_orm::ConnectionTrait as _;
+    let db = sea_orm::Database::connect(pg.url("postgres"))
+        .await
+        .map_err(|e| format!("connect to Postgres: {e}"))?;
+    db.execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .await
+        .map_err(|e| format!("dropping the database {name}: {e}"))?;
+    db.close().await.ok();
+    Ok(())
 }
 
 /// The user with every right that the harness itself connects as on a secured NATS (to ask for the
@@ -663,6 +694,49 @@ async fn inject(
                 Ok(what) => format!("each journal write {slow:?} slower for {filling:?}, {what}"),
                 Err(e) => format!("not played: {e}"),
             }
+        }
+        Fault::FillPostgresDisk => {
+            // Postgres refuses what must grow a file (`disk_full`); the leader retries its journal
+            // writes until the filler goes.
+            let noted = || {
+                coordinators
+                    .iter()
+                    .map(|c| {
+                        let log = std::fs::read_to_string(&c.log).unwrap_or_default();
+                        log.matches("Postgres is full").count()
+                    })
+                    .sum::<usize>()
+            };
+            let before = noted();
+            let filler = tokio::task::block_in_place(|| servers.pg_disk.fill(0));
+            let full = pause(500, 3_000, rng);
+            tokio::time::sleep(full).await;
+            std::fs::remove_file(&filler).map_err(|e| format!("removing the filler: {e}"))?;
+            // A WAL segment it could not make crashes Postgres, and its recovery then too: it shuts
+            // down, and the operator starts it again.
+            let restarted = tokio::task::block_in_place(|| {
+                let until = Instant::now() + Duration::from_secs(20);
+                while Instant::now() < until {
+                    if !servers.pg.running() {
+                        servers.pg.resume();
+                        return Ok(true);
+                    }
+                    if servers.pg.accepting() {
+                        return Ok(false);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err("Postgres neither accepts connections nor stopped within 20 s".to_string())
+            })?;
+            format!(
+                "full for {full:?}, {} refusal(s) noted in the coordinators' logs{}",
+                noted() - before,
+                if restarted {
+                    "; Postgres crashed (its WAL could not grow) and was started again"
+                } else {
+                    ""
+                }
+            )
         }
         Fault::ClockOffsetStandby => clock_offset_standby(rng, round, coordinators).await?,
         Fault::HostileClients => hostile_clients(rng, round).await?,

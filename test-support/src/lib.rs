@@ -12,10 +12,13 @@
 //! [`engines`] holds fake inference engines (vLLM, SGLang, Ollama, llama.cpp, Triton, a whole process)
 //! that allocate from a fake GPU, for the engine sidecars' tests.
 
+mod disk;
 pub mod engines;
 
+pub use disk::SmallDisk;
+
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -133,7 +136,13 @@ impl NatsServer {
     /// A private server that also reads the configuration file `conf` (the command line's port,
     /// address and store win over it).
     pub fn start_with_conf(conf: Option<PathBuf>) -> NatsServer {
-        let store = std::env::temp_dir().join(unique("nats_store"));
+        Self::start_in(&std::env::temp_dir(), conf)
+    }
+
+    /// [`NatsServer::start_with_conf`], its store in a new directory under `parent` (a small disk of
+    /// the test's own, say).
+    pub fn start_in(parent: &Path, conf: Option<PathBuf>) -> NatsServer {
+        let store = parent.join(unique("nats_store"));
         std::fs::create_dir_all(&store).expect("create the store dir");
         let mut server = NatsServer {
             port: free_port(),
@@ -576,12 +585,32 @@ impl Drop for RedisSentinels {
 pub struct PgServer {
     pub port: u16,
     dir: PathBuf,
+    /// Its WAL, where it is not under `dir`.
+    wal: Option<PathBuf>,
+    /// The server's log, outside its data directory (which may be on a disk that fills).
+    log: PathBuf,
     bin: PathBuf,
     as_root: bool,
 }
 
 impl PgServer {
     pub fn start() -> PgServer {
+        Self::start_in(&std::env::temp_dir())
+    }
+
+    /// A private Postgres whose data directory (WAL included) is a new directory under `parent` (a
+    /// small disk of the test's own, say). Its WAL segments are of 1 MiB, so that a cluster fits in
+    /// some 30 MiB.
+    pub fn start_in(parent: &Path) -> PgServer {
+        Self::start_at(parent, None)
+    }
+
+    /// [`PgServer::start_in`], its WAL (`pg_wal`) in a new directory under `wal_parent` instead.
+    pub fn start_with_wal_in(parent: &Path, wal_parent: &Path) -> PgServer {
+        Self::start_at(parent, Some(wal_parent))
+    }
+
+    fn start_at(parent: &Path, wal_parent: Option<&Path>) -> PgServer {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .expect("Postgres under /usr/lib/postgresql")
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
@@ -592,31 +621,44 @@ impl PgServer {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
             .unwrap_or(false);
-        let dir = std::env::temp_dir().join(unique("pg_cluster"));
+        let dir = parent.join(unique("pg_cluster"));
         std::fs::create_dir_all(&dir).expect("create the cluster dir");
+        let wal = wal_parent.map(|p| p.join(unique("pg_wal")));
         let server = PgServer {
             port: free_port(),
             dir,
+            wal,
+            log: std::env::temp_dir().join(format!("{}.log", unique("pg_log"))),
             bin,
             as_root,
         };
         if as_root {
             server.run("chown", &["-R", "postgres:postgres"], true);
+            std::fs::File::create(&server.log).expect("the log file can be made");
+            let _ = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(&server.log)
+                .status();
         }
-        server.run(
-            "initdb",
-            &[
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "--no-sync",
-                "-E",
-                "UTF8",
-                "-D",
-            ],
-            true,
-        );
+        let mut initdb = vec![
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+            "--wal-segsize=1",
+            "-E",
+            "UTF8",
+        ];
+        let waldir = server
+            .wal
+            .as_ref()
+            .map(|w| w.to_string_lossy().into_owned());
+        if let Some(waldir) = &waldir {
+            initdb.extend(["-X", waldir.as_str()]);
+        }
+        initdb.push("-D");
+        server.run("initdb", &initdb, true);
         server.resume();
         server
     }
@@ -657,6 +699,30 @@ impl PgServer {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// What the server wrote to its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the server runs and accepts connections (`pg_isready`).
+    pub fn accepting(&self) -> bool {
+        self.command("pg_isready")
+            .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Whether the server's process runs (`pg_ctl status`): not once it shut down by itself (after a
+    /// crash it could not recover from).
+    pub fn running(&self) -> bool {
+        self.command("pg_ctl")
+            .args(["status", "-D"])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     /// Stops the server at once (`-m immediate`, like a crash).
     pub fn stop(&self) {
         self.run("pg_ctl", &["-m", "immediate", "-w", "stop", "-D"], true);
@@ -669,7 +735,7 @@ impl PgServer {
             self.port,
             self.dir.display()
         );
-        let log = self.dir.join("server.log");
+        let log = &self.log;
         self.run(
             "pg_ctl",
             &[
@@ -694,6 +760,10 @@ impl Drop for PgServer {
             .arg(&self.dir)
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(wal) = &self.wal {
+            let _ = std::fs::remove_dir_all(wal);
+        }
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 

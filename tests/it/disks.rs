@@ -3,9 +3,7 @@
 //! anyway (a tmpfs of a few MiB, mounted by the test: it needs root), the embedded store refuses
 //! inputs, acknowledges none it did not keep, and goes on by itself once space is freed.
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use async_nats::jetstream;
 use gpu_coordinator::adapters::sqlite::{SqliteBus, SqliteStore};
@@ -17,7 +15,7 @@ use sea_orm::{ConnectionTrait as _, Database, DatabaseConnection, DbBackend, Sta
 use serde_json::{json, Value};
 
 use crate::http::{client, get, post};
-use crate::support::{embedded_config, eventually, test_config, unique, Coordinator, NATS_URL};
+use crate::support::{embedded_config, eventually, test_config, Coordinator, SmallDisk, NATS_URL};
 
 /// The SQLite database of an embedded coordinator, read beside it.
 async fn database(config: &Config) -> DatabaseConnection {
@@ -171,58 +169,6 @@ async fn unknown_http_fields_are_not_stored() {
     let _ = std::fs::remove_dir_all(&config.embedded.data_dir);
 }
 
-/// A small disk of its own: a tmpfs of `size` mounted on a fresh directory, unmounted when dropped
-/// (lazily, so that a test that failed with the coordinator's files still open leaves no mount
-/// behind), then the directory removed.
-struct SmallDisk {
-    dir: PathBuf,
-}
-
-impl SmallDisk {
-    fn mount(tag: &str, size: &str) -> SmallDisk {
-        let dir = std::env::temp_dir().join(format!("gpu-it-{}", unique(tag)));
-        std::fs::create_dir_all(&dir).expect("the mount point can be made");
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&dir)
-            .status()
-            .expect("mount runs");
-        if !mounted.success() {
-            let _ = std::fs::remove_dir(&dir);
-            panic!(
-                "cannot mount a {size} tmpfs on {}: this test fills a disk of its own and needs \
-                 the right to mount one (root, or CAP_SYS_ADMIN)",
-                dir.display()
-            );
-        }
-        SmallDisk { dir }
-    }
-
-    /// Writes zeros into `filler` until the disk refuses more, then gives `margin` bytes back, so that
-    /// the store runs out of space while it works (in the bus, the journal or the outputs, wherever
-    /// the last page goes); returns the filler's path.
-    fn fill(&self, margin: u64) -> PathBuf {
-        let path = self.dir.join("filler");
-        let mut file = std::fs::File::create(&path).expect("the filler can be made");
-        // Large blocks first, then smaller ones into what is left, down to single bytes.
-        for block in [1 << 20, 64 << 10, 4 << 10, 512, 1] {
-            let zeros = vec![0u8; block];
-            while file.write_all(&zeros).is_ok() {}
-        }
-        let len = file.metadata().expect("the filler's size").len();
-        file.set_len(len.saturating_sub(margin))
-            .expect("the filler gives the margin back");
-        path
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("--lazy").arg(&self.dir).status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// An input that the full disk refused is never acknowledged: each `submit` that returned Ok is in
 /// the database, as another reader sees it once space is back, and each one refused says the store
 /// is full. (The INSERT commits when its statement ends; read only to its first row, a commit refused
@@ -276,7 +222,7 @@ async fn an_input_a_full_disk_refused_is_never_acknowledged() {
 }
 
 /// The holders of `service` in a status document: request id and fence.
-fn holders_of(doc: &Value, service: &str) -> Vec<(String, u64)> {
+pub(crate) fn holders_of(doc: &Value, service: &str) -> Vec<(String, u64)> {
     let mut holders: Vec<(String, u64)> = doc["gpus"][0]["holders"]
         .as_array()
         .expect("holders")
@@ -293,6 +239,149 @@ fn holders_of(doc: &Value, service: &str) -> Vec<(String, u64)> {
     holders
 }
 
+/// A request of `service`, granted at once on an idle GPU while the journal writes.
+pub(crate) fn request(service: &str, id: &str) -> Value {
+    json!({"service_id": service, "request_id": id, "priority": 1, "vram_mb": 10})
+}
+
+/// What became of the requests sent while a disk filled.
+#[derive(Default)]
+pub(crate) struct Sent {
+    /// Answered 200: granted, under this fence.
+    pub(crate) granted: Vec<(String, u64)>,
+    /// Answered 202: stored, not yet granted.
+    pub(crate) stored: Vec<String>,
+    /// Answered 507: refused, not stored.
+    pub(crate) refused: Vec<(String, Value)>,
+}
+
+impl Sent {
+    /// Sends `fill-<i>` requests of service `fill` until `done` holds for what was sent and what
+    /// `/readyz` answers after
+    /// a request that was not granted at once (or after every tenth); fails after `most` requests not
+    /// granted at once.
+    pub(crate) async fn until(
+        base: &str,
+        most: usize,
+        done: impl Fn(&Sent, &Value) -> bool,
+    ) -> Sent {
+        let c = client();
+        let mut sent = Sent::default();
+        for i in 0..10_000 {
+            let id = format!("fill-{i}");
+            let (status, body) = post(
+                &c,
+                &format!("{base}/gpu/request"),
+                None,
+                request("fill", &id),
+            )
+            .await;
+            match status {
+                StatusCode::OK => {
+                    sent.granted
+                        .push((id, body["fence"].as_u64().expect("a fence")));
+                    // A store written behind fills while requests are still granted.
+                    if i % 10 != 9 {
+                        continue;
+                    }
+                }
+                StatusCode::ACCEPTED => sent.stored.push(id),
+                StatusCode::INSUFFICIENT_STORAGE => sent.refused.push((id, body)),
+                other => panic!("{id}: {other} {body}"),
+            }
+            let (_, ready) = get(&c, &format!("{base}/readyz"), None).await;
+            if done(&sent, &ready) {
+                return sent;
+            }
+            assert!(
+                sent.stored.len() + sent.refused.len() < most,
+                "{most} requests not granted, and /readyz still says {ready}"
+            );
+        }
+        panic!("the disk never filled");
+    }
+}
+
+/// Whether `/readyz` answered that `store` is full.
+pub(crate) fn says_full(ready: &Value, store: &str) -> bool {
+    ready["status"] == "not ready"
+        && ready["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&format!("{store} is full")))
+}
+
+/// Waits until every request acknowledged holds under the fence it was granted (those stored but not
+/// granted then are granted now, from the store), and no store is reported full.
+pub(crate) async fn every_acknowledged_request_holds(
+    base: &str,
+    kept: &[(String, u64)],
+    sent: &Sent,
+) {
+    let c = client();
+    eventually("every acknowledged request holds", || async {
+        let (status, doc) = get(&c, &format!("{base}/gpu/status"), None).await;
+        if status != StatusCode::OK {
+            return None;
+        }
+        let fill = holders_of(&doc, "fill");
+        let ids: Vec<&str> = fill.iter().map(|(id, _)| id.as_str()).collect();
+        let mut expected: Vec<&str> = sent
+            .granted
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .chain(sent.stored.iter().map(String::as_str))
+            .collect();
+        expected.sort();
+        (holders_of(&doc, "kept") == kept
+            && ids == expected
+            && sent.granted.iter().all(|g| fill.contains(g))
+            && doc["storage_full"].is_null())
+        .then_some(())
+    })
+    .await;
+}
+
+/// Three requests granted before the disk fills, to outlive it.
+pub(crate) async fn kept_requests(base: &str) -> Vec<(String, u64)> {
+    let c = client();
+    let mut kept = Vec::new();
+    for i in 0..3 {
+        let id = format!("kept-{i}");
+        let (status, body) = post(
+            &c,
+            &format!("{base}/gpu/request"),
+            None,
+            request("kept", &id),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        kept.push((id, body["fence"].as_u64().expect("a fence")));
+    }
+    kept
+}
+
+/// Once space is back: a new request is granted and `/readyz` answers 200, with no restart.
+pub(crate) async fn goes_on_by_itself(base: &str) {
+    let c = client();
+    let after = eventually("a new request is granted once space is freed", || async {
+        let (status, body) = post(
+            &c,
+            &format!("{base}/gpu/request"),
+            None,
+            request("after", "after-1"),
+        )
+        .await;
+        (status == StatusCode::OK).then_some(body)
+    })
+    .await;
+    assert!(after["fence"].as_u64().is_some(), "{after}");
+    eventually("/readyz answers 200 once space is freed", || async {
+        let (status, _) = get(&c, &format!("{base}/readyz"), None).await;
+        (status == StatusCode::OK).then_some(())
+    })
+    .await;
+}
+
 /// The embedded store on a disk that fills: inputs are refused with 507 and `/readyz` says which
 /// store is full; once space is freed the coordinator goes on by itself, with no restart, and every
 /// request acknowledged before, or while the disk filled, is still there.
@@ -305,69 +394,37 @@ async fn a_full_disk_refuses_inputs_and_recovers_by_itself_once_space_is_freed()
     // A request stored while the journal cannot write is answered 202 soon, not after 5 minutes.
     config.http.max_wait_ms = 1_000;
     let coordinator = Coordinator::start(config.clone()).await;
+    let base = coordinator.url("");
     let c = client();
-    let request = |service: &str, id: &str| json!({"service_id": service, "request_id": id, "priority": 1, "vram_mb": 10});
 
     // Held before the disk fills: acknowledged, so they must outlive it.
-    let mut kept = Vec::new();
-    for i in 0..3 {
-        let id = format!("kept-{i}");
-        let (status, body) = post(
-            &c,
-            &coordinator.url("/gpu/request"),
-            None,
-            request("kept", &id),
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        kept.push((id, body["fence"].as_u64().expect("a fence")));
-    }
+    let kept = kept_requests(&base).await;
 
     // Requests go on until the store refuses one. Each one acknowledged meanwhile must outlive the
     // full disk: granted (200, under its fence), or stored and not yet granted (202: the journal
     // could not write the grant).
     let filler = disk.fill(256 << 10);
-    let mut granted = Vec::new();
-    let mut stored = Vec::new();
-    let mut refusal = None;
-    for i in 0..10_000 {
-        let id = format!("fill-{i}");
-        let (status, body) = post(
-            &c,
-            &coordinator.url("/gpu/request"),
-            None,
-            request("fill", &id),
-        )
-        .await;
-        match status {
-            StatusCode::OK => granted.push((id, body["fence"].as_u64().expect("a fence"))),
-            StatusCode::ACCEPTED => stored.push(id),
-            StatusCode::INSUFFICIENT_STORAGE => {
-                refusal = Some(body);
-                break;
-            }
-            other => panic!("{id}: {other} {body}"),
-        }
-    }
-    let refusal = refusal.expect("the full disk refuses an input with 507");
+    let sent = Sent::until(&base, 1_000, |sent, ready| {
+        !sent.refused.is_empty()
+            && ready["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("is full"))
+    })
+    .await;
+    let (_, refusal) = sent
+        .refused
+        .first()
+        .expect("the full disk refuses an input with 507");
     eprintln!(
         "the disk filled after {} granted and {} stored, not granted: {refusal}",
-        granted.len(),
-        stored.len()
+        sent.granted.len(),
+        sent.stored.len()
     );
     assert!(
         refusal["error"]
             .as_str()
             .is_some_and(|e| e.contains("full")),
         "the refusal says the store is full: {refusal}"
-    );
-    let (status, body) = get(&c, &coordinator.url("/readyz"), None).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert!(
-        body["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("is full")),
-        "/readyz names the full store: {body}"
     );
     // The status says so too, when the driver can answer it: while it retries a journal write that
     // the disk refused, it answers nothing (503, "did not produce its status").
@@ -381,47 +438,14 @@ async fn a_full_disk_refuses_inputs_and_recovers_by_itself_once_space_is_freed()
         );
     }
 
-    // Space is freed; no restart. A new request is granted and the store is ready again.
+    // Space is freed; no restart. A new request is granted and the store is ready again, and nothing
+    // acknowledged was lost. The requests held before still hold, under their fences; those granted
+    // while the disk filled too; and those stored but not granted then are granted now, from the
+    // store, without being sent again.
     std::fs::remove_file(&filler).expect("the filler goes");
-    let after = eventually("a new request is granted once space is freed", || async {
-        let (status, body) = post(
-            &c,
-            &coordinator.url("/gpu/request"),
-            None,
-            request("after", "after-1"),
-        )
-        .await;
-        (status == StatusCode::OK).then_some(body)
-    })
-    .await;
-    assert!(after["fence"].as_u64().is_some(), "{after}");
-    eventually("/readyz answers 200 once space is freed", || async {
-        let (status, _) = get(&c, &coordinator.url("/readyz"), None).await;
-        (status == StatusCode::OK).then_some(())
-    })
-    .await;
-
-    // Nothing acknowledged was lost. The requests held before still hold, under their fences; those
-    // granted while the disk filled too; and those stored but not granted then are granted now,
-    // from the store, without being sent again.
-    eventually("every acknowledged request holds", || async {
-        let (status, doc) = get(&c, &coordinator.url("/gpu/status"), None).await;
-        let fill = holders_of(&doc, "fill");
-        let ids: Vec<&str> = fill.iter().map(|(id, _)| id.as_str()).collect();
-        let mut expected: Vec<&str> = granted
-            .iter()
-            .map(|(id, _)| id.as_str())
-            .chain(stored.iter().map(String::as_str))
-            .collect();
-        expected.sort();
-        (status == StatusCode::OK
-            && holders_of(&doc, "kept") == kept
-            && ids == expected
-            && granted.iter().all(|g| fill.contains(g))
-            && doc["storage_full"].is_null())
-        .then_some(())
-    })
-    .await;
+    goes_on_by_itself(&base).await;
+    every_acknowledged_request_holds(&base, &kept, &sent).await;
+    let (granted, stored) = (&sent.granted, &sent.stored);
     // And the journal has them all.
     let db = database(&config).await;
     let journal: Vec<String> = db
@@ -434,7 +458,7 @@ async fn a_full_disk_refuses_inputs_and_recovers_by_itself_once_space_is_freed()
         .iter()
         .map(|r| r.try_get_by_index::<String>(0).expect("an id"))
         .collect();
-    let acknowledged = kept.iter().chain(&granted).map(|(id, _)| id).chain(&stored);
+    let acknowledged = kept.iter().chain(granted).map(|(id, _)| id).chain(stored);
     for id in acknowledged {
         assert!(
             journal.iter().any(|j| j.ends_with(id.as_str())),

@@ -9,6 +9,7 @@ mod clocks;
 mod demo;
 mod disk_full_status;
 mod disks;
+mod disks_servers;
 mod engine_board;
 mod engines;
 mod ha;

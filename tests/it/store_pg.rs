@@ -1049,3 +1049,62 @@ async fn pg_behind_a_batch_bigger_than_a_message_goes_in_parts_and_a_torn_one_is
     stream.delete().await;
     drop_database(&name).await;
 }
+
+/// The leader row's writes (`INSERT/UPDATE ... RETURNING term`, autocommit) report a commit that
+/// Postgres refused after the statement produced its row as an error, never as the term: the row is
+/// read to the end of the exchange (sqlx reads on to `ReadyForQuery`, past the implicit commit). A
+/// constraint trigger deferred to the commit refuses it with `disk_full`, as a commit refused for
+/// space would be, in the words of a server whose `lc_messages` is German: the refusal is known by its
+/// SQLSTATE.
+#[tokio::test]
+async fn pg_a_leader_row_write_whose_commit_is_refused_is_not_taken_for_a_lead() {
+    use gpu_coordinator::adapters::postgres::PgLeadership;
+    use gpu_coordinator::ports::Leadership as _;
+    use std::time::Duration;
+    let (store, name) = fresh_store().await;
+    let db = store.connection().clone();
+    db.execute_unprepared(
+        "CREATE FUNCTION refuse_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             RAISE EXCEPTION 'konnte Datei nicht erweitern: Auf dem Gerät ist kein \
+                 Speicherplatz mehr verfügbar' \
+                 USING ERRCODE = 'disk_full'; \
+         END $$; \
+         CREATE CONSTRAINT TRIGGER refuse_commit AFTER INSERT OR UPDATE ON leader \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_commit();",
+    )
+    .await
+    .expect("the trigger");
+    let leadership = PgLeadership::new(
+        db.clone(),
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+    );
+    let refused = tokio::time::timeout(Duration::from_secs(20), leadership.acquire())
+        .await
+        .expect("acquire answers");
+    let error = refused.expect_err("a lead whose commit was refused is not taken");
+    assert!(
+        gpu_coordinator::storage::is_full(&error),
+        "the refusal is recognised as a full disk: {error}"
+    );
+    let rows = db
+        .query_all(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT term FROM leader",
+        ))
+        .await
+        .expect("read");
+    assert!(rows.is_empty(), "nothing was committed");
+    // Once commits go through, the same call leads.
+    db.execute_unprepared("DROP TRIGGER refuse_commit ON leader")
+        .await
+        .expect("drop the trigger");
+    let term = tokio::time::timeout(Duration::from_secs(20), leadership.acquire())
+        .await
+        .expect("acquire answers")
+        .expect("it leads");
+    assert_eq!(term.0, 1);
+    leadership.release(term).await;
+    drop(leadership);
+    finish(store, &name).await;
+}

@@ -144,6 +144,9 @@ pub struct WriteBehind {
     applied: Arc<watch::Sender<u64>>,
     /// Set by the writer task when Postgres refused a write for a newer term.
     deposed: Arc<Mutex<Option<Deposed>>>,
+    /// Why and when Postgres refused the writer task's last write for lack of space, until it takes
+    /// one (reported for [`crate::storage::STALE`] at most after the last refusal).
+    full: Arc<Mutex<Option<(String, std::time::Instant)>>>,
 }
 
 /// A running writer task and the way to it.
@@ -220,6 +223,7 @@ impl WriteBehind {
             writer: tokio::sync::Mutex::new(None),
             applied: Arc::new(watch::channel(0).0),
             deposed: Arc::default(),
+            full: Arc::default(),
         };
         journal.ensure_stream().await?;
         Ok(journal)
@@ -245,6 +249,7 @@ impl WriteBehind {
             stream,
             applied: self.applied.clone(),
             deposed: self.deposed.clone(),
+            full: self.full.clone(),
         };
         *writer = Some(WriterTask {
             batches,
@@ -561,9 +566,35 @@ struct Writer {
     stream: stream::Stream,
     applied: Arc<watch::Sender<u64>>,
     deposed: Arc<Mutex<Option<Deposed>>>,
+    full: Arc<Mutex<Option<(String, std::time::Instant)>>>,
 }
 
 impl Writer {
+    /// Notes whether Postgres took the last write or refused it for lack of space (logged once an
+    /// episode: the stream holds what Postgres does not, until [`WAITING`] batches wait).
+    fn noted(&self, result: &Result<(), PgError>) {
+        let mut full = self.full.lock().expect("not poisoned");
+        match result {
+            Ok(()) => {
+                if full.take().is_some() {
+                    tracing::info!("Postgres takes the journal's writes again: space was freed");
+                }
+            }
+            Err(e) if crate::storage::is_full(e) => {
+                let why = crate::driver::retry::causes(e);
+                if full.is_none() {
+                    tracing::error!(
+                        "Postgres is full: the journal written behind was refused for lack of space \
+                         ({why}); the journal stream holds what Postgres does not, and the writer \
+                         goes on by itself once space is freed"
+                    );
+                }
+                *full = Some((why, std::time::Instant::now()));
+            }
+            Err(_) => {}
+        }
+    }
+
     /// Writes the batches in order, those waiting together, each until Postgres takes it (with
     /// backoff), until the journal closes. A batch refused for its term is dropped, and so are the
     /// later ones of that term: its driver hears that it was deposed, and a later term's batches (the
@@ -617,7 +648,9 @@ impl Writer {
             }
             let mut delays = crate::driver::retry::backoff().build();
             let written = loop {
-                match self.pg.write_rows(&rows).await {
+                let result = self.pg.write_rows(&rows).await;
+                self.noted(&result);
+                match result {
                     Ok(()) => break true,
                     Err(PgError::StaleTerm { term, detail, .. }) => {
                         tracing::warn!("writing the journal behind: deposed ({detail})");
@@ -769,6 +802,13 @@ impl Journal for WriteBehind {
 
     async fn ping(&self) -> Result<(), PortError> {
         self.pg.ping().await.map_err(PortError::new)
+    }
+
+    fn full(&self) -> Option<String> {
+        let full = self.full.lock().expect("not poisoned");
+        full.as_ref()
+            .filter(|(_, at)| at.elapsed() < crate::storage::STALE)
+            .map(|(why, _)| format!("Postgres is full (out of disk space), written behind: {why}"))
     }
 
     /// Lets the writer task write what it has (as long as Postgres answers), then closes Postgres.

@@ -18,7 +18,9 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use gpu_coordinator_test_support::{unique, NatsCluster, NatsServer, PgServer, RedisServer};
+pub use gpu_coordinator_test_support::{
+    unique, NatsCluster, NatsServer, PgServer, RedisServer, SmallDisk,
+};
 
 /// The shared servers on loopback.
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -280,8 +282,19 @@ pub struct CoordinatorProcess {
 
 impl CoordinatorProcess {
     pub async fn start(config: &Config) -> CoordinatorProcess {
+        Self::start_with_stderr(config, Stdio::inherit()).await
+    }
+
+    /// [`CoordinatorProcess::start`], its log (at `warn`) written to `log`.
+    pub async fn start_logged(config: &Config, log: &std::path::Path) -> CoordinatorProcess {
+        let file = std::fs::File::create(log).expect("the log file can be made");
+        Self::start_with_stderr(config, file.into()).await
+    }
+
+    /// Starts it, its stderr to `stderr`, and waits until it answers.
+    async fn start_with_stderr(config: &Config, stderr: Stdio) -> CoordinatorProcess {
         let mut cmd = Self::command(config, Command::new(env!("CARGO_BIN_EXE_gpu-coordinator")));
-        cmd.stderr(Stdio::inherit());
+        cmd.stderr(stderr);
         let child = cmd.spawn().expect("start gpu-coordinator serve");
         if config.backends.bus == BusBackend::Embedded {
             wait_ready_http(&format!("http://{}", config.http.listen)).await;
@@ -328,6 +341,14 @@ impl CoordinatorProcess {
                 config.database.write_behind.to_string(),
             )
             .env("GPU_COORDINATOR_HTTP__LISTEN", &config.http.listen)
+            .env(
+                "GPU_COORDINATOR_HTTP__MAX_WAIT_MS",
+                config.http.max_wait_ms.to_string(),
+            )
+            .env(
+                "GPU_COORDINATOR_NATS__MAX_BYTES",
+                config.nats.max_bytes.to_string(),
+            )
             .env(
                 "GPU_COORDINATOR_BACKENDS__JOURNAL",
                 backend_name(config.backends.journal),
