@@ -218,4 +218,8 @@ impl Leases for MemLeases {
         state.term = term.0;
         Ok(())
     }
+
+    async fn term(&self) -> Result<Term, PortError> {
+        Ok(Term(lock(&self.state).term))
+    }
 }
