@@ -1504,7 +1504,10 @@ mod tests {
     #[test]
     fn a_database_url_whose_hosts_cannot_be_parsed_is_refused_naming_the_key() {
         for (bad, says) in [
-            ("postgres://u:secretpw@pg1:5432,pg2:54x2/gpu", "not a number"),
+            (
+                "postgres://u:secretpw@pg1:5432,pg2:54x2/gpu",
+                "not a number",
+            ),
             ("postgres://u:secretpw@pg1:5432,,pg2/gpu", "empty host"),
             ("postgres://u:secretpw@/gpu?host=pg1,pg2", "several values"),
             ("pg1:5432,pg2:5432", "not a URL"),

@@ -480,27 +480,46 @@ impl PgServer {
     /// Runs `sql` on the `postgres` database through `psql`, failing the test if it fails; its
     /// output, unaligned, without headers (`-At`).
     pub fn sql(&self, sql: &str) -> String {
+        self.sql_on("postgres", sql)
+    }
+
+    /// [`PgServer::sql`] on `database`.
+    pub fn sql_on(&self, database: &str, sql: &str) -> String {
+        self.try_sql_on(database, sql)
+            .unwrap_or_else(|e| panic!("{sql} failed: {e}"))
+    }
+
+    /// [`PgServer::sql_on`], its failure (the server's message) returned.
+    pub fn try_sql_on(&self, database: &str, sql: &str) -> Result<String, String> {
         let out = self
             .command("psql")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-At", "-c"])
+            .args([
+                "-U",
+                "postgres",
+                "-d",
+                database,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-At",
+                "-c",
+            ])
             .arg(sql)
             .output()
-            .unwrap_or_else(|e| panic!("run psql: {e}"));
-        assert!(
-            out.status.success(),
-            "{sql} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+            .map_err(|e| format!("run psql: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
-    /// Polls `sql` until it answers `want`, for at most [`START_WAIT`].
-    pub fn wait_for(&self, sql: &str, want: &str) {
+    /// Polls `sql` on `database` until it answers `want` (a failure, as of a database not made
+    /// yet, counts as another answer), for at most [`START_WAIT`].
+    pub fn wait_for_on(&self, database: &str, sql: &str, want: &str) {
         let start = Instant::now();
         loop {
-            let got = self.sql(sql);
-            if got == want {
+            let got = self.try_sql_on(database, sql);
+            if got.as_deref() == Ok(want) {
                 return;
             }
             assert!(
@@ -509,6 +528,11 @@ impl PgServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// [`PgServer::wait_for_on`] the `postgres` database.
+    pub fn wait_for(&self, sql: &str, want: &str) {
+        self.wait_for_on("postgres", sql, want)
     }
 
     /// On a primary: with `true`, a commit waits until a standby has it on disk
@@ -803,8 +827,14 @@ mod tests {
         primary.kill();
         standby.promote();
         late.promote();
-        assert_eq!(standby.sql("SELECT string_agg(x::text, ',' ORDER BY x) FROM t"), "1,2");
-        assert_eq!(late.sql("SELECT string_agg(x::text, ',' ORDER BY x) FROM t"), "1");
+        assert_eq!(
+            standby.sql("SELECT string_agg(x::text, ',' ORDER BY x) FROM t"),
+            "1,2"
+        );
+        assert_eq!(
+            late.sql("SELECT string_agg(x::text, ',' ORDER BY x) FROM t"),
+            "1"
+        );
         standby.sql("INSERT INTO t VALUES (3)");
     }
 

@@ -16,6 +16,7 @@ mod http_hostile;
 mod limits;
 mod modes;
 mod nats_cluster;
+mod pg_failover;
 mod secrets;
 mod security;
 mod service;

@@ -64,15 +64,17 @@ async fn placement(js: &jetstream::Context, name: &str) -> (usize, Option<String
 /// (no consumer: nats-server 2.9 may place a new consumer on a server that is down, and the call
 /// then waits for its timeout).
 #[derive(Default)]
-struct Replies {
+pub(crate) struct Replies {
     /// The next stream sequence to read.
     next: u64,
-    ids: BTreeSet<String>,
+    pub(crate) ids: BTreeSet<String>,
+    /// The highest fence of the replies read.
+    pub(crate) max_fence: u64,
 }
 
 impl Replies {
     /// Reads what the stream stored since the last call.
-    async fn read(&mut self, js: &jetstream::Context, subjects: &Subjects, svc: &str) {
+    pub(crate) async fn read(&mut self, js: &jetstream::Context, subjects: &Subjects, svc: &str) {
         let Ok(mut stream) = js.get_stream(subjects.output_stream()).await else {
             return;
         };
@@ -93,7 +95,37 @@ impl Replies {
                 if let Some(id) = reply.get("request_id").and_then(|v| v.as_str()) {
                     self.ids.insert(id.to_owned());
                 }
+                if let Some(fence) = reply.get("fence").and_then(|v| v.as_u64()) {
+                    self.max_fence = self.max_fence.max(fence);
+                }
             }
+        }
+    }
+}
+
+impl Replies {
+    /// Reads the stream until every request of `wanted` is answered, failing after [`DEADLINE`]
+    /// with the ones that are not.
+    pub(crate) async fn wait_for_all(
+        &mut self,
+        js: &jetstream::Context,
+        subjects: &Subjects,
+        svc: &str,
+        wanted: &BTreeSet<String>,
+    ) {
+        let start = Instant::now();
+        loop {
+            self.read(js, subjects, svc).await;
+            let missing: Vec<&String> = wanted.difference(&self.ids).collect();
+            if missing.is_empty() {
+                return;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{} acknowledged request(s) never answered: {missing:?}",
+                missing.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
@@ -101,7 +133,7 @@ impl Replies {
 /// Publishes requests of 1 MB for the service `load` one after the other, each retried with the same
 /// `Nats-Msg-Id` until JetStream acknowledges it (stored once however often it is sent), until
 /// `stop`. Records each acknowledged request id with when it was acknowledged.
-fn publisher(
+pub(crate) fn publisher(
     js: jetstream::Context,
     subjects: Subjects,
     acked: Arc<Mutex<Vec<(String, Instant)>>>,
@@ -245,20 +277,7 @@ async fn an_r3_input_stream_loses_no_acknowledged_input_when_its_leader_is_kille
     // Every acknowledged input is answered: none was lost with the node.
     let wanted: BTreeSet<String> = acked.iter().map(|(id, _)| id.clone()).collect();
     let mut replies = Replies::default();
-    let start = Instant::now();
-    loop {
-        replies.read(&js, &subjects, "load").await;
-        let missing: Vec<&String> = wanted.difference(&replies.ids).collect();
-        if missing.is_empty() {
-            break;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "{} acknowledged request(s) never answered: {missing:?}",
-            missing.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    replies.wait_for_all(&js, &subjects, "load", &wanted).await;
     println!(
         "every acknowledged request answered {:?} after the kill",
         killed_at.elapsed()

@@ -15,7 +15,7 @@ use std::sync::{Arc, RwLock};
 use sea_orm::sqlx::{self, postgres::PgConnectOptions, Connection as _, Row as _};
 use sea_orm::DatabaseConnection;
 
-use super::{open_pool, server_name, PgError, CONNECT_TIMEOUT};
+use super::{open_pool, server_name, PgError, CONNECT_TIMEOUT, FAILOVER_ACQUIRE_TIMEOUT};
 use crate::telemetry::redact_url;
 
 /// The URLs of the hosts `url` names, one each, in order; the user, database and parameters of `url`
@@ -57,9 +57,10 @@ pub fn hosts(url: &str) -> Result<Vec<String>, String> {
             }
             let port = match host.strip_prefix('[') {
                 // `[::1]:5432`
-                Some(v6) => v6.split_once(']').map(|(_, after)| after).ok_or_else(|| {
-                    format!("host `{host}`: an IPv6 address must end with `]`")
-                })?,
+                Some(v6) => v6
+                    .split_once(']')
+                    .map(|(_, after)| after)
+                    .ok_or_else(|| format!("host `{host}`: an IPv6 address must end with `]`"))?,
                 None => host.find(':').map_or("", |at| &host[at..]),
             };
             if let Some(port) = port.strip_prefix(':') {
@@ -182,11 +183,8 @@ impl Primary {
                     "Postgres: the primary is now {server}; {} is {why}",
                     current.server
                 );
-                *self.0.current.write().unwrap_or_else(|p| p.into_inner()) = Current {
-                    db,
-                    server,
-                    index,
-                };
+                *self.0.current.write().unwrap_or_else(|p| p.into_inner()) =
+                    Current { db, server, index };
                 // The old pool's connections in use come back (failing) to a closed pool.
                 tokio::spawn(async move {
                     let _ = current.db.close().await;
@@ -210,7 +208,9 @@ impl Primary {
         .await
         .and_then(|row| Ok((row.try_get::<String, _>(0)?, row.try_get::<String, _>(1)?)));
         match settings {
-            Ok((names, commit)) if names.trim().is_empty() || ["off", "local"].contains(&commit.as_str()) => {
+            Ok((names, commit))
+                if names.trim().is_empty() || ["off", "local"].contains(&commit.as_str()) =>
+            {
                 tracing::warn!(
                     "database.url names {} hosts, but the primary {} does not wait for a standby \
                      before it acknowledges a commit (synchronous_standby_names = {names:?}, \
@@ -244,7 +244,9 @@ async fn probe(url: &str) -> Result<bool, String> {
     match tokio::time::timeout(CONNECT_TIMEOUT, asked).await {
         Ok(Ok(writable)) => Ok(writable),
         Ok(Err(e)) => Err(format!("unreachable ({e})")),
-        Err(_) => Err(format!("unreachable (no answer within {CONNECT_TIMEOUT:?})")),
+        Err(_) => Err(format!(
+            "unreachable (no answer within {CONNECT_TIMEOUT:?})"
+        )),
     }
 }
 
@@ -260,14 +262,14 @@ async fn writable_of(
         let url = &urls[index];
         let name = server_name(url).unwrap_or_else(|_| redact_url(url));
         match probe(url).await {
-            Ok(true) => match open_pool(url).await {
+            Ok(true) => match open_pool(url, FAILOVER_ACQUIRE_TIMEOUT).await {
                 Ok((db, server)) => return Ok((index, db, server)),
                 Err(e) => seen.push(format!("{name}: {e}")),
             },
             Ok(false) => seen.push(format!("{name}: a standby (in recovery)")),
             // The database may be missing: a pool makes it, on a writable host.
             Err(e) if e.contains("3D000") || e.contains("does not exist") => {
-                match open_pool(url).await {
+                match open_pool(url, FAILOVER_ACQUIRE_TIMEOUT).await {
                     Ok((db, server)) if probe(url).await == Ok(true) => {
                         return Ok((index, db, server))
                     }
@@ -321,12 +323,18 @@ mod tests {
     fn a_bad_list_says_what_is_wrong_and_hides_the_password() {
         for (url, says) in [
             ("postgres://u:secretpw@h1:5432,,h2/db", "empty host"),
-            ("postgres://u:secretpw@h1:5432,h2:54x2/db", "`54x2` is not a number"),
+            (
+                "postgres://u:secretpw@h1:5432,h2:54x2/db",
+                "`54x2` is not a number",
+            ),
             ("postgres://u:secretpw@h1,[::1/db", "must end with `]`"),
             ("postgres://u:secretpw@h1,h2:/db", "is not a number"),
             ("u:secretpw@h1,h2/db", "is not a URL"),
             ("postgres://u:secretpw@h1:99999/db", "cannot be parsed"),
-            ("postgres://u:secretpw@/db?host=h1,h2", "`?host=` lists several"),
+            (
+                "postgres://u:secretpw@/db?host=h1,h2",
+                "`?host=` lists several",
+            ),
         ] {
             let why = hosts(url).expect_err(url);
             assert!(why.contains(says), "{url}: {why}");

@@ -46,6 +46,10 @@ use sea_orm::{
 /// How long opening a connection, or waiting for a free one in the pool, may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The same wait, for a pool on one of several hosts: a pool keeps trying a host that refuses
+/// connections until this runs out, and only then does its caller look for a promoted standby.
+const FAILOVER_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Raises the stored fence, the input position (but for a reset: an input stream made anew) and the
 /// highest row version written; never lowers them, whatever order batches arrive in. `{fence}`,
 /// `{input_seq}` (null: unchanged), `{reset}` and `{version}` (null: none) stand for the batch's
@@ -537,7 +541,7 @@ impl PgStore {
         let primary = if urls.len() > 1 {
             Primary::connect(urls).await?
         } else {
-            let (db, server) = open_pool(url).await?;
+            let (db, server) = open_pool(url, CONNECT_TIMEOUT).await?;
             Primary::fixed(db, server)
         };
         Ok(PgStore {
@@ -877,10 +881,15 @@ impl PgStore {
     }
 
     pub async fn ping(&self) -> Result<(), PgError> {
-        let pinged = self.primary.db().ping().await.map_err(|source| PgError::Ping {
-            server: self.server(),
-            source,
-        });
+        let pinged = self
+            .primary
+            .db()
+            .ping()
+            .await
+            .map_err(|source| PgError::Ping {
+                server: self.server(),
+                source,
+            });
         self.moved(pinged).await
     }
 
@@ -932,11 +941,11 @@ impl PgStore {
 
 /// Opens the pool. Statement logging is off: the driver logs batches, and a line per statement would drown
 /// everything else.
-async fn open(url: &str) -> Result<DatabaseConnection, DbErr> {
+async fn open(url: &str, acquire: Duration) -> Result<DatabaseConnection, DbErr> {
     let mut options = ConnectOptions::new(url);
     options
         .connect_timeout(CONNECT_TIMEOUT)
-        .acquire_timeout(CONNECT_TIMEOUT)
+        .acquire_timeout(acquire)
         .sqlx_logging(false);
     Database::connect(options).await
 }
@@ -959,10 +968,10 @@ fn server_name(url: &str) -> Result<String, PgError> {
     ))
 }
 
-/// A pool on the one host of `url`, and the server's name. When the database does not exist, creates it
-/// through the `postgres` database of the same server (if the role may), tolerating another process
-/// creating it at the same moment.
-async fn open_pool(url: &str) -> Result<(DatabaseConnection, String), PgError> {
+/// A pool on the one host of `url`, and the server's name; `acquire` bounds each wait for a
+/// connection. When the database does not exist, creates it through the `postgres` database of the
+/// same server (if the role may), tolerating another process creating it at the same moment.
+async fn open_pool(url: &str, acquire: Duration) -> Result<(DatabaseConnection, String), PgError> {
     let options: PgConnectOptions = url.parse().map_err(|source| PgError::InvalidUrl {
         url: redact_url(url),
         source,
@@ -972,14 +981,16 @@ async fn open_pool(url: &str) -> Result<(DatabaseConnection, String), PgError> {
         .unwrap_or_else(|| options.get_username())
         .to_owned();
     let server = server_name(url)?;
-    let db = match open(url).await {
+    let db = match open(url, acquire).await {
         Ok(db) => db,
         Err(e) if is_missing_database(&e) => {
             create_database(&options, &database, &server).await?;
-            open(url).await.map_err(|source| PgError::Connect {
-                server: server.clone(),
-                source,
-            })?
+            open(url, acquire)
+                .await
+                .map_err(|source| PgError::Connect {
+                    server: server.clone(),
+                    source,
+                })?
         }
         Err(source) => return Err(PgError::Connect { server, source }),
     };

@@ -112,8 +112,7 @@ fn sweep_previous_runs() {
                         .query_async(&mut conn)
                         .await
                         .unwrap_or_default();
-                    let old: Vec<&String> =
-                        keys.iter().filter(|k| is_earlier_run(k)).collect();
+                    let old: Vec<&String> = keys.iter().filter(|k| is_earlier_run(k)).collect();
                     for chunk in old.chunks(500) {
                         let _: Result<(), _> =
                             redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
@@ -135,8 +134,7 @@ fn is_earlier_run(name: &str) -> bool {
     let (Some(pid), Some(_)) = (numbers.next(), numbers.next()) else {
         return false;
     };
-    pid != std::process::id().to_string()
-        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    pid != std::process::id().to_string() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// A coordinator running in this process.
