@@ -168,7 +168,9 @@ async fn a_coordinator_follows_its_primary_to_the_promoted_synchronous_standby()
     replies.read(&js, &subjects, "load").await;
     let handed_out = replies.max_fence.max(held_fence);
 
+    let killed_at = std::time::Instant::now();
     fail_over(&primary, &standby).await;
+    let promoted = killed_at.elapsed();
     let at_kill = *count.borrow();
     tokio::time::timeout(DEADLINE, count.wait_for(|&n| n >= at_kill + AFTER))
         .await
@@ -183,6 +185,12 @@ async fn a_coordinator_follows_its_primary_to_the_promoted_synchronous_standby()
         (now.term > before.term).then_some(now)
     })
     .await;
+    println!(
+        "led again in term {} {:?} after the kill (the promotion took {:?})",
+        after.term,
+        killed_at.elapsed(),
+        promoted
+    );
     assert_eq!(
         stored_term(&standby).await,
         after.term,
@@ -287,9 +295,11 @@ async fn after_a_failover_to_a_standby_that_missed_commits_no_term_or_fence_is_u
         "the standby missed the last fences ({standby_fence} < {handed_out})"
     );
 
+    let killed_at = std::time::Instant::now();
     fail_over(&primary, &standby).await;
     // Served again (a grant needs a leader), on the promoted standby.
     let fence = granted(&mut probe, "c", "c-1").await;
+    println!("granted again {:?} after the kill", killed_at.elapsed());
     let now = leader(&second).await.expect("the second leads again");
     assert!(
         now.term > second_term,

@@ -848,6 +848,15 @@ impl PgStore {
             .map_err(fail)?;
         txn.commit().await.map_err(fail)?;
         self.seed_version(version);
+        // Deletions go on from the first row kept: a standby promoted after it missed the last
+        // deletions holds rows below the last id this store deleted.
+        if let Some(first) = outbox.first() {
+            let below = i64::try_from(first.id)
+                .unwrap_or(i64::MAX)
+                .saturating_sub(1);
+            self.deleted_upto
+                .fetch_min(below, std::sync::atomic::Ordering::Relaxed);
+        }
         entities::StoredJournal {
             rows,
             max_fence,
