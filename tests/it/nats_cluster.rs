@@ -104,14 +104,15 @@ impl Replies {
 }
 
 impl Replies {
-    /// Reads the stream until every request of `wanted` is answered, failing after [`DEADLINE`]
-    /// with the ones that are not.
+    /// Reads the stream until every request of `wanted` is answered, failing after `deadline` with
+    /// the ones that are not.
     pub(crate) async fn wait_for_all(
         &mut self,
         js: &jetstream::Context,
         subjects: &Subjects,
         svc: &str,
         wanted: &BTreeSet<String>,
+        deadline: Duration,
     ) {
         let start = Instant::now();
         loop {
@@ -121,7 +122,7 @@ impl Replies {
                 return;
             }
             assert!(
-                start.elapsed() < DEADLINE,
+                start.elapsed() < deadline,
                 "{} acknowledged request(s) never answered: {missing:?}",
                 missing.len()
             );
@@ -133,7 +134,7 @@ impl Replies {
 /// Publishes requests of 1 MB for the service `load` one after the other, each retried with the same
 /// `Nats-Msg-Id` until JetStream acknowledges it (stored once however often it is sent), until
 /// `stop`. Records each acknowledged request id with when it was acknowledged.
-pub(crate) fn publisher(
+fn publisher(
     js: jetstream::Context,
     subjects: Subjects,
     acked: Arc<Mutex<Vec<(String, Instant)>>>,
@@ -183,6 +184,59 @@ pub(crate) fn publisher(
     })
 }
 
+/// A [`publisher`] running, and what it has done.
+pub(crate) struct Load {
+    /// The requests JetStream acknowledged, with when.
+    acked: Arc<Mutex<Vec<(String, Instant)>>>,
+    /// How many.
+    count: watch::Receiver<usize>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<usize>,
+}
+
+impl Load {
+    /// Starts publishing to the input stream of `subjects` on `nats_url`.
+    pub(crate) async fn start(nats_url: &str, subjects: &Subjects) -> Load {
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let (count_tx, count) = watch::channel(0usize);
+        let stop = CancellationToken::new();
+        let task = publisher(
+            jetstream::new(nats_connect(nats_url).await),
+            subjects.clone(),
+            acked.clone(),
+            count_tx,
+            stop.clone(),
+        );
+        Load {
+            acked,
+            count,
+            stop,
+            task,
+        }
+    }
+
+    /// How many requests were acknowledged so far.
+    pub(crate) fn count(&self) -> usize {
+        *self.count.borrow()
+    }
+
+    /// Waits until `n` requests in all were acknowledged, for at most [`DEADLINE`].
+    pub(crate) async fn wait_for(&mut self, n: usize, what: &str) {
+        tokio::time::timeout(DEADLINE, self.count.wait_for(|&c| c >= n))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: fewer than {n} requests acknowledged"))
+            .expect("the publisher runs");
+    }
+
+    /// Stops publishing: the requests acknowledged, with when, and how many publishes were retried.
+    pub(crate) async fn stop(self) -> (Vec<(String, Instant)>, usize) {
+        self.stop.cancel();
+        let retries = joined("the publisher", self.task).await;
+        let acked = self.acked.lock().expect("the list").clone();
+        (acked, retries)
+    }
+}
+
 /// R3 streams on a 3-node cluster; the node leading the input stream dies (SIGKILL) while a lease is
 /// held and requests keep coming: every request JetStream acknowledged is answered, the lease is
 /// renewed through the failover and never revoked, and the history keeps every rule.
@@ -225,20 +279,8 @@ async fn an_r3_input_stream_loses_no_acknowledged_input_when_its_leader_is_kille
     let mut events = lease.events();
 
     // Requests keep coming, each acknowledged by JetStream before the next.
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let (count_tx, mut count) = watch::channel(0usize);
-    let stop = CancellationToken::new();
-    let load = publisher(
-        jetstream::new(nats_connect(&config.nats.url).await),
-        subjects.clone(),
-        acked.clone(),
-        count_tx,
-        stop.clone(),
-    );
-    tokio::time::timeout(DEADLINE, count.wait_for(|&n| n >= BEFORE))
-        .await
-        .expect("requests acknowledged before the kill")
-        .expect("the publisher runs");
+    let mut load = Load::start(&config.nats.url, &subjects).await;
+    load.wait_for(BEFORE, "before the kill").await;
 
     let (_, leader) = placement(&js, &subjects.input_stream()).await;
     let leader = leader.expect("the input stream has a leader");
@@ -251,14 +293,9 @@ async fn an_r3_input_stream_loses_no_acknowledged_input_when_its_leader_is_kille
     });
     let nodes = joined("the kill of the leader", nodes_task).await;
     let (killed_at, killed_wall) = (Instant::now(), SystemTime::now());
-    let before = count.borrow().to_owned();
-    tokio::time::timeout(DEADLINE, count.wait_for(|&n| n >= before + AFTER))
-        .await
-        .expect("requests acknowledged after the kill")
-        .expect("the publisher runs");
-    stop.cancel();
-    let retries = joined("the publisher", load).await;
-    let acked = acked.lock().expect("the list").clone();
+    let before = load.count();
+    load.wait_for(before + AFTER, "after the kill").await;
+    let (acked, retries) = load.stop().await;
     let first_after = acked
         .iter()
         .find(|(_, at)| *at > killed_at)
@@ -277,7 +314,9 @@ async fn an_r3_input_stream_loses_no_acknowledged_input_when_its_leader_is_kille
     // Every acknowledged input is answered: none was lost with the node.
     let wanted: BTreeSet<String> = acked.iter().map(|(id, _)| id.clone()).collect();
     let mut replies = Replies::default();
-    replies.wait_for_all(&js, &subjects, "load", &wanted).await;
+    replies
+        .wait_for_all(&js, &subjects, "load", &wanted, DEADLINE)
+        .await;
     println!(
         "every acknowledged request answered {:?} after the kill",
         killed_at.elapsed()

@@ -10,12 +10,18 @@
 //! synchronous replication (`synchronous_standby_names` on the primary). [`Primary`] warns when the
 //! primary reports none.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+
+use backon::Retryable as _;
 
 use sea_orm::sqlx::{self, postgres::PgConnectOptions, Connection as _, Row as _};
 use sea_orm::DatabaseConnection;
 
-use super::{open_pool, server_name, PgError, CONNECT_TIMEOUT, FAILOVER_ACQUIRE_TIMEOUT};
+use super::{
+    open_pool, options_of, server_name, PgError, CONNECT_TIMEOUT, FAILOVER_ACQUIRE_TIMEOUT,
+};
+use crate::driver::retry::backoff;
 use crate::telemetry::redact_url;
 
 /// The URLs of the hosts `url` names, one each, in order; the user, database and parameters of `url`
@@ -86,6 +92,8 @@ struct Inner {
     current: RwLock<Current>,
     /// One recheck at a time: the others find the pool already moved.
     switching: tokio::sync::Mutex<()>,
+    /// Whether a search for a writable host runs in the background.
+    looking: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -124,6 +132,7 @@ impl Primary {
                 index: 0,
             }),
             switching: tokio::sync::Mutex::new(()),
+            looking: AtomicBool::new(false),
         }))
     }
 
@@ -135,6 +144,7 @@ impl Primary {
             urls,
             current: RwLock::new(Current { db, server, index }),
             switching: tokio::sync::Mutex::new(()),
+            looking: AtomicBool::new(false),
         }));
         primary.warn_if_asynchronous().await;
         Ok(primary)
@@ -165,15 +175,23 @@ impl Primary {
 
     /// After a call failed: when the host in use is gone or no longer writable, moves the pool to the
     /// first host that is. Nothing to do for one host (its pool reconnects by itself) or when the host
-    /// in use still is the primary.
+    /// in use still is the primary. When no host is writable yet, keeps looking in the background.
     pub async fn recheck(&self) {
         if self.0.urls.len() < 2 {
             return;
         }
+        if !self.look(true).await {
+            self.keep_looking();
+        }
+    }
+
+    /// Whether the pool is on a writable host: it was, or it moved to one. `loud`: a host that is
+    /// gone, with none writable, is a warning (else a debug line).
+    async fn look(&self, loud: bool) -> bool {
         let _one = self.0.switching.lock().await;
         let current = self.current();
         let why = match probe(&self.0.urls[current.index]).await {
-            Ok(true) => return,
+            Ok(true) => return true,
             Ok(false) => "a standby now (in recovery)".to_owned(),
             Err(e) => e,
         };
@@ -185,14 +203,45 @@ impl Primary {
                 );
                 *self.0.current.write().unwrap_or_else(|p| p.into_inner()) =
                     Current { db, server, index };
-                // The old pool's connections in use come back (failing) to a closed pool.
+                // The calls waiting on the old pool fail at once, and their retries come here.
                 tokio::spawn(async move {
                     let _ = current.db.close().await;
                 });
                 self.warn_if_asynchronous().await;
+                true
             }
-            Err(e) => tracing::warn!("Postgres: {} is {why}; {e}", current.server),
+            Err(e) if loud => {
+                tracing::warn!("Postgres: {} is {why}; {e}", current.server);
+                false
+            }
+            Err(e) => {
+                tracing::debug!("Postgres: {} is {why}; {e}", current.server);
+                false
+            }
         }
+    }
+
+    /// Looks again with the driver's backoff until a host is writable (a standby promoted), so that
+    /// the pool moves as soon as one is rather than at the next failed call. One search at a time; it
+    /// ends with the last clone of this `Primary`.
+    fn keep_looking(&self) {
+        if self.0.looking.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let inner = Arc::downgrade(&self.0);
+        tokio::spawn(async move {
+            let found = || async {
+                match inner.upgrade().map(Primary) {
+                    Some(primary) if !primary.look(false).await => Err(()),
+                    // Found, or nobody uses this pool any more.
+                    _ => Ok(()),
+                }
+            };
+            let _ = found.retry(backoff()).await;
+            if let Some(inner) = inner.upgrade() {
+                inner.looking.store(false, Ordering::SeqCst);
+            }
+        });
     }
 
     /// Warns when the primary does not wait for a standby before it acknowledges a commit
@@ -260,7 +309,7 @@ async fn writable_of(
     let mut seen = Vec::new();
     for index in (0..urls.len()).map(|i| (start + i) % urls.len()) {
         let url = &urls[index];
-        let name = server_name(url).unwrap_or_else(|_| redact_url(url));
+        let name = options_of(url).map_or_else(|_| redact_url(url), |o| server_name(&o));
         match probe(url).await {
             Ok(true) => match open_pool(url, FAILOVER_ACQUIRE_TIMEOUT).await {
                 Ok((db, server)) => return Ok((index, db, server)),

@@ -959,37 +959,37 @@ async fn open(url: &str, acquire: Duration) -> Result<DatabaseConnection, DbErr>
     Database::connect(options).await
 }
 
-/// `postgres://user@host:port/database` of a URL of one host.
-fn server_name(url: &str) -> Result<String, PgError> {
-    let options: PgConnectOptions = url.parse().map_err(|source| PgError::InvalidUrl {
+/// The options of a URL of one host.
+fn options_of(url: &str) -> Result<PgConnectOptions, PgError> {
+    url.parse().map_err(|source| PgError::InvalidUrl {
         url: redact_url(url),
         source,
-    })?;
-    let database = options
-        .get_database()
-        .unwrap_or_else(|| options.get_username());
-    Ok(format!(
+    })
+}
+
+/// `postgres://user@host:port/database`, for messages.
+fn server_name(options: &PgConnectOptions) -> String {
+    format!(
         "postgres://{}@{}:{}/{}",
         options.get_username(),
         options.get_host(),
         options.get_port(),
-        database
-    ))
+        options
+            .get_database()
+            .unwrap_or_else(|| options.get_username())
+    )
 }
 
 /// A pool on the one host of `url`, and the server's name; `acquire` bounds each wait for a
 /// connection. When the database does not exist, creates it through the `postgres` database of the
 /// same server (if the role may), tolerating another process creating it at the same moment.
 async fn open_pool(url: &str, acquire: Duration) -> Result<(DatabaseConnection, String), PgError> {
-    let options: PgConnectOptions = url.parse().map_err(|source| PgError::InvalidUrl {
-        url: redact_url(url),
-        source,
-    })?;
+    let options = options_of(url)?;
     let database = options
         .get_database()
         .unwrap_or_else(|| options.get_username())
         .to_owned();
-    let server = server_name(url)?;
+    let server = server_name(&options);
     let db = match open(url, acquire).await {
         Ok(db) => db,
         Err(e) if is_missing_database(&e) => {

@@ -605,7 +605,16 @@ impl Probe {
 }
 
 /// Polls `check` until it returns `Some`, failing after [`DEADLINE`] with `what`.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    eventually_within(what, DEADLINE, check).await
+}
+
+/// [`eventually`] with a deadline of its own, for what takes longer (a failover).
+pub async fn eventually_within<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -616,8 +625,8 @@ where
             return value;
         }
         assert!(
-            start.elapsed() < DEADLINE,
-            "{what} did not happen within {DEADLINE:?}"
+            start.elapsed() < deadline,
+            "{what} did not happen within {deadline:?}"
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
