@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use gpu_coordinator::audit::{self, Since};
 use gpu_coordinator_wire::{LeaderStatus, StatusDoc, Subjects};
 use serde_json::json;
 
@@ -27,8 +26,9 @@ const DB: &str = "gpu_pgfo";
 /// the README), more on a loaded one.
 const FAILOVER: Duration = Duration::from_secs(60);
 
-/// How many acknowledged requests the publisher makes before the kill, and after it.
+/// How many acknowledged requests the publisher makes before the kill, while it happens, and after.
 const BEFORE: usize = 20;
+const DURING: usize = 20;
 const AFTER: usize = 30;
 
 /// `database.url` naming the primary, then the standby.
@@ -155,11 +155,14 @@ async fn a_coordinator_follows_its_primary_to_the_promoted_synchronous_standby()
     let mut load = Load::start(&config.nats.url, &subjects).await;
     load.wait_for(BEFORE, "before the kill").await;
 
+    // More while the primary dies, and after it died: a bounded backlog, however long the
+    // failover takes.
+    load.publish_more(DURING);
     let killed_at = std::time::Instant::now();
     fail_over(&primary, &standby).await;
     let promoted = killed_at.elapsed();
-    let at_kill = load.count();
-    load.wait_for(at_kill + AFTER, "after the kill").await;
+    let total = load.publish_more(AFTER);
+    load.wait_for(total, "after the kill").await;
     let (acked, _) = load.stop().await;
 
     // Every acknowledged request is answered, so on the promoted standby (the primary is gone): the
@@ -208,16 +211,7 @@ async fn a_coordinator_follows_its_primary_to_the_promoted_synchronous_standby()
         "the waiter's fence {waiter_fence} is above every earlier one ({handed_out})"
     );
 
-    coordinator
-        .stop()
-        .await
-        .expect("the coordinator stops cleanly");
-    let verdict = audit::run(&config, Since::Start)
-        .await
-        .expect("the history can be read");
-    if let Err(violation) = verdict {
-        panic!("{violation}");
-    }
+    coordinator.stop_and_audit().await;
     drop((primary, standby));
 }
 

@@ -198,6 +198,19 @@ impl Coordinator {
         self.shutdown.cancel();
         self.task.await.expect("the coordinator task panicked")
     }
+
+    /// Stops it gracefully, then checks the whole history of its configuration with `audit`, failing
+    /// the test on a violation.
+    pub async fn stop_and_audit(self) {
+        let config = self.config.clone();
+        self.stop().await.expect("the coordinator stops cleanly");
+        let verdict = gpu_coordinator::audit::run(&config, gpu_coordinator::audit::Since::Start)
+            .await
+            .expect("the history can be read");
+        if let Err(violation) = verdict {
+            panic!("{violation}");
+        }
+    }
 }
 
 /// A backend's name as the configuration writes it (`sqlite`, `memory`, ...).
