@@ -336,7 +336,11 @@ pub struct RedisConfig {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
-    /// `database.url`, default `postgres://postgres@127.0.0.1:5432/gpu_coordinator`.
+    /// `database.url`, default `postgres://postgres@127.0.0.1:5432/gpu_coordinator`. A primary and its
+    /// standbys are named together, libpq's way: `postgres://user@h1:5432,h2:5432/database`; the
+    /// coordinator uses the host that takes writes and moves to a promoted standby when the primary
+    /// goes. An acknowledged batch survives that move only with synchronous replication
+    /// (`synchronous_standby_names` on the primary); the start warns without it.
     pub url: String,
     /// `database.write_behind`, default false: a batch of effects is durable once JetStream stored it
     /// (stream `<P>_JOURNAL`), and Postgres is written behind, off the grant path. Faster where a
@@ -894,6 +898,16 @@ impl Config {
                 problems.push(format!(
                     "nats.url: {why} (expected e.g. \"nats://127.0.0.1:4222\", or several servers \
                      separated by commas: \"nats://n1:4222,nats://n2:4222\")"
+                ));
+            }
+        }
+        if !self.database.url.trim().is_empty() {
+            // Parsed here, once, as for `nats.url`.
+            if let Err(why) = crate::adapters::postgres::hosts(&self.database.url) {
+                problems.push(format!(
+                    "database.url: {why} (expected e.g. \"postgres://user@host:5432/database\", or a \
+                     primary and its standbys separated by commas: \
+                     \"postgres://user@h1:5432,h2:5432/database\")"
                 ));
             }
         }
@@ -1535,6 +1549,35 @@ mod tests {
         }
         let msg = invalid("[nats]\nurl = \"nats://u:secretpw@n1:42x2\"\n", "natsbadpw");
         assert!(!msg.contains("secretpw"), "{msg}");
+    }
+
+    #[test]
+    fn a_database_url_may_name_a_primary_and_its_standbys() {
+        let config = load_str(
+            "[database]\nurl = \"postgres://u:pw@pg1:5432,pg2:5433,[::1]/gpu?sslmode=disable\"\n",
+            "pglist",
+        )
+        .expect("valid");
+        assert!(config.database.url.contains("pg1:5432,pg2:5433"));
+    }
+
+    #[test]
+    fn a_database_url_whose_hosts_cannot_be_parsed_is_refused_naming_the_key() {
+        for (bad, says) in [
+            (
+                "postgres://u:secretpw@pg1:5432,pg2:54x2/gpu",
+                "not a number",
+            ),
+            ("postgres://u:secretpw@pg1:5432,,pg2/gpu", "empty host"),
+            ("postgres://u:secretpw@/gpu?host=pg1,pg2", "several values"),
+            ("pg1:5432,pg2:5432", "not a URL"),
+        ] {
+            let msg = invalid(&format!("[database]\nurl = {bad:?}\n"), "pgbad");
+            assert!(msg.contains("database.url: "), "{bad}: {msg}");
+            assert!(msg.contains(says), "{bad}: {msg}");
+            assert!(msg.contains("separated by commas"), "{bad}: {msg}");
+            assert!(!msg.contains("secretpw"), "{bad}: {msg}");
+        }
     }
 
     #[test]

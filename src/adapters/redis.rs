@@ -911,6 +911,19 @@ impl LeaseStore {
         Ok(())
     }
 
+    /// The newest term claimed ([`LeaseStore::claim_term`]; 0 when none).
+    pub async fn claimed_term(&self) -> Result<u64, RedisError> {
+        let stored: Option<String> = redis::cmd("GET")
+            .arg(self.key("term", ""))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| self.command("reading the term", e))?;
+        match stored {
+            None => Ok(0),
+            Some(text) => self.number("reading the term", "term", &text),
+        }
+    }
+
     fn unexpected(&self, op: &'static str, detail: String) -> RedisError {
         RedisError::Unexpected {
             server: self.server.clone(),
@@ -976,6 +989,13 @@ impl Leases for LeaseStore {
     async fn claim_term(&self, term: Term) -> Result<(), PortError> {
         LeaseStore::claim_term(self, term.0)
             .await
+            .map_err(PortError::new)
+    }
+
+    async fn term(&self) -> Result<Term, PortError> {
+        LeaseStore::claimed_term(self)
+            .await
+            .map(Term)
             .map_err(PortError::new)
     }
 }

@@ -365,6 +365,8 @@ impl Chosen {
             None
         };
         let mut behind = None;
+        // Its terms go above the lease store's too (see `PgLeadership::terms_above`).
+        let mut pg_leadership = None;
         let (mut journal, leadership, holder): (Arc<dyn Journal>, Arc<dyn Leadership>, String) =
             match chosen.journal {
                 JournalBackend::Postgres => {
@@ -378,7 +380,7 @@ impl Chosen {
                     with_retry("Postgres migrations", shutdown, || pg.migrate()).await?;
                     lines.push(format!("journal: Postgres at {}", redact_url(&db_url)));
                     let leadership = PgLeadership::new(
-                        pg.connection().clone(),
+                        pg.primary(),
                         Duration::from_millis(config.leader.ttl_ms),
                         Duration::from_millis(config.leader.poll_ms),
                     )
@@ -387,7 +389,9 @@ impl Chosen {
                     if config.database.write_behind {
                         behind = Some(pg.clone());
                     }
-                    (Arc::new(pg), Arc::new(leadership), holder)
+                    let leadership = Arc::new(leadership);
+                    pg_leadership = Some(leadership.clone());
+                    (Arc::new(pg), leadership, holder)
                 }
                 JournalBackend::Sqlite => {
                     let store = sqlite.clone().expect("opened above for a SQLite journal");
@@ -430,6 +434,9 @@ impl Chosen {
                 Arc::new(MemLeases::new(Trace::off(), Faults::default()))
             }
         };
+        if let Some(leadership) = pg_leadership {
+            leadership.terms_above(leases.clone());
+        }
         let mut nats = None;
         let (bus, gateway): (Arc<dyn Bus>, Arc<dyn Gateway>) = match chosen.bus {
             BusBackend::Nats => {

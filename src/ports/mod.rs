@@ -354,6 +354,12 @@ pub trait Leases: Send + Sync + 'static {
     async fn claim_term(&self, _term: Term) -> Result<(), PortError> {
         Ok(())
     }
+    /// The newest term claimed ([`Leases::claim_term`]; 0 when none, or for a store without terms): a
+    /// leadership that may read back an older term than was led (a Postgres standby promoted after it
+    /// missed the last commits) takes its next term above it.
+    async fn term(&self) -> Result<Term, PortError> {
+        Ok(Term(0))
+    }
 }
 
 // ----- the bus --------------------------------------------------------------------------------------

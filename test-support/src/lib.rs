@@ -582,6 +582,9 @@ impl Drop for RedisSentinels {
 
 /// A private Postgres cluster (initdb) on a free port, in a temporary directory, stopped and removed on
 /// drop. Run as the `postgres` user when the tests run as root (initdb refuses root).
+///
+/// [`PgServer::standby`] makes a streaming standby of it (`pg_basebackup -R`), which
+/// [`PgServer::promote`] turns into a primary, as after [`PgServer::kill`] of the primary.
 pub struct PgServer {
     pub port: u16,
     dir: PathBuf,
@@ -611,35 +614,8 @@ impl PgServer {
     }
 
     fn start_at(parent: &Path, wal_parent: Option<&Path>) -> PgServer {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .expect("Postgres under /usr/lib/postgresql")
-            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-            .find(|p| p.join("initdb").exists())
-            .expect("initdb under /usr/lib/postgresql/*/bin");
-        let as_root = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-            .unwrap_or(false);
-        let dir = parent.join(unique("pg_cluster"));
-        std::fs::create_dir_all(&dir).expect("create the cluster dir");
-        let wal = wal_parent.map(|p| p.join(unique("pg_wal")));
-        let server = PgServer {
-            port: free_port(),
-            dir,
-            wal,
-            log: std::env::temp_dir().join(format!("{}.log", unique("pg_log"))),
-            bin,
-            as_root,
-        };
-        if as_root {
-            server.run("chown", &["-R", "postgres:postgres"], true);
-            std::fs::File::create(&server.log).expect("the log file can be made");
-            let _ = Command::new("chown")
-                .arg("postgres:postgres")
-                .arg(&server.log)
-                .status();
-        }
+        let mut server = PgServer::empty_in(parent, "pg_cluster");
+        server.wal = wal_parent.map(|p| p.join(unique("pg_wal")));
         let mut initdb = vec![
             "-U",
             "postgres",
@@ -661,6 +637,197 @@ impl PgServer {
         server.run("initdb", &initdb, true);
         server.resume();
         server
+    }
+
+    /// A server not made yet: its tools, a free port and an empty directory (owned by `postgres`
+    /// when running as root).
+    fn empty(tag: &str) -> PgServer {
+        Self::empty_in(&std::env::temp_dir(), tag)
+    }
+
+    /// [`PgServer::empty`], its directory under `parent`; its log outside it (the directory may be on
+    /// a disk that fills).
+    fn empty_in(parent: &Path, tag: &str) -> PgServer {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("Postgres under /usr/lib/postgresql")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .find(|p| p.join("initdb").exists())
+            .expect("initdb under /usr/lib/postgresql/*/bin");
+        let as_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        let dir = parent.join(unique(tag));
+        std::fs::create_dir_all(&dir).expect("create the cluster dir");
+        let server = PgServer {
+            port: free_port(),
+            dir,
+            wal: None,
+            log: std::env::temp_dir().join(format!("{}.log", unique("pg_log"))),
+            bin,
+            as_root,
+        };
+        if as_root {
+            server.run("chown", &["-R", "postgres:postgres"], true);
+            std::fs::File::create(&server.log).expect("the log file can be made");
+            let _ = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(&server.log)
+                .status();
+        }
+        server
+    }
+
+    /// A streaming standby of this server, started on a port of its own: a base backup
+    /// (`pg_basebackup -R`, which writes `primary_conninfo` and `standby.signal`), replaying what the
+    /// primary writes. It is asynchronous until [`PgServer::set_synchronous`] on the primary.
+    pub fn standby(&self) -> PgServer {
+        let standby = PgServer::empty("pg_standby");
+        let port = self.port.to_string();
+        standby.run(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+                "-D",
+            ],
+            true,
+        );
+        // Postgres starts only on a directory of its owner alone; it was made with the default mode.
+        std::fs::set_permissions(
+            &standby.dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .expect("the standby's directory made private");
+        standby.resume();
+        standby
+    }
+
+    /// Runs `sql` on the `postgres` database through `psql`, failing the test if it fails; its
+    /// output, unaligned, without headers (`-At`).
+    pub fn sql(&self, sql: &str) -> String {
+        self.sql_on("postgres", sql)
+    }
+
+    /// [`PgServer::sql`] on `database`.
+    pub fn sql_on(&self, database: &str, sql: &str) -> String {
+        self.try_sql_on(database, sql)
+            .unwrap_or_else(|e| panic!("{sql} failed: {e}"))
+    }
+
+    /// [`PgServer::sql_on`], its failure (the server's message) returned.
+    pub fn try_sql_on(&self, database: &str, sql: &str) -> Result<String, String> {
+        let out = self
+            .command("psql")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args([
+                "-U",
+                "postgres",
+                "-d",
+                database,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-At",
+                "-c",
+            ])
+            .arg(sql)
+            .output()
+            .map_err(|e| format!("run psql: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Polls `sql` on `database` until it answers `want` (a failure, as of a database not made
+    /// yet, counts as another answer), for at most [`START_WAIT`].
+    pub fn wait_for_on(&self, database: &str, sql: &str, want: &str) {
+        let start = Instant::now();
+        loop {
+            let got = self.try_sql_on(database, sql);
+            if got.as_deref() == Ok(want) {
+                return;
+            }
+            assert!(
+                start.elapsed() < START_WAIT,
+                "{sql} answers {got:?}, not {want:?}, after {START_WAIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// [`PgServer::wait_for_on`] the `postgres` database.
+    pub fn wait_for(&self, sql: &str, want: &str) {
+        self.wait_for_on("postgres", sql, want)
+    }
+
+    /// On a primary: with `true`, a commit waits until a standby has it on disk
+    /// (`synchronous_standby_names = '*'`), and this returns once one streams synchronously; with
+    /// `false`, commits wait for no standby.
+    pub fn set_synchronous(&self, on: bool) {
+        let names = if on { "*" } else { "" };
+        self.sql(&format!(
+            "ALTER SYSTEM SET synchronous_standby_names = '{names}'"
+        ));
+        self.sql("SELECT pg_reload_conf()");
+        if on {
+            self.wait_for(
+                "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
+                "1",
+            );
+        }
+    }
+
+    /// On a standby: stops receiving the primary's WAL (`primary_conninfo` emptied), and returns
+    /// once its receiver has stopped. What the primary commits from then on is missing here, as on a
+    /// standby that fell behind.
+    pub fn stop_receiving(&self) {
+        self.sql("ALTER SYSTEM SET primary_conninfo = ''");
+        self.sql("SELECT pg_reload_conf()");
+        self.wait_for("SELECT count(*) FROM pg_stat_wal_receiver", "0");
+    }
+
+    /// On a standby: makes it a primary (`pg_ctl promote`), and returns once it takes writes.
+    pub fn promote(&self) {
+        self.run("pg_ctl", &["-w", "promote", "-D"], true);
+        self.wait_for("SELECT pg_is_in_recovery()", "f");
+    }
+
+    /// Kills the server with SIGKILL, the postmaster first (so that it restarts nothing), then every
+    /// process it started, as the loss of its machine would; returns once the postmaster is gone.
+    pub fn kill(&self) {
+        let pid_file = self.dir.join("postmaster.pid");
+        let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|text| text.lines().next()?.trim().parse::<u32>().ok())
+        else {
+            return;
+        };
+        let children = children_of(pid);
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+        for child in children {
+            let _ = Command::new("kill")
+                .args(["-KILL", &child.to_string()])
+                .status();
+        }
+        let start = Instant::now();
+        while process_runs(pid) {
+            assert!(start.elapsed() < START_WAIT, "postmaster {pid} still runs");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // So that `pg_ctl` finds no server, whatever runs under that id later.
+        let _ = std::fs::remove_file(pid_file);
     }
 
     /// A Postgres tool (or `chown`), as the `postgres` user when running as root.
@@ -687,11 +854,15 @@ impl PgServer {
             cmd.arg(&self.dir);
         }
         let out = cmd.output().unwrap_or_else(|e| panic!("run {tool}: {e}"));
-        assert!(
-            out.status.success(),
-            "{tool} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if !out.status.success() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            panic!(
+                "{tool} failed: {}\nthe server's log ends with:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
     }
 
     /// A URL for a database on this server.
@@ -750,6 +921,35 @@ impl PgServer {
             true,
         );
     }
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let child: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // `pid (comm) state ppid ...`: the name may hold spaces and parentheses.
+            let after = &stat[stat.rfind(')')? + 1..];
+            let ppid: u32 = after.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == pid).then_some(child)
+        })
+        .collect()
+}
+
+/// Whether `pid` runs (a zombie, dead but not reaped, does not).
+fn process_runs(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let after = &stat[stat.rfind(')')? + 1..];
+            after.split_whitespace().next().map(|state| state != "Z")
+        })
+        .unwrap_or(false)
 }
 
 impl Drop for PgServer {
@@ -872,6 +1072,33 @@ mod tests {
         let (a, b) = (unique("x"), unique("x"));
         assert_ne!(a, b);
         assert!(a.starts_with(&format!("x_{}_", std::process::id())), "{a}");
+    }
+
+    /// A synchronous standby has every commit when its primary is killed; a standby that stopped
+    /// receiving misses what came after; a promoted one takes writes.
+    #[test]
+    fn a_promoted_standby_has_what_it_received_and_takes_writes() {
+        let primary = PgServer::start();
+        let standby = primary.standby();
+        assert_eq!(standby.sql("SELECT pg_is_in_recovery()"), "t");
+        primary.set_synchronous(true);
+        primary.sql("CREATE TABLE t (x int); INSERT INTO t VALUES (1)");
+        let late = primary.standby();
+        late.stop_receiving();
+        primary.set_synchronous(false);
+        primary.sql("INSERT INTO t VALUES (2)");
+        primary.kill();
+        standby.promote();
+        late.promote();
+        assert_eq!(
+            standby.sql("SELECT string_agg(x::text, ',' ORDER BY x) FROM t"),
+            "1,2"
+        );
+        assert_eq!(
+            late.sql("SELECT string_agg(x::text, ',' ORDER BY x) FROM t"),
+            "1"
+        );
+        standby.sql("INSERT INTO t VALUES (3)");
     }
 
     #[tokio::test]

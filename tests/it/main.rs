@@ -18,6 +18,7 @@ mod http_hostile;
 mod limits;
 mod modes;
 mod nats_cluster;
+mod pg_failover;
 mod redis_sentinel;
 mod secrets;
 mod security;

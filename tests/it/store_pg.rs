@@ -560,7 +560,7 @@ async fn pg_coordinators_long_unseen_are_forgotten_with_the_files_of_the_gone() 
     use gpu_coordinator::adapters::postgres::{forget_unseen, presence_file, PgLeadership};
     use std::time::Duration;
     let (store, name) = fresh_store().await;
-    let db = store.connection().clone();
+    let db = store.connection();
     let unique = crate::support::unique("forget");
     // A standby killed long ago: its row, and its file without a lock.
     let gone = format!("{unique}-gone");
@@ -795,7 +795,7 @@ async fn pg_a_takeover_keeps_each_requests_pause_hint() {
     let first = PgStore::connect(&url)
         .await
         .expect("connect creates the database");
-    <migration::Migrator as migration::MigratorTrait>::up(first.connection(), Some(6))
+    <migration::Migrator as migration::MigratorTrait>::up(&first.connection(), Some(6))
         .await
         .expect("the migrations before the hint's column");
     first

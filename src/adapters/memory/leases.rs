@@ -282,4 +282,8 @@ impl Leases for MemLeases {
             .fetch_max(state.writes, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
+
+    async fn term(&self) -> Result<Term, PortError> {
+        Ok(Term(lock(&self.state).term))
+    }
 }

@@ -32,18 +32,22 @@ use tokio_util::sync::CancellationToken;
 
 use std::sync::Arc;
 
-use crate::ports::{Leadership, PortError, Roster, Term};
+use super::Primary;
+use crate::ports::{Leadership, Leases, PortError, Roster, Term};
 
-/// Takes the row when it is free or expired; answers the new term.
+/// Takes the row when it is free or expired; answers the new term, above the row's and above `$3` (the
+/// highest term the lease store saw: a row read back from a standby that missed the last commits may
+/// hold an older term than was led).
 const TAKE: &str = "INSERT INTO leader (id, term, holder, expires_at) \
-     VALUES (1, 1, $1, clock_timestamp() + make_interval(secs => $2)) \
-     ON CONFLICT (id) DO UPDATE SET term = leader.term + 1, holder = EXCLUDED.holder, \
+     VALUES (1, $3 + 1, $1, clock_timestamp() + make_interval(secs => $2)) \
+     ON CONFLICT (id) DO UPDATE SET term = GREATEST(leader.term, $3) + 1, holder = EXCLUDED.holder, \
      expires_at = EXCLUDED.expires_at \
      WHERE leader.expires_at <= clock_timestamp() \
      RETURNING term";
 
-/// Takes the row from the holder `$3`, known to be gone, whatever its expiry; answers the new term.
-const TAKE_FROM: &str = "UPDATE leader SET term = term + 1, holder = $1, \
+/// Takes the row from the holder `$3`, known to be gone, whatever its expiry; answers the new term (above
+/// `$4`, as for [`TAKE`]).
+const TAKE_FROM: &str = "UPDATE leader SET term = GREATEST(term, $4) + 1, holder = $1, \
      expires_at = clock_timestamp() + make_interval(secs => $2) \
      WHERE id = 1 AND holder = $3 RETURNING term";
 
@@ -86,7 +90,10 @@ struct Lead {
 
 /// Leadership through the `leader` row of the journal's database.
 pub struct PgLeadership {
-    db: DatabaseConnection,
+    /// The journal's database, on its primary wherever that moves.
+    db: Primary,
+    /// The lease store, whose highest term each new term goes above (none: the row's alone).
+    terms_of: std::sync::OnceLock<Arc<dyn Leases>>,
     /// This process, as the row names it: `<host>-<pid>-<random>`.
     holder: String,
     ttl: Duration,
@@ -103,7 +110,9 @@ pub struct PgLeadership {
 }
 
 impl PgLeadership {
-    pub fn new(db: DatabaseConnection, ttl: Duration, poll: Duration) -> PgLeadership {
+    /// The leadership in the database of `db`: a pool, or the journal's [`Primary`] (whose moves it
+    /// follows).
+    pub fn new(db: impl Into<Primary>, ttl: Duration, poll: Duration) -> PgLeadership {
         let host = std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_owned())
             .unwrap_or_else(|_| "host".into());
@@ -118,7 +127,8 @@ impl PgLeadership {
             })
             .ok();
         PgLeadership {
-            db,
+            db: db.into(),
+            terms_of: std::sync::OnceLock::new(),
             holder,
             ttl,
             poll,
@@ -137,18 +147,45 @@ impl PgLeadership {
         self
     }
 
+    /// Takes each new term above the highest that `leases` saw as well as above the `leader` row's:
+    /// after a failover to a standby that missed the last commits, the row holds an older term than
+    /// was led, and the lease store still knows the newer one. A term is never given twice.
+    pub fn terms_above(&self, leases: Arc<dyn Leases>) {
+        let _ = self.terms_of.set(leases);
+    }
+
+    /// The highest term the lease store saw (0 without one).
+    async fn term_floor(&self) -> Result<i64, PortError> {
+        match self.terms_of.get() {
+            Some(leases) => Ok(i64::try_from(leases.term().await?.0).unwrap_or(i64::MAX)),
+            None => Ok(0),
+        }
+    }
+
+    /// `result`; after a failure, the pool moved first if the primary went.
+    async fn moved<T>(&self, result: Result<T, PortError>) -> Result<T, PortError> {
+        if result.is_err() {
+            self.db.recheck().await;
+        }
+        result
+    }
+
     /// How far this process's clock is ahead of Postgres's (negative: behind), in milliseconds, and the
     /// uncertainty of that figure (half the round trip).
     pub async fn clock_skew(&self) -> Result<(i64, u64), PortError> {
         let before = crate::clock::now_ms();
         let row = self
             .db
+            .db()
             .query_one(Statement::from_string(
                 DbBackend::Postgres,
                 "SELECT (extract(epoch from clock_timestamp()) * 1000)::bigint AS ms",
             ))
             .await
-            .map_err(PortError::new)?
+            .map_err(PortError::new);
+        let row = self
+            .moved(row)
+            .await?
             .ok_or_else(|| PortError::msg("reading Postgres's clock: no row"))?;
         let after = crate::clock::now_ms();
         let theirs: i64 = row.try_get("", "ms").map_err(PortError::new)?;
@@ -207,15 +244,22 @@ impl PgLeadership {
     }
 
     async fn take(&self) -> Result<Option<Term>, PortError> {
+        let floor = self.term_floor().await?;
         let row = self
             .db
+            .db()
             .query_one(Statement::from_sql_and_values(
                 DbBackend::Postgres,
                 TAKE,
-                [self.holder.clone().into(), self.ttl.as_secs_f64().into()],
+                [
+                    self.holder.clone().into(),
+                    self.ttl.as_secs_f64().into(),
+                    floor.into(),
+                ],
             ))
             .await
-            .map_err(PortError::new)?;
+            .map_err(PortError::new);
+        let row = self.moved(row).await?;
         let mut taken = row
             .map(|row| row.try_get::<i64>("", "term"))
             .transpose()
@@ -225,7 +269,7 @@ impl PgLeadership {
             // Held: by a process of this host that is gone?
             if let Some((_, holder)) = self.leader().await {
                 if holder != self.holder && Presence::gone(&holder) {
-                    taken = self.take_from(&holder).await?;
+                    taken = self.take_from(&holder, floor).await?;
                     if let Some(term) = taken {
                         tracing::warn!(
                             "the leader `{holder}` is gone (its process on this host ended): \
@@ -241,9 +285,10 @@ impl PgLeadership {
     }
 
     /// Takes the row from `holder`, whatever its expiry.
-    async fn take_from(&self, holder: &str) -> Result<Option<Term>, PortError> {
+    async fn take_from(&self, holder: &str, floor: i64) -> Result<Option<Term>, PortError> {
         let row = self
             .db
+            .db()
             .query_one(Statement::from_sql_and_values(
                 DbBackend::Postgres,
                 TAKE_FROM,
@@ -251,6 +296,7 @@ impl PgLeadership {
                     self.holder.clone().into(),
                     self.ttl.as_secs_f64().into(),
                     holder.to_owned().into(),
+                    floor.into(),
                 ],
             ))
             .await
@@ -382,7 +428,7 @@ fn holders(rows: &[sea_orm::QueryResult]) -> Vec<String> {
 /// and keeps the roster up to date.
 #[allow(clippy::too_many_arguments)]
 async fn renew(
-    db: DatabaseConnection,
+    primary: Primary,
     holder: String,
     term: Term,
     ttl: Duration,
@@ -400,6 +446,7 @@ async fn renew(
             () = tokio::time::sleep(every) => {}
         }
         let started = Instant::now();
+        let db = primary.db();
         let renewed = db
             .query_one(Statement::from_sql_and_values(
                 DbBackend::Postgres,
@@ -435,7 +482,10 @@ async fn renew(
                 let _ = until.send(Instant::now());
                 return;
             }
-            Err(e) => tracing::warn!("renewing the leadership of term {}: {e}", term.0),
+            Err(e) => {
+                tracing::warn!("renewing the leadership of term {}: {e}", term.0);
+                primary.recheck().await;
+            }
         }
         if *until.borrow() <= Instant::now() {
             return;
@@ -450,7 +500,8 @@ impl Leadership for PgLeadership {
         let mut warned: Option<Instant> = None;
         loop {
             if last_seen.is_none_or(|at| at.elapsed() >= self.ttl / 3) {
-                PgLeadership::seen(&self.db, &self.holder).await?;
+                let seen = PgLeadership::seen(&self.db.db(), &self.holder).await;
+                self.moved(seen).await?;
                 last_seen = Some(Instant::now());
             }
             let started = Instant::now();
@@ -459,7 +510,7 @@ impl Leadership for PgLeadership {
                 continue;
             }
             if let Some(term) = self.take().await? {
-                let standbys = standbys(&self.db, &self.holder, self.ttl).await;
+                let standbys = standbys(&self.db.db(), &self.holder, self.ttl).await;
                 if let Ok(mut roster) = self.roster.write() {
                     *roster = Some(Roster {
                         holder: self.holder.clone(),
@@ -518,6 +569,7 @@ impl Leadership for PgLeadership {
         }
         let released = self
             .db
+            .db()
             .execute(Statement::from_sql_and_values(
                 DbBackend::Postgres,
                 RELEASE,
@@ -540,6 +592,7 @@ impl Leadership for PgLeadership {
     async fn leader(&self) -> Option<(Term, String)> {
         let row = self
             .db
+            .db()
             .query_one(Statement::from_string(DbBackend::Postgres, CURRENT))
             .await
             .ok()??;

@@ -18,11 +18,13 @@
 
 mod behind;
 pub(crate) mod entities;
+mod hosts;
 mod leader;
 
 pub use crate::ports::{Batch, Loaded, OutboxRow};
 pub use behind::{BehindError, WriteBehind};
 pub use entities::{fence, request, RowError};
+pub use hosts::{hosts, Primary};
 pub use leader::{forget_unseen, presence_file, PgLeadership, FORGET_AFTER_TTLS};
 
 use std::collections::HashSet;
@@ -43,6 +45,10 @@ use sea_orm::{
 
 /// How long opening a connection, or waiting for a free one in the pool, may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The same wait, for a pool on one of several hosts: a pool keeps trying a host that refuses
+/// connections until this runs out, and only then does its caller look for a promoted standby.
+const FAILOVER_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Raises the stored fence, the input position (but for a reset: an input stream made anew) and the
 /// highest row version written; never lowers them, whatever order batches arrive in. `{fence}`,
@@ -99,6 +105,13 @@ pub enum PgError {
         #[source]
         source: sqlx::Error,
     },
+    /// The list of hosts in the database URL does not parse.
+    #[error("invalid PostgreSQL URL: {detail}")]
+    InvalidHosts { detail: String },
+    /// None of the hosts the database URL names takes writes now (the primary gone, no standby
+    /// promoted yet).
+    #[error("no writable PostgreSQL host among those database.url names: {detail}")]
+    NoPrimary { detail: String },
     /// No connection to the database could be opened.
     #[error("cannot connect to PostgreSQL at {server}")]
     Connect {
@@ -513,9 +526,8 @@ impl Merged {
 /// The requests table, the fence row and the outbox of one PostgreSQL database: the [`Journal`].
 #[derive(Debug, Clone)]
 pub struct PgStore {
-    db: DatabaseConnection,
-    /// `postgres://user@host:port/database`, for messages.
-    server: String,
+    /// The pool on the primary, moved when it goes away (`database.url` naming several hosts).
+    primary: Primary,
     /// The outbox rows up to this id are deleted (0 at start: from the first).
     deleted_upto: Arc<std::sync::atomic::AtomicI64>,
     /// The version of the last batch numbered: the highest written when read at [`PgStore::migrate`]
@@ -527,48 +539,57 @@ pub struct PgStore {
 impl PgStore {
     /// Opens a pool on `url`. When the database does not exist, creates it through the `postgres` database
     /// of the same server (if the role may), tolerating another process creating it at the same moment.
+    /// A URL that names several hosts (`postgres://user@h1:5432,h2:5433/db`) opens the pool on the one
+    /// that takes writes, and moves it to another when that one goes (see [`Primary`]).
     pub async fn connect(url: &str) -> Result<PgStore, PgError> {
-        let options: PgConnectOptions = url.parse().map_err(|source| PgError::InvalidUrl {
-            url: redact_url(url),
-            source,
-        })?;
-        let database = options
-            .get_database()
-            .unwrap_or_else(|| options.get_username())
-            .to_owned();
-        let server = format!(
-            "postgres://{}@{}:{}/{}",
-            options.get_username(),
-            options.get_host(),
-            options.get_port(),
-            database
-        );
-        let db = match open(url).await {
-            Ok(db) => db,
-            Err(e) if is_missing_database(&e) => {
-                create_database(&options, &database, &server).await?;
-                open(url).await.map_err(|source| PgError::Connect {
-                    server: server.clone(),
-                    source,
-                })?
-            }
-            Err(source) => return Err(PgError::Connect { server, source }),
+        let urls = hosts::hosts(url).map_err(|detail| PgError::InvalidHosts { detail })?;
+        let primary = if urls.len() > 1 {
+            Primary::connect(urls).await?
+        } else {
+            let (db, server) = open_pool(url, CONNECT_TIMEOUT).await?;
+            Primary::fixed(db, server)
         };
         Ok(PgStore {
-            db,
-            server,
+            primary,
             deleted_upto: Arc::default(),
             version: Arc::new(std::sync::atomic::AtomicI64::new(UNSEEDED)),
         })
     }
 
+    /// The primary's name, `postgres://user@host:port/database`, for messages.
+    fn server(&self) -> String {
+        self.primary.server()
+    }
+
+    /// `result`, the host moved from first when it failed in a way a gone primary explains.
+    async fn moved<T>(&self, result: Result<T, PgError>) -> Result<T, PgError> {
+        if let Err(
+            PgError::Connect { .. }
+            | PgError::Read { .. }
+            | PgError::Write { .. }
+            | PgError::Migrate { .. }
+            | PgError::Ping { .. }
+            | PgError::CreateDatabase { .. },
+        ) = &result
+        {
+            self.primary.recheck().await;
+        }
+        result
+    }
+
     /// Brings the schema up to date. Safe to run on every start and from several processes at once.
     pub async fn migrate(&self) -> Result<(), PgError> {
+        let migrated = self.migrate_once().await;
+        self.moved(migrated).await
+    }
+
+    async fn migrate_once(&self) -> Result<(), PgError> {
         let fail = |source| PgError::Migrate {
-            server: self.server.clone(),
+            server: self.server(),
             source,
         };
-        let txn = self.db.begin().await.map_err(fail)?;
+        let db = self.primary.db();
+        let txn = db.begin().await.map_err(fail)?;
         txn.execute(Statement::from_sql_and_values(
             DbBackend::Postgres,
             "SELECT pg_advisory_xact_lock($1)",
@@ -579,7 +600,7 @@ impl PgStore {
         Migrator::up(&txn, None).await.map_err(fail)?;
         txn.commit().await.map_err(fail)?;
         let version = sqlx::query(VERSION)
-            .fetch_one(self.db.get_postgres_connection_pool())
+            .fetch_one(db.get_postgres_connection_pool())
             .await
             .and_then(|row| row.try_get::<i64, _>(0))
             .map_err(|e| fail(DbErr::Query(RuntimeErr::SqlxError(e))))?;
@@ -676,6 +697,11 @@ impl PgStore {
 
     /// [`PgStore::write_rows`] with `outbox` as the outbox rows (those of `rows` are not looked at).
     async fn execute(&self, rows: &Rows, outbox: &[OutboxRow]) -> Result<(), PgError> {
+        let written = self.execute_once(rows, outbox).await;
+        self.moved(written).await
+    }
+
+    async fn execute_once(&self, rows: &Rows, outbox: &[OutboxRow]) -> Result<(), PgError> {
         let outbox_ids = outbox
             .iter()
             .map(|row| self.bigint("", "outbox id", row.id))
@@ -685,18 +711,19 @@ impl PgStore {
             let source = DbErr::Exec(RuntimeErr::SqlxError(source));
             match (rows.term, stale_term(&source)) {
                 (Some(term), Some(detail)) => PgError::StaleTerm {
-                    server: self.server.clone(),
+                    server: self.server(),
                     term: term as u64,
                     detail,
                 },
                 _ => PgError::Write {
-                    server: self.server.clone(),
+                    server: self.server(),
                     records: n_rows,
                     source,
                 },
             }
         };
-        let pool = self.db.get_postgres_connection_pool();
+        let db = self.primary.db();
+        let pool = db.get_postgres_connection_pool();
         if rows.is_empty() && outbox.is_empty() {
             // Nothing to write but the term to check: the lease changes that follow are this term's.
             if rows.term.is_some() {
@@ -757,12 +784,17 @@ impl PgStore {
     /// then the `retain_ended` most recently ended ones (oldest first); the highest fence ever recorded;
     /// the highest arrival number; the last input handled; and the outbox, in order.
     pub async fn load_state(&self, retain_ended: usize) -> Result<Loaded, PgError> {
+        let loaded = self.load_once(retain_ended).await;
+        self.moved(loaded).await
+    }
+
+    async fn load_once(&self, retain_ended: usize) -> Result<Loaded, PgError> {
         let fail = |source: sqlx::Error| PgError::Read {
-            server: self.server.clone(),
+            server: self.server(),
             source: DbErr::Query(RuntimeErr::SqlxError(source)),
         };
-        let mut txn = self
-            .db
+        let db = self.primary.db();
+        let mut txn = db
             .get_postgres_connection_pool()
             .begin()
             .await
@@ -821,6 +853,15 @@ impl PgStore {
             .map_err(fail)?;
         txn.commit().await.map_err(fail)?;
         self.seed_version(version);
+        // Deletions go on from the first row kept: a standby promoted after it missed the last
+        // deletions holds rows below the last id this store deleted.
+        if let Some(first) = outbox.first() {
+            let below = i64::try_from(first.id)
+                .unwrap_or(i64::MAX)
+                .saturating_sub(1);
+            self.deleted_upto
+                .fetch_min(below, std::sync::atomic::Ordering::Relaxed);
+        }
         entities::StoredJournal {
             rows,
             max_fence,
@@ -837,34 +878,50 @@ impl PgStore {
     /// [`Journal::trim_ended`]), in one short transaction.
     pub async fn trim_ended(&self, retain_ended: usize) -> Result<u64, PgError> {
         let fail = |source| PgError::Write {
-            server: self.server.clone(),
+            server: self.server(),
             records: 0,
             source,
         };
-        let txn = self.db.begin().await.map_err(fail)?;
-        let deleted = entities::trim_ended(&txn, retain_ended)
-            .await
-            .map_err(fail)?;
-        txn.commit().await.map_err(fail)?;
-        Ok(deleted)
+        let trimmed = async {
+            let txn = self.primary.db().begin().await.map_err(fail)?;
+            let deleted = entities::trim_ended(&txn, retain_ended)
+                .await
+                .map_err(fail)?;
+            txn.commit().await.map_err(fail)?;
+            Ok(deleted)
+        }
+        .await;
+        self.moved(trimmed).await
     }
 
     pub async fn ping(&self) -> Result<(), PgError> {
-        self.db.ping().await.map_err(|source| PgError::Ping {
-            server: self.server.clone(),
-            source,
-        })
+        let pinged = self
+            .primary
+            .db()
+            .ping()
+            .await
+            .map_err(|source| PgError::Ping {
+                server: self.server(),
+                source,
+            });
+        self.moved(pinged).await
     }
 
     /// Closes the pool, waiting for the connections in use to come back. Later calls fail.
     pub async fn close(&self) {
         // Closing a sqlx pool cannot fail; the `Result` is sea-orm's signature for every backend.
-        let _ = self.db.close_by_ref().await;
+        let _ = self.primary.db().close().await;
     }
 
-    /// The pool, for what this module does not cover (health checks, tests).
-    pub fn connection(&self) -> &DatabaseConnection {
-        &self.db
+    /// The pool on the primary now, for what this module does not cover (health checks, tests).
+    pub fn connection(&self) -> DatabaseConnection {
+        self.primary.db()
+    }
+
+    /// The pool on the primary, wherever it moves: for the leadership, which lives in the same
+    /// database.
+    pub fn primary(&self) -> Primary {
+        self.primary.clone()
     }
 
     fn bigint(&self, request_id: &str, field: &'static str, value: u64) -> Result<i64, PgError> {
@@ -882,13 +939,13 @@ impl PgStore {
                 field,
                 value,
             } => PgError::OutOfRange {
-                server: self.server.clone(),
+                server: self.server(),
                 request_id,
                 field,
                 value,
             },
             RowError::Corrupt { request_id, detail } => PgError::Corrupt {
-                server: self.server.clone(),
+                server: self.server(),
                 request_id,
                 detail,
             },
@@ -898,13 +955,60 @@ impl PgStore {
 
 /// Opens the pool. Statement logging is off: the driver logs batches, and a line per statement would drown
 /// everything else.
-async fn open(url: &str) -> Result<DatabaseConnection, DbErr> {
+async fn open(url: &str, acquire: Duration) -> Result<DatabaseConnection, DbErr> {
     let mut options = ConnectOptions::new(url);
     options
         .connect_timeout(CONNECT_TIMEOUT)
-        .acquire_timeout(CONNECT_TIMEOUT)
+        .acquire_timeout(acquire)
         .sqlx_logging(false);
     Database::connect(options).await
+}
+
+/// The options of a URL of one host.
+fn options_of(url: &str) -> Result<PgConnectOptions, PgError> {
+    url.parse().map_err(|source| PgError::InvalidUrl {
+        url: redact_url(url),
+        source,
+    })
+}
+
+/// `postgres://user@host:port/database`, for messages.
+fn server_name(options: &PgConnectOptions) -> String {
+    format!(
+        "postgres://{}@{}:{}/{}",
+        options.get_username(),
+        options.get_host(),
+        options.get_port(),
+        options
+            .get_database()
+            .unwrap_or_else(|| options.get_username())
+    )
+}
+
+/// A pool on the one host of `url`, and the server's name; `acquire` bounds each wait for a
+/// connection. When the database does not exist, creates it through the `postgres` database of the
+/// same server (if the role may), tolerating another process creating it at the same moment.
+async fn open_pool(url: &str, acquire: Duration) -> Result<(DatabaseConnection, String), PgError> {
+    let options = options_of(url)?;
+    let database = options
+        .get_database()
+        .unwrap_or_else(|| options.get_username())
+        .to_owned();
+    let server = server_name(&options);
+    let db = match open(url, acquire).await {
+        Ok(db) => db,
+        Err(e) if is_missing_database(&e) => {
+            create_database(&options, &database, &server).await?;
+            open(url, acquire)
+                .await
+                .map_err(|source| PgError::Connect {
+                    server: server.clone(),
+                    source,
+                })?
+        }
+        Err(source) => return Err(PgError::Connect { server, source }),
+    };
+    Ok((db, server))
 }
 
 /// `CREATE DATABASE` through the server's `postgres` database.

@@ -200,6 +200,19 @@ impl Coordinator {
         self.shutdown.cancel();
         self.task.await.expect("the coordinator task panicked")
     }
+
+    /// Stops it gracefully, then checks the whole history of its configuration with `audit`, failing
+    /// the test on a violation.
+    pub async fn stop_and_audit(self) {
+        let config = self.config.clone();
+        self.stop().await.expect("the coordinator stops cleanly");
+        let verdict = gpu_coordinator::audit::run(&config, gpu_coordinator::audit::Since::Start)
+            .await
+            .expect("the history can be read");
+        if let Err(violation) = verdict {
+            panic!("{violation}");
+        }
+    }
 }
 
 /// A backend's name as the configuration writes it (`sqlite`, `memory`, ...).
@@ -626,7 +639,16 @@ impl Probe {
 }
 
 /// Polls `check` until it returns `Some`, failing after [`DEADLINE`] with `what`.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    eventually_within(what, DEADLINE, check).await
+}
+
+/// [`eventually`] with a deadline of its own, for what takes longer (a failover).
+pub async fn eventually_within<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -637,8 +659,8 @@ where
             return value;
         }
         assert!(
-            start.elapsed() < DEADLINE,
-            "{what} did not happen within {DEADLINE:?}"
+            start.elapsed() < deadline,
+            "{what} did not happen within {deadline:?}"
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
