@@ -40,6 +40,35 @@ impl MigratorTrait for Migrator {
 }
 
 /// Runs `sql` (any number of statements; none when empty).
+/// Adds the nullable column `ddl` (`name type`) to `requests`: rows written before have none. SQLite has
+/// no `ADD COLUMN IF NOT EXISTS` (the migration runs once anyway).
+pub(crate) async fn add_request_column(
+    manager: &SchemaManager<'_>,
+    ddl: &str,
+) -> Result<(), DbErr> {
+    let sql = match manager.get_database_backend() {
+        sea_orm_migration::sea_orm::DbBackend::Sqlite => {
+            format!("ALTER TABLE requests ADD COLUMN {ddl};")
+        }
+        _ => format!("ALTER TABLE requests ADD COLUMN IF NOT EXISTS {ddl};"),
+    };
+    run(manager, &sql).await
+}
+
+/// Drops the column `name` of `requests`, undoing [`add_request_column`].
+pub(crate) async fn drop_request_column(
+    manager: &SchemaManager<'_>,
+    name: &str,
+) -> Result<(), DbErr> {
+    let sql = match manager.get_database_backend() {
+        sea_orm_migration::sea_orm::DbBackend::Sqlite => {
+            format!("ALTER TABLE requests DROP COLUMN {name};")
+        }
+        _ => format!("ALTER TABLE requests DROP COLUMN IF EXISTS {name};"),
+    };
+    run(manager, &sql).await
+}
+
 pub(crate) async fn run(manager: &SchemaManager<'_>, sql: &str) -> Result<(), DbErr> {
     if sql.trim().is_empty() {
         return Ok(());

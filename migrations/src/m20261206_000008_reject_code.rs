@@ -3,18 +3,8 @@
 //! Nullable: every request that was not rejected, and rows written before it, have none.
 
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::sea_orm::DbBackend;
 
-use crate::run;
-
-// SQLite has no `ADD COLUMN IF NOT EXISTS` (the migration runs once anyway).
-const SQLITE_UP: &str = "ALTER TABLE requests ADD COLUMN reject_code text;";
-
-const SQLITE_DOWN: &str = "ALTER TABLE requests DROP COLUMN reject_code;";
-
-const UP: &str = "ALTER TABLE requests ADD COLUMN IF NOT EXISTS reject_code text;";
-
-const DOWN: &str = "ALTER TABLE requests DROP COLUMN IF EXISTS reject_code;";
+use crate::{add_request_column, drop_request_column};
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -22,18 +12,10 @@ pub struct Migration;
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let sql = match manager.get_database_backend() {
-            DbBackend::Sqlite => SQLITE_UP,
-            _ => UP,
-        };
-        run(manager, sql).await
+        add_request_column(manager, "reject_code text").await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let sql = match manager.get_database_backend() {
-            DbBackend::Sqlite => SQLITE_DOWN,
-            _ => DOWN,
-        };
-        run(manager, sql).await
+        drop_request_column(manager, "reject_code").await
     }
 }

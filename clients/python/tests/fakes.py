@@ -7,6 +7,7 @@ import asyncio
 from datetime import datetime, timedelta, timezone
 from typing import List, Optional, Tuple
 
+from gpu_coordinator import Client, Lease
 from gpu_coordinator._transport import Doc, Routes, Transport
 
 
@@ -45,3 +46,24 @@ class FakeTransport(Transport):
 def rfc3339(seconds_from_now: float) -> str:
     at = datetime.now(timezone.utc) + timedelta(seconds=seconds_from_now)
     return at.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+async def granted(transport: FakeTransport, lease_ms: int) -> Tuple[Lease, str]:
+    """A lease of `lease_ms` acquired through `transport`, the fake coordinator granting it at once
+    (fence 1, on GPU 0); with its request id."""
+    client = Client(transport)
+    acquiring = asyncio.ensure_future(client.acquire(priority=0, vram_mb=1000, lease_ms=lease_ms))
+    request, _ = await transport.next("request")
+    request_id = str(request["request_id"])
+    transport.routes.route(
+        "reply",
+        {
+            "request_id": request_id,
+            "outcome": "granted",
+            "gpu": "0",
+            "fence": 1,
+            "lease_ms": lease_ms,
+            "expires_at": rfc3339(lease_ms / 1000),
+        },
+    )
+    return await acquiring, request_id

@@ -4,33 +4,14 @@ answers the test routes."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 import pytest
-from fakes import FakeTransport, rfc3339
+from fakes import FakeTransport, granted
 
-from gpu_coordinator import LEASE_GONE, Client, Lease, Rejected, RejectCode
+from gpu_coordinator import LEASE_GONE, Client, Rejected, RejectCode
 
 LEASE_MS = 1500
-
-
-async def granted(transport: FakeTransport) -> Tuple[Lease, str]:
-    client = Client(transport)
-    acquiring = asyncio.ensure_future(client.acquire(priority=0, vram_mb=1000, lease_ms=LEASE_MS))
-    request, _ = await transport.next("request")
-    request_id = request["request_id"]
-    transport.routes.route(
-        "reply",
-        {
-            "request_id": request_id,
-            "outcome": "granted",
-            "gpu": "0",
-            "fence": 1,
-            "lease_ms": LEASE_MS,
-            "expires_at": rfc3339(LEASE_MS / 1000),
-        },
-    )
-    return await acquiring, request_id
 
 
 @pytest.mark.parametrize(
@@ -47,7 +28,7 @@ async def test_a_renewal_rejected_for_a_lease_that_is_gone_loses_it_now(
     code: Optional[str], lost: bool
 ) -> None:
     transport = FakeTransport()
-    lease, request_id = await granted(transport)
+    lease, request_id = await granted(transport, LEASE_MS)
     try:
         await transport.next("renew")
         rejected: Any = {

@@ -6,31 +6,14 @@ from __future__ import annotations
 
 import asyncio
 
-from fakes import FakeTransport, rfc3339
-
-from gpu_coordinator import Client
+from fakes import FakeTransport, granted, rfc3339
 
 LEASE_MS = 1500
 
 
 async def test_a_late_renewed_is_dated_from_the_renewal_it_answers() -> None:
     transport = FakeTransport()
-    client = Client(transport)
-    acquiring = asyncio.ensure_future(client.acquire(priority=0, vram_mb=1000, lease_ms=LEASE_MS))
-    request, _ = await transport.next("request")
-    request_id = request["request_id"]
-    transport.routes.route(
-        "reply",
-        {
-            "request_id": request_id,
-            "outcome": "granted",
-            "gpu": "0",
-            "fence": 1,
-            "lease_ms": LEASE_MS,
-            "expires_at": rfc3339(LEASE_MS / 1000),
-        },
-    )
-    lease = await acquiring
+    lease, request_id = await granted(transport, LEASE_MS)
 
     def answer_renewed() -> None:
         # The coordinator's clock runs a minute ahead, so its expiry bounds nothing and the sending
