@@ -18,6 +18,7 @@ class FakeTransport(Transport):
         self.service = "chat"
         self.routes = Routes()
         self.sent: List[Tuple[str, Doc, float]] = []
+        self.closed = False
         self._published: "asyncio.Queue[Tuple[str, Doc, float]]" = asyncio.Queue()
 
     async def start(self) -> None:
@@ -40,7 +41,7 @@ class FakeTransport(Transport):
         return {}
 
     async def close(self) -> None:
-        pass
+        self.closed = True
 
 
 def rfc3339(seconds_from_now: float) -> str:

@@ -8,7 +8,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Awaitable, Callable, List, Optional, Type
+from typing import Any, Awaitable, Callable, List, Literal, Optional, Type
 
 from ._transport import Answer, Doc, Transport
 from .errors import (
@@ -69,6 +69,11 @@ def _parse_instant(text: Optional[str]) -> Optional[float]:
         return None
 
 
+#: A lease's phase: `active` (renewing itself), `pausing` (its `on_pause` runs), `paused` (ACKed, waiting
+#: for `resume`), `resuming` (its `on_resume` runs), then `released` or `lost` (revoked, or given up).
+Phase = Literal["active", "pausing", "paused", "resuming", "released", "lost"]
+
+
 class Lease:
     """A granted lease. Renewed in the background at a third of its length; `fence` is always the
     current one (a resume brings a new one); `lost` is set when it is revoked or given up."""
@@ -93,7 +98,7 @@ class Lease:
         self.waited_ms: Optional[int] = reply.get("waited_ms")
         self.lost = asyncio.Event()
         self.lost_reason: Optional[str] = None
-        self.phase = "active"
+        self.phase: Phase = "active"
         self._queue = queue
         self._on_pause = on_pause
         self._on_resume = on_resume
@@ -317,10 +322,9 @@ class Client:
     """A connection to the coordinator for one service.
 
     ```python
-    client = await Client.connect("nats://127.0.0.1:4222", service="chat", prefix="gpu")
-    async with client.lease(priority=0, vram_mb=20000, timeout_ms=30000) as lease:
-        ...  # lease.gpu, lease.fence, lease.request_id; lease.lost is set on revoke
-    await client.close()
+    async with await Client.connect("nats://127.0.0.1:4222", service="chat", prefix="gpu") as client:
+        async with client.lease(priority=0, vram_mb=20000, timeout_ms=30000) as lease:
+            ...  # lease.gpu, lease.fence, lease.request_id; lease.lost is set on revoke
     ```
     """
 
@@ -473,3 +477,14 @@ class Client:
 
     async def close(self) -> None:
         await self._transport.close()
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        await self.close()

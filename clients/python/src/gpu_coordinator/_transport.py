@@ -4,7 +4,7 @@ the replies and control orders about a request, in the coordinator's order per k
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Protocol, Tuple
 
 Doc = Dict[str, Any]
 # ("reply" | "control", the document)
@@ -34,24 +34,27 @@ class Routes:
                 queue.put_nowait((kind, doc))
 
 
-class Transport:
-    """A way to reach the coordinator. Answers reach `routes`; `publish` may answer directly too."""
+class Transport(Protocol):
+    """A way to reach the coordinator (NATS, HTTP, or a test's fake). Answers reach `routes`; `publish`
+    may answer directly too."""
 
     service: str
     routes: Routes
 
     async def start(self) -> None:
         """Opens the readers; returns once every answer to an input sent from now on will be seen."""
-        raise NotImplementedError
+        ...
 
     async def publish(self, kind: str, body: Doc, msg_id: str, deadline: float) -> Optional[Doc]:
         """Sends an input of `kind` (`request`, `release`, `renew`, `ack`, `cancel`) until it is stored
         or `deadline` (the event loop's clock) passes. Answers the reply when the transport gets it in
         return (HTTP); the reply is routed as well."""
-        raise NotImplementedError
+        ...
 
     async def status(self) -> Doc:
-        raise NotImplementedError
+        """The status document."""
+        ...
 
     async def close(self) -> None:
-        raise NotImplementedError
+        """Closes the readers and the connection."""
+        ...
