@@ -328,8 +328,8 @@ impl Gateway for Watched<dyn Gateway> {
     fn answers(&self) -> &gpu_coordinator_client::AnswerReader {
         self.inner.answers()
     }
-    fn health(&self) -> Result<(), String> {
-        self.inner.health()
+    async fn health(&self) -> Result<(), String> {
+        self.inner.health().await
     }
 }
 

@@ -309,10 +309,24 @@ impl Gateway for NatsGateway {
         &self.answers
     }
 
-    fn health(&self) -> Result<(), String> {
+    /// Connected, and JetStream answers its API (`$JS.API.INFO`): a nats-server whose JetStream is
+    /// wedged (2.9 on a disk that filled under it) still takes connections, and answers no publish.
+    async fn health(&self) -> Result<(), String> {
         match self.client.connection_state() {
-            async_nats::connection::State::Connected => Ok(()),
-            other => Err(format!("{other:?}")),
+            async_nats::connection::State::Connected => {}
+            other => return Err(format!("not connected ({other:?})")),
+        }
+        // Read as any JSON: only whether (and what) JetStream answers matters here.
+        let info: serde_json::Value = self
+            .js
+            .request("INFO", &serde_json::json!({}))
+            .await
+            .map_err(|e| {
+                format!("JetStream does not answer its API ({e}); its store may be full")
+            })?;
+        match info.get("error") {
+            Some(error) => Err(format!("JetStream refuses its API: {error}")),
+            None => Ok(()),
         }
     }
 }

@@ -551,8 +551,8 @@ pub trait Gateway: Send + Sync + 'static {
     async fn last_seq(&self, which: Which) -> Result<u64, PortError>;
     /// The reader of the coordinator's replies and `requested` events, that HTTP calls wait on.
     fn answers(&self) -> &gpu_coordinator_client::AnswerReader;
-    /// Whether the bus can be used now (readiness): why not, if not.
-    fn health(&self) -> Result<(), String>;
+    /// Whether the bus can be used now (readiness): why not, if not. Bounded in time by the caller.
+    async fn health(&self) -> Result<(), String>;
 }
 
 /// Whether `subject` is matched by `filter`, as NATS matches them: `*` is one token, a final `>` one

@@ -96,9 +96,12 @@ pub(super) async fn readyz(State(state): State<HttpState>) -> Response {
     };
     let b = &connected.backends;
     let nats = async {
-        b.gateway
-            .health()
-            .map_err(|e| format!("not connected ({e})"))
+        match tokio::time::timeout(PING_WAIT, b.gateway.health()).await {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "JetStream did not answer its API within {PING_WAIT:?}; its store may be full"
+            )),
+        }
     };
     let redis = async {
         match tokio::time::timeout(PING_WAIT, b.leases.ping()).await {

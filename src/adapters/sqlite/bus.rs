@@ -806,7 +806,7 @@ impl Gateway for SqliteBus {
         &self.inner.answers
     }
 
-    fn health(&self) -> Result<(), String> {
+    async fn health(&self) -> Result<(), String> {
         Ok(())
     }
 }
