@@ -880,6 +880,21 @@ impl Config {
     /// Checks the rules that the types alone do not enforce.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
+        self.check_servers(&mut problems);
+        self.check_bounds(&mut problems);
+        self.check_http(&mut problems);
+        self.check_backends(&mut problems);
+        self.check_gpus_and_engines(&mut problems);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The servers' addresses: present, and parsed here, once (a URL that cannot be parsed would
+    /// otherwise be retried for ever as a server that does not answer).
+    fn check_servers(&self, problems: &mut Vec<String>) {
         let mut non_empty = |key: &str, value: &str| {
             if value.trim().is_empty() {
                 problems.push(format!("{key} must not be empty"));
@@ -918,6 +933,10 @@ impl Config {
                 self.nats.replicas
             ));
         }
+    }
+
+    /// The bounds of the streams, leases, queue and requests.
+    fn check_bounds(&self, problems: &mut Vec<String>) {
         if let Err(why) = gpu_coordinator_wire::Subjects::new(&self.nats.prefix) {
             problems.push(format!("nats.prefix {:?}: {why}", self.nats.prefix));
         }
@@ -975,6 +994,10 @@ impl Config {
         if self.request.default_timeout_ms == 0 {
             problems.push("request.default_timeout_ms must be > 0".to_owned());
         }
+    }
+
+    /// The HTTP API: its address and its tokens.
+    fn check_http(&self, problems: &mut Vec<String>) {
         if self.http.listen.parse::<SocketAddr>().is_err() {
             problems.push(format!(
                 "http.listen {:?} is not a socket address (expected e.g. \"127.0.0.1:8080\")",
@@ -992,6 +1015,10 @@ impl Config {
                 ));
             }
         }
+    }
+
+    /// Leadership, the backends and the mixes of them that hold on one box only, and NVML.
+    fn check_backends(&self, problems: &mut Vec<String>) {
         if self.leader.ttl_ms < 100 {
             problems.push(format!(
                 "leader.ttl_ms ({}) must be >= 100: the leader renews every third of it",
@@ -1024,6 +1051,10 @@ impl Config {
         if self.nvml.enabled && self.nvml.sample_ms == 0 {
             problems.push("nvml.sample_ms must be > 0 when nvml.enabled is true".to_owned());
         }
+    }
+
+    /// The GPUs, the engines, the services' sections, and engines whose service would reject them.
+    fn check_gpus_and_engines(&self, problems: &mut Vec<String>) {
         let mut seen = HashSet::new();
         for (i, gpu) in self.gpus.iter().enumerate() {
             if gpu.id.trim().is_empty() {
@@ -1071,12 +1102,6 @@ impl Config {
                     "sidecar.listen {listen:?} must be an address and port, like \"127.0.0.1:9090\""
                 ));
             }
-        }
-
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(problems))
         }
     }
 
