@@ -179,137 +179,157 @@ impl Metrics {
             render: Mutex::new(()),
             registry: Registry::default(),
         };
+        m.register_counters(&mut registry);
+        m.register_waits(&mut registry);
+        m.register_queue(&mut registry);
+        m.register_vram(&mut registry);
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// The counters: grants, preemptions, reclaims, revocations, timeouts, rejections, events.
+    fn register_counters(&self, registry: &mut Registry) {
         registry.register(
             "grants",
             "Requests granted a GPU (first grants; resumes are not counted)",
-            m.grants.clone(),
+            self.grants.clone(),
         );
         registry.register(
             "preemptions",
             "Holders asked to pause for a more urgent request",
-            m.preemptions.clone(),
+            self.preemptions.clone(),
         );
         registry.register(
             "reclaims",
             "Holders asked to pause to give VRAM back to a service within its guarantee \
              (services.<id>.guaranteed_vram_mb), by that service; also counted in preemptions",
-            m.reclaims.clone(),
+            self.reclaims.clone(),
         );
         registry.register(
             "revocations",
             "Leases revoked (expired, or no pause ACK in time)",
-            m.revocations.clone(),
+            self.revocations.clone(),
         );
         registry.register(
             "timeouts",
             "Requests that timed out waiting for a grant",
-            m.timeouts.clone(),
+            self.timeouts.clone(),
         );
         registry.register(
             "rejections",
             "Inputs rejected (invalid, unknown request, stale fence, ...)",
-            m.rejections.clone(),
+            self.rejections.clone(),
         );
         registry.register(
             "events",
             "Audit events published, by kind",
-            m.events.clone(),
+            self.events.clone(),
         );
+    }
+
+    /// The histograms of waits: to a grant, in the queue, to a pause ACK, and of a batch's stages.
+    fn register_waits(&self, registry: &mut Registry) {
         registry.register(
             "grant_latency_seconds",
             "From request to first grant (the waited_ms of granted replies)",
-            m.grant_latency.clone(),
+            self.grant_latency.clone(),
         );
         registry.register(
             "queue_wait_seconds",
             "Time spent in the queue (queued, or paused waiting to resume), by how the wait ended",
-            m.queue_wait.clone(),
+            self.queue_wait.clone(),
         );
         registry.register(
             "pause_ack_seconds",
             "From a pause order (preempting) to the holder's pause ACK (paused)",
-            m.pause_ack.clone(),
+            self.pause_ack.clone(),
         );
         registry.register(
             "batch_stage_seconds",
             "Where a batch of inputs spends its time on the way to its answers, by stage: journal, \
              leases (alongside the journal), durable (both), publish (the messages stored by the bus), \
              batch (first input taken to messages handed over)",
-            m.batch_stage.clone(),
+            self.batch_stage.clone(),
         );
+    }
+
+    /// The queue and the holders.
+    fn register_queue(&self, registry: &mut Registry) {
         registry.register(
             "queue_length",
             "Requests waiting for a first grant, by priority",
-            m.queue_length.clone(),
+            self.queue_length.clone(),
         );
         registry.register(
             "paused_requests",
             "Paused requests waiting to resume, by priority",
-            m.paused.clone(),
+            self.paused.clone(),
         );
         registry.register(
             "holders",
             "Leases held, by GPU and state (active, pausing)",
-            m.holders.clone(),
+            self.holders.clone(),
         );
+    }
+
+    /// VRAM by GPU, process and service, and whether a store is full.
+    fn register_vram(&self, registry: &mut Registry) {
         registry.register(
             "vram_total_bytes",
             "GPU memory capacity",
-            m.vram_total.clone(),
+            self.vram_total.clone(),
         );
         registry.register(
             "vram_used_bytes",
             "GPU memory held by leases plus used outside them",
-            m.vram_used.clone(),
+            self.vram_used.clone(),
         );
         registry.register(
             "vram_free_bytes",
             "GPU memory free for new leases",
-            m.vram_free.clone(),
+            self.vram_free.clone(),
         );
         registry.register(
             "vram_external_bytes",
             "GPU memory used by processes outside the coordinator's leases (NVML)",
-            m.vram_external.clone(),
+            self.vram_external.clone(),
         );
         registry.register(
             "vram_from_nvml",
             "1 when the VRAM figures come from NVML, 0 when from the configuration",
-            m.vram_from_nvml.clone(),
+            self.vram_from_nvml.clone(),
         );
         registry.register(
             "process_vram_bytes",
             "GPU memory used per process, as NVML last reported it",
-            m.process_vram.clone(),
+            self.process_vram.clone(),
         );
         registry.register(
             "service_vram_used_bytes",
             "GPU memory a service's leases hold (active and pausing; a whole-GPU lease counts its \
              GPU), for the services with a [services.<id>] section and those holding any",
-            m.service_used.clone(),
+            self.service_used.clone(),
         );
         registry.register(
             "service_vram_borrowed_bytes",
             "GPU memory a service's active leases hold beyond its guarantee",
-            m.service_borrowed.clone(),
+            self.service_borrowed.clone(),
         );
         registry.register(
             "service_vram_guaranteed_bytes",
             "A service's guaranteed GPU memory (services.<id>.guaranteed_vram_mb)",
-            m.service_guaranteed.clone(),
+            self.service_guaranteed.clone(),
         );
         registry.register(
             "service_vram_max_bytes",
             "The most GPU memory a service's leases may hold (services.<id>.max_vram_mb)",
-            m.service_max.clone(),
+            self.service_max.clone(),
         );
         registry.register(
             "storage_full",
             "1 while a store refuses writes for lack of space (its name and reason are in /readyz), \
              else 0",
-            m.storage_full.clone(),
+            self.storage_full.clone(),
         );
-        Arc::new(Metrics { registry, ..m })
     }
 
     /// Notes whether a store is full, for `storage_full`: read by the HTTP server from the stores
