@@ -314,6 +314,15 @@ async fn cut_off(bus: &dyn Bus, grace: Duration) {
     }
 }
 
+/// The journal, the bus and the gateway, their writes refused for lack of space noted in one place,
+/// and the servers' names for `/readyz`.
+struct Watched {
+    journal: Arc<dyn Journal>,
+    bus: Arc<dyn Bus>,
+    gateway: Arc<dyn Gateway>,
+    labels: Labels,
+}
+
 /// The adapters chosen by `[backends]`, connected and ready: the ports, the gateway of the HTTP API,
 /// and what each is called.
 struct Chosen {
@@ -338,36 +347,11 @@ impl Chosen {
     ) -> anyhow::Result<Chosen> {
         let chosen = &config.backends;
         let mut lines = Vec::new();
-        // The embedded store, when anything lives in the data directory: opened by the process that
-        // holds the directory's lock, so that two never migrate or write it at once.
-        let mut dir_lock = None;
-        let sqlite = if chosen.uses_data_dir() {
-            let dir = config.embedded.dir();
-            let lock = Arc::new(DirLock::new(&dir));
-            std::fs::create_dir_all(&dir).with_context(|| {
-                format!(
-                    "cannot create the data directory {} (embedded.data_dir)",
-                    dir.display()
-                )
-            })?;
-            // Before the lock: on a network filesystem the lock itself is what cannot be trusted.
-            crate::adapters::sqlite::check_local(&dir)?;
-            tokio::select! {
-                taken = lock.acquire() => { taken.context("locking the data directory")?; }
-                () = shutdown.cancelled() => anyhow::bail!("stopped while waiting for the data directory's lock"),
-            }
-            let store = SqliteStore::open(&dir)
-                .await
-                .with_context(|| format!("cannot open the embedded store in {}", dir.display()))?;
-            dir_lock = Some(lock);
-            Some(store)
-        } else {
-            None
-        };
+        let (sqlite, dir_lock) = Self::open_data_dir(config, shutdown).await?;
         let mut behind = None;
         // Its terms go above the lease store's too (see `PgLeadership::terms_above`).
         let mut pg_leadership = None;
-        let (mut journal, leadership, holder): (Arc<dyn Journal>, Arc<dyn Leadership>, String) =
+        let (journal, leadership, holder): (Arc<dyn Journal>, Arc<dyn Leadership>, String) =
             match chosen.journal {
                 JournalBackend::Postgres => {
                     let db_url = config.database.url.clone();
@@ -405,7 +389,78 @@ impl Chosen {
                     (Arc::new(store), lock, holder)
                 }
             };
-        let leases: Arc<dyn Leases> = match chosen.leases {
+        let leases = Self::connect_leases(config, shutdown, &mut lines).await?;
+        if let Some(leadership) = pg_leadership {
+            leadership.terms_above(leases.clone());
+        }
+        let (bus, gateway, journal, nats) = Self::connect_bus(
+            config,
+            subjects,
+            shutdown,
+            (journal, behind),
+            sqlite.as_ref(),
+            &mut lines,
+        )
+        .await?;
+        tracing::info!("backends: {}", lines.join("; "));
+        let Watched {
+            journal,
+            bus,
+            gateway,
+            labels,
+        } = Self::watched(chosen, journal, bus, gateway);
+        Ok(Chosen {
+            ports: Ports {
+                journal,
+                leases,
+                bus,
+                leadership,
+            },
+            gateway,
+            labels,
+            holder,
+            nats,
+        })
+    }
+
+    /// The embedded store and the data directory's lock, when anything lives in the data directory:
+    /// opened by the process that holds the directory's lock, so that two never migrate or write it
+    /// at once.
+    async fn open_data_dir(
+        config: &Config,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<(Option<SqliteStore>, Option<Arc<DirLock>>)> {
+        if !config.backends.uses_data_dir() {
+            return Ok((None, None));
+        }
+        let dir = config.embedded.dir();
+        let lock = Arc::new(DirLock::new(&dir));
+        std::fs::create_dir_all(&dir).with_context(|| {
+            format!(
+                "cannot create the data directory {} (embedded.data_dir)",
+                dir.display()
+            )
+        })?;
+        // Before the lock: on a network filesystem the lock itself is what cannot be trusted.
+        crate::adapters::sqlite::check_local(&dir)?;
+        tokio::select! {
+            taken = lock.acquire() => { taken.context("locking the data directory")?; }
+            () = shutdown.cancelled() => anyhow::bail!("stopped while waiting for the data directory's lock"),
+        }
+        let store = SqliteStore::open(&dir)
+            .await
+            .with_context(|| format!("cannot open the embedded store in {}", dir.display()))?;
+        Ok((Some(store), Some(lock)))
+    }
+
+    /// The lease store of `[backends] leases`: Redis (at `redis.url`, or its master through the
+    /// Sentinels), or in this process.
+    async fn connect_leases(
+        config: &Config,
+        shutdown: &CancellationToken,
+        lines: &mut Vec<String>,
+    ) -> anyhow::Result<Arc<dyn Leases>> {
+        Ok(match config.backends.leases {
             LeasesBackend::Redis => {
                 let redis_url = config.redis.url.clone();
                 let prefix = config.redis.key_prefix.clone();
@@ -433,12 +488,26 @@ impl Chosen {
                 lines.push("leases: in this process (the journal is the source of truth)".into());
                 Arc::new(MemLeases::new(Trace::off(), Faults::default()))
             }
-        };
-        if let Some(leadership) = pg_leadership {
-            leadership.terms_above(leases.clone());
-        }
+        })
+    }
+
+    /// The bus of `[backends] bus` and its gateway, with the journal written behind JetStream when
+    /// `database.write_behind` gave Postgres (`behind`) to wrap; and NATS's client, when on NATS.
+    async fn connect_bus(
+        config: &Config,
+        subjects: &Subjects,
+        shutdown: &CancellationToken,
+        (mut journal, mut behind): (Arc<dyn Journal>, Option<PgStore>),
+        sqlite: Option<&SqliteStore>,
+        lines: &mut Vec<String>,
+    ) -> anyhow::Result<(
+        Arc<dyn Bus>,
+        Arc<dyn Gateway>,
+        Arc<dyn Journal>,
+        Option<async_nats::Client>,
+    )> {
         let mut nats = None;
-        let (bus, gateway): (Arc<dyn Bus>, Arc<dyn Gateway>) = match chosen.bus {
+        let (bus, gateway): (Arc<dyn Bus>, Arc<dyn Gateway>) = match config.backends.bus {
             BusBackend::Nats => {
                 // A NATS URL may carry a token as its user: its own redaction hides that too.
                 let nats_url = gpu_coordinator_client::redact(&config.nats.url);
@@ -486,7 +555,7 @@ impl Chosen {
                 (Arc::new(bus), Arc::new(gateway))
             }
             BusBackend::Embedded => {
-                let store = sqlite.as_ref().expect("opened above for the embedded bus");
+                let store = sqlite.expect("opened above for the embedded bus");
                 let bus = SqliteBus::open(
                     store,
                     subjects,
@@ -502,9 +571,18 @@ impl Chosen {
                 (Arc::new(bus.clone()), Arc::new(bus))
             }
         };
-        tracing::info!("backends: {}", lines.join("; "));
-        // Writes refused for lack of space are noted in one place: `/readyz` and the status document
-        // say which store is full until it takes writes again.
+        Ok((bus, gateway, journal, nats))
+    }
+
+    /// The journal, the bus and the gateway wrapped so that writes refused for lack of space are
+    /// noted in one place (`/readyz` and the status document say which store is full until it takes
+    /// writes again), and the servers' names for `/readyz`.
+    fn watched(
+        chosen: &crate::config::BackendsConfig,
+        journal: Arc<dyn Journal>,
+        bus: Arc<dyn Bus>,
+        gateway: Arc<dyn Gateway>,
+    ) -> Watched {
         let storage = crate::storage::Storage::default();
         let journal = crate::storage::watch_journal(
             journal,
@@ -538,17 +616,11 @@ impl Chosen {
                 JournalBackend::Sqlite => "SQLite",
             },
         };
-        Ok(Chosen {
-            ports: Ports {
-                journal,
-                leases,
-                bus,
-                leadership,
-            },
+        Watched {
+            journal,
+            bus,
             gateway,
             labels,
-            holder,
-            nats,
-        })
+        }
     }
 }
