@@ -13,9 +13,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use gpu_coordinator::config::Config;
-use gpu_coordinator_wire::Reply;
 use sea_orm::{ConnectionTrait, Database, Statement};
 
 const CYCLES: usize = 2_000;
@@ -117,44 +115,11 @@ async fn coordinator(
         write_behind,
     )
     .await?;
-    let (config, client) = (bench.config.clone(), bench.client.clone());
-    let mut replies = client.subscribe(format!("{tag}.reply.bench")).await?;
-    client.flush().await?;
-
-    let mut grant = Vec::with_capacity(CYCLES);
-    let mut cycle = Vec::with_capacity(CYCLES);
-    for i in 0..CYCLES {
-        let id = format!("r{i}");
-        let body = format!(r#"{{"request_id":"{id}","priority":1}}"#);
-        let start = Instant::now();
-        client
-            .publish(format!("{tag}.request.bench"), body.into())
-            .await?;
-        loop {
-            let msg = replies.next().await.expect("replies");
-            let reply: Reply = serde_json::from_slice(&msg.payload)?;
-            if reply.request_id == id {
-                assert_eq!(reply.outcome, gpu_coordinator_wire::Outcome::Granted);
-                grant.push(start.elapsed());
-                let release = format!(
-                    r#"{{"request_id":"{id}","fence":{}}}"#,
-                    reply.fence.unwrap()
-                );
-                client
-                    .publish(format!("{tag}.release.bench"), release.into())
-                    .await?;
-                break;
-            }
-        }
-        loop {
-            let msg = replies.next().await.expect("replies");
-            let reply: Reply = serde_json::from_slice(&msg.payload)?;
-            if reply.request_id == id {
-                cycle.push(start.elapsed());
-                break;
-            }
-        }
-    }
+    let config = bench.config.clone();
+    let (grant, cycle) = common::Cycles::new(&bench.client, tag)
+        .await?
+        .run(CYCLES)
+        .await?;
 
     // The same, through the client library (a Rust service's path: the request published into
     // JetStream with its PubAck awaited, the reply read through a pull consumer), back to back.

@@ -1,5 +1,6 @@
 //! What the benches share: a coordinator running in the bench's process on the machine's Postgres,
-//! Redis and NATS, under names of its own, with one GPU of 24 GB.
+//! Redis and NATS, under names of its own, with one GPU of 24 GB (or on the servers of a configuration
+//! of the bench's own, [`Bench::start_config`]); request -> grant -> release cycles against it.
 
 #![allow(dead_code)]
 
@@ -49,12 +50,13 @@ impl Bench {
         config.redis.key_prefix = tag.to_owned();
         config.database.url = format!("postgres://postgres@127.0.0.1:5432/gpu_{tag}");
         config.queue.max_per_service = max_per_service;
-        config.gpus = (0..gpus)
-            .map(|i| GpuConfig {
-                id: i.to_string(),
-                vram_mb: 24_576,
-            })
-            .collect();
+        config.gpus = gpus_of_24gb(gpus);
+        Self::start_config(config).await
+    }
+
+    /// A coordinator of `config` as it is (its servers, prefixes and GPUs), HTTP on a free port of
+    /// loopback; waits until it answers `status`.
+    pub async fn start_config(config: Config) -> anyhow::Result<Bench> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let http = format!("http://{}", listener.local_addr()?);
         let shutdown = CancellationToken::new();
@@ -63,8 +65,8 @@ impl Bench {
             listener,
             shutdown.clone(),
         ));
-        let client = async_nats::connect(&config.nats.url).await?;
-        wait_status(&client, tag).await;
+        let client = nats_connect(&config.nats.url).await?;
+        wait_status(&client, &config.nats.prefix).await;
         Ok(Bench {
             config,
             http,
@@ -76,10 +78,105 @@ impl Bench {
 
     /// Stops the coordinator, [`forget`]s what it left and answers how it ended.
     pub async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        let ended = self.task.await?;
-        forget(&self.client, &self.config.nats.prefix).await;
+        let (client, prefix) = (self.client.clone(), self.config.nats.prefix.clone());
+        let ended = self.end().await;
+        forget(&client, &prefix).await;
         ended
+    }
+
+    /// Stops the coordinator and answers how it ended, leaving what it made (on private servers
+    /// that go with it).
+    pub async fn end(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await?
+    }
+}
+
+/// `gpus` GPUs of 24 GB, `0`, `1`, ...
+pub fn gpus_of_24gb(gpus: usize) -> Vec<GpuConfig> {
+    (0..gpus)
+        .map(|i| GpuConfig {
+            id: i.to_string(),
+            vram_mb: 24_576,
+        })
+        .collect()
+}
+
+/// A NATS connection to `url`, one server or several separated by commas (as `nats.url` takes
+/// them), as the coordinator and the client library make it.
+pub async fn nats_connect(url: &str) -> anyhow::Result<async_nats::Client> {
+    let options = gpu_coordinator_client::connect_options(url).map_err(anyhow::Error::msg)?;
+    let servers = gpu_coordinator_client::server_addrs(url).map_err(anyhow::Error::msg)?;
+    Ok(options.connect(servers).await?)
+}
+
+/// Request -> grant -> release cycles of the service `bench` against the coordinator under a
+/// prefix, one after another: each request a plain publish (as `nats pub` does), its `granted`
+/// reply read through a subscription, the release published at once.
+pub struct Cycles {
+    client: async_nats::Client,
+    prefix: String,
+    replies: async_nats::Subscriber,
+    /// The number of the next request (`r0`, `r1`, ...), across runs.
+    next: usize,
+}
+
+impl Cycles {
+    pub async fn new(client: &async_nats::Client, prefix: &str) -> anyhow::Result<Cycles> {
+        let replies = client.subscribe(format!("{prefix}.reply.bench")).await?;
+        client.flush().await?;
+        Ok(Cycles {
+            client: client.clone(),
+            prefix: prefix.to_owned(),
+            replies,
+            next: 0,
+        })
+    }
+
+    /// Runs `count` cycles: each one's latency from publishing the request to receiving its
+    /// `granted` reply, and to receiving its `released` reply (the whole cycle).
+    pub async fn run(&mut self, count: usize) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+        use futures::StreamExt;
+        use gpu_coordinator_wire::{Outcome, Reply};
+        let prefix = &self.prefix;
+        let mut grant = Vec::with_capacity(count);
+        let mut cycle = Vec::with_capacity(count);
+        for _ in 0..count {
+            let id = format!("r{}", self.next);
+            self.next += 1;
+            let body = format!(r#"{{"request_id":"{id}","priority":1}}"#);
+            let start = std::time::Instant::now();
+            self.client
+                .publish(format!("{prefix}.request.bench"), body.into())
+                .await?;
+            let reply = loop {
+                let msg = self.replies.next().await.expect("replies");
+                let reply: Reply = serde_json::from_slice(&msg.payload)?;
+                if reply.request_id == id {
+                    break reply;
+                }
+            };
+            anyhow::ensure!(
+                reply.outcome == Outcome::Granted,
+                "{id} answered {:?}, not granted",
+                reply.outcome
+            );
+            grant.push(start.elapsed());
+            let fence = reply.fence.expect("a grant carries its fence");
+            let release = format!(r#"{{"request_id":"{id}","fence":{fence}}}"#);
+            self.client
+                .publish(format!("{prefix}.release.bench"), release.into())
+                .await?;
+            loop {
+                let msg = self.replies.next().await.expect("replies");
+                let reply: Reply = serde_json::from_slice(&msg.payload)?;
+                if reply.request_id == id {
+                    cycle.push(start.elapsed());
+                    break;
+                }
+            }
+        }
+        Ok((grant, cycle))
     }
 }
 
@@ -121,7 +218,7 @@ pub async fn wait_status(client: &async_nats::Client, prefix: &str) {
 /// Prints `samples`' count, p50, p99 and max in milliseconds after `name`, and answers the p50.
 pub fn percentiles(name: &str, mut samples: Vec<Duration>) -> Duration {
     samples.sort();
-    let at = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+    let at = |p: f64| quantile(&samples, p);
     println!(
         "{name:<44} n={:<5} p50={:>8.3} ms  p99={:>8.3} ms  max={:>8.3} ms",
         samples.len(),
@@ -130,6 +227,11 @@ pub fn percentiles(name: &str, mut samples: Vec<Duration>) -> Duration {
         samples[samples.len() - 1].as_secs_f64() * 1e3,
     );
     at(0.50)
+}
+
+/// The `p` quantile (0 to 1) of `sorted`, samples sorted in ascending order.
+pub fn quantile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
 /// Publishes `queued` requests (`q0`, `q1`, ...; priorities 1 to 3, services `svc0`..) into the input
