@@ -1415,7 +1415,20 @@ async fn kill_nats_stream_leader(rng: &mut StdRng, round: &mut Round) -> Result<
     let down = Duration::from_millis(rng.random_range(500..3_000));
     tokio::time::sleep(down).await;
     let started = Instant::now();
-    tokio::task::block_in_place(|| cluster.nats.restart(i));
+    // A node that is not healthy in time fails the round (with its replay), not the harness.
+    let restarted = tokio::task::block_in_place(|| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cluster.nats.restart(i)))
+    });
+    if let Err(panic) = restarted {
+        let why = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(ToString::to_string))
+            .unwrap_or_default();
+        return Err(format!(
+            "{leader} (leader of {input}) killed, down {down:?}, not back: {why}"
+        ));
+    }
     Ok(format!(
         "{leader} (leader of {input}) down {down:?}, healthy again {:?} after its start",
         started.elapsed()
