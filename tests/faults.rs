@@ -105,7 +105,8 @@ struct Args {
 }
 
 impl Args {
-    /// `--rounds N`, `--secs S`, `--seed X`, `--cluster`; anything else (a test filter, libtest flags) is ignored.
+    /// `--rounds N`, `--secs S`, `--seed X`, `--cluster`; anything else (a test filter, libtest flags)
+    /// is ignored.
     fn parse() -> Args {
         let mut args = Args {
             rounds: 2,
