@@ -21,9 +21,20 @@
 //!   the real mutual exclusion, as the services lived it;
 //! - every request stored in the input stream (acknowledged to its service) has reached an end.
 //!
+//! One round in three (drawn by its seed), or every round with `--cluster`, runs on clusters instead
+//! of the single nats-server and redis-server: three NATS nodes (the streams with three replicas, the
+//! nodes not advertising each other, so that a service knows only its three proxies, one per node,
+//! and `CutClient` cuts all three), a Redis master with a replica and three Sentinels, and a Postgres
+//! primary with a synchronous standby (`database.url` naming both). Its faults add `kill -9` of the
+//! NATS node that leads the input stream (started again after a while), of the Redis master (Sentinel
+//! promotes the replica; the old master stays down for the rest of the round) and of the Postgres
+//! primary (the standby promoted at once; once per round), in place of the single servers' restarts,
+//! fills and slowing; hostile clients are not drawn there (no permissions).
+//!
 //! `cargo test --test faults` runs a short harness (CI). By hand, longer:
-//! `cargo test --release --test faults -- --rounds 50 --secs 20 [--seed S]`. Each round prints its
-//! seed; `--rounds 1 --seed S` plays the same faults again.
+//! `cargo test --release --test faults -- --rounds 50 --secs 20 [--seed S] [--cluster]`. Each round
+//! prints its seed and whether it ran on clusters; `--rounds 1 --seed S` plays the same faults again
+//! (with `--cluster` where the round was forced onto clusters).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -36,7 +47,9 @@ use gpu_coordinator::audit::{self, Since};
 use gpu_coordinator::config::{Config, GpuConfig};
 use gpu_coordinator::nats_auth::{self, Credentials};
 use gpu_coordinator_client::{Client, ClientError, Lease, LeasePhase, RequestOptions, Worker};
-use gpu_coordinator_test_support::{unique, NatsServer, PgServer, Proxy, RedisServer, SmallDisk};
+use gpu_coordinator_test_support::{
+    unique, NatsCluster, NatsServer, PgServer, Proxy, RedisSentinels, RedisServer, SmallDisk,
+};
 use gpu_coordinator_wire::StatusDoc;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -64,6 +77,12 @@ enum Fault {
     ClockOffsetStandby,
     HostileClients,
     FillPostgresDisk,
+    /// Cluster rounds only: `kill -9` of the NATS node leading the input stream, restarted later.
+    KillNatsStreamLeader,
+    /// Cluster rounds only: `kill -9` of the Redis master; Sentinel promotes the replica.
+    KillRedisMaster,
+    /// Cluster rounds only: `kill -9` of the Postgres primary; its synchronous standby is promoted.
+    KillPgPrimary,
 }
 
 const FAULTS: [Fault; 11] = [
@@ -80,14 +99,24 @@ const FAULTS: [Fault; 11] = [
     Fault::FillPostgresDisk,
 ];
 
+/// The faults that only a cluster round plays, on its [`ClusterServers`].
+const CLUSTER_FAULTS: [Fault; 3] = [
+    Fault::KillNatsStreamLeader,
+    Fault::KillRedisMaster,
+    Fault::KillPgPrimary,
+];
+
 struct Args {
     rounds: u64,
     secs: u64,
     seed: u64,
+    /// `--cluster`: every round on clusters, not only those drawn.
+    cluster: bool,
 }
 
 impl Args {
-    /// `--rounds N`, `--secs S`, `--seed X`; anything else (a test filter, libtest flags) is ignored.
+    /// `--rounds N`, `--secs S`, `--seed X`, `--cluster`; anything else (a test filter, libtest flags)
+    /// is ignored.
     fn parse() -> Args {
         let mut args = Args {
             rounds: 2,
@@ -96,9 +125,14 @@ impl Args {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(1),
+            cluster: false,
         };
         let mut it = std::env::args().skip(1);
         while let Some(arg) = it.next() {
+            if arg == "--cluster" {
+                args.cluster = true;
+                continue;
+            }
             let target = match arg.as_str() {
                 "--rounds" => &mut args.rounds,
                 "--secs" => &mut args.secs,
@@ -137,7 +171,8 @@ async fn run(args: &Args) -> Totals {
     for round in 0..args.rounds {
         let seed = args.seed.wrapping_add(round);
         println!("round {round}: seed {seed}");
-        match play(&mut servers, seed, Duration::from_secs(args.secs)).await {
+        let length = Duration::from_secs(args.secs);
+        match play(&mut servers, seed, length, args.cluster).await {
             Ok(stats) => {
                 println!("round {round}: {stats}");
                 totals.add(stats);
@@ -145,7 +180,8 @@ async fn run(args: &Args) -> Totals {
             Err(failure) => {
                 eprintln!(
                     "round {round} (seed {seed}) FAILED: {failure}\nreplay it: cargo test --test \
-                     faults -- --rounds 1 --seed {seed}"
+                     faults -- --rounds 1 --seed {seed}{}",
+                    if args.cluster { " --cluster" } else { "" }
                 );
                 // The servers stop and Postgres's disk is unmounted before the process ends.
                 drop(servers);
@@ -171,6 +207,8 @@ const PG_DISK: &str = "160m";
 /// What one round did.
 #[derive(Debug, Default)]
 struct RoundStats {
+    /// It ran on [`ClusterServers`].
+    cluster: bool,
     coordinators: usize,
     write_behind: bool,
     /// NATS checked everyone's permissions (hostile clients may be drawn).
@@ -188,8 +226,13 @@ impl std::fmt::Display for RoundStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} coordinator(s){}{}; faults {:?}; {} requests, {} grants, {} preemptions, {} revocations, \
+            "{}{} coordinator(s){}{}; faults {:?}; {} requests, {} grants, {} preemptions, {} revocations, \
              {} units of work; client outcomes {:?}; 0 violations, 0 lost requests",
+            if self.cluster {
+                "cluster round (3 NATS nodes, R3 streams; Redis with a replica and 3 Sentinels; Postgres with a synchronous standby), "
+            } else {
+                "single servers, "
+            },
             self.coordinators,
             if self.write_behind {
                 ", Postgres written behind"
@@ -215,6 +258,7 @@ impl std::fmt::Display for RoundStats {
 #[derive(Debug, Default)]
 struct Totals {
     rounds: u64,
+    cluster_rounds: u64,
     faults: BTreeMap<String, u64>,
     requests: u64,
     grants: u64,
@@ -226,6 +270,7 @@ struct Totals {
 impl Totals {
     fn add(&mut self, stats: RoundStats) {
         self.rounds += 1;
+        self.cluster_rounds += u64::from(stats.cluster);
         for (fault, n) in stats.faults {
             *self.faults.entry(fault).or_default() += n;
         }
@@ -239,7 +284,11 @@ impl Totals {
 
 impl std::fmt::Display for Totals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "fault harness: {} rounds passed", self.rounds)?;
+        writeln!(
+            f,
+            "fault harness: {} rounds passed ({} on clusters)",
+            self.rounds, self.cluster_rounds
+        )?;
         writeln!(f, "faults injected: {:?}", self.faults)?;
         writeln!(
             f,
@@ -252,17 +301,28 @@ impl std::fmt::Display for Totals {
 
 // ----- one round ---------------------------------------------------------------------------------
 
-async fn play(servers: &mut Servers, seed: u64, length: Duration) -> Result<RoundStats, String> {
+async fn play(
+    servers: &mut Servers,
+    seed: u64,
+    length: Duration,
+    cluster: bool,
+) -> Result<RoundStats, String> {
     let mut rng = StdRng::seed_from_u64(seed);
     let name = unique("faults");
     let mut config = round_config(servers, &name);
     // Every other round writes Postgres behind the JetStream journal stream.
     config.database.write_behind = seed % 2 == 1;
+    // One round in three, or every one where `cluster` forces it, runs on clusters.
+    let cluster =
+        (cluster || seed % 3 == 2).then(|| tokio::task::block_in_place(ClusterServers::start));
+    if let Some(cluster) = &cluster {
+        cluster.configure(&mut config);
+    }
     let dir = std::env::temp_dir().join(&name);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     // Half of the rounds draw hostile clients among their faults: their NATS runs with the
     // permissions of `nats-auth`, on a server of their own, and everyone uses its own credentials.
-    let users = if rng.random_bool(0.5) {
+    let users = if cluster.is_none() && rng.random_bool(0.5) {
         let (server, users) = secured_nats(&config.nats.prefix, &dir)?;
         Some((std::mem::replace(&mut servers.nats, server), users))
     } else {
@@ -272,7 +332,7 @@ async fn play(servers: &mut Servers, seed: u64, length: Duration) -> Result<Roun
         Some((plain, users)) => (Some(plain), Some(users)),
         None => (None, None),
     };
-    let played = play_round(servers, &mut rng, config, dir, users, length).await;
+    let played = play_round(servers, &mut rng, config, dir, users, length, cluster).await;
     if let Some(plain) = plain {
         drop(std::mem::replace(&mut servers.nats, plain));
     }
@@ -290,15 +350,19 @@ async fn play_round(
     dir: PathBuf,
     users: Option<BTreeMap<String, Credentials>>,
     length: Duration,
+    cluster: Option<ClusterServers>,
 ) -> Result<RoundStats, String> {
     let port = servers.nats.port;
-    let url = |user: &str| match &users {
-        Some(users) => users[user].url_at(&format!("127.0.0.1:{port}")),
-        None => format!("nats://127.0.0.1:{port}"),
+    let cluster_urls = cluster.as_ref().map(|c| c.nats.urls());
+    let url = |user: &str| match (&users, &cluster_urls) {
+        (Some(users), _) => users[user].url_at(&format!("127.0.0.1:{port}")),
+        (None, Some(urls)) => urls.clone(),
+        (None, None) => format!("nats://127.0.0.1:{port}"),
     };
     config.nats.url = url(nats_auth::COORDINATOR);
     let config_file = write_config(&config, &dir)?;
     let mut stats = RoundStats {
+        cluster: cluster.is_some(),
         coordinators: rng.random_range(1..=3),
         write_behind: config.database.write_behind,
         secured: users.is_some(),
@@ -327,17 +391,18 @@ async fn play_round(
         users,
         port,
         skewed: Vec::new(),
+        cluster,
     };
     let config = round.config.clone();
 
-    // The services, each behind a proxy of its own (to cut it off), on a thread of its own (to stall it).
+    // The services, each behind proxies of its own (to cut it off), on a thread of its own (to stall it).
     let mut services = Vec::new();
     for (i, svc) in SERVICES.iter().enumerate() {
-        let proxy = Proxy::start(servers.nats.port).await;
+        let proxy = Proxies::start(&round.nats_ports()).await;
         let shared = Arc::new(Shared::default());
         let spec = ServiceSpec {
             name: svc.to_string(),
-            url: round.url(svc, proxy.port),
+            url: proxy.url(&round, svc),
             prefix: config.nats.prefix.clone(),
             // Half of the services follow pause orders; the others are revoked at the deadline.
             handles_pause: i % 2 == 0,
@@ -363,7 +428,10 @@ async fn play_round(
     while started.elapsed() < length {
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..1_200))).await;
         let fault = loop {
-            let fault = FAULTS[rng.random_range(0..FAULTS.len())];
+            let fault = match &round.cluster {
+                Some(cluster) => cluster.draw(rng),
+                None => FAULTS[rng.random_range(0..FAULTS.len())],
+            };
             // Hostile clients are drawn where NATS checks permissions.
             if fault != Fault::HostileClients || round.users.is_some() {
                 break fault;
@@ -497,6 +565,8 @@ struct Round {
     port: u16,
     /// The coordinators started with their clock off (the last one may run).
     skewed: Vec<Coordinator>,
+    /// The clusters of a cluster round (the single servers are then unused, Postgres's aside).
+    cluster: Option<ClusterServers>,
 }
 
 impl Round {
@@ -505,6 +575,16 @@ impl Round {
         match &self.users {
             Some(users) => users[user].url_at(&format!("127.0.0.1:{port}")),
             None => format!("nats://127.0.0.1:{port}"),
+        }
+    }
+
+    /// The client ports of the round's NATS servers: its cluster's nodes, or its one server.
+    fn nats_ports(&self) -> Vec<u16> {
+        match &self.cluster {
+            Some(cluster) => (0..cluster.nats.size())
+                .map(|i| cluster.nats.port(i))
+                .collect(),
+            None => vec![self.port],
         }
     }
 }
@@ -554,7 +634,7 @@ fn secured_nats(
 async fn connect(url: &str) -> Result<async_nats::Client, String> {
     gpu_coordinator_client::connect_options(url)?
         .custom_inbox_prefix("_INBOX")
-        .connect(url)
+        .connect(gpu_coordinator_client::server_addrs(url)?)
         .await
         .map_err(|e| format!("connect to NATS: {e}"))
 }
@@ -582,13 +662,23 @@ fn round_config(servers: &Servers, name: &str) -> Config {
 
 /// The configuration as the TOML file `serve --config` reads.
 fn write_config(config: &Config, dir: &std::path::Path) -> Result<PathBuf, String> {
+    // A cluster round's Redis is found through its Sentinels (`redis.url` is then refused).
+    let redis = if config.redis.sentinels.is_empty() {
+        format!("url = \"{}\"", config.redis.url)
+    } else {
+        format!(
+            "sentinels = {:?}\nmaster = \"{}\"",
+            config.redis.sentinels, config.redis.master
+        )
+    };
     let mut text = format!(
-        "[nats]\nurl = \"{}\"\nprefix = \"{}\"\n\n[redis]\nurl = \"{}\"\nkey_prefix = \"{}\"\n\n\
+        "[nats]\nurl = \"{}\"\nprefix = \"{}\"\nreplicas = {}\n\n[redis]\n{}\nkey_prefix = \"{}\"\n\n\
          [database]\nurl = \"{}\"\nwrite_behind = {}\n\n[lease]\ndefault_ms = {}\n\n[preemption]\nack_deadline_ms = {}\n\n\
          [request]\ndefault_timeout_ms = {}\n\n[http]\nlisten = \"127.0.0.1:0\"\n",
         config.nats.url,
         config.nats.prefix,
-        config.redis.url,
+        config.nats.replicas,
+        redis,
         config.redis.key_prefix,
         config.database.url,
         config.database.write_behind,
@@ -639,7 +729,7 @@ async fn inject(
     servers: &mut Servers,
     round: &mut Round,
     coordinators: &mut [Coordinator],
-    services: &[(Proxy, Arc<Shared>, std::thread::JoinHandle<()>)],
+    services: &[(Proxies, Arc<Shared>, std::thread::JoinHandle<()>)],
 ) -> Result<String, String> {
     let pause =
         |lo: u64, hi: u64, rng: &mut StdRng| Duration::from_millis(rng.random_range(lo..hi));
@@ -740,6 +830,9 @@ async fn inject(
         }
         Fault::ClockOffsetStandby => clock_offset_standby(rng, round, coordinators).await?,
         Fault::HostileClients => hostile_clients(rng, round).await?,
+        Fault::KillNatsStreamLeader => kill_nats_stream_leader(rng, round).await?,
+        Fault::KillRedisMaster => kill_redis_master(round).await?,
+        Fault::KillPgPrimary => kill_pg_primary(round).await?,
     })
 }
 
@@ -1273,6 +1366,241 @@ impl Drop for Coordinator {
         self.signal("-CONT");
         self.kill();
     }
+}
+
+// ----- cluster rounds ----------------------------------------------------------------------------
+
+/// The clusters a cluster round runs on, in place of the single nats-server and redis-server: three
+/// NATS nodes that do not advertise each other to clients (a service knows only its proxies, one per
+/// node, so that `CutClient` cuts it off the whole cluster), the coordinators' streams with three
+/// replicas; a Redis master with a replica and three Sentinels, found by the coordinators through the
+/// Sentinels; a Postgres primary with a synchronous standby, `database.url` naming both. Made anew for
+/// each cluster round, removed with it.
+struct ClusterServers {
+    nats: NatsCluster,
+    redis: RedisSentinels,
+    /// Sentinel promoted the replica: the old master stays down for the rest of the round, and the
+    /// new one has no replica to promote in turn.
+    redis_failed_over: bool,
+    pg: PgServer,
+    /// Replays the primary's writes, synchronously: a commit is acknowledged once it has it.
+    pg_standby: PgServer,
+    /// The primary was killed and the standby promoted: the round goes on with no standby left.
+    pg_failed_over: bool,
+}
+
+impl ClusterServers {
+    /// Starts both clusters side by side (blocking: each waits until it is ready).
+    fn start() -> ClusterServers {
+        let (nats, redis, (pg, pg_standby)) = std::thread::scope(|s| {
+            let nats = s.spawn(|| NatsCluster::start_unadvertised(3));
+            let pg = s.spawn(|| {
+                let primary = PgServer::start();
+                let standby = primary.standby();
+                // On the primary only (ALTER SYSTEM, after the base backup): the promoted standby
+                // waits for no standby of its own.
+                primary.set_synchronous(true);
+                (primary, standby)
+            });
+            let redis = RedisSentinels::start();
+            (
+                nats.join().expect("the NATS cluster starts"),
+                redis,
+                pg.join().expect("Postgres and its standby start"),
+            )
+        });
+        ClusterServers {
+            nats,
+            redis,
+            redis_failed_over: false,
+            pg,
+            pg_standby,
+            pg_failed_over: false,
+        }
+    }
+
+    /// The coordinators' configuration on these clusters.
+    fn configure(&self, config: &mut Config) {
+        config.nats.url = self.nats.urls();
+        config.nats.replicas = self.nats.size();
+        config.redis.sentinels = self.redis.addrs();
+        config.redis.master = self.redis.name.clone();
+        // The round's database, on the primary and its standby.
+        let database = config
+            .database
+            .url
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        config.database.url = format!(
+            "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{database}",
+            self.pg.port, self.pg_standby.port
+        );
+    }
+
+    /// A fault for this round: half of the draws one of the clusters', the others one of the faults
+    /// that apply here (not the single servers' restarts, fills or slowing, not hostile clients: NATS
+    /// checks no permissions here).
+    fn draw(&self, rng: &mut StdRng) -> Fault {
+        loop {
+            let fault = if rng.random_bool(0.5) {
+                CLUSTER_FAULTS[rng.random_range(0..CLUSTER_FAULTS.len())]
+            } else {
+                FAULTS[rng.random_range(0..FAULTS.len())]
+            };
+            let applies = match fault {
+                Fault::RestartNats
+                | Fault::RestartRedis
+                | Fault::RestartPostgres
+                | Fault::FillPostgresDisk
+                | Fault::SlowPostgresStopLeader
+                | Fault::HostileClients => false,
+                Fault::KillRedisMaster => !self.redis_failed_over,
+                Fault::KillPgPrimary => !self.pg_failed_over,
+                _ => true,
+            };
+            if applies {
+                return fault;
+            }
+        }
+    }
+}
+
+/// A service's way to NATS: a [`Proxy`] in front of each of the round's servers (one, or a cluster's
+/// three), its client given all of them, so that the harness can cut it off every server at once.
+struct Proxies(Vec<Proxy>);
+
+impl Proxies {
+    async fn start(ports: &[u16]) -> Proxies {
+        let mut proxies = Vec::new();
+        for &port in ports {
+            proxies.push(Proxy::start(port).await);
+        }
+        Proxies(proxies)
+    }
+
+    /// The URL `user` connects with: every proxy, separated by commas.
+    fn url(&self, round: &Round, user: &str) -> String {
+        let urls: Vec<String> = self.0.iter().map(|p| round.url(user, p.port)).collect();
+        urls.join(",")
+    }
+
+    fn cut(&self) {
+        self.0.iter().for_each(Proxy::cut);
+    }
+
+    fn restore(&self) {
+        self.0.iter().for_each(Proxy::restore);
+    }
+}
+
+/// Kills (SIGKILL) the NATS node that leads the input stream, as the stream's info names it
+/// (`cluster.leader`), leaves it down for a while, and starts it again on its store, waiting until it
+/// is healthy (back in the cluster, current with the meta leader). The coordinators and the services'
+/// clients fail over to the two nodes left; the stream elects another leader.
+async fn kill_nats_stream_leader(rng: &mut StdRng, round: &mut Round) -> Result<String, String> {
+    let input = gpu_coordinator_wire::Subjects::new(&round.config.nats.prefix)
+        .map_err(|e| e.to_string())?
+        .input_stream();
+    let cluster = round.cluster.as_mut().ok_or("not a cluster round")?;
+    let js = async_nats::jetstream::new(round.nats.clone());
+    // A stream electing its leader (after an earlier kill) names none for a while.
+    let until = Instant::now() + SETTLE;
+    let leader = loop {
+        let info = async {
+            let mut stream = js.get_stream(&input).await.map_err(|e| e.to_string())?;
+            let info = stream.info().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(info.cluster.as_ref().and_then(|c| c.leader.clone()))
+        };
+        let why = match info.await {
+            Ok(Some(leader)) => break leader,
+            Ok(None) => "it names no leader".to_owned(),
+            Err(e) => e,
+        };
+        if Instant::now() >= until {
+            return Err(format!("no leader of {input} within {SETTLE:?}: {why}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let i = cluster
+        .nats
+        .index_of(&leader)
+        .ok_or_else(|| format!("{input}'s leader {leader} is none of the cluster's nodes"))?;
+    tokio::task::block_in_place(|| cluster.nats.kill(i));
+    let down = Duration::from_millis(rng.random_range(500..3_000));
+    tokio::time::sleep(down).await;
+    let started = Instant::now();
+    // A node that is not healthy in time fails the round (with its replay), not the harness.
+    let restarted = tokio::task::block_in_place(|| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cluster.nats.restart(i)))
+    });
+    if let Err(panic) = restarted {
+        let why = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(ToString::to_string))
+            .unwrap_or_default();
+        return Err(format!(
+            "{leader} (leader of {input}) killed, down {down:?}, not back: {why}"
+        ));
+    }
+    Ok(format!(
+        "{leader} (leader of {input}) down {down:?}, healthy again {:?} after its start",
+        started.elapsed()
+    ))
+}
+
+/// Kills (SIGKILL) the Redis master and waits until the Sentinels name the replica as the master; the
+/// coordinators follow them there. The old master stays down for the rest of the round.
+async fn kill_redis_master(round: &mut Round) -> Result<String, String> {
+    let cluster = round.cluster.as_mut().ok_or("not a cluster round")?;
+    if cluster.redis_failed_over {
+        return Err("the round's Redis master was killed already".into());
+    }
+    let started = Instant::now();
+    tokio::task::block_in_place(|| cluster.redis.kill_master());
+    cluster.redis_failed_over = true;
+    let replica = cluster.redis.replica.port;
+    loop {
+        let named = tokio::task::block_in_place(|| cluster.redis.master_port());
+        if named == Some(replica) {
+            break;
+        }
+        if started.elapsed() >= SETTLE {
+            return Err(format!(
+                "the Sentinels did not promote the replica (port {replica}) within {SETTLE:?}: \
+                 they name {named:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(format!(
+        "Sentinel promoted the replica {:?} after the kill",
+        started.elapsed()
+    ))
+}
+
+/// Kills (SIGKILL) the Postgres primary and promotes its synchronous standby at once, as a failover
+/// manager would; the coordinators move their pools to it by themselves. Once per round: the promoted
+/// standby has no standby of its own.
+async fn kill_pg_primary(round: &mut Round) -> Result<String, String> {
+    let cluster = round.cluster.as_mut().ok_or("not a cluster round")?;
+    if cluster.pg_failed_over {
+        return Err("the round's Postgres primary was killed already".into());
+    }
+    let started = Instant::now();
+    tokio::task::block_in_place(|| {
+        cluster.pg.kill();
+        cluster.pg_standby.promote();
+    });
+    cluster.pg_failed_over = true;
+    Ok(format!(
+        "the standby (port {}) was promoted {:?} after the kill of the primary (port {})",
+        cluster.pg_standby.port,
+        started.elapsed(),
+        cluster.pg.port
+    ))
 }
 
 // ----- the services ------------------------------------------------------------------------------

@@ -203,6 +203,8 @@ pub struct NatsCluster {
     /// The cluster's name (`--cluster_name`).
     pub name: String,
     nodes: Vec<ClusterNode>,
+    /// Whether the servers tell their clients about each other (not `--no_advertise`).
+    advertise: bool,
 }
 
 struct ClusterNode {
@@ -220,8 +222,20 @@ impl NatsCluster {
     /// Starts `size` nodes routed to each other and waits until each says it is healthy: JetStream
     /// has a meta leader, and the node is current with it.
     pub fn start(size: usize) -> NatsCluster {
+        NatsCluster::start_with(size, true)
+    }
+
+    /// Like [`NatsCluster::start`], but the servers do not tell their clients about each other
+    /// (`--no_advertise`): a client knows only the addresses it was given, so that a test can put a
+    /// [`Proxy`] in front of each node and cut a client off the whole cluster.
+    pub fn start_unadvertised(size: usize) -> NatsCluster {
+        NatsCluster::start_with(size, false)
+    }
+
+    fn start_with(size: usize, advertise: bool) -> NatsCluster {
         assert!(size > 0, "a cluster of at least one node");
         let mut cluster = NatsCluster {
+            advertise,
             name: unique("nc"),
             nodes: (1..=size)
                 .map(|i| {
@@ -255,6 +269,11 @@ impl NatsCluster {
     /// The client URL of node `i` (0-based).
     pub fn url(&self, i: usize) -> String {
         format!("nats://127.0.0.1:{}", self.nodes[i].port)
+    }
+
+    /// The client port of node `i` (0-based).
+    pub fn port(&self, i: usize) -> u16 {
+        self.nodes[i].port
     }
 
     /// Every node's client URL, separated by commas (as `nats.url` and the `nats` CLI take them).
@@ -308,6 +327,9 @@ impl NatsCluster {
             .args(["--routes", &routes])
             .args(["-js", "-sd"])
             .arg(&node.store);
+        if !self.advertise {
+            cmd.arg("--no_advertise=true");
+        }
         node.process.respawn(cmd, node.port);
     }
 
