@@ -201,18 +201,13 @@ pub trait Journal: Send + Sync + 'static {
     /// Called once leadership `term` is won, before [`Journal::load`]: a journal that writes behind
     /// brings its store up to date here, and fences off the writes of any earlier leader. Nothing to do
     /// for the others.
-    async fn take_over(&self, term: Term) -> Result<(), PortError> {
-        let _ = term;
-        Ok(())
-    }
+    async fn take_over(&self, term: Term) -> Result<(), PortError>;
     /// Called when a term ends (its driver stopped), before the leadership is released or handed on:
     /// a journal that writes behind stops its writer here, so that nothing of the ended term touches
     /// the store or the stream while the next leader reads them. `finish`: a graceful stop, which
     /// lets the writer first write what it holds (for a while); else it stops at once, and the next
     /// leader writes that. Nothing to do for the others.
-    async fn stand_down(&self, finish: bool) {
-        let _ = finish;
-    }
+    async fn stand_down(&self, finish: bool);
     /// Writes the whole batch or nothing. Writing the same batch twice leaves the same state (the driver
     /// retries a write whose answer was lost).
     async fn write(&self, batch: &Batch<'_>) -> Result<(), PortError>;
@@ -344,22 +339,16 @@ pub trait Leases: Send + Sync + 'static {
     /// (refused, [`Deposed`], when a newer one is stored) and its highest fence to `fence` (the
     /// highest ever issued, so that no fence is issued twice). Writing the lost leases back is the
     /// caller's, before anything new.
-    async fn recover(&self, _fence: Fence) -> Result<(), PortError> {
-        Ok(())
-    }
+    async fn recover(&self, fence: Fence) -> Result<(), PortError>;
     /// Whether the store answers (readiness).
     async fn ping(&self) -> Result<(), PortError>;
     /// Writes under leadership `term` from now on, and refuses every write of an older term from then on
     /// ([`Deposed`]); refused itself when a newer term was claimed.
-    async fn claim_term(&self, _term: Term) -> Result<(), PortError> {
-        Ok(())
-    }
+    async fn claim_term(&self, term: Term) -> Result<(), PortError>;
     /// The newest term claimed ([`Leases::claim_term`]; 0 when none, or for a store without terms): a
     /// leadership that may read back an older term than was led (a Postgres standby promoted after it
     /// missed the last commits) takes its next term above it.
-    async fn term(&self) -> Result<Term, PortError> {
-        Ok(Term(0))
-    }
+    async fn term(&self) -> Result<Term, PortError>;
 }
 
 // ----- the bus --------------------------------------------------------------------------------------
@@ -474,9 +463,7 @@ pub trait Bus: Send + Sync + 'static {
     }
     /// Whether the bus is connected now: a leader cut off from it longer than its trust window gives
     /// the leadership up, so that a coordinator that can reach the bus takes over.
-    fn connected(&self) -> bool {
-        true
-    }
+    fn connected(&self) -> bool;
 
     /// The status questions asked of this coordinator.
     async fn status_queries(&self) -> Result<StatusQueries, PortError>;

@@ -154,6 +154,11 @@ impl MemBus {
 
 #[async_trait]
 impl Bus for MemBus {
+    /// In this process: nothing to be cut off from (the tests cut it off by their faults).
+    fn connected(&self) -> bool {
+        true
+    }
+
     async fn ensure_streams(&self, _inputs_after: Option<u64>) -> Result<(), PortError> {
         Ok(())
     }

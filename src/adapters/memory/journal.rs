@@ -95,6 +95,14 @@ impl MemJournal {
 
 #[async_trait]
 impl Journal for MemJournal {
+    /// Writes nothing behind: nothing to bring up to date, nor to fence off.
+    async fn take_over(&self, _term: Term) -> Result<(), PortError> {
+        Ok(())
+    }
+
+    /// Writes nothing behind: no writer to stop.
+    async fn stand_down(&self, _finish: bool) {}
+
     async fn migrate(&self) -> Result<(), PortError> {
         Ok(())
     }

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use gpu_coordinator_core::{Fence, RequestRecord};
 
-use crate::ports::{Deposed, Journal, PortError};
+use crate::ports::{Deposed, Journal, PortError, Term};
 use crate::telemetry::redact_url;
 use futures::TryStreamExt as _;
 use migration::{Migrator, MigratorTrait};
@@ -1092,6 +1092,14 @@ fn stale_term(error: &DbErr) -> Option<String> {
 
 #[async_trait::async_trait]
 impl Journal for PgStore {
+    /// Writes nothing behind: nothing to bring up to date, nor to fence off.
+    async fn take_over(&self, _term: Term) -> Result<(), PortError> {
+        Ok(())
+    }
+
+    /// Writes nothing behind: no writer to stop.
+    async fn stand_down(&self, _finish: bool) {}
+
     async fn migrate(&self) -> Result<(), PortError> {
         PgStore::migrate(self).await.map_err(PortError::new)
     }

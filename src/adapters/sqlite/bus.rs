@@ -451,6 +451,11 @@ fn stored(row: &QueryResult, which: Which) -> Result<Stored, DbErr> {
 
 #[async_trait]
 impl Bus for SqliteBus {
+    /// In this process: nothing to be cut off from.
+    fn connected(&self) -> bool {
+        true
+    }
+
     /// Numbers the inputs after `inputs_after` when the table is behind it (a journal that handled
     /// inputs of another bus): a default request id never names an older request.
     async fn ensure_streams(&self, inputs_after: Option<u64>) -> Result<(), PortError> {

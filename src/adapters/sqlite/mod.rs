@@ -38,7 +38,7 @@ use sea_orm::{
 
 use super::postgres::entities::{self, RowError};
 use super::postgres::last_of_each;
-use crate::ports::{Batch, Journal, Loaded, PortError};
+use crate::ports::{Batch, Journal, Loaded, PortError, Term};
 
 /// The database file in the data directory.
 pub const DB_FILE: &str = "coordinator.db";
@@ -354,6 +354,14 @@ impl SqliteStore {
 
 #[async_trait::async_trait]
 impl Journal for SqliteStore {
+    /// Writes nothing behind: nothing to bring up to date, nor to fence off.
+    async fn take_over(&self, _term: Term) -> Result<(), PortError> {
+        Ok(())
+    }
+
+    /// Writes nothing behind: no writer to stop.
+    async fn stand_down(&self, _finish: bool) {}
+
     async fn migrate(&self) -> Result<(), PortError> {
         SqliteStore::migrate(self).await.map_err(PortError::new)
     }
