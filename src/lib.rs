@@ -47,5 +47,6 @@ pub mod metrics;
 pub mod nats_auth;
 pub mod ports;
 pub mod render;
+pub mod retry;
 pub mod storage;
 pub mod telemetry;

@@ -109,7 +109,7 @@ fn coded_full(error: &(dyn std::error::Error + 'static)) -> bool {
 
 /// `error` and its causes, `outer: inner: root`.
 fn describe(error: &(dyn std::error::Error + 'static)) -> String {
-    crate::driver::retry::causes(error)
+    crate::retry::causes(error)
 }
 
 /// The stores found full, shared by the wrappers of one coordinator and read by `/readyz` and the

@@ -37,10 +37,10 @@ use crate::adapters::postgres::{PgLeadership, PgStore, WriteBehind};
 use crate::adapters::redis::LeaseStore;
 use crate::adapters::sqlite::{DirLock, SqliteBus, SqliteStore};
 use crate::config::{BusBackend, Config, JournalBackend, LeasesBackend};
-use crate::driver::retry::{is_deposed, with_retry};
 use crate::driver::{Driver, DriverHandle, Setup};
 use crate::metrics::{Metrics, Recorder};
 use crate::ports::{Bus, Gateway, Journal, Leadership, Leases, Ports};
+use crate::retry::{is_deposed, with_retry};
 use crate::telemetry::redact_url;
 
 /// How long the tasks beside the driver (HTTP calls in flight) may take to finish after it stopped.

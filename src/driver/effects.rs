@@ -12,11 +12,11 @@ use gpu_coordinator_core::{Action, Fence, Input, LeaseOp, RequestId, RequestReco
 use gpu_coordinator_wire::Encoding;
 use tokio_util::sync::CancellationToken;
 
-use super::retry::with_retry;
 use super::Driver;
 use crate::metrics::{Metrics, Stage};
 use crate::ports::{Batch, Bus, LeaseOutcome, Outbound, OutboxRow};
 use crate::render;
+use crate::retry::with_retry;
 
 /// Where the driver is in the input stream.
 #[derive(Debug, Default)]

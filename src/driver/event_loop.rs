@@ -10,11 +10,11 @@ use gpu_coordinator_core::QueuePage;
 use gpu_coordinator_wire::{codec, decode_input, Inbound, LeaderStatus, StatusDoc, StatusPage};
 use tokio::sync::mpsc;
 
-use super::retry::with_retry;
 use super::{now_ms, Command, Driver, NvmlFeed};
 use crate::adapters::nvml::{self, DeviceSample};
 use crate::ports::{Delivery, Inputs, StatusQuery};
 use crate::render;
+use crate::retry::with_retry;
 
 /// The most queue entries one status document lists, whatever the question asks: 1,000 entries
 /// keep it far below NATS's 1 MB payload limit.

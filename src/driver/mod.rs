@@ -31,7 +31,6 @@ mod effects;
 mod event_loop;
 mod publisher;
 mod reconcile;
-pub mod retry;
 mod start;
 #[cfg(test)]
 mod tests;

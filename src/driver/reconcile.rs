@@ -17,8 +17,8 @@
 
 use gpu_coordinator_core::{Input, Lease, LeaseOp};
 
-use super::retry::{causes, with_retry};
 use super::Driver;
+use crate::retry::{causes, with_retry};
 
 impl Driver {
     /// Once a second: says when the store lost its data, and reconciles it with the scheduler, at

@@ -6,9 +6,9 @@ use tokio::sync::mpsc;
 
 use super::effects::{publish, InputPosition, Outbox};
 use super::publisher::Publisher;
-use super::retry::with_retry;
 use super::{now_ms, Command, Driver, Setup};
 use crate::ports::{Outbound, OutboxRow, Ports, Term};
+use crate::retry::with_retry;
 
 /// How many commands (status questions) may wait for the driver.
 const COMMANDS: usize = 1024;

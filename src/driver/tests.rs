@@ -667,7 +667,7 @@ async fn a_deposed_driver_stops_and_publishes_nothing_more() {
         .expect("the driver stops by itself")
         .expect("the driver task does not panic");
     let error = stopped.expect_err("it stops because it was deposed");
-    assert!(super::retry::is_deposed(&error), "{error:#}");
+    assert!(crate::retry::is_deposed(&error), "{error:#}");
     assert_eq!(
         rig.bus.published().len(),
         published,

@@ -157,7 +157,7 @@ pub(crate) fn spawn(
 /// jitter, up to 5 s apart, without end), from 100 ms.
 pub(crate) fn backoff() -> backon::ExponentialBackoff {
     use backon::BackoffBuilder as _;
-    crate::driver::retry::backoff()
+    crate::retry::backoff()
         .with_min_delay(Duration::from_millis(100))
         .build()
 }

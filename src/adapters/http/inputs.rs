@@ -164,7 +164,7 @@ async fn publish(
     payload: Vec<u8>,
 ) -> Result<(), ApiError> {
     gateway.submit(&subject, payload).await.map_err(|e| {
-        let why = crate::driver::retry::causes(&e);
+        let why = crate::retry::causes(&e);
         if crate::storage::is_full(&e) {
             ApiError::InsufficientStorage(format!(
                 "the input was not stored, the store is full (out of space): {why}; nothing of it \

@@ -581,7 +581,7 @@ impl Writer {
                 }
             }
             Err(e) if crate::storage::is_full(e) => {
-                let why = crate::driver::retry::causes(e);
+                let why = crate::retry::causes(e);
                 if full.is_none() {
                     tracing::error!(
                         "Postgres is full: the journal written behind was refused for lack of space \
@@ -646,7 +646,7 @@ impl Writer {
             if rows.term.is_some() && rows.term <= deposed_term {
                 continue;
             }
-            let mut delays = crate::driver::retry::backoff().build();
+            let mut delays = crate::retry::backoff().build();
             let written = loop {
                 let result = self.pg.write_rows(&rows).await;
                 self.noted(&result);

@@ -21,7 +21,7 @@ use sea_orm::DatabaseConnection;
 use super::{
     open_pool, options_of, server_name, PgError, CONNECT_TIMEOUT, FAILOVER_ACQUIRE_TIMEOUT,
 };
-use crate::driver::retry::backoff;
+use crate::retry::backoff;
 use crate::telemetry::redact_url;
 
 /// The URLs of the hosts `url` names, one each, in order; the user, database and parameters of `url`

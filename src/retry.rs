@@ -1,6 +1,7 @@
 //! Waiting for a server with backoff: every port call of the driver goes through [`with_retry`], so a
 //! server that goes away stalls the loop (inputs stay unacknowledged and come again) rather than crashing
-//! it, and a shutdown ends the wait.
+//! it, and a shutdown ends the wait. The adapters, the app and the engine sidecars wait with the same
+//! [`backoff`], and describe errors with [`causes`]: a module of its own, below all of them.
 
 use std::future::Future;
 use std::time::Duration;
