@@ -23,44 +23,8 @@ use crate::ports::{Gateway, ReadFrom, Stored, Which};
 use check::{Checker, Output, Record};
 pub use check::{Summary, Violation};
 
-/// Where the replay starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Since {
-    /// The first message kept.
-    #[default]
-    Start,
-    /// The first message stored at or after this instant (Unix milliseconds).
-    At(u64),
-}
-
-impl Since {
-    /// `--since`: an RFC 3339 instant, or a span back from now such as `90s`, `15m`, `2h`, `7d`.
-    pub fn parse(text: &str, now_ms: u64) -> Result<Since, String> {
-        let text = text.trim();
-        let units = [
-            ("ms", 1),
-            ("s", 1_000),
-            ("m", 60_000),
-            ("h", 3_600_000),
-            ("d", 86_400_000),
-        ];
-        for (suffix, ms) in units {
-            if let Some(n) = text.strip_suffix(suffix) {
-                if let Ok(n) = n.parse::<u64>() {
-                    return Ok(Since::At(now_ms.saturating_sub(n.saturating_mul(ms))));
-                }
-            }
-        }
-        gpu_coordinator_wire::time::parse_rfc3339(text)
-            .map(Since::At)
-            .ok_or_else(|| {
-                format!(
-                    "--since {text:?}: expected an RFC 3339 instant (2026-11-28T18:00:00Z) or a span \
-                     back from now (90s, 15m, 2h, 7d)"
-                )
-            })
-    }
-}
+/// Where the replay starts (also where the HTTP API's event streams start, from `?since=`).
+pub use gpu_coordinator_wire::time::Since;
 
 /// The GPU capacities the audit checks against: the configured `[[gpus]]`, else the default GPU.
 fn capacities(config: &Config) -> HashMap<String, u64> {

@@ -22,6 +22,43 @@ pub fn parse_rfc3339(text: &str) -> Option<u64> {
     u64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()
 }
 
+/// Where a replay of a stream starts: `audit --since`, and the HTTP event streams' `?since=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Since {
+    /// The first message kept.
+    #[default]
+    Start,
+    /// The first message stored at or after this instant (Unix milliseconds).
+    At(u64),
+}
+
+impl Since {
+    /// `--since`: an RFC 3339 instant, or a span back from now such as `90s`, `15m`, `2h`, `7d`.
+    pub fn parse(text: &str, now_ms: u64) -> Result<Since, String> {
+        let text = text.trim();
+        let units = [
+            ("ms", 1),
+            ("s", 1_000),
+            ("m", 60_000),
+            ("h", 3_600_000),
+            ("d", 86_400_000),
+        ];
+        for (suffix, ms) in units {
+            if let Some(n) = text.strip_suffix(suffix) {
+                if let Ok(n) = n.parse::<u64>() {
+                    return Ok(Since::At(now_ms.saturating_sub(n.saturating_mul(ms))));
+                }
+            }
+        }
+        parse_rfc3339(text).map(Since::At).ok_or_else(|| {
+            format!(
+                "--since {text:?}: expected an RFC 3339 instant (2026-11-28T18:00:00Z) or a span \
+                     back from now (90s, 15m, 2h, 7d)"
+            )
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,8 +23,8 @@ use gpu_coordinator_wire::Event;
 use super::control::StreamSlot;
 use super::sse::{decode, last_event_id, output_events};
 use super::{ApiError, ErrorBody, HttpState, Viewer};
-use crate::audit::Since;
 use crate::ports::{ReadFrom, Which};
+use gpu_coordinator_wire::time::Since;
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 pub(super) struct EventsQuery {
