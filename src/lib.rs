@@ -49,4 +49,5 @@ pub mod ports;
 pub mod render;
 pub mod retry;
 pub mod storage;
+mod sync;
 pub mod telemetry;

@@ -131,7 +131,7 @@ impl Storage {
     }
 
     fn refused(&self, store: &'static str, why: &str) {
-        let mut full = crate::adapters::memory::lock(&self.full);
+        let mut full = crate::sync::lock(&self.full);
         let first = !full.contains_key(store);
         full.insert(store, (why.to_owned(), Instant::now()));
         if first {
@@ -143,17 +143,14 @@ impl Storage {
     }
 
     fn clear(&self, store: &'static str) {
-        if crate::adapters::memory::lock(&self.full)
-            .remove(store)
-            .is_some()
-        {
+        if crate::sync::lock(&self.full).remove(store).is_some() {
             tracing::info!("{store} takes writes again: space was freed");
         }
     }
 
     /// Why a store is full, if one is: `None` when every store took its last write.
     pub fn problem(&self) -> Option<String> {
-        let full = crate::adapters::memory::lock(&self.full);
+        let full = crate::sync::lock(&self.full);
         let reasons: Vec<String> = full
             .iter()
             .filter(|(_, (_, at))| at.elapsed() < STALE)

@@ -19,13 +19,9 @@ pub use bus::MemBus;
 pub use journal::MemJournal;
 pub use leases::{LeaseState, MemLeases};
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
-/// Locks a mutex, whose data stays consistent even if a holder panicked (each critical section here
-/// is one assignment or one insert).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+pub(crate) use crate::sync::lock;
 
 /// One effect, as the adapters saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -30,13 +30,13 @@ use sea_orm::{
 use tokio::sync::{broadcast, watch};
 
 use super::{SqliteError, SqliteStore};
-use crate::adapters::memory::lock;
 use crate::clock::now_ms;
 use crate::ports::{
     subject_matches, Bus, Delivery, Gateway, Inputs, Outbound, PortError, PublishFailure, ReadFrom,
     Settle, StatusQueries, Stored, StoredStream, Which,
 };
 use crate::retry::backoff;
+use crate::sync::lock;
 
 /// Rows read per query when catching up.
 const PAGE: i64 = 512;
