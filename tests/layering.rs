@@ -24,7 +24,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("retry", &["ports"]),
     ("storage", &["ports", "retry", "sync"]),
     ("render", &["ports"]),
-    ("metrics", &["ports", "render"]),
+    ("metrics", &["ports", "render", "sync"]),
     ("config", &["telemetry", "engines"]),
     (
         "adapters",
@@ -57,16 +57,6 @@ const KNOWN: &[(&str, &str, &str)] = &[
         "config",
         "adapters::postgres",
         "the host list parser belongs to the config",
-    ),
-    (
-        "metrics",
-        "adapters::nvml",
-        "the NVML samples belong to a GPU probe port",
-    ),
-    (
-        "driver",
-        "adapters::nvml",
-        "the NVML samples belong to a GPU probe port",
     ),
     (
         "adapters",

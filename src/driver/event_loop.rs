@@ -11,7 +11,7 @@ use gpu_coordinator_wire::{codec, decode_input, Inbound, LeaderStatus, StatusDoc
 use tokio::sync::mpsc;
 
 use super::{now_ms, Command, Driver, NvmlFeed};
-use crate::adapters::nvml::{self, DeviceSample};
+use crate::ports::gpu::{used_by_gpu, DeviceSample};
 use crate::ports::{Delivery, Inputs, StatusQuery};
 use crate::render;
 use crate::retry::with_retry;
@@ -456,7 +456,7 @@ impl Driver {
                     .find(|s| s.index == *index)
                     .map(|s| (gpu.as_str(), s))
             }));
-        for (gpu, used_mb) in nvml::used_by_gpu(&feed.devices, &samples) {
+        for (gpu, used_mb) in used_by_gpu(&feed.devices, &samples) {
             if feed.fed.get(&gpu) != Some(&used_mb) {
                 tracing::debug!(gpu = %gpu, used_mb, "VRAM used on the GPU");
                 feed.fed.insert(gpu.clone(), used_mb);

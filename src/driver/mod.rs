@@ -43,9 +43,9 @@ use gpu_coordinator_wire::{StatusDoc, StatusPage, Subjects};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::adapters::nvml::DeviceSample;
 pub use crate::clock::now_ms;
 use crate::metrics::Recorder;
+use crate::ports::gpu::DeviceSample;
 use crate::ports::{Ports, Term};
 
 use effects::{InputPosition, Outbox};

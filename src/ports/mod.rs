@@ -28,6 +28,8 @@
 //! The ports speak the core's types ([`RequestRecord`], [`Lease`], [`LeaseOp`], [`Fence`]) and already
 //! rendered messages ([`Outbound`]); nothing here decides who gets a GPU.
 
+pub mod gpu;
+
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
