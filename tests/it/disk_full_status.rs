@@ -68,14 +68,7 @@ async fn a_status_asked_while_the_journal_is_full_names_the_full_store() {
         error.contains("is full") && error.contains("No space left on device"),
         "the status names the full store and its reason: {body}"
     );
-    let metrics = c
-        .get(coordinator.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics(&c, &coordinator).await;
     assert!(
         metrics.contains("gpu_coordinator_storage_full 1"),
         "/metrics counts the full store: {metrics}"
@@ -102,17 +95,21 @@ async fn a_status_asked_while_the_journal_is_full_names_the_full_store() {
         },
     )
     .await;
-    let metrics = c
-        .get(coordinator.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics(&c, &coordinator).await;
     assert!(
         metrics.contains("gpu_coordinator_storage_full 0"),
         "/metrics shows the store writable again: {metrics}"
     );
     coordinator.stop().await.expect("a clean stop");
+}
+
+/// The coordinator's `/metrics` text.
+async fn metrics(c: &reqwest::Client, coordinator: &Coordinator) -> String {
+    c.get(coordinator.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
 }
