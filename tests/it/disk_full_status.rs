@@ -68,7 +68,7 @@ async fn a_status_asked_while_the_journal_is_full_names_the_full_store() {
         error.contains("is full") && error.contains("No space left on device"),
         "the status names the full store and its reason: {body}"
     );
-    let metrics = metrics(&c, &coordinator).await;
+    let metrics = metrics_of(&c, &coordinator).await;
     assert!(
         metrics.contains("gpu_coordinator_storage_full 1"),
         "/metrics counts the full store: {metrics}"
@@ -95,7 +95,7 @@ async fn a_status_asked_while_the_journal_is_full_names_the_full_store() {
         },
     )
     .await;
-    let metrics = metrics(&c, &coordinator).await;
+    let metrics = metrics_of(&c, &coordinator).await;
     assert!(
         metrics.contains("gpu_coordinator_storage_full 0"),
         "/metrics shows the store writable again: {metrics}"
@@ -104,7 +104,7 @@ async fn a_status_asked_while_the_journal_is_full_names_the_full_store() {
 }
 
 /// The coordinator's `/metrics` text.
-async fn metrics(c: &reqwest::Client, coordinator: &Coordinator) -> String {
+async fn metrics_of(c: &reqwest::Client, coordinator: &Coordinator) -> String {
     c.get(coordinator.url("/metrics"))
         .send()
         .await
