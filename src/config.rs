@@ -640,7 +640,7 @@ impl RedisConfig {
             );
         }
         for (i, entry) in self.sentinels.iter().enumerate() {
-            if let Err(why) = crate::adapters::redis::sentinel_url(entry) {
+            if let Err(why) = crate::urls::sentinel_url(entry) {
                 problems.push(format!(
                     "redis.sentinels[{i}]: {why} (expected e.g. \"10.0.0.1:26379\" or \
                      \"redis://10.0.0.1:26379\")"
@@ -918,7 +918,7 @@ impl Config {
         }
         if !self.database.url.trim().is_empty() {
             // Parsed here, once, as for `nats.url`.
-            if let Err(why) = crate::adapters::postgres::hosts(&self.database.url) {
+            if let Err(why) = crate::urls::postgres_hosts(&self.database.url) {
                 problems.push(format!(
                     "database.url: {why} (expected e.g. \"postgres://user@host:5432/database\", or a \
                      primary and its standbys separated by commas: \

@@ -51,3 +51,4 @@ pub mod retry;
 pub mod storage;
 mod sync;
 pub mod telemetry;
+pub mod urls;

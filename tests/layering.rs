@@ -3,6 +3,7 @@
 //!
 //! - `clock`, `telemetry`, `sync`: use nothing of the crate;
 //! - `ports` (the traits the driver needs) and `retry` (waiting for a server): the lowest layers;
+//! - `urls` (the servers' URLs parsed): on `telemetry` alone;
 //! - `storage`, `render`, `metrics`, `config`: use the layers below;
 //! - `adapters` implement the ports: never the driver, the app or the audit;
 //! - `driver` drives the core through the ports: never the adapters, the app or the audit;
@@ -25,7 +26,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("storage", &["ports", "retry", "sync"]),
     ("render", &["ports"]),
     ("metrics", &["ports", "render", "sync"]),
-    ("config", &["telemetry", "engines"]),
+    ("urls", &["telemetry"]),
+    ("config", &["telemetry", "engines", "urls"]),
     (
         "adapters",
         &[
@@ -38,6 +40,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "render",
             "engines",
             "sync",
+            "urls",
         ],
     ),
     (
@@ -48,16 +51,6 @@ const ALLOWED: &[(&str, &[&str])] = &[
 
 /// Uses against the rule that are known, `(module, what it uses)`, each to be moved.
 const KNOWN: &[(&str, &str, &str)] = &[
-    (
-        "config",
-        "adapters::redis",
-        "the Sentinel address parser belongs to the config",
-    ),
-    (
-        "config",
-        "adapters::postgres",
-        "the host list parser belongs to the config",
-    ),
     (
         "adapters",
         "config",

@@ -397,24 +397,6 @@ impl ConnectionLike for Link {
     }
 }
 
-/// A Sentinel's address as `redis.sentinels` gives it (`host:port` or a `redis://` URL) as a URL.
-pub fn sentinel_url(entry: &str) -> Result<String, String> {
-    let entry = entry.trim();
-    let url = if entry.contains("://") {
-        entry.to_owned()
-    } else {
-        format!("redis://{entry}")
-    };
-    let parsed = redis::parse_redis_url(&url)
-        .ok_or_else(|| format!("{entry:?} is not `host:port` nor a redis:// URL"))?;
-    if parsed.port().is_none() {
-        return Err(format!(
-            "{entry:?} names no port (Sentinels listen on their own port, often 26379)"
-        ));
-    }
-    Ok(url)
-}
-
 impl std::fmt::Debug for LeaseStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LeaseStore")
@@ -454,7 +436,7 @@ impl LeaseStore {
     ) -> Result<LeaseStore, RedisError> {
         let urls: Vec<String> = sentinels
             .iter()
-            .map(|entry| sentinel_url(entry).unwrap_or_else(|_| entry.clone()))
+            .map(|entry| crate::urls::sentinel_url(entry).unwrap_or_else(|_| entry.clone()))
             .collect();
         let server = format!(
             "master `{master}` of the Sentinels {}",

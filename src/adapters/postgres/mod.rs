@@ -24,7 +24,7 @@ mod leader;
 pub use crate::ports::{Batch, Loaded, OutboxRow};
 pub use behind::{BehindError, WriteBehind};
 pub use entities::{fence, request, RowError};
-pub use hosts::{hosts, Primary};
+pub use hosts::Primary;
 pub use leader::{forget_unseen, presence_file, PgLeadership, FORGET_AFTER_TTLS};
 
 use std::collections::HashSet;
@@ -542,7 +542,8 @@ impl PgStore {
     /// A URL that names several hosts (`postgres://user@h1:5432,h2:5433/db`) opens the pool on the one
     /// that takes writes, and moves it to another when that one goes (see [`Primary`]).
     pub async fn connect(url: &str) -> Result<PgStore, PgError> {
-        let urls = hosts::hosts(url).map_err(|detail| PgError::InvalidHosts { detail })?;
+        let urls =
+            crate::urls::postgres_hosts(url).map_err(|detail| PgError::InvalidHosts { detail })?;
         let primary = if urls.len() > 1 {
             Primary::connect(urls).await?
         } else {
