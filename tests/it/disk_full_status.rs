@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 use sea_orm::{ConnectionTrait as _, Database};
 use serde_json::json;
 
-use crate::http::{client, get, post};
+use crate::http::{client, get, post, text_of};
 use crate::support::{eventually, test_config, Coordinator};
 
 const REFUSE: &str = r#"
@@ -68,7 +68,7 @@ async fn a_status_asked_while_the_journal_is_full_names_the_full_store() {
         error.contains("is full") && error.contains("No space left on device"),
         "the status names the full store and its reason: {body}"
     );
-    let metrics = metrics_of(&c, &coordinator).await;
+    let metrics = text_of(&c, &coordinator.url("/metrics")).await;
     assert!(
         metrics.contains("gpu_coordinator_storage_full 1"),
         "/metrics counts the full store: {metrics}"
@@ -95,21 +95,10 @@ async fn a_status_asked_while_the_journal_is_full_names_the_full_store() {
         },
     )
     .await;
-    let metrics = metrics_of(&c, &coordinator).await;
+    let metrics = text_of(&c, &coordinator.url("/metrics")).await;
     assert!(
         metrics.contains("gpu_coordinator_storage_full 0"),
         "/metrics shows the store writable again: {metrics}"
     );
     coordinator.stop().await.expect("a clean stop");
-}
-
-/// The coordinator's `/metrics` text.
-async fn metrics_of(c: &reqwest::Client, coordinator: &Coordinator) -> String {
-    c.get(coordinator.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
 }

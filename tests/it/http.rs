@@ -67,6 +67,17 @@ impl From<&str> for Body {
     }
 }
 
+/// The body of `GET url` as text (the metrics' exposition), with no token.
+pub(crate) async fn text_of(c: &Client, url: &str) -> String {
+    c.get(url)
+        .send()
+        .await
+        .expect("answered")
+        .text()
+        .await
+        .expect("text")
+}
+
 pub(crate) fn error_of(body: &Value) -> &str {
     body["error"]
         .as_str()
@@ -910,14 +921,7 @@ async fn external_vram_from_nvml_counts_against_admission() {
         (doc.gpus[0].external_mb == 5_000 && doc.gpus[0].used_mb == 25_000).then_some(())
     })
     .await;
-    let text = c
-        .get(coordinator.url("/metrics"))
-        .send()
-        .await
-        .expect("answered")
-        .text()
-        .await
-        .expect("text");
+    let text = text_of(&c, &coordinator.url("/metrics")).await;
     assert_eq!(metric(&text, "gpu_coordinator_vram_from_nvml"), 1.0);
     assert_eq!(
         metric(&text, "gpu_coordinator_vram_external_bytes{gpu=\"0\"}"),
