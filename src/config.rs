@@ -1108,6 +1108,7 @@ impl Config {
     /// The scheduler's options, from the `lease`, `preemption`, `request` and `queue` keys.
     pub fn sched_config(&self) -> gpu_coordinator_core::SchedConfig {
         gpu_coordinator_core::SchedConfig {
+            host_ttl_ms: None,
             lease_default_ms: self.lease.default_ms,
             lease_max_ms: self.lease.max_ms,
             ack_deadline_ms: self.preemption.ack_deadline_ms,
@@ -1266,6 +1267,7 @@ mod tests {
         assert_eq!(
             config.sched_config(),
             gpu_coordinator_core::SchedConfig {
+                host_ttl_ms: None,
                 lease_default_ms: 1,
                 lease_max_ms: 2,
                 ack_deadline_ms: 3,

@@ -762,11 +762,15 @@ mod tests {
             paused,
         };
         let doc = StatusDoc {
+            hosts: Vec::new(),
             leader: None,
             storage_full: None,
             at: rfc3339(0),
             vram_source: VramSource::Nvml,
             gpus: vec![GpuStatus {
+                host: None,
+                reachable: None,
+                uuid: None,
                 id: "0".into(),
                 total_mb: 24_576,
                 used_mb: 3_000,

@@ -8,8 +8,8 @@ use gpu_coordinator_core::{
 };
 use gpu_coordinator_wire::time::rfc3339;
 use gpu_coordinator_wire::{
-    codec, Control, Encoding, Event, GpuStatus, HolderStatus, PausedStatus, QueueCount, QueueEntry,
-    Reply, ServiceStatus, StatusDoc, Subjects,
+    codec, Control, Encoding, Event, GpuStatus, HolderStatus, HostState, HostStatus, PausedStatus,
+    QueueCount, QueueEntry, Reply, ServiceStatus, StatusDoc, Subjects,
 };
 
 /// A message ready to publish.
@@ -115,6 +115,20 @@ pub fn event(out: &EventOut) -> Event {
 /// The status document of `<prefix>.status` and `GET /gpu/status`.
 pub fn status(view: &StatusView) -> StatusDoc {
     StatusDoc {
+        hosts: view
+            .hosts
+            .iter()
+            .map(|h| HostStatus {
+                host: h.host.clone(),
+                state: if h.up {
+                    HostState::Up
+                } else {
+                    HostState::Unreachable
+                },
+                last_sample_age_ms: h.last_sample_age_ms,
+                gpus: h.gpus,
+            })
+            .collect(),
         at: rfc3339(view.at),
         vram_source: view.vram_source,
         gpus: view.gpus.iter().map(gpu).collect(),
@@ -150,6 +164,9 @@ pub fn status(view: &StatusView) -> StatusDoc {
 
 fn gpu(g: &GpuView) -> GpuStatus {
     GpuStatus {
+        host: g.host.clone(),
+        reachable: g.reachable,
+        uuid: g.uuid.clone(),
         id: g.id.to_string(),
         total_mb: g.total_mb,
         used_mb: g.used_mb,

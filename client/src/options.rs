@@ -106,6 +106,7 @@ impl RequestOptions {
     /// The `request` message for `service_id`, under the request id the caller settled on.
     pub fn to_message(&self, service_id: &str, request_id: &str) -> RequestMsg {
         RequestMsg {
+            host: None,
             request_id: Some(request_id.to_owned()),
             service_id: Some(service_id.to_owned()),
             priority: self.priority,

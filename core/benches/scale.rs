@@ -93,6 +93,7 @@ fn request_msg(
     timeout_ms: u64,
 ) -> RequestMsg {
     RequestMsg {
+        host: None,
         request_id: Some(id.to_string()),
         service_id: Some(service.to_string()),
         priority,

@@ -169,6 +169,18 @@ pub struct StatusView {
     /// Each service with a `[services.<id>]` section, and each other service that holds VRAM, by id:
     /// what it holds against its guarantee and cap.
     pub services: Vec<ServiceView>,
+    /// With node agents: each host heard, by name.
+    pub hosts: Vec<HostView>,
+}
+
+/// A host of the fleet (node agents).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostView {
+    pub host: String,
+    /// Heard within the TTL: its GPUs take grants.
+    pub up: bool,
+    pub last_sample_age_ms: u64,
+    pub gpus: u64,
 }
 
 /// A service's VRAM against its limits.
@@ -212,6 +224,10 @@ pub struct QueueCountView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuView {
     pub id: GpuId,
+    /// With node agents: its host, its UUID, and whether it takes new grants.
+    pub host: Option<String>,
+    pub uuid: Option<String>,
+    pub reachable: Option<bool>,
     pub total_mb: u64,
     pub used_mb: u64,
     pub free_mb: u64,

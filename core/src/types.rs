@@ -21,6 +21,19 @@ pub struct GpuSpec {
     pub total_mb: u64,
 }
 
+/// One GPU of a host, as its node agent sampled it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostGpu {
+    /// Its id on its host: the scheduler names it `<host>/<id>`.
+    pub id: String,
+    pub uuid: Option<String>,
+    pub total_mb: u64,
+    /// VRAM used on it, whoever uses it, in MB.
+    pub used_mb: u64,
+    /// Where the figures come from (NVML, or the agent's configuration for simulated GPUs).
+    pub source: gpu_coordinator_wire::VramSource,
+}
+
 /// The scheduling options (the `lease`, `preemption`, `request` and `queue` configuration keys).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchedConfig {
@@ -41,6 +54,10 @@ pub struct SchedConfig {
     /// After a pause ACK, how long a GPU waits for an [`Input::ExternalVram`] sample showing the paused
     /// holder's VRAM freed before it grants anyway, with a warning (0: off; on only with NVML).
     pub settle_ms: u64,
+    /// `nodes.ttl_ms` when node agents report the GPUs (`nodes.agents`): GPUs join with their host's
+    /// first [`Input::HostSample`], and a host silent this long takes no new grants until it is heard
+    /// again. `None`: the GPUs given at start are all there are.
+    pub host_ttl_ms: Option<u64>,
     /// `queue.max_per_service`: the most live (queued, paused or holding) requests one service may
     /// have; one more is rejected with an error that names the limit.
     pub max_per_service: usize,
@@ -152,6 +169,7 @@ impl ServicePolicies {
 impl Default for SchedConfig {
     fn default() -> Self {
         SchedConfig {
+            host_ttl_ms: None,
             lease_default_ms: 30_000,
             lease_max_ms: 3_600_000,
             ack_deadline_ms: 10_000,
@@ -180,6 +198,13 @@ pub enum Input {
     /// VRAM used on a GPU as NVML samples it, in MB, whoever uses it: the core works out the use
     /// outside its leases (this figure minus what its leases hold there, never below zero).
     GpuUsed { gpu: GpuId, used_mb: u64 },
+    /// A node agent's sample of its host's GPUs, heard at `heard_at` (with node agents, see
+    /// [`SchedConfig::host_ttl_ms`]): also its heartbeat.
+    HostSample {
+        host: String,
+        heard_at: Millis,
+        gpus: Vec<HostGpu>,
+    },
     /// What the lease store holds now. The core answers with a `Release` for every stored lease it does
     /// not hold under that fence, and a `Restore` for each of its unexpired leases the store lacks, in
     /// fence order (the store refuses a fence below the highest it has seen). Nothing when they agree.

@@ -2,6 +2,7 @@
 //! simulated driver of [`harness`]: inputs in, expected actions out, every invariant checked after every
 //! step. The property tests live in [`props`], in this same crate to keep to one link step.
 
+mod fleet;
 mod harness;
 mod props;
 mod services;

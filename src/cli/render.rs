@@ -285,6 +285,7 @@ mod tests {
     #[test]
     fn the_status_table_shows_gpus_holders_and_queue() {
         let doc = StatusDoc {
+            hosts: Vec::new(),
             leader: None,
             storage_full: None,
             queue_total: 2,
@@ -300,6 +301,9 @@ mod tests {
             at: "2026-11-26T14:00:00.000Z".into(),
             vram_source: VramSource::Config,
             gpus: vec![GpuStatus {
+                host: None,
+                reachable: None,
+                uuid: None,
                 id: "0".into(),
                 total_mb: 24_576,
                 used_mb: 20_000,
@@ -456,6 +460,7 @@ mod tests {
 
     fn empty_doc_with_one_entry() -> StatusDoc {
         StatusDoc {
+            hosts: Vec::new(),
             leader: None,
             storage_full: None,
             at: "2026-11-26T14:00:00.000Z".into(),

@@ -101,6 +101,7 @@ async fn msgpack_requests_get_msgpack_replies() {
     let coordinator = Coordinator::start(config.clone()).await;
     let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
     let request = RequestMsg {
+        host: None,
         request_id: Some("mp-1".into()),
         service_id: None,
         priority: 1,

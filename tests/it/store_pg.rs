@@ -758,6 +758,7 @@ pub(crate) fn paused_after_restore(loaded: Vec<RequestRecord>) -> Vec<String> {
         now,
     );
     let urgent = RequestMsg {
+        host: None,
         request_id: Some("urgent".into()),
         service_id: Some("chat".into()),
         priority: 0,

@@ -19,6 +19,7 @@
 
 pub mod codec;
 pub mod messages;
+pub mod node;
 pub mod schema;
 pub mod subjects;
 pub mod time;
@@ -29,6 +30,7 @@ mod tests;
 
 pub use codec::{DecodeError, Encoding};
 pub use messages::*;
+pub use node::{GpuProcess, NodeGpu, NodeSample};
 pub use schema::schemas;
-pub use subjects::{valid_service_id, InputKind, Subjects};
+pub use subjects::{valid_host, valid_service_id, InputKind, Subjects};
 pub use validate::{decode_input, Decoded, Inbound, Rejection};

@@ -33,10 +33,16 @@ pub struct RequestMsg {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub vram_mb: Option<u64>,
-    /// The GPU id to use (1 to 64 characters of `[A-Za-z0-9_:.-]`); absent means any GPU that fits.
+    /// The GPU id to use (1 to 64 characters of `[A-Za-z0-9_:./-]`; with node agents `<host>/<id>`);
+    /// absent means any GPU that fits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[A-Za-z0-9_:.-]{1,64}$"))]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_:./-]{1,64}$"))]
     pub gpu: Option<String>,
+    /// Extension: the host whose GPUs to use (with node agents; 1 to 64 characters of
+    /// `[A-Za-z0-9_-]`); absent means any host. With `gpu`, the GPU must be on this host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_-]{1,64}$"))]
+    pub host: Option<String>,
     /// `false`: never paused; only release or lease expiry ends the lease. Default `true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preemptible: Option<bool>,
@@ -407,6 +413,16 @@ pub struct HolderStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct GpuStatus {
     pub id: String,
+    /// Extension, with node agents: the host the GPU is on (the part of `id` before `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Extension, with node agents: the GPU's UUID as its agent reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// Extension, with node agents: `false` while its host's agent is silent (no new grants there)
+    /// or its agent no longer reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reachable: Option<bool>,
     /// Capacity in MB.
     pub total_mb: u64,
     /// Held by leases plus used outside them.
@@ -481,11 +497,36 @@ pub struct StatusDoc {
     /// The coordinator that answers (the leader), its term, and the standbys it knows of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<LeaderStatus>,
+    /// Extension, with node agents: each host heard since this leader started, sorted by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<HostStatus>,
     /// Present while a store of the coordinator is full (a disk, JetStream's store, a stream's or the
     /// embedded bus's byte limit): which, and what it said. Inputs are then refused at submission and
     /// the coordinator's own writes wait; it goes on by itself once space is freed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_full: Option<String>,
+}
+
+/// Whether a host's agent is heard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Its last sample is younger than `nodes.ttl_ms`: its GPUs take grants.
+    Up,
+    /// Silent past `nodes.ttl_ms`: no new grants there; its holders keep their leases until they
+    /// end.
+    Unreachable,
+}
+
+/// One host of the fleet (node agents) in the status document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct HostStatus {
+    pub host: String,
+    pub state: HostState,
+    /// How long ago its agent's last sample came in, in milliseconds.
+    pub last_sample_age_ms: u64,
+    /// How many GPUs its last sample listed.
+    pub gpus: u64,
 }
 
 /// A service's VRAM against its limits (`[services.<id>]`), in MB.

@@ -24,6 +24,7 @@ pub fn schemas() -> Vec<(&'static str, String)> {
         ("status", render(schema_for!(StatusDoc))),
         ("reader", render(schema_for!(ReaderAsk))),
         ("reader-answer", render(schema_for!(ReaderAnswer))),
+        ("node", render(schema_for!(crate::node::NodeSample))),
     ]
 }
 

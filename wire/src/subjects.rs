@@ -16,6 +16,12 @@ pub fn valid_service_id(s: &str) -> bool {
     (1..=MAX_SERVICE_ID_LEN).contains(&s.len()) && s.bytes().all(is_token_byte)
 }
 
+/// Whether `s` is a host name as node agents give it (the `<host>` of `<prefix>.node.<host>` and of
+/// GPU ids `<host>/<id>`): the same characters as a service id.
+pub fn valid_host(s: &str) -> bool {
+    valid_service_id(s)
+}
+
 fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
 }
@@ -157,6 +163,25 @@ impl Subjects {
     /// `<prefix>.status` (request-reply, not stored).
     pub fn status(&self) -> String {
         format!("{}.status", self.prefix)
+    }
+
+    /// `<prefix>.node.<host>` (core NATS, not stored): a node agent's samples of its host's GPUs
+    /// ([`NodeSample`](crate::NodeSample)).
+    pub fn node(&self, host: &str) -> String {
+        format!("{}.node.{host}", self.prefix)
+    }
+
+    /// `<prefix>.node.*`: every node agent's samples.
+    pub fn nodes(&self) -> String {
+        format!("{}.node.*", self.prefix)
+    }
+
+    /// The host of a node subject `<prefix>.node.<host>`, if `subject` is one.
+    pub fn parse_node(&self, subject: &str) -> Option<String> {
+        let host = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".node.")?;
+        valid_host(host).then(|| host.to_owned())
     }
 
     /// `<prefix>.reader.<svc>` (request-reply, not stored): a service asks the coordinator to make it a

@@ -155,6 +155,9 @@ fn check(
             if let Some(gpu) = &msg.gpu {
                 check_gpu(gpu)?;
             }
+            if let Some(host) = &msg.host {
+                check_host(host, msg.gpu.as_deref())?;
+            }
             msg.request_id
                 .get_or_insert_with(|| default_request_id(svc, stream_seq));
             msg.service_id.get_or_insert_with(|| svc.to_owned());
@@ -275,15 +278,42 @@ fn check_positive(field: &str, value: Option<u64>, hint: &str) -> Result<(), Str
 
 fn check_gpu(gpu: &str) -> Result<(), String> {
     let len = gpu.chars().count();
-    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.');
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.' | '/');
     if (1..=MAX_GPU_ID_LEN).contains(&len) && gpu.chars().all(allowed) {
         Ok(())
     } else {
         Err(format!(
-            "field `gpu` must be 1 to {MAX_GPU_ID_LEN} characters of A-Z, a-z, 0-9, `_`, `-`, `:` \
-             and `.`, got {}; leave it out for any GPU that fits",
+            "field `gpu` must be 1 to {MAX_GPU_ID_LEN} characters of A-Z, a-z, 0-9, `_`, `-`, `:`, \
+             `.` and `/`, got {}; leave it out for any GPU that fits",
             quote(gpu)
         ))
+    }
+}
+
+/// A request's `host`: a host name as node agents give it, and the host of its `gpu` if it names one.
+fn check_host(host: &str, gpu: Option<&str>) -> Result<(), String> {
+    if !crate::subjects::valid_host(host) {
+        return Err(format!(
+            "field `host` must be 1 to {} characters of A-Z, a-z, 0-9, `_` and `-`, got {}; leave \
+             it out for any host",
+            crate::subjects::MAX_SERVICE_ID_LEN,
+            quote(host)
+        ));
+    }
+    match gpu.map(|g| g.split_once('/')) {
+        Some(Some((on, _))) if on != host => Err(format!(
+            "field `gpu`: {} is on host {}, not on {} as field `host` says; give one of them",
+            quote(gpu.unwrap_or_default()),
+            quote(on),
+            quote(host)
+        )),
+        Some(None) => Err(format!(
+            "field `gpu`: {} names no host (GPU ids are `<host>/<id>` with node agents), while \
+             field `host` names {}; give `<host>/<id>`, or leave `gpu` out",
+            quote(gpu.unwrap_or_default()),
+            quote(host)
+        )),
+        _ => Ok(()),
     }
 }
 

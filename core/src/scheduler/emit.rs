@@ -171,6 +171,9 @@ impl Scheduler {
 
     pub(super) fn queued_detail(&self, seq: u64) -> String {
         let rec = self.live_rec(seq);
+        if self.fleet() && !self.allowed(rec).any(|g| self.gpus[g].up) {
+            return "waiting for a host with a GPU it may use to be heard".to_string();
+        }
         let pausing = self
             .gpus
             .iter()

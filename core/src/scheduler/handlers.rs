@@ -88,16 +88,26 @@ impl Scheduler {
     ) -> Option<(RejectCode, String)> {
         let key = |name: &str| policy_key(named, service, name);
         let vram_mb = msg.vram_mb.or(policy.default_vram_mb);
-        let candidates: Vec<&Gpu> = match &msg.gpu {
-            Some(pin) => self
+        if let Some(rejection) = self.host_refusal(msg) {
+            return Some(rejection);
+        }
+        let candidates: Vec<&Gpu> = match (&msg.gpu, &msg.host) {
+            (Some(pin), _) => self
                 .gpu_index
                 .get(pin.as_str())
                 .map(|&i| &self.gpus[i])
                 .into_iter()
                 .collect(),
-            None => self.gpus.iter().collect(),
+            (None, Some(host)) => self
+                .gpus
+                .iter()
+                .filter(|g| g.host.as_ref() == Some(host))
+                .collect(),
+            (None, None) => self.gpus.iter().collect(),
         };
-        if candidates.is_empty() {
+        // With node agents a GPU or a host not heard yet may join: the request waits for it.
+        let fleet = self.fleet();
+        if candidates.is_empty() && !fleet {
             let known: Vec<&str> = self.gpus.iter().map(|g| g.spec.id.as_str()).collect();
             let error = match &msg.gpu {
                 Some(pin) => format!(
@@ -122,7 +132,7 @@ impl Scheduler {
             .map(|g| g.spec.total_mb)
             .max()
             .unwrap_or(0);
-        if let Some(vram) = vram_mb.filter(|&vram| vram > largest) {
+        if let Some(vram) = vram_mb.filter(|&vram| vram > largest && !fleet) {
             let given = if msg.vram_mb.is_some() {
                 "field `vram_mb`".to_owned()
             } else {
@@ -138,9 +148,10 @@ impl Scheduler {
             .min()
             .unwrap_or(0);
         let cap = policy.max_vram_mb.filter(|&cap| {
-            candidates
-                .iter()
-                .all(|g| vram_mb.unwrap_or(g.spec.total_mb) > cap)
+            !candidates.is_empty()
+                && candidates
+                    .iter()
+                    .all(|g| vram_mb.unwrap_or(g.spec.total_mb) > cap)
         })?;
         let asked = match vram_mb {
             Some(vram) => format!("{vram} MB"),
@@ -152,6 +163,17 @@ impl Scheduler {
             key("max_vram_mb")
         );
         Some((RejectCode::OverServiceLimit, error))
+    }
+
+    /// Why a request naming a host cannot be taken: this coordinator has no node agents, so its
+    /// GPUs have no hosts.
+    fn host_refusal(&self, msg: &RequestMsg) -> Option<(RejectCode, String)> {
+        let host = msg.host.as_ref().filter(|_| !self.fleet())?;
+        let error = format!(
+            "field `host`: {host:?} names a host, but this coordinator manages one box's GPUs \
+             (nodes.agents is false): leave `host` out"
+        );
+        Some((RejectCode::UnknownGpu, error))
     }
 
     /// The record of a new request, queued, with its service's defaults filled in and the next
@@ -181,7 +203,11 @@ impl Scheduler {
             arrival: seq,
             encoding,
             vram_mb: msg.vram_mb.or(policy.default_vram_mb),
-            gpu_pin: msg.gpu.map(GpuId::from),
+            // A GPU named, else a host named (`<host>/*`), else any GPU.
+            gpu_pin: msg
+                .gpu
+                .map(GpuId::from)
+                .or_else(|| msg.host.as_deref().map(hosts::pin_host)),
             // A service that is not preemptible is not, whatever its requests say.
             preemptible: msg.preemptible.unwrap_or(true) && policy.preemptible,
             pause_ms: msg.pause_ms,

@@ -80,22 +80,12 @@ impl Scheduler {
                 Inbound::Cancel(msg) => self.on_cancel(service, encoding, msg, now),
             },
             Input::Invalid(rejection) => self.on_invalid(rejection, now),
-            Input::GpuUsed { gpu, used_mb } => {
-                if let Some(&i) = self.gpu_index.get(&gpu) {
-                    let gpu = &mut self.gpus[i];
-                    let external = used_mb.saturating_sub(gpu.held_mb);
-                    gpu.external_mb = external;
-                    // Freed once the outside usage is back near its level before the ACK (at least
-                    // half of the paused share gone).
-                    if gpu
-                        .settle
-                        .as_ref()
-                        .is_some_and(|s| external <= s.external_before_mb + s.freed_mb / 2)
-                    {
-                        gpu.settle = None;
-                    }
-                }
-            }
+            Input::GpuUsed { gpu, used_mb } => self.gpu_used(&gpu, used_mb),
+            Input::HostSample {
+                host,
+                heard_at,
+                gpus,
+            } => self.on_host_sample(host, heard_at, gpus, now),
             Input::LeaseStoreHolds { leases } => self.reconcile(leases, now),
             Input::LeaseNotHeld { request_id, fence } => {
                 let held = self.ids.get(&request_id).map(|&seq| self.live_rec(seq));
@@ -121,6 +111,25 @@ impl Scheduler {
                         self.revoke(seq, now, Reason::Refused { why }, false);
                     }
                 }
+            }
+        }
+    }
+
+    /// NVML's figure of the VRAM used on `gpu`, by anyone: what is outside the leases, and whether a
+    /// paused holder's VRAM is freed.
+    pub(super) fn gpu_used(&mut self, gpu: &str, used_mb: u64) {
+        if let Some(&i) = self.gpu_index.get(gpu) {
+            let gpu = &mut self.gpus[i];
+            let external = used_mb.saturating_sub(gpu.held_mb);
+            gpu.external_mb = external;
+            // Freed once the outside usage is back near its level before the ACK (at least
+            // half of the paused share gone).
+            if gpu
+                .settle
+                .as_ref()
+                .is_some_and(|s| external <= s.external_before_mb + s.freed_mb / 2)
+            {
+                gpu.settle = None;
             }
         }
     }
@@ -165,6 +174,7 @@ impl Scheduler {
     /// renewal that comes after the lease's expiry finds it revoked).
     fn fire_due(&mut self, now: Millis) {
         self.reclaim_guards.retain(|_, until| *until > now);
+        self.hosts_due(now);
         for gpu in &mut self.gpus {
             if gpu.settle.as_ref().is_some_and(|s| s.until <= now) {
                 let settle = gpu.settle.take().expect("checked above");

@@ -74,6 +74,7 @@ use crate::types::*;
 
 mod emit;
 mod handlers;
+mod hosts;
 mod indexes;
 mod inputs;
 mod invariants;
@@ -100,6 +101,15 @@ enum TimerKind {
 
 struct Gpu {
     spec: GpuSpec,
+    /// The host it is on (the part of its id before `/`), with node agents.
+    host: Option<String>,
+    /// Its UUID, as its agent reported it.
+    uuid: Option<String>,
+    /// Whether it takes new grants: always for the GPUs given at start; with node agents, while its
+    /// host is heard and its agent lists it.
+    up: bool,
+    /// Where its VRAM figures come from.
+    source: VramSource,
     /// VRAM used outside the coordinator's leases (NVML).
     external_mb: u64,
     /// Arrival numbers of the requests holding this GPU (active or pausing).
@@ -127,6 +137,22 @@ struct Settle {
 }
 
 impl Gpu {
+    fn new(spec: GpuSpec, up: bool) -> Gpu {
+        Gpu {
+            host: hosts::host_of(&spec.id).map(str::to_owned),
+            spec,
+            uuid: None,
+            up,
+            source: VramSource::Config,
+            external_mb: 0,
+            holders: BTreeSet::new(),
+            held_mb: 0,
+            queue: BTreeSet::new(),
+            settle: None,
+            settle_warning: None,
+        }
+    }
+
     fn free_mb(&self) -> u64 {
         self.spec
             .total_mb
@@ -211,6 +237,8 @@ pub struct Scheduler {
     config: SchedConfig,
     gpus: Vec<Gpu>,
     gpu_index: HashMap<GpuId, usize>,
+    /// With node agents: the hosts heard, by name.
+    hosts: BTreeMap<String, hosts::Host>,
     /// Live requests by arrival number.
     live: HashMap<u64, Live>,
     /// Live requests by id.
@@ -263,6 +291,7 @@ impl Scheduler {
             config,
             gpus: Vec::new(),
             gpu_index: HashMap::new(),
+            hosts: BTreeMap::new(),
             live: HashMap::new(),
             ids: HashMap::new(),
             services: HashMap::new(),
@@ -300,16 +329,13 @@ impl Scheduler {
             .enumerate()
             .map(|(i, g)| (g.id.clone(), i))
             .collect();
+        let source = self.vram_source;
         self.gpus = specs
             .into_iter()
             .map(|spec| Gpu {
-                spec,
-                external_mb: 0,
-                holders: BTreeSet::new(),
-                held_mb: 0,
-                queue: BTreeSet::new(),
-                settle: None,
-                settle_warning: None,
+                host: None,
+                source,
+                ..Gpu::new(spec, true)
             })
             .collect();
     }
@@ -317,6 +343,9 @@ impl Scheduler {
     /// Says where the VRAM figures come from, for the status document.
     pub fn set_vram_source(&mut self, source: VramSource) {
         self.vram_source = source;
+        for gpu in self.gpus.iter_mut().filter(|g| g.host.is_none()) {
+            gpu.source = source;
+        }
     }
 
     /// The GPUs managed, sorted by id.
@@ -342,6 +371,7 @@ impl Scheduler {
             .iter()
             .filter_map(|g| g.settle.as_ref().map(|s| s.until))
             .chain(self.reclaim_guards.values().copied())
+            .chain(self.next_host_deadline())
             .min();
         match (self.timers.first().map(|&(at, _, _)| at), settle) {
             (Some(a), Some(b)) => Some(a.min(b)),

@@ -7,7 +7,11 @@ use super::*;
 impl Scheduler {
     /// Grants, preempts and reserves in grant order, until every GPU is reserved or the queue is done.
     pub(super) fn schedule(&mut self, now: Millis) {
-        let mut open: Vec<bool> = self.gpus.iter().map(|g| g.settle.is_none()).collect();
+        let mut open: Vec<bool> = self
+            .gpus
+            .iter()
+            .map(|g| g.up && g.settle.is_none())
+            .collect();
         let mut n_open = open.iter().filter(|&&o| o).count();
         let mut cursor: Option<(u8, u64)> = None;
         // The services whose waiting requests wait for their own leases to end (their cap), this pass.
@@ -289,9 +293,15 @@ impl Scheduler {
         &'a self,
         rec: &'a RequestRecord,
     ) -> impl Iterator<Item = usize> + 'a {
-        let pinned = rec.gpu_pin.as_ref().map(|p| self.gpu_index.get(p).copied());
+        let host = rec.gpu_pin.as_deref().and_then(hosts::host_pin);
+        let pinned = rec
+            .gpu_pin
+            .as_ref()
+            .filter(|_| host.is_none())
+            .map(|p| self.gpu_index.get(p).copied());
         (0..self.gpus.len())
             .filter(move |&g| pinned.is_none_or(|p| p == Some(g)))
+            .filter(move |&g| host.is_none_or(|h| self.gpus[g].host.as_deref() == Some(h)))
             .filter(move |&g| rec.vram_mb.is_none_or(|v| v <= self.gpus[g].spec.total_mb))
     }
 

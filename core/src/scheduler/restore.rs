@@ -20,13 +20,14 @@ impl Scheduler {
                 .max()
                 .unwrap_or_default(),
         );
+        let mut records = snapshot.requests;
+        records.sort_by_key(|r| r.arrival);
+        self.restore_fleet_gpus(&records, &snapshot.leases);
         let mut leases: HashMap<RequestId, Lease> = snapshot
             .leases
             .into_iter()
             .map(|l| (l.request_id.clone(), l))
             .collect();
-        let mut records = snapshot.requests;
-        records.sort_by_key(|r| r.arrival);
         // Room for them all at once: growing the tables step by step copies every request again at
         // each step (most of a long queue's restore).
         let open = records.iter().filter(|r| r.phase != Phase::Ended).count();

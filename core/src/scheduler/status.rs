@@ -19,11 +19,14 @@ impl Scheduler {
             .iter()
             .map(|g| GpuView {
                 id: g.spec.id.clone(),
+                host: g.host.clone(),
+                uuid: g.uuid.clone(),
+                reachable: self.fleet().then_some(g.up),
                 total_mb: g.spec.total_mb,
                 used_mb: (g.held_mb + g.external_mb).min(g.spec.total_mb),
                 free_mb: g.free_mb(),
                 external_mb: g.external_mb,
-                vram_source: self.vram_source,
+                vram_source: g.source,
                 holders: g.holders.iter().map(|&seq| self.holder_view(seq)).collect(),
             })
             .collect();
@@ -48,6 +51,7 @@ impl Scheduler {
             gpus,
             paused,
             services: self.service_views(),
+            hosts: self.host_views(now),
             queue: self.queue_page(now, page),
             queue_total: self.queue.len() as u64,
             queue_offset: page.offset,

@@ -188,6 +188,10 @@ impl Scheduler {
         let rec = self.live_rec(seq);
         let cap = self.services.get(&rec.service_id).and_then(|svc| svc.cap);
         let any_gpu = self.allowed(rec).next().is_some();
+        // With node agents a host may join with a GPU it may use.
+        if !any_gpu && self.fleet() {
+            return;
+        }
         if self
             .allowed(rec)
             .any(|g| cap.is_none_or(|cap| charge(rec, self.gpus[g].spec.total_mb) <= cap))

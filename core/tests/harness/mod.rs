@@ -43,6 +43,7 @@ pub struct Req(pub RequestMsg);
 /// A request `id` at `priority`, for the whole GPU, with every other field left to the defaults.
 pub fn req(id: &str, priority: u8) -> Req {
     Req(RequestMsg {
+        host: None,
         request_id: Some(id.to_string()),
         service_id: None,
         priority,
@@ -64,6 +65,11 @@ impl Req {
         self.0.gpu = Some(id.to_string());
         self
     }
+    pub fn host(mut self, host: &str) -> Self {
+        self.0.host = Some(host.to_string());
+        self
+    }
+
     pub fn preemptible(mut self, yes: bool) -> Self {
         self.0.preemptible = Some(yes);
         self
@@ -486,6 +492,36 @@ impl Sim {
     }
 
     /// An input from `service`, for [`Sim::batch`].
+    /// A sample of `host`'s GPUs `(id, total_mb, used_mb)` from its node agent, heard now.
+    pub fn host_sample(&mut self, host: &str, gpus: &[(&str, u64, u64)]) -> Acts {
+        let heard_at = self.now;
+        self.host_sample_at(host, heard_at, gpus)
+    }
+
+    /// A sample of `host`'s GPUs, heard at `heard_at` (before now: it waited in a queue).
+    pub fn host_sample_at(
+        &mut self,
+        host: &str,
+        heard_at: Millis,
+        gpus: &[(&str, u64, u64)],
+    ) -> Acts {
+        let gpus = gpus
+            .iter()
+            .map(|&(id, total_mb, used_mb)| gpu_coordinator_core::HostGpu {
+                id: id.to_string(),
+                uuid: Some(format!("GPU-{host}-{id}")),
+                total_mb,
+                used_mb,
+                source: gpu_coordinator_wire::VramSource::Config,
+            })
+            .collect();
+        self.input(Input::HostSample {
+            host: host.to_string(),
+            heard_at,
+            gpus,
+        })
+    }
+
     pub fn from(service: &str, input: Inbound) -> Input {
         Input::Inbound {
             service: service.to_string(),
@@ -1338,8 +1374,12 @@ impl Sim {
 
     /// The GPUs a queued request may use at all (its pin, and big enough for its VRAM).
     fn allowed(&self, rec: &RequestRecord, status: &StatusView) -> Vec<usize> {
+        let host = rec.gpu_pin.as_deref().and_then(|p| p.strip_suffix("/*"));
         (0..status.gpus.len())
-            .filter(|&g| rec.gpu_pin.as_ref().is_none_or(|p| *p == status.gpus[g].id))
+            .filter(|&g| match host {
+                Some(host) => status.gpus[g].host.as_deref() == Some(host),
+                None => rec.gpu_pin.as_ref().is_none_or(|p| *p == status.gpus[g].id),
+            })
             .filter(|&g| rec.vram_mb.is_none_or(|v| v <= status.gpus[g].total_mb))
             .collect()
     }
@@ -1353,7 +1393,11 @@ impl Sim {
         };
         for (g, gpu) in status.gpus.iter().enumerate() {
             // A GPU waiting for NVML to see paused VRAM freed takes no grant, on purpose.
-            if !gpu.holders.is_empty() || self.sched.settling(&gpu.id) {
+            // Nor does a GPU whose host's agent is silent.
+            if !gpu.holders.is_empty()
+                || self.sched.settling(&gpu.id)
+                || gpu.reachable == Some(false)
+            {
                 continue;
             }
             // A request that waits for its own service's leases to end (its cap) reserves nothing.

@@ -444,6 +444,7 @@ fn run_with(setup: Setup, ops: Vec<Op>, hint: impl Fn(Option<u64>) -> Option<u64
 /// The inputs played, every invariant checked after each, the simulation left as they leave it.
 fn play(setup: Setup, ops: Vec<Op>, hint: impl Fn(Option<u64>) -> Option<u64>) -> Sim {
     let config = SchedConfig {
+        host_ttl_ms: None,
         lease_default_ms: 5_000,
         lease_max_ms: 10_000,
         ack_deadline_ms: setup.ack_deadline_ms,

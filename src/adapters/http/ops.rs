@@ -281,9 +281,13 @@ mod tests {
     #[test]
     fn a_service_keeps_only_its_own_entries() {
         let mut doc = StatusDoc {
+            hosts: Vec::new(),
             at: String::new(),
             vram_source: VramSource::Config,
             gpus: vec![GpuStatus {
+                host: None,
+                reachable: None,
+                uuid: None,
                 id: "0".into(),
                 total_mb: 10,
                 used_mb: 2,

@@ -159,7 +159,7 @@ proptest! {
         pause_ms in prop::option::of(0..=crate::validate::MAX_PAUSE_MS),
         encoding in arb_encoding(),
     ) {
-        let msg = RequestMsg {
+        let msg = RequestMsg { host: None,
             request_id, service_id: None, priority, timeout_ms, lease_ms, vram_mb, gpu, preemptible,
             pause_ms,
         };

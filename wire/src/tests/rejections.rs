@@ -299,8 +299,36 @@ fn zero_lease_and_vram() {
 }
 
 #[test]
+fn a_host_is_a_name_and_agrees_with_the_gpu() {
+    let r = rejected(InputKind::Request, json!({"priority": 1, "host": "a.b"}));
+    assert_mentions(
+        &r.error,
+        &["field `host` must be 1 to 64 characters", "\"a.b\""],
+    );
+    let r = rejected(
+        InputKind::Request,
+        json!({"priority": 1, "host": "h1", "gpu": "h2/0"}),
+    );
+    assert_mentions(&r.error, &["is on host \"h2\"", "not on \"h1\""]);
+    let r = rejected(
+        InputKind::Request,
+        json!({"priority": 1, "host": "h1", "gpu": "0"}),
+    );
+    assert_mentions(&r.error, &["names no host", "`<host>/<id>`"]);
+    for body in [
+        json!({"priority": 1, "host": "h1", "gpu": "h1/0"}),
+        json!({"priority": 1, "host": "h1"}),
+        json!({"priority": 1, "gpu": "h1/0"}),
+    ] {
+        let bytes = payload(Encoding::Json, &body);
+        let decoded = input(InputKind::Request, Encoding::Json, &bytes);
+        assert!(decoded.is_ok(), "{body} is accepted: {decoded:?}");
+    }
+}
+
+#[test]
 fn bad_gpu() {
-    for gpu in ["", "gpu 0", "gpu/0", &"g".repeat(65), "gpü"] {
+    for gpu in ["", "gpu 0", "gpu*0", &"g".repeat(65), "gpü"] {
         let r = rejected(InputKind::Request, json!({"priority": 1, "gpu": gpu}));
         assert_mentions(
             &r.error,

@@ -22,6 +22,7 @@ fn round_trip<T: Serialize + DeserializeOwned + PartialEq + Debug>(value: T) {
 
 fn full_request() -> RequestMsg {
     RequestMsg {
+        host: None,
         request_id: Some("chat-1-42".into()),
         service_id: Some(SVC.into()),
         priority: 255,
@@ -36,6 +37,7 @@ fn full_request() -> RequestMsg {
 
 fn minimal_request() -> RequestMsg {
     RequestMsg {
+        host: None,
         request_id: None,
         service_id: None,
         priority: 0,
@@ -205,6 +207,7 @@ fn outputs_round_trip() {
 
 fn status_doc() -> StatusDoc {
     StatusDoc {
+        hosts: Vec::new(),
         queue_total: 250,
         queue_offset: 100,
         queue_counts: vec![
@@ -246,6 +249,9 @@ fn status_doc() -> StatusDoc {
         at: "2026-11-26T14:39:09.123Z".into(),
         vram_source: VramSource::Nvml,
         gpus: vec![GpuStatus {
+            host: None,
+            reachable: None,
+            uuid: None,
             id: "gpu0".into(),
             total_mb: 24_000,
             used_mb: 9_000,
@@ -320,6 +326,7 @@ fn status_doc() -> StatusDoc {
 fn status_round_trips() {
     round_trip(status_doc());
     round_trip(StatusDoc {
+        hosts: Vec::new(),
         leader: None,
         storage_full: None,
         at: "2026-11-26T14:39:09.123Z".into(),

@@ -64,7 +64,8 @@ fn every_message_has_a_schema() {
             "event",
             "status",
             "reader",
-            "reader-answer"
+            "reader-answer",
+            "node"
         ]
     );
     for (name, text) in crate::schemas() {
