@@ -105,6 +105,7 @@ struct LedgerProbe {
 impl GpuProbe for LedgerProbe {
     fn devices(&self) -> Result<Vec<DeviceSample>, ProbeError> {
         Ok(vec![DeviceSample {
+            mig: None,
             index: 0,
             uuid: "GPU-fake-ledger".into(),
             name: "fake GPU".into(),

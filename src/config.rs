@@ -15,6 +15,9 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::{Figment, Source};
 use serde::{Deserialize, Serialize};
 
+mod nodes;
+pub use nodes::{AgentConfig, NodesConfig};
+
 /// The prefix of the environment variables that override the file, e.g. `GPU_COORDINATOR_NATS__URL`.
 pub const ENV_PREFIX: &str = "GPU_COORDINATOR_";
 
@@ -50,6 +53,10 @@ pub struct Config {
     pub sidecar: crate::engines::SidecarConfig,
     /// `[services]`: what each service may ask for. Read at start.
     pub services: ServicesConfig,
+    /// `[nodes]`: whether node agents report the GPUs (a fleet of hosts).
+    pub nodes: NodesConfig,
+    /// `[agent]`: what `gpu-coordinator agent` says of its host.
+    pub agent: AgentConfig,
 }
 
 /// `[services]`: `allow_unknown`, `[services.default]` and one `[services.<id>]` section per service.
@@ -816,6 +823,21 @@ impl Config {
 
     /// [`Config::load`] with another environment prefix, so that tests need not touch the real one.
     fn load_with_env(path: Option<&Path>, env_prefix: &str) -> Result<Config, ConfigError> {
+        let config = Self::read_with_env(path, env_prefix)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The configuration of `gpu-coordinator agent`, read as [`Config::load`] reads the
+    /// coordinator's, and checked for what an agent uses ([`Config::validate_agent`]).
+    pub fn load_agent(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let config = Self::read_with_env(path, ENV_PREFIX)?;
+        config.validate_agent()?;
+        Ok(config)
+    }
+
+    /// The defaults, the file and the environment variables under `env_prefix`, not yet validated.
+    fn read_with_env(path: Option<&Path>, env_prefix: &str) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = path {
             // `Toml::file` silently skips a missing file; a path given explicitly must be there.
@@ -858,7 +880,6 @@ impl Config {
             ]));
         }
         config.engines_take_service_defaults();
-        config.validate()?;
         Ok(config)
     }
 
@@ -1051,6 +1072,45 @@ impl Config {
         if self.nvml.enabled && self.nvml.sample_ms == 0 {
             problems.push("nvml.sample_ms must be > 0 when nvml.enabled is true".to_owned());
         }
+        problems.extend(
+            self.nodes
+                .problems(self.backends.bus == BusBackend::Nats, !self.gpus.is_empty()),
+        );
+    }
+
+    /// Checks what `gpu-coordinator agent` reads: `[nats]`, `[nvml]`, `[[gpus]]` and `[agent]`.
+    pub fn validate_agent(&self) -> Result<(), ConfigError> {
+        let mut problems = self.agent.problems();
+        if self.nvml.sample_ms == 0 {
+            problems
+                .push("nvml.sample_ms must be > 0: it is how often the agent reports".to_owned());
+        }
+        for (i, gpu) in self.gpus.iter().enumerate() {
+            let ok = !gpu.id.is_empty()
+                && gpu.id.len() <= 32
+                && gpu
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.'));
+            if !ok {
+                problems.push(format!(
+                    "gpus[{i}].id {:?} must be 1 to 32 characters of A-Z, a-z, 0-9, `_`, `-`, `:` \
+                     and `.` (the GPU is named `<host>/<id>`)",
+                    gpu.id
+                ));
+            }
+            if gpu.vram_mb == 0 {
+                problems.push(format!("gpus[{i}].vram_mb must be > 0"));
+            }
+        }
+        if self.nats.url.trim().is_empty() {
+            problems.push("nats.url must not be empty".to_owned());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
     }
 
     /// The GPUs, the engines, the services' sections, and engines whose service would reject them.
@@ -1108,7 +1168,7 @@ impl Config {
     /// The scheduler's options, from the `lease`, `preemption`, `request` and `queue` keys.
     pub fn sched_config(&self) -> gpu_coordinator_core::SchedConfig {
         gpu_coordinator_core::SchedConfig {
-            host_ttl_ms: None,
+            host_ttl_ms: self.nodes.agents.then_some(self.nodes.ttl_ms),
             lease_default_ms: self.lease.default_ms,
             lease_max_ms: self.lease.max_ms,
             ack_deadline_ms: self.preemption.ack_deadline_ms,

@@ -36,6 +36,7 @@
 //!   and restored above both Postgres's and Redis's record.
 
 pub mod adapters;
+pub mod agent;
 pub mod app;
 pub mod audit;
 pub mod clock;

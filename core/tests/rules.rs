@@ -1642,6 +1642,8 @@ fn settle_waits_for_nvml_to_see_the_paused_vram_freed() {
         ..config()
     };
     let mut s = sim_with(config, &[("g0", 1_000)]);
+    s.sched
+        .set_vram_source(gpu_coordinator_wire::VramSource::Nvml);
     s.outside("g0", 50);
     s.request("asr", req("asr", 2).vram(800));
     let a = s.request("chat", req("chat", 0).vram(800));
@@ -1672,6 +1674,8 @@ fn settle_grants_with_a_warning_past_its_bound() {
         ..config()
     };
     let mut s = sim_with(config, &[("g0", 1_000)]);
+    s.sched
+        .set_vram_source(gpu_coordinator_wire::VramSource::Nvml);
     s.request("asr", req("asr", 2).vram(800));
     s.request("chat", req("chat", 0).vram(800));
     s.ack_paused("asr", "asr");

@@ -4,6 +4,7 @@ pub mod http;
 pub mod memory;
 pub mod nats;
 pub mod nats_gateway;
+pub mod nats_nodes;
 pub mod nats_readers;
 pub mod nvml;
 pub mod postgres;

@@ -80,9 +80,98 @@ impl GpuProbe for NvmlProbe {
                     .into_iter()
                     .map(|(pid, used_mb)| ProcessUsage { pid, used_mb })
                     .collect(),
+                mig: device.mig_mode().ok().map(|mode| mode.current == 1),
             });
         }
         Ok(out)
+    }
+}
+
+impl NvmlProbe {
+    /// The NVIDIA driver's version.
+    pub fn driver_version(&self) -> Option<String> {
+        self.nvml.sys_driver_version().ok()
+    }
+}
+
+/// Watches for critical XID errors (a GPU that fell off the bus, a double-bit ECC error, ...) on a
+/// thread of its own until `stop` is set, handing `(device UUID, XID)` to `sink` as they come. Returns
+/// at once, with why, where NVML or its events cannot be had (no driver, a GPU without events).
+pub fn watch_xid(
+    sink: std::sync::mpsc::Sender<(String, u64)>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, ProbeError> {
+    let (ready_tx, ready) = std::sync::mpsc::channel::<Result<(), ProbeError>>();
+    let thread = std::thread::spawn(move || {
+        use nvml_wrapper::bitmasks::event::EventTypes;
+        use nvml_wrapper::enums::event::XidError;
+        use nvml_wrapper::error::NvmlError;
+        let fail = |what: &'static str| {
+            move |e: NvmlError| ProbeError::Query {
+                what,
+                index: 0,
+                detail: e.to_string(),
+            }
+        };
+        let setup = (|| {
+            let nvml = nvml_wrapper::Nvml::init().map_err(|e| ProbeError::Init(e.to_string()))?;
+            Ok::<_, ProbeError>(nvml)
+        })();
+        let nvml = match setup {
+            Ok(nvml) => nvml,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        let registered = (|| {
+            let mut set = nvml.create_event_set().map_err(fail("create_event_set"))?;
+            for index in 0..nvml.device_count().map_err(fail("device_count"))? {
+                let device = nvml
+                    .device_by_index(index)
+                    .map_err(fail("device_by_index"))?;
+                set = device
+                    .register_events(EventTypes::CRITICAL_XID_ERROR, set)
+                    .map_err(|e| fail("register_events")(e.error))?;
+            }
+            Ok::<_, ProbeError>(set)
+        })();
+        let set = match registered {
+            Ok(set) => {
+                let _ = ready_tx.send(Ok(()));
+                set
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match set.wait(500) {
+                Ok(event) => {
+                    let xid = match event.event_data {
+                        Some(XidError::Value(xid)) => xid,
+                        _ => 0,
+                    };
+                    let uuid = event.device.uuid().unwrap_or_default();
+                    if sink.send((uuid, xid)).is_err() {
+                        return;
+                    }
+                }
+                Err(NvmlError::Timeout) => {}
+                Err(e) => {
+                    tracing::warn!("waiting for NVML's XID events: {e}; no longer watching");
+                    return;
+                }
+            }
+        }
+    });
+    match ready.recv() {
+        Ok(Ok(())) => Ok(thread),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ProbeError::Init(
+            "the XID watcher's thread ended".to_owned(),
+        )),
     }
 }
 
@@ -235,6 +324,7 @@ mod tests {
 
     fn device(index: u32, total_mb: u64, used_mb: u64) -> DeviceSample {
         DeviceSample {
+            mig: None,
             index,
             uuid: format!("GPU-fake-{index}"),
             name: "Fake GPU".into(),

@@ -14,6 +14,7 @@ use crate::adapters::nvml::{self, DeviceSample, GpuProbe, NvmlProbe};
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::driver::NvmlFeed;
+use crate::ports::nodes::NodeFeed;
 
 /// The GPU assumed when neither the configuration nor NVML names one.
 pub const DEFAULT_GPU_MB: u64 = 24_576;
@@ -89,6 +90,8 @@ pub struct Gpus {
     pub feed: Option<NvmlFeed>,
     /// The probe that samples them (NVML, or a test's), for the engine sidecars' freed-VRAM check.
     pub probe: Option<Arc<dyn GpuProbe>>,
+    /// The node agents' samples, with `[nodes] agents = true` (then there are no GPUs at start).
+    pub nodes: Option<NodeFeed>,
 }
 
 impl Gpus {
@@ -108,6 +111,22 @@ pub async fn probe(
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Gpus {
+    if config.nodes.agents {
+        tracing::info!(
+            "nodes.agents is true: the GPUs are those the node agents report (none until one is heard)"
+        );
+        let mut sched_config = config.sched_config();
+        // Only GPUs that an agent samples through NVML wait to see paused VRAM freed.
+        sched_config.settle_ms = config.nvml.settle_ms;
+        return Gpus {
+            specs: Vec::new(),
+            source: VramSource::Config,
+            sched_config,
+            feed: None,
+            probe: None,
+            nodes: None,
+        };
+    }
     let probed = probe_devices(config, probe).await;
     let found = nvml::inventory(&config.gpus, probed.as_ref().map(|(_, d)| d.as_slice()));
     if probed.is_some() && !config.gpus.is_empty() && found.source == VramSource::Config {
@@ -177,6 +196,7 @@ pub async fn probe(
         sched_config,
         feed,
         probe,
+        nodes: None,
     }
 }
 

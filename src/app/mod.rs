@@ -125,7 +125,17 @@ pub async fn run_with(
     let server = tracker.spawn(http::serve(http, state.clone()));
     let result = async {
         let chosen = Chosen::connect(&config, &subjects, &shutdown).await?;
-        let gpus = gpus::probe(&config, extras.probe, &tracker, &tasks_stop).await;
+        let mut gpus = gpus::probe(&config, extras.probe, &tracker, &tasks_stop).await;
+        if let (true, Some(client)) = (config.nodes.agents, chosen.nats.clone()) {
+            let (tx, rx) = tokio::sync::mpsc::channel(crate::adapters::nats_nodes::WAITING);
+            tracker.spawn(crate::adapters::nats_nodes::listen(
+                client,
+                subjects.clone(),
+                tx,
+                tasks_stop.clone(),
+            ));
+            gpus.nodes = Some(crate::ports::nodes::NodeFeed::new(rx));
+        }
         if !sidecars.is_empty() {
             // The sidecars are clients of this coordinator's own HTTP API, in either mode: the same
             // code as `gpu-coordinator engines` on another host.
@@ -255,6 +265,7 @@ async fn lead(
             subjects: subjects.clone(),
             recorder: Recorder::new(metrics.clone()),
             nvml: gpus.feed.clone(),
+            nodes: gpus.nodes.clone(),
             retain_ended: config.queue.retain_ended,
             status_limit: config.queue.status_limit,
             shutdown: acting.clone(),

@@ -44,6 +44,11 @@ pub enum Command {
     /// inference server and asks the coordinator (`[sidecar] coordinator`: its HTTP API, or NATS) for
     /// the GPU as any service does. `[sidecar] listen` serves `/gpu/engines` and `/metrics`.
     Engines,
+    /// Run a node agent on a GPU host, until SIGINT or SIGTERM: it publishes the host's GPUs (NVML,
+    /// else `[[gpus]]` simulated) on `<nats.prefix>.node.<host>` every `nvml.sample_ms`, for a
+    /// coordinator with `[nodes] agents = true`. `[agent] host` names the host (default: the
+    /// machine's hostname); it reads `[nats]` as the coordinator does.
+    Agent,
     /// Create or update the schema (Postgres, or SQLite with `backends.journal = "sqlite"`), then exit.
     Migrate,
     /// Play the story live: a coordinator of its own (embedded, no server needed), a background ASR
@@ -118,7 +123,11 @@ pub enum Command {
 }
 
 fn load_config(cli: &Cli) -> anyhow::Result<Config> {
-    let config = Config::load(cli.config.as_deref()).with_context(|| match &cli.config {
+    let load = match cli.command {
+        Command::Agent => Config::load_agent,
+        _ => Config::load,
+    };
+    let config = load(cli.config.as_deref()).with_context(|| match &cli.config {
         Some(path) => format!("cannot load the configuration from {}", path.display()),
         None => "cannot load the configuration".to_owned(),
     })?;
@@ -153,6 +162,11 @@ pub async fn run() -> anyhow::Result<()> {
         }
         Command::Migrate => commands::migrate(config).await,
         Command::Engines => engines(config).await,
+        Command::Agent => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(commands::cancel_on_signal(shutdown.clone()));
+            gpu_coordinator::agent::run(config, shutdown).await
+        }
         Command::Audit { since } => commands::audit(config, since.as_deref()).await,
         Command::NatsAuth {
             services,

@@ -36,6 +36,10 @@ const FLUSH_WAIT: Duration = Duration::from_secs(2);
 /// How long timers wait at most for the inputs stored before they fell due.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(2);
 
+/// How often the node agents' latest samples are handed to the scheduler: one look at the bus and
+/// one pass for all of them, however many hosts there are.
+const NODES_EVERY: Duration = Duration::from_millis(200);
+
 /// How long the loop sleeps when the scheduler wants no wake-up.
 const IDLE: Duration = Duration::from_secs(3600);
 
@@ -54,6 +58,8 @@ impl Driver {
         let mut every_second = tokio::time::interval(EVERY_SECOND);
         let mut ticks = 0u64;
         every_second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut nodes_tick = tokio::time::interval(NODES_EVERY);
+        nodes_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!("coordinator ready");
         loop {
             let wake = match self.catching_up_left() {
@@ -111,6 +117,14 @@ impl Driver {
                 }
                 Some(query) = status.next() => self.answer_status(query).await,
                 Some(samples) = next_sample(&mut self.nvml) => self.handle_samples(samples).await?,
+                Some(heard) = next_node(&self.nodes) => {
+                    if let Some(feed) = self.nodes.as_mut() {
+                        feed.keep(heard);
+                    }
+                }
+                _ = nodes_tick.tick(), if self.nodes.as_ref().is_some_and(|f| f.has_pending()) => {
+                    self.handle_node_samples().await?;
+                }
                 Some(command) = commands.recv() => match command {
                     Command::Status(page, reply) => {
                         let _ = reply.send(self.status_doc(page));
@@ -472,6 +486,24 @@ impl Driver {
         self.carry_out().await
     }
 
+    /// Hands the scheduler the node agents' latest samples, one batch for all hosts, once the inputs
+    /// stored until now are handled (a sample hands the core the time now); until then they wait.
+    async fn handle_node_samples(&mut self) -> anyhow::Result<()> {
+        if self.catching_up.is_some() {
+            return Ok(());
+        }
+        let Some(at) = self.inputs_caught_up().await else {
+            return Ok(());
+        };
+        let now = self.core_time(at);
+        let Some(feed) = self.nodes.as_mut() else {
+            return Ok(());
+        };
+        let batch: Vec<_> = feed.take().iter().map(|h| (h.input(), now)).collect();
+        self.sched.handle_inputs(batch);
+        self.carry_out().await
+    }
+
     /// The status document, with who leads and the standbys it knows of.
     fn status_doc(&self, page: StatusPage) -> StatusDoc {
         let page = QueuePage {
@@ -529,6 +561,16 @@ fn scope(service: &str, mut input: Inbound) -> Inbound {
 async fn next_sample(nvml: &mut Option<NvmlFeed>) -> Option<Vec<DeviceSample>> {
     match nvml {
         Some(feed) => feed.samples.lock().await.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next node agent's sample, or never without node agents.
+async fn next_node(
+    nodes: &Option<crate::ports::nodes::NodeFeed>,
+) -> Option<crate::ports::nodes::NodeHeard> {
+    match nodes {
+        Some(feed) => feed.next().await,
         None => std::future::pending().await,
     }
 }

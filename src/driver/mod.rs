@@ -129,6 +129,8 @@ pub struct Setup {
     pub recorder: Recorder,
     /// NVML's samples, when NVML is in use.
     pub nvml: Option<NvmlFeed>,
+    /// The node agents' samples, with `[nodes] agents = true`.
+    pub nodes: Option<crate::ports::nodes::NodeFeed>,
     /// How many ended requests to load, to answer repeated ids.
     pub retain_ended: usize,
     /// `queue.status_limit`: queue entries a status document lists when the question names none.
@@ -148,6 +150,7 @@ pub struct Driver {
     commands: mpsc::Sender<Command>,
     recorder: Recorder,
     nvml: Option<NvmlFeed>,
+    nodes: Option<crate::ports::nodes::NodeFeed>,
     position: InputPosition,
     outbox: Outbox,
     /// The publishing stage: messages of committed batches, then their inputs' acknowledgements.

@@ -28,10 +28,14 @@ impl Driver {
             subjects,
             recorder,
             nvml,
+            mut nodes,
             retain_ended,
             status_limit,
             shutdown,
         } = setup;
+        if let Some(feed) = nodes.as_mut() {
+            feed.drop_stale().await;
+        }
         let journal = ports.journal.clone();
         let began = std::time::Instant::now();
         with_retry("taking over the journal", &shutdown, || {
@@ -120,6 +124,7 @@ impl Driver {
             commands: tx,
             recorder,
             nvml,
+            nodes,
             position: InputPosition {
                 handled: loaded.input_seq,
                 pending: None,

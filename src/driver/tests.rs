@@ -61,6 +61,7 @@ impl Rig {
             subjects: Subjects::new("gpu").expect("a valid prefix"),
             recorder: Recorder::new(Metrics::new()),
             nvml: None,
+            nodes: None,
             retain_ended: 1_000,
             status_limit: 100,
             shutdown: shutdown.clone(),

@@ -42,6 +42,8 @@ pub struct DeviceSample {
     pub used_mb: u64,
     /// The processes using memory on it (compute and graphics), where the driver reports it.
     pub processes: Vec<ProcessUsage>,
+    /// Whether MIG is on, where the driver says.
+    pub mig: Option<bool>,
 }
 
 /// A source of device samples. Calls block (NVML is a C library): run them off the async threads.

@@ -29,6 +29,7 @@
 //! rendered messages ([`Outbound`]); nothing here decides who gets a GPU.
 
 pub mod gpu;
+pub mod nodes;
 
 use std::collections::HashSet;
 use std::future::Future;

@@ -856,6 +856,7 @@ async fn external_vram_from_nvml_counts_against_admission() {
     let mut config = test_config("http_nvml", &[]);
     config.nvml.sample_ms = 20;
     let probe = FakeProbe::new(vec![DeviceSample {
+        mig: None,
         index: 0,
         uuid: "GPU-fake-0".into(),
         name: "Fake H100".into(),
@@ -1144,6 +1145,7 @@ async fn a_grant_after_a_pause_waits_for_nvml_to_see_the_vram_freed() {
     config.nvml.sample_ms = 20;
     config.nvml.settle_ms = 60_000;
     let probe = FakeProbe::new(vec![DeviceSample {
+        mig: None,
         index: 0,
         uuid: "GPU-fake-0".into(),
         name: "Fake H100".into(),

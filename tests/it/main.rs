@@ -12,6 +12,7 @@ mod disks;
 mod disks_servers;
 mod engine_board;
 mod engines;
+mod fleet;
 mod ha;
 mod http;
 mod http_hostile;

@@ -136,7 +136,13 @@ impl Scheduler {
             rec.expires_at = None;
         });
         if self.config.settle_ms > 0 {
-            if let Some(&g) = rec.gpu.as_ref().and_then(|g| self.gpu_index.get(g)) {
+            // Only NVML sees the VRAM freed (not a simulated GPU of a node agent).
+            let sampled = rec
+                .gpu
+                .as_ref()
+                .and_then(|g| self.gpu_index.get(g))
+                .filter(|&&g| self.gpus[g].source == VramSource::Nvml);
+            if let Some(&g) = sampled {
                 let gpu = &mut self.gpus[g];
                 let (external_before_mb, freed_mb) = match &gpu.settle {
                     // Another holder paused while the first is settling: wait for both shares.
