@@ -32,6 +32,11 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 const MB: i64 = 1024 * 1024;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabel {
+    host: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: String,
 }
@@ -142,6 +147,10 @@ pub struct Metrics {
     service_guaranteed: Family<ServiceLabel, Gauge>,
     service_max: Family<ServiceLabel, Gauge>,
     storage_full: Gauge,
+    host_up: Family<HostLabel, Gauge>,
+    host_sample_age: Family<HostLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    host_gpus: Family<HostLabel, Gauge>,
+    node_samples_refused: Counter,
     /// Refreshing the gauges and encoding them is one step, so two scrapes do not interleave.
     render: Mutex<()>,
 }
@@ -176,6 +185,10 @@ impl Metrics {
             service_guaranteed: Family::default(),
             service_max: Family::default(),
             storage_full: Gauge::default(),
+            host_up: Family::default(),
+            host_sample_age: Family::default(),
+            host_gpus: Family::default(),
+            node_samples_refused: Counter::default(),
             render: Mutex::new(()),
             registry: Registry::default(),
         };
@@ -183,6 +196,7 @@ impl Metrics {
         m.register_waits(&mut registry);
         m.register_queue(&mut registry);
         m.register_vram(&mut registry);
+        m.register_hosts(&mut registry);
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -332,6 +346,37 @@ impl Metrics {
         );
     }
 
+    /// The hosts of the fleet (node agents): whether each is heard, how old its last sample is, and
+    /// how many GPUs it reported; and the samples refused.
+    fn register_hosts(&self, registry: &mut Registry) {
+        registry.register(
+            "host_up",
+            "1 while a host's node agent is heard within nodes.ttl_ms (its GPUs take grants), 0 once \
+             it is silent past it",
+            self.host_up.clone(),
+        );
+        registry.register(
+            "host_sample_age_seconds",
+            "How long ago a host's node agent's last sample came in",
+            self.host_sample_age.clone(),
+        );
+        registry.register(
+            "host_gpus",
+            "How many GPUs a host's node agent last reported",
+            self.host_gpus.clone(),
+        );
+        registry.register(
+            "node_samples_refused",
+            "Node agents' samples refused: unreadable, or naming another host than their subject's",
+            self.node_samples_refused.clone(),
+        );
+    }
+
+    /// Counts a node agent's sample refused.
+    pub fn node_sample_refused(&self) {
+        self.node_samples_refused.inc();
+    }
+
     /// Notes whether a store is full, for `storage_full`: read by the HTTP server from the stores
     /// themselves, so that it is right while the driver, retrying a refused write, answers nothing.
     pub fn set_storage_full(&self, full: bool) {
@@ -433,6 +478,25 @@ impl Metrics {
         }
         self.vram_from_nvml
             .set(i64::from(doc.vram_source == VramSource::Nvml));
+        self.refresh_hosts(doc);
+    }
+
+    fn refresh_hosts(&self, doc: &StatusDoc) {
+        self.host_up.clear();
+        self.host_sample_age.clear();
+        self.host_gpus.clear();
+        for host in &doc.hosts {
+            let label = HostLabel {
+                host: host.host.clone(),
+            };
+            self.host_up
+                .get_or_create(&label)
+                .set(i64::from(host.state == gpu_coordinator_wire::HostState::Up));
+            self.host_sample_age
+                .get_or_create(&label)
+                .set(host.last_sample_age_ms as f64 / 1000.0);
+            self.host_gpus.get_or_create(&label).set(host.gpus as i64);
+        }
     }
 
     /// Records the per-process memory of an NVML sample (`gpu id -> device` as the inventory maps them).

@@ -11,6 +11,9 @@
 //!   control order or event, make no consumer, and cannot read another service's subjects.
 //! - the **coordinator** publishes under the prefix, calls JetStream and answers on the users' inboxes;
 //!   it reads only the status and reader questions and its own inboxes.
+//! - a node **agent** `agent-<host>` publishes only its host's samples (`<p>.node.<host>`) and
+//!   subscribes to nothing but its own inboxes: it cannot speak for another host, and the coordinator
+//!   names the GPUs of a sample after its subject's host (a body naming another host is refused).
 //! - the **auditor** reads `<P>_OUTPUT` and `<P>_INPUT` message by message (`STREAM.MSG.GET`; the
 //!   audit needs the requests to know which asked for a whole GPU), and can make, pull from or delete
 //!   no consumer.
@@ -125,6 +128,22 @@ pub fn service_permissions(subjects: &Subjects, svc: &str) -> Permissions {
     Permissions { publish, subscribe }
 }
 
+/// The NATS user of the node agent of `host`.
+pub fn agent_user(host: &str) -> String {
+    format!("agent-{host}")
+}
+
+/// What the node agent of `host` may do: publish its host's samples, nothing else.
+pub fn agent_permissions(subjects: &Subjects, host: &str) -> Permissions {
+    Permissions {
+        publish: vec![subjects.node(host)],
+        subscribe: vec![format!(
+            "{}.>",
+            gpu_coordinator_client::inbox_prefix(&agent_user(host))
+        )],
+    }
+}
+
 /// What the auditor may do: read the two streams message by message (the inputs tell which requests
 /// asked for a whole GPU), and nothing else. No consumer at all: a consumer of its own could push the
 /// history onto any subject (its deliver subject), and pulling from the coordinator's input consumer
@@ -167,6 +186,7 @@ pub fn coordinator_permissions(subjects: &Subjects, users: &[String]) -> Permiss
         subscribe: vec![
             subjects.status(),
             subjects.reader("*"),
+            subjects.nodes(),
             format!("{}.>", gpu_coordinator_client::inbox_prefix(COORDINATOR)),
             "_INBOX.>".to_owned(),
         ],
@@ -183,18 +203,26 @@ fn read_consumers(stream: &str) -> [String; 3] {
     ]
 }
 
-/// The configuration and passwords for `services` under `prefix`.
-pub fn generate(prefix: &str, services: &[String], host: &str) -> anyhow::Result<Generated> {
+/// The configuration and passwords for `services`, and the node agents of `hosts`, under `prefix`;
+/// the users' URLs name the server(s) at `host` (`host:port`, comma-separated for a cluster).
+pub fn generate(
+    prefix: &str,
+    services: &[String],
+    hosts: &[String],
+    host: &str,
+) -> anyhow::Result<Generated> {
     let subjects = Subjects::new(prefix).map_err(anyhow::Error::msg)?;
     if services.is_empty() {
         anyhow::bail!("name at least one service (--services chat,asr)");
     }
+    let agents: Vec<String> = hosts.iter().map(|h| agent_user(h)).collect();
     let mut users = BTreeMap::new();
     let mut blocks = Vec::new();
     let mut add = |name: &str, permissions: Permissions| -> anyhow::Result<()> {
         let password = Alphanumeric.sample_string(&mut rand::rng(), PASSWORD_LEN);
         let hash = bcrypt::hash(&password, BCRYPT_COST).context("cannot hash a password")?;
-        let is_service = name != COORDINATOR && name != AUDITOR;
+        let is_service =
+            name != COORDINATOR && name != AUDITOR && !agents.iter().any(|a| a.as_str() == name);
         blocks.push(user_block(name, &hash, &permissions));
         let mut credentials = Credentials {
             user: name.to_owned(),
@@ -223,6 +251,15 @@ pub fn generate(prefix: &str, services: &[String], host: &str) -> anyhow::Result
             anyhow::bail!("`{svc}` is the name of a user of its own: name the service otherwise");
         }
         add(svc, service_permissions(&subjects, svc))?;
+    }
+    for node in hosts {
+        if !gpu_coordinator_wire::valid_host(node) {
+            anyhow::bail!(
+                "`{node}` is not a host name: expected 1 to 64 characters of A-Z, a-z, 0-9, `_` and `-` \
+                 (as `agent.host`)"
+            );
+        }
+        add(&agent_user(node), agent_permissions(&subjects, node))?;
     }
     let conf = format!(
         "# Written by `gpu-coordinator nats-auth` for the subject prefix `{prefix}`.\n\
@@ -372,6 +409,7 @@ mod tests {
             [
                 "gpu.status",
                 "gpu.reader.*",
+                "gpu.node.*",
                 "_INBOX_coordinator.>",
                 "_INBOX.>"
             ]
@@ -380,7 +418,7 @@ mod tests {
 
     #[test]
     fn passwords_are_stored_as_hashes_only() {
-        let generated = generate("gpu", &["chat".to_owned()], "nats:4222").unwrap();
+        let generated = generate("gpu", &["chat".to_owned()], &[], "nats:4222").unwrap();
         assert_eq!(
             generated.users.keys().collect::<Vec<_>>(),
             ["auditor", "chat", "coordinator"]
@@ -403,10 +441,47 @@ mod tests {
     }
 
     #[test]
+    fn an_agent_publishes_only_its_own_hosts_samples() {
+        let generated =
+            generate("gpu", &["chat".to_owned()], &["h1".to_owned()], "nats:4222").unwrap();
+        let subjects = Subjects::new("gpu").unwrap();
+        assert_eq!(agent_permissions(&subjects, "h1").publish, ["gpu.node.h1"]);
+        let agent = &generated.users["agent-h1"];
+        assert!(agent.http_token.is_none(), "an agent has no HTTP token");
+        assert!(generated
+            .conf
+            .contains(r#"publish: { allow: ["gpu.node.h1"] }"#));
+        assert!(coordinator_permissions(&subjects, &[])
+            .subscribe
+            .contains(&"gpu.node.*".to_owned()));
+        assert!(!service_permissions(&subjects, "chat")
+            .publish
+            .iter()
+            .any(|s| s.contains(".node.")));
+        assert!(generate(
+            "gpu",
+            &["chat".to_owned()],
+            &["a.b".to_owned()],
+            "nats:4222"
+        )
+        .is_err());
+        assert!(
+            generate(
+                "gpu",
+                &["agent-h1".to_owned()],
+                &["h1".to_owned()],
+                "nats:4222"
+            )
+            .is_err(),
+            "a service may not take an agent's name"
+        );
+    }
+
+    #[test]
     fn bad_service_names_are_refused() {
-        assert!(generate("gpu", &["a.b".to_owned()], "nats:4222").is_err());
-        assert!(generate("gpu", &["auditor".to_owned()], "nats:4222").is_err());
-        assert!(generate("gpu", &[], "nats:4222").is_err());
-        assert!(generate("gpu", &["x".to_owned(), "x".to_owned()], "nats:4222").is_err());
+        assert!(generate("gpu", &["a.b".to_owned()], &[], "nats:4222").is_err());
+        assert!(generate("gpu", &["auditor".to_owned()], &[], "nats:4222").is_err());
+        assert!(generate("gpu", &[], &[], "nats:4222").is_err());
+        assert!(generate("gpu", &["x".to_owned(), "x".to_owned()], &[], "nats:4222").is_err());
     }
 }

@@ -597,7 +597,7 @@ fn secured_nats(
 ) -> Result<(NatsServer, BTreeMap<String, Credentials>), String> {
     use rand::distr::{Alphanumeric, SampleString};
     let services: Vec<String> = SERVICES.iter().map(ToString::to_string).collect();
-    let mut generated = nats_auth::generate(prefix, &services, "127.0.0.1:4222")
+    let mut generated = nats_auth::generate(prefix, &services, &[], "127.0.0.1:4222")
         .map_err(|e| format!("nats-auth: {e:#}"))?;
     let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
     let users = "  users = [\n";

@@ -21,6 +21,7 @@ pub async fn listen(
     client: async_nats::Client,
     subjects: Subjects,
     sink: mpsc::Sender<NodeHeard>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut warned = std::collections::HashSet::new();
@@ -53,6 +54,7 @@ pub async fn listen(
                     let _ = sink.try_send(heard);
                 }
                 Err((host, why)) => {
+                    metrics.node_sample_refused();
                     if warned.insert(host.clone()) {
                         tracing::warn!("refused a sample on {}: {why}", message.subject);
                     }

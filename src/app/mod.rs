@@ -132,6 +132,7 @@ pub async fn run_with(
                 client,
                 subjects.clone(),
                 tx,
+                metrics.clone(),
                 tasks_stop.clone(),
             ));
             gpus.nodes = Some(crate::ports::nodes::NodeFeed::new(rx));

@@ -94,6 +94,10 @@ pub enum Command {
         /// The services, comma-separated (e.g. `chat,asr,diar`).
         #[arg(long, value_delimiter = ',', required = true)]
         services: Vec<String>,
+        /// The GPU hosts whose node agents report to the coordinator, comma-separated (e.g.
+        /// `h1,h2`): one user `agent-<host>` each, which may publish only `<prefix>.node.<host>`.
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
         /// Where to write the three files.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
@@ -170,10 +174,11 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Audit { since } => commands::audit(config, since.as_deref()).await,
         Command::NatsAuth {
             services,
+            hosts,
             out,
             prefix,
             host,
-        } => nats_auth(&config, &services, &out, prefix, &host),
+        } => nats_auth(&config, &services, &hosts, &out, prefix, &host),
         Command::Demo {
             distributed,
             duration,
@@ -208,12 +213,13 @@ async fn engines(config: Config) -> anyhow::Result<()> {
 fn nats_auth(
     config: &Config,
     services: &[String],
+    hosts: &[String],
     out: &std::path::Path,
     prefix: Option<String>,
     host: &str,
 ) -> anyhow::Result<()> {
     let prefix = prefix.unwrap_or_else(|| config.nats.prefix.clone());
-    let generated = gpu_coordinator::nats_auth::generate(&prefix, services, host)?;
+    let generated = gpu_coordinator::nats_auth::generate(&prefix, services, hosts, host)?;
     gpu_coordinator::nats_auth::write(out, &generated)?;
     println!(
         "wrote {0}/nats-server.conf, {0}/users.json and {0}/coordinator.env ({1} users, \

@@ -16,12 +16,12 @@ use crate::support::{eventually, test_config, Coordinator, Probe};
 const TTL_MS: u64 = 1_500;
 
 /// A node agent as a real process, reporting simulated GPUs of `vram_mb` each.
-struct Agent {
+pub struct Agent {
     child: Child,
 }
 
 impl Agent {
-    fn start(config: &Config, host: &str, gpus: &[(&str, u64)]) -> Agent {
+    pub fn start(config: &Config, host: &str, gpus: &[(&str, u64)]) -> Agent {
         let gpus = gpus
             .iter()
             .map(|(id, mb)| format!("{{id=\"{id}\",vram_mb={mb}}}"))
@@ -57,14 +57,14 @@ impl Drop for Agent {
     }
 }
 
-fn fleet_config(tag: &str) -> Config {
+pub fn fleet_config(tag: &str) -> Config {
     let mut config = test_config(tag, &[]);
     config.nodes.agents = true;
     config.nodes.ttl_ms = TTL_MS;
     config
 }
 
-fn host_state(status: &StatusDoc, host: &str) -> Option<HostState> {
+pub fn host_state(status: &StatusDoc, host: &str) -> Option<HostState> {
     status
         .hosts
         .iter()

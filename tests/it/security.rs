@@ -24,10 +24,16 @@ struct Secured {
 
 impl Secured {
     fn start(prefix: &str, services: &[&str]) -> Secured {
+        Self::start_with_hosts(prefix, services, &[])
+    }
+
+    /// [`Secured::start`] with node agents for `hosts`.
+    fn start_with_hosts(prefix: &str, services: &[&str], hosts: &[&str]) -> Secured {
         let dir = TempDir::new("nats_auth");
         let services: Vec<String> = services.iter().map(|s| s.to_string()).collect();
-        let generated =
-            nats_auth::generate(prefix, &services, "127.0.0.1:4222").expect("a configuration");
+        let hosts: Vec<String> = hosts.iter().map(|s| s.to_string()).collect();
+        let generated = nats_auth::generate(prefix, &services, &hosts, "127.0.0.1:4222")
+            .expect("a configuration");
         nats_auth::write(&dir.0, &generated).expect("the files are written");
         // What a user reads back is what was written.
         let users: BTreeMap<String, Credentials> =
@@ -516,5 +522,77 @@ async fn the_auditor_cannot_take_or_stall_the_inputs() {
             .expect("the auditor reads both streams")
             .expect("the history holds every rule");
     assert_eq!(summary.grants, 2, "{summary}");
+    coordinator.stop().await.expect("stops cleanly");
+}
+
+/// A node agent publishes only its own host's samples: it cannot publish another host's subject nor
+/// any input, a sample on its own subject that names another host is refused by the coordinator,
+/// and a service cannot publish a host's samples.
+#[tokio::test]
+async fn an_agent_speaks_only_for_its_own_host() {
+    let mut config = crate::fleet::fleet_config("sec_agent");
+    let subjects = Subjects::new(&config.nats.prefix).unwrap();
+    let nats = Secured::start_with_hosts(&config.nats.prefix, &["a"], &["h1", "h2"]);
+    config.nats.url = nats.url("coordinator");
+    let coordinator = Coordinator::start(config.clone()).await;
+    let mut agent_config = config.clone();
+    agent_config.nats.url = nats.url("agent-h1");
+    let _agent = crate::fleet::Agent::start(&agent_config, "h1", &[("0", 24_000)]);
+    let status_of = || async {
+        let answer = reqwest::get(coordinator.url("/gpu/status")).await.ok()?;
+        answer.json::<gpu_coordinator_wire::StatusDoc>().await.ok()
+    };
+    eventually("h1 is heard through its own user", || async {
+        let status = status_of().await?;
+        crate::fleet::host_state(&status, "h1").map(|_| ())
+    })
+    .await;
+
+    let agent = Intruder::connect(&nats.url("agent-h1")).await;
+    agent.publish_refused(subjects.node("h2")).await;
+    agent.publish_refused(subjects.request("a")).await;
+    agent.publish_refused(subjects.status()).await;
+    // On its own subject, a body that names h2: refused by the coordinator, h2 never appears.
+    let forged = serde_json::json!({"host": "h2", "at": 1, "interval_ms": 200, "source": "config",
+        "gpus": [{"id": "0", "total_mb": 80_000, "used_mb": 0, "healthy": true}]});
+    for _ in 0..5 {
+        agent
+            .client
+            .publish(subjects.node("h1"), forged.to_string().into())
+            .await
+            .expect("the publish leaves the client");
+    }
+    agent.client.flush().await.expect("flush");
+    let service = Intruder::connect(&nats.url("a")).await;
+    service.publish_refused(subjects.node("h2")).await;
+    eventually(
+        "the coordinator refused the five forged samples",
+        || async {
+            let text = reqwest::get(coordinator.url("/metrics"))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            text.contains("gpu_coordinator_node_samples_refused_total 5")
+                .then_some(())
+        },
+    )
+    .await;
+    // After the forged samples and later good ones: only h1, with its own GPU.
+    let status = eventually("a good sample of h1 after the forged ones", || async {
+        let status = status_of().await?;
+        let h1 = status.hosts.iter().find(|h| h.host == "h1")?;
+        (h1.last_sample_age_ms < 150).then_some(status)
+    })
+    .await;
+    let hosts: Vec<&str> = status.hosts.iter().map(|h| h.host.as_str()).collect();
+    assert_eq!(hosts, ["h1"]);
+    let gpus: Vec<(&str, u64)> = status
+        .gpus
+        .iter()
+        .map(|g| (g.id.as_str(), g.total_mb))
+        .collect();
+    assert_eq!(gpus, [("h1/0", 24_000)]);
     coordinator.stop().await.expect("stops cleanly");
 }
