@@ -35,6 +35,7 @@ use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
+use super::error::write_error;
 use super::{Merged, PgError, PgStore, Rows};
 use crate::ports::{Batch, Deposed, Journal, Loaded, PortError, Term};
 
@@ -736,10 +737,7 @@ impl Journal for WriteBehind {
         loop {
             let (mut rows, last) = self.read_all().await?;
             rows.term = Some(i64::try_from(term.0).map_err(PortError::new)?);
-            self.pg
-                .write_rows(&rows)
-                .await
-                .map_err(super::write_error)?;
+            self.pg.write_rows(&rows).await.map_err(write_error)?;
             // The marker: from here on, a write of an earlier leader is refused.
             head.last_seq = last;
             let marker = Rows {
