@@ -22,6 +22,7 @@ mod error;
 mod hosts;
 mod journal;
 mod leader;
+mod presence;
 mod rows;
 mod sql;
 
@@ -31,5 +32,6 @@ pub use behind::{BehindError, WriteBehind};
 pub use error::PgError;
 pub use hosts::Primary;
 pub use journal::PgStore;
-pub use leader::{forget_unseen, presence_file, PgLeadership, FORGET_AFTER_TTLS};
+pub use leader::{forget_unseen, PgLeadership, FORGET_AFTER_TTLS};
+pub use presence::presence_file;
 pub use rows::{Merged, Rows};
