@@ -3,8 +3,8 @@
 //! behind it, off the grant path.
 //!
 //! - [`Journal::write`] publishes the batch's rows ([`Rows`]) and returns on the PubAck; a task of this
-//!   process then writes them to Postgres, what came within [`LINGER`](writer::LINGER) as one statement, and purges the
-//!   stream up to what Postgres holds.
+//!   process then writes them to Postgres, what came within `LINGER` (see [`writer`]) as one
+//!   statement, and purges the stream up to what Postgres holds.
 //! - [`Journal::take_over`] (a new leader, before it loads) writes what the stream holds to Postgres,
 //!   then appends a marker with `Nats-Expected-Last-Sequence`; every write goes on from the sequence
 //!   before it in the same way. A deposed leader's next write expects a sequence the marker took: the
