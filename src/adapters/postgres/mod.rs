@@ -1,4 +1,5 @@
-//! The durable queue: every request's [`RequestRecord`](gpu_coordinator_core::RequestRecord) and the highest fence issued, in PostgreSQL.
+//! The durable queue: every request's [`RequestRecord`](gpu_coordinator_core::RequestRecord) and
+//! the highest fence issued, in PostgreSQL.
 //!
 //! This module owns the translation between the core's records and the rows of `migrations/` (`requests`,
 //! one row per request, and `fence`, one row). It must not decide anything: what is written, and when,

@@ -3,8 +3,9 @@
 use crate::adapters::sql::entities::request;
 use crate::ports::OutboxRow;
 
-/// A batch as the rows [`PgStore::write_rows`](super::PgStore::write_rows) writes: what [`PgStore::rows`](super::PgStore::rows) makes of a [`Batch`](crate::ports::Batch), and
-/// what the write-behind journal keeps in JetStream until Postgres has it.
+/// A batch as the rows [`PgStore::write_rows`](super::PgStore::write_rows) writes: what
+/// [`PgStore::rows`](super::PgStore::rows) makes of a [`Batch`](crate::ports::Batch), and what the
+/// write-behind journal keeps in JetStream until Postgres has it.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Rows {
     /// One row per request, the later of two with one `request_id` winning.

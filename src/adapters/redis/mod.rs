@@ -1,10 +1,11 @@
 //! The lease store: Redis is the source of truth for who holds a GPU.
 //!
-//! This module owns the translation between the core's [`Lease`](gpu_coordinator_core::Lease)s and [`LeaseOp`](gpu_coordinator_core::LeaseOp)s and Redis keys. Every
-//! write is a Lua script, so that the checks (capacity, fence, owner) and the write are one atomic step on
-//! the server: two coordinators, or a coordinator and its own stale retry, can never both hold a place
-//! that only fits one. It decides nothing: when a lease is written, extended or dropped comes from the
-//! core through the driver; a refusal goes back to the core (`Input::LeaseRefused`) as it is.
+//! This module owns the translation between the core's [`Lease`](gpu_coordinator_core::Lease)s and
+//! [`LeaseOp`](gpu_coordinator_core::LeaseOp)s and Redis keys. Every write is a Lua script, so that
+//! the checks (capacity, fence, owner) and the write are one atomic step on the server: two
+//! coordinators, or a coordinator and its own stale retry, can never both hold a place that only
+//! fits one. It decides nothing: when a lease is written, extended or dropped comes from the core
+//! through the driver; a refusal goes back to the core (`Input::LeaseRefused`) as it is.
 //!
 //! ## Keys, under `<key_prefix>:`
 //!
@@ -55,7 +56,8 @@ pub use crate::ports::{LeaseOutcome, Refused};
 pub use error::RedisError;
 use link::Link;
 
-/// The leases of one deployment (one key prefix) in one Redis: the [`Leases`](crate::ports::Leases) port.
+/// The leases of one deployment (one key prefix) in one Redis: the [`Leases`](crate::ports::Leases)
+/// port.
 #[derive(Clone)]
 pub struct LeaseStore {
     conn: Link,

@@ -1,10 +1,10 @@
 //! The embedded bus: the input and output streams as two tables of the SQLite database
 //! (`bus_inputs`, `bus_outputs`), for a coordinator with no NATS.
 //!
-//! - An input is stored by the HTTP API ([`Gateway::submit`](crate::ports::Gateway::submit)) in its own transaction, numbered by
-//!   `seq`: once `submit` returns it is on disk, and the driver reads it in `seq` order (a commit is
-//!   what makes a row visible, and SQLite commits one writer at a time, so `seq` order is commit
-//!   order and a reader never sees an input before an earlier one).
+//! - An input is stored by the HTTP API ([`Gateway::submit`](crate::ports::Gateway::submit)) in its
+//!   own transaction, numbered by `seq`: once `submit` returns it is on disk, and the driver reads
+//!   it in `seq` order (a commit is what makes a row visible, and SQLite commits one writer at a
+//!   time, so `seq` order is commit order and a reader never sees an input before an earlier one).
 //! - The driver's outputs are stored once per `msg_id` (`ON CONFLICT DO NOTHING`): the outbox's
 //!   replays after a crash store nothing twice, however late.
 //! - Readers of the outputs (SSE streams, the HTTP calls waiting for a reply) get new rows from an
@@ -87,7 +87,8 @@ fn table(which: Which) -> &'static str {
 
 impl SqliteBus {
     /// The bus in `store`'s database (its schema already migrated), for the subjects of `subjects`.
-    /// Starts routing the replies and `requested` events to [`Gateway::answers`](crate::ports::Gateway::answers).
+    /// Starts routing the replies and `requested` events to
+    /// [`Gateway::answers`](crate::ports::Gateway::answers).
     pub async fn open(
         store: &SqliteStore,
         subjects: &Subjects,
