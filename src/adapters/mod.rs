@@ -9,4 +9,5 @@ pub mod nats_readers;
 pub mod nvml;
 pub mod postgres;
 pub mod redis;
+pub(crate) mod sql;
 pub mod sqlite;

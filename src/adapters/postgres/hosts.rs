@@ -18,9 +18,10 @@ use backon::Retryable as _;
 use sea_orm::sqlx::{self, postgres::PgConnectOptions, Connection as _, Row as _};
 use sea_orm::DatabaseConnection;
 
-use super::{
-    open_pool, options_of, server_name, PgError, CONNECT_TIMEOUT, FAILOVER_ACQUIRE_TIMEOUT,
+use super::connect::{
+    open_pool, options_of, server_name, CONNECT_TIMEOUT, FAILOVER_ACQUIRE_TIMEOUT,
 };
+use super::error::PgError;
 use crate::retry::backoff;
 use crate::telemetry::redact_url;
 

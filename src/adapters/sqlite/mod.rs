@@ -36,8 +36,8 @@ use sea_orm::{
     TransactionTrait as _,
 };
 
-use super::postgres::entities::{self, RowError};
-use super::postgres::last_of_each;
+use super::sql::entities::{self, RowError};
+use super::sql::last_of_each;
 use crate::ports::{Batch, Journal, Loaded, PortError, Term};
 
 /// The database file in the data directory.

@@ -391,3 +391,20 @@ pub fn to_record(row: request::Model) -> Result<RequestRecord, RowError> {
         request_id: row.request_id.into(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_literal_phase_is_the_core_s() {
+        assert_eq!(
+            OPEN,
+            format!("\"requests\".\"phase\" <> '{}'", Phase::Ended.as_str())
+        );
+        assert_eq!(
+            ENDED,
+            format!("\"requests\".\"phase\" = '{}'", Phase::Ended.as_str())
+        );
+    }
+}
