@@ -2,11 +2,12 @@
 //! and the queue.
 
 use gpu_coordinator::engines::EngineView;
-use gpu_coordinator_wire::{HolderState, StatusDoc, VramSource};
+use gpu_coordinator_wire::{HolderState, HostState, StatusDoc, VramSource};
 
 /// The status document as tables: GPUs, the engine sidecars (when there are any), holders, queue.
 pub fn render_status(doc: &StatusDoc, engines: &[EngineView]) -> String {
     let mut out = header(doc);
+    hosts(&mut out, doc);
     gpus(&mut out, doc);
     if !engines.is_empty() {
         out.push_str("\nEngines\n");
@@ -45,7 +46,33 @@ fn header(doc: &StatusDoc) -> String {
     out
 }
 
-/// Each GPU's VRAM and its number of holders.
+/// With node agents: each host, whether it is heard, and its last sample's age.
+fn hosts(out: &mut String, doc: &StatusDoc) {
+    if doc.hosts.is_empty() {
+        return;
+    }
+    out.push_str("\nHosts\n");
+    out.push_str(&table(
+        &["HOST", "STATE", "LAST SAMPLE", "GPUS"],
+        doc.hosts
+            .iter()
+            .map(|h| {
+                vec![
+                    h.host.clone(),
+                    match h.state {
+                        HostState::Up => "up".to_owned(),
+                        HostState::Unreachable => "unreachable".to_owned(),
+                    },
+                    format!("{:.1} s ago", h.last_sample_age_ms as f64 / 1000.0),
+                    h.gpus.to_string(),
+                ]
+            })
+            .collect(),
+    ));
+}
+
+/// Each GPU's VRAM and its number of holders (grouped by host, with node agents: their ids sort so;
+/// a GPU that takes no new grants is marked).
 fn gpus(out: &mut String, doc: &StatusDoc) {
     let source = |s: VramSource| match s {
         VramSource::Nvml => "nvml",
@@ -65,8 +92,12 @@ fn gpus(out: &mut String, doc: &StatusDoc) {
         doc.gpus
             .iter()
             .map(|g| {
+                let id = match g.reachable {
+                    Some(false) => format!("{} (unreachable)", g.id),
+                    _ => g.id.clone(),
+                };
                 vec![
-                    g.id.clone(),
+                    id,
                     g.total_mb.to_string(),
                     g.used_mb.to_string(),
                     g.free_mb.to_string(),
@@ -281,6 +312,33 @@ mod tests {
     use super::*;
     use gpu_coordinator::engines::EngineState;
     use gpu_coordinator_wire::{GpuStatus, HolderStatus, PausedStatus, QueueEntry};
+
+    #[test]
+    fn with_node_agents_the_hosts_are_listed_and_an_unreachable_gpu_is_marked() {
+        let doc: StatusDoc = serde_json::from_value(serde_json::json!({
+            "at": "2026-12-06T10:00:00.000Z",
+            "vram_source": "config",
+            "gpus": [
+                {"id": "h1/0", "host": "h1", "reachable": true, "total_mb": 24000, "used_mb": 0,
+                 "free_mb": 24000, "external_mb": 0, "vram_source": "config", "holders": []},
+                {"id": "h2/0", "host": "h2", "reachable": false, "total_mb": 24000, "used_mb": 0,
+                 "free_mb": 24000, "external_mb": 0, "vram_source": "nvml", "holders": []}
+            ],
+            "paused": [],
+            "queue": [],
+            "hosts": [
+                {"host": "h1", "state": "up", "last_sample_age_ms": 400, "gpus": 1},
+                {"host": "h2", "state": "unreachable", "last_sample_age_ms": 7250, "gpus": 1}
+            ]
+        }))
+        .expect("a status document");
+        let text = render_status(&doc, &[]);
+        assert!(text.contains("Hosts"), "{text}");
+        assert!(text.contains("h1    up           0.4 s ago"), "{text}");
+        assert!(text.contains("h2    unreachable  7.2 s ago"), "{text}");
+        assert!(text.contains("h2/0 (unreachable)"), "{text}");
+        assert!(!text.contains("h1/0 (unreachable)"), "{text}");
+    }
 
     #[test]
     fn the_status_table_shows_gpus_holders_and_queue() {

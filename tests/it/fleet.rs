@@ -44,7 +44,7 @@ impl Agent {
     }
 
     /// SIGKILL.
-    fn kill(mut self) {
+    pub fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -524,3 +524,38 @@ async fn the_services_panel_shows_use_against_the_limits() {
     browser.close().await;
     coordinator.stop().await.expect("a clean stop");
 }
+
+/// With node agents the page groups the GPUs by host, with each host's state and last sample's age;
+/// an agent killed turns its host unreachable on the page.
+#[tokio::test]
+async fn the_page_groups_the_gpus_by_host() {
+    let config = crate::fleet::fleet_config("ui_fleet");
+    let port = free_port();
+    let coordinator = Coordinator::start_at(config.clone(), Default::default(), port).await;
+    let _h1 = crate::fleet::Agent::start(&config, "h1", &[("0", 24_000), ("1", 24_000)]);
+    let h2 = crate::fleet::Agent::start(&config, "h2", &[("0", 48_000)]);
+    let browser = Browser::start().await;
+    let b = &browser;
+    b.client
+        .goto(&format!("http://127.0.0.1:{port}/"))
+        .await
+        .expect("load the page");
+    b.until("both hosts, up, with their GPUs", || async {
+        b.attrs("#gpus .host[data-state='up']", "data-host").await == ["h1", "h2"]
+            && b.attrs(".host[data-host='h1'] .gpu", "data-gpu").await == ["h1/0", "h1/1"]
+            && b.attrs(".host[data-host='h2'] .gpu", "data-gpu").await == ["h2/0"]
+    })
+    .await;
+    let age = b.texts(".host[data-host='h1'] .sample-age").await;
+    assert!(age[0].starts_with("last sample "), "{age:?}");
+    h2.kill();
+    b.until("h2 unreachable", || async {
+        b.texts(".host[data-host='h2'] .badge").await == ["unreachable"]
+            && b.texts(".host[data-host='h1'] .badge").await == ["up"]
+    })
+    .await;
+    let title = b.texts(".gpu[data-gpu='h2/0'] h3").await;
+    assert!(title[0].contains("takes no new grants"), "{title:?}");
+    browser.close().await;
+    coordinator.stop().await.expect("a clean stop");
+}

@@ -83,56 +83,99 @@ async function refreshStatus() {
   }
 }
 
+// The GPU cards; with node agents, grouped by host, each host with its state and its last sample's age
+// (a GPU whose host this leader has not heard yet is under its host, "not heard yet").
+function renderGpus(doc) {
+  const box = $("gpus");
+  const hosts = doc.hosts || [];
+  if (!hosts.length && !doc.gpus.some((g) => g.host)) {
+    box.className = "cards";
+    box.replaceChildren(...doc.gpus.map(gpuCard));
+    return;
+  }
+  box.className = "hosts";
+  const groups = new Map(hosts.map((h) => [h.host, { info: h, gpus: [] }]));
+  for (const g of doc.gpus) {
+    const key = g.host || "";
+    if (!groups.has(key)) groups.set(key, { info: null, gpus: [] });
+    groups.get(key).gpus.push(g);
+  }
+  const sections = [...groups.entries()].map(([name, group]) => {
+    const section = document.createElement("section");
+    section.className = "host";
+    section.dataset.host = name;
+    const state = group.info ? group.info.state : "unheard";
+    section.dataset.state = state;
+    const title = document.createElement("h3");
+    const badge = document.createElement("span");
+    badge.className = "badge";
+    badge.dataset.state = state;
+    badge.textContent = state === "unheard" ? "not heard yet" : state;
+    const age = document.createElement("span");
+    age.className = "sample-age";
+    age.textContent = group.info ? "last sample " + ago(group.info.last_sample_age_ms) + " ago" : "";
+    title.append(document.createTextNode(name + " "), badge, document.createTextNode(" "), age);
+    const cards = document.createElement("div");
+    cards.className = "cards";
+    cards.replaceChildren(...group.gpus.map(gpuCard));
+    section.append(title, cards);
+    return section;
+  });
+  box.replaceChildren(...sections);
+}
+
+// One GPU: its VRAM bar by holder, what is used outside the leases, and its holders.
+function gpuCard(g) {
+  const card = document.createElement("article");
+  card.className = "gpu";
+  card.dataset.gpu = g.id;
+  const title = document.createElement("h3");
+  title.textContent = "GPU " + g.id + " — " + mb(g.total_mb) + ", " + mb(g.free_mb) + " free"
+    + (g.reachable === false ? " — takes no new grants" : "");
+  const bar = document.createElement("div");
+  bar.className = "bar";
+  bar.setAttribute("role", "img");
+  bar.setAttribute("aria-label", "VRAM: " + mb(g.used_mb) + " used of " + mb(g.total_mb));
+  for (const h of g.holders) {
+    const seg = document.createElement("span");
+    seg.className = prio(h.priority);
+    seg.style.width = (100 * h.vram_mb / g.total_mb) + "%";
+    seg.title = h.service_id + ": " + mb(h.vram_mb);
+    bar.appendChild(seg);
+  }
+  if (g.external_mb > 0) {
+    const ext = document.createElement("span");
+    ext.className = "external";
+    ext.style.width = (100 * g.external_mb / g.total_mb) + "%";
+    ext.title = "outside the leases (NVML): " + mb(g.external_mb);
+    bar.appendChild(ext);
+  }
+  const extLine = document.createElement("p");
+  extLine.className = "external-mb";
+  extLine.textContent = "outside the leases: " + mb(g.external_mb) + " (" + g.vram_source + ")";
+  const list = document.createElement("ul");
+  list.className = "holders";
+  for (const h of g.holders) {
+    const li = document.createElement("li");
+    li.className = "holder";
+    li.dataset.request = h.request_id;
+    li.dataset.state = h.state;
+    const who = document.createElement("span");
+    who.textContent = h.service_id + " · " + h.request_id + " · p" + h.priority + " · fence " + h.fence;
+    const what = document.createElement("span");
+    what.className = "state";
+    what.textContent = mb(h.vram_mb) + (h.state === "pausing" ? " · pausing" : "");
+    li.append(who, what);
+    list.appendChild(li);
+  }
+  card.append(title, bar, extLine, list);
+  return card;
+}
+
 function renderStatus(doc) {
   state.gpus = doc.gpus.map((g) => g.id);
   $("leader").textContent = doc.leader ? "leader " + doc.leader.holder + " (term " + doc.leader.term + ")" : "";
-  const box = $("gpus");
-  const cards = doc.gpus.map((g) => {
-    const card = document.createElement("article");
-    card.className = "gpu";
-    card.dataset.gpu = g.id;
-    const title = document.createElement("h3");
-    title.textContent = "GPU " + g.id + " — " + mb(g.total_mb) + ", " + mb(g.free_mb) + " free";
-    const bar = document.createElement("div");
-    bar.className = "bar";
-    bar.setAttribute("role", "img");
-    bar.setAttribute("aria-label", "VRAM: " + mb(g.used_mb) + " used of " + mb(g.total_mb));
-    for (const h of g.holders) {
-      const seg = document.createElement("span");
-      seg.className = prio(h.priority);
-      seg.style.width = (100 * h.vram_mb / g.total_mb) + "%";
-      seg.title = h.service_id + ": " + mb(h.vram_mb);
-      bar.appendChild(seg);
-    }
-    if (g.external_mb > 0) {
-      const ext = document.createElement("span");
-      ext.className = "external";
-      ext.style.width = (100 * g.external_mb / g.total_mb) + "%";
-      ext.title = "outside the leases (NVML): " + mb(g.external_mb);
-      bar.appendChild(ext);
-    }
-    const extLine = document.createElement("p");
-    extLine.className = "external-mb";
-    extLine.textContent = "outside the leases: " + mb(g.external_mb) + " (" + g.vram_source + ")";
-    const list = document.createElement("ul");
-    list.className = "holders";
-    for (const h of g.holders) {
-      const li = document.createElement("li");
-      li.className = "holder";
-      li.dataset.request = h.request_id;
-      li.dataset.state = h.state;
-      const who = document.createElement("span");
-      who.textContent = h.service_id + " · " + h.request_id + " · p" + h.priority + " · fence " + h.fence;
-      const what = document.createElement("span");
-      what.className = "state";
-      what.textContent = mb(h.vram_mb) + (h.state === "pausing" ? " · pausing" : "");
-      li.append(who, what);
-      list.appendChild(li);
-    }
-    card.append(title, bar, extLine, list);
-    return card;
-  });
-  box.replaceChildren(...cards);
+  renderGpus(doc);
 
   $("queue-total").textContent = "(" + doc.queue_total + " waiting, " + doc.paused.length + " paused)";
   const now = Date.now();
