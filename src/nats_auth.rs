@@ -78,6 +78,8 @@ pub struct Generated {
     pub conf: String,
     /// `users.json`: user name -> credentials.
     pub users: BTreeMap<String, Credentials>,
+    /// The hosts whose agents have a user.
+    pub hosts: Vec<String>,
 }
 
 impl Generated {
@@ -94,6 +96,25 @@ impl Generated {
             self.users[COORDINATOR].url,
             tokens.join(", ")
         )
+    }
+}
+
+impl Generated {
+    /// `agent-<host>.env` for each host given: the agent's NATS URL (as its own user) and its host
+    /// name, as the environment variables `gpu-coordinator agent` reads.
+    pub fn agent_envs(&self) -> Vec<(String, String)> {
+        self.hosts
+            .iter()
+            .map(|host| {
+                let url = &self.users[&agent_user(host)].url;
+                (
+                    host.clone(),
+                    format!(
+                        "GPU_COORDINATOR_NATS__URL='{url}'\nGPU_COORDINATOR_AGENT__HOST='{host}'\n"
+                    ),
+                )
+            })
+            .collect()
     }
 }
 
@@ -269,7 +290,11 @@ pub fn generate(
          authorization {{\n  users = [\n{}  ]\n}}\n",
         blocks.concat()
     );
-    Ok(Generated { conf, users })
+    Ok(Generated {
+        conf,
+        users,
+        hosts: hosts.to_vec(),
+    })
 }
 
 fn user_block(name: &str, hash: &str, p: &Permissions) -> String {
@@ -305,6 +330,11 @@ pub fn write(dir: &Path, generated: &Generated) -> anyhow::Result<()> {
     let env = dir.join("coordinator.env");
     write_private(&env, generated.coordinator_env().as_bytes())
         .with_context(|| format!("cannot write {}", env.display()))?;
+    for (host, text) in generated.agent_envs() {
+        let env = dir.join(format!("agent-{host}.env"));
+        write_private(&env, text.as_bytes())
+            .with_context(|| format!("cannot write {}", env.display()))?;
+    }
     Ok(())
 }
 

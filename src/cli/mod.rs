@@ -230,5 +230,11 @@ fn nats_auth(
         out.display(),
         generated.users.len()
     );
+    for host in &generated.hosts {
+        println!(
+            "the node agent of {host}: `set -a; . {}/agent-{host}.env; gpu-coordinator agent` on that host",
+            out.display()
+        );
+    }
     Ok(())
 }

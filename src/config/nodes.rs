@@ -107,3 +107,80 @@ impl NodesConfig {
         problems
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{BackendsConfig, Config, ConfigError, GpuConfig};
+
+    fn problems(config: &Config) -> Vec<String> {
+        match config.validate() {
+            Ok(()) => Vec::new(),
+            Err(ConfigError::Invalid(problems)) => problems,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn agents_take_the_gpus_over_nats_and_map_to_the_core() {
+        let mut config = Config::default();
+        config.nodes.agents = true;
+        assert_eq!(problems(&config), Vec::<String>::new());
+        assert_eq!(config.sched_config().host_ttl_ms, Some(5_000));
+        config.nodes.agents = false;
+        assert_eq!(
+            config.sched_config().host_ttl_ms,
+            None,
+            "one box: fixed GPUs"
+        );
+    }
+
+    #[test]
+    fn agents_without_nats_or_beside_gpus_of_its_own_are_refused_naming_the_keys() {
+        let mut config = Config::default();
+        config.nodes.agents = true;
+        config.backends = BackendsConfig::embedded();
+        config.gpus = vec![GpuConfig {
+            id: "0".into(),
+            vram_mb: 1,
+        }];
+        config.nodes.ttl_ms = 10;
+        let all = problems(&config).join("\n");
+        assert!(
+            all.contains("nodes.agents = true needs backends.bus = \"nats\""),
+            "{all}"
+        );
+        assert!(all.contains("move [[gpus]] to an agent's file"), "{all}");
+        assert!(all.contains("nodes.ttl_ms (10) must be >= 100"), "{all}");
+    }
+
+    #[test]
+    fn an_agent_checks_its_host_and_simulated_gpus() {
+        let mut config = Config::default();
+        config.agent.host = Some("gpu-box.lan".into());
+        config.gpus = vec![GpuConfig {
+            id: "a/b".into(),
+            vram_mb: 0,
+        }];
+        let Err(ConfigError::Invalid(problems)) = config.validate_agent() else {
+            panic!("refused");
+        };
+        let all = problems.join("\n");
+        assert!(all.contains("agent.host \"gpu-box.lan\""), "{all}");
+        assert!(all.contains("gpus[0].id \"a/b\""), "{all}");
+        assert!(all.contains("gpus[0].vram_mb must be > 0"), "{all}");
+        config.agent.host = Some("box-1".into());
+        config.gpus[0] = GpuConfig {
+            id: "0".into(),
+            vram_mb: 24_000,
+        };
+        assert!(config.validate_agent().is_ok());
+        assert_eq!(config.agent.host_name(), "box-1");
+    }
+
+    #[test]
+    fn the_default_host_is_the_short_hostname_as_a_subject_token() {
+        let name = super::AgentConfig::default().host_name();
+        assert!(gpu_coordinator_wire::valid_host(&name), "{name}");
+        assert!(!name.contains('.'), "{name}");
+    }
+}
