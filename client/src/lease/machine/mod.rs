@@ -5,7 +5,6 @@
 //! It decides when to renew, what to acknowledge under which fence, which handler to run, and when a
 //! `release()` is answered. It never sends anything itself, so every rule here is tested with plain
 //! `#[test]`s.
-
 //!
 //! The rules are cut along what feeds them: `replies` (the coordinator's answers to this lease's
 //! inputs), `orders` (pause, resume, revoke, restart, and the handlers they run), `timers` (when to

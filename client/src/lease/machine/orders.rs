@@ -38,99 +38,108 @@ impl Machine {
     }
 
     /// A pause or resume, when no handler runs.
-    pub(super) fn order(&mut self, control: Control, now: Instant, wall: SystemTime) {
+    fn order(&mut self, control: Control, now: Instant, wall: SystemTime) {
         if self.ended() || self.releasing() {
             return;
         }
-        let fence = self.snapshot.fence;
         match control.action {
-            ControlAction::Pause => {
-                if control.fence != fence || !self.holds() {
-                    tracing::debug!(
-                        request_id = self.request_id,
-                        "ignoring a pause for fence {} (fence {fence}, {:?})",
-                        control.fence,
-                        self.snapshot.phase
-                    );
-                    return;
-                }
-                self.snapshot.phase = LeasePhase::Pausing;
-                self.next_renew = None;
-                let deadline = control.deadline_ms.map(Duration::from_millis);
-                self.event(LeaseEvent::Pausing {
-                    fence,
-                    deadline,
-                    reason: control.reason.clone(),
-                });
-                if self.has_pause_handler {
-                    self.running = Some(Running::Pause {
-                        fence,
-                        started: now,
-                        deadline,
-                    });
-                    self.actions.push_back(Action::RunPause(PauseOrder {
-                        request_id: self.request_id.clone(),
-                        fence,
-                        deadline,
-                        reason: control.reason,
-                    }));
-                } else {
-                    tracing::warn!(
-                        request_id = self.request_id,
-                        "the coordinator asks to pause ({}), but this lease has no on_pause handler \
-                         (see `Worker`): release it, or it is revoked when the deadline passes",
-                        control.reason
-                    );
-                }
-            }
-            ControlAction::Resume => {
-                if control.fence <= fence {
-                    tracing::debug!(
-                        request_id = self.request_id,
-                        "ignoring a resume with the old fence {} (fence {fence})",
-                        control.fence
-                    );
-                    return;
-                }
-                self.snapshot.fence = control.fence;
-                if let Some(gpu) = control.gpu.clone() {
-                    self.snapshot.gpu = gpu;
-                }
-                if let Some(lease_ms) = control.lease_ms {
-                    self.snapshot.lease_ms = lease_ms;
-                }
-                self.snapshot.expires_at =
-                    expiry(control.expires_at.as_deref(), self.snapshot.lease_ms, wall);
-                self.renew_in_flight = false;
-                self.renew_sent = None;
-                self.snapshot.lost_at = Some(self.lost_after(now, wall));
-                // The lease runs from the resume on, while `on_resume` reloads: renew it meanwhile,
-                // so that a reload longer than the lease does not lose it.
-                self.next_renew = Some(now + self.renew_after(wall));
-                if self.has_resume_handler {
-                    self.snapshot.phase = LeasePhase::Resuming;
-                    self.running = Some(Running::Resume {
-                        fence: control.fence,
-                    });
-                    self.actions.push_back(Action::RunResume(ResumeOrder {
-                        request_id: self.request_id.clone(),
-                        fence: control.fence,
-                        gpu: self.snapshot.gpu.clone(),
-                        lease_ms: self.snapshot.lease_ms,
-                        expires_at: self.snapshot.expires_at,
-                        reason: control.reason,
-                    }));
-                } else {
-                    self.resumed(control.fence);
-                }
-            }
+            ControlAction::Pause => self.pause(control, now),
+            ControlAction::Resume => self.resume(control, now, wall),
             ControlAction::Revoke | ControlAction::Restart => {
                 unreachable!("handle_control handles revoke and restart itself")
             }
         }
     }
 
-    pub(super) fn resumed(&mut self, fence: u64) {
+    /// A pause for the current fence: stop renewing and run `on_pause`, or, without one, only warn.
+    fn pause(&mut self, control: Control, now: Instant) {
+        let fence = self.snapshot.fence;
+        if control.fence != fence || !self.holds() {
+            tracing::debug!(
+                request_id = self.request_id,
+                "ignoring a pause for fence {} (fence {fence}, {:?})",
+                control.fence,
+                self.snapshot.phase
+            );
+            return;
+        }
+        self.snapshot.phase = LeasePhase::Pausing;
+        self.next_renew = None;
+        let deadline = control.deadline_ms.map(Duration::from_millis);
+        self.event(LeaseEvent::Pausing {
+            fence,
+            deadline,
+            reason: control.reason.clone(),
+        });
+        if self.has_pause_handler {
+            self.running = Some(Running::Pause {
+                fence,
+                started: now,
+                deadline,
+            });
+            self.actions.push_back(Action::RunPause(PauseOrder {
+                request_id: self.request_id.clone(),
+                fence,
+                deadline,
+                reason: control.reason,
+            }));
+        } else {
+            tracing::warn!(
+                request_id = self.request_id,
+                "the coordinator asks to pause ({}), but this lease has no on_pause handler \
+                 (see `Worker`): release it, or it is revoked when the deadline passes",
+                control.reason
+            );
+        }
+    }
+
+    /// A resume under a newer fence: the lease holds the GPU again from now, and `on_resume` runs,
+    /// or, without one, the resume is acknowledged at once.
+    fn resume(&mut self, control: Control, now: Instant, wall: SystemTime) {
+        let fence = self.snapshot.fence;
+        if control.fence <= fence {
+            tracing::debug!(
+                request_id = self.request_id,
+                "ignoring a resume with the old fence {} (fence {fence})",
+                control.fence
+            );
+            return;
+        }
+        self.snapshot.fence = control.fence;
+        if let Some(gpu) = control.gpu.clone() {
+            self.snapshot.gpu = gpu;
+        }
+        if let Some(lease_ms) = control.lease_ms {
+            self.snapshot.lease_ms = lease_ms;
+        }
+        self.snapshot.expires_at =
+            expiry(control.expires_at.as_deref(), self.snapshot.lease_ms, wall);
+        self.renew_in_flight = false;
+        self.renew_sent = None;
+        self.snapshot.lost_at = Some(self.lost_after(now, wall));
+        // The lease runs from the resume on, while `on_resume` reloads: renew it meanwhile,
+        // so that a reload longer than the lease does not lose it.
+        self.next_renew = Some(now + self.renew_after(wall));
+        if self.has_resume_handler {
+            self.snapshot.phase = LeasePhase::Resuming;
+            self.running = Some(Running::Resume {
+                fence: control.fence,
+            });
+            self.actions.push_back(Action::RunResume(ResumeOrder {
+                request_id: self.request_id.clone(),
+                fence: control.fence,
+                gpu: self.snapshot.gpu.clone(),
+                lease_ms: self.snapshot.lease_ms,
+                expires_at: self.snapshot.expires_at,
+                reason: control.reason,
+            }));
+        } else {
+            self.resumed(control.fence);
+        }
+    }
+
+    /// The resume is done (`on_resume` returned, or there is none): acknowledge it, tell the user.
+    fn resumed(&mut self, fence: u64) {
         self.snapshot.phase = LeasePhase::Active;
         self.publish(
             Input::Ack(AckMsg {

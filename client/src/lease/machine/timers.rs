@@ -40,7 +40,7 @@ impl Machine {
     }
 
     /// A third of the lease: two renewals can fail before the lease runs out.
-    pub(super) fn renew_interval(&self) -> Duration {
+    fn renew_interval(&self) -> Duration {
         (Duration::from_millis(self.snapshot.lease_ms) / 3).max(MIN_RENEW_INTERVAL)
     }
 
