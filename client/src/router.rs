@@ -313,36 +313,83 @@ impl Router {
         ready_rx
     }
 
+    /// Reads the output stream until shutdown: a consumer at a time, each made anew (from right
+    /// after the last message handed on) when it fails or NATS reconnects.
     async fn run(self, ready: watch::Sender<Readiness>) {
-        let Router {
-            nats,
-            subjects,
-            filter,
-            routes,
-            mut reconnects,
-            shutdown,
-        } = self;
         let js = jetstream::ContextBuilder::new()
             .timeout(API_TIMEOUT)
-            .build(nats.clone());
-        let stream_name = subjects.output_stream();
-        // The stream sequence to start the next consumer at: right after the last message handed on.
-        let mut next_seq: Option<u64> = None;
-        let mut backoff = BACKOFF_MIN;
+            .build(self.nats.clone());
+        let mut reading = Reading {
+            stream_name: self.subjects.output_stream(),
+            router: self,
+            js,
+            next_seq: None,
+            backoff: BACKOFF_MIN,
+        };
         loop {
-            if shutdown.is_cancelled() {
+            let Some((consumer_name, mut messages)) = reading.open_consumer(&ready).await else {
+                return;
+            };
+            let filter = &reading.router.filter;
+            tracing::debug!(consumer = consumer_name, start = ?reading.next_seq, "reading {filter}");
+            ready.send_if_modified(|r| {
+                let changed = *r != Readiness::Ready;
+                *r = Readiness::Ready;
+                changed
+            });
+            let opened_at = tokio::time::Instant::now();
+            let Some(why) = reading.read(&mut messages).await else {
+                delete_consumer(&reading.js, &reading.stream_name, consumer_name);
+                return;
+            };
+            drop(messages);
+            delete_consumer(&reading.js, &reading.stream_name, consumer_name);
+            if !reading.reopen_after(why, opened_at).await {
                 return;
             }
+        }
+    }
+}
+
+/// A router at work: the consumer it reads, and where and when the next one starts.
+struct Reading {
+    router: Router,
+    js: jetstream::Context,
+    stream_name: String,
+    /// The stream sequence to start the next consumer at: right after the last message handed on.
+    next_seq: Option<u64>,
+    /// How long to wait before the next attempt after a failure.
+    backoff: Duration,
+}
+
+impl Reading {
+    /// Opens the next consumer, retrying with backoff (and telling `ready` why while it is not
+    /// ready yet); `None` on shutdown.
+    async fn open_consumer(
+        &mut self,
+        ready: &watch::Sender<Readiness>,
+    ) -> Option<(String, consumer::pull::Stream)> {
+        let shutdown = self.router.shutdown.clone();
+        loop {
+            if shutdown.is_cancelled() {
+                return None;
+            }
             // A reconnect from here on means the new consumer may have missed a delivery.
-            if let Some(reconnects) = reconnects.as_mut() {
+            if let Some(reconnects) = self.router.reconnects.as_mut() {
                 reconnects.borrow_and_update();
             }
             let opened = tokio::select! {
-                () = shutdown.cancelled() => return,
-                opened = open(&js, &subjects, &stream_name, &filter, &mut next_seq) => opened,
+                () = shutdown.cancelled() => return None,
+                opened = open(
+                    &self.js,
+                    &self.router.subjects,
+                    &self.stream_name,
+                    &self.router.filter,
+                    &mut self.next_seq,
+                ) => opened,
             };
-            let (consumer_name, mut messages) = match opened {
-                Ok(opened) => opened,
+            match opened {
+                Ok(opened) => return Some(opened),
                 Err(error) => {
                     tracing::warn!("cannot read the coordinator's answers: {error}; retrying");
                     ready.send_if_modified(|r| match r {
@@ -352,108 +399,126 @@ impl Router {
                         }
                         Readiness::Ready => false,
                     });
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(backoff) => {}
+                    if !self.back_off().await {
+                        return None;
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    continue;
-                }
-            };
-            tracing::debug!(consumer = consumer_name, start = ?next_seq, "reading {filter}");
-            ready.send_if_modified(|r| {
-                let changed = *r != Readiness::Ready;
-                *r = Readiness::Ready;
-                changed
-            });
-            let opened_at = tokio::time::Instant::now();
-            let mut connected = nats.connection_state() == State::Connected;
-            let mut poll = tokio::time::interval(STATE_POLL);
-            let mut expected_consumer_seq = 1;
-            let why = loop {
-                let reconnected = async {
-                    match reconnects.as_mut() {
-                        Some(rx) => {
-                            if rx.changed().await.is_err() {
-                                std::future::pending::<()>().await;
-                            }
-                        }
-                        None => std::future::pending::<()>().await,
-                    }
-                };
-                tokio::select! {
-                    () = shutdown.cancelled() => {
-                        delete_consumer(&js, &stream_name, consumer_name);
-                        return;
-                    }
-                    () = reconnected => break Reopen::Reconnected,
-                    _ = poll.tick() => {
-                        let now = nats.connection_state() == State::Connected;
-                        if now && !connected {
-                            break Reopen::Reconnected;
-                        }
-                        connected = now;
-                    }
-                    message = messages.next() => match message {
-                        Some(Ok(message)) => {
-                            let (stream_seq, consumer_seq) = match message.info() {
-                                Ok(info) => (info.stream_sequence, info.consumer_sequence),
-                                Err(e) => {
-                                    tracing::warn!("a message without JetStream metadata: {e}");
-                                    continue;
-                                }
-                            };
-                            if consumer_seq != expected_consumer_seq {
-                                break Reopen::Failed(format!(
-                                    "a delivery was lost (consumer sequence {consumer_seq}, expected \
-                                     {expected_consumer_seq})"
-                                ));
-                            }
-                            expected_consumer_seq += 1;
-                            next_seq = Some(stream_seq + 1);
-                            match decode_incoming(
-                                subjects.prefix(),
-                                message.subject.as_str(),
-                                message.headers.as_ref(),
-                                &message.payload,
-                            ) {
-                                Some((service, Ok(incoming))) => routes.dispatch(&service, incoming),
-                                Some((_, Err(error))) => tracing::warn!(
-                                    subject = message.subject.as_str(),
-                                    "cannot read a message from the coordinator: {error}"
-                                ),
-                                None => {}
-                            }
-                        }
-                        Some(Err(e)) => break Reopen::Failed(e.to_string()),
-                        None => {
-                            break Reopen::Failed("the consumer's message stream ended".to_owned())
-                        }
-                    },
-                }
-            };
-            drop(messages);
-            delete_consumer(&js, &stream_name, consumer_name);
-            match why {
-                Reopen::Reconnected => {
-                    tracing::debug!("NATS reconnected: recreating the consumer on {filter}");
-                    backoff = BACKOFF_MIN;
-                }
-                Reopen::Failed(error) => {
-                    tracing::debug!("recreating the consumer on {filter}: {error}");
-                    // A consumer that failed soon after it was made backs off, so that a lasting
-                    // failure does not spin.
-                    if opened_at.elapsed() > STABLE {
-                        backoff = BACKOFF_MIN;
-                    }
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
         }
+    }
+
+    /// Hands on what the consumer delivers until it must be replaced (and why); `None` on shutdown.
+    async fn read(&mut self, messages: &mut consumer::pull::Stream) -> Option<Reopen> {
+        let mut connected = self.router.nats.connection_state() == State::Connected;
+        let mut poll = tokio::time::interval(STATE_POLL);
+        let mut expected_consumer_seq = 1;
+        loop {
+            let reconnects = &mut self.router.reconnects;
+            let reconnected = async {
+                match reconnects.as_mut() {
+                    Some(rx) => {
+                        if rx.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = self.router.shutdown.cancelled() => return None,
+                () = reconnected => return Some(Reopen::Reconnected),
+                _ = poll.tick() => {
+                    let now = self.router.nats.connection_state() == State::Connected;
+                    if now && !connected {
+                        return Some(Reopen::Reconnected);
+                    }
+                    connected = now;
+                }
+                message = messages.next() => match message {
+                    Some(Ok(message)) => {
+                        if let Err(why) = self.hand_on(&message, &mut expected_consumer_seq) {
+                            return Some(why);
+                        }
+                    }
+                    Some(Err(e)) => return Some(Reopen::Failed(e.to_string())),
+                    None => {
+                        return Some(Reopen::Failed(
+                            "the consumer's message stream ended".to_owned(),
+                        ))
+                    }
+                },
+            }
+        }
+    }
+
+    /// Hands one delivered message to whoever waits for it, after checking that no delivery before
+    /// it was lost (else: the consumer must be replaced).
+    fn hand_on(
+        &mut self,
+        message: &jetstream::Message,
+        expected_consumer_seq: &mut u64,
+    ) -> Result<(), Reopen> {
+        let (stream_seq, consumer_seq) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.consumer_sequence),
+            Err(e) => {
+                tracing::warn!("a message without JetStream metadata: {e}");
+                return Ok(());
+            }
+        };
+        if consumer_seq != *expected_consumer_seq {
+            return Err(Reopen::Failed(format!(
+                "a delivery was lost (consumer sequence {consumer_seq}, expected \
+                 {expected_consumer_seq})"
+            )));
+        }
+        *expected_consumer_seq += 1;
+        self.next_seq = Some(stream_seq + 1);
+        match decode_incoming(
+            self.router.subjects.prefix(),
+            message.subject.as_str(),
+            message.headers.as_ref(),
+            &message.payload,
+        ) {
+            Some((service, Ok(incoming))) => self.router.routes.dispatch(&service, incoming),
+            Some((_, Err(error))) => tracing::warn!(
+                subject = message.subject.as_str(),
+                "cannot read a message from the coordinator: {error}"
+            ),
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Waits before the next consumer as `why` asks (`opened_at`: when the one replaced was made);
+    /// false on shutdown.
+    async fn reopen_after(&mut self, why: Reopen, opened_at: tokio::time::Instant) -> bool {
+        let filter = &self.router.filter;
+        match why {
+            Reopen::Reconnected => {
+                tracing::debug!("NATS reconnected: recreating the consumer on {filter}");
+                self.backoff = BACKOFF_MIN;
+                true
+            }
+            Reopen::Failed(error) => {
+                tracing::debug!("recreating the consumer on {filter}: {error}");
+                // A consumer that failed soon after it was made backs off, so that a lasting
+                // failure does not spin.
+                if opened_at.elapsed() > STABLE {
+                    self.backoff = BACKOFF_MIN;
+                }
+                self.back_off().await
+            }
+        }
+    }
+
+    /// Sleeps the backoff and doubles it (up to [`BACKOFF_MAX`]); false on shutdown.
+    async fn back_off(&mut self) -> bool {
+        tokio::select! {
+            () = self.router.shutdown.cancelled() => return false,
+            () = tokio::time::sleep(self.backoff) => {}
+        }
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        true
     }
 }
 
