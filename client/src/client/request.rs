@@ -9,7 +9,7 @@ use gpu_coordinator_wire::{decode_input, ControlAction, InputKind, Outcome, Rele
 use super::{Client, PUBLISH_RETRY};
 use crate::lease::machine::{Grant, Input, Machine};
 use crate::options::{generate_request_id, msg_id, nonce};
-use crate::router::Incoming;
+use crate::router::{Incoming, Route};
 use crate::worker::Handlers;
 use crate::{ClientError, Lease, RequestOptions};
 
@@ -57,6 +57,7 @@ impl Client {
         self.request_with(options, Handlers::default()).await
     }
 
+    /// [`Client::request`], for a lease whose pause and resume run `handlers`.
     pub(crate) async fn request_with(
         &self,
         options: RequestOptions,
@@ -67,18 +68,7 @@ impl Client {
             .request_id
             .clone()
             .unwrap_or_else(|| generate_request_id(svc));
-        let subject = self.inner.subjects.request(svc);
-        let encoding = self.input_encoding();
-        let payload = codec::encode(encoding, &options.to_message(svc, &request_id));
-        // The coordinator's own rules, so that a mistake is an error here rather than a rejection.
-        decode_input(
-            &self.inner.subjects,
-            &subject,
-            encoding.content_type(),
-            &payload,
-            0,
-        )
-        .map_err(|rejection| ClientError::InvalidRequest(rejection.error))?;
+        let payload = self.request_payload(&options, &request_id)?;
         let mut route = self.inner.routes.register(svc, &request_id)?;
         let started = Instant::now();
         let deadline = options
@@ -102,17 +92,8 @@ impl Client {
         );
         tokio::pin!(publish);
         let mut published = false;
-        let (has_pause, has_resume) = (handlers.on_pause.is_some(), handlers.on_resume.is_some());
         let mut early = Vec::new();
         loop {
-            let next = async {
-                match deadline {
-                    Some(deadline) => tokio::time::timeout_at(deadline.into(), route.recv())
-                        .await
-                        .map_err(|_| ClientError::TimedOut),
-                    None => Ok(route.recv().await),
-                }
-            };
             let message = tokio::select! {
                 stored = &mut publish, if !published => {
                     if let Err(error) = stored {
@@ -129,74 +110,144 @@ impl Client {
                     published = true;
                     continue;
                 }
-                message = next => message?,
+                message = next_message(&mut route, deadline) => message?,
             };
             let message = message.ok_or(ClientError::Closed)?;
-            let (now, wall) = (Instant::now(), SystemTime::now());
-            let reply = match message {
-                Incoming::Reply(reply) => reply,
-                Incoming::Control(control) if control.action == ControlAction::Resume => {
-                    // A reused request id that was paused holds the GPU again.
-                    abandon.armed = false;
-                    let machine = Machine::paused(request_id.clone(), has_pause, has_resume, wall);
-                    early.push((Incoming::Control(control), now, wall));
-                    return Ok(Lease::start(
-                        self.clone(),
-                        request_id,
-                        None,
-                        machine,
-                        early,
-                        handlers,
-                        route,
-                    ));
-                }
-                // An order that overtook the grant (replies and orders come through two
-                // consumers): the lease handles it once it exists.
-                control @ Incoming::Control(_) => {
-                    early.push((control, now, wall));
-                    continue;
-                }
-                // This client reads no events.
-                Incoming::Event(_) => continue,
-            };
-            let error = match reply.outcome {
-                Outcome::Granted => {
-                    abandon.armed = false;
-                    let grant =
-                        Grant::from_reply(&reply, options.lease_ms.unwrap_or(DEFAULT_LEASE_MS));
-                    let machine = Machine::granted(
-                        request_id.clone(),
-                        grant,
-                        has_pause,
-                        has_resume,
-                        now,
-                        wall,
-                    );
-                    return Ok(Lease::start(
-                        self.clone(),
-                        request_id,
-                        reply.waited_ms,
-                        machine,
-                        early,
-                        handlers,
-                        route,
-                    ));
-                }
-                Outcome::TimedOut => ClientError::TimedOut,
-                Outcome::Rejected => ClientError::Rejected {
-                    code: reply.code,
-                    error: reply
-                        .error
-                        .unwrap_or_else(|| "the coordinator gave no reason".to_owned()),
-                },
-                Outcome::Cancelled => ClientError::Cancelled,
-                Outcome::Released | Outcome::Revoked => ClientError::Ended(reply.outcome),
-                Outcome::Queued | Outcome::Paused | Outcome::Renewed => continue,
-            };
+            let (machine, waited_ms) =
+                match answer(message, &request_id, &options, &handlers, &mut early) {
+                    Answer::Wait => continue,
+                    Answer::Failed(error) => {
+                        abandon.armed = false;
+                        return Err(error);
+                    }
+                    Answer::Start { machine, waited_ms } => (machine, waited_ms),
+                };
             abandon.armed = false;
-            return Err(error);
+            return Ok(Lease::start(
+                self.clone(),
+                request_id,
+                waited_ms,
+                *machine,
+                early,
+                handlers,
+                route,
+            ));
         }
     }
+
+    /// The `request` input for `options`, encoded; an error where the coordinator's own rules
+    /// would reject it, so that a mistake is an error here rather than a rejection.
+    fn request_payload(
+        &self,
+        options: &RequestOptions,
+        request_id: &str,
+    ) -> Result<Vec<u8>, ClientError> {
+        let svc = self.inner.service_id.as_str();
+        let subject = self.inner.subjects.request(svc);
+        let encoding = self.input_encoding();
+        let payload = codec::encode(encoding, &options.to_message(svc, request_id));
+        decode_input(
+            &self.inner.subjects,
+            &subject,
+            encoding.content_type(),
+            &payload,
+            0,
+        )
+        .map_err(|rejection| ClientError::InvalidRequest(rejection.error))?;
+        Ok(payload)
+    }
+}
+
+/// The next message about a request (`None`: the client is closing); an error when `deadline`
+/// passes first.
+async fn next_message(
+    route: &mut Route,
+    deadline: Option<Instant>,
+) -> Result<Option<Incoming>, ClientError> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline.into(), route.recv())
+            .await
+            .map_err(|_| ClientError::TimedOut),
+        None => Ok(route.recv().await),
+    }
+}
+
+/// What one message about a request means for it.
+enum Answer {
+    /// Not the end of the request: wait for the next.
+    Wait,
+    /// The lease starts, as this machine; `waited_ms`: how long the request queued, by a grant.
+    Start {
+        machine: Box<Machine>,
+        waited_ms: Option<u64>,
+    },
+    /// The request ended without a lease.
+    Failed(ClientError),
+}
+
+/// A message that came before a lease existed, to hand to it once it does, with when it came.
+type Early = (Incoming, Instant, SystemTime);
+
+/// Reads one message about the request `request_id`: a grant (or a resume of a reused request id
+/// that was paused) starts the lease, an order that overtook the grant is kept in `early`, and an
+/// end without a lease is its error.
+fn answer(
+    message: Incoming,
+    request_id: &str,
+    options: &RequestOptions,
+    handlers: &Handlers,
+    early: &mut Vec<Early>,
+) -> Answer {
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    let (has_pause, has_resume) = (handlers.on_pause.is_some(), handlers.on_resume.is_some());
+    let reply = match message {
+        Incoming::Reply(reply) => reply,
+        Incoming::Control(control) if control.action == ControlAction::Resume => {
+            // A reused request id that was paused holds the GPU again.
+            let machine = Machine::paused(request_id.to_owned(), has_pause, has_resume, wall);
+            early.push((Incoming::Control(control), now, wall));
+            return Answer::Start {
+                machine: Box::new(machine),
+                waited_ms: None,
+            };
+        }
+        // An order that overtook the grant (replies and orders come through two
+        // consumers): the lease handles it once it exists.
+        control @ Incoming::Control(_) => {
+            early.push((control, now, wall));
+            return Answer::Wait;
+        }
+        // This client reads no events.
+        Incoming::Event(_) => return Answer::Wait,
+    };
+    let error = match reply.outcome {
+        Outcome::Granted => {
+            let grant = Grant::from_reply(&reply, options.lease_ms.unwrap_or(DEFAULT_LEASE_MS));
+            let machine = Machine::granted(
+                request_id.to_owned(),
+                grant,
+                has_pause,
+                has_resume,
+                now,
+                wall,
+            );
+            return Answer::Start {
+                machine: Box::new(machine),
+                waited_ms: reply.waited_ms,
+            };
+        }
+        Outcome::TimedOut => ClientError::TimedOut,
+        Outcome::Rejected => ClientError::Rejected {
+            code: reply.code,
+            error: reply
+                .error
+                .unwrap_or_else(|| "the coordinator gave no reason".to_owned()),
+        },
+        Outcome::Cancelled => ClientError::Cancelled,
+        Outcome::Released | Outcome::Revoked => ClientError::Ended(reply.outcome),
+        Outcome::Queued | Outcome::Paused | Outcome::Renewed => return Answer::Wait,
+    };
+    Answer::Failed(error)
 }
 
 /// Withdraws a request whose `request` future was dropped (or failed) before the coordinator ended
