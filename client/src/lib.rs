@@ -87,7 +87,6 @@ mod router;
 mod sse;
 mod worker;
 
-pub use answers::{AnswerFeed, AnswerReader, ANSWERS_IDLE};
 pub use client::Client;
 pub use connect::{
     connect_options, inbox_prefix, redact, server_addrs, without_credentials, NatsAuth,
@@ -97,5 +96,12 @@ pub use gpu_coordinator_wire::codec::Encoding;
 pub use gpu_coordinator_wire::RejectCode;
 pub use lease::{Lease, LeaseEvent, LeaseEvents, LeasePhase, LeaseWatch};
 pub use options::{generate_request_id, RequestOptions};
-pub use router::{reader_config, Incoming, Route};
 pub use worker::{PauseOrder, ResumeOrder, Worker};
+
+// The coordinator's own server side reads every service's answers through these (its HTTP API waits
+// on an `AnswerReader`, the embedded mode feeds one, its reader service makes consumers with
+// `reader_config`); no service needs them, so they stay out of the documentation.
+#[doc(hidden)]
+pub use answers::{AnswerFeed, AnswerReader, ANSWERS_IDLE};
+#[doc(hidden)]
+pub use router::{reader_config, Incoming, Route};
