@@ -21,9 +21,10 @@ impl Machine {
             .min()
     }
 
-    /// When to give the lease up locally, for the expiry in the snapshot (see [`Snapshot::lost_at`]):
-    /// the earlier of the coordinator's expiry read on this clock and, for a renewal, its sending
-    /// plus the lease (the coordinator handles it after it was sent), less the margin.
+    /// When to give the lease up locally, for the expiry in the snapshot (see
+    /// [`super::Snapshot::lost_at`]): the earlier of the coordinator's expiry read on this clock
+    /// and, for a renewal, its sending plus the lease (the coordinator handles it after it was
+    /// sent), less the margin.
     pub(super) fn lost_after(&self, now: Instant, wall: SystemTime) -> Instant {
         let remaining = self
             .snapshot
