@@ -57,12 +57,13 @@
 //! # Code map
 //!
 //! - `client`: [`Client`]: connecting, sending inputs with retries over either transport,
-//!   [`Client::request`] (waits for the grant), [`Client::status`].
-//! - `router`: the consumers on the output stream and the table of who waits for which request id.
+//!   [`Client::status`]; `client::request`: [`Client::request`] (waits for the grant).
+//! - `router`: the table of who waits for which request id; `router::reading`: the consumers on the
+//!   output stream.
 //! - `http`: the HTTP transport: POSTs of inputs, the reader of the control stream; `sse` parses it.
 //! - `lease`: [`Lease`], the handle, and the task that keeps a lease alive; `lease::machine` is the
 //!   lease as a state machine without I/O (when to renew, what to acknowledge with which fence),
-//!   tested with plain unit tests.
+//!   tested with plain unit tests, one file per kind of input (replies, orders, timers, ending).
 //! - `worker`: [`Worker`], requests whose leases run `on_pause` and `on_resume` handlers.
 //! - `options`: [`RequestOptions`], request ids and message ids.
 //! - `error`: [`ClientError`].
