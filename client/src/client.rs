@@ -1,35 +1,26 @@
 //! The connection of one service to the coordinator: publishing inputs, and waiting for a grant.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use gpu_coordinator_wire::codec::{self, Encoding};
-use gpu_coordinator_wire::{
-    decode_input, valid_service_id, ControlAction, InputKind, Outcome, ReleaseMsg, StatusDoc,
-    Subjects,
-};
+use gpu_coordinator_wire::{valid_service_id, InputKind, ReleaseMsg, StatusDoc, Subjects};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::Http;
-use crate::lease::machine::{Grant, Input, Machine};
-use crate::options::{generate_request_id, msg_id, nonce};
-use crate::router::{Incoming, Readiness, Router, Routes};
-use crate::worker::Handlers;
-use crate::{ClientError, Lease, RequestOptions};
+use crate::lease::machine::Input;
+use crate::options::{msg_id, nonce};
+use crate::router::{Readiness, Router, Routes};
+use crate::ClientError;
 
-/// How long past `timeout_ms` the client still waits for the coordinator's `timed_out`, before it
-/// gives up by itself.
-const REPLY_GRACE: Duration = Duration::from_secs(5);
-/// How long a request without `timeout_ms` waits for the output stream to be readable.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+mod request;
+
 /// How long an input is retried when nothing else bounds it.
 pub(crate) const PUBLISH_RETRY: Duration = Duration::from_secs(30);
-/// The contract's default lease length, for a grant that names none.
-const DEFAULT_LEASE_MS: u64 = 30_000;
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
@@ -358,182 +349,6 @@ impl Client {
         }
     }
 
-    /// Asks for a GPU and waits for the grant.
-    ///
-    /// The client reads the coordinator's answers before it publishes the request, so no answer is
-    /// missed, even across a NATS restart. It waits until the coordinator answers: `granted` gives a
-    /// [`Lease`]; `timed_out` ([`ClientError::TimedOut`], also when nothing at all came within
-    /// `timeout_ms` and 5 s more), `rejected` ([`ClientError::Rejected`] with the coordinator's
-    /// sentence) and `cancelled` are errors. A request that is already known (a reused
-    /// `request_id`) is answered with its current state: a lease still held is returned again, an
-    /// ended one is [`ClientError::Ended`].
-    ///
-    /// Dropping the future before it resolves withdraws the request (it publishes `release` for it),
-    /// so `tokio::time::timeout(.., client.request(..))` is safe.
-    ///
-    /// A pause order for a lease from a plain `request` is not acknowledged (there is no handler to
-    /// free the VRAM): use a [`crate::Worker`] for preemptible work, or `preemptible(false)`.
-    ///
-    /// ```no_run
-    /// # async fn example(client: gpu_coordinator_client::Client) {
-    /// use gpu_coordinator_client::{ClientError, RequestOptions};
-    ///
-    /// match client.request(RequestOptions::new(0).vram_mb(8_000).timeout_ms(5_000)).await {
-    ///     Ok(lease) => {
-    ///         // ... generate the answer on `lease.gpu()` ...
-    ///         let _ = lease.release().await;
-    ///     }
-    ///     Err(ClientError::TimedOut) => eprintln!("no GPU within 5 s"),
-    ///     Err(ClientError::Rejected { error, .. }) => eprintln!("refused: {error}"),
-    ///     Err(e) => eprintln!("{e}"),
-    /// }
-    /// # }
-    /// ```
-    pub async fn request(&self, options: RequestOptions) -> Result<Lease, ClientError> {
-        self.request_with(options, Handlers::default()).await
-    }
-
-    pub(crate) async fn request_with(
-        &self,
-        options: RequestOptions,
-        handlers: Handlers,
-    ) -> Result<Lease, ClientError> {
-        let svc = self.inner.service_id.as_str();
-        let request_id = options
-            .request_id
-            .clone()
-            .unwrap_or_else(|| generate_request_id(svc));
-        let subject = self.inner.subjects.request(svc);
-        let encoding = self.input_encoding();
-        let payload = codec::encode(encoding, &options.to_message(svc, &request_id));
-        // The coordinator's own rules, so that a mistake is an error here rather than a rejection.
-        decode_input(
-            &self.inner.subjects,
-            &subject,
-            encoding.content_type(),
-            &payload,
-            0,
-        )
-        .map_err(|rejection| ClientError::InvalidRequest(rejection.error))?;
-        let mut route = self.inner.routes.register(svc, &request_id)?;
-        let started = Instant::now();
-        let deadline = options
-            .timeout_ms
-            .map(|ms| started + Duration::from_millis(ms) + REPLY_GRACE);
-        self.wait_ready(deadline.unwrap_or(started + READY_TIMEOUT))
-            .await?;
-        let mut abandon = Abandon {
-            client: self.clone(),
-            request_id: request_id.clone(),
-            armed: true,
-        };
-        // Replies are read while the PubAck is awaited: a PubAck lost in a reconnect costs a
-        // timeout and a (deduplicated) retry, and the grant may well be there before that. Over
-        // HTTP this is the long poll, whose answer comes through the route too.
-        let publish = self.send_input(
-            InputKind::Request,
-            msg_id(&request_id, "request", None, &nonce()),
-            payload.into(),
-            deadline.unwrap_or_else(|| Instant::now() + PUBLISH_RETRY),
-        );
-        tokio::pin!(publish);
-        let mut published = false;
-        let (has_pause, has_resume) = (handlers.on_pause.is_some(), handlers.on_resume.is_some());
-        let mut early = Vec::new();
-        loop {
-            let next = async {
-                match deadline {
-                    Some(deadline) => tokio::time::timeout_at(deadline.into(), route.recv())
-                        .await
-                        .map_err(|_| ClientError::TimedOut),
-                    None => Ok(route.recv().await),
-                }
-            };
-            let message = tokio::select! {
-                stored = &mut publish, if !published => {
-                    if let Err(error) = stored {
-                        // Refused by the HTTP API (a bad field, a bad token): nothing was stored,
-                        // there is nothing to withdraw.
-                        if matches!(
-                            error,
-                            ClientError::InvalidRequest(_) | ClientError::Rejected { .. }
-                        ) {
-                            abandon.armed = false;
-                        }
-                        return Err(error);
-                    }
-                    published = true;
-                    continue;
-                }
-                message = next => message?,
-            };
-            let message = message.ok_or(ClientError::Closed)?;
-            let (now, wall) = (Instant::now(), SystemTime::now());
-            let reply = match message {
-                Incoming::Reply(reply) => reply,
-                Incoming::Control(control) if control.action == ControlAction::Resume => {
-                    // A reused request id that was paused holds the GPU again.
-                    abandon.armed = false;
-                    let machine = Machine::paused(request_id.clone(), has_pause, has_resume, wall);
-                    early.push((Incoming::Control(control), now, wall));
-                    return Ok(Lease::start(
-                        self.clone(),
-                        request_id,
-                        None,
-                        machine,
-                        early,
-                        handlers,
-                        route,
-                    ));
-                }
-                // An order that overtook the grant (replies and orders come through two
-                // consumers): the lease handles it once it exists.
-                control @ Incoming::Control(_) => {
-                    early.push((control, now, wall));
-                    continue;
-                }
-                // This client reads no events.
-                Incoming::Event(_) => continue,
-            };
-            let error = match reply.outcome {
-                Outcome::Granted => {
-                    abandon.armed = false;
-                    let grant =
-                        Grant::from_reply(&reply, options.lease_ms.unwrap_or(DEFAULT_LEASE_MS));
-                    let machine = Machine::granted(
-                        request_id.clone(),
-                        grant,
-                        has_pause,
-                        has_resume,
-                        now,
-                        wall,
-                    );
-                    return Ok(Lease::start(
-                        self.clone(),
-                        request_id,
-                        reply.waited_ms,
-                        machine,
-                        early,
-                        handlers,
-                        route,
-                    ));
-                }
-                Outcome::TimedOut => ClientError::TimedOut,
-                Outcome::Rejected => ClientError::Rejected {
-                    code: reply.code,
-                    error: reply
-                        .error
-                        .unwrap_or_else(|| "the coordinator gave no reason".to_owned()),
-                },
-                Outcome::Cancelled => ClientError::Cancelled,
-                Outcome::Released | Outcome::Revoked => ClientError::Ended(reply.outcome),
-                Outcome::Queued | Outcome::Paused | Outcome::Renewed => continue,
-            };
-            abandon.armed = false;
-            return Err(error);
-        }
-    }
-
     /// Releases everything this service holds, queued or paused (`release` without a request id):
     /// for a service that restarts and wants no lease of its previous life. Returns once the input
     /// is stored; the `released` replies are not awaited. Over HTTP they do not come back at all
@@ -702,33 +517,6 @@ impl Client {
                 tracing::warn!(request_id, "{error}");
             }
         });
-    }
-}
-
-/// Withdraws a request whose `request` future was dropped (or failed) before the coordinator ended
-/// it: `release` without a fence ends it whether it is still queued or was just granted.
-struct Abandon {
-    client: Client,
-    request_id: String,
-    armed: bool,
-}
-
-impl Drop for Abandon {
-    fn drop(&mut self) {
-        if !self.armed || tokio::runtime::Handle::try_current().is_err() {
-            return;
-        }
-        tracing::debug!(
-            request_id = self.request_id,
-            "withdrawing a request nobody waits for"
-        );
-        self.client.spawn_publish_input(
-            Input::Release(ReleaseMsg {
-                request_id: Some(self.request_id.clone()),
-                fence: None,
-            }),
-            PUBLISH_RETRY,
-        );
     }
 }
 

@@ -57,12 +57,13 @@
 //! # Code map
 //!
 //! - `client`: [`Client`]: connecting, sending inputs with retries over either transport,
-//!   [`Client::request`] (waits for the grant), [`Client::status`].
-//! - `router`: the consumers on the output stream and the table of who waits for which request id.
+//!   [`Client::status`]; `client::request`: [`Client::request`] (waits for the grant).
+//! - `router`: the table of who waits for which request id; `router::reading`: the consumers on the
+//!   output stream.
 //! - `http`: the HTTP transport: POSTs of inputs, the reader of the control stream; `sse` parses it.
 //! - `lease`: [`Lease`], the handle, and the task that keeps a lease alive; `lease::machine` is the
 //!   lease as a state machine without I/O (when to renew, what to acknowledge with which fence),
-//!   tested with plain unit tests.
+//!   tested with plain unit tests, one file per kind of input (replies, orders, timers, ending).
 //! - `worker`: [`Worker`], requests whose leases run `on_pause` and `on_resume` handlers.
 //! - `options`: [`RequestOptions`], request ids and message ids.
 //! - `error`: [`ClientError`].
@@ -87,7 +88,6 @@ mod router;
 mod sse;
 mod worker;
 
-pub use answers::{AnswerFeed, AnswerReader, ANSWERS_IDLE};
 pub use client::Client;
 pub use connect::{
     connect_options, inbox_prefix, redact, server_addrs, without_credentials, NatsAuth,
@@ -97,5 +97,12 @@ pub use gpu_coordinator_wire::codec::Encoding;
 pub use gpu_coordinator_wire::RejectCode;
 pub use lease::{Lease, LeaseEvent, LeaseEvents, LeasePhase, LeaseWatch};
 pub use options::{generate_request_id, RequestOptions};
-pub use router::{reader_config, Incoming, Route};
 pub use worker::{PauseOrder, ResumeOrder, Worker};
+
+// The coordinator's own server side reads every service's answers through these (its HTTP API waits
+// on an `AnswerReader`, the embedded mode feeds one, its reader service makes consumers with
+// `reader_config`); no service needs them, so they stay out of the documentation.
+#[doc(hidden)]
+pub use answers::{AnswerFeed, AnswerReader, ANSWERS_IDLE};
+#[doc(hidden)]
+pub use router::{reader_config, Incoming, Route};

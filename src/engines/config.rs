@@ -157,6 +157,15 @@ impl EngineConfig {
     /// `ack_deadline_ms` is the coordinator's (`preemption.ack_deadline_ms`).
     pub fn problems(&self, at: &str, ack_deadline_ms: u64) -> Vec<String> {
         let mut problems = Vec::new();
+        self.address_problems(at, &mut problems);
+        self.bound_problems(at, ack_deadline_ms, &mut problems);
+        self.kind_key_problems(at, &mut problems);
+        self.value_problems(at, &mut problems);
+        problems
+    }
+
+    /// The service's name, the address the sidecar listens on and the engine's URL.
+    fn address_problems(&self, at: &str, problems: &mut Vec<String>) {
         if !gpu_coordinator_wire::valid_service_id(&self.service) {
             problems.push(format!(
                 "{at}.service {:?} must be 1 to 64 characters of A-Z, a-z, 0-9, `_` and `-`",
@@ -176,6 +185,10 @@ impl EngineConfig {
                 self.upstream
             )),
         }
+    }
+
+    /// The priority, and the bounds of the sizes and durations.
+    fn bound_problems(&self, at: &str, ack_deadline_ms: u64, problems: &mut Vec<String>) {
         if self.priority.is_none() {
             problems.push(format!(
                 "{at}.priority is required (or the service's default_priority in [services]): 0 (most \
@@ -201,6 +214,10 @@ impl EngineConfig {
                 self.drain_ms
             ));
         }
+    }
+
+    /// The keys this kind of engine does not take, and those it needs.
+    fn kind_key_problems(&self, at: &str, problems: &mut Vec<String>) {
         let kind = self.kind.as_str();
         let mut only = |key: &str, set: bool, kinds: &[EngineKind]| {
             if set && !kinds.contains(&self.kind) {
@@ -239,6 +256,10 @@ impl EngineConfig {
             }
             Vllm | Sglang => {}
         }
+    }
+
+    /// The values of `sleep_level` and `ready_path`.
+    fn value_problems(&self, at: &str, problems: &mut Vec<String>) {
         if let Some(level) = self.sleep_level {
             if !matches!(level, 1 | 2) {
                 problems.push(format!("{at}.sleep_level must be 1 or 2, got {level}"));
@@ -249,7 +270,6 @@ impl EngineConfig {
                 problems.push(format!("{at}.ready_path {path:?} must start with `/`"));
             }
         }
-        problems
     }
 }
 

@@ -24,6 +24,8 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::gate::{Gate, Pass};
 
 type Upstream = Client<HttpConnector, Body>;
+/// Why a request got no answer from the engine.
+type EngineError = hyper_util::client::legacy::Error;
 
 /// What the proxy of one engine needs.
 #[derive(Clone)]
@@ -88,6 +90,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Passes one request to the engine once the gate lets it through, and its answer back.
 async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
     let deadline = Instant::now() + proxy.max_wait;
     let Some(pass) = proxy.gate.enter(deadline).await else {
@@ -101,43 +104,11 @@ async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
             ),
         );
     };
-    let (mut parts, body) = request.into_parts();
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
-    let uri = Uri::builder()
-        .scheme(
-            proxy
-                .base
-                .scheme()
-                .cloned()
-                .unwrap_or(axum::http::uri::Scheme::HTTP),
-        )
-        .authority(
-            proxy
-                .base
-                .authority()
-                .cloned()
-                .expect("checked with the configuration"),
-        )
-        .path_and_query(format!("{}{path_and_query}", proxy.base_path))
-        .build();
-    let uri = match uri {
-        Ok(uri) => uri,
+    let request = match proxy.engine_request(request) {
+        Ok(request) => request,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("bad path: {e}")).into_response(),
     };
-    parts.uri = uri;
-    strip_hop_by_hop(&mut parts.headers);
-    if let Some(authority) = proxy.base.authority() {
-        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-            parts.headers.insert(header::HOST, host);
-        }
-    }
-    let upstream = proxy
-        .upstream
-        .request(axum::http::Request::from_parts(parts, body));
+    let upstream = proxy.upstream.request(request);
     let cut = pass.cut.clone();
     let response = tokio::select! {
         response = upstream => response,
@@ -149,27 +120,72 @@ async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
             );
         }
     };
-    match response {
-        Ok(response) => {
-            let (mut parts, body) = response.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            let body = Tracked {
-                inner: body,
-                cut: Box::pin(pass.cut.clone().cancelled_owned()),
-                pass: Some(pass),
-            };
-            Response::from_parts(parts, Body::new(body))
-        }
-        Err(e) => {
-            tracing::warn!(service = proxy.service, "the engine did not answer: {e}");
-            (
-                StatusCode::BAD_GATEWAY,
-                axum::Json(error_doc(
-                    &format!("the engine of `{}` did not answer: {e}", proxy.service),
-                    "bad_gateway",
-                )),
+    proxy.engine_answer(response, pass)
+}
+
+impl Proxy {
+    /// The request as the engine gets it: its path under the engine's, without the connection's
+    /// headers, with the engine's `Host`. An error for a path that makes no URI.
+    fn engine_request(&self, request: Request) -> Result<Request, axum::http::Error> {
+        let (mut parts, body) = request.into_parts();
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned();
+        parts.uri = Uri::builder()
+            .scheme(
+                self.base
+                    .scheme()
+                    .cloned()
+                    .unwrap_or(axum::http::uri::Scheme::HTTP),
             )
-                .into_response()
+            .authority(
+                self.base
+                    .authority()
+                    .cloned()
+                    .expect("checked with the configuration"),
+            )
+            .path_and_query(format!("{}{path_and_query}", self.base_path))
+            .build()?;
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(authority) = self.base.authority() {
+            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                parts.headers.insert(header::HOST, host);
+            }
+        }
+        Ok(Request::from_parts(parts, body))
+    }
+
+    /// The engine's answer as the caller gets it: its body streamed and holding `pass` until it
+    /// ends, or a 502 when the engine did not answer.
+    fn engine_answer(
+        &self,
+        response: Result<axum::http::Response<hyper::body::Incoming>, EngineError>,
+        pass: Pass,
+    ) -> Response {
+        match response {
+            Ok(response) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                let body = Tracked {
+                    inner: body,
+                    cut: Box::pin(pass.cut.clone().cancelled_owned()),
+                    pass: Some(pass),
+                };
+                Response::from_parts(parts, Body::new(body))
+            }
+            Err(e) => {
+                tracing::warn!(service = self.service, "the engine did not answer: {e}");
+                (
+                    StatusCode::BAD_GATEWAY,
+                    axum::Json(error_doc(
+                        &format!("the engine of `{}` did not answer: {e}", self.service),
+                        "bad_gateway",
+                    )),
+                )
+                    .into_response()
+            }
         }
     }
 }

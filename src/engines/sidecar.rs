@@ -339,12 +339,29 @@ impl Sidecar {
             Some(gpu) => self.used_mb(gpu).await,
             None => None,
         };
+        if !self.ask_to_sleep(order).await || !self.wait_asleep(order, started).await {
+            return false;
+        }
+        if let (Some(gpu), Some(before)) = (&gpu, before) {
+            if !self.wait_memory_freed(order, started, gpu, before).await {
+                return false;
+            }
+        }
+        let took = started.elapsed();
+        self.stats.slept(took);
+        self.stats.set(EngineState::Asleep);
+        tracing::info!(service, ms = took.as_millis() as u64, "the engine sleeps");
+        true
+    }
+
+    /// Asks the engine to sleep until it takes the order; false when the lease went meanwhile.
+    async fn ask_to_sleep(&self, order: Option<&PauseOrder>) -> bool {
         let mut waits = backoff();
         loop {
             match self.switch.sleep().await {
-                Ok(()) => break,
+                Ok(()) => return true,
                 Err(e) => {
-                    tracing::warn!(service, "putting the engine to sleep: {e}");
+                    tracing::warn!(service = self.service(), "putting the engine to sleep: {e}");
                     if self.lease_gone(order) {
                         return false;
                     }
@@ -352,10 +369,16 @@ impl Sidecar {
                 }
             }
         }
+    }
+
+    /// Polls the engine's API until it says it is asleep; false when the lease went meanwhile.
+    /// Warns once when that takes past the order's ACK deadline.
+    async fn wait_asleep(&self, order: Option<&PauseOrder>, started: Instant) -> bool {
+        let service = self.service();
         let mut warned = false;
         loop {
             match self.switch.asleep().await {
-                Ok(true) => break,
+                Ok(true) => return true,
                 Ok(false) => {}
                 Err(e) => tracing::debug!(service, "is the engine asleep? {e}"),
             }
@@ -381,46 +404,51 @@ impl Sidecar {
             }
             tokio::time::sleep(CONFIRM_POLL).await;
         }
-        if let (Some(gpu), Some(before)) = (&gpu, before) {
-            // The engines' APIs say "asleep" before the memory is back (vLLM's `/is_sleeping` from
-            // the moment the sleep starts): at least half the engine's share must show freed.
-            let share = self.engine.vram_mb.unwrap_or(before);
-            let target = before.saturating_sub(share / 2);
-            let mut poll = MEMORY_POLL_FIRST;
-            loop {
-                match self.used_mb(gpu).await {
-                    Some(used) if used > target => {}
-                    _ => break,
-                }
-                if self.lease_gone(order) {
-                    tracing::warn!(
-                        service,
-                        "the GPU's memory has not shown the engine's {share} MB freed after {} ms, \
-                         and the lease is gone",
-                        started.elapsed().as_millis()
-                    );
-                    return false;
-                }
-                if order.is_none() && started.elapsed() > MEMORY_LIMIT {
-                    tracing::warn!(
-                        service,
-                        "the GPU's memory has not shown the engine's {share} MB freed after {} ms; \
-                         going on",
-                        started.elapsed().as_millis()
-                    );
-                    break;
-                }
-                tokio::time::sleep(poll).await;
-                if started.elapsed() > MEMORY_POLL_FAST_FOR {
-                    poll = (poll * 3 / 2).min(MEMORY_POLL);
-                }
+    }
+
+    /// Polls the memory used on `gpu` (`before` the sleep) until at least half the engine's share
+    /// shows freed: the engines' APIs say "asleep" before the memory is back (vLLM's `/is_sleeping`
+    /// from the moment the sleep starts). False when the lease went meanwhile; without an order,
+    /// goes on after [`MEMORY_LIMIT`].
+    async fn wait_memory_freed(
+        &self,
+        order: Option<&PauseOrder>,
+        started: Instant,
+        gpu: &str,
+        before: u64,
+    ) -> bool {
+        let service = self.service();
+        let share = self.engine.vram_mb.unwrap_or(before);
+        let target = before.saturating_sub(share / 2);
+        let mut poll = MEMORY_POLL_FIRST;
+        loop {
+            match self.used_mb(gpu).await {
+                Some(used) if used > target => {}
+                _ => return true,
+            }
+            if self.lease_gone(order) {
+                tracing::warn!(
+                    service,
+                    "the GPU's memory has not shown the engine's {share} MB freed after {} ms, \
+                     and the lease is gone",
+                    started.elapsed().as_millis()
+                );
+                return false;
+            }
+            if order.is_none() && started.elapsed() > MEMORY_LIMIT {
+                tracing::warn!(
+                    service,
+                    "the GPU's memory has not shown the engine's {share} MB freed after {} ms; \
+                     going on",
+                    started.elapsed().as_millis()
+                );
+                return true;
+            }
+            tokio::time::sleep(poll).await;
+            if started.elapsed() > MEMORY_POLL_FAST_FOR {
+                poll = (poll * 3 / 2).min(MEMORY_POLL);
             }
         }
-        let took = started.elapsed();
-        self.stats.slept(took);
-        self.stats.set(EngineState::Asleep);
-        tracing::info!(service, ms = took.as_millis() as u64, "the engine sleeps");
-        true
     }
 
     /// The used memory of the device `gpu` names (its NVML index or UUID), by the probe; `None`

@@ -11,6 +11,7 @@ await client.close()
 """
 
 from ._client import Client, Lease, PauseOrder, ResumeOrder
+from .documents import ControlDoc, ReplyDoc, StatusDoc
 from .errors import (
     LEASE_GONE,
     CoordinatorError,
@@ -23,6 +24,7 @@ from .errors import (
 
 __all__ = [
     "Client",
+    "ControlDoc",
     "CoordinatorError",
     "GrantTimeout",
     "LEASE_GONE",
@@ -31,6 +33,8 @@ __all__ = [
     "PauseOrder",
     "RejectCode",
     "Rejected",
+    "ReplyDoc",
     "ResumeOrder",
+    "StatusDoc",
     "Unavailable",
 ]

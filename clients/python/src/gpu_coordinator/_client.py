@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any, Awaitable, Callable, List, Literal, Optional, Type
 
 from ._transport import Answer, Doc, Transport
+from .documents import ControlDoc, ReplyDoc, StatusDoc
 from .errors import (
     LEASE_GONE,
     CoordinatorError,
@@ -82,7 +83,7 @@ class Lease:
         self,
         client: "Client",
         request_id: str,
-        reply: Doc,
+        reply: ReplyDoc,
         queue: "asyncio.Queue[Answer]",
         early: List[Answer],
         on_pause: Optional[PauseHandler],
@@ -157,13 +158,13 @@ class Lease:
 
     async def _read(self) -> None:
         while True:
-            kind, doc = await self._queue.get()
-            if kind == "reply":
-                await self._on_reply(doc)
+            answer = await self._queue.get()
+            if answer[0] == "reply":
+                await self._on_reply(answer[1])
             else:
-                await self._on_control(doc)
+                await self._on_control(answer[1])
 
-    async def _on_reply(self, doc: Doc) -> None:
+    async def _on_reply(self, doc: ReplyDoc) -> None:
         outcome = doc.get("outcome")
         current = doc.get("fence")
         if outcome == "rejected" and self._releasing and isinstance(current, int):
@@ -191,7 +192,7 @@ class Lease:
                 self._lose(error)
             self._renewed.set()
 
-    async def _on_control(self, doc: Doc) -> None:
+    async def _on_control(self, doc: ControlDoc) -> None:
         action = doc.get("action")
         fence = int(doc.get("fence", 0))
         reason = str(doc.get("reason", ""))
@@ -422,12 +423,13 @@ class Client:
                 if left <= 0:
                     raise GrantTimeout(f"no answer to {request_id} within {timeout_ms} ms")
                 try:
-                    kind, doc = await asyncio.wait_for(queue.get(), left)
+                    answer = await asyncio.wait_for(queue.get(), left)
                 except asyncio.TimeoutError:
                     continue
-                if kind == "control":
-                    early.append((kind, doc))  # an order that overtook its grant
+                if answer[0] == "control":
+                    early.append(answer)  # an order that overtook its grant
                     continue
+                doc = answer[1]
                 outcome = doc.get("outcome")
                 if outcome == "granted":
                     return Lease(
@@ -468,7 +470,7 @@ class Client:
         except BaseException:
             pass
 
-    async def status(self) -> Doc:
+    async def status(self) -> StatusDoc:
         """The coordinator's status document."""
         try:
             return await self._transport.status()

@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, cast
 
 import httpx
 
 from ._transport import Doc, Routes, Transport
+from .documents import ReplyDoc, StatusDoc
 from .errors import Rejected, Unavailable, reject_code
 
 log = logging.getLogger("gpu_coordinator")
@@ -81,7 +82,9 @@ class HttpTransport(Transport):
         if isinstance(doc, dict):
             self.routes.route("control", doc)
 
-    async def publish(self, kind: str, body: Doc, msg_id: str, deadline: float) -> Optional[Doc]:
+    async def publish(
+        self, kind: str, body: Doc, msg_id: str, deadline: float
+    ) -> Optional[ReplyDoc]:
         url = f"{self.base}/gpu/{kind}"
         payload = dict(body, service_id=self.service)
         loop = asyncio.get_running_loop()
@@ -106,7 +109,7 @@ class HttpTransport(Transport):
                 self.routes.route("reply", doc)
                 if kind == "request" and doc["outcome"] in ("queued", "paused"):
                     continue  # still waiting: the same request id waits on
-                return dict(doc)
+                return cast(ReplyDoc, dict(doc))
             if kind == "request" and response.status_code == 202:
                 continue  # past the longest a call waits: POST it again to wait on
             if response.status_code >= 400:
@@ -116,9 +119,9 @@ class HttpTransport(Transport):
                 )
             return None
 
-    async def status(self) -> Doc:
+    async def status(self) -> StatusDoc:
         response = await self.http.get(f"{self.base}/gpu/status")
-        return dict(_json(response))
+        return cast(StatusDoc, dict(_json(response)))
 
     async def close(self) -> None:
         if self.task is not None:

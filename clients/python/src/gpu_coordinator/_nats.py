@@ -31,6 +31,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ._transport import Doc, Routes, Transport
+from .documents import ReplyDoc, StatusDoc
 from .errors import Unavailable
 
 log = logging.getLogger("gpu_coordinator")
@@ -241,7 +242,9 @@ class NatsTransport(Transport):
                     f"this service's?): {reader.error or 'no answer'}"
                 ) from None
 
-    async def publish(self, kind: str, body: Doc, msg_id: str, deadline: float) -> Optional[Doc]:
+    async def publish(
+        self, kind: str, body: Doc, msg_id: str, deadline: float
+    ) -> Optional[ReplyDoc]:
         subject = f"{self.prefix}.{kind}.{self.service}"
         payload = json.dumps(body).encode()
         loop = asyncio.get_running_loop()
@@ -262,9 +265,9 @@ class NatsTransport(Transport):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
 
-    async def status(self) -> Doc:
+    async def status(self) -> StatusDoc:
         msg = await self.nc.request(f"{self.prefix}.status", b"", timeout=5)
-        doc: Doc = json.loads(msg.data)
+        doc: StatusDoc = json.loads(msg.data)
         return doc
 
     async def close(self) -> None:

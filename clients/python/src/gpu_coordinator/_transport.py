@@ -4,11 +4,14 @@ the replies and control orders about a request, in the coordinator's order per k
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Dict, Optional, Protocol, Tuple
+from typing import Any, Dict, Literal, Optional, Protocol, Tuple, Union, cast
 
+from .documents import ControlDoc, ReplyDoc, StatusDoc
+
+#: A JSON object: an input the client sends, or a document not yet told apart.
 Doc = Dict[str, Any]
-# ("reply" | "control", the document)
-Answer = Tuple[str, Doc]
+#: An answer about a request: its reply, or an order for it.
+Answer = Union[Tuple[Literal["reply"], ReplyDoc], Tuple[Literal["control"], ControlDoc]]
 
 
 class Routes:
@@ -31,7 +34,9 @@ class Routes:
         if isinstance(request_id, str):
             queue = self._queues.get(request_id)
             if queue is not None:
-                queue.put_nowait((kind, doc))
+                # What the coordinator wrote on the subject (or stream) of `kind`: taken for its
+                # document as it is, like the JSON it came as.
+                queue.put_nowait(cast(Answer, (kind, doc)))
 
 
 class Transport(Protocol):
@@ -45,13 +50,15 @@ class Transport(Protocol):
         """Opens the readers; returns once every answer to an input sent from now on will be seen."""
         ...
 
-    async def publish(self, kind: str, body: Doc, msg_id: str, deadline: float) -> Optional[Doc]:
+    async def publish(
+        self, kind: str, body: Doc, msg_id: str, deadline: float
+    ) -> Optional[ReplyDoc]:
         """Sends an input of `kind` (`request`, `release`, `renew`, `ack`, `cancel`) until it is stored
         or `deadline` (the event loop's clock) passes. Answers the reply when the transport gets it in
         return (HTTP); the reply is routed as well."""
         ...
 
-    async def status(self) -> Doc:
+    async def status(self) -> StatusDoc:
         """The status document."""
         ...
 

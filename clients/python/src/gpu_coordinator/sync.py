@@ -18,10 +18,11 @@ import asyncio
 import threading
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Any, Callable, Coroutine, Dict, Optional, Type, TypeVar
+from typing import Any, Callable, Coroutine, Optional, Type, TypeVar
 
 from . import _client
 from ._client import PauseOrder, ResumeOrder
+from .documents import StatusDoc
 
 T = TypeVar("T")
 
@@ -165,7 +166,7 @@ class Client:
         )
         return _LeaseContext(inner, self._loop)
 
-    def status(self) -> Dict[str, Any]:
+    def status(self) -> StatusDoc:
         return self._loop.run(self._inner.status())
 
     def close(self) -> None:
