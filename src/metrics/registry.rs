@@ -250,7 +250,6 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// Sets the gauges from a status document.
     /// Records the per-process memory of an NVML sample (`gpu id -> device` as the inventory maps them).
     pub fn set_processes<'a>(
         &self,

@@ -264,7 +264,6 @@ impl NatsBus {
         Ok(())
     }
 
-    /// The input stream, and how to word a failure about its consumer.
     /// One of the coordinator's streams, and how to word a failure about reading it.
     pub(super) async fn stream_named(
         &self,
