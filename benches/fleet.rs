@@ -108,7 +108,10 @@ async fn measure(run: Duration, hosts: usize) -> anyhow::Result<Run> {
     command
         .env("GPU_COORDINATOR_NODES__AGENTS", "true")
         .env("GPU_COORDINATOR_QUEUE__MAX_PER_SERVICE", "100")
-        .env("GPU_COORDINATOR_NATS__MAX_BYTES", (256_i64 << 20).to_string())
+        .env(
+            "GPU_COORDINATOR_NATS__MAX_BYTES",
+            (256_i64 << 20).to_string(),
+        )
         .env("RUST_LOG", "error");
     let mut serving = common::Serving(command.spawn()?);
     let client = common::nats_connect("nats://127.0.0.1:4222").await?;
@@ -215,8 +218,7 @@ async fn cycle(
                 n += 1;
                 let (tx, rx) = oneshot::channel();
                 waiting.lock().unwrap().insert(id.clone(), tx);
-                let body =
-                    format!(r#"{{"request_id":"{id}","priority":1,"vram_mb":{VRAM_MB}}}"#);
+                let body = format!(r#"{{"request_id":"{id}","priority":1,"vram_mb":{VRAM_MB}}}"#);
                 let asked = Instant::now();
                 client
                     .publish(format!("{tag}.request.s{s}"), body.into())
@@ -249,7 +251,12 @@ fn cpu_seconds(pid: u32) -> f64 {
     // The fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / clock_ticks()
 }
 

@@ -32,8 +32,10 @@ pub struct RequestOptions {
     pub priority: u8,
     /// VRAM the holder needs, in MB; `None`: the whole GPU.
     pub vram_mb: Option<u64>,
-    /// The GPU id to use; `None`: any GPU that fits.
+    /// The GPU id to use (`<host>/<id>` with node agents); `None`: any GPU that fits.
     pub gpu: Option<String>,
+    /// With node agents: the host whose GPUs to use; `None`: any host.
+    pub host: Option<String>,
     /// Lease length after a grant, in milliseconds; `None`: the coordinator's `lease.default_ms`.
     pub lease_ms: Option<u64>,
     /// Longest wait for a grant, in milliseconds; `None`: the coordinator's
@@ -73,6 +75,12 @@ impl RequestOptions {
         self
     }
 
+    /// Sets [`RequestOptions::host`].
+    pub fn host(mut self, host: impl Into<String>) -> Self {
+        self.host = Some(host.into());
+        self
+    }
+
     /// Sets [`RequestOptions::lease_ms`].
     pub fn lease_ms(mut self, lease_ms: u64) -> Self {
         self.lease_ms = Some(lease_ms);
@@ -106,7 +114,7 @@ impl RequestOptions {
     /// The `request` message for `service_id`, under the request id the caller settled on.
     pub fn to_message(&self, service_id: &str, request_id: &str) -> RequestMsg {
         RequestMsg {
-            host: None,
+            host: self.host.clone(),
             request_id: Some(request_id.to_owned()),
             service_id: Some(service_id.to_owned()),
             priority: self.priority,
@@ -178,6 +186,7 @@ mod tests {
         assert_eq!(
             options,
             RequestOptions {
+                host: None,
                 priority: 1,
                 vram_mb: None,
                 gpu: None,

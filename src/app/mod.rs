@@ -144,6 +144,7 @@ pub async fn run_with(
                 url: own_api.clone(),
                 prefix: config.nats.prefix.clone(),
                 tokens: config.http.tokens.clone(),
+                host: crate::engines::Coordinator::host_of(&config),
             };
             crate::engines::spawn(
                 std::mem::take(&mut sidecars),

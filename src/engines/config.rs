@@ -100,6 +100,10 @@ pub struct EngineConfig {
     /// The bearer token of `service` for the coordinator's HTTP API; absent: the one `[http.tokens]`
     /// gives the service, if any.
     pub token: Option<String>,
+    /// Not a key: the host its requests name, in a fleet (`[sidecar] host`, see
+    /// [`SidecarConfig::host`]), set when its sidecar starts.
+    #[serde(skip)]
+    pub host: Option<String>,
 }
 
 /// `[sidecar]`: how `gpu-coordinator engines` reaches the coordinator.
@@ -111,6 +115,10 @@ pub struct SidecarConfig {
     pub coordinator: Option<String>,
     /// Where `engines` serves `/gpu/engines` and `/metrics` (`host:port`); absent: nowhere.
     pub listen: Option<String>,
+    /// With a coordinator whose GPUs node agents report: the host the engines run on, named in
+    /// their requests (an engine with `gpu` set names its GPU instead). Absent: with
+    /// `nodes.agents = true` in this file, `agent.host` (else the hostname); otherwise none.
+    pub host: Option<String>,
 }
 
 mod defaults {
@@ -130,6 +138,7 @@ impl EngineConfig {
     /// "on_request"`, `idle_ms`, `max_wait_ms`, `drain_ms`); `priority` still to be set.
     pub fn new(service: &str, kind: EngineKind, listen: &str, upstream: &str) -> EngineConfig {
         EngineConfig {
+            host: None,
             service: service.to_owned(),
             kind,
             listen: listen.to_owned(),

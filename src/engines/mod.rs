@@ -44,6 +44,9 @@ pub struct Coordinator {
     pub prefix: String,
     /// `[http.tokens]`: token to service, to find a service's token when its engine names none.
     pub tokens: std::collections::BTreeMap<String, String>,
+    /// With node agents: this host, named in the requests of engines that name no GPU, so that
+    /// each engine is granted a GPU of its own host ([`Coordinator::host_of`]).
+    pub host: Option<String>,
 }
 
 impl Coordinator {
@@ -57,7 +60,18 @@ impl Coordinator {
                 .unwrap_or_else(|| config.nats.url.clone()),
             prefix: config.nats.prefix.clone(),
             tokens: config.http.tokens.clone(),
+            host: Coordinator::host_of(config),
         }
+    }
+
+    /// The host the sidecars' engines run on, when they run in a fleet: `sidecar.host`, else, with
+    /// `nodes.agents = true`, this machine's agent's name (`agent.host`, else the hostname).
+    pub fn host_of(config: &Config) -> Option<String> {
+        config
+            .sidecar
+            .host
+            .clone()
+            .or_else(|| config.nodes.agents.then(|| config.agent.host_name()))
     }
 
     fn token_of(&self, engine: &EngineConfig) -> Option<String> {
@@ -140,6 +154,10 @@ pub(crate) fn spawn(
             stop.clone(),
         ));
         let token = coordinator.token_of(&engine);
+        let mut engine = engine;
+        // An engine that names no GPU asks for one of its own host's, in a fleet.
+        let host = coordinator.host.clone().filter(|_| engine.gpu.is_none());
+        engine.host = host;
         let sidecar = sidecar::Sidecar::new(engine, gate, stats, probe.clone());
         let coordinator = coordinator.clone();
         let stop = stop.clone();

@@ -151,6 +151,7 @@ impl Sidecar {
         let mut options = RequestOptions::new(self.engine.priority.unwrap_or(0));
         options.vram_mb = self.engine.vram_mb;
         options.gpu = self.engine.gpu.clone();
+        options.host = self.engine.host.clone();
         options.lease_ms = self.engine.lease_ms;
         options.pause_ms = self
             .stats

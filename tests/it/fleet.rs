@@ -285,3 +285,31 @@ async fn an_agent_with_nothing_to_report_says_why() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no GPU to report"), "{stderr}");
 }
+
+/// An engine sidecar on a GPU host of the fleet asks for its own host's GPUs (`[sidecar] host`):
+/// granted on h2 although h1, first in order, is as free.
+#[tokio::test]
+async fn an_engine_sidecar_asks_for_its_own_hosts_gpus() {
+    let vllm = crate::engine_board::FakeVllm::start().await;
+    let mut config = fleet_config("fleet_engine");
+    let engine = crate::engine_board::vllm_engine("chat", &vllm.url);
+    let listen = engine.listen.clone();
+    config.engines = vec![engine];
+    config.sidecar.host = Some("h2".into());
+    let coordinator = Coordinator::start(config.clone()).await;
+    let probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
+    let _h1 = Agent::start(&config, "h1", &[("0", 24_000)]);
+    let _h2 = Agent::start(&config, "h2", &[("0", 24_000)]);
+    hosts_are(&probe, &["h1", "h2"], HostState::Up).await;
+    crate::engine_board::complete(&listen).await;
+    let status = probe.status().await;
+    let on_h2: Vec<&str> = status
+        .gpus
+        .iter()
+        .filter(|g| g.id == "h2/0")
+        .flat_map(|g| g.holders.iter().map(|h| h.service_id.as_str()))
+        .collect();
+    assert_eq!(on_h2, ["chat"], "{:?}", status.gpus);
+    assert!(holders(&status, "h1/0").is_empty());
+    coordinator.stop_and_audit().await;
+}

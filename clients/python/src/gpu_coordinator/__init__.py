@@ -11,7 +11,7 @@ await client.close()
 """
 
 from ._client import Client, Lease, PauseOrder, ResumeOrder
-from .documents import ControlDoc, ReplyDoc, StatusDoc
+from .documents import ControlDoc, GpuStatus, HostStatus, ReplyDoc, StatusDoc
 from .errors import (
     LEASE_GONE,
     CoordinatorError,
@@ -26,7 +26,9 @@ __all__ = [
     "Client",
     "ControlDoc",
     "CoordinatorError",
+    "GpuStatus",
     "GrantTimeout",
+    "HostStatus",
     "LEASE_GONE",
     "Lease",
     "LeaseLost",

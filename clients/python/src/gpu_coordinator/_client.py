@@ -363,6 +363,7 @@ class Client:
         on_pause: Optional[PauseHandler] = None,
         on_resume: Optional[ResumeHandler] = None,
         pause_ms: Optional[int] = None,
+        host: Optional[str] = None,
     ) -> _LeaseContext:
         """A lease as an async context manager: granted on entry, released on exit. Without `vram_mb`
         the whole GPU. Preemptible by default only with an `on_pause` handler (which must free the
@@ -382,6 +383,7 @@ class Client:
                 on_pause=on_pause,
                 on_resume=on_resume,
                 pause_ms=pause_ms,
+                host=host,
             ),
         )
 
@@ -397,9 +399,11 @@ class Client:
         on_pause: Optional[PauseHandler] = None,
         on_resume: Optional[ResumeHandler] = None,
         pause_ms: Optional[int] = None,
+        host: Optional[str] = None,
     ) -> Lease:
         """Requests a GPU and waits for the grant; `release()` the lease when done. Raises
-        `GrantTimeout`, `Rejected` or `Unavailable`."""
+        `GrantTimeout`, `Rejected` or `Unavailable`. With node agents, `host` asks for that host's
+        GPUs, and `gpu` names one as `<host>/<id>`."""
         request_id = request_id or f"{self.service}-{secrets.token_hex(8)}"
         body: Doc = {"request_id": request_id, "priority": priority, "timeout_ms": timeout_ms}
         if vram_mb is not None:
@@ -411,6 +415,8 @@ class Client:
             body["gpu"] = gpu
         if pause_ms is not None:
             body["pause_ms"] = pause_ms
+        if host is not None:
+            body["host"] = host
         routes = self._transport.routes
         queue = routes.register(request_id)
         loop = asyncio.get_running_loop()

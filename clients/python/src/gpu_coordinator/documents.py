@@ -76,9 +76,7 @@ class HolderStatus(_HolderKeys, total=False):
     pause_ms: int
 
 
-class GpuStatus(TypedDict):
-    """One GPU: its memory (MB) and its holders."""
-
+class _GpuKeys(TypedDict):
     id: str
     total_mb: int
     used_mb: int
@@ -87,6 +85,25 @@ class GpuStatus(TypedDict):
     #: `nvml` or `config`.
     vram_source: str
     holders: List[HolderStatus]
+
+
+class GpuStatus(_GpuKeys, total=False):
+    """One GPU: its memory (MB) and its holders; with node agents, its host, its UUID, and whether
+    it takes new grants."""
+
+    host: str
+    uuid: str
+    reachable: bool
+
+
+class HostStatus(TypedDict):
+    """A host of the fleet (node agents): `up`, or `unreachable` once its agent is silent past
+    `nodes.ttl_ms` (no new grants there)."""
+
+    host: str
+    state: str
+    last_sample_age_ms: int
+    gpus: int
 
 
 class PausedStatus(TypedDict):
@@ -171,3 +188,5 @@ class StatusDoc(_StatusKeys, total=False):
     leader: LeaderStatus
     #: Present while a store of the coordinator is full: which, and what it said.
     storage_full: str
+    #: With node agents: each host heard, by name.
+    hosts: List[HostStatus]

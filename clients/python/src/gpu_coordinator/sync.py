@@ -151,6 +151,7 @@ class Client:
         on_pause: Optional[Callable[[PauseOrder], None]] = None,
         on_resume: Optional[Callable[[ResumeOrder], None]] = None,
         pause_ms: Optional[int] = None,
+        host: Optional[str] = None,
     ) -> _LeaseContext:
         inner = self._inner.lease(
             priority,
@@ -163,6 +164,7 @@ class Client:
             on_pause=_in_thread(on_pause),
             on_resume=_in_thread(on_resume),
             pause_ms=pause_ms,
+            host=host,
         )
         return _LeaseContext(inner, self._loop)
 
