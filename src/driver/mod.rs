@@ -24,9 +24,11 @@
 //!
 //! - [`start`](Driver::start): leadership, then the state restored from the journal and the lease store.
 //! - `event_loop`: the `select!` over inputs, timers, status, samples and commands.
+//! - `batch`: a batch of inputs decoded, fed to the scheduler in one pass, then acknowledged.
 //! - `effects`: carrying out the scheduler's actions in order; the outbox and the input position.
 //! - `reconcile`: keeping the lease store equal to the scheduler's leases.
 
+mod batch;
 mod effects;
 mod event_loop;
 mod publisher;
