@@ -7,10 +7,10 @@
 //!    connected, waited for with backoff, and readied (migrations, streams), which is also what keeps a
 //!    coordinator warm before it leads; the embedded ones live in the data directory, which this
 //!    process locks first;
-//! 3. it stands by until it leads (Postgres's `leader` row, [`PgLeadership`], or the data directory's
-//!    lock, [`DirLock`]); then a driver starts
-//!    for the term (the state restored) and runs until `shutdown`, or until the term is lost, when it
-//!    stands by again;
+//! 3. it stands by until it leads (Postgres's `leader` row,
+//!    [`PgLeadership`](crate::adapters::postgres::PgLeadership), or the data directory's lock,
+//!    [`DirLock`](crate::adapters::sqlite::DirLock)); then a driver starts for the term (the state
+//!    restored) and runs until `shutdown`, or until the term is lost, when it stands by again;
 //! 4. the HTTP API stops taking calls and drains, the sampler ends, and [`run`] returns once every task
 //!    has.
 //!

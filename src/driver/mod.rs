@@ -17,7 +17,7 @@
 //! At start the outbox left by a crash is published again, and the inputs are read again from the one
 //! after the last handled, so inputs are handled once and in order.
 //!
-//! A server that goes away is waited for with backoff ([`retry`]): the loop stops taking inputs until it
+//! A server that goes away is waited for with backoff ([`retry`](crate::retry)): the loop stops taking inputs until it
 //! is back. A write refused because a newer term leads is not retried: the driver stops with that
 //! error, having published nothing of the refused batch. Every action also goes to the metrics recorder. Nothing here decides who gets a GPU, and
 //! nothing here names a server: the adapters are chosen by [`crate::app`].
