@@ -112,20 +112,7 @@ pub async fn probe(
     shutdown: &CancellationToken,
 ) -> Gpus {
     if config.nodes.agents {
-        tracing::info!(
-            "nodes.agents is true: the GPUs are those the node agents report (none until one is heard)"
-        );
-        let mut sched_config = config.sched_config();
-        // Only GPUs that an agent samples through NVML wait to see paused VRAM freed.
-        sched_config.settle_ms = config.nvml.settle_ms;
-        return Gpus {
-            specs: Vec::new(),
-            source: VramSource::Config,
-            sched_config,
-            feed: None,
-            probe: None,
-            nodes: None,
-        };
+        return reported_by_agents(config);
     }
     let probed = probe_devices(config, probe).await;
     let found = nvml::inventory(&config.gpus, probed.as_ref().map(|(_, d)| d.as_slice()));
@@ -140,32 +127,8 @@ pub async fn probe(
     } else {
         found.gpus.clone()
     };
-    for g in &specs {
-        let source = if found.devices.contains_key(g.id.as_str()) {
-            "NVML"
-        } else {
-            "configuration"
-        };
-        tracing::info!(
-            "managing GPU {} with {} MB (VRAM from the {source})",
-            g.id,
-            g.total_mb
-        );
-    }
-    // The configuration checks the guarantees against [[gpus]]; NVML's inventory is known only now.
-    let guaranteed: u64 = config
-        .services
-        .named
-        .values()
-        .filter_map(|s| s.guaranteed_vram_mb)
-        .sum();
-    let total: u64 = specs.iter().map(|g| g.total_mb).sum();
-    if guaranteed > total {
-        tracing::warn!(
-            "services.*.guaranteed_vram_mb add up to {guaranteed} MB, more than the {total} MB of the \
-             GPUs managed: not every guarantee can be given back at once"
-        );
-    }
+    say_managed(&specs, &found);
+    warn_of_guarantees_beyond(config, &specs);
     let mut sched_config = config.sched_config();
     if found.source == VramSource::Nvml {
         // Only NVML can see a paused holder's VRAM really freed.
@@ -197,6 +160,58 @@ pub async fn probe(
         feed,
         probe,
         nodes: None,
+    }
+}
+
+/// With `[nodes] agents = true`: no GPUs at start, those the node agents report once heard.
+fn reported_by_agents(config: &Config) -> Gpus {
+    tracing::info!(
+        "nodes.agents is true: the GPUs are those the node agents report (none until one is heard)"
+    );
+    let mut sched_config = config.sched_config();
+    // Only GPUs that an agent samples through NVML wait to see paused VRAM freed.
+    sched_config.settle_ms = config.nvml.settle_ms;
+    Gpus {
+        specs: Vec::new(),
+        source: VramSource::Config,
+        sched_config,
+        feed: None,
+        probe: None,
+        nodes: None,
+    }
+}
+
+/// Says in the log each GPU managed, its VRAM and where that figure comes from.
+fn say_managed(specs: &[GpuSpec], found: &nvml::Inventory) {
+    for g in specs {
+        let source = if found.devices.contains_key(g.id.as_str()) {
+            "NVML"
+        } else {
+            "configuration"
+        };
+        tracing::info!(
+            "managing GPU {} with {} MB (VRAM from the {source})",
+            g.id,
+            g.total_mb
+        );
+    }
+}
+
+/// Warns when the services' guarantees add up to more than the GPUs managed have.
+fn warn_of_guarantees_beyond(config: &Config, specs: &[GpuSpec]) {
+    // The configuration checks the guarantees against [[gpus]]; NVML's inventory is known only now.
+    let guaranteed: u64 = config
+        .services
+        .named
+        .values()
+        .filter_map(|s| s.guaranteed_vram_mb)
+        .sum();
+    let total: u64 = specs.iter().map(|g| g.total_mb).sum();
+    if guaranteed > total {
+        tracing::warn!(
+            "services.*.guaranteed_vram_mb add up to {guaranteed} MB, more than the {total} MB of the \
+             GPUs managed: not every guarantee can be given back at once"
+        );
     }
 }
 

@@ -342,80 +342,7 @@ mod tests {
 
     #[test]
     fn the_status_table_shows_gpus_holders_and_queue() {
-        let doc = StatusDoc {
-            hosts: Vec::new(),
-            leader: None,
-            storage_full: None,
-            queue_total: 2,
-            queue_offset: 0,
-            queue_counts: vec![],
-            services: vec![gpu_coordinator_wire::ServiceStatus {
-                service_id: "chat".into(),
-                used_mb: 20_000,
-                borrowed_mb: 4_000,
-                guaranteed_vram_mb: Some(16_000),
-                max_vram_mb: None,
-            }],
-            at: "2026-11-26T14:00:00.000Z".into(),
-            vram_source: VramSource::Config,
-            gpus: vec![GpuStatus {
-                host: None,
-                reachable: None,
-                uuid: None,
-                id: "0".into(),
-                total_mb: 24_576,
-                used_mb: 20_000,
-                free_mb: 4_576,
-                external_mb: 0,
-                vram_source: VramSource::Config,
-                holders: vec![HolderStatus {
-                    request_id: "chat-1".into(),
-                    service_id: "chat".into(),
-                    priority: 0,
-                    fence: 7,
-                    vram_mb: 20_000,
-                    granted_at: "2026-11-26T13:59:50.000Z".into(),
-                    expires_at: "2026-11-26T14:00:20.000Z".into(),
-                    state: HolderState::Active,
-                    preemptible: true,
-                    pause_ms: None,
-                }],
-            }],
-            paused: vec![PausedStatus {
-                request_id: "asr-1".into(),
-                service_id: "asr".into(),
-                priority: 2,
-                gpu: "0".into(),
-                vram_mb: 16_000,
-                paused_at: "2026-11-26T13:59:50.000Z".into(),
-            }],
-            queue: vec![
-                QueueEntry {
-                    position: 1,
-                    request_id: "tts-1".into(),
-                    service_id: "tts".into(),
-                    priority: 1,
-                    vram_mb: None,
-                    gpu: None,
-                    requested_at: "2026-11-26T13:59:55.000Z".into(),
-                    paused: false,
-                    timeout_at: None,
-                    estimated_wait_ms: Some(20_000),
-                },
-                QueueEntry {
-                    position: 2,
-                    request_id: "asr-1".into(),
-                    service_id: "asr".into(),
-                    priority: 2,
-                    vram_mb: Some(16_000),
-                    gpu: None,
-                    requested_at: "2026-11-26T13:59:00.000Z".into(),
-                    paused: true,
-                    timeout_at: None,
-                    estimated_wait_ms: Some(125_000),
-                },
-            ],
-        };
+        let doc = a_busy_status();
         let text = render_status(&doc, &[]);
         assert!(
             text.contains("VRAM figures from the configuration"),
@@ -443,6 +370,10 @@ mod tests {
             text.contains("20.0 s") && text.contains("2 min 05 s"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn an_empty_status_says_none() {
         let empty = render_status(
             &StatusDoc {
                 leader: None,
@@ -451,12 +382,16 @@ mod tests {
                 paused: vec![],
                 queue: vec![],
                 services: vec![],
-                ..doc
+                ..a_busy_status()
             },
             &[],
         );
         assert_eq!(empty.matches("(none)").count(), 3, "{empty}");
         assert!(!empty.contains("Services"), "{empty}");
+    }
+
+    #[test]
+    fn a_long_queue_says_how_much_of_it_is_listed() {
         // A long queue says how much of it is listed.
         let long = render_status(
             &StatusDoc {
@@ -477,6 +412,94 @@ mod tests {
             ),
             "{long}"
         );
+    }
+
+    /// A status with a holder, a paused request, a queue of two and a service over its guarantee.
+    fn a_busy_status() -> StatusDoc {
+        StatusDoc {
+            hosts: Vec::new(),
+            leader: None,
+            storage_full: None,
+            queue_total: 2,
+            queue_offset: 0,
+            queue_counts: vec![],
+            services: vec![gpu_coordinator_wire::ServiceStatus {
+                service_id: "chat".into(),
+                used_mb: 20_000,
+                borrowed_mb: 4_000,
+                guaranteed_vram_mb: Some(16_000),
+                max_vram_mb: None,
+            }],
+            at: "2026-11-26T14:00:00.000Z".into(),
+            vram_source: VramSource::Config,
+            gpus: vec![a_busy_gpu()],
+            paused: vec![PausedStatus {
+                request_id: "asr-1".into(),
+                service_id: "asr".into(),
+                priority: 2,
+                gpu: "0".into(),
+                vram_mb: 16_000,
+                paused_at: "2026-11-26T13:59:50.000Z".into(),
+            }],
+            queue: a_queue_of_two(),
+        }
+    }
+
+    /// GPU 0, nearly full, held by `chat-1`.
+    fn a_busy_gpu() -> GpuStatus {
+        GpuStatus {
+            host: None,
+            reachable: None,
+            uuid: None,
+            id: "0".into(),
+            total_mb: 24_576,
+            used_mb: 20_000,
+            free_mb: 4_576,
+            external_mb: 0,
+            vram_source: VramSource::Config,
+            holders: vec![HolderStatus {
+                request_id: "chat-1".into(),
+                service_id: "chat".into(),
+                priority: 0,
+                fence: 7,
+                vram_mb: 20_000,
+                granted_at: "2026-11-26T13:59:50.000Z".into(),
+                expires_at: "2026-11-26T14:00:20.000Z".into(),
+                state: HolderState::Active,
+                preemptible: true,
+                pause_ms: None,
+            }],
+        }
+    }
+
+    /// Two waiting: `tts-1` queued, `asr-1` paused.
+    fn a_queue_of_two() -> Vec<QueueEntry> {
+        vec![
+            QueueEntry {
+                position: 1,
+                request_id: "tts-1".into(),
+                service_id: "tts".into(),
+                priority: 1,
+                vram_mb: None,
+                gpu: None,
+                requested_at: "2026-11-26T13:59:55.000Z".into(),
+                paused: false,
+                timeout_at: None,
+                estimated_wait_ms: Some(20_000),
+            },
+            QueueEntry {
+                position: 2,
+                request_id: "asr-1".into(),
+                service_id: "asr".into(),
+                priority: 2,
+                vram_mb: Some(16_000),
+                gpu: None,
+                requested_at: "2026-11-26T13:59:00.000Z".into(),
+                paused: true,
+                timeout_at: None,
+                estimated_wait_ms: Some(125_000),
+            },
+        ]
     }
 
     #[test]

@@ -7,12 +7,13 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use gpu_coordinator_core::Input;
 use gpu_coordinator_core::QueuePage;
-use gpu_coordinator_wire::{codec, decode_input, Inbound, LeaderStatus, StatusDoc, StatusPage};
+use gpu_coordinator_wire::{codec, LeaderStatus, StatusDoc, StatusPage};
 use tokio::sync::mpsc;
 
+use super::batch::Batch;
 use super::{now_ms, Command, Driver, NvmlFeed};
 use crate::ports::gpu::{used_by_gpu, DeviceSample};
-use crate::ports::{Delivery, Inputs, StatusQuery};
+use crate::ports::{Inputs, StatusQuery};
 use crate::render;
 use crate::retry::with_retry;
 
@@ -55,21 +56,12 @@ impl Driver {
         self.reopen_inputs(&mut inputs).await?;
         let mut status = self.status_questions().await?;
         let mut reconnects = bus.reconnects();
-        let mut every_second = tokio::time::interval(EVERY_SECOND);
+        let mut every_second = ticker(EVERY_SECOND);
         let mut ticks = 0u64;
-        every_second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut nodes_tick = tokio::time::interval(NODES_EVERY);
-        nodes_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut nodes_tick = ticker(NODES_EVERY);
         tracing::info!("coordinator ready");
         loop {
-            let wake = match self.catching_up_left() {
-                Some(left) => left,
-                None => self
-                    .sched
-                    .poll_timeout()
-                    .map(|at| Duration::from_millis(at.saturating_sub(now_ms())))
-                    .unwrap_or(IDLE),
-            };
+            let wake = self.next_wake();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -80,56 +72,19 @@ impl Driver {
                 // Inputs before timers: after a stall (a server away, the process stopped) the inputs
                 // stored meanwhile are handled at the time they were stored, before the timers that
                 // fell due since, so a renewal stored in time still counts.
-                next = next_input(&mut inputs) => match next {
-                    Some(Ok(first)) => {
-                        let mut batch = vec![first];
-                        while batch.len() < MAX_BATCH {
-                            match inputs.as_mut().and_then(|s| s.next().now_or_never()) {
-                                Some(Some(Ok(d))) => batch.push(d),
-                                _ => break,
-                            }
-                        }
-                        if self.handle_batch(batch).await? == Batch::Gap {
-                            self.reopen_inputs(&mut inputs).await?;
-                        }
-                    }
-                    Some(Err(e)) => {
-                        // A consumer that failed (its stream or itself deleted, heartbeats missed)
-                        // is made anew after the last input handled.
-                        tracing::warn!("input consumer: {e}; reopening");
-                        self.reopen_inputs(&mut inputs).await?;
-                    }
-                    None => {
-                        tracing::warn!("input consumer ended; reopening");
-                        self.reopen_inputs(&mut inputs).await?;
-                    }
-                },
-                _ = tokio::time::sleep(wake) => {
-                    if let Some(at) = self.inputs_caught_up().await {
-                        let now = self.core_time(at);
-                        self.sched.handle_timeout(now);
-                        self.carry_out().await?;
-                    }
-                }
+                next = next_input(&mut inputs) => self.handle_next_input(next, &mut inputs).await?,
+                _ = tokio::time::sleep(wake) => self.fire_due_timers().await?,
                 Ok(()) = reconnects.changed() => {
                     tracing::info!("the bus reconnected; reopening the input consumer");
                     self.reopen_inputs(&mut inputs).await?;
                 }
                 Some(query) = status.next() => self.answer_status(query).await,
                 Some(samples) = next_sample(&mut self.nvml) => self.handle_samples(samples).await?,
-                Some(heard) = next_node(&self.nodes) => {
-                    if let Some(feed) = self.nodes.as_mut() {
-                        feed.keep(heard);
-                    }
-                }
+                Some(heard) = next_node(&self.nodes) => self.keep_node_sample(heard),
                 _ = nodes_tick.tick(), if self.nodes.as_ref().is_some_and(|f| f.has_pending()) => {
                     self.handle_node_samples().await?;
                 }
-                Some(command) = commands.recv() => match command {
-                    Command::Status(page, reply) => {
-                        let _ = reply.send(self.status_doc(page));
-                    }
-                },
+                Some(command) = commands.recv() => self.answer_command(command),
                 _ = every_second.tick() => {
                     ticks += 1;
                     self.every_second(ticks).await?;
@@ -138,6 +93,81 @@ impl Driver {
         }
         self.stop().await;
         Ok(())
+    }
+
+    /// How long the loop may sleep: while timers wait for inputs, what is left of that wait; else until
+    /// the scheduler's next deadline ([`IDLE`] when it has none).
+    fn next_wake(&mut self) -> Duration {
+        match self.catching_up_left() {
+            Some(left) => left,
+            None => self
+                .sched
+                .poll_timeout()
+                .map(|at| Duration::from_millis(at.saturating_sub(now_ms())))
+                .unwrap_or(IDLE),
+        }
+    }
+
+    /// What the input consumer gave: an input starts a batch, which takes what else is already there
+    /// (up to [`MAX_BATCH`]); a consumer that failed or ended, or a batch cut short by a gap, reopens
+    /// the inputs.
+    async fn handle_next_input(
+        &mut self,
+        next: Option<<Inputs as futures::Stream>::Item>,
+        inputs: &mut Option<Inputs>,
+    ) -> anyhow::Result<()> {
+        match next {
+            Some(Ok(first)) => {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match inputs.as_mut().and_then(|s| s.next().now_or_never()) {
+                        Some(Some(Ok(d))) => batch.push(d),
+                        _ => break,
+                    }
+                }
+                if self.handle_batch(batch).await? == Batch::Gap {
+                    self.reopen_inputs(inputs).await?;
+                }
+            }
+            Some(Err(e)) => {
+                // A consumer that failed (its stream or itself deleted, heartbeats missed)
+                // is made anew after the last input handled.
+                tracing::warn!("input consumer: {e}; reopening");
+                self.reopen_inputs(inputs).await?;
+            }
+            None => {
+                tracing::warn!("input consumer ended; reopening");
+                self.reopen_inputs(inputs).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The wake-up: once the inputs stored until now are handled, the scheduler's timers that fell due
+    /// fire and their actions are carried out.
+    async fn fire_due_timers(&mut self) -> anyhow::Result<()> {
+        if let Some(at) = self.inputs_caught_up().await {
+            let now = self.core_time(at);
+            self.sched.handle_timeout(now);
+            self.carry_out().await?;
+        }
+        Ok(())
+    }
+
+    /// Keeps a node agent's sample until the next pass hands the latest of each host to the scheduler.
+    fn keep_node_sample(&mut self, heard: crate::ports::nodes::NodeHeard) {
+        if let Some(feed) = self.nodes.as_mut() {
+            feed.keep(heard);
+        }
+    }
+
+    /// Answers a command from another task.
+    fn answer_command(&self, command: Command) {
+        match command {
+            Command::Status(page, reply) => {
+                let _ = reply.send(self.status_doc(page));
+            }
+        }
     }
 
     /// Whether the inputs stored until now are handled, so that what is due now may fire: a renewal
@@ -333,115 +363,6 @@ impl Driver {
         Ok(())
     }
 
-    /// Feeds a batch of inputs to the scheduler, makes their effects durable and published, then
-    /// acknowledges them.
-    ///
-    /// Inputs come in stream order, so one at or below the last handled is a redelivery. An input
-    /// after a gap (its predecessor never came) ends the batch before it, once: the caller reads the
-    /// inputs again from the last handled, and what the stream still holds of the gap comes in order
-    /// (an input handled out of order would make its predecessor look handled). A gap found again at
-    /// the same place is inputs the stream no longer holds (removed by `nats.max_age`, or purged):
-    /// said loudly, and gone on from.
-    pub(super) async fn handle_batch(&mut self, batch: Vec<Delivery>) -> anyhow::Result<Batch> {
-        let taken = std::time::Instant::now();
-        let mut settle = Vec::with_capacity(batch.len());
-        let mut inputs = Vec::with_capacity(batch.len());
-        let mut handled = self.position.handled;
-        let mut outcome = Batch::Handled;
-        for delivery in batch {
-            if delivery.seq > handled + 1 && handled > 0 {
-                if self.gap_checked != Some(handled) {
-                    tracing::warn!(
-                        "input #{} came after #{handled}: reading the inputs again from #{}",
-                        delivery.seq,
-                        handled + 1
-                    );
-                    self.gap_checked = Some(handled);
-                    outcome = Batch::Gap;
-                    break;
-                }
-                tracing::error!(
-                    "inputs #{}..#{} are no longer in the input stream and were never handled \
-                     (removed by nats.max_age, or purged): their senders got no answer",
-                    handled + 1,
-                    delivery.seq - 1
-                );
-            }
-            let Delivery {
-                seq,
-                stored_at,
-                subject,
-                content_type,
-                payload,
-                ack,
-            } = delivery;
-            if seq != 0 && seq <= handled {
-                // Handled before (before a crash, or a redelivery in this very batch): acknowledge only.
-                settle.push((ack, false));
-                continue;
-            }
-            if seq != 0 {
-                handled = seq;
-                self.position.pending = Some(seq);
-            }
-            let input = match decode_input(
-                &self.subjects,
-                &subject,
-                content_type.as_deref(),
-                &payload,
-                seq,
-            ) {
-                Ok(d) => Input::Inbound {
-                    input: scope(&d.service, d.input),
-                    service: d.service,
-                    encoding: d.encoding,
-                },
-                Err(mut rejection) => {
-                    tracing::warn!(subject = %subject, "rejected input: {}", rejection.error);
-                    if let (Some(service), Some(id)) = (&rejection.service, &rejection.request_id) {
-                        rejection.request_id = Some(gpu_coordinator_core::scoped(service, id));
-                    }
-                    Input::Invalid(rejection)
-                }
-            };
-            settle.push((ack, matches!(input, Input::Invalid(_))));
-            // At the time it was stored (never after now; the core takes a time before its latest
-            // as that one, and matches an ACK without a fence by the time it was stored).
-            let now = now_ms();
-            let at = stored_at.map_or(now, |stored| stored.min(now));
-            self.core_time(at);
-            inputs.push((input, at));
-        }
-        // One scheduling pass for the whole batch.
-        self.sched.handle_inputs(inputs);
-        self.carry_out().await?;
-        // A GPU now waits for NVML to see a paused holder's VRAM freed: sample it now, not at the
-        // next tick (`nvml.sample_ms`, a second by default).
-        if let Some(feed) = &self.nvml {
-            if feed.devices.keys().any(|gpu| self.sched.settling(gpu)) {
-                feed.sample_now.notify_one();
-            }
-        }
-        self.recorder
-            .metrics()
-            .observe_stage(crate::metrics::Stage::Batch, taken.elapsed());
-        if let Some(seq) = self.position.pending.take() {
-            // Nothing to write (every input in the batch was handled before): record it anyway, so
-            // that the position survives.
-            self.write_bookkeeping(Some(seq), false).await?;
-        }
-        // Acknowledged once the messages they caused are stored; by the last alone where that covers
-        // the inputs before it (a rejected input needs no acknowledgement of its own: it is handled).
-        if self.ports.bus.acks_cover_earlier() {
-            settle = settle
-                .pop()
-                .map(|(ack, _)| vec![(ack, false)])
-                .unwrap_or_default();
-        }
-        self.publisher.acknowledge(settle).await?;
-        Ok(outcome)
-    }
-
     /// Feeds the scheduler NVML's figure of the VRAM used on each sampled GPU; the scheduler works out
     /// what is used outside its leases. Every sample is fed, changed or not: an unchanged figure after a
     /// pause ACK is what tells the scheduler that the paused holder's VRAM was freed.
@@ -533,30 +454,6 @@ impl Driver {
     }
 }
 
-/// How a batch ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Batch {
-    /// Every input handled (or acknowledged as handled before).
-    Handled,
-    /// Cut short before an input that came after a gap: read the inputs again from the last handled.
-    Gap,
-}
-
-/// `input` with its request id scoped to `service` (see [`gpu_coordinator_core::SCOPE`]).
-fn scope(service: &str, mut input: Inbound) -> Inbound {
-    let id = match &mut input {
-        Inbound::Request(m) => m.request_id.as_mut(),
-        Inbound::Release(m) => m.request_id.as_mut(),
-        Inbound::Renew(m) => Some(&mut m.request_id),
-        Inbound::Ack(m) => Some(&mut m.request_id),
-        Inbound::Cancel(m) => Some(&mut m.request_id),
-    };
-    if let Some(id) = id {
-        *id = gpu_coordinator_core::scoped(service, id);
-    }
-    input
-}
-
 /// The next NVML sample, or never when NVML is not in use.
 async fn next_sample(nvml: &mut Option<NvmlFeed>) -> Option<Vec<DeviceSample>> {
     match nvml {
@@ -581,4 +478,11 @@ async fn next_input(inputs: &mut Option<Inputs>) -> Option<<Inputs as futures::S
         Some(stream) => stream.next().await,
         None => std::future::pending().await,
     }
+}
+
+/// An interval of `period` that, after a late tick, waits a whole period for the next.
+fn ticker(period: Duration) -> tokio::time::Interval {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval
 }

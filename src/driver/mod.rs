@@ -17,16 +17,18 @@
 //! At start the outbox left by a crash is published again, and the inputs are read again from the one
 //! after the last handled, so inputs are handled once and in order.
 //!
-//! A server that goes away is waited for with backoff ([`retry`]): the loop stops taking inputs until it
+//! A server that goes away is waited for with backoff ([`retry`](crate::retry)): the loop stops taking inputs until it
 //! is back. A write refused because a newer term leads is not retried: the driver stops with that
 //! error, having published nothing of the refused batch. Every action also goes to the metrics recorder. Nothing here decides who gets a GPU, and
 //! nothing here names a server: the adapters are chosen by [`crate::app`].
 //!
 //! - [`start`](Driver::start): leadership, then the state restored from the journal and the lease store.
 //! - `event_loop`: the `select!` over inputs, timers, status, samples and commands.
+//! - `batch`: a batch of inputs decoded, fed to the scheduler in one pass, then acknowledged.
 //! - `effects`: carrying out the scheduler's actions in order; the outbox and the input position.
 //! - `reconcile`: keeping the lease store equal to the scheduler's leases.
 
+mod batch;
 mod effects;
 mod event_loop;
 mod publisher;

@@ -344,7 +344,7 @@ async fn three_requests(rig: &Rig, after: u64) -> Vec<crate::ports::Delivery> {
 
 #[tokio::test]
 async fn an_input_after_a_gap_is_read_again_in_order_not_skipped_past() {
-    use super::event_loop::Batch;
+    use super::batch::Batch;
 
     let rig = Rig::new();
     let shutdown = CancellationToken::new();

@@ -2,7 +2,9 @@
 //! contracts of the real adapters (a journal batch is atomic; a lease write checks fence, owner and
 //! capacity as the Redis scripts do and leases expire at `expires_at`; the bus delivers inputs in order
 //! from a position, redelivers what was not acknowledged when the inputs are reopened, and stores a
-//! message once per `msg_id`), so the whole driver runs on them without a server.
+//! message once per `msg_id`), so the whole driver runs on them without a server. [`MemLeases`] also
+//! serves the embedded mode; [`MemJournal`] and [`MemBus`] are compiled only for tests (and with the
+//! `testing` feature).
 //!
 //! They also serve the driver's tests:
 //! - a shared [`Trace`] records every effect in the order it happened (journal writes, lease operations,
@@ -11,11 +13,17 @@
 //!   at that point looks like to the others: the test then drops the driver and starts a new one over the
 //!   same adapters, as a restarted process would find them.
 
+// The journal and the bus are test doubles alone (the embedded mode's leases are in service): left
+// out of the release binary, compiled for the tests, for the docs, and with the `testing` feature.
+#[cfg(any(test, doc, feature = "testing"))]
 mod bus;
+#[cfg(any(test, doc, feature = "testing"))]
 mod journal;
 mod leases;
 
+#[cfg(any(test, doc, feature = "testing"))]
 pub use bus::MemBus;
+#[cfg(any(test, doc, feature = "testing"))]
 pub use journal::MemJournal;
 pub use leases::{LeaseState, MemLeases};
 
