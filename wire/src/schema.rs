@@ -6,8 +6,9 @@ use schemars::schema_for;
 
 use crate::messages::{
     AckMsg, CancelMsg, Control, Event, ReaderAnswer, ReaderAsk, ReleaseMsg, RenewMsg, Reply,
-    RequestMsg, StatusDoc,
+    RequestMsg,
 };
+use crate::status::StatusDoc;
 
 /// Every message's JSON Schema as `(name, pretty-printed JSON with a trailing newline)`; the file of
 /// each is `schemas/<name>.schema.json`.

@@ -91,20 +91,7 @@ impl Scheduler {
         if let Some(rejection) = self.host_refusal(msg) {
             return Some(rejection);
         }
-        let candidates: Vec<&Gpu> = match (&msg.gpu, &msg.host) {
-            (Some(pin), _) => self
-                .gpu_index
-                .get(pin.as_str())
-                .map(|&i| &self.gpus[i])
-                .into_iter()
-                .collect(),
-            (None, Some(host)) => self
-                .gpus
-                .iter()
-                .filter(|g| g.host.as_ref() == Some(host))
-                .collect(),
-            (None, None) => self.gpus.iter().collect(),
-        };
+        let candidates = self.candidate_gpus(msg);
         // With node agents a GPU or a host not heard yet may join: the request waits for it.
         let fleet = self.fleet();
         if candidates.is_empty() && !fleet {
@@ -163,6 +150,24 @@ impl Scheduler {
             key("max_vram_mb")
         );
         Some((RejectCode::OverServiceLimit, error))
+    }
+
+    /// The GPUs a new request may use: the one it names, its host's, or all.
+    fn candidate_gpus(&self, msg: &RequestMsg) -> Vec<&Gpu> {
+        match (&msg.gpu, &msg.host) {
+            (Some(pin), _) => self
+                .gpu_index
+                .get(pin.as_str())
+                .map(|&i| &self.gpus[i])
+                .into_iter()
+                .collect(),
+            (None, Some(host)) => self
+                .gpus
+                .iter()
+                .filter(|g| g.host.as_ref() == Some(host))
+                .collect(),
+            (None, None) => self.gpus.iter().collect(),
+        }
     }
 
     /// Why a request naming a host cannot be taken: this coordinator has no node agents, so its

@@ -5,7 +5,8 @@ use serde_json::Value;
 
 use super::*;
 use crate::codec::{decode, encode};
-use crate::messages::{RequestMsg, StatusDoc};
+use crate::messages::RequestMsg;
+use crate::status::StatusDoc;
 use crate::validate::Inbound;
 
 /// Field names of every message, so that generated maps often hit real fields.

@@ -2,7 +2,8 @@ use serde_json::json;
 
 use super::*;
 use crate::codec::{decode, encode, DecodeError};
-use crate::messages::{RequestMsg, StatusDoc};
+use crate::messages::RequestMsg;
+use crate::status::StatusDoc;
 use crate::validate::Inbound;
 
 // --- the subject ---

@@ -6,6 +6,7 @@ use serde::Serialize;
 use super::*;
 use crate::codec::{decode, encode};
 use crate::messages::*;
+use crate::status::*;
 use crate::validate::Inbound;
 
 const BOTH: [Encoding; 2] = [Encoding::Json, Encoding::MsgPack];
