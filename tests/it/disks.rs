@@ -46,7 +46,7 @@ async fn every_store_is_bounded_by_bytes_by_default() {
     let mut config = test_config("disk_default", &[("0", 1_000)]);
     config.nats.max_bytes = defaults.nats.max_bytes;
     let coordinator = Coordinator::start(config.clone()).await;
-    let js = jetstream::new(async_nats::connect(NATS_URL).await.expect("NATS"));
+    let js = jetstream::new(async_nats::connect(NATS_URL.as_str()).await.expect("NATS"));
     let subjects = gpu_coordinator_wire::Subjects::new(&config.nats.prefix).expect("a prefix");
     let names = [subjects.input_stream(), subjects.output_stream()];
     for name in &names {

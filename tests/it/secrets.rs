@@ -28,14 +28,23 @@ async fn debug_logs_hold_no_secret() {
     std::fs::write(
         &file,
         format!(
-            "[nats]\nurl = \"nats://svc:{NATS_PASSWORD}@127.0.0.1:4222\"\nprefix = \"{prefix}\"\n\
-             [redis]\nurl = \"redis://:{REDIS_PASSWORD}@127.0.0.1:6379\"\n\
+            "[nats]\nurl = \"{nats}\"\nprefix = \"{prefix}\"\n\
+             [redis]\nurl = \"{redis}\"\n\
              [database]\nurl = \"{db}?password={PG_QUERY_PASSWORD}\"\n\
              [http]\nlisten = \"{listen}\"\n[http.tokens]\n{HTTP_TOKEN} = \"chat\"\n\
              [backends]\nleases = \"memory\"\n\
              [[gpus]]\nid = \"0\"\nvram_mb = 24576\n",
             prefix = config.nats.prefix,
             listen = config.http.listen,
+            nats = config
+                .nats
+                .url
+                .replacen("nats://", &format!("nats://svc:{NATS_PASSWORD}@"), 1),
+            redis =
+                config
+                    .redis
+                    .url
+                    .replacen("redis://", &format!("redis://:{REDIS_PASSWORD}@"), 1),
         ),
     )
     .expect("the configuration file is written");

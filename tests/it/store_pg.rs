@@ -6,9 +6,9 @@ use gpu_coordinator_core::{End, Fence, Phase, RequestRecord};
 use gpu_coordinator_wire::{Encoding, RejectCode};
 use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
 
-/// The server, without a database. `GPU_IT_POSTGRES` overrides it.
+/// The suite's Postgres, without a database (`GPU_IT_POSTGRES` names another).
 fn server() -> String {
-    std::env::var("GPU_IT_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    crate::support::PG_SERVER.clone()
 }
 
 /// A database name no other test uses, and its URL.
@@ -847,7 +847,7 @@ struct JournalStream {
 impl JournalStream {
     async fn new() -> JournalStream {
         let tag = crate::support::unique("wb");
-        let client = async_nats::connect("nats://127.0.0.1:4222")
+        let client = async_nats::connect(crate::support::NATS_URL.as_str())
             .await
             .expect("the NATS on loopback");
         JournalStream {

@@ -7,9 +7,9 @@ use gpu_coordinator::adapters::redis::{LeaseOutcome, LeaseStore, Refused};
 use gpu_coordinator_core::{Fence, Lease, LeaseOp};
 use redis::AsyncCommands;
 
-/// `GPU_IT_REDIS` overrides it.
+/// The suite's Redis (`GPU_IT_REDIS` names another).
 fn url() -> String {
-    std::env::var("GPU_IT_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    crate::support::REDIS_URL.clone()
 }
 
 async fn fresh_store() -> LeaseStore {

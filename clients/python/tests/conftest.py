@@ -19,9 +19,11 @@ from typing import AsyncIterator, Callable, Dict, Iterator, List, Optional
 import pytest
 
 REPO = Path(__file__).resolve().parents[3]
-NATS_URL = "nats://127.0.0.1:4222"
-REDIS_URL = "redis://127.0.0.1:6379"
-PG_SERVER = "postgres://postgres@127.0.0.1:5432"
+# The servers: the shared ones on loopback, unless GPU_IT_NATS, GPU_IT_REDIS or GPU_IT_POSTGRES name
+# others (as for the Rust suite).
+NATS_URL = os.environ.get("GPU_IT_NATS") or "nats://127.0.0.1:4222"
+REDIS_URL = os.environ.get("GPU_IT_REDIS") or "redis://127.0.0.1:6379"
+PG_SERVER = os.environ.get("GPU_IT_POSTGRES") or "postgres://postgres@127.0.0.1:5432"
 _counter = 0
 
 

@@ -23,9 +23,25 @@ pub use gpu_coordinator_test_support::{
 };
 
 /// The shared servers on loopback.
-pub const NATS_URL: &str = "nats://127.0.0.1:4222";
-pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
-pub const PG_SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+///
+/// One set-up for the whole suite, read here only: `GPU_IT_NATS`, `GPU_IT_REDIS` and
+/// `GPU_IT_POSTGRES` (a server URL without a database) name other servers than the shared ones on
+/// loopback.
+pub static NATS_URL: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| server_env("GPU_IT_NATS", "nats://127.0.0.1:4222"));
+pub static REDIS_URL: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| server_env("GPU_IT_REDIS", "redis://127.0.0.1:6379"));
+pub static PG_SERVER: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    server_env("GPU_IT_POSTGRES", "postgres://postgres@127.0.0.1:5432")
+});
+
+/// The server URL `var` names, else `default`.
+fn server_env(var: &str, default: &str) -> String {
+    std::env::var(var)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| default.to_owned())
+}
 
 /// How long a test waits for a message it expects before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -42,7 +58,7 @@ pub fn test_config(tag: &str, gpus: &[(&str, u64)]) -> Config {
     config.nats.max_bytes = 16 << 20;
     config.redis.url = REDIS_URL.to_string();
     config.redis.key_prefix = format!("it:{name}");
-    config.database.url = format!("{PG_SERVER}/gpu_it_{name}");
+    config.database.url = format!("{}/gpu_it_{name}", *PG_SERVER);
     config.http.listen = "127.0.0.1:0".to_string();
     config.gpus = gpus
         .iter()
@@ -69,7 +85,7 @@ fn sweep_previous_runs() {
         };
         runtime.block_on(async move {
             use sea_orm::{ConnectionTrait, Database, Statement};
-            if let Ok(db) = Database::connect(format!("{PG_SERVER}/postgres")).await {
+            if let Ok(db) = Database::connect(format!("{}/postgres", *PG_SERVER)).await {
                 let rows = db
                     .query_all(Statement::from_string(
                         db.get_database_backend(),
@@ -91,7 +107,7 @@ fn sweep_previous_runs() {
                 }
                 let _ = db.close().await;
             }
-            if let Ok(client) = async_nats::connect(NATS_URL).await {
+            if let Ok(client) = async_nats::connect(NATS_URL.as_str()).await {
                 let js = jetstream::new(client);
                 let names: Vec<String> = js
                     .stream_names()
@@ -107,7 +123,7 @@ fn sweep_previous_runs() {
                     }
                 }
             }
-            if let Ok(client) = redis::Client::open(REDIS_URL) {
+            if let Ok(client) = redis::Client::open(REDIS_URL.as_str()) {
                 if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
                     let keys: Vec<String> = redis::cmd("KEYS")
                         .arg("it:*")
