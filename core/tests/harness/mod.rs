@@ -335,6 +335,8 @@ pub struct Sim {
     pub guards: HashMap<(ServiceId, ServiceId), Millis>,
     /// Every reclaim seen: (instant, the service reclaiming, the service reclaimed from).
     pub reclaims: Vec<(Millis, ServiceId, ServiceId)>,
+    /// With node agents: the sizes of the GPUs a host's sample lists (GPU `i` of the `i`-th).
+    pub host_gpu_totals: Vec<u64>,
     /// The current step is the lease store's answer, handled at the core's own clock (it moves no
     /// time and fires no timer), which may be behind `now` when the harness moved its clock without
     /// a timer due.
@@ -362,6 +364,7 @@ impl Sim {
             reclaiming: HashMap::new(),
             guards: HashMap::new(),
             reclaims: Vec::new(),
+            host_gpu_totals: Vec::new(),
             answer_step: false,
         }
     }
@@ -926,7 +929,22 @@ impl Sim {
             .into_iter()
             .map(|l| (l.request_id.clone(), l))
             .collect();
-        if want != self.store {
+        // With node agents a GPU's size is what its host last said: a lease written before the
+        // host was heard (a restart that lost the lease store) carries the size the scheduler knew
+        // then. The store checks a lease's capacity only when it is written.
+        let sized = |leases: &BTreeMap<RequestId, Lease>| -> BTreeMap<RequestId, Lease> {
+            leases
+                .iter()
+                .map(|(id, l)| {
+                    let mut l = l.clone();
+                    if self.config.host_ttl_ms.is_some() {
+                        l.capacity_mb = 0;
+                    }
+                    (id.clone(), l)
+                })
+                .collect()
+        };
+        if sized(&want) != sized(&self.store) {
             return Err(format!(
                 "the lease store does not match the scheduler's leases:\nstore: {:#?}\nscheduler: {want:#?}",
                 self.store

@@ -26,6 +26,8 @@ struct Setup {
     retain_ended: usize,
     /// `[services]`: today's behaviour unless a test draws policies.
     services: ServicePolicies,
+    /// The GPUs come from three hosts' samples (`host_ttl_ms`), each GPU `i` of `totals[i]`.
+    fleet: bool,
 }
 
 /// Which fence an input about a request carries.
@@ -74,6 +76,12 @@ enum Op {
         svc: Option<usize>,
         id: usize,
     },
+    /// With node agents: host `h<host>` reports the GPUs of `mask` (bit i: GPU `i`, of the setup's
+    /// i-th size), heard now.
+    HostSample {
+        host: usize,
+        mask: u8,
+    },
     /// The k-th pausing holder ACKs with its fence (the ACKs that do come).
     AckPausing(usize),
     /// The k-th queued or paused request is cancelled by its service.
@@ -119,6 +127,7 @@ fn setup(aging: bool) -> impl Strategy<Value = Setup> {
                 aging_ms,
                 retain_ended,
                 services: ServicePolicies::default(),
+                fleet: false,
             },
         )
 }
@@ -226,6 +235,15 @@ fn op(restarts: bool) -> BoxedStrategy<Op> {
     }
 }
 
+/// [`op`] with restarts, and the hosts' samples of a fleet.
+fn fleet_op() -> BoxedStrategy<Op> {
+    prop_oneof![
+        8 => op(true),
+        2 => (0usize..3, 1u8..8).prop_map(|(host, mask)| Op::HostSample { host, mask }),
+    ]
+    .boxed()
+}
+
 fn one_op() -> impl Strategy<Value = Op> {
     prop_oneof![
         14 => request(),
@@ -310,14 +328,23 @@ fn apply(s: &mut Sim, op: Op) {
         } => {
             let mut r = req(&id_name(id), priority);
             r.0.vram_mb = vram;
-            // Indices below 3 name one of the GPUs; above, an unknown one.
-            r.0.gpu = gpu.map(|g| {
-                if g < 3 {
-                    format!("g{}", g % s.specs.len())
-                } else {
-                    format!("g{g}")
+            if s.config.host_ttl_ms.is_some() {
+                // With node agents: indices below 3 name a host, above a GPU no agent has.
+                match gpu {
+                    Some(g) if g < 3 => r.0.host = Some(format!("h{g}")),
+                    Some(g) => r.0.gpu = Some(format!("h{g}/0")),
+                    None => {}
                 }
-            });
+            } else {
+                // Indices below 3 name one of the GPUs; above, an unknown one.
+                r.0.gpu = gpu.map(|g| {
+                    if g < 3 {
+                        format!("g{}", g % s.specs.len())
+                    } else {
+                        format!("g{g}")
+                    }
+                });
+            }
             r.0.preemptible = preemptible;
             r.0.timeout_ms = timeout;
             r.0.lease_ms = lease;
@@ -409,6 +436,21 @@ fn apply(s: &mut Sim, op: Op) {
                 "field `priority`: expected an integer 0-255",
             );
         }
+        Op::HostSample { host, mask } => {
+            let totals = s.host_gpu_totals.clone();
+            let gpus: Vec<(String, u64, u64)> = totals
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask & (1 << i) != 0)
+                .map(|(i, &total)| (i.to_string(), total, 0))
+                .collect();
+            let gpus: Vec<(&str, u64, u64)> = gpus
+                .iter()
+                .map(|(id, t, u)| (id.as_str(), *t, *u))
+                .collect();
+            s.host_sample(&format!("h{host}"), &gpus);
+        }
+        Op::External { .. } if s.specs.is_empty() => {}
         Op::External { gpu, mb } => {
             // NVML never reports more than the GPU has.
             let gpu = s.specs[gpu % s.specs.len()].clone();
@@ -436,7 +478,22 @@ fn run(setup: Setup, ops: Vec<Op>) {
 
 /// [`run`] with every request's `pause_ms` replaced by `hint` of it; returns the simulation.
 fn run_with(setup: Setup, ops: Vec<Op>, hint: impl Fn(Option<u64>) -> Option<u64>) -> Sim {
+    let fleet = setup.fleet;
     let mut s = play(setup, ops, hint);
+    if fleet {
+        // Paused requests wait for a GPU that takes grants: every host is heard again, a second
+        // apart, until nothing is left (the holders' leases run out within 10 s, the queue's
+        // requests time out, the paused ones resume).
+        let mut rounds = 0;
+        while s.sched.live_count() > 0 {
+            for host in 0..3 {
+                apply(&mut s, Op::HostSample { host, mask: 0b111 });
+            }
+            s.advance(1_000);
+            rounds += 1;
+            assert!(rounds < 100, "requests still live with every host heard: {:#?}", s.status());
+        }
+    }
     s.finish();
     s
 }
@@ -463,8 +520,21 @@ fn play(setup: Setup, ops: Vec<Op>, hint: impl Fn(Option<u64>) -> Option<u64>) -
         .map(String::as_str)
         .zip(setup.totals.iter().copied())
         .collect();
-    let mut s = Sim::new(config, gpus(&specs));
-    s.liveness = setup.aging_ms == 0;
+    let mut s = if setup.fleet {
+        Sim::new(
+            SchedConfig {
+                host_ttl_ms: Some(2_000),
+                ..config
+            },
+            Vec::new(),
+        )
+    } else {
+        Sim::new(config, gpus(&specs))
+    };
+    s.host_gpu_totals = setup.totals.clone();
+    // With hosts falling silent, an urgent request may wait on holders of a host that takes no new
+    // grants: the liveness property is the one-box one.
+    s.liveness = setup.aging_ms == 0 && !setup.fleet;
     for mut op in ops {
         if let Op::Request { pause_ms, .. } = &mut op {
             *pause_ms = hint(*pause_ms);
@@ -527,6 +597,17 @@ proptest! {
         failure_persistence: None,
         ..ProptestConfig::default()
     })]
+
+    /// Random inputs on a fleet of three hosts whose agents report, change and fall silent, with
+    /// restarts and aging: every invariant (no grant on a silent host, nothing beyond a GPU's size,
+    /// the lease store model), and every request ends.
+    #[test]
+    fn random_inputs_on_a_fleet_of_hosts(
+        setup in setup(true),
+        ops in vec(fleet_op(), 1..80),
+    ) {
+        run(Setup { fleet: true, ..setup }, ops);
+    }
 
     /// Random inputs with aging off: every invariant, and preemption liveness.
     #[test]
