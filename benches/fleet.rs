@@ -39,6 +39,9 @@ struct Run {
     cycles_per_s: f64,
     messages_per_cycle: f64,
     cpu_s_per_1000: f64,
+    /// The same for this process (the services and the agents) and for the shared nats-server.
+    bench_cpu_s_per_1000: f64,
+    nats_cpu_s_per_1000: f64,
     rss_mb: f64,
 }
 
@@ -68,8 +71,8 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "  {name:<9} {hosts:>3} host(s), {:>3} GPUs: grant p50 {:.2} ms, p99 {:.2} ms ({} grants); \
              {:.0} cycles/s, {:.1} messages stored a cycle and {:.0} samples/s, so the bus alone \
-             allows {allowed:.0} cycles/s ({:.0}% of it); coordinator {:.2} CPU s per 1,000 grants, \
-             RSS {:.1} MB",
+             allows {allowed:.0} cycles/s ({:.0}% of it); CPU s per 1,000 grants: coordinator {:.2} \
+             (RSS {:.1} MB), nats-server {:.2}, the services and agents {:.2}",
             hosts * GPUS_PER_HOST,
             p(r, 0.5),
             p(r, 0.99),
@@ -80,6 +83,8 @@ async fn main() -> anyhow::Result<()> {
             100.0 * r.cycles_per_s / allowed,
             r.cpu_s_per_1000,
             r.rss_mb,
+            r.nats_cpu_s_per_1000,
+            r.bench_cpu_s_per_1000,
         );
     }
     println!(
@@ -126,9 +131,16 @@ async fn measure(run: Duration, hosts: usize) -> anyhow::Result<Run> {
     wait_hosts(&client, &tag, hosts).await?;
     let pid = serving.id();
     let stored = common::stored_messages(&client, &tag).await?;
-    let cpu = cpu_seconds(pid);
+    let nats = nats_server_pid();
+    let (cpu, own, nats_cpu) = (
+        cpu_seconds(pid),
+        cpu_seconds(std::process::id()),
+        nats.map_or(0.0, cpu_seconds),
+    );
     let (grants, cycles, elapsed) = cycle(&client, &tag, run).await?;
     let cpu = cpu_seconds(pid) - cpu;
+    let own = cpu_seconds(std::process::id()) - own;
+    let nats_cpu = nats.map_or(0.0, cpu_seconds) - nats_cpu;
     let stored = common::stored_messages(&client, &tag).await? - stored;
     let rss_mb = common::rss_mb(pid);
     stop_agents.cancel();
@@ -136,6 +148,8 @@ async fn measure(run: Duration, hosts: usize) -> anyhow::Result<Run> {
     common::forget(&client, &tag).await;
     Ok(Run {
         cpu_s_per_1000: cpu / grants.len().max(1) as f64 * 1000.0,
+        bench_cpu_s_per_1000: own / grants.len().max(1) as f64 * 1000.0,
+        nats_cpu_s_per_1000: nats_cpu / grants.len().max(1) as f64 * 1000.0,
         messages_per_cycle: stored as f64 / cycles.max(1) as f64,
         cycles_per_s: cycles as f64 / elapsed.as_secs_f64(),
         grants,
@@ -243,6 +257,15 @@ async fn cycle(
     let elapsed = start.elapsed();
     router.abort();
     Ok((grants, cycles.load(Ordering::Relaxed), elapsed))
+}
+
+/// The shared nats-server on port 4222, for its CPU seconds.
+fn nats_server_pid() -> Option<u32> {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", "nats-server .*-p 4222"])
+        .output()
+        .ok()?;
+    String::from_utf8(out.stdout).ok()?.lines().next()?.trim().parse().ok()
 }
 
 /// User plus system CPU seconds of process `pid` so far.
