@@ -265,7 +265,13 @@ fn nats_server_pid() -> Option<u32> {
         .args(["-f", "nats-server .*-p 4222"])
         .output()
         .ok()?;
-    String::from_utf8(out.stdout).ok()?.lines().next()?.trim().parse().ok()
+    String::from_utf8(out.stdout)
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// User plus system CPU seconds of process `pid` so far.

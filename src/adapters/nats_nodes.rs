@@ -22,9 +22,11 @@ pub async fn listen(
     subjects: Subjects,
     sink: mpsc::Sender<NodeHeard>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ttl_ms: u64,
     shutdown: CancellationToken,
 ) {
     let mut warned = std::collections::HashSet::new();
+    let mut too_slow = std::collections::HashSet::new();
     while !shutdown.is_cancelled() {
         let subscribe = || async {
             let subscriber = client.subscribe(subjects.nodes()).await?;
@@ -50,6 +52,11 @@ pub async fn listen(
             match read(&subjects, &message.subject, &message.payload) {
                 Ok(heard) => {
                     warned.remove(&heard.host);
+                    if let Some(why) = slow_for(&heard.sample, ttl_ms) {
+                        if too_slow.insert(heard.host.clone()) {
+                            tracing::warn!("host `{}`: {why}", heard.host);
+                        }
+                    }
                     // Full: no driver reads (standing by); the leader hears the next one.
                     let _ = sink.try_send(heard);
                 }
@@ -86,6 +93,19 @@ pub fn read(
     })
 }
 
+/// Why an agent that samples this seldom may be taken for silent between two samples: fewer than
+/// three of its intervals fit in `nodes.ttl_ms`.
+pub fn slow_for(sample: &NodeSample, ttl_ms: u64) -> Option<String> {
+    (sample.interval_ms.saturating_mul(3) > ttl_ms).then(|| {
+        format!(
+            "its agent samples every {} ms, and nodes.ttl_ms ({ttl_ms} ms) holds fewer than three of \
+             its intervals: one late sample makes the host unreachable; raise nodes.ttl_ms or lower \
+             the agent's nvml.sample_ms",
+            sample.interval_ms
+        )
+    })
+}
+
 /// A subscription that failed, as an error [`with_retry`] can log.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -106,6 +126,15 @@ mod tests {
         let heard = read(&subjects(), "gpu.node.h1", body).unwrap();
         assert_eq!(heard.host, "h1");
         assert_eq!(heard.sample.gpus[0].total_mb, 24_000);
+    }
+
+    #[test]
+    fn an_agent_sampling_too_seldom_for_the_ttl_is_named() {
+        let body = br#"{"host":"h1","at":1,"interval_ms":2000,"source":"config","gpus":[]}"#;
+        let heard = read(&subjects(), "gpu.node.h1", body).unwrap();
+        let why = slow_for(&heard.sample, 5_000).expect("2 s samples in a 5 s TTL");
+        assert!(why.contains("every 2000 ms"), "{why}");
+        assert!(slow_for(&heard.sample, 6_000).is_none());
     }
 
     #[test]

@@ -102,7 +102,14 @@ pub async fn run_with(
         let chosen = Chosen::connect(&config, &subjects, &shutdown).await?;
         let mut gpus = gpus::probe(&config, extras.probe, &tracker, &tasks_stop).await;
         if let (true, Some(client)) = (config.nodes.agents, chosen.nats.clone()) {
-            let feed = listen_to_node_agents(client, &subjects, &metrics, &tracker, &tasks_stop);
+            let feed = listen_to_node_agents(
+                client,
+                &subjects,
+                config.nodes.ttl_ms,
+                &metrics,
+                &tracker,
+                &tasks_stop,
+            );
             gpus.nodes = Some(feed);
         }
         if !sidecars.is_empty() {
@@ -186,6 +193,7 @@ fn stop_sidecars_first(
 fn listen_to_node_agents(
     client: async_nats::Client,
     subjects: &Subjects,
+    ttl_ms: u64,
     metrics: &Arc<Metrics>,
     tracker: &TaskTracker,
     tasks_stop: &CancellationToken,
@@ -196,6 +204,7 @@ fn listen_to_node_agents(
         subjects.clone(),
         tx,
         metrics.clone(),
+        ttl_ms,
         tasks_stop.clone(),
     ));
     crate::ports::nodes::NodeFeed::new(rx)

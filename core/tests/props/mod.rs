@@ -491,7 +491,11 @@ fn run_with(setup: Setup, ops: Vec<Op>, hint: impl Fn(Option<u64>) -> Option<u64
             }
             s.advance(1_000);
             rounds += 1;
-            assert!(rounds < 100, "requests still live with every host heard: {:#?}", s.status());
+            assert!(
+                rounds < 100,
+                "requests still live with every host heard: {:#?}",
+                s.status()
+            );
         }
     }
     s.finish();
