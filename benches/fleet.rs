@@ -51,9 +51,15 @@ async fn main() -> anyhow::Result<()> {
     let run = Duration::from_secs(seconds);
     let fleet = measure(run, HOSTS).await?;
     let one = measure(run, 1).await?;
+    eprintln!("the bus's own ceiling ...");
     let bus = async_nats::connect("nats://127.0.0.1:4222").await?;
-    let ceiling =
-        common::bus_ceiling(&bus, &format!("benchf{}c", std::process::id()), 100_000).await?;
+    let ceiling = tokio::time::timeout(
+        Duration::from_secs(180),
+        common::bus_ceiling(&bus, &format!("benchf{}c", std::process::id()), 100_000),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the bus's ceiling took over 3 minutes"))??;
+    eprintln!("the scheduler alone ...");
     let (core_fleet, core_one) = scheduler_cost();
     println!(
         "{SERVICES} services cycling {VRAM_MB} MB requests, {seconds} s each, {} cores:",
@@ -118,9 +124,13 @@ async fn measure(run: Duration, hosts: usize) -> anyhow::Result<Run> {
             (256_i64 << 20).to_string(),
         )
         .env("RUST_LOG", "error");
+    eprintln!("{hosts} host(s): starting the coordinator ...");
     let mut serving = common::Serving(command.spawn()?);
     let client = common::nats_connect("nats://127.0.0.1:4222").await?;
-    common::wait_status(&client, &tag).await;
+    tokio::time::timeout(Duration::from_secs(60), common::wait_status(&client, &tag))
+        .await
+        .map_err(|_| anyhow::anyhow!("the coordinator did not answer status within 60 s"))?;
+    eprintln!("{hosts} host(s): starting the agents ...");
     let stop_agents = CancellationToken::new();
     for h in 0..hosts {
         tokio::spawn(gpu_coordinator::agent::run(
@@ -129,6 +139,7 @@ async fn measure(run: Duration, hosts: usize) -> anyhow::Result<Run> {
         ));
     }
     wait_hosts(&client, &tag, hosts).await?;
+    eprintln!("{hosts} host(s): cycling ...");
     let pid = serving.id();
     let stored = common::stored_messages(&client, &tag).await?;
     let nats = nats_server_pid();
@@ -145,7 +156,13 @@ async fn measure(run: Duration, hosts: usize) -> anyhow::Result<Run> {
     let rss_mb = common::rss_mb(pid);
     stop_agents.cancel();
     serving.kill();
-    common::forget(&client, &tag).await;
+    eprintln!("{hosts} host(s): cleaning up ...");
+    if tokio::time::timeout(Duration::from_secs(60), common::forget(&client, &tag))
+        .await
+        .is_err()
+    {
+        eprintln!("cleaning up {tag} took over 60 s; going on");
+    }
     Ok(Run {
         cpu_s_per_1000: cpu / grants.len().max(1) as f64 * 1000.0,
         bench_cpu_s_per_1000: own / grants.len().max(1) as f64 * 1000.0,
