@@ -218,18 +218,13 @@ pub trait Journal: Send + Sync + 'static {
     /// [`Journal::load`] reads), at most [`TRIM_ENDED_BATCH`] per call so that the writes of the grant path are not
     /// held up; returns how many went (fewer than a batch: none is left to delete). The request that
     /// arrived last is kept, whatever its phase: the arrival numbers go on from it. A journal that keeps
-    /// nothing on disk deletes nothing.
-    async fn trim_ended(&self, retain_ended: usize) -> Result<u64, PortError> {
-        let _ = retain_ended;
-        Ok(0)
-    }
+    /// nothing on disk deletes nothing (answers 0).
+    async fn trim_ended(&self, retain_ended: usize) -> Result<u64, PortError>;
     /// Whether the store answers (readiness).
     async fn ping(&self) -> Result<(), PortError>;
     /// Why a store is full (a write refused for lack of space), if one is: for `/readyz` and the
-    /// status document (see [`crate::storage`]).
-    fn full(&self) -> Option<String> {
-        None
-    }
+    /// status document (see [`crate::storage`]). `None` for a journal that cannot tell.
+    fn full(&self) -> Option<String>;
     /// Closes the connections at shutdown.
     async fn close(&self);
 }
@@ -433,20 +428,14 @@ pub trait Bus: Send + Sync + 'static {
     /// Which of `msg_ids` (the ids of the last messages published, in order) the output stream already
     /// holds: those need not be published again after a restart, however long after (a bus's duplicate
     /// detection forgets ids after a while). A bus that detects duplicates forever answers none.
-    async fn already_stored(&self, _msg_ids: &[String]) -> Result<HashSet<String>, PortError> {
-        Ok(HashSet::new())
-    }
+    async fn already_stored(&self, msg_ids: &[String]) -> Result<HashSet<String>, PortError>;
     /// The sequence of the last input stored (0: none, or a bus that cannot tell). Timers wait until
     /// the inputs stored before they fell due are handled.
-    async fn input_end(&self) -> Result<u64, PortError> {
-        Ok(0)
-    }
+    async fn input_end(&self) -> Result<u64, PortError>;
     /// Makes room in a nearly full input stream by removing the inputs up to `handled` (their effects
-    /// are committed, so no restart needs them); returns how many went. A bus without limits keeps all.
-    async fn trim_inputs(&self, handled: u64) -> Result<u64, PortError> {
-        let _ = handled;
-        Ok(0)
-    }
+    /// are committed, so no restart needs them); returns how many went. A bus without limits keeps all
+    /// (answers 0).
+    async fn trim_inputs(&self, handled: u64) -> Result<u64, PortError>;
     /// Delivers the inputs after `after`, in order. Opening again drops what the previous stream had
     /// delivered and not settled; it comes again.
     async fn open_inputs(&self, after: u64) -> Result<Inputs, PortError>;
@@ -461,9 +450,7 @@ pub trait Bus: Send + Sync + 'static {
     fn reconnects(&self) -> watch::Receiver<u64>;
     /// Whether acknowledging an input also acknowledges every input delivered before it (JetStream's
     /// `AckPolicy::All`): the driver then acknowledges a batch by its last input alone.
-    fn acks_cover_earlier(&self) -> bool {
-        false
-    }
+    fn acks_cover_earlier(&self) -> bool;
     /// Whether the bus is connected now: a leader cut off from it longer than its trust window gives
     /// the leadership up, so that a coordinator that can reach the bus takes over.
     fn connected(&self) -> bool;
@@ -579,21 +566,15 @@ pub trait Leadership: Send + Sync + 'static {
     /// expired from any other coordinator's point of view.
     async fn lost(&self, term: Term);
     /// Gives the leadership of `term` up (a graceful stop), so that a standby takes over at once.
-    async fn release(&self, _term: Term) {}
+    async fn release(&self, term: Term);
     /// Who leads now, as far as this process knows: `(term, holder)`.
-    async fn leader(&self) -> Option<(Term, String)> {
-        None
-    }
+    async fn leader(&self) -> Option<(Term, String)>;
     /// While this process leads: its name, its term and the standbys seen lately (kept up to date by the
     /// renewals, so it costs nothing to read).
-    fn roster(&self) -> Option<Roster> {
-        None
-    }
+    fn roster(&self) -> Option<Roster>;
     /// Why this process does not take the leadership even when it is free (its clock is too far from
     /// the leadership's), if it does not.
-    fn refusal(&self) -> Option<String> {
-        None
-    }
+    fn refusal(&self) -> Option<String>;
 }
 
 /// The coordinators of a deployment as the leader sees them.
@@ -616,6 +597,24 @@ impl Leadership for AlwaysLeader {
 
     async fn lost(&self, _term: Term) {
         std::future::pending::<()>().await
+    }
+
+    /// Nobody else could take it: nothing to hand on.
+    async fn release(&self, _term: Term) {}
+
+    /// Not known: nobody else leads, and no term is read back.
+    async fn leader(&self) -> Option<(Term, String)> {
+        None
+    }
+
+    /// No standbys, and no name to give.
+    fn roster(&self) -> Option<Roster> {
+        None
+    }
+
+    /// Never refuses.
+    fn refusal(&self) -> Option<String> {
+        None
     }
 }
 

@@ -167,6 +167,21 @@ impl Bus for MemBus {
         Ok(lock(&self.state).inputs.len() as u64)
     }
 
+    /// Detects duplicates forever (by `msg_id`): none need to be looked up.
+    async fn already_stored(&self, _msg_ids: &[String]) -> Result<HashSet<String>, PortError> {
+        Ok(HashSet::new())
+    }
+
+    /// Without limits: keeps every input.
+    async fn trim_inputs(&self, _handled: u64) -> Result<u64, PortError> {
+        Ok(0)
+    }
+
+    /// Every input is acknowledged by itself.
+    fn acks_cover_earlier(&self) -> bool {
+        false
+    }
+
     /// As JetStream's consumer: past what the journal handled and past the acknowledged floor (every
     /// input up to it acknowledged), from the start when the stream is shorter than the position.
     async fn input_position(&self, handled: u64) -> Result<u64, PortError> {

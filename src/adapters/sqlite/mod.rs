@@ -391,6 +391,11 @@ impl Journal for SqliteStore {
         })
     }
 
+    /// The file says nothing of its space before a write is refused (the caller's watch sees that).
+    fn full(&self) -> Option<String> {
+        None
+    }
+
     async fn close(&self) {
         let _ = self.db.close_by_ref().await;
     }

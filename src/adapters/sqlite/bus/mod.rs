@@ -160,6 +160,11 @@ impl Bus for SqliteBus {
         true
     }
 
+    /// Every input is acknowledged by itself.
+    fn acks_cover_earlier(&self) -> bool {
+        false
+    }
+
     /// Numbers the inputs after `inputs_after` when the table is behind it (a journal that handled
     /// inputs of another bus): a default request id never names an older request.
     async fn ensure_streams(&self, inputs_after: Option<u64>) -> Result<(), PortError> {
