@@ -1,5 +1,6 @@
-//! The driver: the one task that owns the scheduler. It turns inputs from the [`Bus`](crate::ports::Bus),
-//! timer wake-ups, status questions, NVML samples and commands into scheduler inputs, and carries out the
+//! The driver: the one task that owns the scheduler. It turns inputs from the
+//! [`InputLog`](crate::ports::InputLog), timer wake-ups, status questions, NVML samples and commands
+//! into scheduler inputs, and carries out the
 //! scheduler's actions through the [ports](crate::ports), in the order that keeps every effect durable
 //! before it is acknowledged:
 //!
