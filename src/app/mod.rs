@@ -238,7 +238,7 @@ fn backends_of(chosen: &Chosen, handle: &DriverHandle) -> Backends {
         journal: ports.journal.clone(),
         leases: ports.leases.clone(),
         leadership: ports.leadership.clone(),
-        driver: handle.clone(),
+        driver: Arc::new(handle.clone()),
         labels: chosen.labels,
     }
 }

@@ -9,6 +9,7 @@
 //! | [`InputLog`] | the inputs in stream order, acknowledged once handled; the streams kept | [`NatsBus`](crate::adapters::nats::NatsBus) (NATS JetStream) | [`MemBus`](crate::adapters::memory::MemBus) |
 //! | [`OutputLog`] | ordered publishing of outputs, status requests | [`NatsBus`](crate::adapters::nats::NatsBus) (NATS JetStream) | [`MemBus`](crate::adapters::memory::MemBus) |
 //! | [`Leadership`] | whether this process may act, and under which term | [`PgLeadership`](crate::adapters::postgres::PgLeadership) (a lease row in Postgres) | [`AlwaysLeader`] |
+//! | [`DriverStatus`] | the status document of the driver this process runs, for the HTTP API | [`DriverHandle`](crate::driver::DriverHandle) | - |
 //! | [`Gateway`] | the bus as the HTTP API and `audit` see it: inputs submitted, outputs read | [`NatsGateway`](crate::adapters::nats_gateway::NatsGateway) | - |
 //!
 //! The embedded mode fills the same ports with no server: [`SqliteStore`](crate::adapters::sqlite::SqliteStore)
@@ -29,11 +30,13 @@
 //! The ports speak the core's types ([`RequestRecord`], [`Lease`], [`LeaseOp`], [`Fence`]) and already
 //! rendered messages ([`Outbound`]); nothing here decides who gets a GPU.
 
+pub mod driver_status;
 pub mod gpu;
 pub mod input_log;
 pub mod nodes;
 pub mod output_log;
 
+pub use driver_status::DriverStatus;
 pub use input_log::{Ack, Delivery, InputLog, Inputs, Settle};
 pub use output_log::{Outbound, OutputLog, PublishFailure, StatusQueries, StatusQuery};
 
