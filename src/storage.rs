@@ -2,7 +2,7 @@
 //! SQLite or Postgres, JetStream's store or a stream's `max_bytes` exhausted, the embedded bus at
 //! `embedded.max_bytes`).
 //!
-//! The journal, the bus and the gateway are wrapped ([`watch_journal`], [`watch_bus`],
+//! The journal, the output log and the gateway are wrapped ([`watch_journal`], [`watch_output_log`],
 //! [`watch_gateway`]) so that every write they refuse for lack of space is logged once as an error and
 //! noted in a [`Storage`]; `/readyz` and the status document say so (`storage_full`) until a write of
 //! that store succeeds again, or no write failed for [`STALE`]. Nothing refused is acknowledged: the
@@ -14,10 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tokio::sync::watch;
 
 use crate::ports::{
-    Batch, Bus, Gateway, Inputs, Journal, Loaded, Outbound, PortError, PublishFailure, ReadFrom,
+    Batch, Gateway, Journal, Loaded, Outbound, OutputLog, PortError, PublishFailure, ReadFrom,
     StatusQueries, StoredStream, Term, Which,
 };
 
@@ -173,10 +172,15 @@ pub fn watch_journal(
     })
 }
 
-/// The bus (the driver's side), its publishes watched for lack of space under the name `store`.
-pub fn watch_bus(bus: Arc<dyn Bus>, store: &'static str, storage: Storage) -> Arc<dyn Bus> {
+/// The output log (the driver's side of the bus), its publishes watched for lack of space under the
+/// name `store`.
+pub fn watch_output_log(
+    output_log: Arc<dyn OutputLog>,
+    store: &'static str,
+    storage: Storage,
+) -> Arc<dyn OutputLog> {
     Arc::new(Watched {
-        inner: bus,
+        inner: output_log,
         store,
         storage,
     })
@@ -242,25 +246,7 @@ impl Journal for Watched<dyn Journal> {
 }
 
 #[async_trait]
-impl Bus for Watched<dyn Bus> {
-    async fn ensure_streams(&self, inputs_after: Option<u64>) -> Result<(), PortError> {
-        self.inner.ensure_streams(inputs_after).await
-    }
-    async fn input_position(&self, handled: u64) -> Result<u64, PortError> {
-        self.inner.input_position(handled).await
-    }
-    async fn already_stored(&self, msg_ids: &[String]) -> Result<HashSet<String>, PortError> {
-        self.inner.already_stored(msg_ids).await
-    }
-    async fn input_end(&self) -> Result<u64, PortError> {
-        self.inner.input_end().await
-    }
-    async fn trim_inputs(&self, handled: u64) -> Result<u64, PortError> {
-        self.inner.trim_inputs(handled).await
-    }
-    async fn open_inputs(&self, after: u64) -> Result<Inputs, PortError> {
-        self.inner.open_inputs(after).await
-    }
+impl OutputLog for Watched<dyn OutputLog> {
     async fn publish_in_order(
         &self,
         outputs: &[Outbound],
@@ -276,11 +262,8 @@ impl Bus for Watched<dyn Bus> {
         }
         result
     }
-    fn reconnects(&self) -> watch::Receiver<u64> {
-        self.inner.reconnects()
-    }
-    fn acks_cover_earlier(&self) -> bool {
-        self.inner.acks_cover_earlier()
+    async fn already_stored(&self, msg_ids: &[String]) -> Result<HashSet<String>, PortError> {
+        self.inner.already_stored(msg_ids).await
     }
     fn connected(&self) -> bool {
         self.inner.connected()

@@ -17,15 +17,19 @@ use crate::adapters::postgres::{PgLeadership, PgStore, WriteBehind};
 use crate::adapters::redis::LeaseStore;
 use crate::adapters::sqlite::{DirLock, SqliteBus, SqliteStore};
 use crate::config::{BusBackend, Config, JournalBackend, LeasesBackend};
-use crate::ports::{Bus, Gateway, Journal, Leadership, Leases, Ports};
+use crate::ports::{Gateway, InputLog, Journal, Leadership, Leases, OutputLog, Ports};
 use crate::retry::with_retry;
 use crate::telemetry::redact_url;
 
-/// The journal, the bus and the gateway, their writes refused for lack of space noted in one place,
-/// and the servers' names for `/readyz`.
+/// The bus as the driver sees it: the input log and the output log, most often one adapter.
+type Logs = (Arc<dyn InputLog>, Arc<dyn OutputLog>);
+
+/// The journal, the bus's logs and the gateway, their writes refused for lack of space noted in one
+/// place, and the servers' names for `/readyz`.
 struct Watched {
     journal: Arc<dyn Journal>,
-    bus: Arc<dyn Bus>,
+    input_log: Arc<dyn InputLog>,
+    output_log: Arc<dyn OutputLog>,
     gateway: Arc<dyn Gateway>,
     labels: Labels,
 }
@@ -78,7 +82,7 @@ impl Chosen {
         if let Some(leadership) = pg_leadership {
             leadership.terms_above(leases.clone());
         }
-        let (bus, gateway, journal, nats) = Self::connect_bus(
+        let (logs, gateway, journal, nats) = Self::connect_bus(
             config,
             subjects,
             shutdown,
@@ -90,15 +94,17 @@ impl Chosen {
         tracing::info!("backends: {}", lines.join("; "));
         let Watched {
             journal,
-            bus,
+            input_log,
+            output_log,
             gateway,
             labels,
-        } = Self::watched(chosen, journal, bus, gateway);
+        } = Self::watched(chosen, journal, logs, gateway);
         Ok(Chosen {
             ports: Ports {
                 journal,
                 leases,
-                bus,
+                input_log,
+                output_log,
                 leadership,
             },
             gateway,
@@ -245,13 +251,13 @@ impl Chosen {
         sqlite: Option<&SqliteStore>,
         lines: &mut Vec<String>,
     ) -> anyhow::Result<(
-        Arc<dyn Bus>,
+        Logs,
         Arc<dyn Gateway>,
         Arc<dyn Journal>,
         Option<async_nats::Client>,
     )> {
         let mut nats = None;
-        let (bus, gateway): (Arc<dyn Bus>, Arc<dyn Gateway>) = match config.backends.bus {
+        let (logs, gateway): (Logs, Arc<dyn Gateway>) = match config.backends.bus {
             BusBackend::Nats => {
                 // A NATS URL may carry a token as its user: its own redaction hides that too.
                 let nats_url = gpu_coordinator_client::redact(&config.nats.url);
@@ -296,7 +302,8 @@ impl Chosen {
                 }
                 let gateway = NatsGateway::new(bus.client().clone(), subjects);
                 nats = Some(bus.client().clone());
-                (Arc::new(bus), Arc::new(gateway))
+                let bus = Arc::new(bus);
+                ((bus.clone(), bus), Arc::new(gateway))
             }
             BusBackend::Embedded => {
                 let store = sqlite.expect("opened above for the embedded bus");
@@ -312,19 +319,20 @@ impl Chosen {
                     "bus: embedded in {} (inputs over HTTP only)",
                     store.file().display()
                 ));
-                (Arc::new(bus.clone()), Arc::new(bus))
+                let logs = Arc::new(bus.clone());
+                ((logs.clone(), logs), Arc::new(bus))
             }
         };
-        Ok((bus, gateway, journal, nats))
+        Ok((logs, gateway, journal, nats))
     }
 
-    /// The journal, the bus and the gateway wrapped so that writes refused for lack of space are
+    /// The journal, the output log and the gateway wrapped so that writes refused for lack of space are
     /// noted in one place (`/readyz` and the status document say which store is full until it takes
     /// writes again), and the servers' names for `/readyz`.
     fn watched(
         chosen: &crate::config::BackendsConfig,
         journal: Arc<dyn Journal>,
-        bus: Arc<dyn Bus>,
+        (input_log, output_log): Logs,
         gateway: Arc<dyn Gateway>,
     ) -> Watched {
         let storage = crate::storage::Storage::default();
@@ -340,7 +348,7 @@ impl Chosen {
             BusBackend::Nats => "NATS JetStream (the output stream)",
             BusBackend::Embedded => "the embedded bus (its outputs)",
         };
-        let bus = crate::storage::watch_bus(bus, bus_name, storage.clone());
+        let output_log = crate::storage::watch_output_log(output_log, bus_name, storage.clone());
         let gateway_name = match chosen.bus {
             BusBackend::Nats => "NATS JetStream (the input stream)",
             BusBackend::Embedded => "the embedded bus (its inputs)",
@@ -362,7 +370,8 @@ impl Chosen {
         };
         Watched {
             journal,
-            bus,
+            input_log,
+            output_log,
             gateway,
             labels,
         }

@@ -34,7 +34,7 @@ use crate::adapters::nvml::GpuProbe;
 use crate::config::Config;
 use crate::driver::{Driver, DriverHandle, Setup};
 use crate::metrics::{Metrics, Recorder};
-use crate::ports::{Bus, Ports};
+use crate::ports::{OutputLog, Ports};
 use crate::retry::{is_deposed, with_retry};
 
 use backends::Chosen;
@@ -247,7 +247,7 @@ fn backends_of(chosen: &Chosen, handle: &DriverHandle) -> Backends {
         journal: ports.journal.clone(),
         leases: ports.leases.clone(),
         leadership: ports.leadership.clone(),
-        driver: handle.clone(),
+        driver: Arc::new(handle.clone()),
         labels: chosen.labels,
     }
 }
@@ -353,7 +353,7 @@ fn watch_term(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn({
         let leadership = ports.leadership.clone();
-        let (acting, bus) = (acting.clone(), ports.bus.clone());
+        let (acting, output_log) = (acting.clone(), ports.output_log.clone());
         let journal = ports.journal.clone();
         let grace = Duration::from_millis(config.leader.ttl_ms).mul_f64(0.8);
         async move {
@@ -362,7 +362,7 @@ fn watch_term(
                     // Another may lead soon: nothing of this term writes the journal any more.
                     journal.stand_down(false).await;
                 }
-                () = cut_off(bus.as_ref(), grace) => {
+                () = cut_off(output_log.as_ref(), grace) => {
                     tracing::warn!(
                         "cut off from NATS for {grace:?}: giving the leadership of term {} up, so \
                          that a coordinator that reaches it takes over",
@@ -399,12 +399,12 @@ async fn run_term(
 }
 
 /// Resolves once the bus has been disconnected for `grace` in a row.
-async fn cut_off(bus: &dyn Bus, grace: Duration) {
+async fn cut_off(output_log: &dyn OutputLog, grace: Duration) {
     let mut every = tokio::time::interval(CONNECTION_CHECK);
     let mut away_since: Option<tokio::time::Instant> = None;
     loop {
         every.tick().await;
-        if bus.connected() {
+        if output_log.connected() {
             away_since = None;
         } else if away_since
             .get_or_insert_with(tokio::time::Instant::now)

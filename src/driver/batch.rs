@@ -152,7 +152,7 @@ impl Driver {
         }
         // Acknowledged once the messages they caused are stored; by the last alone where that covers
         // the inputs before it (a rejected input needs no acknowledgement of its own: it is handled).
-        if self.ports.bus.acks_cover_earlier() {
+        if self.ports.input_log.acks_cover_earlier() {
             settle = settle
                 .pop()
                 .map(|(ack, _)| vec![(ack, false)])

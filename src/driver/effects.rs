@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Driver;
 use crate::metrics::{Metrics, Stage};
-use crate::ports::{Batch, Bus, LeaseOutcome, Outbound, OutboxRow};
+use crate::ports::{Batch, InputLog, LeaseOutcome, Outbound, OutboxRow, OutputLog};
 use crate::render;
 use crate::retry::with_retry;
 
@@ -279,9 +279,10 @@ async fn timed<T>(metrics: &Metrics, stage: Stage, work: impl Future<Output = T>
 
 /// Publishes messages in order, retrying with backoff from the first one not surely stored: after a
 /// failure one at a time, so that order holds even across a reconnect (a `restart` never before its
-/// `revoke`), and under their ids, so that the bus keeps one copy of any sent twice.
+/// `revoke`), and under their ids, so that the bus keeps one copy of any sent twice. `input_log` keeps
+/// the streams: a retry makes them anew first.
 pub(super) async fn publish(
-    bus: &dyn Bus,
+    (input_log, output_log): (&dyn InputLog, &dyn OutputLog),
     outputs: &[Outbound],
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
@@ -294,11 +295,12 @@ pub(super) async fn publish(
         async move {
             if !pipelined {
                 // A retry: the output stream may be what was lost; it is made anew if so.
-                if let Err(e) = bus.ensure_streams(None).await {
+                if let Err(e) = input_log.ensure_streams(None).await {
                     tracing::debug!("making the streams before a retry: {e}");
                 }
             }
-            bus.publish_in_order(rest, pipelined)
+            output_log
+                .publish_in_order(rest, pipelined)
                 .await
                 .inspect_err(|failure| done.store(from + failure.stored, Relaxed))
         }

@@ -48,14 +48,14 @@ impl Driver {
     /// The event loop, until shutdown or until leadership is lost.
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) -> anyhow::Result<()> {
         let shutdown = self.shutdown.clone();
-        let bus = self.ports.bus.clone();
+        let input_log = self.ports.input_log.clone();
         let leadership = self.ports.leadership.clone();
         let lost = leadership.lost(self.term);
         tokio::pin!(lost);
         let mut inputs = None;
         self.reopen_inputs(&mut inputs).await?;
         let mut status = self.status_questions().await?;
-        let mut reconnects = bus.reconnects();
+        let mut reconnects = input_log.reconnects();
         let mut every_second = ticker(EVERY_SECOND);
         let mut ticks = 0u64;
         let mut nodes_tick = ticker(NODES_EVERY);
@@ -190,7 +190,7 @@ impl Driver {
         };
         // Whatever the bus says it holds was stored before this instant.
         let asked_at = now_ms();
-        match self.ports.bus.input_end().await {
+        match self.ports.input_log.input_end().await {
             Ok(end) if end > self.position.handled => {
                 tracing::debug!(
                     "timers wait for the inputs up to #{end} (#{} handled)",
@@ -235,9 +235,9 @@ impl Driver {
         match subscribed {
             Some(status) => Ok(status),
             None => {
-                let bus = self.ports.bus.clone();
+                let output_log = self.ports.output_log.clone();
                 with_retry("subscribing to status", &self.shutdown, || {
-                    bus.status_queries()
+                    output_log.status_queries()
                 })
                 .await
             }
@@ -303,10 +303,15 @@ impl Driver {
         });
     }
 
-    /// Makes room in a nearly full input stream (see [`crate::ports::Bus::trim_inputs`]); a failure only
-    /// waits for the next try.
+    /// Makes room in a nearly full input stream (see [`crate::ports::InputLog::trim_inputs`]); a
+    /// failure only waits for the next try.
     async fn trim_inputs(&self) {
-        match self.ports.bus.trim_inputs(self.position.handled).await {
+        match self
+            .ports
+            .input_log
+            .trim_inputs(self.position.handled)
+            .await
+        {
             Ok(0) => {}
             Ok(n) => tracing::debug!("{n} handled input(s) removed from the input stream"),
             Err(e) => tracing::warn!("making room in the input stream: {e}"),
@@ -321,7 +326,7 @@ impl Driver {
         if let Err(e) = self.write_bookkeeping(None, false).await {
             tracing::warn!("{e:#}");
         }
-        match tokio::time::timeout(FLUSH_WAIT, self.ports.bus.flush()).await {
+        match tokio::time::timeout(FLUSH_WAIT, self.ports.output_log.flush()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!("{e}"),
             Err(_) => {
@@ -339,15 +344,15 @@ impl Driver {
     ) -> anyhow::Result<()> {
         *inputs = None;
         let shutdown = self.shutdown.clone();
-        let bus = self.ports.bus.clone();
+        let input_log = self.ports.input_log.clone();
         let handled = self.position.handled;
         // A stream lost at run time (deleted, or a server that came back without it) is made anew.
         with_retry("making the streams", &shutdown, || {
-            bus.ensure_streams(Some(handled))
+            input_log.ensure_streams(Some(handled))
         })
         .await?;
         let after = with_retry("finding where the inputs go on", &shutdown, || {
-            bus.input_position(handled)
+            input_log.input_position(handled)
         })
         .await?;
         if after != handled {
@@ -356,7 +361,7 @@ impl Driver {
         }
         *inputs = Some(
             with_retry("opening the input consumer", &shutdown, || {
-                bus.open_inputs(after)
+                input_log.open_inputs(after)
             })
             .await?,
         );

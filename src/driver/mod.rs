@@ -1,5 +1,6 @@
-//! The driver: the one task that owns the scheduler. It turns inputs from the [`Bus`](crate::ports::Bus),
-//! timer wake-ups, status questions, NVML samples and commands into scheduler inputs, and carries out the
+//! The driver: the one task that owns the scheduler. It turns inputs from the
+//! [`InputLog`](crate::ports::InputLog), timer wake-ups, status questions, NVML samples and commands
+//! into scheduler inputs, and carries out the
 //! scheduler's actions through the [ports](crate::ports), in the order that keeps every effect durable
 //! before it is acknowledged:
 //!
@@ -48,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 pub use crate::clock::now_ms;
 use crate::metrics::Recorder;
 use crate::ports::gpu::DeviceSample;
-use crate::ports::{Ports, Term};
+use crate::ports::{DriverStatus, Ports, Term};
 
 use effects::{InputPosition, Outbox};
 
@@ -65,15 +66,18 @@ pub struct DriverHandle {
     tx: Arc<RwLock<Option<mpsc::Sender<Command>>>>,
 }
 
-impl DriverHandle {
+#[async_trait::async_trait]
+impl DriverStatus for DriverHandle {
     /// The status document, or `None` when no driver of this process runs (standby, stopping).
-    pub async fn status(&self, page: StatusPage) -> Option<StatusDoc> {
+    async fn status(&self, page: StatusPage) -> Option<StatusDoc> {
         let sender = self.tx.read().ok()?.clone()?;
         let (tx, rx) = oneshot::channel();
         sender.send(Command::Status(page, tx)).await.ok()?;
         rx.await.ok()
     }
+}
 
+impl DriverHandle {
     /// Whether a driver of this process runs now.
     pub fn leading(&self) -> bool {
         self.tx.read().map(|tx| tx.is_some()).unwrap_or(false)

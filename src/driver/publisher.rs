@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::effects::publish;
 use crate::metrics::{Metrics, Stage};
-use crate::ports::{Ack, Bus, Outbound};
+use crate::ports::{Ack, InputLog, Outbound, OutputLog};
 
 /// How many committed batches may wait for the bus before the driver waits with them: a bus that is
 /// away stops the intake soon.
@@ -51,9 +51,9 @@ pub(super) struct Publisher {
 
 impl Publisher {
     /// Starts the task; `stored_upto`: the outbox rows already stored (those published again at start).
-    /// Each batch's publish is timed in `metrics`.
+    /// Each batch's publish is timed in `metrics`; `input_log` makes the streams anew before a retry.
     pub fn start(
-        bus: Arc<dyn Bus>,
+        (input_log, output_log): (Arc<dyn InputLog>, Arc<dyn OutputLog>),
         metrics: Arc<Metrics>,
         stored_upto: Option<u64>,
         shutdown: CancellationToken,
@@ -70,7 +70,12 @@ impl Publisher {
                             last,
                             handed,
                         } => {
-                            publish(bus.as_ref(), &outputs, &shutdown).await?;
+                            publish(
+                                (input_log.as_ref(), output_log.as_ref()),
+                                &outputs,
+                                &shutdown,
+                            )
+                            .await?;
                             metrics.observe_stage(Stage::Publish, handed.elapsed());
                             stored.fetch_max(last, Ordering::SeqCst);
                         }

@@ -42,16 +42,18 @@ impl Driver {
         let (live_leases, stored_fence) = read_lease_store(&ports, term, &shutdown).await?;
         let outbox = Outbox::after(&loaded.outbox);
         let publisher = Publisher::start(
-            ports.bus.clone(),
+            (ports.input_log.clone(), ports.output_log.clone()),
             recorder.metrics().clone(),
             loaded.outbox.last().map(|row| row.id),
             shutdown.clone(),
         );
         let handled = loaded.input_seq;
         restore(&mut sched, loaded, live_leases, stored_fence);
-        let bus = ports.bus.clone();
-        let status =
-            with_retry("subscribing to status", &shutdown, || bus.status_queries()).await?;
+        let output_log = ports.output_log.clone();
+        let status = with_retry("subscribing to status", &shutdown, || {
+            output_log.status_queries()
+        })
+        .await?;
         let (tx, rx) = mpsc::channel(COMMANDS);
         let mut driver = Driver {
             sched,
@@ -117,9 +119,9 @@ async fn make_input_stream(
 ) -> anyhow::Result<()> {
     // A missing input stream is made now, numbered after the last input handled, before anyone is
     // told that this coordinator answers.
-    let bus = ports.bus.clone();
+    let input_log = ports.input_log.clone();
     with_retry("making the streams", shutdown, || {
-        bus.ensure_streams(Some(handled))
+        input_log.ensure_streams(Some(handled))
     })
     .await?;
     Ok(())
@@ -135,12 +137,12 @@ async fn republish_outbox(
     if outbox.is_empty() {
         return Ok(());
     }
-    let bus = ports.bus.clone();
+    let output_log = ports.output_log.clone();
     let ids: Vec<String> = outbox.iter().map(|r| r.msg_id.clone()).collect();
     // Those the bus already holds are not published again: past its duplicate window it
     // would store them twice.
     let stored = with_retry("reading the end of the output stream", shutdown, || {
-        bus.already_stored(&ids)
+        output_log.already_stored(&ids)
     })
     .await?;
     let again: Vec<Outbound> = outbox
@@ -154,7 +156,12 @@ async fn republish_outbox(
         stored.len(),
         again.len()
     );
-    publish(ports.bus.as_ref(), &again, shutdown).await
+    publish(
+        (ports.input_log.as_ref(), ports.output_log.as_ref()),
+        &again,
+        shutdown,
+    )
+    .await
 }
 
 /// Hands the scheduler what the journal (`loaded`) and the lease store (`live_leases`, `stored_fence`)

@@ -40,10 +40,12 @@ impl Rig {
     }
 
     fn ports(&self) -> Ports {
+        let bus = std::sync::Arc::new(self.bus.clone());
         Ports {
             journal: std::sync::Arc::new(self.journal.clone()),
             leases: std::sync::Arc::new(self.leases.clone()),
-            bus: std::sync::Arc::new(self.bus.clone()),
+            input_log: bus.clone(),
+            output_log: bus,
             leadership: std::sync::Arc::new(AlwaysLeader),
         }
     }
@@ -312,7 +314,7 @@ async fn feed(rig: &Rig, driver: &mut Driver, inputs: &[(&str, &str, Value)]) {
     for (kind, svc, body) in inputs {
         rig.push(kind, svc, body.clone());
     }
-    let mut stream = crate::ports::Bus::open_inputs(&rig.bus, driver.position.handled)
+    let mut stream = crate::ports::InputLog::open_inputs(&rig.bus, driver.position.handled)
         .await
         .expect("inputs open");
     let mut batch = Vec::new();
@@ -332,7 +334,7 @@ async fn three_requests(rig: &Rig, after: u64) -> Vec<crate::ports::Delivery> {
             json!({"request_id": id, "priority": 1, "vram_mb": 1000}),
         );
     }
-    let mut stream = crate::ports::Bus::open_inputs(&rig.bus, after)
+    let mut stream = crate::ports::InputLog::open_inputs(&rig.bus, after)
         .await
         .expect("inputs open");
     let mut delivered = Vec::new();
@@ -365,7 +367,7 @@ async fn an_input_after_a_gap_is_read_again_in_order_not_skipped_past() {
         "input 3 is not taken past the gap"
     );
     // Read again from the last handled: 2 then 3, in order.
-    let mut stream = crate::ports::Bus::open_inputs(&rig.bus, driver.position.handled)
+    let mut stream = crate::ports::InputLog::open_inputs(&rig.bus, driver.position.handled)
         .await
         .expect("inputs open");
     let mut again = Vec::new();
@@ -405,7 +407,7 @@ async fn timers_wait_for_the_inputs_stored_before_them() {
     assert!(driver
         .catching_up_left()
         .is_some_and(|left| left > Duration::ZERO));
-    let mut stream = crate::ports::Bus::open_inputs(&rig.bus, driver.position.handled)
+    let mut stream = crate::ports::InputLog::open_inputs(&rig.bus, driver.position.handled)
         .await
         .expect("inputs open");
     let renew = stream.next().await.expect("an input").expect("a delivery");

@@ -6,14 +6,16 @@
 //! |---|---|---|---|
 //! | [`Journal`] | the durable state: requests, the highest fence, the input position, the outbox | [`PgStore`](crate::adapters::postgres::PgStore) (Postgres, sea-orm) | [`MemJournal`](crate::adapters::memory::MemJournal) |
 //! | [`Leases`] | the lease store, source of truth for who holds a GPU | [`LeaseStore`](crate::adapters::redis::LeaseStore) (Redis, Lua scripts) | [`MemLeases`](crate::adapters::memory::MemLeases) |
-//! | [`Bus`] | the inputs in stream order, ordered publishing of outputs, status requests | [`NatsBus`](crate::adapters::nats::NatsBus) (NATS JetStream) | [`MemBus`](crate::adapters::memory::MemBus) |
+//! | [`InputLog`] | the inputs in stream order, acknowledged once handled; the streams kept | [`NatsBus`](crate::adapters::nats::NatsBus) (NATS JetStream) | [`MemBus`](crate::adapters::memory::MemBus) |
+//! | [`OutputLog`] | ordered publishing of outputs, status requests | [`NatsBus`](crate::adapters::nats::NatsBus) (NATS JetStream) | [`MemBus`](crate::adapters::memory::MemBus) |
 //! | [`Leadership`] | whether this process may act, and under which term | [`PgLeadership`](crate::adapters::postgres::PgLeadership) (a lease row in Postgres) | [`AlwaysLeader`] |
+//! | [`DriverStatus`] | the status document of the driver this process runs, for the HTTP API | [`DriverHandle`](crate::driver::DriverHandle) | - |
 //! | [`Gateway`] | the bus as the HTTP API and `audit` see it: inputs submitted, outputs read | [`NatsGateway`](crate::adapters::nats_gateway::NatsGateway) | - |
 //!
 //! The embedded mode fills the same ports with no server: [`SqliteStore`](crate::adapters::sqlite::SqliteStore)
 //! (the journal), [`MemLeases`](crate::adapters::memory::MemLeases) (the journal being the source of
-//! truth, a restart writes the live leases back), [`SqliteBus`](crate::adapters::sqlite::SqliteBus) (bus
-//! and gateway) and [`DirLock`](crate::adapters::sqlite::DirLock) (leadership).
+//! truth, a restart writes the live leases back), [`SqliteBus`](crate::adapters::sqlite::SqliteBus) (input
+//! log, output log and gateway) and [`DirLock`](crate::adapters::sqlite::DirLock) (leadership).
 //!
 //! # Adding an adapter
 //!
@@ -28,19 +30,21 @@
 //! The ports speak the core's types ([`RequestRecord`], [`Lease`], [`LeaseOp`], [`Fence`]) and already
 //! rendered messages ([`Outbound`]); nothing here decides who gets a GPU.
 
+pub mod driver_status;
 pub mod gpu;
+pub mod input_log;
 pub mod nodes;
+pub mod output_log;
 
-use std::collections::HashSet;
-use std::future::Future;
-use std::pin::Pin;
+pub use driver_status::DriverStatus;
+pub use input_log::{Ack, Delivery, InputLog, Inputs, Settle};
+pub use output_log::{Outbound, OutputLog, PublishFailure, StatusQueries, StatusQuery};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use gpu_coordinator_core::{Fence, GpuId, Lease, LeaseOp, Millis, RequestId, RequestRecord};
 use gpu_coordinator_wire::Encoding;
-use tokio::sync::watch;
 
 /// A failure of an adapter, whatever its kind: the adapter's own error, with its causes as `source`s.
 /// Every port method that talks to a server may fail this way; the driver retries with backoff.
@@ -218,18 +222,13 @@ pub trait Journal: Send + Sync + 'static {
     /// [`Journal::load`] reads), at most [`TRIM_ENDED_BATCH`] per call so that the writes of the grant path are not
     /// held up; returns how many went (fewer than a batch: none is left to delete). The request that
     /// arrived last is kept, whatever its phase: the arrival numbers go on from it. A journal that keeps
-    /// nothing on disk deletes nothing.
-    async fn trim_ended(&self, retain_ended: usize) -> Result<u64, PortError> {
-        let _ = retain_ended;
-        Ok(0)
-    }
+    /// nothing on disk deletes nothing (answers 0).
+    async fn trim_ended(&self, retain_ended: usize) -> Result<u64, PortError>;
     /// Whether the store answers (readiness).
     async fn ping(&self) -> Result<(), PortError>;
     /// Why a store is full (a write refused for lack of space), if one is: for `/readyz` and the
-    /// status document (see [`crate::storage`]).
-    fn full(&self) -> Option<String> {
-        None
-    }
+    /// status document (see [`crate::storage`]). `None` for a journal that cannot tell.
+    fn full(&self) -> Option<String>;
     /// Closes the connections at shutdown.
     async fn close(&self);
 }
@@ -354,126 +353,6 @@ pub trait Leases: Send + Sync + 'static {
     async fn term(&self) -> Result<Term, PortError>;
 }
 
-// ----- the bus --------------------------------------------------------------------------------------
-
-/// One message to publish on a stored output subject.
-#[derive(Debug, Clone)]
-pub struct Outbound {
-    pub subject: String,
-    pub encoding: Encoding,
-    pub payload: Bytes,
-    /// The same on every publish of this message, so the bus stores it once.
-    pub msg_id: String,
-}
-
-/// A publish that failed part of the way.
-#[derive(Debug, thiserror::Error)]
-#[error("{error}")]
-pub struct PublishFailure {
-    /// How many of the first messages are surely stored.
-    pub stored: usize,
-    #[source]
-    pub error: PortError,
-}
-
-/// Settles one delivered input with the bus, once its effects are durable.
-pub type Settle = Pin<Box<dyn Future<Output = Result<(), PortError>> + Send>>;
-
-/// Settles one delivered input: acknowledges it (`false`), or ends its redelivery (`true`).
-pub type Ack = Box<dyn FnOnce(bool) -> Settle + Send + Sync>;
-
-/// One input as the bus delivered it.
-pub struct Delivery {
-    /// Its position in the input stream (0: unknown, never skipped as handled).
-    pub seq: u64,
-    /// When the bus stored it (milliseconds since the Unix epoch), if it says: the driver handles an
-    /// input at that time, so that one stored in time (a renewal) counts in time, however late the
-    /// coordinator gets to it.
-    pub stored_at: Option<Millis>,
-    pub subject: String,
-    pub content_type: Option<String>,
-    pub payload: Bytes,
-    /// Acknowledges it (`false`), or ends its redelivery for good (`true`: it was invalid).
-    pub ack: Ack,
-}
-
-impl std::fmt::Debug for Delivery {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Delivery")
-            .field("seq", &self.seq)
-            .field("subject", &self.subject)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The inputs in stream order. It ends (or fails) when the bus lost the consumer; the driver reopens it.
-pub type Inputs = BoxStream<'static, Result<Delivery, PortError>>;
-
-/// A `<prefix>.status` question: answer it with the status document in `encoding`.
-pub struct StatusQuery {
-    pub encoding: Encoding,
-    /// The page of the queue asked for (the question's body; empty: the default page).
-    pub page: gpu_coordinator_wire::StatusPage,
-    pub respond: Box<dyn FnOnce(Vec<u8>) -> Settle + Send + Sync>,
-}
-
-/// The status questions, for as long as the bus is up.
-pub type StatusQueries = BoxStream<'static, StatusQuery>;
-
-/// The message bus: inputs in, outputs out, in order.
-#[async_trait]
-pub trait Bus: Send + Sync + 'static {
-    /// Creates or updates the output stream, and the input stream. A missing input stream is made
-    /// only when `inputs_after` (the last input the journal handled) is given, and numbers its inputs
-    /// after it, so that a default request id never names an older request.
-    async fn ensure_streams(&self, inputs_after: Option<u64>) -> Result<(), PortError>;
-    /// Where reading the inputs goes on from, given `handled`, the last input whose effects are committed
-    /// (0: none known). The driver persists a changed answer before it opens the inputs.
-    async fn input_position(&self, handled: u64) -> Result<u64, PortError>;
-    /// Which of `msg_ids` (the ids of the last messages published, in order) the output stream already
-    /// holds: those need not be published again after a restart, however long after (a bus's duplicate
-    /// detection forgets ids after a while). A bus that detects duplicates forever answers none.
-    async fn already_stored(&self, _msg_ids: &[String]) -> Result<HashSet<String>, PortError> {
-        Ok(HashSet::new())
-    }
-    /// The sequence of the last input stored (0: none, or a bus that cannot tell). Timers wait until
-    /// the inputs stored before they fell due are handled.
-    async fn input_end(&self) -> Result<u64, PortError> {
-        Ok(0)
-    }
-    /// Makes room in a nearly full input stream by removing the inputs up to `handled` (their effects
-    /// are committed, so no restart needs them); returns how many went. A bus without limits keeps all.
-    async fn trim_inputs(&self, handled: u64) -> Result<u64, PortError> {
-        let _ = handled;
-        Ok(0)
-    }
-    /// Delivers the inputs after `after`, in order. Opening again drops what the previous stream had
-    /// delivered and not settled; it comes again.
-    async fn open_inputs(&self, after: u64) -> Result<Inputs, PortError>;
-    /// Publishes the messages in order and waits until the bus stored them: all at once (`pipelined`) or
-    /// each after the previous one is stored. A message published again under its `msg_id` is stored once.
-    async fn publish_in_order(
-        &self,
-        outputs: &[Outbound],
-        pipelined: bool,
-    ) -> Result<(), PublishFailure>;
-    /// Changes on every reconnect: the driver then reopens the inputs at once.
-    fn reconnects(&self) -> watch::Receiver<u64>;
-    /// Whether acknowledging an input also acknowledges every input delivered before it (JetStream's
-    /// `AckPolicy::All`): the driver then acknowledges a batch by its last input alone.
-    fn acks_cover_earlier(&self) -> bool {
-        false
-    }
-    /// Whether the bus is connected now: a leader cut off from it longer than its trust window gives
-    /// the leadership up, so that a coordinator that can reach the bus takes over.
-    fn connected(&self) -> bool;
-
-    /// The status questions asked of this coordinator.
-    async fn status_queries(&self) -> Result<StatusQueries, PortError>;
-    /// Sends whatever is buffered, at shutdown.
-    async fn flush(&self) -> Result<(), PortError>;
-}
-
 // ----- the gateway ----------------------------------------------------------------------------------
 
 /// A message as one of the bus's streams stored it.
@@ -579,21 +458,15 @@ pub trait Leadership: Send + Sync + 'static {
     /// expired from any other coordinator's point of view.
     async fn lost(&self, term: Term);
     /// Gives the leadership of `term` up (a graceful stop), so that a standby takes over at once.
-    async fn release(&self, _term: Term) {}
+    async fn release(&self, term: Term);
     /// Who leads now, as far as this process knows: `(term, holder)`.
-    async fn leader(&self) -> Option<(Term, String)> {
-        None
-    }
+    async fn leader(&self) -> Option<(Term, String)>;
     /// While this process leads: its name, its term and the standbys seen lately (kept up to date by the
     /// renewals, so it costs nothing to read).
-    fn roster(&self) -> Option<Roster> {
-        None
-    }
+    fn roster(&self) -> Option<Roster>;
     /// Why this process does not take the leadership even when it is free (its clock is too far from
     /// the leadership's), if it does not.
-    fn refusal(&self) -> Option<String> {
-        None
-    }
+    fn refusal(&self) -> Option<String>;
 }
 
 /// The coordinators of a deployment as the leader sees them.
@@ -617,6 +490,24 @@ impl Leadership for AlwaysLeader {
     async fn lost(&self, _term: Term) {
         std::future::pending::<()>().await
     }
+
+    /// Nobody else could take it: nothing to hand on.
+    async fn release(&self, _term: Term) {}
+
+    /// Not known: nobody else leads, and no term is read back.
+    async fn leader(&self) -> Option<(Term, String)> {
+        None
+    }
+
+    /// No standbys, and no name to give.
+    fn roster(&self) -> Option<Roster> {
+        None
+    }
+
+    /// Never refuses.
+    fn refusal(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The adapters the driver runs on, one per port.
@@ -624,7 +515,10 @@ impl Leadership for AlwaysLeader {
 pub struct Ports {
     pub journal: std::sync::Arc<dyn Journal>,
     pub leases: std::sync::Arc<dyn Leases>,
-    pub bus: std::sync::Arc<dyn Bus>,
+    /// The inputs, read in order and acknowledged.
+    pub input_log: std::sync::Arc<dyn InputLog>,
+    /// The outputs, published in order (often the same adapter as `input_log`).
+    pub output_log: std::sync::Arc<dyn OutputLog>,
     pub leadership: std::sync::Arc<dyn Leadership>,
 }
 

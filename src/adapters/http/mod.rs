@@ -7,7 +7,7 @@
 //! gateway's answer reader, listened to before submitting. On NATS that is JetStream consumers on the
 //! output stream, recreated after a reconnect, so an answer published while NATS restarts still
 //! arrives; in the embedded mode it is the SQLite bus's own. The status comes from the driver through a
-//! command ([`DriverHandle::status`]); control orders and events are read from the output stream.
+//! command (the [`DriverStatus`] port); control orders and events are read from the output stream.
 //! Routes:
 //!
 //! - `POST /gpu/request` (long poll), `/gpu/release`, `/gpu/renew`, `/gpu/ack`, `/gpu/cancel`
@@ -43,9 +43,8 @@ pub use error::{ApiError, ErrorBody};
 pub use openapi::openapi;
 
 use crate::config::Config;
-use crate::driver::DriverHandle;
 use crate::metrics::Metrics;
-use crate::ports::{Gateway, Journal, Leadership, Leases};
+use crate::ports::{DriverStatus, Gateway, Journal, Leadership, Leases};
 
 /// How long a handler waits for the driver's status document.
 const STATUS_WAIT: Duration = Duration::from_secs(5);
@@ -63,7 +62,8 @@ pub struct Backends {
     pub leases: Arc<dyn Leases>,
     /// Who leads, for a standby to say so.
     pub leadership: Arc<dyn Leadership>,
-    pub driver: DriverHandle,
+    /// The status document of the driver this process runs.
+    pub driver: Arc<dyn DriverStatus>,
     /// What each backend is, for messages.
     pub labels: Labels,
 }

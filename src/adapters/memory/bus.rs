@@ -12,7 +12,8 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use super::{lock, stall, Faults, Step, Trace, Verdict};
 use crate::ports::{
-    Bus, Delivery, Inputs, Outbound, PortError, PublishFailure, Settle, StatusQueries, StatusQuery,
+    Delivery, InputLog, Inputs, Outbound, OutputLog, PortError, PublishFailure, Settle,
+    StatusQueries, StatusQuery,
 };
 
 /// One input in the stream.
@@ -36,7 +37,8 @@ struct BusState {
     msg_ids: HashSet<String>,
 }
 
-/// A [`Bus`] in memory: an input stream and an output stream with duplicate detection.
+/// An [`InputLog`] and an [`OutputLog`] in memory: an input stream and an output stream with
+/// duplicate detection.
 #[derive(Clone)]
 pub struct MemBus {
     state: Arc<Mutex<BusState>>,
@@ -153,18 +155,23 @@ impl MemBus {
 }
 
 #[async_trait]
-impl Bus for MemBus {
-    /// In this process: nothing to be cut off from (the tests cut it off by their faults).
-    fn connected(&self) -> bool {
-        true
-    }
-
+impl InputLog for MemBus {
     async fn ensure_streams(&self, _inputs_after: Option<u64>) -> Result<(), PortError> {
         Ok(())
     }
 
     async fn input_end(&self) -> Result<u64, PortError> {
         Ok(lock(&self.state).inputs.len() as u64)
+    }
+
+    /// Without limits: keeps every input.
+    async fn trim_inputs(&self, _handled: u64) -> Result<u64, PortError> {
+        Ok(0)
+    }
+
+    /// Every input is acknowledged by itself.
+    fn acks_cover_earlier(&self) -> bool {
+        false
     }
 
     /// As JetStream's consumer: past what the journal handled and past the acknowledged floor (every
@@ -204,6 +211,23 @@ impl Bus for MemBus {
         Ok(stream.boxed())
     }
 
+    fn reconnects(&self) -> watch::Receiver<u64> {
+        self.reconnects.subscribe()
+    }
+}
+
+#[async_trait]
+impl OutputLog for MemBus {
+    /// In this process: nothing to be cut off from (the tests cut it off by their faults).
+    fn connected(&self) -> bool {
+        true
+    }
+
+    /// Detects duplicates forever (by `msg_id`): none need to be looked up.
+    async fn already_stored(&self, _msg_ids: &[String]) -> Result<HashSet<String>, PortError> {
+        Ok(HashSet::new())
+    }
+
     async fn publish_in_order(
         &self,
         outputs: &[Outbound],
@@ -231,10 +255,6 @@ impl Bus for MemBus {
             }
         }
         Ok(())
-    }
-
-    fn reconnects(&self) -> watch::Receiver<u64> {
-        self.reconnects.subscribe()
     }
 
     async fn status_queries(&self) -> Result<StatusQueries, PortError> {

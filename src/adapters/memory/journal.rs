@@ -163,8 +163,18 @@ impl Journal for MemJournal {
         Ok(())
     }
 
+    /// Keeps nothing on disk: deletes nothing.
+    async fn trim_ended(&self, _retain_ended: usize) -> Result<u64, PortError> {
+        Ok(0)
+    }
+
     async fn ping(&self) -> Result<(), PortError> {
         Ok(())
+    }
+
+    /// In memory: never full.
+    fn full(&self) -> Option<String> {
+        None
     }
 
     async fn close(&self) {}

@@ -1,4 +1,4 @@
-//! [`NatsBus`] as the driver's [`ports::Bus`].
+//! [`NatsBus`] as the driver's [`ports::InputLog`] and [`ports::OutputLog`].
 
 use futures::StreamExt;
 use gpu_coordinator_wire::Encoding;
@@ -10,18 +10,9 @@ use crate::ports::{
 };
 
 #[async_trait::async_trait]
-impl ports::Bus for NatsBus {
+impl ports::InputLog for NatsBus {
     async fn ensure_streams(&self, inputs_after: Option<u64>) -> Result<(), PortError> {
         NatsBus::ensure_streams(self, inputs_after)
-            .await
-            .map_err(PortError::new)
-    }
-
-    async fn already_stored(
-        &self,
-        msg_ids: &[String],
-    ) -> Result<std::collections::HashSet<String>, PortError> {
-        NatsBus::already_stored(self, msg_ids)
             .await
             .map_err(PortError::new)
     }
@@ -55,20 +46,32 @@ impl ports::Bus for NatsBus {
             .boxed())
     }
 
-    async fn publish_in_order(
-        &self,
-        outputs: &[Outbound],
-        pipelined: bool,
-    ) -> Result<(), PublishFailure> {
-        NatsBus::publish_in_order(self, outputs, pipelined).await
-    }
-
     fn reconnects(&self) -> tokio::sync::watch::Receiver<u64> {
         NatsBus::reconnects(self)
     }
 
     fn acks_cover_earlier(&self) -> bool {
         true
+    }
+}
+
+#[async_trait::async_trait]
+impl ports::OutputLog for NatsBus {
+    async fn already_stored(
+        &self,
+        msg_ids: &[String],
+    ) -> Result<std::collections::HashSet<String>, PortError> {
+        NatsBus::already_stored(self, msg_ids)
+            .await
+            .map_err(PortError::new)
+    }
+
+    async fn publish_in_order(
+        &self,
+        outputs: &[Outbound],
+        pipelined: bool,
+    ) -> Result<(), PublishFailure> {
+        NatsBus::publish_in_order(self, outputs, pipelined).await
     }
 
     fn connected(&self) -> bool {

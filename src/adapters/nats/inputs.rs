@@ -79,7 +79,8 @@ impl NatsBus {
     }
 
     /// Opens the durable pull consumer on the input stream, delivering in stream order from the input
-    /// after `after` (see [`Bus::input_position`]), and starts its message stream.
+    /// after `after` (see [`InputLog::input_position`](crate::ports::InputLog::input_position)), and
+    /// starts its message stream.
     ///
     /// The consumer is made anew each time: an input that was delivered but not acknowledged before a
     /// crash would otherwise come back only after the ACK wait, behind newer ones. Drop the previous

@@ -518,6 +518,11 @@ impl Journal for PgStore {
         PgStore::ping(self).await.map_err(PortError::new)
     }
 
+    /// Postgres says nothing of its space before a write is refused (the caller's watch sees that).
+    fn full(&self) -> Option<String> {
+        None
+    }
+
     async fn close(&self) {
         PgStore::close(self).await
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::clock::now_ms;
-use crate::ports::{Leadership, PortError, Term};
+use crate::ports::{Leadership, PortError, Roster, Term};
 
 /// The lock file in the data directory.
 pub const LOCK_FILE: &str = "lock";
@@ -121,6 +121,16 @@ impl Leadership for DirLock {
     async fn leader(&self) -> Option<(Term, String)> {
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         held.as_ref().map(|(_, term)| (*term, self.holder.clone()))
+    }
+
+    /// The lock knows no standbys.
+    fn roster(&self) -> Option<Roster> {
+        None
+    }
+
+    /// Never refuses: a free lock is taken.
+    fn refusal(&self) -> Option<String> {
+        None
     }
 }
 

@@ -3,8 +3,9 @@
 //!
 //! - [`SqliteStore`] is the [`Journal`]: the requests, the highest fence, the input position and the
 //!   outbox, each batch in one transaction.
-//! - [`SqliteBus`] is the [`Bus`](crate::ports::Bus) of a coordinator with no NATS: its input and
-//!   output streams are two tables of the same database, and [`SqliteBus`] is also what the HTTP API
+//! - [`SqliteBus`] is the [`InputLog`](crate::ports::InputLog) and the
+//!   [`OutputLog`](crate::ports::OutputLog) of a coordinator with no NATS: its input and output
+//!   streams are two tables of the same database, and [`SqliteBus`] is also what the HTTP API
 //!   submits inputs to and reads the outputs from ([`crate::ports::Gateway`]).
 //! - [`DirLock`] is the [`Leadership`](crate::ports::Leadership): the coordinator that holds the lock
 //!   on the data directory leads; a second one on the same directory stands by.
@@ -389,6 +390,11 @@ impl Journal for SqliteStore {
                 source,
             })
         })
+    }
+
+    /// The file says nothing of its space before a write is refused (the caller's watch sees that).
+    fn full(&self) -> Option<String> {
+        None
     }
 
     async fn close(&self) {

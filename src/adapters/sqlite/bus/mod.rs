@@ -34,8 +34,8 @@ use tokio::sync::{broadcast, watch};
 use super::{SqliteError, SqliteStore};
 use crate::clock::now_ms;
 use crate::ports::{
-    Bus, Delivery, Inputs, Outbound, PortError, PublishFailure, ReadFrom, Settle, StatusQueries,
-    Stored, Which,
+    Delivery, InputLog, Inputs, Outbound, OutputLog, PortError, PublishFailure, ReadFrom, Settle,
+    StatusQueries, Stored, Which,
 };
 use crate::sync::lock;
 use read::{feed_answers, last_seq, next_wait, read_rows};
@@ -154,10 +154,10 @@ impl SqliteBus {
 }
 
 #[async_trait]
-impl Bus for SqliteBus {
-    /// In this process: nothing to be cut off from.
-    fn connected(&self) -> bool {
-        true
+impl InputLog for SqliteBus {
+    /// Every input is acknowledged by itself.
+    fn acks_cover_earlier(&self) -> bool {
+        false
     }
 
     /// Numbers the inputs after `inputs_after` when the table is behind it (a journal that handled
@@ -202,31 +202,6 @@ impl Bus for SqliteBus {
             .await
             .map_err(|e| self.port_error(e))?;
         Ok(if handled > last { 0 } else { handled })
-    }
-
-    async fn already_stored(&self, msg_ids: &[String]) -> Result<HashSet<String>, PortError> {
-        let mut found = HashSet::new();
-        // One query per few hundred ids, well under SQLite's bind parameters.
-        for chunk in msg_ids.chunks(500) {
-            let marks = vec!["?"; chunk.len()].join(", ");
-            let rows = self
-                .inner
-                .db
-                .query_all(Statement::from_sql_and_values(
-                    DbBackend::Sqlite,
-                    format!("SELECT msg_id FROM bus_outputs WHERE msg_id IN ({marks})"),
-                    chunk.iter().map(|id| id.clone().into()),
-                ))
-                .await
-                .map_err(|e| self.port_error(e))?;
-            for row in rows {
-                found.insert(
-                    row.try_get::<String>("", "msg_id")
-                        .map_err(|e| self.port_error(e))?,
-                );
-            }
-        }
-        Ok(found)
     }
 
     async fn input_end(&self) -> Result<u64, PortError> {
@@ -323,6 +298,43 @@ impl Bus for SqliteBus {
         Ok(stream.boxed())
     }
 
+    fn reconnects(&self) -> watch::Receiver<u64> {
+        self.inner.reconnects.subscribe()
+    }
+}
+
+#[async_trait]
+impl OutputLog for SqliteBus {
+    /// In this process: nothing to be cut off from.
+    fn connected(&self) -> bool {
+        true
+    }
+
+    async fn already_stored(&self, msg_ids: &[String]) -> Result<HashSet<String>, PortError> {
+        let mut found = HashSet::new();
+        // One query per few hundred ids, well under SQLite's bind parameters.
+        for chunk in msg_ids.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let rows = self
+                .inner
+                .db
+                .query_all(Statement::from_sql_and_values(
+                    DbBackend::Sqlite,
+                    format!("SELECT msg_id FROM bus_outputs WHERE msg_id IN ({marks})"),
+                    chunk.iter().map(|id| id.clone().into()),
+                ))
+                .await
+                .map_err(|e| self.port_error(e))?;
+            for row in rows {
+                found.insert(
+                    row.try_get::<String>("", "msg_id")
+                        .map_err(|e| self.port_error(e))?,
+                );
+            }
+        }
+        Ok(found)
+    }
+
     async fn publish_in_order(
         &self,
         outputs: &[Outbound],
@@ -392,10 +404,6 @@ impl Bus for SqliteBus {
             let _ = self.inner.outputs.send(m);
         }
         Ok(())
-    }
-
-    fn reconnects(&self) -> watch::Receiver<u64> {
-        self.inner.reconnects.subscribe()
     }
 
     /// No `<prefix>.status` questions come without NATS: the HTTP API asks the driver itself.

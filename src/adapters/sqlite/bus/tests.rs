@@ -8,7 +8,7 @@ use sea_orm::ConnectionTrait as _;
 
 use super::SqliteBus;
 use crate::adapters::sqlite::SqliteStore;
-use crate::ports::{Bus, Gateway, Outbound, ReadFrom, Which};
+use crate::ports::{Gateway, Outbound, OutputLog, ReadFrom, Which};
 
 fn out(msg_id: &str) -> Outbound {
     Outbound {
