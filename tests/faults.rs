@@ -375,7 +375,7 @@ async fn play(
         (args.cluster || seed % 3 == 2).then(|| tokio::task::block_in_place(ClusterServers::start));
     // Another one in three, or every one where `--fleet` forces it, has node agents report the GPUs:
     // two hosts or three, by turns.
-    let hosts: Vec<Host> = if args.fleet || seed % 3 == 0 {
+    let hosts: Vec<Host> = if args.fleet || seed.is_multiple_of(3) {
         HOSTS[..2 + (seed / 3 % 2) as usize].to_vec()
     } else {
         Vec::new()
@@ -403,7 +403,13 @@ async fn play(
         None => (None, None),
     };
     let played = play_round(
-        servers, &mut rng, config, dir, users, length, cluster, hosts,
+        servers,
+        &mut rng,
+        config,
+        dir,
+        users,
+        length,
+        Topology { cluster, hosts },
     )
     .await;
     if let Some(plain) = plain {
@@ -423,8 +429,7 @@ async fn play_round(
     dir: PathBuf,
     users: Option<BTreeMap<String, Credentials>>,
     length: Duration,
-    cluster: Option<ClusterServers>,
-    hosts: Vec<Host>,
+    Topology { cluster, hosts }: Topology,
 ) -> Result<RoundStats, String> {
     let port = servers.nats.port;
     let cluster_urls = cluster.as_ref().map(|c| c.nats.urls());
@@ -650,6 +655,14 @@ async fn play_round(
     drop(round.fleet);
     let _ = std::fs::remove_dir_all(&round.dir);
     Ok(stats)
+}
+
+/// What a round runs on besides the single servers.
+struct Topology {
+    /// The clusters of a cluster round, in place of the single nats-server and redis-server.
+    cluster: Option<ClusterServers>,
+    /// The hosts whose node agents report the GPUs in a fleet round (none otherwise).
+    hosts: Vec<Host>,
 }
 
 /// Drops the database of a round that passed (its coordinators are gone).
@@ -1679,12 +1692,12 @@ async fn silence_agent(rng: &mut StdRng, round: &mut Round, stall: bool) -> Resu
     // The first status (and when) that called the host unreachable, since it last was up.
     let mut first: Option<(Duration, StatusDoc)> = None;
     let mut last: Option<StatusDoc> = None;
-    let mut answers = 0;
+    // How many status answers called the host up, unreachable, or did not know it.
+    let mut answers = [0; 3];
     while since.elapsed() < silent {
         let asked = Instant::now();
         let doc = wait_status(&round.nats, prefix, Duration::from_millis(300), |_| true).await;
         if let Some(doc) = doc {
-            answers += 1;
             // The host was silent since `since`, at least as long as the answer took to come.
             let silent_for = asked - since;
             match host_state(&doc, &host) {
@@ -1696,16 +1709,18 @@ async fn silence_agent(rng: &mut StdRng, round: &mut Round, stall: bool) -> Resu
                     ));
                 }
                 Some(HostState::Up) => {
+                    answers[0] += 1;
                     first = None;
                     last = None;
                 }
                 Some(HostState::Unreachable) => {
+                    answers[1] += 1;
                     if first.is_none() {
                         first = Some((since.elapsed(), doc.clone()));
                     }
                     last = Some(doc);
                 }
-                None => {}
+                None => answers[2] += 1,
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1747,7 +1762,10 @@ async fn silence_agent(rng: &mut StdRng, round: &mut Round, stall: bool) -> Resu
         (Some((after, _)), Some(_)) => {
             format!("unreachable after {after:?} (another leader at the end)")
         }
-        _ => format!("never called unreachable ({answers} status answers)"),
+        _ => format!(
+            "never called unreachable (status answers: {} up, {} unreachable, {} not knowing it)",
+            answers[0], answers[1], answers[2]
+        ),
     };
     let up = wait_status(&round.nats, prefix, SETTLE, |doc| {
         host_state(doc, &host) == Some(HostState::Up)
