@@ -1665,11 +1665,8 @@ fn host_holders(status: &StatusDoc, host: &str) -> BTreeMap<String, u64> {
 }
 
 /// Silences one agent: `kill -9`, started again after a while (which may be shorter than the TTL), or
-/// (`stall`) SIGSTOP past the TTL, then SIGCONT. While it is silent, the leader's status is read over
-/// and over: once the TTL (and [`HOST_TTL_SLACK`]) has passed, the host must not be called up; once it
-/// is called unreachable, no new holder (request and fence) may appear on its GPUs until the agent is
-/// back, the same leader answering (its holders keep their leases, and may end). Once the agent is
-/// back, its host must be up again.
+/// (`stall`) SIGSTOP past the TTL, then SIGCONT; [`watch_silent_host`] checks the leader meanwhile.
+/// Once the agent is back, its host must be up again.
 async fn silence_agent(rng: &mut StdRng, round: &mut Round, stall: bool) -> Result<String, String> {
     let fleet = round.fleet.as_mut().ok_or("not a fleet round")?;
     let i = rng.random_range(0..fleet.agents.len());
@@ -1686,12 +1683,52 @@ async fn silence_agent(rng: &mut StdRng, round: &mut Round, stall: bool) -> Resu
     } else {
         agent.kill();
     }
+    let what = format!(
+        "{host}'s agent {} for {silent:?}",
+        if stall { "stopped" } else { "killed" }
+    );
+    let watched = watch_silent_host(round, &host, ttl, silent).await;
+    let agent = &mut round.fleet.as_mut().ok_or("not a fleet round")?.agents[i];
+    if stall {
+        agent.signal("-CONT");
+    } else {
+        agent.restart();
+    }
+    let watched = watched.map_err(|e| format!("{what}: {e}"))?;
+    let back = Instant::now();
+    let up = wait_status(&round.nats, &round.config.nats.prefix, SETTLE, |doc| {
+        host_state(doc, &host) == Some(HostState::Up)
+    })
+    .await;
+    match up {
+        Some(_) => Ok(format!(
+            "{what}: {watched}; up again {:?} after it was back",
+            back.elapsed()
+        )),
+        None => Err(format!(
+            "{what}: {watched}; its host not up within {SETTLE:?} after the agent was back"
+        )),
+    }
+}
+
+/// Reads the leader's status over and over while `host`'s agent is silent (for `silent`, since now):
+/// once the TTL (and [`HOST_TTL_SLACK`]) has passed, the host must not be called up; once it is
+/// called unreachable, every holder seen on its GPUs (request and fence) must have held there when it
+/// was first called so, the same leader answering: its holders keep their leases (and may end), no
+/// new one comes. Says what it saw.
+async fn watch_silent_host(
+    round: &Round,
+    host: &str,
+    ttl: Duration,
+    silent: Duration,
+) -> Result<String, String> {
     let since = Instant::now();
     let prefix = &round.config.nats.prefix;
     let leader = |doc: &StatusDoc| doc.leader.as_ref().map(|l| (l.holder.clone(), l.term));
-    // The first status (and when) that called the host unreachable, since it last was up.
-    let mut first: Option<(Duration, StatusDoc)> = None;
-    let mut last: Option<StatusDoc> = None;
+    // Since the host was last called up: when it was first called unreachable, by which leader (name
+    // and term), and its holders then.
+    type Unreachable = (Duration, Option<(String, u64)>, BTreeMap<String, u64>);
+    let mut first: Option<Unreachable> = None;
     // How many status answers called the host up, unreachable, or did not know it.
     let mut answers = [0; 3];
     while since.elapsed() < silent {
@@ -1700,86 +1737,56 @@ async fn silence_agent(rng: &mut StdRng, round: &mut Round, stall: bool) -> Resu
         if let Some(doc) = doc {
             // The host was silent since `since`, at least as long as the answer took to come.
             let silent_for = asked - since;
-            match host_state(&doc, &host) {
+            match host_state(&doc, host) {
                 Some(HostState::Up) if silent_for > ttl + HOST_TTL_SLACK => {
                     return Err(format!(
-                        "{host}'s agent silent for {silent_for:?} (TTL {ttl:?}), and its host is \
-                         still up: {:?}",
+                        "silent for {silent_for:?} (TTL {ttl:?}), and its host is still up: {:?}",
                         doc.hosts
                     ));
                 }
                 Some(HostState::Up) => {
                     answers[0] += 1;
                     first = None;
-                    last = None;
                 }
                 Some(HostState::Unreachable) => {
                     answers[1] += 1;
-                    if first.is_none() {
-                        first = Some((since.elapsed(), doc.clone()));
+                    let holders = host_holders(&doc, host);
+                    match &first {
+                        Some((after, by, before)) if *by == leader(&doc) => {
+                            let new: Vec<String> = holders
+                                .iter()
+                                .filter(|(id, fence)| before.get(*id) != Some(*fence))
+                                .map(|(id, fence)| format!("{id} (fence {fence})"))
+                                .collect();
+                            if !new.is_empty() {
+                                return Err(format!(
+                                    "new holders on {host}, unreachable since +{after:?}: {}; \
+                                     holders then: {before:?}; GPUs now: {:?}",
+                                    new.join(", "),
+                                    doc.gpus
+                                ));
+                            }
+                        }
+                        _ => first = Some((since.elapsed(), leader(&doc), holders)),
                     }
-                    last = Some(doc);
                 }
                 None => answers[2] += 1,
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let agent = &mut round.fleet.as_mut().ok_or("not a fleet round")?.agents[i];
-    if stall {
-        agent.signal("-CONT");
-    } else {
-        agent.restart();
-    }
-    let back = Instant::now();
-    let what = format!(
-        "{host}'s agent {} for {silent:?}",
-        if stall { "stopped" } else { "killed" }
-    );
-    let kept = match (&first, &last) {
-        (Some((after, first)), Some(last)) if leader(first) == leader(last) => {
-            let before = host_holders(first, &host);
-            let new: Vec<String> = host_holders(last, &host)
-                .into_iter()
-                .filter(|(id, fence)| before.get(id) != Some(fence))
-                .map(|(id, fence)| format!("{id} (fence {fence})"))
-                .collect();
-            if !new.is_empty() {
-                return Err(format!(
-                    "{what}: new holders on {host}, unreachable since +{after:?}: {}\nfirst \
-                     called unreachable: {:?}\nlast: {:?}",
-                    new.join(", "),
-                    first.gpus,
-                    last.gpus
-                ));
-            }
-            format!(
-                "unreachable after {after:?}, {} holder(s) then, {} at the end, none new",
-                before.len(),
-                host_holders(last, &host).len()
-            )
-        }
-        (Some((after, _)), Some(_)) => {
-            format!("unreachable after {after:?} (another leader at the end)")
-        }
-        _ => format!(
+    Ok(match first {
+        Some((after, _, before)) => format!(
+            "unreachable after {after:?}, {} holder(s) then, none new ({} answers calling it \
+             unreachable)",
+            before.len(),
+            answers[1]
+        ),
+        None => format!(
             "never called unreachable (status answers: {} up, {} unreachable, {} not knowing it)",
             answers[0], answers[1], answers[2]
         ),
-    };
-    let up = wait_status(&round.nats, prefix, SETTLE, |doc| {
-        host_state(doc, &host) == Some(HostState::Up)
     })
-    .await;
-    match up {
-        Some(_) => Ok(format!(
-            "{what}: {kept}; up again {:?} after it was back",
-            back.elapsed()
-        )),
-        None => Err(format!(
-            "{what}: {kept}; its host not up within {SETTLE:?} after the agent was back"
-        )),
-    }
 }
 
 // ----- cluster rounds ----------------------------------------------------------------------------
