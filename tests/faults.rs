@@ -1713,9 +1713,9 @@ async fn silence_agent(rng: &mut StdRng, round: &mut Round, stall: bool) -> Resu
 
 /// Reads the leader's status over and over while `host`'s agent is silent (for `silent`, since now):
 /// once the TTL (and [`HOST_TTL_SLACK`]) has passed, the host must not be called up; once it is
-/// called unreachable, every holder seen on its GPUs (request and fence) must have held there when it
-/// was first called so, the same leader answering: its holders keep their leases (and may end), no
-/// new one comes. Says what it saw.
+/// called unreachable (or not known, by a leader that took over meanwhile), every holder seen on its
+/// GPUs (request and fence) must have held there when it was first called so, the same leader
+/// answering: its holders keep their leases (and may end), no new one comes. Says what it saw.
 async fn watch_silent_host(
     round: &Round,
     host: &str,
@@ -1748,8 +1748,10 @@ async fn watch_silent_host(
                     answers[0] += 1;
                     first = None;
                 }
-                Some(HostState::Unreachable) => {
-                    answers[1] += 1;
+                // A leader that has not heard the host (one that took over meanwhile) grants nothing
+                // there either.
+                state @ (Some(HostState::Unreachable) | None) => {
+                    answers[if state.is_some() { 1 } else { 2 }] += 1;
                     let holders = host_holders(&doc, host);
                     match &first {
                         Some((after, by, before)) if *by == leader(&doc) => {
@@ -1770,17 +1772,17 @@ async fn watch_silent_host(
                         _ => first = Some((since.elapsed(), leader(&doc), holders)),
                     }
                 }
-                None => answers[2] += 1,
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(match first {
         Some((after, _, before)) => format!(
-            "unreachable after {after:?}, {} holder(s) then, none new ({} answers calling it \
-             unreachable)",
+            "unreachable (or unknown) after {after:?}, {} holder(s) then, none new (status answers: {} calling \
+             it unreachable, {} not knowing it)",
             before.len(),
-            answers[1]
+            answers[1],
+            answers[2]
         ),
         None => format!(
             "never called unreachable (status answers: {} up, {} unreachable, {} not knowing it)",
