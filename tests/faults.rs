@@ -31,10 +31,21 @@
 //! primary (the standby promoted at once; once per round), in place of the single servers' restarts,
 //! fills and slowing; hostile clients are not drawn there (no permissions).
 //!
+//! One round in three (those whose seed is a multiple of three), or every round with `--fleet`, runs a
+//! fleet: the coordinators with `[nodes] agents = true` and no `[[gpus]]` of their own, and two or three
+//! node agents (`gpu-coordinator agent` processes, simulated GPUs, ids `<host>/<id>`) in their place;
+//! the round's workload starts once every host is heard. Its faults add `kill -9` of an agent (started
+//! again after a while) and SIGSTOP of one past `nodes.ttl_ms` (then SIGCONT): while an agent is
+//! silent, its host must be called unreachable once the TTL has passed, take no new grant, and be up
+//! again once the agent is back. The checks after the round take the GPUs and their capacities from
+//! the agents (the audit is given them as `[[gpus]]`: it knows no capacity of its own for a fleet's
+//! GPUs), and every agent must still run.
+//!
 //! `cargo test --test faults` runs a short harness (CI). By hand, longer:
-//! `cargo test --release --test faults -- --rounds 50 --secs 20 [--seed S] [--cluster]`. Each round
-//! prints its seed and whether it ran on clusters; `--rounds 1 --seed S` plays the same faults again
-//! (with `--cluster` where the round was forced onto clusters).
+//! `cargo test --release --test faults -- --rounds 50 --secs 20 [--seed S] [--cluster] [--fleet]
+//! [--timeline]`. Each round prints its seed and whether it ran on clusters or with a fleet (and, with
+//! `--timeline`, each fault and what it did); `--rounds 1 --seed S` plays the same faults again (with
+//! `--cluster` or `--fleet` where the round was forced onto clusters or a fleet).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -50,11 +61,24 @@ use gpu_coordinator_client::{Client, ClientError, Lease, LeasePhase, RequestOpti
 use gpu_coordinator_test_support::{
     unique, NatsCluster, NatsServer, PgServer, Proxy, RedisSentinels, RedisServer, SmallDisk,
 };
-use gpu_coordinator_wire::StatusDoc;
+use gpu_coordinator_wire::{HostState, StatusDoc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const GPUS: [(&str, u64); 2] = [("0", 24_000), ("1", 16_000)];
+/// A host of a fleet round: its name and the GPUs (id, MB) its agent simulates.
+type Host = (&'static str, &'static [(&'static str, u64)]);
+/// The hosts of a fleet round: the first two, or all three.
+const HOSTS: [Host; 3] = [
+    ("h1", &[("0", 24_000)]),
+    ("h2", &[("0", 16_000), ("1", 16_000)]),
+    ("h3", &[("0", 24_000)]),
+];
+/// How often an agent samples (and so is heard), and how long a silent host stays reachable.
+const AGENT_SAMPLE_MS: u64 = 200;
+const HOST_TTL_MS: u64 = 1_500;
+/// How late past the TTL the leader may still call a silent host up (its timer, on a loaded machine).
+const HOST_TTL_SLACK: Duration = Duration::from_millis(2_000);
 const SERVICES: [&str; 6] = ["chat", "voice", "asr", "diar", "embed", "tts"];
 const LEASE_MS: u64 = 1_500;
 const ACK_DEADLINE_MS: u64 = 700;
@@ -83,6 +107,10 @@ enum Fault {
     KillRedisMaster,
     /// Cluster rounds only: `kill -9` of the Postgres primary; its synchronous standby is promoted.
     KillPgPrimary,
+    /// Fleet rounds only: `kill -9` of a node agent, started again after a while.
+    KillAgent,
+    /// Fleet rounds only: SIGSTOP of a node agent past the hosts' TTL, then SIGCONT.
+    StallAgent,
 }
 
 const FAULTS: [Fault; 11] = [
@@ -99,6 +127,9 @@ const FAULTS: [Fault; 11] = [
     Fault::FillPostgresDisk,
 ];
 
+/// The faults that only a fleet round plays, on its [`Fleet`] (a quarter of its draws).
+const AGENT_FAULTS: [Fault; 2] = [Fault::KillAgent, Fault::StallAgent];
+
 /// The faults that only a cluster round plays, on its [`ClusterServers`].
 const CLUSTER_FAULTS: [Fault; 3] = [
     Fault::KillNatsStreamLeader,
@@ -112,10 +143,14 @@ struct Args {
     seed: u64,
     /// `--cluster`: every round on clusters, not only those drawn.
     cluster: bool,
+    /// `--fleet`: every round with node agents, not only those drawn.
+    fleet: bool,
+    /// `--timeline`: print each round's faults, and what each did, once it passed.
+    timeline: bool,
 }
 
 impl Args {
-    /// `--rounds N`, `--secs S`, `--seed X`, `--cluster`; anything else (a test filter, libtest flags)
+    /// `--rounds N`, `--secs S`, `--seed X`, `--cluster`, `--fleet`, `--timeline`; anything else (a test filter, libtest flags)
     /// is ignored.
     fn parse() -> Args {
         let mut args = Args {
@@ -126,11 +161,19 @@ impl Args {
                 .map(|d| d.as_secs())
                 .unwrap_or(1),
             cluster: false,
+            fleet: false,
+            timeline: false,
         };
         let mut it = std::env::args().skip(1);
         while let Some(arg) = it.next() {
-            if arg == "--cluster" {
-                args.cluster = true;
+            let flag = match arg.as_str() {
+                "--cluster" => Some(&mut args.cluster),
+                "--fleet" => Some(&mut args.fleet),
+                "--timeline" => Some(&mut args.timeline),
+                _ => None,
+            };
+            if let Some(flag) = flag {
+                *flag = true;
                 continue;
             }
             let target = match arg.as_str() {
@@ -172,16 +215,20 @@ async fn run(args: &Args) -> Totals {
         let seed = args.seed.wrapping_add(round);
         println!("round {round}: seed {seed}");
         let length = Duration::from_secs(args.secs);
-        match play(&mut servers, seed, length, args.cluster).await {
+        match play(&mut servers, seed, length, args).await {
             Ok(stats) => {
                 println!("round {round}: {stats}");
+                if args.timeline {
+                    println!("round {round}: faults:\n  {}", stats.timeline.join("\n  "));
+                }
                 totals.add(stats);
             }
             Err(failure) => {
                 eprintln!(
                     "round {round} (seed {seed}) FAILED: {failure}\nreplay it: cargo test --test \
-                     faults -- --rounds 1 --seed {seed}{}",
-                    if args.cluster { " --cluster" } else { "" }
+                     faults -- --rounds 1 --seed {seed}{}{}",
+                    if args.cluster { " --cluster" } else { "" },
+                    if args.fleet { " --fleet" } else { "" }
                 );
                 // The servers stop and Postgres's disk is unmounted before the process ends.
                 drop(servers);
@@ -209,6 +256,8 @@ const PG_DISK: &str = "160m";
 struct RoundStats {
     /// It ran on [`ClusterServers`].
     cluster: bool,
+    /// The hosts of its fleet (none where the coordinators had GPUs of their own).
+    hosts: usize,
     coordinators: usize,
     write_behind: bool,
     /// NATS checked everyone's permissions (hostile clients may be drawn).
@@ -220,18 +269,25 @@ struct RoundStats {
     revocations: u64,
     units: usize,
     outcomes: BTreeMap<String, u64>,
+    /// Each fault played, when, and what it did (printed with `--timeline`).
+    timeline: Vec<String>,
 }
 
 impl std::fmt::Display for RoundStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}{} coordinator(s){}{}; faults {:?}; {} requests, {} grants, {} preemptions, {} revocations, \
+            "{}{}{} coordinator(s){}{}; faults {:?}; {} requests, {} grants, {} preemptions, {} revocations, \
              {} units of work; client outcomes {:?}; 0 violations, 0 lost requests",
             if self.cluster {
                 "cluster round (3 NATS nodes, R3 streams; Redis with a replica and 3 Sentinels; Postgres with a synchronous standby), "
             } else {
                 "single servers, "
+            },
+            if self.hosts > 0 {
+                format!("a fleet of {} hosts (node agents), ", self.hosts)
+            } else {
+                String::new()
             },
             self.coordinators,
             if self.write_behind {
@@ -259,6 +315,7 @@ impl std::fmt::Display for RoundStats {
 struct Totals {
     rounds: u64,
     cluster_rounds: u64,
+    fleet_rounds: u64,
     faults: BTreeMap<String, u64>,
     requests: u64,
     grants: u64,
@@ -271,6 +328,7 @@ impl Totals {
     fn add(&mut self, stats: RoundStats) {
         self.rounds += 1;
         self.cluster_rounds += u64::from(stats.cluster);
+        self.fleet_rounds += u64::from(stats.hosts > 0);
         for (fault, n) in stats.faults {
             *self.faults.entry(fault).or_default() += n;
         }
@@ -286,8 +344,8 @@ impl std::fmt::Display for Totals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "fault harness: {} rounds passed ({} on clusters)",
-            self.rounds, self.cluster_rounds
+            "fault harness: {} rounds passed ({} on clusters, {} with a fleet of node agents)",
+            self.rounds, self.cluster_rounds, self.fleet_rounds
         )?;
         writeln!(f, "faults injected: {:?}", self.faults)?;
         writeln!(
@@ -305,16 +363,28 @@ async fn play(
     servers: &mut Servers,
     seed: u64,
     length: Duration,
-    cluster: bool,
+    args: &Args,
 ) -> Result<RoundStats, String> {
     let mut rng = StdRng::seed_from_u64(seed);
     let name = unique("faults");
     let mut config = round_config(servers, &name);
     // Every other round writes Postgres behind the JetStream journal stream.
     config.database.write_behind = seed % 2 == 1;
-    // One round in three, or every one where `cluster` forces it, runs on clusters.
+    // One round in three, or every one where `--cluster` forces it, runs on clusters.
     let cluster =
-        (cluster || seed % 3 == 2).then(|| tokio::task::block_in_place(ClusterServers::start));
+        (args.cluster || seed % 3 == 2).then(|| tokio::task::block_in_place(ClusterServers::start));
+    // Another one in three, or every one where `--fleet` forces it, has node agents report the GPUs:
+    // two hosts or three, by turns.
+    let hosts: Vec<Host> = if args.fleet || seed.is_multiple_of(3) {
+        HOSTS[..2 + (seed / 3 % 2) as usize].to_vec()
+    } else {
+        Vec::new()
+    };
+    if !hosts.is_empty() {
+        config.gpus.clear();
+        config.nodes.agents = true;
+        config.nodes.ttl_ms = HOST_TTL_MS;
+    }
     if let Some(cluster) = &cluster {
         cluster.configure(&mut config);
     }
@@ -323,7 +393,7 @@ async fn play(
     // Half of the rounds draw hostile clients among their faults: their NATS runs with the
     // permissions of `nats-auth`, on a server of their own, and everyone uses its own credentials.
     let users = if cluster.is_none() && rng.random_bool(0.5) {
-        let (server, users) = secured_nats(&config.nats.prefix, &dir)?;
+        let (server, users) = secured_nats(&config.nats.prefix, &hosts, &dir)?;
         Some((std::mem::replace(&mut servers.nats, server), users))
     } else {
         None
@@ -332,7 +402,16 @@ async fn play(
         Some((plain, users)) => (Some(plain), Some(users)),
         None => (None, None),
     };
-    let played = play_round(servers, &mut rng, config, dir, users, length, cluster).await;
+    let played = play_round(
+        servers,
+        &mut rng,
+        config,
+        dir,
+        users,
+        length,
+        Topology { cluster, hosts },
+    )
+    .await;
     if let Some(plain) = plain {
         drop(std::mem::replace(&mut servers.nats, plain));
     }
@@ -350,7 +429,7 @@ async fn play_round(
     dir: PathBuf,
     users: Option<BTreeMap<String, Credentials>>,
     length: Duration,
-    cluster: Option<ClusterServers>,
+    Topology { cluster, hosts }: Topology,
 ) -> Result<RoundStats, String> {
     let port = servers.nats.port;
     let cluster_urls = cluster.as_ref().map(|c| c.nats.urls());
@@ -363,6 +442,7 @@ async fn play_round(
     let config_file = write_config(&config, &dir)?;
     let mut stats = RoundStats {
         cluster: cluster.is_some(),
+        hosts: hosts.len(),
         coordinators: rng.random_range(1..=3),
         write_behind: config.database.write_behind,
         secured: users.is_some(),
@@ -377,10 +457,40 @@ async fn play_round(
     })
     .await
     .ok_or("no coordinator answered status within 60 s")?;
+    let fleet = (!hosts.is_empty()).then(|| Fleet {
+        agents: hosts
+            .iter()
+            .map(|&(host, gpus)| {
+                let url = url(&nats_auth::agent_user(host));
+                let log = dir.join(format!("agent-{host}.log"));
+                AgentProcess::start(&url, &config.nats.prefix, host, gpus, log)
+            })
+            .collect(),
+        ttl: Duration::from_millis(HOST_TTL_MS),
+    });
+    if let Some(fleet) = &fleet {
+        // The workload starts once the leader heard every host.
+        wait_status(&nats, &config.nats.prefix, Duration::from_secs(60), |doc| {
+            fleet
+                .agents
+                .iter()
+                .all(|a| host_state(doc, &a.host) == Some(HostState::Up))
+        })
+        .await
+        .ok_or("the leader did not hear every host within 60 s")?;
+    }
     let mut round = Round {
         auditor: {
             let mut auditor = config.clone();
             auditor.nats.url = url(nats_auth::AUDITOR);
+            // The audit knows the capacities of the GPUs it is given only: a fleet's are the agents'.
+            if let Some(fleet) = &fleet {
+                auditor.gpus = fleet
+                    .gpus()
+                    .into_iter()
+                    .map(|(id, vram_mb)| GpuConfig { id, vram_mb })
+                    .collect();
+            }
             auditor
         },
         harness_url: url(HARNESS),
@@ -392,6 +502,7 @@ async fn play_round(
         port,
         skewed: Vec::new(),
         cluster,
+        fleet,
     };
     let config = round.config.clone();
 
@@ -428,9 +539,14 @@ async fn play_round(
     while started.elapsed() < length {
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..1_200))).await;
         let fault = loop {
-            let fault = match &round.cluster {
-                Some(cluster) => cluster.draw(rng),
-                None => FAULTS[rng.random_range(0..FAULTS.len())],
+            // A quarter of a fleet round's draws silence an agent.
+            let fault = if round.fleet.is_some() && rng.random_bool(0.25) {
+                AGENT_FAULTS[rng.random_range(0..AGENT_FAULTS.len())]
+            } else {
+                match &round.cluster {
+                    Some(cluster) => cluster.draw(rng),
+                    None => FAULTS[rng.random_range(0..FAULTS.len())],
+                }
             };
             // Hostile clients are drawn where NATS checks permissions.
             if fault != Fault::HostileClients || round.users.is_some() {
@@ -459,6 +575,7 @@ async fn play_round(
             ));
         }
     }
+    stats.timeline = timeline.clone();
     let timeline = format!("faults:\n  {}", timeline.join("\n  "));
 
     // Heal, stop the services, wait for the coordinator to be idle.
@@ -504,7 +621,17 @@ async fn play_round(
             summary.live, summary.unheard
         ));
     }
-    if let Err((e, ids)) = check_units(&units) {
+    if let Some(fleet) = &mut round.fleet {
+        let gone = fleet.gone();
+        if !gone.is_empty() {
+            return Err(format!(
+                "node agents ended by themselves: {} (logs in {})\n{timeline}",
+                gone.join("; "),
+                round.dir.display()
+            ));
+        }
+    }
+    if let Err((e, ids)) = check_units(&units, &round.gpus()) {
         let history = history_of(&round.harness_url, &config.nats.prefix, &ids).await;
         return Err(format!("{e}\n{timeline}\n{history}"));
     }
@@ -525,8 +652,17 @@ async fn play_round(
     stats.units = units.len();
     drop(coordinators);
     drop(round.skewed);
+    drop(round.fleet);
     let _ = std::fs::remove_dir_all(&round.dir);
     Ok(stats)
+}
+
+/// What a round runs on besides the single servers.
+struct Topology {
+    /// The clusters of a cluster round, in place of the single nats-server and redis-server.
+    cluster: Option<ClusterServers>,
+    /// The hosts whose node agents report the GPUs in a fleet round (none otherwise).
+    hosts: Vec<Host>,
 }
 
 /// Drops the database of a round that passed (its coordinators are gone).
@@ -567,9 +703,19 @@ struct Round {
     skewed: Vec<Coordinator>,
     /// The clusters of a cluster round (the single servers are then unused, Postgres's aside).
     cluster: Option<ClusterServers>,
+    /// The node agents of a fleet round (the coordinators then have no GPUs of their own).
+    fleet: Option<Fleet>,
 }
 
 impl Round {
+    /// The round's GPUs and their capacities in MB: the agents', else the configured ones.
+    fn gpus(&self) -> Vec<(String, u64)> {
+        match &self.fleet {
+            Some(fleet) => fleet.gpus(),
+            None => GPUS.iter().map(|(id, mb)| (id.to_string(), *mb)).collect(),
+        }
+    }
+
     /// The URL `user` connects with to NATS at `port` (the server's or a proxy's).
     fn url(&self, user: &str, port: u16) -> String {
         match &self.users {
@@ -589,15 +735,17 @@ impl Round {
     }
 }
 
-/// A private nats-server with the configuration `nats-auth` writes for the six services (in `dir`),
-/// plus the harness's own user, and everyone's credentials.
+/// A private nats-server with the configuration `nats-auth` writes for the six services and the agents
+/// of `hosts` (in `dir`), plus the harness's own user, and everyone's credentials.
 fn secured_nats(
     prefix: &str,
+    hosts: &[Host],
     dir: &std::path::Path,
 ) -> Result<(NatsServer, BTreeMap<String, Credentials>), String> {
     use rand::distr::{Alphanumeric, SampleString};
     let services: Vec<String> = SERVICES.iter().map(ToString::to_string).collect();
-    let mut generated = nats_auth::generate(prefix, &services, &[], "127.0.0.1:4222")
+    let hosts: Vec<String> = hosts.iter().map(|(host, _)| host.to_string()).collect();
+    let mut generated = nats_auth::generate(prefix, &services, &hosts, "127.0.0.1:4222")
         .map_err(|e| format!("nats-auth: {e:#}"))?;
     let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
     let users = "  users = [\n";
@@ -690,6 +838,12 @@ fn write_config(config: &Config, dir: &std::path::Path) -> Result<PathBuf, Strin
         text.push_str(&format!(
             "\n[[gpus]]\nid = \"{}\"\nvram_mb = {}\n",
             gpu.id, gpu.vram_mb
+        ));
+    }
+    if config.nodes.agents {
+        text.push_str(&format!(
+            "\n[nodes]\nagents = true\nttl_ms = {}\n",
+            config.nodes.ttl_ms
         ));
     }
     let path = dir.join("coordinator.toml");
@@ -833,6 +987,8 @@ async fn inject(
         Fault::KillNatsStreamLeader => kill_nats_stream_leader(rng, round).await?,
         Fault::KillRedisMaster => kill_redis_master(round).await?,
         Fault::KillPgPrimary => kill_pg_primary(round).await?,
+        Fault::KillAgent => silence_agent(rng, round, false).await?,
+        Fault::StallAgent => silence_agent(rng, round, true).await?,
     })
 }
 
@@ -1368,6 +1524,273 @@ impl Drop for Coordinator {
     }
 }
 
+// ----- fleet rounds ------------------------------------------------------------------------------
+
+/// The node agents of a fleet round, one per host.
+struct Fleet {
+    agents: Vec<AgentProcess>,
+    /// How long the coordinators let a silent host stay reachable (`nodes.ttl_ms`).
+    ttl: Duration,
+}
+
+impl Fleet {
+    /// Every GPU the agents report, as the coordinators name it (`<host>/<id>`), with its MB.
+    fn gpus(&self) -> Vec<(String, u64)> {
+        self.agents
+            .iter()
+            .flat_map(|a| {
+                a.gpus
+                    .iter()
+                    .map(|(id, mb)| (format!("{}/{id}", a.host), *mb))
+            })
+            .collect()
+    }
+
+    /// The agents whose process ended without the harness ending it, with how.
+    fn gone(&mut self) -> Vec<String> {
+        self.agents
+            .iter_mut()
+            .filter_map(|a| {
+                let ended = a.child.as_mut()?.try_wait().ok()??;
+                Some(format!("{} ({ended}, log {})", a.host, a.log.display()))
+            })
+            .collect()
+    }
+}
+
+/// A node agent (`gpu-coordinator agent`) as a process of its own, simulating its host's GPUs; its
+/// stderr kept in a log file.
+struct AgentProcess {
+    host: String,
+    gpus: &'static [(&'static str, u64)],
+    url: String,
+    prefix: String,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl AgentProcess {
+    fn start(
+        url: &str,
+        prefix: &str,
+        host: &str,
+        gpus: &'static [(&'static str, u64)],
+        log: PathBuf,
+    ) -> AgentProcess {
+        let mut agent = AgentProcess {
+            host: host.to_owned(),
+            gpus,
+            url: url.to_owned(),
+            prefix: prefix.to_owned(),
+            log,
+            child: None,
+        };
+        agent.restart();
+        agent
+    }
+
+    fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("an agent log file");
+        let gpus: Vec<String> = self
+            .gpus
+            .iter()
+            .map(|(id, mb)| format!("{{id=\"{id}\",vram_mb={mb}}}"))
+            .collect();
+        let child = Command::new(env!("CARGO_BIN_EXE_gpu-coordinator"))
+            .arg("agent")
+            .env("GPU_COORDINATOR_NATS__URL", &self.url)
+            .env("GPU_COORDINATOR_NATS__PREFIX", &self.prefix)
+            .env("GPU_COORDINATOR_AGENT__HOST", &self.host)
+            .env("GPU_COORDINATOR_NVML__ENABLED", "false")
+            .env(
+                "GPU_COORDINATOR_NVML__SAMPLE_MS",
+                AGENT_SAMPLE_MS.to_string(),
+            )
+            .env("GPU_COORDINATOR_GPUS", format!("[{}]", gpus.join(",")))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start gpu-coordinator agent");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .arg(signal)
+                .arg(child.id().to_string())
+                .status();
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+        self.kill();
+    }
+}
+
+/// The state of `host` in `status`, where its leader heard it.
+fn host_state(status: &StatusDoc, host: &str) -> Option<HostState> {
+    status
+        .hosts
+        .iter()
+        .find(|h| h.host == host)
+        .map(|h| h.state)
+}
+
+/// The holders of `host`'s GPUs in `status`: (request id, fence).
+fn host_holders(status: &StatusDoc, host: &str) -> BTreeMap<String, u64> {
+    status
+        .gpus
+        .iter()
+        .filter(|g| g.id.split_once('/').is_some_and(|(h, _)| h == host))
+        .flat_map(|g| g.holders.iter().map(|h| (h.request_id.clone(), h.fence)))
+        .collect()
+}
+
+/// Silences one agent: `kill -9`, started again after a while (which may be shorter than the TTL), or
+/// (`stall`) SIGSTOP past the TTL, then SIGCONT; [`watch_silent_host`] checks the leader meanwhile.
+/// Once the agent is back, its host must be up again.
+async fn silence_agent(rng: &mut StdRng, round: &mut Round, stall: bool) -> Result<String, String> {
+    let fleet = round.fleet.as_mut().ok_or("not a fleet round")?;
+    let i = rng.random_range(0..fleet.agents.len());
+    let ttl = fleet.ttl;
+    let silent = if stall {
+        ttl + Duration::from_millis(rng.random_range(500..3_000))
+    } else {
+        Duration::from_millis(rng.random_range(0..(ttl.as_millis() as u64 * 2 + 1_000)))
+    };
+    let agent = &mut fleet.agents[i];
+    let host = agent.host.clone();
+    if stall {
+        agent.signal("-STOP");
+    } else {
+        agent.kill();
+    }
+    let what = format!(
+        "{host}'s agent {} for {silent:?}",
+        if stall { "stopped" } else { "killed" }
+    );
+    let watched = watch_silent_host(round, &host, ttl, silent).await;
+    let agent = &mut round.fleet.as_mut().ok_or("not a fleet round")?.agents[i];
+    if stall {
+        agent.signal("-CONT");
+    } else {
+        agent.restart();
+    }
+    let watched = watched.map_err(|e| format!("{what}: {e}"))?;
+    let back = Instant::now();
+    let up = wait_status(&round.nats, &round.config.nats.prefix, SETTLE, |doc| {
+        host_state(doc, &host) == Some(HostState::Up)
+    })
+    .await;
+    match up {
+        Some(_) => Ok(format!(
+            "{what}: {watched}; up again {:?} after it was back",
+            back.elapsed()
+        )),
+        None => Err(format!(
+            "{what}: {watched}; its host not up within {SETTLE:?} after the agent was back"
+        )),
+    }
+}
+
+/// Reads the leader's status over and over while `host`'s agent is silent (for `silent`, since now):
+/// once the TTL (and [`HOST_TTL_SLACK`]) has passed, the host must not be called up; once it is
+/// called unreachable (or not known, by a leader that took over meanwhile), every holder seen on its
+/// GPUs (request and fence) must have held there when it was first called so, the same leader
+/// answering: its holders keep their leases (and may end), no new one comes. Says what it saw.
+async fn watch_silent_host(
+    round: &Round,
+    host: &str,
+    ttl: Duration,
+    silent: Duration,
+) -> Result<String, String> {
+    let since = Instant::now();
+    let prefix = &round.config.nats.prefix;
+    let leader = |doc: &StatusDoc| doc.leader.as_ref().map(|l| (l.holder.clone(), l.term));
+    // Since the host was last called up: when it was first called unreachable, by which leader (name
+    // and term), and its holders then.
+    type Unreachable = (Duration, Option<(String, u64)>, BTreeMap<String, u64>);
+    let mut first: Option<Unreachable> = None;
+    // How many status answers called the host up, unreachable, or did not know it.
+    let mut answers = [0; 3];
+    while since.elapsed() < silent {
+        let asked = Instant::now();
+        let doc = wait_status(&round.nats, prefix, Duration::from_millis(300), |_| true).await;
+        if let Some(doc) = doc {
+            // The host was silent since `since`, at least as long as the answer took to come.
+            let silent_for = asked - since;
+            match host_state(&doc, host) {
+                Some(HostState::Up) if silent_for > ttl + HOST_TTL_SLACK => {
+                    return Err(format!(
+                        "silent for {silent_for:?} (TTL {ttl:?}), and its host is still up: {:?}",
+                        doc.hosts
+                    ));
+                }
+                Some(HostState::Up) => {
+                    answers[0] += 1;
+                    first = None;
+                }
+                // A leader that has not heard the host (one that took over meanwhile) grants nothing
+                // there either.
+                state @ (Some(HostState::Unreachable) | None) => {
+                    answers[if state.is_some() { 1 } else { 2 }] += 1;
+                    let holders = host_holders(&doc, host);
+                    match &first {
+                        Some((after, by, before)) if *by == leader(&doc) => {
+                            let new: Vec<String> = holders
+                                .iter()
+                                .filter(|(id, fence)| before.get(*id) != Some(*fence))
+                                .map(|(id, fence)| format!("{id} (fence {fence})"))
+                                .collect();
+                            if !new.is_empty() {
+                                return Err(format!(
+                                    "new holders on {host}, unreachable since +{after:?}: {}; \
+                                     holders then: {before:?}; GPUs now: {:?}",
+                                    new.join(", "),
+                                    doc.gpus
+                                ));
+                            }
+                        }
+                        _ => first = Some((since.elapsed(), leader(&doc), holders)),
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(match first {
+        Some((after, _, before)) => format!(
+            "unreachable (or unknown) after {after:?}, {} holder(s) then, none new (status answers: {} calling \
+             it unreachable, {} not knowing it)",
+            before.len(),
+            answers[1],
+            answers[2]
+        ),
+        None => format!(
+            "never called unreachable (status answers: {} up, {} unreachable, {} not knowing it)",
+            answers[0], answers[1], answers[2]
+        ),
+    })
+}
+
 // ----- cluster rounds ----------------------------------------------------------------------------
 
 /// The clusters a cluster round runs on, in place of the single nats-server and redis-server: three
@@ -1761,11 +2184,29 @@ async fn work(
 
 /// Whether the services' units of work ever overlapped beyond a GPU's capacity, or beside a whole-GPU
 /// unit.
-fn check_units(units: &[Unit]) -> Result<(), (String, Vec<String>)> {
-    for (gpu, capacity) in GPUS {
+fn check_units(units: &[Unit], gpus: &[(String, u64)]) -> Result<(), (String, Vec<String>)> {
+    if let Some(unit) = units
+        .iter()
+        .find(|u| !gpus.iter().any(|(gpu, _)| *gpu == u.gpu))
+    {
+        let known: Vec<&str> = gpus.iter().map(|(gpu, _)| gpu.as_str()).collect();
+        return Err((
+            format!(
+                "{} ({}, fence {}) worked on GPU `{}`, none of the round's {known:?} (at {})",
+                unit.request_id,
+                unit.service,
+                unit.fence,
+                unit.gpu,
+                wall(unit.start)
+            ),
+            vec![unit.request_id.clone()],
+        ));
+    }
+    for (gpu, capacity) in gpus {
+        let capacity = *capacity;
         let mut edges: Vec<(Instant, bool, &Unit)> = units
             .iter()
-            .filter(|u| u.gpu == gpu)
+            .filter(|u| u.gpu == *gpu)
             .flat_map(|u| [(u.start, true, u), (u.end, false, u)])
             .collect();
         // Ends before starts at the same instant: back-to-back units do not overlap.
