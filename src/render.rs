@@ -109,6 +109,7 @@ pub fn event(out: &EventOut) -> Event {
         detail: out.detail.as_deref().map(|d| unscope_text(d).into_owned()),
         reclaim_for: out.reclaim_for.as_ref().map(|s| s.to_string()),
         code: out.code,
+        capacity_mb: out.capacity_mb,
     }
 }
 

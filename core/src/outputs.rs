@@ -148,6 +148,9 @@ pub struct EventOut {
     pub reclaim_for: Option<ServiceId>,
     /// On `rejected`: why, for a program.
     pub code: Option<RejectCode>,
+    /// On `granted` and `resumed`: the GPU's capacity then, in MB (with node agents the GPUs are
+    /// known only from their hosts, so the history says what each held against).
+    pub capacity_mb: Option<u64>,
 }
 
 /// What the core holds now: each GPU with its VRAM and holders, the paused requests, the queue.

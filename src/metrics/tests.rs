@@ -12,6 +12,7 @@ fn event_waited(kind: EventKind, id: &str, at: Millis, waited_ms: Option<u64>) -
     Action::Event {
         encoding: Encoding::Json,
         event: EventOut {
+            capacity_mb: None,
             at,
             kind,
             request_id: Some(id.into()),

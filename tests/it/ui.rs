@@ -546,16 +546,27 @@ async fn the_page_groups_the_gpus_by_host() {
             && b.attrs(".host[data-host='h2'] .gpu", "data-gpu").await == ["h2/0"]
     })
     .await;
-    let age = b.texts(".host[data-host='h1'] .sample-age").await;
-    assert!(age[0].starts_with("last sample "), "{age:?}");
+    // Read while the page re-renders every two seconds: a stale element reads empty, so wait.
+    b.until("h1's last sample's age", || async {
+        b.texts(".host[data-host='h1'] .sample-age")
+            .await
+            .first()
+            .is_some_and(|t| t.starts_with("last sample ") && t.ends_with(" ago"))
+    })
+    .await;
     h2.kill();
     b.until("h2 unreachable", || async {
         b.texts(".host[data-host='h2'] .badge").await == ["unreachable"]
             && b.texts(".host[data-host='h1'] .badge").await == ["up"]
     })
     .await;
-    let title = b.texts(".gpu[data-gpu='h2/0'] h3").await;
-    assert!(title[0].contains("takes no new grants"), "{title:?}");
+    b.until("h2/0 marked", || async {
+        b.texts(".gpu[data-gpu='h2/0'] h3")
+            .await
+            .first()
+            .is_some_and(|t| t.contains("takes no new grants"))
+    })
+    .await;
     browser.close().await;
     coordinator.stop().await.expect("a clean stop");
 }

@@ -374,6 +374,10 @@ pub struct Event {
     /// Extension, on `rejected`: why, as a stable code (see [`RejectCode`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<RejectCode>,
+    /// Extension, on `granted` and `resumed`: the GPU's capacity then, in MB (what `audit` checks
+    /// the holders against; with node agents the GPUs are known only from their hosts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_mb: Option<u64>,
 }
 
 /// What a reader made by the coordinator reads: a service's replies or its control orders.

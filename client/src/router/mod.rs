@@ -305,6 +305,7 @@ mod tests {
             Some(("chat".to_owned(), Ok(Incoming::Control(control))))
         );
         let event = Event {
+            capacity_mb: None,
             at: "2026-11-28T18:00:00Z".into(),
             kind: gpu_coordinator_wire::EventKind::Requested,
             request_id: Some("asr-1".into()),

@@ -51,6 +51,7 @@ impl Scheduler {
         self.actions.push_back(Action::Event {
             encoding,
             event: EventOut {
+                capacity_mb: None,
                 at: now,
                 kind: EventKind::Rejected,
                 request_id: request_id.map(RequestId::from),
@@ -121,6 +122,10 @@ impl Scheduler {
         waited_ms: Option<u64>,
         reclaim_for: Option<ServiceId>,
     ) {
+        let capacity_mb = matches!(kind, EventKind::Granted | EventKind::Resumed)
+            .then(|| rec.gpu.as_ref().and_then(|g| self.gpu_index.get(g)))
+            .flatten()
+            .map(|&g| self.gpus[g].spec.total_mb);
         self.actions.push_back(Action::Event {
             encoding: rec.encoding,
             event: EventOut {
@@ -135,6 +140,7 @@ impl Scheduler {
                 waited_ms,
                 reclaim_for,
                 code: (kind == EventKind::Rejected).then_some(rec.code).flatten(),
+                capacity_mb,
             },
         });
     }

@@ -425,6 +425,10 @@ impl Checker {
             // answer to a repeated request) is matched by it all the same.
             self.summary.resumes += 1;
         }
+        // The event says the GPU's capacity (with node agents, the only place the history has it).
+        if let Some(capacity) = event.capacity_mb {
+            self.capacity.insert(gpu.clone(), capacity);
+        }
         let on = self.holders.entry(gpu.clone()).or_default();
         let whole = self.whole.contains(&id);
         let capacity = self.capacity.get(&gpu).copied();

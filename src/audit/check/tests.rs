@@ -5,6 +5,7 @@ fn event(seq: u64, kind: EventKind, id: &str, gpu: &str, fence: Option<u64>) -> 
         seq,
         subject: format!("gpu.event.{}.svc", kind.as_str()),
         output: Output::Event(Event {
+            capacity_mb: None,
             at: "2026-01-01T00:00:00Z".into(),
             kind,
             request_id: Some(id.into()),
@@ -154,4 +155,29 @@ fn revocations_are_counted_by_cause() {
     h.push(event(4, EventKind::Revoked, "a", "0", Some(1)));
     let summary = run(&[], h).expect("an expiry is no violation");
     assert_eq!(summary.revocations.get("expired"), Some(&1));
+}
+
+/// With node agents the GPUs are in no configuration: the capacity a `granted` event carries is what
+/// the holders are checked against.
+#[test]
+fn a_grant_beyond_the_capacity_its_event_gives_is_a_violation() {
+    let with_capacity = |mut records: [Record; 2], mb: u64| {
+        if let Output::Event(e) = &mut records[1].output {
+            e.capacity_mb = Some(mb);
+        }
+        records
+    };
+    let mut h = vec![event(1, EventKind::Requested, "a", "h1/0", None)];
+    h.extend(with_capacity(granted(2, "a", "h1/0", 1, 60), 100));
+    h.push(event(4, EventKind::Requested, "b", "h1/0", None));
+    h.extend(with_capacity(granted(5, "b", "h1/0", 2, 30), 100));
+    h.push(event(7, EventKind::Released, "b", "h1/0", Some(2)));
+    assert!(run(&[], h.clone()).is_ok(), "90 MB of 100 fits");
+    h.push(event(8, EventKind::Requested, "c", "h1/0", None));
+    h.extend(with_capacity(granted(9, "c", "h1/0", 3, 50), 100));
+    let violation = run(&[], h).expect_err("110 MB of 100");
+    assert!(
+        violation.to_string().contains("GPU h1/0 holds 110 MB of 100 MB"),
+        "{violation}"
+    );
 }

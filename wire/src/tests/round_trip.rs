@@ -167,6 +167,7 @@ fn outputs_round_trip() {
         EventKind::Rejected,
     ] {
         round_trip(Event {
+            capacity_mb: None,
             at: "2026-11-26T14:39:09.123Z".into(),
             kind,
             request_id: Some("r".into()),
@@ -181,6 +182,7 @@ fn outputs_round_trip() {
     }
     // A reclaim says for whose guarantee.
     round_trip(Event {
+        capacity_mb: None,
         at: "2026-11-26T14:39:09.123Z".into(),
         kind: EventKind::Preempting,
         request_id: Some("r".into()),
@@ -193,6 +195,7 @@ fn outputs_round_trip() {
         code: None,
     });
     round_trip(Event {
+        capacity_mb: None,
         at: "2026-11-26T14:39:09.123Z".into(),
         kind: EventKind::Rejected,
         request_id: None,
