@@ -1,6 +1,6 @@
 //! The journal: the durable state of one deployment (requests, the highest fence, the input position,
-//! the outbox). The real adapter is Postgres ([`PgStore`](crate::adapters::postgres::PgStore)); the
-//! embedded one [`SqliteStore`](crate::adapters::sqlite::SqliteStore); the in-memory one
+//! the outbox). The real adapter is Postgres ([`PgJournal`](crate::adapters::postgres::PgJournal)); the
+//! embedded one [`SqliteJournal`](crate::adapters::sqlite::SqliteJournal); the in-memory one
 //! [`MemJournal`](crate::adapters::memory::MemJournal).
 
 use async_trait::async_trait;

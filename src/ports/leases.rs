@@ -1,5 +1,5 @@
 //! The lease store: the source of truth for who holds a GPU. The real adapter is Redis
-//! ([`LeaseStore`](crate::adapters::redis::LeaseStore)); the in-memory one
+//! ([`RedisLeases`](crate::adapters::redis::RedisLeases)); the in-memory one
 //! [`MemLeases`](crate::adapters::memory::MemLeases).
 
 use async_trait::async_trait;

@@ -4,15 +4,15 @@
 //!
 //! | port | what it is for | real adapter | in-memory adapter |
 //! |---|---|---|---|
-//! | [`Journal`] | the durable state: requests, the highest fence, the input position, the outbox | [`PgStore`](crate::adapters::postgres::PgStore) (Postgres, sea-orm) | [`MemJournal`](crate::adapters::memory::MemJournal) |
-//! | [`Leases`] | the lease store, source of truth for who holds a GPU | [`LeaseStore`](crate::adapters::redis::LeaseStore) (Redis, Lua scripts) | [`MemLeases`](crate::adapters::memory::MemLeases) |
+//! | [`Journal`] | the durable state: requests, the highest fence, the input position, the outbox | [`PgJournal`](crate::adapters::postgres::PgJournal) (Postgres, sea-orm) | [`MemJournal`](crate::adapters::memory::MemJournal) |
+//! | [`Leases`] | the lease store, source of truth for who holds a GPU | [`RedisLeases`](crate::adapters::redis::RedisLeases) (Redis, Lua scripts) | [`MemLeases`](crate::adapters::memory::MemLeases) |
 //! | [`InputLog`] | the inputs in stream order, acknowledged once handled; the streams kept | [`NatsBus`](crate::adapters::nats::NatsBus) (NATS JetStream) | [`MemBus`](crate::adapters::memory::MemBus) |
 //! | [`OutputLog`] | ordered publishing of outputs, status requests | [`NatsBus`](crate::adapters::nats::NatsBus) (NATS JetStream) | [`MemBus`](crate::adapters::memory::MemBus) |
 //! | [`Leadership`] | whether this process may act, and under which term | [`PgLeadership`](crate::adapters::postgres::PgLeadership) (a lease row in Postgres) | [`AlwaysLeader`] |
 //! | [`DriverStatus`] | the status document of the driver this process runs, for the HTTP API | [`DriverHandle`](crate::driver::DriverHandle) | - |
 //! | [`Gateway`] | the bus as the HTTP API and `audit` see it: inputs submitted, outputs read | [`NatsGateway`](crate::adapters::nats_gateway::NatsGateway) | - |
 //!
-//! The embedded mode fills the same ports with no server: [`SqliteStore`](crate::adapters::sqlite::SqliteStore)
+//! The embedded mode fills the same ports with no server: [`SqliteJournal`](crate::adapters::sqlite::SqliteJournal)
 //! (the journal), [`MemLeases`](crate::adapters::memory::MemLeases) (the journal being the source of
 //! truth, a restart writes the live leases back), [`SqliteBus`](crate::adapters::sqlite::SqliteBus) (input
 //! log, output log and gateway) and [`DirLock`](crate::adapters::sqlite::DirLock) (leadership).
