@@ -2,11 +2,13 @@
 //! adapter is JetStream ([`NatsGateway`](crate::adapters::nats_gateway::NatsGateway)); the embedded one
 //! [`SqliteBus`](crate::adapters::sqlite::SqliteBus).
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use gpu_coordinator_core::Millis;
-use gpu_coordinator_wire::Encoding;
+use gpu_coordinator_wire::{Control, Encoding, Event, Reply};
 
 use super::PortError;
 
@@ -74,9 +76,36 @@ pub trait Gateway: Send + Sync + 'static {
     /// starts from [`ReadFrom::After`] it misses nothing stored later, and can say where it began.
     async fn last_seq(&self, which: Which) -> Result<u64, PortError>;
     /// The reader of the coordinator's replies and `requested` events, that HTTP calls wait on.
-    fn answers(&self) -> &gpu_coordinator_client::AnswerReader;
+    fn answers(&self) -> &dyn Answers;
     /// Whether the bus can be used now (readiness): why not, if not. Bounded in time by the caller.
     async fn health(&self) -> Result<(), String>;
+}
+
+/// A message from the coordinator about one request: its reply, an order, or an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Reply(Reply),
+    Control(Control),
+    Event(Event),
+}
+
+/// The reader of what the coordinator says about requests, read from the output stream: the HTTP calls
+/// listen for the request they stored an input about, then wait on their [`AnswerRoute`].
+#[async_trait]
+pub trait Answers: Send + Sync {
+    /// Starts routing what the coordinator says about `request_id` of `service` to the returned route
+    /// (call it before publishing, so that nothing is missed). Opens the reader if it is closed.
+    fn listen(&self, service: &str, request_id: &str) -> Box<dyn AnswerRoute>;
+    /// Waits up to `wait` for the reader to be open: why not, if it is not.
+    async fn ready(&self, wait: Duration) -> Result<(), PortError>;
+}
+
+/// What the coordinator says about one request, routed to one waiter; dropped, the routing ends.
+#[async_trait]
+pub trait AnswerRoute: Send {
+    /// The next message about the request, in the order the coordinator stored them. `None` once the
+    /// reader stopped.
+    async fn recv(&mut self) -> Option<Answer>;
 }
 
 /// Whether `subject` is matched by `filter`, as NATS matches them: `*` is one token, a final `>` one

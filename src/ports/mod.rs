@@ -43,7 +43,9 @@ pub mod nodes;
 pub mod output_log;
 
 pub use driver_status::DriverStatus;
-pub use gateway::{subject_matches, Gateway, ReadFrom, Stored, StoredStream, Which};
+pub use gateway::{
+    subject_matches, Answer, AnswerRoute, Answers, Gateway, ReadFrom, Stored, StoredStream, Which,
+};
 pub use input_log::{Ack, Delivery, InputLog, Inputs, Settle};
 pub use journal::{Batch, Journal, Loaded, OutboxRow, TRIM_ENDED_BATCH};
 pub use leadership::{AlwaysLeader, Leadership, Roster, Term};
