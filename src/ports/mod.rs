@@ -10,7 +10,7 @@
 //! | [`OutputLog`] | ordered publishing of outputs, status requests | [`NatsBus`](crate::adapters::nats::NatsBus) (NATS JetStream) | [`MemBus`](crate::adapters::memory::MemBus) |
 //! | [`Leadership`] | whether this process may act, and under which term | [`PgLeadership`](crate::adapters::postgres::PgLeadership) (a lease row in Postgres) | [`AlwaysLeader`] |
 //! | [`DriverStatus`] | the status document of the driver this process runs, for the HTTP API | [`DriverHandle`](crate::driver::DriverHandle) | - |
-//! | [`Gateway`] | the bus as the HTTP API and `audit` see it: inputs submitted, outputs read | [`NatsGateway`](crate::adapters::nats_gateway::NatsGateway) | - |
+//! | [`Gateway`] | the bus as the HTTP API and `audit` see it: inputs submitted, outputs read, the coordinator's [`Answers`] | [`NatsGateway`](crate::adapters::nats_gateway::NatsGateway) | - |
 //!
 //! The embedded mode fills the same ports with no server: [`SqliteJournal`](crate::adapters::sqlite::SqliteJournal)
 //! (the journal), [`MemLeases`](crate::adapters::memory::MemLeases) (the journal being the source of
