@@ -305,7 +305,7 @@ impl Gateway for Watched<dyn Gateway> {
     ) -> Result<StoredStream, PortError> {
         self.inner.history(which, filter, from).await
     }
-    fn answers(&self) -> &gpu_coordinator_client::AnswerReader {
+    fn answers(&self) -> &dyn crate::ports::Answers {
         self.inner.answers()
     }
     async fn health(&self) -> Result<(), String> {

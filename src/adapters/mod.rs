@@ -1,5 +1,6 @@
 //! Thin adapters: each translates between the driver and one server, and decides nothing.
 
+mod client_answers;
 pub mod http;
 pub mod memory;
 pub mod nats;

@@ -10,7 +10,7 @@ use gpu_coordinator_client::AnswerReader;
 use gpu_coordinator_wire::{EventKind, Subjects};
 
 use super::nats::content_type;
-use crate::ports::{Gateway, PortError, ReadFrom, Stored, StoredStream, Which};
+use crate::ports::{Answers, Gateway, PortError, ReadFrom, Stored, StoredStream, Which};
 
 /// The gateway of a coordinator on NATS.
 pub struct NatsGateway {
@@ -305,7 +305,7 @@ impl Gateway for NatsGateway {
         Ok(messages.boxed())
     }
 
-    fn answers(&self) -> &AnswerReader {
+    fn answers(&self) -> &dyn Answers {
         &self.answers
     }
 

@@ -13,9 +13,9 @@ use crate::adapters::http::Labels;
 use crate::adapters::memory::{Faults, MemLeases, Trace};
 use crate::adapters::nats::NatsBus;
 use crate::adapters::nats_gateway::NatsGateway;
-use crate::adapters::postgres::{PgLeadership, PgStore, WriteBehind};
-use crate::adapters::redis::LeaseStore;
-use crate::adapters::sqlite::{DirLock, SqliteBus, SqliteStore};
+use crate::adapters::postgres::{PgJournal, PgLeadership, WriteBehind};
+use crate::adapters::redis::RedisLeases;
+use crate::adapters::sqlite::{DirLock, SqliteBus, SqliteJournal};
 use crate::config::{BusBackend, Config, JournalBackend, LeasesBackend};
 use crate::ports::{Gateway, InputLog, Journal, Leadership, Leases, OutputLog, Ports};
 use crate::retry::with_retry;
@@ -53,7 +53,7 @@ struct Journaled {
     /// This coordinator's name as its leadership knows it.
     holder: String,
     /// Postgres, when `database.write_behind` has it written behind JetStream.
-    behind: Option<PgStore>,
+    behind: Option<PgJournal>,
     /// Postgres's leadership, whose terms go above the lease store's too.
     pg_leadership: Option<Arc<PgLeadership>>,
 }
@@ -119,7 +119,7 @@ impl Chosen {
     async fn connect_journal(
         config: &Config,
         shutdown: &CancellationToken,
-        sqlite: Option<&SqliteStore>,
+        sqlite: Option<&SqliteJournal>,
         dir_lock: Option<Arc<DirLock>>,
         lines: &mut Vec<String>,
     ) -> anyhow::Result<Journaled> {
@@ -133,7 +133,7 @@ impl Chosen {
                     let pg = with_retry(
                         &format!("Postgres at {}", redact_url(&db_url)),
                         shutdown,
-                        || PgStore::connect(&db_url),
+                        || PgJournal::connect(&db_url),
                     )
                     .await?;
                     with_retry("Postgres migrations", shutdown, || pg.migrate()).await?;
@@ -179,7 +179,7 @@ impl Chosen {
     async fn open_data_dir(
         config: &Config,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<(Option<SqliteStore>, Option<Arc<DirLock>>)> {
+    ) -> anyhow::Result<(Option<SqliteJournal>, Option<Arc<DirLock>>)> {
         if !config.backends.uses_data_dir() {
             return Ok((None, None));
         }
@@ -197,7 +197,7 @@ impl Chosen {
             taken = lock.acquire() => { taken.context("locking the data directory")?; }
             () = shutdown.cancelled() => anyhow::bail!("stopped while waiting for the data directory's lock"),
         }
-        let store = SqliteStore::open(&dir)
+        let store = SqliteJournal::open(&dir)
             .await
             .with_context(|| format!("cannot open the embedded store in {}", dir.display()))?;
         Ok((Some(store), Some(lock)))
@@ -218,13 +218,13 @@ impl Chosen {
                 let leases = if sentinels.is_empty() {
                     let server = format!("Redis at {}", redact_url(&redis_url));
                     with_retry(&server, shutdown, || {
-                        LeaseStore::connect(&redis_url, &prefix)
+                        RedisLeases::connect(&redis_url, &prefix)
                     })
                     .await?
                 } else {
                     let server = format!("Redis master `{master}` through Sentinel");
                     with_retry(&server, shutdown, || {
-                        LeaseStore::connect_sentinel(sentinels, master, &prefix)
+                        RedisLeases::connect_sentinel(sentinels, master, &prefix)
                     })
                     .await?
                 };
@@ -247,8 +247,8 @@ impl Chosen {
         config: &Config,
         subjects: &Subjects,
         shutdown: &CancellationToken,
-        (mut journal, mut behind): (Arc<dyn Journal>, Option<PgStore>),
-        sqlite: Option<&SqliteStore>,
+        (mut journal, mut behind): (Arc<dyn Journal>, Option<PgJournal>),
+        sqlite: Option<&SqliteJournal>,
         lines: &mut Vec<String>,
     ) -> anyhow::Result<(
         Logs,

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use gpu_coordinator_wire::{codec, decode_input, Inbound, Subjects};
 
 use crate::adapters::nats_gateway::NatsGateway;
-use crate::adapters::sqlite::{SqliteBus, SqliteStore};
+use crate::adapters::sqlite::{SqliteBus, SqliteJournal};
 use crate::config::{BusBackend, Config};
 use crate::ports::{Gateway, ReadFrom, Stored, Which};
 use check::{Checker, Output, Record};
@@ -58,7 +58,7 @@ pub async fn run(config: &Config, since: Since) -> anyhow::Result<Result<Summary
         }
         BusBackend::Embedded => {
             let dir = config.embedded.dir();
-            let store = SqliteStore::open(&dir)
+            let store = SqliteJournal::open(&dir)
                 .await
                 .with_context(|| format!("cannot open the embedded store in {}", dir.display()))?;
             Arc::new(

@@ -75,7 +75,7 @@ pub async fn demo(config: Config, duration: f64, speed: f64, seed: u64) -> anyho
 pub async fn migrate(config: Config) -> anyhow::Result<()> {
     if config.backends.journal == gpu_coordinator::config::JournalBackend::Sqlite {
         let dir = config.embedded.dir();
-        gpu_coordinator::adapters::sqlite::SqliteStore::open(&dir)
+        gpu_coordinator::adapters::sqlite::SqliteJournal::open(&dir)
             .await
             .with_context(|| format!("cannot migrate the embedded store in {}", dir.display()))?;
         tracing::info!(
@@ -84,7 +84,7 @@ pub async fn migrate(config: Config) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let store = gpu_coordinator::adapters::postgres::PgStore::connect(&config.database.url)
+    let store = gpu_coordinator::adapters::postgres::PgJournal::connect(&config.database.url)
         .await
         .context("cannot connect to Postgres (database.url)")?;
     store.migrate().await.context("cannot run the migrations")?;

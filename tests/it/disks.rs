@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use async_nats::jetstream;
-use gpu_coordinator::adapters::sqlite::{SqliteBus, SqliteStore};
+use gpu_coordinator::adapters::sqlite::{SqliteBus, SqliteJournal};
 use gpu_coordinator::config::{Config, DEFAULT_STREAM_BYTES};
 use gpu_coordinator::ports::{Gateway, Journal};
 use gpu_coordinator::storage::is_full;
@@ -177,7 +177,7 @@ async fn unknown_http_fields_are_not_stored() {
 async fn an_input_a_full_disk_refused_is_never_acknowledged() {
     let disk = SmallDisk::mount("disk_ack", "6m");
     let data = disk.dir.join("data");
-    let store = SqliteStore::open(&data).await.expect("a store");
+    let store = SqliteJournal::open(&data).await.expect("a store");
     let subjects = gpu_coordinator_wire::Subjects::new("tack").expect("a prefix");
     let bus = SqliteBus::open(&store, &subjects, 60_000, 1 << 30)
         .await
@@ -197,7 +197,7 @@ async fn an_input_a_full_disk_refused_is_never_acknowledged() {
     }
     std::fs::remove_file(&filler).expect("the filler goes");
 
-    let other = SqliteStore::open(&data).await.expect("opened beside it");
+    let other = SqliteJournal::open(&data).await.expect("opened beside it");
     let stored: Vec<String> = other
         .connection()
         .query_all(Statement::from_string(

@@ -512,7 +512,7 @@ async fn streams_lost_at_run_time(write_behind: bool) {
     coordinator.stop().await.expect("stops cleanly");
     if write_behind {
         // What was granted reached Postgres.
-        let store = gpu_coordinator::adapters::postgres::PgStore::connect(&config.database.url)
+        let store = gpu_coordinator::adapters::postgres::PgJournal::connect(&config.database.url)
             .await
             .expect("the journal's database");
         let loaded = store.load_state(10).await.expect("load");

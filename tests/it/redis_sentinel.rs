@@ -5,7 +5,7 @@
 //! highest fence ever issued and writes the lost lease back; a new grant gets a higher fence, and the
 //! history keeps every rule. Private servers only.
 
-use gpu_coordinator::adapters::redis::LeaseStore;
+use gpu_coordinator::adapters::redis::RedisLeases;
 use gpu_coordinator::audit::{self, Since};
 use gpu_coordinator_test_support::RedisSentinels;
 use serde_json::json;
@@ -121,7 +121,7 @@ async fn a_failover_to_a_replica_that_missed_lease_writes_gets_them_back_before_
         diar > tts,
         "a new grant's fence {diar} is above every fence before ({tts})"
     );
-    let store = LeaseStore::connect(&cluster.replica.url(), &prefix)
+    let store = RedisLeases::connect(&cluster.replica.url(), &prefix)
         .await
         .expect("connect to the new master");
     let mut held: Vec<(String, u64)> = store

@@ -725,15 +725,15 @@ async fn postgres_outage_is_waited_for_and_loses_nothing() {
 #[tokio::test]
 async fn redis_is_reconciled_with_the_scheduler() {
     use crate::support::eventually;
-    use gpu_coordinator::adapters::redis::LeaseStore;
+    use gpu_coordinator::adapters::redis::RedisLeases;
     use gpu_coordinator_core::{Fence, Lease};
     let config = test_config("reconcile", &[("0", 24_000)]);
     let coordinator = Coordinator::start(config.clone()).await;
     let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
-    let store = LeaseStore::connect(&config.redis.url, &config.redis.key_prefix)
+    let store = RedisLeases::connect(&config.redis.url, &config.redis.key_prefix)
         .await
         .expect("connect to Redis");
-    let held = |store: LeaseStore, id: &'static str| async move {
+    let held = |store: RedisLeases, id: &'static str| async move {
         store.leases().await.ok().map(|l| {
             l.iter()
                 .any(|l| l.request_id == gpu_coordinator_core::scoped(id, id))

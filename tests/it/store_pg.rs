@@ -1,7 +1,7 @@
-//! `PgStore` against the PostgreSQL on loopback: each test makes its own database (`gpu_it_<random>`),
-//! created by `PgStore::connect` itself, and drops it at the end.
+//! `PgJournal` against the PostgreSQL on loopback: each test makes its own database (`gpu_it_<random>`),
+//! created by `PgJournal::connect` itself, and drops it at the end.
 
-use gpu_coordinator::adapters::postgres::{PgError, PgStore};
+use gpu_coordinator::adapters::postgres::{PgError, PgJournal};
 use gpu_coordinator_core::{End, Fence, Phase, RequestRecord};
 use gpu_coordinator_wire::{Encoding, RejectCode};
 use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
@@ -30,16 +30,16 @@ async fn drop_database(name: &str) {
 }
 
 /// A store on a fresh database, migrated.
-async fn fresh_store() -> (PgStore, String) {
+async fn fresh_store() -> (PgJournal, String) {
     let (name, url) = fresh_database();
-    let store = PgStore::connect(&url)
+    let store = PgJournal::connect(&url)
         .await
         .expect("connect creates the database");
     store.migrate().await.expect("migrations run");
     (store, name)
 }
 
-async fn finish(store: PgStore, name: &str) {
+async fn finish(store: PgJournal, name: &str) {
     store.close().await;
     drop_database(name).await;
 }
@@ -142,7 +142,7 @@ pub(crate) fn ended_at(id: &str, seq: u64, at: u64) -> RequestRecord {
 async fn pg_creates_its_database_and_migrates_idempotently() {
     let (name, url) = fresh_database();
     // Two processes starting at once: both create the database and migrate it.
-    let (a, b) = tokio::join!(PgStore::connect(&url), PgStore::connect(&url));
+    let (a, b) = tokio::join!(PgJournal::connect(&url), PgJournal::connect(&url));
     let (a, b) = (a.expect("first connect"), b.expect("concurrent connect"));
     let (ma, mb) = tokio::join!(a.migrate(), b.migrate());
     ma.expect("first migration");
@@ -151,7 +151,7 @@ async fn pg_creates_its_database_and_migrates_idempotently() {
     b.close().await;
 
     // A database that exists is simply opened.
-    let again = PgStore::connect(&url).await.expect("reconnect");
+    let again = PgJournal::connect(&url).await.expect("reconnect");
     again.migrate().await.expect("a third run is a no-op");
     again.ping().await.expect("ping");
     let applied = again
@@ -793,7 +793,7 @@ pub(crate) fn paused_after_restore(loaded: Vec<RequestRecord>) -> Vec<String> {
 #[tokio::test]
 async fn pg_a_takeover_keeps_each_requests_pause_hint() {
     let (name, url) = fresh_database();
-    let first = PgStore::connect(&url)
+    let first = PgJournal::connect(&url)
         .await
         .expect("connect creates the database");
     <migration::Migrator as migration::MigratorTrait>::up(&first.connection(), Some(6))
@@ -818,7 +818,7 @@ async fn pg_a_takeover_keeps_each_requests_pause_hint() {
     first.apply(&hinted, Some(Fence(103))).await.expect("write");
     first.close().await;
 
-    let second = PgStore::connect(&url).await.expect("the next leader");
+    let second = PgJournal::connect(&url).await.expect("the next leader");
     second.migrate().await.expect("nothing left to migrate");
     let (loaded, _) = second.load(10).await.expect("load");
     let hints: Vec<(&str, Option<u64>)> = loaded
@@ -862,7 +862,7 @@ impl JournalStream {
     /// what a coordinator that dies before it writes Postgres leaves.
     async fn journal(
         &self,
-        store: &PgStore,
+        store: &PgJournal,
         writing: bool,
     ) -> gpu_coordinator::adapters::postgres::WriteBehind {
         use gpu_coordinator::adapters::postgres::WriteBehind;

@@ -1,9 +1,9 @@
-//! `LeaseStore` against the Redis on loopback: each test uses its own key prefix (`it-<random>`) and
+//! `RedisLeases` against the Redis on loopback: each test uses its own key prefix (`it-<random>`) and
 //! deletes its keys at the end; nothing else on the shared server is touched.
 
 use std::time::{Duration, Instant};
 
-use gpu_coordinator::adapters::redis::{LeaseOutcome, LeaseStore, Refused};
+use gpu_coordinator::adapters::redis::{LeaseOutcome, RedisLeases, Refused};
 use gpu_coordinator_core::{Fence, Lease, LeaseOp};
 use redis::AsyncCommands;
 
@@ -12,9 +12,9 @@ fn url() -> String {
     crate::support::REDIS_URL.clone()
 }
 
-async fn fresh_store() -> LeaseStore {
+async fn fresh_store() -> RedisLeases {
     let prefix = format!("it-{:016x}", rand::random::<u64>());
-    LeaseStore::connect(&url(), &prefix)
+    RedisLeases::connect(&url(), &prefix)
         .await
         .expect("the test Redis is up")
 }
@@ -28,7 +28,7 @@ async fn raw() -> redis::aio::MultiplexedConnection {
 }
 
 /// Deletes every key under the store's prefix (what a flush or an empty restart does to it).
-async fn delete_keys(store: &LeaseStore) {
+async fn delete_keys(store: &RedisLeases) {
     let mut conn = raw().await;
     let pattern = format!("{}:*", store.key_prefix());
     let keys: Vec<String> = {
@@ -61,7 +61,7 @@ fn lease(request_id: &str, gpu: &str, fence: u64, vram_mb: u64) -> Lease {
     }
 }
 
-async fn sorted_leases(store: &LeaseStore) -> Vec<Lease> {
+async fn sorted_leases(store: &RedisLeases) -> Vec<Lease> {
     let mut leases = store.leases().await.expect("leases");
     leases.sort_by_key(|l| l.fence);
     leases
@@ -387,7 +387,7 @@ async fn redis_rewrite_restores_leases_without_a_second_holder() {
 async fn redis_refuses_the_writes_of_a_deposed_term() {
     use gpu_coordinator::adapters::redis::RedisError;
     let old = fresh_store().await;
-    let new = LeaseStore::connect(&url(), old.key_prefix())
+    let new = RedisLeases::connect(&url(), old.key_prefix())
         .await
         .expect("a second connection to the same keys");
     old.claim_term(1).await.expect("term 1 claimed");
@@ -517,7 +517,7 @@ async fn redis_applies_a_batch_in_order_in_one_pipeline() {
 #[tokio::test]
 async fn redis_behind_the_writes_it_acknowledged_writes_nothing_until_recovered() {
     let server = gpu_coordinator_test_support::RedisServer::start();
-    let store = LeaseStore::connect(&server.url(), "behind")
+    let store = RedisLeases::connect(&server.url(), "behind")
         .await
         .expect("the private Redis is up");
     store.claim_term(1).await.expect("term 1");
@@ -600,7 +600,7 @@ async fn redis_behind_the_writes_it_acknowledged_writes_nothing_until_recovered(
     assert_eq!(sorted_leases(&store).await.len(), 3);
 
     // A store that claimed a newer term refuses the recovery of an older one.
-    let newer = LeaseStore::connect(&server.url(), "behind")
+    let newer = RedisLeases::connect(&server.url(), "behind")
         .await
         .expect("up");
     newer.claim_term(2).await.expect("term 2");

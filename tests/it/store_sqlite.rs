@@ -1,16 +1,16 @@
-//! The embedded mode's journal (`SqliteStore`) keeps the contract of the Postgres one: every field and
+//! The embedded mode's journal (`SqliteJournal`) keeps the contract of the Postgres one: every field and
 //! phase round-trips, the later of two records wins, the fence only rises, the load order is the same,
 //! and a batch carries the outbox and the input position. The migrations run on a fresh directory and
 //! again on an existing one.
 
-use gpu_coordinator::adapters::sqlite::SqliteStore;
+use gpu_coordinator::adapters::sqlite::SqliteJournal;
 use gpu_coordinator::ports::{Batch, Journal, OutboxRow};
 use gpu_coordinator_core::{End, Fence, Phase, RequestRecord};
 use sea_orm::{ConnectionTrait as _, DbBackend, Statement, TransactionTrait as _};
 
 use crate::store_pg::{bare, ended_at, holder, paused_after_restore, record, BASE};
 
-async fn write(store: &SqliteStore, records: &[RequestRecord], max_fence: Option<Fence>) {
+async fn write(store: &SqliteJournal, records: &[RequestRecord], max_fence: Option<Fence>) {
     Journal::write(
         store,
         &Batch {
@@ -30,7 +30,9 @@ fn ids(records: &[RequestRecord]) -> Vec<&str> {
 #[tokio::test]
 async fn sqlite_keeps_the_journal_contract() {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let store = SqliteStore::open(dir.path()).await.expect("a fresh store");
+    let store = SqliteJournal::open(dir.path())
+        .await
+        .expect("a fresh store");
 
     // Every phase and field, and a bare record.
     let records = vec![
@@ -144,7 +146,7 @@ async fn sqlite_keeps_the_journal_contract() {
 
     // Opened again (the migrations run again on an up-to-date schema): the same state.
     Journal::close(&store).await;
-    let again = SqliteStore::open(dir.path()).await.expect("opened again");
+    let again = SqliteJournal::open(dir.path()).await.expect("opened again");
     let reloaded = again.load(0).await.expect("load");
     assert_eq!(
         (reloaded.records, reloaded.input_seq, reloaded.outbox),
@@ -157,7 +159,9 @@ async fn sqlite_keeps_the_journal_contract() {
 #[tokio::test]
 async fn sqlite_a_restart_keeps_each_requests_pause_hint() {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let store = SqliteStore::open(dir.path()).await.expect("a fresh store");
+    let store = SqliteJournal::open(dir.path())
+        .await
+        .expect("a fresh store");
     let hinted = [
         holder("unknown", 1, None),
         holder("fast", 2, Some(200)),
@@ -166,7 +170,7 @@ async fn sqlite_a_restart_keeps_each_requests_pause_hint() {
     write(&store, &hinted, Some(Fence(103))).await;
     Journal::close(&store).await;
 
-    let again = SqliteStore::open(dir.path()).await.expect("opened again");
+    let again = SqliteJournal::open(dir.path()).await.expect("opened again");
     let loaded = again.load(10).await.expect("load").records;
     assert_eq!(loaded, hinted);
     assert_eq!(paused_after_restore(loaded), ["fast"]);
@@ -181,7 +185,9 @@ async fn sqlite_a_restart_keeps_each_requests_pause_hint() {
 #[tokio::test]
 async fn sqlite_a_transaction_that_sqlite_ended_itself_leaves_no_connection_inside_one() {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let store = SqliteStore::open(dir.path()).await.expect("a fresh store");
+    let store = SqliteJournal::open(dir.path())
+        .await
+        .expect("a fresh store");
     let db = store.connection();
     db.execute_unprepared("CREATE TABLE probe (id INTEGER PRIMARY KEY)")
         .await
@@ -226,7 +232,7 @@ async fn sqlite_a_transaction_that_sqlite_ended_itself_leaves_no_connection_insi
     .expect("the write is not kept waiting by a lock left behind");
 
     // What another process reading the directory sees: the journal's write, and no probe row.
-    let other = SqliteStore::open(dir.path())
+    let other = SqliteJournal::open(dir.path())
         .await
         .expect("opened beside it");
     assert_eq!(other.load(10).await.expect("load").records, after);

@@ -1,4 +1,4 @@
-//! The [`Journal`] on one PostgreSQL database: [`PgStore`] connects, migrates, writes batches, loads
+//! The [`Journal`] on one PostgreSQL database: [`PgJournal`] connects, migrates, writes batches, loads
 //! what the driver starts from and trims the ended requests.
 
 use std::sync::Arc;
@@ -24,7 +24,7 @@ use crate::adapters::sql::entities::{self, request, RowError};
 use crate::adapters::sql::last_of_each;
 use crate::ports::{Batch, Journal, Loaded, OutboxRow, PortError, Term};
 
-/// A [`PgStore`] that does not know the highest version written yet: it writes its rows unnumbered.
+/// A [`PgJournal`] that does not know the highest version written yet: it writes its rows unnumbered.
 const UNSEEDED: i64 = i64::MIN;
 
 /// Serialises concurrent `migrate` calls (several coordinators starting at once) on one database.
@@ -32,23 +32,23 @@ const MIGRATION_LOCK_KEY: i64 = 0x6770_755f_636f_6f72; // "gpu_coor"
 
 /// The requests table, the fence row and the outbox of one PostgreSQL database: the [`Journal`].
 #[derive(Debug, Clone)]
-pub struct PgStore {
+pub struct PgJournal {
     /// The pool on the primary, moved when it goes away (`database.url` naming several hosts).
     primary: Primary,
     /// The outbox rows up to this id are deleted (0 at start: from the first).
     deleted_upto: Arc<std::sync::atomic::AtomicI64>,
-    /// The version of the last batch numbered: the highest written when read at [`PgStore::migrate`]
-    /// and [`PgStore::load_state`] (a new leader loads after the last leader's writes), then one more
+    /// The version of the last batch numbered: the highest written when read at [`PgJournal::migrate`]
+    /// and [`PgJournal::load_state`] (a new leader loads after the last leader's writes), then one more
     /// per batch. [`UNSEEDED`] before either: rows go unnumbered.
     version: Arc<std::sync::atomic::AtomicI64>,
 }
 
-impl PgStore {
+impl PgJournal {
     /// Opens a pool on `url`. When the database does not exist, creates it through the `postgres` database
     /// of the same server (if the role may), tolerating another process creating it at the same moment.
     /// A URL that names several hosts (`postgres://user@h1:5432,h2:5433/db`) opens the pool on the one
     /// that takes writes, and moves it to another when that one goes (see [`Primary`]).
-    pub async fn connect(url: &str) -> Result<PgStore, PgError> {
+    pub async fn connect(url: &str) -> Result<PgJournal, PgError> {
         let urls =
             crate::urls::postgres_hosts(url).map_err(|detail| PgError::InvalidHosts { detail })?;
         let primary = if urls.len() > 1 {
@@ -57,7 +57,7 @@ impl PgStore {
             let (db, server) = open_pool(url, CONNECT_TIMEOUT).await?;
             Primary::fixed(db, server)
         };
-        Ok(PgStore {
+        Ok(PgJournal {
             primary,
             deleted_upto: Arc::default(),
             version: Arc::new(std::sync::atomic::AtomicI64::new(UNSEEDED)),
@@ -149,7 +149,7 @@ impl PgStore {
         .await
     }
 
-    /// Writes one batch atomically (see [`PgStore::write_rows`]), its outbox rows bound where they are.
+    /// Writes one batch atomically (see [`PgJournal::write_rows`]), its outbox rows bound where they are.
     pub async fn write(&self, batch: &Batch<'_>) -> Result<(), PgError> {
         if batch.is_empty() && batch.term.is_none() {
             return Ok(());
@@ -167,7 +167,7 @@ impl PgStore {
         })
     }
 
-    /// [`PgStore::rows`] without the outbox rows; its request rows carry the batch's version.
+    /// [`PgJournal::rows`] without the outbox rows; its request rows carry the batch's version.
     fn numbered(&self, batch: &Batch<'_>) -> Result<Rows, PgError> {
         let version = self.next_version();
         Ok(Rows {
@@ -203,7 +203,7 @@ impl PgStore {
         self.execute(rows, &rows.outbox).await
     }
 
-    /// [`PgStore::write_rows`] with `outbox` as the outbox rows (those of `rows` are not looked at).
+    /// [`PgJournal::write_rows`] with `outbox` as the outbox rows (those of `rows` are not looked at).
     async fn execute(&self, rows: &Rows, outbox: &[OutboxRow]) -> Result<(), PgError> {
         let written = self.execute_once(rows, outbox).await;
         self.moved(written).await
@@ -281,7 +281,7 @@ impl PgStore {
         Ok(())
     }
 
-    /// Reads what the core needs at start (see [`PgStore::load_state`]): the records and the highest
+    /// Reads what the core needs at start (see [`PgJournal::load_state`]): the records and the highest
     /// fence.
     pub async fn load(&self, retain_ended: usize) -> Result<(Vec<RequestRecord>, Fence), PgError> {
         let state = self.load_state(retain_ended).await?;
@@ -487,7 +487,7 @@ async fn read_outbox(conn: &mut sqlx::PgConnection) -> Result<Vec<OutboxRow>, sq
 }
 
 #[async_trait::async_trait]
-impl Journal for PgStore {
+impl Journal for PgJournal {
     /// Writes nothing behind: nothing to bring up to date, nor to fence off.
     async fn take_over(&self, _term: Term) -> Result<(), PortError> {
         Ok(())
@@ -497,7 +497,7 @@ impl Journal for PgStore {
     async fn stand_down(&self, _finish: bool) {}
 
     async fn migrate(&self) -> Result<(), PortError> {
-        PgStore::migrate(self).await.map_err(PortError::new)
+        PgJournal::migrate(self).await.map_err(PortError::new)
     }
 
     async fn load(&self, retain_ended: usize) -> Result<Loaded, PortError> {
@@ -505,17 +505,17 @@ impl Journal for PgStore {
     }
 
     async fn write(&self, batch: &Batch<'_>) -> Result<(), PortError> {
-        PgStore::write(self, batch).await.map_err(write_error)
+        PgJournal::write(self, batch).await.map_err(write_error)
     }
 
     async fn trim_ended(&self, retain_ended: usize) -> Result<u64, PortError> {
-        PgStore::trim_ended(self, retain_ended)
+        PgJournal::trim_ended(self, retain_ended)
             .await
             .map_err(PortError::new)
     }
 
     async fn ping(&self) -> Result<(), PortError> {
-        PgStore::ping(self).await.map_err(PortError::new)
+        PgJournal::ping(self).await.map_err(PortError::new)
     }
 
     /// Postgres says nothing of its space before a write is refused (the caller's watch sees that).
@@ -524,6 +524,6 @@ impl Journal for PgStore {
     }
 
     async fn close(&self) {
-        PgStore::close(self).await
+        PgJournal::close(self).await
     }
 }

@@ -3,8 +3,8 @@
 use crate::adapters::sql::entities::request;
 use crate::ports::OutboxRow;
 
-/// A batch as the rows [`PgStore::write_rows`](super::PgStore::write_rows) writes: what
-/// [`PgStore::rows`](super::PgStore::rows) makes of a [`Batch`](crate::ports::Batch), and what the
+/// A batch as the rows [`PgJournal::write_rows`](super::PgJournal::write_rows) writes: what
+/// [`PgJournal::rows`](super::PgJournal::rows) makes of a [`Batch`](crate::ports::Batch), and what the
 /// write-behind journal keeps in JetStream until Postgres has it.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Rows {

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::LeaseStore;
+use super::RedisLeases;
 use crate::ports::Deposed;
 
 /// What went wrong talking to Redis. Each message names the server (URL without password) and the
@@ -33,7 +33,7 @@ pub enum RedisError {
         deposed: Deposed,
     },
     /// The server lacks writes it acknowledged before (see "Lost writes" in the module's documentation):
-    /// nothing was written; [`LeaseStore::recover`] and the leases written back come first.
+    /// nothing was written; [`RedisLeases::recover`] and the leases written back come first.
     #[error(
         "Redis at {server} lacks lease writes it acknowledged (a failover to a replica that was \
          behind, or a restart from an old snapshot); the leases must be written back first"
@@ -48,7 +48,7 @@ pub enum RedisError {
         detail: String,
     },
 }
-impl LeaseStore {
+impl RedisLeases {
     pub(super) fn behind(&self) -> RedisError {
         RedisError::Behind {
             server: self.server.clone(),

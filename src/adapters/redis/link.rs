@@ -11,7 +11,7 @@ use redis::aio::{
 use redis::sentinel::{SentinelClient, SentinelServerType};
 use redis::{AsyncConnectionConfig, Cmd, ErrorKind, Pipeline, RedisFuture, ServerErrorKind, Value};
 
-use super::{LeaseStore, RedisError};
+use super::{RedisError, RedisLeases};
 use crate::telemetry::redact_url;
 
 /// How long one command may wait for its answer before the call fails (the manager reconnects behind it).
@@ -140,10 +140,10 @@ impl ConnectionLike for Link {
         }
     }
 }
-impl LeaseStore {
+impl RedisLeases {
     /// Connects to `url` (waiting for the first connection) and uses the keys under `<key_prefix>:`. The
     /// connection manager reconnects by itself afterwards; each command waits at most a few seconds.
-    pub async fn connect(url: &str, key_prefix: &str) -> Result<LeaseStore, RedisError> {
+    pub async fn connect(url: &str, key_prefix: &str) -> Result<RedisLeases, RedisError> {
         let server = redact_url(url);
         let fail = |source| RedisError::Connect {
             server: server.clone(),
@@ -156,7 +156,7 @@ impl LeaseStore {
         let conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(fail)?;
-        Ok(LeaseStore::over(Link::Direct(conn), server, key_prefix))
+        Ok(RedisLeases::over(Link::Direct(conn), server, key_prefix))
     }
 
     /// Connects to the master that the Sentinels at `sentinels` (`host:port` or `redis://` URLs) name
@@ -167,7 +167,7 @@ impl LeaseStore {
         sentinels: &[String],
         master: &str,
         key_prefix: &str,
-    ) -> Result<LeaseStore, RedisError> {
+    ) -> Result<RedisLeases, RedisError> {
         let urls: Vec<String> = sentinels
             .iter()
             .map(|entry| crate::urls::sentinel_url(entry).unwrap_or_else(|_| entry.clone()))
@@ -201,11 +201,11 @@ impl LeaseStore {
                 .set_connection_timeout(Some(CONNECTION_TIMEOUT)),
         });
         link.connection().await.map_err(fail)?;
-        Ok(LeaseStore::over(Link::Sentinel(link), server, key_prefix))
+        Ok(RedisLeases::over(Link::Sentinel(link), server, key_prefix))
     }
 
-    fn over(conn: Link, server: String, key_prefix: &str) -> LeaseStore {
-        LeaseStore {
+    fn over(conn: Link, server: String, key_prefix: &str) -> RedisLeases {
+        RedisLeases {
             conn,
             prefix: key_prefix.to_owned(),
             server,

@@ -13,9 +13,9 @@
 //! |---|---|---|---|
 //! | `lease:<request_id>` | hash | relative (`PEXPIRE`, `expires_at` less this coordinator's now) | `request_id`, `service_id`, `gpu`, `fence`, `vram_mb`, `capacity_mb`, `expires_at` |
 //! | `gpu:<gpu>` | hash | none | `request_id -> vram_mb` of the leases on that GPU |
-//! | `gpus` | set | none | the GPU ids that have a `gpu:` hash, so that [`LeaseStore::leases`] needs no `SCAN` |
+//! | `gpus` | set | none | the GPU ids that have a `gpu:` hash, so that [`RedisLeases::leases`] needs no `SCAN` |
 //! | `fence` | string | none | the highest fence ever written; only raised |
-//! | `epoch` | string | none | set once ([`LeaseStore::ensure_epoch`]); missing later means Redis lost its data |
+//! | `epoch` | string | none | set once ([`RedisLeases::ensure_epoch`]); missing later means Redis lost its data |
 //! | `writes` | string | none | counts the writes of the scripts; below the count a write was answered with, Redis lost writes it had acknowledged |
 //!
 //! A lease ends by itself when its key expires: Redis drops it at `expires_at`, whatever happens to the
@@ -35,12 +35,12 @@
 //! script that writes counts its write in `writes`, and the store remembers the highest count it was
 //! answered with; a replica holds a prefix of its master's writes, so a count below that one means
 //! writes were lost. Every write checks it first: a store that is behind writes nothing and answers
-//! [`LeaseOutcome::Behind`], until [`LeaseStore::recover`] raises the term, the fence and the count
+//! [`LeaseOutcome::Behind`], until [`RedisLeases::recover`] raises the term, the fence and the count
 //! again (the driver then writes the leases back, before anything new).
 //!
 //! ## Sentinel
 //!
-//! With [`LeaseStore::connect_sentinel`] the store asks the Sentinels which server is the master, and
+//! With [`RedisLeases::connect_sentinel`] the store asks the Sentinels which server is the master, and
 //! asks them again after every lost connection or `READONLY` answer (a master that was turned into a
 //! replica), so that after a failover its commands go to the promoted replica.
 
@@ -59,7 +59,7 @@ use link::Link;
 /// The leases of one deployment (one key prefix) in one Redis: the [`Leases`](crate::ports::Leases)
 /// port.
 #[derive(Clone)]
-pub struct LeaseStore {
+pub struct RedisLeases {
     conn: Link,
     prefix: String,
     /// The URL without password, or the master's name and its Sentinels, for messages.
@@ -71,9 +71,9 @@ pub struct LeaseStore {
     seen: Arc<AtomicU64>,
 }
 
-impl std::fmt::Debug for LeaseStore {
+impl std::fmt::Debug for RedisLeases {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LeaseStore")
+        f.debug_struct("RedisLeases")
             .field("server", &self.server)
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()

@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 use gpu_coordinator_core::{Fence, Lease, LeaseOp, Millis};
 use redis::Script;
 
-use super::{LeaseOutcome, LeaseStore, RedisError, Refused};
+use super::{LeaseOutcome, RedisError, RedisLeases, Refused};
 
 /// The milliseconds from now (this coordinator's clock) to `expires_at`, at least 1: a lease already
 /// past its end is dropped at once.
@@ -159,7 +159,7 @@ return out
 "#,
     )
 });
-impl LeaseStore {
+impl RedisLeases {
     /// The script call (`EVAL`) that carries out `op`.
     pub(super) fn script_call(&self, op: &LeaseOp) -> redis::Cmd {
         let term = self.term.load(Ordering::SeqCst);

@@ -1,4 +1,4 @@
-//! The lease operations of [`LeaseStore`], and the [`Leases`] port on them.
+//! The lease operations of [`RedisLeases`], and the [`Leases`] port on them.
 
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -6,10 +6,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use gpu_coordinator_core::{Fence, Lease, LeaseOp, Millis};
 
 use super::scripts::{op_name, CLAIM_TERM, EPOCH, LEASES, RECOVER};
-use super::{LeaseOutcome, LeaseStore, RedisError, Refused};
+use super::{LeaseOutcome, RedisError, RedisLeases, Refused};
 use crate::ports::{Leases, PortError, Term};
 
-impl LeaseStore {
+impl RedisLeases {
     /// Writes `lease` if the fence is newer than every fence stored, no live lease of the request exists
     /// under another fence, and the GPU's live leases leave room for it; raises the stored fence. Writing
     /// the same lease again (same request and fence) is accepted and changes nothing.
@@ -116,7 +116,7 @@ impl LeaseStore {
 
     /// Sets the epoch marker if it is missing. `true`: it was missing, so the store is new, or Redis
     /// restarted without its data or was flushed, and the leases it held are gone; or the store lacks
-    /// writes it acknowledged to this store (see "Lost writes"): [`LeaseStore::recover`], then the
+    /// writes it acknowledged to this store (see "Lost writes"): [`RedisLeases::recover`], then the
     /// leases written back.
     pub async fn ensure_epoch(&self) -> Result<bool, RedisError> {
         let seen = self.seen.load(Ordering::SeqCst);
@@ -130,7 +130,7 @@ impl LeaseStore {
         Ok(missing == 1 || writes < seen)
     }
 
-    /// Makes a store that lost writes accept writes again, once [`LeaseStore::ensure_epoch`] or a write
+    /// Makes a store that lost writes accept writes again, once [`RedisLeases::ensure_epoch`] or a write
     /// ([`LeaseOutcome::Behind`]) said so: raises the stored term to this store's (refused,
     /// [`RedisError::Deposed`], when a newer term is stored), the stored fence to `fence` (the highest
     /// fence ever issued, so that none is issued again), and the write count above every count seen,
@@ -170,7 +170,7 @@ impl LeaseStore {
         self.seen.fetch_max(count, Ordering::SeqCst);
     }
 
-    /// Writes back leases after Redis lost them, with the checks of [`LeaseStore::acquire`] except the
+    /// Writes back leases after Redis lost them, with the checks of [`RedisLeases::acquire`] except the
     /// fence's: a lease is written back under its own fence even when newer fences were issued since
     /// (Redis lost that one lease, not the others). No second holder can appear: a live lease of the
     /// request under another fence, or a GPU without room, refuses it, and an older term is deposed.
@@ -254,7 +254,7 @@ impl LeaseStore {
         Ok(())
     }
 
-    /// The newest term claimed ([`LeaseStore::claim_term`]; 0 when none).
+    /// The newest term claimed ([`RedisLeases::claim_term`]; 0 when none).
     pub async fn claimed_term(&self) -> Result<u64, RedisError> {
         let stored: Option<String> = redis::cmd("GET")
             .arg(self.key("term", ""))
@@ -278,47 +278,49 @@ fn epoch_now() -> String {
 }
 
 #[async_trait::async_trait]
-impl Leases for LeaseStore {
+impl Leases for RedisLeases {
     async fn apply(&self, op: &LeaseOp) -> Result<LeaseOutcome, PortError> {
-        LeaseStore::apply(self, op).await.map_err(PortError::new)
+        RedisLeases::apply(self, op).await.map_err(PortError::new)
     }
 
     async fn apply_all(&self, ops: &[LeaseOp]) -> Result<Vec<LeaseOutcome>, PortError> {
-        LeaseStore::apply_all(self, ops)
+        RedisLeases::apply_all(self, ops)
             .await
             .map_err(PortError::new)
     }
 
     async fn leases(&self) -> Result<Vec<Lease>, PortError> {
-        LeaseStore::leases(self).await.map_err(PortError::new)
+        RedisLeases::leases(self).await.map_err(PortError::new)
     }
 
     async fn max_fence(&self) -> Result<Fence, PortError> {
-        LeaseStore::max_fence(self).await.map_err(PortError::new)
+        RedisLeases::max_fence(self).await.map_err(PortError::new)
     }
 
     async fn ensure_epoch(&self) -> Result<bool, PortError> {
-        LeaseStore::ensure_epoch(self).await.map_err(PortError::new)
+        RedisLeases::ensure_epoch(self)
+            .await
+            .map_err(PortError::new)
     }
 
     async fn recover(&self, fence: Fence) -> Result<(), PortError> {
-        LeaseStore::recover(self, fence)
+        RedisLeases::recover(self, fence)
             .await
             .map_err(PortError::new)
     }
 
     async fn ping(&self) -> Result<(), PortError> {
-        LeaseStore::ping(self).await.map_err(PortError::new)
+        RedisLeases::ping(self).await.map_err(PortError::new)
     }
 
     async fn claim_term(&self, term: Term) -> Result<(), PortError> {
-        LeaseStore::claim_term(self, term.0)
+        RedisLeases::claim_term(self, term.0)
             .await
             .map_err(PortError::new)
     }
 
     async fn term(&self) -> Result<Term, PortError> {
-        LeaseStore::claimed_term(self)
+        RedisLeases::claimed_term(self)
             .await
             .map(Term)
             .map_err(PortError::new)

@@ -1,7 +1,7 @@
 //! The embedded mode's durable store: one SQLite database (`coordinator.db` in the data directory),
 //! through sea-orm, with the same schema and migrations as Postgres (`migrations/`).
 //!
-//! - [`SqliteStore`] is the [`Journal`]: the requests, the highest fence, the input position and the
+//! - [`SqliteJournal`] is the [`Journal`]: the requests, the highest fence, the input position and the
 //!   outbox, each batch in one transaction.
 //! - [`SqliteBus`] is the [`InputLog`](crate::ports::InputLog) and the
 //!   [`OutputLog`](crate::ports::OutputLog) of a coordinator with no NATS: its input and output
@@ -209,7 +209,7 @@ async fn outside_transaction(conn: &mut SqliteConnection) -> Result<bool, sea_or
 
 /// The journal in SQLite.
 #[derive(Debug, Clone)]
-pub struct SqliteStore {
+pub struct SqliteJournal {
     db: DatabaseConnection,
     file: PathBuf,
     /// Taken by every write of this process (the journal's and the embedded bus's): SQLite lets one
@@ -218,11 +218,11 @@ pub struct SqliteStore {
     writes: Arc<tokio::sync::Mutex<()>>,
 }
 
-impl SqliteStore {
+impl SqliteJournal {
     /// Opens the database of data directory `dir` and brings its schema up to date.
-    pub async fn open(dir: &Path) -> Result<SqliteStore, SqliteError> {
+    pub async fn open(dir: &Path) -> Result<SqliteJournal, SqliteError> {
         let (db, file) = open(dir).await?;
-        let store = SqliteStore {
+        let store = SqliteJournal {
             db,
             file,
             writes: Arc::default(),
@@ -338,7 +338,7 @@ impl SqliteStore {
         settle(txn, deleted).await.map_err(fail)
     }
 
-    /// Reads what the driver needs at start, in one transaction (as [`super::postgres::PgStore::load_state`]).
+    /// Reads what the driver needs at start, in one transaction (as [`super::postgres::PgJournal::load_state`]).
     pub async fn load_state(&self, retain_ended: usize) -> Result<Loaded, SqliteError> {
         let fail = |source| SqliteError::Read {
             file: self.file.clone(),
@@ -354,7 +354,7 @@ impl SqliteStore {
 }
 
 #[async_trait::async_trait]
-impl Journal for SqliteStore {
+impl Journal for SqliteJournal {
     /// Writes nothing behind: nothing to bring up to date, nor to fence off.
     async fn take_over(&self, _term: Term) -> Result<(), PortError> {
         Ok(())
@@ -364,7 +364,7 @@ impl Journal for SqliteStore {
     async fn stand_down(&self, _finish: bool) {}
 
     async fn migrate(&self) -> Result<(), PortError> {
-        SqliteStore::migrate(self).await.map_err(PortError::new)
+        SqliteJournal::migrate(self).await.map_err(PortError::new)
     }
 
     async fn load(&self, retain_ended: usize) -> Result<Loaded, PortError> {
@@ -372,13 +372,13 @@ impl Journal for SqliteStore {
     }
 
     async fn write(&self, batch: &Batch<'_>) -> Result<(), PortError> {
-        SqliteStore::write(self, batch)
+        SqliteJournal::write(self, batch)
             .await
             .map_err(PortError::new)
     }
 
     async fn trim_ended(&self, retain_ended: usize) -> Result<u64, PortError> {
-        SqliteStore::trim_ended(self, retain_ended)
+        SqliteJournal::trim_ended(self, retain_ended)
             .await
             .map_err(PortError::new)
     }

@@ -3,12 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpu_coordinator_client::{Incoming, Route};
 use gpu_coordinator_wire::{Outcome, Reply};
 use tokio::time::Instant;
 
 use super::super::{ApiError, HttpState};
-use crate::ports::Gateway;
+use crate::ports::{Answer, AnswerRoute, Gateway};
 
 /// Stores the input in the input stream, and returns once it is durable. The same `request_id` sent
 /// again is answered by the coordinator with its current state (as over NATS).
@@ -40,7 +39,7 @@ pub(super) async fn listen(
     state: &HttpState,
     service: &str,
     request_id: &str,
-) -> Result<Route, ApiError> {
+) -> Result<Box<dyn AnswerRoute>, ApiError> {
     let reader = state.connected()?.backends.gateway.answers();
     // Listening first opens the reader if it is closed (nobody waited for a while).
     let route = reader.listen(service, request_id);
@@ -70,11 +69,11 @@ fn stopping(request_id: &str) -> ApiError {
 /// The next thing said about the route's request, until `deadline` or until the coordinator stops.
 pub(super) async fn next_answer(
     state: &HttpState,
-    route: &mut Route,
+    route: &mut Box<dyn AnswerRoute>,
     request_id: &str,
     deadline: Instant,
     waited: Instant,
-) -> Result<Incoming, ApiError> {
+) -> Result<Answer, ApiError> {
     tokio::select! {
         incoming = route.recv() => incoming.ok_or_else(|| {
             ApiError::Unavailable("the reader of the coordinator's answers stopped".into())
@@ -87,14 +86,14 @@ pub(super) async fn next_answer(
 /// Waits for the reply about the route's request whose outcome `accept`s, until `deadline`.
 pub(super) async fn wait_reply(
     state: &HttpState,
-    route: &mut Route,
+    route: &mut Box<dyn AnswerRoute>,
     request_id: &str,
     deadline: Instant,
     accept: impl Fn(Outcome) -> bool,
 ) -> Result<Reply, ApiError> {
     let waited = Instant::now();
     loop {
-        if let Incoming::Reply(reply) =
+        if let Answer::Reply(reply) =
             next_answer(state, route, request_id, deadline, waited).await?
         {
             if accept(reply.outcome) {

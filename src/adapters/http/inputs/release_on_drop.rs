@@ -4,14 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpu_coordinator_client::{Incoming, Route};
 use gpu_coordinator_wire::{EventKind, Outcome, Reply};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::super::{ApiError, HttpState};
 use super::answers::{next_answer, publish};
-use crate::ports::Gateway;
+use crate::ports::{Answer, AnswerRoute, Gateway};
 
 /// What the coordinator's answers say of who created a request.
 enum Origin {
@@ -23,10 +22,10 @@ enum Origin {
     Unknown,
 }
 
-fn origin(incoming: &Incoming) -> Origin {
+fn origin(incoming: &Answer) -> Origin {
     match incoming {
-        Incoming::Event(e) if e.kind == EventKind::Requested => Origin::Created,
-        Incoming::Reply(r) if matches!(r.outcome, Outcome::Queued | Outcome::Paused) => {
+        Answer::Event(e) if e.kind == EventKind::Requested => Origin::Created,
+        Answer::Reply(r) if matches!(r.outcome, Outcome::Queued | Outcome::Paused) => {
             Origin::Repeated
         }
         _ => Origin::Unknown,
@@ -45,7 +44,7 @@ pub(super) struct ReleaseOnDrop {
     armed: bool,
     /// The answers about the request; while undecided, a client that goes away leaves the wait for the
     /// `requested` event to a task.
-    route: Option<Route>,
+    route: Option<Box<dyn AnswerRoute>>,
     stop: CancellationToken,
 }
 
@@ -57,7 +56,7 @@ impl ReleaseOnDrop {
         state: &HttpState,
         service: &str,
         request_id: &str,
-        route: Route,
+        route: Box<dyn AnswerRoute>,
         generated: bool,
     ) -> Self {
         let body = serde_json::json!({ "request_id": request_id });
@@ -74,7 +73,7 @@ impl ReleaseOnDrop {
     }
 
     /// Takes what the coordinator said into account.
-    fn learn(&mut self, incoming: &Incoming) {
+    fn learn(&mut self, incoming: &Answer) {
         match origin(incoming) {
             Origin::Created => self.armed = self.release.is_some(),
             // For good: a disarmed guard cannot be armed again.
@@ -124,7 +123,7 @@ impl Drop for ReleaseOnDrop {
 const DECIDE_WAIT: Duration = Duration::from_secs(60);
 
 /// Whether the answers say the request was created for this call (within [`DECIDE_WAIT`]).
-async fn created_here(mut route: Route) -> bool {
+async fn created_here(mut route: Box<dyn AnswerRoute>) -> bool {
     let wait = async {
         while let Some(incoming) = route.recv().await {
             match origin(&incoming) {
@@ -158,7 +157,7 @@ pub(super) async fn wait_request(
             .expect("the guard keeps its route while the call waits");
         let incoming = next_answer(state, route, request_id, deadline, waited).await?;
         guard.learn(&incoming);
-        if let Incoming::Reply(reply) = incoming {
+        if let Answer::Reply(reply) = incoming {
             if reply.outcome != Outcome::Queued {
                 return Ok(reply);
             }

@@ -36,7 +36,7 @@ use async_nats::jetstream::{self, stream};
 use tokio::sync::{mpsc, watch};
 
 use super::error::write_error;
-use super::{PgStore, Rows};
+use super::{PgJournal, Rows};
 use crate::ports::{Batch, Deposed, Journal, Loaded, PortError, Term};
 use writer::{Writer, WAITING};
 
@@ -83,7 +83,7 @@ struct Head {
 
 /// The journal: JetStream first, Postgres behind.
 pub struct WriteBehind {
-    pg: PgStore,
+    pg: PgJournal,
     js: jetstream::Context,
     stream: String,
     subject: String,
@@ -121,7 +121,7 @@ impl WriteBehind {
     /// The journal on `pg` and the stream `stream` (subject `subject`) of `js`'s server, made if
     /// missing. Each term it leads runs a task that writes Postgres.
     pub async fn new(
-        pg: PgStore,
+        pg: PgJournal,
         client: async_nats::Client,
         stream: String,
         subject: String,
@@ -133,7 +133,7 @@ impl WriteBehind {
     /// acknowledged once a majority of them stored it. A stream that exists with other replicas is
     /// updated to these.
     pub async fn replicated(
-        pg: PgStore,
+        pg: PgJournal,
         client: async_nats::Client,
         stream: String,
         subject: String,
@@ -146,7 +146,7 @@ impl WriteBehind {
     /// For tests.
     #[doc(hidden)]
     pub async fn without_writer(
-        pg: PgStore,
+        pg: PgJournal,
         client: async_nats::Client,
         stream: String,
         subject: String,
@@ -155,7 +155,7 @@ impl WriteBehind {
     }
 
     async fn open(
-        pg: PgStore,
+        pg: PgJournal,
         client: async_nats::Client,
         stream: String,
         subject: String,

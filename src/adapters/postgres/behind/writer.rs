@@ -9,7 +9,7 @@ use backon::BackoffBuilder as _;
 use tokio::sync::{mpsc, watch};
 
 use super::Stored;
-use crate::adapters::postgres::{Merged, PgError, PgStore, Rows};
+use crate::adapters::postgres::{Merged, PgError, PgJournal, Rows};
 use crate::ports::Deposed;
 
 /// How often the stream is purged of what Postgres holds.
@@ -51,7 +51,7 @@ async fn gather(first: Stored, batches: &mut mpsc::Receiver<Stored>) -> (Stored,
 
 /// The task that writes Postgres behind the stream.
 pub(super) struct Writer {
-    pub(super) pg: PgStore,
+    pub(super) pg: PgJournal,
     pub(super) stream: stream::Stream,
     pub(super) applied: Arc<watch::Sender<u64>>,
     pub(super) deposed: Arc<Mutex<Option<Deposed>>>,

@@ -4,14 +4,13 @@
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
-use gpu_coordinator_client::AnswerReader;
 use sea_orm::{ConnectionTrait as _, DbBackend, Statement};
 
 use super::read::last_seq;
 use super::room::row_bytes;
 use super::{SqliteBus, SqliteError};
 use crate::clock::now_ms;
-use crate::ports::{Gateway, PortError, ReadFrom, StoredStream, Which};
+use crate::ports::{Answers, Gateway, PortError, ReadFrom, StoredStream, Which};
 
 /// An input refused because the embedded bus keeps `embedded.max_bytes` of inputs not yet handled.
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +101,7 @@ impl Gateway for SqliteBus {
             .map_err(|e| self.port_error(e))
     }
 
-    fn answers(&self) -> &AnswerReader {
+    fn answers(&self) -> &dyn Answers {
         &self.inner.answers
     }
 

@@ -31,7 +31,7 @@ use sea_orm::{
 };
 use tokio::sync::{broadcast, watch};
 
-use super::{SqliteError, SqliteStore};
+use super::{SqliteError, SqliteJournal};
 use crate::clock::now_ms;
 use crate::ports::{
     Delivery, InputLog, Inputs, Outbound, OutputLog, PortError, PublishFailure, ReadFrom, Settle,
@@ -55,7 +55,7 @@ pub struct SqliteBus {
 struct Inner {
     db: DatabaseConnection,
     file: PathBuf,
-    /// The turn to write, shared with the journal ([`SqliteStore::writes`]).
+    /// The turn to write, shared with the journal ([`SqliteJournal::writes`]).
     writes: Arc<tokio::sync::Mutex<()>>,
     /// How long handled inputs and outputs are kept (`embedded.keep_ms`).
     keep_ms: u64,
@@ -90,7 +90,7 @@ impl SqliteBus {
     /// Starts routing the replies and `requested` events to
     /// [`Gateway::answers`](crate::ports::Gateway::answers).
     pub async fn open(
-        store: &SqliteStore,
+        store: &SqliteJournal,
         subjects: &Subjects,
         keep_ms: u64,
         max_bytes: u64,

@@ -7,7 +7,7 @@ use gpu_coordinator_wire::{Encoding, Subjects};
 use sea_orm::ConnectionTrait as _;
 
 use super::SqliteBus;
-use crate::adapters::sqlite::SqliteStore;
+use crate::adapters::sqlite::SqliteJournal;
 use crate::ports::{Gateway, Outbound, OutputLog, ReadFrom, Which};
 
 fn out(msg_id: &str) -> Outbound {
@@ -20,9 +20,9 @@ fn out(msg_id: &str) -> Outbound {
 }
 
 /// A store and its bus in a new temporary directory (removed when the first is dropped).
-async fn open_bus() -> (tempfile::TempDir, SqliteStore, SqliteBus) {
+async fn open_bus() -> (tempfile::TempDir, SqliteJournal, SqliteBus) {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let store = SqliteStore::open(dir.path()).await.expect("a store");
+    let store = SqliteJournal::open(dir.path()).await.expect("a store");
     let subjects = Subjects::new("gpu").expect("a prefix");
     let bus = SqliteBus::open(&store, &subjects, 60_000, 1 << 30)
         .await
