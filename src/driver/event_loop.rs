@@ -69,6 +69,16 @@ impl Driver {
                     tracing::warn!("leadership of term {} lost: no longer acting", self.term.0);
                     break;
                 }
+                // Status questions, and the hosts' samples, before inputs: a backlog of inputs that
+                // never drains (a journal write slower than inputs come) must neither leave the
+                // status unanswered nor every host silent. A sample waits for the inputs stored
+                // before it all the same (`handle_node_samples`).
+                Some(query) = status.next() => self.answer_status(query).await,
+                Some(command) = commands.recv() => self.answer_command(command),
+                Some(heard) = next_node(&self.nodes) => self.keep_node_sample(heard),
+                _ = nodes_tick.tick(), if self.nodes.as_ref().is_some_and(|f| f.has_pending()) => {
+                    self.handle_node_samples().await?;
+                }
                 // Inputs before timers: after a stall (a server away, the process stopped) the inputs
                 // stored meanwhile are handled at the time they were stored, before the timers that
                 // fell due since, so a renewal stored in time still counts.
@@ -78,13 +88,7 @@ impl Driver {
                     tracing::info!("the bus reconnected; reopening the input consumer");
                     self.reopen_inputs(&mut inputs).await?;
                 }
-                Some(query) = status.next() => self.answer_status(query).await,
                 Some(samples) = next_sample(&mut self.nvml) => self.handle_samples(samples).await?,
-                Some(heard) = next_node(&self.nodes) => self.keep_node_sample(heard),
-                _ = nodes_tick.tick(), if self.nodes.as_ref().is_some_and(|f| f.has_pending()) => {
-                    self.handle_node_samples().await?;
-                }
-                Some(command) = commands.recv() => self.answer_command(command),
                 _ = every_second.tick() => {
                     ticks += 1;
                     self.every_second(ticks).await?;
@@ -415,9 +419,9 @@ impl Driver {
     /// Hands the scheduler the node agents' latest samples, one batch for all hosts, once the inputs
     /// stored until now are handled (a sample hands the core the time now); until then they wait.
     async fn handle_node_samples(&mut self) -> anyhow::Result<()> {
-        if self.catching_up.is_some() {
-            return Ok(());
-        }
+        // While inputs stored earlier wait (at most `CATCH_UP_LIMIT`): a backlog that never drains
+        // (a slow journal) must not keep the hosts' samples out for good, or every host would fall
+        // silent in the core's eyes and nothing be granted.
         let Some(at) = self.inputs_caught_up().await else {
             return Ok(());
         };

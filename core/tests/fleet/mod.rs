@@ -170,3 +170,18 @@ fn one_box_refuses_a_host() {
         .unwrap()
         .contains("nodes.agents is false"));
 }
+
+/// A sample that changes nothing asks for nothing: no write, no message (samples come from every
+/// host every second, and the driver writes the journal for any action).
+#[test]
+fn a_sample_that_changes_nothing_asks_for_nothing() {
+    let mut s = fleet();
+    s.host_sample("h1", &[("0", 24_000, 0)]);
+    s.request("a", req("held", 1).vram(10_000).lease(60_000));
+    s.request("b", req("waits", 1).vram(20_000));
+    for _ in 0..3 {
+        s.advance(500);
+        let a = s.host_sample("h1", &[("0", 24_000, 10_000)]);
+        assert!(a.is_empty(), "{a:?}");
+    }
+}

@@ -177,7 +177,9 @@ fn a_grant_beyond_the_capacity_its_event_gives_is_a_violation() {
     h.extend(with_capacity(granted(9, "c", "h1/0", 3, 50), 100));
     let violation = run(&[], h).expect_err("110 MB of 100");
     assert!(
-        violation.to_string().contains("GPU h1/0 holds 110 MB of 100 MB"),
+        violation
+            .to_string()
+            .contains("GPU h1/0 holds 110 MB of 100 MB"),
         "{violation}"
     );
 }
