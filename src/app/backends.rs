@@ -282,23 +282,7 @@ impl Chosen {
                     subjects.prefix()
                 ));
                 if let Some(pg) = behind.take() {
-                    let client = bus.client().clone();
-                    let stream = subjects.journal_stream();
-                    journal = Arc::new(
-                        with_retry("the journal stream", shutdown, || {
-                            WriteBehind::replicated(
-                                pg.clone(),
-                                client.clone(),
-                                stream.clone(),
-                                subjects.journal(),
-                                config.nats.replicas,
-                            )
-                        })
-                        .await?,
-                    );
-                    lines.push(format!(
-                        "Postgres written behind the JetStream stream {stream} (database.write_behind)"
-                    ));
+                    journal = write_behind(config, subjects, shutdown, pg, &bus, lines).await?;
                 }
                 let gateway = NatsGateway::new(bus.client().clone(), subjects);
                 nats = Some(bus.client().clone());
@@ -376,4 +360,31 @@ impl Chosen {
             labels,
         }
     }
+}
+
+/// The Postgres journal written behind a JetStream stream on `bus` (`database.write_behind`).
+async fn write_behind(
+    config: &Config,
+    subjects: &Subjects,
+    shutdown: &CancellationToken,
+    pg: PgJournal,
+    bus: &NatsBus,
+    lines: &mut Vec<String>,
+) -> anyhow::Result<Arc<dyn Journal>> {
+    let client = bus.client().clone();
+    let stream = subjects.journal_stream();
+    let journal = with_retry("the journal stream", shutdown, || {
+        WriteBehind::replicated(
+            pg.clone(),
+            client.clone(),
+            stream.clone(),
+            subjects.journal(),
+            config.nats.replicas,
+        )
+    })
+    .await?;
+    lines.push(format!(
+        "Postgres written behind the JetStream stream {stream} (database.write_behind)"
+    ));
+    Ok(Arc::new(journal))
 }

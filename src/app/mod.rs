@@ -101,15 +101,9 @@ pub async fn run_with(
     let result = async {
         let chosen = Chosen::connect(&config, &subjects, &shutdown).await?;
         let mut gpus = gpus::probe(&config, extras.probe, &tracker, &tasks_stop).await;
-        if let (true, Some(client)) = (config.nodes.agents, chosen.nats.clone()) {
-            let feed = listen_to_node_agents(
-                client,
-                &subjects,
-                config.nodes.ttl_ms,
-                &metrics,
-                &tracker,
-                &tasks_stop,
-            );
+        if let (true, Some(nats)) = (config.nodes.agents, chosen.nats.clone()) {
+            let tasks = (&tracker, &tasks_stop);
+            let feed = listen_to_node_agents(nats, &config, &subjects, &metrics, tasks);
             gpus.nodes = Some(feed);
         }
         if !sidecars.is_empty() {
@@ -192,11 +186,10 @@ fn stop_sidecars_first(
 /// inventory from.
 fn listen_to_node_agents(
     client: async_nats::Client,
+    config: &Config,
     subjects: &Subjects,
-    ttl_ms: u64,
     metrics: &Arc<Metrics>,
-    tracker: &TaskTracker,
-    tasks_stop: &CancellationToken,
+    (tracker, tasks_stop): (&TaskTracker, &CancellationToken),
 ) -> crate::ports::nodes::NodeFeed {
     let (tx, rx) = tokio::sync::mpsc::channel(crate::adapters::nats_nodes::WAITING);
     tracker.spawn(crate::adapters::nats_nodes::listen(
@@ -204,7 +197,7 @@ fn listen_to_node_agents(
         subjects.clone(),
         tx,
         metrics.clone(),
-        ttl_ms,
+        config.nodes.ttl_ms,
         tasks_stop.clone(),
     ));
     crate::ports::nodes::NodeFeed::new(rx)

@@ -445,6 +445,20 @@ impl Checker {
                 pausing: false,
             },
         );
+        self.check_gpu(&gpu, capacity, [gpu_key, req_key], record)
+    }
+
+    /// The holders of `gpu` now: a whole-GPU holder alone, and within `capacity` when known.
+    fn check_gpu(
+        &self,
+        gpu: &str,
+        capacity: Option<u64>,
+        keys: [String; 2],
+        record: &Record,
+    ) -> Result<(), Violation> {
+        let Some(on) = self.holders.get(gpu) else {
+            return Ok(());
+        };
         let used: u64 = on.values().map(|h| h.vram_mb).sum();
         let holders: Vec<String> = on
             .iter()
@@ -462,7 +476,7 @@ impl Checker {
                 "GPU {gpu} has a whole-GPU holder beside others: {}",
                 holders.join(", ")
             );
-            return Err(self.violation(rule, &[gpu_key, req_key], record));
+            return Err(self.violation(rule, &keys, record));
         }
         if let Some(capacity) = capacity {
             if used > capacity {
@@ -470,7 +484,7 @@ impl Checker {
                     "GPU {gpu} holds {used} MB of {capacity} MB: {}",
                     holders.join(", ")
                 );
-                return Err(self.violation(rule, &[gpu_key, req_key], record));
+                return Err(self.violation(rule, &keys, record));
             }
         }
         Ok(())
