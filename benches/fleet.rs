@@ -367,12 +367,6 @@ fn core_cost(hosts: usize) -> (f64, f64) {
         sched.handle_input(request(s, 0), now);
     }
     while sched.poll_action().is_some() {}
-    let mut fences: HashMap<String, u64> = HashMap::new();
-    for s in 0..SERVICES {
-        if let Some(rec) = sched.record(&format!("s{s}-0")) {
-            fences.insert(format!("s{s}-0"), rec.fence.map_or(0, |f| f.0));
-        }
-    }
     let start = Instant::now();
     for i in 0..M {
         let s = i % SERVICES;

@@ -95,11 +95,11 @@ impl NvmlProbe {
 }
 
 /// Watches for critical XID errors (a GPU that fell off the bus, a double-bit ECC error, ...) on a
-/// thread of its own until `stop` is set, handing `(device UUID, XID)` to `sink` as they come. Returns
-/// at once, with why, where NVML or its events cannot be had (no driver, a GPU without events).
+/// thread of its own, handing `(device UUID, XID)` to `sink` as they come, until `sink`'s receiver
+/// is gone. Returns at once, with why, where NVML or its events cannot be had (no driver, a GPU
+/// without events).
 pub fn watch_xid(
     sink: std::sync::mpsc::Sender<(String, u64)>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, ProbeError> {
     let (ready_tx, ready) = std::sync::mpsc::channel::<Result<(), ProbeError>>();
     let thread = std::thread::spawn(move || {
@@ -146,7 +146,7 @@ pub fn watch_xid(
                 return;
             }
         };
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        loop {
             match set.wait(500) {
                 Ok(event) => {
                     let xid = match event.event_data {

@@ -7,7 +7,6 @@
 //! the samples to come, not those of the past (it grants nothing on a host before it has heard it).
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -220,9 +219,8 @@ async fn source(config: &Config) -> anyhow::Result<Source> {
                             tracing::warn!("NVML sees GPUs: the configured [[gpus]] are not used");
                         }
                         let (tx, rx) = std::sync::mpsc::channel();
-                        // The watcher lives as long as the process.
-                        let stop = Arc::new(AtomicBool::new(false));
-                        let xid = match nvml::watch_xid(tx, stop) {
+                        // The watcher lives as long as the agent reads its events.
+                        let xid = match nvml::watch_xid(tx) {
                             Ok(_) => Some(rx),
                             Err(e) => {
                                 tracing::warn!("XID errors are not watched: {e}");

@@ -194,13 +194,7 @@ impl Config {
                 .push("nvml.sample_ms must be > 0: it is how often the agent reports".to_owned());
         }
         for (i, gpu) in self.gpus.iter().enumerate() {
-            let ok = !gpu.id.is_empty()
-                && gpu.id.len() <= 32
-                && gpu
-                    .id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.'));
-            if !ok {
+            if !gpu_coordinator_wire::node::valid_node_gpu_id(&gpu.id) {
                 problems.push(format!(
                     "gpus[{i}].id {:?} must be 1 to 32 characters of A-Z, a-z, 0-9, `_`, `-`, `:` \
                      and `.` (the GPU is named `<host>/<id>`)",

@@ -58,6 +58,18 @@ pub struct GpuProcess {
     pub used_mb: u64,
 }
 
+/// The longest id of a GPU on its host.
+pub const MAX_NODE_GPU_ID_LEN: usize = 32;
+
+/// Whether `id` may name a GPU on its host (a sample's `gpus[].id`, an agent's `[[gpus]].id`): 1 to
+/// 32 characters of `[A-Za-z0-9_:.-]`, no `/` (the coordinator names it `<host>/<id>`).
+pub fn valid_node_gpu_id(id: &str) -> bool {
+    (1..=MAX_NODE_GPU_ID_LEN).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.'))
+}
+
 impl NodeSample {
     /// Why the sample cannot be used as `host`'s (the host of its subject), if it cannot.
     pub fn problem(&self, host: &str) -> Option<String> {
@@ -70,13 +82,7 @@ impl NodeSample {
         }
         let mut seen = std::collections::HashSet::new();
         for (i, gpu) in self.gpus.iter().enumerate() {
-            let id_ok = !gpu.id.is_empty()
-                && gpu.id.len() <= 32
-                && gpu
-                    .id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.'));
-            if !id_ok {
+            if !valid_node_gpu_id(&gpu.id) {
                 return Some(format!(
                     "gpus[{i}].id {:?} must be 1 to 32 characters of A-Z, a-z, 0-9, `_`, `-`, `:` \
                      and `.`",

@@ -13,8 +13,6 @@ pub(super) struct Host {
     pub(super) up: bool,
     /// How many GPUs its last sample listed.
     pub(super) gpus: usize,
-    /// Where its figures come from (`nvml`, or `config` for simulated GPUs).
-    pub(super) source: VramSource,
 }
 
 /// The host a pin names, when it names a host (`<host>/*`) rather than a GPU.
@@ -56,7 +54,6 @@ impl Scheduler {
             heard_at,
             up: false,
             gpus: 0,
-            source: VramSource::Config,
         });
         if heard_at < entry.heard_at {
             return;
@@ -64,13 +61,10 @@ impl Scheduler {
         entry.heard_at = heard_at;
         entry.up = fresh;
         entry.gpus = gpus.len();
-        entry.source = gpus.first().map_or(VramSource::Config, |g| g.source);
-        let listed: HashSet<GpuId> = gpus
-            .iter()
-            .map(|g| GpuId::from(format!("{host}/{}", g.id)))
-            .collect();
+        let mut listed: HashSet<GpuId> = HashSet::with_capacity(gpus.len());
         for sample in gpus {
             let id = GpuId::from(format!("{host}/{}", sample.id));
+            listed.insert(id.clone());
             let g = self.ensure_gpu(&id, sample.total_mb);
             let gpu = &mut self.gpus[g];
             gpu.up = fresh;

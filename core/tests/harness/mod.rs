@@ -932,19 +932,20 @@ impl Sim {
         // With node agents a GPU's size is what its host last said: a lease written before the
         // host was heard (a restart that lost the lease store) carries the size the scheduler knew
         // then. The store checks a lease's capacity only when it is written.
-        let sized = |leases: &BTreeMap<RequestId, Lease>| -> BTreeMap<RequestId, Lease> {
-            leases
-                .iter()
-                .map(|(id, l)| {
-                    let mut l = l.clone();
-                    if self.config.host_ttl_ms.is_some() {
-                        l.capacity_mb = 0;
-                    }
-                    (id.clone(), l)
-                })
-                .collect()
+        let matches = if self.config.host_ttl_ms.is_some() {
+            let sizeless = |l: &Lease| Lease {
+                capacity_mb: 0,
+                ..l.clone()
+            };
+            want.len() == self.store.len()
+                && want
+                    .iter()
+                    .zip(&self.store)
+                    .all(|((a, la), (b, lb))| a == b && sizeless(la) == sizeless(lb))
+        } else {
+            want == self.store
         };
-        if sized(&want) != sized(&self.store) {
+        if !matches {
             return Err(format!(
                 "the lease store does not match the scheduler's leases:\nstore: {:#?}\nscheduler: {want:#?}",
                 self.store
