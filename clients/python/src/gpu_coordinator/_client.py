@@ -18,6 +18,7 @@ from .errors import (
     GrantTimeout,
     LeaseLost,
     Rejected,
+    RejectCode,
     Unavailable,
     reject_code,
 )
@@ -188,6 +189,10 @@ class Lease:
             self._lose(str(doc.get("error") or "revoked"))
         elif outcome == "rejected":
             error = str(doc.get("error", ""))
+            if self._releasing and reject_code(doc.get("code")) == RejectCode.ALREADY_ENDED:
+                # A renewal that crossed our own release: the lease ended as asked, nothing was lost.
+                self._renewed.set()
+                return
             if reject_code(doc.get("code")) in LEASE_GONE:
                 self._lose(error)
             self._renewed.set()
@@ -251,7 +256,7 @@ class Lease:
     async def _renew(self) -> None:
         while True:
             await asyncio.sleep(max(self.lease_ms / 1000 / 3, 0.05))
-            if self.lost.is_set() or self.phase in ("released",):
+            if self.lost.is_set() or self.phase in ("released",) or self._releasing:
                 return
             if self.phase not in ("active", "resuming"):
                 continue
