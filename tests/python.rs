@@ -1,5 +1,6 @@
 //! The Python client (`clients/python`): its type check (`mypy --strict`) and its tests (pytest), which
-//! start this build's `gpu-coordinator` against the machine's Postgres, Redis and NATS.
+//! start this build's `gpu-coordinator` against the suite's Postgres, Redis and NATS (private servers
+//! started here, or those the `GPU_IT_*` variables name: `gpu_coordinator_test_support::suite`).
 //!
 //! They run in a virtual environment at `clients/python/.venv`, made on first use with
 //! `pip install -e 'clients/python[test]'` (`.ci/run` makes it before the tests).
@@ -46,6 +47,7 @@ fn run(tool: &str, args: &[&str]) {
         .args(args)
         .current_dir(python_dir())
         .env("COORDINATOR_BIN", env!("CARGO_BIN_EXE_gpu-coordinator"))
+        .envs(gpu_coordinator_test_support::suite::servers().env())
         .output()
         .unwrap_or_else(|e| panic!("run {tool}: {e}"));
     let text = format!(

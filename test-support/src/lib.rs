@@ -14,6 +14,7 @@
 
 mod disk;
 pub mod engines;
+pub mod suite;
 
 pub use disk::SmallDisk;
 
@@ -61,12 +62,17 @@ pub fn free_port() -> u16 {
 
 /// A server process a test owns: started (again) on a known port, killed on drop.
 #[derive(Default)]
-struct Owned(Option<Child>);
+struct Owned {
+    child: Option<Child>,
+    /// Whether the process asks the kernel to kill it when the thread that started it ends
+    /// ([`die_with_parent`]): only for servers started by a thread that lasts as long as the process.
+    tied: bool,
+}
 
 impl Owned {
     /// SIGKILL, and wait for the process to go.
     fn kill(&mut self) {
-        if let Some(mut child) = self.0.take() {
+        if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -75,7 +81,7 @@ impl Owned {
     /// SIGTERM (the server finishes its writes), and wait for the process to go; SIGKILL after
     /// [`START_WAIT`].
     fn terminate(&mut self) {
-        if let Some(mut child) = self.0.take() {
+        if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
                 .status();
@@ -92,18 +98,37 @@ impl Owned {
     /// Kills the running process, if any, starts `cmd`, and waits until `port` accepts connections.
     fn respawn(&mut self, mut cmd: Command, port: u16) {
         self.kill();
+        if self.tied {
+            die_with_parent(&mut cmd);
+        }
         let what = format!("{:?}", cmd.get_program());
         let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("start {what}: {e}"));
-        self.0 = Some(child);
+        self.child = Some(child);
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(start.elapsed() < START_WAIT, "{what} did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// Asks the kernel to kill the process `cmd` starts (SIGKILL) once the thread that starts it ends, so
+/// that a test process killed before it could stop its servers leaves none running.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: `prctl` is async-signal-safe; the closure allocates nothing. It runs after the child
+    // took its user and group (a change of credentials clears the setting).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
@@ -153,13 +178,23 @@ impl NatsServer {
     /// [`NatsServer::start_with_conf`], its store in a new directory under `parent` (a small disk of
     /// the test's own, say).
     pub fn start_in(parent: &Path, conf: Option<PathBuf>) -> NatsServer {
+        Self::start_at(parent, conf, false)
+    }
+
+    /// A private server killed with the thread that starts it ([`suite`]'s, which lasts as long as
+    /// the process).
+    pub(crate) fn start_tied() -> NatsServer {
+        Self::start_at(&std::env::temp_dir(), None, true)
+    }
+
+    fn start_at(parent: &Path, conf: Option<PathBuf>, tied: bool) -> NatsServer {
         let store = parent.join(unique("nats_store"));
         std::fs::create_dir_all(&store).expect("create the store dir");
         let mut server = NatsServer {
             port: free_port(),
             store,
             conf,
-            process: Owned::default(),
+            process: Owned { child: None, tied },
         };
         server.restart();
         server
@@ -404,6 +439,21 @@ impl RedisServer {
         RedisServer::start_with(Vec::new())
     }
 
+    /// A private server killed with the thread that starts it ([`suite`]'s, which lasts as long as
+    /// the process).
+    pub(crate) fn start_tied() -> RedisServer {
+        let mut server = RedisServer {
+            port: free_port(),
+            process: Owned {
+                child: None,
+                tied: true,
+            },
+            args: Vec::new(),
+        };
+        server.restart();
+        server
+    }
+
     fn start_with(args: Vec<String>) -> RedisServer {
         let mut server = RedisServer {
             port: free_port(),
@@ -627,6 +677,9 @@ pub struct PgServer {
     log: PathBuf,
     bin: PathBuf,
     as_root: bool,
+    /// The server's process, where this process started it itself ([`PgServer::start_tied`]);
+    /// `pg_ctl` starts the others.
+    postmaster: Owned,
 }
 
 impl PgServer {
@@ -647,6 +700,49 @@ impl PgServer {
     }
 
     fn start_at(parent: &Path, wal_parent: Option<&Path>) -> PgServer {
+        let server = Self::init_at(parent, wal_parent);
+        server.resume();
+        server
+    }
+
+    /// A private server killed with the thread that starts it ([`suite`]'s, which lasts as long as
+    /// the process): `postgres` itself is that thread's child (`pg_ctl` would detach it), with room
+    /// for a whole suite's connections.
+    pub(crate) fn start_tied() -> PgServer {
+        use std::os::unix::process::CommandExt;
+        let mut server = Self::init_at(&std::env::temp_dir(), None);
+        server.postmaster.tied = true;
+        let mut cmd = Command::new(server.bin.join("postgres"));
+        cmd.arg("-D")
+            .arg(&server.dir)
+            .args(["-p", &server.port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1", "-c"])
+            .arg(format!("unix_socket_directories={}", server.dir.display()))
+            .args(["-c", "fsync=off", "-c", "max_connections=300"]);
+        if server.as_root {
+            let id = |flag: &str| -> u32 {
+                let out = Command::new("id")
+                    .args([flag, "postgres"])
+                    .output()
+                    .expect("id postgres");
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse()
+                    .expect("the postgres user's ids")
+            };
+            cmd.gid(id("-g")).uid(id("-u"));
+        }
+        server.postmaster.respawn(cmd, server.port);
+        let start = Instant::now();
+        while !server.accepting() {
+            assert!(start.elapsed() < START_WAIT, "postgres did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    /// A new cluster (`initdb`), not started.
+    fn init_at(parent: &Path, wal_parent: Option<&Path>) -> PgServer {
         let mut server = PgServer::empty_in(parent, "pg_cluster");
         server.wal = wal_parent.map(|p| p.join(unique("pg_wal")));
         let mut initdb = vec![
@@ -668,7 +764,6 @@ impl PgServer {
         }
         initdb.push("-D");
         server.run("initdb", &initdb, true);
-        server.resume();
         server
     }
 
@@ -700,6 +795,7 @@ impl PgServer {
             log: std::env::temp_dir().join(format!("{}.log", unique("pg_log"))),
             bin,
             as_root,
+            postmaster: Owned::default(),
         };
         if as_root {
             server.run("chown", &["-R", "postgres:postgres"], true);

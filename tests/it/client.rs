@@ -14,7 +14,7 @@ use gpu_coordinator_wire::{HolderState, Outcome};
 use tokio::sync::Notify;
 
 use crate::support::{
-    eventually, test_config, unique, Coordinator, NatsServer, Probe, Seen, DEADLINE,
+    eventually, nats_port, test_config, unique, Coordinator, NatsServer, Probe, Seen, DEADLINE,
 };
 
 /// A client of the coordinator configured by `config`, as the service `svc`.
@@ -648,7 +648,7 @@ async fn lease_survives_a_nats_restart() {
 async fn a_client_cut_off_gives_its_lease_up_before_the_gpu_is_granted_on() {
     let config = test_config("client_cutoff", &[("0", 24_000)]);
     let coordinator = Coordinator::start(config.clone()).await;
-    let proxy = gpu_coordinator_test_support::Proxy::start(4222).await;
+    let proxy = gpu_coordinator_test_support::Proxy::start(nats_port()).await;
     let cut_off = Client::connect(&proxy.url(), &config.nats.prefix, "a")
         .await
         .expect("connect through the proxy");

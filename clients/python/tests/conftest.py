@@ -19,8 +19,9 @@ from typing import AsyncIterator, Callable, Dict, Iterator, List, Optional
 import pytest
 
 REPO = Path(__file__).resolve().parents[3]
-# The servers: the shared ones on loopback, unless GPU_IT_NATS, GPU_IT_REDIS or GPU_IT_POSTGRES name
-# others (as for the Rust suite).
+# The servers GPU_IT_NATS, GPU_IT_REDIS and GPU_IT_POSTGRES name: `cargo test --test python` sets them
+# to the private servers it starts (as for the Rust suite). Run alone, pytest uses the servers on
+# loopback's standard ports unless they are set.
 NATS_URL = os.environ.get("GPU_IT_NATS") or "nats://127.0.0.1:4222"
 REDIS_URL = os.environ.get("GPU_IT_REDIS") or "redis://127.0.0.1:6379"
 PG_SERVER = os.environ.get("GPU_IT_POSTGRES") or "postgres://postgres@127.0.0.1:5432"

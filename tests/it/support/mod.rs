@@ -19,28 +19,26 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use gpu_coordinator_test_support::{
-    unique, NatsCluster, NatsServer, PgServer, RedisServer, SmallDisk,
+    suite, unique, NatsCluster, NatsServer, PgServer, RedisServer, SmallDisk,
 };
 
-/// The shared servers on loopback.
-///
-/// One set-up for the whole suite, read here only: `GPU_IT_NATS`, `GPU_IT_REDIS` and
-/// `GPU_IT_POSTGRES` (a server URL without a database) name other servers than the shared ones on
-/// loopback.
+/// The suite's servers: private ones this process starts on first use, or those `GPU_IT_NATS`,
+/// `GPU_IT_REDIS` and `GPU_IT_POSTGRES` (a server URL without a database) name
+/// ([`gpu_coordinator_test_support::suite`]).
 pub static NATS_URL: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| server_env("GPU_IT_NATS", "nats://127.0.0.1:4222"));
+    std::sync::LazyLock::new(|| suite::servers().nats.clone());
 pub static REDIS_URL: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| server_env("GPU_IT_REDIS", "redis://127.0.0.1:6379"));
-pub static PG_SERVER: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    server_env("GPU_IT_POSTGRES", "postgres://postgres@127.0.0.1:5432")
-});
+    std::sync::LazyLock::new(|| suite::servers().redis.clone());
+pub static PG_SERVER: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| suite::servers().postgres.clone());
 
-/// The server URL `var` names, else `default`.
-fn server_env(var: &str, default: &str) -> String {
-    std::env::var(var)
-        .ok()
-        .filter(|v| !v.trim().is_empty())
-        .unwrap_or_else(|| default.to_owned())
+/// The port of the suite's NATS, for a proxy in front of it (on loopback).
+pub fn nats_port() -> u16 {
+    NATS_URL
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .unwrap_or_else(|| panic!("a port in the suite's NATS URL {}", *NATS_URL))
 }
 
 /// How long a test waits for a message it expects before it fails.
@@ -72,10 +70,14 @@ pub fn test_config(tag: &str, gpus: &[(&str, u64)]) -> Config {
 
 static SWEEP: std::sync::Once = std::sync::Once::new();
 
-/// Removes what earlier runs of this suite left on the shared servers (their test databases, streams
-/// and Redis keys, all named with another process id), so that they do not pile up run after run.
-/// Runs once per test process, on a thread of its own; a failure only leaves the garbage.
+/// Removes what earlier runs of this suite left on servers the `GPU_IT_*` variables name (their test
+/// databases, streams and Redis keys, all named with another process id), so that they do not pile up
+/// run after run; private servers start empty. Runs once per test process, on a thread of its own; a
+/// failure only leaves the garbage.
 fn sweep_previous_runs() {
+    if !suite::servers().named {
+        return;
+    }
     let thread = std::thread::spawn(move || {
         let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
