@@ -19,6 +19,7 @@
 
 mod backends;
 pub mod gpus;
+mod settings;
 
 use std::sync::Arc;
 use std::time::Duration;
