@@ -29,7 +29,7 @@ use gpu_coordinator_wire::Subjects;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
-use crate::adapters::http::{self, Backends, HttpState};
+use crate::adapters::http::{self, Backends, HttpSettings, HttpState};
 use crate::adapters::nats_readers;
 use crate::adapters::nvml::GpuProbe;
 use crate::config::Config;
@@ -92,7 +92,7 @@ pub async fn run_with(
     };
     let tasks_stop = shutdown.child_token();
     let state = HttpState::new(
-        &config,
+        HttpSettings::from(&config),
         subjects.clone(),
         metrics.clone(),
         tasks_stop.clone(),
@@ -226,7 +226,7 @@ fn spawn_sidecars(
         sidecars,
         coordinator,
         gpus.probe.clone(),
-        http::server::Limits::from_config(&config.http),
+        http::Limits::from(&config.http),
         &state.engines(),
         sidecar_tasks,
         sidecars_stop,
