@@ -9,8 +9,9 @@
 //! - `core/` (crate `gpu-coordinator-core`): the scheduler, a deterministic state machine with no I/O, no
 //!   clock and no async. Inputs go in with `now`; actions come out; it says when it next wants waking.
 //! - `wire/` (crate `gpu-coordinator-wire`): the wire contract's messages, JSON/MessagePack, validation.
-//! - [`app`]: the composition root. It chooses the adapters, connects them, spawns the HTTP API and the
-//!   NVML sampler under one task tracker, runs the driver and stops everything in order.
+//! - [`app`]: the composition root. It chooses the adapters, gives them their settings (built from the
+//!   configuration, which no adapter reads), connects them, spawns the HTTP API and the NVML sampler
+//!   under one task tracker, runs the driver and stops everything in order.
 //! - [`driver`]: the one event loop that owns the scheduler and carries out its actions through the
 //!   [`ports`].
 //! - [`ports`]: the traits the driver needs from the outside (journal, lease store, bus, leadership).

@@ -15,8 +15,6 @@ use gpu_coordinator_wire::VramSource;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::GpuConfig;
-
 const MB: u64 = 1024 * 1024;
 
 pub use crate::ports::gpu::{used_by_gpu, DeviceSample, GpuProbe, ProbeError, ProcessUsage};
@@ -224,11 +222,11 @@ pub struct Inventory {
     pub devices: BTreeMap<String, u32>,
 }
 
-/// Decides the inventory. With `[[gpus]]` configured, those GPUs and capacities are managed, and a GPU
-/// whose id is an NVML index (`"0"`) or UUID (`"GPU-..."`) is sampled through NVML. With none configured,
-/// every NVML device is managed as `"0"`, `"1"`, ... with its full memory. `probed` is `None` when NVML is
-/// not there; with neither, the result is empty (the caller picks its default).
-pub fn inventory(configured: &[GpuConfig], probed: Option<&[DeviceSample]>) -> Inventory {
+/// Decides the inventory. With GPUs `configured` (the caller's `[[gpus]]`), those GPUs and capacities are
+/// managed, and a GPU whose id is an NVML index (`"0"`) or UUID (`"GPU-..."`) is sampled through NVML.
+/// With none configured, every NVML device is managed as `"0"`, `"1"`, ... with its full memory. `probed`
+/// is `None` when NVML is not there; with neither, the result is empty (the caller picks its default).
+pub fn inventory(configured: &[GpuSpec], probed: Option<&[DeviceSample]>) -> Inventory {
     let probed = probed.unwrap_or_default();
     let (gpus, devices): (Vec<GpuSpec>, BTreeMap<String, u32>) = if configured.is_empty() {
         (
@@ -245,23 +243,16 @@ pub fn inventory(configured: &[GpuConfig], probed: Option<&[DeviceSample]>) -> I
                 .collect(),
         )
     } else {
-        let gpus = configured
-            .iter()
-            .map(|g| GpuSpec {
-                id: g.id.clone().into(),
-                total_mb: g.vram_mb,
-            })
-            .collect();
         let devices = configured
             .iter()
             .filter_map(|g| {
                 probed
                     .iter()
                     .find(|d| d.index.to_string() == g.id || (!d.uuid.is_empty() && d.uuid == g.id))
-                    .map(|d| (g.id.clone(), d.index))
+                    .map(|d| (g.id.as_str().to_owned(), d.index))
             })
             .collect();
-        (gpus, devices)
+        (configured.to_vec(), devices)
     };
     let source = if devices.is_empty() {
         VramSource::Config
@@ -334,10 +325,10 @@ mod tests {
         }
     }
 
-    fn gpu(id: &str, vram_mb: u64) -> GpuConfig {
-        GpuConfig {
+    fn gpu(id: &str, vram_mb: u64) -> GpuSpec {
+        GpuSpec {
             id: id.into(),
-            vram_mb,
+            total_mb: vram_mb,
         }
     }
 

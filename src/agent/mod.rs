@@ -13,6 +13,7 @@ use std::time::Duration;
 use gpu_coordinator_wire::{GpuProcess, NodeGpu, NodeSample, Subjects};
 use tokio_util::sync::CancellationToken;
 
+use crate::adapters::nats::NatsSettings;
 use crate::adapters::nvml::{self, GpuProbe, NvmlProbe};
 use crate::clock::now_ms;
 use crate::config::{Config, GpuConfig};
@@ -43,9 +44,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let host = config.agent.host_name();
     let subjects = Subjects::new(&config.nats.prefix).map_err(anyhow::Error::msg)?;
     let source = source(&config).await?;
-    let servers = crate::adapters::nats::servers(&config.nats)?;
+    let nats = NatsSettings::from(&config.nats);
+    let servers = crate::adapters::nats::servers(&nats)?;
     let client = with_retry("connecting to NATS", &shutdown, || async {
-        crate::adapters::nats::options(&config.nats)
+        crate::adapters::nats::options(&nats)
             .await?
             .name(format!("gpu-coordinator-agent-{host}"))
             .connection_timeout(Duration::from_secs(5))

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::CONNECTION_NAME;
 use crate::adapters::http::Labels;
 use crate::adapters::memory::{Faults, MemLeases, Trace};
-use crate::adapters::nats::NatsBus;
+use crate::adapters::nats::{NatsBus, NatsSettings};
 use crate::adapters::nats_gateway::NatsGateway;
 use crate::adapters::postgres::{PgJournal, PgLeadership, WriteBehind};
 use crate::adapters::redis::RedisLeases;
@@ -263,9 +263,10 @@ impl Chosen {
                 let nats_url = gpu_coordinator_client::redact(&config.nats.url);
                 // A URL that cannot be parsed stops the start; a server that does not answer is
                 // waited for.
-                crate::adapters::nats::servers(&config.nats)?;
+                let settings = NatsSettings::from(&config.nats);
+                crate::adapters::nats::servers(&settings)?;
                 let bus = with_retry(&format!("NATS at {nats_url}"), shutdown, || {
-                    NatsBus::connect(&config.nats, subjects.clone(), CONNECTION_NAME)
+                    NatsBus::connect(&settings, subjects.clone(), CONNECTION_NAME)
                 })
                 .await?;
                 // More replicas than the cluster has servers would never be placed: not retried.

@@ -22,17 +22,22 @@ pub const DEFAULT_GPU_MB: u64 = 24_576;
 /// How many NVML samples may wait for the driver.
 const SAMPLES: usize = 4;
 
+/// The configured `[[gpus]]`, as the NVML adapter is given them.
+pub fn configured(config: &Config) -> Vec<GpuSpec> {
+    config
+        .gpus
+        .iter()
+        .map(|g| GpuSpec {
+            id: g.id.clone().into(),
+            total_mb: g.vram_mb,
+        })
+        .collect()
+}
+
 /// The configured GPUs, else one default GPU (said clearly).
 pub fn inventory(config: &Config) -> Vec<GpuSpec> {
     if !config.gpus.is_empty() {
-        return config
-            .gpus
-            .iter()
-            .map(|g| GpuSpec {
-                id: g.id.clone().into(),
-                total_mb: g.vram_mb,
-            })
-            .collect();
+        return configured(config);
     }
     tracing::warn!(
         "no [[gpus]] configured and no GPU found through NVML: managing one GPU `0` of {DEFAULT_GPU_MB} MB"
@@ -54,7 +59,7 @@ pub fn local_status(config: &Config) -> (StatusDoc, Vec<DeviceSample>) {
     } else {
         None
     };
-    let found = nvml::inventory(&config.gpus, samples.as_deref());
+    let found = nvml::inventory(&configured(config), samples.as_deref());
     let gpus = if found.gpus.is_empty() {
         inventory(config)
     } else {
@@ -115,7 +120,10 @@ pub async fn probe(
         return reported_by_agents(config);
     }
     let probed = probe_devices(config, probe).await;
-    let found = nvml::inventory(&config.gpus, probed.as_ref().map(|(_, d)| d.as_slice()));
+    let found = nvml::inventory(
+        &configured(config),
+        probed.as_ref().map(|(_, d)| d.as_slice()),
+    );
     if probed.is_some() && !config.gpus.is_empty() && found.source == VramSource::Config {
         tracing::warn!(
             "NVML sees the GPUs but none of the configured [[gpus]] ids is an NVML index or UUID: VRAM \

@@ -19,6 +19,7 @@
 
 mod backends;
 pub mod gpus;
+mod settings;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +29,7 @@ use gpu_coordinator_wire::Subjects;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
-use crate::adapters::http::{self, Backends, HttpState};
+use crate::adapters::http::{self, Backends, HttpSettings, HttpState};
 use crate::adapters::nats_readers;
 use crate::adapters::nvml::GpuProbe;
 use crate::config::Config;
@@ -91,7 +92,7 @@ pub async fn run_with(
     };
     let tasks_stop = shutdown.child_token();
     let state = HttpState::new(
-        &config,
+        HttpSettings::from(&config),
         subjects.clone(),
         metrics.clone(),
         tasks_stop.clone(),
@@ -225,7 +226,7 @@ fn spawn_sidecars(
         sidecars,
         coordinator,
         gpus.probe.clone(),
-        http::server::Limits::from_config(&config.http),
+        http::Limits::from(&config.http),
         &state.engines(),
         sidecar_tasks,
         sidecars_stop,

@@ -16,6 +16,7 @@ use anyhow::Context as _;
 use futures::StreamExt;
 use gpu_coordinator_wire::{codec, decode_input, Inbound, Subjects};
 
+use crate::adapters::nats::NatsSettings;
 use crate::adapters::nats_gateway::NatsGateway;
 use crate::adapters::sqlite::{SqliteBus, SqliteJournal};
 use crate::config::{BusBackend, Config};
@@ -43,10 +44,11 @@ pub async fn run(config: &Config, since: Since) -> anyhow::Result<Result<Summary
         .context("nats.prefix")?;
     let gateway: Arc<dyn Gateway> = match config.backends.bus {
         BusBackend::Nats => {
-            let client = crate::adapters::nats::options(&config.nats)
+            let nats = NatsSettings::from(&config.nats);
+            let client = crate::adapters::nats::options(&nats)
                 .await?
                 .name("gpu-coordinator audit")
-                .connect(crate::adapters::nats::servers(&config.nats)?)
+                .connect(crate::adapters::nats::servers(&nats)?)
                 .await
                 .with_context(|| {
                     format!(

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
+use gpu_coordinator::adapters::nats::NatsSettings;
 use gpu_coordinator::config::Config;
 use gpu_coordinator::engines::EngineView;
 use gpu_coordinator_wire::StatusDoc;
@@ -15,11 +16,12 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn status_over_nats(config: &Config) -> anyhow::Result<StatusDoc> {
     let url = &config.nats.url;
-    let client = gpu_coordinator::adapters::nats::options(&config.nats)
+    let nats = NatsSettings::from(&config.nats);
+    let client = gpu_coordinator::adapters::nats::options(&nats)
         .await?
         .name("gpu-coordinator status")
         .connection_timeout(STATUS_TIMEOUT)
-        .connect(gpu_coordinator::adapters::nats::servers(&config.nats)?)
+        .connect(gpu_coordinator::adapters::nats::servers(&nats)?)
         .await
         .with_context(|| {
             format!(

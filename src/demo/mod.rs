@@ -24,6 +24,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::adapters::nats::NatsSettings;
 use crate::config::{BusBackend, Config, GpuConfig};
 use api::{Api, SseEvent};
 
@@ -424,8 +425,9 @@ fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
 
 /// Removes what the demo made: its streams, its Redis keys, its database.
 async fn cleanup(demo: &Config) {
-    let options = crate::adapters::nats::options(&demo.nats).await;
-    let nats = match (options, crate::adapters::nats::servers(&demo.nats)) {
+    let settings = NatsSettings::from(&demo.nats);
+    let options = crate::adapters::nats::options(&settings).await;
+    let nats = match (options, crate::adapters::nats::servers(&settings)) {
         (Ok(options), Ok(servers)) => options.connect(servers).await.ok(),
         _ => None,
     };

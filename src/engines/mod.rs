@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 pub use board::{Board, EngineState, EngineView};
 pub use config::{EngineConfig, EngineKind, SidecarConfig, Want};
 
-use crate::adapters::http::server::Limits;
+use crate::adapters::http::Limits;
 use crate::adapters::nvml::{GpuProbe, NvmlProbe};
 use crate::config::Config;
 
@@ -233,7 +233,7 @@ pub async fn run_alone(config: Config, stop: CancellationToken) -> anyhow::Resul
     };
     let board = Board::default();
     let tracker = TaskTracker::new();
-    let limits = Limits::from_config(&config.http);
+    let limits = Limits::from(&config.http);
     // NVML, where there is a driver, for the freed-VRAM check after each sleep.
     let probe: Option<Arc<dyn GpuProbe>> = if config.nvml.enabled {
         match tokio::task::spawn_blocking(NvmlProbe::init).await {

@@ -15,7 +15,7 @@ use axum::response::Response;
 use gpu_coordinator_wire::{valid_service_id, Control};
 
 use super::sse::{last_event_id, output_events};
-use super::{ApiError, ErrorBody, HttpState};
+use super::{ApiError, ErrorBody, HttpState, TokenHolder};
 use crate::ports::ReadFrom;
 
 /// Streams the service's control orders: one event per order, named after its action, with the order
@@ -54,8 +54,8 @@ pub(super) async fn control(
     state.authorize_read(&headers, &service)?;
     // The operator's streams take its own slots; without tokens anyone is the service it names.
     let holder = match state.caller(&headers)? {
-        Some(crate::config::OPERATOR) => Holder::Operator,
-        Some(own) => Holder::Service(own),
+        Some(TokenHolder::Operator) => Holder::Operator,
+        Some(TokenHolder::Service(own)) => Holder::Service(own),
         None => Holder::Service(&service),
     };
     // Held by the stream: the count goes down when the client goes away or the coordinator stops.

@@ -14,9 +14,10 @@
 //! - `GET /gpu/status`, `GET /gpu/control/{service_id}` (Server-Sent Events)
 //! - `GET /healthz`, `GET /readyz`, `GET /metrics`, `GET /openapi.json`
 //!
-//! With `[http.tokens]` configured, every `/gpu/` route and `/metrics` want `Authorization: Bearer
-//! <token>`; a service's token acts only for its own service and reads only its own service's entries
-//! of the status and the events, an operator's (`"*"`) reads everything and acts for none.
+//! With tokens given ([`HttpSettings::tokens`], from `[http.tokens]`), every `/gpu/` route and
+//! `/metrics` want `Authorization: Bearer <token>`; a service's token acts only for its own service and
+//! reads only its own service's entries of the status and the events, an operator's reads everything
+//! and acts for none.
 
 mod control;
 mod error;
@@ -41,8 +42,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::{ApiError, ErrorBody};
 pub use openapi::openapi;
+pub use server::Limits;
 
-use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::ports::{DriverStatus, Gateway, Journal, Leadership, Leases};
 
@@ -76,6 +77,66 @@ pub struct Labels {
     pub journal: &'static str,
 }
 
+/// What the HTTP API is given (by the composition root, from `[http]`, `request.default_timeout_ms` and
+/// `[services]`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct HttpSettings {
+    /// Bearer token -> whom it acts for. Empty: no authentication.
+    pub tokens: BTreeMap<String, TokenHolder>,
+    /// The timeout of a request that gives none, in ms.
+    pub default_timeout_ms: u64,
+    /// What each service may ask for: here, the `default_priority` of a request body that gives none.
+    pub services: gpu_coordinator_core::ServicePolicies,
+    /// The longest a `POST /gpu/request` long poll waits; a request still queued then is answered 202
+    /// `queued`.
+    pub max_wait: Duration,
+    /// The largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// The long-lived streams (control and event streams) each service may hold open; the operator
+    /// has as many of its own.
+    pub max_streams_per_service: usize,
+    /// The services' long-lived streams in all (the operator's are apart).
+    pub max_streams: usize,
+    /// What bounds the connections.
+    pub limits: Limits,
+}
+
+/// The tokens are secrets: `Debug` shows each as `***`.
+impl std::fmt::Debug for HttpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        /// Whom the tokens act for, each token written `***`.
+        struct Tokens<'a>(&'a BTreeMap<String, TokenHolder>);
+        impl std::fmt::Debug for Tokens<'_> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_map()
+                    .entries(self.0.values().map(|holder| ("***", holder)))
+                    .finish()
+            }
+        }
+        f.debug_struct("HttpSettings")
+            .field("tokens", &Tokens(&self.tokens))
+            .field("default_timeout_ms", &self.default_timeout_ms)
+            .field("services", &self.services)
+            .field("max_wait", &self.max_wait)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_streams_per_service", &self.max_streams_per_service)
+            .field("max_streams", &self.max_streams)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+/// Whom a bearer token acts for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenHolder {
+    /// A service: the token acts for it alone, and reads only its own entries of the status and the
+    /// events, and not the metrics.
+    Service(String),
+    /// An operator: the token reads everything (status, events, metrics, any service's control
+    /// stream) but acts for no service.
+    Operator,
+}
+
 /// [`Backends`], once set.
 struct Connected {
     backends: Backends,
@@ -89,16 +150,14 @@ pub struct HttpState {
 
 struct Inner {
     subjects: Subjects,
-    /// `(token, service id)`.
-    tokens: Vec<(String, String)>,
+    /// `(token, whom it acts for)`.
+    tokens: Vec<(String, TokenHolder)>,
     default_timeout_ms: u64,
-    /// `[services]`: the `default_priority` of a request body that gives none.
+    /// The `default_priority` of a request body that gives none.
     services: gpu_coordinator_core::ServicePolicies,
-    /// `http.max_wait_ms`.
     max_wait: Duration,
     max_body_bytes: usize,
-    /// `http.header_read_timeout_ms` and `http.max_connections`.
-    limits: server::Limits,
+    limits: Limits,
     /// Open control streams, counted against `http.max_streams_per_service` and `http.max_streams`.
     streams: Arc<control::StreamCount>,
     metrics: Arc<Metrics>,
@@ -117,25 +176,24 @@ impl HttpState {
     }
 
     pub fn new(
-        config: &Config,
+        settings: HttpSettings,
         subjects: Subjects,
         metrics: Arc<Metrics>,
         stop: CancellationToken,
     ) -> HttpState {
-        let tokens: BTreeMap<_, _> = config.http.tokens.clone();
         HttpState {
             inner: Arc::new(Inner {
                 engines: crate::engines::Board::default(),
                 subjects,
-                tokens: tokens.into_iter().collect(),
-                default_timeout_ms: config.request.default_timeout_ms,
-                services: config.services.policies(),
-                max_wait: Duration::from_millis(config.http.max_wait_ms),
-                max_body_bytes: config.http.max_body_bytes,
-                limits: server::Limits::from_config(&config.http),
+                tokens: settings.tokens.into_iter().collect(),
+                default_timeout_ms: settings.default_timeout_ms,
+                services: settings.services,
+                max_wait: settings.max_wait,
+                max_body_bytes: settings.max_body_bytes,
+                limits: settings.limits,
                 streams: Arc::new(control::StreamCount::new(
-                    config.http.max_streams_per_service,
-                    config.http.max_streams,
+                    settings.max_streams_per_service,
+                    settings.max_streams,
                 )),
                 metrics,
                 stop,
@@ -166,8 +224,8 @@ impl HttpState {
         &self.inner.stop
     }
 
-    /// The service the caller's token acts for; `Ok(None)` when authentication is off.
-    fn caller(&self, headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    /// Whom the caller's token acts for; `Ok(None)` when authentication is off.
+    fn caller(&self, headers: &HeaderMap) -> Result<Option<&TokenHolder>, ApiError> {
         if self.inner.tokens.is_empty() {
             return Ok(None);
         }
@@ -189,9 +247,9 @@ impl HttpState {
             })?;
         // Every configured token is compared in full, so the time taken does not tell which was close.
         let mut found = None;
-        for (token, service) in &self.inner.tokens {
+        for (token, holder) in &self.inner.tokens {
             if constant_time_eq(token.as_bytes(), presented.as_bytes()) {
-                found = Some(service.as_str());
+                found = Some(holder);
             }
         }
         found
@@ -202,12 +260,8 @@ impl HttpState {
     /// Checks that the caller may act for `service`: 401 without a valid token, 403 for another service.
     fn authorize(&self, headers: &HeaderMap, service: &str) -> Result<(), ApiError> {
         match self.caller(headers)? {
-            Some(crate::config::OPERATOR) => Err(ApiError::Forbidden(
-                "an operator token reads everything but acts for no service: use the service's own \
-                 token"
-                    .into(),
-            )),
-            Some(own) if own != service => Err(ApiError::Forbidden(format!(
+            Some(TokenHolder::Operator) => Err(operator_acts_for_none()),
+            Some(TokenHolder::Service(own)) if own != service => Err(ApiError::Forbidden(format!(
                 "the bearer token acts for service `{own}`, not for `{service}`"
             ))),
             _ => Ok(()),
@@ -217,7 +271,7 @@ impl HttpState {
     /// Checks that the caller may read what concerns `service`: its own token, or an operator's.
     fn authorize_read(&self, headers: &HeaderMap, service: &str) -> Result<(), ApiError> {
         match self.caller(headers)? {
-            Some(crate::config::OPERATOR) => Ok(()),
+            Some(TokenHolder::Operator) => Ok(()),
             _ => self.authorize(headers, service),
         }
     }
@@ -226,8 +280,8 @@ impl HttpState {
     /// configured), or only what concerns its own service (a service's token).
     fn viewer(&self, headers: &HeaderMap) -> Result<Viewer<'_>, ApiError> {
         Ok(match self.caller(headers)? {
-            None | Some(crate::config::OPERATOR) => Viewer::Everything,
-            Some(own) => Viewer::Service(own),
+            None | Some(TokenHolder::Operator) => Viewer::Everything,
+            Some(TokenHolder::Service(own)) => Viewer::Service(own),
         })
     }
 
@@ -287,6 +341,14 @@ impl<'a> Viewer<'a> {
             Viewer::Service(own) => control::Holder::Service(own),
         }
     }
+}
+
+/// What an operator's token is told when it would act for a service.
+fn operator_acts_for_none() -> ApiError {
+    ApiError::Forbidden(
+        "an operator token reads everything but acts for no service: use the service's own token"
+            .into(),
+    )
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -381,18 +443,41 @@ pub async fn serve(listener: tokio::net::TcpListener, state: HttpState) -> std::
 mod tests {
     use super::*;
 
-    fn state(tokens: &[(&str, &str)]) -> HttpState {
-        let mut config = Config::default();
-        config.http.tokens = tokens
-            .iter()
-            .map(|(t, s)| (t.to_string(), s.to_string()))
-            .collect();
+    /// The settings the configuration's defaults give, without tokens.
+    pub(super) fn settings() -> HttpSettings {
+        HttpSettings {
+            tokens: BTreeMap::new(),
+            default_timeout_ms: 60_000,
+            services: gpu_coordinator_core::ServicePolicies::default(),
+            max_wait: Duration::from_secs(300),
+            max_body_bytes: 65_536,
+            max_streams_per_service: 16,
+            max_streams: 1024,
+            limits: Limits {
+                header_read_timeout: Duration::from_secs(10),
+                max_connections: 1024,
+            },
+        }
+    }
+
+    fn state(tokens: &[(&str, TokenHolder)]) -> HttpState {
+        let settings = HttpSettings {
+            tokens: tokens
+                .iter()
+                .map(|(t, holder)| (t.to_string(), holder.clone()))
+                .collect(),
+            ..settings()
+        };
         HttpState::new(
-            &config,
+            settings,
             Subjects::default(),
             Metrics::new(),
             CancellationToken::new(),
         )
+    }
+
+    fn service(id: &str) -> TokenHolder {
+        TokenHolder::Service(id.to_owned())
     }
 
     fn bearer(token: &str) -> HeaderMap {
@@ -413,7 +498,10 @@ mod tests {
 
     #[test]
     fn a_token_acts_only_for_its_service() {
-        let s = state(&[("secret-chat", "chat"), ("secret-asr", "asr")]);
+        let s = state(&[
+            ("secret-chat", service("chat")),
+            ("secret-asr", service("asr")),
+        ]);
         assert!(s.authorize(&bearer("secret-chat"), "chat").is_ok());
         let forbidden = s.authorize(&bearer("secret-chat"), "asr").expect_err("403");
         assert!(matches!(forbidden, ApiError::Forbidden(_)), "{forbidden}");
@@ -433,6 +521,24 @@ mod tests {
             s.authorize(&basic, "chat"),
             Err(ApiError::Unauthorized(_))
         ));
+    }
+
+    #[test]
+    fn an_operator_token_reads_everything_and_acts_for_none() {
+        let s = state(&[
+            ("secret-op", TokenHolder::Operator),
+            ("secret-chat", service("chat")),
+        ]);
+        let operator = bearer("secret-op");
+        assert!(s.authorize_read(&operator, "chat").is_ok());
+        assert_eq!(s.viewer(&operator).expect("valid"), Viewer::Everything);
+        let e = s.authorize(&operator, "chat").expect_err("403");
+        assert!(matches!(e, ApiError::Forbidden(_)), "{e}");
+        assert!(e.to_string().contains("acts for no service"), "{e}");
+        let chat = bearer("secret-chat");
+        assert_eq!(s.viewer(&chat).expect("valid"), Viewer::Service("chat"));
+        let e = s.authorize_read(&chat, "asr").expect_err("403");
+        assert!(matches!(e, ApiError::Forbidden(_)), "{e}");
     }
 
     #[test]

@@ -23,22 +23,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// What bounds the connections.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Limits {
-    /// `http.header_read_timeout_ms`.
-    pub(crate) header_read_timeout: Duration,
-    /// `http.max_connections`.
-    pub(crate) max_connections: usize,
-}
-
-impl Limits {
-    /// `http.header_read_timeout_ms` and `http.max_connections`.
-    pub(crate) fn from_config(http: &crate::config::HttpConfig) -> Limits {
-        Limits {
-            header_read_timeout: Duration::from_millis(http.header_read_timeout_ms),
-            max_connections: http.max_connections,
-        }
-    }
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// How long a connection may take to send a request's headers, and stay idle between requests.
+    pub header_read_timeout: Duration,
+    /// The most connections served at once.
+    pub max_connections: usize,
 }
 
 /// Serves `app` on `listener` until `stop` is cancelled; then accepts no more, asks every connection

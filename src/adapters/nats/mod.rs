@@ -102,47 +102,60 @@ pub struct NatsBus {
     limits: StreamLimits,
 }
 
-/// The bounds and the replicas of both streams (from `[nats]`).
-#[derive(Debug, Clone, Copy)]
-struct StreamLimits {
-    max_age: Duration,
-    max_bytes: i64,
-    max_messages: i64,
-    max_message_size: i32,
-    replicas: usize,
+/// What the NATS adapter is given (by the composition root, from `[nats]`): where the servers are, the
+/// credentials to connect with, and the bounds of the streams it makes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NatsSettings {
+    /// The servers: one NATS URL, or several of a cluster separated by commas, with the user and
+    /// password (or token) to connect with in them.
+    pub url: String,
+    /// A NATS credentials file (`.creds`) to connect with, in place of the credentials in the URL.
+    pub creds_file: Option<String>,
+    /// The bounds and the replicas of both streams.
+    pub streams: StreamLimits,
 }
 
-impl From<&crate::config::NatsConfig> for StreamLimits {
-    fn from(config: &crate::config::NatsConfig) -> Self {
-        StreamLimits {
-            max_age: Duration::from_millis(config.max_age_ms),
-            max_bytes: config.max_bytes,
-            max_messages: config.max_msgs,
-            max_message_size: config.max_msg_size,
-            replicas: config.replicas,
-        }
+/// The URL's credentials are secrets: `Debug` shows the URL redacted.
+impl std::fmt::Debug for NatsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSettings")
+            .field("url", &gpu_coordinator_client::redact(&self.url))
+            .field("creds_file", &self.creds_file)
+            .field("streams", &self.streams)
+            .finish()
     }
 }
 
-/// The servers `nats.url` lists (one, or several separated by commas), without their credentials
-/// (those are in [`options`]).
-pub fn servers(
-    config: &crate::config::NatsConfig,
-) -> Result<Vec<async_nats::ServerAddr>, NatsError> {
-    gpu_coordinator_client::server_addrs(&config.url).map_err(NatsError::Url)
+/// The bounds and the replicas of both streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// How long the streams keep messages.
+    pub max_age: Duration,
+    /// The most bytes each stream keeps; -1: no limit of its own.
+    pub max_bytes: i64,
+    /// The most messages each stream keeps; -1: no limit of its own.
+    pub max_messages: i64,
+    /// The largest message the streams accept, in bytes.
+    pub max_message_size: i32,
+    /// The replicas of every stream, on a cluster.
+    pub replicas: usize,
 }
 
-/// Connection options for `config`: the credentials in its URL (or its creds file), and the inbox
+/// The servers `settings.url` lists (one, or several separated by commas), without their credentials
+/// (those are in [`options`]).
+pub fn servers(settings: &NatsSettings) -> Result<Vec<async_nats::ServerAddr>, NatsError> {
+    gpu_coordinator_client::server_addrs(&settings.url).map_err(NatsError::Url)
+}
+
+/// Connection options for `settings`: the credentials in its URL (or its creds file), and the inbox
 /// prefix of that user (see `gpu_coordinator_client::NatsAuth`).
-pub async fn options(
-    config: &crate::config::NatsConfig,
-) -> Result<async_nats::ConnectOptions, NatsError> {
+pub async fn options(settings: &NatsSettings) -> Result<async_nats::ConnectOptions, NatsError> {
     let mut options =
-        gpu_coordinator_client::connect_options(&config.url).map_err(|e| NatsError::Other {
+        gpu_coordinator_client::connect_options(&settings.url).map_err(|e| NatsError::Other {
             what: "read nats.url",
             source: e.into(),
         })?;
-    if let Some(path) = &config.creds_file {
+    if let Some(path) = &settings.creds_file {
         options = options
             .credentials_file(path)
             .await
@@ -163,16 +176,16 @@ pub fn api_context(client: &Client) -> jetstream::Context {
 }
 
 impl NatsBus {
-    /// Connects to one of the servers `nats.url` lists (the client reconnects by itself afterwards,
-    /// to any server of the cluster, logging each disconnect and reconnect).
+    /// Connects to one of the servers `settings.url` lists (the client reconnects by itself
+    /// afterwards, to any server of the cluster, logging each disconnect and reconnect).
     pub async fn connect(
-        config: &crate::config::NatsConfig,
+        settings: &NatsSettings,
         subjects: Subjects,
         name: &str,
     ) -> Result<NatsBus, NatsError> {
-        let servers = servers(config)?;
+        let servers = servers(settings)?;
         let (connections, connected) = tokio::sync::watch::channel(0u64);
-        let client = options(config)
+        let client = options(settings)
             .await?
             .name(name)
             .connection_timeout(Duration::from_secs(5))
@@ -195,7 +208,7 @@ impl NatsBus {
             .connect(servers)
             .await
             .map_err(|source| NatsError::Connect {
-                url: gpu_coordinator_client::redact(&config.url),
+                url: gpu_coordinator_client::redact(&settings.url),
                 source,
             })?;
         let js = jetstream::new(client.clone());
@@ -206,7 +219,7 @@ impl NatsBus {
             api,
             subjects,
             connected,
-            limits: StreamLimits::from(config),
+            limits: settings.streams,
         })
     }
 

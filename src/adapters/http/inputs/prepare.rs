@@ -5,7 +5,7 @@ use axum::http::HeaderMap;
 use gpu_coordinator_wire::{decode_input, valid_service_id, Inbound, InputKind};
 use serde_json::Value;
 
-use super::super::{ApiError, HttpState};
+use super::super::{operator_acts_for_none, ApiError, HttpState, TokenHolder};
 
 /// A body checked like a NATS input, ready to publish.
 pub(super) struct Prepared {
@@ -25,7 +25,7 @@ pub(super) fn prepare(
     body: &[u8],
     kind: InputKind,
 ) -> Result<Prepared, ApiError> {
-    let caller = state.caller(headers)?.map(str::to_owned);
+    let caller = state.caller(headers)?.cloned();
     let mut value = parse_body(body, kind)?;
     let fields = value
         .as_object_mut()
@@ -37,13 +37,18 @@ pub(super) fn prepare(
                 "field `service_id` must be 1 to 64 characters of A-Z, a-z, 0-9, `_` and `-`, got {s:?}"
             )))
         }
-        None | Some(Value::Null) => caller.clone().ok_or_else(|| {
-            ApiError::BadRequest(
-                "field `service_id` is required: the id of the service this input is for (1 to 64 \
-                 characters of A-Z, a-z, 0-9, `_` and `-`)"
-                    .into(),
-            )
-        })?,
+        None | Some(Value::Null) => match caller {
+            Some(TokenHolder::Service(own)) => own,
+            // The token's holder acts for no service: refused as when it names one.
+            Some(TokenHolder::Operator) => return Err(operator_acts_for_none()),
+            None => {
+                return Err(ApiError::BadRequest(
+                    "field `service_id` is required: the id of the service this input is for (1 \
+                     to 64 characters of A-Z, a-z, 0-9, `_` and `-`)"
+                        .into(),
+                ))
+            }
+        },
         Some(other) => {
             return Err(ApiError::BadRequest(format!(
                 "field `service_id`: expected a string, got {}",

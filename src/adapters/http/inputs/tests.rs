@@ -2,7 +2,7 @@
 
 use super::prepare::prepare;
 use super::*;
-use crate::config::Config;
+use crate::adapters::http::tests::settings;
 use crate::metrics::Metrics;
 use gpu_coordinator_wire::Subjects;
 use serde_json::Value;
@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 fn state() -> HttpState {
     HttpState::new(
-        &Config::default(),
+        settings(),
         Subjects::default(),
         Metrics::new(),
         CancellationToken::new(),
@@ -63,16 +63,16 @@ fn a_request_without_id_gets_one_and_keeps_its_fields() {
 
 #[test]
 fn a_body_without_priority_gets_its_services_default_priority() {
-    let mut config = Config::default();
-    config.services.named.insert(
+    let mut settings = settings();
+    settings.services.named.insert(
         "asr".into(),
-        crate::config::ServiceConfig {
+        gpu_coordinator_core::ServicePolicy {
             default_priority: Some(2),
             ..Default::default()
         },
     );
     let state = HttpState::new(
-        &config,
+        settings,
         Subjects::default(),
         Metrics::new(),
         CancellationToken::new(),
@@ -138,4 +138,31 @@ fn bad_bodies_name_what_is_wrong() {
         InputKind::Ack,
     );
     assert!(e.contains("`action`"), "{e}");
+}
+
+#[test]
+fn an_operator_token_acts_for_no_service_named_or_not() {
+    let mut settings = settings();
+    settings.tokens.insert(
+        "secret-op".into(),
+        crate::adapters::http::TokenHolder::Operator,
+    );
+    let state = HttpState::new(
+        settings,
+        Subjects::default(),
+        Metrics::new(),
+        CancellationToken::new(),
+    );
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        axum::http::header::AUTHORIZATION,
+        "Bearer secret-op".parse().expect("a header value"),
+    );
+    for body in [r#"{"priority":0}"#, r#"{"service_id":"chat","priority":0}"#] {
+        match prepare(&state, &headers, body.as_bytes(), InputKind::Request) {
+            Err(ApiError::Forbidden(e)) => assert!(e.contains("acts for no service"), "{e}"),
+            Err(other) => panic!("expected 403 for {body}, got {other:?}"),
+            Ok(_) => panic!("expected 403 for {body}"),
+        }
+    }
 }
