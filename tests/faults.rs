@@ -54,7 +54,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gpu_coordinator::audit::{self, Since};
+use gpu_coordinator::audit::Since;
 use gpu_coordinator::config::{Config, GpuConfig};
 use gpu_coordinator::nats_auth::{self, Credentials};
 use gpu_coordinator_client::{Client, ClientError, Lease, LeasePhase, RequestOptions, Worker};
@@ -610,7 +610,7 @@ async fn play_round(
     }
 
     // The checks.
-    let summary = match audit::run(&round.auditor, Since::Start).await {
+    let summary = match gpu_coordinator::app::audit::run(&round.auditor, Since::Start).await {
         Ok(Ok(summary)) => summary,
         Ok(Err(violation)) => return Err(format!("audit: {violation}\n{timeline}")),
         Err(e) => return Err(format!("audit could not run: {e:#}")),

@@ -17,6 +17,7 @@
 //! Choosing another adapter for a port (an embedded journal, another leadership) is a change here and
 //! nowhere else in the driver.
 
+pub mod audit;
 mod backends;
 pub mod gpus;
 mod settings;

@@ -4,22 +4,18 @@
 //! every `granted` reply with its event. Which requests asked for a whole GPU comes from the input stream.
 //!
 //! It reads the streams (JetStream's, or the embedded bus's tables) through the
-//! [`Gateway`](crate::ports::Gateway) up to their last message at the start of the audit, so it can run
-//! beside a live coordinator; it never writes.
+//! [`Gateway`](crate::ports::Gateway) the composition root opens for it ([`crate::app::audit`]), up to
+//! their last message at the start of the audit, so it can run beside a live coordinator; it never
+//! writes.
 
 pub mod check;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 
 use anyhow::Context as _;
 use futures::StreamExt;
 use gpu_coordinator_wire::{codec, decode_input, Inbound, Subjects};
 
-use crate::adapters::nats::NatsSettings;
-use crate::adapters::nats_gateway::NatsGateway;
-use crate::adapters::sqlite::{SqliteBus, SqliteJournal};
-use crate::config::{BusBackend, Config};
 use crate::ports::{Gateway, ReadFrom, Stored, Which};
 use check::{Checker, Output, Record};
 pub use check::{Summary, Violation};
@@ -27,65 +23,9 @@ pub use check::{Summary, Violation};
 /// Where the replay starts (also where the HTTP API's event streams start, from `?since=`).
 pub use gpu_coordinator_wire::time::Since;
 
-/// The GPU capacities the audit checks against: the configured `[[gpus]]`, else the default GPU.
-fn capacities(config: &Config) -> HashMap<String, u64> {
-    crate::app::gpus::inventory(config)
-        .into_iter()
-        .map(|g| (g.id.into_string(), g.total_mb))
-        .collect()
-}
-
-/// Replays the deployment's history and checks it: `Ok(Ok(summary))` when every rule held,
-/// `Ok(Err(violation))` at the first one broken, `Err` when the history cannot be read. The history is
-/// read from the bus `[backends]` names: JetStream's streams, or the embedded bus's tables.
-pub async fn run(config: &Config, since: Since) -> anyhow::Result<Result<Summary, Violation>> {
-    let subjects = Subjects::new(&config.nats.prefix)
-        .map_err(anyhow::Error::msg)
-        .context("nats.prefix")?;
-    let gateway: Arc<dyn Gateway> = match config.backends.bus {
-        BusBackend::Nats => {
-            let nats = NatsSettings::from(&config.nats);
-            let client = crate::adapters::nats::options(&nats)
-                .await?
-                .name("gpu-coordinator audit")
-                .connect(crate::adapters::nats::servers(&nats)?)
-                .await
-                .with_context(|| {
-                    format!(
-                        "cannot connect to NATS at {}",
-                        gpu_coordinator_client::redact(&config.nats.url)
-                    )
-                })?;
-            Arc::new(NatsGateway::reader(client, &subjects))
-        }
-        BusBackend::Embedded => {
-            let dir = config.embedded.dir();
-            let store = SqliteJournal::open(&dir)
-                .await
-                .with_context(|| format!("cannot open the embedded store in {}", dir.display()))?;
-            Arc::new(
-                SqliteBus::open(
-                    &store,
-                    &subjects,
-                    config.embedded.keep_ms,
-                    config.embedded.max_bytes,
-                )
-                .await?,
-            )
-        }
-    };
-    let policies = config.services.policies();
-    check_history(
-        gateway.as_ref(),
-        &subjects,
-        capacities(config),
-        &policies,
-        since,
-    )
-    .await
-}
-
-/// Checks the history `gateway` keeps from `since` (see [`run`]). `policies` are the `[services]`
+/// Checks the history `gateway` keeps from `since`: `Ok(Ok(summary))` when every rule held,
+/// `Ok(Err(violation))` at the first one broken, `Err` when the history cannot be read. `capacities`
+/// are the configured GPUs' sizes (a fleet's come with its events). `policies` are the `[services]`
 /// the coordinator ran with: a request that named no `vram_mb` got its service's `default_vram_mb`,
 /// not the whole GPU.
 pub async fn check_history(

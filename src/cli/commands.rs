@@ -9,14 +9,14 @@ use tokio_util::sync::CancellationToken;
 
 /// `audit`: exits 1 on a violation, after printing it.
 pub async fn audit(config: Config, since: Option<&str>) -> anyhow::Result<()> {
-    use gpu_coordinator::audit::{self, Since};
+    use gpu_coordinator::audit::Since;
     let since = match since {
         Some(text) => {
             Since::parse(text, gpu_coordinator::clock::now_ms()).map_err(anyhow::Error::msg)?
         }
         None => Since::Start,
     };
-    match audit::run(&config, since).await? {
+    match gpu_coordinator::app::audit::run(&config, since).await? {
         Ok(summary) => {
             println!("{summary}");
             Ok(())

@@ -204,7 +204,7 @@ pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<Summary
     shutdown.cancel();
     let stopped = coordinator.await;
     // The history is checked before it is removed: the story must keep every rule.
-    let audit = crate::audit::run(&demo, crate::audit::Since::Start).await;
+    let audit = crate::app::audit::run(&demo, crate::audit::Since::Start).await;
     if embedded {
         let _ = std::fs::remove_dir_all(&data_dir);
     } else {

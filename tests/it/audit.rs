@@ -1,7 +1,7 @@
 //! `gpu-coordinator audit` over a real history: a preemption keeps every rule, and a forged event that
 //! puts a second holder on a full GPU is caught, by the library call and by the command's exit status.
 
-use gpu_coordinator::audit::{self, Since};
+use gpu_coordinator::audit::Since;
 use serde_json::json;
 
 use crate::support::{test_config, Coordinator, Probe};
@@ -66,7 +66,7 @@ async fn a_real_preemption_keeps_every_rule_and_a_forged_grant_is_caught() {
     let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
     preemption(&mut probe).await;
 
-    let summary = audit::run(&config, Since::Start)
+    let summary = gpu_coordinator::app::audit::run(&config, Since::Start)
         .await
         .expect("the history can be read")
         .unwrap_or_else(|v| panic!("a clean history was judged broken:\n{v}"));
@@ -100,7 +100,7 @@ async fn a_real_preemption_keeps_every_rule_and_a_forged_grant_is_caught() {
             .await
             .expect("stored");
     }
-    let violation = audit::run(&config, Since::Start)
+    let violation = gpu_coordinator::app::audit::run(&config, Since::Start)
         .await
         .expect("the history can be read")
         .expect_err("two holders on one GPU");

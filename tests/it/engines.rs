@@ -293,7 +293,7 @@ async fn stop_audited(coordinator: Coordinator) -> audit::Summary {
 
 /// `audit` over the whole history: every rule kept.
 async fn audited(config: &Config) -> audit::Summary {
-    audit::run(config, Since::Start)
+    gpu_coordinator::app::audit::run(config, Since::Start)
         .await
         .expect("the history can be read")
         .unwrap_or_else(|v| panic!("the history breaks a rule:\n{v}"))

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use gpu_coordinator::audit::{self, Since};
+use gpu_coordinator::audit::Since;
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -95,7 +95,7 @@ async fn a_second_coordinator_stands_by_and_takes_over_with_the_state() {
     let chat = probe.reply("chat-1", "granted").await;
     assert!(chat.fence > held.fence, "fences go on rising across terms");
     second.stop().await.expect("stops cleanly");
-    let verdict = audit::run(&config, Since::Start)
+    let verdict = gpu_coordinator::app::audit::run(&config, Since::Start)
         .await
         .expect("the history can be read");
     if let Err(violation) = verdict {
@@ -286,7 +286,7 @@ async fn paused_leader_wakes_up_deposed(write_behind: bool) {
     );
     standby.stop().await.expect("stops cleanly");
     drop(leader);
-    let verdict = audit::run(&config, Since::Start)
+    let verdict = gpu_coordinator::app::audit::run(&config, Since::Start)
         .await
         .expect("the history can be read");
     if let Err(violation) = verdict {
@@ -705,7 +705,7 @@ async fn a_graceful_takeover_behind_a_slow_postgres_takes_nothing_back() {
     }
     let twice: Vec<_> = grants.iter().filter(|(_, f)| f.len() > 1).collect();
     assert!(twice.is_empty(), "granted twice: {twice:?}");
-    let verdict = audit::run(&config, Since::Start)
+    let verdict = gpu_coordinator::app::audit::run(&config, Since::Start)
         .await
         .expect("the history can be read");
     if let Err(violation) = verdict {

@@ -1,7 +1,7 @@
 //! `[services.<id>]` against a real coordinator: what a service may ask for is enforced over NATS and
 //! HTTP alike, the defaults apply, and `audit` passes over the history.
 
-use gpu_coordinator::audit::{self, Since};
+use gpu_coordinator::audit::Since;
 use gpu_coordinator::config::{Config, ServiceConfig};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -145,7 +145,7 @@ async fn a_priority_0_request_of_a_service_capped_at_2_is_rejected_over_nats_and
         "the reply names the setting"
     );
 
-    let summary = audit::run(&config, Since::Start)
+    let summary = gpu_coordinator::app::audit::run(&config, Since::Start)
         .await
         .expect("the history can be read")
         .unwrap_or_else(|v| panic!("the history was judged broken:\n{v}"));
@@ -226,7 +226,7 @@ async fn a_capped_service_waits_for_its_own_leases_and_others_pass_it() {
         .await;
     probe.reply("b-3", "granted").await;
 
-    let summary = audit::run(&config, Since::Start)
+    let summary = gpu_coordinator::app::audit::run(&config, Since::Start)
         .await
         .expect("the history can be read")
         .unwrap_or_else(|v| panic!("the history was judged broken:\n{v}"));
@@ -352,7 +352,7 @@ async fn a_service_under_its_guarantee_takes_vram_back_from_a_more_urgent_borrow
     }
     assert!(events.contains("\"reclaim_for\":\"asr\""), "{events}");
 
-    let summary = audit::run(&config, Since::Start)
+    let summary = gpu_coordinator::app::audit::run(&config, Since::Start)
         .await
         .expect("the history can be read")
         .unwrap_or_else(|v| panic!("the history was judged broken:\n{v}"));

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use gpu_coordinator::audit::{self, Since};
+use gpu_coordinator::audit::Since;
 use gpu_coordinator::config::{BusBackend, LeasesBackend};
 use gpu_coordinator_wire::StatusDoc;
 use reqwest::StatusCode;
@@ -189,7 +189,7 @@ async fn http_flows_distributed() {
     let config = test_config("modes_dist", &[("0", 24_576)]);
     let coordinator = Coordinator::start(config.clone()).await;
     acceptance(&coordinator).await;
-    let checked = audit::run(&config, Since::Start)
+    let checked = gpu_coordinator::app::audit::run(&config, Since::Start)
         .await
         .expect("the history is readable")
         .expect("every rule held");
@@ -232,7 +232,7 @@ async fn http_flows_embedded() {
     ] {
         assert!(kinds.iter().any(|k| k == kind), "no {kind} in {kinds:?}");
     }
-    let checked = audit::run(&config, Since::Start)
+    let checked = gpu_coordinator::app::audit::run(&config, Since::Start)
         .await
         .expect("the history is readable")
         .expect("every rule held");
@@ -252,7 +252,7 @@ async fn http_flows_with_sqlite_beside_nats_and_redis() {
     config.validate().expect("a mix for one box, confirmed");
     let coordinator = Coordinator::start(config.clone()).await;
     acceptance(&coordinator).await;
-    let checked = audit::run(&config, Since::Start)
+    let checked = gpu_coordinator::app::audit::run(&config, Since::Start)
         .await
         .expect("the history is readable")
         .expect("every rule held");
@@ -405,7 +405,7 @@ async fn embedded_kill_9_loses_no_acknowledged_request() {
         .expect("the second starts once the first is gone");
     let doc = wait_ready_http(&second_base).await;
     assert!(doc.queue.is_empty() && doc.gpus[0].holders.is_empty());
-    let checked = audit::run(&config, Since::Start)
+    let checked = gpu_coordinator::app::audit::run(&config, Since::Start)
         .await
         .expect("the history is readable")
         .expect("every rule held across the kill");

@@ -6,7 +6,7 @@
 //! history keeps every rule. Private servers only.
 
 use gpu_coordinator::adapters::redis::RedisLeases;
-use gpu_coordinator::audit::{self, Since};
+use gpu_coordinator::audit::Since;
 use gpu_coordinator_test_support::RedisSentinels;
 use serde_json::json;
 
@@ -144,7 +144,7 @@ async fn a_failover_to_a_replica_that_missed_lease_writes_gets_them_back_before_
     );
 
     coordinator.stop().await.expect("stops");
-    let summary = audit::run(&config, Since::Start)
+    let summary = gpu_coordinator::app::audit::run(&config, Since::Start)
         .await
         .expect("the history can be read")
         .unwrap_or_else(|v| panic!("the history breaks a rule:\n{v}"));

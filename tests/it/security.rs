@@ -298,7 +298,7 @@ async fn the_auditor_reads_the_history_and_publishes_nothing() {
     let mut auditor_config = config.clone();
     auditor_config.nats.url = nats.url("auditor");
     let summary =
-        gpu_coordinator::audit::run(&auditor_config, gpu_coordinator::audit::Since::Start)
+        gpu_coordinator::app::audit::run(&auditor_config, gpu_coordinator::audit::Since::Start)
             .await
             .expect("the auditor reads the output stream")
             .expect("the history holds every rule");
@@ -375,7 +375,7 @@ async fn request_ids_are_scoped_to_their_service() {
         .map(|h| (h.service_id.as_str(), h.request_id.as_str()))
         .collect();
     assert_eq!(holders, [("b", "b-1")], "b still holds its own b-1");
-    let verdict = gpu_coordinator::audit::run(&config, gpu_coordinator::audit::Since::Start)
+    let verdict = gpu_coordinator::app::audit::run(&config, gpu_coordinator::audit::Since::Start)
         .await
         .expect("the history can be read");
     assert!(
@@ -517,7 +517,7 @@ async fn the_auditor_cannot_take_or_stall_the_inputs() {
     let mut auditor_config = config.clone();
     auditor_config.nats.url = nats.url("auditor");
     let summary =
-        gpu_coordinator::audit::run(&auditor_config, gpu_coordinator::audit::Since::Start)
+        gpu_coordinator::app::audit::run(&auditor_config, gpu_coordinator::audit::Since::Start)
             .await
             .expect("the auditor reads both streams")
             .expect("the history holds every rule");

@@ -224,9 +224,10 @@ impl Coordinator {
     pub async fn stop_and_audit(self) {
         let config = self.config.clone();
         self.stop().await.expect("the coordinator stops cleanly");
-        let verdict = gpu_coordinator::audit::run(&config, gpu_coordinator::audit::Since::Start)
-            .await
-            .expect("the history can be read");
+        let verdict =
+            gpu_coordinator::app::audit::run(&config, gpu_coordinator::audit::Since::Start)
+                .await
+                .expect("the history can be read");
         if let Err(violation) = verdict {
             panic!("{violation}");
         }
