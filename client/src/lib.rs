@@ -77,6 +77,7 @@
 //! - A pause is acknowledged only after `on_pause` returned, and never for a lease that was revoked
 //!   or released meanwhile.
 
+#[cfg(feature = "server")]
 mod answers;
 mod client;
 mod connect;
@@ -101,8 +102,9 @@ pub use worker::{PauseOrder, ResumeOrder, Worker};
 
 // The coordinator's own server side reads every service's answers through these (its HTTP API waits
 // on an `AnswerReader`, the embedded mode feeds one, its reader service makes consumers with
-// `reader_config`); no service needs them, so they stay out of the documentation.
-#[doc(hidden)]
+// `reader_config`); no service needs them: they are there only with the `server` feature, which the
+// coordinator's crate turns on.
+#[cfg(feature = "server")]
 pub use answers::{AnswerFeed, AnswerReader, ANSWERS_IDLE};
-#[doc(hidden)]
+#[cfg(feature = "server")]
 pub use router::{reader_config, Incoming, Route};

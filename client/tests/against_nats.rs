@@ -527,6 +527,7 @@ async fn a_grant_and_an_order_published_while_the_client_is_cut_off_arrive() {
 }
 
 /// The consumers on the output stream of the fake coordinator.
+#[cfg(feature = "server")]
 async fn output_consumers(fake: &Fake) -> usize {
     let mut stream = fake
         .js
@@ -541,6 +542,9 @@ async fn output_consumers(fake: &Fake) -> usize {
         .consumer_count
 }
 
+/// The coordinator's reader of every service's answers (the `server` feature, which the workspace's
+/// coordinator crate turns on).
+#[cfg(feature = "server")]
 #[tokio::test]
 async fn the_reader_of_answers_reads_only_while_someone_waits() {
     use gpu_coordinator_client::{AnswerReader, Incoming, ANSWERS_IDLE};

@@ -49,6 +49,7 @@ use crate::ClientError;
 
 mod reading;
 
+#[cfg(feature = "server")]
 pub use reading::reader_config;
 pub(crate) use reading::Router;
 
@@ -99,6 +100,7 @@ impl Routes {
     }
 
     /// As [`Routes::register`], beside any other waiter for the same request (each gets every message).
+    #[cfg(any(test, feature = "server"))]
     pub(crate) fn listen(self: &Arc<Self>, service: &str, request_id: &str) -> Route {
         self.add(service, request_id, false)
             .expect("a shared route is never refused")
@@ -131,6 +133,7 @@ impl Routes {
     }
 
     /// Whether nobody waits for anything.
+    #[cfg(feature = "server")]
     pub(crate) fn is_empty(&self) -> bool {
         self.map
             .lock()
