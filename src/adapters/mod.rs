@@ -12,3 +12,4 @@ pub mod postgres;
 pub mod redis;
 pub(crate) mod sql;
 pub mod sqlite;
+pub mod write_behind;

@@ -68,8 +68,16 @@ fn the_demo_needs_no_server() {
 
 #[test]
 fn the_distributed_demo_plays_a_preemption_and_summarises_it() {
+    use crate::support::{NATS_URL, PG_SERVER, REDIS_URL};
+    // On the suite's servers (the demo names a database and subjects of its own on them).
     let output = Command::new(env!("CARGO_BIN_EXE_gpu-coordinator"))
         .args(["demo", "--distributed", "--duration", "5", "--speed", "10"])
+        .env("GPU_COORDINATOR_NATS__URL", NATS_URL.as_str())
+        .env("GPU_COORDINATOR_REDIS__URL", REDIS_URL.as_str())
+        .env(
+            "GPU_COORDINATOR_DATABASE__URL",
+            format!("{}/gpu_coordinator", *PG_SERVER),
+        )
         .env("RUST_LOG", "warn")
         .output()
         .expect("run gpu-coordinator demo");

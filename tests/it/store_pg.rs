@@ -864,8 +864,8 @@ impl JournalStream {
         &self,
         store: &PgJournal,
         writing: bool,
-    ) -> gpu_coordinator::adapters::postgres::WriteBehind {
-        use gpu_coordinator::adapters::postgres::WriteBehind;
+    ) -> gpu_coordinator::adapters::write_behind::WriteBehind {
+        use gpu_coordinator::adapters::write_behind::WriteBehind;
         let (store, client) = (store.clone(), self.client.clone());
         let (name, subject) = (self.name.clone(), self.subject.clone());
         if writing {

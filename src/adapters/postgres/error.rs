@@ -99,7 +99,7 @@ pub enum PgError {
 
 /// A failed write as the port says it: a refusal for a stale term is [`Deposed`], which the driver does
 /// not retry.
-pub(super) fn write_error(e: PgError) -> PortError {
+pub(crate) fn write_error(e: PgError) -> PortError {
     match e {
         PgError::StaleTerm { term, detail, .. } => PortError::new(Deposed { term, detail }),
         other => PortError::new(other),

@@ -17,7 +17,6 @@
 //! - The core's `u64`s are stored as `bigint`: a value above `i64::MAX` is refused ([`PgError::OutOfRange`])
 //!   rather than wrapped, and a stored value the core cannot represent is reported ([`PgError::Corrupt`]).
 
-mod behind;
 mod connect;
 mod error;
 mod hosts;
@@ -29,7 +28,7 @@ mod sql;
 
 pub use crate::adapters::sql::entities::{fence, request, RowError};
 pub use crate::ports::{Batch, Loaded, OutboxRow};
-pub use behind::{BehindError, WriteBehind};
+pub(crate) use error::write_error;
 pub use error::PgError;
 pub use hosts::Primary;
 pub use journal::PgJournal;

@@ -1,6 +1,8 @@
-//! The write-behind journal (`database.write_behind = true`): a batch is durable once JetStream has
-//! stored it in the journal stream (`<P>_JOURNAL`, subject `<p>.journal`), and Postgres is written
-//! behind it, off the grant path.
+//! The write-behind journal (`database.write_behind = true`), an adapter of its own decorating the
+//! Postgres journal ([`PgJournal`]): a batch is durable once JetStream has stored it in the journal
+//! stream (`<P>_JOURNAL`, subject `<p>.journal`), and Postgres is written behind it, off the grant
+//! path, through the journal it decorates (its rows, each stamped with the number of its batch, and
+//! their conditional upsert).
 //!
 //! - [`Journal::write`] publishes the batch's rows ([`Rows`]) and returns on the PubAck; a task of this
 //!   process then writes them to Postgres, what came within `LINGER` (see [`writer`]) as one
@@ -35,8 +37,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use tokio::sync::{mpsc, watch};
 
-use super::error::write_error;
-use super::{PgJournal, Rows};
+use crate::adapters::postgres::{write_error, PgJournal, Rows};
 use crate::ports::{Batch, Deposed, Journal, Loaded, PortError, Term};
 use writer::{Writer, WAITING};
 
