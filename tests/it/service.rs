@@ -992,8 +992,12 @@ async fn renewals_stored_while_the_leader_was_stopped(standby: bool) {
     let control = format!("{}.control.", config.nats.prefix);
     let mut answered = 0;
     for stop in 1..=STOPS {
-        // The leader: its holder name carries its process id (`<host>-<pid>-<random>`).
-        let holder = probe.status().await.leader.expect("a leader").holder;
+        // The leader: its holder name carries its process id (`<host>-<pid>-<random>`). A status
+        // question may go unanswered while a coordinator that was stopped catches up: asked again.
+        let holder = eventually("the leader named by the status", || async {
+            probe.try_status().await?.leader.map(|l| l.holder)
+        })
+        .await;
         let pid: u32 = holder
             .rsplit('-')
             .nth(1)
@@ -1042,7 +1046,7 @@ async fn renewals_stored_while_the_leader_was_stopped(standby: bool) {
         !probe.drain_and_find(|s| s.str("action") == Some("revoke")),
         "the lease was revoked though every renewal was stored in time"
     );
-    let status = probe.status().await;
+    let status = eventually("the status", || probe.try_status()).await;
     assert_eq!(status.gpus[0].holders[0].request_id, "a-1");
     assert_eq!(status.gpus[0].holders[0].fence, granted.fence.unwrap());
     for process in processes {

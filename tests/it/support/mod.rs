@@ -641,6 +641,17 @@ impl Probe {
         self.status_page(None, None).await
     }
 
+    /// The status document, or `None` when no coordinator answered in time (one catching up after a
+    /// stall answers once its loop is back).
+    pub async fn try_status(&self) -> Option<StatusDoc> {
+        let msg = self
+            .client
+            .request(format!("{}.status", self.prefix), Vec::new().into())
+            .await
+            .ok()?;
+        serde_json::from_slice(&msg.payload).ok()
+    }
+
     /// The status document with this page of the queue.
     pub async fn status_page(&self, offset: Option<u64>, limit: Option<u64>) -> StatusDoc {
         let body = if offset.is_none() && limit.is_none() {
