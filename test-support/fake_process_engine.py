@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A fake inference engine that is a whole process, for the engine sidecars' `process` kind.
 
-It takes its GPU memory from a FakeGpu (test-support/src/engines.rs) under its own pid, as a CUDA
+It takes its GPU memory from a FakeGpu (test-support/src/engines/gpu.rs) under its own pid, as a CUDA
 process holds VRAM until it exits: POST {gpu}/alloc {"engine", "mb", "pid"}; it exits 1 if refused.
 After --startup-ms (a model loading) it serves on 127.0.0.1:{port}:
   GET  /health                 200 {}
