@@ -141,7 +141,7 @@ impl NatsCluster {
 
     /// Like [`NatsCluster::start`], but the servers do not tell their clients about each other
     /// (`--no_advertise`): a client knows only the addresses it was given, so that a test can put a
-    /// [`Proxy`] in front of each node and cut a client off the whole cluster.
+    /// [`Proxy`](crate::Proxy) in front of each node and cut a client off the whole cluster.
     pub fn start_unadvertised(size: usize) -> NatsCluster {
         NatsCluster::start_with(size, false)
     }
@@ -247,7 +247,7 @@ impl NatsCluster {
         node.process.respawn(cmd, node.port);
     }
 
-    /// Waits until node `i`'s `/healthz` answers ok, for at most [`START_WAIT`].
+    /// Waits until node `i`'s `/healthz` answers ok, for at most `START_WAIT` (20 s).
     pub fn wait_healthy(&self, i: usize) {
         let node = &self.nodes[i];
         let start = Instant::now();

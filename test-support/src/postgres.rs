@@ -221,7 +221,7 @@ impl PgServer {
     }
 
     /// Polls `sql` on `database` until it answers `want` (a failure, as of a database not made
-    /// yet, counts as another answer), for at most [`START_WAIT`].
+    /// yet, counts as another answer), for at most `START_WAIT` (20 s).
     pub fn wait_for_on(&self, database: &str, sql: &str, want: &str) {
         let start = Instant::now();
         loop {
