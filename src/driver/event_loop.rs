@@ -95,6 +95,11 @@ impl Driver {
                 }
             }
         }
+        // No question is answered any more: the subscription and the commands go before the stop's
+        // waits (for the bus, the journal), so that an asker hears at once that nobody answers here
+        // (and asks the next leader) rather than waiting out its timeout on a term that ended.
+        drop(status);
+        drop(commands);
         self.stop().await;
         Ok(())
     }

@@ -544,3 +544,49 @@ async fn the_next_batch_commits_while_the_bus_stores_the_last_ones_messages() {
     shutdown.cancel();
     task.await.expect("the driver task ends");
 }
+
+/// A driver that stops no longer listens for status questions while it waits for the bus and the
+/// journal: a question asked then is refused at once (over NATS: no responders), not left unanswered
+/// for the asker's whole timeout.
+#[tokio::test]
+async fn a_stopping_driver_leaves_no_status_question_unanswered() {
+    let rig = Rig::new();
+    let shutdown = CancellationToken::new();
+    let (driver, commands) = rig.driver(&shutdown).await;
+    let asker = driver.commands.clone();
+    let task = tokio::spawn(driver.run(commands));
+    // A batch whose messages the bus does not store: the stop waits for them (2 s at most).
+    rig.bus.hold_publishing(true);
+    rig.push(
+        "request",
+        "asr",
+        json!({"request_id": "asr-1", "priority": 2}),
+    );
+    until("the batch committed", || {
+        rig.outcome().iter().any(|(r, ..)| r == "asr-1")
+    })
+    .await;
+    shutdown.cancel();
+    let answer = tokio::time::timeout(Duration::from_secs(1), rig.bus.status(Encoding::Json))
+        .await
+        .expect("a question to a stopping driver is not left waiting");
+    assert!(answer.is_none(), "a stopping driver answers no question");
+    // The same for a command (the HTTP status): refused at once, so that it says "not leading".
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let sent = asker
+        .send(Command::Status(Default::default(), tx))
+        .await
+        .is_ok();
+    let answer = tokio::time::timeout(Duration::from_secs(1), rx)
+        .await
+        .expect("a command to a stopping driver is not left waiting");
+    assert!(
+        !sent && answer.is_err(),
+        "a stopping driver answers no command"
+    );
+    assert!(!task.is_finished(), "asked while the driver was stopping");
+    rig.bus.hold_publishing(false);
+    task.await
+        .expect("the driver task ends")
+        .expect("the loop ends cleanly");
+}
