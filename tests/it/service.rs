@@ -993,7 +993,8 @@ async fn renewals_stored_while_the_leader_was_stopped(standby: bool) {
     let mut answered = 0;
     for stop in 1..=STOPS {
         // The leader: its holder name carries its process id (`<host>-<pid>-<random>`). A status
-        // question may go unanswered while a coordinator that was stopped catches up: asked again.
+        // question that reaches a term in the branch where it ends (its leadership lapsed while the
+        // process was stopped) is dropped with it, unanswered: asked again.
         let holder = eventually("the leader named by the status", || async {
             probe.try_status().await?.leader.map(|l| l.holder)
         })
