@@ -116,14 +116,7 @@ async fn ollama_load_or_unload(eng: Shared, v: &Value, api: Api) -> Response {
         json!({"model": model, "created_at": now_rfc3339(), "response": "", "done": true})
     };
     if keep_alive_is_zero(&v["keep_alive"]) {
-        let task = tokio::spawn(async move {
-            let guard = eng.op_lock().await;
-            if eng.read(|st| st.weights || st.kv) {
-                eng.update(|st| st.paused = true);
-                eng.spawn_release(guard, Parts::ALL, true);
-            }
-        });
-        let _ = task.await;
+        eng.unload_all().await;
         answer["done_reason"] = json!("unload");
         return Json(answer).into_response();
     }

@@ -188,6 +188,20 @@ impl Engine {
         })
     }
 
+    /// Unloads the whole model (Ollama's `keep_alive: 0`, Triton's unload): paused, and everything it
+    /// holds freed after in-flight requests end; returns once the release has started.
+    pub(super) async fn unload_all(self: &Arc<Self>) {
+        let eng = self.clone();
+        let task = tokio::spawn(async move {
+            let guard = eng.op_lock().await;
+            if eng.read(|st| st.weights || st.kv) {
+                eng.update(|st| st.paused = true);
+                eng.spawn_release(guard, Parts::ALL, true);
+            }
+        });
+        let _ = task.await;
+    }
+
     /// Starts freeing `parts`: the caller holds the operation lock and has answered or is about to; the
     /// memory goes `sleep_time` later (after in-flight requests end, if `drain`), and the lock with it.
     pub(super) fn spawn_release(

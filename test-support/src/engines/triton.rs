@@ -89,14 +89,7 @@ async fn triton_load(State(eng): State<Shared>, Path(m): Path<String>) -> Respon
 /// be fully unloaded": the memory goes once in-flight requests end, `sleep_time` later.
 async fn triton_unload(State(eng): State<Shared>, Path(m): Path<String>) -> Response {
     if m == eng.opts.model {
-        let task = tokio::spawn(async move {
-            let guard = eng.op_lock().await;
-            if eng.read(|st| st.weights || st.kv) {
-                eng.update(|st| st.paused = true);
-                eng.spawn_release(guard, Parts::ALL, true);
-            }
-        });
-        let _ = task.await;
+        eng.unload_all().await;
     }
     StatusCode::OK.into_response()
 }
