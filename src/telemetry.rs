@@ -52,6 +52,17 @@ pub fn init_with_default(format: LogFormat, default: LevelFilter) {
     let _ = result;
 }
 
+/// A map keyed by secrets (bearer tokens), for `Debug`: each key written `***`, its value shown.
+pub struct SecretKeys<'a, V>(pub &'a std::collections::BTreeMap<String, V>);
+
+impl<V: std::fmt::Debug> std::fmt::Debug for SecretKeys<'_, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.values().map(|value| ("***", value)))
+            .finish()
+    }
+}
+
 /// `url` without the password of its user info, for logs and messages: `redis://:secret@host` becomes
 /// `redis://host`, `postgres://user:secret@host/db` becomes `postgres://user@host/db`; a query parameter
 /// that carries a secret (`?password=...`, `sslpassword`, `token`, `secret`) reads `***`. Anything that

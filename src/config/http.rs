@@ -54,18 +54,9 @@ impl Default for HttpConfig {
 /// logged.
 impl std::fmt::Debug for HttpConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        /// The services the tokens act for, each token written `***`.
-        struct Tokens<'a>(&'a BTreeMap<String, String>);
-        impl std::fmt::Debug for Tokens<'_> {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.debug_map()
-                    .entries(self.0.values().map(|service| ("***", service)))
-                    .finish()
-            }
-        }
         f.debug_struct("HttpConfig")
             .field("listen", &self.listen)
-            .field("tokens", &Tokens(&self.tokens))
+            .field("tokens", &crate::telemetry::SecretKeys(&self.tokens))
             .field("max_wait_ms", &self.max_wait_ms)
             .field("max_streams_per_service", &self.max_streams_per_service)
             .field("max_streams", &self.max_streams)

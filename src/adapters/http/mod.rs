@@ -104,17 +104,8 @@ pub struct HttpSettings {
 /// The tokens are secrets: `Debug` shows each as `***`.
 impl std::fmt::Debug for HttpSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        /// Whom the tokens act for, each token written `***`.
-        struct Tokens<'a>(&'a BTreeMap<String, TokenHolder>);
-        impl std::fmt::Debug for Tokens<'_> {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.debug_map()
-                    .entries(self.0.values().map(|holder| ("***", holder)))
-                    .finish()
-            }
-        }
         f.debug_struct("HttpSettings")
-            .field("tokens", &Tokens(&self.tokens))
+            .field("tokens", &crate::telemetry::SecretKeys(&self.tokens))
             .field("default_timeout_ms", &self.default_timeout_ms)
             .field("services", &self.services)
             .field("max_wait", &self.max_wait)
