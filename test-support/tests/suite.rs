@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gpu_coordinator_test_support::suite;
+use gpu_coordinator_test_support::{children_of, process_name, process_runs, suite};
 
 const CHILD: &str = "SUITE_CHILD";
 
@@ -84,39 +84,6 @@ fn start_child(mode: &str) -> (Child, Vec<String>, Vec<u32>) {
     (child, words[..3].to_vec(), pids)
 }
 
-/// The processes whose parent is `pid`, with their names.
-fn children_of(pid: u32) -> Vec<(u32, String)> {
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .flatten()
-        .filter_map(|entry| {
-            let child: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
-            let name = stat[stat.find('(')? + 1..stat.rfind(')')?].to_owned();
-            let ppid: u32 = stat[stat.rfind(')')? + 1..]
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            (ppid == pid).then_some((child, name))
-        })
-        .collect()
-}
-
-/// Whether `pid` runs (a zombie does not).
-fn runs(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let state = stat[stat.rfind(')')? + 1..]
-                .split_whitespace()
-                .next()?
-                .to_owned();
-            Some(state != "Z")
-        })
-        .unwrap_or(false)
-}
-
 /// The files under the temporary directory that the servers of process `pid` have.
 fn files_of(pid: u32) -> Vec<String> {
     std::fs::read_dir(std::env::temp_dir())
@@ -135,14 +102,14 @@ fn files_of(pid: u32) -> Vec<String> {
 /// The three servers of process `pid`: a nats-server, a redis-server and a postgres, its own children.
 fn servers_of(pid: u32) -> Vec<u32> {
     let servers = children_of(pid);
-    let names: Vec<&str> = servers.iter().map(|(_, n)| n.as_str()).collect();
+    let names: Vec<String> = servers.iter().filter_map(|p| process_name(*p)).collect();
     for want in ["nats-server", "redis-server", "postgres"] {
         assert!(
-            names.contains(&want),
+            names.iter().any(|n| n == want),
             "the process runs a {want} of its own (its children: {names:?})"
         );
     }
-    servers.into_iter().map(|(pid, _)| pid).collect()
+    servers
 }
 
 fn wait_until(what: &str, check: impl Fn() -> bool) {
@@ -169,7 +136,7 @@ fn the_servers_answer_and_end_with_a_process_that_exits() {
     assert_eq!(files_of(pid), Vec::<String>::new(), "files left by {pid}");
     for server in servers {
         wait_until(&format!("server {server} of the child still runs"), || {
-            !runs(server)
+            !process_runs(server)
         });
     }
 }
@@ -187,7 +154,7 @@ fn the_servers_die_with_a_killed_process_and_the_next_run_removes_their_files() 
     for server in servers {
         wait_until(
             &format!("server {server} of the killed child still runs"),
-            || !runs(server),
+            || !process_runs(server),
         );
     }
     assert!(
