@@ -644,12 +644,7 @@ impl Probe {
     /// The status document, or `None` when no coordinator answered in time (one catching up after a
     /// stall answers once its loop is back).
     pub async fn try_status(&self) -> Option<StatusDoc> {
-        let msg = self
-            .client
-            .request(format!("{}.status", self.prefix), Vec::new().into())
-            .await
-            .ok()?;
-        serde_json::from_slice(&msg.payload).ok()
+        self.ask_status(Vec::new()).await.ok()
     }
 
     /// The status document with this page of the queue.
@@ -659,12 +654,16 @@ impl Probe {
         } else {
             serde_json::to_vec(&serde_json::json!({"offset": offset, "limit": limit})).unwrap()
         };
+        self.ask_status(body).await.expect("status request")
+    }
+
+    /// Asks `<prefix>.status` with `body`; the answer must be a status document.
+    async fn ask_status(&self, body: Vec<u8>) -> Result<StatusDoc, async_nats::RequestError> {
         let msg = self
             .client
             .request(format!("{}.status", self.prefix), body.into())
-            .await
-            .expect("status request");
-        serde_json::from_slice(&msg.payload).expect("a status document")
+            .await?;
+        Ok(serde_json::from_slice(&msg.payload).expect("a status document"))
     }
 }
 
