@@ -189,11 +189,12 @@ class Lease:
             self._lose(str(doc.get("error") or "revoked"))
         elif outcome == "rejected":
             error = str(doc.get("error", ""))
-            if self._releasing and reject_code(doc.get("code")) == RejectCode.ALREADY_ENDED:
+            code = reject_code(doc.get("code"))
+            if self._releasing and code == RejectCode.ALREADY_ENDED:
                 # A renewal that crossed our own release: the lease ended as asked, nothing was lost.
                 self._renewed.set()
                 return
-            if reject_code(doc.get("code")) in LEASE_GONE:
+            if code in LEASE_GONE:
                 self._lose(error)
             self._renewed.set()
 
