@@ -24,6 +24,17 @@ struct Browser {
 }
 
 impl Browser {
+    /// A browser on the page `path` of the coordinator whose HTTP API listens on `port`.
+    async fn open(port: u16, path: &str) -> Browser {
+        let browser = Browser::start().await;
+        browser
+            .client
+            .goto(&format!("http://127.0.0.1:{port}{path}"))
+            .await
+            .expect("load the page");
+        browser
+    }
+
     async fn start() -> Browser {
         let port = free_port();
         let binary = ["chromedriver", "/usr/bin/chromedriver"]
@@ -138,12 +149,8 @@ async fn the_page_shows_grants_preemptions_revokes_and_survives_a_restart() {
     let port = free_port();
     let coordinator = Coordinator::start_at(config.clone(), Default::default(), port).await;
     let mut probe = Probe::new(&config.nats.url, &config.nats.prefix).await;
-    let browser = Browser::start().await;
+    let browser = Browser::open(port, "/?minutes=1").await;
     let b = &browser;
-    b.client
-        .goto(&format!("http://127.0.0.1:{port}/?minutes=1"))
-        .await
-        .expect("load the page");
 
     // Tokens are on: the page asks for one, and the operator's is accepted (never in the URL).
     b.until("the token form", || async {
@@ -331,12 +338,8 @@ async fn the_engines_panel_shows_each_engines_state() {
     config.engines = vec![engine];
     let port = free_port();
     let coordinator = Coordinator::start_at(config, Default::default(), port).await;
-    let browser = Browser::start().await;
+    let browser = Browser::open(port, "/").await;
     let b = &browser;
-    b.client
-        .goto(&format!("http://127.0.0.1:{port}/"))
-        .await
-        .expect("load the page");
     let badge = "#engines-panel:not([hidden]) #engines tr[data-service='chat'] .badge";
     b.until("the chat engine asleep", || async {
         b.attrs(badge, "data-state").await == ["asleep"]
@@ -415,12 +418,8 @@ async fn the_page_keeps_up_with_a_thousand_queued_and_a_busy_stream() {
             )
             .await;
     }
-    let browser = Browser::start().await;
+    let browser = Browser::open(port, "/").await;
     let b = &browser;
-    b.client
-        .goto(&format!("http://127.0.0.1:{port}/"))
-        .await
-        .expect("load the page");
     b.until("1,000 waiting", || async {
         b.texts("#queue-total")
             .await
@@ -510,12 +509,8 @@ async fn the_services_panel_shows_use_against_the_limits() {
         .await
         .expect("POST /gpu/request");
     assert!(granted.status().is_success(), "{:?}", granted.text().await);
-    let browser = Browser::start().await;
+    let browser = Browser::open(port, "/").await;
     let b = &browser;
-    b.client
-        .goto(&format!("http://127.0.0.1:{port}/"))
-        .await
-        .expect("load the page");
     let row = "#services-panel:not([hidden]) #services tr[data-service='chat'] td";
     b.until("the chat's row", || async {
         b.texts(row).await == ["chat", "3.9 GB", "0 MB", "7.8 GB", "15.6 GB"]
@@ -534,12 +529,8 @@ async fn the_page_groups_the_gpus_by_host() {
     let coordinator = Coordinator::start_at(config.clone(), Default::default(), port).await;
     let _h1 = crate::fleet::Agent::start(&config, "h1", &[("0", 24_000), ("1", 24_000)]);
     let h2 = crate::fleet::Agent::start(&config, "h2", &[("0", 48_000)]);
-    let browser = Browser::start().await;
+    let browser = Browser::open(port, "/").await;
     let b = &browser;
-    b.client
-        .goto(&format!("http://127.0.0.1:{port}/"))
-        .await
-        .expect("load the page");
     b.until("both hosts, up, with their GPUs", || async {
         b.attrs("#gpus .host[data-state='up']", "data-host").await == ["h1", "h2"]
             && b.attrs(".host[data-host='h1'] .gpu", "data-gpu").await == ["h1/0", "h1/1"]
